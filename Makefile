@@ -1,0 +1,51 @@
+# Takeoff: `make demo` runs the main job on the embedded default, `make test` runs every check.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TOOLS := .tools
+BUF := $(TOOLS)/node_modules/.bin/buf
+BUF_VERSION := 1.75.0
+
+.PHONY: install tools protos lint format test demo up clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+tools: $(BUF)
+
+$(BUF):
+	npm install --silent --no-save --prefix $(TOOLS) @bufbuild/buf@$(BUF_VERSION)
+
+protos: install tools
+	$(BUF) format -w
+	$(BUF) lint
+	$(BIN)/python tools/genprotos.py libs
+
+lint: install tools
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	$(BUF) lint
+	$(BUF) format --diff --exit-code
+
+format: install tools
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+	$(BUF) format -w
+
+test: lint
+	PATH="$(CURDIR)/$(BIN):$(CURDIR)/$(TOOLS)/node_modules/.bin:$$PATH" $(BIN)/pytest
+
+demo: install
+	$(BIN)/takeoff demo
+
+up: install
+	$(BIN)/takeoff up
+
+clean:
+	rm -rf $(VENV) $(TOOLS) .mypy_cache .pytest_cache .ruff_cache

@@ -1,0 +1,20 @@
+"""The ``takeoff`` command line."""
+
+from __future__ import annotations
+
+import typer
+
+from takeoff.cli import stack_commands
+
+app = typer.Typer(
+    name="takeoff",
+    help="Launch machine-learning jobs on queues, and follow their runs.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+stack_commands.register(app)
+
+
+def main() -> None:
+    app()

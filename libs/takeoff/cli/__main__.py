@@ -1,0 +1,3 @@
+from takeoff.cli import main
+
+main()

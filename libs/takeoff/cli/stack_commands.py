@@ -1,0 +1,116 @@
+"""``takeoff up``, ``takeoff status`` and ``takeoff demo``: run and inspect a local stack."""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+from types import FrameType
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from takeoff._home import DEFAULT_PORTS, StackRecord, takeoff_home
+from takeoff.cli._output import console, error_console, fail, print_json
+from takeoff.stack import LocalStack, StackError, health_status
+
+
+def _stack_table(record: StackRecord, health: dict[str, str] | None = None) -> Table:
+    table = Table(title=f"Takeoff stack (supervisor pid {record.supervisor_pid})")
+    for column in ("service", "address", "pid", "health" if health else "log"):
+        table.add_column(column)
+    for name, service in record.services.items():
+        last = health[name] if health else service.log
+        style = "green" if last == "SERVING" else ("red" if health else "")
+        table.add_row(
+            name, "\n".join(service.addresses), str(service.pid), f"[{style}]{last}[/]" if style else last
+        )
+    return table
+
+
+def _start(stack: LocalStack) -> StackRecord:
+    try:
+        with console.status("starting the registry, queue and builder..."):
+            return stack.start()
+    except StackError as error:
+        fail(str(error))
+
+
+def up(
+    agent: Annotated[Path | None, typer.Option(help="Also start an agent with this agent.yaml.")] = None,
+    host: Annotated[str, typer.Option(help="Interface the services listen on.")] = "127.0.0.1",
+    base_port: Annotated[
+        int,
+        typer.Option(help="Registry port; queue, builder and agent take the next ones. 0 picks free ports."),
+    ] = DEFAULT_PORTS["registry"],
+) -> None:
+    """Start the registry, queue and builder (and an agent) on the embedded default; Ctrl-C stops all."""
+    if agent is not None and not agent.is_file():
+        fail(f"agent config {agent} does not exist")
+    stack = LocalStack(takeoff_home(), host=host, base_port=base_port, agent_config=agent)
+    stopping = False
+
+    def request_stop(signum: int, _frame: FrameType | None) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    record = _start(stack)
+    console.print(_stack_table(record))
+    console.print(f"state and logs in {stack.home}; Ctrl-C stops the stack")
+    crashed = stack.wait(lambda: stopping)
+    if crashed is not None:
+        error_console.print(
+            f"[bold red]{crashed.name} exited unexpectedly with code {crashed.process.returncode}[/];"
+            f" stopping the stack. Last lines of {crashed.log}:\n{crashed.log_tail()}",
+            highlight=False,
+        )
+    with console.status("stopping..."):
+        stack.stop()
+    console.print("stack stopped")
+    if crashed is not None:
+        raise typer.Exit(1)
+
+
+def status(json_output: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+    """Show each service of the running stack and its health."""
+    home = takeoff_home()
+    record = StackRecord.read(home)
+    if record is None:
+        fail(f"no stack is running under {home}; start one with `takeoff up`")
+    health = {name: health_status(service.address) for name, service in record.services.items()}
+    if json_output:
+        print_json(
+            {
+                name: {"addresses": service.addresses, "pid": service.pid, "health": health[name]}
+                for name, service in record.services.items()
+            }
+        )
+    else:
+        console.print(_stack_table(record, health))
+    if any(state != "SERVING" for state in health.values()):
+        raise typer.Exit(1)
+
+
+def demo() -> None:
+    """Bring the stack up on free ports, show it healthy, and stop it."""
+    stack = LocalStack(takeoff_home(), base_port=0)
+    started = time.monotonic()
+    record = _start(stack)
+    try:
+        health = {name: health_status(service.address) for name, service in record.services.items()}
+        console.print(_stack_table(record, health))
+        console.print(f"all services healthy in {time.monotonic() - started:.2f}s")
+    finally:
+        stack.stop()
+    console.print("stack stopped")
+    if any(state != "SERVING" for state in health.values()):
+        raise typer.Exit(1)
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(up)
+    app.command()(status)
+    app.command()(demo)

@@ -1,0 +1,1 @@
+"""What every Takeoff server shares: config, the gRPC bootstrap, errors, database and telemetry."""

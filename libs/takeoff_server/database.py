@@ -1,0 +1,118 @@
+"""The database a service owns: an async SQLAlchemy engine, sessions, and versioned migrations.
+
+SQLite (one WAL-mode file per service under ``TAKEOFF_HOME``) is the embedded default; a
+``postgresql://`` URL selects PostgreSQL through psycopg 3. Several services may share one PostgreSQL
+database: each keeps its own tables and its own migration version table, ``{service}_schema_version``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config as AlembicConfig
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import event
+from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from takeoff_server.config import ConfigError, ServerSettings
+
+_SHARED_MIGRATION_ENV = Path(__file__).with_name("migrations")
+SQLITE_BUSY_TIMEOUT_MS = 10_000
+
+
+def async_database_url(url: str) -> str:
+    """Map a user's URL onto the async driver Takeoff uses for it."""
+    parsed = make_url(url)
+    backend = parsed.get_backend_name()
+    if backend == "sqlite":
+        return str(parsed.set(drivername="sqlite+aiosqlite"))
+    if backend == "postgresql":
+        return parsed.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
+    raise ConfigError(f"unsupported database {backend!r}: use a sqlite:// or postgresql:// URL")
+
+
+def _tune_sqlite(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    # WAL lets readers run beside the writer; NORMAL sync is durable at each WAL checkpoint and commit
+    # in WAL mode survives a process kill (only power loss can drop the last commits).
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
+
+
+class Database:
+    """One service's database: ``async with db.session() as s`` for work, ``await db.migrate()`` at start."""
+
+    def __init__(self, service: str, url: str, *, migrations: Path | None = None) -> None:
+        self.service = service
+        self.url = async_database_url(url)
+        self.migrations = migrations
+        self.engine: AsyncEngine = create_async_engine(self.url, pool_pre_ping=True)
+        if self.engine.dialect.name == "sqlite":
+            event.listen(self.engine.sync_engine, "connect", _tune_sqlite)
+        self._sessions = async_sessionmaker(self.engine, class_=AsyncSession, expire_on_commit=False)
+
+    @classmethod
+    def for_service(
+        cls, service: str, home: Path, database_url: str | None, *, migrations: Path | None = None
+    ) -> Database:
+        """The configured database, or ``{home}/{service}.db`` when none is configured."""
+        if database_url is None:
+            home.mkdir(parents=True, exist_ok=True)
+            database_url = f"sqlite:///{home / f'{service}.db'}"
+        return cls(service, database_url, migrations=migrations)
+
+    @property
+    def version_table(self) -> str:
+        return f"{self.service}_schema_version"
+
+    @asynccontextmanager
+    async def session(self) -> AsyncIterator[AsyncSession]:
+        async with self._sessions() as session:
+            yield session
+
+    async def migrate(self) -> str | None:
+        """Bring the schema to the newest revision in ``migrations``; return that revision."""
+        if self.migrations is None:
+            return None
+        async with self.engine.begin() as connection:
+            await connection.run_sync(self._upgrade)
+        return await self.schema_version()
+
+    async def schema_version(self) -> str | None:
+        async with self.engine.connect() as connection:
+            return await connection.run_sync(
+                lambda sync: MigrationContext.configure(
+                    sync, opts={"version_table": self.version_table}
+                ).get_current_revision()
+            )
+
+    def _upgrade(self, connection: Connection) -> None:
+        config = AlembicConfig()
+        config.set_main_option("path_separator", "os")
+        config.set_main_option("script_location", str(_SHARED_MIGRATION_ENV))
+        config.set_main_option("version_locations", str(self.migrations))
+        config.attributes["connection"] = connection
+        config.attributes["version_table"] = self.version_table
+        command.upgrade(config, "head")
+
+    async def close(self) -> None:
+        await self.engine.dispose()
+
+
+async def open_service_database(
+    service: str, settings: ServerSettings, resources: AsyncExitStack, *, migrations: Path
+) -> Database:
+    """Open and migrate the service's configured database; ``resources`` closes it."""
+    database = Database.for_service(service, settings.home, settings.database_url, migrations=migrations)
+    resources.push_async_callback(database.close)
+    await database.migrate()
+    return database

@@ -1,0 +1,244 @@
+"""Server interceptors: domain errors -> rich gRPC status, and the authentication hook.
+
+Both wrap every method handler once, at registration time, so the per-call cost is one async context
+manager around the servicer method.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import inspect
+import logging
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeAlias
+
+import grpc
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from takeoff_server import errors
+
+logger = logging.getLogger(__name__)
+
+REQUEST_ID_METADATA_KEY = "x-request-id"
+
+request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "takeoff_request_id", default=None
+)
+
+_STATUS_BY_ERROR: tuple[tuple[type[errors.TakeoffError], grpc.StatusCode], ...] = (
+    (errors.InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
+    (errors.NotFound, grpc.StatusCode.NOT_FOUND),
+    (errors.AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
+    (errors.FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
+    (errors.ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (errors.Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
+    (errors.PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
+    (errors.Unavailable, grpc.StatusCode.UNAVAILABLE),
+)
+
+# grpc's classes are generic only in their type stubs, hence the quoted aliases.
+Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
+Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
+CallGuard = Callable[[str, Context], AbstractAsyncContextManager[None]]
+
+
+def status_code_for(error: errors.TakeoffError) -> grpc.StatusCode:
+    for error_type, code in _STATUS_BY_ERROR:
+        if isinstance(error, error_type):
+            return code
+    return grpc.StatusCode.UNKNOWN
+
+
+def rich_status(
+    code: grpc.StatusCode,
+    message: str,
+    reason: str,
+    *,
+    metadata: Mapping[str, str] | None = None,
+    violations: tuple[errors.FieldViolation, ...] = (),
+) -> grpc.Status:
+    """A gRPC status whose details carry ``ErrorInfo`` and, when there are violations, ``BadRequest``."""
+    status = status_pb2.Status(code=code.value[0], message=message)
+    status.details.add().Pack(
+        error_details_pb2.ErrorInfo(reason=reason, domain=errors.ERROR_DOMAIN, metadata=dict(metadata or {}))
+    )
+    if violations:
+        status.details.add().Pack(
+            error_details_pb2.BadRequest(
+                field_violations=[
+                    error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
+                    for v in violations
+                ]
+            )
+        )
+    return rpc_status.to_status(status)
+
+
+async def _abort(context: Context, status: grpc.Status) -> None:
+    await context.abort(status.code, status.details, status.trailing_metadata)
+
+
+def _metadata(context: Context) -> dict[str, str]:
+    return {key: value for key, value in (context.invocation_metadata() or ()) if isinstance(value, str)}
+
+
+async def _call_unary(behavior: Callable[..., Any], request: Any, context: Context) -> Any:
+    result = behavior(request, context)
+    if inspect.isawaitable(result):
+        result = await result
+    return result
+
+
+async def _call_streaming(behavior: Callable[..., Any], request: Any, context: Context) -> AsyncIterator[Any]:
+    result = behavior(request, context)
+    if inspect.isawaitable(result):
+        await result  # a handler that writes with context.write() and returns nothing
+    elif hasattr(result, "__aiter__"):
+        async for response in result:
+            yield response
+    elif result is not None:
+        for response in result:
+            yield response
+
+
+def guard_handler(handler: Handler, method: str, guard: CallGuard) -> Handler:
+    """Return ``handler`` with every call of it run inside ``guard(method, context)``."""
+    behavior: Callable[..., Any] | None = (
+        handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
+    )
+    assert behavior is not None, f"{method} has a handler with no behavior"
+    serializers: dict[str, Any] = {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
+    if handler.response_streaming:
+
+        async def streaming(request: Any, context: Context) -> AsyncIterator[Any]:
+            async with guard(method, context):
+                async for response in _call_streaming(behavior, request, context):
+                    yield response
+
+        if handler.request_streaming:
+            return grpc.stream_stream_rpc_method_handler(streaming, **serializers)
+        return grpc.unary_stream_rpc_method_handler(streaming, **serializers)
+
+    async def unary(request: Any, context: Context) -> Any:
+        async with guard(method, context):
+            return await _call_unary(behavior, request, context)
+
+    if handler.request_streaming:
+        return grpc.stream_unary_rpc_method_handler(unary, **serializers)
+    return grpc.unary_unary_rpc_method_handler(unary, **serializers)
+
+
+class GuardInterceptor(grpc.aio.ServerInterceptor):
+    """Runs every call of every method inside ``guard(method, context)``."""
+
+    def __init__(self, guard: CallGuard) -> None:
+        self._guard = guard
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Handler | None:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        return guard_handler(handler, handler_call_details.method, self._guard)
+
+
+@asynccontextmanager
+async def error_guard(method: str, context: Context) -> AsyncIterator[None]:
+    """Maps domain errors to rich statuses; unexpected exceptions become INTERNAL with no traceback.
+
+    Each call gets a request id (the caller's ``x-request-id`` or a new one); INTERNAL errors quote it
+    and the server log carries it with the traceback, so an operator can find one from the other.
+    """
+    request_id = _metadata(context).get(REQUEST_ID_METADATA_KEY) or uuid.uuid4().hex
+    token = request_id_var.set(request_id)
+    try:
+        yield
+    except grpc.aio.AbortError:
+        raise
+    except errors.TakeoffError as error:
+        await _abort(
+            context,
+            rich_status(
+                status_code_for(error),
+                error.message,
+                error.reason,
+                metadata=error.metadata,
+                violations=error.violations,
+            ),
+        )
+    except NotImplementedError:
+        await _abort(
+            context,
+            rich_status(
+                grpc.StatusCode.UNIMPLEMENTED,
+                f"{method} is not implemented by this server yet",
+                "NOT_IMPLEMENTED",
+                metadata={"method": method},
+            ),
+        )
+    except Exception:
+        logger.exception("unexpected error in %s (request id %s)", method, request_id)
+        await _abort(
+            context,
+            rich_status(
+                grpc.StatusCode.INTERNAL,
+                f"internal error; the server log has the details under request id {request_id}",
+                "INTERNAL",
+                metadata={"request_id": request_id},
+            ),
+        )
+    finally:
+        request_id_var.reset(token)
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who is calling. ``anonymous`` until the security work issues credentials."""
+
+    subject: str
+    scopes: frozenset[str] = field(default_factory=frozenset)
+
+
+ANONYMOUS = Principal(subject="anonymous")
+
+principal_var: contextvars.ContextVar[Principal] = contextvars.ContextVar(
+    "takeoff_principal", default=ANONYMOUS
+)
+
+
+class Authenticator(Protocol):
+    """Decides who is calling ``method`` from the call's metadata, or raises ``Unauthenticated``."""
+
+    async def authenticate(self, method: str, metadata: Mapping[str, str]) -> Principal: ...
+
+
+class AllowAll:
+    """Admits every caller as anonymous: the policy until API keys exist."""
+
+    async def authenticate(self, method: str, metadata: Mapping[str, str]) -> Principal:
+        return ANONYMOUS
+
+
+def auth_guard(authenticator: Authenticator) -> CallGuard:
+    """A guard that runs ``authenticator`` before each call and exposes the caller via ``principal_var``."""
+
+    @asynccontextmanager
+    async def guard(method: str, context: Context) -> AsyncIterator[None]:
+        principal = await authenticator.authenticate(method, _metadata(context))
+        token = principal_var.set(principal)
+        try:
+            yield
+        finally:
+            principal_var.reset(token)
+
+    return guard

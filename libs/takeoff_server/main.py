@@ -1,0 +1,84 @@
+"""``python -m takeoff_<service>``: load settings, set up logging and tracing, serve until signalled."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ctypes
+import logging
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Generic, NoReturn
+
+from takeoff_server.config import ConfigError, SettingsT, load_settings
+from takeoff_server.server import ServiceBinding, TakeoffServer, serve_until_signalled, write_ready_file
+from takeoff_server.telemetry import setup_logging, setup_tracing
+
+logger = logging.getLogger(__name__)
+
+_PR_SET_PDEATHSIG = 1
+
+EXIT_CONFIG_ERROR = 2
+EXIT_START_FAILED = 1
+
+
+def stop_with_parent(parent_pid: int) -> None:
+    """Have the kernel send SIGTERM when ``parent_pid`` (our parent) exits, however it exits."""
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent_pid:  # the parent died before the request took effect
+        sys.exit(0)
+
+
+@dataclass(frozen=True)
+class ServiceProgram(Generic[SettingsT]):
+    """How one service process is put together.
+
+    ``wire`` builds the servicers from the settings; what it opens (databases, clients) it registers on
+    the exit stack, which is closed after the server has stopped.
+    """
+
+    name: str
+    settings: type[SettingsT]
+    wire: Callable[[SettingsT, AsyncExitStack], Awaitable[Sequence[ServiceBinding]]]
+
+    def main(self, argv: Sequence[str] | None = None) -> NoReturn:
+        parser = argparse.ArgumentParser(prog=f"python -m takeoff_{self.name}")
+        parser.add_argument(
+            "--config", type=Path, help="YAML settings file (TAKEOFF_* variables win over it)"
+        )
+        args = parser.parse_args(argv)
+        try:
+            settings = load_settings(self.settings, args.config)
+        except ConfigError as error:
+            print(f"takeoff-{self.name}: {error}", file=sys.stderr)
+            sys.exit(EXIT_CONFIG_ERROR)
+        if settings.parent_pid is not None:
+            stop_with_parent(settings.parent_pid)
+        setup_logging(f"takeoff-{self.name}", settings.log_level, settings.log_format)
+        try:
+            tracer_provider = setup_tracing(f"takeoff-{self.name}")
+        except ConfigError as error:
+            print(f"takeoff-{self.name}: {error}", file=sys.stderr)
+            sys.exit(EXIT_CONFIG_ERROR)
+        try:
+            asyncio.run(self._serve(settings))
+        except OSError as error:
+            print(f"takeoff-{self.name}: {error}", file=sys.stderr)
+            sys.exit(EXIT_START_FAILED)
+        finally:
+            tracer_provider.shutdown()  # flushes spans still batched
+        sys.exit(0)
+
+    async def _serve(self, settings: SettingsT) -> None:
+        async with AsyncExitStack() as resources:
+            server = TakeoffServer(await self.wire(settings, resources), listen=settings.listen)
+            addresses = await server.start()
+            if settings.ready_file is not None:
+                write_ready_file(settings.ready_file, addresses)
+            await serve_until_signalled(server, grace=settings.shutdown_grace_seconds)
+        logger.info("stopped")

@@ -1,0 +1,144 @@
+"""The gRPC server every Takeoff service runs on.
+
+It serves the service's own API plus ``grpc.health.v1`` (one status per service, and the overall ``""``)
+and server reflection, on one or more addresses (``host:port`` with port 0 allowed, ``unix:/path``),
+behind the interceptor chain tracing -> errors -> authentication. Shutdown first reports NOT_SERVING,
+so load balancers stop sending, then lets in-flight calls finish within the grace period.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import grpc
+from google.protobuf.descriptor import ServiceDescriptor
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from opentelemetry.instrumentation.grpc import aio_server_interceptor
+
+from takeoff_server.interceptors import AllowAll, Authenticator, GuardInterceptor, auth_guard, error_guard
+
+logger = logging.getLogger(__name__)
+
+ServicerT = TypeVar("ServicerT")
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceBinding:
+    """One gRPC service to serve: its full name (``takeoff.v1.QueueService``) and how to add it."""
+
+    name: str
+    add_to_server: Callable[[grpc.aio.Server], None]
+
+    @classmethod
+    def of(
+        cls,
+        descriptor: ServiceDescriptor,
+        add_servicer: Callable[[ServicerT, grpc.aio.Server], None],
+        servicer: ServicerT,
+    ) -> ServiceBinding:
+        """Bind a generated ``add_XxxServicer_to_server`` to a servicer instance."""
+        return cls(descriptor.full_name, lambda server: add_servicer(servicer, server))
+
+
+class TakeoffServer:
+    """A started-on-demand ``grpc.aio`` server with health, reflection and Takeoff's interceptors."""
+
+    def __init__(
+        self,
+        services: Sequence[ServiceBinding],
+        *,
+        listen: Sequence[str],
+        authenticator: Authenticator | None = None,
+        extra_interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    ) -> None:
+        self.services = tuple(services)
+        self._listen = tuple(listen)
+        self.health = health.aio.HealthServicer()
+        self.addresses: list[str] = []
+        self._server = grpc.aio.server(
+            interceptors=[
+                aio_server_interceptor(),  # type: ignore[no-untyped-call]
+                *extra_interceptors,
+                GuardInterceptor(error_guard),
+                GuardInterceptor(auth_guard(authenticator or AllowAll())),
+            ],
+            options=[("grpc.so_reuseport", 0)],
+        )
+        for service in self.services:
+            service.add_to_server(self._server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        reflection.enable_server_reflection(
+            [*(s.name for s in self.services), health.SERVICE_NAME, reflection.SERVICE_NAME], self._server
+        )
+
+    async def start(self) -> list[str]:
+        """Bind every address and start serving; returns the addresses with real port numbers."""
+        for address in self._listen:
+            self.addresses.append(self._bind(address))
+        await self._server.start()
+        for name in ("", *(s.name for s in self.services)):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        logger.info("serving %s on %s", ", ".join(s.name for s in self.services), ", ".join(self.addresses))
+        return list(self.addresses)
+
+    def _bind(self, address: str) -> str:
+        if address.startswith("unix:"):
+            path = Path(address.removeprefix("unix:").removeprefix("//"))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.unlink(missing_ok=True)  # a socket left by a killed predecessor
+            self._server.add_insecure_port(f"unix:{path}")
+            return f"unix:{path}"
+        host, _, _ = address.rpartition(":")
+        try:
+            port = self._server.add_insecure_port(address)
+        except RuntimeError:
+            port = 0
+        if port == 0:
+            raise OSError(f"cannot listen on {address}: the address is in use or not available")
+        return f"{host}:{port}"
+
+    async def stop(self, grace: float) -> None:
+        """Report NOT_SERVING, stop taking calls, give in-flight ones ``grace`` seconds."""
+        await self.health.enter_graceful_shutdown()
+        await self._server.stop(grace)
+        self._remove_sockets()
+
+    def _remove_sockets(self) -> None:
+        for address in self.addresses:
+            if address.startswith("unix:"):
+                Path(address.removeprefix("unix:")).unlink(missing_ok=True)
+
+    async def wait_for_termination(self) -> None:
+        await self._server.wait_for_termination()
+
+
+def write_ready_file(path: Path, addresses: Sequence[str]) -> None:
+    """Publish the bound addresses atomically, so a supervisor never reads half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps({"pid": os.getpid(), "addresses": list(addresses)}))
+    partial.replace(path)
+
+
+async def serve_until_signalled(server: TakeoffServer, *, grace: float) -> None:
+    """Serve until SIGTERM or SIGINT, then shut down gracefully."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await stop.wait()
+        logger.info("shutting down (grace %.1fs)", grace)
+        await server.stop(grace)
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)

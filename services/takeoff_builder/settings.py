@@ -1,0 +1,7 @@
+"""Builder settings (``TAKEOFF_*`` variables, a YAML file, or these defaults)."""
+
+from takeoff_server.config import ServerSettings
+
+
+class BuilderSettings(ServerSettings):
+    listen: list[str] = ["127.0.0.1:50053"]

@@ -1,0 +1,139 @@
+"""`takeoff up` end to end: real child processes, real health checks, nothing left behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.processes import pid_alive, wait_for
+
+TAKEOFF = [sys.executable, "-m", "takeoff.cli"]
+
+
+def takeoff(home: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*TAKEOFF, *args],
+        env={**os.environ, "TAKEOFF_HOME": str(home), "COLUMNS": "200"},
+        capture_output=True,
+        check=False,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def stack_record(home: Path) -> dict[str, object] | None:
+    try:
+        return json.loads((home / "stack.json").read_text())  # type: ignore[no-any-return]
+    except (OSError, ValueError):
+        return None
+
+
+@pytest.fixture
+def agent_config(takeoff_home: Path) -> Path:
+    config = takeoff_home / "agent.yaml"
+    config.write_text("name: test-agent\nqueues: [default]\nmax_jobs: 2\n")
+    return config
+
+
+@pytest.fixture
+def stack(takeoff_home: Path, agent_config: Path) -> Iterator[subprocess.Popen[str]]:
+    process = subprocess.Popen(
+        [*TAKEOFF, "up", "--base-port", "0", "--agent", str(agent_config)],
+        env={**os.environ, "TAKEOFF_HOME": str(takeoff_home), "COLUMNS": "200"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    wait_for(lambda: stack_record(takeoff_home) or process.poll() is not None, what="the stack to start")
+    assert process.poll() is None, process.communicate()
+    yield process
+    if process.poll() is None:
+        process.kill()
+    process.wait()
+
+
+def child_pids(home: Path) -> dict[str, int]:
+    record = stack_record(home)
+    assert record is not None
+    return {name: service["pid"] for name, service in record["services"].items()}  # type: ignore[attr-defined]
+
+
+def test_up_serves_every_service_and_sigterm_stops_them_all(
+    stack: subprocess.Popen[str], takeoff_home: Path
+) -> None:
+    pids = child_pids(takeoff_home)
+    assert set(pids) == {"registry", "queue", "builder", "agent"}
+
+    status = takeoff(takeoff_home, "status", "--json")
+    assert status.returncode == 0, status.stderr
+    reported = json.loads(status.stdout)
+    assert {name: s["health"] for name, s in reported.items()} == dict.fromkeys(pids, "SERVING")
+    assert any(a.startswith("unix:") for a in reported["registry"]["addresses"])
+
+    table = takeoff(takeoff_home, "status")
+    assert table.returncode == 0
+    assert "SERVING" in table.stdout
+
+    stack.send_signal(signal.SIGTERM)
+    out, err = stack.communicate(timeout=60)
+    assert stack.returncode == 0, err
+    assert "stack stopped" in out
+    assert not any(pid_alive(pid) for pid in pids.values())
+    assert stack_record(takeoff_home) is None
+    assert takeoff(takeoff_home, "status").returncode == 1
+
+
+def test_a_crashed_service_is_reported_and_the_rest_stopped(
+    stack: subprocess.Popen[str], takeoff_home: Path
+) -> None:
+    pids = child_pids(takeoff_home)
+
+    os.kill(pids["queue"], signal.SIGKILL)
+    _, err = stack.communicate(timeout=60)
+
+    assert stack.returncode == 1
+    assert "queue exited unexpectedly" in err
+    assert not any(pid_alive(pid) for pid in pids.values())
+
+
+def test_killing_the_supervisor_leaves_no_service_behind(
+    stack: subprocess.Popen[str], takeoff_home: Path
+) -> None:
+    pids = child_pids(takeoff_home)
+
+    stack.kill()
+    stack.wait()
+
+    wait_for(lambda: not any(pid_alive(pid) for pid in pids.values()), what="the services to exit")
+
+
+def test_a_second_stack_in_the_same_home_is_refused(stack: subprocess.Popen[str], takeoff_home: Path) -> None:
+    second = takeoff(takeoff_home, "up", "--base-port", "0")
+
+    assert second.returncode == 1
+    assert "already running" in second.stderr
+    assert "Traceback" not in second.stderr
+    assert stack.poll() is None
+
+
+def test_status_without_a_stack(takeoff_home: Path) -> None:
+    result = takeoff(takeoff_home, "status")
+
+    assert result.returncode == 1
+    assert "no stack is running" in result.stderr
+
+
+def test_demo_brings_the_stack_up_healthy_and_down(takeoff_home: Path) -> None:
+    result = takeoff(takeoff_home, "demo", timeout=120)
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("SERVING") == 3
+    assert "stack stopped" in result.stdout
+    assert stack_record(takeoff_home) is None

@@ -1,0 +1,87 @@
+"""Start Takeoff processes the way users do, and wait for them without sleeping blindly."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+def wait_for(probe: Callable[[], T | None], *, timeout: float = 30.0, what: str = "condition") -> T:
+    """Poll ``probe`` until it returns something other than None or False."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if (value := probe()) not in (None, False):
+            return value  # type: ignore[return-value]
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie has exited but not been reaped by its parent yet: it is gone for our purposes.
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+class ServiceProcess:
+    def __init__(self, process: subprocess.Popen[str], addresses: list[str]) -> None:
+        self.process = process
+        self.addresses = addresses
+
+    @property
+    def address(self) -> str:
+        return self.addresses[0]
+
+    def terminate(self, timeout: float = 20.0) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=timeout)
+
+
+@contextmanager
+def service_process(
+    service: str, home: Path, *, env: dict[str, str] | None = None, listen: list[str] | None = None
+) -> Iterator[ServiceProcess]:
+    """``python -m takeoff_<service>`` on a free loopback port, ready when its ready file appears."""
+    ready = home / f"{service}.ready"
+    ready.unlink(missing_ok=True)
+    process = subprocess.Popen(
+        [sys.executable, "-m", f"takeoff_{service}"],
+        env={
+            **os.environ,
+            "TAKEOFF_HOME": str(home),
+            "TAKEOFF_LISTEN": json.dumps(listen or ["127.0.0.1:0"]),
+            "TAKEOFF_READY_FILE": str(ready),
+            **(env or {}),
+        },
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+
+        def started() -> list[str] | None:
+            if process.poll() is not None:
+                raise AssertionError(f"{service} exited with {process.returncode}: {process.stdout.read()}")  # type: ignore[union-attr]
+            return json.loads(ready.read_text())["addresses"] if ready.exists() else None
+
+        yield ServiceProcess(process, wait_for(started, what=f"{service} to serve"))
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait()

@@ -1,0 +1,47 @@
+import json
+import logging
+
+import pytest
+from opentelemetry.sdk.trace import TracerProvider
+
+from takeoff_server.interceptors import request_id_var
+from takeoff_server.telemetry import JsonFormatter, _TraceContextFilter
+
+
+def test_json_log_lines_carry_trace_span_and_request_ids() -> None:
+    tracer = TracerProvider().get_tracer("test")
+    record = logging.LogRecord("takeoff.test", logging.INFO, __file__, 1, "claimed %s", ("item-1",), None)
+    token = request_id_var.set("req-7")
+    try:
+        with tracer.start_as_current_span("dispatch") as span:
+            _TraceContextFilter().filter(record)
+            context = span.get_span_context()
+    finally:
+        request_id_var.reset(token)
+
+    line = json.loads(JsonFormatter("takeoff-queue").format(record))
+
+    assert line["message"] == "claimed item-1"
+    assert line["service"] == "takeoff-queue"
+    assert line["trace_id"] == f"{context.trace_id:032x}"
+    assert line["span_id"] == f"{context.span_id:016x}"
+    assert line["request_id"] == "req-7"
+
+
+def test_log_lines_outside_a_trace_have_no_ids() -> None:
+    record = logging.LogRecord("takeoff.test", logging.INFO, __file__, 1, "idle", (), None)
+    _TraceContextFilter().filter(record)
+
+    line = json.loads(JsonFormatter("takeoff-queue").format(record))
+
+    assert "trace_id" not in line
+    assert "request_id" not in line
+
+
+def test_unknown_exporter_is_a_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from takeoff_server.config import ConfigError
+    from takeoff_server.telemetry import _exporters
+
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "carrier-pigeon")
+    with pytest.raises(ConfigError, match="carrier-pigeon"):
+        _exporters()
