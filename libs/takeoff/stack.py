@@ -23,7 +23,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from takeoff._channel import open_channel
-from takeoff._home import DEFAULT_PORTS, RunningService, StackRecord
+from takeoff._home import DEFAULT_PORTS, STACK_FILE, RunningService, StackRecord
 
 CORE_SERVICES = ("registry", "queue", "builder")
 
@@ -192,5 +192,5 @@ class LocalStack:
                 child.process.kill()
                 child.process.wait()
         if (record := StackRecord.read(self.home)) is not None and record.supervisor_pid == os.getpid():
-            (self.home / "stack.json").unlink(missing_ok=True)
+            (self.home / STACK_FILE).unlink(missing_ok=True)
         return {child.name: child.process.returncode for child in order}

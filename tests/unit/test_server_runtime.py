@@ -56,7 +56,7 @@ async def count_then_fail(request: bytes, context: Context) -> AsyncIterator[byt
 
 
 def probe_binding() -> ServiceBinding:
-    unary: dict[str, "grpc.RpcMethodHandler[bytes, bytes]"] = {
+    unary: dict[str, grpc.RpcMethodHandler[bytes, bytes]] = {
         name: grpc.unary_unary_rpc_method_handler(behavior)
         for name, behavior in {
             "Invalid": invalid,
