@@ -140,6 +140,8 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
 
     def __init__(self, guard: CallGuard) -> None:
         self._guard = guard
+        # grpc asks interceptors for a handler on every call; wrapping once per method keeps that cheap.
+        self._guarded: dict[str, tuple[Handler, Handler]] = {}
 
     async def intercept_service(
         self,
@@ -149,7 +151,12 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
-        return guard_handler(handler, handler_call_details.method, self._guard)
+        method = handler_call_details.method
+        cached = self._guarded.get(method)
+        if cached is None or cached[0] is not handler:
+            cached = (handler, guard_handler(handler, method, self._guard))
+            self._guarded[method] = cached
+        return cached[1]
 
 
 @asynccontextmanager
