@@ -1,0 +1,262 @@
+"""The item life cycle of DESIGN.md §5, as plain data and pure functions.
+
+Every change to an item goes through one function here and comes back as a :class:`Transition` to
+record; the functions refuse what the state table forbids. The store persists the result and the
+dispatcher decides *when* to call them; neither decides *what* a state change means.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
+
+from takeoff_server.errors import FailedPrecondition
+
+
+class ItemState(enum.Enum):
+    PENDING = "PENDING"
+    LEASED = "LEASED"
+    BUILDING = "BUILDING"
+    STARTING = "STARTING"
+    RUNNING = "RUNNING"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in TERMINAL_STATES
+
+    @property
+    def is_live(self) -> bool:
+        """Held under a lease: counts against capacity and the queue's concurrency limit."""
+        return self in LIVE_STATES
+
+
+TERMINAL_STATES = frozenset({ItemState.SUCCEEDED, ItemState.FAILED, ItemState.CANCELLED})
+LIVE_STATES = frozenset({ItemState.LEASED, ItemState.BUILDING, ItemState.STARTING, ItemState.RUNNING})
+_PROGRESS_ORDER = (ItemState.LEASED, ItemState.BUILDING, ItemState.STARTING, ItemState.RUNNING)
+
+
+class FailureReason(enum.Enum):
+    AGENT_LOST = "AGENT_LOST"
+    BUILD_INFRA = "BUILD_INFRA"
+    PREEMPTED = "PREEMPTED"
+    START_TIMEOUT = "START_TIMEOUT"
+    RUNNER_INFRA = "RUNNER_INFRA"
+    RELEASED = "RELEASED"
+    MAX_RUN_TIME_EXCEEDED = "MAX_RUN_TIME_EXCEEDED"
+    JOB_FAILED = "JOB_FAILED"
+    NO_RUN = "NO_RUN"
+    BUILD_FAILED = "BUILD_FAILED"
+    CONFIG_INVALID = "CONFIG_INVALID"
+    CANCELLED = "CANCELLED"
+
+    @property
+    def is_infrastructure(self) -> bool:
+        """Not the job's fault: always worth another attempt."""
+        return self in _INFRASTRUCTURE_FAILURES
+
+
+_INFRASTRUCTURE_FAILURES = frozenset(
+    {
+        FailureReason.AGENT_LOST,
+        FailureReason.BUILD_INFRA,
+        FailureReason.PREEMPTED,
+        FailureReason.START_TIMEOUT,
+        FailureReason.RUNNER_INFRA,
+        FailureReason.RELEASED,
+    }
+)
+
+
+class LeaseLost(FailedPrecondition):
+    """A message about an item carried an epoch that no longer owns it: the sender is a zombie."""
+
+    def __init__(self, item_id: str, epoch: int, current_epoch: int) -> None:
+        super().__init__(
+            "LEASE_LOST",
+            f"item {item_id} is at epoch {current_epoch}; epoch {epoch} no longer holds it",
+            metadata={"item": item_id, "epoch": str(epoch), "current_epoch": str(current_epoch)},
+        )
+
+
+class IllegalTransition(FailedPrecondition):
+    def __init__(self, item_id: str, state: ItemState, wanted: str) -> None:
+        super().__init__(
+            "INVALID_TRANSITION",
+            f"item {item_id} is {state.value}; cannot {wanted}",
+            metadata={"item": item_id, "state": state.value},
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """The queue settings that decide whether a failed attempt is tried again."""
+
+    retry_job_failures: bool = False
+    retry_delay: timedelta = timedelta(0)
+
+
+@dataclass(frozen=True, slots=True)
+class Transition:
+    """One recorded change of state (the item's history is a list of these)."""
+
+    time: datetime
+    from_state: ItemState | None
+    to_state: ItemState
+    attempt: int
+    epoch: int
+    reason: FailureReason | None = None
+    message: str = ""
+    agent: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ItemLife:
+    """The part of an item the life cycle reads and writes."""
+
+    item_id: str
+    state: ItemState
+    max_attempts: int
+    enqueue_time: datetime
+    eligible_time: datetime
+    attempt: int = 0
+    epoch: int = 0
+    cancel_requested: bool = False
+    agent: str = ""
+    reason: FailureReason | None = None
+    message: str = ""
+    exit_code: int | None = None
+    history: tuple[Transition, ...] = field(default_factory=tuple)
+
+    def _moved(self, now: datetime, to_state: ItemState, **changes: object) -> ItemLife:
+        changed = replace(self, state=to_state, **changes)  # type: ignore[arg-type]
+        transition = Transition(
+            time=now,
+            from_state=self.state,
+            to_state=to_state,
+            attempt=changed.attempt,
+            epoch=changed.epoch,
+            reason=changed.reason if to_state in (ItemState.PENDING, *TERMINAL_STATES) else None,
+            message=changed.message,
+            agent=changed.agent,
+        )
+        return replace(changed, history=(*self.history, transition))
+
+    def check_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch or not self.state.is_live:
+            raise LeaseLost(self.item_id, epoch, self.epoch)
+
+
+def enqueued(item_id: str, max_attempts: int, now: datetime) -> ItemLife:
+    """(new) -> PENDING."""
+    item = ItemLife(item_id, ItemState.PENDING, max_attempts, enqueue_time=now, eligible_time=now)
+    return replace(item, history=(Transition(now, None, ItemState.PENDING, attempt=0, epoch=0),))
+
+
+def assign(item: ItemLife, agent: str, now: datetime) -> ItemLife:
+    """PENDING -> LEASED: a new attempt under a new epoch."""
+    if item.state is not ItemState.PENDING or item.cancel_requested:
+        raise IllegalTransition(item.item_id, item.state, "assign it")
+    return item._moved(
+        now, ItemState.LEASED, attempt=item.attempt + 1, epoch=item.epoch + 1, agent=agent, message=""
+    )
+
+
+def progress(item: ItemLife, epoch: int, state: ItemState, now: datetime, detail: str = "") -> ItemLife:
+    """LEASED -> BUILDING -> STARTING -> RUNNING, forward only; a repeat of the current state is a no-op."""
+    item.check_epoch(epoch)
+    if state not in _PROGRESS_ORDER:
+        raise IllegalTransition(item.item_id, item.state, f"report progress to {state.value}")
+    if state is item.state:
+        return item
+    if _PROGRESS_ORDER.index(state) < _PROGRESS_ORDER.index(item.state):
+        raise IllegalTransition(item.item_id, item.state, f"move back to {state.value}")
+    return item._moved(now, state, message=detail)
+
+
+def complete(
+    item: ItemLife,
+    epoch: int,
+    outcome: ItemState,
+    now: datetime,
+    policy: RetryPolicy,
+    *,
+    reason: FailureReason | None = None,
+    message: str = "",
+    exit_code: int | None = None,
+) -> ItemLife:
+    """The agent's verdict on the attempt: SUCCEEDED, CANCELLED, or a failure (which may be retried)."""
+    item.check_epoch(epoch)
+    if outcome is ItemState.SUCCEEDED:
+        return item._moved(now, ItemState.SUCCEEDED, reason=None, message=message, exit_code=exit_code)
+    if outcome is ItemState.CANCELLED and not item.cancel_requested:
+        raise IllegalTransition(item.item_id, item.state, "complete it as CANCELLED: no cancel was requested")
+    if outcome not in (ItemState.FAILED, ItemState.CANCELLED):
+        raise IllegalTransition(item.item_id, item.state, f"complete it as {outcome.value}")
+    failure = reason or FailureReason.JOB_FAILED
+    return end_attempt(item, failure, now, policy, message=message, exit_code=exit_code)
+
+
+def release(item: ItemLife, epoch: int, now: datetime, policy: RetryPolicy, message: str = "") -> ItemLife:
+    """The agent hands back work it has not started; it counts as an attempt."""
+    item.check_epoch(epoch)
+    if item.state is ItemState.RUNNING:
+        raise IllegalTransition(item.item_id, item.state, "release it: it is already running")
+    return end_attempt(item, FailureReason.RELEASED, now, policy, message=message)
+
+
+def end_attempt(
+    item: ItemLife,
+    reason: FailureReason,
+    now: datetime,
+    policy: RetryPolicy,
+    *,
+    message: str = "",
+    exit_code: int | None = None,
+) -> ItemLife:
+    """A live attempt ended without success (lease expired, released, timed out, or failed).
+
+    Back to PENDING, keeping its place, when the reason is retryable, attempts are left and no cancel is
+    requested; otherwise the item ends: CANCELLED if a cancel was requested, else FAILED.
+    """
+    if not item.state.is_live:
+        raise IllegalTransition(item.item_id, item.state, "end its attempt")
+    if item.cancel_requested:
+        return item._moved(
+            now, ItemState.CANCELLED, reason=FailureReason.CANCELLED, message=message, exit_code=exit_code
+        )
+    retryable = reason.is_infrastructure or (
+        policy.retry_job_failures and reason is not FailureReason.CANCELLED
+    )
+    if retryable and item.attempt < item.max_attempts:
+        return item._moved(
+            now,
+            ItemState.PENDING,
+            reason=reason,
+            message=message,
+            exit_code=exit_code,
+            eligible_time=now + policy.retry_delay,
+        )
+    return item._moved(now, ItemState.FAILED, reason=reason, message=message, exit_code=exit_code)
+
+
+def request_cancel(item: ItemLife, now: datetime, message: str = "cancelled by user") -> ItemLife:
+    """PENDING -> CANCELLED at once; a live item is flagged, and ends when its agent confirms or its
+    lease ends. Cancelling an item that is already cancelled (or flagged) changes nothing.
+    """
+    if item.state is ItemState.CANCELLED or (item.state.is_live and item.cancel_requested):
+        return item
+    if item.state.is_terminal:
+        raise FailedPrecondition(
+            "ITEM_ENDED",
+            f"item {item.item_id} already ended {item.state.value}",
+            metadata={"item": item.item_id, "state": item.state.value},
+        )
+    if item.state is ItemState.PENDING:
+        return item._moved(
+            now, ItemState.CANCELLED, cancel_requested=True, reason=FailureReason.CANCELLED, message=message
+        )
+    return replace(item, cancel_requested=True)

@@ -1,0 +1,224 @@
+"""The item life cycle against the state table of DESIGN.md §5, example by example and as a state machine."""
+
+from __future__ import annotations
+
+import itertools
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from takeoff_queue import lifecycle
+from takeoff_queue.lifecycle import FailureReason, ItemLife, ItemState, LeaseLost, RetryPolicy
+from takeoff_server.errors import FailedPrecondition
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+NO_RETRY = RetryPolicy()
+
+
+def leased(max_attempts: int = 3) -> ItemLife:
+    return lifecycle.assign(lifecycle.enqueued("i1", max_attempts, T0), "agents/a", T0)
+
+
+def test_assignment_starts_a_new_attempt_under_a_new_epoch() -> None:
+    item = leased()
+
+    assert (item.state, item.attempt, item.epoch, item.agent) == (ItemState.LEASED, 1, 1, "agents/a")
+    assert [(t.from_state, t.to_state) for t in item.history] == [
+        (None, ItemState.PENDING),
+        (ItemState.PENDING, ItemState.LEASED),
+    ]
+
+
+def test_progress_moves_forward_only() -> None:
+    item = lifecycle.progress(leased(), 1, ItemState.BUILDING, T0)
+    item = lifecycle.progress(item, 1, ItemState.RUNNING, T0)
+
+    assert item.state is ItemState.RUNNING
+    assert lifecycle.progress(item, 1, ItemState.RUNNING, T0) is item
+    with pytest.raises(FailedPrecondition) as backwards:
+        lifecycle.progress(item, 1, ItemState.BUILDING, T0)
+    assert backwards.value.reason == "INVALID_TRANSITION"
+
+
+def test_a_stale_epoch_is_lease_lost() -> None:
+    first = leased()
+    retried = lifecycle.end_attempt(first, FailureReason.AGENT_LOST, T0, NO_RETRY)
+    second = lifecycle.assign(retried, "agents/b", T0)
+
+    with pytest.raises(LeaseLost) as zombie:
+        lifecycle.complete(second, 1, ItemState.SUCCEEDED, T0, NO_RETRY)
+    assert zombie.value.reason == "LEASE_LOST"
+    assert lifecycle.complete(second, 2, ItemState.SUCCEEDED, T0, NO_RETRY).state is (ItemState.SUCCEEDED)
+
+
+def test_infrastructure_failure_retries_keeping_its_place_after_the_delay() -> None:
+    policy = RetryPolicy(retry_delay=timedelta(seconds=5))
+    later = T0 + timedelta(minutes=1)
+
+    item = lifecycle.end_attempt(leased(), FailureReason.AGENT_LOST, later, policy)
+
+    assert item.state is ItemState.PENDING
+    assert item.enqueue_time == T0
+    assert item.eligible_time == later + timedelta(seconds=5)
+    assert item.history[-1].reason is FailureReason.AGENT_LOST
+
+
+def test_job_failure_is_final_unless_the_queue_retries_them() -> None:
+    failed = lifecycle.complete(
+        leased(),
+        1,
+        ItemState.FAILED,
+        T0,
+        NO_RETRY,
+        reason=FailureReason.JOB_FAILED,
+        exit_code=3,
+    )
+    retried = lifecycle.complete(
+        leased(),
+        1,
+        ItemState.FAILED,
+        T0,
+        RetryPolicy(retry_job_failures=True),
+        reason=FailureReason.JOB_FAILED,
+    )
+
+    assert (failed.state, failed.reason, failed.exit_code) == (ItemState.FAILED, FailureReason.JOB_FAILED, 3)
+    assert retried.state is ItemState.PENDING
+
+
+def test_no_attempts_left_fails_with_the_reason_kept() -> None:
+    item = lifecycle.end_attempt(leased(max_attempts=1), FailureReason.START_TIMEOUT, T0, NO_RETRY)
+
+    assert (item.state, item.reason) == (ItemState.FAILED, FailureReason.START_TIMEOUT)
+
+
+def test_cancel_pending_is_immediate_and_cancel_leased_waits_for_the_agent() -> None:
+    pending = lifecycle.request_cancel(lifecycle.enqueued("i1", 3, T0), T0)
+    flagged = lifecycle.request_cancel(leased(), T0)
+
+    assert pending.state is ItemState.CANCELLED
+    assert (flagged.state, flagged.cancel_requested) == (ItemState.LEASED, True)
+    lost = lifecycle.end_attempt(flagged, FailureReason.AGENT_LOST, T0, NO_RETRY)
+    assert lost.state is ItemState.CANCELLED  # never retried once a cancel was requested
+
+
+def test_cancelled_outcome_needs_a_cancel_request() -> None:
+    with pytest.raises(FailedPrecondition, match="no cancel was requested"):
+        lifecycle.complete(leased(), 1, ItemState.CANCELLED, T0, NO_RETRY)
+
+
+def test_release_is_refused_once_running() -> None:
+    running = lifecycle.progress(leased(), 1, ItemState.RUNNING, T0)
+
+    with pytest.raises(FailedPrecondition) as refused:
+        lifecycle.release(running, 1, T0, NO_RETRY)
+    assert refused.value.reason == "INVALID_TRANSITION"
+    assert lifecycle.release(leased(), 1, T0, NO_RETRY).state is ItemState.PENDING
+
+
+def test_cancel_of_an_ended_item_is_refused() -> None:
+    done = lifecycle.complete(leased(), 1, ItemState.SUCCEEDED, T0, NO_RETRY)
+
+    with pytest.raises(FailedPrecondition) as refused:
+        lifecycle.request_cancel(done, T0)
+    assert refused.value.reason == "ITEM_ENDED"
+
+
+OUTCOMES = st.sampled_from([ItemState.SUCCEEDED, ItemState.FAILED, ItemState.CANCELLED])
+REASONS = st.sampled_from(list(FailureReason))
+PROGRESS = st.sampled_from([ItemState.LEASED, ItemState.BUILDING, ItemState.STARTING, ItemState.RUNNING])
+
+
+class ItemLifeCycle(RuleBasedStateMachine):
+    """Drives one item with every message an agent or user can send, valid or not, and checks the table."""
+
+    item: ItemLife
+    policy: RetryPolicy
+
+    @initialize(max_attempts=st.integers(1, 4), retry_job_failures=st.booleans())
+    def enqueue(self, max_attempts: int, retry_job_failures: bool) -> None:
+        self.item = lifecycle.enqueued("i1", max_attempts, T0)
+        self.policy = RetryPolicy(retry_job_failures=retry_job_failures)
+        self.clock = T0
+        self.ended_as: ItemState | None = None
+
+    def _now(self) -> datetime:
+        self.clock += timedelta(seconds=1)
+        return self.clock
+
+    def _apply(self, change: object, *args: object, **kwargs: object) -> None:
+        before = self.item
+        try:
+            self.item = change(before, *args, **kwargs)  # type: ignore[operator]
+        except FailedPrecondition:
+            self.item = before
+            return
+        assert before.state.is_terminal is False or self.item == before, "a terminal item changed"
+
+    @rule(agent=st.sampled_from(["agents/a", "agents/b"]))
+    def assign(self, agent: str) -> None:
+        self._apply(lifecycle.assign, agent, self._now())
+
+    @rule(state=PROGRESS, stale=st.booleans())
+    def progress(self, state: ItemState, stale: bool) -> None:
+        epoch = self.item.epoch - 1 if stale else self.item.epoch
+        if stale and self.item.state.is_live:
+            with pytest.raises(LeaseLost):
+                lifecycle.progress(self.item, epoch, state, self._now())
+            return
+        self._apply(lifecycle.progress, epoch, state, self._now())
+
+    @rule(outcome=OUTCOMES, reason=REASONS)
+    def complete(self, outcome: ItemState, reason: FailureReason) -> None:
+        self._apply(lifecycle.complete, self.item.epoch, outcome, self._now(), self.policy, reason=reason)
+
+    @rule(reason=REASONS)
+    def lease_ends(self, reason: FailureReason) -> None:
+        self._apply(lifecycle.end_attempt, reason, self._now(), self.policy)
+
+    @rule()
+    def release(self) -> None:
+        self._apply(lifecycle.release, self.item.epoch, self._now(), self.policy)
+
+    @rule()
+    def cancel(self) -> None:
+        self._apply(lifecycle.request_cancel, self._now())
+
+    @precondition(lambda self: self.item.state.is_terminal)
+    @rule()
+    def stays_ended(self) -> None:
+        if self.ended_as is None:
+            self.ended_as = self.item.state
+        assert self.item.state is self.ended_as
+
+    @invariant()
+    def attempts_and_epochs_march_together(self) -> None:
+        assert self.item.epoch == self.item.attempt <= self.item.max_attempts
+
+    @invariant()
+    def a_cancel_request_never_returns_to_pending(self) -> None:
+        if self.item.cancel_requested:
+            assert self.item.state is not ItemState.PENDING
+
+    @invariant()
+    def history_is_a_chain_ending_in_the_state(self) -> None:
+        history = self.item.history
+        assert history[0].from_state is None
+        for earlier, later in itertools.pairwise(history):
+            assert later.from_state is earlier.to_state
+            assert later.time >= earlier.time
+        assert history[-1].to_state is self.item.state
+
+    @invariant()
+    def place_in_the_queue_is_kept(self) -> None:
+        assert self.item.enqueue_time == T0
+
+    @invariant()
+    def failures_are_explained(self) -> None:
+        if self.item.state in (ItemState.FAILED, ItemState.CANCELLED):
+            assert self.item.reason is not None
+
+
+TestItemLifeCycle = ItemLifeCycle.TestCase
