@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from typing import Any
+
 from takeoff_queue.resource_config import (
     ResourceKind,
     check_variable_declarations,
@@ -8,7 +10,7 @@ from takeoff_queue.resource_config import (
     fill,
 )
 
-JOB_TEMPLATE = {
+JOB_TEMPLATE: dict[str, Any] = {
     "apiVersion": "batch/v1",
     "kind": "Job",
     "spec": {
@@ -80,7 +82,10 @@ def test_variables_are_defaulted_validated_and_filled() -> None:
 
 
 def test_every_variable_problem_is_its_own_violation() -> None:
-    declared = {"cpu": {"type": "integer", "maximum": 8}, "zone": {"type": "string", "enum": ["eu", "us"]}}
+    declared: dict[str, dict[str, Any]] = {
+        "cpu": {"type": "integer", "maximum": 8},
+        "zone": {"type": "string", "enum": ["eu", "us"]},
+    }
 
     _, _, problems = effective_config(
         ResourceKind.LOCAL_CONTAINER, {"cpus": "{{cpu}}"}, {}, declared, {"cpu": 64, "colour": "red"}
