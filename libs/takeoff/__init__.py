@@ -1,6 +1,62 @@
 """Takeoff: launch machine-learning jobs and track their runs.
 
-The SDK talks to Takeoff's services over gRPC only; it never imports server code.
+    import takeoff
+    run = takeoff.init(project="demo", config={"lr": 0.01, "epochs": 3})  # a launch overrides these
+    for epoch in range(run.config["epochs"]):
+        run.log({"loss": 1 / (epoch + 1), "epoch": epoch})
+    run.summary["best_loss"] = 0.33
+    run.finish()  # also at exit; an uncaught exception marks the run FAILED
+
+``takeoff.Client`` manages jobs and reads runs. The SDK talks to Takeoff's services over gRPC only; it
+never imports server code.
 """
 
+from takeoff._run import ReadOnlyConfigError, Run, RunConfig, RunSummary, current_run, finish, init, log
+from takeoff.client import Client
+from takeoff.errors import FieldViolation, TakeoffError
+from takeoff.models import (
+    Artifact,
+    CodeSource,
+    CreatedJobVersion,
+    Environment,
+    GitSource,
+    ImageSource,
+    Job,
+    JobInputs,
+    JobVersion,
+    LogLine,
+    LogStream,
+    MetricRow,
+    RunInfo,
+    RunState,
+)
+
 __version__ = "0.1.0"
+
+__all__ = [
+    "Artifact",
+    "Client",
+    "CodeSource",
+    "CreatedJobVersion",
+    "Environment",
+    "FieldViolation",
+    "GitSource",
+    "ImageSource",
+    "Job",
+    "JobInputs",
+    "JobVersion",
+    "LogLine",
+    "LogStream",
+    "MetricRow",
+    "ReadOnlyConfigError",
+    "Run",
+    "RunConfig",
+    "RunInfo",
+    "RunState",
+    "RunSummary",
+    "TakeoffError",
+    "current_run",
+    "finish",
+    "init",
+    "log",
+]

@@ -41,10 +41,19 @@ class _MetadataInterceptor(
         return continuation(self._with_metadata(details), requests)
 
 
-def open_channel(address: str, *, api_key: str | None = None, metadata: Metadata = ()) -> grpc.Channel:
-    """A channel to ``address`` (``host:port`` or ``unix:/path``) sending ``api_key`` as a bearer token."""
+def open_channel(
+    address: str,
+    *,
+    api_key: str | None = None,
+    metadata: Metadata = (),
+    options: Sequence[tuple[str, Any]] = (),
+) -> grpc.Channel:
+    """A channel to ``address`` (``host:port`` or ``unix:/path``) sending ``api_key`` as a bearer token.
+
+    ``options`` are gRPC channel arguments, e.g. ``("grpc.max_reconnect_backoff_ms", 2000)``.
+    """
     extra = [*metadata, *((("authorization", f"Bearer {api_key}"),) if api_key else ())]
-    channel = grpc.insecure_channel(address)
+    channel = grpc.insecure_channel(address, options=list(options))
     if extra:
         channel = grpc.intercept_channel(channel, _MetadataInterceptor(extra))
     return channel

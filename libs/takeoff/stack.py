@@ -110,11 +110,12 @@ class LocalStack:
             "TAKEOFF_PARENT_PID": str(os.getpid()),
             "PYTHONUNBUFFERED": "1",
         }
+        # Each service is told where the ones started before it are (the registry first, the agent last).
+        for peer, running in self.record.services.items():
+            env[f"TAKEOFF_{peer.upper()}_ADDRESS"] = running.address
         if service == "agent":
             assert self.agent_config is not None
             env["TAKEOFF_CONFIG_FILE"] = str(self.agent_config)
-            for peer in CORE_SERVICES:
-                env[f"TAKEOFF_{peer.upper()}_ADDRESS"] = self.record.services[peer].address
         return env
 
     def _spawn(self, service: str) -> _Child:
@@ -156,12 +157,10 @@ class LocalStack:
         self._log_dir.mkdir(parents=True, exist_ok=True)
         deadline = time.monotonic() + timeout
         try:
-            core = [self._spawn(name) for name in CORE_SERVICES]
-            for child in core:
-                self.record.services[child.name] = self._await_ready(child, deadline)
-            if self.agent_config is not None:
-                agent = self._spawn("agent")
-                self.record.services["agent"] = self._await_ready(agent, deadline)
+            for wave in (["registry"], ["queue", "builder"], ["agent"] if self.agent_config else []):
+                children = [self._spawn(name) for name in wave]
+                for child in children:
+                    self.record.services[child.name] = self._await_ready(child, deadline)
         except BaseException:
             self.stop()
             raise

@@ -71,5 +71,9 @@ class PermissionDenied(TakeoffError):
     """The caller is known but may not do this."""
 
 
+class Aborted(TakeoffError):
+    """The call lost a race with another (e.g. a newer session of the same agent); start over."""
+
+
 class Unavailable(TakeoffError):
     """A dependency (another service, the Docker engine) cannot be reached; retrying may help."""

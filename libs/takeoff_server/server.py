@@ -13,7 +13,7 @@ import json
 import logging
 import os
 import signal
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -37,6 +37,9 @@ class ServiceBinding:
 
     name: str
     add_to_server: Callable[[grpc.aio.Server], None]
+    on_shutdown: Callable[[], Awaitable[None]] | None = None
+    """Runs once the server reports NOT_SERVING, before in-flight calls are drained: a service with
+    long-lived streams ends them here, so that shutdown does not wait out the whole grace period."""
 
     @classmethod
     def of(
@@ -44,9 +47,11 @@ class ServiceBinding:
         descriptor: ServiceDescriptor,
         add_servicer: Callable[[ServicerT, grpc.aio.Server], None],
         servicer: ServicerT,
+        *,
+        on_shutdown: Callable[[], Awaitable[None]] | None = None,
     ) -> ServiceBinding:
         """Bind a generated ``add_XxxServicer_to_server`` to a servicer instance."""
-        return cls(descriptor.full_name, lambda server: add_servicer(servicer, server))
+        return cls(descriptor.full_name, lambda server: add_servicer(servicer, server), on_shutdown)
 
 
 class TakeoffServer:
@@ -109,6 +114,9 @@ class TakeoffServer:
     async def stop(self, grace: float) -> None:
         """Report NOT_SERVING, stop taking calls, give in-flight ones ``grace`` seconds."""
         await self.health.enter_graceful_shutdown()
+        for service in self.services:
+            if service.on_shutdown is not None:
+                await service.on_shutdown()
         await self._server.stop(grace)
         self._remove_sockets()
 

@@ -2,25 +2,45 @@
 
 from collections.abc import Sequence
 from contextlib import AsyncExitStack
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from takeoff.v1 import queue_pb2, queue_pb2_grpc
 from takeoff_queue.api import QueueApi
+from takeoff_queue.book import QueueBook
+from takeoff_queue.dispatcher import Dispatcher, LeaseTiming
+from takeoff_queue.registry_client import RegistryJobs
 from takeoff_queue.settings import QueueSettings
 from takeoff_server.database import open_service_database
+from takeoff_server.group_commit import GroupCommitter
 from takeoff_server.main import ServiceProgram
 from takeoff_server.server import ServiceBinding
 
 
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
 async def wire(settings: QueueSettings, resources: AsyncExitStack) -> Sequence[ServiceBinding]:
-    await open_service_database(
+    database = await open_service_database(
         "queue", settings, resources, migrations=Path(__file__).with_name("migrations")
     )
+    committer = GroupCommitter(database.engine)
+    timing = LeaseTiming(
+        ttl=timedelta(seconds=settings.lease_ttl_seconds),
+        heartbeat_interval=timedelta(seconds=settings.heartbeat_interval_seconds),
+    )
+    dispatcher = Dispatcher(committer, utc_now, timing)
+    jobs = RegistryJobs(settings.registry_address)
+    resources.push_async_callback(jobs.close)
+    book = QueueBook(database, committer, dispatcher, jobs, utc_now)
+    await book.start()
     return [
         ServiceBinding.of(
             queue_pb2.DESCRIPTOR.services_by_name["QueueService"],
             queue_pb2_grpc.add_QueueServiceServicer_to_server,
-            QueueApi(),  # type: ignore[abstract]
+            QueueApi(book, dispatcher),
+            on_shutdown=dispatcher.stop,
         )
     ]
 

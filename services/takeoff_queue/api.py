@@ -1,11 +1,675 @@
-"""gRPC servicer of the queue service: queues, items, agents and the Lease stream.
+"""gRPC servicer of the queue service: protos in, domain calls, protos out.
 
-Thin by design: requests become domain calls, results become protos. Methods not written yet are
-inherited from the generated base, which the error interceptor answers with UNIMPLEMENTED.
+The Lease stream is two flows: a reader task hands each agent message to the dispatcher, and the
+handler writes whatever the dispatcher puts in the session's outbox (Welcome, Assignments, Acks, ...).
 """
 
-from takeoff.v1 import queue_pb2_grpc
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from datetime import datetime, timedelta
+from typing import Any
+
+import grpc
+from google.protobuf import duration_pb2, timestamp_pb2
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from takeoff.v1 import common_pb2, queue_pb2, queue_pb2_grpc
+from takeoff_queue.book import EnqueueRequest, QueueBook
+from takeoff_queue.dispatcher import Dispatcher, Session
+from takeoff_queue.lifecycle import FailureReason, ItemState, Transition
+from takeoff_queue.model import (
+    AGENT,
+    QUEUE,
+    Ack,
+    Agent,
+    AgentRequest,
+    Assignment,
+    Cancel,
+    Complete,
+    Drain,
+    Heartbeat,
+    Hello,
+    Item,
+    MessageKind,
+    Priority,
+    Progress,
+    Queue,
+    Reject,
+    RejectReason,
+    Release,
+    Revoke,
+    SessionClosed,
+    SetCapacity,
+    Welcome,
+)
+from takeoff_queue.resource_config import ResourceKind
+from takeoff_server.errors import Aborted, FieldViolation, InvalidArgument, NotFound, Unavailable
+from takeoff_server.pagination import next_page_token, page_request
+from takeoff_server.structs import dict_to_struct, struct_to_dict
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+_RESOURCE_KIND_PROTOS: dict[ResourceKind, common_pb2.ResourceKind.ValueType] = {
+    kind: common_pb2.ResourceKind.Value(f"RESOURCE_KIND_{kind.name}") for kind in ResourceKind
+}
+_RESOURCE_KINDS: dict[int, ResourceKind] = {number: kind for kind, number in _RESOURCE_KIND_PROTOS.items()}
+
+
+def _resource_kind(number: int, field: str) -> ResourceKind:
+    kind = _RESOURCE_KINDS.get(number)
+    if kind is None:
+        raise InvalidArgument(
+            "ARGUMENT_INVALID",
+            f"{field} must be a resource kind",
+            violations=[FieldViolation(field, "required: local-process, local-container or kubernetes")],
+        )
+    return kind
+
+
+def _state_proto(state: ItemState | None) -> common_pb2.ItemState.ValueType:
+    return (
+        common_pb2.ItemState.Value(f"ITEM_STATE_{state.value}")
+        if state
+        else common_pb2.ITEM_STATE_UNSPECIFIED
+    )
+
+
+def _state(number: int) -> ItemState | None:
+    name = common_pb2.ItemState.Name(number).removeprefix("ITEM_STATE_")  # type: ignore[arg-type]
+    return ItemState(name) if name != "UNSPECIFIED" else None
+
+
+def _reason_proto(reason: FailureReason | None) -> common_pb2.FailureReason.ValueType:
+    if reason is None:
+        return common_pb2.FAILURE_REASON_UNSPECIFIED
+    return common_pb2.FailureReason.Value(f"FAILURE_REASON_{reason.value}")
+
+
+def _reason(number: int) -> FailureReason | None:
+    name = common_pb2.FailureReason.Name(number).removeprefix("FAILURE_REASON_")  # type: ignore[arg-type]
+    return FailureReason(name) if name != "UNSPECIFIED" else None
+
+
+def _timestamp(moment: datetime | None) -> timestamp_pb2.Timestamp | None:
+    if moment is None:
+        return None
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromDatetime(moment)
+    return stamp
+
+
+def _duration(span: timedelta | None) -> duration_pb2.Duration | None:
+    if span is None:
+        return None
+    duration = duration_pb2.Duration()
+    duration.FromTimedelta(span)
+    return duration
+
+
+def _queue_from_proto(message: queue_pb2.Queue) -> Queue:
+    return Queue(
+        name=message.name,
+        resource=_resource_kind(message.resource, "queue.resource"),
+        create_time=datetime.min,
+        update_time=datetime.min,
+        description=message.description,
+        resource_config=struct_to_dict(message.resource_config),
+        template_variables={
+            name: {"schema": struct_to_dict(variable.schema), "description": variable.description}
+            for name, variable in message.template_variables.items()
+        },
+        prioritization=message.prioritization,
+        max_attempts=message.max_attempts or 3,
+        retry_job_failures=message.retry_job_failures,
+        retry_delay=message.retry_delay.ToTimedelta(),
+        start_timeout=message.start_timeout.ToTimedelta()
+        if message.HasField("start_timeout")
+        else timedelta(minutes=30),
+        max_run_time=message.max_run_time.ToTimedelta() if message.HasField("max_run_time") else None,
+        concurrency_limit=message.concurrency_limit,
+        paused=message.paused,
+        container_name=message.container_name,
+    )
+
+
+def _queue_to_proto(
+    queue: Queue, counts: dict[ItemState, int] | None = None, agents: int = 0
+) -> queue_pb2.Queue:
+    counts = counts or {}
+    return queue_pb2.Queue(
+        name=queue.name,
+        description=queue.description,
+        resource=_RESOURCE_KIND_PROTOS[queue.resource],
+        resource_config=dict_to_struct(queue.resource_config),
+        template_variables={
+            name: queue_pb2.TemplateVariable(
+                schema=dict_to_struct(variable["schema"]), description=variable.get("description", "")
+            )
+            for name, variable in queue.template_variables.items()
+        },
+        prioritization=queue.prioritization,
+        max_attempts=queue.max_attempts,
+        retry_job_failures=queue.retry_job_failures,
+        retry_delay=_duration(queue.retry_delay),
+        start_timeout=_duration(queue.start_timeout),
+        max_run_time=_duration(queue.max_run_time),
+        concurrency_limit=queue.concurrency_limit,
+        paused=queue.paused,
+        container_name=queue.container_name,
+        create_time=_timestamp(queue.create_time),
+        update_time=_timestamp(queue.update_time),
+        item_counts=queue_pb2.ItemCounts(**{state.value.lower(): count for state, count in counts.items()}),
+        agent_count=agents,
+    )
+
+
+def _transition_to_proto(transition: Transition) -> queue_pb2.ItemTransition:
+    return queue_pb2.ItemTransition(
+        time=_timestamp(transition.time),
+        from_state=_state_proto(transition.from_state),
+        to_state=_state_proto(transition.to_state),
+        reason=_reason_proto(transition.reason),
+        message=transition.message,
+        agent=transition.agent,
+        attempt=transition.attempt,
+        epoch=transition.epoch,
+        run=transition.run,
+    )
+
+
+def _item_to_proto(item: Item) -> queue_pb2.Item:
+    life = item.life
+    leased = life.state.is_live
+    return queue_pb2.Item(
+        name=item.name,
+        job=item.job,
+        job_version=item.job_version,
+        run_config=dict_to_struct(item.run_config),
+        entrypoint=item.entrypoint,
+        resource_config_override=dict_to_struct(item.resource_config_override),
+        template_variables=dict_to_struct(item.template_variables),
+        resource_config=dict_to_struct(item.resource_config),
+        priority=int(item.priority),  # type: ignore[arg-type]
+        state=_state_proto(life.state),
+        attempt=life.attempt,
+        max_attempts=life.max_attempts,
+        max_run_time=_duration(item.max_run_time),
+        run_display_name=item.run_display_name,
+        epoch=life.epoch,
+        cancel_requested=life.cancel_requested,
+        enqueue_time=_timestamp(life.enqueue_time),
+        eligible_time=_timestamp(life.eligible_time),
+        update_time=_timestamp(item.update_time),
+        end_time=_timestamp(item.end_time),
+        lease_id=item.lease_id if leased else "",
+        agent=life.agent,
+        start_deadline=_timestamp(item.start_deadline) if leased else None,
+        run=life.run,
+        reason=_reason_proto(life.reason),
+        message=life.message,
+        exit_code=life.exit_code,
+        transitions=[_transition_to_proto(t) for t in (*item.history, *life.history)],
+        traceparent=item.traceparent,
+        relaunched_from=item.relaunched_from,
+    )
+
+
+def _agent_to_proto(agent: Agent, items: dict[str, Item]) -> queue_pb2.Agent:
+    leases = []
+    for lease_id, item_id in agent.leases.items():
+        item = items.get(item_id)
+        if item is not None:
+            leases.append(
+                queue_pb2.AgentLease(
+                    lease_id=lease_id,
+                    item=item.name,
+                    epoch=item.life.epoch,
+                    attempt=item.life.attempt,
+                    state=_state_proto(item.state),
+                    assign_time=_timestamp(item.assign_time),
+                    run=item.life.run,
+                )
+            )
+    return queue_pb2.Agent(
+        name=agent.name,
+        display_name=agent.display_name,
+        session_id=agent.session_id,
+        connected=agent.connected,
+        queues=agent.queues,
+        resources=[_RESOURCE_KIND_PROTOS[kind] for kind in sorted(agent.resources, key=lambda k: k.value)],
+        capacity=agent.capacity,
+        draining=agent.draining,
+        leases=leases,
+        version=agent.version,
+        labels=agent.labels,
+        connect_time=_timestamp(agent.connect_time),
+        last_heartbeat_time=_timestamp(agent.last_heartbeat_time),
+        disconnect_time=_timestamp(agent.disconnect_time),
+    )
+
+
+def _hello_from_proto(hello: queue_pb2.LeaseRequest.Hello) -> Hello:
+    AGENT.parse(f"agents/{hello.agent_id}", field="hello.agent_id")
+    violations = []
+    if not hello.session_id:
+        violations.append(FieldViolation("hello.session_id", "required: a new id for every connection"))
+    if hello.capacity < 0:
+        violations.append(FieldViolation("hello.capacity", "must not be negative"))
+    if not hello.resources:
+        violations.append(FieldViolation("hello.resources", "required: the resource kinds the agent can run"))
+    for index, queue in enumerate(hello.queues):
+        if QUEUE.match(queue) is None:
+            violations.append(FieldViolation(f"hello.queues[{index}]", f"{queue!r} is not a queue name"))
+    if violations:
+        raise InvalidArgument("ARGUMENT_INVALID", violations[0].description, violations=violations)
+    return Hello(
+        agent_id=hello.agent_id,
+        session_id=hello.session_id,
+        display_name=hello.display_name,
+        queues=list(hello.queues),
+        resources={_resource_kind(kind, "hello.resources") for kind in hello.resources},
+        capacity=hello.capacity,
+        held_leases={held.lease_id: held.epoch for held in hello.held_leases},
+        version=hello.version,
+        labels=dict(hello.labels),
+        draining=hello.draining,
+    )
+
+
+def _agent_request_from_proto(request: queue_pb2.LeaseRequest) -> AgentRequest | Reject:
+    sequence = request.sequence
+    match request.WhichOneof("message"):
+        case "heartbeat":
+            return Heartbeat(sequence)
+        case "progress":
+            progress = request.progress
+            state = _state(progress.state)
+            if state is None:
+                return Reject(
+                    sequence,
+                    MessageKind.PROGRESS,
+                    progress.lease_id,
+                    RejectReason.INVALID_MESSAGE,
+                    "no state",
+                )
+            return Progress(sequence, progress.lease_id, progress.epoch, state, progress.detail)
+        case "complete":
+            complete = request.complete
+            outcome = _state(complete.outcome)
+            if outcome is None:
+                return Reject(
+                    sequence,
+                    MessageKind.COMPLETE,
+                    complete.lease_id,
+                    RejectReason.INVALID_MESSAGE,
+                    "no outcome",
+                )
+            exit_code = complete.exit_code if complete.HasField("exit_code") else None
+            return Complete(
+                sequence,
+                complete.lease_id,
+                complete.epoch,
+                outcome,
+                _reason(complete.reason),
+                exit_code,
+                complete.message,
+            )
+        case "release":
+            return Release(sequence, request.release.lease_id, request.release.epoch, request.release.message)
+        case "set_capacity":
+            return SetCapacity(sequence, request.set_capacity.capacity)
+        case "drain":
+            return Drain(sequence)
+    raise InvalidArgument(
+        "HELLO_REQUIRED",
+        "Hello comes once, first; after it only lease messages",
+        violations=[FieldViolation("message", "a second Hello, or no message")],
+    )
+
+
+_KIND_PROTOS = {
+    kind: queue_pb2.LeaseMessageKind.Value(f"LEASE_MESSAGE_KIND_{kind.value}") for kind in MessageKind
+}
+
+
+def _response_to_proto(message: Any) -> queue_pb2.LeaseResponse:
+    Response = queue_pb2.LeaseResponse
+    match message:
+        case Welcome():
+            return Response(
+                welcome=Response.Welcome(
+                    agent=message.agent,
+                    session_id=message.session_id,
+                    lease_ttl=_duration(message.lease_ttl),
+                    heartbeat_interval=_duration(message.heartbeat_interval),
+                    lease_verdicts=[
+                        Response.LeaseVerdict(
+                            lease_id=v.lease_id,
+                            item=v.item,
+                            kept=v.kept,
+                            reason=queue_pb2.RevokeReason.Value(
+                                f"REVOKE_REASON_{v.reason.value if v.reason else 'UNSPECIFIED'}"
+                            ),
+                            message=v.message,
+                        )
+                        for v in message.verdicts
+                    ],
+                    server_time=_timestamp(message.server_time),
+                )
+            )
+        case Assignment():
+            item, queue = message.item, message.queue
+            version = common_pb2.JobVersion.FromString(item.job_version_proto)
+            return Response(
+                assignment=Response.Assignment(
+                    lease_id=message.lease_id,
+                    epoch=message.epoch,
+                    item=_item_to_proto(item),
+                    job_version=version,
+                    resource_config=dict_to_struct(item.resource_config),
+                    run=message.run,
+                    attempt=message.attempt,
+                    assign_time=_timestamp(message.assign_time),
+                    start_deadline=_timestamp(message.start_deadline),
+                    max_run_time=_duration(item.max_run_time),
+                    entrypoint=item.entrypoint or list(version.entrypoint),
+                    traceparent=item.traceparent,
+                    queue=queue.name,
+                    resource=_RESOURCE_KIND_PROTOS[queue.resource],
+                    container_name=queue.container_name,
+                )
+            )
+        case Ack():
+            return Response(
+                ack=Response.Ack(
+                    request_sequence=message.sequence,
+                    of=_KIND_PROTOS[message.of],
+                    lease_id=message.lease_id,
+                    state=_state_proto(message.state),
+                )
+            )
+        case Reject():
+            return Response(
+                reject=Response.Reject(
+                    request_sequence=message.sequence,
+                    of=_KIND_PROTOS[message.of],
+                    lease_id=message.lease_id,
+                    reason=queue_pb2.RejectReason.Value(f"REJECT_REASON_{message.reason.value}"),
+                    message=message.message,
+                )
+            )
+        case Cancel():
+            return Response(
+                cancel=Response.Cancel(lease_id=message.lease_id, item=message.item, message=message.message)
+            )
+        case Revoke():
+            return Response(
+                revoke=Response.Revoke(
+                    lease_id=message.lease_id,
+                    item=message.item,
+                    reason=queue_pb2.RevokeReason.Value(f"REVOKE_REASON_{message.reason.value}"),
+                    message=message.message,
+                )
+            )
+    raise TypeError(f"no LeaseResponse for {message!r}")
+
+
+class _StreamEnded:
+    """Put in a session's outbox when the agent's side of the stream ends."""
 
 
 class QueueApi(queue_pb2_grpc.QueueServiceServicer):
-    """Queues, enqueue, items, agents and the Lease stream."""
+    def __init__(self, book: QueueBook, dispatcher: Dispatcher) -> None:
+        self._book = book
+        self._dispatcher = dispatcher
+
+    async def _queue_proto(self, queue: Queue) -> queue_pb2.Queue:
+        counts = await self._book.item_counts(queue.name)
+        return _queue_to_proto(queue, counts, self._book.agent_count(queue.name))
+
+    async def CreateQueue(
+        self, request: queue_pb2.CreateQueueRequest, context: Context
+    ) -> queue_pb2.CreateQueueResponse:
+        queue = await self._book.create_queue(
+            request.parent, request.queue_id, _queue_from_proto(request.queue), request.request_id
+        )
+        return queue_pb2.CreateQueueResponse(queue=await self._queue_proto(queue))
+
+    async def GetQueue(
+        self, request: queue_pb2.GetQueueRequest, context: Context
+    ) -> queue_pb2.GetQueueResponse:
+        return queue_pb2.GetQueueResponse(queue=await self._queue_proto(self._book.queue(request.name)))
+
+    async def ListQueues(
+        self, request: queue_pb2.ListQueuesRequest, context: Context
+    ) -> queue_pb2.ListQueuesResponse:
+        query = {"parent": request.parent, "resource": request.resource}
+        page = page_request(
+            page_size_requested=request.page_size,
+            page_token=request.page_token,
+            query=query,
+            cursor_types=[str],
+        )
+        queues, last = self._book.list_queues(request.parent, page)
+        if request.resource:
+            kind = _resource_kind(request.resource, "resource")
+            queues = [queue for queue in queues if queue.resource is kind]
+        return queue_pb2.ListQueuesResponse(
+            queues=[await self._queue_proto(queue) for queue in queues],
+            next_page_token=next_page_token(query, (last,)) if last else "",
+        )
+
+    async def UpdateQueue(
+        self, request: queue_pb2.UpdateQueueRequest, context: Context
+    ) -> queue_pb2.UpdateQueueResponse:
+        paths = list(request.update_mask.paths)
+        if not paths:
+            raise InvalidArgument(
+                "UPDATE_MASK_INVALID",
+                "update_mask is required",
+                violations=[FieldViolation("update_mask", "required")],
+            )
+        given = _queue_from_proto(request.queue) if request.queue.resource else None
+        mutable = {
+            "description",
+            "resource_config",
+            "template_variables",
+            "prioritization",
+            "max_attempts",
+            "retry_job_failures",
+            "retry_delay",
+            "start_timeout",
+            "max_run_time",
+            "concurrency_limit",
+            "paused",
+            "container_name",
+        }
+        if paths == ["*"]:
+            paths = sorted(mutable)
+        bad = [path for path in paths if path not in mutable]
+        if bad:
+            raise InvalidArgument(
+                "UPDATE_MASK_INVALID",
+                f"cannot update {', '.join(bad)}",
+                violations=[
+                    FieldViolation("update_mask", f"{path} is not an updatable field") for path in bad
+                ],
+            )
+        current = self._book.queue(request.queue.name, field_name="queue.name")
+        source = given or _queue_from_proto(_with_resource(request.queue, current))
+        changes = {path: getattr(source, path) for path in paths}
+        if "max_run_time" in changes and not request.queue.HasField("max_run_time"):
+            changes["max_run_time"] = None
+        queue = await self._book.update_queue(current.name, changes)
+        return queue_pb2.UpdateQueueResponse(queue=await self._queue_proto(queue))
+
+    async def DeleteQueue(
+        self, request: queue_pb2.DeleteQueueRequest, context: Context
+    ) -> queue_pb2.DeleteQueueResponse:
+        await self._book.delete_queue(request.name, force=request.force)
+        return queue_pb2.DeleteQueueResponse()
+
+    async def Enqueue(self, request: queue_pb2.EnqueueRequest, context: Context) -> queue_pb2.EnqueueResponse:
+        priority = int(request.priority) or int(common_pb2.PRIORITY_MEDIUM)
+        item = await self._book.enqueue(
+            EnqueueRequest(
+                queue=request.queue,
+                job=request.job,
+                run_config=struct_to_dict(request.run_config),
+                entrypoint=list(request.entrypoint),
+                resource_config=struct_to_dict(request.resource_config),
+                template_variables=struct_to_dict(request.template_variables),
+                priority=Priority(priority),
+                max_attempts=request.max_attempts,
+                max_run_time=request.max_run_time.ToTimedelta() if request.HasField("max_run_time") else None,
+                run_display_name=request.run_display_name,
+                request_id=request.request_id,
+                traceparent=_traceparent(),
+            )
+        )
+        return queue_pb2.EnqueueResponse(item=_item_to_proto(item))
+
+    async def GetItem(self, request: queue_pb2.GetItemRequest, context: Context) -> queue_pb2.GetItemResponse:
+        return queue_pb2.GetItemResponse(item=_item_to_proto(await self._book.get_item(request.name)))
+
+    async def ListItems(
+        self, request: queue_pb2.ListItemsRequest, context: Context
+    ) -> queue_pb2.ListItemsResponse:
+        states = [state for state in map(_state, request.states) if state is not None]
+        query = {"parent": request.parent, "states": [s.value for s in states], "job": request.job}
+        page = page_request(
+            page_size_requested=request.page_size,
+            page_token=request.page_token,
+            query=query,
+            cursor_types=[int],
+        )
+        items, last = await self._book.list_items(request.parent, states, page)
+        if request.job:
+            items = [item for item in items if item.job_version.startswith(request.job)]
+        return queue_pb2.ListItemsResponse(
+            items=[_item_to_proto(item) for item in items],
+            next_page_token=next_page_token(query, (last,)) if last is not None else "",
+        )
+
+    async def CancelItem(
+        self, request: queue_pb2.CancelItemRequest, context: Context
+    ) -> queue_pb2.CancelItemResponse:
+        item = await self._book.cancel_item(request.name, request.message or "cancelled by user")
+        return queue_pb2.CancelItemResponse(item=_item_to_proto(item))
+
+    async def RelaunchItem(
+        self, request: queue_pb2.RelaunchItemRequest, context: Context
+    ) -> queue_pb2.RelaunchItemResponse:
+        item = await self._book.relaunch_item(request.name, request.request_id)
+        return queue_pb2.RelaunchItemResponse(item=_item_to_proto(item))
+
+    async def WatchItem(
+        self, request: queue_pb2.WatchItemRequest, context: Context
+    ) -> AsyncIterator[queue_pb2.WatchItemResponse]:
+        seen = 0
+        async for item in self._book.watch_item(request.name):
+            history = item.history
+            newest = history[-1] if len(history) > seen else None
+            seen = len(history)
+            yield queue_pb2.WatchItemResponse(
+                item=_item_to_proto(item), transition=_transition_to_proto(newest) if newest else None
+            )
+
+    async def ListAgents(
+        self, request: queue_pb2.ListAgentsRequest, context: Context
+    ) -> queue_pb2.ListAgentsResponse:
+        query = {"queue": request.queue, "include_disconnected": request.include_disconnected}
+        page = page_request(
+            page_size_requested=request.page_size,
+            page_token=request.page_token,
+            query=query,
+            cursor_types=[str],
+        )
+        after = str(page.after[0]) if page.after else ""
+        agents = sorted(
+            (
+                agent
+                for agent in self._dispatcher.agents.values()
+                if (agent.connected or (request.include_disconnected and agent.leases))
+                and (not request.queue or request.queue in agent.queues)
+                and agent.agent_id > after
+            ),
+            key=lambda agent: agent.agent_id,
+        )
+        shown = agents[: page.size]
+        more = len(agents) > page.size
+        return queue_pb2.ListAgentsResponse(
+            agents=[_agent_to_proto(agent, self._dispatcher.items) for agent in shown],
+            next_page_token=next_page_token(query, (shown[-1].agent_id,)) if more else "",
+        )
+
+    async def GetAgent(
+        self, request: queue_pb2.GetAgentRequest, context: Context
+    ) -> queue_pb2.GetAgentResponse:
+        agent_id = AGENT.parse(request.name, field="name")["agent"]
+        agent = self._dispatcher.agents.get(agent_id)
+        if agent is None:
+            raise NotFound(
+                "AGENT_NOT_FOUND", f"agent {request.name} is not known", metadata={"resource": request.name}
+            )
+        return queue_pb2.GetAgentResponse(agent=_agent_to_proto(agent, self._dispatcher.items))
+
+    async def Lease(
+        self, request_iterator: AsyncIterator[queue_pb2.LeaseRequest], context: Context
+    ) -> AsyncIterator[queue_pb2.LeaseResponse]:
+        requests = aiter(request_iterator)
+        first = await anext(requests, None)
+        if first is None or first.WhichOneof("message") != "hello":
+            raise InvalidArgument(
+                "HELLO_REQUIRED",
+                "the first message of a Lease stream must be a Hello",
+                violations=[FieldViolation("hello", "required as the first message")],
+            )
+        session = await self._dispatcher.connect(_hello_from_proto(first.hello))
+        reader = asyncio.create_task(self._read(session, requests))
+        reader.add_done_callback(lambda _: session.outbox.put_nowait(_StreamEnded()))
+        try:
+            while True:
+                message = await session.outbox.get()
+                if isinstance(message, _StreamEnded):
+                    if not reader.cancelled() and (error := reader.exception()) is not None:
+                        raise error
+                    return
+                if isinstance(message, SessionClosed):
+                    if message.superseded:
+                        raise Aborted(
+                            "SESSION_SUPERSEDED",
+                            "a newer session of this agent connected; this one is closed",
+                        )
+                    raise Unavailable(
+                        "SHUTTING_DOWN", "the queue service is stopping; reconnect with held_leases"
+                    )
+                yield _response_to_proto(message)
+        finally:
+            reader.cancel()
+            self._dispatcher.disconnect(session)
+
+    async def _read(self, session: Session, requests: AsyncIterator[queue_pb2.LeaseRequest]) -> None:
+        async for request in requests:
+            message = _agent_request_from_proto(request)
+            if isinstance(message, Reject):
+                session.send(message)
+            else:
+                await self._dispatcher.handle(session, message)
+
+
+def _with_resource(message: queue_pb2.Queue, current: Queue) -> queue_pb2.Queue:
+    """An update's queue message with the (immutable) resource kind filled in, so it converts whole."""
+    filled = queue_pb2.Queue()
+    filled.CopyFrom(message)
+    filled.resource = _RESOURCE_KIND_PROTOS[current.resource]
+    return filled
+
+
+def _traceparent() -> str:
+    """The current trace context (the Enqueue call's span) as a W3C traceparent, or empty."""
+    carrier: dict[str, str] = {}
+    TraceContextTextMapPropagator().inject(carrier)
+    return carrier.get("traceparent", "")

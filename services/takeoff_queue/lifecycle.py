@@ -111,6 +111,7 @@ class Transition:
     reason: FailureReason | None = None
     message: str = ""
     agent: str = ""
+    run: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +127,7 @@ class ItemLife:
     epoch: int = 0
     cancel_requested: bool = False
     agent: str = ""
+    run: str = ""
     reason: FailureReason | None = None
     message: str = ""
     exit_code: int | None = None
@@ -142,6 +144,7 @@ class ItemLife:
             reason=changed.reason if to_state in (ItemState.PENDING, *TERMINAL_STATES) else None,
             message=changed.message,
             agent=changed.agent,
+            run=changed.run,
         )
         return replace(changed, history=(*self.history, transition))
 
@@ -156,12 +159,20 @@ def enqueued(item_id: str, max_attempts: int, now: datetime) -> ItemLife:
     return replace(item, history=(Transition(now, None, ItemState.PENDING, attempt=0, epoch=0),))
 
 
-def assign(item: ItemLife, agent: str, now: datetime) -> ItemLife:
-    """PENDING -> LEASED: a new attempt under a new epoch."""
+def assign(item: ItemLife, agent: str, now: datetime, run: str = "") -> ItemLife:
+    """PENDING -> LEASED: a new attempt under a new epoch, tracked by a new run."""
     if item.state is not ItemState.PENDING or item.cancel_requested:
         raise IllegalTransition(item.item_id, item.state, "assign it")
     return item._moved(
-        now, ItemState.LEASED, attempt=item.attempt + 1, epoch=item.epoch + 1, agent=agent, message=""
+        now,
+        ItemState.LEASED,
+        attempt=item.attempt + 1,
+        epoch=item.epoch + 1,
+        agent=agent,
+        run=run,
+        reason=None,
+        message="",
+        exit_code=None,
     )
 
 

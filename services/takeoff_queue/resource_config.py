@@ -101,12 +101,17 @@ def _strings(value: Any) -> Iterator[str]:
 
 
 def fill(config: Any, values: Mapping[str, Any]) -> Any:
-    """Replace placeholders: a whole-string ``{{v}}`` by the typed value, an embedded one by its text."""
+    """Replace placeholders: a whole-string ``{{v}}`` by the typed value, an embedded one by its text.
+
+    A placeholder without a value stays as it is (the checks report undeclared ones).
+    """
     if isinstance(config, str):
         whole = _PLACEHOLDER.fullmatch(config.strip())
-        if whole:
+        if whole and whole.group(1) in values:
             return copy.deepcopy(values[whole.group(1)])
-        return _PLACEHOLDER.sub(lambda m: _as_text(values[m.group(1)]), config)
+        return _PLACEHOLDER.sub(
+            lambda m: _as_text(values[m.group(1)]) if m.group(1) in values else m.group(0), config
+        )
     if isinstance(config, dict):
         return {fill(key, values): fill(item, values) for key, item in config.items()}
     if isinstance(config, list):

@@ -5,27 +5,47 @@ from contextlib import AsyncExitStack
 from pathlib import Path
 
 from takeoff.v1 import jobs_pb2, jobs_pb2_grpc, runs_pb2, runs_pb2_grpc
-from takeoff_registry.api import JobApi, RunApi
+from takeoff_registry.artifacts import Artifacts
+from takeoff_registry.git_source import GitCredentials, GitResolver
+from takeoff_registry.jobs import Jobs
+from takeoff_registry.jobs_api import JobApi
+from takeoff_registry.runs import Runs
+from takeoff_registry.runs_api import RunApi
 from takeoff_registry.settings import RegistrySettings
+from takeoff_registry.store import RegistryStore
 from takeoff_server.database import open_service_database
 from takeoff_server.main import ServiceProgram
 from takeoff_server.server import ServiceBinding
 
 
 async def wire(settings: RegistrySettings, resources: AsyncExitStack) -> Sequence[ServiceBinding]:
-    await open_service_database(
+    database = await open_service_database(
         "registry", settings, resources, migrations=Path(__file__).with_name("migrations")
     )
+    store = RegistryStore(database)
+    token = settings.git_https_token
+    git = GitResolver(
+        GitCredentials(
+            https_token=token.get_secret_value() if token is not None else None,
+            https_username=settings.git_https_username,
+            https_token_scope=settings.git_https_token_scope,
+            ssh_key_path=settings.git_ssh_key_path,
+        ),
+        timeout=settings.git_timeout_seconds,
+        scratch_dir=settings.home / "git-scratch",
+    )
+    jobs = Jobs(store, git)
+    artifacts = Artifacts(store, settings.artifacts_path, max_bytes=settings.max_artifact_bytes)
     return [
         ServiceBinding.of(
             jobs_pb2.DESCRIPTOR.services_by_name["JobService"],
             jobs_pb2_grpc.add_JobServiceServicer_to_server,
-            JobApi(),  # type: ignore[abstract]
+            JobApi(jobs, artifacts),
         ),
         ServiceBinding.of(
             runs_pb2.DESCRIPTOR.services_by_name["RunService"],
             runs_pb2_grpc.add_RunServiceServicer_to_server,
-            RunApi(),  # type: ignore[abstract]
+            RunApi(Runs(store, jobs)),
         ),
     ]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from takeoff.cli import stack_commands
+from takeoff.cli import job_commands, run_commands, stack_commands
 
 app = typer.Typer(
     name="takeoff",
@@ -14,6 +14,8 @@ app = typer.Typer(
     add_completion=False,
 )
 stack_commands.register(app)
+job_commands.register(app)
+run_commands.register(app)
 
 
 def main() -> None:

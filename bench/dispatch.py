@@ -1,0 +1,145 @@
+"""Dispatch latency: Enqueue sent -> Assignment received by an idle agent, over real processes.
+
+Starts a local stack (registry, queue, builder) on free ports in a temporary TAKEOFF_HOME, creates a code
+job and a queue, connects one agent (a Lease stream with room for every item), then enqueues items one at
+a time and times each from the Enqueue call to its Assignment. With ``--backlog N``, N items first wait
+in a second queue of the same project that no agent serves: the items table and the dispatcher's index
+hold them, so any cost that grows with the backlog shows. Prints JSON and a table.
+
+    python bench/dispatch.py [--items 1000] [--backlog 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+
+from takeoff.client import Client
+from takeoff.stack import LocalStack
+from takeoff.v1 import common_pb2, queue_pb2, queue_pb2_grpc
+
+LeaseRequest = queue_pb2.LeaseRequest
+
+
+async def _agent_stream(
+    stub: queue_pb2_grpc.QueueServiceAsyncStub, queue: str, capacity: int
+) -> tuple[asyncio.Queue[LeaseRequest | None], asyncio.Queue[tuple[float, str]]]:
+    outgoing: asyncio.Queue[LeaseRequest | None] = asyncio.Queue()
+    arrivals: asyncio.Queue[tuple[float, str]] = asyncio.Queue()
+    hello = LeaseRequest.Hello(
+        agent_id=uuid.uuid4().hex,
+        session_id=uuid.uuid4().hex,
+        queues=[queue],
+        resources=[common_pb2.RESOURCE_KIND_LOCAL_PROCESS],
+        capacity=capacity,
+    )
+    await outgoing.put(LeaseRequest(hello=hello))
+
+    async def requests() -> AsyncIterator[LeaseRequest]:
+        while (request := await outgoing.get()) is not None:
+            yield request
+
+    async def read() -> None:
+        async for response in stub.Lease(requests()):
+            if response.HasField("assignment"):
+                await arrivals.put((time.perf_counter(), response.assignment.item.name))
+
+    asyncio.get_running_loop().create_task(read())
+    return outgoing, arrivals
+
+
+async def _fill_backlog(stub: queue_pb2_grpc.QueueServiceAsyncStub, queue: str, count: int) -> None:
+    pending = list(range(count))
+
+    async def worker() -> None:
+        while pending:
+            pending.pop()
+            await stub.Enqueue(
+                queue_pb2.EnqueueRequest(queue=queue, job="bench", priority=common_pb2.PRIORITY_LOW)
+            )
+
+    await asyncio.gather(*(worker() for _ in range(32)))
+
+
+async def measure(queue_address: str, items: int, backlog: int) -> list[float]:
+    async with grpc.aio.insecure_channel(queue_address) as channel:
+        stub = queue_pb2_grpc.QueueServiceStub(channel)
+        await _fill_backlog(stub, await _create_queue(stub), backlog)
+        queue = await _create_queue(stub)
+        _, arrivals = await _agent_stream(stub, queue, capacity=items + 10)
+        latencies = []
+        for _ in range(items):
+            started = time.perf_counter()
+            reply = await stub.Enqueue(queue_pb2.EnqueueRequest(queue=queue, job="bench"))
+            while True:
+                arrived, name = await arrivals.get()
+                if name == reply.item.name:
+                    break
+            latencies.append((arrived - started) * 1e3)
+        return latencies
+
+
+def run(items: int, backlog: int) -> dict[str, float]:
+    """Start a stack, measure ``items`` dispatches with ``backlog`` items waiting elsewhere, stop it."""
+    with tempfile.TemporaryDirectory(prefix="takeoff-bench-") as home:
+        stack = LocalStack(Path(home), base_port=0)
+        record = stack.start()
+        try:
+            code = Path(home) / "code"
+            code.mkdir()
+            (code / "job.py").write_text("print('hi')\n")
+            with Client(record.services["registry"].address, project="bench") as client:
+                client.create_job_version("bench", code, entrypoint=["python", "job.py"])
+            latencies = asyncio.run(measure(record.services["queue"].address, items, backlog))
+        finally:
+            stack.stop()
+        ordered = sorted(latencies)
+    return {
+        "items": items,
+        "backlog": backlog,
+        "p50_ms": round(statistics.median(ordered), 3),
+        "p90_ms": round(ordered[int(len(ordered) * 0.9) - 1], 3),
+        "p99_ms": round(ordered[int(len(ordered) * 0.99) - 1], 3),
+        "max_ms": round(ordered[-1], 3),
+    }
+
+
+def print_table(results: list[dict[str, float]]) -> None:
+    print(json.dumps(results, indent=2))
+    print(f"\n{'items':>6} {'backlog':>8} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8}")
+    for row in results:
+        print(
+            f"{row['items']:>6} {row['backlog']:>8} {row['p50_ms']:>8} {row['p90_ms']:>8} {row['p99_ms']:>8}"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--items", type=int, default=1000)
+    parser.add_argument("--backlog", type=int, default=0)
+    args = parser.parse_args()
+    print_table([run(args.items, args.backlog)])
+
+
+async def _create_queue(stub: queue_pb2_grpc.QueueServiceAsyncStub) -> str:
+    response = await stub.CreateQueue(
+        queue_pb2.CreateQueueRequest(
+            parent="projects/bench",
+            queue_id=f"q-{uuid.uuid4().hex[:8]}",
+            queue=queue_pb2.Queue(resource=common_pb2.RESOURCE_KIND_LOCAL_PROCESS),
+        )
+    )
+    return response.queue.name
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,139 @@
+"""How fast a real registry stores what clients send: metric rows and artifact bytes.
+
+Starts ``python -m takeoff_registry`` on a free loopback port with a temporary TAKEOFF_HOME (SQLite, or
+``--database-url``), then from this process: BatchLogMetrics calls of ``--batch`` rows each (three
+numeric keys per row, one call in flight, as the SDK's sender sends them) until ``--rows`` are stored,
+and an UploadArtifact of ``--artifact-mib`` MiB in 1 MiB chunks. Prints rows/s and MB/s as JSON.
+
+    python bench/registry_ingest.py [--rows 200000] [--batch 1000 --batch 10000] [--database-url URL]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import grpc
+
+from takeoff.v1 import jobs_pb2, jobs_pb2_grpc, runs_pb2, runs_pb2_grpc
+
+MIB = 1024 * 1024
+
+
+@contextmanager
+def local_registry(database_url: str | None) -> Iterator[str]:
+    with tempfile.TemporaryDirectory(prefix="takeoff-bench-") as home:
+        ready = Path(home) / "registry.ready"
+        environment = {
+            **os.environ,
+            "TAKEOFF_HOME": home,
+            "TAKEOFF_LISTEN": json.dumps(["127.0.0.1:0"]),
+            "TAKEOFF_READY_FILE": str(ready),
+        }
+        if database_url:
+            environment["TAKEOFF_DATABASE_URL"] = database_url
+        process = subprocess.Popen([sys.executable, "-m", "takeoff_registry"], env=environment)
+        try:
+            deadline = time.monotonic() + 60
+            while not ready.exists():
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise SystemExit("the registry did not start")
+                time.sleep(0.05)
+            yield json.loads(ready.read_text())["addresses"][0]
+        finally:
+            process.terminate()
+            process.wait()
+
+
+async def metric_rows_per_second(runs: runs_pb2_grpc.RunServiceAsyncStub, rows: int, batch: int) -> float:
+    created = await runs.CreateRun(runs_pb2.CreateRunRequest(parent="projects/bench"))
+    name = created.run.name
+    batches = [
+        runs_pb2.BatchLogMetricsRequest(
+            name=name,
+            first_row_index=start,
+            rows=[
+                runs_pb2.MetricRow(step=step, values={"loss": 1 / (step + 1), "accuracy": 0.5, "epoch": 3.0})
+                for step in range(start, min(start + batch, rows))
+            ],
+        )
+        for start in range(0, rows, batch)
+    ]
+    started = time.perf_counter()
+    for request in batches:
+        await runs.BatchLogMetrics(request)
+    elapsed = time.perf_counter() - started
+    stored = (await runs.GetRun(runs_pb2.GetRunRequest(name=name))).run.history_length
+    assert stored == rows, f"{stored} of {rows} rows stored"
+    return rows / elapsed
+
+
+def random_tarball(size: int) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz", compresslevel=1) as tar:
+        payload = os.urandom(size)  # incompressible, so the tarball is about `size` bytes
+        member = tarfile.TarInfo("weights.bin")
+        member.size = len(payload)
+        tar.addfile(member, io.BytesIO(payload))
+    return buffer.getvalue()
+
+
+async def upload_megabytes_per_second(jobs: jobs_pb2_grpc.JobServiceAsyncStub, data: bytes) -> float:
+    sha256 = hashlib.sha256(data).hexdigest()
+
+    async def messages() -> AsyncIterator[jobs_pb2.UploadArtifactRequest]:
+        header = jobs_pb2.ArtifactUploadHeader(parent="projects/bench", sha256=sha256, size_bytes=len(data))
+        yield jobs_pb2.UploadArtifactRequest(header=header)
+        for offset in range(0, len(data), MIB):
+            yield jobs_pb2.UploadArtifactRequest(chunk=data[offset : offset + MIB])
+
+    started = time.perf_counter()
+    await jobs.UploadArtifact(messages())
+    return len(data) / 1e6 / (time.perf_counter() - started)
+
+
+async def measure(address: str, rows: int, batches: list[int], artifact_mib: int) -> dict[str, float]:
+    results: dict[str, float] = {}
+    async with grpc.aio.insecure_channel(address) as channel:
+        runs = runs_pb2_grpc.RunServiceStub(channel)
+        jobs = jobs_pb2_grpc.JobServiceStub(channel)
+        await metric_rows_per_second(runs, 10_000, 1000)  # warm-up
+        for batch in batches:
+            results[f"batch_log_metrics_rows_per_s_batch_{batch}"] = round(
+                await metric_rows_per_second(runs, rows, batch)
+            )
+        if artifact_mib:
+            results["upload_artifact_mb_per_s"] = round(
+                await upload_megabytes_per_second(jobs, random_tarball(artifact_mib * MIB)), 1
+            )
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--rows", type=int, default=200_000)
+    parser.add_argument("--batch", type=int, action="append", help="rows per call (repeatable)")
+    parser.add_argument("--artifact-mib", type=int, default=64)
+    parser.add_argument("--database-url", help="PostgreSQL URL; default: SQLite under a temporary home")
+    args = parser.parse_args()
+    with local_registry(args.database_url) as address:
+        results = asyncio.run(measure(address, args.rows, args.batch or [1000, 10_000], args.artifact_mib))
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

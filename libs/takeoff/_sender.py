@@ -1,0 +1,233 @@
+"""The background thread that delivers a run's metrics, summary and final state to the registry.
+
+``run.log`` only appends ``(step, time_ns, values)`` to :attr:`RunSender.rows`, a deque (appending is
+atomic, so the training thread takes no lock and builds no protobuf). Every ``interval`` the thread drains
+the deque into ``BatchLogMetrics`` calls, turning values into ``MetricRow`` messages as it goes, then sends
+the summary keys changed since the last round in one ``UpdateSummary``.
+
+Delivery is exactly once: each batch carries the history index of its first row (``first_row_index``),
+so a batch resent after a lost reply is skipped by the registry rather than stored twice. While the
+registry is unreachable, calls are retried with exponential backoff and the rows stay in memory; the job
+is told once on stderr and never sees an exception.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Mapping
+from typing import Any, TypeVar
+
+import grpc
+
+from takeoff.errors import TakeoffError
+from takeoff.models import dict_to_struct, jsonable
+from takeoff.v1 import runs_pb2, runs_pb2_grpc
+
+MAX_ROWS_PER_BATCH = 10_000  # the registry's limit per call
+MAX_BATCH_BYTES = 2 * 1024 * 1024  # well under gRPC's 4 MiB default message limit
+CALL_TIMEOUT = 10.0
+_Request = TypeVar("_Request")
+_Response = TypeVar("_Response")
+
+LoggedRow = tuple[int, int, Mapping[str, Any]]  # step, time in ns since the epoch, values
+
+
+class _GaveUp(Exception):
+    """The flush deadline passed while the registry was still unreachable."""
+
+
+class Backoff:
+    """Exponential delays with jitter: 0.1 s, 0.2 s, ... up to ``maximum``."""
+
+    def __init__(self, initial: float = 0.1, maximum: float = 5.0) -> None:
+        self._next = initial
+        self._maximum = maximum
+
+    def next_delay(self) -> float:
+        delay = self._next
+        self._next = min(self._next * 2, self._maximum)
+        return delay * random.uniform(0.8, 1.2)
+
+
+def warn(message: str) -> None:
+    print(f"takeoff: {message}", file=sys.stderr, flush=True)
+
+
+class RunSender:
+    """Owns the delivery of one run; ``close`` flushes everything, then finishes the run."""
+
+    def __init__(
+        self,
+        stub: runs_pb2_grpc.RunServiceStub,
+        run_name: str,
+        *,
+        first_row_index: int,
+        interval: float = 0.2,
+    ) -> None:
+        self.rows: deque[LoggedRow] = deque()
+        self.dropped_rows = 0
+        self._stub = stub
+        self._run_name = run_name
+        self._next_row_index = first_row_index
+        self._interval = interval
+        self._summary_changes: dict[str, Any] = {}
+        self._summary_lock = threading.Lock()
+        self._wake = threading.Event()
+        self._closing = False
+        self._finish_request: runs_pb2.FinishRunRequest | None = None
+        self._give_up_at = math.inf
+        self._unreachable_since: float | None = None
+        self._warned_about: set[str] = set()
+        self._thread = threading.Thread(target=self._deliver_until_closed, name="takeoff-sender", daemon=True)
+        self._thread.start()
+
+    def update_summary(self, changes: Mapping[str, Any]) -> None:
+        with self._summary_lock:
+            self._summary_changes.update(changes)
+
+    def close(self, finish: runs_pb2.FinishRunRequest, timeout: float) -> None:
+        """Deliver what is buffered, then ``finish``; give up (with a warning) after ``timeout`` s."""
+        self._finish_request = finish
+        self._give_up_at = time.monotonic() + timeout
+        self._closing = True
+        self._wake.set()
+        self._thread.join(timeout + CALL_TIMEOUT)
+        undelivered = self.dropped_rows + len(self.rows)
+        if undelivered:
+            warn(f"{undelivered} metric rows of {self._run_name} could not be delivered")
+
+    def _deliver_until_closed(self) -> None:
+        while True:
+            self._wake.wait(self._interval)
+            closing = self._closing  # read before the last flush, so nothing logged before close is left
+            try:
+                self._flush()
+                if closing and self._finish_request is not None:
+                    self._send(self._stub.FinishRun, self._finish_request)
+            except _GaveUp:
+                warn(f"gave up on the registry; {self._run_name} may not be marked finished")
+                return
+            except TakeoffError as error:
+                self._warn_once(error.reason, f"the registry refused to finish {self._run_name}: {error}")
+            if closing:
+                return
+
+    def _flush(self) -> None:
+        while self.rows:
+            request = self._next_batch()
+            if request.rows:
+                self._deliver_rows(request)
+        with self._summary_lock:
+            changes, self._summary_changes = self._summary_changes, {}
+        if changes:
+            try:
+                self._send(
+                    self._stub.UpdateSummary,
+                    runs_pb2.UpdateSummaryRequest(name=self._run_name, summary=dict_to_struct(changes)),
+                )
+            except TakeoffError as error:
+                self._warn_once(
+                    error.reason, f"the registry refused the summary of {self._run_name}: {error}"
+                )
+
+    def _next_batch(self) -> runs_pb2.BatchLogMetricsRequest:
+        request = runs_pb2.BatchLogMetricsRequest(name=self._run_name)
+        add_row = request.rows.add
+        take = self.rows.popleft
+        size = 0
+        for _ in range(min(len(self.rows), MAX_ROWS_PER_BATCH)):
+            step, time_ns, values = take()
+            row = add_row()
+            try:
+                _fill_row(row, step, time_ns, values)
+            except Exception as error:  # whatever a logged value does, this thread must go on
+                del request.rows[-1]
+                self.dropped_rows += 1
+                self._warn_once("bad row", f"dropped a metric row that cannot be stored ({error!r})")
+                continue
+            size += row.ByteSize()
+            if size >= MAX_BATCH_BYTES:
+                break
+        return request
+
+    def _deliver_rows(self, request: runs_pb2.BatchLogMetricsRequest) -> None:
+        request.first_row_index = self._next_row_index
+        try:
+            try:
+                self._send(self._stub.BatchLogMetrics, request)
+            except TakeoffError as error:
+                if error.reason != "SEQUENCE_GAP":
+                    raise
+                # The registry has fewer rows than it acknowledged (restored from a backup, say): continue
+                # from what it has rather than failing every batch from now on.
+                request.first_row_index = int(error.metadata["length"])
+                lost = self._next_row_index - request.first_row_index
+                warn(f"the registry lost {lost} metric rows of {self._run_name} it had stored; continuing")
+                self._send(self._stub.BatchLogMetrics, request)
+        except TakeoffError as error:
+            self.dropped_rows += len(request.rows)
+            self._warn_once(error.reason, f"the registry refused metrics of {self._run_name}: {error}")
+            return
+        except _GaveUp:
+            self.dropped_rows += len(request.rows)
+            raise
+        self._next_row_index = request.first_row_index + len(request.rows)
+
+    def _send(
+        self, method: grpc.UnaryUnaryMultiCallable[_Request, _Response], request: _Request
+    ) -> _Response:
+        """Call until it succeeds, retrying errors that may pass; raise TakeoffError for those that won't."""
+        backoff = Backoff()
+        while True:
+            remaining = self._give_up_at - time.monotonic()
+            if remaining <= 0:
+                raise _GaveUp
+            try:
+                # wait_for_ready: while the registry restarts, the call waits for the connection to come
+                # back instead of failing at once. Every call here is safe to repeat.
+                response = method(request, timeout=min(CALL_TIMEOUT, remaining), wait_for_ready=True)
+            except grpc.RpcError as rpc_error:
+                error = TakeoffError.from_rpc_error(rpc_error)
+                if not error.retryable:
+                    raise error from None
+                self._report_unreachable(error)
+                time.sleep(min(backoff.next_delay(), max(0.0, self._give_up_at - time.monotonic())))
+                continue
+            if self._unreachable_since is not None:
+                warn(f"reached the registry again after {time.monotonic() - self._unreachable_since:.1f}s")
+                self._unreachable_since = None
+            return response
+
+    def _report_unreachable(self, error: TakeoffError) -> None:
+        if self._unreachable_since is None:
+            self._unreachable_since = time.monotonic()
+            warn(f"cannot reach the registry ({error}); keeping the run's data and retrying")
+
+    def _warn_once(self, topic: str, message: str) -> None:
+        if topic not in self._warned_about:
+            self._warned_about.add(topic)
+            warn(message)
+
+
+def _fill_row(row: runs_pb2.MetricRow, step: int, time_ns: int, values: Mapping[str, Any]) -> None:
+    row.step = step
+    row.time.seconds, row.time.nanos = divmod(time_ns, 1_000_000_000)
+    numbers = row.values
+    data: dict[str, Any] = {}
+    for key, value in values.items():
+        kind = type(value)
+        if kind is float or kind is int:
+            numbers[key] = value
+            continue
+        plain = jsonable(value)
+        if isinstance(plain, int | float) and not isinstance(plain, bool):
+            numbers[key] = plain
+        else:
+            data[key] = plain
+    if data:
+        row.data.update(data)

@@ -1,0 +1,237 @@
+"""``takeoff job create|list|describe``: turn code into job versions and look at them."""
+
+from __future__ import annotations
+
+import json
+import shlex
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+import yaml
+from rich.table import Table
+
+from takeoff.cli._output import console, fail, print_json
+from takeoff.cli._registry import JsonOption, ProjectOption, human_bytes, registry_client, when
+from takeoff.models import (
+    Artifact,
+    CodeSource,
+    CreatedJobVersion,
+    Environment,
+    GitSource,
+    ImageSource,
+    JobInputs,
+    JobSource,
+    JobVersion,
+)
+
+job_app = typer.Typer(help="Create and inspect jobs and their versions.", no_args_is_help=True)
+
+
+def _file_option(help_text: str) -> Any:
+    return typer.Option(help=help_text, exists=True, dir_okay=False, readable=True, show_default=False)
+
+
+@job_app.command("create")
+def create(
+    *,
+    name: Annotated[str, typer.Option("--name", "-n", help="Job id, e.g. train-mnist.", show_default=False)],
+    path: Annotated[
+        Path | None,
+        typer.Argument(help="Directory to pack and upload as the job's code.", exists=True, file_okay=False),
+    ] = None,
+    git: Annotated[
+        str | None, typer.Option(help="Git remote URL to build from instead of a directory.")
+    ] = None,
+    ref: Annotated[
+        str, typer.Option(help="Branch, tag or commit of --git (default: the remote's HEAD)")
+    ] = "",
+    image: Annotated[
+        str | None, typer.Option(help="Prebuilt container image to run instead of code.")
+    ] = None,
+    entrypoint: Annotated[
+        str | None, typer.Option(help='Command to run, e.g. "python train.py" (split as a shell would).')
+    ] = None,
+    requirements: Annotated[Path | None, _file_option("requirements.txt to install.")] = None,
+    python: Annotated[str, typer.Option(help="Python version, e.g. 3.11 (default: the builder's)")] = "",
+    config_schema: Annotated[
+        Path | None, _file_option("JSON Schema of the run config (a JSON or YAML file).")
+    ] = None,
+    config_defaults: Annotated[Path | None, _file_option("Default run config (a JSON or YAML file).")] = None,
+    base_image: Annotated[str, typer.Option(help="Base image for container builds.")] = "",
+    dockerfile: Annotated[Path | None, _file_option("Custom Dockerfile for container builds.")] = None,
+    context: Annotated[
+        str, typer.Option(help="Subdirectory that is the build context and working dir.")
+    ] = "",
+    metric: Annotated[list[str] | None, typer.Option(help="A metric the job logs (repeatable).")] = None,
+    alias: Annotated[
+        list[str] | None, typer.Option(help="Alias to point at the version (repeatable).")
+    ] = None,
+    description: Annotated[str, typer.Option(help="What changed in this version.")] = "",
+    project: ProjectOption = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Create the next version of a job from a directory, a git repository or an image."""
+    source = _source(path, git, ref, image)
+    argv = _split_command(entrypoint)
+    if not argv and not isinstance(source, ImageSource):
+        fail("--entrypoint is required for code and git jobs, e.g. --entrypoint 'python train.py'")
+    environment = Environment(
+        python_version=python,
+        requirements=requirements.read_text() if requirements else "",
+        base_image=base_image,
+        dockerfile=dockerfile.read_text() if dockerfile else "",
+        build_context=context,
+    )
+    inputs = JobInputs(_json_object(config_schema), _json_object(config_defaults))
+    status = console.status("packing and uploading the code..." if path else "creating the version...")
+    with registry_client(project) as client, status:
+        created = client.create_job_version(
+            name,
+            source,
+            entrypoint=argv,
+            environment=environment,
+            inputs=inputs,
+            outputs=metric or [],
+            description=description,
+            aliases=alias or [],
+        )
+    if json_output:
+        print_json(created)
+    else:
+        _print_created(created)
+
+
+@job_app.command("list")
+def list_jobs(project: ProjectOption = None, json_output: JsonOption = False) -> None:
+    """List the jobs of a project."""
+    with registry_client(project) as client:
+        jobs = list(client.list_jobs())
+        if json_output:
+            print_json(jobs)
+            return
+        table = Table(title=f"jobs in {client.project}", title_justify="left")
+        for column in ("job", "versions", "latest", "aliases", "updated"):
+            table.add_column(column)
+        for job in jobs:
+            aliases = ", ".join(
+                f"{alias}→v{n}" for alias, n in sorted(job.aliases.items()) if alias != "latest"
+            )
+            latest = f"v{job.version_count - 1}" if job.version_count else "-"
+            table.add_row(job.id, str(job.version_count), latest, aliases, when(job.update_time))
+        console.print(table if jobs else f"no jobs in project {client.project}")
+
+
+@job_app.command("describe")
+def describe(
+    reference: Annotated[
+        str, typer.Argument(help="Job reference: JOB, JOB:ALIAS, JOB:vN or a resource name.")
+    ],
+    project: ProjectOption = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Show a job version: its source, entrypoint, environment and config."""
+    with registry_client(project) as client:
+        version = client.get_job_version(reference)
+        job = client.get_job(version.job)
+    if json_output:
+        print_json({"job": job, "version": version})
+        return
+    table = Table.grid(padding=(0, 2))
+    table.add_column(style="bold")
+    table.add_column(overflow="fold")
+    table.add_row("version", f"{version.ref}  ({version.name})")
+    table.add_row("aliases", ", ".join(version.aliases) or "-")
+    table.add_row("created", when(version.create_time))
+    table.add_row("source", _describe_source(version.source))
+    table.add_row("entrypoint", shlex.join(version.entrypoint) or "(the image's own)")
+    for label, value in _environment_rows(version):
+        table.add_row(label, value)
+    table.add_row("config schema", _json_text(version.inputs.schema))
+    table.add_row("config defaults", _json_text(version.inputs.defaults))
+    if version.outputs:
+        table.add_row("metrics", ", ".join(version.outputs))
+    if version.description:
+        table.add_row("description", version.description)
+    table.add_row("digest", version.digest)
+    all_aliases = ", ".join(f"{alias}→v{n}" for alias, n in sorted(job.aliases.items()))
+    table.add_row("job", f"{job.version_count} version(s); {all_aliases}")
+    console.print(table)
+
+
+def _source(path: Path | None, git: str | None, ref: str, image: str | None) -> Path | JobSource:
+    given = [source for source in (path, git, image) if source is not None]
+    if len(given) != 1:
+        fail("give exactly one source: a directory PATH, --git URL or --image REFERENCE")
+    if ref and git is None:
+        fail("--ref goes with --git")
+    if git is not None:
+        return GitSource(git, ref)
+    if image is not None:
+        return ImageSource(image)
+    assert path is not None
+    return path
+
+
+def _split_command(entrypoint: str | None) -> list[str]:
+    try:
+        return shlex.split(entrypoint or "")
+    except ValueError as error:
+        fail(f"--entrypoint {entrypoint!r} cannot be split into arguments: {error}")
+
+
+def _json_object(path: Path | None) -> dict[str, Any] | None:
+    if path is None:
+        return None
+    try:
+        value = yaml.safe_load(path.read_text())  # YAML is a superset of JSON
+    except yaml.YAMLError as error:
+        fail(f"{path} is neither JSON nor YAML: {str(error).splitlines()[0]}")
+    if not isinstance(value, dict):
+        fail(f"{path} must hold an object (a mapping), not {type(value).__name__}")
+    return value
+
+
+def _print_created(created: CreatedJobVersion) -> None:
+    version = created.version
+    if created.reused_existing:
+        console.print(f"[yellow]unchanged[/]: {version.ref} already has this content; no new version")
+    else:
+        console.print(f"[green]created[/] {version.ref}  ({version.name})")
+    console.print(f"aliases: {', '.join(version.aliases)}")
+    console.print(f"source: {_describe_source(version.source, created.artifact)}")
+
+
+def _describe_source(source: JobSource, artifact: Artifact | None = None) -> str:
+    match source:
+        case CodeSource():
+            size = artifact.size_bytes if artifact else source.size_bytes
+            text = f"code {source.sha256[:12]} ({human_bytes(size)}"
+            if artifact is not None:
+                files = f"{len(artifact.files)} file{'' if len(artifact.files) == 1 else 's'}"
+                text += f", {files}, {'uploaded' if artifact.uploaded else 'already stored'}"
+            return text + ")"
+        case GitSource():
+            return f"git {source.url} {source.ref or 'HEAD'} @ {source.commit[:12] or '?'}"
+        case ImageSource():
+            return f"image {source.reference}"
+
+
+def _environment_rows(version: JobVersion) -> list[tuple[str, str]]:
+    environment = version.environment
+    rows = [
+        ("python", environment.python_version),
+        ("base image", environment.base_image),
+        ("build context", environment.build_context),
+        ("requirements", environment.requirements.strip()),
+        ("dockerfile", f"{len(environment.dockerfile.splitlines())} lines" if environment.dockerfile else ""),
+    ]
+    return [(label, value) for label, value in rows if value]
+
+
+def _json_text(value: dict[str, Any] | None) -> str:
+    return "-" if value is None else json.dumps(value, indent=2, sort_keys=True)
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(job_app, name="job")

@@ -1,0 +1,418 @@
+"""The queue service's use cases: queues, Enqueue with every check before accepting, items, cancel.
+
+Plain Python: the API layer calls these with domain values and turns the results into protos. Live
+state (pending and leased items, agents) belongs to the dispatcher; this module validates, records and
+reads.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
+from typing import Any, Protocol
+
+import jsonschema
+from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from takeoff_queue import lifecycle, resource_config, store
+from takeoff_queue.dispatcher import Dispatcher
+from takeoff_queue.lifecycle import ItemState
+from takeoff_queue.model import ITEM, PROJECT, QUEUE, Item, Priority, Queue, ResolvedJob, SourceKind
+from takeoff_queue.resource_config import ResourceKind
+from takeoff_server.database import Database
+from takeoff_server.errors import AlreadyExists, FailedPrecondition, FieldViolation, InvalidArgument, NotFound
+from takeoff_server.group_commit import GroupCommitter
+from takeoff_server.idempotency import check_request_id, request_fingerprint
+from takeoff_server.pagination import PageRequest
+from takeoff_server.validation import Problems
+
+MAX_ATTEMPTS_LIMIT = 100
+
+
+class JobResolver(Protocol):
+    """Pins a job reference to one version (the registry, over gRPC)."""
+
+    async def resolve(self, project: str, reference: str) -> ResolvedJob: ...
+
+
+@dataclass
+class EnqueueRequest:
+    queue: str
+    job: str
+    run_config: dict[str, Any] = field(default_factory=dict)
+    entrypoint: list[str] = field(default_factory=list)
+    resource_config: dict[str, Any] = field(default_factory=dict)
+    template_variables: dict[str, Any] = field(default_factory=dict)
+    priority: Priority = Priority.MEDIUM
+    max_attempts: int = 0
+    max_run_time: timedelta | None = None
+    run_display_name: str = ""
+    request_id: str = ""
+    traceparent: str = ""
+
+    def fingerprint(self) -> str:
+        return request_fingerprint(
+            {
+                "queue": self.queue,
+                "job": self.job,
+                "run_config": self.run_config,
+                "entrypoint": self.entrypoint,
+                "resource_config": self.resource_config,
+                "template_variables": self.template_variables,
+                "priority": int(self.priority),
+                "max_attempts": self.max_attempts,
+                "max_run_seconds": self.max_run_time.total_seconds() if self.max_run_time else None,
+                "run_display_name": self.run_display_name,
+            }
+        )
+
+
+def _filled_config(job: ResolvedJob, given: dict[str, Any]) -> tuple[dict[str, Any], list[FieldViolation]]:
+    """The run config: what was given, over the version's defaults, over the schema's property defaults."""
+    schema = job.input_schema or {}
+    config = {
+        name: spec["default"]
+        for name, spec in schema.get("properties", {}).items()
+        if isinstance(spec, dict) and "default" in spec
+    }
+    config.update(job.default_config)
+    config.update(given)
+    if not schema:
+        return config, []
+    validator = jsonschema.Draft202012Validator(schema)
+    problems = [
+        FieldViolation("run_config" + "".join(f".{part}" for part in error.absolute_path), error.message)
+        for error in sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
+    ]
+    return config, problems
+
+
+class QueueBook:
+    def __init__(
+        self,
+        database: Database,
+        committer: GroupCommitter,
+        dispatcher: Dispatcher,
+        jobs: JobResolver,
+        clock: Callable[[], datetime],
+    ) -> None:
+        self._database = database
+        self._committer = committer
+        self._dispatcher = dispatcher
+        self._jobs = jobs
+        self._clock = clock
+
+    async def start(self) -> None:
+        async with self._database.engine.connect() as connection:
+            queues = [store.queue_from_row(row) for row in await store.load_queues(connection)]
+            items = [store.item_from_row(row) for row in await store.load_unfinished_items(connection)]
+        self._dispatcher.restore(queues, items)
+
+    # ----- queues ------------------------------------------------------------------------------------
+
+    def queue(self, name: str, *, field_name: str = "name") -> Queue:
+        QUEUE.parse(name, field=field_name)
+        queue = self._dispatcher.queues.get(name)
+        if queue is None:
+            raise NotFound("QUEUE_NOT_FOUND", f"queue {name} does not exist", metadata={"resource": name})
+        return queue
+
+    async def create_queue(self, parent: str, queue_id: str, queue: Queue, request_id: str = "") -> Queue:
+        project = PROJECT.parse(parent, field="parent")["project"]
+        name = QUEUE.format(project=project, queue=queue_id)
+        QUEUE.parse(name, field="queue_id")
+        check_request_id(request_id)
+        now = self._clock()
+        queue = replace(queue, name=name, create_time=now, update_time=now)
+        _check_queue(queue)
+        fingerprint = request_fingerprint(
+            {key: value for key, value in store.queue_values(queue).items() if not key.endswith("_time")}
+        )
+        if request_id:
+            replayed = await self._replay(f"CreateQueue:{parent}", request_id, fingerprint)
+            if replayed is not None:
+                return self.queue(replayed)
+        if name in self._dispatcher.queues:
+            raise AlreadyExists(
+                "QUEUE_ALREADY_EXISTS", f"queue {name} already exists", metadata={"resource": name}
+            )
+
+        async def write(connection: AsyncConnection) -> None:
+            await store.insert_queue(connection, store.queue_values(queue))
+            if request_id:
+                await self._record(connection, f"CreateQueue:{parent}", request_id, fingerprint, name)
+
+        await self._committer.commit(write)
+        self._dispatcher.put_queue(queue)
+        return queue
+
+    async def update_queue(self, name: str, changes: dict[str, Any]) -> Queue:
+        queue = replace(self.queue(name, field_name="queue.name"), **changes, update_time=self._clock())
+        _check_queue(queue)
+
+        async def write(connection: AsyncConnection) -> None:
+            await store.update_queue(connection, name, store.queue_values(queue))
+
+        await self._committer.commit(write)
+        self._dispatcher.put_queue(queue)
+        return queue
+
+    async def delete_queue(self, name: str, *, force: bool) -> None:
+        self.queue(name)
+        live = [item for item in self._dispatcher.items.values() if item.queue == name]
+        if live and not force:
+            raise FailedPrecondition(
+                "QUEUE_NOT_EMPTY",
+                f"queue {name} has {len(live)} items not yet ended; delete with force to drop them",
+                metadata={"resource": name, "items": str(len(live))},
+            )
+
+        async def write(connection: AsyncConnection) -> None:
+            await store.delete_queue(connection, name)
+
+        await self._committer.commit(write)
+        self._dispatcher.drop_queue(name)
+
+    def list_queues(self, parent: str, page: PageRequest) -> tuple[list[Queue], str | None]:
+        project = PROJECT.parse(parent, field="parent")["project"]
+        prefix = f"projects/{project}/queues/"
+        after = str(page.after[0]) if page.after else ""
+        names = sorted(n for n in self._dispatcher.queues if n.startswith(prefix) and n > after)
+        found = [self._dispatcher.queues[n] for n in names[: page.size]]
+        return found, (found[-1].name if len(names) > page.size else None)
+
+    async def item_counts(self, name: str) -> dict[ItemState, int]:
+        async with self._database.engine.connect() as connection:
+            counts = await store.count_items_by_state(connection, name)
+        return {ItemState(state): count for state, count in counts.items()}
+
+    def agent_count(self, name: str) -> int:
+        return self._dispatcher.agent_count(name)
+
+    # ----- items ------------------------------------------------------------------------------------
+
+    async def enqueue(self, request: EnqueueRequest) -> Item:
+        check_request_id(request.request_id)
+        queue = self.queue(request.queue, field_name="queue")
+        fingerprint = request.fingerprint()
+        if request.request_id:
+            replayed = await self._replay(f"Enqueue:{queue.name}", request.request_id, fingerprint)
+            if replayed is not None:
+                return await self.get_item(replayed)
+        if not request.job:
+            raise InvalidArgument(
+                "ARGUMENT_INVALID",
+                "job is required",
+                violations=[FieldViolation("job", "required: a job reference")],
+            )
+        job = await self._jobs.resolve(queue.project, request.job)
+        item = self._validated_item(queue, job, request)
+        await self._insert(item, f"Enqueue:{queue.name}", request.request_id, fingerprint)
+        return item
+
+    async def _insert(self, item: Item, scope: str, request_id: str, fingerprint: str) -> None:
+        """Commit a new PENDING item (and the request id that made it), then hand it to the dispatcher."""
+
+        assignment = self._dispatcher.admit(item)
+        values, history = store.item_values(item), item.life.history
+        item.life = replace(item.life, history=())
+
+        async def write(connection: AsyncConnection) -> int:
+            seq = await store.insert_item(connection, values, history)
+            if request_id:
+                await self._record(connection, scope, request_id, fingerprint, item.name)
+            return seq
+
+        try:
+            item.seq = await self._committer.commit(write)
+        except BaseException:
+            self._dispatcher.forget(item)
+            raise
+        item.history = list(history)
+        self._dispatcher.admitted(item, assignment)
+
+    def _validated_item(self, queue: Queue, job: ResolvedJob, request: EnqueueRequest) -> Item:
+        problems = Problems()
+        run_config, config_problems = _filled_config(job, request.run_config)
+        for problem in config_problems:
+            problems.add("CONFIG_INVALID", problem.field, problem.description)
+        merged, variables, config_issues = resource_config.effective_config(
+            queue.resource,
+            queue.resource_config,
+            request.resource_config,
+            queue.variable_schemas,
+            request.template_variables,
+        )
+        for problem in config_issues:
+            by_variable = problem.field.startswith("template_variables")
+            reason = "TEMPLATE_VARIABLE_INVALID" if by_variable else "RESOURCE_CONFIG_INVALID"
+            problems.add(reason, problem.field, problem.description)
+        if not 0 <= request.max_attempts <= MAX_ATTEMPTS_LIMIT:
+            problems.add(
+                "ARGUMENT_INVALID", "max_attempts", f"must be 1..{MAX_ATTEMPTS_LIMIT} (0: the default)"
+            )
+        if request.max_run_time is not None and request.max_run_time <= timedelta(0):
+            problems.add("ARGUMENT_INVALID", "max_run_time", "must be positive when set")
+        if job.source_kind is SourceKind.IMAGE and queue.resource is ResourceKind.LOCAL_PROCESS:
+            problems.add(
+                "SOURCE_INCOMPATIBLE",
+                "job",
+                f"{job.version_name} is an image job; local-process queues run code and git jobs",
+            )
+        problems.raise_if_any()
+        now = self._clock()
+        item_id = _new_item_id()
+        return Item(
+            id=item_id,
+            queue=queue.name,
+            job=request.job,
+            job_version=job.version_name,
+            job_version_proto=job.version_proto,
+            source_kind=job.source_kind,
+            run_config=run_config,
+            entrypoint=list(request.entrypoint),
+            resource_config_override=request.resource_config,
+            template_variables=variables,
+            resource_config=merged,
+            priority=request.priority,
+            life=lifecycle.enqueued(item_id, request.max_attempts or queue.max_attempts, now),
+            max_run_time=request.max_run_time or queue.max_run_time,
+            run_display_name=request.run_display_name,
+            traceparent=request.traceparent,
+            update_time=now,
+        )
+
+    async def get_item(self, name: str) -> Item:
+        found = await self._read_items(item_ids=[ITEM.parse(name, field="name")["item"]])
+        if not found or found[0].name != name:
+            raise NotFound("ITEM_NOT_FOUND", f"item {name} does not exist", metadata={"resource": name})
+        return found[0]
+
+    async def list_items(
+        self, parent: str, states: Sequence[ItemState], page: PageRequest
+    ) -> tuple[list[Item], int | None]:
+        """Items of one queue (or, with queue ``-``, of every queue of the project), newest first."""
+        if parent.endswith("/queues/-"):
+            project = PROJECT.parse(parent.removesuffix("/queues/-"), field="parent")["project"]
+            scope: dict[str, str] = {"project": f"projects/{project}"}
+        else:
+            scope = {"queue": self.queue(parent, field_name="parent").name}
+        before = int(page.after[0]) if page.after else None
+        found = await self._read_items(
+            states=[s.value for s in states], before_seq=before, limit=page.size + 1, **scope
+        )
+        more = len(found) > page.size
+        found = found[: page.size]
+        return found, (found[-1].seq if more else None)
+
+    async def _read_items(self, **filters: Any) -> list[Item]:
+        async with self._database.engine.connect() as connection:
+            rows = await store.fetch_items(connection, **filters)
+        return [store.item_from_row(row) for row in rows]
+
+    async def cancel_item(self, name: str, message: str = "cancelled by user") -> Item:
+        item_id = ITEM.parse(name, field="name")["item"]
+        live = self._dispatcher.items.get(item_id)
+        if live is None or live.name != name:
+            ended = await self.get_item(name)
+            lifecycle.request_cancel(ended.life, self._clock(), message)  # raises ITEM_ENDED unless CANCELLED
+            return ended
+        await self._dispatcher.cancel(live, message)
+        return await self.get_item(name)
+
+    async def relaunch_item(self, name: str, request_id: str = "") -> Item:
+        """A new item from an ended one: same queue, pinned version and inputs."""
+        check_request_id(request_id)
+        old = await self.get_item(name)
+        if not old.state.is_terminal:
+            raise FailedPrecondition(
+                "ITEM_NOT_ENDED",
+                f"item {name} is {old.state.value}; only ended items are relaunched",
+                metadata={"resource": name, "state": old.state.value},
+            )
+        self.queue(old.queue)  # the queue must still exist
+        fingerprint = request_fingerprint({"relaunch": name})
+        if request_id:
+            replayed = await self._replay(f"RelaunchItem:{name}", request_id, fingerprint)
+            if replayed is not None:
+                return await self.get_item(replayed)
+        now = self._clock()
+        item_id = _new_item_id()
+        item = replace(
+            old,
+            id=item_id,
+            life=lifecycle.enqueued(item_id, old.life.max_attempts, now),
+            relaunched_from=name,
+            seq=0,
+            update_time=now,
+            end_time=None,
+            lease_id="",
+            assign_time=None,
+            start_deadline=None,
+            running_since=None,
+            completed_epoch=0,
+            history=[],
+        )
+        await self._insert(item, f"RelaunchItem:{name}", request_id, fingerprint)
+        return item
+
+    async def watch_item(self, name: str) -> AsyncIterator[Item]:
+        """The item now, then again after every change, until it ends."""
+        item_id = ITEM.parse(name, field="name")["item"]
+        updates = self._dispatcher.watch(item_id)
+        try:
+            item = await self.get_item(name)
+            yield item
+            while not item.state.is_terminal:
+                await updates.get()
+                while not updates.empty():
+                    updates.get_nowait()
+                item = await self.get_item(name)
+                yield item
+        finally:
+            self._dispatcher.unwatch(item_id, updates)
+
+    # ----- request ids --------------------------------------------------------------------------------
+
+    async def _replay(self, scope: str, request_id: str, fingerprint: str) -> str | None:
+        async with self._database.session() as session:
+            return await store.request_ids.replay(
+                session, scope=scope, request_id=request_id, fingerprint=fingerprint
+            )
+
+    async def _record(
+        self, connection: AsyncConnection, scope: str, request_id: str, fingerprint: str, result: str
+    ) -> None:
+        session = AsyncSession(bind=connection)
+        await store.request_ids.record(
+            session, scope=scope, request_id=request_id, fingerprint=fingerprint, result=result
+        )
+
+
+def _new_item_id() -> str:
+    return uuid.uuid4().hex[:20]
+
+
+def _check_queue(queue: Queue) -> None:
+    problems = Problems()
+    declared = queue.variable_schemas
+    for problem in resource_config.check_variable_declarations(declared, queue.resource_config):
+        problems.add("TEMPLATE_VARIABLE_INVALID", problem.field, problem.description)
+    # Any value will do to check the config's shape; the types are checked per item at Enqueue.
+    sample = resource_config.fill(queue.resource_config, dict.fromkeys(declared, 1))
+    for problem in resource_config.check_for_resource(queue.resource, sample, "queue.resource_config"):
+        problems.add("RESOURCE_CONFIG_INVALID", problem.field, problem.description)
+    if not 1 <= queue.max_attempts <= MAX_ATTEMPTS_LIMIT:
+        problems.add("ARGUMENT_INVALID", "queue.max_attempts", f"must be 1..{MAX_ATTEMPTS_LIMIT} (0: 3)")
+    if queue.concurrency_limit < 0:
+        problems.add("ARGUMENT_INVALID", "queue.concurrency_limit", "must not be negative (0: unlimited)")
+    if queue.start_timeout <= timedelta(0):
+        problems.add("ARGUMENT_INVALID", "queue.start_timeout", "must be positive")
+    if queue.retry_delay < timedelta(0):
+        problems.add("ARGUMENT_INVALID", "queue.retry_delay", "must not be negative")
+    if queue.max_run_time is not None and queue.max_run_time <= timedelta(0):
+        problems.add("ARGUMENT_INVALID", "queue.max_run_time", "must be positive when set")
+    problems.raise_if_any()

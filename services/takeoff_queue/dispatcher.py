@@ -1,0 +1,664 @@
+"""The dispatcher: which item goes to which agent, when, and what happens when an agent goes quiet.
+
+It owns the in-memory index of the live part of the service (queues, pending and leased items, agents)
+and changes items only through the life-cycle functions. Every change is committed (group commit)
+before it is acknowledged or pushed to an agent. Dispatch is push: whenever work becomes eligible or an
+agent gains capacity, a dispatch pass runs on the next turn of the event loop; nothing polls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import logging
+import uuid
+from collections import OrderedDict, defaultdict
+from collections.abc import Callable, Coroutine, Iterable
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from takeoff_queue import lifecycle, store
+from takeoff_queue.lifecycle import FailureReason, ItemState, LeaseLost
+from takeoff_queue.model import (
+    Ack,
+    Agent,
+    AgentRequest,
+    Assignment,
+    Cancel,
+    Complete,
+    Drain,
+    Heartbeat,
+    Hello,
+    Item,
+    LeaseVerdict,
+    MessageKind,
+    Progress,
+    Queue,
+    Reject,
+    RejectReason,
+    Release,
+    Revoke,
+    RevokeReason,
+    SessionClosed,
+    SetCapacity,
+    Welcome,
+)
+from takeoff_server.errors import FailedPrecondition, NotFound
+from takeoff_server.group_commit import GroupCommitter
+
+logger = logging.getLogger(__name__)
+
+Clock = Callable[[], datetime]
+_ENDED_LEASES_REMEMBERED = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseTiming:
+    ttl: timedelta = timedelta(seconds=30)
+    heartbeat_interval: timedelta = timedelta(seconds=10)
+
+
+class Session:
+    """One open Lease stream. The API layer writes what arrives in ``outbox`` to the stream."""
+
+    def __init__(self, agent: Agent, session_id: str) -> None:
+        self.agent = agent
+        self.session_id = session_id
+        self.outbox: asyncio.Queue[Any] = asyncio.Queue()
+        self.open = True
+
+    def send(self, message: Any) -> None:
+        if self.open:
+            self.outbox.put_nowait(message)
+
+    def close(self, *, superseded: bool) -> None:
+        self.send(SessionClosed(superseded=superseded))
+        self.open = False
+
+
+class _Deadlines:
+    """Every deadline (lease expiry, start timeout, max run time, retry delay) on one event-loop timer.
+
+    Entries are never removed early: when one comes due, the dispatcher checks it still applies.
+    """
+
+    def __init__(self, clock: Clock, on_due: Callable[[str, str, int], None]) -> None:
+        self._clock = clock
+        self._on_due = on_due
+        self._heap: list[tuple[datetime, int, str, str, int]] = []
+        self._order = itertools.count()
+        self._timer: asyncio.TimerHandle | None = None
+        self._armed_for: datetime | None = None
+
+    def at(self, when: datetime, kind: str, key: str, epoch: int = 0) -> None:
+        heapq.heappush(self._heap, (when, next(self._order), kind, key, epoch))
+        if self._armed_for is None or when < self._armed_for:
+            self._arm()
+
+    def _arm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer, self._armed_for = None, None
+        if self._heap:
+            self._armed_for = self._heap[0][0]
+            delay = max(0.0, (self._armed_for - self._clock()).total_seconds())
+            self._timer = asyncio.get_running_loop().call_later(delay, self._fire)
+
+    def _fire(self) -> None:
+        self._timer, self._armed_for = None, None
+        now = self._clock()
+        while self._heap and self._heap[0][0] <= now:
+            _, _, kind, key, epoch = heapq.heappop(self._heap)
+            self._on_due(kind, key, epoch)
+        self._arm()
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+
+
+class Dispatcher:
+    def __init__(self, committer: GroupCommitter, clock: Clock, timing: LeaseTiming) -> None:
+        self._committer = committer
+        self._clock = clock
+        self.timing = timing
+        self.queues: dict[str, Queue] = {}
+        self.items: dict[str, Item] = {}
+        """Every item not yet ended, by id."""
+        self.agents: dict[str, Agent] = {}
+        self._sessions: dict[str, Session] = {}
+        self._pending: dict[str, list[tuple[int, int, str]]] = defaultdict(list)
+        """queue -> heap of (priority rank, enqueue seq, item id)"""
+        self._live: dict[str, int] = defaultdict(int)
+        """queue -> items LEASED..RUNNING, for concurrency limits"""
+        self._leases: dict[str, str] = {}
+        """lease id -> item id, for every lease held now"""
+        self._ended_leases: OrderedDict[str, tuple[int, ItemState, bool]] = OrderedDict()
+        """lease id -> (epoch, item state after it ended, ended by the agent's Complete)"""
+        self._dispatch_scheduled = False
+        self._deadlines = _Deadlines(clock, self._on_deadline)
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._watchers: dict[str, set[asyncio.Queue[Item]]] = defaultdict(set)
+
+    # ----- start and stop ---------------------------------------------------------------------
+
+    def restore(self, queues: Iterable[Queue], items: Iterable[Item]) -> None:
+        """Rebuild the index from the store. Every lease gets one TTL of grace from now (DESIGN §5)."""
+        grace_until = self._clock() + self.timing.ttl
+        self.queues = {queue.name: queue for queue in queues}
+        for item in items:
+            self.items[item.id] = item
+            if item.state is ItemState.PENDING:
+                self._make_pending(item)
+                continue
+            agent = self._agent(item.life.agent.removeprefix("agents/"))
+            agent.lease_expiry = grace_until
+            self._hold(agent, item)
+            self._watch_deadlines(item)
+        for agent in self.agents.values():
+            self._deadlines.at(grace_until, "expiry", agent.agent_id)
+
+    async def stop(self) -> None:
+        self._deadlines.stop()
+        for session in list(self._sessions.values()):
+            session.close(superseded=False)
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    # ----- queues and items (called by the queue book) -----------------------------------------
+
+    def put_queue(self, queue: Queue) -> None:
+        previous = self.queues.get(queue.name)
+        self.queues[queue.name] = queue
+        if previous is not None and previous.prioritization != queue.prioritization:
+            self._reorder(queue.name)
+        self._schedule_dispatch()
+
+    def drop_queue(self, name: str) -> list[Item]:
+        """Forget a queue whose deletion is committed; its leased items are revoked."""
+        self.queues.pop(name, None)
+        self._pending.pop(name, None)
+        dropped = [item for item in self.items.values() if item.queue == name]
+        for item in dropped:
+            if item.state.is_live:
+                self._send_to_holder(item, Revoke(item.lease_id, item.name, RevokeReason.QUEUE_DELETED, ""))
+                self._release_hold(item, ended_by_agent=False)
+            del self.items[item.id]
+        return dropped
+
+    def admit(self, item: Item) -> Assignment | None:
+        """Take in a new item that is about to be committed, and lease it at once when it can be.
+
+        When an agent has room and nothing eligible waits ahead of the item, it goes into its first
+        commit already LEASED: one transaction instead of two on the way from Enqueue to Assignment.
+        """
+        self.items[item.id] = item
+        queue = self.queues[item.queue]
+        if (
+            item.life.eligible_time > self._clock()
+            or not self._may_assign_from(queue)
+            or self._has_waiting(queue)
+        ):
+            return None
+        now = self._clock()
+        for agent in self.agents.values():
+            lapsed = agent.lease_expiry is None or agent.lease_expiry <= now
+            if not lapsed and agent.free_capacity > 0 and queue.name in agent.queues:
+                agent.next_queue = (agent.queues.index(queue.name) + 1) % len(agent.queues)
+                return self._assign(item, agent)
+        return None
+
+    def admitted(self, item: Item, assignment: Assignment | None) -> None:
+        """The item's first commit is done: deliver its assignment, or queue it up."""
+        if assignment is not None:
+            self._deliver_committed([assignment])
+        elif item.state is ItemState.PENDING:
+            self._make_pending(item)
+        self._notify(item)
+
+    def forget(self, item: Item) -> None:
+        """The item's first commit failed: it never existed."""
+        if item.state.is_live:
+            self._release_hold(item, ended_by_agent=False)
+        self.items.pop(item.id, None)
+
+    async def cancel(self, item: Item, message: str) -> Item:
+        before = item.state
+        item.life = lifecycle.request_cancel(item.life, self._clock(), message)
+        notices = []
+        if before is ItemState.PENDING:
+            self._ended(item)
+        elif before.is_live:
+            notices.append((item, Cancel(item.lease_id, item.name, message)))
+        await self._persist([item], then_send=notices)
+        return item
+
+    def watch(self, item_id: str) -> asyncio.Queue[Item]:
+        updates: asyncio.Queue[Item] = asyncio.Queue()
+        self._watchers[item_id].add(updates)
+        return updates
+
+    def unwatch(self, item_id: str, updates: asyncio.Queue[Item]) -> None:
+        self._watchers[item_id].discard(updates)
+        if not self._watchers[item_id]:
+            del self._watchers[item_id]
+
+    def agent_count(self, queue: str) -> int:
+        return sum(1 for agent in self.agents.values() if agent.connected and queue in agent.queues)
+
+    # ----- sessions ------------------------------------------------------------------------------
+
+    async def connect(self, hello: Hello) -> Session:
+        """Open a session for ``hello``'s agent, superseding an older one. Raises for unusable queues."""
+        for queue_name in hello.queues:
+            queue = self.queues.get(queue_name)
+            if queue is None:
+                raise NotFound(
+                    "QUEUE_NOT_FOUND", f"queue {queue_name} does not exist", metadata={"resource": queue_name}
+                )
+            if queue.resource not in hello.resources:
+                raise FailedPrecondition(
+                    "RESOURCE_KIND_UNSUPPORTED",
+                    f"queue {queue_name} runs on {queue.resource.value}, which this agent has no runner for",
+                    metadata={"resource": queue_name, "kind": queue.resource.value},
+                )
+        now = self._clock()
+        agent = self._agent(hello.agent_id)
+        if (older := self._sessions.pop(agent.agent_id, None)) is not None:
+            older.close(superseded=True)
+        agent.display_name = hello.display_name
+        agent.queues = list(dict.fromkeys(hello.queues))
+        agent.resources = set(hello.resources)
+        agent.capacity = hello.capacity
+        agent.draining = hello.draining
+        agent.version = hello.version
+        agent.labels = dict(hello.labels)
+        agent.session_id = hello.session_id
+        agent.connected = True
+        agent.connect_time = agent.last_heartbeat_time = now
+        agent.disconnect_time = None
+        agent.next_queue = 0
+        self._renew(agent, now)
+
+        verdicts, cancels, forgotten = [], [], []
+        for lease_id, item_id in list(agent.leases.items()):
+            if lease_id not in hello.held_leases:
+                forgotten.append(self.items[item_id])
+        for lease_id, epoch in hello.held_leases.items():
+            item = self.items.get(self._leases.get(lease_id, ""))
+            if item is not None and item.life.agent == agent.name and item.life.epoch == epoch:
+                verdicts.append(LeaseVerdict(lease_id, item.name, kept=True))
+                if item.life.cancel_requested:
+                    cancels.append(Cancel(lease_id, item.name, item.life.message or "cancelled by user"))
+            else:
+                verdicts.append(
+                    LeaseVerdict(
+                        lease_id,
+                        item.name if item else "",
+                        kept=False,
+                        reason=RevokeReason.LEASE_LOST,
+                        message="the lease is no longer held by this agent at this epoch",
+                    )
+                )
+        for item in forgotten:  # the agent came back without them: they will never be reported on
+            self._end_attempt(item, FailureReason.AGENT_LOST, "the agent reconnected without this lease")
+        session = Session(agent, hello.session_id)
+        self._sessions[agent.agent_id] = session
+        session.send(
+            Welcome(
+                agent.name, hello.session_id, self.timing.ttl, self.timing.heartbeat_interval, verdicts, now
+            )
+        )
+        for cancel in cancels:
+            session.send(cancel)
+        if forgotten:
+            await self._persist(forgotten)
+        self._schedule_dispatch()
+        return session
+
+    def disconnect(self, session: Session) -> None:
+        """The stream ended; the agent's leases run on until they expire or it reconnects."""
+        session.open = False
+        agent = session.agent
+        if self._sessions.get(agent.agent_id) is session:
+            del self._sessions[agent.agent_id]
+            agent.connected = False
+            agent.disconnect_time = self._clock()
+
+    async def handle(self, session: Session, request: AgentRequest) -> None:
+        """Apply one agent message; the answer (Ack or Reject) goes to the session once committed."""
+        agent = session.agent
+        now = self._clock()
+        agent.last_heartbeat_time = now
+        match request:
+            case Heartbeat(sequence):
+                self._renew(agent, now)
+                session.send(Ack(sequence, MessageKind.HEARTBEAT))
+            case SetCapacity(sequence, capacity):
+                if capacity < 0:
+                    session.send(
+                        Reject(
+                            sequence,
+                            MessageKind.SET_CAPACITY,
+                            "",
+                            RejectReason.INVALID_MESSAGE,
+                            "capacity < 0",
+                        )
+                    )
+                    return
+                agent.capacity = capacity
+                session.send(Ack(sequence, MessageKind.SET_CAPACITY))
+                self._schedule_dispatch()
+            case Drain(sequence):
+                agent.draining = True
+                session.send(Ack(sequence, MessageKind.DRAIN))
+            case Progress() | Complete() | Release():
+                await self._handle_lease_message(session, request, now)
+
+    async def _handle_lease_message(
+        self, session: Session, request: Progress | Complete | Release, now: datetime
+    ) -> None:
+        kind = {Progress: MessageKind.PROGRESS, Complete: MessageKind.COMPLETE, Release: MessageKind.RELEASE}[
+            type(request)
+        ]
+        item = self.items.get(self._leases.get(request.lease_id, ""))
+        if item is None or item.life.agent != session.agent.name:
+            session.send(self._answer_unknown_lease(request, kind))
+            return
+        queue = self.queues[item.queue]
+        try:
+            match request:
+                case Progress(_, _, epoch, state, detail):
+                    before = item.state
+                    item.life = lifecycle.progress(item.life, epoch, state, now, detail)
+                    if state is ItemState.RUNNING and before is not ItemState.RUNNING:
+                        item.running_since = now
+                        self._watch_deadlines(item)
+                case Complete(_, _, epoch, outcome, reason, exit_code, message):
+                    item.life = lifecycle.complete(
+                        item.life,
+                        epoch,
+                        outcome,
+                        now,
+                        queue.retry_policy,
+                        reason=reason,
+                        message=message,
+                        exit_code=exit_code,
+                    )
+                    item.completed_epoch = epoch
+                    self._after_attempt(item, ended_by_agent=True)
+                case Release(_, _, epoch, message):
+                    item.life = lifecycle.release(item.life, epoch, now, queue.retry_policy, message)
+                    self._after_attempt(item, ended_by_agent=False)
+        except LeaseLost as error:
+            session.send(
+                Reject(request.sequence, kind, request.lease_id, RejectReason.LEASE_LOST, error.message)
+            )
+            return
+        except FailedPrecondition as error:
+            session.send(
+                Reject(
+                    request.sequence, kind, request.lease_id, RejectReason.INVALID_TRANSITION, error.message
+                )
+            )
+            return
+        state = (
+            item.state
+        )  # as the message left it: a retried item may be leased again by the time of the Ack
+        await self._persist([item])
+        session.send(Ack(request.sequence, kind, request.lease_id, state))
+
+    def _answer_unknown_lease(
+        self, request: Progress | Complete | Release, kind: MessageKind
+    ) -> Ack | Reject:
+        ended = self._ended_leases.get(request.lease_id)
+        if ended is None:
+            return Reject(
+                request.sequence, kind, request.lease_id, RejectReason.LEASE_NOT_FOUND, "no such lease"
+            )
+        epoch, state, by_agent = ended
+        if isinstance(request, Complete) and by_agent and request.epoch == epoch:
+            return Ack(request.sequence, kind, request.lease_id, state)  # a resent Complete
+        return Reject(
+            request.sequence,
+            kind,
+            request.lease_id,
+            RejectReason.LEASE_LOST,
+            "the lease has ended; stop the work",
+        )
+
+    # ----- dispatch ------------------------------------------------------------------------------
+
+    def _schedule_dispatch(self) -> None:
+        if not self._dispatch_scheduled:
+            self._dispatch_scheduled = True
+            asyncio.get_running_loop().call_soon(self._dispatch)
+
+    def _dispatch(self) -> None:
+        self._dispatch_scheduled = False
+        assignments = []
+        now = self._clock()
+        for agent in list(self.agents.values()):
+            if agent.lease_expiry is None or agent.lease_expiry <= now:
+                continue  # it stopped renewing: no new work until it heartbeats again
+            while agent.free_capacity > 0 and (item := self._next_item_for(agent)) is not None:
+                assignments.append(self._assign(item, agent))
+        if assignments:
+            self._spawn(self._deliver(assignments))
+
+    def _next_item_for(self, agent: Agent) -> Item | None:
+        """Round-robin over the agent's queues, starting after the one that served it last."""
+        count = len(agent.queues)
+        for offset in range(count):
+            position = (agent.next_queue + offset) % count
+            item = self._pop_eligible(agent.queues[position])
+            if item is not None:
+                agent.next_queue = (position + 1) % count
+                return item
+        return None
+
+    def _may_assign_from(self, queue: Queue) -> bool:
+        return not queue.paused and not (
+            queue.concurrency_limit and self._live[queue.name] >= queue.concurrency_limit
+        )
+
+    def _has_waiting(self, queue: Queue) -> bool:
+        """Whether an eligible PENDING item is in the queue's index (dropping entries that moved on)."""
+        heap = self._pending[queue.name]
+        while heap:
+            item = self.items.get(heap[0][2])
+            if item is not None and item.state is ItemState.PENDING:
+                return True
+            heapq.heappop(heap)
+        return False
+
+    def _pop_eligible(self, queue_name: str) -> Item | None:
+        queue = self.queues.get(queue_name)
+        if queue is None or not self._may_assign_from(queue) or not self._has_waiting(queue):
+            return None
+        return self.items[heapq.heappop(self._pending[queue_name])[2]]
+
+    def _assign(self, item: Item, agent: Agent) -> Assignment:
+        now = self._clock()
+        queue = self.queues[item.queue]
+        attempt = item.life.attempt + 1
+        item.life = lifecycle.assign(item.life, agent.name, now, run=item.run_name(attempt))
+        item.lease_id = uuid.uuid4().hex
+        item.assign_time = now
+        item.start_deadline = now + queue.start_timeout
+        item.running_since = None
+        self._hold(agent, item)
+        self._watch_deadlines(item)
+        return Assignment(
+            item, queue, item.lease_id, item.life.epoch, attempt, item.life.run, now, item.start_deadline
+        )
+
+    async def _deliver(self, assignments: list[Assignment]) -> None:
+        await self._persist([a.item for a in assignments])
+        self._deliver_committed(assignments)
+
+    def _deliver_committed(self, assignments: list[Assignment]) -> None:
+        for assignment in assignments:
+            # Still the agent's? (a cancel or a deadline may have moved it on during the commit)
+            if assignment.item.lease_id == assignment.lease_id and assignment.item.state.is_live:
+                self._send_to_holder(assignment.item, assignment)
+
+    # ----- leases, deadlines and endings --------------------------------------------------------
+
+    def _agent(self, agent_id: str) -> Agent:
+        agent = self.agents.get(agent_id)
+        if agent is None:
+            agent = self.agents[agent_id] = Agent(agent_id=agent_id)
+        return agent
+
+    def _renew(self, agent: Agent, now: datetime) -> None:
+        lapsed = agent.lease_expiry is None or agent.lease_expiry <= now
+        agent.lease_expiry = now + self.timing.ttl
+        self._deadlines.at(agent.lease_expiry, "expiry", agent.agent_id)
+        if lapsed:
+            self._schedule_dispatch()
+
+    def _hold(self, agent: Agent, item: Item) -> None:
+        agent.leases[item.lease_id] = item.id
+        self._leases[item.lease_id] = item.id
+        self._live[item.queue] += 1
+
+    def _release_hold(self, item: Item, *, ended_by_agent: bool) -> None:
+        agent = self.agents.get(item.life.agent.removeprefix("agents/"))
+        if agent is not None:
+            agent.leases.pop(item.lease_id, None)
+        if self._leases.pop(item.lease_id, None) is not None:
+            self._live[item.queue] -= 1
+        self._ended_leases[item.lease_id] = (item.life.epoch, item.state, ended_by_agent)
+        if len(self._ended_leases) > _ENDED_LEASES_REMEMBERED:
+            self._ended_leases.popitem(last=False)
+
+    def _watch_deadlines(self, item: Item) -> None:
+        if item.state is ItemState.RUNNING:
+            max_run_time = item.max_run_time
+            if max_run_time is not None and item.running_since is not None:
+                self._deadlines.at(item.running_since + max_run_time, "max_run", item.id, item.life.epoch)
+        elif item.start_deadline is not None:
+            self._deadlines.at(item.start_deadline, "start", item.id, item.life.epoch)
+
+    def _on_deadline(self, kind: str, key: str, epoch: int) -> None:
+        now = self._clock()
+        if kind == "expiry":
+            agent = self.agents.get(key)
+            if agent is None or agent.lease_expiry is None or agent.lease_expiry > now or not agent.leases:
+                return
+            expired = [self.items[item_id] for item_id in agent.leases.values()]
+            revokes = [
+                Revoke(item.lease_id, item.name, RevokeReason.EXPIRED, "lease expired") for item in expired
+            ]
+            for item in expired:
+                self._end_attempt(item, FailureReason.AGENT_LOST, f"{agent.name} stopped renewing its lease")
+            self._spawn(self._persist(expired, then_send=zip(expired, revokes, strict=True)))
+            return
+        due = self.items.get(key)
+        if due is None or due.life.epoch != epoch:
+            return
+        self._on_item_deadline(kind, due)
+
+    def _on_item_deadline(self, kind: str, item: Item) -> None:
+        if kind == "eligible" and item.state is ItemState.PENDING:
+            self._queue_up(item)
+        elif kind == "start" and item.state in (ItemState.LEASED, ItemState.BUILDING, ItemState.STARTING):
+            self._take_away(
+                item, RevokeReason.START_TIMEOUT, FailureReason.START_TIMEOUT, "not running in time"
+            )
+        elif kind == "max_run" and item.state is ItemState.RUNNING:
+            self._take_away(
+                item, RevokeReason.MAX_RUN_TIME_EXCEEDED, FailureReason.MAX_RUN_TIME_EXCEEDED, "ran too long"
+            )
+
+    def _take_away(self, item: Item, revoke: RevokeReason, failure: FailureReason, message: str) -> None:
+        notice = Revoke(item.lease_id, item.name, revoke, message)
+        self._end_attempt(item, failure, message)
+        self._spawn(self._persist([item], then_send=[(item, notice)]))
+
+    def _end_attempt(self, item: Item, reason: FailureReason, message: str) -> None:
+        queue = self.queues[item.queue]
+        item.life = lifecycle.end_attempt(
+            item.life, reason, self._clock(), queue.retry_policy, message=message
+        )
+        self._after_attempt(item, ended_by_agent=False)
+
+    def _after_attempt(self, item: Item, *, ended_by_agent: bool) -> None:
+        """The item's attempt is over: free the lease, then requeue or end the item."""
+        self._release_hold(item, ended_by_agent=ended_by_agent)
+        if item.state is ItemState.PENDING:
+            self._make_pending(item)
+        else:
+            self._ended(item)
+        self._schedule_dispatch()
+
+    def _ended(self, item: Item) -> None:
+        item.end_time = self._clock()
+        self.items.pop(item.id, None)
+
+    def _make_pending(self, item: Item) -> None:
+        if item.life.eligible_time > self._clock():
+            self._deadlines.at(item.life.eligible_time, "eligible", item.id, item.life.epoch)
+        else:
+            self._queue_up(item)
+
+    def _queue_up(self, item: Item) -> None:
+        heapq.heappush(self._pending[item.queue], (self._rank(item), item.seq, item.id))
+        self._schedule_dispatch()
+
+    def _rank(self, item: Item) -> int:
+        queue = self.queues.get(item.queue)
+        return int(item.priority) if queue is not None and queue.prioritization else 0
+
+    def _reorder(self, queue_name: str) -> None:
+        heap = [
+            (self._rank(self.items[i]), seq, i) for _, seq, i in self._pending[queue_name] if i in self.items
+        ]
+        heapq.heapify(heap)
+        self._pending[queue_name] = heap
+
+    def _send_to_holder(self, item: Item, message: Any) -> None:
+        session = self._sessions.get(item.life.agent.removeprefix("agents/"))
+        if session is not None:
+            session.send(message)
+
+    # ----- persistence ---------------------------------------------------------------------------
+
+    async def _persist(self, items: list[Item], then_send: Iterable[tuple[Item, Any]] = ()) -> None:
+        """Commit the items' new transitions and state; then tell their agents and whoever watches them."""
+        now = self._clock()
+        writes = []
+        for item in items:
+            item.update_time = now
+            writes.append((item.id, store.item_state_values(item), item.life.history))
+            item.life = replace(item.life, history=())
+
+        async def write(connection: AsyncConnection) -> None:
+            for item_id, values, history in writes:
+                await store.save_item(connection, item_id, values, history)
+
+        await self._committer.commit(write)
+        for item, message in then_send:
+            self._send_to_holder(item, message)
+        for item in items:
+            self._notify(item)
+
+    def _notify(self, item: Item) -> None:
+        for updates in self._watchers.get(item.id, ()):
+            updates.put_nowait(item)
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(_log_failure)
+
+
+def _log_failure(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        logger.error("queue state change failed to commit", exc_info=task.exception())

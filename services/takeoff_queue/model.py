@@ -1,0 +1,328 @@
+"""The queue service's domain objects: queues, items, agents and the messages an agent is sent.
+
+Plain Python: the API layer turns these into protos and back.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from takeoff_queue.lifecycle import FailureReason, ItemLife, ItemState, RetryPolicy, Transition
+from takeoff_queue.resource_config import ResourceKind
+from takeoff_server.names import ResourcePattern
+
+PROJECT = ResourcePattern("projects/{project}")
+QUEUE = ResourcePattern("projects/{project}/queues/{queue}")
+ITEM = ResourcePattern("projects/{project}/queues/{queue}/items/{item}")
+AGENT = ResourcePattern("agents/{agent}", agent=r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+
+DEFAULT_MAX_ATTEMPTS = 3
+DEFAULT_START_TIMEOUT = timedelta(minutes=30)
+
+
+class Priority(enum.IntEnum):
+    """Lower values are served first."""
+
+    CRITICAL = 1
+    HIGH = 2
+    MEDIUM = 3
+    LOW = 4
+
+
+class SourceKind(enum.Enum):
+    CODE = "code"
+    GIT = "git"
+    IMAGE = "image"
+
+
+def utc(seconds: float) -> datetime:
+    return datetime.fromtimestamp(seconds, UTC)
+
+
+@dataclass
+class Queue:
+    name: str
+    resource: ResourceKind
+    create_time: datetime
+    update_time: datetime
+    description: str = ""
+    resource_config: dict[str, Any] = field(default_factory=dict)
+    template_variables: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """name -> {"schema": JSON Schema, "description": text}"""
+    prioritization: bool = False
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    retry_job_failures: bool = False
+    retry_delay: timedelta = timedelta(0)
+    start_timeout: timedelta = DEFAULT_START_TIMEOUT
+    max_run_time: timedelta | None = None
+    concurrency_limit: int = 0
+    paused: bool = False
+    container_name: str = ""
+
+    @property
+    def project(self) -> str:
+        return self.name.rsplit("/queues/", 1)[0]
+
+    @property
+    def retry_policy(self) -> RetryPolicy:
+        return RetryPolicy(retry_job_failures=self.retry_job_failures, retry_delay=self.retry_delay)
+
+    @property
+    def variable_schemas(self) -> dict[str, dict[str, Any]]:
+        return {name: variable["schema"] for name, variable in self.template_variables.items()}
+
+
+@dataclass(frozen=True, slots=True)
+class ResolvedJob:
+    """A job reference pinned to one version, as the registry described it."""
+
+    version_name: str
+    source_kind: SourceKind
+    entrypoint: list[str]
+    input_schema: dict[str, Any] | None
+    default_config: dict[str, Any]
+    version_proto: bytes
+    """The serialized JobVersion, handed to agents in Assignments as the registry gave it."""
+
+
+@dataclass
+class Item:
+    """An item as the dispatcher holds it: what was enqueued, plus its life and its current lease."""
+
+    id: str
+    queue: str
+    job: str
+    job_version: str
+    job_version_proto: bytes
+    source_kind: SourceKind
+    run_config: dict[str, Any]
+    entrypoint: list[str]
+    resource_config_override: dict[str, Any]
+    template_variables: dict[str, Any]
+    resource_config: dict[str, Any]
+    priority: Priority
+    life: ItemLife
+    max_run_time: timedelta | None = None
+    run_display_name: str = ""
+    traceparent: str = ""
+    relaunched_from: str = ""
+    seq: int = 0
+    update_time: datetime | None = None
+    end_time: datetime | None = None
+    lease_id: str = ""
+    assign_time: datetime | None = None
+    start_deadline: datetime | None = None
+    running_since: datetime | None = None
+    completed_epoch: int = 0
+    history: list[Transition] = field(default_factory=list)
+    """Transitions already recorded, as read from the store; new ones wait in ``life.history``."""
+
+    @property
+    def name(self) -> str:
+        return f"{self.queue}/items/{self.id}"
+
+    @property
+    def state(self) -> ItemState:
+        return self.life.state
+
+    @property
+    def project(self) -> str:
+        return self.queue.rsplit("/queues/", 1)[0]
+
+    def run_name(self, attempt: int) -> str:
+        return f"{self.project}/runs/{self.id}-{attempt}"
+
+
+@dataclass
+class Agent:
+    """An agent the service knows: connected now, or away but still holding leases."""
+
+    agent_id: str
+    display_name: str = ""
+    queues: list[str] = field(default_factory=list)
+    resources: set[ResourceKind] = field(default_factory=set)
+    capacity: int = 0
+    draining: bool = False
+    version: str = ""
+    labels: dict[str, str] = field(default_factory=dict)
+    session_id: str = ""
+    connected: bool = False
+    leases: dict[str, str] = field(default_factory=dict)
+    """lease id -> item id"""
+    lease_expiry: datetime | None = None
+    connect_time: datetime | None = None
+    last_heartbeat_time: datetime | None = None
+    disconnect_time: datetime | None = None
+    next_queue: int = 0
+    """Where the round-robin over ``queues`` resumes."""
+
+    @property
+    def name(self) -> str:
+        return f"agents/{self.agent_id}"
+
+    @property
+    def free_capacity(self) -> int:
+        return 0 if self.draining or not self.connected else max(0, self.capacity - len(self.leases))
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    agent_id: str
+    session_id: str
+    display_name: str
+    queues: list[str]
+    resources: set[ResourceKind]
+    capacity: int
+    held_leases: dict[str, int]
+    """lease id -> epoch"""
+    version: str = ""
+    labels: dict[str, str] = field(default_factory=dict)
+    draining: bool = False
+
+
+class MessageKind(enum.Enum):
+    HEARTBEAT = "HEARTBEAT"
+    PROGRESS = "PROGRESS"
+    COMPLETE = "COMPLETE"
+    RELEASE = "RELEASE"
+    SET_CAPACITY = "SET_CAPACITY"
+    DRAIN = "DRAIN"
+
+
+class RejectReason(enum.Enum):
+    LEASE_LOST = "LEASE_LOST"
+    LEASE_NOT_FOUND = "LEASE_NOT_FOUND"
+    INVALID_TRANSITION = "INVALID_TRANSITION"
+    INVALID_MESSAGE = "INVALID_MESSAGE"
+
+
+class RevokeReason(enum.Enum):
+    EXPIRED = "EXPIRED"
+    LEASE_LOST = "LEASE_LOST"
+    START_TIMEOUT = "START_TIMEOUT"
+    MAX_RUN_TIME_EXCEEDED = "MAX_RUN_TIME_EXCEEDED"
+    QUEUE_DELETED = "QUEUE_DELETED"
+    CANCELLED = "CANCELLED"
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseVerdict:
+    lease_id: str
+    item: str
+    kept: bool
+    reason: RevokeReason | None = None
+    message: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Welcome:
+    agent: str
+    session_id: str
+    lease_ttl: timedelta
+    heartbeat_interval: timedelta
+    verdicts: list[LeaseVerdict]
+    server_time: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Assignment:
+    item: Item
+    queue: Queue
+    lease_id: str
+    epoch: int
+    attempt: int
+    run: str
+    assign_time: datetime
+    start_deadline: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    sequence: int
+    of: MessageKind
+    lease_id: str = ""
+    state: ItemState | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Reject:
+    sequence: int
+    of: MessageKind
+    lease_id: str
+    reason: RejectReason
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class Cancel:
+    lease_id: str
+    item: str
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class Revoke:
+    lease_id: str
+    item: str
+    reason: RevokeReason
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class SessionClosed:
+    """The stream must end: a newer session of the same agent took over, or the server is stopping."""
+
+    superseded: bool
+
+
+AgentMessage = Welcome | Assignment | Ack | Reject | Cancel | Revoke | SessionClosed
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    sequence: int
+    lease_id: str
+    epoch: int
+    state: ItemState
+    detail: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Complete:
+    sequence: int
+    lease_id: str
+    epoch: int
+    outcome: ItemState
+    reason: FailureReason | None
+    exit_code: int | None
+    message: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Release:
+    sequence: int
+    lease_id: str
+    epoch: int
+    message: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    sequence: int
+
+
+@dataclass(frozen=True, slots=True)
+class SetCapacity:
+    sequence: int
+    capacity: int
+
+
+@dataclass(frozen=True, slots=True)
+class Drain:
+    sequence: int
+
+
+AgentRequest = Progress | Complete | Release | Heartbeat | SetCapacity | Drain

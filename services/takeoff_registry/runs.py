@@ -1,0 +1,476 @@
+"""Runs: one tracked attempt of a job, with its config, metric history, summary, logs and state.
+
+Metric rows and log lines arrive in batches that the api layer has already encoded; a run stores each
+accepted batch as one chunk and keeps the totals (history length, last step, metric keys, line count) on
+the run itself. Followers of a run are woken in-process when it changes, with a slow poll besides for
+changes made by another registry sharing a PostgreSQL database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import string
+import weakref
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+from takeoff_registry.jobs import Jobs
+from takeoff_registry.refs import JobReference, RunKey, project_not_found
+from takeoff_registry.store import LogChunkRow, MetricChunkRow, RegistryStore, RunRow, Tx
+from takeoff_server.errors import AlreadyExists, FailedPrecondition, NotFound
+from takeoff_server.idempotency import request_fingerprint
+from takeoff_server.pagination import PageRequest
+from takeoff_server.validation import field_error
+
+MAX_BATCH = 10_000
+MAX_DISPLAY_NAME = 256
+MAX_MESSAGE_BYTES = 64 * 1024
+FOLLOW_POLL_SECONDS = 1.0
+CHUNKS_PER_READ = 16
+_RUN_ID_ALPHABET = string.ascii_lowercase + string.digits
+_RUN_ID_LENGTH = 12
+
+
+class RunState(StrEnum):
+    STARTING = "STARTING"
+    RUNNING = "RUNNING"
+    FINISHED = "FINISHED"
+    FAILED = "FAILED"
+    CRASHED = "CRASHED"
+    KILLED = "KILLED"
+
+    @property
+    def ended(self) -> bool:
+        return self not in (RunState.STARTING, RunState.RUNNING)
+
+
+@dataclass(frozen=True, slots=True)
+class Run:
+    key: RunKey
+    display_name: str
+    job_version: str
+    queue_item: str
+    attempt: int
+    state: RunState
+    config: dict[str, Any]
+    summary: dict[str, Any]
+    create_time: datetime
+    start_time: datetime | None
+    end_time: datetime | None
+    update_time: datetime
+    exit_code: int | None
+    message: str
+    history_length: int
+    last_step: int
+    metric_keys: tuple[str, ...]
+    log_line_count: int
+
+
+@dataclass(frozen=True, slots=True)
+class NewRun:
+    """What the creator of a run says about it."""
+
+    display_name: str = ""
+    job_version: JobReference | None = None
+    queue_item: str = ""
+    attempt: int = 0
+    config: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RunFilter:
+    job: str = ""
+    """A job name: runs of any of its versions."""
+    job_version: str = ""
+    queue_item: str = ""
+    states: tuple[RunState, ...] | None = None
+    """None: every state; empty: none."""
+
+
+@dataclass(frozen=True, slots=True)
+class EncodedBatch:
+    """Metric rows or log lines in the encoding the api layer chose, with what the run record needs."""
+
+    count: int
+    encode: Callable[[int], bytes]
+    """The entries from the given offset on, encoded (the offset skips entries stored before)."""
+    max_step: int = 0
+    keys: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True, slots=True)
+class Appended:
+    accepted: int
+    skipped: int
+    length: int
+    """Entries the run holds after the call."""
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """Stored entries ``first_index .. first_index + count - 1`` in their encoding."""
+
+    first_index: int
+    count: int
+    payload: bytes
+    store_time: datetime
+
+
+class History(StrEnum):
+    """The two append-only sequences of a run."""
+
+    METRICS = "metrics"
+    LOGS = "logs"
+
+
+class RunSignals:
+    """Wakes the readers that follow a run when it changes."""
+
+    def __init__(self) -> None:
+        # Events nobody waits for any more vanish with their last waiter.
+        self._events: weakref.WeakValueDictionary[RunKey, asyncio.Event] = weakref.WeakValueDictionary()
+
+    def listen(self, key: RunKey) -> asyncio.Event:
+        """An event set at the run's next change. Take it before reading, so no change slips between."""
+        event = self._events.get(key)
+        if event is None:
+            event = self._events[key] = asyncio.Event()
+        return event
+
+    def notify(self, key: RunKey) -> None:
+        event = self._events.pop(key, None)
+        if event is not None:
+            event.set()
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _new_run_id() -> str:
+    return "".join(secrets.choice(_RUN_ID_ALPHABET) for _ in range(_RUN_ID_LENGTH))
+
+
+def _run_not_found(key: RunKey) -> NotFound:
+    return NotFound("RUN_NOT_FOUND", f"run {key.name} does not exist", metadata={"resource": key.name})
+
+
+def _run_ended(row: RunRow, key: RunKey, what: str) -> FailedPrecondition:
+    return FailedPrecondition(
+        "RUN_ENDED",
+        f"run {key.name} has ended ({row.state}) and accepts no more {what}",
+        metadata={"resource": key.name, "state": row.state},
+    )
+
+
+def _check_batch_size(count: int, field: str) -> None:
+    if not 1 <= count <= MAX_BATCH:
+        raise field_error(field, f"a batch holds 1 to {MAX_BATCH} entries (got {count})")
+
+
+def _skipped(stored: int, first_index: int | None, field: str) -> int:
+    """How many leading entries of a batch are stored already; raises on a gap."""
+    if first_index is None:
+        return 0
+    if first_index < 0:
+        raise field_error(field, "must not be negative")
+    if first_index > stored:
+        raise FailedPrecondition(
+            "SEQUENCE_GAP",
+            f"{field} is {first_index} but only {stored} entries are stored; resend from {stored}",
+            metadata={"length": str(stored)},
+        )
+    return stored - first_index
+
+
+class Runs:
+    """Creates runs, records what they report and streams it back."""
+
+    def __init__(
+        self, store: RegistryStore, jobs: Jobs, *, poll_seconds: float = FOLLOW_POLL_SECONDS
+    ) -> None:
+        self._store = store
+        self._jobs = jobs
+        self._signals = RunSignals()
+        self._poll_seconds = poll_seconds
+
+    async def create_run(self, project: str, run_id: str, new: NewRun, *, request_id: str) -> Run:
+        """Create a STARTING run; an empty ``run_id`` gets a generated one."""
+        if len(new.display_name) > MAX_DISPLAY_NAME:
+            raise field_error("run.display_name", f"must be at most {MAX_DISPLAY_NAME} characters")
+        if new.attempt < 0:
+            raise field_error("run.attempt", "must not be negative")
+        fingerprint = request_fingerprint(
+            {
+                "project": project,
+                "run_id": run_id,
+                "display_name": new.display_name,
+                "job_version": str(new.job_version or ""),
+                "queue_item": new.queue_item,
+                "attempt": new.attempt,
+                "config": new.config,
+            }
+        )
+        if request_id:
+            async with self._store.read() as tx:
+                if replayed := await tx.replay("CreateRun", request_id, fingerprint):
+                    return await self._require_run(tx, RunKey.parse(replayed, field="request_id"))
+        version = await self._jobs.resolve(new.job_version) if new.job_version else None
+        async with self._store.write() as tx:
+            if request_id and (replayed := await tx.replay("CreateRun", request_id, fingerprint)):
+                return await self._require_run(tx, RunKey.parse(replayed, field="request_id"))
+            now = _now()
+            await tx.ensure_project(project, now)
+            key = RunKey(project, run_id or _new_run_id())
+            row = RunRow(
+                project_id=project,
+                run_id=key.run,
+                display_name=new.display_name,
+                job=version.job.name if version else "",
+                job_version=version.name if version else "",
+                queue_item=new.queue_item,
+                attempt=new.attempt,
+                state=RunState.STARTING,
+                config=new.config or {},
+                summary={},
+                create_time=now,
+                update_time=now,
+                message="",
+                history_length=0,
+                last_step=0,
+                metric_keys=[],
+                log_line_count=0,
+            )
+            if not await tx.insert_run(row):
+                raise AlreadyExists(
+                    "RUN_ALREADY_EXISTS", f"run {key.name} already exists", metadata={"resource": key.name}
+                )
+            if request_id:
+                await tx.remember("CreateRun", request_id, fingerprint, key.name)
+            return _run(row)
+
+    async def attach_run(self, key: RunKey, *, config: dict[str, Any] | None, display_name: str) -> Run:
+        """STARTING -> RUNNING, once; records the config the job really uses."""
+        if len(display_name) > MAX_DISPLAY_NAME:
+            raise field_error("display_name", f"must be at most {MAX_DISPLAY_NAME} characters")
+        async with self._store.write() as tx:
+            row = await self._require_run_row(tx, key, for_update=True)
+            if row.state == RunState.RUNNING:
+                raise FailedPrecondition(
+                    "RUN_ALREADY_ATTACHED",
+                    f"run {key.name} is already attached; a run is attached once",
+                    metadata={"resource": key.name},
+                )
+            if RunState(row.state).ended:
+                raise _run_ended(row, key, "attach")
+            now = _now()
+            row.state = RunState.RUNNING
+            row.start_time = row.update_time = now
+            if config is not None:
+                row.config = config
+            if display_name:
+                row.display_name = display_name
+            return _run(row)
+
+    async def get_run(self, key: RunKey) -> Run:
+        async with self._store.read() as tx:
+            return await self._require_run(tx, key)
+
+    async def list_runs(
+        self, project: str, where: RunFilter, *, page: PageRequest
+    ) -> tuple[list[Run], int | None]:
+        """One page of runs, newest first, and the position to continue from (None at the end)."""
+        async with self._store.read() as tx:
+            if not await tx.project_exists(project):
+                raise project_not_found(project)
+            rows = await tx.runs(
+                project,
+                job=where.job,
+                job_version=where.job_version,
+                queue_item=where.queue_item,
+                states=None if where.states is None else [str(state) for state in where.states],
+                before_seq=int(page.after[0]) if page.after else None,
+                limit=page.size + 1,
+            )
+        runs = [_run(row) for row in rows[: page.size]]
+        return runs, (rows[page.size - 1].seq if len(rows) > page.size else None)
+
+    async def log_metrics(self, key: RunKey, batch: EncodedBatch, *, first_index: int | None) -> Appended:
+        """Append metric rows to a STARTING or RUNNING run, skipping rows it has already."""
+        _check_batch_size(batch.count, "rows")
+        async with self._store.write() as tx:
+            row = await self._require_run_row(tx, key, for_update=True, project_hint=False)
+            if RunState(row.state).ended:
+                raise _run_ended(row, key, "metrics")
+            skipped = _skipped(row.history_length, first_index, "first_row_index")
+            accepted = max(0, batch.count - skipped)
+            if accepted:
+                now = _now()
+                tx.add(
+                    MetricChunkRow(
+                        run_seq=_seq(row),
+                        first_index=row.history_length,
+                        count=accepted,
+                        payload=batch.encode(batch.count - accepted),
+                        store_time=now,
+                    )
+                )
+                row.last_step = max(row.last_step, batch.max_step) if row.history_length else batch.max_step
+                row.history_length += accepted
+                if not batch.keys.issubset(row.metric_keys):
+                    row.metric_keys = sorted(batch.keys.union(row.metric_keys))
+                row.update_time = now
+            length = row.history_length
+        if accepted:
+            self._signals.notify(key)
+        return Appended(accepted, batch.count - accepted, length)
+
+    async def append_logs(self, key: RunKey, batch: EncodedBatch, *, first_index: int | None) -> Appended:
+        """Append log lines to a run in any state, skipping lines it has already."""
+        _check_batch_size(batch.count, "lines")
+        async with self._store.write() as tx:
+            row = await self._require_run_row(tx, key, for_update=True, project_hint=False)
+            skipped = _skipped(row.log_line_count, first_index, "first_line_index")
+            accepted = max(0, batch.count - skipped)
+            if accepted:
+                now = _now()
+                tx.add(
+                    LogChunkRow(
+                        run_seq=_seq(row),
+                        first_index=row.log_line_count,
+                        count=accepted,
+                        payload=batch.encode(batch.count - accepted),
+                        store_time=now,
+                    )
+                )
+                row.log_line_count += accepted
+                row.update_time = now
+            length = row.log_line_count
+        if accepted:
+            self._signals.notify(key)
+        return Appended(accepted, batch.count - accepted, length)
+
+    async def update_summary(self, key: RunKey, changes: dict[str, Any]) -> dict[str, Any]:
+        """Merge top-level keys into the summary (None deletes a key); returns the whole summary."""
+        async with self._store.write() as tx:
+            row = await self._require_run_row(tx, key, for_update=True, project_hint=False)
+            if RunState(row.state).ended:
+                raise _run_ended(row, key, "summary updates")
+            summary = dict(row.summary)
+            for name, value in changes.items():
+                if value is None:
+                    summary.pop(name, None)
+                else:
+                    summary[name] = value
+            row.summary = summary
+            row.update_time = _now()
+            return summary
+
+    async def finish_run(
+        self, key: RunKey, state: RunState, *, exit_code: int | None, message: str
+    ) -> tuple[Run, bool]:
+        """Set the final state unless the run has one already (the first wins); returns the run and
+        whether it had ended before."""
+        if not state.ended:
+            raise field_error("state", "must be a final state: FINISHED, FAILED, CRASHED or KILLED")
+        if len(message.encode()) > MAX_MESSAGE_BYTES:
+            raise field_error("message", f"must be at most {MAX_MESSAGE_BYTES} bytes")
+        async with self._store.write() as tx:
+            row = await self._require_run_row(tx, key, for_update=True, project_hint=False)
+            already_ended = RunState(row.state).ended
+            now = _now()
+            if not already_ended:
+                row.state = state
+                row.end_time = now
+                row.message = message
+            elif message and not row.message:
+                row.message = message
+            if exit_code is not None and row.exit_code is None:
+                row.exit_code = exit_code
+            row.update_time = now
+            run = _run(row)
+        self._signals.notify(key)
+        return run, already_ended
+
+    async def read(self, key: RunKey, history: History, *, start: int, follow: bool) -> AsyncIterator[Chunk]:
+        """The stored chunks holding entries from ``start`` on, in order (the first may begin earlier).
+
+        With ``follow``, waits for more until the run has ended and everything stored before the end has
+        been read.
+        """
+        if start < 0:
+            raise field_error("start_index", "must not be negative")
+        position = start
+        while True:
+            changed = self._signals.listen(key)
+            async with self._store.read() as tx:
+                row = await self._require_run_row(tx, key)
+                length = row.history_length if history is History.METRICS else row.log_line_count
+                ended = RunState(row.state).ended
+                chunks: Sequence[MetricChunkRow] | Sequence[LogChunkRow] = ()
+                if position < length and history is History.METRICS:
+                    chunks = await tx.chunks(
+                        MetricChunkRow, _seq(row), start=position, end=length, limit=CHUNKS_PER_READ
+                    )
+                elif position < length:
+                    chunks = await tx.chunks(
+                        LogChunkRow, _seq(row), start=position, end=length, limit=CHUNKS_PER_READ
+                    )
+            for chunk in chunks:
+                yield Chunk(chunk.first_index, chunk.count, chunk.payload, chunk.store_time)
+                position = chunk.first_index + chunk.count
+            if position < length:
+                continue
+            if not follow or ended:
+                return
+            # The timeout catches changes made by another registry sharing the database.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed.wait(), timeout=self._poll_seconds)
+
+    async def _require_run_row(
+        self, tx: Tx, key: RunKey, *, for_update: bool = False, project_hint: bool = True
+    ) -> RunRow:
+        """The run's row; a missing run is RUN_NOT_FOUND, or PROJECT_NOT_FOUND for reads
+        (``project_hint``) in a project never written to."""
+        row = await tx.run(key.project, key.run, for_update=for_update)
+        if row is not None:
+            return row
+        if project_hint and not await tx.project_exists(key.project):
+            raise project_not_found(key.project)
+        raise _run_not_found(key)
+
+    async def _require_run(self, tx: Tx, key: RunKey) -> Run:
+        return _run(await self._require_run_row(tx, key))
+
+
+def _seq(row: RunRow) -> int:
+    assert row.seq is not None, "a stored run has a sequence number"
+    return row.seq
+
+
+def _run(row: RunRow) -> Run:
+    return Run(
+        key=RunKey(row.project_id, row.run_id),
+        display_name=row.display_name,
+        job_version=row.job_version,
+        queue_item=row.queue_item,
+        attempt=row.attempt,
+        state=RunState(row.state),
+        config=row.config,
+        summary=row.summary,
+        create_time=row.create_time,
+        start_time=row.start_time,
+        end_time=row.end_time,
+        update_time=row.update_time,
+        exit_code=row.exit_code,
+        message=row.message,
+        history_length=row.history_length,
+        last_step=row.last_step,
+        metric_keys=tuple(row.metric_keys),
+        log_line_count=row.log_line_count,
+    )

@@ -1,0 +1,273 @@
+"""gRPC servicer of RunService: requests become domain calls, results become protos."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterable
+from typing import TypeVar
+
+import grpc
+
+from takeoff.v1 import common_pb2, runs_pb2, runs_pb2_grpc
+from takeoff_registry.refs import JOB_VERSION, QUEUE_ITEM, JobKey, RunKey, parse_job_reference, parse_project
+from takeoff_registry.runs import History, NewRun, Run, RunFilter, Runs, RunState
+from takeoff_registry.wire import (
+    MAX_ENTRIES_PER_MESSAGE,
+    log_batch,
+    log_lines,
+    metric_batch,
+    metric_rows,
+    optional_timestamp,
+    timestamp,
+)
+from takeoff_server.idempotency import check_request_id
+from takeoff_server.names import check_id
+from takeoff_server.pagination import next_page_token, page_request
+from takeoff_server.structs import dict_to_struct, struct_to_dict
+from takeoff_server.validation import field_error
+
+EntryT = TypeVar("EntryT")
+
+_STATE_FROM_PROTO = {common_pb2.RunState.Value(f"RUN_STATE_{state}"): state for state in RunState}
+
+
+def _state_to_proto(state: RunState) -> common_pb2.RunState.ValueType:
+    return common_pb2.RunState.Value(f"RUN_STATE_{state}")
+
+
+def _run_to_proto(run: Run) -> runs_pb2.Run:
+    return runs_pb2.Run(
+        name=run.key.name,
+        display_name=run.display_name,
+        job_version=run.job_version,
+        queue_item=run.queue_item,
+        attempt=run.attempt,
+        state=_state_to_proto(run.state),
+        config=dict_to_struct(run.config),
+        summary=dict_to_struct(run.summary),
+        create_time=timestamp(run.create_time),
+        start_time=optional_timestamp(run.start_time),
+        end_time=optional_timestamp(run.end_time),
+        update_time=timestamp(run.update_time),
+        exit_code=run.exit_code,
+        message=run.message,
+        history_length=run.history_length,
+        last_step=run.last_step,
+        metric_keys=run.metric_keys,
+        log_line_count=run.log_line_count,
+    )
+
+
+def _run_filter(request: runs_pb2.ListRunsRequest) -> RunFilter:
+    job = job_version = ""
+    if JOB_VERSION.match(request.job) is not None:
+        job_version = request.job
+    elif request.job:
+        job = JobKey.parse(request.job, field="job").name
+    if request.queue_item:
+        QUEUE_ITEM.parse(request.queue_item, field="queue_item")
+    states = (
+        tuple(_STATE_FROM_PROTO[s] for s in request.states if s in _STATE_FROM_PROTO)
+        if request.states
+        else None
+    )
+    return RunFilter(job=job, job_version=job_version, queue_item=request.queue_item, states=states)
+
+
+def _batches(entries: Iterable[EntryT]) -> Iterable[list[EntryT]]:
+    batch: list[EntryT] = []
+    for entry in entries:
+        batch.append(entry)
+        if len(batch) == MAX_ENTRIES_PER_MESSAGE:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+class RunApi(runs_pb2_grpc.RunServiceServicer):
+    """Runs: config, metrics, summary, logs and state."""
+
+    def __init__(self, runs: Runs) -> None:
+        self._runs = runs
+
+    async def CreateRun(
+        self,
+        request: runs_pb2.CreateRunRequest,
+        context: grpc.aio.ServicerContext[runs_pb2.CreateRunRequest, runs_pb2.CreateRunResponse],
+    ) -> runs_pb2.CreateRunResponse:
+        project = parse_project(request.parent, field="parent")
+        run_id = check_id(request.run_id, field="run_id", kind="run id") if request.run_id else ""
+        run = request.run
+        if run.queue_item:
+            QUEUE_ITEM.parse(run.queue_item, field="run.queue_item")
+        new = NewRun(
+            display_name=run.display_name,
+            job_version=(
+                parse_job_reference(run.job_version, project=project, field="run.job_version")
+                if run.job_version
+                else None
+            ),
+            queue_item=run.queue_item,
+            attempt=run.attempt,
+            config=struct_to_dict(run.config) if run.HasField("config") else None,
+        )
+        created = await self._runs.create_run(
+            project, run_id, new, request_id=check_request_id(request.request_id)
+        )
+        return runs_pb2.CreateRunResponse(run=_run_to_proto(created))
+
+    async def AttachRun(
+        self,
+        request: runs_pb2.AttachRunRequest,
+        context: grpc.aio.ServicerContext[runs_pb2.AttachRunRequest, runs_pb2.AttachRunResponse],
+    ) -> runs_pb2.AttachRunResponse:
+        run = await self._runs.attach_run(
+            RunKey.parse(request.name, field="name"),
+            config=struct_to_dict(request.config) if request.HasField("config") else None,
+            display_name=request.display_name,
+        )
+        return runs_pb2.AttachRunResponse(run=_run_to_proto(run))
+
+    async def GetRun(
+        self,
+        request: runs_pb2.GetRunRequest,
+        context: grpc.aio.ServicerContext[runs_pb2.GetRunRequest, runs_pb2.GetRunResponse],
+    ) -> runs_pb2.GetRunResponse:
+        run = await self._runs.get_run(RunKey.parse(request.name, field="name"))
+        return runs_pb2.GetRunResponse(run=_run_to_proto(run))
+
+    async def ListRuns(
+        self,
+        request: runs_pb2.ListRunsRequest,
+        context: grpc.aio.ServicerContext[runs_pb2.ListRunsRequest, runs_pb2.ListRunsResponse],
+    ) -> runs_pb2.ListRunsResponse:
+        project = parse_project(request.parent, field="parent")
+        where = _run_filter(request)
+        query = {
+            "parent": request.parent,
+            "job": request.job,
+            "queue_item": request.queue_item,
+            "states": list(request.states),
+        }
+        page = page_request(
+            page_size_requested=request.page_size,
+            page_token=request.page_token,
+            query=query,
+            cursor_types=[int],
+        )
+        runs, last_position = await self._runs.list_runs(project, where, page=page)
+        return runs_pb2.ListRunsResponse(
+            runs=[_run_to_proto(run) for run in runs],
+            next_page_token=next_page_token(query, (last_position,)) if last_position is not None else "",
+        )
+
+    async def LogMetrics(
+        self,
+        request_iterator: AsyncIterator[runs_pb2.LogMetricsRequest],
+        context: grpc.aio.ServicerContext[runs_pb2.LogMetricsRequest, runs_pb2.LogMetricsResponse],
+    ) -> runs_pb2.LogMetricsResponse:
+        key: RunKey | None = None
+        accepted = skipped = length = 0
+        async for message in request_iterator:
+            if key is None:
+                key = RunKey.parse(message.name, field="name")
+            elif message.name and message.name != key.name:
+                raise field_error("name", f"every message of the stream must name the run {key.name}")
+            appended = await self._runs.log_metrics(
+                key,
+                metric_batch(message.rows),
+                first_index=message.first_row_index if message.HasField("first_row_index") else None,
+            )
+            accepted += appended.accepted
+            skipped += appended.skipped
+            length = appended.length
+        if key is None:
+            raise field_error("name", "the stream carried no messages")
+        return runs_pb2.LogMetricsResponse(
+            accepted_rows=accepted, skipped_rows=skipped, history_length=length
+        )
+
+    async def BatchLogMetrics(
+        self,
+        request: runs_pb2.BatchLogMetricsRequest,
+        context: grpc.aio.ServicerContext[runs_pb2.BatchLogMetricsRequest, runs_pb2.BatchLogMetricsResponse],
+    ) -> runs_pb2.BatchLogMetricsResponse:
+        appended = await self._runs.log_metrics(
+            RunKey.parse(request.name, field="name"),
+            metric_batch(request.rows),
+            first_index=request.first_row_index if request.HasField("first_row_index") else None,
+        )
+        return runs_pb2.BatchLogMetricsResponse(
+            accepted_rows=appended.accepted, skipped_rows=appended.skipped, history_length=appended.length
+        )
+
+    async def UpdateSummary(
+        self,
+        request: runs_pb2.UpdateSummaryRequest,
+        context: grpc.aio.ServicerContext[runs_pb2.UpdateSummaryRequest, runs_pb2.UpdateSummaryResponse],
+    ) -> runs_pb2.UpdateSummaryResponse:
+        key = RunKey.parse(request.name, field="name")
+        if not request.HasField("summary"):
+            raise field_error("summary", "the keys to merge are required")
+        summary = await self._runs.update_summary(key, struct_to_dict(request.summary))
+        return runs_pb2.UpdateSummaryResponse(summary=dict_to_struct(summary))
+
+    async def AppendLogs(
+        self,
+        request: runs_pb2.AppendLogsRequest,
+        context: grpc.aio.ServicerContext[runs_pb2.AppendLogsRequest, runs_pb2.AppendLogsResponse],
+    ) -> runs_pb2.AppendLogsResponse:
+        appended = await self._runs.append_logs(
+            RunKey.parse(request.name, field="name"),
+            log_batch(request.lines),
+            first_index=request.first_line_index if request.HasField("first_line_index") else None,
+        )
+        return runs_pb2.AppendLogsResponse(
+            accepted_lines=appended.accepted, skipped_lines=appended.skipped, log_line_count=appended.length
+        )
+
+    async def FinishRun(
+        self,
+        request: runs_pb2.FinishRunRequest,
+        context: grpc.aio.ServicerContext[runs_pb2.FinishRunRequest, runs_pb2.FinishRunResponse],
+    ) -> runs_pb2.FinishRunResponse:
+        key = RunKey.parse(request.name, field="name")
+        state = _STATE_FROM_PROTO.get(request.state)
+        if state is None:
+            raise field_error("state", "must be a final state: FINISHED, FAILED, CRASHED or KILLED")
+        run, already_ended = await self._runs.finish_run(
+            key,
+            state,
+            exit_code=request.exit_code if request.HasField("exit_code") else None,
+            message=request.message,
+        )
+        return runs_pb2.FinishRunResponse(run=_run_to_proto(run), already_ended=already_ended)
+
+    async def ReadMetrics(
+        self,
+        request: runs_pb2.ReadMetricsRequest,
+        context: grpc.aio.ServicerContext[runs_pb2.ReadMetricsRequest, runs_pb2.ReadMetricsResponse],
+    ) -> AsyncIterator[runs_pb2.ReadMetricsResponse]:
+        key = RunKey.parse(request.name, field="name")
+        keys = frozenset(request.keys)
+        chunks = self._runs.read(key, History.METRICS, start=request.start_index, follow=request.follow)
+        async for chunk in chunks:
+            for rows in _batches(metric_rows(chunk, start=request.start_index, keys=keys)):
+                yield runs_pb2.ReadMetricsResponse(rows=rows)
+
+    async def ReadLogs(
+        self,
+        request: runs_pb2.ReadLogsRequest,
+        context: grpc.aio.ServicerContext[runs_pb2.ReadLogsRequest, runs_pb2.ReadLogsResponse],
+    ) -> AsyncIterator[runs_pb2.ReadLogsResponse]:
+        key = RunKey.parse(request.name, field="name")
+        if request.tail < 0:
+            raise field_error("tail", "must not be negative")
+        start = request.start_index
+        if request.tail:
+            # The last `tail` lines of the whole log; a streams filter then applies to them.
+            start = max(0, (await self._runs.get_run(key)).log_line_count - request.tail)
+        streams = frozenset(request.streams)
+        async for chunk in self._runs.read(key, History.LOGS, start=start, follow=request.follow):
+            for lines in _batches(log_lines(chunk, start=start, streams=streams)):
+                yield runs_pb2.ReadLogsResponse(lines=lines)

@@ -1,0 +1,361 @@
+"""The registry's tables and the queries on them, on SQLite or PostgreSQL through the async engine.
+
+Metric rows and log lines are stored in chunks: each accepted batch is one row holding the batch in its
+wire encoding, with its first index and count, while the run row keeps the running totals. Appending a
+batch is one insert and one update, whatever its size.
+
+Transactions: :meth:`RegistryStore.write` serializes writers in this process on SQLite (one writer at a
+time is SQLite's own rule; waiting here beats failing with "database is locked") and relies on row locks
+(``SELECT ... FOR UPDATE``) on PostgreSQL, where several registries may share the database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager, nullcontext
+from datetime import datetime
+from typing import Any, TypeVar
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Field, SQLModel, col, select
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from takeoff_server.database import Database
+from takeoff_server.idempotency import RequestIds, request_ids_table
+from takeoff_server.sqltypes import JsonText, UtcDateTime
+
+
+class ProjectRow(SQLModel, table=True):
+    __tablename__ = "registry_projects"
+
+    project_id: str = Field(primary_key=True, max_length=63)
+    create_time: datetime = Field(sa_type=UtcDateTime)
+
+
+class JobRow(SQLModel, table=True):
+    __tablename__ = "registry_jobs"
+    __table_args__ = (sa.UniqueConstraint("project_id", "job_id"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    project_id: str = Field(foreign_key="registry_projects.project_id", max_length=63)
+    job_id: str = Field(max_length=63)
+    description: str = Field(sa_type=sa.Text)
+    version_count: int
+    create_time: datetime = Field(sa_type=UtcDateTime)
+    update_time: datetime = Field(sa_type=UtcDateTime)
+
+
+class JobVersionRow(SQLModel, table=True):
+    __tablename__ = "registry_job_versions"
+
+    job_pk: int = Field(foreign_key="registry_jobs.id", ondelete="CASCADE", primary_key=True)
+    version: int = Field(primary_key=True)
+    content: dict[str, Any] = Field(sa_type=JsonText)
+    """The version's content as :func:`takeoff_registry.versions.to_document` writes it."""
+    digest: str = Field(max_length=64)
+    description: str = Field(sa_type=sa.Text)
+    create_time: datetime = Field(sa_type=UtcDateTime)
+
+
+class JobAliasRow(SQLModel, table=True):
+    """A user alias; ``latest`` is not stored, it is always the newest version."""
+
+    __tablename__ = "registry_job_aliases"
+    __table_args__ = (
+        sa.ForeignKeyConstraint(
+            ["job_pk", "version"],
+            ["registry_job_versions.job_pk", "registry_job_versions.version"],
+            ondelete="CASCADE",
+        ),
+    )
+
+    job_pk: int = Field(foreign_key="registry_jobs.id", ondelete="CASCADE", primary_key=True)
+    alias: str = Field(primary_key=True, max_length=63)
+    version: int
+
+
+class ArtifactRow(SQLModel, table=True):
+    """An artifact of a project; its bytes live in the artifact directory, shared across projects."""
+
+    __tablename__ = "registry_artifacts"
+
+    project_id: str = Field(foreign_key="registry_projects.project_id", primary_key=True, max_length=63)
+    sha256: str = Field(primary_key=True, max_length=64)
+    size_bytes: int = Field(sa_type=sa.BigInteger)
+    create_time: datetime = Field(sa_type=UtcDateTime)
+
+
+class RunRow(SQLModel, table=True):
+    __tablename__ = "registry_runs"
+    __table_args__ = (
+        sa.UniqueConstraint("project_id", "run_id"),
+        sa.Index("ix_registry_runs_project_id_seq", "project_id", "seq"),
+    )
+
+    seq: int | None = Field(default=None, primary_key=True)
+    """Creation order: ListRuns pages by it, newest first."""
+    project_id: str = Field(foreign_key="registry_projects.project_id", max_length=63)
+    run_id: str = Field(max_length=63)
+    display_name: str = Field(max_length=256)
+    job: str = Field(index=True, max_length=200)
+    """Name of the job of ``job_version`` (empty when none), for filtering by job."""
+    job_version: str = Field(index=True, max_length=220)
+    queue_item: str = Field(index=True, max_length=230)
+    attempt: int
+    state: str = Field(max_length=16)
+    config: dict[str, Any] = Field(sa_type=JsonText)
+    summary: dict[str, Any] = Field(sa_type=JsonText)
+    create_time: datetime = Field(sa_type=UtcDateTime)
+    start_time: datetime | None = Field(default=None, sa_type=UtcDateTime)
+    end_time: datetime | None = Field(default=None, sa_type=UtcDateTime)
+    update_time: datetime = Field(sa_type=UtcDateTime)
+    exit_code: int | None = None
+    message: str = Field(sa_type=sa.Text)
+    history_length: int = Field(sa_type=sa.BigInteger)
+    last_step: int = Field(sa_type=sa.BigInteger)
+    metric_keys: list[str] = Field(sa_type=JsonText)
+    log_line_count: int = Field(sa_type=sa.BigInteger)
+
+
+class MetricChunkRow(SQLModel, table=True):
+    """One accepted batch of metric rows, encoded as the api layer chose."""
+
+    __tablename__ = "registry_metric_chunks"
+
+    run_seq: int = Field(foreign_key="registry_runs.seq", ondelete="CASCADE", primary_key=True)
+    first_index: int = Field(primary_key=True, sa_type=sa.BigInteger)
+    count: int
+    payload: bytes = Field(sa_type=sa.LargeBinary)
+    store_time: datetime = Field(sa_type=UtcDateTime)
+    """When the batch was stored: the time of rows that carry none."""
+
+
+class LogChunkRow(SQLModel, table=True):
+    """One accepted batch of log lines, encoded as the api layer chose."""
+
+    __tablename__ = "registry_log_chunks"
+
+    run_seq: int = Field(foreign_key="registry_runs.seq", ondelete="CASCADE", primary_key=True)
+    first_index: int = Field(primary_key=True, sa_type=sa.BigInteger)
+    count: int
+    payload: bytes = Field(sa_type=sa.LargeBinary)
+    store_time: datetime = Field(sa_type=UtcDateTime)
+
+
+ChunkT = TypeVar("ChunkT", MetricChunkRow, LogChunkRow)
+request_ids = request_ids_table("registry_request_ids", SQLModel.metadata)
+
+
+class Tx:
+    """One transaction on the registry's tables."""
+
+    def __init__(self, session: AsyncSession, request_ids: RequestIds) -> None:
+        self.session = session
+        self.request_ids = request_ids
+        self._dialect = session.bind.dialect.name
+
+    def add(self, row: SQLModel) -> None:
+        self.session.add(row)
+
+    async def flush(self) -> None:
+        await self.session.flush()
+
+    async def replay(self, scope: str, request_id: str, fingerprint: str) -> str | None:
+        return await self.request_ids.replay(
+            self.session, scope=scope, request_id=request_id, fingerprint=fingerprint
+        )
+
+    async def remember(self, scope: str, request_id: str, fingerprint: str, result: str) -> None:
+        await self.request_ids.record(
+            self.session, scope=scope, request_id=request_id, fingerprint=fingerprint, result=result
+        )
+
+    async def _insert_unless_present(self, table: type[SQLModel], **values: Any) -> bool:
+        """Insert a row unless one with its key exists; True when this call inserted it."""
+        insert = postgresql.insert if self._dialect == "postgresql" else sqlite.insert
+        key = sa.inspect(table, raiseerr=True).primary_key[0]
+        # RETURNING, not rowcount: the async PostgreSQL driver reports no row count here.
+        statement = insert(table).values(**values).on_conflict_do_nothing().returning(key)
+        return (await self.session.exec(statement)).first() is not None
+
+    async def ensure_project(self, project_id: str, now: datetime) -> None:
+        """Create the project unless it exists (projects exist once written to)."""
+        await self._insert_unless_present(ProjectRow, project_id=project_id, create_time=now)
+
+    async def project_exists(self, project_id: str) -> bool:
+        return await self.session.get(ProjectRow, project_id) is not None
+
+    # Jobs, versions, aliases.
+
+    async def job(self, project_id: str, job_id: str, *, for_update: bool = False) -> JobRow | None:
+        query = select(JobRow).where(JobRow.project_id == project_id, JobRow.job_id == job_id)
+        if for_update:
+            query = query.with_for_update()
+        return (await self.session.exec(query)).first()
+
+    async def ensure_job(self, project_id: str, job_id: str, now: datetime) -> JobRow:
+        """The job, created empty if missing, locked for the rest of the transaction."""
+        await self.ensure_project(project_id, now)
+        await self._insert_unless_present(
+            JobRow,
+            project_id=project_id,
+            job_id=job_id,
+            description="",
+            version_count=0,
+            create_time=now,
+            update_time=now,
+        )
+        row = await self.job(project_id, job_id, for_update=True)
+        assert row is not None
+        return row
+
+    async def insert_job(self, row: JobRow) -> bool:
+        """Insert ``row``; False when the project already has a job with its id (the transaction is
+        then unusable: raise)."""
+        self.session.add(row)
+        try:
+            await self.session.flush()
+        except IntegrityError:
+            return False
+        return True
+
+    async def jobs(self, project_id: str, *, prefix: str, after: str | None, limit: int) -> Sequence[JobRow]:
+        query = select(JobRow).where(JobRow.project_id == project_id)
+        if prefix:
+            query = query.where(col(JobRow.job_id).startswith(prefix, autoescape=True))
+        if after is not None:
+            query = query.where(JobRow.job_id > after)
+        return (await self.session.exec(query.order_by(col(JobRow.job_id)).limit(limit))).all()
+
+    async def delete_job(self, row: JobRow) -> None:
+        await self.session.delete(row)
+
+    async def aliases(self, job_pks: Sequence[int]) -> dict[int, dict[str, int]]:
+        """User aliases of each job: job pk -> alias -> version."""
+        found: dict[int, dict[str, int]] = {pk: {} for pk in job_pks}
+        if job_pks:
+            rows = await self.session.exec(select(JobAliasRow).where(col(JobAliasRow.job_pk).in_(job_pks)))
+            for row in rows:
+                found[row.job_pk][row.alias] = row.version
+        return found
+
+    async def set_alias(self, job_pk: int, alias: str, version: int) -> None:
+        row = await self.session.get(JobAliasRow, (job_pk, alias))
+        if row is None:
+            self.session.add(JobAliasRow(job_pk=job_pk, alias=alias, version=version))
+        else:
+            row.version = version
+
+    async def delete_alias(self, job_pk: int, alias: str) -> bool:
+        row = await self.session.get(JobAliasRow, (job_pk, alias))
+        if row is None:
+            return False
+        await self.session.delete(row)
+        return True
+
+    async def version(self, job_pk: int, version: int) -> JobVersionRow | None:
+        return await self.session.get(JobVersionRow, (job_pk, version))
+
+    async def versions(self, job_pk: int, *, before: int | None, limit: int) -> Sequence[JobVersionRow]:
+        query = select(JobVersionRow).where(JobVersionRow.job_pk == job_pk)
+        if before is not None:
+            query = query.where(JobVersionRow.version < before)
+        return (await self.session.exec(query.order_by(col(JobVersionRow.version).desc()).limit(limit))).all()
+
+    # Artifacts.
+
+    async def artifact(self, project_id: str, sha256: str) -> ArtifactRow | None:
+        return await self.session.get(ArtifactRow, (project_id, sha256))
+
+    async def ensure_artifact(self, project_id: str, sha256: str, size_bytes: int, now: datetime) -> bool:
+        """Record the artifact in the project unless it is there; True when this call recorded it."""
+        await self.ensure_project(project_id, now)
+        return await self._insert_unless_present(
+            ArtifactRow, project_id=project_id, sha256=sha256, size_bytes=size_bytes, create_time=now
+        )
+
+    # Runs.
+
+    async def run(self, project_id: str, run_id: str, *, for_update: bool = False) -> RunRow | None:
+        query = select(RunRow).where(RunRow.project_id == project_id, RunRow.run_id == run_id)
+        if for_update:
+            query = query.with_for_update()
+        return (await self.session.exec(query)).first()
+
+    async def insert_run(self, row: RunRow) -> bool:
+        """Insert ``row``; False when the project already has a run with its id (the transaction is
+        then unusable: raise)."""
+        self.session.add(row)
+        try:
+            await self.session.flush()
+        except IntegrityError:
+            return False
+        return True
+
+    async def runs(
+        self,
+        project_id: str,
+        *,
+        job: str,
+        job_version: str,
+        queue_item: str,
+        states: Sequence[str] | None,
+        before_seq: int | None,
+        limit: int,
+    ) -> Sequence[RunRow]:
+        query = select(RunRow).where(RunRow.project_id == project_id)
+        if job:
+            query = query.where(RunRow.job == job)
+        if job_version:
+            query = query.where(RunRow.job_version == job_version)
+        if queue_item:
+            query = query.where(RunRow.queue_item == queue_item)
+        if states is not None:
+            query = query.where(col(RunRow.state).in_(states))
+        if before_seq is not None:
+            query = query.where(col(RunRow.seq) < before_seq)
+        return (await self.session.exec(query.order_by(col(RunRow.seq).desc()).limit(limit))).all()
+
+    async def chunks(
+        self, table: type[ChunkT], run_seq: int, *, start: int, end: int, limit: int
+    ) -> Sequence[ChunkT]:
+        """Chunks holding any entry with an index in [start, end), in order, at most ``limit`` of them."""
+        containing_start = (
+            select(sa.func.coalesce(sa.func.max(table.first_index), 0))
+            .where(table.run_seq == run_seq, table.first_index <= start)
+            .scalar_subquery()
+        )
+        query = (
+            select(table)
+            .where(
+                table.run_seq == run_seq,
+                col(table.first_index) >= containing_start,
+                table.first_index < end,
+            )
+            .order_by(col(table.first_index))
+            .limit(limit)
+        )
+        return (await self.session.exec(query)).all()
+
+
+class RegistryStore:
+    """Opens transactions on the registry's database."""
+
+    def __init__(self, database: Database) -> None:
+        self.database = database
+        self._request_ids = RequestIds(request_ids)
+        self._writer = asyncio.Lock() if database.engine.dialect.name == "sqlite" else None
+
+    @asynccontextmanager
+    async def read(self) -> AsyncIterator[Tx]:
+        async with self.database.session() as session:
+            yield Tx(session, self._request_ids)
+
+    @asynccontextmanager
+    async def write(self) -> AsyncIterator[Tx]:
+        """A transaction committed when the block ends without an exception, rolled back otherwise."""
+        async with self._writer or nullcontext(), self.database.session() as session, session.begin():
+            yield Tx(session, self._request_ids)

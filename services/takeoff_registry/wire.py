@@ -1,0 +1,127 @@
+"""Proto conversions the registry's servicers share, and the encoding of stored metric and log chunks.
+
+A chunk's payload is the batch's rows (lines) serialized as field 1 of ``ReadMetricsResponse``
+(``ReadLogsResponse``): what arrived is stored as it came, and reading it back is one parse. Indexes and
+missing times are not stored per entry; they follow from the chunk's first index and store time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterator, Sequence
+from datetime import UTC, datetime
+
+from google.protobuf import timestamp_pb2
+
+from takeoff.v1 import runs_pb2
+from takeoff_registry.runs import Chunk, EncodedBatch
+from takeoff_server.errors import FieldViolation, InvalidArgument
+
+MAX_LINE_BYTES = 64 * 1024
+MAX_ENTRIES_PER_MESSAGE = 1000
+_LOG_STREAMS = frozenset(runs_pb2.LogStream.values()) - {runs_pb2.LOG_STREAM_UNSPECIFIED}
+
+
+def timestamp(moment: datetime) -> timestamp_pb2.Timestamp:
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromDatetime(moment)
+    return stamp
+
+
+def optional_timestamp(moment: datetime | None) -> timestamp_pb2.Timestamp | None:
+    return timestamp(moment) if moment is not None else None
+
+
+def to_datetime(stamp: timestamp_pb2.Timestamp) -> datetime:
+    return stamp.ToDatetime(tzinfo=UTC)
+
+
+def _invalid(violations: list[FieldViolation]) -> InvalidArgument:
+    first = violations[0]
+    more = f" (and {len(violations) - 1} more)" if len(violations) > 1 else ""
+    return InvalidArgument(
+        "ARGUMENT_INVALID", f"{first.field}: {first.description}{more}", violations=violations
+    )
+
+
+def metric_batch(rows: Sequence[runs_pb2.MetricRow]) -> EncodedBatch:
+    """Check a batch of rows and wrap it for the store. One pass over the rows: this is the hot path."""
+    violations: list[FieldViolation] = []
+    keys: set[str] = set()
+    max_step = 0
+    for position, row in enumerate(rows):
+        step = row.step
+        if step < 0:
+            violations.append(FieldViolation(f"rows[{position}].step", f"must be >= 0 (got {step})"))
+        elif step > max_step:
+            max_step = step
+        keys.update(row.values)
+        if row.HasField("data"):
+            data_keys = row.data.fields.keys()
+            if clash := data_keys & row.values.keys():
+                violations.append(
+                    FieldViolation(f"rows[{position}].data", f"keys {sorted(clash)} are also in values")
+                )
+            keys.update(data_keys)
+    if violations:
+        raise _invalid(violations)
+
+    def encode(skip: int) -> bytes:
+        return runs_pb2.ReadMetricsResponse(rows=rows[skip:]).SerializeToString()
+
+    return EncodedBatch(count=len(rows), encode=encode, max_step=max_step, keys=frozenset(keys))
+
+
+def log_batch(lines: Sequence[runs_pb2.LogLine]) -> EncodedBatch:
+    violations: list[FieldViolation] = []
+    for position, line in enumerate(lines):
+        text = line.text
+        # Encoding only the lines that could be too long keeps the common case cheap.
+        if len(text) > MAX_LINE_BYTES // 4 and len(text.encode()) > MAX_LINE_BYTES:
+            violations.append(
+                FieldViolation(f"lines[{position}].text", f"must be at most {MAX_LINE_BYTES} bytes")
+            )
+        if line.stream and line.stream not in _LOG_STREAMS:
+            violations.append(FieldViolation(f"lines[{position}].stream", f"unknown stream {line.stream}"))
+    if violations:
+        raise _invalid(violations)
+
+    def encode(skip: int) -> bytes:
+        return runs_pb2.ReadLogsResponse(lines=lines[skip:]).SerializeToString()
+
+    return EncodedBatch(count=len(lines), encode=encode)
+
+
+def metric_rows(chunk: Chunk, *, start: int, keys: Collection[str]) -> Iterator[runs_pb2.MetricRow]:
+    """The chunk's rows from index ``start`` on, with index and time filled, reduced to ``keys`` (if any)."""
+    stored_at = timestamp(chunk.store_time)
+    rows = runs_pb2.ReadMetricsResponse.FromString(chunk.payload).rows
+    for offset in range(max(0, start - chunk.first_index), chunk.count):
+        row = rows[offset]
+        if keys:
+            for key in [key for key in row.values if key not in keys]:
+                del row.values[key]
+            for key in [key for key in row.data.fields if key not in keys]:
+                del row.data.fields[key]
+            if not row.values and not row.data.fields:
+                continue
+        row.index = chunk.first_index + offset
+        if not row.HasField("time"):
+            row.time.CopyFrom(stored_at)
+        yield row
+
+
+def log_lines(chunk: Chunk, *, start: int, streams: Collection[int]) -> Iterator[runs_pb2.LogLine]:
+    """The chunk's lines from index ``start`` on, with index, stream and time filled, of ``streams``
+    (if any)."""
+    stored_at = timestamp(chunk.store_time)
+    lines = runs_pb2.ReadLogsResponse.FromString(chunk.payload).lines
+    for offset in range(max(0, start - chunk.first_index), chunk.count):
+        line = lines[offset]
+        if not line.stream:
+            line.stream = runs_pb2.LOG_STREAM_STDOUT
+        if streams and line.stream not in streams:
+            continue
+        line.index = chunk.first_index + offset
+        if not line.HasField("time"):
+            line.time.CopyFrom(stored_at)
+        yield line

@@ -1,0 +1,206 @@
+"""Real clients for queue tests: a scripted agent on the Lease stream, and jobs made in a real registry."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from pathlib import Path
+from typing import Any
+
+import grpc
+from google.protobuf import struct_pb2
+
+from takeoff.client import Client
+from takeoff.models import JobInputs
+from takeoff.v1 import common_pb2, queue_pb2, queue_pb2_grpc
+
+LOCAL_PROCESS = common_pb2.RESOURCE_KIND_LOCAL_PROCESS
+Response = queue_pb2.LeaseResponse
+
+
+def struct(values: dict[str, Any]) -> struct_pb2.Struct:
+    message = struct_pb2.Struct()
+    message.update(values)
+    return message
+
+
+def make_code_job(
+    registry: str, project: str, job: str, tmp: Path, *, schema: dict[str, Any] | None = None
+) -> str:
+    """A code job version in the real registry; returns its full version name."""
+    code = tmp / f"code-{job}"
+    code.mkdir(parents=True, exist_ok=True)
+    (code / "train.py").write_text("print('hello')\n")
+    with Client(registry, project=project) as client:
+        created = client.create_job_version(
+            job,
+            code,
+            entrypoint=["python", "train.py"],
+            inputs=JobInputs(schema=schema, defaults=None) if schema else None,
+        )
+    return created.version.name
+
+
+class ScriptedAgent:
+    """An agent that is just a Lease stream: send what the test says, keep what the server sends."""
+
+    def __init__(self, address: str, *, agent_id: str | None = None) -> None:
+        self.address = address
+        self.agent_id = agent_id or uuid.uuid4().hex
+        self.received: asyncio.Queue[queue_pb2.LeaseResponse] = asyncio.Queue()
+        self._outgoing: asyncio.Queue[queue_pb2.LeaseRequest | None] = asyncio.Queue()
+        self._sequence = 0
+        self._channel: grpc.aio.Channel | None = None
+        self._call: Any = None
+        self._reader: asyncio.Task[None] | None = None
+        self.error: grpc.aio.AioRpcError | None = None
+        self._stash: list[queue_pb2.LeaseResponse] = []
+        """Messages that arrived while an answer (Ack or Reject) was awaited, oldest first."""
+        self.welcome: Response.Welcome | None = None
+
+    async def connect(
+        self,
+        queues: list[str],
+        *,
+        capacity: int = 1,
+        held: dict[str, int] | None = None,
+        resources: tuple[common_pb2.ResourceKind.ValueType, ...] = (LOCAL_PROCESS,),
+        expect_welcome: bool = True,
+    ) -> ScriptedAgent:
+        self._channel = grpc.aio.insecure_channel(self.address)
+        stub = queue_pb2_grpc.QueueServiceStub(self._channel)
+        hello = queue_pb2.LeaseRequest.Hello(
+            agent_id=self.agent_id,
+            session_id=uuid.uuid4().hex,
+            display_name="scripted",
+            queues=queues,
+            resources=list(resources),
+            capacity=capacity,
+            held_leases=[
+                queue_pb2.LeaseRequest.HeldLease(lease_id=lease, epoch=epoch)
+                for lease, epoch in (held or {}).items()
+            ],
+        )
+        await self._outgoing.put(queue_pb2.LeaseRequest(hello=hello))
+        self._call = stub.Lease(self._requests())
+        self._reader = asyncio.create_task(self._read())
+        if expect_welcome:
+            self.welcome = (await self.next("welcome")).welcome
+        return self
+
+    async def _requests(self) -> Any:
+        while (request := await self._outgoing.get()) is not None:
+            yield request
+
+    async def _read(self) -> None:
+        try:
+            async for response in self._call:
+                await self.received.put(response)
+        except grpc.aio.AioRpcError as error:
+            self.error = error
+        await self.received.put(Response())  # end marker: no message set
+
+    async def next(self, kind: str | None = None, within: float = 10.0) -> queue_pb2.LeaseResponse:
+        """The next message (skipping Acks of heartbeats); with ``kind``, it must be of that kind."""
+        while True:
+            response = (
+                self._stash.pop(0) if self._stash else await asyncio.wait_for(self.received.get(), within)
+            )
+            which = response.WhichOneof("message")
+            if which == "ack" and response.ack.of == queue_pb2.LEASE_MESSAGE_KIND_HEARTBEAT and kind != "ack":
+                continue
+            if kind is not None:
+                assert which == kind, f"expected {kind}, got {which}: {response} (stream error: {self.error})"
+            return response
+
+    async def answer(self, within: float = 10.0) -> queue_pb2.LeaseResponse:
+        """The Ack or Reject to the last message sent; whatever else arrives meanwhile is kept for next()."""
+        while True:
+            response = await asyncio.wait_for(self.received.get(), within)
+            which = response.WhichOneof("message")
+            if which == "ack" and response.ack.of == queue_pb2.LEASE_MESSAGE_KIND_HEARTBEAT:
+                continue
+            if which in ("ack", "reject"):
+                return response
+            self._stash.append(response)
+
+    async def nothing_for(self, seconds: float) -> None:
+        """Assert that no message (other than heartbeat acks) arrives for ``seconds``."""
+        try:
+            response = await self.next(within=seconds)
+        except TimeoutError:
+            return
+        raise AssertionError(f"unexpected message: {response}")
+
+    async def send(self, **message: Any) -> int:
+        self._sequence += 1
+        await self._outgoing.put(queue_pb2.LeaseRequest(sequence=self._sequence, **message))
+        return self._sequence
+
+    async def heartbeat(self) -> None:
+        await self.send(heartbeat=queue_pb2.LeaseRequest.Heartbeat())
+
+    async def progress(
+        self, assignment: Response.Assignment, state: common_pb2.ItemState.ValueType
+    ) -> queue_pb2.LeaseResponse:
+        await self.send(
+            progress=queue_pb2.LeaseRequest.Progress(
+                lease_id=assignment.lease_id, epoch=assignment.epoch, state=state
+            )
+        )
+        return await self.answer()
+
+    async def complete(
+        self,
+        assignment: Response.Assignment,
+        outcome: common_pb2.ItemState.ValueType,
+        reason: common_pb2.FailureReason.ValueType = common_pb2.FAILURE_REASON_UNSPECIFIED,
+        exit_code: int | None = None,
+    ) -> queue_pb2.LeaseResponse:
+        await self.send(
+            complete=queue_pb2.LeaseRequest.Complete(
+                lease_id=assignment.lease_id,
+                epoch=assignment.epoch,
+                outcome=outcome,
+                reason=reason,
+                exit_code=exit_code,
+            )
+        )
+        return await self.answer()
+
+    async def close(self) -> None:
+        await self._outgoing.put(None)
+        if self._reader is not None:
+            try:
+                await asyncio.wait_for(self._reader, 5)
+            except TimeoutError:
+                self._reader.cancel()
+        if self._channel is not None:
+            await self._channel.close()
+
+    async def vanish(self) -> None:
+        """Drop the connection without a goodbye, as a killed agent would."""
+        if self._reader is not None:
+            self._reader.cancel()
+        if self._channel is not None:
+            await self._channel.close(grace=None)
+
+
+def error_details(error: grpc.aio.AioRpcError) -> tuple[str, list[str]]:
+    """The ErrorInfo reason and the BadRequest field names of a failed call."""
+    from google.rpc import error_details_pb2, status_pb2
+
+    reason, fields = "", []
+    for key, value in error.trailing_metadata() or ():
+        if key != "grpc-status-details-bin" or not isinstance(value, bytes):
+            continue
+        for detail in status_pb2.Status.FromString(value).details:
+            if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+                info = error_details_pb2.ErrorInfo()
+                detail.Unpack(info)
+                reason = info.reason
+            elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+                bad = error_details_pb2.BadRequest()
+                detail.Unpack(bad)
+                fields = [v.field for v in bad.field_violations]
+    return reason, fields

@@ -1,0 +1,413 @@
+"""``takeoff.init`` / ``run.log`` / ``run.finish`` in real job processes reporting to a real registry."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from takeoff import Client, RunState, TakeoffError
+from takeoff._run import _attach, _PatientCaller
+from takeoff.v1 import common_pb2, runs_pb2, runs_pb2_grpc
+from tests.processes import ServiceProcess, service_process, wait_for
+from tests.sdk.conftest import ReplyDroppingProxy, free_port, job_environment, run_job, start_job
+
+TEN_THOUSAND_ROWS = """
+    import takeoff
+
+    run = takeoff.init(config={"lr": 0.01, "epochs": 3}, name="ten-thousand")
+    for i in range(10_000):
+        run.log({"loss": 1 / (i + 1), "i": i, "phase": "train" if i % 2 else "eval"})
+    run.summary["best_loss"] = 1 / 10_000
+    run.summary["dropped"] = True
+    del run.summary["dropped"]
+    run.finish()
+    print(run.id)
+"""
+
+
+def test_a_job_logs_ten_thousand_rows_that_all_arrive_in_order(
+    registry: ServiceProcess, client: Client, project: str, tmp_path: Path
+) -> None:
+    result = run_job(tmp_path, TEN_THOUSAND_ROWS, job_environment(registry.address, project))
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+
+    run = client.get_run(result.stdout.strip())
+    assert run.state is RunState.FINISHED
+    assert run.display_name == "ten-thousand"
+    assert run.config == {"lr": 0.01, "epochs": 3}
+    assert run.summary == {"best_loss": 1 / 10_000}
+    assert run.history_length == 10_000
+    assert run.last_step == 9_999
+
+    rows = list(client.read_metrics(run.id))
+    assert [row.index for row in rows] == list(range(10_000))
+    assert [row.step for row in rows] == list(range(10_000))
+    assert [row.values["i"] for row in rows] == list(range(10_000))
+    assert rows[3].values["loss"] == pytest.approx(1 / 4)
+    assert rows[3].data == {"phase": "train"}
+    assert all(row.time is not None for row in rows)
+
+
+def test_a_job_reports_through_the_registrys_unix_socket(project: str, takeoff_home: Path) -> None:
+    socket = f"unix:{takeoff_home / 'registry.sock'}"  # what the agent mounts into a job's container
+    with service_process("registry", takeoff_home, listen=["127.0.0.1:0", socket]) as server:
+        code = "import takeoff\nrun = takeoff.init()\nrun.log({'x': 1.0})\nrun.finish()\nprint(run.id)\n"
+        result = run_job(takeoff_home, code, job_environment(socket, project))
+        assert result.returncode == 0, result.stderr
+        with Client(server.address, project=project) as client:
+            run = client.get_run(result.stdout.strip())
+    assert (run.state, run.history_length) == (RunState.FINISHED, 1)
+
+
+def test_explicit_steps_are_kept_and_later_rows_continue_from_them(
+    registry: ServiceProcess, client: Client, project: str, tmp_path: Path
+) -> None:
+    code = """
+        import takeoff
+
+        takeoff.init()
+        takeoff.log({"x": 1}, step=100)
+        takeoff.log({"x": 2})
+        takeoff.log({"x": 3}, step=7)
+        takeoff.finish()
+    """
+    result = run_job(tmp_path, code, job_environment(registry.address, project))
+    assert result.returncode == 0, result.stderr
+    [run] = client.list_runs()
+    assert [row.step for row in client.read_metrics(run.id)] == [100, 101, 7]
+    assert run.state is RunState.FINISHED
+
+
+def test_a_launched_job_attaches_to_its_run_and_the_launch_config_wins(
+    registry: ServiceProcess, client: Client, project: str, tmp_path: Path
+) -> None:
+    with grpc.insecure_channel(registry.address) as channel:
+        created = runs_pb2_grpc.RunServiceStub(channel).CreateRun(
+            runs_pb2.CreateRunRequest(parent=f"projects/{project}", run_id="attempt-1"), timeout=10
+        )
+    assert created.run.state == common_pb2.RUN_STATE_STARTING
+    code = """
+        import json
+        import takeoff
+
+        run = takeoff.init(project="ignored-when-launched", config={"lr": 0.1, "epochs": 3, "batch": 32})
+        try:
+            run.config["lr"] = 1.0
+        except takeoff.ReadOnlyConfigError as error:
+            print("refused:", error)
+        run.config["batch"] = 64
+        print(json.dumps({"id": run.id, "project": run.project, "config": dict(run.config)}))
+    """
+    env = job_environment(
+        registry.address, project, TAKEOFF_RUN_ID="attempt-1", TAKEOFF_CONFIG='{"lr": 0.5, "epochs": 2}'
+    )
+    result = run_job(tmp_path, code, env)
+    assert result.returncode == 0, result.stderr
+
+    refusal, report = result.stdout.strip().splitlines()
+    assert refusal.startswith("refused: config key 'lr' was set by the launch")
+    assert json.loads(report) == {
+        "id": "attempt-1",
+        "project": project,
+        "config": {"lr": 0.5, "epochs": 2, "batch": 64},
+    }
+    run = client.get_run("attempt-1")
+    assert run.state is RunState.FINISHED  # finished at exit, without an explicit finish()
+    assert run.start_time is not None
+    assert run.config == {"lr": 0.5, "epochs": 2, "batch": 32}  # what the job started with
+
+
+def test_attaching_to_a_run_that_was_already_attached_fails_clearly(
+    registry: ServiceProcess, client: Client, project: str, tmp_path: Path
+) -> None:
+    with grpc.insecure_channel(registry.address) as channel:
+        stub = runs_pb2_grpc.RunServiceStub(channel)
+        stub.CreateRun(runs_pb2.CreateRunRequest(parent=f"projects/{project}", run_id="taken"), timeout=10)
+        stub.AttachRun(runs_pb2.AttachRunRequest(name=f"projects/{project}/runs/taken"), timeout=10)
+    code = "import takeoff\ntakeoff.init()\n"
+    result = run_job(tmp_path, code, job_environment(registry.address, project, TAKEOFF_RUN_ID="taken"))
+    assert result.returncode == 1
+    assert "takeoff.errors.TakeoffError: RUN_ALREADY_ATTACHED" in result.stderr
+
+
+def test_an_attach_retried_after_its_reply_was_lost_carries_on_with_the_run(
+    registry: ServiceProcess, project: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TAKEOFF_PROJECT", project)
+    monkeypatch.setenv("TAKEOFF_RUN_ID", "lost-reply")
+    with grpc.insecure_channel(registry.address) as channel:
+        stub = runs_pb2_grpc.RunServiceStub(channel)
+        stub.CreateRun(
+            runs_pb2.CreateRunRequest(parent=f"projects/{project}", run_id="lost-reply"), timeout=10
+        )
+        stub.AttachRun(runs_pb2.AttachRunRequest(name=f"projects/{project}/runs/lost-reply"), timeout=10)
+
+        first_try = _PatientCaller(registry.address, deadline=time.monotonic() + 10)
+        with pytest.raises(TakeoffError, match="RUN_ALREADY_ATTACHED"):
+            _attach(stub, first_try, None, {}, None)
+
+        after_a_lost_reply = _PatientCaller(registry.address, deadline=time.monotonic() + 10)
+        after_a_lost_reply.retried = True  # as when the attach that did succeed ended in UNAVAILABLE
+        attached = _attach(stub, after_a_lost_reply, None, {}, None)
+    assert attached.name == f"projects/{project}/runs/lost-reply"
+    assert attached.state == common_pb2.RUN_STATE_RUNNING
+
+
+@pytest.mark.parametrize(
+    ("raised", "ending"),
+    [
+        (
+            'RuntimeError("loss diverged at step 5")',
+            (1, RunState.FAILED, "RuntimeError: loss diverged at step 5"),
+        ),
+        ("KeyboardInterrupt", (-2, RunState.KILLED, "KeyboardInterrupt")),  # Ctrl-C: a stop on purpose
+    ],
+)
+def test_an_uncaught_exception_ends_the_run_with_its_message(
+    client: Client, project: str, tmp_path: Path, raised: str, ending: tuple[int, RunState, str]
+) -> None:
+    code = f"""
+        import takeoff
+
+        run = takeoff.init()
+        print(run.id, flush=True)
+        for step in range(5):
+            run.log({{"loss": 10.0 * step}})
+        raise {raised}
+    """
+    result = run_job(tmp_path, code, job_environment(client.registry, project))
+    assert "Traceback" in result.stderr  # the usual report still reaches the user
+
+    run = client.get_run(result.stdout.strip())
+    assert (result.returncode, run.state, run.message) == ending
+    assert run.history_length == 5
+
+
+def test_a_with_block_finishes_the_run_failed_on_error(
+    registry: ServiceProcess, client: Client, project: str, tmp_path: Path
+) -> None:
+    code = """
+        import takeoff
+
+        try:
+            with takeoff.init() as run:
+                print(run.id, flush=True)
+                raise KeyError("labels")
+        except KeyError:
+            pass
+        assert takeoff.current_run() is None
+    """
+    result = run_job(tmp_path, code, job_environment(registry.address, project))
+    assert result.returncode == 0, result.stderr
+    run = client.get_run(result.stdout.strip())
+    assert run.state is RunState.FAILED
+    assert run.message == "KeyError: 'labels'"
+
+
+SLOW_JOB = """
+    import time
+    import takeoff
+
+    run = takeoff.init()
+    print(run.id, flush=True)
+    for i in range({rows}):
+        run.log({{"i": i}})
+        time.sleep(0.001)
+    run.finish()
+"""
+
+
+def test_the_registry_restarting_mid_run_loses_and_duplicates_nothing(tmp_path: Path, project: str) -> None:
+    port, home = free_port(), tmp_path / "home"
+    home.mkdir()
+    listen = [f"127.0.0.1:{port}"]
+    with service_process("registry", home, listen=listen) as first:
+        job = start_job(tmp_path, SLOW_JOB.format(rows=3000), job_environment(first.address, project))
+        assert job.stdout is not None
+        run_id = job.stdout.readline().strip()
+        with Client(first.address, project=project) as client:
+            wait_for(lambda: client.get_run(run_id).history_length > 0, what="the first rows")
+        first.process.send_signal(signal.SIGKILL)  # a crash: a batch may be stored with its reply lost
+        first.process.wait()
+    time.sleep(1.0)
+    with service_process("registry", home, listen=listen) as second:
+        _, stderr = job.communicate(timeout=60)
+        assert job.returncode == 0, stderr
+        assert "cannot reach the registry" in stderr
+        with Client(second.address, project=project) as client:
+            run = client.get_run(run_id)
+            assert run.state is RunState.FINISHED
+            assert [row.values["i"] for row in client.read_metrics(run_id)] == list(range(3000))
+
+
+def test_a_reply_lost_on_the_way_back_does_not_store_rows_twice(
+    client: Client, flaky_registry: ReplyDroppingProxy, project: str, tmp_path: Path
+) -> None:
+    job = start_job(tmp_path, SLOW_JOB.format(rows=3000), job_environment(flaky_registry.address, project))
+    assert job.stdout is not None
+    run_id = job.stdout.readline().strip()
+    wait_for(lambda: client.get_run(run_id).history_length > 0, what="the first rows")
+
+    flaky_registry.withhold_replies()
+    time.sleep(1.0)  # the job sends its next batch, which is stored, and waits for a reply that never comes
+    stored = client.get_run(run_id).history_length
+    time.sleep(0.5)
+    assert client.get_run(run_id).history_length == stored  # the job is stuck on that call, not sending more
+    flaky_registry.cut_connections()  # the call fails although its rows were stored
+
+    _, stderr = job.communicate(timeout=60)
+    assert job.returncode == 0, stderr
+    assert [row.values["i"] for row in client.read_metrics(run_id)] == list(range(3000))
+
+
+def test_a_registry_restored_from_an_older_backup_receives_the_rows_that_follow(
+    tmp_path: Path, project: str
+) -> None:
+    code = """
+        import pathlib, time
+        import takeoff
+
+        run = takeoff.init()
+        print(run.id, flush=True)
+        for phase in range(3):
+            while not pathlib.Path(f"go-{phase}").exists():
+                time.sleep(0.01)
+            for i in range(100):
+                run.log({"i": phase * 100 + i})
+        run.finish()
+    """
+    port, home, backup = free_port(), tmp_path / "home", tmp_path / "backup"
+    home.mkdir()
+    listen = [f"127.0.0.1:{port}"]
+
+    def deliver_phase(phase: int, expected_rows: int) -> None:
+        (tmp_path / f"go-{phase}").touch()
+        with Client(listen[0], project=project) as client:
+            wait_for(lambda: client.get_run(run_id).history_length == expected_rows, what=f"phase {phase}")
+
+    with service_process("registry", home, listen=listen) as server:
+        job = start_job(tmp_path, code, job_environment(server.address, project))
+        assert job.stdout is not None
+        run_id = job.stdout.readline().strip()
+        deliver_phase(0, expected_rows=100)
+        server.terminate()
+    shutil.copytree(home, backup)
+    with service_process("registry", home, listen=listen) as server:
+        deliver_phase(1, expected_rows=200)
+        server.terminate()
+    shutil.rmtree(home)
+    shutil.copytree(backup, home)
+    with service_process("registry", home, listen=listen) as server:
+        (tmp_path / "go-2").touch()
+        _, stderr = job.communicate(timeout=60)
+        assert job.returncode == 0, stderr
+        assert "the registry lost 100 metric rows" in stderr
+        with Client(server.address, project=project) as client:
+            values = [row.values["i"] for row in client.read_metrics(run_id)]
+    assert values == [*range(100), *range(200, 300)]  # rows 100-199 went with the registry's lost data
+
+
+def test_a_job_started_before_the_registry_waits_for_it(tmp_path: Path, project: str) -> None:
+    port, home = free_port(), tmp_path / "home"
+    home.mkdir()
+    address = f"127.0.0.1:{port}"
+    job = start_job(tmp_path, SLOW_JOB.format(rows=100), job_environment(address, project))
+    time.sleep(1.5)
+    assert job.poll() is None
+    with service_process("registry", home, listen=[address]):
+        stdout, stderr = job.communicate(timeout=60)
+        assert job.returncode == 0, stderr
+        with Client(address, project=project) as client:
+            run = client.get_run(stdout.strip())
+            assert (run.state, run.history_length) == (RunState.FINISHED, 100)
+
+
+def test_a_registry_gone_for_good_costs_the_job_its_metrics_but_not_its_exit_status(
+    tmp_path: Path, project: str
+) -> None:
+    code = """
+        import pathlib, time
+        import takeoff
+
+        run = takeoff.init()
+        print(run.id, flush=True)
+        while not pathlib.Path("registry-stopped").exists():
+            time.sleep(0.01)
+        for i in range(10):
+            run.log({"i": i})
+        run.finish()
+        print("finished", flush=True)
+    """
+    home = tmp_path / "home"
+    home.mkdir()
+    with service_process("registry", home) as server:
+        env = job_environment(server.address, project, TAKEOFF_FLUSH_TIMEOUT="1")
+        job = start_job(tmp_path, code, env)
+        assert job.stdout is not None
+        job.stdout.readline()
+        server.terminate()
+    (tmp_path / "registry-stopped").touch()
+    started = time.monotonic()
+    stdout, stderr = job.communicate(timeout=30)
+    assert job.returncode == 0, stderr
+    assert stdout.strip() == "finished"
+    assert time.monotonic() - started < 15
+    assert "10 metric rows" in stderr
+    assert "could not be delivered" in stderr
+
+
+def test_a_backlog_of_large_rows_goes_out_in_batches_the_registry_accepts(
+    client: Client, project: str, tmp_path: Path
+) -> None:
+    code = """
+        import takeoff
+
+        run = takeoff.init()
+        print(run.id, flush=True)
+        histogram = [i / 3 for i in range(2_000)]  # about 20 KB a row: 300 rows pass gRPC's 4 MiB limit
+        for step in range(300):
+            run.log({"histogram": histogram, "step": step})
+        run.finish()
+    """
+    result = run_job(tmp_path, code, job_environment(client.registry, project))
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    rows = list(client.read_metrics(result.stdout.strip()))
+    assert [row.values["step"] for row in rows] == list(range(300))
+    assert rows[-1].data["histogram"][-1] == pytest.approx(1_999 / 3)
+
+
+def test_summary_values_and_bad_values_do_not_stop_delivery(
+    registry: ServiceProcess, client: Client, project: str, tmp_path: Path
+) -> None:
+    code = """
+        import math
+        import takeoff
+
+        class Opaque:
+            def __repr__(self):
+                return "<opaque>"
+
+        run = takeoff.init()
+        print(run.id, flush=True)
+        run.log({"nan": math.nan, "big": 10**400})  # cannot be a double: dropped with a warning
+        run.log({"ok": 1.5, "tags": ("a", "b"), "obj": Opaque(), "none": None})
+        run.summary.update({"best": {"loss": 0.5, "epoch": 3}})
+        run.finish()
+    """
+    result = run_job(tmp_path, code, job_environment(registry.address, project))
+    assert result.returncode == 0, result.stderr
+    assert "dropped a metric row" in result.stderr
+    run = client.get_run(result.stdout.strip())
+    [row] = client.read_metrics(run.id)
+    assert row.values == {"ok": 1.5}
+    assert row.data == {"tags": ["a", "b"], "obj": "<opaque>", "none": None}
+    assert row.step == 1
+    assert run.summary == {"best": {"loss": 0.5, "epoch": 3}}
