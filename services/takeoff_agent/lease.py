@@ -1,0 +1,199 @@
+"""The agent's end of the Lease stream: Hello, heartbeats, answers by sequence number, reconnects.
+
+One stream per agent session. The link reconnects with backoff whenever the stream ends, sending the
+leases the agent still holds in every Hello. Only a heartbeat's Ack renews leases: they are then good
+until the heartbeat's send time plus the TTL, which the agent uses to fence itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import grpc
+
+from takeoff.v1 import common_pb2, queue_pb2, queue_pb2_grpc
+
+logger = logging.getLogger(__name__)
+
+LeaseRequest = queue_pb2.LeaseRequest
+LeaseResponse = queue_pb2.LeaseResponse
+MAX_RECONNECT_DELAY_SECONDS = 5.0
+
+
+class Disconnected(Exception):
+    """The stream ended before the server answered; send again once reconnected."""
+
+
+class SessionRefused(Exception):
+    """The queue service will not take this agent (an unknown queue, an unsupported resource kind)."""
+
+
+@dataclass(frozen=True, slots=True)
+class HelloSpec:
+    agent_id: str
+    display_name: str
+    queues: list[str]
+    resources: list[common_pb2.ResourceKind.ValueType]
+    capacity: int
+    version: str
+
+
+class LeaseHandler(Protocol):
+    def held_leases(self) -> dict[str, int]: ...
+    def draining(self) -> bool: ...
+    async def on_welcome(self, welcome: LeaseResponse.Welcome) -> None: ...
+    async def on_assignment(self, assignment: LeaseResponse.Assignment) -> None: ...
+    async def on_cancel(self, cancel: LeaseResponse.Cancel) -> None: ...
+    async def on_revoke(self, revoke: LeaseResponse.Revoke) -> None: ...
+    def on_renewed(self, until: float) -> None: ...
+
+
+class LeaseLink:
+    def __init__(self, address: str, hello: HelloSpec, handler: LeaseHandler) -> None:
+        self._address = address
+        self._hello = hello
+        self._handler = handler
+        self._outgoing: asyncio.Queue[LeaseRequest | None] | None = None
+        self._answers: dict[int, asyncio.Future[LeaseResponse]] = {}
+        self._sequence = itertools.count(1)
+        self._connected = asyncio.Event()
+        self.session_id = ""
+        self.lease_ttl = 30.0
+        self.heartbeat_interval = 10.0
+        self.last_heartbeat_ack: float | None = None
+        self._stopping = False
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    async def run(self) -> None:
+        """Hold a session open until ``stop()``, reconnecting with backoff."""
+        delay = 0.1
+        async with grpc.aio.insecure_channel(self._address) as channel:
+            stub = queue_pb2_grpc.QueueServiceStub(channel)
+            while not self._stopping:
+                try:
+                    await self._session(stub)
+                    delay = 0.1
+                except grpc.aio.AioRpcError as error:
+                    if error.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION):
+                        raise SessionRefused(error.details() or error.code().name) from None
+                    if error.code() == grpc.StatusCode.ABORTED:
+                        logger.error("another process with this agent's id took over its session; stopping")
+                        raise SessionRefused(error.details() or "superseded") from None
+                    logger.warning("lease stream ended (%s); reconnecting in %.1fs", error.code().name, delay)
+                finally:
+                    self._connected.clear()
+                    for answer in self._answers.values():
+                        if not answer.done():
+                            answer.set_exception(Disconnected())
+                    self._answers.clear()
+                if not self._stopping:
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, MAX_RECONNECT_DELAY_SECONDS)
+
+    async def _session(self, stub: queue_pb2_grpc.QueueServiceAsyncStub) -> None:
+        self.session_id = uuid.uuid4().hex
+        outgoing: asyncio.Queue[LeaseRequest | None] = asyncio.Queue()
+        self._outgoing = outgoing
+        held = self._handler.held_leases()
+        await outgoing.put(
+            LeaseRequest(
+                hello=LeaseRequest.Hello(
+                    agent_id=self._hello.agent_id,
+                    session_id=self.session_id,
+                    display_name=self._hello.display_name,
+                    queues=self._hello.queues,
+                    resources=self._hello.resources,
+                    capacity=self._hello.capacity,
+                    held_leases=[LeaseRequest.HeldLease(lease_id=k, epoch=v) for k, v in held.items()],
+                    version=self._hello.version,
+                    draining=self._handler.draining(),
+                )
+            )
+        )
+
+        async def requests() -> AsyncIterator[LeaseRequest]:
+            while (request := await outgoing.get()) is not None:
+                yield request
+
+        call = stub.Lease(requests())
+        heartbeats: asyncio.Task[None] | None = None
+        try:
+            async for response in call:
+                heartbeats = heartbeats or asyncio.create_task(self._heartbeat())
+                await self._receive(response)
+        finally:
+            await outgoing.put(None)
+            if heartbeats is not None:
+                heartbeats.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await heartbeats
+
+    async def _receive(self, response: LeaseResponse) -> None:
+        match response.WhichOneof("message"):
+            case "welcome":
+                welcome = response.welcome
+                self.lease_ttl = welcome.lease_ttl.ToTimedelta().total_seconds() or self.lease_ttl
+                self.heartbeat_interval = (
+                    welcome.heartbeat_interval.ToTimedelta().total_seconds() or self.heartbeat_interval
+                )
+                self._handler.on_renewed(time.time() + self.lease_ttl)  # the Welcome renews what it keeps
+                self._connected.set()
+                await self._handler.on_welcome(welcome)
+            case "assignment":
+                await self._handler.on_assignment(response.assignment)
+            case "cancel":
+                await self._handler.on_cancel(response.cancel)
+            case "revoke":
+                await self._handler.on_revoke(response.revoke)
+            case "ack" | "reject":
+                answer = response.ack if response.HasField("ack") else response.reject
+                future = self._answers.pop(answer.request_sequence, None)
+                if future is not None and not future.done():
+                    future.set_result(response)
+
+    async def _heartbeat(self) -> None:
+        while True:
+            sent = time.time()
+            try:
+                answer = await self.send(heartbeat=LeaseRequest.Heartbeat())
+            except Disconnected:
+                return
+            if answer.HasField("ack"):
+                self.last_heartbeat_ack = time.time()
+                self._handler.on_renewed(sent + self.lease_ttl)
+            await asyncio.sleep(self.heartbeat_interval)
+
+    async def send(self, **message: Any) -> LeaseResponse:
+        """Send one message and wait for its Ack or Reject; raises Disconnected if the stream ends first."""
+        if not self.connected:
+            await self._connected.wait()
+        assert self._outgoing is not None
+        sequence = next(self._sequence)
+        future: asyncio.Future[LeaseResponse] = asyncio.get_running_loop().create_future()
+        self._answers[sequence] = future
+        await self._outgoing.put(LeaseRequest(sequence=sequence, **message))
+        return await future
+
+    async def send_until_answered(self, **message: Any) -> LeaseResponse:
+        """Send, and send again after every reconnect, until the server answers (for idempotent messages)."""
+        while True:
+            try:
+                return await self.send(**message)
+            except Disconnected:
+                await self._connected.wait()
+
+    def stop(self) -> None:
+        self._stopping = True
+        if self._outgoing is not None:
+            self._outgoing.put_nowait(None)
