@@ -1,9 +1,13 @@
-"""``takeoff.Client``: jobs, versions, code uploads and runs, as plain Python over the registry's gRPC API.
+"""``takeoff.Client``: jobs, versions, code uploads and runs over the registry's gRPC API; queues, launches
+and agents over the queue service's.
 
-    client = takeoff.Client()                       # TAKEOFF_REGISTRY, else the running stack
+    client = takeoff.Client()                       # TAKEOFF_REGISTRY, TAKEOFF_QUEUE, else the stack
     created = client.create_job_version(
         "train-mnist", Path("./mnist"), entrypoint=["python", "train.py"], aliases=["prod"]
     )
+    client.create_queue("cpu", resource="local-process")
+    item = client.launch("train-mnist:prod", "cpu", config={"lr": 0.01}, priority="high")
+    item.wait()                                     # until SUCCEEDED, FAILED or CANCELLED
     for run in client.list_runs(job="train-mnist"):
         print(run.id, run.state, run.summary)
 
@@ -15,22 +19,30 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Callable, Iterable, Iterator, Sequence
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import replace
+from datetime import timedelta
 from pathlib import Path
-from typing import BinaryIO, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 import grpc
+from google.protobuf import duration_pb2, field_mask_pb2
 
 from takeoff._channel import open_channel
 from takeoff._home import service_address
 from takeoff._pack import pack_directory
+from takeoff._sender import Backoff
 from takeoff.errors import TakeoffError
 from takeoff.models import (
+    Agent,
     Artifact,
     CodeSource,
     CreatedJobVersion,
     Environment,
+    Item,
+    ItemState,
     Job,
     JobInputs,
     JobSource,
@@ -38,13 +50,20 @@ from takeoff.models import (
     LogLine,
     LogStream,
     MetricRow,
+    Priority,
+    Queue,
+    ResourceKind,
     RunInfo,
     RunState,
+    TemplateVariable,
+    dict_to_struct,
 )
-from takeoff.v1 import common_pb2, jobs_pb2, jobs_pb2_grpc, runs_pb2, runs_pb2_grpc
+from takeoff.v1 import common_pb2, jobs_pb2, jobs_pb2_grpc, queue_pb2, queue_pb2_grpc, runs_pb2, runs_pb2_grpc
 
 DEFAULT_PROJECT = "default"
 UPLOAD_CHUNK_BYTES = 1024 * 1024
+RETRY_SECONDS = 5.0
+"""How long a launch whose reply was lost, or a watch whose stream broke, keeps trying."""
 
 _Request = TypeVar("_Request")
 _Response = TypeVar("_Response")
@@ -57,25 +76,32 @@ def default_project() -> str:
 
 
 class Client:
-    """A connection to the registry. Close it (or use ``with``) when done."""
+    """Connections to the registry and the queue service. Close it (or use ``with``) when done."""
 
     def __init__(
         self,
         registry: str | None = None,
         *,
+        queue: str | None = None,
         api_key: str | None = None,
         project: str | None = None,
         timeout: float = 60.0,
     ) -> None:
+        """``registry`` and ``queue`` are the services' addresses (default: ``TAKEOFF_REGISTRY`` and
+        ``TAKEOFF_QUEUE``, else the running stack's, else the default ports)."""
         self.registry = registry or service_address("registry")
+        self.queue_address = queue or service_address("queue")
         self.project = project or default_project()
         self.timeout = timeout
         self._channel = open_channel(self.registry, api_key=api_key)
         self._jobs = jobs_pb2_grpc.JobServiceStub(self._channel)
         self._runs = runs_pb2_grpc.RunServiceStub(self._channel)
+        self._queue_channel = open_channel(self.queue_address, api_key=api_key)
+        self._queues = queue_pb2_grpc.QueueServiceStub(self._queue_channel)
 
     def close(self) -> None:
         self._channel.close()
+        self._queue_channel.close()
 
     def __enter__(self) -> Client:
         return self
@@ -278,7 +304,264 @@ class Client:
         for response in self._stream(self._runs.ReadLogs, request, follow=follow):
             yield from (LogLine._from_proto(line) for line in response.lines)
 
+    # Queues
+
+    def create_queue(
+        self,
+        queue_id: str,
+        *,
+        resource: ResourceKind | str = ResourceKind.LOCAL_PROCESS,
+        resource_config: Mapping[str, Any] | None = None,
+        template_variables: Mapping[str, TemplateVariable | Mapping[str, Any]] | None = None,
+        prioritization: bool = False,
+        max_attempts: int = 0,
+        retry_job_failures: bool = False,
+        retry_delay: timedelta | float | None = None,
+        start_timeout: timedelta | float | None = None,
+        max_run_time: timedelta | float | None = None,
+        concurrency_limit: int = 0,
+        paused: bool = False,
+        description: str = "",
+        container_name: str = "",
+        project: str | None = None,
+        request_id: str = "",
+    ) -> Queue:
+        """Create a queue for one kind of resource: ``local-process``, ``local-container`` or ``kubernetes``.
+
+        ``resource_config`` is the default every item gets (items' overrides merge over it); it may hold
+        ``{{name}}`` holes for ``template_variables``, each a JSON Schema (its ``description`` is shown to
+        people) or a :class:`TemplateVariable`. Times are timedeltas or seconds; left out: no retry delay, a
+        30 minute start timeout, no max run time (0 also means none). ``max_attempts`` 0 means 3 and
+        ``concurrency_limit`` 0 means no limit.
+        """
+        queue = _queue_message(
+            {
+                "resource_config": resource_config,
+                "template_variables": template_variables,
+                "prioritization": prioritization,
+                "max_attempts": max_attempts,
+                "retry_job_failures": retry_job_failures,
+                "retry_delay": retry_delay,
+                "start_timeout": start_timeout,
+                "max_run_time": max_run_time,
+                "concurrency_limit": concurrency_limit,
+                "paused": paused,
+                "description": description,
+                "container_name": container_name,
+            }
+        )
+        queue.resource = ResourceKind(resource)._to_proto()
+        request = queue_pb2.CreateQueueRequest(
+            parent=self._project_name(project), queue_id=queue_id, queue=queue, request_id=request_id
+        )
+        return Queue._from_proto(self._queue_call(self._queues.CreateQueue, request).queue)
+
+    def get_queue(self, queue: str, *, project: str | None = None) -> Queue:
+        """A queue by id or resource name, with its item counts."""
+        request = queue_pb2.GetQueueRequest(name=self.queue_name(queue, project))
+        return Queue._from_proto(self._queue_call(self._queues.GetQueue, request).queue)
+
+    def list_queues(
+        self, *, project: str | None = None, resource: ResourceKind | str | None = None
+    ) -> Iterator[Queue]:
+        """The queues of the project (of one resource kind, if given), by id."""
+        parent = self._project_name(project)
+        kind = ResourceKind(resource)._to_proto() if resource else common_pb2.RESOURCE_KIND_UNSPECIFIED
+
+        def page(token: str) -> tuple[Iterable[queue_pb2.Queue], str]:
+            request = queue_pb2.ListQueuesRequest(parent=parent, page_token=token, resource=kind)
+            response = self._queue_call(self._queues.ListQueues, request)
+            return response.queues, response.next_page_token
+
+        return (Queue._from_proto(queue) for queue in _paged(page))
+
+    def update_queue(self, queue: str, *, project: str | None = None, **changes: Any) -> Queue:
+        """Change the settings given, named as in :meth:`create_queue` (the resource kind is fixed); one
+        given as None goes back to its default.
+
+        Dispatch settings (paused, prioritization, concurrency_limit, start_timeout, retry_job_failures,
+        retry_delay) apply at once, also to waiting items; the others to items launched afterwards.
+        """
+        if not changes:
+            raise TypeError("update_queue() needs at least one setting to change")
+        message = _queue_message(changes)
+        message.name = self.queue_name(queue, project)
+        request = queue_pb2.UpdateQueueRequest(
+            queue=message, update_mask=field_mask_pb2.FieldMask(paths=sorted(changes))
+        )
+        return Queue._from_proto(self._queue_call(self._queues.UpdateQueue, request).queue)
+
+    def pause_queue(self, queue: str, *, project: str | None = None) -> Queue:
+        """Stop assigning the queue's items; it still takes launches, and running items carry on."""
+        return self.update_queue(queue, project=project, paused=True)
+
+    def resume_queue(self, queue: str, *, project: str | None = None) -> Queue:
+        return self.update_queue(queue, project=project, paused=False)
+
+    def delete_queue(self, queue: str, *, force: bool = False, project: str | None = None) -> None:
+        """Delete a queue and its items; one with items not yet ended needs ``force``, which stops them."""
+        request = queue_pb2.DeleteQueueRequest(name=self.queue_name(queue, project), force=force)
+        self._queue_call(self._queues.DeleteQueue, request)
+
+    # Launches and items
+
+    def launch(
+        self,
+        job: str,
+        queue: str,
+        *,
+        config: Mapping[str, Any] | None = None,
+        template_variables: Mapping[str, Any] | None = None,
+        priority: Priority | str = Priority.MEDIUM,
+        entrypoint: Sequence[str] | None = None,
+        resource_config: Mapping[str, Any] | None = None,
+        max_attempts: int = 0,
+        max_run_time: timedelta | float | None = None,
+        run_name: str = "",
+        project: str | None = None,
+        request_id: str | None = None,
+    ) -> Item:
+        """Put a job on a queue; returns the PENDING item, a handle to :meth:`Item.wait` on.
+
+        ``job`` (``train``, ``train:prod``, ``train:v3`` or a resource name, in the queue's project) is
+        pinned to one version now. ``config`` is the run config, checked against the version's inputs with
+        their defaults filled in; ``template_variables`` fill the queue's ``{{name}}`` holes;
+        ``resource_config`` is merged over the queue's. ``max_attempts`` 0 and ``max_run_time`` None take
+        the queue's. A call whose reply is lost is sent again with the same ``request_id`` (a new UUID
+        unless given), which returns the first item: one call never launches twice.
+        """
+        request = queue_pb2.EnqueueRequest(
+            queue=self.queue_name(queue, project),
+            job=job,
+            run_config=None if config is None else dict_to_struct(config),
+            entrypoint=list(entrypoint or ()),
+            resource_config=None if resource_config is None else dict_to_struct(resource_config),
+            template_variables=None if template_variables is None else dict_to_struct(template_variables),
+            priority=Priority(priority)._to_proto(),
+            max_attempts=max_attempts,
+            max_run_time=_duration(max_run_time),
+            run_display_name=run_name,
+            request_id=request_id or str(uuid.uuid4()),
+        )
+        return Item._from_proto(self._call_until_answered(self._queues.Enqueue, request).item, self)
+
+    def get_item(self, item: str, *, queue: str | None = None, project: str | None = None) -> Item:
+        """An item with its transition history; ``item`` as :meth:`item_name` takes it."""
+        request = queue_pb2.GetItemRequest(name=self.item_name(item, queue, project))
+        return Item._from_proto(self._queue_call(self._queues.GetItem, request).item, self)
+
+    def list_items(
+        self,
+        *,
+        queue: str | None = None,
+        states: Sequence[ItemState | str] = (),
+        project: str | None = None,
+    ) -> Iterator[Item]:
+        """Items of one queue, else of every queue of the project, newest first; ``states`` filters."""
+        parent = self.queue_name(queue or "-", project)
+        wanted = [ItemState(state)._to_proto() for state in states]
+
+        def page(token: str) -> tuple[Iterable[queue_pb2.Item], str]:
+            request = queue_pb2.ListItemsRequest(parent=parent, page_token=token, states=wanted)
+            response = self._queue_call(self._queues.ListItems, request)
+            return response.items, response.next_page_token
+
+        return (Item._from_proto(item, self) for item in _paged(page))
+
+    def cancel_item(
+        self, item: str, *, message: str = "", queue: str | None = None, project: str | None = None
+    ) -> Item:
+        """Cancel an item: a PENDING one ends CANCELLED at once; a leased one is marked, its agent told
+        to stop, and it ends CANCELLED when the agent has (it is never retried)."""
+        request = queue_pb2.CancelItemRequest(name=self.item_name(item, queue, project), message=message)
+        return Item._from_proto(self._queue_call(self._queues.CancelItem, request).item, self)
+
+    def relaunch_item(
+        self,
+        item: str,
+        *,
+        queue: str | None = None,
+        project: str | None = None,
+        request_id: str | None = None,
+    ) -> Item:
+        """A new item with the same pinned version and inputs as an ended one, on the same queue."""
+        request = queue_pb2.RelaunchItemRequest(
+            name=self.item_name(item, queue, project), request_id=request_id or str(uuid.uuid4())
+        )
+        return Item._from_proto(self._call_until_answered(self._queues.RelaunchItem, request).item, self)
+
+    def watch_item(
+        self,
+        item: str,
+        *,
+        queue: str | None = None,
+        project: str | None = None,
+        timeout: float | None = None,
+    ) -> Iterator[Item]:
+        """The item now, then after every change as the queue pushes it, until it ends.
+
+        A stream lost to a restarting queue service is opened again (the first message of the new one is
+        the item as it is then, so nothing is missed). Raises ``TimeoutError`` after ``timeout`` seconds.
+        """
+        name = self.item_name(item, queue, project)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        backoff, lost_since = Backoff(), None
+        while True:
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise TimeoutError(f"{name} has not ended after {timeout}s")
+            call = self._queues.WatchItem(queue_pb2.WatchItemRequest(name=name), timeout=remaining)
+            try:
+                for response in call:
+                    lost_since = None
+                    current = Item._from_proto(response.item, self)
+                    yield current
+                    if current.ended:
+                        return
+                error = TakeoffError(grpc.StatusCode.UNAVAILABLE, "UNAVAILABLE", "the watch ended early")
+            except grpc.RpcError as rpc_error:
+                error = TakeoffError.from_rpc_error(rpc_error, target=self.queue_address)
+            finally:
+                call.cancel()  # a caller that stops iterating early must not leave the stream open
+            if error.code is grpc.StatusCode.DEADLINE_EXCEEDED and deadline is not None:
+                raise TimeoutError(f"{name} has not ended after {timeout}s") from None
+            lost_since = lost_since or time.monotonic()
+            if not error.retryable or time.monotonic() - lost_since > RETRY_SECONDS:
+                raise error
+            time.sleep(backoff.next_delay())
+
+    # Agents
+
+    def list_agents(
+        self, *, queue: str | None = None, include_disconnected: bool = False, project: str | None = None
+    ) -> Iterator[Agent]:
+        """Connected agents (of one queue, if given), by id; ``include_disconnected`` adds those gone
+        whose leases have not expired yet."""
+        queue_filter = self.queue_name(queue, project) if queue else ""
+
+        def page(token: str) -> tuple[Iterable[queue_pb2.Agent], str]:
+            request = queue_pb2.ListAgentsRequest(
+                page_token=token, queue=queue_filter, include_disconnected=include_disconnected
+            )
+            response = self._queue_call(self._queues.ListAgents, request)
+            return response.agents, response.next_page_token
+
+        return (Agent._from_proto(agent) for agent in _paged(page))
+
     # Names
+
+    def queue_name(self, queue: str, project: str | None = None) -> str:
+        """``projects/{p}/queues/{queue}`` for a queue id; a resource name is returned as it is."""
+        return queue if queue.startswith("projects/") else f"{self._project_name(project)}/queues/{queue}"
+
+    def item_name(self, item: str, queue: str | None = None, project: str | None = None) -> str:
+        """An item's resource name from itself, from ``QUEUE/ITEM_ID``, or from an item id and its queue."""
+        if item.startswith("projects/"):
+            return item
+        queue_id, _, item_id = item.rpartition("/")
+        if not queue_id and queue is None:
+            raise ValueError(f"item {item!r} needs its queue: QUEUE/{item}, or the queue given apart")
+        return f"{self.queue_name(queue_id or queue or '', project)}/items/{item_id}"
 
     def job_name(self, job: str, project: str | None = None) -> str:
         """``projects/{p}/jobs/{job}`` for a job id; a resource name is returned as it is."""
@@ -300,12 +583,35 @@ class Client:
     # Calls
 
     def _call(
-        self, method: grpc.UnaryUnaryMultiCallable[_Request, _Response], request: _Request
+        self,
+        method: grpc.UnaryUnaryMultiCallable[_Request, _Response],
+        request: _Request,
+        *,
+        target: str | None = None,
     ) -> _Response:
         try:
             return method(request, timeout=self.timeout)
         except grpc.RpcError as error:
-            raise TakeoffError.from_rpc_error(error, target=self.registry) from None
+            raise TakeoffError.from_rpc_error(error, target=target or self.registry) from None
+
+    def _queue_call(
+        self, method: grpc.UnaryUnaryMultiCallable[_Request, _Response], request: _Request
+    ) -> _Response:
+        return self._call(method, request, target=self.queue_address)
+
+    def _call_until_answered(
+        self, method: grpc.UnaryUnaryMultiCallable[_Request, _Response], request: _Request
+    ) -> _Response:
+        """A queue call carrying a request_id, sent again while its failure may pass: a repeat that
+        reaches the service returns what the first one did."""
+        backoff, give_up_at = Backoff(), time.monotonic() + RETRY_SECONDS
+        while True:
+            try:
+                return self._queue_call(method, request)
+            except TakeoffError as error:
+                if not error.retryable or time.monotonic() >= give_up_at:
+                    raise
+            time.sleep(backoff.next_delay())
 
     def _call_streaming(
         self, method: grpc.StreamUnaryMultiCallable[_Request, _Response], requests: Iterator[_Request]
@@ -334,6 +640,64 @@ def _paged(fetch_page: Callable[[str], tuple[Iterable[_Item], str]]) -> Iterator
         yield from items
         if not token:
             return
+
+
+def _queue_message(settings: Mapping[str, Any]) -> queue_pb2.Queue:
+    """A Queue message holding ``settings`` (named as its fields); a None setting is left unset."""
+    unknown = sorted(set(settings) - set(_QUEUE_SETTINGS))
+    if unknown:
+        raise TypeError(f"not queue settings: {', '.join(unknown)}; they are {', '.join(_QUEUE_SETTINGS)}")
+    return queue_pb2.Queue(
+        **{name: _QUEUE_SETTINGS[name](value) for name, value in settings.items() if value is not None}
+    )
+
+
+def _as_is(value: Any) -> Any:
+    return value
+
+
+def _template_variables(
+    variables: Mapping[str, TemplateVariable | Mapping[str, Any]],
+) -> dict[str, queue_pb2.TemplateVariable]:
+    """Each variable as given, or made from its JSON Schema, whose ``description`` describes it."""
+    return {
+        name: (
+            spec
+            if isinstance(spec, TemplateVariable)
+            else TemplateVariable(dict(spec), spec.get("description", ""))
+        )._to_proto()
+        for name, spec in variables.items()
+    }
+
+
+def _duration(span: timedelta | float | None) -> duration_pb2.Duration | None:
+    if span is None:
+        return None
+    duration = duration_pb2.Duration()
+    duration.FromTimedelta(span if isinstance(span, timedelta) else timedelta(seconds=span))
+    return duration
+
+
+def _run_time_limit(span: timedelta | float) -> duration_pb2.Duration | None:
+    """The API says "no limit" by leaving the field unset, and refuses a zero."""
+    return _duration(span) if span else None
+
+
+# The settings a queue is created or updated with, by field name, and how each becomes its field.
+_QUEUE_SETTINGS: dict[str, Callable[[Any], Any]] = {
+    "description": _as_is,
+    "resource_config": dict_to_struct,
+    "template_variables": _template_variables,
+    "prioritization": _as_is,
+    "max_attempts": _as_is,
+    "retry_job_failures": _as_is,
+    "retry_delay": _duration,
+    "start_timeout": _duration,
+    "max_run_time": _run_time_limit,
+    "concurrency_limit": _as_is,
+    "paused": _as_is,
+    "container_name": _as_is,
+}
 
 
 def _upload_requests(

@@ -1,4 +1,4 @@
-"""Plain Python records of what the registry stores, converted to and from the v1 protos.
+"""Plain Python records of what the registry and the queue store, converted to and from the v1 protos.
 
 The client returns these instead of generated messages: their fields have Python types (``datetime``,
 ``dict``, enums), unset timestamps are ``None``, and free-form JSON is a ``dict``.
@@ -7,14 +7,17 @@ The client returns these instead of generated messages: their fields have Python
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from typing import Any, Self
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any, Self
 
-from google.protobuf import struct_pb2, timestamp_pb2
+from google.protobuf import duration_pb2, struct_pb2, timestamp_pb2
 
-from takeoff.v1 import common_pb2, jobs_pb2, runs_pb2
+from takeoff.v1 import common_pb2, jobs_pb2, queue_pb2, runs_pb2
+
+if TYPE_CHECKING:
+    from takeoff.client import Client
 
 
 class RunState(enum.StrEnum):
@@ -351,6 +354,418 @@ class LogLine:
         return cls(message.index, message.text, LogStream._from_proto(message.stream), _time(message, "time"))
 
 
+class _AnyCase(enum.StrEnum):
+    """Found by value in any case, with ``-`` or ``_``: ``"high"``, ``"HIGH"`` and ``Priority.HIGH`` agree."""
+
+    @classmethod
+    def _missing_(cls, value: object) -> Self | None:
+        if not isinstance(value, str):
+            return None
+        wanted = _spelling(value)
+        return next((member for member in cls if _spelling(member.value) == wanted), None)
+
+
+def _spelling(value: str) -> str:
+    return value.lower().replace("_", "-")
+
+
+class ItemState(_AnyCase):
+    """State of a queue item; SUCCEEDED, FAILED and CANCELLED are final."""
+
+    PENDING = "PENDING"
+    LEASED = "LEASED"
+    BUILDING = "BUILDING"
+    STARTING = "STARTING"
+    RUNNING = "RUNNING"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+
+    @property
+    def ended(self) -> bool:
+        return self in (ItemState.SUCCEEDED, ItemState.FAILED, ItemState.CANCELLED)
+
+    @property
+    def live(self) -> bool:
+        """Held by an agent (LEASED..RUNNING): what a queue's concurrency limit counts."""
+        return self in (ItemState.LEASED, ItemState.BUILDING, ItemState.STARTING, ItemState.RUNNING)
+
+    @classmethod
+    def _from_proto(cls, value: common_pb2.ItemState.ValueType) -> ItemState:
+        return cls(common_pb2.ItemState.Name(value).removeprefix("ITEM_STATE_"))
+
+    def _to_proto(self) -> common_pb2.ItemState.ValueType:
+        return common_pb2.ItemState.Value(f"ITEM_STATE_{self.value}")
+
+
+class Priority(_AnyCase):
+    """Priority of a queue item; a queue with prioritization on serves the higher ones first."""
+
+    CRITICAL = "critical"
+    HIGH = "high"
+    MEDIUM = "medium"
+    LOW = "low"
+
+    @classmethod
+    def _from_proto(cls, value: common_pb2.Priority.ValueType) -> Priority:
+        if value == common_pb2.PRIORITY_UNSPECIFIED:
+            return cls.MEDIUM
+        return cls[common_pb2.Priority.Name(value).removeprefix("PRIORITY_")]
+
+    def _to_proto(self) -> common_pb2.Priority.ValueType:
+        return common_pb2.Priority.Value(f"PRIORITY_{self.name}")
+
+
+class ResourceKind(_AnyCase):
+    """What a queue's items run on."""
+
+    LOCAL_PROCESS = "local-process"
+    LOCAL_CONTAINER = "local-container"
+    KUBERNETES = "kubernetes"
+
+    @classmethod
+    def _from_proto(cls, value: common_pb2.ResourceKind.ValueType) -> ResourceKind:
+        return cls[common_pb2.ResourceKind.Name(value).removeprefix("RESOURCE_KIND_")]
+
+    def _to_proto(self) -> common_pb2.ResourceKind.ValueType:
+        return common_pb2.ResourceKind.Value(f"RESOURCE_KIND_{self.name}")
+
+
+class FailureReason(_AnyCase):
+    """Why an attempt ended without success. AGENT_LOST, BUILD_INFRA, PREEMPTED, START_TIMEOUT,
+    RUNNER_INFRA and RELEASED are the infrastructure's fault and retried; the job's own failures only when
+    the queue says so; CANCELLED never."""
+
+    AGENT_LOST = "AGENT_LOST"
+    BUILD_INFRA = "BUILD_INFRA"
+    PREEMPTED = "PREEMPTED"
+    START_TIMEOUT = "START_TIMEOUT"
+    RUNNER_INFRA = "RUNNER_INFRA"
+    RELEASED = "RELEASED"
+    MAX_RUN_TIME_EXCEEDED = "MAX_RUN_TIME_EXCEEDED"
+    JOB_FAILED = "JOB_FAILED"
+    NO_RUN = "NO_RUN"
+    BUILD_FAILED = "BUILD_FAILED"
+    CONFIG_INVALID = "CONFIG_INVALID"
+    CANCELLED = "CANCELLED"
+
+    @classmethod
+    def _from_proto(cls, value: common_pb2.FailureReason.ValueType) -> FailureReason | None:
+        if value == common_pb2.FAILURE_REASON_UNSPECIFIED:
+            return None
+        return cls(common_pb2.FailureReason.Name(value).removeprefix("FAILURE_REASON_"))
+
+
+@dataclass(frozen=True)
+class TemplateVariable:
+    """A typed hole ``{{name}}`` in a queue's resource config: a JSON Schema with a ``type``, and maybe a
+    ``default``, ``minimum``, ``maximum``, ``enum``; a variable without a default must be given at launch."""
+
+    schema: dict[str, Any]
+    description: str = ""
+
+    @classmethod
+    def _from_proto(cls, message: queue_pb2.TemplateVariable) -> Self:
+        return cls(struct_to_dict(message.schema), message.description)
+
+    def _to_proto(self) -> queue_pb2.TemplateVariable:
+        return queue_pb2.TemplateVariable(schema=dict_to_struct(self.schema), description=self.description)
+
+
+@dataclass(frozen=True)
+class Queue:
+    """A queue of work for one kind of target resource, with the settings its items get."""
+
+    name: str
+    resource: ResourceKind
+    description: str = ""
+    resource_config: dict[str, Any] = field(default_factory=dict)
+    """The default resource config; items' overrides are deep-merged over it."""
+    template_variables: dict[str, TemplateVariable] = field(default_factory=dict)
+    prioritization: bool = False
+    max_attempts: int = 0
+    retry_job_failures: bool = False
+    retry_delay: timedelta = timedelta(0)
+    start_timeout: timedelta | None = None
+    max_run_time: timedelta | None = None
+    """None: unlimited."""
+    concurrency_limit: int = 0
+    """0: unlimited."""
+    paused: bool = False
+    container_name: str = ""
+    create_time: datetime | None = None
+    update_time: datetime | None = None
+    item_counts: dict[ItemState, int] = field(default_factory=dict)
+    agent_count: int = 0
+    """Connected agents serving the queue."""
+
+    @property
+    def id(self) -> str:
+        return self.name.rsplit("/", 1)[-1]
+
+    @property
+    def project(self) -> str:
+        return self.name.split("/")[1]
+
+    @classmethod
+    def _from_proto(cls, message: queue_pb2.Queue) -> Self:
+        return cls(
+            name=message.name,
+            resource=ResourceKind._from_proto(message.resource),
+            description=message.description,
+            resource_config=struct_to_dict(message.resource_config),
+            template_variables={
+                name: TemplateVariable._from_proto(variable)
+                for name, variable in sorted(message.template_variables.items())
+            },
+            prioritization=message.prioritization,
+            max_attempts=message.max_attempts,
+            retry_job_failures=message.retry_job_failures,
+            retry_delay=_span(message, "retry_delay") or timedelta(0),
+            start_timeout=_span(message, "start_timeout"),
+            max_run_time=_span(message, "max_run_time"),
+            concurrency_limit=message.concurrency_limit,
+            paused=message.paused,
+            container_name=message.container_name,
+            create_time=_time(message, "create_time"),
+            update_time=_time(message, "update_time"),
+            item_counts={state: getattr(message.item_counts, state.value.lower()) for state in ItemState},
+            agent_count=message.agent_count,
+        )
+
+
+@dataclass(frozen=True)
+class ItemTransition:
+    """One recorded change of an item's state; ``from_state`` is None for the enqueue."""
+
+    time: datetime | None
+    from_state: ItemState | None
+    to_state: ItemState
+    reason: FailureReason | None = None
+    message: str = ""
+    agent: str = ""
+    attempt: int = 0
+    epoch: int = 0
+    run: str = ""
+
+    @classmethod
+    def _from_proto(cls, message: queue_pb2.ItemTransition) -> Self:
+        return cls(
+            time=_time(message, "time"),
+            from_state=(
+                None
+                if message.from_state == common_pb2.ITEM_STATE_UNSPECIFIED
+                else ItemState._from_proto(message.from_state)
+            ),
+            to_state=ItemState._from_proto(message.to_state),
+            reason=FailureReason._from_proto(message.reason),
+            message=message.message,
+            agent=message.agent,
+            attempt=message.attempt,
+            epoch=message.epoch,
+            run=message.run,
+        )
+
+
+@dataclass
+class Item:
+    """One launch of a job version on a queue, and a handle on it: :meth:`refresh`, :meth:`cancel` and
+    :meth:`wait` update this object in place (and return it).
+
+    ``run`` is the run of the latest attempt (empty until an agent takes the item); ``reason``,
+    ``message`` and ``exit_code`` say how the last attempt ended.
+    """
+
+    name: str
+    state: ItemState
+    job: str = ""
+    """The job reference as given, e.g. ``train:latest``."""
+    job_version: str = ""
+    """The version it was pinned to at launch, ``projects/{p}/jobs/{j}/versions/{n}``."""
+    priority: Priority = Priority.MEDIUM
+    run_config: dict[str, Any] = field(default_factory=dict)
+    entrypoint: list[str] = field(default_factory=list)
+    resource_config_override: dict[str, Any] = field(default_factory=dict)
+    template_variables: dict[str, Any] = field(default_factory=dict)
+    resource_config: dict[str, Any] = field(default_factory=dict)
+    """What the runner gets: the queue's default and the override merged, template variables filled."""
+    attempt: int = 0
+    max_attempts: int = 0
+    max_run_time: timedelta | None = None
+    run_display_name: str = ""
+    cancel_requested: bool = False
+    run: str = ""
+    agent: str = ""
+    reason: FailureReason | None = None
+    message: str = ""
+    exit_code: int | None = None
+    epoch: int = 0
+    lease_id: str = ""
+    enqueue_time: datetime | None = None
+    eligible_time: datetime | None = None
+    update_time: datetime | None = None
+    end_time: datetime | None = None
+    lease_expire_time: datetime | None = None
+    start_deadline: datetime | None = None
+    transitions: list[ItemTransition] = field(default_factory=list)
+    relaunched_from: str = ""
+    traceparent: str = ""
+    _client: Client | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def id(self) -> str:
+        return self.name.rsplit("/", 1)[-1]
+
+    @property
+    def queue(self) -> str:
+        """The queue's resource name, ``projects/{p}/queues/{q}``."""
+        return self.name.rsplit("/items/", 1)[0]
+
+    @property
+    def project(self) -> str:
+        return self.name.split("/")[1]
+
+    @property
+    def ended(self) -> bool:
+        return self.state.ended
+
+    def refresh(self) -> Item:
+        """Fetch the item as it is now."""
+        return self._take(self._connected().get_item(self.name))
+
+    def cancel(self, message: str = "") -> Item:
+        """Cancel the item: a PENDING one ends CANCELLED at once; a running one once its agent stopped it."""
+        return self._take(self._connected().cancel_item(self.name, message=message))
+
+    def wait(self, timeout: float | None = None, on_change: Callable[[Item], None] | None = None) -> Item:
+        """Block until the item ends (SUCCEEDED, FAILED or CANCELLED), following its changes as the queue
+        pushes them; ``on_change`` is called with this item now and after every change.
+
+        Raises ``TimeoutError`` when ``timeout`` seconds pass first (the item carries on).
+        """
+        for current in self._connected().watch_item(self.name, timeout=timeout):
+            self._take(current)
+            if on_change is not None:
+                on_change(self)
+        return self
+
+    def _connected(self) -> Client:
+        if self._client is None:
+            raise RuntimeError(f"{self.name} was not fetched through a takeoff.Client; use client.get_item")
+        return self._client
+
+    def _take(self, newer: Item) -> Item:
+        for item_field in fields(self):
+            if item_field.name != "_client":
+                setattr(self, item_field.name, getattr(newer, item_field.name))
+        return self
+
+    @classmethod
+    def _from_proto(cls, message: queue_pb2.Item, client: Client | None = None) -> Self:
+        return cls(
+            name=message.name,
+            state=ItemState._from_proto(message.state),
+            job=message.job,
+            job_version=message.job_version,
+            priority=Priority._from_proto(message.priority),
+            run_config=struct_to_dict(message.run_config),
+            entrypoint=list(message.entrypoint),
+            resource_config_override=struct_to_dict(message.resource_config_override),
+            template_variables=struct_to_dict(message.template_variables),
+            resource_config=struct_to_dict(message.resource_config),
+            attempt=message.attempt,
+            max_attempts=message.max_attempts,
+            max_run_time=_span(message, "max_run_time"),
+            run_display_name=message.run_display_name,
+            cancel_requested=message.cancel_requested,
+            run=message.run,
+            agent=message.agent,
+            reason=FailureReason._from_proto(message.reason),
+            message=message.message,
+            exit_code=message.exit_code if message.HasField("exit_code") else None,
+            epoch=message.epoch,
+            lease_id=message.lease_id,
+            enqueue_time=_time(message, "enqueue_time"),
+            eligible_time=_time(message, "eligible_time"),
+            update_time=_time(message, "update_time"),
+            end_time=_time(message, "end_time"),
+            lease_expire_time=_time(message, "lease_expire_time"),
+            start_deadline=_time(message, "start_deadline"),
+            transitions=[ItemTransition._from_proto(transition) for transition in message.transitions],
+            relaunched_from=message.relaunched_from,
+            traceparent=message.traceparent,
+            _client=client,
+        )
+
+
+@dataclass(frozen=True)
+class AgentLease:
+    """An item an agent holds now."""
+
+    lease_id: str
+    item: str
+    state: ItemState
+    attempt: int = 0
+    epoch: int = 0
+    run: str = ""
+    assign_time: datetime | None = None
+
+    @classmethod
+    def _from_proto(cls, message: queue_pb2.AgentLease) -> Self:
+        return cls(
+            lease_id=message.lease_id,
+            item=message.item,
+            state=ItemState._from_proto(message.state),
+            attempt=message.attempt,
+            epoch=message.epoch,
+            run=message.run,
+            assign_time=_time(message, "assign_time"),
+        )
+
+
+@dataclass(frozen=True)
+class Agent:
+    """An agent as the queue service sees it: what it serves, how much it takes, what it holds."""
+
+    name: str
+    display_name: str = ""
+    connected: bool = False
+    queues: list[str] = field(default_factory=list)
+    resources: list[ResourceKind] = field(default_factory=list)
+    capacity: int = 0
+    draining: bool = False
+    leases: list[AgentLease] = field(default_factory=list)
+    version: str = ""
+    labels: dict[str, str] = field(default_factory=dict)
+    session_id: str = ""
+    connect_time: datetime | None = None
+    last_heartbeat_time: datetime | None = None
+    disconnect_time: datetime | None = None
+
+    @property
+    def id(self) -> str:
+        return self.name.removeprefix("agents/")
+
+    @classmethod
+    def _from_proto(cls, message: queue_pb2.Agent) -> Self:
+        return cls(
+            name=message.name,
+            display_name=message.display_name,
+            connected=message.connected,
+            queues=list(message.queues),
+            resources=[ResourceKind._from_proto(kind) for kind in message.resources],
+            capacity=message.capacity,
+            draining=message.draining,
+            leases=[AgentLease._from_proto(lease) for lease in message.leases],
+            version=message.version,
+            labels=dict(message.labels),
+            session_id=message.session_id,
+            connect_time=_time(message, "connect_time"),
+            last_heartbeat_time=_time(message, "last_heartbeat_time"),
+            disconnect_time=_time(message, "disconnect_time"),
+        )
+
+
 def struct_to_dict(struct: struct_pb2.Struct) -> dict[str, Any]:
     """A Struct as plain Python; whole numbers come back as ``int`` (a Struct holds only doubles)."""
     return {key: _from_value(value) for key, value in struct.fields.items()}
@@ -398,13 +813,26 @@ def _time(message: Any, field_name: str) -> datetime | None:
     return timestamp.ToDatetime(tzinfo=UTC)
 
 
+def _span(message: Any, field_name: str) -> timedelta | None:
+    if not message.HasField(field_name):
+        return None
+    duration: duration_pb2.Duration = getattr(message, field_name)
+    return duration.ToTimedelta()
+
+
 __all__ = [
+    "Agent",
+    "AgentLease",
     "Artifact",
     "CodeSource",
     "CreatedJobVersion",
     "Environment",
+    "FailureReason",
     "GitSource",
     "ImageSource",
+    "Item",
+    "ItemState",
+    "ItemTransition",
     "Job",
     "JobInputs",
     "JobSource",
@@ -412,8 +840,12 @@ __all__ = [
     "LogLine",
     "LogStream",
     "MetricRow",
+    "Priority",
+    "Queue",
+    "ResourceKind",
     "RunInfo",
     "RunState",
+    "TemplateVariable",
     "dict_to_struct",
     "jsonable",
     "struct_to_dict",

@@ -77,3 +77,7 @@ class Aborted(TakeoffError):
 
 class Unavailable(TakeoffError):
     """A dependency (another service, the Docker engine) cannot be reached; retrying may help."""
+
+
+class ServiceFailed(Exception):
+    """A service process cannot go on (e.g. the agent's queues refuse it); the message says why."""

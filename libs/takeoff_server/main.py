@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Generic, NoReturn
 
 from takeoff_server.config import ConfigError, SettingsT, load_settings
+from takeoff_server.errors import ServiceFailed
 from takeoff_server.server import ServiceBinding, TakeoffServer, serve_until_signalled, write_ready_file
 from takeoff_server.telemetry import setup_logging, setup_tracing
 
@@ -67,7 +68,7 @@ class ServiceProgram(Generic[SettingsT]):
             sys.exit(EXIT_CONFIG_ERROR)
         try:
             asyncio.run(self._serve(settings))
-        except OSError as error:
+        except (OSError, ServiceFailed) as error:
             print(f"takeoff-{self.name}: {error}", file=sys.stderr)
             sys.exit(EXIT_START_FAILED)
         finally:

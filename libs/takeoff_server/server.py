@@ -13,10 +13,10 @@ import json
 import logging
 import os
 import signal
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 from google.protobuf.descriptor import ServiceDescriptor
@@ -40,6 +40,9 @@ class ServiceBinding:
     on_shutdown: Callable[[], Awaitable[None]] | None = None
     """Runs once the server reports NOT_SERVING, before in-flight calls are drained: a service with
     long-lived streams ends them here, so that shutdown does not wait out the whole grace period."""
+    main_loop: Callable[[], Coroutine[Any, Any, None]] | None = None
+    """Work the process does besides serving (the agent's lease session). It starts once the server
+    serves; when it ends, the process shuts down (and exits with its error, if it raised one)."""
 
     @classmethod
     def of(
@@ -49,9 +52,12 @@ class ServiceBinding:
         servicer: ServicerT,
         *,
         on_shutdown: Callable[[], Awaitable[None]] | None = None,
+        main_loop: Callable[[], Coroutine[Any, Any, None]] | None = None,
     ) -> ServiceBinding:
         """Bind a generated ``add_XxxServicer_to_server`` to a servicer instance."""
-        return cls(descriptor.full_name, lambda server: add_servicer(servicer, server), on_shutdown)
+        return cls(
+            descriptor.full_name, lambda server: add_servicer(servicer, server), on_shutdown, main_loop
+        )
 
 
 class TakeoffServer:
@@ -138,15 +144,23 @@ def write_ready_file(path: Path, addresses: Sequence[str]) -> None:
 
 
 async def serve_until_signalled(server: TakeoffServer, *, grace: float) -> None:
-    """Serve until SIGTERM or SIGINT, then shut down gracefully."""
+    """Serve until SIGTERM or SIGINT (or a main loop's failure), then shut down gracefully."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    main_loops = [asyncio.create_task(s.main_loop()) for s in server.services if s.main_loop is not None]
+    for task in main_loops:
+        task.add_done_callback(lambda _: stop.set())  # a main loop that ends ends the process
     try:
         await stop.wait()
         logger.info("shutting down (grace %.1fs)", grace)
         await server.stop(grace)
+        for task in main_loops:
+            task.cancel()
+        for outcome in await asyncio.gather(*main_loops, return_exceptions=True):
+            if isinstance(outcome, Exception):
+                raise outcome
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)

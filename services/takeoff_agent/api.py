@@ -1,37 +1,88 @@
-"""gRPC servicer of the agent: its status (and, with the agent core, drain).
-
-Thin by design: domain state becomes protos. Methods not written yet are inherited from the generated
-base, which the error interceptor answers with UNIMPLEMENTED.
-"""
+"""gRPC servicer of the agent: its status and its drain, from the agent's own state."""
 
 from __future__ import annotations
 
+import asyncio
+import time
+from typing import Any
+
 import grpc
-from google.protobuf.timestamp_pb2 import Timestamp
+from google.protobuf import duration_pb2, timestamp_pb2
 
 import takeoff
 from takeoff.v1 import agent_pb2, agent_pb2_grpc
-from takeoff_agent.identity import AgentIdentity
+from takeoff_agent.agent import RESOURCE_KINDS, Agent
+from takeoff_agent.work import Attempt
+from takeoff_server.errors import FieldViolation, InvalidArgument
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+def _timestamp(seconds: float | None) -> timestamp_pb2.Timestamp | None:
+    if seconds is None:
+        return None
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromNanoseconds(int(seconds * 1e9))
+    return stamp
+
+
+def _work_to_proto(attempt: Attempt) -> agent_pb2.ActiveWork:
+    assignment = attempt.assignment
+    duration = duration_pb2.Duration()
+    duration.FromNanoseconds(int((time.time() - attempt.assigned_at) * 1e9))
+    return agent_pb2.ActiveWork(
+        lease_id=assignment.lease_id,
+        epoch=assignment.epoch,
+        item=assignment.item.name,
+        run=assignment.run,
+        job_version=assignment.job_version.name,
+        attempt=assignment.attempt,
+        state=attempt.state,
+        detail=attempt.detail,
+        assign_time=_timestamp(attempt.assigned_at),
+        start_time=_timestamp(attempt.running_since),
+        duration=duration,
+        cancel_requested=attempt.stop_reason is not None and attempt.stop_reason.name == "CANCELLED",
+    )
 
 
 class AgentApi(agent_pb2_grpc.AgentServiceServicer):
-    def __init__(self, identity: AgentIdentity) -> None:
-        self._identity = identity
+    def __init__(self, agent: Agent) -> None:
+        self._agent = agent
+        self._started = time.time()
+
+    def _work(self) -> list[agent_pb2.ActiveWork]:
+        attempts = sorted(self._agent.attempts.values(), key=lambda attempt: attempt.assigned_at)
+        return [_work_to_proto(attempt) for attempt in attempts]
 
     async def GetStatus(
-        self,
-        request: agent_pb2.GetStatusRequest,
-        context: grpc.aio.ServicerContext[agent_pb2.GetStatusRequest, agent_pb2.GetStatusResponse],
+        self, request: agent_pb2.GetStatusRequest, context: Context
     ) -> agent_pb2.GetStatusResponse:
-        identity = self._identity
-        start_time = Timestamp()
-        start_time.FromDatetime(identity.started_at)
+        agent, identity = self._agent, self._agent.identity
         return agent_pb2.GetStatusResponse(
             agent=f"agents/{identity.agent_id}",
             display_name=identity.display_name,
+            session_id=agent.link.session_id if agent.link.connected else "",
+            connected=agent.link.connected,
             queues=identity.queues,
+            resources=[RESOURCE_KINDS[kind] for kind in agent.settings.runners],
             capacity=identity.capacity,
             draining=identity.draining,
             version=takeoff.__version__,
-            start_time=start_time,
+            start_time=_timestamp(self._started),
+            last_heartbeat_ack_time=_timestamp(agent.link.last_heartbeat_ack),
+            work=self._work(),
         )
+
+    async def Drain(self, request: agent_pb2.DrainRequest, context: Context) -> agent_pb2.DrainResponse:
+        limit = request.timeout.ToTimedelta().total_seconds() if request.HasField("timeout") else None
+        if limit is not None and limit < 0:
+            raise InvalidArgument(
+                "ARGUMENT_INVALID",
+                "timeout must not be negative",
+                violations=[FieldViolation("timeout", "negative")],
+            )
+        draining = asyncio.ensure_future(self._agent.drain(limit))
+        if request.wait:
+            await draining
+        return agent_pb2.DrainResponse(work=self._work())

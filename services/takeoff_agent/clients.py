@@ -15,7 +15,7 @@ from typing import TypeVar
 import grpc
 
 from takeoff.v1 import build_pb2, build_pb2_grpc, common_pb2, runs_pb2, runs_pb2_grpc
-from takeoff_server.structs import dict_to_struct
+from takeoff_server.protovalues import dict_to_struct
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")

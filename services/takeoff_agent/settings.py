@@ -18,6 +18,12 @@ class AgentSettings(ServerSettings):
     queue_address: str = "127.0.0.1:50052"
     builder_address: str = "127.0.0.1:50053"
     registry_address: str = "127.0.0.1:50051"
+    runners: dict[str, dict[str, object]] = {"local-process": {}}
+    """One entry per resource kind the agent can run (``local-process`` for now), with its options."""
+    stop_grace_seconds: float = Field(default=10.0, ge=0)
+    """Between SIGTERM and SIGKILL when a job is cancelled, revoked or out of time."""
+    drain_timeout_seconds: float | None = Field(default=None, ge=0)
+    """How long a draining agent lets running jobs go on before stopping them; unset: until they end."""
     state_dir: Path | None = None
     """Where the agent keeps its id and its jobs' state; empty means ``{home}/agent``."""
 
@@ -28,6 +34,14 @@ class AgentSettings(ServerSettings):
             if not queue or queue.strip() != queue:
                 raise ValueError(f"{queue!r} is not a queue name")
         return queues
+
+    @field_validator("runners")
+    @classmethod
+    def _check_runners(cls, runners: dict[str, dict[str, object]]) -> dict[str, dict[str, object]]:
+        unknown = sorted(set(runners) - {"local-process"})
+        if unknown:
+            raise ValueError(f"no runner for {', '.join(unknown)} in this agent (it has: local-process)")
+        return runners
 
     @property
     def state_path(self) -> Path:

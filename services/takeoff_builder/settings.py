@@ -1,7 +1,85 @@
 """Builder settings (``TAKEOFF_*`` variables, a YAML file, or these defaults)."""
 
+from pathlib import Path
+
+from pydantic import Field, SecretStr, field_validator
+
 from takeoff_server.config import ServerSettings
+
+HOST_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 
 
 class BuilderSettings(ServerSettings):
     listen: list[str] = ["127.0.0.1:50053"]
+    registry_address: str = "127.0.0.1:50051"
+    """Where job versions are resolved and code artifacts downloaded (``takeoff up`` sets it)."""
+    builds_dir: Path | None = None
+    """Venvs, unpacked code, git mirrors; unset means ``{home}/builds``. Agents using venv builds must
+    see the same directory at the same path."""
+    max_concurrent_builds: int = Field(default=2, gt=0)
+    """Builds that run at once; more wait in QUEUED. Cache hits never wait."""
+
+    default_base_image: str = "python:3.12-slim"
+    """Base image of generated Dockerfiles when the job names none; it must have ``python3`` with venv."""
+    image_repository: str = "takeoff"
+    """Images are tagged ``{push_registry}/{image_repository}/{job}:{build key[:16]}``."""
+    push_registry: str | None = None
+    """``host[:port]`` of the registry images are pushed to; unset means images stay local."""
+    push_username: str | None = None
+    push_password: SecretStr | None = None
+    docker_host: str | None = None
+    """Docker engine address; unset means ``DOCKER_HOST``, else the local socket."""
+
+    pip_index_url: str | None = None
+    """Replaces PyPI for venv and image builds; image builds use it only when it carries no credentials."""
+    pip_extra_index_urls: list[str] = []
+    pip_ca_bundle: Path | None = None
+    """CA certificates pip trusts (for a proxy or a mirror); unset means the host's bundle when it has one.
+    Image builds copy it into the build context, as it is public."""
+
+    git_timeout_seconds: float = Field(default=300.0, gt=0)
+    """How long one git clone or fetch may take."""
+    git_https_token: SecretStr | None = None
+    """Token sent (HTTP basic auth) to https git remotes under ``git_https_token_scope``; never logged."""
+    git_https_username: str = "x-access-token"
+    git_https_token_scope: str = "https://"
+    """URL prefix whose remotes get the token, e.g. ``https://github.com/acme/``."""
+    git_ssh_key_path: Path | None = None
+    """Private key for ``ssh://`` and ``git@host:path`` remotes; unset means ssh's own configuration."""
+
+    @field_validator("git_https_token_scope")
+    @classmethod
+    def _check_token_scope(cls, scope: str) -> str:
+        if not scope.startswith("https://"):
+            raise ValueError("must start with https:// (a token is never sent over plain http)")
+        return scope
+
+    @field_validator("builds_dir", "pip_ca_bundle", "git_ssh_key_path")
+    @classmethod
+    def _expand_user_in_paths(cls, value: Path | None) -> Path | None:
+        return value.expanduser() if value is not None else None
+
+    @field_validator("pip_ca_bundle")
+    @classmethod
+    def _check_ca_bundle(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"{value} is not a file")
+        return value
+
+    @property
+    def builds_path(self) -> Path:
+        return self.builds_dir or self.home / "builds"
+
+    @property
+    def ca_bundle(self) -> Path | None:
+        """The CA bundle pip is given, if any."""
+        if self.pip_ca_bundle is not None:
+            return self.pip_ca_bundle
+        return HOST_CA_BUNDLE if HOST_CA_BUNDLE.is_file() else None
+
+    @property
+    def image_prefix(self) -> str:
+        """What image names start with: the repository, behind the push registry when there is one."""
+        return (
+            f"{self.push_registry}/{self.image_repository}" if self.push_registry else self.image_repository
+        )

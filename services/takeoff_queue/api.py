@@ -12,7 +12,6 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import grpc
-from google.protobuf import duration_pb2, timestamp_pb2
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from takeoff.v1 import common_pb2, queue_pb2, queue_pb2_grpc
@@ -47,7 +46,7 @@ from takeoff_queue.model import (
 from takeoff_queue.resource_config import ResourceKind
 from takeoff_server.errors import Aborted, FieldViolation, InvalidArgument, NotFound, Unavailable
 from takeoff_server.pagination import next_page_token, page_request
-from takeoff_server.structs import dict_to_struct, struct_to_dict
+from takeoff_server.protovalues import dict_to_struct, optional_duration, optional_timestamp, struct_to_dict
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -90,22 +89,6 @@ def _reason_proto(reason: FailureReason | None) -> common_pb2.FailureReason.Valu
 def _reason(number: int) -> FailureReason | None:
     name = common_pb2.FailureReason.Name(number).removeprefix("FAILURE_REASON_")  # type: ignore[arg-type]
     return FailureReason(name) if name != "UNSPECIFIED" else None
-
-
-def _timestamp(moment: datetime | None) -> timestamp_pb2.Timestamp | None:
-    if moment is None:
-        return None
-    stamp = timestamp_pb2.Timestamp()
-    stamp.FromDatetime(moment)
-    return stamp
-
-
-def _duration(span: timedelta | None) -> duration_pb2.Duration | None:
-    if span is None:
-        return None
-    duration = duration_pb2.Duration()
-    duration.FromTimedelta(span)
-    return duration
 
 
 def _queue_from_proto(message: queue_pb2.Queue) -> Queue:
@@ -152,14 +135,14 @@ def _queue_to_proto(
         prioritization=queue.prioritization,
         max_attempts=queue.max_attempts,
         retry_job_failures=queue.retry_job_failures,
-        retry_delay=_duration(queue.retry_delay),
-        start_timeout=_duration(queue.start_timeout),
-        max_run_time=_duration(queue.max_run_time),
+        retry_delay=optional_duration(queue.retry_delay),
+        start_timeout=optional_duration(queue.start_timeout),
+        max_run_time=optional_duration(queue.max_run_time),
         concurrency_limit=queue.concurrency_limit,
         paused=queue.paused,
         container_name=queue.container_name,
-        create_time=_timestamp(queue.create_time),
-        update_time=_timestamp(queue.update_time),
+        create_time=optional_timestamp(queue.create_time),
+        update_time=optional_timestamp(queue.update_time),
         item_counts=queue_pb2.ItemCounts(**{state.value.lower(): count for state, count in counts.items()}),
         agent_count=agents,
     )
@@ -167,7 +150,7 @@ def _queue_to_proto(
 
 def _transition_to_proto(transition: Transition) -> queue_pb2.ItemTransition:
     return queue_pb2.ItemTransition(
-        time=_timestamp(transition.time),
+        time=optional_timestamp(transition.time),
         from_state=_state_proto(transition.from_state),
         to_state=_state_proto(transition.to_state),
         reason=_reason_proto(transition.reason),
@@ -195,17 +178,17 @@ def _item_to_proto(item: Item) -> queue_pb2.Item:
         state=_state_proto(life.state),
         attempt=life.attempt,
         max_attempts=life.max_attempts,
-        max_run_time=_duration(item.max_run_time),
+        max_run_time=optional_duration(item.max_run_time),
         run_display_name=item.run_display_name,
         epoch=life.epoch,
         cancel_requested=life.cancel_requested,
-        enqueue_time=_timestamp(life.enqueue_time),
-        eligible_time=_timestamp(life.eligible_time),
-        update_time=_timestamp(item.update_time),
-        end_time=_timestamp(item.end_time),
+        enqueue_time=optional_timestamp(life.enqueue_time),
+        eligible_time=optional_timestamp(life.eligible_time),
+        update_time=optional_timestamp(item.update_time),
+        end_time=optional_timestamp(item.end_time),
         lease_id=item.lease_id if leased else "",
         agent=life.agent,
-        start_deadline=_timestamp(item.start_deadline) if leased else None,
+        start_deadline=optional_timestamp(item.start_deadline) if leased else None,
         run=life.run,
         reason=_reason_proto(life.reason),
         message=life.message,
@@ -228,7 +211,7 @@ def _agent_to_proto(agent: Agent, items: dict[str, Item]) -> queue_pb2.Agent:
                     epoch=item.life.epoch,
                     attempt=item.life.attempt,
                     state=_state_proto(item.state),
-                    assign_time=_timestamp(item.assign_time),
+                    assign_time=optional_timestamp(item.assign_time),
                     run=item.life.run,
                 )
             )
@@ -244,9 +227,9 @@ def _agent_to_proto(agent: Agent, items: dict[str, Item]) -> queue_pb2.Agent:
         leases=leases,
         version=agent.version,
         labels=agent.labels,
-        connect_time=_timestamp(agent.connect_time),
-        last_heartbeat_time=_timestamp(agent.last_heartbeat_time),
-        disconnect_time=_timestamp(agent.disconnect_time),
+        connect_time=optional_timestamp(agent.connect_time),
+        last_heartbeat_time=optional_timestamp(agent.last_heartbeat_time),
+        disconnect_time=optional_timestamp(agent.disconnect_time),
     )
 
 
@@ -342,8 +325,8 @@ def _response_to_proto(message: Any) -> queue_pb2.LeaseResponse:
                 welcome=Response.Welcome(
                     agent=message.agent,
                     session_id=message.session_id,
-                    lease_ttl=_duration(message.lease_ttl),
-                    heartbeat_interval=_duration(message.heartbeat_interval),
+                    lease_ttl=optional_duration(message.lease_ttl),
+                    heartbeat_interval=optional_duration(message.heartbeat_interval),
                     lease_verdicts=[
                         Response.LeaseVerdict(
                             lease_id=v.lease_id,
@@ -356,7 +339,7 @@ def _response_to_proto(message: Any) -> queue_pb2.LeaseResponse:
                         )
                         for v in message.verdicts
                     ],
-                    server_time=_timestamp(message.server_time),
+                    server_time=optional_timestamp(message.server_time),
                 )
             )
         case Assignment():
@@ -371,9 +354,9 @@ def _response_to_proto(message: Any) -> queue_pb2.LeaseResponse:
                     resource_config=dict_to_struct(item.resource_config),
                     run=message.run,
                     attempt=message.attempt,
-                    assign_time=_timestamp(message.assign_time),
-                    start_deadline=_timestamp(message.start_deadline),
-                    max_run_time=_duration(item.max_run_time),
+                    assign_time=optional_timestamp(message.assign_time),
+                    start_deadline=optional_timestamp(message.start_deadline),
+                    max_run_time=optional_duration(item.max_run_time),
                     entrypoint=item.entrypoint or list(version.entrypoint),
                     traceparent=item.traceparent,
                     queue=queue.name,

@@ -8,7 +8,7 @@ from google.rpc import error_details_pb2, status_pb2
 from takeoff.v1 import jobs_pb2, jobs_pb2_grpc
 from takeoff_queue.model import ResolvedJob, SourceKind
 from takeoff_server.errors import FieldViolation, InvalidArgument, NotFound, TakeoffError, Unavailable
-from takeoff_server.structs import struct_to_dict
+from takeoff_server.protovalues import struct_to_dict
 
 RESOLVE_TIMEOUT_SECONDS = 10.0
 

@@ -19,12 +19,11 @@ from takeoff_registry.versions import (
     Source,
     VersionSpec,
 )
-from takeoff_registry.wire import timestamp
 from takeoff_server.errors import FieldViolation, InvalidArgument
 from takeoff_server.idempotency import check_request_id
 from takeoff_server.names import ID_RULE, check_id, is_valid_id
 from takeoff_server.pagination import next_page_token, page_request
-from takeoff_server.structs import dict_to_struct, struct_to_dict
+from takeoff_server.protovalues import dict_to_struct, struct_to_dict, timestamp
 from takeoff_server.validation import field_error
 
 UPDATABLE_JOB_FIELDS = frozenset({"description"})

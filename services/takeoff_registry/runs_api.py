@@ -16,13 +16,11 @@ from takeoff_registry.wire import (
     log_lines,
     metric_batch,
     metric_rows,
-    optional_timestamp,
-    timestamp,
 )
 from takeoff_server.idempotency import check_request_id
 from takeoff_server.names import check_id
 from takeoff_server.pagination import next_page_token, page_request
-from takeoff_server.structs import dict_to_struct, struct_to_dict
+from takeoff_server.protovalues import dict_to_struct, optional_timestamp, struct_to_dict, timestamp
 from takeoff_server.validation import field_error
 
 EntryT = TypeVar("EntryT")

@@ -8,31 +8,15 @@ missing times are not stored per entry; they follow from the chunk's first index
 from __future__ import annotations
 
 from collections.abc import Collection, Iterator, Sequence
-from datetime import UTC, datetime
-
-from google.protobuf import timestamp_pb2
 
 from takeoff.v1 import runs_pb2
 from takeoff_registry.runs import Chunk, EncodedBatch
 from takeoff_server.errors import FieldViolation, InvalidArgument
+from takeoff_server.protovalues import timestamp
 
 MAX_LINE_BYTES = 64 * 1024
 MAX_ENTRIES_PER_MESSAGE = 1000
 _LOG_STREAMS = frozenset(runs_pb2.LogStream.values()) - {runs_pb2.LOG_STREAM_UNSPECIFIED}
-
-
-def timestamp(moment: datetime) -> timestamp_pb2.Timestamp:
-    stamp = timestamp_pb2.Timestamp()
-    stamp.FromDatetime(moment)
-    return stamp
-
-
-def optional_timestamp(moment: datetime | None) -> timestamp_pb2.Timestamp | None:
-    return timestamp(moment) if moment is not None else None
-
-
-def to_datetime(stamp: timestamp_pb2.Timestamp) -> datetime:
-    return stamp.ToDatetime(tzinfo=UTC)
 
 
 def _invalid(violations: list[FieldViolation]) -> InvalidArgument:

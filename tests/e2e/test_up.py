@@ -38,7 +38,7 @@ def stack_record(home: Path) -> dict[str, object] | None:
 @pytest.fixture
 def agent_config(takeoff_home: Path) -> Path:
     config = takeoff_home / "agent.yaml"
-    config.write_text("name: test-agent\nqueues: [default]\nmax_jobs: 2\n")
+    config.write_text("name: test-agent\nqueues: []\nmax_jobs: 2\n")
     return config
 
 

@@ -9,7 +9,7 @@ import grpc
 import pytest
 
 from takeoff.v1 import common_pb2, queue_pb2, queue_pb2_grpc
-from takeoff_server.structs import struct_to_dict
+from takeoff_server.protovalues import struct_to_dict
 from tests.queue.conftest import NewQueue
 from tests.queue.harness import ScriptedAgent, error_details, struct
 

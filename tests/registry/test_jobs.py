@@ -10,7 +10,7 @@ import pytest
 from google.protobuf import field_mask_pb2
 
 from takeoff.v1 import common_pb2, jobs_pb2
-from takeoff_server.structs import dict_to_struct
+from takeoff_server.protovalues import dict_to_struct
 from tests.registry.conftest import Registry, failure, upload
 
 NOT_FOUND = grpc.StatusCode.NOT_FOUND

@@ -14,7 +14,7 @@ from google.protobuf import timestamp_pb2
 
 from takeoff.v1 import common_pb2, jobs_pb2, runs_pb2
 from takeoff_server.names import is_valid_id
-from takeoff_server.structs import dict_to_struct, struct_to_dict
+from takeoff_server.protovalues import dict_to_struct, struct_to_dict
 from tests.registry.conftest import Registry, failure, stream
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT

@@ -1,4 +1,4 @@
-"""A real registry on loopback for the SDK, client and CLI tests, and jobs run as real subprocesses."""
+"""A real registry and queue on loopback for the SDK, client and CLI tests, and jobs run as subprocesses."""
 
 from __future__ import annotations
 
@@ -22,6 +22,16 @@ from tests.processes import ServiceProcess, service_process
 @pytest.fixture(scope="session")
 def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
     with service_process("registry", tmp_path_factory.mktemp("registry")) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def queue_service(
+    registry: ServiceProcess, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServiceProcess]:
+    """A real queue service, resolving jobs through the session's registry."""
+    env = {"TAKEOFF_REGISTRY_ADDRESS": registry.address, "TAKEOFF_SHUTDOWN_GRACE_SECONDS": "1"}
+    with service_process("queue", tmp_path_factory.mktemp("queue"), env=env) as server:
         yield server
 
 

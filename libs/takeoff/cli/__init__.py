@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from takeoff.cli import job_commands, run_commands, stack_commands
+from takeoff.cli import job_commands, launch_commands, queue_commands, run_commands, stack_commands
 
 app = typer.Typer(
     name="takeoff",
@@ -15,6 +15,8 @@ app = typer.Typer(
 )
 stack_commands.register(app)
 job_commands.register(app)
+queue_commands.register(app)
+launch_commands.register(app)
 run_commands.register(app)
 
 

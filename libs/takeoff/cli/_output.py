@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, NoReturn
 
 import typer
@@ -22,13 +22,17 @@ def fail(message: str, code: int = 1) -> NoReturn:
 
 
 def print_json(data: Any) -> None:
-    """Print ``data`` as JSON; dataclasses become objects and times ISO 8601 strings."""
+    """Print ``data`` as JSON; dataclasses become objects, times ISO 8601 strings, spans seconds."""
     typer.echo(json.dumps(data, indent=2, sort_keys=True, default=_jsonable))
 
 
 def _jsonable(value: Any) -> Any:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {field.name: getattr(value, field.name) for field in dataclasses.fields(value)}
+        # Private fields, such as the client an item handle calls, are plumbing rather than data.
+        fields = dataclasses.fields(value)
+        return {field.name: getattr(value, field.name) for field in fields if not field.name.startswith("_")}
     if isinstance(value, datetime):
         return value.isoformat()
+    if isinstance(value, timedelta):
+        return value.total_seconds()
     raise TypeError(f"cannot write {type(value).__name__} as JSON")

@@ -1,13 +1,15 @@
-"""What the registry commands share: the project and JSON options, and a client whose errors are one line."""
+"""What the commands share: the project and JSON options, a client whose errors are one line, JSON files."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
-from typing import Annotated
+from pathlib import Path
+from typing import Annotated, Any
 
 import typer
+import yaml
 
 from takeoff._pack import PackError
 from takeoff.cli._output import fail
@@ -34,13 +36,26 @@ STATE_STYLES = {
 
 
 @contextmanager
-def registry_client(project: str | None) -> Iterator[Client]:
-    """A client of the registry; an error from it ends the command with a one-line message."""
+def takeoff_client(project: str | None) -> Iterator[Client]:
+    """A client of the registry and the queue; an error from it ends the command with a one-line message."""
     try:
         with Client(project=project) as client:
             yield client
     except (TakeoffError, PackError) as error:
         fail(str(error))
+
+
+def read_json_object(path: Path | None) -> dict[str, Any] | None:
+    """The object (mapping) a JSON or YAML file holds; None without a file."""
+    if path is None:
+        return None
+    try:
+        value = yaml.safe_load(path.read_text())  # YAML is a superset of JSON
+    except yaml.YAMLError as error:
+        fail(f"{path} is neither JSON nor YAML: {str(error).splitlines()[0]}")
+    if not isinstance(value, dict):
+        fail(f"{path} must hold an object (a mapping), not {type(value).__name__}")
+    return value
 
 
 def styled_state(state: RunState) -> str:
@@ -50,6 +65,14 @@ def styled_state(state: RunState) -> str:
 def when(moment: datetime | None) -> str:
     """A time as people read it in a table: local, to the second."""
     return moment.astimezone().strftime("%Y-%m-%d %H:%M:%S") if moment else "-"
+
+
+def version_ref(version_name: str) -> str:
+    """``projects/p/jobs/train/versions/3`` as people write it: ``train:v3``."""
+    if not version_name:
+        return "-"
+    job, _, number = version_name.rpartition("/versions/")
+    return f"{job.rsplit('/', 1)[-1]}:v{number}"
 
 
 def duration(start: datetime | None, end: datetime | None) -> str:

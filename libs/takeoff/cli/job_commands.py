@@ -8,11 +8,17 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-import yaml
 from rich.table import Table
 
 from takeoff.cli._output import console, fail, print_json
-from takeoff.cli._registry import JsonOption, ProjectOption, human_bytes, registry_client, when
+from takeoff.cli._registry import (
+    JsonOption,
+    ProjectOption,
+    human_bytes,
+    read_json_object,
+    takeoff_client,
+    when,
+)
 from takeoff.models import (
     Artifact,
     CodeSource,
@@ -83,9 +89,9 @@ def create(
         dockerfile=dockerfile.read_text() if dockerfile else "",
         build_context=context,
     )
-    inputs = JobInputs(_json_object(config_schema), _json_object(config_defaults))
+    inputs = JobInputs(read_json_object(config_schema), read_json_object(config_defaults))
     status = console.status("packing and uploading the code..." if path else "creating the version...")
-    with registry_client(project) as client, status:
+    with takeoff_client(project) as client, status:
         created = client.create_job_version(
             name,
             source,
@@ -105,7 +111,7 @@ def create(
 @job_app.command("list")
 def list_jobs(project: ProjectOption = None, json_output: JsonOption = False) -> None:
     """List the jobs of a project."""
-    with registry_client(project) as client:
+    with takeoff_client(project) as client:
         jobs = list(client.list_jobs())
         if json_output:
             print_json(jobs)
@@ -131,7 +137,7 @@ def describe(
     json_output: JsonOption = False,
 ) -> None:
     """Show a job version: its source, entrypoint, environment and config."""
-    with registry_client(project) as client:
+    with takeoff_client(project) as client:
         version = client.get_job_version(reference)
         job = client.get_job(version.job)
     if json_output:
@@ -178,18 +184,6 @@ def _split_command(entrypoint: str | None) -> list[str]:
         return shlex.split(entrypoint or "")
     except ValueError as error:
         fail(f"--entrypoint {entrypoint!r} cannot be split into arguments: {error}")
-
-
-def _json_object(path: Path | None) -> dict[str, Any] | None:
-    if path is None:
-        return None
-    try:
-        value = yaml.safe_load(path.read_text())  # YAML is a superset of JSON
-    except yaml.YAMLError as error:
-        fail(f"{path} is neither JSON nor YAML: {str(error).splitlines()[0]}")
-    if not isinstance(value, dict):
-        fail(f"{path} must hold an object (a mapping), not {type(value).__name__}")
-    return value
 
 
 def _print_created(created: CreatedJobVersion) -> None:

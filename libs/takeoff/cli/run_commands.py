@@ -18,8 +18,9 @@ from takeoff.cli._registry import (
     JsonOption,
     ProjectOption,
     duration,
-    registry_client,
     styled_state,
+    takeoff_client,
+    version_ref,
     when,
 )
 from takeoff.models import LogStream, MetricRow, RunInfo, RunState
@@ -43,7 +44,7 @@ def list_runs(
 ) -> None:
     """List the runs of a project, newest first."""
     states = [_run_state(name) for name in state or []]
-    with registry_client(project) as client:
+    with takeoff_client(project) as client:
         runs = list(itertools.islice(client.list_runs(job=job, states=states), limit))
         if json_output:
             print_json(runs)
@@ -56,7 +57,7 @@ def list_runs(
                 run.id,
                 run.display_name,
                 styled_state(run.state),
-                _version_ref(run.job_version),
+                version_ref(run.job_version),
                 when(run.create_time),
                 duration(run.start_time, run.end_time),
                 str(run.history_length),
@@ -67,7 +68,7 @@ def list_runs(
 @runs_app.command("show")
 def show(run: RunArgument, project: ProjectOption = None, json_output: JsonOption = False) -> None:
     """Show a run: its state, config, summary and a compact view of each metric."""
-    with registry_client(project) as client:
+    with takeoff_client(project) as client:
         info = client.get_run(run)
         metrics = _metric_series(client.read_metrics(info.name))
     if json_output:
@@ -91,7 +92,7 @@ def logs(
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object per line.")] = False,
 ) -> None:
     """Print a run's log: what the job printed, its build output and Takeoff's own messages."""
-    with registry_client(project) as client:
+    with takeoff_client(project) as client:
         try:
             for line in client.read_logs(run, tail=tail, follow=follow):
                 if json_output:
@@ -170,7 +171,7 @@ def _overview(info: RunInfo) -> Table:
     table.add_row("run", f"{info.id}  {info.display_name}".rstrip())
     table.add_row("state", styled_state(info.state))
     if info.job_version:
-        table.add_row("job", f"{_version_ref(info.job_version)}  ({info.job_version})")
+        table.add_row("job", f"{version_ref(info.job_version)}  ({info.job_version})")
     if info.queue_item:
         table.add_row("item", f"{info.queue_item} (attempt {info.attempt})")
     table.add_row("created", when(info.create_time))
@@ -197,14 +198,6 @@ def _key_values(title: str, values: dict[str, Any]) -> Table:
 
 def _number(value: float | None) -> str:
     return "-" if value is None else f"{value:.6g}"
-
-
-def _version_ref(version_name: str) -> str:
-    """``projects/p/jobs/train/versions/3`` as people write it: ``train:v3``."""
-    if not version_name:
-        return "-"
-    job, _, number = version_name.rpartition("/versions/")
-    return f"{job.rsplit('/', 1)[-1]}:v{number}"
 
 
 def _run_state(name: str) -> RunState:

@@ -1,15 +1,16 @@
-"""JSON values in and out of ``google.protobuf.Struct``, the API's carrier for free-form JSON.
+"""Values in and out of the protobuf well-known types the API uses: Struct, Timestamp, Duration.
 
 A Struct holds every number as a double; whole numbers come back as ``int`` so that a config's
-``{"epochs": 3}`` reaches a job as 3, not 3.0.
+``{"epochs": 3}`` reaches a job as 3, not 3.0. Times are timezone-aware UTC datetimes.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from google.protobuf import struct_pb2
+from google.protobuf import duration_pb2, struct_pb2, timestamp_pb2
 
 _EXACT_INTEGERS = 2**53
 
@@ -38,3 +39,25 @@ def _plain(value: struct_pb2.Value) -> Any:
         case "list_value":
             return [_plain(item) for item in value.list_value.values]
     return None
+
+
+def timestamp(moment: datetime) -> timestamp_pb2.Timestamp:
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromDatetime(moment)
+    return stamp
+
+
+def optional_timestamp(moment: datetime | None) -> timestamp_pb2.Timestamp | None:
+    return timestamp(moment) if moment is not None else None
+
+
+def to_datetime(stamp: timestamp_pb2.Timestamp) -> datetime:
+    return stamp.ToDatetime(tzinfo=UTC)
+
+
+def optional_duration(span: timedelta | None) -> duration_pb2.Duration | None:
+    if span is None:
+        return None
+    duration = duration_pb2.Duration()
+    duration.FromTimedelta(span)
+    return duration

@@ -1,0 +1,340 @@
+"""``takeoff queue create|list|describe|update|pause|resume|delete`` and ``takeoff agents``."""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from takeoff.cli._output import console, fail, print_json
+from takeoff.cli._queue import agents_table, key_values, parse_span, show_span, styled_item_state
+from takeoff.cli._registry import JsonOption, ProjectOption, read_json_object, takeoff_client, when
+from takeoff.models import ItemState, Queue, ResourceKind
+
+queue_app = typer.Typer(help="Create, inspect and change queues.", no_args_is_help=True)
+
+QueueArgument = Annotated[str, typer.Argument(help="Queue id or resource name.", show_default=False)]
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--config",
+        help="Default resource config of the items (a JSON or YAML file); may use {{VAR}} holes.",
+        exists=True,
+        dir_okay=False,
+        readable=True,
+        show_default=False,
+    ),
+]
+VarOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--var",
+        help="Template variable NAME=SCHEMA: a JSON Schema, e.g. "
+        '\'cpu={"type": "integer", "minimum": 1, "default": 2, "description": "CPUs"}\', '
+        "or just a type, e.g. gpus=integer (repeatable).",
+        show_default=False,
+    ),
+]
+ContainerOption = Annotated[
+    str | None,
+    typer.Option(
+        "--container", help="kubernetes: the manifest's container that runs the job (default: the first)."
+    ),
+]
+
+
+def _span_option(help_text: str) -> Any:
+    return typer.Option(parser=parse_span, metavar="SPAN", help=help_text, show_default=False)
+
+
+@queue_app.command("create")
+def create(
+    *,
+    name: QueueArgument,
+    resource: Annotated[
+        ResourceKind, typer.Option(help="What the items run on.", case_sensitive=False)
+    ] = ResourceKind.LOCAL_PROCESS,
+    config: ConfigOption = None,
+    var: VarOption = None,
+    prioritize: Annotated[
+        bool, typer.Option(help="Serve higher priorities first (default: first in, first out).")
+    ] = False,
+    max_attempts: Annotated[int, typer.Option(help="Attempts per item, the first included (0: 3).")] = 0,
+    concurrency: Annotated[int, typer.Option(help="Most items running at once (0: no limit).")] = 0,
+    start_timeout: Annotated[
+        timedelta | None, _span_option("Time an item may take to start running, e.g. 10m (default: 30m).")
+    ] = None,
+    max_run_time: Annotated[
+        timedelta | None, _span_option("Time an item may run, e.g. 2h or 1h30m (default: no limit).")
+    ] = None,
+    retry_job_failures: Annotated[
+        bool, typer.Option(help="Also retry items whose job failed (default: infrastructure failures only).")
+    ] = False,
+    retry_delay: Annotated[
+        timedelta | None, _span_option("Wait before a retried item may run again, e.g. 10s.")
+    ] = None,
+    paused: Annotated[
+        bool, typer.Option(help="Create it paused: it takes launches, assigns nothing.")
+    ] = False,
+    description: Annotated[str, typer.Option(help="What the queue is for.")] = "",
+    container: ContainerOption = None,
+    project: ProjectOption = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Create a queue of work for one kind of resource."""
+    with takeoff_client(project) as client:
+        queue = client.create_queue(
+            name,
+            resource=resource,
+            resource_config=read_json_object(config),
+            template_variables=_template_variables(var),
+            prioritization=prioritize,
+            max_attempts=max_attempts,
+            retry_job_failures=retry_job_failures,
+            retry_delay=retry_delay,
+            start_timeout=start_timeout,
+            max_run_time=max_run_time,
+            concurrency_limit=concurrency,
+            paused=paused,
+            description=description,
+            container_name=container or "",
+        )
+    if json_output:
+        print_json(queue)
+    else:
+        console.print(f"[green]created[/] queue {queue.id} for {queue.resource}  ({queue.name})")
+
+
+@queue_app.command("list")
+def list_queues(project: ProjectOption = None, json_output: JsonOption = False) -> None:
+    """List the queues of a project with their items and agents."""
+    with takeoff_client(project) as client:
+        queues = list(client.list_queues())
+        if json_output:
+            print_json(queues)
+            return
+        table = Table(title=f"queues in {client.project}", title_justify="left")
+        for column in ("queue", "resource", "status", "pending", "active", "succeeded", "failed", "agents"):
+            table.add_column(column, justify="left" if column in ("queue", "resource", "status") else "right")
+        for queue in queues:
+            counts = queue.item_counts
+            table.add_row(
+                queue.id,
+                queue.resource,
+                _status(queue),
+                str(counts[ItemState.PENDING]),
+                str(sum(count for state, count in counts.items() if state.live)),
+                str(counts[ItemState.SUCCEEDED]),
+                str(counts[ItemState.FAILED]),
+                str(queue.agent_count),
+            )
+        console.print(table if queues else f"no queues in project {client.project}")
+
+
+@queue_app.command("describe")
+def describe(name: QueueArgument, project: ProjectOption = None, json_output: JsonOption = False) -> None:
+    """Show a queue: its settings, template variables, items by state and the agents serving it."""
+    with takeoff_client(project) as client:
+        queue = client.get_queue(name)
+        agents = list(client.list_agents(queue=queue.name))
+    if json_output:
+        print_json({"queue": queue, "agents": agents})
+        return
+    console.print(_settings(queue))
+    if queue.template_variables:
+        console.print(_variables_table(queue))
+    console.print(agents_table(agents, "agents") if agents else "no agents serve this queue")
+
+
+@queue_app.command("update")
+def update(
+    *,
+    name: QueueArgument,
+    config: ConfigOption = None,
+    var: Annotated[
+        list[str] | None,
+        typer.Option("--var", help="Template variable NAME=SCHEMA as for create; replaces them all."),
+    ] = None,
+    prioritize: Annotated[
+        bool | None, typer.Option("--prioritize/--no-prioritize", help="Serve higher priorities first.")
+    ] = None,
+    max_attempts: Annotated[int | None, typer.Option(help="Attempts per item (0: 3).")] = None,
+    concurrency: Annotated[int | None, typer.Option(help="Most items running at once (0: no limit).")] = None,
+    start_timeout: Annotated[
+        timedelta | None, _span_option("Time an item may take to start running, e.g. 10m.")
+    ] = None,
+    max_run_time: Annotated[
+        timedelta | None, _span_option("Time an item may run, e.g. 2h (0: no limit).")
+    ] = None,
+    retry_job_failures: Annotated[
+        bool | None,
+        typer.Option(
+            "--retry-job-failures/--no-retry-job-failures", help="Also retry items whose job failed."
+        ),
+    ] = None,
+    retry_delay: Annotated[
+        timedelta | None, _span_option("Wait before a retried item may run again, e.g. 10s.")
+    ] = None,
+    description: Annotated[str | None, typer.Option(help="What the queue is for.")] = None,
+    container: ContainerOption = None,
+    project: ProjectOption = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Change some of a queue's settings; the others stay as they are.
+
+    Priorities, concurrency, start timeout and retries apply at once, also to
+    waiting items; the resource config, template variables, attempts and max
+    run time apply to items launched afterwards.
+    """
+    given = {
+        "resource_config": read_json_object(config),
+        "template_variables": _template_variables(var),
+        "prioritization": prioritize,
+        "max_attempts": max_attempts,
+        "concurrency_limit": concurrency,
+        "start_timeout": start_timeout,
+        "max_run_time": max_run_time,
+        "retry_job_failures": retry_job_failures,
+        "retry_delay": retry_delay,
+        "description": description,
+        "container_name": container,
+    }
+    changes: dict[str, Any] = {setting: value for setting, value in given.items() if value is not None}
+    if not changes:
+        fail("nothing to change: give at least one setting (see --help)")
+    with takeoff_client(project) as client:
+        queue = client.update_queue(name, **changes)
+    if json_output:
+        print_json(queue)
+    else:
+        console.print(f"[green]updated[/] queue {queue.id}: {', '.join(sorted(changes))}")
+
+
+@queue_app.command("pause")
+def pause(name: QueueArgument, project: ProjectOption = None, json_output: JsonOption = False) -> None:
+    """Stop assigning the queue's items; it still takes launches, and running items carry on."""
+    with takeoff_client(project) as client:
+        queue = client.pause_queue(name)
+    if json_output:
+        print_json(queue)
+    else:
+        console.print(f"[yellow]paused[/] queue {queue.id}: it takes launches but assigns nothing")
+
+
+@queue_app.command("resume")
+def resume(name: QueueArgument, project: ProjectOption = None, json_output: JsonOption = False) -> None:
+    """Assign the queue's items again."""
+    with takeoff_client(project) as client:
+        queue = client.resume_queue(name)
+    if json_output:
+        print_json(queue)
+    else:
+        console.print(f"[green]resumed[/] queue {queue.id}")
+
+
+@queue_app.command("delete")
+def delete(
+    name: QueueArgument,
+    force: Annotated[
+        bool, typer.Option(help="Delete it even with items not yet ended; running ones are stopped.")
+    ] = False,
+    project: ProjectOption = None,
+) -> None:
+    """Delete a queue and its items."""
+    with takeoff_client(project) as client:
+        client.delete_queue(name, force=force)
+    console.print(f"deleted queue {name}")
+
+
+def agents(
+    queue: Annotated[
+        str | None, typer.Option("--queue", "-q", help="Only agents serving this queue.", show_default=False)
+    ] = None,
+    all_agents: Annotated[
+        bool, typer.Option("--all", help="Also agents that disconnected but still hold leases.")
+    ] = False,
+    project: ProjectOption = None,
+    json_output: JsonOption = False,
+) -> None:
+    """List the agents connected to the queue service: what they serve and hold."""
+    with takeoff_client(project) as client:
+        found = list(client.list_agents(queue=queue, include_disconnected=all_agents))
+    if json_output:
+        print_json(found)
+        return
+    console.print(agents_table(found, "agents") if found else "no agents connected")
+
+
+def _template_variables(specs: list[str] | None) -> dict[str, dict[str, Any]] | None:
+    """``NAME=SCHEMA`` options as schemas, a bare type name standing for ``{"type": NAME}``."""
+    if specs is None:
+        return None
+    return {
+        name: schema if isinstance(schema, dict) else {"type": schema}
+        for name, schema in key_values(specs, "--var").items()
+    }
+
+
+def _status(queue: Queue) -> str:
+    return "[yellow]paused[/]" if queue.paused else "[green]active[/]"
+
+
+def _settings(queue: Queue) -> Table:
+    table = Table.grid(padding=(0, 2))
+    table.add_column(style="bold")
+    table.add_column(overflow="fold")
+    table.add_row("queue", f"{queue.id}  ({queue.name})")
+    table.add_row("resource", str(queue.resource))
+    table.add_row("status", _status(queue))
+    if queue.description:
+        table.add_row("description", queue.description)
+    table.add_row("order", "priority, then first in" if queue.prioritization else "first in, first out")
+    table.add_row("concurrency", str(queue.concurrency_limit or "no limit"))
+    retried = "all failures" if queue.retry_job_failures else "infrastructure failures"
+    if queue.retry_delay:
+        retried += f", after {show_span(queue.retry_delay)}"
+    table.add_row("attempts", f"{queue.max_attempts}, retrying {retried}")
+    table.add_row("start timeout", show_span(queue.start_timeout))
+    table.add_row("max run time", show_span(queue.max_run_time, unset="no limit"))
+    if queue.container_name:
+        table.add_row("container", queue.container_name)
+    table.add_row("resource config", json.dumps(queue.resource_config, indent=2, sort_keys=True))
+    counts = [f"{count} {styled_item_state(state)}" for state, count in queue.item_counts.items() if count]
+    table.add_row("items", ", ".join(counts) or "none")
+    table.add_row("created", when(queue.create_time))
+    table.add_row("updated", when(queue.update_time))
+    return table
+
+
+def _variables_table(queue: Queue) -> Table:
+    table = Table(title="template variables", title_justify="left")
+    for column in ("name", "type", "default", "allowed", "description"):
+        table.add_column(column, overflow="fold")
+    for name, variable in queue.template_variables.items():
+        schema = variable.schema
+        table.add_row(
+            name,
+            str(schema.get("type", "")),
+            json.dumps(schema["default"]) if "default" in schema else "(required)",
+            _allowed(schema),
+            variable.description,
+        )
+    return table
+
+
+def _allowed(schema: dict[str, Any]) -> str:
+    if "enum" in schema:
+        return ", ".join(json.dumps(value) for value in schema["enum"])
+    low, high = schema.get("minimum"), schema.get("maximum")
+    if low is None and high is None:
+        return ""
+    return f"{'' if low is None else low}..{'' if high is None else high}"
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(queue_app, name="queue")
+    app.command()(agents)

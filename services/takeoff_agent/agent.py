@@ -1,0 +1,257 @@
+"""The agent: one Lease session, the attempts it holds, self-fencing and draining.
+
+Attempts run as asyncio tasks, so one stuck build or job never blocks another, nor the heartbeats. Each
+attempt keeps its state in ``{state_dir}/leases/{lease_id}``; a restarted agent reports those leases in
+its Hello and resumes the ones the queue service keeps (DESIGN.md §5, §7).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import shutil
+import time
+
+import grpc
+
+import takeoff
+from takeoff.v1 import common_pb2, queue_pb2, queue_pb2_grpc
+from takeoff_agent.clients import Builder, Runs
+from takeoff_agent.identity import AgentIdentity
+from takeoff_agent.lease import HelloSpec, LeaseLink, SessionRefused
+from takeoff_agent.sdk_site import write_sdk_site
+from takeoff_agent.settings import AgentSettings
+from takeoff_agent.work import AgentContext, Assignment, Attempt, Outcome, Stop
+from takeoff_server.errors import ServiceFailed
+
+logger = logging.getLogger(__name__)
+
+LeaseRequest = queue_pb2.LeaseRequest
+LeaseResponse = queue_pb2.LeaseResponse
+FENCE_CHECK_SECONDS = 0.5
+RESOURCE_KINDS = {"local-process": common_pb2.RESOURCE_KIND_LOCAL_PROCESS}
+_LOST = (queue_pb2.REJECT_REASON_LEASE_LOST, queue_pb2.REJECT_REASON_LEASE_NOT_FOUND)
+
+
+class Agent:
+    def __init__(self, settings: AgentSettings, identity: AgentIdentity) -> None:
+        self.settings = settings
+        self.identity = identity
+        self.leases_dir = settings.state_path / "leases"
+        self.attempts: dict[str, Attempt] = {}
+        self.context = AgentContext(
+            agent_name=f"agents/{identity.agent_id}",
+            registry_address=settings.registry_address,
+            runs=Runs(settings.registry_address),
+            builder=Builder(settings.builder_address),
+            stop_grace_seconds=settings.stop_grace_seconds,
+            sdk_site=write_sdk_site(settings.state_path / "sdk"),
+        )
+        self.link = LeaseLink(
+            settings.queue_address,
+            HelloSpec(
+                agent_id=identity.agent_id,
+                display_name=identity.display_name,
+                queues=identity.queues,
+                resources=[RESOURCE_KINDS[kind] for kind in settings.runners],
+                capacity=identity.capacity,
+                version=takeoff.__version__,
+            ),
+            self,
+        )
+        self.renewed_until: float | None = None
+        self._drained = asyncio.Event()
+
+    # ----- life ------------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """The agent's main loop: check its queues, take back what it held, hold the session."""
+        await self._check_queues()
+        self._recover()
+        fencing = asyncio.create_task(self._fence_when_lapsed())
+        try:
+            await self.link.run()
+        except SessionRefused as refused:
+            raise ServiceFailed(f"the queue service refused this agent: {refused}") from None
+        finally:
+            fencing.cancel()
+
+    async def _check_queues(self) -> None:
+        """Refuse to start for a queue whose resource kind has no runner here, naming both."""
+        async with grpc.aio.insecure_channel(self.settings.queue_address) as channel:
+            stub = queue_pb2_grpc.QueueServiceStub(channel)
+            for queue in self.identity.queues:
+                try:
+                    reply = await stub.GetQueue(queue_pb2.GetQueueRequest(name=queue), timeout=10)
+                except grpc.aio.AioRpcError as error:
+                    if error.code() == grpc.StatusCode.NOT_FOUND:
+                        raise ServiceFailed(f"queue {queue} does not exist") from None
+                    logger.warning(
+                        "could not check queue %s (%s); the session will", queue, error.code().name
+                    )
+                    continue
+                kind = common_pb2.ResourceKind.Name(reply.queue.resource)
+                if reply.queue.resource not in RESOURCE_KINDS.values():
+                    spelled = kind.removeprefix("RESOURCE_KIND_").lower().replace("_", "-")
+                    raise ServiceFailed(
+                        f"queue {queue} runs on {spelled}, and this agent has no runner for it"
+                        f" (runners: {', '.join(self.settings.runners)})"
+                    )
+
+    def _recover(self) -> None:
+        """Attempts left by an earlier run of this agent; the Welcome says which to resume."""
+        if not self.leases_dir.exists():
+            return
+        for lease_dir in sorted(self.leases_dir.iterdir()):
+            assignment = Attempt.recorded(lease_dir)
+            if assignment is None:
+                shutil.rmtree(lease_dir, ignore_errors=True)
+                continue
+            self.attempts[assignment.lease_id] = Attempt(assignment, lease_dir, self.context, self)
+            logger.info(
+                "found lease %s (%s) from before a restart", assignment.lease_id, assignment.item.name
+            )
+
+    async def drain(self, limit: float | None) -> None:
+        """Take no new work, hand back what has not started, let running jobs end (or stop them after
+        ``limit`` seconds), then end the session."""
+        if self.identity.draining:
+            await self._drained.wait()
+            return
+        self.identity.draining = True
+        if self.link.connected:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.link.send(drain=LeaseRequest.Drain()), 5)
+        for attempt in list(self.attempts.values()):
+            if attempt.task is not None and not attempt.job.started:
+                attempt.task.cancel()
+                await self._release(attempt)
+        running = [a.task for a in self.attempts.values() if a.task is not None]
+        if running:
+            _, still_running = await asyncio.wait(running, timeout=limit)
+            for attempt in self.attempts.values():
+                if attempt.task in still_running:
+                    attempt.request_stop(Stop.DRAINED)
+            if still_running:
+                await asyncio.wait(still_running)
+        self.link.stop()
+        self._drained.set()
+
+    async def _release(self, attempt: Attempt) -> None:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(
+                self.link.send(
+                    release=LeaseRequest.Release(
+                        lease_id=attempt.lease_id, epoch=attempt.assignment.epoch, message="agent draining"
+                    )
+                ),
+                10,
+            )
+        self._forget(attempt)
+
+    async def close(self) -> None:
+        await self.context.runs.close()
+        await self.context.builder.close()
+
+    # ----- the Lease stream (LeaseHandler) ------------------------------------------------------
+
+    def held_leases(self) -> dict[str, int]:
+        return {lease_id: attempt.assignment.epoch for lease_id, attempt in self.attempts.items()}
+
+    def draining(self) -> bool:
+        return self.identity.draining
+
+    async def on_welcome(self, welcome: LeaseResponse.Welcome) -> None:
+        for verdict in welcome.lease_verdicts:
+            attempt = self.attempts.get(verdict.lease_id)
+            if attempt is None:
+                continue
+            if verdict.kept:
+                if attempt.task is None:
+                    logger.info("resuming %s", attempt.assignment.item.name)
+                    self._begin(attempt)
+            elif attempt.task is None:
+                logger.info("lease %s revoked on reconnect: stopping its job", verdict.lease_id)
+                attempt.request_stop(Stop.REVOKED)
+                attempt.task = asyncio.create_task(self._discard(attempt))
+            else:
+                attempt.request_stop(Stop.REVOKED)
+
+    async def on_assignment(self, assignment: Assignment) -> None:
+        lease_dir = self.leases_dir / assignment.lease_id
+        Attempt.record(assignment, lease_dir)
+        attempt = Attempt(assignment, lease_dir, self.context, self)
+        if self.renewed_until is not None:
+            attempt.job.renew_lease(self.renewed_until)
+        self.attempts[assignment.lease_id] = attempt
+        self._begin(attempt)
+
+    async def on_cancel(self, cancel: LeaseResponse.Cancel) -> None:
+        if (attempt := self.attempts.get(cancel.lease_id)) is not None:
+            attempt.request_stop(Stop.CANCELLED)
+
+    async def on_revoke(self, revoke: LeaseResponse.Revoke) -> None:
+        if (attempt := self.attempts.get(revoke.lease_id)) is not None:
+            logger.info("lease %s revoked: %s", revoke.lease_id, revoke.message)
+            attempt.request_stop(Stop.REVOKED)
+
+    def on_renewed(self, until: float) -> None:
+        self.renewed_until = until
+        for attempt in self.attempts.values():
+            attempt.job.renew_lease(until)
+
+    async def _fence_when_lapsed(self) -> None:
+        """An agent that could not renew its leases in time stops its work: the queue has given it away."""
+        while True:
+            await asyncio.sleep(FENCE_CHECK_SECONDS)
+            if self.renewed_until is not None and time.time() > self.renewed_until:
+                for attempt in self.attempts.values():
+                    if attempt.stop_reason is None:
+                        logger.warning("lease %s lapsed: stopping its job", attempt.lease_id)
+                        attempt.request_stop(Stop.FENCED)
+
+    # ----- attempts (Reporter) -------------------------------------------------------------------
+
+    async def _discard(self, attempt: Attempt) -> None:
+        """A lease from before a restart that the queue service gave away: stop its job, if it still runs."""
+        await attempt.job.stop(self.settings.stop_grace_seconds)
+        self._forget(attempt)
+
+    def _begin(self, attempt: Attempt) -> None:
+        attempt.task = asyncio.create_task(self._run(attempt))
+
+    async def _run(self, attempt: Attempt) -> None:
+        try:
+            await attempt.run()
+        finally:
+            if attempt.stop_reason in (Stop.REVOKED, Stop.FENCED) or not attempt.lease_dir.exists():
+                self._forget(attempt)
+
+    async def progress(self, attempt: Attempt, state: common_pb2.ItemState.ValueType, detail: str) -> bool:
+        answer = await self.link.send_until_answered(
+            progress=LeaseRequest.Progress(
+                lease_id=attempt.lease_id, epoch=attempt.assignment.epoch, state=state, detail=detail
+            )
+        )
+        if answer.HasField("reject") and answer.reject.reason in _LOST:
+            attempt.request_stop(Stop.REVOKED)
+            return False
+        return True  # an invalid transition after a restart (progress already past this state) is harmless
+
+    async def complete(self, attempt: Attempt, outcome: Outcome) -> None:
+        await self.link.send_until_answered(
+            complete=LeaseRequest.Complete(
+                lease_id=attempt.lease_id,
+                epoch=attempt.assignment.epoch,
+                outcome=outcome.state,
+                reason=outcome.reason,
+                exit_code=outcome.exit_code,
+                message=outcome.message[-65536:],
+            )
+        )
+        self._forget(attempt)
+
+    def _forget(self, attempt: Attempt) -> None:
+        self.attempts.pop(attempt.lease_id, None)
+        shutil.rmtree(attempt.lease_dir, ignore_errors=True)

@@ -1,0 +1,224 @@
+"""The builder's tables (builds, their log lines, request ids) and the queries on them.
+
+What is cached lives on disk, not here: these records say what was asked and what came of it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlmodel import JSON, Column, Field, SQLModel
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from takeoff_builder.model import (
+    JOB,
+    Build,
+    BuildFailure,
+    BuildKind,
+    BuildOptions,
+    BuildQuery,
+    BuildResult,
+    BuildState,
+    FailureReason,
+)
+from takeoff_server.database import Database
+from takeoff_server.idempotency import RequestIds, request_ids_table
+from takeoff_server.pagination import PageRequest
+from takeoff_server.sqltypes import UtcDateTime
+
+
+class BuildRow(SQLModel, table=True):
+    __tablename__ = "builder_builds"
+
+    seq: int | None = Field(default=None, primary_key=True)
+    """Creation order: lists are newest first by it."""
+    id: str = Field(index=True, unique=True)
+    job: str = Field(index=True)
+    job_version: str = Field(index=True)
+    kind: str
+    push: bool = False
+    no_cache: bool = False
+    run: str = ""
+    state: str = Field(index=True)
+    environment_key: str = ""
+    build_key: str = ""
+    cache_hit: bool = False
+    cache_detail: str | None = None
+    result: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
+    failure_reason: str | None = None
+    failure_message: str = ""
+    failure_log_tail: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    log_line_count: int = 0
+    create_time: datetime = Field(sa_column=Column(UtcDateTime, nullable=False))
+    start_time: datetime | None = Field(default=None, sa_column=Column(UtcDateTime))
+    end_time: datetime | None = Field(default=None, sa_column=Column(UtcDateTime))
+
+
+class BuildLogRow(SQLModel, table=True):
+    __tablename__ = "builder_build_logs"
+
+    build_id: str = Field(primary_key=True)
+    line: int = Field(primary_key=True)
+    text: str
+
+
+builds = BuildRow.__table__  # type: ignore[attr-defined]
+build_logs = BuildLogRow.__table__  # type: ignore[attr-defined]
+request_ids = RequestIds(request_ids_table("builder_request_ids", SQLModel.metadata))
+BUILD_SCOPE = "Build"
+
+
+def _state_values(build: Build) -> dict[str, Any]:
+    """The columns that change over a build's life."""
+    failure = build.failure
+    return {
+        "state": build.state.value,
+        "environment_key": build.environment_key,
+        "build_key": build.build_key,
+        "cache_hit": build.cache_hit,
+        "cache_detail": build.cache_detail,
+        "result": dataclasses.asdict(build.result) if build.result is not None else None,
+        "failure_reason": failure.reason.value if failure is not None else None,
+        "failure_message": failure.message if failure is not None else "",
+        "failure_log_tail": list(failure.log_tail) if failure is not None else [],
+        "log_line_count": build.log_line_count,
+        "start_time": build.start_time,
+        "end_time": build.end_time,
+    }
+
+
+def _build_from_row(row: Any) -> Build:
+    return Build(
+        id=row.id,
+        job_version=row.job_version,
+        kind=BuildKind(row.kind),
+        options=BuildOptions(push=row.push, no_cache=row.no_cache),
+        create_time=row.create_time,
+        state=BuildState(row.state),
+        run=row.run,
+        environment_key=row.environment_key,
+        build_key=row.build_key,
+        cache_hit=row.cache_hit,
+        cache_detail=row.cache_detail,
+        result=BuildResult(**row.result) if row.result is not None else None,
+        failure=BuildFailure(
+            FailureReason(row.failure_reason), row.failure_message, tuple(row.failure_log_tail)
+        )
+        if row.failure_reason
+        else None,
+        start_time=row.start_time,
+        end_time=row.end_time,
+        log_line_count=row.log_line_count,
+    )
+
+
+class BuildStore:
+    def __init__(self, database: Database) -> None:
+        self._database = database
+
+    async def replay_request(self, request_id: str, fingerprint: str) -> str | None:
+        """The build a ``request_id`` started or joined before, or None when it is new."""
+        async with self._database.session() as session:
+            return await request_ids.replay(
+                session, scope=BUILD_SCOPE, request_id=request_id, fingerprint=fingerprint
+            )
+
+    async def record_request(self, request_id: str, fingerprint: str, build_id: str) -> None:
+        async with self._database.session() as session:
+            await self._record_request(session, request_id, fingerprint, build_id)
+            await session.commit()
+
+    async def insert(self, build: Build, *, request_id: str = "", fingerprint: str = "") -> None:
+        async with self._database.session() as session:
+            await session.exec(
+                sa.insert(builds).values(
+                    id=build.id,
+                    job=build.job,
+                    job_version=build.job_version,
+                    kind=build.kind.value,
+                    push=build.options.push,
+                    no_cache=build.options.no_cache,
+                    run=build.run,
+                    create_time=build.create_time,
+                    **_state_values(build),
+                )
+            )
+            if request_id:
+                await self._record_request(session, request_id, fingerprint, build.id)
+            await session.commit()
+
+    async def update(self, build: Build, *, log_lines: Sequence[str] = ()) -> None:
+        """Save the build's state; ``log_lines`` (its whole log) when it has ended."""
+        async with self._database.session() as session:
+            await session.exec(
+                sa.update(builds).where(builds.c.id == build.id).values(**_state_values(build))
+            )
+            if log_lines:
+                await session.exec(
+                    sa.insert(build_logs),
+                    params=[
+                        {"build_id": build.id, "line": number, "text": text}
+                        for number, text in enumerate(log_lines)
+                    ],
+                )
+            await session.commit()
+
+    async def get(self, build_id: str) -> Build | None:
+        async with self._database.session() as session:
+            row = (await session.exec(sa.select(builds).where(builds.c.id == build_id))).first()
+        return _build_from_row(row) if row is not None else None
+
+    async def log_lines(self, build_id: str) -> list[str]:
+        async with self._database.session() as session:
+            rows = await session.exec(
+                sa.select(build_logs.c.text)
+                .where(build_logs.c.build_id == build_id)
+                .order_by(build_logs.c.line)
+            )
+            return [text for (text,) in rows]
+
+    async def list(self, query: BuildQuery, page: PageRequest) -> tuple[list[Build], int | None]:
+        """A page of builds, newest first, and the cursor after it (None on the last page)."""
+        statement = sa.select(builds).order_by(builds.c.seq.desc()).limit(page.size + 1)
+        if query.job:
+            column = builds.c.job if JOB.match(query.job) else builds.c.job_version
+            statement = statement.where(column == query.job)
+        if query.states:
+            statement = statement.where(builds.c.state.in_([state.value for state in query.states]))
+        if query.kind is not None:
+            statement = statement.where(builds.c.kind == query.kind.value)
+        if page.after is not None:
+            statement = statement.where(builds.c.seq < page.after[0])
+        async with self._database.session() as session:
+            rows = list(await session.exec(statement))
+        more = len(rows) > page.size
+        rows = rows[: page.size]
+        return [_build_from_row(row) for row in rows], rows[-1].seq if more else None
+
+    async def fail_unfinished(self, failure: BuildFailure, now: datetime) -> int:
+        """End the builds a previous process left QUEUED or RUNNING; returns how many there were."""
+        async with self._database.session() as session:
+            result = await session.exec(
+                sa.update(builds)
+                .where(builds.c.state.in_([BuildState.QUEUED.value, BuildState.RUNNING.value]))
+                .values(
+                    state=BuildState.FAILED.value,
+                    failure_reason=failure.reason.value,
+                    failure_message=failure.message,
+                    end_time=now,
+                )
+            )
+            await session.commit()
+            return int(result.rowcount)
+
+    @staticmethod
+    async def _record_request(
+        session: AsyncSession, request_id: str, fingerprint: str, build_id: str
+    ) -> None:
+        await request_ids.record(
+            session, scope=BUILD_SCOPE, request_id=request_id, fingerprint=fingerprint, result=build_id
+        )

@@ -1,0 +1,220 @@
+"""Every service a separate process on loopback: registry, queue, builder, and agents started per test."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import grpc
+import pytest
+
+from takeoff.client import Client
+from takeoff.v1 import common_pb2, queue_pb2, queue_pb2_grpc, runs_pb2, runs_pb2_grpc
+from tests.processes import ServiceProcess, service_process, wait_for
+
+LEASE_TTL_SECONDS = 3.0
+PROJECT = "agenttest"
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("ahome")
+
+
+@pytest.fixture(scope="module")
+def registry(home: Path) -> Iterator[ServiceProcess]:
+    with service_process("registry", home) as process:
+        yield process
+        process.terminate()
+
+
+@pytest.fixture(scope="module")
+def queue_service(home: Path, registry: ServiceProcess) -> Iterator[ServiceProcess]:
+    env = {
+        "TAKEOFF_REGISTRY_ADDRESS": registry.address,
+        "TAKEOFF_LEASE_TTL_SECONDS": str(LEASE_TTL_SECONDS),
+        "TAKEOFF_HEARTBEAT_INTERVAL_SECONDS": "0.5",
+        "TAKEOFF_SHUTDOWN_GRACE_SECONDS": "1",
+    }
+    with service_process("queue", home, env=env) as process:
+        yield process
+        process.terminate()
+
+
+@pytest.fixture(scope="module")
+def builder(home: Path, registry: ServiceProcess) -> Iterator[ServiceProcess]:
+    with service_process("builder", home, env={"TAKEOFF_REGISTRY_ADDRESS": registry.address}) as process:
+        yield process
+        process.terminate()
+
+
+@pytest.fixture
+def client(registry: ServiceProcess) -> Iterator[Client]:
+    with Client(registry.address, project=PROJECT) as client:
+        yield client
+
+
+def code_job(client: Client, tmp_path: Path, name: str, script: str, requirements: str = "") -> str:
+    """A code job whose entrypoint runs ``script``; returns the job id."""
+    from takeoff.models import Environment
+
+    code = tmp_path / f"code-{name}"
+    code.mkdir()
+    (code / "main.py").write_text(script)
+    client.create_job_version(
+        name, code, entrypoint=["python", "main.py"], environment=Environment(requirements=requirements)
+    )
+    return name
+
+
+class Stack:
+    """The running services, and helpers to drive items through them."""
+
+    def __init__(self, home: Path, registry: str, queue: str, builder: str) -> None:
+        self.home = home
+        self.registry = registry
+        self.queue_address = queue
+        self.builder = builder
+        self._queue_channel = grpc.insecure_channel(queue)
+        self.queues = queue_pb2_grpc.QueueServiceStub(self._queue_channel)
+        self._registry_channel = grpc.insecure_channel(registry)
+        self.runs = runs_pb2_grpc.RunServiceStub(self._registry_channel)
+
+    def new_queue(self, **settings: object) -> str:
+        reply = self.queues.CreateQueue(
+            queue_pb2.CreateQueueRequest(
+                parent=f"projects/{PROJECT}",
+                queue_id=f"q-{uuid.uuid4().hex[:10]}",
+                queue=queue_pb2.Queue(resource=common_pb2.RESOURCE_KIND_LOCAL_PROCESS, **settings),  # type: ignore[arg-type]
+            )
+        )
+        return reply.queue.name
+
+    def enqueue(self, queue: str, job: str, **fields: object) -> str:
+        return self.queues.Enqueue(queue_pb2.EnqueueRequest(queue=queue, job=job, **fields)).item.name  # type: ignore[arg-type]
+
+    def item(self, name: str) -> queue_pb2.Item:
+        return self.queues.GetItem(queue_pb2.GetItemRequest(name=name)).item
+
+    def wait_until(
+        self, name: str, done: Callable[[queue_pb2.Item], bool], what: str, timeout: float = 120
+    ) -> queue_pb2.Item:
+        found: list[queue_pb2.Item] = []
+
+        def probe() -> bool:
+            item = self.item(name)
+            found[:] = [item]
+            return done(item)
+
+        wait_for(probe, timeout=timeout, what=f"{name} {what}")
+        return found[0]
+
+    def wait_ended(self, name: str, timeout: float = 120) -> queue_pb2.Item:
+        terminal = {
+            common_pb2.ITEM_STATE_SUCCEEDED,
+            common_pb2.ITEM_STATE_FAILED,
+            common_pb2.ITEM_STATE_CANCELLED,
+        }
+        return self.wait_until(name, lambda item: item.state in terminal, "to end", timeout)
+
+    def wait_state(self, name: str, state: int, timeout: float = 120) -> queue_pb2.Item:
+        return self.wait_until(name, lambda item: item.state == state, f"to be {state}", timeout)
+
+    def run(self, name: str) -> runs_pb2.Run:
+        return self.runs.GetRun(runs_pb2.GetRunRequest(name=name)).run
+
+    def logs(self, run: str) -> list[str]:
+        return [
+            line.text
+            for batch in self.runs.ReadLogs(runs_pb2.ReadLogsRequest(name=run))
+            for line in batch.lines
+        ]
+
+    def close(self) -> None:
+        self._queue_channel.close()
+        self._registry_channel.close()
+
+
+@pytest.fixture(scope="module")
+def stack(
+    home: Path, registry: ServiceProcess, queue_service: ServiceProcess, builder: ServiceProcess
+) -> Iterator[Stack]:
+    stack = Stack(home, registry.address, queue_service.address, builder.address)
+    yield stack
+    stack.close()
+
+
+class AgentProcess:
+    def __init__(self, process: subprocess.Popen[str], state_dir: Path) -> None:
+        self.process = process
+        self.state_dir = state_dir
+
+    def kill(self) -> None:
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait()
+
+    def terminate(self, timeout: float = 60) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=timeout)
+
+
+StartAgent = Callable[..., AgentProcess]
+
+
+@pytest.fixture
+def start_agent(stack: Stack, tmp_path: Path) -> Iterator[StartAgent]:
+    """Start ``python -m takeoff_agent`` for some queues; every agent started is stopped afterwards."""
+    started: list[AgentProcess] = []
+
+    def start(
+        queues: list[str], *, max_jobs: int = 1, state_dir: Path | None = None, **settings: object
+    ) -> AgentProcess:
+        state = state_dir or tmp_path / f"agent-{len(started)}"
+        config = tmp_path / f"agent-{uuid.uuid4().hex[:6]}.yaml"
+        config.write_text(
+            json.dumps(
+                {
+                    "queues": queues,
+                    "max_jobs": max_jobs,
+                    "state_dir": str(state),
+                    "queue_address": stack.queue_address,
+                    "builder_address": stack.builder,
+                    "registry_address": stack.registry,
+                    "stop_grace_seconds": 2,
+                    **settings,
+                }
+            )
+        )
+        process = subprocess.Popen(
+            [sys.executable, "-m", "takeoff_agent", "--config", str(config)],
+            env={**os.environ, "TAKEOFF_HOME": str(stack.home), "TAKEOFF_LISTEN": '["127.0.0.1:0"]'},
+            stdout=subprocess.DEVNULL,
+            stderr=open(tmp_path / f"agent-{len(started)}.log", "w"),  # noqa: SIM115
+            text=True,
+        )
+        agent = AgentProcess(process, state)
+        started.append(agent)
+        return agent
+
+    yield start
+    for agent in started:
+        if agent.process.poll() is None:
+            agent.kill()
+
+
+@contextmanager
+def running_agent(start_agent: StartAgent, queues: list[str], **settings: object) -> Iterator[AgentProcess]:
+    agent = start_agent(queues, **settings)
+    try:
+        yield agent
+    finally:
+        if agent.process.poll() is None:
+            agent.terminate()

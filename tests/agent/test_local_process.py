@@ -1,0 +1,246 @@
+"""The agent end to end on the local-process runner: real registry, queue, builder and agent processes."""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from pathlib import Path
+
+from takeoff.client import Client
+from takeoff.v1 import common_pb2, queue_pb2, runs_pb2
+from tests.agent.conftest import LEASE_TTL_SECONDS, Stack, StartAgent, code_job, running_agent
+from tests.processes import pid_alive, wait_for
+
+SUCCEEDED = common_pb2.ITEM_STATE_SUCCEEDED
+FAILED = common_pb2.ITEM_STATE_FAILED
+CANCELLED = common_pb2.ITEM_STATE_CANCELLED
+RUNNING = common_pb2.ITEM_STATE_RUNNING
+
+TRAIN = """\
+import takeoff
+run = takeoff.init(config={"epochs": 2})
+print("hello from the job", run.config["epochs"])
+for i in range(5):
+    run.log({"loss": 1 / (i + 1)})
+run.summary["best"] = 0.2
+run.finish()
+"""
+
+SLEEPER = """\
+import os, time, takeoff
+run = takeoff.init()
+print("pid", os.getpid(), flush=True)
+time.sleep(float(os.environ.get("SLEEP", "600")))
+print("woke up", flush=True)
+"""
+
+
+def job_pid(stack: Stack, run: str) -> int:
+    def find() -> int | None:
+        for line in stack.logs(run):
+            if match := re.fullmatch(r"pid (\d+)", line):
+                return int(match.group(1))
+        return None
+
+    return wait_for(find, timeout=60, what="the job to print its pid")
+
+
+def test_a_code_job_runs_and_reports(
+    stack: Stack, client: Client, start_agent: StartAgent, tmp_path: Path
+) -> None:
+    job = code_job(client, tmp_path, "train", TRAIN)
+    queue = stack.new_queue()
+    with running_agent(start_agent, [queue]):
+        item = stack.wait_ended(stack.enqueue(queue, job))
+
+    assert (item.state, item.exit_code) == (SUCCEEDED, 0)
+    run = stack.run(item.run)
+    assert run.state == common_pb2.RUN_STATE_FINISHED
+    assert run.history_length == 5
+    assert run.summary["best"] == 0.2
+    assert "hello from the job 2" in stack.logs(item.run)
+    assert [t.to_state for t in item.transitions] == [
+        common_pb2.ITEM_STATE_PENDING,
+        common_pb2.ITEM_STATE_LEASED,
+        common_pb2.ITEM_STATE_BUILDING,
+        common_pb2.ITEM_STATE_STARTING,
+        RUNNING,
+        SUCCEEDED,
+    ]
+
+
+def test_a_failing_job_reports_its_exit_code_and_last_lines(
+    stack: Stack, client: Client, start_agent: StartAgent, tmp_path: Path
+) -> None:
+    job = code_job(client, tmp_path, "fails", "import sys\nprint('about to fail')\nsys.exit(3)\n")
+    queue = stack.new_queue(max_attempts=1)
+    with running_agent(start_agent, [queue]):
+        item = stack.wait_ended(stack.enqueue(queue, job))
+
+    assert (item.state, item.reason, item.exit_code) == (FAILED, common_pb2.FAILURE_REASON_JOB_FAILED, 3)
+    assert "about to fail" in item.message
+    run = stack.run(item.run)
+    assert (run.state, run.exit_code) == (common_pb2.RUN_STATE_FAILED, 3)
+
+
+def test_a_job_that_never_calls_init_is_no_run(
+    stack: Stack, client: Client, start_agent: StartAgent, tmp_path: Path
+) -> None:
+    job = code_job(client, tmp_path, "silent", "print('forgot to init')\n")
+    queue = stack.new_queue(max_attempts=1)
+    with running_agent(start_agent, [queue]):
+        item = stack.wait_ended(stack.enqueue(queue, job))
+
+    assert (item.state, item.reason) == (FAILED, common_pb2.FAILURE_REASON_NO_RUN)
+    assert "never called takeoff.init()" in item.message
+    assert stack.run(item.run).state == common_pb2.RUN_STATE_FAILED
+
+
+def test_an_import_error_before_init_lands_in_the_runs_logs(
+    stack: Stack, client: Client, start_agent: StartAgent, tmp_path: Path
+) -> None:
+    job = code_job(client, tmp_path, "broken", "import not_a_module_anywhere\n")
+    queue = stack.new_queue(max_attempts=1)
+    with running_agent(start_agent, [queue]):
+        item = stack.wait_ended(stack.enqueue(queue, job))
+
+    assert (item.state, item.exit_code) == (FAILED, 1)
+    logs = stack.logs(item.run)
+    assert any("Traceback" in line for line in logs)
+    assert any("ModuleNotFoundError: No module named 'not_a_module_anywhere'" in line for line in logs)
+
+
+def test_cancel_while_running_stops_the_process_group(
+    stack: Stack, client: Client, start_agent: StartAgent, tmp_path: Path
+) -> None:
+    job = code_job(client, tmp_path, "sleeper", SLEEPER)
+    queue = stack.new_queue()
+    with running_agent(start_agent, [queue]):
+        name = stack.enqueue(queue, job)
+        running = stack.wait_state(name, RUNNING)
+        pid = job_pid(stack, running.run)
+        stack.queues.CancelItem(queue_pb2.CancelItemRequest(name=name))
+        item = stack.wait_ended(name, timeout=30)
+
+    assert item.state == CANCELLED
+    assert not pid_alive(pid)
+    assert stack.run(item.run).state == common_pb2.RUN_STATE_KILLED
+
+
+def test_max_run_time_stops_the_job(
+    stack: Stack, client: Client, start_agent: StartAgent, tmp_path: Path
+) -> None:
+    job = code_job(client, tmp_path, "overtime", SLEEPER)
+    queue = stack.new_queue()
+    with running_agent(start_agent, [queue]):
+        item = stack.wait_ended(
+            stack.enqueue(queue, job, max_run_time={"seconds": 2}, max_attempts=1), timeout=60
+        )
+
+    assert (item.state, item.reason) == (FAILED, common_pb2.FAILURE_REASON_MAX_RUN_TIME_EXCEEDED)
+
+
+def test_agent_killed_and_restarted_within_the_ttl_keeps_the_job(
+    stack: Stack, client: Client, start_agent: StartAgent, tmp_path: Path
+) -> None:
+    job = code_job(client, tmp_path, "survivor", SLEEPER)
+    queue = stack.new_queue()
+    first = start_agent([queue])
+    name = stack.enqueue(queue, job)
+    running = stack.wait_state(name, RUNNING)
+    pid = job_pid(stack, running.run)
+
+    first.kill()
+    assert pid_alive(pid)  # the job lives on under its shim
+    with running_agent(start_agent, [queue], state_dir=first.state_dir):
+        time.sleep(LEASE_TTL_SECONDS + 1)
+        assert stack.item(name).state == RUNNING
+        assert pid_alive(pid)
+        os.kill(pid, 15)  # the job ends (as by itself); the restarted agent reports it
+        item = stack.wait_ended(name, timeout=30)
+
+    assert item.attempt == 1
+    assert item.state == FAILED  # killed by SIGTERM: a non-zero exit
+    assert sum(1 for t in item.transitions if t.to_state == FAILED) == 1
+
+
+def test_agent_killed_for_good_the_next_agent_runs_attempt_two(
+    stack: Stack, client: Client, start_agent: StartAgent, tmp_path: Path
+) -> None:
+    job = code_job(client, tmp_path, "orphan", SLEEPER)
+    queue = stack.new_queue(max_attempts=3)
+    first = start_agent([queue])
+    name = stack.enqueue(queue, job)
+    running = stack.wait_state(name, RUNNING)
+    pid = job_pid(stack, running.run)
+    first.kill()
+
+    with running_agent(start_agent, [queue]):
+        second = stack.wait_until(name, lambda item: item.attempt == 2, "to be retried", timeout=60)
+        lost = [t for t in second.transitions if t.reason == common_pb2.FAILURE_REASON_AGENT_LOST]
+        assert [t.attempt for t in lost] == [1]
+        # The lost agent's job stopped itself once its lease lapsed (the shim fences it).
+        wait_for(lambda: not pid_alive(pid), timeout=LEASE_TTL_SECONDS + 15, what="the orphan to stop")
+
+
+def test_max_jobs_with_two_agents_and_ten_items(
+    stack: Stack, client: Client, start_agent: StartAgent, tmp_path: Path
+) -> None:
+    job = code_job(client, tmp_path, "napper", SLEEPER.replace('"600"', '"1"'))
+    queue = stack.new_queue()
+    names = [stack.enqueue(queue, job) for _ in range(10)]
+    with running_agent(start_agent, [queue], max_jobs=2), running_agent(start_agent, [queue], max_jobs=2):
+        peak = 0
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            items = [stack.item(name) for name in names]
+            live = sum(
+                1
+                for i in items
+                if i.state
+                in (
+                    common_pb2.ITEM_STATE_LEASED,
+                    common_pb2.ITEM_STATE_BUILDING,
+                    common_pb2.ITEM_STATE_STARTING,
+                    RUNNING,
+                )
+            )
+            peak = max(peak, live)
+            if all(i.state == SUCCEEDED for i in items):
+                break
+            time.sleep(0.1)
+    assert all(stack.item(name).state == SUCCEEDED for name in names)
+    assert 2 < peak <= 4
+
+
+def test_sigterm_drains_the_agent(
+    stack: Stack, client: Client, start_agent: StartAgent, tmp_path: Path
+) -> None:
+    job = code_job(client, tmp_path, "short", SLEEPER.replace('"600"', '"2"'))
+    queue = stack.new_queue()
+    agent = start_agent([queue])
+    name = stack.enqueue(queue, job)
+    stack.wait_state(name, RUNNING)
+
+    assert agent.terminate() == 0  # returns once the running job has ended and been reported
+    assert stack.item(name).state == SUCCEEDED
+    assert "woke up" in stack.logs(stack.item(name).run)
+    unserved = stack.enqueue(queue, job)
+    time.sleep(1)
+    assert stack.item(unserved).state == common_pb2.ITEM_STATE_PENDING
+
+
+def test_metric_rows_and_logs_arrive_for_a_run(
+    stack: Stack, client: Client, start_agent: StartAgent, tmp_path: Path
+) -> None:
+    job = code_job(client, tmp_path, "metrics", TRAIN)
+    queue = stack.new_queue()
+    with running_agent(start_agent, [queue]):
+        item = stack.wait_ended(stack.enqueue(queue, job))
+    rows = [
+        row
+        for batch in stack.runs.ReadMetrics(runs_pb2.ReadMetricsRequest(name=item.run))
+        for row in batch.rows
+    ]
+    assert [row.values["loss"] for row in rows] == [1.0, 0.5, 1 / 3, 0.25, 0.2]
