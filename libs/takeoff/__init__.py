@@ -7,54 +7,74 @@
     run.summary["best_loss"] = 0.33
     run.finish()  # also at exit; an uncaught exception marks the run FAILED
 
-``takeoff.Client`` manages jobs and reads runs. The SDK talks to Takeoff's services over gRPC only; it
-never imports server code.
+``takeoff.Client`` manages jobs and queues, launches jobs and reads runs. The SDK talks to Takeoff's
+services over gRPC only; it never imports server code.
 """
 
 from takeoff._run import ReadOnlyConfigError, Run, RunConfig, RunSummary, current_run, finish, init, log
 from takeoff.client import Client
 from takeoff.errors import FieldViolation, TakeoffError
 from takeoff.models import (
+    Agent,
+    AgentLease,
     Artifact,
     CodeSource,
     CreatedJobVersion,
     Environment,
+    FailureReason,
     GitSource,
     ImageSource,
+    Item,
+    ItemState,
+    ItemTransition,
     Job,
     JobInputs,
     JobVersion,
     LogLine,
     LogStream,
     MetricRow,
+    Priority,
+    Queue,
+    ResourceKind,
     RunInfo,
     RunState,
+    TemplateVariable,
 )
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Agent",
+    "AgentLease",
     "Artifact",
     "Client",
     "CodeSource",
     "CreatedJobVersion",
     "Environment",
+    "FailureReason",
     "FieldViolation",
     "GitSource",
     "ImageSource",
+    "Item",
+    "ItemState",
+    "ItemTransition",
     "Job",
     "JobInputs",
     "JobVersion",
     "LogLine",
     "LogStream",
     "MetricRow",
+    "Priority",
+    "Queue",
     "ReadOnlyConfigError",
+    "ResourceKind",
     "Run",
     "RunConfig",
     "RunInfo",
     "RunState",
     "RunSummary",
     "TakeoffError",
+    "TemplateVariable",
     "current_run",
     "finish",
     "init",

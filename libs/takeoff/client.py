@@ -63,7 +63,9 @@ from takeoff.v1 import common_pb2, jobs_pb2, jobs_pb2_grpc, queue_pb2, queue_pb2
 DEFAULT_PROJECT = "default"
 UPLOAD_CHUNK_BYTES = 1024 * 1024
 RETRY_SECONDS = 5.0
-"""How long a launch whose reply was lost, or a watch whose stream broke, keeps trying."""
+"""How long a launch whose reply was lost is sent again."""
+RECONNECT_SECONDS = 30.0
+"""How long a watch whose stream broke waits for the queue service to be back, as from a restart."""
 
 _Request = TypeVar("_Request")
 _Response = TypeVar("_Response")
@@ -500,8 +502,9 @@ class Client:
     ) -> Iterator[Item]:
         """The item now, then after every change as the queue pushes it, until it ends.
 
-        A stream lost to a restarting queue service is opened again (the first message of the new one is
-        the item as it is then, so nothing is missed). Raises ``TimeoutError`` after ``timeout`` seconds.
+        A stream lost to a restarting queue service is opened again once the service is back (the first
+        message of a stream is the item as it is then, so nothing is missed). Raises ``TimeoutError``
+        after ``timeout`` seconds.
         """
         name = self.item_name(item, queue, project)
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -518,17 +521,22 @@ class Client:
                     yield current
                     if current.ended:
                         return
-                error = TakeoffError(grpc.StatusCode.UNAVAILABLE, "UNAVAILABLE", "the watch ended early")
+                lost = TakeoffError(grpc.StatusCode.UNAVAILABLE, "UNAVAILABLE", "the watch ended early")
             except grpc.RpcError as rpc_error:
-                error = TakeoffError.from_rpc_error(rpc_error, target=self.queue_address)
+                lost = TakeoffError.from_rpc_error(rpc_error, target=self.queue_address)
             finally:
                 call.cancel()  # a caller that stops iterating early must not leave the stream open
-            if error.code is grpc.StatusCode.DEADLINE_EXCEEDED and deadline is not None:
+            if lost.code is grpc.StatusCode.DEADLINE_EXCEEDED and deadline is not None:
                 raise TimeoutError(f"{name} has not ended after {timeout}s") from None
             lost_since = lost_since or time.monotonic()
-            if not error.retryable or time.monotonic() - lost_since > RETRY_SECONDS:
-                raise error
-            time.sleep(backoff.next_delay())
+            patience = lost_since + RECONNECT_SECONDS - time.monotonic()
+            if not lost.retryable or patience <= 0:
+                raise lost
+            time.sleep(backoff.next_delay())  # the channel may not have seen its connection go yet
+            try:
+                grpc.channel_ready_future(self._queue_channel).result(timeout=patience)
+            except grpc.FutureTimeoutError:
+                raise lost from None
 
     # Agents
 

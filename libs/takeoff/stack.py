@@ -167,6 +167,18 @@ class LocalStack:
         self.record.write(self.home)
         return self.record
 
+    def start_agent(self, config: Path, timeout: float = 60.0) -> RunningService:
+        """Add an agent to a running stack (for queues created after the stack started)."""
+        self.agent_config = config
+        child = self._spawn("agent")
+        try:
+            self.record.services["agent"] = self._await_ready(child, time.monotonic() + timeout)
+        except BaseException:
+            self.stop()
+            raise
+        self.record.write(self.home)
+        return self.record.services["agent"]
+
     def wait(self, should_stop: Callable[[], bool]) -> _Child | None:
         """Block until a child exits (returned) or ``should_stop()`` turns true (None)."""
         while not should_stop():

@@ -4,23 +4,75 @@ from collections.abc import Sequence
 from contextlib import AsyncExitStack
 from pathlib import Path
 
+from pydantic import SecretStr
+
 from takeoff.v1 import build_pb2, build_pb2_grpc
 from takeoff_builder.api import BuildApi
+from takeoff_builder.builds import Builder, Redactor
+from takeoff_builder.git_mirrors import GitCredentials, GitMirrors
+from takeoff_builder.images import Images, RegistryLogin
+from takeoff_builder.pip import PackageIndex
+from takeoff_builder.registry_client import RegistryClient
 from takeoff_builder.settings import BuilderSettings
+from takeoff_builder.sources import CodeCache
+from takeoff_builder.store import BuildStore
+from takeoff_builder.venvs import Venvs
 from takeoff_server.database import open_service_database
 from takeoff_server.main import ServiceProgram
 from takeoff_server.server import ServiceBinding
 
 
+def _secret(value: SecretStr | None) -> str | None:
+    return value.get_secret_value() if value is not None else None
+
+
 async def wire(settings: BuilderSettings, resources: AsyncExitStack) -> Sequence[ServiceBinding]:
-    await open_service_database(
+    database = await open_service_database(
         "builder", settings, resources, migrations=Path(__file__).with_name("migrations")
     )
+    registry = RegistryClient(settings.registry_address)
+    resources.push_async_callback(registry.close)
+    builds = settings.builds_path
+    index = PackageIndex(settings.pip_index_url, tuple(settings.pip_extra_index_urls), settings.ca_bundle)
+    git_token = _secret(settings.git_https_token)
+    push_password = _secret(settings.push_password)
+    git_mirrors = GitMirrors(
+        builds / "git",
+        GitCredentials(
+            https_token=git_token,
+            https_username=settings.git_https_username,
+            https_token_scope=settings.git_https_token_scope,
+            ssh_key_path=settings.git_ssh_key_path,
+        ),
+        timeout=settings.git_timeout_seconds,
+    )
+    images = Images(
+        docker_host=settings.docker_host,
+        image_prefix=settings.image_prefix,
+        default_base_image=settings.default_base_image,
+        index=index,
+        scratch=builds / "contexts",
+        login=RegistryLogin(settings.push_username or "", push_password or "")
+        if settings.push_username or push_password
+        else None,
+    )
+    builder = Builder(
+        BuildStore(database),
+        registry,
+        CodeCache(builds, registry, git_mirrors),
+        Venvs(builds / "venvs", index, pip_cache=builds / "pip-cache"),
+        images,
+        max_concurrent_builds=settings.max_concurrent_builds,
+        push_registry=settings.push_registry,
+        redact=Redactor([secret for secret in (git_token, push_password, *index.secrets()) if secret]),
+    )
+    await builder.recover()
     return [
         ServiceBinding.of(
             build_pb2.DESCRIPTOR.services_by_name["BuildService"],
             build_pb2_grpc.add_BuildServiceServicer_to_server,
-            BuildApi(),  # type: ignore[abstract]
+            BuildApi(builder),
+            on_shutdown=builder.stop,
         )
     ]
 

@@ -10,6 +10,7 @@ Every method blocks: call them from a worker thread in async code.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import shlex
 import tempfile
@@ -101,10 +102,8 @@ class GitMirrors:
             ) from None
 
     def _fetch_quietly(self, repository: git.Repo, url: str, commit: str) -> None:
-        try:
+        with contextlib.suppress(BuildInfraError):  # the caller reports the missing commit
             self._fetch(repository, url, commit)
-        except BuildInfraError:
-            pass  # the caller reports the missing commit
 
     def _environment(self, url: str) -> dict[str, str]:
         environment = {

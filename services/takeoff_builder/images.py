@@ -87,7 +87,9 @@ def generated_dockerfile(spec: JobSpec, base_image: str, index: PackageIndex) ->
         f"ENV VIRTUAL_ENV={_VENV} PATH={_VENV}/bin:$PATH PYTHONUNBUFFERED=1",
     ]
     if environment.requirements.strip():
-        pip_variables = index.environment(ca_bundle_path=f"{_SUPPORT}/{CA_BUNDLE_FILE}" if index.ca_bundle else None)
+        pip_variables = index.environment(
+            ca_bundle_path=f"{_SUPPORT}/{CA_BUNDLE_FILE}" if index.ca_bundle else None
+        )
         pip_variables["PIP_NO_CACHE_DIR"] = "1"
         assignments = " ".join(f"{name}={json.dumps(value)}" for name, value in sorted(pip_variables.items()))
         lines += [
@@ -135,7 +137,9 @@ class Images:
         self, spec: JobSpec, code: Path, tag: str, log: Log, *, labels: Mapping[str, str], no_cache: bool
     ) -> str:
         """Build ``spec`` with its code at ``code``, tagged ``tag``; returns the image id."""
-        return await asyncio.to_thread(self._build, spec, code, tag, log, dict(labels), no_cache)
+        return await asyncio.to_thread(
+            self._build, spec, code, tag, log, labels=dict(labels), no_cache=no_cache
+        )
 
     async def push(self, tag: str, log: Log) -> str:
         """Push ``tag`` to its registry; returns the registry digest."""
@@ -173,17 +177,21 @@ class Images:
                 explanation = str(error.explanation or error)
                 if any(marker in explanation.lower() for marker in _MISSING):
                     return FoundImage(image_id)
-                raise BuildInfraError(f"could not ask the registry of {reference} for it: {explanation}") from None
+                raise BuildInfraError(
+                    f"could not ask the registry of {reference} for it: {explanation}"
+                ) from None
             return FoundImage(image_id, str(descriptor["Descriptor"]["digest"]))
 
     def _build(
-        self, spec: JobSpec, code: Path, tag: str, log: Log, labels: dict[str, str], no_cache: bool
+        self, spec: JobSpec, code: Path, tag: str, log: Log, *, labels: dict[str, str], no_cache: bool
     ) -> str:
         self._scratch.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=self._scratch, prefix="context-") as scratch:
             context, dockerfile = self._prepare_context(spec, code, Path(scratch), log)
             with self._engine() as engine:
-                return self._run_build(engine, context, dockerfile, tag, log, labels, no_cache)
+                return self._run_build(
+                    engine, context, dockerfile, tag=tag, log=log, labels=labels, no_cache=no_cache
+                )
 
     def _prepare_context(self, spec: JobSpec, code: Path, scratch: Path, log: Log) -> tuple[Path, Path]:
         environment = spec.environment
@@ -219,6 +227,7 @@ class Images:
         engine: docker.APIClient,
         context: Path,
         dockerfile: Path,
+        *,
         tag: str,
         log: Log,
         labels: dict[str, str],
@@ -285,4 +294,3 @@ class Images:
 
     def _auth_config(self) -> dict[str, str] | None:
         return self._login.auth_config() if self._login is not None else None
-

@@ -33,7 +33,7 @@ def _error_reason(error: grpc.aio.AioRpcError) -> str:
                 if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
                     info = error_details_pb2.ErrorInfo()
                     detail.Unpack(info)
-                    return info.reason
+                    return str(info.reason)
     return ""
 
 
@@ -93,7 +93,8 @@ class RegistryClient:
             )
         return Unavailable(
             "DEPENDENCY_UNAVAILABLE",
-            f"the registry at {self.address} could not resolve {reference!r} ({error.code().name}): {message}",
+            f"the registry at {self.address} could not resolve {reference!r} "
+            f"({error.code().name}): {message}",
         )
 
     async def download_artifact(self, project: str, sha256: str, destination: Path) -> None:

@@ -11,7 +11,7 @@ from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
-from sqlmodel import JSON, Column, Field, SQLModel
+from sqlmodel import JSON, Column, Field, SQLModel, col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from takeoff_builder.model import (
@@ -91,7 +91,7 @@ def _state_values(build: Build) -> dict[str, Any]:
     }
 
 
-def _build_from_row(row: Any) -> Build:
+def _build_from_row(row: BuildRow) -> Build:
     return Build(
         id=row.id,
         job_version=row.job_version,
@@ -169,30 +169,30 @@ class BuildStore:
 
     async def get(self, build_id: str) -> Build | None:
         async with self._database.session() as session:
-            row = (await session.exec(sa.select(builds).where(builds.c.id == build_id))).first()
+            row = (await session.exec(select(BuildRow).where(BuildRow.id == build_id))).first()
         return _build_from_row(row) if row is not None else None
 
     async def log_lines(self, build_id: str) -> list[str]:
         async with self._database.session() as session:
             rows = await session.exec(
-                sa.select(build_logs.c.text)
-                .where(build_logs.c.build_id == build_id)
-                .order_by(build_logs.c.line)
+                select(BuildLogRow.text)
+                .where(BuildLogRow.build_id == build_id)
+                .order_by(col(BuildLogRow.line))
             )
-            return [text for (text,) in rows]
+            return list(rows)
 
     async def list(self, query: BuildQuery, page: PageRequest) -> tuple[list[Build], int | None]:
         """A page of builds, newest first, and the cursor after it (None on the last page)."""
-        statement = sa.select(builds).order_by(builds.c.seq.desc()).limit(page.size + 1)
+        statement = select(BuildRow).order_by(col(BuildRow.seq).desc()).limit(page.size + 1)
         if query.job:
-            column = builds.c.job if JOB.match(query.job) else builds.c.job_version
+            column = BuildRow.job if JOB.match(query.job) else BuildRow.job_version
             statement = statement.where(column == query.job)
         if query.states:
-            statement = statement.where(builds.c.state.in_([state.value for state in query.states]))
+            statement = statement.where(col(BuildRow.state).in_([state.value for state in query.states]))
         if query.kind is not None:
-            statement = statement.where(builds.c.kind == query.kind.value)
+            statement = statement.where(BuildRow.kind == query.kind.value)
         if page.after is not None:
-            statement = statement.where(builds.c.seq < page.after[0])
+            statement = statement.where(col(BuildRow.seq) < page.after[0])
         async with self._database.session() as session:
             rows = list(await session.exec(statement))
         more = len(rows) > page.size

@@ -69,7 +69,7 @@ def check_python_version(requested: str) -> None:
 
 async def find_python(requested: str) -> Path:
     """The interpreter for ``requested`` (``3.12``, ``3.12.4``, or empty for the builder's own)."""
-    own = "%d.%d.%d" % sys.version_info[:3]
+    own = ".".join(str(part) for part in sys.version_info[:3])
     if not requested or version_matches(own, requested):
         return Path(sys.executable)
     check_python_version(requested)

@@ -176,7 +176,7 @@ def test_agent_killed_for_good_the_next_agent_runs_attempt_two(
     pid = job_pid(stack, running.run)
     first.kill()
 
-    with running_agent(start_agent, [queue]):
+    with running_agent(start_agent, [queue], drain_timeout_seconds=1):
         second = stack.wait_until(name, lambda item: item.attempt == 2, "to be retried", timeout=60)
         lost = [t for t in second.transitions if t.reason == common_pb2.FAILURE_REASON_AGENT_LOST]
         assert [t.attempt for t in lost] == [1]

@@ -1,0 +1,135 @@
+"""``takeoff demo``: the main job, end to end, on the embedded default (SQLite, local-process, venv builds).
+
+Starts the stack in ``TAKEOFF_HOME``, creates the example job from ``examples/train`` (a small training
+loop with a config schema and one requirement) and a local-process queue, starts an agent, launches the
+job twice with different configs, shows the items' states live, then each run's config, metrics and
+final state, and stops everything. No Docker needed.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Annotated
+
+import grpc
+import typer
+import yaml
+from rich.live import Live
+from rich.table import Table
+
+from takeoff._home import takeoff_home
+from takeoff.cli._output import console, fail
+from takeoff.cli.run_commands import show
+from takeoff.client import Client
+from takeoff.models import Environment, JobInputs, dict_to_struct
+from takeoff.stack import LocalStack, StackError
+from takeoff.v1 import common_pb2, queue_pb2, queue_pb2_grpc
+
+EXAMPLE = Path(__file__).resolve().parents[3] / "examples" / "train"
+PROJECT = "demo"
+CONFIGS = ({"lr": 0.1, "epochs": 3}, {"lr": 0.4, "epochs": 5})
+ENDED = {common_pb2.ITEM_STATE_SUCCEEDED, common_pb2.ITEM_STATE_FAILED, common_pb2.ITEM_STATE_CANCELLED}
+
+
+def _state(item: queue_pb2.Item) -> str:
+    name = common_pb2.ItemState.Name(item.state).removeprefix("ITEM_STATE_")
+    colour = {"SUCCEEDED": "green", "FAILED": "red", "CANCELLED": "yellow"}.get(name, "cyan")
+    return f"[{colour}]{name}[/]"
+
+
+def _items_table(items: list[queue_pb2.Item], started: float) -> Table:
+    table = Table(title=f"launched items ({time.monotonic() - started:.1f}s)", title_justify="left")
+    for column in ("item", "config", "state", "attempt", "history"):
+        table.add_column(column)
+    for item in items:
+        history = " > ".join(
+            common_pb2.ItemState.Name(t.to_state).removeprefix("ITEM_STATE_") for t in item.transitions
+        )
+        config = json.dumps({k: item.run_config[k] for k in sorted(item.run_config)})
+        table.add_row(item.name.rsplit("/", 1)[1], config, _state(item), str(item.attempt), history)
+    return table
+
+
+def _create_queue(queues: queue_pb2_grpc.QueueServiceStub) -> str:
+    name = f"projects/{PROJECT}/queues/local"
+    try:
+        queues.CreateQueue(
+            queue_pb2.CreateQueueRequest(
+                parent=f"projects/{PROJECT}",
+                queue_id="local",
+                queue=queue_pb2.Queue(
+                    resource=common_pb2.RESOURCE_KIND_LOCAL_PROCESS, description="takeoff demo"
+                ),
+            )
+        )
+    except grpc.RpcError as error:
+        if error.code() != grpc.StatusCode.ALREADY_EXISTS:
+            raise
+    return name
+
+
+def demo(
+    example: Annotated[Path, typer.Option(help="The job's directory.")] = EXAMPLE,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the runs.")] = 600,
+) -> None:
+    """Run the example job twice on a local stack, show the runs, and stop the stack."""
+    if not (example / "train.py").is_file():
+        fail(f"no example job at {example} (pass --example DIR)")
+    home = takeoff_home()
+    stack = LocalStack(home, base_port=0)
+    started = time.monotonic()
+    try:
+        with console.status("starting the registry, queue and builder..."):
+            record = stack.start()
+    except StackError as error:
+        fail(str(error))
+    try:
+        registry, queue_address = record.services["registry"].address, record.services["queue"].address
+        with Client(registry, project=PROJECT) as client:
+            created = client.create_job_version(
+                "train",
+                example,
+                entrypoint=["python", "train.py"],
+                environment=Environment(requirements=(example / "requirements.txt").read_text()),
+                inputs=JobInputs(
+                    schema=json.loads((example / "config.schema.json").read_text()), defaults=None
+                ),
+                outputs=["loss"],
+            )
+        console.print(
+            f"job [bold]{created.version.name}[/] ({'unchanged' if created.reused_existing else 'new'})"
+        )
+        with grpc.insecure_channel(queue_address) as channel:
+            queues = queue_pb2_grpc.QueueServiceStub(channel)
+            queue = _create_queue(queues)
+            agent_config = home / "demo-agent.yaml"
+            agent_config.write_text(yaml.safe_dump({"name": "demo-agent", "queues": [queue], "max_jobs": 2}))
+            with console.status("starting an agent..."):
+                stack.start_agent(agent_config)
+            names = [
+                queues.Enqueue(
+                    queue_pb2.EnqueueRequest(queue=queue, job="train", run_config=dict_to_struct(config))
+                ).item.name
+                for config in CONFIGS
+            ]
+            items = [queues.GetItem(queue_pb2.GetItemRequest(name=name)).item for name in names]
+            with Live(_items_table(items, started), console=console, refresh_per_second=8) as live:
+                deadline = time.monotonic() + timeout
+                while not all(item.state in ENDED for item in items) and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                    items = [queues.GetItem(queue_pb2.GetItemRequest(name=name)).item for name in names]
+                    live.update(_items_table(items, started))
+        for item in items:
+            console.rule(f"run {item.run.rsplit('/', 1)[1]}")
+            show(item.run, project=PROJECT)
+        console.print(
+            f"demo done in {time.monotonic() - started:.1f}s; logs: takeoff logs RUN (while a stack runs)"
+        )
+    finally:
+        with console.status("stopping the stack..."):
+            stack.stop()
+    console.print("stack stopped")
+    if not all(item.state == common_pb2.ITEM_STATE_SUCCEEDED for item in items):
+        raise typer.Exit(1)

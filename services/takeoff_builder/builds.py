@@ -1,0 +1,453 @@
+"""Builds as they happen: one task per build, joined by identical requests, followed by any number of
+callers, recorded in the store when they start, run and end.
+
+A build is identified by what it would produce (kind, build key, options): a request for a build that
+is already under way joins it instead of starting another, so two simultaneous identical builds run
+once. Cache hits are answered at once; anything that has to be built waits for one of a fixed number
+of slots. A build outlives the call that started it: a caller that goes away does not stop it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import threading
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from takeoff_builder.images import Images
+from takeoff_builder.keys import BuildKeys, build_keys
+from takeoff_builder.locks import KeyedLocks
+from takeoff_builder.model import (
+    LOG_TAIL_LINES,
+    Build,
+    BuildError,
+    BuildEvent,
+    BuildFailed,
+    BuildFailure,
+    BuildKind,
+    BuildQuery,
+    BuildRequest,
+    BuildResult,
+    BuildState,
+    CacheChecked,
+    EventBody,
+    Failed,
+    FailureReason,
+    ImageSource,
+    JobSpec,
+    LogLine,
+    Succeeded,
+)
+from takeoff_builder.registry_client import RegistryClient
+from takeoff_builder.sources import CodeCache
+from takeoff_builder.store import BuildStore
+from takeoff_builder.venvs import Venvs, venv_python
+from takeoff_server.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound
+from takeoff_server.idempotency import request_fingerprint
+from takeoff_server.pagination import PageRequest
+
+logger = logging.getLogger(__name__)
+
+Clock = Callable[[], datetime]
+FlightKey = tuple[BuildKind, str, bool, bool]
+"""kind, build key (the image reference for noop), push, no_cache: builds that would do the same."""
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Redactor:
+    """Blanks configured secrets out of text before anyone can see or store it."""
+
+    def __init__(self, secrets: Iterable[str]) -> None:
+        self._secrets = sorted({secret for secret in secrets if secret}, key=len, reverse=True)
+
+    def __call__(self, text: str) -> str:
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        return text
+
+
+class BuildRun:
+    """One build's record and events, in order, as they happen; callers follow them from the start."""
+
+    def __init__(self, build: Build, *, redact: Redactor, clock: Clock) -> None:
+        self.build = build
+        self.events: list[BuildEvent] = []
+        self.log_lines: list[str] = []
+        self.done = False
+        self._redact = redact
+        self._clock = clock
+        self._wakeup = asyncio.Event()
+        self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
+
+    @classmethod
+    def replay(cls, build: Build, log_lines: list[str], *, redact: Redactor, clock: Clock) -> BuildRun:
+        """A finished build read back from the store, with the events it had."""
+        run = cls(build, redact=redact, clock=clock)
+        moment = build.end_time or build.create_time
+        if build.cache_detail is not None:
+            run.events.append(
+                BuildEvent(
+                    moment,
+                    CacheChecked(build.cache_hit, build.environment_key, build.build_key, build.cache_detail),
+                )
+            )
+        run.log_lines = log_lines
+        run.events += [BuildEvent(moment, LogLine(line)) for line in log_lines]
+        if build.result is not None:
+            run.events.append(BuildEvent(moment, Succeeded(build.result)))
+        elif build.failure is not None:
+            run.events.append(BuildEvent(moment, Failed(build.failure)))
+        run.done = True
+        return run
+
+    def snapshot(self) -> Build:
+        return dataclasses.replace(self.build)
+
+    def log(self, text: str) -> None:
+        """Add output to the log; callable from any thread."""
+        if threading.get_ident() == self._loop_thread:
+            self._add_log(text)
+        else:
+            self._loop.call_soon_threadsafe(self._add_log, text)
+
+    def _add_log(self, text: str) -> None:
+        for raw_line in text.splitlines() or [""]:
+            line = self._redact(raw_line)
+            self.log_lines.append(line)
+            self.build.log_line_count += 1
+            self._emit(LogLine(line))
+
+    def cache_checked(self, hit: bool, detail: str) -> None:
+        self.build.cache_hit = hit
+        self.build.cache_detail = detail
+        self._emit(CacheChecked(hit, self.build.environment_key, self.build.build_key, detail))
+
+    def end(self, outcome: BuildResult | BuildFailure) -> None:
+        """Set the final state; ``publish_end`` tells the followers once it is stored."""
+        build = self.build
+        build.end_time = self._clock()
+        build.start_time = build.start_time or build.end_time
+        if isinstance(outcome, BuildResult):
+            build.state, build.result = BuildState.SUCCEEDED, outcome
+        else:
+            build.state, build.failure = BuildState.FAILED, outcome
+
+    def publish_end(self) -> None:
+        build = self.build
+        self._emit(Succeeded(build.result) if build.result is not None else Failed(build.failure))  # type: ignore[arg-type]
+        self.done = True
+
+    def failure(self, reason: FailureReason, message: str) -> BuildFailure:
+        return BuildFailure(reason, self._redact(message), tuple(self.log_lines[-LOG_TAIL_LINES:]))
+
+    def _emit(self, body: EventBody) -> None:
+        self.events.append(BuildEvent(self._clock(), body))
+        self._wakeup.set()
+        self._wakeup = asyncio.Event()
+
+    async def follow(self) -> AsyncIterator[list[BuildEvent]]:
+        """Every event from the first, in batches of what is new, until the build has ended."""
+        seen = 0
+        while True:
+            wakeup = self._wakeup
+            if seen < len(self.events):
+                batch = self.events[seen:]
+                seen += len(batch)
+                yield batch
+                continue
+            if self.done:
+                return
+            await wakeup.wait()
+
+
+@dataclass(frozen=True, slots=True)
+class Started:
+    run: BuildRun
+    joined: bool
+    """The call joined a build that had started before (or had already ended, for a retried request)."""
+
+
+class Builder:
+    def __init__(
+        self,
+        store: BuildStore,
+        registry: RegistryClient,
+        code: CodeCache,
+        venvs: Venvs,
+        images: Images,
+        *,
+        max_concurrent_builds: int,
+        push_registry: str | None,
+        redact: Redactor,
+        clock: Clock = utc_now,
+    ) -> None:
+        self._store = store
+        self._registry = registry
+        self._code = code
+        self._venvs = venvs
+        self._images = images
+        self._push_registry = push_registry
+        self._redact = redact
+        self._clock = clock
+        self._slots = asyncio.Semaphore(max_concurrent_builds)
+        self._starting = asyncio.Lock()
+        self._image_locks = KeyedLocks()
+        self._flights: dict[FlightKey, BuildRun] = {}
+        self._running: dict[str, BuildRun] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def recover(self) -> None:
+        """Fail the builds a previous process did not finish: their callers are gone, nothing was cached."""
+        failure = BuildFailure(FailureReason.BUILD_INFRA, "the builder stopped before the build finished")
+        if count := await self._store.fail_unfinished(failure, self._clock()):
+            logger.warning("marked %d unfinished builds of a previous run as failed", count)
+
+    async def stop(self) -> None:
+        """Abandon the builds under way (each ends FAILED, BUILD_INFRA) so their streams end."""
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def start(self, request: BuildRequest) -> Started:
+        """Start a build, join the identical one under way, or replay the one a retried request started."""
+        fingerprint = request_fingerprint(
+            {
+                "job_version": request.job_version,
+                "kind": request.kind.value,
+                "push": request.options.push,
+                "no_cache": request.options.no_cache,
+                "run": request.run,
+            }
+        )
+        if request.request_id and (
+            earlier := await self._store.replay_request(request.request_id, fingerprint)
+        ):
+            return await self._rejoin(earlier)
+        spec = await self._registry.job_version(request.job_version)
+        self._check_request(spec, request)
+        keys = self._keys(spec, request.kind)
+        flight: FlightKey = (
+            request.kind,
+            keys.build if keys else _image_reference(spec),
+            request.options.push,
+            request.options.no_cache,
+        )
+        async with self._starting:
+            if request.request_id and (
+                earlier := await self._store.replay_request(request.request_id, fingerprint)
+            ):
+                return await self._rejoin(earlier)
+            if (under_way := self._flights.get(flight)) is not None:
+                if request.request_id:
+                    await self._store.record_request(request.request_id, fingerprint, under_way.build.id)
+                return Started(under_way, joined=True)
+            build = Build(
+                id=uuid.uuid4().hex,
+                job_version=spec.version_name,
+                kind=request.kind,
+                options=request.options,
+                create_time=self._clock(),
+                run=request.run,
+                environment_key=keys.environment if keys else "",
+                build_key=keys.build if keys else "",
+            )
+            await self._store.insert(build, request_id=request.request_id, fingerprint=fingerprint)
+            run = BuildRun(build, redact=self._redact, clock=self._clock)
+            self._flights[flight] = run
+            self._running[build.id] = run
+        task = asyncio.create_task(self._carry_out(run, spec, flight), name=f"build {build.id}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return Started(run, joined=False)
+
+    async def get(self, build_id: str, *, include_log: bool) -> tuple[Build, list[str]]:
+        if (run := self._running.get(build_id)) is not None:
+            return run.snapshot(), list(run.log_lines) if include_log else []
+        build = await self._store.get(build_id)
+        if build is None:
+            raise NotFound(
+                "BUILD_NOT_FOUND",
+                f"build {build_id} does not exist",
+                metadata={"resource": f"builds/{build_id}"},
+            )
+        return build, await self._store.log_lines(build_id) if include_log else []
+
+    async def list(self, query: BuildQuery, page: PageRequest) -> tuple[list[Build], int | None]:
+        """A page of builds, newest first; those under way as they are now."""
+        builds, cursor = await self._store.list(query, page)
+        return [
+            run.snapshot() if (run := self._running.get(build.id)) is not None else build for build in builds
+        ], cursor
+
+    async def _rejoin(self, build_id: str) -> Started:
+        if (run := self._running.get(build_id)) is not None:
+            return Started(run, joined=True)
+        build = await self._store.get(build_id)
+        if build is None:
+            raise NotFound("BUILD_NOT_FOUND", f"build {build_id} does not exist")
+        lines = await self._store.log_lines(build_id)
+        return Started(BuildRun.replay(build, lines, redact=self._redact, clock=self._clock), joined=True)
+
+    def _check_request(self, spec: JobSpec, request: BuildRequest) -> None:
+        image_job = isinstance(spec.source, ImageSource)
+        if image_job != (request.kind is BuildKind.NOOP):
+            fits = "noop" if image_job else "venv or image"
+            source = "an image" if image_job else "a code or git"
+            problem = f"{spec.version_name} has {source} source: build it as {fits}"
+            raise InvalidArgument(
+                "BUILD_KIND_INCOMPATIBLE", problem, violations=[FieldViolation("kind", problem)]
+            )
+        if request.options.push:
+            if request.kind is not BuildKind.IMAGE:
+                problem = "only image builds can be pushed"
+                raise InvalidArgument(
+                    "ARGUMENT_INVALID",
+                    f"options.push: {problem}",
+                    violations=[FieldViolation("options.push", problem)],
+                )
+            if self._push_registry is None:
+                raise FailedPrecondition(
+                    "PUSH_REGISTRY_NOT_CONFIGURED",
+                    "a push was requested but this builder has no registry to push to "
+                    "(set TAKEOFF_PUSH_REGISTRY)",
+                )
+
+    def _keys(self, spec: JobSpec, kind: BuildKind) -> BuildKeys | None:
+        if kind is BuildKind.NOOP:
+            return None
+        base_image = self._images.base_image(spec) if kind is BuildKind.IMAGE else ""
+        return build_keys(spec, kind, base_image=base_image)
+
+    async def _carry_out(self, run: BuildRun, spec: JobSpec, flight: FlightKey) -> None:
+        cancelled = False
+        try:
+            match run.build.kind:
+                case BuildKind.VENV:
+                    outcome: BuildResult | BuildFailure = await self._build_venv(run, spec)
+                case BuildKind.IMAGE:
+                    outcome = await self._build_image(run, spec)
+                case BuildKind.NOOP:
+                    outcome = await self._check_image(run, spec)
+        except BuildError as error:
+            outcome = run.failure(error.reason, error.message)
+        except asyncio.CancelledError:
+            cancelled = True
+            outcome = run.failure(FailureReason.BUILD_INFRA, "the builder stopped before the build finished")
+        except Exception:
+            logger.exception("%s failed unexpectedly", run.build.name)
+            outcome = run.failure(FailureReason.BUILD_INFRA, "the builder failed unexpectedly; see its log")
+        run.end(outcome)
+        try:
+            await self._store.update(run.build, log_lines=run.log_lines)
+        except Exception:
+            logger.exception("could not record the end of %s", run.build.name)
+        finally:
+            run.publish_end()
+            del self._flights[flight]
+            del self._running[run.build.id]
+        if cancelled:
+            raise asyncio.CancelledError
+
+    @asynccontextmanager
+    async def _slot(self, run: BuildRun) -> AsyncIterator[None]:
+        """Wait in QUEUED for a build slot, then run in it."""
+        async with self._slots:
+            run.build.state = BuildState.RUNNING
+            run.build.start_time = self._clock()
+            await self._store.update(run.build)
+            yield
+
+    async def _build_venv(self, run: BuildRun, spec: JobSpec) -> BuildResult:
+        build = run.build
+        no_cache = build.options.no_cache
+        venv = None if no_cache else await self._venvs.lookup(build.environment_key)
+        code = None if no_cache else await self._code.lookup(spec)
+        hit = venv is not None and code is not None
+        run.cache_checked(hit, f"venv {_hit_or_miss(venv)}, code {_hit_or_miss(code)}")
+        if venv is None or code is None:
+            async with self._slot(run):
+                code = await self._code.ensure(spec, run.log, rebuild=no_cache)
+                _check_build_context(spec, code)
+                venv = await self._venvs.ensure(
+                    build.environment_key, spec.environment, run.log, rebuild=no_cache
+                )
+        else:
+            _check_build_context(spec, code)
+        return BuildResult(
+            environment_key=build.environment_key,
+            build_key=build.build_key,
+            cache_hit=hit,
+            venv_path=str(venv),
+            code_path=str(code),
+            python_path=str(venv_python(venv)),
+        )
+
+    async def _build_image(self, run: BuildRun, spec: JobSpec) -> BuildResult:
+        build = run.build
+        push = build.options.push
+        tag = self._images.tag(spec, build.build_key)
+        async with self._image_locks.hold(tag):
+            found = None if build.options.no_cache else await self._images.find(tag, ask_registry=push)
+            hit = found is not None and bool(found.image_id)
+            in_registry = found is not None and bool(found.digest)
+            detail = f"image {tag} {'hit' if hit else 'miss'}"
+            if push:
+                detail += ", in the registry" if in_registry else ", to be pushed"
+            run.cache_checked(hit, detail)
+            if found is not None and hit:
+                image_id = found.image_id
+            else:
+                async with self._slot(run):
+                    code = await self._code.ensure(spec, run.log, rebuild=build.options.no_cache)
+                    _check_build_context(spec, code)
+                    labels = {"takeoff.job-version": spec.version_name, "takeoff.build-key": build.build_key}
+                    image_id = await self._images.build(
+                        spec, code, tag, run.log, labels=labels, no_cache=build.options.no_cache
+                    )
+                    in_registry = False
+            digest = found.digest if found is not None and in_registry else ""
+            if push and not in_registry:
+                digest = await self._images.push(tag, run.log)
+        return BuildResult(
+            environment_key=build.environment_key,
+            build_key=build.build_key,
+            cache_hit=hit,
+            image=tag,
+            image_id=image_id,
+            image_digest=digest,
+            pushed=push,
+        )
+
+    async def _check_image(self, run: BuildRun, spec: JobSpec) -> BuildResult:
+        reference = _image_reference(spec)
+        run.log(f"looking for the image {reference}")
+        found = await self._images.find(reference, ask_registry=False)
+        if not found.image_id and not found.digest:
+            raise BuildFailed(f"the image {reference} does not exist locally or in its registry")
+        run.log(f"found {reference} " + ("in the local engine" if found.image_id else "in its registry"))
+        return BuildResult(image=reference, image_id=found.image_id, image_digest=found.digest)
+
+
+def _hit_or_miss(found: Path | None) -> str:
+    return "hit" if found is not None else "miss"
+
+
+def _check_build_context(spec: JobSpec, code: Path) -> None:
+    context = spec.environment.build_context
+    if context and not (code / context).is_dir():
+        raise BuildFailed(f"the build context {context!r} is not a directory of the job's source")
+
+
+def _image_reference(spec: JobSpec) -> str:
+    assert isinstance(spec.source, ImageSource)
+    return spec.source.reference
