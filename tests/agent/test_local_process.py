@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
 import time
 from pathlib import Path
 
 from takeoff.client import Client
+from takeoff.models import GitSource
 from takeoff.v1 import common_pb2, queue_pb2, runs_pb2
 from tests.agent.conftest import LEASE_TTL_SECONDS, Stack, StartAgent, code_job, running_agent
 from tests.processes import pid_alive, wait_for
@@ -244,3 +246,27 @@ def test_metric_rows_and_logs_arrive_for_a_run(
         for row in batch.rows
     ]
     assert [row.values["loss"] for row in rows] == [1.0, 0.5, 1 / 3, 0.25, 0.2]
+
+
+def test_a_git_job_runs_from_its_pinned_commit(
+    stack: Stack, client: Client, start_agent: StartAgent, tmp_path: Path
+) -> None:
+    source = tmp_path / "source"
+    source.mkdir()
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.com"]
+    subprocess.run([*git[:1], "init", "-q", "-b", "main", str(source)], check=True)
+    (source / "main.py").write_text(TRAIN.replace("hello from the job", "hello from git"))
+    subprocess.run([*git, "-C", str(source), "add", "main.py"], check=True)
+    subprocess.run([*git, "-C", str(source), "commit", "-q", "-m", "first"], check=True)
+    client.create_job_version(
+        "from-git", GitSource(f"file://{source}", "main"), entrypoint=["python", "main.py"]
+    )
+    (source / "main.py").write_text("raise SystemExit('a later commit must not run')\n")
+    subprocess.run([*git, "-C", str(source), "commit", "-q", "-am", "second"], check=True)
+
+    queue = stack.new_queue()
+    with running_agent(start_agent, [queue]):
+        item = stack.wait_ended(stack.enqueue(queue, "from-git"))
+
+    assert item.state == SUCCEEDED
+    assert "hello from git 2" in stack.logs(item.run)

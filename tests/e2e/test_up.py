@@ -130,10 +130,11 @@ def test_status_without_a_stack(takeoff_home: Path) -> None:
     assert "no stack is running" in result.stderr
 
 
-def test_demo_brings_the_stack_up_healthy_and_down(takeoff_home: Path) -> None:
-    result = takeoff(takeoff_home, "demo", timeout=120)
+def test_demo_runs_the_example_job_twice_and_stops_the_stack(takeoff_home: Path) -> None:
+    result = takeoff(takeoff_home, "demo", timeout=600)
 
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.count("SERVING") == 3
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("FINISHED") == 2
+    assert "best_loss" in result.stdout
     assert "stack stopped" in result.stdout
     assert stack_record(takeoff_home) is None

@@ -1,9 +1,8 @@
-"""``takeoff up``, ``takeoff status`` and ``takeoff demo``: run and inspect a local stack."""
+"""``takeoff up`` and ``takeoff status``: run and inspect a local stack."""
 
 from __future__ import annotations
 
 import signal
-import time
 from pathlib import Path
 from types import FrameType
 from typing import Annotated
@@ -12,6 +11,7 @@ import typer
 from rich.table import Table
 
 from takeoff._home import DEFAULT_PORTS, StackRecord, takeoff_home
+from takeoff.cli import demo_command
 from takeoff.cli._output import console, error_console, fail, print_json
 from takeoff.stack import LocalStack, StackError, health_status
 
@@ -94,23 +94,7 @@ def status(json_output: Annotated[bool, typer.Option("--json", help="Print JSON.
         raise typer.Exit(1)
 
 
-def demo() -> None:
-    """Bring the stack up on free ports, show it healthy, and stop it."""
-    stack = LocalStack(takeoff_home(), base_port=0)
-    started = time.monotonic()
-    record = _start(stack)
-    try:
-        health = {name: health_status(service.address) for name, service in record.services.items()}
-        console.print(_stack_table(record, health))
-        console.print(f"all services healthy in {time.monotonic() - started:.2f}s")
-    finally:
-        stack.stop()
-    console.print("stack stopped")
-    if any(state != "SERVING" for state in health.values()):
-        raise typer.Exit(1)
-
-
 def register(app: typer.Typer) -> None:
     app.command()(up)
     app.command()(status)
-    app.command()(demo)
+    app.command()(demo_command.demo)
