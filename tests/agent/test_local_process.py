@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import time
@@ -13,6 +12,7 @@ from takeoff.models import GitSource
 from takeoff.v1 import common_pb2, queue_pb2, runs_pb2
 from tests.agent.conftest import LEASE_TTL_SECONDS, Stack, StartAgent, code_job, running_agent
 from tests.processes import pid_alive, wait_for
+from tests.queue.harness import struct
 
 SUCCEEDED = common_pb2.ITEM_STATE_SUCCEEDED
 FAILED = common_pb2.ITEM_STATE_FAILED
@@ -27,6 +27,15 @@ for i in range(5):
     run.log({"loss": 1 / (i + 1)})
 run.summary["best"] = 0.2
 run.finish()
+"""
+
+WAITER = """\
+import os, time, takeoff
+run = takeoff.init()
+print("pid", os.getpid(), flush=True)
+while not os.path.exists(run.config["go"]):
+    time.sleep(0.1)
+print("done waiting", flush=True)
 """
 
 SLEEPER = """\
@@ -146,10 +155,11 @@ def test_max_run_time_stops_the_job(
 def test_agent_killed_and_restarted_within_the_ttl_keeps_the_job(
     stack: Stack, client: Client, start_agent: StartAgent, tmp_path: Path
 ) -> None:
-    job = code_job(client, tmp_path, "survivor", SLEEPER)
+    job = code_job(client, tmp_path, "survivor", WAITER)
     queue = stack.new_queue()
+    go = tmp_path / "go"
     first = start_agent([queue])
-    name = stack.enqueue(queue, job)
+    name = stack.enqueue(queue, job, run_config=struct({"go": str(go)}))
     running = stack.wait_state(name, RUNNING)
     pid = job_pid(stack, running.run)
 
@@ -159,12 +169,12 @@ def test_agent_killed_and_restarted_within_the_ttl_keeps_the_job(
         time.sleep(LEASE_TTL_SECONDS + 1)
         assert stack.item(name).state == RUNNING
         assert pid_alive(pid)
-        os.kill(pid, 15)  # the job ends (as by itself); the restarted agent reports it
+        go.touch()  # the job finishes; the restarted agent reports it
         item = stack.wait_ended(name, timeout=30)
 
-    assert item.attempt == 1
-    assert item.state == FAILED  # killed by SIGTERM: a non-zero exit
-    assert sum(1 for t in item.transitions if t.to_state == FAILED) == 1
+    assert (item.state, item.attempt) == (SUCCEEDED, 1)
+    assert [t.to_state for t in item.transitions].count(SUCCEEDED) == 1
+    assert "done waiting" in stack.logs(item.run)  # output written while the agent was away is kept
 
 
 def test_agent_killed_for_good_the_next_agent_runs_attempt_two(
@@ -184,6 +194,12 @@ def test_agent_killed_for_good_the_next_agent_runs_attempt_two(
         assert [t.attempt for t in lost] == [1]
         # The lost agent's job stopped itself once its lease lapsed (the shim fences it).
         wait_for(lambda: not pid_alive(pid), timeout=LEASE_TTL_SECONDS + 15, what="the orphan to stop")
+        # Back, the first agent learns its lease was given away and drops what is left of it.
+        lease_dirs = list((first.state_dir / "leases").iterdir())
+        assert len(lease_dirs) == 1
+        with running_agent(start_agent, [queue], state_dir=first.state_dir, drain_timeout_seconds=1):
+            wait_for(lambda: not lease_dirs[0].exists(), timeout=30, what="the revoked lease to be dropped")
+        assert stack.item(name).attempt == 2
 
 
 def test_max_jobs_with_two_agents_and_ten_items(
