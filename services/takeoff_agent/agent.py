@@ -139,6 +139,14 @@ class Agent:
         self._drained.set()
 
     async def _release(self, attempt: Attempt) -> None:
+        """Hand back work not yet started; its run, if created, ends KILLED (the next attempt has its own)."""
+        with contextlib.suppress(Exception):
+            await self.context.runs.finish(
+                attempt.assignment.run,
+                common_pb2.RUN_STATE_KILLED,
+                exit_code=None,
+                message="released: agent draining",
+            )
         with contextlib.suppress(Exception):
             await asyncio.wait_for(
                 self.link.send(

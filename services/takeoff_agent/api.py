@@ -50,6 +50,7 @@ class AgentApi(agent_pb2_grpc.AgentServiceServicer):
     def __init__(self, agent: Agent) -> None:
         self._agent = agent
         self._started = time.time()
+        self._draining: asyncio.Future[None] | None = None
 
     def _work(self) -> list[agent_pb2.ActiveWork]:
         attempts = sorted(self._agent.attempts.values(), key=lambda attempt: attempt.assigned_at)
@@ -82,7 +83,7 @@ class AgentApi(agent_pb2_grpc.AgentServiceServicer):
                 "timeout must not be negative",
                 violations=[FieldViolation("timeout", "negative")],
             )
-        draining = asyncio.ensure_future(self._agent.drain(limit))
+        self._draining = self._draining or asyncio.ensure_future(self._agent.drain(limit))
         if request.wait:
-            await draining
+            await asyncio.shield(self._draining)
         return agent_pb2.DrainResponse(work=self._work())

@@ -152,9 +152,19 @@ def stack(
 
 
 class AgentProcess:
-    def __init__(self, process: subprocess.Popen[str], state_dir: Path) -> None:
+    def __init__(self, process: subprocess.Popen[str], state_dir: Path, ready_file: Path) -> None:
         self.process = process
         self.state_dir = state_dir
+        self._ready_file = ready_file
+
+    @property
+    def address(self) -> str:
+        """Where its AgentService listens (known once it serves)."""
+        addresses = wait_for(
+            lambda: self._ready_file.exists() and json.loads(self._ready_file.read_text())["addresses"],
+            what="the agent to serve",
+        )
+        return str(addresses[0])
 
     def kill(self) -> None:
         self.process.send_signal(signal.SIGKILL)
@@ -193,14 +203,20 @@ def start_agent(stack: Stack, tmp_path: Path) -> Iterator[StartAgent]:
                 }
             )
         )
+        ready_file = tmp_path / f"agent-{uuid.uuid4().hex[:6]}.ready"
         process = subprocess.Popen(
             [sys.executable, "-m", "takeoff_agent", "--config", str(config)],
-            env={**os.environ, "TAKEOFF_HOME": str(stack.home), "TAKEOFF_LISTEN": '["127.0.0.1:0"]'},
+            env={
+                **os.environ,
+                "TAKEOFF_HOME": str(stack.home),
+                "TAKEOFF_LISTEN": '["127.0.0.1:0"]',
+                "TAKEOFF_READY_FILE": str(ready_file),
+            },
             stdout=subprocess.DEVNULL,
             stderr=open(tmp_path / f"agent-{len(started)}.log", "w"),  # noqa: SIM115
             text=True,
         )
-        agent = AgentProcess(process, state)
+        agent = AgentProcess(process, state, ready_file)
         started.append(agent)
         return agent
 

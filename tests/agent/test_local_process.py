@@ -7,9 +7,11 @@ import subprocess
 import time
 from pathlib import Path
 
+import grpc
+
 from takeoff.client import Client
 from takeoff.models import GitSource
-from takeoff.v1 import common_pb2, queue_pb2, runs_pb2
+from takeoff.v1 import agent_pb2, agent_pb2_grpc, common_pb2, queue_pb2, runs_pb2
 from tests.agent.conftest import LEASE_TTL_SECONDS, Stack, StartAgent, code_job, running_agent
 from tests.processes import pid_alive, wait_for
 from tests.queue.harness import struct
@@ -286,3 +288,26 @@ def test_a_git_job_runs_from_its_pinned_commit(
 
     assert item.state == SUCCEEDED
     assert "hello from git 2" in stack.logs(item.run)
+
+
+def test_agent_status_lists_its_work_and_drain_stops_it(
+    stack: Stack, client: Client, start_agent: StartAgent, tmp_path: Path
+) -> None:
+    job = code_job(client, tmp_path, "watched", WAITER)
+    queue = stack.new_queue()
+    go = tmp_path / "go-status"
+    agent = start_agent([queue])
+    name = stack.enqueue(queue, job, run_config=struct({"go": str(go)}))
+    stack.wait_state(name, RUNNING)
+
+    with grpc.insecure_channel(agent.address) as channel:
+        agents = agent_pb2_grpc.AgentServiceStub(channel)
+        status = agents.GetStatus(agent_pb2.GetStatusRequest())
+        assert status.connected
+        assert [(w.item, w.state) for w in status.work] == [(name, RUNNING)]
+        drained = agents.Drain(agent_pb2.DrainRequest(wait=False))
+        assert [w.item for w in drained.work] == [name]
+        assert agents.GetStatus(agent_pb2.GetStatusRequest()).draining
+    go.touch()
+    assert agent.process.wait(timeout=60) == 0  # a drained agent exits once its work is done
+    assert stack.item(name).state == SUCCEEDED
