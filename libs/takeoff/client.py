@@ -530,7 +530,8 @@ class Client:
                 raise TimeoutError(f"{name} has not ended after {timeout}s") from None
             lost_since = lost_since or time.monotonic()
             patience = lost_since + RECONNECT_SECONDS - time.monotonic()
-            if not lost.retryable or patience <= 0:
+            # Only this loop cancels its calls, after it has stopped: a CANCELLED here came from the far side.
+            if not (lost.retryable or lost.code is grpc.StatusCode.CANCELLED) or patience <= 0:
                 raise lost
             time.sleep(backoff.next_delay())  # the channel may not have seen its connection go yet
             try:

@@ -275,11 +275,7 @@ class Builder:
             return run.snapshot(), list(run.log_lines) if include_log else []
         build = await self._store.get(build_id)
         if build is None:
-            raise NotFound(
-                "BUILD_NOT_FOUND",
-                f"build {build_id} does not exist",
-                metadata={"resource": f"builds/{build_id}"},
-            )
+            raise _build_not_found(build_id)
         return build, await self._store.log_lines(build_id) if include_log else []
 
     async def list(self, query: BuildQuery, page: PageRequest) -> tuple[list[Build], int | None]:
@@ -294,7 +290,7 @@ class Builder:
             return Started(run, joined=True)
         build = await self._store.get(build_id)
         if build is None:
-            raise NotFound("BUILD_NOT_FOUND", f"build {build_id} does not exist")
+            raise _build_not_found(build_id)
         lines = await self._store.log_lines(build_id)
         return Started(BuildRun.replay(build, lines, redact=self._redact, clock=self._clock), joined=True)
 
@@ -442,9 +438,17 @@ def _hit_or_miss(found: Path | None) -> str:
     return "hit" if found is not None else "miss"
 
 
+def _build_not_found(build_id: str) -> NotFound:
+    name = f"builds/{build_id}"
+    return NotFound("BUILD_NOT_FOUND", f"{name} does not exist", metadata={"resource": name})
+
+
 def _check_build_context(spec: JobSpec, code: Path) -> None:
     context = spec.environment.build_context
-    if context and not (code / context).is_dir():
+    if not context:
+        return
+    directory = (code / context).resolve()
+    if not directory.is_relative_to(code.resolve()) or not directory.is_dir():
         raise BuildFailed(f"the build context {context!r} is not a directory of the job's source")
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
+import shlex
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
@@ -34,6 +36,8 @@ _SUPPORT = "/opt/takeoff"
 _WORKDIR = "/app"
 _MISSING = ("manifest unknown", "not found", "no such image", "pull access denied", "name unknown")
 _ENGINE_CALL_SECONDS = 60
+_PYTHON_UNAVAILABLE = re.compile(r"python \S+ is not available in the base image")
+_ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")  # the engine colours what build steps print on stderr
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,7 +95,9 @@ def generated_dockerfile(spec: JobSpec, base_image: str, index: PackageIndex) ->
             ca_bundle_path=f"{_SUPPORT}/{CA_BUNDLE_FILE}" if index.ca_bundle else None
         )
         pip_variables["PIP_NO_CACHE_DIR"] = "1"
-        assignments = " ".join(f"{name}={json.dumps(value)}" for name, value in sorted(pip_variables.items()))
+        assignments = " ".join(
+            f"{name}={shlex.quote(value)}" for name, value in sorted(pip_variables.items())
+        )
         lines += [
             f"COPY takeoff/ {_SUPPORT}/",
             f"RUN {assignments} pip install -r {_SUPPORT}/{REQUIREMENTS_FILE}",
@@ -158,7 +164,12 @@ class Images:
             raise BuildInfraError(f"the Docker engine at {where} is not reachable: {error}") from None
         try:
             yield client
-        except requests.exceptions.ConnectionError as error:
+        except docker.errors.APIError as error:
+            explanation = str(error.explanation or error)
+            if error.is_client_error():  # the engine refused what it was given, e.g. a malformed Dockerfile
+                raise BuildFailed(f"the Docker engine refused the build: {explanation}") from None
+            raise BuildInfraError(f"the Docker engine at {where} failed: {explanation}") from None
+        except requests.exceptions.RequestException as error:
             raise BuildInfraError(f"lost the connection to the Docker engine at {where}: {error}") from None
         finally:
             client.close()
@@ -246,9 +257,10 @@ class Images:
             forcerm=True,
             decode=True,
         ):
-            for line in str(chunk.get("stream", "")).splitlines():
-                output.append(line)
-                log(line)
+            for line in _ANSI_ESCAPE.sub("", str(chunk.get("stream", ""))).splitlines():
+                if line.strip():
+                    output.append(line)
+                    log(line)
             if "error" in chunk:
                 error = str(chunk["error"]).strip()
                 output.append(error)
@@ -264,7 +276,7 @@ class Images:
 
     @staticmethod
     def _build_failure(error: str, output: list[str]) -> BuildError:
-        unavailable = next((line for line in output if "is not available in the base image" in line), None)
+        unavailable = next((line for line in output if _PYTHON_UNAVAILABLE.match(line)), None)
         if unavailable is not None:
             return BuildFailed(unavailable.strip())
         if any(marker in error.lower() for marker in _MISSING):

@@ -101,6 +101,7 @@ async def test_a_code_only_change_reuses_the_dependency_layer(
         index for index, line in enumerate(second.log) if "pip install" in line and "Step" in line
     )
     assert "Using cache" in second.log[pip_step + 1]
+    assert "Using cache" not in second.log[-3:]  # the code step, last, ran
     before, after = (
         layers(docker_setup.engine, first.result.image),
         layers(docker_setup.engine, second.result.image),
@@ -183,6 +184,18 @@ async def test_a_failing_dockerfile_fails_the_build_and_is_not_cached(
         assert not docker_setup.engine.images.list(name=tag)
 
 
+async def test_a_malformed_dockerfile_fails_the_build(
+    image_builder: Builder, docker_setup: DockerSetup, client: takeoff.Client, tmp_path: Path
+) -> None:
+    dockerfile = f"FROM {docker_setup.base_image}\nNOT-AN-INSTRUCTION here\n"
+    version = create_job(client, tmp_path, dockerfile=dockerfile)
+
+    failure = (await image_builder.build(version, IMAGE)).failure
+
+    assert failure.reason == BUILD_FAILED
+    assert "unknown instruction" in failure.message
+
+
 async def test_a_requirement_pip_rejects_fails_the_image_build(
     image_builder: Builder, client: takeoff.Client, tmp_path: Path
 ) -> None:
@@ -233,6 +246,7 @@ async def test_a_docker_engine_that_is_not_running_is_a_retryable_failure(
         again = await builder.build(code_job, IMAGE)
 
     for outcome in [*outcomes, again]:
+        assert "cache" not in outcome.kinds  # not even the cache could be looked at
         assert outcome.failure.reason == BUILD_INFRA
         assert f"the Docker engine at unix://{socket} is not reachable" in outcome.failure.message
-    assert not again.cache.hit
+    assert again.name != outcomes[0].name

@@ -60,6 +60,14 @@ async def wait_in_thread(item: Item) -> tuple[asyncio.Future[Item], list[ItemSta
     return waiting, seen
 
 
+def reachable(client: Client) -> bool:
+    try:
+        list(client.list_queues())
+    except TakeoffError:
+        return False
+    return True
+
+
 def test_queue_settings_round_trip_and_update_only_what_is_given(client: Client, project: str) -> None:
     created = client.create_queue(
         "cpu",
@@ -294,9 +302,11 @@ def test_wait_follows_an_item_across_a_queue_service_restart(
             waiting.start()
             wait_for(lambda: seen, what="the watch to start")
             first.terminate()
-        with service_process("queue", home, env=env, listen=[address]) as second:
-            with Client(registry.address, queue=second.address, project=project) as other:
-                other.cancel_item(item.name)
+        with service_process("queue", home, env=env, listen=[address]):
+            # Channels of one process to one address share a connection, and its backoff after the
+            # outage: wait until the restarted service is reachable again.
+            wait_for(lambda: reachable(client), what="the restarted queue service")
+            client.cancel_item(item.name)
             waiting.join(30)
 
     assert not waiting.is_alive()
