@@ -258,7 +258,7 @@ def test_a_launch_whose_reply_is_lost_is_sent_again_and_launches_once(
             proxy.withhold_replies()
             launching = threading.Thread(target=lambda: launched.append(flaky.launch(job, "cpu")))
             launching.start()
-            stored = wait_for(lambda: list(client.list_items()), what="the item to be stored")
+            stored = wait_for(lambda: list(client.list_items()) or None, what="the item to be stored")
             proxy.cut_connections()
             launching.join(20)
     finally:
@@ -300,7 +300,7 @@ def test_wait_follows_an_item_across_a_queue_service_restart(
             seen: list[ItemState] = []
             waiting = threading.Thread(target=item.wait, args=(60, lambda now: seen.append(now.state)))
             waiting.start()
-            wait_for(lambda: seen, what="the watch to start")
+            wait_for(lambda: seen or None, what="the watch to start")
             first.terminate()
         with service_process("queue", home, env=env, listen=[address]):
             # Channels of one process to one address share a connection, and its backoff after the
