@@ -17,6 +17,7 @@ resolved in the client's project (``project=`` argument, else ``TAKEOFF_PROJECT`
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import time
@@ -62,8 +63,9 @@ from takeoff.v1 import common_pb2, jobs_pb2, jobs_pb2_grpc, queue_pb2, queue_pb2
 
 DEFAULT_PROJECT = "default"
 UPLOAD_CHUNK_BYTES = 1024 * 1024
-RETRY_SECONDS = 5.0
-"""How long a launch whose reply was lost is sent again."""
+RETRY_SECONDS = 3.0
+"""How long a launch whose reply was lost is sent again: enough for a dropped connection to come back,
+short enough that a service that is down is reported soon."""
 RECONNECT_SECONDS = 30.0
 """How long a watch whose stream broke waits for the queue service to be back, as from a restart."""
 
@@ -460,7 +462,7 @@ class Client:
         project: str | None = None,
     ) -> Iterator[Item]:
         """Items of one queue, else of every queue of the project, newest first; ``states`` filters."""
-        parent = self.queue_name(queue or "-", project)
+        parent = self.queue_name(queue or "-", project)  # queue "-" stands for all of them
         wanted = [ItemState(state)._to_proto() for state in states]
 
         def page(token: str) -> tuple[Iterable[queue_pb2.Item], str]:
@@ -534,10 +536,9 @@ class Client:
             if not (lost.retryable or lost.code is grpc.StatusCode.CANCELLED) or patience <= 0:
                 raise lost
             time.sleep(backoff.next_delay())  # the channel may not have seen its connection go yet
-            try:
-                grpc.channel_ready_future(self._queue_channel).result(timeout=patience)
-            except grpc.FutureTimeoutError:
-                raise lost from None
+            limit = patience if deadline is None else min(patience, deadline - time.monotonic())
+            with contextlib.suppress(grpc.FutureTimeoutError):  # still down: the next round says so
+                grpc.channel_ready_future(self._queue_channel).result(timeout=max(0.0, limit))
 
     # Agents
 

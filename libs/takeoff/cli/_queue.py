@@ -95,7 +95,8 @@ def short_item(name: str) -> str:
 
 def agents_table(agents: list[Agent], title: str) -> Table:
     table = Table(title=title, title_justify="left")
-    for column in ("agent", "name", "status", "queues", "leases", "last heartbeat"):
+    table.add_column("agent", no_wrap=True)
+    for column in ("name", "status", "queues", "leases", "last heartbeat"):
         table.add_column(column)
     for agent in agents:
         if not agent.connected:

@@ -41,8 +41,17 @@ def takeoff_client(project: str | None) -> Iterator[Client]:
     try:
         with Client(project=project) as client:
             yield client
-    except (TakeoffError, PackError) as error:
+    except TakeoffError as error:
+        fail(_one_line(error))
+    except PackError as error:
         fail(str(error))
+
+
+def _one_line(error: TakeoffError) -> str:
+    """The error with every field violation; several of them say it all, without the summary message."""
+    if len(error.violations) < 2:
+        return str(error)
+    return f"{error.reason}: " + "; ".join(f"{v.field}: {v.description}" for v in error.violations)
 
 
 def read_json_object(path: Path | None) -> dict[str, Any] | None:

@@ -110,19 +110,16 @@ def launch(
             max_run_time=max_run_time,
             run_name=name,
         )
-        if not wait:
-            if json_output:
-                print_json(item)
-            else:
-                typer.echo(item.name)
-            return
         if json_output:
-            _wait(item)
+            if wait:
+                _wait(item)
             print_json(item)
         else:
             typer.echo(item.name)
-            _follow(item)
-    raise typer.Exit(OUTCOME_EXIT_CODES[item.state])
+            if wait:
+                _follow(item)
+    if wait:
+        raise typer.Exit(OUTCOME_EXIT_CODES[item.state])
 
 
 @items_app.command("list")
@@ -145,7 +142,8 @@ def list_items(
             print_json(items)
             return
         table = Table(title=f"items in {queue or client.project}", title_justify="left")
-        for column in ("item", "job", "state", "priority", "attempt", "enqueued", "duration", "run"):
+        table.add_column("item", no_wrap=True)  # to copy into other commands whole
+        for column in ("job", "state", "priority", "attempt", "enqueued", "duration"):
             table.add_column(column)
         for item in items:
             table.add_row(
@@ -156,7 +154,6 @@ def list_items(
                 f"{item.attempt}/{item.max_attempts}",
                 when(item.enqueue_time),
                 duration(item.enqueue_time, item.end_time),
-                item.run.rsplit("/", 1)[-1] or "-",
             )
         console.print(table if items else "no items")
 
@@ -244,14 +241,18 @@ def _follow(item: Item) -> None:
 
 
 def _transition_line(transition: ItemTransition) -> str:
-    before = f"{styled_item_state(transition.from_state)} → " if transition.from_state else ""
-    details = [f"attempt {transition.attempt}" if transition.attempt else "", transition.agent]
-    if transition.reason:
-        details.append(transition.reason)
-    details.append(transition.message)
-    return f"{when(transition.time)}  {before}{styled_item_state(transition.to_state)}  " + "  ".join(
-        detail for detail in details if detail
-    )
+    change = styled_item_state(transition.to_state)
+    if transition.from_state:
+        change = f"{styled_item_state(transition.from_state)} → {change}"
+    parts = [
+        when(transition.time),
+        change,
+        f"attempt {transition.attempt}" if transition.attempt else "",
+        transition.agent,
+        transition.reason or "",
+        transition.message,
+    ]
+    return "  ".join(part for part in parts if part)
 
 
 def _outcome(item: Item) -> str:
