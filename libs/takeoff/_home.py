@@ -1,7 +1,8 @@
 """Where a local Takeoff lives: ``TAKEOFF_HOME`` and the stack file ``takeoff up`` leaves there.
 
-Clients find a service as ``TAKEOFF_<SERVICE>`` (for example ``TAKEOFF_REGISTRY``, which every launched
-job receives), else the address the running stack recorded, else the default port.
+Clients find a service as ``TAKEOFF_<SERVICE>_ADDRESS`` (and the registry also as ``TAKEOFF_REGISTRY``,
+which every launched job receives), else the address the running stack recorded, else the default port.
+(A launched job's ``TAKEOFF_QUEUE`` names its queue, not the queue service.)
 """
 
 from __future__ import annotations
@@ -60,8 +61,13 @@ class StackRecord:
 
 def service_address(service: str, home: Path | None = None) -> str:
     """The address a client should dial for ``service`` (``registry``, ``queue``, ``builder``, ``agent``)."""
-    if address := os.environ.get(f"TAKEOFF_{service.upper()}"):
-        return address
+    variables = [
+        f"TAKEOFF_{service.upper()}_ADDRESS",
+        *(["TAKEOFF_REGISTRY"] if service == "registry" else []),
+    ]
+    for variable in variables:
+        if address := os.environ.get(variable):
+            return address
     stack = StackRecord.read(home or takeoff_home())
     if stack is not None and service in stack.services:
         return stack.services[service].address

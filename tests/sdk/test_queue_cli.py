@@ -29,7 +29,7 @@ INPUT_SCHEMA = {
 @pytest.fixture
 def cli_env(registry: ServiceProcess, queue_service: ServiceProcess, project: str) -> dict[str, str]:
     return {
-        **job_environment(registry.address, project, TAKEOFF_QUEUE=queue_service.address),
+        **job_environment(registry.address, project, TAKEOFF_QUEUE_ADDRESS=queue_service.address),
         "COLUMNS": "200",
     }
 
@@ -194,7 +194,7 @@ async def test_launch_wait_follows_the_item_and_exits_with_its_outcome(
 ) -> None:
     await asyncio.to_thread(takeoff, "queue", "create", "cpu")
     queue = f"projects/{cli_env['TAKEOFF_PROJECT']}/queues/cpu"
-    agent = await ScriptedAgent(cli_env["TAKEOFF_QUEUE"]).connect([queue])
+    agent = await ScriptedAgent(cli_env["TAKEOFF_QUEUE_ADDRESS"]).connect([queue])
     launch = await start_takeoff(cli_env, "launch", job, "--queue", "cpu", "--wait")
     try:
         assignment = (await agent.next("assignment")).assignment
@@ -258,7 +258,7 @@ def test_items_list_describe_cancel_and_relaunch(takeoff: Takeoff, job: str) -> 
 async def test_agents_shows_who_serves_a_queue(cli_env: dict[str, str], takeoff: Takeoff) -> None:
     await asyncio.to_thread(takeoff, "queue", "create", "cpu")
     queue = f"projects/{cli_env['TAKEOFF_PROJECT']}/queues/cpu"
-    agent = await ScriptedAgent(cli_env["TAKEOFF_QUEUE"]).connect([queue], capacity=2)
+    agent = await ScriptedAgent(cli_env["TAKEOFF_QUEUE_ADDRESS"]).connect([queue], capacity=2)
     try:
         listed = await asyncio.to_thread(takeoff, "agents", "--queue", "cpu", "--json")
         table = await asyncio.to_thread(takeoff, "agents", "--queue", "cpu")

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import typer
 
-from takeoff.cli import job_commands, launch_commands, queue_commands, run_commands, stack_commands
+from takeoff.cli import (
+    agent_command,
+    job_commands,
+    launch_commands,
+    queue_commands,
+    run_commands,
+    stack_commands,
+)
 
 app = typer.Typer(
     name="takeoff",
@@ -18,6 +25,7 @@ job_commands.register(app)
 queue_commands.register(app)
 launch_commands.register(app)
 run_commands.register(app)
+app.command()(agent_command.agent)
 
 
 def main() -> None:
