@@ -110,7 +110,7 @@ def _queue_from_proto(message: queue_pb2.Queue) -> Queue:
         start_timeout=message.start_timeout.ToTimedelta()
         if message.HasField("start_timeout")
         else timedelta(minutes=30),
-        max_run_time=message.max_run_time.ToTimedelta() if message.HasField("max_run_time") else None,
+        max_run_time=message.max_run_time.ToTimedelta() or None,  # unset or 0: unlimited
         concurrency_limit=message.concurrency_limit,
         paused=message.paused,
         container_name=message.container_name,
@@ -162,7 +162,7 @@ def _transition_to_proto(transition: Transition) -> queue_pb2.ItemTransition:
     )
 
 
-def _item_to_proto(item: Item) -> queue_pb2.Item:
+def _item_to_proto(item: Item, lease_expire_time: datetime | None = None) -> queue_pb2.Item:
     life = item.life
     leased = life.state.is_live
     return queue_pb2.Item(
@@ -188,6 +188,7 @@ def _item_to_proto(item: Item) -> queue_pb2.Item:
         end_time=optional_timestamp(item.end_time),
         lease_id=item.lease_id if leased else "",
         agent=life.agent,
+        lease_expire_time=optional_timestamp(lease_expire_time) if leased else None,
         start_deadline=optional_timestamp(item.start_deadline) if leased else None,
         run=life.run,
         reason=_reason_proto(life.reason),
@@ -408,6 +409,10 @@ class QueueApi(queue_pb2_grpc.QueueServiceServicer):
         self._book = book
         self._dispatcher = dispatcher
 
+    def _item_proto(self, item: Item) -> queue_pb2.Item:
+        holder = self._dispatcher.agents.get(item.life.agent.removeprefix("agents/"))
+        return _item_to_proto(item, holder.lease_expiry if holder is not None else None)
+
     async def _queue_proto(self, queue: Queue) -> queue_pb2.Queue:
         counts = await self._book.item_counts(queue.name)
         return _queue_to_proto(queue, counts, self._book.agent_count(queue.name))
@@ -435,10 +440,8 @@ class QueueApi(queue_pb2_grpc.QueueServiceServicer):
             query=query,
             cursor_types=[str],
         )
-        queues, last = self._book.list_queues(request.parent, page)
-        if request.resource:
-            kind = _resource_kind(request.resource, "resource")
-            queues = [queue for queue in queues if queue.resource is kind]
+        kind = _resource_kind(request.resource, "resource") if request.resource else None
+        queues, last = self._book.list_queues(request.parent, page, kind)
         return queue_pb2.ListQueuesResponse(
             queues=[await self._queue_proto(queue) for queue in queues],
             next_page_token=next_page_token(query, (last,)) if last else "",
@@ -512,10 +515,10 @@ class QueueApi(queue_pb2_grpc.QueueServiceServicer):
                 traceparent=_traceparent(),
             )
         )
-        return queue_pb2.EnqueueResponse(item=_item_to_proto(item))
+        return queue_pb2.EnqueueResponse(item=self._item_proto(item))
 
     async def GetItem(self, request: queue_pb2.GetItemRequest, context: Context) -> queue_pb2.GetItemResponse:
-        return queue_pb2.GetItemResponse(item=_item_to_proto(await self._book.get_item(request.name)))
+        return queue_pb2.GetItemResponse(item=self._item_proto(await self._book.get_item(request.name)))
 
     async def ListItems(
         self, request: queue_pb2.ListItemsRequest, context: Context
@@ -528,11 +531,9 @@ class QueueApi(queue_pb2_grpc.QueueServiceServicer):
             query=query,
             cursor_types=[int],
         )
-        items, last = await self._book.list_items(request.parent, states, page)
-        if request.job:
-            items = [item for item in items if item.job_version.startswith(request.job)]
+        items, last = await self._book.list_items(request.parent, states, page, request.job)
         return queue_pb2.ListItemsResponse(
-            items=[_item_to_proto(item) for item in items],
+            items=[self._item_proto(item) for item in items],
             next_page_token=next_page_token(query, (last,)) if last is not None else "",
         )
 
@@ -540,25 +541,26 @@ class QueueApi(queue_pb2_grpc.QueueServiceServicer):
         self, request: queue_pb2.CancelItemRequest, context: Context
     ) -> queue_pb2.CancelItemResponse:
         item = await self._book.cancel_item(request.name, request.message or "cancelled by user")
-        return queue_pb2.CancelItemResponse(item=_item_to_proto(item))
+        return queue_pb2.CancelItemResponse(item=self._item_proto(item))
 
     async def RelaunchItem(
         self, request: queue_pb2.RelaunchItemRequest, context: Context
     ) -> queue_pb2.RelaunchItemResponse:
         item = await self._book.relaunch_item(request.name, request.request_id)
-        return queue_pb2.RelaunchItemResponse(item=_item_to_proto(item))
+        return queue_pb2.RelaunchItemResponse(item=self._item_proto(item))
 
     async def WatchItem(
         self, request: queue_pb2.WatchItemRequest, context: Context
     ) -> AsyncIterator[queue_pb2.WatchItemResponse]:
-        seen = 0
+        seen: int | None = None
         async for item in self._book.watch_item(request.name):
-            history = item.history
-            newest = history[-1] if len(history) > seen else None
-            seen = len(history)
-            yield queue_pb2.WatchItemResponse(
-                item=_item_to_proto(item), transition=_transition_to_proto(newest) if newest else None
-            )
+            shown = self._item_proto(item)
+            if seen is None:
+                yield queue_pb2.WatchItemResponse(item=shown)  # the item as it is: no transition yet
+            else:
+                for transition in item.history[seen:]:
+                    yield queue_pb2.WatchItemResponse(item=shown, transition=_transition_to_proto(transition))
+            seen = len(item.history)
 
     async def ListAgents(
         self, request: queue_pb2.ListAgentsRequest, context: Context

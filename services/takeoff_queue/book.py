@@ -176,11 +176,17 @@ class QueueBook:
         await self._committer.commit(write)
         self._dispatcher.drop_queue(name)
 
-    def list_queues(self, parent: str, page: PageRequest) -> tuple[list[Queue], str | None]:
+    def list_queues(
+        self, parent: str, page: PageRequest, resource: ResourceKind | None = None
+    ) -> tuple[list[Queue], str | None]:
         project = PROJECT.parse(parent, field="parent")["project"]
         prefix = f"projects/{project}/queues/"
         after = str(page.after[0]) if page.after else ""
-        names = sorted(n for n in self._dispatcher.queues if n.startswith(prefix) and n > after)
+        names = sorted(
+            name
+            for name, queue in self._dispatcher.queues.items()
+            if name.startswith(prefix) and name > after and resource in (None, queue.resource)
+        )
         found = [self._dispatcher.queues[n] for n in names[: page.size]]
         return found, (found[-1].name if len(names) > page.size else None)
 
@@ -292,9 +298,10 @@ class QueueBook:
         return found[0]
 
     async def list_items(
-        self, parent: str, states: Sequence[ItemState], page: PageRequest
+        self, parent: str, states: Sequence[ItemState], page: PageRequest, job: str = ""
     ) -> tuple[list[Item], int | None]:
-        """Items of one queue (or, with queue ``-``, of every queue of the project), newest first."""
+        """Items of one queue (or, with queue ``-``, of every queue of the project), newest first;
+        ``job`` keeps those of one job (``projects/p/jobs/j``) or one version of it."""
         if parent.endswith("/queues/-"):
             project = PROJECT.parse(parent.removesuffix("/queues/-"), field="parent")["project"]
             scope: dict[str, str] = {"project": f"projects/{project}"}
@@ -302,7 +309,7 @@ class QueueBook:
             scope = {"queue": self.queue(parent, field_name="parent").name}
         before = int(page.after[0]) if page.after else None
         found = await self._read_items(
-            states=[s.value for s in states], before_seq=before, limit=page.size + 1, **scope
+            states=[s.value for s in states], job=job or None, before_seq=before, limit=page.size + 1, **scope
         )
         more = len(found) > page.size
         found = found[: page.size]
@@ -400,7 +407,8 @@ def _check_queue(queue: Queue) -> None:
     problems = Problems()
     declared = queue.variable_schemas
     for problem in resource_config.check_variable_declarations(declared, queue.resource_config):
-        problems.add("TEMPLATE_VARIABLE_INVALID", problem.field, problem.description)
+        reason = "SCHEMA_INVALID" if problem.field.endswith(".schema") else "TEMPLATE_VARIABLE_INVALID"
+        problems.add(reason, problem.field, problem.description)
     # Any value will do to check the config's shape; the types are checked per item at Enqueue.
     sample = resource_config.fill(queue.resource_config, dict.fromkeys(declared, 1))
     for problem in resource_config.check_for_resource(queue.resource, sample, "queue.resource_config"):

@@ -201,6 +201,7 @@ async def fetch_items(
     queue: str | None = None,
     project: str | None = None,
     states: Sequence[str] = (),
+    job: str | None = None,
     before_seq: int | None = None,
     limit: int | None = None,
 ) -> list[dict[str, Any]]:
@@ -214,6 +215,11 @@ async def fetch_items(
         query = query.where(items.c.queue.startswith(f"{project}/queues/"))
     if states:
         query = query.where(items.c.state.in_(states))
+    if job is not None:
+        versions = items.c.job_version
+        query = query.where(
+            versions == job if "/versions/" in job else versions.startswith(f"{job}/versions/")
+        )
     if before_seq is not None:
         query = query.where(items.c.seq < before_seq)
     if limit is not None:

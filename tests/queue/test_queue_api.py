@@ -169,18 +169,21 @@ async def test_list_items_pages_newest_first(queues: Stub, new_queue: NewQueue, 
     assert counts.pending == 5
 
 
-async def test_watch_item_follows_it_to_the_end(
+async def test_watch_item_sends_the_item_then_one_message_per_transition(
     queues: Stub, new_queue: NewQueue, job: str, queue_address: str
 ) -> None:
     queue = await new_queue()
     item = (await queues.Enqueue(queue_pb2.EnqueueRequest(queue=queue, job=job))).item
-    states: list[int] = []
+    updates: list[queue_pb2.WatchItemResponse] = []
+    first_seen = asyncio.Event()
 
     async def watch() -> None:
         async for update in queues.WatchItem(queue_pb2.WatchItemRequest(name=item.name)):
-            states.append(update.item.state)
+            updates.append(update)
+            first_seen.set()
 
     watcher = asyncio.create_task(watch())
+    await first_seen.wait()
     agent = await ScriptedAgent(queue_address).connect([queue])
     try:
         assignment = (await agent.next("assignment")).assignment
@@ -189,8 +192,56 @@ async def test_watch_item_follows_it_to_the_end(
         await asyncio.wait_for(watcher, 10)
     finally:
         await agent.close()
-    assert states[-1] == common_pb2.ITEM_STATE_SUCCEEDED
-    assert common_pb2.ITEM_STATE_RUNNING in states
+    assert not updates[0].HasField("transition")
+    assert updates[0].item.state == common_pb2.ITEM_STATE_PENDING
+    assert [u.transition.to_state for u in updates[1:]] == [
+        common_pb2.ITEM_STATE_LEASED,
+        common_pb2.ITEM_STATE_RUNNING,
+        common_pb2.ITEM_STATE_SUCCEEDED,
+    ]
+    assert updates[-1].item.state == common_pb2.ITEM_STATE_SUCCEEDED
+
+
+async def test_filters_apply_before_paging(queues: Stub, new_queue: NewQueue, job: str) -> None:
+    queue = await new_queue(paused=True, max_run_time={"seconds": 0})  # 0: unlimited
+    await queues.Enqueue(queue_pb2.EnqueueRequest(queue=queue, job=job))
+    page = await queues.ListItems(
+        queue_pb2.ListItemsRequest(parent=queue, job=f"projects/qtest/jobs/{job}", page_size=1)
+    )
+    assert len(page.items) == 1
+    other = await queues.ListItems(
+        queue_pb2.ListItemsRequest(parent=queue, job=f"projects/qtest/jobs/{job}x")
+    )
+    assert list(other.items) == []
+
+    kubernetes = await new_queue(resource=common_pb2.RESOURCE_KIND_KUBERNETES)
+    listed = await queues.ListQueues(
+        queue_pb2.ListQueuesRequest(parent="projects/qtest", resource=common_pb2.RESOURCE_KIND_KUBERNETES)
+    )
+    assert kubernetes in [q.name for q in listed.queues]
+    assert all(q.resource == common_pb2.RESOURCE_KIND_KUBERNETES for q in listed.queues)
+
+
+async def test_an_invalid_variable_schema_is_schema_invalid(queues: Stub) -> None:
+    code, reason, fields = await refused(
+        queues.CreateQueue(
+            queue_pb2.CreateQueueRequest(
+                parent="projects/qtest",
+                queue_id="badschema",
+                queue=queue_pb2.Queue(
+                    resource=common_pb2.RESOURCE_KIND_LOCAL_PROCESS,
+                    template_variables={
+                        "n": queue_pb2.TemplateVariable(schema=struct({"type": "integer", "minimum": "x"}))
+                    },
+                ),
+            )
+        )
+    )
+    assert (code, reason, fields) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "SCHEMA_INVALID",
+        ["queue.template_variables[n].schema"],
+    )
 
 
 async def test_relaunch_and_delete(queues: Stub, new_queue: NewQueue, job: str) -> None:
