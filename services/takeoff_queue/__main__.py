@@ -33,7 +33,9 @@ async def wire(settings: QueueSettings, resources: AsyncExitStack) -> Sequence[S
     dispatcher = Dispatcher(committer, utc_now, timing)
     jobs = RegistryJobs(settings.registry_address)
     resources.push_async_callback(jobs.close)
-    book = QueueBook(database, committer, dispatcher, jobs, utc_now)
+    book = QueueBook(
+        database, committer, dispatcher, jobs, utc_now, images_pushed=bool(settings.builder_push_registry)
+    )
     await book.start()
     return [
         ServiceBinding.of(

@@ -98,12 +98,15 @@ class QueueBook:
         dispatcher: Dispatcher,
         jobs: JobResolver,
         clock: Callable[[], datetime],
+        *,
+        images_pushed: bool = False,
     ) -> None:
         self._database = database
         self._committer = committer
         self._dispatcher = dispatcher
         self._jobs = jobs
         self._clock = clock
+        self._images_pushed = images_pushed
 
     async def start(self) -> None:
         async with self._database.engine.connect() as connection:
@@ -267,6 +270,17 @@ class QueueBook:
                 "SOURCE_INCOMPATIBLE",
                 "job",
                 f"{job.version_name} is an image job; local-process queues run code and git jobs",
+            )
+        if (
+            job.source_kind is not SourceKind.IMAGE
+            and queue.resource is ResourceKind.KUBERNETES
+            and not self._images_pushed
+        ):
+            problems.add(
+                "SOURCE_INCOMPATIBLE",
+                "job",
+                f"{job.version_name} is built from source, and the builder has no registry to push its image"
+                " to for the cluster to pull",
             )
         problems.raise_if_any()
         now = self._clock()

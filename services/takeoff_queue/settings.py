@@ -13,3 +13,6 @@ class QueueSettings(ServerSettings):
     """A lease not renewed by a heartbeat within this time expires."""
     heartbeat_interval_seconds: float = Field(default=10.0, gt=0)
     """How often agents are told to heartbeat; keep it well under the TTL."""
+    builder_push_registry: str = ""
+    """The registry the builder pushes images to (its ``push_registry``). Without one, code and git jobs
+    cannot run on kubernetes queues (the cluster could not pull their images), and Enqueue says so."""

@@ -54,6 +54,11 @@ def queue_service(home: Path, queue_env: dict[str, str]) -> Iterator[ServiceProc
 
 
 @pytest.fixture(scope="module")
+def registry_address(registry: ServiceProcess) -> str:
+    return registry.address
+
+
+@pytest.fixture(scope="module")
 def queue_address(queue_service: ServiceProcess) -> str:
     return queue_service.address
 

@@ -8,6 +8,8 @@ from typing import Any, TypeAlias
 import grpc
 import pytest
 
+from takeoff.client import Client
+from takeoff.models import ImageSource
 from takeoff.v1 import common_pb2, queue_pb2, queue_pb2_grpc
 from takeoff_server.protovalues import struct_to_dict
 from tests.queue.conftest import NewQueue
@@ -289,3 +291,24 @@ async def test_list_agents_shows_queues_capacity_and_leases(
         assert drained.draining
     finally:
         await agent.close()
+
+
+async def test_a_job_is_refused_on_a_queue_it_cannot_run_on(
+    queues: Stub, new_queue: NewQueue, job: str, registry_address: str
+) -> None:
+    with Client(registry_address, project="qtest") as client:
+        client.create_job_version("prebuilt", ImageSource("python:3.12-slim"))
+    local = await new_queue()
+    code, reason, fields = await refused(
+        queues.Enqueue(queue_pb2.EnqueueRequest(queue=local, job="prebuilt"))
+    )
+    assert (code, reason, fields) == (grpc.StatusCode.INVALID_ARGUMENT, "SOURCE_INCOMPATIBLE", ["job"])
+
+    cluster = await new_queue(resource=common_pb2.RESOURCE_KIND_KUBERNETES)
+    code, reason, _ = await refused(queues.Enqueue(queue_pb2.EnqueueRequest(queue=cluster, job=job)))
+    assert (code, reason) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "SOURCE_INCOMPATIBLE",
+    )  # nowhere to push its image
+    accepted = await queues.Enqueue(queue_pb2.EnqueueRequest(queue=cluster, job="prebuilt"))
+    assert accepted.item.job_version.endswith("/jobs/prebuilt/versions/0")
