@@ -9,7 +9,7 @@ from pydantic import SecretStr
 from takeoff.v1 import build_pb2, build_pb2_grpc
 from takeoff_builder.api import BuildApi
 from takeoff_builder.builds import Builder, Redactor
-from takeoff_builder.git_mirrors import GitCredentials, GitMirrors
+from takeoff_builder.git_mirrors import GitMirrors
 from takeoff_builder.images import Images, RegistryLogin
 from takeoff_builder.pip import PackageIndex
 from takeoff_builder.registry_client import RegistryClient
@@ -34,16 +34,10 @@ async def wire(settings: BuilderSettings, resources: AsyncExitStack) -> Sequence
     resources.push_async_callback(registry.close)
     builds = settings.builds_path
     index = PackageIndex(settings.pip_index_url, tuple(settings.pip_extra_index_urls), settings.ca_bundle)
-    git_token = _secret(settings.git_https_token)
     push_password = _secret(settings.push_password)
     git_mirrors = GitMirrors(
         builds / "git",
-        GitCredentials(
-            https_token=git_token,
-            https_username=settings.git_https_username,
-            https_token_scope=settings.git_https_token_scope,
-            ssh_key_path=settings.git_ssh_key_path,
-        ),
+        settings.git_credentials,
         timeout=settings.git_timeout_seconds,
     )
     images = Images(
@@ -64,7 +58,9 @@ async def wire(settings: BuilderSettings, resources: AsyncExitStack) -> Sequence
         images,
         max_concurrent_builds=settings.max_concurrent_builds,
         push_registry=settings.push_registry,
-        redact=Redactor([secret for secret in (git_token, push_password, *index.secrets()) if secret]),
+        redact=Redactor(
+            [s for s in (settings.git_credentials.https_token, push_password, *index.secrets()) if s]
+        ),
     )
     await builder.recover()
     return [

@@ -9,14 +9,11 @@ Every method blocks: call them from a worker thread in async code.
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import hashlib
-import shlex
 import tempfile
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import git
@@ -24,16 +21,9 @@ import git
 from takeoff_builder.model import BuildFailed, BuildInfraError
 from takeoff_server.archive import extract_archive
 from takeoff_server.errors import InvalidArgument
+from takeoff_server.git_access import GitCredentials
 
 _MIRROR_REFS = "+refs/*:refs/*"
-
-
-@dataclass(frozen=True, slots=True)
-class GitCredentials:
-    https_token: str | None = None
-    https_username: str = "x-access-token"
-    https_token_scope: str = "https://"
-    ssh_key_path: Path | None = None
 
 
 class GitMirrors:
@@ -93,51 +83,17 @@ class GitMirrors:
                 "--no-write-fetch-head",
                 url,
                 *arguments,
-                env=self._environment(url),
+                env=self._credentials.environment(url),
                 kill_after_timeout=self._timeout,
             )
         except git.GitCommandError as error:
             raise BuildInfraError(
-                f"could not fetch from the git remote {url}: {self._explain(error)}"
+                f"could not fetch from the git remote {url}: {self._credentials.explain(error)}"
             ) from None
 
     def _fetch_quietly(self, repository: git.Repo, url: str, commit: str) -> None:
         with contextlib.suppress(BuildInfraError):  # the caller reports the missing commit
             self._fetch(repository, url, commit)
-
-    def _environment(self, url: str) -> dict[str, str]:
-        environment = {
-            "GIT_TERMINAL_PROMPT": "0",
-            "GCM_INTERACTIVE": "never",
-            # No remote helpers such as ext::, which would run commands on this machine.
-            "GIT_ALLOW_PROTOCOL": "file:git:http:https:ssh",
-        }
-        ssh = ["ssh", "-o", "BatchMode=yes"]
-        if self._credentials.ssh_key_path is not None:
-            ssh += ["-o", "IdentitiesOnly=yes", "-i", str(self._credentials.ssh_key_path)]
-        environment["GIT_SSH_COMMAND"] = shlex.join(ssh)
-        token = self._credentials.https_token
-        if token and url.startswith(self._credentials.https_token_scope):
-            basic = base64.b64encode(f"{self._credentials.https_username}:{token}".encode()).decode()
-            environment |= {
-                "GIT_CONFIG_COUNT": "2",
-                "GIT_CONFIG_KEY_0": "http.extraHeader",
-                "GIT_CONFIG_VALUE_0": f"Authorization: Basic {basic}",
-                # A redirect could carry the header to another host.
-                "GIT_CONFIG_KEY_1": "http.followRedirects",
-                "GIT_CONFIG_VALUE_1": "false",
-            }
-        return environment
-
-    def _explain(self, error: git.GitCommandError) -> str:
-        """The last thing git said, with any configured secret blanked out."""
-        said = error.stderr if isinstance(error.stderr, str) else ""
-        lines = [line.strip().removeprefix("stderr: ").strip("'").strip() for line in said.splitlines()]
-        lines = [line.removeprefix("fatal: ") for line in lines if line]
-        explanation = lines[-1] if lines else f"git exited with status {error.status}"
-        if self._credentials.https_token:
-            explanation = explanation.replace(self._credentials.https_token, "***")
-        return explanation[:500]
 
 
 def _has_commit(repository: git.Repo, commit: str) -> bool:

@@ -5,11 +5,12 @@ from pathlib import Path
 from pydantic import Field, SecretStr, field_validator
 
 from takeoff_server.config import ServerSettings
+from takeoff_server.git_access import GitAccessSettings
 
 HOST_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 
 
-class BuilderSettings(ServerSettings):
+class BuilderSettings(ServerSettings, GitAccessSettings):
     listen: list[str] = ["127.0.0.1:50053"]
     registry_address: str = "127.0.0.1:50051"
     """Where job versions are resolved and code artifacts downloaded (``takeoff up`` sets it)."""
@@ -39,22 +40,8 @@ class BuilderSettings(ServerSettings):
 
     git_timeout_seconds: float = Field(default=300.0, gt=0)
     """How long one git clone or fetch may take."""
-    git_https_token: SecretStr | None = None
-    """Token sent (HTTP basic auth) to https git remotes under ``git_https_token_scope``; never logged."""
-    git_https_username: str = "x-access-token"
-    git_https_token_scope: str = "https://"
-    """URL prefix whose remotes get the token, e.g. ``https://github.com/acme/``."""
-    git_ssh_key_path: Path | None = None
-    """Private key for ``ssh://`` and ``git@host:path`` remotes; unset means ssh's own configuration."""
 
-    @field_validator("git_https_token_scope")
-    @classmethod
-    def _check_token_scope(cls, scope: str) -> str:
-        if not scope.startswith("https://"):
-            raise ValueError("must start with https:// (a token is never sent over plain http)")
-        return scope
-
-    @field_validator("builds_dir", "pip_ca_bundle", "git_ssh_key_path")
+    @field_validator("builds_dir", "pip_ca_bundle")
     @classmethod
     def _expand_user_in_paths(cls, value: Path | None) -> Path | None:
         return value.expanduser() if value is not None else None

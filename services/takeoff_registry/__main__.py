@@ -6,7 +6,7 @@ from pathlib import Path
 
 from takeoff.v1 import jobs_pb2, jobs_pb2_grpc, runs_pb2, runs_pb2_grpc
 from takeoff_registry.artifacts import Artifacts
-from takeoff_registry.git_source import GitCredentials, GitResolver
+from takeoff_registry.git_source import GitResolver
 from takeoff_registry.jobs import Jobs
 from takeoff_registry.jobs_api import JobApi
 from takeoff_registry.runs import Runs
@@ -23,14 +23,8 @@ async def wire(settings: RegistrySettings, resources: AsyncExitStack) -> Sequenc
         "registry", settings, resources, migrations=Path(__file__).with_name("migrations")
     )
     store = RegistryStore(database)
-    token = settings.git_https_token
     git = GitResolver(
-        GitCredentials(
-            https_token=token.get_secret_value() if token is not None else None,
-            https_username=settings.git_https_username,
-            https_token_scope=settings.git_https_token_scope,
-            ssh_key_path=settings.git_ssh_key_path,
-        ),
+        settings.git_credentials,
         timeout=settings.git_timeout_seconds,
         scratch_dir=settings.home / "git-scratch",
     )

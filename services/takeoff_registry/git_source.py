@@ -12,17 +12,15 @@ they appear in no process listing, error, log line or stored record. Git never p
 from __future__ import annotations
 
 import asyncio
-import base64
 import re
-import shlex
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import git
 
 from takeoff_server.errors import FailedPrecondition, InvalidArgument, NotFound
+from takeoff_server.git_access import GitCredentials
 from takeoff_server.validation import field_error
 
 FULL_COMMIT = re.compile(r"[0-9a-f]{40}")
@@ -87,16 +85,6 @@ def check_ref(ref: str, *, field: str) -> str:
     return ref
 
 
-@dataclass(frozen=True, slots=True)
-class GitCredentials:
-    """What the registry may authenticate with; from settings, never from requests."""
-
-    https_token: str | None = None
-    https_username: str = "x-access-token"
-    https_token_scope: str = "https://"
-    ssh_key_path: Path | None = None
-
-
 class GitResolver:
     """Resolves refs of remote repositories to commits, with the configured credentials."""
 
@@ -132,12 +120,12 @@ class GitResolver:
     def _list_refs(self, url: str) -> dict[str, str]:
         try:
             listing = git.cmd.Git().ls_remote(
-                url, env=self._environment(url), kill_after_timeout=self._timeout
+                url, env=self._credentials.environment(url), kill_after_timeout=self._timeout
             )
         except git.GitCommandError as error:
             raise FailedPrecondition(
                 "GIT_REMOTE_UNREACHABLE",
-                f"the git remote {url} could not be listed: {self._explain(error)}",
+                f"the git remote {url} could not be listed: {self._credentials.explain(error)}",
                 metadata={"url": url},
             ) from None
         refs: dict[str, str] = {}
@@ -158,11 +146,11 @@ class GitResolver:
                     "--no-tags",
                     url,
                     commit,
-                    env=self._environment(url),
+                    env=self._credentials.environment(url),
                     kill_after_timeout=self._timeout,
                 )
             except git.GitCommandError as error:
-                explanation = self._explain(error)
+                explanation = self._credentials.explain(error)
                 if any(marker in explanation for marker in _FETCH_NOT_FOUND):
                     raise NotFound(
                         "GIT_REF_NOT_FOUND",
@@ -176,38 +164,3 @@ class GitResolver:
                 ) from None
             finally:
                 repository.close()
-
-    def _environment(self, url: str) -> dict[str, str]:
-        environment = {
-            "GIT_TERMINAL_PROMPT": "0",
-            "GCM_INTERACTIVE": "never",
-            # No remote helpers such as ext::, which would run commands on this machine.
-            "GIT_ALLOW_PROTOCOL": "file:git:http:https:ssh",
-        }
-        ssh = ["ssh", "-o", "BatchMode=yes"]
-        if self._credentials.ssh_key_path is not None:
-            ssh += ["-o", "IdentitiesOnly=yes", "-i", str(self._credentials.ssh_key_path)]
-        environment["GIT_SSH_COMMAND"] = shlex.join(ssh)
-        token = self._credentials.https_token
-        if token and url.startswith(self._credentials.https_token_scope):
-            basic = base64.b64encode(f"{self._credentials.https_username}:{token}".encode()).decode()
-            environment |= {
-                "GIT_CONFIG_COUNT": "2",
-                "GIT_CONFIG_KEY_0": "http.extraHeader",
-                "GIT_CONFIG_VALUE_0": f"Authorization: Basic {basic}",
-                # A redirect could carry the header to another host.
-                "GIT_CONFIG_KEY_1": "http.followRedirects",
-                "GIT_CONFIG_VALUE_1": "false",
-            }
-        return environment
-
-    def _explain(self, error: git.GitCommandError) -> str:
-        """The last thing git said, with any configured secret blanked out."""
-        said = error.stderr if isinstance(error.stderr, str) else ""
-        lines = [line.strip().removeprefix("stderr: ").strip("'").strip() for line in said.splitlines()]
-        lines = [line.removeprefix("fatal: ") for line in lines if line]
-        explanation = lines[-1] if lines else f"git exited with status {error.status}"
-        token = self._credentials.https_token
-        if token:
-            explanation = explanation.replace(token, "***")
-        return explanation[:500]

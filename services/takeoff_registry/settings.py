@@ -2,14 +2,15 @@
 
 from pathlib import Path
 
-from pydantic import SecretStr, field_validator
+from pydantic import field_validator
 
 from takeoff_server.config import ServerSettings
+from takeoff_server.git_access import GitAccessSettings
 
 MIB = 1024 * 1024
 
 
-class RegistrySettings(ServerSettings):
+class RegistrySettings(ServerSettings, GitAccessSettings):
     listen: list[str] = ["127.0.0.1:50051"]
     max_artifact_bytes: int = 512 * MIB
     """Largest code tarball UploadArtifact accepts."""
@@ -17,14 +18,6 @@ class RegistrySettings(ServerSettings):
     """Where artifacts are stored, content-addressed; unset means ``{home}/artifacts``."""
     git_timeout_seconds: float = 60.0
     """How long resolving a git ref may take before the remote counts as unreachable."""
-    git_https_token: SecretStr | None = None
-    """Token sent (HTTP basic auth) to https git remotes under ``git_https_token_scope``; never stored."""
-    git_https_username: str = "x-access-token"
-    """User name paired with the token; hosts differ (GitHub takes any, Bitbucket wants x-token-auth)."""
-    git_https_token_scope: str = "https://"
-    """URL prefix whose remotes get the token, e.g. ``https://github.com/acme/``; default: every https one."""
-    git_ssh_key_path: Path | None = None
-    """Private key for ``ssh://`` and ``git@host:path`` remotes; unset means ssh's own configuration."""
 
     @field_validator("max_artifact_bytes")
     @classmethod
@@ -40,14 +33,7 @@ class RegistrySettings(ServerSettings):
             raise ValueError("must be positive")
         return seconds
 
-    @field_validator("git_https_token_scope")
-    @classmethod
-    def _check_token_scope(cls, scope: str) -> str:
-        if not scope.startswith("https://"):
-            raise ValueError("must start with https:// (a token is never sent over plain http)")
-        return scope
-
-    @field_validator("artifact_dir", "git_ssh_key_path")
+    @field_validator("artifact_dir")
     @classmethod
     def _expand_user_in_paths(cls, value: Path | None) -> Path | None:
         return value.expanduser() if value is not None else None
