@@ -7,7 +7,6 @@ import base64
 import functools
 import http.server
 import shutil
-import socket
 import ssl
 import subprocess
 import threading
@@ -22,7 +21,8 @@ from takeoff.models import GitSource
 from takeoff.v1 import common_pb2
 from tests.builder.conftest import Builder, create_job, running_builder
 from tests.conftest import require
-from tests.processes import ServiceProcess, service_process, wait_for
+from tests.gitrepos import git_daemon as serve_with_git_daemon
+from tests.processes import ServiceProcess, service_process
 
 TOKEN = "s3cret-git-t0ken"
 USERNAME = "x-access-token"
@@ -83,44 +83,11 @@ def remote(tmp_path: Path, git_binary: str) -> Remote:
     return remote
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 @pytest.fixture
 def git_daemon(remote: Remote) -> Iterator[str]:
     """`git daemon` serving the remote on a loopback port; yields the repository's URL."""
-    port = free_port()
-    daemon = subprocess.Popen(
-        [
-            remote.git,
-            "daemon",
-            "--reuseaddr",
-            f"--base-path={remote.path.parent}",
-            "--export-all",
-            "--listen=127.0.0.1",
-            f"--port={port}",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-
-    def accepting() -> bool:
-        assert daemon.poll() is None, "git daemon exited"
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-        except OSError:
-            return False
-        return True
-
-    try:
-        wait_for(accepting, timeout=15, what="git daemon")
-        yield f"git://127.0.0.1:{port}/{remote.path.name}"
-    finally:
-        daemon.terminate()
-        daemon.wait(timeout=10)
+    with serve_with_git_daemon(remote.git, remote.path) as url:
+        yield url
 
 
 async def test_a_git_job_from_git_daemon_builds_at_its_pinned_commit_and_fetches_new_commits(

@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import http.server
 import shutil
-import socket
 import ssl
 import subprocess
 import threading
@@ -19,7 +18,8 @@ import pytest
 
 from takeoff.v1 import common_pb2, jobs_pb2
 from tests.conftest import require
-from tests.processes import wait_for
+from tests.gitrepos import free_port
+from tests.gitrepos import git_daemon as serve_with_git_daemon
 from tests.registry.conftest import Registry, failure, registry_settings, start_registry
 
 GIT = shutil.which("git")
@@ -130,12 +130,6 @@ async def test_unknown_refs_are_git_ref_not_found_and_store_nothing(
     assert await registry.count_rows("registry_jobs") == 0
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 async def test_unreachable_remotes_are_a_failed_precondition(registry: Registry, tmp_path: Path) -> None:
     for url in (f"file://{tmp_path}/missing.git", f"git://127.0.0.1:{free_port()}/remote.git"):
         problem = await failure(create(registry, url, "main"))
@@ -151,35 +145,8 @@ def git_daemon(remote: Remote) -> Iterator[str]:
     """`git daemon` serving the remote's directory on a loopback port; yields the repository's URL."""
     require("git", GIT is not None, "apt-get install git")
     assert GIT is not None
-    port = free_port()
-    daemon = subprocess.Popen(
-        [
-            GIT,
-            "daemon",
-            "--reuseaddr",
-            f"--base-path={remote.path.parent}",
-            "--export-all",
-            "--listen=127.0.0.1",
-            f"--port={port}",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-
-    def accepting() -> bool:
-        assert daemon.poll() is None, "git daemon exited"
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-        except OSError:
-            return False
-        return True
-
-    try:
-        wait_for(accepting, timeout=15, what="git daemon")
-        yield f"git://127.0.0.1:{port}/{remote.path.name}"
-    finally:
-        daemon.terminate()
-        daemon.wait(timeout=10)
+    with serve_with_git_daemon(GIT, remote.path) as url:
+        yield url
 
 
 async def test_refs_resolve_through_git_daemon(registry: Registry, remote: Remote, git_daemon: str) -> None:
