@@ -36,6 +36,10 @@ fi
 mkdir -p "$STATE"
 
 if ! docker info >/dev/null 2>&1; then
+  # A dockerd killed with its machine's session leaves pid files that stop the next one from starting.
+  for pidfile in /var/run/docker.pid /var/run/docker/containerd/containerd.pid; do
+    if [[ -f $pidfile ]] && ! kill -0 "$(cat "$pidfile")" 2>/dev/null; then rm -f "$pidfile"; fi
+  done
   say "starting dockerd (log: $STATE/dockerd.log)"
   setsid nohup dockerd >"$STATE/dockerd.log" 2>&1 </dev/null &
   wait_until 60 docker info || { tail -n 20 "$STATE/dockerd.log" >&2; say "dockerd did not start"; exit 1; }
