@@ -158,8 +158,22 @@ class JobInputs:
         )
 
 
+class _InProject:
+    """A resource named ``projects/{project}/.../{id}``: its id and project, read off the name."""
+
+    name: str
+
+    @property
+    def id(self) -> str:
+        return self.name.rsplit("/", 1)[-1]
+
+    @property
+    def project(self) -> str:
+        return self.name.split("/")[1]
+
+
 @dataclass(frozen=True)
-class Job:
+class Job(_InProject):
     """A named task in a project; its content lives in its versions."""
 
     name: str
@@ -169,14 +183,6 @@ class Job:
     aliases: dict[str, int] = field(default_factory=dict)
     create_time: datetime | None = None
     update_time: datetime | None = None
-
-    @property
-    def id(self) -> str:
-        return self.name.rsplit("/", 1)[-1]
-
-    @property
-    def project(self) -> str:
-        return self.name.split("/")[1]
 
     @classmethod
     def _from_proto(cls, message: jobs_pb2.Job) -> Self:
@@ -265,7 +271,7 @@ class Artifact:
 
 
 @dataclass(frozen=True)
-class RunInfo:
+class RunInfo(_InProject):
     """A tracked run as the registry records it (without its metric history and logs)."""
 
     name: str
@@ -286,14 +292,6 @@ class RunInfo:
     last_step: int = 0
     metric_keys: list[str] = field(default_factory=list)
     log_line_count: int = 0
-
-    @property
-    def id(self) -> str:
-        return self.name.rsplit("/", 1)[-1]
-
-    @property
-    def project(self) -> str:
-        return self.name.split("/")[1]
 
     @classmethod
     def _from_proto(cls, message: runs_pb2.Run) -> Self:
@@ -473,7 +471,7 @@ class TemplateVariable:
 
 
 @dataclass(frozen=True)
-class Queue:
+class Queue(_InProject):
     """A queue of work for one kind of target resource, with the settings its items get."""
 
     name: str
@@ -498,14 +496,6 @@ class Queue:
     item_counts: dict[ItemState, int] = field(default_factory=dict)
     agent_count: int = 0
     """Connected agents serving the queue."""
-
-    @property
-    def id(self) -> str:
-        return self.name.rsplit("/", 1)[-1]
-
-    @property
-    def project(self) -> str:
-        return self.name.split("/")[1]
 
     @classmethod
     def _from_proto(cls, message: queue_pb2.Queue) -> Self:
@@ -568,7 +558,7 @@ class ItemTransition:
 
 
 @dataclass
-class Item:
+class Item(_InProject):
     """One launch of a job version on a queue, and a handle on it: :meth:`refresh`, :meth:`cancel` and
     :meth:`wait` update this object in place (and return it).
 
@@ -613,17 +603,9 @@ class Item:
     _client: Client | None = field(default=None, repr=False, compare=False)
 
     @property
-    def id(self) -> str:
-        return self.name.rsplit("/", 1)[-1]
-
-    @property
     def queue(self) -> str:
         """The queue's resource name, ``projects/{p}/queues/{q}``."""
         return self.name.rsplit("/items/", 1)[0]
-
-    @property
-    def project(self) -> str:
-        return self.name.split("/")[1]
 
     @property
     def ended(self) -> bool:
