@@ -1,0 +1,1 @@
+"""Client-side plumbing shared by the SDK and every service: channels, retries, error decoding."""
