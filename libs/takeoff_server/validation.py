@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import enum
+import math
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from typing import Any, TypeVar
+
+from google.protobuf.internal.enum_type_wrapper import EnumTypeWrapper
 
 from takeoff_server.errors import FieldViolation, InvalidArgument
+from takeoff_server.protovalues import dict_to_struct
+
+E = TypeVar("E", bound=enum.Enum)
 
 
 def field_error(field: str, problem: str, *, reason: str = "ARGUMENT_INVALID") -> InvalidArgument:
@@ -47,3 +55,83 @@ class Problems:
         if len(self._violations) > 1:
             message += f" (and {len(self._violations) - 1} more; see the field violations)"
         raise InvalidArgument(self._reasons[0], message, violations=self._violations)
+
+
+MAX_CONFIG_BYTES = 256 * 1024
+"""Default limit for a client's Struct (run config, resource config, summary), as encoded protobuf: a
+handful fit in one message far under gRPC's default 4 MiB receive size."""
+MAX_CONFIG_DEPTH = 30
+"""Default limit on nested objects and lists in a Struct. Each object level costs protobuf three levels of
+its recursion limit (100): 30 leaves ten for the messages that carry the Struct (an item's run config in a
+LeaseResponse needs three), so what is accepted can always be delivered and decoded."""
+
+
+def _struct_depth(value: Any, *, give_up_beyond: int) -> int:
+    deepest = 0
+    pending: list[tuple[Any, int]] = [(value, 1)]
+    while pending:
+        current, level = pending.pop()
+        if isinstance(current, Mapping):
+            children: Any = current.values()
+        elif isinstance(current, list | tuple):
+            children = current
+        else:
+            continue
+        deepest = max(deepest, level)
+        if deepest > give_up_beyond:
+            break
+        pending.extend((child, level + 1) for child in children)
+    return deepest
+
+
+def _non_finite_path(value: Any, path: str) -> str | None:
+    """Where ``value`` holds NaN or an infinity, which JSON (the store, the JSON API) cannot hold."""
+    pending: list[tuple[Any, str]] = [(value, path)]
+    while pending:
+        current, where = pending.pop()
+        if isinstance(current, float) and not math.isfinite(current):
+            return where
+        if isinstance(current, Mapping):
+            pending.extend((child, f"{where}.{key}") for key, child in current.items())
+        elif isinstance(current, list | tuple):
+            pending.extend((child, f"{where}[{index}]") for index, child in enumerate(current))
+    return None
+
+
+def check_struct(value: Mapping[str, Any], *, field: str, max_bytes: int, max_depth: int) -> None:
+    """Refuse (INVALID_ARGUMENT ``ARGUMENT_INVALID`` on ``field``) a Struct's value that nests deeper than
+    ``max_depth`` objects and lists, is larger than ``max_bytes`` as an encoded ``google.protobuf.Struct``,
+    or holds a number that is not finite."""
+    depth = _struct_depth(value, give_up_beyond=max_depth)
+    if depth > max_depth:
+        raise field_error(field, f"nests deeper than {max_depth} levels of objects and lists")
+    size = dict_to_struct(value).ByteSize()
+    if size > max_bytes:
+        raise field_error(field, f"is {size} bytes encoded; at most {max_bytes} are allowed")
+    non_finite = _non_finite_path(value, field)
+    if non_finite is not None:
+        raise field_error(non_finite, "numbers must be finite (no NaN or Infinity)")
+
+
+def enum_member(enum_type: type[E], number: int, *, field: str, proto: EnumTypeWrapper) -> E | None:
+    """The member of the domain enum ``enum_type`` for a number of the proto enum ``proto``.
+
+    Members are matched by name: the proto value's name without the enum's prefix (``ITEM_STATE_PENDING``
+    is ``ItemState.PENDING``). The ``*_UNSPECIFIED`` value (0) is None; a number the proto does not define
+    (a newer client's, or a made-up one) or one without a domain member is INVALID_ARGUMENT
+    ``ARGUMENT_INVALID`` on ``field``.
+    """
+    if number == 0:
+        return None
+    described = proto.DESCRIPTOR.values_by_number.get(number)
+    prefix = proto.DESCRIPTOR.values_by_number[0].name.removesuffix("UNSPECIFIED")
+    member = enum_type.__members__.get(described.name.removeprefix(prefix)) if described else None
+    if member is None:
+        allowed = ", ".join(
+            f"{described_value.name} ({described_value.number})"
+            for described_value in proto.DESCRIPTOR.values
+            if described_value.number != 0
+            and described_value.name.removeprefix(prefix) in enum_type.__members__
+        )
+        raise field_error(field, f"{number} is not one of {allowed}")
+    return member

@@ -9,11 +9,9 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-import jsonschema
-from referencing.exceptions import Unresolvable
-
 from takeoff_registry.git_source import check_ref, check_url
 from takeoff_registry.refs import JobKey
+from takeoff_server.schemas import check_json_schema, schema_validator
 from takeoff_server.validation import Problems
 
 MAX_DESCRIPTION = 4096
@@ -155,25 +153,13 @@ def _check_source(source: Source | None, problems: Problems, prefix: str) -> Non
 
 def _check_inputs(spec: VersionSpec, problems: Problems, prefix: str) -> None:
     schema = spec.input_schema
-    validator_class: Any = jsonschema.Draft202012Validator
-    if schema is not None:
-        validator_class = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
-        try:
-            validator_class.check_schema(schema)
-        except jsonschema.SchemaError as error:
-            where = "".join(f"[{part!r}]" for part in error.absolute_path)
-            problems.add(
-                "SCHEMA_INVALID", f"{prefix}.schema{where}", f"not a valid JSON Schema: {error.message}"
-            )
-            return
-    if spec.input_defaults is None or schema is None:
+    if schema is None:
         return
-    try:
-        violations = list(validator_class(schema).iter_errors(spec.input_defaults))
-    except Unresolvable as error:
-        problems.add("SCHEMA_INVALID", f"{prefix}.schema", f"a $ref cannot be resolved: {error}")
+    with problems.collect():
+        check_json_schema(schema, field=f"{prefix}.schema")
+    if problems or spec.input_defaults is None:
         return
-    for violation in violations:
+    for violation in schema_validator(schema).iter_errors(spec.input_defaults):
         where = "".join(
             f".{part}" if isinstance(part, str) else f"[{part}]" for part in violation.absolute_path
         )
