@@ -26,12 +26,14 @@ protos: install tools
 	$(BUF) lint
 	$(BIN)/python tools/genprotos.py libs
 
+# The API changes only additively (docs/design.md §4): buf breaking compares with main's last commit.
 lint: install tools
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	$(BUF) lint
 	$(BUF) format --diff --exit-code
+	$(BUF) breaking --against '.git#branch=main'
 
 format: install tools
 	$(BIN)/ruff check --fix .
