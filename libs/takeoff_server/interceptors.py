@@ -1,6 +1,7 @@
-"""Server interceptors: domain errors -> rich gRPC status, and the authentication hook.
+"""Server interceptors: domain errors -> rich gRPC status, undecodable requests -> INVALID_ARGUMENT, and the
+authentication hook.
 
-Both wrap every method handler once, at registration time, so the per-call cost is one async context
+Each wraps every method handler once, at registration time, so the per-call cost is one async context
 manager around the servicer method.
 """
 
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeAlias
 
 import grpc
+from google.protobuf.message import DecodeError
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
@@ -136,13 +138,76 @@ def guard_handler(handler: Handler, method: str, guard: CallGuard) -> Handler:
     return grpc.unary_unary_rpc_method_handler(unary, **serializers)
 
 
-class GuardInterceptor(grpc.aio.ServerInterceptor):
-    """Runs every call of every method inside ``guard(method, context)``."""
+class UndecodableRequest:
+    """Stands in for request bytes that do not decode as the method's request message, so that the call
+    is refused with INVALID_ARGUMENT: grpc itself answers a deserializer's exception with UNKNOWN."""
 
-    def __init__(self, guard: CallGuard) -> None:
-        self._guard = guard
+    __slots__ = ()
+
+
+_UNDECODABLE = UndecodableRequest()
+
+
+def _undecodable(method: str) -> errors.InvalidArgument:
+    return errors.InvalidArgument(
+        "REQUEST_INVALID",
+        f"the request does not decode as the request message of {method}: it is malformed, or nests "
+        "deeper than protobuf's recursion limit (100 levels)",
+        metadata={"method": method},
+    )
+
+
+async def _decoded_stream(requests: AsyncIterator[Any], method: str) -> AsyncIterator[Any]:
+    async for request in requests:
+        if request is _UNDECODABLE:
+            raise _undecodable(method)
+        yield request
+
+
+def decoding_handler(handler: Handler, method: str) -> Handler:
+    """Return ``handler`` with undecodable requests refused as ``InvalidArgument`` (reason
+    ``REQUEST_INVALID``) where the servicer would receive them: before a unary call, or while it reads a
+    request stream. Run it inside ``error_guard``, which turns the error into a status."""
+    decode = handler.request_deserializer
+    if decode is None:  # the method takes raw bytes
+        return handler
+
+    def tolerant_decode(data: bytes) -> Any:
+        try:
+            return decode(data)
+        except DecodeError:
+            return _UNDECODABLE
+
+    behavior: Callable[..., Any] | None = (
+        handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
+    )
+    assert behavior is not None, f"{method} has a handler with no behavior"
+
+    def checked(request: Any, context: Context) -> Any:
+        if handler.request_streaming:
+            return behavior(_decoded_stream(request, method), context)
+        if request is _UNDECODABLE:
+            raise _undecodable(method)
+        return behavior(request, context)
+
+    factory = {
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (False, True): grpc.unary_stream_rpc_method_handler,
+        (True, False): grpc.stream_unary_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
+    }[(handler.request_streaming, handler.response_streaming)]
+    return factory(
+        checked, request_deserializer=tolerant_decode, response_serializer=handler.response_serializer
+    )
+
+
+class HandlerInterceptor(grpc.aio.ServerInterceptor):
+    """Wraps the handler of every method with ``wrap(handler, method)``."""
+
+    def __init__(self, wrap: Callable[[Handler, str], Handler]) -> None:
+        self._wrap = wrap
         # grpc asks interceptors for a handler on every call; wrapping once per method keeps that cheap.
-        self._guarded: dict[str, tuple[Handler, Handler]] = {}
+        self._wrapped: dict[str, tuple[Handler, Handler]] = {}
 
     async def intercept_service(
         self,
@@ -153,11 +218,18 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return None
         method = handler_call_details.method
-        cached = self._guarded.get(method)
+        cached = self._wrapped.get(method)
         if cached is None or cached[0] is not handler:
-            cached = (handler, guard_handler(handler, method, self._guard))
-            self._guarded[method] = cached
+            cached = (handler, self._wrap(handler, method))
+            self._wrapped[method] = cached
         return cached[1]
+
+
+class GuardInterceptor(HandlerInterceptor):
+    """Runs every call of every method inside ``guard(method, context)``."""
+
+    def __init__(self, guard: CallGuard) -> None:
+        super().__init__(lambda handler, method: guard_handler(handler, method, guard))
 
 
 @asynccontextmanager

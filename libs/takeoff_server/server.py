@@ -2,8 +2,9 @@
 
 It serves the service's own API plus ``grpc.health.v1`` (one status per service, and the overall ``""``)
 and server reflection, on one or more addresses (``host:port`` with port 0 allowed, ``unix:/path``),
-behind the interceptor chain tracing -> errors -> authentication. Shutdown first reports NOT_SERVING,
-so load balancers stop sending, then lets in-flight calls finish within the grace period.
+behind the interceptor chain tracing -> errors -> authentication -> request decoding. Shutdown first
+reports NOT_SERVING, so load balancers stop sending, then lets in-flight calls finish within the grace
+period.
 """
 
 from __future__ import annotations
@@ -24,7 +25,15 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from opentelemetry.instrumentation.grpc import aio_server_interceptor
 
-from takeoff_server.interceptors import AllowAll, Authenticator, GuardInterceptor, auth_guard, error_guard
+from takeoff_server.interceptors import (
+    AllowAll,
+    Authenticator,
+    GuardInterceptor,
+    HandlerInterceptor,
+    auth_guard,
+    decoding_handler,
+    error_guard,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +90,8 @@ class TakeoffServer:
                 *extra_interceptors,
                 GuardInterceptor(error_guard),
                 GuardInterceptor(auth_guard(authenticator or AllowAll())),
+                # Innermost, so that the error guard above turns an undecodable request into a status.
+                HandlerInterceptor(decoding_handler),
             ],
             options=[("grpc.so_reuseport", 0)],
         )

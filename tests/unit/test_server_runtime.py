@@ -8,6 +8,7 @@ from typing import Any, cast
 
 import grpc
 import pytest
+from google.protobuf import struct_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -55,7 +56,20 @@ async def count_then_fail(request: bytes, context: Context) -> AsyncIterator[byt
     raise errors.FailedPrecondition("QUEUE_PAUSED", "queue is paused")
 
 
+async def echo(request: struct_pb2.Struct, context: Context) -> struct_pb2.Struct:
+    return request
+
+
+async def count_messages(requests: AsyncIterator[struct_pb2.Struct], context: Context) -> struct_pb2.Struct:
+    received = [request async for request in requests]
+    return struct_pb2.Struct(fields={"count": struct_pb2.Value(number_value=len(received))})
+
+
 def probe_binding() -> ServiceBinding:
+    structs: dict[str, Any] = {
+        "request_deserializer": struct_pb2.Struct.FromString,
+        "response_serializer": struct_pb2.Struct.SerializeToString,
+    }
     unary: dict[str, grpc.RpcMethodHandler[bytes, bytes]] = {
         name: grpc.unary_unary_rpc_method_handler(behavior)
         for name, behavior in {
@@ -67,7 +81,13 @@ def probe_binding() -> ServiceBinding:
         }.items()
     }
     handler = grpc.method_handlers_generic_handler(
-        PROBE, {**unary, "Count": grpc.unary_stream_rpc_method_handler(count_then_fail)}
+        PROBE,
+        {
+            **unary,
+            "Count": grpc.unary_stream_rpc_method_handler(count_then_fail),
+            "Echo": grpc.unary_unary_rpc_method_handler(echo, **structs),
+            "CountMessages": grpc.stream_unary_rpc_method_handler(count_messages, **structs),
+        },
     )
     return ServiceBinding(PROBE, lambda server: server.add_generic_rpc_handlers((handler,)))
 
@@ -91,10 +111,12 @@ async def server() -> AsyncIterator[TakeoffServer]:
     await server.stop(0)
 
 
-def call(address: str, method: str, *, api_key: str | None = "sesame", **kwargs: Any) -> bytes:
+def call(
+    address: str, method: str, *, api_key: str | None = "sesame", payload: bytes = b"", **kwargs: Any
+) -> bytes:
     with open_channel(address, api_key=api_key) as channel:
         stub: grpc.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(f"/{PROBE}/{method}")
-        return stub(b"", timeout=5, **kwargs)
+        return stub(payload, timeout=5, **kwargs)
 
 
 async def failing_call(address: str, method: str, **kwargs: Any) -> grpc.Call:
@@ -242,3 +264,64 @@ async def test_port_in_use_is_a_clear_error() -> None:
             await second.start()
     finally:
         await first.stop(0)
+
+
+def nested_struct_bytes(levels: int) -> bytes:
+    """A Struct nested ``levels`` deep, encoded by hand: protobuf refuses to build one it could not parse."""
+    encoded = b""
+    for _ in range(levels):
+        value = b"\x2a" + _varint(len(encoded)) + encoded  # Value.struct_value (field 5)
+        entry = b"\x0a\x01a" + b"\x12" + _varint(len(value)) + value  # fields entry: key "a", value
+        encoded = b"\x0a" + _varint(len(entry)) + entry  # Struct.fields (field 1)
+    return encoded
+
+
+def _varint(number: int) -> bytes:
+    out = bytearray()
+    while True:
+        low, number = number & 0x7F, number >> 7
+        out.append(low | (0x80 if number else 0))
+        if not number:
+            return bytes(out)
+
+
+UNDECODABLE = {
+    "nested beyond the recursion limit": nested_struct_bytes(60),
+    "not a protobuf encoding": b"\xff\xff\xff\xff",
+    "invalid UTF-8 in a string": b"\x0a\x06\x0a\x02\xff\xfe\x12\x00",
+}
+
+
+@pytest.mark.parametrize("payload", list(UNDECODABLE.values()), ids=list(UNDECODABLE))
+async def test_undecodable_unary_request_is_invalid_argument(server: TakeoffServer, payload: bytes) -> None:
+    echoed = await asyncio.to_thread(call, server.addresses[0], "Echo", payload=nested_struct_bytes(3))
+    assert echoed == nested_struct_bytes(3)
+
+    error = await failing_call(server.addresses[0], "Echo", payload=payload)
+
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    info, _ = details(error)
+    assert (info.reason, info.domain, info.metadata["method"]) == (
+        "REQUEST_INVALID",
+        "takeoff.dev",
+        f"/{PROBE}/Echo",
+    )
+    assert "DecodeError" not in (error.details() or "")
+
+
+async def test_undecodable_message_in_a_request_stream_is_invalid_argument(server: TakeoffServer) -> None:
+    def send(messages: list[bytes]) -> bytes:
+        with open_channel(server.addresses[0], api_key="sesame") as channel:
+            stub: grpc.StreamUnaryMultiCallable[bytes, bytes] = channel.stream_unary(
+                f"/{PROBE}/CountMessages"
+            )
+            return stub(iter(messages), timeout=5)
+
+    counted = struct_pb2.Struct.FromString(await asyncio.to_thread(send, [b"", b""]))
+    assert counted["count"] == 2
+    with pytest.raises(grpc.RpcError) as raised:
+        await asyncio.to_thread(send, [b"", nested_struct_bytes(60), b""])
+
+    error = cast(grpc.Call, raised.value)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert details(error)[0].reason == "REQUEST_INVALID"

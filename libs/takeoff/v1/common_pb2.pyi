@@ -462,6 +462,14 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """FAILED_PRECONDITION. A `first_row_index` / `first_line_index` lies beyond what is stored, so rows or
     lines would be missing; metadata["length"] holds the stored length to resend from.
     """
+    ERROR_REASON_REQUEST_INVALID: _ErrorReason.ValueType  # 47
+    """INVALID_ARGUMENT. The request bytes do not decode as the method's request message: malformed, or
+    nested deeper than protobuf's recursion limit (100 levels). metadata["method"] names the method.
+    """
+    ERROR_REASON_NOT_IMPLEMENTED: _ErrorReason.ValueType  # 48
+    """UNIMPLEMENTED. The server does not implement this method yet; metadata["method"] names it."""
+    ERROR_REASON_SHUTTING_DOWN: _ErrorReason.ValueType  # 49
+    """UNAVAILABLE. The server is shutting down and ended the call or stream; reconnect and retry."""
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """Catalog of the google.rpc.ErrorInfo reasons the Takeoff services return, with the gRPC code each comes
@@ -584,6 +592,14 @@ ERROR_REASON_SEQUENCE_GAP: ErrorReason.ValueType  # 46
 """FAILED_PRECONDITION. A `first_row_index` / `first_line_index` lies beyond what is stored, so rows or
 lines would be missing; metadata["length"] holds the stored length to resend from.
 """
+ERROR_REASON_REQUEST_INVALID: ErrorReason.ValueType  # 47
+"""INVALID_ARGUMENT. The request bytes do not decode as the method's request message: malformed, or
+nested deeper than protobuf's recursion limit (100 levels). metadata["method"] names the method.
+"""
+ERROR_REASON_NOT_IMPLEMENTED: ErrorReason.ValueType  # 48
+"""UNIMPLEMENTED. The server does not implement this method yet; metadata["method"] names it."""
+ERROR_REASON_SHUTTING_DOWN: ErrorReason.ValueType  # 49
+"""UNAVAILABLE. The server is shutting down and ended the call or stream; reconnect and retry."""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 
 @_typing.final
