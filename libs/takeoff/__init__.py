@@ -9,37 +9,15 @@
 
 ``takeoff.Client`` manages jobs and queues, launches jobs and reads runs. The SDK talks to Takeoff's
 services over gRPC only; it never imports server code.
+
+The names below are imported on first use (PEP 562), so that importing the generated stubs
+(``takeoff.v1``), as every service does, loads neither the client nor the run machinery.
 """
 
-from takeoff._run import ReadOnlyConfigError, Run, RunConfig, RunSummary, current_run, finish, init, log
-from takeoff.client import Client
-from takeoff.errors import FieldViolation, TakeoffError
-from takeoff.models import (
-    Agent,
-    AgentLease,
-    Artifact,
-    CodeSource,
-    CreatedJobVersion,
-    Environment,
-    FailureReason,
-    GitSource,
-    ImageSource,
-    Item,
-    ItemState,
-    ItemTransition,
-    Job,
-    JobInputs,
-    JobVersion,
-    LogLine,
-    LogStream,
-    MetricRow,
-    Priority,
-    Queue,
-    ResourceKind,
-    RunInfo,
-    RunState,
-    TemplateVariable,
-)
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
@@ -80,3 +58,56 @@ __all__ = [
     "init",
     "log",
 ]
+
+# The module that defines each public name; the rest are in takeoff.models.
+_DEFINED_IN = {
+    **dict.fromkeys(
+        ("ReadOnlyConfigError", "Run", "RunConfig", "RunSummary", "current_run", "finish", "init", "log"),
+        "takeoff._run",
+    ),
+    "Client": "takeoff.client",
+    "FieldViolation": "takeoff.errors",
+    "TakeoffError": "takeoff.errors",
+}
+
+if TYPE_CHECKING:
+    from takeoff._run import ReadOnlyConfigError, Run, RunConfig, RunSummary, current_run, finish, init, log
+    from takeoff.client import Client
+    from takeoff.errors import FieldViolation, TakeoffError
+    from takeoff.models import (
+        Agent,
+        AgentLease,
+        Artifact,
+        CodeSource,
+        CreatedJobVersion,
+        Environment,
+        FailureReason,
+        GitSource,
+        ImageSource,
+        Item,
+        ItemState,
+        ItemTransition,
+        Job,
+        JobInputs,
+        JobVersion,
+        LogLine,
+        LogStream,
+        MetricRow,
+        Priority,
+        Queue,
+        ResourceKind,
+        RunInfo,
+        RunState,
+        TemplateVariable,
+    )
+else:
+
+    def __getattr__(name: str) -> object:
+        if name not in __all__:
+            raise AttributeError(f"module 'takeoff' has no attribute {name!r}")
+        value = getattr(importlib.import_module(_DEFINED_IN.get(name, "takeoff.models")), name)
+        globals()[name] = value  # later lookups are plain attribute reads
+        return value
+
+    def __dir__() -> list[str]:
+        return sorted({*globals(), *__all__})

@@ -22,24 +22,19 @@ from typing import Any, TypeVar
 
 import grpc
 
-from takeoff._channel import open_channel
 from takeoff._home import service_address
-from takeoff._sender import CALL_TIMEOUT, Backoff, RunSender, warn
+from takeoff._sender import CALL_TIMEOUT, RunSender, warn
 from takeoff.client import default_project
 from takeoff.errors import TakeoffError
 from takeoff.models import RunState, dict_to_struct
 from takeoff.v1 import runs_pb2, runs_pb2_grpc
+from takeoff_rpc.channels import open_channel
+from takeoff_rpc.retries import RetryPolicy, call_with_retries
 
 # How long init waits for an unreachable registry, and finish for the last data to be delivered.
 INIT_TIMEOUT_ENV = "TAKEOFF_INIT_TIMEOUT"
 FLUSH_TIMEOUT_ENV = "TAKEOFF_FLUSH_TIMEOUT"
 DEFAULT_TIMEOUT = 60.0
-# A restarted registry is found again within a couple of seconds rather than gRPC's default of minutes.
-_CHANNEL_OPTIONS = (
-    ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.min_reconnect_backoff_ms", 100),
-    ("grpc.max_reconnect_backoff_ms", 2000),
-)
 MAX_FINISH_MESSAGE = 4096
 _Request = TypeVar("_Request")
 _Response = TypeVar("_Response")
@@ -235,7 +230,7 @@ def init(project: str | None = None, config: Mapping[str, Any] | None = None, na
     flush_timeout = _seconds_from_env(FLUSH_TIMEOUT_ENV)
     address = service_address("registry")
     caller = _PatientCaller(address, deadline=time.monotonic() + _seconds_from_env(INIT_TIMEOUT_ENV))
-    channel = open_channel(address, options=_CHANNEL_OPTIONS)
+    channel = open_channel(address)
     stub = runs_pb2_grpc.RunServiceStub(channel)
     try:
         attached = _attach(stub, caller, project, values, name)
@@ -302,19 +297,21 @@ class _PatientCaller:
         self.retried = False
 
     def call(self, method: grpc.UnaryUnaryMultiCallable[_Request, _Response], request: _Request) -> _Response:
-        backoff = Backoff()
-        while True:
+        def attempt() -> _Response:
             remaining = self.deadline - time.monotonic()
-            try:
-                return method(request, timeout=max(0.1, min(CALL_TIMEOUT, remaining)), wait_for_ready=True)
-            except grpc.RpcError as rpc_error:
-                error = TakeoffError.from_rpc_error(rpc_error, target=self.address)
-            if not error.retryable or remaining <= 0:
-                raise error from None
-            if not self.retried:
-                warn(f"waiting for the registry at {self.address} ({error})")
-                self.retried = True
-            time.sleep(min(backoff.next_delay(), max(0.0, self.deadline - time.monotonic())))
+            return method(request, timeout=max(0.1, min(CALL_TIMEOUT, remaining)), wait_for_ready=True)
+
+        policy = RetryPolicy(deadline=self.deadline - time.monotonic())
+        try:
+            return call_with_retries(attempt, policy, on_retry=self._on_retry)
+        except grpc.RpcError as rpc_error:
+            raise TakeoffError.from_rpc_error(rpc_error, target=self.address) from None
+
+    def _on_retry(self, rpc_error: grpc.RpcError, failed_attempts: int, delay: float) -> None:
+        if not self.retried:
+            error = TakeoffError.from_rpc_error(rpc_error, target=self.address)
+            warn(f"waiting for the registry at {self.address} ({error})")
+            self.retried = True
 
 
 def _launch_config() -> dict[str, Any]:

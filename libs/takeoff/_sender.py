@@ -14,7 +14,6 @@ is told once on stderr and never sees an exception.
 from __future__ import annotations
 
 import math
-import random
 import sys
 import threading
 import time
@@ -27,6 +26,7 @@ import grpc
 from takeoff.errors import TakeoffError
 from takeoff.models import dict_to_struct, jsonable
 from takeoff.v1 import runs_pb2, runs_pb2_grpc
+from takeoff_rpc.retries import RetryPolicy, call_with_retries
 
 MAX_ROWS_PER_BATCH = 10_000  # the registry's limit per call
 MAX_BATCH_BYTES = 2 * 1024 * 1024  # well under gRPC's 4 MiB default message limit
@@ -39,19 +39,6 @@ LoggedRow = tuple[int, int, Mapping[str, Any]]  # step, time in ns since the epo
 
 class _GaveUp(Exception):
     """The flush deadline passed while the registry was still unreachable."""
-
-
-class Backoff:
-    """Exponential delays with jitter: 0.1 s, 0.2 s, ... up to ``maximum``."""
-
-    def __init__(self, initial: float = 0.1, maximum: float = 5.0) -> None:
-        self._next = initial
-        self._maximum = maximum
-
-    def next_delay(self) -> float:
-        delay = self._next
-        self._next = min(self._next * 2, self._maximum)
-        return delay * random.uniform(0.8, 1.2)
 
 
 def warn(message: str) -> None:
@@ -181,31 +168,36 @@ class RunSender:
     def _send(
         self, method: grpc.UnaryUnaryMultiCallable[_Request, _Response], request: _Request
     ) -> _Response:
-        """Call until it succeeds, retrying errors that may pass; raise TakeoffError for those that won't."""
-        backoff = Backoff()
-        while True:
-            remaining = self._give_up_at - time.monotonic()
-            if remaining <= 0:
-                raise _GaveUp
-            try:
-                # wait_for_ready: while the registry restarts, the call waits for the connection to come
-                # back instead of failing at once. Every call here is safe to repeat.
-                response = method(request, timeout=min(CALL_TIMEOUT, remaining), wait_for_ready=True)
-            except grpc.RpcError as rpc_error:
-                error = TakeoffError.from_rpc_error(rpc_error)
-                if not error.retryable:
-                    raise error from None
-                self._report_unreachable(error)
-                time.sleep(min(backoff.next_delay(), max(0.0, self._give_up_at - time.monotonic())))
-                continue
-            if self._unreachable_since is not None:
-                warn(f"reached the registry again after {time.monotonic() - self._unreachable_since:.1f}s")
-                self._unreachable_since = None
-            return response
+        """Call until it succeeds, retrying errors that may pass; raise TakeoffError for those that won't.
 
-    def _report_unreachable(self, error: TakeoffError) -> None:
+        Retries go on until ``close``'s deadline, which may be set while they do: each attempt checks it.
+        """
+
+        def attempt() -> _Response:
+            left = self._give_up_at - time.monotonic()
+            if left <= 0:
+                raise _GaveUp
+            # wait_for_ready: while the registry restarts, the call waits for the connection to come back
+            # instead of failing at once. Every call here is safe to repeat.
+            return method(request, timeout=min(CALL_TIMEOUT, left), wait_for_ready=True)
+
+        policy = RetryPolicy(deadline=self._give_up_at - time.monotonic())
+        try:
+            response = call_with_retries(attempt, policy, on_retry=self._report_unreachable)
+        except grpc.RpcError as rpc_error:
+            error = TakeoffError.from_rpc_error(rpc_error)
+            if error.retryable:
+                raise _GaveUp from None
+            raise error from None
+        if self._unreachable_since is not None:
+            warn(f"reached the registry again after {time.monotonic() - self._unreachable_since:.1f}s")
+            self._unreachable_since = None
+        return response
+
+    def _report_unreachable(self, rpc_error: grpc.RpcError, failed_attempts: int, delay: float) -> None:
         if self._unreachable_since is None:
             self._unreachable_since = time.monotonic()
+            error = TakeoffError.from_rpc_error(rpc_error)
             warn(f"cannot reach the registry ({error}); keeping the run's data and retrying")
 
     def _warn_once(self, topic: str, message: str) -> None:

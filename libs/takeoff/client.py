@@ -31,10 +31,8 @@ from typing import Any, BinaryIO, TypeVar
 import grpc
 from google.protobuf import duration_pb2, field_mask_pb2
 
-from takeoff._channel import open_channel
 from takeoff._home import service_address
 from takeoff._pack import pack_directory
-from takeoff._sender import Backoff
 from takeoff.errors import TakeoffError
 from takeoff.models import (
     Agent,
@@ -60,6 +58,8 @@ from takeoff.models import (
     dict_to_struct,
 )
 from takeoff.v1 import common_pb2, jobs_pb2, jobs_pb2_grpc, queue_pb2, queue_pb2_grpc, runs_pb2, runs_pb2_grpc
+from takeoff_rpc.channels import open_channel
+from takeoff_rpc.retries import RetryPolicy, call_with_retries
 
 DEFAULT_PROJECT = "default"
 UPLOAD_CHUNK_BYTES = 1024 * 1024
@@ -68,6 +68,8 @@ RETRY_SECONDS = 3.0
 short enough that a service that is down is reported soon."""
 RECONNECT_SECONDS = 30.0
 """How long a watch whose stream broke waits for the queue service to be back, as from a restart."""
+_RESEND_POLICY = RetryPolicy(deadline=RETRY_SECONDS)
+_RECONNECT_POLICY = RetryPolicy(deadline=RECONNECT_SECONDS)  # the watch loop counts the patience itself
 
 _Request = TypeVar("_Request")
 _Response = TypeVar("_Response")
@@ -510,7 +512,7 @@ class Client:
         """
         name = self.item_name(item, queue, project)
         deadline = None if timeout is None else time.monotonic() + timeout
-        backoff, lost_since = Backoff(), None
+        reconnects, lost_since = 0, None
         while True:
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
@@ -518,7 +520,7 @@ class Client:
             call = self._queues.WatchItem(queue_pb2.WatchItemRequest(name=name), timeout=remaining)
             try:
                 for response in call:
-                    lost_since = None
+                    lost_since, reconnects = None, 0
                     current = Item._from_proto(response.item, self)
                     yield current
                     if current.ended:
@@ -535,7 +537,8 @@ class Client:
             # Only this loop cancels its calls, after it has stopped: a CANCELLED here came from the far side.
             if not (lost.retryable or lost.code is grpc.StatusCode.CANCELLED) or patience <= 0:
                 raise lost
-            time.sleep(backoff.next_delay())  # the channel may not have seen its connection go yet
+            reconnects += 1  # the channel may not have seen its connection go yet: wait before the next
+            time.sleep(_RECONNECT_POLICY.delay(reconnects))
             limit = patience if deadline is None else min(patience, deadline - time.monotonic())
             with contextlib.suppress(grpc.FutureTimeoutError):  # still down: the next round says so
                 grpc.channel_ready_future(self._queue_channel).result(timeout=max(0.0, limit))
@@ -614,14 +617,10 @@ class Client:
     ) -> _Response:
         """A queue call carrying a request_id, sent again while its failure may pass: a repeat that
         reaches the service returns what the first one did."""
-        backoff, give_up_at = Backoff(), time.monotonic() + RETRY_SECONDS
-        while True:
-            try:
-                return self._queue_call(method, request)
-            except TakeoffError as error:
-                if not error.retryable or time.monotonic() >= give_up_at:
-                    raise
-            time.sleep(backoff.next_delay())
+        try:
+            return call_with_retries(lambda: method(request, timeout=self.timeout), _RESEND_POLICY)
+        except grpc.RpcError as error:
+            raise TakeoffError.from_rpc_error(error, target=self.queue_address) from None
 
     def _call_streaming(
         self, method: grpc.StreamUnaryMultiCallable[_Request, _Response], requests: Iterator[_Request]

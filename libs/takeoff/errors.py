@@ -2,38 +2,20 @@
 
 Servers put a ``google.rpc.Status`` in the ``grpc-status-details-bin`` trailer, carrying an ``ErrorInfo``
 (``reason`` such as ``JOB_NOT_FOUND``, domain ``takeoff.dev``) and, for invalid input, a ``BadRequest`` with
-one field violation per problem. :class:`TakeoffError` exposes them as plain attributes, so callers branch
-on ``error.reason`` instead of parsing messages.
+one field violation per problem. ``takeoff_rpc`` decodes them; :class:`TakeoffError` exposes them as plain
+attributes, so callers branch on ``error.reason`` instead of parsing messages.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 
 import grpc
-from google.rpc import error_details_pb2, status_pb2
 
-STATUS_DETAILS_KEY = "grpc-status-details-bin"
+from takeoff_rpc.retries import TRANSIENT_CODES
+from takeoff_rpc.status import FieldViolation, decode_rpc_error
 
-# Codes that say "try again later": the server is restarting, a deadline passed, a transient failure.
-_RETRYABLE_CODES = frozenset(
-    {
-        grpc.StatusCode.UNAVAILABLE,
-        grpc.StatusCode.DEADLINE_EXCEEDED,
-        grpc.StatusCode.ABORTED,
-        grpc.StatusCode.INTERNAL,
-        grpc.StatusCode.UNKNOWN,
-    }
-)
-
-
-@dataclass(frozen=True)
-class FieldViolation:
-    """One problem with one request field; ``field`` is a dotted path such as ``version.entrypoint``."""
-
-    field: str
-    description: str
+__all__ = ["FieldViolation", "TakeoffError"]
 
 
 class TakeoffError(Exception):
@@ -69,35 +51,13 @@ class TakeoffError(Exception):
 
     @property
     def retryable(self) -> bool:
-        """Whether the same call may succeed later without changing it."""
-        return self.code in _RETRYABLE_CODES
+        """Whether the same call may succeed later without changing it (``takeoff_rpc.TRANSIENT_CODES``)."""
+        return self.code in TRANSIENT_CODES
 
     @classmethod
     def from_rpc_error(cls, error: grpc.RpcError, *, target: str = "") -> TakeoffError:
         """Decode a failed call; ``target`` (the address dialled) makes "cannot connect" errors readable."""
-        call: grpc.Call = error  # type: ignore[assignment]  # every RpcError grpc raises is also a Call
-        code = call.code()
-        message = call.details() or code.name.lower()
-        status = _rich_status(call.trailing_metadata())
-        if status is None:
-            if code is grpc.StatusCode.UNAVAILABLE and target:
-                message = f"cannot reach {target} ({message})"
-            return cls(code, code.name, message)
-        reason, metadata, violations = code.name, {}, []
-        for detail in status.details:
-            if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-                info = error_details_pb2.ErrorInfo()
-                detail.Unpack(info)
-                reason, metadata = info.reason, dict(info.metadata)
-            elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-                bad_request = error_details_pb2.BadRequest()
-                detail.Unpack(bad_request)
-                violations = [FieldViolation(v.field, v.description) for v in bad_request.field_violations]
-        return cls(code, reason, status.message or message, metadata=metadata, violations=violations)
-
-
-def _rich_status(trailers: Sequence[tuple[str, str | bytes]] | None) -> status_pb2.Status | None:
-    for key, value in trailers or ():
-        if key == STATUS_DETAILS_KEY and isinstance(value, bytes):
-            return status_pb2.Status.FromString(value)
-    return None
+        status = decode_rpc_error(error, target=target)
+        return cls(
+            status.code, status.reason, status.message, metadata=status.metadata, violations=status.violations
+        )

@@ -22,8 +22,8 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from takeoff._channel import open_channel
 from takeoff._home import DEFAULT_PORTS, STACK_FILE, RunningService, StackRecord
+from takeoff_rpc.channels import open_channel
 
 CORE_SERVICES = ("registry", "queue", "builder")
 

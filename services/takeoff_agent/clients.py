@@ -6,7 +6,6 @@ again with backoff rather than failing the work.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -15,27 +14,25 @@ from typing import TypeVar
 import grpc
 
 from takeoff.v1 import build_pb2, build_pb2_grpc, common_pb2, runs_pb2, runs_pb2_grpc
+from takeoff_rpc.channels import open_aio_channel
+from takeoff_rpc.retries import RetryPolicy, call_with_retries_async
+from takeoff_rpc.status import status_code
 from takeoff_server.protovalues import dict_to_struct
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 CALL_TIMEOUT_SECONDS = 30.0
-_RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+RETRIES = RetryPolicy(initial_delay=0.2, max_delay=5.0, deadline=30.0)
+"""Long enough to outlast a restart of the registry; every call retried here is safe to repeat (a read, or
+a change carrying a request_id or a first index)."""
 
 
-async def with_retries(call: Callable[[], Awaitable[T]], what: str, attempts: int = 8) -> T:
-    delay = 0.2
-    for attempt in range(1, attempts + 1):
-        try:
-            return await call()
-        except grpc.aio.AioRpcError as error:
-            if error.code() not in _RETRYABLE or attempt == attempts:
-                raise
-            logger.warning("%s: %s; retrying in %.1fs", what, error.code().name, delay)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
-    raise AssertionError("unreachable")
+async def _retried(call: Callable[[], Awaitable[T]], what: str) -> T:
+    def log_retry(error: grpc.RpcError, failed_attempts: int, delay: float) -> None:
+        logger.warning("%s: %s; retrying in %.1fs", what, status_code(error).name, delay)
+
+    return await call_with_retries_async(call, RETRIES, on_retry=log_retry)
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,7 +45,7 @@ class Runs:
     """The registry's RunService, for the runs the agent creates and reports on."""
 
     def __init__(self, address: str) -> None:
-        self._channel = grpc.aio.insecure_channel(address)
+        self._channel = open_aio_channel(address)
         self._runs = runs_pb2_grpc.RunServiceStub(self._channel)
 
     async def create(
@@ -74,12 +71,10 @@ class Runs:
             ),
             request_id=run,  # a retry after a lost reply, or after an agent restart, finds the same run
         )
-        await with_retries(
-            lambda: self._runs.CreateRun(request, timeout=CALL_TIMEOUT_SECONDS), f"create {run}"
-        )
+        await _retried(lambda: self._runs.CreateRun(request, timeout=CALL_TIMEOUT_SECONDS), f"create {run}")
 
     async def state(self, run: str) -> common_pb2.RunState.ValueType:
-        reply = await with_retries(
+        reply = await _retried(
             lambda: self._runs.GetRun(runs_pb2.GetRunRequest(name=run), timeout=CALL_TIMEOUT_SECONDS),
             f"get {run}",
         )
@@ -91,9 +86,7 @@ class Runs:
             lines=[runs_pb2.LogLine(stream=line.stream, text=line.text) for line in lines],
             first_line_index=first_index,
         )
-        await with_retries(
-            lambda: self._runs.AppendLogs(request, timeout=CALL_TIMEOUT_SECONDS), f"logs of {run}"
-        )
+        await _retried(lambda: self._runs.AppendLogs(request, timeout=CALL_TIMEOUT_SECONDS), f"logs of {run}")
 
     async def finish(
         self, run: str, state: common_pb2.RunState.ValueType, *, exit_code: int | None, message: str
@@ -101,9 +94,7 @@ class Runs:
         request = runs_pb2.FinishRunRequest(
             name=run, state=state, exit_code=exit_code, message=message[-4096:]
         )
-        await with_retries(
-            lambda: self._runs.FinishRun(request, timeout=CALL_TIMEOUT_SECONDS), f"finish {run}"
-        )
+        await _retried(lambda: self._runs.FinishRun(request, timeout=CALL_TIMEOUT_SECONDS), f"finish {run}")
 
     async def close(self) -> None:
         await self._channel.close()
@@ -113,7 +104,7 @@ class Builder:
     """The builder's BuildService."""
 
     def __init__(self, address: str) -> None:
-        self._channel = grpc.aio.insecure_channel(address)
+        self._channel = open_aio_channel(address)
         self._builds = build_pb2_grpc.BuildServiceStub(self._channel)
 
     async def build(

@@ -1,4 +1,8 @@
-"""The registry as the builder sees it: job versions to build and the code artifacts they name."""
+"""The registry as the builder sees it: job versions to build and the code artifacts they name.
+
+A refusal by the registry is answered as the builder's own error (``takeoff_server.remote_errors``), at
+once: the agent that asked for the build retries an unavailable registry, not the builder.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,6 @@ import hashlib
 from pathlib import Path
 
 import grpc
-from google.rpc import error_details_pb2, status_pb2
 
 from takeoff.v1 import common_pb2, jobs_pb2, jobs_pb2_grpc
 from takeoff_builder.model import (
@@ -20,21 +23,12 @@ from takeoff_builder.model import (
     JobSpec,
     Source,
 )
-from takeoff_server.errors import FieldViolation, InvalidArgument, NotFound, TakeoffError, Unavailable
+from takeoff_rpc.channels import open_aio_channel
+from takeoff_rpc.status import decode_rpc_error
+from takeoff_server.remote_errors import domain_error
 
 RESOLVE_TIMEOUT_SECONDS = 10.0
 DOWNLOAD_TIMEOUT_SECONDS = 600.0
-
-
-def _error_reason(error: grpc.aio.AioRpcError) -> str:
-    for key, value in error.trailing_metadata() or ():
-        if key == "grpc-status-details-bin" and isinstance(value, bytes):
-            for detail in status_pb2.Status.FromString(value).details:
-                if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-                    info = error_details_pb2.ErrorInfo()
-                    detail.Unpack(info)
-                    return str(info.reason)
-    return ""
 
 
 def _source(message: common_pb2.JobSource) -> Source:
@@ -69,7 +63,7 @@ class RegistryClient:
 
     def __init__(self, address: str) -> None:
         self.address = address
-        self._channel = grpc.aio.insecure_channel(address)
+        self._channel = open_aio_channel(address)
         self._jobs = jobs_pb2_grpc.JobServiceStub(self._channel)
 
     async def job_version(self, reference: str) -> JobSpec:
@@ -79,23 +73,13 @@ class RegistryClient:
                 jobs_pb2.GetJobVersionRequest(name=reference), timeout=RESOLVE_TIMEOUT_SECONDS
             )
         except grpc.aio.AioRpcError as error:
-            raise self._resolve_error(error, reference) from None
+            raise domain_error(
+                decode_rpc_error(error, target=self.address),
+                action=f"the registry at {self.address} resolving {reference!r}",
+                field="job_version",
+                metadata={"resource": reference},
+            ) from None
         return job_spec_from_proto(response.version)
-
-    def _resolve_error(self, error: grpc.aio.AioRpcError, reference: str) -> TakeoffError:
-        reason = _error_reason(error)
-        message = error.details() or "the registry refused the job reference"
-        if error.code() == grpc.StatusCode.NOT_FOUND:
-            return NotFound(reason or "JOB_NOT_FOUND", message, metadata={"resource": reference})
-        if error.code() == grpc.StatusCode.INVALID_ARGUMENT:
-            return InvalidArgument(
-                reason or "NAME_INVALID", message, violations=[FieldViolation("job_version", message)]
-            )
-        return Unavailable(
-            "DEPENDENCY_UNAVAILABLE",
-            f"the registry at {self.address} could not resolve {reference!r} "
-            f"({error.code().name}): {message}",
-        )
 
     async def download_artifact(self, project: str, sha256: str, destination: Path) -> None:
         """Write the artifact's bytes to ``destination``, checking they hash to ``sha256``."""
@@ -110,11 +94,12 @@ class RegistryClient:
                         digest.update(message.chunk)
                         await asyncio.to_thread(file.write, message.chunk)
         except grpc.aio.AioRpcError as error:
-            if error.code() == grpc.StatusCode.NOT_FOUND:
+            failure = decode_rpc_error(error, target=self.address)
+            if failure.code is grpc.StatusCode.NOT_FOUND:
                 raise BuildFailed(f"the code artifact {name} does not exist in the registry") from None
             raise BuildInfraError(
                 f"downloading {name} from the registry at {self.address} failed "
-                f"({error.code().name}): {error.details()}"
+                f"({failure.reason}): {failure.message}"
             ) from None
         if digest.hexdigest() != sha256:
             raise BuildInfraError(f"the download of {name} does not hash to its sha256; try again")

@@ -1,50 +1,29 @@
-"""Pins job references through the registry's JobService: the queue's only view of jobs."""
+"""Pins job references through the registry's JobService: the queue's only view of jobs.
+
+A refusal by the registry is answered as the queue's own error (``takeoff_server.remote_errors``), at once:
+the caller of Enqueue retries an unavailable registry, not the queue.
+"""
 
 from __future__ import annotations
 
 import grpc
-from google.rpc import error_details_pb2, status_pb2
 
 from takeoff.v1 import jobs_pb2, jobs_pb2_grpc
 from takeoff_queue.model import ResolvedJob, SourceKind
-from takeoff_server.errors import FieldViolation, InvalidArgument, NotFound, TakeoffError, Unavailable
+from takeoff_rpc.channels import open_aio_channel
+from takeoff_rpc.status import decode_rpc_error
 from takeoff_server.protovalues import struct_to_dict
+from takeoff_server.remote_errors import domain_error
 
 RESOLVE_TIMEOUT_SECONDS = 10.0
-
-
-def _error_info(error: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo | None:
-    for key, value in error.trailing_metadata() or ():
-        if key == "grpc-status-details-bin" and isinstance(value, bytes):
-            for detail in status_pb2.Status.FromString(value).details:
-                if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-                    info = error_details_pb2.ErrorInfo()
-                    detail.Unpack(info)
-                    return info
-    return None
-
-
-def _as_domain_error(error: grpc.aio.AioRpcError, reference: str) -> TakeoffError:
-    info = _error_info(error)
-    reason = info.reason if info is not None else ""
-    message = error.details() or "the registry refused the job reference"
-    code = error.code()
-    if code == grpc.StatusCode.NOT_FOUND:
-        return NotFound(reason or "JOB_NOT_FOUND", message, metadata={"job": reference})
-    if code == grpc.StatusCode.INVALID_ARGUMENT:
-        return InvalidArgument(reason or "NAME_INVALID", message, violations=[FieldViolation("job", message)])
-    return Unavailable(
-        "DEPENDENCY_UNAVAILABLE",
-        f"the registry could not resolve {reference!r} ({code.name}): {message}",
-        metadata={"job": reference},
-    )
 
 
 class RegistryJobs:
     """A ``JobResolver`` backed by the registry at ``address``."""
 
     def __init__(self, address: str) -> None:
-        self._channel = grpc.aio.insecure_channel(address)
+        self.address = address
+        self._channel = open_aio_channel(address)
         self._jobs = jobs_pb2_grpc.JobServiceStub(self._channel)
 
     async def resolve(self, project: str, reference: str) -> ResolvedJob:
@@ -54,7 +33,12 @@ class RegistryJobs:
                 timeout=RESOLVE_TIMEOUT_SECONDS,
             )
         except grpc.aio.AioRpcError as error:
-            raise _as_domain_error(error, reference) from None
+            raise domain_error(
+                decode_rpc_error(error, target=self.address),
+                action=f"the registry resolving {reference!r}",
+                field="job",
+                metadata={"job": reference},
+            ) from None
         version = response.version
         inputs = version.inputs
         return ResolvedJob(

@@ -26,6 +26,7 @@ from takeoff.client import Client
 from takeoff.models import Environment, JobInputs, dict_to_struct
 from takeoff.stack import LocalStack, StackError
 from takeoff.v1 import common_pb2, queue_pb2, queue_pb2_grpc
+from takeoff_rpc.channels import open_channel
 
 EXAMPLE = Path(__file__).resolve().parents[3] / "examples" / "train"
 PROJECT = "demo"
@@ -101,7 +102,7 @@ def demo(
         console.print(
             f"job [bold]{created.version.name}[/] ({'unchanged' if created.reused_existing else 'new'})"
         )
-        with grpc.insecure_channel(queue_address) as channel:
+        with open_channel(queue_address) as channel:
             queues = queue_pb2_grpc.QueueServiceStub(channel)
             queue = _create_queue(queues)
             agent_config = home / "demo-agent.yaml"

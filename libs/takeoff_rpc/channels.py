@@ -1,0 +1,148 @@
+"""Channels to Takeoff services: one set of options for the SDK (sync gRPC) and the services (grpc.aio).
+
+A target is ``host:port`` or ``unix:/path``. Every channel gets :data:`CHANNEL_OPTIONS`; ``metadata``
+(an API key, later a run token) is added to every call by an interceptor, and ``credentials`` make the
+channel a TLS one, so adding authentication later changes the callers' arguments, not this plumbing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterable, Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+import grpc
+import grpc.aio
+
+Metadata = Sequence[tuple[str, str]]
+ChannelOptions = Sequence[tuple[str, Any]]
+
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+"""Largest message either way. It is gRPC's default receive limit, which the servers keep and which
+other languages' clients have: a request over it fails here before it is sent, and a reply over it is a
+server breaking its promise to keep every answer under that default."""
+
+KEEPALIVE_SECONDS = 300
+"""Idle seconds before a channel with calls in flight pings its server (then 20 s for the answer). Not
+less: a gRPC server by default sends GOAWAY to a client pinging more often than every 5 minutes."""
+
+CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", KEEPALIVE_SECONDS * 1000),
+    ("grpc.keepalive_timeout_ms", 20_000),
+    # A restarted service is found again within a couple of seconds rather than gRPC's default of minutes.
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+)
+
+
+def _call_metadata(*, api_key: str | None = None, metadata: Metadata = ()) -> tuple[tuple[str, str], ...]:
+    """What every call carries: ``metadata``, and ``api_key`` as a bearer token."""
+    return (*metadata, *((("authorization", f"Bearer {api_key}"),) if api_key else ()))
+
+
+def open_channel(
+    target: str,
+    *,
+    api_key: str | None = None,
+    metadata: Metadata = (),
+    credentials: grpc.ChannelCredentials | None = None,
+    options: ChannelOptions = (),
+) -> grpc.Channel:
+    """A sync channel to ``target``; ``options`` override or extend :data:`CHANNEL_OPTIONS`."""
+    merged = _options(target, options)
+    if credentials is None:
+        channel = grpc.insecure_channel(target, options=merged)
+    else:
+        channel = grpc.secure_channel(target, credentials, options=merged)
+    extra = _call_metadata(api_key=api_key, metadata=metadata)
+    return grpc.intercept_channel(channel, _MetadataInterceptor(extra)) if extra else channel
+
+
+def open_aio_channel(
+    target: str,
+    *,
+    api_key: str | None = None,
+    metadata: Metadata = (),
+    credentials: grpc.ChannelCredentials | None = None,
+    options: ChannelOptions = (),
+) -> grpc.aio.Channel:
+    """A grpc.aio channel to ``target``, set up as :func:`open_channel` sets up a sync one."""
+    merged = _options(target, options)
+    extra = _call_metadata(api_key=api_key, metadata=metadata)
+    interceptors = [_AioMetadataInterceptor(extra)] if extra else None
+    if credentials is None:
+        return grpc.aio.insecure_channel(target, options=merged, interceptors=interceptors)
+    return grpc.aio.secure_channel(target, credentials, options=merged, interceptors=interceptors)
+
+
+def _options(target: str, overrides: ChannelOptions) -> list[tuple[str, Any]]:
+    if not target or target.isspace():
+        raise ValueError("a channel needs a target: host:port or unix:/path")
+    merged = dict(CHANNEL_OPTIONS)
+    merged.update(overrides)
+    return list(merged.items())
+
+
+class _MetadataInterceptor(
+    grpc.UnaryUnaryClientInterceptor,
+    grpc.UnaryStreamClientInterceptor,
+    grpc.StreamUnaryClientInterceptor,
+    grpc.StreamStreamClientInterceptor,
+):
+    """Adds fixed metadata to every call of a sync channel."""
+
+    def __init__(self, metadata: Metadata) -> None:
+        self._metadata = tuple(metadata)
+
+    def _with_metadata(self, details: grpc.ClientCallDetails) -> grpc.ClientCallDetails:
+        return details._replace(metadata=(*(details.metadata or ()), *self._metadata))  # type: ignore[attr-defined, no-any-return]
+
+    def intercept_unary_unary(self, continuation: Callable[..., Any], details: Any, request: Any) -> Any:
+        return continuation(self._with_metadata(details), request)
+
+    def intercept_unary_stream(self, continuation: Callable[..., Any], details: Any, request: Any) -> Any:
+        return continuation(self._with_metadata(details), request)
+
+    def intercept_stream_unary(
+        self, continuation: Callable[..., Any], details: Any, requests: Iterator[Any]
+    ) -> Any:
+        return continuation(self._with_metadata(details), requests)
+
+    def intercept_stream_stream(
+        self, continuation: Callable[..., Any], details: Any, requests: Iterator[Any]
+    ) -> Any:
+        return continuation(self._with_metadata(details), requests)
+
+
+class _AioMetadataInterceptor(
+    grpc.aio.UnaryUnaryClientInterceptor,
+    grpc.aio.UnaryStreamClientInterceptor,
+    grpc.aio.StreamUnaryClientInterceptor,
+    grpc.aio.StreamStreamClientInterceptor,
+):
+    """Adds fixed metadata to every call of a grpc.aio channel."""
+
+    def __init__(self, metadata: Metadata) -> None:
+        self._metadata = tuple(metadata)
+
+    def _with_metadata(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+        merged = grpc.aio.Metadata(*(details.metadata or ()), *self._metadata)
+        return details._replace(metadata=merged)  # type: ignore[attr-defined, no-any-return]
+
+    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(self._with_metadata(details), request)
+
+    async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(self._with_metadata(details), request)
+
+    async def intercept_stream_unary(
+        self, continuation: Any, details: Any, requests: AsyncIterable[Any] | Iterable[Any]
+    ) -> Any:
+        return await continuation(self._with_metadata(details), requests)
+
+    async def intercept_stream_stream(
+        self, continuation: Any, details: Any, requests: AsyncIterable[Any] | Iterable[Any]
+    ) -> Any:
+        return await continuation(self._with_metadata(details), requests)
