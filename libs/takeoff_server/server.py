@@ -22,9 +22,9 @@ from typing import Any, TypeVar
 import grpc
 from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 from opentelemetry.instrumentation.grpc import aio_server_interceptor
 
+from takeoff_server import reflection
 from takeoff_server.interceptors import (
     AllowAll,
     Authenticator,
@@ -99,7 +99,7 @@ class TakeoffServer:
             service.add_to_server(self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection(
-            [*(s.name for s in self.services), health.SERVICE_NAME, reflection.SERVICE_NAME], self._server
+            [*(s.name for s in self.services), health.SERVICE_NAME], self._server
         )
 
     async def start(self) -> list[str]:
