@@ -11,7 +11,7 @@ import grpc
 import pytest
 
 from takeoff.v1 import common_pb2, queue_pb2, queue_pb2_grpc
-from tests.postgres import postgres_schema_url
+from tests.postgres import assert_service_wrote_tables, postgres_schema_url
 from tests.processes import ServiceProcess, service_process
 from tests.queue.harness import make_code_job
 
@@ -49,6 +49,8 @@ def queue_env(request: pytest.FixtureRequest, registry: ServiceProcess) -> Itera
 @pytest.fixture(scope="module")
 def queue_service(home: Path, queue_env: dict[str, str]) -> Iterator[ServiceProcess]:
     with service_process("queue", home, env=queue_env) as process:
+        if url := queue_env.get("TAKEOFF_DATABASE_URL"):
+            assert_service_wrote_tables(url, "queue_")  # the PostgreSQL variant really runs there
         yield process
         process.terminate()
 

@@ -1,24 +1,22 @@
 """A real registry for the registry tests: served in-process on a loopback port, on SQLite and PostgreSQL.
 
 Each PostgreSQL test gets a schema of its own (``search_path`` in the URL), dropped afterwards, so tests
-never see each other's rows and the registry's fixed table names never collide.
+never see each other's rows and the registry's fixed table names never collide; ``start_registry`` checks
+that the registry's tables really are in that schema on a PostgreSQL server.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
-import os
 import tarfile
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Iterable, Iterator
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
-import psycopg
 import pytest
 import sqlalchemy as sa
 from google.rpc import error_details_pb2, status_pb2
@@ -28,28 +26,19 @@ from takeoff_registry.__main__ import wire
 from takeoff_registry.settings import RegistrySettings
 from takeoff_server.database import Database
 from takeoff_server.server import TakeoffServer
-from tests.conftest import require
+from tests.postgres import assert_on_postgresql, postgres_schema_url
 
 T = TypeVar("T")
 SMALL_ARTIFACT_LIMIT = 256 * 1024
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
-async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'registry.db'}"
         return
-    url = os.environ.get("TAKEOFF_TEST_POSTGRES_URL")
-    require("PostgreSQL", bool(url), "set TAKEOFF_TEST_POSTGRES_URL (.ci/run does)")
-    assert url is not None
-    schema = f"registry_test_{uuid.uuid4().hex[:12]}"
-    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as connection:
-        await connection.execute(f"CREATE SCHEMA {schema}")
-    try:
-        yield f"{url}?options=-csearch_path%3D{schema}"
-    finally:
-        async with await psycopg.AsyncConnection.connect(url, autocommit=True) as connection:
-            await connection.execute(f"DROP SCHEMA {schema} CASCADE")
+    with postgres_schema_url("registry_test") as url:
+        yield url
 
 
 @dataclass
@@ -83,6 +72,9 @@ async def start_registry(settings: RegistrySettings) -> AsyncIterator[Registry]:
         [address] = await server.start()
         database = Database("registry", settings.database_url or "")
         resources.push_async_callback(database.close)
+        if database.url.startswith("postgresql"):
+            # The registry made its tables in the test's schema: it really runs on PostgreSQL.
+            assert "registry_jobs" in await assert_on_postgresql(database.engine)
         try:
             async with grpc.aio.insecure_channel(address) as channel:
                 yield Registry(

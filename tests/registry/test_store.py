@@ -14,6 +14,7 @@ from sqlmodel import SQLModel
 import takeoff_registry.store
 from takeoff.v1 import common_pb2, jobs_pb2, runs_pb2
 from takeoff_server.database import Database
+from tests.postgres import assert_on_postgresql
 from tests.registry.conftest import Registry, make_tarball, stream, upload_messages
 
 MIGRATIONS = Path(takeoff_registry.store.__file__).with_name("migrations")
@@ -34,6 +35,8 @@ async def test_migrations_build_exactly_the_tables_the_store_declares(database_u
     database = Database("registry", database_url, migrations=MIGRATIONS)
     try:
         assert await database.migrate() == "0001"
+        if database_url.startswith("postgresql"):
+            assert "registry_jobs" in await assert_on_postgresql(database.engine)
         async with database.engine.connect() as connection:
             differences = await connection.run_sync(_differences)
     finally:

@@ -1,4 +1,3 @@
-import os
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -8,7 +7,7 @@ import sqlalchemy as sa
 
 from takeoff_server.config import ConfigError
 from takeoff_server.database import Database, async_database_url
-from tests.conftest import require
+from tests.postgres import assert_on_postgresql, postgres_url
 
 FIRST_REVISION = """
 import sqlalchemy as sa
@@ -51,10 +50,8 @@ async def database(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncItera
     if request.param == "sqlite":
         db = Database.for_service(service, tmp_path / "home", None, migrations=migrations)
     else:
-        url = os.environ.get("TAKEOFF_TEST_POSTGRES_URL")
-        require("PostgreSQL", bool(url), "set TAKEOFF_TEST_POSTGRES_URL (.ci/run does)")
-        assert url is not None
-        db = Database(service, url, migrations=migrations)
+        db = Database(service, postgres_url(), migrations=migrations)
+        await assert_on_postgresql(db.engine)
     yield db
     async with db.engine.begin() as connection:
         await connection.execute(sa.text(f"DROP TABLE IF EXISTS {service}_things"))
