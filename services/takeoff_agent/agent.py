@@ -181,7 +181,6 @@ class Agent:
                     self._begin(attempt)
             elif attempt.task is None:
                 logger.info("lease %s revoked on reconnect: stopping its job", verdict.lease_id)
-                attempt.request_stop(Stop.REVOKED)
                 attempt.task = asyncio.create_task(self._discard(attempt))
             else:
                 attempt.request_stop(Stop.REVOKED)
@@ -223,7 +222,7 @@ class Agent:
 
     async def _discard(self, attempt: Attempt) -> None:
         """A lease from before a restart that the queue service gave away: stop its job, if it still runs."""
-        await attempt.job.stop(self.settings.stop_grace_seconds)
+        await attempt.abandon()
         self._forget(attempt)
 
     def _begin(self, attempt: Attempt) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 MAX_LINE_BYTES = 64 * 1024
+"""The registry's limit on one log line (UTF-8); longer lines arrive as several."""
 
 
 class LogTail:
@@ -27,8 +28,19 @@ class LogTail:
             return []
         self.offset += end
         lines = data[:end].decode("utf-8", errors="replace").splitlines()
-        return [
-            line[i : i + MAX_LINE_BYTES]
-            for line in lines
-            for i in range(0, max(len(line), 1), MAX_LINE_BYTES)
-        ]
+        return [piece for line in lines for piece in _pieces(line)]
+
+
+def _pieces(line: str) -> list[str]:
+    """``line`` cut at character boundaries into pieces of at most MAX_LINE_BYTES encoded bytes."""
+    if len(line) <= MAX_LINE_BYTES // 4 or len(line.encode()) <= MAX_LINE_BYTES:
+        return [line]
+    pieces, start, size = [], 0, 0
+    for position, character in enumerate(line):
+        width = len(character.encode())
+        if size + width > MAX_LINE_BYTES:
+            pieces.append(line[start:position])
+            start, size = position, 0
+        size += width
+    pieces.append(line[start:])
+    return pieces

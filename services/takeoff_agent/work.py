@@ -8,6 +8,7 @@ attempt needs to be taken back after an agent restart lives in its lease directo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import json
 import logging
@@ -23,6 +24,7 @@ from takeoff_agent.clients import Builder, LogLine, Runs
 from takeoff_agent.local_process import JobExit, JobSpec, LocalJob, copy_code
 from takeoff_agent.log_tail import LogTail
 from takeoff_agent.sdk_site import matches_agent_python
+from takeoff_agent.shim import write_atomically
 from takeoff_server.protovalues import struct_to_dict
 
 logger = logging.getLogger(__name__)
@@ -30,6 +32,9 @@ logger = logging.getLogger(__name__)
 Assignment = queue_pb2.LeaseResponse.Assignment
 LOG_FLUSH_SECONDS = 0.2
 LAST_LINES_IN_MESSAGE = 20
+MAX_LINES_PER_CALL = 10_000  # the registry's limit per AppendLogs
+MAX_BYTES_PER_CALL = 2 * 1024 * 1024  # well under the registry's 4 MiB receive limit
+LINE_OVERHEAD_BYTES = 8
 
 
 class Stop(enum.Enum):
@@ -75,28 +80,81 @@ class AgentContext:
 
 @dataclass
 class RunLog:
-    """Lines on their way to the run's log, numbered so that a resend after a failure is not stored twice."""
+    """Lines on their way to the run's log, each stored exactly once even across agent restarts.
+
+    Before lines are sent they are recorded in ``checkpoint``: the log index of the first, the lines, and
+    the offsets in the job's files just past them. A restarted agent sends the recorded lines again at the
+    same index (the registry skips lines it has stored already: AppendLogs ``first_line_index``) and reads
+    the job's files on from the recorded offsets, so a crash between sending and recording neither loses
+    nor repeats a line. While lines wait to be sent, the job's files keep the newer ones.
+    """
 
     runs: Runs
     run: str
+    checkpoint: Path
+    tails: list[tuple[runs_pb2.LogStream.ValueType, LogTail]]
     next_index: int = 0
     pending: list[LogLine] = field(default_factory=list)
     last_lines: deque[str] = field(default_factory=lambda: deque(maxlen=LAST_LINES_IN_MESSAGE))
+    _recorded: bool = field(default=True, init=False)
+    """Whether ``checkpoint`` holds ``pending`` (after lines it also holds that are sent by now)."""
+
+    def restore(self) -> None:
+        """Take up where an earlier run of this agent recorded it stood."""
+        try:
+            recorded = json.loads(self.checkpoint.read_text())
+        except (OSError, ValueError):
+            return
+        self.next_index = recorded["next_index"]
+        for (_, tail), offset in zip(self.tails, recorded["offsets"], strict=True):
+            tail.offset = offset
+        self.pending = [LogLine(stream, text) for stream, text in recorded["pending"]]
+        self._recorded = True
 
     def add(self, stream: runs_pb2.LogStream.ValueType, lines: list[str]) -> None:
+        if not lines:
+            return
         self.pending.extend(LogLine(stream, line) for line in lines)
+        self._recorded = False
         if stream in (runs_pb2.LOG_STREAM_STDOUT, runs_pb2.LOG_STREAM_STDERR):
             self.last_lines.extend(lines)
 
     def system(self, text: str) -> None:
         self.add(runs_pb2.LOG_STREAM_SYSTEM, [f"[takeoff] {text}"])
 
+    def read_job_output(self, *, final: bool = False) -> None:
+        """The job's new lines; not while earlier ones still wait to be sent, unless the job has ended."""
+        if self.pending and not final:
+            return
+        for stream, tail in self.tails:
+            self.add(stream, tail.read_lines(final=final))
+
     async def flush(self) -> None:
+        if not self._recorded:
+            write_atomically(
+                self.checkpoint,
+                {
+                    "next_index": self.next_index,
+                    "offsets": [tail.offset for _, tail in self.tails],
+                    "pending": [[line.stream, line.text] for line in self.pending],
+                },
+            )
+            self._recorded = True
         while self.pending:
-            batch = self.pending[:10_000]
+            batch = _next_batch(self.pending)
             await self.runs.append_logs(self.run, batch, self.next_index)
             self.next_index += len(batch)
             del self.pending[: len(batch)]
+
+
+def _next_batch(lines: list[LogLine]) -> list[LogLine]:
+    """As many leading lines as fit one AppendLogs call (at least one)."""
+    size = 0
+    for count, line in enumerate(lines[:MAX_LINES_PER_CALL]):
+        size += len(line.text.encode()) + LINE_OVERHEAD_BYTES
+        if size > MAX_BYTES_PER_CALL and count:
+            return lines[:count]
+    return lines[:MAX_LINES_PER_CALL]
 
 
 class Attempt:
@@ -110,16 +168,22 @@ class Attempt:
         self.job = LocalJob(lease_dir)
         self.state = common_pb2.ITEM_STATE_LEASED
         self.detail = ""
-        self.assigned_at = time.time()
+        given = assignment.assign_time
+        self.assigned_at = given.ToNanoseconds() / 1e9 if assignment.HasField("assign_time") else time.time()
         self.running_since: float | None = None
         self.stop_reason: Stop | None = None
         self._stop_requested = asyncio.Event()
-        self.log = RunLog(context.runs, assignment.run)
-        self.tails = [
-            (runs_pb2.LOG_STREAM_STDOUT, LogTail(self.job.stdout)),
-            (runs_pb2.LOG_STREAM_STDERR, LogTail(self.job.stderr)),
-        ]
-        self._load_log_position()
+        self.log = RunLog(
+            context.runs,
+            assignment.run,
+            lease_dir / "log_checkpoint.json",
+            [
+                (runs_pb2.LOG_STREAM_STDOUT, LogTail(self.job.stdout)),
+                (runs_pb2.LOG_STREAM_STDERR, LogTail(self.job.stderr)),
+            ],
+        )
+        self.log.restore()
+        self._restore_progress()
         self.task: asyncio.Task[None] | None = None
         self._timers: list[asyncio.TimerHandle] = []
 
@@ -142,27 +206,33 @@ class Attempt:
         except OSError:
             return None
 
-    def _load_log_position(self) -> None:
+    @property
+    def _progress_file(self) -> Path:
+        return self.lease_dir / "progress.json"
+
+    def _restore_progress(self) -> None:
+        """What an earlier run of this agent decided: when the job began running (its max run time
+        counts from then) and why the agent stopped it (the outcome it reports)."""
         try:
-            position = json.loads((self.lease_dir / "log_position.json").read_text())
+            progress = json.loads(self._progress_file.read_text())
         except (OSError, ValueError):
             return
-        self.log.next_index = position["next_index"]
-        for (_, tail), offset in zip(self.tails, position["offsets"], strict=True):
-            tail.offset = offset
+        self.running_since = progress["running_since"]
+        if progress["stop_reason"] is not None:
+            self.request_stop(Stop[progress["stop_reason"]])
 
-    def _save_log_position(self) -> None:
-        """Where the run's log and the job's files stand, once everything read so far is stored."""
-        position = {"next_index": self.log.next_index, "offsets": [tail.offset for _, tail in self.tails]}
-        partial = self.lease_dir / "log_position.json.partial"
-        partial.write_text(json.dumps(position))
-        partial.replace(self.lease_dir / "log_position.json")
+    def _record_progress(self) -> None:
+        # Revoked and fenced are not kept: after a restart, the queue's Welcome says whether the lease holds.
+        kept_reason = self.stop_reason if self.stop_reason not in (Stop.REVOKED, Stop.FENCED) else None
+        progress = {"running_since": self.running_since, "stop_reason": kept_reason and kept_reason.name}
+        with contextlib.suppress(FileNotFoundError):  # work already forgotten has nothing left to record
+            write_atomically(self._progress_file, progress)
 
     def _arm_deadlines(self) -> None:
         """The agent enforces the start deadline and the max run time itself (the queue is the backstop)."""
         loop = asyncio.get_running_loop()
-        deadline = self.assignment.start_deadline.ToDatetime().timestamp()
         if self.assignment.HasField("start_deadline") and self.state != common_pb2.ITEM_STATE_RUNNING:
+            deadline = self.assignment.start_deadline.ToNanoseconds() / 1e9
             self._timers.append(loop.call_later(max(0.0, deadline - time.time()), self._check_started))
         if self.assignment.HasField("max_run_time") and self.running_since is not None:
             limit = self.assignment.max_run_time.ToTimedelta().total_seconds()
@@ -176,6 +246,7 @@ class Attempt:
     def request_stop(self, reason: Stop) -> None:
         if self.stop_reason is None:
             self.stop_reason = reason
+            self._record_progress()
         self._stop_requested.set()
 
     async def run(self) -> None:
@@ -228,6 +299,7 @@ class Attempt:
             return None
         if self.running_since is None:
             self.running_since = time.time()
+            self._record_progress()
             self._arm_deadlines()
         ended = await self._watch()
         return await self._conclude(ended)
@@ -311,10 +383,6 @@ class Attempt:
 
     async def _watch(self) -> JobExit:
         """Follow the job's output into the run until it ends, stopping it when asked to."""
-        tails = [
-            (runs_pb2.LOG_STREAM_STDOUT, LogTail(self.job.stdout)),
-            (runs_pb2.LOG_STREAM_STDERR, LogTail(self.job.stderr)),
-        ]
         ended = asyncio.create_task(self.job.wait())
         stop_wanted = asyncio.create_task(self._stop_requested.wait())
         stopping: asyncio.Task[None] | None = None
@@ -327,11 +395,9 @@ class Attempt:
                     assert self.stop_reason is not None
                     self.log.system(f"stopping the job: {self.stop_reason.value}")
                     stopping = asyncio.create_task(self.job.stop(self.context.stop_grace_seconds))
-                for stream, tail in tails:
-                    self.log.add(stream, tail.read_lines())
+                self.log.read_job_output()
                 await self._flush_logs_quietly()
-            for stream, tail in tails:
-                self.log.add(stream, tail.read_lines(final=True))
+            self.log.read_job_output(final=True)
             if stopping is not None:
                 await stopping
             return ended.result()
@@ -398,10 +464,20 @@ class Attempt:
         await self.context.runs.finish(run, common_pb2.RUN_STATE_FINISHED, exit_code=0, message="")
         return Outcome(common_pb2.ITEM_STATE_SUCCEEDED, exit_code=0)
 
+    async def abandon(self) -> None:
+        """Stop the job of a lease the queue gave away while the agent was away, and end its run KILLED
+        (the next attempt has its own run)."""
+        self.request_stop(Stop.REVOKED)
+        await self.job.stop(self.context.stop_grace_seconds)
+        self.log.read_job_output(final=True)
+        try:
+            await self._conclude(self.job.exit())
+        except Exception:  # the run may never have been created; the queue has moved on either way
+            logger.warning("could not end the run of revoked lease %s", self.lease_id, exc_info=True)
+        await self._flush_logs_quietly()
+
     async def _flush_logs_quietly(self) -> None:
         try:
             await self.log.flush()
         except Exception:  # logs must never cost the job its outcome; the next flush tries again
             logger.warning("could not send log lines of %s", self.assignment.run, exc_info=True)
-            return
-        self._save_log_position()

@@ -16,11 +16,62 @@ import grpc
 import pytest
 
 from takeoff.client import Client
-from takeoff.v1 import common_pb2, queue_pb2, queue_pb2_grpc, runs_pb2, runs_pb2_grpc
-from tests.processes import ServiceProcess, service_process, wait_for
+from takeoff.v1 import (
+    agent_pb2,
+    agent_pb2_grpc,
+    common_pb2,
+    queue_pb2,
+    queue_pb2_grpc,
+    runs_pb2,
+    runs_pb2_grpc,
+)
+from tests.processes import ServiceProcess, pid_alive, service_process, wait_for
 
 LEASE_TTL_SECONDS = 3.0
 PROJECT = "agenttest"
+
+GROUP = """\
+import json, os, subprocess, sys, time, takeoff
+run = takeoff.init()
+# A child that ignores SIGTERM: only stopping the whole process group, SIGKILL included, ends it.
+child = subprocess.Popen(
+    [sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN);"
+     " print('ready', flush=True); time.sleep(600)"],
+    stdout=subprocess.PIPE,
+)
+child.stdout.readline()
+pids = run.config["pids"]
+with open(pids + ".partial", "w") as file:
+    json.dump({"job": os.getpid(), "child": child.pid}, file)
+os.replace(pids + ".partial", pids)
+print("started", flush=True)
+time.sleep(600)
+"""
+"""A job with a child process in its group; it writes both pids to the file named by its ``pids`` config."""
+
+
+def group_pids(pids_file: Path) -> dict[str, int]:
+    """The pids a GROUP job wrote, once it has."""
+    wait_for(pids_file.exists, timeout=120, what="the job to write its pids")
+    pids: dict[str, int] = json.loads(pids_file.read_text())
+    return pids
+
+
+def wait_gone(pids: dict[str, int], timeout: float = 30) -> None:
+    """Every process in ``pids`` has exited (a zombie counts as exited)."""
+    for role, pid in pids.items():
+
+        def gone(pid: int = pid) -> bool:
+            return not pid_alive(pid)
+
+        wait_for(gone, timeout=timeout, what=f"the {role} (pid {pid}) to exit")
+
+
+@pytest.fixture(scope="module")
+def lease_ttl_seconds() -> float:
+    """The queue service's lease TTL: short, so that lost agents are noticed quickly. A test module whose
+    agents must come back from a restart before it runs out overrides it."""
+    return LEASE_TTL_SECONDS
 
 
 @pytest.fixture(scope="module")
@@ -36,10 +87,10 @@ def registry(home: Path) -> Iterator[ServiceProcess]:
 
 
 @pytest.fixture(scope="module")
-def queue_service(home: Path, registry: ServiceProcess) -> Iterator[ServiceProcess]:
+def queue_service(home: Path, registry: ServiceProcess, lease_ttl_seconds: float) -> Iterator[ServiceProcess]:
     env = {
         "TAKEOFF_REGISTRY_ADDRESS": registry.address,
-        "TAKEOFF_LEASE_TTL_SECONDS": str(LEASE_TTL_SECONDS),
+        "TAKEOFF_LEASE_TTL_SECONDS": str(lease_ttl_seconds),
         "TAKEOFF_HEARTBEAT_INTERVAL_SECONDS": "0.5",
         "TAKEOFF_SHUTDOWN_GRACE_SECONDS": "1",
     }
@@ -131,11 +182,11 @@ class Stack:
         return self.runs.GetRun(runs_pb2.GetRunRequest(name=name)).run
 
     def logs(self, run: str) -> list[str]:
-        return [
-            line.text
-            for batch in self.runs.ReadLogs(runs_pb2.ReadLogsRequest(name=run))
-            for line in batch.lines
-        ]
+        return [line.text for line in self.log_lines(run)]
+
+    def log_lines(self, run: str) -> list[runs_pb2.LogLine]:
+        batches = self.runs.ReadLogs(runs_pb2.ReadLogsRequest(name=run))
+        return [line for batch in batches for line in batch.lines]
 
     def close(self) -> None:
         self._queue_channel.close()
@@ -165,6 +216,19 @@ class AgentProcess:
             what="the agent to serve",
         )
         return str(addresses[0])
+
+    def status(self) -> agent_pb2.GetStatusResponse:
+        with grpc.insecure_channel(self.address) as channel:
+            return agent_pb2_grpc.AgentServiceStub(channel).GetStatus(agent_pb2.GetStatusRequest())
+
+    def wait_working_on(self, item: str, state: int, timeout: float = 120) -> None:
+        """Until the agent, connected to the queue service, says it works on ``item`` in ``state``."""
+
+        def working() -> bool:
+            status = self.status()
+            return status.connected and (item, state) in [(work.item, work.state) for work in status.work]
+
+        wait_for(working, timeout=timeout, what=f"the agent to work on {item} in state {state}")
 
     def kill(self) -> None:
         self.process.send_signal(signal.SIGKILL)

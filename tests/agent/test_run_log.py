@@ -1,0 +1,208 @@
+"""The agent's state kept across its restarts, against a real registry: each log line stored exactly once
+whenever the agent dies, and what it decided about a job taken up again (docs/design.md §7)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+from google.protobuf.duration_pb2 import Duration
+
+from takeoff.v1 import common_pb2, queue_pb2, runs_pb2, runs_pb2_grpc
+from takeoff_agent import work
+from takeoff_agent.clients import Builder, LogLine, Runs
+from takeoff_agent.log_tail import MAX_LINE_BYTES, LogTail
+from takeoff_agent.work import AgentContext, Attempt, Outcome, RunLog, Stop
+from tests.agent.conftest import PROJECT
+from tests.processes import ServiceProcess
+
+STDOUT, STDERR, SYSTEM = runs_pb2.LOG_STREAM_STDOUT, runs_pb2.LOG_STREAM_STDERR, runs_pb2.LOG_STREAM_SYSTEM
+
+
+class AgentDied(Exception):
+    """Stands for the agent process dying in the middle of a flush."""
+
+
+class DiesAfterCalls(Runs):
+    """The registry client of an agent that dies once ``calls`` AppendLogs calls have been stored."""
+
+    def __init__(self, address: str, calls: int) -> None:
+        super().__init__(address)
+        self.calls_left = calls
+
+    async def append_logs(self, run: str, lines: list[LogLine], first_index: int) -> None:
+        if self.calls_left == 0:
+            raise AgentDied
+        self.calls_left -= 1
+        await super().append_logs(run, lines, first_index)
+
+
+@pytest.fixture
+async def runs(registry: ServiceProcess) -> AsyncIterator[Runs]:
+    runs = Runs(registry.address)
+    yield runs
+    await runs.close()
+
+
+@pytest.fixture
+async def run(runs: Runs) -> str:
+    name = f"projects/{PROJECT}/runs/r{uuid.uuid4().hex[:12]}"
+    await runs.create(name, job_version="", item="", attempt=1, config={}, display_name="")
+    return name
+
+
+class JobFiles:
+    """The files a job's shim appends its output to, and the run logs that follow them."""
+
+    def __init__(self, directory: Path) -> None:
+        self.stdout = directory / "stdout.log"
+        self.stderr = directory / "stderr.log"
+        self.checkpoint = directory / "log_checkpoint.json"
+
+    def write(self, stdout: str = "", stderr: str = "") -> None:
+        with self.stdout.open("a") as out, self.stderr.open("a") as err:
+            out.write(stdout)
+            err.write(stderr)
+
+    def run_log(self, runs: Runs, run: str) -> RunLog:
+        """The log as an agent (re)started now finds it."""
+        log = RunLog(
+            runs, run, self.checkpoint, [(STDOUT, LogTail(self.stdout)), (STDERR, LogTail(self.stderr))]
+        )
+        log.restore()
+        return log
+
+
+def stored(registry: ServiceProcess, run: str) -> list[tuple[int, str]]:
+    with grpc.insecure_channel(registry.address) as channel:
+        reply = runs_pb2_grpc.RunServiceStub(channel).ReadLogs(runs_pb2.ReadLogsRequest(name=run))
+        return [(line.stream, line.text) for batch in reply for line in batch.lines]
+
+
+async def send_all(log: RunLog) -> None:
+    log.read_job_output()
+    await log.flush()
+    log.read_job_output()
+    await log.flush()
+
+
+@pytest.fixture(autouse=True)
+def small_calls(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two lines a call, so that a flush of five lines takes three calls."""
+    monkeypatch.setattr(work, "MAX_LINES_PER_CALL", 2)
+
+
+@pytest.mark.parametrize("stored_calls", [0, 1, 2, 3])
+async def test_an_agent_dying_at_any_call_of_a_flush_loses_and_repeats_no_line(
+    registry: ServiceProcess, runs: Runs, run: str, tmp_path: Path, stored_calls: int
+) -> None:
+    files = JobFiles(tmp_path)
+    files.write(stdout="out 0\nout 1\nout 2\n", stderr="err 0\n")
+    dying = files.run_log(DiesAfterCalls(registry.address, stored_calls), run)
+    dying.read_job_output()
+    dying.system("stopping")
+    with contextlib.suppress(AgentDied):
+        await dying.flush()
+    # While the agent is away the job writes on, stdout first, so that a restarted agent reading the
+    # files again would order the lines differently from the batch it may have sent in part.
+    files.write(stdout="out 3\n", stderr="err 1\n")
+
+    await send_all(files.run_log(runs, run))
+
+    assert stored(registry, run) == [
+        (STDOUT, "out 0"),
+        (STDOUT, "out 1"),
+        (STDOUT, "out 2"),
+        (STDERR, "err 0"),
+        (SYSTEM, "[takeoff] stopping"),
+        (STDOUT, "out 3"),
+        (STDERR, "err 1"),
+    ]
+
+
+async def test_restarts_between_flushes_continue_where_the_log_stood(
+    registry: ServiceProcess, runs: Runs, run: str, tmp_path: Path
+) -> None:
+    files = JobFiles(tmp_path)
+    for number in range(4):
+        files.write(stdout=f"line {number}\n")
+        await send_all(files.run_log(runs, run))  # a new agent process each time
+    files.write(stdout="no newline yet")
+    log = files.run_log(runs, run)
+    await send_all(log)
+    log.read_job_output(final=True)
+    await log.flush()
+
+    assert [text for _, text in stored(registry, run)] == [
+        "line 0",
+        "line 1",
+        "line 2",
+        "line 3",
+        "no newline yet",
+    ]
+
+
+async def test_a_line_longer_than_the_registry_takes_arrives_in_pieces(
+    registry: ServiceProcess, runs: Runs, run: str, tmp_path: Path
+) -> None:
+    files = JobFiles(tmp_path)
+    long_line = "é" * MAX_LINE_BYTES  # two bytes a character: twice the limit
+    files.write(stdout=f"{long_line}\nafter\n")
+
+    await send_all(files.run_log(runs, run))
+
+    texts = [text for _, text in stored(registry, run)]
+    assert len(texts) == 3
+    assert "".join(texts[:2]) == long_line
+    assert all(len(text.encode()) <= MAX_LINE_BYTES for text in texts)
+    assert texts[2] == "after"
+
+
+class NoReports:
+    async def progress(self, attempt: Attempt, state: common_pb2.ItemState.ValueType, detail: str) -> bool:
+        raise AssertionError("not reached")
+
+    async def complete(self, attempt: Attempt, outcome: Outcome) -> None:
+        raise AssertionError("not reached")
+
+
+@pytest.mark.parametrize(
+    ("reason", "kept"),
+    [
+        (Stop.MAX_RUN_TIME, Stop.MAX_RUN_TIME),
+        (Stop.CANCELLED, Stop.CANCELLED),
+        (Stop.DRAINED, Stop.DRAINED),
+        (Stop.REVOKED, None),  # the Welcome after the restart says whether the lease still holds
+        (Stop.FENCED, None),
+    ],
+)
+async def test_a_restarted_agent_keeps_when_the_job_began_and_why_it_was_stopped(
+    registry: ServiceProcess, tmp_path: Path, reason: Stop, kept: Stop | None
+) -> None:
+    context = AgentContext(
+        agent_name="agents/a",
+        registry_address=registry.address,
+        runs=Runs(registry.address),
+        builder=Builder(registry.address),
+        stop_grace_seconds=1,
+        sdk_site=tmp_path / "sdk",
+    )
+    assignment = queue_pb2.LeaseResponse.Assignment(
+        lease_id="l1", run=f"projects/{PROJECT}/runs/r1", max_run_time=Duration(seconds=3600)
+    )
+    lease_dir = tmp_path / "leases" / "l1"
+    Attempt.record(assignment, lease_dir)
+    before = Attempt(assignment, lease_dir, context, NoReports())
+    before.running_since = 1_000_000.0
+    before.request_stop(reason)
+
+    after = Attempt(Attempt.recorded(lease_dir) or assignment, lease_dir, context, NoReports())
+
+    assert after.running_since == 1_000_000.0  # the max run time counts from the job's start, not now
+    assert after.stop_reason is kept
+    await asyncio.gather(context.runs.close(), context.builder.close())
