@@ -30,6 +30,9 @@ REQUEST_ID_METADATA_KEY = "x-request-id"
 request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "takeoff_request_id", default=None
 )
+method_var: contextvars.ContextVar[str] = contextvars.ContextVar("takeoff_method", default="")
+"""The full name of the method being served (``/takeoff.v1.JobService/ListJobs``), e.g. to bind a page
+token to the method that issued it."""
 
 _STATUS_BY_ERROR: tuple[tuple[type[errors.TakeoffError], grpc.StatusCode], ...] = (
     (errors.InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
@@ -241,6 +244,7 @@ async def error_guard(method: str, context: Context) -> AsyncIterator[None]:
     """
     request_id = _metadata(context).get(REQUEST_ID_METADATA_KEY) or uuid.uuid4().hex
     token = request_id_var.set(request_id)
+    method_token = method_var.set(method)
     try:
         yield
     except grpc.aio.AbortError:
@@ -278,6 +282,7 @@ async def error_guard(method: str, context: Context) -> AsyncIterator[None]:
             ),
         )
     finally:
+        method_var.reset(method_token)
         request_id_var.reset(token)
 
 

@@ -17,6 +17,7 @@ from typing import Generic, NoReturn
 
 from takeoff_server.config import ConfigError, SettingsT, load_settings
 from takeoff_server.errors import ServiceFailed
+from takeoff_server.pagination import load_signing_key, use_signing_key
 from takeoff_server.server import ServiceBinding, TakeoffServer, serve_until_signalled, write_ready_file
 from takeoff_server.telemetry import setup_logging, setup_tracing
 
@@ -26,6 +27,9 @@ _PR_SET_PDEATHSIG = 1
 
 EXIT_CONFIG_ERROR = 2
 EXIT_START_FAILED = 1
+
+PAGE_TOKEN_KEY_FILE = "page-token.key"
+"""Under the home directory: signs page tokens, so that they survive a restart of the server."""
 
 
 def stop_with_parent(parent_pid: int) -> None:
@@ -76,6 +80,7 @@ class ServiceProgram(Generic[SettingsT]):
         sys.exit(0)
 
     async def _serve(self, settings: SettingsT) -> None:
+        use_signing_key(load_signing_key(settings.home / PAGE_TOKEN_KEY_FILE))
         async with AsyncExitStack() as resources:
             server = TakeoffServer(await self.wire(settings, resources), listen=settings.listen)
             addresses = await server.start()

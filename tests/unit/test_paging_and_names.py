@@ -2,13 +2,32 @@
 
 from __future__ import annotations
 
+import base64
+import contextvars
+import json
+import stat
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
 import pytest
 
 from takeoff_server.errors import InvalidArgument
+from takeoff_server.interceptors import method_var
 from takeoff_server.names import ResourcePattern, check_id, is_valid_id
-from takeoff_server.pagination import MAX_PAGE_SIZE, next_page_token, page_request, page_size
+from takeoff_server.pagination import (
+    MAX_PAGE_SIZE,
+    PageRequest,
+    load_signing_key,
+    next_page_token,
+    page_request,
+    page_size,
+    use_signing_key,
+)
 
 QUERY = {"parent": "projects/demo", "prefix": "b"}
+
+T = TypeVar("T")
 
 
 def test_page_sizes_default_cap_and_refuse_negatives() -> None:
@@ -50,6 +69,63 @@ def test_misused_or_forged_tokens_are_page_token_invalid(
         page_request(page_size_requested=0, page_token=token, query=query, cursor_types=cursor_types)
     assert raised.value.reason == "PAGE_TOKEN_INVALID"
     assert [v.field for v in raised.value.violations] == ["page_token"]
+
+
+def _edited(token: str, cursor: list[object]) -> str:
+    """``token`` with its cursor replaced and its signature kept, as a client editing it would."""
+    _, _, signature = token.partition(".")
+    encoded = base64.urlsafe_b64encode(json.dumps(cursor).encode()).decode().rstrip("=")
+    return f"{encoded}.{signature}"
+
+
+def _in_method(method: str, call: Callable[[], T]) -> T:
+    """``call()`` as if it ran while serving ``method``."""
+    context = contextvars.copy_context()
+    context.run(method_var.set, method)
+    return context.run(call)
+
+
+def _continue(token: str) -> PageRequest:
+    return page_request(page_size_requested=0, page_token=token, query=QUERY, cursor_types=[str])
+
+
+def _refused(token: str, *, cursor_types: list[type] | None = None) -> str:
+    with pytest.raises(InvalidArgument) as raised:
+        page_request(page_size_requested=0, page_token=token, query=QUERY, cursor_types=cursor_types or [str])
+    assert [v.field for v in raised.value.violations] == ["page_token"]
+    return raised.value.reason
+
+
+def test_an_edited_cursor_is_page_token_invalid() -> None:
+    token = next_page_token(QUERY, ("b-2",))
+
+    assert _refused(_edited(token, ["a"])) == "PAGE_TOKEN_INVALID"
+    assert _refused(_edited(token, [2**80]), cursor_types=[int]) == "PAGE_TOKEN_INVALID"
+    assert _refused(token + "A") == "PAGE_TOKEN_INVALID"
+
+
+def test_a_token_continues_only_the_method_that_issued_it() -> None:
+    token = _in_method("/takeoff.v1.JobService/ListJobs", lambda: next_page_token(QUERY, ("b-2",)))
+
+    assert _in_method("/takeoff.v1.JobService/ListJobs", lambda: _continue(token)).after == ("b-2",)
+    with pytest.raises(InvalidArgument) as raised:
+        _in_method("/takeoff.v1.QueueService/ListQueues", lambda: _continue(token))
+    assert raised.value.reason == "PAGE_TOKEN_INVALID"
+
+
+def test_the_signing_key_is_kept_so_tokens_survive_a_restart(tmp_path: Path) -> None:
+    key_file = tmp_path / "home" / "page-token.key"
+    key = load_signing_key(key_file)
+    assert load_signing_key(key_file) == key
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    assert list(key_file.parent.iterdir()) == [key_file]
+
+    use_signing_key(key)
+    token = next_page_token(QUERY, ("b-2",))
+    use_signing_key(load_signing_key(tmp_path / "other.key"))  # another server's key
+    assert _refused(token) == "PAGE_TOKEN_INVALID"
+    use_signing_key(load_signing_key(key_file))  # the first server again, restarted
+    assert _continue(token).after == ("b-2",)
 
 
 @pytest.mark.parametrize("value", ["a", "train-mnist", "0", "a_b", "x" * 63])
