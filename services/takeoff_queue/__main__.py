@@ -2,6 +2,7 @@
 
 from collections.abc import Sequence
 from contextlib import AsyncExitStack
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -11,8 +12,8 @@ from takeoff_queue.book import QueueBook
 from takeoff_queue.dispatcher import Dispatcher, LeaseTiming
 from takeoff_queue.registry_client import RegistryJobs
 from takeoff_queue.settings import QueueSettings
+from takeoff_queue.store import QueueStore
 from takeoff_server.database import open_service_database
-from takeoff_server.group_commit import GroupCommitter
 from takeoff_server.main import ServiceProgram
 from takeoff_server.server import ServiceBinding
 
@@ -21,30 +22,41 @@ def utc_now() -> datetime:
     return datetime.now(UTC)
 
 
-async def wire(settings: QueueSettings, resources: AsyncExitStack) -> Sequence[ServiceBinding]:
+@dataclass(frozen=True, slots=True)
+class QueueService:
+    """The queue service's parts, wired and started (tests reach in through these)."""
+
+    store: QueueStore
+    dispatcher: Dispatcher
+    book: QueueBook
+    binding: ServiceBinding
+
+
+async def assemble(settings: QueueSettings, resources: AsyncExitStack) -> QueueService:
     database = await open_service_database(
         "queue", settings, resources, migrations=Path(__file__).with_name("migrations")
     )
-    committer = GroupCommitter(database.engine)
+    store = QueueStore(database)
     timing = LeaseTiming(
         ttl=timedelta(seconds=settings.lease_ttl_seconds),
         heartbeat_interval=timedelta(seconds=settings.heartbeat_interval_seconds),
     )
-    dispatcher = Dispatcher(committer, utc_now, timing)
+    dispatcher = Dispatcher(store, utc_now, timing)
     jobs = RegistryJobs(settings.registry_address)
     resources.push_async_callback(jobs.close)
-    book = QueueBook(
-        database, committer, dispatcher, jobs, utc_now, images_pushed=bool(settings.builder_push_registry)
-    )
+    book = QueueBook(store, dispatcher, jobs, utc_now, images_pushed=bool(settings.builder_push_registry))
     await book.start()
-    return [
-        ServiceBinding.of(
-            queue_pb2.DESCRIPTOR.services_by_name["QueueService"],
-            queue_pb2_grpc.add_QueueServiceServicer_to_server,
-            QueueApi(book, dispatcher),
-            on_shutdown=dispatcher.stop,
-        )
-    ]
+    binding = ServiceBinding.of(
+        queue_pb2.DESCRIPTOR.services_by_name["QueueService"],
+        queue_pb2_grpc.add_QueueServiceServicer_to_server,
+        QueueApi(book, dispatcher),
+        on_shutdown=dispatcher.stop,
+    )
+    return QueueService(store, dispatcher, book, binding)
+
+
+async def wire(settings: QueueSettings, resources: AsyncExitStack) -> Sequence[ServiceBinding]:
+    return [(await assemble(settings, resources)).binding]
 
 
 program = ServiceProgram("queue", QueueSettings, wire)

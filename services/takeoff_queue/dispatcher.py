@@ -2,8 +2,10 @@
 
 It owns the in-memory index of the live part of the service (queues, pending and leased items, agents)
 and changes items only through the life-cycle functions. Every change is committed (group commit)
-before it is acknowledged or pushed to an agent. Dispatch is push: whenever work becomes eligible or an
-agent gains capacity, a dispatch pass runs on the next turn of the event loop; nothing polls.
+before it is acknowledged or pushed to an agent; a change whose commit fails is rolled back here, so
+that the index always says what the store says. Dispatch is push: whenever work becomes eligible or an
+agent gains capacity, a dispatch pass runs on the next turn of the event loop; nothing polls. One item or
+queue that fails in a pass is logged and set aside; the pass goes on with the others.
 """
 
 from __future__ import annotations
@@ -19,10 +21,8 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy.ext.asyncio import AsyncConnection
-
-from takeoff_queue import lifecycle, store
-from takeoff_queue.lifecycle import FailureReason, ItemState, LeaseLost
+from takeoff_queue import lifecycle
+from takeoff_queue.lifecycle import FailureReason, ItemLife, ItemState, LeaseLost
 from takeoff_queue.model import (
     Ack,
     Agent,
@@ -47,8 +47,8 @@ from takeoff_queue.model import (
     SetCapacity,
     Welcome,
 )
+from takeoff_queue.store import QueueStore, QueueWrite
 from takeoff_server.errors import FailedPrecondition, NotFound
-from takeoff_server.group_commit import GroupCommitter
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +113,10 @@ class _Deadlines:
         now = self._clock()
         while self._heap and self._heap[0][0] <= now:
             _, _, kind, key, epoch = heapq.heappop(self._heap)
-            self._on_due(kind, key, epoch)
+            try:
+                self._on_due(kind, key, epoch)
+            except Exception:  # one deadline that fails must not drop the others
+                logger.exception("the %s deadline of %s failed", kind, key)
         self._arm()
 
     def stop(self) -> None:
@@ -122,8 +125,8 @@ class _Deadlines:
 
 
 class Dispatcher:
-    def __init__(self, committer: GroupCommitter, clock: Clock, timing: LeaseTiming) -> None:
-        self._committer = committer
+    def __init__(self, store: QueueStore, clock: Clock, timing: LeaseTiming) -> None:
+        self._store = store
         self._clock = clock
         self.timing = timing
         self.queues: dict[str, Queue] = {}
@@ -139,6 +142,10 @@ class Dispatcher:
         """lease id -> item id, for every lease held now"""
         self._ended_leases: OrderedDict[str, tuple[int, ItemState, bool]] = OrderedDict()
         """lease id -> (epoch, item state after it ended, ended by the agent's Complete)"""
+        self._set_aside: dict[str, set[str]] = defaultdict(set)
+        """queue -> PENDING items a dispatch pass failed to assign; tried again when the queue changes"""
+        self._writing: dict[str, ItemLife] = {}
+        """item id -> the life last handed to the store, until that write is committed"""
         self._dispatch_scheduled = False
         self._deadlines = _Deadlines(clock, self._on_deadline)
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -151,15 +158,9 @@ class Dispatcher:
         grace_until = self._clock() + self.timing.ttl
         self.queues = {queue.name: queue for queue in queues}
         for item in items:
-            self.items[item.id] = item
-            if item.state is ItemState.PENDING:
-                self._make_pending(item)
-                continue
-            agent = self._agent(item.life.agent.removeprefix("agents/"))
-            agent.lease_expiry = grace_until
-            self._hold(agent, item)
-            self._watch_deadlines(item)
+            self._index(item)
         for agent in self.agents.values():
+            agent.lease_expiry = grace_until
             self._deadlines.at(grace_until, "expiry", agent.agent_id)
 
     async def stop(self) -> None:
@@ -176,62 +177,35 @@ class Dispatcher:
         self.queues[queue.name] = queue
         if previous is not None and previous.prioritization != queue.prioritization:
             self._reorder(queue.name)
+        for item_id in self._set_aside.pop(queue.name, ()):
+            if (item := self.items.get(item_id)) is not None and item.state is ItemState.PENDING:
+                self._queue_up(item)
         self._schedule_dispatch()
 
     def drop_queue(self, name: str) -> list[Item]:
         """Forget a queue whose deletion is committed; its leased items are revoked."""
         self.queues.pop(name, None)
         self._pending.pop(name, None)
+        self._set_aside.pop(name, None)
         dropped = [item for item in self.items.values() if item.queue == name]
         for item in dropped:
             if item.state.is_live:
                 self._send_to_holder(item, Revoke(item.lease_id, item.name, RevokeReason.QUEUE_DELETED, ""))
-                self._release_hold(item, ended_by_agent=False)
+                self._release_hold(item, item.life, ended_by_agent=False)
             del self.items[item.id]
         return dropped
 
-    def admit(self, item: Item) -> Assignment | None:
-        """Take in a new item that is about to be committed, and lease it at once when it can be.
-
-        When an agent has room and nothing eligible waits ahead of the item, it goes into its first
-        commit already LEASED: one transaction instead of two on the way from Enqueue to Assignment.
-        """
-        self.items[item.id] = item
-        queue = self.queues[item.queue]
-        if (
-            item.life.eligible_time > self._clock()
-            or not self._may_assign_from(queue)
-            or self._has_waiting(queue)
-        ):
-            return None
-        now = self._clock()
-        for agent in self.agents.values():
-            lapsed = agent.lease_expiry is None or agent.lease_expiry <= now
-            if not lapsed and agent.free_capacity > 0 and queue.name in agent.queues:
-                agent.next_queue = (agent.queues.index(queue.name) + 1) % len(agent.queues)
-                return self._assign(item, agent)
-        return None
-
-    def admitted(self, item: Item, assignment: Assignment | None) -> None:
-        """The item's first commit is done: deliver its assignment, or queue it up."""
-        if assignment is not None:
-            self._deliver_committed([assignment])
-        elif item.state is ItemState.PENDING:
-            self._make_pending(item)
+    def admitted(self, item: Item) -> None:
+        """Take in a new item whose first commit is done."""
+        self._index(item)
         self._notify(item)
-
-    def forget(self, item: Item) -> None:
-        """The item's first commit failed: it never existed."""
-        if item.state.is_live:
-            self._release_hold(item, ended_by_agent=False)
-        self.items.pop(item.id, None)
 
     async def cancel(self, item: Item, message: str) -> Item:
         before = item.state
         item.life = lifecycle.request_cancel(item.life, self._clock(), message)
         notices = []
         if before is ItemState.PENDING:
-            self._ended(item)
+            self.items.pop(item.id, None)
         elif before.is_live:
             notices.append((item, Cancel(item.lease_id, item.name, message)))
         await self._persist([item], then_send=notices)
@@ -304,8 +278,11 @@ class Dispatcher:
                         message="the lease is no longer held by this agent at this epoch",
                     )
                 )
-        for item in forgotten:  # the agent came back without them: they will never be reported on
-            self._end_attempt(item, FailureReason.AGENT_LOST, "the agent reconnected without this lease")
+        forgotten = [  # the agent came back without them: they will never be reported on
+            item
+            for item in forgotten
+            if self._end_attempt(item, FailureReason.AGENT_LOST, "the agent reconnected without this lease")
+        ]
         session = Session(agent, hello.session_id)
         self._sessions[agent.agent_id] = session
         session.send(
@@ -339,17 +316,6 @@ class Dispatcher:
                 self._renew(agent, now)
                 session.send(Ack(sequence, MessageKind.HEARTBEAT))
             case SetCapacity(sequence, capacity):
-                if capacity < 0:
-                    session.send(
-                        Reject(
-                            sequence,
-                            MessageKind.SET_CAPACITY,
-                            "",
-                            RejectReason.INVALID_MESSAGE,
-                            "capacity < 0",
-                        )
-                    )
-                    return
                 agent.capacity = capacity
                 session.send(Ack(sequence, MessageKind.SET_CAPACITY))
                 self._schedule_dispatch()
@@ -373,13 +339,9 @@ class Dispatcher:
         try:
             match request:
                 case Progress(_, _, epoch, state, detail):
-                    before = item.state
-                    item.life = lifecycle.progress(item.life, epoch, state, now, detail)
-                    if state is ItemState.RUNNING and before is not ItemState.RUNNING:
-                        item.running_since = now
-                        self._watch_deadlines(item)
+                    life = lifecycle.progress(item.life, epoch, state, now, detail)
                 case Complete(_, _, epoch, outcome, reason, exit_code, message):
-                    item.life = lifecycle.complete(
+                    life = lifecycle.complete(
                         item.life,
                         epoch,
                         outcome,
@@ -389,11 +351,8 @@ class Dispatcher:
                         message=message,
                         exit_code=exit_code,
                     )
-                    item.completed_epoch = epoch
-                    self._after_attempt(item, ended_by_agent=True)
                 case Release(_, _, epoch, message):
-                    item.life = lifecycle.release(item.life, epoch, now, queue.retry_policy, message)
-                    self._after_attempt(item, ended_by_agent=False)
+                    life = lifecycle.release(item.life, epoch, now, queue.retry_policy, message)
         except LeaseLost as error:
             session.send(
                 Reject(request.sequence, kind, request.lease_id, RejectReason.LEASE_LOST, error.message)
@@ -406,11 +365,10 @@ class Dispatcher:
                 )
             )
             return
-        state = (
-            item.state
-        )  # as the message left it: a retried item may be leased again by the time of the Ack
+        self._move(item, life, ended_by_agent=isinstance(request, Complete))
+        # The state as the message left it: a retried item may be leased again by the time of the Ack.
         await self._persist([item])
-        session.send(Ack(request.sequence, kind, request.lease_id, state))
+        session.send(Ack(request.sequence, kind, request.lease_id, life.state))
 
     def _answer_unknown_lease(
         self, request: Progress | Complete | Release, kind: MessageKind
@@ -441,21 +399,33 @@ class Dispatcher:
     def _dispatch(self) -> None:
         self._dispatch_scheduled = False
         assignments = []
+        failed_queues: set[str] = set()
         now = self._clock()
         for agent in list(self.agents.values()):
             if agent.lease_expiry is None or agent.lease_expiry <= now:
                 continue  # it stopped renewing: no new work until it heartbeats again
-            while agent.free_capacity > 0 and (item := self._next_item_for(agent)) is not None:
-                assignments.append(self._assign(item, agent))
+            while agent.free_capacity > 0 and (item := self._next_item_for(agent, failed_queues)):
+                assignment = self._assign(item, agent)
+                if assignment is not None:
+                    assignments.append((item, assignment))
         if assignments:
             self._spawn(self._deliver(assignments))
 
-    def _next_item_for(self, agent: Agent) -> Item | None:
-        """Round-robin over the agent's queues, starting after the one that served it last."""
+    def _next_item_for(self, agent: Agent, failed_queues: set[str]) -> Item | None:
+        """Round-robin over the agent's queues, starting after the one that served it last; a queue
+        that fails is skipped for the rest of the pass."""
         count = len(agent.queues)
         for offset in range(count):
             position = (agent.next_queue + offset) % count
-            item = self._pop_eligible(agent.queues[position])
+            queue_name = agent.queues[position]
+            if queue_name in failed_queues:
+                continue
+            try:
+                item = self._pop_eligible(queue_name)
+            except Exception:
+                logger.exception("dispatch skipped queue %s, which failed", queue_name)
+                failed_queues.add(queue_name)
+                continue
             if item is not None:
                 agent.next_queue = (position + 1) % count
                 return item
@@ -482,30 +452,47 @@ class Dispatcher:
             return None
         return self.items[heapq.heappop(self._pending[queue_name])[2]]
 
-    def _assign(self, item: Item, agent: Agent) -> Assignment:
+    def _assign(self, item: Item, agent: Agent) -> Assignment | None:
+        """Lease the item to the agent in memory; the claim is committed before the Assignment is sent.
+
+        An item that cannot be assigned stays PENDING (as the store has it) and is set aside until its
+        queue changes, so that it cannot fail every pass."""
         now = self._clock()
-        queue = self.queues[item.queue]
-        attempt = item.life.attempt + 1
-        item.life = lifecycle.assign(item.life, agent.name, now, run=item.run_name(attempt))
-        item.lease_id = uuid.uuid4().hex
-        item.assign_time = now
-        item.start_deadline = now + queue.start_timeout
-        item.running_since = None
-        self._hold(agent, item)
-        self._watch_deadlines(item)
+        try:
+            queue = self.queues[item.queue]
+            attempt = item.life.attempt + 1
+            life = lifecycle.assign(
+                item.life,
+                agent.name,
+                now,
+                lease_id=uuid.uuid4().hex,
+                run=item.run_name(attempt),
+                start_timeout=queue.start_timeout,
+            )
+        except Exception:
+            logger.exception(
+                "dispatch set aside item %s, which failed to assign; it stays PENDING", item.name
+            )
+            self._set_aside[item.queue].add(item.id)
+            return None
+        self._move(item, life)
         return Assignment(
-            item, queue, item.lease_id, item.life.epoch, attempt, item.life.run, now, item.start_deadline
+            _snapshot(item),
+            queue,
+            life.lease_id,
+            life.epoch,
+            life.attempt,
+            life.run,
+            now,
+            life.start_deadline or now,
         )
 
-    async def _deliver(self, assignments: list[Assignment]) -> None:
-        await self._persist([a.item for a in assignments])
-        self._deliver_committed(assignments)
-
-    def _deliver_committed(self, assignments: list[Assignment]) -> None:
-        for assignment in assignments:
+    async def _deliver(self, assignments: list[tuple[Item, Assignment]]) -> None:
+        await self._persist([item for item, _ in assignments])
+        for item, assignment in assignments:
             # Still the agent's? (a cancel or a deadline may have moved it on during the commit)
-            if assignment.item.lease_id == assignment.lease_id and assignment.item.state.is_live:
-                self._send_to_holder(assignment.item, assignment)
+            if item.lease_id == assignment.lease_id and item.state.is_live:
+                self._send_to_holder(item, assignment)
 
     # ----- leases, deadlines and endings --------------------------------------------------------
 
@@ -522,28 +509,80 @@ class Dispatcher:
         if lapsed:
             self._schedule_dispatch()
 
+    def _index(self, item: Item) -> None:
+        """Put an item where its life says it belongs: waiting, held by its agent, or gone (ended)."""
+        if item.state.is_terminal:
+            self.items.pop(item.id, None)
+            return
+        self.items[item.id] = item
+        if item.state is ItemState.PENDING:
+            self._make_pending(item)
+        else:
+            self._ended_leases.pop(item.lease_id, None)
+            self._hold(self._agent(item.life.agent.removeprefix("agents/")), item)
+            self._watch_deadlines(item)
+
+    def _move(self, item: Item, life: ItemLife, *, ended_by_agent: bool = False) -> None:
+        """Give the item its new life and follow it in the index: a new lease is held, an ended one freed,
+        a retried item waits again, an ended one leaves."""
+        before = item.life
+        item.life = life
+        if before.state.is_live and not (life.state.is_live and life.epoch == before.epoch):
+            self._release_hold(item, before, ended_by_agent=ended_by_agent)
+            if life.state is ItemState.PENDING:
+                self._make_pending(item)
+            self._schedule_dispatch()
+        if life.state.is_terminal:
+            self.items.pop(item.id, None)
+        elif life.state.is_live and before.state is ItemState.PENDING:
+            self._hold(self._agent(life.agent.removeprefix("agents/")), item)
+            self._watch_deadlines(item)
+        elif life.state is ItemState.RUNNING and before.state is not ItemState.RUNNING:
+            self._watch_deadlines(item)
+
+    def _roll_back(self, item: Item) -> None:
+        """A write of the item failed: back to the life the store has, and to its place for that life."""
+        committed = item.committed
+        assert committed is not None, "only committed items are in the index"
+        self._writing.pop(item.id, None)
+        if self._leases.get(item.lease_id) == item.id:
+            self._release_hold(item, item.life, ended_by_agent=False)
+            del self._ended_leases[item.lease_id]
+        item.life = committed
+        self._index(item)
+        if item.state.is_live:
+            # The lease may have lapsed while the write failed: look again later.
+            self._deadlines.at(
+                self._clock() + self.timing.heartbeat_interval,
+                "expiry",
+                item.life.agent.removeprefix("agents/"),
+            )
+        self._schedule_dispatch()
+
     def _hold(self, agent: Agent, item: Item) -> None:
         agent.leases[item.lease_id] = item.id
         self._leases[item.lease_id] = item.id
         self._live[item.queue] += 1
 
-    def _release_hold(self, item: Item, *, ended_by_agent: bool) -> None:
-        agent = self.agents.get(item.life.agent.removeprefix("agents/"))
+    def _release_hold(self, item: Item, held: ItemLife, *, ended_by_agent: bool) -> None:
+        """Free the lease ``held`` (the item's life while it held it)."""
+        agent = self.agents.get(held.agent.removeprefix("agents/"))
         if agent is not None:
-            agent.leases.pop(item.lease_id, None)
-        if self._leases.pop(item.lease_id, None) is not None:
+            agent.leases.pop(held.lease_id, None)
+        if self._leases.pop(held.lease_id, None) is not None:
             self._live[item.queue] -= 1
-        self._ended_leases[item.lease_id] = (item.life.epoch, item.state, ended_by_agent)
+        self._ended_leases[held.lease_id] = (held.epoch, item.state, ended_by_agent)
         if len(self._ended_leases) > _ENDED_LEASES_REMEMBERED:
             self._ended_leases.popitem(last=False)
 
     def _watch_deadlines(self, item: Item) -> None:
-        if item.state is ItemState.RUNNING:
-            max_run_time = item.max_run_time
-            if max_run_time is not None and item.running_since is not None:
-                self._deadlines.at(item.running_since + max_run_time, "max_run", item.id, item.life.epoch)
-        elif item.start_deadline is not None:
-            self._deadlines.at(item.start_deadline, "start", item.id, item.life.epoch)
+        life = item.life
+        if life.state is ItemState.RUNNING:
+            if item.max_run_time is not None and life.running_since is not None:
+                end = lifecycle.later(life.running_since, item.max_run_time)
+                self._deadlines.at(end, "max_run", item.id, life.epoch)
+        elif life.start_deadline is not None:
+            self._deadlines.at(life.start_deadline, "start", item.id, life.epoch)
 
     def _on_deadline(self, kind: str, key: str, epoch: int) -> None:
         now = self._clock()
@@ -551,13 +590,14 @@ class Dispatcher:
             agent = self.agents.get(key)
             if agent is None or agent.lease_expiry is None or agent.lease_expiry > now or not agent.leases:
                 return
-            expired = [self.items[item_id] for item_id in agent.leases.values()]
-            revokes = [
-                Revoke(item.lease_id, item.name, RevokeReason.EXPIRED, "lease expired") for item in expired
-            ]
-            for item in expired:
-                self._end_attempt(item, FailureReason.AGENT_LOST, f"{agent.name} stopped renewing its lease")
-            self._spawn(self._persist(expired, then_send=zip(expired, revokes, strict=True)))
+            ended = []
+            for item in [self.items[item_id] for item_id in agent.leases.values()]:
+                revoke = Revoke(item.lease_id, item.name, RevokeReason.EXPIRED, "lease expired")
+                if self._end_attempt(
+                    item, FailureReason.AGENT_LOST, f"{agent.name} stopped renewing its lease"
+                ):
+                    ended.append((item, revoke))
+            self._spawn(self._persist([item for item, _ in ended], then_send=ended))
             return
         due = self.items.get(key)
         if due is None or due.life.epoch != epoch:
@@ -578,28 +618,21 @@ class Dispatcher:
 
     def _take_away(self, item: Item, revoke: RevokeReason, failure: FailureReason, message: str) -> None:
         notice = Revoke(item.lease_id, item.name, revoke, message)
-        self._end_attempt(item, failure, message)
-        self._spawn(self._persist([item], then_send=[(item, notice)]))
+        if self._end_attempt(item, failure, message):
+            self._spawn(self._persist([item], then_send=[(item, notice)]))
 
-    def _end_attempt(self, item: Item, reason: FailureReason, message: str) -> None:
-        queue = self.queues[item.queue]
-        item.life = lifecycle.end_attempt(
-            item.life, reason, self._clock(), queue.retry_policy, message=message
-        )
-        self._after_attempt(item, ended_by_agent=False)
-
-    def _after_attempt(self, item: Item, *, ended_by_agent: bool) -> None:
-        """The item's attempt is over: free the lease, then requeue or end the item."""
-        self._release_hold(item, ended_by_agent=ended_by_agent)
-        if item.state is ItemState.PENDING:
-            self._make_pending(item)
-        else:
-            self._ended(item)
-        self._schedule_dispatch()
-
-    def _ended(self, item: Item) -> None:
-        item.end_time = self._clock()
-        self.items.pop(item.id, None)
+    def _end_attempt(self, item: Item, reason: FailureReason, message: str) -> bool:
+        """End the item's live attempt in memory (to be persisted by the caller); False when it failed,
+        which leaves the item as it was."""
+        try:
+            life = lifecycle.end_attempt(
+                item.life, reason, self._clock(), self.queues[item.queue].retry_policy, message=message
+            )
+        except Exception:
+            logger.exception("item %s: its attempt could not be ended (%s)", item.name, reason.value)
+            return False
+        self._move(item, life)
+        return True
 
     def _make_pending(self, item: Item) -> None:
         if item.life.eligible_time > self._clock():
@@ -630,19 +663,35 @@ class Dispatcher:
     # ----- persistence ---------------------------------------------------------------------------
 
     async def _persist(self, items: list[Item], then_send: Iterable[tuple[Item, Any]] = ()) -> None:
-        """Commit the items' new transitions and state; then tell their agents and whoever watches them."""
+        """Commit the items' new state and transitions; then tell their agents and whoever watches them.
+
+        When the commit fails, each item goes back to the life the store has, and the error is raised.
+        """
+        if not items:
+            return
         now = self._clock()
         writes = []
         for item in items:
             item.update_time = now
-            writes.append((item.id, store.item_state_values(item), item.life.history))
-            item.life = replace(item.life, history=())
+            known = self._writing.get(item.id) or item.committed
+            assert known is not None, "only committed items are in the index"
+            writes.append((item, item.life, len(known.history)))
+            self._writing[item.id] = item.life
 
-        async def write(connection: AsyncConnection) -> None:
-            for item_id, values, history in writes:
-                await store.save_item(connection, item_id, values, history)
+        async def write(tx: QueueWrite) -> None:
+            for item, life, since in writes:
+                await tx.save_item(item.id, life, now, since)
 
-        await self._committer.commit(write)
+        try:
+            await self._store.write(write)
+        except BaseException:
+            for item, _, _ in writes:
+                self._roll_back(item)
+            raise
+        for item, life, _ in writes:
+            if self._writing.get(item.id) is life:
+                del self._writing[item.id]
+            item.committed = life
         for item, message in then_send:
             self._send_to_holder(item, message)
         for item in items:
@@ -661,4 +710,9 @@ class Dispatcher:
 
 def _log_failure(task: asyncio.Task[Any]) -> None:
     if not task.cancelled() and task.exception() is not None:
-        logger.error("queue state change failed to commit", exc_info=task.exception())
+        logger.error("queue state change failed to commit; rolled back", exc_info=task.exception())
+
+
+def _snapshot(item: Item) -> Item:
+    """The item as it is now, unaffected by later changes (its life is immutable)."""
+    return replace(item)

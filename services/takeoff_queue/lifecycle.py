@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from takeoff_server.errors import FailedPrecondition
 
@@ -71,6 +71,18 @@ _INFRASTRUCTURE_FAILURES = frozenset(
 )
 
 
+NEVER = datetime.max.replace(tzinfo=UTC)
+"""A deadline beyond every date: it never comes."""
+
+
+def later(when: datetime, delay: timedelta) -> datetime:
+    """``when + delay``, or :data:`NEVER` when that lies beyond the last date a datetime holds."""
+    try:
+        return when + delay
+    except OverflowError:
+        return NEVER
+
+
 class LeaseLost(FailedPrecondition):
     """A message about an item carried an epoch that no longer owns it: the sender is a zombie."""
 
@@ -116,7 +128,8 @@ class Transition:
 
 @dataclass(frozen=True, slots=True)
 class ItemLife:
-    """The part of an item the life cycle reads and writes."""
+    """The part of an item the life cycle reads and writes: its state, its current (or last) lease, and
+    its whole history. Nothing else changes these: the dispatcher replaces the whole value."""
 
     item_id: str
     state: ItemState
@@ -131,9 +144,20 @@ class ItemLife:
     reason: FailureReason | None = None
     message: str = ""
     exit_code: int | None = None
+    lease_id: str = ""
+    """The current lease, or the last one once it ended (the Ack of a resent Complete names it)."""
+    assign_time: datetime | None = None
+    start_deadline: datetime | None = None
+    running_since: datetime | None = None
+    completed_epoch: int = 0
+    """The epoch whose agent reported the attempt's end with Complete (0: none did)."""
+    end_time: datetime | None = None
     history: tuple[Transition, ...] = field(default_factory=tuple)
+    """Every transition since Enqueue, oldest first."""
 
     def _moved(self, now: datetime, to_state: ItemState, **changes: object) -> ItemLife:
+        if to_state.is_terminal:
+            changes["end_time"] = now
         changed = replace(self, state=to_state, **changes)  # type: ignore[arg-type]
         transition = Transition(
             time=now,
@@ -159,8 +183,16 @@ def enqueued(item_id: str, max_attempts: int, now: datetime) -> ItemLife:
     return replace(item, history=(Transition(now, None, ItemState.PENDING, attempt=0, epoch=0),))
 
 
-def assign(item: ItemLife, agent: str, now: datetime, run: str = "") -> ItemLife:
-    """PENDING -> LEASED: a new attempt under a new epoch, tracked by a new run."""
+def assign(
+    item: ItemLife,
+    agent: str,
+    now: datetime,
+    *,
+    lease_id: str = "",
+    run: str = "",
+    start_timeout: timedelta | None = None,
+) -> ItemLife:
+    """PENDING -> LEASED: a new attempt under a new epoch and lease, tracked by a new run."""
     if item.state is not ItemState.PENDING or item.cancel_requested:
         raise IllegalTransition(item.item_id, item.state, "assign it")
     return item._moved(
@@ -173,6 +205,10 @@ def assign(item: ItemLife, agent: str, now: datetime, run: str = "") -> ItemLife
         reason=None,
         message="",
         exit_code=None,
+        lease_id=lease_id,
+        assign_time=now,
+        start_deadline=None if start_timeout is None else later(now, start_timeout),
+        running_since=None,
     )
 
 
@@ -185,6 +221,8 @@ def progress(item: ItemLife, epoch: int, state: ItemState, now: datetime, detail
         return item
     if _PROGRESS_ORDER.index(state) < _PROGRESS_ORDER.index(item.state):
         raise IllegalTransition(item.item_id, item.state, f"move back to {state.value}")
+    if state is ItemState.RUNNING:
+        return item._moved(now, state, message=detail, running_since=now)
     return item._moved(now, state, message=detail)
 
 
@@ -202,13 +240,21 @@ def complete(
     """The agent's verdict on the attempt: SUCCEEDED, CANCELLED, or a failure (which may be retried)."""
     item.check_epoch(epoch)
     if outcome is ItemState.SUCCEEDED:
-        return item._moved(now, ItemState.SUCCEEDED, reason=None, message=message, exit_code=exit_code)
+        return item._moved(
+            now,
+            ItemState.SUCCEEDED,
+            reason=None,
+            message=message,
+            exit_code=exit_code,
+            completed_epoch=epoch,
+        )
     if outcome is ItemState.CANCELLED and not item.cancel_requested:
         raise IllegalTransition(item.item_id, item.state, "complete it as CANCELLED: no cancel was requested")
     if outcome not in (ItemState.FAILED, ItemState.CANCELLED):
         raise IllegalTransition(item.item_id, item.state, f"complete it as {outcome.value}")
     failure = reason or FailureReason.JOB_FAILED
-    return end_attempt(item, failure, now, policy, message=message, exit_code=exit_code)
+    ended = end_attempt(item, failure, now, policy, message=message, exit_code=exit_code)
+    return replace(ended, completed_epoch=epoch)
 
 
 def release(item: ItemLife, epoch: int, now: datetime, policy: RetryPolicy, message: str = "") -> ItemLife:
@@ -249,7 +295,7 @@ def end_attempt(
             reason=reason,
             message=message,
             exit_code=exit_code,
-            eligible_time=now + policy.retry_delay,
+            eligible_time=later(now, policy.retry_delay),
         )
     return item._moved(now, ItemState.FAILED, reason=reason, message=message, exit_code=exit_code)
 

@@ -90,7 +90,10 @@ class ResolvedJob:
 
 @dataclass
 class Item:
-    """An item as the dispatcher holds it: what was enqueued, plus its life and its current lease."""
+    """An item as the dispatcher holds it: what was enqueued, and its life (state, lease and history).
+
+    ``life`` is the one owner of everything that changes; the properties below only read it.
+    """
 
     id: str
     queue: str
@@ -111,14 +114,8 @@ class Item:
     relaunched_from: str = ""
     seq: int = 0
     update_time: datetime | None = None
-    end_time: datetime | None = None
-    lease_id: str = ""
-    assign_time: datetime | None = None
-    start_deadline: datetime | None = None
-    running_since: datetime | None = None
-    completed_epoch: int = 0
-    history: list[Transition] = field(default_factory=list)
-    """Transitions already recorded, as read from the store; new ones wait in ``life.history``."""
+    committed: ItemLife | None = None
+    """The life as the store holds it (None until the item's first commit)."""
 
     @property
     def name(self) -> str:
@@ -127,6 +124,30 @@ class Item:
     @property
     def state(self) -> ItemState:
         return self.life.state
+
+    @property
+    def history(self) -> tuple[Transition, ...]:
+        return self.life.history
+
+    @property
+    def lease_id(self) -> str:
+        return self.life.lease_id
+
+    @property
+    def assign_time(self) -> datetime | None:
+        return self.life.assign_time
+
+    @property
+    def start_deadline(self) -> datetime | None:
+        return self.life.start_deadline
+
+    @property
+    def running_since(self) -> datetime | None:
+        return self.life.running_since
+
+    @property
+    def end_time(self) -> datetime | None:
+        return self.life.end_time
 
     @property
     def project(self) -> str:
@@ -250,7 +271,8 @@ class Ack:
 @dataclass(frozen=True, slots=True)
 class Reject:
     sequence: int
-    of: MessageKind
+    of: MessageKind | None
+    """None: the refused message was of no kind (no field set)."""
     lease_id: str
     reason: RejectReason
     message: str

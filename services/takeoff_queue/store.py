@@ -1,24 +1,30 @@
-"""The queue service's tables and the queries on them.
+"""The queue service's tables, and :class:`QueueStore`, which reads and writes them in domain terms.
 
 The database is the source of truth; the dispatcher keeps an in-memory index of the live part (queues,
-pending and leased items) that it rebuilds from here at start.
+pending and leased items) that it rebuilds from here at start. Nothing outside this module sees a
+connection or a session.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlmodel import JSON, Column, Field, LargeBinary, SQLModel
+from sqlmodel.ext.asyncio.session import AsyncSession
 
 from takeoff_queue.lifecycle import FailureReason, ItemLife, ItemState, Transition
 from takeoff_queue.model import Item, Priority, Queue, SourceKind
 from takeoff_queue.resource_config import ResourceKind
+from takeoff_server.database import Database
+from takeoff_server.group_commit import GroupCommitter
 from takeoff_server.idempotency import RequestIds, request_ids_table
 from takeoff_server.sqltypes import UtcDateTime
+
+T = TypeVar("T")
 
 
 class QueueRow(SQLModel, table=True):
@@ -108,93 +114,144 @@ items = ItemRow.__table__  # type: ignore[attr-defined]
 transitions = TransitionRow.__table__  # type: ignore[attr-defined]
 request_ids = RequestIds(request_ids_table("queue_request_ids", SQLModel.metadata))
 
-ITEM_DYNAMIC_COLUMNS = (
-    "state",
-    "attempt",
-    "epoch",
-    "completed_epoch",
-    "cancel_requested",
-    "eligible_time",
-    "update_time",
-    "end_time",
-    "lease_id",
-    "agent",
-    "assign_time",
-    "start_deadline",
-    "running_since",
-    "run",
-    "reason",
-    "message",
-    "exit_code",
-)
 LIVE_OR_PENDING = [s.value for s in ItemState if not s.is_terminal]
 
 
-async def insert_queue(connection: AsyncConnection, row: dict[str, Any]) -> None:
-    await connection.execute(queues.insert().values(**row))
+class QueueWrite:
+    """One transaction's worth of changes, in domain terms; :meth:`QueueStore.write` runs it."""
+
+    def __init__(self, connection: AsyncConnection) -> None:
+        self._connection = connection
+
+    async def insert_queue(self, queue: Queue) -> None:
+        await self._connection.execute(queues.insert().values(**queue_values(queue)))
+
+    async def update_queue(self, queue: Queue) -> None:
+        await self._connection.execute(
+            queues.update().where(queues.c.name == queue.name).values(**queue_values(queue))
+        )
+
+    async def delete_queue(self, name: str) -> None:
+        """The queue, its items and their transitions."""
+        item_ids = sa.select(items.c.id).where(items.c.queue == name)
+        await self._connection.execute(transitions.delete().where(transitions.c.item_id.in_(item_ids)))
+        await self._connection.execute(items.delete().where(items.c.queue == name))
+        await self._connection.execute(queues.delete().where(queues.c.name == name))
+
+    async def insert_item(self, item: Item) -> int:
+        """A new item with its whole history; returns its enqueue sequence number."""
+        result = await self._connection.execute(items.insert().values(**item_values(item)))
+        await self._insert_transitions(item.id, item.life.history)
+        seq = result.inserted_primary_key[0] if result.inserted_primary_key else None
+        assert seq is not None
+        return int(seq)
+
+    async def save_item(self, item_id: str, life: ItemLife, update_time: datetime, since: int) -> None:
+        """The item's state as ``life`` has it, and its transitions from index ``since`` on."""
+        await self._connection.execute(
+            items.update().where(items.c.id == item_id).values(**item_state_values(life, update_time))
+        )
+        await self._insert_transitions(item_id, life.history[since:])
+
+    async def remember(self, scope: str, request_id: str, fingerprint: str, result: str) -> None:
+        """Record what ``request_id`` made, in this transaction (see :mod:`takeoff_server.idempotency`)."""
+        await request_ids.record(
+            AsyncSession(bind=self._connection),
+            scope=scope,
+            request_id=request_id,
+            fingerprint=fingerprint,
+            result=result,
+        )
+
+    async def _insert_transitions(self, item_id: str, history: Sequence[Transition]) -> None:
+        rows = [
+            {
+                "item_id": item_id,
+                "time": t.time,
+                "from_state": t.from_state.value if t.from_state else None,
+                "to_state": t.to_state.value,
+                "reason": t.reason.value if t.reason else None,
+                "message": t.message,
+                "agent": t.agent,
+                "attempt": t.attempt,
+                "epoch": t.epoch,
+                "run": t.run,
+            }
+            for t in history
+        ]
+        if rows:
+            await self._connection.execute(transitions.insert(), rows)
 
 
-async def update_queue(connection: AsyncConnection, name: str, values: dict[str, Any]) -> None:
-    await connection.execute(queues.update().where(queues.c.name == name).values(**values))
+class QueueStore:
+    """The queue service's persistence in domain terms. Writes go through group commit: many changes
+    share one transaction, and nobody hears of a change before it is committed."""
+
+    def __init__(self, database: Database) -> None:
+        self._database = database
+        self._committer = GroupCommitter(database.engine)
+
+    async def write(self, changes: Callable[[QueueWrite], Awaitable[T]]) -> T:
+        """Run ``changes`` in a transaction (shared with other writers) and return once it is committed."""
+
+        async def work(connection: AsyncConnection) -> T:
+            return await changes(QueueWrite(connection))
+
+        return await self._committer.commit(work)
+
+    async def replay(self, scope: str, request_id: str, fingerprint: str) -> str | None:
+        """What an earlier request with this id made, or None for a new one (see
+        :meth:`takeoff_server.idempotency.RequestIds.replay`)."""
+        async with self._database.session() as session:
+            return await request_ids.replay(
+                session, scope=scope, request_id=request_id, fingerprint=fingerprint
+            )
+
+    async def load(self) -> tuple[list[Queue], list[Item]]:
+        """Every queue, and every item not yet ended (in enqueue order, with its history)."""
+        async with self._database.engine.connect() as connection:
+            found_queues = [
+                queue_from_row(dict(row)) for row in (await connection.execute(sa.select(queues))).mappings()
+            ]
+            unfinished = await _fetch_items(connection, states=LIVE_OR_PENDING)
+        return found_queues, [item_from_row(row) for row in reversed(unfinished)]
+
+    async def items(
+        self,
+        *,
+        item_ids: Sequence[str] | None = None,
+        queue: str | None = None,
+        project: str | None = None,
+        states: Sequence[ItemState] = (),
+        job: str | None = None,
+        before_seq: int | None = None,
+        limit: int | None = None,
+    ) -> list[Item]:
+        """Items newest first, each with its history."""
+        async with self._database.engine.connect() as connection:
+            rows = await _fetch_items(
+                connection,
+                item_ids=item_ids,
+                queue=queue,
+                project=project,
+                states=[state.value for state in states],
+                job=job,
+                before_seq=before_seq,
+                limit=limit,
+            )
+        return [item_from_row(row) for row in rows]
+
+    async def count_items_by_state(self, queue: str) -> dict[ItemState, int]:
+        async with self._database.engine.connect() as connection:
+            result = await connection.execute(
+                sa.select(items.c.state, sa.func.count())
+                .where(items.c.queue == queue)
+                .group_by(items.c.state)
+            )
+            return {ItemState(state): count for state, count in result.tuples()}
 
 
-async def delete_queue(connection: AsyncConnection, name: str) -> None:
-    item_ids = sa.select(items.c.id).where(items.c.queue == name)
-    await connection.execute(transitions.delete().where(transitions.c.item_id.in_(item_ids)))
-    await connection.execute(items.delete().where(items.c.queue == name))
-    await connection.execute(queues.delete().where(queues.c.name == name))
-
-
-async def load_queues(connection: AsyncConnection) -> list[dict[str, Any]]:
-    result = await connection.execute(sa.select(queues))
-    return [dict(row) for row in result.mappings()]
-
-
-async def load_unfinished_items(connection: AsyncConnection) -> list[dict[str, Any]]:
-    result = await connection.execute(
-        sa.select(items).where(items.c.state.in_(LIVE_OR_PENDING)).order_by(items.c.seq)
-    )
-    return [dict(row) for row in result.mappings()]
-
-
-async def insert_item(connection: AsyncConnection, row: dict[str, Any], history: Sequence[Transition]) -> int:
-    result = await connection.execute(items.insert().values(**row))
-    await insert_transitions(connection, row["id"], history)
-    seq = result.inserted_primary_key[0] if result.inserted_primary_key else None
-    assert seq is not None
-    return int(seq)
-
-
-async def save_item(
-    connection: AsyncConnection, item_id: str, values: dict[str, Any], history: Sequence[Transition]
-) -> None:
-    await connection.execute(items.update().where(items.c.id == item_id).values(**values))
-    await insert_transitions(connection, item_id, history)
-
-
-async def insert_transitions(
-    connection: AsyncConnection, item_id: str, history: Iterable[Transition]
-) -> None:
-    rows = [
-        {
-            "item_id": item_id,
-            "time": t.time,
-            "from_state": t.from_state.value if t.from_state else None,
-            "to_state": t.to_state.value,
-            "reason": t.reason.value if t.reason else None,
-            "message": t.message,
-            "agent": t.agent,
-            "attempt": t.attempt,
-            "epoch": t.epoch,
-            "run": t.run,
-        }
-        for t in history
-    ]
-    if rows:
-        await connection.execute(transitions.insert(), rows)
-
-
-async def fetch_items(
+async def _fetch_items(
     connection: AsyncConnection,
     *,
     item_ids: Sequence[str] | None = None,
@@ -205,7 +262,7 @@ async def fetch_items(
     before_seq: int | None = None,
     limit: int | None = None,
 ) -> list[dict[str, Any]]:
-    """Items newest first, each with its ``transitions`` (oldest first)."""
+    """Item rows newest first, each with its ``transitions`` (oldest first)."""
     query = sa.select(items).order_by(items.c.seq.desc())
     if item_ids is not None:
         query = query.where(items.c.id.in_(item_ids))
@@ -237,13 +294,6 @@ async def fetch_items(
         for row in found:
             row["transitions"] = by_item[row["id"]]
     return found
-
-
-async def count_items_by_state(connection: AsyncConnection, queue: str) -> dict[str, int]:
-    result = await connection.execute(
-        sa.select(items.c.state, sa.func.count()).where(items.c.queue == queue).group_by(items.c.state)
-    )
-    return {state: count for state, count in result.tuples()}
 
 
 def queue_values(queue: Queue) -> dict[str, Any]:
@@ -289,23 +339,22 @@ def queue_from_row(row: dict[str, Any]) -> Queue:
     )
 
 
-def item_state_values(item: Item) -> dict[str, Any]:
+def item_state_values(life: ItemLife, update_time: datetime) -> dict[str, Any]:
     """The columns that change over an item's life."""
-    life = item.life
     return {
         "state": life.state.value,
         "attempt": life.attempt,
         "epoch": life.epoch,
-        "completed_epoch": item.completed_epoch,
+        "completed_epoch": life.completed_epoch,
         "cancel_requested": life.cancel_requested,
         "eligible_time": life.eligible_time,
-        "update_time": item.update_time or item.life.enqueue_time,
-        "end_time": item.end_time,
-        "lease_id": item.lease_id,
+        "update_time": update_time,
+        "end_time": life.end_time,
+        "lease_id": life.lease_id,
         "agent": life.agent,
-        "assign_time": item.assign_time,
-        "start_deadline": item.start_deadline,
-        "running_since": item.running_since,
+        "assign_time": life.assign_time,
+        "start_deadline": life.start_deadline,
+        "running_since": life.running_since,
         "run": life.run,
         "reason": life.reason.value if life.reason else None,
         "message": life.message,
@@ -316,7 +365,7 @@ def item_state_values(item: Item) -> dict[str, Any]:
 def item_values(item: Item) -> dict[str, Any]:
     """Every column, for the insert at Enqueue."""
     return {
-        **item_state_values(item),
+        **item_state_values(item.life, item.update_time or item.life.enqueue_time),
         "id": item.id,
         "queue": item.queue,
         "job": item.job,
@@ -367,6 +416,13 @@ def item_from_row(row: dict[str, Any]) -> Item:
         reason=FailureReason(row["reason"]) if row["reason"] else None,
         message=row["message"],
         exit_code=row["exit_code"],
+        lease_id=row["lease_id"],
+        assign_time=row["assign_time"],
+        start_deadline=row["start_deadline"],
+        running_since=row["running_since"],
+        completed_epoch=row["completed_epoch"],
+        end_time=row["end_time"],
+        history=tuple(transition_from_row(t) for t in row.get("transitions", ())),
     )
     return Item(
         id=row["id"],
@@ -388,11 +444,5 @@ def item_from_row(row: dict[str, Any]) -> Item:
         relaunched_from=row["relaunched_from"],
         seq=row["seq"],
         update_time=row["update_time"],
-        end_time=row["end_time"],
-        lease_id=row["lease_id"],
-        assign_time=row["assign_time"],
-        start_deadline=row["start_deadline"],
-        running_since=row["running_since"],
-        completed_epoch=row["completed_epoch"],
-        history=[transition_from_row(t) for t in row.get("transitions", ())],
+        committed=life,
     )

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -140,6 +142,23 @@ class ScriptedAgent:
     async def heartbeat(self) -> None:
         await self.send(heartbeat=queue_pb2.LeaseRequest.Heartbeat())
 
+    @asynccontextmanager
+    async def heartbeating(self) -> AsyncIterator[None]:
+        """Heartbeat every Welcome.heartbeat_interval meanwhile, as a live agent does."""
+        assert self.welcome is not None
+        interval = self.welcome.heartbeat_interval.ToTimedelta().total_seconds()
+
+        async def beat() -> None:
+            while True:
+                await self.heartbeat()
+                await asyncio.sleep(interval)  # the protocol's pace, not a wait for anything
+
+        beating = asyncio.create_task(beat())
+        try:
+            yield
+        finally:
+            beating.cancel()
+
     async def progress(
         self, assignment: Response.Assignment, state: common_pb2.ItemState.ValueType
     ) -> queue_pb2.LeaseResponse:
@@ -184,6 +203,26 @@ class ScriptedAgent:
             self._reader.cancel()
         if self._channel is not None:
             await self._channel.close(grace=None)
+
+
+async def watch_until(
+    queues: queue_pb2_grpc.QueueServiceAsyncStub,
+    name: str,
+    wanted: Callable[[queue_pb2.Item], bool],
+    *,
+    within: float = 10.0,
+) -> queue_pb2.Item:
+    """The item as it is once ``wanted`` holds for it, following WatchItem (no polling)."""
+    seen: queue_pb2.Item | None = None
+    try:
+        async with asyncio.timeout(within):
+            async for update in queues.WatchItem(queue_pb2.WatchItemRequest(name=name)):
+                seen = update.item
+                if wanted(seen):
+                    return seen
+    except TimeoutError:
+        pass
+    raise AssertionError(f"{name} never got there within {within} s; last seen: {seen}")
 
 
 def error_details(error: grpc.aio.AioRpcError) -> tuple[str, list[str]]:

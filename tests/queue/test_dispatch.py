@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import timedelta
 from typing import TypeAlias
 
 import grpc
@@ -11,7 +12,7 @@ from google.protobuf import field_mask_pb2
 
 from takeoff.v1 import common_pb2, queue_pb2, queue_pb2_grpc
 from tests.queue.conftest import LEASE_TTL_SECONDS, NewQueue
-from tests.queue.harness import ScriptedAgent, struct
+from tests.queue.harness import ScriptedAgent, struct, watch_until
 
 Stub: TypeAlias = "queue_pb2_grpc.QueueServiceAsyncStub"  # a type only the stubs know
 LEASED = common_pb2.ITEM_STATE_LEASED
@@ -20,6 +21,8 @@ SUCCEEDED = common_pb2.ITEM_STATE_SUCCEEDED
 FAILED = common_pb2.ITEM_STATE_FAILED
 PENDING = common_pb2.ITEM_STATE_PENDING
 CANCELLED = common_pb2.ITEM_STATE_CANCELLED
+UNSPECIFIED_STATE = common_pb2.ITEM_STATE_UNSPECIFIED
+UNSPECIFIED_REASON = common_pb2.FAILURE_REASON_UNSPECIFIED
 
 
 async def enqueue(queues: Stub, queue: str, job: str, **fields: object) -> queue_pb2.Item:
@@ -30,16 +33,9 @@ async def item(queues: Stub, name: str) -> queue_pb2.Item:
     return (await queues.GetItem(queue_pb2.GetItemRequest(name=name))).item
 
 
-async def wait_state(
-    queues: Stub, name: str, state: common_pb2.ItemState.ValueType, deadline_seconds: float = 10
-) -> queue_pb2.Item:
-    deadline = asyncio.get_running_loop().time() + deadline_seconds
-    while True:
-        current = await item(queues, name)
-        if current.state == state:
-            return current
-        assert asyncio.get_running_loop().time() < deadline, f"{name} stayed {current.state}, wanted {state}"
-        await asyncio.sleep(0.05)
+def moves(shown: queue_pb2.Item) -> list[tuple[int, int, int]]:
+    """An item's history as (from state, to state, reason)."""
+    return [(t.from_state, t.to_state, t.reason) for t in shown.transitions]
 
 
 async def test_enqueued_item_is_pushed_to_an_idle_agent(
@@ -131,24 +127,34 @@ async def test_capacity_and_concurrency_limit(
     queues: Stub, new_queue: NewQueue, job: str, queue_address: str
 ) -> None:
     limited = await new_queue(concurrency_limit=1)
-    for _ in range(3):
-        await enqueue(queues, limited, job)
+    names = [(await enqueue(queues, limited, job)).name for _ in range(3)]
     first = await ScriptedAgent(queue_address).connect([limited], capacity=5)
     second = await ScriptedAgent(queue_address).connect([limited], capacity=5)
     try:
         assignment = (await first.next("assignment")).assignment
-        await first.nothing_for(0.5)
-        await second.nothing_for(0.2)  # the limit holds across agents
+        assert assignment.item.name == names[0]
+        # Each connect ran a dispatch pass before the heartbeat after it is answered; after both, the
+        # two agents, with room for ten, hold one lease between them.
+        await second.send(heartbeat=queue_pb2.LeaseRequest.Heartbeat())
+        assert (await second.next("ack")).ack.of == queue_pb2.LEASE_MESSAGE_KIND_HEARTBEAT
+        assert await _leases_held(queues, limited) == 1
+        assert (await item(queues, names[1])).state == PENDING
+
         await first.complete(assignment, SUCCEEDED)
-        both = [first, second]
-        winner = await _first_assignment(both)
-        assert winner is not None
+        winner = await _first_assignment([first, second])
+        assert winner.item.name == names[1]  # the next in line, and only it
+        assert await _leases_held(queues, limited) == 1
     finally:
         await first.close()
         await second.close()
 
 
-async def _first_assignment(agents: list[ScriptedAgent]) -> queue_pb2.LeaseResponse.Assignment | None:
+async def _leases_held(queues: Stub, queue: str) -> int:
+    agents = await queues.ListAgents(queue_pb2.ListAgentsRequest(queue=queue))
+    return sum(len(agent.leases) for agent in agents.agents)
+
+
+async def _first_assignment(agents: list[ScriptedAgent]) -> queue_pb2.LeaseResponse.Assignment:
     tasks = [asyncio.create_task(agent.next("assignment", within=5)) for agent in agents]
     done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
     for task in pending:
@@ -247,7 +253,9 @@ async def test_cancel_requested_item_whose_agent_never_returns_ends_cancelled(
     await agent.vanish()
     await queues.CancelItem(queue_pb2.CancelItemRequest(name=enqueued.name))
 
-    ended = await wait_state(queues, enqueued.name, CANCELLED, deadline_seconds=LEASE_TTL_SECONDS * 4)
+    ended = await watch_until(
+        queues, enqueued.name, lambda shown: shown.state == CANCELLED, within=LEASE_TTL_SECONDS * 4
+    )
     assert ended.attempt == 1  # never retried
 
 
@@ -259,10 +267,12 @@ async def test_heartbeats_keep_a_lease_past_its_ttl(
     agent = await ScriptedAgent(queue_address).connect([queue])
     try:
         await agent.next("assignment")
-        for _ in range(int(LEASE_TTL_SECONDS * 4)):
-            await agent.heartbeat()
-            await asyncio.sleep(0.5)
-        assert (await item(queues, enqueued.name)).state == LEASED
+        first_expiry = (await item(queues, enqueued.name)).lease_expire_time.ToDatetime()
+        async with agent.heartbeating():
+            await asyncio.sleep(LEASE_TTL_SECONDS * 2)  # time passing is the case, not a wait for it
+        held = await item(queues, enqueued.name)
+        assert held.state == LEASED
+        assert held.lease_expire_time.ToDatetime() > first_expiry + timedelta(seconds=LEASE_TTL_SECONDS)
     finally:
         await agent.close()
 
@@ -282,12 +292,14 @@ async def test_a_silent_agent_loses_the_item_to_another_with_attempt_two_in_its_
     assert (retried.state, retried.reason) == (PENDING, common_pb2.FAILURE_REASON_AGENT_LOST), (
         retried.transitions
     )
+    assert moves(retried)[-1] == (LEASED, PENDING, common_pb2.FAILURE_REASON_AGENT_LOST)
 
     rescuer = await ScriptedAgent(queue_address).connect([queue])
     try:
         assignment = (await rescuer.next("assignment")).assignment
         assert assignment.item.name == first.name  # ahead of the item enqueued after it
         assert (assignment.attempt, assignment.epoch) == (2, 2)
+        assert moves(assignment.item) == [*moves(retried), (PENDING, LEASED, UNSPECIFIED_REASON)]
         assert later.name != first.name
 
         # The zombie's report is refused, and its stream stays up.
@@ -318,7 +330,9 @@ async def test_a_zombie_complete_is_rejected_and_other_leases_carry_on(
         two = (await agent.next("assignment")).assignment
         await agent.send(
             complete=queue_pb2.LeaseRequest.Complete(
-                lease_id=one.lease_id, epoch=one.epoch - 1, outcome=SUCCEEDED
+                lease_id=one.lease_id,
+                epoch=one.epoch + 1,
+                outcome=SUCCEEDED,  # not the lease's epoch
             )
         )
         assert (await agent.next("reject")).reject.reason == queue_pb2.REJECT_REASON_LEASE_LOST
@@ -372,18 +386,32 @@ async def test_a_second_session_supersedes_the_first(queue_address: str, new_que
 async def test_start_timeout_revokes_and_retries(
     queues: Stub, new_queue: NewQueue, job: str, queue_address: str
 ) -> None:
-    queue = await new_queue(start_timeout={"seconds": 1}, max_attempts=1)
+    queue = await new_queue(start_timeout={"seconds": 1}, max_attempts=2)
     enqueued = await enqueue(queues, queue, job)
     agent = await ScriptedAgent(queue_address).connect([queue])
     try:
-        await agent.next("assignment")
-        for _ in range(6):
-            await agent.heartbeat()
-            await asyncio.sleep(0.25)
-        revoke = (await agent.next("revoke", within=5)).revoke
-        assert revoke.reason == queue_pb2.REVOKE_REASON_START_TIMEOUT
+        async with agent.heartbeating():  # a live agent whose job never starts
+            first = (await agent.next("assignment")).assignment
+            revoke = (await agent.next("revoke", within=5)).revoke
+            assert (revoke.lease_id, revoke.reason) == (first.lease_id, queue_pb2.REVOKE_REASON_START_TIMEOUT)
+            second = (await agent.next("assignment", within=5)).assignment
+            assert second.item.name == enqueued.name
+            assert (second.attempt, second.epoch) == (2, 2)
+            assert moves(second.item)[-2:] == [
+                (LEASED, PENDING, common_pb2.FAILURE_REASON_START_TIMEOUT),
+                (PENDING, LEASED, UNSPECIFIED_REASON),
+            ]
+            revoke = (await agent.next("revoke", within=5)).revoke
+            assert (revoke.lease_id, revoke.reason) == (
+                second.lease_id,
+                queue_pb2.REVOKE_REASON_START_TIMEOUT,
+            )
         ended = await item(queues, enqueued.name)
-        assert (ended.state, ended.reason) == (FAILED, common_pb2.FAILURE_REASON_START_TIMEOUT)
+        assert (ended.state, ended.reason, ended.attempt) == (
+            FAILED,
+            common_pb2.FAILURE_REASON_START_TIMEOUT,
+            2,
+        )
     finally:
         await agent.close()
 
@@ -439,6 +467,14 @@ async def test_job_failure_is_final_and_infra_failure_retries(
         assert ack.ack.state == PENDING
         retry = (await agent.next("assignment")).assignment
         assert retry.attempt == 2
+        # The assignment carries the item with every transition committed before it.
+        assert moves(retry.item) == moves(await item(queues, failing.name))
+        assert moves(retry.item) == [
+            (UNSPECIFIED_STATE, PENDING, UNSPECIFIED_REASON),
+            (PENDING, LEASED, UNSPECIFIED_REASON),
+            (LEASED, PENDING, common_pb2.FAILURE_REASON_BUILD_INFRA),
+            (PENDING, LEASED, UNSPECIFIED_REASON),
+        ]
         ack = await agent.complete(retry, outcome, reason=common_pb2.FAILURE_REASON_JOB_FAILED, exit_code=3)
         assert ack.ack.state == FAILED
         ended = await item(queues, failing.name)
