@@ -7,19 +7,26 @@ handler writes whatever the dispatcher puts in the session's outbox (Welcome, As
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
 import grpc
+from google.protobuf import duration_pb2
+from google.protobuf.field_mask_pb2 import FieldMask
+from google.protobuf.message import Message
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from takeoff.v1 import common_pb2, queue_pb2, queue_pb2_grpc
+from takeoff_queue import checks
 from takeoff_queue.book import EnqueueRequest, QueueBook
 from takeoff_queue.dispatcher import Dispatcher, Session
 from takeoff_queue.lifecycle import FailureReason, ItemState, Transition
 from takeoff_queue.model import (
     AGENT,
+    DEFAULT_START_TIMEOUT,
+    ITEM,
+    PROJECT,
     QUEUE,
     Ack,
     Agent,
@@ -45,25 +52,22 @@ from takeoff_queue.model import (
 )
 from takeoff_queue.resource_config import ResourceKind
 from takeoff_server.errors import Aborted, FieldViolation, InvalidArgument, NotFound, Unavailable
+from takeoff_server.names import ResourcePattern
 from takeoff_server.pagination import next_page_token, page_request
 from takeoff_server.protovalues import dict_to_struct, optional_duration, optional_timestamp, struct_to_dict
+from takeoff_server.validation import Problems, enum_member, field_error
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
 _RESOURCE_KIND_PROTOS: dict[ResourceKind, common_pb2.ResourceKind.ValueType] = {
     kind: common_pb2.ResourceKind.Value(f"RESOURCE_KIND_{kind.name}") for kind in ResourceKind
 }
-_RESOURCE_KINDS: dict[int, ResourceKind] = {number: kind for kind, number in _RESOURCE_KIND_PROTOS.items()}
 
 
 def _resource_kind(number: int, field: str) -> ResourceKind:
-    kind = _RESOURCE_KINDS.get(number)
+    kind = enum_member(ResourceKind, number, field=field, proto=common_pb2.ResourceKind)
     if kind is None:
-        raise InvalidArgument(
-            "ARGUMENT_INVALID",
-            f"{field} must be a resource kind",
-            violations=[FieldViolation(field, "required: local-process, local-container or kubernetes")],
-        )
+        raise field_error(field, "required: local-process, local-container or kubernetes")
     return kind
 
 
@@ -75,9 +79,8 @@ def _state_proto(state: ItemState | None) -> common_pb2.ItemState.ValueType:
     )
 
 
-def _state(number: int) -> ItemState | None:
-    name = common_pb2.ItemState.Name(number).removeprefix("ITEM_STATE_")  # type: ignore[arg-type]
-    return ItemState(name) if name != "UNSPECIFIED" else None
+def _state(number: int, field: str = "state") -> ItemState | None:
+    return enum_member(ItemState, number, field=field, proto=common_pb2.ItemState)
 
 
 def _reason_proto(reason: FailureReason | None) -> common_pb2.FailureReason.ValueType:
@@ -89,6 +92,20 @@ def _reason_proto(reason: FailureReason | None) -> common_pb2.FailureReason.Valu
 def _reason(number: int) -> FailureReason | None:
     name = common_pb2.FailureReason.Name(number).removeprefix("FAILURE_REASON_")  # type: ignore[arg-type]
     return FailureReason(name) if name != "UNSPECIFIED" else None
+
+
+# The range a google.protobuf.Duration may hold (duration.proto): about 10,000 years.
+_DURATION_SECONDS_LIMIT = 315_576_000_000
+
+
+def _duration(message: queue_pb2.Queue | queue_pb2.EnqueueRequest, field: str, prefix: str = "") -> timedelta:
+    """A Duration field as a timedelta; one the Duration spec does not allow (it would not even convert)
+    is INVALID_ARGUMENT. Its documented range is the domain's to check."""
+    value: duration_pb2.Duration = getattr(message, field)
+    nanos_agree = value.seconds == 0 or value.nanos == 0 or (value.seconds > 0) == (value.nanos > 0)
+    if abs(value.seconds) > _DURATION_SECONDS_LIMIT or abs(value.nanos) > 999_999_999 or not nanos_agree:
+        raise field_error(prefix + field, "not a valid google.protobuf.Duration (see duration.proto)")
+    return value.ToTimedelta()
 
 
 def _queue_from_proto(message: queue_pb2.Queue) -> Queue:
@@ -106,11 +123,11 @@ def _queue_from_proto(message: queue_pb2.Queue) -> Queue:
         prioritization=message.prioritization,
         max_attempts=message.max_attempts or 3,
         retry_job_failures=message.retry_job_failures,
-        retry_delay=message.retry_delay.ToTimedelta(),
-        start_timeout=message.start_timeout.ToTimedelta()
+        retry_delay=_duration(message, "retry_delay", "queue."),
+        start_timeout=_duration(message, "start_timeout", "queue.")
         if message.HasField("start_timeout")
-        else timedelta(minutes=30),
-        max_run_time=message.max_run_time.ToTimedelta() or None,  # unset or 0: unlimited
+        else DEFAULT_START_TIMEOUT,
+        max_run_time=_duration(message, "max_run_time", "queue.") or None,  # unset or 0: unlimited
         concurrency_limit=message.concurrency_limit,
         paused=message.paused,
         container_name=message.container_name,
@@ -417,6 +434,9 @@ class QueueApi(queue_pb2_grpc.QueueServiceServicer):
         counts = await self._book.item_counts(queue.name)
         return _queue_to_proto(queue, counts, self._book.agent_count(queue.name))
 
+    def _check_project(self, name: str, pattern: ResourcePattern, field: str) -> None:
+        checks.check_project(pattern.parse(name, field=field)["project"], self._dispatcher.queues)
+
     async def CreateQueue(
         self, request: queue_pb2.CreateQueueRequest, context: Context
     ) -> queue_pb2.CreateQueueResponse:
@@ -428,6 +448,7 @@ class QueueApi(queue_pb2_grpc.QueueServiceServicer):
     async def GetQueue(
         self, request: queue_pb2.GetQueueRequest, context: Context
     ) -> queue_pb2.GetQueueResponse:
+        self._check_project(request.name, QUEUE, "name")
         return queue_pb2.GetQueueResponse(queue=await self._queue_proto(self._book.queue(request.name)))
 
     async def ListQueues(
@@ -441,9 +462,14 @@ class QueueApi(queue_pb2_grpc.QueueServiceServicer):
             cursor_types=[str],
         )
         kind = _resource_kind(request.resource, "resource") if request.resource else None
+        self._check_project(request.parent, PROJECT, "parent")
         queues, last = self._book.list_queues(request.parent, page, kind)
+        shown = [await self._queue_proto(queue) for queue in queues]
+        fitting = _fitting(shown)
+        if fitting < len(shown):
+            last = queues[fitting - 1].name
         return queue_pb2.ListQueuesResponse(
-            queues=[await self._queue_proto(queue) for queue in queues],
+            queues=shown[:fitting],
             next_page_token=next_page_token(query, (last,)) if last else "",
         )
 
@@ -457,24 +483,9 @@ class QueueApi(queue_pb2_grpc.QueueServiceServicer):
                 "update_mask is required",
                 violations=[FieldViolation("update_mask", "required")],
             )
-        given = _queue_from_proto(request.queue) if request.queue.resource else None
-        mutable = {
-            "description",
-            "resource_config",
-            "template_variables",
-            "prioritization",
-            "max_attempts",
-            "retry_job_failures",
-            "retry_delay",
-            "start_timeout",
-            "max_run_time",
-            "concurrency_limit",
-            "paused",
-            "container_name",
-        }
         if paths == ["*"]:
-            paths = sorted(mutable)
-        bad = [path for path in paths if path not in mutable]
+            paths = sorted(_UPDATABLE_QUEUE_FIELDS)
+        bad = [path for path in paths if path not in _UPDATABLE_QUEUE_FIELDS]
         if bad:
             raise InvalidArgument(
                 "UPDATE_MASK_INVALID",
@@ -483,22 +494,26 @@ class QueueApi(queue_pb2_grpc.QueueServiceServicer):
                     FieldViolation("update_mask", f"{path} is not an updatable field") for path in bad
                 ],
             )
+        self._check_project(request.queue.name, QUEUE, "queue.name")
         current = self._book.queue(request.queue.name, field_name="queue.name")
-        source = given or _queue_from_proto(_with_resource(request.queue, current))
-        changes = {path: getattr(source, path) for path in paths}
-        if "max_run_time" in changes and not request.queue.HasField("max_run_time"):
-            changes["max_run_time"] = None
-        queue = await self._book.update_queue(current.name, changes)
+        # Only the masked fields are read from the request: whatever else it carries is ignored.
+        updated = _queue_to_proto(current)
+        FieldMask(paths=paths).MergeMessage(
+            request.queue, updated, replace_message_field=True, replace_repeated_field=True
+        )
+        source = _queue_from_proto(updated)
+        queue = await self._book.update_queue(current.name, {path: getattr(source, path) for path in paths})
         return queue_pb2.UpdateQueueResponse(queue=await self._queue_proto(queue))
 
     async def DeleteQueue(
         self, request: queue_pb2.DeleteQueueRequest, context: Context
     ) -> queue_pb2.DeleteQueueResponse:
+        self._check_project(request.name, QUEUE, "name")
         await self._book.delete_queue(request.name, force=request.force)
         return queue_pb2.DeleteQueueResponse()
 
     async def Enqueue(self, request: queue_pb2.EnqueueRequest, context: Context) -> queue_pb2.EnqueueResponse:
-        priority = int(request.priority) or int(common_pb2.PRIORITY_MEDIUM)
+        priority = enum_member(Priority, request.priority, field="priority", proto=common_pb2.Priority)
         item = await self._book.enqueue(
             EnqueueRequest(
                 queue=request.queue,
@@ -507,9 +522,9 @@ class QueueApi(queue_pb2_grpc.QueueServiceServicer):
                 entrypoint=list(request.entrypoint),
                 resource_config=struct_to_dict(request.resource_config),
                 template_variables=struct_to_dict(request.template_variables),
-                priority=Priority(priority),
+                priority=priority or Priority.MEDIUM,
                 max_attempts=request.max_attempts,
-                max_run_time=request.max_run_time.ToTimedelta() if request.HasField("max_run_time") else None,
+                max_run_time=_duration(request, "max_run_time") if request.HasField("max_run_time") else None,
                 run_display_name=request.run_display_name,
                 request_id=request.request_id,
                 traceparent=_traceparent(),
@@ -518,28 +533,50 @@ class QueueApi(queue_pb2_grpc.QueueServiceServicer):
         return queue_pb2.EnqueueResponse(item=self._item_proto(item))
 
     async def GetItem(self, request: queue_pb2.GetItemRequest, context: Context) -> queue_pb2.GetItemResponse:
+        self._check_project(request.name, ITEM, "name")
         return queue_pb2.GetItemResponse(item=self._item_proto(await self._book.get_item(request.name)))
 
     async def ListItems(
         self, request: queue_pb2.ListItemsRequest, context: Context
     ) -> queue_pb2.ListItemsResponse:
-        states = [state for state in map(_state, request.states) if state is not None]
-        query = {"parent": request.parent, "states": [s.value for s in states], "job": request.job}
+        states = [_state(number, f"states[{index}]") for index, number in enumerate(request.states)]
+        query = {
+            "parent": request.parent,
+            "states": [state.value if state else "" for state in states],
+            "job": request.job,
+        }
         page = page_request(
             page_size_requested=request.page_size,
             page_token=request.page_token,
             query=query,
             cursor_types=[int],
         )
-        items, last = await self._book.list_items(request.parent, states, page, request.job)
+        every_queue = request.parent.endswith("/queues/-")
+        if every_queue:
+            self._check_project(request.parent.removesuffix("/queues/-"), PROJECT, "parent")
+        else:
+            self._check_project(request.parent, QUEUE, "parent")
+        wanted = [state for state in states if state is not None]
+        if states and not wanted:
+            return queue_pb2.ListItemsResponse()  # ITEM_STATE_UNSPECIFIED matches nothing
+        items, last = await self._book.list_items(request.parent, wanted, page, request.job)
+        shown = [self._item_proto(item) for item in items]
+        fitting = _fitting(shown)
+        if fitting < len(shown):
+            last = items[fitting - 1].seq
         return queue_pb2.ListItemsResponse(
-            items=[self._item_proto(item) for item in items],
+            items=shown[:fitting],
             next_page_token=next_page_token(query, (last,)) if last is not None else "",
         )
 
     async def CancelItem(
         self, request: queue_pb2.CancelItemRequest, context: Context
     ) -> queue_pb2.CancelItemResponse:
+        problems = Problems()
+        checks.check_text(
+            request.message, field="message", max_chars=checks.MAX_CANCEL_MESSAGE_CHARS, problems=problems
+        )
+        problems.raise_if_any()
         item = await self._book.cancel_item(request.name, request.message or "cancelled by user")
         return queue_pb2.CancelItemResponse(item=self._item_proto(item))
 
@@ -572,6 +609,8 @@ class QueueApi(queue_pb2_grpc.QueueServiceServicer):
             query=query,
             cursor_types=[str],
         )
+        if request.queue:
+            QUEUE.parse(request.queue, field="queue")
         after = str(page.after[0]) if page.after else ""
         agents = sorted(
             (
@@ -583,11 +622,12 @@ class QueueApi(queue_pb2_grpc.QueueServiceServicer):
             ),
             key=lambda agent: agent.agent_id,
         )
-        shown = agents[: page.size]
-        more = len(agents) > page.size
+        shown = [_agent_to_proto(agent, self._dispatcher.items) for agent in agents[: page.size]]
+        fitting = _fitting(shown)
+        more = len(agents) > fitting
         return queue_pb2.ListAgentsResponse(
-            agents=[_agent_to_proto(agent, self._dispatcher.items) for agent in shown],
-            next_page_token=next_page_token(query, (shown[-1].agent_id,)) if more else "",
+            agents=shown[:fitting],
+            next_page_token=next_page_token(query, (agents[fitting - 1].agent_id,)) if more else "",
         )
 
     async def GetAgent(
@@ -645,12 +685,36 @@ class QueueApi(queue_pb2_grpc.QueueServiceServicer):
                 await self._dispatcher.handle(session, message)
 
 
-def _with_resource(message: queue_pb2.Queue, current: Queue) -> queue_pb2.Queue:
-    """An update's queue message with the (immutable) resource kind filled in, so it converts whole."""
-    filled = queue_pb2.Queue()
-    filled.CopyFrom(message)
-    filled.resource = _RESOURCE_KIND_PROTOS[current.resource]
-    return filled
+_UPDATABLE_QUEUE_FIELDS = frozenset(
+    {
+        "description",
+        "resource_config",
+        "template_variables",
+        "prioritization",
+        "max_attempts",
+        "retry_job_failures",
+        "retry_delay",
+        "start_timeout",
+        "max_run_time",
+        "concurrency_limit",
+        "paused",
+        "container_name",
+    }
+)
+
+_PAGE_BYTES = 3 * 1024 * 1024
+"""A List page ends before its messages pass this size (it always holds one), so that every response fits
+gRPC's default 4 MiB receive size; checks.py bounds each queue and item far below it."""
+
+
+def _fitting(messages: Sequence[Message]) -> int:
+    """How many of ``messages``, from the first, fit in one page."""
+    total = 0
+    for count, message in enumerate(messages):
+        total += message.ByteSize() + 8  # the repeated field's tag and length prefix
+        if total > _PAGE_BYTES and count:
+            return count
+    return len(messages)
 
 
 def _traceparent() -> str:

@@ -17,7 +17,7 @@ import jsonschema
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from takeoff_queue import lifecycle, resource_config, store
+from takeoff_queue import checks, lifecycle, resource_config, store
 from takeoff_queue.dispatcher import Dispatcher
 from takeoff_queue.lifecycle import ItemState
 from takeoff_queue.model import ITEM, PROJECT, QUEUE, Item, Priority, Queue, ResolvedJob, SourceKind
@@ -245,26 +245,64 @@ class QueueBook:
 
     def _validated_item(self, queue: Queue, job: ResolvedJob, request: EnqueueRequest) -> Item:
         problems = Problems()
-        run_config, config_problems = _filled_config(job, request.run_config)
-        for problem in config_problems:
-            problems.add("CONFIG_INVALID", problem.field, problem.description)
-        merged, variables, config_issues = resource_config.effective_config(
-            queue.resource,
-            queue.resource_config,
-            request.resource_config,
-            queue.variable_schemas,
-            request.template_variables,
-        )
-        for problem in config_issues:
-            by_variable = problem.field.startswith("template_variables")
-            reason = "TEMPLATE_VARIABLE_INVALID" if by_variable else "RESOURCE_CONFIG_INVALID"
-            problems.add(reason, problem.field, problem.description)
+        run_config: dict[str, Any] = {}
+        if checks.check_run_config(request.run_config, field="run_config", problems=problems) and (
+            job.input_schema is None
+            or checks.check_stored_schema(
+                job.input_schema,
+                field="job",
+                whose=f"the input schema of {job.version_name}",
+                problems=problems,
+            )
+        ):
+            run_config, config_problems = _filled_config(job, request.run_config)
+            for problem in config_problems:
+                problems.add("CONFIG_INVALID", problem.field, problem.description)
+            if not config_problems:  # the defaults filled in count too
+                checks.check_run_config(run_config, field="run_config", problems=problems)
+        merged: dict[str, Any] = {}
+        variables: dict[str, Any] = {}
+        usable = [
+            checks.check_config(request.resource_config, field="resource_config", problems=problems),
+            checks.check_config(request.template_variables, field="template_variables", problems=problems),
+            *(
+                checks.check_stored_schema(
+                    schema, field="queue", whose=f"the schema of template variable {name}", problems=problems
+                )
+                for name, schema in sorted(queue.variable_schemas.items())
+            ),
+        ]
+        if all(usable):
+            merged, variables, config_issues = resource_config.effective_config(
+                queue.resource,
+                queue.resource_config,
+                request.resource_config,
+                queue.variable_schemas,
+                request.template_variables,
+                max_json_bytes=checks.MAX_RESOURCE_CONFIG_JSON_BYTES,
+            )
+            for problem in config_issues:
+                by_variable = problem.field.startswith("template_variables")
+                reason = "TEMPLATE_VARIABLE_INVALID" if by_variable else "RESOURCE_CONFIG_INVALID"
+                problems.add(reason, problem.field, problem.description)
+            if not config_issues:  # filled with the variables, it must still fit an Assignment
+                checks.check_config(
+                    merged, field="resource_config", problems=problems, reason="RESOURCE_CONFIG_INVALID"
+                )
         if not 0 <= request.max_attempts <= MAX_ATTEMPTS_LIMIT:
             problems.add(
                 "ARGUMENT_INVALID", "max_attempts", f"must be 1..{MAX_ATTEMPTS_LIMIT} (0: the default)"
             )
-        if request.max_run_time is not None and request.max_run_time <= timedelta(0):
-            problems.add("ARGUMENT_INVALID", "max_run_time", "must be positive when set")
+        checks.check_duration(
+            request.max_run_time, field="max_run_time", at_most=checks.MAX_RUN_TIME, problems=problems
+        )
+        checks.check_entrypoint(request.entrypoint, problems)
+        checks.check_text(
+            request.run_display_name,
+            field="run_display_name",
+            max_chars=checks.MAX_RUN_DISPLAY_NAME_CHARS,
+            problems=problems,
+        )
         if job.source_kind is SourceKind.IMAGE and queue.resource is ResourceKind.LOCAL_PROCESS:
             problems.add(
                 "SOURCE_INCOMPATIBLE",
@@ -419,22 +457,40 @@ def _new_item_id() -> str:
 
 def _check_queue(queue: Queue) -> None:
     problems = Problems()
-    declared = queue.variable_schemas
-    for problem in resource_config.check_variable_declarations(declared, queue.resource_config):
-        reason = "SCHEMA_INVALID" if problem.field.endswith(".schema") else "TEMPLATE_VARIABLE_INVALID"
-        problems.add(reason, problem.field, problem.description)
-    # Any value will do to check the config's shape; the types are checked per item at Enqueue.
-    sample = resource_config.fill(queue.resource_config, dict.fromkeys(declared, 1))
-    for problem in resource_config.check_for_resource(queue.resource, sample, "queue.resource_config"):
-        problems.add("RESOURCE_CONFIG_INVALID", problem.field, problem.description)
+    checks.check_text(
+        queue.description,
+        field="queue.description",
+        max_chars=checks.MAX_DESCRIPTION_CHARS,
+        problems=problems,
+    )
+    config_sized = checks.check_config(
+        queue.resource_config, field="queue.resource_config", problems=problems
+    )
+    if checks.check_template_variables(queue.template_variables, problems):
+        resource_config.check_variable_declarations(
+            queue.variable_schemas, queue.resource_config if config_sized else {}, problems
+        )
+    if config_sized:
+        for problem in resource_config.check_for_resource(
+            queue.resource, queue.resource_config, "queue.resource_config", unfilled=True
+        ):
+            problems.add("RESOURCE_CONFIG_INVALID", problem.field, problem.description)
+    checks.check_container_name(queue.container_name, problems)
     if not 1 <= queue.max_attempts <= MAX_ATTEMPTS_LIMIT:
         problems.add("ARGUMENT_INVALID", "queue.max_attempts", f"must be 1..{MAX_ATTEMPTS_LIMIT} (0: 3)")
     if queue.concurrency_limit < 0:
         problems.add("ARGUMENT_INVALID", "queue.concurrency_limit", "must not be negative (0: unlimited)")
-    if queue.start_timeout <= timedelta(0):
-        problems.add("ARGUMENT_INVALID", "queue.start_timeout", "must be positive")
-    if queue.retry_delay < timedelta(0):
-        problems.add("ARGUMENT_INVALID", "queue.retry_delay", "must not be negative")
-    if queue.max_run_time is not None and queue.max_run_time <= timedelta(0):
-        problems.add("ARGUMENT_INVALID", "queue.max_run_time", "must be positive when set")
+    checks.check_duration(
+        queue.start_timeout, field="queue.start_timeout", at_most=checks.MAX_START_TIMEOUT, problems=problems
+    )
+    checks.check_duration(
+        queue.retry_delay,
+        field="queue.retry_delay",
+        at_most=checks.MAX_RETRY_DELAY,
+        zero_allowed=True,
+        problems=problems,
+    )
+    checks.check_duration(
+        queue.max_run_time, field="queue.max_run_time", at_most=checks.MAX_RUN_TIME, problems=problems
+    )
     problems.raise_if_any()

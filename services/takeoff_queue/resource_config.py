@@ -1,5 +1,5 @@
 """A queue's resource config: template variables, deep merge with an item's override, and the checks per
-resource kind (DESIGN.md §7).
+resource kind (docs/design.md §7).
 
 Merge rules: dicts merge key by key; lists are replaced, except the Kubernetes lists ``containers``,
 ``env``, ``volumes`` and ``volumeMounts``, whose entries merge by ``name``. A ``{{var}}`` that is a whole
@@ -13,12 +13,12 @@ import copy
 import enum
 import json
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
-import jsonschema
-
-from takeoff_server.errors import FieldViolation
+from takeoff_server.errors import FieldViolation, InvalidArgument
+from takeoff_server.schemas import check_json_schema, schema_validator
+from takeoff_server.validation import Problems
 
 JsonObject = dict[str, Any]
 
@@ -123,31 +123,39 @@ def _as_text(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
 
-def check_variable_declarations(variables: Mapping[str, JsonObject], config: Any) -> list[FieldViolation]:
-    """A queue's declarations: valid names and schemas (with a ``type``), and no undeclared placeholder."""
-    problems = []
+def is_placeholder(value: Any) -> bool:
+    """Whether ``value`` is a whole ``{{var}}`` string, which Enqueue replaces by the typed value."""
+    return isinstance(value, str) and _PLACEHOLDER.fullmatch(value.strip()) is not None
+
+
+def check_variable_declarations(variables: Mapping[str, JsonObject], config: Any, problems: Problems) -> None:
+    """A queue's declarations: valid names, complete schemas (with a ``type``) whose defaults validate, and
+    no undeclared placeholder."""
     for name, schema in variables.items():
         where = f"queue.template_variables[{name}]"
         if not _VARIABLE_NAME.match(name):
-            problems.append(FieldViolation(where, "names are 1-63 of [A-Za-z0-9_], starting with a letter"))
+            problems.add(
+                "TEMPLATE_VARIABLE_INVALID", where, "names are 1-63 of [A-Za-z0-9_], starting with a letter"
+            )
             continue
         if "type" not in schema:
-            problems.append(FieldViolation(f"{where}.schema", "the schema must say the value's `type`"))
+            problems.add("SCHEMA_INVALID", f"{where}.schema", "the schema must say the value's `type`")
             continue
         try:
-            jsonschema.Draft202012Validator.check_schema(schema)
-        except jsonschema.SchemaError as error:
-            problems.append(FieldViolation(f"{where}.schema", f"not a valid JSON Schema: {error.message}"))
+            check_json_schema(schema, field=f"{where}.schema")
+        except InvalidArgument as error:
+            for violation in error.violations:
+                problems.add(error.reason, violation.field, violation.description)
             continue
         if "default" in schema:
-            problems.extend(_violations(schema, schema["default"], f"{where}.schema.default"))
+            for problem in _violations(schema, schema["default"], f"{where}.schema.default"):
+                problems.add("TEMPLATE_VARIABLE_INVALID", problem.field, problem.description)
     for name in sorted(placeholders(config) - set(variables)):
-        problems.append(
-            FieldViolation(
-                "queue.resource_config", f"uses {{{{{name}}}}}, which is not a declared template variable"
-            )
+        problems.add(
+            "TEMPLATE_VARIABLE_INVALID",
+            "queue.resource_config",
+            f"uses {{{{{name}}}}}, which is not a declared template variable",
         )
-    return problems
 
 
 def resolve_variables(
@@ -175,44 +183,150 @@ def resolve_variables(
     return values, problems
 
 
+def _field(where: str, path: Iterable[str | int]) -> str:
+    """``where`` followed by a JSON path: ``.key`` for object members, ``[i]`` for list entries."""
+    return where + "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in path)
+
+
 def _violations(schema: JsonObject, value: Any, where: str) -> list[FieldViolation]:
-    validator = jsonschema.Draft202012Validator(schema)
+    validator = schema_validator(schema)
     return [
-        FieldViolation(where + "".join(f".{p}" for p in error.absolute_path), error.message)
-        for error in sorted(validator.iter_errors(value), key=lambda e: list(e.absolute_path))
+        FieldViolation(_field(where, error.absolute_path), error.message)
+        for error in sorted(validator.iter_errors(value), key=lambda e: [str(p) for p in e.absolute_path])
     ]
 
 
-def check_for_resource(kind: ResourceKind, config: JsonObject, where: str) -> list[FieldViolation]:
-    """Whether the runner for ``kind`` can take ``config``."""
-    if kind is ResourceKind.KUBERNETES:
-        problems = []
-        for key, expected in (("apiVersion", "batch/v1"), ("kind", "Job")):
-            if key in config and config[key] != expected:
-                problems.append(
-                    FieldViolation(f"{where}.{key}", f"must be {expected!r} for a kubernetes queue")
-                )
-        containers = config.get("spec", {}).get("template", {}).get("spec", {}).get("containers", [])
-        if not isinstance(containers, list) or any(
-            not isinstance(c, dict) or "name" not in c for c in containers
-        ):
-            problems.append(
-                FieldViolation(
-                    f"{where}.spec.template.spec.containers", "must be a list of containers with names"
-                )
+_PLAIN_VALUE = {"type": ["string", "number", "boolean"], "pattern": "^[^\\x00]*$", "maxLength": 65536}
+_ENVIRONMENT = {
+    "type": "object",
+    "propertyNames": {"pattern": "^[^=\\x00]+$"},
+    "additionalProperties": _PLAIN_VALUE,
+}
+_NAMED_ENTRIES = {
+    "type": "array",
+    "items": {
+        "type": "object",
+        "required": ["name"],
+        "properties": {"name": {"type": "string", "minLength": 1}},
+    },
+}
+_OBJECT_META = {
+    "type": "object",
+    "properties": {
+        "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+        "annotations": {"type": "object", "additionalProperties": {"type": "string"}},
+    },
+}
+_CONTAINER = {
+    "type": "object",
+    "required": ["name"],
+    "properties": {
+        "name": {"type": "string", "minLength": 1},
+        "command": {"type": "array", "items": {"type": "string"}},
+        "args": {"type": "array", "items": {"type": "string"}},
+        "env": _NAMED_ENTRIES,
+        "volumeMounts": _NAMED_ENTRIES,
+        "resources": {"type": "object"},
+    },
+}
+_SIZE = {"type": ["string", "integer"], "minimum": 0}
+
+# What each runner can take, as JSON Schemas of the shapes it reads. The option allow-lists are checked
+# apart, to name each refused option as its own field.
+SHAPES: dict[ResourceKind, JsonObject] = {
+    ResourceKind.LOCAL_PROCESS: {"type": "object", "properties": {"env": _ENVIRONMENT}},
+    ResourceKind.LOCAL_CONTAINER: {
+        "type": "object",
+        "properties": {
+            "gpus": {"type": ["integer", "string", "array"], "items": {"type": "string"}},
+            "cpus": {"type": ["number", "string"]},
+            "mem_limit": _SIZE,
+            "memswap_limit": {"type": ["string", "integer"]},
+            "shm_size": _SIZE,
+            "env": _ENVIRONMENT,
+            "volumes": {"type": ["object", "array"], "items": {"type": "string"}},
+            "user": {"type": ["string", "integer"]},
+            "ipc_mode": {"type": "string"},
+            "ulimits": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["name"],
+                    "properties": {
+                        "name": {"type": "string"},
+                        "soft": {"type": "integer"},
+                        "hard": {"type": "integer"},
+                    },
+                },
+            },
+        },
+    },
+    ResourceKind.KUBERNETES: {
+        "type": "object",
+        "properties": {
+            "apiVersion": {"const": "batch/v1"},
+            "kind": {"const": "Job"},
+            "metadata": _OBJECT_META,
+            "spec": {
+                "type": "object",
+                "properties": {
+                    "template": {
+                        "type": "object",
+                        "properties": {
+                            "metadata": _OBJECT_META,
+                            "spec": {
+                                "type": "object",
+                                "properties": {
+                                    "containers": {"type": "array", "items": _CONTAINER},
+                                    "initContainers": {"type": "array", "items": _CONTAINER},
+                                    "volumes": _NAMED_ENTRIES,
+                                },
+                            },
+                        },
+                    },
+                },
+            },
+        },
+    },
+}
+_SHAPE_VALIDATORS = {kind: schema_validator(shape) for kind, shape in SHAPES.items()}
+
+
+def check_for_resource(
+    kind: ResourceKind, config: Any, where: str, *, unfilled: bool = False
+) -> list[FieldViolation]:
+    """Whether the runner for ``kind`` can take ``config``: known options only, each of the shape the
+    runner reads. With ``unfilled`` (a queue's default, before Enqueue fills it), a whole ``{{var}}``
+    stands for a value of any shape: its variable's schema is checked at each Enqueue, the filled
+    config again."""
+    problems = []
+    if kind is not ResourceKind.KUBERNETES and isinstance(config, dict):
+        allowed = CONTAINER_OPTIONS if kind is ResourceKind.LOCAL_CONTAINER else PROCESS_OPTIONS
+        problems += [
+            FieldViolation(
+                f"{where}.{key}",
+                f"not an option of {kind.value} queues (allowed: {', '.join(sorted(allowed))})",
             )
-        return problems
-    allowed = CONTAINER_OPTIONS if kind is ResourceKind.LOCAL_CONTAINER else PROCESS_OPTIONS
-    problems = [
-        FieldViolation(
-            f"{where}.{key}", f"not an option of {kind.value} queues (allowed: {', '.join(sorted(allowed))})"
-        )
-        for key in sorted(set(config) - allowed)
-    ]
-    env = config.get("env", {})
-    if not isinstance(env, dict) or any(not isinstance(v, str | int | float | bool) for v in env.values()):
-        problems.append(FieldViolation(f"{where}.env", "must map variable names to plain values"))
+            for key in sorted(set(config) - allowed, key=str)
+        ]
+    for error in sorted(
+        _SHAPE_VALIDATORS[kind].iter_errors(config), key=lambda e: [str(p) for p in e.absolute_path]
+    ):
+        if unfilled and is_placeholder(error.instance):
+            continue
+        problems.append(FieldViolation(_field(where, error.absolute_path), error.message))
     return problems
+
+
+def filled_size(config: Any, values: Mapping[str, Any]) -> int:
+    """An upper bound on the size of ``fill(config, values)`` as JSON, found without filling it: a config
+    that uses a large value many times must be refused before it is built."""
+    size = len(json.dumps(config))
+    for text in _strings(config):
+        for match in _PLACEHOLDER.finditer(text):
+            if match.group(1) in values:
+                size += len(json.dumps(values[match.group(1)]))
+    return size
 
 
 def effective_config(
@@ -221,8 +335,14 @@ def effective_config(
     override: JsonObject,
     declared: Mapping[str, JsonObject],
     given_values: Mapping[str, Any],
+    *,
+    max_json_bytes: int,
 ) -> tuple[JsonObject, JsonObject, list[FieldViolation]]:
-    """The config the runner gets for one item, the variable values used, and every problem found."""
+    """The config the runner gets for one item, the variable values used, and every problem found.
+
+    The queue's schemas must be complete (``check_json_schema``); the filled config may be at most
+    ``max_json_bytes`` as JSON.
+    """
     values, problems = resolve_variables(declared, given_values)
     for name in sorted(placeholders(override) - set(declared)):
         problems.append(
@@ -230,5 +350,9 @@ def effective_config(
         )
     if problems:
         return {}, values, problems
-    merged = fill(deep_merge(queue_default, override, by_name=kind is ResourceKind.KUBERNETES), values)
+    merged = deep_merge(queue_default, override, by_name=kind is ResourceKind.KUBERNETES)
+    if filled_size(merged, values) > max_json_bytes:
+        problem = f"filled with its template variables, it would exceed {max_json_bytes} bytes as JSON"
+        return {}, values, [FieldViolation("resource_config", problem)]
+    merged = fill(merged, values)
     return merged, values, check_for_resource(kind, merged, "resource_config")

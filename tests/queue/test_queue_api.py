@@ -242,7 +242,7 @@ async def test_an_invalid_variable_schema_is_schema_invalid(queues: Stub) -> Non
     assert (code, reason, fields) == (
         grpc.StatusCode.INVALID_ARGUMENT,
         "SCHEMA_INVALID",
-        ["queue.template_variables[n].schema"],
+        ["queue.template_variables[n].schema['minimum']"],
     )
 
 

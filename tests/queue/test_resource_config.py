@@ -2,13 +2,20 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 from takeoff_queue.resource_config import (
     ResourceKind,
+    check_for_resource,
     check_variable_declarations,
     deep_merge,
     effective_config,
     fill,
 )
+from takeoff_server.errors import InvalidArgument
+from takeoff_server.validation import Problems
+
+LIMIT = 1024 * 1024
 
 JOB_TEMPLATE: dict[str, Any] = {
     "apiVersion": "batch/v1",
@@ -71,13 +78,15 @@ def test_variables_are_defaulted_validated_and_filled() -> None:
     declared = {"cpu": {"type": "integer", "minimum": 1, "maximum": 8, "default": 2}}
 
     config, values, problems = effective_config(
-        ResourceKind.KUBERNETES, JOB_TEMPLATE, {}, declared, {"cpu": 4}
+        ResourceKind.KUBERNETES, JOB_TEMPLATE, {}, declared, {"cpu": 4}, max_json_bytes=LIMIT
     )
     assert problems == []
     assert values == {"cpu": 4}
     assert config["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"] == 4
 
-    _, defaulted, _ = effective_config(ResourceKind.KUBERNETES, JOB_TEMPLATE, {}, declared, {})
+    _, defaulted, _ = effective_config(
+        ResourceKind.KUBERNETES, JOB_TEMPLATE, {}, declared, {}, max_json_bytes=LIMIT
+    )
     assert defaulted == {"cpu": 2}
 
 
@@ -88,7 +97,12 @@ def test_every_variable_problem_is_its_own_violation() -> None:
     }
 
     _, _, problems = effective_config(
-        ResourceKind.LOCAL_CONTAINER, {"cpus": "{{cpu}}"}, {}, declared, {"cpu": 64, "colour": "red"}
+        ResourceKind.LOCAL_CONTAINER,
+        {"cpus": "{{cpu}}"},
+        {},
+        declared,
+        {"cpu": 64, "colour": "red"},
+        max_json_bytes=LIMIT,
     )
 
     assert {p.field for p in problems} == {
@@ -106,27 +120,97 @@ def test_options_outside_the_allow_list_are_refused() -> None:
         {"privileged": True, "network_mode": "host"},
         {},
         {},
+        max_json_bytes=LIMIT,
     )
 
     assert sorted(p.field for p in problems) == ["resource_config.network_mode", "resource_config.privileged"]
 
 
 def test_a_kubernetes_config_must_be_a_job() -> None:
-    _, _, problems = effective_config(ResourceKind.KUBERNETES, {"kind": "Deployment"}, {}, {}, {})
+    _, _, problems = effective_config(
+        ResourceKind.KUBERNETES, {"kind": "Deployment"}, {}, {}, {}, max_json_bytes=LIMIT
+    )
 
     assert [p.field for p in problems] == ["resource_config.kind"]
 
 
 def test_queue_declarations_are_checked() -> None:
-    problems = check_variable_declarations(
-        {"cpu": {"minimum": 1}, "9lives": {"type": "integer"}, "gpu": {"type": "integer", "default": "many"}},
+    problems = Problems()
+    check_variable_declarations(
+        {
+            "cpu": {"minimum": 1},
+            "9lives": {"type": "integer"},
+            "gpu": {"type": "integer", "default": "many"},
+            "zone": {"type": "string", "$ref": "#/$defs/nowhere"},
+        },
         {"cpus": "{{cpu}}", "image": "{{tag}}"},
+        problems,
     )
 
-    fields = sorted(p.field for p in problems)
-    assert fields == [
+    with pytest.raises(InvalidArgument) as refused:
+        problems.raise_if_any()
+    assert sorted(v.field for v in refused.value.violations) == [
         "queue.resource_config",
         "queue.template_variables[9lives]",
         "queue.template_variables[cpu].schema",
         "queue.template_variables[gpu].schema.default",
+        "queue.template_variables[zone].schema",
     ]
+
+
+@pytest.mark.parametrize(
+    ("kind", "config", "field"),
+    [
+        (ResourceKind.KUBERNETES, {"spec": "a string"}, "resource_config.spec"),
+        (ResourceKind.KUBERNETES, {"spec": {"template": []}}, "resource_config.spec.template"),
+        (
+            ResourceKind.KUBERNETES,
+            {"metadata": {"labels": {"team": 3}}},
+            "resource_config.metadata.labels.team",
+        ),
+        (
+            ResourceKind.KUBERNETES,
+            {"spec": {"template": {"spec": {"containers": {"name": "main"}}}}},
+            "resource_config.spec.template.spec.containers",
+        ),
+        (
+            ResourceKind.KUBERNETES,
+            {"spec": {"template": {"spec": {"containers": [{"name": "main", "env": [{"value": "1"}]}]}}}},
+            "resource_config.spec.template.spec.containers[0].env[0]",
+        ),
+        (ResourceKind.LOCAL_CONTAINER, {"cpus": {"many": True}}, "resource_config.cpus"),
+        (ResourceKind.LOCAL_CONTAINER, {"ulimits": {"nofile": 1}}, "resource_config.ulimits"),
+        (ResourceKind.LOCAL_CONTAINER, {"env": ["A=1"]}, "resource_config.env"),
+        (ResourceKind.LOCAL_PROCESS, {"env": {"A": {"nested": 1}}}, "resource_config.env.A"),
+        (ResourceKind.LOCAL_PROCESS, {"env": {"A": "nul\x00byte"}}, "resource_config.env.A"),
+    ],
+)
+def test_a_config_of_the_wrong_shape_is_named_not_a_crash(
+    kind: ResourceKind, config: dict[str, Any], field: str
+) -> None:
+    for default, override in (({}, config), (config, {})):  # a queue's default, an item's override
+        _, _, problems = effective_config(kind, default, override, {}, {}, max_json_bytes=LIMIT)
+        assert [p.field for p in problems] == [field]
+
+
+def test_a_placeholder_stands_for_any_shape_until_enqueue_fills_it() -> None:
+    default = {"spec": "{{spec}}"}
+    assert check_for_resource(ResourceKind.KUBERNETES, default, "queue.resource_config", unfilled=True) == []
+
+    declared = {"spec": {"type": "string"}}
+    _, _, problems = effective_config(
+        ResourceKind.KUBERNETES, default, {}, declared, {"spec": "flat"}, max_json_bytes=LIMIT
+    )
+    assert [p.field for p in problems] == ["resource_config.spec"]
+
+
+def test_a_value_used_many_times_cannot_blow_the_config_up() -> None:
+    default = {"env": {f"V{i}": "{{blob}}" for i in range(100)}}
+    declared = {"blob": {"type": "string"}}
+
+    merged, _, problems = effective_config(
+        ResourceKind.LOCAL_PROCESS, default, {}, declared, {"blob": "x" * 20_000}, max_json_bytes=LIMIT
+    )
+
+    assert merged == {}
+    assert [p.field for p in problems] == ["resource_config"]

@@ -1,0 +1,181 @@
+"""Bounds on what clients send the queue service (queue.proto documents each), and where projects exist.
+
+What is accepted must stay usable: every duration fits date arithmetic whatever the clock says, and every
+queue and item fits the messages that carry it (Queue, Item, an agent's Assignment) far under gRPC's
+default 4 MiB receive size and protobuf's recursion limit, so a client can list it and an agent can decode
+its work. Text holds no NUL character, which PostgreSQL cannot store.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+from collections.abc import Iterable, Mapping
+from datetime import timedelta
+from typing import Any
+
+from takeoff_server.errors import InvalidArgument, NotFound
+from takeoff_server.schemas import MAX_SCHEMA_DEPTH, check_json_schema
+from takeoff_server.validation import MAX_CONFIG_BYTES, MAX_CONFIG_DEPTH, Problems, check_struct
+
+MAX_DESCRIPTION_CHARS = 4096
+MAX_VARIABLE_DESCRIPTION_CHARS = 1024
+MAX_TEMPLATE_VARIABLES = 64
+MAX_CONTAINER_NAME_CHARS = 63
+_CONTAINER_NAME = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+MAX_RUN_DISPLAY_NAME_CHARS = 256
+MAX_CANCEL_MESSAGE_CHARS = 1024
+MAX_ENTRYPOINT_ARGS = 256
+MAX_ENTRYPOINT_BYTES = 64 * 1024
+MAX_RUN_CONFIG_JSON_BYTES = 96 * 1024
+"""A run config reaches the job as JSON in TAKEOFF_CONFIG; Linux allows 128 KiB per environment string."""
+MAX_RESOURCE_CONFIG_JSON_BYTES = 1024 * 1024
+"""How large a filled resource config may grow before it is built (its Struct limit is checked after)."""
+
+MAX_RETRY_DELAY = timedelta(days=7)
+MAX_START_TIMEOUT = timedelta(days=7)
+MAX_RUN_TIME = timedelta(days=365)
+
+
+def check_text(value: str, *, field: str, max_chars: int, problems: Problems) -> None:
+    if len(value) > max_chars:
+        problems.add("ARGUMENT_INVALID", field, f"must be at most {max_chars} characters (got {len(value)})")
+    if "\x00" in value:
+        problems.add("ARGUMENT_INVALID", field, "must not contain NUL characters")
+
+
+def check_duration(
+    value: timedelta | None,
+    *,
+    field: str,
+    at_most: timedelta,
+    problems: Problems,
+    zero_allowed: bool = False,
+) -> None:
+    """``value`` (None: unset) must lie in (0, at_most], or [0, at_most] when ``zero_allowed``."""
+    if value is None:
+        return
+    lowest = "0" if zero_allowed else "more than 0"
+    if value < timedelta(0) or (value == timedelta(0) and not zero_allowed) or value > at_most:
+        problems.add(
+            "ARGUMENT_INVALID",
+            field,
+            f"must be {lowest} and at most {_spoken(at_most)} (got {value.total_seconds():g} s)",
+        )
+
+
+def _spoken(span: timedelta) -> str:
+    return f"{span.days} days" if span.days and not span.seconds else f"{span.total_seconds():g} s"
+
+
+def check_config(
+    value: Mapping[str, Any],
+    *,
+    field: str,
+    problems: Problems,
+    reason: str = "ARGUMENT_INVALID",
+    max_depth: int = MAX_CONFIG_DEPTH,
+) -> bool:
+    """A Struct's value (a config, template values): size, depth, finite numbers. False: refused."""
+    try:
+        check_struct(value, field=field, max_bytes=MAX_CONFIG_BYTES, max_depth=max_depth)
+    except InvalidArgument as error:
+        for violation in error.violations:
+            problems.add(reason, violation.field, violation.description)
+        return False
+    return True
+
+
+def check_run_config(value: Mapping[str, Any], *, field: str, problems: Problems) -> bool:
+    if not check_config(value, field=field, problems=problems):
+        return False
+    size = len(json.dumps(value))  # as the agent writes TAKEOFF_CONFIG
+    if size > MAX_RUN_CONFIG_JSON_BYTES:
+        problems.add(
+            "ARGUMENT_INVALID",
+            field,
+            f"is {size} bytes as JSON; at most {MAX_RUN_CONFIG_JSON_BYTES} are allowed (the job gets it in "
+            "an environment variable)",
+        )
+        return False
+    return True
+
+
+def check_template_variables(variables: Mapping[str, Mapping[str, Any]], problems: Problems) -> bool:
+    """A queue's declarations as a whole: how many, their descriptions, their size together. False: the
+    schemas are not worth looking at one by one."""
+    for name, variable in variables.items():
+        check_text(
+            variable.get("description", ""),
+            field=f"queue.template_variables[{name}].description",
+            max_chars=MAX_VARIABLE_DESCRIPTION_CHARS,
+            problems=problems,
+        )
+    if len(variables) > MAX_TEMPLATE_VARIABLES:
+        problems.add(
+            "ARGUMENT_INVALID",
+            "queue.template_variables",
+            f"at most {MAX_TEMPLATE_VARIABLES} variables (got {len(variables)})",
+        )
+        return False
+    # Each schema's depth is check_json_schema's to limit; its place in the map adds two levels.
+    return check_config(
+        variables, field="queue.template_variables", problems=problems, max_depth=MAX_SCHEMA_DEPTH + 2
+    )
+
+
+def check_container_name(name: str, problems: Problems) -> None:
+    if name and not _CONTAINER_NAME.fullmatch(name):
+        problems.add(
+            "ARGUMENT_INVALID",
+            "queue.container_name",
+            f"must be a Kubernetes container name: 1-{MAX_CONTAINER_NAME_CHARS} characters of a-z, 0-9 and "
+            "'-', starting and ending with a letter or digit",
+        )
+
+
+def check_entrypoint(argv: Iterable[str], problems: Problems) -> None:
+    argv = list(argv)
+    if len(argv) > MAX_ENTRYPOINT_ARGS:
+        problems.add("ARGUMENT_INVALID", "entrypoint", f"at most {MAX_ENTRYPOINT_ARGS} arguments")
+    if sum(len(argument.encode()) for argument in argv) > MAX_ENTRYPOINT_BYTES:
+        problems.add("ARGUMENT_INVALID", "entrypoint", f"at most {MAX_ENTRYPOINT_BYTES} bytes in all")
+    for index, argument in enumerate(argv):
+        if "\x00" in argument:
+            problems.add("ARGUMENT_INVALID", f"entrypoint[{index}]", "must not contain NUL characters")
+
+
+def check_stored_schema(schema: Mapping[str, Any], *, field: str, whose: str, problems: Problems) -> bool:
+    """A schema stored before schemas were checked whole (a job version's, a queue's variable's) may
+    still fail at validation: refuse the request that would use it, naming ``field`` (the request field
+    that chose it) and ``whose`` schema it is. False: refused."""
+    problem = _stored_schema_problem(json.dumps(schema, sort_keys=True))
+    if problem is None:
+        return True
+    problems.add("SCHEMA_INVALID", field, f"{whose} cannot be used ({problem}); it needs to be replaced")
+    return False
+
+
+@functools.lru_cache(maxsize=256)
+def _stored_schema_problem(schema_json: str) -> str | None:
+    """Cached: Enqueue checks the same few schemas over and over."""
+    try:
+        check_json_schema(json.loads(schema_json), field="schema")
+    except InvalidArgument as error:
+        return error.message
+    return None
+
+
+def check_project(project: str, queue_names: Iterable[str]) -> None:
+    """Reads in a project never written to are PROJECT_NOT_FOUND (common.proto). To the queue service, a
+    project exists while it holds a queue: creating a queue is the first write into a project here, and
+    items live in queues."""
+    prefix = f"projects/{project}/queues/"
+    if not any(name.startswith(prefix) for name in queue_names):
+        name = f"projects/{project}"
+        raise NotFound(
+            "PROJECT_NOT_FOUND",
+            f"project {name} has no queues: nothing was written to it",
+            metadata={"resource": name},
+        )
