@@ -226,7 +226,8 @@ class Queue(_message.Message):
     """Optional. A paused queue accepts Enqueues but assigns nothing; leased items continue."""
     container_name: _builtins.str
     """Optional. kubernetes only: name of the container in the Job manifest that runs the job (gets the image,
-    entrypoint and environment); empty = the first container.
+    entrypoint and environment); empty = the first container. A Kubernetes container name: 1-63 of a-z,
+    0-9 and `-`, starting and ending with a letter or digit.
     """
     agent_count: _builtins.int
     """Output only. Number of connected agents serving this queue."""
@@ -236,31 +237,36 @@ class Queue(_message.Message):
         declared template variables. local-container: docker options from an allow-list (`gpus`, `cpus`,
         `mem_limit`, `shm_size`, `env`, ...); kubernetes: a batch/v1 Job manifest merged over the runner's
         defaults; local-process: `env`. Items' overrides are deep-merged over it (dicts merge, lists are
-        replaced except Kubernetes containers/env/volumes/volumeMounts, merged by `name`).
+        replaced except Kubernetes containers/env/volumes/volumeMounts, merged by `name`). Each option must
+        have the shape its runner reads (e.g. a Kubernetes `spec` is an object, `containers` a list of objects
+        with a `name`, env values plain values), else `RESOURCE_CONFIG_INVALID` naming it; a whole `{{var}}`
+        stands for any shape until Enqueue fills it. At most 256 KiB as an encoded Struct, nested at most 30
+        levels.
         """
 
     @_builtins.property
     def template_variables(self) -> _containers.MessageMap[_builtins.str, Global___TemplateVariable]:
         """Optional. Template variables by name (1-63 of [A-Za-z0-9_], starting with a letter): the typed holes
-        `{{name}}` of resource_config that Enqueue fills.
+        `{{name}}` of resource_config that Enqueue fills. At most 64, together at most 256 KiB as an encoded
+        Struct.
         """
 
     @_builtins.property
     def retry_delay(self) -> _duration_pb2.Duration:
         """Optional. How long a retried item waits before it is eligible again (it keeps its priority and
-        original enqueue time). Unset = 0.
+        original enqueue time). Unset = 0; range 0 to 7 days.
         """
 
     @_builtins.property
     def start_timeout(self) -> _duration_pb2.Duration:
         """Optional. How long after assignment an item may take to reach RUNNING (build included) before it is
-        stopped with START_TIMEOUT. Unset = 30 minutes; must be positive.
+        stopped with START_TIMEOUT. Unset = 30 minutes; must be positive, at most 7 days.
         """
 
     @_builtins.property
     def max_run_time(self) -> _duration_pb2.Duration:
         """Optional. Default maximum time an item may be RUNNING before it is stopped with
-        MAX_RUN_TIME_EXCEEDED, used when Enqueue does not set one. Unset or 0 = unlimited.
+        MAX_RUN_TIME_EXCEEDED, used when Enqueue does not set one. Unset or 0 = unlimited; at most 365 days.
         """
 
     @_builtins.property
@@ -314,11 +320,14 @@ class TemplateVariable(_message.Message):
     SCHEMA_FIELD_NUMBER: _builtins.int
     DESCRIPTION_FIELD_NUMBER: _builtins.int
     description: _builtins.str
-    """Optional. Human-readable description, shown by `takeoff queue describe`."""
+    """Optional. Human-readable description, shown by `takeoff queue describe`; at most 1024 characters."""
     @_builtins.property
     def schema(self) -> _struct_pb2.Struct:
         """Required. JSON Schema of the value; must have `type` (e.g. `integer`), and may have `default`,
         `minimum`, `maximum`, `enum`, ... A variable without `default` must be given at every Enqueue.
+        Checked whole when the queue is created or updated (`SCHEMA_INVALID`): valid for its dialect (draft
+        2020-12 unless `$schema` says otherwise), every `$ref` resolves within the schema (nothing is
+        fetched), no reference loops back to itself; at most 64 KiB as JSON and 32 levels deep.
         """
 
     def __init__(
@@ -904,11 +913,15 @@ class ListQueuesRequest(_message.Message):
     parent: _builtins.str
     """Required. Project, `projects/{project}`."""
     page_size: _builtins.int
-    """Optional. Maximum queues per page: 0 = 50, capped at 1000, negative = INVALID_ARGUMENT."""
+    """Optional. Maximum queues per page: 0 = 50, capped at 1000, negative = INVALID_ARGUMENT. A page also
+    ends before it passes 3 MiB (see QueueService).
+    """
     page_token: _builtins.str
     """Optional. `next_page_token` of a previous call with the same parameters; empty = first page."""
     resource: _common_pb2.ResourceKind.ValueType
-    """Optional filter. Only queues of this resource kind; unspecified = all."""
+    """Optional filter. Only queues of this resource kind; unspecified = all; an unknown number is
+    INVALID_ARGUMENT `ARGUMENT_INVALID`.
+    """
     def __init__(
         self,
         *,
@@ -1077,7 +1090,7 @@ class EnqueueRequest(_message.Message):
     project and pinned to one version.
     """
     priority: _common_pb2.Priority.ValueType
-    """Optional. Priority; unspecified = MEDIUM."""
+    """Optional. Priority; unspecified = MEDIUM; an unknown number is INVALID_ARGUMENT `ARGUMENT_INVALID`."""
     max_attempts: _builtins.int
     """Optional. Maximum attempts for this item (1..100); 0 = the queue's default."""
     run_display_name: _builtins.str
@@ -1087,26 +1100,36 @@ class EnqueueRequest(_message.Message):
     @_builtins.property
     def run_config(self) -> _struct_pb2.Struct:
         """Optional. Run config; validated against the version's input schema, missing keys filled from its
-        defaults. Unset = the defaults.
+        defaults. Unset = the defaults. As given and with the defaults filled in: at most 256 KiB as an
+        encoded Struct and 96 KiB as JSON (the job gets it in the TAKEOFF_CONFIG environment variable, and
+        Linux allows 128 KiB per variable), nested at most 30 levels.
         """
 
     @_builtins.property
     def entrypoint(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Optional. Entrypoint argv replacing the version's for this item, e.g. ["python", "train.py", "--fast"]."""
+        """Optional. Entrypoint argv replacing the version's for this item, e.g. ["python", "train.py", "--fast"].
+        At most 256 arguments and 64 KiB in all.
+        """
 
     @_builtins.property
     def resource_config(self) -> _struct_pb2.Struct:
-        """Optional. Resource config deep-merged over the queue's default (may use `{{var}}` too)."""
+        """Optional. Resource config deep-merged over the queue's default (may use `{{var}}` too). At most 256 KiB
+        as an encoded Struct, nested at most 30 levels; the merged config, filled with the template variables,
+        must fit the same limits and the shapes Queue.resource_config describes (`RESOURCE_CONFIG_INVALID`).
+        """
 
     @_builtins.property
     def template_variables(self) -> _struct_pb2.Struct:
         """Optional. Template variable values, name -> typed JSON value (e.g. {"cpu": 4}); undeclared names and
-        invalid values are refused (TEMPLATE_VARIABLE_INVALID).
+        invalid values are refused (TEMPLATE_VARIABLE_INVALID). At most 256 KiB as an encoded Struct, nested
+        at most 30 levels.
         """
 
     @_builtins.property
     def max_run_time(self) -> _duration_pb2.Duration:
-        """Optional. Maximum RUNNING time for this item; unset = the queue's default; must be positive when set."""
+        """Optional. Maximum RUNNING time for this item; unset = the queue's default; when set, more than 0 and at
+        most 365 days.
+        """
 
     def __init__(
         self,
@@ -1217,7 +1240,9 @@ class ListItemsRequest(_message.Message):
     project.
     """
     page_size: _builtins.int
-    """Optional. Maximum items per page: 0 = 50, capped at 1000, negative = INVALID_ARGUMENT."""
+    """Optional. Maximum items per page: 0 = 50, capped at 1000, negative = INVALID_ARGUMENT. A page also
+    ends before it passes 3 MiB (see QueueService).
+    """
     page_token: _builtins.str
     """Optional. `next_page_token` of a previous call with the same parameters; empty = first page."""
     job: _builtins.str
@@ -1226,7 +1251,9 @@ class ListItemsRequest(_message.Message):
     """
     @_builtins.property
     def states(self) -> _containers.RepeatedScalarFieldContainer[_common_pb2.ItemState.ValueType]:
-        """Optional filter. Items in any of these states; empty = every state."""
+        """Optional filter. Items in any of these states; empty = every state; ITEM_STATE_UNSPECIFIED matches
+        nothing; an unknown number is INVALID_ARGUMENT `ARGUMENT_INVALID` naming it (`states[i]`).
+        """
 
     def __init__(
         self,
@@ -1436,7 +1463,9 @@ class ListAgentsRequest(_message.Message):
     QUEUE_FIELD_NUMBER: _builtins.int
     INCLUDE_DISCONNECTED_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
-    """Optional. Maximum agents per page: 0 = 50, capped at 1000, negative = INVALID_ARGUMENT."""
+    """Optional. Maximum agents per page: 0 = 50, capped at 1000, negative = INVALID_ARGUMENT. A page also
+    ends before it passes 3 MiB (see QueueService).
+    """
     page_token: _builtins.str
     """Optional. `next_page_token` of a previous call with the same parameters; empty = first page."""
     queue: _builtins.str

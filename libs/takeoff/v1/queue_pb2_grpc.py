@@ -28,6 +28,17 @@ if _version_not_supported:
 class QueueServiceStub:
     """Manages queues and their items, and hands items to agents over per-agent Lease streams (push, never
     polling). Every state change is durable before it is acknowledged or pushed.
+
+    Bounds: each request field documents its limits; a value outside them is INVALID_ARGUMENT naming the
+    field in a BadRequest field violation, and nothing is created or changed. Text fields never hold NUL
+    characters. Struct fields (configs, template values and schemas) hold finite numbers only. The limits
+    keep every Queue and Item, and every Assignment an agent receives, far under gRPC's default 4 MiB
+    receive size and protobuf's recursion limit. List responses stay under 3 MiB: a page ends early when
+    its next entry would pass that size (it always holds at least one), so it may hold fewer entries than
+    `page_size` while `next_page_token` is set.
+
+    Projects: to the queue service a project exists while it holds a queue (CreateQueue is the first write
+    into a project here); reads naming a project without queues are NOT_FOUND `PROJECT_NOT_FOUND`.
     """
 
     def __init__(self, channel):
@@ -111,6 +122,17 @@ class QueueServiceStub:
 class QueueServiceServicer:
     """Manages queues and their items, and hands items to agents over per-agent Lease streams (push, never
     polling). Every state change is durable before it is acknowledged or pushed.
+
+    Bounds: each request field documents its limits; a value outside them is INVALID_ARGUMENT naming the
+    field in a BadRequest field violation, and nothing is created or changed. Text fields never hold NUL
+    characters. Struct fields (configs, template values and schemas) hold finite numbers only. The limits
+    keep every Queue and Item, and every Assignment an agent receives, far under gRPC's default 4 MiB
+    receive size and protobuf's recursion limit. List responses stay under 3 MiB: a page ends early when
+    its next entry would pass that size (it always holds at least one), so it may hold fewer entries than
+    `page_size` while `next_page_token` is set.
+
+    Projects: to the queue service a project exists while it holds a queue (CreateQueue is the first write
+    into a project here); reads naming a project without queues are NOT_FOUND `PROJECT_NOT_FOUND`.
     """
 
     def CreateQueue(self, request, context):
@@ -141,7 +163,8 @@ class QueueServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def UpdateQueue(self, request, context):
-        """Updates a queue's mutable fields (pause/resume is an update of `paused`). Settings read at dispatch
+        """Updates a queue's mutable fields (pause/resume is an update of `paused`); only the fields the mask names
+        are read from the request, and each is checked as at CreateQueue. Settings read at dispatch
         (paused, prioritization, concurrency_limit, start_timeout, retry_job_failures, retry_delay) apply at
         once, also to items already enqueued; the resource config, template variables, max_attempts and
         max_run_time are captured by each item at Enqueue, so changes apply to items enqueued afterwards.
@@ -173,7 +196,9 @@ class QueueServiceServicer:
         Errors: INVALID_ARGUMENT `NAME_INVALID` / `ARGUMENT_INVALID` / `CONFIG_INVALID` /
         `TEMPLATE_VARIABLE_INVALID` / `RESOURCE_CONFIG_INVALID` / `SOURCE_INCOMPATIBLE` /
         `REQUEST_ID_CONFLICT`; NOT_FOUND `QUEUE_NOT_FOUND` / `JOB_NOT_FOUND` / `JOB_VERSION_NOT_FOUND`;
-        UNAVAILABLE `DEPENDENCY_UNAVAILABLE` (registry unreachable).
+        UNAVAILABLE `DEPENDENCY_UNAVAILABLE` (registry unreachable). Also INVALID_ARGUMENT `SCHEMA_INVALID`
+        (field `job` or `queue`) when a schema stored before schemas were checked whole, the version's input
+        schema or a template variable's, cannot be used: the version or the queue must be replaced.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -350,6 +375,17 @@ def add_QueueServiceServicer_to_server(servicer, server):
 class QueueService:
     """Manages queues and their items, and hands items to agents over per-agent Lease streams (push, never
     polling). Every state change is durable before it is acknowledged or pushed.
+
+    Bounds: each request field documents its limits; a value outside them is INVALID_ARGUMENT naming the
+    field in a BadRequest field violation, and nothing is created or changed. Text fields never hold NUL
+    characters. Struct fields (configs, template values and schemas) hold finite numbers only. The limits
+    keep every Queue and Item, and every Assignment an agent receives, far under gRPC's default 4 MiB
+    receive size and protobuf's recursion limit. List responses stay under 3 MiB: a page ends early when
+    its next entry would pass that size (it always holds at least one), so it may hold fewer entries than
+    `page_size` while `next_page_token` is set.
+
+    Projects: to the queue service a project exists while it holds a queue (CreateQueue is the first write
+    into a project here); reads naming a project without queues are NOT_FOUND `PROJECT_NOT_FOUND`.
     """
 
     @staticmethod

@@ -32,6 +32,17 @@ GRPC_VERSION: str
 class QueueServiceStub:
     """Manages queues and their items, and hands items to agents over per-agent Lease streams (push, never
     polling). Every state change is durable before it is acknowledged or pushed.
+
+    Bounds: each request field documents its limits; a value outside them is INVALID_ARGUMENT naming the
+    field in a BadRequest field violation, and nothing is created or changed. Text fields never hold NUL
+    characters. Struct fields (configs, template values and schemas) hold finite numbers only. The limits
+    keep every Queue and Item, and every Assignment an agent receives, far under gRPC's default 4 MiB
+    receive size and protobuf's recursion limit. List responses stay under 3 MiB: a page ends early when
+    its next entry would pass that size (it always holds at least one), so it may hold fewer entries than
+    `page_size` while `next_page_token` is set.
+
+    Projects: to the queue service a project exists while it holds a queue (CreateQueue is the first write
+    into a project here); reads naming a project without queues are NOT_FOUND `PROJECT_NOT_FOUND`.
     """
 
     @_typing.overload
@@ -54,7 +65,8 @@ class QueueServiceStub:
     `PROJECT_NOT_FOUND`.
     """
     UpdateQueue: _grpc.UnaryUnaryMultiCallable[_queue_pb2.UpdateQueueRequest, _queue_pb2.UpdateQueueResponse]
-    """Updates a queue's mutable fields (pause/resume is an update of `paused`). Settings read at dispatch
+    """Updates a queue's mutable fields (pause/resume is an update of `paused`); only the fields the mask names
+    are read from the request, and each is checked as at CreateQueue. Settings read at dispatch
     (paused, prioritization, concurrency_limit, start_timeout, retry_job_failures, retry_delay) apply at
     once, also to items already enqueued; the resource config, template variables, max_attempts and
     max_run_time are captured by each item at Enqueue, so changes apply to items enqueued afterwards.
@@ -78,7 +90,9 @@ class QueueServiceStub:
     Errors: INVALID_ARGUMENT `NAME_INVALID` / `ARGUMENT_INVALID` / `CONFIG_INVALID` /
     `TEMPLATE_VARIABLE_INVALID` / `RESOURCE_CONFIG_INVALID` / `SOURCE_INCOMPATIBLE` /
     `REQUEST_ID_CONFLICT`; NOT_FOUND `QUEUE_NOT_FOUND` / `JOB_NOT_FOUND` / `JOB_VERSION_NOT_FOUND`;
-    UNAVAILABLE `DEPENDENCY_UNAVAILABLE` (registry unreachable).
+    UNAVAILABLE `DEPENDENCY_UNAVAILABLE` (registry unreachable). Also INVALID_ARGUMENT `SCHEMA_INVALID`
+    (field `job` or `queue`) when a schema stored before schemas were checked whole, the version's input
+    schema or a template variable's, cannot be used: the version or the queue must be replaced.
     """
     GetItem: _grpc.UnaryUnaryMultiCallable[_queue_pb2.GetItemRequest, _queue_pb2.GetItemResponse]
     """Gets an item with its transition history.
@@ -140,6 +154,17 @@ class QueueServiceStub:
 class QueueServiceAsyncStub(QueueServiceStub):
     """Manages queues and their items, and hands items to agents over per-agent Lease streams (push, never
     polling). Every state change is durable before it is acknowledged or pushed.
+
+    Bounds: each request field documents its limits; a value outside them is INVALID_ARGUMENT naming the
+    field in a BadRequest field violation, and nothing is created or changed. Text fields never hold NUL
+    characters. Struct fields (configs, template values and schemas) hold finite numbers only. The limits
+    keep every Queue and Item, and every Assignment an agent receives, far under gRPC's default 4 MiB
+    receive size and protobuf's recursion limit. List responses stay under 3 MiB: a page ends early when
+    its next entry would pass that size (it always holds at least one), so it may hold fewer entries than
+    `page_size` while `next_page_token` is set.
+
+    Projects: to the queue service a project exists while it holds a queue (CreateQueue is the first write
+    into a project here); reads naming a project without queues are NOT_FOUND `PROJECT_NOT_FOUND`.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -159,7 +184,8 @@ class QueueServiceAsyncStub(QueueServiceStub):
     `PROJECT_NOT_FOUND`.
     """
     UpdateQueue: _aio.UnaryUnaryMultiCallable[_queue_pb2.UpdateQueueRequest, _queue_pb2.UpdateQueueResponse]  # type: ignore[assignment]
-    """Updates a queue's mutable fields (pause/resume is an update of `paused`). Settings read at dispatch
+    """Updates a queue's mutable fields (pause/resume is an update of `paused`); only the fields the mask names
+    are read from the request, and each is checked as at CreateQueue. Settings read at dispatch
     (paused, prioritization, concurrency_limit, start_timeout, retry_job_failures, retry_delay) apply at
     once, also to items already enqueued; the resource config, template variables, max_attempts and
     max_run_time are captured by each item at Enqueue, so changes apply to items enqueued afterwards.
@@ -183,7 +209,9 @@ class QueueServiceAsyncStub(QueueServiceStub):
     Errors: INVALID_ARGUMENT `NAME_INVALID` / `ARGUMENT_INVALID` / `CONFIG_INVALID` /
     `TEMPLATE_VARIABLE_INVALID` / `RESOURCE_CONFIG_INVALID` / `SOURCE_INCOMPATIBLE` /
     `REQUEST_ID_CONFLICT`; NOT_FOUND `QUEUE_NOT_FOUND` / `JOB_NOT_FOUND` / `JOB_VERSION_NOT_FOUND`;
-    UNAVAILABLE `DEPENDENCY_UNAVAILABLE` (registry unreachable).
+    UNAVAILABLE `DEPENDENCY_UNAVAILABLE` (registry unreachable). Also INVALID_ARGUMENT `SCHEMA_INVALID`
+    (field `job` or `queue`) when a schema stored before schemas were checked whole, the version's input
+    schema or a template variable's, cannot be used: the version or the queue must be replaced.
     """
     GetItem: _aio.UnaryUnaryMultiCallable[_queue_pb2.GetItemRequest, _queue_pb2.GetItemResponse]  # type: ignore[assignment]
     """Gets an item with its transition history.
@@ -244,6 +272,17 @@ class QueueServiceAsyncStub(QueueServiceStub):
 class QueueServiceServicer(metaclass=_abc_1.ABCMeta):
     """Manages queues and their items, and hands items to agents over per-agent Lease streams (push, never
     polling). Every state change is durable before it is acknowledged or pushed.
+
+    Bounds: each request field documents its limits; a value outside them is INVALID_ARGUMENT naming the
+    field in a BadRequest field violation, and nothing is created or changed. Text fields never hold NUL
+    characters. Struct fields (configs, template values and schemas) hold finite numbers only. The limits
+    keep every Queue and Item, and every Assignment an agent receives, far under gRPC's default 4 MiB
+    receive size and protobuf's recursion limit. List responses stay under 3 MiB: a page ends early when
+    its next entry would pass that size (it always holds at least one), so it may hold fewer entries than
+    `page_size` while `next_page_token` is set.
+
+    Projects: to the queue service a project exists while it holds a queue (CreateQueue is the first write
+    into a project here); reads naming a project without queues are NOT_FOUND `PROJECT_NOT_FOUND`.
     """
 
     @_abc_1.abstractmethod
@@ -285,7 +324,8 @@ class QueueServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _queue_pb2.UpdateQueueRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_queue_pb2.UpdateQueueResponse, _abc.Awaitable[_queue_pb2.UpdateQueueResponse]]:
-        """Updates a queue's mutable fields (pause/resume is an update of `paused`). Settings read at dispatch
+        """Updates a queue's mutable fields (pause/resume is an update of `paused`); only the fields the mask names
+        are read from the request, and each is checked as at CreateQueue. Settings read at dispatch
         (paused, prioritization, concurrency_limit, start_timeout, retry_job_failures, retry_delay) apply at
         once, also to items already enqueued; the resource config, template variables, max_attempts and
         max_run_time are captured by each item at Enqueue, so changes apply to items enqueued afterwards.
@@ -321,7 +361,9 @@ class QueueServiceServicer(metaclass=_abc_1.ABCMeta):
         Errors: INVALID_ARGUMENT `NAME_INVALID` / `ARGUMENT_INVALID` / `CONFIG_INVALID` /
         `TEMPLATE_VARIABLE_INVALID` / `RESOURCE_CONFIG_INVALID` / `SOURCE_INCOMPATIBLE` /
         `REQUEST_ID_CONFLICT`; NOT_FOUND `QUEUE_NOT_FOUND` / `JOB_NOT_FOUND` / `JOB_VERSION_NOT_FOUND`;
-        UNAVAILABLE `DEPENDENCY_UNAVAILABLE` (registry unreachable).
+        UNAVAILABLE `DEPENDENCY_UNAVAILABLE` (registry unreachable). Also INVALID_ARGUMENT `SCHEMA_INVALID`
+        (field `job` or `queue`) when a schema stored before schemas were checked whole, the version's input
+        schema or a template variable's, cannot be used: the version or the queue must be replaced.
         """
 
     @_abc_1.abstractmethod
