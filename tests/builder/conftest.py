@@ -29,6 +29,13 @@ from tests.processes import ServiceProcess, service_process
 SMALL_REQUIREMENT = "six==1.16.0"
 """Pure Python and tiny: a real pip install that takes a second."""
 TRAIN_PY = "import six\nprint('six', six.__version__)\n"
+MISSING_PACKAGE = "no-such-package-takeoff-test"
+UNINSTALLABLE_REQUIREMENTS = f"--no-index\n{MISSING_PACKAGE}==0.0.1\n"
+"""Requirements pip rejects without asking any package index (``--no-index``), so that nobody can make them
+install by publishing the name."""
+
+BUILD_DEADLINE_SECONDS = 100
+"""How long one build may take: under the tests' 120 s timeout (pyproject), so a slow build fails as such."""
 
 VENV = build_pb2.BUILD_KIND_VENV
 IMAGE = build_pb2.BUILD_KIND_IMAGE
@@ -134,7 +141,8 @@ class Builder:
             options=build_pb2.BuildOptions(**options),
             request_id=request_id,
         )
-        outcome = Outcome([response async for response in self.stub.Build(request, timeout=300)])
+        call = self.stub.Build(request, timeout=BUILD_DEADLINE_SECONDS)
+        outcome = Outcome([response async for response in call])
         self.calls.append(outcome)
         return outcome
 

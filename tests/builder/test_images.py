@@ -15,9 +15,11 @@ from takeoff.models import ImageSource
 from takeoff.v1 import common_pb2
 from tests.builder.conftest import (
     IMAGE,
+    MISSING_PACKAGE,
     NOOP,
     SMALL_REQUIREMENT,
     TRAIN_PY,
+    UNINSTALLABLE_REQUIREMENTS,
     Builder,
     DockerSetup,
     create_job,
@@ -199,12 +201,12 @@ async def test_a_malformed_dockerfile_fails_the_build(
 async def test_a_requirement_pip_rejects_fails_the_image_build(
     image_builder: Builder, client: takeoff.Client, tmp_path: Path
 ) -> None:
-    version = create_job(client, tmp_path, requirements="no-such-package-takeoff-test==0.0.1\n")
+    version = create_job(client, tmp_path, requirements=UNINSTALLABLE_REQUIREMENTS)
 
     failure = (await image_builder.build(version, IMAGE)).failure
 
     assert failure.reason == BUILD_FAILED
-    assert "no-such-package-takeoff-test" in "\n".join(failure.log_tail)
+    assert MISSING_PACKAGE in "\n".join(failure.log_tail)
 
 
 async def test_a_python_version_the_base_image_lacks_fails_clearly(

@@ -6,7 +6,6 @@ import asyncio
 import shutil
 import subprocess
 import sys
-import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -20,10 +19,13 @@ from takeoff_builder.model import Build, BuildKind, BuildOptions, BuildState
 from takeoff_builder.store import BuildStore
 from takeoff_server.database import Database
 from tests.builder.conftest import (
+    BUILD_DEADLINE_SECONDS,
     IMAGE,
+    MISSING_PACKAGE,
     NOOP,
     SMALL_REQUIREMENT,
     TRAIN_PY,
+    UNINSTALLABLE_REQUIREMENTS,
     VENV,
     Builder,
     create_job,
@@ -82,10 +84,10 @@ async def test_a_second_build_of_the_same_version_is_a_cache_hit_that_runs_nothi
 ) -> None:
     version = create_job(client, tmp_path, requirements=SMALL_REQUIREMENT)
     first = await builder.build(version)
+    shelves = {shelf: builder.published(shelf) for shelf in ("venvs", "code")}
+    venv_files = _snapshot(Path(first.result.venv_path))
 
-    started = time.monotonic()
     second = await builder.build(version)
-    elapsed = time.monotonic() - started
 
     assert second.kinds == ["queued", "cache", "result"]  # no log: nothing ran
     assert second.cache.hit
@@ -96,10 +98,21 @@ async def test_a_second_build_of_the_same_version_is_a_cache_hit_that_runs_nothi
         first.result.venv_path,
         first.result.code_path,
     )
-    assert elapsed < 1.0
+    assert {shelf: builder.published(shelf) for shelf in shelves} == shelves
+    assert builder.unpublished("venvs") == builder.unpublished("code") == []
+    assert _snapshot(Path(second.result.venv_path)) == venv_files  # pip touched nothing
     stored = await builder.stub.GetBuild(build_pb2.GetBuildRequest(name=second.name))
     assert stored.build.cache_hit
     assert stored.build.log_line_count == 0
+
+
+def _snapshot(directory: Path) -> dict[str, int]:
+    """Every file below ``directory`` with its modification time in ns: a rebuild would change them."""
+    return {
+        str(path.relative_to(directory)): path.stat().st_mtime_ns
+        for path in directory.rglob("*")
+        if path.is_file() and not path.is_symlink()
+    }
 
 
 async def test_a_code_only_change_reuses_the_venv(
@@ -155,7 +168,7 @@ async def test_a_build_outlives_a_caller_that_goes_away(
             assert got.build.state != build_pb2.BUILD_STATE_FAILED, got.build.failure
             await asyncio.sleep(0.1)
 
-    build = await asyncio.wait_for(finished(), timeout=120)
+    build = await asyncio.wait_for(finished(), timeout=BUILD_DEADLINE_SECONDS)
     assert (await builder.build(version)).result.venv_path == build.result.venv_path
 
 
@@ -202,13 +215,13 @@ async def test_the_build_context_is_below_the_code_path(
 async def test_a_requirement_pip_rejects_fails_the_build_and_is_not_cached(
     builder: Builder, client: takeoff.Client, tmp_path: Path
 ) -> None:
-    version = create_job(client, tmp_path, requirements="six==1.16.0\nno-such-package-takeoff-test==0.0.1\n")
+    version = create_job(client, tmp_path, requirements=UNINSTALLABLE_REQUIREMENTS)
 
     outcome = await builder.build(version)
 
     failure = outcome.failure
     assert failure.reason == BUILD_FAILED
-    assert "no-such-package-takeoff-test" in failure.message
+    assert MISSING_PACKAGE in failure.message
     assert failure.log_tail
     assert failure.log_tail[-1] == outcome.log[-1]
     assert len(failure.log_tail) <= 50
