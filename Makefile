@@ -5,6 +5,7 @@ BIN := $(VENV)/bin
 TOOLS := .tools
 BUF := $(TOOLS)/node_modules/.bin/buf
 BUF_VERSION := 1.75.0
+NODE_EXAMPLE := examples/node
 
 .PHONY: install tools protos lint format test demo up clean
 
@@ -16,10 +17,14 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $@
 
-tools: $(BUF)
+tools: $(BUF) $(NODE_EXAMPLE)/node_modules/.package-lock.json
 
 $(BUF):
 	npm install --silent --no-save --prefix $(TOOLS) @bufbuild/buf@$(BUF_VERSION)
+
+# The Node.js client example's packages, from its lock file (tests/e2e/test_node_client.py runs it).
+$(NODE_EXAMPLE)/node_modules/.package-lock.json: $(NODE_EXAMPLE)/package.json $(NODE_EXAMPLE)/package-lock.json
+	npm ci --silent --no-audit --no-fund --prefix $(NODE_EXAMPLE)
 
 protos: install tools
 	$(BUF) format -w
