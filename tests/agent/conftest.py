@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -29,6 +30,16 @@ from tests.processes import ServiceProcess, pid_alive, service_process, wait_for
 
 LEASE_TTL_SECONDS = 3.0
 PROJECT = "agenttest"
+
+WAITER = """\
+import os, time, takeoff
+run = takeoff.init()
+print("pid", os.getpid(), flush=True)
+while not os.path.exists(run.config["go"]):
+    time.sleep(0.1)
+print("done waiting", flush=True)
+"""
+"""Prints its pid, then waits for the file named by its ``go`` config."""
 
 GROUP = """\
 import json, os, subprocess, sys, time, takeoff
@@ -65,6 +76,18 @@ def wait_gone(pids: dict[str, int], timeout: float = 30) -> None:
             return not pid_alive(pid)
 
         wait_for(gone, timeout=timeout, what=f"the {role} (pid {pid}) to exit")
+
+
+def job_pid(stack: Stack, run: str) -> int:
+    """The pid a job printed as ``pid N`` into its run's log."""
+
+    def find() -> int | None:
+        for line in stack.logs(run):
+            if match := re.fullmatch(r"pid (\d+)", line):
+                return int(match.group(1))
+        return None
+
+    return wait_for(find, timeout=60, what="the job to print its pid")
 
 
 @pytest.fixture(scope="module")

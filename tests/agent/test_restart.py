@@ -1,0 +1,129 @@
+"""An agent killed (-9) and started again with its state directory, while its job runs on under its shim.
+
+The lease TTL here is far longer than any restart takes, however loaded the machine: each test forces the
+case it names by what it does (a kill, a queue deleted while the agent is away), not by racing the TTL.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from takeoff.client import Client
+from takeoff.v1 import common_pb2, queue_pb2, runs_pb2
+from tests.agent.conftest import (
+    GROUP,
+    WAITER,
+    Stack,
+    StartAgent,
+    code_job,
+    group_pids,
+    job_pid,
+    running_agent,
+    wait_gone,
+)
+from tests.processes import pid_alive, wait_for
+from tests.queue.harness import struct
+
+RUNNING = common_pb2.ITEM_STATE_RUNNING
+SUCCEEDED = common_pb2.ITEM_STATE_SUCCEEDED
+
+COUNTER = """\
+import itertools, os, time, takeoff
+run = takeoff.init()
+for number in itertools.count():
+    print(number, flush=True)
+    if os.path.exists(run.config["stop"]):
+        break
+    time.sleep(0.01)
+"""
+"""Numbered lines, one every 10 ms, until the file named by its ``stop`` config exists."""
+
+
+@pytest.fixture(scope="module")
+def lease_ttl_seconds() -> float:
+    return 300.0
+
+
+def test_a_restarted_agent_takes_its_running_job_back(
+    stack: Stack, client: Client, start_agent: StartAgent, tmp_path: Path
+) -> None:
+    job = code_job(client, tmp_path, "survivor", WAITER)
+    queue = stack.new_queue()
+    go = tmp_path / "go"
+    first = start_agent([queue])
+    name = stack.enqueue(queue, job, run_config=struct({"go": str(go)}))
+    running = stack.wait_state(name, RUNNING)
+    pid = job_pid(stack, running.run)
+
+    first.kill()
+    assert pid_alive(pid)  # the job lives on under its shim
+    with running_agent(start_agent, [queue], state_dir=first.state_dir) as second:
+        second.wait_working_on(name, RUNNING)  # its Hello held the lease, and the queue kept it
+        assert pid_alive(pid)
+        go.touch()  # the job finishes; the restarted agent reports it
+        item = stack.wait_ended(name, timeout=60)
+
+    assert (item.state, item.attempt) == (SUCCEEDED, 1)
+    assert [t.to_state for t in item.transitions].count(SUCCEEDED) == 1
+    assert not [t for t in item.transitions if t.reason == common_pb2.FAILURE_REASON_AGENT_LOST]
+    assert "done waiting" in stack.logs(item.run)  # output written while the agent was away is kept
+
+
+def test_each_line_a_job_prints_arrives_once_and_in_order_across_agent_restarts(
+    stack: Stack, client: Client, start_agent: StartAgent, tmp_path: Path
+) -> None:
+    job = code_job(client, tmp_path, "counter", COUNTER)
+    queue = stack.new_queue()
+    stop = tmp_path / "stop"
+    agent = start_agent([queue])
+    name = stack.enqueue(queue, job, run_config=struct({"stop": str(stop)}))
+    run = stack.wait_state(name, RUNNING).run
+
+    def numbers() -> list[int]:
+        return [int(line.text) for line in stack.log_lines(run) if line.stream == runs_pb2.LOG_STREAM_STDOUT]
+
+    def printed_beyond(count: int) -> Callable[[], bool]:
+        return lambda: len(numbers()) > count
+
+    wait_for(printed_beyond(50), timeout=60, what="the job's first lines")
+    for _ in range(2):  # a kill amid the job's output, from the first agent and from a restarted one
+        agent.kill()
+        seen = len(numbers())
+        agent = start_agent([queue], state_dir=agent.state_dir)
+        agent.wait_working_on(name, RUNNING)
+        wait_for(printed_beyond(seen + 100), timeout=60, what="lines sent after the restart")
+    stop.touch()
+    item = stack.wait_ended(name, timeout=60)
+    agent.terminate()
+
+    assert item.state == SUCCEEDED
+    received = numbers()
+    assert received == list(range(len(received)))  # none lost, none twice, in order
+    assert len(received) > seen + 100
+
+
+def test_a_job_whose_lease_was_given_away_while_its_agent_was_down_is_stopped_when_it_returns(
+    stack: Stack, client: Client, start_agent: StartAgent, tmp_path: Path
+) -> None:
+    job = code_job(client, tmp_path, "given-away", GROUP)
+    kept_queue, doomed_queue = stack.new_queue(), stack.new_queue()
+    first = start_agent([kept_queue, doomed_queue])
+    name = stack.enqueue(doomed_queue, job, run_config=struct({"pids": str(tmp_path / "pids.json")}))
+    run = stack.wait_state(name, RUNNING).run
+    pids = group_pids(tmp_path / "pids.json")
+    [lease_dir] = list((first.state_dir / "leases").iterdir())
+
+    first.kill()
+    # The queue and its item go while the agent is away: its lease is no longer held by anyone.
+    stack.queues.DeleteQueue(queue_pb2.DeleteQueueRequest(name=doomed_queue, force=True))
+    assert all(pid_alive(pid) for pid in pids.values())  # nothing has stopped the job yet
+    with running_agent(start_agent, [kept_queue], state_dir=first.state_dir):
+        wait_gone(pids)
+        wait_for(lambda: not lease_dir.exists(), timeout=60, what="the given-away lease to be dropped")
+
+    ended = stack.run(run)
+    assert ended.state == common_pb2.RUN_STATE_KILLED
+    assert "revoked" in ended.message
