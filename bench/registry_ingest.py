@@ -1,11 +1,16 @@
-"""How fast a real registry stores what clients send: metric rows and artifact bytes.
+"""How fast a real registry stores what clients send (metric rows, artifact bytes) and passes new log
+lines on to a follower.
 
 Starts ``python -m takeoff_registry`` on a free loopback port with a temporary TAKEOFF_HOME (SQLite, or
 ``--database-url``), then from this process: BatchLogMetrics calls of ``--batch`` rows each (three
 numeric keys per row, one call in flight, as the SDK's sender sends them) until ``--rows`` are stored,
-and an UploadArtifact of ``--artifact-mib`` MiB in 1 MiB chunks. Prints rows/s and MB/s as JSON.
+an UploadArtifact of ``--artifact-mib`` MiB in 1 MiB chunks, and ``--follow-lines`` AppendLogs calls of
+one line each while a ``ReadLogs(follow=True)`` stream is open, each timed from the append to the line
+reaching the follower (goal: well under the registry's 1 s follow poll, i.e. woken by the append). Prints
+rows/s, MB/s and follow latency (p50, p99 ms) as JSON.
 
-    python bench/registry_ingest.py [--rows 200000] [--batch 1000 --batch 10000] [--database-url URL]
+    python bench/registry_ingest.py [--rows 200000] [--batch 1000 --batch 10000] [--follow-lines 200]
+        [--database-url URL]
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import hashlib
 import io
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tarfile
@@ -27,7 +33,7 @@ from pathlib import Path
 
 import grpc
 
-from takeoff.v1 import jobs_pb2, jobs_pb2_grpc, runs_pb2, runs_pb2_grpc
+from takeoff.v1 import common_pb2, jobs_pb2, jobs_pb2_grpc, runs_pb2, runs_pb2_grpc
 
 MIB = 1024 * 1024
 
@@ -104,7 +110,30 @@ async def upload_megabytes_per_second(jobs: jobs_pb2_grpc.JobServiceAsyncStub, d
     return len(data) / 1e6 / (time.perf_counter() - started)
 
 
-async def measure(address: str, rows: int, batches: list[int], artifact_mib: int) -> dict[str, float]:
+async def follow_latencies_ms(runs: runs_pb2_grpc.RunServiceAsyncStub, lines: int) -> list[float]:
+    """For each of ``lines`` appends: milliseconds from the AppendLogs call to the follower having it."""
+    created = await runs.CreateRun(runs_pb2.CreateRunRequest(parent="projects/bench"))
+    name = created.run.name
+    follower = runs.ReadLogs(runs_pb2.ReadLogsRequest(name=name, follow=True))
+    latencies = []
+    for number in range(lines):
+        started = time.perf_counter()
+        await runs.AppendLogs(
+            runs_pb2.AppendLogsRequest(name=name, lines=[runs_pb2.LogLine(text=f"line {number}")])
+        )
+        received = await follower.read()
+        latencies.append((time.perf_counter() - started) * 1000)
+        assert isinstance(received, runs_pb2.ReadLogsResponse)
+        assert received.lines[-1].text == f"line {number}", received
+    await runs.FinishRun(runs_pb2.FinishRunRequest(name=name, state=common_pb2.RUN_STATE_FINISHED))
+    while await follower.read() is not grpc.aio.EOF:  # the follow ends once the run has
+        pass
+    return latencies
+
+
+async def measure(
+    address: str, rows: int, batches: list[int], artifact_mib: int, follow_lines: int
+) -> dict[str, float]:
     results: dict[str, float] = {}
     async with grpc.aio.insecure_channel(address) as channel:
         runs = runs_pb2_grpc.RunServiceStub(channel)
@@ -118,6 +147,10 @@ async def measure(address: str, rows: int, batches: list[int], artifact_mib: int
             results["upload_artifact_mb_per_s"] = round(
                 await upload_megabytes_per_second(jobs, random_tarball(artifact_mib * MIB)), 1
             )
+        if follow_lines:
+            latencies = sorted(await follow_latencies_ms(runs, follow_lines))
+            results["follow_latency_p50_ms"] = round(statistics.median(latencies), 2)
+            results["follow_latency_p99_ms"] = round(latencies[int(0.99 * (len(latencies) - 1))], 2)
     return results
 
 
@@ -128,10 +161,13 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=200_000)
     parser.add_argument("--batch", type=int, action="append", help="rows per call (repeatable)")
     parser.add_argument("--artifact-mib", type=int, default=64)
+    parser.add_argument("--follow-lines", type=int, default=200, help="appends timed to a follower (0: none)")
     parser.add_argument("--database-url", help="PostgreSQL URL; default: SQLite under a temporary home")
     args = parser.parse_args()
     with local_registry(args.database_url) as address:
-        results = asyncio.run(measure(address, args.rows, args.batch or [1000, 10_000], args.artifact_mib))
+        results = asyncio.run(
+            measure(address, args.rows, args.batch or [1000, 10_000], args.artifact_mib, args.follow_lines)
+        )
     print(json.dumps(results, indent=2))
 
 

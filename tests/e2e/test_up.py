@@ -130,8 +130,9 @@ def test_status_without_a_stack(takeoff_home: Path) -> None:
     assert "no stack is running" in result.stderr
 
 
+@pytest.mark.timeout(300)  # the demo builds the example's venv (pip install) before its two runs
 def test_demo_runs_the_example_job_twice_and_stops_the_stack(takeoff_home: Path) -> None:
-    result = takeoff(takeoff_home, "demo", timeout=600)
+    result = takeoff(takeoff_home, "demo", timeout=280)
 
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.count("FINISHED") == 2
