@@ -541,7 +541,10 @@ class Dispatcher:
             self._watch_deadlines(item)
 
     def _roll_back(self, item: Item) -> None:
-        """A write of the item failed: back to the life the store has, and to its place for that life."""
+        """A write of the item failed: back to the life the store has, and to its place for that life.
+
+        What the write was for is tried again a heartbeat interval later, not at once: a store that
+        fails is not hammered."""
         committed = item.committed
         assert committed is not None, "only committed items are in the index"
         self._writing.pop(item.id, None)
@@ -549,15 +552,14 @@ class Dispatcher:
             self._release_hold(item, item.life, ended_by_agent=False)
             del self._ended_leases[item.lease_id]
         item.life = committed
+        retry_at = self._clock() + self.timing.heartbeat_interval
+        if committed.state is ItemState.PENDING:
+            self.items[item.id] = item
+            self._deadlines.at(retry_at, "eligible", item.id, committed.epoch)
+            return
         self._index(item)
-        if item.state.is_live:
-            # The lease may have lapsed while the write failed: look again later.
-            self._deadlines.at(
-                self._clock() + self.timing.heartbeat_interval,
-                "expiry",
-                item.life.agent.removeprefix("agents/"),
-            )
-        self._schedule_dispatch()
+        if committed.state.is_live:
+            self._deadlines.at(retry_at, "expiry", committed.agent.removeprefix("agents/"))
 
     def _hold(self, agent: Agent, item: Item) -> None:
         agent.leases[item.lease_id] = item.id

@@ -1,8 +1,10 @@
-"""The item life cycle against the state table of DESIGN.md §5, example by example and as a state machine."""
+"""The item life cycle against the state table of docs/design.md §5: example by example, and as a
+state machine."""
 
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -129,10 +131,23 @@ def test_cancel_of_an_ended_item_is_refused() -> None:
 OUTCOMES = st.sampled_from([ItemState.SUCCEEDED, ItemState.FAILED, ItemState.CANCELLED])
 REASONS = st.sampled_from(list(FailureReason))
 PROGRESS = st.sampled_from([ItemState.LEASED, ItemState.BUILDING, ItemState.STARTING, ItemState.RUNNING])
+PROGRESS_ORDER = [ItemState.LEASED, ItemState.BUILDING, ItemState.STARTING, ItemState.RUNNING]
+
+
+def after_failure(item: ItemLife, reason: FailureReason, policy: RetryPolicy) -> ItemState:
+    """Where the state table of docs/design.md §5 sends a live item whose attempt ended without success."""
+    if item.cancel_requested:
+        return ItemState.CANCELLED
+    retryable = reason.is_infrastructure or (
+        policy.retry_job_failures and reason is not FailureReason.CANCELLED
+    )
+    return ItemState.PENDING if retryable and item.attempt < item.max_attempts else ItemState.FAILED
 
 
 class ItemLifeCycle(RuleBasedStateMachine):
-    """Drives one item with every message an agent or user can send, valid or not, and checks the table."""
+    """Drives one item with every message an agent or user can send, valid or not. Each rule states what
+    the state table allows from where the item is: an allowed move must be taken, to the state the table
+    names; any other must be refused, changing nothing."""
 
     item: ItemLife
     policy: RetryPolicy
@@ -148,18 +163,21 @@ class ItemLifeCycle(RuleBasedStateMachine):
         self.clock += timedelta(seconds=1)
         return self.clock
 
-    def _apply(self, change: object, *args: object, **kwargs: object) -> None:
+    def _expect(self, allowed_to: ItemState | None, change: Callable[[ItemLife], ItemLife]) -> None:
+        """``allowed_to``: the state the table moves the item to, or None when it forbids the move."""
         before = self.item
-        try:
-            self.item = change(before, *args, **kwargs)  # type: ignore[operator]
-        except FailedPrecondition:
-            self.item = before
+        if allowed_to is None:
+            with pytest.raises(FailedPrecondition):
+                change(before)
             return
-        assert before.state.is_terminal is False or self.item == before, "a terminal item changed"
+        self.item = change(before)
+        assert self.item.state is allowed_to
 
     @rule(agent=st.sampled_from(["agents/a", "agents/b"]))
     def assign(self, agent: str) -> None:
-        self._apply(lifecycle.assign, agent, self._now())
+        allowed = self.item.state is ItemState.PENDING
+        now = self._now()
+        self._expect(ItemState.LEASED if allowed else None, lambda item: lifecycle.assign(item, agent, now))
 
     @rule(state=PROGRESS, stale=st.booleans())
     def progress(self, state: ItemState, stale: bool) -> None:
@@ -168,23 +186,49 @@ class ItemLifeCycle(RuleBasedStateMachine):
             with pytest.raises(LeaseLost):
                 lifecycle.progress(self.item, epoch, state, self._now())
             return
-        self._apply(lifecycle.progress, epoch, state, self._now())
+        current = self.item.state
+        forward = current.is_live and PROGRESS_ORDER.index(state) >= PROGRESS_ORDER.index(current)
+        now = self._now()
+        self._expect(state if forward else None, lambda item: lifecycle.progress(item, epoch, state, now))
 
     @rule(outcome=OUTCOMES, reason=REASONS)
     def complete(self, outcome: ItemState, reason: FailureReason) -> None:
-        self._apply(lifecycle.complete, self.item.epoch, outcome, self._now(), self.policy, reason=reason)
+        item = self.item
+        expected: ItemState | None = None
+        if item.state.is_live:
+            if outcome is ItemState.SUCCEEDED:
+                expected = ItemState.SUCCEEDED
+            elif outcome is ItemState.FAILED or item.cancel_requested:
+                expected = after_failure(item, reason, self.policy)
+        now = self._now()
+        self._expect(
+            expected,
+            lambda item: lifecycle.complete(item, item.epoch, outcome, now, self.policy, reason=reason),
+        )
 
     @rule(reason=REASONS)
     def lease_ends(self, reason: FailureReason) -> None:
-        self._apply(lifecycle.end_attempt, reason, self._now(), self.policy)
+        expected = after_failure(self.item, reason, self.policy) if self.item.state.is_live else None
+        now = self._now()
+        self._expect(expected, lambda item: lifecycle.end_attempt(item, reason, now, self.policy))
 
     @rule()
     def release(self) -> None:
-        self._apply(lifecycle.release, self.item.epoch, self._now(), self.policy)
+        allowed = self.item.state.is_live and self.item.state is not ItemState.RUNNING
+        expected = after_failure(self.item, FailureReason.RELEASED, self.policy) if allowed else None
+        now = self._now()
+        self._expect(expected, lambda item: lifecycle.release(item, item.epoch, now, self.policy))
 
     @rule()
     def cancel(self) -> None:
-        self._apply(lifecycle.request_cancel, self._now())
+        state = self.item.state
+        expected = {ItemState.PENDING: ItemState.CANCELLED, ItemState.CANCELLED: ItemState.CANCELLED}.get(
+            state, state if state.is_live else None
+        )
+        now = self._now()
+        self._expect(expected, lambda item: lifecycle.request_cancel(item, now))
+        if expected is not None:
+            assert self.item.cancel_requested
 
     @precondition(lambda self: self.item.state.is_terminal)
     @rule()
@@ -219,6 +263,14 @@ class ItemLifeCycle(RuleBasedStateMachine):
     def failures_are_explained(self) -> None:
         if self.item.state in (ItemState.FAILED, ItemState.CANCELLED):
             assert self.item.reason is not None
+
+    @invariant()
+    def a_lease_is_known_while_live(self) -> None:
+        if self.item.state.is_live:
+            assert self.item.assign_time is not None
+        if self.item.state is ItemState.RUNNING:
+            assert self.item.running_since is not None
+        assert (self.item.end_time is not None) is self.item.state.is_terminal
 
 
 TestItemLifeCycle = ItemLifeCycle.TestCase
