@@ -59,6 +59,26 @@ def status_code_for(error: errors.TakeoffError) -> grpc.StatusCode:
     return grpc.StatusCode.UNKNOWN
 
 
+# A status travels in trailers, which gRPC clients cap at 8 KiB by default (beyond that the client sees
+# RESOURCE_EXHAUSTED "Stream removed" instead of the error); the details go base64-encoded and repeat the
+# message. These bounds keep the worst case (every text at its bound, percent-encoded) near half of that.
+MAX_MESSAGE_BYTES = 400
+MAX_VIOLATIONS = 5
+MAX_FIELD_BYTES = 80
+MAX_DESCRIPTION_BYTES = 160
+MAX_METADATA_ENTRIES = 4
+MAX_METADATA_VALUE_BYTES = 80
+
+
+def _clip(text: str, limit: int) -> str:
+    """``text`` cut to at most ``limit`` UTF-8 bytes, marked with "…" where it was cut (a request's own
+    values, such as a 5,000-character name, are quoted back in messages)."""
+    encoded = text.encode()
+    if len(encoded) <= limit:
+        return text
+    return encoded[: limit - 3].decode(errors="ignore") + "…"
+
+
 def rich_status(
     code: grpc.StatusCode,
     message: str,
@@ -67,17 +87,30 @@ def rich_status(
     metadata: Mapping[str, str] | None = None,
     violations: tuple[errors.FieldViolation, ...] = (),
 ) -> grpc.Status:
-    """A gRPC status whose details carry ``ErrorInfo`` and, when there are violations, ``BadRequest``."""
+    """A gRPC status whose details carry ``ErrorInfo`` and, when there are violations, ``BadRequest``;
+    texts are clipped so that the status always fits in a client's default trailer size."""
+    message = _clip(message, MAX_MESSAGE_BYTES)
     status = status_pb2.Status(code=code.value[0], message=message)
+    kept_metadata = dict(list((metadata or {}).items())[:MAX_METADATA_ENTRIES])
     status.details.add().Pack(
-        error_details_pb2.ErrorInfo(reason=reason, domain=errors.ERROR_DOMAIN, metadata=dict(metadata or {}))
+        error_details_pb2.ErrorInfo(
+            reason=reason,
+            domain=errors.ERROR_DOMAIN,
+            metadata={
+                _clip(key, MAX_METADATA_VALUE_BYTES): _clip(value, MAX_METADATA_VALUE_BYTES)
+                for key, value in kept_metadata.items()
+            },
+        )
     )
     if violations:
         status.details.add().Pack(
             error_details_pb2.BadRequest(
                 field_violations=[
-                    error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
-                    for v in violations
+                    error_details_pb2.BadRequest.FieldViolation(
+                        field=_clip(v.field, MAX_FIELD_BYTES),
+                        description=_clip(v.description, MAX_DESCRIPTION_BYTES),
+                    )
+                    for v in violations[:MAX_VIOLATIONS]
                 ]
             )
         )

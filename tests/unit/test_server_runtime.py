@@ -32,6 +32,16 @@ async def invalid(request: bytes, context: Context) -> bytes:
     )
 
 
+async def echoes_a_huge_name(request: bytes, context: Context) -> bytes:
+    name = "é" * 5000
+    raise errors.InvalidArgument(
+        "NAME_INVALID",
+        f"{name!r} is not a job name",
+        metadata={"name": name, "job": "j", "more": "m", "again": "a", "dropped": "d"},
+        violations=[errors.FieldViolation(f"names[{n}]{name}", f"{name!r} is not a name") for n in range(50)],
+    )
+
+
 async def missing(request: bytes, context: Context) -> bytes:
     raise errors.NotFound("JOB_NOT_FOUND", "job projects/p/jobs/nope does not exist")
 
@@ -75,6 +85,7 @@ def probe_binding() -> ServiceBinding:
         for name, behavior in {
             "Invalid": invalid,
             "Missing": missing,
+            "HugeName": echoes_a_huge_name,
             "Crash": crash,
             "WhoAmI": whoami,
             "Unbuilt": unbuilt,
@@ -155,6 +166,22 @@ async def test_domain_error_carries_reason_and_field_violations(server: TakeoffS
         ("run_config.lr", "must be a number"),
         ("run_config.epochs", "must be at least 1"),
     ]
+
+
+async def test_a_status_quoting_huge_values_still_fits_in_the_trailers(server: TakeoffServer) -> None:
+    error = await failing_call(server.addresses[0], "HugeName")
+
+    # Unclipped, the client would see RESOURCE_EXHAUSTED: its 8 KiB trailer limit exceeded.
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    info, bad_request = details(error)
+    assert info.reason == "NAME_INVALID"
+    message = error.details() or ""
+    assert message.startswith("'éé")
+    assert message.endswith("…")
+    assert set(info.metadata) == {"name", "job", "more", "again"}
+    assert bad_request is not None
+    assert len(bad_request.field_violations) == 5
+    assert all(v.field.startswith(f"names[{n}]") for n, v in enumerate(bad_request.field_violations))
 
 
 async def test_not_found_maps_to_not_found(server: TakeoffServer) -> None:
