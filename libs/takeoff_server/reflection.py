@@ -1,6 +1,7 @@
 """Server reflection, both versions: ``grpc.reflection.v1`` and the older ``grpc.reflection.v1alpha``.
 
-Clients differ in the one they ask for (grpcurl tries v1 first, older tools know only v1alpha).
+Clients differ in the one they ask for: newer gRPC libraries and tools ask for v1, older ones (grpcurl 1.8
+included) only for v1alpha.
 grpcio-reflection implements only v1alpha. The two protos define the same messages with the same field
 numbers, so v1 is answered by grpcio-reflection's v1alpha servicer, each message re-read as the other
 version; the v1 stubs are generated from the vendored protos/grpc/reflection/v1/reflection.proto.
