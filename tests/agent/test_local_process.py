@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import re
+import signal
 import subprocess
-import time
 from pathlib import Path
 
 import grpc
@@ -12,7 +11,18 @@ import grpc
 from takeoff.client import Client
 from takeoff.models import GitSource
 from takeoff.v1 import agent_pb2, agent_pb2_grpc, common_pb2, queue_pb2, runs_pb2
-from tests.agent.conftest import LEASE_TTL_SECONDS, Stack, StartAgent, code_job, running_agent
+from tests.agent.conftest import (
+    GROUP,
+    LEASE_TTL_SECONDS,
+    WAITER,
+    Stack,
+    StartAgent,
+    code_job,
+    group_pids,
+    job_pid,
+    running_agent,
+    wait_gone,
+)
 from tests.processes import pid_alive, wait_for
 from tests.queue.harness import struct
 
@@ -31,15 +41,6 @@ run.summary["best"] = 0.2
 run.finish()
 """
 
-WAITER = """\
-import os, time, takeoff
-run = takeoff.init()
-print("pid", os.getpid(), flush=True)
-while not os.path.exists(run.config["go"]):
-    time.sleep(0.1)
-print("done waiting", flush=True)
-"""
-
 SLEEPER = """\
 import os, time, takeoff
 run = takeoff.init()
@@ -47,16 +48,6 @@ print("pid", os.getpid(), flush=True)
 time.sleep(float(os.environ.get("SLEEP", "600")))
 print("woke up", flush=True)
 """
-
-
-def job_pid(stack: Stack, run: str) -> int:
-    def find() -> int | None:
-        for line in stack.logs(run):
-            if match := re.fullmatch(r"pid (\d+)", line):
-                return int(match.group(1))
-        return None
-
-    return wait_for(find, timeout=60, what="the job to print its pid")
 
 
 def test_a_code_job_runs_and_reports(
@@ -127,56 +118,57 @@ def test_an_import_error_before_init_lands_in_the_runs_logs(
 def test_cancel_while_running_stops_the_process_group(
     stack: Stack, client: Client, start_agent: StartAgent, tmp_path: Path
 ) -> None:
-    job = code_job(client, tmp_path, "sleeper", SLEEPER)
+    job = code_job(client, tmp_path, "cancelled", GROUP)
     queue = stack.new_queue()
     with running_agent(start_agent, [queue]):
-        name = stack.enqueue(queue, job)
-        running = stack.wait_state(name, RUNNING)
-        pid = job_pid(stack, running.run)
+        name = stack.enqueue(queue, job, run_config=struct({"pids": str(tmp_path / "pids.json")}))
+        stack.wait_state(name, RUNNING)
+        pids = group_pids(tmp_path / "pids.json")
         stack.queues.CancelItem(queue_pb2.CancelItemRequest(name=name))
-        item = stack.wait_ended(name, timeout=30)
+        item = stack.wait_ended(name, timeout=60)
 
-    assert item.state == CANCELLED
-    assert not pid_alive(pid)
+        assert item.state == CANCELLED
+        wait_gone(pids)  # the child ignores SIGTERM: it takes the group's SIGKILL after the grace
     assert stack.run(item.run).state == common_pb2.RUN_STATE_KILLED
 
 
-def test_max_run_time_stops_the_job(
+def test_max_run_time_stops_the_process_group(
     stack: Stack, client: Client, start_agent: StartAgent, tmp_path: Path
 ) -> None:
-    job = code_job(client, tmp_path, "overtime", SLEEPER)
+    job = code_job(client, tmp_path, "overtime", GROUP)
     queue = stack.new_queue()
     with running_agent(start_agent, [queue]):
-        item = stack.wait_ended(
-            stack.enqueue(queue, job, max_run_time={"seconds": 2}, max_attempts=1), timeout=60
+        name = stack.enqueue(
+            queue,
+            job,
+            run_config=struct({"pids": str(tmp_path / "pids.json")}),
+            max_run_time={"seconds": 5},
+            max_attempts=1,
         )
+        pids = group_pids(tmp_path / "pids.json")
+        item = stack.wait_ended(name, timeout=60)
 
-    assert (item.state, item.reason) == (FAILED, common_pb2.FAILURE_REASON_MAX_RUN_TIME_EXCEEDED)
+        assert (item.state, item.reason) == (FAILED, common_pb2.FAILURE_REASON_MAX_RUN_TIME_EXCEEDED)
+        wait_gone(pids)
+    assert stack.run(item.run).state == common_pb2.RUN_STATE_KILLED
 
 
-def test_agent_killed_and_restarted_within_the_ttl_keeps_the_job(
+def test_a_revoked_lease_stops_the_process_group(
     stack: Stack, client: Client, start_agent: StartAgent, tmp_path: Path
 ) -> None:
-    job = code_job(client, tmp_path, "survivor", WAITER)
-    queue = stack.new_queue()
-    go = tmp_path / "go"
-    first = start_agent([queue])
-    name = stack.enqueue(queue, job, run_config=struct({"go": str(go)}))
-    running = stack.wait_state(name, RUNNING)
-    pid = job_pid(stack, running.run)
+    job = code_job(client, tmp_path, "revoked", GROUP)
+    kept_queue, doomed_queue = stack.new_queue(), stack.new_queue()
+    with running_agent(start_agent, [kept_queue, doomed_queue]) as agent:
+        name = stack.enqueue(doomed_queue, job, run_config=struct({"pids": str(tmp_path / "pids.json")}))
+        run = stack.wait_state(name, RUNNING).run
+        pids = group_pids(tmp_path / "pids.json")
+        # Deleting a queue with live items revokes their leases (QUEUE_DELETED).
+        stack.queues.DeleteQueue(queue_pb2.DeleteQueueRequest(name=doomed_queue, force=True))
 
-    first.kill()
-    assert pid_alive(pid)  # the job lives on under its shim
-    with running_agent(start_agent, [queue], state_dir=first.state_dir):
-        time.sleep(LEASE_TTL_SECONDS + 1)
-        assert stack.item(name).state == RUNNING
-        assert pid_alive(pid)
-        go.touch()  # the job finishes; the restarted agent reports it
-        item = stack.wait_ended(name, timeout=30)
-
-    assert (item.state, item.attempt) == (SUCCEEDED, 1)
-    assert [t.to_state for t in item.transitions].count(SUCCEEDED) == 1
-    assert "done waiting" in stack.logs(item.run)  # output written while the agent was away is kept
+        wait_gone(pids)
+        leases = agent.state_dir / "leases"
+        wait_for(lambda: not any(leases.iterdir()), timeout=60, what="the revoked lease to be dropped")
+    assert stack.run(run).state == common_pb2.RUN_STATE_KILLED
 
 
 def test_agent_killed_for_good_the_next_agent_runs_attempt_two(
@@ -202,6 +194,7 @@ def test_agent_killed_for_good_the_next_agent_runs_attempt_two(
         with running_agent(start_agent, [queue], state_dir=first.state_dir, drain_timeout_seconds=1):
             wait_for(lambda: not lease_dirs[0].exists(), timeout=30, what="the revoked lease to be dropped")
         assert stack.item(name).attempt == 2
+        assert stack.run(running.run).state == common_pb2.RUN_STATE_KILLED  # attempt 2 has its own run
 
 
 def test_max_jobs_with_two_agents_and_ten_items(
@@ -209,43 +202,58 @@ def test_max_jobs_with_two_agents_and_ten_items(
 ) -> None:
     job = code_job(client, tmp_path, "napper", SLEEPER.replace('"600"', '"1"'))
     queue = stack.new_queue()
-    names = [stack.enqueue(queue, job) for _ in range(10)]
-    live_states = {
-        common_pb2.ITEM_STATE_LEASED,
-        common_pb2.ITEM_STATE_BUILDING,
-        common_pb2.ITEM_STATE_STARTING,
-        RUNNING,
-    }
     with running_agent(start_agent, [queue], max_jobs=2), running_agent(start_agent, [queue], max_jobs=2):
-        peak = 0
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            # One query, so the count is of one moment.
-            items = stack.queues.ListItems(queue_pb2.ListItemsRequest(parent=queue)).items
-            peak = max(peak, sum(1 for item in items if item.state in live_states))
-            if all(item.state == SUCCEEDED for item in items):
-                break
-            time.sleep(0.05)
-    assert sorted(item.name for item in items) == sorted(names)
+
+        def both_connected() -> bool:
+            listed = stack.queues.ListAgents(queue_pb2.ListAgentsRequest(queue=queue)).agents
+            return sum(1 for agent in listed if agent.connected) == 2
+
+        wait_for(both_connected, what="both agents to connect")
+        names = [stack.enqueue(queue, job) for _ in range(10)]
+        items = [stack.wait_ended(name, timeout=110) for name in names]
+
     assert all(item.state == SUCCEEDED for item in items)
-    assert 2 < peak <= 4
+    # Each item's lease, from the queue's own record: who held it, from its grant to its outcome.
+    leases = [
+        (leased.agent, leased.time.ToNanoseconds(), ended.time.ToNanoseconds())
+        for item in items
+        for leased, ended in [(item.transitions[1], item.transitions[-1])]
+    ]
+    assert all(item.transitions[1].to_state == common_pb2.ITEM_STATE_LEASED for item in items)
+    holders = {agent for agent, _, _ in leases}
+    assert len(holders) == 2  # both agents served the queue
+
+    def most_held_at_once(agent: str) -> int:
+        held = [(start, end) for holder, start, end in leases if holder == agent]
+        return max(sum(1 for start, end in held if start <= moment < end) for moment, _ in held)
+
+    assert {agent: most_held_at_once(agent) for agent in holders} == dict.fromkeys(holders, 2)
 
 
 def test_sigterm_drains_the_agent(
     stack: Stack, client: Client, start_agent: StartAgent, tmp_path: Path
 ) -> None:
-    job = code_job(client, tmp_path, "short", SLEEPER.replace('"600"', '"2"'))
+    job = code_job(client, tmp_path, "drained", WAITER)
     queue = stack.new_queue()
-    agent = start_agent([queue])
-    name = stack.enqueue(queue, job)
+    go = tmp_path / "go-drain"
+    agent = start_agent([queue], max_jobs=2)
+    name = stack.enqueue(queue, job, run_config=struct({"go": str(go)}))
     stack.wait_state(name, RUNNING)
 
-    assert agent.terminate() == 0  # returns once the running job has ended and been reported
+    agent.process.send_signal(signal.SIGTERM)
+
+    def draining() -> bool:
+        listed = stack.queues.ListAgents(queue_pb2.ListAgentsRequest(queue=queue)).agents
+        return any(listed_agent.draining for listed_agent in listed)
+
+    wait_for(draining, what="the queue service to know the agent drains")
+    # The agent still runs its job and has a free slot, but takes nothing new.
+    unserved = stack.enqueue(queue, job, run_config=struct({"go": str(go)}))
+    go.touch()
+    assert agent.process.wait(timeout=60) == 0  # once the running job has ended and been reported
     assert stack.item(name).state == SUCCEEDED
-    assert "woke up" in stack.logs(stack.item(name).run)
-    unserved = stack.enqueue(queue, job)
-    time.sleep(1)
-    assert stack.item(unserved).state == common_pb2.ITEM_STATE_PENDING
+    assert "done waiting" in stack.logs(stack.item(name).run)
+    assert [t.to_state for t in stack.item(unserved).transitions] == [common_pb2.ITEM_STATE_PENDING]
 
 
 def test_metric_rows_and_logs_arrive_for_a_run(
