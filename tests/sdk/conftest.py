@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import os
 import socket
 import subprocess
@@ -10,13 +10,18 @@ import sys
 import textwrap
 import threading
 import uuid
+from collections import defaultdict
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any, NoReturn, cast
 
+import grpc
 import pytest
+from google.protobuf import descriptor_pool
 
 from takeoff import Client
-from tests.processes import ServiceProcess, service_process
+from tests.processes import ServiceProcess, service_process, wait_for
 
 
 @pytest.fixture(scope="session")
@@ -74,82 +79,134 @@ def _stop_leftover_jobs() -> Iterator[None]:
 
 
 def start_job(tmp_path: Path, code: str, env: dict[str, str]) -> subprocess.Popen[str]:
-    """Run ``code`` as a job script in ``tmp_path``; its stdout and stderr are pipes."""
+    """Run ``code`` as a job script in ``tmp_path``; its stdout is a pipe, its stderr goes to a file that a
+    test can watch while the job runs (:func:`job_stderr`)."""
     script = tmp_path / "job.py"
     script.write_text(textwrap.dedent(code))
-    job = subprocess.Popen(
-        [sys.executable, str(script)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=tmp_path,
-    )
+    with (tmp_path / "job.stderr").open("w") as stderr:
+        job = subprocess.Popen(
+            [sys.executable, str(script)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+            cwd=tmp_path,
+        )
     _started_jobs.append(job)
     return job
+
+
+def job_stderr(tmp_path: Path) -> str:
+    """What the job started in ``tmp_path`` has written to stderr so far."""
+    return (tmp_path / "job.stderr").read_text()
+
+
+def wait_for_stderr(tmp_path: Path, text: str, job: subprocess.Popen[str]) -> None:
+    """Wait until the running job in ``tmp_path`` has said ``text`` on stderr."""
+
+    def said() -> bool:
+        assert job.poll() is None, f"the job exited with {job.returncode}: {job_stderr(tmp_path)}"
+        return text in job_stderr(tmp_path)
+
+    wait_for(said, what=f"the job to say {text!r}")
 
 
 def run_job(
     tmp_path: Path, code: str, env: dict[str, str], timeout: float = 60
 ) -> subprocess.CompletedProcess[str]:
     process = start_job(tmp_path, code, env)
-    stdout, stderr = process.communicate(timeout=timeout)
-    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+    stdout, _ = process.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, job_stderr(tmp_path))
 
 
-class ReplyDroppingProxy:
-    """A TCP proxy in front of the registry that can lose replies, as a flaky network does.
-
-    While replies are withheld, requests still reach the registry (which stores them) but nothing comes
-    back; cutting the connections then fails the caller's call. A retry must not store the data twice.
+class ReplyLosingProxy(grpc.GenericRpcHandler):
+    """A gRPC proxy on loopback that passes every call on to ``target`` and can lose chosen replies, as a
+    network does that drops the connection after the request went through: the service receives the call
+    and acts on it, and the caller gets UNAVAILABLE instead of the reply. It keeps every request it passed
+    on, by method, so a test can show that the caller sent a lost call again.
     """
 
     def __init__(self, target: str) -> None:
-        host, port = target.rsplit(":", 1)
-        self._target = (host, int(port))
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.address = f"127.0.0.1:{self._listener.getsockname()[1]}"
-        self._replies_flow = threading.Event()
-        self._replies_flow.set()
-        self._connections: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
+        self._upstream = grpc.insecure_channel(target)
+        self._lock = threading.Lock()
+        self._replies_to_lose: dict[str, int] = {}
+        self.requests: dict[str, list[bytes]] = defaultdict(list)
+        """Request messages passed on, serialised, by method name (``Service/Method``)."""
+        self.lost: dict[str, list[bytes]] = defaultdict(list)
+        """The requests whose replies were lost, by method name."""
+        self._server = grpc.server(ThreadPoolExecutor(max_workers=8), handlers=[self])
+        self.address = f"127.0.0.1:{self._server.add_insecure_port('127.0.0.1:0')}"
+        self._server.start()
 
-    def withhold_replies(self) -> None:
-        self._replies_flow.clear()
-
-    def cut_connections(self) -> None:
-        for connection in self._connections:
-            with contextlib.suppress(OSError):
-                connection.shutdown(socket.SHUT_RDWR)
-            connection.close()
-        self._connections.clear()
-        self._replies_flow.set()
+    def lose_next_reply(self, method: str) -> None:
+        """Lose the reply to the next call of ``method`` (``Service/Method``: ``RunService/AttachRun``)."""
+        with self._lock:
+            self._replies_to_lose[method] = self._replies_to_lose.get(method, 0) + 1
 
     def close(self) -> None:
-        self._listener.close()
-        self.cut_connections()
+        self._server.stop(grace=None)
+        self._upstream.close()
 
-    def _accept(self) -> None:
-        with contextlib.suppress(OSError):
-            while True:
-                client, _ = self._listener.accept()
-                server = socket.create_connection(self._target)
-                self._connections += [client, server]
-                threading.Thread(target=self._pipe, args=(client, server, None), daemon=True).start()
-                threading.Thread(
-                    target=self._pipe, args=(server, client, self._replies_flow), daemon=True
-                ).start()
+    def service(
+        self, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler[bytes, bytes] | None:
+        path = handler_call_details.method  # /takeoff.v1.RunService/AttachRun
+        descriptor = descriptor_pool.Default().FindMethodByName(path.strip("/").replace("/", "."))
+        if descriptor.client_streaming:
+            return None  # UNIMPLEMENTED: no test sends a request stream through this proxy
+        if descriptor.server_streaming:
+            return grpc.unary_stream_rpc_method_handler(functools.partial(self._pass_stream, path))
+        return grpc.unary_unary_rpc_method_handler(functools.partial(self._pass_unary, path))
+
+    def _pass_unary(self, path: str, request: bytes, context: grpc.ServicerContext) -> bytes:
+        method = self._record(path, request)
+        try:
+            call: grpc.UnaryUnaryMultiCallable[bytes, bytes] = self._upstream.unary_unary(path)
+            reply = call(request, **self._call_options(context))
+        except grpc.RpcError as error:
+            self._fail_like(context, error)
+        with self._lock:
+            lose = self._replies_to_lose.get(method, 0) > 0
+            if lose:
+                self._replies_to_lose[method] -= 1
+                self.lost[method].append(request)
+        if lose:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "the test's proxy lost the reply")
+        return reply
+
+    def _pass_stream(self, path: str, request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+        self._record(path, request)
+        try:
+            call: grpc.UnaryStreamMultiCallable[bytes, bytes] = self._upstream.unary_stream(path)
+            yield from call(request, **self._call_options(context))
+        except grpc.RpcError as error:
+            self._fail_like(context, error)
+
+    def _record(self, path: str, request: bytes) -> str:
+        method = path.rsplit(".", 1)[-1]  # RunService/AttachRun
+        with self._lock:
+            self.requests[method].append(request)
+        return method
 
     @staticmethod
-    def _pipe(source: socket.socket, destination: socket.socket, gate: threading.Event | None) -> None:
-        with contextlib.suppress(OSError):
-            while data := source.recv(65536):
-                if gate is None or gate.is_set():
-                    destination.sendall(data)
+    def _call_options(context: grpc.ServicerContext) -> dict[str, Any]:
+        metadata = [
+            (key, value)
+            for key, value in context.invocation_metadata()
+            if not key.startswith(("grpc-", ":")) and key != "user-agent"
+        ]
+        return {"metadata": metadata, "timeout": context.time_remaining(), "wait_for_ready": True}
+
+    @staticmethod
+    def _fail_like(context: grpc.ServicerContext, error: grpc.RpcError) -> NoReturn:
+        """Answer with the service's own status, details and trailing metadata (its ErrorInfo)."""
+        call = cast(grpc.Call, error)  # what grpc raises is both
+        context.set_trailing_metadata(call.trailing_metadata() or ())
+        context.abort(call.code(), call.details() or "")
 
 
 @pytest.fixture
-def flaky_registry(registry: ServiceProcess) -> Iterator[ReplyDroppingProxy]:
-    proxy = ReplyDroppingProxy(registry.address)
+def lossy_registry(registry: ServiceProcess) -> Iterator[ReplyLosingProxy]:
+    proxy = ReplyLosingProxy(registry.address)
     yield proxy
     proxy.close()
