@@ -6,14 +6,23 @@ import enum
 import math
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any, TypeVar
+from datetime import timedelta
+from typing import Any, Protocol, TypeVar
 
-from google.protobuf.internal.enum_type_wrapper import EnumTypeWrapper
+from google.protobuf import duration_pb2
+from google.protobuf.descriptor import EnumDescriptor
 
 from takeoff_server.errors import FieldViolation, InvalidArgument
 from takeoff_server.protovalues import dict_to_struct
 
 E = TypeVar("E", bound=enum.Enum)
+
+
+class ProtoEnum(Protocol):
+    """A generated proto enum, such as ``common_pb2.ItemState``."""
+
+    @property
+    def DESCRIPTOR(self) -> EnumDescriptor: ...
 
 
 def field_error(field: str, problem: str, *, reason: str = "ARGUMENT_INVALID") -> InvalidArgument:
@@ -113,7 +122,7 @@ def check_struct(value: Mapping[str, Any], *, field: str, max_bytes: int, max_de
         raise field_error(non_finite, "numbers must be finite (no NaN or Infinity)")
 
 
-def enum_member(enum_type: type[E], number: int, *, field: str, proto: EnumTypeWrapper) -> E | None:
+def enum_member(enum_type: type[E], number: int, *, field: str, proto: ProtoEnum) -> E | None:
     """The member of the domain enum ``enum_type`` for a number of the proto enum ``proto``.
 
     Members are matched by name: the proto value's name without the enum's prefix (``ITEM_STATE_PENDING``
@@ -135,3 +144,28 @@ def enum_member(enum_type: type[E], number: int, *, field: str, proto: EnumTypeW
         )
         raise field_error(field, f"{number} is not one of {allowed}")
     return member
+
+
+_MAX_DURATION_SECONDS = 315_576_000_000
+"""The range google.protobuf.Duration may hold (duration.proto): about 10,000 years either way."""
+
+
+def duration_value(
+    duration: duration_pb2.Duration, *, field: str, maximum: timedelta | None = None
+) -> timedelta:
+    """A request's Duration as a timedelta, refused (INVALID_ARGUMENT ``ARGUMENT_INVALID`` on ``field``)
+    when it is not a valid Duration, is negative, or is longer than ``maximum``."""
+    seconds, nanos = duration.seconds, duration.nanos
+    if (
+        abs(seconds) > _MAX_DURATION_SECONDS
+        or abs(nanos) > 999_999_999
+        or (seconds > 0 and nanos < 0)
+        or (seconds < 0 and nanos > 0)
+    ):
+        raise field_error(field, "is not a valid google.protobuf.Duration (see duration.proto)")
+    if seconds < 0 or nanos < 0:
+        raise field_error(field, "must not be negative")
+    span = duration.ToTimedelta()
+    if maximum is not None and span > maximum:
+        raise field_error(field, f"must be at most {maximum} (got {span})")
+    return span

@@ -196,8 +196,8 @@ class JobServiceServicer:
 
     def DeleteJobAlias(self, request, context):
         """Removes an alias from a job.
-        Errors: INVALID_ARGUMENT `NAME_INVALID` / `ALIAS_RESERVED` (`latest`); NOT_FOUND `PROJECT_NOT_FOUND` /
-        `JOB_NOT_FOUND` / `ALIAS_NOT_FOUND`.
+        Errors: INVALID_ARGUMENT `NAME_INVALID` / `ALIAS_INVALID` (empty or malformed) / `ALIAS_RESERVED`
+        (`latest`); NOT_FOUND `PROJECT_NOT_FOUND` / `JOB_NOT_FOUND` / `ALIAS_NOT_FOUND`.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

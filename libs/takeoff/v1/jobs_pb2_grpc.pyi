@@ -89,8 +89,8 @@ class JobServiceStub:
     """
     DeleteJobAlias: _grpc.UnaryUnaryMultiCallable[_jobs_pb2.DeleteJobAliasRequest, _jobs_pb2.DeleteJobAliasResponse]
     """Removes an alias from a job.
-    Errors: INVALID_ARGUMENT `NAME_INVALID` / `ALIAS_RESERVED` (`latest`); NOT_FOUND `PROJECT_NOT_FOUND` /
-    `JOB_NOT_FOUND` / `ALIAS_NOT_FOUND`.
+    Errors: INVALID_ARGUMENT `NAME_INVALID` / `ALIAS_INVALID` (empty or malformed) / `ALIAS_RESERVED`
+    (`latest`); NOT_FOUND `PROJECT_NOT_FOUND` / `JOB_NOT_FOUND` / `ALIAS_NOT_FOUND`.
     """
     UploadArtifact: _grpc.StreamUnaryMultiCallable[_jobs_pb2.UploadArtifactRequest, _jobs_pb2.UploadArtifactResponse]
     """Uploads a code tarball (gzip-compressed tar). Client streaming: the first message carries the header
@@ -173,8 +173,8 @@ class JobServiceAsyncStub(JobServiceStub):
     """
     DeleteJobAlias: _aio.UnaryUnaryMultiCallable[_jobs_pb2.DeleteJobAliasRequest, _jobs_pb2.DeleteJobAliasResponse]  # type: ignore[assignment]
     """Removes an alias from a job.
-    Errors: INVALID_ARGUMENT `NAME_INVALID` / `ALIAS_RESERVED` (`latest`); NOT_FOUND `PROJECT_NOT_FOUND` /
-    `JOB_NOT_FOUND` / `ALIAS_NOT_FOUND`.
+    Errors: INVALID_ARGUMENT `NAME_INVALID` / `ALIAS_INVALID` (empty or malformed) / `ALIAS_RESERVED`
+    (`latest`); NOT_FOUND `PROJECT_NOT_FOUND` / `JOB_NOT_FOUND` / `ALIAS_NOT_FOUND`.
     """
     UploadArtifact: _aio.StreamUnaryMultiCallable[_jobs_pb2.UploadArtifactRequest, _jobs_pb2.UploadArtifactResponse]  # type: ignore[assignment]
     """Uploads a code tarball (gzip-compressed tar). Client streaming: the first message carries the header
@@ -314,8 +314,8 @@ class JobServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_jobs_pb2.DeleteJobAliasResponse, _abc.Awaitable[_jobs_pb2.DeleteJobAliasResponse]]:
         """Removes an alias from a job.
-        Errors: INVALID_ARGUMENT `NAME_INVALID` / `ALIAS_RESERVED` (`latest`); NOT_FOUND `PROJECT_NOT_FOUND` /
-        `JOB_NOT_FOUND` / `ALIAS_NOT_FOUND`.
+        Errors: INVALID_ARGUMENT `NAME_INVALID` / `ALIAS_INVALID` (empty or malformed) / `ALIAS_RESERVED`
+        (`latest`); NOT_FOUND `PROJECT_NOT_FOUND` / `JOB_NOT_FOUND` / `ALIAS_NOT_FOUND`.
         """
 
     @_abc_1.abstractmethod

@@ -1,0 +1,705 @@
+"""Generated requests against every method of every service: each gets a documented status, never a crash.
+
+For every method of JobService, RunService, QueueService, BuildService and AgentService (enumerated from
+the proto descriptors, so a new method is covered without touching this file) hypothesis generates
+requests with random values in every field: names that point at real objects or nearly so, huge and
+odd strings, integer extremes, unknown enum numbers, nested messages, Structs with odd values, durations
+and timestamps out of range, bytes. Each request goes to a real stack (every service its own process, on
+SQLite under a temporary home), and the test asserts:
+
+- the status is OK or one the method's proto comment documents (``Errors:``), plus what every method may
+  answer (an undecodable request, a generic bad argument) — never INTERNAL or UNKNOWN;
+- every error carries an ErrorInfo in the ``takeoff.dev`` domain whose reason is in the catalogue;
+- a create that failed left nothing behind in the matching List;
+- the server still answers health afterwards.
+
+Client-streaming calls send one or two generated messages; the bidirectional Lease stream has its own
+tests (tests/queue). Runs are derandomised: the same examples every time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, cast
+
+import grpc
+import pytest
+from google.protobuf import descriptor, duration_pb2, field_mask_pb2, struct_pb2, timestamp_pb2
+from google.protobuf.message import Message
+from google.protobuf.message_factory import GetMessageClass
+from google.rpc import error_details_pb2, status_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+from takeoff.v1 import (
+    agent_pb2,
+    build_pb2,
+    common_pb2,
+    jobs_pb2,
+    jobs_pb2_grpc,
+    queue_pb2,
+    queue_pb2_grpc,
+    runs_pb2,
+    runs_pb2_grpc,
+)
+from takeoff_server.protovalues import dict_to_struct
+from tests.processes import ServiceProcess, service_process
+
+pytestmark = pytest.mark.fuzz
+
+ROOT = Path(__file__).resolve().parents[2]
+PROTOS = ROOT / "protos" / "takeoff" / "v1"
+PROJECT = "fuzz"
+AGENT_QUEUE = "agent-only"
+EXAMPLES_PER_METHOD = 25
+CALL_TIMEOUT = 10.0
+STREAM_TIMEOUT = 2.0
+"""A server stream that is still open then (a watch) has answered well enough."""
+
+SERVICES = {
+    "takeoff.v1.JobService": "registry",
+    "takeoff.v1.RunService": "registry",
+    "takeoff.v1.QueueService": "queue",
+    "takeoff.v1.BuildService": "builder",
+    "takeoff.v1.AgentService": "agent",
+}
+SKIPPED = {"takeoff.v1.QueueService.Lease": "bidirectional; the lease tests in tests/queue cover it"}
+DESCRIPTORS = [
+    module.DESCRIPTOR.services_by_name[name.rsplit(".", 1)[1]]
+    for module, name in (
+        (jobs_pb2, "takeoff.v1.JobService"),
+        (runs_pb2, "takeoff.v1.RunService"),
+        (queue_pb2, "takeoff.v1.QueueService"),
+        (build_pb2, "takeoff.v1.BuildService"),
+        (agent_pb2, "takeoff.v1.AgentService"),
+    )
+]
+METHODS = [method for service in DESCRIPTORS for method in service.methods if method.full_name not in SKIPPED]
+
+CATALOGUE = frozenset(
+    value.name.removeprefix("ERROR_REASON_")
+    for value in common_pb2.ErrorReason.DESCRIPTOR.values
+    if value.number != 0
+)
+_CODES = "|".join(code.name for code in grpc.StatusCode)
+ANY_METHOD = {
+    ("INVALID_ARGUMENT", "REQUEST_INVALID"),  # bytes that are not the request message
+    ("INVALID_ARGUMENT", "ARGUMENT_INVALID"),  # a field out of its documented range (common.proto)
+    ("INVALID_ARGUMENT", "NAME_INVALID"),
+}
+
+
+def documented_errors() -> dict[str, tuple[set[str], set[str]]]:
+    """Method full name -> (status codes, reasons) its proto comment lists after ``Errors:``."""
+    documented: dict[str, tuple[set[str], set[str]]] = {}
+    for proto in PROTOS.glob("*.proto"):
+        text = proto.read_text()
+        for service in re.finditer(r"^service (\w+) \{(.*?)^\}", text, re.MULTILINE | re.DOTALL):
+            comment: list[str] = []
+            for line in service[2].splitlines():
+                stripped = line.strip()
+                if stripped.startswith("//"):
+                    comment.append(stripped.removeprefix("//"))
+                    continue
+                if rpc := re.match(r"rpc (\w+)\(", stripped):
+                    errors = " ".join(comment).partition("Errors:")[2]
+                    documented[f"takeoff.v1.{service[1]}.{rpc[1]}"] = (
+                        set(re.findall(rf"\b({_CODES})\b", errors)),
+                        set(re.findall(r"`([A-Z][A-Z0-9_]+)`", errors)),
+                    )
+                comment = []
+    return documented
+
+
+DOCUMENTED = documented_errors()
+
+
+# --- the stack --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Stack:
+    processes: dict[str, ServiceProcess]
+    channels: dict[str, grpc.Channel] = field(default_factory=dict)
+
+    def channel(self, server: str) -> grpc.Channel:
+        if server not in self.channels:
+            self.channels[server] = grpc.insecure_channel(self.processes[server].address)
+        return self.channels[server]
+
+
+def _seed(registry: grpc.Channel, queue: grpc.Channel) -> None:
+    """Objects for generated names to hit: a job with a version, a queue with an item, a run."""
+    jobs = jobs_pb2_grpc.JobServiceStub(registry)
+    jobs.CreateJob(
+        jobs_pb2.CreateJobRequest(parent=f"projects/{PROJECT}", job_id="img"), timeout=CALL_TIMEOUT
+    )
+    jobs.CreateJobVersion(
+        jobs_pb2.CreateJobVersionRequest(
+            parent=f"projects/{PROJECT}/jobs/img",
+            version=common_pb2.JobVersion(
+                source=common_pb2.JobSource(image=common_pb2.ImageSource(reference="python:3.12-slim")),
+                inputs=common_pb2.JobInputs(
+                    schema=dict_to_struct({"type": "object", "properties": {"lr": {"type": "number"}}})
+                ),
+            ),
+            aliases=["prod"],
+        ),
+        timeout=CALL_TIMEOUT,
+    )
+    runs_pb2_grpc.RunServiceStub(registry).CreateRun(
+        runs_pb2.CreateRunRequest(parent=f"projects/{PROJECT}", run_id="r1"), timeout=CALL_TIMEOUT
+    )
+    queues = queue_pb2_grpc.QueueServiceStub(queue)
+    queues.CreateQueue(
+        queue_pb2.CreateQueueRequest(
+            parent=f"projects/{PROJECT}",
+            queue_id="q",
+            queue=queue_pb2.Queue(
+                resource=common_pb2.RESOURCE_KIND_LOCAL_CONTAINER,
+                template_variables={
+                    "gpus": queue_pb2.TemplateVariable(
+                        schema=dict_to_struct({"type": "integer", "default": 0})
+                    )
+                },
+            ),
+        ),
+        timeout=CALL_TIMEOUT,
+    )
+    queues.Enqueue(
+        queue_pb2.EnqueueRequest(queue=f"projects/{PROJECT}/queues/q", job="img"), timeout=CALL_TIMEOUT
+    )
+    # The agent serves a queue of its own, paused and out of the generated names' reach: it runs nothing.
+    queues.CreateQueue(
+        queue_pb2.CreateQueueRequest(
+            parent=f"projects/{PROJECT}",
+            queue_id=AGENT_QUEUE,
+            queue=queue_pb2.Queue(resource=common_pb2.RESOURCE_KIND_LOCAL_PROCESS, paused=True),
+        ),
+        timeout=CALL_TIMEOUT,
+    )
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    home = tmp_path_factory.mktemp("fuzz")
+    with contextlib.ExitStack() as processes:
+        registry = processes.enter_context(service_process("registry", home))
+        uses_registry = {"TAKEOFF_REGISTRY_ADDRESS": registry.address}
+        queue = processes.enter_context(service_process("queue", home, env=uses_registry))
+        builder = processes.enter_context(service_process("builder", home, env=uses_registry))
+        running = Stack({"registry": registry, "queue": queue, "builder": builder})
+        _seed(running.channel("registry"), running.channel("queue"))
+        agent_env = {
+            **uses_registry,
+            "TAKEOFF_QUEUES": f'["projects/{PROJECT}/queues/{AGENT_QUEUE}"]',
+            "TAKEOFF_QUEUE_ADDRESS": queue.address,
+            "TAKEOFF_BUILDER_ADDRESS": builder.address,
+        }
+        running.processes["agent"] = processes.enter_context(service_process("agent", home, env=agent_env))
+        yield running
+        for channel in running.channels.values():
+            channel.close()
+
+
+# --- generated requests ----------------------------------------------------------------------------
+
+NAMES = [
+    f"projects/{PROJECT}",
+    f"projects/{PROJECT}/jobs/img",
+    f"projects/{PROJECT}/jobs/img/versions/0",
+    f"projects/{PROJECT}/jobs/nope",
+    f"projects/{PROJECT}/queues/q",
+    f"projects/{PROJECT}/queues/nope",
+    f"projects/{PROJECT}/runs/r1",
+    "projects/never-written",
+    "img",
+    "img:prod",
+    "img:v0",
+    "img:v99999999999999999999",
+    "builds/nope",
+    "agents/nope",
+    "q",
+    "r1",
+    "new-id",
+]
+HOSTILE_STRINGS = [
+    "",
+    " ",
+    "\x00",
+    "é" * 64,
+    "x" * 129,
+    "x" * 5000,
+    "projects/",
+    "projects/fuzz/jobs/",
+    "../../etc/passwd",
+    "*",
+    "a" * 63,
+    "-1",
+    "\U0001f680",
+]
+INT32 = (-(2**31), 2**31 - 1)
+INT64 = (-(2**63), 2**63 - 1)
+# Duration and Timestamp allow about ±10,000 years; values past that (and nanos past a second) are
+# what a hostile client sends.
+SECONDS = st.one_of(
+    st.integers(-10, 10**6),
+    st.sampled_from([-1, 0, 315_576_000_000, 315_576_000_001, 10**15, -(10**15), 2**63 - 1, -(2**63)]),
+)
+NANOS = st.one_of(st.just(0), st.integers(-(10**9) - 1, 10**9 + 1))
+
+JSON_LEAVES = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.integers(-(2**60), 2**60).map(float),
+    st.text(max_size=8),
+)
+JSON_VALUES = st.recursive(
+    JSON_LEAVES,
+    lambda children: (
+        st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=6), children, max_size=3)
+    ),
+    max_leaves=8,
+)
+STRUCTS = st.one_of(
+    st.dictionaries(st.text(max_size=8), JSON_VALUES, max_size=4),
+    st.sampled_from(
+        [
+            {"type": "object", "properties": {"a": {"$ref": "#/$defs/nowhere"}}},
+            {"$ref": "#"},
+            {"apiVersion": "batch/v1", "kind": "Job", "spec": "a string"},
+            {"type": "integer"},
+            {"lr": 0.1},
+        ]
+    ),
+)
+
+
+def _struct(value: Any) -> struct_pb2.Struct:
+    struct = struct_pb2.Struct()
+    for key, item in value.items():
+        struct.fields[key].CopyFrom(_value(item))
+    return struct
+
+
+def _value(item: Any) -> struct_pb2.Value:
+    # By hand, not Struct.update: that refuses NaN nowhere but a hostile client is not bound by it either.
+    if item is None:
+        return struct_pb2.Value(null_value=struct_pb2.NULL_VALUE)
+    if isinstance(item, bool):
+        return struct_pb2.Value(bool_value=item)
+    if isinstance(item, float):
+        return struct_pb2.Value(number_value=item)
+    if isinstance(item, str):
+        return struct_pb2.Value(string_value=item)
+    if isinstance(item, list):
+        return struct_pb2.Value(list_value=struct_pb2.ListValue(values=[_value(child) for child in item]))
+    return struct_pb2.Value(struct_value=_struct(item))
+
+
+def deep_struct(levels: int) -> struct_pb2.Struct:
+    """A Struct of ``levels`` nested objects (at most 32: protobuf cannot hold a deeper one in a request)."""
+    value: dict[str, Any] = {"leaf": 1.0}
+    for _ in range(levels - 1):
+        value = {"a": value}
+    return _struct(value)
+
+
+def _varint(number: int) -> bytes:
+    out = bytearray()
+    while True:
+        low, number = number & 0x7F, number >> 7
+        out.append(low | (0x80 if number else 0))
+        if not number:
+            return bytes(out)
+
+
+def with_deep_struct(request: Message, field_name: str, levels: int) -> bytes:
+    """``request`` encoded, with a Struct of ``levels`` nested objects in ``field_name``: deeper than
+    protobuf lets a client build, so written by hand, as a hostile client would."""
+    encoded = b""
+    for _ in range(levels):
+        value = b"\x2a" + _varint(len(encoded)) + encoded  # Value.struct_value
+        entry = b"\x0a\x01a\x12" + _varint(len(value)) + value  # Struct.fields entry "a"
+        encoded = b"\x0a" + _varint(len(entry)) + entry
+    number = request.DESCRIPTOR.fields_by_name[field_name].number
+    return request.SerializeToString() + _varint(number << 3 | 2) + _varint(len(encoded)) + encoded
+
+
+def _strings() -> st.SearchStrategy[str]:
+    return st.one_of(st.sampled_from(NAMES), st.sampled_from(HOSTILE_STRINGS), st.text(max_size=20))
+
+
+def _scalar(field_descriptor: descriptor.FieldDescriptor) -> st.SearchStrategy[Any]:
+    kind = field_descriptor.type
+    types = descriptor.FieldDescriptor
+    if kind == types.TYPE_STRING:
+        return _strings()
+    if kind == types.TYPE_BYTES:
+        return st.binary(max_size=32)
+    if kind == types.TYPE_BOOL:
+        return st.booleans()
+    if kind in (types.TYPE_DOUBLE, types.TYPE_FLOAT):
+        return st.floats(allow_nan=True, allow_infinity=True, width=64 if kind == types.TYPE_DOUBLE else 32)
+    if kind == types.TYPE_ENUM:
+        assert field_descriptor.enum_type is not None
+        known = [value.number for value in field_descriptor.enum_type.values]
+        return st.one_of(st.sampled_from(known), st.sampled_from([-1, max(known) + 1, 999, INT32[1]]))
+    if kind in (types.TYPE_INT64, types.TYPE_SINT64, types.TYPE_SFIXED64):
+        low, high = INT64
+    elif kind in (types.TYPE_UINT32, types.TYPE_FIXED32):
+        low, high = 0, 2**32 - 1
+    elif kind in (types.TYPE_UINT64, types.TYPE_FIXED64):
+        low, high = 0, 2**64 - 1
+    else:
+        low, high = INT32
+    return st.one_of(
+        st.integers(-3, 100),
+        st.sampled_from([low, high, low + 1, -1, 0, 2**31, 10**9]).filter(
+            lambda number: low <= number <= high
+        ),
+    )
+
+
+def _well_known(message_descriptor: descriptor.Descriptor) -> st.SearchStrategy[Message] | None:
+    match message_descriptor.full_name:
+        case "google.protobuf.Struct":
+            return STRUCTS.map(_struct)
+        case "google.protobuf.Value":
+            return JSON_VALUES.map(_value)
+        case "google.protobuf.Duration":
+            return st.builds(duration_pb2.Duration, seconds=SECONDS, nanos=NANOS)
+        case "google.protobuf.Timestamp":
+            return st.builds(timestamp_pb2.Timestamp, seconds=SECONDS, nanos=NANOS)
+        case "google.protobuf.FieldMask":
+            paths = st.one_of(
+                st.sampled_from(["*", "description", "paused", "display_name", "nope"]), _strings()
+            )
+            return st.lists(paths, max_size=3).map(lambda chosen: field_mask_pb2.FieldMask(paths=chosen))
+    return None
+
+
+def messages(message_descriptor: descriptor.Descriptor, depth: int = 0) -> st.SearchStrategy[Message]:
+    """Messages of this type with any subset of their fields set to generated values."""
+    well_known = _well_known(message_descriptor)
+    if well_known is not None:
+        return well_known
+
+    @st.composite
+    def build(draw: st.DrawFn) -> Message:
+        message = message_factory(message_descriptor)()
+        chosen_oneofs = {
+            oneof.name: draw(st.sampled_from([None, *oneof.fields])) for oneof in message_descriptor.oneofs
+        }
+        for field_descriptor in message_descriptor.fields:
+            oneof = field_descriptor.containing_oneof
+            if oneof is not None and chosen_oneofs[oneof.name] is not field_descriptor:
+                continue
+            if oneof is None and not draw(st.booleans()):
+                continue
+            _fill(draw, message, field_descriptor, depth)
+        return message
+
+    return build()
+
+
+def _fill(
+    draw: st.DrawFn, message: Message, field_descriptor: descriptor.FieldDescriptor, depth: int
+) -> None:
+    name = field_descriptor.name
+    entry = field_descriptor.message_type
+    if entry is not None and entry.GetOptions().map_entry:
+        keys = draw(st.lists(_scalar(entry.fields_by_name["key"]), max_size=3))
+        value_field = entry.fields_by_name["value"]
+        for key in keys:
+            if value_field.message_type is not None:
+                getattr(message, name)[key].CopyFrom(draw(messages(value_field.message_type, depth + 1)))
+            else:
+                getattr(message, name)[key] = draw(_scalar(value_field))
+        return
+    if entry is not None:
+        if depth >= 3:
+            return
+        values = messages(entry, depth + 1)
+        if field_descriptor.is_repeated:
+            getattr(message, name).extend(draw(st.lists(values, max_size=2)))
+        else:
+            getattr(message, name).CopyFrom(draw(values))
+        return
+    if field_descriptor.is_repeated:
+        getattr(message, name).extend(draw(st.lists(_scalar(field_descriptor), max_size=3)))
+    else:
+        setattr(message, name, draw(_scalar(field_descriptor)))
+
+
+def message_factory(message_descriptor: descriptor.Descriptor) -> type[Message]:
+    return GetMessageClass(message_descriptor)
+
+
+# --- the hostile corpus ----------------------------------------------------------------------------
+
+EDITED_TOKEN = "WyJ6eiJd.AAAAAAAAAAAAAAAAAAAAAA"  # ["zz"] with a made-up signature
+HUGE = duration_pb2.Duration(seconds=10**15)
+UNKNOWN_PRIORITY = cast(common_pb2.Priority.ValueType, 999)
+UNKNOWN_STATE = cast(common_pb2.ItemState.ValueType, 999)
+UNKNOWN_KIND = cast(build_pb2.BuildKind.ValueType, 999)
+HOSTILE: dict[str, list[Message | bytes]] = {
+    "takeoff.v1.JobService.CreateJobVersion": [
+        jobs_pb2.CreateJobVersionRequest(
+            parent=f"projects/{PROJECT}/jobs/img",
+            version=common_pb2.JobVersion(
+                source=common_pb2.JobSource(image=common_pb2.ImageSource(reference="python:3.12-slim")),
+                inputs=common_pb2.JobInputs(
+                    schema=_struct({"properties": {"a": {"$ref": "#/$defs/nowhere"}}})
+                ),
+            ),
+        ),
+        jobs_pb2.CreateJobVersionRequest(
+            parent=f"projects/{PROJECT}/jobs/img",
+            version=common_pb2.JobVersion(
+                source=common_pb2.JobSource(image=common_pb2.ImageSource(reference="python:3.12-slim")),
+                inputs=common_pb2.JobInputs(defaults=deep_struct(32)),
+            ),
+        ),
+    ],
+    "takeoff.v1.JobService.CreateJob": [
+        jobs_pb2.CreateJobRequest(
+            parent=f"projects/{PROJECT}", job_id="big", job=jobs_pb2.Job(description="d" * (3 * 1024 * 1024))
+        ),
+    ],
+    "takeoff.v1.JobService.ListJobs": [
+        jobs_pb2.ListJobsRequest(parent=f"projects/{PROJECT}", page_token=EDITED_TOKEN)
+    ],
+    "takeoff.v1.RunService.CreateRun": [
+        runs_pb2.CreateRunRequest(
+            parent=f"projects/{PROJECT}",
+            run_id="big",
+            run=runs_pb2.Run(display_name="n" * (3 * 1024 * 1024)),
+        ),
+        runs_pb2.CreateRunRequest(
+            parent=f"projects/{PROJECT}", run_id="deep", run=runs_pb2.Run(config=deep_struct(32))
+        ),
+        runs_pb2.CreateRunRequest(
+            parent=f"projects/{PROJECT}", run_id="deep", run=runs_pb2.Run(config=deep_struct(32))
+        ),
+    ],
+    "takeoff.v1.RunService.ListRuns": [
+        runs_pb2.ListRunsRequest(parent=f"projects/{PROJECT}", page_token=EDITED_TOKEN)
+    ],
+    "takeoff.v1.RunService.UpdateSummary": [
+        runs_pb2.UpdateSummaryRequest(name=f"projects/{PROJECT}/runs/r1", summary=deep_struct(32)),
+    ],
+    "takeoff.v1.QueueService.CreateQueue": [
+        queue_pb2.CreateQueueRequest(
+            parent=f"projects/{PROJECT}",
+            queue_id="k8s",
+            queue=queue_pb2.Queue(
+                resource=common_pb2.RESOURCE_KIND_KUBERNETES,
+                resource_config=_struct({"apiVersion": "batch/v1", "kind": "Job", "spec": "a string"}),
+            ),
+        ),
+        queue_pb2.CreateQueueRequest(
+            parent=f"projects/{PROJECT}",
+            queue_id="refs",
+            queue=queue_pb2.Queue(
+                resource=common_pb2.RESOURCE_KIND_LOCAL_PROCESS,
+                template_variables={
+                    "v": queue_pb2.TemplateVariable(schema=_struct({"type": "object", "$ref": "#/nowhere"}))
+                },
+            ),
+        ),
+        queue_pb2.CreateQueueRequest(
+            parent=f"projects/{PROJECT}",
+            queue_id="slow",
+            queue=queue_pb2.Queue(resource=common_pb2.RESOURCE_KIND_LOCAL_PROCESS, start_timeout=HUGE),
+        ),
+        queue_pb2.CreateQueueRequest(
+            parent=f"projects/{PROJECT}",
+            queue_id="named",
+            queue=queue_pb2.Queue(
+                resource=common_pb2.RESOURCE_KIND_LOCAL_PROCESS, description="d" * (3 * 1024 * 1024)
+            ),
+        ),
+    ],
+    "takeoff.v1.QueueService.Enqueue": [
+        queue_pb2.EnqueueRequest(queue=f"projects/{PROJECT}/queues/q", job="img", max_run_time=HUGE),
+        queue_pb2.EnqueueRequest(
+            queue=f"projects/{PROJECT}/queues/q", job="img", run_display_name="n" * (3 * 1024 * 1024)
+        ),
+        queue_pb2.EnqueueRequest(queue=f"projects/{PROJECT}/queues/q", job="img", run_config=deep_struct(32)),
+        with_deep_struct(
+            queue_pb2.EnqueueRequest(queue=f"projects/{PROJECT}/queues/q", job="img"), "run_config", 40
+        ),
+        queue_pb2.EnqueueRequest(queue=f"projects/{PROJECT}/queues/q", job="img", priority=UNKNOWN_PRIORITY),
+    ],
+    "takeoff.v1.QueueService.ListItems": [
+        queue_pb2.ListItemsRequest(parent=f"projects/{PROJECT}/queues/q", page_token=EDITED_TOKEN),
+        queue_pb2.ListItemsRequest(parent=f"projects/{PROJECT}/queues/q", states=[UNKNOWN_STATE]),
+    ],
+    "takeoff.v1.QueueService.ListQueues": [queue_pb2.ListQueuesRequest(parent="projects/never-written")],
+    "takeoff.v1.BuildService.Build": [
+        build_pb2.BuildRequest(job_version=f"projects/{PROJECT}/jobs/img/versions/0", kind=UNKNOWN_KIND)
+    ],
+    "takeoff.v1.AgentService.Drain": [
+        agent_pb2.DrainRequest(timeout=duration_pb2.Duration(seconds=-(10**15)))
+    ],
+}
+
+
+# --- calling and judging ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Outcome:
+    code: grpc.StatusCode
+    reason: str = ""
+    domain: str = ""
+    message: str = ""
+
+
+def _outcome_of(error: grpc.RpcError) -> Outcome:
+    call: Any = error
+    trailing = dict(call.trailing_metadata() or ())
+    details = trailing.get("grpc-status-details-bin")
+    info = error_details_pb2.ErrorInfo()
+    if details is not None:
+        for detail in status_pb2.Status.FromString(details).details:
+            if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+                detail.Unpack(info)
+    return Outcome(call.code(), info.reason, info.domain, call.details() or "")
+
+
+def call(stack: Stack, method: descriptor.MethodDescriptor, request: Message | bytes) -> Outcome:
+    channel = stack.channel(SERVICES[method.containing_service.full_name])
+    path = f"/{method.containing_service.full_name}/{method.name}"
+
+    def serialize(message: Message | bytes) -> bytes:
+        return message if isinstance(message, bytes) else message.SerializeToString()
+
+    deserialize = message_factory(method.output_type).FromString
+    try:
+        if method.client_streaming:
+            channel.stream_unary(path, serialize, deserialize)(iter([request, request]), timeout=CALL_TIMEOUT)
+        elif method.server_streaming:
+            for _ in channel.unary_stream(path, serialize, deserialize)(request, timeout=STREAM_TIMEOUT):
+                pass
+        else:
+            channel.unary_unary(path, serialize, deserialize)(request, timeout=CALL_TIMEOUT)
+    except grpc.RpcError as error:
+        outcome = _outcome_of(error)
+        if method.server_streaming and outcome.code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return Outcome(grpc.StatusCode.OK)  # a watch still open: it answered
+        return outcome
+    return Outcome(grpc.StatusCode.OK)
+
+
+def check_documented(method: descriptor.MethodDescriptor, request: Message | bytes, outcome: Outcome) -> None:
+    if outcome.code == grpc.StatusCode.OK:
+        return
+    got = f"{outcome.code.name} {outcome.reason}: {outcome.message[:200]}"
+    shown = f"{method.full_name}({_summary(request)}) -> {got}"
+    assert outcome.code not in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN), shown
+    assert (outcome.domain, outcome.reason in CATALOGUE) == ("takeoff.dev", True), shown
+    codes, reasons = DOCUMENTED.get(method.full_name, (set(), set()))
+    documented = outcome.code.name in codes and (outcome.reason in reasons or not reasons)
+    assert documented or (outcome.code.name, outcome.reason) in ANY_METHOD, f"undocumented: {shown}"
+
+
+def _summary(request: Message | bytes) -> str:
+    text = repr(request[:100]) if isinstance(request, bytes) else str(request).replace("\n", " ")
+    return text if len(text) <= 300 else f"{text[:300]}... ({len(text)} characters)"
+
+
+def _names(listing: Callable[[], Any], attribute: str) -> set[str]:
+    try:
+        return {entry.name for entry in getattr(listing(), attribute)}
+    except grpc.RpcError as error:
+        if error.code() == grpc.StatusCode.NOT_FOUND:
+            return set()
+        raise
+
+
+def listing_for(stack: Stack, method: str) -> Callable[[], set[str]] | None:
+    """What a failed call of ``method`` must leave unchanged, if it creates things."""
+    jobs = jobs_pb2_grpc.JobServiceStub(stack.channel("registry"))
+    runs = runs_pb2_grpc.RunServiceStub(stack.channel("registry"))
+    queues = queue_pb2_grpc.QueueServiceStub(stack.channel("queue"))
+    parent = f"projects/{PROJECT}"
+    listings: dict[str, Callable[[], set[str]]] = {
+        "takeoff.v1.JobService.CreateJob": lambda: _names(
+            lambda: jobs.ListJobs(jobs_pb2.ListJobsRequest(parent=parent, page_size=1000)), "jobs"
+        ),
+        "takeoff.v1.JobService.CreateJobVersion": lambda: _names(
+            lambda: jobs.ListJobVersions(
+                jobs_pb2.ListJobVersionsRequest(parent=f"{parent}/jobs/img", page_size=1000)
+            ),
+            "versions",
+        ),
+        "takeoff.v1.RunService.CreateRun": lambda: _names(
+            lambda: runs.ListRuns(runs_pb2.ListRunsRequest(parent=parent, page_size=1000)), "runs"
+        ),
+        "takeoff.v1.QueueService.CreateQueue": lambda: _names(
+            lambda: queues.ListQueues(queue_pb2.ListQueuesRequest(parent=parent, page_size=1000)), "queues"
+        ),
+        "takeoff.v1.QueueService.Enqueue": lambda: _names(
+            lambda: queues.ListItems(queue_pb2.ListItemsRequest(parent=f"{parent}/queues/q", page_size=1000)),
+            "items",
+        ),
+    }
+    return listings.get(method)
+
+
+def serving(stack: Stack, method: descriptor.MethodDescriptor) -> bool:
+    service = method.containing_service.full_name
+    health = health_pb2_grpc.HealthStub(stack.channel(SERVICES[service]))
+    reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=CALL_TIMEOUT)
+    return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+
+@pytest.mark.parametrize(
+    "method", METHODS, ids=[method.full_name.removeprefix("takeoff.v1.") for method in METHODS]
+)
+def test_generated_requests_get_documented_statuses(
+    stack: Stack, method: descriptor.MethodDescriptor
+) -> None:
+    listing = listing_for(stack, method.full_name)
+
+    @settings(
+        max_examples=EXAMPLES_PER_METHOD,
+        derandomize=True,
+        database=None,
+        deadline=None,
+        suppress_health_check=[
+            HealthCheck.too_slow,
+            HealthCheck.data_too_large,
+            HealthCheck.large_base_example,
+        ],
+    )
+    @given(request=messages(method.input_type))
+    def check(request: Message | bytes) -> None:
+        before = listing() if listing is not None else None
+        outcome = call(stack, method, request)
+        check_documented(method, request, outcome)
+        if listing is not None and outcome.code != grpc.StatusCode.OK:
+            assert listing() == before, f"a failed {method.name} left something behind: {_summary(request)}"
+
+    for hostile in HOSTILE.get(method.full_name, []):
+        check = example(request=hostile)(check)
+    check()
+    assert serving(stack, method)
+
+
+def test_every_hostile_example_names_a_method_the_fuzz_covers() -> None:
+    covered = {method.full_name for method in METHODS}
+    assert set(HOSTILE) <= covered
+    for name, requests in HOSTILE.items():
+        method = next(method for method in METHODS if method.full_name == name)
+        assert all(
+            isinstance(request, bytes) or request.DESCRIPTOR is method.input_type for request in requests
+        ), name
