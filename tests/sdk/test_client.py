@@ -5,8 +5,6 @@ from __future__ import annotations
 import hashlib
 import os
 import subprocess
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -187,20 +185,22 @@ def test_runs_are_listed_by_job_and_state_and_their_logs_followed(
     assert [run.id for run in client.list_runs(job="train:latest")] == ["launched"]
     assert [run.id for run in client.list_runs(states=[RunState.FAILED])] == ["other"]
 
-    def agent_writes_logs_then_ends_the_run() -> None:
-        for n in range(3):
-            time.sleep(0.2)
-            stream = runs_pb2.LOG_STREAM_STDERR if n else runs_pb2.LOG_STREAM_UNSPECIFIED
-            line = runs_pb2.LogLine(text=f"line {n}", stream=stream)
-            runs_stub.AppendLogs(runs_pb2.AppendLogsRequest(name=launched.name, lines=[line]), timeout=10)
-        runs_stub.FinishRun(
-            runs_pb2.FinishRunRequest(name=launched.name, state=common_pb2.RUN_STATE_KILLED), timeout=10
-        )
+    def append(number: int) -> None:
+        stream = runs_pb2.LOG_STREAM_STDERR if number else runs_pb2.LOG_STREAM_UNSPECIFIED
+        line = runs_pb2.LogLine(text=f"line {number}", stream=stream)
+        runs_stub.AppendLogs(runs_pb2.AppendLogsRequest(name=launched.name, lines=[line]), timeout=10)
 
-    agent = threading.Thread(target=agent_writes_logs_then_ends_the_run)
-    agent.start()
-    followed = list(client.read_logs("launched", follow=True))
-    agent.join()
+    # As an agent would, while the follow is open: the next line once the last one arrived, then the end.
+    append(0)
+    followed = []
+    for line in client.read_logs("launched", follow=True):
+        followed.append(line)
+        if line.index < 2:
+            append(line.index + 1)
+        else:
+            runs_stub.FinishRun(
+                runs_pb2.FinishRunRequest(name=launched.name, state=common_pb2.RUN_STATE_KILLED), timeout=10
+            )
     assert [(line.index, line.text, line.stream) for line in followed] == [
         (0, "line 0", LogStream.STDOUT),
         (1, "line 1", LogStream.STDERR),

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -24,7 +23,7 @@ from takeoff import (
 from takeoff.v1 import common_pb2
 from tests.processes import ServiceProcess, service_process, wait_for
 from tests.queue.harness import ScriptedAgent, make_code_job
-from tests.sdk.conftest import ReplyDroppingProxy, free_port
+from tests.sdk.conftest import ReplyLosingProxy, free_port
 
 INPUT_SCHEMA = {
     "type": "object",
@@ -239,10 +238,8 @@ def test_wait_gives_up_after_its_timeout(client: Client, job: str) -> None:
     client.create_queue("cpu", paused=True)
     item = client.launch(job, "cpu")
 
-    started = time.monotonic()
     with pytest.raises(TimeoutError):
         item.wait(timeout=0.5)
-    assert time.monotonic() - started < 5
     assert item.state is ItemState.PENDING
 
 
@@ -250,22 +247,17 @@ def test_a_launch_whose_reply_is_lost_is_sent_again_and_launches_once(
     registry: ServiceProcess, queue_service: ServiceProcess, client: Client, job: str, project: str
 ) -> None:
     client.create_queue("cpu", paused=True)
-    proxy = ReplyDroppingProxy(queue_service.address)
-    launched: list[Item] = []
+    proxy = ReplyLosingProxy(queue_service.address)
+    proxy.lose_next_reply("QueueService/Enqueue")
     try:
         with Client(registry.address, queue=proxy.address, project=project) as flaky:
-            flaky.get_queue("cpu")  # connected, so the launch itself reaches the queue
-            proxy.withhold_replies()
-            launching = threading.Thread(target=lambda: launched.append(flaky.launch(job, "cpu")))
-            launching.start()
-            stored = wait_for(lambda: list(client.list_items()) or None, what="the item to be stored")
-            proxy.cut_connections()
-            launching.join(20)
+            launched = flaky.launch(job, "cpu")
     finally:
         proxy.close()
 
-    assert [item.name for item in launched] == [stored[0].name]
-    assert len(list(client.list_items())) == 1
+    [lost] = proxy.lost["QueueService/Enqueue"]
+    assert proxy.requests["QueueService/Enqueue"] == [lost, lost]  # the same request_id again
+    assert [item.name for item in client.list_items()] == [launched.name]
 
 
 async def test_list_agents_shows_what_an_agent_serves_and_holds(
