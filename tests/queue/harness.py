@@ -134,6 +134,16 @@ class ScriptedAgent:
             return
         raise AssertionError(f"unexpected message: {response}")
 
+    async def settle(self) -> None:
+        """Send a Heartbeat and wait for its Ack: every dispatch pass the server had scheduled before
+        reading it has run by then (a pass runs on the event loop's next turn)."""
+        sequence = await self.send(heartbeat=queue_pb2.LeaseRequest.Heartbeat())
+        while True:
+            response = await asyncio.wait_for(self.received.get(), 10)
+            if response.WhichOneof("message") == "ack" and response.ack.request_sequence == sequence:
+                return
+            self._stash.append(response)
+
     async def send(self, **message: Any) -> int:
         self._sequence += 1
         await self._outgoing.put(queue_pb2.LeaseRequest(sequence=self._sequence, **message))

@@ -133,10 +133,8 @@ async def test_capacity_and_concurrency_limit(
     try:
         assignment = (await first.next("assignment")).assignment
         assert assignment.item.name == names[0]
-        # Each connect ran a dispatch pass before the heartbeat after it is answered; after both, the
-        # two agents, with room for ten, hold one lease between them.
-        await second.send(heartbeat=queue_pb2.LeaseRequest.Heartbeat())
-        assert (await second.next("ack")).ack.of == queue_pb2.LEASE_MESSAGE_KIND_HEARTBEAT
+        # With both connected and every pass run, the two agents, with room for ten, hold one lease.
+        await second.settle()
         assert await _leases_held(queues, limited) == 1
         assert (await item(queues, names[1])).state == PENDING
 
@@ -166,16 +164,17 @@ async def test_capacity_limits_an_agent(
     queues: Stub, new_queue: NewQueue, job: str, queue_address: str
 ) -> None:
     queue = await new_queue()
-    for _ in range(3):
-        await enqueue(queues, queue, job)
+    names = [(await enqueue(queues, queue, job)).name for _ in range(3)]
     agent = await ScriptedAgent(queue_address).connect([queue], capacity=2)
     try:
         await agent.next("assignment")
         await agent.next("assignment")
-        await agent.nothing_for(0.5)
+        await agent.settle()
+        assert await _leases_held(queues, queue) == 2
+        assert (await item(queues, names[2])).state == PENDING
         await agent.send(set_capacity=queue_pb2.LeaseRequest.SetCapacity(capacity=3))
         assert (await agent.next("ack")).ack.of == queue_pb2.LEASE_MESSAGE_KIND_SET_CAPACITY
-        await agent.next("assignment")
+        assert (await agent.next("assignment")).assignment.item.name == names[2]
     finally:
         await agent.close()
 
@@ -184,17 +183,19 @@ async def test_a_paused_queue_assigns_nothing_until_resumed(
     queues: Stub, new_queue: NewQueue, job: str, queue_address: str
 ) -> None:
     queue = await new_queue(paused=True)
-    await enqueue(queues, queue, job)
+    paused = await enqueue(queues, queue, job)
     agent = await ScriptedAgent(queue_address).connect([queue])
     try:
-        await agent.nothing_for(0.5)
+        await agent.settle()
+        assert await _leases_held(queues, queue) == 0
+        assert (await item(queues, paused.name)).state == PENDING
         await queues.UpdateQueue(
             queue_pb2.UpdateQueueRequest(
                 queue=queue_pb2.Queue(name=queue, paused=False),
                 update_mask=field_mask_pb2.FieldMask(paths=["paused"]),
             )
         )
-        await agent.next("assignment")
+        assert (await agent.next("assignment")).assignment.item.name == paused.name
     finally:
         await agent.close()
 
@@ -217,7 +218,8 @@ async def test_cancel_pending_and_cancel_leased(
         assert cancel.lease_id == assignment.lease_id
         ack = await agent.complete(assignment, CANCELLED)
         assert ack.ack.state == CANCELLED
-        await agent.nothing_for(0.3)  # the cancelled pending item is never assigned
+        await agent.settle()
+        assert await _leases_held(queues, queue) == 0  # the cancelled pending item is never assigned
     finally:
         await agent.close()
 
@@ -479,5 +481,28 @@ async def test_job_failure_is_final_and_infra_failure_retries(
         assert ack.ack.state == FAILED
         ended = await item(queues, failing.name)
         assert (ended.reason, ended.exit_code) == (common_pb2.FAILURE_REASON_JOB_FAILED, 3)
+    finally:
+        await agent.close()
+
+
+async def test_a_relaunched_item_is_assigned_with_its_own_history(
+    queues: Stub, new_queue: NewQueue, job: str, queue_address: str
+) -> None:
+    queue = await new_queue(max_attempts=1)
+    original = await enqueue(queues, queue, job)
+    agent = await ScriptedAgent(queue_address).connect([queue])
+    try:
+        first = (await agent.next("assignment")).assignment
+        ack = await agent.complete(first, FAILED, reason=common_pb2.FAILURE_REASON_JOB_FAILED, exit_code=1)
+        assert ack.ack.state == FAILED
+        relaunched = (await queues.RelaunchItem(queue_pb2.RelaunchItemRequest(name=original.name))).item
+        assignment = (await agent.next("assignment")).assignment
+        assert (assignment.item.name, assignment.item.relaunched_from) == (relaunched.name, original.name)
+        assert (assignment.attempt, assignment.epoch) == (1, 1)
+        assert moves(assignment.item) == [
+            (UNSPECIFIED_STATE, PENDING, UNSPECIFIED_REASON),
+            (PENDING, LEASED, UNSPECIFIED_REASON),
+        ]
+        assert moves(assignment.item) == moves(await item(queues, relaunched.name))
     finally:
         await agent.close()
