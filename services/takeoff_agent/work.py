@@ -431,8 +431,8 @@ class Attempt:
             await self.context.runs.finish(
                 run, common_pb2.RUN_STATE_KILLED, exit_code=exit_code, message=reason.value
             )
-            if reason in (Stop.REVOKED, Stop.FENCED):
-                return None
+            if reason is Stop.REVOKED or self.stop_reason is Stop.FENCED:
+                return None  # the queue has given the lease away, or will: nothing to report
             if reason is Stop.CANCELLED:
                 return Outcome(
                     common_pb2.ITEM_STATE_CANCELLED,
@@ -441,6 +441,9 @@ class Attempt:
                     reason.value,
                 )
             failure = {
+                # Only the shim stopped it (the agent was away, or had not noticed yet): the queue may still
+                # hold the lease for this agent, as it does when it keeps the lease across an agent restart.
+                Stop.FENCED: common_pb2.FAILURE_REASON_AGENT_LOST,
                 Stop.START_TIMEOUT: common_pb2.FAILURE_REASON_START_TIMEOUT,
                 Stop.MAX_RUN_TIME: common_pb2.FAILURE_REASON_MAX_RUN_TIME_EXCEEDED,
                 Stop.DRAINED: common_pb2.FAILURE_REASON_PREEMPTED,

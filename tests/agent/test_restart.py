@@ -29,6 +29,7 @@ from tests.queue.harness import struct
 
 RUNNING = common_pb2.ITEM_STATE_RUNNING
 SUCCEEDED = common_pb2.ITEM_STATE_SUCCEEDED
+FAILED = common_pb2.ITEM_STATE_FAILED
 
 COUNTER = """\
 import itertools, os, time, takeoff
@@ -127,3 +128,26 @@ def test_a_job_whose_lease_was_given_away_while_its_agent_was_down_is_stopped_wh
     ended = stack.run(run)
     assert ended.state == common_pb2.RUN_STATE_KILLED
     assert "revoked" in ended.message
+
+
+def test_a_job_its_shim_stopped_while_the_agent_was_away_is_reported_if_the_queue_kept_the_lease(
+    stack: Stack, client: Client, start_agent: StartAgent, tmp_path: Path
+) -> None:
+    job = code_job(client, tmp_path, "fenced", GROUP)
+    queue = stack.new_queue(max_attempts=1)
+    first = start_agent([queue])
+    name = stack.enqueue(queue, job, run_config=struct({"pids": str(tmp_path / "pids.json")}))
+    stack.wait_state(name, RUNNING)
+    pids = group_pids(tmp_path / "pids.json")
+    [lease_dir] = list((first.state_dir / "leases").iterdir())
+
+    first.kill()
+    # As the shim reads it, the agent's last renewal is long past: it stops the job (self-fencing), while
+    # the queue, whose TTL is far off, still holds the lease for the agent.
+    (lease_dir / "lease_until").write_text("0")
+    wait_gone(pids)
+    with running_agent(start_agent, [queue], state_dir=first.state_dir):
+        item = stack.wait_ended(name, timeout=60)
+
+    assert (item.state, item.reason) == (FAILED, common_pb2.FAILURE_REASON_AGENT_LOST)
+    assert stack.run(item.run).state == common_pb2.RUN_STATE_KILLED
