@@ -32,7 +32,6 @@ import grpc
 from google.protobuf import duration_pb2, field_mask_pb2
 
 from takeoff._home import service_address
-from takeoff._pack import pack_directory
 from takeoff.errors import TakeoffError
 from takeoff.models import (
     Agent,
@@ -221,6 +220,9 @@ class Client:
 
     def upload_code(self, directory: Path, *, project: str | None = None) -> Artifact:
         """Pack ``directory`` (see ``takeoff._pack``) and upload it, unless the registry already has it."""
+        # Imported here: packing needs tarfile and pathspec, which a job that only reports a run never does.
+        from takeoff._pack import pack_directory
+
         parent = self._project_name(project)
         with tempfile.TemporaryFile() as archive:
             packed = pack_directory(directory, archive)
