@@ -154,7 +154,8 @@ class Dispatcher:
     # ----- start and stop ---------------------------------------------------------------------
 
     def restore(self, queues: Iterable[Queue], items: Iterable[Item]) -> None:
-        """Rebuild the index from the store. Every lease gets one TTL of grace from now (DESIGN §5)."""
+        """Rebuild the index from the store. Every lease gets one TTL of grace from now
+        (docs/design.md §5)."""
         grace_until = self._clock() + self.timing.ttl
         self.queues = {queue.name: queue for queue in queues}
         for item in items:
@@ -201,13 +202,9 @@ class Dispatcher:
         self._notify(item)
 
     async def cancel(self, item: Item, message: str) -> Item:
-        before = item.state
-        item.life = lifecycle.request_cancel(item.life, self._clock(), message)
-        notices = []
-        if before is ItemState.PENDING:
-            self.items.pop(item.id, None)
-        elif before.is_live:
-            notices.append((item, Cancel(item.lease_id, item.name, message)))
+        live = item.state.is_live
+        self._move(item, lifecycle.request_cancel(item.life, self._clock(), message))
+        notices = [(item, Cancel(item.lease_id, item.name, message))] if live else []
         await self._persist([item], then_send=notices)
         return item
 
@@ -278,11 +275,8 @@ class Dispatcher:
                         message="the lease is no longer held by this agent at this epoch",
                     )
                 )
-        forgotten = [  # the agent came back without them: they will never be reported on
-            item
-            for item in forgotten
-            if self._end_attempt(item, FailureReason.AGENT_LOST, "the agent reconnected without this lease")
-        ]
+        lost = "the agent reconnected without this lease"  # so it will never report on it
+        ended = [item for item in forgotten if self._end_attempt(item, FailureReason.AGENT_LOST, lost)]
         session = Session(agent, hello.session_id)
         self._sessions[agent.agent_id] = session
         session.send(
@@ -292,8 +286,7 @@ class Dispatcher:
         )
         for cancel in cancels:
             session.send(cancel)
-        if forgotten:
-            await self._persist(forgotten)
+        await self._persist(ended)
         self._schedule_dispatch()
         return session
 

@@ -1,4 +1,4 @@
-"""The item life cycle of DESIGN.md §5, as plain data and pure functions.
+"""The item life cycle of docs/design.md §5, as plain data and pure functions.
 
 Every change to an item goes through one function here and comes back as a :class:`Transition` to
 record; the functions refuse what the state table forbids. The store persists the result and the
