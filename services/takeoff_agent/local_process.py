@@ -117,7 +117,9 @@ class LocalJob:
             if (ended := self.exit()) is not None:
                 return ended
             if not self._shim_alive():
-                # The shim died without a word (killed along with the machine's processes).
+                # The shim died without a word (killed, perhaps along with the machine's processes). Its job
+                # may live on, unsupervised: stop it, so that the outcome reported is what happened.
+                await self.stop(0)
                 return JobExit(exit_code=137, signal=signal.SIGKILL, fenced=False)
             await asyncio.sleep(EXIT_POLL_SECONDS)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import signal
 import subprocess
 from pathlib import Path
@@ -169,6 +171,25 @@ def test_a_revoked_lease_stops_the_process_group(
         leases = agent.state_dir / "leases"
         wait_for(lambda: not any(leases.iterdir()), timeout=60, what="the revoked lease to be dropped")
     assert stack.run(run).state == common_pb2.RUN_STATE_KILLED
+
+
+def test_a_job_whose_shim_dies_is_stopped_and_reported(
+    stack: Stack, client: Client, start_agent: StartAgent, tmp_path: Path
+) -> None:
+    job = code_job(client, tmp_path, "unsupervised", GROUP)
+    queue = stack.new_queue(max_attempts=1)
+    with running_agent(start_agent, [queue]) as agent:
+        name = stack.enqueue(queue, job, run_config=struct({"pids": str(tmp_path / "pids.json")}))
+        stack.wait_state(name, RUNNING)
+        pids = group_pids(tmp_path / "pids.json")
+        [lease_dir] = list((agent.state_dir / "leases").iterdir())
+        os.kill(json.loads((lease_dir / "shim.json").read_text())["shim_pid"], signal.SIGKILL)
+        item = stack.wait_ended(name, timeout=60)
+
+        assert (item.state, item.exit_code) == (FAILED, 137)
+        assert item.reason == common_pb2.FAILURE_REASON_JOB_FAILED
+        wait_gone(pids)  # no job runs on without its shim
+    assert stack.run(item.run).state == common_pb2.RUN_STATE_CRASHED
 
 
 def test_agent_killed_for_good_the_next_agent_runs_attempt_two(
