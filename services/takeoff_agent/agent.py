@@ -2,7 +2,7 @@
 
 Attempts run as asyncio tasks, so one stuck build or job never blocks another, nor the heartbeats. Each
 attempt keeps its state in ``{state_dir}/leases/{lease_id}``; a restarted agent reports those leases in
-its Hello and resumes the ones the queue service keeps (DESIGN.md §5, §7).
+its Hello and resumes the ones the queue service keeps (docs/design.md §5, §7).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""One attempt of one item on this agent, from Assignment to Complete (DESIGN.md §7).
+"""One attempt of one item on this agent, from Assignment to Complete (docs/design.md §7).
 
 create the run -> BUILDING (venv build, its log into the run) -> STARTING (fresh work directory, the job
 under its shim) -> RUNNING (output into the run's logs as it comes) -> the outcome -> Complete. What an
@@ -417,7 +417,7 @@ class Attempt:
         return await self._conclude(None)
 
     async def _conclude(self, ended: JobExit | None) -> Outcome | None:
-        """The outcome of DESIGN §7, and the run's final state when the job's SDK did not set one."""
+        """The outcome of docs/design.md §7, and the run's final state when the job's SDK did not set one."""
         run = self.assignment.run
         exit_code = ended.exit_code if ended else None
         last_lines = "\n".join(self.log.last_lines)
