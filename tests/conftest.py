@@ -1,15 +1,18 @@
 """Fixtures shared by every test: real components, and a clear failure in CI when one is missing.
 
 Tests are marked by the real component they need (``pytest -m "not docker"`` leaves those out) from the
-fixtures they use, so a new test gets its marks by using the usual fixture: see ``COMPONENT_FIXTURES``, and
-``DATABASE_PARAMS`` for the fixtures parametrised over SQLite and PostgreSQL.
+fixtures they use, so a new test gets its marks by using the usual fixture (``docker_setup`` for Docker, a
+fixture parametrised ``["sqlite", "postgresql"]`` for PostgreSQL): see ``COMPONENT_FIXTURES`` and
+``DATABASE_PARAMS``.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Generator
+from dataclasses import dataclass
 
+import docker
 import pytest
 
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
@@ -53,6 +56,38 @@ def pytest_runtest_makereport(
         report.outcome = "failed"
         report.longrepr = f"skipped in CI (CI={os.environ['CI']}), which must run every test: {reason}"
     return report
+
+
+def _docker_engine() -> docker.DockerClient | None:
+    try:
+        engine = docker.from_env(timeout=10)
+        engine.ping()
+    except docker.errors.DockerException:
+        return None
+    return engine
+
+
+@dataclass(frozen=True)
+class DockerSetup:
+    """What .ci/docker-setup.sh provides: an engine, a local Python base image, a push registry."""
+
+    engine: docker.DockerClient
+    base_image: str
+    registry: str
+
+
+@pytest.fixture(scope="session")
+def docker_setup() -> DockerSetup:
+    how = "run .ci/docker-setup.sh (it installs docker.io, starts dockerd and makes a base image)"
+    engine = _docker_engine()
+    require("Docker", engine is not None, how)
+    assert engine is not None
+    base_image = os.environ.get("TAKEOFF_TEST_BASE_IMAGE", "")
+    has_base_image = bool(base_image) and bool(engine.images.list(name=base_image))
+    require("a local Python base image", has_base_image, f"set TAKEOFF_TEST_BASE_IMAGE; {how}")
+    registry = os.environ.get("TAKEOFF_TEST_REGISTRY", "")
+    require("a push registry", bool(registry), f"set TAKEOFF_TEST_REGISTRY; {how}")
+    return DockerSetup(engine, base_image, registry)
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@ builder tests; jobs are made with the SDK, as users make them."""
 
 from __future__ import annotations
 
-import os
 import shutil
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -12,7 +11,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import docker
 import grpc
 import pytest
 from google.rpc import error_details_pb2, status_pb2
@@ -207,38 +205,6 @@ async def rpc_failure(call: Any) -> Failure:
     return Failure(
         error.code(), error.details() or "", info.reason, [v.field for v in bad_request.field_violations]
     )
-
-
-def _docker_engine() -> docker.DockerClient | None:
-    try:
-        engine = docker.from_env(timeout=10)
-        engine.ping()
-    except docker.errors.DockerException:
-        return None
-    return engine
-
-
-@dataclass(frozen=True)
-class DockerSetup:
-    """What .ci/docker-setup.sh provides: an engine, a local Python base image, a push registry."""
-
-    engine: docker.DockerClient
-    base_image: str
-    registry: str
-
-
-@pytest.fixture(scope="session")
-def docker_setup() -> DockerSetup:
-    how = "run .ci/docker-setup.sh (it installs docker.io, starts dockerd and makes a base image)"
-    engine = _docker_engine()
-    require("Docker", engine is not None, how)
-    assert engine is not None
-    base_image = os.environ.get("TAKEOFF_TEST_BASE_IMAGE", "")
-    has_base_image = bool(base_image) and bool(engine.images.list(name=base_image))
-    require("a local Python base image", has_base_image, f"set TAKEOFF_TEST_BASE_IMAGE; {how}")
-    registry = os.environ.get("TAKEOFF_TEST_REGISTRY", "")
-    require("a push registry", bool(registry), f"set TAKEOFF_TEST_REGISTRY; {how}")
-    return DockerSetup(engine, base_image, registry)
 
 
 @pytest.fixture

@@ -21,10 +21,10 @@ from tests.builder.conftest import (
     TRAIN_PY,
     UNINSTALLABLE_REQUIREMENTS,
     Builder,
-    DockerSetup,
     create_job,
     running_builder,
 )
+from tests.conftest import DockerSetup
 from tests.processes import ServiceProcess
 
 BUILD_FAILED = common_pb2.FAILURE_REASON_BUILD_FAILED
