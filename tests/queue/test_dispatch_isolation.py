@@ -9,9 +9,9 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack
-from dataclasses import dataclass
-from datetime import datetime
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeAlias
 
@@ -32,6 +32,8 @@ from tests.queue.harness import ScriptedAgent
 Stub: TypeAlias = "queue_pb2_grpc.QueueServiceAsyncStub"  # a type only the stubs know
 LEASED = common_pb2.ITEM_STATE_LEASED
 PENDING = common_pb2.ITEM_STATE_PENDING
+FAILED = common_pb2.ITEM_STATE_FAILED
+SUCCEEDED = common_pb2.ITEM_STATE_SUCCEEDED
 
 
 @dataclass
@@ -62,8 +64,8 @@ class InProcessQueue:
 
 
 @pytest.fixture
-async def service(tmp_path: Path, queue_env: dict[str, str], job: str) -> AsyncIterator[InProcessQueue]:
-    settings = QueueSettings(
+def settings(tmp_path: Path, queue_env: dict[str, str], job: str) -> QueueSettings:
+    return QueueSettings(
         home=tmp_path,
         listen=["127.0.0.1:0"],
         registry_address=queue_env["TAKEOFF_REGISTRY_ADDRESS"],
@@ -71,6 +73,10 @@ async def service(tmp_path: Path, queue_env: dict[str, str], job: str) -> AsyncI
         lease_ttl_seconds=30,
         heartbeat_interval_seconds=0.2,
     )
+
+
+@asynccontextmanager
+async def in_process_queue(settings: QueueSettings) -> AsyncIterator[InProcessQueue]:
     async with AsyncExitStack() as resources:
         parts = await assemble(settings, resources)
         server = TakeoffServer([parts.binding], listen=settings.listen)
@@ -78,6 +84,44 @@ async def service(tmp_path: Path, queue_env: dict[str, str], job: str) -> AsyncI
         resources.push_async_callback(server.stop, 1)
         channel = await resources.enter_async_context(grpc.aio.insecure_channel(address))
         yield InProcessQueue(parts, address, queue_pb2_grpc.QueueServiceStub(channel))
+
+
+@pytest.fixture
+async def service(settings: QueueSettings) -> AsyncIterator[InProcessQueue]:
+    async with in_process_queue(settings) as service:
+        yield service
+
+
+async def test_durations_beyond_every_date_mean_never(settings: QueueSettings, job: str) -> None:
+    # What the API bounds now, an older version stored: durations no date arithmetic can add.
+    far_off = timedelta(seconds=315_576_000_000)  # the most a protobuf Duration holds: 10,000 years
+    async with in_process_queue(settings) as service:
+        far_queue, near_queue = await service.new_queue(), await service.new_queue()
+        far = await service.enqueue(far_queue, job)
+        near = await service.enqueue(near_queue, job)
+        stored = replace(
+            service.parts.dispatcher.queues[far_queue], start_timeout=far_off, retry_delay=far_off
+        )
+
+        async def write(tx: QueueWrite) -> None:
+            await tx.update_queue(stored)
+
+        await service.parts.store.write(write)
+
+    async with in_process_queue(settings) as service:  # the index rebuilt from that store
+        agent = await ScriptedAgent(service.address).connect([far_queue, near_queue], capacity=2)
+        try:
+            assignments = [(await agent.next("assignment")).assignment for _ in range(2)]
+            received = {assignment.item.name: assignment for assignment in assignments}
+            assert sorted(received) == sorted([far, near])
+            assert received[far].start_deadline.ToDatetime(UTC) == lifecycle.NEVER
+            ack = await agent.complete(received[far], FAILED, reason=common_pb2.FAILURE_REASON_BUILD_INFRA)
+            assert ack.ack.state == PENDING
+            waiting = await service.stored(far)
+            assert waiting.eligible_time.ToDatetime(UTC) == lifecycle.NEVER  # tried again never
+            assert (await agent.complete(received[near], SUCCEEDED)).ack.state == SUCCEEDED
+        finally:
+            await agent.close()
 
 
 async def test_an_item_that_fails_to_assign_is_set_aside_and_another_queues_item_still_goes(
