@@ -140,7 +140,7 @@ class QueueWrite:
 
     async def insert_item(self, item: Item) -> int:
         """A new item with its whole history; returns its enqueue sequence number."""
-        result = await self._connection.execute(items.insert().values(**item_values(item)))
+        result = await self._connection.execute(items.insert().values(**_item_values(item)))
         await self._insert_transitions(item.id, item.life.history)
         seq = result.inserted_primary_key[0] if result.inserted_primary_key else None
         assert seq is not None
@@ -149,7 +149,7 @@ class QueueWrite:
     async def save_item(self, item_id: str, life: ItemLife, update_time: datetime, since: int) -> None:
         """The item's state as ``life`` has it, and its transitions from index ``since`` on."""
         await self._connection.execute(
-            items.update().where(items.c.id == item_id).values(**item_state_values(life, update_time))
+            items.update().where(items.c.id == item_id).values(**_item_state_values(life, update_time))
         )
         await self._insert_transitions(item_id, life.history[since:])
 
@@ -211,10 +211,10 @@ class QueueStore:
         """Every queue, and every item not yet ended (in enqueue order, with its history)."""
         async with self._database.engine.connect() as connection:
             found_queues = [
-                queue_from_row(dict(row)) for row in (await connection.execute(sa.select(queues))).mappings()
+                _queue_from_row(dict(row)) for row in (await connection.execute(sa.select(queues))).mappings()
             ]
             unfinished = await _fetch_items(connection, states=LIVE_OR_PENDING)
-        return found_queues, [item_from_row(row) for row in reversed(unfinished)]
+        return found_queues, [_item_from_row(row) for row in reversed(unfinished)]
 
     async def items(
         self,
@@ -239,7 +239,7 @@ class QueueStore:
                 before_seq=before_seq,
                 limit=limit,
             )
-        return [item_from_row(row) for row in rows]
+        return [_item_from_row(row) for row in rows]
 
     async def count_items_by_state(self, queue: str) -> dict[ItemState, int]:
         async with self._database.engine.connect() as connection:
@@ -318,7 +318,7 @@ def queue_values(queue: Queue) -> dict[str, Any]:
     }
 
 
-def queue_from_row(row: dict[str, Any]) -> Queue:
+def _queue_from_row(row: dict[str, Any]) -> Queue:
     return Queue(
         name=row["name"],
         resource=ResourceKind(row["resource"]),
@@ -339,7 +339,7 @@ def queue_from_row(row: dict[str, Any]) -> Queue:
     )
 
 
-def item_state_values(life: ItemLife, update_time: datetime) -> dict[str, Any]:
+def _item_state_values(life: ItemLife, update_time: datetime) -> dict[str, Any]:
     """The columns that change over an item's life."""
     return {
         "state": life.state.value,
@@ -362,10 +362,10 @@ def item_state_values(life: ItemLife, update_time: datetime) -> dict[str, Any]:
     }
 
 
-def item_values(item: Item) -> dict[str, Any]:
+def _item_values(item: Item) -> dict[str, Any]:
     """Every column, for the insert at Enqueue."""
     return {
-        **item_state_values(item.life, item.update_time or item.life.enqueue_time),
+        **_item_state_values(item.life, item.update_time or item.life.enqueue_time),
         "id": item.id,
         "queue": item.queue,
         "job": item.job,
@@ -387,7 +387,7 @@ def item_values(item: Item) -> dict[str, Any]:
     }
 
 
-def transition_from_row(row: dict[str, Any]) -> Transition:
+def _transition_from_row(row: dict[str, Any]) -> Transition:
     return Transition(
         time=row["time"],
         from_state=ItemState(row["from_state"]) if row["from_state"] else None,
@@ -401,7 +401,7 @@ def transition_from_row(row: dict[str, Any]) -> Transition:
     )
 
 
-def item_from_row(row: dict[str, Any]) -> Item:
+def _item_from_row(row: dict[str, Any]) -> Item:
     life = ItemLife(
         item_id=row["id"],
         state=ItemState(row["state"]),
@@ -422,7 +422,7 @@ def item_from_row(row: dict[str, Any]) -> Item:
         running_since=row["running_since"],
         completed_epoch=row["completed_epoch"],
         end_time=row["end_time"],
-        history=tuple(transition_from_row(t) for t in row.get("transitions", ())),
+        history=tuple(_transition_from_row(t) for t in row.get("transitions", ())),
     )
     return Item(
         id=row["id"],
