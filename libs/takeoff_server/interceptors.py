@@ -67,7 +67,7 @@ MAX_VIOLATIONS = 5
 MAX_FIELD_BYTES = 80
 MAX_DESCRIPTION_BYTES = 160
 MAX_METADATA_ENTRIES = 4
-MAX_METADATA_VALUE_BYTES = 80
+MAX_METADATA_VALUE_BYTES = 256  # a resource name fits whole: metadata is read by programs
 
 
 def _clip(text: str, limit: int) -> str:

@@ -23,6 +23,9 @@ import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
+
+from google.protobuf.message import Message
 
 from takeoff_server.errors import FieldViolation, InvalidArgument
 from takeoff_server.interceptors import method_var
@@ -30,11 +33,15 @@ from takeoff_server.validation import field_error
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
+MAX_PAGE_BYTES = 3 * 1024 * 1024
+"""A list response stays under gRPC's default 4 MiB receive size: a page ends early (with a token) when its
+items would encode to more than this. One item always fits: the per-field limits bound each item."""
 
 KEY_BYTES = 32
 _MAC_BYTES = 16
 
 Cursor = tuple[str | int, ...]
+M = TypeVar("M", bound=Message)
 
 
 class _SigningKey:
@@ -143,3 +150,21 @@ def page_request(
     ):
         raise not_issued  # signed by this server, but for a list with another cursor shape
     return PageRequest(size, tuple(after))
+
+
+def page_response(
+    items: Sequence[tuple[M, Cursor]], *, more: bool, query: Mapping[str, object]
+) -> tuple[list[M], str]:
+    """The items of a page that fit in one response, and the token that continues after the last of them
+    ("" when nothing follows). ``items`` pairs each item, as sent, with the cursor just after it; ``more``
+    says whether the store has items after the last one."""
+    kept: list[M] = []
+    size = 0
+    for item, _ in items:
+        size += item.ByteSize()
+        if kept and size > MAX_PAGE_BYTES:
+            break
+        kept.append(item)
+    if len(kept) < len(items) or (more and kept):
+        return kept, next_page_token(query, items[len(kept) - 1][1])
+    return kept, ""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import enum
-import math
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from datetime import timedelta
@@ -93,33 +92,16 @@ def _struct_depth(value: Any, *, give_up_beyond: int) -> int:
     return deepest
 
 
-def _non_finite_path(value: Any, path: str) -> str | None:
-    """Where ``value`` holds NaN or an infinity, which JSON (the store, the JSON API) cannot hold."""
-    pending: list[tuple[Any, str]] = [(value, path)]
-    while pending:
-        current, where = pending.pop()
-        if isinstance(current, float) and not math.isfinite(current):
-            return where
-        if isinstance(current, Mapping):
-            pending.extend((child, f"{where}.{key}") for key, child in current.items())
-        elif isinstance(current, list | tuple):
-            pending.extend((child, f"{where}[{index}]") for index, child in enumerate(current))
-    return None
-
-
 def check_struct(value: Mapping[str, Any], *, field: str, max_bytes: int, max_depth: int) -> None:
     """Refuse (INVALID_ARGUMENT ``ARGUMENT_INVALID`` on ``field``) a Struct's value that nests deeper than
-    ``max_depth`` objects and lists, is larger than ``max_bytes`` as an encoded ``google.protobuf.Struct``,
-    or holds a number that is not finite."""
+    ``max_depth`` objects and lists or is larger than ``max_bytes`` as an encoded ``google.protobuf.Struct``.
+    NaN and infinities pass, as in metrics: the stores keep them (``JsonText``)."""
     depth = _struct_depth(value, give_up_beyond=max_depth)
     if depth > max_depth:
         raise field_error(field, f"nests deeper than {max_depth} levels of objects and lists")
     size = dict_to_struct(value).ByteSize()
     if size > max_bytes:
         raise field_error(field, f"is {size} bytes encoded; at most {max_bytes} are allowed")
-    non_finite = _non_finite_path(value, field)
-    if non_finite is not None:
-        raise field_error(non_finite, "numbers must be finite (no NaN or Infinity)")
 
 
 def enum_member(enum_type: type[E], number: int, *, field: str, proto: ProtoEnum) -> E | None:

@@ -34,7 +34,7 @@ from takeoff_builder.model import (
 )
 from takeoff_server.idempotency import check_request_id
 from takeoff_server.names import NAME_INVALID, ResourcePattern
-from takeoff_server.pagination import next_page_token, page_request
+from takeoff_server.pagination import page_request, page_response
 from takeoff_server.validation import Problems
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -221,8 +221,8 @@ class BuildApi(build_pb2_grpc.BuildServiceServicer):
             query=fields,
             cursor_types=[int],
         )
-        builds, cursor = await self._builder.list(query, page)
-        return build_pb2.ListBuildsResponse(
-            builds=[_build_to_proto(build) for build in builds],
-            next_page_token=next_page_token(fields, (cursor,)) if cursor is not None else "",
+        builds, more = await self._builder.list(query, page)
+        shown, token = page_response(
+            [(_build_to_proto(build), (cursor,)) for build, cursor in builds], more=more, query=fields
         )
+        return build_pb2.ListBuildsResponse(builds=shown, next_page_token=token)

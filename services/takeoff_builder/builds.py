@@ -278,12 +278,14 @@ class Builder:
             raise _build_not_found(build_id)
         return build, await self._store.log_lines(build_id) if include_log else []
 
-    async def list(self, query: BuildQuery, page: PageRequest) -> tuple[list[Build], int | None]:
-        """A page of builds, newest first; those under way as they are now."""
-        builds, cursor = await self._store.list(query, page)
+    async def list(self, query: BuildQuery, page: PageRequest) -> tuple[list[tuple[Build, int]], bool]:
+        """A page of builds, newest first, each with the cursor after it (those under way as they are now),
+        and whether more follow."""
+        builds, more = await self._store.list(query, page)
         return [
-            run.snapshot() if (run := self._running.get(build.id)) is not None else build for build in builds
-        ], cursor
+            (run.snapshot() if (run := self._running.get(build.id)) is not None else build, cursor)
+            for build, cursor in builds
+        ], more
 
     async def _rejoin(self, build_id: str) -> Started:
         if (run := self._running.get(build_id)) is not None:

@@ -181,8 +181,8 @@ class BuildStore:
             )
             return list(rows)
 
-    async def list(self, query: BuildQuery, page: PageRequest) -> tuple[list[Build], int | None]:
-        """A page of builds, newest first, and the cursor after it (None on the last page)."""
+    async def list(self, query: BuildQuery, page: PageRequest) -> tuple[list[tuple[Build, int]], bool]:
+        """A page of builds, newest first, each with the cursor after it, and whether more follow."""
         statement = select(BuildRow).order_by(col(BuildRow.seq).desc()).limit(page.size + 1)
         if query.job:
             column = BuildRow.job if JOB.match(query.job) else BuildRow.job_version
@@ -195,9 +195,7 @@ class BuildStore:
             statement = statement.where(col(BuildRow.seq) < page.after[0])
         async with self._database.session() as session:
             rows = list(await session.exec(statement))
-        more = len(rows) > page.size
-        rows = rows[: page.size]
-        return [_build_from_row(row) for row in rows], rows[-1].seq if more else None
+        return [(_build_from_row(row), _seq(row)) for row in rows[: page.size]], len(rows) > page.size
 
     async def fail_unfinished(self, failure: BuildFailure, now: datetime) -> int:
         """End the builds a previous process left QUEUED or RUNNING; returns how many there were."""
@@ -222,3 +220,8 @@ class BuildStore:
         await request_ids.record(
             session, scope=BUILD_SCOPE, request_id=request_id, fingerprint=fingerprint, result=build_id
         )
+
+
+def _seq(row: BuildRow) -> int:
+    assert row.seq is not None, "a stored build has a sequence number"
+    return row.seq

@@ -22,7 +22,7 @@ from takeoff_registry.versions import (
 from takeoff_server.errors import FieldViolation, InvalidArgument
 from takeoff_server.idempotency import check_request_id
 from takeoff_server.names import ID_RULE, check_id, is_valid_id
-from takeoff_server.pagination import next_page_token, page_request
+from takeoff_server.pagination import page_request, page_response
 from takeoff_server.protovalues import dict_to_struct, struct_to_dict, timestamp
 from takeoff_server.validation import field_error
 
@@ -188,10 +188,10 @@ class JobApi(jobs_pb2_grpc.JobServiceServicer):
             cursor_types=[str],
         )
         jobs, last_id = await self._jobs.list_jobs(project, prefix=prefix, page=page)
-        return jobs_pb2.ListJobsResponse(
-            jobs=[_job_to_proto(job) for job in jobs],
-            next_page_token=next_page_token(query, (last_id,)) if last_id is not None else "",
+        shown, token = page_response(
+            [(_job_to_proto(job), (job.key.job,)) for job in jobs], more=last_id is not None, query=query
         )
+        return jobs_pb2.ListJobsResponse(jobs=shown, next_page_token=token)
 
     async def UpdateJob(
         self,
@@ -257,10 +257,12 @@ class JobApi(jobs_pb2_grpc.JobServiceServicer):
             cursor_types=[int],
         )
         versions, last_number = await self._jobs.list_versions(key, page=page)
-        return jobs_pb2.ListJobVersionsResponse(
-            versions=[_version_to_proto(version) for version in versions],
-            next_page_token=next_page_token(query, (last_number,)) if last_number is not None else "",
+        shown, token = page_response(
+            [(_version_to_proto(version), (version.version,)) for version in versions],
+            more=last_number is not None,
+            query=query,
         )
+        return jobs_pb2.ListJobVersionsResponse(versions=shown, next_page_token=token)
 
     async def SetJobAlias(
         self,

@@ -25,11 +25,16 @@ from takeoff_registry.store import LogChunkRow, MetricChunkRow, RegistryStore, R
 from takeoff_server.errors import AlreadyExists, FailedPrecondition, NotFound
 from takeoff_server.idempotency import request_fingerprint
 from takeoff_server.pagination import PageRequest
-from takeoff_server.validation import field_error
+from takeoff_server.validation import MAX_CONFIG_BYTES, MAX_CONFIG_DEPTH, check_struct, field_error
 
 MAX_BATCH = 10_000
 MAX_DISPLAY_NAME = 256
 MAX_MESSAGE_BYTES = 64 * 1024
+MAX_SUMMARY_BYTES = MAX_CONFIG_BYTES
+MAX_METRIC_KEYS = 1000
+"""Distinct metric keys a run may log: every Run message lists them all."""
+MAX_METRIC_KEY = 256
+"""Characters in one metric key."""
 FOLLOW_POLL_SECONDS = 1.0
 CHUNKS_PER_READ = 16
 _RUN_ID_ALPHABET = string.ascii_lowercase + string.digits
@@ -205,6 +210,10 @@ class Runs:
             raise field_error("run.display_name", f"must be at most {MAX_DISPLAY_NAME} characters")
         if new.attempt < 0:
             raise field_error("run.attempt", "must not be negative")
+        if new.config is not None:
+            check_struct(
+                new.config, field="run.config", max_bytes=MAX_CONFIG_BYTES, max_depth=MAX_CONFIG_DEPTH
+            )
         fingerprint = request_fingerprint(
             {
                 "project": project,
@@ -258,6 +267,8 @@ class Runs:
         """STARTING -> RUNNING, once; records the config the job really uses."""
         if len(display_name) > MAX_DISPLAY_NAME:
             raise field_error("display_name", f"must be at most {MAX_DISPLAY_NAME} characters")
+        if config is not None:
+            _check_struct(config, "config", MAX_CONFIG_BYTES)
         async with self._store.write() as tx:
             row = await self._require_run_row(tx, key, for_update=True)
             if row.state == RunState.RUNNING:
@@ -283,8 +294,9 @@ class Runs:
 
     async def list_runs(
         self, project: str, where: RunFilter, *, page: PageRequest
-    ) -> tuple[list[Run], int | None]:
-        """One page of runs, newest first, and the position to continue from (None at the end)."""
+    ) -> tuple[list[tuple[Run, int]], bool]:
+        """One page of runs, newest first, each with its list position (the cursor after it), and whether
+        more runs follow."""
         async with self._store.read() as tx:
             if not await tx.project_exists(project):
                 raise project_not_found(project)
@@ -297,8 +309,7 @@ class Runs:
                 before_seq=int(page.after[0]) if page.after else None,
                 limit=page.size + 1,
             )
-        runs = [_run(row) for row in rows[: page.size]]
-        return runs, (rows[page.size - 1].seq if len(rows) > page.size else None)
+        return [(_run(row), _seq(row)) for row in rows[: page.size]], len(rows) > page.size
 
     async def log_metrics(self, key: RunKey, batch: EncodedBatch, *, first_index: int | None) -> Appended:
         """Append metric rows to a STARTING or RUNNING run, skipping rows it has already."""
@@ -323,7 +334,13 @@ class Runs:
                 row.last_step = max(row.last_step, batch.max_step) if row.history_length else batch.max_step
                 row.history_length += accepted
                 if not batch.keys.issubset(row.metric_keys):
-                    row.metric_keys = sorted(batch.keys.union(row.metric_keys))
+                    keys = batch.keys.union(row.metric_keys)
+                    if len(keys) > MAX_METRIC_KEYS:
+                        raise field_error(
+                            "rows",
+                            f"a run holds at most {MAX_METRIC_KEYS} distinct metric keys ({len(keys)})",
+                        )
+                    row.metric_keys = sorted(keys)
                 row.update_time = now
             length = row.history_length
         if accepted:
@@ -357,6 +374,7 @@ class Runs:
 
     async def update_summary(self, key: RunKey, changes: dict[str, Any]) -> dict[str, Any]:
         """Merge top-level keys into the summary (None deletes a key); returns the whole summary."""
+        _check_struct(changes, "summary", MAX_SUMMARY_BYTES)
         async with self._store.write() as tx:
             row = await self._require_run_row(tx, key, for_update=True, project_hint=False)
             if RunState(row.state).ended:
@@ -367,6 +385,7 @@ class Runs:
                     summary.pop(name, None)
                 else:
                     summary[name] = value
+            _check_struct(summary, "summary", MAX_SUMMARY_BYTES)
             row.summary = summary
             row.update_time = _now()
             return summary
@@ -446,6 +465,10 @@ class Runs:
 
     async def _require_run(self, tx: Tx, key: RunKey) -> Run:
         return _run(await self._require_run_row(tx, key))
+
+
+def _check_struct(value: dict[str, Any], field: str, max_bytes: int) -> None:
+    check_struct(value, field=field, max_bytes=max_bytes, max_depth=MAX_CONFIG_DEPTH)
 
 
 def _seq(row: RunRow) -> int:

@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator, Iterable
 from typing import TypeVar
 
 import grpc
+from google.protobuf.message import Message
 
 from takeoff.v1 import common_pb2, runs_pb2, runs_pb2_grpc
 from takeoff_registry.refs import JOB_VERSION, QUEUE_ITEM, JobKey, RunKey, parse_job_reference, parse_project
@@ -19,11 +20,11 @@ from takeoff_registry.wire import (
 )
 from takeoff_server.idempotency import check_request_id
 from takeoff_server.names import check_id
-from takeoff_server.pagination import next_page_token, page_request
+from takeoff_server.pagination import MAX_PAGE_BYTES, page_request, page_response
 from takeoff_server.protovalues import dict_to_struct, optional_timestamp, struct_to_dict, timestamp
-from takeoff_server.validation import field_error
+from takeoff_server.validation import enum_member, field_error
 
-EntryT = TypeVar("EntryT")
+EntryT = TypeVar("EntryT", bound=Message)
 
 _STATE_FROM_PROTO = {common_pb2.RunState.Value(f"RUN_STATE_{state}"): state for state in RunState}
 
@@ -64,7 +65,11 @@ def _run_filter(request: runs_pb2.ListRunsRequest) -> RunFilter:
     if request.queue_item:
         QUEUE_ITEM.parse(request.queue_item, field="queue_item")
     states = (
-        tuple(_STATE_FROM_PROTO[s] for s in request.states if s in _STATE_FROM_PROTO)
+        tuple(
+            state
+            for index, number in enumerate(request.states)
+            if (state := enum_member(RunState, number, field=f"states[{index}]", proto=common_pb2.RunState))
+        )
         if request.states
         else None
     )
@@ -72,12 +77,20 @@ def _run_filter(request: runs_pb2.ListRunsRequest) -> RunFilter:
 
 
 def _batches(entries: Iterable[EntryT]) -> Iterable[list[EntryT]]:
+    """Entries grouped into stream messages of at most MAX_ENTRIES_PER_MESSAGE entries and, so that a
+    client's default 4 MiB receive size holds any message, at most MAX_PAGE_BYTES."""
     batch: list[EntryT] = []
+    size = 0
     for entry in entries:
+        entry_size = entry.ByteSize()
+        if batch and size + entry_size > MAX_PAGE_BYTES:
+            yield batch
+            batch, size = [], 0
         batch.append(entry)
+        size += entry_size
         if len(batch) == MAX_ENTRIES_PER_MESSAGE:
             yield batch
-            batch = []
+            batch, size = [], 0
     if batch:
         yield batch
 
@@ -153,11 +166,11 @@ class RunApi(runs_pb2_grpc.RunServiceServicer):
             query=query,
             cursor_types=[int],
         )
-        runs, last_position = await self._runs.list_runs(project, where, page=page)
-        return runs_pb2.ListRunsResponse(
-            runs=[_run_to_proto(run) for run in runs],
-            next_page_token=next_page_token(query, (last_position,)) if last_position is not None else "",
+        runs, more = await self._runs.list_runs(project, where, page=page)
+        shown, token = page_response(
+            [(_run_to_proto(run), (position,)) for run, position in runs], more=more, query=query
         )
+        return runs_pb2.ListRunsResponse(runs=shown, next_page_token=token)
 
     async def LogMetrics(
         self,
@@ -265,6 +278,9 @@ class RunApi(runs_pb2_grpc.RunServiceServicer):
         if request.tail:
             # The last `tail` lines of the whole log; a streams filter then applies to them.
             start = max(0, (await self._runs.get_run(key)).log_line_count - request.tail)
+        for index, number in enumerate(request.streams):
+            if number not in runs_pb2.LogStream.values():
+                raise field_error(f"streams[{index}]", f"{number} is not a log stream")
         streams = frozenset(request.streams)
         async for chunk in self._runs.read(key, History.LOGS, start=start, follow=request.follow):
             for lines in _batches(log_lines(chunk, start=start, streams=streams)):

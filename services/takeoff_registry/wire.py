@@ -10,12 +10,14 @@ from __future__ import annotations
 from collections.abc import Collection, Iterator, Sequence
 
 from takeoff.v1 import runs_pb2
-from takeoff_registry.runs import Chunk, EncodedBatch
+from takeoff_registry.runs import MAX_METRIC_KEY, Chunk, EncodedBatch
 from takeoff_server.errors import FieldViolation, InvalidArgument
 from takeoff_server.protovalues import timestamp
 
 MAX_LINE_BYTES = 64 * 1024
 MAX_ENTRIES_PER_MESSAGE = 1000
+MAX_ROW_DATA_BYTES = 64 * 1024
+"""A metric row's ``data`` Struct, encoded."""
 _LOG_STREAMS = frozenset(runs_pb2.LogStream.values()) - {runs_pb2.LOG_STREAM_UNSPECIFIED}
 
 
@@ -45,7 +47,18 @@ def metric_batch(rows: Sequence[runs_pb2.MetricRow]) -> EncodedBatch:
                 violations.append(
                     FieldViolation(f"rows[{position}].data", f"keys {sorted(clash)} are also in values")
                 )
+            if row.data.ByteSize() > MAX_ROW_DATA_BYTES:
+                violations.append(
+                    FieldViolation(
+                        f"rows[{position}].data", f"must be at most {MAX_ROW_DATA_BYTES} bytes encoded"
+                    )
+                )
             keys.update(data_keys)
+    violations.extend(
+        FieldViolation("rows", f"metric key {key[:40]!r}... is longer than {MAX_METRIC_KEY} characters")
+        for key in keys
+        if len(key) > MAX_METRIC_KEY
+    )
     if violations:
         raise _invalid(violations)
 

@@ -129,7 +129,7 @@ def test_structs_within_the_limits_pass() -> None:
     check_struct(
         nested(MAX_CONFIG_DEPTH), field="run_config", max_bytes=MAX_CONFIG_BYTES, max_depth=MAX_CONFIG_DEPTH
     )
-    check_struct({"a": [1, 2.5, "x", None, True]}, field="run_config", max_bytes=100, max_depth=2)
+    check_struct({"a": [1, 2.5, "x", None, True, float("nan")]}, field="c", max_bytes=100, max_depth=2)
 
 
 @pytest.mark.parametrize(
@@ -138,8 +138,6 @@ def test_structs_within_the_limits_pass() -> None:
         (nested(MAX_CONFIG_DEPTH + 1), "run_config", "deeper"),
         ({"a": [[[[]]]]}, "run_config", "deeper"),
         ({"blob": "x" * MAX_CONFIG_BYTES}, "run_config", "bytes"),
-        ({"a": [1, float("nan")]}, "run_config.a[1]", "finite"),
-        ({"a": {"b": float("inf")}}, "run_config.a.b", "finite"),
     ],
 )
 def test_structs_beyond_the_limits_are_refused(value: dict[str, Any], field: str, problem: str) -> None:
