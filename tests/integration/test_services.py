@@ -21,7 +21,11 @@ SERVICES = {
     "builder": {"takeoff.v1.BuildService": "Build"},
     "agent": {"takeoff.v1.AgentService": "Drain"},
 }
-STANDARD = {"grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"}
+STANDARD = {
+    "grpc.health.v1.Health",
+    "grpc.reflection.v1.ServerReflection",
+    "grpc.reflection.v1alpha.ServerReflection",
+}
 
 
 def grpcurl(*args: str) -> str:
