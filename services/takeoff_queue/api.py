@@ -211,7 +211,7 @@ def _item_to_proto(item: Item, lease_expire_time: datetime | None = None) -> que
         reason=_reason_proto(life.reason),
         message=life.message,
         exit_code=life.exit_code,
-        transitions=[_transition_to_proto(t) for t in (*item.history, *life.history)],
+        transitions=[_transition_to_proto(t) for t in life.history],
         traceparent=item.traceparent,
         relaunched_from=item.relaunched_from,
     )
@@ -425,6 +425,7 @@ class QueueApi(queue_pb2_grpc.QueueServiceServicer):
     def __init__(self, book: QueueBook, dispatcher: Dispatcher) -> None:
         self._book = book
         self._dispatcher = dispatcher
+        self._projects = checks.Projects(dispatcher.queues)  # restored from the store by now
 
     def _item_proto(self, item: Item) -> queue_pb2.Item:
         holder = self._dispatcher.agents.get(item.life.agent.removeprefix("agents/"))
@@ -435,7 +436,7 @@ class QueueApi(queue_pb2_grpc.QueueServiceServicer):
         return _queue_to_proto(queue, counts, self._book.agent_count(queue.name))
 
     def _check_project(self, name: str, pattern: ResourcePattern, field: str) -> None:
-        checks.check_project(pattern.parse(name, field=field)["project"], self._dispatcher.queues)
+        self._projects.check(pattern.parse(name, field=field)["project"])
 
     async def CreateQueue(
         self, request: queue_pb2.CreateQueueRequest, context: Context
@@ -443,6 +444,7 @@ class QueueApi(queue_pb2_grpc.QueueServiceServicer):
         queue = await self._book.create_queue(
             request.parent, request.queue_id, _queue_from_proto(request.queue), request.request_id
         )
+        self._projects.written(queue.name)
         return queue_pb2.CreateQueueResponse(queue=await self._queue_proto(queue))
 
     async def GetQueue(

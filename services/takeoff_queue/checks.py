@@ -167,15 +167,24 @@ def _stored_schema_problem(schema_json: str) -> str | None:
     return None
 
 
-def check_project(project: str, queue_names: Iterable[str]) -> None:
-    """Reads in a project never written to are PROJECT_NOT_FOUND (common.proto). To the queue service, a
-    project exists while it holds a queue: creating a queue is the first write into a project here, and
-    items live in queues."""
-    prefix = f"projects/{project}/queues/"
-    if not any(name.startswith(prefix) for name in queue_names):
+class Projects:
+    """The projects written to, as far as the queue service can tell (common.proto: reads in a project
+    never written to are PROJECT_NOT_FOUND). Creating a queue is the first write into a project here, and
+    items live in queues: a project exists once it held a queue. Seeded with the projects of the stored
+    queues, so one whose every queue was deleted is forgotten at a restart (only a table of projects
+    would remember it)."""
+
+    def __init__(self, queue_names: Iterable[str]) -> None:
+        self._known = {name.split("/queues/", 1)[0] for name in queue_names}
+
+    def written(self, queue_name: str) -> None:
+        self._known.add(queue_name.split("/queues/", 1)[0])
+
+    def check(self, project: str) -> None:
         name = f"projects/{project}"
-        raise NotFound(
-            "PROJECT_NOT_FOUND",
-            f"project {name} has no queues: nothing was written to it",
-            metadata={"resource": name},
-        )
+        if name not in self._known:
+            raise NotFound(
+                "PROJECT_NOT_FOUND",
+                f"project {name} was never written to: it never held a queue",
+                metadata={"resource": name},
+            )

@@ -327,9 +327,11 @@ async def test_reads_in_a_project_never_written_to_are_project_not_found(
     )
     created = (await queues.CreateQueue(request)).queue.name  # the first write creates the project
     assert await queue_names(queues, project) == [created]
-    code, reason, _ = await refused(
-        queues.GetQueue(queue_pb2.GetQueueRequest(name=f"{project}/queues/other"))
-    )
+    await queues.DeleteQueue(queue_pb2.DeleteQueueRequest(name=created))
+    # Written to once, the project stays when its queues are gone.
+    listed = await queues.ListQueues(queue_pb2.ListQueuesRequest(parent=project))
+    assert list(listed.queues) == []
+    code, reason, _ = await refused(queues.GetQueue(queue_pb2.GetQueueRequest(name=created)))
     assert (code, reason) == (NOT_FOUND, "QUEUE_NOT_FOUND")
     await dispatch_goes_on(queues, new_queue, job, queue_address)
 
