@@ -21,12 +21,13 @@ from referencing._core import Resolver
 from referencing.exceptions import Unresolvable
 
 from takeoff_server.errors import InvalidArgument
-from takeoff_server.validation import field_error
+from takeoff_server.validation import MAX_CONFIG_DEPTH, field_error
 
 MAX_SCHEMA_BYTES = 64 * 1024
 """A schema's size as compact JSON."""
-MAX_SCHEMA_DEPTH = 32
-"""Nesting of JSON objects and arrays; well inside protobuf's recursion limit for a Struct."""
+MAX_SCHEMA_DEPTH = MAX_CONFIG_DEPTH
+"""Nesting of JSON objects and arrays: a job's input schema travels to agents inside a lease Assignment, as
+deep in protobuf's recursion limit as a run config."""
 
 _DEFAULT_DIALECT = referencing.jsonschema.DRAFT202012
 _REFERENCE_KEYWORDS = ("$ref", "$dynamicRef", "$recursiveRef")

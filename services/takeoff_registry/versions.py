@@ -12,11 +12,14 @@ from typing import Any
 from takeoff_registry.git_source import check_ref, check_url
 from takeoff_registry.refs import JobKey
 from takeoff_server.schemas import check_json_schema, schema_validator
-from takeoff_server.validation import Problems
+from takeoff_server.validation import MAX_CONFIG_BYTES, MAX_CONFIG_DEPTH, Problems, check_struct
 
 MAX_DESCRIPTION = 4096
 MAX_TEXT_FILE = 1024 * 1024
 MAX_METRIC_NAME = 256
+MAX_METRICS = 1000
+MAX_ENTRYPOINT_BYTES = 64 * 1024
+"""The whole argv, as UTF-8."""
 SHA256 = re.compile(r"[0-9a-f]{64}")
 PYTHON_VERSION = re.compile(r"[0-9]+\.[0-9]+(\.[0-9]+)?")
 
@@ -114,7 +117,13 @@ def check_spec(spec: VersionSpec, problems: Problems, *, prefix: str = "version"
             problems.add(
                 "ARGUMENT_INVALID", f"{prefix}.entrypoint[{index}]", "must not contain NUL characters"
             )
+    if sum(len(argument.encode()) for argument in spec.entrypoint) > MAX_ENTRYPOINT_BYTES:
+        problems.add(
+            "ARGUMENT_INVALID", f"{prefix}.entrypoint", f"must be at most {MAX_ENTRYPOINT_BYTES} bytes"
+        )
     _check_inputs(spec, problems, f"{prefix}.inputs")
+    if len(spec.output_metrics) > MAX_METRICS:
+        problems.add("ARGUMENT_INVALID", f"{prefix}.outputs.metrics", f"at most {MAX_METRICS} metric names")
     for index, metric in enumerate(spec.output_metrics):
         if not metric or len(metric) > MAX_METRIC_NAME:
             problems.add(
@@ -152,18 +161,23 @@ def _check_source(source: Source | None, problems: Problems, prefix: str) -> Non
 
 
 def _check_inputs(spec: VersionSpec, problems: Problems, prefix: str) -> None:
+    defaults = spec.input_defaults
+    if defaults is not None:
+        with problems.collect():
+            check_struct(
+                defaults, field=f"{prefix}.defaults", max_bytes=MAX_CONFIG_BYTES, max_depth=MAX_CONFIG_DEPTH
+            )
     schema = spec.input_schema
     if schema is None:
         return
     with problems.collect():
         check_json_schema(schema, field=f"{prefix}.schema")
-    if problems or spec.input_defaults is None:
-        return
-    for violation in schema_validator(schema).iter_errors(spec.input_defaults):
-        where = "".join(
-            f".{part}" if isinstance(part, str) else f"[{part}]" for part in violation.absolute_path
-        )
-        problems.add("CONFIG_INVALID", f"{prefix}.defaults{where}", violation.message)
+        # Only a schema that passed can judge the defaults.
+        for violation in schema_validator(schema).iter_errors(defaults) if defaults is not None else ():
+            where = "".join(
+                f".{part}" if isinstance(part, str) else f"[{part}]" for part in violation.absolute_path
+            )
+            problems.add("CONFIG_INVALID", f"{prefix}.defaults{where}", violation.message)
 
 
 def _check_environment(environment: Environment, problems: Problems, prefix: str) -> None:

@@ -28,8 +28,9 @@ from takeoff_server.validation import (
 
 
 def nested(levels: int) -> dict[str, Any]:
-    value: dict[str, Any] = {}
-    for _ in range(levels - 1):
+    """``levels`` containers: objects around a list, the deepest protobuf encoding of that nesting."""
+    value: dict[str, Any] = {"leaf": [1]}
+    for _ in range(levels - 2):
         value = {"a": value}
     return value
 
@@ -148,10 +149,12 @@ def test_structs_beyond_the_limits_are_refused(value: dict[str, Any], field: str
     assert problem in error.message
 
 
-def test_a_config_at_the_depth_limit_reaches_an_agent() -> None:
-    """What an agent receives: the item, run config included, inside a LeaseResponse's Assignment."""
+def test_configs_and_schemas_at_the_depth_limit_reach_an_agent() -> None:
+    """What an agent receives: a LeaseResponse whose Assignment holds the item (its run config) and the
+    job version (its input schema)."""
     response = queue_pb2.LeaseResponse()
     response.assignment.item.run_config.CopyFrom(dict_to_struct(nested(MAX_CONFIG_DEPTH)))
+    response.assignment.job_version.inputs.schema.CopyFrom(dict_to_struct(nested(MAX_SCHEMA_DEPTH)))
 
     decoded = queue_pb2.LeaseResponse.FromString(response.SerializeToString())
 

@@ -33,7 +33,11 @@ Standard methods (AIP-131..135): Get/List/Create/Update/Delete. List requests ta
 (0 = default 50, values above 1000 are capped at 1000, negative = INVALID_ARGUMENT `ARGUMENT_INVALID`) and
 an opaque `page_token` from a previous response's `next_page_token` (empty when there are no more pages);
 every other field of the request must be the same as in the call that produced the token, otherwise
-INVALID_ARGUMENT `PAGE_TOKEN_INVALID`. Filters are explicit request fields. Update takes a
+INVALID_ARGUMENT `PAGE_TOKEN_INVALID` (tokens are signed by the server: an edited token, or one from
+another method, is refused the same way). A page may hold fewer than `page_size` items, with a
+`next_page_token`, so that every response stays under gRPC's default 4 MiB receive size (at most 3 MiB of
+items; streamed reads split their messages the same way). Filters are explicit request fields; an enum
+filter value the server does not know is INVALID_ARGUMENT `ARGUMENT_INVALID`. Update takes a
 google.protobuf.FieldMask `update_mask`; `*` means every mutable field.
 
 Idempotency (AIP-155): methods that create things take an optional `request_id` (a client-chosen string of
@@ -43,7 +47,15 @@ request fails with INVALID_ARGUMENT `REQUEST_ID_CONFLICT`. Request ids are remem
 
 Errors: a gRPC status whose google.rpc.Status details carry a google.rpc.ErrorInfo with domain
 `takeoff.dev` and a reason from ErrorReason (below), plus a google.rpc.BadRequest with one field violation
-per problem for INVALID_ARGUMENT. Messages never contain tracebacks or credentials.
+per problem for INVALID_ARGUMENT. Messages never contain tracebacks or credentials. Any method may answer
+INVALID_ARGUMENT `REQUEST_INVALID` (the bytes are not its request message, e.g. nested deeper than
+protobuf's recursion limit) and INVALID_ARGUMENT `ARGUMENT_INVALID` for a field out of its documented
+range. Texts in a status are clipped (message 400 bytes, at most 5 field violations) so that it fits in a
+client's default 8 KiB of trailers; a clipped text ends with "…".
+
+Struct fields a client sets (configs, schemas, summaries) hold at most 30 levels of nested objects and
+lists, so that whatever is accepted can be decoded wherever it travels (e.g. inside a lease Assignment)
+under protobuf's recursion limit of 100; each field states its size limit (encoded bytes).
 
 Field behaviour is stated at the start of each field comment:
   Required.     the server rejects the request with INVALID_ARGUMENT when the field is unset.

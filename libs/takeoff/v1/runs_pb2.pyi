@@ -110,12 +110,12 @@ class Run(_message.Message):
     @_builtins.property
     def config(self) -> _struct_pb2.Struct:
         """Optional. The run config: at creation the launch config (from the item), replaced by the config the
-        job reports at AttachRun.
+        job reports at AttachRun. At most 256 KiB encoded (INVALID_ARGUMENT `ARGUMENT_INVALID`).
         """
 
     @_builtins.property
     def summary(self) -> _struct_pb2.Struct:
-        """Output only. Summary values (set by UpdateSummary), e.g. {"best_loss": 0.33}."""
+        """Output only. Summary values (set by UpdateSummary), e.g. {"best_loss": 0.33}; at most 256 KiB encoded."""
 
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
@@ -135,7 +135,7 @@ class Run(_message.Message):
 
     @_builtins.property
     def metric_keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Output only. Every metric key logged so far, sorted."""
+        """Output only. Every metric key logged so far, sorted; a run holds at most 1000 distinct keys."""
 
     def __init__(
         self,
@@ -213,13 +213,14 @@ class MetricRow(_message.Message):
     @_builtins.property
     def values(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
         """Optional. Numeric values by metric name (the fast path), e.g. {"loss": 0.5, "epoch": 1}. NaN and
-        infinities are allowed.
+        infinities are allowed. Metric names (here and in `data`) are at most 256 characters; a run holds at
+        most 1000 distinct names (more is INVALID_ARGUMENT `ARGUMENT_INVALID` and stores nothing).
         """
 
     @_builtins.property
     def data(self) -> _struct_pb2.Struct:
-        """Optional. Non-numeric values by metric name (strings, bools, lists, objects). A key must not appear in
-        both `values` and `data`.
+        """Optional. Non-numeric values by metric name (strings, bools, lists, objects), at most 64 KiB encoded. A
+        key must not appear in both `values` and `data`.
         """
 
     def __init__(
@@ -362,7 +363,7 @@ class AttachRunRequest(_message.Message):
     @_builtins.property
     def config(self) -> _struct_pb2.Struct:
         """Optional. The config the job actually uses (its defaults overridden by the launch config); replaces the
-        stored config. Unset = keep the stored config.
+        stored config. Unset = keep the stored config. At most 256 KiB encoded.
         """
 
     def __init__(
@@ -476,7 +477,9 @@ class ListRunsRequest(_message.Message):
     """Optional filter. Runs of this queue item, `projects/{p}/queues/{q}/items/{i}`."""
     @_builtins.property
     def states(self) -> _containers.RepeatedScalarFieldContainer[_common_pb2.RunState.ValueType]:
-        """Optional filter. Runs in any of these states; empty = every state."""
+        """Optional filter. Runs in any of these states; empty = every state. A number that is not a RunState is
+        INVALID_ARGUMENT `ARGUMENT_INVALID`.
+        """
 
     def __init__(
         self,
@@ -671,7 +674,8 @@ class UpdateSummaryRequest(_message.Message):
     @_builtins.property
     def summary(self) -> _struct_pb2.Struct:
         """Required. Keys to merge into the summary at the top level: each key replaces the stored value; a
-        JSON null deletes the key.
+        JSON null deletes the key. The summary after the merge must fit in 256 KiB encoded, else
+        INVALID_ARGUMENT `ARGUMENT_INVALID` and nothing changes.
         """
 
     def __init__(
@@ -891,7 +895,7 @@ class ReadMetricsResponse(_message.Message):
     ROWS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def rows(self) -> _containers.RepeatedCompositeFieldContainer[Global___MetricRow]:
-        """Rows in history order, at most 1,000 per message, each with its `index`."""
+        """Rows in history order, at most 1,000 and 3 MiB per message, each with its `index`."""
 
     def __init__(
         self,
@@ -927,7 +931,9 @@ class ReadLogsRequest(_message.Message):
     """Optional. Keep the stream open and send new lines until the run ends."""
     @_builtins.property
     def streams(self) -> _containers.RepeatedScalarFieldContainer[Global___LogStream.ValueType]:
-        """Optional. Only lines of these streams; empty = every stream."""
+        """Optional. Only lines of these streams; empty = every stream. A number that is not a LogStream is
+        INVALID_ARGUMENT `ARGUMENT_INVALID`.
+        """
 
     def __init__(
         self,
@@ -955,7 +961,7 @@ class ReadLogsResponse(_message.Message):
     LINES_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def lines(self) -> _containers.RepeatedCompositeFieldContainer[Global___LogLine]:
-        """Lines in log order, at most 1,000 per message, each with its `index`."""
+        """Lines in log order, at most 1,000 and 3 MiB per message, each with its `index`."""
 
     def __init__(
         self,
