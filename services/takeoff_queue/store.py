@@ -153,6 +153,12 @@ class QueueWrite:
         )
         await self._insert_transitions(item_id, life.history[since:])
 
+    async def replay(self, scope: str, request_id: str, fingerprint: str) -> str | None:
+        """Like :meth:`QueueStore.replay`, in this transaction: it sees what this transaction remembered."""
+        return await request_ids.replay(
+            AsyncSession(bind=self._connection), scope=scope, request_id=request_id, fingerprint=fingerprint
+        )
+
     async def remember(self, scope: str, request_id: str, fingerprint: str, result: str) -> None:
         """Record what ``request_id`` made, in this transaction (see :mod:`takeoff_server.idempotency`)."""
         await request_ids.record(

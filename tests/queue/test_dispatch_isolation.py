@@ -6,6 +6,7 @@ a test can make one item's computation or one write fail and watch what the othe
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from collections.abc import AsyncIterator
@@ -23,7 +24,7 @@ from takeoff.v1 import common_pb2, queue_pb2, queue_pb2_grpc
 from takeoff_queue import lifecycle
 from takeoff_queue.__main__ import QueueService, assemble
 from takeoff_queue.lifecycle import ItemLife, ItemState
-from takeoff_queue.model import Item
+from takeoff_queue.model import Item, ResolvedJob
 from takeoff_queue.settings import QueueSettings
 from takeoff_queue.store import QueueWrite
 from takeoff_server.server import TakeoffServer
@@ -232,3 +233,27 @@ async def test_an_enqueue_whose_commit_fails_leaves_no_phantom(
         ]
     finally:
         await agent.close()
+
+
+async def test_two_tries_of_one_enqueue_at_once_make_one_item(
+    service: InProcessQueue, job: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    queue = await service.new_queue()
+    jobs = service.parts.book._jobs
+    resolve = jobs.resolve
+    both_past_the_first_lookup = asyncio.Barrier(2)
+
+    async def resolve_together(project: str, reference: str) -> ResolvedJob:
+        await both_past_the_first_lookup.wait()  # neither has committed: neither replays the other yet
+        return await resolve(project, reference)
+
+    monkeypatch.setattr(jobs, "resolve", resolve_together)
+    request = queue_pb2.EnqueueRequest(queue=queue, job=job, request_id=uuid.uuid4().hex)
+    first, second = await asyncio.gather(service.queues.Enqueue(request), service.queues.Enqueue(request))
+
+    assert first.item.name == second.item.name
+    listed = await service.queues.ListItems(queue_pb2.ListItemsRequest(parent=queue))
+    assert [item.name for item in listed.items] == [first.item.name]
+    assert [item.name for item in service.parts.dispatcher.items.values() if item.queue == queue] == [
+        first.item.name
+    ]
