@@ -279,55 +279,87 @@ def _hello_from_proto(hello: queue_pb2.LeaseRequest.Hello) -> Hello:
     )
 
 
+_LEASE_MESSAGE_KINDS = {
+    "heartbeat": MessageKind.HEARTBEAT,
+    "progress": MessageKind.PROGRESS,
+    "complete": MessageKind.COMPLETE,
+    "release": MessageKind.RELEASE,
+    "set_capacity": MessageKind.SET_CAPACITY,
+    "drain": MessageKind.DRAIN,
+}
+
+
 def _agent_request_from_proto(request: queue_pb2.LeaseRequest) -> AgentRequest | Reject:
+    """The agent's message as a domain value, or the Reject (INVALID_MESSAGE) answering a malformed one:
+    a malformed message changes nothing and keeps the stream. Only a second Hello ends it (queue.proto)."""
+    which = request.WhichOneof("message")
+    if which == "hello":
+        raise InvalidArgument(
+            "HELLO_REQUIRED",
+            "Hello comes once, first; after it only lease messages",
+            violations=[FieldViolation("hello", "only the first message of a stream is a Hello")],
+        )
+    try:
+        return _agent_request(request)
+    except InvalidArgument as malformed:
+        kind = _LEASE_MESSAGE_KINDS.get(which or "")
+        lease_id = getattr(getattr(request, which), "lease_id", "") if which else ""
+        return Reject(request.sequence, kind, lease_id, RejectReason.INVALID_MESSAGE, malformed.message)
+
+
+def _agent_request(request: queue_pb2.LeaseRequest) -> AgentRequest:
     sequence = request.sequence
     match request.WhichOneof("message"):
         case "heartbeat":
             return Heartbeat(sequence)
         case "progress":
             progress = request.progress
-            state = _state(progress.state)
-            if state is None:
-                return Reject(
-                    sequence,
-                    MessageKind.PROGRESS,
-                    progress.lease_id,
-                    RejectReason.INVALID_MESSAGE,
-                    "no state",
-                )
+            _require_lease(progress.lease_id, progress.epoch, "progress")
+            state = _required(
+                enum_member(ItemState, progress.state, field="progress.state", proto=common_pb2.ItemState),
+                "progress.state",
+            )
             return Progress(sequence, progress.lease_id, progress.epoch, state, progress.detail)
         case "complete":
             complete = request.complete
-            outcome = _state(complete.outcome)
-            if outcome is None:
-                return Reject(
-                    sequence,
-                    MessageKind.COMPLETE,
-                    complete.lease_id,
-                    RejectReason.INVALID_MESSAGE,
-                    "no outcome",
-                )
+            _require_lease(complete.lease_id, complete.epoch, "complete")
+            outcome = _required(
+                enum_member(
+                    ItemState, complete.outcome, field="complete.outcome", proto=common_pb2.ItemState
+                ),
+                "complete.outcome",
+            )
+            reason = enum_member(
+                FailureReason, complete.reason, field="complete.reason", proto=common_pb2.FailureReason
+            )
             exit_code = complete.exit_code if complete.HasField("exit_code") else None
             return Complete(
-                sequence,
-                complete.lease_id,
-                complete.epoch,
-                outcome,
-                _reason(complete.reason),
-                exit_code,
-                complete.message,
+                sequence, complete.lease_id, complete.epoch, outcome, reason, exit_code, complete.message
             )
         case "release":
-            return Release(sequence, request.release.lease_id, request.release.epoch, request.release.message)
+            release = request.release
+            _require_lease(release.lease_id, release.epoch, "release")
+            return Release(sequence, release.lease_id, release.epoch, release.message)
         case "set_capacity":
+            if request.set_capacity.capacity < 0:
+                raise field_error("set_capacity.capacity", "must not be negative")
             return SetCapacity(sequence, request.set_capacity.capacity)
         case "drain":
             return Drain(sequence)
-    raise InvalidArgument(
-        "HELLO_REQUIRED",
-        "Hello comes once, first; after it only lease messages",
-        violations=[FieldViolation("message", "a second Hello, or no message")],
-    )
+    raise field_error("message", "required: heartbeat, progress, complete, release, set_capacity or drain")
+
+
+def _require_lease(lease_id: str, epoch: int, message: str) -> None:
+    if not lease_id:
+        raise field_error(f"{message}.lease_id", "required: the lease id of the Assignment")
+    if epoch < 1:
+        raise field_error(f"{message}.epoch", "required: the epoch of the Assignment")
+
+
+def _required(state: ItemState | None, field: str) -> ItemState:
+    if state is None:
+        raise field_error(field, "required")
+    return state
 
 
 _KIND_PROTOS = {
@@ -395,7 +427,7 @@ def _response_to_proto(message: Any) -> queue_pb2.LeaseResponse:
             return Response(
                 reject=Response.Reject(
                     request_sequence=message.sequence,
-                    of=_KIND_PROTOS[message.of],
+                    of=_KIND_PROTOS[message.of] if message.of else queue_pb2.LEASE_MESSAGE_KIND_UNSPECIFIED,
                     lease_id=message.lease_id,
                     reason=queue_pb2.RejectReason.Value(f"REJECT_REASON_{message.reason.value}"),
                     message=message.message,

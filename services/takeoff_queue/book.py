@@ -14,17 +14,14 @@ from datetime import datetime, timedelta
 from typing import Any, Protocol
 
 import jsonschema
-from sqlalchemy.ext.asyncio import AsyncConnection
-from sqlmodel.ext.asyncio.session import AsyncSession
 
-from takeoff_queue import checks, lifecycle, resource_config, store
+from takeoff_queue import checks, lifecycle, resource_config
 from takeoff_queue.dispatcher import Dispatcher
 from takeoff_queue.lifecycle import ItemState
 from takeoff_queue.model import ITEM, PROJECT, QUEUE, Item, Priority, Queue, ResolvedJob, SourceKind
 from takeoff_queue.resource_config import ResourceKind
-from takeoff_server.database import Database
+from takeoff_queue.store import QueueStore, QueueWrite, queue_values
 from takeoff_server.errors import AlreadyExists, FailedPrecondition, FieldViolation, InvalidArgument, NotFound
-from takeoff_server.group_commit import GroupCommitter
 from takeoff_server.idempotency import check_request_id, request_fingerprint
 from takeoff_server.pagination import PageRequest
 from takeoff_server.validation import Problems
@@ -93,25 +90,21 @@ def _filled_config(job: ResolvedJob, given: dict[str, Any]) -> tuple[dict[str, A
 class QueueBook:
     def __init__(
         self,
-        database: Database,
-        committer: GroupCommitter,
+        store: QueueStore,
         dispatcher: Dispatcher,
         jobs: JobResolver,
         clock: Callable[[], datetime],
         *,
         images_pushed: bool = False,
     ) -> None:
-        self._database = database
-        self._committer = committer
+        self._store = store
         self._dispatcher = dispatcher
         self._jobs = jobs
         self._clock = clock
         self._images_pushed = images_pushed
 
     async def start(self) -> None:
-        async with self._database.engine.connect() as connection:
-            queues = [store.queue_from_row(row) for row in await store.load_queues(connection)]
-            items = [store.item_from_row(row) for row in await store.load_unfinished_items(connection)]
+        queues, items = await self._store.load()
         self._dispatcher.restore(queues, items)
 
     # ----- queues ------------------------------------------------------------------------------------
@@ -132,10 +125,10 @@ class QueueBook:
         queue = replace(queue, name=name, create_time=now, update_time=now)
         _check_queue(queue)
         fingerprint = request_fingerprint(
-            {key: value for key, value in store.queue_values(queue).items() if not key.endswith("_time")}
+            {key: value for key, value in queue_values(queue).items() if not key.endswith("_time")}
         )
         if request_id:
-            replayed = await self._replay(f"CreateQueue:{parent}", request_id, fingerprint)
+            replayed = await self._store.replay(f"CreateQueue:{parent}", request_id, fingerprint)
             if replayed is not None:
                 return self.queue(replayed)
         if name in self._dispatcher.queues:
@@ -143,12 +136,17 @@ class QueueBook:
                 "QUEUE_ALREADY_EXISTS", f"queue {name} already exists", metadata={"resource": name}
             )
 
-        async def write(connection: AsyncConnection) -> None:
-            await store.insert_queue(connection, store.queue_values(queue))
+        async def write(tx: QueueWrite) -> str | None:
+            scope = f"CreateQueue:{parent}"
+            if request_id and (replayed := await tx.replay(scope, request_id, fingerprint)) is not None:
+                return replayed  # a retry of this request committed first
+            await tx.insert_queue(queue)
             if request_id:
-                await self._record(connection, f"CreateQueue:{parent}", request_id, fingerprint, name)
+                await tx.remember(scope, request_id, fingerprint, name)
+            return None
 
-        await self._committer.commit(write)
+        if (replayed := await self._store.write(write)) is not None:
+            return self.queue(replayed)
         self._dispatcher.put_queue(queue)
         return queue
 
@@ -156,10 +154,10 @@ class QueueBook:
         queue = replace(self.queue(name, field_name="queue.name"), **changes, update_time=self._clock())
         _check_queue(queue)
 
-        async def write(connection: AsyncConnection) -> None:
-            await store.update_queue(connection, name, store.queue_values(queue))
+        async def write(tx: QueueWrite) -> None:
+            await tx.update_queue(queue)
 
-        await self._committer.commit(write)
+        await self._store.write(write)
         self._dispatcher.put_queue(queue)
         return queue
 
@@ -173,10 +171,10 @@ class QueueBook:
                 metadata={"resource": name, "items": str(len(live))},
             )
 
-        async def write(connection: AsyncConnection) -> None:
-            await store.delete_queue(connection, name)
+        async def write(tx: QueueWrite) -> None:
+            await tx.delete_queue(name)
 
-        await self._committer.commit(write)
+        await self._store.write(write)
         self._dispatcher.drop_queue(name)
 
     def list_queues(
@@ -194,9 +192,7 @@ class QueueBook:
         return found, (found[-1].name if len(names) > page.size else None)
 
     async def item_counts(self, name: str) -> dict[ItemState, int]:
-        async with self._database.engine.connect() as connection:
-            counts = await store.count_items_by_state(connection, name)
-        return {ItemState(state): count for state, count in counts.items()}
+        return await self._store.count_items_by_state(name)
 
     def agent_count(self, name: str) -> int:
         return self._dispatcher.agent_count(name)
@@ -208,7 +204,7 @@ class QueueBook:
         queue = self.queue(request.queue, field_name="queue")
         fingerprint = request.fingerprint()
         if request.request_id:
-            replayed = await self._replay(f"Enqueue:{queue.name}", request.request_id, fingerprint)
+            replayed = await self._store.replay(f"Enqueue:{queue.name}", request.request_id, fingerprint)
             if replayed is not None:
                 return await self.get_item(replayed)
         if not request.job:
@@ -219,29 +215,27 @@ class QueueBook:
             )
         job = await self._jobs.resolve(queue.project, request.job)
         item = self._validated_item(queue, job, request)
-        await self._insert(item, f"Enqueue:{queue.name}", request.request_id, fingerprint)
-        return item
+        return await self._insert(item, f"Enqueue:{queue.name}", request.request_id, fingerprint)
 
-    async def _insert(self, item: Item, scope: str, request_id: str, fingerprint: str) -> None:
-        """Commit a new PENDING item (and the request id that made it), then hand it to the dispatcher."""
+    async def _insert(self, item: Item, scope: str, request_id: str, fingerprint: str) -> Item:
+        """Commit a new PENDING item (and the request id that made it); only then may it be dispatched.
 
-        assignment = self._dispatcher.admit(item)
-        values, history = store.item_values(item), item.life.history
-        item.life = replace(item.life, history=())
+        The request id is looked up again in the transaction: when a retry of the same request committed
+        first, its item is the answer and this one never existed."""
 
-        async def write(connection: AsyncConnection) -> int:
-            seq = await store.insert_item(connection, values, history)
+        async def write(tx: QueueWrite) -> str | None:
+            if request_id and (replayed := await tx.replay(scope, request_id, fingerprint)) is not None:
+                return replayed
+            item.seq = await tx.insert_item(item)
             if request_id:
-                await self._record(connection, scope, request_id, fingerprint, item.name)
-            return seq
+                await tx.remember(scope, request_id, fingerprint, item.name)
+            return None
 
-        try:
-            item.seq = await self._committer.commit(write)
-        except BaseException:
-            self._dispatcher.forget(item)
-            raise
-        item.history = list(history)
-        self._dispatcher.admitted(item, assignment)
+        if (replayed := await self._store.write(write)) is not None:
+            return await self.get_item(replayed)
+        item.committed = item.life
+        self._dispatcher.admitted(item)
+        return item
 
     def _validated_item(self, queue: Queue, job: ResolvedJob, request: EnqueueRequest) -> Item:
         problems = Problems()
@@ -344,7 +338,7 @@ class QueueBook:
         )
 
     async def get_item(self, name: str) -> Item:
-        found = await self._read_items(item_ids=[ITEM.parse(name, field="name")["item"]])
+        found = await self._store.items(item_ids=[ITEM.parse(name, field="name")["item"]])
         if not found or found[0].name != name:
             raise NotFound("ITEM_NOT_FOUND", f"item {name} does not exist", metadata={"resource": name})
         return found[0]
@@ -360,17 +354,12 @@ class QueueBook:
         else:
             scope = {"queue": self.queue(parent, field_name="parent").name}
         before = int(page.after[0]) if page.after else None
-        found = await self._read_items(
-            states=[s.value for s in states], job=job or None, before_seq=before, limit=page.size + 1, **scope
+        found = await self._store.items(
+            states=states, job=job or None, before_seq=before, limit=page.size + 1, **scope
         )
         more = len(found) > page.size
         found = found[: page.size]
         return found, (found[-1].seq if more else None)
-
-    async def _read_items(self, **filters: Any) -> list[Item]:
-        async with self._database.engine.connect() as connection:
-            rows = await store.fetch_items(connection, **filters)
-        return [store.item_from_row(row) for row in rows]
 
     async def cancel_item(self, name: str, message: str = "cancelled by user") -> Item:
         item_id = ITEM.parse(name, field="name")["item"]
@@ -395,7 +384,7 @@ class QueueBook:
         self.queue(old.queue)  # the queue must still exist
         fingerprint = request_fingerprint({"relaunch": name})
         if request_id:
-            replayed = await self._replay(f"RelaunchItem:{name}", request_id, fingerprint)
+            replayed = await self._store.replay(f"RelaunchItem:{name}", request_id, fingerprint)
             if replayed is not None:
                 return await self.get_item(replayed)
         now = self._clock()
@@ -407,16 +396,9 @@ class QueueBook:
             relaunched_from=name,
             seq=0,
             update_time=now,
-            end_time=None,
-            lease_id="",
-            assign_time=None,
-            start_deadline=None,
-            running_since=None,
-            completed_epoch=0,
-            history=[],
+            committed=None,
         )
-        await self._insert(item, f"RelaunchItem:{name}", request_id, fingerprint)
-        return item
+        return await self._insert(item, f"RelaunchItem:{name}", request_id, fingerprint)
 
     async def watch_item(self, name: str) -> AsyncIterator[Item]:
         """The item now, then again after every change, until it ends."""
@@ -433,22 +415,6 @@ class QueueBook:
                 yield item
         finally:
             self._dispatcher.unwatch(item_id, updates)
-
-    # ----- request ids --------------------------------------------------------------------------------
-
-    async def _replay(self, scope: str, request_id: str, fingerprint: str) -> str | None:
-        async with self._database.session() as session:
-            return await store.request_ids.replay(
-                session, scope=scope, request_id=request_id, fingerprint=fingerprint
-            )
-
-    async def _record(
-        self, connection: AsyncConnection, scope: str, request_id: str, fingerprint: str, result: str
-    ) -> None:
-        session = AsyncSession(bind=connection)
-        await store.request_ids.record(
-            session, scope=scope, request_id=request_id, fingerprint=fingerprint, result=result
-        )
 
 
 def _new_item_id() -> str:
