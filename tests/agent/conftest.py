@@ -42,8 +42,7 @@ print("done waiting", flush=True)
 """Prints its pid, then waits for the file named by its ``go`` config."""
 
 GROUP = """\
-import json, os, subprocess, sys, time, takeoff
-run = takeoff.init()
+import json, os, subprocess, sys, time
 # A child that ignores SIGTERM: only stopping the whole process group, SIGKILL included, ends it.
 child = subprocess.Popen(
     [sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN);"
@@ -51,10 +50,12 @@ child = subprocess.Popen(
     stdout=subprocess.PIPE,
 )
 child.stdout.readline()
-pids = run.config["pids"]
+pids = json.loads(os.environ["TAKEOFF_CONFIG"])["pids"]
 with open(pids + ".partial", "w") as file:
     json.dump({"job": os.getpid(), "child": child.pid}, file)
 os.replace(pids + ".partial", pids)
+import takeoff
+takeoff.init()
 print("started", flush=True)
 time.sleep(600)
 """

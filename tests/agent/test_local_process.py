@@ -144,7 +144,7 @@ def test_max_run_time_stops_the_process_group(
             queue,
             job,
             run_config=struct({"pids": str(tmp_path / "pids.json")}),
-            max_run_time={"seconds": 5},
+            max_run_time={"seconds": 10},
             max_attempts=1,
         )
         pids = group_pids(tmp_path / "pids.json")
