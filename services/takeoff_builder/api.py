@@ -34,7 +34,7 @@ from takeoff_builder.model import (
 )
 from takeoff_server.idempotency import check_request_id
 from takeoff_server.names import NAME_INVALID, ResourcePattern
-from takeoff_server.pagination import page_request, page_response
+from takeoff_server.pagination import MAX_PAGE_BYTES, page_request, page_response
 from takeoff_server.validation import Problems
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -101,6 +101,17 @@ def _build_to_proto(build: Build, log_lines: Sequence[str] = ()) -> build_pb2.Bu
         log_line_count=build.log_line_count,
         log_lines=log_lines,
     )
+
+
+def _tail_that_fits(lines: Sequence[str]) -> Sequence[str]:
+    """The last lines of a log that fit in MAX_PAGE_BYTES, so that GetBuild's answer stays under a
+    client's default 4 MiB receive size (Build.log_line_count still counts every line)."""
+    size = 0
+    for start in range(len(lines) - 1, -1, -1):
+        size += len(lines[start].encode()) + 4  # the field's tag and length
+        if size > MAX_PAGE_BYTES:
+            return lines[start + 1 :]
+    return lines
 
 
 def _responses(build_name: str, events: Sequence[BuildEvent]) -> list[build_pb2.BuildResponse]:
@@ -206,7 +217,7 @@ class BuildApi(build_pb2_grpc.BuildServiceServicer):
     ) -> build_pb2.GetBuildResponse:
         build_id = BUILD.parse(request.name, field="name")["build"]
         build, log_lines = await self._builder.get(build_id, include_log=request.include_log)
-        return build_pb2.GetBuildResponse(build=_build_to_proto(build, log_lines))
+        return build_pb2.GetBuildResponse(build=_build_to_proto(build, _tail_that_fits(log_lines)))
 
     async def ListBuilds(
         self, request: build_pb2.ListBuildsRequest, context: Context

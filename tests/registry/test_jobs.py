@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import json
 from collections.abc import Awaitable
 from typing import Any
 
@@ -10,7 +12,9 @@ import pytest
 from google.protobuf import field_mask_pb2
 
 from takeoff.v1 import common_pb2, jobs_pb2
+from takeoff_server.pagination import MAX_PAGE_BYTES
 from takeoff_server.protovalues import dict_to_struct
+from takeoff_server.validation import MAX_CONFIG_BYTES, MAX_CONFIG_DEPTH
 from tests.registry.conftest import Registry, failure, upload
 
 NOT_FOUND = grpc.StatusCode.NOT_FOUND
@@ -270,6 +274,48 @@ async def test_invalid_json_schema_is_schema_invalid_and_creates_nothing(registr
     assert await registry.count_rows("registry_job_versions") == 0
 
 
+@pytest.mark.parametrize(
+    ("schema", "problem"),
+    [
+        ({"type": "object", "properties": {"lr": {"$ref": "#/$defs/nowhere"}}}, "does not resolve"),
+        ({"$ref": "https://example.test/schema.json"}, "does not resolve"),
+        ({"allOf": [{"$ref": "#"}]}, "loop"),
+    ],
+)
+async def test_a_schema_that_would_fail_at_enqueue_is_refused_at_creation(
+    registry: Registry, schema: dict[str, Any], problem: str
+) -> None:
+    version = image_version("python:3.12-slim", inputs=common_pb2.JobInputs(schema=dict_to_struct(schema)))
+
+    refused = await failure(create_version(registry, "projects/demo/jobs/train", version))
+
+    assert (refused.code, refused.reason, refused.fields) == (
+        INVALID,
+        "SCHEMA_INVALID",
+        ["version.inputs.schema"],
+    )
+    assert problem in refused.message
+    assert await registry.count_rows("registry_job_versions") == 0
+
+
+async def test_defaults_too_large_or_deep_are_refused(registry: Registry) -> None:
+    deep: dict[str, Any] = {"leaf": 1}
+    for _ in range(MAX_CONFIG_DEPTH):
+        deep = {"a": deep}
+    for defaults in (deep, {"blob": "x" * MAX_CONFIG_BYTES}):
+        version = image_version(
+            "python:3.12-slim", inputs=common_pb2.JobInputs(defaults=dict_to_struct(defaults))
+        )
+
+        refused = await failure(create_version(registry, "projects/demo/jobs/train", version))
+
+        assert (refused.code, refused.reason, refused.fields) == (
+            INVALID,
+            "ARGUMENT_INVALID",
+            ["version.inputs.defaults"],
+        )
+
+
 async def test_defaults_must_validate_against_the_schema(registry: Registry) -> None:
     sha256 = await upload(registry, "demo")
     schema = {"type": "object", "properties": {"lr": {"type": "number"}, "epochs": {"type": "integer"}}}
@@ -448,6 +494,63 @@ async def test_list_versions_newest_first_in_pages(registry: Registry) -> None:
         if not (token := page.next_page_token):
             break
     assert numbers == [4, 3, 2, 1, 0]
+
+
+async def test_a_page_token_is_refused_when_edited_or_used_in_another_method(registry: Registry) -> None:
+    for job_id in ("a", "b"):
+        await registry.jobs.CreateJob(jobs_pb2.CreateJobRequest(parent="projects/demo", job_id=job_id))
+        await create_version(registry, f"projects/demo/jobs/{job_id}", image_version("python:3.12-slim"))
+        await create_version(registry, f"projects/demo/jobs/{job_id}", image_version("python:3.11-slim"))
+    jobs_token = (
+        await registry.jobs.ListJobs(jobs_pb2.ListJobsRequest(parent="projects/demo", page_size=1))
+    ).next_page_token
+    versions_token = (
+        await registry.jobs.ListJobVersions(
+            jobs_pb2.ListJobVersionsRequest(parent="projects/demo/jobs/a", page_size=1)
+        )
+    ).next_page_token
+    cursor, _, signature = jobs_token.partition(".")
+    edited = base64.urlsafe_b64encode(json.dumps([0]).encode()).decode().rstrip("=") + "." + signature
+
+    for listing in (
+        registry.jobs.ListJobs(jobs_pb2.ListJobsRequest(parent="projects/demo", page_token=edited)),
+        registry.jobs.ListJobs(jobs_pb2.ListJobsRequest(parent="projects/demo", page_token=f"{cursor}.")),
+        registry.jobs.ListJobs(jobs_pb2.ListJobsRequest(parent="projects/demo", page_token=versions_token)),
+        registry.jobs.ListJobVersions(
+            jobs_pb2.ListJobVersionsRequest(parent="projects/demo/jobs/a", page_token=jobs_token)
+        ),
+    ):
+        refused = await failure(listing)
+        assert (refused.code, refused.reason, refused.fields) == (
+            INVALID,
+            "PAGE_TOKEN_INVALID",
+            ["page_token"],
+        )
+
+
+async def test_a_page_of_versions_ends_before_it_would_outgrow_a_client_receive_limit(
+    registry: Registry,
+) -> None:
+    job = "projects/demo/jobs/big"
+    megabyte_of_requirements = "\n".join(f"package-{n}==1.0" for n in range(60_000))[: 1024 * 1024 - 16]
+    for n in range(4):  # 4 MiB in all; each version differs in its last requirement
+        environment = common_pb2.Environment(requirements=f"{megabyte_of_requirements}\nlast=={n}")
+        await create_version(registry, job, image_version("python:3.12-slim", environment=environment))
+
+    numbers: list[int] = []
+    pages = 0
+    token = ""
+    while True:
+        page = await registry.jobs.ListJobVersions(
+            jobs_pb2.ListJobVersionsRequest(parent=job, page_size=50, page_token=token)
+        )
+        assert page.ByteSize() <= MAX_PAGE_BYTES + 1024
+        numbers += [version.version for version in page.versions]
+        pages += 1
+        if not (token := page.next_page_token):
+            break
+    assert numbers == [3, 2, 1, 0]
+    assert pages == 2
 
 
 async def test_update_mask_names_only_description(registry: Registry) -> None:

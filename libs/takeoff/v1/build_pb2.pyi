@@ -192,7 +192,9 @@ class Build(_message.Message):
 
     @_builtins.property
     def log_lines(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Output only. The full build log, one entry per line; only filled by GetBuild with include_log."""
+        """Output only. The build log, one entry per line; only filled by GetBuild with include_log: the whole
+        log, or its last lines when the whole would not fit in 3 MiB (compare with `log_line_count`).
+        """
 
     def __init__(
         self,
@@ -518,7 +520,7 @@ class GetBuildRequest(_message.Message):
     name: _builtins.str
     """Required. Build name `builds/{build}`."""
     include_log: _builtins.bool
-    """Optional. Fill Build.log_lines with the full log."""
+    """Optional. Fill Build.log_lines with the log (its last 3 MiB at most)."""
     def __init__(
         self,
         *,
