@@ -28,6 +28,7 @@ from takeoff_queue.model import Item, ResolvedJob
 from takeoff_queue.settings import QueueSettings
 from takeoff_queue.store import QueueWrite
 from takeoff_server.server import TakeoffServer
+from tests.postgres import assert_service_wrote_tables
 from tests.queue.harness import ScriptedAgent
 
 Stub: TypeAlias = "queue_pb2_grpc.QueueServiceAsyncStub"  # a type only the stubs know
@@ -80,6 +81,8 @@ def settings(tmp_path: Path, queue_env: dict[str, str], job: str) -> QueueSettin
 async def in_process_queue(settings: QueueSettings) -> AsyncIterator[InProcessQueue]:
     async with AsyncExitStack() as resources:
         parts = await assemble(settings, resources)
+        if settings.database_url:
+            assert_service_wrote_tables(settings.database_url, "queue_")  # the PostgreSQL variant runs there
         server = TakeoffServer([parts.binding], listen=settings.listen)
         [address] = await server.start()
         resources.push_async_callback(server.stop, 1)

@@ -12,6 +12,7 @@ import grpc
 import pytest
 
 from takeoff.v1 import common_pb2, queue_pb2, queue_pb2_grpc
+from tests.postgres import assert_service_wrote_tables
 from tests.processes import service_process
 from tests.queue.conftest import LEASE_TTL_SECONDS
 from tests.queue.harness import ScriptedAgent, watch_until
@@ -30,6 +31,8 @@ async def test_kill_9_then_restart_keeps_every_item_and_running_leases(
     env = queue_env
     with service_process("queue", home, env=env) as first:
         address = first.address
+        if url := env.get("TAKEOFF_DATABASE_URL"):
+            assert_service_wrote_tables(url, "queue_")  # the PostgreSQL variant runs there
         async with grpc.aio.insecure_channel(address) as channel:
             queues = queue_pb2_grpc.QueueServiceStub(channel)
             queue = (
@@ -109,6 +112,8 @@ async def test_leases_of_an_agent_that_never_returns_end_after_the_grace(
     home: Path = tmp_path_factory.mktemp("never-returns")
     with service_process("queue", home, env=queue_env) as first:
         address = first.address
+        if url := queue_env.get("TAKEOFF_DATABASE_URL"):
+            assert_service_wrote_tables(url, "queue_")  # the PostgreSQL variant runs there
         async with grpc.aio.insecure_channel(address) as channel:
             queues = queue_pb2_grpc.QueueServiceStub(channel)
             queue = (
