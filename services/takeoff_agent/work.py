@@ -82,11 +82,12 @@ class AgentContext:
 class RunLog:
     """Lines on their way to the run's log, each stored exactly once even across agent restarts.
 
-    Before lines are sent they are recorded in ``checkpoint``: the log index of the first, the lines, and
-    the offsets in the job's files just past them. A restarted agent sends the recorded lines again at the
-    same index (the registry skips lines it has stored already: AppendLogs ``first_line_index``) and reads
-    the job's files on from the recorded offsets, so a crash between sending and recording neither loses
-    nor repeats a line. While lines wait to be sent, the job's files keep the newer ones.
+    Before lines are sent they are recorded in ``checkpoint``: the log index of the first, the lines, the
+    offsets in the job's files just past them, and the job's last lines so far. A restarted agent sends the
+    recorded lines again at the same index (the registry skips lines it has stored already: AppendLogs
+    ``first_line_index``) and reads the job's files on from the recorded offsets, so a crash between
+    sending and recording neither loses nor repeats a line. While lines wait to be sent, the job's files
+    keep the newer ones.
     """
 
     runs: Runs
@@ -109,6 +110,7 @@ class RunLog:
         for (_, tail), offset in zip(self.tails, recorded["offsets"], strict=True):
             tail.offset = offset
         self.pending = [LogLine(stream, text) for stream, text in recorded["pending"]]
+        self.last_lines.extend(recorded["last_lines"])
         self._recorded = True
 
     def add(self, stream: runs_pb2.LogStream.ValueType, lines: list[str]) -> None:
@@ -137,6 +139,7 @@ class RunLog:
                     "next_index": self.next_index,
                     "offsets": [tail.offset for _, tail in self.tails],
                     "pending": [[line.stream, line.text] for line in self.pending],
+                    "last_lines": list(self.last_lines),  # for the failure message of a job that ends later
                 },
             )
             self._recorded = True

@@ -138,13 +138,9 @@ async def test_restarts_between_flushes_continue_where_the_log_stood(
     log.read_job_output(final=True)
     await log.flush()
 
-    assert [text for _, text in stored(registry, run)] == [
-        "line 0",
-        "line 1",
-        "line 2",
-        "line 3",
-        "no newline yet",
-    ]
+    printed = ["line 0", "line 1", "line 2", "line 3", "no newline yet"]
+    assert [text for _, text in stored(registry, run)] == printed
+    assert list(log.last_lines) == printed  # what a failure message quotes, printed before restarts too
 
 
 async def test_a_line_longer_than_the_registry_takes_arrives_in_pieces(
