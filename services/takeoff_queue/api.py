@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Sequence
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 import grpc
-from google.protobuf import duration_pb2
 from google.protobuf.field_mask_pb2 import FieldMask
 from google.protobuf.message import Message
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
@@ -55,7 +54,7 @@ from takeoff_server.errors import Aborted, FieldViolation, InvalidArgument, NotF
 from takeoff_server.names import ResourcePattern
 from takeoff_server.pagination import next_page_token, page_request
 from takeoff_server.protovalues import dict_to_struct, optional_duration, optional_timestamp, struct_to_dict
-from takeoff_server.validation import Problems, enum_member, field_error
+from takeoff_server.validation import Problems, duration_value, enum_member, field_error
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -94,20 +93,6 @@ def _reason(number: int) -> FailureReason | None:
     return FailureReason(name) if name != "UNSPECIFIED" else None
 
 
-# The range a google.protobuf.Duration may hold (duration.proto): about 10,000 years.
-_DURATION_SECONDS_LIMIT = 315_576_000_000
-
-
-def _duration(message: queue_pb2.Queue | queue_pb2.EnqueueRequest, field: str, prefix: str = "") -> timedelta:
-    """A Duration field as a timedelta; one the Duration spec does not allow (it would not even convert)
-    is INVALID_ARGUMENT. Its documented range is the domain's to check."""
-    value: duration_pb2.Duration = getattr(message, field)
-    nanos_agree = value.seconds == 0 or value.nanos == 0 or (value.seconds > 0) == (value.nanos > 0)
-    if abs(value.seconds) > _DURATION_SECONDS_LIMIT or abs(value.nanos) > 999_999_999 or not nanos_agree:
-        raise field_error(prefix + field, "not a valid google.protobuf.Duration (see duration.proto)")
-    return value.ToTimedelta()
-
-
 def _queue_from_proto(message: queue_pb2.Queue) -> Queue:
     return Queue(
         name=message.name,
@@ -123,11 +108,12 @@ def _queue_from_proto(message: queue_pb2.Queue) -> Queue:
         prioritization=message.prioritization,
         max_attempts=message.max_attempts or 3,
         retry_job_failures=message.retry_job_failures,
-        retry_delay=_duration(message, "retry_delay", "queue."),
-        start_timeout=_duration(message, "start_timeout", "queue.")
+        retry_delay=duration_value(message.retry_delay, field="queue.retry_delay"),
+        start_timeout=duration_value(message.start_timeout, field="queue.start_timeout")
         if message.HasField("start_timeout")
         else DEFAULT_START_TIMEOUT,
-        max_run_time=_duration(message, "max_run_time", "queue.") or None,  # unset or 0: unlimited
+        # unset or 0: unlimited
+        max_run_time=duration_value(message.max_run_time, field="queue.max_run_time") or None,
         concurrency_limit=message.concurrency_limit,
         paused=message.paused,
         container_name=message.container_name,
@@ -474,7 +460,10 @@ class QueueApi(queue_pb2_grpc.QueueServiceServicer):
         self, request: queue_pb2.CreateQueueRequest, context: Context
     ) -> queue_pb2.CreateQueueResponse:
         queue = await self._book.create_queue(
-            request.parent, request.queue_id, _queue_from_proto(request.queue), request.request_id
+            request.parent,
+            request.queue_id,
+            _queue_from_proto(request.queue),
+            _request_id(request.request_id),
         )
         self._projects.written(queue.name)
         return queue_pb2.CreateQueueResponse(queue=await self._queue_proto(queue))
@@ -558,9 +547,11 @@ class QueueApi(queue_pb2_grpc.QueueServiceServicer):
                 template_variables=struct_to_dict(request.template_variables),
                 priority=priority or Priority.MEDIUM,
                 max_attempts=request.max_attempts,
-                max_run_time=_duration(request, "max_run_time") if request.HasField("max_run_time") else None,
+                max_run_time=duration_value(request.max_run_time, field="max_run_time")
+                if request.HasField("max_run_time")
+                else None,
                 run_display_name=request.run_display_name,
-                request_id=request.request_id,
+                request_id=_request_id(request.request_id),
                 traceparent=_traceparent(),
             )
         )
@@ -617,7 +608,7 @@ class QueueApi(queue_pb2_grpc.QueueServiceServicer):
     async def RelaunchItem(
         self, request: queue_pb2.RelaunchItemRequest, context: Context
     ) -> queue_pb2.RelaunchItemResponse:
-        item = await self._book.relaunch_item(request.name, request.request_id)
+        item = await self._book.relaunch_item(request.name, _request_id(request.request_id))
         return queue_pb2.RelaunchItemResponse(item=self._item_proto(item))
 
     async def WatchItem(
@@ -749,6 +740,14 @@ def _fitting(messages: Sequence[Message]) -> int:
         if total > _PAGE_BYTES and count:
             return count
     return len(messages)
+
+
+def _request_id(value: str) -> str:
+    """An idempotency key the store can hold: PostgreSQL text holds no NUL, and check_request_id (in the
+    book) lets one through."""
+    if "\x00" in value:
+        raise field_error("request_id", "must not contain NUL characters")
+    return value
 
 
 def _traceparent() -> str:

@@ -263,6 +263,7 @@ async def test_size_limits_are_enforced_and_list_pages_fit_a_default_client(
             "run_config",
         ),  # > 96 KiB JSON
         (queue_pb2.EnqueueRequest(entrypoint=["python", "a\x00b"]), "entrypoint[1]"),
+        (queue_pb2.EnqueueRequest(request_id="retry\x00"), "request_id"),
     ]:
         request.queue, request.job = queue, job
         code, reason, fields = await refused(queues.Enqueue(request))

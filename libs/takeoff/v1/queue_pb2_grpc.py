@@ -274,7 +274,7 @@ class QueueServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Lease(self, request_iterator, context):
-        """The lease session of one agent (DESIGN.md §5), bidirectional. The agent sends Hello first; the server
+        """The lease session of one agent (docs/design.md §5), bidirectional. The agent sends Hello first; the server
         answers Welcome (with verdicts on the agent's held leases), then pushes Assignments whenever an item is
         eligible and the agent has capacity (the claim is committed before the message is sent), and Cancel /
         Revoke when needed. The agent sends Heartbeat every `heartbeat_interval` (renewing all its leases),
