@@ -327,7 +327,7 @@ class TemplateVariable(_message.Message):
         `minimum`, `maximum`, `enum`, ... A variable without `default` must be given at every Enqueue.
         Checked whole when the queue is created or updated (`SCHEMA_INVALID`): valid for its dialect (draft
         2020-12 unless `$schema` says otherwise), every `$ref` resolves within the schema (nothing is
-        fetched), no reference loops back to itself; at most 64 KiB as JSON and 32 levels deep.
+        fetched), no reference loops back to itself; at most 64 KiB as JSON and 30 levels deep.
         """
 
     def __init__(
