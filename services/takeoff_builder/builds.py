@@ -46,7 +46,7 @@ from takeoff_builder.model import (
 )
 from takeoff_builder.registry_client import RegistryClient
 from takeoff_builder.sources import CodeCache
-from takeoff_builder.store import BuildStore
+from takeoff_builder.store import BUILD_SCOPE, BuildStore
 from takeoff_builder.venvs import Venvs, venv_python
 from takeoff_server.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound
 from takeoff_server.idempotency import request_fingerprint
@@ -230,7 +230,7 @@ class Builder:
             }
         )
         if request.request_id and (
-            earlier := await self._store.replay_request(request.request_id, fingerprint)
+            earlier := await self._store.replay(BUILD_SCOPE, request.request_id, fingerprint)
         ):
             return await self._rejoin(earlier)
         spec = await self._registry.job_version(request.job_version)
@@ -244,12 +244,14 @@ class Builder:
         )
         async with self._starting:
             if request.request_id and (
-                earlier := await self._store.replay_request(request.request_id, fingerprint)
+                earlier := await self._store.replay(BUILD_SCOPE, request.request_id, fingerprint)
             ):
                 return await self._rejoin(earlier)
             if (under_way := self._flights.get(flight)) is not None:
                 if request.request_id:
-                    await self._store.record_request(request.request_id, fingerprint, under_way.build.id)
+                    await self._store.remember(
+                        BUILD_SCOPE, request.request_id, fingerprint, under_way.build.id
+                    )
                 return Started(under_way, joined=True)
             build = Build(
                 id=uuid.uuid4().hex,

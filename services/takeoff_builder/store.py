@@ -12,7 +12,6 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlmodel import JSON, Column, Field, SQLModel, col, select
-from sqlmodel.ext.asyncio.session import AsyncSession
 
 from takeoff_builder.model import (
     JOB,
@@ -70,6 +69,7 @@ builds = BuildRow.__table__  # type: ignore[attr-defined]
 build_logs = BuildLogRow.__table__  # type: ignore[attr-defined]
 request_ids = RequestIds(request_ids_table("builder_request_ids", SQLModel.metadata))
 BUILD_SCOPE = "Build"
+"""Request ids of BuildService.Build, as the other services scope theirs by method."""
 
 
 def _state_values(build: Build) -> dict[str, Any]:
@@ -120,19 +120,22 @@ class BuildStore:
     def __init__(self, database: Database) -> None:
         self._database = database
 
-    async def replay_request(self, request_id: str, fingerprint: str) -> str | None:
+    async def replay(self, scope: str, request_id: str, fingerprint: str) -> str | None:
         """The build a ``request_id`` started or joined before, or None when it is new."""
         async with self._database.session() as session:
             return await request_ids.replay(
-                session, scope=BUILD_SCOPE, request_id=request_id, fingerprint=fingerprint
+                session, scope=scope, request_id=request_id, fingerprint=fingerprint
             )
 
-    async def record_request(self, request_id: str, fingerprint: str, build_id: str) -> None:
+    async def remember(self, scope: str, request_id: str, fingerprint: str, result: str) -> None:
         async with self._database.session() as session:
-            await self._record_request(session, request_id, fingerprint, build_id)
+            await request_ids.record(
+                session, scope=scope, request_id=request_id, fingerprint=fingerprint, result=result
+            )
             await session.commit()
 
     async def insert(self, build: Build, *, request_id: str = "", fingerprint: str = "") -> None:
+        """Store a new build and, in the same transaction, the ``request_id`` that started it."""
         async with self._database.session() as session:
             await session.exec(
                 sa.insert(builds).values(
@@ -148,7 +151,13 @@ class BuildStore:
                 )
             )
             if request_id:
-                await self._record_request(session, request_id, fingerprint, build.id)
+                await request_ids.record(
+                    session,
+                    scope=BUILD_SCOPE,
+                    request_id=request_id,
+                    fingerprint=fingerprint,
+                    result=build.id,
+                )
             await session.commit()
 
     async def update(self, build: Build, *, log_lines: Sequence[str] = ()) -> None:
@@ -212,14 +221,6 @@ class BuildStore:
             )
             await session.commit()
             return int(result.rowcount)
-
-    @staticmethod
-    async def _record_request(
-        session: AsyncSession, request_id: str, fingerprint: str, build_id: str
-    ) -> None:
-        await request_ids.record(
-            session, scope=BUILD_SCOPE, request_id=request_id, fingerprint=fingerprint, result=build_id
-        )
 
 
 def _seq(row: BuildRow) -> int:
