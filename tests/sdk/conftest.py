@@ -21,7 +21,7 @@ import pytest
 from google.protobuf import descriptor_pool
 
 from takeoff import Client
-from tests.processes import ServiceProcess, service_process, wait_for
+from tests.processes import ServiceProcess, service_process
 
 
 @pytest.fixture(scope="session")
@@ -56,6 +56,15 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
+
+
+def wait_for_a_connection_attempt(port: int, timeout: float = 30) -> None:
+    """Stand in for a service that is away from ``port`` until a client tries to connect to it, which
+    proves the client was trying to reach the service while it was away; the attempt then fails."""
+    with socket.create_server(("127.0.0.1", port)) as stand_in:
+        stand_in.settimeout(timeout)
+        connection, _ = stand_in.accept()
+        connection.close()
 
 
 def job_environment(registry_address: str, project: str, **extra: str) -> dict[str, str]:
@@ -99,16 +108,6 @@ def start_job(tmp_path: Path, code: str, env: dict[str, str]) -> subprocess.Pope
 def job_stderr(tmp_path: Path) -> str:
     """What the job started in ``tmp_path`` has written to stderr so far."""
     return (tmp_path / "job.stderr").read_text()
-
-
-def wait_for_stderr(tmp_path: Path, text: str, job: subprocess.Popen[str]) -> None:
-    """Wait until the running job in ``tmp_path`` has said ``text`` on stderr."""
-
-    def said() -> bool:
-        assert job.poll() is None, f"the job exited with {job.returncode}: {job_stderr(tmp_path)}"
-        return text in job_stderr(tmp_path)
-
-    wait_for(said, what=f"the job to say {text!r}")
 
 
 def run_job(

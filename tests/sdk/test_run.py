@@ -20,7 +20,7 @@ from tests.sdk.conftest import (
     job_stderr,
     run_job,
     start_job,
-    wait_for_stderr,
+    wait_for_a_connection_attempt,
 )
 
 TEN_THOUSAND_ROWS = """
@@ -268,13 +268,12 @@ def test_the_registry_restarting_mid_run_loses_and_duplicates_nothing(tmp_path: 
         first.process.send_signal(signal.SIGKILL)
         first.process.wait()
     (tmp_path / "go-1").touch()  # rows logged while the registry is down
-    wait_for_stderr(tmp_path, "cannot reach the registry", job)
+    wait_for_a_connection_attempt(port)  # the job tries to send them
 
     with service_process("registry", home, listen=listen) as second:
         (tmp_path / "go-2").touch()
         job.communicate(timeout=60)
         assert job.returncode == 0, job_stderr(tmp_path)
-        assert "reached the registry again" in job_stderr(tmp_path)
         with Client(second.address, project=project) as client:
             run = client.get_run(run_id)
             assert run.state is RunState.FINISHED
@@ -335,7 +334,8 @@ def test_a_job_started_before_the_registry_waits_for_it(tmp_path: Path, project:
     home.mkdir()
     address = f"127.0.0.1:{port}"
     job = start_job(tmp_path, ROWS_JOB.format(rows=100), job_environment(address, project))
-    wait_for_stderr(tmp_path, f"waiting for the registry at {address}", job)
+    wait_for_a_connection_attempt(port)
+    assert job.poll() is None
     with service_process("registry", home, listen=[address]):
         stdout, _ = job.communicate(timeout=60)
         assert job.returncode == 0, job_stderr(tmp_path)
