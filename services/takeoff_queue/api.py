@@ -78,19 +78,10 @@ def _state_proto(state: ItemState | None) -> common_pb2.ItemState.ValueType:
     )
 
 
-def _state(number: int, field: str = "state") -> ItemState | None:
-    return enum_member(ItemState, number, field=field, proto=common_pb2.ItemState)
-
-
 def _reason_proto(reason: FailureReason | None) -> common_pb2.FailureReason.ValueType:
     if reason is None:
         return common_pb2.FAILURE_REASON_UNSPECIFIED
     return common_pb2.FailureReason.Value(f"FAILURE_REASON_{reason.value}")
-
-
-def _reason(number: int) -> FailureReason | None:
-    name = common_pb2.FailureReason.Name(number).removeprefix("FAILURE_REASON_")  # type: ignore[arg-type]
-    return FailureReason(name) if name != "UNSPECIFIED" else None
 
 
 def _queue_from_proto(message: queue_pb2.Queue) -> Queue:
@@ -564,7 +555,10 @@ class QueueApi(queue_pb2_grpc.QueueServiceServicer):
     async def ListItems(
         self, request: queue_pb2.ListItemsRequest, context: Context
     ) -> queue_pb2.ListItemsResponse:
-        states = [_state(number, f"states[{index}]") for index, number in enumerate(request.states)]
+        states = [
+            enum_member(ItemState, number, field=f"states[{index}]", proto=common_pb2.ItemState)
+            for index, number in enumerate(request.states)
+        ]
         query = {
             "parent": request.parent,
             "states": [state.value if state else "" for state in states],
@@ -576,6 +570,7 @@ class QueueApi(queue_pb2_grpc.QueueServiceServicer):
             query=query,
             cursor_types=[int],
         )
+        checks.check_job_filter(request.job)
         every_queue = request.parent.endswith("/queues/-")
         if every_queue:
             self._check_project(request.parent.removesuffix("/queues/-"), PROJECT, "parent")

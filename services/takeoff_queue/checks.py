@@ -16,6 +16,7 @@ from datetime import timedelta
 from typing import Any
 
 from takeoff_server.errors import InvalidArgument, NotFound
+from takeoff_server.names import ResourcePattern
 from takeoff_server.schemas import MAX_SCHEMA_DEPTH, check_json_schema
 from takeoff_server.validation import MAX_CONFIG_BYTES, MAX_CONFIG_DEPTH, Problems, check_struct
 
@@ -32,6 +33,11 @@ MAX_RUN_CONFIG_JSON_BYTES = 96 * 1024
 """A run config reaches the job as JSON in TAKEOFF_CONFIG; Linux allows 128 KiB per environment string."""
 MAX_RESOURCE_CONFIG_JSON_BYTES = 1024 * 1024
 """How large a filled resource config may grow before it is built (its Struct limit is checked after)."""
+
+JOB = ResourcePattern("projects/{project}/jobs/{job}")
+JOB_VERSION = ResourcePattern(
+    "projects/{project}/jobs/{job}/versions/{version}", version=r"0|[1-9][0-9]{0,17}"
+)
 
 MAX_RETRY_DELAY = timedelta(days=7)
 MAX_START_TIMEOUT = timedelta(days=7)
@@ -165,6 +171,12 @@ def _stored_schema_problem(schema_json: str) -> str | None:
     except InvalidArgument as error:
         return error.message
     return None
+
+
+def check_job_filter(job: str) -> None:
+    """ListItems' ``job``: empty, a job name or a job version name (NAME_INVALID otherwise)."""
+    if job and JOB.match(job) is None:
+        JOB_VERSION.parse(job, field="job")
 
 
 class Projects:

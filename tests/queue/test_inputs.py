@@ -269,6 +269,10 @@ async def test_size_limits_are_enforced_and_list_pages_fit_a_default_client(
         code, reason, fields = await refused(queues.Enqueue(request))
         assert (code, reason, fields) == (INVALID, "ARGUMENT_INVALID", [field])
     assert await item_names(queues, queue) == []
+    code, reason, fields = await refused(
+        queues.ListItems(queue_pb2.ListItemsRequest(parent=queue, job="projects/qtest/jobs/%\x00"))
+    )
+    assert (code, reason, fields) == (INVALID, "NAME_INVALID", ["job"])
 
     # Items as large as allowed: each carries its override and the merged config, about 480 KiB, so a
     # page of 50 would be far over a default client's 4 MiB receive size.
