@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from pydantic import ValidationError
+from pydantic import SecretStr, ValidationError
 
 from takeoff_server.git_access import GitAccessSettings, GitCredentials, TokenScope
 
@@ -11,7 +11,7 @@ TOKEN = "s3cret-token"
 
 
 def gets_token(scope: str, url: str) -> bool:
-    settings = GitAccessSettings(git_https_token=TOKEN, git_https_token_scope=scope)
+    settings = GitAccessSettings(git_https_token=SecretStr(TOKEN), git_https_token_scope=scope)
     return "GIT_CONFIG_VALUE_0" in settings.git_credentials.environment(url)
 
 
