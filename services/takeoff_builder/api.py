@@ -35,7 +35,7 @@ from takeoff_builder.model import (
 from takeoff_server.idempotency import check_request_id
 from takeoff_server.names import NAME_INVALID, ResourcePattern
 from takeoff_server.pagination import MAX_PAGE_BYTES, page_request, page_response
-from takeoff_server.validation import Problems
+from takeoff_server.validation import Problems, enum_member, field_error
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -44,11 +44,9 @@ RUN = ResourcePattern("projects/{project}/runs/{run}")
 _KIND_PROTOS: dict[BuildKind, build_pb2.BuildKind.ValueType] = {
     kind: build_pb2.BuildKind.Value(f"BUILD_KIND_{kind.name}") for kind in BuildKind
 }
-_KINDS = {number: kind for kind, number in _KIND_PROTOS.items()}
 _STATE_PROTOS: dict[BuildState, build_pb2.BuildState.ValueType] = {
     state: build_pb2.BuildState.Value(f"BUILD_STATE_{state.name}") for state in BuildState
 }
-_STATES = {number: state for state, number in _STATE_PROTOS.items()}
 
 
 def _timestamp(moment: datetime | None) -> timestamp_pb2.Timestamp | None:
@@ -153,9 +151,11 @@ def _build_request(request: build_pb2.BuildRequest) -> BuildRequest:
             "a fully qualified job reference is required: projects/{p}/jobs/{j}/versions/{n} or "
             "projects/{p}/jobs/{j}[:alias|:vN]",
         )
-    kind = _KINDS.get(request.kind)
-    if kind is None:
-        problems.add("ARGUMENT_INVALID", "kind", "required: venv, image or noop")
+    kind = None
+    with problems.collect():
+        kind = enum_member(BuildKind, request.kind, field="kind", proto=build_pb2.BuildKind)
+        if kind is None:
+            raise field_error("kind", "required: venv, image or noop")
     if request.run:
         with problems.collect():
             RUN.parse(request.run, field="run")
@@ -183,13 +183,13 @@ def _query(request: build_pb2.ListBuildsRequest) -> BuildQuery:
         )
     states = []
     for index, number in enumerate(request.states):
-        if number not in _STATES and number != build_pb2.BUILD_STATE_UNSPECIFIED:
-            problems.add("ARGUMENT_INVALID", f"states[{index}]", f"{number} is not a build state")
-        elif number in _STATES:
-            states.append(_STATES[number])
-    kind = _KINDS.get(request.kind)
-    if kind is None and request.kind != build_pb2.BUILD_KIND_UNSPECIFIED:
-        problems.add("ARGUMENT_INVALID", "kind", f"{request.kind} is not a build kind")
+        with problems.collect():
+            state = enum_member(BuildState, number, field=f"states[{index}]", proto=build_pb2.BuildState)
+            if state is not None:
+                states.append(state)
+    kind = None
+    with problems.collect():
+        kind = enum_member(BuildKind, request.kind, field="kind", proto=build_pb2.BuildKind)
     problems.raise_if_any()
     return BuildQuery(job=request.job, states=tuple(states), kind=kind)
 
