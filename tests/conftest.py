@@ -1,9 +1,9 @@
 """Fixtures shared by every test: real components, and a clear failure in CI when one is missing.
 
 Tests are marked by the real component they need (``pytest -m "not docker"`` leaves those out) from the
-fixtures they use, so a new test gets its marks by using the usual fixture (``docker_setup`` for Docker, a
-fixture parametrised ``["sqlite", "postgresql"]`` for PostgreSQL): see ``COMPONENT_FIXTURES`` and
-``DATABASE_PARAMS``.
+fixtures they use, so a new test gets its marks by using the usual fixture (``docker_setup`` for Docker,
+``node`` for Node.js, a fixture parametrised ``["sqlite", "postgresql"]`` for PostgreSQL): see
+``COMPONENT_FIXTURES`` and ``DATABASE_PARAMS``.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import pytest
 
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 
-COMPONENT_FIXTURES = {"docker_setup": "docker"}
+COMPONENT_FIXTURES = {"docker_setup": "docker", "node": "node"}
 """Fixture name -> the marker of the component it needs (fixtures that use these are covered too)."""
 DATABASE_PARAMS = {"postgresql": "postgres"}
 """A fixture parameter with this value (``params=["sqlite", "postgresql"]``) -> the marker of its server."""
