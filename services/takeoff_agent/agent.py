@@ -23,6 +23,7 @@ from takeoff_agent.lease import HelloSpec, LeaseLink, SessionRefused
 from takeoff_agent.sdk_site import write_sdk_site
 from takeoff_agent.settings import AgentSettings
 from takeoff_agent.work import AgentContext, Assignment, Attempt, Outcome, Stop
+from takeoff_rpc.channels import open_aio_channel
 from takeoff_server.errors import ServiceFailed
 
 logger = logging.getLogger(__name__)
@@ -79,7 +80,7 @@ class Agent:
 
     async def _check_queues(self) -> None:
         """Refuse to start for a queue whose resource kind has no runner here, naming both."""
-        async with grpc.aio.insecure_channel(self.settings.queue_address) as channel:
+        async with open_aio_channel(self.settings.queue_address) as channel:
             stub = queue_pb2_grpc.QueueServiceStub(channel)
             for queue in self.identity.queues:
                 try:

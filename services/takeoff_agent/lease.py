@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -20,12 +21,16 @@ from typing import Any, Protocol
 import grpc
 
 from takeoff.v1 import common_pb2, queue_pb2, queue_pb2_grpc
+from takeoff_rpc.channels import open_aio_channel
+from takeoff_rpc.retries import RetryPolicy
 
 logger = logging.getLogger(__name__)
 
 LeaseRequest = queue_pb2.LeaseRequest
 LeaseResponse = queue_pb2.LeaseResponse
 MAX_RECONNECT_DELAY_SECONDS = 5.0
+# Jittered so that the agents of a restarted queue service do not all reconnect at once.
+_RECONNECT = RetryPolicy(initial_delay=0.1, max_delay=MAX_RECONNECT_DELAY_SECONDS, deadline=math.inf)
 
 
 class Disconnected(Exception):
@@ -77,29 +82,29 @@ class LeaseLink:
 
     async def run(self) -> None:
         """Hold a session open until ``stop()``, reconnecting with backoff."""
-        delay = 0.1
-        async with grpc.aio.insecure_channel(self._address) as channel:
+        failed_sessions = 0
+        async with open_aio_channel(self._address) as channel:
             stub = queue_pb2_grpc.QueueServiceStub(channel)
             while not self._stopping:
                 try:
                     await self._session(stub)
-                    delay = 0.1
                 except grpc.aio.AioRpcError as error:
                     if error.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION):
                         raise SessionRefused(error.details() or error.code().name) from None
                     if error.code() == grpc.StatusCode.ABORTED:
                         logger.error("another process with this agent's id took over its session; stopping")
                         raise SessionRefused(error.details() or "superseded") from None
-                    logger.warning("lease stream ended (%s); reconnecting in %.1fs", error.code().name, delay)
+                    logger.warning("lease stream ended (%s); reconnecting", error.code().name)
                 finally:
+                    # A session that got as far as Welcome starts the back-off over.
+                    failed_sessions = 0 if self._connected.is_set() else failed_sessions + 1
                     self._connected.clear()
                     for answer in self._answers.values():
                         if not answer.done():
                             answer.set_exception(Disconnected())
                     self._answers.clear()
                 if not self._stopping:
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, MAX_RECONNECT_DELAY_SECONDS)
+                    await asyncio.sleep(_RECONNECT.delay(max(failed_sessions, 1)))
 
     async def _session(self, stub: queue_pb2_grpc.QueueServiceAsyncStub) -> None:
         self.session_id = uuid.uuid4().hex
