@@ -289,6 +289,27 @@ async def test_size_limits_are_enforced_and_list_pages_fit_a_default_client(
     assert 0 < len(first.items) < 10
     assert first.next_page_token
     assert sorted(await item_names(queues, queue)) == sorted(enqueued)
+
+    # An item with every input near its limit still reaches an agent that keeps the default 4 MiB.
+    blob = queue_pb2.TemplateVariable(schema=struct({"type": "string"}))
+    roomy = await new_queue(template_variables={"blob": blob})
+    largest = await queues.Enqueue(
+        queue_pb2.EnqueueRequest(
+            queue=roomy,
+            job=job,
+            run_config=struct({"epochs": 1, "notes": "n" * 90_000, "deep": _nested(29)}),
+            resource_config=struct(large),
+            template_variables=struct({"blob": "b" * 250_000}),
+            entrypoint=["python", "train.py", *["a" * 250] * 250],
+        )
+    )
+    agent = await ScriptedAgent(queue_address).connect([roomy])
+    try:
+        assignment = (await agent.next("assignment")).assignment
+    finally:
+        await agent.close()
+    assert assignment.item.name == largest.item.name
+    assert assignment.resource_config == largest.item.resource_config
     await dispatch_goes_on(queues, new_queue, job, queue_address)
 
 
