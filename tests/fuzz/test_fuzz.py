@@ -494,6 +494,10 @@ HOSTILE: dict[str, list[Message | bytes]] = {
     ],
     "takeoff.v1.RunService.UpdateSummary": [
         runs_pb2.UpdateSummaryRequest(name=f"projects/{PROJECT}/runs/r1", summary=deep_struct(32)),
+        with_deep_struct(runs_pb2.UpdateSummaryRequest(name=f"projects/{PROJECT}/runs/r1"), "summary", 40),
+    ],
+    "takeoff.v1.RunService.AttachRun": [
+        with_deep_struct(runs_pb2.AttachRunRequest(name=f"projects/{PROJECT}/runs/r1"), "config", 200),
     ],
     "takeoff.v1.QueueService.CreateQueue": [
         queue_pb2.CreateQueueRequest(
