@@ -12,7 +12,7 @@ from google.protobuf import struct_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from takeoff._channel import open_channel
+from takeoff_rpc.channels import open_channel
 from takeoff_server import errors
 from takeoff_server.interceptors import ANONYMOUS, Context, Principal, principal_var
 from takeoff_server.server import ServiceBinding, TakeoffServer
