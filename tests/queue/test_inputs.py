@@ -249,9 +249,20 @@ async def test_size_limits_are_enforced_and_list_pages_fit_a_default_client(
     queues: Stub, new_queue: NewQueue, job: str, queue_address: str
 ) -> None:
     queue_id = f"wordy-{uuid.uuid4().hex[:8]}"
-    for description in ("d" * 4097, "PostgreSQL text holds no \x00"):
-        code, reason, fields = await refused(queues.CreateQueue(create(queue_id, description=description)))
-        assert (code, reason, fields) == (INVALID, "ARGUMENT_INVALID", ["queue.description"])
+    variable = queue_pb2.TemplateVariable(schema=struct({"type": "integer"}))
+    refusals: list[tuple[dict[str, Any], str]] = [
+        ({"description": "d" * 4097}, "queue.description"),
+        ({"description": "PostgreSQL text holds no \x00"}, "queue.description"),
+        ({"container_name": "Main Container"}, "queue.container_name"),
+        ({"template_variables": {f"v{i}": variable for i in range(65)}}, "queue.template_variables"),
+        (
+            {"resource_config": struct({"env": {"A": "x" * 60_000}, "deep": _nested(31)})},
+            "queue.resource_config",
+        ),
+    ]
+    for settings, field in refusals:
+        code, reason, fields = await refused(queues.CreateQueue(create(queue_id, **settings)))
+        assert (code, reason, fields) == (INVALID, "ARGUMENT_INVALID", [field]), settings
     assert f"projects/qtest/queues/{queue_id}" not in await queue_names(queues)
 
     queue = await new_queue(paused=True)
@@ -273,6 +284,12 @@ async def test_size_limits_are_enforced_and_list_pages_fit_a_default_client(
         queues.ListItems(queue_pb2.ListItemsRequest(parent=queue, job="projects/qtest/jobs/%\x00"))
     )
     assert (code, reason, fields) == (INVALID, "NAME_INVALID", ["job"])
+    pending = (await queues.Enqueue(queue_pb2.EnqueueRequest(queue=queue, job=job))).item.name
+    code, reason, fields = await refused(
+        queues.CancelItem(queue_pb2.CancelItemRequest(name=pending, message="m" * 1025))
+    )
+    assert (code, reason, fields) == (INVALID, "ARGUMENT_INVALID", ["message"])
+    await queues.CancelItem(queue_pb2.CancelItemRequest(name=pending))
 
     # Items as large as allowed: each carries its override and the merged config, about 480 KiB, so a
     # page of 50 would be far over a default client's 4 MiB receive size.
@@ -288,7 +305,7 @@ async def test_size_limits_are_enforced_and_list_pages_fit_a_default_client(
     first = await queues.ListItems(queue_pb2.ListItemsRequest(parent=queue, page_size=50))
     assert 0 < len(first.items) < 10
     assert first.next_page_token
-    assert sorted(await item_names(queues, queue)) == sorted(enqueued)
+    assert sorted(await item_names(queues, queue)) == sorted([*enqueued, pending])
 
     # An item with every input near its limit still reaches an agent that keeps the default 4 MiB.
     blob = queue_pb2.TemplateVariable(schema=struct({"type": "string"}))
