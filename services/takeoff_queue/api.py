@@ -571,8 +571,7 @@ class QueueApi(queue_pb2_grpc.QueueServiceServicer):
             cursor_types=[int],
         )
         checks.check_job_filter(request.job)
-        every_queue = request.parent.endswith("/queues/-")
-        if every_queue:
+        if request.parent.endswith("/queues/-"):
             self._check_project(request.parent.removesuffix("/queues/-"), PROJECT, "parent")
         else:
             self._check_project(request.parent, QUEUE, "parent")
