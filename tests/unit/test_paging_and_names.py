@@ -11,16 +11,20 @@ from pathlib import Path
 from typing import TypeVar
 
 import pytest
+from google.protobuf import struct_pb2
 
 from takeoff_server.errors import InvalidArgument
 from takeoff_server.interceptors import method_var
 from takeoff_server.names import ResourcePattern, check_id, is_valid_id
 from takeoff_server.pagination import (
+    MAX_PAGE_BYTES,
     MAX_PAGE_SIZE,
+    Cursor,
     PageRequest,
     load_signing_key,
     next_page_token,
     page_request,
+    page_response,
     page_size,
     use_signing_key,
 )
@@ -126,6 +130,38 @@ def test_the_signing_key_is_kept_so_tokens_survive_a_restart(tmp_path: Path) -> 
     assert _refused(token) == "PAGE_TOKEN_INVALID"
     use_signing_key(load_signing_key(key_file))  # the first server again, restarted
     assert _continue(token).after == ("b-2",)
+
+
+def _items(*sizes: int) -> list[tuple[struct_pb2.Value, Cursor]]:
+    """Protos of about these encoded sizes, each with its cursor."""
+    return [(struct_pb2.Value(string_value="x" * size), (f"id-{n}",)) for n, size in enumerate(sizes)]
+
+
+def test_a_page_that_fits_is_sent_whole() -> None:
+    items = _items(10, 10, 10)
+
+    assert page_response(items, more=False, query=QUERY) == ([item for item, _ in items], "")
+    shown, token = page_response(items, more=True, query=QUERY)
+    assert len(shown) == 3
+    assert _continue(token).after == ("id-2",)
+
+
+def test_a_page_ends_early_rather_than_outgrow_the_receive_limit() -> None:
+    third = MAX_PAGE_BYTES // 3
+    items = _items(third, third, third, third)
+
+    shown, token = page_response(items, more=False, query=QUERY)
+
+    assert len(shown) == 2
+    assert sum(item.ByteSize() for item in shown) <= MAX_PAGE_BYTES
+    assert _continue(token).after == ("id-1",)
+
+
+def test_one_item_is_sent_even_when_it_alone_is_over_the_page_budget() -> None:
+    shown, token = page_response(_items(MAX_PAGE_BYTES + 1, 1), more=False, query=QUERY)
+
+    assert len(shown) == 1
+    assert _continue(token).after == ("id-0",)
 
 
 @pytest.mark.parametrize("value", ["a", "train-mnist", "0", "a_b", "x" * 63])
