@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Collection, Iterator, Sequence
 
+from google.protobuf import timestamp_pb2
+
 from takeoff.v1 import runs_pb2
 from takeoff_registry.runs import MAX_METRIC_KEY, Chunk, EncodedBatch
 from takeoff_server.errors import FieldViolation, InvalidArgument
@@ -19,6 +21,17 @@ MAX_ENTRIES_PER_MESSAGE = 1000
 MAX_ROW_DATA_BYTES = 64 * 1024
 """A metric row's ``data`` Struct, encoded."""
 _LOG_STREAMS = frozenset(runs_pb2.LogStream.values()) - {runs_pb2.LOG_STREAM_UNSPECIFIED}
+
+
+# The range google.protobuf.Timestamp may hold (timestamp.proto): 0001-01-01 to 9999-12-31, UTC.
+_MIN_SECONDS = -62_135_596_800
+_MAX_SECONDS = 253_402_300_799
+
+
+def _time_problem(time: timestamp_pb2.Timestamp) -> str | None:
+    if _MIN_SECONDS <= time.seconds <= _MAX_SECONDS and 0 <= time.nanos < 1_000_000_000:
+        return None
+    return "not a valid google.protobuf.Timestamp (years 1 to 9999, see timestamp.proto)"
 
 
 def _invalid(violations: list[FieldViolation]) -> InvalidArgument:
@@ -41,6 +54,8 @@ def metric_batch(rows: Sequence[runs_pb2.MetricRow]) -> EncodedBatch:
         elif step > max_step:
             max_step = step
         keys.update(row.values)
+        if row.HasField("time") and (problem := _time_problem(row.time)):
+            violations.append(FieldViolation(f"rows[{position}].time", problem))
         if row.HasField("data"):
             data_keys = row.data.fields.keys()
             if clash := data_keys & row.values.keys():
@@ -77,6 +92,8 @@ def log_batch(lines: Sequence[runs_pb2.LogLine]) -> EncodedBatch:
             violations.append(
                 FieldViolation(f"lines[{position}].text", f"must be at most {MAX_LINE_BYTES} bytes")
             )
+        if line.HasField("time") and (problem := _time_problem(line.time)):
+            violations.append(FieldViolation(f"lines[{position}].time", problem))
         if line.stream and line.stream not in _LOG_STREAMS:
             violations.append(FieldViolation(f"lines[{position}].stream", f"unknown stream {line.stream}"))
     if violations:

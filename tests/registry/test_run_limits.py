@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any, cast
 
 import grpc
+from google.protobuf import timestamp_pb2
 
 from takeoff.v1 import common_pb2, runs_pb2
 from takeoff_registry.runs import MAX_METRIC_KEYS
@@ -90,6 +91,27 @@ async def test_metric_keys_are_bounded_in_length_and_number(registry: Registry) 
     assert (refused.reason, refused.fields) == ("ARGUMENT_INVALID", ["rows"])
     run = (await registry.runs.GetRun(runs_pb2.GetRunRequest(name=name))).run
     assert (run.history_length, len(run.metric_keys)) == (MAX_METRIC_KEYS, MAX_METRIC_KEYS)
+
+
+async def test_times_a_timestamp_cannot_hold_are_refused(registry: Registry) -> None:
+    name = await new_run(registry, "times")
+    beyond = timestamp_pb2.Timestamp(seconds=10**15)
+
+    rows = await failure(
+        registry.runs.BatchLogMetrics(
+            runs_pb2.BatchLogMetricsRequest(name=name, rows=[runs_pb2.MetricRow(step=0, time=beyond)])
+        )
+    )
+    lines = await failure(
+        registry.runs.AppendLogs(
+            runs_pb2.AppendLogsRequest(name=name, lines=[runs_pb2.LogLine(text="x", time=beyond)])
+        )
+    )
+
+    assert (rows.code, rows.reason, rows.fields) == (INVALID, "ARGUMENT_INVALID", ["rows[0].time"])
+    assert (lines.code, lines.reason, lines.fields) == (INVALID, "ARGUMENT_INVALID", ["lines[0].time"])
+    run = (await registry.runs.GetRun(runs_pb2.GetRunRequest(name=name))).run
+    assert (run.history_length, run.log_line_count) == (0, 0)
 
 
 async def test_unknown_enum_numbers_in_filters_are_invalid_argument(registry: Registry) -> None:

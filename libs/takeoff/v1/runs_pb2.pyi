@@ -208,7 +208,9 @@ class MetricRow(_message.Message):
     """
     @_builtins.property
     def time(self) -> _timestamp_pb2.Timestamp:
-        """Optional. When the values were logged (client clock); unset = the time the server stored the row."""
+        """Optional. When the values were logged (client clock); unset = the time the server stored the row. A
+        time outside the years 1 to 9999 is INVALID_ARGUMENT `ARGUMENT_INVALID`.
+        """
 
     @_builtins.property
     def values(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
@@ -260,7 +262,9 @@ class LogLine(_message.Message):
     """
     @_builtins.property
     def time(self) -> _timestamp_pb2.Timestamp:
-        """Optional. When the line was produced; unset = the time the server stored it."""
+        """Optional. When the line was produced; unset = the time the server stored it. A time outside the years 1
+        to 9999 is INVALID_ARGUMENT `ARGUMENT_INVALID`.
+        """
 
     def __init__(
         self,
