@@ -17,11 +17,10 @@ import referencing
 import referencing.jsonschema
 from jsonschema.protocols import Validator
 from jsonschema_specifications import REGISTRY as METASCHEMAS  # type: ignore[import-untyped]
-from referencing._core import Resolver
 from referencing.exceptions import Unresolvable
 
 from takeoff_server.errors import InvalidArgument
-from takeoff_server.validation import MAX_CONFIG_DEPTH, field_error
+from takeoff_server.validation import MAX_CONFIG_DEPTH, field_error, nesting_depth
 
 MAX_SCHEMA_BYTES = 64 * 1024
 """A schema's size as compact JSON."""
@@ -41,25 +40,6 @@ def _schema_error(field: str, problem: str) -> InvalidArgument:
     return field_error(field, problem, reason="SCHEMA_INVALID")
 
 
-def _depth(value: Any) -> int:
-    """Nesting depth of JSON containers, iteratively so that a hostile schema cannot exhaust the stack."""
-    deepest = 0
-    pending: list[tuple[Any, int]] = [(value, 1)]
-    while pending:
-        current, level = pending.pop()
-        if isinstance(current, Mapping):
-            children: Any = current.values()
-        elif isinstance(current, list | tuple):
-            children = current
-        else:
-            continue
-        deepest = max(deepest, level)
-        if deepest > MAX_SCHEMA_DEPTH:
-            return deepest
-        pending.extend((child, level + 1) for child in children)
-    return deepest
-
-
 def _specification(schema: Mapping[str, Any], field: str) -> referencing.Specification[Any]:
     dialect = schema.get("$schema")
     if dialect is None:
@@ -76,10 +56,12 @@ def _specification(schema: Mapping[str, Any], field: str) -> referencing.Specifi
         ) from None
 
 
-Scoped = tuple[referencing.Resource[Any], Resolver[Any]]
+# referencing does not export its Resolver class: `registry.resolver()` makes them.
+Resolver = Any
+Scoped = tuple[referencing.Resource[Any], Resolver]
 
 
-def _subschemas(resource: referencing.Resource[Any], resolver: Resolver[Any]) -> list[Scoped]:
+def _subschemas(resource: referencing.Resource[Any], resolver: Resolver) -> list[Scoped]:
     """Every (sub)schema in ``resource`` with the resolver of its base URI (``$id`` moves it)."""
     found = []
     pending = [(resource, resolver)]
@@ -138,7 +120,7 @@ def check_json_schema(schema: Mapping[str, Any], *, field: str) -> None:
     """Refuse (INVALID_ARGUMENT ``SCHEMA_INVALID`` on ``field``) a schema that is too large or deep, is
     not valid for its dialect (Draft 2020-12 unless ``$schema`` says otherwise), or has a reference that
     does not resolve inside it."""
-    depth = _depth(schema)
+    depth = nesting_depth(schema, give_up_beyond=MAX_SCHEMA_DEPTH)
     if depth > MAX_SCHEMA_DEPTH:
         raise _schema_error(field, f"nests deeper than {MAX_SCHEMA_DEPTH} levels of objects and arrays")
     size = len(json.dumps(schema, separators=(",", ":"), ensure_ascii=False, default=str).encode())

@@ -74,7 +74,9 @@ its recursion limit (100): 30 leaves ten for the messages that carry the Struct 
 LeaseResponse needs three), so what is accepted can always be delivered and decoded."""
 
 
-def _struct_depth(value: Any, *, give_up_beyond: int) -> int:
+def nesting_depth(value: Any, *, give_up_beyond: int) -> int:
+    """How deeply JSON objects and lists nest in ``value`` (a scalar is 0, ``{}`` is 1), counted without
+    recursion so that hostile input cannot exhaust the stack; counting stops beyond ``give_up_beyond``."""
     deepest = 0
     pending: list[tuple[Any, int]] = [(value, 1)]
     while pending:
@@ -96,7 +98,7 @@ def check_struct(value: Mapping[str, Any], *, field: str, max_bytes: int, max_de
     """Refuse (INVALID_ARGUMENT ``ARGUMENT_INVALID`` on ``field``) a Struct's value that nests deeper than
     ``max_depth`` objects and lists or is larger than ``max_bytes`` as an encoded ``google.protobuf.Struct``.
     NaN and infinities pass, as in metrics: the stores keep them (``JsonText``)."""
-    depth = _struct_depth(value, give_up_beyond=max_depth)
+    depth = nesting_depth(value, give_up_beyond=max_depth)
     if depth > max_depth:
         raise field_error(field, f"nests deeper than {max_depth} levels of objects and lists")
     size = dict_to_struct(value).ByteSize()
