@@ -79,7 +79,11 @@ DESCRIPTORS = [
         (agent_pb2, "takeoff.v1.AgentService"),
     )
 ]
-METHODS = [method for service in DESCRIPTORS for method in service.methods if method.full_name not in SKIPPED]
+# Methods that remove things (the objects generated names point at, or the agent itself) come last.
+METHODS = sorted(
+    (method for service in DESCRIPTORS for method in service.methods if method.full_name not in SKIPPED),
+    key=lambda method: method.name.startswith(("Delete", "Drain")),
+)
 
 CATALOGUE = frozenset(
     value.name.removeprefix("ERROR_REASON_")
@@ -621,12 +625,7 @@ def _summary(request: Message | bytes) -> str:
 
 
 def _names(listing: Callable[[], Any], attribute: str) -> set[str]:
-    try:
-        return {entry.name for entry in getattr(listing(), attribute)}
-    except grpc.RpcError as error:
-        if error.code() == grpc.StatusCode.NOT_FOUND:
-            return set()
-        raise
+    return {entry.name for entry in getattr(listing(), attribute)}
 
 
 def listing_for(stack: Stack, method: str) -> Callable[[], set[str]] | None:
