@@ -13,7 +13,7 @@ import takeoff
 from takeoff.v1 import agent_pb2, agent_pb2_grpc
 from takeoff_agent.agent import RESOURCE_KINDS, Agent
 from takeoff_agent.work import Attempt
-from takeoff_server.errors import FieldViolation, InvalidArgument
+from takeoff_server.validation import duration_value
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -76,13 +76,11 @@ class AgentApi(agent_pb2_grpc.AgentServiceServicer):
         )
 
     async def Drain(self, request: agent_pb2.DrainRequest, context: Context) -> agent_pb2.DrainResponse:
-        limit = request.timeout.ToTimedelta().total_seconds() if request.HasField("timeout") else None
-        if limit is not None and limit < 0:
-            raise InvalidArgument(
-                "ARGUMENT_INVALID",
-                "timeout must not be negative",
-                violations=[FieldViolation("timeout", "negative")],
-            )
+        limit = (
+            duration_value(request.timeout, field="timeout").total_seconds()
+            if request.HasField("timeout")
+            else None
+        )
         self._draining = self._draining or asyncio.ensure_future(self._agent.drain(limit))
         if request.wait:
             await asyncio.shield(self._draining)
