@@ -130,11 +130,19 @@ DOCUMENTED = documented_errors()
 class Stack:
     processes: dict[str, ServiceProcess]
     channels: dict[str, grpc.Channel] = field(default_factory=dict)
+    start_agent: Callable[[], ServiceProcess] | None = None
 
     def channel(self, server: str) -> grpc.Channel:
         if server not in self.channels:
             self.channels[server] = grpc.insecure_channel(self.processes[server].address)
         return self.channels[server]
+
+    def replace_drained_agent(self) -> None:
+        """A Drain that succeeds ends the agent, as agent.proto says: wait for that, then start another."""
+        assert self.start_agent is not None
+        self.processes["agent"].process.wait(timeout=CALL_TIMEOUT)
+        self.channels.pop("agent").close()
+        self.processes["agent"] = self.start_agent()
 
 
 def _seed(registry: grpc.Channel, queue: grpc.Channel) -> None:
@@ -205,7 +213,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             "TAKEOFF_QUEUE_ADDRESS": queue.address,
             "TAKEOFF_BUILDER_ADDRESS": builder.address,
         }
-        running.processes["agent"] = processes.enter_context(service_process("agent", home, env=agent_env))
+        running.start_agent = lambda: processes.enter_context(service_process("agent", home, env=agent_env))
+        running.processes["agent"] = running.start_agent()
         yield running
         for channel in running.channels.values():
             channel.close()
@@ -689,6 +698,8 @@ def test_generated_requests_get_documented_statuses(
         before = listing() if listing is not None else None
         outcome = call(stack, method, request)
         check_documented(method, request, outcome)
+        if method.full_name == "takeoff.v1.AgentService.Drain" and outcome.code == grpc.StatusCode.OK:
+            stack.replace_drained_agent()
         if listing is not None and outcome.code != grpc.StatusCode.OK:
             assert listing() == before, f"a failed {method.name} left something behind: {_summary(request)}"
 
