@@ -11,10 +11,10 @@ import contextvars
 import inspect
 import logging
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager, suppress
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeAlias
+from typing import Any, Protocol, TypeAlias, TypeVar
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -22,6 +22,8 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from takeoff_server import errors
+
+T = TypeVar("T")
 
 logger = logging.getLogger(__name__)
 
@@ -268,6 +270,18 @@ class GuardInterceptor(HandlerInterceptor):
         super().__init__(lambda handler, method: guard_handler(handler, method, guard))
 
 
+@contextmanager
+def _set(variable: contextvars.ContextVar[T], value: T) -> Iterator[None]:
+    """``variable`` holds ``value`` inside the block. A server stream that its client cancelled is closed
+    from another context, where the value cannot be reset; the call's own context ends with it anyway."""
+    token = variable.set(value)
+    try:
+        yield
+    finally:
+        with suppress(ValueError):
+            variable.reset(token)
+
+
 @asynccontextmanager
 async def error_guard(method: str, context: Context) -> AsyncIterator[None]:
     """Maps domain errors to rich statuses; unexpected exceptions become INTERNAL with no traceback.
@@ -276,10 +290,9 @@ async def error_guard(method: str, context: Context) -> AsyncIterator[None]:
     and the server log carries it with the traceback, so an operator can find one from the other.
     """
     request_id = _metadata(context).get(REQUEST_ID_METADATA_KEY) or uuid.uuid4().hex
-    token = request_id_var.set(request_id)
-    method_token = method_var.set(method)
     try:
-        yield
+        with _set(request_id_var, request_id), _set(method_var, method):
+            yield
     except grpc.aio.AbortError:
         raise
     except errors.TakeoffError as error:
@@ -314,9 +327,6 @@ async def error_guard(method: str, context: Context) -> AsyncIterator[None]:
                 metadata={"request_id": request_id},
             ),
         )
-    finally:
-        method_var.reset(method_token)
-        request_id_var.reset(token)
 
 
 @dataclass(frozen=True, slots=True)
@@ -353,10 +363,7 @@ def auth_guard(authenticator: Authenticator) -> CallGuard:
     @asynccontextmanager
     async def guard(method: str, context: Context) -> AsyncIterator[None]:
         principal = await authenticator.authenticate(method, _metadata(context))
-        token = principal_var.set(principal)
-        try:
+        with _set(principal_var, principal):
             yield
-        finally:
-            principal_var.reset(token)
 
     return guard
