@@ -64,7 +64,7 @@ time.sleep(600)
 
 def group_pids(pids_file: Path) -> dict[str, int]:
     """The pids a GROUP job wrote, once it has."""
-    wait_for(pids_file.exists, timeout=120, what="the job to write its pids")
+    wait_for(pids_file.exists, timeout=90, what="the job to write its pids")
     pids: dict[str, int] = json.loads(pids_file.read_text())
     return pids
 

@@ -9,6 +9,7 @@ import subprocess
 from pathlib import Path
 
 import grpc
+import pytest
 
 from takeoff.client import Client
 from takeoff.models import GitSource
@@ -218,6 +219,7 @@ def test_agent_killed_for_good_the_next_agent_runs_attempt_two(
         assert stack.run(running.run).state == common_pb2.RUN_STATE_KILLED  # attempt 2 has its own run
 
 
+@pytest.mark.timeout(300)  # ten one-second jobs, two at a time on each agent, on a loaded machine
 def test_max_jobs_with_two_agents_and_ten_items(
     stack: Stack, client: Client, start_agent: StartAgent, tmp_path: Path
 ) -> None:
@@ -231,7 +233,7 @@ def test_max_jobs_with_two_agents_and_ten_items(
 
         wait_for(both_connected, what="both agents to connect")
         names = [stack.enqueue(queue, job) for _ in range(10)]
-        items = [stack.wait_ended(name, timeout=110) for name in names]
+        items = [stack.wait_ended(name, timeout=240) for name in names]
 
     assert all(item.state == SUCCEEDED for item in items)
     # Each item's lease, from the queue's own record: who held it, from its grant to its outcome.

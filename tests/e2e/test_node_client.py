@@ -32,7 +32,7 @@ def npm_ci_unless_current(npm: str) -> None:
         capture_output=True,
         check=False,
         text=True,
-        timeout=300,
+        timeout=50,
     )
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -68,7 +68,7 @@ def test_node_client_enqueues_watches_and_decodes_error_details(
         capture_output=True,
         check=False,
         text=True,
-        timeout=120,
+        timeout=60,
     )
 
     assert result.returncode == 0, result.stdout + result.stderr

@@ -48,7 +48,7 @@ def test_generated_stubs_are_up_to_date(tmp_path: Path) -> None:
 def buf(*args: str) -> subprocess.CompletedProcess[str]:
     binary = shutil.which("buf") or str(ROOT / ".tools/node_modules/.bin/buf")
     require("buf", Path(binary).exists(), "npm install @bufbuild/buf (make tools does)")
-    return subprocess.run([binary, *args], cwd=ROOT, capture_output=True, check=False, text=True, timeout=120)
+    return subprocess.run([binary, *args], cwd=ROOT, capture_output=True, check=False, text=True, timeout=90)
 
 
 def test_buf_lint_is_clean() -> None:
