@@ -55,4 +55,4 @@ up: install
 	$(BIN)/takeoff up
 
 clean:
-	rm -rf $(VENV) $(TOOLS) .mypy_cache .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(TOOLS) examples/node/node_modules .mypy_cache .pytest_cache .ruff_cache
