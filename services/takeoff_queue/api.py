@@ -7,13 +7,12 @@ handler writes whatever the dispatcher puts in the session's outbox (Welcome, As
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Any
 
 import grpc
 from google.protobuf.field_mask_pb2 import FieldMask
-from google.protobuf.message import Message
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from takeoff.v1 import common_pb2, queue_pb2, queue_pb2_grpc
@@ -52,7 +51,7 @@ from takeoff_queue.model import (
 from takeoff_queue.resource_config import ResourceKind
 from takeoff_server.errors import Aborted, FieldViolation, InvalidArgument, NotFound, Unavailable
 from takeoff_server.names import ResourcePattern
-from takeoff_server.pagination import next_page_token, page_request
+from takeoff_server.pagination import page_request, page_response
 from takeoff_server.protovalues import dict_to_struct, optional_duration, optional_timestamp, struct_to_dict
 from takeoff_server.validation import Problems, duration_value, enum_member, field_error
 
@@ -478,14 +477,12 @@ class QueueApi(queue_pb2_grpc.QueueServiceServicer):
         kind = _resource_kind(request.resource, "resource") if request.resource else None
         self._check_project(request.parent, PROJECT, "parent")
         queues, last = self._book.list_queues(request.parent, page, kind)
-        shown = [await self._queue_proto(queue) for queue in queues]
-        fitting = _fitting(shown)
-        if fitting < len(shown):
-            last = queues[fitting - 1].name
-        return queue_pb2.ListQueuesResponse(
-            queues=shown[:fitting],
-            next_page_token=next_page_token(query, (last,)) if last else "",
+        shown, token = page_response(
+            [(await self._queue_proto(queue), (queue.name,)) for queue in queues],
+            more=last is not None,
+            query=query,
         )
+        return queue_pb2.ListQueuesResponse(queues=shown, next_page_token=token)
 
     async def UpdateQueue(
         self, request: queue_pb2.UpdateQueueRequest, context: Context
@@ -579,14 +576,10 @@ class QueueApi(queue_pb2_grpc.QueueServiceServicer):
         if states and not wanted:
             return queue_pb2.ListItemsResponse()  # ITEM_STATE_UNSPECIFIED matches nothing
         items, last = await self._book.list_items(request.parent, wanted, page, request.job)
-        shown = [self._item_proto(item) for item in items]
-        fitting = _fitting(shown)
-        if fitting < len(shown):
-            last = items[fitting - 1].seq
-        return queue_pb2.ListItemsResponse(
-            items=shown[:fitting],
-            next_page_token=next_page_token(query, (last,)) if last is not None else "",
+        shown, token = page_response(
+            [(self._item_proto(item), (item.seq,)) for item in items], more=last is not None, query=query
         )
+        return queue_pb2.ListItemsResponse(items=shown, next_page_token=token)
 
     async def CancelItem(
         self, request: queue_pb2.CancelItemRequest, context: Context
@@ -641,13 +634,15 @@ class QueueApi(queue_pb2_grpc.QueueServiceServicer):
             ),
             key=lambda agent: agent.agent_id,
         )
-        shown = [_agent_to_proto(agent, self._dispatcher.items) for agent in agents[: page.size]]
-        fitting = _fitting(shown)
-        more = len(agents) > fitting
-        return queue_pb2.ListAgentsResponse(
-            agents=shown[:fitting],
-            next_page_token=next_page_token(query, (agents[fitting - 1].agent_id,)) if more else "",
+        shown, token = page_response(
+            [
+                (_agent_to_proto(agent, self._dispatcher.items), (agent.agent_id,))
+                for agent in agents[: page.size]
+            ],
+            more=len(agents) > page.size,
+            query=query,
         )
+        return queue_pb2.ListAgentsResponse(agents=shown, next_page_token=token)
 
     async def GetAgent(
         self, request: queue_pb2.GetAgentRequest, context: Context
@@ -720,20 +715,6 @@ _UPDATABLE_QUEUE_FIELDS = frozenset(
         "container_name",
     }
 )
-
-_PAGE_BYTES = 3 * 1024 * 1024
-"""A List page ends before its messages pass this size (it always holds one), so that every response fits
-gRPC's default 4 MiB receive size; checks.py bounds each queue and item far below it."""
-
-
-def _fitting(messages: Sequence[Message]) -> int:
-    """How many of ``messages``, from the first, fit in one page."""
-    total = 0
-    for count, message in enumerate(messages):
-        total += message.ByteSize() + 8  # the repeated field's tag and length prefix
-        if total > _PAGE_BYTES and count:
-            return count
-    return len(messages)
 
 
 def _request_id(value: str) -> str:
