@@ -218,10 +218,12 @@ class QueueBook:
         return await self._insert(item, f"Enqueue:{queue.name}", request.request_id, fingerprint)
 
     async def _insert(self, item: Item, scope: str, request_id: str, fingerprint: str) -> Item:
-        """Commit a new PENDING item (and the request id that made it); only then may it be dispatched.
+        """Commit a new item (and the request id that made it); only then may it be dispatched.
 
-        The request id is looked up again in the transaction: when a retry of the same request committed
-        first, its item is the answer and this one never existed."""
+        When an agent can take it now, the dispatcher leases it first and it is inserted LEASED, its
+        claim committed with it. The request id is looked up again in the transaction: when a retry of the
+        same request committed first, its item is the answer and this one never existed."""
+        leased = self._dispatcher.admit(item)
 
         async def write(tx: QueueWrite) -> str | None:
             if request_id and (replayed := await tx.replay(scope, request_id, fingerprint)) is not None:
@@ -231,10 +233,16 @@ class QueueBook:
                 await tx.remember(scope, request_id, fingerprint, item.name)
             return None
 
-        if (replayed := await self._store.write(write)) is not None:
+        try:
+            replayed = await self._store.write(write)
+        except BaseException:
+            self._dispatcher.not_admitted(item)
+            raise
+        if replayed is not None:
+            self._dispatcher.not_admitted(item)
             return await self.get_item(replayed)
         item.committed = item.life
-        self._dispatcher.admitted(item)
+        self._dispatcher.admitted(item, leased)
         return item
 
     def _validated_item(self, queue: Queue, job: ResolvedJob, request: EnqueueRequest) -> Item:

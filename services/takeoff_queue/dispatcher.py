@@ -137,7 +137,9 @@ class Dispatcher:
         self._pending: dict[str, list[tuple[int, int, str]]] = defaultdict(list)
         """queue -> heap of (priority rank, enqueue seq, item id)"""
         self._live: dict[str, int] = defaultdict(int)
-        """queue -> items LEASED..RUNNING, for concurrency limits"""
+        """queue -> items LEASED..RUNNING (and new ones being committed leased), for concurrency limits"""
+        self._arriving: dict[str, int] = defaultdict(int)
+        """queue -> new PENDING items being committed: older than any item enqueued meanwhile"""
         self._leases: dict[str, str] = {}
         """lease id -> item id, for every lease held now"""
         self._ended_leases: OrderedDict[str, tuple[int, ItemState, bool]] = OrderedDict()
@@ -196,10 +198,71 @@ class Dispatcher:
             del self.items[item.id]
         return dropped
 
-    def admitted(self, item: Item) -> None:
-        """Take in a new item whose first commit is done."""
+    def admit(self, item: Item) -> Assignment | None:
+        """Lease a new item at once when an agent can take it now, so that its first commit inserts it
+        already LEASED: one transaction from Enqueue to Assignment instead of two (docs/design.md §5).
+
+        The item enters no index before that commit: an agent's room and a slot of the queue's
+        concurrency limit are held for it, or its queue counts it as arriving, until :meth:`admitted` or
+        :meth:`not_admitted` settles it."""
+        try:
+            agent = self._taker_of_new(item)
+            if agent is not None:
+                item.life = self._leased(item, agent)
+        except Exception:  # the dispatch pass isolates what it cannot assign; Enqueue must not fail for it
+            logger.exception("item %s could not be leased at Enqueue; it is inserted PENDING", item.name)
+            agent = None
+        if agent is None:
+            self._arriving[item.queue] += 1
+            return None
+        agent.next_queue = (agent.queues.index(item.queue) + 1) % len(agent.queues)
+        agent.leases_committing += 1
+        self._live[item.queue] += 1
+        return self._assignment(item)
+
+    def admitted(self, item: Item, leased: Assignment | None) -> None:
+        """Take in a new item whose first commit is done; one leased by :meth:`admit` goes to its agent."""
+        self._settle_admission(item)
         self._index(item)
+        if leased is not None:
+            self._send_to_holder(item, leased)
+            holder = self.agents[item.life.agent.removeprefix("agents/")]
+            if holder.lease_expiry is not None and holder.lease_expiry <= self._clock():
+                # It stopped renewing during the commit, and its expiry was handled without this lease.
+                self._deadlines.at(holder.lease_expiry, "expiry", holder.agent_id)
         self._notify(item)
+
+    def not_admitted(self, item: Item) -> None:
+        """The new item's first commit failed, or another try of its request made the item: it never
+        existed here, and what :meth:`admit` held for it is free again."""
+        self._settle_admission(item)
+
+    def _taker_of_new(self, item: Item) -> Agent | None:
+        """The agent a dispatch pass would hand the new item to now: its queue may assign and has nothing
+        waiting or arriving ahead of it, and the agent is renewing its leases, has room, serves the queue,
+        and has nothing waiting in the others its round robin would serve first."""
+        queue = self.queues.get(item.queue)
+        if queue is None or self._arriving[queue.name] or not self._may_assign_from(queue):
+            return None
+        now = self._clock()
+        for agent in self.agents.values():
+            if (
+                agent.lease_expiry is not None
+                and agent.lease_expiry > now
+                and agent.free_capacity > 0
+                and queue.name in agent.queues
+                and not any(self._offers_work(name) for name in agent.queues)
+            ):
+                return agent
+        return None
+
+    def _settle_admission(self, item: Item) -> None:
+        """Free what :meth:`admit` held for the item."""
+        if item.state.is_live:
+            self.agents[item.life.agent.removeprefix("agents/")].leases_committing -= 1
+            self._live[item.queue] -= 1
+        else:
+            self._arriving[item.queue] -= 1
 
     async def cancel(self, item: Item, message: str) -> Item:
         live = item.state.is_live
@@ -439,9 +502,13 @@ class Dispatcher:
             heapq.heappop(heap)
         return False
 
-    def _pop_eligible(self, queue_name: str) -> Item | None:
+    def _offers_work(self, queue_name: str) -> bool:
+        """Whether a dispatch pass may take an item from the queue now."""
         queue = self.queues.get(queue_name)
-        if queue is None or not self._may_assign_from(queue) or not self._has_waiting(queue):
+        return queue is not None and self._may_assign_from(queue) and self._has_waiting(queue)
+
+    def _pop_eligible(self, queue_name: str) -> Item | None:
+        if not self._offers_work(queue_name):
             return None
         return self.items[heapq.heappop(self._pending[queue_name])[2]]
 
@@ -450,18 +517,8 @@ class Dispatcher:
 
         An item that cannot be assigned stays PENDING (as the store has it) and is set aside until its
         queue changes, so that it cannot fail every pass."""
-        now = self._clock()
         try:
-            queue = self.queues[item.queue]
-            attempt = item.life.attempt + 1
-            life = lifecycle.assign(
-                item.life,
-                agent.name,
-                now,
-                lease_id=uuid.uuid4().hex,
-                run=item.run_name(attempt),
-                start_timeout=queue.start_timeout,
-            )
+            life = self._leased(item, agent)
         except Exception:
             logger.exception(
                 "dispatch set aside item %s, which failed to assign; it stays PENDING", item.name
@@ -469,15 +526,32 @@ class Dispatcher:
             self._set_aside[item.queue].add(item.id)
             return None
         self._move(item, life)
+        return self._assignment(item)
+
+    def _leased(self, item: Item, agent: Agent) -> ItemLife:
+        """The item's life leased to the agent: its next attempt, under a new epoch and lease."""
+        return lifecycle.assign(
+            item.life,
+            agent.name,
+            self._clock(),
+            lease_id=uuid.uuid4().hex,
+            run=item.run_name(item.life.attempt + 1),
+            start_timeout=self.queues[item.queue].start_timeout,
+        )
+
+    def _assignment(self, item: Item) -> Assignment:
+        """The Assignment of the item's current lease, with the item as it is now."""
+        life = item.life
+        assert life.assign_time is not None, "only a leased item is assigned"
         return Assignment(
             _snapshot(item),
-            queue,
+            self.queues[item.queue],
             life.lease_id,
             life.epoch,
             life.attempt,
             life.run,
-            now,
-            life.start_deadline or now,
+            life.assign_time,
+            life.start_deadline or life.assign_time,
         )
 
     async def _deliver(self, assignments: list[tuple[Item, Assignment]]) -> None:

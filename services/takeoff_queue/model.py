@@ -173,6 +173,8 @@ class Agent:
     connected: bool = False
     leases: dict[str, str] = field(default_factory=dict)
     """lease id -> item id"""
+    leases_committing: int = 0
+    """New items leased to it at Enqueue whose insert is being committed: room held, not yet in ``leases``."""
     lease_expiry: datetime | None = None
     connect_time: datetime | None = None
     last_heartbeat_time: datetime | None = None
@@ -186,7 +188,9 @@ class Agent:
 
     @property
     def free_capacity(self) -> int:
-        return 0 if self.draining or not self.connected else max(0, self.capacity - len(self.leases))
+        if self.draining or not self.connected:
+            return 0
+        return max(0, self.capacity - len(self.leases) - self.leases_committing)
 
 
 @dataclass(frozen=True, slots=True)
