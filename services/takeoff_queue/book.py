@@ -7,6 +7,7 @@ reads.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -233,17 +234,21 @@ class QueueBook:
                 await tx.remember(scope, request_id, fingerprint, item.name)
             return None
 
-        try:
-            replayed = await self._store.write(write)
-        except BaseException:
-            self._dispatcher.not_admitted(item)
-            raise
-        if replayed is not None:
-            self._dispatcher.not_admitted(item)
-            return await self.get_item(replayed)
-        item.committed = item.life
-        self._dispatcher.admitted(item, leased)
-        return item
+        async def commit() -> Item:
+            try:
+                replayed = await self._store.write(write)
+            except BaseException:
+                self._dispatcher.not_admitted(item)
+                raise
+            if replayed is not None:
+                self._dispatcher.not_admitted(item)
+                return await self.get_item(replayed)
+            item.committed = item.life
+            self._dispatcher.admitted(item, leased)
+            return replace(item)  # as committed: a dispatch pass may lease it before the caller reads it
+
+        # A caller that gives up stops neither the commit nor what memory must learn of it.
+        return await asyncio.shield(commit())
 
     def _validated_item(self, queue: Queue, job: ResolvedJob, request: EnqueueRequest) -> Item:
         problems = Problems()

@@ -17,6 +17,7 @@ import pytest
 from google.protobuf import field_mask_pb2
 
 from takeoff.v1 import common_pb2, queue_pb2
+from takeoff_queue.book import EnqueueRequest
 from takeoff_queue.lifecycle import ItemLife, ItemState
 from takeoff_queue.model import Assignment, Item
 from takeoff_queue.settings import QueueSettings
@@ -35,11 +36,16 @@ Change = tuple[str, str, tuple[ItemState, ...]]
 
 class StoreWrites:
     """Every store write (one caller's changes, in the transaction group commit gives them) and what each
-    did to items; ``requested`` gets each write's changes, empty yet, as soon as it is asked for."""
+    did to items; ``requested`` gets each write's changes, empty yet, as soon as it is asked for.
 
-    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+    With ``hold_first_insert``, the first item inserted waits in its transaction (and every later write
+    behind it) until :meth:`release`; ``holding`` is set once it waits."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, *, hold_first_insert: bool = False) -> None:
         self.writes: list[list[Change]] = []
         self.requested: asyncio.Queue[list[Change]] = asyncio.Queue()
+        self.holding = asyncio.Event()
+        self._held_until = asyncio.Event() if hold_first_insert else None
         self._current: list[Change] = []
         log = self
         write, insert_item, save_item = QueueStore.write, QueueWrite.insert_item, QueueWrite.save_item
@@ -56,6 +62,9 @@ class StoreWrites:
             return await write(store, logged)
 
         async def logged_insert(tx: QueueWrite, item: Item) -> int:
+            if log._held_until is not None and not log.holding.is_set():
+                log.holding.set()
+                await log._held_until.wait()
             log._current.append(("insert", item.id, tuple(t.to_state for t in item.life.history)))
             return await insert_item(tx, item)
 
@@ -67,6 +76,10 @@ class StoreWrites:
         monkeypatch.setattr(QueueStore, "write", logged_write)
         monkeypatch.setattr(QueueWrite, "insert_item", logged_insert)
         monkeypatch.setattr(QueueWrite, "save_item", logged_save)
+
+    def release(self) -> None:
+        assert self._held_until is not None
+        self._held_until.set()
 
     def of(self, name: str) -> list[list[Change]]:
         """The writes that changed the item ``name``, each with only its changes to that item."""
@@ -182,21 +195,11 @@ async def test_an_item_enqueued_while_an_older_one_is_committed_does_not_overtak
         busy = (await agent.next("assignment")).assignment
         assert busy.item.name == first.name
 
-        # The older item comes while the agent is full: it goes in PENDING; its insert is held in its
-        # transaction (and every later write waits behind it).
-        writes = StoreWrites(monkeypatch)
-        logged_insert = QueueWrite.insert_item
-        inserting, go_on = asyncio.Event(), asyncio.Event()
-
-        async def held(tx: QueueWrite, item: Item) -> int:
-            if not inserting.is_set():
-                inserting.set()
-                await go_on.wait()
-            return await logged_insert(tx, item)
-
-        monkeypatch.setattr(QueueWrite, "insert_item", held)
+        # The older item comes while the agent is full: it goes in PENDING, and its insert is held in
+        # its transaction.
+        writes = StoreWrites(monkeypatch, hold_first_insert=True)
         older = asyncio.create_task(enqueue(service, queue, job))
-        await asyncio.wait_for(inserting.wait(), 10)
+        await asyncio.wait_for(writes.holding.wait(), 10)
         await writes.requested.get()  # the older item's write
 
         # The agent frees its slot (in memory at once; its commit waits behind the older insert) and a
@@ -209,7 +212,7 @@ async def test_an_item_enqueued_while_an_older_one_is_committed_does_not_overtak
         await asyncio.wait_for(writes.requested.get(), 10)  # the completion's write
         newer = asyncio.create_task(enqueue(service, queue, job))
         await asyncio.wait_for(writes.requested.get(), 10)  # the newer item's write
-        go_on.set()
+        writes.release()
 
         older_item, newer_item = await older, await newer
         assert (older_item.state, newer_item.state) == (PENDING, PENDING)
@@ -220,6 +223,42 @@ async def test_an_item_enqueued_while_an_older_one_is_committed_does_not_overtak
         assert (await service.stored(newer_item.name)).state == PENDING  # the agent has no room for it
         assert (await agent.complete(assignment, SUCCEEDED)).ack.state == SUCCEEDED
         assert (await agent.next("assignment")).assignment.item.name == newer_item.name
+    finally:
+        await agent.close()
+
+
+@pytest.mark.parametrize(
+    ("capacity", "concurrency_limit"), [(1, 0), (2, 1)], ids=["agent-capacity", "concurrency-limit"]
+)
+async def test_room_held_for_an_item_being_committed_is_not_given_twice(
+    service: InProcessQueue, job: str, monkeypatch: pytest.MonkeyPatch, capacity: int, concurrency_limit: int
+) -> None:
+    queue = await service.new_queue()
+    await service.queues.UpdateQueue(
+        queue_pb2.UpdateQueueRequest(
+            queue=queue_pb2.Queue(name=queue, concurrency_limit=concurrency_limit),
+            update_mask=field_mask_pb2.FieldMask(paths=["concurrency_limit"]),
+        )
+    )
+    agent = await ScriptedAgent(service.address).connect([queue], capacity=capacity)
+    try:
+        await agent.settle()
+        writes = StoreWrites(monkeypatch, hold_first_insert=True)
+        first = asyncio.create_task(enqueue(service, queue, job))
+        await asyncio.wait_for(writes.holding.wait(), 10)  # leased to the agent, not yet committed
+        second = asyncio.create_task(enqueue(service, queue, job))
+        await asyncio.wait_for(writes.requested.get(), 10)  # the first item's write
+        await asyncio.wait_for(writes.requested.get(), 10)  # the second's: its admission is decided
+        writes.release()
+
+        first_item, second_item = await first, await second
+        assert (first_item.state, second_item.state) == (LEASED, PENDING)
+        assignment = (await agent.next("assignment")).assignment
+        assert assignment.item.name == first_item.name
+        await agent.settle()
+        assert (await service.stored(second_item.name)).state == PENDING
+        assert (await agent.complete(assignment, SUCCEEDED)).ack.state == SUCCEEDED
+        assert (await agent.next("assignment")).assignment.item.name == second_item.name
     finally:
         await agent.close()
 
@@ -305,5 +344,44 @@ async def test_two_tries_of_one_enqueue_on_the_fast_path_hold_one_lease(
         assert (await agent.next("assignment")).assignment.item.name == other.name
         listed = await service.queues.ListItems(queue_pb2.ListItemsRequest(parent=queue))
         assert sorted(item.name for item in listed.items) == sorted([first.item.name, other.name])
+    finally:
+        await agent.close()
+
+
+async def test_an_enqueue_its_caller_gave_up_on_is_delivered_once_committed(
+    service: InProcessQueue, job: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    queue = await service.new_queue()
+    agent = await ScriptedAgent(service.address).connect([queue], capacity=1)
+    book = service.parts.book
+    enqueue_item = book.enqueue
+    given_up = asyncio.Event()
+
+    async def noticing_cancel(request: EnqueueRequest) -> Item:
+        try:
+            return await enqueue_item(request)
+        except asyncio.CancelledError:
+            given_up.set()
+            raise
+
+    try:
+        await agent.settle()
+        writes = StoreWrites(monkeypatch, hold_first_insert=True)
+        monkeypatch.setattr(book, "enqueue", noticing_cancel)
+        call = service.queues.Enqueue(queue_pb2.EnqueueRequest(queue=queue, job=job))
+        await asyncio.wait_for(writes.holding.wait(), 10)
+        call.cancel()
+        await asyncio.wait_for(given_up.wait(), 10)  # the server stopped handling it mid-commit
+        writes.release()
+
+        assignment = (await agent.next("assignment")).assignment
+        stored = await service.stored(assignment.item.name)
+        assert (stored.state, stored.lease_id, states(stored)) == (
+            LEASED,
+            assignment.lease_id,
+            [PENDING, LEASED],
+        )
+        [held] = service.parts.dispatcher.agents.values()
+        assert (list(held.leases), held.leases_committing) == ([assignment.lease_id], 0)
     finally:
         await agent.close()
