@@ -4,9 +4,11 @@ Starts a local stack (registry, queue, builder) on free ports in a temporary TAK
 job and a queue, connects one agent (a Lease stream with room for every item), then enqueues items one at
 a time and times each from the Enqueue call to its Assignment. With ``--backlog N``, N items first wait
 in a second queue of the same project that no agent serves: the items table and the dispatcher's index
-hold them, so any cost that grows with the backlog shows. Prints JSON and a table.
+hold them, so any cost that grows with the backlog shows. With ``--runs N``, the whole measurement is
+repeated on N fresh stacks, one row each: on a shared machine, compare medians of several runs. Prints JSON
+and a table.
 
-    python bench/dispatch.py [--items 1000] [--backlog 0]
+    python bench/dispatch.py [--items 1000] [--backlog 0] [--runs 1]
 """
 
 from __future__ import annotations
@@ -126,8 +128,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--items", type=int, default=1000)
     parser.add_argument("--backlog", type=int, default=0)
+    parser.add_argument("--runs", type=int, default=1)
     args = parser.parse_args()
-    print_table([run(args.items, args.backlog)])
+    print_table([run(args.items, args.backlog) for _ in range(args.runs)])
 
 
 async def _create_queue(stub: queue_pb2_grpc.QueueServiceAsyncStub) -> str:

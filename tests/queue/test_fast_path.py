@@ -169,7 +169,7 @@ async def test_a_failed_commit_on_the_fast_path_leaves_no_phantom_and_the_agent_
         [(phantom, state)] = failed
         assert state is ItemState.LEASED, "the failed insert was not the fast path's: the case was not forced"
         assert phantom not in service.parts.dispatcher.items
-        [held] = service.parts.dispatcher.agents.values()
+        held = service.parts.dispatcher.agents[agent.agent_id]
         assert (held.leases, held.leases_committing, held.free_capacity) == ({}, 0, 1)
 
         # The agent's one slot is still free: the next item goes to it, in one write too.
@@ -180,7 +180,8 @@ async def test_a_failed_commit_on_the_fast_path_leaves_no_phantom_and_the_agent_
         listed = await service.queues.ListItems(queue_pb2.ListItemsRequest(parent=queue))
         assert [item.name for item in listed.items] == [real.name]
         agents = await service.queues.ListAgents(queue_pb2.ListAgentsRequest())
-        assert [lease.item for a in agents.agents for lease in a.leases] == [real.name]
+        [shown] = [shown for shown in agents.agents if shown.name == f"agents/{agent.agent_id}"]
+        assert [lease.item for lease in shown.leases] == [real.name]
     finally:
         await agent.close()
 
@@ -332,7 +333,7 @@ async def test_two_tries_of_one_enqueue_on_the_fast_path_hold_one_lease(
         assert first.item == second.item  # the same item, leased once
         assignment = (await agent.next("assignment")).assignment
         assert (assignment.item.name, assignment.lease_id) == (first.item.name, first.item.lease_id)
-        [held] = dispatcher.agents.values()
+        held = dispatcher.agents[agent.agent_id]
         assert (list(held.leases), held.leases_committing, held.free_capacity) == (
             [assignment.lease_id],
             0,
@@ -381,7 +382,7 @@ async def test_an_enqueue_its_caller_gave_up_on_is_delivered_once_committed(
             assignment.lease_id,
             [PENDING, LEASED],
         )
-        [held] = service.parts.dispatcher.agents.values()
+        held = service.parts.dispatcher.agents[agent.agent_id]
         assert (list(held.leases), held.leases_committing) == ([assignment.lease_id], 0)
     finally:
         await agent.close()
