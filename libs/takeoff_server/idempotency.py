@@ -21,18 +21,15 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 
 from takeoff_server.errors import FieldViolation, InvalidArgument
 from takeoff_server.sqltypes import UtcDateTime
-from takeoff_server.validation import field_error
+from takeoff_server.validation import check_text
 
 MAX_REQUEST_ID_LENGTH = 128
 
 
 def check_request_id(request_id: str, *, field: str = "request_id") -> str:
-    """Return ``request_id`` (empty: none given) if it fits the API's limit."""
-    if len(request_id) > MAX_REQUEST_ID_LENGTH:
-        raise field_error(
-            field, f"must be at most {MAX_REQUEST_ID_LENGTH} characters (got {len(request_id)})"
-        )
-    return request_id
+    """Return ``request_id`` (empty: none given) if it fits the API's limit and holds no NUL character
+    (the ``request_ids`` tables keep it as text: see :func:`takeoff_server.validation.check_text`)."""
+    return check_text(request_id, field=field, max_chars=MAX_REQUEST_ID_LENGTH)
 
 
 def request_fingerprint(request: Mapping[str, object]) -> str:

@@ -29,6 +29,23 @@ def field_error(field: str, problem: str, *, reason: str = "ARGUMENT_INVALID") -
     return InvalidArgument(reason, f"{field}: {problem}", violations=[FieldViolation(field, problem)])
 
 
+NUL = "\x00"
+
+
+def check_text(value: str, *, field: str, max_chars: int | None = None, max_bytes: int | None = None) -> str:
+    """Return ``value`` if every store can keep it as text, else raise INVALID_ARGUMENT ``ARGUMENT_INVALID``
+    on ``field``: a NUL character (U+0000), which PostgreSQL's text types cannot hold (SQLite can, so
+    refusing it everywhere keeps one behaviour), or more than ``max_chars`` characters / ``max_bytes``
+    bytes of UTF-8."""
+    if (first_nul := value.find(NUL)) >= 0:
+        raise field_error(field, f"must not contain NUL characters (U+0000; the first is at {first_nul})")
+    if max_chars is not None and len(value) > max_chars:
+        raise field_error(field, f"must be at most {max_chars} characters (got {len(value)})")
+    if max_bytes is not None and len(value) * 4 > max_bytes and len(value.encode()) > max_bytes:
+        raise field_error(field, f"must be at most {max_bytes} bytes of UTF-8 (got {len(value.encode())})")
+    return value
+
+
 class Problems:
     """Gathers problems, then raises one ``InvalidArgument``: the first problem's reason and message,
     every problem as a field violation."""

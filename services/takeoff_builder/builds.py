@@ -64,7 +64,8 @@ def utc_now() -> datetime:
 
 
 class Redactor:
-    """Blanks configured secrets out of text before anyone can see or store it."""
+    """Blanks configured secrets out of text before anyone can see or store it, and replaces NUL
+    characters, which a tool's output may hold and PostgreSQL's text cannot, with U+FFFD."""
 
     def __init__(self, secrets: Iterable[str]) -> None:
         self._secrets = sorted({secret for secret in secrets if secret}, key=len, reverse=True)
@@ -72,7 +73,7 @@ class Redactor:
     def __call__(self, text: str) -> str:
         for secret in self._secrets:
             text = text.replace(secret, "***")
-        return text
+        return text.replace("\x00", "\ufffd")
 
 
 class BuildRun:

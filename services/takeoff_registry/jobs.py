@@ -27,7 +27,7 @@ from takeoff_registry.versions import (
 from takeoff_server.errors import AlreadyExists, NotFound
 from takeoff_server.idempotency import request_fingerprint
 from takeoff_server.pagination import PageRequest
-from takeoff_server.validation import Problems, field_error
+from takeoff_server.validation import Problems, check_text
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,8 +57,7 @@ def _now() -> datetime:
 
 
 def _check_description(description: str, *, field: str) -> None:
-    if len(description) > MAX_DESCRIPTION:
-        raise field_error(field, f"must be at most {MAX_DESCRIPTION} characters (got {len(description)})")
+    check_text(description, field=field, max_chars=MAX_DESCRIPTION)
 
 
 def _job_not_found(key: JobKey) -> NotFound:

@@ -25,7 +25,13 @@ from takeoff_registry.store import LogChunkRow, MetricChunkRow, RegistryStore, R
 from takeoff_server.errors import AlreadyExists, FailedPrecondition, NotFound
 from takeoff_server.idempotency import request_fingerprint
 from takeoff_server.pagination import PageRequest
-from takeoff_server.validation import MAX_CONFIG_BYTES, MAX_CONFIG_DEPTH, check_struct, field_error
+from takeoff_server.validation import (
+    MAX_CONFIG_BYTES,
+    MAX_CONFIG_DEPTH,
+    check_struct,
+    check_text,
+    field_error,
+)
 
 MAX_BATCH = 10_000
 MAX_DISPLAY_NAME = 256
@@ -206,8 +212,7 @@ class Runs:
 
     async def create_run(self, project: str, run_id: str, new: NewRun, *, request_id: str) -> Run:
         """Create a STARTING run; an empty ``run_id`` gets a generated one."""
-        if len(new.display_name) > MAX_DISPLAY_NAME:
-            raise field_error("run.display_name", f"must be at most {MAX_DISPLAY_NAME} characters")
+        check_text(new.display_name, field="run.display_name", max_chars=MAX_DISPLAY_NAME)
         if new.attempt < 0:
             raise field_error("run.attempt", "must not be negative")
         if new.config is not None:
@@ -265,8 +270,7 @@ class Runs:
 
     async def attach_run(self, key: RunKey, *, config: dict[str, Any] | None, display_name: str) -> Run:
         """STARTING -> RUNNING, once; records the config the job really uses."""
-        if len(display_name) > MAX_DISPLAY_NAME:
-            raise field_error("display_name", f"must be at most {MAX_DISPLAY_NAME} characters")
+        check_text(display_name, field="display_name", max_chars=MAX_DISPLAY_NAME)
         if config is not None:
             _check_struct(config, "config", MAX_CONFIG_BYTES)
         async with self._store.write() as tx:
@@ -397,8 +401,7 @@ class Runs:
         whether it had ended before."""
         if not state.ended:
             raise field_error("state", "must be a final state: FINISHED, FAILED, CRASHED or KILLED")
-        if len(message.encode()) > MAX_MESSAGE_BYTES:
-            raise field_error("message", f"must be at most {MAX_MESSAGE_BYTES} bytes")
+        check_text(message, field="message", max_bytes=MAX_MESSAGE_BYTES)
         async with self._store.write() as tx:
             row = await self._require_run_row(tx, key, for_update=True, project_hint=False)
             already_ended = RunState(row.state).ended

@@ -12,7 +12,7 @@ from typing import Any
 from takeoff_registry.git_source import check_ref, check_url
 from takeoff_registry.refs import JobKey
 from takeoff_server.schemas import check_json_schema, schema_validator
-from takeoff_server.validation import MAX_CONFIG_BYTES, MAX_CONFIG_DEPTH, Problems, check_struct
+from takeoff_server.validation import MAX_CONFIG_BYTES, MAX_CONFIG_DEPTH, Problems, check_struct, check_text
 
 MAX_DESCRIPTION = 4096
 MAX_TEXT_FILE = 1024 * 1024
@@ -113,10 +113,8 @@ def check_spec(spec: VersionSpec, problems: Problems, *, prefix: str = "version"
     if spec.entrypoint and not spec.entrypoint[0]:
         problems.add("ARGUMENT_INVALID", f"{prefix}.entrypoint[0]", "the program to run must not be empty")
     for index, argument in enumerate(spec.entrypoint):
-        if "\x00" in argument:
-            problems.add(
-                "ARGUMENT_INVALID", f"{prefix}.entrypoint[{index}]", "must not contain NUL characters"
-            )
+        with problems.collect():
+            check_text(argument, field=f"{prefix}.entrypoint[{index}]")
     if sum(len(argument.encode()) for argument in spec.entrypoint) > MAX_ENTRYPOINT_BYTES:
         problems.add(
             "ARGUMENT_INVALID", f"{prefix}.entrypoint", f"must be at most {MAX_ENTRYPOINT_BYTES} bytes"
@@ -125,17 +123,13 @@ def check_spec(spec: VersionSpec, problems: Problems, *, prefix: str = "version"
     if len(spec.output_metrics) > MAX_METRICS:
         problems.add("ARGUMENT_INVALID", f"{prefix}.outputs.metrics", f"at most {MAX_METRICS} metric names")
     for index, metric in enumerate(spec.output_metrics):
-        if not metric or len(metric) > MAX_METRIC_NAME:
-            problems.add(
-                "ARGUMENT_INVALID",
-                f"{prefix}.outputs.metrics[{index}]",
-                f"a metric name must be 1-{MAX_METRIC_NAME} characters",
-            )
+        if not metric:
+            problems.add("ARGUMENT_INVALID", f"{prefix}.outputs.metrics[{index}]", "must not be empty")
+        with problems.collect():
+            check_text(metric, field=f"{prefix}.outputs.metrics[{index}]", max_chars=MAX_METRIC_NAME)
     _check_environment(spec.environment, problems, f"{prefix}.environment")
-    if len(spec.description) > MAX_DESCRIPTION:
-        problems.add(
-            "ARGUMENT_INVALID", f"{prefix}.description", f"must be at most {MAX_DESCRIPTION} characters"
-        )
+    with problems.collect():
+        check_text(spec.description, field=f"{prefix}.description", max_chars=MAX_DESCRIPTION)
 
 
 def _check_source(source: Source | None, problems: Problems, prefix: str) -> None:
@@ -186,8 +180,8 @@ def _check_environment(environment: Environment, problems: Problems, prefix: str
     if environment.base_image and not is_image_reference(environment.base_image):
         problems.add("ARGUMENT_INVALID", f"{prefix}.base_image", "is not an image reference")
     for name, text in (("requirements", environment.requirements), ("dockerfile", environment.dockerfile)):
-        if len(text.encode()) > MAX_TEXT_FILE:
-            problems.add("ARGUMENT_INVALID", f"{prefix}.{name}", f"must be at most {MAX_TEXT_FILE} bytes")
+        with problems.collect():
+            check_text(text, field=f"{prefix}.{name}", max_bytes=MAX_TEXT_FILE)
     context = environment.build_context
     if context and (
         context.startswith("/") or "\\" in context or ".." in context.split("/") or "\x00" in context
