@@ -1,9 +1,11 @@
-"""Bounds on what clients send the queue service (queue.proto documents each), and where projects exist.
+"""Bounds on what clients and agents send the queue service (queue.proto documents each), and where
+projects exist.
 
 What is accepted must stay usable: every duration fits date arithmetic whatever the clock says, and every
 queue and item fits the messages that carry it (Queue, Item, an agent's Assignment) far under gRPC's
 default 4 MiB receive size and protobuf's recursion limit, so a client can list it and an agent can decode
-its work. Text holds no NUL character, which PostgreSQL cannot store.
+its work, and every Agent fits ListAgents. Text holds no NUL character, which PostgreSQL cannot store: a
+request with one is refused, an agent's report of what happened has it replaced (see agent_report).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import functools
 import json
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sized
 from datetime import timedelta
 from typing import Any
 
@@ -200,3 +202,65 @@ class Projects:
                 f"project {name} was never written to: it never held a queue",
                 metadata={"resource": name},
             )
+
+
+# What an agent sends on the Lease stream (queue.proto documents each bound).
+MAX_SESSION_ID_CHARS = 128
+MAX_AGENT_DISPLAY_NAME_CHARS = 256
+MAX_AGENT_VERSION_CHARS = 128
+MAX_AGENT_LABELS = 64
+MAX_LABEL_KEY_CHARS = 128
+MAX_LABEL_VALUE_CHARS = 256
+MAX_AGENT_QUEUES = 256
+MAX_AGENT_RESOURCES = 16
+MAX_AGENT_CAPACITY = 4096
+"""Also the most held leases a Hello may name: an agent never held more than its capacity. An Agent
+message lists one AgentLease (about 250 bytes) per lease, so even a full agent stays near 1 MiB."""
+MAX_LEASE_ID_CHARS = 128
+MAX_HELD_ITEM_CHARS = 1024
+
+MAX_PROGRESS_DETAIL_BYTES = 1024
+MAX_OUTCOME_MESSAGE_BYTES = 4096
+"""Complete.message and Release.message. Each attempt adds at most three Progress details and one
+outcome to an item's history, so an item of MAX_ATTEMPTS_LIMIT (100) attempts carries at most about
+700 KiB of agent text in its transitions: it still fits an Item or Assignment with every other input at
+its limit far under 4 MiB."""
+_CLIPPED = "…"
+
+
+def agent_report(text: str, *, max_bytes: int) -> str:
+    """An agent's account of what happened (a Progress detail, the message of a Complete or Release) as
+    the item's history keeps it: at most ``max_bytes`` of UTF-8, the end kept (a failure message is a log
+    tail and its last lines matter most), NUL characters replaced by U+FFFD. Unlike a client's request,
+    the report is not refused: refusing a Complete or Release would strand the item on a lease whose
+    work has ended, for a detail that only a person reads."""
+    text = text.replace("\x00", "\ufffd")
+    encoded = text.encode()
+    if len(encoded) <= max_bytes:
+        return text
+    room = max_bytes - len(_CLIPPED.encode())
+    # A cut inside a character leaves continuation bytes at the start: dropped by decoding.
+    return _CLIPPED + encoded[len(encoded) - room :].decode(errors="ignore")
+
+
+def check_count(values: Sized, *, field: str, at_most: int, problems: Problems) -> bool:
+    """False: over the limit (the entries are not worth looking at one by one)."""
+    if len(values) > at_most:
+        problems.add("ARGUMENT_INVALID", field, f"at most {at_most} entries (got {len(values)})")
+        return False
+    return True
+
+
+def check_labels(labels: Mapping[str, str], *, field: str, problems: Problems) -> None:
+    if not check_count(labels, field=field, at_most=MAX_AGENT_LABELS, problems=problems):
+        return
+    for key, value in labels.items():
+        if not key:
+            problems.add("ARGUMENT_INVALID", field, "a label key must not be empty")
+        check_text(key, field=f"{field} key", max_chars=MAX_LABEL_KEY_CHARS, problems=problems)
+        check_text(value, field=f"{field}[{key[:64]!r}]", max_chars=MAX_LABEL_VALUE_CHARS, problems=problems)
+
+
+def check_capacity(capacity: int, *, field: str, problems: Problems) -> None:
+    if not 0 <= capacity <= MAX_AGENT_CAPACITY:
+        problems.add("ARGUMENT_INVALID", field, f"must be 0..{MAX_AGENT_CAPACITY} (got {capacity})")

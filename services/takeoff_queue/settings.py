@@ -1,18 +1,31 @@
 """Queue service settings (``TAKEOFF_*`` variables, a YAML file, or these defaults)."""
 
-from pydantic import Field
+from pydantic import Field, ValidationInfo, field_validator
 
 from takeoff_server.config import ServerSettings
+
+MAX_LEASE_SECONDS = 86400.0
+"""A day: longer leases would hide a lost agent for longer than anyone waits, and far larger numbers
+overflow the date arithmetic of lease expiry."""
 
 
 class QueueSettings(ServerSettings):
     listen: list[str] = ["127.0.0.1:50052"]
     registry_address: str = "127.0.0.1:50051"
     """Where Enqueue resolves job references."""
-    lease_ttl_seconds: float = Field(default=30.0, gt=0)
+    lease_ttl_seconds: float = Field(default=30.0, gt=0, le=MAX_LEASE_SECONDS)
     """A lease not renewed by a heartbeat within this time expires."""
-    heartbeat_interval_seconds: float = Field(default=10.0, gt=0)
+    heartbeat_interval_seconds: float = Field(default=10.0, gt=0, le=MAX_LEASE_SECONDS)
     """How often agents are told to heartbeat; keep it well under the TTL."""
     builder_push_registry: str = ""
     """The registry the builder pushes images to (its ``push_registry``). Without one, code and git jobs
     cannot run on kubernetes queues (the cluster could not pull their images), and Enqueue says so."""
+
+    @field_validator("heartbeat_interval_seconds")
+    @classmethod
+    def _heartbeat_within_ttl(cls, seconds: float, info: ValidationInfo) -> float:
+        # An agent that heartbeats only as often as its leases expire loses them between two beats.
+        ttl = info.data.get("lease_ttl_seconds")
+        if ttl is not None and seconds >= ttl:
+            raise ValueError(f"must be less than lease_ttl_seconds ({ttl:g})")
+        return seconds

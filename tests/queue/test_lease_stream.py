@@ -1,19 +1,32 @@
-"""Malformed agent messages on a real Lease stream: each is refused with INVALID_MESSAGE, the stream stays."""
+"""What an agent sends on a real Lease stream: a malformed message is refused with INVALID_MESSAGE and the
+stream stays; a Hello beyond a documented bound ends the stream; over-long or NUL-holding reports are
+kept in a form the store and every reader can hold, and the item still moves."""
 
 from __future__ import annotations
 
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any, TypeAlias
 
 import grpc
+import pytest
 
 from takeoff.v1 import common_pb2, queue_pb2, queue_pb2_grpc
 from tests.queue.conftest import NewQueue
-from tests.queue.harness import ScriptedAgent, error_details
+from tests.queue.harness import LOCAL_PROCESS, ScriptedAgent, error_details
 
 Stub: TypeAlias = "queue_pb2_grpc.QueueServiceAsyncStub"  # a type only the stubs know
 Request = queue_pb2.LeaseRequest
 KIND = queue_pb2.LeaseMessageKind
 UNKNOWN_NUMBER = 999
+# The bounds queue.proto documents for what an agent sends.
+MAX_CAPACITY = 4096
+MAX_OUTCOME_MESSAGE_BYTES = 4 * 1024
+MAX_PROGRESS_DETAIL_BYTES = 1024
+MAX_LABELS = 64
+RECEIVE_LIMIT = 4 * 1024 * 1024
 
 
 def malformed(assignment: queue_pb2.LeaseResponse.Assignment) -> list[tuple[str, dict[str, Any], int]]:
@@ -75,8 +88,22 @@ def malformed(assignment: queue_pb2.LeaseResponse.Assignment) -> list[tuple[str,
             KIND.LEASE_MESSAGE_KIND_RELEASE,
         ),
         (
+            "complete naming a lease id longer than any the server gives out",
+            {
+                "complete": Request.Complete(
+                    lease_id="x" * 100_000, epoch=epoch, outcome=common_pb2.ITEM_STATE_SUCCEEDED
+                )
+            },
+            KIND.LEASE_MESSAGE_KIND_COMPLETE,
+        ),
+        (
             "negative capacity",
             {"set_capacity": Request.SetCapacity(capacity=-1)},
+            KIND.LEASE_MESSAGE_KIND_SET_CAPACITY,
+        ),
+        (
+            "capacity over the maximum",
+            {"set_capacity": Request.SetCapacity(capacity=MAX_CAPACITY + 1)},
             KIND.LEASE_MESSAGE_KIND_SET_CAPACITY,
         ),
     ]
@@ -126,3 +153,156 @@ async def test_a_second_hello_ends_the_stream_with_hello_required(
         assert error_details(agent.error)[0] == "HELLO_REQUIRED"
     finally:
         await agent.close()
+
+
+async def test_an_over_long_failure_message_keeps_its_end_and_the_item_fails(
+    queues: Stub, new_queue: NewQueue, job: str, queue_address: str
+) -> None:
+    queue = await new_queue(max_attempts=1)
+    enqueued = (await queues.Enqueue(queue_pb2.EnqueueRequest(queue=queue, job=job))).item
+    log_tail = "".join(f"étape {number}\n" for number in range(150_000)) + "Error: out of memory\x00\n"
+    assert len(log_tail.encode()) > 1024 * 1024
+    agent = await ScriptedAgent(queue_address).connect([queue])
+    try:
+        assignment = (await agent.next("assignment")).assignment
+        await agent.send(
+            complete=Request.Complete(
+                lease_id=assignment.lease_id,
+                epoch=assignment.epoch,
+                outcome=common_pb2.ITEM_STATE_FAILED,
+                reason=common_pb2.FAILURE_REASON_JOB_FAILED,
+                exit_code=137,
+                message=log_tail,
+            )
+        )
+        assert (await agent.answer()).ack.state == common_pb2.ITEM_STATE_FAILED
+    finally:
+        await agent.close()
+
+    ended = (await queues.GetItem(queue_pb2.GetItemRequest(name=enqueued.name))).item
+    assert (ended.state, ended.reason, ended.exit_code) == (
+        common_pb2.ITEM_STATE_FAILED,
+        common_pb2.FAILURE_REASON_JOB_FAILED,
+        137,
+    )
+    assert len(ended.message.encode()) <= MAX_OUTCOME_MESSAGE_BYTES
+    assert ended.message.startswith("…")
+    assert ended.message.endswith("étape 149999\nError: out of memory\ufffd\n")
+    assert ended.transitions[-1].message == ended.message
+
+
+async def test_progress_details_are_kept_without_nul_and_clipped(
+    queues: Stub, new_queue: NewQueue, job: str, queue_address: str
+) -> None:
+    queue = await new_queue()
+    enqueued = (await queues.Enqueue(queue_pb2.EnqueueRequest(queue=queue, job=job))).item
+    agent = await ScriptedAgent(queue_address).connect([queue])
+    try:
+        assignment = (await agent.next("assignment")).assignment
+
+        async def progress(state: common_pb2.ItemState.ValueType, detail: str) -> queue_pb2.LeaseResponse:
+            await agent.send(
+                progress=Request.Progress(
+                    lease_id=assignment.lease_id, epoch=assignment.epoch, state=state, detail=detail
+                )
+            )
+            return await agent.answer()
+
+        starting_ack = await progress(common_pb2.ITEM_STATE_STARTING, "pid\x0042")
+        assert starting_ack.ack.state == common_pb2.ITEM_STATE_STARTING
+        running_ack = await progress(common_pb2.ITEM_STATE_RUNNING, "x" * 50_000 + "pod p-1")
+        assert running_ack.ack.state == common_pb2.ITEM_STATE_RUNNING
+        running = (await queues.GetItem(queue_pb2.GetItemRequest(name=enqueued.name))).item
+        starting, started = running.transitions[-2:]
+        assert (starting.to_state, starting.message) == (common_pb2.ITEM_STATE_STARTING, "pid\ufffd42")
+        assert started.to_state == common_pb2.ITEM_STATE_RUNNING
+        assert len(started.message.encode()) <= MAX_PROGRESS_DETAIL_BYTES
+        assert started.message.startswith("…x")
+        assert started.message.endswith("xpod p-1")
+        assert (await agent.complete(assignment, common_pb2.ITEM_STATE_SUCCEEDED)).ack.state == (
+            common_pb2.ITEM_STATE_SUCCEEDED
+        )
+    finally:
+        await agent.close()
+
+
+@asynccontextmanager
+async def lease_stream(address: str, hello: Request.Hello) -> AsyncIterator[Any]:
+    """A Lease call that sends ``hello`` and then stays open until the block ends."""
+    finished = asyncio.Event()
+
+    async def requests() -> AsyncIterator[queue_pb2.LeaseRequest]:
+        yield Request(hello=hello)
+        await finished.wait()
+
+    async with grpc.aio.insecure_channel(address) as channel:
+        call = queue_pb2_grpc.QueueServiceStub(channel).Lease(requests())
+        try:
+            yield call
+        finally:
+            finished.set()
+            call.cancel()
+
+
+def hello(queue: str, **fields: Any) -> Request.Hello:
+    """A valid Hello for ``queue`` but for ``fields``."""
+    valid = {
+        "agent_id": uuid.uuid4().hex,
+        "session_id": uuid.uuid4().hex,
+        "queues": [queue],
+        "resources": [LOCAL_PROCESS],
+        "capacity": 1,
+    }
+    return Request.Hello(**{**valid, **fields})
+
+
+OVERSIZED_HELLOS: dict[str, tuple[dict[str, Any], str]] = {
+    "10,000 labels": ({"labels": {f"rack-{n}": "a" for n in range(10_000)}}, "hello.labels"),
+    "a 1 MiB display name": ({"display_name": "n" * 1024 * 1024}, "hello.display_name"),
+    "a long label value": ({"labels": {"zone": "z" * 10_000}}, "hello.labels['zone']"),
+    "a NUL in the version": ({"version": "1.0\x00"}, "hello.version"),
+    "a capacity over the maximum": ({"capacity": MAX_CAPACITY + 1}, "hello.capacity"),
+    "more held leases than any capacity": (
+        {"held_leases": [Request.HeldLease(lease_id=f"l{n}", epoch=1) for n in range(MAX_CAPACITY + 1)]},
+        "hello.held_leases",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", OVERSIZED_HELLOS)
+async def test_a_hello_beyond_a_bound_ends_the_stream_naming_the_field(
+    queues: Stub, new_queue: NewQueue, queue_address: str, case: str
+) -> None:
+    fields, field = OVERSIZED_HELLOS[case]
+    queue = await new_queue()
+    refused = hello(queue, **fields)
+    async with lease_stream(queue_address, refused) as call:
+        with pytest.raises(grpc.aio.AioRpcError) as ended:
+            async with asyncio.timeout(10):
+                await call.read()
+    assert ended.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error_details(ended.value) == ("ARGUMENT_INVALID", [field])
+    with pytest.raises(grpc.aio.AioRpcError) as unknown:
+        await queues.GetAgent(queue_pb2.GetAgentRequest(name=f"agents/{refused.agent_id}"))
+    assert error_details(unknown.value)[0] == "AGENT_NOT_FOUND"
+
+
+async def test_an_agent_at_every_hello_bound_is_listed_under_the_receive_limit(
+    queues: Stub, new_queue: NewQueue, queue_address: str
+) -> None:
+    queue = await new_queue()
+    wide = "\U0001d11e"  # four bytes of UTF-8 per character
+    largest = hello(
+        queue,
+        display_name=wide * 256,
+        version=wide * 128,
+        labels={f"{n:03d}" + wide * 125: wide * 256 for n in range(MAX_LABELS)},
+        capacity=MAX_CAPACITY,
+    )
+    async with lease_stream(queue_address, largest) as call:
+        async with asyncio.timeout(10):
+            assert (await call.read()).WhichOneof("message") == "welcome"
+        listed = await queues.ListAgents(queue_pb2.ListAgentsRequest(queue=queue))
+        assert [agent.name for agent in listed.agents] == [f"agents/{largest.agent_id}"]
+        assert dict(listed.agents[0].labels) == dict(largest.labels)
+        assert listed.ByteSize() < RECEIVE_LIMIT
