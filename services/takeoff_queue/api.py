@@ -228,19 +228,56 @@ def _agent_to_proto(agent: Agent, items: dict[str, Item]) -> queue_pb2.Agent:
 
 
 def _hello_from_proto(hello: queue_pb2.LeaseRequest.Hello) -> Hello:
+    """A Hello within every bound queue.proto documents, so the Agent it makes fits ListAgents; any
+    problem ends the stream (ARGUMENT_INVALID naming each field)."""
     AGENT.parse(f"agents/{hello.agent_id}", field="hello.agent_id")
-    violations = []
+    problems = Problems()
     if not hello.session_id:
-        violations.append(FieldViolation("hello.session_id", "required: a new id for every connection"))
-    if hello.capacity < 0:
-        violations.append(FieldViolation("hello.capacity", "must not be negative"))
+        problems.add("ARGUMENT_INVALID", "hello.session_id", "required: a new id for every connection")
+    checks.check_text(
+        hello.session_id, field="hello.session_id", max_chars=checks.MAX_SESSION_ID_CHARS, problems=problems
+    )
+    checks.check_text(
+        hello.display_name,
+        field="hello.display_name",
+        max_chars=checks.MAX_AGENT_DISPLAY_NAME_CHARS,
+        problems=problems,
+    )
+    checks.check_text(
+        hello.version, field="hello.version", max_chars=checks.MAX_AGENT_VERSION_CHARS, problems=problems
+    )
+    checks.check_labels(hello.labels, field="hello.labels", problems=problems)
+    checks.check_capacity(hello.capacity, field="hello.capacity", problems=problems)
     if not hello.resources:
-        violations.append(FieldViolation("hello.resources", "required: the resource kinds the agent can run"))
-    for index, queue in enumerate(hello.queues):
-        if QUEUE.match(queue) is None:
-            violations.append(FieldViolation(f"hello.queues[{index}]", f"{queue!r} is not a queue name"))
-    if violations:
-        raise InvalidArgument("ARGUMENT_INVALID", violations[0].description, violations=violations)
+        problems.add("ARGUMENT_INVALID", "hello.resources", "required: the resource kinds the agent can run")
+    checks.check_count(
+        hello.resources, field="hello.resources", at_most=checks.MAX_AGENT_RESOURCES, problems=problems
+    )
+    if checks.check_count(
+        hello.queues, field="hello.queues", at_most=checks.MAX_AGENT_QUEUES, problems=problems
+    ):
+        for index, queue in enumerate(hello.queues):
+            if QUEUE.match(queue) is None:
+                problems.add(
+                    "ARGUMENT_INVALID", f"hello.queues[{index}]", f"{queue[:200]!r} is not a queue name"
+                )
+    if checks.check_count(
+        hello.held_leases, field="hello.held_leases", at_most=checks.MAX_AGENT_CAPACITY, problems=problems
+    ):
+        for index, held in enumerate(hello.held_leases):
+            checks.check_text(
+                held.lease_id,
+                field=f"hello.held_leases[{index}].lease_id",
+                max_chars=checks.MAX_LEASE_ID_CHARS,
+                problems=problems,
+            )
+            checks.check_text(
+                held.item,
+                field=f"hello.held_leases[{index}].item",
+                max_chars=checks.MAX_HELD_ITEM_CHARS,
+                problems=problems,
+            )
+    problems.raise_if_any()
     return Hello(
         agent_id=hello.agent_id,
         session_id=hello.session_id,
@@ -280,6 +317,8 @@ def _agent_request_from_proto(request: queue_pb2.LeaseRequest) -> AgentRequest |
     except InvalidArgument as malformed:
         kind = _LEASE_MESSAGE_KINDS.get(which or "")
         lease_id = getattr(getattr(request, which), "lease_id", "") if which else ""
+        if len(lease_id) > checks.MAX_LEASE_ID_CHARS:
+            lease_id = ""  # not a lease id the server gave out, and not worth echoing
         return Reject(request.sequence, kind, lease_id, RejectReason.INVALID_MESSAGE, malformed.message)
 
 
@@ -295,7 +334,8 @@ def _agent_request(request: queue_pb2.LeaseRequest) -> AgentRequest:
                 enum_member(ItemState, progress.state, field="progress.state", proto=common_pb2.ItemState),
                 "progress.state",
             )
-            return Progress(sequence, progress.lease_id, progress.epoch, state, progress.detail)
+            detail = checks.agent_report(progress.detail, max_bytes=checks.MAX_PROGRESS_DETAIL_BYTES)
+            return Progress(sequence, progress.lease_id, progress.epoch, state, detail)
         case "complete":
             complete = request.complete
             _require_lease(complete.lease_id, complete.epoch, "complete")
@@ -309,16 +349,19 @@ def _agent_request(request: queue_pb2.LeaseRequest) -> AgentRequest:
                 FailureReason, complete.reason, field="complete.reason", proto=common_pb2.FailureReason
             )
             exit_code = complete.exit_code if complete.HasField("exit_code") else None
-            return Complete(
-                sequence, complete.lease_id, complete.epoch, outcome, reason, exit_code, complete.message
-            )
+            message = checks.agent_report(complete.message, max_bytes=checks.MAX_OUTCOME_MESSAGE_BYTES)
+            return Complete(sequence, complete.lease_id, complete.epoch, outcome, reason, exit_code, message)
         case "release":
             release = request.release
             _require_lease(release.lease_id, release.epoch, "release")
-            return Release(sequence, release.lease_id, release.epoch, release.message)
+            message = checks.agent_report(release.message, max_bytes=checks.MAX_OUTCOME_MESSAGE_BYTES)
+            return Release(sequence, release.lease_id, release.epoch, message)
         case "set_capacity":
-            if request.set_capacity.capacity < 0:
-                raise field_error("set_capacity.capacity", "must not be negative")
+            problems = Problems()
+            checks.check_capacity(
+                request.set_capacity.capacity, field="set_capacity.capacity", problems=problems
+            )
+            problems.raise_if_any()
             return SetCapacity(sequence, request.set_capacity.capacity)
         case "drain":
             return Drain(sequence)
@@ -328,6 +371,8 @@ def _agent_request(request: queue_pb2.LeaseRequest) -> AgentRequest:
 def _require_lease(lease_id: str, epoch: int, message: str) -> None:
     if not lease_id:
         raise field_error(f"{message}.lease_id", "required: the lease id of the Assignment")
+    if len(lease_id) > checks.MAX_LEASE_ID_CHARS:
+        raise field_error(f"{message}.lease_id", f"at most {checks.MAX_LEASE_ID_CHARS} characters")
     if epoch < 1:
         raise field_error(f"{message}.epoch", "required: the epoch of the Assignment")
 
