@@ -1570,7 +1570,10 @@ class LeaseRequest(_message.Message):
 
     @_typing.final
     class Hello(_message.Message):
-        """Opens a session. A newer session for the same agent_id supersedes (closes) the older one."""
+        """Opens a session. A newer session for the same agent_id supersedes (closes) the older one. A Hello
+        beyond any bound below ends the stream with INVALID_ARGUMENT `ARGUMENT_INVALID` naming the field(s), so
+        that the Agent it describes always fits a ListAgents or GetAgent response. Its text fields hold no NUL.
+        """
 
         DESCRIPTOR: _descriptor.Descriptor
 
@@ -1609,34 +1612,39 @@ class LeaseRequest(_message.Message):
         Same format as other ids but up to 128 characters.
         """
         session_id: _builtins.str
-        """Required. New for every connection (e.g. a UUID), so a stale session can be told apart."""
+        """Required. New for every connection (e.g. a UUID), so a stale session can be told apart. At most 128
+        characters.
+        """
         display_name: _builtins.str
-        """Optional. Human-readable name, e.g. the host name."""
+        """Optional. Human-readable name, e.g. the host name. At most 256 characters."""
         capacity: _builtins.int
-        """Required. Maximum leases held at once (max_jobs), >= 0 (0 = take nothing for now)."""
+        """Required. Maximum leases held at once (max_jobs), 0..4096 (0 = take nothing for now)."""
         version: _builtins.str
-        """Optional. Agent software version, for display."""
+        """Optional. Agent software version, for display. At most 128 characters."""
         draining: _builtins.bool
         """Optional. The agent is draining already (reconnected during a drain): assign nothing."""
         @_builtins.property
         def queues(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
             """Required. Queues to serve, `projects/{p}/queues/{q}`; each must exist and have a kind in `resources`.
-            Items are taken round-robin across them.
+            Items are taken round-robin across them. At most 256 entries.
             """
 
         @_builtins.property
         def resources(self) -> _containers.RepeatedScalarFieldContainer[_common_pb2.ResourceKind.ValueType]:
-            """Required. Resource kinds the agent has runners for."""
+            """Required. Resource kinds the agent has runners for. At most 16 entries."""
 
         @_builtins.property
         def held_leases(self) -> _containers.RepeatedCompositeFieldContainer[Global___LeaseRequest.HeldLease]:
             """Optional. Leases the agent still holds from earlier sessions (found after a reconnect or restart);
-            the Welcome's lease_verdicts say which it keeps and which it must stop.
+            the Welcome's lease_verdicts say which it keeps and which it must stop. At most 4096 entries (the
+            largest capacity).
             """
 
         @_builtins.property
         def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
-            """Optional. Free-form labels for display and future routing."""
+            """Optional. Free-form labels for display and future routing. At most 64; keys 1..128 characters,
+            values at most 256 characters.
+            """
 
         def __init__(
             self,
@@ -1669,11 +1677,11 @@ class LeaseRequest(_message.Message):
         ITEM_FIELD_NUMBER: _builtins.int
         STATE_FIELD_NUMBER: _builtins.int
         lease_id: _builtins.str
-        """Required. The lease id from the Assignment."""
+        """Required. The lease id from the Assignment (at most 128 characters)."""
         epoch: _builtins.int
         """Required. The epoch from the Assignment."""
         item: _builtins.str
-        """Optional. The item, `projects/{p}/queues/{q}/items/{i}`, for logging."""
+        """Optional. The item, `projects/{p}/queues/{q}/items/{i}`, for logging (at most 1024 characters)."""
         state: _common_pb2.ItemState.ValueType
         """Optional. The state the agent last reported for it."""
         def __init__(
@@ -1711,6 +1719,11 @@ class LeaseRequest(_message.Message):
     class Progress(_message.Message):
         """Progress of one leased item: LEASED -> BUILDING -> STARTING -> RUNNING (steps may be skipped, never
         reversed; repeating the current state just updates the detail).
+
+        In Progress, Complete and Release, a `lease_id` longer than 128 characters is refused (Reject
+        INVALID_MESSAGE). Their texts (`detail`, `message`) are reports the item's history keeps, so they are
+        never refused: a longer one keeps only its end (prefixed with `…`) and a NUL becomes U+FFFD, so that an
+        item's whole history (at most 100 attempts) always fits an Item or Assignment.
         """
 
         DESCRIPTOR: _descriptor.Descriptor
@@ -1726,7 +1739,9 @@ class LeaseRequest(_message.Message):
         state: _common_pb2.ItemState.ValueType
         """Required. ITEM_STATE_BUILDING, ITEM_STATE_STARTING or ITEM_STATE_RUNNING."""
         detail: _builtins.str
-        """Optional. Human-readable detail, e.g. `build builds/abc: cache hit`, `pid 4242`, `pod train-x-1`."""
+        """Optional. Human-readable detail, e.g. `build builds/abc: cache hit`, `pid 4242`, `pod train-x-1`.
+        Kept: its last 1 KiB (UTF-8).
+        """
         def __init__(
             self,
             *,
@@ -1768,9 +1783,13 @@ class LeaseRequest(_message.Message):
         MAX_RUN_TIME_EXCEEDED, PREEMPTED); unspecified otherwise.
         """
         exit_code: _builtins.int
-        """Optional. The job process's exit status, when it ran."""
+        """Optional. The job process's exit status, when it ran: any int32, kept as sent (e.g. a negative
+        number for a process ended by a signal).
+        """
         message: _builtins.str
-        """Optional. Human-readable detail, e.g. the last log lines of a failed job (at most 64 KiB)."""
+        """Optional. Human-readable detail, e.g. the last log lines of a failed job. Kept: its last 4 KiB
+        (UTF-8), on the item and in its history.
+        """
         def __init__(
             self,
             *,
@@ -1805,7 +1824,7 @@ class LeaseRequest(_message.Message):
         epoch: _builtins.int
         """Required. The lease's epoch."""
         message: _builtins.str
-        """Optional. Why, e.g. `agent draining`."""
+        """Optional. Why, e.g. `agent draining`. Kept: its last 4 KiB (UTF-8)."""
         def __init__(
             self,
             *,
@@ -1827,8 +1846,8 @@ class LeaseRequest(_message.Message):
 
         CAPACITY_FIELD_NUMBER: _builtins.int
         capacity: _builtins.int
-        """Required. New maximum number of leases held at once, >= 0. Lowering it below the number held revokes
-        nothing; it only stops new assignments.
+        """Required. New maximum number of leases held at once, 0..4096 (else Reject INVALID_MESSAGE). Lowering
+        it below the number held revokes nothing; it only stops new assignments.
         """
         def __init__(
             self,

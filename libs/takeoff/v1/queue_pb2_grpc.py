@@ -282,10 +282,11 @@ class QueueServiceServicer:
         Release / Heartbeat / SetCapacity / Drain with an Ack or a Reject carrying its `sequence`.
         Problems with one lease are Reject / Revoke messages and never end the stream. The stream itself ends
         with an error only for: INVALID_ARGUMENT `HELLO_REQUIRED` (first message not a Hello, or a second Hello)
-        / `NAME_INVALID` / `ARGUMENT_INVALID` (malformed Hello); NOT_FOUND `QUEUE_NOT_FOUND` (a queue in
-        Hello.queues does not exist); FAILED_PRECONDITION `RESOURCE_KIND_UNSUPPORTED` (a queue's resource kind
-        is not in Hello.resources); ABORTED `SESSION_SUPERSEDED` (a newer session of the same agent id
-        connected); UNAVAILABLE (server shutting down: reconnect with backoff and held_leases).
+        / `NAME_INVALID` / `ARGUMENT_INVALID` (malformed Hello, or one beyond a bound its fields document);
+        NOT_FOUND `QUEUE_NOT_FOUND` (a queue in Hello.queues does not exist); FAILED_PRECONDITION
+        `RESOURCE_KIND_UNSUPPORTED` (a queue's resource kind is not in Hello.resources); ABORTED
+        `SESSION_SUPERSEDED` (a newer session of the same agent id connected); UNAVAILABLE (server shutting
+        down: reconnect with backoff and held_leases).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -144,10 +144,11 @@ class QueueServiceStub:
     Release / Heartbeat / SetCapacity / Drain with an Ack or a Reject carrying its `sequence`.
     Problems with one lease are Reject / Revoke messages and never end the stream. The stream itself ends
     with an error only for: INVALID_ARGUMENT `HELLO_REQUIRED` (first message not a Hello, or a second Hello)
-    / `NAME_INVALID` / `ARGUMENT_INVALID` (malformed Hello); NOT_FOUND `QUEUE_NOT_FOUND` (a queue in
-    Hello.queues does not exist); FAILED_PRECONDITION `RESOURCE_KIND_UNSUPPORTED` (a queue's resource kind
-    is not in Hello.resources); ABORTED `SESSION_SUPERSEDED` (a newer session of the same agent id
-    connected); UNAVAILABLE (server shutting down: reconnect with backoff and held_leases).
+    / `NAME_INVALID` / `ARGUMENT_INVALID` (malformed Hello, or one beyond a bound its fields document);
+    NOT_FOUND `QUEUE_NOT_FOUND` (a queue in Hello.queues does not exist); FAILED_PRECONDITION
+    `RESOURCE_KIND_UNSUPPORTED` (a queue's resource kind is not in Hello.resources); ABORTED
+    `SESSION_SUPERSEDED` (a newer session of the same agent id connected); UNAVAILABLE (server shutting
+    down: reconnect with backoff and held_leases).
     """
 
 @_typing.type_check_only
@@ -263,10 +264,11 @@ class QueueServiceAsyncStub(QueueServiceStub):
     Release / Heartbeat / SetCapacity / Drain with an Ack or a Reject carrying its `sequence`.
     Problems with one lease are Reject / Revoke messages and never end the stream. The stream itself ends
     with an error only for: INVALID_ARGUMENT `HELLO_REQUIRED` (first message not a Hello, or a second Hello)
-    / `NAME_INVALID` / `ARGUMENT_INVALID` (malformed Hello); NOT_FOUND `QUEUE_NOT_FOUND` (a queue in
-    Hello.queues does not exist); FAILED_PRECONDITION `RESOURCE_KIND_UNSUPPORTED` (a queue's resource kind
-    is not in Hello.resources); ABORTED `SESSION_SUPERSEDED` (a newer session of the same agent id
-    connected); UNAVAILABLE (server shutting down: reconnect with backoff and held_leases).
+    / `NAME_INVALID` / `ARGUMENT_INVALID` (malformed Hello, or one beyond a bound its fields document);
+    NOT_FOUND `QUEUE_NOT_FOUND` (a queue in Hello.queues does not exist); FAILED_PRECONDITION
+    `RESOURCE_KIND_UNSUPPORTED` (a queue's resource kind is not in Hello.resources); ABORTED
+    `SESSION_SUPERSEDED` (a newer session of the same agent id connected); UNAVAILABLE (server shutting
+    down: reconnect with backoff and held_leases).
     """
 
 class QueueServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -463,10 +465,11 @@ class QueueServiceServicer(metaclass=_abc_1.ABCMeta):
         Release / Heartbeat / SetCapacity / Drain with an Ack or a Reject carrying its `sequence`.
         Problems with one lease are Reject / Revoke messages and never end the stream. The stream itself ends
         with an error only for: INVALID_ARGUMENT `HELLO_REQUIRED` (first message not a Hello, or a second Hello)
-        / `NAME_INVALID` / `ARGUMENT_INVALID` (malformed Hello); NOT_FOUND `QUEUE_NOT_FOUND` (a queue in
-        Hello.queues does not exist); FAILED_PRECONDITION `RESOURCE_KIND_UNSUPPORTED` (a queue's resource kind
-        is not in Hello.resources); ABORTED `SESSION_SUPERSEDED` (a newer session of the same agent id
-        connected); UNAVAILABLE (server shutting down: reconnect with backoff and held_leases).
+        / `NAME_INVALID` / `ARGUMENT_INVALID` (malformed Hello, or one beyond a bound its fields document);
+        NOT_FOUND `QUEUE_NOT_FOUND` (a queue in Hello.queues does not exist); FAILED_PRECONDITION
+        `RESOURCE_KIND_UNSUPPORTED` (a queue's resource kind is not in Hello.resources); ABORTED
+        `SESSION_SUPERSEDED` (a newer session of the same agent id connected); UNAVAILABLE (server shutting
+        down: reconnect with backoff and held_leases).
         """
 
 def add_QueueServiceServicer_to_server(servicer: QueueServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
