@@ -215,16 +215,17 @@ MAX_AGENT_QUEUES = 256
 MAX_AGENT_RESOURCES = 16
 MAX_AGENT_CAPACITY = 4096
 """Also the most held leases a Hello may name: an agent never held more than its capacity. An Agent
-message lists one AgentLease (about 250 bytes) per lease, so even a full agent stays near 1 MiB."""
+message lists one AgentLease (at most about 350 bytes) per lease: with every Hello field at its bound too,
+an Agent is at most about 1.5 MiB."""
 MAX_LEASE_ID_CHARS = 128
 MAX_HELD_ITEM_CHARS = 1024
 
 MAX_PROGRESS_DETAIL_BYTES = 1024
 MAX_OUTCOME_MESSAGE_BYTES = 4096
 """Complete.message and Release.message. Each attempt adds at most three Progress details and one
-outcome to an item's history, so an item of MAX_ATTEMPTS_LIMIT (100) attempts carries at most about
-700 KiB of agent text in its transitions: it still fits an Item or Assignment with every other input at
-its limit far under 4 MiB."""
+outcome to an item's history, so the 501 transitions of an item of MAX_ATTEMPTS_LIMIT (100) attempts
+take at most about 0.85 MiB: with every other input at its limit, an Item or Assignment stays far under
+4 MiB."""
 _CLIPPED = "…"
 
 
