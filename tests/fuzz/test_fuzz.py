@@ -3,9 +3,11 @@
 For every method of JobService, RunService, QueueService, BuildService and AgentService (enumerated from
 the proto descriptors, so a new method is covered without touching this file) hypothesis generates
 requests with random values in every field: names that point at real objects or nearly so, huge and
-odd strings, integer extremes, unknown enum numbers, nested messages, Structs with odd values, durations
-and timestamps out of range, bytes. Each request goes to a real stack (every service its own process, on
-SQLite under a temporary home), and the test asserts:
+odd strings (NUL characters among them), integer extremes, unknown enum numbers, nested messages, Structs
+with odd values, durations and timestamps out of range, bytes. Each request goes to a real stack (every
+service its own process), once on SQLite under a temporary home and once on PostgreSQL, each service in a
+schema of its own: PostgreSQL refuses text SQLite takes (NUL), which must not surface as INTERNAL. The
+test asserts:
 
 - the status is OK or one the method's proto comment documents (``Errors:``), plus what every method may
   answer (an undecodable request, a generic bad argument) — never INTERNAL or UNKNOWN;

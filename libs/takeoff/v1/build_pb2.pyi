@@ -341,7 +341,9 @@ class BuildRequest(_message.Message):
     run: _builtins.str
     """Optional. The run this build is for, `projects/{p}/runs/{run}` (recorded on the build, for tracing)."""
     request_id: _builtins.str
-    """Optional. Idempotency key (see common.proto): a retry joins (or returns) the same build."""
+    """Optional. Idempotency key (see common.proto): a retry joins (or returns) the same build. At most 128
+    characters, without NUL (U+0000): else INVALID_ARGUMENT `ARGUMENT_INVALID`.
+    """
     @_builtins.property
     def options(self) -> Global___BuildOptions:
         """Optional. Push, no_cache."""
@@ -460,7 +462,10 @@ class BuildLog(_message.Message):
     LINES_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def lines(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Lines in order, without trailing newlines; never contain credentials."""
+        """Lines in order, without trailing newlines; never contain credentials. A NUL (U+0000) the build's tools
+        printed is replaced by U+FFFD (the store keeps lines as text), here, in `Build.log_lines` and in
+        `BuildFailure.log_tail` and `message`.
+        """
 
     def __init__(
         self,

@@ -59,7 +59,9 @@ class Job(_message.Message):
     name: _builtins.str
     """Output only. Resource name `projects/{project}/jobs/{job}`, e.g. `projects/demo/jobs/train-mnist`."""
     description: _builtins.str
-    """Optional. Free-form description, at most 4096 characters."""
+    """Optional. Free-form description, at most 4096 characters, without NUL (U+0000): more, or a NUL, is
+    INVALID_ARGUMENT `ARGUMENT_INVALID` (PostgreSQL text cannot hold NUL; every store refuses it alike).
+    """
     version_count: _builtins.int
     """Output only. Number of versions created so far (the newest is v{version_count-1}); 0 = no version yet."""
     latest_version: _builtins.str
@@ -146,7 +148,9 @@ class CreateJobRequest(_message.Message):
     job_id: _builtins.str
     """Required. The job id, the last segment of its name, e.g. `train-mnist`."""
     request_id: _builtins.str
-    """Optional. Idempotency key (see common.proto)."""
+    """Optional. Idempotency key (see common.proto), at most 128 characters, without NUL (U+0000): else
+    INVALID_ARGUMENT `ARGUMENT_INVALID`.
+    """
     @_builtins.property
     def job(self) -> Global___Job:
         """Optional. Initial mutable fields (description); output-only fields are ignored."""
@@ -410,7 +414,10 @@ class CreateJobVersionRequest(_message.Message):
     missing job is NOT_FOUND `JOB_NOT_FOUND`.
     """
     request_id: _builtins.str
-    """Optional. Idempotency key (see common.proto)."""
+    """Optional. Idempotency key (see common.proto), at most 128 characters, without NUL (U+0000): else
+    INVALID_ARGUMENT `ARGUMENT_INVALID`. The version's texts (description, entrypoint arguments, metric
+    names, requirements, Dockerfile) refuse NUL the same way, naming the field.
+    """
     @_builtins.property
     def version(self) -> _common_pb2.JobVersion:
         """Required. The version's content: source, entrypoint, inputs, outputs, environment, description.

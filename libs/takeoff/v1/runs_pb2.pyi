@@ -84,7 +84,10 @@ class Run(_message.Message):
     name: _builtins.str
     """Output only. Resource name `projects/{project}/runs/{run}`."""
     display_name: _builtins.str
-    """Optional. Human-readable name, at most 256 characters; empty = clients show the id."""
+    """Optional. Human-readable name, at most 256 characters, without NUL (U+0000): more, or a NUL, is
+    INVALID_ARGUMENT `ARGUMENT_INVALID` (PostgreSQL text cannot hold NUL; every store refuses it alike);
+    empty = clients show the id.
+    """
     job_version: _builtins.str
     """Optional. Immutable. Full name of the job version this run executes,
     `projects/{p}/jobs/{j}/versions/{n}`; empty for runs made by the SDK outside a launch.
@@ -110,7 +113,8 @@ class Run(_message.Message):
     @_builtins.property
     def config(self) -> _struct_pb2.Struct:
         """Optional. The run config: at creation the launch config (from the item), replaced by the config the
-        job reports at AttachRun. At most 256 KiB encoded (INVALID_ARGUMENT `ARGUMENT_INVALID`).
+        job reports at AttachRun. At most 256 KiB encoded (INVALID_ARGUMENT `ARGUMENT_INVALID`). Keys and
+        string values are data: they may hold NUL (U+0000) and are kept as given, as in `summary`.
         """
 
     @_builtins.property
@@ -215,8 +219,9 @@ class MetricRow(_message.Message):
     @_builtins.property
     def values(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
         """Optional. Numeric values by metric name (the fast path), e.g. {"loss": 0.5, "epoch": 1}. NaN and
-        infinities are allowed. Metric names (here and in `data`) are at most 256 characters; a run holds at
-        most 1000 distinct names (more is INVALID_ARGUMENT `ARGUMENT_INVALID` and stores nothing).
+        infinities are allowed. Metric names (here and in `data`) are at most 256 characters without NUL
+        (U+0000); a run holds at most 1000 distinct names (a longer name, a NUL or more names is
+        INVALID_ARGUMENT `ARGUMENT_INVALID` naming the key, and stores nothing of the batch).
         """
 
     @_builtins.property
@@ -258,7 +263,8 @@ class LogLine(_message.Message):
     """Optional. Which output the line came from; unset = LOG_STREAM_STDOUT."""
     text: _builtins.str
     """Required. The text of one line without the trailing newline, UTF-8 (invalid bytes replaced), at most
-    64 KiB (longer lines are split by the writer).
+    64 KiB (longer lines are split by the writer). It is the job's output: a NUL (U+0000) in it is kept and
+    read back as given, neither refused nor replaced.
     """
     @_builtins.property
     def time(self) -> _timestamp_pb2.Timestamp:
@@ -300,7 +306,8 @@ class CreateRunRequest(_message.Message):
     """
     request_id: _builtins.str
     """Optional. Idempotency key (see common.proto); an agent retrying after a reconnect uses the same one and
-    gets the existing run instead of ALREADY_EXISTS.
+    gets the existing run instead of ALREADY_EXISTS. At most 128 characters, without NUL (U+0000): else
+    INVALID_ARGUMENT `ARGUMENT_INVALID`.
     """
     @_builtins.property
     def run(self) -> Global___Run:
@@ -363,7 +370,9 @@ class AttachRunRequest(_message.Message):
     TAKEOFF_RUN_ID).
     """
     display_name: _builtins.str
-    """Optional. New display name (the SDK's `init(name=...)`); empty = keep."""
+    """Optional. New display name (the SDK's `init(name=...)`), as `Run.display_name` (at most 256
+    characters, no NUL); empty = keep.
+    """
     @_builtins.property
     def config(self) -> _struct_pb2.Struct:
         """Optional. The config the job actually uses (its defaults overridden by the launch config); replaces the
@@ -804,7 +813,7 @@ class FinishRunRequest(_message.Message):
     """Optional. The job process's exit status, when known (the agent knows it; the SDK usually does not)."""
     message: _builtins.str
     """Optional. Why it ended, e.g. an exception summary, `never attached (NO_RUN)`, `cancelled by user`; at
-    most 64 KiB.
+    most 64 KiB of UTF-8, without NUL (U+0000): more, or a NUL, is INVALID_ARGUMENT `ARGUMENT_INVALID`.
     """
     def __init__(
         self,
