@@ -32,17 +32,25 @@ def field_error(field: str, problem: str, *, reason: str = "ARGUMENT_INVALID") -
 NUL = "\x00"
 
 
-def check_text(value: str, *, field: str, max_chars: int | None = None, max_bytes: int | None = None) -> str:
-    """Return ``value`` if every store can keep it as text, else raise INVALID_ARGUMENT ``ARGUMENT_INVALID``
-    on ``field``: a NUL character (U+0000), which PostgreSQL's text types cannot hold (SQLite can, so
-    refusing it everywhere keeps one behaviour), or more than ``max_chars`` characters / ``max_bytes``
-    bytes of UTF-8."""
+def text_problem(value: str, *, max_chars: int | None = None, max_bytes: int | None = None) -> str | None:
+    """Why every store cannot keep ``value`` as text, or None: a NUL character (U+0000), which PostgreSQL's
+    text types cannot hold (SQLite can; refusing it on both keeps one behaviour), or more than
+    ``max_chars`` characters / ``max_bytes`` bytes of UTF-8."""
     if (first_nul := value.find(NUL)) >= 0:
-        raise field_error(field, f"must not contain NUL characters (U+0000; the first is at {first_nul})")
+        return f"must not contain NUL characters (U+0000; the first is at {first_nul})"
     if max_chars is not None and len(value) > max_chars:
-        raise field_error(field, f"must be at most {max_chars} characters (got {len(value)})")
+        return f"must be at most {max_chars} characters (got {len(value)})"
+    # Four bytes per character at most: only text that could be too long is encoded.
     if max_bytes is not None and len(value) * 4 > max_bytes and len(value.encode()) > max_bytes:
-        raise field_error(field, f"must be at most {max_bytes} bytes of UTF-8 (got {len(value.encode())})")
+        return f"must be at most {max_bytes} bytes of UTF-8 (got {len(value.encode())})"
+    return None
+
+
+def check_text(value: str, *, field: str, max_chars: int | None = None, max_bytes: int | None = None) -> str:
+    """Return ``value`` if every store can keep it as text (see :func:`text_problem`), else raise
+    INVALID_ARGUMENT ``ARGUMENT_INVALID`` on ``field``."""
+    if problem := text_problem(value, max_chars=max_chars, max_bytes=max_bytes):
+        raise field_error(field, problem)
     return value
 
 

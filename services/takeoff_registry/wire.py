@@ -15,7 +15,7 @@ from takeoff.v1 import runs_pb2
 from takeoff_registry.runs import MAX_METRIC_KEY, Chunk, EncodedBatch
 from takeoff_server.errors import FieldViolation, InvalidArgument
 from takeoff_server.protovalues import timestamp
-from takeoff_server.validation import check_text
+from takeoff_server.validation import text_problem
 
 MAX_LINE_BYTES = 64 * 1024
 MAX_ENTRIES_PER_MESSAGE = 1000
@@ -70,11 +70,11 @@ def metric_batch(rows: Sequence[runs_pb2.MetricRow]) -> EncodedBatch:
                     )
                 )
             keys.update(data_keys)
-    for key in keys:
-        try:
-            check_text(key, field=f"rows.values[{key[:40]!r}]", max_chars=MAX_METRIC_KEY)
-        except InvalidArgument as error:
-            violations.extend(error.violations)
+    violations.extend(
+        FieldViolation("rows", f"metric key {key[:40]!r}: {problem}")
+        for key in keys
+        if (problem := text_problem(key, max_chars=MAX_METRIC_KEY))
+    )
     if violations:
         raise _invalid(violations)
 

@@ -164,7 +164,7 @@ async def test_a_metric_key_with_nul_is_refused_and_no_row_is_stored(registry: R
     for row in batches.values():
         await assert_refused(
             registry.runs.BatchLogMetrics(runs_pb2.BatchLogMetricsRequest(name=run.name, rows=[row])),
-            f"rows.values[{NUL_TEXT!r}]",
+            "rows",
         )
 
     unchanged = await registry.runs.GetRun(runs_pb2.GetRunRequest(name=run.name))
