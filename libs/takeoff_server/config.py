@@ -67,8 +67,8 @@ class ServerSettings(BaseSettings):
     @field_validator("shutdown_grace_seconds")
     @classmethod
     def _check_grace(cls, seconds: float) -> float:
-        if seconds < 0:
-            raise ValueError("must be zero or more")
+        if not 0 <= seconds <= 3600:
+            raise ValueError("must be between 0 and 3600")
         return seconds
 
     @classmethod

@@ -255,7 +255,7 @@ class Agent:
                 outcome=outcome.state,
                 reason=outcome.reason,
                 exit_code=outcome.exit_code,
-                message=outcome.message[-65536:],
+                message=outcome.message,
             )
         )
         self._forget(attempt)

@@ -9,20 +9,20 @@ from takeoff_server.config import ServerSettings
 
 class AgentSettings(ServerSettings):
     listen: list[str] = ["127.0.0.1:50054"]
-    name: str = ""
+    name: str = Field(default="", max_length=256)
     """Shown in ``takeoff agents``; empty means the host name."""
-    queues: list[str] = []
+    queues: list[str] = Field(default=[], max_length=256)
     """Queues to serve, as ``projects/{p}/queues/{q}`` or ``{q}`` in the ``default`` project."""
-    max_jobs: int = Field(default=1, ge=1)
+    max_jobs: int = Field(default=1, ge=1, le=4096)
     """How many items the agent works on at once."""
     queue_address: str = "127.0.0.1:50052"
     builder_address: str = "127.0.0.1:50053"
     registry_address: str = "127.0.0.1:50051"
     runners: dict[str, dict[str, object]] = {"local-process": {}}
     """One entry per resource kind the agent can run (``local-process`` for now), with its options."""
-    stop_grace_seconds: float = Field(default=10.0, ge=0)
+    stop_grace_seconds: float = Field(default=10.0, ge=0, le=86400)
     """Between SIGTERM and SIGKILL when a job is cancelled, revoked or out of time."""
-    drain_timeout_seconds: float | None = Field(default=None, ge=0)
+    drain_timeout_seconds: float | None = Field(default=None, ge=0, le=86400)
     """How long a draining agent lets running jobs go on before stopping them; unset: until they end."""
     state_dir: Path | None = None
     """Where the agent keeps its id and its jobs' state; empty means ``{home}/agent``."""

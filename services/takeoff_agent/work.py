@@ -15,6 +15,7 @@ import logging
 import os
 import time
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -32,6 +33,9 @@ logger = logging.getLogger(__name__)
 Assignment = queue_pb2.LeaseResponse.Assignment
 LOG_FLUSH_SECONDS = 0.2
 LAST_LINES_IN_MESSAGE = 20
+# The queue keeps the last 4 KiB of a Complete's message (queue.proto): a failure message is built to fit,
+# so that clipping never drops its explanation.
+MAX_OUTCOME_MESSAGE_BYTES = 4096
 MAX_LINES_PER_CALL = 10_000  # the registry's limit per AppendLogs
 MAX_BYTES_PER_CALL = 2 * 1024 * 1024  # well under the registry's 4 MiB receive limit
 LINE_OVERHEAD_BYTES = 8
@@ -329,7 +333,7 @@ class Attempt:
                     return Outcome(
                         common_pb2.ITEM_STATE_FAILED,
                         failure.reason or common_pb2.FAILURE_REASON_BUILD_FAILED,
-                        message="\n".join([failure.message, *failure.log_tail[-LAST_LINES_IN_MESSAGE:]]),
+                        message=failure_message(failure.message, failure.log_tail[-LAST_LINES_IN_MESSAGE:]),
                     )
         await self._flush_logs_quietly()
         if result is None:
@@ -423,7 +427,6 @@ class Attempt:
         """The outcome of docs/design.md §7, and the run's final state when the job's SDK did not set one."""
         run = self.assignment.run
         exit_code = ended.exit_code if ended else None
-        last_lines = "\n".join(self.log.last_lines)
         reason = (
             self.stop_reason
             if self.stop_reason is not None
@@ -457,7 +460,10 @@ class Attempt:
         if ended.exit_code != 0:
             crashed = ended.signal is not None
             state = common_pb2.RUN_STATE_CRASHED if crashed else common_pb2.RUN_STATE_FAILED
-            message = f"exit code {ended.exit_code}" + (f"; last lines:\n{last_lines}" if last_lines else "")
+            last_lines = list(self.log.last_lines)
+            message = failure_message(
+                f"exit code {ended.exit_code}" + ("; last lines:" if last_lines else ""), last_lines
+            )
             await self.context.runs.finish(run, state, exit_code=ended.exit_code, message=message)
             return Outcome(
                 common_pb2.ITEM_STATE_FAILED, common_pb2.FAILURE_REASON_JOB_FAILED, ended.exit_code, message
@@ -487,3 +493,24 @@ class Attempt:
             await self.log.flush()
         except Exception:  # logs must never cost the job its outcome; the next flush tries again
             logger.warning("could not send log lines of %s", self.assignment.run, exc_info=True)
+
+
+def failure_message(explanation: str, last_lines: Sequence[str]) -> str:
+    """``explanation`` then as many of ``last_lines`` (the newest) as fit in the queue's message limit."""
+    explanation = _clip_utf8(explanation, MAX_OUTCOME_MESSAGE_BYTES // 4)
+    room = MAX_OUTCOME_MESSAGE_BYTES - len(explanation.encode())
+    kept: list[str] = []
+    for line in reversed(last_lines):
+        size = len(line.encode()) + 1
+        if size > room:
+            if not kept:  # the newest line alone is too long: its start is still worth showing
+                kept.append(_clip_utf8(line, room - 1))
+            break
+        kept.append(line)
+        room -= size
+    return "\n".join([explanation, *reversed(kept)])
+
+
+def _clip_utf8(text: str, limit: int) -> str:
+    encoded = text.encode()
+    return text if len(encoded) <= limit else encoded[: max(limit, 0)].decode(errors="ignore")

@@ -51,7 +51,8 @@ def test_bad_environment_value_names_the_variable(monkeypatch: pytest.MonkeyPatc
         ("colour: blue\n", "unknown setting 'colour'"),
         ("greeting: [unclosed\n", "is not valid YAML"),
         ("- a\n- b\n", "must hold a mapping"),
-        ("shutdown_grace_seconds: -1\n", "must be zero or more"),
+        ("shutdown_grace_seconds: -1\n", "must be between 0 and 3600"),
+        ("shutdown_grace_seconds: .inf\n", "must be between 0 and 3600"),
     ],
 )
 def test_bad_yaml_gives_one_readable_line(tmp_path: Path, yaml_text: str, expected: str) -> None:
