@@ -140,7 +140,7 @@ async def test_an_item_an_agent_can_take_is_inserted_leased_in_one_write(
         assert (stored.state, stored.epoch, stored.lease_id) == (LEASED, 1, assignment.lease_id)
         assert states(stored) == [PENDING, LEASED]
 
-        # The lease is like any other: the agent's progress and completion are taken.
+        # The lease is like any other: the agent completes the item under it.
         assert (await agent.complete(assignment, SUCCEEDED)).ack.state == SUCCEEDED
     finally:
         await agent.close()
