@@ -11,9 +11,10 @@ import grpc
 import pytest
 
 from takeoff.v1 import common_pb2, queue_pb2, queue_pb2_grpc
+from takeoff_queue.settings import QueueSettings
 from tests.postgres import assert_service_wrote_tables, postgres_schema_url
 from tests.processes import ServiceProcess, service_process
-from tests.queue.harness import make_code_job
+from tests.queue.harness import InProcessQueue, in_process_queue, make_code_job
 
 LEASE_TTL_SECONDS = 2.0
 QUEUE_ENV = {
@@ -100,3 +101,22 @@ def new_queue(queues: queue_pb2_grpc.QueueServiceAsyncStub) -> NewQueue:
         return response.queue.name
 
     return create
+
+
+# The queue service in this process, for tests that make one item, queue or write fail on purpose.
+@pytest.fixture
+def settings(tmp_path: Path, queue_env: dict[str, str], job: str) -> QueueSettings:
+    return QueueSettings(
+        home=tmp_path,
+        listen=["127.0.0.1:0"],
+        registry_address=queue_env["TAKEOFF_REGISTRY_ADDRESS"],
+        database_url=queue_env.get("TAKEOFF_DATABASE_URL"),
+        lease_ttl_seconds=30,
+        heartbeat_interval_seconds=0.2,
+    )
+
+
+@pytest.fixture
+async def service(settings: QueueSettings) -> AsyncIterator[InProcessQueue]:
+    async with in_process_queue(settings) as service:
+        yield service

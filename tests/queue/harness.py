@@ -1,13 +1,15 @@
-"""Real clients for queue tests: a scripted agent on the Lease stream, and jobs made in a real registry."""
+"""Real clients for queue tests: a scripted agent on the Lease stream, jobs made in a real registry, and the
+queue service in this process for tests that make one item, queue or write fail on purpose."""
 
 from __future__ import annotations
 
 import asyncio
 import uuid
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 import grpc
 from google.protobuf import struct_pb2
@@ -15,6 +17,11 @@ from google.protobuf import struct_pb2
 from takeoff.client import Client
 from takeoff.models import JobInputs
 from takeoff.v1 import common_pb2, queue_pb2, queue_pb2_grpc
+from takeoff_queue.__main__ import QueueService, assemble
+from takeoff_queue.model import Item
+from takeoff_queue.settings import QueueSettings
+from takeoff_server.server import TakeoffServer
+from tests.postgres import assert_service_wrote_tables
 
 LOCAL_PROCESS = common_pb2.RESOURCE_KIND_LOCAL_PROCESS
 Response = queue_pb2.LeaseResponse
@@ -253,3 +260,46 @@ def error_details(error: grpc.aio.AioRpcError) -> tuple[str, list[str]]:
                 detail.Unpack(bad)
                 fields = [v.field for v in bad.field_violations]
     return reason, fields
+
+
+Stub: TypeAlias = "queue_pb2_grpc.QueueServiceAsyncStub"  # a type only the stubs know
+
+
+@dataclass
+class InProcessQueue:
+    parts: QueueService
+    address: str
+    queues: Stub
+
+    async def new_queue(self) -> str:
+        response = await self.queues.CreateQueue(
+            queue_pb2.CreateQueueRequest(
+                parent="projects/qtest",
+                queue_id=f"q-{uuid.uuid4().hex[:10]}",
+                queue=queue_pb2.Queue(resource=common_pb2.RESOURCE_KIND_LOCAL_PROCESS),
+            )
+        )
+        return response.queue.name
+
+    async def enqueue(self, queue: str, job: str) -> str:
+        return (await self.queues.Enqueue(queue_pb2.EnqueueRequest(queue=queue, job=job))).item.name
+
+    async def stored(self, name: str) -> queue_pb2.Item:
+        return (await self.queues.GetItem(queue_pb2.GetItemRequest(name=name))).item
+
+    def held(self, name: str) -> Item | None:
+        """The dispatcher's view of a live item."""
+        return self.parts.dispatcher.items.get(name.rsplit("/", 1)[1])
+
+
+@asynccontextmanager
+async def in_process_queue(settings: QueueSettings) -> AsyncIterator[InProcessQueue]:
+    async with AsyncExitStack() as resources:
+        parts = await assemble(settings, resources)
+        if settings.database_url:
+            assert_service_wrote_tables(settings.database_url, "queue_")  # the PostgreSQL variant runs there
+        server = TakeoffServer([parts.binding], listen=settings.listen)
+        [address] = await server.start()
+        resources.push_async_callback(server.stop, 1)
+        channel = await resources.enter_async_context(grpc.aio.insecure_channel(address))
+        yield InProcessQueue(parts, address, queue_pb2_grpc.QueueServiceStub(channel))

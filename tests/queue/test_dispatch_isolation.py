@@ -9,91 +9,26 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
-from typing import Any, TypeAlias
+from typing import Any
 
 import grpc
 import pytest
 from google.protobuf import field_mask_pb2
 
-from takeoff.v1 import common_pb2, queue_pb2, queue_pb2_grpc
+from takeoff.v1 import common_pb2, queue_pb2
 from takeoff_queue import lifecycle
-from takeoff_queue.__main__ import QueueService, assemble
 from takeoff_queue.lifecycle import ItemLife, ItemState
 from takeoff_queue.model import Item, ResolvedJob
 from takeoff_queue.settings import QueueSettings
 from takeoff_queue.store import QueueWrite
-from takeoff_server.server import TakeoffServer
-from tests.postgres import assert_service_wrote_tables
-from tests.queue.harness import ScriptedAgent
+from tests.queue.harness import InProcessQueue, ScriptedAgent, in_process_queue
 
-Stub: TypeAlias = "queue_pb2_grpc.QueueServiceAsyncStub"  # a type only the stubs know
 LEASED = common_pb2.ITEM_STATE_LEASED
 PENDING = common_pb2.ITEM_STATE_PENDING
 FAILED = common_pb2.ITEM_STATE_FAILED
 SUCCEEDED = common_pb2.ITEM_STATE_SUCCEEDED
-
-
-@dataclass
-class InProcessQueue:
-    parts: QueueService
-    address: str
-    queues: Stub
-
-    async def new_queue(self) -> str:
-        response = await self.queues.CreateQueue(
-            queue_pb2.CreateQueueRequest(
-                parent="projects/qtest",
-                queue_id=f"q-{uuid.uuid4().hex[:10]}",
-                queue=queue_pb2.Queue(resource=common_pb2.RESOURCE_KIND_LOCAL_PROCESS),
-            )
-        )
-        return response.queue.name
-
-    async def enqueue(self, queue: str, job: str) -> str:
-        return (await self.queues.Enqueue(queue_pb2.EnqueueRequest(queue=queue, job=job))).item.name
-
-    async def stored(self, name: str) -> queue_pb2.Item:
-        return (await self.queues.GetItem(queue_pb2.GetItemRequest(name=name))).item
-
-    def held(self, name: str) -> Item | None:
-        """The dispatcher's view of a live item."""
-        return self.parts.dispatcher.items.get(name.rsplit("/", 1)[1])
-
-
-@pytest.fixture
-def settings(tmp_path: Path, queue_env: dict[str, str], job: str) -> QueueSettings:
-    return QueueSettings(
-        home=tmp_path,
-        listen=["127.0.0.1:0"],
-        registry_address=queue_env["TAKEOFF_REGISTRY_ADDRESS"],
-        database_url=queue_env.get("TAKEOFF_DATABASE_URL"),
-        lease_ttl_seconds=30,
-        heartbeat_interval_seconds=0.2,
-    )
-
-
-@asynccontextmanager
-async def in_process_queue(settings: QueueSettings) -> AsyncIterator[InProcessQueue]:
-    async with AsyncExitStack() as resources:
-        parts = await assemble(settings, resources)
-        if settings.database_url:
-            assert_service_wrote_tables(settings.database_url, "queue_")  # the PostgreSQL variant runs there
-        server = TakeoffServer([parts.binding], listen=settings.listen)
-        [address] = await server.start()
-        resources.push_async_callback(server.stop, 1)
-        channel = await resources.enter_async_context(grpc.aio.insecure_channel(address))
-        yield InProcessQueue(parts, address, queue_pb2_grpc.QueueServiceStub(channel))
-
-
-@pytest.fixture
-async def service(settings: QueueSettings) -> AsyncIterator[InProcessQueue]:
-    async with in_process_queue(settings) as service:
-        yield service
 
 
 async def test_durations_beyond_every_date_mean_never(settings: QueueSettings, job: str) -> None:

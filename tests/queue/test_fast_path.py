@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
@@ -20,10 +19,8 @@ from takeoff.v1 import common_pb2, queue_pb2
 from takeoff_queue.book import EnqueueRequest
 from takeoff_queue.lifecycle import ItemLife, ItemState
 from takeoff_queue.model import Assignment, Item
-from takeoff_queue.settings import QueueSettings
 from takeoff_queue.store import QueueStore, QueueWrite
-from tests.queue.harness import ScriptedAgent
-from tests.queue.test_dispatch_isolation import InProcessQueue, in_process_queue
+from tests.queue.harness import InProcessQueue, ScriptedAgent
 
 T = TypeVar("T")
 PENDING = common_pb2.ITEM_STATE_PENDING
@@ -86,24 +83,6 @@ class StoreWrites:
         item_id = name.rsplit("/", 1)[1]
         found = [[change for change in write if change[1] == item_id] for write in self.writes]
         return [changes for changes in found if changes]
-
-
-@pytest.fixture
-def settings(tmp_path: Path, queue_env: dict[str, str], job: str) -> QueueSettings:
-    return QueueSettings(
-        home=tmp_path,
-        listen=["127.0.0.1:0"],
-        registry_address=queue_env["TAKEOFF_REGISTRY_ADDRESS"],
-        database_url=queue_env.get("TAKEOFF_DATABASE_URL"),
-        lease_ttl_seconds=30,
-        heartbeat_interval_seconds=0.2,
-    )
-
-
-@pytest.fixture
-async def service(settings: QueueSettings) -> AsyncIterator[InProcessQueue]:
-    async with in_process_queue(settings) as service:
-        yield service
 
 
 async def enqueue(service: InProcessQueue, queue: str, job: str) -> queue_pb2.Item:
