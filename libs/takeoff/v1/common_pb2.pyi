@@ -40,8 +40,12 @@ items; streamed reads split their messages the same way). Filters are explicit r
 filter value the server does not know is INVALID_ARGUMENT `ARGUMENT_INVALID`. Update takes a
 google.protobuf.FieldMask `update_mask`; `*` means every mutable field.
 
+Text: no text field that is stored may contain NUL (U+0000; PostgreSQL cannot store it): INVALID_ARGUMENT
+`ARGUMENT_INVALID` naming the field. Log lines, Struct values and texts an agent reports are the exceptions
+their own comments name.
+
 Idempotency (AIP-155): methods that create things take an optional `request_id` (a client-chosen string of
-at most 128 characters, a UUID is recommended). A retry with the same `request_id` and the same request
+at most 128 characters without NUL, a UUID is recommended). A retry with the same `request_id` and the same request
 returns the result of the first call and creates nothing new; the same `request_id` with a different
 request fails with INVALID_ARGUMENT `REQUEST_ID_CONFLICT`. Request ids are remembered for at least 24 hours.
 
