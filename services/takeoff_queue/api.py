@@ -478,7 +478,6 @@ class QueueApi(queue_pb2_grpc.QueueServiceServicer):
     def __init__(self, book: QueueBook, dispatcher: Dispatcher) -> None:
         self._book = book
         self._dispatcher = dispatcher
-        self._projects = checks.Projects(dispatcher.queues)  # restored from the store by now
 
     def _item_proto(self, item: Item) -> queue_pb2.Item:
         holder = self._dispatcher.agents.get(item.life.agent.removeprefix("agents/"))
@@ -488,8 +487,9 @@ class QueueApi(queue_pb2_grpc.QueueServiceServicer):
         counts = await self._book.item_counts(queue.name)
         return _queue_to_proto(queue, counts, self._book.agent_count(queue.name))
 
-    def _check_project(self, name: str, pattern: ResourcePattern, field: str) -> None:
-        self._projects.check(pattern.parse(name, field=field)["project"])
+    async def _check_project(self, name: str, pattern: ResourcePattern, field: str) -> None:
+        project = PROJECT.format(project=pattern.parse(name, field=field)["project"])
+        await self._book.check_project(project, field=field)
 
     async def CreateQueue(
         self, request: queue_pb2.CreateQueueRequest, context: Context
@@ -500,13 +500,12 @@ class QueueApi(queue_pb2_grpc.QueueServiceServicer):
             _queue_from_proto(request.queue),
             _request_id(request.request_id),
         )
-        self._projects.written(queue.name)
         return queue_pb2.CreateQueueResponse(queue=await self._queue_proto(queue))
 
     async def GetQueue(
         self, request: queue_pb2.GetQueueRequest, context: Context
     ) -> queue_pb2.GetQueueResponse:
-        self._check_project(request.name, QUEUE, "name")
+        await self._check_project(request.name, QUEUE, "name")
         return queue_pb2.GetQueueResponse(queue=await self._queue_proto(self._book.queue(request.name)))
 
     async def ListQueues(
@@ -520,7 +519,7 @@ class QueueApi(queue_pb2_grpc.QueueServiceServicer):
             cursor_types=[str],
         )
         kind = _resource_kind(request.resource, "resource") if request.resource else None
-        self._check_project(request.parent, PROJECT, "parent")
+        await self._check_project(request.parent, PROJECT, "parent")
         queues, last = self._book.list_queues(request.parent, page, kind)
         shown, token = page_response(
             [(await self._queue_proto(queue), (queue.name,)) for queue in queues],
@@ -550,7 +549,7 @@ class QueueApi(queue_pb2_grpc.QueueServiceServicer):
                     FieldViolation("update_mask", f"{path} is not an updatable field") for path in bad
                 ],
             )
-        self._check_project(request.queue.name, QUEUE, "queue.name")
+        await self._check_project(request.queue.name, QUEUE, "queue.name")
         current = self._book.queue(request.queue.name, field_name="queue.name")
         # Only the masked fields are read from the request: whatever else it carries is ignored.
         updated = _queue_to_proto(current)
@@ -564,7 +563,7 @@ class QueueApi(queue_pb2_grpc.QueueServiceServicer):
     async def DeleteQueue(
         self, request: queue_pb2.DeleteQueueRequest, context: Context
     ) -> queue_pb2.DeleteQueueResponse:
-        self._check_project(request.name, QUEUE, "name")
+        await self._check_project(request.name, QUEUE, "name")
         await self._book.delete_queue(request.name, force=request.force)
         return queue_pb2.DeleteQueueResponse()
 
@@ -591,7 +590,7 @@ class QueueApi(queue_pb2_grpc.QueueServiceServicer):
         return queue_pb2.EnqueueResponse(item=self._item_proto(item))
 
     async def GetItem(self, request: queue_pb2.GetItemRequest, context: Context) -> queue_pb2.GetItemResponse:
-        self._check_project(request.name, ITEM, "name")
+        await self._check_project(request.name, ITEM, "name")
         return queue_pb2.GetItemResponse(item=self._item_proto(await self._book.get_item(request.name)))
 
     async def ListItems(
@@ -614,9 +613,9 @@ class QueueApi(queue_pb2_grpc.QueueServiceServicer):
         )
         checks.check_job_filter(request.job)
         if request.parent.endswith("/queues/-"):
-            self._check_project(request.parent.removesuffix("/queues/-"), PROJECT, "parent")
+            await self._check_project(request.parent.removesuffix("/queues/-"), PROJECT, "parent")
         else:
-            self._check_project(request.parent, QUEUE, "parent")
+            await self._check_project(request.parent, QUEUE, "parent")
         wanted = [state for state in states if state is not None]
         if states and not wanted:
             return queue_pb2.ListItemsResponse()  # ITEM_STATE_UNSPECIFIED matches nothing

@@ -30,8 +30,9 @@ from takeoff_server.validation import Problems
 MAX_ATTEMPTS_LIMIT = 100
 
 
-class JobResolver(Protocol):
-    """Pins a job reference to one version (the registry, over gRPC)."""
+class JobResolver(checks.ProjectLookup, Protocol):
+    """Pins a job reference to one version, and tells the projects written to through it (the registry,
+    over gRPC)."""
 
     async def resolve(self, project: str, reference: str) -> ResolvedJob: ...
 
@@ -103,10 +104,17 @@ class QueueBook:
         self._jobs = jobs
         self._clock = clock
         self._images_pushed = images_pushed
+        self._projects = checks.Projects(jobs)
 
     async def start(self) -> None:
-        queues, items = await self._store.load()
-        self._dispatcher.restore(queues, items)
+        stored = await self._store.load()
+        self._projects.written(*stored.projects)
+        self._dispatcher.restore(stored.queues, stored.items)
+
+    async def check_project(self, project: str, *, field: str) -> None:
+        """NOT_FOUND ``PROJECT_NOT_FOUND`` unless ``project`` (``projects/{p}``) was written to, here or in
+        the registry."""
+        await self._projects.check(project, field=field)
 
     # ----- queues ------------------------------------------------------------------------------------
 
@@ -148,6 +156,7 @@ class QueueBook:
 
         if (replayed := await self._store.write(write)) is not None:
             return self.queue(replayed)
+        self._projects.written(queue.project)
         self._dispatcher.put_queue(queue)
         return queue
 

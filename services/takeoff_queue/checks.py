@@ -15,7 +15,7 @@ import json
 import re
 from collections.abc import Iterable, Mapping, Sized
 from datetime import timedelta
-from typing import Any
+from typing import Any, Protocol
 
 from takeoff_server.errors import InvalidArgument, NotFound
 from takeoff_server.names import ResourcePattern
@@ -181,27 +181,42 @@ def check_job_filter(job: str) -> None:
         JOB_VERSION.parse(job, field="job")
 
 
+class ProjectLookup(Protocol):
+    """Where else a project may have been written to: the registry, the system of record for jobs and runs."""
+
+    async def project_written(self, project: str, *, field: str) -> bool:
+        """Whether ``project`` (``projects/{p}``) was written to there. Raises DEPENDENCY_UNAVAILABLE when
+        that cannot be told; ``field`` is the caller's request field that named the project."""
+        ...
+
+
 class Projects:
-    """The projects written to, as far as the queue service can tell (common.proto: reads in a project
-    never written to are PROJECT_NOT_FOUND). Creating a queue is the first write into a project here, and
-    items live in queues: a project exists once it held a queue. Seeded with the projects of the stored
-    queues, so one whose every queue was deleted is forgotten at a restart (only a table of projects
-    would remember it)."""
+    """The projects written to (common.proto: a read in a project never written to is PROJECT_NOT_FOUND).
 
-    def __init__(self, queue_names: Iterable[str]) -> None:
-        self._known = {name.split("/queues/", 1)[0] for name in queue_names}
+    Through the queue service, CreateQueue is the first write into a project: the store records the project
+    in the queue's transaction and keeps it when its queues are deleted, and the service is seeded from that
+    record at start. A project may also have been written to through the registry only (a job, a run), so
+    the registry is asked about any other project before it is called not found; a yes is kept (a project
+    never stops existing), a no is not (the project may be written to there at any moment)."""
 
-    def written(self, queue_name: str) -> None:
-        self._known.add(queue_name.split("/queues/", 1)[0])
+    def __init__(self, elsewhere: ProjectLookup) -> None:
+        self._known: set[str] = set()
+        self._elsewhere = elsewhere
 
-    def check(self, project: str) -> None:
-        name = f"projects/{project}"
-        if name not in self._known:
+    def written(self, *projects: str) -> None:
+        self._known.update(projects)
+
+    async def check(self, project: str, *, field: str) -> None:
+        """NOT_FOUND ``PROJECT_NOT_FOUND`` unless ``project`` (``projects/{p}``) was written to."""
+        if project in self._known:
+            return
+        if not await self._elsewhere.project_written(project, field=field):
             raise NotFound(
                 "PROJECT_NOT_FOUND",
-                f"project {name} was never written to: it never held a queue",
-                metadata={"resource": name},
+                f"project {project} was never written to: it holds no queue, job or run",
+                metadata={"resource": project},
             )
+        self._known.add(project)
 
 
 # What an agent sends on the Lease stream (queue.proto documents each bound).

@@ -1,4 +1,5 @@
-"""Pins job references through the registry's JobService: the queue's only view of jobs.
+"""The registry's JobService as the queue sees it: the only view of jobs (references pinned to versions), and
+of the projects written to through the registry.
 
 A refusal by the registry is answered as the queue's own error (``takeoff_server.remote_errors``), at once:
 the caller of Enqueue retries an unavailable registry, not the queue.
@@ -15,11 +16,11 @@ from takeoff_rpc.status import decode_rpc_error
 from takeoff_server.protovalues import struct_to_dict
 from takeoff_server.remote_errors import domain_error
 
-RESOLVE_TIMEOUT_SECONDS = 10.0
+CALL_TIMEOUT_SECONDS = 10.0
 
 
 class RegistryJobs:
-    """A ``JobResolver`` backed by the registry at ``address``."""
+    """A ``JobResolver`` and ``ProjectLookup`` backed by the registry at ``address``."""
 
     def __init__(self, address: str) -> None:
         self.address = address
@@ -30,7 +31,7 @@ class RegistryJobs:
         try:
             response = await self._jobs.GetJobVersion(
                 jobs_pb2.GetJobVersionRequest(name=reference, project=project),
-                timeout=RESOLVE_TIMEOUT_SECONDS,
+                timeout=CALL_TIMEOUT_SECONDS,
             )
         except grpc.aio.AioRpcError as error:
             raise domain_error(
@@ -49,6 +50,25 @@ class RegistryJobs:
             default_config=struct_to_dict(inputs.defaults) if inputs.HasField("defaults") else {},
             version_proto=version.SerializeToString(),
         )
+
+    async def project_written(self, project: str, *, field: str) -> bool:
+        """The cheapest read in ``project`` there is: one job. It is PROJECT_NOT_FOUND exactly when nothing
+        (no job, no run) was ever written to the project through the registry."""
+        try:
+            await self._jobs.ListJobs(
+                jobs_pb2.ListJobsRequest(parent=project, page_size=1), timeout=CALL_TIMEOUT_SECONDS
+            )
+        except grpc.aio.AioRpcError as error:
+            remote = decode_rpc_error(error, target=self.address)
+            if remote.reason == "PROJECT_NOT_FOUND":
+                return False
+            raise domain_error(
+                remote,
+                action=f"the registry looking up {project}",
+                field=field,
+                metadata={"resource": project},
+            ) from None
+        return True
 
     async def close(self) -> None:
         await self._channel.close()

@@ -8,10 +8,12 @@ connection or a session.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlmodel import JSON, Column, Field, LargeBinary, SQLModel
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -25,6 +27,17 @@ from takeoff_server.idempotency import RequestIds, request_ids_table
 from takeoff_server.sqltypes import UtcDateTime
 
 T = TypeVar("T")
+
+
+class ProjectRow(SQLModel, table=True):
+    """A project written to through the queue service. Kept when its queues are deleted: a project, once
+    written to, exists for good (common.proto)."""
+
+    __tablename__ = "queue_projects"
+
+    project: str = Field(primary_key=True)
+    """``projects/{project}``, as in :attr:`QueueRow.project`."""
+    create_time: datetime = Field(sa_column=Column(UtcDateTime, nullable=False))
 
 
 class QueueRow(SQLModel, table=True):
@@ -109,12 +122,22 @@ class TransitionRow(SQLModel, table=True):
     run: str = ""
 
 
+projects = ProjectRow.__table__  # type: ignore[attr-defined]
 queues = QueueRow.__table__  # type: ignore[attr-defined]
 items = ItemRow.__table__  # type: ignore[attr-defined]
 transitions = TransitionRow.__table__  # type: ignore[attr-defined]
 request_ids = RequestIds(request_ids_table("queue_request_ids", SQLModel.metadata))
 
 LIVE_OR_PENDING = [s.value for s in ItemState if not s.is_terminal]
+
+
+@dataclass(frozen=True, slots=True)
+class Stored:
+    """What the service rebuilds its memory from at start (see :meth:`QueueStore.load`)."""
+
+    projects: list[str]
+    queues: list[Queue]
+    items: list[Item]
 
 
 class QueueWrite:
@@ -124,6 +147,13 @@ class QueueWrite:
         self._connection = connection
 
     async def insert_queue(self, queue: Queue) -> None:
+        """The queue, and its project unless that was written to before."""
+        insert = postgresql.insert if self._connection.dialect.name == "postgresql" else sqlite.insert
+        await self._connection.execute(
+            insert(projects)
+            .values(project=queue.project, create_time=queue.create_time)
+            .on_conflict_do_nothing()
+        )
         await self._connection.execute(queues.insert().values(**queue_values(queue)))
 
     async def update_queue(self, queue: Queue) -> None:
@@ -213,14 +243,17 @@ class QueueStore:
                 session, scope=scope, request_id=request_id, fingerprint=fingerprint
             )
 
-    async def load(self) -> tuple[list[Queue], list[Item]]:
-        """Every queue, and every item not yet ended (in enqueue order, with its history)."""
+    async def load(self) -> Stored:
+        """Every project written to, every queue, and every item not yet ended (in enqueue order, with its
+        history)."""
         async with self._database.engine.connect() as connection:
             found_queues = [
                 _queue_from_row(dict(row)) for row in (await connection.execute(sa.select(queues))).mappings()
             ]
+            # After the queues: each queue's project was committed with it, so it is among these.
+            found_projects = list((await connection.execute(sa.select(projects.c.project))).scalars())
             unfinished = await _fetch_items(connection, states=LIVE_OR_PENDING)
-        return found_queues, [_item_from_row(row) for row in reversed(unfinished)]
+        return Stored(found_projects, found_queues, [_item_from_row(row) for row in reversed(unfinished)])
 
     async def items(
         self,

@@ -37,8 +37,10 @@ class QueueServiceStub:
     its next entry would pass that size (it always holds at least one), so it may hold fewer entries than
     `page_size` while `next_page_token` is set.
 
-    Projects: to the queue service a project exists while it holds a queue (CreateQueue is the first write
-    into a project here); reads naming a project without queues are NOT_FOUND `PROJECT_NOT_FOUND`.
+    Projects (common.proto): a project exists once written to, through this service (its first CreateQueue;
+    it stays when its queues are deleted) or through the registry (a job, a run). A read naming a project
+    this service never wrote to asks the registry before answering NOT_FOUND `PROJECT_NOT_FOUND`; while the
+    registry cannot be reached such a read is UNAVAILABLE `DEPENDENCY_UNAVAILABLE`, never NOT_FOUND.
     """
 
     def __init__(self, channel):
@@ -131,8 +133,10 @@ class QueueServiceServicer:
     its next entry would pass that size (it always holds at least one), so it may hold fewer entries than
     `page_size` while `next_page_token` is set.
 
-    Projects: to the queue service a project exists while it holds a queue (CreateQueue is the first write
-    into a project here); reads naming a project without queues are NOT_FOUND `PROJECT_NOT_FOUND`.
+    Projects (common.proto): a project exists once written to, through this service (its first CreateQueue;
+    it stays when its queues are deleted) or through the registry (a job, a run). A read naming a project
+    this service never wrote to asks the registry before answering NOT_FOUND `PROJECT_NOT_FOUND`; while the
+    registry cannot be reached such a read is UNAVAILABLE `DEPENDENCY_UNAVAILABLE`, never NOT_FOUND.
     """
 
     def CreateQueue(self, request, context):
@@ -147,16 +151,20 @@ class QueueServiceServicer:
 
     def GetQueue(self, request, context):
         """Gets a queue with its item counts.
-        Errors: INVALID_ARGUMENT `NAME_INVALID`; NOT_FOUND `PROJECT_NOT_FOUND` / `QUEUE_NOT_FOUND`.
+        Errors: INVALID_ARGUMENT `NAME_INVALID`; NOT_FOUND `PROJECT_NOT_FOUND` / `QUEUE_NOT_FOUND`; UNAVAILABLE
+        `DEPENDENCY_UNAVAILABLE` (see Projects above).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListQueues(self, request, context):
-        """Lists the queues of a project, ordered by queue id.
+        """Lists the queues of a project, ordered by queue id. A project written to but holding no queue (its
+        queues were deleted, or it has only jobs and runs in the registry) answers an empty list. A project
+        never written to, here or in the registry, is PROJECT_NOT_FOUND; when this service has no record of
+        the project and the registry cannot be reached, the answer is DEPENDENCY_UNAVAILABLE (retry).
         Errors: INVALID_ARGUMENT `NAME_INVALID` / `ARGUMENT_INVALID` / `PAGE_TOKEN_INVALID`; NOT_FOUND
-        `PROJECT_NOT_FOUND`.
+        `PROJECT_NOT_FOUND`; UNAVAILABLE `DEPENDENCY_UNAVAILABLE`.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -170,7 +178,8 @@ class QueueServiceServicer:
         max_run_time are captured by each item at Enqueue, so changes apply to items enqueued afterwards.
         Errors: INVALID_ARGUMENT `NAME_INVALID` / `UPDATE_MASK_INVALID` (e.g. `resource`, which is immutable) /
         `ARGUMENT_INVALID` / `SCHEMA_INVALID` / `TEMPLATE_VARIABLE_INVALID` / `RESOURCE_CONFIG_INVALID`;
-        NOT_FOUND `PROJECT_NOT_FOUND` / `QUEUE_NOT_FOUND`.
+        NOT_FOUND `PROJECT_NOT_FOUND` / `QUEUE_NOT_FOUND`; UNAVAILABLE `DEPENDENCY_UNAVAILABLE` (see Projects
+        above).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -180,7 +189,7 @@ class QueueServiceServicer:
         """Deletes a queue and its items. A queue with live items (PENDING..RUNNING) needs `force`; then its
         agents get Revoke{REVOKE_REASON_QUEUE_DELETED} for the leased items, which stop at once.
         Errors: INVALID_ARGUMENT `NAME_INVALID`; NOT_FOUND `PROJECT_NOT_FOUND` / `QUEUE_NOT_FOUND`;
-        FAILED_PRECONDITION `QUEUE_NOT_EMPTY`.
+        FAILED_PRECONDITION `QUEUE_NOT_EMPTY`; UNAVAILABLE `DEPENDENCY_UNAVAILABLE` (see Projects above).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -207,7 +216,7 @@ class QueueServiceServicer:
     def GetItem(self, request, context):
         """Gets an item with its transition history.
         Errors: INVALID_ARGUMENT `NAME_INVALID`; NOT_FOUND `PROJECT_NOT_FOUND` / `QUEUE_NOT_FOUND` /
-        `ITEM_NOT_FOUND`.
+        `ITEM_NOT_FOUND`; UNAVAILABLE `DEPENDENCY_UNAVAILABLE` (see Projects above).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -216,7 +225,7 @@ class QueueServiceServicer:
     def ListItems(self, request, context):
         """Lists items of a queue (or of every queue of a project), newest first, with their transition history.
         Errors: INVALID_ARGUMENT `NAME_INVALID` / `ARGUMENT_INVALID` / `PAGE_TOKEN_INVALID`; NOT_FOUND
-        `PROJECT_NOT_FOUND` / `QUEUE_NOT_FOUND`.
+        `PROJECT_NOT_FOUND` / `QUEUE_NOT_FOUND`; UNAVAILABLE `DEPENDENCY_UNAVAILABLE` (see Projects above).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -385,8 +394,10 @@ class QueueService:
     its next entry would pass that size (it always holds at least one), so it may hold fewer entries than
     `page_size` while `next_page_token` is set.
 
-    Projects: to the queue service a project exists while it holds a queue (CreateQueue is the first write
-    into a project here); reads naming a project without queues are NOT_FOUND `PROJECT_NOT_FOUND`.
+    Projects (common.proto): a project exists once written to, through this service (its first CreateQueue;
+    it stays when its queues are deleted) or through the registry (a job, a run). A read naming a project
+    this service never wrote to asks the registry before answering NOT_FOUND `PROJECT_NOT_FOUND`; while the
+    registry cannot be reached such a read is UNAVAILABLE `DEPENDENCY_UNAVAILABLE`, never NOT_FOUND.
     """
 
     @staticmethod

@@ -41,8 +41,10 @@ class QueueServiceStub:
     its next entry would pass that size (it always holds at least one), so it may hold fewer entries than
     `page_size` while `next_page_token` is set.
 
-    Projects: to the queue service a project exists while it holds a queue (CreateQueue is the first write
-    into a project here); reads naming a project without queues are NOT_FOUND `PROJECT_NOT_FOUND`.
+    Projects (common.proto): a project exists once written to, through this service (its first CreateQueue;
+    it stays when its queues are deleted) or through the registry (a job, a run). A read naming a project
+    this service never wrote to asks the registry before answering NOT_FOUND `PROJECT_NOT_FOUND`; while the
+    registry cannot be reached such a read is UNAVAILABLE `DEPENDENCY_UNAVAILABLE`, never NOT_FOUND.
     """
 
     @_typing.overload
@@ -57,12 +59,16 @@ class QueueServiceStub:
     """
     GetQueue: _grpc.UnaryUnaryMultiCallable[_queue_pb2.GetQueueRequest, _queue_pb2.GetQueueResponse]
     """Gets a queue with its item counts.
-    Errors: INVALID_ARGUMENT `NAME_INVALID`; NOT_FOUND `PROJECT_NOT_FOUND` / `QUEUE_NOT_FOUND`.
+    Errors: INVALID_ARGUMENT `NAME_INVALID`; NOT_FOUND `PROJECT_NOT_FOUND` / `QUEUE_NOT_FOUND`; UNAVAILABLE
+    `DEPENDENCY_UNAVAILABLE` (see Projects above).
     """
     ListQueues: _grpc.UnaryUnaryMultiCallable[_queue_pb2.ListQueuesRequest, _queue_pb2.ListQueuesResponse]
-    """Lists the queues of a project, ordered by queue id.
+    """Lists the queues of a project, ordered by queue id. A project written to but holding no queue (its
+    queues were deleted, or it has only jobs and runs in the registry) answers an empty list. A project
+    never written to, here or in the registry, is PROJECT_NOT_FOUND; when this service has no record of
+    the project and the registry cannot be reached, the answer is DEPENDENCY_UNAVAILABLE (retry).
     Errors: INVALID_ARGUMENT `NAME_INVALID` / `ARGUMENT_INVALID` / `PAGE_TOKEN_INVALID`; NOT_FOUND
-    `PROJECT_NOT_FOUND`.
+    `PROJECT_NOT_FOUND`; UNAVAILABLE `DEPENDENCY_UNAVAILABLE`.
     """
     UpdateQueue: _grpc.UnaryUnaryMultiCallable[_queue_pb2.UpdateQueueRequest, _queue_pb2.UpdateQueueResponse]
     """Updates a queue's mutable fields (pause/resume is an update of `paused`); only the fields the mask names
@@ -72,13 +78,14 @@ class QueueServiceStub:
     max_run_time are captured by each item at Enqueue, so changes apply to items enqueued afterwards.
     Errors: INVALID_ARGUMENT `NAME_INVALID` / `UPDATE_MASK_INVALID` (e.g. `resource`, which is immutable) /
     `ARGUMENT_INVALID` / `SCHEMA_INVALID` / `TEMPLATE_VARIABLE_INVALID` / `RESOURCE_CONFIG_INVALID`;
-    NOT_FOUND `PROJECT_NOT_FOUND` / `QUEUE_NOT_FOUND`.
+    NOT_FOUND `PROJECT_NOT_FOUND` / `QUEUE_NOT_FOUND`; UNAVAILABLE `DEPENDENCY_UNAVAILABLE` (see Projects
+    above).
     """
     DeleteQueue: _grpc.UnaryUnaryMultiCallable[_queue_pb2.DeleteQueueRequest, _queue_pb2.DeleteQueueResponse]
     """Deletes a queue and its items. A queue with live items (PENDING..RUNNING) needs `force`; then its
     agents get Revoke{REVOKE_REASON_QUEUE_DELETED} for the leased items, which stop at once.
     Errors: INVALID_ARGUMENT `NAME_INVALID`; NOT_FOUND `PROJECT_NOT_FOUND` / `QUEUE_NOT_FOUND`;
-    FAILED_PRECONDITION `QUEUE_NOT_EMPTY`.
+    FAILED_PRECONDITION `QUEUE_NOT_EMPTY`; UNAVAILABLE `DEPENDENCY_UNAVAILABLE` (see Projects above).
     """
     Enqueue: _grpc.UnaryUnaryMultiCallable[_queue_pb2.EnqueueRequest, _queue_pb2.EnqueueResponse]
     """Enqueues a job version. Before accepting: the job reference resolves (through the registry) and is
@@ -97,12 +104,12 @@ class QueueServiceStub:
     GetItem: _grpc.UnaryUnaryMultiCallable[_queue_pb2.GetItemRequest, _queue_pb2.GetItemResponse]
     """Gets an item with its transition history.
     Errors: INVALID_ARGUMENT `NAME_INVALID`; NOT_FOUND `PROJECT_NOT_FOUND` / `QUEUE_NOT_FOUND` /
-    `ITEM_NOT_FOUND`.
+    `ITEM_NOT_FOUND`; UNAVAILABLE `DEPENDENCY_UNAVAILABLE` (see Projects above).
     """
     ListItems: _grpc.UnaryUnaryMultiCallable[_queue_pb2.ListItemsRequest, _queue_pb2.ListItemsResponse]
     """Lists items of a queue (or of every queue of a project), newest first, with their transition history.
     Errors: INVALID_ARGUMENT `NAME_INVALID` / `ARGUMENT_INVALID` / `PAGE_TOKEN_INVALID`; NOT_FOUND
-    `PROJECT_NOT_FOUND` / `QUEUE_NOT_FOUND`.
+    `PROJECT_NOT_FOUND` / `QUEUE_NOT_FOUND`; UNAVAILABLE `DEPENDENCY_UNAVAILABLE` (see Projects above).
     """
     CancelItem: _grpc.UnaryUnaryMultiCallable[_queue_pb2.CancelItemRequest, _queue_pb2.CancelItemResponse]
     """Cancels an item. PENDING -> CANCELLED at once. A leased item (LEASED..RUNNING) gets the persisted
@@ -164,8 +171,10 @@ class QueueServiceAsyncStub(QueueServiceStub):
     its next entry would pass that size (it always holds at least one), so it may hold fewer entries than
     `page_size` while `next_page_token` is set.
 
-    Projects: to the queue service a project exists while it holds a queue (CreateQueue is the first write
-    into a project here); reads naming a project without queues are NOT_FOUND `PROJECT_NOT_FOUND`.
+    Projects (common.proto): a project exists once written to, through this service (its first CreateQueue;
+    it stays when its queues are deleted) or through the registry (a job, a run). A read naming a project
+    this service never wrote to asks the registry before answering NOT_FOUND `PROJECT_NOT_FOUND`; while the
+    registry cannot be reached such a read is UNAVAILABLE `DEPENDENCY_UNAVAILABLE`, never NOT_FOUND.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -177,12 +186,16 @@ class QueueServiceAsyncStub(QueueServiceStub):
     """
     GetQueue: _aio.UnaryUnaryMultiCallable[_queue_pb2.GetQueueRequest, _queue_pb2.GetQueueResponse]  # type: ignore[assignment]
     """Gets a queue with its item counts.
-    Errors: INVALID_ARGUMENT `NAME_INVALID`; NOT_FOUND `PROJECT_NOT_FOUND` / `QUEUE_NOT_FOUND`.
+    Errors: INVALID_ARGUMENT `NAME_INVALID`; NOT_FOUND `PROJECT_NOT_FOUND` / `QUEUE_NOT_FOUND`; UNAVAILABLE
+    `DEPENDENCY_UNAVAILABLE` (see Projects above).
     """
     ListQueues: _aio.UnaryUnaryMultiCallable[_queue_pb2.ListQueuesRequest, _queue_pb2.ListQueuesResponse]  # type: ignore[assignment]
-    """Lists the queues of a project, ordered by queue id.
+    """Lists the queues of a project, ordered by queue id. A project written to but holding no queue (its
+    queues were deleted, or it has only jobs and runs in the registry) answers an empty list. A project
+    never written to, here or in the registry, is PROJECT_NOT_FOUND; when this service has no record of
+    the project and the registry cannot be reached, the answer is DEPENDENCY_UNAVAILABLE (retry).
     Errors: INVALID_ARGUMENT `NAME_INVALID` / `ARGUMENT_INVALID` / `PAGE_TOKEN_INVALID`; NOT_FOUND
-    `PROJECT_NOT_FOUND`.
+    `PROJECT_NOT_FOUND`; UNAVAILABLE `DEPENDENCY_UNAVAILABLE`.
     """
     UpdateQueue: _aio.UnaryUnaryMultiCallable[_queue_pb2.UpdateQueueRequest, _queue_pb2.UpdateQueueResponse]  # type: ignore[assignment]
     """Updates a queue's mutable fields (pause/resume is an update of `paused`); only the fields the mask names
@@ -192,13 +205,14 @@ class QueueServiceAsyncStub(QueueServiceStub):
     max_run_time are captured by each item at Enqueue, so changes apply to items enqueued afterwards.
     Errors: INVALID_ARGUMENT `NAME_INVALID` / `UPDATE_MASK_INVALID` (e.g. `resource`, which is immutable) /
     `ARGUMENT_INVALID` / `SCHEMA_INVALID` / `TEMPLATE_VARIABLE_INVALID` / `RESOURCE_CONFIG_INVALID`;
-    NOT_FOUND `PROJECT_NOT_FOUND` / `QUEUE_NOT_FOUND`.
+    NOT_FOUND `PROJECT_NOT_FOUND` / `QUEUE_NOT_FOUND`; UNAVAILABLE `DEPENDENCY_UNAVAILABLE` (see Projects
+    above).
     """
     DeleteQueue: _aio.UnaryUnaryMultiCallable[_queue_pb2.DeleteQueueRequest, _queue_pb2.DeleteQueueResponse]  # type: ignore[assignment]
     """Deletes a queue and its items. A queue with live items (PENDING..RUNNING) needs `force`; then its
     agents get Revoke{REVOKE_REASON_QUEUE_DELETED} for the leased items, which stop at once.
     Errors: INVALID_ARGUMENT `NAME_INVALID`; NOT_FOUND `PROJECT_NOT_FOUND` / `QUEUE_NOT_FOUND`;
-    FAILED_PRECONDITION `QUEUE_NOT_EMPTY`.
+    FAILED_PRECONDITION `QUEUE_NOT_EMPTY`; UNAVAILABLE `DEPENDENCY_UNAVAILABLE` (see Projects above).
     """
     Enqueue: _aio.UnaryUnaryMultiCallable[_queue_pb2.EnqueueRequest, _queue_pb2.EnqueueResponse]  # type: ignore[assignment]
     """Enqueues a job version. Before accepting: the job reference resolves (through the registry) and is
@@ -217,12 +231,12 @@ class QueueServiceAsyncStub(QueueServiceStub):
     GetItem: _aio.UnaryUnaryMultiCallable[_queue_pb2.GetItemRequest, _queue_pb2.GetItemResponse]  # type: ignore[assignment]
     """Gets an item with its transition history.
     Errors: INVALID_ARGUMENT `NAME_INVALID`; NOT_FOUND `PROJECT_NOT_FOUND` / `QUEUE_NOT_FOUND` /
-    `ITEM_NOT_FOUND`.
+    `ITEM_NOT_FOUND`; UNAVAILABLE `DEPENDENCY_UNAVAILABLE` (see Projects above).
     """
     ListItems: _aio.UnaryUnaryMultiCallable[_queue_pb2.ListItemsRequest, _queue_pb2.ListItemsResponse]  # type: ignore[assignment]
     """Lists items of a queue (or of every queue of a project), newest first, with their transition history.
     Errors: INVALID_ARGUMENT `NAME_INVALID` / `ARGUMENT_INVALID` / `PAGE_TOKEN_INVALID`; NOT_FOUND
-    `PROJECT_NOT_FOUND` / `QUEUE_NOT_FOUND`.
+    `PROJECT_NOT_FOUND` / `QUEUE_NOT_FOUND`; UNAVAILABLE `DEPENDENCY_UNAVAILABLE` (see Projects above).
     """
     CancelItem: _aio.UnaryUnaryMultiCallable[_queue_pb2.CancelItemRequest, _queue_pb2.CancelItemResponse]  # type: ignore[assignment]
     """Cancels an item. PENDING -> CANCELLED at once. A leased item (LEASED..RUNNING) gets the persisted
@@ -283,8 +297,10 @@ class QueueServiceServicer(metaclass=_abc_1.ABCMeta):
     its next entry would pass that size (it always holds at least one), so it may hold fewer entries than
     `page_size` while `next_page_token` is set.
 
-    Projects: to the queue service a project exists while it holds a queue (CreateQueue is the first write
-    into a project here); reads naming a project without queues are NOT_FOUND `PROJECT_NOT_FOUND`.
+    Projects (common.proto): a project exists once written to, through this service (its first CreateQueue;
+    it stays when its queues are deleted) or through the registry (a job, a run). A read naming a project
+    this service never wrote to asks the registry before answering NOT_FOUND `PROJECT_NOT_FOUND`; while the
+    registry cannot be reached such a read is UNAVAILABLE `DEPENDENCY_UNAVAILABLE`, never NOT_FOUND.
     """
 
     @_abc_1.abstractmethod
@@ -306,7 +322,8 @@ class QueueServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_queue_pb2.GetQueueResponse, _abc.Awaitable[_queue_pb2.GetQueueResponse]]:
         """Gets a queue with its item counts.
-        Errors: INVALID_ARGUMENT `NAME_INVALID`; NOT_FOUND `PROJECT_NOT_FOUND` / `QUEUE_NOT_FOUND`.
+        Errors: INVALID_ARGUMENT `NAME_INVALID`; NOT_FOUND `PROJECT_NOT_FOUND` / `QUEUE_NOT_FOUND`; UNAVAILABLE
+        `DEPENDENCY_UNAVAILABLE` (see Projects above).
         """
 
     @_abc_1.abstractmethod
@@ -315,9 +332,12 @@ class QueueServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _queue_pb2.ListQueuesRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_queue_pb2.ListQueuesResponse, _abc.Awaitable[_queue_pb2.ListQueuesResponse]]:
-        """Lists the queues of a project, ordered by queue id.
+        """Lists the queues of a project, ordered by queue id. A project written to but holding no queue (its
+        queues were deleted, or it has only jobs and runs in the registry) answers an empty list. A project
+        never written to, here or in the registry, is PROJECT_NOT_FOUND; when this service has no record of
+        the project and the registry cannot be reached, the answer is DEPENDENCY_UNAVAILABLE (retry).
         Errors: INVALID_ARGUMENT `NAME_INVALID` / `ARGUMENT_INVALID` / `PAGE_TOKEN_INVALID`; NOT_FOUND
-        `PROJECT_NOT_FOUND`.
+        `PROJECT_NOT_FOUND`; UNAVAILABLE `DEPENDENCY_UNAVAILABLE`.
         """
 
     @_abc_1.abstractmethod
@@ -333,7 +353,8 @@ class QueueServiceServicer(metaclass=_abc_1.ABCMeta):
         max_run_time are captured by each item at Enqueue, so changes apply to items enqueued afterwards.
         Errors: INVALID_ARGUMENT `NAME_INVALID` / `UPDATE_MASK_INVALID` (e.g. `resource`, which is immutable) /
         `ARGUMENT_INVALID` / `SCHEMA_INVALID` / `TEMPLATE_VARIABLE_INVALID` / `RESOURCE_CONFIG_INVALID`;
-        NOT_FOUND `PROJECT_NOT_FOUND` / `QUEUE_NOT_FOUND`.
+        NOT_FOUND `PROJECT_NOT_FOUND` / `QUEUE_NOT_FOUND`; UNAVAILABLE `DEPENDENCY_UNAVAILABLE` (see Projects
+        above).
         """
 
     @_abc_1.abstractmethod
@@ -345,7 +366,7 @@ class QueueServiceServicer(metaclass=_abc_1.ABCMeta):
         """Deletes a queue and its items. A queue with live items (PENDING..RUNNING) needs `force`; then its
         agents get Revoke{REVOKE_REASON_QUEUE_DELETED} for the leased items, which stop at once.
         Errors: INVALID_ARGUMENT `NAME_INVALID`; NOT_FOUND `PROJECT_NOT_FOUND` / `QUEUE_NOT_FOUND`;
-        FAILED_PRECONDITION `QUEUE_NOT_EMPTY`.
+        FAILED_PRECONDITION `QUEUE_NOT_EMPTY`; UNAVAILABLE `DEPENDENCY_UNAVAILABLE` (see Projects above).
         """
 
     @_abc_1.abstractmethod
@@ -376,7 +397,7 @@ class QueueServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_queue_pb2.GetItemResponse, _abc.Awaitable[_queue_pb2.GetItemResponse]]:
         """Gets an item with its transition history.
         Errors: INVALID_ARGUMENT `NAME_INVALID`; NOT_FOUND `PROJECT_NOT_FOUND` / `QUEUE_NOT_FOUND` /
-        `ITEM_NOT_FOUND`.
+        `ITEM_NOT_FOUND`; UNAVAILABLE `DEPENDENCY_UNAVAILABLE` (see Projects above).
         """
 
     @_abc_1.abstractmethod
@@ -387,7 +408,7 @@ class QueueServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_queue_pb2.ListItemsResponse, _abc.Awaitable[_queue_pb2.ListItemsResponse]]:
         """Lists items of a queue (or of every queue of a project), newest first, with their transition history.
         Errors: INVALID_ARGUMENT `NAME_INVALID` / `ARGUMENT_INVALID` / `PAGE_TOKEN_INVALID`; NOT_FOUND
-        `PROJECT_NOT_FOUND` / `QUEUE_NOT_FOUND`.
+        `PROJECT_NOT_FOUND` / `QUEUE_NOT_FOUND`; UNAVAILABLE `DEPENDENCY_UNAVAILABLE` (see Projects above).
         """
 
     @_abc_1.abstractmethod
