@@ -16,8 +16,11 @@ a letter or digit, unless a field says otherwise.
   projects/{project}/runs/{run}
   builds/{build}
   agents/{agent}
-Projects exist implicitly: the first write into `projects/{p}` creates the project. A read (Get/List) in
-a project that has never been written to fails with NOT_FOUND `PROJECT_NOT_FOUND`.
+Projects exist implicitly: the first write into `projects/{p}` creates the project, and it exists for good
+(deleting what it holds does not remove it). A read (Get/List) in a project that has never been written to
+fails with NOT_FOUND `PROJECT_NOT_FOUND`. The registry records the projects written through JobService
+and RunService; the queue service records those it writes (CreateQueue) and asks the registry about any
+other, answering UNAVAILABLE `DEPENDENCY_UNAVAILABLE` (never NOT_FOUND) while the registry is away.
 
 Job references. Where a request field says it takes a "job reference", these forms are accepted:
   JOB                                   the version the alias `latest` points at
