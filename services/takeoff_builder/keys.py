@@ -1,4 +1,4 @@
-"""The cache keys of DESIGN.md §6.
+"""The cache keys of docs/design.md §6.
 
 The environment key covers what the dependencies are made from; the build key adds the code. Each kind
 hashes only the inputs it uses (a venv has no base image or Dockerfile), so that changing, say, the

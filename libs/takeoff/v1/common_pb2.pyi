@@ -190,7 +190,7 @@ class _ItemStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ItemState.V
     """Terminal: the item was cancelled by a user (CancelItem); Item.reason is FAILURE_REASON_CANCELLED."""
 
 class ItemState(_ItemState, metaclass=_ItemStateEnumTypeWrapper):
-    """State of a queue item (DESIGN.md §5). SUCCEEDED, FAILED and CANCELLED are terminal. LEASED, BUILDING,
+    """State of a queue item (docs/design.md §5). SUCCEEDED, FAILED and CANCELLED are terminal. LEASED, BUILDING,
     STARTING and RUNNING are the "live" (leased) states that count against a queue's concurrency limit.
     """
 
@@ -345,7 +345,7 @@ class _RunStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RunState.Val
     """Terminal: the job was stopped on purpose (cancel, revoke, start timeout, max run time)."""
 
 class RunState(_RunState, metaclass=_RunStateEnumTypeWrapper):
-    """State of a tracked run (DESIGN.md §8). FINISHED, FAILED, CRASHED and KILLED are terminal."""
+    """State of a tracked run (docs/design.md §8). FINISHED, FAILED, CRASHED and KILLED are terminal."""
 
 RUN_STATE_UNSPECIFIED: RunState.ValueType  # 0
 """Not set. Never the state of a stored run; as a filter value it matches nothing."""
