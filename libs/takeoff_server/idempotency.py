@@ -4,7 +4,7 @@ Each service keeps the records in a table of its own, declared with :func:`reque
 metadata and created by its migrations. A record holds the request's fingerprint (a digest of every
 request field but the id) and a short ``result`` the service chose, typically the created resource's
 name; a retry replays it by reading that resource. Records are kept for good (the API promises at
-least 24 hours). Call :meth:`RequestIds.replay` and :meth:`RequestIds.record` in the same transaction as
+least 24 hours). Call :meth:`RequestIds.replay` and :meth:`RequestIds.remember` in the same transaction as
 the create itself.
 """
 
@@ -89,7 +89,7 @@ class RequestIds:
             )
         return str(result)
 
-    async def record(
+    async def remember(
         self, session: AsyncSession, *, scope: str, request_id: str, fingerprint: str, result: str
     ) -> None:
         await session.exec(

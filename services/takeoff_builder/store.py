@@ -129,7 +129,7 @@ class BuildStore:
 
     async def remember(self, scope: str, request_id: str, fingerprint: str, result: str) -> None:
         async with self._database.session() as session:
-            await request_ids.record(
+            await request_ids.remember(
                 session, scope=scope, request_id=request_id, fingerprint=fingerprint, result=result
             )
             await session.commit()
@@ -151,7 +151,7 @@ class BuildStore:
                 )
             )
             if request_id:
-                await request_ids.record(
+                await request_ids.remember(
                     session,
                     scope=BUILD_SCOPE,
                     request_id=request_id,

@@ -191,7 +191,7 @@ class QueueWrite:
 
     async def remember(self, scope: str, request_id: str, fingerprint: str, result: str) -> None:
         """Record what ``request_id`` made, in this transaction (see :mod:`takeoff_server.idempotency`)."""
-        await request_ids.record(
+        await request_ids.remember(
             AsyncSession(bind=self._connection),
             scope=scope,
             request_id=request_id,

@@ -169,7 +169,7 @@ class Tx:
         )
 
     async def remember(self, scope: str, request_id: str, fingerprint: str, result: str) -> None:
-        await self.request_ids.record(
+        await self.request_ids.remember(
             self.session, scope=scope, request_id=request_id, fingerprint=fingerprint, result=result
         )
 
