@@ -133,14 +133,6 @@ class ScriptedAgent:
                 return response
             self._stash.append(response)
 
-    async def nothing_for(self, seconds: float) -> None:
-        """Assert that no message (other than heartbeat acks) arrives for ``seconds``."""
-        try:
-            response = await self.next(within=seconds)
-        except TimeoutError:
-            return
-        raise AssertionError(f"unexpected message: {response}")
-
     async def settle(self) -> None:
         """Send a Heartbeat and wait for its Ack: every dispatch pass the server had scheduled before
         reading it has run by then (a pass runs on the event loop's next turn)."""

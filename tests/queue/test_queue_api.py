@@ -285,10 +285,13 @@ async def test_list_agents_shows_queues_capacity_and_leases(
 
         await agent.send(drain=queue_pb2.LeaseRequest.Drain())
         assert (await agent.answer()).ack.of == queue_pb2.LEASE_MESSAGE_KIND_DRAIN
-        await queues.Enqueue(queue_pb2.EnqueueRequest(queue=queue, job=job))
-        await agent.nothing_for(0.5)  # draining: no new work
+        waiting = (await queues.Enqueue(queue_pb2.EnqueueRequest(queue=queue, job=job))).item
+        await agent.settle()  # every dispatch pass the Enqueue caused has run
         drained = (await queues.GetAgent(queue_pb2.GetAgentRequest(name=shown.name))).agent
         assert drained.draining
+        assert [lease.lease_id for lease in drained.leases] == [assignment.lease_id]  # room, but no new work
+        still = (await queues.GetItem(queue_pb2.GetItemRequest(name=waiting.name))).item
+        assert still.state == common_pb2.ITEM_STATE_PENDING
     finally:
         await agent.close()
 
