@@ -65,6 +65,8 @@ def test_a_token_continues_its_own_query_with_any_page_size() -> None:
         ("bm90IGpzb24", QUERY, [str]),  # base64 of "not json"
         ("WzFd", QUERY, [str]),  # base64 of "[1]"
     ],
+    # Issued tokens carry a signature by a key made per process: named by case, the ids stay the same.
+    ids=["another-query", "another-cursor-shape", "bool-for-int", "not-base64", "not-json", "no-signature"],
 )
 def test_misused_or_forged_tokens_are_page_token_invalid(
     token: str, query: dict[str, object], cursor_types: list[type]
