@@ -6,6 +6,8 @@ TOOLS := .tools
 BUF := $(TOOLS)/node_modules/.bin/buf
 BUF_VERSION := 1.75.0
 NODE_EXAMPLE := examples/node
+# Test processes side by side, a test file each: most of a test's time is waiting on the servers it starts.
+TEST_WORKERS ?= 2
 
 .PHONY: install tools protos lint format test demo up clean
 
@@ -46,7 +48,7 @@ format: install tools
 	$(BUF) format -w
 
 test: lint
-	PATH="$(CURDIR)/$(BIN):$(CURDIR)/$(TOOLS)/node_modules/.bin:$$PATH" $(BIN)/pytest
+	PATH="$(CURDIR)/$(BIN):$(CURDIR)/$(TOOLS)/node_modules/.bin:$$PATH" $(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile
 
 demo: install
 	$(BIN)/takeoff demo
