@@ -181,7 +181,8 @@ class RunSender:
             # instead of failing at once. Every call here is safe to repeat.
             return method(request, timeout=min(CALL_TIMEOUT, left), wait_for_ready=True)
 
-        policy = RetryPolicy(deadline=self._give_up_at - time.monotonic())
+        # Waits of at most a second: ``close`` may bring the deadline forward while one is under way.
+        policy = RetryPolicy(max_delay=1.0, deadline=self._give_up_at - time.monotonic())
         try:
             response = call_with_retries(attempt, policy, on_retry=self._report_unreachable)
         except grpc.RpcError as rpc_error:

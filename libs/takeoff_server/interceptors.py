@@ -22,19 +22,13 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from takeoff_server import errors
+from takeoff_server.call_context import method_var, request_id_var
 
 T = TypeVar("T")
 
 logger = logging.getLogger(__name__)
 
 REQUEST_ID_METADATA_KEY = "x-request-id"
-
-request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar(
-    "takeoff_request_id", default=None
-)
-method_var: contextvars.ContextVar[str] = contextvars.ContextVar("takeoff_method", default="")
-"""The full name of the method being served (``/takeoff.v1.JobService/ListJobs``), e.g. to bind a page
-token to the method that issued it."""
 
 _STATUS_BY_ERROR: tuple[tuple[type[errors.TakeoffError], grpc.StatusCode], ...] = (
     (errors.InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
@@ -64,7 +58,7 @@ def status_code_for(error: errors.TakeoffError) -> grpc.StatusCode:
 # A status travels in trailers, which gRPC clients cap at 8 KiB by default (beyond that the client sees
 # RESOURCE_EXHAUSTED "Stream removed" instead of the error); the details go base64-encoded and repeat the
 # message. These bounds keep the worst case (every text at its bound, percent-encoded) near half of that.
-MAX_MESSAGE_BYTES = 400
+MAX_STATUS_MESSAGE_BYTES = 400
 MAX_VIOLATIONS = 5
 MAX_FIELD_BYTES = 80
 MAX_DESCRIPTION_BYTES = 160
@@ -91,7 +85,7 @@ def rich_status(
 ) -> grpc.Status:
     """A gRPC status whose details carry ``ErrorInfo`` and, when there are violations, ``BadRequest``;
     texts are clipped so that the status always fits in a client's default trailer size."""
-    message = _clip(message, MAX_MESSAGE_BYTES)
+    message = _clip(message, MAX_STATUS_MESSAGE_BYTES)
     status = status_pb2.Status(code=code.value[0], message=message)
     kept_metadata = dict(list((metadata or {}).items())[:MAX_METADATA_ENTRIES])
     status.details.add().Pack(

@@ -27,8 +27,8 @@ from typing import TypeVar
 
 from google.protobuf.message import Message
 
+from takeoff_server.call_context import method_var
 from takeoff_server.errors import FieldViolation, InvalidArgument
-from takeoff_server.interceptors import method_var
 from takeoff_server.validation import field_error
 
 DEFAULT_PAGE_SIZE = 50

@@ -19,8 +19,8 @@ from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
 
+from takeoff_server.call_context import request_id_var
 from takeoff_server.config import ConfigError
-from takeoff_server.interceptors import request_id_var
 
 
 def _exporters() -> list[SpanExporter]:

@@ -137,7 +137,9 @@ class RunLog:
 
     async def flush(self) -> None:
         if not self._recorded:
-            write_atomically(
+            # Off the event loop, which also answers the lease: a chatty job's pending lines run to megabytes.
+            await asyncio.to_thread(
+                write_atomically,
                 self.checkpoint,
                 {
                     "next_index": self.next_index,

@@ -498,7 +498,7 @@ class QueueApi(queue_pb2_grpc.QueueServiceServicer):
             request.parent,
             request.queue_id,
             _queue_from_proto(request.queue),
-            _request_id(request.request_id),
+            request.request_id,
         )
         return queue_pb2.CreateQueueResponse(queue=await self._queue_proto(queue))
 
@@ -583,7 +583,7 @@ class QueueApi(queue_pb2_grpc.QueueServiceServicer):
                 if request.HasField("max_run_time")
                 else None,
                 run_display_name=request.run_display_name,
-                request_id=_request_id(request.request_id),
+                request_id=request.request_id,
                 traceparent=_traceparent(),
             )
         )
@@ -639,7 +639,7 @@ class QueueApi(queue_pb2_grpc.QueueServiceServicer):
     async def RelaunchItem(
         self, request: queue_pb2.RelaunchItemRequest, context: Context
     ) -> queue_pb2.RelaunchItemResponse:
-        item = await self._book.relaunch_item(request.name, _request_id(request.request_id))
+        item = await self._book.relaunch_item(request.name, request.request_id)
         return queue_pb2.RelaunchItemResponse(item=self._item_proto(item))
 
     async def WatchItem(
@@ -759,14 +759,6 @@ _UPDATABLE_QUEUE_FIELDS = frozenset(
         "container_name",
     }
 )
-
-
-def _request_id(value: str) -> str:
-    """An idempotency key the store can hold: PostgreSQL text holds no NUL, and check_request_id (in the
-    book) lets one through."""
-    if "\x00" in value:
-        raise field_error("request_id", "must not contain NUL characters")
-    return value
 
 
 def _traceparent() -> str:

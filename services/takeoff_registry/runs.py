@@ -216,9 +216,7 @@ class Runs:
         if new.attempt < 0:
             raise field_error("run.attempt", "must not be negative")
         if new.config is not None:
-            check_struct(
-                new.config, field="run.config", max_bytes=MAX_CONFIG_BYTES, max_depth=MAX_CONFIG_DEPTH
-            )
+            _check_struct(new.config, "run.config", MAX_CONFIG_BYTES)
         fingerprint = request_fingerprint(
             {
                 "project": project,

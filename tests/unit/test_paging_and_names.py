@@ -13,8 +13,8 @@ from typing import TypeVar
 import pytest
 from google.protobuf import struct_pb2
 
+from takeoff_server.call_context import method_var
 from takeoff_server.errors import InvalidArgument
-from takeoff_server.interceptors import method_var
 from takeoff_server.names import ResourcePattern, check_id, is_valid_id
 from takeoff_server.pagination import (
     MAX_PAGE_BYTES,

@@ -4,7 +4,7 @@ import logging
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
 
-from takeoff_server.interceptors import request_id_var
+from takeoff_server.call_context import request_id_var
 from takeoff_server.telemetry import JsonFormatter, _TraceContextFilter
 
 
