@@ -23,6 +23,7 @@ from grpc_status import rpc_status
 
 from takeoff_server import errors
 from takeoff_server.call_context import method_var, request_id_var
+from takeoff_server.validation import clip_utf8
 
 T = TypeVar("T")
 
@@ -67,12 +68,8 @@ MAX_METADATA_VALUE_BYTES = 256  # a resource name fits whole: metadata is read b
 
 
 def _clip(text: str, limit: int) -> str:
-    """``text`` cut to at most ``limit`` UTF-8 bytes, marked with "…" where it was cut (a request's own
-    values, such as a 5,000-character name, are quoted back in messages)."""
-    encoded = text.encode()
-    if len(encoded) <= limit:
-        return text
-    return encoded[: limit - 3].decode(errors="ignore") + "…"
+    # A request's own values, such as a 5,000-character name, are quoted back in statuses.
+    return clip_utf8(text, limit, marker="…")
 
 
 def rich_status(

@@ -46,6 +46,19 @@ def text_problem(value: str, *, max_chars: int | None = None, max_bytes: int | N
     return None
 
 
+def clip_utf8(text: str, max_bytes: int, *, marker: str = "", keep_end: bool = False) -> str:
+    """``text`` cut to at most ``max_bytes`` of UTF-8 on a character boundary, its start kept (or its end),
+    with ``marker`` where it was cut."""
+    encoded = text.encode()
+    if len(encoded) <= max_bytes:
+        return text
+    room = max(max_bytes - len(marker.encode()), 0)
+    # A cut inside a character leaves a partial one at the edge: decoding drops it.
+    if keep_end:
+        return marker + encoded[len(encoded) - room :].decode(errors="ignore")
+    return encoded[:room].decode(errors="ignore") + marker
+
+
 def check_text(value: str, *, field: str, max_chars: int | None = None, max_bytes: int | None = None) -> str:
     """Return ``value`` if every store can keep it as text (see :func:`text_problem`), else raise
     INVALID_ARGUMENT ``ARGUMENT_INVALID`` on ``field``."""

@@ -29,7 +29,8 @@ logger = logging.getLogger(__name__)
 LeaseRequest = queue_pb2.LeaseRequest
 LeaseResponse = queue_pb2.LeaseResponse
 MAX_RECONNECT_DELAY_SECONDS = 5.0
-# Jittered so that the agents of a restarted queue service do not all reconnect at once.
+# Jittered so that the agents of a restarted queue service do not all reconnect at once. Only its delays are
+# used (reconnecting never gives up); the infinite deadline says so to RetryPolicy.
 _RECONNECT = RetryPolicy(initial_delay=0.1, max_delay=MAX_RECONNECT_DELAY_SECONDS, deadline=math.inf)
 
 

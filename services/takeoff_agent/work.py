@@ -27,6 +27,7 @@ from takeoff_agent.log_tail import LogTail
 from takeoff_agent.sdk_site import matches_agent_python
 from takeoff_agent.shim import write_atomically
 from takeoff_server.protovalues import struct_to_dict
+from takeoff_server.validation import clip_utf8
 
 logger = logging.getLogger(__name__)
 
@@ -499,20 +500,15 @@ class Attempt:
 
 def failure_message(explanation: str, last_lines: Sequence[str]) -> str:
     """``explanation`` then as many of ``last_lines`` (the newest) as fit in the queue's message limit."""
-    explanation = _clip_utf8(explanation, MAX_OUTCOME_MESSAGE_BYTES // 4)
+    explanation = clip_utf8(explanation, MAX_OUTCOME_MESSAGE_BYTES // 4)
     room = MAX_OUTCOME_MESSAGE_BYTES - len(explanation.encode())
     kept: list[str] = []
     for line in reversed(last_lines):
         size = len(line.encode()) + 1
         if size > room:
             if not kept:  # the newest line alone is too long: its start is still worth showing
-                kept.append(_clip_utf8(line, room - 1))
+                kept.append(clip_utf8(line, room - 1))
             break
         kept.append(line)
         room -= size
     return "\n".join([explanation, *reversed(kept)])
-
-
-def _clip_utf8(text: str, limit: int) -> str:
-    encoded = text.encode()
-    return text if len(encoded) <= limit else encoded[: max(limit, 0)].decode(errors="ignore")

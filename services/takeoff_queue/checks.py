@@ -20,7 +20,14 @@ from typing import Any, Protocol
 from takeoff_server.errors import InvalidArgument, NotFound
 from takeoff_server.names import ResourcePattern
 from takeoff_server.schemas import MAX_SCHEMA_DEPTH, check_json_schema
-from takeoff_server.validation import MAX_CONFIG_BYTES, MAX_CONFIG_DEPTH, Problems, check_struct
+from takeoff_server.validation import (
+    MAX_CONFIG_BYTES,
+    MAX_CONFIG_DEPTH,
+    Problems,
+    check_struct,
+    clip_utf8,
+    text_problem,
+)
 
 MAX_DESCRIPTION_CHARS = 4096
 MAX_VARIABLE_DESCRIPTION_CHARS = 1024
@@ -47,10 +54,8 @@ MAX_RUN_TIME = timedelta(days=365)
 
 
 def check_text(value: str, *, field: str, max_chars: int, problems: Problems) -> None:
-    if len(value) > max_chars:
-        problems.add("ARGUMENT_INVALID", field, f"must be at most {max_chars} characters (got {len(value)})")
-    if "\x00" in value:
-        problems.add("ARGUMENT_INVALID", field, "must not contain NUL characters")
+    if problem := text_problem(value, max_chars=max_chars):
+        problems.add("ARGUMENT_INVALID", field, problem)
 
 
 def check_duration(
@@ -241,7 +246,6 @@ MAX_OUTCOME_MESSAGE_BYTES = 4096
 outcome to an item's history, so the 501 transitions of an item of MAX_ATTEMPTS_LIMIT (100) attempts
 take at most about 0.85 MiB: with every other input at its limit, an Item or Assignment stays far under
 4 MiB."""
-_CLIPPED = "…"
 
 
 def agent_report(text: str, *, max_bytes: int) -> str:
@@ -250,13 +254,7 @@ def agent_report(text: str, *, max_bytes: int) -> str:
     tail and its last lines matter most), NUL characters replaced by U+FFFD. Unlike a client's request,
     the report is not refused: refusing a Complete or Release would strand the item on a lease whose
     work has ended, for a detail that only a person reads."""
-    text = text.replace("\x00", "\ufffd")
-    encoded = text.encode()
-    if len(encoded) <= max_bytes:
-        return text
-    room = max_bytes - len(_CLIPPED.encode())
-    # A cut inside a character leaves continuation bytes at the start: dropped by decoding.
-    return _CLIPPED + encoded[len(encoded) - room :].decode(errors="ignore")
+    return clip_utf8(text.replace("\x00", "\ufffd"), max_bytes, marker="…", keep_end=True)
 
 
 def check_count(values: Sized, *, field: str, at_most: int, problems: Problems) -> bool:
