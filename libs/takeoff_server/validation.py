@@ -172,11 +172,9 @@ _MAX_DURATION_SECONDS = 315_576_000_000
 """The range google.protobuf.Duration may hold (duration.proto): about 10,000 years either way."""
 
 
-def duration_value(
-    duration: duration_pb2.Duration, *, field: str, maximum: timedelta | None = None
-) -> timedelta:
+def duration_value(duration: duration_pb2.Duration, *, field: str) -> timedelta:
     """A request's Duration as a timedelta, refused (INVALID_ARGUMENT ``ARGUMENT_INVALID`` on ``field``)
-    when it is not a valid Duration, is negative, or is longer than ``maximum``."""
+    when it is not a valid Duration or is negative. Each caller bounds it further as its field says."""
     seconds, nanos = duration.seconds, duration.nanos
     if (
         abs(seconds) > _MAX_DURATION_SECONDS
@@ -187,7 +185,4 @@ def duration_value(
         raise field_error(field, "is not a valid google.protobuf.Duration (see duration.proto)")
     if seconds < 0 or nanos < 0:
         raise field_error(field, "must not be negative")
-    span = duration.ToTimedelta()
-    if maximum is not None and span > maximum:
-        raise field_error(field, f"must be at most {maximum} (got {span})")
-    return span
+    return duration.ToTimedelta()
