@@ -69,11 +69,16 @@ def _docker_engine() -> docker.DockerClient | None:
 
 @dataclass(frozen=True)
 class DockerSetup:
-    """What .ci/docker-setup.sh provides: an engine, a local Python base image, a push registry."""
+    """What .ci/docker-setup.sh provides: an engine, a local Python base image, a push registry, and a
+    registry that wants a login (htpasswd) holding ``private_image``."""
 
     engine: docker.DockerClient
     base_image: str
     registry: str
+    auth_registry: str
+    auth_user: str
+    auth_password: str
+    private_image: str
 
 
 @pytest.fixture(scope="session")
@@ -87,7 +92,13 @@ def docker_setup() -> DockerSetup:
     require("a local Python base image", has_base_image, f"set TAKEOFF_TEST_BASE_IMAGE; {how}")
     registry = os.environ.get("TAKEOFF_TEST_REGISTRY", "")
     require("a push registry", bool(registry), f"set TAKEOFF_TEST_REGISTRY; {how}")
-    return DockerSetup(engine, base_image, registry)
+    auth = {
+        name: os.environ.get(f"TAKEOFF_TEST_{name.upper()}", "")
+        for name in ("auth_registry", "auth_user", "auth_password", "private_image")
+    }
+    unset = [f"TAKEOFF_TEST_{name.upper()}" for name, value in auth.items() if not value]
+    require("a registry with a login", not unset, f"set {', '.join(unset)}; {how}")
+    return DockerSetup(engine, base_image, registry, **auth)
 
 
 @pytest.fixture
