@@ -28,10 +28,14 @@ logger = logging.getLogger(__name__)
 
 LeaseRequest = queue_pb2.LeaseRequest
 LeaseResponse = queue_pb2.LeaseResponse
-MAX_RECONNECT_DELAY_SECONDS = 5.0
-# Jittered so that the agents of a restarted queue service do not all reconnect at once. Only its delays are
-# used (reconnecting never gives up); the infinite deadline says so to RetryPolicy.
-_RECONNECT = RetryPolicy(initial_delay=0.1, max_delay=MAX_RECONNECT_DELAY_SECONDS, deadline=math.inf)
+MAX_RECONNECT_DELAY_SECONDS = 1.0
+RECONNECT = RetryPolicy(initial_delay=0.1, max_delay=MAX_RECONNECT_DELAY_SECONDS, deadline=math.inf)
+"""Waits between sessions: full jitter below 0.1 s doubling to 1 s, so that dispatch resumes within about a
+second of a restarted queue service answering, and its agents do not all reconnect at once. Only its delays
+are used (reconnecting never gives up); the infinite deadline says so to RetryPolicy."""
+CHANNEL_OPTIONS = (("grpc.max_reconnect_backoff_ms", int(MAX_RECONNECT_DELAY_SECONDS * 1000)),)
+"""The channel's own reconnect back-off (which fails calls at once until it next tries) kept within the same
+second, or it would hold a reconnect back for up to the 2 s of takeoff_rpc's default."""
 
 
 class Disconnected(Exception):
@@ -67,6 +71,8 @@ class LeaseLink:
         self._address = address
         self._hello = hello
         self._handler = handler
+        self.capacity = hello.capacity
+        """What the agent offers the queue now: ``hello.capacity``, or 0 while it cannot do the work."""
         self._outgoing: asyncio.Queue[LeaseRequest | None] | None = None
         self._answers: dict[int, asyncio.Future[LeaseResponse]] = {}
         self._sequence = itertools.count(1)
@@ -84,7 +90,7 @@ class LeaseLink:
     async def run(self) -> None:
         """Hold a session open until ``stop()``, reconnecting with backoff."""
         failed_sessions = 0
-        async with open_aio_channel(self._address) as channel:
+        async with open_aio_channel(self._address, options=CHANNEL_OPTIONS) as channel:
             stub = queue_pb2_grpc.QueueServiceStub(channel)
             while not self._stopping:
                 try:
@@ -105,7 +111,7 @@ class LeaseLink:
                             answer.set_exception(Disconnected())
                     self._answers.clear()
                 if not self._stopping:
-                    await asyncio.sleep(_RECONNECT.delay(max(failed_sessions, 1)))
+                    await asyncio.sleep(RECONNECT.delay(max(failed_sessions, 1)))
 
     async def _session(self, stub: queue_pb2_grpc.QueueServiceAsyncStub) -> None:
         self.session_id = uuid.uuid4().hex
@@ -120,7 +126,7 @@ class LeaseLink:
                     display_name=self._hello.display_name,
                     queues=self._hello.queues,
                     resources=self._hello.resources,
-                    capacity=self._hello.capacity,
+                    capacity=self.capacity,
                     held_leases=[LeaseRequest.HeldLease(lease_id=k, epoch=v) for k, v in held.items()],
                     version=self._hello.version,
                     draining=self._handler.draining(),
@@ -198,6 +204,15 @@ class LeaseLink:
                 return await self.send(**message)
             except Disconnected:
                 await self._connected.wait()
+
+    def set_capacity(self, capacity: int) -> None:
+        """Offer the queue ``capacity`` from now on: in this session at once (SetCapacity, sent after
+        whatever is queued before it), else in the next session's Hello. Lowering it ends no work."""
+        if capacity == self.capacity:
+            return
+        self.capacity = capacity
+        if self._outgoing is not None:
+            self._outgoing.put_nowait(LeaseRequest(set_capacity=LeaseRequest.SetCapacity(capacity=capacity)))
 
     def stop(self) -> None:
         self._stopping = True

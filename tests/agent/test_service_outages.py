@@ -1,0 +1,438 @@
+"""The agent's calls outlive restarts of the services it calls, and it takes no new work while it cannot reach
+the builder or the registry (docs/design.md §5, §16).
+
+Registry, queue service and builder are separate processes listening on Unix sockets in the module's home,
+so one killed (-9) and started again is found where its callers look. Each test forces its outage by what it
+does (a service killed before the call that needs it) and waits on states, never on time.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import ExitStack
+from pathlib import Path
+
+import grpc
+import pytest
+from google.protobuf import field_mask_pb2
+
+from takeoff.client import Client
+from takeoff.v1 import build_pb2, common_pb2, queue_pb2, queue_pb2_grpc
+from takeoff_agent import lease
+from takeoff_agent.clients import BUILD_SERVICE, MAX_REBUILDS, Builder
+from takeoff_agent.reachability import Reachability
+from takeoff_rpc.channels import open_channel
+from tests.agent.conftest import PROJECT, AgentProcess, Stack, StartAgent, code_job
+from tests.processes import ServiceProcess, service_process, wait_for
+
+SUCCEEDED = common_pb2.ITEM_STATE_SUCCEEDED
+PENDING = common_pb2.ITEM_STATE_PENDING
+BUILDING = common_pb2.ITEM_STATE_BUILDING
+LIVE = {
+    common_pb2.ITEM_STATE_LEASED,
+    common_pb2.ITEM_STATE_BUILDING,
+    common_pb2.ITEM_STATE_STARTING,
+    common_pb2.ITEM_STATE_RUNNING,
+}
+MAX_JOBS = 2
+
+HELLO = """\
+import takeoff
+takeoff.init()
+print("hello", flush=True)
+"""
+
+
+class RestartableService:
+    """``python -m takeoff_<name>`` on ``unix:{home}/{name}.sock``, killed and started again there."""
+
+    def __init__(self, name: str, home: Path, env: dict[str, str] | None = None) -> None:
+        self.name = name
+        self.home = home
+        self.env = env or {}
+        self.address = f"unix:{home / f'{name}.sock'}"
+        self._running: ExitStack | None = None
+        self._process: ServiceProcess | None = None
+
+    def start(self) -> None:
+        running = ExitStack()
+        self._process = running.enter_context(
+            service_process(self.name, self.home, env=self.env, listen=[self.address])
+        )
+        self._running = running
+
+    def kill(self) -> None:
+        """SIGKILL, as in the chaos runs: no shutdown of any kind."""
+        assert self._running is not None
+        self._running.close()  # service_process kills what is still running
+        self._running = self._process = None
+
+    def terminate(self) -> None:
+        if self._process is not None:
+            self._process.terminate()
+            self.kill()
+
+
+@pytest.fixture(scope="module")
+def registry(home: Path) -> Iterator[RestartableService]:
+    service = RestartableService("registry", home)
+    service.start()
+    yield service
+    service.terminate()
+
+
+@pytest.fixture(scope="module")
+def queue_service(
+    home: Path, registry: RestartableService, lease_ttl_seconds: float
+) -> Iterator[RestartableService]:
+    service = RestartableService(
+        "queue",
+        home,
+        {
+            "TAKEOFF_REGISTRY_ADDRESS": registry.address,
+            "TAKEOFF_LEASE_TTL_SECONDS": str(lease_ttl_seconds),
+            "TAKEOFF_HEARTBEAT_INTERVAL_SECONDS": "0.5",
+            "TAKEOFF_SHUTDOWN_GRACE_SECONDS": "1",
+        },
+    )
+    service.start()
+    yield service
+    service.terminate()
+
+
+@pytest.fixture(scope="module")
+def builder(home: Path, registry: RestartableService) -> Iterator[RestartableService]:
+    service = RestartableService("builder", home, {"TAKEOFF_REGISTRY_ADDRESS": registry.address})
+    service.start()
+    yield service
+    service.terminate()
+
+
+class QueueView:
+    """The test's calls to the queue service, through a channel that finds a restarted one again within a
+    couple of seconds (takeoff_rpc's options); a call that finds it away answers None."""
+
+    def __init__(self, address: str) -> None:
+        self._channel = open_channel(address)
+        self.queues = queue_pb2_grpc.QueueServiceStub(self._channel)
+
+    def agent(self, name: str) -> queue_pb2.Agent | None:
+        try:
+            return self.queues.GetAgent(queue_pb2.GetAgentRequest(name=name), timeout=10).agent
+        except grpc.RpcError as error:
+            if error.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.NOT_FOUND):
+                return None
+            raise
+
+    def wait_capacity(self, name: str, capacity: int) -> None:
+        """Until the queue service has ``name`` connected and offering ``capacity``."""
+
+        def offered() -> bool:
+            agent = self.agent(name)
+            return agent is not None and agent.connected and agent.capacity == capacity
+
+        wait_for(offered, timeout=60, what=f"{name} to offer capacity {capacity}")
+
+    def ended(self, name: str) -> queue_pb2.Item | None:
+        item = self.queues.GetItem(queue_pb2.GetItemRequest(name=name), timeout=10).item
+        return item if item.HasField("end_time") else None
+
+    def close(self) -> None:
+        self._channel.close()
+
+
+@pytest.fixture(scope="module")
+def hello_job(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A job that creates its run and prints a line; its venv is built by whichever test comes first."""
+    with Client(stack.registry, project=PROJECT) as client:
+        return code_job(client, tmp_path_factory.mktemp("hello"), "hello", HELLO)
+
+
+@pytest.fixture
+def view(stack: Stack) -> Iterator[QueueView]:
+    view = QueueView(stack.queue_address)
+    yield view
+    view.close()
+
+
+def connected_agent(start_agent: StartAgent, view: QueueView, queue: str) -> tuple[AgentProcess, str]:
+    """An agent for ``queue`` with room for MAX_JOBS items, and its name, once the queue service has it."""
+    agent = start_agent([queue], max_jobs=MAX_JOBS)
+    name = agent.status().agent
+    view.wait_capacity(name, MAX_JOBS)
+    return agent, name
+
+
+def test_a_build_requested_while_the_builder_is_down_succeeds_first_time_and_no_work_is_taken_meanwhile(
+    stack: Stack,
+    builder: RestartableService,
+    start_agent: StartAgent,
+    view: QueueView,
+    hello_job: str,
+) -> None:
+    queue = stack.new_queue()
+    _, agent = connected_agent(start_agent, view, queue)
+
+    builder.kill()
+    first = stack.enqueue(queue, hello_job)
+    stack.wait_state(first, BUILDING)
+    view.wait_capacity(agent, 0)
+    # The agent has room for MAX_JOBS, but offers none while the build it holds cannot reach its builder.
+    second = stack.enqueue(queue, hello_job)
+    assert stack.item(second).state == PENDING
+    builder.start()
+
+    for name in (first, second):
+        item = stack.wait_ended(name)
+        assert (item.state, item.attempt) == (SUCCEEDED, 1), item.transitions
+    view.wait_capacity(agent, MAX_JOBS)
+
+
+def test_a_run_created_while_the_registry_is_down_succeeds_on_its_first_attempt(
+    stack: Stack,
+    registry: RestartableService,
+    start_agent: StartAgent,
+    view: QueueView,
+    hello_job: str,
+) -> None:
+    queue = stack.new_queue(paused=True)
+    _, agent = connected_agent(start_agent, view, queue)
+    name = stack.enqueue(queue, hello_job)
+
+    registry.kill()
+    stack.queues.UpdateQueue(
+        queue_pb2.UpdateQueueRequest(
+            queue=queue_pb2.Queue(name=queue, paused=False),
+            update_mask=field_mask_pb2.FieldMask(paths=["paused"]),
+        )
+    )
+    # Assigned, and the agent's CreateRun found the registry away: it offers no capacity meanwhile.
+    stack.wait_until(name, lambda item: item.state in LIVE, "to be assigned")
+    view.wait_capacity(agent, 0)
+    registry.start()
+
+    item = stack.wait_ended(name)
+    assert (item.state, item.attempt) == (SUCCEEDED, 1), item.transitions
+    view.wait_capacity(agent, MAX_JOBS)
+
+
+def test_the_lease_reconnects_to_a_restarted_queue_service_and_the_next_item_dispatches(
+    stack: Stack,
+    queue_service: RestartableService,
+    start_agent: StartAgent,
+    view: QueueView,
+    hello_job: str,
+) -> None:
+    queue = stack.new_queue()
+    agent, name = connected_agent(start_agent, view, queue)
+    before = agent.status().session_id
+
+    queue_service.kill()
+    queue_service.start()
+    view.wait_capacity(name, MAX_JOBS)
+    wait_for(
+        lambda: (status := agent.status()).connected and status.session_id != before,
+        what="the agent to hold a new session",
+    )
+
+    # The module's Stack dials the queue service through a plain channel, which may take its time to notice
+    # the restart: this test's own calls go through the view's.
+    item = view.queues.Enqueue(queue_pb2.EnqueueRequest(queue=queue, job=hello_job)).item.name
+    ended = wait_for(lambda: view.ended(item), timeout=120, what=f"{item} to end")
+    assert (ended.state, ended.attempt) == (SUCCEEDED, 1), ended.transitions
+
+
+def test_lease_reconnects_wait_at_most_a_second_with_full_jitter() -> None:
+    ceilings = [lease.RECONNECT.backoff_ceiling(retry) for retry in range(1, 64)]
+    assert ceilings[0] == pytest.approx(0.1)
+    assert ceilings == sorted(ceilings)
+    assert max(ceilings) == lease.MAX_RECONNECT_DELAY_SECONDS == 1.0
+    rng = random.Random(12)
+    late = [lease.RECONNECT.delay(30, rng) for _ in range(1000)]
+    assert all(0 <= delay <= 1.0 for delay in late)
+    # Drawn from the whole range, so that agents spread out.
+    assert min(late) < 0.1
+    assert max(late) > 0.9
+    # The channel's own reconnect back-off, which fails calls at once until it next tries, stays as short.
+    assert dict(lease.CHANNEL_OPTIONS)["grpc.max_reconnect_backoff_ms"] <= 1000
+
+
+# ----- Builder.build against a builder whose streams break, in process ------------------------------------
+
+RUN = "projects/p/runs/item-1"
+VERSION = "projects/p/jobs/j/versions/1"
+BuildContext = grpc.aio.ServicerContext[build_pb2.BuildRequest, build_pb2.BuildResponse]
+Script = Callable[[build_pb2.BuildRequest, BuildContext], AsyncIterator[build_pb2.BuildResponse]]
+
+
+class ScriptedBuilder:
+    """Serves only BuildService.Build: the n-th call follows ``scripts[n]`` (the last one, once they run out);
+    records every request."""
+
+    def __init__(self, scripts: list[Script]) -> None:
+        self.scripts = scripts
+        self.requests: list[build_pb2.BuildRequest] = []
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        build = grpc.unary_stream_rpc_method_handler(
+            self._build,
+            request_deserializer=build_pb2.BuildRequest.FromString,
+            response_serializer=build_pb2.BuildResponse.SerializeToString,
+        )
+        return grpc.method_handlers_generic_handler(BUILD_SERVICE, {"Build": build})
+
+    async def _build(
+        self, request: build_pb2.BuildRequest, context: BuildContext
+    ) -> AsyncIterator[build_pb2.BuildResponse]:
+        self.requests.append(request)
+        async for event in self.scripts[min(len(self.requests), len(self.scripts)) - 1](request, context):
+            yield event
+
+
+def queued(joined: bool = False) -> build_pb2.BuildResponse:
+    return build_pb2.BuildResponse(build="builds/b1", queued=build_pb2.BuildQueued(joined=joined))
+
+
+def cache() -> build_pb2.BuildResponse:
+    return build_pb2.BuildResponse(build="builds/b1", cache=build_pb2.BuildCacheStatus(hit=False))
+
+
+def log(*lines: str) -> build_pb2.BuildResponse:
+    return build_pb2.BuildResponse(build="builds/b1", log=build_pb2.BuildLog(lines=lines))
+
+
+def result() -> build_pb2.BuildResponse:
+    return build_pb2.BuildResponse(build="builds/b1", result=build_pb2.BuildResult(venv_path="/venv"))
+
+
+def infra_failure() -> build_pb2.BuildResponse:
+    failure = build_pb2.BuildFailure(
+        reason=common_pb2.FAILURE_REASON_BUILD_INFRA, message="the builder stopped before the build finished"
+    )
+    return build_pb2.BuildResponse(build="builds/b1", failure=failure)
+
+
+def events_then(
+    events: list[build_pb2.BuildResponse], *, break_with: grpc.StatusCode | None = None
+) -> Script:
+    async def script(
+        request: build_pb2.BuildRequest, context: BuildContext
+    ) -> AsyncIterator[build_pb2.BuildResponse]:
+        for event in events:
+            yield event
+        if break_with is not None:
+            await context.abort(break_with, "going away")
+
+    return script
+
+
+ServeBuilder = Callable[[list[Script]], Awaitable[tuple[ScriptedBuilder, str]]]
+
+
+@pytest.fixture
+async def serve_builder() -> AsyncIterator[ServeBuilder]:
+    """Start a builder that follows ``scripts``; returns it and its address."""
+    servers: list[grpc.aio.Server] = []
+
+    async def serve(scripts: list[Script]) -> tuple[ScriptedBuilder, str]:
+        servicer = ScriptedBuilder(scripts)
+        server = grpc.aio.server()
+        server.add_generic_rpc_handlers((servicer.handler(),))
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        servers.append(server)
+        return servicer, f"127.0.0.1:{port}"
+
+    yield serve
+    for server in servers:
+        await server.stop(0)
+
+
+async def collect(address: str, **options: float) -> tuple[list[build_pb2.BuildResponse], list[bool]]:
+    """Every event Builder.build passes on, and what its Reachability said, in order."""
+    changes: list[bool] = []
+    reachability = Reachability(on_change=changes.append)
+    client = Builder(address, reachability)
+    try:
+        events = [event async for event in client.build(VERSION, build_pb2.BUILD_KIND_VENV, RUN, **options)]
+    finally:
+        await reachability.close()
+        await client.close()
+    return events, changes
+
+
+def kinds(events: list[build_pb2.BuildResponse]) -> list[str | None]:
+    return [event.WhichOneof("event") for event in events]
+
+
+async def test_a_broken_build_stream_is_reopened_with_the_same_request_id_and_nothing_is_passed_on_twice(
+    serve_builder: ServeBuilder,
+) -> None:
+    builder, address = await serve_builder(
+        [
+            events_then([queued(), cache(), log("a", "b")], break_with=grpc.StatusCode.UNAVAILABLE),
+            # A repeated request_id follows the same build from its first event (services/takeoff_builder).
+            events_then([queued(joined=True), cache(), log("a"), log("b", "c"), result()]),
+        ]
+    )
+
+    events, changes = await collect(address)
+
+    assert [request.request_id for request in builder.requests] == [RUN, RUN]
+    assert kinds(events) == ["queued", "cache", "log", "log", "result"]
+    assert [list(event.log.lines) for event in events if event.HasField("log")] == [["a", "b"], ["c"]]
+    assert changes == [False, True]  # unreachable when the stream broke, reachable once it answered again
+
+
+async def test_a_build_that_ended_build_infra_is_started_again_under_a_new_request_id(
+    serve_builder: ServeBuilder,
+) -> None:
+    # What a builder killed under a build answers its caller's retry: the recorded build, FAILED BUILD_INFRA.
+    builder, address = await serve_builder(
+        [
+            events_then([queued(), cache(), log("a")], break_with=grpc.StatusCode.UNAVAILABLE),
+            events_then([queued(joined=True), cache(), infra_failure()]),
+            events_then([queued(), cache(), log("x"), result()]),
+        ]
+    )
+
+    events, _ = await collect(address)
+
+    assert [request.request_id for request in builder.requests] == [RUN, RUN, f"{RUN}~rebuild-1"]
+    assert kinds(events) == ["queued", "cache", "log", "queued", "cache", "log", "result"]
+
+
+async def test_a_build_infra_failure_ends_the_build_once_the_rebuilds_are_spent(
+    serve_builder: ServeBuilder,
+) -> None:
+    builder, address = await serve_builder([events_then([queued(), infra_failure()])])
+
+    events, _ = await collect(address)
+
+    assert len(builder.requests) == 1 + MAX_REBUILDS
+    assert events[-1].failure.reason == common_pb2.FAILURE_REASON_BUILD_INFRA
+
+
+async def test_a_builder_that_stays_away_past_the_retry_deadline_fails_the_build_as_infrastructure(
+    serve_builder: ServeBuilder,
+) -> None:
+    _, address = await serve_builder([events_then([], break_with=grpc.StatusCode.UNAVAILABLE)])
+
+    events, changes = await collect(address, retry_until=time.time() + 1.0)
+
+    assert kinds(events) == ["failure"]
+    assert events[0].failure.reason == common_pb2.FAILURE_REASON_BUILD_INFRA
+    assert address in events[0].failure.message
+    assert changes == [False]
+
+
+async def test_a_build_refused_for_its_input_is_not_retried(serve_builder: ServeBuilder) -> None:
+    builder, address = await serve_builder([events_then([], break_with=grpc.StatusCode.INVALID_ARGUMENT)])
+
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await collect(address)
+
+    assert raised.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert len(builder.requests) == 1
