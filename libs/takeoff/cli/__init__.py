@@ -10,6 +10,7 @@ from takeoff.cli import (
     launch_commands,
     queue_commands,
     run_commands,
+    sdk_commands,
     stack_commands,
 )
 
@@ -25,6 +26,7 @@ job_commands.register(app)
 queue_commands.register(app)
 launch_commands.register(app)
 run_commands.register(app)
+sdk_commands.register(app)
 app.command()(agent_command.agent)
 
 
