@@ -1,8 +1,9 @@
-"""The agent: one Lease session, the attempts it holds, self-fencing and draining.
+"""The agent: one Lease session, the attempts it holds, its runners, self-fencing and draining.
 
 Attempts run as asyncio tasks, so one stuck build or job never blocks another, nor the heartbeats. Each
 attempt keeps its state in ``{state_dir}/leases/{lease_id}``; a restarted agent reports those leases in
-its Hello and resumes the ones the queue service keeps (docs/design.md §5, §7).
+its Hello, resumes the ones the queue service keeps and has its runners remove the rest of their work
+(docs/design.md §5, §7). Protos stop at this class's Lease handlers: attempts see the domain (``wire.py``).
 """
 
 from __future__ import annotations
@@ -16,13 +17,25 @@ import time
 import grpc
 
 import takeoff
-from takeoff.v1 import common_pb2, queue_pb2, queue_pb2_grpc
+from takeoff.v1 import queue_pb2, queue_pb2_grpc
 from takeoff_agent.clients import Builder, Runs
+from takeoff_agent.domain import FailureReason, ItemState, Outcome, ResourceKind, RunState
 from takeoff_agent.identity import AgentIdentity
 from takeoff_agent.lease import HelloSpec, LeaseLink, SessionRefused
-from takeoff_agent.sdk_site import write_sdk_site
+from takeoff_agent.runners import create_runners
+from takeoff_agent.runners.base import RunnerContext
 from takeoff_agent.settings import AgentSettings
-from takeoff_agent.work import AgentContext, Assignment, Attempt, Outcome, Stop
+from takeoff_agent.wire import (
+    AssignmentMessage,
+    assignment_from_proto,
+    complete_request,
+    item_state_to_proto,
+    record_assignment,
+    recorded_assignment,
+    resource_kind_to_proto,
+    run_state_to_proto,
+)
+from takeoff_agent.work import AgentContext, Attempt, Stop
 from takeoff_rpc.channels import open_aio_channel
 from takeoff_server.errors import ServiceFailed
 
@@ -31,7 +44,6 @@ logger = logging.getLogger(__name__)
 LeaseRequest = queue_pb2.LeaseRequest
 LeaseResponse = queue_pb2.LeaseResponse
 FENCE_CHECK_SECONDS = 0.5
-RESOURCE_KINDS = {"local-process": common_pb2.RESOURCE_KIND_LOCAL_PROCESS}
 _LOST = (queue_pb2.REJECT_REASON_LEASE_LOST, queue_pb2.REJECT_REASON_LEASE_NOT_FOUND)
 
 
@@ -41,13 +53,19 @@ class Agent:
         self.identity = identity
         self.leases_dir = settings.state_path / "leases"
         self.attempts: dict[str, Attempt] = {}
+        try:
+            runners = create_runners(
+                settings.runners, RunnerContext(agent_id=identity.agent_id, state_dir=settings.state_path)
+            )
+        except ValueError as error:
+            raise ServiceFailed(f"this agent's config cannot be used: {error}") from None
         self.context = AgentContext(
             agent_name=f"agents/{identity.agent_id}",
-            registry_address=settings.registry_address,
             runs=Runs(settings.registry_address),
             builder=Builder(settings.builder_address),
+            runners=runners,
             stop_grace_seconds=settings.stop_grace_seconds,
-            sdk_site=write_sdk_site(settings.state_path / "sdk"),
+            job_registry_address=settings.job_registry_address or settings.registry_address,
         )
         self.link = LeaseLink(
             settings.queue_address,
@@ -55,7 +73,7 @@ class Agent:
                 agent_id=identity.agent_id,
                 display_name=identity.display_name,
                 queues=identity.queues,
-                resources=[RESOURCE_KINDS[kind] for kind in settings.runners],
+                resources=[resource_kind_to_proto(kind) for kind in runners],
                 capacity=identity.capacity,
                 version=takeoff.__version__,
             ),
@@ -63,6 +81,8 @@ class Agent:
         )
         self.renewed_until: float | None = None
         self._drained = asyncio.Event()
+        self._swept: asyncio.Task[None] | None = None
+        self._refusals: set[asyncio.Task[None]] = set()
 
     # ----- life ------------------------------------------------------------------------------------
 
@@ -92,27 +112,42 @@ class Agent:
                         "could not check queue %s (%s); the session will", queue, error.code().name
                     )
                     continue
-                kind = common_pb2.ResourceKind.Name(reply.queue.resource)
-                if reply.queue.resource not in RESOURCE_KINDS.values():
-                    spelled = kind.removeprefix("RESOURCE_KIND_").lower().replace("_", "-")
+                if _kind_of(reply.queue.resource) not in self.context.runners:
+                    configured = ", ".join(kind.config_name for kind in self.context.runners)
                     raise ServiceFailed(
-                        f"queue {queue} runs on {spelled}, and this agent has no runner for it"
-                        f" (runners: {', '.join(self.settings.runners)})"
+                        f"queue {queue} runs on {_kind_name(reply.queue.resource)}, and this agent has no"
+                        f" runner for it (runners: {configured})"
                     )
 
     def _recover(self) -> None:
-        """Attempts left by an earlier run of this agent; the Welcome says which to resume."""
+        """Attempts left by an earlier run of this agent; the Welcome says which to resume. A lease
+        directory it cannot take back (no readable assignment, a kind it has no runner for now) is not
+        held: the sweep after the first Welcome stops its work and removes it."""
         if not self.leases_dir.exists():
             return
         for lease_dir in sorted(self.leases_dir.iterdir()):
-            assignment = Attempt.recorded(lease_dir)
-            if assignment is None:
-                shutil.rmtree(lease_dir, ignore_errors=True)
+            assignment = recorded_assignment(lease_dir)
+            if assignment is None or assignment.resource not in self.context.runners:
+                logger.warning("lease directory %s cannot be taken back: its work will be removed", lease_dir)
                 continue
             self.attempts[assignment.lease_id] = Attempt(assignment, lease_dir, self.context, self)
-            logger.info(
-                "found lease %s (%s) from before a restart", assignment.lease_id, assignment.item.name
-            )
+            logger.info("found lease %s (%s) from before a restart", assignment.lease_id, assignment.item)
+
+    async def _sweep(self) -> None:
+        """Once the queue has said which leases it keeps: every runner removes its work of any other
+        lease, then the agent the lease directories of those (no orphans after a restart). ``held`` is
+        the live set of leases, so work assigned while the sweep runs is never taken for an orphan."""
+        held = self.attempts.keys()
+        results = await asyncio.gather(
+            *(runner.sweep(held) for runner in self.context.runners.values()), return_exceptions=True
+        )
+        for kind, result in zip(self.context.runners, results, strict=True):
+            if isinstance(result, BaseException):
+                logger.warning("the %s runner could not sweep its work", kind.config_name, exc_info=result)
+        if self.leases_dir.exists():
+            for lease_dir in self.leases_dir.iterdir():
+                if lease_dir.name not in held:
+                    shutil.rmtree(lease_dir, ignore_errors=True)
 
     async def drain(self, limit: float | None) -> None:
         """Take no new work, hand back what has not started, let running jobs end (or stop them after
@@ -144,7 +179,7 @@ class Agent:
         with contextlib.suppress(Exception):
             await self.context.runs.finish(
                 attempt.assignment.run,
-                common_pb2.RUN_STATE_KILLED,
+                run_state_to_proto(RunState.KILLED),
                 exit_code=None,
                 message="released: agent draining",
             )
@@ -160,6 +195,13 @@ class Agent:
         self._forget(attempt)
 
     async def close(self) -> None:
+        if self._swept is not None:
+            self._swept.cancel()
+        for runner in self.context.runners.values():
+            try:
+                await runner.close()
+            except Exception:
+                logger.warning("could not close the %s runner", runner.kind.config_name, exc_info=True)
         await self.context.runs.close()
         await self.context.builder.close()
 
@@ -178,22 +220,48 @@ class Agent:
                 continue
             if verdict.kept:
                 if attempt.task is None:
-                    logger.info("resuming %s", attempt.assignment.item.name)
+                    logger.info("resuming %s", attempt.assignment.item)
                     self._begin(attempt)
             elif attempt.task is None:
                 logger.info("lease %s revoked on reconnect: stopping its job", verdict.lease_id)
                 attempt.task = asyncio.create_task(self._discard(attempt))
             else:
                 attempt.request_stop(Stop.REVOKED)
+        if self._swept is None:  # in the background: the stream goes on answering heartbeats meanwhile
+            self._swept = asyncio.create_task(self._sweep())
 
-    async def on_assignment(self, assignment: Assignment) -> None:
+    async def on_assignment(self, message: AssignmentMessage) -> None:
+        try:
+            assignment = assignment_from_proto(message)
+            if assignment.resource not in self.context.runners:
+                raise ValueError(f"this agent has no {assignment.resource.config_name} runner")
+        except ValueError as error:  # a queue service newer than this agent, or mistaken: never a crash
+            logger.error("cannot run the assignment of lease %s: %s", message.lease_id, error)
+            await self._refuse(message, f"the agent cannot run this assignment: {error}")
+            return
         lease_dir = self.leases_dir / assignment.lease_id
-        Attempt.record(assignment, lease_dir)
+        record_assignment(message, lease_dir)
         attempt = Attempt(assignment, lease_dir, self.context, self)
         if self.renewed_until is not None:
-            attempt.job.renew_lease(self.renewed_until)
+            attempt.renew_lease(self.renewed_until)
         self.attempts[assignment.lease_id] = attempt
         self._begin(attempt)
+
+    async def _refuse(self, message: AssignmentMessage, explanation: str) -> None:
+        """Complete an assignment the agent cannot even begin, FAILED RUNNER_INFRA (another agent may)."""
+
+        async def complete() -> None:
+            with contextlib.suppress(Exception):
+                await self.link.send_until_answered(
+                    complete=complete_request(
+                        message.lease_id,
+                        message.epoch,
+                        Outcome(ItemState.FAILED, FailureReason.RUNNER_INFRA, message=explanation),
+                    )
+                )
+
+        self._refusals.add(task := asyncio.create_task(complete()))
+        task.add_done_callback(self._refusals.discard)
 
     async def on_cancel(self, cancel: LeaseResponse.Cancel) -> None:
         if (attempt := self.attempts.get(cancel.lease_id)) is not None:
@@ -207,7 +275,7 @@ class Agent:
     def on_renewed(self, until: float) -> None:
         self.renewed_until = until
         for attempt in self.attempts.values():
-            attempt.job.renew_lease(until)
+            attempt.renew_lease(until)
 
     async def _fence_when_lapsed(self) -> None:
         """An agent that could not renew its leases in time stops its work: the queue has given it away."""
@@ -236,30 +304,37 @@ class Agent:
             if attempt.stop_reason in (Stop.REVOKED, Stop.FENCED) or not attempt.lease_dir.exists():
                 self._forget(attempt)
 
-    async def progress(self, attempt: Attempt, state: common_pb2.ItemState.ValueType, detail: str) -> bool:
+    async def progress(self, attempt: Attempt, state: ItemState, detail: str) -> bool:
         answer = await self.link.send_until_answered(
             progress=LeaseRequest.Progress(
-                lease_id=attempt.lease_id, epoch=attempt.assignment.epoch, state=state, detail=detail
+                lease_id=attempt.lease_id,
+                epoch=attempt.assignment.epoch,
+                state=item_state_to_proto(state),
+                detail=detail,
             )
         )
-        if answer.HasField("reject") and answer.reject.reason in _LOST:
-            attempt.request_stop(Stop.REVOKED)
-            return False
-        return True  # an invalid transition after a restart (progress already past this state) is harmless
+        # An invalid transition after a restart (progress already past this state) is harmless.
+        return not (answer.HasField("reject") and answer.reject.reason in _LOST)
 
     async def complete(self, attempt: Attempt, outcome: Outcome) -> None:
         await self.link.send_until_answered(
-            complete=LeaseRequest.Complete(
-                lease_id=attempt.lease_id,
-                epoch=attempt.assignment.epoch,
-                outcome=outcome.state,
-                reason=outcome.reason,
-                exit_code=outcome.exit_code,
-                message=outcome.message,
-            )
+            complete=complete_request(attempt.lease_id, attempt.assignment.epoch, outcome)
         )
         self._forget(attempt)
 
     def _forget(self, attempt: Attempt) -> None:
         self.attempts.pop(attempt.lease_id, None)
         shutil.rmtree(attempt.lease_dir, ignore_errors=True)
+
+
+def _kind_of(resource: int) -> ResourceKind | None:
+    try:
+        return ResourceKind(resource)
+    except ValueError:  # unspecified, or a kind newer than this agent
+        return None
+
+
+def _kind_name(resource: int) -> str:
+    """``local-container`` for a queue's resource kind number, as agent configs spell it."""
+    kind = _kind_of(resource)
+    return kind.config_name if kind is not None else f"resource kind {resource}"

@@ -11,8 +11,9 @@ from google.protobuf import duration_pb2, timestamp_pb2
 
 import takeoff
 from takeoff.v1 import agent_pb2, agent_pb2_grpc
-from takeoff_agent.agent import RESOURCE_KINDS, Agent
-from takeoff_agent.work import Attempt
+from takeoff_agent.agent import Agent
+from takeoff_agent.wire import item_state_to_proto, resource_kind_to_proto
+from takeoff_agent.work import Attempt, Stop
 from takeoff_server.validation import duration_value
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -33,16 +34,16 @@ def _work_to_proto(attempt: Attempt) -> agent_pb2.ActiveWork:
     return agent_pb2.ActiveWork(
         lease_id=assignment.lease_id,
         epoch=assignment.epoch,
-        item=assignment.item.name,
+        item=assignment.item,
         run=assignment.run,
         job_version=assignment.job_version.name,
         attempt=assignment.attempt,
-        state=attempt.state,
+        state=item_state_to_proto(attempt.state),
         detail=attempt.detail,
         assign_time=_timestamp(attempt.assigned_at),
         start_time=_timestamp(attempt.running_since),
         duration=duration,
-        cancel_requested=attempt.stop_reason is not None and attempt.stop_reason.name == "CANCELLED",
+        cancel_requested=attempt.stop_reason is Stop.CANCELLED,
     )
 
 
@@ -66,7 +67,7 @@ class AgentApi(agent_pb2_grpc.AgentServiceServicer):
             session_id=agent.link.session_id if agent.link.connected else "",
             connected=agent.link.connected,
             queues=identity.queues,
-            resources=[RESOURCE_KINDS[kind] for kind in agent.settings.runners],
+            resources=[resource_kind_to_proto(kind) for kind in agent.context.runners],
             capacity=identity.capacity,
             draining=identity.draining,
             version=takeoff.__version__,

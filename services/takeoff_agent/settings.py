@@ -4,6 +4,7 @@ from pathlib import Path
 
 from pydantic import Field, field_validator
 
+from takeoff_agent.runners import runner_kind
 from takeoff_server.config import ServerSettings
 
 
@@ -18,8 +19,14 @@ class AgentSettings(ServerSettings):
     queue_address: str = "127.0.0.1:50052"
     builder_address: str = "127.0.0.1:50053"
     registry_address: str = "127.0.0.1:50051"
-    runners: dict[str, dict[str, object]] = {"local-process": {}}
-    """One entry per resource kind the agent can run (``local-process`` for now), with its options."""
+    job_registry_address: str | None = Field(default=None, min_length=1, max_length=1024)
+    """The registry's address as jobs are given it (TAKEOFF_REGISTRY): ``host:port``, or ``unix:/path``
+    (the container runner mounts that socket into containers); unset: ``registry_address``. A cluster's
+    jobs need an address the cluster can reach (docs/design.md §16)."""
+    runners: dict[str, dict[str, object]] = Field(default={"local-process": {}}, min_length=1)
+    """One entry per resource kind the agent runs (``local-process``, ``local-container``, ``kubernetes``)
+    with that runner's options; the runner checks its options when the agent starts, and the agent refuses
+    to start with one it does not take, naming it."""
     stop_grace_seconds: float = Field(default=10.0, ge=0, le=86400)
     """Between SIGTERM and SIGKILL when a job is cancelled, revoked or out of time."""
     drain_timeout_seconds: float | None = Field(default=None, ge=0, le=86400)
@@ -38,9 +45,8 @@ class AgentSettings(ServerSettings):
     @field_validator("runners")
     @classmethod
     def _check_runners(cls, runners: dict[str, dict[str, object]]) -> dict[str, dict[str, object]]:
-        unknown = sorted(set(runners) - {"local-process"})
-        if unknown:
-            raise ValueError(f"no runner for {', '.join(unknown)} in this agent (it has: local-process)")
+        for name in runners:
+            runner_kind(name)
         return runners
 
     @property

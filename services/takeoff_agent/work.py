@@ -1,8 +1,9 @@
 """One attempt of one item on this agent, from Assignment to Complete (docs/design.md §7).
 
-create the run -> BUILDING (venv build, its log into the run) -> STARTING (fresh work directory, the job
-under its shim) -> RUNNING (output into the run's logs as it comes) -> the outcome -> Complete. What an
-attempt needs to be taken back after an agent restart lives in its lease directory.
+create the run -> BUILDING (the build the item's runner needs, its log into the run) -> STARTING (the job
+started by its runner) -> RUNNING (output into the run's logs as it comes) -> the outcome -> Complete.
+What an attempt needs to be taken back after an agent restart lives in its lease directory. The attempt
+is the same whatever the resource kind: the runner (``runners/``) does what differs.
 """
 
 from __future__ import annotations
@@ -12,26 +13,39 @@ import contextlib
 import enum
 import json
 import logging
-import os
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from takeoff.v1 import build_pb2, common_pb2, queue_pb2, runs_pb2
 from takeoff_agent.clients import Builder, LogLine, Runs
-from takeoff_agent.local_process import JobExit, JobSpec, LocalJob, copy_code
-from takeoff_agent.log_tail import LogTail
-from takeoff_agent.sdk_site import matches_agent_python
+from takeoff_agent.domain import (
+    Assignment,
+    BuildKind,
+    Built,
+    FailureReason,
+    ItemState,
+    JobExit,
+    LogStream,
+    Outcome,
+    ResourceKind,
+    RunState,
+)
+from takeoff_agent.runners.base import Launch, LogSource, Runner, RunnerRefused, RunnerUnavailable
 from takeoff_agent.shim import write_atomically
-from takeoff_server.protovalues import struct_to_dict
+from takeoff_agent.wire import (
+    build_kind_to_proto,
+    built_from_proto,
+    failure_reason_from_proto,
+    log_stream_to_proto,
+    run_state_to_proto,
+)
 from takeoff_server.validation import clip_utf8
 
 logger = logging.getLogger(__name__)
 
-Assignment = queue_pb2.LeaseResponse.Assignment
 LOG_FLUSH_SECONDS = 0.2
 LAST_LINES_IN_MESSAGE = 20
 # The queue keeps the last 4 KiB of a Complete's message (queue.proto): a failure message is built to fit,
@@ -40,6 +54,8 @@ MAX_OUTCOME_MESSAGE_BYTES = 4096
 MAX_LINES_PER_CALL = 10_000  # the registry's limit per AppendLogs
 MAX_BYTES_PER_CALL = 2 * 1024 * 1024  # well under the registry's 4 MiB receive limit
 LINE_OVERHEAD_BYTES = 8
+BUILD_DETAILS = {BuildKind.VENV: "venv build", BuildKind.IMAGE: "image build", BuildKind.NOOP: "image check"}
+"""The BUILDING Progress detail: what the builder makes for this attempt."""
 
 
 class Stop(enum.Enum):
@@ -53,34 +69,25 @@ class Stop(enum.Enum):
     DRAINED = "agent draining: drain timeout reached"
 
 
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    """What Complete reports; None for work the agent must not report on (revoked, fenced)."""
-
-    state: common_pb2.ItemState.ValueType
-    reason: common_pb2.FailureReason.ValueType = common_pb2.FAILURE_REASON_UNSPECIFIED
-    exit_code: int | None = None
-    message: str = ""
-
-
 class Reporter(Protocol):
     """How an attempt talks to the queue service (through the agent's Lease link)."""
 
-    async def progress(
-        self, attempt: Attempt, state: common_pb2.ItemState.ValueType, detail: str
-    ) -> bool: ...
+    async def progress(self, attempt: Attempt, state: ItemState, detail: str) -> bool:
+        """Report progress; False when the lease is lost."""
+        ...
+
     async def complete(self, attempt: Attempt, outcome: Outcome) -> None: ...
 
 
 @dataclass
 class AgentContext:
     agent_name: str
-    registry_address: str
     runs: Runs
     builder: Builder
+    runners: Mapping[ResourceKind, Runner]
     stop_grace_seconds: float
-    sdk_site: Path
-    """A ``sitecustomize`` directory that makes the SDK importable in job venvs (see ``sdk_site``)."""
+    job_registry_address: str
+    """What jobs are given as TAKEOFF_REGISTRY (docs/design.md §16)."""
 
 
 @dataclass
@@ -88,17 +95,17 @@ class RunLog:
     """Lines on their way to the run's log, each stored exactly once even across agent restarts.
 
     Before lines are sent they are recorded in ``checkpoint``: the log index of the first, the lines, the
-    offsets in the job's files just past them, and the job's last lines so far. A restarted agent sends the
-    recorded lines again at the same index (the registry skips lines it has stored already: AppendLogs
-    ``first_line_index``) and reads the job's files on from the recorded offsets, so a crash between
-    sending and recording neither loses nor repeats a line. While lines wait to be sent, the job's files
-    keep the newer ones.
+    offsets in the job's output just past them (as its log sources count them), and the job's last lines
+    so far. A restarted agent sends the recorded lines again at the same index (the registry skips lines it
+    has stored already: AppendLogs ``first_line_index``) and reads the job's output on from the recorded
+    offsets, so a crash between sending and recording neither loses nor repeats a line. While lines wait
+    to be sent, the job's output keeps the newer ones.
     """
 
     runs: Runs
     run: str
     checkpoint: Path
-    tails: list[tuple[runs_pb2.LogStream.ValueType, LogTail]]
+    sources: list[tuple[LogStream, LogSource]]
     next_index: int = 0
     pending: list[LogLine] = field(default_factory=list)
     last_lines: deque[str] = field(default_factory=lambda: deque(maxlen=LAST_LINES_IN_MESSAGE))
@@ -112,29 +119,29 @@ class RunLog:
         except (OSError, ValueError):
             return
         self.next_index = recorded["next_index"]
-        for (_, tail), offset in zip(self.tails, recorded["offsets"], strict=True):
-            tail.offset = offset
+        for (_, source), offset in zip(self.sources, recorded["offsets"], strict=True):
+            source.offset = offset
         self.pending = [LogLine(stream, text) for stream, text in recorded["pending"]]
         self.last_lines.extend(recorded["last_lines"])
         self._recorded = True
 
-    def add(self, stream: runs_pb2.LogStream.ValueType, lines: list[str]) -> None:
+    def add(self, stream: LogStream, lines: list[str]) -> None:
         if not lines:
             return
-        self.pending.extend(LogLine(stream, line) for line in lines)
+        self.pending.extend(LogLine(log_stream_to_proto(stream), line) for line in lines)
         self._recorded = False
-        if stream in (runs_pb2.LOG_STREAM_STDOUT, runs_pb2.LOG_STREAM_STDERR):
+        if stream in (LogStream.STDOUT, LogStream.STDERR):
             self.last_lines.extend(lines)
 
     def system(self, text: str) -> None:
-        self.add(runs_pb2.LOG_STREAM_SYSTEM, [f"[takeoff] {text}"])
+        self.add(LogStream.SYSTEM, [f"[takeoff] {text}"])
 
     def read_job_output(self, *, final: bool = False) -> None:
         """The job's new lines; not while earlier ones still wait to be sent, unless the job has ended."""
         if self.pending and not final:
             return
-        for stream, tail in self.tails:
-            self.add(stream, tail.read_lines(final=final))
+        for stream, source in self.sources:
+            self.add(stream, source.read_lines(final=final))
 
     async def flush(self) -> None:
         if not self._recorded:
@@ -144,7 +151,7 @@ class RunLog:
                 self.checkpoint,
                 {
                     "next_index": self.next_index,
-                    "offsets": [tail.offset for _, tail in self.tails],
+                    "offsets": [source.offset for _, source in self.sources],
                     "pending": [[line.stream, line.text] for line in self.pending],
                     "last_lines": list(self.last_lines),  # for the failure message of a job that ends later
                 },
@@ -175,46 +182,27 @@ class Attempt:
         self.lease_dir = lease_dir
         self.context = context
         self.reporter = reporter
-        self.job = LocalJob(lease_dir)
-        self.state = common_pb2.ITEM_STATE_LEASED
+        self.runner = context.runners[assignment.resource]
+        self.job = self.runner.job(assignment, lease_dir)
+        self.state = ItemState.LEASED
         self.detail = ""
-        given = assignment.assign_time
-        self.assigned_at = given.ToNanoseconds() / 1e9 if assignment.HasField("assign_time") else time.time()
+        self.assigned_at = assignment.assign_time or time.time()
         self.running_since: float | None = None
         self.stop_reason: Stop | None = None
         self._stop_requested = asyncio.Event()
         self.log = RunLog(
-            context.runs,
-            assignment.run,
-            lease_dir / "log_checkpoint.json",
-            [
-                (runs_pb2.LOG_STREAM_STDOUT, LogTail(self.job.stdout)),
-                (runs_pb2.LOG_STREAM_STDERR, LogTail(self.job.stderr)),
-            ],
+            context.runs, assignment.run, lease_dir / "log_checkpoint.json", self.job.log_sources()
         )
         self.log.restore()
         self._restore_progress()
         self.task: asyncio.Task[None] | None = None
         self._timers: list[asyncio.TimerHandle] = []
+        self._lease_until: float | None = None
+        self._renewing: asyncio.Task[None] | None = None
 
     @property
     def lease_id(self) -> str:
         return self.assignment.lease_id
-
-    @classmethod
-    def record(cls, assignment: Assignment, lease_dir: Path) -> None:
-        """Keep the assignment on disk before any work starts, so a restarted agent can report it held."""
-        lease_dir.mkdir(parents=True, exist_ok=True)
-        partial = lease_dir / "assignment.bin.partial"
-        partial.write_bytes(assignment.SerializeToString())
-        partial.replace(lease_dir / "assignment.bin")
-
-    @classmethod
-    def recorded(cls, lease_dir: Path) -> Assignment | None:
-        try:
-            return Assignment.FromString((lease_dir / "assignment.bin").read_bytes())
-        except OSError:
-            return None
 
     @property
     def _progress_file(self) -> Path:
@@ -241,16 +229,15 @@ class Attempt:
     def _arm_deadlines(self) -> None:
         """The agent enforces the start deadline and the max run time itself (the queue is the backstop)."""
         loop = asyncio.get_running_loop()
-        if self.assignment.HasField("start_deadline") and self.state != common_pb2.ITEM_STATE_RUNNING:
-            deadline = self.assignment.start_deadline.ToNanoseconds() / 1e9
+        deadline, limit = self.assignment.start_deadline, self.assignment.max_run_time
+        if deadline is not None and self.state != ItemState.RUNNING:
             self._timers.append(loop.call_later(max(0.0, deadline - time.time()), self._check_started))
-        if self.assignment.HasField("max_run_time") and self.running_since is not None:
-            limit = self.assignment.max_run_time.ToTimedelta().total_seconds()
+        if limit is not None and self.running_since is not None:
             remaining = self.running_since + limit - time.time()
             self._timers.append(loop.call_later(max(0.0, remaining), self.request_stop, Stop.MAX_RUN_TIME))
 
     def _check_started(self) -> None:
-        if self.state != common_pb2.ITEM_STATE_RUNNING:
+        if self.state != ItemState.RUNNING:
             self.request_stop(Stop.START_TIMEOUT)
 
     def request_stop(self, reason: Stop) -> None:
@@ -258,6 +245,23 @@ class Attempt:
             self.stop_reason = reason
             self._record_progress()
         self._stop_requested.set()
+
+    def renew_lease(self, until: float) -> None:
+        """Pass the agent's renewed lease on to the job, in the background: a runner slow to answer (an API
+        server) delays neither the Lease stream nor other jobs, and a renewal that arrives meanwhile is
+        passed on once the one under way is done (only the newest matters)."""
+        self._lease_until = until
+        if self._renewing is None or self._renewing.done():
+            self._renewing = asyncio.create_task(self._pass_on_renewals())
+
+    async def _pass_on_renewals(self) -> None:
+        renewed = None
+        while self._lease_until is not None and renewed != self._lease_until:
+            renewed = self._lease_until
+            try:
+                await self.job.renew_lease(renewed)
+            except Exception:  # the next renewal tries again; the runner's fence stops a job left behind
+                logger.warning("could not renew the lease of %s's job", self.lease_id, exc_info=True)
 
     async def run(self) -> None:
         self._arm_deadlines()
@@ -267,12 +271,13 @@ class Attempt:
             raise
         except Exception as error:  # an agent-side failure: retryable, and said so in the run's log
             logger.exception("attempt %s failed inside the agent", self.assignment.run)
-            outcome = Outcome(
-                common_pb2.ITEM_STATE_FAILED,
-                common_pb2.FAILURE_REASON_RUNNER_INFRA,
-                message=f"the agent could not run the job: {error}",
+            outcome = await self._failed_before_end(
+                Outcome(
+                    ItemState.FAILED,
+                    FailureReason.RUNNER_INFRA,
+                    message=f"the agent could not run the job: {error}",
+                )
             )
-            self.log.system(outcome.message)
         finally:
             for timer in self._timers:
                 timer.cancel()
@@ -286,27 +291,34 @@ class Attempt:
             await self.context.runs.create(
                 assignment.run,
                 job_version=assignment.job_version.name,
-                item=assignment.item.name,
+                item=assignment.item,
                 attempt=assignment.attempt,
-                config=struct_to_dict(assignment.item.run_config),
-                display_name=assignment.item.run_display_name,
+                config=assignment.run_config,
+                display_name=assignment.run_display_name,
             )
-            self.log.system(
-                f"attempt {assignment.attempt} of {assignment.item.name} on {self.context.agent_name}"
-            )
-            if not await self._advance(common_pb2.ITEM_STATE_BUILDING, "venv build"):
-                return None
-            built = await self._build()
-            if isinstance(built, Outcome):
-                return built
-            if self.stop_reason is not None:
+            self.log.system(f"attempt {assignment.attempt} of {assignment.item} on {self.context.agent_name}")
+            try:
+                self.runner.check(assignment)
+                build_kind = self.runner.build_kind(assignment.job_version.source)
+            except RunnerRefused as refused:
+                return await self._failed_before_end(
+                    Outcome(ItemState.FAILED, FailureReason.CONFIG_INVALID, message=str(refused))
+                )
+            if not await self._advance(ItemState.BUILDING, BUILD_DETAILS[build_kind]):
                 return await self._stopped_before_start()
-            if not await self._advance(common_pb2.ITEM_STATE_STARTING, "starting the job"):
-                return None
-            await self._start(built)
-        if not await self._advance(common_pb2.ITEM_STATE_RUNNING, "running"):
+            built = await self._build(build_kind)
+            if isinstance(built, Outcome):
+                return await self._failed_before_end(built)
+            if self.stop_reason is not None or not await self._advance(
+                ItemState.STARTING, "starting the job"
+            ):
+                return await self._stopped_before_start()
+            if (refused_start := await self._start(built)) is not None:
+                return await self._failed_before_end(refused_start)
+        if not await self._advance(ItemState.RUNNING, "running"):  # the lease is lost
             await self.job.stop(self.context.stop_grace_seconds)
-            return None
+            self.log.read_job_output(final=True)
+            return await self._conclude(self.job.exit())
         if self.running_since is None:
             self.running_since = time.time()
             self._record_progress()
@@ -314,18 +326,22 @@ class Attempt:
         ended = await self._watch()
         return await self._conclude(ended)
 
-    async def _advance(self, state: common_pb2.ItemState.ValueType, detail: str) -> bool:
+    async def _advance(self, state: ItemState, detail: str) -> bool:
+        """Report progress; False when the queue says the lease is lost (the attempt is then revoked)."""
         self.state, self.detail = state, detail
-        return await self.reporter.progress(self, state, detail)
+        if await self.reporter.progress(self, state, detail):
+            return True
+        self.request_stop(Stop.REVOKED)
+        return False
 
-    async def _build(self) -> build_pb2.BuildResult | Outcome:
+    async def _build(self, kind: BuildKind) -> Built | Outcome:
         result = None
         async for event in self.context.builder.build(
-            self.assignment.job_version.name, build_pb2.BUILD_KIND_VENV, self.assignment.run
+            self.assignment.job_version.name, build_kind_to_proto(kind), self.assignment.run
         ):
             match event.WhichOneof("event"):
                 case "log":
-                    self.log.add(runs_pb2.LOG_STREAM_BUILD, list(event.log.lines))
+                    self.log.add(LogStream.BUILD, list(event.log.lines))
                 case "cache":
                     self.log.system(f"build {event.build}: {'cache hit' if event.cache.hit else 'building'}")
                 case "result":
@@ -334,62 +350,57 @@ class Attempt:
                     failure = event.failure
                     self.log.system(f"build failed: {failure.message}")
                     return Outcome(
-                        common_pb2.ITEM_STATE_FAILED,
-                        failure.reason or common_pb2.FAILURE_REASON_BUILD_FAILED,
+                        ItemState.FAILED,
+                        failure_reason_from_proto(failure.reason, FailureReason.BUILD_FAILED),
                         message=failure_message(failure.message, failure.log_tail[-LAST_LINES_IN_MESSAGE:]),
                     )
         await self._flush_logs_quietly()
         if result is None:
             return Outcome(
-                common_pb2.ITEM_STATE_FAILED,
-                common_pb2.FAILURE_REASON_BUILD_INFRA,
-                message="the build ended without a result",
+                ItemState.FAILED, FailureReason.BUILD_INFRA, message="the build ended without a result"
             )
-        return result
+        return built_from_proto(result, kind)
 
-    def _environment(self, result: build_pb2.BuildResult) -> dict[str, str]:
+    def _environment(self) -> dict[str, str]:
+        """The job's environment as every runner gives it (docs/design.md §7): the resource config's
+        ``env``, then what Takeoff tells the job, which the ``env`` cannot change."""
         assignment = self.assignment
-        version = assignment.job_version
-        job_name = version.name.split("/jobs/", 1)[1].replace("/versions/", ":v")
-        venv_bin = str(Path(result.venv_path) / "bin")
-        configured = struct_to_dict(assignment.resource_config).get("env", {})
-        sdk = (
-            {"PYTHONPATH": str(self.context.sdk_site)} if matches_agent_python(Path(result.venv_path)) else {}
-        )
+        configured = assignment.resource_config.get("env") or {}
         return {
-            **os.environ,
-            **sdk,
-            **{key: str(value) for key, value in configured.items()},
-            "PATH": f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}",
-            "VIRTUAL_ENV": result.venv_path,
+            **{name: str(value) for name, value in configured.items()},
             "PYTHONUNBUFFERED": "1",
-            "TAKEOFF_REGISTRY": self.context.registry_address,
-            "TAKEOFF_PROJECT": assignment.run.split("/runs/", 1)[0].removeprefix("projects/"),
-            "TAKEOFF_RUN_ID": assignment.run.rsplit("/", 1)[1],
-            "TAKEOFF_JOB": job_name,
+            "TAKEOFF_PROJECT": assignment.project,
+            "TAKEOFF_RUN_ID": assignment.run_id,
+            "TAKEOFF_JOB": assignment.job_version.label,
             "TAKEOFF_QUEUE": assignment.queue,
-            "TAKEOFF_ITEM": assignment.item.name,
+            "TAKEOFF_ITEM": assignment.item,
             "TAKEOFF_ATTEMPT": str(assignment.attempt),
-            "TAKEOFF_CONFIG": json.dumps(struct_to_dict(assignment.item.run_config)),
+            "TAKEOFF_CONFIG": json.dumps(assignment.run_config),
             "TRACEPARENT": assignment.traceparent,
         }
 
-    async def _start(self, result: build_pb2.BuildResult) -> None:
-        work_dir = self.lease_dir / "work"
-        await asyncio.to_thread(copy_code, Path(result.code_path), work_dir)
-        context_dir = self.assignment.job_version.environment.build_context
-        argv = list(self.assignment.entrypoint)
-        if argv and argv[0] in ("python", "python3"):
-            argv[0] = result.python_path or str(Path(result.venv_path) / "bin" / "python")
-        await self.job.start(
-            JobSpec(
-                argv=argv,
-                env=self._environment(result),
-                cwd=str(work_dir / context_dir) if context_dir else str(work_dir),
-                stop_grace_seconds=self.context.stop_grace_seconds,
-            )
+    async def _start(self, built: Built) -> Outcome | None:
+        """Start the job; the outcome when its runner cannot."""
+        launch = Launch(
+            assignment=self.assignment,
+            built=built,
+            env=self._environment(),
+            secrets={},
+            registry_address=self.context.job_registry_address,
+            stop_grace_seconds=self.context.stop_grace_seconds,
         )
+        try:
+            await self.job.start(launch)
+        except RunnerRefused as refused:
+            return Outcome(ItemState.FAILED, FailureReason.CONFIG_INVALID, message=str(refused))
+        except RunnerUnavailable as unavailable:
+            return Outcome(
+                ItemState.FAILED,
+                FailureReason.RUNNER_INFRA,
+                message=f"the {self.runner.kind.config_name} runner is unavailable: {unavailable}",
+            )
         self.log.system(f"started {' '.join(self.assignment.entrypoint)}")
+        return None
 
     async def _watch(self) -> JobExit:
         """Follow the job's output into the run until it ends, stopping it when asked to."""
@@ -414,21 +425,40 @@ class Attempt:
         finally:
             stop_wanted.cancel()
 
+    async def _failed_before_end(self, outcome: Outcome) -> Outcome:
+        """An attempt that fails before its job could end by itself (refused, build failed, the runner or
+        the agent failing): its job, if it got as far as starting, is stopped, and its run ends FAILED
+        with the same message, so that run and attempt agree."""
+        self.log.system(outcome.message)
+        if self.job.started:
+            with contextlib.suppress(Exception):
+                await self.job.stop(self.context.stop_grace_seconds)
+        await self._flush_logs_quietly()
+        try:
+            await self.context.runs.finish(
+                self.assignment.run,
+                run_state_to_proto(RunState.FAILED),
+                exit_code=outcome.exit_code,
+                message=outcome.message,
+            )
+        except Exception:  # the run may not exist (the registry refused it): the outcome still goes out
+            logger.warning("could not end the run of %s", self.assignment.run, exc_info=True)
+        return outcome
+
     async def _stopped_before_start(self) -> Outcome | None:
         if self.stop_reason is Stop.CANCELLED:
-            await self.context.runs.finish(
-                self.assignment.run, common_pb2.RUN_STATE_KILLED, exit_code=None, message=Stop.CANCELLED.value
-            )
-            return Outcome(
-                common_pb2.ITEM_STATE_CANCELLED,
-                common_pb2.FAILURE_REASON_CANCELLED,
-                message=Stop.CANCELLED.value,
-            )
+            await self._finish_run(RunState.KILLED, None, Stop.CANCELLED.value)
+            return Outcome(ItemState.CANCELLED, FailureReason.CANCELLED, message=Stop.CANCELLED.value)
         return await self._conclude(None)
+
+    async def _finish_run(self, state: RunState, exit_code: int | None, message: str) -> None:
+        """Set the run's final state, unless its job (the SDK) has set one."""
+        await self.context.runs.finish(
+            self.assignment.run, run_state_to_proto(state), exit_code=exit_code, message=message
+        )
 
     async def _conclude(self, ended: JobExit | None) -> Outcome | None:
         """The outcome of docs/design.md §7, and the run's final state when the job's SDK did not set one."""
-        run = self.assignment.run
         exit_code = ended.exit_code if ended else None
         reason = (
             self.stop_reason
@@ -437,47 +467,46 @@ class Attempt:
         )
         if reason is not None:
             self.log.system(f"job stopped: {reason.value}")
-            await self.context.runs.finish(
-                run, common_pb2.RUN_STATE_KILLED, exit_code=exit_code, message=reason.value
-            )
+            await self._finish_run(RunState.KILLED, exit_code, reason.value)
             if reason is Stop.REVOKED or self.stop_reason is Stop.FENCED:
                 return None  # the queue has given the lease away, or will: nothing to report
             if reason is Stop.CANCELLED:
-                return Outcome(
-                    common_pb2.ITEM_STATE_CANCELLED,
-                    common_pb2.FAILURE_REASON_CANCELLED,
-                    exit_code,
-                    reason.value,
-                )
+                return Outcome(ItemState.CANCELLED, FailureReason.CANCELLED, exit_code, reason.value)
             failure = {
-                # Only the shim stopped it (the agent was away, or had not noticed yet): the queue may still
+                # Only the fence stopped it (the agent was away, or had not noticed yet): the queue may still
                 # hold the lease for this agent, as it does when it keeps the lease across an agent restart.
-                Stop.FENCED: common_pb2.FAILURE_REASON_AGENT_LOST,
-                Stop.START_TIMEOUT: common_pb2.FAILURE_REASON_START_TIMEOUT,
-                Stop.MAX_RUN_TIME: common_pb2.FAILURE_REASON_MAX_RUN_TIME_EXCEEDED,
-                Stop.DRAINED: common_pb2.FAILURE_REASON_PREEMPTED,
+                Stop.FENCED: FailureReason.AGENT_LOST,
+                Stop.START_TIMEOUT: FailureReason.START_TIMEOUT,
+                Stop.MAX_RUN_TIME: FailureReason.MAX_RUN_TIME_EXCEEDED,
+                Stop.DRAINED: FailureReason.PREEMPTED,
             }[reason]
-            return Outcome(common_pb2.ITEM_STATE_FAILED, failure, exit_code, reason.value)
+            return Outcome(ItemState.FAILED, failure, exit_code, reason.value)
         assert ended is not None
-        self.log.system(f"job exited with code {ended.exit_code}")
-        if ended.exit_code != 0:
-            crashed = ended.signal is not None
-            state = common_pb2.RUN_STATE_CRASHED if crashed else common_pb2.RUN_STATE_FAILED
+        if (
+            ended.failure is not None
+        ):  # the runner, not the job, decided the end (an image that will not pull)
+            self.log.system(ended.failure.message)
+            await self._finish_run(RunState.FAILED, exit_code, ended.failure.message)
+            return Outcome(ItemState.FAILED, ended.failure.reason, exit_code, ended.failure.message)
+        self.log.system(
+            f"job exited with code {ended.exit_code}" + (" (OOMKilled)" if ended.oom_killed else "")
+        )
+        if ended.exit_code != 0 or ended.oom_killed:
+            crashed = ended.signal is not None or ended.oom_killed
             last_lines = list(self.log.last_lines)
-            message = failure_message(
-                f"exit code {ended.exit_code}" + ("; last lines:" if last_lines else ""), last_lines
+            explanation = (
+                "OOMKilled: the job ran out of memory" if ended.oom_killed else f"exit code {ended.exit_code}"
             )
-            await self.context.runs.finish(run, state, exit_code=ended.exit_code, message=message)
-            return Outcome(
-                common_pb2.ITEM_STATE_FAILED, common_pb2.FAILURE_REASON_JOB_FAILED, ended.exit_code, message
-            )
-        if await self.context.runs.state(run) == common_pb2.RUN_STATE_STARTING:
+            message = failure_message(explanation + ("; last lines:" if last_lines else ""), last_lines)
+            await self._finish_run(RunState.CRASHED if crashed else RunState.FAILED, exit_code, message)
+            return Outcome(ItemState.FAILED, FailureReason.JOB_FAILED, exit_code, message)
+        if await self.context.runs.state(self.assignment.run) == run_state_to_proto(RunState.STARTING):
             message = "the job exited 0 but never called takeoff.init(), so it reported no run (NO_RUN)"
             self.log.system(message)
-            await self.context.runs.finish(run, common_pb2.RUN_STATE_FAILED, exit_code=0, message=message)
-            return Outcome(common_pb2.ITEM_STATE_FAILED, common_pb2.FAILURE_REASON_NO_RUN, 0, message)
-        await self.context.runs.finish(run, common_pb2.RUN_STATE_FINISHED, exit_code=0, message="")
-        return Outcome(common_pb2.ITEM_STATE_SUCCEEDED, exit_code=0)
+            await self._finish_run(RunState.FAILED, 0, message)
+            return Outcome(ItemState.FAILED, FailureReason.NO_RUN, 0, message)
+        await self._finish_run(RunState.FINISHED, 0, "")
+        return Outcome(ItemState.SUCCEEDED, exit_code=0)
 
     async def abandon(self) -> None:
         """Stop the job of a lease the queue gave away while the agent was away, and end its run KILLED

@@ -26,6 +26,7 @@ from takeoff.v1 import (
     runs_pb2,
     runs_pb2_grpc,
 )
+from takeoff_server.protovalues import dict_to_struct
 from tests.processes import ServiceProcess, pid_alive, service_process, wait_for
 
 LEASE_TTL_SECONDS = 3.0
@@ -89,6 +90,36 @@ def job_pid(stack: Stack, run: str) -> int:
         return None
 
     return wait_for(find, timeout=60, what="the job to print its pid")
+
+
+def assignment_message(
+    *,
+    lease_id: str = "l1",
+    job: str = "job",
+    source: common_pb2.JobSource | None = None,
+    resource_config: dict[str, object] | None = None,
+    **fields: object,
+) -> queue_pb2.LeaseResponse.Assignment:
+    """An Assignment as the queue service sends it, for attempt 1 of a local-process item of a code job
+    (``projects/{PROJECT}/jobs/{job}/versions/1``); ``fields`` set or replace any other field."""
+    item = f"projects/{PROJECT}/queues/q/items/i-{lease_id}"
+    values: dict[str, object] = {
+        "lease_id": lease_id,
+        "epoch": 1,
+        "item": queue_pb2.Item(name=item),
+        "job_version": common_pb2.JobVersion(
+            name=f"projects/{PROJECT}/jobs/{job}/versions/1",
+            source=source or common_pb2.JobSource(code=common_pb2.CodeSource(sha256="0" * 64)),
+        ),
+        "resource_config": dict_to_struct(resource_config or {}),
+        "run": f"projects/{PROJECT}/runs/i-{lease_id}-1",
+        "attempt": 1,
+        "entrypoint": ["python", "main.py"],
+        "queue": f"projects/{PROJECT}/queues/q",
+        "resource": common_pb2.RESOURCE_KIND_LOCAL_PROCESS,
+        **fields,
+    }
+    return queue_pb2.LeaseResponse.Assignment(**values)  # type: ignore[arg-type]
 
 
 @pytest.fixture(scope="module")

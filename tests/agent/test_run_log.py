@@ -13,12 +13,16 @@ import grpc
 import pytest
 from google.protobuf.duration_pb2 import Duration
 
-from takeoff.v1 import common_pb2, queue_pb2, runs_pb2, runs_pb2_grpc
+from takeoff.v1 import runs_pb2, runs_pb2_grpc
 from takeoff_agent import work
 from takeoff_agent.clients import Builder, LogLine, Runs
+from takeoff_agent.domain import ItemState, LogStream, Outcome
 from takeoff_agent.log_tail import MAX_LINE_BYTES, LogTail
-from takeoff_agent.work import AgentContext, Attempt, Outcome, RunLog, Stop
-from tests.agent.conftest import PROJECT
+from takeoff_agent.runners.base import RunnerContext
+from takeoff_agent.runners.local_process import LocalProcessRunner
+from takeoff_agent.wire import assignment_from_proto, record_assignment, recorded_assignment
+from takeoff_agent.work import AgentContext, Attempt, RunLog, Stop
+from tests.agent.conftest import PROJECT, assignment_message
 from tests.processes import ServiceProcess
 
 STDOUT, STDERR, SYSTEM = runs_pb2.LOG_STREAM_STDOUT, runs_pb2.LOG_STREAM_STDERR, runs_pb2.LOG_STREAM_SYSTEM
@@ -72,7 +76,10 @@ class JobFiles:
     def run_log(self, runs: Runs, run: str) -> RunLog:
         """The log as an agent (re)started now finds it."""
         log = RunLog(
-            runs, run, self.checkpoint, [(STDOUT, LogTail(self.stdout)), (STDERR, LogTail(self.stderr))]
+            runs,
+            run,
+            self.checkpoint,
+            [(LogStream.STDOUT, LogTail(self.stdout)), (LogStream.STDERR, LogTail(self.stderr))],
         )
         log.restore()
         return log
@@ -160,7 +167,7 @@ async def test_a_line_longer_than_the_registry_takes_arrives_in_pieces(
 
 
 class NoReports:
-    async def progress(self, attempt: Attempt, state: common_pb2.ItemState.ValueType, detail: str) -> bool:
+    async def progress(self, attempt: Attempt, state: ItemState, detail: str) -> bool:
         raise AssertionError("not reached")
 
     async def complete(self, attempt: Attempt, outcome: Outcome) -> None:
@@ -182,22 +189,22 @@ async def test_a_restarted_agent_keeps_when_the_job_began_and_why_it_was_stopped
 ) -> None:
     context = AgentContext(
         agent_name="agents/a",
-        registry_address=registry.address,
         runs=Runs(registry.address),
         builder=Builder(registry.address),
+        runners={runner.kind: runner for runner in [LocalProcessRunner(RunnerContext("a", tmp_path))]},
         stop_grace_seconds=1,
-        sdk_site=tmp_path / "sdk",
+        job_registry_address=registry.address,
     )
-    assignment = queue_pb2.LeaseResponse.Assignment(
-        lease_id="l1", run=f"projects/{PROJECT}/runs/r1", max_run_time=Duration(seconds=3600)
-    )
+    message = assignment_message(lease_id="l1", max_run_time=Duration(seconds=3600))
     lease_dir = tmp_path / "leases" / "l1"
-    Attempt.record(assignment, lease_dir)
-    before = Attempt(assignment, lease_dir, context, NoReports())
+    record_assignment(message, lease_dir)
+    before = Attempt(assignment_from_proto(message), lease_dir, context, NoReports())
     before.running_since = 1_000_000.0
     before.request_stop(reason)
 
-    after = Attempt(Attempt.recorded(lease_dir) or assignment, lease_dir, context, NoReports())
+    recorded = recorded_assignment(lease_dir)
+    assert recorded is not None
+    after = Attempt(recorded, lease_dir, context, NoReports())
 
     assert after.running_since == 1_000_000.0  # the max run time counts from the job's start, not now
     assert after.stop_reason is kept

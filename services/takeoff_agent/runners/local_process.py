@@ -1,0 +1,238 @@
+"""The local-process runner: each job runs under a shim (see ``shim.py``) in its own lease directory.
+
+The agent starts the shim and forgets nothing it cannot find again: after a restart, the job of a lease
+directory is picked back up from its files, whether it is still running or ended while the agent was away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import sys
+from collections.abc import Collection, Mapping
+from pathlib import Path
+
+from takeoff_agent.domain import Assignment, BuildKind, JobExit, LogStream, ResourceKind, SourceKind
+from takeoff_agent.log_tail import LogTail
+from takeoff_agent.runners.base import Launch, LogSource, RunnerContext, RunnerRefused
+from takeoff_agent.sdk_site import matches_agent_python, write_sdk_site
+from takeoff_agent.shim import stop_group, write_atomically
+
+EXIT_POLL_SECONDS = 0.1
+RESOURCE_OPTIONS = frozenset({"env"})
+PASSED_FROM_AGENT = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "TZ", "TMPDIR")
+"""What a job gets from the agent's own environment (and every ``LC_*``): where programs are, whose home
+and name it runs under, its locale, time zone and temporary directory. Nothing else: the agent's
+credentials and settings (``TAKEOFF_*`` among them) are not the job's business (docs/design.md §16)."""
+_VARIABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def create(options: Mapping[str, object], context: RunnerContext) -> LocalProcessRunner:
+    """The runner; its one option, ``pass_env``, names more of the agent's variables its jobs get (a GPU
+    host's ``LD_LIBRARY_PATH``, a proxy)."""
+    unknown = sorted(set(options) - {"pass_env"})
+    if unknown:
+        raise ValueError(f"unknown option {', '.join(unknown)} (local-process takes: pass_env)")
+    passed = options.get("pass_env", [])
+    if not isinstance(passed, list) or not all(
+        isinstance(name, str) and _VARIABLE_NAME.fullmatch(name) for name in passed
+    ):
+        raise ValueError("pass_env must be a list of environment variable names")
+    return LocalProcessRunner(context, tuple(passed))
+
+
+def copy_code(code_path: Path, work_dir: Path) -> None:
+    """A fresh copy of the built code for one attempt: jobs may write into their working directory."""
+    if work_dir.exists():
+        shutil.rmtree(work_dir)
+    shutil.copytree(code_path, work_dir, symlinks=True)
+
+
+def agent_environment(passed: Collection[str]) -> dict[str, str]:
+    """The part of the agent's environment a job is given: PASSED_FROM_AGENT, ``LC_*`` and ``passed``."""
+    return {
+        name: value
+        for name, value in os.environ.items()
+        if name in PASSED_FROM_AGENT or name.startswith("LC_") or name in passed
+    }
+
+
+class LocalProcessRunner:
+    kind = ResourceKind.LOCAL_PROCESS
+
+    def __init__(self, context: RunnerContext, pass_env: tuple[str, ...] = ()) -> None:
+        self.context = context
+        self.pass_env = pass_env
+        self.sdk_site = write_sdk_site(context.state_dir / "sdk")
+
+    def build_kind(self, source: SourceKind) -> BuildKind:
+        if source is SourceKind.IMAGE:
+            raise RunnerRefused("an image job cannot run on local-process: it runs on local-container")
+        return BuildKind.VENV
+
+    def check(self, assignment: Assignment) -> None:
+        self.build_kind(assignment.job_version.source)
+        refused = sorted(set(assignment.resource_config) - RESOURCE_OPTIONS)
+        if refused:
+            raise RunnerRefused(
+                f"local-process does not take the resource option {', '.join(refused)} (it takes: env)"
+            )
+
+    def job(self, assignment: Assignment, lease_dir: Path) -> LocalProcessJob:
+        return LocalProcessJob(lease_dir, self.sdk_site, self.pass_env)
+
+    async def sweep(self, held: Collection[str]) -> None:
+        """Stop the jobs of lease directories the agent does not hold (it removes the directories)."""
+        leases = self.context.state_dir / "leases"
+        if not leases.is_dir():
+            return
+        orphans = [LocalProcessJob(lease_dir, self.sdk_site) for lease_dir in leases.iterdir()]
+        await asyncio.gather(
+            *(job.stop(job.stop_grace_seconds) for job in orphans if job.lease_dir.name not in held)
+        )
+
+    async def close(self) -> None:
+        pass
+
+
+class LocalProcessJob:
+    """One job under its shim, found through its lease directory."""
+
+    def __init__(self, lease_dir: Path, sdk_site: Path, pass_env: tuple[str, ...] = ()) -> None:
+        self.lease_dir = lease_dir
+        self.sdk_site = sdk_site
+        self.pass_env = pass_env
+        self._shim: asyncio.subprocess.Process | None = None
+        self._log_sources: list[tuple[LogStream, LogSource]] = [
+            (LogStream.STDOUT, LogTail(lease_dir / "stdout.log")),
+            (LogStream.STDERR, LogTail(lease_dir / "stderr.log")),
+        ]
+
+    @property
+    def _spec_file(self) -> Path:
+        return self.lease_dir / "spec.json"
+
+    @property
+    def started(self) -> bool:
+        return self._spec_file.exists()
+
+    @property
+    def stop_grace_seconds(self) -> float:
+        """The grace the job was started with (for stopping it without its Launch)."""
+        try:
+            return float(json.loads(self._spec_file.read_text())["stop_grace_seconds"])
+        except (OSError, ValueError, KeyError):
+            return 0.0
+
+    def log_sources(self) -> list[tuple[LogStream, LogSource]]:
+        return self._log_sources
+
+    def environment(self, launch: Launch) -> dict[str, str]:
+        """The job's environment (docs/design.md §7): what it may see of the agent's, then the venv's
+        variables (the resource config's ``env`` cannot move the venv off ``PATH``), then the launch's."""
+        venv = Path(launch.built.venv_path)
+        sdk = {"PYTHONPATH": str(self.sdk_site)} if matches_agent_python(venv) else {}
+        inherited = agent_environment(self.pass_env)
+        return {
+            **inherited,
+            **sdk,
+            **launch.env,
+            "PATH": os.pathsep.join(filter(None, [str(venv / "bin"), inherited.get("PATH")])),
+            "VIRTUAL_ENV": str(venv),
+            **launch.secrets,
+            "TAKEOFF_REGISTRY": launch.registry_address,
+        }
+
+    async def start(self, launch: Launch) -> None:
+        assignment, built = launch.assignment, launch.built
+        work_dir = self.lease_dir / "work"
+        await asyncio.to_thread(copy_code, Path(built.code_path), work_dir)
+        argv = list(assignment.entrypoint)
+        if argv and argv[0] in ("python", "python3"):
+            argv[0] = built.python_path or str(Path(built.venv_path) / "bin" / "python")
+        context_dir = assignment.job_version.build_context
+        _write_private(
+            self._spec_file,
+            {
+                "argv": argv,
+                "env": self.environment(launch),
+                "cwd": str(work_dir / context_dir) if context_dir else str(work_dir),
+                "stop_grace_seconds": launch.stop_grace_seconds,
+            },
+        )
+        self._shim = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "takeoff_agent.shim",
+            str(self.lease_dir),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+            start_new_session=True,  # outlives the agent: a restarted agent takes the job back
+        )
+
+    def exit(self) -> JobExit | None:
+        try:
+            data = json.loads((self.lease_dir / "exit.json").read_text())
+        except (OSError, ValueError):
+            return None
+        return JobExit(exit_code=data["exit_code"], signal=data["signal"], fenced=data["fenced"])
+
+    def _pids(self) -> tuple[int, int] | None:
+        try:
+            data = json.loads((self.lease_dir / "shim.json").read_text())
+        except (OSError, ValueError):
+            return None
+        return data["shim_pid"], data["job_pid"]
+
+    def _shim_alive(self) -> bool:
+        if self._shim is not None:
+            return self._shim.returncode is None
+        pids = self._pids()
+        if pids is None:
+            return self.started and self.exit() is None
+        try:
+            os.kill(pids[0], 0)
+        except ProcessLookupError:
+            return False
+        return True
+
+    async def wait(self) -> JobExit:
+        """The job's end: from its shim's exit when the agent started it, else by watching its files."""
+        while True:
+            if self._shim is not None:
+                await self._shim.wait()
+            if (ended := self.exit()) is not None:
+                return ended
+            if not self._shim_alive():
+                # The shim died without a word (killed, perhaps along with the machine's processes). Its job
+                # may live on, unsupervised: stop it, so that the outcome reported is what happened.
+                await self.stop(0)
+                return JobExit(exit_code=128 + signal.SIGKILL, signal=signal.SIGKILL)
+            await asyncio.sleep(EXIT_POLL_SECONDS)
+
+    async def stop(self, grace: float) -> None:
+        """SIGTERM the job's process group, SIGKILL after ``grace``; the shim then records the exit."""
+        pids = self._pids()
+        if pids is not None and self.exit() is None:
+            await asyncio.to_thread(stop_group, pids[1], grace)
+
+    async def renew_lease(self, until: float) -> None:
+        """Tell the shim the agent's leases are good until ``until`` (UNIX seconds)."""
+        with contextlib.suppress(FileNotFoundError):  # a lease forgotten meanwhile has no shim to tell
+            write_atomically(self.lease_dir / "lease_until", until)
+
+
+def _write_private(path: Path, data: object) -> None:
+    """``write_atomically``, readable by the agent's user only: the job's secrets are in it."""
+    partial = path.with_name(path.name + ".partial")
+    partial.unlink(missing_ok=True)  # a partial file left by a crash keeps its mode otherwise
+    descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "w") as file:
+        json.dump(data, file)
+    partial.replace(path)
