@@ -10,7 +10,7 @@ from takeoff.v1 import queue_pb2, queue_pb2_grpc
 from takeoff_queue.api import QueueApi
 from takeoff_queue.book import QueueBook
 from takeoff_queue.dispatcher import Dispatcher, LeaseTiming
-from takeoff_queue.registry_client import RegistryJobs
+from takeoff_queue.registry_client import Registry
 from takeoff_queue.settings import QueueSettings
 from takeoff_queue.store import QueueStore
 from takeoff_server.database import open_service_database
@@ -41,10 +41,11 @@ async def assemble(settings: QueueSettings, resources: AsyncExitStack) -> QueueS
         ttl=timedelta(seconds=settings.lease_ttl_seconds),
         heartbeat_interval=timedelta(seconds=settings.heartbeat_interval_seconds),
     )
-    dispatcher = Dispatcher(store, utc_now, timing)
-    jobs = RegistryJobs(settings.registry_address)
-    resources.push_async_callback(jobs.close)
-    book = QueueBook(store, dispatcher, jobs, utc_now, images_pushed=bool(settings.builder_push_registry))
+    registry = Registry(settings.registry_address)
+    resources.push_async_callback(registry.close)
+    dispatcher = Dispatcher(store, utc_now, timing, registry)
+    resources.push_async_callback(dispatcher.stop)
+    book = QueueBook(store, dispatcher, registry, utc_now, images_pushed=bool(settings.builder_push_registry))
     await book.start()
     binding = ServiceBinding.of(
         queue_pb2.DESCRIPTOR.services_by_name["QueueService"],

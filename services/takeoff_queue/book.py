@@ -109,7 +109,7 @@ class QueueBook:
     async def start(self) -> None:
         stored = await self._store.load()
         self._projects.written(*stored.projects)
-        self._dispatcher.restore(stored.queues, stored.items)
+        self._dispatcher.restore(stored.queues, stored.items, stored.run_closes)
 
     async def check_project(self, project: str, *, field: str) -> None:
         """NOT_FOUND ``PROJECT_NOT_FOUND`` unless ``project`` (``projects/{p}``) was written to, here or in
@@ -181,8 +181,12 @@ class QueueBook:
                 metadata={"resource": name, "items": str(len(live))},
             )
 
+        runs = self._dispatcher.runs_to_close(name)
+        now = self._clock()
+
         async def write(tx: QueueWrite) -> None:
             await tx.delete_queue(name)
+            await tx.insert_run_closes(runs, now)
 
         await self._store.write(write)
         self._dispatcher.drop_queue(name)

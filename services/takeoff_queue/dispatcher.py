@@ -16,7 +16,7 @@ import itertools
 import logging
 import uuid
 from collections import OrderedDict, defaultdict
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
@@ -47,6 +47,7 @@ from takeoff_queue.model import (
     SetCapacity,
     Welcome,
 )
+from takeoff_queue.run_closes import RunClose, RunCloser, RunEnd, RunRegistry
 from takeoff_queue.store import QueueStore, QueueWrite
 from takeoff_server.errors import FailedPrecondition, NotFound
 
@@ -125,7 +126,7 @@ class _Deadlines:
 
 
 class Dispatcher:
-    def __init__(self, store: QueueStore, clock: Clock, timing: LeaseTiming) -> None:
+    def __init__(self, store: QueueStore, clock: Clock, timing: LeaseTiming, runs: RunRegistry) -> None:
         self._store = store
         self._clock = clock
         self.timing = timing
@@ -152,21 +153,38 @@ class Dispatcher:
         self._deadlines = _Deadlines(clock, self._on_deadline)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._watchers: dict[str, set[asyncio.Queue[Item]]] = defaultdict(set)
+        self._closing: dict[str, RunClose] = {}
+        """item id -> the run close that its attempt, ended by the queue, waits for (docs/design.md §16):
+        held by no agent and out of dispatch until the registry answers"""
+        self.run_closer = RunCloser(store, runs, self._run_closed, clock)
+        self._draining: asyncio.Task[None] | None = None
 
     # ----- start and stop ---------------------------------------------------------------------
 
-    def restore(self, queues: Iterable[Queue], items: Iterable[Item]) -> None:
-        """Rebuild the index from the store. Every lease gets one TTL of grace from now
-        (docs/design.md §5)."""
+    def restore(self, queues: Iterable[Queue], items: Iterable[Item], run_closes: Iterable[RunClose]) -> None:
+        """Rebuild the index from the store and start draining the outbox of run closes. Every lease gets
+        one TTL of grace from now (docs/design.md §5), except those whose attempt the queue had ended:
+        they wait for their run's close again."""
         grace_until = self._clock() + self.timing.ttl
         self.queues = {queue.name: queue for queue in queues}
+        waiting = {(close.item_id, close.epoch): close for close in run_closes if close.item_id}
         for item in items:
-            self._index(item)
+            close = waiting.get((item.id, item.life.epoch))
+            if close is not None and item.state.is_live:
+                self.items[item.id] = item
+                self._closing[item.id] = close
+                self._ended_leases[item.lease_id] = (item.life.epoch, item.state, False)
+            else:
+                self._index(item)
         for agent in self.agents.values():
             agent.lease_expiry = grace_until
             self._deadlines.at(grace_until, "expiry", agent.agent_id)
+        self._draining = asyncio.create_task(self.run_closer.drain_forever())
 
     async def stop(self) -> None:
+        if self._draining is not None:
+            self._draining.cancel()
+            await asyncio.gather(self._draining, return_exceptions=True)
         self._deadlines.stop()
         for session in list(self._sessions.values()):
             session.close(superseded=False)
@@ -185,6 +203,15 @@ class Dispatcher:
                 self._queue_up(item)
         self._schedule_dispatch()
 
+    def runs_to_close(self, queue: str) -> list[RunClose]:
+        """The runs of the queue's live attempts, to close in the transaction that deletes it (the outbox
+        rows of attempts already waiting for their close stay, and are closed alike)."""
+        return [
+            RunClose(item.life.run, "its queue was deleted")
+            for item in self.items.values()
+            if item.queue == queue and item.state.is_live and item.id not in self._closing
+        ]
+
     def drop_queue(self, name: str) -> list[Item]:
         """Forget a queue whose deletion is committed; its leased items are revoked."""
         self.queues.pop(name, None)
@@ -192,10 +219,12 @@ class Dispatcher:
         self._set_aside.pop(name, None)
         dropped = [item for item in self.items.values() if item.queue == name]
         for item in dropped:
-            if item.state.is_live:
+            # An attempt waiting for its run's close has no lease left to revoke; its outbox row stays.
+            if self._closing.pop(item.id, None) is None and item.state.is_live:
                 self._send_to_holder(item, Revoke(item.lease_id, item.name, RevokeReason.QUEUE_DELETED, ""))
                 self._release_hold(item, item.life, ended_by_agent=False)
             del self.items[item.id]
+        self.run_closer.wake()
         return dropped
 
     def admit(self, item: Item) -> Assignment | None:
@@ -265,7 +294,7 @@ class Dispatcher:
             self._arriving[item.queue] -= 1
 
     async def cancel(self, item: Item, message: str) -> Item:
-        live = item.state.is_live
+        live = item.state.is_live and item.id not in self._closing
         self._move(item, lifecycle.request_cancel(item.life, self._clock(), message))
         notices = [(item, Cancel(item.lease_id, item.name, message))] if live else []
         await self._persist([item], then_send=notices)
@@ -339,7 +368,7 @@ class Dispatcher:
                     )
                 )
         lost = "the agent reconnected without this lease"  # so it will never report on it
-        ended = [item for item in forgotten if self._end_attempt(item, FailureReason.AGENT_LOST, lost)]
+        closed = [(item, self._close_attempt(item, FailureReason.AGENT_LOST, lost)) for item in forgotten]
         session = Session(agent, hello.session_id)
         self._sessions[agent.agent_id] = session
         session.send(
@@ -349,7 +378,7 @@ class Dispatcher:
         )
         for cancel in cancels:
             session.send(cancel)
-        await self._persist(ended)
+        await self._record_closes(closed)
         self._schedule_dispatch()
         return session
 
@@ -611,7 +640,8 @@ class Dispatcher:
         """A write of the item failed: back to the life the store has, and to its place for that life.
 
         What the write was for is tried again a heartbeat interval later, not at once: a store that
-        fails is not hammered."""
+        fails is not hammered; the end of an attempt waiting for its run's close, when the outbox row's
+        claim runs out."""
         committed = item.committed
         assert committed is not None, "only committed items are in the index"
         self._writing.pop(item.id, None)
@@ -619,6 +649,9 @@ class Dispatcher:
             self._release_hold(item, item.life, ended_by_agent=False)
             del self._ended_leases[item.lease_id]
         item.life = committed
+        if item.id in self._closing:
+            self.items[item.id] = item
+            return
         retry_at = self._clock() + self.timing.heartbeat_interval
         if committed.state is ItemState.PENDING:
             self.items[item.id] = item
@@ -659,17 +692,17 @@ class Dispatcher:
             agent = self.agents.get(key)
             if agent is None or agent.lease_expiry is None or agent.lease_expiry > now or not agent.leases:
                 return
-            ended = []
+            lost = f"{agent.name} stopped renewing its lease"
+            closed, revokes = [], []
             for item in [self.items[item_id] for item_id in agent.leases.values()]:
-                revoke = Revoke(item.lease_id, item.name, RevokeReason.EXPIRED, "lease expired")
-                if self._end_attempt(
-                    item, FailureReason.AGENT_LOST, f"{agent.name} stopped renewing its lease"
-                ):
-                    ended.append((item, revoke))
-            self._spawn(self._persist([item for item, _ in ended], then_send=ended))
+                revokes.append(
+                    (item, Revoke(item.lease_id, item.name, RevokeReason.EXPIRED, "lease expired"))
+                )
+                closed.append((item, self._close_attempt(item, FailureReason.AGENT_LOST, lost)))
+            self._spawn(self._record_closes(closed, then_send=revokes, retry=("expiry", key)))
             return
         due = self.items.get(key)
-        if due is None or due.life.epoch != epoch:
+        if due is None or due.life.epoch != epoch or due.id in self._closing:
             return
         self._on_item_deadline(kind, due)
 
@@ -687,21 +720,82 @@ class Dispatcher:
 
     def _take_away(self, item: Item, revoke: RevokeReason, failure: FailureReason, message: str) -> None:
         notice = Revoke(item.lease_id, item.name, revoke, message)
-        if self._end_attempt(item, failure, message):
-            self._spawn(self._persist([item], then_send=[(item, notice)]))
+        close = self._close_attempt(item, failure, message)
+        deadline = "start" if failure is FailureReason.START_TIMEOUT else "max_run"
+        self._spawn(
+            self._record_closes([(item, close)], then_send=[(item, notice)], retry=(deadline, item.id))
+        )
 
-    def _end_attempt(self, item: Item, reason: FailureReason, message: str) -> bool:
-        """End the item's live attempt in memory (to be persisted by the caller); False when it failed,
-        which leaves the item as it was."""
+    # ----- attempts the queue ends, and their runs (docs/design.md §16) ---------------------------
+
+    def _close_attempt(self, item: Item, reason: FailureReason, message: str) -> RunClose:
+        """End the item's live attempt without its agent. The lease is over at once (the agent's messages
+        about it are LEASE_LOST from now on), while the item waits, out of dispatch, for the registry to
+        close the attempt's run: its answer says whether the job finished it first (see
+        :meth:`_run_closed`). The caller records the close with :meth:`_record_closes`."""
+        close = RunClose(item.life.run, message, reason, item.id, item.life.epoch)
+        self._release_hold(item, item.life, ended_by_agent=False)
+        self._closing[item.id] = close
+        self._schedule_dispatch()  # the agent's room and the queue's slot are free again
+        return close
+
+    async def _record_closes(
+        self,
+        closed: list[tuple[Item, RunClose]],
+        then_send: Iterable[tuple[Item, Any]] = (),
+        retry: tuple[str, str] | None = None,
+    ) -> None:
+        """Commit the closes to the outbox, then tell the agents and wake the drainer. When the commit
+        fails, each lease is back with its agent, as the store has it, and ``retry`` (a deadline kind and
+        key) comes due a heartbeat interval later to end it again."""
+        if not closed:
+            return
+        now = self._clock()
+
+        async def write(tx: QueueWrite) -> None:
+            await tx.insert_run_closes([close for _, close in closed], now)
+
         try:
-            life = lifecycle.end_attempt(
-                item.life, reason, self._clock(), self.queues[item.queue].retry_policy, message=message
-            )
-        except Exception:
-            logger.exception("item %s: its attempt could not be ended (%s)", item.name, reason.value)
-            return False
+            await self._store.write(write)
+        except BaseException:
+            retry_at = self._clock() + self.timing.heartbeat_interval
+            for item, close in closed:
+                if self._closing.get(item.id) is close:
+                    del self._closing[item.id]
+                    self._ended_leases.pop(item.lease_id, None)
+                    self._hold(self._agent(item.life.agent.removeprefix("agents/")), item)
+                    if retry is not None:
+                        kind, key = retry
+                        self._deadlines.at(retry_at, kind, key, item.life.epoch)
+            raise
+        for item, message in then_send:
+            self._send_to_holder(item, message)
+        self.run_closer.wake()
+
+    async def _run_closed(self, close: RunClose, end: RunEnd) -> None:
+        """The registry closed the run, or had it closed already: the outbox row goes, and in the same
+        transaction the attempt that waited for it ends. When the job had finished the run, the item
+        SUCCEEDED ("completed while its agent was unreachable"); otherwise it ends as the reason says
+        (retried after its back-off, or FAILED or CANCELLED)."""
+
+        async def forget(tx: QueueWrite) -> None:
+            await tx.delete_run_close(close.id)
+
+        item = self.items.get(close.item_id)
+        waiting = self._closing.get(close.item_id)
+        if item is None or waiting is None or waiting.epoch != close.epoch or close.reason is None:
+            await self._store.write(forget)  # no attempt waits for it (its queue was deleted)
+            return
+        now = self._clock()
+        if end.finished:
+            life = lifecycle.finished_while_away(item.life, now, exit_code=end.exit_code)
+        else:
+            policy = self.queues[item.queue].retry_policy
+            life = lifecycle.end_attempt(item.life, close.reason, now, policy, message=close.message)
         self._move(item, life)
-        return True
+        await self._persist([item], also=forget)
+        if self._closing.get(item.id) is waiting:
+            del self._closing[item.id]
 
     def _make_pending(self, item: Item) -> None:
         if item.life.eligible_time > self._clock():
@@ -731,8 +825,14 @@ class Dispatcher:
 
     # ----- persistence ---------------------------------------------------------------------------
 
-    async def _persist(self, items: list[Item], then_send: Iterable[tuple[Item, Any]] = ()) -> None:
-        """Commit the items' new state and transitions; then tell their agents and whoever watches them.
+    async def _persist(
+        self,
+        items: list[Item],
+        then_send: Iterable[tuple[Item, Any]] = (),
+        also: Callable[[QueueWrite], Awaitable[None]] | None = None,
+    ) -> None:
+        """Commit the items' new state and transitions (and ``also``, in the same transaction); then tell
+        their agents and whoever watches them.
 
         When the commit fails, each item goes back to the life the store has, and the error is raised.
         """
@@ -750,6 +850,8 @@ class Dispatcher:
         async def write(tx: QueueWrite) -> None:
             for item, life, since in writes:
                 await tx.save_item(item.id, life, now, since)
+            if also is not None:
+                await also(tx)
 
         try:
             await self._store.write(write)

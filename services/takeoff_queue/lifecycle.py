@@ -58,6 +58,13 @@ class FailureReason(enum.Enum):
         """Not the job's fault: always worth another attempt."""
         return self in _INFRASTRUCTURE_FAILURES
 
+    @property
+    def backs_off(self) -> bool:
+        """A fault outside the job that the next attempt may meet again unless it waits: the item waits
+        :func:`infrastructure_backoff` on top of ``retry_delay``. RELEASED does not: a hand-back (a
+        draining agent) is no fault, and another agent should have the item at once."""
+        return self.is_infrastructure and self is not FailureReason.RELEASED
+
 
 _INFRASTRUCTURE_FAILURES = frozenset(
     {
@@ -69,6 +76,18 @@ _INFRASTRUCTURE_FAILURES = frozenset(
         FailureReason.RELEASED,
     }
 )
+
+
+BACKOFF_FIRST = timedelta(seconds=1)
+BACKOFF_CAP = timedelta(seconds=60)
+
+
+def infrastructure_backoff(failed_attempts: int) -> timedelta:
+    """``min(60 s, 1 s * 2^(failed_attempts - 1))`` (docs/design.md §16), without jitter: only leased
+    items call the failing dependency, so agent capacity bounds the load a whole queue's retries put on
+    it, and the agents' own calls are jittered; a fixed time is what ``Item.eligible_time`` shows."""
+    doublings = min(max(0, failed_attempts - 1), 6)  # 2^6 s is past the cap already
+    return min(BACKOFF_CAP, BACKOFF_FIRST * (1 << doublings))
 
 
 NEVER = datetime.max.replace(tzinfo=UTC)
@@ -277,7 +296,9 @@ def end_attempt(
     """A live attempt ended without success (lease expired, released, timed out, or failed).
 
     Back to PENDING, keeping its place, when the reason is retryable, attempts are left and no cancel is
-    requested; otherwise the item ends: CANCELLED if a cancel was requested, else FAILED.
+    requested; otherwise the item ends: CANCELLED if a cancel was requested, else FAILED. A retried item
+    waits ``retry_delay``, and after an infrastructure fault also :func:`infrastructure_backoff` of the
+    attempts failed so far (every attempt before this one failed too, or the item would have ended).
     """
     if not item.state.is_live:
         raise IllegalTransition(item.item_id, item.state, "end its attempt")
@@ -289,15 +310,31 @@ def end_attempt(
         policy.retry_job_failures and reason is not FailureReason.CANCELLED
     )
     if retryable and item.attempt < item.max_attempts:
+        wait = policy.retry_delay
+        if reason.backs_off:
+            wait += infrastructure_backoff(item.attempt)
         return item._moved(
             now,
             ItemState.PENDING,
             reason=reason,
             message=message,
             exit_code=exit_code,
-            eligible_time=later(now, policy.retry_delay),
+            eligible_time=later(now, wait),
         )
     return item._moved(now, ItemState.FAILED, reason=reason, message=message, exit_code=exit_code)
+
+
+FINISHED_WHILE_AWAY = "completed while its agent was unreachable"
+
+
+def finished_while_away(item: ItemLife, now: datetime, *, exit_code: int | None = None) -> ItemLife:
+    """A live attempt that the queue ended without its agent, whose run the job had finished (the SDK's
+    finish): the work is done, so the item SUCCEEDED instead of being tried again (docs/design.md §16)."""
+    if not item.state.is_live:
+        raise IllegalTransition(item.item_id, item.state, "end it as finished")
+    return item._moved(
+        now, ItemState.SUCCEEDED, reason=None, message=FINISHED_WHILE_AWAY, exit_code=exit_code
+    )
 
 
 def request_cancel(item: ItemLife, now: datetime, message: str = "cancelled by user") -> ItemLife:

@@ -1,31 +1,37 @@
-"""The registry's JobService as the queue sees it: the only view of jobs (references pinned to versions), and
-of the projects written to through the registry.
+"""The registry as the queue sees it: JobService, the only view of jobs (references pinned to versions) and
+of the projects written to through the registry; and RunService, to close the runs of attempts the queue
+ends without their agent (docs/design.md §16).
 
-A refusal by the registry is answered as the queue's own error (``takeoff_server.remote_errors``), at once:
-the caller of Enqueue retries an unavailable registry, not the queue.
+A refusal by the registry while answering a caller is answered as the queue's own error
+(``takeoff_server.remote_errors``), at once: the caller of Enqueue retries an unavailable registry, not
+the queue. Closing a run answers nobody: its outbox retries it (``takeoff_queue.run_closes``).
 """
 
 from __future__ import annotations
 
 import grpc
 
-from takeoff.v1 import jobs_pb2, jobs_pb2_grpc
+from takeoff.v1 import common_pb2, jobs_pb2, jobs_pb2_grpc, runs_pb2, runs_pb2_grpc
 from takeoff_queue.model import ResolvedJob, SourceKind
+from takeoff_queue.run_closes import RunCloseFailed, RunEnd
 from takeoff_rpc.channels import open_aio_channel
 from takeoff_rpc.status import decode_rpc_error
 from takeoff_server.protovalues import struct_to_dict
 from takeoff_server.remote_errors import domain_error
 
 CALL_TIMEOUT_SECONDS = 10.0
+CLOSE_TIMEOUT_SECONDS = 5.0
+"""One try of a run close; the outbox tries again after a back-off."""
 
 
-class RegistryJobs:
-    """A ``JobResolver`` and ``ProjectLookup`` backed by the registry at ``address``."""
+class Registry:
+    """A ``JobResolver``, ``ProjectLookup`` and ``RunRegistry`` backed by the registry at ``address``."""
 
     def __init__(self, address: str) -> None:
         self.address = address
         self._channel = open_aio_channel(address)
         self._jobs = jobs_pb2_grpc.JobServiceStub(self._channel)
+        self._runs = runs_pb2_grpc.RunServiceStub(self._channel)
 
     async def resolve(self, project: str, reference: str) -> ResolvedJob:
         try:
@@ -69,6 +75,24 @@ class RegistryJobs:
                 metadata={"resource": project},
             ) from None
         return True
+
+    async def close_run(self, run: str, message: str) -> RunEnd:
+        """FinishRun KILLED. The registry keeps the first final state: FINISHED in its answer means the job
+        finished the run first. RUN_NOT_FOUND or PROJECT_NOT_FOUND: the agent never created the run, and
+        there is nothing to close."""
+        request = runs_pb2.FinishRunRequest(name=run, state=common_pb2.RUN_STATE_KILLED, message=message)
+        try:
+            response = await self._runs.FinishRun(request, timeout=CLOSE_TIMEOUT_SECONDS)
+        except grpc.aio.AioRpcError as error:
+            if error.code() == grpc.StatusCode.NOT_FOUND:
+                return RunEnd(finished=False)
+            remote = decode_rpc_error(error, target=self.address)
+            raise RunCloseFailed(f"{remote.code.name} {remote.reason}: {remote.message}") from None
+        closed = response.run
+        return RunEnd(
+            finished=closed.state == common_pb2.RUN_STATE_FINISHED,
+            exit_code=closed.exit_code if closed.HasField("exit_code") else None,
+        )
 
     async def close(self) -> None:
         await self._channel.close()

@@ -8,7 +8,7 @@ connection or a session.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
@@ -21,6 +21,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from takeoff_queue.lifecycle import FailureReason, ItemLife, ItemState, Transition
 from takeoff_queue.model import Item, Priority, Queue, SourceKind
 from takeoff_queue.resource_config import ResourceKind
+from takeoff_queue.run_closes import RunClose
 from takeoff_server.database import Database
 from takeoff_server.group_commit import GroupCommitter
 from takeoff_server.idempotency import RequestIds, request_ids_table
@@ -122,10 +123,33 @@ class TransitionRow(SQLModel, table=True):
     run: str = ""
 
 
+class RunCloseRow(SQLModel, table=True):
+    """The outbox of docs/design.md §16: a run the queue must close in the registry because it ended the
+    run's attempt without the agent. Written in the transaction that records why; deleted in the one that
+    records the registry's answer."""
+
+    __tablename__ = "queue_run_closes"
+
+    id: int | None = Field(default=None, primary_key=True)
+    run: str
+    """``projects/{p}/runs/{run}``"""
+    message: str
+    reason: str | None = None
+    item_id: str = ""
+    """The item whose attempt waits for the answer ("" when none does: its queue was deleted)."""
+    epoch: int = 0
+    create_time: datetime = Field(sa_column=Column(UtcDateTime, nullable=False))
+    next_try_time: datetime = Field(sa_column=Column(UtcDateTime, nullable=False, index=True))
+    """Not tried before this: the back-off after a failed try, or the end of a drainer's claim."""
+    tries: int = 0
+    last_error: str = ""
+
+
 projects = ProjectRow.__table__  # type: ignore[attr-defined]
 queues = QueueRow.__table__  # type: ignore[attr-defined]
 items = ItemRow.__table__  # type: ignore[attr-defined]
 transitions = TransitionRow.__table__  # type: ignore[attr-defined]
+run_closes = RunCloseRow.__table__  # type: ignore[attr-defined]
 request_ids = RequestIds(request_ids_table("queue_request_ids", SQLModel.metadata))
 
 LIVE_OR_PENDING = [s.value for s in ItemState if not s.is_terminal]
@@ -138,6 +162,7 @@ class Stored:
     projects: list[str]
     queues: list[Queue]
     items: list[Item]
+    run_closes: list[RunClose]
 
 
 class QueueWrite:
@@ -182,6 +207,49 @@ class QueueWrite:
             items.update().where(items.c.id == item_id).values(**_item_state_values(life, update_time))
         )
         await self._insert_transitions(item_id, life.history[since:])
+
+    async def insert_run_closes(self, closes: Sequence[RunClose], now: datetime) -> list[RunClose]:
+        """Put runs in the outbox, due at once; returns them with their row ids."""
+        stored = []
+        for close in closes:
+            result = await self._connection.execute(
+                run_closes.insert().values(**_run_close_values(close), create_time=now, next_try_time=now)
+            )
+            assert result.inserted_primary_key is not None
+            stored.append(replace(close, id=int(result.inserted_primary_key[0])))
+        return stored
+
+    async def delete_run_close(self, close_id: int) -> None:
+        """The registry answered: the run is closed."""
+        await self._connection.execute(run_closes.delete().where(run_closes.c.id == close_id))
+
+    async def claim_run_closes(self, now: datetime, hold_until: datetime, limit: int) -> list[RunClose]:
+        """The outbox rows due now, oldest first, kept from every other drainer until ``hold_until``. On
+        PostgreSQL rows another transaction is claiming are skipped, not waited for; SQLite has one
+        writer at a time."""
+        due = (
+            sa.select(run_closes)
+            .where(run_closes.c.next_try_time <= now)
+            .order_by(run_closes.c.id)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+        claimed = [_run_close_from_row(dict(row)) for row in (await self._connection.execute(due)).mappings()]
+        if claimed:
+            await self._connection.execute(
+                run_closes.update()
+                .where(run_closes.c.id.in_([close.id for close in claimed]))
+                .values(next_try_time=hold_until)
+            )
+        return claimed
+
+    async def retry_run_close(self, close: RunClose, next_try_time: datetime, error: str) -> None:
+        """The try failed: the row waits until ``next_try_time``, one more try counted."""
+        await self._connection.execute(
+            run_closes.update()
+            .where(run_closes.c.id == close.id)
+            .values(next_try_time=next_try_time, tries=close.tries + 1, last_error=error)
+        )
 
     async def replay(self, scope: str, request_id: str, fingerprint: str) -> str | None:
         """Like :meth:`QueueStore.replay`, in this transaction: it sees what this transaction remembered."""
@@ -253,7 +321,36 @@ class QueueStore:
             # After the queues: each queue's project was committed with it, so it is among these.
             found_projects = list((await connection.execute(sa.select(projects.c.project))).scalars())
             unfinished = await _fetch_items(connection, states=LIVE_OR_PENDING)
-        return Stored(found_projects, found_queues, [_item_from_row(row) for row in reversed(unfinished)])
+            closes = await connection.execute(sa.select(run_closes).order_by(run_closes.c.id))
+            waiting = [_run_close_from_row(dict(row)) for row in closes.mappings()]
+        return Stored(
+            found_projects, found_queues, [_item_from_row(row) for row in reversed(unfinished)], waiting
+        )
+
+    async def claim_run_closes(self, now: datetime, hold_until: datetime, limit: int) -> list[RunClose]:
+        """See :meth:`QueueWrite.claim_run_closes`; committed before the calls it claims for are made."""
+
+        async def claim(tx: QueueWrite) -> list[RunClose]:
+            return await tx.claim_run_closes(now, hold_until, limit)
+
+        return await self.write(claim)
+
+    async def retry_run_close(self, close: RunClose, next_try_time: datetime, error: str) -> None:
+        async def postpone(tx: QueueWrite) -> None:
+            await tx.retry_run_close(close, next_try_time, error)
+
+        await self.write(postpone)
+
+    async def next_run_close_time(self) -> datetime | None:
+        """When the next outbox row is due (None: the outbox is empty)."""
+        async with self._database.engine.connect() as connection:
+            return (await connection.execute(sa.select(sa.func.min(run_closes.c.next_try_time)))).scalar()
+
+    async def run_closes(self) -> list[RunClose]:
+        """Every row of the outbox, oldest first."""
+        async with self._database.engine.connect() as connection:
+            rows = await connection.execute(sa.select(run_closes).order_by(run_closes.c.id))
+            return [_run_close_from_row(dict(row)) for row in rows.mappings()]
 
     async def items(
         self,
@@ -424,6 +521,28 @@ def _item_values(item: Item) -> dict[str, Any]:
         "traceparent": item.traceparent,
         "relaunched_from": item.relaunched_from,
     }
+
+
+def _run_close_values(close: RunClose) -> dict[str, Any]:
+    return {
+        "run": close.run,
+        "message": close.message,
+        "reason": close.reason.value if close.reason else None,
+        "item_id": close.item_id,
+        "epoch": close.epoch,
+    }
+
+
+def _run_close_from_row(row: dict[str, Any]) -> RunClose:
+    return RunClose(
+        run=row["run"],
+        message=row["message"],
+        reason=FailureReason(row["reason"]) if row["reason"] else None,
+        item_id=row["item_id"],
+        epoch=row["epoch"],
+        id=row["id"],
+        tries=row["tries"],
+    )
 
 
 def _transition_from_row(row: dict[str, Any]) -> Transition:

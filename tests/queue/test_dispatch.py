@@ -290,19 +290,27 @@ async def test_a_silent_agent_loses_the_item_to_another_with_attempt_two_in_its_
 
     revoke = (await silent.next("revoke", within=LEASE_TTL_SECONDS * 4)).revoke
     assert (revoke.lease_id, revoke.reason) == (lost.lease_id, queue_pb2.REVOKE_REASON_EXPIRED)
-    retried = await item(queues, first.name)
+    # PENDING once the registry has closed the attempt's run (docs/design.md §16)
+    retried = await watch_until(queues, first.name, lambda seen: seen.state != LEASED)
     assert (retried.state, retried.reason) == (PENDING, common_pb2.FAILURE_REASON_AGENT_LOST), (
         retried.transitions
     )
     assert moves(retried)[-1] == (LEASED, PENDING, common_pb2.FAILURE_REASON_AGENT_LOST)
+    # An infrastructure failure backs off: 1 s after the first failed attempt (docs/design.md §16).
+    retried_at = retried.transitions[-1].time.ToDatetime()
+    assert retried.eligible_time.ToDatetime() - retried_at == timedelta(seconds=1)
 
-    rescuer = await ScriptedAgent(queue_address).connect([queue])
+    rescuer = await ScriptedAgent(queue_address).connect([queue], capacity=2)
     try:
-        assignment = (await rescuer.next("assignment")).assignment
-        assert assignment.item.name == first.name  # ahead of the item enqueued after it
+        # The later item is eligible at once; the retried one once its back-off ends.
+        assignments = {
+            assignment.item.name: assignment
+            for assignment in [(await rescuer.next("assignment")).assignment for _ in range(2)]
+        }
+        assert set(assignments) == {first.name, later.name}
+        assignment = assignments[first.name]
         assert (assignment.attempt, assignment.epoch) == (2, 2)
         assert moves(assignment.item) == [*moves(retried), (PENDING, LEASED, UNSPECIFIED_REASON)]
-        assert later.name != first.name
 
         # The zombie's report is refused, and its stream stays up.
         await silent.send(
@@ -408,7 +416,7 @@ async def test_start_timeout_revokes_and_retries(
                 second.lease_id,
                 queue_pb2.REVOKE_REASON_START_TIMEOUT,
             )
-        ended = await item(queues, enqueued.name)
+        ended = await watch_until(queues, enqueued.name, lambda seen: seen.state != LEASED)
         assert (ended.state, ended.reason, ended.attempt) == (
             FAILED,
             common_pb2.FAILURE_REASON_START_TIMEOUT,
@@ -430,7 +438,7 @@ async def test_max_run_time_is_enforced(
         await agent.progress(assignment, RUNNING)
         revoke = (await agent.next("revoke", within=5)).revoke
         assert revoke.reason == queue_pb2.REVOKE_REASON_MAX_RUN_TIME_EXCEEDED
-        ended = await item(queues, enqueued.name)
+        ended = await watch_until(queues, enqueued.name, lambda seen: seen.state != RUNNING)
         assert (ended.state, ended.reason) == (FAILED, common_pb2.FAILURE_REASON_MAX_RUN_TIME_EXCEEDED)
     finally:
         await agent.close()

@@ -55,7 +55,7 @@ def test_a_stale_epoch_is_lease_lost() -> None:
     assert lifecycle.complete(second, 2, ItemState.SUCCEEDED, T0, NO_RETRY).state is (ItemState.SUCCEEDED)
 
 
-def test_infrastructure_failure_retries_keeping_its_place_after_the_delay() -> None:
+def test_infrastructure_failure_retries_keeping_its_place_after_the_delay_and_back_off() -> None:
     policy = RetryPolicy(retry_delay=timedelta(seconds=5))
     later = T0 + timedelta(minutes=1)
 
@@ -63,7 +63,7 @@ def test_infrastructure_failure_retries_keeping_its_place_after_the_delay() -> N
 
     assert item.state is ItemState.PENDING
     assert item.enqueue_time == T0
-    assert item.eligible_time == later + timedelta(seconds=5)
+    assert item.eligible_time == later + timedelta(seconds=5 + 1)  # retry_delay + 1 s after one failure
     assert item.history[-1].reason is FailureReason.AGENT_LOST
 
 

@@ -164,7 +164,7 @@ def _differences(connection: Connection) -> list[Any]:
 async def test_migrations_build_exactly_the_tables_the_store_declares(empty_database_url: str) -> None:
     database = Database("queue", empty_database_url, migrations=MIGRATIONS)
     try:
-        assert await database.migrate() == "0002"
+        assert await database.migrate() == "0003"
         async with database.engine.connect() as connection:
             differences = await connection.run_sync(_differences)
     finally:
@@ -190,7 +190,7 @@ async def test_the_migration_records_the_projects_of_the_queues_stored_before_it
 
     after = Database("queue", empty_database_url, migrations=MIGRATIONS)
     try:
-        assert await after.migrate() == "0002"
+        assert await after.migrate() == "0003"
         stored = await takeoff_queue.store.QueueStore(after).load()
     finally:
         await after.close()
