@@ -30,12 +30,13 @@ LeaseRequest = queue_pb2.LeaseRequest
 LeaseResponse = queue_pb2.LeaseResponse
 MAX_RECONNECT_DELAY_SECONDS = 1.0
 RECONNECT = RetryPolicy(initial_delay=0.1, max_delay=MAX_RECONNECT_DELAY_SECONDS, deadline=math.inf)
-"""Waits between sessions: full jitter below 0.1 s doubling to 1 s, so that dispatch resumes within about a
-second of a restarted queue service answering, and its agents do not all reconnect at once. Only its delays
-are used (reconnecting never gives up); the infinite deadline says so to RetryPolicy."""
-CHANNEL_OPTIONS = (("grpc.max_reconnect_backoff_ms", int(MAX_RECONNECT_DELAY_SECONDS * 1000)),)
-"""The channel's own reconnect back-off (which fails calls at once until it next tries) kept within the same
-second, or it would hold a reconnect back for up to the 2 s of takeoff_rpc's default."""
+"""Waits after a session ends: full jitter below 0.1 s doubling to 1 s, so that the agents of a restarted
+queue service do not all reconnect at once. Only its delays are used (reconnecting never gives up); the
+infinite deadline says so to RetryPolicy."""
+CHANNEL_OPTIONS = (("grpc.max_reconnect_backoff_ms", 800),)
+"""While the queue service is away the channel's own back-off paces the connection attempts, and a session
+starts as soon as one succeeds: capped at 0.8 s, plus gRPC's 20 % jitter, dispatch resumes within a second
+of a restarted service answering (takeoff_rpc's default cap is 2 s)."""
 
 
 class Disconnected(Exception):
@@ -81,7 +82,7 @@ class LeaseLink:
         self.lease_ttl = 30.0
         self.heartbeat_interval = 10.0
         self.last_heartbeat_ack: float | None = None
-        self._stopping = False
+        self._stopped = asyncio.Event()
 
     @property
     def connected(self) -> bool:
@@ -92,7 +93,7 @@ class LeaseLink:
         failed_sessions = 0
         async with open_aio_channel(self._address, options=CHANNEL_OPTIONS) as channel:
             stub = queue_pb2_grpc.QueueServiceStub(channel)
-            while not self._stopping:
+            while await self._until_connected(channel):
                 try:
                     await self._session(stub)
                 except grpc.aio.AioRpcError as error:
@@ -110,8 +111,22 @@ class LeaseLink:
                         if not answer.done():
                             answer.set_exception(Disconnected())
                     self._answers.clear()
-                if not self._stopping:
+                if not self._stopped.is_set():
                     await asyncio.sleep(RECONNECT.delay(max(failed_sessions, 1)))
+
+    async def _until_connected(self, channel: grpc.aio.Channel) -> bool:
+        """Wait until the channel to the queue service is connected (True) or ``stop()`` is called (False).
+
+        The channel's own back-off (:data:`CHANNEL_OPTIONS`) paces the connection attempts while the service
+        is away, and the session starts as soon as one succeeds."""
+        ready = asyncio.ensure_future(channel.channel_ready())
+        stopped = asyncio.ensure_future(self._stopped.wait())
+        try:
+            await asyncio.wait({ready, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            ready.cancel()
+            stopped.cancel()
+        return not self._stopped.is_set()
 
     async def _session(self, stub: queue_pb2_grpc.QueueServiceAsyncStub) -> None:
         self.session_id = uuid.uuid4().hex
@@ -215,6 +230,6 @@ class LeaseLink:
             self._outgoing.put_nowait(LeaseRequest(set_capacity=LeaseRequest.SetCapacity(capacity=capacity)))
 
     def stop(self) -> None:
-        self._stopping = True
+        self._stopped.set()
         if self._outgoing is not None:
             self._outgoing.put_nowait(None)

@@ -255,8 +255,9 @@ def test_lease_reconnects_wait_at_most_a_second_with_full_jitter() -> None:
     # Drawn from the whole range, so that agents spread out.
     assert min(late) < 0.1
     assert max(late) > 0.9
-    # The channel's own reconnect back-off, which fails calls at once until it next tries, stays as short.
-    assert dict(lease.CHANNEL_OPTIONS)["grpc.max_reconnect_backoff_ms"] <= 1000
+    # While the queue service is away the channel's back-off paces the attempts: with gRPC's 20 % jitter on
+    # top it stays within the same second.
+    assert dict(lease.CHANNEL_OPTIONS)["grpc.max_reconnect_backoff_ms"] * 1.2 <= 1000
 
 
 # ----- Builder.build against a builder whose streams break, in process ------------------------------------
