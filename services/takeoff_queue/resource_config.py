@@ -230,6 +230,9 @@ _CONTAINER = {
     },
 }
 _SIZE = {"type": ["string", "integer"], "minimum": 0}
+_VOLUME_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]+$")
+"""Docker's rule for a volume's name. A source that is not one (``/srv``, ``./data``, ``~/x``) is a host
+path, which no queue may mount: a job would reach the agent's host."""
 
 # What each runner can take, as JSON Schemas of the shapes it reads. The option allow-lists are checked
 # apart, to name each refused option as its own field.
@@ -244,7 +247,16 @@ SHAPES: dict[ResourceKind, JsonObject] = {
             "memswap_limit": {"type": ["string", "integer"]},
             "shm_size": _SIZE,
             "env": _ENVIRONMENT,
-            "volumes": {"type": ["object", "array"], "items": {"type": "string"}},
+            # As the docker SDK takes them: {source: {"bind": target, "mode": m}} or ["source:target[:mode]"]
+            "volumes": {
+                "type": ["object", "array"],
+                "items": {"type": "string", "pattern": "^[^:]+:[^:]+(:[^:]+)?$"},
+                "additionalProperties": {
+                    "type": "object",
+                    "required": ["bind"],
+                    "properties": {"bind": {"type": "string"}, "mode": {"type": "string"}},
+                },
+            },
             "user": {"type": ["string", "integer"]},
             "ipc_mode": {"type": "string"},
             "ulimits": {
@@ -315,7 +327,32 @@ def check_for_resource(
         if unfilled and is_placeholder(error.instance):
             continue
         problems.append(FieldViolation(_field(where, error.absolute_path), error.message))
+    if kind is ResourceKind.LOCAL_CONTAINER and isinstance(config, dict):
+        problems += _host_path_volumes(config.get("volumes"), f"{where}.volumes", unfilled=unfilled)
     return problems
+
+
+def _host_path_volumes(volumes: Any, where: str, *, unfilled: bool) -> list[FieldViolation]:
+    """Each volume whose source is not a named volume. With ``unfilled``, a source holding a ``{{var}}``
+    waits for Enqueue, which checks it filled."""
+    if isinstance(volumes, dict):
+        sources = [(source, _field(where, [source])) for source in volumes]
+    elif isinstance(volumes, list):
+        sources = [
+            (entry.split(":", 1)[0], _field(where, [index]))
+            for index, entry in enumerate(volumes)
+            if isinstance(entry, str)
+        ]
+    else:
+        return []
+    return [
+        FieldViolation(
+            field,
+            f"{source[:200]!r} is not a named volume ([A-Za-z0-9][A-Za-z0-9_.-]+): host paths are refused",
+        )
+        for source, field in sources
+        if not _VOLUME_NAME.match(source) and not (unfilled and placeholders(source))
+    ]
 
 
 def filled_size(config: Any, values: Mapping[str, Any]) -> int:

@@ -183,7 +183,10 @@ class _ItemStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ItemState.V
     ITEM_STATE_RUNNING: _ItemState.ValueType  # 5
     """The job is running on the target resource."""
     ITEM_STATE_SUCCEEDED: _ItemState.ValueType  # 6
-    """Terminal: the job exited 0 and its run was attached by `takeoff.init()`."""
+    """Terminal: the job exited 0 and its run was attached by `takeoff.init()`; or the queue ended the
+    attempt without its agent and found the run FINISHED by the job (Item.message `completed while its
+    agent was unreachable`).
+    """
     ITEM_STATE_FAILED: _ItemState.ValueType  # 7
     """Terminal: the item failed and will not be retried; Item.reason says why."""
     ITEM_STATE_CANCELLED: _ItemState.ValueType  # 8
@@ -207,7 +210,10 @@ ITEM_STATE_STARTING: ItemState.ValueType  # 4
 ITEM_STATE_RUNNING: ItemState.ValueType  # 5
 """The job is running on the target resource."""
 ITEM_STATE_SUCCEEDED: ItemState.ValueType  # 6
-"""Terminal: the job exited 0 and its run was attached by `takeoff.init()`."""
+"""Terminal: the job exited 0 and its run was attached by `takeoff.init()`; or the queue ended the
+attempt without its agent and found the run FINISHED by the job (Item.message `completed while its
+agent was unreachable`).
+"""
 ITEM_STATE_FAILED: ItemState.ValueType  # 7
 """Terminal: the item failed and will not be retried; Item.reason says why."""
 ITEM_STATE_CANCELLED: ItemState.ValueType  # 8
@@ -242,7 +248,8 @@ class _FailureReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Failure
     """
     FAILURE_REASON_RELEASED: _FailureReason.ValueType  # 6
     """Retryable (infrastructure). The agent handed back work it had not started (Release), e.g. when
-    draining. Counts as an attempt.
+    draining. Counts as an attempt. No back-off: a hand-back is no fault, so another agent may take the
+    item at once (after `retry_delay`).
     """
     FAILURE_REASON_MAX_RUN_TIME_EXCEEDED: _FailureReason.ValueType  # 7
     """Job failure (retried only with retry_job_failures). The job ran longer than its max run time and was
@@ -272,6 +279,11 @@ class FailureReason(_FailureReason, metaclass=_FailureReasonEnumTypeWrapper):
     """Why an attempt of an item ended without success (also used for build failures). Retryable reasons send
     the item back to PENDING while attempts are left and no cancel is requested; the job's own failures are
     retried only when the queue's `retry_job_failures` is true; CANCELLED never is.
+
+    Retry back-off (docs/design.md §16): a retried item is eligible again (Item.eligible_time) after the
+    queue's `retry_delay`, plus, after AGENT_LOST, BUILD_INFRA, PREEMPTED, START_TIMEOUT or RUNNER_INFRA,
+    `min(60 s, 1 s * 2^(n - 1))` where n is the number of attempts failed so far (1 s, 2 s, 4 s, ... 60 s),
+    without jitter. RELEASED and the job's own failures wait `retry_delay` only.
     """
 
 FAILURE_REASON_UNSPECIFIED: FailureReason.ValueType  # 0
@@ -296,7 +308,8 @@ FAILURE_REASON_RUNNER_INFRA: FailureReason.ValueType  # 5
 """
 FAILURE_REASON_RELEASED: FailureReason.ValueType  # 6
 """Retryable (infrastructure). The agent handed back work it had not started (Release), e.g. when
-draining. Counts as an attempt.
+draining. Counts as an attempt. No back-off: a hand-back is no fault, so another agent may take the
+item at once (after `retry_delay`).
 """
 FAILURE_REASON_MAX_RUN_TIME_EXCEEDED: FailureReason.ValueType  # 7
 """Job failure (retried only with retry_job_failures). The job ran longer than its max run time and was
@@ -342,7 +355,11 @@ class _RunStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RunState.Val
     RUN_STATE_CRASHED: _RunState.ValueType  # 5
     """Terminal: the job's process died without finishing the run (signal, lost machine), set by the agent."""
     RUN_STATE_KILLED: _RunState.ValueType  # 6
-    """Terminal: the job was stopped on purpose (cancel, revoke, start timeout, max run time)."""
+    """Terminal: the job was stopped on purpose (cancel, revoke, start timeout, max run time, the shim's
+    fence). Set by the agent, or by the queue when it ends an attempt without its agent (lease expired,
+    start timeout or max run time backstop, queue deleted; the message says which): the queue closes such
+    runs through a durable outbox, so a registry outage delays the close and never loses it.
+    """
 
 class RunState(_RunState, metaclass=_RunStateEnumTypeWrapper):
     """State of a tracked run (docs/design.md §8). FINISHED, FAILED, CRASHED and KILLED are terminal."""
@@ -360,7 +377,11 @@ RUN_STATE_FAILED: RunState.ValueType  # 4
 RUN_STATE_CRASHED: RunState.ValueType  # 5
 """Terminal: the job's process died without finishing the run (signal, lost machine), set by the agent."""
 RUN_STATE_KILLED: RunState.ValueType  # 6
-"""Terminal: the job was stopped on purpose (cancel, revoke, start timeout, max run time)."""
+"""Terminal: the job was stopped on purpose (cancel, revoke, start timeout, max run time, the shim's
+fence). Set by the agent, or by the queue when it ends an attempt without its agent (lease expired,
+start timeout or max run time backstop, queue deleted; the message says which): the queue closes such
+runs through a durable outbox, so a registry outage delays the close and never loses it.
+"""
 Global___RunState: _TypeAlias = RunState  # noqa: Y015
 
 class _ErrorReason:

@@ -118,7 +118,10 @@ class _RevokeReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RevokeRe
     REVOKE_REASON_UNSPECIFIED: _RevokeReason.ValueType  # 0
     """Not set."""
     REVOKE_REASON_EXPIRED: _RevokeReason.ValueType  # 1
-    """The lease was not renewed within the lease TTL (AGENT_LOST); the item was retried or failed."""
+    """The lease was not renewed within the lease TTL (AGENT_LOST). The queue closes the attempt's run
+    (KILLED); once the registry answers, the item is retried or fails, or SUCCEEDED when the job had
+    finished its run (docs/design.md §16). Until then it is not dispatched again.
+    """
     REVOKE_REASON_LEASE_LOST: _RevokeReason.ValueType  # 2
     """(Welcome verdicts) The held lease is unknown, its epoch is stale, or its item has ended or moved on."""
     REVOKE_REASON_START_TIMEOUT: _RevokeReason.ValueType  # 3
@@ -140,7 +143,10 @@ class RevokeReason(_RevokeReason, metaclass=_RevokeReasonEnumTypeWrapper):
 REVOKE_REASON_UNSPECIFIED: RevokeReason.ValueType  # 0
 """Not set."""
 REVOKE_REASON_EXPIRED: RevokeReason.ValueType  # 1
-"""The lease was not renewed within the lease TTL (AGENT_LOST); the item was retried or failed."""
+"""The lease was not renewed within the lease TTL (AGENT_LOST). The queue closes the attempt's run
+(KILLED); once the registry answers, the item is retried or fails, or SUCCEEDED when the job had
+finished its run (docs/design.md §16). Until then it is not dispatched again.
+"""
 REVOKE_REASON_LEASE_LOST: RevokeReason.ValueType  # 2
 """(Welcome verdicts) The held lease is unknown, its epoch is stale, or its item has ended or moved on."""
 REVOKE_REASON_START_TIMEOUT: RevokeReason.ValueType  # 3
@@ -235,13 +241,16 @@ class Queue(_message.Message):
     def resource_config(self) -> _struct_pb2.Struct:
         """Optional. Default resource config, JSON for the runner; may contain `{{var}}` placeholders for
         declared template variables. local-container: docker options from an allow-list (`gpus`, `cpus`,
-        `mem_limit`, `shm_size`, `env`, ...); kubernetes: a batch/v1 Job manifest merged over the runner's
-        defaults; local-process: `env`. Items' overrides are deep-merged over it (dicts merge, lists are
-        replaced except Kubernetes containers/env/volumes/volumeMounts, merged by `name`). Each option must
-        have the shape its runner reads (e.g. a Kubernetes `spec` is an object, `containers` a list of objects
-        with a `name`, env values plain values), else `RESOURCE_CONFIG_INVALID` naming it; a whole `{{var}}`
-        stands for any shape until Enqueue fills it. At most 256 KiB as an encoded Struct, nested at most 30
-        levels.
+        `mem_limit`, `memswap_limit`, `shm_size`, `env`, `volumes`, `user`, `ipc_mode`, `ulimits`), where
+        `volumes` mounts named volumes only (`{"name": {"bind": "/data"}}` or `["name:/data:ro"]`): a source
+        that is not a Docker volume name, such as a host path `/srv`, `./data` or `~/x`, is refused on every
+        queue, in a queue's config and in an item's override alike; kubernetes: a batch/v1 Job manifest
+        merged over the runner's defaults; local-process: `env`. Items' overrides are deep-merged over it
+        (dicts merge, lists are replaced except Kubernetes containers/env/volumes/volumeMounts, merged by
+        `name`). Each option must have the shape its runner reads (e.g. a Kubernetes `spec` is an object,
+        `containers` a list of objects with a `name`, env values plain values), else `RESOURCE_CONFIG_INVALID`
+        naming it; a whole `{{var}}` stands for any shape until Enqueue fills it. At most 256 KiB as an
+        encoded Struct, nested at most 30 levels.
         """
 
     @_builtins.property
@@ -254,7 +263,8 @@ class Queue(_message.Message):
     @_builtins.property
     def retry_delay(self) -> _duration_pb2.Duration:
         """Optional. How long a retried item waits before it is eligible again (it keeps its priority and
-        original enqueue time). Unset = 0; range 0 to 7 days.
+        original enqueue time). Unset = 0; range 0 to 7 days. After an infrastructure failure other than
+        RELEASED the item also waits `min(60 s, 1 s * 2^(n - 1))`, n the attempts failed so far (FailureReason).
         """
 
     @_builtins.property
@@ -511,8 +521,8 @@ class Item(_message.Message):
 
     @_builtins.property
     def eligible_time(self) -> _timestamp_pb2.Timestamp:
-        """Output only. When a PENDING item becomes eligible for assignment (enqueue time, or end of retry_delay
-        after a retry).
+        """Output only. When a PENDING item becomes eligible for assignment: its enqueue time, or after a retry
+        the end of its wait (`retry_delay`, plus the infrastructure back-off of FailureReason).
         """
 
     @_builtins.property
