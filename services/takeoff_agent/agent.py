@@ -22,6 +22,7 @@ from takeoff_agent.clients import Builder, Runs
 from takeoff_agent.domain import FailureReason, ItemState, Outcome, ResourceKind, RunState
 from takeoff_agent.identity import AgentIdentity
 from takeoff_agent.lease import HelloSpec, LeaseLink, SessionRefused
+from takeoff_agent.reachability import Reachability
 from takeoff_agent.runners import create_runners
 from takeoff_agent.runners.base import RunnerContext
 from takeoff_agent.settings import AgentSettings
@@ -59,10 +60,11 @@ class Agent:
             )
         except ValueError as error:
             raise ServiceFailed(f"this agent's config cannot be used: {error}") from None
+        self.reachability = Reachability(on_change=self._offer_capacity)
         self.context = AgentContext(
             agent_name=f"agents/{identity.agent_id}",
-            runs=Runs(settings.registry_address),
-            builder=Builder(settings.builder_address),
+            runs=Runs(settings.registry_address, self.reachability),
+            builder=Builder(settings.builder_address, self.reachability),
             runners=runners,
             stop_grace_seconds=settings.stop_grace_seconds,
             job_registry_address=settings.job_registry_address or settings.registry_address,
@@ -195,6 +197,7 @@ class Agent:
         self._forget(attempt)
 
     async def close(self) -> None:
+        await self.reachability.close()  # before the channels it probes
         if self._swept is not None:
             self._swept.cancel()
         for runner in self.context.runners.values():
@@ -271,6 +274,10 @@ class Agent:
         if (attempt := self.attempts.get(revoke.lease_id)) is not None:
             logger.info("lease %s revoked: %s", revoke.lease_id, revoke.message)
             attempt.request_stop(Stop.REVOKED)
+
+    def _offer_capacity(self, reachable: bool) -> None:
+        """No new work while the builder or the registry is unreachable (docs/design.md §5, §16)."""
+        self.link.set_capacity(self.identity.capacity if reachable else 0)
 
     def on_renewed(self, until: float) -> None:
         self.renewed_until = until

@@ -68,7 +68,7 @@ class AgentApi(agent_pb2_grpc.AgentServiceServicer):
             connected=agent.link.connected,
             queues=identity.queues,
             resources=[resource_kind_to_proto(kind) for kind in agent.context.runners],
-            capacity=identity.capacity,
+            capacity=agent.link.capacity,
             draining=identity.draining,
             version=takeoff.__version__,
             start_time=_timestamp(self._started),

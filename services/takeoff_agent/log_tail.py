@@ -28,11 +28,12 @@ class LogTail:
             return []
         self.offset += end
         lines = data[:end].decode("utf-8", errors="replace").splitlines()
-        return [piece for line in lines for piece in _pieces(line)]
+        return [piece for line in lines for piece in split_long_line(line)]
 
 
-def _pieces(line: str) -> list[str]:
-    """``line`` cut at character boundaries into pieces of at most MAX_LINE_BYTES encoded bytes."""
+def split_long_line(line: str) -> list[str]:
+    """``line`` cut at character boundaries into pieces of at most MAX_LINE_BYTES encoded bytes (the
+    registry's limit), for every runner's log source."""
     if len(line) <= MAX_LINE_BYTES // 4 or len(line.encode()) <= MAX_LINE_BYTES:
         return [line]
     pieces, start, size = [], 0, 0

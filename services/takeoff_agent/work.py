@@ -15,10 +15,10 @@ import json
 import logging
 import time
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from takeoff_agent.clients import Builder, LogLine, Runs
 from takeoff_agent.domain import (
@@ -45,6 +45,7 @@ from takeoff_agent.wire import (
 from takeoff_server.validation import clip_utf8
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 LOG_FLUSH_SECONDS = 0.2
 LAST_LINES_IN_MESSAGE = 20
@@ -56,6 +57,10 @@ MAX_BYTES_PER_CALL = 2 * 1024 * 1024  # well under the registry's 4 MiB receive 
 LINE_OVERHEAD_BYTES = 8
 BUILD_DETAILS = {BuildKind.VENV: "venv build", BuildKind.IMAGE: "image build", BuildKind.NOOP: "image check"}
 """The BUILDING Progress detail: what the builder makes for this attempt."""
+
+
+class _Interrupted(enum.Enum):
+    STOP = "stop requested"
 
 
 class Stop(enum.Enum):
@@ -305,26 +310,46 @@ class Attempt:
                     Outcome(ItemState.FAILED, FailureReason.CONFIG_INVALID, message=str(refused))
                 )
             if not await self._advance(ItemState.BUILDING, BUILD_DETAILS[build_kind]):
-                return await self._stopped_before_start()
-            built = await self._build(build_kind)
+                return await self._end_stopped()
+            built = await self._unless_stopped(self._build(build_kind))
+            if built is _Interrupted.STOP or self.stop_reason is not None:
+                return await self._end_stopped()
             if isinstance(built, Outcome):
                 return await self._failed_before_end(built)
-            if self.stop_reason is not None or not await self._advance(
-                ItemState.STARTING, "starting the job"
-            ):
-                return await self._stopped_before_start()
-            if (refused_start := await self._start(built)) is not None:
-                return await self._failed_before_end(refused_start)
-        if not await self._advance(ItemState.RUNNING, "running"):  # the lease is lost
-            await self.job.stop(self.context.stop_grace_seconds)
-            self.log.read_job_output(final=True)
-            return await self._conclude(self.job.exit())
+            if not await self._advance(ItemState.STARTING, "starting the job"):
+                return await self._end_stopped()
+            failed_start = await self._unless_stopped(self._start(built))
+            if failed_start is _Interrupted.STOP:
+                return await self._end_stopped()
+            if failed_start is not None:
+                return await self._failed_before_end(failed_start)
+        elif (  # started before an agent restart and not seen running: its pod may still be pending
+            self.running_since is None
+            and await self._unless_stopped(self.job.until_running()) is _Interrupted.STOP
+        ):
+            return await self._end_stopped()
+        if not await self._advance(ItemState.RUNNING, "running"):
+            return await self._end_stopped()
         if self.running_since is None:
             self.running_since = time.time()
             self._record_progress()
             self._arm_deadlines()
         ended = await self._watch()
         return await self._conclude(ended)
+
+    async def _unless_stopped(self, work: Awaitable[T]) -> T | _Interrupted:
+        """``work``'s result, or STOP when a stop is requested first: ``work`` (a build that waits for
+        its builder, a start that waits for GPUs or a pod) is then cancelled."""
+        task = asyncio.ensure_future(work)
+        stop_wanted = asyncio.ensure_future(self._stop_requested.wait())
+        try:
+            await asyncio.wait({task, stop_wanted}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop_wanted.cancel()
+            if not task.done():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        return _Interrupted.STOP if task.cancelled() else task.result()
 
     async def _advance(self, state: ItemState, detail: str) -> bool:
         """Report progress; False when the queue says the lease is lost (the attempt is then revoked)."""
@@ -337,7 +362,10 @@ class Attempt:
     async def _build(self, kind: BuildKind) -> Built | Outcome:
         result = None
         async for event in self.context.builder.build(
-            self.assignment.job_version.name, build_kind_to_proto(kind), self.assignment.run
+            self.assignment.job_version.name,
+            build_kind_to_proto(kind),
+            self.assignment.run,
+            retry_until=self.assignment.start_deadline,  # an unreachable builder is waited for until then
         ):
             match event.WhichOneof("event"):
                 case "log":
@@ -388,6 +416,7 @@ class Attempt:
             secrets={},
             registry_address=self.context.job_registry_address,
             stop_grace_seconds=self.context.stop_grace_seconds,
+            report=lambda detail: self._advance(ItemState.STARTING, detail),
         )
         try:
             await self.job.start(launch)
@@ -445,11 +474,12 @@ class Attempt:
             logger.warning("could not end the run of %s", self.assignment.run, exc_info=True)
         return outcome
 
-    async def _stopped_before_start(self) -> Outcome | None:
-        if self.stop_reason is Stop.CANCELLED:
-            await self._finish_run(RunState.KILLED, None, Stop.CANCELLED.value)
-            return Outcome(ItemState.CANCELLED, FailureReason.CANCELLED, message=Stop.CANCELLED.value)
-        return await self._conclude(None)
+    async def _end_stopped(self) -> Outcome | None:
+        """A stop requested before the job was seen running: stop whatever the runner started, then the
+        outcome of the stop (a cancel, a revoke, a timeout)."""
+        await self.job.stop(self.context.stop_grace_seconds)
+        self.log.read_job_output(final=True)
+        return await self._conclude(self.job.exit())
 
     async def _finish_run(self, state: RunState, exit_code: int | None, message: str) -> None:
         """Set the run's final state, unless its job (the SDK) has set one."""

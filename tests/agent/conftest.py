@@ -95,20 +95,20 @@ def job_pid(stack: Stack, run: str) -> int:
 def assignment_message(
     *,
     lease_id: str = "l1",
-    job: str = "job",
+    job_version: str = f"projects/{PROJECT}/jobs/job/versions/1",
     source: common_pb2.JobSource | None = None,
     resource_config: dict[str, object] | None = None,
     **fields: object,
 ) -> queue_pb2.LeaseResponse.Assignment:
     """An Assignment as the queue service sends it, for attempt 1 of a local-process item of a code job
-    (``projects/{PROJECT}/jobs/{job}/versions/1``); ``fields`` set or replace any other field."""
+    (``source``: its code); ``fields`` set or replace any other field."""
     item = f"projects/{PROJECT}/queues/q/items/i-{lease_id}"
     values: dict[str, object] = {
         "lease_id": lease_id,
         "epoch": 1,
         "item": queue_pb2.Item(name=item),
         "job_version": common_pb2.JobVersion(
-            name=f"projects/{PROJECT}/jobs/{job}/versions/1",
+            name=job_version,
             source=source or common_pb2.JobSource(code=common_pb2.CodeSource(sha256="0" * 64)),
         ),
         "resource_config": dict_to_struct(resource_config or {}),
@@ -258,10 +258,14 @@ def stack(
 
 
 class AgentProcess:
-    def __init__(self, process: subprocess.Popen[str], state_dir: Path, ready_file: Path) -> None:
+    def __init__(
+        self, process: subprocess.Popen[str], state_dir: Path, ready_file: Path, log_file: Path
+    ) -> None:
         self.process = process
         self.state_dir = state_dir
         self._ready_file = ready_file
+        self.log_file = log_file
+        """What the agent writes to stderr."""
 
     @property
     def address(self) -> str:
@@ -304,8 +308,15 @@ def start_agent(stack: Stack, tmp_path: Path) -> Iterator[StartAgent]:
     started: list[AgentProcess] = []
 
     def start(
-        queues: list[str], *, max_jobs: int = 1, state_dir: Path | None = None, **settings: object
+        queues: list[str],
+        *,
+        max_jobs: int = 1,
+        state_dir: Path | None = None,
+        env: dict[str, str] | None = None,
+        **settings: object,
     ) -> AgentProcess:
+        """An agent for ``queues``; ``env`` adds to the environment it starts in, ``settings`` to its
+        config file."""
         state = state_dir or tmp_path / f"agent-{len(started)}"
         config = tmp_path / f"agent-{uuid.uuid4().hex[:6]}.yaml"
         config.write_text(
@@ -323,6 +334,7 @@ def start_agent(stack: Stack, tmp_path: Path) -> Iterator[StartAgent]:
             )
         )
         ready_file = tmp_path / f"agent-{uuid.uuid4().hex[:6]}.ready"
+        log_file = tmp_path / f"agent-{len(started)}.log"
         process = subprocess.Popen(
             [sys.executable, "-m", "takeoff_agent", "--config", str(config)],
             env={
@@ -330,12 +342,13 @@ def start_agent(stack: Stack, tmp_path: Path) -> Iterator[StartAgent]:
                 "TAKEOFF_HOME": str(stack.home),
                 "TAKEOFF_LISTEN": '["127.0.0.1:0"]',
                 "TAKEOFF_READY_FILE": str(ready_file),
+                **(env or {}),
             },
             stdout=subprocess.DEVNULL,
-            stderr=open(tmp_path / f"agent-{len(started)}.log", "w"),  # noqa: SIM115
+            stderr=open(log_file, "w"),  # noqa: SIM115
             text=True,
         )
-        agent = AgentProcess(process, state, ready_file)
+        agent = AgentProcess(process, state, ready_file, log_file)
         started.append(agent)
         return agent
 

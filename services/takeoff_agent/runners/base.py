@@ -8,7 +8,7 @@ the same steps whatever the kind.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -33,8 +33,9 @@ class Launch:
     assignment: Assignment
     built: Built
     env: Mapping[str, str]
-    """The job's environment: ``TAKEOFF_*`` (but TAKEOFF_REGISTRY, which the runner sets from
-    ``registry_address``), TRACEPARENT and the resource config's ``env``. Never the agent's environment."""
+    """The job's environment: the resource config's ``env``, then ``PYTHONUNBUFFERED=1``, ``TAKEOFF_*``
+    (but TAKEOFF_REGISTRY, which the runner sets from ``registry_address``) and TRACEPARENT over it. Never
+    the agent's environment."""
     secrets: Mapping[str, str]
     """Secret environment variables (TAKEOFF_TOKEN, user secrets), kept apart so that no runner logs or
     stores them in plain sight: a Kubernetes Secret, a container's env, the shim's spec file (mode 0600)."""
@@ -42,6 +43,8 @@ class Launch:
     """How jobs reach the registry: the agent's ``job_registry_address``, else its ``registry_address``
     (``host:port`` or ``unix:/path``; a container runner mounts a Unix socket into the container)."""
     stop_grace_seconds: float
+    report: Callable[[str], Awaitable[object]] | None = None
+    """Tells the queue a new STARTING detail while ``start`` waits (for free GPUs, a pod to schedule)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,7 +82,14 @@ class Job(Protocol):
     def log_sources(self) -> list[tuple[LogStream, LogSource]]: ...
 
     async def start(self, launch: Launch) -> None:
-        """Start the job; raises RunnerRefused or RunnerUnavailable when it cannot."""
+        """Start the job and return once it runs (or has ended); raises RunnerRefused or RunnerUnavailable
+        when it cannot. It may wait long (GPUs, an image pull, a pending pod): the attempt cancels it when
+        the job must stop first, so it must be safe to cancel at any await."""
+        ...
+
+    async def until_running(self) -> None:
+        """Return once a job started before an agent restart runs (or has ended): its pod may still be
+        pending. Cancelled like ``start``."""
         ...
 
     async def wait(self) -> JobExit:
@@ -117,7 +127,9 @@ class Runner(Protocol):
 
     async def sweep(self, held: Collection[str]) -> None:
         """Remove this agent's labelled work whose lease id is not in ``held`` (called once the queue has
-        said which leases it keeps): no orphans after a restart."""
+        said which leases it keeps): no orphans after a restart. ``held`` is a live view of the agent's
+        leases, which new assignments join while the sweep runs: test membership when removing, not
+        before listing."""
         ...
 
     async def close(self) -> None: ...

@@ -176,6 +176,9 @@ class LocalProcessJob:
             start_new_session=True,  # outlives the agent: a restarted agent takes the job back
         )
 
+    async def until_running(self) -> None:
+        """A local job runs from its start on."""
+
     def exit(self) -> JobExit | None:
         try:
             data = json.loads((self.lease_dir / "exit.json").read_text())

@@ -1,0 +1,335 @@
+"""How an attempt goes through the runner of its resource kind (docs/design.md §7, §12): what the runner
+refuses, what it is given, when it is interrupted, and that every run ends as its attempt does.
+
+The attempt-level tests drive ``Attempt`` against the real registry and builder; the others run a real
+agent process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from takeoff.client import Client
+from takeoff.models import Environment
+from takeoff.v1 import common_pb2
+from takeoff_agent.clients import Builder, Runs
+from takeoff_agent.domain import (
+    Assignment,
+    BuildKind,
+    FailureReason,
+    ItemState,
+    JobExit,
+    LogStream,
+    Outcome,
+    ResourceKind,
+    SourceKind,
+)
+from takeoff_agent.runners.base import Launch, LogSource, Runner, RunnerContext, RunnerUnavailable
+from takeoff_agent.runners.local_process import LocalProcessRunner
+from takeoff_agent.wire import assignment_from_proto
+from takeoff_agent.work import AgentContext, Attempt, Stop
+from tests.agent.conftest import PROJECT, Stack, StartAgent, assignment_message, code_job, running_agent
+from tests.processes import ServiceProcess
+from tests.queue.harness import struct
+
+FAILED = common_pb2.ITEM_STATE_FAILED
+SUCCEEDED = common_pb2.ITEM_STATE_SUCCEEDED
+
+
+class Recorder:
+    """The Reporter of an attempt: what it told the queue."""
+
+    def __init__(self) -> None:
+        self.reported: list[tuple[ItemState, str]] = []
+        self.outcomes: list[Outcome] = []
+
+    async def progress(self, attempt: Attempt, state: ItemState, detail: str) -> bool:
+        self.reported.append((state, detail))
+        return True
+
+    async def complete(self, attempt: Attempt, outcome: Outcome) -> None:
+        self.outcomes.append(outcome)
+
+
+class WaitingJob:
+    """A job whose start waits (as for free GPUs) until cancelled, or fails as ``start_error`` says."""
+
+    started = False
+
+    def __init__(self, start_error: Exception | None) -> None:
+        self.start_error = start_error
+        self.launch: Launch | None = None
+        self.waiting = asyncio.Event()
+        self.start_cancelled = False
+        self.stopped: list[float] = []
+
+    def log_sources(self) -> list[tuple[LogStream, LogSource]]:
+        return []
+
+    async def start(self, launch: Launch) -> None:
+        self.launch = launch
+        if self.start_error is not None:
+            raise self.start_error
+        assert launch.report is not None
+        await launch.report("waiting for 1 GPU: 0 of 1 free")
+        self.waiting.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            self.start_cancelled = True
+            raise
+
+    async def until_running(self) -> None:
+        raise AssertionError("only for jobs started before a restart")
+
+    async def wait(self) -> JobExit:
+        raise AssertionError("never started")
+
+    def exit(self) -> JobExit | None:
+        return None
+
+    async def stop(self, grace: float) -> None:
+        self.stopped.append(grace)
+
+    async def renew_lease(self, until: float) -> None:
+        pass
+
+
+class WaitingRunner:
+    kind = ResourceKind.LOCAL_PROCESS
+
+    def __init__(self, start_error: Exception | None = None) -> None:
+        self.the_job = WaitingJob(start_error)
+
+    def build_kind(self, source: SourceKind) -> BuildKind:
+        return BuildKind.VENV
+
+    def check(self, assignment: Assignment) -> None:
+        pass
+
+    def job(self, assignment: Assignment, lease_dir: Path) -> WaitingJob:
+        return self.the_job
+
+    async def sweep(self, held: object) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+
+@pytest.fixture
+async def clients(registry: ServiceProcess, builder: ServiceProcess) -> AsyncIterator[tuple[Runs, Builder]]:
+    runs, builds = Runs(registry.address), Builder(builder.address)
+    yield runs, builds
+    await asyncio.gather(runs.close(), builds.close())
+
+
+@pytest.fixture
+def job_version(client: Client, tmp_path: Path) -> str:
+    code = tmp_path / "code"
+    code.mkdir()
+    (code / "main.py").write_text("print('never run here')\n")
+    return client.create_job_version("wired", code, entrypoint=["python", "main.py"]).version.name
+
+
+def attempt_of(
+    runner: Runner,
+    clients: tuple[Runs, Builder],
+    tmp_path: Path,
+    job_version: str,
+    resource_config: dict[str, object] | None = None,
+) -> tuple[Attempt, Recorder]:
+    lease_id = uuid.uuid4().hex[:12]
+    context = AgentContext(
+        agent_name="agents/wiring",
+        runs=clients[0],
+        builder=clients[1],
+        runners={runner.kind: runner},
+        stop_grace_seconds=3,
+        job_registry_address="unix:/run/takeoff/registry.sock",
+    )
+    assignment = assignment_from_proto(
+        assignment_message(lease_id=lease_id, job_version=job_version, resource_config=resource_config)
+    )
+    recorder = Recorder()
+    lease_dir = tmp_path / "leases" / lease_id
+    lease_dir.mkdir(parents=True)
+    return Attempt(assignment, lease_dir, context, recorder), recorder
+
+
+async def test_a_resource_option_the_runner_refuses_fails_the_item_config_invalid_and_its_run(
+    registry: ServiceProcess, clients: tuple[Runs, Builder], tmp_path: Path, job_version: str
+) -> None:
+    runner = LocalProcessRunner(RunnerContext("wiring", tmp_path))
+    attempt, recorder = attempt_of(
+        runner, clients, tmp_path, job_version, {"env": {"A": "1"}, "gpus": 1, "shm_size": "1g"}
+    )
+
+    await attempt.run()
+
+    [outcome] = recorder.outcomes
+    assert (outcome.state, outcome.reason) == (ItemState.FAILED, FailureReason.CONFIG_INVALID)
+    assert "gpus, shm_size" in outcome.message
+    assert recorder.reported == []  # refused before anything was built
+    assert await clients[0].state(attempt.assignment.run) == common_pb2.RUN_STATE_FAILED
+
+
+async def test_a_runner_that_is_unavailable_fails_the_attempt_runner_infra_and_its_run(
+    clients: tuple[Runs, Builder], tmp_path: Path, job_version: str
+) -> None:
+    runner = WaitingRunner(RunnerUnavailable("the Docker engine does not answer"))
+    attempt, recorder = attempt_of(runner, clients, tmp_path, job_version)
+
+    await attempt.run()
+
+    [outcome] = recorder.outcomes
+    assert (outcome.state, outcome.reason) == (ItemState.FAILED, FailureReason.RUNNER_INFRA)
+    assert "the Docker engine does not answer" in outcome.message
+    assert [state for state, _ in recorder.reported] == [ItemState.BUILDING, ItemState.STARTING]
+    assert recorder.reported[0][1] == "venv build"
+    assert await clients[0].state(attempt.assignment.run) == common_pb2.RUN_STATE_FAILED
+
+
+async def test_a_cancel_interrupts_a_start_that_waits_and_is_given_what_the_job_needs(
+    clients: tuple[Runs, Builder], tmp_path: Path, job_version: str
+) -> None:
+    runner = WaitingRunner()
+    attempt, recorder = attempt_of(runner, clients, tmp_path, job_version, {"env": {"EPOCHS": 3}})
+    running = asyncio.create_task(attempt.run())
+    job = runner.the_job
+    await asyncio.wait_for(job.waiting.wait(), timeout=120)
+
+    attempt.request_stop(Stop.CANCELLED)
+    await asyncio.wait_for(running, timeout=60)
+
+    [outcome] = recorder.outcomes
+    assert outcome.state == ItemState.CANCELLED
+    assert job.start_cancelled
+    assert job.stopped == [3]  # whatever the start had set up is stopped and removed
+    assert (ItemState.STARTING, "waiting for 1 GPU: 0 of 1 free") in recorder.reported
+    assert await clients[0].state(attempt.assignment.run) == common_pb2.RUN_STATE_KILLED
+    launch = job.launch
+    assert launch is not None
+    assert launch.registry_address == "unix:/run/takeoff/registry.sock"
+    assert launch.secrets == {}
+    assignment = attempt.assignment
+    assert dict(launch.env) == {
+        "EPOCHS": "3",
+        "PYTHONUNBUFFERED": "1",
+        "TAKEOFF_PROJECT": PROJECT,
+        "TAKEOFF_RUN_ID": assignment.run_id,
+        "TAKEOFF_JOB": "wired:v" + job_version.rsplit("/", 1)[1],
+        "TAKEOFF_QUEUE": assignment.queue,
+        "TAKEOFF_ITEM": assignment.item,
+        "TAKEOFF_ATTEMPT": "1",
+        "TAKEOFF_CONFIG": "{}",
+        "TRACEPARENT": "",
+    }
+
+
+def test_a_build_failure_ends_the_item_and_its_run_failed(
+    stack: Stack, client: Client, start_agent: StartAgent, tmp_path: Path
+) -> None:
+    code = tmp_path / "code"
+    code.mkdir()
+    (code / "main.py").write_text("print('never built')\n")
+    client.create_job_version(
+        "unbuildable", code, entrypoint=["python", "main.py"], environment=Environment(python_version="3.99")
+    )
+    queue = stack.new_queue(max_attempts=1)
+    with running_agent(start_agent, [queue]):
+        item = stack.wait_ended(stack.enqueue(queue, "unbuildable"))
+
+    assert (item.state, item.reason) == (FAILED, common_pb2.FAILURE_REASON_BUILD_FAILED)
+    run = stack.run(item.run)
+    assert run.state == common_pb2.RUN_STATE_FAILED
+    assert "python 3.99 is not available" in run.message
+
+
+SHOW_ENVIRONMENT = """\
+import json, os, pathlib, stat, takeoff
+spec = pathlib.Path.cwd().parent / "spec.json"
+print("ENV", json.dumps(dict(os.environ)), flush=True)
+print("SPEC", oct(stat.S_IMODE(spec.stat().st_mode)), flush=True)
+takeoff.init()
+"""
+
+
+def test_a_local_job_sees_the_allow_listed_part_of_the_agents_environment_and_takeoffs_variables(
+    stack: Stack, client: Client, start_agent: StartAgent, tmp_path: Path
+) -> None:
+    job = code_job(client, tmp_path, "environment", SHOW_ENVIRONMENT)
+    queue = stack.new_queue(resource_config=struct({"env": {"FROM_QUEUE": 7, "PATH": "/nowhere"}}))
+    added = {
+        "AGENT_ONLY_SECRET": "s3cret",
+        "PASSED_ON": "yes",
+        "LANG": "C.UTF-8",
+        "LC_TIME": "C",
+        "TZ": "UTC",
+        "TMPDIR": str(tmp_path),
+    }
+    job_registry = f"ipv4:{stack.registry}"  # the same registry, spelled as jobs are to be given it
+    with running_agent(
+        start_agent,
+        [queue],
+        env=added,
+        runners={"local-process": {"pass_env": ["PASSED_ON"]}},
+        job_registry_address=job_registry,
+    ):
+        item = stack.wait_ended(stack.enqueue(queue, job))
+
+    assert item.state == SUCCEEDED  # the SDK reached the registry at the address jobs are given
+    lines = stack.logs(item.run)
+    [seen] = [json.loads(line.removeprefix("ENV ")) for line in lines if line.startswith("ENV ")]
+    agent_environment = {**os.environ, **added}
+    allowed = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "TZ", "TMPDIR", "PASSED_ON")
+    inherited = {
+        name: value for name, value in agent_environment.items() if name in allowed or name.startswith("LC_")
+    }
+    venv = seen["VIRTUAL_ENV"]
+    assert seen == {
+        **inherited,
+        "PATH": f"{venv}/bin:{agent_environment['PATH']}",  # the queue's env cannot move the venv off PATH
+        "VIRTUAL_ENV": venv,
+        "PYTHONPATH": seen["PYTHONPATH"],  # the SDK's site directory (same Python as the agent)
+        "PYTHONUNBUFFERED": "1",
+        "FROM_QUEUE": "7",
+        "TAKEOFF_REGISTRY": job_registry,
+        "TAKEOFF_PROJECT": PROJECT,
+        "TAKEOFF_RUN_ID": item.run.rsplit("/", 1)[1],
+        "TAKEOFF_JOB": f"{job}:v0",
+        "TAKEOFF_QUEUE": queue,
+        "TAKEOFF_ITEM": item.name,
+        "TAKEOFF_ATTEMPT": "1",
+        "TAKEOFF_CONFIG": "{}",
+        "TRACEPARENT": seen["TRACEPARENT"],
+    }
+    assert "AGENT_ONLY_SECRET" not in seen
+    assert "TAKEOFF_HOME" not in seen
+    assert "SPEC 0o600" in lines  # the spec file holds the job's secrets
+
+
+@pytest.mark.parametrize(
+    ("runners", "named"),
+    [
+        ({"local-process": {"bogus_option": 1}}, "bogus_option"),
+        ({"local-process": {"pass_env": "PATH"}}, "pass_env"),
+        ({"slurm": {}}, "slurm"),
+    ],
+)
+def test_the_agent_refuses_to_start_with_a_runner_config_it_cannot_use_naming_what(
+    stack: Stack, start_agent: StartAgent, runners: dict[str, object], named: str
+) -> None:
+    agent = start_agent([stack.new_queue()], runners=runners)
+
+    assert agent.process.wait(timeout=60) != 0
+    said = agent.log_file.read_text()
+    assert named in said
+    assert "Traceback" not in said
