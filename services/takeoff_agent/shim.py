@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import math
 import os
 import signal
 import subprocess
@@ -194,10 +195,10 @@ def run_container(lease_dir: Path, spec: dict[str, Any]) -> None:
         fenced = False
         while waiter.is_alive():
             waiter.join(FENCE_CHECK_SECONDS)
-            if waiter.is_alive() and not fenced and lease_lapsed(lease_dir):
-                fenced = True
+            if waiter.is_alive() and (fenced or lease_lapsed(lease_dir)):
+                fenced = True  # asked again until the engine has stopped it
                 with contextlib.suppress(docker.errors.APIError, requests.RequestException):
-                    engine.stop(container, timeout=grace)
+                    engine.stop(container, timeout=math.ceil(grace))
         for follower in followers:
             follower.join(LOG_DRAIN_SECONDS)
         try:

@@ -1,0 +1,659 @@
+"""The local-container runner: each job runs in a container on the agent's Docker engine (docs/design.md §7,
+§12), owned by a host-side shim (``shim.py``, container mode) exactly as a local process is.
+
+The agent makes sure the image is there (pulled with the configured login when an image job's image is
+not), waits for the job's GPUs, creates the container (labelled, named ``takeoff-{lease id}``) and hands
+it to the shim, which starts it, follows its output into the lease directory's log files, fences it when
+the agent stops renewing, and records how it ended before removing it. The attempt reads the same files
+as for a local process, so log tailing, exit records and restart recovery work unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+import re
+import signal
+import sys
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import docker
+import requests
+from docker.types import DeviceRequest, Mount, Ulimit
+
+from takeoff_agent.domain import (
+    Assignment,
+    BuildKind,
+    FailureReason,
+    JobExit,
+    LogStream,
+    ResourceKind,
+    RunnerFailure,
+    SourceKind,
+)
+from takeoff_agent.log_tail import LogTail
+from takeoff_agent.runners.base import Launch, LogSource, RunnerContext, RunnerRefused, RunnerUnavailable
+from takeoff_agent.runners.gpus import GpuPool, GpuRequest, parse_request
+from takeoff_agent.shim import ENGINE_CALL_SECONDS, shim_alive, signal_of, write_atomically
+
+T = TypeVar("T")
+
+RESOURCE_OPTIONS = frozenset(
+    {
+        "gpus",
+        "cpus",
+        "mem_limit",
+        "memswap_limit",
+        "shm_size",
+        "env",
+        "volumes",
+        "user",
+        "ipc_mode",
+        "ulimits",
+    }
+)
+"""The queue's allow-list for local-container queues (services/takeoff_queue/resource_config.py)."""
+IPC_MODES = frozenset({"private", "shareable", "none", "host"})
+"""``host`` is allowed: jobs that share memory across processes need it (the security model decides
+whether secure queues may use it); ``container:…`` would reach into another container and is not."""
+ULIMITS = frozenset(
+    {
+        "core",
+        "cpu",
+        "data",
+        "fsize",
+        "locks",
+        "memlock",
+        "msgqueue",
+        "nice",
+        "nofile",
+        "nproc",
+        "rss",
+        "rtprio",
+        "rttime",
+        "sigpending",
+        "stack",
+    }
+)
+LABEL = "takeoff"
+CONTAINER_REGISTRY_SOCKET = "/run/takeoff/registry.sock"
+"""Where a registry on a Unix socket is mounted in the container (a bridge network cannot reach the host's
+loopback, and no job gets the host's network)."""
+NAMED_VOLUME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]+")
+"""Docker's rule for volume names; any other source is a path on the host."""
+EXIT_POLL_SECONDS = 0.05
+SHIM_SETTLE_SECONDS = 60.0
+"""How long ``stop`` waits, after the container stopped, for its shim to record the end and remove it."""
+_IMAGE_MISSING = ("not found", "manifest unknown", "name unknown", "unauthorized", "denied", "no basic auth")
+"""Pull errors that are the image's fault (wrong name, tag or login), not an outage."""
+
+
+@dataclass(frozen=True, slots=True)
+class RegistryLogin:
+    username: str
+    password: str
+
+
+@dataclass(frozen=True, slots=True)
+class ContainerOptions:
+    """``runners: local-container:`` of the agent config."""
+
+    docker_host: str | None = None
+    """The engine (the builder's): ``unix:///…``, ``tcp://…``; unset: ``DOCKER_HOST`` or the local socket."""
+    gpus: tuple[str, ...] = ()
+    """The host's GPU device ids this agent's jobs share."""
+    registry_auth: Mapping[str, RegistryLogin] = field(default_factory=dict)
+    """Logins for pulling image jobs' images, by registry host (``registry.example.com:5000``)."""
+
+
+def parse_options(options: Mapping[str, object]) -> ContainerOptions:
+    unknown = sorted(set(options) - {"docker_host", "gpus", "registry_auth"})
+    if unknown:
+        raise ValueError(
+            f"unknown option {', '.join(unknown)} (local-container takes: docker_host, gpus, registry_auth)"
+        )
+    docker_host = options.get("docker_host")
+    if docker_host is not None and (not isinstance(docker_host, str) or not docker_host):
+        raise ValueError("docker_host must be an engine address such as unix:///var/run/docker.sock")
+    gpus = options.get("gpus", [])
+    if not isinstance(gpus, list) or not all(isinstance(gpu, str | int) and str(gpu) for gpu in gpus):
+        raise ValueError('gpus must list the host\'s GPU device ids, e.g. ["0", "1"]')
+    if len({str(gpu) for gpu in gpus}) != len(gpus):
+        raise ValueError("gpus lists a device twice")
+    auth = options.get("registry_auth", {})
+    if not isinstance(auth, dict):
+        raise ValueError("registry_auth must map registry hosts to {username, password}")
+    logins = {}
+    for host, login in auth.items():
+        if (
+            not isinstance(login, dict)
+            or set(login) != {"username", "password"}
+            or not all(isinstance(value, str) and value for value in login.values())
+        ):
+            raise ValueError(f"registry_auth.{host} must have exactly a username and a password")
+        logins[str(host)] = RegistryLogin(login["username"], login["password"])
+    return ContainerOptions(docker_host, tuple(str(gpu) for gpu in gpus), logins)
+
+
+def create(options: Mapping[str, object], context: RunnerContext) -> ContainerRunner:
+    return ContainerRunner(parse_options(options), context)
+
+
+@dataclass(frozen=True, slots=True)
+class ContainerSettings:
+    """A resource config as the engine takes it: keyword arguments of ``containers.create`` (but the
+    devices, which depend on what is free when the job starts), and the GPUs asked for."""
+
+    create: dict[str, Any]
+    gpus: GpuRequest | None
+
+
+def container_settings(resource_config: Mapping[str, Any]) -> ContainerSettings:
+    """Raises RunnerRefused naming every option it cannot take."""
+    problems: list[str] = [
+        f"{name}: not an option of local-container queues"
+        for name in sorted(set(resource_config) - RESOURCE_OPTIONS, key=str)
+    ]
+    settings: dict[str, Any] = {}
+    gpus = None
+    for name, value in sorted(resource_config.items()):
+        if name not in RESOURCE_OPTIONS or name == "env":  # the job's env comes with the Launch
+            continue
+        try:
+            if name == "gpus":
+                gpus = parse_request(value)
+            else:
+                settings.update(_OPTIONS[name](value))
+        except ValueError as error:
+            problems.append(f"{name}: {error}")
+    if problems:
+        raise RunnerRefused("resource config refused by local-container: " + "; ".join(problems))
+    return ContainerSettings(settings, gpus)
+
+
+def _cpus(value: object) -> dict[str, Any]:
+    try:
+        cpus = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ValueError(f"must be a number of CPUs, not {value!r}") from None
+    if not 0 < cpus < 1e6:
+        raise ValueError(f"must be a positive number of CPUs, not {value!r}")
+    return {"nano_cpus": round(cpus * 1e9)}
+
+
+def _bytes(name: str, *, unlimited: bool = False) -> Callable[[object], dict[str, Any]]:
+    def size(value: object) -> dict[str, Any]:
+        if unlimited and value == -1:
+            return {name: -1}
+        if isinstance(value, bool) or not isinstance(value, int | str):
+            raise ValueError(f"must be a size such as 512m or a number of bytes, not {value!r}")
+        try:
+            parsed = docker.utils.parse_bytes(value)
+        except docker.errors.DockerException:
+            raise ValueError(f"must be a size such as 512m or a number of bytes, not {value!r}") from None
+        if parsed < 0:
+            raise ValueError(f"cannot be negative ({value!r})")
+        return {name: parsed}
+
+    return size
+
+
+def _volumes(value: object) -> dict[str, Any]:
+    """Named volumes only, as ``{name: {bind, mode}}``, ``{name: path}`` or ``["name:path[:ro|rw]"]``:
+    a path on the host is refused on every queue until the security model decides who may mount what."""
+    entries: list[tuple[object, object, object]] = []
+    if isinstance(value, dict):
+        for source, target in value.items():
+            if isinstance(target, dict):
+                entries.append((source, target.get("bind"), target.get("mode", "rw")))
+            else:
+                entries.append((source, target, "rw"))
+    elif isinstance(value, list):
+        for entry in value:
+            parts = str(entry).split(":")
+            if len(parts) not in (2, 3):
+                raise ValueError(f"{entry!r} is not name:path or name:path:mode")
+            entries.append((parts[0], parts[1], parts[2] if len(parts) == 3 else "rw"))
+    else:
+        raise ValueError("must map volume names to paths in the container, or list name:path[:mode]")
+    mounts = []
+    for source, target, mode in entries:
+        if not isinstance(source, str) or not NAMED_VOLUME.fullmatch(source):
+            raise ValueError(f"{source!r} is a host path; only named volumes are allowed")
+        if not isinstance(target, str) or not target.startswith("/"):
+            raise ValueError(f"volume {source}: {target!r} is not an absolute path in the container")
+        if mode not in ("rw", "ro"):
+            raise ValueError(f"volume {source}: mode must be rw or ro, not {mode!r}")
+        mounts.append(Mount(target=target, source=source, type="volume", read_only=mode == "ro"))
+    return {"mounts": mounts}
+
+
+def _user(value: object) -> dict[str, Any]:
+    if isinstance(value, bool) or not isinstance(value, int | str) or value == "":
+        raise ValueError(f"must be a user name or id (user[:group]), not {value!r}")
+    return {"user": str(value)}
+
+
+def _ipc_mode(value: object) -> dict[str, Any]:
+    if value not in IPC_MODES:
+        raise ValueError(f"must be one of {', '.join(sorted(IPC_MODES))}, not {value!r}")
+    return {"ipc_mode": value}
+
+
+def _ulimits(value: object) -> dict[str, Any]:
+    if not isinstance(value, list):
+        raise ValueError("must be a list of {name, soft, hard}")
+    ulimits = []
+    for entry in value:
+        name = entry.get("name") if isinstance(entry, dict) else None
+        if name not in ULIMITS:
+            raise ValueError(f"{name!r} is not a limit (the limits: {', '.join(sorted(ULIMITS))})")
+        assert isinstance(entry, dict)
+        soft, hard = entry.get("soft", entry.get("hard")), entry.get("hard", entry.get("soft"))
+        if not isinstance(soft, int) or not isinstance(hard, int) or not -1 <= soft <= hard or hard < -1:
+            raise ValueError(f"{name}: soft and hard must be integers, soft no more than hard")
+        ulimits.append(Ulimit(name=name, soft=soft, hard=hard))
+    return {"ulimits": ulimits}
+
+
+_OPTIONS: dict[str, Callable[[object], dict[str, Any]]] = {
+    "cpus": _cpus,
+    "mem_limit": _bytes("mem_limit"),
+    "memswap_limit": _bytes("memswap_limit", unlimited=True),
+    "shm_size": _bytes("shm_size"),
+    "volumes": _volumes,
+    "user": _user,
+    "ipc_mode": _ipc_mode,
+    "ulimits": _ulimits,
+}
+
+
+def device_requests(devices: Collection[str]) -> list[DeviceRequest]:
+    return [DeviceRequest(device_ids=list(devices), capabilities=[["gpu"]])] if devices else []
+
+
+def registry_of(reference: str) -> str:
+    """The registry host of an image reference (``docker.io`` when it names none)."""
+    first, slash, _ = reference.partition("/")
+    if slash and ("." in first or ":" in first or first == "localhost"):
+        return first
+    return "docker.io"
+
+
+def create_options(
+    launch: Launch, settings: Mapping[str, Any], devices: Collection[str], *, agent: str, name: str
+) -> dict[str, Any]:
+    """Keyword arguments of ``containers.create`` for a job: its image, command, environment, labels,
+    the resource config's ``settings``, the GPU ``devices`` it was given."""
+    assignment = launch.assignment
+    environment = {**launch.env, **launch.secrets}
+    mounts = list(settings.get("mounts", []))
+    if launch.registry_address.startswith("unix:"):
+        socket = launch.registry_address.removeprefix("unix:").removeprefix("//")
+        mounts.append(Mount(target=CONTAINER_REGISTRY_SOCKET, source=socket, type="bind"))
+        environment["TAKEOFF_REGISTRY"] = f"unix:{CONTAINER_REGISTRY_SOCKET}"
+    else:
+        environment["TAKEOFF_REGISTRY"] = launch.registry_address
+    labels = {
+        f"{LABEL}.item": assignment.item,
+        f"{LABEL}.agent": agent,
+        f"{LABEL}.epoch": str(assignment.epoch),
+        f"{LABEL}.run": assignment.run,
+        f"{LABEL}.lease": assignment.lease_id,
+    }
+    if devices:
+        labels[f"{LABEL}.gpus"] = ",".join(devices)
+    options: dict[str, Any] = {
+        **settings,
+        "image": launch.built.image or assignment.job_version.image,
+        "name": name,
+        "labels": labels,
+        "environment": environment,
+        "mounts": mounts,
+        "device_requests": device_requests(devices),
+        "init": True,  # the job is not PID 1: SIGTERM ends it as it ends a local process
+        "stdin_open": False,
+        "tty": False,
+        # The shim reads the output through the engine: a driver that keeps it, whatever the default.
+        "log_config": docker.types.LogConfig(type="json-file"),
+    }
+    if assignment.entrypoint:
+        options["entrypoint"] = list(assignment.entrypoint)
+    return options
+
+
+class ContainerRunner:
+    kind = ResourceKind.LOCAL_CONTAINER
+
+    def __init__(self, options: ContainerOptions, context: RunnerContext) -> None:
+        self.options = options
+        self.context = context
+        self.gpus = GpuPool(options.gpus)
+        self._client: docker.DockerClient | None = None
+
+    def build_kind(self, source: SourceKind) -> BuildKind:
+        return BuildKind.NOOP if source is SourceKind.IMAGE else BuildKind.IMAGE
+
+    def check(self, assignment: Assignment) -> None:
+        settings = container_settings(assignment.resource_config)
+        if settings.gpus is not None and (problem := self.gpus.problem(settings.gpus)) is not None:
+            raise RunnerRefused(f"resource config refused by local-container: gpus: {problem}")
+
+    def job(self, assignment: Assignment, lease_dir: Path) -> ContainerJob:
+        job = ContainerJob(self, assignment, lease_dir)
+        if job.started and job.exit() is None:
+            self.gpus.claim(assignment.lease_id, job.devices)  # a job taken back keeps its devices
+        return job
+
+    async def sweep(self, held: Collection[str]) -> None:
+        """Remove this agent's containers whose lease it no longer holds (their shims record the end)."""
+        found = await self.call(
+            lambda engine: engine.containers.list(
+                all=True, filters={"label": f"{LABEL}.agent={self.context.agent_id}"}
+            )
+        )
+        for container in found:
+            lease = container.labels.get(f"{LABEL}.lease", "")
+            if lease not in held:
+                self.gpus.release(lease)
+                await asyncio.to_thread(_remove, container)
+
+    async def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+    async def call(self, action: Callable[[docker.DockerClient], T]) -> T:
+        """``action`` on the engine, in a worker thread (the SDK blocks); an engine that cannot be reached
+        or fails is RunnerUnavailable."""
+        return await asyncio.to_thread(self._call, action)
+
+    def _call(self, action: Callable[[docker.DockerClient], T]) -> T:
+        where = self.options.docker_host or "the local Docker engine"
+        try:
+            if self._client is None:
+                self._client = docker.DockerClient(
+                    version="auto", timeout=ENGINE_CALL_SECONDS, **_client_options(self.options.docker_host)
+                )
+            return action(self._client)
+        except docker.errors.APIError as error:
+            if error.is_client_error():
+                raise
+            raise RunnerUnavailable(f"{where} failed: {error.explanation or error}") from None
+        except (docker.errors.DockerException, requests.RequestException) as error:
+            raise RunnerUnavailable(f"{where} cannot be reached: {error}") from None
+
+    def auth_config(self, image: str) -> dict[str, str] | None:
+        login = self.options.registry_auth.get(registry_of(image))
+        return {"username": login.username, "password": login.password} if login else None
+
+
+def _client_options(docker_host: str | None) -> dict[str, Any]:
+    options: dict[str, Any] = docker.utils.kwargs_from_env()
+    if docker_host:
+        options["base_url"] = docker_host
+    return options
+
+
+def _remove(container: Any) -> None:
+    with contextlib.suppress(docker.errors.NotFound):
+        container.remove(force=True, v=True)
+
+
+class ContainerJob:
+    """One job's container and its shim, found through the lease directory."""
+
+    def __init__(self, runner: ContainerRunner, assignment: Assignment, lease_dir: Path) -> None:
+        self.runner = runner
+        self.assignment = assignment
+        self.lease_dir = lease_dir
+        self.name = f"takeoff-{assignment.lease_id}"
+        self._shim: asyncio.subprocess.Process | None = None
+        self._log_sources: list[tuple[LogStream, LogSource]] = [
+            (LogStream.STDOUT, LogTail(lease_dir / "stdout.log")),
+            (LogStream.STDERR, LogTail(lease_dir / "stderr.log")),
+        ]
+
+    @property
+    def _spec_file(self) -> Path:
+        return self.lease_dir / "spec.json"
+
+    @property
+    def _exit_file(self) -> Path:
+        return self.lease_dir / "exit.json"
+
+    @property
+    def started(self) -> bool:
+        return self._spec_file.exists() or self._exit_file.exists()
+
+    @property
+    def devices(self) -> tuple[str, ...]:
+        """The GPUs the job's container was given."""
+        try:
+            return tuple(json.loads(self._spec_file.read_text())["devices"])
+        except (OSError, ValueError, KeyError):
+            return ()
+
+    def log_sources(self) -> list[tuple[LogStream, LogSource]]:
+        return self._log_sources
+
+    async def start(self, launch: Launch) -> None:
+        """Image, devices, container, shim; returns once the shim has started the container (or recorded
+        why it could not: RunnerRefused or RunnerUnavailable, unless the job's command cannot run, which
+        is the job's exit 127)."""
+        settings = container_settings(self.assignment.resource_config)
+        if (
+            missing := await self._ensure_image(launch.built.image or self.assignment.job_version.image)
+        ) is not None:
+            write_atomically(self._exit_file, _exit_record(JobExit(exit_code=None, failure=missing)))
+            return
+        lease = self.assignment.lease_id
+        devices = await self.runner.gpus.acquire(lease, settings.gpus) if settings.gpus else ()
+        try:
+            options = create_options(
+                launch, settings.create, devices, agent=self.runner.context.agent_id, name=self.name
+            )
+            container_id = await self.runner.call(lambda engine: self._create(engine, options))
+            write_atomically(
+                self._spec_file,
+                {
+                    "mode": "container",
+                    "container": container_id,
+                    "docker_host": self.runner.options.docker_host,
+                    "stop_grace_seconds": launch.stop_grace_seconds,
+                    "devices": list(devices),
+                },
+            )
+            await self._start_shim()
+            ended = await self._started()
+        except BaseException:
+            self.runner.gpus.release(lease)
+            raise
+        if ended is not None and ended.failure is not None:
+            self.runner.gpus.release(lease)
+            if ended.failure.reason is FailureReason.CONFIG_INVALID:
+                raise RunnerRefused(ended.failure.message)
+            raise RunnerUnavailable(ended.failure.message)
+
+    async def _ensure_image(self, image: str) -> RunnerFailure | None:
+        """The image on the engine: already there, else pulled; a failure when the image cannot be had
+        (no such image, no access), RunnerUnavailable when the engine or registry is out."""
+
+        def ensure(engine: docker.DockerClient) -> RunnerFailure | None:
+            with contextlib.suppress(docker.errors.NotFound):
+                engine.images.get(image)
+                return None
+            repository, tag = _split(image)
+            try:
+                engine.images.pull(repository, tag, auth_config=self.runner.auth_config(image))
+            except docker.errors.APIError as error:
+                explanation = str(error.explanation or error)
+                if isinstance(error, docker.errors.NotFound) or any(
+                    marker in explanation.lower() for marker in _IMAGE_MISSING
+                ):
+                    return RunnerFailure(FailureReason.BUILD_FAILED, f"cannot pull {image}: {explanation}")
+                raise
+            return None
+
+        return await self.runner.call(ensure)
+
+    def _create(self, engine: docker.DockerClient, options: dict[str, Any]) -> str:
+        for attempt in range(2):
+            try:
+                return str(engine.containers.create(**options).id)
+            except docker.errors.APIError as error:
+                if error.status_code == 409 and attempt == 0:  # left by an agent that died while creating it
+                    _remove(engine.containers.get(self.name))
+                    continue
+                if error.is_client_error():
+                    raise RunnerRefused(
+                        f"the Docker engine refused the container: {error.explanation or error}"
+                    ) from None
+                raise
+        raise AssertionError("unreachable")
+
+    async def _start_shim(self) -> None:
+        self._shim = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "takeoff_agent.shim",
+            str(self.lease_dir),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+            start_new_session=True,  # outlives the agent: a restarted agent takes the job back
+        )
+
+    async def _started(self) -> JobExit | None:
+        """Once the shim has started the container: None, or how it ended already."""
+        assert self._shim is not None
+        while True:
+            if (ended := self.exit()) is not None:
+                return ended
+            if self._shim_record().get("started"):
+                return None
+            if self._shim.returncode is not None:
+                raise RunnerUnavailable(
+                    f"the job's shim exited with {self._shim.returncode} before it started"
+                )
+            await asyncio.sleep(EXIT_POLL_SECONDS)
+
+    def _shim_record(self) -> dict[str, Any]:
+        try:
+            record: dict[str, Any] = json.loads((self.lease_dir / "shim.json").read_text())
+        except (OSError, ValueError):
+            return {}
+        return record
+
+    def exit(self) -> JobExit | None:
+        try:
+            data = json.loads(self._exit_file.read_text())
+        except (OSError, ValueError):
+            return None
+        failure = data.get("failure")
+        return JobExit(
+            exit_code=data["exit_code"],
+            signal=data.get("signal"),
+            fenced=data.get("fenced", False),
+            oom_killed=data.get("oom_killed", False),
+            failure=RunnerFailure(FailureReason[failure["reason"]], failure["message"]) if failure else None,
+        )
+
+    def _alive(self) -> bool:
+        if self._shim is not None:
+            return self._shim.returncode is None
+        return shim_alive(self.lease_dir)
+
+    async def wait(self) -> JobExit:
+        """The job's end, from the shim's record; a job whose shim died is ended by the agent."""
+        while True:
+            if self._shim is not None:
+                await self._shim.wait()
+            if (ended := self.exit()) is not None:
+                break
+            if not self._alive() and (ended := await self._without_shim()) is not None:
+                break
+            await asyncio.sleep(EXIT_POLL_SECONDS * 4)
+        self.runner.gpus.release(self.assignment.lease_id)
+        return ended
+
+    async def _without_shim(self) -> JobExit | None:
+        """The shim is gone without a record (killed, perhaps with the machine's processes). A container it
+        never started gets a new shim; one that ended is recorded as it ended; one still running is
+        killed, since no job runs unsupervised, and recorded as killed (exit 137, like a local process)."""
+        try:
+            state = await self.runner.call(lambda engine: engine.containers.get(self.name).attrs["State"])
+        except docker.errors.NotFound:
+            state = None
+        if state is not None and state["Status"] == "created":
+            await self._start_shim()
+            return None
+        if state is None:
+            ended = JobExit(
+                exit_code=None,
+                failure=RunnerFailure(
+                    FailureReason.RUNNER_INFRA, "the job's container and its shim are gone without a record"
+                ),
+            )
+        elif state["Status"] in ("exited", "dead"):
+            code = int(state["ExitCode"])
+            ended = JobExit(exit_code=code, signal=signal_of(code), oom_killed=bool(state["OOMKilled"]))
+        else:
+            ended = JobExit(exit_code=128 + signal.SIGKILL, signal=signal.SIGKILL)
+        await self.runner.call(lambda engine: _remove(engine.containers.get(self.name)))
+        write_atomically(self._exit_file, _exit_record(ended))
+        return ended
+
+    async def stop(self, grace: float) -> None:
+        """SIGTERM the container, SIGKILL after ``grace``; its shim records the end and removes it."""
+        lease = self.assignment.lease_id
+        if self.started and self.exit() is None:
+            with contextlib.suppress(docker.errors.NotFound):
+                await self.runner.call(lambda engine: engine.api.stop(self.name, timeout=math.ceil(grace)))
+            await self._settle()
+        if self.exit() is not None:
+            with contextlib.suppress(docker.errors.NotFound, RunnerUnavailable):
+                await self.runner.call(lambda engine: _remove(engine.containers.get(self.name)))
+        self.runner.gpus.release(lease)
+
+    async def _settle(self) -> None:
+        """Until the shim has recorded the end (or the agent has, for a shim that is gone)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + SHIM_SETTLE_SECONDS
+        while self.exit() is None and loop.time() < deadline:
+            if not self._alive():
+                await self._without_shim()
+                return
+            await asyncio.sleep(EXIT_POLL_SECONDS)
+
+    async def renew_lease(self, until: float) -> None:
+        """Tell the shim the agent's leases are good until ``until`` (UNIX seconds)."""
+        with contextlib.suppress(FileNotFoundError):  # a lease forgotten meanwhile has no shim to tell
+            write_atomically(self.lease_dir / "lease_until", until)
+
+
+def _split(image: str) -> tuple[str, str | None]:
+    """``host:5000/team/job:tag`` -> (``host:5000/team/job``, ``tag``); a digest stays in the repository."""
+    if "@" in image:
+        return image, None
+    repository, colon, tag = image.rpartition(":")
+    if not colon or "/" in tag:
+        return image, "latest"
+    return repository, tag
+
+
+def _exit_record(ended: JobExit) -> dict[str, Any]:
+    record: dict[str, Any] = {
+        "exit_code": ended.exit_code,
+        "signal": ended.signal,
+        "fenced": ended.fenced,
+        "oom_killed": ended.oom_killed,
+    }
+    if ended.failure is not None:
+        record["failure"] = {"reason": ended.failure.reason.name, "message": ended.failure.message}
+    return record
