@@ -1,11 +1,13 @@
 """``python -m takeoff_builder``: serve BuildService."""
 
+import asyncio
 from collections.abc import Sequence
 from contextlib import AsyncExitStack
 from pathlib import Path
 
 from pydantic import SecretStr
 
+from takeoff._sdk_wheel import sdk_wheel
 from takeoff.v1 import build_pb2, build_pb2_grpc
 from takeoff_builder.api import BuildApi
 from takeoff_builder.builds import Builder, Redactor
@@ -40,15 +42,20 @@ async def wire(settings: BuilderSettings, resources: AsyncExitStack) -> Sequence
         settings.git_credentials,
         timeout=settings.git_timeout_seconds,
     )
+    logins = {
+        host: RegistryLogin(auth.username, auth.password.get_secret_value())
+        for host, auth in settings.registry_auth.items()
+    }
+    if settings.push_registry and (settings.push_username or push_password):
+        logins[settings.push_registry] = RegistryLogin(settings.push_username or "", push_password or "")
     images = Images(
         docker_host=settings.docker_host,
         image_prefix=settings.image_prefix,
         default_base_image=settings.default_base_image,
         index=index,
+        sdk_wheel=await asyncio.to_thread(sdk_wheel),
         scratch=builds / "contexts",
-        login=RegistryLogin(settings.push_username or "", push_password or "")
-        if settings.push_username or push_password
-        else None,
+        logins=logins,
     )
     builder = Builder(
         BuildStore(database),
@@ -59,7 +66,15 @@ async def wire(settings: BuilderSettings, resources: AsyncExitStack) -> Sequence
         max_concurrent_builds=settings.max_concurrent_builds,
         push_registry=settings.push_registry,
         redact=Redactor(
-            [s for s in (settings.git_credentials.https_token, push_password, *index.secrets()) if s]
+            [
+                secret
+                for secret in (
+                    settings.git_credentials.https_token,
+                    *(login.password for login in logins.values()),
+                    *index.secrets(),
+                )
+                if secret
+            ]
         ),
     )
     await builder.recover()

@@ -326,8 +326,11 @@ class Builder:
     def _keys(self, spec: JobSpec, kind: BuildKind) -> BuildKeys | None:
         if kind is BuildKind.NOOP:
             return None
-        base_image = self._images.base_image(spec) if kind is BuildKind.IMAGE else ""
-        return build_keys(spec, kind, base_image=base_image)
+        if kind is BuildKind.IMAGE:
+            return build_keys(
+                spec, kind, base_image=self._images.base_image(spec), sdk_wheel=self._images.sdk_wheel.sha256
+            )
+        return build_keys(spec, kind, base_image="", sdk_wheel="")
 
     async def _carry_out(self, run: BuildRun, spec: JobSpec, flight: FlightKey) -> None:
         cancelled = False

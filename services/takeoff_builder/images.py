@@ -4,6 +4,10 @@ The docker SDK blocks, so every engine call runs in a worker thread and build ou
 log as it is produced. The classic builder (the SDK has no BuildKit) puts build arguments into
 ``docker history``: nothing secret goes into a build. The CA bundle pip needs is public and travels in
 the build context; index URLs go into the Dockerfile only when they carry no credentials.
+
+Every image gets the SDK from a wheel of the running package (``takeoff._sdk_wheel``), installed in a
+layer of its own right after the venv: that layer depends only on the base image, the wheel and the pip
+settings, so the engine's layer cache shares it between all jobs on a base image.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ from typing import Any
 import docker
 import requests
 
+from takeoff._sdk_wheel import DISTRIBUTION as SDK_DISTRIBUTION
+from takeoff._sdk_wheel import SdkWheel
 from takeoff_builder.model import BuildError, BuildFailed, BuildInfraError, JobSpec
 from takeoff_builder.pip import PackageIndex, pip_failure
 from takeoff_builder.venvs import REQUIREMENTS_FILE, check_python_version
@@ -35,8 +41,23 @@ _VENV = "/opt/venv"
 _SUPPORT = "/opt/takeoff"
 _WORKDIR = "/app"
 _MISSING = ("manifest unknown", "not found", "no such image", "pull access denied", "name unknown")
+_UNAUTHORIZED = ("no basic auth credentials", "unauthorized", "authentication required")
+_DOCKER_HUB = "docker.io"
 _ENGINE_CALL_SECONDS = 60
 _PYTHON_UNAVAILABLE = re.compile(r"python \S+ is not available in the base image")
+_SDK_REPLACED = "the requirements replaced the Takeoff SDK"
+SDK_CHECK = (
+    "import importlib.metadata as m, sys; "
+    "names = {(d.metadata['Name'] or '').lower().replace('_', '-') for d in m.distributions()}; "
+    f"sys.exit({_SDK_REPLACED!r} + ' with the unrelated package named takeoff: remove it' "
+    "if 'takeoff' in names "
+    f"else {_SDK_REPLACED!r} + ': {SDK_DISTRIBUTION} comes from the builder, not the package index' "
+    f"if {SDK_DISTRIBUTION!r} not in names "
+    f"or m.distribution({SDK_DISTRIBUTION!r}).read_text('direct_url.json') is None else 0)"
+)
+"""Python that fails when the job's requirements put a package named ``takeoff`` (not ours on the public
+index) over the SDK, or installed ``takeoff-sdk`` from an index: pip records a ``direct_url.json`` only for
+what it installed from a file, as the SDK's own wheel is."""
 _ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")  # the engine colours what build steps print on stderr
 
 
@@ -55,6 +76,15 @@ class FoundImage:
     """Local image id, when the engine has the image."""
     digest: str = ""
     """Registry digest, when a registry was asked and has it."""
+
+
+def registry_host(reference: str) -> str:
+    """The registry an image reference names: its first component when that is a host (it has a dot or a
+    port, or is ``localhost``), else Docker Hub (``docker.io``)."""
+    first, slash, _ = reference.partition("/")
+    if slash and ("." in first or ":" in first or first == "localhost"):
+        return first
+    return _DOCKER_HUB
 
 
 def split_reference(reference: str) -> tuple[str, str]:
@@ -78,29 +108,30 @@ def _version_check(python_version: str, base_image: str) -> str:
     return "RUN " + json.dumps(["python3", "-c", code])
 
 
-def generated_dockerfile(spec: JobSpec, base_image: str, index: PackageIndex) -> str:
-    """base image -> venv -> requirements -> code -> entrypoint. The requirements come before the code,
-    so a version that changes only code reuses the dependency layer."""
+def generated_dockerfile(spec: JobSpec, base_image: str, index: PackageIndex, sdk_wheel: str) -> str:
+    """base image -> venv -> SDK -> requirements -> code -> entrypoint. The SDK layer (``sdk_wheel``, a
+    file of the context's ``takeoff/``) is the same for every job on this base image; the requirements come
+    before the code, so a version that changes only code reuses the dependency layers."""
     environment = spec.environment
     lines = [f"FROM {base_image}"]
     if environment.python_version:
         check_python_version(environment.python_version)
         lines.append(_version_check(environment.python_version, base_image))
+    ca_bundle = f"{_SUPPORT}/{CA_BUNDLE_FILE}" if index.ca_bundle else None
+    pip_variables = index.environment(ca_bundle_path=ca_bundle)
+    pip_variables["PIP_NO_CACHE_DIR"] = "1"
+    pip = " ".join(f"{name}={shlex.quote(value)}" for name, value in sorted(pip_variables.items())) + " pip"
     lines += [
         f"RUN python3 -m venv {_VENV}",
         f"ENV VIRTUAL_ENV={_VENV} PATH={_VENV}/bin:$PATH PYTHONUNBUFFERED=1",
+        f"COPY takeoff/ {_SUPPORT}/",
+        f"RUN {pip} install {_SUPPORT}/{sdk_wheel}",
     ]
     if environment.requirements.strip():
-        pip_variables = index.environment(
-            ca_bundle_path=f"{_SUPPORT}/{CA_BUNDLE_FILE}" if index.ca_bundle else None
-        )
-        pip_variables["PIP_NO_CACHE_DIR"] = "1"
-        assignments = " ".join(
-            f"{name}={shlex.quote(value)}" for name, value in sorted(pip_variables.items())
-        )
         lines += [
-            f"COPY takeoff/ {_SUPPORT}/",
-            f"RUN {assignments} pip install -r {_SUPPORT}/{REQUIREMENTS_FILE}",
+            f"COPY {REQUIREMENTS_FILE} {_SUPPORT}/",
+            f"RUN {pip} install -r {_SUPPORT}/{REQUIREMENTS_FILE}",
+            "RUN " + json.dumps(["python", "-c", SDK_CHECK]),
         ]
     lines += [f"COPY code/ {_WORKDIR}/", f"WORKDIR {_WORKDIR}"]
     if spec.entrypoint:
@@ -110,7 +141,7 @@ def generated_dockerfile(spec: JobSpec, base_image: str, index: PackageIndex) ->
 
 class Images:
     """Builds, pushes and finds images on the engine at ``docker_host`` (None: ``DOCKER_HOST`` or the
-    local socket)."""
+    local socket), with the login of each registry host in ``logins``."""
 
     def __init__(
         self,
@@ -119,15 +150,17 @@ class Images:
         image_prefix: str,
         default_base_image: str,
         index: PackageIndex,
+        sdk_wheel: SdkWheel,
         scratch: Path,
-        login: RegistryLogin | None = None,
+        logins: Mapping[str, RegistryLogin],
     ) -> None:
         self._docker_host = docker_host
         self._image_prefix = image_prefix
         self.default_base_image = default_base_image
         self._index = index
+        self.sdk_wheel = sdk_wheel
         self._scratch = scratch
-        self._login = login
+        self._logins = dict(logins)
 
     def base_image(self, spec: JobSpec) -> str:
         return spec.environment.base_image or self.default_base_image
@@ -183,11 +216,13 @@ class Images:
             if image_id and not ask_registry:
                 return FoundImage(image_id)
             try:
-                descriptor = engine.inspect_distribution(reference, auth_config=self._auth_config())
+                descriptor = engine.inspect_distribution(reference, auth_config=self._auth_config(reference))
             except docker.errors.APIError as error:
                 explanation = str(error.explanation or error)
                 if any(marker in explanation.lower() for marker in _MISSING):
                     return FoundImage(image_id)
+                if any(marker in explanation.lower() for marker in _UNAUTHORIZED):
+                    raise self._refused(reference) from None
                 raise BuildInfraError(
                     f"could not ask the registry of {reference} for it: {explanation}"
                 ) from None
@@ -209,29 +244,31 @@ class Images:
         source = code / environment.build_context
         context = scratch / "context"
         dockerfile = scratch / "Dockerfile"
-        ca_bundle = self._index.ca_bundle
         if environment.dockerfile:
-            log("using the job's own Dockerfile")
+            log(f"using the job's own Dockerfile; the context has the SDK as {self.sdk_wheel.filename}")
             shutil.copytree(source, context, symlinks=True)
             dockerfile.write_text(environment.dockerfile)
-            if ca_bundle is not None:
-                shutil.copyfile(ca_bundle, context / CA_BUNDLE_FILE)
+            self._add_support_files(context)
             return context, dockerfile
         index, left_out = self._index.public()
         for note in left_out:
             log(f"note: {note}")
         shutil.copytree(source, context / "code", symlinks=True)
-        support = context / "takeoff"
-        support.mkdir()
-        (support / REQUIREMENTS_FILE).write_text(environment.requirements)
-        if ca_bundle is not None:
-            shutil.copyfile(ca_bundle, support / CA_BUNDLE_FILE)
-        text = generated_dockerfile(spec, self.base_image(spec), index)
+        self._add_support_files(context / "takeoff")
+        if environment.requirements.strip():
+            (context / REQUIREMENTS_FILE).write_text(environment.requirements)
+        text = generated_dockerfile(spec, self.base_image(spec), index, self.sdk_wheel.filename)
         dockerfile.write_text(text)
         log("generated Dockerfile:")
         for line in text.splitlines():
             log(f"  {line}")
         return context, dockerfile
+
+    def _add_support_files(self, directory: Path) -> None:
+        """The SDK wheel and the CA bundle, which both kinds of build context carry."""
+        self.sdk_wheel.write(directory)
+        if self._index.ca_bundle is not None:
+            shutil.copyfile(self._index.ca_bundle, directory / CA_BUNDLE_FILE)
 
     def _run_build(
         self,
@@ -276,9 +313,12 @@ class Images:
 
     @staticmethod
     def _build_failure(error: str, output: list[str]) -> BuildError:
-        unavailable = next((line for line in output if _PYTHON_UNAVAILABLE.match(line)), None)
-        if unavailable is not None:
-            return BuildFailed(unavailable.strip())
+        said = next(
+            (line for line in output if _PYTHON_UNAVAILABLE.match(line) or line.startswith(_SDK_REPLACED)),
+            None,
+        )
+        if said is not None:
+            return BuildFailed(said.strip())
         if any(marker in error.lower() for marker in _MISSING):
             return BuildFailed(f"the image build failed: {error}")
         failure = pip_failure(output, what="the image build failed")
@@ -292,7 +332,7 @@ class Images:
         with self._engine() as engine:
             log(f"pushing {tag}")
             for chunk in engine.push(
-                repository, tag=version, stream=True, decode=True, auth_config=self._auth_config()
+                repository, tag=version, stream=True, decode=True, auth_config=self._auth_config(tag)
             ):
                 if "error" in chunk:
                     raise BuildInfraError(f"pushing {tag} failed: {chunk['error']}")
@@ -304,5 +344,15 @@ class Images:
                     digest = str(aux["Digest"])
         return digest
 
-    def _auth_config(self) -> dict[str, str] | None:
-        return self._login.auth_config() if self._login is not None else None
+    def _auth_config(self, reference: str) -> dict[str, str] | None:
+        login = self._logins.get(registry_host(reference))
+        return login.auth_config() if login is not None else None
+
+    def _refused(self, reference: str) -> BuildFailed:
+        host = registry_host(reference)
+        why = (
+            "the login configured for it was refused"
+            if host in self._logins
+            else "no login for it is configured (builder setting registry_auth)"
+        )
+        return BuildFailed(f"the registry {host} refused access to {reference}: {why}")

@@ -28,8 +28,10 @@ def _digest(fields: dict[str, object]) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def build_keys(spec: JobSpec, kind: BuildKind, *, base_image: str) -> BuildKeys:
-    """The keys of a venv or image build; ``base_image`` is the one an image build would use."""
+def build_keys(spec: JobSpec, kind: BuildKind, *, base_image: str, sdk_wheel: str) -> BuildKeys:
+    """The keys of a venv or image build; ``base_image`` is the one an image build would use and
+    ``sdk_wheel`` the sha256 of the SDK wheel it installs (or puts in the context of the job's own
+    Dockerfile)."""
     environment = spec.environment
     inputs: dict[str, object] = {
         "builder": BUILDER_VERSION,
@@ -38,7 +40,7 @@ def build_keys(spec: JobSpec, kind: BuildKind, *, base_image: str) -> BuildKeys:
         "requirements": environment.requirements,
     }
     if kind is BuildKind.IMAGE:
-        inputs |= {"base_image": base_image, "dockerfile": environment.dockerfile}
+        inputs |= {"base_image": base_image, "dockerfile": environment.dockerfile, "sdk": sdk_wheel}
     environment_key = _digest(inputs)
     code: dict[str, object] = {"environment": environment_key, "source": spec.source_digest}
     if kind is BuildKind.IMAGE:

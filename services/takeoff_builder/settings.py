@@ -2,12 +2,19 @@
 
 from pathlib import Path
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator
 
 from takeoff_server.config import ServerSettings
 from takeoff_server.git_access import GitAccessSettings
 
 HOST_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
+
+
+class RegistryAuth(BaseModel):
+    """A login to one container registry."""
+
+    username: str
+    password: SecretStr
 
 
 class BuilderSettings(ServerSettings, GitAccessSettings):
@@ -28,8 +35,15 @@ class BuilderSettings(ServerSettings, GitAccessSettings):
     """``host[:port]`` of the registry images are pushed to; unset means images stay local."""
     push_username: str | None = None
     push_password: SecretStr | None = None
+    """The login to ``push_registry``; it replaces an entry for that host in ``registry_auth``."""
+    registry_auth: dict[str, RegistryAuth] = {}
+    """Logins by registry host (``host[:port]``; ``docker.io`` for Docker Hub), used to find the images of
+    image jobs (noop builds) and to push. The agent's local-container runner has a setting of the same name
+    and shape for its pulls."""
     docker_host: str | None = None
-    """Docker engine address; unset means ``DOCKER_HOST``, else the local socket."""
+    """Docker engine address; unset means ``DOCKER_HOST``, else the local socket. A local-container agent
+    must use the same engine (its runner's ``docker_host``, same value): it runs the images built here
+    without pulling them."""
 
     pip_index_url: str | None = None
     """Replaces PyPI for venv and image builds; image builds use it only when it carries no credentials."""

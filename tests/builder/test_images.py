@@ -1,5 +1,6 @@
-"""Image and noop builds through a real Docker engine, with a local base image and a loopback registry
-(.ci/docker-setup.sh provides both). The engine-down case needs no engine and always runs."""
+"""Image and noop builds through a real Docker engine, with a local base image, a loopback registry and
+one that wants a login (.ci/docker-setup.sh provides them). The engine-down case needs no engine and
+always runs."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import pytest
 import takeoff
 from takeoff.models import ImageSource
 from takeoff.v1 import common_pb2
+from takeoff_builder.images import registry_host
 from tests.builder.conftest import (
     IMAGE,
     MISSING_PACKAGE,
@@ -29,6 +31,14 @@ from tests.processes import ServiceProcess
 
 BUILD_FAILED = common_pb2.FAILURE_REASON_BUILD_FAILED
 BUILD_INFRA = common_pb2.FAILURE_REASON_BUILD_INFRA
+SDK_TRAIN_PY = """\
+import importlib.metadata, os, six, takeoff
+sdk = importlib.metadata.distribution("takeoff-sdk")
+print("six", six.__version__, "takeoff", takeoff.__version__, "in", os.getcwd())
+print("takeoff-sdk from", "its wheel" if sdk.read_text("direct_url.json") else "an index")
+run = takeoff.init(config={"lr": 0.1})
+run.log({"loss": 0.5})
+"""
 
 
 @pytest.fixture
@@ -61,10 +71,46 @@ def layers(engine: docker.DockerClient, image: str) -> list[str]:
     return list(engine.images.get(image).attrs["RootFS"]["Layers"])
 
 
-async def test_a_code_job_builds_into_an_image_that_runs_and_imports_its_requirement(
-    image_builder: Builder, docker_setup: DockerSetup, client: takeoff.Client, tmp_path: Path
+def push_as(engine: docker.DockerClient, image: str, reference: str, login: dict[str, str]) -> None:
+    """Push ``image`` as ``reference`` and leave no such tag in the engine."""
+    repository, _, tag = reference.rpartition(":")
+    engine.images.get(image).tag(repository, tag)
+    try:
+        for chunk in engine.images.push(repository, tag, auth_config=login, stream=True, decode=True):
+            assert "error" not in chunk, chunk
+    finally:
+        engine.images.remove(reference)
+
+
+def cached_steps(log: list[str]) -> dict[str, bool]:
+    """Whether the engine took the SDK install, the requirements install and the code from its cache."""
+    steps = {
+        "sdk": "install /opt/takeoff/takeoff_sdk-",
+        "requirements": "install -r",
+        "code": "COPY code/",
+    }
+    found = {}
+    for index, line in enumerate(log):
+        for name, marker in steps.items():
+            if line.startswith("Step ") and marker in line:
+                found[name] = "Using cache" in log[index + 1]
+    return found
+
+
+async def test_a_code_job_image_has_its_requirements_and_the_sdk_which_reports_its_run(
+    image_builder: Builder,
+    docker_setup: DockerSetup,
+    registry: ServiceProcess,
+    client: takeoff.Client,
+    tmp_path: Path,
 ) -> None:
-    version = create_job(client, tmp_path, requirements=SMALL_REQUIREMENT)
+    version = create_job(
+        client,
+        tmp_path,
+        files={"src/train.py": SDK_TRAIN_PY, "README": "outside the build context\n"},
+        requirements=SMALL_REQUIREMENT,
+        build_context="src",
+    )
 
     first = await image_builder.build(version, IMAGE)
 
@@ -75,9 +121,25 @@ async def test_a_code_job_builds_into_an_image_that_runs_and_imports_its_require
     assert not result.pushed
     assert not first.cache.hit
     assert any("Successfully installed six-1.16.0" in line for line in first.log)
-    assert run_image(docker_setup.engine, result.image) == "six 1.16.0\n"
     labels = docker_setup.engine.images.get(result.image).labels
     assert labels["takeoff.job-version"] == version
+    # The job reaches the test's registry on loopback, as an agent's container reaches the registry.
+    output = docker_setup.engine.containers.run(
+        result.image,
+        remove=True,
+        network_mode="host",
+        environment={"TAKEOFF_REGISTRY": registry.address, "TAKEOFF_PROJECT": client.project},
+    )
+    assert bytes(output).decode().splitlines() == [
+        f"six 1.16.0 takeoff {takeoff.__version__} in /app",
+        "takeoff-sdk from its wheel",
+    ]
+    [run] = client.list_runs()
+    assert run.state is takeoff.RunState.FINISHED
+    assert run.config == {"lr": 0.1}
+    assert [row.values for row in client.read_metrics(run.name)] == [{"loss": 0.5}]
+    listed = docker_setup.engine.containers.run(result.image, entrypoint=["ls"], remove=True)
+    assert bytes(listed).decode() == "train.py\n"  # only the build context is in the image
 
     second = await image_builder.build(version, IMAGE)
 
@@ -86,31 +148,36 @@ async def test_a_code_job_builds_into_an_image_that_runs_and_imports_its_require
     assert (second.result.image, second.result.image_id) == (result.image, result.image_id)
 
 
-async def test_a_code_only_change_reuses_the_dependency_layer(
+async def test_a_code_change_reuses_the_dependency_layers_and_a_requirements_change_the_sdk_layer(
     image_builder: Builder, docker_setup: DockerSetup, client: takeoff.Client, tmp_path: Path
 ) -> None:
     first = await image_builder.build(create_job(client, tmp_path, requirements=SMALL_REQUIREMENT), IMAGE)
     changed = {"train.py": TRAIN_PY + "print('changed')\n"}
 
-    second = await image_builder.build(
+    code_changed = await image_builder.build(
         create_job(client, tmp_path, requirements=SMALL_REQUIREMENT, files=changed), IMAGE
     )
-
-    assert second.cache.environment_key == first.cache.environment_key
-    assert second.result.image != first.result.image
-    assert not any("Successfully installed" in line for line in second.log)
-    pip_step = next(
-        index for index, line in enumerate(second.log) if "pip install" in line and "Step" in line
+    requirements_changed = await image_builder.build(
+        create_job(client, tmp_path, requirements=f"{SMALL_REQUIREMENT}\n# changed\n"), IMAGE
     )
-    assert "Using cache" in second.log[pip_step + 1]
-    assert "Using cache" not in second.log[-3:]  # the code step, last, ran
-    before, after = (
-        layers(docker_setup.engine, first.result.image),
-        layers(docker_setup.engine, second.result.image),
+
+    assert code_changed.cache.environment_key == first.cache.environment_key
+    assert requirements_changed.cache.environment_key != first.cache.environment_key
+    assert code_changed.result.image != first.result.image
+    assert not any("Successfully installed" in line for line in code_changed.log)
+    assert cached_steps(code_changed.log) == {"sdk": True, "requirements": True, "code": False}
+    assert cached_steps(requirements_changed.log) == {"sdk": True, "requirements": False, "code": False}
+    # The base image's layers, the venv, the SDK wheel and its install: shared by all three images.
+    shared = len(layers(docker_setup.engine, docker_setup.base_image)) + 3
+    before, after, other = (
+        layers(docker_setup.engine, outcome.result.image)
+        for outcome in (first, code_changed, requirements_changed)
     )
     assert before[:-1] == after[:-1]  # everything up to the dependencies is shared
     assert before[-1] != after[-1]  # only the code layer differs
-    assert run_image(docker_setup.engine, second.result.image) == "six 1.16.0\nchanged\n"
+    assert before[:shared] == other[:shared]
+    assert before[shared] != other[shared]  # the requirements
+    assert run_image(docker_setup.engine, code_changed.result.image) == "six 1.16.0\nchanged\n"
 
 
 async def test_push_to_and_pull_from_the_registry(
@@ -150,20 +217,53 @@ async def test_a_noop_build_finds_a_local_image(
     assert outcome.result.build_key == ""
 
 
-async def test_the_jobs_own_dockerfile_replaces_the_template_and_gets_the_ca_bundle(
+async def test_a_noop_build_finds_a_private_image_with_its_login_and_is_refused_without_it(
+    registry: ServiceProcess, docker_setup: DockerSetup, client: takeoff.Client, tmp_path: Path
+) -> None:
+    # A tag of its own, pushed here and not left in the engine, so only the registry can answer.
+    private = f"{docker_setup.auth_registry}/takeoff-test/private:{uuid.uuid4().hex[:8]}"
+    login = {"username": docker_setup.auth_user, "password": docker_setup.auth_password}
+    push_as(docker_setup.engine, docker_setup.base_image, private, login)
+    version = create_job(client, tmp_path, job="private", source=ImageSource(private), entrypoint=())
+    logins = {"with": login, "wrong": {**login, "password": "not-the-password"}, "without": None}
+
+    outcomes = {}
+    for name, auth in logins.items():
+        overrides = {"registry_auth": {docker_setup.auth_registry: auth}} if auth else {}
+        async with running_builder(tmp_path / name, registry.address, **overrides) as builder:
+            outcomes[name] = await builder.build(version, NOOP)
+
+    found = outcomes["with"].result
+    assert (found.image, found.image_id) == (private, "")
+    assert found.image_digest.startswith("sha256:")
+    for name, why in [
+        ("wrong", "the login configured for it was refused"),
+        ("without", "no login for it is configured (builder setting registry_auth)"),
+    ]:
+        failure = outcomes[name].failure
+        assert failure.reason == BUILD_FAILED
+        refused = f"the registry {docker_setup.auth_registry} refused access to {private}"
+        assert failure.message == f"{refused}: {why}"
+        assert docker_setup.auth_password not in str(outcomes[name].responses)
+
+
+async def test_the_jobs_own_dockerfile_replaces_the_template_and_gets_the_sdk_and_the_ca_bundle(
     image_builder: Builder, docker_setup: DockerSetup, client: takeoff.Client, tmp_path: Path
 ) -> None:
     dockerfile = (
         f"FROM {docker_setup.base_image}\n"
         "COPY . /srv/\n"
         "RUN test -s /srv/takeoff-ca-certificates.crt\n"
-        'ENTRYPOINT ["python3", "/srv/hello.py"]\n'
+        "RUN python3 -m venv /opt/venv\n"
+        "RUN /opt/venv/bin/pip install -q --no-index --no-deps /srv/takeoff_sdk-*.whl\n"
+        'ENTRYPOINT ["/opt/venv/bin/python", "/srv/hello.py"]\n'
     )
-    version = create_job(client, tmp_path, files={"hello.py": "print('custom')\n"}, dockerfile=dockerfile)
+    hello = "import takeoff\nprint('custom', takeoff.__version__)\n"
+    version = create_job(client, tmp_path, files={"hello.py": hello}, dockerfile=dockerfile)
 
     outcome = await image_builder.build(version, IMAGE)
 
-    assert run_image(docker_setup.engine, outcome.result.image) == "custom\n"
+    assert run_image(docker_setup.engine, outcome.result.image) == f"custom {takeoff.__version__}\n"
 
 
 # Bad input: each fails with the right reason, the log tail, and nothing cached.
@@ -252,3 +352,19 @@ async def test_a_docker_engine_that_is_not_running_is_a_retryable_failure(
         assert outcome.failure.reason == BUILD_INFRA
         assert f"the Docker engine at unix://{socket} is not reachable" in outcome.failure.message
     assert again.name != outcomes[0].name
+
+
+@pytest.mark.parametrize(
+    ("reference", "host"),
+    [
+        ("python:3.12-slim", "docker.io"),
+        ("library/python", "docker.io"),
+        ("ghcr.io/team/job:1", "ghcr.io"),
+        ("127.0.0.1:5001/team/job:1", "127.0.0.1:5001"),
+        ("localhost/job@sha256:abc", "localhost"),
+    ],
+)
+def test_the_registry_of_an_image_reference_is_its_first_component_when_that_is_a_host(
+    reference: str, host: str
+) -> None:
+    assert registry_host(reference) == host
