@@ -445,20 +445,20 @@ class ContainerJob:
     async def start(self, launch: Launch) -> None:
         """Image, devices, container, shim; returns once the shim has started the container (or recorded
         why it could not: RunnerRefused or RunnerUnavailable, unless the job's command cannot run, which
-        is the job's exit 127)."""
+        is the job's exit 127). Cancelled before the container exists, it leaves nothing behind; after,
+        the job counts as started and ``stop`` ends it."""
         settings = container_settings(self.assignment.resource_config)
-        if (
-            missing := await self._ensure_image(launch.built.image or self.assignment.job_version.image)
-        ) is not None:
+        image = launch.built.image or self.assignment.job_version.image
+        if (missing := await self._ensure_image(image)) is not None:
             write_atomically(self._exit_file, _exit_record(JobExit(exit_code=None, failure=missing)))
             return
         lease = self.assignment.lease_id
-        devices = await self.runner.gpus.acquire(lease, settings.gpus) if settings.gpus else ()
+        devices = await self.runner.gpus.acquire(lease, settings.gpus, launch.report) if settings.gpus else ()
         try:
             options = create_options(
                 launch, settings.create, devices, agent=self.runner.context.agent_id, name=self.name
             )
-            container_id = await self.runner.call(lambda engine: self._create(engine, options))
+            container_id = await self._create(options)
             write_atomically(
                 self._spec_file,
                 {
@@ -469,16 +469,20 @@ class ContainerJob:
                     "devices": list(devices),
                 },
             )
-            await self._start_shim()
-            ended = await self._started()
         except BaseException:
             self.runner.gpus.release(lease)
             raise
+        await self._start_shim()
+        ended = await self._until_started()
         if ended is not None and ended.failure is not None:
             self.runner.gpus.release(lease)
             if ended.failure.reason is FailureReason.CONFIG_INVALID:
                 raise RunnerRefused(ended.failure.message)
             raise RunnerUnavailable(ended.failure.message)
+
+    async def until_running(self) -> None:
+        if self.started:
+            await self._until_started()
 
     async def _ensure_image(self, image: str) -> RunnerFailure | None:
         """The image on the engine: already there, else pulled; a failure when the image cannot be had
@@ -502,7 +506,19 @@ class ContainerJob:
 
         return await self.runner.call(ensure)
 
-    def _create(self, engine: docker.DockerClient, options: dict[str, Any]) -> str:
+    async def _create(self, options: dict[str, Any]) -> str:
+        """The container's id. The engine call runs to its end even when the start is cancelled meanwhile,
+        and a container it made then is removed: none is left that no lease directory knows."""
+        creating = asyncio.ensure_future(self.runner.call(lambda engine: self._create_on(engine, options)))
+        try:
+            return await asyncio.shield(creating)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                await creating
+                await self.runner.call(lambda engine: _remove(engine.containers.get(self.name)))
+            raise
+
+    def _create_on(self, engine: docker.DockerClient, options: dict[str, Any]) -> str:
         for attempt in range(2):
             try:
                 return str(engine.containers.create(**options).id)
@@ -529,19 +545,14 @@ class ContainerJob:
             start_new_session=True,  # outlives the agent: a restarted agent takes the job back
         )
 
-    async def _started(self) -> JobExit | None:
-        """Once the shim has started the container: None, or how it ended already."""
-        assert self._shim is not None
-        while True:
-            if (ended := self.exit()) is not None:
-                return ended
-            if self._shim_record().get("started"):
-                return None
-            if self._shim.returncode is not None:
-                raise RunnerUnavailable(
-                    f"the job's shim exited with {self._shim.returncode} before it started"
-                )
+    async def _until_started(self) -> JobExit | None:
+        """Once the shim has started the container: None, or how the job ended already. A container left
+        without a shim is given one, or recorded as it ended (``_without_shim``)."""
+        while (ended := self.exit()) is None and not self._shim_record().get("started"):
+            if not self._alive():
+                await self._without_shim()
             await asyncio.sleep(EXIT_POLL_SECONDS)
+        return ended
 
     def _shim_record(self) -> dict[str, Any]:
         try:
@@ -611,15 +622,14 @@ class ContainerJob:
 
     async def stop(self, grace: float) -> None:
         """SIGTERM the container, SIGKILL after ``grace``; its shim records the end and removes it."""
-        lease = self.assignment.lease_id
-        if self.started and self.exit() is None:
+        if self.started and await self._until_started() is None:
             with contextlib.suppress(docker.errors.NotFound):
                 await self.runner.call(lambda engine: engine.api.stop(self.name, timeout=math.ceil(grace)))
             await self._settle()
         if self.exit() is not None:
             with contextlib.suppress(docker.errors.NotFound, RunnerUnavailable):
                 await self.runner.call(lambda engine: _remove(engine.containers.get(self.name)))
-        self.runner.gpus.release(lease)
+        self.runner.gpus.release(self.assignment.lease_id)
 
     async def _settle(self) -> None:
         """Until the shim has recorded the end (or the agent has, for a shim that is gone)."""
@@ -628,7 +638,6 @@ class ContainerJob:
         while self.exit() is None and loop.time() < deadline:
             if not self._alive():
                 await self._without_shim()
-                return
             await asyncio.sleep(EXIT_POLL_SECONDS)
 
     async def renew_lease(self, until: float) -> None:
