@@ -18,7 +18,7 @@ from pathlib import Path
 
 import grpc
 
-from takeoff.v1 import common_pb2, queue_pb2, queue_pb2_grpc, runs_pb2, runs_pb2_grpc
+from takeoff.v1 import agent_pb2, common_pb2, queue_pb2, queue_pb2_grpc, runs_pb2, runs_pb2_grpc
 from takeoff_rpc.channels import open_channel
 from tests.agent.conftest import AgentProcess
 from tests.processes import wait_for
@@ -124,17 +124,17 @@ class Agent:
                 stderr=subprocess.STDOUT,
                 text=True,
             )
-        self.process = AgentProcess(process, self.state_dir, ready_file)
+        self.process = AgentProcess(process, self.state_dir, ready_file, self.log)
 
-    def running_items(self) -> list[str]:
-        """Items this agent, connected, says it runs now (none while it cannot be asked)."""
+    def running(self) -> list[agent_pb2.ActiveWork]:
+        """What this agent, connected, says it runs now (nothing while it cannot be asked)."""
         if self.process is None or self.process.process.poll() is not None:
             return []
         try:
             status = self.process.status()
         except grpc.RpcError:
             return []
-        return [work.item for work in status.work if status.connected and work.state == RUNNING]
+        return [work for work in status.work if status.connected and work.state == RUNNING]
 
     def kill(self) -> None:
         if self.process is not None and self.process.process.poll() is None:
