@@ -33,9 +33,11 @@ RETRIES = RetryPolicy(initial_delay=0.2, max_delay=5.0, deadline=30.0)
 carries the run's name as its request_id, AppendLogs its first line's index (the registry skips lines it
 has), FinishRun keeps the first final state, GetRun is a read."""
 
-BUILD_RETRIES = RetryPolicy(initial_delay=0.2, max_delay=2.0, deadline=RETRIES.deadline)
+BUILD_PATIENCE_SECONDS = 30.0
+"""How long a build waits for a builder that stopped answering, when the caller gives no start deadline."""
+BUILD_RETRIES = RetryPolicy(initial_delay=0.2, max_delay=2.0, deadline=BUILD_PATIENCE_SECONDS)
 """How a build waits for its builder: shorter waits than :data:`RETRIES`, because the build is what the
-attempt is waiting for; the deadline is the attempt's start deadline when the caller gives it."""
+attempt is waiting for; until the attempt's start deadline when the caller gives it."""
 
 MAX_REBUILDS = 3
 """Builds that ended BUILD_INFRA (the builder stopped or was killed under them, an index was unreachable)
@@ -195,7 +197,7 @@ class Builder:
         A stream that fails with a transient code is opened again with the same request_id (the run's
         name), and only events not delivered before are passed on. A build that ends BUILD_INFRA is started
         again under a new request id, up to :data:`MAX_REBUILDS` times. Retries go on until ``retry_until``
-        (UNIX seconds; the attempt's start deadline), else :data:`BUILD_RETRIES`' deadline from the last
+        (UNIX seconds; the attempt's start deadline), else :data:`BUILD_PATIENCE_SECONDS` after the last
         event; then the stream ends with a BUILD_INFRA failure, as if the builder had sent it.
         """
         request_id, rebuilds, failed = run, 0, 0
@@ -258,8 +260,7 @@ class Builder:
     def _time_left(retry_until: float | None, quiet_since: float) -> float:
         if retry_until is not None:
             return retry_until - time.time()
-        assert BUILD_RETRIES.deadline is not None
-        return quiet_since + BUILD_RETRIES.deadline - time.monotonic()
+        return quiet_since + BUILD_PATIENCE_SECONDS - time.monotonic()
 
     def _retry_delay(
         self, error: grpc.aio.AioRpcError, failed: int, retry_until: float | None, quiet_since: float
