@@ -67,6 +67,46 @@ def test_infrastructure_failure_retries_keeping_its_place_after_the_delay_and_ba
     assert item.history[-1].reason is FailureReason.AGENT_LOST
 
 
+def test_infrastructure_back_off_doubles_per_failed_attempt_up_to_a_minute() -> None:
+    waits = [lifecycle.infrastructure_backoff(failed) for failed in range(1, 10)]
+
+    assert [wait.total_seconds() for wait in waits] == [1, 2, 4, 8, 16, 32, 60, 60, 60]
+
+
+def test_only_faults_outside_the_job_back_off() -> None:
+    policy = RetryPolicy(retry_job_failures=True, retry_delay=timedelta(seconds=5))
+    item = lifecycle.assign(
+        lifecycle.end_attempt(leased(max_attempts=5), FailureReason.JOB_FAILED, T0, policy), "agents/a", T0
+    )  # attempt 2: one failed already
+    later = T0 + timedelta(minutes=1)
+
+    def wait_after(reason: FailureReason) -> timedelta:
+        return lifecycle.end_attempt(item, reason, later, policy).eligible_time - later
+
+    for reason in (FailureReason.JOB_FAILED, FailureReason.NO_RUN, FailureReason.RELEASED):
+        assert wait_after(reason) == timedelta(seconds=5), reason
+    for reason in (
+        FailureReason.AGENT_LOST,
+        FailureReason.BUILD_INFRA,
+        FailureReason.RUNNER_INFRA,
+        FailureReason.START_TIMEOUT,
+        FailureReason.PREEMPTED,
+    ):
+        assert wait_after(reason) == timedelta(seconds=5 + 2), reason  # the second failed attempt
+
+
+def test_an_attempt_whose_run_the_job_finished_while_away_succeeds() -> None:
+    running = lifecycle.progress(leased(), 1, ItemState.RUNNING, T0)
+
+    ended = lifecycle.finished_while_away(running, T0, exit_code=None)
+
+    assert (ended.state, ended.reason, ended.attempt) == (ItemState.SUCCEEDED, None, 1)
+    assert ended.message == "completed while its agent was unreachable"
+    assert ended.history[-1].from_state is ItemState.RUNNING
+    with pytest.raises(FailedPrecondition):
+        lifecycle.finished_while_away(ended, T0)
+
+
 def test_job_failure_is_final_unless_the_queue_retries_them() -> None:
     failed = lifecycle.complete(
         leased(),
@@ -213,6 +253,12 @@ class ItemLifeCycle(RuleBasedStateMachine):
         self._expect(expected, lambda item: lifecycle.end_attempt(item, reason, now, self.policy))
 
     @rule()
+    def run_finished_while_away(self) -> None:
+        expected = ItemState.SUCCEEDED if self.item.state.is_live else None
+        now = self._now()
+        self._expect(expected, lambda item: lifecycle.finished_while_away(item, now))
+
+    @rule()
     def release(self) -> None:
         allowed = self.item.state.is_live and self.item.state is not ItemState.RUNNING
         expected = after_failure(self.item, FailureReason.RELEASED, self.policy) if allowed else None
@@ -254,6 +300,15 @@ class ItemLifeCycle(RuleBasedStateMachine):
             assert later.from_state is earlier.to_state
             assert later.time >= earlier.time
         assert history[-1].to_state is self.item.state
+
+    @invariant()
+    def a_retried_item_waits_its_back_off(self) -> None:
+        last = self.item.history[-1]
+        if self.item.state is ItemState.PENDING and last.reason is not None:
+            wait = (
+                lifecycle.infrastructure_backoff(self.item.attempt) if last.reason.backs_off else timedelta(0)
+            )
+            assert self.item.eligible_time == last.time + wait
 
     @invariant()
     def place_in_the_queue_is_kept(self) -> None:

@@ -181,6 +181,11 @@ def test_queue_declarations_are_checked() -> None:
         (ResourceKind.LOCAL_CONTAINER, {"cpus": {"many": True}}, "resource_config.cpus"),
         (ResourceKind.LOCAL_CONTAINER, {"ulimits": {"nofile": 1}}, "resource_config.ulimits"),
         (ResourceKind.LOCAL_CONTAINER, {"env": ["A=1"]}, "resource_config.env"),
+        (ResourceKind.LOCAL_CONTAINER, {"volumes": ["/srv:/data"]}, "resource_config.volumes[0]"),
+        (ResourceKind.LOCAL_CONTAINER, {"volumes": ["data:/d", "../up:/up"]}, "resource_config.volumes[1]"),
+        (ResourceKind.LOCAL_CONTAINER, {"volumes": {"~/x": {"bind": "/x"}}}, "resource_config.volumes.~/x"),
+        (ResourceKind.LOCAL_CONTAINER, {"volumes": ["data"]}, "resource_config.volumes[0]"),
+        (ResourceKind.LOCAL_CONTAINER, {"volumes": {"data": "/data"}}, "resource_config.volumes.data"),
         (ResourceKind.LOCAL_PROCESS, {"env": {"A": {"nested": 1}}}, "resource_config.env.A"),
         (ResourceKind.LOCAL_PROCESS, {"env": {"A": "nul\x00byte"}}, "resource_config.env.A"),
     ],
@@ -202,6 +207,21 @@ def test_a_placeholder_stands_for_any_shape_until_enqueue_fills_it() -> None:
         ResourceKind.KUBERNETES, default, {}, declared, {"spec": "flat"}, max_json_bytes=LIMIT
     )
     assert [p.field for p in problems] == ["resource_config.spec"]
+
+
+def test_a_volume_source_from_a_variable_is_checked_once_filled() -> None:
+    default = {"volumes": ["{{source}}:/data"]}
+    assert (
+        check_for_resource(ResourceKind.LOCAL_CONTAINER, default, "queue.resource_config", unfilled=True)
+        == []
+    )
+
+    declared = {"source": {"type": "string"}}
+    for source, refused in (("cache", False), ("/etc", True)):
+        _, _, problems = effective_config(
+            ResourceKind.LOCAL_CONTAINER, default, {}, declared, {"source": source}, max_json_bytes=LIMIT
+        )
+        assert [p.field for p in problems] == (["resource_config.volumes[0]"] if refused else [])
 
 
 def test_a_value_used_many_times_cannot_blow_the_config_up() -> None:

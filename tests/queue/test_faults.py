@@ -1,0 +1,417 @@
+"""Faults cost time, not work (docs/design.md §16): infrastructure failures back off; every attempt the queue
+ends without its agent has its run closed through the outbox, also across a registry outage and a queue
+restart; a run the job finished while its agent was away ends its item SUCCEEDED, never run again; and
+local-container volumes are named volumes only."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+import pytest
+from google.protobuf import duration_pb2, field_mask_pb2
+
+from takeoff.v1 import common_pb2, queue_pb2, runs_pb2, runs_pb2_grpc
+from takeoff_queue.resource_config import CONTAINER_OPTIONS
+from takeoff_queue.settings import QueueSettings
+from tests.processes import ServiceProcess, service_process
+from tests.queue.harness import (
+    InProcessQueue,
+    ScriptedAgent,
+    error_details,
+    in_process_queue,
+    make_code_job,
+    struct,
+    watch_until,
+)
+
+PENDING = common_pb2.ITEM_STATE_PENDING
+LEASED = common_pb2.ITEM_STATE_LEASED
+RUNNING = common_pb2.ITEM_STATE_RUNNING
+SUCCEEDED = common_pb2.ITEM_STATE_SUCCEEDED
+FAILED = common_pb2.ITEM_STATE_FAILED
+LOCAL_CONTAINER = common_pb2.RESOURCE_KIND_LOCAL_CONTAINER
+KILLED = common_pb2.RUN_STATE_KILLED
+FINISHED = common_pb2.RUN_STATE_FINISHED
+TTL_SECONDS = 1.0
+T = TypeVar("T")
+
+
+@pytest.fixture
+def registry_home(tmp_path: Path) -> Path:
+    home = tmp_path / "registry"
+    home.mkdir()
+    return home
+
+
+@pytest.fixture
+def own_registry(registry_home: Path, tmp_path: Path) -> Iterator[ServiceProcess]:
+    """A registry of this test's own, to stop and start again at the same address."""
+    with service_process("registry", registry_home) as process:
+        make_code_job(process.address, "qtest", "train", tmp_path)
+        yield process
+        process.terminate()
+
+
+@pytest.fixture
+def fast_settings(tmp_path: Path, queue_env: dict[str, str], own_registry: ServiceProcess) -> QueueSettings:
+    """The queue in this process, with leases that expire within a second of their agent going."""
+    return QueueSettings(
+        home=tmp_path,
+        listen=["127.0.0.1:0"],
+        registry_address=own_registry.address,
+        database_url=queue_env.get("TAKEOFF_DATABASE_URL"),
+        lease_ttl_seconds=TTL_SECONDS,
+        heartbeat_interval_seconds=0.2,
+    )
+
+
+@pytest.fixture
+async def fast(fast_settings: QueueSettings) -> AsyncIterator[InProcessQueue]:
+    async with in_process_queue(fast_settings) as service:
+        yield service
+
+
+@asynccontextmanager
+async def run_service(registry: str) -> AsyncIterator[runs_pb2_grpc.RunServiceAsyncStub]:
+    async with grpc.aio.insecure_channel(registry) as channel:
+        yield runs_pb2_grpc.RunServiceStub(channel)
+
+
+async def start_run(registry: str, run: str, *, attach: bool = True) -> None:
+    """What the agent (CreateRun) and the job's SDK (AttachRun) do for an attempt."""
+    project, run_id = run.split("/runs/")
+    async with run_service(registry) as runs:
+        await runs.CreateRun(runs_pb2.CreateRunRequest(parent=project, run_id=run_id))
+        if attach:
+            await runs.AttachRun(runs_pb2.AttachRunRequest(name=run))
+
+
+async def run_when_ended(registry: str, run: str) -> runs_pb2.Run:
+    """The run once it has ended: a followed log stream ends only then."""
+    async with run_service(registry) as runs:
+        async for _ in runs.ReadLogs(runs_pb2.ReadLogsRequest(name=run, follow=True)):
+            pass
+        return (await runs.GetRun(runs_pb2.GetRunRequest(name=run))).run
+
+
+async def run_of(registry: str, run: str) -> runs_pb2.Run:
+    async with run_service(registry) as runs:
+        return (await runs.GetRun(runs_pb2.GetRunRequest(name=run))).run
+
+
+async def new_queue(service: InProcessQueue, **settings: Any) -> str:
+    settings.setdefault("resource", common_pb2.RESOURCE_KIND_LOCAL_PROCESS)
+    response = await service.queues.CreateQueue(
+        queue_pb2.CreateQueueRequest(
+            parent="projects/qtest", queue_id=f"q-{uuid.uuid4().hex[:10]}", queue=queue_pb2.Queue(**settings)
+        )
+    )
+    return response.queue.name
+
+
+def waited(item: queue_pb2.Item) -> timedelta:
+    """How long a retried item waits: from the transition back to PENDING to its eligible time."""
+    back_to_pending = item.transitions[-1]
+    assert back_to_pending.to_state == PENDING, item.transitions
+    return item.eligible_time.ToDatetime() - back_to_pending.time.ToDatetime()
+
+
+async def outbox(service: InProcessQueue, run: str) -> list[Any]:
+    return [close for close in await service.parts.store.run_closes() if close.run == run]
+
+
+async def leases_held(service: InProcessQueue, agent: ScriptedAgent) -> int:
+    """The leases the agent holds, once every dispatch pass due has run."""
+    await agent.settle()
+    request = queue_pb2.GetAgentRequest(name=f"agents/{agent.agent_id}")
+    return len((await service.queues.GetAgent(request)).agent.leases)
+
+
+# ----- retry back-off ----------------------------------------------------------------------------------
+
+
+async def test_infrastructure_failures_back_off_one_then_two_seconds_and_wait_for_it(
+    fast: InProcessQueue,
+) -> None:
+    queue = await new_queue(fast, max_attempts=3, retry_delay=duration_pb2.Duration(nanos=250_000_000))
+    name = await fast.enqueue(queue, "train")
+    agent = await ScriptedAgent(fast.address).connect([queue])
+    try:
+        async with agent.heartbeating():
+            first = (await agent.next("assignment")).assignment
+            answer = await agent.complete(first, FAILED, common_pb2.FAILURE_REASON_BUILD_INFRA)
+            assert answer.ack.state == PENDING
+            retried = await fast.stored(name)
+            assert waited(retried) == timedelta(seconds=0.25 + 1)  # retry_delay + 1 s after one failure
+
+            second = (await agent.next("assignment")).assignment
+            assert second.attempt == 2
+            assert second.assign_time.ToDatetime() >= retried.eligible_time.ToDatetime()  # not before
+            await agent.complete(second, FAILED, common_pb2.FAILURE_REASON_RUNNER_INFRA)
+            assert waited(await fast.stored(name)) == timedelta(seconds=0.25 + 2)  # doubled
+    finally:
+        await agent.close()
+
+
+async def test_job_failures_and_releases_wait_only_the_retry_delay(fast: InProcessQueue) -> None:
+    queue = await new_queue(
+        fast, max_attempts=5, retry_job_failures=True, retry_delay=duration_pb2.Duration(nanos=100_000_000)
+    )
+    name = await fast.enqueue(queue, "train")
+    agent = await ScriptedAgent(fast.address).connect([queue])
+    try:
+        async with agent.heartbeating():
+            assignment = (await agent.next("assignment")).assignment
+            await agent.complete(assignment, FAILED, common_pb2.FAILURE_REASON_JOB_FAILED, exit_code=1)
+            assert waited(await fast.stored(name)) == timedelta(seconds=0.1)
+
+            assignment = (await agent.next("assignment")).assignment
+            await agent.send(
+                release=queue_pb2.LeaseRequest.Release(lease_id=assignment.lease_id, epoch=assignment.epoch)
+            )
+            assert (await agent.answer()).ack.state == PENDING
+            released = await fast.stored(name)
+            assert released.reason == common_pb2.FAILURE_REASON_RELEASED
+            assert waited(released) == timedelta(seconds=0.1)  # a hand-back is no fault: no back-off
+    finally:
+        await agent.close()
+
+
+# ----- runs closed by the queue ------------------------------------------------------------------------
+
+
+async def test_a_lease_expiring_with_its_agent_gone_kills_its_run_and_retries_the_item(
+    fast: InProcessQueue, own_registry: ServiceProcess
+) -> None:
+    queue = await new_queue(fast)
+    name = await fast.enqueue(queue, "train")
+    agent = await ScriptedAgent(fast.address).connect([queue])
+    async with agent.heartbeating():
+        assignment = (await agent.next("assignment")).assignment
+        await start_run(own_registry.address, assignment.run)
+        await agent.progress(assignment, RUNNING)
+    await agent.vanish()
+
+    retried = await watch_until(fast.queues, name, lambda seen: seen.state != RUNNING)
+
+    assert (retried.state, retried.reason) == (PENDING, common_pb2.FAILURE_REASON_AGENT_LOST)
+    run = await run_of(own_registry.address, assignment.run)
+    assert run.state == KILLED
+    assert "AGENT_LOST" in run.message
+    assert await outbox(fast, assignment.run) == []
+
+
+async def test_a_run_the_job_finished_while_its_agent_was_away_ends_the_item_succeeded(
+    fast: InProcessQueue, own_registry: ServiceProcess
+) -> None:
+    queue = await new_queue(fast)
+    name = await fast.enqueue(queue, "train")
+    agent = await ScriptedAgent(fast.address).connect([queue])
+    async with agent.heartbeating():
+        assignment = (await agent.next("assignment")).assignment
+        await start_run(own_registry.address, assignment.run)
+        await agent.progress(assignment, RUNNING)
+        async with run_service(own_registry.address) as runs:  # the job's SDK finishes its run...
+            await runs.FinishRun(runs_pb2.FinishRunRequest(name=assignment.run, state=FINISHED))
+    await agent.vanish()  # ...and its agent dies before it could report
+    standby = await ScriptedAgent(fast.address).connect([queue])
+    try:
+        ended = await watch_until(fast.queues, name, lambda seen: seen.state != RUNNING)
+
+        assert (ended.state, ended.attempt) == (SUCCEEDED, 1)
+        assert ended.message == "completed while its agent was unreachable"
+        assert (await run_of(own_registry.address, assignment.run)).state == FINISHED
+        assert await leases_held(fast, standby) == 0, "the item was given out again"
+    finally:
+        await standby.close()
+
+
+@pytest.mark.parametrize("job_finished", [False, True], ids=["running", "finished"])
+async def test_a_registry_outage_and_a_queue_restart_delay_the_close_and_never_lose_it(
+    fast_settings: QueueSettings,
+    own_registry: ServiceProcess,
+    registry_home: Path,
+    job_finished: bool,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async with in_process_queue(fast_settings) as service:
+        close_failed = asyncio.Event()
+        retry_later = service.parts.store.retry_run_close
+
+        async def retried(*args: Any) -> None:
+            await retry_later(*args)
+            close_failed.set()
+
+        monkeypatch.setattr(service.parts.store, "retry_run_close", retried)
+        queue = await new_queue(service)
+        name = await service.enqueue(queue, "train")
+        agent = await ScriptedAgent(service.address).connect([queue])
+        async with agent.heartbeating():
+            assignment = (await agent.next("assignment")).assignment
+            await start_run(own_registry.address, assignment.run)
+            await agent.progress(assignment, RUNNING)
+            if job_finished:
+                async with run_service(own_registry.address) as runs:
+                    await runs.FinishRun(runs_pb2.FinishRunRequest(name=assignment.run, state=FINISHED))
+            own_registry.terminate()
+        await agent.vanish()
+
+        await asyncio.wait_for(close_failed.wait(), 30)
+        [row] = await outbox(service, assignment.run)
+        assert (row.item_id, row.epoch, row.tries) == (name.rsplit("/", 1)[1], 1, 1)
+        standby = await ScriptedAgent(service.address).connect([queue])
+        try:
+            # Not dispatched before the registry says whether the job finished: that could run it twice.
+            assert await leases_held(service, standby) == 0
+            assert (await service.stored(name)).state == RUNNING
+        finally:
+            await standby.close()
+
+    # The queue restarts while the registry is still away; the registry comes back at the same address.
+    with service_process("registry", registry_home, listen=[own_registry.address]):
+        async with in_process_queue(fast_settings) as service:
+            ended = await watch_until(
+                service.queues, name, lambda seen: seen.state not in (RUNNING, LEASED), within=30
+            )
+            run = await run_of(own_registry.address, assignment.run)
+            assert await outbox(service, assignment.run) == []
+    if job_finished:
+        assert (ended.state, run.state) == (SUCCEEDED, FINISHED)
+    else:
+        assert (ended.state, ended.reason, run.state) == (
+            PENDING,
+            common_pb2.FAILURE_REASON_AGENT_LOST,
+            KILLED,
+        )
+
+
+async def test_a_start_timeout_kills_the_run_of_the_attempt_it_ends(
+    fast: InProcessQueue, own_registry: ServiceProcess
+) -> None:
+    queue = await new_queue(fast, start_timeout=duration_pb2.Duration(seconds=1), max_attempts=1)
+    name = await fast.enqueue(queue, "train")
+    agent = await ScriptedAgent(fast.address).connect([queue])
+    try:
+        async with agent.heartbeating():  # a live agent whose job never starts
+            assignment = (await agent.next("assignment")).assignment
+            await start_run(own_registry.address, assignment.run, attach=False)
+            revoke = (await agent.next("revoke", within=5)).revoke
+            assert revoke.reason == queue_pb2.REVOKE_REASON_START_TIMEOUT
+            ended = await watch_until(fast.queues, name, lambda seen: seen.state != LEASED)
+        assert (ended.state, ended.reason) == (FAILED, common_pb2.FAILURE_REASON_START_TIMEOUT)
+        run = await run_of(own_registry.address, assignment.run)
+        assert (run.state, "START_TIMEOUT" in run.message) == (KILLED, True)
+    finally:
+        await agent.close()
+
+
+async def test_a_lease_revoked_when_its_agent_returns_past_the_ttl_kills_the_run(
+    fast: InProcessQueue, own_registry: ServiceProcess
+) -> None:
+    queue = await new_queue(fast)
+    name = await fast.enqueue(queue, "train")
+    agent = await ScriptedAgent(fast.address).connect([queue])
+    async with agent.heartbeating():
+        assignment = (await agent.next("assignment")).assignment
+        await start_run(own_registry.address, assignment.run)
+        await agent.progress(assignment, RUNNING)
+    await agent.vanish()
+    await watch_until(fast.queues, name, lambda seen: seen.state != RUNNING)
+
+    back = await ScriptedAgent(fast.address, agent_id=agent.agent_id).connect(
+        [queue], held={assignment.lease_id: assignment.epoch}
+    )
+    try:
+        assert back.welcome is not None
+        [verdict] = back.welcome.lease_verdicts
+        assert (verdict.kept, verdict.reason) == (False, queue_pb2.REVOKE_REASON_LEASE_LOST)
+        assert (await run_of(own_registry.address, assignment.run)).state == KILLED
+    finally:
+        await back.close()
+
+
+async def test_a_queue_deleted_with_live_items_kills_their_runs(
+    fast: InProcessQueue, own_registry: ServiceProcess
+) -> None:
+    queue = await new_queue(fast)
+    await fast.enqueue(queue, "train")
+    agent = await ScriptedAgent(fast.address).connect([queue])
+    try:
+        async with agent.heartbeating():
+            assignment = (await agent.next("assignment")).assignment
+            await start_run(own_registry.address, assignment.run)
+            await fast.queues.DeleteQueue(queue_pb2.DeleteQueueRequest(name=queue, force=True))
+            assert (await agent.next("revoke")).revoke.reason == queue_pb2.REVOKE_REASON_QUEUE_DELETED
+
+        run = await asyncio.wait_for(run_when_ended(own_registry.address, assignment.run), 30)
+        assert run.state == KILLED
+        assert "its queue was deleted" in run.message
+    finally:
+        await agent.close()
+
+
+# ----- host-path volumes (issue 10's queue side) -------------------------------------------------------
+
+
+EVERY_CONTAINER_OPTION: dict[str, Any] = {
+    "gpus": 1,
+    "cpus": 2,
+    "mem_limit": "2g",
+    "memswap_limit": "4g",
+    "shm_size": "1g",
+    "env": {"A": "1"},
+    "volumes": {"cache": {"bind": "/cache", "mode": "rw"}},
+    "user": "1000",
+    "ipc_mode": "host",
+    "ulimits": [{"name": "nofile", "soft": 1024, "hard": 2048}],
+}
+
+
+async def test_every_container_option_is_accepted_and_host_path_volumes_are_refused_by_name(
+    fast: InProcessQueue,
+) -> None:
+    assert set(EVERY_CONTAINER_OPTION) == CONTAINER_OPTIONS
+    queue = await new_queue(fast, resource=LOCAL_CONTAINER, resource_config=struct(EVERY_CONTAINER_OPTION))
+    updated = await fast.queues.UpdateQueue(
+        queue_pb2.UpdateQueueRequest(
+            queue=queue_pb2.Queue(
+                name=queue, resource_config=struct({**EVERY_CONTAINER_OPTION, "volumes": ["data:/data:ro"]})
+            ),
+            update_mask=field_mask_pb2.FieldMask(paths=["resource_config"]),
+        )
+    )
+    assert updated.queue.resource_config["volumes"] == ["data:/data:ro"]
+    await fast.enqueue(queue, "train")  # the stored config is usable
+
+    host_paths: list[tuple[dict[str, Any], str]] = [
+        ({"volumes": ["/srv:/data"]}, "volumes[0]"),
+        ({"volumes": ["data:/data", "./work:/work"]}, "volumes[1]"),
+        ({"volumes": {"~/x": {"bind": "/x"}}}, "volumes.~/x"),
+    ]
+    for config, field in host_paths:
+        with pytest.raises(grpc.aio.AioRpcError) as created:
+            await new_queue(fast, resource=LOCAL_CONTAINER, resource_config=struct(config))
+        assert error_details(created.value) == ("RESOURCE_CONFIG_INVALID", [f"queue.resource_config.{field}"])
+
+        with pytest.raises(grpc.aio.AioRpcError) as changed:
+            await fast.queues.UpdateQueue(
+                queue_pb2.UpdateQueueRequest(
+                    queue=queue_pb2.Queue(name=queue, resource_config=struct(config)),
+                    update_mask=field_mask_pb2.FieldMask(paths=["resource_config"]),
+                )
+            )
+        assert error_details(changed.value) == ("RESOURCE_CONFIG_INVALID", [f"queue.resource_config.{field}"])
+
+        with pytest.raises(grpc.aio.AioRpcError) as overridden:
+            await fast.queues.Enqueue(
+                queue_pb2.EnqueueRequest(queue=queue, job="train", resource_config=struct(config))
+            )
+        assert overridden.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert error_details(overridden.value) == ("RESOURCE_CONFIG_INVALID", [f"resource_config.{field}"])
