@@ -436,6 +436,8 @@ class Builder:
         reference = _image_reference(spec)
         run.log(f"looking for the image {reference}")
         found = await self._images.find(reference, ask_registry=False)
+        if not found.image_id:
+            found = await self._images.find(reference, ask_registry=True)
         if not found.image_id and not found.digest:
             raise BuildFailed(f"the image {reference} does not exist locally or in its registry")
         run.log(f"found {reference} " + ("in the local engine" if found.image_id else "in its registry"))

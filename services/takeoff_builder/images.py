@@ -169,7 +169,8 @@ class Images:
         return f"{self._image_prefix}/{spec.job_id}:{build_key[:16]}"
 
     async def find(self, reference: str, *, ask_registry: bool) -> FoundImage:
-        """The image's local id and, with ``ask_registry`` or when it is not local, its registry digest."""
+        """The image's local id (empty when the engine lacks it) and, with ``ask_registry``, its digest in
+        its registry (empty when the registry lacks it)."""
         return await asyncio.to_thread(self._find, reference, ask_registry)
 
     async def build(
@@ -213,7 +214,7 @@ class Images:
                 image_id = str(engine.inspect_image(reference)["Id"])
             except docker.errors.NotFound:
                 image_id = ""
-            if image_id and not ask_registry:
+            if not ask_registry:
                 return FoundImage(image_id)
             try:
                 descriptor = engine.inspect_distribution(reference, auth_config=self._auth_config(reference))

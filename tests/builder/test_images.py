@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import docker
 import pytest
@@ -41,9 +43,9 @@ run.log({"loss": 0.5})
 """
 
 
-@pytest.fixture
-async def image_builder(
-    registry: ServiceProcess, docker_setup: DockerSetup, tmp_path: Path
+@asynccontextmanager
+async def own_image_builder(
+    registry: ServiceProcess, docker_setup: DockerSetup, tmp_path: Path, **overrides: Any
 ) -> AsyncIterator[Builder]:
     """A builder with its own image repository, so no test reuses another's images; removed after."""
     repository = f"takeoff-test/{uuid.uuid4().hex[:10]}"
@@ -52,14 +54,34 @@ async def image_builder(
         registry.address,
         default_base_image=docker_setup.base_image,
         image_repository=repository,
-        push_registry=docker_setup.registry,
+        **overrides,
     ) as builder:
         yield builder
-    prefix = f"{docker_setup.registry}/{repository}/"
+    prefix = f"{builder.settings.image_prefix}/"
     for image in docker_setup.engine.images.list():
         for tag in image.tags:
             if tag.startswith(prefix):
                 docker_setup.engine.images.remove(tag, force=True)
+
+
+@pytest.fixture
+async def image_builder(
+    registry: ServiceProcess, docker_setup: DockerSetup, tmp_path: Path
+) -> AsyncIterator[Builder]:
+    """Without a push registry, as a local-container agent's builder: images stay in the engine, and a
+    cache miss asks no registry (there is none to ask)."""
+    async with own_image_builder(registry, docker_setup, tmp_path) as builder:
+        yield builder
+
+
+@pytest.fixture
+async def pushing_image_builder(
+    registry: ServiceProcess, docker_setup: DockerSetup, tmp_path: Path
+) -> AsyncIterator[Builder]:
+    async with own_image_builder(
+        registry, docker_setup, tmp_path, push_registry=docker_setup.registry
+    ) as builder:
+        yield builder
 
 
 def run_image(engine: docker.DockerClient, image: str, *command: str) -> str:
@@ -181,12 +203,12 @@ async def test_a_code_change_reuses_the_dependency_layers_and_a_requirements_cha
 
 
 async def test_push_to_and_pull_from_the_registry(
-    image_builder: Builder, docker_setup: DockerSetup, client: takeoff.Client, tmp_path: Path
+    pushing_image_builder: Builder, docker_setup: DockerSetup, client: takeoff.Client, tmp_path: Path
 ) -> None:
     version = create_job(client, tmp_path, files={"train.py": "print('pushed')\n"})
 
-    pushed = await image_builder.build(version, IMAGE, push=True)
-    again = await image_builder.build(version, IMAGE, push=True)
+    pushed = await pushing_image_builder.build(version, IMAGE, push=True)
+    again = await pushing_image_builder.build(version, IMAGE, push=True)
 
     assert pushed.result.pushed
     assert pushed.result.image.startswith(f"{docker_setup.registry}/")
@@ -196,7 +218,7 @@ async def test_push_to_and_pull_from_the_registry(
     assert again.result.image_digest == pushed.result.image_digest
 
     docker_setup.engine.images.remove(pushed.result.image, force=True)
-    found = await image_builder.build(
+    found = await pushing_image_builder.build(
         create_job(client, tmp_path, job="prebuilt", source=ImageSource(pushed.result.image)), NOOP
     )
     assert (found.result.image_id, found.result.image_digest) == ("", pushed.result.image_digest)
