@@ -276,9 +276,9 @@ async def test_the_jobs_own_dockerfile_replaces_the_template_and_gets_the_sdk_an
         f"FROM {docker_setup.base_image}\n"
         "COPY . /srv/\n"
         "RUN test -s /srv/takeoff-ca-certificates.crt\n"
-        "RUN python3 -m venv /opt/venv\n"
-        "RUN /opt/venv/bin/pip install -q --no-index --no-deps /srv/takeoff_sdk-*.whl\n"
-        'ENTRYPOINT ["/opt/venv/bin/python", "/srv/hello.py"]\n'
+        "RUN python3 -m pip install -q --no-index --no-deps --target /opt/sdk /srv/takeoff_sdk-*.whl\n"
+        "ENV PYTHONPATH=/opt/sdk\n"
+        'ENTRYPOINT ["python3", "/srv/hello.py"]\n'
     )
     hello = "import takeoff\nprint('custom', takeoff.__version__)\n"
     version = create_job(client, tmp_path, files={"hello.py": hello}, dockerfile=dockerfile)
