@@ -271,15 +271,21 @@ def engine_failure(error: Exception, doing: str) -> dict[str, Any]:
     }
 
 
-def engine_client(docker_host: str | None, *, timeout: float | None, version: str = "auto") -> Any:
-    """A low-level client of the engine at ``docker_host``, else the one ``DOCKER_HOST`` (or the local
-    socket) names."""
+def engine_options(docker_host: str | None) -> dict[str, Any]:
+    """How to reach the engine at ``docker_host``, else the one ``DOCKER_HOST`` (or the local socket)
+    names: keyword arguments of the docker SDK's clients."""
     import docker
 
     options: dict[str, Any] = docker.utils.kwargs_from_env()
     if docker_host:
         options["base_url"] = docker_host
-    return docker.APIClient(version=version, timeout=timeout, **options)
+    return options
+
+
+def engine_client(docker_host: str | None, *, timeout: float | None, version: str = "auto") -> Any:
+    import docker
+
+    return docker.APIClient(version=version, timeout=timeout, **engine_options(docker_host))
 
 
 def main(lease_dir: Path) -> int:

@@ -14,6 +14,7 @@ import signal
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -244,6 +245,26 @@ async def test_an_exit_code_and_the_output_are_reported(harness: Harness) -> Non
 
     assert (ended.exit_code, ended.signal, ended.oom_killed, ended.failure) == (1, None, False, None)
     assert [source.read_lines(final=True) for _, source in job.log_sources()] == [["out"], ["err"]]
+    assert harness.gone(job)
+
+
+async def test_a_command_the_container_cannot_execute_is_the_jobs_exit_127(harness: Harness) -> None:
+    assignment = replace(harness.assignment(), entrypoint=("no-such-command",))
+    job = harness.job(assignment)
+    await job.start(harness.launch(assignment))
+    ended = await job.wait()
+
+    assert (ended.exit_code, ended.failure) == (127, None)
+    assert "no-such-command" in harness.output(job, "stderr")
+    assert harness.gone(job)
+
+
+async def test_a_user_the_image_does_not_have_is_refused(harness: Harness) -> None:
+    assignment = harness.assignment(user="no-such-user")
+    job = harness.job(assignment)
+    with pytest.raises(RunnerRefused, match="no-such-user"):
+        await job.start(harness.launch(assignment))
+    await job.stop(5)
     assert harness.gone(job)
 
 

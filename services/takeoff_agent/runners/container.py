@@ -39,7 +39,7 @@ from takeoff_agent.domain import (
 from takeoff_agent.log_tail import LogTail
 from takeoff_agent.runners.base import Launch, LogSource, RunnerContext, RunnerRefused, RunnerUnavailable
 from takeoff_agent.runners.gpus import GpuPool, GpuRequest, parse_request
-from takeoff_agent.shim import ENGINE_CALL_SECONDS, shim_alive, signal_of, write_atomically
+from takeoff_agent.shim import ENGINE_CALL_SECONDS, engine_options, shim_alive, signal_of, write_atomically
 
 T = TypeVar("T")
 
@@ -361,7 +361,7 @@ class ContainerRunner:
             lease = container.labels.get(f"{LABEL}.lease", "")
             if lease not in held:
                 self.gpus.release(lease)
-                await asyncio.to_thread(_remove, container)
+                await self.remove(container.id)
 
     async def close(self) -> None:
         if self._client is not None:
@@ -378,7 +378,7 @@ class ContainerRunner:
         try:
             if self._client is None:
                 self._client = docker.DockerClient(
-                    version="auto", timeout=ENGINE_CALL_SECONDS, **_client_options(self.options.docker_host)
+                    version="auto", timeout=ENGINE_CALL_SECONDS, **engine_options(self.options.docker_host)
                 )
             return action(self._client)
         except docker.errors.APIError as error:
@@ -388,21 +388,18 @@ class ContainerRunner:
         except (docker.errors.DockerException, requests.RequestException) as error:
             raise RunnerUnavailable(f"{where} cannot be reached: {error}") from None
 
+    async def remove(self, container: str) -> None:
+        await self.call(lambda engine: _remove(engine, container))
+
     def auth_config(self, image: str) -> dict[str, str] | None:
         login = self.options.registry_auth.get(registry_of(image))
         return {"username": login.username, "password": login.password} if login else None
 
 
-def _client_options(docker_host: str | None) -> dict[str, Any]:
-    options: dict[str, Any] = docker.utils.kwargs_from_env()
-    if docker_host:
-        options["base_url"] = docker_host
-    return options
-
-
-def _remove(container: Any) -> None:
+def _remove(engine: docker.DockerClient, container: str) -> None:
+    """Kill and remove ``container`` (with its anonymous volumes), if it is there."""
     with contextlib.suppress(docker.errors.NotFound):
-        container.remove(force=True, v=True)
+        engine.containers.get(container).remove(force=True, v=True)
 
 
 class ContainerJob:
@@ -515,7 +512,7 @@ class ContainerJob:
         except asyncio.CancelledError:
             with contextlib.suppress(Exception):
                 await creating
-                await self.runner.call(lambda engine: _remove(engine.containers.get(self.name)))
+                await self.runner.remove(self.name)
             raise
 
     def _create_on(self, engine: docker.DockerClient, options: dict[str, Any]) -> str:
@@ -524,7 +521,7 @@ class ContainerJob:
                 return str(engine.containers.create(**options).id)
             except docker.errors.APIError as error:
                 if error.status_code == 409 and attempt == 0:  # left by an agent that died while creating it
-                    _remove(engine.containers.get(self.name))
+                    _remove(engine, self.name)
                     continue
                 if error.is_client_error():
                     raise RunnerRefused(
@@ -616,7 +613,7 @@ class ContainerJob:
             ended = JobExit(exit_code=code, signal=signal_of(code), oom_killed=bool(state["OOMKilled"]))
         else:
             ended = JobExit(exit_code=128 + signal.SIGKILL, signal=signal.SIGKILL)
-        await self.runner.call(lambda engine: _remove(engine.containers.get(self.name)))
+        await self.runner.remove(self.name)
         write_atomically(self._exit_file, _exit_record(ended))
         return ended
 
@@ -628,7 +625,7 @@ class ContainerJob:
             await self._settle()
         if self.exit() is not None:
             with contextlib.suppress(docker.errors.NotFound, RunnerUnavailable):
-                await self.runner.call(lambda engine: _remove(engine.containers.get(self.name)))
+                await self.runner.remove(self.name)
         self.runner.gpus.release(self.assignment.lease_id)
 
     async def _settle(self) -> None:
