@@ -1,0 +1,497 @@
+"""The kubernetes runner (docs/design.md §7, §12): each attempt runs as one batch/v1 Job.
+
+The Job is the resource config merged over the runner's defaults (``manifest.py``), named after the lease
+so that a create retried after a lost reply finds it, and labelled with the agent, so that a restarted
+agent finds its Jobs again. Its state comes from watching this agent's Jobs and pods (``watch.py``, read
+by ``status.py``), its output from following its pod's log (``logs.py``). The Job fences itself: its
+``activeDeadlineSeconds`` is kept a margin past the agent's lease deadline, so a Job whose agent stopped
+renewing ends by itself.
+
+The official client blocks: every call runs in a worker thread; the watches and log follows run in
+threads of their own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable, Collection, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pydantic
+from kubernetes import client, config
+
+from takeoff_agent.domain import Assignment, BuildKind, JobExit, LogStream, ResourceKind, SourceKind
+from takeoff_agent.runners.base import Launch, LogSource, RunnerContext, RunnerRefused, RunnerUnavailable
+from takeoff_agent.runners.kubernetes.api import ApiError, JsonObject, KubeApi
+from takeoff_agent.runners.kubernetes.logs import PodLog
+from takeoff_agent.runners.kubernetes.manifest import (
+    AGENT_LABEL,
+    DEFAULT_CONTAINER,
+    LEASE_LABEL,
+    JobSettings,
+    base_manifest,
+    is_dns_label,
+    job_manifest,
+    job_name,
+    label_value,
+    owner_reference,
+    refusals,
+    secret_manifest,
+)
+from takeoff_agent.runners.kubernetes.status import Observed, observe
+from takeoff_agent.runners.kubernetes.watch import Informer
+
+logger = logging.getLogger(__name__)
+
+OPTIONS = "runners.kubernetes"
+NOT_PUSHED = "code and git jobs on a kubernetes queue need a builder with a registry to push to"
+RECHECK_SECONDS = 1.0
+"""How often a waiting job looks again without news from the watches (to notice an unreachable API)."""
+LOG_DRAIN_SECONDS = 30.0
+"""How long an ended job's log may take to arrive in full."""
+SETTLE_SECONDS = 30.0
+"""How long the Job's end and its pod's may be seen apart (they are watched apart) before the runner
+concludes from the half it has."""
+"""How long an ended job's log may take to arrive in full."""
+DEFAULT_NAMESPACE = "default"
+
+
+@dataclass(frozen=True, slots=True)
+class Options:
+    kubeconfig: str = ""
+    """A kubeconfig file; empty: the agent runs in the cluster, with its service account."""
+    context: str = ""
+    """The kubeconfig context; empty: its current one."""
+    namespace: str = DEFAULT_NAMESPACE
+    ttl_seconds_after_finished: int = 3600
+    image_pull_secrets: tuple[str, ...] = ()
+    fence_margin_seconds: float = 60.0
+    """How far past the lease deadline a Job may run on its own. The deadline moves once it is less than
+    half this ahead, so a Job whose agent is gone stops within this margin (plus the stop grace) of the
+    lease's end, and the Job is updated about once per half margin, not at every heartbeat."""
+    unreachable_seconds: float = 120.0
+    """How long a running attempt waits for an unreachable API server before it fails RUNNER_INFRA."""
+
+
+def _options(given: Mapping[str, object]) -> Options:
+    known = set(Options.__dataclass_fields__)
+    if unknown := sorted(set(given) - known):
+        raise ValueError(f"{OPTIONS}.{unknown[0]}: not an option (options: {', '.join(sorted(known))})")
+    values: dict[str, Any] = {}
+    for name in ("kubeconfig", "context", "namespace"):
+        if name in given:
+            if not isinstance(given[name], str):
+                raise ValueError(f"{OPTIONS}.{name}: must be text")
+            values[name] = given[name]
+    if not is_dns_label(values.get("namespace", DEFAULT_NAMESPACE)):
+        raise ValueError(f"{OPTIONS}.namespace: must be a DNS label (a-z, 0-9 and '-', at most 63)")
+    if values.get("context") and not values.get("kubeconfig"):
+        raise ValueError(f"{OPTIONS}.context: needs a kubeconfig")
+    if "ttl_seconds_after_finished" in given:
+        ttl = given["ttl_seconds_after_finished"]
+        if not isinstance(ttl, int) or isinstance(ttl, bool) or ttl < 0:
+            raise ValueError(f"{OPTIONS}.ttl_seconds_after_finished: must be a whole number of seconds >= 0")
+        values["ttl_seconds_after_finished"] = ttl
+    if "image_pull_secrets" in given:
+        secrets = given["image_pull_secrets"]
+        if not isinstance(secrets, list) or not all(isinstance(s, str) and is_dns_label(s) for s in secrets):
+            raise ValueError(f"{OPTIONS}.image_pull_secrets: must be a list of Secret names")
+        values["image_pull_secrets"] = tuple(secrets)
+    for name in ("fence_margin_seconds", "unreachable_seconds"):
+        if name in given:
+            seconds = given[name]
+            if not isinstance(seconds, int | float) or isinstance(seconds, bool) or not seconds > 0:
+                raise ValueError(f"{OPTIONS}.{name}: must be a number of seconds > 0")
+            values[name] = float(seconds)
+    return Options(**values)
+
+
+# The client's config loaders are not typed.
+_new_client_from_config: Callable[..., client.ApiClient] = config.new_client_from_config
+_load_incluster_config: Callable[..., None] = config.load_incluster_config
+
+
+def _api_client(options: Options) -> client.ApiClient:
+    if options.kubeconfig:
+        try:
+            return _new_client_from_config(
+                config_file=options.kubeconfig, context=options.context or None, persist_config=False
+            )
+        except (config.ConfigException, OSError, ValueError, TypeError) as error:
+            raise ValueError(f"{OPTIONS}.kubeconfig: cannot use {options.kubeconfig}: {error}") from None
+    configuration = client.Configuration()
+    try:
+        _load_incluster_config(client_configuration=configuration)
+    except config.ConfigException as error:
+        raise ValueError(
+            f"{OPTIONS}.kubeconfig: not given, and the agent is not running in a cluster ({error})"
+        ) from None
+    return client.ApiClient(configuration)
+
+
+def create(options: Mapping[str, object], context: RunnerContext) -> KubernetesRunner:
+    settings = _options(options)
+    return KubernetesRunner(KubeApi(_api_client(settings)), settings, context)
+
+
+def _time(text: str) -> float:
+    return datetime.fromisoformat(text).timestamp()
+
+
+def _started(job: JsonObject) -> float:
+    """What the Job's activeDeadlineSeconds count from: its start, or until then its creation (earlier,
+    so a deadline reckoned from it is never later than the real one)."""
+    start = (job.get("status") or {}).get("startTime") or job["metadata"].get("creationTimestamp")
+    return _time(start) if start else time.time()
+
+
+def _deadline(job: JsonObject) -> float | None:
+    """When the Job's activeDeadlineSeconds run out."""
+    seconds = (job.get("spec") or {}).get("activeDeadlineSeconds")
+    return None if seconds is None else _started(job) + seconds
+
+
+class StatusLines:
+    """A LogSource of what the runner sees happen to the pod (SYSTEM lines): why it waits, what ended it.
+    Best effort across agent restarts: a restarted agent says what it sees from then on."""
+
+    def __init__(self) -> None:
+        self.offset = 0
+        self._lines: list[str] = []
+        self._last = ""
+
+    def add(self, text: str) -> None:
+        if text and text != self._last:
+            self._last = text
+            self._lines.append(f"[takeoff] {text}")
+
+    def read_lines(self, *, final: bool = False) -> list[str]:
+        taken, self._lines = self._lines, []
+        self.offset += len(taken)
+        return taken
+
+
+class KubernetesRunner:
+    kind = ResourceKind.KUBERNETES
+
+    def __init__(self, api: KubeApi, options: Options, context: RunnerContext) -> None:
+        self.api = api
+        self.options = options
+        self.settings = JobSettings(
+            namespace=options.namespace,
+            agent_id=context.agent_id,
+            ttl_seconds_after_finished=options.ttl_seconds_after_finished,
+            image_pull_secrets=options.image_pull_secrets,
+        )
+        self.selector = f"{AGENT_LABEL}={label_value(context.agent_id)}"
+        self.lease_until: float | None = None
+        """The newest lease deadline any of this runner's jobs was given (the agent's leases share one)."""
+        self._jobs: dict[str, KubeJob] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.jobs = Informer(api, "jobs", options.namespace, self.selector, self._on_change)
+        self.pods = Informer(api, "pods", options.namespace, self.selector, self._on_change)
+
+    def build_kind(self, source: SourceKind) -> BuildKind:
+        return BuildKind.NOOP if source is SourceKind.IMAGE else BuildKind.IMAGE
+
+    def check(self, assignment: Assignment) -> None:
+        problems = refusals(assignment.resource_config, assignment.container_name, self.settings)
+        if not problems:
+            try:
+                client.V1Job.model_validate(
+                    base_manifest(assignment, self.settings, stop_grace_seconds=0, active_deadline_seconds=1)
+                )
+            except pydantic.ValidationError as error:
+                problems = [
+                    ".".join(str(part) for part in problem["loc"]) + f": {problem['msg']}"
+                    for problem in error.errors()
+                ]
+        if problems:
+            raise RunnerRefused("the Job manifest cannot be run: " + "; ".join(problems))
+
+    def job(self, assignment: Assignment, lease_dir: Path) -> KubeJob:
+        job = KubeJob(self, assignment, lease_dir)
+        self._jobs[job.lease_label] = job
+        return job
+
+    def forget(self, job: KubeJob) -> None:
+        if self._jobs.get(job.lease_label) is job:
+            del self._jobs[job.lease_label]
+
+    async def watching(self) -> None:
+        """Start the watches (once), and wait for their first lists."""
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+            self.jobs.start()
+            self.pods.start()
+        while not (self.jobs.synced.is_set() and self.pods.synced.is_set()):
+            self.raise_if_unreachable()
+            await asyncio.to_thread(self.jobs.synced.wait, RECHECK_SECONDS)
+            await asyncio.to_thread(self.pods.synced.wait, RECHECK_SECONDS)
+
+    def raise_if_unreachable(self) -> None:
+        now = time.time()
+        for informer in (self.jobs, self.pods):
+            since = informer.failing_since
+            if since is not None and now - since > self.options.unreachable_seconds:
+                raise RunnerUnavailable(
+                    f"the Kubernetes API server has not answered for {now - since:.0f} s "
+                    f"(watching {informer.kind})"
+                )
+
+    def _on_change(self, obj: JsonObject) -> None:
+        """From a watch thread: wake the job the object belongs to."""
+        lease = (obj["metadata"].get("labels") or {}).get(LEASE_LABEL)
+        job = self._jobs.get(lease or "")
+        if job is not None and self._loop is not None:
+            self._loop.call_soon_threadsafe(job.changed.set)
+
+    async def sweep(self, held: Collection[str]) -> None:
+        def kept(obj: JsonObject) -> bool:
+            # ``held`` is live (new assignments join it while the sweep runs): look at it now, not before.
+            lease = (obj["metadata"].get("labels") or {}).get(LEASE_LABEL)
+            return lease in {label_value(lease_id) for lease_id in held}
+
+        namespace = self.options.namespace
+        jobs = await asyncio.to_thread(self.api.list_jobs, namespace, self.selector)
+        secrets = await asyncio.to_thread(self.api.list_secrets, namespace, self.selector)
+        for job in jobs.get("items") or []:
+            if not kept(job):
+                logger.info("deleting Job %s: its lease is no longer this agent's", job["metadata"]["name"])
+                await asyncio.to_thread(self.api.delete_job, namespace, job["metadata"]["name"], None)
+        # Secrets go with their Jobs; one whose Job was never made (the agent stopped in between) goes here.
+        for secret in secrets.get("items") or []:
+            if not kept(secret):
+                await asyncio.to_thread(self.api.delete_secret, namespace, secret["metadata"]["name"])
+
+    async def close(self) -> None:
+        for job in self._jobs.values():
+            job.stdout.stop()
+        for informer in (self.jobs, self.pods):
+            informer.stop()
+        for informer in (self.jobs, self.pods):
+            await asyncio.to_thread(informer.join, 5.0)
+        await asyncio.to_thread(self.api.api_client.close)
+
+
+class KubeJob:
+    """One attempt's Job, found by its name (from the lease) in this agent's watched Jobs and pods."""
+
+    def __init__(self, runner: KubernetesRunner, assignment: Assignment, lease_dir: Path) -> None:
+        self._runner = runner
+        self._api = runner.api
+        self._namespace = runner.options.namespace
+        self.assignment = assignment
+        self.name = job_name(assignment.lease_id)
+        self.lease_label = label_value(assignment.lease_id)
+        self._record = lease_dir / "kubernetes.json"
+        self.stdout = PodLog()
+        self.status = StatusLines()
+        self.changed = asyncio.Event()
+        self._deadline: float | None = None
+        self._exit: JobExit | None = None
+        self._ending_since: float | None = None
+        """When this agent first saw the job ending (see ``_settled``), on the monotonic clock."""
+
+    @property
+    def started(self) -> bool:
+        return self._record.exists()
+
+    def log_sources(self) -> list[tuple[LogStream, LogSource]]:
+        return [(LogStream.STDOUT, self.stdout), (LogStream.SYSTEM, self.status)]
+
+    async def start(self, launch: Launch) -> None:
+        if launch.built.kind is BuildKind.IMAGE and not launch.built.pushed:
+            raise RunnerRefused(NOT_PUSHED)
+        if launch.registry_address.startswith("unix:"):
+            raise RunnerRefused(
+                f"jobs in a cluster cannot reach the registry at {launch.registry_address}: set the agent's "
+                "job_registry_address to an address the cluster can reach"
+            )
+        settings = self._runner.settings
+        until = self._runner.lease_until or time.time()
+        active_seconds = math.ceil(until + self._runner.options.fence_margin_seconds - time.time())
+        manifest = job_manifest(self.assignment, launch, settings, active_deadline_seconds=active_seconds)
+        if launch.secrets:
+            await asyncio.to_thread(self._put_secret, secret_manifest(self.assignment, launch, settings))
+        job = await asyncio.to_thread(self._create, manifest)
+        if launch.secrets:
+            owned = {"metadata": {"ownerReferences": [owner_reference(job)]}}
+            await asyncio.to_thread(self._api.patch_secret, self._namespace, self.name, owned)
+        self._deadline = _deadline(job)
+        self._record.write_text(json.dumps({"namespace": self._namespace, "job": self.name}))
+        await self._until_running(launch.report)
+
+    def _put_secret(self, secret: JsonObject) -> None:
+        try:
+            self._api.create_secret(self._namespace, secret)
+        except ApiError as error:
+            if error.status != 409:
+                refused = f"the Kubernetes API server refused the job's Secret: {error.message}"
+                raise RunnerRefused(refused) from None
+            self._api.patch_secret(self._namespace, self.name, {"data": secret["data"]})
+
+    def _create(self, manifest: JsonObject) -> JsonObject:
+        try:
+            return self._api.create_job(self._namespace, manifest)
+        except pydantic.ValidationError as error:
+            raise RunnerRefused(f"the Job manifest cannot be run: {error}") from None
+        except ApiError as error:
+            if error.status != 409:
+                raise RunnerRefused(f"the Kubernetes API server refused the Job: {error.message}") from None
+        existing = self._api.read_job(self._namespace, self.name)
+        labels = (existing or {}).get("metadata", {}).get("labels") or {}
+        if existing is None or labels.get(LEASE_LABEL) != self.lease_label:
+            lease = self.assignment.lease_id
+            raise RunnerUnavailable(f"a Job named {self.name} exists, but not for lease {lease}")
+        return existing  # made by an earlier try whose answer was lost: the same attempt's Job
+
+    async def until_running(self) -> None:
+        await self._until_running(None)
+
+    async def _until_running(self, report: Callable[[str], Awaitable[object]] | None) -> None:
+        """Return once the job's container has started, or the job has ended or cannot start; meanwhile
+        ``report`` hears why the pod waits (unschedulable, an image being pulled)."""
+        await self._runner.watching()
+        reported = ""
+        while not (observed := await self._observe()).running:
+            if report is not None and observed.waiting != reported:
+                reported = observed.waiting
+                await report(reported or "waiting for the pod to start")
+            await self._next_change()
+
+    async def wait(self) -> JobExit:
+        await self._runner.watching()
+        while (ended := (await self._observe()).exit) is None:
+            self._runner.raise_if_unreachable()
+            await self._next_change()
+        if self.stdout.following:
+            await asyncio.to_thread(self.stdout.finished.wait, LOG_DRAIN_SECONDS)
+        self._exit = ended
+        self._runner.forget(self)
+        return ended
+
+    def exit(self) -> JobExit | None:
+        if self._exit is None and self._runner.jobs.synced.is_set():
+            return self._state(self._known_job()).observed.exit
+        return self._exit
+
+    async def stop(self, grace: float) -> None:
+        await asyncio.to_thread(self._api.delete_job, self._namespace, self.name, math.ceil(grace))
+
+    async def renew_lease(self, until: float) -> None:
+        runner = self._runner
+        runner.lease_until = max(runner.lease_until or until, until)
+        if not self.started or self._exit is not None:
+            return
+        margin = runner.options.fence_margin_seconds
+        try:
+            job = self._known_job() or await asyncio.to_thread(self._api.read_job, self._namespace, self.name)
+            if job is None:
+                return
+            deadline = self._deadline if self._deadline is not None else _deadline(job)
+            if deadline is not None and deadline >= until + margin / 2:
+                return
+            patch = {"spec": {"activeDeadlineSeconds": math.ceil(until + margin - _started(job))}}
+            job = await asyncio.to_thread(self._api.patch_job, self._namespace, self.name, patch)
+            self._deadline = _deadline(job)
+        except (ApiError, RunnerUnavailable) as error:
+            # The next renewal tries again; until then the Job runs on to its current deadline.
+            logger.warning("could not move the deadline of Job %s: %s", self.name, error)
+
+    async def _next_change(self) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.changed.wait(), RECHECK_SECONDS)
+        self.changed.clear()
+
+    def _known_job(self) -> JsonObject | None:
+        live, _ = self._runner.jobs.select(LEASE_LABEL, self.lease_label)
+        return live[-1] if live else None
+
+    async def _observe(self) -> Observed:
+        """The job's state, and what follows from it: its log followed once it runs, status lines said."""
+        job = self._known_job()
+        if job is None and self.started and not self._runner.jobs.select(LEASE_LABEL, self.lease_label)[1]:
+            # Not among the watched Jobs yet (just made), or deleted while this agent was away: ask.
+            job = await asyncio.to_thread(self._api.read_job, self._namespace, self.name)
+        state = self._state(job)
+        observed, pod = state.observed, state.pod
+        self.status.add(observed.waiting)
+        if observed.exit is not None and observed.exit.failure is not None:
+            self.status.add(observed.exit.failure.message)
+        if observed.has_output and pod is not None and not state.pod_gone:
+            pod_name = pod["metadata"]["name"]
+            self.stdout.follow(
+                self._api,
+                self._namespace,
+                pod_name,
+                state.container,
+                lambda: self._container_ended(pod_name, state.container),
+            )
+            phase = (pod.get("status") or {}).get("phase", "")
+            self.status.add(f"pod {pod_name} {phase.lower() or 'started'}")
+        return observed
+
+    def _state(self, job: JsonObject | None) -> _State:
+        if job is None and not self.started:
+            return _State(Observed(False, None, ""), None, False, DEFAULT_CONTAINER)
+        live, deleted = self._runner.pods.select(LEASE_LABEL, self.lease_label)
+        newest = max(
+            [(pod, False) for pod in live] + [(pod, True) for pod in deleted],
+            key=lambda entry: str(entry[0]["metadata"].get("creationTimestamp", "")),
+            default=(None, False),
+        )
+        pod, gone = newest
+        container = self._container(job, pod)
+        observed = observe(job, pod, container, pod_gone=gone, settled=self._settled(job, pod, gone))
+        return _State(observed, pod, gone, container)
+
+    def _settled(self, job: JsonObject | None, pod: JsonObject | None, gone: bool) -> bool:
+        """Whether the job was first seen ending (its Job ended or gone, its pod ended or gone) long enough
+        ago for the other half of the news to have come, if it ever will."""
+        job_ended = job is None or any(
+            condition.get("type") in ("Complete", "Failed") and condition.get("status") == "True"
+            for condition in (job.get("status") or {}).get("conditions") or []
+        )
+        pod_ended = gone or (pod or {}).get("status", {}).get("phase") in ("Succeeded", "Failed")
+        if not (job_ended or pod_ended):
+            self._ending_since = None
+            return False
+        if self._ending_since is None:
+            self._ending_since = time.monotonic()
+        return time.monotonic() - self._ending_since > SETTLE_SECONDS
+
+    def _container_ended(self, pod_name: str, container: str) -> bool:
+        live, _ = self._runner.pods.select(LEASE_LABEL, self.lease_label)
+        for pod in live:
+            if pod["metadata"]["name"] == pod_name:
+                statuses = (pod.get("status") or {}).get("containerStatuses") or []
+                return any(
+                    status.get("name") == container and "terminated" in (status.get("state") or {})
+                    for status in statuses
+                )
+        return True  # the pod is gone
+
+    def _container(self, job: JsonObject | None, pod: JsonObject | None) -> str:
+        """The container that runs the job: the queue's, else the first of the Job's (or its pod's)."""
+        if self.assignment.container_name:
+            return self.assignment.container_name
+        pod_spec = ((job or {}).get("spec") or {}).get("template", {}).get("spec") or (pod or {}).get("spec")
+        containers = (pod_spec or {}).get("containers") or [{"name": DEFAULT_CONTAINER}]
+        return str(containers[0]["name"])
+
+
+@dataclass(frozen=True, slots=True)
+class _State:
+    observed: Observed
+    pod: JsonObject | None
+    pod_gone: bool
+    container: str

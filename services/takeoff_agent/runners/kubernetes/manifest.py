@@ -1,0 +1,286 @@
+"""The batch/v1 Job an attempt runs as: the resource config merged over the runner's defaults
+(docs/design.md §7), the job's image, command and environment in its container, and the names and labels
+that let a restarted agent find it again.
+
+Merge rules (the queue's, docs/design.md §7): dicts merge key by key; lists are replaced, except
+``containers``, ``env``, ``volumes`` and ``volumeMounts``, whose entries merge by ``name``.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import hashlib
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from takeoff_agent.domain import Assignment
+from takeoff_agent.runners.base import Launch, RunnerRefused
+
+JsonObject = dict[str, Any]
+
+MERGED_BY_NAME = frozenset({"containers", "env", "volumes", "volumeMounts"})
+DEFAULT_CONTAINER = "job"
+LABEL_PREFIX = "takeoff."
+ANNOTATION_PREFIX = "takeoff.dev/"
+ITEM_LABEL, AGENT_LABEL, EPOCH_LABEL, RUN_LABEL, LEASE_LABEL = (
+    f"{LABEL_PREFIX}{part}" for part in ("item", "agent", "epoch", "run", "lease")
+)
+_LABEL_VALUE = re.compile(r"(?:[A-Za-z0-9](?:[-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?")
+_DNS_LABEL = re.compile(r"[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?")
+_SECRET_KEY = re.compile(r"[-._a-zA-Z0-9]{1,253}")
+
+# Job spec fields whose meaning the runner cannot honour: it runs one pod, once, and owns the deadline.
+# Each maps to the one value it may be given (None: none), and why.
+_FIXED_SPEC: dict[str, tuple[object, str]] = {
+    "activeDeadlineSeconds": (None, "the agent sets it to fence the Job to its lease; use max_run_time"),
+    "backoffLimit": (0, "an attempt is one pod; the queue retries"),
+    "backoffLimitPerIndex": (None, "an attempt is one pod; the queue retries"),
+    "maxFailedIndexes": (None, "an attempt is one pod"),
+    "completions": (1, "an attempt is one pod"),
+    "parallelism": (1, "an attempt is one pod"),
+    "completionMode": ("NonIndexed", "an attempt is one pod"),
+    "podFailurePolicy": (None, "an attempt is one pod; the queue retries"),
+    "successPolicy": (None, "an attempt is one pod"),
+    "suspend": (False, "the agent starts the Job"),
+    "selector": (None, "the Job selects its own pod"),
+    "manualSelector": (None, "the Job selects its own pod"),
+}
+
+
+def merge(base: Any, override: Any) -> Any:
+    """``override`` over ``base`` by the merge rules above; neither argument is changed."""
+    if not (isinstance(base, dict) and isinstance(override, dict)):
+        return copy.deepcopy(override)
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        if key in MERGED_BY_NAME and isinstance(merged.get(key), list) and isinstance(value, list):
+            merged[key] = _merge_named(merged[key], value)
+        elif key in merged:
+            merged[key] = merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def _merge_named(base: list[Any], override: list[Any]) -> list[Any]:
+    merged = copy.deepcopy(base)
+    position = {entry.get("name"): i for i, entry in enumerate(merged) if isinstance(entry, dict)}
+    for entry in override:
+        name = entry.get("name") if isinstance(entry, dict) else None
+        if name is not None and name in position:
+            merged[position[name]] = merge(merged[position[name]], entry)
+        else:
+            position[name] = len(merged)
+            merged.append(copy.deepcopy(entry))
+    return merged
+
+
+def _hashed(text: str, length: int) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:length]
+
+
+def label_value(text: str) -> str:
+    """``text`` when it is a valid label value, else a digest of it (ids may end in ``-`` or ``_``, agent
+    ids may be longer than a label value's 63 characters)."""
+    return text if _LABEL_VALUE.fullmatch(text) else f"h{_hashed(text, 40)}"
+
+
+def job_name(lease_id: str) -> str:
+    """The Job's name, the same for every call with this lease: a create retried after a lost reply finds
+    the Job the first one made. Also the name of the Job's Secret."""
+    name = f"takeoff-{lease_id}"
+    return name if len(name) <= 52 and _DNS_LABEL.fullmatch(name) else f"takeoff-{_hashed(lease_id, 32)}"
+
+
+def labels(assignment: Assignment, agent_id: str) -> dict[str, str]:
+    return {
+        ITEM_LABEL: label_value(assignment.item.rsplit("/", 1)[-1]),
+        AGENT_LABEL: label_value(agent_id),
+        EPOCH_LABEL: str(assignment.epoch),
+        RUN_LABEL: label_value(assignment.run_id),
+        LEASE_LABEL: label_value(assignment.lease_id),
+    }
+
+
+def is_dns_label(text: str) -> bool:
+    return _DNS_LABEL.fullmatch(text) is not None
+
+
+@dataclass(frozen=True, slots=True)
+class JobSettings:
+    """What the runner's options put in every Job."""
+
+    namespace: str
+    agent_id: str
+    ttl_seconds_after_finished: int
+    image_pull_secrets: tuple[str, ...] = ()
+
+
+def refusals(config: Mapping[str, Any], container_name: str, settings: JobSettings) -> list[str]:
+    """Each part of a resource config the runner cannot honour, named by its path."""
+    problems = []
+    metadata = config.get("metadata") or {}
+    for field in ("name", "generateName"):
+        if field in metadata:
+            problems.append(f"metadata.{field}: the agent names each attempt's Job")
+    if metadata.get("namespace", settings.namespace) != settings.namespace:
+        problems.append(f"metadata.namespace: this agent runs Jobs in namespace {settings.namespace!r}")
+    spec = config.get("spec") or {}
+    for field, (allowed, why) in _FIXED_SPEC.items():
+        if field in spec and spec[field] != allowed:
+            given = "may not be set" if allowed is None else f"must be {allowed!r}"
+            problems.append(f"spec.{field}: {given} ({why})")
+    template = spec.get("template") or {}
+    restart = (template.get("spec") or {}).get("restartPolicy", "Never")
+    if restart != "Never":
+        problems.append("spec.template.spec.restartPolicy: must be 'Never' (the queue retries, not the pod)")
+    for where, meta in (("metadata", metadata), ("spec.template.metadata", template.get("metadata") or {})):
+        for field in ("labels", "annotations"):
+            for key in meta.get(field) or {}:
+                if key.startswith((LABEL_PREFIX, ANNOTATION_PREFIX)):
+                    problems.append(f"{where}.{field}.{key}: the agent sets the takeoff labels")
+    containers = (template.get("spec") or {}).get("containers") or []
+    if container_name and containers and container_name not in [c.get("name") for c in containers]:
+        problems.append(
+            f"spec.template.spec.containers: no container named {container_name!r}, the queue's container"
+        )
+    return problems
+
+
+def _defaults(settings: JobSettings, stop_grace_seconds: float) -> JsonObject:
+    pod_spec: JsonObject = {
+        "restartPolicy": "Never",
+        # Deleting a Job deletes its pod with the pod's own grace period: the agent's stop grace.
+        "terminationGracePeriodSeconds": math.ceil(stop_grace_seconds),
+    }
+    if settings.image_pull_secrets:
+        pod_spec["imagePullSecrets"] = [{"name": name} for name in settings.image_pull_secrets]
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"namespace": settings.namespace},
+        "spec": {
+            "backoffLimit": 0,
+            "ttlSecondsAfterFinished": settings.ttl_seconds_after_finished,
+            "template": {"spec": pod_spec},
+        },
+    }
+
+
+def _owned(assignment: Assignment, settings: JobSettings, active_deadline_seconds: int) -> JsonObject:
+    """What the agent sets over the resource config (``refusals`` keeps the config from setting it)."""
+    own_labels = labels(assignment, settings.agent_id)
+    owned: JsonObject = {
+        "metadata": {
+            "name": job_name(assignment.lease_id),
+            "namespace": settings.namespace,
+            "labels": own_labels,
+            "annotations": {
+                f"{ANNOTATION_PREFIX}item": assignment.item,
+                f"{ANNOTATION_PREFIX}run": assignment.run,
+                f"{ANNOTATION_PREFIX}agent": settings.agent_id,
+            },
+        },
+        "spec": {
+            "activeDeadlineSeconds": active_deadline_seconds,
+            "template": {"metadata": {"labels": own_labels}},
+        },
+    }
+    return owned
+
+
+def base_manifest(
+    assignment: Assignment,
+    settings: JobSettings,
+    *,
+    stop_grace_seconds: float,
+    active_deadline_seconds: int,
+) -> JsonObject:
+    """Defaults, the resource config over them, and the agent's own fields over both (no launch yet)."""
+    merged: JsonObject = merge(_defaults(settings, stop_grace_seconds), assignment.resource_config)
+    merged = merge(merged, _owned(assignment, settings, active_deadline_seconds))
+    _quantities_as_text(merged)
+    return merged
+
+
+def job_manifest(
+    assignment: Assignment,
+    launch: Launch,
+    settings: JobSettings,
+    *,
+    active_deadline_seconds: int,
+) -> JsonObject:
+    """The Job that runs ``launch``: its image, command and environment in the assignment's container
+    (else the first; a config without containers gets one named ``job``)."""
+    manifest = base_manifest(
+        assignment,
+        settings,
+        stop_grace_seconds=launch.stop_grace_seconds,
+        active_deadline_seconds=active_deadline_seconds,
+    )
+    pod_spec = manifest["spec"]["template"]["spec"]
+    containers = pod_spec.setdefault("containers", [])
+    wanted = assignment.container_name
+    container = next((c for c in containers if c.get("name") == wanted), None) if wanted else None
+    if container is None:
+        if not containers:
+            containers.append({"name": wanted or DEFAULT_CONTAINER})
+        container = containers[0]
+    container["image"] = launch.built.image
+    if assignment.entrypoint:
+        container["command"] = list(assignment.entrypoint)
+    secret = job_name(assignment.lease_id)
+    environment: list[JsonObject] = [{"name": name, "value": value} for name, value in launch.env.items()]
+    environment.append({"name": "TAKEOFF_REGISTRY", "value": launch.registry_address})
+    environment += [
+        {"name": name, "valueFrom": {"secretKeyRef": {"name": secret, "key": name}}}
+        for name in launch.secrets
+    ]
+    container["env"] = _merge_named(container.get("env") or [], list(environment))
+    return manifest
+
+
+def secret_manifest(assignment: Assignment, launch: Launch, settings: JobSettings) -> JsonObject:
+    """The Secret holding the job's secret variables (the Job's ``env`` refers to it by key)."""
+    for name in launch.secrets:
+        if not _SECRET_KEY.fullmatch(name):
+            raise RunnerRefused(f"secret variable {name!r}: a Kubernetes Secret key is [-._a-zA-Z0-9]+")
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "type": "Opaque",
+        "metadata": {
+            "name": job_name(assignment.lease_id),
+            "namespace": settings.namespace,
+            "labels": labels(assignment, settings.agent_id),
+        },
+        "data": {name: base64.b64encode(value.encode()).decode() for name, value in launch.secrets.items()},
+    }
+
+
+def owner_reference(job: Mapping[str, Any]) -> JsonObject:
+    """Makes the Secret the Job's: deleting the Job deletes it."""
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "name": job["metadata"]["name"],
+        "uid": job["metadata"]["uid"],
+        "controller": False,
+        "blockOwnerDeletion": True,
+    }
+
+
+def _quantities_as_text(manifest: JsonObject) -> None:
+    """``cpu: 4`` (a filled ``{{cpu}}``) is a quantity the API takes; the client's models want text."""
+    pod_spec = manifest["spec"]["template"].get("spec") or {}
+    for kind in ("containers", "initContainers"):
+        for container in pod_spec.get(kind) or []:
+            for amounts in (container.get("resources") or {}).values():
+                if isinstance(amounts, dict):
+                    for resource, amount in amounts.items():
+                        if isinstance(amount, int | float) and not isinstance(amount, bool):
+                            amounts[resource] = str(amount)
