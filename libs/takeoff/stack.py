@@ -4,6 +4,10 @@
 own process, told where to listen through ``TAKEOFF_*`` variables; it writes its bound addresses to a
 ready file, and the stack then waits for its health check to say SERVING. Each child is told the
 supervisor's pid and stops when the supervisor dies, even by SIGKILL, so a stack leaves nothing behind.
+
+The agent it starts is given the runners this machine can offer (``local-process`` always,
+``local-container`` when a Docker engine answers) and, for jobs, the registry's Unix socket, which a
+container runner mounts into its containers; the agent.yaml's own settings win over these.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from takeoff._home import DEFAULT_PORTS, STACK_FILE, RunningService, StackRecord
@@ -30,6 +35,63 @@ CORE_SERVICES = ("registry", "queue", "builder")
 
 class StackError(Exception):
     """The stack could not start or a service in it failed; the message says which and why."""
+
+
+def docker_location() -> str:
+    """Where the Docker client looks for an engine: ``DOCKER_HOST``, else the local socket."""
+    return os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
+
+
+def docker_answers(timeout: float = 5.0) -> bool:
+    """Whether a Docker engine answers at :func:`docker_location` (the builder and agent use the same)."""
+    import docker  # only the stack asks Docker anything: `import takeoff` stays light
+
+    try:
+        with contextlib.closing(docker.from_env(timeout=timeout)) as engine:
+            engine.ping()
+    except docker.errors.DockerException:
+        return False
+    return True
+
+
+def agent_defaults(config: Path | None, job_registry_address: str | None) -> dict[str, str]:
+    """``TAKEOFF_*`` variables for the agent settings that neither ``config`` nor the environment gives:
+    the runners this machine offers (``local-process``; ``local-container`` when a Docker engine answers)
+    and ``job_registry_address`` (on one host, the registry's Unix socket: a container runner mounts it)."""
+    given = {name.removeprefix("TAKEOFF_").lower() for name in os.environ if name.startswith("TAKEOFF_")}
+    if config is not None:
+        with contextlib.suppress(OSError, yaml.YAMLError):
+            settings = yaml.safe_load(config.read_text())
+            if isinstance(settings, dict):
+                given |= {str(key) for key in settings}
+    defaults: dict[str, str] = {}
+    if "runners" not in given:
+        runners: dict[str, dict[str, object]] = {"local-process": {}}
+        if docker_answers():
+            runners["local-container"] = {}
+        defaults["TAKEOFF_RUNNERS"] = json.dumps(runners)
+    if job_registry_address and "job_registry_address" not in given:
+        defaults["TAKEOFF_JOB_REGISTRY_ADDRESS"] = job_registry_address
+    return defaults
+
+
+def ensure_image(reference: str) -> None:
+    """Make sure the Docker engine has ``reference``: use it if present, else pull it; StackError if neither
+    works, saying why."""
+    import docker
+
+    try:
+        with contextlib.closing(docker.from_env()) as engine:
+            try:
+                engine.images.get(reference)
+            except docker.errors.ImageNotFound:
+                engine.images.pull(reference)
+    except docker.errors.DockerException as error:
+        explanation = getattr(error, "explanation", None) or str(error)
+        raise StackError(
+            f"the image {reference} is not on the Docker engine at {docker_location()} and cannot be pulled"
+            f" ({explanation})"
+        ) from None
 
 
 def health_status(address: str, service: str = "", timeout: float = 2.0) -> str:
@@ -68,16 +130,22 @@ class LocalStack:
         host: str = "127.0.0.1",
         base_port: int = DEFAULT_PORTS["registry"],
         agent_config: Path | None = None,
+        base_image: str | None = None,
     ) -> None:
         self.home = home
         self.host = host
         self.base_port = base_port
         self.agent_config = agent_config
+        self.base_image = base_image
         self.services = [*CORE_SERVICES, *(("agent",) if agent_config else ())]
         self.record = StackRecord(supervisor_pid=os.getpid())
         self._children: dict[str, _Child] = {}
         self._run_dir = home / "run"
         self._log_dir = home / "logs"
+
+    @property
+    def registry_socket(self) -> Path:
+        return self._run_dir / "registry.sock"
 
     def _port(self, service: str) -> int:
         if self.base_port == 0:
@@ -101,7 +169,7 @@ class LocalStack:
         listen = [f"{self.host}:{self._port(service)}"]
         if service == "registry":
             # Job containers reach the registry through this socket, mounted into them (no host network).
-            listen.append(f"unix:{self._run_dir / 'registry.sock'}")
+            listen.append(f"unix:{self.registry_socket}")
         env = {
             **os.environ,
             "TAKEOFF_HOME": str(self.home),
@@ -113,9 +181,12 @@ class LocalStack:
         # Each service is told where the ones started before it are (the registry first, the agent last).
         for peer, running in self.record.services.items():
             env[f"TAKEOFF_{peer.upper()}_ADDRESS"] = running.address
+        if service == "builder" and self.base_image:
+            env["TAKEOFF_DEFAULT_BASE_IMAGE"] = self.base_image
         if service == "agent":
             assert self.agent_config is not None
             env["TAKEOFF_CONFIG_FILE"] = str(self.agent_config)
+            env.update(agent_defaults(self.agent_config, f"unix:{self.registry_socket}"))
         return env
 
     def _spawn(self, service: str) -> _Child:

@@ -12,15 +12,18 @@ from pathlib import Path
 
 import pytest
 
+from takeoff.stack import agent_defaults
 from tests.processes import pid_alive, wait_for
 
 TAKEOFF = [sys.executable, "-m", "takeoff.cli"]
 
 
-def takeoff(home: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def takeoff(
+    home: Path, *args: str, timeout: float = 60, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [*TAKEOFF, *args],
-        env={**os.environ, "TAKEOFF_HOME": str(home), "COLUMNS": "200"},
+        env={**os.environ, "TAKEOFF_HOME": str(home), "COLUMNS": "200", **(env or {})},
         capture_output=True,
         check=False,
         text=True,
@@ -51,7 +54,12 @@ def stack(takeoff_home: Path, agent_config: Path) -> Iterator[subprocess.Popen[s
         stderr=subprocess.PIPE,
         text=True,
     )
-    wait_for(lambda: stack_record(takeoff_home) or process.poll() is not None, what="the stack to start")
+    # Past LocalStack.start's own 60 s, so that a slow start is reported by the stack, not by this wait.
+    wait_for(
+        lambda: stack_record(takeoff_home) or process.poll() is not None,
+        timeout=90,
+        what="the stack to start",
+    )
     assert process.poll() is None, process.communicate()
     yield process
     if process.poll() is None:
@@ -139,3 +147,26 @@ def test_demo_runs_the_example_job_twice_and_stops_the_stack(takeoff_home: Path)
     assert "best_loss" in result.stdout
     assert "stack stopped" in result.stdout
     assert stack_record(takeoff_home) is None
+
+
+def test_the_stacks_agent_gets_the_runners_this_machine_offers_and_the_registry_socket(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DOCKER_HOST", f"unix://{tmp_path / 'no-docker.sock'}")
+    config = tmp_path / "agent.yaml"
+    config.write_text("queues: [local]\n")
+
+    defaults = agent_defaults(config, "unix:/run/registry.sock")
+
+    assert json.loads(defaults["TAKEOFF_RUNNERS"]) == {"local-process": {}}
+    assert defaults["TAKEOFF_JOB_REGISTRY_ADDRESS"] == "unix:/run/registry.sock"
+
+
+def test_what_the_agent_config_or_the_environment_gives_wins_over_the_stacks_defaults(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = tmp_path / "agent.yaml"
+    config.write_text("runners: {local-process: {}}\n")
+    monkeypatch.setenv("TAKEOFF_JOB_REGISTRY_ADDRESS", "127.0.0.1:50051")
+
+    assert agent_defaults(config, "unix:/run/registry.sock") == {}

@@ -10,8 +10,19 @@ from typing import Annotated
 
 import typer
 
-from takeoff._home import service_address
+from takeoff._home import StackRecord, service_address, takeoff_home
 from takeoff.cli._output import fail
+from takeoff.stack import agent_defaults
+
+
+def _local_registry_socket(registry: str) -> str | None:
+    """The Unix socket of the registry at ``registry`` when it is the running local stack's (jobs in
+    containers reach it through that socket, mounted)."""
+    record = StackRecord.read(takeoff_home())
+    running = record.services.get("registry") if record is not None else None
+    if running is None or running.address != registry:
+        return None
+    return next((address for address in running.addresses if address.startswith("unix:")), None)
 
 
 def agent(
@@ -40,5 +51,6 @@ def agent(
     if name is not None:
         env["TAKEOFF_NAME"] = name
     env.setdefault("TAKEOFF_LISTEN", '["127.0.0.1:0"]')
+    env.update(agent_defaults(config, _local_registry_socket(env["TAKEOFF_REGISTRY_ADDRESS"])))
     argv = [sys.executable, "-m", "takeoff_agent", *(["--config", str(config)] if config else [])]
     os.execve(sys.executable, argv, env)
