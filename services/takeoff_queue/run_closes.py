@@ -28,9 +28,10 @@ from takeoff_queue.lifecycle import FailureReason
 
 logger = logging.getLogger(__name__)
 
-CLAIM_HOLD = timedelta(seconds=30)
-"""How long a drainer keeps the rows it claimed from every other: well past one registry call and the
-commit of its answer. A drainer that dies meanwhile leaves its rows to the next claim after this."""
+CLAIM_HOLD = timedelta(seconds=10)
+"""How long a drainer keeps the rows it claimed from every other: past one registry call (5 s at most)
+and the commit of its answer. The rows of a drainer that dies meanwhile (a queue restart) are tried
+again after this."""
 BACKOFF_FIRST_SECONDS = 0.5
 BACKOFF_CAP_SECONDS = 10.0
 """The longest wait between two tries of one close: a registry back from an outage closes every run

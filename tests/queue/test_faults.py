@@ -36,6 +36,7 @@ LEASED = common_pb2.ITEM_STATE_LEASED
 RUNNING = common_pb2.ITEM_STATE_RUNNING
 SUCCEEDED = common_pb2.ITEM_STATE_SUCCEEDED
 FAILED = common_pb2.ITEM_STATE_FAILED
+CANCELLED = common_pb2.ITEM_STATE_CANCELLED
 LOCAL_CONTAINER = common_pb2.RESOURCE_KIND_LOCAL_CONTAINER
 KILLED = common_pb2.RUN_STATE_KILLED
 FINISHED = common_pb2.RUN_STATE_FINISHED
@@ -290,6 +291,26 @@ async def test_a_registry_outage_and_a_queue_restart_delay_the_close_and_never_l
             common_pb2.FAILURE_REASON_AGENT_LOST,
             KILLED,
         )
+
+
+async def test_an_item_cancelled_while_its_agent_is_away_ends_cancelled_with_its_run_killed(
+    fast: InProcessQueue, own_registry: ServiceProcess
+) -> None:
+    queue = await new_queue(fast)
+    name = await fast.enqueue(queue, "train")
+    agent = await ScriptedAgent(fast.address).connect([queue])
+    async with agent.heartbeating():
+        assignment = (await agent.next("assignment")).assignment
+        await start_run(own_registry.address, assignment.run)
+        await agent.progress(assignment, RUNNING)
+    await agent.vanish()
+    await fast.queues.CancelItem(queue_pb2.CancelItemRequest(name=name))
+
+    ended = await watch_until(fast.queues, name, lambda seen: seen.state != RUNNING)
+
+    assert (ended.state, ended.reason) == (CANCELLED, common_pb2.FAILURE_REASON_CANCELLED)
+    assert (await run_of(own_registry.address, assignment.run)).state == KILLED
+    assert await outbox(fast, assignment.run) == []
 
 
 async def test_a_start_timeout_kills_the_run_of_the_attempt_it_ends(
