@@ -1,9 +1,10 @@
 """``takeoff demo``: the main job, end to end, on the embedded default (SQLite, local-process, venv builds).
 
 Starts the stack in ``TAKEOFF_HOME``, creates the example job from ``examples/train`` (a small training
-loop with a config schema and one requirement) and a local-process queue, starts an agent, launches the
-job twice with different configs, shows the items' states live, then each run's config, metrics and
-final state, and stops everything. No Docker needed.
+loop with a config schema and one requirement) and a queue, starts an agent, launches the job twice with
+different configs, shows the items' states live, then each run's config, metrics and final state, and
+stops everything. No Docker needed by default; ``--resource local-container`` runs the same job in
+containers (an image built from ``--base-image``), which needs a Docker engine.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ from takeoff._home import takeoff_home
 from takeoff.cli._output import console, fail
 from takeoff.cli.run_commands import show
 from takeoff.client import Client
-from takeoff.models import Environment, JobInputs, dict_to_struct
-from takeoff.stack import LocalStack, StackError
+from takeoff.models import Environment, JobInputs, ResourceKind, dict_to_struct
+from takeoff.stack import LocalStack, StackError, docker_answers, docker_location, ensure_image
 from takeoff.v1 import common_pb2, queue_pb2, queue_pb2_grpc
 from takeoff_rpc.channels import open_channel
 
@@ -32,6 +33,10 @@ EXAMPLE = Path(__file__).resolve().parents[3] / "examples" / "train"
 PROJECT = "demo"
 CONFIGS = ({"lr": 0.1, "epochs": 3}, {"lr": 0.4, "epochs": 5})
 ENDED = {common_pb2.ITEM_STATE_SUCCEEDED, common_pb2.ITEM_STATE_FAILED, common_pb2.ITEM_STATE_CANCELLED}
+BUILDER_DEFAULT_BASE_IMAGE = "python:3.12-slim"
+"""The builder's own ``default_base_image``; the demo names it to the builder it starts, having checked that
+the Docker engine has it (or can pull it)."""
+QUEUE_IDS = {ResourceKind.LOCAL_PROCESS: "local", ResourceKind.LOCAL_CONTAINER: "containers"}
 
 
 def _state(item: queue_pb2.Item) -> str:
@@ -53,16 +58,15 @@ def _items_table(items: list[queue_pb2.Item], started: float) -> Table:
     return table
 
 
-def _create_queue(queues: queue_pb2_grpc.QueueServiceStub) -> str:
-    name = f"projects/{PROJECT}/queues/local"
+def _create_queue(queues: queue_pb2_grpc.QueueServiceStub, resource: ResourceKind) -> str:
+    queue_id = QUEUE_IDS[resource]
+    name = f"projects/{PROJECT}/queues/{queue_id}"
     try:
         queues.CreateQueue(
             queue_pb2.CreateQueueRequest(
                 parent=f"projects/{PROJECT}",
-                queue_id="local",
-                queue=queue_pb2.Queue(
-                    resource=common_pb2.RESOURCE_KIND_LOCAL_PROCESS, description="takeoff demo"
-                ),
+                queue_id=queue_id,
+                queue=queue_pb2.Queue(resource=resource._to_proto(), description="takeoff demo"),
             )
         )
     except grpc.RpcError as error:
@@ -71,15 +75,47 @@ def _create_queue(queues: queue_pb2_grpc.QueueServiceStub) -> str:
     return name
 
 
+def _check_docker(base_image: str) -> None:
+    """Fail with what to do when the containers cannot run here: no engine, or no base image to build on."""
+    if not docker_answers():
+        fail(f"Docker is not reachable at {docker_location()}; run without --resource or start Docker")
+    try:
+        with console.status(f"looking for the base image {base_image}..."):
+            ensure_image(base_image)
+    except StackError as error:
+        fail(
+            f"{error}; pass --base-image IMAGE (or set TAKEOFF_DEFAULT_BASE_IMAGE),"
+            " an image with python3 and venv"
+        )
+
+
 def demo(
     example: Annotated[Path, typer.Option(help="The job's directory.")] = EXAMPLE,
+    resource: Annotated[
+        ResourceKind,
+        typer.Option(
+            help="Where the job runs: local-process, or local-container (needs Docker).", case_sensitive=False
+        ),
+    ] = ResourceKind.LOCAL_PROCESS,
+    base_image: Annotated[
+        str,
+        typer.Option(
+            envvar="TAKEOFF_DEFAULT_BASE_IMAGE",
+            help="local-container: the image the job's image is built on; it needs python3 with venv.",
+        ),
+    ] = BUILDER_DEFAULT_BASE_IMAGE,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the runs.")] = 600,
 ) -> None:
     """Run the example job twice on a local stack, show the runs, and stop the stack."""
     if not (example / "train.py").is_file():
         fail(f"no example job at {example} (pass --example DIR)")
+    if resource not in QUEUE_IDS:
+        fail(f"the demo runs on {' or '.join(QUEUE_IDS)}, not {resource}")
+    containers = resource is ResourceKind.LOCAL_CONTAINER
+    if containers:
+        _check_docker(base_image)
     home = takeoff_home()
-    stack = LocalStack(home, base_port=0)
+    stack = LocalStack(home, base_port=0, base_image=base_image if containers else None)
     started = time.monotonic()
     try:
         with console.status("starting the registry, queue and builder..."):
@@ -104,7 +140,8 @@ def demo(
         )
         with open_channel(queue_address) as channel:
             queues = queue_pb2_grpc.QueueServiceStub(channel)
-            queue = _create_queue(queues)
+            queue = _create_queue(queues, resource)
+            console.print(f"queue {queue} ({resource})")
             agent_config = home / "demo-agent.yaml"
             agent_config.write_text(yaml.safe_dump({"name": "demo-agent", "queues": [queue], "max_jobs": 2}))
             with console.status("starting an agent..."):
