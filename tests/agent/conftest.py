@@ -43,7 +43,8 @@ print("done waiting", flush=True)
 """Prints its pid, then waits for the file named by its ``go`` config."""
 
 GROUP = """\
-import json, os, subprocess, sys, time
+import json, os, subprocess, sys, time, takeoff
+run = takeoff.init()
 # A child that ignores SIGTERM: only stopping the whole process group, SIGKILL included, ends it.
 child = subprocess.Popen(
     [sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN);"
@@ -51,16 +52,16 @@ child = subprocess.Popen(
     stdout=subprocess.PIPE,
 )
 child.stdout.readline()
-pids = json.loads(os.environ["TAKEOFF_CONFIG"])["pids"]
+pids = run.config["pids"]
 with open(pids + ".partial", "w") as file:
     json.dump({"job": os.getpid(), "child": child.pid}, file)
 os.replace(pids + ".partial", pids)
-import takeoff
-takeoff.init()
 print("started", flush=True)
 time.sleep(600)
 """
-"""A job with a child process in its group; it writes both pids to the file named by its ``pids`` config."""
+"""A job attached to its run, with a child process in its group; it writes both pids to the file named by
+its ``pids`` config. Attached first: a run the queue closes once the pids are known (a deleted queue)
+must not make the job fail its ``takeoff.init()`` and leave its child behind."""
 
 
 def group_pids(pids_file: Path) -> dict[str, int]:

@@ -129,9 +129,8 @@ def test_a_job_whose_lease_was_given_away_while_its_agent_was_down_is_stopped_wh
         wait_gone(pids)
         wait_for(lambda: not lease_dir.exists(), timeout=60, what="the given-away lease to be dropped")
 
-    ended = stack.run(run)
-    assert ended.state == common_pb2.RUN_STATE_KILLED
-    assert "revoked" in ended.message
+    # Closed by the queue as it deleted the item, or by the agent that stopped the job: whichever came first.
+    assert stack.run(run).state == common_pb2.RUN_STATE_KILLED
 
 
 def test_a_job_its_shim_stopped_while_the_agent_was_away_is_reported_if_the_queue_kept_the_lease(
