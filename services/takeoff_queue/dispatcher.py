@@ -209,7 +209,7 @@ class Dispatcher:
         return [
             RunClose(item.life.run, "its queue was deleted")
             for item in self.items.values()
-            if item.queue == queue and item.state.is_live and item.id not in self._closing
+            if item.queue == queue and item.state.is_live and not self._waits_for_close(item)
         ]
 
     def drop_queue(self, name: str) -> list[Item]:
@@ -220,9 +220,10 @@ class Dispatcher:
         dropped = [item for item in self.items.values() if item.queue == name]
         for item in dropped:
             # An attempt waiting for its run's close has no lease left to revoke; its outbox row stays.
-            if self._closing.pop(item.id, None) is None and item.state.is_live:
+            if not self._waits_for_close(item) and item.state.is_live:
                 self._send_to_holder(item, Revoke(item.lease_id, item.name, RevokeReason.QUEUE_DELETED, ""))
                 self._release_hold(item, item.life, ended_by_agent=False)
+            self._closing.pop(item.id, None)
             del self.items[item.id]
         self.run_closer.wake()
         return dropped
@@ -294,7 +295,7 @@ class Dispatcher:
             self._arriving[item.queue] -= 1
 
     async def cancel(self, item: Item, message: str) -> Item:
-        live = item.state.is_live and item.id not in self._closing
+        live = item.state.is_live and not self._waits_for_close(item)
         self._move(item, lifecycle.request_cancel(item.life, self._clock(), message))
         notices = [(item, Cancel(item.lease_id, item.name, message))] if live else []
         await self._persist([item], then_send=notices)
@@ -649,7 +650,7 @@ class Dispatcher:
             self._release_hold(item, item.life, ended_by_agent=False)
             del self._ended_leases[item.lease_id]
         item.life = committed
-        if item.id in self._closing:
+        if self._waits_for_close(item):
             self.items[item.id] = item
             return
         retry_at = self._clock() + self.timing.heartbeat_interval
@@ -702,7 +703,7 @@ class Dispatcher:
             self._spawn(self._record_closes(closed, then_send=revokes, retry=("expiry", key)))
             return
         due = self.items.get(key)
-        if due is None or due.life.epoch != epoch or due.id in self._closing:
+        if due is None or due.life.epoch != epoch or self._waits_for_close(due):
             return
         self._on_item_deadline(kind, due)
 
@@ -738,6 +739,11 @@ class Dispatcher:
         self._closing[item.id] = close
         self._schedule_dispatch()  # the agent's room and the queue's slot are free again
         return close
+
+    def _waits_for_close(self, item: Item) -> bool:
+        """Whether the item's current attempt was ended by the queue and waits for its run's close."""
+        close = self._closing.get(item.id)
+        return close is not None and close.epoch == item.life.epoch and item.state.is_live
 
     async def _record_closes(
         self,

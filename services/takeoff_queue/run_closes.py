@@ -167,4 +167,3 @@ class RunCloser:
             await self._store.retry_run_close(close, self._clock() + delay, str(error)[:1000])
             return
         await self._settle(close, end)
-
