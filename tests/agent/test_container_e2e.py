@@ -121,7 +121,11 @@ class Containers:
         return reply.queue.name
 
     def containers_of(self, item: str) -> list[Any]:
-        return list(self.docker.engine.containers.list(all=True, filters={"label": f"takeoff.item={item}"}))
+        return list(
+            self.docker.engine.containers.list(
+                all=True, sparse=True, filters={"label": f"takeoff.item={item}"}
+            )
+        )
 
     def running_container(self, item: str) -> Any:
         def found() -> Any:

@@ -114,7 +114,7 @@ class Harness:
         return self.engine.containers.get(job.name)
 
     def gone(self, job: ContainerJob) -> bool:
-        return not self.engine.containers.list(all=True, filters={"name": job.name})
+        return not self.engine.containers.list(all=True, sparse=True, filters={"name": job.name})
 
     def output(self, job: ContainerJob, stream: str = "stdout") -> str:
         path = job.lease_dir / f"{stream}.log"
@@ -126,10 +126,7 @@ async def harness(docker_setup: DockerSetup, tmp_path: Path) -> AsyncIterator[Ha
     agent = f"test-{uuid.uuid4().hex[:10]}"
     runner = create({"gpus": ["0", "1"]}, RunnerContext(agent_id=agent, state_dir=tmp_path))
     yield Harness(docker_setup, tmp_path, runner)
-    for container in docker_setup.engine.containers.list(
-        all=True, filters={"label": f"takeoff.agent={agent}"}
-    ):
-        container.remove(force=True)
+    await runner.sweep(())  # whatever a failed test left
     await runner.close()
 
 
@@ -368,10 +365,7 @@ async def test_an_image_is_pulled_with_the_configured_login(
         assert (ended.exit_code, ended.failure) == (0, None)
         assert harness.output(job) == "hello\n"
     finally:
-        for container in docker_setup.engine.containers.list(
-            all=True, filters={"label": f"takeoff.agent={agent}"}
-        ):
-            container.remove(force=True)
+        await with_login.sweep(())
         if docker_setup.engine.images.list(name=image):
             docker_setup.engine.images.remove(image, force=True)
         await with_login.close()

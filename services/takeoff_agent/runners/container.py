@@ -39,7 +39,7 @@ from takeoff_agent.domain import (
 from takeoff_agent.log_tail import LogTail
 from takeoff_agent.runners.base import Launch, LogSource, RunnerContext, RunnerRefused, RunnerUnavailable
 from takeoff_agent.runners.gpus import GpuPool, GpuRequest, parse_request
-from takeoff_agent.shim import ENGINE_CALL_SECONDS, engine_options, shim_alive, signal_of, write_atomically
+from takeoff_agent.shim import ENGINE_CALL_SECONDS, engine_address, shim_alive, signal_of, write_atomically
 
 T = TypeVar("T")
 
@@ -119,7 +119,7 @@ def parse_options(options: Mapping[str, object]) -> ContainerOptions:
         )
     docker_host = options.get("docker_host")
     if docker_host is not None and (not isinstance(docker_host, str) or not docker_host):
-        raise ValueError("docker_host must be an engine address such as unix:///var/run/docker.sock")
+        raise ValueError("docker_host must be an engine address: unix:///path or tcp://host:port")
     gpus = options.get("gpus", [])
     if not isinstance(gpus, list) or not all(isinstance(gpu, str | int) and str(gpu) for gpu in gpus):
         raise ValueError('gpus must list the host\'s GPU device ids, e.g. ["0", "1"]')
@@ -137,6 +137,7 @@ def parse_options(options: Mapping[str, object]) -> ContainerOptions:
         ):
             raise ValueError(f"registry_auth.{host} must have exactly a username and a password")
         logins[str(host)] = RegistryLogin(login["username"], login["password"])
+    engine_address(docker_host)  # the shims must reach it too
     return ContainerOptions(docker_host, tuple(str(gpu) for gpu in gpus), logins)
 
 
@@ -353,15 +354,15 @@ class ContainerRunner:
     async def sweep(self, held: Collection[str]) -> None:
         """Remove this agent's containers whose lease it no longer holds (their shims record the end)."""
         found = await self.call(
-            lambda engine: engine.containers.list(
+            lambda engine: engine.api.containers(
                 all=True, filters={"label": f"{LABEL}.agent={self.context.agent_id}"}
             )
         )
         for container in found:
-            lease = container.labels.get(f"{LABEL}.lease", "")
+            lease = (container.get("Labels") or {}).get(f"{LABEL}.lease", "")
             if lease not in held:
                 self.gpus.release(lease)
-                await self.remove(container.id)
+                await self.remove(container["Id"])
 
     async def close(self) -> None:
         if self._client is not None:
@@ -378,7 +379,9 @@ class ContainerRunner:
         try:
             if self._client is None:
                 self._client = docker.DockerClient(
-                    version="auto", timeout=ENGINE_CALL_SECONDS, **engine_options(self.options.docker_host)
+                    base_url=engine_address(self.options.docker_host),
+                    version="auto",
+                    timeout=ENGINE_CALL_SECONDS,
                 )
             return action(self._client)
         except docker.errors.APIError as error:
