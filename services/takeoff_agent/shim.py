@@ -9,6 +9,7 @@ an agent needs to take the job back or learn how it ended:
   the engine);
 - ``shim.json``: the shim's pid and the job's pid (= its process group), or the container's id once the
   shim has started it (``"started": true``) or found it could not;
+- ``shim.lock``: held (``flock``) by a container's shim as long as it lives;
 - ``exit.json``: how the job ended: exit code, or the signal that killed it, whether the shim stopped it
   because the agent's lease ran out, whether the kernel killed it for memory (a container's
   ``State.OOMKilled``), or a failure of the runner's own (written last, atomically).
@@ -174,7 +175,7 @@ def engine_address(docker_host: str | None) -> str:
     address = docker_host or os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
     if not address.startswith(("unix://", "tcp://")):
         raise ValueError(f"{address!r}: the engine must be at unix:///path or tcp://host:port")
-    if address.startswith("tcp://") and not docker_host and os.environ.get("DOCKER_TLS_VERIFY"):
+    if address.startswith("tcp://") and os.environ.get("DOCKER_TLS_VERIFY"):
         raise ValueError("an engine behind TLS (DOCKER_TLS_VERIFY) is not supported")
     return address
 
