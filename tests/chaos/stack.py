@@ -40,6 +40,11 @@ class Service:
 
     def start(self) -> None:
         """Start it and wait until it serves."""
+        self.spawn()
+        self.wait_serving()
+
+    def spawn(self) -> None:
+        """Start it (its peers find it once it serves: :meth:`wait_serving`)."""
         self.ready_file.unlink(missing_ok=True)
         with self.log.open("ab") as log:
             process = subprocess.Popen(
@@ -56,6 +61,10 @@ class Service:
                 stderr=subprocess.STDOUT,
             )
         self.process = process
+
+    def wait_serving(self) -> None:
+        process = self.process
+        assert process is not None
 
         def serving() -> bool:
             if process.poll() is not None:

@@ -41,12 +41,13 @@ longer than the TTL, so that agents fence their jobs, and when an agent is), not
 attempts without backing off."""
 OUTAGE_SECONDS = 2.0
 """How long a killed service stays down: the size of the fault, as in the chaos run of issue 12."""
-ALL_ENDED_WITHIN = 130.0
-"""From the first Enqueue until every item has ended, faults included; the test's timeout is above it."""
+ALL_ENDED_WITHIN = 140.0
+"""From the first Enqueue until every item has ended, faults included (about 110 s on two cores shared
+with other work); what has not ended by then is reported with the rest."""
 RUNS_SETTLE_WITHIN = 10.0
 """After the last item ended, for runs closed by whoever closes them (agent, or the queue's outbox)."""
-STACK_START_AND_STOP = 40.0
-"""Five processes started and stopped (20-25 s on a loaded two-core machine): the rest of the timeout."""
+STACK_START_AND_STOP = 30.0
+"""Five processes started and stopped (up to 20 s on a loaded two-core machine): the rest of the timeout."""
 SHORT_JOB_SECONDS, LONG_JOB_SECONDS = 0.2, 3.5
 """Three jobs in four end within a heartbeat or two; every fourth outlives the TTL. An agent is killed while
 it runs a long one (its shim stops it if the agent is away too long) and maybe a short one (which
@@ -118,8 +119,6 @@ class Chaos:
 def chaos(tmp_path: Path) -> Iterator[Chaos]:
     with ExitStack() as stack:
         registry = Service("registry", tmp_path, {})
-        registry.start()
-        stack.callback(registry.stop)
         queue_service = Service(
             "queue",
             tmp_path,
@@ -130,11 +129,13 @@ def chaos(tmp_path: Path) -> Iterator[Chaos]:
                 "TAKEOFF_SHUTDOWN_GRACE_SECONDS": "1",
             },
         )
-        queue_service.start()
-        stack.callback(queue_service.stop)
         builder = Service("builder", tmp_path, {"TAKEOFF_REGISTRY_ADDRESS": registry.address})
-        builder.start()
-        stack.callback(builder.stop)
+        services = [registry, queue_service, builder]
+        for service in services:  # side by side: each knows where the others will be
+            service.spawn()
+            stack.callback(service.stop)
+        for service in services:
+            service.wait_serving()
         config = {
             "max_jobs": 2,
             "queue_address": queue_service.address,
@@ -198,20 +199,25 @@ def killed_while_running(chaos: Chaos, agent: Agent, *, past_ttl: bool) -> Calla
             running = agent.running()
             return running if any(work.item in chaos.long_jobs for work in running) else None
 
-        running = wait_for(
-            running_a_long_job,
-            timeout=max(0.0, deadline - time.monotonic()),
-            what=f"agent {agent.index} to run a long job",
-        )
+        try:
+            running = wait_for(
+                running_a_long_job,
+                timeout=max(0.0, deadline - time.monotonic()),
+                what=f"agent {agent.index} to run a long job",
+            )
+        except AssertionError:
+            return Struck(f"not struck: agent {agent.index} ran no long job in time")
         name = agent.name
         agent.kill()
-        if past_ttl:  # back only once the queue service has taken its leases away
-            wait_for(
-                lambda: chaos.observer.agent_leases(name) == [],
-                timeout=max(0.0, deadline - time.monotonic()),
-                what=f"the leases of agent {agent.index} to expire",
-            )
-        agent.start()
+        try:
+            if past_ttl:  # back only once the queue service has taken its leases away
+                wait_for(
+                    lambda: chaos.observer.agent_leases(name) == [],
+                    timeout=max(0.0, deadline - time.monotonic()),
+                    what=f"the leases of agent {agent.index} to expire",
+                )
+        finally:
+            agent.start()
         back = "after its leases expired" if past_ttl else "at once"
         return Struck(
             f"agent {agent.index} killed, started again {back}", [(w.item, w.attempt) for w in running]
@@ -262,25 +268,41 @@ def test_faults_cost_time_not_work(chaos: Chaos) -> None:
     ]
     struck: list[tuple[str, Struck]] = []
     for strike in strikes:
-        ended = len(wait_for_items(chaos, deadline, strike.after_ended))
-        if ended == ITEMS:
-            struck.append((f"{strike.what}: every item had ended", Struck("not struck")))
+        try:
+            so_far = len(wait_for_items(chaos, deadline, strike.after_ended))
+        except AssertionError:  # out of time: what has not ended is reported below
+            struck.append(
+                (strike.what, Struck(f"not struck: {strike.after_ended} items had not ended in time"))
+            )
+            continue
+        if so_far == ITEMS:
+            struck.append((strike.what, Struck("not struck: every item had ended")))
             continue
         at = time.monotonic() - began
-        struck.append((f"{at:6.1f}s {strike.what} ({ended} ended)", strike.act(deadline)))
+        struck.append((f"{at:6.1f}s {strike.what} ({so_far} ended)", strike.act(deadline)))
 
-    all_ended = wait_for_items(chaos, deadline, ITEMS)
+    with contextlib.suppress(AssertionError):  # what has not ended by then is reported below
+        wait_for_items(chaos, deadline, ITEMS)
     elapsed = time.monotonic() - began
-    runs = settled_runs(chaos, all_ended)
+    items = wait_for(
+        lambda: chaos.observer.items(chaos.queue),
+        timeout=RUNS_SETTLE_WITHIN,
+        what="the queue service to answer",
+    )
+    ended = [item for item in items if item.state in TERMINAL]
+    runs = settled_runs(chaos, items)
     journal = [json.loads(line) for line in chaos.journal.read_text().splitlines()]
 
     violations = {
-        "items not SUCCEEDED exactly once": item_problems(all_ended),
+        f"items not ended within {ALL_ENDED_WITHIN:g}s": [
+            f"{short(item.name)} {how_now(item)}" for item in items if item.state not in TERMINAL
+        ],
+        "items not SUCCEEDED exactly once": item_problems(ended),
         "attempts of an item alive side by side": overlap_problems(journal),
-        "work done twice, or by an attempt that did not succeed": work_problems(all_ended, journal),
-        **run_problems(all_ended, runs),
+        "work done twice, or by an attempt that did not succeed": work_problems(items, journal),
+        **run_problems(items, runs),
     }
-    print(summary(all_ended, runs, journal, struck=struck, elapsed=elapsed))
+    print(summary(items, runs, journal, struck=struck, elapsed=elapsed))
     print(report(violations))
     assert not any(violations.values()), report(violations)
 
@@ -374,7 +396,9 @@ def run_problems(
             state = runs[run]
             if state is None:
                 continue  # the attempt ended before its run was created: nothing to close
-            ending = endings[attempt]
+            ending = endings.get(attempt)
+            if ending is None:
+                continue  # the attempt is still live (its item did not end in time): its run may be open
             expected = {RUN_FINISHED} if ending.to_state == SUCCEEDED else RUN_ENDED_UNSUCCESSFULLY
             if state in expected:
                 continue
@@ -435,6 +459,16 @@ def summary(
                 f"      running {short(item)} attempt {attempt}: {'live' if ending is None else how(ending)}"
             )
     return "\n".join(lines)
+
+
+def how_now(item: queue_pb2.Item) -> str:
+    """``PENDING after 1 attempt``, ``RUNNING in attempt 2``: where an item that has not ended stands."""
+    state = common_pb2.ItemState.Name(item.state).removeprefix("ITEM_STATE_")
+    return (
+        f"{state} after {item.attempt} attempts"
+        if item.state == PENDING
+        else f"{state} in attempt {item.attempt}"
+    )
 
 
 def how(ending: queue_pb2.ItemTransition) -> str:
