@@ -29,6 +29,7 @@ from takeoff_agent.domain import (
     LogStream,
     Outcome,
     ResourceKind,
+    RunnerFailure,
     SourceKind,
 )
 from takeoff_agent.runners.base import Launch, LogSource, Runner, RunnerContext, RunnerUnavailable
@@ -58,13 +59,14 @@ class Recorder:
         self.outcomes.append(outcome)
 
 
-class WaitingJob:
-    """A job whose start waits (as for free GPUs) until cancelled, or fails as ``start_error`` says."""
+class StubJob:
+    """A job whose start fails with ``start_error``, or ends at once as ``ended`` says, or else waits
+    (as for free GPUs) until cancelled."""
 
-    started = False
-
-    def __init__(self, start_error: Exception | None) -> None:
+    def __init__(self, start_error: Exception | None, ended: JobExit | None) -> None:
         self.start_error = start_error
+        self.ended = ended
+        self.started = False
         self.launch: Launch | None = None
         self.waiting = asyncio.Event()
         self.start_cancelled = False
@@ -77,6 +79,9 @@ class WaitingJob:
         self.launch = launch
         if self.start_error is not None:
             raise self.start_error
+        if self.ended is not None:
+            self.started = True
+            return
         assert launch.report is not None
         await launch.report("waiting for 1 GPU: 0 of 1 free")
         self.waiting.set()
@@ -90,10 +95,11 @@ class WaitingJob:
         raise AssertionError("only for jobs started before a restart")
 
     async def wait(self) -> JobExit:
-        raise AssertionError("never started")
+        assert self.ended is not None
+        return self.ended
 
     def exit(self) -> JobExit | None:
-        return None
+        return self.ended if self.started else None
 
     async def stop(self, grace: float) -> None:
         self.stopped.append(grace)
@@ -102,11 +108,11 @@ class WaitingJob:
         pass
 
 
-class WaitingRunner:
+class StubRunner:
     kind = ResourceKind.LOCAL_PROCESS
 
-    def __init__(self, start_error: Exception | None = None) -> None:
-        self.the_job = WaitingJob(start_error)
+    def __init__(self, *, start_error: Exception | None = None, ended: JobExit | None = None) -> None:
+        self.the_job = StubJob(start_error, ended)
 
     def build_kind(self, source: SourceKind) -> BuildKind:
         return BuildKind.VENV
@@ -114,7 +120,7 @@ class WaitingRunner:
     def check(self, assignment: Assignment) -> None:
         pass
 
-    def job(self, assignment: Assignment, lease_dir: Path) -> WaitingJob:
+    def job(self, assignment: Assignment, lease_dir: Path) -> StubJob:
         return self.the_job
 
     async def sweep(self, held: object) -> None:
@@ -184,7 +190,7 @@ async def test_a_resource_option_the_runner_refuses_fails_the_item_config_invali
 async def test_a_runner_that_is_unavailable_fails_the_attempt_runner_infra_and_its_run(
     clients: tuple[Runs, Builder], tmp_path: Path, job_version: str
 ) -> None:
-    runner = WaitingRunner(RunnerUnavailable("the Docker engine does not answer"))
+    runner = StubRunner(start_error=RunnerUnavailable("the Docker engine does not answer"))
     attempt, recorder = attempt_of(runner, clients, tmp_path, job_version)
 
     await attempt.run()
@@ -200,7 +206,7 @@ async def test_a_runner_that_is_unavailable_fails_the_attempt_runner_infra_and_i
 async def test_a_cancel_interrupts_a_start_that_waits_and_is_given_what_the_job_needs(
     clients: tuple[Runs, Builder], tmp_path: Path, job_version: str
 ) -> None:
-    runner = WaitingRunner()
+    runner = StubRunner()
     attempt, recorder = attempt_of(runner, clients, tmp_path, job_version, {"env": {"EPOCHS": 3}})
     running = asyncio.create_task(attempt.run())
     job = runner.the_job
@@ -232,6 +238,37 @@ async def test_a_cancel_interrupts_a_start_that_waits_and_is_given_what_the_job_
         "TAKEOFF_CONFIG": "{}",
         "TRACEPARENT": "",
     }
+
+
+@pytest.mark.parametrize(
+    ("ended", "expected"),
+    [
+        (
+            JobExit(exit_code=137, signal=9, oom_killed=True),
+            (FailureReason.JOB_FAILED, "OOMKilled", common_pb2.RUN_STATE_CRASHED),
+        ),
+        (
+            JobExit(None, failure=RunnerFailure(FailureReason.PREEMPTED, "pod evicted: node drained")),
+            (FailureReason.PREEMPTED, "pod evicted: node drained", common_pb2.RUN_STATE_FAILED),
+        ),
+    ],
+)
+async def test_an_end_the_runner_reports_becomes_the_outcome_and_the_runs_final_state(
+    clients: tuple[Runs, Builder],
+    tmp_path: Path,
+    job_version: str,
+    ended: JobExit,
+    expected: tuple[FailureReason, str, int],
+) -> None:
+    reason, message_start, run_state = expected
+    attempt, recorder = attempt_of(StubRunner(ended=ended), clients, tmp_path, job_version)
+
+    await attempt.run()
+
+    [outcome] = recorder.outcomes
+    assert (outcome.state, outcome.reason, outcome.exit_code) == (ItemState.FAILED, reason, ended.exit_code)
+    assert outcome.message.startswith(message_start)
+    assert await clients[0].state(attempt.assignment.run) == run_state
 
 
 def test_a_build_failure_ends_the_item_and_its_run_failed(
