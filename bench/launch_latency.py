@@ -6,9 +6,11 @@ local-container), then launches it ``--launches`` times one after another and re
 300 ms for local-process, <= 1 s for local-container). The job prints the time and the bench reads it back
 from the run's log, so the figure holds however the runner passes environment and files to the job.
 
-Where the time goes is shown from the item's recorded transitions (the queue's clock) and the first line
-(the job's clock; the same host): Enqueue -> LEASED (dispatch), -> STARTING (the cached build), ->
-RUNNING (the runner started the job), -> first line (the job's interpreter reached its code).
+Where the time goes, launch by launch, from clocks on one host: Enqueue sent -> LEASED (dispatch) ->
+STARTING (the cached build) -> for containers, the engine's ``create`` and ``start`` events of the job's
+container (read back from the engine's event log by its ``takeoff.item`` label) -> the first line (the
+job's interpreter reached its code). ``RUNNING reported`` is when the queue learnt the job runs, from the
+first line (negative: before it).
 
     python bench/launch_latency.py [--launches 20] [--resource local-container --base-image IMAGE]
 """
@@ -16,12 +18,13 @@ RUNNING (the runner started the job), -> first line (the job's interpreter reach
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
 import tempfile
 import time
-from datetime import datetime
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -36,8 +39,17 @@ import time; print("{FIRST_LINE}" + repr(time.time()), flush=True)
 import takeoff
 takeoff.init().finish()
 """
-PHASES = (ItemState.LEASED, ItemState.STARTING, ItemState.RUNNING)
 TOTAL = "enqueue -> line"
+CONTAINER_EVENTS = ("create", "start")
+
+
+@dataclass
+class Launched:
+    """One timed launch: UNIX times of what happened to it, in order."""
+
+    item: str
+    moments: dict[str, float]
+    running: float
 
 
 def _percentile(ordered: list[float], fraction: float) -> float:
@@ -54,13 +66,12 @@ def _summary(values: list[float]) -> dict[str, float]:
     }
 
 
-def _phase_times(item: Item) -> dict[ItemState, datetime]:
-    """When the item of the latest attempt first reached each state."""
-    reached: dict[ItemState, datetime] = {}
+def _reached(item: Item, state: ItemState) -> float:
+    """When the item first reached ``state``."""
     for transition in item.transitions:
-        if transition.time is not None:
-            reached.setdefault(transition.to_state, transition.time)
-    return reached
+        if transition.to_state is state and transition.time is not None:
+            return transition.time.timestamp()
+    raise RuntimeError(f"{item.name} never reached {state}")
 
 
 def _first_line_time(client: Client, run: str) -> float:
@@ -70,25 +81,55 @@ def _first_line_time(client: Client, run: str) -> float:
     raise RuntimeError(f"run {run} has no line starting {FIRST_LINE!r}")
 
 
-def _measure(client: Client, queue: str, launches: int) -> dict[str, list[float]]:
-    """Launch the job ``launches`` times after one untimed launch that builds; milliseconds per phase."""
-    spans: dict[str, list[float]] = {TOTAL: []}
+def _measure(client: Client, queue: str, launches: int) -> list[Launched]:
+    """Launch the job ``launches`` times, one after another, after one untimed launch that builds."""
+    timed = []
     for launch in range(launches + 1):
         sent = time.time()
         item = client.get_item(client.launch("first-line", queue).wait(timeout=600).name)
         if item.state is not ItemState.SUCCEEDED:
             raise RuntimeError(f"launch {launch} ended {item.state}: {item.message}")
-        if not launch:
-            continue
-        first_line = _first_line_time(client, item.run)
-        spans[TOTAL].append((first_line - sent) * 1e3)
-        reached = _phase_times(item)
-        previous = sent
-        for state in PHASES:
-            at = reached[state].timestamp()
-            spans.setdefault(f"-> {state.value}", []).append((at - previous) * 1e3)
-            previous = at
-        spans.setdefault("-> first line", []).append((first_line - previous) * 1e3)
+        if launch:
+            moments = {
+                "enqueue": sent,
+                "LEASED": _reached(item, ItemState.LEASED),
+                "STARTING": _reached(item, ItemState.STARTING),
+                "first line": _first_line_time(client, item.run),
+            }
+            timed.append(Launched(item.name, moments, _reached(item, ItemState.RUNNING)))
+    return timed
+
+
+def _add_container_events(timed: list[Launched]) -> None:
+    """Put each launch's container ``create`` and ``start`` (the engine's clock) among its moments."""
+    import docker
+
+    by_item = {launch.item: launch for launch in timed}
+    engine = docker.from_env()
+    events = engine.events(
+        since=int(min(launch.moments["enqueue"] for launch in timed)),
+        until=int(time.time()) + 1,
+        filters={"type": "container", "label": "takeoff.item"},
+        decode=True,
+    )
+    for event in events:
+        launch = by_item.get(event["Actor"]["Attributes"].get("takeoff.item", ""))
+        if launch is not None and event["Action"] in CONTAINER_EVENTS:
+            launch.moments.setdefault(f"container {event['Action']}", event["timeNano"] / 1e9)
+    engine.close()
+
+
+def _spans(timed: list[Launched]) -> dict[str, list[float]]:
+    """Milliseconds from the enqueue to the first line, between consecutive moments, and from the first
+    line to RUNNING reported."""
+    spans: dict[str, list[float]] = {TOTAL: [], "RUNNING reported": []}
+    for launch in timed:
+        ordered = sorted(launch.moments.items(), key=lambda moment: moment[1])
+        first_line = launch.moments["first line"]
+        spans[TOTAL].append((first_line - launch.moments["enqueue"]) * 1e3)
+        for (_, earlier), (name, later) in itertools.pairwise(ordered):
+            spans.setdefault(f"-> {name}", []).append((later - earlier) * 1e3)
+        spans["RUNNING reported"].append((launch.running - first_line) * 1e3)
     return spans
 
 
@@ -108,7 +149,10 @@ def _run(resource: ResourceKind, base_image: str | None, launches: int) -> dict[
                 config = home / "agent.yaml"
                 config.write_text(yaml.safe_dump({"queues": [queue], "max_jobs": 1}))
                 stack.start_agent(config)  # it refuses to start when it has no runner for the queue
-                return _measure(client, queue, launches)
+                timed = _measure(client, queue, launches)
+                if resource is ResourceKind.LOCAL_CONTAINER:
+                    _add_container_events(timed)
+                return _spans(timed)
         finally:
             stack.stop()
 
@@ -138,9 +182,9 @@ def main() -> None:
     print(json.dumps({"resource": resource.value, "launches": args.launches, **figures}, indent=2))
     columns = ("p50_ms", "p90_ms", "min_ms", "max_ms")
     print(f"\n{resource.value}, {args.launches} launches")
-    print(f"{'':>16} " + " ".join(f"{column:>9}" for column in columns))
+    print(f"{'':>20} " + " ".join(f"{column:>9}" for column in columns))
     for span, summary in figures.items():
-        print(f"{span:>16} " + " ".join(f"{summary[column]:>9}" for column in columns))
+        print(f"{span:>20} " + " ".join(f"{summary[column]:>9}" for column in columns))
 
 
 if __name__ == "__main__":

@@ -144,6 +144,13 @@ def test_bad_queue_settings_are_refused_readably(takeoff: Takeoff, tmp_path: Pat
         "queue.resource_config",
     )
 
+    config.write_text("privileged: true\ncpus: 2\n")
+    refused_in_one_line(
+        takeoff("queue", "create", "root", "--resource", "local-container", "--config", str(config)),
+        "RESOURCE_CONFIG_INVALID",
+        "privileged",
+    )
+
 
 def test_launch_takes_config_values_files_and_template_variables(
     takeoff: Takeoff, job: str, project: str, resources_file: Path, tmp_path: Path
