@@ -372,6 +372,30 @@ async def test_an_image_is_pulled_with_the_configured_login(
         await without_login.close()
 
 
+async def test_a_job_waits_for_its_gpus_saying_so_and_a_cancelled_wait_leaves_nothing(
+    harness: Harness,
+) -> None:
+    await harness.runner.gpus.acquire("running-elsewhere", GpuRequest(every=True))
+    assignment = harness.assignment(gpus=1)
+    job = harness.job(assignment)
+    details: list[str] = []
+
+    async def report(detail: str) -> None:
+        details.append(detail)
+
+    starting = asyncio.create_task(job.start(replace(harness.launch(assignment), report=report)))
+    await eventually(lambda: len(details) == 1, "the job to wait for a GPU")
+    starting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await starting
+
+    assert details == ["waiting for 1 GPU (0 of 2 free)"]
+    assert not job.started
+    assert harness.gone(job)
+    harness.runner.gpus.release("running-elsewhere")
+    assert harness.runner.gpus.free() == ["0", "1"]
+
+
 async def test_jobs_asking_for_a_gpu_each_get_different_devices_and_a_third_waits() -> None:
     pool = GpuPool(["0", "1"])
     one = GpuRequest(count=1)
