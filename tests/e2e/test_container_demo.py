@@ -104,6 +104,7 @@ def test_the_stacks_agent_offers_containers_when_docker_answers(home: Path) -> N
     assert set(agent["resources"]) == {"local-process", "local-container"}
 
 
+@pytest.mark.timeout(300)  # the first use builds the SDK image: pip downloads the SDK's dependencies
 def test_an_image_job_with_the_sdk_baked_in_succeeds_with_its_metric(home: Path, sdk_image: str) -> None:
     job = create_image_job(home, sdk_image, JOB_CODE)
 
