@@ -135,6 +135,15 @@ class Agent:
             )
         self.process = AgentProcess(process, self.state_dir, ready_file, self.log)
 
+    def connected(self) -> bool:
+        """Whether this agent says it holds a session with the queue service."""
+        if self.process is None or self.process.process.poll() is not None:
+            return False
+        try:
+            return self.process.status().connected
+        except grpc.RpcError:
+            return False
+
     def running(self) -> list[agent_pb2.ActiveWork]:
         """What this agent, connected, says it runs now (nothing while it cannot be asked)."""
         if self.process is None or self.process.process.poll() is not None:
