@@ -232,6 +232,22 @@ def test_an_image_job_pulled_with_the_agents_registry_login_succeeds(containers:
     assert "hello from the container 2 /app" in stack.logs(item.run)
 
 
+def test_an_image_job_without_the_sdk_that_exits_0_is_no_run(containers: Containers) -> None:
+    stack = containers.stack
+    containers.client.create_job_version(
+        "no-sdk",
+        ImageSource(containers.docker.base_image),
+        entrypoint=["python3", "-c", "print('no sdk in this image')"],
+    )
+    queue = containers.queue()
+    with containers.running_agent([queue]):
+        item = stack.wait_ended(stack.enqueue(queue, "no-sdk", max_attempts=1), timeout=120)
+
+    assert (item.state, item.reason) == (FAILED, common_pb2.FAILURE_REASON_NO_RUN)
+    assert "no sdk in this image" in stack.logs(item.run)
+    assert containers.containers_of(item.name) == []
+
+
 def test_cancel_stops_and_removes_the_container(containers: Containers) -> None:
     stack = containers.stack
     job = code_job(containers.client, containers.tmp_path, "waiter", WAITER)
