@@ -224,24 +224,26 @@ class QueueWrite:
         await self._connection.execute(run_closes.delete().where(run_closes.c.id == close_id))
 
     async def claim_run_closes(self, now: datetime, hold_until: datetime, limit: int) -> list[RunClose]:
-        """The outbox rows due now, oldest first, kept from every other drainer until ``hold_until``. On
-        PostgreSQL rows another transaction is claiming are skipped, not waited for; SQLite has one
-        writer at a time."""
+        """The outbox rows due now, oldest first, kept from every other drainer until ``hold_until``. One
+        statement picks and claims them: PostgreSQL skips rows another transaction is claiming instead of
+        waiting for them; SQLite runs one writing statement at a time."""
         due = (
-            sa.select(run_closes)
+            sa.select(run_closes.c.id)
             .where(run_closes.c.next_try_time <= now)
             .order_by(run_closes.c.id)
             .limit(limit)
             .with_for_update(skip_locked=True)
         )
-        claimed = [_run_close_from_row(dict(row)) for row in (await self._connection.execute(due)).mappings()]
-        if claimed:
-            await self._connection.execute(
-                run_closes.update()
-                .where(run_closes.c.id.in_([close.id for close in claimed]))
-                .values(next_try_time=hold_until)
-            )
-        return claimed
+        claim = (
+            run_closes.update()
+            .where(run_closes.c.id.in_(due))
+            .values(next_try_time=hold_until)
+            .returning(*run_closes.c)
+        )
+        claimed = [
+            _run_close_from_row(dict(row)) for row in (await self._connection.execute(claim)).mappings()
+        ]
+        return sorted(claimed, key=lambda close: close.id)
 
     async def retry_run_close(self, close: RunClose, next_try_time: datetime, error: str) -> None:
         """The try failed: the row waits until ``next_try_time``, one more try counted."""

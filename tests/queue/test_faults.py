@@ -9,7 +9,7 @@ import asyncio
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -17,9 +17,14 @@ import grpc
 import pytest
 from google.protobuf import duration_pb2, field_mask_pb2
 
+import takeoff_queue.store
 from takeoff.v1 import common_pb2, queue_pb2, runs_pb2, runs_pb2_grpc
 from takeoff_queue.resource_config import CONTAINER_OPTIONS
+from takeoff_queue.run_closes import CLAIM_HOLD, RunClose
 from takeoff_queue.settings import QueueSettings
+from takeoff_queue.store import QueueStore, QueueWrite
+from takeoff_server.database import Database
+from tests.postgres import postgres_schema_url
 from tests.processes import ServiceProcess, service_process
 from tests.queue.harness import (
     InProcessQueue,
@@ -41,6 +46,7 @@ LOCAL_CONTAINER = common_pb2.RESOURCE_KIND_LOCAL_CONTAINER
 KILLED = common_pb2.RUN_STATE_KILLED
 FINISHED = common_pb2.RUN_STATE_FINISHED
 TTL_SECONDS = 1.0
+MIGRATIONS = Path(takeoff_queue.store.__file__).with_name("migrations")
 T = TypeVar("T")
 
 
@@ -376,6 +382,47 @@ async def test_a_queue_deleted_with_live_items_kills_their_runs(
         assert "its queue was deleted" in run.message
     finally:
         await agent.close()
+
+
+@pytest.fixture
+def outbox_database_url(queue_env: dict[str, str], tmp_path: Path) -> Iterator[str]:
+    """A database of its own, of the kind ``queue_env`` names."""
+    if "TAKEOFF_DATABASE_URL" not in queue_env:
+        yield f"sqlite:///{tmp_path / 'outbox.db'}"
+        return
+    with postgres_schema_url("queue_outbox") as url:
+        yield url
+
+
+async def test_drainers_sharing_a_database_never_claim_one_close_twice(outbox_database_url: str) -> None:
+    first = Database("queue", outbox_database_url, migrations=MIGRATIONS)
+    second = Database("queue", outbox_database_url)  # another replica
+    try:
+        await first.migrate()
+        replicas = (QueueStore(first), QueueStore(second))
+        now = datetime.now(UTC)
+        closes = [RunClose(f"projects/qtest/runs/r{index}-1", "a test") for index in range(6)]
+
+        async def insert(tx: QueueWrite) -> Any:
+            return await tx.insert_run_closes(closes, now)
+
+        await replicas[0].write(insert)
+
+        claims = await asyncio.gather(
+            *(replica.claim_run_closes(now, now + CLAIM_HOLD, limit=4) for replica in replicas)
+        )
+        claimed = [close.id for claim in claims for close in claim]
+        assert sorted(claimed) == sorted(set(claimed))  # no row twice
+        assert len(claimed) == len(closes)  # and none left out: a claimed row is skipped, not waited for
+        assert await replicas[1].claim_run_closes(now, now + CLAIM_HOLD, limit=10) == []
+
+        # A drainer that died with its claims leaves them to the others once the claim runs out.
+        after_the_hold = now + CLAIM_HOLD + timedelta(seconds=1)
+        reclaimed = await replicas[1].claim_run_closes(after_the_hold, after_the_hold + CLAIM_HOLD, limit=10)
+        assert sorted(close.id for close in reclaimed) == sorted(claimed)
+    finally:
+        await second.close()
+        await first.close()
 
 
 # ----- host-path volumes (issue 10's queue side) -------------------------------------------------------
