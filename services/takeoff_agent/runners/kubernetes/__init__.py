@@ -181,6 +181,8 @@ class StatusLines:
 
 class KubernetesRunner:
     kind = ResourceKind.KUBERNETES
+    needs_pushed_image = True
+    """Image builds must be pushed to the builder's registry: the cluster pulls them from there."""
 
     def __init__(self, api: KubeApi, options: Options, context: RunnerContext) -> None:
         self.api = api
