@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from google.protobuf.message import DecodeError
+
 from takeoff.v1 import build_pb2, common_pb2, queue_pb2, runs_pb2
 from takeoff_agent.domain import (
     ITEM,
@@ -91,7 +93,7 @@ def recorded_assignment(lease_dir: Path) -> Assignment | None:
     """The assignment recorded in ``lease_dir``; None when there is none the agent can read."""
     try:
         return assignment_from_proto(AssignmentMessage.FromString((lease_dir / ASSIGNMENT_FILE).read_bytes()))
-    except (OSError, ValueError):  # protobuf's DecodeError is a ValueError
+    except (OSError, DecodeError, ValueError):
         return None
 
 

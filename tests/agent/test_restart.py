@@ -154,3 +154,25 @@ def test_a_job_its_shim_stopped_while_the_agent_was_away_is_reported_if_the_queu
 
     assert (item.state, item.reason) == (FAILED, common_pb2.FAILURE_REASON_AGENT_LOST)
     assert stack.run(item.run).state == common_pb2.RUN_STATE_KILLED
+
+
+def test_the_job_of_a_lease_directory_a_restarted_agent_cannot_read_is_stopped_and_removed(
+    stack: Stack, client: Client, start_agent: StartAgent, tmp_path: Path
+) -> None:
+    job = code_job(client, tmp_path, "unreadable", GROUP)
+    queue = stack.new_queue(max_attempts=1)
+    first = start_agent([queue])
+    name = stack.enqueue(queue, job, run_config=struct({"pids": str(tmp_path / "pids.json")}))
+    stack.wait_state(name, RUNNING)
+    pids = group_pids(tmp_path / "pids.json")
+    [lease_dir] = list((first.state_dir / "leases").iterdir())
+
+    first.kill()
+    (lease_dir / "assignment.bin").write_bytes(b"\xff not an assignment")  # say, a disk that lost it
+    with running_agent(start_agent, [queue], state_dir=first.state_dir):
+        # Not listed in the Hello, so the queue ends the attempt; its job is an orphan the sweep stops.
+        wait_gone(pids)
+        wait_for(lambda: not lease_dir.exists(), timeout=60, what="the unreadable lease to be removed")
+        item = stack.wait_ended(name, timeout=60)
+
+    assert (item.state, item.reason) == (FAILED, common_pb2.FAILURE_REASON_AGENT_LOST)

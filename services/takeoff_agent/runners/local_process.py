@@ -87,7 +87,8 @@ class LocalProcessRunner:
         return LocalProcessJob(lease_dir, self.sdk_site, self.pass_env)
 
     async def sweep(self, held: Collection[str]) -> None:
-        """Stop the jobs of lease directories the agent does not hold (it removes the directories)."""
+        """Stop the local jobs of lease directories the agent does not hold (it removes the directories;
+        other runners' work in them is theirs to stop)."""
         leases = self.context.state_dir / "leases"
         if not leases.is_dir():
             return
@@ -187,11 +188,13 @@ class LocalProcessJob:
         return JobExit(exit_code=data["exit_code"], signal=data["signal"], fenced=data["fenced"])
 
     def _pids(self) -> tuple[int, int] | None:
+        """The shim's pid and the job's (its process group); None before the shim has started it, and for
+        a lease directory of another runner (a container's shim records no job pid)."""
         try:
             data = json.loads((self.lease_dir / "shim.json").read_text())
-        except (OSError, ValueError):
+            return int(data["shim_pid"]), int(data["job_pid"])
+        except (OSError, ValueError, KeyError, TypeError):
             return None
-        return data["shim_pid"], data["job_pid"]
 
     def _shim_alive(self) -> bool:
         if self._shim is not None:
