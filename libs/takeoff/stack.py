@@ -58,7 +58,11 @@ def agent_defaults(config: Path | None, job_registry_address: str | None) -> dic
     """``TAKEOFF_*`` variables for the agent settings that neither ``config`` nor the environment gives:
     the runners this machine offers (``local-process``; ``local-container`` when a Docker engine answers)
     and ``job_registry_address`` (on one host, the registry's Unix socket: a container runner mounts it)."""
-    given = {name.removeprefix("TAKEOFF_").lower() for name in os.environ if name.startswith("TAKEOFF_")}
+    given = {  # TAKEOFF_RUNNERS__KUBERNETES__NAMESPACE gives `runners` too
+        name.removeprefix("TAKEOFF_").split("__")[0].lower()
+        for name in os.environ
+        if name.startswith("TAKEOFF_")
+    }
     if config is not None:
         with contextlib.suppress(OSError, yaml.YAMLError):
             settings = yaml.safe_load(config.read_text())

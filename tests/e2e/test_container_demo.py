@@ -1,9 +1,10 @@
 """Containers from the command line, on a real Docker engine with the CI base image.
 
-``takeoff demo --resource local-container`` in a fresh TAKEOFF_HOME; and, on one stack for the module
-(``takeoff.stack.LocalStack``, whose agent is offered the local-container runner because Docker answers),
-image jobs made with ``takeoff job create --image`` and launched with ``takeoff launch --wait`` on
-local-container queues made with ``takeoff queue create --resource local-container``.
+``takeoff demo --resource local-container`` in a fresh TAKEOFF_HOME (its stack offers its agent the
+local-container runner because Docker answers); and, on one stack for the module with an agent started by
+``takeoff agent`` (offered the same, and the stack's registry socket for its jobs), image jobs made with
+``takeoff job create --image`` and launched with ``takeoff launch --wait`` on local-container queues made
+with ``takeoff queue create --resource local-container``.
 
 The image job that must succeed runs on an image a user would make: the base image with the wheel of
 ``takeoff sdk wheel`` installed, so its ``takeoff.init()`` attaches a run and logs a metric (an image
@@ -14,20 +15,25 @@ command line: an image nobody can pull, and a job over its memory limit (``OOMKi
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 
 from takeoff.stack import LocalStack
 from tests.conftest import DockerSetup
-from tests.e2e.test_up import stack_record, takeoff
+from tests.e2e.test_up import TAKEOFF, stack_record, takeoff
+from tests.processes import wait_for
 
 HOST_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 SDK_IMAGE = "takeoff-test/sdk-job:latest"
+AGENT = "e2e-containers"
 JOB_CODE = "import takeoff; run = takeoff.init(); run.log({'answer': 42}); run.finish()"
 OVER_MEMORY_CODE = "data = b'x' * (512 << 20); print(len(data))"
 
@@ -56,10 +62,12 @@ def sdk_image(docker_setup: DockerSetup, tmp_path_factory: pytest.TempPathFactor
 
 @pytest.fixture(scope="module")
 def home(docker_setup: DockerSetup, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """A running stack with two local-container queues, made through the CLI, and an agent serving both."""
+    """A running stack with two local-container queues, made through the CLI, and an agent serving both,
+    started with `takeoff agent` (the stack's own agent is the demo's)."""
     home = tmp_path_factory.mktemp("home")
     stack = LocalStack(home, base_port=0, base_image=docker_setup.base_image)
     stack.start()
+    agent: subprocess.Popen[bytes] | None = None
     try:
         created = takeoff(home, "queue", "create", "containers", "--resource", "local-container")
         assert created.returncode == 0, created.stderr
@@ -77,14 +85,28 @@ def home(docker_setup: DockerSetup, tmp_path_factory: pytest.TempPathFactory) ->
             str(resources),
         )
         assert created.returncode == 0, created.stderr
-        config = home / "agent.yaml"
-        config.write_text(
-            yaml.safe_dump({"name": "e2e-containers", "queues": ["containers", "small-memory"]})
-        )
-        stack.start_agent(config)
+        agent_log = home / "logs" / "cli-agent.log"
+        with agent_log.open("w") as log:
+            agent = subprocess.Popen(
+                [*TAKEOFF, "agent", "--name", AGENT, "--queue", "containers", "--queue", "small-memory"],
+                env={**os.environ, "TAKEOFF_HOME": str(home)},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        wait_for(lambda: connected_agent(home) or agent.poll() is not None, timeout=60, what="the agent")
+        assert agent.poll() is None, agent_log.read_text()
         yield home
     finally:
+        if agent is not None and agent.poll() is None:
+            agent.terminate()  # drains: nothing runs by now, so it exits at once
+            agent.wait(timeout=60)
         stack.stop()
+
+
+def connected_agent(home: Path) -> dict[str, Any] | None:
+    listed = takeoff(home, "agents", "--json")
+    agents = json.loads(listed.stdout) if listed.returncode == 0 else []
+    return next((a for a in agents if a["display_name"] == AGENT and a["connected"]), None)
 
 
 def create_image_job(home: Path, image: str, code: str) -> str:
@@ -96,11 +118,10 @@ def create_image_job(home: Path, image: str, code: str) -> str:
     return job
 
 
-def test_the_stacks_agent_offers_containers_when_docker_answers(home: Path) -> None:
-    agents = takeoff(home, "agents", "--json")
+def test_an_agent_next_to_the_stack_offers_containers_when_docker_answers(home: Path) -> None:
+    agent = connected_agent(home)
 
-    assert agents.returncode == 0, agents.stderr
-    [agent] = json.loads(agents.stdout)
+    assert agent is not None
     assert set(agent["resources"]) == {"local-process", "local-container"}
 
 
