@@ -21,6 +21,9 @@ from takeoff_agent.runners.kubernetes.api import ApiError, KubeApi, interrupt, l
 logger = logging.getLogger(__name__)
 
 RETRY_SECONDS = 1.0
+MAX_WAITING_LINES = 10_000
+"""Lines read ahead of the attempt at most: beyond them the follow waits (the attempt holds back while
+earlier lines wait to be sent), so a chatty job with its registry away does not fill the agent's memory."""
 
 
 class PodLog:
@@ -28,7 +31,7 @@ class PodLog:
 
     def __init__(self) -> None:
         self.offset = 0
-        self._lock = threading.Lock()
+        self._lock = threading.Condition()
         self._lines: list[str] = []
         """Lines past ``offset`` not taken yet; the last one is incomplete when ``_partial``."""
         self._partial = False
@@ -45,6 +48,7 @@ class PodLog:
             self.offset += len(taken)
             if final:
                 self._partial = False
+            self._lock.notify_all()
         return [piece for line in taken for piece in split_long_line(line)]
 
     def follow(
@@ -67,6 +71,8 @@ class PodLog:
 
     def stop(self) -> None:
         self._stopping.set()
+        with self._lock:
+            self._lock.notify_all()
         if self._response is not None:
             interrupt(self._response)
 
@@ -108,6 +114,8 @@ class PodLog:
                     continue
                 text = raw.decode("utf-8", errors="replace")
                 with self._lock:
+                    while len(self._lines) >= MAX_WAITING_LINES and not self._stopping.is_set():
+                        self._lock.wait()
                     self._lines.append(text.removesuffix("\n"))
                     self._partial = not text.endswith("\n")
         except (urllib3.exceptions.HTTPError, OSError):
