@@ -542,6 +542,14 @@ async def test_an_unreachable_api_server_is_runner_unavailable(tmp_path: Path) -
         await runner.close()
 
 
+async def test_an_api_server_gone_while_a_job_runs_fails_it_as_unavailable(cluster: Cluster) -> None:
+    runner = cluster.runner(unreachable_seconds=1)
+    job = await cluster.started(runner)
+    cluster.server.close()
+    with pytest.raises(RunnerUnavailable, match="has not answered for"):
+        await asyncio.wait_for(job.wait(), WAIT_SECONDS)
+
+
 async def test_what_the_runner_cannot_run_is_refused_by_name(cluster: Cluster) -> None:
     runner = cluster.runner()
     refused = assignment(
