@@ -591,16 +591,16 @@ async def test_what_the_runner_cannot_run_is_refused_by_name(cluster: Cluster) -
 @pytest.mark.parametrize(
     ("options", "named"),
     [
-        ({"namespace": "Not_A_Label"}, "runners.kubernetes.namespace"),
-        ({"ttl_seconds_after_finished": -1}, "runners.kubernetes.ttl_seconds_after_finished"),
-        ({"fence_margin_seconds": 0}, "runners.kubernetes.fence_margin_seconds"),
-        ({"image_pull_secrets": "regcred"}, "runners.kubernetes.image_pull_secrets"),
-        ({"kubeconfg": "x"}, "runners.kubernetes.kubeconfg: not an option"),
-        ({"kubeconfig": "/nonexistent/kubeconfig"}, "runners.kubernetes.kubeconfig"),
+        ({"namespace": "Not_A_Label"}, "namespace"),
+        ({"ttl_seconds_after_finished": -1}, "ttl_seconds_after_finished"),
+        ({"fence_margin_seconds": 0}, "fence_margin_seconds"),
+        ({"image_pull_secrets": "regcred"}, "image_pull_secrets"),
+        ({"kubeconfg": "x"}, "kubeconfg: not an option"),
+        ({"kubeconfig": "/nonexistent/kubeconfig"}, "kubeconfig"),
     ],
 )
 def test_bad_options_are_refused_by_name(tmp_path: Path, options: dict[str, Any], named: str) -> None:
-    with pytest.raises(ValueError, match=named.replace(".", r"\.")):
+    with pytest.raises(ValueError, match=f"^{named}"):
         create(options, RunnerContext(agent_id="a", state_dir=tmp_path))
 
 

@@ -51,7 +51,6 @@ from takeoff_agent.runners.kubernetes.watch import Informer
 
 logger = logging.getLogger(__name__)
 
-OPTIONS = "runners.kubernetes"
 NOT_PUSHED = "code and git jobs on a kubernetes queue need a builder with a registry to push to"
 RECHECK_SECONDS = 1.0
 """How often a waiting job looks again without news from the watches (to notice an unreachable API)."""
@@ -84,32 +83,32 @@ class Options:
 def _options(given: Mapping[str, object]) -> Options:
     known = set(Options.__dataclass_fields__)
     if unknown := sorted(set(given) - known):
-        raise ValueError(f"{OPTIONS}.{unknown[0]}: not an option (options: {', '.join(sorted(known))})")
+        raise ValueError(f"{unknown[0]}: not an option (options: {', '.join(sorted(known))})")
     values: dict[str, Any] = {}
     for name in ("kubeconfig", "context", "namespace"):
         if name in given:
             if not isinstance(given[name], str):
-                raise ValueError(f"{OPTIONS}.{name}: must be text")
+                raise ValueError(f"{name}: must be text")
             values[name] = given[name]
     if not is_dns_label(values.get("namespace", DEFAULT_NAMESPACE)):
-        raise ValueError(f"{OPTIONS}.namespace: must be a DNS label (a-z, 0-9 and '-', at most 63)")
+        raise ValueError("namespace: must be a DNS label (a-z, 0-9 and '-', at most 63)")
     if values.get("context") and not values.get("kubeconfig"):
-        raise ValueError(f"{OPTIONS}.context: needs a kubeconfig")
+        raise ValueError("context: needs a kubeconfig")
     if "ttl_seconds_after_finished" in given:
         ttl = given["ttl_seconds_after_finished"]
         if not isinstance(ttl, int) or isinstance(ttl, bool) or ttl < 0:
-            raise ValueError(f"{OPTIONS}.ttl_seconds_after_finished: must be a whole number of seconds >= 0")
+            raise ValueError("ttl_seconds_after_finished: must be a whole number of seconds >= 0")
         values["ttl_seconds_after_finished"] = ttl
     if "image_pull_secrets" in given:
         secrets = given["image_pull_secrets"]
         if not isinstance(secrets, list) or not all(isinstance(s, str) and is_dns_label(s) for s in secrets):
-            raise ValueError(f"{OPTIONS}.image_pull_secrets: must be a list of Secret names")
+            raise ValueError("image_pull_secrets: must be a list of Secret names")
         values["image_pull_secrets"] = tuple(secrets)
     for name in ("fence_margin_seconds", "unreachable_seconds"):
         if name in given:
             seconds = given[name]
             if not isinstance(seconds, int | float) or isinstance(seconds, bool) or not seconds > 0:
-                raise ValueError(f"{OPTIONS}.{name}: must be a number of seconds > 0")
+                raise ValueError(f"{name}: must be a number of seconds > 0")
             values[name] = float(seconds)
     return Options(**values)
 
@@ -126,13 +125,13 @@ def _api_client(options: Options) -> client.ApiClient:
                 config_file=options.kubeconfig, context=options.context or None, persist_config=False
             )
         except (config.ConfigException, OSError, ValueError, TypeError) as error:
-            raise ValueError(f"{OPTIONS}.kubeconfig: cannot use {options.kubeconfig}: {error}") from None
+            raise ValueError(f"kubeconfig: cannot use {options.kubeconfig}: {error}") from None
     configuration = client.Configuration()
     try:
         _load_incluster_config(client_configuration=configuration)
     except config.ConfigException as error:
         raise ValueError(
-            f"{OPTIONS}.kubeconfig: not given, and the agent is not running in a cluster ({error})"
+            f"kubeconfig: not given, and the agent is not running in a cluster ({error})"
         ) from None
     return client.ApiClient(configuration)
 
