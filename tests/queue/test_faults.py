@@ -59,20 +59,19 @@ def registry_home(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def own_registry(registry_home: Path, tmp_path: Path) -> Iterator[ServiceProcess]:
-    """A registry of this test's own, to stop and start again at the same address."""
+    """A registry of the test's own, to stop and start again at the same address."""
     with service_process("registry", registry_home) as process:
         make_code_job(process.address, "qtest", "train", tmp_path)
         yield process
         process.terminate()
 
 
-@pytest.fixture
-def fast_settings(tmp_path: Path, queue_env: dict[str, str], own_registry: ServiceProcess) -> QueueSettings:
+def fast_queue_settings(home: Path, queue_env: dict[str, str], registry_address: str) -> QueueSettings:
     """The queue in this process, with leases that expire within a second of their agent going."""
     return QueueSettings(
-        home=tmp_path,
+        home=home,
         listen=["127.0.0.1:0"],
-        registry_address=own_registry.address,
+        registry_address=registry_address,
         database_url=queue_env.get("TAKEOFF_DATABASE_URL"),
         lease_ttl_seconds=TTL_SECONDS,
         heartbeat_interval_seconds=0.2,
@@ -80,9 +79,17 @@ def fast_settings(tmp_path: Path, queue_env: dict[str, str], own_registry: Servi
 
 
 @pytest.fixture
-async def fast(fast_settings: QueueSettings) -> AsyncIterator[InProcessQueue]:
-    async with in_process_queue(fast_settings) as service:
+async def fast(tmp_path: Path, queue_env: dict[str, str], job: str) -> AsyncIterator[InProcessQueue]:
+    """On the registry of the test module (``job`` is its job ``train``)."""
+    settings = fast_queue_settings(tmp_path, queue_env, queue_env["TAKEOFF_REGISTRY_ADDRESS"])
+    async with in_process_queue(settings) as service:
         yield service
+
+
+@pytest.fixture
+def outage_settings(tmp_path: Path, queue_env: dict[str, str], own_registry: ServiceProcess) -> QueueSettings:
+    """On a registry of the test's own."""
+    return fast_queue_settings(tmp_path, queue_env, own_registry.address)
 
 
 @asynccontextmanager
@@ -195,37 +202,37 @@ async def test_job_failures_and_releases_wait_only_the_retry_delay(fast: InProce
 
 
 async def test_a_lease_expiring_with_its_agent_gone_kills_its_run_and_retries_the_item(
-    fast: InProcessQueue, own_registry: ServiceProcess
+    fast: InProcessQueue, registry_address: str
 ) -> None:
     queue = await new_queue(fast)
     name = await fast.enqueue(queue, "train")
     agent = await ScriptedAgent(fast.address).connect([queue])
     async with agent.heartbeating():
         assignment = (await agent.next("assignment")).assignment
-        await start_run(own_registry.address, assignment.run)
+        await start_run(registry_address, assignment.run)
         await agent.progress(assignment, RUNNING)
     await agent.vanish()
 
     retried = await watch_until(fast.queues, name, lambda seen: seen.state != RUNNING)
 
     assert (retried.state, retried.reason) == (PENDING, common_pb2.FAILURE_REASON_AGENT_LOST)
-    run = await run_of(own_registry.address, assignment.run)
+    run = await run_of(registry_address, assignment.run)
     assert run.state == KILLED
     assert "AGENT_LOST" in run.message
     assert await outbox(fast, assignment.run) == []
 
 
 async def test_a_run_the_job_finished_while_its_agent_was_away_ends_the_item_succeeded(
-    fast: InProcessQueue, own_registry: ServiceProcess
+    fast: InProcessQueue, registry_address: str
 ) -> None:
     queue = await new_queue(fast)
     name = await fast.enqueue(queue, "train")
     agent = await ScriptedAgent(fast.address).connect([queue])
     async with agent.heartbeating():
         assignment = (await agent.next("assignment")).assignment
-        await start_run(own_registry.address, assignment.run)
+        await start_run(registry_address, assignment.run)
         await agent.progress(assignment, RUNNING)
-        async with run_service(own_registry.address) as runs:  # the job's SDK finishes its run...
+        async with run_service(registry_address) as runs:  # the job's SDK finishes its run...
             await runs.FinishRun(runs_pb2.FinishRunRequest(name=assignment.run, state=FINISHED))
     await agent.vanish()  # ...and its agent dies before it could report
     standby = await ScriptedAgent(fast.address).connect([queue])
@@ -234,7 +241,7 @@ async def test_a_run_the_job_finished_while_its_agent_was_away_ends_the_item_suc
 
         assert (ended.state, ended.attempt) == (SUCCEEDED, 1)
         assert ended.message == "completed while its agent was unreachable"
-        assert (await run_of(own_registry.address, assignment.run)).state == FINISHED
+        assert (await run_of(registry_address, assignment.run)).state == FINISHED
         assert await leases_held(fast, standby) == 0, "the item was given out again"
     finally:
         await standby.close()
@@ -242,13 +249,13 @@ async def test_a_run_the_job_finished_while_its_agent_was_away_ends_the_item_suc
 
 @pytest.mark.parametrize("job_finished", [False, True], ids=["running", "finished"])
 async def test_a_registry_outage_and_a_queue_restart_delay_the_close_and_never_lose_it(
-    fast_settings: QueueSettings,
+    outage_settings: QueueSettings,
     own_registry: ServiceProcess,
     registry_home: Path,
     job_finished: bool,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    async with in_process_queue(fast_settings) as service:
+    async with in_process_queue(outage_settings) as service:
         close_failed = asyncio.Event()
         retry_later = service.parts.store.retry_run_close
 
@@ -283,7 +290,7 @@ async def test_a_registry_outage_and_a_queue_restart_delay_the_close_and_never_l
 
     # The queue restarts while the registry is still away; the registry comes back at the same address.
     with service_process("registry", registry_home, listen=[own_registry.address]):
-        async with in_process_queue(fast_settings) as service:
+        async with in_process_queue(outage_settings) as service:
             ended = await watch_until(
                 service.queues, name, lambda seen: seen.state not in (RUNNING, LEASED), within=30
             )
@@ -300,14 +307,14 @@ async def test_a_registry_outage_and_a_queue_restart_delay_the_close_and_never_l
 
 
 async def test_an_item_cancelled_while_its_agent_is_away_ends_cancelled_with_its_run_killed(
-    fast: InProcessQueue, own_registry: ServiceProcess
+    fast: InProcessQueue, registry_address: str
 ) -> None:
     queue = await new_queue(fast)
     name = await fast.enqueue(queue, "train")
     agent = await ScriptedAgent(fast.address).connect([queue])
     async with agent.heartbeating():
         assignment = (await agent.next("assignment")).assignment
-        await start_run(own_registry.address, assignment.run)
+        await start_run(registry_address, assignment.run)
         await agent.progress(assignment, RUNNING)
     await agent.vanish()
     await fast.queues.CancelItem(queue_pb2.CancelItemRequest(name=name))
@@ -315,12 +322,12 @@ async def test_an_item_cancelled_while_its_agent_is_away_ends_cancelled_with_its
     ended = await watch_until(fast.queues, name, lambda seen: seen.state != RUNNING)
 
     assert (ended.state, ended.reason) == (CANCELLED, common_pb2.FAILURE_REASON_CANCELLED)
-    assert (await run_of(own_registry.address, assignment.run)).state == KILLED
+    assert (await run_of(registry_address, assignment.run)).state == KILLED
     assert await outbox(fast, assignment.run) == []
 
 
 async def test_a_start_timeout_kills_the_run_of_the_attempt_it_ends(
-    fast: InProcessQueue, own_registry: ServiceProcess
+    fast: InProcessQueue, registry_address: str
 ) -> None:
     queue = await new_queue(fast, start_timeout=duration_pb2.Duration(seconds=1), max_attempts=1)
     name = await fast.enqueue(queue, "train")
@@ -328,26 +335,26 @@ async def test_a_start_timeout_kills_the_run_of_the_attempt_it_ends(
     try:
         async with agent.heartbeating():  # a live agent whose job never starts
             assignment = (await agent.next("assignment")).assignment
-            await start_run(own_registry.address, assignment.run, attach=False)
+            await start_run(registry_address, assignment.run, attach=False)
             revoke = (await agent.next("revoke", within=5)).revoke
             assert revoke.reason == queue_pb2.REVOKE_REASON_START_TIMEOUT
             ended = await watch_until(fast.queues, name, lambda seen: seen.state != LEASED)
         assert (ended.state, ended.reason) == (FAILED, common_pb2.FAILURE_REASON_START_TIMEOUT)
-        run = await run_of(own_registry.address, assignment.run)
+        run = await run_of(registry_address, assignment.run)
         assert (run.state, "START_TIMEOUT" in run.message) == (KILLED, True)
     finally:
         await agent.close()
 
 
 async def test_a_lease_revoked_when_its_agent_returns_past_the_ttl_kills_the_run(
-    fast: InProcessQueue, own_registry: ServiceProcess
+    fast: InProcessQueue, registry_address: str
 ) -> None:
     queue = await new_queue(fast)
     name = await fast.enqueue(queue, "train")
     agent = await ScriptedAgent(fast.address).connect([queue])
     async with agent.heartbeating():
         assignment = (await agent.next("assignment")).assignment
-        await start_run(own_registry.address, assignment.run)
+        await start_run(registry_address, assignment.run)
         await agent.progress(assignment, RUNNING)
     await agent.vanish()
     await watch_until(fast.queues, name, lambda seen: seen.state != RUNNING)
@@ -359,13 +366,13 @@ async def test_a_lease_revoked_when_its_agent_returns_past_the_ttl_kills_the_run
         assert back.welcome is not None
         [verdict] = back.welcome.lease_verdicts
         assert (verdict.kept, verdict.reason) == (False, queue_pb2.REVOKE_REASON_LEASE_LOST)
-        assert (await run_of(own_registry.address, assignment.run)).state == KILLED
+        assert (await run_of(registry_address, assignment.run)).state == KILLED
     finally:
         await back.close()
 
 
 async def test_a_queue_deleted_with_live_items_kills_their_runs(
-    fast: InProcessQueue, own_registry: ServiceProcess
+    fast: InProcessQueue, registry_address: str
 ) -> None:
     queue = await new_queue(fast)
     await fast.enqueue(queue, "train")
@@ -373,11 +380,11 @@ async def test_a_queue_deleted_with_live_items_kills_their_runs(
     try:
         async with agent.heartbeating():
             assignment = (await agent.next("assignment")).assignment
-            await start_run(own_registry.address, assignment.run)
+            await start_run(registry_address, assignment.run)
             await fast.queues.DeleteQueue(queue_pb2.DeleteQueueRequest(name=queue, force=True))
             assert (await agent.next("revoke")).revoke.reason == queue_pb2.REVOKE_REASON_QUEUE_DELETED
 
-        run = await asyncio.wait_for(run_when_ended(own_registry.address, assignment.run), 30)
+        run = await asyncio.wait_for(run_when_ended(registry_address, assignment.run), 30)
         assert run.state == KILLED
         assert "its queue was deleted" in run.message
     finally:
