@@ -113,6 +113,9 @@ class RunLog:
     sources: list[tuple[LogStream, LogSource]]
     next_index: int = 0
     pending: list[LogLine] = field(default_factory=list)
+    build_lines: int = 0
+    """Build output lines taken so far: a restarted agent asks for the same build again, whose output the
+    builder sends from its first line, and skips that many."""
     last_lines: deque[str] = field(default_factory=lambda: deque(maxlen=LAST_LINES_IN_MESSAGE))
     _recorded: bool = field(default=True, init=False)
     """Whether ``checkpoint`` holds ``pending`` (after lines it also holds that are sent by now)."""
@@ -128,6 +131,7 @@ class RunLog:
             source.offset = offset
         self.pending = [LogLine(stream, text) for stream, text in recorded["pending"]]
         self.last_lines.extend(recorded["last_lines"])
+        self.build_lines = recorded.get("build_lines", 0)  # absent from checkpoints of older agents
         self._recorded = True
 
     def add(self, stream: LogStream, lines: list[str]) -> None:
@@ -135,6 +139,8 @@ class RunLog:
             return
         self.pending.extend(LogLine(log_stream_to_proto(stream), line) for line in lines)
         self._recorded = False
+        if stream is LogStream.BUILD:
+            self.build_lines += len(lines)
         if stream in (LogStream.STDOUT, LogStream.STDERR):
             self.last_lines.extend(lines)
 
@@ -159,6 +165,7 @@ class RunLog:
                     "offsets": [source.offset for _, source in self.sources],
                     "pending": [[line.stream, line.text] for line in self.pending],
                     "last_lines": list(self.last_lines),  # for the failure message of a job that ends later
+                    "build_lines": self.build_lines,
                 },
             )
             self._recorded = True
@@ -361,6 +368,7 @@ class Attempt:
 
     async def _build(self, kind: BuildKind) -> Built | Outcome:
         result = None
+        sent_before = self.log.build_lines  # by this attempt before an agent restart
         async for event in self.context.builder.build(
             self.assignment.job_version.name,
             build_kind_to_proto(kind),
@@ -369,7 +377,10 @@ class Attempt:
         ):
             match event.WhichOneof("event"):
                 case "log":
-                    self.log.add(LogStream.BUILD, list(event.log.lines))
+                    lines = list(event.log.lines)
+                    skipped = min(sent_before, len(lines))
+                    sent_before -= skipped
+                    self.log.add(LogStream.BUILD, lines[skipped:])
                 case "cache":
                     self.log.system(f"build {event.build}: {'cache hit' if event.cache.hit else 'building'}")
                 case "result":

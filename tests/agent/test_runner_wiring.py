@@ -14,11 +14,12 @@ import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import grpc
 import pytest
 
 from takeoff.client import Client
 from takeoff.models import Environment
-from takeoff.v1 import common_pb2
+from takeoff.v1 import common_pb2, runs_pb2, runs_pb2_grpc
 from takeoff_agent.clients import Builder, Runs
 from takeoff_agent.domain import (
     Assignment,
@@ -63,7 +64,7 @@ class StubJob:
     """A job whose start fails with ``start_error``, or ends at once as ``ended`` says, or else waits
     (as for free GPUs) until cancelled."""
 
-    def __init__(self, start_error: Exception | None, ended: JobExit | None) -> None:
+    def __init__(self, start_error: BaseException | None, ended: JobExit | None) -> None:
         self.start_error = start_error
         self.ended = ended
         self.started = False
@@ -111,7 +112,7 @@ class StubJob:
 class StubRunner:
     kind = ResourceKind.LOCAL_PROCESS
 
-    def __init__(self, *, start_error: Exception | None = None, ended: JobExit | None = None) -> None:
+    def __init__(self, *, start_error: BaseException | None = None, ended: JobExit | None = None) -> None:
         self.the_job = StubJob(start_error, ended)
 
     def build_kind(self, source: SourceKind) -> BuildKind:
@@ -145,6 +146,17 @@ def job_version(client: Client, tmp_path: Path) -> str:
     return client.create_job_version("wired", code, entrypoint=["python", "main.py"]).version.name
 
 
+def context_of(runner: Runner, clients: tuple[Runs, Builder]) -> AgentContext:
+    return AgentContext(
+        agent_name="agents/wiring",
+        runs=clients[0],
+        builder=clients[1],
+        runners={runner.kind: runner},
+        stop_grace_seconds=3,
+        job_registry_address="unix:/run/takeoff/registry.sock",
+    )
+
+
 def attempt_of(
     runner: Runner,
     clients: tuple[Runs, Builder],
@@ -153,21 +165,25 @@ def attempt_of(
     resource_config: dict[str, object] | None = None,
 ) -> tuple[Attempt, Recorder]:
     lease_id = uuid.uuid4().hex[:12]
-    context = AgentContext(
-        agent_name="agents/wiring",
-        runs=clients[0],
-        builder=clients[1],
-        runners={runner.kind: runner},
-        stop_grace_seconds=3,
-        job_registry_address="unix:/run/takeoff/registry.sock",
-    )
     assignment = assignment_from_proto(
         assignment_message(lease_id=lease_id, job_version=job_version, resource_config=resource_config)
     )
     recorder = Recorder()
     lease_dir = tmp_path / "leases" / lease_id
     lease_dir.mkdir(parents=True)
-    return Attempt(assignment, lease_dir, context, recorder), recorder
+    return Attempt(assignment, lease_dir, context_of(runner, clients), recorder), recorder
+
+
+def build_lines(registry: ServiceProcess, run: str) -> list[str]:
+    with grpc.insecure_channel(registry.address) as channel:
+        batches = runs_pb2_grpc.RunServiceStub(channel).ReadLogs(runs_pb2.ReadLogsRequest(name=run))
+        return [
+            line.text for batch in batches for line in batch.lines if line.stream == runs_pb2.LOG_STREAM_BUILD
+        ]
+
+
+class AgentDied(BaseException):
+    """Stands for the agent process dying (no handler of the agent's catches it)."""
 
 
 async def test_a_resource_option_the_runner_refuses_fails_the_item_config_invalid_and_its_run(
@@ -269,6 +285,23 @@ async def test_an_end_the_runner_reports_becomes_the_outcome_and_the_runs_final_
     assert (outcome.state, outcome.reason, outcome.exit_code) == (ItemState.FAILED, reason, ended.exit_code)
     assert outcome.message.startswith(message_start)
     assert await clients[0].state(attempt.assignment.run) == run_state
+
+
+async def test_an_agent_restarted_before_its_job_started_sends_each_build_line_once(
+    registry: ServiceProcess, clients: tuple[Runs, Builder], tmp_path: Path, job_version: str
+) -> None:
+    dying = StubRunner(start_error=AgentDied())
+    first, _ = attempt_of(dying, clients, tmp_path, job_version)
+    with pytest.raises(AgentDied):
+        await first.run()  # built, its output sent, then gone before the job started
+    sent = build_lines(registry, first.assignment.run)
+    assert sent  # something to send twice
+
+    again = StubRunner(ended=JobExit(exit_code=0))
+    second = Attempt(first.assignment, first.lease_dir, context_of(again, clients), Recorder())
+    await second.run()  # builds again: the builder sends the same build's output from its first line
+
+    assert build_lines(registry, first.assignment.run) == sent
 
 
 def test_a_build_failure_ends_the_item_and_its_run_failed(
