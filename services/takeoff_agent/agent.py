@@ -143,10 +143,16 @@ class Agent:
         results = await asyncio.gather(
             *(runner.sweep(held) for runner in self.context.runners.values()), return_exceptions=True
         )
-        for kind, result in zip(self.context.runners, results, strict=True):
-            if isinstance(result, BaseException):
-                logger.warning("the %s runner could not sweep its work", kind.config_name, exc_info=result)
-        if self.leases_dir.exists():
+        failed = [
+            (kind, result)
+            for kind, result in zip(self.context.runners, results, strict=True)
+            if isinstance(result, BaseException)
+        ]
+        for kind, error in failed:
+            logger.warning("the %s runner could not sweep its work", kind.config_name, exc_info=error)
+        # A directory may hold what stops its work once the agent is gone (the shim's deadline): it goes
+        # only once every runner has removed its work; else the next start of the agent sweeps again.
+        if not failed and self.leases_dir.exists():
             for lease_dir in self.leases_dir.iterdir():
                 if lease_dir.name not in held:
                     shutil.rmtree(lease_dir, ignore_errors=True)
