@@ -130,6 +130,9 @@ class KubeApiServer:
         self._closed = False
         self.requests: list[Request] = []
         self.watches: list[Watch] = []
+        self.answer_creates = threading.Event()
+        """Cleared: a Job is created, but the answer to its create waits until it is set again."""
+        self.answer_creates.set()
         server = self
 
         class Handler(_Handler):
@@ -776,7 +779,9 @@ class _Handler(BaseHTTPRequestHandler):
             elif method == "GET":
                 self._answer(200, api.listing(resource, namespace, query.get("labelSelector", "")))
             elif method == "POST":
-                self._answer(201, api.create(resource, namespace, body))
+                created = api.create(resource, namespace, body)
+                api.answer_creates.wait()
+                self._answer(201, created)
             elif method == "PATCH":
                 if self.headers.get("Content-Type") not in MERGE_PATCHES:
                     raise ApiFailure(

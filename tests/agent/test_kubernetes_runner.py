@@ -396,6 +396,25 @@ async def test_stop_deletes_the_job_with_foreground_propagation(cluster: Cluster
     assert server.names("pods") == []
 
 
+async def test_a_start_cancelled_while_its_job_is_made_leaves_no_job(cluster: Cluster) -> None:
+    server, runner = cluster.server, cluster.runner()
+    work = assignment()
+    job = cluster.job(runner, work)
+    server.answer_creates.clear()
+    start = asyncio.create_task(job.start(launch(work)))
+    await eventually(lambda: server.calls("POST", "/jobs"), "the create to reach the server")
+    start.cancel()  # as the attempt does when the job must stop before it runs
+    stop = asyncio.create_task(job.stop(10))
+    await asyncio.sleep(0)
+    assert not stop.done()  # the stop waits for the Job being made
+    server.answer_creates.set()
+    await asyncio.wait_for(stop, WAIT_SECONDS)
+    with pytest.raises(asyncio.CancelledError):
+        await start
+    assert server.names("jobs") == []
+    assert len(server.calls("DELETE", f"/jobs/{job.name}")) == 1
+
+
 async def test_a_job_past_its_deadline_is_fenced(cluster: Cluster) -> None:
     runner = cluster.runner()
     job = await cluster.started(runner)

@@ -299,6 +299,7 @@ class KubeJob:
         self.changed = asyncio.Event()
         self._deadline: float | None = None
         self._exit: JobExit | None = None
+        self._making: asyncio.Future[JsonObject] | None = None
         self._ending_since: float | None = None
         """When this agent first saw the job ending (see ``_settled``), on the monotonic clock."""
 
@@ -321,15 +322,22 @@ class KubeJob:
         until = self._runner.lease_until or time.time()
         active_seconds = math.ceil(until + self._runner.options.fence_margin_seconds - time.time())
         manifest = job_manifest(self.assignment, launch, settings, active_deadline_seconds=active_seconds)
-        if launch.secrets:
-            await asyncio.to_thread(self._put_secret, secret_manifest(self.assignment, launch, settings))
-        job = await asyncio.to_thread(self._create, manifest)
-        if launch.secrets:
-            owned = {"metadata": {"ownerReferences": [owner_reference(job)]}}
-            await asyncio.to_thread(self._api.patch_secret, self._namespace, self.name, owned)
-        self._deadline = _deadline(job)
-        self._record.write_text(json.dumps({"namespace": self._namespace, "job": self.name}))
+        secret = secret_manifest(self.assignment, launch, settings) if launch.secrets else None
+        # Shielded: a start cancelled meanwhile must not leave a Job made after its stop looked for it.
+        self._making = asyncio.ensure_future(asyncio.to_thread(self._make, manifest, secret))
+        self._deadline = _deadline(await asyncio.shield(self._making))
         await self._until_running(launch.report)
+
+    def _make(self, manifest: JsonObject, secret: JsonObject | None) -> JsonObject:
+        """The Secret, the Job, the Secret made the Job's; recorded as started once the Job exists."""
+        if secret is not None:
+            self._put_secret(secret)
+        job = self._create(manifest)
+        self._record.write_text(json.dumps({"namespace": self._namespace, "job": self.name}))
+        if secret is not None:
+            owned = {"metadata": {"ownerReferences": [owner_reference(job)]}}
+            self._api.patch_secret(self._namespace, self.name, owned)
+        return job
 
     def _put_secret(self, secret: JsonObject) -> None:
         try:
@@ -386,6 +394,9 @@ class KubeJob:
         return self._exit
 
     async def stop(self, grace: float) -> None:
+        if self._making is not None:
+            with contextlib.suppress(Exception):
+                await self._making  # a Job still being made is deleted once it exists
         await asyncio.to_thread(self._api.delete_job, self._namespace, self.name, math.ceil(grace))
 
     async def renew_lease(self, until: float) -> None:
