@@ -158,16 +158,20 @@ def test_launch_takes_config_values_files_and_template_variables(
     takeoff("queue", "create", "cpu", "--paused", "--config", str(resources_file), "--var", "threads=integer")
     config = tmp_path / "config.yaml"
     config.write_text("lr: 0.5\nepochs: 1\n")
+    resources = tmp_path / "more-env.yaml"
+    resources.write_text("env: {SEED: '7'}\n")
 
     launched = takeoff(
         "launch", job, "--queue", "cpu", "--config-file", str(config), "--config", "epochs=3",
-        "--set-var", "threads=4", "--priority", "HIGH", "--name", "first", "--max-run-time", "2h", "--json",
+        "--set-var", "threads=4", "--resource-config", str(resources), "--priority", "HIGH",
+        "--name", "first", "--max-run-time", "2h", "--json",
     )  # fmt: skip
 
     assert launched.returncode == 0, launched.stderr
     item = json.loads(launched.stdout)
     assert item["run_config"] == {"lr": 0.5, "epochs": 3}
-    assert (item["template_variables"], item["resource_config"]) == ({"threads": 4}, {"env": {"THREADS": 4}})
+    assert item["template_variables"] == {"threads": 4}
+    assert item["resource_config"] == {"env": {"THREADS": 4, "SEED": "7"}}
     assert (item["priority"], item["run_display_name"], item["max_run_time"]) == ("high", "first", 7200)
     plain = takeoff("launch", job, "-q", "cpu", "--set-var", "threads=1")
     assert plain.returncode == 0, plain.stderr

@@ -72,6 +72,15 @@ def launch(
             "--set-var", help="Template variable of the queue NAME=VALUE, VALUE as for --config (repeatable)."
         ),
     ] = None,
+    resource_config: Annotated[
+        Path | None,
+        typer.Option(
+            help="Resource config merged over the queue's (a JSON or YAML file), e.g. gpus: 2.",
+            exists=True,
+            dir_okay=False,
+            show_default=False,
+        ),
+    ] = None,
     priority: Annotated[Priority, typer.Option(help="Priority on the queue.", case_sensitive=False)] = (
         Priority.MEDIUM
     ),
@@ -105,6 +114,7 @@ def launch(
             queue,
             config=run_config,
             template_variables=key_values(set_var, "--set-var"),
+            resource_config=read_json_object(resource_config),
             priority=priority,
             max_attempts=max_attempts,
             max_run_time=max_run_time,
