@@ -36,7 +36,11 @@ ENDED = {common_pb2.ITEM_STATE_SUCCEEDED, common_pb2.ITEM_STATE_FAILED, common_p
 BUILDER_DEFAULT_BASE_IMAGE = "python:3.12-slim"
 """The builder's own ``default_base_image``; the demo names it to the builder it starts, having checked that
 the Docker engine has it (or can pull it)."""
-QUEUE_IDS = {ResourceKind.LOCAL_PROCESS: "local", ResourceKind.LOCAL_CONTAINER: "containers"}
+DEMO_QUEUES = {
+    ResourceKind.LOCAL_PROCESS: ("local", common_pb2.RESOURCE_KIND_LOCAL_PROCESS),
+    ResourceKind.LOCAL_CONTAINER: ("containers", common_pb2.RESOURCE_KIND_LOCAL_CONTAINER),
+}
+"""The queue the demo launches on, by where its job runs."""
 
 
 def _state(item: queue_pb2.Item) -> str:
@@ -59,14 +63,14 @@ def _items_table(items: list[queue_pb2.Item], started: float) -> Table:
 
 
 def _create_queue(queues: queue_pb2_grpc.QueueServiceStub, resource: ResourceKind) -> str:
-    queue_id = QUEUE_IDS[resource]
+    queue_id, kind = DEMO_QUEUES[resource]
     name = f"projects/{PROJECT}/queues/{queue_id}"
     try:
         queues.CreateQueue(
             queue_pb2.CreateQueueRequest(
                 parent=f"projects/{PROJECT}",
                 queue_id=queue_id,
-                queue=queue_pb2.Queue(resource=resource._to_proto(), description="takeoff demo"),
+                queue=queue_pb2.Queue(resource=kind, description="takeoff demo"),
             )
         )
     except grpc.RpcError as error:
@@ -109,8 +113,8 @@ def demo(
     """Run the example job twice on a local stack, show the runs, and stop the stack."""
     if not (example / "train.py").is_file():
         fail(f"no example job at {example} (pass --example DIR)")
-    if resource not in QUEUE_IDS:
-        fail(f"the demo runs on {' or '.join(QUEUE_IDS)}, not {resource}")
+    if resource not in DEMO_QUEUES:
+        fail(f"the demo runs on {' or '.join(DEMO_QUEUES)}, not {resource}")
     containers = resource is ResourceKind.LOCAL_CONTAINER
     if containers:
         _check_docker(base_image)
