@@ -32,6 +32,7 @@ from takeoff_agent.domain import (
 from takeoff_agent.runners.base import Launch, RunnerContext, RunnerRefused, RunnerUnavailable
 from takeoff_agent.runners.kubernetes import KubeJob, KubernetesRunner, create
 from takeoff_agent.runners.kubernetes.manifest import JobSettings, job_manifest, job_name
+from takeoff_agent.runners.kubernetes.status import observe
 from tests.agent.kube_api import KubeApiServer
 
 WAIT_SECONDS = 15
@@ -631,3 +632,36 @@ def test_system_lines_and_stdout_are_the_log_sources(tmp_path: Path, kube_server
     job = runner.job(assignment(), tmp_path)
     assert [stream for stream, _ in job.log_sources()] == [LogStream.STDOUT, LogStream.SYSTEM]
     asyncio.run(runner.close())
+
+
+def _pod(state: dict[str, Any], phase: str = "Running", **status: Any) -> dict[str, Any]:
+    return {
+        "metadata": {"name": "p"},
+        "spec": {"containers": [{"name": "job", "image": IMAGE}, {"name": "sidecar", "image": "proxy:1"}]},
+        "status": {"phase": phase, "containerStatuses": [{"name": "job", "state": state}], **status},
+    }
+
+
+RUNNING_JOB: dict[str, Any] = {"metadata": {"name": "j"}, "spec": {}, "status": {"active": 1}}
+
+
+def test_a_container_exit_waits_for_the_jobs_verdict_until_settled() -> None:
+    ended = _pod({"terminated": {"exitCode": 0, "reason": "Completed"}})  # a sidecar keeps the pod Running
+    assert observe(RUNNING_JOB, ended, "job", pod_gone=False).exit is None
+    assert observe(RUNNING_JOB, ended, "job", pod_gone=False, settled=True).exit == JobExit(0)
+
+
+def test_the_jobs_end_waits_for_its_pods_exit_until_the_pod_is_gone() -> None:
+    running = _pod({"running": {"startedAt": "2026-12-01T00:00:00Z"}})
+    assert observe(None, running, "job", pod_gone=False).exit is None
+    gone = observe(None, running, "job", pod_gone=True).exit
+    assert gone is not None
+    assert gone.failure is not None
+    assert gone.failure.reason is FailureReason.RUNNER_INFRA
+
+
+def test_a_pod_disrupted_after_its_job_succeeded_is_a_success() -> None:
+    disruption = {"type": "DisruptionTarget", "status": "True", "reason": "EvictionByEvictionAPI"}
+    done = _pod({"terminated": {"exitCode": 0}}, "Succeeded", conditions=[disruption])
+    complete = {**RUNNING_JOB, "status": {"conditions": [{"type": "Complete", "status": "True"}]}}
+    assert observe(complete, done, "job", pod_gone=True).exit == JobExit(0)

@@ -85,7 +85,9 @@ def observe(
         state = _container_status(pod, container).get("state") or {}
         terminated = state.get("terminated") or {}
     has_output = "running" in state or bool(terminated)
-    if pod is not None and (failure := _disrupted(pod, pod_gone)) is not None:
+    # A disrupted pod whose job had already ended well is a success (a node drained after it finished).
+    succeeded = terminated.get("exitCode") == 0
+    if pod is not None and not succeeded and (failure := _disrupted(pod, pod_gone)) is not None:
         return Observed(True, JobExit(terminated.get("exitCode"), failure=failure), "", has_output)
     failed = _condition(job, "Failed") if job is not None else None
     fenced = failed is not None and failed.get("reason") == "DeadlineExceeded"
