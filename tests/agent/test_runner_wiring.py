@@ -142,7 +142,8 @@ async def clients(registry: ServiceProcess, builder: ServiceProcess) -> AsyncIte
 def job_version(client: Client, tmp_path: Path) -> str:
     code = tmp_path / "code"
     code.mkdir()
-    (code / "main.py").write_text("print('never run here')\n")
+    # Code of its own, so that its build has output (its code is fetched) whatever was built before.
+    (code / "main.py").write_text(f"print('never run here')  # {uuid.uuid4()}\n")
     return client.create_job_version("wired", code, entrypoint=["python", "main.py"]).version.name
 
 
