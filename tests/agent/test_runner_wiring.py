@@ -111,6 +111,7 @@ class StubJob:
 
 class StubRunner:
     kind = ResourceKind.LOCAL_PROCESS
+    needs_pushed_image = False
 
     def __init__(self, *, start_error: BaseException | None = None, ended: JobExit | None = None) -> None:
         self.the_job = StubJob(start_error, ended)

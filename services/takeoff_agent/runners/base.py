@@ -112,6 +112,9 @@ class Job(Protocol):
 
 class Runner(Protocol):
     kind: ResourceKind
+    needs_pushed_image: bool
+    """Whether an image the builder makes for it must be pushed to the builder's registry (its work runs
+    on other machines: kubernetes), else kept in the local engine."""
 
     def build_kind(self, source: SourceKind) -> BuildKind:
         """What the builder must make for a job of ``source`` to run here."""

@@ -64,6 +64,7 @@ def agent_environment(passed: Collection[str]) -> dict[str, str]:
 
 class LocalProcessRunner:
     kind = ResourceKind.LOCAL_PROCESS
+    needs_pushed_image = False
 
     def __init__(self, context: RunnerContext, pass_env: tuple[str, ...] = ()) -> None:
         self.context = context
