@@ -194,12 +194,16 @@ class Stack:
         self._registry_channel = grpc.insecure_channel(registry)
         self.runs = runs_pb2_grpc.RunServiceStub(self._registry_channel)
 
-    def new_queue(self, **settings: object) -> str:
+    def new_queue(
+        self,
+        resource: common_pb2.ResourceKind.ValueType = common_pb2.RESOURCE_KIND_LOCAL_PROCESS,
+        **settings: object,
+    ) -> str:
         reply = self.queues.CreateQueue(
             queue_pb2.CreateQueueRequest(
                 parent=f"projects/{PROJECT}",
                 queue_id=f"q-{uuid.uuid4().hex[:10]}",
-                queue=queue_pb2.Queue(resource=common_pb2.RESOURCE_KIND_LOCAL_PROCESS, **settings),  # type: ignore[arg-type]
+                queue=queue_pb2.Queue(resource=resource, **settings),  # type: ignore[arg-type]
             )
         )
         return reply.queue.name
