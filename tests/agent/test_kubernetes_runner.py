@@ -284,7 +284,6 @@ async def test_a_job_runs_as_a_job_with_its_secret_and_its_output_is_read(cluste
             "name": job.name,
             "uid": stored["metadata"]["uid"],
             "controller": False,
-            "blockOwnerDeletion": True,
         }
     ]
     assert "s3cret" not in str(stored)

@@ -263,14 +263,15 @@ def secret_manifest(assignment: Assignment, launch: Launch, settings: JobSetting
 
 
 def owner_reference(job: Mapping[str, Any]) -> JsonObject:
-    """Makes the Secret the Job's: deleting the Job deletes it."""
+    """Makes the Secret the Job's: deleting the Job deletes it. (No ``blockOwnerDeletion``: nothing need
+    wait for the Secret, and setting it takes a permission on ``jobs/finalizers`` where the
+    OwnerReferencesPermissionEnforcement admission plugin runs.)"""
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
         "name": job["metadata"]["name"],
         "uid": job["metadata"]["uid"],
         "controller": False,
-        "blockOwnerDeletion": True,
     }
 
 
