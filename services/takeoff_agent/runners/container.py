@@ -26,6 +26,7 @@ import docker
 import requests
 from docker.types import DeviceRequest, Mount, Ulimit
 
+from takeoff_agent.container_shim import ENGINE_CALL_SECONDS, engine_address, signal_of
 from takeoff_agent.domain import (
     Assignment,
     BuildKind,
@@ -39,7 +40,7 @@ from takeoff_agent.domain import (
 from takeoff_agent.log_tail import LogTail
 from takeoff_agent.runners.base import Launch, LogSource, RunnerContext, RunnerRefused, RunnerUnavailable
 from takeoff_agent.runners.gpus import GpuPool, GpuRequest, parse_request
-from takeoff_agent.shim import ENGINE_CALL_SECONDS, engine_address, shim_alive, signal_of, write_atomically
+from takeoff_agent.shim import shim_alive, write_atomically
 
 T = TypeVar("T")
 
