@@ -12,7 +12,7 @@ from takeoff.v1 import build_pb2, build_pb2_grpc
 from takeoff_builder.api import BuildApi
 from takeoff_builder.builds import Builder, Redactor
 from takeoff_builder.git_mirrors import GitMirrors
-from takeoff_builder.images import Images, RegistryLogin
+from takeoff_builder.images import Images
 from takeoff_builder.pip import PackageIndex
 from takeoff_builder.registry_client import RegistryClient
 from takeoff_builder.settings import BuilderSettings
@@ -20,6 +20,7 @@ from takeoff_builder.sources import CodeCache
 from takeoff_builder.store import BuildStore
 from takeoff_builder.venvs import Venvs
 from takeoff_server.database import open_service_database
+from takeoff_server.docker_registry import RegistryLogin
 from takeoff_server.main import ServiceProgram
 from takeoff_server.server import ServiceBinding
 

@@ -32,6 +32,7 @@ from takeoff._sdk_wheel import SdkWheel
 from takeoff_builder.model import BuildError, BuildFailed, BuildInfraError, JobSpec
 from takeoff_builder.pip import PackageIndex, pip_failure
 from takeoff_builder.venvs import REQUIREMENTS_FILE, check_python_version
+from takeoff_server.docker_registry import RegistryLogin, registry_host
 
 Log = Callable[[str], None]
 
@@ -42,7 +43,6 @@ _SUPPORT = "/opt/takeoff"
 _WORKDIR = "/app"
 _MISSING = ("manifest unknown", "not found", "no such image", "pull access denied", "name unknown")
 _UNAUTHORIZED = ("no basic auth credentials", "unauthorized", "authentication required")
-_DOCKER_HUB = "docker.io"
 _ENGINE_CALL_SECONDS = 60
 _PYTHON_UNAVAILABLE = re.compile(r"python \S+ is not available in the base image")
 _SDK_REPLACED = "the requirements replaced the Takeoff SDK"
@@ -62,29 +62,11 @@ _ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")  # the engine colours what build st
 
 
 @dataclass(frozen=True, slots=True)
-class RegistryLogin:
-    username: str
-    password: str
-
-    def auth_config(self) -> dict[str, str]:
-        return {"username": self.username, "password": self.password}
-
-
-@dataclass(frozen=True, slots=True)
 class FoundImage:
     image_id: str = ""
     """Local image id, when the engine has the image."""
     digest: str = ""
     """Registry digest, when a registry was asked and has it."""
-
-
-def registry_host(reference: str) -> str:
-    """The registry an image reference names: its first component when that is a host (it has a dot or a
-    port, or is ``localhost``), else Docker Hub (``docker.io``)."""
-    first, slash, _ = reference.partition("/")
-    if slash and ("." in first or ":" in first or first == "localhost"):
-        return first
-    return _DOCKER_HUB
 
 
 def split_reference(reference: str) -> tuple[str, str]:

@@ -16,7 +16,7 @@ import pytest
 import takeoff
 from takeoff.models import ImageSource
 from takeoff.v1 import common_pb2
-from takeoff_builder.images import registry_host
+from takeoff_server.docker_registry import registry_host
 from tests.builder.conftest import (
     IMAGE,
     MISSING_PACKAGE,

@@ -41,6 +41,7 @@ from takeoff_agent.log_tail import LogTail
 from takeoff_agent.runners.base import Launch, LogSource, RunnerContext, RunnerRefused, RunnerUnavailable
 from takeoff_agent.runners.gpus import GpuPool, GpuRequest, parse_request
 from takeoff_agent.shim import shim_alive, write_atomically
+from takeoff_server.docker_registry import RegistryLogin, registry_host
 
 T = TypeVar("T")
 
@@ -92,12 +93,6 @@ SHIM_SETTLE_SECONDS = 60.0
 """How long ``stop`` waits, after the container stopped, for its shim to record the end and remove it."""
 _IMAGE_MISSING = ("not found", "manifest unknown", "name unknown", "unauthorized", "denied", "no basic auth")
 """Pull errors that are the image's fault (wrong name, tag or login), not an outage."""
-
-
-@dataclass(frozen=True, slots=True)
-class RegistryLogin:
-    username: str
-    password: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -279,14 +274,6 @@ def device_requests(devices: Collection[str]) -> list[DeviceRequest]:
     return [DeviceRequest(device_ids=list(devices), capabilities=[["gpu"]])] if devices else []
 
 
-def registry_of(reference: str) -> str:
-    """The registry host of an image reference (``docker.io`` when it names none)."""
-    first, slash, _ = reference.partition("/")
-    if slash and ("." in first or ":" in first or first == "localhost"):
-        return first
-    return "docker.io"
-
-
 def create_options(
     launch: Launch, settings: Mapping[str, Any], devices: Collection[str], *, agent: str, name: str
 ) -> dict[str, Any]:
@@ -396,8 +383,8 @@ class ContainerRunner:
         await self.call(lambda engine: _remove(engine, container))
 
     def auth_config(self, image: str) -> dict[str, str] | None:
-        login = self.options.registry_auth.get(registry_of(image))
-        return {"username": login.username, "password": login.password} if login else None
+        login = self.options.registry_auth.get(registry_host(image))
+        return login.auth_config() if login else None
 
 
 def _remove(engine: docker.DockerClient, container: str) -> None:
