@@ -104,6 +104,7 @@ class Watch:
     """One watch request: from which resourceVersion, the last it sent, and how it ended."""
 
     resource: str
+    selector: str
     since: int
     last_sent: int
     ended: str = ""
@@ -126,6 +127,7 @@ class KubeApiServer:
         self._oldest_watchable = FIRST_RESOURCE_VERSION
         self._logs: dict[str, bytearray] = {}
         self._watch_drops = 0
+        self._bookmarks = 0
         self._log_drops = 0
         self._closed = False
         self.requests: list[Request] = []
@@ -410,6 +412,12 @@ class KubeApiServer:
             self._watch_drops += 1
             self._state.notify_all()
 
+    def bookmark(self) -> None:
+        """Send every open watch that asked for bookmarks a BOOKMARK at the current resourceVersion."""
+        with self._state:
+            self._bookmarks += 1
+            self._state.notify_all()
+
     def drop_logs(self) -> None:
         with self._state:
             self._log_drops += 1
@@ -619,14 +627,15 @@ class KubeApiServer:
             }
 
     def watch(
-        self, resource: str, namespace: str, selector: str, since: int, timeout: float
+        self, resource: str, namespace: str, selector: str, since: int, timeout: float, *, bookmarks: bool
     ) -> Iterator[JsonObject | None]:
         """Events after ``since``; None when the watch is cut off (drop_watches) or the server closes."""
         deadline = time.monotonic() + timeout
-        record = Watch(resource, since, since)
+        record = Watch(resource, selector, since, since)
         with self._state:
             self.watches.append(record)
             drops = self._watch_drops
+            bookmarked = self._bookmarks
             expired = since < self._oldest_watchable
             problem = f"too old resource version: {since} ({self._oldest_watchable})"
         if expired:
@@ -637,6 +646,8 @@ class KubeApiServer:
             with self._state:
                 while True:
                     cut_off = self._closed or self._watch_drops != drops
+                    bookmark = bookmarks and self._bookmarks != bookmarked
+                    bookmarked, current = self._bookmarks, self._resource_version
                     pending = [
                         e
                         for e in self._events
@@ -645,19 +656,27 @@ class KubeApiServer:
                         and e.object["metadata"]["namespace"] == namespace
                         and _selected(e.object, selector)
                     ]
-                    if cut_off or pending or time.monotonic() >= deadline:
+                    if cut_off or bookmark or pending or time.monotonic() >= deadline:
                         break
                     self._state.wait(0.5)
             if cut_off:
                 record.ended = "dropped"
                 yield None
                 return
-            if not pending:
-                record.ended = "timed out"
-                return
             for event in pending:
                 record.last_sent = event.resource_version
                 yield {"type": event.type, "object": copy.deepcopy(event.object)}
+            if bookmark:
+                api_version, kind, _ = KINDS[resource]
+                record.last_sent = current
+                meta = {"resourceVersion": str(current)}
+                yield {
+                    "type": "BOOKMARK",
+                    "object": {"kind": kind, "apiVersion": api_version, "metadata": meta},
+                }
+            elif not pending:
+                record.ended = "timed out"
+                return
 
     def log(self, namespace: str, pod_name: str, container: str, follow: bool) -> Iterator[bytes | None]:
         """The container's output; with ``follow``, more until the container ends. None: cut off."""
@@ -771,6 +790,7 @@ class _Handler(BaseHTTPRequestHandler):
                     query.get("labelSelector", ""),
                     int(query.get("resourceVersion") or 0),
                     float(query.get("timeoutSeconds") or 300),
+                    bookmarks=query.get("allowWatchBookmarks") == "true",
                 )
                 self._stream(
                     "application/json",

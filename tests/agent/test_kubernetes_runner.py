@@ -462,13 +462,38 @@ async def test_a_dropped_watch_resumes_from_the_last_resource_version(cluster: C
     server.terminate(job.name, 4)
     assert await asyncio.wait_for(job.wait(), WAIT_SECONDS) == JobExit(4)
     for resource in ("jobs", "pods"):
-        watches = [watch for watch in server.watches if watch.resource == resource]
+        watches = [w for w in server.watches if w.resource == resource and w.selector == runner.selector]
         dropped = [i for i, watch in enumerate(watches) if watch.ended == "dropped"]
         # The next watch starts where the dropped one stopped: nothing missed, nothing twice, no new list.
         assert len(dropped) == 1
         assert watches[dropped[0] + 1].since == watches[dropped[0]].last_sent
         lists = [c for c in server.calls("GET") if c.path.endswith(f"/{resource}") and "watch" not in c.query]
         assert len(lists) == 1
+
+
+async def test_a_watch_resumes_from_a_bookmark(cluster: Cluster) -> None:
+    server, runner = cluster.server, cluster.runner()
+    job = await cluster.started(runner)
+    await cluster.watching()
+    # Changes this agent does not watch move the resourceVersion on; a bookmark tells the watch so.
+    (cluster.tmp_path / "other").mkdir()
+    other_agent = Cluster(server, cluster.tmp_path / "other")
+    try:
+        await other_agent.started(other_agent.runner())
+    finally:
+        for other in other_agent.runners:
+            await other.close()
+    await cluster.watching()
+    server.bookmark()
+    jobs = server.listing("jobs", "default", "")["items"]
+    newest = max(int(obj["metadata"]["resourceVersion"]) for obj in jobs)
+    await eventually(lambda: int(runner.jobs.resource_version or 0) >= newest, "the bookmark")
+    server.drop_watches()
+    server.terminate(job.name, 0)
+    assert await asyncio.wait_for(job.wait(), WAIT_SECONDS) == JobExit(0)
+    jobs_watches = [w for w in server.watches if w.resource == "jobs" and w.selector == runner.selector]
+    dropped = next(i for i, watch in enumerate(jobs_watches) if watch.ended == "dropped")
+    assert jobs_watches[dropped + 1].since >= newest
 
 
 async def test_an_expired_resource_version_lists_again(cluster: Cluster) -> None:
