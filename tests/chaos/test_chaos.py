@@ -49,9 +49,9 @@ RUNS_SETTLE_WITHIN = 10.0
 STACK_START_AND_STOP = 30.0
 """Five processes started and stopped (up to 20 s on a loaded two-core machine): the rest of the timeout."""
 SHORT_JOB_SECONDS, LONG_JOB_SECONDS = 0.2, 3.5
-"""Three jobs in four end within a heartbeat or two; every fourth outlives the TTL. An agent is killed while
-it runs a long one (its shim stops it if the agent is away too long) and maybe a short one (which
-finishes while the agent is away)."""
+"""Three jobs in four end within a heartbeat or two; every fourth outlives the TTL. An agent is killed as it
+starts a long one (which outlives a quick restart, and which its shim stops if the agent stays away past
+the TTL) and maybe while a short one runs (which finishes while the agent is away)."""
 
 SUCCEEDED = common_pb2.ITEM_STATE_SUCCEEDED
 PENDING = common_pb2.ITEM_STATE_PENDING
@@ -192,21 +192,31 @@ def down_for_a_while(service: Service) -> Callable[[float], Struck]:
 
 
 def killed_while_running(chaos: Chaos, agent: Agent, *, past_ttl: bool) -> Callable[[float], Struck]:
-    """Kill the agent while it runs a long job (one that outlives its restart, or is fenced)."""
+    """Kill the agent as it starts a long job: one that outlives its restart, or that its shim must stop
+    if it stays away past the TTL."""
 
     def act(deadline: float) -> Struck:
-        def running_a_long_job() -> list[agent_pb2.ActiveWork] | None:
+        items = wait_for(lambda: chaos.observer.items(chaos.queue), what="the queue service to answer")
+        waiting = {item.name for item in items if item.name in chaos.long_jobs and item.state == PENDING}
+        others = [other for other in chaos.agents if other is not agent]
+
+        def starting_a_long_job() -> list[agent_pb2.ActiveWork] | None:
+            """What it runs once it runs a long job that was waiting when we began to look (so it has just
+            started), or any job once the other agents have taken every such job."""
             running = agent.running()
-            return running if any(work.item in chaos.long_jobs for work in running) else None
+            if any(work.item in waiting for work in running) or (running and not waiting):
+                return running
+            waiting.difference_update(work.item for other in others for work in other.running())
+            return None
 
         try:
             running = wait_for(
-                running_a_long_job,
+                starting_a_long_job,
                 timeout=max(0.0, deadline - time.monotonic()),
-                what=f"agent {agent.index} to run a long job",
+                what=f"agent {agent.index} to start a long job",
             )
         except AssertionError:
-            return Struck(f"not struck: agent {agent.index} ran no long job in time")
+            return Struck(f"not struck: agent {agent.index} ran nothing in time")
         name = agent.name
         agent.kill()
         killed_at = time.monotonic()
