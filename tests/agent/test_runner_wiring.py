@@ -11,7 +11,7 @@ import asyncio
 import json
 import os
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import grpc
@@ -35,7 +35,7 @@ from takeoff_agent.domain import (
 )
 from takeoff_agent.runners.base import Launch, LogSource, Runner, RunnerContext, RunnerUnavailable
 from takeoff_agent.runners.local_process import LocalProcessRunner
-from takeoff_agent.wire import assignment_from_proto
+from takeoff_agent.wire import AssignmentMessage, assignment_from_proto
 from takeoff_agent.work import AgentContext, Attempt, Stop
 from tests.agent.conftest import PROJECT, Stack, StartAgent, assignment_message, code_job, running_agent
 from tests.processes import ServiceProcess
@@ -405,3 +405,28 @@ def test_the_agent_refuses_to_start_with_a_runner_config_it_cannot_use_naming_wh
     said = agent.log_file.read_text()
     assert named in said
     assert "Traceback" not in said
+
+
+def _no_resource(message: AssignmentMessage) -> None:
+    message.resource = common_pb2.RESOURCE_KIND_UNSPECIFIED
+
+
+def _bad_run(message: AssignmentMessage) -> None:
+    message.run = "runs/no-project"
+
+
+def _no_source(message: AssignmentMessage) -> None:
+    message.job_version.ClearField("source")
+
+
+@pytest.mark.parametrize(
+    ("spoil", "named"),
+    [(_no_resource, "resource kind 0"), (_bad_run, "run 'runs/no-project'"), (_no_source, "no source")],
+)
+def test_an_assignment_the_agent_cannot_run_is_refused_naming_why(
+    spoil: Callable[[AssignmentMessage], None], named: str
+) -> None:
+    message = assignment_message()
+    spoil(message)
+    with pytest.raises(ValueError, match=named):
+        assignment_from_proto(message)
