@@ -1,5 +1,6 @@
-"""Faults cost time, not work (docs/design.md §16): the queue service, the registry, the builder and the
-agents are killed (-9) and started again, in turn, while two agents work through a queue of short jobs.
+"""Faults cost time, not work (docs/design.md §16): the queue service, the registry, the builder, the two
+agents and the queue service again are killed (-9) and started again, in turn, while the agents work
+through a queue of short jobs.
 
 Afterwards, every item SUCCEEDED exactly once, no two attempts of an item ran side by side, and every run
 of every attempt is in a final state that agrees with how its attempt ended. What the jobs did is taken
@@ -279,6 +280,9 @@ def test_faults_cost_time_not_work(chaos: Chaos) -> None:
         Strike("builder", 20, down_for_a_while(chaos.builder)),
         Strike("agent, started again at once", 28, killed_while_running(chaos, first, past_ttl=False)),
         Strike("agent, started again past the TTL", 36, killed_while_running(chaos, second, past_ttl=True)),
+        # Once more with no agent kill after it: an attempt the queue service keeps across its restart
+        # must end without an agent restart to end it.
+        Strike("queue service, again", 46, down_for_a_while(chaos.queue_service)),
     ]
     struck: list[tuple[str, Struck]] = []
     for strike in strikes:
@@ -411,8 +415,13 @@ def run_problems(
             if state is None:
                 continue  # the attempt ended before its run was created: nothing to close
             ending = endings.get(attempt)
-            if ending is None:
-                continue  # the attempt is still live (its item did not end in time): its run may be open
+            if ending is None:  # the attempt is still live (its item did not end in time)
+                if state not in OPEN_RUN:
+                    live = common_pb2.ItemState.Name(item.state).removeprefix("ITEM_STATE_")
+                    disagreeing.append(
+                        f"{short(run)} is {common_pb2.RunState.Name(state)}, its attempt is still {live}"
+                    )
+                continue
             expected = {RUN_FINISHED} if ending.to_state == SUCCEEDED else RUN_ENDED_UNSUCCESSFULLY
             if state in expected:
                 continue
