@@ -21,7 +21,7 @@ from takeoff.v1 import build_pb2, build_pb2_grpc, common_pb2, runs_pb2, runs_pb2
 from takeoff_agent.reachability import Peer, Reachability
 from takeoff_rpc.channels import open_aio_channel
 from takeoff_rpc.retries import TRANSIENT_CODES, RetryPolicy, call_with_retries_async
-from takeoff_rpc.status import status_code
+from takeoff_rpc.status import decode_rpc_error, status_code
 from takeoff_server.protovalues import dict_to_struct
 
 logger = logging.getLogger(__name__)
@@ -44,6 +44,10 @@ MAX_REBUILDS = 3
 started again, under a new request id, before the attempt reports BUILD_INFRA."""
 
 RUN_SERVICE = runs_pb2.DESCRIPTOR.services_by_name["RunService"].full_name
+REFUSALS = frozenset(
+    {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND}
+)
+"""Builder answers that name what is wrong with the build asked for: retrying cannot help."""
 BUILD_SERVICE = build_pb2.DESCRIPTOR.services_by_name["BuildService"].full_name
 
 
@@ -190,6 +194,7 @@ class Builder:
         kind: build_pb2.BuildKind.ValueType,
         run: str,
         *,
+        push: bool = False,
         retry_until: float | None = None,
     ) -> AsyncIterator[build_pb2.BuildResponse]:
         """The events of the build for ``run``, as one stream however often the builder restarts.
@@ -198,14 +203,21 @@ class Builder:
         name), and only events not delivered before are passed on. A build that ends BUILD_INFRA is started
         again under a new request id, up to :data:`MAX_REBUILDS` times. Retries go on until ``retry_until``
         (UNIX seconds; the attempt's start deadline), else :data:`BUILD_PATIENCE_SECONDS` after the last
-        event; then the stream ends with a BUILD_INFRA failure, as if the builder had sent it.
+        event; then the stream ends with a BUILD_INFRA failure, as if the builder had sent it. A build the
+        builder refuses (e.g. ``push`` without a registry to push to) ends with a CONFIG_INVALID failure.
         """
         request_id, rebuilds, failed = run, 0, 0
         delivered = _Delivered()
         quiet_since = time.monotonic()
         while True:
             call = self._builds.Build(
-                build_pb2.BuildRequest(job_version=job_version, kind=kind, run=run, request_id=request_id)
+                build_pb2.BuildRequest(
+                    job_version=job_version,
+                    kind=kind,
+                    run=run,
+                    request_id=request_id,
+                    options=build_pb2.BuildOptions(push=push),
+                )
             )
             delivered.reopened()
             try:
@@ -231,6 +243,9 @@ class Builder:
                 failed += 1
                 retry_delay = self._retry_delay(error, failed, retry_until, quiet_since)
                 if retry_delay is None:
+                    if error.code() in REFUSALS:
+                        yield self._refused(error)
+                        return
                     if error.code() not in TRANSIENT_CODES:
                         raise
                     yield self._unreachable(error, run)
@@ -277,6 +292,15 @@ class Builder:
                 reason=common_pb2.FAILURE_REASON_BUILD_INFRA,
                 message=f"the builder at {self._address} could not be reached ({error.code().name}: "
                 f"{error.details() or 'no details'})",
+            )
+        )
+
+    def _refused(self, error: grpc.aio.AioRpcError) -> build_pb2.BuildResponse:
+        status = decode_rpc_error(error, target=self._address)
+        return build_pb2.BuildResponse(
+            failure=build_pb2.BuildFailure(
+                reason=common_pb2.FAILURE_REASON_CONFIG_INVALID,
+                message=f"the builder refused the build ({status.reason}): {status.message}",
             )
         )
 

@@ -373,6 +373,7 @@ class Attempt:
             self.assignment.job_version.name,
             build_kind_to_proto(kind),
             self.assignment.run,
+            push=self.runner.needs_pushed_image and kind is BuildKind.IMAGE,
             retry_until=self.assignment.start_deadline,  # an unreachable builder is waited for until then
         ):
             match event.WhichOneof("event"):

@@ -351,13 +351,20 @@ async def serve_builder() -> AsyncIterator[ServeBuilder]:
         await server.stop(0)
 
 
-async def collect(address: str, **options: float) -> tuple[list[build_pb2.BuildResponse], list[bool]]:
+async def collect(
+    address: str, *, push: bool = False, retry_until: float | None = None
+) -> tuple[list[build_pb2.BuildResponse], list[bool]]:
     """Every event Builder.build passes on, and what its Reachability said, in order."""
     changes: list[bool] = []
     reachability = Reachability(on_change=changes.append)
     client = Builder(address, reachability)
     try:
-        events = [event async for event in client.build(VERSION, build_pb2.BUILD_KIND_VENV, RUN, **options)]
+        events = [
+            event
+            async for event in client.build(
+                VERSION, build_pb2.BUILD_KIND_VENV, RUN, push=push, retry_until=retry_until
+            )
+        ]
     finally:
         await reachability.close()
         await client.close()
@@ -429,11 +436,29 @@ async def test_a_builder_that_stays_away_past_the_retry_deadline_fails_the_build
     assert changes == [False]
 
 
-async def test_a_build_refused_for_its_input_is_not_retried(serve_builder: ServeBuilder) -> None:
-    builder, address = await serve_builder([events_then([], break_with=grpc.StatusCode.INVALID_ARGUMENT)])
+async def test_a_build_the_builder_refuses_ends_config_invalid_without_a_retry(
+    serve_builder: ServeBuilder,
+) -> None:
+    # What a builder with no registry answers a push (services/takeoff_builder: PUSH_REGISTRY_NOT_CONFIGURED).
+    builder, address = await serve_builder([events_then([], break_with=grpc.StatusCode.FAILED_PRECONDITION)])
 
-    with pytest.raises(grpc.aio.AioRpcError) as raised:
-        await collect(address)
+    events, _ = await collect(address, push=True)
 
-    assert raised.value.code() is grpc.StatusCode.INVALID_ARGUMENT
     assert len(builder.requests) == 1
+    assert builder.requests[0].options.push
+    assert kinds(events) == ["failure"]
+    assert events[0].failure.reason == common_pb2.FAILURE_REASON_CONFIG_INVALID
+    assert "going away" in events[0].failure.message
+
+
+async def test_a_push_is_asked_of_every_reopened_stream(serve_builder: ServeBuilder) -> None:
+    builder, address = await serve_builder(
+        [
+            events_then([queued()], break_with=grpc.StatusCode.UNAVAILABLE),
+            events_then([queued(joined=True), cache(), result()]),
+        ]
+    )
+
+    await collect(address, push=True)
+
+    assert [request.options.push for request in builder.requests] == [True, True]

@@ -318,6 +318,7 @@ def create_options(
 
 class ContainerRunner:
     kind = ResourceKind.LOCAL_CONTAINER
+    needs_pushed_image = False  # the engine that built the image runs it
 
     def __init__(self, options: ContainerOptions, context: RunnerContext) -> None:
         self.options = options
