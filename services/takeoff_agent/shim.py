@@ -108,6 +108,9 @@ def run_process(lease_dir: Path, spec: dict[str, Any]) -> None:
             if lease_lapsed(lease_dir) and not fenced:
                 fenced = True
                 stop_group(job.pid, grace, reap=job.poll)
+    # A job's end is the end of every process it started, as a container's is: nothing of it may run on
+    # unsupervised once its exit is recorded. The leader is reaped, so the group is only what is left.
+    stop_group(job.pid, grace)
     exit_code, killed_by = (returncode, None) if returncode >= 0 else (128 - returncode, -returncode)
     write_atomically(lease_dir / "exit.json", {"exit_code": exit_code, "signal": killed_by, "fenced": fenced})
 
