@@ -314,7 +314,7 @@ class Agent:
         try:
             await attempt.run()
         finally:
-            if attempt.stop_reason in (Stop.REVOKED, Stop.FENCED) or not attempt.lease_dir.exists():
+            if attempt.stop_reason is Stop.REVOKED or not attempt.lease_dir.exists():
                 self._forget(attempt)
 
     async def progress(self, attempt: Attempt, state: ItemState, detail: str) -> bool:

@@ -294,7 +294,7 @@ class Attempt:
             for timer in self._timers:
                 timer.cancel()
         await self._flush_logs_quietly()
-        if outcome is not None and self.stop_reason not in (Stop.REVOKED, Stop.FENCED):
+        if outcome is not None and self.stop_reason is not Stop.REVOKED:
             await self.reporter.complete(self, outcome)
 
     async def _attempt(self) -> Outcome | None:
@@ -510,13 +510,13 @@ class Attempt:
         if reason is not None:
             self.log.system(f"job stopped: {reason.value}")
             await self._finish_run(RunState.KILLED, exit_code, reason.value)
-            if reason is Stop.REVOKED or self.stop_reason is Stop.FENCED:
-                return None  # the queue has given the lease away, or will: nothing to report
+            if reason is Stop.REVOKED:
+                return None  # the queue has given the lease away: nothing to report
             if reason is Stop.CANCELLED:
                 return Outcome(ItemState.CANCELLED, FailureReason.CANCELLED, exit_code, reason.value)
             failure = {
-                # Only the fence stopped it (the agent was away, or had not noticed yet): the queue may still
-                # hold the lease for this agent, as it does when it keeps the lease across an agent restart.
+                # The fence stopped it (the agent's or the shim's): the queue may still hold the lease for this
+                # agent, as it does across its own restart, so it is told (LEASE_LOST if it gave it away).
                 Stop.FENCED: FailureReason.AGENT_LOST,
                 Stop.START_TIMEOUT: FailureReason.START_TIMEOUT,
                 Stop.MAX_RUN_TIME: FailureReason.MAX_RUN_TIME_EXCEEDED,

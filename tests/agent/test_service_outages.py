@@ -24,6 +24,7 @@ from takeoff_agent import lease
 from takeoff_agent.clients import BUILD_SERVICE, MAX_REBUILDS, Builder
 from takeoff_agent.reachability import Reachability
 from takeoff_rpc.channels import open_channel
+from takeoff_server.protovalues import dict_to_struct
 from tests.agent.conftest import PROJECT, AgentProcess, Stack, StartAgent, code_job
 from tests.processes import ServiceProcess, service_process, wait_for
 
@@ -462,3 +463,52 @@ async def test_a_push_is_asked_of_every_reopened_stream(serve_builder: ServeBuil
     await collect(address, push=True)
 
     assert [request.options.push for request in builder.requests] == [True, True]
+
+
+STUBBORN = """\
+import os, pathlib, signal, time, takeoff
+run = takeoff.init()
+marks = pathlib.Path(run.config["marks"])
+# The first attempt outlives its SIGTERM: the agent's fence is still stopping it when the queue returns.
+signal.signal(signal.SIGTERM, lambda *_: (marks / "terminated").touch())
+(marks / f"running-{os.environ['TAKEOFF_ATTEMPT']}").touch()
+while not (marks / "go").exists():
+    time.sleep(0.05)
+"""
+
+
+def test_work_the_agent_fenced_while_the_queue_was_away_is_reported_once_it_returns(
+    stack: Stack,
+    queue_service: RestartableService,
+    start_agent: StartAgent,
+    view: QueueView,
+    tmp_path: Path,
+) -> None:
+    """The queue service keeps held leases through its restart; an agent that fenced its work meanwhile
+    must say how that work ended (AGENT_LOST), or the item would stay live with nobody working on it."""
+    with Client(stack.registry, project=PROJECT) as client:
+        job = code_job(client, tmp_path, "stubborn", STUBBORN)
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    queue = stack.new_queue()
+    agent = start_agent([queue], stop_grace_seconds=600)
+    view.wait_capacity(agent.status().agent, 1)
+    item = view.queues.Enqueue(
+        queue_pb2.EnqueueRequest(queue=queue, job=job, run_config=dict_to_struct({"marks": str(marks)}))
+    ).item.name
+    wait_for((marks / "running-1").exists, timeout=120, what="the first attempt to run")
+
+    queue_service.kill()
+    wait_for((marks / "terminated").exists, timeout=60, what="the agent to fence its job")
+    queue_service.start()
+    wait_for(
+        lambda: (status := agent.status()).connected and any(work.item == item for work in status.work),
+        timeout=60,
+        what="the agent to reconnect still holding the fenced lease",
+    )
+    (marks / "go").touch()  # the first attempt ends now; the second, if there is one, at once
+
+    ended = wait_for(lambda: view.ended(item), timeout=90, what=f"{item} to end")
+    assert (ended.state, ended.attempt) == (SUCCEEDED, 2), ended.transitions
+    first_end = next(t for t in ended.transitions if t.attempt == 1 and t.to_state == PENDING)
+    assert first_end.reason == common_pb2.FAILURE_REASON_AGENT_LOST
