@@ -129,13 +129,15 @@ class Runs:
 
     async def finish(
         self, run: str, state: common_pb2.RunState.ValueType, *, exit_code: int | None, message: str
-    ) -> None:
+    ) -> common_pb2.RunState.ValueType:
+        """End ``run`` in ``state`` unless it has ended already; the run's final state either way."""
         request = runs_pb2.FinishRunRequest(
             name=run, state=state, exit_code=exit_code, message=message[-4096:]
         )
-        await _retried(
+        reply = await _retried(
             lambda: self._runs.FinishRun(request, timeout=CALL_TIMEOUT_SECONDS), f"finish {run}", self._peer
         )
+        return reply.run.state
 
     async def close(self) -> None:
         await self._channel.close()

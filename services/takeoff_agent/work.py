@@ -493,11 +493,12 @@ class Attempt:
         self.log.read_job_output(final=True)
         return await self._conclude(self.job.exit())
 
-    async def _finish_run(self, state: RunState, exit_code: int | None, message: str) -> None:
-        """Set the run's final state, unless its job (the SDK) has set one."""
-        await self.context.runs.finish(
+    async def _finish_run(self, state: RunState, exit_code: int | None, message: str) -> RunState:
+        """Set the run's final state, unless its job (the SDK) has set one; the final state either way."""
+        final = await self.context.runs.finish(
             self.assignment.run, run_state_to_proto(state), exit_code=exit_code, message=message
         )
+        return RunState(final)
 
     async def _conclude(self, ended: JobExit | None) -> Outcome | None:
         """The outcome of docs/design.md §7, and the run's final state when the job's SDK did not set one."""
@@ -509,14 +510,20 @@ class Attempt:
         )
         if reason is not None:
             self.log.system(f"job stopped: {reason.value}")
-            await self._finish_run(RunState.KILLED, exit_code, reason.value)
+            final = await self._finish_run(RunState.KILLED, exit_code, reason.value)
             if reason is Stop.REVOKED:
                 return None  # the queue has given the lease away: nothing to report
+            if final is RunState.FINISHED:  # the job finished its run before the stop reached it
+                return Outcome(
+                    ItemState.SUCCEEDED,
+                    exit_code=exit_code,
+                    message=f"the job finished its run before it was stopped ({reason.value})",
+                )
             if reason is Stop.CANCELLED:
                 return Outcome(ItemState.CANCELLED, FailureReason.CANCELLED, exit_code, reason.value)
             failure = {
-                # The fence stopped it (the agent's or the shim's): the queue may still hold the lease for this
-                # agent, as it does across its own restart, so it is told (LEASE_LOST if it gave it away).
+                # The fence stopped it (the agent's or the shim's): the queue may still hold the lease for
+                # this agent, as it does across its own restart: it is told (LEASE_LOST if it gave it away).
                 Stop.FENCED: FailureReason.AGENT_LOST,
                 Stop.START_TIMEOUT: FailureReason.START_TIMEOUT,
                 Stop.MAX_RUN_TIME: FailureReason.MAX_RUN_TIME_EXCEEDED,

@@ -26,7 +26,7 @@ from takeoff_agent.reachability import Reachability
 from takeoff_rpc.channels import open_channel
 from takeoff_server.protovalues import dict_to_struct
 from tests.agent.conftest import PROJECT, AgentProcess, Stack, StartAgent, code_job
-from tests.processes import ServiceProcess, service_process, wait_for
+from tests.processes import ServiceProcess, pid_alive, service_process, wait_for
 
 SUCCEEDED = common_pb2.ITEM_STATE_SUCCEEDED
 PENDING = common_pb2.ITEM_STATE_PENDING
@@ -474,6 +474,8 @@ signal.signal(signal.SIGTERM, lambda *_: (marks / "terminated").touch())
 (marks / f"running-{os.environ['TAKEOFF_ATTEMPT']}").touch()
 while not (marks / "go").exists():
     time.sleep(0.05)
+if (marks / "terminated").exists() and os.environ["TAKEOFF_ATTEMPT"] == "1":
+    os._exit(143)  # stopped, as SIGTERM's default would have: the run is not finished
 """
 
 
@@ -512,3 +514,42 @@ def test_work_the_agent_fenced_while_the_queue_was_away_is_reported_once_it_retu
     assert (ended.state, ended.attempt) == (SUCCEEDED, 2), ended.transitions
     first_end = next(t for t in ended.transitions if t.attempt == 1 and t.to_state == PENDING)
     assert first_end.reason == common_pb2.FAILURE_REASON_AGENT_LOST
+
+
+FINISHES_THEN_LINGERS = """\
+import os, pathlib, time, takeoff
+run = takeoff.init()
+run.finish()
+pathlib.Path(run.config["marks"], f"finished-{os.environ['TAKEOFF_ATTEMPT']}").write_text(str(os.getpid()))
+time.sleep(600)  # still shutting down, say, when the fence stops it
+"""
+
+
+def test_a_job_that_finished_its_run_before_the_fence_stopped_it_succeeds_once(
+    stack: Stack,
+    queue_service: RestartableService,
+    start_agent: StartAgent,
+    view: QueueView,
+    tmp_path: Path,
+) -> None:
+    with Client(stack.registry, project=PROJECT) as client:
+        job = code_job(client, tmp_path, "lingers", FINISHES_THEN_LINGERS)
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    queue = stack.new_queue()
+    agent = start_agent([queue])
+    view.wait_capacity(agent.status().agent, 1)
+    item = view.queues.Enqueue(
+        queue_pb2.EnqueueRequest(queue=queue, job=job, run_config=dict_to_struct({"marks": str(marks)}))
+    ).item.name
+    finished = marks / "finished-1"
+    wait_for(finished.exists, timeout=120, what="the first attempt to finish its run")
+    job_pid = int(finished.read_text())
+
+    queue_service.kill()
+    wait_for(lambda: not pid_alive(job_pid), timeout=60, what="the agent's fence to stop the job")
+    queue_service.start()
+
+    ended = wait_for(lambda: view.ended(item), timeout=90, what=f"{item} to end")
+    assert (ended.state, ended.attempt) == (SUCCEEDED, 1), ended.transitions
+    assert not (marks / "finished-2").exists()
