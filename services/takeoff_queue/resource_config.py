@@ -17,12 +17,12 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from takeoff_server.errors import FieldViolation, InvalidArgument
+from takeoff_server.resource_merge import deep_merge
 from takeoff_server.schemas import check_json_schema, schema_validator
 from takeoff_server.validation import Problems
 
 JsonObject = dict[str, Any]
 
-MERGED_BY_NAME = frozenset({"containers", "env", "volumes", "volumeMounts"})
 _PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z][A-Za-z0-9_]{0,62})\s*\}\}")
 _VARIABLE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,62}$")
 
@@ -49,38 +49,6 @@ CONTAINER_OPTIONS = frozenset(
     }
 )
 PROCESS_OPTIONS = frozenset({"env"})
-
-
-def deep_merge(base: Any, override: Any, *, by_name: bool = False) -> Any:
-    """``override`` over ``base`` by the rules above; neither argument is changed."""
-    if isinstance(base, dict) and isinstance(override, dict):
-        merged = copy.deepcopy(base)
-        for key, value in override.items():
-            if key not in merged:
-                merged[key] = copy.deepcopy(value)
-            elif (
-                by_name
-                and key in MERGED_BY_NAME
-                and isinstance(merged[key], list)
-                and isinstance(value, list)
-            ):
-                merged[key] = _merge_named(merged[key], value, by_name=by_name)
-            else:
-                merged[key] = deep_merge(merged[key], value, by_name=by_name)
-        return merged
-    return copy.deepcopy(override)
-
-
-def _merge_named(base: list[Any], override: list[Any], *, by_name: bool) -> list[Any]:
-    merged = copy.deepcopy(base)
-    position = {entry.get("name"): i for i, entry in enumerate(merged) if isinstance(entry, dict)}
-    for entry in override:
-        name = entry.get("name") if isinstance(entry, dict) else None
-        if name is not None and name in position:
-            merged[position[name]] = deep_merge(merged[position[name]], entry, by_name=by_name)
-        else:
-            merged.append(copy.deepcopy(entry))
-    return merged
 
 
 def placeholders(config: Any) -> set[str]:

@@ -8,11 +8,11 @@ from takeoff_queue.resource_config import (
     ResourceKind,
     check_for_resource,
     check_variable_declarations,
-    deep_merge,
     effective_config,
     fill,
 )
 from takeoff_server.errors import InvalidArgument
+from takeoff_server.resource_merge import deep_merge
 from takeoff_server.validation import Problems
 
 LIMIT = 1024 * 1024

@@ -9,7 +9,6 @@ Merge rules (the queue's, docs/design.md §7): dicts merge key by key; lists are
 from __future__ import annotations
 
 import base64
-import copy
 import hashlib
 import math
 import re
@@ -19,10 +18,10 @@ from typing import Any
 
 from takeoff_agent.domain import Assignment
 from takeoff_agent.runners.base import Launch, RunnerRefused
+from takeoff_server.resource_merge import deep_merge, merge_named
 
 JsonObject = dict[str, Any]
 
-MERGED_BY_NAME = frozenset({"containers", "env", "volumes", "volumeMounts"})
 DEFAULT_CONTAINER = "job"
 LABEL_PREFIX = "takeoff."
 ANNOTATION_PREFIX = "takeoff.dev/"
@@ -49,34 +48,6 @@ _FIXED_SPEC: dict[str, tuple[object, str]] = {
     "selector": (None, "the Job selects its own pod"),
     "manualSelector": (None, "the Job selects its own pod"),
 }
-
-
-def merge(base: Any, override: Any) -> Any:
-    """``override`` over ``base`` by the merge rules above; neither argument is changed."""
-    if not (isinstance(base, dict) and isinstance(override, dict)):
-        return copy.deepcopy(override)
-    merged = copy.deepcopy(base)
-    for key, value in override.items():
-        if key in MERGED_BY_NAME and isinstance(merged.get(key), list) and isinstance(value, list):
-            merged[key] = _merge_named(merged[key], value)
-        elif key in merged:
-            merged[key] = merge(merged[key], value)
-        else:
-            merged[key] = copy.deepcopy(value)
-    return merged
-
-
-def _merge_named(base: list[Any], override: list[Any]) -> list[Any]:
-    merged = copy.deepcopy(base)
-    position = {entry.get("name"): i for i, entry in enumerate(merged) if isinstance(entry, dict)}
-    for entry in override:
-        name = entry.get("name") if isinstance(entry, dict) else None
-        if name is not None and name in position:
-            merged[position[name]] = merge(merged[position[name]], entry)
-        else:
-            position[name] = len(merged)
-            merged.append(copy.deepcopy(entry))
-    return merged
 
 
 def _hashed(text: str, length: int) -> str:
@@ -201,8 +172,10 @@ def base_manifest(
     active_deadline_seconds: int,
 ) -> JsonObject:
     """Defaults, the resource config over them, and the agent's own fields over both (no launch yet)."""
-    merged: JsonObject = merge(_defaults(settings, stop_grace_seconds), assignment.resource_config)
-    merged = merge(merged, _owned(assignment, settings, active_deadline_seconds))
+    merged: JsonObject = deep_merge(
+        _defaults(settings, stop_grace_seconds), assignment.resource_config, by_name=True
+    )
+    merged = deep_merge(merged, _owned(assignment, settings, active_deadline_seconds), by_name=True)
     _quantities_as_text(merged)
     return merged
 
@@ -240,7 +213,7 @@ def job_manifest(
         {"name": name, "valueFrom": {"secretKeyRef": {"name": secret, "key": name}}}
         for name in launch.secrets
     ]
-    container["env"] = _merge_named(container.get("env") or [], list(environment))
+    container["env"] = merge_named(container.get("env") or [], list(environment))
     return manifest
 
 
