@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from takeoff_agent.domain import LogStream
+
 MAX_LINE_BYTES = 64 * 1024
 """The registry's limit on one log line (UTF-8); longer lines arrive as several."""
 
@@ -45,3 +47,11 @@ def split_long_line(line: str) -> list[str]:
         size += width
     pieces.append(line[start:])
     return pieces
+
+
+def shim_output(lease_dir: Path) -> list[tuple[LogStream, LogTail]]:
+    """The job's stdout and stderr as its shim writes them into its lease directory."""
+    return [
+        (LogStream.STDOUT, LogTail(lease_dir / "stdout.log")),
+        (LogStream.STDERR, LogTail(lease_dir / "stderr.log")),
+    ]

@@ -17,7 +17,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from takeoff_server.errors import FieldViolation, InvalidArgument
-from takeoff_server.resource_merge import deep_merge
+from takeoff_server.resource_configs import CONTAINER_OPTIONS, PROCESS_OPTIONS, deep_merge
 from takeoff_server.schemas import check_json_schema, schema_validator
 from takeoff_server.validation import Problems
 
@@ -31,24 +31,6 @@ class ResourceKind(enum.Enum):
     LOCAL_PROCESS = "local-process"
     LOCAL_CONTAINER = "local-container"
     KUBERNETES = "kubernetes"
-
-
-# The docker options a local-container queue may set; the runner maps each onto the docker SDK.
-CONTAINER_OPTIONS = frozenset(
-    {
-        "gpus",
-        "cpus",
-        "mem_limit",
-        "memswap_limit",
-        "shm_size",
-        "env",
-        "volumes",
-        "user",
-        "ipc_mode",
-        "ulimits",
-    }
-)
-PROCESS_OPTIONS = frozenset({"env"})
 
 
 def placeholders(config: Any) -> set[str]:

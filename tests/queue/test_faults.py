@@ -19,11 +19,11 @@ from google.protobuf import duration_pb2, field_mask_pb2
 
 import takeoff_queue.store
 from takeoff.v1 import common_pb2, queue_pb2, runs_pb2, runs_pb2_grpc
-from takeoff_queue.resource_config import CONTAINER_OPTIONS
 from takeoff_queue.run_closes import CLAIM_HOLD, RunClose
 from takeoff_queue.settings import QueueSettings
 from takeoff_queue.store import QueueStore, QueueWrite
 from takeoff_server.database import Database
+from takeoff_server.resource_configs import CONTAINER_OPTIONS
 from tests.postgres import postgres_schema_url
 from tests.processes import ServiceProcess, service_process
 from tests.queue.harness import (

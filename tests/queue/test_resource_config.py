@@ -12,7 +12,7 @@ from takeoff_queue.resource_config import (
     fill,
 )
 from takeoff_server.errors import InvalidArgument
-from takeoff_server.resource_merge import deep_merge
+from takeoff_server.resource_configs import deep_merge
 from takeoff_server.validation import Problems
 
 LIMIT = 1024 * 1024

@@ -37,29 +37,15 @@ from takeoff_agent.domain import (
     RunnerFailure,
     SourceKind,
 )
-from takeoff_agent.log_tail import LogTail
+from takeoff_agent.log_tail import shim_output
 from takeoff_agent.runners.base import Launch, LogSource, RunnerContext, RunnerRefused, RunnerUnavailable
 from takeoff_agent.runners.gpus import GpuPool, GpuRequest, parse_request
 from takeoff_agent.shim import shim_alive, write_atomically
 from takeoff_server.docker_registry import RegistryLogin, registry_host
+from takeoff_server.resource_configs import CONTAINER_OPTIONS
 
 T = TypeVar("T")
 
-RESOURCE_OPTIONS = frozenset(
-    {
-        "gpus",
-        "cpus",
-        "mem_limit",
-        "memswap_limit",
-        "shm_size",
-        "env",
-        "volumes",
-        "user",
-        "ipc_mode",
-        "ulimits",
-    }
-)
-"""The queue's allow-list for local-container queues (services/takeoff_queue/resource_config.py)."""
 IPC_MODES = frozenset({"private", "shareable", "none", "host"})
 """``host`` is allowed: jobs that share memory across processes need it (the security model decides
 whether secure queues may use it); ``container:…`` would reach into another container and is not."""
@@ -154,12 +140,12 @@ def container_settings(resource_config: Mapping[str, Any]) -> ContainerSettings:
     """Raises RunnerRefused naming every option it cannot take."""
     problems: list[str] = [
         f"{name}: not an option of local-container queues"
-        for name in sorted(set(resource_config) - RESOURCE_OPTIONS, key=str)
+        for name in sorted(set(resource_config) - CONTAINER_OPTIONS, key=str)
     ]
     settings: dict[str, Any] = {}
     gpus = None
     for name, value in sorted(resource_config.items()):
-        if name not in RESOURCE_OPTIONS or name == "env":  # the job's env comes with the Launch
+        if name not in CONTAINER_OPTIONS or name == "env":  # the job's env comes with the Launch
             continue
         try:
             if name == "gpus":
@@ -403,10 +389,7 @@ class ContainerJob:
         self.lease_dir = lease_dir
         self.name = f"takeoff-{assignment.lease_id}"
         self._shim: asyncio.subprocess.Process | None = None
-        self._log_sources: list[tuple[LogStream, LogSource]] = [
-            (LogStream.STDOUT, LogTail(lease_dir / "stdout.log")),
-            (LogStream.STDERR, LogTail(lease_dir / "stderr.log")),
-        ]
+        self._log_sources: list[tuple[LogStream, LogSource]] = list(shim_output(lease_dir))
 
     @property
     def _spec_file(self) -> Path:

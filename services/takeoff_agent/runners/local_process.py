@@ -18,13 +18,13 @@ from collections.abc import Collection, Mapping
 from pathlib import Path
 
 from takeoff_agent.domain import Assignment, BuildKind, JobExit, LogStream, ResourceKind, SourceKind
-from takeoff_agent.log_tail import LogTail
+from takeoff_agent.log_tail import shim_output
 from takeoff_agent.runners.base import Launch, LogSource, RunnerContext, RunnerRefused
 from takeoff_agent.sdk_site import matches_agent_python, write_sdk_site
 from takeoff_agent.shim import stop_group, write_atomically
+from takeoff_server.resource_configs import PROCESS_OPTIONS
 
 EXIT_POLL_SECONDS = 0.1
-RESOURCE_OPTIONS = frozenset({"env"})
 PASSED_FROM_AGENT = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "TZ", "TMPDIR")
 """What a job gets from the agent's own environment (and every ``LC_*``): where programs are, whose home
 and name it runs under, its locale, time zone and temporary directory. Nothing else: the agent's
@@ -78,7 +78,7 @@ class LocalProcessRunner:
 
     def check(self, assignment: Assignment) -> None:
         self.build_kind(assignment.job_version.source)
-        refused = sorted(set(assignment.resource_config) - RESOURCE_OPTIONS)
+        refused = sorted(set(assignment.resource_config) - PROCESS_OPTIONS)
         if refused:
             raise RunnerRefused(
                 f"local-process does not take the resource option {', '.join(refused)} (it takes: env)"
@@ -110,10 +110,7 @@ class LocalProcessJob:
         self.sdk_site = sdk_site
         self.pass_env = pass_env
         self._shim: asyncio.subprocess.Process | None = None
-        self._log_sources: list[tuple[LogStream, LogSource]] = [
-            (LogStream.STDOUT, LogTail(lease_dir / "stdout.log")),
-            (LogStream.STDERR, LogTail(lease_dir / "stderr.log")),
-        ]
+        self._log_sources: list[tuple[LogStream, LogSource]] = list(shim_output(lease_dir))
 
     @property
     def _spec_file(self) -> Path:

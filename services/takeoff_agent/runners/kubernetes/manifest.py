@@ -18,7 +18,7 @@ from typing import Any
 
 from takeoff_agent.domain import Assignment
 from takeoff_agent.runners.base import Launch, RunnerRefused
-from takeoff_server.resource_merge import deep_merge, merge_named
+from takeoff_server.resource_configs import deep_merge, merge_named
 
 JsonObject = dict[str, Any]
 

@@ -1,5 +1,6 @@
-"""The merge rules of resource configs (docs/design.md §7), shared by the queue service (a queue's config
-with an item's override) and the agent's kubernetes runner (the result over its Job defaults).
+"""What the queue service and the agent's runners agree on about resource configs (docs/design.md §7): the
+options each local kind takes, and the merge rules (the queue merges an item's override over its queue's
+config; the kubernetes runner merges the result over its Job defaults).
 
 Dicts merge key by key; lists are replaced, except, with ``by_name``, the Kubernetes lists ``containers``,
 ``env``, ``volumes`` and ``volumeMounts``, whose entries merge by ``name``.
@@ -10,6 +11,23 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+CONTAINER_OPTIONS = frozenset(
+    {
+        "gpus",
+        "cpus",
+        "mem_limit",
+        "memswap_limit",
+        "shm_size",
+        "env",
+        "volumes",
+        "user",
+        "ipc_mode",
+        "ulimits",
+    }
+)
+"""The docker options a local-container queue may set; the container runner maps each onto the engine."""
+PROCESS_OPTIONS = frozenset({"env"})
+"""What a local-process queue may set."""
 MERGED_BY_NAME = frozenset({"containers", "env", "volumes", "volumeMounts"})
 
 
