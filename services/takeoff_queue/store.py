@@ -400,7 +400,11 @@ async def _fetch_items(
     before_seq: int | None = None,
     limit: int | None = None,
 ) -> list[dict[str, Any]]:
-    """Item rows newest first, each with its ``transitions`` (oldest first)."""
+    """Item rows newest first, each with its ``transitions`` (oldest first).
+
+    One statement reads both, so each item's state and history come from one snapshot: read apart, a
+    commit landing between them shows an item whose history is ahead of its state (docs/design.md §5).
+    """
     query = sa.select(items).order_by(items.c.seq.desc())
     if item_ids is not None:
         query = query.where(items.c.id.in_(item_ids))
@@ -419,19 +423,23 @@ async def _fetch_items(
         query = query.where(items.c.seq < before_seq)
     if limit is not None:
         query = query.limit(limit)
-    found = [dict(row) for row in (await connection.execute(query)).mappings()]
-    if found:
-        history = await connection.execute(
-            sa.select(transitions)
-            .where(transitions.c.item_id.in_([row["id"] for row in found]))
-            .order_by(transitions.c.id)
-        )
-        by_item: dict[str, list[dict[str, Any]]] = {row["id"]: [] for row in found}
-        for transition in history.mappings():
-            by_item[transition["item_id"]].append(dict(transition))
-        for row in found:
-            row["transitions"] = by_item[row["id"]]
-    return found
+    chosen = query.subquery("chosen")
+    with_history = (
+        sa.select(chosen, *(column.label(f"transition_{column.name}") for column in transitions.c))
+        .outerjoin(transitions, transitions.c.item_id == chosen.c.id)
+        .order_by(chosen.c.seq.desc(), transitions.c.id)
+    )
+    found: dict[str, dict[str, Any]] = {}
+    for joined in (await connection.execute(with_history)).mappings():
+        row = found.get(joined["id"])
+        if row is None:
+            row = found[joined["id"]] = {column.name: joined[column.name] for column in chosen.c}
+            row["transitions"] = []
+        if joined["transition_id"] is not None:
+            row["transitions"].append(
+                {column.name: joined[f"transition_{column.name}"] for column in transitions.c}
+            )
+    return list(found.values())
 
 
 def queue_values(queue: Queue) -> dict[str, Any]:
