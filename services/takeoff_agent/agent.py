@@ -13,6 +13,7 @@ import contextlib
 import logging
 import shutil
 import time
+from pathlib import Path
 
 import grpc
 
@@ -155,7 +156,7 @@ class Agent:
         if not failed and self.leases_dir.exists():
             for lease_dir in self.leases_dir.iterdir():
                 if lease_dir.name not in held:
-                    shutil.rmtree(lease_dir, ignore_errors=True)
+                    _remove_lease_dir(lease_dir)
 
     async def drain(self, limit: float | None) -> None:
         """Take no new work, hand back what has not started, let running jobs end (or stop them after
@@ -304,8 +305,13 @@ class Agent:
 
     async def _discard(self, attempt: Attempt) -> None:
         """A lease from before a restart that the queue service gave away: stop its job, if it still runs."""
-        await attempt.abandon()
+        try:
+            await attempt.abandon()
+        except Exception:  # its job may still run: the lease stays, for the next start of the agent to stop
+            logger.exception("could not stop the job of revoked lease %s", attempt.lease_id)
+            return
         self._forget(attempt)
+        logger.info("lease %s dropped: its job is stopped", attempt.lease_id)
 
     def _begin(self, attempt: Attempt) -> None:
         attempt.task = asyncio.create_task(self._run(attempt))
@@ -337,7 +343,20 @@ class Agent:
 
     def _forget(self, attempt: Attempt) -> None:
         self.attempts.pop(attempt.lease_id, None)
-        shutil.rmtree(attempt.lease_dir, ignore_errors=True)
+        _remove_lease_dir(attempt.lease_dir)
+
+
+def _remove_lease_dir(lease_dir: Path) -> None:
+    """Remove ``lease_dir``, saying what is left of it (a lease directory left behind is a lease the agent
+    seems to keep): only what is gone already is no failure."""
+
+    def report(
+        _function: object, path: str, error: tuple[type[BaseException], BaseException, object]
+    ) -> None:
+        if not isinstance(error[1], FileNotFoundError):
+            logger.warning("could not remove %s of lease directory %s: %s", path, lease_dir, error[1])
+
+    shutil.rmtree(lease_dir, onerror=report)
 
 
 def _kind_of(resource: int) -> ResourceKind | None:

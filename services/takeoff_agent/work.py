@@ -48,6 +48,8 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 LOG_FLUSH_SECONDS = 0.2
+SLOW_STOP_SECONDS = 30.0
+"""How long past its grace a job's stop may take before the agent says it is still waiting for it."""
 LAST_LINES_IN_MESSAGE = 20
 # The queue keeps the last 4 KiB of a Complete's message (queue.proto): a failure message is built to fit,
 # so that clipping never drops its explanation.
@@ -561,7 +563,12 @@ class Attempt:
         """Stop the job of a lease the queue gave away while the agent was away, and end its run KILLED
         (the next attempt has its own run)."""
         self.request_stop(Stop.REVOKED)
-        await self.job.stop(self.context.stop_grace_seconds)
+        stopping = asyncio.ensure_future(self.job.stop(self.context.stop_grace_seconds))
+        # The run's and the log's calls below end by their deadlines (clients.py); a runner's stop has none.
+        patience = self.context.stop_grace_seconds + SLOW_STOP_SECONDS
+        while not (await asyncio.wait({stopping}, timeout=patience))[0]:
+            logger.warning("the job of revoked lease %s is not stopped yet: still waiting", self.lease_id)
+        await stopping
         self.log.read_job_output(final=True)
         try:
             await self._conclude(self.job.exit())

@@ -9,11 +9,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import re
 import shutil
 import signal
 import sys
+import time
 from collections.abc import Collection, Mapping
 from pathlib import Path
 
@@ -24,7 +26,12 @@ from takeoff_agent.sdk_site import matches_agent_python, write_sdk_site
 from takeoff_agent.shim import stop_group, write_atomically
 from takeoff_server.resource_configs import PROCESS_OPTIONS
 
+logger = logging.getLogger(__name__)
+
 EXIT_POLL_SECONDS = 0.1
+EXIT_RECORD_SECONDS = 10.0
+"""How long a stop waits, beyond the job's grace, for the shim to record the exit of a stopped job (it looks
+every ``shim.FENCE_CHECK_SECONDS``, then ends the rest of the group, which is gone by then)."""
 PASSED_FROM_AGENT = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "TZ", "TMPDIR")
 """What a job gets from the agent's own environment (and every ``LC_*``): where programs are, whose home
 and name it runs under, its locale, time zone and temporary directory. Nothing else: the agent's
@@ -221,10 +228,19 @@ class LocalProcessJob:
             await asyncio.sleep(EXIT_POLL_SECONDS)
 
     async def stop(self, grace: float) -> None:
-        """SIGTERM the job's process group, SIGKILL after ``grace``; the shim then records the exit."""
+        """SIGTERM the job's process group, SIGKILL after ``grace``; then wait for the shim to record the
+        exit. Until it has, the shim still writes into the lease directory, which the agent removes once
+        the job is stopped: a directory removed under the shim's last write would outlive the lease."""
         pids = self._pids()
-        if pids is not None and self.exit() is None:
-            await asyncio.to_thread(stop_group, pids[1], grace)
+        if pids is None or self.exit() is not None:
+            return
+        await asyncio.to_thread(stop_group, pids[1], grace)
+        deadline = time.monotonic() + grace + EXIT_RECORD_SECONDS
+        while self.exit() is None and self._shim_alive():
+            if time.monotonic() > deadline:
+                logger.warning("the shim in %s has not recorded its stopped job's exit", self.lease_dir)
+                return
+            await asyncio.sleep(EXIT_POLL_SECONDS)
 
     async def renew_lease(self, until: float) -> None:
         """Tell the shim the agent's leases are good until ``until`` (UNIX seconds)."""
