@@ -134,8 +134,10 @@ class RunCloser:
         while True:
             self._wakeup.clear()
             try:
+                # After a round that tried rows, look again at once: a try that failed is due again after
+                # its back-off, and rows beyond the claimed batch are due now; no wake will come for them.
                 tried = await self.drain_due()
-                wait = None if tried else await self._until_next_due()
+                wait = 0.0 if tried else await self._until_next_due()
                 self._failures = 0
             except Exception:  # the store failed: the rows are still there for the next round
                 self._failures += 1

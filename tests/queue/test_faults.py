@@ -6,6 +6,7 @@ local-container volumes are named volumes only."""
 from __future__ import annotations
 
 import asyncio
+import random
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -19,7 +20,7 @@ from google.protobuf import duration_pb2, field_mask_pb2
 
 import takeoff_queue.store
 from takeoff.v1 import common_pb2, queue_pb2, runs_pb2, runs_pb2_grpc
-from takeoff_queue.run_closes import CLAIM_HOLD, RunClose
+from takeoff_queue.run_closes import CLAIM_HOLD, RunClose, RunCloseFailed, RunCloser, RunEnd
 from takeoff_queue.settings import QueueSettings
 from takeoff_queue.store import QueueStore, QueueWrite
 from takeoff_server.database import Database
@@ -430,6 +431,53 @@ async def test_drainers_sharing_a_database_never_claim_one_close_twice(outbox_da
     finally:
         await second.close()
         await first.close()
+
+
+async def test_a_close_that_failed_is_tried_again_after_its_back_off_without_another_wake(
+    outbox_database_url: str,
+) -> None:
+    database = Database("queue", outbox_database_url, migrations=MIGRATIONS)
+    try:
+        await database.migrate()
+        store = QueueStore(database)
+        close = RunClose("projects/qtest/runs/r-1", "a test")
+
+        async def insert(tx: QueueWrite) -> Any:
+            return await tx.insert_run_closes([close], datetime.now(UTC))
+
+        await store.write(insert)
+        answers: list[RunEnd | RunCloseFailed] = [RunCloseFailed("UNAVAILABLE"), RunEnd(finished=False)]
+        settled = asyncio.Event()
+
+        class Registry:
+            async def close_run(self, run: str, message: str) -> RunEnd:
+                answer = answers.pop(0)
+                if isinstance(answer, RunCloseFailed):
+                    raise answer
+                return answer
+
+        async def settle(closed: RunClose, end: RunEnd) -> None:
+            async def forget(tx: QueueWrite) -> None:
+                await tx.delete_run_close(closed.id)
+
+            await store.write(forget)
+            settled.set()
+
+        class NoJitter(random.Random):
+            def uniform(self, a: float, b: float) -> float:
+                return a  # the retry is due at once: the test waits on the drainer, not on the back-off
+
+        closer = RunCloser(store, Registry(), settle, lambda: datetime.now(UTC), NoJitter())
+        draining = asyncio.create_task(closer.drain_forever())
+        try:
+            closer.wake()  # the one wake: the row's commit
+            await asyncio.wait_for(settled.wait(), 10)
+        finally:
+            draining.cancel()
+        assert answers == []
+        assert await store.next_run_close_time() is None
+    finally:
+        await database.close()
 
 
 # ----- host-path volumes (issue 10's queue side) -------------------------------------------------------
