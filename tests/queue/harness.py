@@ -230,8 +230,8 @@ async def watch_until(
                 if wanted(seen):
                     return seen
     except TimeoutError:
-        pass
-    raise AssertionError(f"{name} never got there within {within} s; last seen: {seen}")
+        raise AssertionError(f"{name} never got there within {within} s; last seen: {seen}") from None
+    raise AssertionError(f"the watch of {name} ended before it got there; last seen: {seen}")
 
 
 def error_details(error: grpc.aio.AioRpcError) -> tuple[str, list[str]]:
