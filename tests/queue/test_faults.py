@@ -16,13 +16,17 @@ from typing import Any, TypeVar
 
 import grpc
 import pytest
+import sqlalchemy as sa
 from google.protobuf import duration_pb2, field_mask_pb2
+from sqlalchemy.engine import Engine
 
 import takeoff_queue.store
 from takeoff.v1 import common_pb2, queue_pb2, runs_pb2, runs_pb2_grpc
 from takeoff_queue.run_closes import CLAIM_HOLD, RunClose, RunCloseFailed, RunCloser, RunEnd
 from takeoff_queue.settings import QueueSettings
 from takeoff_queue.store import QueueStore, QueueWrite
+from takeoff_queue.store import items as item_rows
+from takeoff_queue.store import transitions as transition_rows
 from takeoff_server.database import Database
 from takeoff_server.resource_configs import CONTAINER_OPTIONS
 from tests.postgres import postgres_schema_url
@@ -478,6 +482,48 @@ async def test_a_close_that_failed_is_tried_again_after_its_back_off_without_ano
         assert await store.next_run_close_time() is None
     finally:
         await database.close()
+
+
+async def test_an_item_read_while_a_change_of_it_commits_shows_its_state_and_history_from_one_moment(
+    tmp_path: Path, queue_env: dict[str, str], job: str
+) -> None:
+    if "TAKEOFF_DATABASE_URL" in queue_env:
+        pytest.skip("the change is committed from beside the queue through SQLite's file")
+    settings = fast_queue_settings(tmp_path, {}, queue_env["TAKEOFF_REGISTRY_ADDRESS"])
+    database_file = str(tmp_path / "queue.db")
+    async with in_process_queue(settings) as service:
+        queue = await new_queue(service, paused=True)
+        name = await service.enqueue(queue, "train")
+        item_id = name.rsplit("/", 1)[1]
+        beside = sa.create_engine(f"sqlite:///{database_file}")
+        committed: list[str] = []
+
+        def commit_a_cancel_after_the_first_read(conn: Any, cursor: Any, statement: str, *_: Any) -> None:
+            # The moment between two statements of one read, if the read has two: the item's change lands.
+            if committed or conn.engine.url.database != database_file or "queue_items" not in statement:
+                return
+            committed.append(statement)
+            now = datetime.now(UTC)
+            with beside.begin() as connection:
+                connection.execute(
+                    item_rows.update()
+                    .where(item_rows.c.id == item_id)
+                    .values(state="CANCELLED", end_time=now)
+                )
+                connection.execute(
+                    transition_rows.insert().values(
+                        item_id=item_id, time=now, from_state="PENDING", to_state="CANCELLED"
+                    )
+                )
+
+        sa.event.listen(Engine, "after_cursor_execute", commit_a_cancel_after_the_first_read)
+        try:
+            item = await service.stored(name)
+        finally:
+            sa.event.remove(Engine, "after_cursor_execute", commit_a_cancel_after_the_first_read)
+            beside.dispose()
+        assert committed
+        assert item.state == item.transitions[-1].to_state
 
 
 # ----- host-path volumes (issue 10's queue side) -------------------------------------------------------
