@@ -138,7 +138,7 @@ class Runner(Protocol):
     async def close(self) -> None: ...
 
 
-# Each runner module (``runners/local_process.py``, ``container.py``, ``kubernetes.py``) exposes
+# Each runner module (``runners/local_process.py``, ``container.py``, the ``kubernetes`` package) exposes
 #     def create(options: Mapping[str, object], context: RunnerContext) -> Runner
 # which validates its section of the agent config's ``runners:`` and raises ValueError with a message
 # naming the bad option, so the agent refuses to start with it.

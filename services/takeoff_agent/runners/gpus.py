@@ -1,4 +1,4 @@
-"""The host's GPUs shared among the containers of one agent (docs/design.md §12).
+"""The host's GPUs shared among the containers of one agent (docs/design.md §7, "Containers").
 
 The agent config lists the host's devices (``runners: local-container: gpus: ["0", "1"]``). A job asking
 ``gpus: N`` gets N listed devices that no other running job of this agent holds, ``gpus: all`` every listed
