@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -24,6 +25,16 @@ def wait_for(probe: Callable[[], T | None], *, timeout: float = 30.0, what: str 
             return value  # type: ignore[return-value]
         time.sleep(0.05)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+async def eventually(probe: Callable[[], T | None], what: str, *, within: float = 60.0) -> T:
+    """``wait_for`` for a test on the event loop: ``probe()`` once it is neither None, False nor empty."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if (value := probe()) not in (None, False, []):
+            return value  # type: ignore[return-value]
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"timed out after {within}s waiting for {what}")
 
 
 def pid_alive(pid: int) -> bool:

@@ -13,7 +13,7 @@ import os
 import signal
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -41,21 +41,12 @@ from takeoff_agent.runners.container import (
 )
 from takeoff_agent.runners.gpus import GpuPool, GpuRequest
 from tests.conftest import DockerSetup
+from tests.processes import eventually
 
 WAIT_SECONDS = 60
 
 WAITER = "import time; print('ready', flush=True); time.sleep(600)"
 """Prints ``ready``, then sleeps until stopped (it ends on SIGTERM)."""
-
-
-async def eventually(probe: Callable[[], Any], what: str) -> Any:
-    """``probe()`` once it is neither None nor False, polled for at most WAIT_SECONDS."""
-    deadline = time.monotonic() + WAIT_SECONDS
-    while time.monotonic() < deadline:
-        if (value := probe()) not in (None, False):
-            return value
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"timed out after {WAIT_SECONDS}s waiting for {what}")
 
 
 class Harness:

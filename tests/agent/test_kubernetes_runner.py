@@ -11,7 +11,7 @@ import base64
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -34,18 +34,10 @@ from takeoff_agent.runners.kubernetes import KubeJob, KubernetesRunner, create
 from takeoff_agent.runners.kubernetes.manifest import JobSettings, job_manifest, job_name
 from takeoff_agent.runners.kubernetes.status import observe
 from tests.agent.kube_api import KubeApiServer
+from tests.processes import eventually
 
 WAIT_SECONDS = 15
 IMAGE = "registry.example:5000/takeoff/j:0123456789abcdef"
-
-
-async def eventually(probe: Callable[[], Any], what: str, within: float = WAIT_SECONDS) -> Any:
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        if (value := probe()) not in (None, False, []):
-            return value
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"timed out after {within}s waiting for {what}")
 
 
 def assignment(container_name: str = "", **resource_config: Any) -> Assignment:
