@@ -36,7 +36,9 @@ from takeoff_agent.runners.kubernetes.status import observe
 from tests.agent.kube_api import KubeApiServer
 from tests.processes import eventually
 
-WAIT_SECONDS = 15
+WAIT_SECONDS = 45
+"""Above the runner's SETTLE_SECONDS (30 s: an ended container waits for its Job's verdict, seen by another
+watch): on a loaded machine the two watches can be that far apart."""
 IMAGE = "registry.example:5000/takeoff/j:0123456789abcdef"
 
 
