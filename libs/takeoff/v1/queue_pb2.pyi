@@ -206,6 +206,9 @@ class Queue(_message.Message):
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     ITEM_COUNTS_FIELD_NUMBER: _builtins.int
     AGENT_COUNT_FIELD_NUMBER: _builtins.int
+    SECURE_FIELD_NUMBER: _builtins.int
+    ALLOW_HOST_PATHS_FIELD_NUMBER: _builtins.int
+    SECRETS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Output only. Resource name `projects/{project}/queues/{queue}`."""
     description: _builtins.str
@@ -237,6 +240,17 @@ class Queue(_message.Message):
     """
     agent_count: _builtins.int
     """Output only. Number of connected agents serving this queue."""
+    secure: _builtins.bool
+    """Optional. A secure queue (as W&B Launch's secure mode) refuses, by name, item overrides of the entrypoint
+    and of dangerous resource options: privileged, host network, PID or IPC namespaces, added capabilities,
+    devices, host paths, Kubernetes `serviceAccountName`, `hostPath` volumes, init containers and the like
+    (reason `SECURE_QUEUE_OVERRIDE`). The queue's own resource config may still set them.
+    """
+    allow_host_paths: _builtins.bool
+    """Optional. Allow host-path volumes (local-container `volumes` with a host path, Kubernetes `hostPath`)
+    in the queue's own resource config; items may not add them on a secure queue. Default false: refused
+    with `RESOURCE_CONFIG_INVALID` naming the volume.
+    """
     @_builtins.property
     def resource_config(self) -> _struct_pb2.Struct:
         """Optional. Default resource config, JSON for the runner; may contain `{{var}}` placeholders for
@@ -291,6 +305,10 @@ class Queue(_message.Message):
     def item_counts(self) -> Global___ItemCounts:
         """Output only. Number of items in each state."""
 
+    @_builtins.property
+    def secrets(self) -> _containers.RepeatedCompositeFieldContainer[Global___SecretMount]:
+        """Optional. Secrets every item of the queue receives (at most 32; see SecretMount)."""
+
     def __init__(
         self,
         *,
@@ -312,14 +330,51 @@ class Queue(_message.Message):
         update_time: _timestamp_pb2.Timestamp | None = ...,
         item_counts: Global___ItemCounts | None = ...,
         agent_count: _builtins.int = ...,
+        secure: _builtins.bool = ...,
+        allow_host_paths: _builtins.bool = ...,
+        secrets: _abc.Iterable[Global___SecretMount] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "item_counts", b"item_counts", "max_run_time", b"max_run_time", "resource_config", b"resource_config", "retry_delay", b"retry_delay", "start_timeout", b"start_timeout", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_count", b"agent_count", "concurrency_limit", b"concurrency_limit", "container_name", b"container_name", "create_time", b"create_time", "description", b"description", "item_counts", b"item_counts", "max_attempts", b"max_attempts", "max_run_time", b"max_run_time", "name", b"name", "paused", b"paused", "prioritization", b"prioritization", "resource", b"resource", "resource_config", b"resource_config", "retry_delay", b"retry_delay", "retry_job_failures", b"retry_job_failures", "start_timeout", b"start_timeout", "template_variables", b"template_variables", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_count", b"agent_count", "allow_host_paths", b"allow_host_paths", "concurrency_limit", b"concurrency_limit", "container_name", b"container_name", "create_time", b"create_time", "description", b"description", "item_counts", b"item_counts", "max_attempts", b"max_attempts", "max_run_time", b"max_run_time", "name", b"name", "paused", b"paused", "prioritization", b"prioritization", "resource", b"resource", "resource_config", b"resource_config", "retry_delay", b"retry_delay", "retry_job_failures", b"retry_job_failures", "secrets", b"secrets", "secure", b"secure", "start_timeout", b"start_timeout", "template_variables", b"template_variables", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Queue: _TypeAlias = Queue  # noqa: Y015
+
+@_typing.final
+class SecretMount(_message.Message):
+    """A secret given to a job: as an environment variable or as a file (exactly one of `env` and `file`)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SECRET_FIELD_NUMBER: _builtins.int
+    ENV_FIELD_NUMBER: _builtins.int
+    FILE_FIELD_NUMBER: _builtins.int
+    secret: _builtins.str
+    """Required. `projects/{p}/secrets/{s}`, or a short id in the queue's project."""
+    env: _builtins.str
+    """The environment variable that holds the value: 1-128 of A-Z, a-z, 0-9 and `_`, not starting with a
+    digit; not TAKEOFF_*, LD_PRELOAD or PYTHONPATH.
+    """
+    file: _builtins.str
+    """The file, relative to the job's secrets directory (`TAKEOFF_SECRETS_DIR`), that holds the value:
+    1-255 characters of A-Z, a-z, 0-9, `.`, `_` and `-`, no `..`.
+    """
+    def __init__(
+        self,
+        *,
+        secret: _builtins.str = ...,
+        env: _builtins.str = ...,
+        file: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["env", b"env", "file", b"file", "secret", b"secret"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SecretMount: _TypeAlias = SecretMount  # noqa: Y015
 
 @_typing.final
 class TemplateVariable(_message.Message):
@@ -443,6 +498,8 @@ class Item(_message.Message):
     TRANSITIONS_FIELD_NUMBER: _builtins.int
     TRACEPARENT_FIELD_NUMBER: _builtins.int
     RELAUNCHED_FROM_FIELD_NUMBER: _builtins.int
+    SECRETS_FIELD_NUMBER: _builtins.int
+    CREATOR_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Output only. Resource name `projects/{project}/queues/{queue}/items/{item}` (the id is generated)."""
     job: _builtins.str
@@ -489,6 +546,8 @@ class Item(_message.Message):
     """
     relaunched_from: _builtins.str
     """Output only. The item this one was relaunched from (RelaunchItem); empty otherwise."""
+    creator: _builtins.str
+    """Output only. Who enqueued the item: the caller's key, `keys/{key}` and its display name."""
     @_builtins.property
     def run_config(self) -> _struct_pb2.Struct:
         """Output only. From Enqueue: the run config as given, validated against the version's input schema,
@@ -547,6 +606,10 @@ class Item(_message.Message):
     def transitions(self) -> _containers.RepeatedCompositeFieldContainer[Global___ItemTransition]:
         """Output only. Every transition, oldest first."""
 
+    @_builtins.property
+    def secrets(self) -> _containers.RepeatedCompositeFieldContainer[Global___SecretMount]:
+        """Output only. From Enqueue: the secrets the item's job receives besides the queue's."""
+
     def __init__(
         self,
         *,
@@ -581,10 +644,12 @@ class Item(_message.Message):
         transitions: _abc.Iterable[Global___ItemTransition] | None = ...,
         traceparent: _builtins.str = ...,
         relaunched_from: _builtins.str = ...,
+        secrets: _abc.Iterable[Global___SecretMount] | None = ...,
+        creator: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "eligible_time", b"eligible_time", "end_time", b"end_time", "enqueue_time", b"enqueue_time", "exit_code", b"exit_code", "lease_expire_time", b"lease_expire_time", "max_run_time", b"max_run_time", "resource_config", b"resource_config", "resource_config_override", b"resource_config_override", "run_config", b"run_config", "start_deadline", b"start_deadline", "template_variables", b"template_variables", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "agent", b"agent", "attempt", b"attempt", "cancel_requested", b"cancel_requested", "eligible_time", b"eligible_time", "end_time", b"end_time", "enqueue_time", b"enqueue_time", "entrypoint", b"entrypoint", "epoch", b"epoch", "exit_code", b"exit_code", "job", b"job", "job_version", b"job_version", "lease_expire_time", b"lease_expire_time", "lease_id", b"lease_id", "max_attempts", b"max_attempts", "max_run_time", b"max_run_time", "message", b"message", "name", b"name", "priority", b"priority", "reason", b"reason", "relaunched_from", b"relaunched_from", "resource_config", b"resource_config", "resource_config_override", b"resource_config_override", "run", b"run", "run_config", b"run_config", "run_display_name", b"run_display_name", "start_deadline", b"start_deadline", "state", b"state", "template_variables", b"template_variables", "traceparent", b"traceparent", "transitions", b"transitions", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "agent", b"agent", "attempt", b"attempt", "cancel_requested", b"cancel_requested", "creator", b"creator", "eligible_time", b"eligible_time", "end_time", b"end_time", "enqueue_time", b"enqueue_time", "entrypoint", b"entrypoint", "epoch", b"epoch", "exit_code", b"exit_code", "job", b"job", "job_version", b"job_version", "lease_expire_time", b"lease_expire_time", "lease_id", b"lease_id", "max_attempts", b"max_attempts", "max_run_time", b"max_run_time", "message", b"message", "name", b"name", "priority", b"priority", "reason", b"reason", "relaunched_from", b"relaunched_from", "resource_config", b"resource_config", "resource_config_override", b"resource_config_override", "run", b"run", "run_config", b"run_config", "run_display_name", b"run_display_name", "secrets", b"secrets", "start_deadline", b"start_deadline", "state", b"state", "template_variables", b"template_variables", "traceparent", b"traceparent", "transitions", b"transitions", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__exit_code: _TypeAlias = _typing.Literal["exit_code"]  # noqa: Y015
     _WhichOneofArgType__exit_code: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code"]  # noqa: Y015
@@ -607,6 +672,7 @@ class ItemTransition(_message.Message):
     ATTEMPT_FIELD_NUMBER: _builtins.int
     EPOCH_FIELD_NUMBER: _builtins.int
     RUN_FIELD_NUMBER: _builtins.int
+    ACTOR_FIELD_NUMBER: _builtins.int
     from_state: _common_pb2.ItemState.ValueType
     """State before; ITEM_STATE_UNSPECIFIED for the first transition (new -> PENDING)."""
     to_state: _common_pb2.ItemState.ValueType
@@ -623,6 +689,10 @@ class ItemTransition(_message.Message):
     """Item epoch at the transition."""
     run: _builtins.str
     """Run of that attempt, `projects/{p}/runs/{run}`; empty before the first assignment."""
+    actor: _builtins.str
+    """Who caused the transition when a caller did (Enqueue, CancelItem, RelaunchItem): `keys/{key}` and its
+    display name; empty for transitions the system made.
+    """
     @_builtins.property
     def time(self) -> _timestamp_pb2.Timestamp:
         """When it happened (database clock)."""
@@ -639,10 +709,11 @@ class ItemTransition(_message.Message):
         attempt: _builtins.int = ...,
         epoch: _builtins.int = ...,
         run: _builtins.str = ...,
+        actor: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "attempt", b"attempt", "epoch", b"epoch", "from_state", b"from_state", "message", b"message", "reason", b"reason", "run", b"run", "time", b"time", "to_state", b"to_state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "agent", b"agent", "attempt", b"attempt", "epoch", b"epoch", "from_state", b"from_state", "message", b"message", "reason", b"reason", "run", b"run", "time", b"time", "to_state", b"to_state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -992,7 +1063,7 @@ class UpdateQueueRequest(_message.Message):
     def update_mask(self) -> _field_mask_pb2.FieldMask:
         """Required. Fields to update (`*` = all mutable): description, resource_config, template_variables,
         prioritization, max_attempts, retry_job_failures, retry_delay, start_timeout, max_run_time,
-        concurrency_limit, paused, container_name.
+        concurrency_limit, paused, container_name, secure, allow_host_paths, secrets.
         """
 
     def __init__(
@@ -1093,6 +1164,7 @@ class EnqueueRequest(_message.Message):
     MAX_RUN_TIME_FIELD_NUMBER: _builtins.int
     RUN_DISPLAY_NAME_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    SECRETS_FIELD_NUMBER: _builtins.int
     queue: _builtins.str
     """Required. Queue name `projects/{project}/queues/{queue}`."""
     job: _builtins.str
@@ -1141,6 +1213,12 @@ class EnqueueRequest(_message.Message):
         most 365 days.
         """
 
+    @_builtins.property
+    def secrets(self) -> _containers.RepeatedCompositeFieldContainer[Global___SecretMount]:
+        """Optional. Secrets the job receives besides the queue's (at most 32; see SecretMount). The caller needs
+        read on the secrets' project.
+        """
+
     def __init__(
         self,
         *,
@@ -1155,10 +1233,11 @@ class EnqueueRequest(_message.Message):
         max_run_time: _duration_pb2.Duration | None = ...,
         run_display_name: _builtins.str = ...,
         request_id: _builtins.str = ...,
+        secrets: _abc.Iterable[Global___SecretMount] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["max_run_time", b"max_run_time", "resource_config", b"resource_config", "run_config", b"run_config", "template_variables", b"template_variables"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["entrypoint", b"entrypoint", "job", b"job", "max_attempts", b"max_attempts", "max_run_time", b"max_run_time", "priority", b"priority", "queue", b"queue", "request_id", b"request_id", "resource_config", b"resource_config", "run_config", b"run_config", "run_display_name", b"run_display_name", "template_variables", b"template_variables"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entrypoint", b"entrypoint", "job", b"job", "max_attempts", b"max_attempts", "max_run_time", b"max_run_time", "priority", b"priority", "queue", b"queue", "request_id", b"request_id", "resource_config", b"resource_config", "run_config", b"run_config", "run_display_name", b"run_display_name", "secrets", b"secrets", "template_variables", b"template_variables"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2064,6 +2143,8 @@ class LeaseResponse(_message.Message):
         QUEUE_FIELD_NUMBER: _builtins.int
         RESOURCE_FIELD_NUMBER: _builtins.int
         CONTAINER_NAME_FIELD_NUMBER: _builtins.int
+        RUN_TOKEN_FIELD_NUMBER: _builtins.int
+        SECRETS_FIELD_NUMBER: _builtins.int
         lease_id: _builtins.str
         """The lease id (opaque), used in every message about this work."""
         epoch: _builtins.int
@@ -2080,6 +2161,10 @@ class LeaseResponse(_message.Message):
         """The queue's resource kind: which runner to use."""
         container_name: _builtins.str
         """kubernetes only: the queue's container_name; empty = the first container."""
+        run_token: _builtins.str
+        """The attempt's run token (KeyService.MintRunToken): the agent writes the run with it and gives it to
+        the job as TAKEOFF_TOKEN. Revoked by the queue when the attempt ends.
+        """
         @_builtins.property
         def item(self) -> Global___Item:
             """The item as leased (with its run config, overrides and history)."""
@@ -2112,6 +2197,12 @@ class LeaseResponse(_message.Message):
         def entrypoint(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
             """The effective entrypoint argv (the item's override or the version's)."""
 
+        @_builtins.property
+        def secrets(self) -> _containers.RepeatedCompositeFieldContainer[Global___SecretMount]:
+            """The secrets the job receives: the queue's, then the item's (an item's mount replaces a queue's mount
+            of the same variable or file).
+            """
+
         def __init__(
             self,
             *,
@@ -2130,10 +2221,12 @@ class LeaseResponse(_message.Message):
             queue: _builtins.str = ...,
             resource: _common_pb2.ResourceKind.ValueType = ...,
             container_name: _builtins.str = ...,
+            run_token: _builtins.str = ...,
+            secrets: _abc.Iterable[Global___SecretMount] | None = ...,
         ) -> None: ...
         _HasFieldArgType: _TypeAlias = _typing.Literal["assign_time", b"assign_time", "item", b"item", "job_version", b"job_version", "max_run_time", b"max_run_time", "resource_config", b"resource_config", "start_deadline", b"start_deadline"]  # noqa: Y015
         def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-        _ClearFieldArgType: _TypeAlias = _typing.Literal["assign_time", b"assign_time", "attempt", b"attempt", "container_name", b"container_name", "entrypoint", b"entrypoint", "epoch", b"epoch", "item", b"item", "job_version", b"job_version", "lease_id", b"lease_id", "max_run_time", b"max_run_time", "queue", b"queue", "resource", b"resource", "resource_config", b"resource_config", "run", b"run", "start_deadline", b"start_deadline", "traceparent", b"traceparent"]  # noqa: Y015
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["assign_time", b"assign_time", "attempt", b"attempt", "container_name", b"container_name", "entrypoint", b"entrypoint", "epoch", b"epoch", "item", b"item", "job_version", b"job_version", "lease_id", b"lease_id", "max_run_time", b"max_run_time", "queue", b"queue", "resource", b"resource", "resource_config", b"resource_config", "run", b"run", "run_token", b"run_token", "secrets", b"secrets", "start_deadline", b"start_deadline", "traceparent", b"traceparent"]  # noqa: Y015
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
