@@ -15,6 +15,10 @@ from dataclasses import dataclass
 import docker
 import pytest
 
+from tests.keys import export_admin_key
+
+export_admin_key()  # before any fixture starts a service: every stack a test makes trusts this key
+
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 
 COMPONENT_FIXTURES = {"docker_setup": "docker", "node": "node"}

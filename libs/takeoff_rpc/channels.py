@@ -8,6 +8,7 @@ channel a TLS one, so adding authentication later changes the callers' arguments
 from __future__ import annotations
 
 from collections.abc import AsyncIterable, Callable, Iterable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -85,6 +86,13 @@ def _options(target: str, overrides: ChannelOptions) -> list[tuple[str, Any]]:
     return list(merged.items())
 
 
+def _missing(fixed: Metadata, given: Sequence[tuple[str, Any]]) -> tuple[tuple[str, str], ...]:
+    """The channel's fixed entries whose keys the call does not set itself: a call that brings its own
+    ``authorization`` (the agent writing a run with that run's token) keeps it."""
+    keys = {key for key, _ in given}
+    return tuple((key, value) for key, value in fixed if key not in keys)
+
+
 class _MetadataInterceptor(
     grpc.UnaryUnaryClientInterceptor,
     grpc.UnaryStreamClientInterceptor,
@@ -97,7 +105,8 @@ class _MetadataInterceptor(
         self._metadata = tuple(metadata)
 
     def _with_metadata(self, details: grpc.ClientCallDetails) -> grpc.ClientCallDetails:
-        return details._replace(metadata=(*(details.metadata or ()), *self._metadata))  # type: ignore[attr-defined, no-any-return]
+        given = tuple(details.metadata or ())
+        return details._replace(metadata=(*given, *_missing(self._metadata, given)))  # type: ignore[attr-defined, no-any-return]
 
     def intercept_unary_unary(self, continuation: Callable[..., Any], details: Any, request: Any) -> Any:
         return continuation(self._with_metadata(details), request)
@@ -128,7 +137,8 @@ class _AioMetadataInterceptor(
         self._metadata = tuple(metadata)
 
     def _with_metadata(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
-        merged = grpc.aio.Metadata(*(details.metadata or ()), *self._metadata)
+        given = tuple(details.metadata or ())
+        merged = grpc.aio.Metadata(*given, *_missing(self._metadata, given))
         return details._replace(metadata=merged)  # type: ignore[attr-defined, no-any-return]
 
     async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
@@ -146,3 +156,17 @@ class _AioMetadataInterceptor(
         self, continuation: Any, details: Any, requests: AsyncIterable[Any] | Iterable[Any]
     ) -> Any:
         return await continuation(self._with_metadata(details), requests)
+
+
+def tls_credentials(
+    ca_file: Path | None = None, cert_file: Path | None = None, key_file: Path | None = None
+) -> grpc.ChannelCredentials:
+    """Channel credentials that check the server against ``ca_file`` (else the system's roots) and, for
+    mutual TLS, present ``cert_file`` with ``key_file``."""
+    if (cert_file is None) != (key_file is None):
+        raise ValueError("a client certificate needs both its certificate file and its key file")
+    return grpc.ssl_channel_credentials(
+        root_certificates=ca_file.read_bytes() if ca_file else None,
+        private_key=key_file.read_bytes() if key_file else None,
+        certificate_chain=cert_file.read_bytes() if cert_file else None,
+    )

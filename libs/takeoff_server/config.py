@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import ValidationError, field_validator
+from pydantic import BaseModel, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 ENV_PREFIX = "TAKEOFF_"
@@ -20,6 +20,33 @@ CONFIG_FILE_ENV = "TAKEOFF_CONFIG_FILE"
 
 class ConfigError(Exception):
     """A setting is missing or wrong; the message is one line meant for a person."""
+
+
+class TlsSettings(BaseModel):
+    """TLS for a process's server and for its calls to the other services (``TAKEOFF_TLS__*``).
+
+    The server serves ``cert_file``/``key_file`` on its TCP addresses (Unix sockets stay plaintext: only
+    processes on the host reach them); its calls check servers against ``ca_file``. With
+    ``require_client_cert`` it is mutual: callers must present a certificate ``ca_file`` signed, and this
+    process presents its own when it calls others.
+    """
+
+    model_config = {"extra": "forbid"}
+
+    cert_file: Path
+    key_file: Path
+    ca_file: Path | None = None
+    require_client_cert: bool = False
+
+    @field_validator("cert_file", "key_file", "ca_file")
+    @classmethod
+    def _readable(cls, value: Path | None) -> Path | None:
+        if value is None:
+            return None
+        value = value.expanduser()
+        if not value.is_file():
+            raise ValueError(f"{value} is not a readable file")
+        return value
 
 
 class ServerSettings(BaseSettings):
@@ -43,8 +70,25 @@ class ServerSettings(BaseSettings):
     """When set, the bound addresses are written here as JSON once the server is serving."""
     parent_pid: int | None = None
     """When set (``takeoff up`` does), the server shuts down as soon as that process is gone."""
+    api_key: SecretStr | None = None
+    """This process's own key, for its calls to the other services (``TAKEOFF_API_KEY``)."""
+    api_key_file: Path | None = None
+    """A file holding that key instead (``takeoff up`` writes one per service, mode 0600)."""
+    tls: TlsSettings | None = None
+    """TLS for this server and its calls; unset = plaintext (fine on loopback and Unix sockets only)."""
 
-    @field_validator("home", "ready_file")
+    def own_api_key(self) -> str | None:
+        """The key this process presents to the others, from ``api_key`` or ``api_key_file``."""
+        if self.api_key is not None:
+            return self.api_key.get_secret_value()
+        if self.api_key_file is None:
+            return None
+        try:
+            return self.api_key_file.read_text().strip() or None
+        except OSError as error:
+            raise ConfigError(f"cannot read the API key file {self.api_key_file}: {error.strerror}") from None
+
+    @field_validator("home", "ready_file", "api_key_file")
     @classmethod
     def _expand_user(cls, value: Path | None) -> Path | None:
         return value.expanduser() if value is not None else None

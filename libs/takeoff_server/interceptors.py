@@ -1,5 +1,5 @@
-"""Server interceptors: domain errors -> rich gRPC status, undecodable requests -> INVALID_ARGUMENT, and the
-authentication hook.
+"""Server interceptors: domain errors -> rich gRPC status, access control (API keys and each method's rule),
+undecodable requests -> INVALID_ARGUMENT.
 
 Each wraps every method handler once, at registration time, so the per-call cost is one async context
 manager around the servicer method.
@@ -7,21 +7,21 @@ manager around the servicer method.
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import inspect
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager, suppress
-from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeAlias, TypeVar
+from typing import Any, TypeAlias, TypeVar
 
 import grpc
 from google.protobuf.message import DecodeError
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from takeoff_server import errors
+from takeoff_server import access, errors
 from takeoff_server.call_context import method_var, request_id_var
 from takeoff_server.validation import clip_utf8
 
@@ -320,41 +320,165 @@ async def error_guard(method: str, context: Context) -> AsyncIterator[None]:
         )
 
 
-@dataclass(frozen=True, slots=True)
-class Principal:
-    """Who is calling. ``anonymous`` until the security work issues credentials."""
-
-    subject: str
-    scopes: frozenset[str] = field(default_factory=frozenset)
-
-
-ANONYMOUS = Principal(subject="anonymous")
-
-principal_var: contextvars.ContextVar[Principal] = contextvars.ContextVar(
-    "takeoff_principal", default=ANONYMOUS
+PUBLIC_METHOD_PREFIXES = (
+    "/grpc.health.v1.Health/",
+    "/grpc.reflection.v1.ServerReflection/",
+    "/grpc.reflection.v1alpha.ServerReflection/",
 )
+"""Methods any caller may use without a key: load balancers and grpcurl must reach them."""
+
+AUTHORIZATION_METADATA_KEY = "authorization"
+
+STREAM_RECHECK_SECONDS = 2.0
+"""How often an open stream's key is verified again. With the verifier's cache (2 s) a revoked key's
+streams end within 4 s (docs/design.md §17 promises 5)."""
 
 
-class Authenticator(Protocol):
-    """Decides who is calling ``method`` from the call's metadata, or raises ``Unauthenticated``."""
+def _presented_secret(metadata: Mapping[str, str], method: str) -> str:
+    header = metadata.get(AUTHORIZATION_METADATA_KEY)
+    if not header:
+        raise errors.Unauthenticated(
+            "KEY_MISSING",
+            f"{method} needs an API key: send the metadata `authorization: Bearer <key>` (the CLI and SDK "
+            "take --key, TAKEOFF_API_KEY, TAKEOFF_TOKEN, or the admin key `takeoff up` made)",
+            metadata={"method": method},
+        )
+    scheme, _, secret = header.strip().partition(" ")
+    if scheme.lower() != "bearer" or not secret.strip():
+        raise errors.Unauthenticated(
+            "KEY_MALFORMED",
+            "the authorization metadata must be `Bearer <key>`",
+            metadata={"method": method},
+        )
+    return secret.strip()
 
-    async def authenticate(self, method: str, metadata: Mapping[str, str]) -> Principal: ...
 
+class AccessControl:
+    """Authenticates every call but the public ones and checks the method's rule on each request message.
 
-class AllowAll:
-    """Admits every caller as anonymous: the policy until API keys exist."""
+    Keys are verified by ``verifier`` (cached); the rules come from each service's ``access.py``, keyed by
+    full method name. A method without a rule is refused: access fails closed.
+    """
 
-    async def authenticate(self, method: str, metadata: Mapping[str, str]) -> Principal:
-        return ANONYMOUS
+    def __init__(
+        self,
+        verifier: access.KeyVerifier,
+        rules: Mapping[str, access.Rule],
+        *,
+        recheck_seconds: float = STREAM_RECHECK_SECONDS,
+    ) -> None:
+        self.verifier = verifier
+        self.rules = dict(rules)
+        self.recheck_seconds = recheck_seconds
 
+    async def authenticate(self, method: str, context: Context) -> tuple[access.Principal, str]:
+        secret = _presented_secret(_metadata(context), method)
+        caller = await self.verifier.verify(secret)
+        if caller is None:
+            raise errors.Unauthenticated(
+                "KEY_INVALID",
+                "the API key is not valid: it is unknown or was revoked",
+                metadata={"method": method},
+            )
+        return caller, secret
 
-def auth_guard(authenticator: Authenticator) -> CallGuard:
-    """A guard that runs ``authenticator`` before each call and exposes the caller via ``principal_var``."""
+    def rule(self, method: str) -> access.Rule:
+        rule = self.rules.get(method)
+        if rule is None:
+            raise errors.PermissionDenied(
+                "NO_ACCESS_RULE",
+                f"{method} states no access rule, so nobody may call it",
+                metadata={"method": method},
+            )
+        return rule
 
     @asynccontextmanager
-    async def guard(method: str, context: Context) -> AsyncIterator[None]:
-        principal = await authenticator.authenticate(method, _metadata(context))
-        with _set(principal_var, principal):
-            yield
+    async def watching(self, secret: str) -> AsyncIterator[None]:
+        """Ends the current call with UNAUTHENTICATED ``KEY_REVOKED`` once its key stops verifying; a
+        verifier that cannot tell (registry unreachable) leaves the call alone."""
+        task = asyncio.current_task()
+        assert task is not None
+        revoked = asyncio.Event()
 
-    return guard
+        async def recheck() -> None:
+            while True:
+                await asyncio.sleep(self.recheck_seconds)
+                try:
+                    live = await self.verifier.verify(secret)
+                except errors.Unavailable:
+                    continue
+                if live is None:
+                    revoked.set()
+                    task.cancel()
+                    return
+
+        watcher = asyncio.create_task(recheck())
+        try:
+            yield
+        except asyncio.CancelledError:
+            if not revoked.is_set():
+                raise
+            task.uncancel()
+            raise errors.Unauthenticated(
+                "KEY_REVOKED", "the API key was revoked; this stream is closed"
+            ) from None
+        finally:
+            watcher.cancel()
+
+
+async def _authorized_stream(
+    requests: AsyncIterator[Any], rule: access.Rule, caller: access.Principal
+) -> AsyncIterator[Any]:
+    async for request in requests:
+        if request is not _UNDECODABLE:  # the decoding layer inside refuses it
+            rule.enforce(caller, request)
+        yield request
+
+
+def access_handler(handler: Handler, method: str, control: AccessControl) -> Handler:
+    """Return ``handler`` with its calls authenticated, authorized message by message, and (for streams)
+    ended when their key is revoked. Run it inside ``error_guard`` and outside ``decoding_handler``."""
+    if method.startswith(PUBLIC_METHOD_PREFIXES):
+        return handler
+    behavior: Callable[..., Any] | None = (
+        handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
+    )
+    assert behavior is not None, f"{method} has a handler with no behavior"
+    serializers: dict[str, Any] = {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
+
+    async def admitted(request: Any, context: Context) -> tuple[Any, access.Principal, str]:
+        rule = control.rule(method)
+        caller, secret = await control.authenticate(method, context)
+        if handler.request_streaming:
+            return _authorized_stream(request, rule, caller), caller, secret
+        if request is not _UNDECODABLE:
+            rule.enforce(caller, request)
+        return request, caller, secret
+
+    if handler.response_streaming:
+
+        async def streaming(request: Any, context: Context) -> AsyncIterator[Any]:
+            request, caller, secret = await admitted(request, context)
+            with _set(access.caller_var, caller):
+                async with control.watching(secret):
+                    async for response in _call_streaming(behavior, request, context):
+                        yield response
+
+        if handler.request_streaming:
+            return grpc.stream_stream_rpc_method_handler(streaming, **serializers)
+        return grpc.unary_stream_rpc_method_handler(streaming, **serializers)
+
+    async def unary(request: Any, context: Context) -> Any:
+        request, caller, secret = await admitted(request, context)
+        with _set(access.caller_var, caller):
+            if not handler.request_streaming:
+                return await _call_unary(behavior, request, context)
+            async with control.watching(secret):
+                return await _call_unary(behavior, request, context)
+
+    if handler.request_streaming:
+        return grpc.stream_unary_rpc_method_handler(unary, **serializers)
+    return grpc.unary_unary_rpc_method_handler(unary, **serializers)

@@ -18,7 +18,7 @@ from typing import Generic, NoReturn
 from takeoff_server.config import ConfigError, SettingsT, load_settings
 from takeoff_server.errors import ServiceFailed
 from takeoff_server.pagination import load_signing_key, use_signing_key
-from takeoff_server.server import ServiceBinding, TakeoffServer, serve_until_signalled, write_ready_file
+from takeoff_server.server import TakeoffServer, Wiring, serve_until_signalled, write_ready_file
 from takeoff_server.telemetry import setup_logging, setup_tracing
 
 logger = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ class ServiceProgram(Generic[SettingsT]):
 
     name: str
     settings: type[SettingsT]
-    wire: Callable[[SettingsT, AsyncExitStack], Awaitable[Sequence[ServiceBinding]]]
+    wire: Callable[[SettingsT, AsyncExitStack], Awaitable[Wiring]]
 
     def main(self, argv: Sequence[str] | None = None) -> NoReturn:
         parser = argparse.ArgumentParser(prog=f"python -m takeoff_{self.name}")
@@ -82,7 +82,10 @@ class ServiceProgram(Generic[SettingsT]):
     async def _serve(self, settings: SettingsT) -> None:
         use_signing_key(load_signing_key(settings.home / PAGE_TOKEN_KEY_FILE))
         async with AsyncExitStack() as resources:
-            server = TakeoffServer(await self.wire(settings, resources), listen=settings.listen)
+            wiring = await self.wire(settings, resources)
+            server = TakeoffServer(
+                wiring.services, listen=settings.listen, verifier=wiring.verifier, tls=settings.tls
+            )
             addresses = await server.start()
             if settings.ready_file is not None:
                 write_ready_file(settings.ready_file, addresses)

@@ -2,7 +2,7 @@
 
 It serves the service's own API plus ``grpc.health.v1`` (one status per service, and the overall ``""``)
 and server reflection, on one or more addresses (``host:port`` with port 0 allowed, ``unix:/path``),
-behind the interceptor chain tracing -> errors -> authentication -> request decoding. Shutdown first
+behind the interceptor chain tracing -> errors -> access control -> request decoding. Shutdown first
 reports NOT_SERVING, so load balancers stop sending, then lets in-flight calls finish within the grace
 period.
 """
@@ -15,7 +15,7 @@ import logging
 import os
 import signal
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -25,12 +25,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from opentelemetry.instrumentation.grpc import aio_server_interceptor
 
 from takeoff_server import reflection
+from takeoff_server.access import AccessRules, KeyVerifier, Rule, missing_rules
+from takeoff_server.config import TlsSettings
 from takeoff_server.interceptors import (
-    AllowAll,
-    Authenticator,
+    AccessControl,
     GuardInterceptor,
     HandlerInterceptor,
-    auth_guard,
+    access_handler,
     decoding_handler,
     error_guard,
 )
@@ -52,6 +53,13 @@ class ServiceBinding:
     main_loop: Callable[[], Coroutine[Any, Any, None]] | None = None
     """Work the process does besides serving (the agent's lease session). It starts once the server
     serves; when it ends, the process shuts down (and exits with its error, if it raised one)."""
+    methods: tuple[str, ...] = ()
+    """The service's method names, each of which must have a rule in ``access``."""
+    access: AccessRules = field(default_factory=dict)
+    """Who may call each method (the service's ``access.py``); a method without a rule is refused."""
+
+    def full_rules(self) -> dict[str, Rule]:
+        return {f"/{self.name}/{method}": rule for method, rule in self.access.items()}
 
     @classmethod
     def of(
@@ -60,13 +68,30 @@ class ServiceBinding:
         add_servicer: Callable[[ServicerT, grpc.aio.Server], None],
         servicer: ServicerT,
         *,
+        access: AccessRules,
         on_shutdown: Callable[[], Awaitable[None]] | None = None,
         main_loop: Callable[[], Coroutine[Any, Any, None]] | None = None,
     ) -> ServiceBinding:
-        """Bind a generated ``add_XxxServicer_to_server`` to a servicer instance."""
+        """Bind a generated ``add_XxxServicer_to_server`` to a servicer instance, with its access rules."""
+        methods = tuple(method.name for method in descriptor.methods)
+        if missing := missing_rules(methods, access):
+            raise ValueError(f"{descriptor.full_name} states no access rule for {', '.join(missing)}")
         return cls(
-            descriptor.full_name, lambda server: add_servicer(servicer, server), on_shutdown, main_loop
+            descriptor.full_name,
+            lambda server: add_servicer(servicer, server),
+            on_shutdown,
+            main_loop,
+            methods,
+            access,
         )
+
+
+@dataclass(frozen=True, slots=True)
+class Wiring:
+    """What a service's ``wire`` returns: its bindings, and how its server verifies the keys presented."""
+
+    services: Sequence[ServiceBinding]
+    verifier: KeyVerifier
 
 
 class TakeoffServer:
@@ -77,11 +102,15 @@ class TakeoffServer:
         services: Sequence[ServiceBinding],
         *,
         listen: Sequence[str],
-        authenticator: Authenticator | None = None,
+        verifier: KeyVerifier,
+        tls: TlsSettings | None = None,
         extra_interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     ) -> None:
         self.services = tuple(services)
         self._listen = tuple(listen)
+        self._tls = tls
+        rules = {name: rule for service in self.services for name, rule in service.full_rules().items()}
+        self.access = AccessControl(verifier, rules)
         self.health = health.aio.HealthServicer()
         self.addresses: list[str] = []
         self._server = grpc.aio.server(
@@ -89,7 +118,7 @@ class TakeoffServer:
                 aio_server_interceptor(),  # type: ignore[no-untyped-call]
                 *extra_interceptors,
                 GuardInterceptor(error_guard),
-                GuardInterceptor(auth_guard(authenticator or AllowAll())),
+                HandlerInterceptor(lambda handler, method: access_handler(handler, method, self.access)),
                 # Innermost, so that the error guard above turns an undecodable request into a status.
                 HandlerInterceptor(decoding_handler),
             ],
@@ -121,7 +150,10 @@ class TakeoffServer:
             return f"unix:{path}"
         host, _, _ = address.rpartition(":")
         try:
-            port = self._server.add_insecure_port(address)
+            if self._tls is None:
+                port = self._server.add_insecure_port(address)
+            else:
+                port = self._server.add_secure_port(address, server_credentials(self._tls))
         except RuntimeError:
             port = 0
         if port == 0:
@@ -144,6 +176,17 @@ class TakeoffServer:
 
     async def wait_for_termination(self) -> None:
         await self._server.wait_for_termination()
+
+
+def server_credentials(tls: TlsSettings) -> grpc.ServerCredentials:
+    """The server side of ``tls``: its certificate, and with ``require_client_cert`` the CA callers' must
+    chain to."""
+    client_ca = tls.ca_file.read_bytes() if tls.require_client_cert and tls.ca_file else None
+    return grpc.ssl_server_credentials(
+        [(tls.key_file.read_bytes(), tls.cert_file.read_bytes())],
+        root_certificates=client_ca,
+        require_client_auth=client_ca is not None,
+    )
 
 
 def write_ready_file(path: Path, addresses: Sequence[str]) -> None:
