@@ -3,7 +3,7 @@
 Plain Python, no gRPC: the server's access interceptor (``takeoff_server.interceptors``) authenticates a
 call into a :class:`Principal` and checks the method's :class:`Rule` against every request message; domain
 code reads the caller from :data:`caller_var` (to record who enqueued or cancelled). The permission each
-RPC needs is tabled in docs/design.md §17; each service states its rules next to its servicer
+RPC needs is tabled in docs/design.md §13; each service states its rules next to its servicer
 (``access.py``), and the server refuses to start with a method that has none.
 """
 
@@ -142,7 +142,7 @@ def project_of(name: str) -> str:
 
 
 def grants_for(scope: KeyScope) -> frozenset[Grant]:
-    """The grants a key of ``scope`` carries (docs/design.md §17, "Key kinds")."""
+    """The grants a key of ``scope`` carries (docs/design.md §13, "Key kinds")."""
     match scope.kind:
         case KeyKind.ADMIN:
             return frozenset(Grant(permission, EVERYWHERE) for permission in Permission)

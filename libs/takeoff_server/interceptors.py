@@ -331,7 +331,7 @@ AUTHORIZATION_METADATA_KEY = "authorization"
 
 STREAM_RECHECK_SECONDS = 2.0
 """How often an open stream's key is verified again. With the verifier's cache (2 s) a revoked key's
-streams end within 4 s (docs/design.md §17 promises 5)."""
+streams end within 4 s (docs/design.md §13 promises 5)."""
 
 
 def _presented_secret(metadata: Mapping[str, str], method: str) -> str:
