@@ -9,7 +9,7 @@ the same steps whatever the kind.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Collection, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -45,6 +45,14 @@ class Launch:
     stop_grace_seconds: float
     report: Callable[[str], Awaitable[object]] | None = None
     """Tells the queue a new STARTING detail while ``start`` waits (for free GPUs, a pod to schedule)."""
+    secret_files: Mapping[str, bytes] = field(default_factory=dict)
+    """Secret files (file name -> content): the job finds each in the directory ``TAKEOFF_SECRETS_DIR``
+    names (mode 0700, files 0600; a Kubernetes Secret volume, a read-only bind mount in a container). A
+    name is one path component (no ``/``, not ``.`` or ``..``); the runner refuses others."""
+    ca_file: Path | None = None
+    """The CA certificate a job needs when the registry it is given uses TLS: the job finds it where
+    ``TAKEOFF_TLS_CA_FILE`` says (the file itself on local-process, a read-only copy in containers and
+    pods)."""
 
 
 @dataclass(frozen=True, slots=True)
