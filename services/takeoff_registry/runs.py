@@ -4,6 +4,10 @@ Metric rows and log lines arrive in batches that the api layer has already encod
 accepted batch as one chunk and keeps the totals (history length, last step, metric keys, line count) on
 the run itself. Followers of a run are woken in-process when it changes, with a slow poll besides for
 changes made by another registry sharing a PostgreSQL database.
+
+Each run may append at most so many log lines and metric rows per second (token buckets per run, counted
+by each registry process for itself): a batch beyond its run's rate is refused whole, before anything of
+it is stored, with RESOURCE_EXHAUSTED ``RATE_LIMITED`` saying when to retry.
 """
 
 from __future__ import annotations
@@ -22,9 +26,10 @@ from typing import Any
 from takeoff_registry.jobs import Jobs
 from takeoff_registry.refs import JobReference, RunKey, project_not_found
 from takeoff_registry.store import LogChunkRow, MetricChunkRow, RegistryStore, RunRow, Tx
-from takeoff_server.errors import AlreadyExists, FailedPrecondition, NotFound
+from takeoff_server.errors import AlreadyExists, FailedPrecondition, NotFound, ResourceExhausted
 from takeoff_server.idempotency import request_fingerprint
 from takeoff_server.pagination import PageRequest
+from takeoff_server.rate_limits import Rate, RateLimiter
 from takeoff_server.validation import (
     MAX_CONFIG_BYTES,
     MAX_CONFIG_DEPTH,
@@ -42,6 +47,11 @@ MAX_METRIC_KEYS = 1000
 MAX_METRIC_KEY = 256
 """Characters in one metric key."""
 FOLLOW_POLL_SECONDS = 1.0
+LOG_LINE_RATE = Rate(per_second=10_000, burst=50_000)
+"""Log lines one run may append per second, per registry process: far above what a job prints (the agent
+sends a chatty job's output in batches), low enough that one runaway job cannot fill the database."""
+METRIC_ROW_RATE = Rate(per_second=10_000, burst=50_000)
+"""Metric rows one run may log per second, per registry process (the SDK batches ``run.log`` calls)."""
 CHUNKS_PER_READ = 16
 _RUN_ID_ALPHABET = string.ascii_lowercase + string.digits
 _RUN_ID_LENGTH = 12
@@ -184,6 +194,16 @@ def _check_batch_size(count: int, field: str) -> None:
         raise field_error(field, f"a batch holds 1 to {MAX_BATCH} entries (got {count})")
 
 
+def _take(limiter: RateLimiter, key: RunKey, count: int) -> None:
+    """Count a batch against the run's rate before anything of it is stored: a refused batch stores
+    nothing (RESOURCE_EXHAUSTED ``RATE_LIMITED``, with ``retry_after_seconds``)."""
+    try:
+        limiter.take(key.name, count)
+    except ResourceExhausted as error:
+        error.metadata["resource"] = key.name
+        raise
+
+
 def _skipped(stored: int, first_index: int | None, field: str) -> int:
     """How many leading entries of a batch are stored already; raises on a gap."""
     if first_index is None:
@@ -203,12 +223,20 @@ class Runs:
     """Creates runs, records what they report and streams it back."""
 
     def __init__(
-        self, store: RegistryStore, jobs: Jobs, *, poll_seconds: float = FOLLOW_POLL_SECONDS
+        self,
+        store: RegistryStore,
+        jobs: Jobs,
+        *,
+        poll_seconds: float = FOLLOW_POLL_SECONDS,
+        log_line_rate: Rate = LOG_LINE_RATE,
+        metric_row_rate: Rate = METRIC_ROW_RATE,
     ) -> None:
         self._store = store
         self._jobs = jobs
         self._signals = RunSignals()
         self._poll_seconds = poll_seconds
+        self._log_lines = RateLimiter(log_line_rate, "log lines per run")
+        self._metric_rows = RateLimiter(metric_row_rate, "metric rows per run")
 
     async def create_run(self, project: str, run_id: str, new: NewRun, *, request_id: str) -> Run:
         """Create a STARTING run; an empty ``run_id`` gets a generated one."""
@@ -316,6 +344,7 @@ class Runs:
     async def log_metrics(self, key: RunKey, batch: EncodedBatch, *, first_index: int | None) -> Appended:
         """Append metric rows to a STARTING or RUNNING run, skipping rows it has already."""
         _check_batch_size(batch.count, "rows")
+        _take(self._metric_rows, key, batch.count)
         async with self._store.write() as tx:
             row = await self._require_run_row(tx, key, for_update=True, project_hint=False)
             if RunState(row.state).ended:
@@ -352,6 +381,7 @@ class Runs:
     async def append_logs(self, key: RunKey, batch: EncodedBatch, *, first_index: int | None) -> Appended:
         """Append log lines to a run in any state, skipping lines it has already."""
         _check_batch_size(batch.count, "lines")
+        _take(self._log_lines, key, batch.count)
         async with self._store.write() as tx:
             row = await self._require_run_row(tx, key, for_update=True, project_hint=False)
             skipped = _skipped(row.log_line_count, first_index, "first_line_index")
