@@ -8,12 +8,15 @@ the summary keys changed since the last round in one ``UpdateSummary``.
 Delivery is exactly once: each batch carries the history index of its first row (``first_row_index``),
 so a batch resent after a lost reply is skipped by the registry rather than stored twice. While the
 registry is unreachable, calls are retried with exponential backoff and the rows stay in memory; the job
-is told once on stderr and never sees an exception.
+is told once on stderr and never sees an exception. A call the registry refuses as rate limited
+(``RATE_LIMITED``: the run logs more rows per second than it accepts) is sent again after the wait the
+registry names, with jitter: the rows are delivered late, never dropped.
 """
 
 from __future__ import annotations
 
 import math
+import random
 import sys
 import threading
 import time
@@ -31,6 +34,10 @@ from takeoff_rpc.retries import RetryPolicy, call_with_retries
 MAX_ROWS_PER_BATCH = 10_000  # the registry's limit per call
 MAX_BATCH_BYTES = 2 * 1024 * 1024  # well under gRPC's 4 MiB default message limit
 CALL_TIMEOUT = 10.0
+RATE_LIMITED_MAX_WAIT = 10.0
+"""The longest wait before resending a rate-limited call, whatever the registry says to wait."""
+RATE_LIMITED_MIN_WAIT = 0.01
+_rng = random.Random()
 _Request = TypeVar("_Request")
 _Response = TypeVar("_Response")
 
@@ -168,10 +175,45 @@ class RunSender:
     def _send(
         self, method: grpc.UnaryUnaryMultiCallable[_Request, _Response], request: _Request
     ) -> _Response:
-        """Call until it succeeds, retrying errors that may pass; raise TakeoffError for those that won't.
+        """Call until it succeeds, retrying errors that may pass and waiting out rate limits; raise
+        TakeoffError for errors that won't pass.
 
         Retries go on until ``close``'s deadline, which may be set while they do: each attempt checks it.
         """
+        while True:
+            try:
+                return self._send_retrying(method, request)
+            except TakeoffError as error:
+                if error.reason != "RATE_LIMITED":
+                    raise
+                self._warn_once(
+                    error.reason,
+                    f"the registry is rate limiting {self._run_name} ({error.message}); "
+                    "slowing down, nothing is dropped",
+                )
+                self._wait_out(error)
+
+    def _wait_out(self, error: TakeoffError) -> None:
+        """Sleep as long as a rate-limit refusal says, with up to 20% more so that writers refused together
+        spread out; raise _GaveUp if ``close``'s deadline comes first."""
+        try:
+            hint = float(error.metadata.get("retry_after_seconds", "1"))
+        except ValueError:
+            hint = 1.0
+        if not math.isfinite(hint):
+            hint = RATE_LIMITED_MAX_WAIT
+        delay = min(RATE_LIMITED_MAX_WAIT, max(RATE_LIMITED_MIN_WAIT, hint)) * _rng.uniform(1.0, 1.2)
+        until = time.monotonic() + delay
+        while (now := time.monotonic()) < until:
+            if until > self._give_up_at:
+                raise _GaveUp
+            # Short sleeps: ``close`` may bring the deadline forward meanwhile.
+            time.sleep(min(until - now, 0.25))
+
+    def _send_retrying(
+        self, method: grpc.UnaryUnaryMultiCallable[_Request, _Response], request: _Request
+    ) -> _Response:
+        """Call until it succeeds, retrying errors that may pass; raise TakeoffError for those that won't."""
 
         def attempt() -> _Response:
             left = self._give_up_at - time.monotonic()
