@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from takeoff._auth import channel_credentials, find_api_key
 from takeoff._home import service_address
 from takeoff._sender import CALL_TIMEOUT, RunSender, warn
 from takeoff.client import default_project
@@ -221,6 +222,8 @@ def init(project: str | None = None, config: Mapping[str, Any] | None = None, na
     project, and ``config`` holds the code's defaults: the launch config (``TAKEOFF_CONFIG``) overrides
     them. Elsewhere it creates a run in ``project`` (else ``TAKEOFF_PROJECT``, else ``default``). While
     the registry is unreachable it retries, for up to ``TAKEOFF_INIT_TIMEOUT`` seconds (default 60).
+    It presents the key ``takeoff.Client`` finds (in a launched job, the run token ``TAKEOFF_TOKEN``) and
+    uses TLS as the client does (``TAKEOFF_TLS_CA_FILE``; never on a ``unix:`` address).
     Calling it again while a run is active returns that run.
     """
     if _Active.run is not None:
@@ -230,7 +233,7 @@ def init(project: str | None = None, config: Mapping[str, Any] | None = None, na
     flush_timeout = _seconds_from_env(FLUSH_TIMEOUT_ENV)
     address = service_address("registry")
     caller = _PatientCaller(address, deadline=time.monotonic() + _seconds_from_env(INIT_TIMEOUT_ENV))
-    channel = open_channel(address)
+    channel = open_channel(address, api_key=find_api_key(), credentials=channel_credentials(address))
     stub = runs_pb2_grpc.RunServiceStub(channel)
     try:
         attached = _attach(stub, caller, project, values, name)

@@ -13,6 +13,10 @@ and agents over the queue service's.
 
 Every method raises :class:`takeoff.TakeoffError` (never a raw ``grpc.RpcError``); short names are
 resolved in the client's project (``project=`` argument, else ``TAKEOFF_PROJECT``, else ``default``).
+
+Every call presents an API key (see :class:`Client` for where it is found); keys and secrets are
+managed here too (:meth:`Client.create_key`, :meth:`Client.set_secret`), and no method returns a
+secret except the one :meth:`Client.create_key` makes, once.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from typing import Any, BinaryIO, TypeVar
 import grpc
 from google.protobuf import duration_pb2, field_mask_pb2
 
+from takeoff._auth import channel_credentials, find_api_key
 from takeoff._home import service_address
 from takeoff.errors import TakeoffError
 from takeoff.models import (
@@ -38,6 +43,7 @@ from takeoff.models import (
     Artifact,
     CodeSource,
     CreatedJobVersion,
+    CreatedKey,
     Environment,
     Item,
     ItemState,
@@ -45,18 +51,37 @@ from takeoff.models import (
     JobInputs,
     JobSource,
     JobVersion,
+    Key,
+    KeyKind,
     LogLine,
     LogStream,
     MetricRow,
     Priority,
+    ProjectRole,
     Queue,
     ResourceKind,
     RunInfo,
     RunState,
+    Secret,
+    SecretMount,
+    ServiceRole,
     TemplateVariable,
+    _mounts,
     dict_to_struct,
 )
-from takeoff.v1 import common_pb2, jobs_pb2, jobs_pb2_grpc, queue_pb2, queue_pb2_grpc, runs_pb2, runs_pb2_grpc
+from takeoff.v1 import (
+    common_pb2,
+    jobs_pb2,
+    jobs_pb2_grpc,
+    keys_pb2,
+    keys_pb2_grpc,
+    queue_pb2,
+    queue_pb2_grpc,
+    runs_pb2,
+    runs_pb2_grpc,
+    secrets_pb2,
+    secrets_pb2_grpc,
+)
 from takeoff_rpc.channels import open_channel
 from takeoff_rpc.retries import RetryPolicy, call_with_retries
 
@@ -89,19 +114,40 @@ class Client:
         *,
         queue: str | None = None,
         api_key: str | None = None,
+        tls: bool | grpc.ChannelCredentials | None = None,
         project: str | None = None,
         timeout: float = 60.0,
     ) -> None:
-        """``registry`` and ``queue`` are the services' addresses (default: ``TAKEOFF_REGISTRY`` and
-        ``TAKEOFF_QUEUE``, else the running stack's, else the default ports)."""
+        """``registry`` and ``queue`` are the services' addresses (default: ``TAKEOFF_REGISTRY_ADDRESS``
+        or ``TAKEOFF_REGISTRY``, and ``TAKEOFF_QUEUE_ADDRESS``, else the running stack's, else the default
+        ports).
+
+        ``api_key`` is the key every call presents; without it, the first of ``TAKEOFF_API_KEY``,
+        ``TAKEOFF_TOKEN`` (the run token a launched job gets) and the admin key file
+        ``$TAKEOFF_HOME/keys/admin.key`` (which ``takeoff up`` writes). With none, calls fail with
+        ``UNAUTHENTICATED`` ``KEY_MISSING``, whose message says how to get a key.
+
+        ``tls``: None (the default) dials ``host:port`` addresses with TLS when ``TAKEOFF_TLS_CA_FILE``
+        (the CA that signed the servers' certificates) or ``TAKEOFF_TLS_CERT_FILE`` with
+        ``TAKEOFF_TLS_KEY_FILE`` (a client certificate, for mutual TLS) are set, else plaintext; True
+        always uses TLS (the system's roots when no CA file is set); False never; or ``grpc`` channel
+        credentials of your own. ``unix:`` addresses are always plaintext.
+        """
         self.registry = registry or service_address("registry")
         self.queue_address = queue or service_address("queue")
         self.project = project or default_project()
         self.timeout = timeout
-        self._channel = open_channel(self.registry, api_key=api_key)
+        key = find_api_key(api_key)
+        self._channel = open_channel(
+            self.registry, api_key=key, credentials=channel_credentials(self.registry, tls)
+        )
         self._jobs = jobs_pb2_grpc.JobServiceStub(self._channel)
         self._runs = runs_pb2_grpc.RunServiceStub(self._channel)
-        self._queue_channel = open_channel(self.queue_address, api_key=api_key)
+        self._keys = keys_pb2_grpc.KeyServiceStub(self._channel)
+        self._secrets = secrets_pb2_grpc.SecretServiceStub(self._channel)
+        self._queue_channel = open_channel(
+            self.queue_address, api_key=key, credentials=channel_credentials(self.queue_address, tls)
+        )
         self._queues = queue_pb2_grpc.QueueServiceStub(self._queue_channel)
 
     def close(self) -> None:
@@ -331,6 +377,9 @@ class Client:
         paused: bool = False,
         description: str = "",
         container_name: str = "",
+        secure: bool = False,
+        allow_host_paths: bool = False,
+        secrets: Sequence[SecretMount | str] = (),
         project: str | None = None,
         request_id: str = "",
     ) -> Queue:
@@ -356,6 +405,9 @@ class Client:
                 "paused": paused,
                 "description": description,
                 "container_name": container_name,
+                "secure": secure,
+                "allow_host_paths": allow_host_paths,
+                "secrets": secrets,
             }
         )
         queue.resource = ResourceKind(resource)._to_proto()
@@ -426,6 +478,7 @@ class Client:
         max_attempts: int = 0,
         max_run_time: timedelta | float | None = None,
         run_name: str = "",
+        secrets: Sequence[SecretMount | str] = (),
         project: str | None = None,
         request_id: str | None = None,
     ) -> Item:
@@ -435,8 +488,10 @@ class Client:
         pinned to one version now. ``config`` is the run config, checked against the version's inputs with
         their defaults filled in; ``template_variables`` fill the queue's ``{{name}}`` holes;
         ``resource_config`` is merged over the queue's. ``max_attempts`` 0 and ``max_run_time`` None take
-        the queue's. A call whose reply is lost is sent again with the same ``request_id`` (a new UUID
-        unless given), which returns the first item: one call never launches twice.
+        the queue's. ``secrets`` are given to the job besides the queue's (:class:`SecretMount` records
+        or ``SECRET=ENV`` / ``SECRET:file=NAME`` strings). A call whose reply is lost is sent again with
+        the same ``request_id`` (a new UUID unless given), which returns the first item: one call never
+        launches twice.
         """
         request = queue_pb2.EnqueueRequest(
             queue=self.queue_name(queue, project),
@@ -450,6 +505,7 @@ class Client:
             max_run_time=_duration(max_run_time),
             run_display_name=run_name,
             request_id=request_id or str(uuid.uuid4()),
+            secrets=_mounts(secrets),
         )
         return Item._from_proto(self._call_until_answered(self._queues.Enqueue, request).item, self)
 
@@ -563,7 +619,94 @@ class Client:
 
         return (Agent._from_proto(agent) for agent in _paged(page))
 
+    # Keys
+
+    def create_key(
+        self,
+        kind: KeyKind | str,
+        *,
+        projects: Sequence[str] = (),
+        role: ProjectRole | str | None = None,
+        queues: Sequence[str] = (),
+        service: ServiceRole | str | None = None,
+        key_id: str = "",
+        display_name: str = "",
+    ) -> CreatedKey:
+        """Create a key and return it with its secret, which nothing returns again.
+
+        ``admin`` keys may do everything; ``project`` keys need ``projects`` (ids or ``projects/{p}``) and
+        a ``role`` (``read``, or ``write`` for read and write); ``agent`` keys need ``queues`` (ids in the
+        client's project, or resource names); ``service`` keys a ``service`` (``queue``, ``builder``,
+        ``console``). ``key_id`` names the key (else one is generated): a retry with the same id fails
+        with ALREADY_EXISTS instead of making a second key.
+        """
+        key = keys_pb2.Key(
+            kind=KeyKind(kind)._to_proto(),
+            display_name=display_name,
+            projects=[p if p.startswith("projects/") else f"projects/{p}" for p in projects],
+            queues=[self.queue_name(queue) for queue in queues],
+        )
+        if role is not None:
+            key.role = ProjectRole(role)._to_proto()
+        if service is not None:
+            key.service = ServiceRole(service)._to_proto()
+        response = self._call(self._keys.CreateKey, keys_pb2.CreateKeyRequest(key=key, key_id=key_id))
+        return CreatedKey(Key._from_proto(response.key), response.secret)
+
+    def get_key(self, key: str) -> Key:
+        """A key by id or ``keys/{key}`` (never its secret)."""
+        return Key._from_proto(self._call(self._keys.GetKey, keys_pb2.GetKeyRequest(name=_key_name(key))).key)
+
+    def list_keys(self, *, show_revoked: bool = False, show_run_tokens: bool = False) -> Iterator[Key]:
+        """Keys, oldest first (never their secrets); revoked keys and run tokens only when asked for."""
+
+        def page(token: str) -> tuple[Iterable[keys_pb2.Key], str]:
+            request = keys_pb2.ListKeysRequest(
+                page_token=token, show_revoked=show_revoked, show_run_tokens=show_run_tokens
+            )
+            response = self._call(self._keys.ListKeys, request)
+            return response.keys, response.next_page_token
+
+        return (Key._from_proto(key) for key in _paged(page))
+
+    def revoke_key(self, key: str) -> Key:
+        """Revoke a key: every service refuses it within 5 seconds, its open streams included."""
+        request = keys_pb2.RevokeKeyRequest(name=_key_name(key))
+        return Key._from_proto(self._call(self._keys.RevokeKey, request).key)
+
+    # Secrets
+
+    def set_secret(self, secret_id: str, value: bytes | str, *, project: str | None = None) -> Secret:
+        """Create the project's secret ``secret_id``, or replace its value (at most 64 KiB; text is
+        UTF-8). Nothing reads the value back but the jobs given it."""
+        request = secrets_pb2.SetSecretRequest(
+            parent=self._project_name(project),
+            secret_id=secret_id,
+            value=value.encode() if isinstance(value, str) else value,
+        )
+        return Secret._from_proto(self._call(self._secrets.SetSecret, request).secret)
+
+    def list_secrets(self, *, project: str | None = None) -> Iterator[Secret]:
+        """The project's secrets by id, without values."""
+        parent = self._project_name(project)
+
+        def page(token: str) -> tuple[Iterable[secrets_pb2.Secret], str]:
+            request = secrets_pb2.ListSecretsRequest(parent=parent, page_token=token)
+            response = self._call(self._secrets.ListSecrets, request)
+            return response.secrets, response.next_page_token
+
+        return (Secret._from_proto(secret) for secret in _paged(page))
+
+    def delete_secret(self, secret: str, *, project: str | None = None) -> None:
+        """Delete a secret; attempts already given it keep what they received."""
+        request = secrets_pb2.DeleteSecretRequest(name=self.secret_name(secret, project))
+        self._call(self._secrets.DeleteSecret, request)
+
     # Names
+
+    def secret_name(self, secret: str, project: str | None = None) -> str:
+        """``projects/{p}/secrets/{secret}`` for a secret id; a resource name is returned as it is."""
+        return secret if secret.startswith("projects/") else f"{self._project_name(project)}/secrets/{secret}"
 
     def queue_name(self, queue: str, project: str | None = None) -> str:
         """``projects/{p}/queues/{queue}`` for a queue id; a resource name is returned as it is."""
@@ -653,6 +796,10 @@ def _paged(fetch_page: Callable[[str], tuple[Iterable[_Item], str]]) -> Iterator
             return
 
 
+def _key_name(key: str) -> str:
+    return key if key.startswith("keys/") else f"keys/{key}"
+
+
 def _queue_message(settings: Mapping[str, Any]) -> queue_pb2.Queue:
     """A Queue message holding ``settings`` (named as its fields); a None setting is left unset."""
     unknown = sorted(set(settings) - set(_QUEUE_SETTINGS))
@@ -708,6 +855,9 @@ _QUEUE_SETTINGS: dict[str, Callable[[Any], Any]] = {
     "concurrency_limit": _as_is,
     "paused": _as_is,
     "container_name": _as_is,
+    "secure": _as_is,
+    "allow_host_paths": _as_is,
+    "secrets": _mounts,
 }
 
 

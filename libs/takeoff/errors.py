@@ -4,6 +4,9 @@ Servers put a ``google.rpc.Status`` in the ``grpc-status-details-bin`` trailer, 
 (``reason`` such as ``JOB_NOT_FOUND``, domain ``takeoff.dev``) and, for invalid input, a ``BadRequest`` with
 one field violation per problem. ``takeoff_rpc`` decodes them; :class:`TakeoffError` exposes them as plain
 attributes, so callers branch on ``error.reason`` instead of parsing messages.
+
+A call without a key (``UNAUTHENTICATED`` ``KEY_MISSING``) says how to get one; a refused one
+(``PERMISSION_DENIED``) names the permission it lacked. No message holds a key.
 """
 
 from __future__ import annotations
@@ -58,6 +61,12 @@ class TakeoffError(Exception):
     def from_rpc_error(cls, error: grpc.RpcError, *, target: str = "") -> TakeoffError:
         """Decode a failed call; ``target`` (the address dialled) makes "cannot connect" errors readable."""
         status = decode_rpc_error(error, target=target)
+        message = status.message
+        if status.code is grpc.StatusCode.UNAUTHENTICATED and status.reason == "KEY_MISSING":
+            # Imported here: the hint reads TAKEOFF_HOME, which plain error handling never needs.
+            from takeoff._auth import missing_key_hint
+
+            message = f"{message.rstrip('.')}. {missing_key_hint()}"
         return cls(
-            status.code, status.reason, status.message, metadata=status.metadata, violations=status.violations
+            status.code, status.reason, message, metadata=status.metadata, violations=status.violations
         )

@@ -7,14 +7,14 @@ The client returns these instead of generated messages: their fields have Python
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Self
 
 from google.protobuf import duration_pb2, struct_pb2, timestamp_pb2
 
-from takeoff.v1 import common_pb2, jobs_pb2, queue_pb2, runs_pb2
+from takeoff.v1 import common_pb2, jobs_pb2, keys_pb2, queue_pb2, runs_pb2, secrets_pb2
 
 if TYPE_CHECKING:
     from takeoff.client import Client
@@ -471,6 +471,182 @@ class TemplateVariable:
 
 
 @dataclass(frozen=True)
+class SecretMount:
+    """A secret given to a job: as the environment variable ``env`` or as the file ``file`` (relative to
+    the job's ``TAKEOFF_SECRETS_DIR``); exactly one of them. ``secret`` is a short id in the queue's
+    project or ``projects/{p}/secrets/{s}``.
+
+    :meth:`parse` reads the command line's spelling: ``SECRET=ENV`` or ``SECRET:file=NAME``.
+    """
+
+    secret: str
+    env: str = ""
+    file: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.secret or bool(self.env) == bool(self.file):
+            raise ValueError("a secret mount names a secret and exactly one of env and file")
+
+    @classmethod
+    def parse(cls, text: str) -> SecretMount:
+        """``SECRET=ENV`` (an environment variable) or ``SECRET:file=NAME`` (a file); ValueError else."""
+        target, equals, value = text.partition("=")
+        if not equals or not target or not value:
+            raise ValueError(f"{text!r} is not SECRET=ENV or SECRET:file=NAME")
+        secret, colon, kind = target.partition(":")
+        if not colon:
+            return cls(secret, env=value)
+        if kind != "file" or not secret:
+            raise ValueError(f"{text!r} is not SECRET=ENV or SECRET:file=NAME")
+        return cls(secret, file=value)
+
+    def __str__(self) -> str:
+        return f"{self.secret}={self.env}" if self.env else f"{self.secret}:file={self.file}"
+
+    @classmethod
+    def _from_proto(cls, message: queue_pb2.SecretMount) -> Self:
+        return cls(message.secret, env=message.env, file=message.file)
+
+    def _to_proto(self) -> queue_pb2.SecretMount:
+        return queue_pb2.SecretMount(secret=self.secret, env=self.env, file=self.file)
+
+
+def _mounts(given: Sequence[SecretMount | str]) -> list[queue_pb2.SecretMount]:
+    """Secret mounts as given, a string spelled as :meth:`SecretMount.parse` reads it."""
+    return [(m if isinstance(m, SecretMount) else SecretMount.parse(m))._to_proto() for m in given]
+
+
+class KeyKind(_AnyCase):
+    """What a key is for: ``admin`` (everything), ``project`` (read, or read and write, in listed
+    projects), ``agent`` (lease listed queues), ``service`` (one Takeoff service), ``run`` (a run token)."""
+
+    ADMIN = "admin"
+    PROJECT = "project"
+    AGENT = "agent"
+    SERVICE = "service"
+    RUN = "run"
+
+    @classmethod
+    def _from_proto(cls, value: keys_pb2.KeyKind.ValueType) -> KeyKind | None:
+        if value == keys_pb2.KEY_KIND_UNSPECIFIED:
+            return None
+        return cls[keys_pb2.KeyKind.Name(value).removeprefix("KEY_KIND_")]
+
+    def _to_proto(self) -> keys_pb2.KeyKind.ValueType:
+        return keys_pb2.KeyKind.Value(f"KEY_KIND_{self.name}")
+
+
+class ProjectRole(_AnyCase):
+    """What a project key may do in its projects: ``read``, or ``write`` (read and write)."""
+
+    READ = "read"
+    WRITE = "write"
+
+    @classmethod
+    def _from_proto(cls, value: keys_pb2.ProjectRole.ValueType) -> ProjectRole | None:
+        if value == keys_pb2.PROJECT_ROLE_UNSPECIFIED:
+            return None
+        return cls[keys_pb2.ProjectRole.Name(value).removeprefix("PROJECT_ROLE_")]
+
+    def _to_proto(self) -> keys_pb2.ProjectRole.ValueType:
+        return keys_pb2.ProjectRole.Value(f"PROJECT_ROLE_{self.name}")
+
+
+class ServiceRole(_AnyCase):
+    """The Takeoff service a service key is for."""
+
+    QUEUE = "queue"
+    BUILDER = "builder"
+    CONSOLE = "console"
+
+    @classmethod
+    def _from_proto(cls, value: keys_pb2.ServiceRole.ValueType) -> ServiceRole | None:
+        if value == keys_pb2.SERVICE_ROLE_UNSPECIFIED:
+            return None
+        return cls[keys_pb2.ServiceRole.Name(value).removeprefix("SERVICE_ROLE_")]
+
+    def _to_proto(self) -> keys_pb2.ServiceRole.ValueType:
+        return keys_pb2.ServiceRole.Value(f"SERVICE_ROLE_{self.name}")
+
+
+@dataclass(frozen=True)
+class Key:
+    """An API key or run token, never with its secret: ``secret_hint`` (``tko_`` and the key id) tells
+    keys apart. ``permissions`` lists what it may do, one ``permission on scope`` each."""
+
+    name: str
+    kind: KeyKind | None
+    display_name: str = ""
+    projects: list[str] = field(default_factory=list)
+    role: ProjectRole | None = None
+    queues: list[str] = field(default_factory=list)
+    service: ServiceRole | None = None
+    run: str = ""
+    item: str = ""
+    job_version: str = ""
+    secrets: list[str] = field(default_factory=list)
+    secret_hint: str = ""
+    creator: str = ""
+    create_time: datetime | None = None
+    revoke_time: datetime | None = None
+    permissions: list[str] = field(default_factory=list)
+
+    @property
+    def id(self) -> str:
+        return self.name.removeprefix("keys/")
+
+    @property
+    def revoked(self) -> bool:
+        return self.revoke_time is not None
+
+    @classmethod
+    def _from_proto(cls, message: keys_pb2.Key) -> Self:
+        return cls(
+            name=message.name,
+            kind=KeyKind._from_proto(message.kind),
+            display_name=message.display_name,
+            projects=list(message.projects),
+            role=ProjectRole._from_proto(message.role),
+            queues=list(message.queues),
+            service=ServiceRole._from_proto(message.service),
+            run=message.run,
+            item=message.item,
+            job_version=message.job_version,
+            secrets=list(message.secrets),
+            secret_hint=message.secret_hint,
+            creator=message.creator,
+            create_time=_time(message, "create_time"),
+            revoke_time=_time(message, "revoke_time"),
+            permissions=list(message.permissions),
+        )
+
+
+@dataclass(frozen=True)
+class CreatedKey:
+    """A key just created and its secret, which no later call returns (and ``repr`` does not show)."""
+
+    key: Key
+    secret: str = field(repr=False)
+
+
+@dataclass(frozen=True)
+class Secret(_InProject):
+    """A project's secret, by name; its value is never read back."""
+
+    name: str
+    create_time: datetime | None = None
+    update_time: datetime | None = None
+
+    @classmethod
+    def _from_proto(cls, message: secrets_pb2.Secret) -> Self:
+        return cls(
+            name=message.name,
+            create_time=_time(message, "create_time"),
+            update_time=_time(message, "update_time"),
+        )
+
+
+@dataclass(frozen=True)
 class Queue(_InProject):
     """A queue of work for one kind of target resource, with the settings its items get."""
 
@@ -496,6 +672,12 @@ class Queue(_InProject):
     item_counts: dict[ItemState, int] = field(default_factory=dict)
     agent_count: int = 0
     """Connected agents serving the queue."""
+    secure: bool = False
+    """Items may not override the entrypoint or dangerous resource options (each refused by name)."""
+    allow_host_paths: bool = False
+    """The queue's own resource config may mount host paths."""
+    secrets: list[SecretMount] = field(default_factory=list)
+    """Secrets every item's job receives."""
 
     @classmethod
     def _from_proto(cls, message: queue_pb2.Queue) -> Self:
@@ -521,6 +703,9 @@ class Queue(_InProject):
             update_time=_time(message, "update_time"),
             item_counts={state: getattr(message.item_counts, state.value.lower()) for state in ItemState},
             agent_count=message.agent_count,
+            secure=message.secure,
+            allow_host_paths=message.allow_host_paths,
+            secrets=[SecretMount._from_proto(mount) for mount in message.secrets],
         )
 
 
@@ -537,6 +722,9 @@ class ItemTransition:
     attempt: int = 0
     epoch: int = 0
     run: str = ""
+    actor: str = ""
+    """Who caused it (Enqueue, CancelItem, RelaunchItem): ``keys/{key}`` and its display name; empty
+    for what the system did."""
 
     @classmethod
     def _from_proto(cls, message: queue_pb2.ItemTransition) -> Self:
@@ -554,6 +742,7 @@ class ItemTransition:
             attempt=message.attempt,
             epoch=message.epoch,
             run=message.run,
+            actor=message.actor,
         )
 
 
@@ -600,6 +789,10 @@ class Item(_InProject):
     transitions: list[ItemTransition] = field(default_factory=list)
     relaunched_from: str = ""
     traceparent: str = ""
+    secrets: list[SecretMount] = field(default_factory=list)
+    """The secrets the launch gave besides the queue's."""
+    creator: str = ""
+    """Who launched it: ``keys/{key}`` and its display name."""
     _client: Client | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -676,6 +869,8 @@ class Item(_InProject):
             transitions=[ItemTransition._from_proto(transition) for transition in message.transitions],
             relaunched_from=message.relaunched_from,
             traceparent=message.traceparent,
+            secrets=[SecretMount._from_proto(mount) for mount in message.secrets],
+            creator=message.creator,
             _client=client,
         )
 

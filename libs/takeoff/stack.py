@@ -8,6 +8,13 @@ supervisor's pid and stops when the supervisor dies, even by SIGKILL, so a stack
 The agent it starts is given the runners this machine can offer (``local-process`` always,
 ``local-container`` when a Docker engine answers) and, for jobs, the registry's Unix socket, which a
 container runner mounts into its containers; the agent.yaml's own settings win over these.
+
+Keys (``TAKEOFF_HOME/keys``, mode 0700): on its first start the stack writes an admin key,
+``admin.key`` (mode 0600), which the registry imports as its bootstrap admin key
+(``TAKEOFF_BOOTSTRAP_ADMIN_KEY_FILE``) and the CLI and SDK find; with it, it makes a service key for the
+queue and for the builder (``queue.key``, ``builder.key``, 0600), each started with
+``TAKEOFF_API_KEY_FILE`` naming its file. A later start reuses every file whose key still verifies. The
+agent presents the key the stack is given (the CLI's), else the admin key file. No key is ever printed.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -27,10 +35,21 @@ import grpc
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from takeoff._auth import admin_key_path, keys_dir
 from takeoff._home import DEFAULT_PORTS, STACK_FILE, RunningService, StackRecord
+from takeoff.v1 import keys_pb2, keys_pb2_grpc
 from takeoff_rpc.channels import open_channel
 
 CORE_SERVICES = ("registry", "queue", "builder")
+SERVICE_KEYS = {"queue": keys_pb2.SERVICE_ROLE_QUEUE, "builder": keys_pb2.SERVICE_ROLE_BUILDER}
+"""The services of a stack that get a service key of their own, and its role."""
+KEY_VARIABLES = (
+    "TAKEOFF_API_KEY",
+    "TAKEOFF_API_KEY_FILE",
+    "TAKEOFF_TOKEN",
+    "TAKEOFF_BOOTSTRAP_ADMIN_KEY_FILE",
+)
+"""Key settings a child never inherits from the stack's environment: the stack gives each its own."""
 
 
 class StackError(Exception):
@@ -98,6 +117,37 @@ def ensure_image(reference: str) -> None:
         ) from None
 
 
+def write_secret_file(path: Path, secret: str) -> None:
+    """Write ``secret`` to ``path`` readable by this user only (0600, created so: never briefly wider),
+    replacing the file atomically; its directory is made 0700 if missing."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    partial.unlink(missing_ok=True)
+    descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "w") as file:
+        file.write(secret + "\n")
+    partial.replace(path)
+
+
+def read_secret_file(path: Path) -> str | None:
+    """The key a file holds, or None when it is missing or empty."""
+    try:
+        return path.read_text().strip() or None
+    except FileNotFoundError:
+        return None
+
+
+def ensure_admin_key(home: Path) -> Path:
+    """``home/keys/admin.key``: made on first use with a fresh admin key (``tko_admin_…``); kept after."""
+    directory = keys_dir(home)
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    directory.chmod(0o700)
+    path = admin_key_path(home)
+    if read_secret_file(path) is None:
+        write_secret_file(path, f"tko_admin_{secrets.token_urlsafe(32)}")
+    return path
+
+
 def health_status(address: str, service: str = "", timeout: float = 2.0) -> str:
     """``SERVING``, ``NOT_SERVING``, ... from the service's health check, or ``UNREACHABLE``."""
     with open_channel(address) as channel:
@@ -108,6 +158,25 @@ def health_status(address: str, service: str = "", timeout: float = 2.0) -> str:
         except grpc.RpcError:
             return "UNREACHABLE"
     return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
+
+
+def _verifies(keys: keys_pb2_grpc.KeyServiceStub, secret: str | None, role: int) -> bool:
+    """Whether ``secret`` is a live service key for ``role``."""
+    if secret is None:
+        return False
+    answer = keys.VerifyKey(keys_pb2.VerifyKeyRequest(secret=secret), timeout=30)
+    return answer.valid and answer.key.kind == keys_pb2.KEY_KIND_SERVICE and answer.key.service == role
+
+
+def config_gives(config: Path | None, settings: set[str]) -> bool:
+    """Whether the agent.yaml ``config`` sets one of ``settings``."""
+    if config is None:
+        return False
+    with contextlib.suppress(OSError, yaml.YAMLError):
+        loaded = yaml.safe_load(config.read_text())
+        if isinstance(loaded, dict):
+            return bool(settings & {str(key) for key in loaded})
+    return False
 
 
 @dataclass
@@ -135,12 +204,16 @@ class LocalStack:
         base_port: int = DEFAULT_PORTS["registry"],
         agent_config: Path | None = None,
         base_image: str | None = None,
+        agent_key: str | None = None,
     ) -> None:
+        """``agent_key`` is the key the agent presents unless its agent.yaml gives one (``api_key`` or
+        ``api_key_file``); None: the stack's admin key file."""
         self.home = home
         self.host = host
         self.base_port = base_port
         self.agent_config = agent_config
         self.base_image = base_image
+        self._agent_key = agent_key
         self.services = [*CORE_SERVICES, *(("agent",) if agent_config else ())]
         self.record = StackRecord(supervisor_pid=os.getpid())
         self._children: dict[str, _Child] = {}
@@ -150,6 +223,48 @@ class LocalStack:
     @property
     def registry_socket(self) -> Path:
         return self._run_dir / "registry.sock"
+
+    @property
+    def admin_key_file(self) -> Path:
+        return admin_key_path(self.home)
+
+    @property
+    def admin_key(self) -> str:
+        """The stack's admin key (made by :meth:`start`)."""
+        key = read_secret_file(self.admin_key_file)
+        if key is None:
+            raise StackError(f"no admin key in {self.admin_key_file}; start the stack first")
+        return key
+
+    def _service_key_file(self, service: str) -> Path:
+        return keys_dir(self.home) / f"{service}.key"
+
+    def _ensure_service_keys(self) -> None:
+        """A service key file per service of SERVICE_KEYS whose key verifies: kept, else made anew."""
+        with open_channel(f"unix:{self.registry_socket}", api_key=self.admin_key) as channel:
+            keys = keys_pb2_grpc.KeyServiceStub(channel)
+            for service, role in SERVICE_KEYS.items():
+                path = self._service_key_file(service)
+                try:
+                    if not _verifies(keys, read_secret_file(path), role):
+                        created = keys.CreateKey(
+                            keys_pb2.CreateKeyRequest(
+                                key=keys_pb2.Key(
+                                    kind=keys_pb2.KEY_KIND_SERVICE,
+                                    service=role,
+                                    display_name=f"{service} service of `takeoff up` in {self.home}",
+                                )
+                            ),
+                            timeout=30,
+                        )
+                        write_secret_file(path, created.secret)
+                except grpc.RpcError as error:
+                    if error.code() is grpc.StatusCode.UNIMPLEMENTED:
+                        return  # a registry without keys: nothing to present, nothing checked
+                    raise StackError(
+                        f"the registry did not make a key for the {service}: {error.code().name}"
+                        f" {error.details()}"
+                    ) from None
 
     def _port(self, service: str) -> int:
         if self.base_port == 0:
@@ -175,7 +290,7 @@ class LocalStack:
             # Job containers reach the registry through this socket, mounted into them (no host network).
             listen.append(f"unix:{self.registry_socket}")
         env = {
-            **os.environ,
+            **{name: value for name, value in os.environ.items() if name not in KEY_VARIABLES},
             "TAKEOFF_HOME": str(self.home),
             "TAKEOFF_LISTEN": json.dumps(listen),
             "TAKEOFF_READY_FILE": str(self._run_dir / f"{service}.ready"),
@@ -185,12 +300,21 @@ class LocalStack:
         # Each service is told where the ones started before it are (the registry first, the agent last).
         for peer, running in self.record.services.items():
             env[f"TAKEOFF_{peer.upper()}_ADDRESS"] = running.address
+        if service == "registry":
+            env["TAKEOFF_BOOTSTRAP_ADMIN_KEY_FILE"] = str(self.admin_key_file)
+        if service in SERVICE_KEYS and self._service_key_file(service).is_file():
+            env["TAKEOFF_API_KEY_FILE"] = str(self._service_key_file(service))
         if service == "builder" and self.base_image:
             env["TAKEOFF_DEFAULT_BASE_IMAGE"] = self.base_image
         if service == "agent":
             assert self.agent_config is not None
             env["TAKEOFF_CONFIG_FILE"] = str(self.agent_config)
             env.update(agent_defaults(self.agent_config, f"unix:{self.registry_socket}"))
+            if not config_gives(self.agent_config, {"api_key", "api_key_file"}):
+                if self._agent_key is not None:
+                    env["TAKEOFF_API_KEY"] = self._agent_key
+                else:
+                    env["TAKEOFF_API_KEY_FILE"] = str(self.admin_key_file)
         return env
 
     def _spawn(self, service: str) -> _Child:
@@ -230,9 +354,12 @@ class LocalStack:
         self._check_not_running()
         self._run_dir.mkdir(parents=True, exist_ok=True)
         self._log_dir.mkdir(parents=True, exist_ok=True)
+        ensure_admin_key(self.home)
         deadline = time.monotonic() + timeout
         try:
             for wave in (["registry"], ["queue", "builder"], ["agent"] if self.agent_config else []):
+                if "registry" in self.record.services and wave == ["queue", "builder"]:
+                    self._ensure_service_keys()
                 children = [self._spawn(name) for name in wave]
                 for child in children:
                     self.record.services[child.name] = self._await_ready(child, deadline)

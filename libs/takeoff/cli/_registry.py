@@ -1,4 +1,5 @@
-"""What the commands share: the project and JSON options, a client whose errors are one line, JSON files."""
+"""What the commands share: the project, JSON and secret options, the key given with ``--key``, a client
+whose errors are one line (never a traceback, never a key), JSON files."""
 
 from __future__ import annotations
 
@@ -8,14 +9,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
+import grpc
 import typer
 import yaml
 
+from takeoff._auth import FoundKey, find_key
 from takeoff._pack import PackError
 from takeoff.cli._output import fail
 from takeoff.client import Client
 from takeoff.errors import TakeoffError
-from takeoff.models import RunState
+from takeoff.models import RunState, SecretMount
 
 ProjectOption = Annotated[
     str | None,
@@ -24,6 +27,43 @@ ProjectOption = Annotated[
     ),
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
+
+
+def _secret_mount(text: str) -> SecretMount:
+    try:
+        return SecretMount.parse(text)
+    except ValueError as error:
+        raise typer.BadParameter(str(error)) from None
+
+
+SecretOption = Annotated[
+    list[SecretMount] | None,
+    typer.Option(
+        "--secret",
+        parser=_secret_mount,
+        metavar="SECRET=ENV|SECRET:file=NAME",
+        help="A secret of the project the job gets, as the environment variable ENV or as the file NAME"
+        " in its TAKEOFF_SECRETS_DIR (repeatable); see `takeoff secrets`.",
+        show_default=False,
+    ),
+]
+
+
+class _Session:
+    """What the command line's global options set (``takeoff --key KEY ...``)."""
+
+    key: str | None = None
+
+
+def use_key(key: str | None) -> None:
+    """The key every client of this command presents (``--key``; the demo: its stack's admin key)."""
+    _Session.key = key
+
+
+def cli_key() -> FoundKey | None:
+    """The key this command presents: ``--key``, TAKEOFF_API_KEY, TAKEOFF_TOKEN, the admin key file."""
+    return FoundKey(_Session.key, "--key") if _Session.key else find_key()
+
 
 STATE_STYLES = {
     RunState.STARTING: "yellow",
@@ -39,19 +79,29 @@ STATE_STYLES = {
 def takeoff_client(project: str | None) -> Iterator[Client]:
     """A client of the registry and the queue; an error from it ends the command with a one-line message."""
     try:
-        with Client(project=project) as client:
+        client = Client(project=project, api_key=_Session.key)
+    except (ValueError, OSError) as error:  # the TLS files: missing, unreadable, or half a pair
+        fail(f"cannot set up TLS: {error}")
+    try:
+        with client:
             yield client
     except TakeoffError as error:
-        fail(_one_line(error))
+        fail(one_line(error))
     except PackError as error:
         fail(str(error))
 
 
-def _one_line(error: TakeoffError) -> str:
-    """The error with every field violation; several of them say it all, without the summary message."""
-    if len(error.violations) < 2:
-        return str(error)
-    return f"{error.reason}: " + "; ".join(f"{v.field}: {v.description}" for v in error.violations)
+def one_line(error: TakeoffError) -> str:
+    """The error with every field violation; several of them say it all, without the summary message.
+    A refused key is named by where it came from, never by itself."""
+    if len(error.violations) >= 2:
+        return f"{error.reason}: " + "; ".join(f"{v.field}: {v.description}" for v in error.violations)
+    text = str(error)
+    if error.code is grpc.StatusCode.UNAUTHENTICATED and error.reason != "KEY_MISSING":
+        found = cli_key()
+        if found is not None:
+            text += f" (key from {found.source})"
+    return text
 
 
 def read_json_object(path: Path | None) -> dict[str, Any] | None:

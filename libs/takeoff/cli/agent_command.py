@@ -10,9 +10,11 @@ from typing import Annotated
 
 import typer
 
+from takeoff._auth import admin_key_path
 from takeoff._home import StackRecord, service_address, takeoff_home
 from takeoff.cli._output import fail
-from takeoff.stack import agent_defaults
+from takeoff.cli._registry import cli_key
+from takeoff.stack import agent_defaults, config_gives
 
 
 def _local_registry_socket(registry: str) -> str | None:
@@ -38,7 +40,13 @@ def agent(
         str | None, typer.Option(help="Name shown in `takeoff agents` (default: the host name).")
     ] = None,
 ) -> None:
-    """Serve queues from this machine until Ctrl-C (which drains: running jobs finish, then it exits)."""
+    """Serve queues from this machine until Ctrl-C (which drains: running jobs finish, then it exits).
+
+    The agent presents the CLI's key (--key, else TAKEOFF_API_KEY, else the admin
+    key in TAKEOFF_HOME/keys/admin.key) unless its agent.yaml gives api_key or
+    api_key_file; an agent key (`takeoff keys create --kind agent`) is the least
+    it needs.
+    """
     if config is not None and not config.is_file():
         fail(f"agent config {config} does not exist")
     env = dict(os.environ)
@@ -51,6 +59,13 @@ def agent(
     if name is not None:
         env["TAKEOFF_NAME"] = name
     env.setdefault("TAKEOFF_LISTEN", '["127.0.0.1:0"]')
+    found = cli_key()
+    if found is not None and not config_gives(config, {"api_key", "api_key_file"}):
+        if found.source == str(admin_key_path()):
+            env.pop("TAKEOFF_API_KEY", None)  # (not set, or it would have been found first)
+            env.setdefault("TAKEOFF_API_KEY_FILE", found.source)
+        else:
+            env["TAKEOFF_API_KEY"] = found.secret
     env.update(agent_defaults(config, _local_registry_socket(env["TAKEOFF_REGISTRY_ADDRESS"])))
     argv = [sys.executable, "-m", "takeoff_agent", *(["--config", str(config)] if config else [])]
     os.execve(sys.executable, argv, env)

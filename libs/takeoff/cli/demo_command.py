@@ -5,6 +5,9 @@ loop with a config schema and one requirement) and a queue, starts an agent, lau
 different configs, shows the items' states live, then each run's config, metrics and final state, and
 stops everything. No Docker needed by default; ``--resource local-container`` runs the same job in
 containers (an image built from ``--base-image``), which needs a Docker engine.
+
+The demo's stack is its own: it and its agent present the stack's admin key
+(``TAKEOFF_HOME/keys/admin.key``, made on the first start), whatever key the environment names.
 """
 
 from __future__ import annotations
@@ -20,8 +23,10 @@ import yaml
 from rich.live import Live
 from rich.table import Table
 
+from takeoff._auth import channel_credentials
 from takeoff._home import takeoff_home
 from takeoff.cli._output import console, fail
+from takeoff.cli._registry import use_key
 from takeoff.cli.run_commands import show
 from takeoff.client import Client
 from takeoff.models import Environment, JobInputs, ResourceKind, dict_to_struct
@@ -110,7 +115,10 @@ def demo(
     ] = BUILDER_DEFAULT_BASE_IMAGE,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the runs.")] = 600,
 ) -> None:
-    """Run the example job twice on a local stack, show the runs, and stop the stack."""
+    """Run the example job twice on a local stack, show the runs, and stop the stack.
+
+    The demo and its agent use the stack's admin key (TAKEOFF_HOME/keys/admin.key).
+    """
     if not (example / "train.py").is_file():
         fail(f"no example job at {example} (pass --example DIR)")
     if resource not in DEMO_QUEUES:
@@ -128,7 +136,9 @@ def demo(
         fail(str(error))
     try:
         registry, queue_address = record.services["registry"].address, record.services["queue"].address
-        with Client(registry, project=PROJECT) as client:
+        admin_key = stack.admin_key
+        use_key(admin_key)  # for `show` below, which makes its own client
+        with Client(registry, queue=queue_address, project=PROJECT, api_key=admin_key) as client:
             created = client.create_job_version(
                 "train",
                 example,
@@ -142,7 +152,8 @@ def demo(
         console.print(
             f"job [bold]{created.version.name}[/] ({'unchanged' if created.reused_existing else 'new'})"
         )
-        with open_channel(queue_address) as channel:
+        credentials = channel_credentials(queue_address)
+        with open_channel(queue_address, api_key=admin_key, credentials=credentials) as channel:
             queues = queue_pb2_grpc.QueueServiceStub(channel)
             queue = _create_queue(queues, resource)
             console.print(f"queue {queue} ({resource})")

@@ -26,6 +26,7 @@ from takeoff.cli._queue import (
 from takeoff.cli._registry import (
     JsonOption,
     ProjectOption,
+    SecretOption,
     duration,
     read_json_object,
     takeoff_client,
@@ -95,6 +96,7 @@ def launch(
         ),
     ] = None,
     name: Annotated[str, typer.Option("--name", help="Display name of its runs.")] = "",
+    secret: SecretOption = None,
     wait: Annotated[
         bool, typer.Option(help="Follow the item until it ends; exit 0 SUCCEEDED, 1 FAILED, 3 CANCELLED.")
     ] = False,
@@ -119,6 +121,7 @@ def launch(
             max_attempts=max_attempts,
             max_run_time=max_run_time,
             run_name=name,
+            secrets=secret or (),
         )
         if json_output:
             if wait:
@@ -259,6 +262,7 @@ def _transition_line(transition: ItemTransition) -> str:
         change,
         f"attempt {transition.attempt}" if transition.attempt else "",
         transition.agent,
+        transition.actor and f"by {transition.actor}",
         transition.reason or "",
         transition.message,
     ]
@@ -296,6 +300,8 @@ def _overview(item: Item) -> Table:
         table.add_row("exit code", str(item.exit_code))
     if item.message:
         table.add_row("message", item.message)
+    if item.creator:
+        table.add_row("launched by", item.creator)
     table.add_row("priority", item.priority)
     table.add_row("attempt", f"{item.attempt} of {item.max_attempts}")
     table.add_row("max run time", show_span(item.max_run_time, unset="no limit"))
@@ -307,6 +313,8 @@ def _overview(item: Item) -> Table:
     if item.template_variables:
         table.add_row("template variables", _json_text(item.template_variables))
     table.add_row("resource config", _json_text(item.resource_config))
+    if item.secrets:
+        table.add_row("secrets", "\n".join(str(mount) for mount in item.secrets))
     table.add_row("enqueued", when(item.enqueue_time))
     table.add_row("ended", when(item.end_time))
     if item.relaunched_from:
@@ -316,7 +324,7 @@ def _overview(item: Item) -> Table:
 
 def _transitions_table(transitions: list[ItemTransition]) -> Table:
     table = Table(title="history", title_justify="left")
-    for column in ("time", "from", "to", "attempt", "agent", "reason", "message"):
+    for column in ("time", "from", "to", "attempt", "agent", "actor", "reason", "message"):
         table.add_column(column, overflow="fold")
     for transition in transitions:
         table.add_row(
@@ -325,6 +333,7 @@ def _transitions_table(transitions: list[ItemTransition]) -> Table:
             styled_item_state(transition.to_state),
             str(transition.attempt or "-"),
             transition.agent or "-",
+            transition.actor or "-",
             transition.reason or "",
             transition.message,
         )

@@ -12,8 +12,15 @@ from rich.table import Table
 
 from takeoff.cli._output import console, fail, print_json
 from takeoff.cli._queue import agents_table, key_values, parse_span, show_span, styled_item_state
-from takeoff.cli._registry import JsonOption, ProjectOption, read_json_object, takeoff_client, when
-from takeoff.models import ItemState, Queue, ResourceKind
+from takeoff.cli._registry import (
+    JsonOption,
+    ProjectOption,
+    SecretOption,
+    read_json_object,
+    takeoff_client,
+    when,
+)
+from takeoff.models import ItemState, Queue, ResourceKind, SecretMount
 
 queue_app = typer.Typer(help="Create, inspect and change queues.", no_args_is_help=True)
 
@@ -82,6 +89,17 @@ def create(
     ] = False,
     description: Annotated[str, typer.Option(help="What the queue is for.")] = "",
     container: ContainerOption = None,
+    secure: Annotated[
+        bool,
+        typer.Option(
+            help="Refuse launches that override the entrypoint or dangerous resource options"
+            " (privileged, host network, host paths, ...), each by name."
+        ),
+    ] = False,
+    allow_host_paths: Annotated[
+        bool, typer.Option(help="Let the queue's own --config mount host paths.")
+    ] = False,
+    secret: SecretOption = None,
     project: ProjectOption = None,
     json_output: JsonOption = False,
 ) -> None:
@@ -102,6 +120,9 @@ def create(
             paused=paused,
             description=description,
             container_name=container or "",
+            secure=secure,
+            allow_host_paths=allow_host_paths,
+            secrets=secret or (),
         )
     if json_output:
         print_json(queue)
@@ -181,6 +202,26 @@ def update(
     ] = None,
     description: Annotated[str | None, typer.Option(help="What the queue is for.")] = None,
     container: ContainerOption = None,
+    secure: Annotated[
+        bool | None,
+        typer.Option("--secure/--no-secure", help="Refuse launches overriding dangerous options."),
+    ] = None,
+    allow_host_paths: Annotated[
+        bool | None,
+        typer.Option(
+            "--allow-host-paths/--no-allow-host-paths", help="Let the queue's config mount host paths."
+        ),
+    ] = None,
+    secret: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--secret",
+            metavar="SECRET=ENV|SECRET:file=NAME",
+            help="A secret every job gets, as for create; replaces them all.",
+            show_default=False,
+        ),
+    ] = None,
+    no_secrets: Annotated[bool, typer.Option("--no-secrets", help="Give jobs no secrets any more.")] = False,
     project: ProjectOption = None,
     json_output: JsonOption = False,
 ) -> None:
@@ -202,7 +243,12 @@ def update(
         "retry_delay": retry_delay,
         "description": description,
         "container_name": container,
+        "secure": secure,
+        "allow_host_paths": allow_host_paths,
+        "secrets": [] if no_secrets else _mounts(secret),
     }
+    if no_secrets and secret:
+        fail("give --secret or --no-secrets, not both")
     changes: dict[str, Any] = {setting: value for setting, value in given.items() if value is not None}
     if not changes:
         fail("nothing to change: give at least one setting (see --help)")
@@ -279,6 +325,15 @@ def _template_variables(specs: list[str] | None) -> dict[str, dict[str, Any]] | 
     }
 
 
+def _mounts(specs: list[str] | None) -> list[SecretMount] | None:
+    if specs is None:
+        return None
+    try:
+        return [SecretMount.parse(spec) for spec in specs]
+    except ValueError as error:
+        fail(f"--secret {error}")
+
+
 def _status(queue: Queue) -> str:
     return "[yellow]paused[/]" if queue.paused else "[green]active[/]"
 
@@ -302,6 +357,10 @@ def _settings(queue: Queue) -> Table:
     table.add_row("max run time", show_span(queue.max_run_time, unset="no limit"))
     if queue.container_name:
         table.add_row("container", queue.container_name)
+    guarded = "secure: dangerous overrides refused" if queue.secure else "not secure: items may override"
+    table.add_row("security", guarded + (", host paths allowed" if queue.allow_host_paths else ""))
+    if queue.secrets:
+        table.add_row("secrets", "\n".join(str(mount) for mount in queue.secrets))
     table.add_row("resource config", json.dumps(queue.resource_config, indent=2, sort_keys=True))
     counts = [f"{count} {styled_item_state(state)}" for state, count in queue.item_counts.items() if count]
     table.add_row("items", ", ".join(counts) or "none")

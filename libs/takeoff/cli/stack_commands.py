@@ -10,9 +10,11 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from takeoff._auth import admin_key_path, keys_dir
 from takeoff._home import DEFAULT_PORTS, StackRecord, takeoff_home
 from takeoff.cli import demo_command
 from takeoff.cli._output import console, error_console, fail, print_json
+from takeoff.cli._registry import cli_key
 from takeoff.stack import LocalStack, StackError, health_status
 
 
@@ -45,10 +47,20 @@ def up(
         typer.Option(help="Registry port; queue, builder and agent take the next ones. 0 picks free ports."),
     ] = DEFAULT_PORTS["registry"],
 ) -> None:
-    """Start the registry, queue and builder (and an agent) on the embedded default; Ctrl-C stops all."""
+    """Start the registry, queue and builder (and an agent) on the embedded default; Ctrl-C stops all.
+
+    The first start makes an admin key in TAKEOFF_HOME/keys/admin.key (mode 0600),
+    which the CLI and SDK then use, and a key for the queue and for the builder;
+    later starts reuse them. The agent presents the CLI's key (--key, else
+    TAKEOFF_API_KEY, else the admin key) unless its agent.yaml gives api_key or
+    api_key_file. No key is printed: `takeoff keys create` makes others.
+    """
     if agent is not None and not agent.is_file():
         fail(f"agent config {agent} does not exist")
-    stack = LocalStack(takeoff_home(), host=host, base_port=base_port, agent_config=agent)
+    home = takeoff_home()
+    found = cli_key()
+    agent_key = None if found is None or found.source == str(admin_key_path(home)) else found.secret
+    stack = LocalStack(home, host=host, base_port=base_port, agent_config=agent, agent_key=agent_key)
     stopping = False
 
     def request_stop(signum: int, _frame: FrameType | None) -> None:
@@ -59,7 +71,9 @@ def up(
     signal.signal(signal.SIGINT, request_stop)
     record = _start(stack)
     console.print(_stack_table(record))
-    console.print(f"state and logs in {stack.home}; Ctrl-C stops the stack")
+    console.print(
+        f"state and logs in {stack.home}; the admin key in {keys_dir(stack.home)}; Ctrl-C stops the stack"
+    )
     crashed = stack.wait(lambda: stopping)
     if crashed is not None:
         error_console.print(

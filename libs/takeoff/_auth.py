@@ -1,0 +1,111 @@
+"""Which key and which transport a client uses: one lookup for ``takeoff.Client``, ``takeoff.init`` and
+every CLI command.
+
+The key, first found wins:
+
+1. the key given in code or on the command line (``Client(api_key=...)``, ``takeoff --key``);
+2. ``TAKEOFF_API_KEY``;
+3. ``TAKEOFF_TOKEN``, the run token an agent gives each job it launches;
+4. the admin key file ``takeoff up`` writes, ``$TAKEOFF_HOME/keys/admin.key``.
+
+TLS: a ``host:port`` target is dialled with TLS when ``TAKEOFF_TLS_CA_FILE`` (the CA that signed the
+servers' certificates) or ``TAKEOFF_TLS_CERT_FILE`` with ``TAKEOFF_TLS_KEY_FILE`` (this client's own
+certificate, for mutual TLS) are set; a ``unix:`` target stays plaintext (only processes on the host reach
+it). No function here prints or logs a key.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+from takeoff._home import takeoff_home
+from takeoff_rpc.channels import tls_credentials
+
+API_KEY_ENV = "TAKEOFF_API_KEY"
+RUN_TOKEN_ENV = "TAKEOFF_TOKEN"
+TLS_CA_ENV = "TAKEOFF_TLS_CA_FILE"
+TLS_CERT_ENV = "TAKEOFF_TLS_CERT_FILE"
+TLS_KEY_ENV = "TAKEOFF_TLS_KEY_FILE"
+KEYS_DIR = "keys"
+ADMIN_KEY_FILE = "admin.key"
+
+
+def keys_dir(home: Path | None = None) -> Path:
+    """``$TAKEOFF_HOME/keys``: the admin key and the stack's service keys (mode 0700)."""
+    return (home or takeoff_home()) / KEYS_DIR
+
+
+def admin_key_path(home: Path | None = None) -> Path:
+    """``$TAKEOFF_HOME/keys/admin.key``, the admin key ``takeoff up`` makes on its first start."""
+    return keys_dir(home) / ADMIN_KEY_FILE
+
+
+@dataclass(frozen=True)
+class FoundKey:
+    """A key and where it came from (``source`` is safe to show; the secret is not in ``repr``)."""
+
+    secret: str = field(repr=False)
+    source: str
+
+
+def find_key(explicit: str | None = None, *, home: Path | None = None) -> FoundKey | None:
+    """The key a client presents, by the order above; None when there is none anywhere."""
+    if explicit:
+        return FoundKey(explicit.strip(), "the key given")
+    for variable in (API_KEY_ENV, RUN_TOKEN_ENV):
+        if value := os.environ.get(variable, "").strip():
+            return FoundKey(value, variable)
+    path = admin_key_path(home)
+    try:
+        value = path.read_text().strip()
+    except OSError:
+        return None
+    return FoundKey(value, str(path)) if value else None
+
+
+def find_api_key(explicit: str | None = None, *, home: Path | None = None) -> str | None:
+    """The secret of :func:`find_key`, or None."""
+    found = find_key(explicit, home=home)
+    return found.secret if found else None
+
+
+def missing_key_hint(home: Path | None = None) -> str:
+    """What to do when no key was presented, for error messages."""
+    return (
+        f"`takeoff up` makes an admin key in {admin_key_path(home)}; or pass --key KEY or set"
+        f" {API_KEY_ENV} (in code: Client(api_key=...))"
+    )
+
+
+def tls_from_environment() -> grpc.ChannelCredentials | None:
+    """Channel credentials from ``TAKEOFF_TLS_*_FILE``; None when none of them is set."""
+    ca, cert, key = (os.environ.get(name) or None for name in (TLS_CA_ENV, TLS_CERT_ENV, TLS_KEY_ENV))
+    if not (ca or cert or key):
+        return None
+    if bool(cert) != bool(key):
+        raise ValueError(f"mutual TLS needs both {TLS_CERT_ENV} and {TLS_KEY_ENV}")
+    return tls_credentials(
+        Path(ca).expanduser() if ca else None,
+        Path(cert).expanduser() if cert else None,
+        Path(key).expanduser() if key else None,
+    )
+
+
+def channel_credentials(
+    target: str, tls: bool | grpc.ChannelCredentials | None = None
+) -> grpc.ChannelCredentials | None:
+    """The credentials to dial ``target`` with: None (plaintext) for ``unix:`` targets and for
+    ``tls=False``; ``tls`` itself when it is credentials; else from the environment, and with ``tls=True``
+    and nothing in the environment, TLS checked against the system's roots."""
+    if target.startswith("unix:") or tls is False:
+        return None
+    if isinstance(tls, grpc.ChannelCredentials):
+        return tls
+    credentials = tls_from_environment()
+    if credentials is None and tls is True:
+        return tls_credentials()
+    return credentials

@@ -1,0 +1,146 @@
+"""``takeoff keys create|list|revoke``: API keys. A key's secret is printed once, by ``create``."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from takeoff.cli._output import console, error_console, fail, print_json
+from takeoff.cli._registry import JsonOption, takeoff_client
+from takeoff.models import Key, KeyKind, ProjectRole, ServiceRole
+
+keys_app = typer.Typer(
+    help="Create, list and revoke API keys (the registry keeps only their hashes).", no_args_is_help=True
+)
+
+KeyArgument = Annotated[str, typer.Argument(help="Key: its id or keys/ID.", show_default=False)]
+
+
+@keys_app.command("create")
+def create(
+    *,
+    kind: Annotated[
+        KeyKind,
+        typer.Option(
+            help="admin: everything; project: --project and --role; agent: --queue;"
+            " service: --service (run tokens are minted by the queue, not here).",
+            case_sensitive=False,
+            show_default=False,
+        ),
+    ],
+    project: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--project", help="project keys: a project it may use (repeatable).", show_default=False
+        ),
+    ] = None,
+    role: Annotated[
+        ProjectRole | None,
+        typer.Option(help="project keys: read, or write (read and write).", case_sensitive=False),
+    ] = None,
+    queue: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--queue",
+            help="agent keys: a queue it may lease, projects/P/queues/Q or Q in TAKEOFF_PROJECT"
+            " (else default) (repeatable).",
+            show_default=False,
+        ),
+    ] = None,
+    service: Annotated[
+        ServiceRole | None, typer.Option(help="service keys: the service it is for.", case_sensitive=False)
+    ] = None,
+    name: Annotated[
+        str, typer.Option("--name", help="The key's id (default: a generated one).", show_default=False)
+    ] = "",
+    display_name: Annotated[str, typer.Option(help="A label to recognise it by.", show_default=False)] = "",
+    json_output: JsonOption = False,
+) -> None:
+    """Create a key and print its secret: the only time it is shown."""
+    if kind is KeyKind.RUN:
+        fail(
+            "run tokens are minted by the queue for each attempt;"
+            " create an admin, project, agent or service key"
+        )
+    with takeoff_client(None) as client:
+        created = client.create_key(
+            kind,
+            projects=project or (),
+            role=role,
+            queues=queue or (),
+            service=service,
+            key_id=name,
+            display_name=display_name,
+        )
+    if json_output:
+        print_json(created)
+        return
+    console.print(f"[green]created[/] {kind} key [bold]{created.key.id}[/]  ({_scope(created.key)})")
+    typer.echo(created.secret)
+    error_console.print(
+        "This is the only time the secret is shown: store it now (present it with --key or TAKEOFF_API_KEY)."
+    )
+
+
+@keys_app.command("list")
+def list_keys(
+    all_keys: Annotated[bool, typer.Option("--all", help="Also revoked keys and run tokens.")] = False,
+    json_output: JsonOption = False,
+) -> None:
+    """List keys: id, kind, what they reach, and the start of each secret (never the secret)."""
+    with takeoff_client(None) as client:
+        found = list(client.list_keys(show_revoked=all_keys, show_run_tokens=all_keys))
+    if json_output:
+        print_json(found)
+        return
+    if not found:
+        console.print("no keys")
+        return
+    table = Table(title="keys", title_justify="left")
+    table.add_column("key", overflow="fold")
+    table.add_column("kind")
+    table.add_column("scope", overflow="fold")
+    table.add_column("hint", overflow="fold")
+    table.add_column("created")
+    for key in found:
+        kind = str(key.kind or "?") + (" [red](revoked)[/]" if key.revoked else "")
+        label = f"{key.id}\n{key.display_name}" if key.display_name else key.id
+        created = key.create_time.astimezone().strftime("%Y-%m-%d") if key.create_time else "-"
+        table.add_row(label, kind, _scope(key), key.secret_hint or "-", created)
+    console.print(table)
+
+
+@keys_app.command("revoke")
+def revoke(name: KeyArgument) -> None:
+    """Revoke a key: every service refuses it within 5 seconds, its open streams included."""
+    with takeoff_client(None) as client:
+        key = client.revoke_key(name)
+    console.print(f"[yellow]revoked[/] key {key.id}")
+
+
+def _scope(key: Key) -> str:
+    """What a key reaches, in a few words."""
+    if key.kind is KeyKind.ADMIN:
+        return "everything"
+    if key.kind is KeyKind.PROJECT:
+        projects = ", ".join(project.removeprefix("projects/") for project in key.projects)
+        return f"{key.role or '?'} in {projects}"
+    if key.kind is KeyKind.AGENT:
+        return "lease " + ", ".join(_short_queue(queue) for queue in key.queues)
+    if key.kind is KeyKind.SERVICE:
+        return f"the {key.service or '?'} service"
+    if key.kind is KeyKind.RUN:
+        return f"write {key.run.removeprefix('projects/')}"
+    return "-"
+
+
+def _short_queue(name: str) -> str:
+    """``projects/p/queues/q`` as ``p/q``."""
+    parts = name.split("/")
+    return f"{parts[1]}/{parts[3]}" if len(parts) == 4 else name
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(keys_app, name="keys")
