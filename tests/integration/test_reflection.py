@@ -1,18 +1,21 @@
-"""Server reflection v1 and v1alpha on a real server: grpcurl needs no protos, a raw v1 client is answered."""
+"""Server reflection v1 and v1alpha on a real server: grpcurl needs no protos and no key, a raw v1 client
+is answered without one, while the service it describes refuses a call without one."""
 
 from __future__ import annotations
 
 import asyncio
 import shutil
 from collections.abc import AsyncIterator
+from typing import Any, cast
 
 import grpc
 import pytest
 from google.protobuf import descriptor_pb2
 
-from takeoff.v1 import jobs_pb2  # noqa: F401  (registers takeoff/v1/jobs.proto)
+from takeoff.v1 import jobs_pb2, jobs_pb2_grpc
 from takeoff_server._vendor.grpc.reflection.v1 import reflection_pb2 as v1_pb2
 from takeoff_server._vendor.grpc.reflection.v1 import reflection_pb2_grpc as v1_pb2_grpc
+from takeoff_server.access import Permission, Principal, needs
 from takeoff_server.reflection import SERVICE_NAMES
 from takeoff_server.server import ServiceBinding, TakeoffServer
 from tests.conftest import require
@@ -25,10 +28,27 @@ SERVED = {
 }
 
 
+class NoKeys:
+    """A ``KeyVerifier`` that knows no key: only the public methods can be called."""
+
+    async def verify(self, secret: str) -> Principal | None:
+        return None
+
+
 @pytest.fixture
 async def address() -> AsyncIterator[str]:
-    # Reflection reads the descriptors that importing jobs_pb2 registered: it needs no handlers.
-    server = TakeoffServer([ServiceBinding("takeoff.v1.JobService", lambda _: None)], listen=["127.0.0.1:0"])
+    # Reflection reads the descriptors that importing jobs_pb2 registered: it needs no servicer. The
+    # generated base servicer answers UNIMPLEMENTED, after the access layer.
+    binding = ServiceBinding.of(
+        jobs_pb2.DESCRIPTOR.services_by_name["JobService"],
+        jobs_pb2_grpc.add_JobServiceServicer_to_server,
+        cast(Any, jobs_pb2_grpc.JobServiceServicer)(),  # abstract only in its type stubs
+        access={
+            method.name: needs(Permission.JOBS_READ)
+            for method in jobs_pb2.DESCRIPTOR.services_by_name["JobService"].methods
+        },
+    )
+    server = TakeoffServer([binding], listen=["127.0.0.1:0"], verifier=NoKeys())
     [bound] = await server.start()
     yield bound
     await server.stop(0)
@@ -107,3 +127,13 @@ async def test_v1_and_v1alpha_give_the_same_answers(address: str) -> None:
     v1, v1alpha = answers.values()
     assert len(v1) == len(V1_REQUESTS)
     assert v1 == v1alpha
+
+
+async def test_the_described_service_itself_needs_a_key(address: str) -> None:
+    async with grpc.aio.insecure_channel(address) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await jobs_pb2_grpc.JobServiceStub(channel).GetJob(
+                jobs_pb2.GetJobRequest(name="projects/p/jobs/j")
+            )
+
+    assert raised.value.code() == grpc.StatusCode.UNAUTHENTICATED

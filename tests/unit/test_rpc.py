@@ -22,11 +22,28 @@ from takeoff_rpc.channels import open_aio_channel, open_channel
 from takeoff_rpc.retries import TRANSIENT_CODES, RetryPolicy, call_with_retries, call_with_retries_async
 from takeoff_rpc.status import FieldViolation, RpcStatus, decode_rpc_error, status_code
 from takeoff_server import errors
+from takeoff_server.access import EVERYWHERE, Grant, KeyKind, Permission, Principal, needs
 from takeoff_server.interceptors import Context
 from takeoff_server.remote_errors import domain_error
 from takeoff_server.server import ServiceBinding, TakeoffServer
 
 PROBE = "takeoff.test.RpcProbe"
+KEY = "sesame"
+"""The key the probe clients present."""
+RUN_TOKEN = "run-token"
+"""Another key the probe server knows, which a call may bring itself."""
+METHODS = ("Echo", "Invalid", "Missing", "Crash", "Authorization", "Stream", "Collect", "Chat")
+
+
+class OneKey:
+    """A ``KeyVerifier`` that knows :data:`KEY` and :data:`RUN_TOKEN`, allowed ``jobs.read`` everywhere."""
+
+    async def verify(self, secret: str) -> Principal | None:
+        if secret not in (KEY, RUN_TOKEN):
+            return None
+        return Principal(
+            "keys/probe", "probe", KeyKind.PROJECT, frozenset({Grant(Permission.JOBS_READ, EVERYWHERE)})
+        )
 
 
 class Probe:
@@ -45,9 +62,21 @@ class Probe:
         }
         handler = grpc.method_handlers_generic_handler(
             PROBE,
-            {name: grpc.unary_unary_rpc_method_handler(behaviour) for name, behaviour in behaviours.items()},
+            {
+                **{
+                    name: grpc.unary_unary_rpc_method_handler(behaviour)
+                    for name, behaviour in behaviours.items()
+                },
+                "Stream": grpc.unary_stream_rpc_method_handler(self.authorization_stream),
+                "Collect": grpc.stream_unary_rpc_method_handler(self.authorization_collected),
+                "Chat": grpc.stream_stream_rpc_method_handler(self.authorization_chat),
+            },
         )
-        return ServiceBinding(PROBE, lambda server: server.add_generic_rpc_handlers((handler,)))
+        return ServiceBinding(
+            PROBE,
+            lambda server: server.add_generic_rpc_handlers((handler,)),
+            access={name: needs(Permission.JOBS_READ) for name in METHODS},
+        )
 
     def _count(self, method: str) -> None:
         self.calls[method] = self.calls.get(method, 0) + 1
@@ -79,6 +108,20 @@ class Probe:
     async def authorization(self, request: bytes, context: Context) -> bytes:
         return str(dict(context.invocation_metadata() or ()).get("authorization", "")).encode()
 
+    async def authorization_stream(self, request: bytes, context: Context) -> AsyncIterator[bytes]:
+        yield await self.authorization(request, context)
+
+    async def authorization_collected(self, requests: AsyncIterator[bytes], context: Context) -> bytes:
+        async for _ in requests:
+            pass
+        return await self.authorization(b"", context)
+
+    async def authorization_chat(
+        self, requests: AsyncIterator[bytes], context: Context
+    ) -> AsyncIterator[bytes]:
+        async for request in requests:
+            yield await self.authorization(request, context)
+
 
 @pytest.fixture
 def probe() -> Probe:
@@ -87,7 +130,7 @@ def probe() -> Probe:
 
 @pytest.fixture
 async def address(probe: Probe) -> AsyncIterator[str]:
-    server = TakeoffServer([probe.binding()], listen=["127.0.0.1:0"])
+    server = TakeoffServer([probe.binding()], listen=["127.0.0.1:0"], verifier=OneKey())
     await server.start()
     yield server.addresses[0]
     await server.stop(0)
@@ -102,14 +145,14 @@ def sync_method(channel: grpc.Channel, method: str) -> grpc.UnaryUnaryMultiCalla
 
 
 async def aio_failure(target: str, method: str) -> grpc.aio.AioRpcError:
-    async with open_aio_channel(target) as channel:
+    async with open_aio_channel(target, api_key=KEY) as channel:
         with pytest.raises(grpc.aio.AioRpcError) as raised:
             await aio_method(channel, method)(b"", timeout=10)
     return raised.value
 
 
 def sync_failure(target: str, method: str) -> grpc.RpcError:
-    with open_channel(target) as channel, pytest.raises(grpc.RpcError) as raised:
+    with open_channel(target, api_key=KEY) as channel, pytest.raises(grpc.RpcError) as raised:
         sync_method(channel, method)(b"", timeout=10)
     return raised.value
 
@@ -158,19 +201,60 @@ async def test_a_status_without_details_is_named_by_its_code_and_says_what_was_d
     assert status.message.startswith(f"cannot reach {nobody} (")
 
 
+async def aio_authorizations(address: str, **call: object) -> list[bytes]:
+    """What the server saw as ``authorization`` on one call of each kind, through an aio channel."""
+    async with open_aio_channel(address, api_key=KEY) as channel:
+        unary = await aio_method(channel, "Authorization")(b"", timeout=10, **call)  # type: ignore[arg-type]
+        stream: grpc.aio.UnaryStreamMultiCallable[bytes, bytes] = channel.unary_stream(f"/{PROBE}/Stream")
+        streamed = [reply async for reply in stream(b"", timeout=10, **call)]  # type: ignore[arg-type]
+        collect: grpc.aio.StreamUnaryMultiCallable[bytes, bytes] = channel.stream_unary(f"/{PROBE}/Collect")
+        collected = await collect(iter([b"", b""]), timeout=10, **call)  # type: ignore[arg-type]
+        chat: grpc.aio.StreamStreamMultiCallable[bytes, bytes] = channel.stream_stream(f"/{PROBE}/Chat")
+        chatted = [reply async for reply in chat(iter([b""]), timeout=10, **call)]  # type: ignore[arg-type]
+    return [unary, *streamed, collected, *chatted]
+
+
+def sync_authorizations(address: str, **call: object) -> list[bytes]:
+    """:func:`aio_authorizations` through a sync channel."""
+    with open_channel(address, api_key=KEY) as channel:
+        unary = sync_method(channel, "Authorization")(b"", timeout=10, **call)  # type: ignore[arg-type]
+        stream: grpc.UnaryStreamMultiCallable[bytes, bytes] = channel.unary_stream(f"/{PROBE}/Stream")
+        streamed = list(stream(b"", timeout=10, **call))  # type: ignore[arg-type]
+        collect: grpc.StreamUnaryMultiCallable[bytes, bytes] = channel.stream_unary(f"/{PROBE}/Collect")
+        collected = collect(iter([b"", b""]), timeout=10, **call)  # type: ignore[arg-type]
+        chat: grpc.StreamStreamMultiCallable[bytes, bytes] = channel.stream_stream(f"/{PROBE}/Chat")
+        chatted = list(chat(iter([b""]), timeout=10, **call))  # type: ignore[arg-type]
+    return [unary, *streamed, collected, *chatted]
+
+
 @pytest.mark.parametrize("client", ["aio", "sync"])
-async def test_a_channel_sends_its_api_key_on_every_call(address: str, client: str) -> None:
+async def test_a_channel_sends_its_api_key_on_calls_of_every_kind(address: str, client: str) -> None:
     if client == "aio":
-        async with open_aio_channel(address, api_key="sesame") as channel:
-            seen = await aio_method(channel, "Authorization")(b"", timeout=10)
+        seen = await aio_authorizations(address)
     else:
+        seen = await asyncio.to_thread(sync_authorizations, address)
 
-        def call() -> bytes:
-            with open_channel(address, api_key="sesame") as channel:
-                return sync_method(channel, "Authorization")(b"", timeout=10)
+    assert seen == [f"Bearer {KEY}".encode()] * 4
 
-        seen = await asyncio.to_thread(call)
-    assert seen == b"Bearer sesame"
+
+@pytest.mark.parametrize("client", ["aio", "sync"])
+async def test_a_call_that_brings_its_own_key_keeps_it(address: str, client: str) -> None:
+    # The agent writes a run with that run's token on the channel that carries its own agent key.
+    own = {"metadata": (("authorization", f"Bearer {RUN_TOKEN}"),)}
+    if client == "aio":
+        seen = await aio_authorizations(address, **own)
+    else:
+        seen = await asyncio.to_thread(sync_authorizations, address, **own)
+
+    assert seen == [f"Bearer {RUN_TOKEN}".encode()] * 4
+
+
+async def test_a_channel_without_a_key_is_refused_by_a_takeoff_server(address: str) -> None:
+    async with open_aio_channel(address) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await aio_method(channel, "Echo")(b"", timeout=10)
+
+    assert decode_rpc_error(raised.value).reason == "KEY_MISSING"
 
 
 # The services' view of a dependency's answer
@@ -238,13 +322,13 @@ async def test_an_unavailable_call_is_retried_until_the_server_is_up(probe: Prob
         failed_codes.append(status_code(error))
         first_failure.set()
 
-    async with open_aio_channel(target) as channel:
+    async with open_aio_channel(target, api_key=KEY) as channel:
         echo = aio_method(channel, "Echo")
         calling = asyncio.create_task(
             call_with_retries_async(lambda: echo(b"hello", timeout=10), transient_policy(), on_retry=on_retry)
         )
         await asyncio.wait_for(first_failure.wait(), 30)
-        server = TakeoffServer([probe.binding()], listen=[target])
+        server = TakeoffServer([probe.binding()], listen=[target], verifier=OneKey())
         await server.start()
         try:
             reply = await asyncio.wait_for(calling, 60)
@@ -264,7 +348,7 @@ async def test_the_sync_helper_retries_an_unavailable_call_until_the_server_is_u
     first_failure = threading.Event()
 
     def call() -> bytes:
-        with open_channel(target) as channel:
+        with open_channel(target, api_key=KEY) as channel:
             echo = sync_method(channel, "Echo")
             return call_with_retries(
                 lambda: echo(b"hello", timeout=10),
@@ -274,7 +358,7 @@ async def test_the_sync_helper_retries_an_unavailable_call_until_the_server_is_u
 
     calling = asyncio.ensure_future(asyncio.to_thread(call))
     assert await asyncio.to_thread(first_failure.wait, 30)
-    server = TakeoffServer([probe.binding()], listen=[target])
+    server = TakeoffServer([probe.binding()], listen=[target], verifier=OneKey())
     await server.start()
     try:
         reply = await asyncio.wait_for(calling, 60)
@@ -288,7 +372,7 @@ async def test_the_sync_helper_retries_an_unavailable_call_until_the_server_is_u
 @pytest.mark.parametrize("method", ["Invalid", "Missing", "Crash"])
 async def test_a_call_that_fails_for_good_is_made_once(probe: Probe, address: str, method: str) -> None:
     retries: list[int] = []
-    async with open_aio_channel(address) as channel:
+    async with open_aio_channel(address, api_key=KEY) as channel:
         rpc = aio_method(channel, method)
         with pytest.raises(grpc.aio.AioRpcError) as raised:
             await call_with_retries_async(
@@ -303,7 +387,7 @@ async def test_a_call_that_fails_for_good_is_made_once(probe: Probe, address: st
 
 async def test_retries_stop_after_max_attempts(tmp_path: Path) -> None:
     attempts = 0
-    async with open_aio_channel(f"unix:{tmp_path}/nobody.sock") as channel:
+    async with open_aio_channel(f"unix:{tmp_path}/nobody.sock", api_key=KEY) as channel:
         echo = aio_method(channel, "Echo")
 
         async def attempt() -> bytes:

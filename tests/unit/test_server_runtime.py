@@ -1,9 +1,11 @@
-"""The shared server runtime, on a real grpc.aio server on a loopback port."""
+"""The shared server runtime, on a real grpc.aio server on a loopback port: rich statuses, health, and
+the access layer (API keys, each method's rule on every request message, revoked streams ended)."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping
+import time
+from collections.abc import AsyncIterator, Iterable, Mapping
 from typing import Any, cast
 
 import grpc
@@ -12,12 +14,53 @@ from google.protobuf import struct_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from takeoff.v1 import jobs_pb2, jobs_pb2_grpc
 from takeoff_rpc.channels import open_channel
+from takeoff_rpc.retries import TRANSIENT_CODES
 from takeoff_server import errors
-from takeoff_server.interceptors import ANONYMOUS, Context, Principal, principal_var
+from takeoff_server.access import (
+    CachedVerifier,
+    KeyKind,
+    KeyScope,
+    Permission,
+    Principal,
+    ProjectRole,
+    Rule,
+    caller_var,
+    grants_for,
+    needs,
+)
+from takeoff_server.interceptors import Context
 from takeoff_server.server import ServiceBinding, TakeoffServer
 
 PROBE = "takeoff.test.ProbeService"
+
+
+def project_key(name: str, role: ProjectRole, *projects: str) -> Principal:
+    scope = KeyScope(KeyKind.PROJECT, projects=projects, role=role)
+    return Principal(f"keys/{name}", name, KeyKind.PROJECT, grants_for(scope))
+
+
+KEYS = {
+    "sesame": project_key("alice", ProjectRole.WRITE, "projects/a"),
+    "peek": project_key("bob", ProjectRole.READ, "projects/a"),
+}
+"""secret -> the key it is: what the probe server's verifier knows."""
+
+
+class KeyTable:
+    """A real ``KeyVerifier`` over a dict; ``down`` makes it unable to tell, as an unreachable registry."""
+
+    def __init__(self, keys: Mapping[str, Principal]) -> None:
+        self.keys = dict(keys)
+        self.down = False
+        self.asked = 0
+
+    async def verify(self, secret: str) -> Principal | None:
+        self.asked += 1
+        if self.down:
+            raise errors.Unavailable("DEPENDENCY_UNAVAILABLE", "the key registry is unreachable")
+        return self.keys.get(secret)
 
 
 async def invalid(request: bytes, context: Context) -> bytes:
@@ -51,7 +94,9 @@ async def crash(request: bytes, context: Context) -> bytes:
 
 
 async def whoami(request: bytes, context: Context) -> bytes:
-    return principal_var.get().subject.encode()
+    caller = caller_var.get()
+    assert caller is not None
+    return caller.actor.encode()
 
 
 def unbuilt(request: bytes, context: Context) -> bytes:
@@ -70,9 +115,37 @@ async def echo(request: struct_pb2.Struct, context: Context) -> struct_pb2.Struc
     return request
 
 
+RECEIVED: list[struct_pb2.Struct] = []
+"""The messages CountMessages has read, across calls (each test that looks clears it first)."""
+
+
 async def count_messages(requests: AsyncIterator[struct_pb2.Struct], context: Context) -> struct_pb2.Struct:
-    received = [request async for request in requests]
-    return struct_pb2.Struct(fields={"count": struct_pb2.Value(number_value=len(received))})
+    received = 0
+    async for request in requests:
+        RECEIVED.append(request)
+        received += 1
+    return struct_pb2.Struct(fields={"count": struct_pb2.Value(number_value=received)})
+
+
+async def first_then_wait(request: bytes, context: Context) -> AsyncIterator[bytes]:
+    yield b"first"
+    await asyncio.Event().wait()  # open until the client, the deadline or the access layer ends it
+
+
+def named(request: struct_pb2.Struct) -> Iterable[str]:
+    """The resource a probe Struct names in its ``name`` field."""
+    return [request.fields["name"].string_value] if "name" in request.fields else []
+
+
+RULES: dict[str, Rule] = {
+    **{
+        name: needs(Permission.JOBS_READ)
+        for name in ("Invalid", "Missing", "HugeName", "Crash", "WhoAmI", "Unbuilt", "Count", "Echo")
+    },
+    "CountMessages": needs(Permission.JOBS_WRITE, named),
+    "Open": needs(Permission.RUNS_READ),
+}
+"""Every probe method but ``Unruled``, which no one may call."""
 
 
 def probe_binding() -> ServiceBinding:
@@ -98,25 +171,22 @@ def probe_binding() -> ServiceBinding:
             "Count": grpc.unary_stream_rpc_method_handler(count_then_fail),
             "Echo": grpc.unary_unary_rpc_method_handler(echo, **structs),
             "CountMessages": grpc.stream_unary_rpc_method_handler(count_messages, **structs),
+            "Open": grpc.unary_stream_rpc_method_handler(first_then_wait),
+            "Unruled": grpc.unary_unary_rpc_method_handler(whoami),
         },
     )
-    return ServiceBinding(PROBE, lambda server: server.add_generic_rpc_handlers((handler,)))
-
-
-class KeyAuthenticator:
-    """Admits callers that present the one key it knows."""
-
-    async def authenticate(self, method: str, metadata: Mapping[str, str]) -> Principal:
-        if method.startswith("/grpc.health."):
-            return ANONYMOUS
-        if metadata.get("authorization") != "Bearer sesame":
-            raise errors.Unauthenticated("API_KEY_INVALID", "present a valid API key")
-        return Principal(subject="alice")
+    return ServiceBinding(PROBE, lambda server: server.add_generic_rpc_handlers((handler,)), access=RULES)
 
 
 @pytest.fixture
-async def server() -> AsyncIterator[TakeoffServer]:
-    server = TakeoffServer([probe_binding()], listen=["127.0.0.1:0"], authenticator=KeyAuthenticator())
+def keys() -> KeyTable:
+    return KeyTable(KEYS)
+
+
+@pytest.fixture
+async def server(keys: KeyTable) -> AsyncIterator[TakeoffServer]:
+    # Cached as every service caches: a revoked key's streams must still end within 5 s.
+    server = TakeoffServer([probe_binding()], listen=["127.0.0.1:0"], verifier=CachedVerifier(keys))
     await server.start()
     yield server
     await server.stop(0)
@@ -236,19 +306,193 @@ async def test_error_after_streamed_messages(server: TakeoffServer) -> None:
     assert details(error)[0].reason == "QUEUE_PAUSED"
 
 
-async def test_authentication_hook_sees_call_metadata(server: TakeoffServer) -> None:
-    assert await asyncio.to_thread(call, server.addresses[0], "WhoAmI") == b"alice"
+# Access: keys, rules, revocation
+
+
+async def test_health_answers_without_a_key_and_every_other_method_needs_one(server: TakeoffServer) -> None:
+    async with grpc.aio.insecure_channel(server.addresses[0]) as channel:
+        reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING
 
     error = await failing_call(server.addresses[0], "WhoAmI", api_key=None)
-    assert error.code() == grpc.StatusCode.UNAUTHENTICATED
-    assert details(error)[0].reason == "API_KEY_INVALID"
 
-    error = await failing_call(server.addresses[0], "WhoAmI", api_key="wrong")
     assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+    info, _ = details(error)
+    assert (info.reason, info.domain, info.metadata["method"]) == (
+        "KEY_MISSING",
+        "takeoff.dev",
+        f"/{PROBE}/WhoAmI",
+    )
+    assert "authorization: Bearer" in (error.details() or "")
+
+
+async def test_a_known_key_is_admitted_and_its_caller_is_seen_by_the_servicer(server: TakeoffServer) -> None:
+    assert await asyncio.to_thread(call, server.addresses[0], "WhoAmI") == b"keys/alice (alice)"
+    assert await asyncio.to_thread(call, server.addresses[0], "WhoAmI", api_key="peek") == b"keys/bob (bob)"
+
+
+@pytest.mark.parametrize(
+    ("authorization", "reason"),
+    [
+        ("Basic c2VzYW1l", "KEY_MALFORMED"),
+        ("Bearer", "KEY_MALFORMED"),
+        ("Bearer    ", "KEY_MALFORMED"),
+        ("sesame", "KEY_MALFORMED"),
+        ("Bearer wrong", "KEY_INVALID"),
+        ("Bearer sesame-", "KEY_INVALID"),
+    ],
+)
+async def test_a_malformed_or_unknown_key_is_unauthenticated(
+    server: TakeoffServer, authorization: str, reason: str
+) -> None:
+    error = await failing_call(
+        server.addresses[0], "WhoAmI", api_key=None, metadata=[("authorization", authorization)]
+    )
+
+    assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+    info, _ = details(error)
+    assert (info.reason, info.domain) == (reason, "takeoff.dev")
+    assert "sesame" not in f"{error.details()} {error.trailing_metadata()!r}"
+
+
+def send_structs(address: str, api_key: str, messages: list[struct_pb2.Struct]) -> struct_pb2.Struct:
+    with open_channel(address, api_key=api_key) as channel:
+        stub: grpc.StreamUnaryMultiCallable[struct_pb2.Struct, struct_pb2.Struct] = channel.stream_unary(
+            f"/{PROBE}/CountMessages",
+            request_serializer=struct_pb2.Struct.SerializeToString,
+            response_deserializer=struct_pb2.Struct.FromString,
+        )
+        return stub(iter(messages), timeout=5)
+
+
+def naming(resource: str) -> struct_pb2.Struct:
+    return struct_pb2.Struct(fields={"name": struct_pb2.Value(string_value=resource)})
+
+
+async def test_a_key_lacking_the_permission_is_denied_naming_it(server: TakeoffServer) -> None:
+    RECEIVED.clear()
+    with pytest.raises(grpc.RpcError) as raised:
+        await asyncio.to_thread(send_structs, server.addresses[0], "peek", [naming("projects/a/jobs/x")])
+
+    error = cast(grpc.Call, raised.value)
+    assert error.code() == grpc.StatusCode.PERMISSION_DENIED
+    info, _ = details(error)
+    assert (info.reason, info.metadata["permission"]) == ("PERMISSION_DENIED", "jobs.write")
+    assert "keys/bob lacks the permission jobs.write" in (error.details() or "")
+    assert RECEIVED == []
+
+
+async def test_each_message_of_a_request_stream_is_checked_against_the_keys_scope(
+    server: TakeoffServer,
+) -> None:
+    RECEIVED.clear()
+    inside = [naming("projects/a/jobs/x"), naming("projects/a")]
+    counted = await asyncio.to_thread(send_structs, server.addresses[0], "sesame", inside)
+    assert counted["count"] == 2
+
+    RECEIVED.clear()
+    with pytest.raises(grpc.RpcError) as raised:
+        await asyncio.to_thread(
+            send_structs,
+            server.addresses[0],
+            "sesame",
+            [naming("projects/a/jobs/x"), naming("projects/b/jobs/y"), naming("projects/a/jobs/z")],
+        )
+
+    error = cast(grpc.Call, raised.value)
+    assert error.code() == grpc.StatusCode.PERMISSION_DENIED
+    info, _ = details(error)
+    assert dict(info.metadata) == {"permission": "jobs.write", "resource": "projects/b/jobs/y"}
+    # The servicer read the first message; the second was refused before it reached it.
+    assert [naming("projects/a/jobs/x")] == RECEIVED
+
+
+async def test_a_name_that_only_shares_a_prefix_with_the_scope_is_outside_it(server: TakeoffServer) -> None:
+    with pytest.raises(grpc.RpcError) as raised:
+        await asyncio.to_thread(send_structs, server.addresses[0], "sesame", [naming("projects/ab/jobs/x")])
+    assert cast(grpc.Call, raised.value).code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+async def test_a_method_without_a_rule_is_refused_to_every_caller(server: TakeoffServer) -> None:
+    for api_key in ("sesame", None):
+        error = await failing_call(server.addresses[0], "Unruled", api_key=api_key)
+        assert error.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert details(error)[0].reason == "NO_ACCESS_RULE"
+
+
+def test_a_service_with_a_method_lacking_a_rule_cannot_be_bound() -> None:
+    service = jobs_pb2.DESCRIPTOR.services_by_name["JobService"]
+    servicer: Any = object()  # never called: the binding is refused, or never served
+    some = {"CreateJob": needs(Permission.JOBS_WRITE)}
+
+    with pytest.raises(ValueError, match=r"takeoff.v1.JobService states no access rule for .*GetJob"):
+        ServiceBinding.of(
+            service,
+            jobs_pb2_grpc.add_JobServiceServicer_to_server,
+            servicer,
+            access=some,
+        )
+
+    every = {method.name: needs(Permission.JOBS_READ) for method in service.methods}
+    binding = ServiceBinding.of(
+        service,
+        jobs_pb2_grpc.add_JobServiceServicer_to_server,
+        servicer,
+        access=every,
+    )
+    assert set(binding.full_rules()) == {
+        f"/takeoff.v1.JobService/{method.name}" for method in service.methods
+    }
+
+
+async def test_an_open_stream_ends_within_5s_once_its_key_is_revoked(
+    server: TakeoffServer, keys: KeyTable
+) -> None:
+    async with grpc.aio.insecure_channel(server.addresses[0]) as channel:
+        stream: grpc.aio.UnaryStreamMultiCallable[bytes, bytes] = channel.unary_stream(f"/{PROBE}/Open")
+        call = stream(b"", timeout=30, metadata=(("authorization", "Bearer sesame"),))
+        assert await call.read() == b"first"
+
+        del keys.keys["sesame"]
+        revoked_at = time.monotonic()
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await call.read()
+        ended_after = time.monotonic() - revoked_at
+
+    assert raised.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert details(cast(grpc.Call, raised.value))[0].reason == "KEY_REVOKED"
+    assert ended_after < 5.0
+    # A new call with the revoked key is refused too (the cache has moved on by now).
+    assert (await failing_call(server.addresses[0], "WhoAmI")).code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_a_verifier_that_cannot_tell_makes_calls_unavailable_and_retryable() -> None:
+    keys = KeyTable(KEYS)
+    # No cache between checks (ttl 0), so every call asks; a recent answer still bridges the outage.
+    cached = CachedVerifier(keys, ttl=0.0)
+    server = TakeoffServer([probe_binding()], listen=["127.0.0.1:0"], verifier=cached)
+    [address] = await server.start()
+    try:
+        assert await asyncio.to_thread(call, address, "WhoAmI") == b"keys/alice (alice)"
+        keys.down = True
+        asked = keys.asked
+
+        assert await asyncio.to_thread(call, address, "WhoAmI") == b"keys/alice (alice)"
+        assert keys.asked == asked + 1  # it did ask, and was served the recent answer
+        error = await failing_call(address, "WhoAmI", api_key="peek")  # never verified before
+
+        assert error.code() == grpc.StatusCode.UNAVAILABLE
+        assert error.code() in TRANSIENT_CODES
+        assert details(error)[0].reason == "DEPENDENCY_UNAVAILABLE"
+
+        keys.down = False
+        assert await asyncio.to_thread(call, address, "WhoAmI", api_key="peek") == b"keys/bob (bob)"
+    finally:
+        await server.stop(0)
 
 
 async def test_health_per_service_then_not_serving_during_shutdown() -> None:
-    server = TakeoffServer([probe_binding()], listen=["127.0.0.1:0"])
+    server = TakeoffServer([probe_binding()], listen=["127.0.0.1:0"], verifier=KeyTable(KEYS))
     address = (await server.start())[0]
     async with grpc.aio.insecure_channel(address) as channel:
         health = health_pb2_grpc.HealthStub(channel)
@@ -269,24 +513,26 @@ async def test_health_per_service_then_not_serving_during_shutdown() -> None:
 
 async def test_listens_on_tcp_and_unix_socket_at_once(tmp_path_factory: pytest.TempPathFactory) -> None:
     socket = tmp_path_factory.mktemp("sock") / "probe.sock"
-    server = TakeoffServer([probe_binding()], listen=["127.0.0.1:0", f"unix:{socket}"])
+    server = TakeoffServer(
+        [probe_binding()], listen=["127.0.0.1:0", f"unix:{socket}"], verifier=KeyTable(KEYS)
+    )
     tcp, unix = await server.start()
     try:
         assert tcp.startswith("127.0.0.1:")
         assert not tcp.endswith(":0")
         assert unix == f"unix:{socket}"
         for address in (tcp, unix):
-            assert await asyncio.to_thread(call, address, "WhoAmI") == b"anonymous"
+            assert await asyncio.to_thread(call, address, "WhoAmI") == b"keys/alice (alice)"
     finally:
         await server.stop(0)
     assert not socket.exists()
 
 
 async def test_port_in_use_is_a_clear_error() -> None:
-    first = TakeoffServer([probe_binding()], listen=["127.0.0.1:0"])
+    first = TakeoffServer([probe_binding()], listen=["127.0.0.1:0"], verifier=KeyTable(KEYS))
     address = (await first.start())[0]
     try:
-        second = TakeoffServer([probe_binding()], listen=[address])
+        second = TakeoffServer([probe_binding()], listen=[address], verifier=KeyTable(KEYS))
         with pytest.raises(OSError, match="address is in use"):
             await second.start()
     finally:
