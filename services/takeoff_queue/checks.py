@@ -13,9 +13,9 @@ from __future__ import annotations
 import functools
 import json
 import re
-from collections.abc import Iterable, Mapping, Sized
+from collections.abc import Iterable, Mapping, Sequence, Sized
 from datetime import timedelta
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from takeoff_server.errors import InvalidArgument, NotFound
 from takeoff_server.names import ResourcePattern
@@ -278,3 +278,250 @@ def check_labels(labels: Mapping[str, str], *, field: str, problems: Problems) -
 def check_capacity(capacity: int, *, field: str, problems: Problems) -> None:
     if not 0 <= capacity <= MAX_AGENT_CAPACITY:
         problems.add("ARGUMENT_INVALID", field, f"must be 0..{MAX_AGENT_CAPACITY} (got {capacity})")
+
+
+# What a job may see (docs/design.md §13, §16).
+RESERVED_ENV_RULE = "TAKEOFF_*, LD_PRELOAD and PYTHONPATH"
+_RESERVED_ENV = frozenset({"LD_PRELOAD", "PYTHONPATH"})
+
+
+def reserved_env_name(name: str) -> bool:
+    """Whether no config or secret mount may set the variable ``name``: ``TAKEOFF_*`` are the agent's (a
+    job that could set ``TAKEOFF_TOKEN`` or ``TAKEOFF_RUN_ID`` could pass for another run), and
+    ``LD_PRELOAD`` and ``PYTHONPATH`` would load code into the programs that start the job."""
+    return name.startswith("TAKEOFF_") or name in _RESERVED_ENV
+
+
+def reserved_env_problem(name: str) -> str:
+    return (
+        f"{name[:128]!r} may not be set: {RESERVED_ENV_RULE} are reserved (the agent sets them, or they "
+        "load code)"
+    )
+
+
+_CODE_LOADING_PREFIXES = ("LD_", "DYLD_", "PYTHON", "BASH_FUNC_", "GIT_", "PIP_")
+_CODE_LOADING = frozenset(
+    {
+        "BASH_ENV",
+        "ENV",
+        "PS4",
+        "SHELLOPTS",
+        "BASHOPTS",
+        "IFS",
+        "PATH",
+        "NODE_OPTIONS",
+        "NODE_PATH",
+        "PERL5OPT",
+        "PERL5LIB",
+        "PERLLIB",
+        "RUBYOPT",
+        "RUBYLIB",
+        "JAVA_TOOL_OPTIONS",
+        "_JAVA_OPTIONS",
+        "JDK_JAVA_OPTIONS",
+        "CLASSPATH",
+        "GCONV_PATH",
+    }
+)
+
+
+def code_loading_env_name(name: str) -> bool:
+    """Whether the variable ``name`` can make a fixed entrypoint load other code or run another program
+    (``LD_*``, ``PYTHON*``, ``BASH_ENV``, ``NODE_OPTIONS``, ``PATH``, ...): on a secure queue an item's
+    secret mount may not be given such a name (the secret's value would choose the code)."""
+    return name.startswith(_CODE_LOADING_PREFIXES) or name in _CODE_LOADING
+
+
+# Secret mounts (queue.proto SecretMount).
+MAX_SECRET_MOUNTS = 32
+SECRET_ID_PATTERN = r"[A-Za-z][A-Za-z0-9_-]{0,62}"
+SECRET = ResourcePattern("projects/{project}/secrets/{secret}", secret=SECRET_ID_PATTERN)
+_SECRET_ID = re.compile(SECRET_ID_PATTERN)
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
+_FILE_NAME = re.compile(r"[A-Za-z0-9._-]{1,255}")
+
+
+class MountLike(Protocol):
+    """A secret mount as the proto, or the queue's model, holds it."""
+
+    @property
+    def secret(self) -> str: ...
+    @property
+    def env(self) -> str: ...
+    @property
+    def file(self) -> str: ...
+
+
+Mount = TypeVar("Mount", bound=MountLike)
+
+
+def secret_name(secret: str, project: str) -> str:
+    """``secret`` as a full name: a short id is resolved in ``project`` (``projects/{p}``); a full name is
+    returned as it is. ValueError when ``secret`` is neither."""
+    if SECRET.match(secret) is not None:
+        return secret
+    if _SECRET_ID.fullmatch(secret) is None:
+        raise ValueError(f"{secret!r} is not a secret name or id")
+    return f"{project}/secrets/{secret}"
+
+
+def check_secret_mounts(
+    mounts: Sequence[MountLike], *, project: str, field: str, problems: Problems
+) -> list[str]:
+    """A queue's (``field`` ``queue.secrets``) or an item's (``secrets``) mounts: at most 32; each names a
+    secret of ``project`` (``projects/{p}``, the queue's: run tokens are per project), by full name or id;
+    exactly one of ``env`` and ``file``, each a valid, unreserved name used by no other mount of the list.
+
+    Returns each mount's full secret name, in order ("" where the name was refused)."""
+    if not check_count(mounts, field=field, at_most=MAX_SECRET_MOUNTS, problems=problems):
+        return ["" for _ in mounts]
+    names: list[str] = []
+    envs: dict[str, int] = {}
+    files: dict[str, int] = {}
+    for index, mount in enumerate(mounts):
+        where = f"{field}[{index}]"
+        names.append(
+            _checked_secret(mount.secret, project=project, field=f"{where}.secret", problems=problems)
+        )
+        if bool(mount.env) == bool(mount.file):
+            problems.add(
+                "ARGUMENT_INVALID",
+                where,
+                "set exactly one of env (an environment variable) and file (a file in the secrets directory)",
+            )
+        if mount.env:
+            if problem := _env_name_problem(mount.env):
+                problems.add("ARGUMENT_INVALID", f"{where}.env", problem)
+            elif mount.env in envs:
+                problems.add(
+                    "ARGUMENT_INVALID",
+                    f"{where}.env",
+                    f"{mount.env} is already given by {field}[{envs[mount.env]}]",
+                )
+            else:
+                envs[mount.env] = index
+        if mount.file:
+            if problem := _file_name_problem(mount.file):
+                problems.add("ARGUMENT_INVALID", f"{where}.file", problem)
+            elif mount.file in files:
+                problems.add(
+                    "ARGUMENT_INVALID",
+                    f"{where}.file",
+                    f"{mount.file!r} is already given by {field}[{files[mount.file]}]",
+                )
+            else:
+                files[mount.file] = index
+    return names
+
+
+def _checked_secret(secret: str, *, project: str, field: str, problems: Problems) -> str:
+    if not secret:
+        problems.add("NAME_INVALID", field, "required: projects/{project}/secrets/{secret} or a secret id")
+        return ""
+    try:
+        name = secret_name(secret, project)
+    except ValueError:
+        problems.add(
+            "NAME_INVALID",
+            field,
+            f"{secret[:300]!r} is neither projects/{{project}}/secrets/{{secret}} nor a secret id "
+            "(1-63 of A-Z, a-z, 0-9, '_' and '-', starting with a letter)",
+        )
+        return ""
+    if not name.startswith(f"{project}/"):
+        problems.add(
+            "ARGUMENT_INVALID",
+            field,
+            f"{name} is not a secret of {project}: a queue's jobs receive only their own project's secrets",
+        )
+        return ""
+    return name
+
+
+def _env_name_problem(name: str) -> str | None:
+    if not _ENV_NAME.fullmatch(name):
+        return (
+            f"{name[:200]!r} is not a variable name: 1-128 of A-Z, a-z, 0-9 and '_', not starting with "
+            "a digit"
+        )
+    if reserved_env_name(name):
+        return reserved_env_problem(name)
+    return None
+
+
+def _file_name_problem(name: str) -> str | None:
+    if not _FILE_NAME.fullmatch(name) or name == "." or ".." in name:
+        return (
+            f"{name[:300]!r} is not a file name: 1-255 of A-Z, a-z, 0-9, '.', '_' and '-', one path "
+            "component, not '.' and without '..'"
+        )
+    return None
+
+
+def check_item_secrets(
+    mounts: Sequence[MountLike],
+    *,
+    project: str,
+    queue_mounts: Sequence[MountLike],
+    secure: bool,
+    queue: str,
+    problems: Problems,
+) -> list[str]:
+    """An Enqueue's ``secrets``: :func:`check_secret_mounts`, and on a ``secure`` queue (``queue``, its
+    name) an item's mount may neither replace one of the queue's (same ``env`` or ``file``) nor give a
+    variable that loads code (:func:`code_loading_env_name`): ``SECURE_QUEUE_OVERRIDE``."""
+    names = check_secret_mounts(mounts, project=project, field="secrets", problems=problems)
+    if not secure or len(mounts) > MAX_SECRET_MOUNTS:
+        return names
+    queue_envs = {mount.env for mount in queue_mounts if mount.env}
+    queue_files = {mount.file for mount in queue_mounts if mount.file}
+    for index, mount in enumerate(mounts):
+        where = f"secrets[{index}]"
+        if mount.env in queue_envs:
+            problems.add(
+                "SECURE_QUEUE_OVERRIDE",
+                f"{where}.env",
+                f"the queue gives {mount.env} itself; {_SECURE.format(queue=queue)}",
+            )
+        elif mount.env and code_loading_env_name(mount.env) and not reserved_env_name(mount.env):
+            problems.add(
+                "SECURE_QUEUE_OVERRIDE",
+                f"{where}.env",
+                f"{mount.env[:128]} can make the job load other code; {_SECURE.format(queue=queue)}",
+            )
+        if mount.file in queue_files:
+            problems.add(
+                "SECURE_QUEUE_OVERRIDE",
+                f"{where}.file",
+                f"the queue gives the file {mount.file!r} itself; {_SECURE.format(queue=queue)}",
+            )
+    return names
+
+
+_SECURE = "{queue} is a secure queue, where only the queue's own settings may do that"
+
+
+def check_secure_entrypoint(
+    entrypoint: Sequence[str], *, secure: bool, queue: str, problems: Problems
+) -> None:
+    """On a ``secure`` queue an item runs its job version's entrypoint: an override is
+    ``SECURE_QUEUE_OVERRIDE``."""
+    if secure and entrypoint:
+        problems.add(
+            "SECURE_QUEUE_OVERRIDE",
+            "entrypoint",
+            f"an item may not replace its job's entrypoint; {_SECURE.format(queue=queue)}",
+        )
+
+
+def merge_secret_mounts(queue_mounts: Sequence[Mount], item_mounts: Sequence[Mount]) -> list[Mount]:
+    """What an attempt receives (Assignment.secrets): the queue's mounts, less those an item mount
+    replaces (the same ``env``, or the same ``file``), then the item's, in order."""
+    envs = {mount.env for mount in item_mounts if mount.env}
+    files = {mount.file for mount in item_mounts if mount.file}
+    kept = [
+        mount
+        for mount in queue_mounts
+        if not (mount.env and mount.env in envs) and not (mount.file and mount.file in files)
+    ]
+    return [*kept, *item_mounts]
