@@ -2,9 +2,13 @@
 // A Takeoff client in Node.js built from the protos alone (no generated code): it creates an image job
 // and a local-container queue, enqueues the job, watches the item until it ends (cancelling it, so that
 // it ends whether or not an agent runs containers), then sends a bad Enqueue and decodes the error's
-// details. Usage: node client.js [--registry HOST:PORT] [--queue HOST:PORT] [--project ID]
+// details. Usage: node client.js [--registry HOST:PORT] [--queue HOST:PORT] [--project ID] [--key-file F]
+// Every call presents an API key, `authorization: Bearer KEY`: TAKEOFF_API_KEY, else the file --key-file,
+// else the admin key `takeoff up` writes, $TAKEOFF_HOME/keys/admin.key (TAKEOFF_HOME: ~/.takeoff).
 'use strict';
 
+const fs = require('node:fs');
+const os = require('node:os');
 const path = require('node:path');
 const { parseArgs } = require('node:util');
 const grpc = require('@grpc/grpc-js');
@@ -40,10 +44,26 @@ function settings() {
       registry: { type: 'string', default: process.env.TAKEOFF_REGISTRY_ADDRESS ?? '127.0.0.1:50051' },
       queue: { type: 'string', default: process.env.TAKEOFF_QUEUE_ADDRESS ?? '127.0.0.1:50052' },
       project: { type: 'string', default: 'node-example' },
+      'key-file': { type: 'string' },
     },
   });
   return values;
 }
+
+// The key, found as the Python SDK finds it (a key is never printed).
+function apiKey(keyFile) {
+  if (process.env.TAKEOFF_API_KEY) return process.env.TAKEOFF_API_KEY.trim();
+  const home = process.env.TAKEOFF_HOME || path.join(os.homedir(), '.takeoff');
+  const file = keyFile ?? path.join(home, 'keys', 'admin.key');
+  try {
+    return fs.readFileSync(file, 'utf8').trim();
+  } catch {
+    throw new Error(`no API key: set TAKEOFF_API_KEY, pass --key-file, or run \`takeoff up\` (it writes ${file})`);
+  }
+}
+
+// Metadata every call carries: the key as a bearer token.
+let callMetadata = new grpc.Metadata();
 
 // google.protobuf.Struct is a message, not a JSON object, to proto-loader: each value names its kind
 // (nullValue, numberValue, stringValue, boolValue, structValue, listValue).
@@ -92,7 +112,7 @@ function isoTime(timestamp) {
 
 function call(client, method, request) {
   return new Promise((resolve, reject) => {
-    client[method](request, { deadline: Date.now() + 30_000 }, (error, response) =>
+    client[method](request, callMetadata, { deadline: Date.now() + 30_000 }, (error, response) =>
       error ? reject(error) : resolve(response),
     );
   });
@@ -113,7 +133,9 @@ function errorDetails(error) {
 }
 
 async function main() {
-  const { registry, queue: queueAddress, project } = settings();
+  const { registry, queue: queueAddress, project, 'key-file': keyFile } = settings();
+  callMetadata = new grpc.Metadata();
+  callMetadata.set('authorization', `Bearer ${apiKey(keyFile)}`);
   const credentials = grpc.credentials.createInsecure();
   const jobs = new takeoff.v1.JobService(registry, credentials);
   const queues = new takeoff.v1.QueueService(queueAddress, credentials);
@@ -158,7 +180,7 @@ async function main() {
   console.log(`  run config (schema defaults filled in): ${JSON.stringify(fromStruct(item.runConfig))}`);
   console.log(`  epoch ${JSON.stringify(item.epoch)}, enqueued at ${isoTime(item.enqueueTime)}`);
 
-  const watch = queues.WatchItem({ name: item.name }, { deadline: Date.now() + 60_000 });
+  const watch = queues.WatchItem({ name: item.name }, callMetadata, { deadline: Date.now() + 60_000 });
   let ended = item;
   for await (const { item: now, transition } of watch) {
     ended = now;

@@ -15,7 +15,6 @@ command line: an image nobody can pull, and a job over its memory limit (``OOMKi
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import uuid
@@ -28,7 +27,7 @@ import yaml
 
 from takeoff.stack import LocalStack
 from tests.conftest import DockerSetup
-from tests.e2e.test_up import TAKEOFF, stack_record, takeoff
+from tests.e2e.test_up import TAKEOFF, stack_record, takeoff, user_environment
 from tests.processes import wait_for
 
 HOST_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
@@ -63,7 +62,8 @@ def sdk_image(docker_setup: DockerSetup, tmp_path_factory: pytest.TempPathFactor
 @pytest.fixture(scope="module")
 def home(docker_setup: DockerSetup, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A running stack with two local-container queues, made through the CLI, and an agent serving both,
-    started with `takeoff agent` (the stack's own agent is the demo's)."""
+    started with `takeoff agent` (the stack's own agent is the demo's). The CLI and that agent find the
+    stack's admin key in its TAKEOFF_HOME, as a user's would."""
     home = tmp_path_factory.mktemp("home")
     stack = LocalStack(home, base_port=0, base_image=docker_setup.base_image)
     stack.start()
@@ -89,7 +89,7 @@ def home(docker_setup: DockerSetup, tmp_path_factory: pytest.TempPathFactory) ->
         with agent_log.open("w") as log:
             agent = subprocess.Popen(
                 [*TAKEOFF, "agent", "--name", AGENT, "--queue", "containers", "--queue", "small-memory"],
-                env={**os.environ, "TAKEOFF_HOME": str(home)},
+                env=user_environment(home),
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )

@@ -15,6 +15,7 @@ import pytest
 
 from takeoff.v1 import common_pb2, queue_pb2, queue_pb2_grpc
 from tests.conftest import require
+from tests.keys import ADMIN_KEY
 from tests.processes import ServiceProcess, service_process
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "node"
@@ -72,6 +73,7 @@ def test_node_client_enqueues_watches_and_decodes_error_details(
     )
 
     assert result.returncode == 0, result.stdout + result.stderr
+    assert ADMIN_KEY not in result.stdout + result.stderr
     lines = result.stdout.splitlines()
     assert 'job version: projects/polyglot/jobs/hello-node/versions/0 (version "0")' in lines
     # A Struct in and out: the schema's default for epochs was filled in.
@@ -91,7 +93,9 @@ def test_node_client_enqueues_watches_and_decodes_error_details(
 
     with grpc.insecure_channel(queue.address) as channel:
         stored = queue_pb2_grpc.QueueServiceStub(channel).GetItem(
-            queue_pb2.GetItemRequest(name=enqueued[1]), timeout=10
+            queue_pb2.GetItemRequest(name=enqueued[1]),
+            timeout=10,
+            metadata=(("authorization", f"Bearer {ADMIN_KEY}"),),
         )
     assert stored.item.state == common_pb2.ITEM_STATE_CANCELLED
     assert stored.item.priority == common_pb2.PRIORITY_HIGH

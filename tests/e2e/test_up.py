@@ -1,10 +1,13 @@
-"""`takeoff up` end to end: real child processes, real health checks, nothing left behind."""
+"""`takeoff up` end to end: real child processes, real health checks, nothing left behind; the admin and
+service keys it makes in TAKEOFF_HOME/keys, found by the CLI as a user's shell would (no key in the
+environment: the session's admin key and bootstrap file are removed from it)."""
 
 from __future__ import annotations
 
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -16,6 +19,18 @@ from takeoff.stack import agent_defaults
 from tests.processes import pid_alive, wait_for
 
 TAKEOFF = [sys.executable, "-m", "takeoff.cli"]
+KEY_VARIABLES = (
+    "TAKEOFF_API_KEY",
+    "TAKEOFF_TOKEN",
+    "TAKEOFF_BOOTSTRAP_ADMIN_KEY_FILE",
+    "TAKEOFF_API_KEY_FILE",
+)
+
+
+def user_environment(home: Path, **extra: str) -> dict[str, str]:
+    """A user's shell on this machine: TAKEOFF_HOME set, no key anywhere but what ``takeoff up`` writes."""
+    inherited = {name: value for name, value in os.environ.items() if name not in KEY_VARIABLES}
+    return {**inherited, "TAKEOFF_HOME": str(home), "COLUMNS": "200", **extra}
 
 
 def takeoff(
@@ -23,7 +38,7 @@ def takeoff(
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [*TAKEOFF, *args],
-        env={**os.environ, "TAKEOFF_HOME": str(home), "COLUMNS": "200", **(env or {})},
+        env=user_environment(home, **(env or {})),
         capture_output=True,
         check=False,
         text=True,
@@ -45,26 +60,71 @@ def agent_config(takeoff_home: Path) -> Path:
     return config
 
 
-@pytest.fixture
-def stack(takeoff_home: Path, agent_config: Path) -> Iterator[subprocess.Popen[str]]:
+def start_up(home: Path, agent_config: Path) -> subprocess.Popen[str]:
+    """`takeoff up --agent` in a user's environment, once its stack is recorded as started."""
     process = subprocess.Popen(
         [*TAKEOFF, "up", "--base-port", "0", "--agent", str(agent_config)],
-        env={**os.environ, "TAKEOFF_HOME": str(takeoff_home), "COLUMNS": "200"},
+        env=user_environment(home),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
     # Past LocalStack.start's own 60 s, so that a slow start is reported by the stack, not by this wait.
-    wait_for(
-        lambda: stack_record(takeoff_home) or process.poll() is not None,
-        timeout=90,
-        what="the stack to start",
-    )
+    wait_for(lambda: stack_record(home) or process.poll() is not None, timeout=90, what="the stack to start")
     assert process.poll() is None, process.communicate()
+    return process
+
+
+@pytest.fixture
+def stack(takeoff_home: Path, agent_config: Path) -> Iterator[subprocess.Popen[str]]:
+    process = start_up(takeoff_home, agent_config)
     yield process
     if process.poll() is None:
         process.kill()
     process.wait()
+
+
+def key_files(home: Path) -> dict[str, str]:
+    return {path.name: path.read_text().strip() for path in sorted((home / "keys").glob("*.key"))}
+
+
+def test_up_makes_an_admin_key_and_a_key_per_service_and_a_restart_reuses_them(
+    takeoff_home: Path, agent_config: Path
+) -> None:
+    first = start_up(takeoff_home, agent_config)
+    try:
+        keys = key_files(takeoff_home)
+        assert set(keys) == {"admin.key", "queue.key", "builder.key"}
+        assert keys["admin.key"].startswith("tko_admin_")
+        assert stat.S_IMODE((takeoff_home / "keys").stat().st_mode) == 0o700
+        for name in keys:
+            assert stat.S_IMODE((takeoff_home / "keys" / name).stat().st_mode) == 0o600, name
+
+        # The CLI finds the admin key in TAKEOFF_HOME; the agent presents it too, so it connects.
+        listed = takeoff(takeoff_home, "keys", "list", "--json")
+        assert listed.returncode == 0, listed.stderr
+        services = {
+            key["service"]: key["name"] for key in json.loads(listed.stdout) if key["kind"] == "service"
+        }
+        assert set(services) == {"queue", "builder"}
+        agents = wait_for(
+            lambda: json.loads(takeoff(takeoff_home, "agents", "--json").stdout) or None, what="the agent"
+        )
+        assert agents[0]["display_name"] == "test-agent"
+    finally:
+        first.send_signal(signal.SIGTERM)
+        out, err = first.communicate(timeout=60)
+    assert first.returncode == 0, err
+    assert not [name for name, key in keys.items() if key in out + err + listed.stdout]
+
+    second = start_up(takeoff_home, agent_config)
+    try:
+        assert key_files(takeoff_home) == keys
+        again = json.loads(takeoff(takeoff_home, "keys", "list", "--json").stdout)
+        assert {key["service"]: key["name"] for key in again if key["kind"] == "service"} == services
+    finally:
+        second.send_signal(signal.SIGTERM)
+        second.communicate(timeout=60)
 
 
 def child_pids(home: Path) -> dict[str, int]:
@@ -145,6 +205,7 @@ def test_demo_runs_the_example_job_twice_and_stops_the_stack(takeoff_home: Path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.count("FINISHED") == 2
     assert "best_loss" in result.stdout
+    assert key_files(takeoff_home)["admin.key"] not in result.stdout + result.stderr
     assert "stack stopped" in result.stdout
     assert stack_record(takeoff_home) is None
 

@@ -21,6 +21,7 @@ import pytest
 from google.protobuf import descriptor_pool
 
 from takeoff import Client
+from tests.keys import ADMIN_KEY
 from tests.processes import ServiceProcess, service_process
 
 
@@ -68,9 +69,16 @@ def wait_for_a_connection_attempt(port: int, timeout: float = 30) -> None:
 
 
 def job_environment(registry_address: str, project: str, **extra: str) -> dict[str, str]:
-    """The environment of a job process: this one's, minus any Takeoff settings, plus the given ones."""
+    """The environment of a job process: this one's, minus any Takeoff settings, plus the given ones and
+    the session's admin key as the job's TAKEOFF_TOKEN (where a launched job finds its run token)."""
     inherited = {key: value for key, value in os.environ.items() if not key.startswith("TAKEOFF_")}
-    return {**inherited, "TAKEOFF_REGISTRY": registry_address, "TAKEOFF_PROJECT": project, **extra}
+    return {
+        **inherited,
+        "TAKEOFF_REGISTRY": registry_address,
+        "TAKEOFF_PROJECT": project,
+        "TAKEOFF_TOKEN": ADMIN_KEY,
+        **extra,
+    }
 
 
 _started_jobs: list[subprocess.Popen[str]] = []
