@@ -16,11 +16,17 @@ from tests.conftest import require
 from tests.processes import service_process
 
 SERVICES = {
-    "registry": {"takeoff.v1.JobService": "CreateJob", "takeoff.v1.RunService": "AttachRun"},
-    "queue": {"takeoff.v1.QueueService": "Lease"},
-    "builder": {"takeoff.v1.BuildService": "Build"},
-    "agent": {"takeoff.v1.AgentService": "Drain"},
+    "registry": {
+        "takeoff.v1.JobService": "CreateJob",
+        "takeoff.v1.RunService": "AttachRun",
+        "takeoff.v1.KeyService": "VerifyKey",
+        "takeoff.v1.SecretService": "SetSecret",
+    },
+    "queue": {"takeoff.v1.QueueService": "GetQueue"},
+    "builder": {"takeoff.v1.BuildService": "GetBuild"},
+    "agent": {"takeoff.v1.AgentService": "GetStatus"},
 }
+"""Each service process's services, with a unary method of each (called without a key below)."""
 STANDARD = {
     "grpc.health.v1.Health",
     "grpc.reflection.v1.ServerReflection",
@@ -55,6 +61,12 @@ def test_service_lists_describes_and_reports_health(service: str, takeoff_home: 
             for name in ("", *SERVICES[service]):
                 reply = health.Check(health_pb2.HealthCheckRequest(service=name), timeout=5)
                 assert reply.status == health_pb2.HealthCheckResponse.SERVING, name
+            # Health and reflection answered without a key; the services' own methods need one.
+            for name, rpc in SERVICES[service].items():
+                method: grpc.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(f"/{name}/{rpc}")
+                with pytest.raises(grpc.RpcError) as raised:
+                    method(b"", timeout=5)
+                assert raised.value.code() == grpc.StatusCode.UNAUTHENTICATED, name
 
         assert server.terminate() == 0
 
