@@ -18,6 +18,12 @@ class RegistrySettings(ServerSettings, GitAccessSettings):
     """Where artifacts are stored, content-addressed; unset means ``{home}/artifacts``."""
     git_timeout_seconds: float = 60.0
     """How long resolving a git ref may take before the remote counts as unreachable."""
+    bootstrap_admin_key_file: Path | None = None
+    """A file holding the first admin key's secret (at least 32 characters), imported at start unless a
+    key with that secret exists (``TAKEOFF_BOOTSTRAP_ADMIN_KEY_FILE``)."""
+    secrets_key_file: Path | None = None
+    """The Fernet key(s) users' secrets are encrypted with, one per line, the first encrypting; unset
+    means ``{home}/secrets.key``, made on first start (mode 0600)."""
 
     @field_validator("max_artifact_bytes")
     @classmethod
@@ -33,7 +39,7 @@ class RegistrySettings(ServerSettings, GitAccessSettings):
             raise ValueError("must be positive")
         return seconds
 
-    @field_validator("artifact_dir")
+    @field_validator("artifact_dir", "bootstrap_admin_key_file", "secrets_key_file")
     @classmethod
     def _expand_user_in_paths(cls, value: Path | None) -> Path | None:
         return value.expanduser() if value is not None else None
@@ -41,3 +47,7 @@ class RegistrySettings(ServerSettings, GitAccessSettings):
     @property
     def artifacts_path(self) -> Path:
         return self.artifact_dir or self.home / "artifacts"
+
+    @property
+    def secrets_key_path(self) -> Path:
+        return self.secrets_key_file or self.home / "secrets.key"

@@ -3,6 +3,9 @@
 Each PostgreSQL test gets a schema of its own (``search_path`` in the URL), dropped afterwards, so tests
 never see each other's rows and the registry's fixed table names never collide; ``start_registry`` checks
 that the registry's tables really are in that schema on a PostgreSQL server.
+
+The registry imports the session's admin key (``TAKEOFF_BOOTSTRAP_ADMIN_KEY_FILE``, tests/keys.py) and the
+stubs present it; :meth:`Registry.channel` opens one presenting another key.
 """
 
 from __future__ import annotations
@@ -21,11 +24,12 @@ import pytest
 import sqlalchemy as sa
 from google.rpc import error_details_pb2, status_pb2
 
-from takeoff.v1 import jobs_pb2, jobs_pb2_grpc, runs_pb2_grpc
+from takeoff.v1 import jobs_pb2, jobs_pb2_grpc, keys_pb2_grpc, runs_pb2_grpc
 from takeoff_registry.__main__ import wire
 from takeoff_registry.settings import RegistrySettings
 from takeoff_server.database import Database
 from takeoff_server.server import TakeoffServer
+from tests.keys import ADMIN_KEY
 from tests.postgres import assert_on_postgresql, postgres_schema_url
 
 T = TypeVar("T")
@@ -41,15 +45,63 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
         yield url
 
 
+class _Key:
+    """Adds ``authorization: Bearer {key}`` to calls that do not bring their own."""
+
+    def __init__(self, key: str) -> None:
+        self._entry = ("authorization", f"Bearer {key}")
+
+    def _details(self, details: Any) -> Any:
+        given = tuple(details.metadata or ())
+        if any(name == "authorization" for name, _ in given):
+            return details
+        return details._replace(metadata=grpc.aio.Metadata(*given, self._entry))
+
+
+class _UnaryUnaryKey(_Key, grpc.aio.UnaryUnaryClientInterceptor):
+    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(self._details(details), request)
+
+
+class _UnaryStreamKey(_Key, grpc.aio.UnaryStreamClientInterceptor):
+    async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(self._details(details), request)
+
+
+class _StreamUnaryKey(_Key, grpc.aio.StreamUnaryClientInterceptor):
+    async def intercept_stream_unary(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return await continuation(self._details(details), requests)
+
+
+class _StreamStreamKey(_Key, grpc.aio.StreamStreamClientInterceptor):
+    async def intercept_stream_stream(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return await continuation(self._details(details), requests)
+
+
+def keyed_channel(address: str, key: str | None) -> grpc.aio.Channel:
+    """A channel whose every call presents ``key`` (none: no key at all)."""
+    if key is None:
+        return grpc.aio.insecure_channel(address)
+    kinds = (_UnaryUnaryKey, _UnaryStreamKey, _StreamUnaryKey, _StreamStreamKey)
+    return grpc.aio.insecure_channel(address, interceptors=[kind(key) for kind in kinds])
+
+
 @dataclass
 class Registry:
-    """A running registry, its stubs, and where it keeps things, for checking what was stored."""
+    """A running registry, its stubs (presenting the admin key), and where it keeps things, for checking
+    what was stored."""
 
     address: str
     jobs: jobs_pb2_grpc.JobServiceAsyncStub
     runs: runs_pb2_grpc.RunServiceAsyncStub
+    keys: keys_pb2_grpc.KeyServiceAsyncStub
     settings: RegistrySettings
     database: Database
+    server: TakeoffServer
+
+    def channel(self, key: str | None) -> grpc.aio.Channel:
+        """A new channel to this registry presenting ``key``; close it (``async with``)."""
+        return keyed_channel(self.address, key)
 
     @property
     def artifact_dir(self) -> Path:
@@ -68,7 +120,8 @@ class Registry:
 
 async def start_registry(settings: RegistrySettings) -> AsyncIterator[Registry]:
     async with AsyncExitStack() as resources:
-        server = TakeoffServer(await wire(settings, resources), listen=settings.listen)
+        wiring = await wire(settings, resources)
+        server = TakeoffServer(wiring.services, listen=settings.listen, verifier=wiring.verifier)
         [address] = await server.start()
         database = Database("registry", settings.database_url or "")
         resources.push_async_callback(database.close)
@@ -76,13 +129,15 @@ async def start_registry(settings: RegistrySettings) -> AsyncIterator[Registry]:
             # The registry made its tables in the test's schema: it really runs on PostgreSQL.
             assert "registry_jobs" in await assert_on_postgresql(database.engine)
         try:
-            async with grpc.aio.insecure_channel(address) as channel:
+            async with keyed_channel(address, ADMIN_KEY) as channel:
                 yield Registry(
                     address,
                     jobs_pb2_grpc.JobServiceStub(channel),
                     runs_pb2_grpc.RunServiceStub(channel),
+                    keys_pb2_grpc.KeyServiceStub(channel),
                     settings,
                     database,
+                    server,
                 )
         finally:
             await server.stop(0)
