@@ -483,7 +483,7 @@ def check_item_secrets(
                 f"{where}.env",
                 f"the queue gives {mount.env} itself; {_SECURE.format(queue=queue)}",
             )
-        elif mount.env and code_loading_env_name(mount.env) and not reserved_env_name(mount.env):
+        elif mount.env and code_loading_env_name(mount.env) and _env_name_problem(mount.env) is None:
             problems.add(
                 "SECURE_QUEUE_OVERRIDE",
                 f"{where}.env",
