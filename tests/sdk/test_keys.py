@@ -121,11 +121,12 @@ def test_secret_mounts_as_the_command_line_spells_them() -> None:
 
 
 def test_each_key_source_wins_over_the_later_ones_on_the_command_line(
-    registry: ServiceProcess, project: str, tmp_path: Path
+    registry: ServiceProcess, project: str, tmp_path: Path, client: Client
 ) -> None:
     """A valid key in one place and a bogus one in every later place works; a bogus key in one place and
     the valid one later is refused: so each place is read before the later ones."""
     sources = ["--key", "TAKEOFF_API_KEY", "TAKEOFF_TOKEN", "file"]
+    client.create_job("listed")
 
     def run(keys: dict[str, str]) -> subprocess.CompletedProcess[str]:
         home = tmp_path / uuid.uuid4().hex[:8]
@@ -135,7 +136,7 @@ def test_each_key_source_wins_over_the_later_ones_on_the_command_line(
         variables = {name: key for name, key in keys.items() if name.startswith("TAKEOFF_")}
         env = cli_environment(home, registry.address, project, **variables)
         options = ["--key", keys["--key"]] if "--key" in keys else []
-        return takeoff(env, *options, "job", "list")
+        return takeoff(env, *options, "runs", "list")
 
     for index, source in enumerate(sources):
         later = sources[index + 1 :]
@@ -170,8 +171,9 @@ def test_a_client_without_a_key_is_told_how_to_get_one(registry: ServiceProcess,
 
 
 def test_keys_create_prints_the_secret_once_list_never(
-    registry: ServiceProcess, project: str, tmp_path: Path
+    registry: ServiceProcess, project: str, tmp_path: Path, client: Client
 ) -> None:
+    client.create_job(f"job-{project}")
     env = cli_environment(tmp_path, registry.address, project, TAKEOFF_API_KEY=ADMIN_KEY)
     key_id = f"reader-{uuid.uuid4().hex[:8]}"
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
+from rich import box
 from rich.table import Table
 
 from takeoff.cli._output import console, error_console, fail, print_json
@@ -98,17 +99,15 @@ def list_keys(
     if not found:
         console.print("no keys")
         return
-    table = Table(title="keys", title_justify="left")
-    table.add_column("key", overflow="fold")
-    table.add_column("kind")
-    table.add_column("scope", overflow="fold")
-    table.add_column("hint", overflow="fold")
-    table.add_column("created")
+    # Simple rules and one-space gaps keep a key per line in 80 columns; only the scope wraps.
+    table = Table(title="keys", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1))
+    for column in ("key", "kind", "scope", "hint", "created"):
+        table.add_column(column, no_wrap=column != "scope", overflow="fold")
     for key in found:
-        kind = str(key.kind or "?") + (" [red](revoked)[/]" if key.revoked else "")
-        label = f"{key.id}\n{key.display_name}" if key.display_name else key.id
+        kind = str(key.kind or "?") + ("\n[red]revoked[/]" if key.revoked else "")
+        scope = _scope(key) + (f"\n[dim]{key.display_name}[/]" if key.display_name else "")
         created = key.create_time.astimezone().strftime("%Y-%m-%d") if key.create_time else "-"
-        table.add_row(label, kind, _scope(key), key.secret_hint or "-", created)
+        table.add_row(key.id, kind, scope, key.secret_hint or "-", created)
     console.print(table)
 
 
