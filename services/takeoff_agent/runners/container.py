@@ -40,6 +40,15 @@ from takeoff_agent.domain import (
 from takeoff_agent.log_tail import shim_output
 from takeoff_agent.runners.base import Launch, LogSource, RunnerContext, RunnerRefused, RunnerUnavailable
 from takeoff_agent.runners.gpus import GpuPool, GpuRequest, parse_request
+from takeoff_agent.runners.secrets import (
+    CA_FILE_VARIABLE,
+    CONTAINER_CA_FILE,
+    CONTAINER_SECRETS_DIR,
+    LEASE_SECRETS_DIR,
+    SECRETS_DIR_VARIABLE,
+    check_names,
+    write_secret_files,
+)
 from takeoff_agent.shim import shim_alive, write_atomically
 from takeoff_server.docker_registry import RegistryLogin, registry_host
 from takeoff_server.resource_configs import CONTAINER_OPTIONS
@@ -261,13 +270,30 @@ def device_requests(devices: Collection[str]) -> list[DeviceRequest]:
 
 
 def create_options(
-    launch: Launch, settings: Mapping[str, Any], devices: Collection[str], *, agent: str, name: str
+    launch: Launch,
+    settings: Mapping[str, Any],
+    devices: Collection[str],
+    *,
+    agent: str,
+    name: str,
+    secrets_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Keyword arguments of ``containers.create`` for a job: its image, command, environment, labels,
-    the resource config's ``settings``, the GPU ``devices`` it was given."""
+    the resource config's ``settings``, the GPU ``devices`` it was given, and, read-only, the host's
+    ``secrets_dir`` holding its secret files and the launch's CA certificate. Secret values go into the
+    environment only (``docker inspect`` shows them to those who are root on the host anyway), never
+    into a label."""
     assignment = launch.assignment
     environment = {**launch.env, **launch.secrets}
     mounts = list(settings.get("mounts", []))
+    if secrets_dir is not None:
+        source = str(secrets_dir.absolute())
+        mounts.append(Mount(target=CONTAINER_SECRETS_DIR, source=source, type="bind", read_only=True))
+        environment[SECRETS_DIR_VARIABLE] = CONTAINER_SECRETS_DIR
+    if launch.ca_file is not None:
+        source = str(launch.ca_file.absolute())
+        mounts.append(Mount(target=CONTAINER_CA_FILE, source=source, type="bind", read_only=True))
+        environment[CA_FILE_VARIABLE] = CONTAINER_CA_FILE
     if launch.registry_address.startswith("unix:"):
         socket = launch.registry_address.removeprefix("unix:").removeprefix("//")
         mounts.append(Mount(target=CONTAINER_REGISTRY_SOCKET, source=socket, type="bind"))
@@ -420,6 +446,7 @@ class ContainerJob:
         is the job's exit 127). Cancelled before the container exists, it leaves nothing behind; after,
         the job counts as started and ``stop`` ends it."""
         settings = container_settings(self.assignment.resource_config)
+        check_names(launch)
         image = launch.built.image or self.assignment.job_version.image
         if (missing := await self._ensure_image(image)) is not None:
             write_atomically(self._exit_file, _exit_record(JobExit(exit_code=None, failure=missing)))
@@ -427,8 +454,16 @@ class ContainerJob:
         lease = self.assignment.lease_id
         devices = await self.runner.gpus.acquire(lease, settings.gpus, launch.report) if settings.gpus else ()
         try:
+            secrets_dir = self.lease_dir / LEASE_SECRETS_DIR if launch.secret_files else None
+            if secrets_dir is not None:
+                await asyncio.to_thread(write_secret_files, secrets_dir, launch.secret_files)
             options = create_options(
-                launch, settings.create, devices, agent=self.runner.context.agent_id, name=self.name
+                launch,
+                settings.create,
+                devices,
+                agent=self.runner.context.agent_id,
+                name=self.name,
+                secrets_dir=secrets_dir,
             )
             container_id = await self._create(options)
             write_atomically(

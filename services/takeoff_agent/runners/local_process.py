@@ -22,6 +22,13 @@ from pathlib import Path
 from takeoff_agent.domain import Assignment, BuildKind, JobExit, LogStream, ResourceKind, SourceKind
 from takeoff_agent.log_tail import shim_output
 from takeoff_agent.runners.base import Launch, LogSource, RunnerContext, RunnerRefused
+from takeoff_agent.runners.secrets import (
+    CA_FILE_VARIABLE,
+    LEASE_SECRETS_DIR,
+    SECRETS_DIR_VARIABLE,
+    check_names,
+    write_secret_files,
+)
 from takeoff_agent.sdk_site import matches_agent_python, write_sdk_site
 from takeoff_agent.shim import stop_group, write_atomically
 from takeoff_server.resource_configs import PROCESS_OPTIONS
@@ -138,12 +145,20 @@ class LocalProcessJob:
     def log_sources(self) -> list[tuple[LogStream, LogSource]]:
         return self._log_sources
 
+    @property
+    def secrets_dir(self) -> Path:
+        """The job's secret files (mode 0700, each 0600), removed with the lease directory."""
+        return self.lease_dir.absolute() / LEASE_SECRETS_DIR
+
     def environment(self, launch: Launch) -> dict[str, str]:
         """The job's environment (docs/design.md §7): what it may see of the agent's, then the venv's
-        variables (the resource config's ``env`` cannot move the venv off ``PATH``), then the launch's."""
+        variables (the resource config's ``env`` cannot move the venv off ``PATH``), then the launch's,
+        then where its secret files and CA certificate are."""
         venv = Path(launch.built.venv_path)
         sdk = {"PYTHONPATH": str(self.sdk_site)} if matches_agent_python(venv) else {}
         inherited = agent_environment(self.pass_env)
+        files = {SECRETS_DIR_VARIABLE: str(self.secrets_dir)} if launch.secret_files else {}
+        ca = {CA_FILE_VARIABLE: str(launch.ca_file.absolute())} if launch.ca_file is not None else {}
         return {
             **inherited,
             **sdk,
@@ -151,11 +166,16 @@ class LocalProcessJob:
             "PATH": os.pathsep.join(filter(None, [str(venv / "bin"), inherited.get("PATH")])),
             "VIRTUAL_ENV": str(venv),
             **launch.secrets,
+            **files,
+            **ca,
             "TAKEOFF_REGISTRY": launch.registry_address,
         }
 
     async def start(self, launch: Launch) -> None:
+        check_names(launch)
         assignment, built = launch.assignment, launch.built
+        if launch.secret_files:
+            await asyncio.to_thread(write_secret_files, self.secrets_dir, launch.secret_files)
         work_dir = self.lease_dir / "work"
         await asyncio.to_thread(copy_code, Path(built.code_path), work_dir)
         argv = list(assignment.entrypoint)

@@ -42,12 +42,14 @@ from takeoff_agent.runners.kubernetes.manifest import (
     job_manifest,
     job_name,
     label_value,
+    needs_secret,
     owner_reference,
     refusals,
     secret_manifest,
 )
 from takeoff_agent.runners.kubernetes.status import Observed, observe
 from takeoff_agent.runners.kubernetes.watch import Informer
+from takeoff_agent.runners.secrets import check_names
 
 logger = logging.getLogger(__name__)
 
@@ -156,6 +158,16 @@ def _deadline(job: JsonObject) -> float | None:
     """When the Job's activeDeadlineSeconds run out."""
     seconds = (job.get("spec") or {}).get("activeDeadlineSeconds")
     return None if seconds is None else _started(job) + seconds
+
+
+def _read_ca(path: Path) -> bytes:
+    """The CA certificate the job is given; RunnerUnavailable when the agent cannot read it (its own
+    configuration, not the job's)."""
+    try:
+        return path.read_bytes()
+    except OSError as error:
+        why = error.strerror or error
+        raise RunnerUnavailable(f"cannot read the CA certificate {path} for the job: {why}") from None
 
 
 class StatusLines:
@@ -321,8 +333,12 @@ class KubeJob:
         settings = self._runner.settings
         until = self._runner.lease_until or time.time()
         active_seconds = math.ceil(until + self._runner.options.fence_margin_seconds - time.time())
+        check_names(launch)
         manifest = job_manifest(self.assignment, launch, settings, active_deadline_seconds=active_seconds)
-        secret = secret_manifest(self.assignment, launch, settings) if launch.secrets else None
+        secret = None
+        if needs_secret(launch):
+            ca = None if launch.ca_file is None else await asyncio.to_thread(_read_ca, launch.ca_file)
+            secret = secret_manifest(self.assignment, launch, settings, ca)
         # Shielded: a start cancelled meanwhile must not leave a Job made after its stop looked for it.
         self._making = asyncio.ensure_future(asyncio.to_thread(self._make, manifest, secret))
         self._deadline = _deadline(await asyncio.shield(self._making))
@@ -342,6 +358,10 @@ class KubeJob:
     def _put_secret(self, secret: JsonObject) -> None:
         try:
             self._api.create_secret(self._namespace, secret)
+        except pydantic.ValidationError as error:
+            # Its text would quote the values: only where the problems are.
+            where = ", ".join(".".join(str(part) for part in problem["loc"]) for problem in error.errors())
+            raise RunnerRefused(f"the job's Secret is not valid: {where}") from None
         except ApiError as error:
             if error.status != 409:
                 refused = f"the Kubernetes API server refused the job's Secret: {error.message}"
@@ -398,6 +418,12 @@ class KubeJob:
             with contextlib.suppress(Exception):
                 await self._making  # a Job still being made is deleted once it exists
         await asyncio.to_thread(self._api.delete_job, self._namespace, self.name, math.ceil(grace))
+        # The Secret goes with its Job (its owner), but one whose owner was never set (the start failed
+        # between) would stay until the next sweep: delete it too. Gone already is fine.
+        try:
+            await asyncio.to_thread(self._api.delete_secret, self._namespace, self.name)
+        except (ApiError, RunnerUnavailable) as error:
+            logger.warning("could not delete the Secret of Job %s: %s", self.name, error)
 
     async def renew_lease(self, until: float) -> None:
         runner = self._runner

@@ -17,7 +17,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from takeoff_agent.domain import Assignment
-from takeoff_agent.runners.base import Launch, RunnerRefused
+from takeoff_agent.runners.base import Launch
+from takeoff_agent.runners.secrets import (
+    CA_FILE_VARIABLE,
+    CONTAINER_CA_FILE,
+    CONTAINER_SECRETS_DIR,
+    SECRETS_DIR_VARIABLE,
+)
 from takeoff_server.resource_configs import deep_merge, merge_named
 
 JsonObject = dict[str, Any]
@@ -30,7 +36,16 @@ ITEM_LABEL, AGENT_LABEL, EPOCH_LABEL, RUN_LABEL, LEASE_LABEL = (
 )
 _LABEL_VALUE = re.compile(r"(?:[A-Za-z0-9](?:[-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?")
 _DNS_LABEL = re.compile(r"[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?")
-_SECRET_KEY = re.compile(r"[-._a-zA-Z0-9]{1,253}")
+SECRETS_VOLUME = "takeoff-secrets"
+"""The pod volume of the job's secret files (its Secret's ``file.*`` keys)."""
+CA_VOLUME = "takeoff-ca"
+"""The pod volume of the CA certificate (its Secret's CA_KEY)."""
+FILE_KEY_PREFIX = "file."
+"""A secret file's key in the Secret: the prefix and its name. A variable's key is its name, which has no
+``.``: the two never meet."""
+CA_KEY = "takeoff.ca.pem"
+SECRET_FILE_MODE = 0o600
+CA_FILE_MODE = 0o444
 
 # Job spec fields whose meaning the runner cannot honour: it runs one pod, once, and owns the deadline.
 # Each maps to the one value it may be given (None: none), and why.
@@ -114,7 +129,12 @@ def refusals(config: Mapping[str, Any], container_name: str, settings: JobSettin
             for key in meta.get(field) or {}:
                 if key.startswith((LABEL_PREFIX, ANNOTATION_PREFIX)):
                     problems.append(f"{where}.{field}.{key}: the agent sets the takeoff labels")
-    containers = (template.get("spec") or {}).get("containers") or []
+    pod_spec = template.get("spec") or {}
+    reserved = (SECRETS_VOLUME, CA_VOLUME)
+    for volume in pod_spec.get("volumes") or []:
+        if isinstance(volume, dict) and volume.get("name") in reserved:
+            problems.append(f"spec.template.spec.volumes.{volume['name']}: the agent's volume")
+    containers = pod_spec.get("containers") or []
     if container_name and containers and container_name not in [c.get("name") for c in containers]:
         problems.append(
             f"spec.template.spec.containers: no container named {container_name!r}, the queue's container"
@@ -213,15 +233,49 @@ def job_manifest(
         {"name": name, "valueFrom": {"secretKeyRef": {"name": secret, "key": name}}}
         for name in launch.secrets
     ]
+    volumes: list[JsonObject] = []
+    mounts: list[JsonObject] = []
+    if launch.secret_files:
+        environment.append({"name": SECRETS_DIR_VARIABLE, "value": CONTAINER_SECRETS_DIR})
+        items = [{"key": FILE_KEY_PREFIX + name, "path": name} for name in launch.secret_files]
+        volumes.append(
+            {
+                "name": SECRETS_VOLUME,
+                "secret": {"secretName": secret, "items": items, "defaultMode": SECRET_FILE_MODE},
+            }
+        )
+        mounts.append({"name": SECRETS_VOLUME, "mountPath": CONTAINER_SECRETS_DIR, "readOnly": True})
+    if launch.ca_file is not None:
+        environment.append({"name": CA_FILE_VARIABLE, "value": CONTAINER_CA_FILE})
+        items = [{"key": CA_KEY, "path": "ca.pem"}]
+        volumes.append(
+            {"name": CA_VOLUME, "secret": {"secretName": secret, "items": items, "defaultMode": CA_FILE_MODE}}
+        )
+        mounts.append(
+            {"name": CA_VOLUME, "mountPath": CONTAINER_CA_FILE, "subPath": "ca.pem", "readOnly": True}
+        )
     container["env"] = merge_named(container.get("env") or [], list(environment))
+    if mounts:
+        container["volumeMounts"] = merge_named(container.get("volumeMounts") or [], mounts)
+        pod_spec["volumes"] = merge_named(pod_spec.get("volumes") or [], volumes)
     return manifest
 
 
-def secret_manifest(assignment: Assignment, launch: Launch, settings: JobSettings) -> JsonObject:
-    """The Secret holding the job's secret variables (the Job's ``env`` refers to it by key)."""
-    for name in launch.secrets:
-        if not _SECRET_KEY.fullmatch(name):
-            raise RunnerRefused(f"secret variable {name!r}: a Kubernetes Secret key is [-._a-zA-Z0-9]+")
+def needs_secret(launch: Launch) -> bool:
+    """Whether the job gets a Secret: it has secret variables, secret files or a CA certificate."""
+    return bool(launch.secrets or launch.secret_files or launch.ca_file is not None)
+
+
+def secret_manifest(
+    assignment: Assignment, launch: Launch, settings: JobSettings, ca: bytes | None = None
+) -> JsonObject:
+    """The Secret holding the job's secret variables (the Job's ``env`` refers to them by key), its secret
+    files (keys ``file.{name}``, mounted as a volume) and ``ca``, the CA certificate (CA_KEY). Names are
+    checked first (``secrets.check_names``)."""
+    data = {name: value.encode() for name, value in launch.secrets.items()}
+    data |= {FILE_KEY_PREFIX + name: value for name, value in launch.secret_files.items()}
+    if ca is not None:
+        data[CA_KEY] = ca
     return {
         "apiVersion": "v1",
         "kind": "Secret",
@@ -231,7 +285,7 @@ def secret_manifest(assignment: Assignment, launch: Launch, settings: JobSetting
             "namespace": settings.namespace,
             "labels": labels(assignment, settings.agent_id),
         },
-        "data": {name: base64.b64encode(value.encode()).decode() for name, value in launch.secrets.items()},
+        "data": {key: base64.b64encode(value).decode() for key, value in data.items()},
     }
 
 
