@@ -72,7 +72,7 @@ def open_aio_channel(
     """A grpc.aio channel to ``target``, set up as :func:`open_channel` sets up a sync one."""
     merged = _options(target, options)
     extra = _call_metadata(api_key=api_key, metadata=metadata)
-    interceptors = [_AioMetadataInterceptor(extra)] if extra else None
+    interceptors = _aio_interceptors(extra) if extra else None
     if credentials is None:
         return grpc.aio.insecure_channel(target, options=merged, interceptors=interceptors)
     return grpc.aio.secure_channel(target, credentials, options=merged, interceptors=interceptors)
@@ -125,13 +125,9 @@ class _MetadataInterceptor(
         return continuation(self._with_metadata(details), requests)
 
 
-class _AioMetadataInterceptor(
-    grpc.aio.UnaryUnaryClientInterceptor,
-    grpc.aio.UnaryStreamClientInterceptor,
-    grpc.aio.StreamUnaryClientInterceptor,
-    grpc.aio.StreamStreamClientInterceptor,
-):
-    """Adds fixed metadata to every call of a grpc.aio channel."""
+class _AioMetadata:
+    """Adds fixed metadata to every call of a grpc.aio channel. grpc.aio files an interceptor under the
+    first call kind it implements only, hence one class per kind below."""
 
     def __init__(self, metadata: Metadata) -> None:
         self._metadata = tuple(metadata)
@@ -141,21 +137,33 @@ class _AioMetadataInterceptor(
         merged = grpc.aio.Metadata(*given, *_missing(self._metadata, given))
         return details._replace(metadata=merged)  # type: ignore[attr-defined, no-any-return]
 
+
+class _AioUnaryUnary(_AioMetadata, grpc.aio.UnaryUnaryClientInterceptor):
     async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
         return await continuation(self._with_metadata(details), request)
 
+
+class _AioUnaryStream(_AioMetadata, grpc.aio.UnaryStreamClientInterceptor):
     async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
         return await continuation(self._with_metadata(details), request)
 
+
+class _AioStreamUnary(_AioMetadata, grpc.aio.StreamUnaryClientInterceptor):
     async def intercept_stream_unary(
         self, continuation: Any, details: Any, requests: AsyncIterable[Any] | Iterable[Any]
     ) -> Any:
         return await continuation(self._with_metadata(details), requests)
 
+
+class _AioStreamStream(_AioMetadata, grpc.aio.StreamStreamClientInterceptor):
     async def intercept_stream_stream(
         self, continuation: Any, details: Any, requests: AsyncIterable[Any] | Iterable[Any]
     ) -> Any:
         return await continuation(self._with_metadata(details), requests)
+
+
+def _aio_interceptors(metadata: Metadata) -> list[grpc.aio.ClientInterceptor]:
+    return [kind(metadata) for kind in (_AioUnaryUnary, _AioUnaryStream, _AioStreamUnary, _AioStreamStream)]
 
 
 def tls_credentials(
