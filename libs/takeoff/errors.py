@@ -66,7 +66,7 @@ class TakeoffError(Exception):
             # Imported here: the hint reads TAKEOFF_HOME, which plain error handling never needs.
             from takeoff._auth import missing_key_hint
 
-            message = f"{message.rstrip('.')}. {missing_key_hint()}"
+            message = f"no API key was found: {missing_key_hint()}"
         return cls(
             status.code, status.reason, message, metadata=status.metadata, violations=status.violations
         )

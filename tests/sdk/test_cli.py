@@ -7,11 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import grpc
 import pytest
 
 from takeoff import Client
 from takeoff.v1 import runs_pb2, runs_pb2_grpc
+from takeoff_rpc.channels import open_channel
+from tests.keys import ADMIN_KEY
 from tests.processes import ServiceProcess
 from tests.sdk.conftest import job_environment, run_job
 from tests.sdk.test_pack import write
@@ -94,7 +95,7 @@ def test_runs_list_show_and_logs(registry: ServiceProcess, project: str, tmp_pat
     job = run_job(tmp_path, code, job_environment(registry.address, project))
     assert job.returncode == 0, job.stderr
     run_id = job.stdout.strip()
-    with grpc.insecure_channel(registry.address) as channel:
+    with open_channel(registry.address, api_key=ADMIN_KEY) as channel:
         lines = [
             runs_pb2.LogLine(text="epoch 1 [=====]"),
             runs_pb2.LogLine(text="pip install numpy", stream=runs_pb2.LOG_STREAM_BUILD),

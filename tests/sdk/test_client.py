@@ -25,6 +25,8 @@ from takeoff import (
 )
 from takeoff.client import UPLOAD_CHUNK_BYTES
 from takeoff.v1 import common_pb2, jobs_pb2, jobs_pb2_grpc, runs_pb2, runs_pb2_grpc
+from takeoff_rpc.channels import open_channel
+from tests.keys import ADMIN_KEY
 from tests.processes import ServiceProcess
 from tests.sdk.test_pack import write
 
@@ -32,7 +34,7 @@ from tests.sdk.test_pack import write
 @pytest.fixture
 def runs_stub(registry: ServiceProcess) -> Iterator[runs_pb2_grpc.RunServiceStub]:
     """What an agent would use: the raw RunService, to create runs and append logs."""
-    with grpc.insecure_channel(registry.address) as channel:
+    with open_channel(registry.address, api_key=ADMIN_KEY) as channel:
         yield runs_pb2_grpc.RunServiceStub(channel)
 
 
@@ -95,7 +97,7 @@ def test_code_larger_than_one_chunk_uploads_intact(client: Client, project: str,
     assert artifact.uploaded
     assert artifact.size_bytes > 2 * UPLOAD_CHUNK_BYTES
 
-    with grpc.insecure_channel(client.registry) as channel:
+    with open_channel(client.registry, api_key=ADMIN_KEY) as channel:
         download = jobs_pb2_grpc.JobServiceStub(channel).DownloadArtifact(
             jobs_pb2.DownloadArtifactRequest(name=artifact.name), timeout=30
         )

@@ -7,11 +7,12 @@ import shutil
 import signal
 from pathlib import Path
 
-import grpc
 import pytest
 
 from takeoff import Client, RunState
 from takeoff.v1 import common_pb2, runs_pb2, runs_pb2_grpc
+from takeoff_rpc.channels import open_channel
+from tests.keys import ADMIN_KEY
 from tests.processes import ServiceProcess, service_process, wait_for
 from tests.sdk.conftest import (
     ReplyLosingProxy,
@@ -95,7 +96,7 @@ def test_explicit_steps_are_kept_and_later_rows_continue_from_them(
 def test_a_launched_job_attaches_to_its_run_and_the_launch_config_wins(
     registry: ServiceProcess, client: Client, project: str, tmp_path: Path
 ) -> None:
-    with grpc.insecure_channel(registry.address) as channel:
+    with open_channel(registry.address, api_key=ADMIN_KEY) as channel:
         created = runs_pb2_grpc.RunServiceStub(channel).CreateRun(
             runs_pb2.CreateRunRequest(parent=f"projects/{project}", run_id="attempt-1"), timeout=10
         )
@@ -134,7 +135,7 @@ def test_a_launched_job_attaches_to_its_run_and_the_launch_config_wins(
 def test_attaching_to_a_run_that_was_already_attached_fails_clearly(
     registry: ServiceProcess, client: Client, project: str, tmp_path: Path
 ) -> None:
-    with grpc.insecure_channel(registry.address) as channel:
+    with open_channel(registry.address, api_key=ADMIN_KEY) as channel:
         stub = runs_pb2_grpc.RunServiceStub(channel)
         stub.CreateRun(runs_pb2.CreateRunRequest(parent=f"projects/{project}", run_id="taken"), timeout=10)
         stub.AttachRun(runs_pb2.AttachRunRequest(name=f"projects/{project}/runs/taken"), timeout=10)
@@ -147,7 +148,7 @@ def test_attaching_to_a_run_that_was_already_attached_fails_clearly(
 def test_an_attach_whose_reply_was_lost_is_sent_again_and_carries_on_with_the_run(
     client: Client, lossy_registry: ReplyLosingProxy, project: str, tmp_path: Path
 ) -> None:
-    with grpc.insecure_channel(client.registry) as channel:
+    with open_channel(client.registry, api_key=ADMIN_KEY) as channel:
         runs_pb2_grpc.RunServiceStub(channel).CreateRun(
             runs_pb2.CreateRunRequest(parent=f"projects/{project}", run_id="lost-reply"), timeout=10
         )
