@@ -390,6 +390,18 @@ async def test_stop_deletes_the_job_with_foreground_propagation(cluster: Cluster
     assert server.names("pods") == []
 
 
+async def test_stop_deletes_a_secret_its_job_never_came_to_own(cluster: Cluster) -> None:
+    """A start that failed between the Job's create and the Secret's owner leaves a Secret no garbage
+    collector removes: the stop removes it, not only the next sweep."""
+    server, runner = cluster.server, cluster.runner()
+    job = await cluster.started(runner, secrets={"TAKEOFF_TOKEN": "t"})
+    server.patch("secrets", "default", job.name, {"metadata": {"ownerReferences": None}})
+    await job.stop(1)
+    assert server.get("jobs", job.name) is None
+    assert server.get("secrets", job.name) is None
+    assert [call.path.rsplit("/", 1)[-1] for call in server.calls("DELETE", "/secrets/")] == [job.name]
+
+
 async def test_a_start_cancelled_while_its_job_is_made_leaves_no_job(cluster: Cluster) -> None:
     server, runner = cluster.server, cluster.runner()
     work = assignment()
