@@ -1,21 +1,24 @@
 """``python -m takeoff_queue``: serve QueueService."""
 
-from collections.abc import Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from takeoff.v1 import queue_pb2, queue_pb2_grpc
+from takeoff_queue.access import RULES
 from takeoff_queue.api import QueueApi
 from takeoff_queue.book import QueueBook
 from takeoff_queue.dispatcher import Dispatcher, LeaseTiming
 from takeoff_queue.registry_client import Registry
 from takeoff_queue.settings import QueueSettings
 from takeoff_queue.store import QueueStore
+from takeoff_server.access import KeyVerifier
 from takeoff_server.database import open_service_database
 from takeoff_server.main import ServiceProgram
-from takeoff_server.server import ServiceBinding
+from takeoff_server.peers import registry_verifier
+from takeoff_server.rate_limits import Rate
+from takeoff_server.server import ServiceBinding, Wiring
 
 
 def utc_now() -> datetime:
@@ -30,6 +33,8 @@ class QueueService:
     dispatcher: Dispatcher
     book: QueueBook
     binding: ServiceBinding
+    verifier: KeyVerifier
+    """How the queue's server verifies the keys presented to it: the registry's VerifyKey, cached."""
 
 
 async def assemble(settings: QueueSettings, resources: AsyncExitStack) -> QueueService:
@@ -41,23 +46,26 @@ async def assemble(settings: QueueSettings, resources: AsyncExitStack) -> QueueS
         ttl=timedelta(seconds=settings.lease_ttl_seconds),
         heartbeat_interval=timedelta(seconds=settings.heartbeat_interval_seconds),
     )
-    registry = Registry(settings.registry_address)
+    registry = Registry(settings.registry_address, settings)
     resources.push_async_callback(registry.close)
-    dispatcher = Dispatcher(store, utc_now, timing, registry)
+    dispatcher = Dispatcher(store, utc_now, timing, registry, tokens=registry)
     resources.push_async_callback(dispatcher.stop)
     book = QueueBook(store, dispatcher, registry, utc_now, images_pushed=bool(settings.builder_push_registry))
     await book.start()
     binding = ServiceBinding.of(
         queue_pb2.DESCRIPTOR.services_by_name["QueueService"],
         queue_pb2_grpc.add_QueueServiceServicer_to_server,
-        QueueApi(book, dispatcher),
+        QueueApi(book, dispatcher, Rate(settings.enqueues_per_second, settings.enqueue_burst)),
+        access=RULES,
         on_shutdown=dispatcher.stop,
     )
-    return QueueService(store, dispatcher, book, binding)
+    verifier = registry_verifier(settings, settings.registry_address, resources)
+    return QueueService(store, dispatcher, book, binding, verifier)
 
 
-async def wire(settings: QueueSettings, resources: AsyncExitStack) -> Sequence[ServiceBinding]:
-    return [(await assemble(settings, resources)).binding]
+async def wire(settings: QueueSettings, resources: AsyncExitStack) -> Wiring:
+    service = await assemble(settings, resources)
+    return Wiring(services=[service.binding], verifier=service.verifier)
 
 
 program = ServiceProgram("queue", QueueSettings, wire)

@@ -7,7 +7,7 @@ handler writes whatever the dispatcher puts in the session's outbox (Welcome, As
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from datetime import datetime
 from typing import Any
 
@@ -44,18 +44,23 @@ from takeoff_queue.model import (
     RejectReason,
     Release,
     Revoke,
+    SecretMount,
     SessionClosed,
     SetCapacity,
     Welcome,
 )
 from takeoff_queue.resource_config import ResourceKind
+from takeoff_server.access import KeyKind, caller_var, current_actor
 from takeoff_server.errors import Aborted, FieldViolation, InvalidArgument, NotFound, Unavailable
 from takeoff_server.names import ResourcePattern
 from takeoff_server.pagination import page_request, page_response
 from takeoff_server.protovalues import dict_to_struct, optional_duration, optional_timestamp, struct_to_dict
+from takeoff_server.rate_limits import Rate, RateLimiter
 from takeoff_server.validation import Problems, duration_value, enum_member, field_error
 
 Context = grpc.aio.ServicerContext[Any, Any]
+
+DEFAULT_ENQUEUE_RATE = Rate(per_second=50, burst=200)
 
 _RESOURCE_KIND_PROTOS: dict[ResourceKind, common_pb2.ResourceKind.ValueType] = {
     kind: common_pb2.ResourceKind.Value(f"RESOURCE_KIND_{kind.name}") for kind in ResourceKind
@@ -107,7 +112,19 @@ def _queue_from_proto(message: queue_pb2.Queue) -> Queue:
         concurrency_limit=message.concurrency_limit,
         paused=message.paused,
         container_name=message.container_name,
+        secure=message.secure,
+        allow_host_paths=message.allow_host_paths,
+        secrets=_mounts_from_proto(message.secrets),
     )
+
+
+def _mounts_from_proto(mounts: Iterable[queue_pb2.SecretMount]) -> tuple[SecretMount, ...]:
+    """As given: the queue book checks them and resolves short ids in the queue's project."""
+    return tuple(SecretMount(mount.secret, mount.env, mount.file) for mount in mounts)
+
+
+def _mounts_to_proto(mounts: Iterable[SecretMount]) -> list[queue_pb2.SecretMount]:
+    return [queue_pb2.SecretMount(secret=mount.secret, env=mount.env, file=mount.file) for mount in mounts]
 
 
 def _queue_to_proto(
@@ -134,6 +151,9 @@ def _queue_to_proto(
         concurrency_limit=queue.concurrency_limit,
         paused=queue.paused,
         container_name=queue.container_name,
+        secure=queue.secure,
+        allow_host_paths=queue.allow_host_paths,
+        secrets=_mounts_to_proto(queue.secrets),
         create_time=optional_timestamp(queue.create_time),
         update_time=optional_timestamp(queue.update_time),
         item_counts=queue_pb2.ItemCounts(**{state.value.lower(): count for state, count in counts.items()}),
@@ -152,6 +172,7 @@ def _transition_to_proto(transition: Transition) -> queue_pb2.ItemTransition:
         attempt=transition.attempt,
         epoch=transition.epoch,
         run=transition.run,
+        actor=transition.actor,
     )
 
 
@@ -190,6 +211,8 @@ def _item_to_proto(item: Item, lease_expire_time: datetime | None = None) -> que
         transitions=[_transition_to_proto(t) for t in life.history],
         traceparent=item.traceparent,
         relaunched_from=item.relaunched_from,
+        secrets=_mounts_to_proto(item.secrets),
+        creator=item.creator,
     )
 
 
@@ -433,6 +456,8 @@ def _response_to_proto(message: Any) -> queue_pb2.LeaseResponse:
                     queue=queue.name,
                     resource=_RESOURCE_KIND_PROTOS[queue.resource],
                     container_name=queue.container_name,
+                    run_token=message.run_token,
+                    secrets=_mounts_to_proto(message.secrets),
                 )
             )
         case Ack():
@@ -475,9 +500,13 @@ class _StreamEnded:
 
 
 class QueueApi(queue_pb2_grpc.QueueServiceServicer):
-    def __init__(self, book: QueueBook, dispatcher: Dispatcher) -> None:
+    def __init__(
+        self, book: QueueBook, dispatcher: Dispatcher, enqueues: Rate = DEFAULT_ENQUEUE_RATE
+    ) -> None:
         self._book = book
         self._dispatcher = dispatcher
+        self._enqueues = RateLimiter(enqueues, "enqueues")
+        """Per calling key, per process (docs/design.md §13)."""
 
     def _item_proto(self, item: Item) -> queue_pb2.Item:
         holder = self._dispatcher.agents.get(item.life.agent.removeprefix("agents/"))
@@ -568,6 +597,8 @@ class QueueApi(queue_pb2_grpc.QueueServiceServicer):
         return queue_pb2.DeleteQueueResponse()
 
     async def Enqueue(self, request: queue_pb2.EnqueueRequest, context: Context) -> queue_pb2.EnqueueResponse:
+        caller = caller_var.get()
+        self._enqueues.take(caller.name if caller is not None else "")  # before anything is read or stored
         priority = enum_member(Priority, request.priority, field="priority", proto=common_pb2.Priority)
         item = await self._book.enqueue(
             EnqueueRequest(
@@ -585,6 +616,8 @@ class QueueApi(queue_pb2_grpc.QueueServiceServicer):
                 run_display_name=request.run_display_name,
                 request_id=request.request_id,
                 traceparent=_traceparent(),
+                secrets=_mounts_from_proto(request.secrets),
+                creator=current_actor(),
             )
         )
         return queue_pb2.EnqueueResponse(item=self._item_proto(item))
@@ -633,13 +666,15 @@ class QueueApi(queue_pb2_grpc.QueueServiceServicer):
             request.message, field="message", max_chars=checks.MAX_CANCEL_MESSAGE_CHARS, problems=problems
         )
         problems.raise_if_any()
-        item = await self._book.cancel_item(request.name, request.message or "cancelled by user")
+        item = await self._book.cancel_item(
+            request.name, request.message or "cancelled by user", actor=current_actor()
+        )
         return queue_pb2.CancelItemResponse(item=self._item_proto(item))
 
     async def RelaunchItem(
         self, request: queue_pb2.RelaunchItemRequest, context: Context
     ) -> queue_pb2.RelaunchItemResponse:
-        item = await self._book.relaunch_item(request.name, request.request_id)
+        item = await self._book.relaunch_item(request.name, request.request_id, actor=current_actor())
         return queue_pb2.RelaunchItemResponse(item=self._item_proto(item))
 
     async def WatchItem(
@@ -710,7 +745,12 @@ class QueueApi(queue_pb2_grpc.QueueServiceServicer):
                 "the first message of a Lease stream must be a Hello",
                 violations=[FieldViolation("hello", "required as the first message")],
             )
-        session = await self._dispatcher.connect(_hello_from_proto(first.hello))
+        caller = caller_var.get()
+        session = await self._dispatcher.connect(
+            _hello_from_proto(first.hello),
+            key=caller.name if caller is not None else "",
+            any_agent=caller is None or caller.kind is KeyKind.ADMIN,
+        )
         reader = asyncio.create_task(self._read(session, requests))
         reader.add_done_callback(lambda _: session.outbox.put_nowait(_StreamEnded()))
         try:
@@ -757,6 +797,9 @@ _UPDATABLE_QUEUE_FIELDS = frozenset(
         "concurrency_limit",
         "paused",
         "container_name",
+        "secure",
+        "allow_host_paths",
+        "secrets",
     }
 )
 

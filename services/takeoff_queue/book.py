@@ -19,7 +19,17 @@ import jsonschema
 from takeoff_queue import checks, lifecycle, resource_config
 from takeoff_queue.dispatcher import Dispatcher
 from takeoff_queue.lifecycle import ItemState
-from takeoff_queue.model import ITEM, PROJECT, QUEUE, Item, Priority, Queue, ResolvedJob, SourceKind
+from takeoff_queue.model import (
+    ITEM,
+    PROJECT,
+    QUEUE,
+    Item,
+    Priority,
+    Queue,
+    ResolvedJob,
+    SecretMount,
+    SourceKind,
+)
 from takeoff_queue.resource_config import ResourceKind
 from takeoff_queue.store import QueueStore, QueueWrite, queue_values
 from takeoff_server.errors import AlreadyExists, FailedPrecondition, FieldViolation, InvalidArgument, NotFound
@@ -51,6 +61,10 @@ class EnqueueRequest:
     run_display_name: str = ""
     request_id: str = ""
     traceparent: str = ""
+    secrets: tuple[SecretMount, ...] = ()
+    """As given: short ids are resolved in the queue's project."""
+    creator: str = ""
+    """The caller (``takeoff_server.access.current_actor``), recorded as the item's creator."""
 
     def fingerprint(self) -> str:
         return request_fingerprint(
@@ -65,6 +79,7 @@ class EnqueueRequest:
                 "max_attempts": self.max_attempts,
                 "max_run_seconds": self.max_run_time.total_seconds() if self.max_run_time else None,
                 "run_display_name": self.run_display_name,
+                "secrets": [mount.as_json() for mount in self.secrets],
             }
         )
 
@@ -131,8 +146,7 @@ class QueueBook:
         QUEUE.parse(name, field="queue_id")
         check_request_id(request_id)
         now = self._clock()
-        queue = replace(queue, name=name, create_time=now, update_time=now)
-        _check_queue(queue)
+        queue = _checked_queue(replace(queue, name=name, create_time=now, update_time=now))
         fingerprint = request_fingerprint(
             {key: value for key, value in queue_values(queue).items() if not key.endswith("_time")}
         )
@@ -162,7 +176,7 @@ class QueueBook:
 
     async def update_queue(self, name: str, changes: dict[str, Any]) -> Queue:
         queue = replace(self.queue(name, field_name="queue.name"), **changes, update_time=self._clock())
-        _check_queue(queue)
+        queue = _checked_queue(queue)
 
         async def write(tx: QueueWrite) -> None:
             await tx.update_queue(queue)
@@ -248,7 +262,10 @@ class QueueBook:
             return None
 
         async def commit() -> Item:
+            nonlocal leased
             try:
+                # The attempt's run token first: without one in time, the item is inserted PENDING.
+                leased = await self._dispatcher.issue_token(item, leased)
                 replayed = await self._store.write(write)
             except BaseException:
                 self._dispatcher.not_admitted(item)
@@ -293,22 +310,20 @@ class QueueBook:
             ),
         ]
         if all(usable):
-            merged, variables, config_issues = resource_config.effective_config(
+            # Refuses, each by name, what a secure queue does not let an item override, and host paths
+            # unless the queue allows them.
+            merged, variables = resource_config.item_resource_config(
                 queue.resource,
-                queue.resource_config,
-                request.resource_config,
-                queue.variable_schemas,
-                request.template_variables,
+                queue_config=queue.resource_config,
+                variable_schemas=queue.variable_schemas,
+                override=request.resource_config,
+                template_variables=request.template_variables,
+                secure=queue.secure,
+                allow_host_paths=queue.allow_host_paths,
+                queue=queue.name,
                 max_json_bytes=checks.MAX_RESOURCE_CONFIG_JSON_BYTES,
+                problems=problems,
             )
-            for problem in config_issues:
-                by_variable = problem.field.startswith("template_variables")
-                reason = "TEMPLATE_VARIABLE_INVALID" if by_variable else "RESOURCE_CONFIG_INVALID"
-                problems.add(reason, problem.field, problem.description)
-            if not config_issues:  # filled with the variables, it must still fit an Assignment
-                checks.check_config(
-                    merged, field="resource_config", problems=problems, reason="RESOURCE_CONFIG_INVALID"
-                )
         if not 0 <= request.max_attempts <= MAX_ATTEMPTS_LIMIT:
             problems.add(
                 "ARGUMENT_INVALID", "max_attempts", f"must be 1..{MAX_ATTEMPTS_LIMIT} (0: the default)"
@@ -317,6 +332,17 @@ class QueueBook:
             request.max_run_time, field="max_run_time", at_most=checks.MAX_RUN_TIME, problems=problems
         )
         checks.check_entrypoint(request.entrypoint, problems)
+        checks.check_secure_entrypoint(
+            request.entrypoint, secure=queue.secure, queue=queue.name, problems=problems
+        )
+        secret_names = checks.check_item_secrets(
+            request.secrets,
+            project=queue.project,
+            queue_mounts=queue.secrets,
+            secure=queue.secure,
+            queue=queue.name,
+            problems=problems,
+        )
         checks.check_text(
             request.run_display_name,
             field="run_display_name",
@@ -356,10 +382,17 @@ class QueueBook:
             template_variables=variables,
             resource_config=merged,
             priority=request.priority,
-            life=lifecycle.enqueued(item_id, request.max_attempts or queue.max_attempts, now),
+            life=lifecycle.enqueued(
+                item_id, request.max_attempts or queue.max_attempts, now, actor=request.creator
+            ),
             max_run_time=request.max_run_time or queue.max_run_time,
             run_display_name=request.run_display_name,
             traceparent=request.traceparent,
+            secrets=tuple(
+                SecretMount(name, mount.env, mount.file)
+                for name, mount in zip(secret_names, request.secrets, strict=True)
+            ),
+            creator=request.creator,
             update_time=now,
         )
 
@@ -387,18 +420,20 @@ class QueueBook:
         found = found[: page.size]
         return found, (found[-1].seq if more else None)
 
-    async def cancel_item(self, name: str, message: str = "cancelled by user") -> Item:
+    async def cancel_item(self, name: str, message: str = "cancelled by user", *, actor: str = "") -> Item:
+        """Cancel the item; the CANCELLED transition it causes names ``actor``."""
         item_id = ITEM.parse(name, field="name")["item"]
         live = self._dispatcher.items.get(item_id)
         if live is None or live.name != name:
             ended = await self.get_item(name)
             lifecycle.request_cancel(ended.life, self._clock(), message)  # raises ITEM_ENDED unless CANCELLED
             return ended
-        await self._dispatcher.cancel(live, message)
+        await self._dispatcher.cancel(live, message, actor=actor)
         return await self.get_item(name)
 
-    async def relaunch_item(self, name: str, request_id: str = "") -> Item:
-        """A new item from an ended one: same queue, pinned version and inputs."""
+    async def relaunch_item(self, name: str, request_id: str = "", *, actor: str = "") -> Item:
+        """A new item from an ended one: same queue, pinned version, inputs and secrets; ``actor`` is its
+        creator."""
         check_request_id(request_id)
         old = await self.get_item(name)
         if not old.state.is_terminal:
@@ -418,8 +453,9 @@ class QueueBook:
         item = replace(
             old,
             id=item_id,
-            life=lifecycle.enqueued(item_id, old.life.max_attempts, now),
+            life=lifecycle.enqueued(item_id, old.life.max_attempts, now, actor=actor),
             relaunched_from=name,
+            creator=actor,
             seq=0,
             update_time=now,
             committed=None,
@@ -447,8 +483,12 @@ def _new_item_id() -> str:
     return uuid.uuid4().hex[:20]
 
 
-def _check_queue(queue: Queue) -> None:
+def _checked_queue(queue: Queue) -> Queue:
+    """The queue, valid, with its secret mounts named in full; or INVALID_ARGUMENT naming each problem."""
     problems = Problems()
+    secret_names = checks.check_secret_mounts(
+        queue.secrets, project=queue.project, field="queue.secrets", problems=problems
+    )
     checks.check_text(
         queue.description,
         field="queue.description",
@@ -464,7 +504,11 @@ def _check_queue(queue: Queue) -> None:
         )
     if config_sized:
         for problem in resource_config.check_for_resource(
-            queue.resource, queue.resource_config, "queue.resource_config", unfilled=True
+            queue.resource,
+            queue.resource_config,
+            "queue.resource_config",
+            unfilled=True,
+            allow_host_paths=queue.allow_host_paths,
         ):
             problems.add("RESOURCE_CONFIG_INVALID", problem.field, problem.description)
     checks.check_container_name(queue.container_name, problems)
@@ -486,3 +530,5 @@ def _check_queue(queue: Queue) -> None:
         queue.max_run_time, field="queue.max_run_time", at_most=checks.MAX_RUN_TIME, problems=problems
     )
     problems.raise_if_any()
+    mounts = (SecretMount(name, m.env, m.file) for name, m in zip(secret_names, queue.secrets, strict=True))
+    return replace(queue, secrets=tuple(mounts))

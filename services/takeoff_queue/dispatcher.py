@@ -46,15 +46,26 @@ from takeoff_queue.model import (
     SessionClosed,
     SetCapacity,
     Welcome,
+    merged_mounts,
 )
-from takeoff_queue.run_closes import RunClose, RunCloser, RunEnd, RunRegistry
+from takeoff_queue.run_closes import (
+    RunClose,
+    RunCloser,
+    RunEnd,
+    RunRegistry,
+    RunTokens,
+    TokenCallFailed,
+    TokenRevoker,
+)
 from takeoff_queue.store import QueueStore, QueueWrite
-from takeoff_server.errors import FailedPrecondition, NotFound
+from takeoff_server.errors import FailedPrecondition, NotFound, PermissionDenied
 
 logger = logging.getLogger(__name__)
 
 Clock = Callable[[], datetime]
 _ENDED_LEASES_REMEMBERED = 10_000
+MINT_TIMEOUT_SECONDS = 5.0
+"""How long an item's run token may take: past it, the item waits PENDING and is tried again later."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,8 +137,24 @@ class _Deadlines:
 
 
 class Dispatcher:
-    def __init__(self, store: QueueStore, clock: Clock, timing: LeaseTiming, runs: RunRegistry) -> None:
+    def __init__(
+        self,
+        store: QueueStore,
+        clock: Clock,
+        timing: LeaseTiming,
+        runs: RunRegistry,
+        tokens: RunTokens | None = None,
+    ) -> None:
         self._store = store
+        self._tokens = tokens
+        """Mints each attempt's run token before the item is leased; None: no tokens (tests of dispatch
+        alone)."""
+        self._run_tokens: dict[str, tuple[str, str]] = {}
+        """item id -> (run, token secret) minted for its next (or current) attempt; in memory only."""
+        self._minting: dict[str, str] = {}
+        """PENDING items whose token is being minted: out of the queue's index meanwhile."""
+        self._mint_failures: dict[str, int] = defaultdict(int)
+        """item id -> mints in a row that failed: it waits longer before the next try."""
         self._clock = clock
         self.timing = timing
         self.queues: dict[str, Queue] = {}
@@ -157,7 +184,9 @@ class Dispatcher:
         """item id -> the run close that its attempt, ended by the queue, waits for (docs/design.md §16):
         held by no agent and out of dispatch until the registry answers"""
         self.run_closer = RunCloser(store, runs, self._run_closed, clock)
+        self.token_revoker = TokenRevoker(store, tokens, clock) if tokens is not None else None
         self._draining: asyncio.Task[None] | None = None
+        self._revoking: asyncio.Task[None] | None = None
 
     # ----- start and stop ---------------------------------------------------------------------
 
@@ -180,11 +209,14 @@ class Dispatcher:
             agent.lease_expiry = grace_until
             self._deadlines.at(grace_until, "expiry", agent.agent_id)
         self._draining = asyncio.create_task(self.run_closer.drain_forever())
+        if self.token_revoker is not None:
+            self._revoking = asyncio.create_task(self.token_revoker.drain_forever())
 
     async def stop(self) -> None:
-        if self._draining is not None:
-            self._draining.cancel()
-            await asyncio.gather(self._draining, return_exceptions=True)
+        for drainer in (self._draining, self._revoking):
+            if drainer is not None:
+                drainer.cancel()
+                await asyncio.gather(drainer, return_exceptions=True)
         self._deadlines.stop()
         for session in list(self._sessions.values()):
             session.close(superseded=False)
@@ -225,7 +257,9 @@ class Dispatcher:
                 self._release_hold(item, item.life, ended_by_agent=False)
             self._closing.pop(item.id, None)
             del self.items[item.id]
+            self._forget_token(item)
         self.run_closer.wake()
+        self.wake_revoker()
         return dropped
 
     def admit(self, item: Item) -> Assignment | None:
@@ -264,8 +298,12 @@ class Dispatcher:
 
     def not_admitted(self, item: Item) -> None:
         """The new item's first commit failed, or another try of its request made the item: it never
-        existed here, and what :meth:`admit` held for it is free again."""
+        existed here, and what :meth:`admit` held for it is free again (and a token minted for it is
+        revoked)."""
         self._settle_admission(item)
+        minted = self._run_tokens.pop(item.id, None)
+        if minted is not None:
+            self._spawn(self._revoke_unused(minted[0]))
 
     def _taker_of_new(self, item: Item) -> Agent | None:
         """The agent a dispatch pass would hand the new item to now: its queue may assign and has nothing
@@ -274,6 +312,8 @@ class Dispatcher:
         queue = self.queues.get(item.queue)
         if queue is None or self._arriving[queue.name] or not self._may_assign_from(queue):
             return None
+        if queue.name in self._minting.values():
+            return None  # an older item of the queue waits for its token: it goes first
         now = self._clock()
         for agent in self.agents.values():
             if (
@@ -294,9 +334,9 @@ class Dispatcher:
         else:
             self._arriving[item.queue] -= 1
 
-    async def cancel(self, item: Item, message: str) -> Item:
+    async def cancel(self, item: Item, message: str, *, actor: str = "") -> Item:
         live = item.state.is_live and not self._waits_for_close(item)
-        self._move(item, lifecycle.request_cancel(item.life, self._clock(), message))
+        self._move(item, lifecycle.request_cancel(item.life, self._clock(), message, actor))
         notices = [(item, Cancel(item.lease_id, item.name, message))] if live else []
         await self._persist([item], then_send=notices)
         return item
@@ -316,8 +356,17 @@ class Dispatcher:
 
     # ----- sessions ------------------------------------------------------------------------------
 
-    async def connect(self, hello: Hello) -> Session:
-        """Open a session for ``hello``'s agent, superseding an older one. Raises for unusable queues."""
+    async def connect(self, hello: Hello, *, key: str = "", any_agent: bool = True) -> Session:
+        """Open a session for ``hello``'s agent, superseding an older one. Raises for unusable queues, and
+        PERMISSION_DENIED when the agent holds leases taken under another key (``key``, the caller's)
+        unless ``any_agent`` (an admin key): a key cannot pass for another agent to end its work."""
+        known = self.agents.get(hello.agent_id)
+        if known is not None and known.key and known.key != key and known.leases and not any_agent:
+            raise PermissionDenied(
+                "AGENT_KEY_MISMATCH",
+                f"agents/{hello.agent_id} holds leases taken with another key; connect with that key",
+                metadata={"resource": f"agents/{hello.agent_id}"},
+            )
         for queue_name in hello.queues:
             queue = self.queues.get(queue_name)
             if queue is None:
@@ -342,6 +391,7 @@ class Dispatcher:
         agent.version = hello.version
         agent.labels = dict(hello.labels)
         agent.session_id = hello.session_id
+        agent.key = key
         agent.connected = True
         agent.connect_time = agent.last_heartbeat_time = now
         agent.disconnect_time = None
@@ -491,6 +541,9 @@ class Dispatcher:
             if agent.lease_expiry is None or agent.lease_expiry <= now:
                 continue  # it stopped renewing: no new work until it heartbeats again
             while agent.free_capacity > 0 and (item := self._next_item_for(agent, failed_queues)):
+                if not self._has_token(item):
+                    self._mint_for(item, agent)
+                    continue
                 assignment = self._assign(item, agent)
                 if assignment is not None:
                     assignments.append((item, assignment))
@@ -570,19 +623,121 @@ class Dispatcher:
         )
 
     def _assignment(self, item: Item) -> Assignment:
-        """The Assignment of the item's current lease, with the item as it is now."""
+        """The Assignment of the item's current lease, with the item as it is now, its run token and the
+        secrets it is given."""
         life = item.life
         assert life.assign_time is not None, "only a leased item is assigned"
+        queue = self.queues[item.queue]
+        run, token = self._run_tokens.get(item.id, ("", ""))
         return Assignment(
             _snapshot(item),
-            self.queues[item.queue],
+            queue,
             life.lease_id,
             life.epoch,
             life.attempt,
             life.run,
             life.assign_time,
             life.start_deadline or life.assign_time,
+            run_token=token if run == life.run else "",
+            secrets=merged_mounts(queue.secrets, item.secrets),
         )
+
+    # ----- run tokens (docs/design.md §13) --------------------------------------------------------
+
+    def _has_token(self, item: Item) -> bool:
+        """Whether the item's next attempt has its run token (always, without a token minter)."""
+        if self._tokens is None:
+            return True
+        run, _ = self._run_tokens.get(item.id, ("", ""))
+        return run == item.run_name(item.life.attempt + 1)
+
+    def _mint_for(self, item: Item, agent: Agent) -> None:
+        """Mint the run token of the item's next attempt before it is leased. The agent's room and the
+        queue's slot are held meanwhile (so that the pass does not give them twice); once minted, the
+        item waits at the head of its queue again and the next pass leases it with the token. A registry
+        that does not answer costs the item time only: it stays PENDING (as the store has it) and is
+        tried again after a back-off. Other items are dispatched meanwhile."""
+        agent.leases_committing += 1
+        self._live[item.queue] += 1
+        self._minting[item.id] = item.queue
+        self._spawn(self._mint(item, agent))
+
+    async def _mint(self, item: Item, agent: Agent) -> None:
+        run = item.run_name(item.life.attempt + 1)
+        try:
+            token: str | None = await self._minted(item, run)
+        finally:
+            agent.leases_committing -= 1
+            self._live[item.queue] -= 1
+            self._minting.pop(item.id, None)
+            self._schedule_dispatch()  # the room held is free again
+        current = self.items.get(item.id)
+        if current is not item or item.state is not ItemState.PENDING:
+            if token is not None:
+                await self._revoke_unused(run)  # the item ended (cancelled, its queue deleted) meanwhile
+            return
+        if token is None:
+            self._mint_failures[item.id] += 1
+            retry_at = self._clock() + lifecycle.infrastructure_backoff(self._mint_failures[item.id])
+            self._deadlines.at(retry_at, "eligible", item.id, item.life.epoch)
+            return
+        self._mint_failures.pop(item.id, None)
+        self._run_tokens[item.id] = (run, token)
+        self._queue_up(item)
+
+    async def _minted(self, item: Item, run: str) -> str | None:
+        """The token for ``run``, or None when the registry did not give one in time."""
+        assert self._tokens is not None
+        queue = self.queues.get(item.queue)
+        mounts = merged_mounts(queue.secrets if queue else (), item.secrets)
+        try:
+            async with asyncio.timeout(MINT_TIMEOUT_SECONDS):
+                return await self._tokens.mint_run_token(
+                    run, item.name, item.job_version, [mount.secret for mount in mounts]
+                )
+        except (TokenCallFailed, TimeoutError) as error:
+            logger.warning("no run token for %s yet (%s); it stays PENDING", item.name, error or "timed out")
+            return None
+
+    async def issue_token(self, item: Item, leased: Assignment | None) -> Assignment | None:
+        """Enqueue's one-commit path: the run token of a new item :meth:`admit` leased, minted before its
+        insert. Without one in time the item is not leased after all: it is inserted PENDING, and
+        dispatched once a token is minted."""
+        if leased is None or self._tokens is None:
+            return leased
+        token = await self._minted(item, leased.run)
+        if token is not None:
+            self._run_tokens[item.id] = (leased.run, token)
+            return replace(leased, run_token=token)
+        agent = self.agents[item.life.agent.removeprefix("agents/")]
+        agent.leases_committing -= 1
+        self._live[item.queue] -= 1
+        self._arriving[item.queue] += 1
+        # As it was before admit leased it: a new item's life is its Enqueue transition alone.
+        enqueued = lifecycle.enqueued(item.id, item.life.max_attempts, item.life.enqueue_time)
+        item.life = replace(enqueued, history=item.life.history[:1])
+        self._schedule_dispatch()
+        return None
+
+    def _forget_token(self, item: Item) -> None:
+        """The item ended: a token minted for an attempt that never came is revoked."""
+        self._mint_failures.pop(item.id, None)
+        minted = self._run_tokens.pop(item.id, None)
+        if minted is not None and minted[0] != item.life.run:
+            self._spawn(self._revoke_unused(minted[0]))
+
+    async def _revoke_unused(self, run: str) -> None:
+        now = self._clock()
+
+        async def write(tx: QueueWrite) -> None:
+            await tx.insert_token_revocations([run], now)
+
+        await self._store.write(write)
+        self.wake_revoker()
+
+    def wake_revoker(self) -> None:
+        if self.token_revoker is not None:
+            self.token_revoker.wake()
 
     async def _deliver(self, assignments: list[tuple[Item, Assignment]]) -> None:
         await self._persist([item for item, _ in assignments])
@@ -610,6 +765,7 @@ class Dispatcher:
         """Put an item where its life says it belongs: waiting, held by its agent, or gone (ended)."""
         if item.state.is_terminal:
             self.items.pop(item.id, None)
+            self._forget_token(item)
             return
         self.items[item.id] = item
         if item.state is ItemState.PENDING:
@@ -631,6 +787,7 @@ class Dispatcher:
             self._schedule_dispatch()
         if life.state.is_terminal:
             self.items.pop(item.id, None)
+            self._forget_token(item)
         elif life.state.is_live and before.state is ItemState.PENDING:
             self._hold(self._agent(life.agent.removeprefix("agents/")), item)
             self._watch_deadlines(item)
@@ -777,6 +934,7 @@ class Dispatcher:
         for item, message in then_send:
             self._send_to_holder(item, message)
         self.run_closer.wake()
+        self.wake_revoker()
 
     async def _run_closed(self, close: RunClose, end: RunEnd) -> None:
         """The registry closed the run, or had it closed already: the outbox row goes, and in the same
@@ -869,6 +1027,7 @@ class Dispatcher:
             if self._writing.get(item.id) is life:
                 del self._writing[item.id]
             item.committed = life
+        self.wake_revoker()  # attempts that ended put their runs in the outbox of token revocations
         for item, message in then_send:
             self._send_to_holder(item, message)
         for item in items:

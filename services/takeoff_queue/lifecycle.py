@@ -143,6 +143,8 @@ class Transition:
     message: str = ""
     agent: str = ""
     run: str = ""
+    actor: str = ""
+    """Who caused it when a caller did (Enqueue, CancelItem, RelaunchItem): ``keys/{key} (name)``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,6 +173,9 @@ class ItemLife:
     completed_epoch: int = 0
     """The epoch whose agent reported the attempt's end with Complete (0: none did)."""
     end_time: datetime | None = None
+    cancelled_by: str = ""
+    """Who asked for the cancel: the CANCELLED transition it causes, now or when the attempt ends, names
+    them."""
     history: tuple[Transition, ...] = field(default_factory=tuple)
     """Every transition since Enqueue, oldest first."""
 
@@ -188,6 +193,7 @@ class ItemLife:
             message=changed.message,
             agent=changed.agent,
             run=changed.run,
+            actor=changed.cancelled_by if to_state is ItemState.CANCELLED else "",
         )
         return replace(changed, history=(*self.history, transition))
 
@@ -196,10 +202,11 @@ class ItemLife:
             raise LeaseLost(self.item_id, epoch, self.epoch)
 
 
-def enqueued(item_id: str, max_attempts: int, now: datetime) -> ItemLife:
-    """(new) -> PENDING."""
+def enqueued(item_id: str, max_attempts: int, now: datetime, actor: str = "") -> ItemLife:
+    """(new) -> PENDING, by ``actor``."""
     item = ItemLife(item_id, ItemState.PENDING, max_attempts, enqueue_time=now, eligible_time=now)
-    return replace(item, history=(Transition(now, None, ItemState.PENDING, attempt=0, epoch=0),))
+    first = Transition(now, None, ItemState.PENDING, attempt=0, epoch=0, actor=actor)
+    return replace(item, history=(first,))
 
 
 def assign(
@@ -337,9 +344,12 @@ def finished_while_away(item: ItemLife, now: datetime, *, exit_code: int | None 
     )
 
 
-def request_cancel(item: ItemLife, now: datetime, message: str = "cancelled by user") -> ItemLife:
+def request_cancel(
+    item: ItemLife, now: datetime, message: str = "cancelled by user", actor: str = ""
+) -> ItemLife:
     """PENDING -> CANCELLED at once; a live item is flagged, and ends when its agent confirms or its
-    lease ends. Cancelling an item that is already cancelled (or flagged) changes nothing.
+    lease ends. Cancelling an item that is already cancelled (or flagged) changes nothing. The CANCELLED
+    transition names ``actor``.
     """
     if item.state is ItemState.CANCELLED or (item.state.is_live and item.cancel_requested):
         return item
@@ -351,6 +361,11 @@ def request_cancel(item: ItemLife, now: datetime, message: str = "cancelled by u
         )
     if item.state is ItemState.PENDING:
         return item._moved(
-            now, ItemState.CANCELLED, cancel_requested=True, reason=FailureReason.CANCELLED, message=message
+            now,
+            ItemState.CANCELLED,
+            cancel_requested=True,
+            cancelled_by=actor,
+            reason=FailureReason.CANCELLED,
+            message=message,
         )
-    return replace(item, cancel_requested=True)
+    return replace(item, cancel_requested=True, cancelled_by=actor)

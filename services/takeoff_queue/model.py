@@ -6,6 +6,7 @@ Plain Python: the API layer turns these into protos and back.
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -42,6 +43,36 @@ def utc(seconds: float) -> datetime:
     return datetime.fromtimestamp(seconds, UTC)
 
 
+@dataclass(frozen=True, slots=True)
+class SecretMount:
+    """A secret given to a job (docs/design.md §13): its value as the environment variable ``env`` or as
+    the file ``file`` under the job's secrets directory (exactly one of them)."""
+
+    secret: str
+    """``projects/{p}/secrets/{s}``: a short id is resolved in the queue's project when it is stored."""
+    env: str = ""
+    file: str = ""
+
+    @property
+    def target(self) -> tuple[str, str]:
+        """Where the value goes: a later mount to the same place replaces an earlier one."""
+        return ("env", self.env) if self.env else ("file", self.file)
+
+    def as_json(self) -> dict[str, str]:
+        return {"secret": self.secret, "env": self.env, "file": self.file}
+
+    @classmethod
+    def from_json(cls, value: dict[str, str]) -> SecretMount:
+        return cls(value["secret"], value.get("env", ""), value.get("file", ""))
+
+
+def merged_mounts(queue: Sequence[SecretMount], item: Sequence[SecretMount]) -> tuple[SecretMount, ...]:
+    """What an attempt is given: the queue's mounts, then the item's; an item's mount replaces a queue's
+    mount of the same environment variable or file."""
+    replaced = {mount.target for mount in item}
+    return (*(mount for mount in queue if mount.target not in replaced), *item)
+
+
 @dataclass
 class Queue:
     name: str
@@ -61,6 +92,12 @@ class Queue:
     concurrency_limit: int = 0
     paused: bool = False
     container_name: str = ""
+    secure: bool = False
+    """Items may not override the entrypoint or dangerous resource options (docs/design.md §13)."""
+    allow_host_paths: bool = False
+    """The queue's own resource config may mount host paths."""
+    secrets: tuple[SecretMount, ...] = ()
+    """Secrets every item of the queue receives."""
 
     @property
     def project(self) -> str:
@@ -112,6 +149,10 @@ class Item:
     run_display_name: str = ""
     traceparent: str = ""
     relaunched_from: str = ""
+    secrets: tuple[SecretMount, ...] = ()
+    """Secrets the item's job receives besides its queue's (EnqueueRequest.secrets)."""
+    creator: str = ""
+    """Who enqueued (or relaunched) the item: ``keys/{key} (display name)``."""
     seq: int = 0
     update_time: datetime | None = None
     committed: ItemLife | None = None
@@ -170,6 +211,8 @@ class Agent:
     version: str = ""
     labels: dict[str, str] = field(default_factory=dict)
     session_id: str = ""
+    key: str = ""
+    """The key its session connected with (``keys/{key}``); "" without access control."""
     connected: bool = False
     leases: dict[str, str] = field(default_factory=dict)
     """lease id -> item id"""
@@ -262,6 +305,10 @@ class Assignment:
     run: str
     assign_time: datetime
     start_deadline: datetime
+    run_token: str = field(default="", repr=False)
+    """The attempt's run token (KeyService.MintRunToken); never stored or logged."""
+    secrets: tuple[SecretMount, ...] = ()
+    """The queue's mounts, then the item's (:func:`merged_mounts`)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,29 +9,37 @@ the queue. Closing a run answers nobody: its outbox retries it (``takeoff_queue.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import grpc
 
-from takeoff.v1 import common_pb2, jobs_pb2, jobs_pb2_grpc, runs_pb2, runs_pb2_grpc
+from takeoff.v1 import common_pb2, jobs_pb2, jobs_pb2_grpc, keys_pb2, keys_pb2_grpc, runs_pb2, runs_pb2_grpc
 from takeoff_queue.model import ResolvedJob, SourceKind
-from takeoff_queue.run_closes import RunCloseFailed, RunEnd
+from takeoff_queue.run_closes import RunCloseFailed, RunEnd, TokenCallFailed
 from takeoff_rpc.channels import open_aio_channel
 from takeoff_rpc.status import decode_rpc_error
+from takeoff_server.config import ServerSettings
+from takeoff_server.peers import peer_channel
 from takeoff_server.protovalues import struct_to_dict
 from takeoff_server.remote_errors import domain_error
 
 CALL_TIMEOUT_SECONDS = 10.0
 CLOSE_TIMEOUT_SECONDS = 5.0
 """One try of a run close; the outbox tries again after a back-off."""
+TOKEN_TIMEOUT_SECONDS = 5.0
+"""One try of a mint (the item waits, PENDING, and is tried again) or of a revocation (its outbox retries)."""
 
 
 class Registry:
     """A ``JobResolver``, ``ProjectLookup`` and ``RunRegistry`` backed by the registry at ``address``."""
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, settings: ServerSettings | None = None) -> None:
         self.address = address
-        self._channel = open_aio_channel(address)
+        # The queue presents its own key (and TLS when configured); without settings, a plain channel.
+        self._channel = peer_channel(address, settings) if settings is not None else open_aio_channel(address)
         self._jobs = jobs_pb2_grpc.JobServiceStub(self._channel)
         self._runs = runs_pb2_grpc.RunServiceStub(self._channel)
+        self._keys = keys_pb2_grpc.KeyServiceStub(self._channel)
 
     async def resolve(self, project: str, reference: str) -> ResolvedJob:
         try:
@@ -93,6 +101,25 @@ class Registry:
             finished=closed.state == common_pb2.RUN_STATE_FINISHED,
             exit_code=closed.exit_code if closed.HasField("exit_code") else None,
         )
+
+    async def mint_run_token(self, run: str, item: str, job_version: str, secrets: Sequence[str]) -> str:
+        """KeyService.MintRunToken; the secret is handed to the attempt's agent and never kept."""
+        request = keys_pb2.MintRunTokenRequest(run=run, item=item, job_version=job_version, secrets=secrets)
+        try:
+            response = await self._keys.MintRunToken(request, timeout=TOKEN_TIMEOUT_SECONDS)
+        except grpc.aio.AioRpcError as error:
+            remote = decode_rpc_error(error, target=self.address)
+            raise TokenCallFailed(f"{remote.code.name} {remote.reason}: {remote.message}") from None
+        return response.secret
+
+    async def revoke_run_tokens(self, run: str) -> None:
+        try:
+            await self._keys.RevokeRunTokens(
+                keys_pb2.RevokeRunTokensRequest(run=run), timeout=TOKEN_TIMEOUT_SECONDS
+            )
+        except grpc.aio.AioRpcError as error:
+            remote = decode_rpc_error(error, target=self.address)
+            raise TokenCallFailed(f"{remote.code.name} {remote.reason}: {remote.message}") from None
 
     async def close(self) -> None:
         await self._channel.close()

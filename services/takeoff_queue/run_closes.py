@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Protocol
@@ -104,22 +104,14 @@ def backoff(tries: int, rng: random.Random) -> timedelta:
     return timedelta(seconds=rng.uniform(0, ceiling))
 
 
-class RunCloser:
-    """Drains the outbox: woken by every new row committed here, and otherwise when the next row is due;
+class _Drainer:
+    """Drains an outbox: woken by every new row committed here, and otherwise when the next row is due;
     it does not poll. Several drainers (queue replicas) may share one database: each claims the rows it
     tries."""
 
-    def __init__(
-        self,
-        store: RunCloseStore,
-        registry: RunRegistry,
-        settle: Settle,
-        clock: Callable[[], datetime],
-        rng: random.Random | None = None,
-    ) -> None:
-        self._store = store
-        self._registry = registry
-        self._settle = settle
+    _what = "run closes"
+
+    def __init__(self, clock: Callable[[], datetime], rng: random.Random | None) -> None:
         self._clock = clock
         self._rng = rng or random.Random()
         self._wakeup = asyncio.Event()
@@ -141,15 +133,41 @@ class RunCloser:
                 self._failures = 0
             except Exception:  # the store failed: the rows are still there for the next round
                 self._failures += 1
-                logger.exception("the outbox of run closes could not be drained; trying again")
+                logger.exception("the outbox of %s could not be drained; trying again", self._what)
                 wait = backoff(self._failures, self._rng).total_seconds()
             if wait is None or wait > 0:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wakeup.wait(), wait)
 
     async def _until_next_due(self) -> float | None:
-        due = await self._store.next_run_close_time()
+        due = await self._next_due()
         return None if due is None else max(0.0, (due - self._clock()).total_seconds())
+
+    async def _next_due(self) -> datetime | None:
+        raise NotImplementedError
+
+    async def drain_due(self) -> int:
+        raise NotImplementedError
+
+
+class RunCloser(_Drainer):
+    """Drains the outbox of run closes."""
+
+    def __init__(
+        self,
+        store: RunCloseStore,
+        registry: RunRegistry,
+        settle: Settle,
+        clock: Callable[[], datetime],
+        rng: random.Random | None = None,
+    ) -> None:
+        super().__init__(clock, rng)
+        self._store = store
+        self._registry = registry
+        self._settle = settle
+
+    async def _next_due(self) -> datetime | None:
+        return await self._store.next_run_close_time()
 
     async def drain_due(self) -> int:
         """Try every row due now (one claimed batch); returns how many were tried."""
@@ -169,3 +187,87 @@ class RunCloser:
             await self._store.retry_run_close(close, self._clock() + delay, str(error)[:1000])
             return
         await self._settle(close, end)
+
+
+# ----- run tokens (docs/design.md §13) ----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Revocation:
+    """One row of the outbox of token revocations: a run whose attempt ended."""
+
+    run: str
+    id: int = 0
+    tries: int = 0
+
+
+class TokenCallFailed(Exception):
+    """The registry did not mint or revoke (unreachable, or it refused)."""
+
+
+class RunTokens(Protocol):
+    async def mint_run_token(self, run: str, item: str, job_version: str, secrets: Sequence[str]) -> str:
+        """A new run token's secret. Raises :class:`TokenCallFailed`."""
+        ...
+
+    async def revoke_run_tokens(self, run: str) -> None:
+        """Revoke every token of ``run`` (idempotent). Raises :class:`TokenCallFailed`."""
+        ...
+
+
+class RevocationStore(Protocol):
+    async def claim_token_revocations(
+        self, now: datetime, hold_until: datetime, limit: int
+    ) -> list[Revocation]: ...
+
+    async def retry_token_revocation(
+        self, revocation: Revocation, next_try_time: datetime, error: str
+    ) -> None: ...
+
+    async def token_revoked(self, revocation: Revocation) -> None: ...
+
+    async def next_token_revocation_time(self) -> datetime | None: ...
+
+
+class TokenRevoker(_Drainer):
+    """Drains the outbox of token revocations: each ended attempt's run tokens are revoked in the registry,
+    retried with the same back-off as run closes until it answers; a registry outage delays a revocation,
+    never loses it."""
+
+    _what = "token revocations"
+
+    def __init__(
+        self,
+        store: RevocationStore,
+        tokens: RunTokens,
+        clock: Callable[[], datetime],
+        rng: random.Random | None = None,
+    ) -> None:
+        super().__init__(clock, rng)
+        self._store = store
+        self._tokens = tokens
+
+    async def _next_due(self) -> datetime | None:
+        return await self._store.next_token_revocation_time()
+
+    async def drain_due(self) -> int:
+        now = self._clock()
+        claimed = await self._store.claim_token_revocations(now, now + CLAIM_HOLD, CLAIM_BATCH)
+        await asyncio.gather(*(self._revoke(revocation) for revocation in claimed))
+        return len(claimed)
+
+    async def _revoke(self, revocation: Revocation) -> None:
+        try:
+            await self._tokens.revoke_run_tokens(revocation.run)
+        except TokenCallFailed as error:
+            delay = backoff(revocation.tries + 1, self._rng)
+            logger.info(
+                "revoking the tokens of run %s failed (try %d), again in %s: %s",
+                revocation.run,
+                revocation.tries + 1,
+                delay,
+                error,
+            )
+            await self._store.retry_token_revocation(revocation, self._clock() + delay, str(error)[:1000])
+            return
+        await self._store.token_revoked(revocation)

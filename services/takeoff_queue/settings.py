@@ -20,6 +20,10 @@ class QueueSettings(ServerSettings):
     builder_push_registry: str = ""
     """The registry the builder pushes images to (its ``push_registry``). Without one, code and git jobs
     cannot run on kubernetes queues (the cluster could not pull their images), and Enqueue says so."""
+    enqueues_per_second: float = Field(default=50.0, gt=0)
+    """Enqueues each key may make per second, per queue replica (RESOURCE_EXHAUSTED ``RATE_LIMITED``
+    beyond); bursts of up to ``enqueue_burst``."""
+    enqueue_burst: float = Field(default=200.0, ge=1)
 
     @field_validator("heartbeat_interval_seconds")
     @classmethod

@@ -19,9 +19,9 @@ from sqlmodel import JSON, Column, Field, LargeBinary, SQLModel
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from takeoff_queue.lifecycle import FailureReason, ItemLife, ItemState, Transition
-from takeoff_queue.model import Item, Priority, Queue, SourceKind
+from takeoff_queue.model import Item, Priority, Queue, SecretMount, SourceKind
 from takeoff_queue.resource_config import ResourceKind
-from takeoff_queue.run_closes import RunClose
+from takeoff_queue.run_closes import Revocation, RunClose
 from takeoff_server.database import Database
 from takeoff_server.group_commit import GroupCommitter
 from takeoff_server.idempotency import RequestIds, request_ids_table
@@ -59,6 +59,10 @@ class QueueRow(SQLModel, table=True):
     concurrency_limit: int = 0
     paused: bool = False
     container_name: str = ""
+    secure: bool = False
+    allow_host_paths: bool = False
+    secrets: list[dict[str, str]] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    """SecretMounts, as ``{"secret", "env", "file"}``."""
     create_time: datetime = Field(sa_column=Column(UtcDateTime, nullable=False))
     update_time: datetime = Field(sa_column=Column(UtcDateTime, nullable=False))
 
@@ -105,6 +109,9 @@ class ItemRow(SQLModel, table=True):
     exit_code: int | None = None
     traceparent: str = ""
     relaunched_from: str = ""
+    secrets: list[dict[str, str]] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    creator: str = ""
+    cancelled_by: str = ""
 
 
 class TransitionRow(SQLModel, table=True):
@@ -121,6 +128,7 @@ class TransitionRow(SQLModel, table=True):
     attempt: int = 0
     epoch: int = 0
     run: str = ""
+    actor: str = ""
 
 
 class RunCloseRow(SQLModel, table=True):
@@ -145,14 +153,39 @@ class RunCloseRow(SQLModel, table=True):
     last_error: str = ""
 
 
+class TokenRevocationRow(SQLModel, table=True):
+    """The outbox of run-token revocations (docs/design.md §13, §16): the run of every attempt that ended,
+    whose tokens the registry must revoke. Written in the transaction that ends the attempt; deleted once
+    the registry revoked them."""
+
+    __tablename__ = "queue_token_revocations"
+
+    id: int | None = Field(default=None, primary_key=True)
+    run: str
+    """``projects/{p}/runs/{run}``"""
+    create_time: datetime = Field(sa_column=Column(UtcDateTime, nullable=False))
+    next_try_time: datetime = Field(sa_column=Column(UtcDateTime, nullable=False, index=True))
+    tries: int = 0
+    last_error: str = ""
+
+
 projects = ProjectRow.__table__  # type: ignore[attr-defined]
 queues = QueueRow.__table__  # type: ignore[attr-defined]
 items = ItemRow.__table__  # type: ignore[attr-defined]
 transitions = TransitionRow.__table__  # type: ignore[attr-defined]
 run_closes = RunCloseRow.__table__  # type: ignore[attr-defined]
+token_revocations = TokenRevocationRow.__table__  # type: ignore[attr-defined]
 request_ids = RequestIds(request_ids_table("queue_request_ids", SQLModel.metadata))
 
 LIVE_OR_PENDING = [s.value for s in ItemState if not s.is_terminal]
+
+
+def ended_attempt_runs(history: Sequence[Transition]) -> list[str]:
+    """The runs of the attempts these transitions end (from a live state to any other): their tokens are
+    revoked."""
+    return [
+        t.run for t in history if t.from_state is not None and t.from_state.is_live and not t.to_state.is_live
+    ]
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,9 +240,59 @@ class QueueWrite:
             items.update().where(items.c.id == item_id).values(**_item_state_values(life, update_time))
         )
         await self._insert_transitions(item_id, life.history[since:])
+        await self.insert_token_revocations(ended_attempt_runs(life.history[since:]), update_time)
+
+    async def insert_token_revocations(self, runs: Sequence[str], now: datetime) -> None:
+        """Put runs whose attempts ended in the outbox of token revocations, due at once."""
+        rows = [
+            {"run": run, "create_time": now, "next_try_time": now, "tries": 0, "last_error": ""}
+            for run in dict.fromkeys(runs)
+            if run
+        ]
+        if rows:
+            await self._connection.execute(token_revocations.insert(), rows)
+
+    async def claim_token_revocations(
+        self, now: datetime, hold_until: datetime, limit: int
+    ) -> list[Revocation]:
+        """As :meth:`claim_run_closes`, for the outbox of token revocations."""
+        due = (
+            sa.select(token_revocations.c.id)
+            .where(token_revocations.c.next_try_time <= now)
+            .order_by(token_revocations.c.id)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+        claim = (
+            token_revocations.update()
+            .where(token_revocations.c.id.in_(due))
+            .values(next_try_time=hold_until)
+            .returning(token_revocations.c.id, token_revocations.c.run, token_revocations.c.tries)
+        )
+        claimed = [
+            Revocation(row["run"], row["id"], row["tries"])
+            for row in (await self._connection.execute(claim)).mappings()
+        ]
+        return sorted(claimed, key=lambda revocation: revocation.id)
+
+    async def retry_token_revocation(
+        self, revocation: Revocation, next_try_time: datetime, error: str
+    ) -> None:
+        await self._connection.execute(
+            token_revocations.update()
+            .where(token_revocations.c.id == revocation.id)
+            .values(next_try_time=next_try_time, tries=revocation.tries + 1, last_error=error)
+        )
+
+    async def delete_token_revocation(self, revocation_id: int) -> None:
+        await self._connection.execute(
+            token_revocations.delete().where(token_revocations.c.id == revocation_id)
+        )
 
     async def insert_run_closes(self, closes: Sequence[RunClose], now: datetime) -> list[RunClose]:
-        """Put runs in the outbox, due at once; returns them with their row ids."""
+        """Put runs in the outbox, due at once; returns them with their row ids. Their attempts are over,
+        so their run tokens are revoked too."""
+        await self.insert_token_revocations([close.run for close in closes], now)
         stored = []
         for close in closes:
             result = await self._connection.execute(
@@ -282,6 +365,7 @@ class QueueWrite:
                 "attempt": t.attempt,
                 "epoch": t.epoch,
                 "run": t.run,
+                "actor": t.actor,
             }
             for t in history
         ]
@@ -347,6 +431,41 @@ class QueueStore:
         """When the next outbox row is due (None: the outbox is empty)."""
         async with self._database.engine.connect() as connection:
             return (await connection.execute(sa.select(sa.func.min(run_closes.c.next_try_time)))).scalar()
+
+    async def claim_token_revocations(
+        self, now: datetime, hold_until: datetime, limit: int
+    ) -> list[Revocation]:
+        async def claim(tx: QueueWrite) -> list[Revocation]:
+            return await tx.claim_token_revocations(now, hold_until, limit)
+
+        return await self.write(claim)
+
+    async def retry_token_revocation(
+        self, revocation: Revocation, next_try_time: datetime, error: str
+    ) -> None:
+        async def postpone(tx: QueueWrite) -> None:
+            await tx.retry_token_revocation(revocation, next_try_time, error)
+
+        await self.write(postpone)
+
+    async def token_revoked(self, revocation: Revocation) -> None:
+        async def forget(tx: QueueWrite) -> None:
+            await tx.delete_token_revocation(revocation.id)
+
+        await self.write(forget)
+
+    async def next_token_revocation_time(self) -> datetime | None:
+        async with self._database.engine.connect() as connection:
+            query = sa.select(sa.func.min(token_revocations.c.next_try_time))
+            return (await connection.execute(query)).scalar()
+
+    async def token_revocations(self) -> list[str]:
+        """The runs whose tokens wait to be revoked, oldest first."""
+        async with self._database.engine.connect() as connection:
+            rows = await connection.execute(
+                sa.select(token_revocations.c.run).order_by(token_revocations.c.id)
+            )
+            return list(rows.scalars())
 
     async def run_closes(self) -> list[RunClose]:
         """Every row of the outbox, oldest first."""
@@ -459,6 +578,9 @@ def queue_values(queue: Queue) -> dict[str, Any]:
         "concurrency_limit": queue.concurrency_limit,
         "paused": queue.paused,
         "container_name": queue.container_name,
+        "secure": queue.secure,
+        "allow_host_paths": queue.allow_host_paths,
+        "secrets": [mount.as_json() for mount in queue.secrets],
         "create_time": queue.create_time,
         "update_time": queue.update_time,
     }
@@ -482,6 +604,9 @@ def _queue_from_row(row: dict[str, Any]) -> Queue:
         concurrency_limit=row["concurrency_limit"],
         paused=row["paused"],
         container_name=row["container_name"],
+        secure=row["secure"],
+        allow_host_paths=row["allow_host_paths"],
+        secrets=tuple(SecretMount.from_json(mount) for mount in row["secrets"]),
     )
 
 
@@ -505,6 +630,7 @@ def _item_state_values(life: ItemLife, update_time: datetime) -> dict[str, Any]:
         "reason": life.reason.value if life.reason else None,
         "message": life.message,
         "exit_code": life.exit_code,
+        "cancelled_by": life.cancelled_by,
     }
 
 
@@ -530,6 +656,8 @@ def _item_values(item: Item) -> dict[str, Any]:
         "enqueue_time": item.life.enqueue_time,
         "traceparent": item.traceparent,
         "relaunched_from": item.relaunched_from,
+        "secrets": [mount.as_json() for mount in item.secrets],
+        "creator": item.creator,
     }
 
 
@@ -566,6 +694,7 @@ def _transition_from_row(row: dict[str, Any]) -> Transition:
         message=row["message"],
         agent=row["agent"],
         run=row["run"],
+        actor=row["actor"],
     )
 
 
@@ -590,6 +719,7 @@ def _item_from_row(row: dict[str, Any]) -> Item:
         running_since=row["running_since"],
         completed_epoch=row["completed_epoch"],
         end_time=row["end_time"],
+        cancelled_by=row["cancelled_by"],
         history=tuple(_transition_from_row(t) for t in row.get("transitions", ())),
     )
     return Item(
@@ -610,6 +740,8 @@ def _item_from_row(row: dict[str, Any]) -> Item:
         run_display_name=row["run_display_name"],
         traceparent=row["traceparent"],
         relaunched_from=row["relaunched_from"],
+        secrets=tuple(SecretMount.from_json(mount) for mount in row["secrets"]),
+        creator=row["creator"],
         seq=row["seq"],
         update_time=row["update_time"],
         committed=life,

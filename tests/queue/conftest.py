@@ -7,14 +7,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import grpc
 import pytest
 
 from takeoff.v1 import common_pb2, queue_pb2, queue_pb2_grpc
 from takeoff_queue.settings import QueueSettings
 from tests.postgres import assert_service_wrote_tables, postgres_schema_url
 from tests.processes import ServiceProcess, service_process
-from tests.queue.harness import InProcessQueue, in_process_queue, make_code_job
+from tests.queue.harness import InProcessQueue, in_process_queue, keyed_channel, make_code_job
 
 LEASE_TTL_SECONDS = 2.0
 QUEUE_ENV = {
@@ -78,7 +77,7 @@ def job(registry: ServiceProcess, tmp_path_factory: pytest.TempPathFactory) -> s
 
 @pytest.fixture
 async def queues(queue_service: ServiceProcess) -> AsyncIterator[queue_pb2_grpc.QueueServiceAsyncStub]:
-    async with grpc.aio.insecure_channel(queue_service.address) as channel:
+    async with keyed_channel(queue_service.address) as channel:
         yield queue_pb2_grpc.QueueServiceStub(channel)
 
 

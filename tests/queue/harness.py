@@ -20,11 +20,18 @@ from takeoff.v1 import common_pb2, queue_pb2, queue_pb2_grpc
 from takeoff_queue.__main__ import QueueService, assemble
 from takeoff_queue.model import Item
 from takeoff_queue.settings import QueueSettings
+from takeoff_rpc.channels import open_aio_channel
 from takeoff_server.server import TakeoffServer
+from tests.keys import ADMIN_KEY
 from tests.postgres import assert_service_wrote_tables
 
 LOCAL_PROCESS = common_pb2.RESOURCE_KIND_LOCAL_PROCESS
 Response = queue_pb2.LeaseResponse
+
+
+def keyed_channel(address: str, key: str = ADMIN_KEY) -> grpc.aio.Channel:
+    """A channel to a test's service presenting ``key`` (the session's admin key unless told)."""
+    return open_aio_channel(address, api_key=key)
 
 
 def struct(values: dict[str, Any]) -> struct_pb2.Struct:
@@ -40,7 +47,7 @@ def make_code_job(
     code = tmp / f"code-{job}"
     code.mkdir(parents=True, exist_ok=True)
     (code / "train.py").write_text("print('hello')\n")
-    with Client(registry, project=project) as client:
+    with Client(registry, project=project, api_key=ADMIN_KEY) as client:
         created = client.create_job_version(
             job,
             code,
@@ -53,8 +60,9 @@ def make_code_job(
 class ScriptedAgent:
     """An agent that is just a Lease stream: send what the test says, keep what the server sends."""
 
-    def __init__(self, address: str, *, agent_id: str | None = None) -> None:
+    def __init__(self, address: str, *, agent_id: str | None = None, key: str = ADMIN_KEY) -> None:
         self.address = address
+        self.key = key
         self.agent_id = agent_id or uuid.uuid4().hex
         self.received: asyncio.Queue[queue_pb2.LeaseResponse] = asyncio.Queue()
         self._outgoing: asyncio.Queue[queue_pb2.LeaseRequest | None] = asyncio.Queue()
@@ -76,7 +84,7 @@ class ScriptedAgent:
         resources: tuple[common_pb2.ResourceKind.ValueType, ...] = (LOCAL_PROCESS,),
         expect_welcome: bool = True,
     ) -> ScriptedAgent:
-        self._channel = grpc.aio.insecure_channel(self.address)
+        self._channel = keyed_channel(self.address, self.key)
         stub = queue_pb2_grpc.QueueServiceStub(self._channel)
         hello = queue_pb2.LeaseRequest.Hello(
             agent_id=self.agent_id,
@@ -290,8 +298,8 @@ async def in_process_queue(settings: QueueSettings) -> AsyncIterator[InProcessQu
         parts = await assemble(settings, resources)
         if settings.database_url:
             assert_service_wrote_tables(settings.database_url, "queue_")  # the PostgreSQL variant runs there
-        server = TakeoffServer([parts.binding], listen=settings.listen)
+        server = TakeoffServer([parts.binding], listen=settings.listen, verifier=parts.verifier)
         [address] = await server.start()
         resources.push_async_callback(server.stop, 1)
-        channel = await resources.enter_async_context(grpc.aio.insecure_channel(address))
-        yield InProcessQueue(parts, address, queue_pb2_grpc.QueueServiceStub(channel))
+        admin = await resources.enter_async_context(keyed_channel(address))
+        yield InProcessQueue(parts, address, queue_pb2_grpc.QueueServiceStub(admin))

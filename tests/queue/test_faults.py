@@ -36,6 +36,7 @@ from tests.queue.harness import (
     ScriptedAgent,
     error_details,
     in_process_queue,
+    keyed_channel,
     make_code_job,
     struct,
     watch_until,
@@ -99,7 +100,7 @@ def outage_settings(tmp_path: Path, queue_env: dict[str, str], own_registry: Ser
 
 @asynccontextmanager
 async def run_service(registry: str) -> AsyncIterator[runs_pb2_grpc.RunServiceAsyncStub]:
-    async with grpc.aio.insecure_channel(registry) as channel:
+    async with keyed_channel(registry) as channel:
         yield runs_pb2_grpc.RunServiceStub(channel)
 
 

@@ -15,7 +15,7 @@ from google.protobuf import duration_pb2, field_mask_pb2
 from takeoff.v1 import common_pb2, queue_pb2, queue_pb2_grpc
 from tests.processes import service_process
 from tests.queue.conftest import NewQueue
-from tests.queue.harness import ScriptedAgent, error_details, struct
+from tests.queue.harness import ScriptedAgent, error_details, keyed_channel, struct
 
 Stub: TypeAlias = "queue_pb2_grpc.QueueServiceAsyncStub"  # a type only the stubs know
 
@@ -160,7 +160,7 @@ async def test_a_stored_schema_that_cannot_be_used_is_schema_invalid_at_enqueue(
     home = tmp_path_factory.mktemp("stored")
     variable = queue_pb2.TemplateVariable(schema=struct({"type": "integer", "default": 1}))
     with service_process("queue", home, env=queue_env) as first:
-        async with grpc.aio.insecure_channel(first.address) as channel:
+        async with keyed_channel(first.address) as channel:
             queues = queue_pb2_grpc.QueueServiceStub(channel)
             name = (
                 await queues.CreateQueue(
@@ -177,7 +177,7 @@ async def test_a_stored_schema_that_cannot_be_used_is_schema_invalid_at_enqueue(
     engine.dispose()
 
     with service_process("queue", home, env=queue_env) as second:
-        async with grpc.aio.insecure_channel(second.address) as channel:
+        async with keyed_channel(second.address) as channel:
             queues = queue_pb2_grpc.QueueServiceStub(channel)
             code, reason, fields = await refused(
                 queues.Enqueue(queue_pb2.EnqueueRequest(queue=name, job=job))

@@ -15,7 +15,7 @@ import pytest
 
 from takeoff.v1 import common_pb2, queue_pb2, queue_pb2_grpc
 from tests.queue.conftest import NewQueue
-from tests.queue.harness import LOCAL_PROCESS, ScriptedAgent, error_details
+from tests.queue.harness import LOCAL_PROCESS, ScriptedAgent, error_details, keyed_channel
 
 Stub: TypeAlias = "queue_pb2_grpc.QueueServiceAsyncStub"  # a type only the stubs know
 Request = queue_pb2.LeaseRequest
@@ -235,7 +235,7 @@ async def lease_stream(address: str, hello: Request.Hello) -> AsyncIterator[Any]
         yield Request(hello=hello)
         await finished.wait()
 
-    async with grpc.aio.insecure_channel(address) as channel:
+    async with keyed_channel(address) as channel:
         call = queue_pb2_grpc.QueueServiceStub(channel).Lease(requests())
         try:
             yield call

@@ -25,7 +25,7 @@ from takeoff_queue.settings import QueueSettings
 from takeoff_server.database import Database
 from tests.postgres import postgres_schema_url
 from tests.processes import service_process
-from tests.queue.harness import error_details, in_process_queue
+from tests.queue.harness import error_details, in_process_queue, keyed_channel
 
 Stub: TypeAlias = "queue_pb2_grpc.QueueServiceAsyncStub"  # a type only the stubs know
 
@@ -60,7 +60,7 @@ async def listed(queues: Stub, project: str) -> list[str]:
 
 async def write_in_registry(address: str, project: str, what: str) -> None:
     """Write ``what`` ("job" or "run") into ``project`` through the registry only."""
-    async with grpc.aio.insecure_channel(address) as channel:
+    async with keyed_channel(address) as channel:
         if what == "job":
             request = jobs_pb2.CreateJobRequest(parent=project, job_id="only-job")
             await jobs_pb2_grpc.JobServiceStub(channel).CreateJob(request)
@@ -164,7 +164,7 @@ def _differences(connection: Connection) -> list[Any]:
 async def test_migrations_build_exactly_the_tables_the_store_declares(empty_database_url: str) -> None:
     database = Database("queue", empty_database_url, migrations=MIGRATIONS)
     try:
-        assert await database.migrate() == "0003"
+        assert await database.migrate() == "0004"
         async with database.engine.connect() as connection:
             differences = await connection.run_sync(_differences)
     finally:

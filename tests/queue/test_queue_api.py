@@ -185,7 +185,9 @@ async def test_watch_item_sends_the_item_then_one_message_per_transition(
             first_seen.set()
 
     watcher = asyncio.create_task(watch())
-    await first_seen.wait()
+    await asyncio.wait([asyncio.create_task(first_seen.wait()), watcher], return_when=asyncio.FIRST_COMPLETED)
+    if watcher.done():
+        watcher.result()  # the watch failed: say why instead of waiting forever
     agent = await ScriptedAgent(queue_address).connect([queue])
     try:
         assignment = (await agent.next("assignment")).assignment

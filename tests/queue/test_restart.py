@@ -15,7 +15,7 @@ from takeoff.v1 import common_pb2, queue_pb2, queue_pb2_grpc
 from tests.postgres import assert_service_wrote_tables
 from tests.processes import service_process
 from tests.queue.conftest import LEASE_TTL_SECONDS
-from tests.queue.harness import ScriptedAgent, watch_until
+from tests.queue.harness import ScriptedAgent, keyed_channel, watch_until
 
 SUCCEEDED = common_pb2.ITEM_STATE_SUCCEEDED
 RUNNING = common_pb2.ITEM_STATE_RUNNING
@@ -33,7 +33,7 @@ async def test_kill_9_then_restart_keeps_every_item_and_running_leases(
         address = first.address
         if url := env.get("TAKEOFF_DATABASE_URL"):
             assert_service_wrote_tables(url, "queue_")  # the PostgreSQL variant runs there
-        async with grpc.aio.insecure_channel(address) as channel:
+        async with keyed_channel(address) as channel:
             queues = queue_pb2_grpc.QueueServiceStub(channel)
             queue = (
                 await queues.CreateQueue(
@@ -71,7 +71,7 @@ async def test_kill_9_then_restart_keeps_every_item_and_running_leases(
                 assert (await back.complete(assignment, SUCCEEDED)).ack.state == SUCCEEDED
         finally:
             await back.close()
-        async with grpc.aio.insecure_channel(second.address) as channel:
+        async with keyed_channel(second.address) as channel:
             queues = queue_pb2_grpc.QueueServiceStub(channel)
             items = (await queues.ListItems(queue_pb2.ListItemsRequest(parent=queue))).items
         assert sorted(item.name for item in items) == sorted(names)
@@ -86,7 +86,7 @@ async def test_sigterm_ends_lease_streams_with_unavailable_at_once(
     home: Path = tmp_path_factory.mktemp("sigterm")
     env = {**queue_env, "TAKEOFF_SHUTDOWN_GRACE_SECONDS": "30"}
     with service_process("queue", home, env=env) as server:
-        async with grpc.aio.insecure_channel(server.address) as channel:
+        async with keyed_channel(server.address) as channel:
             queue = (
                 await queue_pb2_grpc.QueueServiceStub(channel).CreateQueue(
                     queue_pb2.CreateQueueRequest(
@@ -114,7 +114,7 @@ async def test_leases_of_an_agent_that_never_returns_end_after_the_grace(
         address = first.address
         if url := queue_env.get("TAKEOFF_DATABASE_URL"):
             assert_service_wrote_tables(url, "queue_")  # the PostgreSQL variant runs there
-        async with grpc.aio.insecure_channel(address) as channel:
+        async with keyed_channel(address) as channel:
             queues = queue_pb2_grpc.QueueServiceStub(channel)
             queue = (
                 await queues.CreateQueue(
@@ -139,7 +139,7 @@ async def test_leases_of_an_agent_that_never_returns_end_after_the_grace(
 
     restarted_at = datetime.now(UTC)
     with service_process("queue", home, env=queue_env, listen=[address]) as second:
-        async with grpc.aio.insecure_channel(second.address) as channel:
+        async with keyed_channel(second.address) as channel:
             queues = queue_pb2_grpc.QueueServiceStub(channel)
             within = LEASE_TTL_SECONDS * 5
             # As the state table says: back to PENDING with attempts left, FAILED without.
