@@ -38,8 +38,9 @@ from takeoff_agent.wire import (
     run_state_to_proto,
 )
 from takeoff_agent.work import AgentContext, Attempt, Stop
-from takeoff_rpc.channels import open_aio_channel
+from takeoff_server.config import ConfigError
 from takeoff_server.errors import ServiceFailed
+from takeoff_server.peers import channel_credentials, peer_channel
 
 logger = logging.getLogger(__name__)
 
@@ -61,14 +62,26 @@ class Agent:
             )
         except ValueError as error:
             raise ServiceFailed(f"this agent's config cannot be used: {error}") from None
+        try:
+            api_key = settings.own_api_key()
+        except ConfigError as error:
+            raise ServiceFailed(str(error)) from None
+        if api_key is None:
+            logger.warning(
+                "this agent has no API key (TAKEOFF_API_KEY or api_key_file): the services will refuse it"
+            )
         self.reachability = Reachability(on_change=self._offer_capacity)
+        # Every channel the agent opens presents its own key (a run's calls present that run's token
+        # instead: clients.Runs), over TLS when configured.
+        registry, builder = settings.registry_address, settings.builder_address
         self.context = AgentContext(
             agent_name=f"agents/{identity.agent_id}",
-            runs=Runs(settings.registry_address, self.reachability),
-            builder=Builder(settings.builder_address, self.reachability),
+            runs=Runs(registry, self.reachability, channel=peer_channel(registry, settings)),
+            builder=Builder(builder, self.reachability, channel=peer_channel(builder, settings)),
             runners=runners,
             stop_grace_seconds=settings.stop_grace_seconds,
             job_registry_address=settings.job_registry_address or settings.registry_address,
+            job_ca_file=settings.job_ca_file,
         )
         self.link = LeaseLink(
             settings.queue_address,
@@ -81,6 +94,8 @@ class Agent:
                 version=takeoff.__version__,
             ),
             self,
+            api_key=api_key,
+            credentials=channel_credentials(settings.tls, settings.queue_address),
         )
         self.renewed_until: float | None = None
         self._drained = asyncio.Event()
@@ -103,7 +118,7 @@ class Agent:
 
     async def _check_queues(self) -> None:
         """Refuse to start for a queue whose resource kind has no runner here, naming both."""
-        async with open_aio_channel(self.settings.queue_address) as channel:
+        async with peer_channel(self.settings.queue_address, self.settings) as channel:
             stub = queue_pb2_grpc.QueueServiceStub(channel)
             for queue in self.identity.queues:
                 try:
@@ -191,6 +206,7 @@ class Agent:
                 run_state_to_proto(RunState.KILLED),
                 exit_code=None,
                 message="released: agent draining",
+                token=attempt.token,
             )
         with contextlib.suppress(Exception):
             await asyncio.wait_for(

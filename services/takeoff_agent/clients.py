@@ -17,7 +17,15 @@ from typing import TypeVar
 
 import grpc
 
-from takeoff.v1 import build_pb2, build_pb2_grpc, common_pb2, runs_pb2, runs_pb2_grpc
+from takeoff.v1 import (
+    build_pb2,
+    build_pb2_grpc,
+    common_pb2,
+    runs_pb2,
+    runs_pb2_grpc,
+    secrets_pb2,
+    secrets_pb2_grpc,
+)
 from takeoff_agent.reachability import Peer, Reachability
 from takeoff_rpc.channels import open_aio_channel
 from takeoff_rpc.retries import TRANSIENT_CODES, RetryPolicy, call_with_retries_async
@@ -68,6 +76,12 @@ async def _retried(call: Callable[[], Awaitable[T]], what: str, peer: Peer | Non
     return result
 
 
+def bearer(token: str | None) -> tuple[tuple[str, str], ...] | None:
+    """Call metadata presenting ``token`` instead of the channel's key (the channel then adds none:
+    ``takeoff_rpc.channels``); None (the channel's key) without one."""
+    return (("authorization", f"Bearer {token}"),) if token else None
+
+
 @dataclass(frozen=True, slots=True)
 class LogLine:
     stream: runs_pb2.LogStream.ValueType
@@ -75,11 +89,25 @@ class LogLine:
 
 
 class Runs:
-    """The registry's RunService, for the runs the agent creates and reports on."""
+    """The registry's RunService, for the runs the agent creates and reports on, and its SecretService,
+    for the secrets the agent hands to jobs.
 
-    def __init__(self, address: str, reachability: Reachability | None = None) -> None:
-        self._channel = open_aio_channel(address)
+    Each call about one attempt's run takes that attempt's run ``token``, presented instead of the
+    agent's key: an agent key may write no run (docs/design.md §13), a run token only its own.
+    """
+
+    def __init__(
+        self,
+        address: str,
+        reachability: Reachability | None = None,
+        *,
+        channel: grpc.aio.Channel | None = None,
+    ) -> None:
+        """``channel``: to the registry at ``address``, presenting the agent's own key (the agent opens it
+        with ``takeoff_server.peers.peer_channel``); none: a plain one, without a key."""
+        self._channel = channel or open_aio_channel(address)
         self._runs = runs_pb2_grpc.RunServiceStub(self._channel)
+        self._secrets = secrets_pb2_grpc.SecretServiceStub(self._channel)
         self._peer = reachability.watch("registry", self._channel, RUN_SERVICE) if reachability else None
 
     async def create(
@@ -91,6 +119,7 @@ class Runs:
         attempt: int,
         config: dict[str, object],
         display_name: str,
+        token: str | None = None,
     ) -> None:
         project, _, run_id = run.partition("/runs/")
         request = runs_pb2.CreateRunRequest(
@@ -106,38 +135,64 @@ class Runs:
             request_id=run,  # a retry after a lost reply, or after an agent restart, finds the same run
         )
         await _retried(
-            lambda: self._runs.CreateRun(request, timeout=CALL_TIMEOUT_SECONDS), f"create {run}", self._peer
+            lambda: self._runs.CreateRun(request, timeout=CALL_TIMEOUT_SECONDS, metadata=bearer(token)),
+            f"create {run}",
+            self._peer,
         )
 
-    async def state(self, run: str) -> common_pb2.RunState.ValueType:
+    async def state(self, run: str, *, token: str | None = None) -> common_pb2.RunState.ValueType:
+        request = runs_pb2.GetRunRequest(name=run)
         reply = await _retried(
-            lambda: self._runs.GetRun(runs_pb2.GetRunRequest(name=run), timeout=CALL_TIMEOUT_SECONDS),
+            lambda: self._runs.GetRun(request, timeout=CALL_TIMEOUT_SECONDS, metadata=bearer(token)),
             f"get {run}",
             self._peer,
         )
         return reply.run.state
 
-    async def append_logs(self, run: str, lines: list[LogLine], first_index: int) -> None:
+    async def append_logs(
+        self, run: str, lines: list[LogLine], first_index: int, *, token: str | None = None
+    ) -> None:
         request = runs_pb2.AppendLogsRequest(
             name=run,
             lines=[runs_pb2.LogLine(stream=line.stream, text=line.text) for line in lines],
             first_line_index=first_index,
         )
         await _retried(
-            lambda: self._runs.AppendLogs(request, timeout=CALL_TIMEOUT_SECONDS), f"logs of {run}", self._peer
+            lambda: self._runs.AppendLogs(request, timeout=CALL_TIMEOUT_SECONDS, metadata=bearer(token)),
+            f"logs of {run}",
+            self._peer,
         )
 
     async def finish(
-        self, run: str, state: common_pb2.RunState.ValueType, *, exit_code: int | None, message: str
+        self,
+        run: str,
+        state: common_pb2.RunState.ValueType,
+        *,
+        exit_code: int | None,
+        message: str,
+        token: str | None = None,
     ) -> common_pb2.RunState.ValueType:
         """End ``run`` in ``state`` unless it has ended already; the run's final state either way."""
         request = runs_pb2.FinishRunRequest(
             name=run, state=state, exit_code=exit_code, message=message[-4096:]
         )
         reply = await _retried(
-            lambda: self._runs.FinishRun(request, timeout=CALL_TIMEOUT_SECONDS), f"finish {run}", self._peer
+            lambda: self._runs.FinishRun(request, timeout=CALL_TIMEOUT_SECONDS, metadata=bearer(token)),
+            f"finish {run}",
+            self._peer,
         )
         return reply.run.state
+
+    async def access_secret(self, name: str, *, token: str | None) -> bytes:
+        """The value of the secret ``name``, as the attempt whose run ``token`` lists it may read it.
+        Retried while the registry is unavailable; any other refusal is raised (grpc.RpcError)."""
+        request = secrets_pb2.AccessSecretRequest(name=name)
+        reply = await _retried(
+            lambda: self._secrets.AccessSecret(request, timeout=CALL_TIMEOUT_SECONDS, metadata=bearer(token)),
+            f"access {name}",
+            self._peer,
+        )
+        return reply.value
 
     async def close(self) -> None:
         await self._channel.close()
@@ -184,9 +239,16 @@ class _Delivered:
 class Builder:
     """The builder's BuildService."""
 
-    def __init__(self, address: str, reachability: Reachability | None = None) -> None:
+    def __init__(
+        self,
+        address: str,
+        reachability: Reachability | None = None,
+        *,
+        channel: grpc.aio.Channel | None = None,
+    ) -> None:
+        """``channel``: as :class:`Runs` takes it."""
         self._address = address
-        self._channel = open_aio_channel(address)
+        self._channel = channel or open_aio_channel(address)
         self._builds = build_pb2_grpc.BuildServiceStub(self._channel)
         self._peer = reachability.watch("builder", self._channel, BUILD_SERVICE) if reachability else None
 

@@ -118,6 +118,22 @@ class JobVersion:
 
 
 @dataclass(frozen=True, slots=True)
+class SecretMount:
+    """A project secret the job receives: as the environment variable ``env`` or as the file ``file`` of
+    its secrets directory (exactly one is set)."""
+
+    secret: str
+    """``projects/{p}/secrets/{s}``."""
+    env: str = ""
+    file: str = ""
+
+    @property
+    def target(self) -> str:
+        """Where the job finds it, for messages: ``env FOO`` or ``file foo.json``."""
+        return f"env {self.env}" if self.env else f"file {self.file}"
+
+
+@dataclass(frozen=True, slots=True)
 class Assignment:
     """One lease of one item, as the queue service assigned it."""
 
@@ -145,6 +161,10 @@ class Assignment:
     max_run_time: float | None = None
     """Seconds of RUNNING allowed; None: unlimited."""
     traceparent: str = ""
+    run_token: str = field(default="", repr=False)
+    """The attempt's run token: it writes the run (and reads the secrets below) and the job gets it as
+    TAKEOFF_TOKEN. Empty from a queue that mints none: the agent's own key writes the run then."""
+    secrets: tuple[SecretMount, ...] = ()
 
     @property
     def project(self) -> str:

@@ -23,6 +23,7 @@ import grpc
 from takeoff.v1 import common_pb2, queue_pb2, queue_pb2_grpc
 from takeoff_rpc.channels import open_aio_channel
 from takeoff_rpc.retries import RetryPolicy
+from takeoff_rpc.status import decode_rpc_error
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +34,10 @@ RECONNECT = RetryPolicy(initial_delay=0.1, max_delay=MAX_RECONNECT_DELAY_SECONDS
 """Waits after a session ends: full jitter below 0.1 s doubling to 1 s, so that the agents of a restarted
 queue service do not all reconnect at once. Only its delays are used (reconnecting never gives up); the
 infinite deadline says so to RetryPolicy."""
+REFUSED_KEY = RetryPolicy(initial_delay=1.0, max_delay=30.0, deadline=math.inf)
+"""Waits after the queue service refused the agent's key (UNAUTHENTICATED, PERMISSION_DENIED): the agent
+keeps trying, as an operator may fix the key or its grants, but slowly, one log line each time."""
+KEY_REFUSALS = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
 CHANNEL_OPTIONS = (("grpc.max_reconnect_backoff_ms", 800),)
 """While the queue service is away the channel's own back-off paces the connection attempts, and a session
 starts as soon as one succeeds: capped at 0.8 s, plus gRPC's 20 % jitter, dispatch resumes within a second
@@ -68,8 +73,19 @@ class LeaseHandler(Protocol):
 
 
 class LeaseLink:
-    def __init__(self, address: str, hello: HelloSpec, handler: LeaseHandler) -> None:
+    def __init__(
+        self,
+        address: str,
+        hello: HelloSpec,
+        handler: LeaseHandler,
+        *,
+        api_key: str | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+    ) -> None:
+        """``api_key``: the agent's own key, presented on the stream; ``credentials``: TLS to the queue."""
         self._address = address
+        self._api_key = api_key
+        self._credentials = credentials
         self._hello = hello
         self._handler = handler
         self.capacity = hello.capacity
@@ -90,10 +106,13 @@ class LeaseLink:
 
     async def run(self) -> None:
         """Hold a session open until ``stop()``, reconnecting with backoff."""
-        failed_sessions = 0
-        async with open_aio_channel(self._address, options=CHANNEL_OPTIONS) as channel:
+        failed_sessions = refusals = 0
+        async with open_aio_channel(
+            self._address, api_key=self._api_key, credentials=self._credentials, options=CHANNEL_OPTIONS
+        ) as channel:
             stub = queue_pb2_grpc.QueueServiceStub(channel)
             while await self._until_connected(channel):
+                refused: grpc.aio.AioRpcError | None = None
                 try:
                     await self._session(stub)
                 except grpc.aio.AioRpcError as error:
@@ -102,17 +121,48 @@ class LeaseLink:
                     if error.code() == grpc.StatusCode.ABORTED:
                         logger.error("another process with this agent's id took over its session; stopping")
                         raise SessionRefused(error.details() or "superseded") from None
-                    logger.warning("lease stream ended (%s); reconnecting", error.code().name)
+                    if error.code() in KEY_REFUSALS:
+                        refused = error
+                    else:
+                        logger.warning("lease stream ended (%s); reconnecting", error.code().name)
                 finally:
                     # A session that got as far as Welcome starts the back-off over.
-                    failed_sessions = 0 if self._connected.is_set() else failed_sessions + 1
+                    if self._connected.is_set():
+                        failed_sessions = refusals = 0
+                    else:
+                        failed_sessions += 1
                     self._connected.clear()
                     for answer in self._answers.values():
                         if not answer.done():
                             answer.set_exception(Disconnected())
                     self._answers.clear()
-                if not self._stopped.is_set():
-                    await asyncio.sleep(RECONNECT.delay(max(failed_sessions, 1)))
+                if self._stopped.is_set():
+                    continue
+                if refused is not None:  # kept trying, slowly: an operator may fix the key
+                    refusals += 1
+                    delay = REFUSED_KEY.delay(refusals)
+                    self._log_refusal(refused, delay)
+                else:
+                    delay = RECONNECT.delay(max(failed_sessions, 1))
+                await self._pause(delay)
+
+    async def _pause(self, seconds: float) -> None:
+        """Wait ``seconds`` before the next session, or until ``stop()``."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopped.wait(), seconds)
+
+    def _log_refusal(self, error: grpc.aio.AioRpcError, delay: float) -> None:
+        """One line per refused session, naming the reason (the key's name at most, never its secret)."""
+        status = decode_rpc_error(error, target=self._address)
+        logger.error(
+            "the queue service at %s refused this agent's API key (%s %s): %s; check the agent's api_key "
+            "(TAKEOFF_API_KEY or api_key_file) and the queues it may lease; trying again in %.0fs",
+            self._address,
+            status.code.name,
+            status.reason,
+            status.message,
+            delay,
+        )
 
     async def _until_connected(self, channel: grpc.aio.Channel) -> bool:
         """Wait until the channel to the queue service is connected (True) or ``stop()`` is called (False).

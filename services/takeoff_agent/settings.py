@@ -23,6 +23,10 @@ class AgentSettings(ServerSettings):
     """The registry's address as jobs are given it (TAKEOFF_REGISTRY): ``host:port``, or ``unix:/path``
     (the container runner mounts that socket into containers); unset: ``registry_address``. A cluster's
     jobs need an address the cluster can reach (docs/design.md §16)."""
+    job_registry_ca_file: Path | None = None
+    """The CA certificate jobs check the registry's TLS certificate against (TAKEOFF_TLS_CA_FILE points at
+    a copy the runner gives the job); unset: the agent's own ``tls.ca_file`` when the registry jobs are
+    given is reached over TLS (a ``host:port`` with ``tls`` set), else none."""
     runners: dict[str, dict[str, object]] = Field(default={"local-process": {}}, min_length=1)
     """One entry per resource kind the agent runs (``local-process``, ``local-container``, ``kubernetes``)
     with that runner's options; the runner checks its options when the agent starts, and the agent refuses
@@ -42,6 +46,16 @@ class AgentSettings(ServerSettings):
                 raise ValueError(f"{queue!r} is not a queue name")
         return queues
 
+    @field_validator("job_registry_ca_file")
+    @classmethod
+    def _check_ca_file(cls, value: Path | None) -> Path | None:
+        if value is None:
+            return None
+        value = value.expanduser()
+        if not value.is_file():
+            raise ValueError(f"{value} is not a readable file")
+        return value
+
     @field_validator("runners")
     @classmethod
     def _check_runners(cls, runners: dict[str, dict[str, object]]) -> dict[str, dict[str, object]]:
@@ -52,3 +66,13 @@ class AgentSettings(ServerSettings):
     @property
     def state_path(self) -> Path:
         return self.state_dir or self.home / "agent"
+
+    @property
+    def job_ca_file(self) -> Path | None:
+        """The CA certificate jobs are given, if any (``job_registry_ca_file``)."""
+        if self.job_registry_ca_file is not None:
+            return self.job_registry_ca_file
+        address = self.job_registry_address or self.registry_address
+        if self.tls is not None and not address.startswith("unix:"):
+            return self.tls.ca_file
+        return None

@@ -6,6 +6,7 @@ converted whenever it is read, so a restarted agent sees exactly what the first 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from google.protobuf.message import DecodeError
@@ -25,6 +26,7 @@ from takeoff_agent.domain import (
     Outcome,
     ResourceKind,
     RunState,
+    SecretMount,
     SourceKind,
 )
 from takeoff_server.names import ResourcePattern
@@ -72,7 +74,25 @@ def assignment_from_proto(message: AssignmentMessage) -> Assignment:
             message.max_run_time.ToTimedelta().total_seconds() if message.HasField("max_run_time") else None
         ),
         traceparent=message.traceparent,
+        run_token=message.run_token,
+        secrets=tuple(_secret_mount(mount, message.queue) for mount in message.secrets),
     )
+
+
+SECRET = ResourcePattern("projects/{project}/secrets/{secret}")
+QUEUE = ResourcePattern("projects/{project}/queues/{queue}")
+
+
+def _secret_mount(mount: queue_pb2.SecretMount, queue: str) -> SecretMount:
+    """The mount with its secret's full name (a short id names a secret of the queue's project)."""
+    name = mount.secret
+    if "/" not in name and (parts := QUEUE.match(queue)) is not None:
+        name = f"projects/{parts['project']}/secrets/{name}"
+    if SECRET.match(name) is None:
+        raise ValueError(f"secret {mount.secret!r} is not of the form {SECRET.template}")
+    if bool(mount.env) == bool(mount.file):
+        raise ValueError(f"secret {name} must be mounted as exactly one of env and file")
+    return SecretMount(secret=name, env=mount.env, file=mount.file)
 
 
 def _named(pattern: ResourcePattern, name: str, field: str) -> str:
@@ -82,10 +102,15 @@ def _named(pattern: ResourcePattern, name: str, field: str) -> str:
 
 
 def record_assignment(message: AssignmentMessage, lease_dir: Path) -> None:
-    """Keep the assignment on disk before any work starts, so a restarted agent can report it held."""
-    lease_dir.mkdir(parents=True, exist_ok=True)
+    """Keep the assignment on disk before any work starts, so a restarted agent can report it held and
+    finish its run. It holds the attempt's run token: the lease directory is the agent's alone (0700) and
+    the file is readable by the agent's user only (0600)."""
+    lease_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     partial = lease_dir / f"{ASSIGNMENT_FILE}.partial"
-    partial.write_bytes(message.SerializeToString())
+    partial.unlink(missing_ok=True)  # one left by a crash may have other permissions
+    descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "wb") as file:
+        file.write(message.SerializeToString())
     partial.replace(lease_dir / ASSIGNMENT_FILE)
 
 

@@ -15,10 +15,12 @@ import json
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Mapping, Sequence
+from collections.abc import Awaitable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, TypeVar
+
+import grpc
 
 from takeoff_agent.clients import Builder, LogLine, Runs
 from takeoff_agent.domain import (
@@ -32,6 +34,7 @@ from takeoff_agent.domain import (
     Outcome,
     ResourceKind,
     RunState,
+    SecretMount,
 )
 from takeoff_agent.runners.base import Launch, LogSource, Runner, RunnerRefused, RunnerUnavailable
 from takeoff_agent.shim import write_atomically
@@ -42,6 +45,7 @@ from takeoff_agent.wire import (
     log_stream_to_proto,
     run_state_to_proto,
 )
+from takeoff_rpc.status import decode_rpc_error, status_code
 from takeoff_server.validation import clip_utf8
 
 logger = logging.getLogger(__name__)
@@ -57,6 +61,10 @@ MAX_OUTCOME_MESSAGE_BYTES = 4096
 MAX_LINES_PER_CALL = 10_000  # the registry's limit per AppendLogs
 MAX_BYTES_PER_CALL = 2 * 1024 * 1024  # well under the registry's 4 MiB receive limit
 LINE_OVERHEAD_BYTES = 8
+MASK = "***"
+"""What a secret's value becomes in the job's output before it reaches the run's log."""
+MIN_MASKED_CHARS = 4
+"""Shorter values are not masked: replacing every ``1`` of a log would hide the log, not the secret."""
 BUILD_DETAILS = {BuildKind.VENV: "venv build", BuildKind.IMAGE: "image build", BuildKind.NOOP: "image check"}
 """The BUILDING Progress detail: what the builder makes for this attempt."""
 
@@ -95,6 +103,17 @@ class AgentContext:
     stop_grace_seconds: float
     job_registry_address: str
     """What jobs are given as TAKEOFF_REGISTRY (docs/design.md §16)."""
+    job_ca_file: Path | None = None
+    """The CA certificate jobs need to check that registry's TLS certificate (TAKEOFF_TLS_CA_FILE)."""
+
+
+@dataclass(frozen=True, slots=True)
+class JobSecrets:
+    """What the job gets besides its environment: secret environment variables (TAKEOFF_TOKEN and user
+    secrets mounted as env) and secret files. Never logged, never recorded by the agent."""
+
+    env: dict[str, str] = field(default_factory=dict, repr=False)
+    files: dict[str, bytes] = field(default_factory=dict, repr=False)
 
 
 @dataclass
@@ -119,8 +138,30 @@ class RunLog:
     """Build output lines taken so far: a restarted agent asks for the same build again, whose output the
     builder sends from its first line, and skips that many."""
     last_lines: deque[str] = field(default_factory=lambda: deque(maxlen=LAST_LINES_IN_MESSAGE))
+    token: str | None = field(default=None, repr=False)
+    """The run token the lines are sent with (None: the channel's key)."""
     _recorded: bool = field(default=True, init=False)
     """Whether ``checkpoint`` holds ``pending`` (after lines it also holds that are sent by now)."""
+    _masks: list[str] = field(default_factory=list, init=False, repr=False)
+    """Secret values replaced by :data:`MASK` in every line added, longest first."""
+
+    def mask(self, values: Iterable[str | bytes]) -> None:
+        """Replace ``values`` (and each line of a multi-line one) wherever a line added from now on
+        holds them: a job that prints its token or a secret does not put it into the run's log, nor
+        into the item's failure message (which quotes the last lines)."""
+        masks = set(self._masks)
+        for value in values:
+            text = value.decode(errors="replace") if isinstance(value, bytes) else value
+            for piece in (text, *text.splitlines()):
+                if len(piece.strip()) >= MIN_MASKED_CHARS:
+                    masks.add(piece.strip())
+        self._masks = sorted(masks, key=len, reverse=True)
+
+    def _masked(self, line: str) -> str:
+        for secret in self._masks:
+            if secret in line:
+                line = line.replace(secret, MASK)
+        return line
 
     def restore(self) -> None:
         """Take up where an earlier run of this agent recorded it stood."""
@@ -139,6 +180,8 @@ class RunLog:
     def add(self, stream: LogStream, lines: list[str]) -> None:
         if not lines:
             return
+        if self._masks:
+            lines = [self._masked(line) for line in lines]
         self.pending.extend(LogLine(log_stream_to_proto(stream), line) for line in lines)
         self._recorded = False
         if stream is LogStream.BUILD:
@@ -173,7 +216,7 @@ class RunLog:
             self._recorded = True
         while self.pending:
             batch = _next_batch(self.pending)
-            await self.runs.append_logs(self.run, batch, self.next_index)
+            await self.runs.append_logs(self.run, batch, self.next_index, token=self.token)
             self.next_index += len(batch)
             del self.pending[: len(batch)]
 
@@ -204,10 +247,18 @@ class Attempt:
         self.running_since: float | None = None
         self.stop_reason: Stop | None = None
         self._stop_requested = asyncio.Event()
+        self.token = assignment.run_token or None
+        """The attempt's run token: every call about its run presents it (None: the agent's key)."""
         self.log = RunLog(
-            context.runs, assignment.run, lease_dir / "log_checkpoint.json", self.job.log_sources()
+            context.runs,
+            assignment.run,
+            lease_dir / "log_checkpoint.json",
+            self.job.log_sources(),
+            token=self.token,
         )
         self.log.restore()
+        if self.token:
+            self.log.mask([self.token])
         self._restore_progress()
         self.task: asyncio.Task[None] | None = None
         self._timers: list[asyncio.TimerHandle] = []
@@ -301,7 +352,8 @@ class Attempt:
 
     async def _attempt(self) -> Outcome | None:
         assignment = self.assignment
-        if not self.job.started:
+        resumed = self.job.started  # by an earlier run of this agent
+        if not resumed:
             await self.context.runs.create(
                 assignment.run,
                 job_version=assignment.job_version.name,
@@ -309,6 +361,7 @@ class Attempt:
                 attempt=assignment.attempt,
                 config=assignment.run_config,
                 display_name=assignment.run_display_name,
+                token=self.token,
             )
             self.log.system(f"attempt {assignment.attempt} of {assignment.item} on {self.context.agent_name}")
             try:
@@ -318,6 +371,11 @@ class Attempt:
                 return await self._failed_before_end(
                     Outcome(ItemState.FAILED, FailureReason.CONFIG_INVALID, message=str(refused))
                 )
+            secrets = await self._unless_stopped(self._secrets())
+            if secrets is _Interrupted.STOP:
+                return await self._end_stopped()
+            if isinstance(secrets, Outcome):
+                return await self._failed_before_end(secrets)
             if not await self._advance(ItemState.BUILDING, BUILD_DETAILS[build_kind]):
                 return await self._end_stopped()
             built = await self._unless_stopped(self._build(build_kind))
@@ -327,13 +385,16 @@ class Attempt:
                 return await self._failed_before_end(built)
             if not await self._advance(ItemState.STARTING, "starting the job"):
                 return await self._end_stopped()
-            failed_start = await self._unless_stopped(self._start(built))
+            failed_start = await self._unless_stopped(self._start(built, secrets))
             if failed_start is _Interrupted.STOP:
                 return await self._end_stopped()
             if failed_start is not None:
                 return await self._failed_before_end(failed_start)
-        elif (  # started before an agent restart and not seen running: its pod may still be pending
-            self.running_since is None
+        else:
+            await self._mask_secrets_again()
+        if (  # started before an agent restart and not seen running: its pod may still be pending
+            resumed
+            and self.running_since is None
             and await self._unless_stopped(self.job.until_running()) is _Interrupted.STOP
         ):
             return await self._end_stopped()
@@ -421,16 +482,68 @@ class Attempt:
             "TRACEPARENT": assignment.traceparent,
         }
 
-    async def _start(self, built: Built) -> Outcome | None:
+    async def _secrets(self) -> JobSecrets | Outcome:
+        """What the job gets besides its environment: its run token as TAKEOFF_TOKEN, and the values of
+        the secrets it was given, read with that token (docs/design.md §13). A secret that does not exist,
+        or that the token may not read, fails the attempt CONFIG_INVALID, naming the secret; a registry
+        that stays away fails it RUNNER_INFRA (retryable)."""
+        secrets = JobSecrets()
+        for mount in self.assignment.secrets:
+            try:
+                value = await self.context.runs.access_secret(mount.secret, token=self.token)
+            except grpc.RpcError as error:
+                return _secret_refused(mount, error)
+            if mount.file:
+                secrets.files[mount.file] = value
+                continue
+            try:
+                text = value.decode()
+                if "\0" in text:
+                    raise ValueError("NUL")
+            except ValueError:  # UnicodeDecodeError included
+                return Outcome(
+                    ItemState.FAILED,
+                    FailureReason.CONFIG_INVALID,
+                    message=f"the secret {mount.secret} cannot be the environment variable {mount.env}: "
+                    "its value is not text without NUL characters (mount it as a file)",
+                )
+            secrets.env[mount.env] = text
+        if self.token:
+            secrets.env["TAKEOFF_TOKEN"] = self.token  # last: no mount can replace it
+        self.log.mask([*secrets.env.values(), *secrets.files.values()])
+        return secrets
+
+    async def _mask_secrets_again(self) -> None:
+        """After an agent restart: the values of the job's secrets, to mask in its output again (the job
+        has them already). Best effort: without them the output goes to the run as the job wrote it."""
+        if not self.assignment.secrets:
+            return
+        try:
+            values = [
+                await self.context.runs.access_secret(mount.secret, token=self.token)
+                for mount in self.assignment.secrets
+            ]
+        except grpc.RpcError as error:
+            logger.warning(
+                "could not read the secrets of %s again (%s): its output is not masked for them",
+                self.assignment.run,
+                status_code(error).name,
+            )
+            return
+        self.log.mask(values)
+
+    async def _start(self, built: Built, secrets: JobSecrets) -> Outcome | None:
         """Start the job; the outcome when its runner cannot."""
         launch = Launch(
             assignment=self.assignment,
             built=built,
             env=self._environment(),
-            secrets={},
+            secrets=secrets.env,
             registry_address=self.context.job_registry_address,
             stop_grace_seconds=self.context.stop_grace_seconds,
             report=lambda detail: self._advance(ItemState.STARTING, detail),
+            secret_files=secrets.files,
+            ca_file=self.context.job_ca_file,
         )
         try:
             await self.job.start(launch)
@@ -483,6 +596,7 @@ class Attempt:
                 run_state_to_proto(RunState.FAILED),
                 exit_code=outcome.exit_code,
                 message=outcome.message,
+                token=self.token,
             )
         except Exception:  # the run may not exist (the registry refused it): the outcome still goes out
             logger.warning("could not end the run of %s", self.assignment.run, exc_info=True)
@@ -498,7 +612,11 @@ class Attempt:
     async def _finish_run(self, state: RunState, exit_code: int | None, message: str) -> RunState:
         """Set the run's final state, unless its job (the SDK) has set one; the final state either way."""
         final = await self.context.runs.finish(
-            self.assignment.run, run_state_to_proto(state), exit_code=exit_code, message=message
+            self.assignment.run,
+            run_state_to_proto(state),
+            exit_code=exit_code,
+            message=message,
+            token=self.token,
         )
         return RunState(final)
 
@@ -551,7 +669,8 @@ class Attempt:
             message = failure_message(explanation + ("; last lines:" if last_lines else ""), last_lines)
             await self._finish_run(RunState.CRASHED if crashed else RunState.FAILED, exit_code, message)
             return Outcome(ItemState.FAILED, FailureReason.JOB_FAILED, exit_code, message)
-        if await self.context.runs.state(self.assignment.run) == run_state_to_proto(RunState.STARTING):
+        state = await self.context.runs.state(self.assignment.run, token=self.token)
+        if state == run_state_to_proto(RunState.STARTING):
             message = "the job exited 0 but never called takeoff.init(), so it reported no run (NO_RUN)"
             self.log.system(message)
             await self._finish_run(RunState.FAILED, 0, message)
@@ -581,6 +700,20 @@ class Attempt:
             await self.log.flush()
         except Exception:  # logs must never cost the job its outcome; the next flush tries again
             logger.warning("could not send log lines of %s", self.assignment.run, exc_info=True)
+
+
+def _secret_refused(mount: SecretMount, error: grpc.RpcError) -> Outcome:
+    """The outcome of an attempt whose secret the registry would not give (naming it, never a value)."""
+    code = status_code(error)
+    if code is grpc.StatusCode.NOT_FOUND:
+        reason, why = FailureReason.CONFIG_INVALID, "it does not exist"
+    elif code is grpc.StatusCode.PERMISSION_DENIED:
+        reason, why = FailureReason.CONFIG_INVALID, "this attempt may not read it (not in its run token)"
+    else:
+        status = decode_rpc_error(error)
+        reason, why = FailureReason.RUNNER_INFRA, f"the registry did not give it ({status.reason})"
+    message = f"the secret {mount.secret} (as {mount.target}) cannot be given to the job: {why}"
+    return Outcome(ItemState.FAILED, reason, message=message)
 
 
 def failure_message(explanation: str, last_lines: Sequence[str]) -> str:

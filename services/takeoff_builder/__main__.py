@@ -1,7 +1,6 @@
 """``python -m takeoff_builder``: serve BuildService."""
 
 import asyncio
-from collections.abc import Sequence
 from contextlib import AsyncExitStack
 from pathlib import Path
 
@@ -9,6 +8,7 @@ from pydantic import SecretStr
 
 from takeoff._sdk_wheel import sdk_wheel
 from takeoff.v1 import build_pb2, build_pb2_grpc
+from takeoff_builder.access import RULES
 from takeoff_builder.api import BuildApi
 from takeoff_builder.builds import Builder, Redactor
 from takeoff_builder.git_mirrors import GitMirrors
@@ -19,21 +19,31 @@ from takeoff_builder.settings import BuilderSettings
 from takeoff_builder.sources import CodeCache
 from takeoff_builder.store import BuildStore
 from takeoff_builder.venvs import Venvs
+from takeoff_server.config import ConfigError
 from takeoff_server.database import open_service_database
 from takeoff_server.docker_registry import RegistryLogin
+from takeoff_server.errors import ServiceFailed
 from takeoff_server.main import ServiceProgram
-from takeoff_server.server import ServiceBinding
+from takeoff_server.peers import peer_channel, registry_verifier
+from takeoff_server.server import ServiceBinding, Wiring
 
 
 def _secret(value: SecretStr | None) -> str | None:
     return value.get_secret_value() if value is not None else None
 
 
-async def wire(settings: BuilderSettings, resources: AsyncExitStack) -> Sequence[ServiceBinding]:
+async def wire(settings: BuilderSettings, resources: AsyncExitStack) -> Wiring:
+    try:
+        # The builder presents its own key to the registry (resolving versions, downloading code) and
+        # verifies its callers' keys there.
+        verifier = registry_verifier(settings, settings.registry_address, resources)
+        registry_channel = peer_channel(settings.registry_address, settings)
+    except ConfigError as error:
+        raise ServiceFailed(str(error)) from None
     database = await open_service_database(
         "builder", settings, resources, migrations=Path(__file__).with_name("migrations")
     )
-    registry = RegistryClient(settings.registry_address)
+    registry = RegistryClient(settings.registry_address, registry_channel)
     resources.push_async_callback(registry.close)
     builds = settings.builds_path
     index = PackageIndex(settings.pip_index_url, tuple(settings.pip_extra_index_urls), settings.ca_bundle)
@@ -79,14 +89,18 @@ async def wire(settings: BuilderSettings, resources: AsyncExitStack) -> Sequence
         ),
     )
     await builder.recover()
-    return [
-        ServiceBinding.of(
-            build_pb2.DESCRIPTOR.services_by_name["BuildService"],
-            build_pb2_grpc.add_BuildServiceServicer_to_server,
-            BuildApi(builder),
-            on_shutdown=builder.stop,
-        )
-    ]
+    return Wiring(
+        services=[
+            ServiceBinding.of(
+                build_pb2.DESCRIPTOR.services_by_name["BuildService"],
+                build_pb2_grpc.add_BuildServiceServicer_to_server,
+                BuildApi(builder),
+                access=RULES,
+                on_shutdown=builder.stop,
+            )
+        ],
+        verifier=verifier,
+    )
 
 
 program = ServiceProgram("builder", BuilderSettings, wire)

@@ -11,6 +11,7 @@ import hashlib
 from pathlib import Path
 
 import grpc
+import grpc.aio
 
 from takeoff.v1 import common_pb2, jobs_pb2, jobs_pb2_grpc
 from takeoff_builder.model import (
@@ -23,7 +24,6 @@ from takeoff_builder.model import (
     JobSpec,
     Source,
 )
-from takeoff_rpc.channels import open_aio_channel
 from takeoff_rpc.status import decode_rpc_error
 from takeoff_server.remote_errors import domain_error
 
@@ -59,11 +59,12 @@ def job_spec_from_proto(version: common_pb2.JobVersion) -> JobSpec:
 
 
 class RegistryClient:
-    """JobService of the registry at ``address``."""
+    """JobService of the registry at ``address``, over ``channel`` (which presents the builder's own key:
+    ``takeoff_server.peers.peer_channel``)."""
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, channel: grpc.aio.Channel) -> None:
         self.address = address
-        self._channel = open_aio_channel(address)
+        self._channel = channel
         self._jobs = jobs_pb2_grpc.JobServiceStub(self._channel)
 
     async def job_version(self, reference: str) -> JobSpec:

@@ -13,7 +13,6 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import grpc
 import pytest
 
 from takeoff.client import Client
@@ -26,7 +25,9 @@ from takeoff.v1 import (
     runs_pb2,
     runs_pb2_grpc,
 )
+from takeoff_rpc.channels import open_channel
 from takeoff_server.protovalues import dict_to_struct
+from tests.keys import ADMIN_KEY
 from tests.processes import ServiceProcess, pid_alive, service_process, wait_for
 
 LEASE_TTL_SECONDS = 3.0
@@ -189,9 +190,9 @@ class Stack:
         self.registry = registry
         self.queue_address = queue
         self.builder = builder
-        self._queue_channel = grpc.insecure_channel(queue)
+        self._queue_channel = open_channel(queue, api_key=ADMIN_KEY)
         self.queues = queue_pb2_grpc.QueueServiceStub(self._queue_channel)
-        self._registry_channel = grpc.insecure_channel(registry)
+        self._registry_channel = open_channel(registry, api_key=ADMIN_KEY)
         self.runs = runs_pb2_grpc.RunServiceStub(self._registry_channel)
 
     def new_queue(
@@ -282,7 +283,7 @@ class AgentProcess:
         return str(addresses[0])
 
     def status(self) -> agent_pb2.GetStatusResponse:
-        with grpc.insecure_channel(self.address) as channel:
+        with open_channel(self.address, api_key=ADMIN_KEY) as channel:
             return agent_pb2_grpc.AgentServiceStub(channel).GetStatus(agent_pb2.GetStatusRequest())
 
     def wait_working_on(self, item: str, state: int, timeout: float = 120) -> None:

@@ -8,12 +8,12 @@ import signal
 import subprocess
 from pathlib import Path
 
-import grpc
 import pytest
 
 from takeoff.client import Client
 from takeoff.models import GitSource
 from takeoff.v1 import agent_pb2, agent_pb2_grpc, common_pb2, queue_pb2, runs_pb2
+from takeoff_rpc.channels import open_channel
 from tests.agent.conftest import (
     GROUP,
     LEASE_TTL_SECONDS,
@@ -26,6 +26,7 @@ from tests.agent.conftest import (
     running_agent,
     wait_gone,
 )
+from tests.keys import ADMIN_KEY
 from tests.processes import pid_alive, wait_for
 from tests.queue.harness import struct
 
@@ -328,7 +329,7 @@ def test_agent_status_lists_its_work_and_drain_stops_it(
     name = stack.enqueue(queue, job, run_config=struct({"go": str(go)}))
     stack.wait_state(name, RUNNING)
 
-    with grpc.insecure_channel(agent.address) as channel:
+    with open_channel(agent.address, api_key=ADMIN_KEY) as channel:
         agents = agent_pb2_grpc.AgentServiceStub(channel)
         status = agents.GetStatus(agent_pb2.GetStatusRequest())
         assert status.connected

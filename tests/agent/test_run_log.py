@@ -9,7 +9,6 @@ import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import grpc
 import pytest
 from google.protobuf.duration_pb2 import Duration
 
@@ -22,7 +21,9 @@ from takeoff_agent.runners.base import RunnerContext
 from takeoff_agent.runners.local_process import LocalProcessRunner
 from takeoff_agent.wire import assignment_from_proto, record_assignment, recorded_assignment
 from takeoff_agent.work import AgentContext, Attempt, RunLog, Stop
+from takeoff_rpc.channels import open_aio_channel, open_channel
 from tests.agent.conftest import PROJECT, assignment_message
+from tests.keys import ADMIN_KEY
 from tests.processes import ServiceProcess
 
 STDOUT, STDERR, SYSTEM = runs_pb2.LOG_STREAM_STDOUT, runs_pb2.LOG_STREAM_STDERR, runs_pb2.LOG_STREAM_SYSTEM
@@ -48,7 +49,7 @@ class DiesAfterCalls(Runs):
 
 @pytest.fixture
 async def runs(registry: ServiceProcess) -> AsyncIterator[Runs]:
-    runs = Runs(registry.address)
+    runs = Runs(registry.address, channel=open_aio_channel(registry.address, api_key=ADMIN_KEY))
     yield runs
     await runs.close()
 
@@ -86,7 +87,7 @@ class JobFiles:
 
 
 def stored(registry: ServiceProcess, run: str) -> list[tuple[int, str]]:
-    with grpc.insecure_channel(registry.address) as channel:
+    with open_channel(registry.address, api_key=ADMIN_KEY) as channel:
         reply = runs_pb2_grpc.RunServiceStub(channel).ReadLogs(runs_pb2.ReadLogsRequest(name=run))
         return [(line.stream, line.text) for batch in reply for line in batch.lines]
 
@@ -189,7 +190,7 @@ async def test_a_restarted_agent_keeps_when_the_job_began_and_why_it_was_stopped
 ) -> None:
     context = AgentContext(
         agent_name="agents/a",
-        runs=Runs(registry.address),
+        runs=Runs(registry.address, channel=open_aio_channel(registry.address, api_key=ADMIN_KEY)),
         builder=Builder(registry.address),
         runners={runner.kind: runner for runner in [LocalProcessRunner(RunnerContext("a", tmp_path))]},
         stop_grace_seconds=1,

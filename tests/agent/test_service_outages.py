@@ -26,6 +26,7 @@ from takeoff_agent.reachability import Reachability
 from takeoff_rpc.channels import open_channel
 from takeoff_server.protovalues import dict_to_struct
 from tests.agent.conftest import PROJECT, AgentProcess, Stack, StartAgent, code_job
+from tests.keys import ADMIN_KEY
 from tests.processes import ServiceProcess, pid_alive, service_process, wait_for
 
 SUCCEEDED = common_pb2.ITEM_STATE_SUCCEEDED
@@ -116,7 +117,7 @@ class QueueView:
     couple of seconds (takeoff_rpc's options); a call that finds it away answers None."""
 
     def __init__(self, address: str) -> None:
-        self._channel = open_channel(address)
+        self._channel = open_channel(address, api_key=ADMIN_KEY)
         self.queues = queue_pb2_grpc.QueueServiceStub(self._channel)
 
     def agent(self, name: str) -> queue_pb2.Agent | None:

@@ -20,8 +20,10 @@ from takeoff.models import Environment, JobSource
 from takeoff.v1 import build_pb2, build_pb2_grpc
 from takeoff_builder.__main__ import wire
 from takeoff_builder.settings import BuilderSettings
+from takeoff_rpc.channels import open_aio_channel
 from takeoff_server.server import TakeoffServer
 from tests.conftest import require
+from tests.keys import ADMIN_KEY
 from tests.processes import ServiceProcess, service_process
 
 SMALL_REQUIREMENT = "six==1.16.0"
@@ -161,15 +163,20 @@ class Builder:
 
 
 @asynccontextmanager
-async def running_builder(home: Path, registry_address: str, **overrides: Any) -> AsyncIterator[Builder]:
+async def running_builder(
+    home: Path, registry_address: str, *, api_key: str = ADMIN_KEY, **overrides: Any
+) -> AsyncIterator[Builder]:
+    """A builder served in-process (its own key: the tests' admin key, from TAKEOFF_API_KEY); its stub
+    presents ``api_key``."""
     settings = BuilderSettings(
         home=home, listen=["127.0.0.1:0"], registry_address=registry_address, **overrides
     )
     async with AsyncExitStack() as resources:
-        server = TakeoffServer(await wire(settings, resources), listen=settings.listen)
+        wiring = await wire(settings, resources)
+        server = TakeoffServer(wiring.services, listen=settings.listen, verifier=wiring.verifier)
         [address] = await server.start()
         try:
-            async with grpc.aio.insecure_channel(address) as channel:
+            async with open_aio_channel(address, api_key=api_key) as channel:
                 yield Builder(address, build_pb2_grpc.BuildServiceStub(channel), settings)
         finally:
             await server.stop(0)
