@@ -252,16 +252,24 @@ def test_cancel_stops_and_removes_the_container(containers: Containers) -> None:
     stack = containers.stack
     job = code_job(containers.client, containers.tmp_path, "waiter", WAITER)
     queue = containers.queue()
-    with containers.running_agent([queue]):
+    with containers.running_agent([queue]) as agent:
         name = stack.enqueue(queue, job)
         stack.wait_state(name, RUNNING, timeout=300)
-        containers.running_container(name)
+        running = containers.running_container(name)
+        config = containers.docker.engine.containers.get(running.id).attrs["Config"]
         stack.queues.CancelItem(queue_pb2.CancelItemRequest(name=name))
         item = stack.wait_ended(name, timeout=60)
         containers.wait_removed(name)
 
     assert item.state == CANCELLED
     assert stack.run(item.run).state == common_pb2.RUN_STATE_KILLED
+    # The run token is in the container's environment (§16: Docker access is root on the host anyway),
+    # and in no label, no line of the agent's and none of the run's log.
+    token = dict(entry.split("=", 1) for entry in config["Env"])["TAKEOFF_TOKEN"]
+    assert token
+    assert token not in json.dumps(config["Labels"])
+    assert token not in agent.log_file.read_text()
+    assert token not in "\n".join(stack.logs(item.run))
 
 
 def test_max_run_time_stops_and_removes_the_container(containers: Containers) -> None:
