@@ -37,14 +37,16 @@ class DiesAfterCalls(Runs):
     """The registry client of an agent that dies once ``calls`` AppendLogs calls have been stored."""
 
     def __init__(self, address: str, calls: int) -> None:
-        super().__init__(address)
+        super().__init__(address, channel=open_aio_channel(address, api_key=ADMIN_KEY))
         self.calls_left = calls
 
-    async def append_logs(self, run: str, lines: list[LogLine], first_index: int) -> None:
+    async def append_logs(
+        self, run: str, lines: list[LogLine], first_index: int, *, token: str | None = None
+    ) -> None:
         if self.calls_left == 0:
             raise AgentDied
         self.calls_left -= 1
-        await super().append_logs(run, lines, first_index)
+        await super().append_logs(run, lines, first_index, token=token)
 
 
 @pytest.fixture
