@@ -4,6 +4,7 @@ The registry owns the keys, so it verifies the keys presented to it itself (cach
 so a revocation takes effect here within the same bound as in the other services).
 """
 
+import logging
 from contextlib import AsyncExitStack
 from pathlib import Path
 
@@ -37,6 +38,8 @@ from takeoff_server.errors import ServiceFailed
 from takeoff_server.main import ServiceProgram
 from takeoff_server.server import ServiceBinding, Wiring
 
+logger = logging.getLogger(__name__)
+
 
 def _secrets(settings: RegistrySettings, store: RegistryStore) -> Secrets:
     path = settings.secrets_key_path
@@ -55,7 +58,9 @@ async def wire(settings: RegistrySettings, resources: AsyncExitStack) -> Wiring:
     store = RegistryStore(database)
     keys = Keys(SqlKeyStore(store))
     if settings.bootstrap_admin_key_file is not None:
-        await keys.bootstrap_admin(settings.bootstrap_admin_key_file)
+        key, created = await keys.bootstrap_admin(settings.bootstrap_admin_key_file)
+        if created:
+            logger.info("imported the bootstrap admin key as %s", key.name)
     git = GitResolver(
         settings.git_credentials,
         timeout=settings.git_timeout_seconds,

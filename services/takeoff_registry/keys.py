@@ -324,15 +324,16 @@ class Keys:
         RUN.parse(run, field="run")
         return await self._store.revoke_run_tokens(run, _now())
 
-    async def bootstrap_admin(self, path: Path) -> Key:
-        """Make the admin key whose secret ``path`` holds, unless it exists (any id, live or revoked)."""
+    async def bootstrap_admin(self, path: Path) -> tuple[Key, bool]:
+        """Make the admin key whose secret ``path`` holds, unless it exists (any id, live or revoked: a
+        revoked bootstrap key stays revoked); the key, and whether this call made it."""
         secret = read_bootstrap_secret(path)
         digest = secret_digest(secret)
         candidate = 1
         while True:
             existing = await self._store.by_digest(digest)
             if existing is not None:
-                return existing
+                return existing, False
             key_id = BOOTSTRAP_KEY_ID if candidate == 1 else f"{BOOTSTRAP_KEY_ID}-{candidate}"
             key = Key(
                 key_id=key_id,
@@ -344,7 +345,7 @@ class Keys:
                 create_time=_now(),
             )
             if await self._store.insert(key, digest):
-                return key
+                return key, True
             candidate += 1  # the id is taken (or another registry just imported it: checked above)
 
 
