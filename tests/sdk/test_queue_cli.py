@@ -284,3 +284,48 @@ async def test_agents_shows_who_serves_a_queue(cli_env: dict[str, str], takeoff:
         assert agent.agent_id in shown
         assert "connected" in shown
         assert "0/2" in shown
+
+
+def test_secure_queues_with_secrets_and_who_launched_an_item(
+    takeoff: Takeoff, job: str, project: str, tmp_path: Path
+) -> None:
+    for secret in ("hf", "db", "extra"):
+        assert takeoff("secrets", "set", secret, "--from-env", "HOME").returncode == 0
+    created = takeoff(
+        "queue", "create", "locked", "--resource", "local-container", "--paused", "--secure",
+        "--secret", "hf=HF_TOKEN", "--secret", "db:file=db.txt", "--json",
+    )  # fmt: skip
+    assert created.returncode == 0, created.stderr
+    queue = json.loads(created.stdout)
+    assert queue["secure"] is True
+    assert queue["allow_host_paths"] is False
+    assert [(m["env"], m["file"]) for m in queue["secrets"]] == [("HF_TOKEN", ""), ("", "db.txt")]
+    described = takeoff("queue", "describe", "locked")
+    assert "secure: dangerous overrides refused" in described.stdout
+    assert "hf=HF_TOKEN" in described.stdout.replace(f"projects/{project}/secrets/", "")
+
+    privileged = tmp_path / "privileged.yaml"
+    privileged.write_text("privileged: true\n")
+    refused_in_one_line(
+        takeoff("launch", job, "-q", "locked", "--resource-config", str(privileged)), "privileged"
+    )
+    bad = takeoff("launch", job, "-q", "locked", "--secret", "extra")
+    assert bad.returncode == 2
+    assert "SECRET=ENV" in bad.stderr
+
+    launched = takeoff("launch", job, "-q", "locked", "--secret", "extra=EXTRA", "--json")
+    assert launched.returncode == 0, launched.stderr
+    item = json.loads(launched.stdout)
+    assert [(m["env"], m["file"]) for m in item["secrets"]] == [("EXTRA", "")]
+    assert item["creator"].startswith("keys/")
+    shown = takeoff("items", "describe", item["name"])
+    assert shown.returncode == 0, shown.stderr
+    assert "launched by" in shown.stdout
+    assert "actor" in shown.stdout
+    assert item["creator"].split()[0] in shown.stdout
+    history = takeoff("items", "describe", item["name"], "--json")
+    assert json.loads(history.stdout)["transitions"][0]["actor"] == item["creator"]
+
+    updated = takeoff("queue", "update", "locked", "--no-secure", "--no-secrets", "--json")
+    assert updated.returncode == 0, updated.stderr
+    assert (json.loads(updated.stdout)["secure"], json.loads(updated.stdout)["secrets"]) == (False, [])
