@@ -14,6 +14,7 @@ import asyncio
 import heapq
 import itertools
 import logging
+import random
 import uuid
 from collections import OrderedDict, defaultdict
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
@@ -56,6 +57,7 @@ from takeoff_queue.run_closes import (
     RunTokens,
     TokenCallFailed,
     TokenRevoker,
+    backoff,
 )
 from takeoff_queue.store import QueueStore, QueueWrite
 from takeoff_server.errors import FailedPrecondition, NotFound, PermissionDenied
@@ -154,6 +156,7 @@ class Dispatcher:
         self._minting: dict[str, str] = {}
         """PENDING items whose token is being minted: out of the queue's index meanwhile."""
         self._mint_failures: dict[str, int] = defaultdict(int)
+        self._rng = random.Random()
         """item id -> mints in a row that failed: it waits longer before the next try."""
         self._clock = clock
         self.timing = timing
@@ -678,7 +681,9 @@ class Dispatcher:
             return
         if token is None:
             self._mint_failures[item.id] += 1
-            retry_at = self._clock() + lifecycle.infrastructure_backoff(self._mint_failures[item.id])
+            # The outbox's back-off: jittered, at most 10 s, so a registry back from an outage mints for
+            # every waiting item within about that much, spread out.
+            retry_at = self._clock() + backoff(self._mint_failures[item.id], self._rng)
             self._deadlines.at(retry_at, "eligible", item.id, item.life.epoch)
             return
         self._mint_failures.pop(item.id, None)
@@ -693,7 +698,7 @@ class Dispatcher:
         try:
             async with asyncio.timeout(MINT_TIMEOUT_SECONDS):
                 return await self._tokens.mint_run_token(
-                    run, item.name, item.job_version, [mount.secret for mount in mounts]
+                    run, item.name, item.job_version, sorted({mount.secret for mount in mounts})
                 )
         except (TokenCallFailed, TimeoutError) as error:
             logger.warning("no run token for %s yet (%s); it stays PENDING", item.name, error or "timed out")
