@@ -6,12 +6,14 @@ job's image.
 
 from __future__ import annotations
 
+import base64
 import json
 import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -102,6 +104,29 @@ def the_job_or_end(stack: Stack, kube: KubeApiServer, item: str) -> str | None:
     return None
 
 
+def assert_token_only_in_the_jobs_secret(kube: KubeApiServer, job: dict[str, Any], agent_log: str) -> None:
+    """The run token comes from the Job's own Secret (a secretKeyRef), never as a value in the Job, and
+    the agent logs it nowhere."""
+    name = job["metadata"]["name"]
+    containers = {c["name"]: c for c in job["spec"]["template"]["spec"]["containers"]}
+    reference = {"secretKeyRef": {"name": name, "key": "TAKEOFF_TOKEN"}}
+    assert {e["name"]: e.get("valueFrom") for e in containers["trainer"]["env"]}["TAKEOFF_TOKEN"] == reference
+
+    def owned_secret() -> dict[str, Any] | None:
+        secret = kube.get("secrets", name)
+        return secret if secret and secret["metadata"].get("ownerReferences") else None
+
+    secret = wait_for(owned_secret, what="the Job's Secret to be the Job's")
+    assert [(o["kind"], o["name"], o["uid"]) for o in secret["metadata"]["ownerReferences"]] == [
+        ("Job", name, job["metadata"]["uid"])
+    ]
+    token = base64.b64decode(secret["data"]["TAKEOFF_TOKEN"]).decode()
+    assert token
+    for where, text in (("the Job", json.dumps(job)), ("the agent's log", agent_log)):
+        assert token not in text, where
+        assert secret["data"]["TAKEOFF_TOKEN"] not in text, where
+
+
 @pytest.mark.timeout(600)  # the image build, on a machine without a cached dependency layer
 def test_a_code_job_on_a_kubernetes_queue_runs_as_a_job_of_its_pushed_image(
     cluster: Cluster, tmp_path: Path
@@ -113,7 +138,7 @@ def test_a_code_job_on_a_kubernetes_queue_runs_as_a_job_of_its_pushed_image(
         "runners": {"kubernetes": {"kubeconfig": str(kube_server.kubeconfig(tmp_path / "kubeconfig"))}},
         "job_registry_address": JOB_REGISTRY,
     }
-    with running_agent(cluster.start_agent, [queue], **settings):
+    with running_agent(cluster.start_agent, [queue], **settings) as agent:
         item = stack.enqueue(queue, job)
         name = wait_for(lambda: the_job_or_end(stack, kube_server, item), timeout=540, what="the Job")
         manifest = kube_server.get("jobs", name)
@@ -127,6 +152,7 @@ def test_a_code_job_on_a_kubernetes_queue_runs_as_a_job_of_its_pushed_image(
         assert environment["TAKEOFF_REGISTRY"] == JOB_REGISTRY
         assert environment["TAKEOFF_ITEM"] == item
         assert manifest["metadata"]["labels"]["takeoff.item"] == item.rsplit("/", 1)[1]
+        assert_token_only_in_the_jobs_secret(kube_server, manifest, agent.log_file.read_text())
 
         # The image is in the local registry, where the cluster would pull it from.
         repository, tag = image.removeprefix(f"{docker_setup.registry}/").rsplit(":", 1)
