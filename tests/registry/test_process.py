@@ -11,6 +11,8 @@ import grpc
 import pytest
 
 from takeoff.v1 import jobs_pb2, jobs_pb2_grpc, runs_pb2, runs_pb2_grpc
+from takeoff_rpc.channels import open_channel
+from tests.keys import ADMIN_KEY
 from tests.processes import service_process
 from tests.registry.conftest import make_tarball, upload_messages
 
@@ -19,7 +21,7 @@ def test_limits_come_from_settings_and_state_survives_a_restart(takeoff_home: Pa
     big = make_tarball({"weights.bin": os.urandom(4000)})
     env = {"TAKEOFF_MAX_ARTIFACT_BYTES": "2000"}
     with service_process("registry", takeoff_home, env=env) as registry:
-        with grpc.insecure_channel(registry.address) as channel:
+        with open_channel(registry.address, api_key=ADMIN_KEY) as channel:
             jobs = jobs_pb2_grpc.JobServiceStub(channel)
             with pytest.raises(grpc.RpcError) as raised:
                 jobs.UploadArtifact(iter(upload_messages("demo", big)), timeout=10)
@@ -37,7 +39,7 @@ def test_limits_come_from_settings_and_state_survives_a_restart(takeoff_home: Pa
         assert registry.terminate() == 0
 
     with service_process("registry", takeoff_home, env=env) as registry:
-        with grpc.insecure_channel(registry.address) as channel:
+        with open_channel(registry.address, api_key=ADMIN_KEY) as channel:
             job = jobs_pb2_grpc.JobServiceStub(channel).GetJob(
                 jobs_pb2.GetJobRequest(name="projects/demo/jobs/train"), timeout=10
             )
