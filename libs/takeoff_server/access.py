@@ -79,6 +79,10 @@ EVERYWHERE = "*"
 """The scope of a grant that covers every resource, including names outside any project."""
 
 
+def _covers(scope: str, resource: str) -> bool:
+    return scope in (EVERYWHERE, resource) or resource.startswith(scope + "/")
+
+
 @dataclass(frozen=True, slots=True)
 class Grant:
     """``permission`` on ``scope``: every resource named ``scope`` or under it (``projects/a`` covers
@@ -88,7 +92,7 @@ class Grant:
     scope: str
 
     def covers(self, resource: str) -> bool:
-        return self.scope in (EVERYWHERE, resource) or resource.startswith(self.scope + "/")
+        return _covers(self.scope, resource)
 
     def __str__(self) -> str:
         return f"{self.permission} on {self.scope}"
@@ -180,6 +184,14 @@ class Principal:
     display_name: str
     kind: KeyKind
     grants: frozenset[Grant] = field(default_factory=frozenset)
+    _scopes: Mapping[Permission, tuple[str, ...]] = field(init=False, repr=False, compare=False)
+    """The grants by permission: a check looks up one permission instead of scanning every grant."""
+
+    def __post_init__(self) -> None:
+        scopes: dict[Permission, list[str]] = {}
+        for grant in self.grants:
+            scopes.setdefault(grant.permission, []).append(grant.scope)
+        object.__setattr__(self, "_scopes", {p: tuple(s) for p, s in scopes.items()})
 
     @property
     def actor(self) -> str:
@@ -187,10 +199,10 @@ class Principal:
         return f"{self.name} ({self.display_name})" if self.display_name else self.name
 
     def holds(self, permission: Permission) -> bool:
-        return any(grant.permission == permission for grant in self.grants)
+        return permission in self._scopes
 
     def allows(self, permission: Permission, resource: str) -> bool:
-        return any(grant.permission == permission and grant.covers(resource) for grant in self.grants)
+        return any(_covers(scope, resource) for scope in self._scopes.get(permission, ()))
 
     def require(self, permission: Permission, resource: str | None = None) -> None:
         """Raise ``PermissionDenied`` naming ``permission`` unless this caller has it on ``resource``
@@ -301,7 +313,8 @@ class Rule:
         for check in self.checks:
             caller.require(check.permission)
             for resource in check.resources(request) if check.resources else ():
-                if resource:  # an empty name names nothing: the servicer refuses it as invalid
+                if resource and not caller.allows(check.permission, resource):
+                    # An empty name names nothing: the servicer refuses it as invalid.
                     caller.require(check.permission, resource)
 
 

@@ -36,6 +36,7 @@ from takeoff_server.access import CachedVerifier
 from takeoff_server.database import open_service_database
 from takeoff_server.errors import ServiceFailed
 from takeoff_server.main import ServiceProgram
+from takeoff_server.rate_limits import Rate
 from takeoff_server.server import ServiceBinding, Wiring
 
 logger = logging.getLogger(__name__)
@@ -78,7 +79,18 @@ async def wire(settings: RegistrySettings, resources: AsyncExitStack) -> Wiring:
         ServiceBinding.of(
             runs_pb2.DESCRIPTOR.services_by_name["RunService"],
             runs_pb2_grpc.add_RunServiceServicer_to_server,
-            RunApi(Runs(store, jobs)),
+            RunApi(
+                Runs(
+                    store,
+                    jobs,
+                    log_line_rate=Rate(
+                        settings.log_lines_per_run_per_second, settings.log_lines_per_run_burst
+                    ),
+                    metric_row_rate=Rate(
+                        settings.metric_rows_per_run_per_second, settings.metric_rows_per_run_burst
+                    ),
+                )
+            ),
             access=RULES["takeoff.v1.RunService"],
         ),
         ServiceBinding.of(

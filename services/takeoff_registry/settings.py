@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from pydantic import field_validator
+from pydantic import Field, field_validator
 
 from takeoff_server.config import ServerSettings
 from takeoff_server.git_access import GitAccessSettings
@@ -24,6 +24,13 @@ class RegistrySettings(ServerSettings, GitAccessSettings):
     secrets_key_file: Path | None = None
     """The Fernet key(s) users' secrets are encrypted with, one per line, the first encrypting; unset
     means ``{home}/secrets.key``, made on first start (mode 0600)."""
+    log_lines_per_run_per_second: float = Field(10_000, gt=0)
+    """Sustained log lines one run may append (per registry process); more is RATE_LIMITED."""
+    log_lines_per_run_burst: int = Field(50_000, ge=1)
+    metric_rows_per_run_per_second: float = Field(10_000, gt=0)
+    """Sustained metric rows one run may log (per registry process); more is RATE_LIMITED."""
+    metric_rows_per_run_burst: int = Field(500_000, ge=1)
+    """Large, so that a job logging a burst from a tight loop (the SDK batches) is not slowed."""
 
     @field_validator("max_artifact_bytes")
     @classmethod
