@@ -1,19 +1,24 @@
 """Generated requests against every method of every service: each gets a documented status, never a crash.
 
-For every method of JobService, RunService, QueueService, BuildService and AgentService (enumerated from
-the proto descriptors, so a new method is covered without touching this file) hypothesis generates
-requests with random values in every field: names that point at real objects or nearly so, huge and
-odd strings (NUL characters among them), integer extremes, unknown enum numbers, nested messages, Structs
-with odd values, durations and timestamps out of range, bytes. Each request goes to a real stack (every
-service its own process), once on SQLite under a temporary home and once on PostgreSQL, each service in a
-schema of its own: PostgreSQL refuses text SQLite takes (NUL), which must not surface as INTERNAL. The
-test asserts:
+For every method of JobService, RunService, KeyService, SecretService, QueueService, BuildService and
+AgentService (enumerated from the proto descriptors, so a new method is covered without touching this
+file) hypothesis generates requests with random values in every field: names that point at real objects
+or nearly so, huge and odd strings (NUL characters among them), integer extremes, unknown enum numbers,
+nested messages, Structs with odd values, durations and timestamps out of range, bytes. Each request goes
+to a real stack (every service its own process), once on SQLite under a temporary home and once on
+PostgreSQL, each service in a schema of its own: PostgreSQL refuses text SQLite takes (NUL), which must
+not surface as INTERNAL. The test asserts:
 
 - the status is OK or one the method's proto comment documents (``Errors:``), plus what every method may
   answer (an undecodable request, a generic bad argument) — never INTERNAL or UNKNOWN;
 - every error carries an ErrorInfo in the ``takeoff.dev`` domain whose reason is in the catalogue;
 - a create that failed left nothing behind in the matching List;
 - the server still answers health afterwards.
+
+Calls present the admin key, so that every request reaches its servicer. A second run sends generated
+requests for a subset of methods with a key of each kind (project, agent, service, run token, admin):
+there the status may also be PERMISSION_DENIED naming a permission, never UNAUTHENTICATED (the keys are
+valid) nor INTERNAL.
 
 Client-streaming calls send one or two generated messages; the bidirectional Lease stream has its own
 tests (tests/queue). Runs are derandomised: the same examples every time.
@@ -44,12 +49,18 @@ from takeoff.v1 import (
     common_pb2,
     jobs_pb2,
     jobs_pb2_grpc,
+    keys_pb2,
+    keys_pb2_grpc,
     queue_pb2,
     queue_pb2_grpc,
     runs_pb2,
     runs_pb2_grpc,
+    secrets_pb2,
 )
+from takeoff_rpc.channels import open_channel
+from takeoff_server.access import Permission
 from takeoff_server.protovalues import dict_to_struct
+from tests.keys import ADMIN_KEY
 from tests.postgres import assert_service_wrote_tables, postgres_schema_url
 from tests.processes import ServiceProcess, service_process
 
@@ -69,6 +80,8 @@ STREAM_TIMEOUT = 2.0
 SERVICES = {
     "takeoff.v1.JobService": "registry",
     "takeoff.v1.RunService": "registry",
+    "takeoff.v1.KeyService": "registry",
+    "takeoff.v1.SecretService": "registry",
     "takeoff.v1.QueueService": "queue",
     "takeoff.v1.BuildService": "builder",
     "takeoff.v1.AgentService": "agent",
@@ -79,6 +92,8 @@ DESCRIPTORS = [
     for module, name in (
         (jobs_pb2, "takeoff.v1.JobService"),
         (runs_pb2, "takeoff.v1.RunService"),
+        (keys_pb2, "takeoff.v1.KeyService"),
+        (secrets_pb2, "takeoff.v1.SecretService"),
         (queue_pb2, "takeoff.v1.QueueService"),
         (build_pb2, "takeoff.v1.BuildService"),
         (agent_pb2, "takeoff.v1.AgentService"),
@@ -87,7 +102,7 @@ DESCRIPTORS = [
 # Methods that remove things (the objects generated names point at, or the agent itself) come last.
 METHODS = sorted(
     (method for service in DESCRIPTORS for method in service.methods if method.full_name not in SKIPPED),
-    key=lambda method: method.name.startswith(("Delete", "Drain")),
+    key=lambda method: method.name.startswith(("Delete", "Drain", "Revoke")),
 )
 
 CATALOGUE = frozenset(
@@ -134,19 +149,21 @@ DOCUMENTED = documented_errors()
 @dataclass
 class Stack:
     processes: dict[str, ServiceProcess]
-    channels: dict[str, grpc.Channel] = field(default_factory=dict)
+    channels: dict[tuple[str, str], grpc.Channel] = field(default_factory=dict)
     start_agent: Callable[[], ServiceProcess] | None = None
 
-    def channel(self, server: str) -> grpc.Channel:
-        if server not in self.channels:
-            self.channels[server] = grpc.insecure_channel(self.processes[server].address)
-        return self.channels[server]
+    def channel(self, server: str, key: str = ADMIN_KEY) -> grpc.Channel:
+        """A channel to ``server`` presenting ``key``."""
+        if (server, key) not in self.channels:
+            self.channels[server, key] = open_channel(self.processes[server].address, api_key=key)
+        return self.channels[server, key]
 
     def replace_drained_agent(self) -> None:
         """A Drain that succeeds ends the agent, as agent.proto says: wait for that, then start another."""
         assert self.start_agent is not None
         self.processes["agent"].process.wait(timeout=CALL_TIMEOUT)
-        self.channels.pop("agent").close()
+        for server, key in [opened for opened in self.channels if opened[0] == "agent"]:
+            self.channels.pop((server, key)).close()
         self.processes["agent"] = self.start_agent()
 
 
@@ -269,6 +286,9 @@ NAMES = [
     "img:v99999999999999999999",
     "builds/nope",
     "agents/nope",
+    "keys/nope",
+    f"projects/{PROJECT}/secrets/nope",
+    f"projects/{PROJECT}/queues/q/items/nope",
     "q",
     "r1",
     "new-id",
@@ -663,6 +683,7 @@ class Outcome:
     reason: str = ""
     domain: str = ""
     message: str = ""
+    metadata: dict[str, str] = field(default_factory=dict)
 
 
 def _outcome_of(error: grpc.RpcError) -> Outcome:
@@ -674,11 +695,13 @@ def _outcome_of(error: grpc.RpcError) -> Outcome:
         for detail in status_pb2.Status.FromString(details).details:
             if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
                 detail.Unpack(info)
-    return Outcome(call.code(), info.reason, info.domain, call.details() or "")
+    return Outcome(call.code(), info.reason, info.domain, call.details() or "", dict(info.metadata))
 
 
-def call(stack: Stack, method: descriptor.MethodDescriptor, request: Message | bytes) -> Outcome:
-    channel = stack.channel(SERVICES[method.containing_service.full_name])
+def call(
+    stack: Stack, method: descriptor.MethodDescriptor, request: Message | bytes, key: str = ADMIN_KEY
+) -> Outcome:
+    channel = stack.channel(SERVICES[method.containing_service.full_name], key)
     path = f"/{method.containing_service.full_name}/{method.name}"
 
     def serialize(message: Message | bytes) -> bytes:
@@ -802,3 +825,93 @@ def test_every_hostile_example_names_a_method_the_fuzz_covers() -> None:
         assert all(
             isinstance(request, bytes) or request.DESCRIPTOR is method.input_type for request in requests
         ), name
+
+
+# --- with a key of each kind -------------------------------------------------------------------------
+
+KEYED_METHODS = [
+    "takeoff.v1.JobService.GetJob",
+    "takeoff.v1.JobService.CreateJob",
+    "takeoff.v1.JobService.GetJobVersion",
+    "takeoff.v1.RunService.CreateRun",
+    "takeoff.v1.RunService.AppendLogs",
+    "takeoff.v1.RunService.FinishRun",
+    "takeoff.v1.KeyService.VerifyKey",
+    "takeoff.v1.KeyService.ListKeys",
+    "takeoff.v1.SecretService.ListSecrets",
+    "takeoff.v1.SecretService.AccessSecret",
+    "takeoff.v1.QueueService.Enqueue",
+    "takeoff.v1.QueueService.ListItems",
+    "takeoff.v1.QueueService.CancelItem",
+    "takeoff.v1.BuildService.GetBuild",
+    "takeoff.v1.AgentService.GetStatus",
+]
+"""A subset touching every service and every kind's boundary: reads, writes, run writes, keys, secrets."""
+KEYED_EXAMPLES = 6
+PERMISSIONS = frozenset(str(permission) for permission in Permission)
+KINDS = ["admin", "project", "agent", "service", "run token"]
+
+
+def make_key(stack: Stack, kind: str) -> str:
+    """A fresh key of ``kind`` scoped to the fuzz project, made by the admin (each test makes its own: the
+    admin leg's generated RevokeRunTokens may name the run a token was minted for)."""
+    keys = keys_pb2_grpc.KeyServiceStub(stack.channel("registry"))
+    if kind == "run token":
+        return str(
+            keys.MintRunToken(
+                keys_pb2.MintRunTokenRequest(
+                    run=f"projects/{PROJECT}/runs/r1",
+                    item=f"projects/{PROJECT}/queues/q/items/nope",
+                    job_version=f"projects/{PROJECT}/jobs/img/versions/0",
+                ),
+                timeout=CALL_TIMEOUT,
+            ).secret
+        )
+    spec = {
+        "admin": keys_pb2.Key(kind=keys_pb2.KEY_KIND_ADMIN),
+        "project": keys_pb2.Key(
+            kind=keys_pb2.KEY_KIND_PROJECT, projects=[f"projects/{PROJECT}"], role=keys_pb2.PROJECT_ROLE_WRITE
+        ),
+        "agent": keys_pb2.Key(kind=keys_pb2.KEY_KIND_AGENT, queues=[f"projects/{PROJECT}/queues/q"]),
+        "service": keys_pb2.Key(kind=keys_pb2.KEY_KIND_SERVICE, service=keys_pb2.SERVICE_ROLE_QUEUE),
+    }[kind]
+    return str(keys.CreateKey(keys_pb2.CreateKeyRequest(key=spec), timeout=CALL_TIMEOUT).secret)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_generated_requests_with_a_key_of_each_kind_get_documented_statuses(
+    database: str, stack: Stack, kind: str
+) -> None:
+    if database != "sqlite":
+        pytest.skip("the keyed run is about access, not storage: the SQLite leg covers it")
+    key = make_key(stack, kind)
+    methods = [method for method in METHODS if method.full_name in KEYED_METHODS]
+    assert len(methods) == len(KEYED_METHODS)
+    for method in methods:
+        keyed_check(stack, method, kind, key)()
+        assert serving(stack, method)
+
+
+def keyed_check(stack: Stack, method: descriptor.MethodDescriptor, kind: str, key: str) -> Callable[[], None]:
+    """The property for ``method`` called with ``key`` (of ``kind``), as a hypothesis test to run."""
+
+    @settings(
+        max_examples=KEYED_EXAMPLES,
+        derandomize=True,
+        database=None,
+        deadline=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
+    @given(request=messages(method.input_type))
+    def check(request: Message) -> None:
+        outcome = call(stack, method, request, key)
+        shown = f"{method.full_name} with a {kind} key ({_summary(request)}) -> {outcome}"
+        assert outcome.code != grpc.StatusCode.UNAUTHENTICATED, shown
+        if outcome.code == grpc.StatusCode.PERMISSION_DENIED:
+            assert outcome.reason == "PERMISSION_DENIED", shown
+            assert outcome.metadata.get("permission") in PERMISSIONS, shown
+            assert kind != "admin", shown
+            return
+        check_documented(method, request, outcome)
+
+    return check
