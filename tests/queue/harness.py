@@ -21,6 +21,7 @@ from takeoff_queue.__main__ import QueueService, assemble
 from takeoff_queue.model import Item
 from takeoff_queue.settings import QueueSettings
 from takeoff_rpc.channels import open_aio_channel
+from takeoff_server.access import KeyKind, KeyScope, KeyVerifier, Principal, grants_for
 from takeoff_server.server import TakeoffServer
 from tests.keys import ADMIN_KEY
 from tests.postgres import assert_service_wrote_tables
@@ -292,13 +293,26 @@ class InProcessQueue:
         return self.parts.dispatcher.items.get(name.rsplit("/", 1)[1])
 
 
+class AdminKeyOnly:
+    """Admits the session's admin key without asking a registry: for a test about the queue's own records
+    whose registry (which verifies keys) is down on purpose when the queue starts."""
+
+    async def verify(self, secret: str) -> Principal | None:
+        if secret != ADMIN_KEY:
+            return None
+        return Principal("keys/test-admin", "test admin", KeyKind.ADMIN, grants_for(KeyScope(KeyKind.ADMIN)))
+
+
 @asynccontextmanager
-async def in_process_queue(settings: QueueSettings) -> AsyncIterator[InProcessQueue]:
+async def in_process_queue(
+    settings: QueueSettings, *, verifier: KeyVerifier | None = None
+) -> AsyncIterator[InProcessQueue]:
+    """The queue service in this process; it verifies keys through its registry unless told otherwise."""
     async with AsyncExitStack() as resources:
         parts = await assemble(settings, resources)
         if settings.database_url:
             assert_service_wrote_tables(settings.database_url, "queue_")  # the PostgreSQL variant runs there
-        server = TakeoffServer([parts.binding], listen=settings.listen, verifier=parts.verifier)
+        server = TakeoffServer([parts.binding], listen=settings.listen, verifier=verifier or parts.verifier)
         [address] = await server.start()
         resources.push_async_callback(server.stop, 1)
         admin = await resources.enter_async_context(keyed_channel(address))
