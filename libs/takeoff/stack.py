@@ -35,7 +35,7 @@ import grpc
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from takeoff._auth import admin_key_path, keys_dir
+from takeoff._auth import admin_key_path, channel_credentials, keys_dir
 from takeoff._home import DEFAULT_PORTS, STACK_FILE, RunningService, StackRecord
 from takeoff.v1 import keys_pb2, keys_pb2_grpc
 from takeoff_rpc.channels import open_channel
@@ -149,8 +149,13 @@ def ensure_admin_key(home: Path) -> Path:
 
 
 def health_status(address: str, service: str = "", timeout: float = 2.0) -> str:
-    """``SERVING``, ``NOT_SERVING``, ... from the service's health check, or ``UNREACHABLE``."""
-    with open_channel(address) as channel:
+    """``SERVING``, ``NOT_SERVING``, ... from the service's health check, or ``UNREACHABLE``. TLS as
+    clients use it (``TAKEOFF_TLS_CA_FILE``, ...); no key: health needs none."""
+    try:
+        credentials = channel_credentials(address)
+    except (ValueError, OSError):
+        return "UNREACHABLE"
+    with open_channel(address, credentials=credentials) as channel:
         try:
             response = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=service), timeout=timeout
