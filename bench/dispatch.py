@@ -23,17 +23,16 @@ import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import grpc
-
 from takeoff.client import Client
 from takeoff.stack import LocalStack
-from takeoff.v1 import common_pb2, queue_pb2, queue_pb2_grpc
+from takeoff.v1 import common_pb2, keys_pb2, keys_pb2_grpc, queue_pb2, queue_pb2_grpc
+from takeoff_rpc.channels import open_aio_channel
 
 LeaseRequest = queue_pb2.LeaseRequest
 
 
 async def _agent_stream(
-    stub: queue_pb2_grpc.QueueServiceAsyncStub, queue: str, capacity: int
+    stub: queue_pb2_grpc.QueueServiceAsyncStub, queue: str, capacity: int, agent_key: str
 ) -> tuple[asyncio.Queue[LeaseRequest | None], asyncio.Queue[tuple[float, str]]]:
     outgoing: asyncio.Queue[LeaseRequest | None] = asyncio.Queue()
     arrivals: asyncio.Queue[tuple[float, str]] = asyncio.Queue()
@@ -51,7 +50,9 @@ async def _agent_stream(
             yield request
 
     async def read() -> None:
-        async for response in stub.Lease(requests()):
+        # The agent presents an agent key of its own, as real agents do.
+        lease = stub.Lease(requests(), metadata=(("authorization", f"Bearer {agent_key}"),))
+        async for response in lease:
             if response.HasField("assignment"):
                 await arrivals.put((time.perf_counter(), response.assignment.item.name))
 
@@ -72,12 +73,24 @@ async def _fill_backlog(stub: queue_pb2_grpc.QueueServiceAsyncStub, queue: str, 
     await asyncio.gather(*(worker() for _ in range(32)))
 
 
-async def measure(queue_address: str, items: int, backlog: int) -> list[float]:
-    async with grpc.aio.insecure_channel(queue_address) as channel:
+async def _agent_key(registry_address: str, admin_key: str, queue: str) -> str:
+    async with open_aio_channel(registry_address, api_key=admin_key) as channel:
+        created = await keys_pb2_grpc.KeyServiceStub(channel).CreateKey(
+            keys_pb2.CreateKeyRequest(key=keys_pb2.Key(kind=keys_pb2.KEY_KIND_AGENT, queues=[queue]))
+        )
+    return created.secret
+
+
+async def measure(
+    queue_address: str, registry_address: str, admin_key: str, items: int, backlog: int
+) -> list[float]:
+    """Every call presents the admin key (verified through the registry, cached) but the agent's stream."""
+    async with open_aio_channel(queue_address, api_key=admin_key) as channel:
         stub = queue_pb2_grpc.QueueServiceStub(channel)
         await _fill_backlog(stub, await _create_queue(stub), backlog)
         queue = await _create_queue(stub)
-        _, arrivals = await _agent_stream(stub, queue, capacity=items + 10)
+        agent_key = await _agent_key(registry_address, admin_key, queue)
+        _, arrivals = await _agent_stream(stub, queue, capacity=items + 10, agent_key=agent_key)
         latencies = []
         for _ in range(items):
             started = time.perf_counter()
@@ -99,9 +112,12 @@ def run(items: int, backlog: int) -> dict[str, float]:
             code = Path(home) / "code"
             code.mkdir()
             (code / "job.py").write_text("print('hi')\n")
-            with Client(record.services["registry"].address, project="bench") as client:
+            registry = record.services["registry"].address
+            with Client(registry, project="bench", api_key=stack.admin_key) as client:
                 client.create_job_version("bench", code, entrypoint=["python", "job.py"])
-            latencies = asyncio.run(measure(record.services["queue"].address, items, backlog))
+            latencies = asyncio.run(
+                measure(record.services["queue"].address, registry, stack.admin_key, items, backlog)
+            )
         finally:
             stack.stop()
         ordered = sorted(latencies)

@@ -143,7 +143,9 @@ def _run(resource: ResourceKind, base_image: str | None, launches: int) -> dict[
         record = stack.start()
         try:
             registry, queue_service = record.services["registry"], record.services["queue"]
-            with Client(registry.address, queue=queue_service.address, project="bench") as client:
+            with Client(
+                registry.address, queue=queue_service.address, project="bench", api_key=stack.admin_key
+            ) as client:
                 client.create_job_version("first-line", code, entrypoint=["python", "main.py"])
                 queue = client.create_queue("launch", resource=resource).name
                 config = home / "agent.yaml"

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import signal
 import statistics
 import subprocess
@@ -137,19 +138,28 @@ class Bench:
         self.home = home
         self.marks = home / "marks"
         self.marks.mkdir()
-        self.registry = service("registry", home, {})
+        # One admin key, which the registry imports on its first start and every process presents.
+        self.admin_key = f"tko_bench_{secrets.token_urlsafe(32)}"
+        key_file = home / "admin.key"
+        key_file.write_text(self.admin_key)
+        key_file.chmod(0o600)
+        self.keys = {"TAKEOFF_API_KEY": self.admin_key, "TAKEOFF_BOOTSTRAP_ADMIN_KEY_FILE": str(key_file)}
+        self.registry = service("registry", home, self.keys)
         self.queue_service = service(
             "queue",
             home,
             {
+                **self.keys,
                 "TAKEOFF_REGISTRY_ADDRESS": address(self.registry),
                 "TAKEOFF_LEASE_TTL_SECONDS": str(ttl),
                 "TAKEOFF_HEARTBEAT_INTERVAL_SECONDS": "0.5",
             },
         )
-        self.builder = service("builder", home, {"TAKEOFF_REGISTRY_ADDRESS": address(self.registry)})
+        self.builder = service(
+            "builder", home, {**self.keys, "TAKEOFF_REGISTRY_ADDRESS": address(self.registry)}
+        )
         self.agents: list[Process] = []
-        self.channel = open_channel(address(self.queue_service))
+        self.channel = open_channel(address(self.queue_service), api_key=self.admin_key)
         self.queues = queue_pb2_grpc.QueueServiceStub(self.channel)
         self.queue = ""
         self.items = 0
@@ -160,7 +170,7 @@ class Bench:
         code = self.home / "code"
         code.mkdir()
         (code / "main.py").write_text(JOB)
-        with Client(address(self.registry), project="bench") as client:
+        with Client(address(self.registry), project="bench", api_key=self.admin_key) as client:
             client.create_job_version("recovery", code, entrypoint=["python", "main.py"])
         self.queue = self.queues.CreateQueue(
             queue_pb2.CreateQueueRequest(
@@ -188,7 +198,7 @@ class Bench:
                 [sys.executable, "-m", "takeoff_agent", "--config", str(config)],
                 self.home,
                 f"agent-{index}",
-                {"TAKEOFF_LISTEN": '["127.0.0.1:0"]'},
+                {**self.keys, "TAKEOFF_LISTEN": '["127.0.0.1:0"]'},
             )
             agent.start()
             self.agents.append(agent)
