@@ -703,6 +703,9 @@ class Dispatcher:
         except (TokenCallFailed, TimeoutError) as error:
             logger.warning("no run token for %s yet (%s); it stays PENDING", item.name, error or "timed out")
             return None
+        except Exception:  # whatever went wrong, the item must not be lost from dispatch
+            logger.exception("minting the run token of %s failed; it stays PENDING", item.name)
+            return None
 
     async def issue_token(self, item: Item, leased: Assignment | None) -> Assignment | None:
         """Enqueue's one-commit path: the run token of a new item :meth:`admit` leased, minted before its
