@@ -14,7 +14,6 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
-import grpc
 import pytest
 
 from takeoff.client import Client
@@ -37,7 +36,9 @@ from takeoff_agent.runners.base import Launch, LogSource, Runner, RunnerContext,
 from takeoff_agent.runners.local_process import LocalProcessRunner
 from takeoff_agent.wire import AssignmentMessage, assignment_from_proto
 from takeoff_agent.work import AgentContext, Attempt, Stop
+from takeoff_rpc.channels import open_aio_channel, open_channel
 from tests.agent.conftest import PROJECT, Stack, StartAgent, assignment_message, code_job, running_agent
+from tests.keys import ADMIN_KEY
 from tests.processes import ServiceProcess
 from tests.queue.harness import struct
 
@@ -134,7 +135,9 @@ class StubRunner:
 
 @pytest.fixture
 async def clients(registry: ServiceProcess, builder: ServiceProcess) -> AsyncIterator[tuple[Runs, Builder]]:
-    runs, builds = Runs(registry.address), Builder(builder.address)
+    # The agent's own key (here the tests' admin key): an attempt without a run token writes with it.
+    runs = Runs(registry.address, channel=open_aio_channel(registry.address, api_key=ADMIN_KEY))
+    builds = Builder(builder.address, channel=open_aio_channel(builder.address, api_key=ADMIN_KEY))
     yield runs, builds
     await asyncio.gather(runs.close(), builds.close())
 
@@ -177,7 +180,7 @@ def attempt_of(
 
 
 def build_lines(registry: ServiceProcess, run: str) -> list[str]:
-    with grpc.insecure_channel(registry.address) as channel:
+    with open_channel(registry.address, api_key=ADMIN_KEY) as channel:
         batches = runs_pb2_grpc.RunServiceStub(channel).ReadLogs(runs_pb2.ReadLogsRequest(name=run))
         return [
             line.text for batch in batches for line in batch.lines if line.stream == runs_pb2.LOG_STREAM_BUILD
@@ -382,6 +385,7 @@ def test_a_local_job_sees_the_allow_listed_part_of_the_agents_environment_and_ta
         "TAKEOFF_ATTEMPT": "1",
         "TAKEOFF_CONFIG": "{}",
         "TRACEPARENT": seen["TRACEPARENT"],
+        "TAKEOFF_TOKEN": "***",  # the job has its run token; the agent masks it in the run's log
     }
     assert "AGENT_ONLY_SECRET" not in seen
     assert "TAKEOFF_HOME" not in seen
