@@ -21,6 +21,7 @@ import grpc
 from takeoff.v1 import agent_pb2, common_pb2, queue_pb2, queue_pb2_grpc, runs_pb2, runs_pb2_grpc
 from takeoff_rpc.channels import open_channel
 from tests.agent.conftest import AgentProcess
+from tests.keys import ADMIN_KEY
 from tests.processes import wait_for
 
 LOG_TAIL_LINES = 30
@@ -178,9 +179,9 @@ class Observer:
     None instead of failing the test."""
 
     def __init__(self, queue_address: str, registry_address: str) -> None:
-        self._queue_channel = open_channel(queue_address)
+        self._queue_channel = open_channel(queue_address, api_key=ADMIN_KEY)
         self.queues = queue_pb2_grpc.QueueServiceStub(self._queue_channel)
-        self._registry_channel = open_channel(registry_address)
+        self._registry_channel = open_channel(registry_address, api_key=ADMIN_KEY)
         self.runs = runs_pb2_grpc.RunServiceStub(self._registry_channel)
 
     def items(self, queue: str) -> list[queue_pb2.Item] | None:
