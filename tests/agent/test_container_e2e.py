@@ -17,14 +17,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import grpc
 import pytest
 
 from takeoff.client import Client
 from takeoff.models import GitSource, ImageSource
 from takeoff.v1 import build_pb2, build_pb2_grpc, common_pb2, queue_pb2
+from takeoff_rpc.channels import open_channel
 from tests.agent.conftest import PROJECT, AgentProcess, Stack, StartAgent, code_job, running_agent
 from tests.conftest import DockerSetup
+from tests.keys import ADMIN_KEY
 from tests.processes import ServiceProcess, service_process, wait_for
 
 SUCCEEDED = common_pb2.ITEM_STATE_SUCCEEDED
@@ -156,7 +157,7 @@ def containers(
 
 def built_image(stack: Stack, job: str) -> str:
     """The image the builder made (or has) for the newest version of ``job``."""
-    with grpc.insecure_channel(stack.builder) as channel:
+    with open_channel(stack.builder, api_key=ADMIN_KEY) as channel:
         events = build_pb2_grpc.BuildServiceStub(channel).Build(
             build_pb2.BuildRequest(
                 job_version=f"projects/{PROJECT}/jobs/{job}:latest", kind=build_pb2.BUILD_KIND_IMAGE
