@@ -6,6 +6,9 @@ registry (key verification and job resolution) over TLS.
 from __future__ import annotations
 
 import contextlib
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,7 +20,7 @@ from takeoff.v1 import common_pb2, jobs_pb2, jobs_pb2_grpc, keys_pb2, keys_pb2_g
 from takeoff_rpc.channels import open_channel, tls_credentials
 from takeoff_rpc.status import decode_rpc_error
 from tests.keys import ADMIN_KEY
-from tests.processes import ServiceProcess, service_process
+from tests.processes import ServiceProcess, service_process, wait_for
 from tests.tls import Certificates, KeyPair, make_certificates
 
 TIMEOUT = 10.0
@@ -154,3 +157,53 @@ def test_the_queue_verifies_keys_and_resolves_jobs_through_a_tls_registry(
                     queue_pb2.EnqueueRequest(queue=f"{PROJECT}/queues/q", job="nope"), timeout=TIMEOUT
                 )
             assert decode_rpc_error(raised.value).code == grpc.StatusCode.NOT_FOUND
+
+
+def start_failure(home: Path, env: dict[str, str]) -> tuple[int, str]:
+    """The exit status and error output of a registry that must refuse to start; a registry that serves
+    instead (its ready file appears) fails the test at once."""
+    ready = home / "registry.ready"
+    with subprocess.Popen(
+        [sys.executable, "-m", "takeoff_registry"],
+        env={
+            **os.environ,
+            "TAKEOFF_HOME": str(home),
+            "TAKEOFF_LISTEN": '["127.0.0.1:0"]',
+            "TAKEOFF_READY_FILE": str(ready),
+            **env,
+        },
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as process:
+        try:
+            wait_for(lambda: process.poll() is not None or ready.exists(), what="the registry to exit")
+            assert not ready.exists(), "the registry started serving with this configuration"
+        finally:
+            process.kill()
+        _, stderr = process.communicate()
+    return process.returncode, stderr
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        # Asking for mutual TLS without the CA that client certificates must chain to would serve plain
+        # TLS to any client: it must not start.
+        ({"TAKEOFF_TLS__CA_FILE": ""}, "TAKEOFF_TLS"),
+        ({"TAKEOFF_TLS__KEY_FILE": "/nonexistent/server.key"}, "TAKEOFF_TLS__KEY_FILE"),
+    ],
+    ids=["mutual-without-ca", "missing-key-file"],
+)
+def test_a_tls_configuration_that_cannot_hold_is_refused_at_start(
+    certificates: Certificates, takeoff_home: Path, change: dict[str, str], named: str
+) -> None:
+    env = {**certificates.server_env(require_client_cert=True), **change}
+    env = {name: value for name, value in env.items() if value}
+
+    returncode, stderr = start_failure(takeoff_home, env)
+
+    assert returncode == 2, stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
+    assert named in lines[0]
