@@ -119,7 +119,7 @@ def launch(work: Assignment, built: Built, ca_file: Path | None, **fields: Any) 
     return Launch(
         assignment=work,
         built=built,
-        env={"TAKEOFF_RUN_ID": work.run_id},
+        env=fields.pop("env", {"TAKEOFF_RUN_ID": work.run_id}),
         secrets=fields.pop("secrets", {"TAKEOFF_TOKEN": TOKEN, "USER_SECRET": USER_SECRET}),
         registry_address=fields.pop("registry_address", "registry.example:50051"),
         stop_grace_seconds=5.0,
@@ -369,6 +369,28 @@ def test_the_job_manifest_refers_to_its_secret_and_holds_no_value(ca_file: Path)
     assert container["volumeMounts"] == [
         {"name": SECRETS_VOLUME, "mountPath": "/run/takeoff/secrets", "readOnly": True},
         {"name": CA_VOLUME, "mountPath": "/run/takeoff/ca.pem", "subPath": "ca.pem", "readOnly": True},
+    ]
+
+
+def test_a_secret_variable_replaces_a_plain_one_of_its_name_whole() -> None:
+    """Merged key by key, a ``value`` beside a ``valueFrom`` would be an entry the API server refuses."""
+    config_env = [
+        {"name": "USER_SECRET", "value": "from the config"},
+        {"name": "TAKEOFF_TOKEN", "valueFrom": {"configMapKeyRef": {"name": "cm", "key": "k"}}},
+        {"name": "KEPT", "value": "1"},
+    ]
+    work = kube_assignment(spec={"template": {"spec": {"containers": [{"name": "main", "env": config_env}]}}})
+    given = launch(work, kube_built(), None, env={"USER_SECRET": "plain", "TAKEOFF_RUN_ID": work.run_id})
+    manifest = job_manifest(work, given, SETTINGS, active_deadline_seconds=90)
+    (container,) = manifest["spec"]["template"]["spec"]["containers"]
+    name = job_name(work.lease_id)
+    assert container["env"] == [
+        {"name": "USER_SECRET", "valueFrom": {"secretKeyRef": {"name": name, "key": "USER_SECRET"}}},
+        {"name": "TAKEOFF_TOKEN", "valueFrom": {"secretKeyRef": {"name": name, "key": "TAKEOFF_TOKEN"}}},
+        {"name": "KEPT", "value": "1"},
+        {"name": "TAKEOFF_RUN_ID", "value": work.run_id},
+        {"name": "TAKEOFF_REGISTRY", "value": "registry.example:50051"},
+        {"name": "TAKEOFF_SECRETS_DIR", "value": "/run/takeoff/secrets"},
     ]
 
 

@@ -254,7 +254,14 @@ def job_manifest(
         mounts.append(
             {"name": CA_VOLUME, "mountPath": CONTAINER_CA_FILE, "subPath": "ca.pem", "readOnly": True}
         )
-    container["env"] = merge_named(container.get("env") or [], list(environment))
+    # Each of the agent's variables replaces the config's of its name whole, in its place: merged key by
+    # key, a config's ``valueFrom`` beside the agent's ``value`` (or a secret's ``valueFrom`` beside a
+    # plain ``value``) would make an entry the API server refuses.
+    ours = {entry["name"]: entry for entry in environment}
+    merged = merge_named(container.get("env") or [], list(ours.values()))
+    container["env"] = [
+        ours.get(entry.get("name"), entry) if isinstance(entry, dict) else entry for entry in merged
+    ]
     if mounts:
         container["volumeMounts"] = merge_named(container.get("volumeMounts") or [], mounts)
         pod_spec["volumes"] = merge_named(pod_spec.get("volumes") or [], volumes)
