@@ -25,8 +25,8 @@ class AgentSettings(ServerSettings):
     jobs need an address the cluster can reach (docs/design.md §16)."""
     job_registry_ca_file: Path | None = None
     """The CA certificate jobs check the registry's TLS certificate against (TAKEOFF_TLS_CA_FILE points at
-    a copy the runner gives the job); unset: the agent's own ``tls.ca_file`` when the registry jobs are
-    given is reached over TLS (a ``host:port`` with ``tls`` set), else none."""
+    a copy the runner gives the job), when the registry jobs are given is a ``host:port``; unset: the
+    agent's own ``tls.ca_file`` when it has ``tls``. Jobs given a ``unix:`` address get none."""
     runners: dict[str, dict[str, object]] = Field(default={"local-process": {}}, min_length=1)
     """One entry per resource kind the agent runs (``local-process``, ``local-container``, ``kubernetes``)
     with that runner's options; the runner checks its options when the agent starts, and the agent refuses
@@ -70,9 +70,9 @@ class AgentSettings(ServerSettings):
     @property
     def job_ca_file(self) -> Path | None:
         """The CA certificate jobs are given, if any (``job_registry_ca_file``)."""
+        address = self.job_registry_address or self.registry_address
+        if address.startswith("unix:"):
+            return None  # a Unix socket stays plaintext
         if self.job_registry_ca_file is not None:
             return self.job_registry_ca_file
-        address = self.job_registry_address or self.registry_address
-        if self.tls is not None and not address.startswith("unix:"):
-            return self.tls.ca_file
-        return None
+        return self.tls.ca_file if self.tls is not None else None
