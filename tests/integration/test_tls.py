@@ -16,6 +16,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from takeoff.client import Client
+from takeoff.errors import TakeoffError
 from takeoff.v1 import common_pb2, jobs_pb2, jobs_pb2_grpc, keys_pb2, keys_pb2_grpc, queue_pb2, queue_pb2_grpc
 from takeoff_rpc.channels import open_channel, tls_credentials
 from takeoff_rpc.status import decode_rpc_error
@@ -207,3 +209,24 @@ def test_a_tls_configuration_that_cannot_hold_is_refused_at_start(
     lines = stderr.strip().splitlines()
     assert len(lines) == 1, stderr
     assert named in lines[0]
+
+
+def test_the_sdk_reaches_a_mutual_tls_registry_from_its_tls_variables(
+    certificates: Certificates, takeoff_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with tls_registry(takeoff_home, certificates, mutual=True) as registry:
+        monkeypatch.setenv("TAKEOFF_TLS_CA_FILE", str(certificates.ca_file))
+        monkeypatch.setenv("TAKEOFF_TLS_CERT_FILE", str(certificates.client.cert_file))
+        monkeypatch.setenv("TAKEOFF_TLS_KEY_FILE", str(certificates.client.key_file))
+        with Client(registry.address, api_key=ADMIN_KEY, project="tls") as client:
+            client.create_job("over-tls")
+            assert [job.name for job in client.list_jobs()] == ["projects/tls/jobs/over-tls"]
+
+        monkeypatch.delenv("TAKEOFF_TLS_CERT_FILE")
+        monkeypatch.delenv("TAKEOFF_TLS_KEY_FILE")
+        with (
+            Client(registry.address, api_key=ADMIN_KEY, project="tls") as client,
+            pytest.raises(TakeoffError) as raised,
+        ):
+            list(client.list_jobs())
+        assert raised.value.code == grpc.StatusCode.UNAVAILABLE  # the handshake failed: no certificate
