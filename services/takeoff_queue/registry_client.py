@@ -1,6 +1,7 @@
 """The registry as the queue sees it: JobService, the only view of jobs (references pinned to versions) and
-of the projects written to through the registry; and RunService, to close the runs of attempts the queue
-ends without their agent (docs/design.md §16).
+of the projects written to through the registry; RunService, to close the runs of attempts the queue
+ends without their agent (docs/design.md §16); and KeyService, to mint each attempt's run token and revoke
+it once the attempt ends (§13). The channel presents the queue's own key.
 
 A refusal by the registry while answering a caller is answered as the queue's own error
 (``takeoff_server.remote_errors``), at once: the caller of Enqueue retries an unavailable registry, not
