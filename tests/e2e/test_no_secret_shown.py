@@ -1,0 +1,472 @@
+"""Secrets never appear in logs, errors, stored records, build logs or describe output.
+
+One stack of real processes (``LocalStack``: registry, queue, builder, each logging to
+``TAKEOFF_HOME/logs``; agents started next to it, logging there too) is configured with every kind of
+secret Takeoff holds: the stack's admin key and its service keys, keys made with ``takeoff keys create``
+(project, agent, service), the run tokens the queue mints per attempt, a user secret set with
+``takeoff secrets set`` and mounted on the queue as an environment variable and as a file, a git https
+token (used against a remote that refuses connections, so git is given it and fails), and a container
+registry login given to the builder (and, with Docker, to the agent's local-container runner, which pulls
+a private image with it).
+
+A code job launched with a project key checks, without printing them, that it got the secret (env and
+file) and a run token, logs a metric, and hands its run token to the test through a file outside every
+home. Then the error paths: a launch naming a secret that does not exist, calls with a revoked key, a
+malformed key and an unknown key, a key without the permission. Every command a user would run to look
+is run, with and without ``--json``. Finally every file under the home (service and agent logs, SQLite
+databases and their -wal files, build directories, agent lease directories after the items ended), every
+command's output and the run's logs are searched for each value, and for any whole key or run token
+other than the ones shown on purpose (by ``takeoff keys create``, and the stack's key files).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import shlex
+import signal
+import subprocess
+import sys
+import traceback
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from takeoff.cli import app
+from takeoff.stack import KEY_VARIABLES, LocalStack, agent_defaults, read_secret_file
+from tests.conftest import DockerSetup
+from tests.e2e.leaks import WHOLE_TOKEN, Secret, basic_auth, report, scan_bytes, scan_tree
+from tests.e2e.test_up import takeoff, user_environment
+from tests.keys import ADMIN_KEY
+from tests.processes import wait_for
+
+PROJECT = "leaks"
+SECRET_ID = "app-secret"
+SECRET_ENV = "APP_SECRET"
+SECRET_FILE = "app.txt"
+GIT_SCOPE = "https://127.0.0.1:9/acme"
+"""The git token's scope: a remote under it refuses connections (port 9), so git is given the token and
+fails at once."""
+GIT_REMOTE = f"{GIT_SCOPE}/repo.git"
+GIT_USER = "x-access-token"
+DEFAULT_AUTH_REGISTRY = "127.0.0.1:5001"
+
+CHECKING_JOB = """\
+import hashlib, os, pathlib, re, sys, takeoff
+
+run = takeoff.init()
+want = run.config["want"]
+token = os.environ.get("TAKEOFF_TOKEN", "")
+secret_file = pathlib.Path(os.environ.get("TAKEOFF_SECRETS_DIR", "/nonexistent")) / "app.txt"
+checks = {
+    "token": re.fullmatch(r"tko_[a-z0-9-]+_[A-Za-z0-9_-]{43}", token) is not None,
+    "env": hashlib.sha256(os.environ.get("APP_SECRET", "").encode()).hexdigest() == want,
+    "file": secret_file.is_file() and hashlib.sha256(secret_file.read_bytes()).hexdigest() == want,
+}
+print("checks", " ".join(f"{name}={ok}" for name, ok in checks.items()), flush=True)
+if run.config.get("vault"):  # the run token goes to the test through a file outside every home
+    pathlib.Path(run.config["vault"]).write_text(token)
+run.log({"verified": int(all(checks.values()))})
+run.finish()
+sys.exit(0 if all(checks.values()) else 1)
+"""
+"""Checks the secret (as ``APP_SECRET`` and as the file ``app.txt``) against its SHA-256 and that it has a
+run token, and logs a metric; prints only whether each check passed."""
+
+CONTAINER_CHECK = (
+    "import hashlib, os, pathlib, re, sys\n"
+    "token = os.environ.get('TAKEOFF_TOKEN', '')\n"
+    "path = pathlib.Path(os.environ.get('TAKEOFF_SECRETS_DIR', '/nonexistent')) / 'app.txt'\n"
+    "checks = dict(token=re.fullmatch(r'tko_[a-z0-9-]+_[A-Za-z0-9_-]{43}', token) is not None,"
+    " env=hashlib.sha256(os.environ.get('APP_SECRET', '').encode()).hexdigest() == '{want}',"
+    " file=path.is_file() and hashlib.sha256(path.read_bytes()).hexdigest() == '{want}')\n"
+    "print('checks', checks, flush=True)\n"
+    "sys.exit(0 if all(checks.values()) else 1)\n"
+)
+"""The same checks for an image without the SDK (the private image is the bare base image)."""
+
+
+@dataclass
+class Output:
+    """What one command printed; ``shown``: secrets it prints on purpose (``takeoff keys create``)."""
+
+    command: str
+    text: str
+    shown: set[str] = field(default_factory=set)
+
+
+@dataclass(frozen=True)
+class Ran:
+    returncode: int
+    stdout: str
+    stderr: str
+
+    @property
+    def text(self) -> str:
+        return self.stdout + self.stderr
+
+
+@dataclass
+class World:
+    """The stack, its secrets, and everything the test saw."""
+
+    home: Path
+    vault: Path
+    """Outside every home: what the test keeps (key files it gives agents, the run token a job hands)."""
+    stack: LocalStack
+    auth_registry: str
+    registry_user: str
+    registry_password: str
+    git_token: str
+    secret_value: str
+    keys: dict[str, str] = field(default_factory=dict)
+    """Label -> secret of every key the test knows."""
+    outputs: list[Output] = field(default_factory=list)
+    agents: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    def cli(self, *args: str, key: str | None = None, env: dict[str, str] | None = None) -> Ran:
+        """``takeoff ARGS`` as a user runs it in the project (in this process, to keep the test short):
+        no key in the environment but ``key`` (else the CLI finds the stack's admin key in TAKEOFF_HOME)."""
+        environment: dict[str, str | None] = {
+            **dict.fromkeys(KEY_VARIABLES),
+            "TAKEOFF_HOME": str(self.home),
+            "TAKEOFF_PROJECT": PROJECT,
+            "COLUMNS": "120",
+            **(env or {}),
+        }
+        if key is not None:
+            environment["TAKEOFF_API_KEY"] = key
+        result = CliRunner().invoke(app, list(args), env=environment)
+        ran = Ran(result.exit_code, result.stdout, result.stderr)
+        crash = ""
+        if result.exception is not None and not isinstance(result.exception, SystemExit):
+            crash = "".join(traceback.format_exception(result.exception))
+        self.record(shlex.join(["takeoff", *args]), ran.text + crash)
+        assert not crash, f"takeoff {shlex.join(args)} crashed:\n{crash}"
+        return ran
+
+    def shell(self, *args: str, key: str | None = None, timeout: float = 60) -> Ran:
+        """``takeoff ARGS`` as a process of its own, in a user's environment."""
+        env = {"TAKEOFF_PROJECT": PROJECT, "COLUMNS": "120", **({"TAKEOFF_API_KEY": key} if key else {})}
+        result = takeoff(self.home, *args, env=env, timeout=timeout)
+        ran = Ran(result.returncode, result.stdout, result.stderr)
+        self.record(shlex.join(["takeoff", *args]), ran.text)
+        return ran
+
+    def ok(self, *args: str, key: str | None = None) -> str:
+        ran = self.cli(*args, key=key)
+        assert ran.returncode == 0, f"takeoff {shlex.join(args)}: {ran.text}"
+        return ran.stdout
+
+    def record(self, command: str, text: str, shown: set[str] | None = None) -> None:
+        self.outputs.append(Output(command, text, shown or set()))
+        with (self.vault / "outputs.txt").open("a") as file:  # for whoever reads a failure
+            file.write(f"$ {command}\n{text}\n")
+
+    def create_key(self, label: str, *args: str) -> str:
+        """``takeoff keys create``: the one output allowed to show its own secret."""
+        ran = self.cli("keys", "create", *args)
+        assert ran.returncode == 0, ran.text
+        found = WHOLE_TOKEN.findall(ran.stdout.encode())
+        assert len(found) == 1, f"keys create printed {len(found)} secrets"
+        secret = found[0].decode()
+        self.keys[label] = secret
+        self.outputs[-1].shown.add(secret)
+        return secret
+
+    def secrets(self) -> list[Secret]:
+        """Every value that must appear nowhere."""
+        values = [Secret(label, value) for label, value in self.keys.items()]
+        values += [
+            Secret("the test session's admin key", ADMIN_KEY),
+            Secret("the user secret", self.secret_value),
+            Secret("the git https token", self.git_token),
+            basic_auth("the git https token", GIT_USER, self.git_token),
+            Secret("the container registry password", self.registry_password),
+            basic_auth("the container registry login", self.registry_user, self.registry_password),
+        ]
+        if (token := read_secret_file(self.vault / "run-token")) is not None:
+            values.append(Secret("the run token", token))
+        return values
+
+    def key_files(self) -> dict[Path, set[str]]:
+        """The stack's key files, each allowed to hold its own key."""
+        return {
+            path: {secret}
+            for path in (self.home / "keys").glob("*.key")
+            if (secret := read_secret_file(path)) is not None
+        }
+
+    def stop(self) -> None:
+        for agent in self.agents:
+            if agent.poll() is None:
+                agent.send_signal(signal.SIGTERM)
+        for agent in self.agents:
+            try:
+                agent.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                agent.kill()
+                agent.wait()
+        self.stack.stop()
+
+
+def random_key(key_id: str) -> str:
+    """A well-formed key nobody made."""
+    return f"tko_{key_id}_{secrets.token_urlsafe(32)}"
+
+
+def sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+@pytest.fixture
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    """A running stack whose registry and builder hold a git token and whose builder holds a login to
+    Docker's test registry with a password (.ci/docker-setup.sh's when it ran, else a made-up one:
+    configured, never used); every service logs at DEBUG to TAKEOFF_HOME/logs."""
+    home = tmp_path_factory.mktemp("home")
+    vault = tmp_path_factory.mktemp("vault")
+    auth_registry = os.environ.get("TAKEOFF_TEST_AUTH_REGISTRY") or DEFAULT_AUTH_REGISTRY
+    world = World(
+        home=home,
+        vault=vault,
+        stack=LocalStack(home, base_port=0, base_image=os.environ.get("TAKEOFF_TEST_BASE_IMAGE")),
+        auth_registry=auth_registry,
+        registry_user=os.environ.get("TAKEOFF_TEST_AUTH_USER") or "takeoff-test",
+        registry_password=os.environ.get("TAKEOFF_TEST_AUTH_PASSWORD") or f"pw-{secrets.token_urlsafe(24)}",
+        git_token=f"ghp_{secrets.token_urlsafe(30)}",
+        secret_value=f"s3cr3t-{secrets.token_urlsafe(30)}",
+    )
+    settings = {
+        "TAKEOFF_LOG_LEVEL": "DEBUG",
+        "TAKEOFF_GIT_HTTPS_TOKEN": world.git_token,
+        "TAKEOFF_GIT_HTTPS_USERNAME": GIT_USER,
+        "TAKEOFF_GIT_HTTPS_TOKEN_SCOPE": GIT_SCOPE,
+        "TAKEOFF_REGISTRY_AUTH": json.dumps(
+            {auth_registry: {"username": world.registry_user, "password": world.registry_password}}
+        ),
+    }
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            for name, value in settings.items():
+                patch.setenv(name, value)
+            world.stack.start()  # the services copy the environment now
+        for path, (key,) in world.key_files().items():
+            world.keys[f"the stack's {path.stem} key"] = key
+        yield world
+    finally:
+        world.stop()
+
+
+def start_agent(world: World, name: str, key: str, queue: str, runners: dict[str, Any]) -> None:
+    """``python -m takeoff_agent`` serving ``queue`` with ``key`` (from a file outside the home), logging
+    at DEBUG, its state and log under the home; returns once it is connected."""
+    key_file = world.vault / f"{name}.key"
+    key_file.write_text(key + "\n")
+    key_file.chmod(0o600)
+    config = world.home / f"{name}.yaml"
+    settings = {
+        "name": name,
+        "queues": [queue],
+        "api_key_file": str(key_file),
+        "state_dir": str(world.home / "agents" / name),
+        "runners": runners,
+        "stop_grace_seconds": 2,
+        "log_level": "DEBUG",
+    }
+    config.write_text(yaml.safe_dump(settings))
+    services = world.stack.record.services
+    env = {
+        **user_environment(world.home),
+        **{f"TAKEOFF_{service.upper()}_ADDRESS": running.address for service, running in services.items()},
+        "TAKEOFF_LISTEN": '["127.0.0.1:0"]',
+        "TAKEOFF_READY_FILE": str(world.home / "run" / f"{name}.ready"),
+        "TAKEOFF_CONFIG_FILE": str(config),
+        "PYTHONUNBUFFERED": "1",
+        **agent_defaults(config, f"unix:{world.stack.registry_socket}"),
+    }
+    log = world.home / "logs" / f"{name}.log"
+    with log.open("ab") as file:
+        agent = subprocess.Popen(
+            [sys.executable, "-m", "takeoff_agent"],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=file,
+            stderr=subprocess.STDOUT,
+        )
+    world.agents.append(agent)
+
+    def connected() -> bool:
+        assert agent.poll() is None, f"the agent {name} exited: {log.read_text()}"
+        listed = world.cli("agents", "--json")
+        found = json.loads(listed.stdout) if listed.returncode == 0 else []
+        return any(a["display_name"] == name and a["connected"] for a in found)
+
+    wait_for(connected, timeout=60, what=f"the agent {name} to connect")
+
+
+def secure_queue(world: World, queue: str, resource: str) -> str:
+    """The user secret, set from the environment (never an argument); a queue mounting it both as
+    APP_SECRET and as the file app.txt; a connected agent for it presenting an agent key. Returns the
+    project key that launches (write)."""
+    value = {"VALUE": world.secret_value}
+    set_secret = world.cli("secrets", "set", SECRET_ID, "--from-env", "VALUE", env=value)
+    assert set_secret.returncode == 0, set_secret.text
+    world.ok(
+        "queue", "create", queue, "--resource", resource,
+        "--secret", f"{SECRET_ID}={SECRET_ENV}", "--secret", f"{SECRET_ID}:file={SECRET_FILE}",
+    )  # fmt: skip
+    return world.create_key("the project key", "--kind", "project", "--project", PROJECT, "--role", "write")
+
+
+def run_of(launched: str) -> str:
+    """The run a ``takeoff launch --wait`` printed (``takeoff logs RUN``)."""
+    assert "takeoff logs " in launched, launched
+    return launched.split("takeoff logs ", 1)[1].split(maxsplit=1)[0]
+
+
+def look_around(world: World, run: str, queue: str, job: str) -> None:
+    """What a user runs to see how things stand, each with and without ``--json``."""
+    items = json.loads(world.ok("items", "list", "--queue", queue, "--json"))
+    assert items
+    for args in (
+        *(("items", "describe", item["name"]) for item in items),
+        ("items", "list"),
+        ("runs", "show", run),
+        ("runs", "list"),
+        ("logs", run),
+        ("queue", "describe", queue),
+        ("queue", "list"),
+        ("job", "describe", job),
+        ("job", "list"),
+        ("keys", "list"),
+        ("keys", "list", "--all"),
+        ("secrets", "list"),
+        ("agents",),
+    ):
+        for extra in ((), ("--json",)):
+            world.ok(*args, *extra)
+
+
+def assert_nothing_leaked(world: World) -> None:
+    """No secret in any file under the home (the stack's key files hold their own key), in any output
+    (``keys create`` shows its own key), nor any whole key or run token elsewhere: searched once while the
+    services run (SQLite -wal files hold the latest writes), and again once everything has stopped (agent
+    lease directories cleaned up, logs complete)."""
+    values = world.secrets()
+    running, files = scan_tree(world.home, values, allowed=world.key_files())
+    world.stop()
+    stopped, _ = scan_tree(world.home, values, allowed=world.key_files())
+    leaks = list(dict.fromkeys([*running, *stopped]))
+    assert files > 10, f"only {files} files under {world.home}"
+    for output in world.outputs:
+        where = f"the output of `{output.command}`"
+        leaks += scan_bytes(where, output.text.encode(), values, allowed=output.shown)
+    assert not leaks, report(leaks)
+
+
+@pytest.mark.timeout(150)
+def test_no_secret_in_logs_records_or_output_of_a_local_launch_and_its_errors(
+    world: World, tmp_path: Path
+) -> None:
+    project_key = secure_queue(world, "proc", "local-process")
+    agent_key = world.create_key("the agent key", "--kind", "agent", "--queue", "proc")
+    start_agent(world, "proc-agent", agent_key, f"projects/{PROJECT}/queues/proc", {"local-process": {}})
+    code = tmp_path / "code"
+    code.mkdir()
+    (code / "main.py").write_text(CHECKING_JOB)
+    world.ok("job", "create", str(code), "--name", "check", "--entrypoint", "python main.py", key=project_key)
+
+    launched = world.shell(
+        "launch", "check", "--queue", "proc", "--wait",
+        "--config", f"want={sha256(world.secret_value)}", "--config", f"vault={world.vault / 'run-token'}",
+        key=project_key, timeout=90,
+    )  # fmt: skip
+
+    assert launched.returncode == 0, launched.text
+    assert "SUCCEEDED" in launched.stdout
+    run = run_of(launched.stdout)
+    assert "checks token=True env=True file=True" in world.ok("logs", run)
+    assert json.loads(world.ok("runs", "show", run, "--json"))["metrics"]["verified"]["last"] == 1
+    run_token = read_secret_file(world.vault / "run-token")
+    assert run_token is not None, "the job handed no run token over"
+    assert WHOLE_TOKEN.fullmatch(run_token.encode())
+
+    # Error paths: each refused, none quoting a key, a token or a secret.
+    missing = world.cli(
+        "launch", "check", "--queue", "proc", "--secret", "no-such-secret=NOPE", key=project_key
+    )  # fmt: skip
+    if missing.returncode == 0:  # taken: then the attempt fails, saying which secret is missing
+        ended = wait_for(
+            lambda: (
+                (item := json.loads(world.ok("items", "describe", missing.stdout.strip(), "--json")))
+                and item["state"] in {"FAILED", "SUCCEEDED", "CANCELLED"}
+                and item
+            ),
+            timeout=60,
+            what="the launch with a missing secret to end",
+        )
+        assert ended["state"] == "FAILED"
+    reader_key = world.create_key(
+        "a read-only project key", "--kind", "project", "--project", PROJECT, "--role", "read"
+    )  # fmt: skip
+    assert world.cli("secrets", "set", "other", "--from-env", "HOME", key=reader_key).returncode == 1
+    console_key = world.create_key("a console service key", "--kind", "service", "--service", "console")
+    assert world.cli("runs", "list", key=console_key).returncode == 1
+    revoked_key = world.create_key(
+        "a revoked key", "--kind", "project", "--project", PROJECT, "--role", "read"
+    )  # fmt: skip
+    world.ok("runs", "list", key=revoked_key)
+    world.ok("keys", "revoke", revoked_key.split("_")[1])
+    wait_for(lambda: world.cli("runs", "list", key=revoked_key).returncode == 1, what="the key to be refused")
+    assert world.shell("runs", "list", key=revoked_key).returncode == 1
+    world.keys["a key nobody made"] = random_key("nosuchkey")
+    assert world.shell("runs", "list", key=world.keys["a key nobody made"]).returncode == 1
+    world.keys["a malformed key"] = f"not-a-key-{secrets.token_urlsafe(24)}"
+    assert world.cli("runs", "list", key=world.keys["a malformed key"]).returncode == 1
+    assert world.cli("runs", "list", key=run_token).returncode == 1
+    git = world.cli(
+        "job", "create", "--name", "from-git", "--git", GIT_REMOTE, "--entrypoint", "python main.py"
+    )  # fmt: skip
+    if git.returncode == 0:  # the remote is first reached by the build
+        failed = world.shell("launch", "from-git", "--queue", "proc", "--wait", key=project_key, timeout=90)
+        assert failed.returncode == 1, failed.text
+
+    look_around(world, run, "proc", "check")
+    assert_nothing_leaked(world)
+
+
+@pytest.mark.timeout(150)
+def test_no_secret_in_logs_records_or_output_of_a_container_launch_from_a_private_registry(
+    world: World, docker_setup: DockerSetup
+) -> None:
+    assert world.auth_registry == docker_setup.auth_registry
+    project_key = secure_queue(world, "box", "local-container")
+    agent_key = world.create_key("the agent key", "--kind", "agent", "--queue", "box")
+    login = {world.auth_registry: {"username": world.registry_user, "password": world.registry_password}}
+    runners = {"local-container": {"registry_auth": login}}
+    start_agent(world, "box-agent", agent_key, f"projects/{PROJECT}/queues/box", runners)
+    check = CONTAINER_CHECK.replace("{want}", sha256(world.secret_value))
+    world.ok(
+        "job", "create", "--name", "private", "--image", docker_setup.private_image,
+        "--entrypoint", shlex.join(["python3", "-c", check]), key=project_key,
+    )  # fmt: skip
+
+    launched = world.shell("launch", "private", "--queue", "box", "--wait", key=project_key, timeout=90)
+
+    assert launched.returncode == 0, launched.text
+    assert "SUCCEEDED" in launched.stdout
+    run = run_of(launched.stdout)
+    assert "'token': True, 'env': True, 'file': True" in world.ok("logs", run)
+    look_around(world, run, "box", "private")
+    for container in docker_setup.engine.containers.list(all=True, filters={"label": "takeoff.item"}):
+        if f"projects/{PROJECT}/" in container.labels["takeoff.item"]:
+            world.record(f"docker inspect {container.name}", json.dumps(container.attrs))
+    assert_nothing_leaked(world)
