@@ -291,6 +291,33 @@ async def test_a_container_gets_its_secrets_read_only_and_no_label_holds_one(
         await runner.close()
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="the agent gives the files to the job's uid only as root")
+async def test_a_container_that_runs_as_a_numeric_user_can_read_its_files(
+    docker_setup: DockerSetup, tmp_path: Path
+) -> None:
+    runner = create_container({}, RunnerContext(f"test-{uuid.uuid4().hex[:10]}", tmp_path))
+    try:
+        work = assignment(
+            ResourceKind.LOCAL_CONTAINER,
+            SourceKind.IMAGE,
+            ("python3", "-c", CHECKER),
+            image=docker_setup.base_image,
+        )
+        work = replace(work, resource_config={"user": "4321:4321"})
+        lease_dir = tmp_path / "leases" / work.lease_id
+        lease_dir.mkdir(parents=True)
+        job = runner.job(work, lease_dir)
+        await job.renew_lease(time.time() + 3600)
+        await job.start(launch(work, Built(BuildKind.NOOP, image=docker_setup.base_image), None))
+        assert await asyncio.wait_for(job.wait(), WAIT_SECONDS) == JobExit(0)
+        seen = json.loads((lease_dir / "stdout.log").read_text())
+        assert (seen["dir_mode"], seen["files"]) == ("0o700", expected_files())
+        assert (lease_dir / "secrets").stat().st_uid == 4321
+    finally:
+        await runner.sweep(())
+        await runner.close()
+
+
 def test_a_container_without_secret_files_or_ca_mounts_neither() -> None:
     work = assignment(
         ResourceKind.LOCAL_CONTAINER, SourceKind.IMAGE, ("python3", "-c", CHECKER), image="img:1"

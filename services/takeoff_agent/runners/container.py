@@ -47,6 +47,7 @@ from takeoff_agent.runners.secrets import (
     LEASE_SECRETS_DIR,
     SECRETS_DIR_VARIABLE,
     check_names,
+    numeric_user,
     write_secret_files,
 )
 from takeoff_agent.shim import shim_alive, write_atomically
@@ -456,7 +457,8 @@ class ContainerJob:
         try:
             secrets_dir = self.lease_dir / LEASE_SECRETS_DIR if launch.secret_files else None
             if secrets_dir is not None:
-                await asyncio.to_thread(write_secret_files, secrets_dir, launch.secret_files)
+                owner = numeric_user(settings.create.get("user") or await self._image_user(image))
+                await asyncio.to_thread(write_secret_files, secrets_dir, launch.secret_files, owner)
             options = create_options(
                 launch,
                 settings.create,
@@ -512,6 +514,14 @@ class ContainerJob:
             return None
 
         return await self.runner.call(ensure)
+
+    async def _image_user(self, image: str) -> str | None:
+        """The user the image runs its command as (``USER``), if it says."""
+        try:
+            config = await self.runner.call(lambda engine: engine.images.get(image).attrs.get("Config") or {})
+        except docker.errors.NotFound:  # removed meanwhile: the create says so
+            return None
+        return str(config.get("User") or "") or None
 
     async def _create(self, options: dict[str, Any]) -> str:
         """The container's id. The engine call runs to its end even when the start is cancelled meanwhile,

@@ -49,9 +49,18 @@ def check_names(launch: Launch) -> None:
         raise RunnerRefused("; ".join(problems))
 
 
-def write_secret_files(directory: Path, files: Mapping[str, bytes]) -> None:
+def numeric_user(user: str | None) -> int | None:
+    """The uid of a container user given as ``uid`` or ``uid:gid``; None for a name (only the image's
+    ``/etc/passwd`` knows it), or none given."""
+    uid = (user or "").partition(":")[0]
+    return int(uid) if uid.isdecimal() else None
+
+
+def write_secret_files(directory: Path, files: Mapping[str, bytes], owner: int | None = None) -> None:
     """``directory`` (mode 0700), holding exactly ``files`` (each 0600), made anew: what an earlier,
-    unfinished start left there is replaced. It goes with the lease directory it is in."""
+    unfinished start left there is replaced. It goes with the lease directory it is in. ``owner``: the
+    uid they are given, when this process may (a container's job that runs as that non-root uid reads
+    them through a bind mount); else they are this process's user's."""
     if directory.is_symlink() or directory.is_file():
         directory.unlink()
     elif directory.exists():
@@ -65,3 +74,6 @@ def write_secret_files(directory: Path, files: Mapping[str, bytes]) -> None:
         os.fchmod(descriptor, 0o600)  # whatever the umask
         with os.fdopen(descriptor, "wb") as file:
             file.write(value)
+    if owner is not None and owner != os.geteuid() and os.geteuid() == 0:
+        for path in (directory, *(directory / name for name in files)):
+            os.chown(path, owner, -1, follow_symlinks=False)
