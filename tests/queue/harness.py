@@ -230,14 +230,22 @@ async def watch_until(
     *,
     within: float = 10.0,
 ) -> queue_pb2.Item:
-    """The item as it is once ``wanted`` holds for it, following WatchItem (no polling)."""
+    """The item as it is once ``wanted`` holds for it, following WatchItem (no polling). A watch refused
+    as UNAVAILABLE (the registry that verifies keys is still starting: "retry shortly") is opened again."""
     seen: queue_pb2.Item | None = None
     try:
         async with asyncio.timeout(within):
-            async for update in queues.WatchItem(queue_pb2.WatchItemRequest(name=name)):
-                seen = update.item
-                if wanted(seen):
-                    return seen
+            while True:
+                try:
+                    async for update in queues.WatchItem(queue_pb2.WatchItemRequest(name=name)):
+                        seen = update.item
+                        if wanted(seen):
+                            return seen
+                    break
+                except grpc.aio.AioRpcError as error:
+                    if error.code() != grpc.StatusCode.UNAVAILABLE:
+                        raise
+                    await asyncio.sleep(0.1)  # the refusal's "retry shortly"
     except TimeoutError:
         raise AssertionError(f"{name} never got there within {within} s; last seen: {seen}") from None
     raise AssertionError(f"the watch of {name} ended before it got there; last seen: {seen}")
