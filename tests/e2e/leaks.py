@@ -124,25 +124,25 @@ def files_under(root: Path) -> Iterator[Path]:
 
 def scan_tree(
     root: Path, secrets: Iterable[Secret], *, allowed: Mapping[Path, Iterable[str]] | None = None
-) -> tuple[list[Leak], int]:
+) -> tuple[list[Leak], list[Path]]:
     """Every leak in the files under ``root`` (``allowed``: the values a file may hold, e.g. a key file
-    its own key); returns the leaks and how many files were read."""
+    its own key); returns the leaks and the files read."""
     secrets = list(secrets)
     allowed = allowed or {}
     leaks: list[Leak] = []
-    count = 0
+    read: list[Path] = []
     for path in files_under(root):
         try:
             with path.open("rb") as file:
                 data = file.read(MAX_FILE_BYTES)
         except OSError:
             continue
-        count += 1
+        read.append(path)
         own = allowed.get(path, ())
         leaks += scan_bytes(str(path), data, secrets, allowed=own)
         if (unpacked := _unpacked(data)) is not None:
             leaks += scan_bytes(f"{path} (unpacked)", unpacked, secrets, allowed=own)
-    return leaks, count
+    return leaks, read
 
 
 def report(leaks: list[Leak]) -> str:

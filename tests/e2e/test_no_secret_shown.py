@@ -21,6 +21,7 @@ other than the ones shown on purpose (by ``takeoff keys create``, and the stack'
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import os
@@ -43,6 +44,7 @@ from takeoff.cli import app
 from takeoff.stack import KEY_VARIABLES, LocalStack, agent_defaults, read_secret_file
 from tests.conftest import DockerSetup
 from tests.e2e.leaks import WHOLE_TOKEN, Secret, basic_auth, report, scan_bytes, scan_tree
+from tests.e2e.test_container_demo import SDK_IMAGE, sdk_image  # noqa: F401 (a fixture)
 from tests.e2e.test_up import takeoff, user_environment
 from tests.keys import ADMIN_KEY
 from tests.processes import wait_for
@@ -79,18 +81,6 @@ sys.exit(0 if all(checks.values()) else 1)
 """
 """Checks the secret (as ``APP_SECRET`` and as the file ``app.txt``) against its SHA-256 and that it has a
 run token, and logs a metric; prints only whether each check passed."""
-
-CONTAINER_CHECK = (
-    "import hashlib, os, pathlib, re, sys\n"
-    "token = os.environ.get('TAKEOFF_TOKEN', '')\n"
-    "path = pathlib.Path(os.environ.get('TAKEOFF_SECRETS_DIR', '/nonexistent')) / 'app.txt'\n"
-    "checks = dict(token=re.fullmatch(r'tko_[a-z0-9-]+_[A-Za-z0-9_-]{43}', token) is not None,"
-    " env=hashlib.sha256(os.environ.get('APP_SECRET', '').encode()).hexdigest() == '{want}',"
-    " file=path.is_file() and hashlib.sha256(path.read_bytes()).hexdigest() == '{want}')\n"
-    "print('checks', checks, flush=True)\n"
-    "sys.exit(0 if all(checks.values()) else 1)\n"
-)
-"""The same checks for an image without the SDK (the private image is the bare base image)."""
 
 
 @dataclass
@@ -174,9 +164,9 @@ class World:
         """``takeoff keys create``: the one output allowed to show its own secret."""
         ran = self.cli("keys", "create", *args)
         assert ran.returncode == 0, ran.text
-        found = WHOLE_TOKEN.findall(ran.stdout.encode())
+        found = [match.group(0).decode() for match in WHOLE_TOKEN.finditer(ran.stdout.encode())]
         assert len(found) == 1, f"keys create printed {len(found)} secrets"
-        secret = found[0].decode()
+        secret = found[0]
         self.keys[label] = secret
         self.outputs[-1].shown.add(secret)
         return secret
@@ -266,12 +256,12 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
 
 
 def start_agent(world: World, name: str, key: str, queue: str, runners: dict[str, Any]) -> None:
-    """``python -m takeoff_agent`` serving ``queue`` with ``key`` (from a file outside the home), logging
-    at DEBUG, its state and log under the home; returns once it is connected."""
+    """``python -m takeoff_agent`` serving ``queue`` with ``key``, logging at DEBUG: its config and key
+    file outside the home, its state and log under it; returns once it is connected."""
     key_file = world.vault / f"{name}.key"
     key_file.write_text(key + "\n")
     key_file.chmod(0o600)
-    config = world.home / f"{name}.yaml"
+    config = world.vault / f"{name}.yaml"  # it holds the runner's registry login: outside the home
     settings = {
         "name": name,
         "queues": [queue],
@@ -365,7 +355,9 @@ def assert_nothing_leaked(world: World) -> None:
     world.stop()
     stopped, _ = scan_tree(world.home, values, allowed=world.key_files())
     leaks = list(dict.fromkeys([*running, *stopped]))
-    assert files > 10, f"only {files} files under {world.home}"
+    names = {path.name for path in files}
+    assert {"registry.db-wal", "queue.db-wal", "builder.db-wal"} <= names, sorted(names)
+    assert {"registry.log", "queue.log", "builder.log"} <= names, sorted(names)
     for output in world.outputs:
         where = f"the output of `{output.command}`"
         leaks += scan_bytes(where, output.text.encode(), values, allowed=output.shown)
@@ -443,30 +435,77 @@ def test_no_secret_in_logs_records_or_output_of_a_local_launch_and_its_errors(
     assert_nothing_leaked(world)
 
 
-@pytest.mark.timeout(150)
+def private_sdk_image(world: World, docker_setup: DockerSetup) -> str:
+    """The SDK image pushed to the registry that wants a login, with that login given for the push only;
+    its tag there removed from the engine, so the agent pulls it with the password it was configured
+    with (the layers are already local: only the manifest is fetched)."""
+    repository = f"{world.auth_registry}/takeoff-test/sdk-job-leaks"
+    login = {"username": world.registry_user, "password": world.registry_password}
+    docker_setup.engine.images.get(SDK_IMAGE).tag(repository, "1")
+    pushed = docker_setup.engine.images.push(repository, "1", auth_config=login, stream=True, decode=True)
+    errors = [line["error"] for line in pushed if "error" in line]
+    assert not errors, errors
+    docker_setup.engine.images.remove(f"{repository}:1")  # only the tag: SDK_IMAGE keeps the image
+    return f"{repository}:1"
+
+
+@pytest.mark.timeout(300)  # the first use builds the SDK image (test_container_demo's): pip downloads
+@pytest.mark.usefixtures("sdk_image")
 def test_no_secret_in_logs_records_or_output_of_a_container_launch_from_a_private_registry(
     world: World, docker_setup: DockerSetup
 ) -> None:
     assert world.auth_registry == docker_setup.auth_registry
+    image = private_sdk_image(world, docker_setup)
     project_key = secure_queue(world, "box", "local-container")
     agent_key = world.create_key("the agent key", "--kind", "agent", "--queue", "box")
     login = {world.auth_registry: {"username": world.registry_user, "password": world.registry_password}}
     runners = {"local-container": {"registry_auth": login}}
     start_agent(world, "box-agent", agent_key, f"projects/{PROJECT}/queues/box", runners)
-    check = CONTAINER_CHECK.replace("{want}", sha256(world.secret_value))
     world.ok(
-        "job", "create", "--name", "private", "--image", docker_setup.private_image,
-        "--entrypoint", shlex.join(["python3", "-c", check]), key=project_key,
+        "job", "create", "--name", "private", "--image", image,
+        "--entrypoint", shlex.join(["python", "-c", CHECKING_JOB]), key=project_key,
     )  # fmt: skip
 
-    launched = world.shell("launch", "private", "--queue", "box", "--wait", key=project_key, timeout=90)
+    launched = world.shell(
+        "launch", "private", "--queue", "box", "--wait", "--config", f"want={sha256(world.secret_value)}",
+        key=project_key, timeout=90,
+    )  # fmt: skip
 
     assert launched.returncode == 0, launched.text
     assert "SUCCEEDED" in launched.stdout
     run = run_of(launched.stdout)
-    assert "'token': True, 'env': True, 'file': True" in world.ok("logs", run)
+    assert "checks token=True env=True file=True" in world.ok("logs", run)
+    assert json.loads(world.ok("runs", "show", run, "--json"))["metrics"]["verified"]["last"] == 1
     look_around(world, run, "box", "private")
     for container in docker_setup.engine.containers.list(all=True, filters={"label": "takeoff.item"}):
-        if f"projects/{PROJECT}/" in container.labels["takeoff.item"]:
+        if f"projects/{PROJECT}/" in container.labels["takeoff.item"]:  # left behind: its env holds secrets
             world.record(f"docker inspect {container.name}", json.dumps(container.attrs))
     assert_nothing_leaked(world)
+
+
+def test_the_search_finds_a_secret_in_every_form_and_place_it_looks(tmp_path: Path) -> None:
+    password = f"pw-{secrets.token_urlsafe(24)}"
+    key = random_key("known")
+    stray = random_key("run-abc")
+    values = [Secret("the password", password), basic_auth("the login", "me", password), Secret("a key", key)]
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "queue.log").write_text(f"one\ntwo\nsent {password} to the registry\n")
+    (tmp_path / "queue.db-wal").write_bytes(b"\x00\x01binary" + stray.encode() + b"\x00")
+    (tmp_path / "config.json").write_text(json.dumps({"auths": {"r": {"auth": values[1].value}}}))
+    (tmp_path / "chunk.gz").write_bytes(gzip.compress(f"line\n{key}\n".encode()))
+    (tmp_path / "admin.key").write_text(key)  # allowed: its own key
+    (tmp_path / "hint").write_text("tko_known and tko_known_short")  # hints are not keys
+
+    leaks, files = scan_tree(tmp_path, values, allowed={tmp_path / "admin.key": {key}})
+
+    found = {(leak.label, Path(leak.where.removesuffix(" (unpacked)")).name, leak.line) for leak in leaks}
+    assert found == {
+        ("the password", "queue.log", 3),
+        ("a key or run token", "queue.db-wal", 1),
+        ("the login (base64 user:password)", "config.json", 1),
+        ("a key", "chunk.gz", 2),
+    }
+    assert len(files) == 6
+    assert not any(password in str(leak) or key in str(leak) or stray in str(leak) for leak in leaks)
+    assert "<the password>" in report(leaks)
+    assert scan_bytes("output", f"created {key}".encode(), values, allowed={key}) == []
