@@ -82,6 +82,20 @@ sys.exit(0 if all(checks.values()) else 1)
 """Checks the secret (as ``APP_SECRET`` and as the file ``app.txt``) against its SHA-256 and that it has a
 run token, and logs a metric; prints only whether each check passed."""
 
+CARELESS_JOB = """\
+import os, pathlib, sys
+
+token = os.environ["TAKEOFF_TOKEN"]
+pathlib.Path(sys.argv[1]).write_text(token)
+from_file = (pathlib.Path(os.environ["TAKEOFF_SECRETS_DIR"]) / "app.txt").read_text()
+print(f"a careless job prints its secret {os.environ['APP_SECRET']} and its token {token}.", flush=True)
+print(f"and the secret from its file: {from_file}", file=sys.stderr, flush=True)
+sys.exit(3)
+"""
+"""Prints its secret (env and file) and its run token, then fails: the agent masks them in the run's log
+and in the failure message, which quotes the last lines. Hands its run token over (to the file named by
+its argument) first."""
+
 
 @dataclass
 class Output:
@@ -182,8 +196,9 @@ class World:
             Secret("the container registry password", self.registry_password),
             basic_auth("the container registry login", self.registry_user, self.registry_password),
         ]
-        if (token := read_secret_file(self.vault / "run-token")) is not None:
-            values.append(Secret("the run token", token))
+        for path in sorted(self.vault.glob("run-token*")):
+            if (token := read_secret_file(path)) is not None:
+                values.append(Secret(f"the run token of {path.name}", token))
         return values
 
     def key_files(self) -> dict[Path, set[str]]:
@@ -364,34 +379,24 @@ def assert_nothing_leaked(world: World) -> None:
     assert not leaks, report(leaks)
 
 
-@pytest.mark.timeout(150)
-def test_no_secret_in_logs_records_or_output_of_a_local_launch_and_its_errors(
-    world: World, tmp_path: Path
-) -> None:
-    project_key = secure_queue(world, "proc", "local-process")
-    agent_key = world.create_key("the agent key", "--kind", "agent", "--queue", "proc")
-    start_agent(world, "proc-agent", agent_key, f"projects/{PROJECT}/queues/proc", {"local-process": {}})
-    code = tmp_path / "code"
-    code.mkdir()
-    (code / "main.py").write_text(CHECKING_JOB)
-    world.ok("job", "create", str(code), "--name", "check", "--entrypoint", "python main.py", key=project_key)
+def careless_launch(world: World, code: Path, project_key: str) -> None:
+    """A job that prints what it was given: masked in its log and in the failure message quoting it."""
+    careless_token = world.vault / "run-token-careless"
+    entrypoint = f"python careless.py {careless_token}"
+    world.ok("job", "create", str(code), "--name", "careless", "--entrypoint", entrypoint, key=project_key)
+    careless = world.shell("launch", "careless", "--queue", "proc", "--wait", key=project_key, timeout=90)
+    assert careless.returncode == 1, careless.text
+    assert "JOB_FAILED" in careless.stdout
+    printed = world.ok("logs", run_of(careless.stdout))
+    assert "a careless job prints its secret *** and its token ***." in printed
+    assert "and the secret from its file: ***" in printed
+    assert read_secret_file(careless_token) is not None
 
-    launched = world.shell(
-        "launch", "check", "--queue", "proc", "--wait",
-        "--config", f"want={sha256(world.secret_value)}", "--config", f"vault={world.vault / 'run-token'}",
-        key=project_key, timeout=90,
-    )  # fmt: skip
 
-    assert launched.returncode == 0, launched.text
-    assert "SUCCEEDED" in launched.stdout
-    run = run_of(launched.stdout)
-    assert "checks token=True env=True file=True" in world.ok("logs", run)
-    assert json.loads(world.ok("runs", "show", run, "--json"))["metrics"]["verified"]["last"] == 1
-    run_token = read_secret_file(world.vault / "run-token")
-    assert run_token is not None, "the job handed no run token over"
-    assert WHOLE_TOKEN.fullmatch(run_token.encode())
-
-    # Error paths: each refused, none quoting a key, a token or a secret.
+def refused_calls(world: World, project_key: str, run_token: str) -> None:
+    """The error paths: a launch naming a secret that does not exist, a key without the permission, a
+    revoked key, a key nobody made, a malformed one, a run token after its run, a git remote that refuses
+    the connection; each refused, none quoting a key, a token or a secret."""
     missing = world.cli(
         "launch", "check", "--queue", "proc", "--secret", "no-such-secret=NOPE", key=project_key
     )  # fmt: skip
@@ -431,6 +436,37 @@ def test_no_secret_in_logs_records_or_output_of_a_local_launch_and_its_errors(
         failed = world.shell("launch", "from-git", "--queue", "proc", "--wait", key=project_key, timeout=90)
         assert failed.returncode == 1, failed.text
 
+
+@pytest.mark.timeout(150)
+def test_no_secret_in_logs_records_or_output_of_a_local_launch_and_its_errors(
+    world: World, tmp_path: Path
+) -> None:
+    project_key = secure_queue(world, "proc", "local-process")
+    agent_key = world.create_key("the agent key", "--kind", "agent", "--queue", "proc")
+    start_agent(world, "proc-agent", agent_key, f"projects/{PROJECT}/queues/proc", {"local-process": {}})
+    code = tmp_path / "code"
+    code.mkdir()
+    (code / "main.py").write_text(CHECKING_JOB)
+    (code / "careless.py").write_text(CARELESS_JOB)
+    world.ok("job", "create", str(code), "--name", "check", "--entrypoint", "python main.py", key=project_key)
+
+    launched = world.shell(
+        "launch", "check", "--queue", "proc", "--wait",
+        "--config", f"want={sha256(world.secret_value)}", "--config", f"vault={world.vault / 'run-token'}",
+        key=project_key, timeout=90,
+    )  # fmt: skip
+
+    assert launched.returncode == 0, launched.text
+    assert "SUCCEEDED" in launched.stdout
+    run = run_of(launched.stdout)
+    assert "checks token=True env=True file=True" in world.ok("logs", run)
+    assert json.loads(world.ok("runs", "show", run, "--json"))["metrics"]["verified"]["last"] == 1
+    run_token = read_secret_file(world.vault / "run-token")
+    assert run_token is not None, "the job handed no run token over"
+    assert WHOLE_TOKEN.fullmatch(run_token.encode())
+
+    careless_launch(world, code, project_key)
+    refused_calls(world, project_key, run_token)
     look_around(world, run, "proc", "check")
     assert_nothing_leaked(world)
 
