@@ -29,6 +29,10 @@ from takeoff.v1 import common_pb2, keys_pb2, keys_pb2_grpc, queue_pb2, queue_pb2
 from takeoff_rpc.channels import open_aio_channel
 
 LeaseRequest = queue_pb2.LeaseRequest
+HEARTBEAT_SECONDS = 5.0
+"""Well inside the queue's default lease TTL (30 s)."""
+_BACKGROUND: set[asyncio.Task[None]] = set()
+"""The fake agent's tasks, held for the life of the process."""
 
 
 async def _agent_stream(
@@ -52,11 +56,21 @@ async def _agent_stream(
     async def read() -> None:
         # The agent presents an agent key of its own, as real agents do.
         lease = stub.Lease(requests(), metadata=(("authorization", f"Bearer {agent_key}"),))
-        async for response in lease:
-            if response.HasField("assignment"):
-                await arrivals.put((time.perf_counter(), response.assignment.item.name))
+        try:
+            async for response in lease:
+                if response.HasField("assignment"):
+                    await arrivals.put((time.perf_counter(), response.assignment.item.name))
+        finally:
+            await arrivals.put((time.perf_counter(), ""))  # the stream ended: measure() fails, not waits
 
-    asyncio.get_running_loop().create_task(read())
+    async def heartbeat() -> None:
+        # Renew the leases as an agent does, or a long run outlives the lease TTL and loses every item.
+        while True:
+            await asyncio.sleep(HEARTBEAT_SECONDS)
+            await outgoing.put(LeaseRequest(heartbeat=LeaseRequest.Heartbeat()))
+
+    loop = asyncio.get_running_loop()
+    _BACKGROUND.update({loop.create_task(read()), loop.create_task(heartbeat())})
     return outgoing, arrivals
 
 
@@ -97,6 +111,8 @@ async def measure(
             reply = await stub.Enqueue(queue_pb2.EnqueueRequest(queue=queue, job="bench"))
             while True:
                 arrived, name = await arrivals.get()
+                if not name:
+                    raise RuntimeError("the agent's Lease stream ended")
                 if name == reply.item.name:
                     break
             latencies.append((arrived - started) * 1e3)
