@@ -688,6 +688,7 @@ class Attempt:
         while not (await asyncio.wait({stopping}, timeout=patience))[0]:
             logger.warning("the job of revoked lease %s is not stopped yet: still waiting", self.lease_id)
         await stopping
+        await self._mask_secrets_again()
         self.log.read_job_output(final=True)
         try:
             await self._conclude(self.job.exit())

@@ -169,6 +169,28 @@ async def test_a_line_longer_than_the_registry_takes_arrives_in_pieces(
     assert texts[2] == "after"
 
 
+async def test_secret_values_are_masked_before_they_are_recorded_or_sent(
+    registry: ServiceProcess, runs: Runs, run: str, tmp_path: Path
+) -> None:
+    files = JobFiles(tmp_path)
+    log = files.run_log(runs, run)
+    log.mask(["hunter22", b"-----BEGIN KEY-----\nline-two-secret\n", "abc"])
+    files.write(stdout="password hunter22\nkey line-two-secret\nabc is too short to mask\n")
+
+    log.read_job_output()
+    await log.flush()
+
+    assert [text for _, text in stored(registry, run)] == [
+        "password ***",
+        "key ***",
+        "abc is too short to mask",
+    ]
+    recorded = files.checkpoint.read_text()  # what a restarted agent sends again
+    assert "hunter22" not in recorded
+    assert "line-two-secret" not in recorded
+    assert "password ***" in list(log.last_lines)  # what a failure message quotes
+
+
 class NoReports:
     async def progress(self, attempt: Attempt, state: ItemState, detail: str) -> bool:
         raise AssertionError("not reached")
