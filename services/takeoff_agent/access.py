@@ -1,4 +1,4 @@
-"""Who may call AgentService (docs/design.md §17): its status and its drain concern the whole agent."""
+"""Who may call AgentService (docs/design.md §13): its status and its drain concern the whole agent."""
 
 from __future__ import annotations
 

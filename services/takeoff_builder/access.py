@@ -1,4 +1,4 @@
-"""Who may call BuildService (docs/design.md §17): each method's rule, checked on every request.
+"""Who may call BuildService (docs/design.md §13): each method's rule, checked on every request.
 
 A Build names the job version to build; the caller needs ``builds.write`` on it (an agent key has it in
 the projects of its queues, so an agent builds only the jobs it may be given). Builds are read by name.
