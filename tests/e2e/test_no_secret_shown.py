@@ -30,6 +30,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import time
 import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -86,7 +87,8 @@ CARELESS_JOB = """\
 import os, pathlib, sys
 
 token = os.environ["TAKEOFF_TOKEN"]
-pathlib.Path(sys.argv[1]).write_text(token)
+if len(sys.argv) > 1:
+    pathlib.Path(sys.argv[1]).write_text(token)
 from_file = (pathlib.Path(os.environ["TAKEOFF_SECRETS_DIR"]) / "app.txt").read_text()
 print(f"a careless job prints its secret {os.environ['APP_SECRET']} and its token {token}.", flush=True)
 print(f"and the secret from its file: {from_file}", file=sys.stderr, flush=True)
@@ -94,7 +96,7 @@ sys.exit(3)
 """
 """Prints its secret (env and file) and its run token, then fails: the agent masks them in the run's log
 and in the failure message, which quotes the last lines. Hands its run token over (to the file named by
-its argument) first."""
+its argument, when it has one) first."""
 
 
 @dataclass
@@ -134,6 +136,8 @@ class World:
     """Label -> secret of every key the test knows."""
     outputs: list[Output] = field(default_factory=list)
     agents: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    took: float = 0.0
+    """How long the latest command took."""
 
     def cli(self, *args: str, key: str | None = None, env: dict[str, str] | None = None) -> Ran:
         """``takeoff ARGS`` as a user runs it in the project (in this process, to keep the test short):
@@ -147,7 +151,9 @@ class World:
         }
         if key is not None:
             environment["TAKEOFF_API_KEY"] = key
+        started = time.monotonic()
         result = CliRunner().invoke(app, list(args), env=environment)
+        self.took = time.monotonic() - started
         ran = Ran(result.exit_code, result.stdout, result.stderr)
         crash = ""
         if result.exception is not None and not isinstance(result.exception, SystemExit):
@@ -159,7 +165,9 @@ class World:
     def shell(self, *args: str, key: str | None = None, timeout: float = 60) -> Ran:
         """``takeoff ARGS`` as a process of its own, in a user's environment."""
         env = {"TAKEOFF_PROJECT": PROJECT, "COLUMNS": "120", **({"TAKEOFF_API_KEY": key} if key else {})}
+        started = time.monotonic()
         result = takeoff(self.home, *args, env=env, timeout=timeout)
+        self.took = time.monotonic() - started
         ran = Ran(result.returncode, result.stdout, result.stderr)
         self.record(shlex.join(["takeoff", *args]), ran.text)
         return ran
@@ -172,7 +180,7 @@ class World:
     def record(self, command: str, text: str, shown: set[str] | None = None) -> None:
         self.outputs.append(Output(command, text, shown or set()))
         with (self.vault / "outputs.txt").open("a") as file:  # for whoever reads a failure
-            file.write(f"$ {command}\n{text}\n")
+            file.write(f"$ {command}  ({self.took:.2f} s)\n{text}\n")
 
     def create_key(self, label: str, *args: str) -> str:
         """``takeoff keys create``: the one output allowed to show its own secret."""
@@ -379,18 +387,16 @@ def assert_nothing_leaked(world: World) -> None:
     assert not leaks, report(leaks)
 
 
-def careless_launch(world: World, code: Path, project_key: str) -> None:
-    """A job that prints what it was given: masked in its log and in the failure message quoting it."""
-    careless_token = world.vault / "run-token-careless"
-    entrypoint = f"python careless.py {careless_token}"
-    world.ok("job", "create", str(code), "--name", "careless", "--entrypoint", entrypoint, key=project_key)
-    careless = world.shell("launch", "careless", "--queue", "proc", "--wait", key=project_key, timeout=90)
+def careless_launch(world: World, queue: str, project_key: str, *source: str) -> None:
+    """A job (made from ``source``, job create's arguments) that prints what it was given: masked in its
+    log and in the failure message quoting it."""
+    world.ok("job", "create", "--name", "careless", *source, key=project_key)
+    careless = world.cli("launch", "careless", "--queue", queue, "--wait", key=project_key)
     assert careless.returncode == 1, careless.text
     assert "JOB_FAILED" in careless.stdout
     printed = world.ok("logs", run_of(careless.stdout))
     assert "a careless job prints its secret *** and its token ***." in printed
     assert "and the secret from its file: ***" in printed
-    assert read_secret_file(careless_token) is not None
 
 
 def refused_calls(world: World, project_key: str, run_token: str) -> None:
@@ -425,7 +431,7 @@ def refused_calls(world: World, project_key: str, run_token: str) -> None:
     wait_for(lambda: world.cli("runs", "list", key=revoked_key).returncode == 1, what="the key to be refused")
     assert world.shell("runs", "list", key=revoked_key).returncode == 1
     world.keys["a key nobody made"] = random_key("nosuchkey")
-    assert world.shell("runs", "list", key=world.keys["a key nobody made"]).returncode == 1
+    assert world.cli("runs", "list", key=world.keys["a key nobody made"]).returncode == 1
     world.keys["a malformed key"] = f"not-a-key-{secrets.token_urlsafe(24)}"
     assert world.cli("runs", "list", key=world.keys["a malformed key"]).returncode == 1
     assert world.cli("runs", "list", key=run_token).returncode == 1
@@ -433,7 +439,7 @@ def refused_calls(world: World, project_key: str, run_token: str) -> None:
         "job", "create", "--name", "from-git", "--git", GIT_REMOTE, "--entrypoint", "python main.py"
     )  # fmt: skip
     if git.returncode == 0:  # the remote is first reached by the build
-        failed = world.shell("launch", "from-git", "--queue", "proc", "--wait", key=project_key, timeout=90)
+        failed = world.cli("launch", "from-git", "--queue", "proc", "--wait", key=project_key)
         assert failed.returncode == 1, failed.text
 
 
@@ -465,7 +471,11 @@ def test_no_secret_in_logs_records_or_output_of_a_local_launch_and_its_errors(
     assert run_token is not None, "the job handed no run token over"
     assert WHOLE_TOKEN.fullmatch(run_token.encode())
 
-    careless_launch(world, code, project_key)
+    careless_token = world.vault / "run-token-careless"
+    careless_launch(
+        world, "proc", project_key, str(code), "--entrypoint", f"python careless.py {careless_token}"
+    )
+    assert read_secret_file(careless_token) is not None
     refused_calls(world, project_key, run_token)
     look_around(world, run, "proc", "check")
     assert_nothing_leaked(world)
@@ -512,6 +522,15 @@ def test_no_secret_in_logs_records_or_output_of_a_container_launch_from_a_privat
     run = run_of(launched.stdout)
     assert "checks token=True env=True file=True" in world.ok("logs", run)
     assert json.loads(world.ok("runs", "show", run, "--json"))["metrics"]["verified"]["last"] == 1
+    careless_launch(
+        world,
+        "box",
+        project_key,
+        "--image",
+        image,
+        "--entrypoint",
+        shlex.join(["python", "-c", CARELESS_JOB]),
+    )
     look_around(world, run, "box", "private")
     for container in docker_setup.engine.containers.list(all=True, filters={"label": "takeoff.item"}):
         if f"projects/{PROJECT}/" in container.labels["takeoff.item"]:  # left behind: its env holds secrets
