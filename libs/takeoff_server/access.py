@@ -126,6 +126,8 @@ _PROJECT_WRITE = (
     Permission.ITEMS_WRITE,
     Permission.SECRETS_WRITE,
 )
+_RUN_TOKEN_ONLY = frozenset({Permission.SECRETS_ACCESS})
+"""Not even an admin key reads a secret's value back: only the run token of an attempt given it."""
 _SERVICE_PERMISSIONS: Mapping[ServiceRole, tuple[Permission, ...]] = {
     ServiceRole.QUEUE: (
         Permission.KEYS_VERIFY,
@@ -149,7 +151,7 @@ def grants_for(scope: KeyScope) -> frozenset[Grant]:
     """The grants a key of ``scope`` carries (docs/design.md §13, "Key kinds")."""
     match scope.kind:
         case KeyKind.ADMIN:
-            return frozenset(Grant(permission, EVERYWHERE) for permission in Permission)
+            return frozenset(Grant(p, EVERYWHERE) for p in Permission if p not in _RUN_TOKEN_ONLY)
         case KeyKind.PROJECT:
             permissions: tuple[Permission, ...] = (
                 _PROJECT_WRITE if scope.role == ProjectRole.WRITE else _PROJECT_READ

@@ -1,5 +1,6 @@
 """SecretService on a real registry (SQLite and PostgreSQL): set, list, delete; values stored only encrypted
-and never read back except by AccessSecret, which admits admin keys and run tokens listing the secret."""
+and never read back except by AccessSecret, which admits only run tokens listing the secret (not even an
+admin key)."""
 
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ def _value() -> bytes:
 class Stubs:
     secrets: secrets_pb2_grpc.SecretServiceAsyncStub
     keys: keys_pb2_grpc.KeyServiceAsyncStub
+    address: str
 
 
 @pytest.fixture
@@ -46,7 +48,11 @@ async def admin(registry: Registry) -> AsyncIterator[Stubs]:
 async def _stubs(registry: Registry, key: str) -> AsyncIterator[Stubs]:
     """Stubs on a channel presenting ``key``."""
     async with open_aio_channel(registry.address, api_key=key) as channel:
-        yield Stubs(secrets_pb2_grpc.SecretServiceStub(channel), keys_pb2_grpc.KeyServiceStub(channel))
+        yield Stubs(
+            secrets_pb2_grpc.SecretServiceStub(channel),
+            keys_pb2_grpc.KeyServiceStub(channel),
+            registry.address,
+        )
 
 
 async def _set(stubs: Stubs, secret_id: str, value: bytes, parent: str = PROJECT) -> secrets_pb2.Secret:
@@ -56,6 +62,21 @@ async def _set(stubs: Stubs, secret_id: str, value: bytes, parent: str = PROJECT
 
 async def _access(stubs: Stubs, name: str) -> bytes:
     return (await stubs.secrets.AccessSecret(secrets_pb2.AccessSecretRequest(name=name))).value
+
+
+@asynccontextmanager
+async def _given(admin: Stubs, name: str) -> AsyncIterator[Stubs]:
+    """Stubs presenting a run token given the secret ``name``: the only way to read a value back."""
+    token = await _mint(admin, [name])
+    async with open_aio_channel(admin.address, api_key=token) as channel:
+        yield Stubs(
+            secrets_pb2_grpc.SecretServiceStub(channel), keys_pb2_grpc.KeyServiceStub(channel), admin.address
+        )
+
+
+async def _read_back(admin: Stubs, name: str) -> bytes:
+    async with _given(admin, name) as run:
+        return await _access(run, name)
 
 
 async def _list(stubs: Stubs, *, page_size: int = 0, parent: str = PROJECT) -> list[str]:
@@ -81,7 +102,7 @@ async def test_secrets_are_set_replaced_listed_in_pages_and_deleted(admin: Stubs
     replaced = await _set(admin, "WANDB_API_KEY", b"second")
     assert replaced.create_time == created.create_time
     assert replaced.update_time.ToDatetime() >= created.update_time.ToDatetime()
-    assert await _access(admin, created.name) == b"second"
+    assert await _read_back(admin, created.name) == b"second"
 
     # Ordered by id, byte order (upper case first), on every database; pages of one continue in order.
     expected = [f"{PROJECT}/secrets/{secret}" for secret in ("Db_password", "WANDB_API_KEY", "hf-token")]
@@ -93,7 +114,8 @@ async def test_secrets_are_set_replaced_listed_in_pages_and_deleted(admin: Stubs
     assert await _list(admin) == expected[:1] + expected[2:]
     gone = await failure(admin.secrets.DeleteSecret(secrets_pb2.DeleteSecretRequest(name=created.name)))
     assert (gone.code, gone.reason) == (grpc.StatusCode.NOT_FOUND, "SECRET_NOT_FOUND")
-    gone = await failure(admin.secrets.AccessSecret(secrets_pb2.AccessSecretRequest(name=created.name)))
+    async with _given(admin, created.name) as run:
+        gone = await failure(run.secrets.AccessSecret(secrets_pb2.AccessSecretRequest(name=created.name)))
     assert (gone.code, gone.reason) == (grpc.StatusCode.NOT_FOUND, "SECRET_NOT_FOUND")
 
 
@@ -124,7 +146,7 @@ async def test_bad_secrets_are_refused_naming_the_field_never_the_value(
 async def test_the_largest_value_and_a_63_character_id_are_kept(admin: Stubs) -> None:
     value = bytes(range(256)) * (MAX_VALUE_BYTES // 256)
     secret = await _set(admin, "a" * 63, value)
-    assert await _access(admin, secret.name) == value
+    assert await _read_back(admin, secret.name) == value
 
 
 async def test_no_read_and_no_stored_byte_holds_a_value(
@@ -156,7 +178,7 @@ async def test_no_read_and_no_stored_byte_holds_a_value(
         assert any(path.name.startswith("registry.db") for path in files)
     for path in files:
         assert value[:20] not in path.read_bytes(), f"{path} holds the value"
-    assert await _access(admin, response.secret.name) == value
+    assert await _read_back(admin, response.secret.name) == value
 
 
 async def _mint(admin: Stubs, secrets: list[str], run: str = "projects/vault/runs/r1") -> str:
@@ -175,13 +197,10 @@ async def _create_key(admin: Stubs, key: keys_pb2.Key) -> str:
     return (await admin.keys.CreateKey(keys_pb2.CreateKeyRequest(key=key))).secret
 
 
-async def test_only_admins_and_run_tokens_listing_a_secret_may_access_it(
-    registry: Registry, admin: Stubs
-) -> None:
+async def test_only_run_tokens_listing_a_secret_may_access_it(registry: Registry, admin: Stubs) -> None:
     value = _value()
     given = (await _set(admin, "given", value)).name
     other = (await _set(admin, "not_given", b"other")).name
-    assert await _access(admin, given) == value  # an admin holds every permission
 
     token = await _mint(admin, [given])
     async with _stubs(registry, token) as run:
@@ -207,7 +226,7 @@ async def test_only_admins_and_run_tokens_listing_a_secret_may_access_it(
     agent = await _create_key(
         admin, keys_pb2.Key(kind=keys_pb2.KEY_KIND_AGENT, queues=["projects/vault/queues/gpu"])
     )
-    for key in (not_listing, project_writer, agent):
+    for key in (ADMIN_KEY, not_listing, project_writer, agent):
         async with _stubs(registry, key) as caller:
             refused = await failure(caller.secrets.AccessSecret(secrets_pb2.AccessSecretRequest(name=given)))
             assert (refused.code, refused.reason) == (grpc.StatusCode.PERMISSION_DENIED, "PERMISSION_DENIED")
@@ -233,7 +252,7 @@ async def test_a_registry_restarted_on_its_home_still_reads_its_secrets(
             name = (await _set(admin, "kept", value)).name
     async for registry in start_registry(settings):
         async with _stubs(registry, ADMIN_KEY) as admin:
-            assert await _access(admin, name) == value
+            assert await _read_back(admin, name) == value
 
 
 async def test_a_value_under_another_key_or_moved_to_another_secret_is_never_returned(
@@ -257,10 +276,11 @@ async def test_a_value_under_another_key_or_moved_to_another_secret_is_never_ret
                 "WHERE project_id = 'vault' AND secret_id = 'target'"
             )
         )
-    refused = await failure(admin.secrets.AccessSecret(secrets_pb2.AccessSecretRequest(name=target.name)))
+    async with _given(admin, target.name) as run:
+        refused = await failure(run.secrets.AccessSecret(secrets_pb2.AccessSecretRequest(name=target.name)))
     assert (refused.code, refused.reason) == (grpc.StatusCode.INTERNAL, "INTERNAL")
     assert value[:20].decode(errors="replace") not in refused.message
-    assert await _access(admin, moved.name) == value
+    assert await _read_back(admin, moved.name) == value
 
 
 def test_the_secrets_key_file_is_made_once_readable_by_its_owner_only(tmp_path: Path) -> None:
