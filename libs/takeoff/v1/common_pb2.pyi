@@ -510,6 +510,38 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """UNIMPLEMENTED. The server does not implement this method yet; metadata["method"] names it."""
     ERROR_REASON_SHUTTING_DOWN: _ErrorReason.ValueType  # 49
     """UNAVAILABLE. The server is shutting down and ended the call or stream; reconnect and retry."""
+    ERROR_REASON_KEY_MISSING: _ErrorReason.ValueType  # 50
+    """UNAUTHENTICATED. The call carries no `authorization: Bearer <key>` metadata."""
+    ERROR_REASON_KEY_MALFORMED: _ErrorReason.ValueType  # 51
+    """UNAUTHENTICATED. The authorization metadata is not `Bearer <key>`."""
+    ERROR_REASON_KEY_INVALID: _ErrorReason.ValueType  # 52
+    """UNAUTHENTICATED. The key is unknown or was revoked."""
+    ERROR_REASON_KEY_REVOKED: _ErrorReason.ValueType  # 53
+    """UNAUTHENTICATED. The key of an open stream was revoked; the stream is closed."""
+    ERROR_REASON_PERMISSION_DENIED: _ErrorReason.ValueType  # 54
+    """PERMISSION_DENIED. The key lacks the permission ErrorInfo.metadata["permission"] on
+    metadata["resource"].
+    """
+    ERROR_REASON_NO_ACCESS_RULE: _ErrorReason.ValueType  # 55
+    """PERMISSION_DENIED. The method states no access rule, so nobody may call it (a server bug)."""
+    ERROR_REASON_AGENT_KEY_MISMATCH: _ErrorReason.ValueType  # 56
+    """PERMISSION_DENIED. The agent holds leases taken with another key; connect with that key."""
+    ERROR_REASON_KEY_NOT_FOUND: _ErrorReason.ValueType  # 57
+    """NOT_FOUND. No key has that name."""
+    ERROR_REASON_KEY_ALREADY_EXISTS: _ErrorReason.ValueType  # 58
+    """ALREADY_EXISTS. A key with that id exists."""
+    ERROR_REASON_SECRET_NOT_FOUND: _ErrorReason.ValueType  # 59
+    """NOT_FOUND. No secret has that name."""
+    ERROR_REASON_SECURE_QUEUE_OVERRIDE: _ErrorReason.ValueType  # 60
+    """INVALID_ARGUMENT. An item overrides what a secure queue keeps to itself (the entrypoint, a dangerous
+    resource option); BadRequest names each.
+    """
+    ERROR_REASON_RATE_LIMITED: _ErrorReason.ValueType  # 61
+    """RESOURCE_EXHAUSTED. The caller is over a rate limit (metadata["limit"]); retry after
+    metadata["retry_after_seconds"].
+    """
+    ERROR_REASON_SERVICE_KEY_REFUSED: _ErrorReason.ValueType  # 62
+    """UNAVAILABLE. This service cannot verify keys: the registry refused the service's own key."""
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """Catalog of the google.rpc.ErrorInfo reasons the Takeoff services return, with the gRPC code each comes
@@ -640,6 +672,38 @@ ERROR_REASON_NOT_IMPLEMENTED: ErrorReason.ValueType  # 48
 """UNIMPLEMENTED. The server does not implement this method yet; metadata["method"] names it."""
 ERROR_REASON_SHUTTING_DOWN: ErrorReason.ValueType  # 49
 """UNAVAILABLE. The server is shutting down and ended the call or stream; reconnect and retry."""
+ERROR_REASON_KEY_MISSING: ErrorReason.ValueType  # 50
+"""UNAUTHENTICATED. The call carries no `authorization: Bearer <key>` metadata."""
+ERROR_REASON_KEY_MALFORMED: ErrorReason.ValueType  # 51
+"""UNAUTHENTICATED. The authorization metadata is not `Bearer <key>`."""
+ERROR_REASON_KEY_INVALID: ErrorReason.ValueType  # 52
+"""UNAUTHENTICATED. The key is unknown or was revoked."""
+ERROR_REASON_KEY_REVOKED: ErrorReason.ValueType  # 53
+"""UNAUTHENTICATED. The key of an open stream was revoked; the stream is closed."""
+ERROR_REASON_PERMISSION_DENIED: ErrorReason.ValueType  # 54
+"""PERMISSION_DENIED. The key lacks the permission ErrorInfo.metadata["permission"] on
+metadata["resource"].
+"""
+ERROR_REASON_NO_ACCESS_RULE: ErrorReason.ValueType  # 55
+"""PERMISSION_DENIED. The method states no access rule, so nobody may call it (a server bug)."""
+ERROR_REASON_AGENT_KEY_MISMATCH: ErrorReason.ValueType  # 56
+"""PERMISSION_DENIED. The agent holds leases taken with another key; connect with that key."""
+ERROR_REASON_KEY_NOT_FOUND: ErrorReason.ValueType  # 57
+"""NOT_FOUND. No key has that name."""
+ERROR_REASON_KEY_ALREADY_EXISTS: ErrorReason.ValueType  # 58
+"""ALREADY_EXISTS. A key with that id exists."""
+ERROR_REASON_SECRET_NOT_FOUND: ErrorReason.ValueType  # 59
+"""NOT_FOUND. No secret has that name."""
+ERROR_REASON_SECURE_QUEUE_OVERRIDE: ErrorReason.ValueType  # 60
+"""INVALID_ARGUMENT. An item overrides what a secure queue keeps to itself (the entrypoint, a dangerous
+resource option); BadRequest names each.
+"""
+ERROR_REASON_RATE_LIMITED: ErrorReason.ValueType  # 61
+"""RESOURCE_EXHAUSTED. The caller is over a rate limit (metadata["limit"]); retry after
+metadata["retry_after_seconds"].
+"""
+ERROR_REASON_SERVICE_KEY_REFUSED: ErrorReason.ValueType  # 62
+"""UNAVAILABLE. This service cannot verify keys: the registry refused the service's own key."""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 
 @_typing.final
