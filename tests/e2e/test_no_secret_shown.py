@@ -21,15 +21,19 @@ other than the ones shown on purpose (by ``takeoff keys create``, and the stack'
 
 from __future__ import annotations
 
+import base64
 import gzip
 import hashlib
+import http.server
 import json
 import os
 import secrets
 import shlex
 import signal
+import ssl
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Iterator
@@ -49,15 +53,12 @@ from tests.e2e.test_container_demo import SDK_IMAGE, sdk_image  # noqa: F401 (a 
 from tests.e2e.test_up import takeoff, user_environment
 from tests.keys import ADMIN_KEY
 from tests.processes import wait_for
+from tests.tls import make_certificates
 
 PROJECT = "leaks"
 SECRET_ID = "app-secret"
 SECRET_ENV = "APP_SECRET"
 SECRET_FILE = "app.txt"
-GIT_SCOPE = "https://127.0.0.1:9/acme"
-"""The git token's scope: a remote under it refuses connections (port 9), so git is given the token and
-fails at once."""
-GIT_REMOTE = f"{GIT_SCOPE}/repo.git"
 GIT_USER = "x-access-token"
 DEFAULT_AUTH_REGISTRY = "127.0.0.1:5001"
 
@@ -99,6 +100,95 @@ and in the failure message, which quotes the last lines. Hands its run token ove
 its argument, when it has one) first."""
 
 
+class GitHttpsServer:
+    """A git remote over https (smart HTTP, ``git upload-pack --stateless-rpc`` behind it) at
+    ``https://127.0.0.1:PORT/acme/repo.git`` that serves only requests carrying the git token as basic
+    auth, answering 401 to others; it counts both."""
+
+    def __init__(self, directory: Path, token: str) -> None:
+        self.repository = directory / "repo.git"
+        self.certificates = make_certificates(directory / "tls")
+        self.expected = "Basic " + base64.b64encode(f"{GIT_USER}:{token}".encode()).decode()
+        self.authorized = 0
+        self.refused = 0
+        work = directory / "work"
+        work.mkdir()
+        (work / "main.py").write_text(CHECKING_JOB)
+        identity = ["-c", "user.name=test", "-c", "user.email=test@example.com"]
+        for command in (
+            ["init", "-q", "-b", "main"],
+            ["add", "main.py"],
+            [*identity, "commit", "-q", "-m", "job"],
+        ):
+            subprocess.run(["git", "-C", str(work), *command], check=True)
+        subprocess.run(["git", "clone", "-q", "--bare", str(work), str(self.repository)], check=True)
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                if not self._authorized():
+                    return
+                if self.path == "/acme/repo.git/info/refs?service=git-upload-pack":
+                    refs = outer._upload_pack(b"", "--advertise-refs")
+                    self._reply(b"001e# service=git-upload-pack\n0000" + refs, "advertisement")
+                else:
+                    self.send_error(404)
+
+            def do_POST(self) -> None:
+                if not self._authorized():
+                    return
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                if self.headers.get("Content-Encoding") == "gzip":
+                    body = gzip.decompress(body)
+                self._reply(outer._upload_pack(body), "result")
+
+            def _authorized(self) -> bool:
+                if self.headers.get("Authorization") == outer.expected:
+                    outer.authorized += 1
+                    return True
+                outer.refused += 1
+                self.send_response(401)
+                self.send_header("WWW-Authenticate", 'Basic realm="git"')
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return False
+
+            def _reply(self, body: bytes, kind: str) -> None:
+                self.send_response(200)
+                self.send_header("Content-Type", f"application/x-git-upload-pack-{kind}")
+                self.send_header("Cache-Control", "no-cache")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        pair = self.certificates.server
+        context.load_cert_chain(pair.cert_file, pair.key_file)
+        self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def scope(self) -> str:
+        return f"https://127.0.0.1:{self.server.server_address[1]}/acme"
+
+    @property
+    def remote(self) -> str:
+        return f"{self.scope}/repo.git"
+
+    def _upload_pack(self, request: bytes, *options: str) -> bytes:
+        command = ["git", "upload-pack", "--stateless-rpc", *options, str(self.repository)]
+        return subprocess.run(command, input=request, capture_output=True, check=True).stdout
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
 @dataclass
 class Output:
     """What one command printed; ``shown``: secrets it prints on purpose (``takeoff keys create``)."""
@@ -127,6 +217,7 @@ class World:
     vault: Path
     """Outside every home: what the test keeps (key files it gives agents, the run token a job hands)."""
     stack: LocalStack
+    git: GitHttpsServer
     auth_registry: str
     registry_user: str
     registry_password: str
@@ -246,22 +337,25 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     configured, never used); every service logs at DEBUG to TAKEOFF_HOME/logs."""
     home = tmp_path_factory.mktemp("home")
     vault = tmp_path_factory.mktemp("vault")
+    git_token = f"ghp_{secrets.token_urlsafe(30)}"
     auth_registry = os.environ.get("TAKEOFF_TEST_AUTH_REGISTRY") or DEFAULT_AUTH_REGISTRY
     world = World(
         home=home,
         vault=vault,
         stack=LocalStack(home, base_port=0, base_image=os.environ.get("TAKEOFF_TEST_BASE_IMAGE")),
+        git=GitHttpsServer(tmp_path_factory.mktemp("git"), git_token),
         auth_registry=auth_registry,
         registry_user=os.environ.get("TAKEOFF_TEST_AUTH_USER") or "takeoff-test",
         registry_password=os.environ.get("TAKEOFF_TEST_AUTH_PASSWORD") or f"pw-{secrets.token_urlsafe(24)}",
-        git_token=f"ghp_{secrets.token_urlsafe(30)}",
+        git_token=git_token,
         secret_value=f"s3cr3t-{secrets.token_urlsafe(30)}",
     )
     settings = {
         "TAKEOFF_LOG_LEVEL": "DEBUG",
         "TAKEOFF_GIT_HTTPS_TOKEN": world.git_token,
         "TAKEOFF_GIT_HTTPS_USERNAME": GIT_USER,
-        "TAKEOFF_GIT_HTTPS_TOKEN_SCOPE": GIT_SCOPE,
+        "TAKEOFF_GIT_HTTPS_TOKEN_SCOPE": world.git.scope,
+        "GIT_SSL_CAINFO": str(world.git.certificates.ca_file),  # git trusts the remote's test CA
         "TAKEOFF_REGISTRY_AUTH": json.dumps(
             {auth_registry: {"username": world.registry_user, "password": world.registry_password}}
         ),
@@ -276,6 +370,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         yield world
     finally:
         world.stop()
+        world.git.close()
 
 
 def start_agent(world: World, name: str, key: str, queue: str, runners: dict[str, Any]) -> None:
@@ -435,12 +530,14 @@ def refused_calls(world: World, project_key: str, run_token: str) -> None:
     world.keys["a malformed key"] = f"not-a-key-{secrets.token_urlsafe(24)}"
     assert world.cli("runs", "list", key=world.keys["a malformed key"]).returncode == 1
     assert world.cli("runs", "list", key=run_token).returncode == 1
-    git = world.cli(
-        "job", "create", "--name", "from-git", "--git", GIT_REMOTE, "--entrypoint", "python main.py"
-    )  # fmt: skip
-    if git.returncode == 0:  # the remote is first reached by the build
-        failed = world.cli("launch", "from-git", "--queue", "proc", "--wait", key=project_key)
-        assert failed.returncode == 1, failed.text
+    for remote, name in (
+        (f"{world.git.scope}/missing.git", "missing"),
+        ("https://127.0.0.1:9/r.git", "closed"),
+    ):
+        git = world.cli("job", "create", "--name", name, "--git", remote, "--entrypoint", "python main.py")
+        if git.returncode == 0:  # the remote is first reached by the build
+            failed = world.cli("launch", name, "--queue", "proc", "--wait", key=project_key)
+            assert failed.returncode == 1, failed.text
 
 
 @pytest.mark.timeout(150)
@@ -470,6 +567,20 @@ def test_no_secret_in_logs_records_or_output_of_a_local_launch_and_its_errors(
     run_token = read_secret_file(world.vault / "run-token")
     assert run_token is not None, "the job handed no run token over"
     assert WHOLE_TOKEN.fullmatch(run_token.encode())
+
+    # The same job from a git remote that wants the token: the registry lists it, the builder fetches it.
+    git_token_file = world.vault / "run-token-git"
+    world.ok(
+        "job", "create", "--name", "from-git", "--git", world.git.remote, "--entrypoint", "python main.py"
+    )
+    from_git = world.cli(
+        "launch", "from-git", "--queue", "proc", "--wait",
+        "--config", f"want={sha256(world.secret_value)}", "--config", f"vault={git_token_file}",
+        key=project_key,
+    )  # fmt: skip
+    assert from_git.returncode == 0, from_git.text
+    assert world.git.authorized >= 2, "the registry and the builder did not both present the git token"
+    assert world.git.refused == 0
 
     careless_token = world.vault / "run-token-careless"
     careless_launch(
