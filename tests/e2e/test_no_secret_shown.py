@@ -189,6 +189,16 @@ class GitHttpsServer:
         self.server.server_close()
 
 
+WAITING_JOB = """\
+import time, takeoff
+
+takeoff.init()
+print("waiting to be cancelled", flush=True)
+time.sleep(120)
+"""
+"""Attaches its run, then waits to be cancelled."""
+
+
 @dataclass
 class Output:
     """What one command printed; ``shown``: secrets it prints on purpose (``takeoff keys create``)."""
@@ -494,6 +504,22 @@ def careless_launch(world: World, queue: str, project_key: str, *source: str) ->
     assert "and the secret from its file: ***" in printed
 
 
+def item_state(world: World, item: str) -> str:
+    return str(json.loads(world.ok("items", "describe", item, "--json"))["state"])
+
+
+def cancelled_launch(world: World, project_key: str, code: Path) -> None:
+    """A job given the secrets and its token, cancelled while it runs: stopped, and its lease directory
+    (secret files, token) cleaned up all the same."""
+    world.ok(
+        "job", "create", str(code), "--name", "waiting", "--entrypoint", "python wait.py", key=project_key
+    )
+    item = world.ok("launch", "waiting", "--queue", "proc", key=project_key).strip()
+    wait_for(lambda: item_state(world, item) == "RUNNING", timeout=60, what="the waiting job to run")
+    world.ok("items", "cancel", item, key=project_key)
+    wait_for(lambda: item_state(world, item) == "CANCELLED", timeout=60, what="the waiting job to stop")
+
+
 def refused_calls(world: World, project_key: str, run_token: str) -> None:
     """The error paths: a launch naming a secret that does not exist, a key without the permission, a
     revoked key, a key nobody made, a malformed one, a run token after its run, a git remote that refuses
@@ -582,6 +608,8 @@ def test_no_secret_in_logs_records_or_output_of_a_local_launch_and_its_errors(
     assert world.git.authorized >= 2, "the registry and the builder did not both present the git token"
     assert world.git.refused == 0
 
+    (code / "wait.py").write_text(WAITING_JOB)
+    cancelled_launch(world, project_key, code)
     careless_token = world.vault / "run-token-careless"
     careless_launch(
         world, "proc", project_key, str(code), "--entrypoint", f"python careless.py {careless_token}"
