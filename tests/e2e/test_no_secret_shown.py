@@ -1,21 +1,21 @@
 """Secrets never appear in logs, errors, stored records, build logs or describe output.
 
-One stack of real processes (``LocalStack``: registry, queue, builder, each logging to
-``TAKEOFF_HOME/logs``; agents started next to it, logging there too) is configured with every kind of
-secret Takeoff holds: the stack's admin key and its service keys, keys made with ``takeoff keys create``
-(project, agent, service), the run tokens the queue mints per attempt, a user secret set with
-``takeoff secrets set`` and mounted on the queue as an environment variable and as a file, a git https
-token (used against a remote that refuses connections, so git is given it and fails), and a container
-registry login given to the builder (and, with Docker, to the agent's local-container runner, which pulls
-a private image with it).
+One stack of real processes (``LocalStack``: registry, queue, builder, logging at DEBUG to
+``TAKEOFF_HOME/logs``; agents started next to it with agent keys, logging there too) holds every kind of
+secret Takeoff has: the stack's admin and service keys, keys made with ``takeoff keys create`` (project,
+agent, service), the run tokens the queue mints per attempt, a user secret set with ``takeoff secrets set``
+and mounted on the queue as an environment variable and as a file, a git https token (for a remote the test
+serves over TLS, which answers only requests carrying it), and a container registry login given to the
+builder (and, with Docker, to the agent's local-container runner, which pulls a private image with it).
 
-A code job launched with a project key checks, without printing them, that it got the secret (env and
-file) and a run token, logs a metric, and hands its run token to the test through a file outside every
-home. Then the error paths: a launch naming a secret that does not exist, calls with a revoked key, a
-malformed key and an unknown key, a key without the permission. Every command a user would run to look
-is run, with and without ``--json``. Finally every file under the home (service and agent logs, SQLite
-databases and their -wal files, build directories, agent lease directories after the items ended), every
-command's output and the run's logs are searched for each value, and for any whole key or run token
+Jobs launched with a project key check, without printing them, that they got the secret (env and file) and
+a run token, log a metric, and hand their run token to the test through a file outside every home; one is
+built from the git remote. A careless job prints its secret and token (masked), one is cancelled while it
+runs. Then the error paths: a launch naming a secret that does not exist, keys without the permission,
+revoked, unknown and malformed keys, a spent run token, git remotes that fail. Every command a user would
+run to look is run, with and without ``--json``. Finally every file under the home (service and agent logs,
+SQLite databases and their -wal files, build directories, agent lease directories after the items ended),
+every command's output and the run's logs are searched for each value, and for any whole key or run token
 other than the ones shown on purpose (by ``takeoff keys create``, and the stack's key files).
 """
 
