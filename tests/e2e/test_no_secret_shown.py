@@ -85,19 +85,27 @@ sys.exit(0 if all(checks.values()) else 1)
 run token, and logs a metric; prints only whether each check passed."""
 
 CARELESS_JOB = """\
-import os, pathlib, sys
+import os, pathlib, subprocess, sys
 
 token = os.environ["TAKEOFF_TOKEN"]
 if len(sys.argv) > 1:
     pathlib.Path(sys.argv[1]).write_text(token)
+# The SDK refusing a token nobody minted (the real one with its end changed) must not quote it.
+forged = token[:-6] + ("AAAAAA" if not token.endswith("AAAAAA") else "BBBBBB")
+refused = subprocess.run(
+    [sys.executable, "-c", "import takeoff; takeoff.init()"],
+    env={**os.environ, "TAKEOFF_TOKEN": forged}, capture_output=True, text=True,
+)
+print("the SDK with a forged token:", refused.returncode, refused.stdout, refused.stderr, flush=True)
 from_file = (pathlib.Path(os.environ["TAKEOFF_SECRETS_DIR"]) / "app.txt").read_text()
 print(f"a careless job prints its secret {os.environ['APP_SECRET']} and its token {token}.", flush=True)
 print(f"and the secret from its file: {from_file}", file=sys.stderr, flush=True)
 sys.exit(3)
 """
 """Prints its secret (env and file) and its run token, then fails: the agent masks them in the run's log
-and in the failure message, which quotes the last lines. Hands its run token over (to the file named by
-its argument, when it has one) first."""
+and in the failure message, which quotes the last lines. Prints what the SDK says when refused a forged
+token (which no mask covers). Hands its run token over (to the file named by its argument, when it has
+one) first."""
 
 
 class GitHttpsServer:
@@ -502,6 +510,7 @@ def careless_launch(world: World, queue: str, project_key: str, *source: str) ->
     printed = world.ok("logs", run_of(careless.stdout))
     assert "a careless job prints its secret *** and its token ***." in printed
     assert "and the secret from its file: ***" in printed
+    assert "the SDK with a forged token: 1" in printed
 
 
 def item_state(world: World, item: str) -> str:
