@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 ENV_PREFIX = "TAKEOFF_"
@@ -47,6 +47,12 @@ class TlsSettings(BaseModel):
         if not value.is_file():
             raise ValueError(f"{value} is not a readable file")
         return value
+
+    @model_validator(mode="after")
+    def _mutual_needs_a_ca(self) -> TlsSettings:
+        if self.require_client_cert and self.ca_file is None:
+            raise ValueError("require_client_cert needs ca_file: the CA that callers' certificates chain to")
+        return self
 
 
 class ServerSettings(BaseSettings):
