@@ -22,6 +22,16 @@ class ConfigError(Exception):
     """A setting is missing or wrong; the message is one line meant for a person."""
 
 
+def readable_file(value: Path | None) -> Path | None:
+    """A settings validator: ``value`` (``~`` expanded) must name a readable file."""
+    if value is None:
+        return None
+    value = value.expanduser()
+    if not value.is_file():
+        raise ValueError(f"{value} is not a readable file")
+    return value
+
+
 class TlsSettings(BaseModel):
     """TLS for a process's server and for its calls to the other services (``TAKEOFF_TLS__*``).
 
@@ -41,12 +51,7 @@ class TlsSettings(BaseModel):
     @field_validator("cert_file", "key_file", "ca_file")
     @classmethod
     def _readable(cls, value: Path | None) -> Path | None:
-        if value is None:
-            return None
-        value = value.expanduser()
-        if not value.is_file():
-            raise ValueError(f"{value} is not a readable file")
-        return value
+        return readable_file(value)
 
     @model_validator(mode="after")
     def _mutual_needs_a_ca(self) -> TlsSettings:

@@ -5,7 +5,7 @@ from pathlib import Path
 from pydantic import Field, field_validator
 
 from takeoff_agent.runners import runner_kind
-from takeoff_server.config import ServerSettings
+from takeoff_server.config import ServerSettings, readable_file
 
 
 class AgentSettings(ServerSettings):
@@ -49,12 +49,7 @@ class AgentSettings(ServerSettings):
     @field_validator("job_registry_ca_file")
     @classmethod
     def _check_ca_file(cls, value: Path | None) -> Path | None:
-        if value is None:
-            return None
-        value = value.expanduser()
-        if not value.is_file():
-            raise ValueError(f"{value} is not a readable file")
-        return value
+        return readable_file(value)
 
     @field_validator("runners")
     @classmethod

@@ -27,6 +27,7 @@ from google.rpc import error_details_pb2, status_pb2
 from takeoff.v1 import jobs_pb2, jobs_pb2_grpc, keys_pb2_grpc, runs_pb2_grpc
 from takeoff_registry.__main__ import wire
 from takeoff_registry.settings import RegistrySettings
+from takeoff_rpc.channels import open_aio_channel
 from takeoff_server.database import Database
 from takeoff_server.server import TakeoffServer
 from tests.keys import ADMIN_KEY
@@ -45,45 +46,9 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
         yield url
 
 
-class _Key:
-    """Adds ``authorization: Bearer {key}`` to calls that do not bring their own."""
-
-    def __init__(self, key: str) -> None:
-        self._entry = ("authorization", f"Bearer {key}")
-
-    def _details(self, details: Any) -> Any:
-        given = tuple(details.metadata or ())
-        if any(name == "authorization" for name, _ in given):
-            return details
-        return details._replace(metadata=grpc.aio.Metadata(*given, self._entry))
-
-
-class _UnaryUnaryKey(_Key, grpc.aio.UnaryUnaryClientInterceptor):
-    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
-        return await continuation(self._details(details), request)
-
-
-class _UnaryStreamKey(_Key, grpc.aio.UnaryStreamClientInterceptor):
-    async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
-        return await continuation(self._details(details), request)
-
-
-class _StreamUnaryKey(_Key, grpc.aio.StreamUnaryClientInterceptor):
-    async def intercept_stream_unary(self, continuation: Any, details: Any, requests: Any) -> Any:
-        return await continuation(self._details(details), requests)
-
-
-class _StreamStreamKey(_Key, grpc.aio.StreamStreamClientInterceptor):
-    async def intercept_stream_stream(self, continuation: Any, details: Any, requests: Any) -> Any:
-        return await continuation(self._details(details), requests)
-
-
 def keyed_channel(address: str, key: str | None) -> grpc.aio.Channel:
     """A channel whose every call presents ``key`` (none: no key at all)."""
-    if key is None:
-        return grpc.aio.insecure_channel(address)
-    kinds = (_UnaryUnaryKey, _UnaryStreamKey, _StreamUnaryKey, _StreamStreamKey)
-    return grpc.aio.insecure_channel(address, interceptors=[kind(key) for kind in kinds])
+    return open_aio_channel(address, api_key=key)
 
 
 @dataclass
