@@ -251,7 +251,7 @@ async def test_a_noop_build_finds_a_private_image_with_its_login_and_is_refused_
 
     outcomes = {}
     for name, auth in logins.items():
-        overrides = {"registry_auth": {docker_setup.auth_registry: auth}} if auth else {}
+        overrides: dict[str, Any] = {"registry_auth": {docker_setup.auth_registry: auth}} if auth else {}
         async with running_builder(tmp_path / name, registry.address, **overrides) as builder:
             outcomes[name] = await builder.build(version, NOOP)
 
