@@ -1,4 +1,4 @@
-"""Who may call each QueueService method (docs/design.md §17): the rule the server enforces on every request
+"""Who may call each QueueService method (docs/design.md §13): the rule the server enforces on every request
 message before the servicer sees it.
 
 Names in a request are checked against the caller: an Enqueue needs ``items.write`` on the queue, and also
@@ -9,23 +9,20 @@ cannot launch another project's job, or hand it another project's secrets, throu
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import Any
 
 from takeoff_server.access import (
     AccessRules,
     Check,
     Permission,
-    Principal,
     Rule,
-    constant,
     fields,
     needs,
     project_of,
 )
 
 AGENTS = "agents"
-"""The resource a listing of every agent names: only keys with ``agents.read`` everywhere (admin) see it."""
+"""The resource a listing of every agent names: only a `queues.read` grant everywhere (admin) covers it."""
 
 
 def job_project(queue: str, job: str) -> str:
@@ -44,11 +41,13 @@ def secret_name(queue: str, secret: str) -> str:
 
 
 def _enqueued_job(request: Any) -> Iterable[str]:
+    """the project of `job` (the queue's for a short reference)"""
     if request.job:
         yield job_project(request.queue, request.job)
 
 
 def _mounted_secrets(request: Any) -> Iterable[str]:
+    """each `secrets[].secret` (short ids in the queue's project)"""
     for mount in request.secrets:
         yield secret_name(request.queue, mount.secret)
 
@@ -59,17 +58,9 @@ def _hello_queues(request: Any) -> Iterable[str]:
         yield from request.hello.queues
 
 
-@dataclass(frozen=True, slots=True)
-class AgentsRule(Rule):
-    """ListAgents and GetAgent: with a queue filter, read on that queue; without one, every agent is
-    listed, which needs ``agents.read`` on :data:`AGENTS`."""
-
-    def enforce(self, caller: Principal, request: Any) -> None:
-        queue = getattr(request, "queue", "")
-        if queue:
-            caller.require(Permission.QUEUES_READ, queue)
-        else:
-            caller.require(Permission.AGENTS_READ, AGENTS)
+def _agents_listed(request: Any) -> Iterable[str]:
+    """`queue` (the filter), else `agents` (every agent: only a grant everywhere covers it)."""
+    yield request.queue or AGENTS
 
 
 RULES: AccessRules = {
@@ -91,7 +82,8 @@ RULES: AccessRules = {
     "WatchItem": needs(Permission.QUEUES_READ, fields("name")),
     "CancelItem": needs(Permission.ITEMS_WRITE, fields("name")),
     "RelaunchItem": needs(Permission.ITEMS_WRITE, fields("name")),
-    "ListAgents": AgentsRule((Check(Permission.AGENTS_READ, constant(AGENTS)),)),
-    "GetAgent": AgentsRule((Check(Permission.AGENTS_READ, constant(AGENTS)),)),
+    "ListAgents": needs(Permission.QUEUES_READ, _agents_listed),
+    # `agents/{id}` is in no project: only a grant everywhere covers it.
+    "GetAgent": needs(Permission.QUEUES_READ, fields("name")),
     "Lease": needs(Permission.QUEUES_LEASE, _hello_queues),
 }
