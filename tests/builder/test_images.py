@@ -29,6 +29,7 @@ from tests.builder.conftest import (
     running_builder,
 )
 from tests.conftest import DockerSetup
+from tests.keys import ADMIN_KEY
 from tests.processes import ServiceProcess
 
 BUILD_FAILED = common_pb2.FAILURE_REASON_BUILD_FAILED
@@ -150,7 +151,11 @@ async def test_a_code_job_image_has_its_requirements_and_the_sdk_which_reports_i
         result.image,
         remove=True,
         network_mode="host",
-        environment={"TAKEOFF_REGISTRY": registry.address, "TAKEOFF_PROJECT": client.project},
+        environment={
+            "TAKEOFF_REGISTRY": registry.address,
+            "TAKEOFF_PROJECT": client.project,
+            "TAKEOFF_API_KEY": ADMIN_KEY,
+        },
     )
     assert bytes(output).decode().splitlines() == [
         f"six 1.16.0 takeoff {takeoff.__version__} in /app",
