@@ -4,8 +4,8 @@ Values are encrypted at rest with Fernet (AES-128-CBC with HMAC-SHA256, from ``c
 registry's secrets key, a file kept beside the registry's other state (:func:`load_secrets_key`). The
 plaintext encrypted is the secret's resource name, a NUL, then the value, so a ciphertext copied onto
 another secret's row does not decrypt as that secret. No answer, log line or error message carries a
-value: :meth:`Secrets.access` is the only way back to one, and the access rules let only admin keys and
-run tokens that list the secret call it (docs/design.md §17).
+value: :meth:`Secrets.access` is the only way back to one, and the access rules let only run tokens
+that list the secret call it, not even an admin key (docs/design.md §13).
 
 Plain Python, no gRPC: ``secrets_api`` serves it.
 """

@@ -216,10 +216,27 @@ def test_options_it_cannot_take_are_refused_by_name(harness: Harness) -> None:
         assert f"{name}:" in message
 
 
-@pytest.mark.parametrize("volumes", [{"/etc": "/host-etc"}, ["/var/run/docker.sock:/sock"], {"./data": "/d"}])
-def test_a_host_path_volume_is_refused(harness: Harness, volumes: object) -> None:
-    with pytest.raises(RunnerRefused, match=r"volumes: .* is a host path; only named volumes are allowed"):
+@pytest.mark.parametrize("volumes", [{"./data": "/d"}, ["~/data:/d"], {"data dir": "/d"}])
+def test_a_source_that_is_neither_a_volume_nor_an_absolute_path_is_refused(
+    harness: Harness, volumes: object
+) -> None:
+    with pytest.raises(
+        RunnerRefused, match=r"volumes: .* is neither a volume name nor an absolute host path"
+    ):
         harness.runner.check(harness.assignment(volumes=volumes))
+
+
+async def test_an_absolute_host_path_is_bind_mounted_as_the_queue_allowed_it(
+    harness: Harness, tmp_path: Path
+) -> None:
+    # Only a queue with allow_host_paths lets one through (the queue's check, docs/design.md §13).
+    (tmp_path / "data.txt").write_text("from the host\n")
+    script = "print(open('/data/data.txt').read().strip())"
+    job = await harness.started(script, volumes=[f"{tmp_path}:/data:ro"])
+    ended = await job.wait()
+
+    assert ended.exit_code == 0
+    assert next(source.read_lines(final=True) for _, source in job.log_sources()) == ["from the host"]
 
 
 def test_more_gpus_than_the_agent_lists_are_refused(harness: Harness) -> None:

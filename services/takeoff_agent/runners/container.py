@@ -197,8 +197,10 @@ def _bytes(name: str, *, unlimited: bool = False) -> Callable[[object], dict[str
 
 
 def _volumes(value: object) -> dict[str, Any]:
-    """Named volumes only, as ``{name: {bind, mode}}``, ``{name: path}`` or ``["name:path[:ro|rw]"]``:
-    a path on the host is refused on every queue until the security model decides who may mount what."""
+    """Named volumes, and absolute host paths as bind mounts, as ``{source: {bind, mode}}``,
+    ``{source: path}`` or ``["source:path[:ro|rw]"]``. The queue lets host paths through only on a queue
+    that allows them (docs/design.md §13, "Host paths"); a relative one (``./x``, ``~/x``) means nothing
+    to the engine and is refused."""
     entries: list[tuple[object, object, object]] = []
     if isinstance(value, dict):
         for source, target in value.items():
@@ -216,13 +218,15 @@ def _volumes(value: object) -> dict[str, Any]:
         raise ValueError("must map volume names to paths in the container, or list name:path[:mode]")
     mounts = []
     for source, target, mode in entries:
-        if not isinstance(source, str) or not NAMED_VOLUME.fullmatch(source):
-            raise ValueError(f"{source!r} is a host path; only named volumes are allowed")
+        host_path = isinstance(source, str) and source.startswith("/")
+        if not isinstance(source, str) or not (host_path or NAMED_VOLUME.fullmatch(source)):
+            raise ValueError(f"{source!r} is neither a volume name nor an absolute host path")
         if not isinstance(target, str) or not target.startswith("/"):
             raise ValueError(f"volume {source}: {target!r} is not an absolute path in the container")
         if mode not in ("rw", "ro"):
             raise ValueError(f"volume {source}: mode must be rw or ro, not {mode!r}")
-        mounts.append(Mount(target=target, source=source, type="volume", read_only=mode == "ro"))
+        kind = "bind" if host_path else "volume"
+        mounts.append(Mount(target=target, source=source, type=kind, read_only=mode == "ro"))
     return {"mounts": mounts}
 
 
