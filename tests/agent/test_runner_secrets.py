@@ -506,9 +506,11 @@ async def test_a_pod_gets_its_secrets_from_a_secret_the_job_owns_and_nothing_els
 
     server.terminate(job.name, 0)
     assert await asyncio.wait_for(job.wait(), WAIT_SECONDS) == JobExit(0)
+    # The ended Job stays for its TTL; the values its pod needed are gone at once.
+    assert server.get("jobs", job.name) is not None
+    assert server.get("secrets", job.name) is None
     await job.stop(1)
     assert server.get("jobs", job.name) is None
-    assert server.get("secrets", job.name) is None
     assert_no_secret(caplog.text, "the agent's log")
     (_, status) = job.log_sources()[1]
     assert_no_secret("\n".join(status.read_lines()), "the SYSTEM lines")

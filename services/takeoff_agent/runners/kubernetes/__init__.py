@@ -404,6 +404,8 @@ class KubeJob:
             await self._next_change()
         if self.stdout.following:
             await asyncio.to_thread(self.stdout.finished.wait, LOG_DRAIN_SECONDS)
+        # The Job stays for its TTL (its logs, its status); the values its pod needed do not.
+        await self._delete_secret()
         self._exit = ended
         self._runner.forget(self)
         return ended
@@ -419,7 +421,12 @@ class KubeJob:
                 await self._making  # a Job still being made is deleted once it exists
         await asyncio.to_thread(self._api.delete_job, self._namespace, self.name, math.ceil(grace))
         # The Secret goes with its Job (its owner), but one whose owner was never set (the start failed
-        # between) would stay until the next sweep: delete it too. Gone already is fine.
+        # between) would stay until the next sweep: delete it too.
+        await self._delete_secret()
+
+    async def _delete_secret(self) -> None:
+        """Delete the Job's Secret, if it has one; gone already is fine, a failure is left to the owner
+        reference and the sweep."""
         try:
             await asyncio.to_thread(self._api.delete_secret, self._namespace, self.name)
         except (ApiError, RunnerUnavailable) as error:
