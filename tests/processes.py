@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
@@ -35,6 +35,15 @@ async def eventually(probe: Callable[[], T | None], what: str, *, within: float 
             return value  # type: ignore[return-value]
         await asyncio.sleep(0.02)
     raise AssertionError(f"timed out after {within}s waiting for {what}")
+
+
+async def until(probe: Callable[[], Awaitable[bool]], what: str, *, within: float = 60.0) -> None:
+    """``eventually`` for a state an async ``probe`` reads (through the API, from another process)."""
+    deadline = time.monotonic() + within
+    while not await probe():
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {within}s waiting for {what}")
+        await asyncio.sleep(0.02)
 
 
 def pid_alive(pid: int) -> bool:

@@ -4,7 +4,6 @@ it ends, through registry outages; secure queues and secret mounts; the enqueue 
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -18,7 +17,7 @@ from google.protobuf import field_mask_pb2
 from takeoff.v1 import common_pb2, keys_pb2, keys_pb2_grpc, queue_pb2, queue_pb2_grpc, runs_pb2, runs_pb2_grpc
 from takeoff_queue.settings import QueueSettings
 from tests.keys import ADMIN_KEY
-from tests.processes import ServiceProcess, eventually, service_process
+from tests.processes import ServiceProcess, eventually, service_process, until
 from tests.queue.conftest import NewQueue
 from tests.queue.harness import ScriptedAgent, error_details, in_process_queue, keyed_channel, make_code_job
 
@@ -232,7 +231,7 @@ async def test_an_assignment_carries_a_run_token_for_its_run_only_revoked_when_t
     async def revoked() -> bool:
         return not await verified(registry_address, token)
 
-    await eventually_async(revoked, "the run token to be revoked")
+    await until(revoked, "the run token to be revoked")
 
 
 @pytest.mark.parametrize("ending", ["lease expiry", "cancel"])
@@ -254,16 +253,7 @@ async def test_a_token_is_revoked_however_the_attempt_ends(
     async def revoked() -> bool:
         return not await verified(registry_address, assignment.run_token)
 
-    await eventually_async(revoked, f"the run token to be revoked after {ending}")
-
-
-async def eventually_async(probe: Any, what: str, within: float = 30.0) -> None:
-    """Wait until the coroutine function ``probe`` answers True (a state another process holds)."""
-    for _ in range(int(within / 0.05)):
-        if await probe():
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"timed out after {within}s waiting for {what}")
+    await until(revoked, f"the run token to be revoked after {ending}")
 
 
 @pytest.fixture
@@ -320,7 +310,7 @@ async def test_a_registry_outage_delays_the_token_and_its_revocation_and_fails_n
                 async def drained() -> bool:
                     return await service.parts.store.token_revocations() == []
 
-                await eventually_async(drained, "the revocation to be drained", within=60)
+                await until(drained, "the revocation to be drained", within=60)
                 assert not await verified(own_registry.address, token)
         finally:
             await agent.close()

@@ -27,6 +27,7 @@ from takeoff.v1 import (
 from takeoff_registry.__main__ import wire
 from takeoff_server.errors import ServiceFailed
 from tests.keys import ADMIN_KEY
+from tests.processes import until
 from tests.registry.conftest import (
     Failure,
     Registry,
@@ -91,14 +92,6 @@ async def refused_within(call: Callable[[], Awaitable[Any]], seconds: float) -> 
             return failure_of(error), time.monotonic() - started
         assert time.monotonic() - started < seconds, f"still admitted after {seconds}s"
         await asyncio.sleep(0.05)
-
-
-async def until(probe: Callable[[], Awaitable[bool]], what: str, *, within: float = 10.0) -> None:
-    """Wait for a state that ``probe`` reads through the API (``eventually`` for async probes)."""
-    deadline = time.monotonic() + within
-    while not await probe():
-        assert time.monotonic() < deadline, f"timed out after {within}s waiting for {what}"
-        await asyncio.sleep(0.02)
 
 
 async def image_version(registry: Registry, project: str = "demo", job: str = "train") -> str:
