@@ -312,6 +312,8 @@ class KubeJob:
         self._deadline: float | None = None
         self._exit: JobExit | None = None
         self._making: asyncio.Future[JsonObject] | None = None
+        self._deleted = False
+        """This agent deleted the Job (``stop``): its end is read from the API server, not only the watch."""
         self._ending_since: float | None = None
         """When this agent first saw the job ending (see ``_settled``), on the monotonic clock."""
 
@@ -420,6 +422,7 @@ class KubeJob:
             with contextlib.suppress(Exception):
                 await self._making  # a Job still being made is deleted once it exists
         await asyncio.to_thread(self._api.delete_job, self._namespace, self.name, math.ceil(grace))
+        self._deleted = True
         # The Secret goes with its Job (its owner), but one whose owner was never set (the start failed
         # between) would stay until the next sweep: delete it too.
         await self._delete_secret()
@@ -467,6 +470,11 @@ class KubeJob:
         if job is None and self.started and not self._runner.jobs.select(LEASE_LABEL, self.lease_label)[1]:
             # Not among the watched Jobs yet (just made), or deleted while this agent was away: ask.
             job = await asyncio.to_thread(self._api.read_job, self._namespace, self.name)
+        elif job is not None and self._deleted:
+            # A watch that lags (a loaded API server) would keep a Job this agent deleted alive: ask, and
+            # keep what the watch says when the server does not answer.
+            with contextlib.suppress(ApiError, RunnerUnavailable):
+                job = await asyncio.to_thread(self._api.read_job, self._namespace, self.name)
         state = self._state(job)
         observed, pod = state.observed, state.pod
         self.status.add(observed.waiting)
