@@ -37,7 +37,7 @@ from google.protobuf import duration_pb2, field_mask_pb2
 
 from takeoff._auth import channel_credentials, find_api_key
 from takeoff._home import service_address
-from takeoff.errors import TakeoffError
+from takeoff.errors import DeadlineExceededError, NotFoundError, TakeoffError, UnavailableError
 from takeoff.models import (
     Agent,
     Artifact,
@@ -262,6 +262,11 @@ class Client:
         request = jobs_pb2.SetJobAliasRequest(job=self.job_name(job, project), alias=alias, version=version)
         return Job._from_proto(self._call(self._jobs.SetJobAlias, request).job)
 
+    def delete_alias(self, job: str, alias: str, *, project: str | None = None) -> Job:
+        """Remove ``alias`` from the job; the version it pointed at stays."""
+        request = jobs_pb2.DeleteJobAliasRequest(job=self.job_name(job, project), alias=alias)
+        return Job._from_proto(self._call(self._jobs.DeleteJobAlias, request).job)
+
     # Code artifacts
 
     def upload_code(self, directory: Path, *, project: str | None = None) -> Artifact:
@@ -279,7 +284,7 @@ class Client:
                 )
                 return replace(Artifact._from_proto(existing.artifact), files=packed.members)
             except TakeoffError as error:
-                if error.code is not grpc.StatusCode.NOT_FOUND:
+                if not isinstance(error, NotFoundError):
                     raise
             archive.seek(0)
             header = jobs_pb2.ArtifactUploadHeader(
@@ -583,17 +588,17 @@ class Client:
                     yield current
                     if current.ended:
                         return
-                lost = TakeoffError(grpc.StatusCode.UNAVAILABLE, "UNAVAILABLE", "the watch ended early")
+                lost: TakeoffError = UnavailableError("UNAVAILABLE", "UNAVAILABLE", "the watch ended early")
             except grpc.RpcError as rpc_error:
                 lost = TakeoffError.from_rpc_error(rpc_error, target=self.queue_address)
             finally:
                 call.cancel()  # a caller that stops iterating early must not leave the stream open
-            if lost.code is grpc.StatusCode.DEADLINE_EXCEEDED and deadline is not None:
+            if isinstance(lost, DeadlineExceededError) and deadline is not None:
                 raise TimeoutError(f"{name} has not ended after {timeout}s") from None
             lost_since = lost_since or time.monotonic()
             patience = lost_since + RECONNECT_SECONDS - time.monotonic()
             # Only this loop cancels its calls, after it has stopped: a CANCELLED here came from the far side.
-            if not (lost.retryable or lost.code is grpc.StatusCode.CANCELLED) or patience <= 0:
+            if not (lost.retryable or lost.code == "CANCELLED") or patience <= 0:
                 raise lost
             reconnects += 1  # the channel may not have seen its connection go yet: wait before the next
             time.sleep(_RECONNECT_POLICY.delay(reconnects))

@@ -1,9 +1,18 @@
-"""The one exception the Takeoff client raises for an API error, built from the server's rich status.
+"""The exceptions the Takeoff client raises for an API error, built from the server's rich status.
 
 Servers put a ``google.rpc.Status`` in the ``grpc-status-details-bin`` trailer, carrying an ``ErrorInfo``
 (``reason`` such as ``JOB_NOT_FOUND``, domain ``takeoff.dev``) and, for invalid input, a ``BadRequest`` with
 one field violation per problem. ``takeoff_rpc`` decodes them; :class:`TakeoffError` exposes them as plain
-attributes, so callers branch on ``error.reason`` instead of parsing messages.
+attributes (no gRPC types), so callers branch on the class or on ``error.reason`` instead of parsing
+messages::
+
+    try:
+        client.get_job("train")
+    except takeoff.NotFoundError:
+        ...
+
+Each gRPC status code has its subclass (``NotFoundError``, ``InvalidArgumentError``...); a code without
+one (``INTERNAL``, ``UNIMPLEMENTED``...) raises :class:`TakeoffError` itself.
 
 A call without a key (``UNAUTHENTICATED`` ``KEY_MISSING``) says how to get one; a refused one
 (``PERMISSION_DENIED``) names the permission it lacked. No message holds a key.
@@ -18,19 +27,36 @@ import grpc
 from takeoff_rpc.retries import TRANSIENT_CODES
 from takeoff_rpc.status import FieldViolation, decode_rpc_error
 
-__all__ = ["FieldViolation", "TakeoffError"]
+__all__ = [
+    "AbortedError",
+    "AlreadyExistsError",
+    "DeadlineExceededError",
+    "FailedPreconditionError",
+    "FieldViolation",
+    "InvalidArgumentError",
+    "NotFoundError",
+    "PermissionDeniedError",
+    "ResourceExhaustedError",
+    "TakeoffError",
+    "UnauthenticatedError",
+    "UnavailableError",
+]
+
+_TRANSIENT_CODE_NAMES = frozenset(code.name for code in TRANSIENT_CODES)
 
 
 class TakeoffError(Exception):
     """An error reported by a Takeoff service (or by the transport on the way to it).
 
-    ``reason`` is the UPPER_SNAKE ``ErrorInfo`` reason (``JOB_NOT_FOUND``, ``CONFIG_INVALID``, ...); when
-    the server sent none, as when it cannot be reached, it is the gRPC code's name (``UNAVAILABLE``).
+    ``code`` is the gRPC status code's name (``NOT_FOUND``); ``reason`` the UPPER_SNAKE ``ErrorInfo``
+    reason (``JOB_NOT_FOUND``, ``CONFIG_INVALID``, ...), or the code's name when the server sent none, as
+    when it cannot be reached; ``violations`` one :class:`FieldViolation` per invalid field; ``metadata``
+    the ``ErrorInfo`` metadata (``retry_after_seconds``, ``permission``...).
     """
 
     def __init__(
         self,
-        code: grpc.StatusCode,
+        code: str,
         reason: str,
         message: str,
         *,
@@ -55,11 +81,12 @@ class TakeoffError(Exception):
     @property
     def retryable(self) -> bool:
         """Whether the same call may succeed later without changing it (``takeoff_rpc.TRANSIENT_CODES``)."""
-        return self.code in TRANSIENT_CODES
+        return self.code in _TRANSIENT_CODE_NAMES
 
     @classmethod
     def from_rpc_error(cls, error: grpc.RpcError, *, target: str = "") -> TakeoffError:
-        """Decode a failed call; ``target`` (the address dialled) makes "cannot connect" errors readable."""
+        """Decode a failed call into the subclass for its code; ``target`` (the address dialled) makes
+        "cannot connect" errors readable."""
         status = decode_rpc_error(error, target=target)
         message = status.message
         if status.code is grpc.StatusCode.UNAUTHENTICATED and status.reason == "KEY_MISSING":
@@ -67,6 +94,75 @@ class TakeoffError(Exception):
             from takeoff._auth import missing_key_hint
 
             message = f"no API key was found: {missing_key_hint()}"
-        return cls(
-            status.code, status.reason, message, metadata=status.metadata, violations=status.violations
+        return error_for(
+            status.code.name, status.reason, message, metadata=status.metadata, violations=status.violations
         )
+
+
+class InvalidArgumentError(TakeoffError):
+    """The request is invalid whatever the state (``INVALID_ARGUMENT``, ``OUT_OF_RANGE``); ``violations``
+    names each bad field."""
+
+
+class NotFoundError(TakeoffError):
+    """A resource the request names does not exist (``NOT_FOUND``)."""
+
+
+class AlreadyExistsError(TakeoffError):
+    """The resource to create exists already (``ALREADY_EXISTS``)."""
+
+
+class PermissionDeniedError(TakeoffError):
+    """The key lacks the permission (``PERMISSION_DENIED``); ``metadata["permission"]`` names it."""
+
+
+class UnauthenticatedError(TakeoffError):
+    """No key, or one that is malformed, unknown or revoked (``UNAUTHENTICATED``)."""
+
+
+class FailedPreconditionError(TakeoffError):
+    """The resource is not in a state that allows the call (``FAILED_PRECONDITION``)."""
+
+
+class AbortedError(TakeoffError):
+    """The call lost a race with another and may be retried from the start (``ABORTED``)."""
+
+
+class ResourceExhaustedError(TakeoffError):
+    """Over a limit (``RESOURCE_EXHAUSTED``); for ``RATE_LIMITED``, ``metadata["retry_after_seconds"]``."""
+
+
+class UnavailableError(TakeoffError):
+    """The service cannot be reached or is shutting down (``UNAVAILABLE``); retrying may succeed."""
+
+
+class DeadlineExceededError(TakeoffError):
+    """No answer before the call's deadline (``DEADLINE_EXCEEDED``)."""
+
+
+_CLASS_FOR_CODE: dict[str, type[TakeoffError]] = {
+    "INVALID_ARGUMENT": InvalidArgumentError,
+    "OUT_OF_RANGE": InvalidArgumentError,
+    "NOT_FOUND": NotFoundError,
+    "ALREADY_EXISTS": AlreadyExistsError,
+    "PERMISSION_DENIED": PermissionDeniedError,
+    "UNAUTHENTICATED": UnauthenticatedError,
+    "FAILED_PRECONDITION": FailedPreconditionError,
+    "ABORTED": AbortedError,
+    "RESOURCE_EXHAUSTED": ResourceExhaustedError,
+    "UNAVAILABLE": UnavailableError,
+    "DEADLINE_EXCEEDED": DeadlineExceededError,
+}
+
+
+def error_for(
+    code: str,
+    reason: str,
+    message: str,
+    *,
+    metadata: Mapping[str, str] | None = None,
+    violations: Sequence[FieldViolation] = (),
+) -> TakeoffError:
+    """The error of the class that ``code`` (a gRPC status code's name) calls for."""
+    kind = _CLASS_FOR_CODE.get(code, TakeoffError)
+    return kind(code, reason, message, metadata=metadata, violations=violations)

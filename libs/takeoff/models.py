@@ -292,6 +292,12 @@ class RunInfo(_InProject):
     last_step: int = 0
     metric_keys: list[str] = field(default_factory=list)
     log_line_count: int = 0
+    tags: list[str] = field(default_factory=list)
+    notes: str = ""
+    group: str = ""
+    job_type: str = ""
+    launch_config_keys: list[str] = field(default_factory=list)
+    """The config keys the launch set; the job cannot change them."""
 
     @classmethod
     def _from_proto(cls, message: runs_pb2.Run) -> Self:
@@ -314,6 +320,11 @@ class RunInfo(_InProject):
             last_step=message.last_step,
             metric_keys=list(message.metric_keys),
             log_line_count=message.log_line_count,
+            tags=list(message.tags),
+            notes=message.notes,
+            group=message.group,
+            job_type=message.job_type,
+            launch_config_keys=list(message.launch_config_keys),
         )
 
 
@@ -452,6 +463,24 @@ class FailureReason(_AnyCase):
         if value == common_pb2.FAILURE_REASON_UNSPECIFIED:
             return None
         return cls(common_pb2.FailureReason.Name(value).removeprefix("FAILURE_REASON_"))
+
+
+class PendingReason(_AnyCase):
+    """Why a PENDING item is not running yet (``Item.pending_reason``), the first that holds in this order."""
+
+    QUEUE_PAUSED = "QUEUE_PAUSED"
+    RETRY_BACKOFF = "RETRY_BACKOFF"
+    CONCURRENCY_LIMIT = "CONCURRENCY_LIMIT"
+    NO_AGENT = "NO_AGENT"
+    AGENTS_BUSY = "AGENTS_BUSY"
+    WAITING_FOR_GPUS = "WAITING_FOR_GPUS"
+    QUEUED = "QUEUED"
+
+    @classmethod
+    def _from_proto(cls, value: queue_pb2.PendingReason.ValueType) -> PendingReason | None:
+        if value == queue_pb2.PENDING_REASON_UNSPECIFIED:
+            return None
+        return cls(queue_pb2.PendingReason.Name(value).removeprefix("PENDING_REASON_"))
 
 
 @dataclass(frozen=True)
@@ -793,6 +822,12 @@ class Item(_InProject):
     """The secrets the launch gave besides the queue's."""
     creator: str = ""
     """Who launched it: ``keys/{key}`` and its display name."""
+    position: int = 0
+    """For a PENDING item, its place in its queue's dispatch order (1 = next); 0 otherwise."""
+    pending_reason: PendingReason | None = None
+    """For a PENDING item, why it waits; None otherwise."""
+    pending_detail: str = ""
+    """For a PENDING item, the reason in words with its numbers (``2 of 2 running``)."""
     _client: Client | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -871,6 +906,9 @@ class Item(_InProject):
             traceparent=message.traceparent,
             secrets=[SecretMount._from_proto(mount) for mount in message.secrets],
             creator=message.creator,
+            position=message.position,
+            pending_reason=PendingReason._from_proto(message.pending_reason),
+            pending_detail=message.pending_detail,
             _client=client,
         )
 

@@ -60,6 +60,7 @@ RUN_SERVICE: AccessRules = {
     "LogMetrics": needs(Permission.RUNS_WRITE, fields("name")),
     "BatchLogMetrics": needs(Permission.RUNS_WRITE, fields("name")),
     "UpdateSummary": needs(Permission.RUNS_WRITE, fields("name")),
+    "UpdateRunConfig": needs(Permission.RUNS_WRITE, fields("name")),
     "AppendLogs": needs(Permission.RUNS_WRITE, fields("name")),
     "FinishRun": needs(Permission.RUNS_WRITE, fields("name")),
     "ReadMetrics": needs(Permission.RUNS_READ, fields("name")),

@@ -8,7 +8,6 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
-import grpc
 import pytest
 
 from takeoff import (
@@ -24,6 +23,7 @@ from takeoff import (
     TakeoffError,
 )
 from takeoff.client import UPLOAD_CHUNK_BYTES
+from takeoff.errors import InvalidArgumentError, NotFoundError
 from takeoff.v1 import common_pb2, jobs_pb2, jobs_pb2_grpc, runs_pb2, runs_pb2_grpc
 from takeoff_rpc.channels import open_channel
 from tests.keys import ADMIN_KEY
@@ -139,7 +139,8 @@ def test_errors_carry_the_reason_and_every_field_violation(client: Client, proje
     client.create_job("exists")
     with pytest.raises(TakeoffError) as missing:
         client.get_job("missing")
-    assert (missing.value.code, missing.value.reason) == (grpc.StatusCode.NOT_FOUND, "JOB_NOT_FOUND")
+    assert (missing.value.code, missing.value.reason) == ("NOT_FOUND", "JOB_NOT_FOUND")
+    assert isinstance(missing.value, NotFoundError)
     assert str(missing.value).startswith("JOB_NOT_FOUND: ")
 
     with pytest.raises(TakeoffError) as duplicate:
@@ -148,7 +149,7 @@ def test_errors_carry_the_reason_and_every_field_violation(client: Client, proje
 
     with pytest.raises(TakeoffError) as invalid:
         client.create_job("Not A Valid Id!")
-    assert invalid.value.code is grpc.StatusCode.INVALID_ARGUMENT
+    assert isinstance(invalid.value, InvalidArgumentError)
     assert invalid.value.reason == "NAME_INVALID"
     assert [violation.field for violation in invalid.value.violations] == ["job_id"]
 

@@ -6,7 +6,6 @@ import ast
 import subprocess
 import sys
 
-import grpc
 import pytest
 
 from takeoff import FieldViolation, ReadOnlyConfigError, RunConfig, TakeoffError
@@ -66,7 +65,7 @@ def test_launched_config_keys_are_read_only_and_others_are_not() -> None:
 
 def test_an_error_reads_as_reason_message_and_the_violations_that_add_something() -> None:
     error = TakeoffError(
-        grpc.StatusCode.INVALID_ARGUMENT,
+        "INVALID_ARGUMENT",
         "NAME_INVALID",
         "job id 'Bad Name' is invalid",
         violations=[FieldViolation("job_id", "must be lowercase"), FieldViolation("parent", "is empty")],
@@ -77,7 +76,7 @@ def test_an_error_reads_as_reason_message_and_the_violations_that_add_something(
     )
     assert not error.retryable
     echo = TakeoffError(
-        grpc.StatusCode.INVALID_ARGUMENT, "NAME_INVALID", "job_id: must be lowercase",
+        "INVALID_ARGUMENT", "NAME_INVALID", "job_id: must be lowercase",
         violations=[FieldViolation("job_id", "must be lowercase")],
     )  # fmt: skip
     assert str(echo) == "NAME_INVALID: job_id: must be lowercase"

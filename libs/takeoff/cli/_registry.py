@@ -9,7 +9,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
-import grpc
 import typer
 import yaml
 
@@ -17,7 +16,7 @@ from takeoff._auth import FoundKey, find_key
 from takeoff._pack import PackError
 from takeoff.cli._output import fail
 from takeoff.client import Client
-from takeoff.errors import TakeoffError
+from takeoff.errors import TakeoffError, UnauthenticatedError
 from takeoff.models import RunState, SecretMount
 
 ProjectOption = Annotated[
@@ -97,7 +96,7 @@ def one_line(error: TakeoffError) -> str:
     if len(error.violations) >= 2:
         return f"{error.reason}: " + "; ".join(f"{v.field}: {v.description}" for v in error.violations)
     text = str(error)
-    if error.code is grpc.StatusCode.UNAUTHENTICATED and error.reason != "KEY_MISSING":
+    if isinstance(error, UnauthenticatedError) and error.reason != "KEY_MISSING":
         found = cli_key()
         if found is not None:
             text += f" (key from {found.source})"

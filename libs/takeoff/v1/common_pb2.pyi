@@ -542,6 +542,10 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """
     ERROR_REASON_SERVICE_KEY_REFUSED: _ErrorReason.ValueType  # 62
     """UNAVAILABLE. This service cannot verify keys: the registry refused the service's own key."""
+    ERROR_REASON_CONFIG_KEY_READ_ONLY: _ErrorReason.ValueType  # 63
+    """FAILED_PRECONDITION. A run config key its launch set cannot be changed by the job
+    (RunService.UpdateRunConfig); BadRequest names each key.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """Catalog of the google.rpc.ErrorInfo reasons the Takeoff services return, with the gRPC code each comes
@@ -704,6 +708,10 @@ metadata["retry_after_seconds"].
 """
 ERROR_REASON_SERVICE_KEY_REFUSED: ErrorReason.ValueType  # 62
 """UNAVAILABLE. This service cannot verify keys: the registry refused the service's own key."""
+ERROR_REASON_CONFIG_KEY_READ_ONLY: ErrorReason.ValueType  # 63
+"""FAILED_PRECONDITION. A run config key its launch set cannot be changed by the job
+(RunService.UpdateRunConfig); BadRequest names each key.
+"""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 
 @_typing.final

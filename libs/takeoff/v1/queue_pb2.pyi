@@ -161,6 +161,52 @@ lease expired meanwhile); stop whatever is left.
 """
 Global___RevokeReason: _TypeAlias = RevokeReason  # noqa: Y015
 
+class _PendingReason:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _PendingReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_PendingReason.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    PENDING_REASON_UNSPECIFIED: _PendingReason.ValueType  # 0
+    """Not pending."""
+    PENDING_REASON_QUEUE_PAUSED: _PendingReason.ValueType  # 1
+    """The queue is paused."""
+    PENDING_REASON_RETRY_BACKOFF: _PendingReason.ValueType  # 2
+    """The item waits out the back-off before its next attempt (`eligible_time`)."""
+    PENDING_REASON_CONCURRENCY_LIMIT: _PendingReason.ValueType  # 3
+    """The queue runs as many items as its concurrency limit allows."""
+    PENDING_REASON_NO_AGENT: _PendingReason.ValueType  # 4
+    """No connected agent serves the queue."""
+    PENDING_REASON_AGENTS_BUSY: _PendingReason.ValueType  # 5
+    """Agents serve the queue but none has a free slot."""
+    PENDING_REASON_WAITING_FOR_GPUS: _PendingReason.ValueType  # 6
+    """Agents have slots but not the GPUs the item asks for."""
+    PENDING_REASON_QUEUED: _PendingReason.ValueType  # 7
+    """Items ahead of it in the queue go first (`position`)."""
+
+class PendingReason(_PendingReason, metaclass=_PendingReasonEnumTypeWrapper):
+    """Why a PENDING item is not running yet (Item.pending_reason). When several hold, the first in this order
+    that the item would still meet once the ones before it cleared.
+    """
+
+PENDING_REASON_UNSPECIFIED: PendingReason.ValueType  # 0
+"""Not pending."""
+PENDING_REASON_QUEUE_PAUSED: PendingReason.ValueType  # 1
+"""The queue is paused."""
+PENDING_REASON_RETRY_BACKOFF: PendingReason.ValueType  # 2
+"""The item waits out the back-off before its next attempt (`eligible_time`)."""
+PENDING_REASON_CONCURRENCY_LIMIT: PendingReason.ValueType  # 3
+"""The queue runs as many items as its concurrency limit allows."""
+PENDING_REASON_NO_AGENT: PendingReason.ValueType  # 4
+"""No connected agent serves the queue."""
+PENDING_REASON_AGENTS_BUSY: PendingReason.ValueType  # 5
+"""Agents serve the queue but none has a free slot."""
+PENDING_REASON_WAITING_FOR_GPUS: PendingReason.ValueType  # 6
+"""Agents have slots but not the GPUs the item asks for."""
+PENDING_REASON_QUEUED: PendingReason.ValueType  # 7
+"""Items ahead of it in the queue go first (`position`)."""
+Global___PendingReason: _TypeAlias = PendingReason  # noqa: Y015
+
 @_typing.final
 class Queue(_message.Message):
     """A queue: a FIFO (or prioritized) list of work for one target resource kind."""
@@ -500,6 +546,9 @@ class Item(_message.Message):
     RELAUNCHED_FROM_FIELD_NUMBER: _builtins.int
     SECRETS_FIELD_NUMBER: _builtins.int
     CREATOR_FIELD_NUMBER: _builtins.int
+    POSITION_FIELD_NUMBER: _builtins.int
+    PENDING_REASON_FIELD_NUMBER: _builtins.int
+    PENDING_DETAIL_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Output only. Resource name `projects/{project}/queues/{queue}/items/{item}` (the id is generated)."""
     job: _builtins.str
@@ -548,6 +597,16 @@ class Item(_message.Message):
     """Output only. The item this one was relaunched from (RelaunchItem); empty otherwise."""
     creator: _builtins.str
     """Output only. Who enqueued the item: the caller's key, `keys/{key}` and its display name."""
+    position: _builtins.int
+    """Output only. For a PENDING item, its place in its queue's dispatch order: 1 is the next to be offered
+    to an agent. 0 for an item in any other state.
+    """
+    pending_reason: Global___PendingReason.ValueType
+    """Output only. For a PENDING item, why it is not running yet; PENDING_REASON_UNSPECIFIED otherwise."""
+    pending_detail: _builtins.str
+    """Output only. For a PENDING item, the reason in words, with its numbers (`2 of 2 running`, `retry in
+    12s`, the scheduler's own reason); empty otherwise.
+    """
     @_builtins.property
     def run_config(self) -> _struct_pb2.Struct:
         """Output only. From Enqueue: the run config as given, validated against the version's input schema,
@@ -646,10 +705,13 @@ class Item(_message.Message):
         relaunched_from: _builtins.str = ...,
         secrets: _abc.Iterable[Global___SecretMount] | None = ...,
         creator: _builtins.str = ...,
+        position: _builtins.int = ...,
+        pending_reason: Global___PendingReason.ValueType = ...,
+        pending_detail: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "eligible_time", b"eligible_time", "end_time", b"end_time", "enqueue_time", b"enqueue_time", "exit_code", b"exit_code", "lease_expire_time", b"lease_expire_time", "max_run_time", b"max_run_time", "resource_config", b"resource_config", "resource_config_override", b"resource_config_override", "run_config", b"run_config", "start_deadline", b"start_deadline", "template_variables", b"template_variables", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "agent", b"agent", "attempt", b"attempt", "cancel_requested", b"cancel_requested", "creator", b"creator", "eligible_time", b"eligible_time", "end_time", b"end_time", "enqueue_time", b"enqueue_time", "entrypoint", b"entrypoint", "epoch", b"epoch", "exit_code", b"exit_code", "job", b"job", "job_version", b"job_version", "lease_expire_time", b"lease_expire_time", "lease_id", b"lease_id", "max_attempts", b"max_attempts", "max_run_time", b"max_run_time", "message", b"message", "name", b"name", "priority", b"priority", "reason", b"reason", "relaunched_from", b"relaunched_from", "resource_config", b"resource_config", "resource_config_override", b"resource_config_override", "run", b"run", "run_config", b"run_config", "run_display_name", b"run_display_name", "secrets", b"secrets", "start_deadline", b"start_deadline", "state", b"state", "template_variables", b"template_variables", "traceparent", b"traceparent", "transitions", b"transitions", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "agent", b"agent", "attempt", b"attempt", "cancel_requested", b"cancel_requested", "creator", b"creator", "eligible_time", b"eligible_time", "end_time", b"end_time", "enqueue_time", b"enqueue_time", "entrypoint", b"entrypoint", "epoch", b"epoch", "exit_code", b"exit_code", "job", b"job", "job_version", b"job_version", "lease_expire_time", b"lease_expire_time", "lease_id", b"lease_id", "max_attempts", b"max_attempts", "max_run_time", b"max_run_time", "message", b"message", "name", b"name", "pending_detail", b"pending_detail", "pending_reason", b"pending_reason", "position", b"position", "priority", b"priority", "reason", b"reason", "relaunched_from", b"relaunched_from", "resource_config", b"resource_config", "resource_config_override", b"resource_config_override", "run", b"run", "run_config", b"run_config", "run_display_name", b"run_display_name", "secrets", b"secrets", "start_deadline", b"start_deadline", "state", b"state", "template_variables", b"template_variables", "traceparent", b"traceparent", "transitions", b"transitions", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__exit_code: _TypeAlias = _typing.Literal["exit_code"]  # noqa: Y015
     _WhichOneofArgType__exit_code: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code"]  # noqa: Y015
@@ -1275,7 +1337,10 @@ class GetItemRequest(_message.Message):
 
     NAME_FIELD_NUMBER: _builtins.int
     name: _builtins.str
-    """Required. Item name `projects/{project}/queues/{queue}/items/{item}`."""
+    """Required. Item name `projects/{project}/queues/{queue}/items/{item}`; the queue may be `-` to find the
+    item in whichever queue of the project holds it (item ids are unique in a project). The item returned
+    carries its full name.
+    """
     def __init__(
         self,
         *,
@@ -1324,6 +1389,7 @@ class ListItemsRequest(_message.Message):
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     STATES_FIELD_NUMBER: _builtins.int
     JOB_FIELD_NUMBER: _builtins.int
+    ID_PREFIX_FIELD_NUMBER: _builtins.int
     parent: _builtins.str
     """Required. Queue name `projects/{p}/queues/{q}`, or `projects/{p}/queues/-` for every queue of the
     project.
@@ -1338,6 +1404,8 @@ class ListItemsRequest(_message.Message):
     """Optional filter. A job name `projects/{p}/jobs/{j}` (items of any version) or a version name
     `projects/{p}/jobs/{j}/versions/{n}`.
     """
+    id_prefix: _builtins.str
+    """Optional filter. Items whose id starts with this (so a command line can take a unique prefix of an id)."""
     @_builtins.property
     def states(self) -> _containers.RepeatedScalarFieldContainer[_common_pb2.ItemState.ValueType]:
         """Optional filter. Items in any of these states; empty = every state; ITEM_STATE_UNSPECIFIED matches
@@ -1352,10 +1420,11 @@ class ListItemsRequest(_message.Message):
         page_token: _builtins.str = ...,
         states: _abc.Iterable[_common_pb2.ItemState.ValueType] | None = ...,
         job: _builtins.str = ...,
+        id_prefix: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["job", b"job", "page_size", b"page_size", "page_token", b"page_token", "parent", b"parent", "states", b"states"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id_prefix", b"id_prefix", "job", b"job", "page_size", b"page_size", "page_token", b"page_token", "parent", b"parent", "states", b"states"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

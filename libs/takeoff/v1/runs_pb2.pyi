@@ -81,6 +81,11 @@ class Run(_message.Message):
     LAST_STEP_FIELD_NUMBER: _builtins.int
     METRIC_KEYS_FIELD_NUMBER: _builtins.int
     LOG_LINE_COUNT_FIELD_NUMBER: _builtins.int
+    TAGS_FIELD_NUMBER: _builtins.int
+    NOTES_FIELD_NUMBER: _builtins.int
+    GROUP_FIELD_NUMBER: _builtins.int
+    JOB_TYPE_FIELD_NUMBER: _builtins.int
+    LAUNCH_CONFIG_KEYS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Output only. Resource name `projects/{project}/runs/{run}`."""
     display_name: _builtins.str
@@ -110,6 +115,16 @@ class Run(_message.Message):
     """Output only. Largest step among stored rows; meaningful only when history_length > 0."""
     log_line_count: _builtins.int
     """Output only. Number of log lines stored; line indexes run from 0 to log_line_count - 1."""
+    notes: _builtins.str
+    """Free text about the run (`init(notes=...)`), at most 4096 characters, no NUL."""
+    group: _builtins.str
+    """Runs that belong together, such as the workers of one distributed job or the runs of one sweep
+    (`init(group=...)`), at most 128 characters, no NUL.
+    """
+    job_type: _builtins.str
+    """What kind of work the run does (`train`, `eval`...; `init(job_type=...)`), at most 64 characters, no
+    NUL.
+    """
     @_builtins.property
     def config(self) -> _struct_pb2.Struct:
         """Optional. The run config: at creation the launch config (from the item), replaced by the config the
@@ -141,6 +156,16 @@ class Run(_message.Message):
     def metric_keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Output only. Every metric key logged so far, sorted; a run holds at most 1000 distinct keys."""
 
+    @_builtins.property
+    def tags(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Labels to find the run by (`init(tags=...)`): at most 64, each 1-64 characters without NUL or comma."""
+
+    @_builtins.property
+    def launch_config_keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Output only. The config keys the launch set (the config given to CreateRun by the agent): UpdateRunConfig
+        refuses to change them.
+        """
+
     def __init__(
         self,
         *,
@@ -162,10 +187,15 @@ class Run(_message.Message):
         last_step: _builtins.int = ...,
         metric_keys: _abc.Iterable[_builtins.str] | None = ...,
         log_line_count: _builtins.int = ...,
+        tags: _abc.Iterable[_builtins.str] | None = ...,
+        notes: _builtins.str = ...,
+        group: _builtins.str = ...,
+        job_type: _builtins.str = ...,
+        launch_config_keys: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "config", b"config", "create_time", b"create_time", "end_time", b"end_time", "exit_code", b"exit_code", "start_time", b"start_time", "summary", b"summary", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "attempt", b"attempt", "config", b"config", "create_time", b"create_time", "display_name", b"display_name", "end_time", b"end_time", "exit_code", b"exit_code", "history_length", b"history_length", "job_version", b"job_version", "last_step", b"last_step", "log_line_count", b"log_line_count", "message", b"message", "metric_keys", b"metric_keys", "name", b"name", "queue_item", b"queue_item", "start_time", b"start_time", "state", b"state", "summary", b"summary", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "attempt", b"attempt", "config", b"config", "create_time", b"create_time", "display_name", b"display_name", "end_time", b"end_time", "exit_code", b"exit_code", "group", b"group", "history_length", b"history_length", "job_type", b"job_type", "job_version", b"job_version", "last_step", b"last_step", "launch_config_keys", b"launch_config_keys", "log_line_count", b"log_line_count", "message", b"message", "metric_keys", b"metric_keys", "name", b"name", "notes", b"notes", "queue_item", b"queue_item", "start_time", b"start_time", "state", b"state", "summary", b"summary", "tags", b"tags", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__exit_code: _TypeAlias = _typing.Literal["exit_code"]  # noqa: Y015
     _WhichOneofArgType__exit_code: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code"]  # noqa: Y015
@@ -365,6 +395,10 @@ class AttachRunRequest(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     CONFIG_FIELD_NUMBER: _builtins.int
     DISPLAY_NAME_FIELD_NUMBER: _builtins.int
+    TAGS_FIELD_NUMBER: _builtins.int
+    NOTES_FIELD_NUMBER: _builtins.int
+    GROUP_FIELD_NUMBER: _builtins.int
+    JOB_TYPE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Required. Run name `projects/{project}/runs/{run}` (the SDK builds it from TAKEOFF_PROJECT and
     TAKEOFF_RUN_ID).
@@ -373,11 +407,21 @@ class AttachRunRequest(_message.Message):
     """Optional. New display name (the SDK's `init(name=...)`), as `Run.display_name` (at most 256
     characters, no NUL); empty = keep.
     """
+    notes: _builtins.str
+    """See `tags`."""
+    group: _builtins.str
+    """See `tags`."""
+    job_type: _builtins.str
+    """See `tags`."""
     @_builtins.property
     def config(self) -> _struct_pb2.Struct:
         """Optional. The config the job actually uses (its defaults overridden by the launch config); replaces the
         stored config. Unset = keep the stored config. At most 256 KiB encoded.
         """
+
+    @_builtins.property
+    def tags(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Optional. Tags, notes, group and job type as in `Run` (from `init`); empty = keep what is stored."""
 
     def __init__(
         self,
@@ -385,10 +429,14 @@ class AttachRunRequest(_message.Message):
         name: _builtins.str = ...,
         config: _struct_pb2.Struct | None = ...,
         display_name: _builtins.str = ...,
+        tags: _abc.Iterable[_builtins.str] | None = ...,
+        notes: _builtins.str = ...,
+        group: _builtins.str = ...,
+        job_type: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "display_name", b"display_name", "name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "display_name", b"display_name", "group", b"group", "job_type", b"job_type", "name", b"name", "notes", b"notes", "tags", b"tags"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -476,6 +524,9 @@ class ListRunsRequest(_message.Message):
     JOB_FIELD_NUMBER: _builtins.int
     QUEUE_ITEM_FIELD_NUMBER: _builtins.int
     STATES_FIELD_NUMBER: _builtins.int
+    ID_PREFIX_FIELD_NUMBER: _builtins.int
+    GROUP_FIELD_NUMBER: _builtins.int
+    TAGS_FIELD_NUMBER: _builtins.int
     parent: _builtins.str
     """Required. Project, `projects/{project}`."""
     page_size: _builtins.int
@@ -488,11 +539,19 @@ class ListRunsRequest(_message.Message):
     """
     queue_item: _builtins.str
     """Optional filter. Runs of this queue item, `projects/{p}/queues/{q}/items/{i}`."""
+    id_prefix: _builtins.str
+    """Optional filter. Runs whose id starts with this (so a command line can take a unique prefix of an id)."""
+    group: _builtins.str
+    """Optional filter. Runs of this group."""
     @_builtins.property
     def states(self) -> _containers.RepeatedScalarFieldContainer[_common_pb2.RunState.ValueType]:
         """Optional filter. Runs in any of these states; empty = every state. A number that is not a RunState is
         INVALID_ARGUMENT `ARGUMENT_INVALID`.
         """
+
+    @_builtins.property
+    def tags(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Optional filter. Runs that carry every one of these tags."""
 
     def __init__(
         self,
@@ -503,10 +562,13 @@ class ListRunsRequest(_message.Message):
         job: _builtins.str = ...,
         queue_item: _builtins.str = ...,
         states: _abc.Iterable[_common_pb2.RunState.ValueType] | None = ...,
+        id_prefix: _builtins.str = ...,
+        group: _builtins.str = ...,
+        tags: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["job", b"job", "page_size", b"page_size", "page_token", b"page_token", "parent", b"parent", "queue_item", b"queue_item", "states", b"states"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["group", b"group", "id_prefix", b"id_prefix", "job", b"job", "page_size", b"page_size", "page_token", b"page_token", "parent", b"parent", "queue_item", b"queue_item", "states", b"states", "tags", b"tags"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -728,6 +790,58 @@ class UpdateSummaryResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___UpdateSummaryResponse: _TypeAlias = UpdateSummaryResponse  # noqa: Y015
+
+@_typing.final
+class UpdateRunConfigRequest(_message.Message):
+    """Request of RunService.UpdateRunConfig."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    CONFIG_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Required. Run name `projects/{project}/runs/{run}`."""
+    @_builtins.property
+    def config(self) -> _struct_pb2.Struct:
+        """Required. Keys to set (replacing their values whole) or, with a JSON null, to remove."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        config: _struct_pb2.Struct | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateRunConfigRequest: _TypeAlias = UpdateRunConfigRequest  # noqa: Y015
+
+@_typing.final
+class UpdateRunConfigResponse(_message.Message):
+    """Response of RunService.UpdateRunConfig."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def run(self) -> Global___Run:
+        """The run with its merged config."""
+
+    def __init__(
+        self,
+        *,
+        run: Global___Run | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["run", b"run"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["run", b"run"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateRunConfigResponse: _TypeAlias = UpdateRunConfigResponse  # noqa: Y015
 
 @_typing.final
 class AppendLogsRequest(_message.Message):

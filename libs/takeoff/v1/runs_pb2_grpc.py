@@ -73,6 +73,11 @@ class RunServiceStub:
                 request_serializer=takeoff_dot_v1_dot_runs__pb2.UpdateSummaryRequest.SerializeToString,
                 response_deserializer=takeoff_dot_v1_dot_runs__pb2.UpdateSummaryResponse.FromString,
                 _registered_method=True)
+        self.UpdateRunConfig = channel.unary_unary(
+                '/takeoff.v1.RunService/UpdateRunConfig',
+                request_serializer=takeoff_dot_v1_dot_runs__pb2.UpdateRunConfigRequest.SerializeToString,
+                response_deserializer=takeoff_dot_v1_dot_runs__pb2.UpdateRunConfigResponse.FromString,
+                _registered_method=True)
         self.AppendLogs = channel.unary_unary(
                 '/takeoff.v1.RunService/AppendLogs',
                 request_serializer=takeoff_dot_v1_dot_runs__pb2.AppendLogsRequest.SerializeToString,
@@ -168,6 +173,17 @@ class RunServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UpdateRunConfig(self, request, context):
+        """Merges keys into a run's config (`run.config.update(...)` after `init`); a JSON null removes a key.
+        Keys the launch set (`Run.launch_config_keys`) are read-only: changing one is refused whole, one field
+        violation per key (`config.{key}`). Allowed until the run ends.
+        Errors: INVALID_ARGUMENT `NAME_INVALID` / `ARGUMENT_INVALID` (config over 256 KiB once merged);
+        NOT_FOUND `RUN_NOT_FOUND`; FAILED_PRECONDITION `CONFIG_KEY_READ_ONLY` / `RUN_ENDED`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def AppendLogs(self, request, context):
         """Appends log lines (job stdout/stderr, build output, agent messages) to a run. Accepted in every state,
         from creation on (so build output and what a job prints before `init` are kept) and after the end.
@@ -248,6 +264,11 @@ def add_RunServiceServicer_to_server(servicer, server):
                     servicer.UpdateSummary,
                     request_deserializer=takeoff_dot_v1_dot_runs__pb2.UpdateSummaryRequest.FromString,
                     response_serializer=takeoff_dot_v1_dot_runs__pb2.UpdateSummaryResponse.SerializeToString,
+            ),
+            'UpdateRunConfig': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateRunConfig,
+                    request_deserializer=takeoff_dot_v1_dot_runs__pb2.UpdateRunConfigRequest.FromString,
+                    response_serializer=takeoff_dot_v1_dot_runs__pb2.UpdateRunConfigResponse.SerializeToString,
             ),
             'AppendLogs': grpc.unary_unary_rpc_method_handler(
                     servicer.AppendLogs,
@@ -463,6 +484,33 @@ class RunService:
             '/takeoff.v1.RunService/UpdateSummary',
             takeoff_dot_v1_dot_runs__pb2.UpdateSummaryRequest.SerializeToString,
             takeoff_dot_v1_dot_runs__pb2.UpdateSummaryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateRunConfig(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/takeoff.v1.RunService/UpdateRunConfig',
+            takeoff_dot_v1_dot_runs__pb2.UpdateRunConfigRequest.SerializeToString,
+            takeoff_dot_v1_dot_runs__pb2.UpdateRunConfigResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -78,6 +78,13 @@ class RunServiceStub:
     """Merges keys into a run's summary (e.g. `best_loss`); allowed until the run ends.
     Errors: INVALID_ARGUMENT `NAME_INVALID`; NOT_FOUND `RUN_NOT_FOUND`; FAILED_PRECONDITION `RUN_ENDED`.
     """
+    UpdateRunConfig: _grpc.UnaryUnaryMultiCallable[_runs_pb2.UpdateRunConfigRequest, _runs_pb2.UpdateRunConfigResponse]
+    """Merges keys into a run's config (`run.config.update(...)` after `init`); a JSON null removes a key.
+    Keys the launch set (`Run.launch_config_keys`) are read-only: changing one is refused whole, one field
+    violation per key (`config.{key}`). Allowed until the run ends.
+    Errors: INVALID_ARGUMENT `NAME_INVALID` / `ARGUMENT_INVALID` (config over 256 KiB once merged);
+    NOT_FOUND `RUN_NOT_FOUND`; FAILED_PRECONDITION `CONFIG_KEY_READ_ONLY` / `RUN_ENDED`.
+    """
     AppendLogs: _grpc.UnaryUnaryMultiCallable[_runs_pb2.AppendLogsRequest, _runs_pb2.AppendLogsResponse]
     """Appends log lines (job stdout/stderr, build output, agent messages) to a run. Accepted in every state,
     from creation on (so build output and what a job prints before `init` are kept) and after the end.
@@ -152,6 +159,13 @@ class RunServiceAsyncStub(RunServiceStub):
     UpdateSummary: _aio.UnaryUnaryMultiCallable[_runs_pb2.UpdateSummaryRequest, _runs_pb2.UpdateSummaryResponse]  # type: ignore[assignment]
     """Merges keys into a run's summary (e.g. `best_loss`); allowed until the run ends.
     Errors: INVALID_ARGUMENT `NAME_INVALID`; NOT_FOUND `RUN_NOT_FOUND`; FAILED_PRECONDITION `RUN_ENDED`.
+    """
+    UpdateRunConfig: _aio.UnaryUnaryMultiCallable[_runs_pb2.UpdateRunConfigRequest, _runs_pb2.UpdateRunConfigResponse]  # type: ignore[assignment]
+    """Merges keys into a run's config (`run.config.update(...)` after `init`); a JSON null removes a key.
+    Keys the launch set (`Run.launch_config_keys`) are read-only: changing one is refused whole, one field
+    violation per key (`config.{key}`). Allowed until the run ends.
+    Errors: INVALID_ARGUMENT `NAME_INVALID` / `ARGUMENT_INVALID` (config over 256 KiB once merged);
+    NOT_FOUND `RUN_NOT_FOUND`; FAILED_PRECONDITION `CONFIG_KEY_READ_ONLY` / `RUN_ENDED`.
     """
     AppendLogs: _aio.UnaryUnaryMultiCallable[_runs_pb2.AppendLogsRequest, _runs_pb2.AppendLogsResponse]  # type: ignore[assignment]
     """Appends log lines (job stdout/stderr, build output, agent messages) to a run. Accepted in every state,
@@ -266,6 +280,19 @@ class RunServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_runs_pb2.UpdateSummaryResponse, _abc.Awaitable[_runs_pb2.UpdateSummaryResponse]]:
         """Merges keys into a run's summary (e.g. `best_loss`); allowed until the run ends.
         Errors: INVALID_ARGUMENT `NAME_INVALID`; NOT_FOUND `RUN_NOT_FOUND`; FAILED_PRECONDITION `RUN_ENDED`.
+        """
+
+    @_abc_1.abstractmethod
+    def UpdateRunConfig(
+        self,
+        request: _runs_pb2.UpdateRunConfigRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_runs_pb2.UpdateRunConfigResponse, _abc.Awaitable[_runs_pb2.UpdateRunConfigResponse]]:
+        """Merges keys into a run's config (`run.config.update(...)` after `init`); a JSON null removes a key.
+        Keys the launch set (`Run.launch_config_keys`) are read-only: changing one is refused whole, one field
+        violation per key (`config.{key}`). Allowed until the run ends.
+        Errors: INVALID_ARGUMENT `NAME_INVALID` / `ARGUMENT_INVALID` (config over 256 KiB once merged);
+        NOT_FOUND `RUN_NOT_FOUND`; FAILED_PRECONDITION `CONFIG_KEY_READ_ONLY` / `RUN_ENDED`.
         """
 
     @_abc_1.abstractmethod
