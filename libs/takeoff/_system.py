@@ -32,7 +32,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -130,6 +130,17 @@ class _Process:
     cpu_ticks: int
     rss_pages: int
 
+    @classmethod
+    def parse(cls, pid: int, fields: list[bytes]) -> _Process:
+        """From the fields of ``/proc/PID/stat`` after the command name (see proc(5), 1-based there)."""
+        return cls(
+            pid=pid,
+            parent=int(fields[1]),
+            started=int(fields[19]),
+            cpu_ticks=int(fields[11]) + int(fields[12]),  # user + system time
+            rss_pages=int(fields[21]),
+        )
+
 
 class ProcessTreeSampler:
     """Measures a process and its descendants; the counters (CPU time, disk) count from its creation."""
@@ -140,9 +151,10 @@ class ProcessTreeSampler:
         self._cpu_count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
         self._memory_limit = _memory_limit()
         processes = self._tree()
+        io = _disk_io(processes)
         self._cpu = _TreeCounter({key: process.cpu_ticks for key, process in processes.items()})
-        self._disk_read = _TreeCounter({key: io[0] for key, io in _disk_io(processes).items()})
-        self._disk_write = _TreeCounter({key: io[1] for key, io in _disk_io(processes).items()})
+        self._disk_read = _TreeCounter({key: counts[0] for key, counts in io.items()})
+        self._disk_write = _TreeCounter({key: counts[1] for key, counts in io.items()})
         self._network_start = _network_bytes()
         self._last_time = time.monotonic()
 
@@ -176,19 +188,17 @@ class ProcessTreeSampler:
 
     def _tree(self) -> dict[tuple[int, int], _Process]:
         """The root process and its descendants now, by (pid, start time)."""
-        children: dict[int, list[_Process]] = {}
-        root: _Process | None = None
-        for process in _all_processes():
-            if process.pid == self._root:
-                root = process
-            else:
-                children.setdefault(process.parent, []).append(process)
+        children: dict[int, list[int]] = {}
+        stats = _all_stats()
+        for pid, fields in stats.items():
+            children.setdefault(int(fields[1]), []).append(pid)
         tree: dict[tuple[int, int], _Process] = {}
-        waiting = [root] if root is not None else []
+        waiting = [self._root] if self._root in stats else []
         while waiting:
-            process = waiting.pop()
-            tree[(process.pid, process.started)] = process
-            waiting.extend(children.get(process.pid, ()))
+            pid = waiting.pop()
+            process = _Process.parse(pid, stats[pid])
+            tree[(pid, process.started)] = process
+            waiting.extend(children.get(pid, ()))
         return tree
 
 
@@ -330,36 +340,39 @@ def _power(nvml: ModuleType, device: Any) -> dict[str, float]:
 _GPU_READINGS = (_utilization, _memory, _temperature, _power)
 
 
-def _all_processes() -> Iterator[_Process]:
+def _all_stats() -> dict[int, list[bytes]]:
+    """The fields of ``/proc/PID/stat`` after the command name (the state first), of every process."""
+    stats = {}
     for entry in os.listdir(_PROC):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as stat_file:
-                text = stat_file.read()
-        except OSError:  # it ended since the listing
-            continue
-        # The command name, in parentheses, may hold spaces and parentheses: the fields follow the last ")".
-        fields = text[text.rindex(b")") + 2 :].split()
-        yield _Process(
-            pid=int(entry),
-            parent=int(fields[1]),
-            started=int(fields[19]),
-            cpu_ticks=int(fields[11]) + int(fields[12]),  # user + system time
-            rss_pages=int(fields[21]),
-        )
+        if entry.isdigit() and (text := _read(f"/proc/{entry}/stat")):
+            # The command name, in parentheses, can hold spaces and ")": the fields follow the last ")"
+            stats[int(entry)] = text[text.rindex(b")") + 2 :].split()
+    return stats
+
+
+def _read(path: str) -> bytes | None:
+    """A small /proc file's bytes, or None if it is gone or not ours to read. (Leaner than ``open``: a sample
+    reads a few hundred of these.)"""
+    try:
+        descriptor = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        return os.read(descriptor, 4096)
+    except OSError:
+        return None
+    finally:
+        os.close(descriptor)
 
 
 def _disk_io(processes: Mapping[tuple[int, int], _Process]) -> dict[tuple[int, int], tuple[int, int]]:
     """Bytes each process read from and wrote to storage, for those whose ``/proc/PID/io`` is readable."""
     counts = {}
     for key in processes:
-        try:
-            with open(f"/proc/{key[0]}/io", "rb") as io_file:
-                lines = io_file.read().splitlines()
-        except OSError:  # not ours to read, or ended
+        text = _read(f"/proc/{key[0]}/io")
+        if not text:
             continue
-        fields = dict(line.split(b": ", 1) for line in lines)
+        fields = dict(line.split(b": ", 1) for line in text.splitlines())
         counts[key] = (int(fields[b"read_bytes"]), int(fields[b"write_bytes"]))
     return counts
 
