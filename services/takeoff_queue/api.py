@@ -24,6 +24,7 @@ from takeoff_queue.model import (
     AGENT,
     DEFAULT_START_TIMEOUT,
     ITEM,
+    ITEM_IN_ANY_QUEUE,
     PROJECT,
     QUEUE,
     Ack,
@@ -623,8 +624,9 @@ class QueueApi(queue_pb2_grpc.QueueServiceServicer):
         return queue_pb2.EnqueueResponse(item=self._item_proto(item))
 
     async def GetItem(self, request: queue_pb2.GetItemRequest, context: Context) -> queue_pb2.GetItemResponse:
-        await self._check_project(request.name, ITEM, "name")
-        return queue_pb2.GetItemResponse(item=self._item_proto(await self._book.get_item(request.name)))
+        pattern = ITEM_IN_ANY_QUEUE if ITEM_IN_ANY_QUEUE.match(request.name) else ITEM
+        await self._check_project(request.name, pattern, "name")
+        return queue_pb2.GetItemResponse(item=self._item_proto(await self._book.find_item(request.name)))
 
     async def ListItems(
         self, request: queue_pb2.ListItemsRequest, context: Context
@@ -637,6 +639,7 @@ class QueueApi(queue_pb2_grpc.QueueServiceServicer):
             "parent": request.parent,
             "states": [state.value if state else "" for state in states],
             "job": request.job,
+            "id_prefix": request.id_prefix,
         }
         page = page_request(
             page_size_requested=request.page_size,
@@ -645,6 +648,7 @@ class QueueApi(queue_pb2_grpc.QueueServiceServicer):
             cursor_types=[int],
         )
         checks.check_job_filter(request.job)
+        checks.check_id_prefix(request.id_prefix)
         if request.parent.endswith("/queues/-"):
             await self._check_project(request.parent.removesuffix("/queues/-"), PROJECT, "parent")
         else:
@@ -652,7 +656,9 @@ class QueueApi(queue_pb2_grpc.QueueServiceServicer):
         wanted = [state for state in states if state is not None]
         if states and not wanted:
             return queue_pb2.ListItemsResponse()  # ITEM_STATE_UNSPECIFIED matches nothing
-        items, last = await self._book.list_items(request.parent, wanted, page, request.job)
+        items, last = await self._book.list_items(
+            request.parent, wanted, page, request.job, request.id_prefix
+        )
         shown, token = page_response(
             [(self._item_proto(item), (item.seq,)) for item in items], more=last is not None, query=query
         )

@@ -21,6 +21,7 @@ from takeoff_queue.dispatcher import Dispatcher
 from takeoff_queue.lifecycle import ItemState
 from takeoff_queue.model import (
     ITEM,
+    ITEM_IN_ANY_QUEUE,
     PROJECT,
     QUEUE,
     Item,
@@ -402,11 +403,23 @@ class QueueBook:
             raise NotFound("ITEM_NOT_FOUND", f"item {name} does not exist", metadata={"resource": name})
         return found[0]
 
+    async def find_item(self, name: str) -> Item:
+        """The item ``name`` names, whose queue may be ``-``: the item with that id in whichever queue of
+        the project holds it (item ids are unique across queues)."""
+        anywhere = ITEM_IN_ANY_QUEUE.match(name)
+        if anywhere is None:
+            return await self.get_item(name)
+        found = await self._store.items(item_ids=[anywhere["item"]])
+        if not found or found[0].project != PROJECT.format(project=anywhere["project"]):
+            raise NotFound("ITEM_NOT_FOUND", f"item {name} does not exist", metadata={"resource": name})
+        return found[0]
+
     async def list_items(
-        self, parent: str, states: Sequence[ItemState], page: PageRequest, job: str = ""
+        self, parent: str, states: Sequence[ItemState], page: PageRequest, job: str = "", id_prefix: str = ""
     ) -> tuple[list[Item], int | None]:
         """Items of one queue (or, with queue ``-``, of every queue of the project), newest first;
-        ``job`` keeps those of one job (``projects/p/jobs/j``) or one version of it."""
+        ``job`` keeps those of one job (``projects/p/jobs/j``) or one version of it, ``id_prefix`` those
+        whose id starts with it."""
         if parent.endswith("/queues/-"):
             project = PROJECT.parse(parent.removesuffix("/queues/-"), field="parent")["project"]
             scope: dict[str, str] = {"project": f"projects/{project}"}
@@ -414,7 +427,12 @@ class QueueBook:
             scope = {"queue": self.queue(parent, field_name="parent").name}
         before = int(page.after[0]) if page.after else None
         found = await self._store.items(
-            states=states, job=job or None, before_seq=before, limit=page.size + 1, **scope
+            states=states,
+            job=job or None,
+            id_prefix=id_prefix or None,
+            before_seq=before,
+            limit=page.size + 1,
+            **scope,
         )
         more = len(found) > page.size
         found = found[: page.size]
@@ -480,7 +498,7 @@ class QueueBook:
 
 
 def _new_item_id() -> str:
-    return uuid.uuid4().hex[:20]
+    return uuid.uuid4().hex[: checks.ITEM_ID_DIGITS]
 
 
 def _checked_queue(queue: Queue) -> Queue:

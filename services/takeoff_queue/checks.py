@@ -17,7 +17,7 @@ from collections.abc import Iterable, Mapping, Sequence, Sized
 from datetime import timedelta
 from typing import Any, Protocol, TypeVar
 
-from takeoff_server.errors import InvalidArgument, NotFound
+from takeoff_server.errors import FieldViolation, InvalidArgument, NotFound
 from takeoff_server.names import ResourcePattern
 from takeoff_server.schemas import MAX_SCHEMA_DEPTH, check_json_schema
 from takeoff_server.validation import (
@@ -35,6 +35,8 @@ MAX_TEMPLATE_VARIABLES = 64
 MAX_CONTAINER_NAME_CHARS = 63
 _CONTAINER_NAME = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 MAX_RUN_DISPLAY_NAME_CHARS = 256
+ITEM_ID_DIGITS = 20
+"""An item id is this many lowercase hex digits, new for every item (Enqueue, RelaunchItem)."""
 MAX_CANCEL_MESSAGE_CHARS = 1024
 MAX_ENTRYPOINT_ARGS = 256
 MAX_ENTRYPOINT_BYTES = 64 * 1024
@@ -184,6 +186,23 @@ def check_job_filter(job: str) -> None:
     """ListItems' ``job``: empty, a job name or a job version name (NAME_INVALID otherwise)."""
     if job and JOB.match(job) is None:
         JOB_VERSION.parse(job, field="job")
+
+
+_ITEM_ID_PREFIX = re.compile(f"[0-9a-f]{{1,{ITEM_ID_DIGITS}}}")
+
+
+def check_id_prefix(prefix: str) -> None:
+    """ListItems' ``id_prefix``: empty, or the start of an item id (ARGUMENT_INVALID otherwise)."""
+    if prefix and _ITEM_ID_PREFIX.fullmatch(prefix) is None:
+        raise InvalidArgument(
+            "ARGUMENT_INVALID",
+            f"id_prefix {prefix[:100]!r} is not the start of an item id",
+            violations=[
+                FieldViolation(
+                    "id_prefix", f"1-{ITEM_ID_DIGITS} characters of 0-9 and a-f (item ids are hex)"
+                )
+            ],
+        )
 
 
 class ProjectLookup(Protocol):

@@ -18,6 +18,8 @@ from takeoff_server.names import ResourcePattern
 PROJECT = ResourcePattern("projects/{project}")
 QUEUE = ResourcePattern("projects/{project}/queues/{queue}")
 ITEM = ResourcePattern("projects/{project}/queues/{queue}/items/{item}")
+ITEM_IN_ANY_QUEUE = ResourcePattern("projects/{project}/queues/-/items/{item}")
+"""GetItem's name for an item of whichever queue of the project holds it (item ids are unique)."""
 AGENT = ResourcePattern("agents/{agent}", agent=r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 
 DEFAULT_MAX_ATTEMPTS = 3

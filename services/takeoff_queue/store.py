@@ -481,6 +481,7 @@ class QueueStore:
         project: str | None = None,
         states: Sequence[ItemState] = (),
         job: str | None = None,
+        id_prefix: str | None = None,
         before_seq: int | None = None,
         limit: int | None = None,
     ) -> list[Item]:
@@ -493,6 +494,7 @@ class QueueStore:
                 project=project,
                 states=[state.value for state in states],
                 job=job,
+                id_prefix=id_prefix,
                 before_seq=before_seq,
                 limit=limit,
             )
@@ -516,6 +518,7 @@ async def _fetch_items(
     project: str | None = None,
     states: Sequence[str] = (),
     job: str | None = None,
+    id_prefix: str | None = None,
     before_seq: int | None = None,
     limit: int | None = None,
 ) -> list[dict[str, Any]]:
@@ -538,6 +541,10 @@ async def _fetch_items(
         query = query.where(
             versions == job if "/versions/" in job else versions.startswith(f"{job}/versions/")
         )
+    if id_prefix is not None:
+        # A range on the unique index of ids rather than LIKE, which PostgreSQL indexes only under the C
+        # collation. Exact for hex ids and a hex prefix: every id starting with it sorts before prefix + "g".
+        query = query.where(items.c.id >= id_prefix, items.c.id < f"{id_prefix}g")
     if before_seq is not None:
         query = query.where(items.c.seq < before_seq)
     if limit is not None:
