@@ -13,6 +13,9 @@ and agents over the queue service's.
 
 Every method raises :class:`takeoff.TakeoffError` (never a raw ``grpc.RpcError``); short names are
 resolved in the client's project (``project=`` argument, else ``TAKEOFF_PROJECT``, else ``default``).
+A run, item or key is named by its resource name, its id, or a unique prefix of its id (as tables print
+them); an item needs no queue. A prefix that matches several raises :class:`InvalidArgumentError`
+``ARGUMENT_INVALID`` naming them.
 
 Every call presents an API key (see :class:`Client` for where it is found); keys and secrets are
 managed here too (:meth:`Client.create_key`, :meth:`Client.set_secret`), and no method returns a
@@ -37,7 +40,13 @@ from google.protobuf import duration_pb2, field_mask_pb2
 
 from takeoff._auth import channel_credentials, find_api_key
 from takeoff._home import service_address
-from takeoff.errors import DeadlineExceededError, NotFoundError, TakeoffError, UnavailableError
+from takeoff.errors import (
+    DeadlineExceededError,
+    InvalidArgumentError,
+    NotFoundError,
+    TakeoffError,
+    UnavailableError,
+)
 from takeoff.models import (
     Agent,
     Artifact,
@@ -98,6 +107,7 @@ _RECONNECT_POLICY = RetryPolicy(deadline=RECONNECT_SECONDS)  # the watch loop co
 _Request = TypeVar("_Request")
 _Response = TypeVar("_Response")
 _Item = TypeVar("_Item")
+_Result = TypeVar("_Result")
 
 
 def default_project() -> str:
@@ -296,9 +306,12 @@ class Client:
     # Runs
 
     def get_run(self, run: str, *, project: str | None = None) -> RunInfo:
-        """A run by id or resource name."""
-        response = self._call(self._runs.GetRun, runs_pb2.GetRunRequest(name=self.run_name(run, project)))
-        return RunInfo._from_proto(response.run)
+        """A run by resource name, id or unique prefix of its id."""
+
+        def get(name: str) -> RunInfo:
+            return RunInfo._from_proto(self._call(self._runs.GetRun, runs_pb2.GetRunRequest(name=name)).run)
+
+        return self._exact_or_prefix(self.run_name(run, project), get, "RUN_NOT_FOUND", self._run_by_prefix)
 
     def list_runs(
         self,
@@ -307,9 +320,10 @@ class Client:
         job: str = "",
         states: Sequence[RunState] = (),
         queue_item: str = "",
+        id_prefix: str = "",
     ) -> Iterator[RunInfo]:
         """Runs of the project, newest first. ``job`` is a job id, a reference to one version
-        (``job:v3``, ``job:prod``) or a resource name."""
+        (``job:v3``, ``job:prod``) or a resource name; ``id_prefix`` keeps runs whose id starts with it."""
         parent = self._project_name(project)
         job_filter = self._job_filter(job, project) if job else ""
 
@@ -320,6 +334,7 @@ class Client:
                 job=job_filter,
                 queue_item=queue_item,
                 states=[state._to_proto() for state in states],
+                id_prefix=id_prefix,
             )
             response = self._call(self._runs.ListRuns, request)
             return response.runs, response.next_page_token
@@ -337,7 +352,7 @@ class Client:
     ) -> Iterator[MetricRow]:
         """A run's metric rows in order; with ``follow``, new rows as they come until the run ends."""
         request = runs_pb2.ReadMetricsRequest(
-            name=self.run_name(run, project), start_index=start_index, keys=list(keys), follow=follow
+            name=self._stream_run_name(run, project), start_index=start_index, keys=list(keys), follow=follow
         )
         for response in self._stream(self._runs.ReadMetrics, request, follow=follow):
             yield from (MetricRow._from_proto(row) for row in response.rows)
@@ -354,7 +369,7 @@ class Client:
     ) -> Iterator[LogLine]:
         """A run's log lines in order (the last ``tail`` ones if > 0); with ``follow``, until the run ends."""
         request = runs_pb2.ReadLogsRequest(
-            name=self.run_name(run, project),
+            name=self._stream_run_name(run, project),
             start_index=start_index,
             tail=tail,
             streams=[stream._to_proto() for stream in streams],
@@ -515,23 +530,33 @@ class Client:
         return Item._from_proto(self._call_until_answered(self._queues.Enqueue, request).item, self)
 
     def get_item(self, item: str, *, queue: str | None = None, project: str | None = None) -> Item:
-        """An item with its transition history; ``item`` as :meth:`item_name` takes it."""
-        request = queue_pb2.GetItemRequest(name=self.item_name(item, queue, project))
-        return Item._from_proto(self._queue_call(self._queues.GetItem, request).item, self)
+        """An item with its transition history; ``item`` as :meth:`item_name` takes it, or with a unique
+        prefix of its id."""
+
+        def get(name: str) -> Item:
+            request = queue_pb2.GetItemRequest(name=name)
+            return Item._from_proto(self._queue_call(self._queues.GetItem, request).item, self)
+
+        name = self.item_name(item, queue, project)
+        return self._exact_or_prefix(name, get, "ITEM_NOT_FOUND", self._item_by_prefix)
 
     def list_items(
         self,
         *,
         queue: str | None = None,
         states: Sequence[ItemState | str] = (),
+        id_prefix: str = "",
         project: str | None = None,
     ) -> Iterator[Item]:
-        """Items of one queue, else of every queue of the project, newest first; ``states`` filters."""
+        """Items of one queue, else of every queue of the project, newest first; ``states`` and
+        ``id_prefix`` (items whose id starts with it) filter."""
         parent = self.queue_name(queue or "-", project)  # queue "-" stands for all of them
         wanted = [ItemState(state)._to_proto() for state in states]
 
         def page(token: str) -> tuple[Iterable[queue_pb2.Item], str]:
-            request = queue_pb2.ListItemsRequest(parent=parent, page_token=token, states=wanted)
+            request = queue_pb2.ListItemsRequest(
+                parent=parent, page_token=token, states=wanted, id_prefix=id_prefix
+            )
             response = self._queue_call(self._queues.ListItems, request)
             return response.items, response.next_page_token
 
@@ -542,8 +567,12 @@ class Client:
     ) -> Item:
         """Cancel an item: a PENDING one ends CANCELLED at once; a leased one is marked, its agent told
         to stop, and it ends CANCELLED when the agent has (it is never retried)."""
-        request = queue_pb2.CancelItemRequest(name=self.item_name(item, queue, project), message=message)
-        return Item._from_proto(self._queue_call(self._queues.CancelItem, request).item, self)
+
+        def cancel(name: str) -> Item:
+            request = queue_pb2.CancelItemRequest(name=name, message=message)
+            return Item._from_proto(self._queue_call(self._queues.CancelItem, request).item, self)
+
+        return self._on_item(item, queue, project, cancel)
 
     def relaunch_item(
         self,
@@ -554,10 +583,13 @@ class Client:
         request_id: str | None = None,
     ) -> Item:
         """A new item with the same pinned version and inputs as an ended one, on the same queue."""
-        request = queue_pb2.RelaunchItemRequest(
-            name=self.item_name(item, queue, project), request_id=request_id or str(uuid.uuid4())
-        )
-        return Item._from_proto(self._call_until_answered(self._queues.RelaunchItem, request).item, self)
+        request_id = request_id or str(uuid.uuid4())
+
+        def relaunch(name: str) -> Item:
+            request = queue_pb2.RelaunchItemRequest(name=name, request_id=request_id)
+            return Item._from_proto(self._call_until_answered(self._queues.RelaunchItem, request).item, self)
+
+        return self._on_item(item, queue, project, relaunch)
 
     def watch_item(
         self,
@@ -574,6 +606,8 @@ class Client:
         after ``timeout`` seconds.
         """
         name = self.item_name(item, queue, project)
+        if not _is_exact(name):
+            name = self.get_item(name).name
         deadline = None if timeout is None else time.monotonic() + timeout
         reconnects, lost_since = 0, None
         while True:
@@ -659,8 +693,12 @@ class Client:
         return CreatedKey(Key._from_proto(response.key), response.secret)
 
     def get_key(self, key: str) -> Key:
-        """A key by id or ``keys/{key}`` (never its secret)."""
-        return Key._from_proto(self._call(self._keys.GetKey, keys_pb2.GetKeyRequest(name=_key_name(key))).key)
+        """A key by id, ``keys/{key}`` or unique prefix of its id (never its secret)."""
+
+        def get(name: str) -> Key:
+            return Key._from_proto(self._call(self._keys.GetKey, keys_pb2.GetKeyRequest(name=name)).key)
+
+        return self._exact_or_prefix(_key_name(key), get, "KEY_NOT_FOUND", self._key_by_prefix)
 
     def list_keys(self, *, show_revoked: bool = False, show_run_tokens: bool = False) -> Iterator[Key]:
         """Keys, oldest first (never their secrets); revoked keys and run tokens only when asked for."""
@@ -675,9 +713,13 @@ class Client:
         return (Key._from_proto(key) for key in _paged(page))
 
     def revoke_key(self, key: str) -> Key:
-        """Revoke a key: every service refuses it within 5 seconds, its open streams included."""
-        request = keys_pb2.RevokeKeyRequest(name=_key_name(key))
-        return Key._from_proto(self._call(self._keys.RevokeKey, request).key)
+        """Revoke a key (by id, ``keys/{key}`` or unique prefix of its id): every service refuses it
+        within 5 seconds, its open streams included."""
+
+        def revoke(name: str) -> Key:
+            return Key._from_proto(self._call(self._keys.RevokeKey, keys_pb2.RevokeKeyRequest(name=name)).key)
+
+        return self._exact_or_prefix(_key_name(key), revoke, "KEY_NOT_FOUND", self._key_by_prefix)
 
     # Secrets
 
@@ -718,13 +760,12 @@ class Client:
         return queue if queue.startswith("projects/") else f"{self._project_name(project)}/queues/{queue}"
 
     def item_name(self, item: str, queue: str | None = None, project: str | None = None) -> str:
-        """An item's resource name from itself, from ``QUEUE/ITEM_ID``, or from an item id and its queue."""
+        """An item's resource name from itself, from ``QUEUE/ITEM_ID``, or from an item id and its queue;
+        without a queue, queue ``-``, which GetItem searches whole (item ids are unique in a project)."""
         if item.startswith("projects/"):
             return item
         queue_id, _, item_id = item.rpartition("/")
-        if not queue_id and queue is None:
-            raise ValueError(f"item {item!r} needs its queue: QUEUE/{item}, or the queue given apart")
-        return f"{self.queue_name(queue_id or queue or '', project)}/items/{item_id}"
+        return f"{self.queue_name(queue_id or queue or '-', project)}/items/{item_id}"
 
     def job_name(self, job: str, project: str | None = None) -> str:
         """``projects/{p}/jobs/{job}`` for a job id; a resource name is returned as it is."""
@@ -733,6 +774,66 @@ class Client:
     def run_name(self, run: str, project: str | None = None) -> str:
         """``projects/{p}/runs/{run}`` for a run id; a resource name is returned as it is."""
         return run if run.startswith("projects/") else f"{self._project_name(project)}/runs/{run}"
+
+    def _stream_run_name(self, run: str, project: str | None) -> str:
+        """The run a stream reads: a resource name as it is; an id or a prefix, looked up first, since a
+        stream cannot be sent again once it has failed as a call can."""
+        name = self.run_name(run, project)
+        return name if run.startswith("projects/") else self.get_run(name).name
+
+    def _on_item(
+        self, item: str, queue: str | None, project: str | None, call: Callable[[str], _Result]
+    ) -> _Result:
+        """``call`` on the item's resource name; one found in any queue (``-``), which only GetItem
+        searches, is looked up first."""
+        name = self.item_name(item, queue, project)
+        if not _is_exact(name):
+            name = self.get_item(name).name
+        return self._exact_or_prefix(name, call, "ITEM_NOT_FOUND", self._item_by_prefix)
+
+    def _exact_or_prefix(
+        self,
+        name: str,
+        call: Callable[[str], _Result],
+        missing: str,
+        by_prefix: Callable[[str], list[str]],
+    ) -> _Result:
+        """``call(name)``; when nothing has that name (``missing``: the NOT_FOUND reason), ``call`` on the one
+        resource whose id starts with the name's id (``by_prefix`` lists up to two such names)."""
+        try:
+            return call(name)
+        except NotFoundError as error:
+            if error.reason != missing:
+                raise
+            not_found = error
+        matches = by_prefix(name)
+        if not matches:
+            raise not_found
+        if len(matches) > 1:
+            kind = missing.removesuffix("_NOT_FOUND").lower()
+            ids = ", ".join(_last_segment(match) for match in matches)
+            raise InvalidArgumentError(
+                "INVALID_ARGUMENT",
+                "ARGUMENT_INVALID",
+                f"{kind} prefix {_last_segment(name)!r} matches several {kind}s: {ids}; give more characters",
+            )
+        return call(matches[0])
+
+    def _run_by_prefix(self, name: str) -> list[str]:
+        parent, _, prefix = name.rpartition("/runs/")
+        request = runs_pb2.ListRunsRequest(parent=parent, id_prefix=prefix, page_size=_PREFIX_MATCHES)
+        return _starting_with(name, (run.name for run in self._call(self._runs.ListRuns, request).runs))
+
+    def _item_by_prefix(self, name: str) -> list[str]:
+        parent, _, prefix = name.rpartition("/items/")
+        request = queue_pb2.ListItemsRequest(parent=parent, id_prefix=prefix, page_size=_PREFIX_MATCHES)
+        items = self._queue_call(self._queues.ListItems, request).items
+        return _starting_with(name, (item.name for item in items))
+
+    def _key_by_prefix(self, name: str) -> list[str]:
+        # ListKeys has no prefix filter: an installation has tens of keys, not thousands.
+        keys = self.list_keys(show_revoked=True, show_run_tokens=True)
+        return _starting_with(name, (key.name for key in keys))[:_PREFIX_MATCHES]
 
     def _project_name(self, project: str | None) -> str:
         return f"projects/{project or self.project}"
@@ -799,6 +900,27 @@ def _paged(fetch_page: Callable[[str], tuple[Iterable[_Item], str]]) -> Iterator
         yield from items
         if not token:
             return
+
+
+_PREFIX_MATCHES = 2
+"""How many resources a prefix lookup asks for: enough to tell one match from several."""
+
+
+def _starting_with(name: str, names: Iterable[str]) -> list[str]:
+    """The ``names`` whose id starts with the id of ``name``; checked here too, as a service older than
+    the ``id_prefix`` filter ignores it and lists everything."""
+    prefix = _last_segment(name)
+    return [candidate for candidate in names if _last_segment(candidate).startswith(prefix)]
+
+
+def _last_segment(name: str) -> str:
+    """The id at the end of a resource name."""
+    return name.rsplit("/", 1)[-1]
+
+
+def _is_exact(item_name: str) -> bool:
+    """Whether an item name names its queue, rather than ``-`` (any queue), which only GetItem accepts."""
+    return "/queues/-/" not in item_name
 
 
 def _key_name(key: str) -> str:

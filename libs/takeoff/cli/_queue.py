@@ -30,12 +30,20 @@ ITEM_STATE_STYLES = {
 ItemArgument = Annotated[
     str,
     typer.Argument(
-        help="Item: its resource name, QUEUE/ITEM_ID, or ITEM_ID with --queue.", show_default=False
+        help="Item: its id or a unique prefix of it (as tables show), QUEUE/ITEM_ID, or its resource name.",
+        metavar="ITEM",
+        show_default=False,
     ),
 ]
 ItemQueueOption = Annotated[
     str | None,
-    typer.Option("--queue", "-q", help="Queue of an ITEM_ID given alone.", show_default=False),
+    typer.Option(
+        "--queue",
+        "-q",
+        help="Queue of the item (default: whichever holds it).",
+        metavar="QUEUE",
+        show_default=False,
+    ),
 ]
 
 _SPAN = re.compile(r"(?:(?P<hours>\d+)h)?(?:(?P<minutes>\d+)m)?(?:(?P<seconds>\d+)s)?")
@@ -81,9 +89,7 @@ def key_values(pairs: list[str] | None, option: str) -> dict[str, Any]:
 
 
 def item_name(client: Client, item: str, queue: str | None) -> str:
-    """The resource name of an item reference (see ItemArgument)."""
-    if "/" not in item and queue is None:
-        fail(f"item {item!r} needs its queue: give QUEUE/{item}, or --queue QUEUE")
+    """The resource name of an item reference (see ItemArgument); without a queue, any queue's."""
     return client.item_name(item, queue)
 
 
