@@ -12,6 +12,10 @@ server's (the Kubernetes API reference: batch/v1 Job, core/v1 Pod and Secret, me
 Nothing runs: the test plays job controller, scheduler and kubelet through the control methods (a Job's
 pod is made Pending when the Job is created; ``run``, ``terminate``, ``evict``, ... move it on), and can
 drop open watches and log streams, or expire old resourceVersions, to see the runner resume.
+
+Like a cluster with RBAC on, it lets the agent do only what the Role in deploy/kubernetes/role.yaml grants
+(anything else is 403 Forbidden), so every runner test also checks that the manifests an operator applies
+allow the calls the runner makes.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+import yaml
+
 JsonObject = dict[str, Any]
 TOKEN = "stand-in-token"
 FIRST_RESOURCE_VERSION = 1000
@@ -39,6 +45,27 @@ KINDS = {
     "pods": ("v1", "Pod", ""),
     "secrets": ("v1", "Secret", ""),
 }
+AGENT_ROLE = Path(__file__).parents[2] / "deploy" / "kubernetes" / "role.yaml"
+
+
+def granted(role: JsonObject) -> frozenset[tuple[str, str, str]]:
+    """(API group, resource or resource/subresource, verb) triples a Role's rules allow."""
+    return frozenset(
+        (group, resource, verb)
+        for rule in role["rules"]
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+        for verb in rule["verbs"]
+    )
+
+
+def verb_of(method: str, name: str, query: dict[str, str]) -> str:
+    """The RBAC verb of a request, as the API server's authorizer names it."""
+    if method == "GET":
+        if name:
+            return "get"
+        return "watch" if query.get("watch") in ("true", "1") else "list"
+    return {"POST": "create", "PATCH": "patch", "DELETE": "delete" if name else "deletecollection"}[method]
 
 
 def _now() -> str:
@@ -132,6 +159,8 @@ class KubeApiServer:
         self._closed = False
         self.requests: list[Request] = []
         self.watches: list[Watch] = []
+        self.allowed = granted(yaml.safe_load(AGENT_ROLE.read_text()))
+        """What the agent's Role lets it do; anything else is refused 403."""
         self.answer_creates = threading.Event()
         """Cleared: a Job is created, but the answer to its create waits until it is set again."""
         self.answer_creates.set()
@@ -737,6 +766,22 @@ class _Handler(BaseHTTPRequestHandler):
             raise ApiFailure(status(404, "NotFound", "the server could not find the requested resource"))
         return rest[2], rest[1], rest[3] if len(rest) > 3 else "", rest[4] if len(rest) > 4 else "", query
 
+    def _authorize(
+        self, method: str, resource: str, name: str, subresource: str, query: dict[str, str]
+    ) -> None:
+        group = KINDS[resource][2]
+        target = f"{resource}/{subresource}" if subresource else resource
+        verb = verb_of(method, name, query)
+        if (group, target, verb) not in self.api.allowed:
+            raise ApiFailure(
+                status(
+                    403,
+                    "Forbidden",
+                    f'{target} is forbidden: User "system:serviceaccount:takeoff:takeoff-agent" cannot {verb}'
+                    f' resource "{target}" in API group "{group}"',
+                )
+            )
+
     def _body(self) -> JsonObject:
         length = int(self.headers.get("Content-Length") or 0)
         data = self.rfile.read(length) if length else b""
@@ -778,6 +823,7 @@ class _Handler(BaseHTTPRequestHandler):
                 api._state.notify_all()
             if self.headers.get("Authorization") != f"Bearer {TOKEN}":
                 raise ApiFailure(status(401, "Unauthorized", "Unauthorized"))
+            self._authorize(method, resource, name, subresource, query)
             if method == "GET" and subresource == "log":
                 log = api.log(namespace, name, query.get("container", ""), query.get("follow") == "true")
                 self._stream("text/plain", log)
