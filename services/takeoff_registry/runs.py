@@ -25,17 +25,33 @@ from typing import Any
 
 from takeoff_registry.jobs import Jobs
 from takeoff_registry.refs import JobReference, RunKey, project_not_found
-from takeoff_registry.store import LogChunkRow, MetricChunkRow, RegistryStore, RunRow, Tx
-from takeoff_server.errors import AlreadyExists, FailedPrecondition, NotFound, ResourceExhausted
+from takeoff_registry.store import (
+    LogChunkRow,
+    MetricChunkRow,
+    RegistryStore,
+    RunRow,
+    Tx,
+    tags_of,
+    tags_text,
+)
+from takeoff_server.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    FieldViolation,
+    NotFound,
+    ResourceExhausted,
+)
 from takeoff_server.idempotency import request_fingerprint
 from takeoff_server.pagination import PageRequest
 from takeoff_server.rate_limits import Rate, RateLimiter
 from takeoff_server.validation import (
     MAX_CONFIG_BYTES,
     MAX_CONFIG_DEPTH,
+    Problems,
     check_struct,
     check_text,
     field_error,
+    text_problem,
 )
 
 MAX_BATCH = 10_000
@@ -46,6 +62,11 @@ MAX_METRIC_KEYS = 1000
 """Distinct metric keys a run may log: every Run message lists them all."""
 MAX_METRIC_KEY = 256
 """Characters in one metric key."""
+MAX_TAGS = 64
+MAX_TAG = 64
+MAX_NOTES = 4096
+MAX_GROUP = 128
+MAX_JOB_TYPE = 64
 FOLLOW_POLL_SECONDS = 1.0
 LOG_LINE_RATE = Rate(per_second=10_000, burst=50_000)
 """Log lines one run may append per second, per registry process: far above what a job prints (the agent
@@ -93,6 +114,18 @@ class Run:
     last_step: int
     metric_keys: tuple[str, ...]
     log_line_count: int
+    labels: RunLabels
+    launch_config_keys: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class RunLabels:
+    """What a user says to find and describe a run by (``takeoff.init(tags=..., notes=..., ...)``)."""
+
+    tags: tuple[str, ...] = ()
+    notes: str = ""
+    group: str = ""
+    job_type: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +137,8 @@ class NewRun:
     queue_item: str = ""
     attempt: int = 0
     config: dict[str, Any] | None = None
+    """The launch config when the agent creates the run: its keys stay read-only (UpdateRunConfig)."""
+    labels: RunLabels = RunLabels()
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +149,10 @@ class RunFilter:
     queue_item: str = ""
     states: tuple[RunState, ...] | None = None
     """None: every state; empty: none."""
+    id_prefix: str = ""
+    group: str = ""
+    tags: tuple[str, ...] = ()
+    """Runs carrying every one of them."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,6 +231,56 @@ def _run_ended(row: RunRow, key: RunKey, what: str) -> FailedPrecondition:
     )
 
 
+def _config_keys_read_only(key: RunKey, names: list[str]) -> FailedPrecondition:
+    quoted = ", ".join(repr(name) for name in names)
+    return FailedPrecondition(
+        "CONFIG_KEY_READ_ONLY",
+        f"config {quoted} set by the launch of run {key.name} cannot be changed by the job",
+        metadata={"resource": key.name},
+        violations=[FieldViolation(f"config.{name}", "set by the launch; read-only") for name in names],
+    )
+
+
+def checked_labels(labels: RunLabels, *, field_prefix: str = "") -> RunLabels:
+    """``labels`` with repeated tags dropped (the first of each kept), or INVALID_ARGUMENT
+    ``ARGUMENT_INVALID`` naming every field out of bounds (``{field_prefix}tags[3]``...)."""
+    problems = Problems()
+    for index, tag in enumerate(labels.tags):
+        if problem := _tag_problem(tag):
+            problems.add("ARGUMENT_INVALID", f"{field_prefix}tags[{index}]", problem)
+    tags = tuple(dict.fromkeys(labels.tags))
+    if len(tags) > MAX_TAGS:
+        problems.add("ARGUMENT_INVALID", f"{field_prefix}tags", f"at most {MAX_TAGS} tags (got {len(tags)})")
+    for field, value, max_chars in (
+        ("notes", labels.notes, MAX_NOTES),
+        ("group", labels.group, MAX_GROUP),
+        ("job_type", labels.job_type, MAX_JOB_TYPE),
+    ):
+        if problem := text_problem(value, max_chars=max_chars):
+            problems.add("ARGUMENT_INVALID", f"{field_prefix}{field}", problem)
+    problems.raise_if_any()
+    return RunLabels(tags, labels.notes, labels.group, labels.job_type)
+
+
+def _tag_problem(tag: str) -> str | None:
+    if not tag:
+        return f"must be 1 to {MAX_TAG} characters"
+    if "," in tag:
+        return "must not contain a comma (lists of tags are written comma-separated)"
+    return text_problem(tag, max_chars=MAX_TAG)
+
+
+def _merged(values: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    """``values`` with each top-level key of ``changes`` replaced, or removed where it is None."""
+    merged = dict(values)
+    for name, value in changes.items():
+        if value is None:
+            merged.pop(name, None)
+        else:
+            merged[name] = value
+    return merged
+
+
 def _check_batch_size(count: int, field: str) -> None:
     if not 1 <= count <= MAX_BATCH:
         raise field_error(field, f"a batch holds 1 to {MAX_BATCH} entries (got {count})")
@@ -248,6 +337,7 @@ class Runs:
             raise field_error("run.attempt", "must not be negative")
         if new.config is not None:
             _check_struct(new.config, "run.config", MAX_CONFIG_BYTES)
+        labels = checked_labels(new.labels, field_prefix="run.")
         fingerprint = request_fingerprint(
             {
                 "project": project,
@@ -257,6 +347,10 @@ class Runs:
                 "queue_item": new.queue_item,
                 "attempt": new.attempt,
                 "config": new.config,
+                "tags": labels.tags,
+                "notes": labels.notes,
+                "group": labels.group,
+                "job_type": labels.job_type,
             }
         )
         if request_id:
@@ -288,6 +382,11 @@ class Runs:
                 last_step=0,
                 metric_keys=[],
                 log_line_count=0,
+                tags=tags_text(labels.tags),
+                notes=labels.notes,
+                run_group=labels.group,
+                job_type=labels.job_type,
+                launch_config_keys=list(new.config or ()),
             )
             if not await tx.insert_run(row):
                 raise AlreadyExists(
@@ -297,11 +396,15 @@ class Runs:
                 await tx.remember("CreateRun", request_id, fingerprint, key.name)
             return _run(row)
 
-    async def attach_run(self, key: RunKey, *, config: dict[str, Any] | None, display_name: str) -> Run:
-        """STARTING -> RUNNING, once; records the config the job really uses."""
+    async def attach_run(
+        self, key: RunKey, *, config: dict[str, Any] | None, display_name: str, labels: RunLabels
+    ) -> Run:
+        """STARTING -> RUNNING, once; records the config the job really uses (the launch's keys stay
+        read-only) and the labels it gives, keeping those it leaves empty."""
         check_text(display_name, field="display_name", max_chars=MAX_DISPLAY_NAME)
         if config is not None:
             _check_struct(config, "config", MAX_CONFIG_BYTES)
+        labels = checked_labels(labels)
         async with self._store.write() as tx:
             row = await self._require_run_row(tx, key, for_update=True)
             if row.state == RunState.RUNNING:
@@ -319,6 +422,11 @@ class Runs:
                 row.config = config
             if display_name:
                 row.display_name = display_name
+            if labels.tags:
+                row.tags = tags_text(labels.tags)
+            row.notes = labels.notes or row.notes
+            row.run_group = labels.group or row.run_group
+            row.job_type = labels.job_type or row.job_type
             return _run(row)
 
     async def get_run(self, key: RunKey) -> Run:
@@ -330,6 +438,8 @@ class Runs:
     ) -> tuple[list[tuple[Run, int]], bool]:
         """One page of runs, newest first, each with its list position (the cursor after it), and whether
         more runs follow."""
+        # Filter values follow the rules of what they match: a tag with a comma could match two tags.
+        checked_labels(RunLabels(tags=where.tags, group=where.group))
         async with self._store.read() as tx:
             if not await tx.project_exists(project):
                 raise project_not_found(project)
@@ -339,6 +449,9 @@ class Runs:
                 job_version=where.job_version,
                 queue_item=where.queue_item,
                 states=None if where.states is None else [str(state) for state in where.states],
+                id_prefix=where.id_prefix,
+                group=where.group,
+                tags=where.tags,
                 before_seq=int(page.after[0]) if page.after else None,
                 limit=page.size + 1,
             )
@@ -414,16 +527,27 @@ class Runs:
             row = await self._require_run_row(tx, key, for_update=True, project_hint=False)
             if RunState(row.state).ended:
                 raise _run_ended(row, key, "summary updates")
-            summary = dict(row.summary)
-            for name, value in changes.items():
-                if value is None:
-                    summary.pop(name, None)
-                else:
-                    summary[name] = value
+            summary = _merged(row.summary, changes)
             _check_struct(summary, "summary", MAX_SUMMARY_BYTES)
             row.summary = summary
             row.update_time = _now()
             return summary
+
+    async def update_config(self, key: RunKey, changes: dict[str, Any]) -> Run:
+        """Merge top-level keys into the config (None removes a key). A change that touches a key the
+        launch set is refused whole, naming each such key."""
+        _check_struct(changes, "config", MAX_CONFIG_BYTES)
+        async with self._store.write() as tx:
+            row = await self._require_run_row(tx, key, for_update=True, project_hint=False)
+            if RunState(row.state).ended:
+                raise _run_ended(row, key, "config updates")
+            if read_only := [name for name in changes if name in row.launch_config_keys]:
+                raise _config_keys_read_only(key, read_only)
+            config = _merged(row.config, changes)
+            _check_struct(config, "config", MAX_CONFIG_BYTES)
+            row.config = config
+            row.update_time = _now()
+            return _run(row)
 
     async def finish_run(
         self, key: RunKey, state: RunState, *, exit_code: int | None, message: str
@@ -530,4 +654,6 @@ def _run(row: RunRow) -> Run:
         last_step=row.last_step,
         metric_keys=tuple(row.metric_keys),
         log_line_count=row.log_line_count,
+        labels=RunLabels(tags_of(row.tags), row.notes, row.run_group, row.job_type),
+        launch_config_keys=tuple(row.launch_config_keys),
     )

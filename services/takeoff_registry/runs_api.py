@@ -10,7 +10,7 @@ from google.protobuf.message import Message
 
 from takeoff.v1 import common_pb2, runs_pb2, runs_pb2_grpc
 from takeoff_registry.refs import JOB_VERSION, QUEUE_ITEM, JobKey, RunKey, parse_job_reference, parse_project
-from takeoff_registry.runs import History, NewRun, Run, RunFilter, Runs, RunState
+from takeoff_registry.runs import History, NewRun, Run, RunFilter, RunLabels, Runs, RunState
 from takeoff_registry.wire import (
     MAX_ENTRIES_PER_MESSAGE,
     log_batch,
@@ -19,7 +19,7 @@ from takeoff_registry.wire import (
     metric_rows,
 )
 from takeoff_server.idempotency import check_request_id
-from takeoff_server.names import check_id
+from takeoff_server.names import ID_RULE, check_id, is_valid_id
 from takeoff_server.pagination import MAX_PAGE_BYTES, page_request, page_response
 from takeoff_server.protovalues import dict_to_struct, optional_timestamp, struct_to_dict, timestamp
 from takeoff_server.validation import enum_member, field_error
@@ -53,7 +53,16 @@ def _run_to_proto(run: Run) -> runs_pb2.Run:
         last_step=run.last_step,
         metric_keys=run.metric_keys,
         log_line_count=run.log_line_count,
+        tags=run.labels.tags,
+        notes=run.labels.notes,
+        group=run.labels.group,
+        job_type=run.labels.job_type,
+        launch_config_keys=run.launch_config_keys,
     )
+
+
+def _labels(given: runs_pb2.Run | runs_pb2.AttachRunRequest) -> RunLabels:
+    return RunLabels(tuple(given.tags), given.notes, given.group, given.job_type)
 
 
 def _run_filter(request: runs_pb2.ListRunsRequest) -> RunFilter:
@@ -73,7 +82,17 @@ def _run_filter(request: runs_pb2.ListRunsRequest) -> RunFilter:
         if request.states
         else None
     )
-    return RunFilter(job=job, job_version=job_version, queue_item=request.queue_item, states=states)
+    if request.id_prefix and not is_valid_id(request.id_prefix):
+        raise field_error("id_prefix", f"must be the start of a run id ({ID_RULE})")
+    return RunFilter(
+        job=job,
+        job_version=job_version,
+        queue_item=request.queue_item,
+        states=states,
+        id_prefix=request.id_prefix,
+        group=request.group,
+        tags=tuple(request.tags),
+    )
 
 
 def _batches(entries: Iterable[EntryT]) -> Iterable[list[EntryT]]:
@@ -121,6 +140,7 @@ class RunApi(runs_pb2_grpc.RunServiceServicer):
             queue_item=run.queue_item,
             attempt=run.attempt,
             config=struct_to_dict(run.config) if run.HasField("config") else None,
+            labels=_labels(run),
         )
         created = await self._runs.create_run(
             project, run_id, new, request_id=check_request_id(request.request_id)
@@ -136,6 +156,7 @@ class RunApi(runs_pb2_grpc.RunServiceServicer):
             RunKey.parse(request.name, field="name"),
             config=struct_to_dict(request.config) if request.HasField("config") else None,
             display_name=request.display_name,
+            labels=_labels(request),
         )
         return runs_pb2.AttachRunResponse(run=_run_to_proto(run))
 
@@ -159,6 +180,9 @@ class RunApi(runs_pb2_grpc.RunServiceServicer):
             "job": request.job,
             "queue_item": request.queue_item,
             "states": list(request.states),
+            "id_prefix": request.id_prefix,
+            "group": request.group,
+            "tags": list(request.tags),
         }
         page = page_request(
             page_size_requested=request.page_size,
@@ -222,6 +246,17 @@ class RunApi(runs_pb2_grpc.RunServiceServicer):
             raise field_error("summary", "the keys to merge are required")
         summary = await self._runs.update_summary(key, struct_to_dict(request.summary))
         return runs_pb2.UpdateSummaryResponse(summary=dict_to_struct(summary))
+
+    async def UpdateRunConfig(
+        self,
+        request: runs_pb2.UpdateRunConfigRequest,
+        context: grpc.aio.ServicerContext[runs_pb2.UpdateRunConfigRequest, runs_pb2.UpdateRunConfigResponse],
+    ) -> runs_pb2.UpdateRunConfigResponse:
+        key = RunKey.parse(request.name, field="name")
+        if not request.HasField("config"):
+            raise field_error("config", "the keys to merge are required")
+        run = await self._runs.update_config(key, struct_to_dict(request.config))
+        return runs_pb2.UpdateRunConfigResponse(run=_run_to_proto(run))
 
     async def AppendLogs(
         self,

@@ -93,12 +93,14 @@ class RunRow(SQLModel, table=True):
     __table_args__ = (
         sa.UniqueConstraint("project_id", "run_id"),
         sa.Index("ix_registry_runs_project_id_seq", "project_id", "seq"),
+        sa.Index("ix_registry_runs_project_id_run_group_seq", "project_id", "run_group", "seq"),
     )
 
     seq: int | None = Field(default=None, primary_key=True)
     """Creation order: ListRuns pages by it, newest first."""
     project_id: str = Field(foreign_key="registry_projects.project_id", max_length=63)
     run_id: str = Field(max_length=63)
+    """Compared byte by byte on every database (on PostgreSQL its collation is "C", migration 0004)."""
     display_name: str = Field(max_length=256)
     job: str = Field(index=True, max_length=200)
     """Name of the job of ``job_version`` (empty when none), for filtering by job."""
@@ -118,6 +120,24 @@ class RunRow(SQLModel, table=True):
     last_step: int = Field(sa_type=sa.BigInteger)
     metric_keys: list[str] = Field(sa_type=JsonText)
     log_line_count: int = Field(sa_type=sa.BigInteger)
+    tags: str = Field(default="", sa_type=sa.Text, sa_column_kwargs={"server_default": ""})
+    """The tags in order, each between commas (``,a,b,``; tags hold no comma): see :func:`tags_text`."""
+    notes: str = Field(default="", sa_type=sa.Text, sa_column_kwargs={"server_default": ""})
+    run_group: str = Field(default="", max_length=128, sa_column_kwargs={"server_default": ""})
+    job_type: str = Field(default="", max_length=64, sa_column_kwargs={"server_default": ""})
+    launch_config_keys: list[str] = Field(
+        default_factory=list, sa_type=JsonText, sa_column_kwargs={"server_default": "[]"}
+    )
+    """The top-level keys of the config given at creation: the launch's, read-only to UpdateRunConfig."""
+
+
+def tags_text(tags: Sequence[str]) -> str:
+    """Tags as stored: each between commas, so that one tag is found with one LIKE on every database."""
+    return f",{','.join(tags)}," if tags else ""
+
+
+def tags_of(text: str) -> tuple[str, ...]:
+    return tuple(text[1:-1].split(",")) if text else ()
 
 
 class MetricChunkRow(SQLModel, table=True):
@@ -303,10 +323,21 @@ class Tx:
         job_version: str,
         queue_item: str,
         states: Sequence[str] | None,
+        id_prefix: str,
+        group: str,
+        tags: Sequence[str],
         before_seq: int | None,
         limit: int,
     ) -> Sequence[RunRow]:
         query = select(RunRow).where(RunRow.project_id == project_id)
+        if id_prefix:
+            # A range, not LIKE: it uses the (project_id, run_id) index and needs no escaping. Ids are
+            # of [a-z0-9_-], all below "{", so every id with the prefix sorts below the bound.
+            query = query.where(col(RunRow.run_id) >= id_prefix, col(RunRow.run_id) < id_prefix + "{")
+        if group:
+            query = query.where(RunRow.run_group == group)
+        for tag in tags:
+            query = query.where(col(RunRow.tags).contains(tags_text([tag]), autoescape=True))
         if job:
             query = query.where(RunRow.job == job)
         if job_version:
