@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from takeoff import __version__
-from takeoff._delivery import LoggedRow
+from takeoff._delivery import LoggedRow, MetricSummaries
 from takeoff._sender import warn
 from takeoff.models import RunState, jsonable, struct_to_dict
 from takeoff.v1 import runs_pb2
@@ -78,7 +78,7 @@ def open_offline_run(
         "config": struct_to_dict(run.config),
         "start_time_ns": now_ns,
     }
-    _write_atomically(run_directory / HEADER_FILE, json.dumps(header, indent=2) + "\n")
+    write_atomically(run_directory / HEADER_FILE, json.dumps(header, indent=2) + "\n")
     started_run = runs_pb2.Run()
     started_run.CopyFrom(run)
     started_run.name = f"projects/{project}/runs/{run_id}"
@@ -96,6 +96,7 @@ class OfflineWriter:
         self.directory = run_directory
         self._rows_file = open(run_directory / ROWS_FILE, "a", encoding="utf-8")  # noqa: SIM115
         self._events_file = open(run_directory / EVENTS_FILE, "a", encoding="utf-8")  # noqa: SIM115
+        self._summaries = MetricSummaries()
         self._events: list[dict[str, Any]] = []
         self._events_lock = threading.Lock()
         self._interval = interval
@@ -106,12 +107,16 @@ class OfflineWriter:
         self._thread.start()
 
     def update_summary(self, changes: Mapping[str, Any]) -> None:
+        self._summaries.set_explicitly(changes)
         with self._events_lock:
             self._events.append({"summary": dict(changes)})
 
     def update_config(self, changes: Mapping[str, Any]) -> None:
         with self._events_lock:
             self._events.append({"config": dict(changes)})
+
+    def define_metric(self, name: str, summary: str, step_metric: str | None) -> None:
+        self._summaries.define(name, summary, step_metric)
 
     def close(self, finish: runs_pb2.FinishRunRequest, timeout: float) -> None:
         """Write what is buffered and the final state, fsync, and tell the user how to upload the run."""
@@ -149,13 +154,17 @@ class OfflineWriter:
         take = self.rows.popleft
         for _ in range(len(self.rows)):
             step, time_ns, values = take()
+            self._summaries.observe(values)
             try:
-                lines.append(_json_line({"step": step, "time_ns": time_ns, "values": jsonable(values)}))
+                lines.append(_json_line({"step": step, "time_ns": time_ns, "values": values}))
             except Exception as error:  # whatever a logged value does, this thread must go on
                 self._warn_once(f"dropped a metric row that cannot be stored ({error!r})")
         _append(self._rows_file, lines)
+        metric_summaries = self._summaries.take_changes()
         with self._events_lock:
             events, self._events = self._events, []
+        if metric_summaries:
+            events.insert(0, {"summary": metric_summaries})
         _append(self._events_file, [_json_line(jsonable(event)) for event in events])
 
     def _warn_once(self, message: str) -> None:
@@ -260,7 +269,7 @@ def _append(file: IO[str], lines: list[str]) -> None:
         file.flush()  # to the operating system: a killed process loses nothing it wrote
 
 
-def _write_atomically(path: Path, text: str) -> None:
+def write_atomically(path: Path, text: str) -> None:
     temporary = path.with_name(f".{path.name}.tmp")
     with open(temporary, "w", encoding="utf-8") as file:
         file.write(text)

@@ -6,6 +6,7 @@ from typing import Annotated
 
 import typer
 
+from takeoff import __version__
 from takeoff.cli import (
     agent_command,
     job_commands,
@@ -16,16 +17,24 @@ from takeoff.cli import (
     sdk_commands,
     secrets_commands,
     stack_commands,
+    sync_command,
 )
 from takeoff.cli._registry import use_key
 
 app = typer.Typer(
     name="takeoff",
     help="Launch machine-learning jobs on queues, and follow their runs.",
+    epilog="Exit codes: 0 done; 1 the service or the job failed (the error says why); 2 the command was"
+    " called wrongly (usage). `takeoff launch --wait` also exits 3 for a cancelled item.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    add_completion=False,
 )
+
+
+def _print_version(asked: bool) -> None:
+    if asked:
+        typer.echo(f"takeoff {__version__}")
+        raise typer.Exit()
 
 
 @app.callback()
@@ -36,9 +45,16 @@ def _global_options(
             "--key",
             help="API key to present. Default: TAKEOFF_API_KEY, else TAKEOFF_TOKEN (in a launched job),"
             " else the admin key `takeoff up` wrote to TAKEOFF_HOME/keys/admin.key.",
+            metavar="KEY",
             show_default=False,
         ),
     ] = None,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", help="Print takeoff's version and exit.", callback=_print_version, is_eager=True
+        ),
+    ] = False,
 ) -> None:
     use_key(key)
 
@@ -52,6 +68,7 @@ keys_commands.register(app)
 secrets_commands.register(app)
 sdk_commands.register(app)
 app.command()(agent_command.agent)
+app.command()(sync_command.sync)
 
 
 def main() -> None:

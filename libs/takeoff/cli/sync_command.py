@@ -1,0 +1,80 @@
+"""``takeoff sync DIR...``: upload runs written in offline mode, each exactly once (``takeoff._sync``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from takeoff._offline import OfflineRunError
+from takeoff._sync import SyncResult, find_offline_runs, sync_run
+from takeoff.cli._output import console, error_console, fail, print_json
+from takeoff.cli._registry import JsonOption, one_line, takeoff_client
+from takeoff.errors import TakeoffError
+
+
+def sync(
+    directories: Annotated[
+        list[Path],
+        typer.Argument(
+            help="An offline run directory, or a directory holding offline-run-* directories"
+            " (such as the job's takeoff/ directory).",
+            metavar="DIR",
+            show_default=False,
+        ),
+    ],
+    project: Annotated[
+        str | None,
+        typer.Option(
+            "--project", "-p", help="Upload into this project (default: the run's own).", show_default=False
+        ),
+    ] = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Upload runs written in offline mode (TAKEOFF_MODE=offline) to the registry.
+
+    Each run is uploaded once: syncing it again changes nothing, and a sync that stopped half way is
+    finished by running it again.
+    """
+    try:
+        run_directories = [run for directory in directories for run in find_offline_runs(directory)]
+    except OfflineRunError as error:
+        fail(str(error), code=2)
+    results, failures = [], 0
+    with takeoff_client(project) as client:
+        for directory in run_directories:
+            try:
+                result = sync_run(directory, client, project=project)
+            except (TakeoffError, OfflineRunError) as error:
+                message = one_line(error) if isinstance(error, TakeoffError) else str(error)
+                error_console.print(
+                    f"error: cannot sync {directory}: {message}", markup=False, soft_wrap=True
+                )
+                failures += 1
+                continue
+            results.append(result)
+            if not json_output:
+                console.print(_said(result), markup=False, soft_wrap=True)
+    if json_output:
+        print_json([_as_json(result) for result in results])
+    if failures:
+        raise typer.Exit(1)
+
+
+def _said(result: SyncResult) -> str:
+    if result.already_synced:
+        return f"{result.directory}: already synced as {result.run}"
+    unfinished = "" if result.finished_offline else " (the job ended without finishing the run)"
+    return f"synced {result.directory} as {result.run}: {result.rows} rows, {result.state}{unfinished}"
+
+
+def _as_json(result: SyncResult) -> dict[str, object]:
+    return {
+        "directory": str(result.directory),
+        "run": result.run,
+        "rows": result.rows,
+        "state": result.state.value,
+        "already_synced": result.already_synced,
+        "finished_offline": result.finished_offline,
+    }
