@@ -290,27 +290,29 @@ def _skip_gpus(why: str) -> None:
 
 def _visible_devices(nvml: ModuleType, visible: str | None) -> list[Any]:
     """NVML handles of the GPUs ``CUDA_VISIBLE_DEVICES`` lets CUDA use, in CUDA's order: by index, by
-    (a prefix of) a ``GPU-`` UUID, or by a ``MIG-`` UUID. Like CUDA, it ignores the list from the first
-    entry it cannot use (so ``-1`` or an empty value hides every GPU)."""
+    (a unique prefix of) a ``GPU-`` UUID, or by a ``MIG-`` UUID. Like CUDA, it ignores the list from the
+    first entry it cannot use (so ``-1`` or an empty value hides every GPU)."""
     count = nvml.nvmlDeviceGetCount()
     if visible is None:
         return [nvml.nvmlDeviceGetHandleByIndex(index) for index in range(count)]
-    uuids: list[str] | None = None
+    uuids = [_text(nvml.nvmlDeviceGetUUID(nvml.nvmlDeviceGetHandleByIndex(index))) for index in range(count)]
     devices = []
     for entry in (entry.strip() for entry in visible.split(",")):
-        if entry.isdigit() and int(entry) < count:
-            devices.append(nvml.nvmlDeviceGetHandleByIndex(int(entry)))
-        elif entry.startswith("MIG-"):
-            devices.append(nvml.nvmlDeviceGetHandleByUUID(entry))
-        elif entry.startswith("GPU-"):
-            if uuids is None:
-                uuids = [
-                    _text(nvml.nvmlDeviceGetUUID(nvml.nvmlDeviceGetHandleByIndex(i))) for i in range(count)
-                ]
-            matches = [index for index, uuid in enumerate(uuids) if uuid.startswith(entry)]
-            if len(matches) != 1:
-                break
+        if entry.isdigit():
+            matches = [int(entry)] if int(entry) < count else []
+        else:
+            matches = [
+                index
+                for index, uuid in enumerate(uuids)
+                if entry.startswith("GPU-") and uuid.startswith(entry)
+            ]
+        if len(matches) == 1:
             devices.append(nvml.nvmlDeviceGetHandleByIndex(matches[0]))
+        elif entry.startswith("MIG-"):
+            try:
+                devices.append(nvml.nvmlDeviceGetHandleByUUID(entry))
+            except nvml.NVMLError:
+                break
         else:
             break
     return devices
