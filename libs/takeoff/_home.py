@@ -1,4 +1,5 @@
-"""Where a local Takeoff lives: ``TAKEOFF_HOME`` and the stack file ``takeoff up`` leaves there.
+"""Where a local Takeoff lives: ``TAKEOFF_HOME`` and the stack file ``takeoff up`` leaves there; and
+which project a client works in unless told: ``TAKEOFF_PROJECT`` (set for every launched job).
 
 Clients find a service as ``TAKEOFF_<SERVICE>_ADDRESS`` (and the registry also as ``TAKEOFF_REGISTRY``,
 which every launched job receives), else the address the running stack recorded, else the default port.
@@ -14,10 +15,16 @@ from pathlib import Path
 
 DEFAULT_PORTS = {"registry": 50051, "queue": 50052, "builder": 50053, "agent": 50054}
 STACK_FILE = "stack.json"
+DEFAULT_PROJECT = "default"
 
 
 def takeoff_home() -> Path:
     return Path(os.environ.get("TAKEOFF_HOME") or "~/.takeoff").expanduser()
+
+
+def default_project() -> str:
+    """``TAKEOFF_PROJECT`` (set for every launched job), else ``default``."""
+    return os.environ.get("TAKEOFF_PROJECT") or DEFAULT_PROJECT
 
 
 @dataclass
