@@ -148,7 +148,7 @@ class ProcessTreeSampler:
     def __init__(self, root: int, directory: str | os.PathLike[str]) -> None:
         self._root = root
         self._directory = directory
-        self._cpu_count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        self._cpu_count = len(os.sched_getaffinity(0))
         self._memory_limit = _memory_limit()
         processes = self._tree()
         io = _disk_io(processes)
@@ -167,9 +167,8 @@ class ProcessTreeSampler:
         metrics = {
             "system/cpu_percent": 100 * cpu_seconds / elapsed if elapsed > 0 else 0.0,
             "system/memory_rss_mb": rss / MB,
+            "system/cpu_count": float(self._cpu_count),
         }
-        if self._cpu_count:
-            metrics["system/cpu_count"] = float(self._cpu_count)
         if self._memory_limit:
             metrics["system/memory_percent"] = 100 * rss / self._memory_limit
         io = _disk_io(processes)
@@ -178,9 +177,8 @@ class ProcessTreeSampler:
             self._disk_write.advance({key: counts[1] for key, counts in io.items()})
             metrics["system/disk_read_mb"] = self._disk_read.total / MB
             metrics["system/disk_write_mb"] = self._disk_write.total / MB
-        disk = os.statvfs(self._directory)
-        if disk.f_blocks:
-            metrics["system/disk_used_percent"] = 100 * (1 - disk.f_bavail / disk.f_blocks)
+        if (used_percent := _disk_used_percent(self._directory)) is not None:
+            metrics["system/disk_used_percent"] = used_percent
         if self._network_start is not None and (network := _network_bytes()) is not None:
             metrics["system/network_recv_mb"] = (network[0] - self._network_start[0]) / MB
             metrics["system/network_sent_mb"] = (network[1] - self._network_start[1]) / MB
@@ -377,6 +375,17 @@ def _disk_io(processes: Mapping[tuple[int, int], _Process]) -> dict[tuple[int, i
         fields = dict(line.split(b": ", 1) for line in text.splitlines())
         counts[key] = (int(fields[b"read_bytes"]), int(fields[b"write_bytes"]))
     return counts
+
+
+def _disk_used_percent(directory: str | os.PathLike[str]) -> float | None:
+    """How full ``directory``'s file system is for this user, as ``df`` says: the blocks reserved for root
+    count as neither used nor available."""
+    try:
+        disk = os.statvfs(directory)
+    except OSError:  # the directory was removed
+        return None
+    used = disk.f_blocks - disk.f_bfree
+    return 100 * used / (used + disk.f_bavail) if used + disk.f_bavail else None
 
 
 def _network_bytes() -> tuple[int, int] | None:
