@@ -7,7 +7,7 @@ handler writes whatever the dispatcher puts in the session's outbox (Welcome, As
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -50,6 +50,7 @@ from takeoff_queue.model import (
     SetCapacity,
     Welcome,
 )
+from takeoff_queue.pending import Waiting
 from takeoff_queue.resource_config import ResourceKind
 from takeoff_server.access import KeyKind, caller_var, current_actor
 from takeoff_server.errors import Aborted, FieldViolation, InvalidArgument, NotFound, Unavailable
@@ -177,7 +178,9 @@ def _transition_to_proto(transition: Transition) -> queue_pb2.ItemTransition:
     )
 
 
-def _item_to_proto(item: Item, lease_expire_time: datetime | None = None) -> queue_pb2.Item:
+def _item_to_proto(
+    item: Item, lease_expire_time: datetime | None = None, waiting: Waiting | None = None
+) -> queue_pb2.Item:
     life = item.life
     leased = life.state.is_live
     return queue_pb2.Item(
@@ -214,6 +217,11 @@ def _item_to_proto(item: Item, lease_expire_time: datetime | None = None) -> que
         relaunched_from=item.relaunched_from,
         secrets=_mounts_to_proto(item.secrets),
         creator=item.creator,
+        position=waiting.position if waiting else 0,
+        pending_reason=queue_pb2.PendingReason.Value(f"PENDING_REASON_{waiting.reason.value}")
+        if waiting
+        else queue_pb2.PENDING_REASON_UNSPECIFIED,
+        pending_detail=waiting.detail if waiting else "",
     )
 
 
@@ -509,9 +517,19 @@ class QueueApi(queue_pb2_grpc.QueueServiceServicer):
         self._enqueues = RateLimiter(enqueues, "enqueues")
         """Per calling key, per process (docs/design.md §13)."""
 
+    def _item_protos(self, items: Sequence[Item]) -> list[queue_pb2.Item]:
+        """The items as the API shows them: a leased one with its lease's expiry, a PENDING one with its
+        place in its queue and why it waits."""
+        waits = self._dispatcher.waiting(items)
+        protos = []
+        for item in items:
+            holder = self._dispatcher.agents.get(item.life.agent.removeprefix("agents/"))
+            expiry = holder.lease_expiry if holder is not None else None
+            protos.append(_item_to_proto(item, expiry, waits.get(item.id)))
+        return protos
+
     def _item_proto(self, item: Item) -> queue_pb2.Item:
-        holder = self._dispatcher.agents.get(item.life.agent.removeprefix("agents/"))
-        return _item_to_proto(item, holder.lease_expiry if holder is not None else None)
+        return self._item_protos([item])[0]
 
     async def _queue_proto(self, queue: Queue) -> queue_pb2.Queue:
         counts = await self._book.item_counts(queue.name)
@@ -659,8 +677,11 @@ class QueueApi(queue_pb2_grpc.QueueServiceServicer):
         items, last = await self._book.list_items(
             request.parent, wanted, page, request.job, request.id_prefix
         )
+        protos = self._item_protos(items)
         shown, token = page_response(
-            [(self._item_proto(item), (item.seq,)) for item in items], more=last is not None, query=query
+            [(proto, (item.seq,)) for proto, item in zip(protos, items, strict=True)],
+            more=last is not None,
+            query=query,
         )
         return queue_pb2.ListItemsResponse(items=shown, next_page_token=token)
 

@@ -11,6 +11,7 @@ queue that fails in a pass is logged and set aside; the pass goes on with the ot
 from __future__ import annotations
 
 import asyncio
+import bisect
 import heapq
 import itertools
 import logging
@@ -49,6 +50,7 @@ from takeoff_queue.model import (
     Welcome,
     merged_mounts,
 )
+from takeoff_queue.pending import QueueOutlook, Waiting, why_pending
 from takeoff_queue.run_closes import (
     RunClose,
     RunCloser,
@@ -356,6 +358,49 @@ class Dispatcher:
 
     def agent_count(self, queue: str) -> int:
         return sum(1 for agent in self.agents.values() if agent.connected and queue in agent.queues)
+
+    # ----- why PENDING items wait (docs/design.md §5) ----------------------------------------------
+
+    def waiting(self, items: Iterable[Item]) -> dict[str, Waiting]:
+        """By item id, each PENDING item's place in its queue's dispatch order and why it waits (items as
+        the store has them, read by the caller). Each queue's order is taken once for all its items."""
+        now = self._clock()
+        lines: dict[str, list[tuple[int, int]]] = {}
+        outlooks: dict[str, QueueOutlook] = {}
+        found = {}
+        for item in items:
+            queue = self.queues.get(item.queue)
+            if item.state is not ItemState.PENDING or queue is None:
+                continue
+            if queue.name not in lines:
+                lines[queue.name] = self._waiting_line(queue.name)
+                outlooks[queue.name] = self._outlook(queue, now)
+            # Among the items eligible now; one still waiting out a retry is shown the place it would take.
+            position = bisect.bisect_left(lines[queue.name], (self._rank(item), item.seq)) + 1
+            found[item.id] = why_pending(item.life.eligible_time, position, outlooks[queue.name], now)
+        return found
+
+    def _waiting_line(self, queue_name: str) -> list[tuple[int, int]]:
+        """The (priority rank, enqueue seq) of the queue's eligible PENDING items, in dispatch order: its
+        heap's entries, less those whose item moved on."""
+        keys = {
+            item_id: (rank, seq)
+            for rank, seq, item_id in self._pending.get(queue_name, ())
+            if (item := self.items.get(item_id)) is not None and item.state is ItemState.PENDING
+        }
+        return sorted(keys.values())
+
+    def _outlook(self, queue: Queue, now: datetime) -> QueueOutlook:
+        """What the queue's PENDING items wait for now, as a dispatch pass would find it."""
+        serving = [agent for agent in self.agents.values() if agent.connected and queue.name in agent.queues]
+        renewing = [agent for agent in serving if agent.lease_expiry is not None and agent.lease_expiry > now]
+        return QueueOutlook(
+            paused=queue.paused,
+            live=self._live[queue.name],
+            concurrency_limit=queue.concurrency_limit,
+            agents=len(serving),
+            free_slots=sum(agent.free_capacity for agent in renewing),
+        )
 
     # ----- sessions ------------------------------------------------------------------------------
 

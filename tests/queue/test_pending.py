@@ -5,17 +5,22 @@ Item.position and Item.pending_reason), each reason forced against a real queue 
 from __future__ import annotations
 
 import uuid
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeAlias
 
 import grpc
 import pytest
+from google.protobuf import duration_pb2, field_mask_pb2
 
-from takeoff.v1 import keys_pb2, queue_pb2, queue_pb2_grpc
+from takeoff.v1 import common_pb2, keys_pb2, queue_pb2, queue_pb2_grpc
+from takeoff_queue.pending import PendingReason, QueueOutlook, why_pending
 from tests.queue.conftest import NewQueue
-from tests.queue.harness import error_details, keyed_channel
+from tests.queue.harness import ScriptedAgent, error_details, keyed_channel
 from tests.queue.test_security import create_key, project_queue_request
 
 Stub: TypeAlias = "queue_pb2_grpc.QueueServiceAsyncStub"  # a type only the stubs know
+PENDING = common_pb2.ITEM_STATE_PENDING
+LEASED = common_pb2.ITEM_STATE_LEASED
 
 
 async def refused(call: Any) -> tuple[grpc.StatusCode, str, list[str]]:
@@ -107,7 +112,7 @@ async def test_list_items_keeps_those_whose_id_starts_with_the_prefix(
     assert [item.name for item in listed.items] == [made[0].name]
 
 
-@pytest.mark.parametrize("prefix", ["ABC", "xyz", "-", "0" * 21, "ab%"])
+@pytest.mark.parametrize("prefix", ["ABC", "0" * 21, "ab%"])
 async def test_an_id_prefix_that_no_item_id_can_start_with_is_refused(
     queues: Stub, new_queue: NewQueue, prefix: str
 ) -> None:
@@ -116,3 +121,198 @@ async def test_an_id_prefix_that_no_item_id_can_start_with_is_refused(
         queues.ListItems(queue_pb2.ListItemsRequest(parent=queue, id_prefix=prefix))
     )
     assert (code, reason, fields) == (grpc.StatusCode.INVALID_ARGUMENT, "ARGUMENT_INVALID", ["id_prefix"])
+
+
+# ----- why a PENDING item waits, and its place ---------------------------------------------------------
+
+
+async def shown(queues: Stub, item: queue_pb2.Item) -> queue_pb2.Item:
+    return (await queues.GetItem(queue_pb2.GetItemRequest(name=item.name))).item
+
+
+def waits(item: queue_pb2.Item) -> tuple[str, str]:
+    return queue_pb2.PendingReason.Name(item.pending_reason), item.pending_detail
+
+
+async def test_an_item_of_a_paused_queue_says_so_until_the_queue_is_resumed(
+    queues: Stub, new_queue: NewQueue, job: str
+) -> None:
+    queue = await new_queue(paused=True)
+    item = await enqueue(queues, queue, job)
+    assert (item.position, *waits(item)) == (1, "PENDING_REASON_QUEUE_PAUSED", "the queue is paused")
+    await queues.UpdateQueue(
+        queue_pb2.UpdateQueueRequest(
+            queue=queue_pb2.Queue(name=queue, paused=False),
+            update_mask=field_mask_pb2.FieldMask(paths=["paused"]),
+        )
+    )
+    assert waits(await shown(queues, item)) == (
+        "PENDING_REASON_NO_AGENT",
+        "no connected agent serves the queue",
+    )
+
+
+async def test_an_item_no_connected_agent_serves_says_so_and_then_runs_once_one_connects(
+    queues: Stub, new_queue: NewQueue, job: str, queue_address: str
+) -> None:
+    queue = await new_queue()
+    item = await enqueue(queues, queue, job)
+    assert (item.state, item.position, *waits(item)) == (
+        PENDING,
+        1,
+        "PENDING_REASON_NO_AGENT",
+        "no connected agent serves the queue",
+    )
+    agent = await ScriptedAgent(queue_address).connect([queue])
+    try:
+        await agent.next("assignment")
+        leased = await shown(queues, item)
+        assert (leased.state, leased.position, leased.pending_reason, leased.pending_detail) == (
+            LEASED,
+            0,
+            queue_pb2.PENDING_REASON_UNSPECIFIED,
+            "",
+        )
+    finally:
+        await agent.close()
+
+
+async def test_an_item_whose_agents_have_no_free_slot_says_agents_busy(
+    queues: Stub, new_queue: NewQueue, job: str, queue_address: str
+) -> None:
+    queue = await new_queue()
+    agent = await ScriptedAgent(queue_address).connect([queue], capacity=1)
+    try:
+        async with agent.heartbeating():
+            await enqueue(queues, queue, job)
+            await agent.next("assignment")  # its one slot is taken
+            item = await enqueue(queues, queue, job)
+            assert (item.position, *waits(item)) == (1, "PENDING_REASON_AGENTS_BUSY", "1 agent, 0 free slots")
+    finally:
+        await agent.close()
+
+
+async def test_an_item_held_back_by_the_queues_concurrency_limit_says_so(
+    queues: Stub, new_queue: NewQueue, job: str, queue_address: str
+) -> None:
+    queue = await new_queue(concurrency_limit=1)
+    agent = await ScriptedAgent(queue_address).connect([queue], capacity=2)
+    try:
+        async with agent.heartbeating():
+            await enqueue(queues, queue, job)
+            await agent.next("assignment")
+            item = await enqueue(queues, queue, job)
+            assert waits(item) == ("PENDING_REASON_CONCURRENCY_LIMIT", "1 of 1 running")
+            assert waits(await shown(queues, item)) == ("PENDING_REASON_CONCURRENCY_LIMIT", "1 of 1 running")
+    finally:
+        await agent.close()
+
+
+async def test_an_item_waiting_out_its_retry_says_when_it_is_retried(
+    queues: Stub, new_queue: NewQueue, job: str, queue_address: str
+) -> None:
+    queue = await new_queue(retry_delay=duration_pb2.Duration(seconds=600))
+    agent = await ScriptedAgent(queue_address).connect([queue], capacity=1)
+    try:
+        async with agent.heartbeating():
+            item = await enqueue(queues, queue, job)
+            assignment = (await agent.next("assignment")).assignment
+            answer = await agent.complete(
+                assignment, common_pb2.ITEM_STATE_FAILED, reason=common_pb2.FAILURE_REASON_RUNNER_INFRA
+            )
+            assert answer.ack.state == PENDING
+            retried = await shown(queues, item)
+            reason, detail = waits(retried)
+            assert reason == "PENDING_REASON_RETRY_BACKOFF"
+            # 600 s of retry delay and 1 s of infrastructure back-off, from the Complete on
+            assert detail in {f"retry in {seconds}s" for seconds in range(590, 602)}, detail
+            assert retried.position == 1
+    finally:
+        await agent.close()
+
+
+async def test_positions_follow_the_dispatch_order_of_priorities_then_enqueue_order(
+    queues: Stub, new_queue: NewQueue, job: str
+) -> None:
+    queue = await new_queue(prioritization=True)
+    priorities = [
+        common_pb2.PRIORITY_LOW,
+        common_pb2.PRIORITY_HIGH,
+        common_pb2.PRIORITY_MEDIUM,
+        common_pb2.PRIORITY_CRITICAL,
+        common_pb2.PRIORITY_HIGH,
+        common_pb2.PRIORITY_LOW,
+    ]
+    made = [await enqueue(queues, queue, job, priority=priority) for priority in priorities]
+    in_order = [
+        item.name
+        for item in sorted(made, key=lambda item: (item.priority, item.enqueue_time.ToNanoseconds()))
+    ]
+    expected = {name: place for place, name in enumerate(in_order, start=1)}
+    listed = (await queues.ListItems(queue_pb2.ListItemsRequest(parent=queue))).items
+    assert {item.name: item.position for item in listed} == expected
+    assert {item.name: (await shown(queues, item)).position for item in made} == expected
+    assert {waits(item)[0] for item in listed} == {"PENDING_REASON_NO_AGENT"}
+    # The first leaves the line: everyone behind it moves up one place.
+    await queues.CancelItem(queue_pb2.CancelItemRequest(name=in_order[0]))
+    listed = (await queues.ListItems(queue_pb2.ListItemsRequest(parent=queue, states=[PENDING]))).items
+    assert {item.name: item.position for item in listed} == {
+        name: place - 1 for name, place in expected.items() if place > 1
+    }
+    cancelled = await shown(queues, made[priorities.index(common_pb2.PRIORITY_CRITICAL)])
+    assert (cancelled.position, cancelled.pending_reason) == (0, queue_pb2.PENDING_REASON_UNSPECIFIED)
+
+
+async def test_a_watched_pending_item_shows_its_place_and_reason(
+    queues: Stub, new_queue: NewQueue, job: str
+) -> None:
+    queue = await new_queue()
+    await enqueue(queues, queue, job)
+    item = await enqueue(queues, queue, job)
+    async for update in queues.WatchItem(queue_pb2.WatchItemRequest(name=item.name)):
+        assert (update.item.position, *waits(update.item)) == (
+            2,
+            "PENDING_REASON_NO_AGENT",
+            "no connected agent serves the queue",
+        )
+        break
+
+
+def outlook(**facts: Any) -> QueueOutlook:
+    values = {"paused": False, "live": 0, "concurrency_limit": 0, "agents": 1, "free_slots": 1, **facts}
+    return QueueOutlook(**values)
+
+
+def test_the_first_reason_that_holds_is_given_in_queue_protos_order() -> None:
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    later = now + timedelta(seconds=11.2)
+    # With free slots, an item behind others waits its turn; the first in line is about to be assigned.
+    assert why_pending(now, 3, outlook(), now).detail == "2 items ahead"
+    assert why_pending(now, 2, outlook(), now).detail == "1 item ahead"
+    assert why_pending(now, 1, outlook(), now).detail == "next to be assigned"
+    everything = outlook(paused=True, live=2, concurrency_limit=2, agents=0, free_slots=0)
+    cleared = [
+        ({}, PendingReason.QUEUE_PAUSED, "the queue is paused"),
+        ({"paused": False}, PendingReason.RETRY_BACKOFF, "retry in 12s"),
+        ({"paused": False, "eligible": now}, PendingReason.CONCURRENCY_LIMIT, "2 of 2 running"),
+        (
+            {"paused": False, "eligible": now, "live": 1},
+            PendingReason.NO_AGENT,
+            "no connected agent serves the queue",
+        ),
+        (
+            {"paused": False, "eligible": now, "live": 1, "agents": 3},
+            PendingReason.AGENTS_BUSY,
+            "3 agents, 0 free slots",
+        ),
+        (
+            {"paused": False, "eligible": now, "live": 1, "agents": 3, "free_slots": 1},
+            PendingReason.QUEUED,
+            "2 items ahead",
+        ),
+    ]
+    for changes, reason, detail in cleared:
+        eligible = changes.pop("eligible", later)
+        facts = {name: getattr(everything, name) for name in QueueOutlook.__slots__}
+        waiting = why_pending(eligible, 3, QueueOutlook(**{**facts, **changes}), now)
+        assert (waiting.position, waiting.reason, waiting.detail) == (3, reason, detail)
