@@ -5,6 +5,7 @@ Item.position and Item.pending_reason), each reason forced against a real queue 
 from __future__ import annotations
 
 import uuid
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeAlias
 
@@ -13,7 +14,7 @@ import pytest
 from google.protobuf import duration_pb2, field_mask_pb2
 
 from takeoff.v1 import common_pb2, keys_pb2, queue_pb2, queue_pb2_grpc
-from takeoff_queue.pending import PendingReason, QueueOutlook, why_pending
+from takeoff_queue.pending import PendingReason, QueueOutlook, Waiting, why_pending
 from tests.queue.conftest import NewQueue
 from tests.queue.harness import ScriptedAgent, error_details, keyed_channel
 from tests.queue.test_security import create_key, project_queue_request
@@ -278,41 +279,25 @@ async def test_a_watched_pending_item_shows_its_place_and_reason(
         break
 
 
-def outlook(**facts: Any) -> QueueOutlook:
-    values = {"paused": False, "live": 0, "concurrency_limit": 0, "agents": 1, "free_slots": 1, **facts}
-    return QueueOutlook(**values)
-
-
 def test_the_first_reason_that_holds_is_given_in_queue_protos_order() -> None:
+    """Every reason holds at first; clearing them one by one shows each next one in turn."""
     now = datetime(2026, 1, 1, tzinfo=UTC)
-    later = now + timedelta(seconds=11.2)
-    # With free slots, an item behind others waits its turn; the first in line is about to be assigned.
-    assert why_pending(now, 3, outlook(), now).detail == "2 items ahead"
-    assert why_pending(now, 2, outlook(), now).detail == "1 item ahead"
-    assert why_pending(now, 1, outlook(), now).detail == "next to be assigned"
-    everything = outlook(paused=True, live=2, concurrency_limit=2, agents=0, free_slots=0)
+    retry = now + timedelta(seconds=11.2)
+    everything = QueueOutlook(paused=True, live=2, concurrency_limit=2, agents=0, free_slots=0)
+    resumed = replace(everything, paused=False)
+    below_limit = replace(resumed, live=1)
+    served = replace(below_limit, agents=3)
+    room = replace(served, free_slots=1)
     cleared = [
-        ({}, PendingReason.QUEUE_PAUSED, "the queue is paused"),
-        ({"paused": False}, PendingReason.RETRY_BACKOFF, "retry in 12s"),
-        ({"paused": False, "eligible": now}, PendingReason.CONCURRENCY_LIMIT, "2 of 2 running"),
-        (
-            {"paused": False, "eligible": now, "live": 1},
-            PendingReason.NO_AGENT,
-            "no connected agent serves the queue",
-        ),
-        (
-            {"paused": False, "eligible": now, "live": 1, "agents": 3},
-            PendingReason.AGENTS_BUSY,
-            "3 agents, 0 free slots",
-        ),
-        (
-            {"paused": False, "eligible": now, "live": 1, "agents": 3, "free_slots": 1},
-            PendingReason.QUEUED,
-            "2 items ahead",
-        ),
+        (retry, everything, PendingReason.QUEUE_PAUSED, "the queue is paused"),
+        (retry, resumed, PendingReason.RETRY_BACKOFF, "retry in 12s"),
+        (now, resumed, PendingReason.CONCURRENCY_LIMIT, "2 of 2 running"),
+        (now, below_limit, PendingReason.NO_AGENT, "no connected agent serves the queue"),
+        (now, served, PendingReason.AGENTS_BUSY, "3 agents, 0 free slots"),
+        (now, room, PendingReason.QUEUED, "2 items ahead"),
     ]
-    for changes, reason, detail in cleared:
-        eligible = changes.pop("eligible", later)
-        facts = {name: getattr(everything, name) for name in QueueOutlook.__slots__}
-        waiting = why_pending(eligible, 3, QueueOutlook(**{**facts, **changes}), now)
-        assert (waiting.position, waiting.reason, waiting.detail) == (3, reason, detail)
+    for eligible, queue, reason, detail in cleared:
+        assert why_pending(eligible, 3, queue, now) == Waiting(3, reason, detail)
+    # With room, an item waits for those ahead of it; the first in line is about to be assigned.
+    assert why_pending(now, 2, room, now).detail == "1 item ahead"
+    assert why_pending(now, 1, room, now) == Waiting(1, PendingReason.QUEUED, "next to be assigned")
