@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from takeoff import Client, RunState
 from takeoff._system import (
     DEFAULT_INTERVAL,
     MB,
@@ -24,6 +25,8 @@ from takeoff._system import (
     SystemMetrics,
     start_system_metrics,
 )
+from tests.processes import ServiceProcess, wait_for
+from tests.sdk.conftest import job_environment, job_stderr, start_job
 
 TREE_ROOT = """
 import subprocess, sys
@@ -198,6 +201,47 @@ def test_gpu_metrics_appear_where_nvml_finds_a_gpu_and_are_said_skipped_elsewher
         gpus.close()
 
     assert_gpu_metrics_or_why_not(sample, capsys.readouterr().err)
+
+
+WAITING_JOB = """
+    import pathlib, time
+    import takeoff
+
+    run = takeoff.init()
+    print(run.id, flush=True)
+    while not pathlib.Path("release").exists():  # until the test has seen system metrics arrive
+        time.sleep(0.01)
+    run.finish()
+"""
+
+
+def test_system_metrics_of_a_running_job_arrive_in_its_run(
+    client: Client, registry: ServiceProcess, project: str, tmp_path: Path
+) -> None:
+    env = job_environment(
+        registry.address, project, TAKEOFF_SYSTEM_METRICS="1", TAKEOFF_SYSTEM_METRICS_INTERVAL="0.2"
+    )
+    job = start_job(tmp_path, WAITING_JOB, env)
+    assert job.stdout is not None
+    run_id = job.stdout.readline().strip()
+
+    def metric_keys_once_system_metrics_arrived() -> set[str] | None:
+        keys = set(client.get_run(run_id).metric_keys)
+        return keys if keys >= CPU_KEYS else None
+
+    keys = wait_for(metric_keys_once_system_metrics_arrived, what="system metrics in the run")
+    rows = list(client.read_metrics(run_id))
+    assert job.poll() is None  # still waiting for the release: the metrics came while it ran
+
+    (tmp_path / "release").touch()
+    job.communicate(timeout=60)
+    assert job.returncode == 0, job_stderr(tmp_path)
+    assert client.get_run(run_id).state is RunState.FINISHED
+    assert all(key.startswith("system/") for key in keys)
+    sample = rows[-1].values
+    assert set(sample) >= CPU_KEYS
+    assert sample["system/memory_rss_mb"] > 10  # a Python interpreter with grpc loaded
+    assert_gpu_metrics_or_why_not(sample, job_stderr(tmp_path))
 
 
 def assert_gpu_metrics_or_why_not(sample: Mapping[str, float], stderr: str) -> None:
