@@ -33,10 +33,8 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, NamedTuple
 
 ENABLED_ENV = "TAKEOFF_SYSTEM_METRICS"
 INTERVAL_ENV = "TAKEOFF_SYSTEM_METRICS_INTERVAL"
@@ -48,7 +46,6 @@ STOP_TIMEOUT = 5.0
 MB = 1024 * 1024
 _OFF = {"0", "false", "no", "off"}
 _ON = {"", "1", "true", "yes", "on"}
-_PROC = Path("/proc")
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
@@ -67,7 +64,7 @@ def start_system_metrics(emit: Emit, directory: str | os.PathLike[str] | None = 
     """
     if not _enabled():
         return None
-    if not (_PROC / "self" / "stat").exists():
+    if not os.path.exists("/proc/self/stat"):
         warn("system metrics are off: they are read from /proc, which this platform does not have")
         return None
     return SystemMetrics(emit, _interval(), directory or os.getcwd())
@@ -122,8 +119,7 @@ class SystemMetrics:
             return None
 
 
-@dataclass(frozen=True)
-class _Process:
+class _Process(NamedTuple):
     pid: int
     parent: int
     started: int  # clock ticks after boot: with the pid, it tells a process from a later one reusing the pid
@@ -343,7 +339,7 @@ _GPU_READINGS = (_utilization, _memory, _temperature, _power)
 def _all_stats() -> dict[int, list[bytes]]:
     """The fields of ``/proc/PID/stat`` after the command name (the state first), of every process."""
     stats = {}
-    for entry in os.listdir(_PROC):
+    for entry in os.listdir("/proc"):
         if entry.isdigit() and (text := _read(f"/proc/{entry}/stat")):
             # The command name, in parentheses, can hold spaces and ")": the fields follow the last ")"
             stats[int(entry)] = text[text.rindex(b")") + 2 :].split()
@@ -391,7 +387,8 @@ def _disk_used_percent(directory: str | os.PathLike[str]) -> float | None:
 def _network_bytes() -> tuple[int, int] | None:
     """Bytes received and sent on this network namespace's interfaces but loopback, or None unreadable."""
     try:
-        lines = (_PROC / "self" / "net" / "dev").read_bytes().splitlines()[2:]
+        with open("/proc/self/net/dev", "rb") as file:
+            lines = file.read().splitlines()[2:]
     except OSError:
         return None
     received = sent = 0
@@ -407,13 +404,15 @@ def _network_bytes() -> tuple[int, int] | None:
 def _memory_limit() -> int | None:
     """The memory this job may use: the machine's, or less where the container's cgroup sets a limit."""
     try:
-        meminfo = (_PROC / "meminfo").read_text()
+        with open("/proc/meminfo") as file:
+            meminfo = file.read()
     except OSError:
         return None
     total = next(int(line.split()[1]) * 1024 for line in meminfo.splitlines() if line.startswith("MemTotal:"))
     for limit_file in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
         try:
-            text = Path(limit_file).read_text().strip()
+            with open(limit_file) as file:
+                text = file.read().strip()
         except OSError:
             continue
         if text.isdigit():  # "max" means none
