@@ -12,7 +12,9 @@
 Both files are only appended to, and a background thread hands what it wrote to the operating system
 every ``interval``, so a process killed mid-run leaves everything up to its last round: at worst the last
 line is cut short, and readers ignore it. A run with no ``finish`` line was not finished by the SDK;
-``takeoff sync`` uploads it as CRASHED. ``close`` fsyncs both files.
+``takeoff sync`` uploads it as CRASHED. ``close`` fsyncs both files. While a process writes a run it holds
+a lock on ``events.jsonl`` (``flock``, dropped by the system when the process ends however it ends), and
+``takeoff sync`` refuses a run whose lock is held rather than upload half of it.
 
 The run id is made like the registry's own (12 random lowercase letters and digits), so ``takeoff sync``
 creates the run under the same id, and syncing again finds it rather than making a second one.
@@ -20,6 +22,7 @@ creates the run under the same id, and syncing again finds it rather than making
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import secrets
@@ -36,7 +39,7 @@ from typing import IO, Any
 from takeoff import __version__
 from takeoff._delivery import LoggedRow, MetricSummaries
 from takeoff._sender import warn
-from takeoff.models import RunState, jsonable, struct_to_dict
+from takeoff._values import RunState, jsonable, struct_to_dict
 from takeoff.v1 import runs_pb2
 
 FORMAT_VERSION = 1
@@ -96,6 +99,9 @@ class OfflineWriter:
         self.directory = run_directory
         self._rows_file = open(run_directory / ROWS_FILE, "a", encoding="utf-8")  # noqa: SIM115
         self._events_file = open(run_directory / EVENTS_FILE, "a", encoding="utf-8")  # noqa: SIM115
+        # Held while this process writes the run (the system drops it when the process ends, killed or not):
+        # a sync meanwhile would upload half a run.
+        fcntl.flock(self._events_file, fcntl.LOCK_EX)
         self._summaries = MetricSummaries()
         self._events: list[dict[str, Any]] = []
         self._events_lock = threading.Lock()
@@ -115,7 +121,7 @@ class OfflineWriter:
         with self._events_lock:
             self._events.append({"config": dict(changes)})
 
-    def define_metric(self, name: str, summary: str, step_metric: str | None) -> None:
+    def define_metric(self, name: str, summary: str | None, step_metric: str | None) -> None:
         self._summaries.define(name, summary, step_metric)
 
     def close(self, finish: runs_pb2.FinishRunRequest, timeout: float) -> None:
@@ -213,6 +219,7 @@ def read_offline_run(directory: Path) -> OfflineRun:
         raise OfflineRunError(
             f"{directory} holds an offline run in format {found!r}; this SDK reads format {FORMAT_VERSION}"
         )
+    _refuse_if_being_written(directory)
     run = OfflineRun(
         directory=directory,
         project=header["project"],
@@ -232,6 +239,20 @@ def read_offline_run(directory: Path) -> OfflineRun:
         elif "finish" in event:
             run.finish = event["finish"]
     return run
+
+
+def _refuse_if_being_written(directory: Path) -> None:
+    try:
+        events = open(directory / EVENTS_FILE, encoding="utf-8")  # noqa: SIM115
+    except FileNotFoundError:
+        return
+    with events:
+        try:
+            fcntl.flock(events, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise OfflineRunError(
+                f"{directory} is still being written by a running job; sync it once the job has ended"
+            ) from None
 
 
 def _records(path: Path) -> Iterator[Any]:

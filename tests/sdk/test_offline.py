@@ -6,16 +6,24 @@ import json
 import signal
 from pathlib import Path
 
+from typer.testing import CliRunner, Result
+
 from takeoff import Client, RunState
 from takeoff._offline import ROWS_FILE, open_offline_run, read_offline_run
 from takeoff._sync import SYNCED_FILE, _Uploader
+from takeoff.cli import app
 from takeoff.models import dict_to_struct
 from takeoff.v1 import common_pb2, runs_pb2
 from tests.processes import ServiceProcess
-from tests.sdk.conftest import ReplyLosingProxy, free_port, job_environment, start_job
+from tests.sdk.conftest import ReplyLosingProxy, free_port, job_environment, run_job, start_job
 from tests.sdk.test_cli import takeoff
 
 ROWS = 25
+
+
+def sync(address: str, *args: str) -> Result:
+    """``takeoff sync ARGS`` in this process (faster than a subprocess, which one test runs)."""
+    return CliRunner().invoke(app, ["sync", *args], env={"TAKEOFF_REGISTRY_ADDRESS": address})
 
 
 def write_offline_run(directory: Path, project: str) -> Path:
@@ -45,8 +53,8 @@ def test_an_offline_run_syncs_once_with_its_rows_summary_config_and_fields(
 ) -> None:
     run_directory = write_offline_run(tmp_path, project)
 
-    synced = takeoff(registry.address, project, "sync", str(tmp_path / "takeoff"))
-    assert synced.returncode == 0, synced.stderr
+    synced = sync(registry.address, str(tmp_path / "takeoff"))
+    assert synced.exit_code == 0, synced.stderr
     run_id = read_offline_run(run_directory).run_id
     assert f"as projects/{project}/runs/{run_id}: {ROWS} rows, FINISHED" in synced.stdout
 
@@ -68,12 +76,12 @@ def test_an_offline_run_syncs_once_with_its_rows_summary_config_and_fields(
     assert rows[0].time.timestamp() == 1_700_000_000
 
     # The second sync makes no call: it succeeds with no registry to call.
-    again = takeoff(f"127.0.0.1:{free_port()}", project, "sync", str(run_directory), "--json")
-    assert again.returncode == 0, again.stderr
+    again = sync(f"127.0.0.1:{free_port()}", str(run_directory), "--json")
+    assert again.exit_code == 0, again.stderr
     (reported,) = json.loads(again.stdout)
     assert reported["already_synced"] is True
     assert (reported["run"], reported["rows"]) == (f"projects/{project}/runs/{run_id}", ROWS)
-    assert "already synced as" in takeoff(registry.address, project, "sync", str(run_directory)).stdout
+    assert "already synced as" in sync(registry.address, str(run_directory)).stdout
     assert client.get_run(run_id).history_length == ROWS
 
 
@@ -89,13 +97,13 @@ def test_a_sync_run_again_without_its_marker_or_after_stopping_half_way_stores_n
     uploader.send_rows(row for row in offline.rows() if row[0] < 10)
     assert client.get_run(offline.run_id).state is RunState.RUNNING
 
-    resumed = takeoff(registry.address, project, "sync", str(run_directory))
-    assert resumed.returncode == 0, resumed.stderr
+    resumed = sync(registry.address, str(run_directory))
+    assert resumed.exit_code == 0, resumed.stderr
     assert f"{ROWS} rows, FINISHED" in resumed.stdout
 
     (run_directory / SYNCED_FILE).unlink()
-    repeated = takeoff(registry.address, project, "sync", str(run_directory))
-    assert repeated.returncode == 0, repeated.stderr
+    repeated = sync(registry.address, str(run_directory))
+    assert repeated.exit_code == 0, repeated.stderr
     assert f"{ROWS} rows, FINISHED" in repeated.stdout
     run = client.get_run(offline.run_id)
     assert (run.history_length, run.state) == (ROWS, RunState.FINISHED)
@@ -109,55 +117,104 @@ def test_a_sync_whose_replies_are_lost_stores_each_row_once(
     for method in ("CreateRun", "AttachRun", "BatchLogMetrics", "UpdateSummary", "FinishRun"):
         lossy_registry.lose_next_reply(f"RunService/{method}")
 
-    synced = takeoff(lossy_registry.address, project, "sync", str(run_directory))
-    assert synced.returncode == 0, synced.stderr
+    synced = sync(lossy_registry.address, str(run_directory))
+    assert synced.exit_code == 0, synced.stderr
 
     assert len(lossy_registry.requests["RunService/BatchLogMetrics"]) == 2  # one lost reply, one resend
     run = client.get_run(read_offline_run(run_directory).run_id)
     assert (run.history_length, run.state, run.summary["best_loss"]) == (ROWS, RunState.FINISHED, 1 / ROWS)
 
 
-KILLED_JOB = """
+OFFLINE_JOB = """
     import threading
     from pathlib import Path
-    from takeoff._offline import ROWS_FILE, open_offline_run
-    from takeoff.v1 import runs_pb2
 
-    run, delivery = open_offline_run(Path.cwd(), "{project}", runs_pb2.Run())
-    for step in range(40):
-        delivery.rows.append((step, 0, {{"x": step}}))
-    rows = delivery.directory / ROWS_FILE
-    while not rows.exists() or rows.read_text().count("\\n") < 40:
-        threading.Event().wait(0.01)
-    print(delivery.directory, flush=True)
-    threading.Event().wait()  # until killed
+    import takeoff
+
+    run = takeoff.init(
+        config={"lr": 0.1, "epochs": 3}, name="offline-job", tags=["offline"], group="g", job_type="train"
+    )
+    print(run.id, flush=True)
+    for step in range(30):
+        takeoff.log({"loss": 1 / (step + 1), "phase": "train"})
+    takeoff.config.update({"batch_size": 8})
+    takeoff.summary["best_loss"] = 1 / 30
+    ENDING
 """
+
+
+def offline_job_environment(project: str) -> dict[str, str]:
+    """An offline job whose registry address is a closed port: any call it made would fail. No system
+    metrics, so that the rows are the job's alone."""
+    address = f"127.0.0.1:{free_port()}"
+    return job_environment(address, project, TAKEOFF_MODE="offline", TAKEOFF_SYSTEM_METRICS="0")
+
+
+def test_an_offline_job_is_synced_by_the_cli_into_the_registry_once(
+    registry: ServiceProcess, client: Client, project: str, tmp_path: Path
+) -> None:
+    job = run_job(
+        tmp_path, OFFLINE_JOB.replace("ENDING", "takeoff.finish()"), offline_job_environment(project)
+    )
+    assert job.returncode == 0, job.stderr
+    run_id = job.stdout.strip()
+    (run_directory,) = (tmp_path / "takeoff").glob(f"offline-run-*-{run_id}")
+    assert f"takeoff sync {run_directory}" in job.stderr
+
+    synced = takeoff(registry.address, project, "sync", str(tmp_path))
+    assert synced.returncode == 0, synced.stderr
+    assert f"as projects/{project}/runs/{run_id}: 30 rows, FINISHED" in synced.stdout
+    run = client.get_run(run_id)
+    assert (run.state, run.history_length, run.display_name) == (RunState.FINISHED, 30, "offline-job")
+    assert (run.tags, run.group, run.job_type) == (["offline"], "g", "train")
+    assert run.config == {"lr": 0.1, "epochs": 3, "batch_size": 8}
+    assert run.summary == {"best_loss": 1 / 30, "loss": 1 / 30, "phase": "train"}
+    rows = list(client.read_metrics(run_id))
+    assert [(row.step, row.values["loss"], row.data) for row in rows] == [
+        (step, 1 / (step + 1), {"phase": "train"}) for step in range(30)
+    ]
+
+    again = sync(registry.address, str(tmp_path))
+    assert again.exit_code == 0, again.stderr
+    assert f"already synced as projects/{project}/runs/{run_id}" in again.stdout
+    assert client.get_run(run_id).update_time == run.update_time
 
 
 def test_a_killed_offline_job_syncs_as_crashed_with_the_rows_it_wrote(
     registry: ServiceProcess, client: Client, project: str, tmp_path: Path
 ) -> None:
-    unreachable = f"127.0.0.1:{free_port()}"
-    job = start_job(tmp_path, KILLED_JOB.format(project=project), job_environment(unreachable, project))
+    wait_for_rows = """
+    rows = next(Path.cwd().glob("takeoff/offline-run-*")) / "rows.jsonl"
+    while rows.read_text().count("\\n") < 30:  # written by the offline writer's thread
+        threading.Event().wait(0.01)
+    print("written", flush=True)
+    threading.Event().wait()  # until killed"""
+    code = OFFLINE_JOB.replace("ENDING", wait_for_rows.strip())
+    job = start_job(tmp_path, code, offline_job_environment(project))
     assert job.stdout is not None
-    run_directory = Path(job.stdout.readline().strip())
+    run_id = job.stdout.readline().strip()
+    assert job.stdout.readline() == "written\n"
+    (run_directory,) = (tmp_path / "takeoff").glob(f"offline-run-*-{run_id}")
+    busy = sync(registry.address, str(run_directory))
+    assert busy.exit_code == 1
+    assert "is still being written by a running job" in busy.stderr
     job.send_signal(signal.SIGKILL)
     job.wait()
     with (run_directory / ROWS_FILE).open("a") as rows:
-        rows.write('{"step": 40, "time_ns": 0, "val')  # a line the kill cut short
+        rows.write('{"step": 30, "time_ns": 0, "val')  # a line a kill cut short
 
-    synced = takeoff(registry.address, project, "sync", str(run_directory))
-    assert synced.returncode == 0, synced.stderr
-    assert "40 rows, CRASHED (the job ended without finishing the run)" in synced.stdout
-    run = client.get_run(read_offline_run(run_directory).run_id)
-    assert (run.state, run.history_length, run.last_step) == (RunState.CRASHED, 40, 39)
+    synced = sync(registry.address, str(run_directory))
+    assert synced.exit_code == 0, synced.stderr
+    assert "30 rows, CRASHED (the job ended without finishing the run)" in synced.stdout
+    run = client.get_run(run_id)
+    assert (run.state, run.history_length, run.last_step) == (RunState.CRASHED, 30, 29)
     assert run.message == "the job ended without finishing the run"
 
 
 def test_sync_refuses_a_directory_that_holds_no_offline_run(
     registry: ServiceProcess, project: str, tmp_path: Path
 ) -> None:
-    refused = takeoff(registry.address, project, "sync", str(tmp_path))
-    assert refused.returncode == 2
+    refused = sync(registry.address, str(tmp_path))
+    assert refused.exit_code == 2
     assert f"{tmp_path} is not an offline run" in refused.stderr
     assert "Traceback" not in refused.stderr
