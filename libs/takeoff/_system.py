@@ -29,12 +29,13 @@ import contextlib
 import importlib
 import math
 import os
-import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
 from types import ModuleType
 from typing import Any, NamedTuple
+
+from takeoff._sender import warn
 
 ENABLED_ENV = "TAKEOFF_SYSTEM_METRICS"
 INTERVAL_ENV = "TAKEOFF_SYSTEM_METRICS_INTERVAL"
@@ -50,10 +51,6 @@ _CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 Emit = Callable[[Mapping[str, float]], None]
-
-
-def warn(message: str) -> None:
-    print(f"takeoff: {message}", file=sys.stderr, flush=True)
 
 
 def start_system_metrics(emit: Emit, directory: str | os.PathLike[str] | None = None) -> SystemMetrics | None:
@@ -228,9 +225,8 @@ class GpuSampler:
     def open(cls) -> GpuSampler | None:
         """Load NVML and find the job's GPUs; None, having said why on stderr, where there are none."""
         try:
-            nvml = importlib.import_module(
-                "pynvml"
-            )  # here, on the sampling thread: it costs a job's start nothing
+            # Imported here, on the sampling thread: loading NVML costs the job's start nothing.
+            nvml = importlib.import_module("pynvml")
         except ImportError:
             _skip_gpus("nvidia-ml-py is not installed (pip install 'takeoff[gpu]')")
             return None
