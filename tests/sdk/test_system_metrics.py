@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+import takeoff._system
 from takeoff import Client, RunState
 from takeoff._system import (
     DEFAULT_INTERVAL,
@@ -134,6 +135,7 @@ def test_samples_arrive_under_system_names_until_stop_joins_the_thread(
 
 def test_stop_ends_the_thread_without_waiting_for_the_next_sample(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TAKEOFF_SYSTEM_METRICS_INTERVAL", "3600")
+    monkeypatch.setattr(takeoff._system, "FIRST_SAMPLE_AFTER", 3600)  # no wait ends before stop's timeout
     samples: list[Mapping[str, float]] = []
     metrics = start_system_metrics(samples.append)
     assert metrics is not None
