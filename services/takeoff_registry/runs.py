@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import secrets
 import string
 import weakref
@@ -235,7 +236,7 @@ def _config_keys_read_only(key: RunKey, names: list[str]) -> FailedPrecondition:
     quoted = ", ".join(repr(name) for name in names)
     return FailedPrecondition(
         "CONFIG_KEY_READ_ONLY",
-        f"config {quoted} set by the launch of run {key.name} cannot be changed by the job",
+        f"config keys set by the launch of run {key.name} are read-only: {quoted}",
         metadata={"resource": key.name},
         violations=[FieldViolation(f"config.{name}", "set by the launch; read-only") for name in names],
     )
@@ -347,10 +348,8 @@ class Runs:
                 "queue_item": new.queue_item,
                 "attempt": new.attempt,
                 "config": new.config,
-                "tags": labels.tags,
-                "notes": labels.notes,
-                "group": labels.group,
-                "job_type": labels.job_type,
+                # Only when given, so that a retry of a request recorded before labels existed matches.
+                **({"labels": dataclasses.asdict(labels)} if labels != RunLabels() else {}),
             }
         )
         if request_id:

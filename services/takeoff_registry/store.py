@@ -120,14 +120,13 @@ class RunRow(SQLModel, table=True):
     last_step: int = Field(sa_type=sa.BigInteger)
     metric_keys: list[str] = Field(sa_type=JsonText)
     log_line_count: int = Field(sa_type=sa.BigInteger)
-    tags: str = Field(default="", sa_type=sa.Text, sa_column_kwargs={"server_default": ""})
+    # Added by migration 0004; runs from before it read as having none.
+    tags: str = Field(sa_type=sa.Text, sa_column_kwargs={"server_default": ""})
     """The tags in order, each between commas (``,a,b,``; tags hold no comma): see :func:`tags_text`."""
-    notes: str = Field(default="", sa_type=sa.Text, sa_column_kwargs={"server_default": ""})
-    run_group: str = Field(default="", max_length=128, sa_column_kwargs={"server_default": ""})
-    job_type: str = Field(default="", max_length=64, sa_column_kwargs={"server_default": ""})
-    launch_config_keys: list[str] = Field(
-        default_factory=list, sa_type=JsonText, sa_column_kwargs={"server_default": "[]"}
-    )
+    notes: str = Field(sa_type=sa.Text, sa_column_kwargs={"server_default": ""})
+    run_group: str = Field(max_length=128, sa_column_kwargs={"server_default": ""})
+    job_type: str = Field(max_length=64, sa_column_kwargs={"server_default": ""})
+    launch_config_keys: list[str] = Field(sa_type=JsonText, sa_column_kwargs={"server_default": "[]"})
     """The top-level keys of the config given at creation: the launch's, read-only to UpdateRunConfig."""
 
 

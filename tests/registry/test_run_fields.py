@@ -3,13 +3,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import grpc
 
 from takeoff.v1 import common_pb2, runs_pb2
 from takeoff_server.protovalues import dict_to_struct, struct_to_dict
-from tests.registry.conftest import Registry, failure
+from tests.registry.conftest import Registry, failure, registry_settings, start_registry
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 FAILED_PRECONDITION = grpc.StatusCode.FAILED_PRECONDITION
@@ -96,3 +97,143 @@ async def test_config_updates_end_with_the_run_and_stay_within_the_config_limit(
     assert (missing.code, missing.reason) == (grpc.StatusCode.NOT_FOUND, "RUN_NOT_FOUND")
     unset = await failure(registry.runs.UpdateRunConfig(runs_pb2.UpdateRunConfigRequest(name=run.name)))
     assert (unset.code, unset.fields) == (INVALID, ["config"])
+
+
+# Tags, notes, group and job type
+
+
+async def test_labels_given_at_creation_come_back_on_every_run(registry: Registry) -> None:
+    labels = {"notes": "baseline, no warmup", "group": "sweep-7", "job_type": "train"}
+    created = await create_run(registry, "labelled", tags=["b", "a", "b"], **labels)
+
+    got = (await registry.runs.GetRun(runs_pb2.GetRunRequest(name=created.name))).run
+    [listed] = (await registry.runs.ListRuns(runs_pb2.ListRunsRequest(parent="projects/demo"))).runs
+    for run in (created, got, listed):
+        assert list(run.tags) == ["b", "a"]  # repeats dropped, order kept
+        assert (run.notes, run.group, run.job_type) == tuple(labels.values())
+
+
+async def test_attach_sets_the_labels_it_gives_and_keeps_the_others(registry: Registry) -> None:
+    run = await create_run(registry, tags=["baseline"], group="sweep-7")
+
+    attach = runs_pb2.AttachRunRequest(name=run.name, notes="second try", job_type="eval")
+    attached = (await registry.runs.AttachRun(attach)).run
+
+    assert list(attached.tags) == ["baseline"]
+    assert (attached.notes, attached.group, attached.job_type) == ("second try", "sweep-7", "eval")
+
+
+async def test_labels_at_their_limits_are_kept(registry: Registry) -> None:
+    tags = [f"{number:02d}".ljust(64, "t") for number in range(64)]
+    run = await create_run(
+        registry, tags=tags, notes="n" * 4096, group="g" * 128, job_type="j" * 64, display_name="x"
+    )
+    attach = runs_pb2.AttachRunRequest(name=run.name, tags=["100%", "a_b", "ü"])
+    attached = (await registry.runs.AttachRun(attach)).run
+
+    assert list(run.tags) == tags
+    assert (len(run.notes), len(run.group), len(run.job_type)) == (4096, 128, 64)
+    assert list(attached.tags) == ["100%", "a_b", "ü"]
+
+
+async def test_tags_out_of_bounds_are_refused_naming_each_one(registry: Registry) -> None:
+    bad_tags = ["ok", "", "a,b", "t" * 65, "nul\0"]
+    refused = await failure(create_run(registry, "refused", tags=bad_tags))
+    assert (refused.code, refused.reason) == (INVALID, "ARGUMENT_INVALID")
+    assert refused.fields == ["run.tags[1]", "run.tags[2]", "run.tags[3]", "run.tags[4]"]
+
+    too_many = await failure(create_run(registry, "refused", tags=[f"t{number}" for number in range(65)]))
+    assert (too_many.code, too_many.fields) == (INVALID, ["run.tags"])
+
+    run = await create_run(registry, "kept", tags=["before"])
+    attach = runs_pb2.AttachRunRequest(name=run.name, tags=["fine", "no,comma"])
+    on_attach = await failure(registry.runs.AttachRun(attach))
+    assert (on_attach.code, on_attach.fields) == (INVALID, ["tags[1]"])
+
+    assert await list_ids(registry) == ["kept"]
+    stored = (await registry.runs.GetRun(runs_pb2.GetRunRequest(name=run.name))).run
+    assert (stored.state, list(stored.tags)) == (common_pb2.RUN_STATE_STARTING, ["before"])
+
+
+async def test_notes_group_and_job_type_out_of_bounds_are_refused(registry: Registry) -> None:
+    too_long = {"notes": "n" * 4097, "group": "g" * 129, "job_type": "j" * 65}
+    refused = await failure(create_run(registry, "refused", **too_long))
+    assert (refused.code, refused.reason) == (INVALID, "ARGUMENT_INVALID")
+    assert refused.fields == ["run.notes", "run.group", "run.job_type"]
+
+    run = await create_run(registry)
+    with_nul = runs_pb2.AttachRunRequest(name=run.name, notes="a\0", group="b\0", job_type="c\0")
+    on_attach = await failure(registry.runs.AttachRun(with_nul))
+    assert (on_attach.code, on_attach.fields) == (INVALID, ["notes", "group", "job_type"])
+
+
+# ListRuns filters
+
+
+async def test_runs_are_listed_by_id_prefix(registry: Registry) -> None:
+    for run_id in ("abc-1", "abc_2", "abc2", "ab", "abd", "b"):
+        await create_run(registry, run_id)
+
+    assert await list_ids(registry, id_prefix="abc") == ["abc2", "abc_2", "abc-1"]
+    assert await list_ids(registry, id_prefix="abc-") == ["abc-1"]
+    assert await list_ids(registry, id_prefix="ab") == ["abd", "ab", "abc2", "abc_2", "abc-1"]
+    assert await list_ids(registry, id_prefix="abc-1") == ["abc-1"]
+    assert await list_ids(registry, id_prefix="c") == []
+
+    for prefix in ("-a", "a%", "A", "a" * 64):
+        refused = await failure(list_ids(registry, id_prefix=prefix))
+        assert (refused.code, refused.reason, refused.fields) == (INVALID, "ARGUMENT_INVALID", ["id_prefix"])
+
+
+async def test_runs_are_listed_by_group_and_by_every_tag_given(registry: Registry) -> None:
+    await create_run(registry, "both", tags=["a", "b"], group="sweep")
+    await create_run(registry, "only-a", tags=["a"], group="sweep")
+    await create_run(registry, "only-b", tags=["b"])
+    await create_run(registry, "wildcards", tags=["a%", "x_y"], group="other")
+    await create_run(registry, "look-alikes", tags=["a%b", "xzy"], group="sweep")
+
+    assert await list_ids(registry, tags=["a"]) == ["only-a", "both"]
+    assert await list_ids(registry, tags=["a", "b"]) == ["both"]
+    assert await list_ids(registry, tags=["b", "a", "b"]) == ["both"]
+    assert await list_ids(registry, tags=["a%"]) == ["wildcards"]
+    assert await list_ids(registry, tags=["x_y"]) == ["wildcards"]
+    assert await list_ids(registry, group="sweep") == ["look-alikes", "only-a", "both"]
+    assert await list_ids(registry, group="sweep", tags=["a"]) == ["only-a", "both"]
+    assert await list_ids(registry, group="swe") == []
+
+    comma = await failure(list_ids(registry, tags=["a,b"]))
+    assert (comma.code, comma.fields) == (INVALID, ["tags[0]"])
+    nul = await failure(list_ids(registry, group="a\0"))
+    assert (nul.code, nul.fields) == (INVALID, ["group"])
+
+
+async def test_filtered_pages_continue_with_the_same_filters_only(registry: Registry) -> None:
+    for number in range(3):
+        await create_run(registry, f"kept-{number}", group="sweep")
+        await create_run(registry, f"other-{number}")
+    request = runs_pb2.ListRunsRequest(parent="projects/demo", group="sweep", id_prefix="kept", page_size=2)
+    first = await registry.runs.ListRuns(request)
+    request.page_token = first.next_page_token
+    second = await registry.runs.ListRuns(request)
+
+    listed = [run.name.rpartition("/")[2] for run in [*first.runs, *second.runs]]
+    assert listed == ["kept-2", "kept-1", "kept-0"]
+    assert second.next_page_token == ""
+    request.group = "other"
+    changed = await failure(registry.runs.ListRuns(request))
+    assert (changed.code, changed.reason) == (INVALID, "PAGE_TOKEN_INVALID")
+
+
+async def test_labels_and_launch_keys_survive_a_restart(database_url: str, tmp_path: Path) -> None:
+    settings = registry_settings(tmp_path / "home", database_url)
+    async for registry in start_registry(settings):
+        run = await launched_run(registry, "kept")
+        await create_run(registry, "labelled", tags=["a", "b"], notes="n", group="g", job_type="train")
+    async for registry in start_registry(settings):
+        name = "projects/demo/runs/labelled"
+        labelled = (await registry.runs.GetRun(runs_pb2.GetRunRequest(name=name))).run
+        assert list(labelled.tags) == ["a", "b"]
+        assert (labelled.notes, labelled.group, labelled.job_type) == ("n", "g", "train")
+        assert await list_ids(registry, tags=["b"], group="g") == ["labelled"]
+        refused = await failure(update_config(registry, run.name, {"lr": 1}))
+        assert refused.reason == "CONFIG_KEY_READ_ONLY"
