@@ -40,6 +40,7 @@ print("burned", flush=True)
 sys.stdin.read()  # until this script, its parent, ends
 '''
 kept = []
+print("ready", flush=True)
 for command in sys.stdin:
     if command.strip() == "burn":  # a grandchild of the test that uses CPU time, then waits
         burner = subprocess.Popen(
@@ -50,8 +51,8 @@ for command in sys.stdin:
         kept.append(b"x" * (100 * 1024 * 1024))  # written, so resident
     print("done", flush=True)
 """
-"""A process that waits for commands: ``burn`` starts a child that uses 0.3 s of CPU, ``allocate`` makes
-100 MiB resident. Between commands it only waits."""
+"""A process that, once ready, waits for commands: ``burn`` starts a child that uses 0.3 s of CPU,
+``allocate`` makes 100 MiB resident. Between commands it only waits."""
 
 CPU_KEYS = {
     "system/cpu_percent",
@@ -72,6 +73,8 @@ class TreeRoot:
         self.process = subprocess.Popen(
             [sys.executable, "-c", TREE_ROOT], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
         )
+        assert self.process.stdout is not None
+        assert self.process.stdout.readline() == "ready\n"  # its start-up CPU time is spent
 
     def order(self, command: str) -> None:
         assert self.process.stdin is not None
@@ -90,7 +93,6 @@ def tree_root() -> Iterator[TreeRoot]:
 
 
 def test_a_grandchild_using_cpu_counts_in_the_trees_cpu_percent(tree_root: TreeRoot, tmp_path: Path) -> None:
-    tree_root.order("allocate")  # the root's start-up CPU time falls before the sampler's first reading
     sampler = ProcessTreeSampler(tree_root.process.pid, tmp_path)
     first_reading_done = time.monotonic()
 
