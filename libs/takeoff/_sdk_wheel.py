@@ -35,6 +35,9 @@ DISTRIBUTION = "takeoff-sdk"
 PACKAGES = (takeoff, takeoff_rpc)
 LEFT_OUT = ("takeoff/cli/", "takeoff/stack.py")
 """Paths of the packages that are not the SDK (see above)."""
+SHIPPED = ("*.py", "*.pyi", "py.typed")
+"""The packages' files the wheel holds: the modules, the type stubs of the generated ones, and the marker
+telling type checkers that the SDK is typed (PEP 561)."""
 RUNTIME_DEPENDENCIES = ("grpcio", "protobuf", "googleapis-common-protos", "pathspec")
 """What the SDK's modules import beyond the standard library: gRPC, the message classes, the ``google.rpc``
 error details, and ``pathspec`` for ``Client`` uploading a directory. Their version ranges are those of the
@@ -100,14 +103,15 @@ def sdk_wheel() -> SdkWheel:
 
 
 def _sdk_files() -> Iterator[tuple[str, Path]]:
-    """(path in the wheel, file) of every module of the SDK."""
+    """(path in the wheel, file) of every file of the SDK the wheel holds."""
     for package in PACKAGES:
         assert package.__file__ is not None
         root = Path(package.__file__).parent
-        for file in root.rglob("*.py"):
-            path = f"{package.__name__}/{file.relative_to(root).as_posix()}"
-            if "__pycache__" not in file.parts and not path.startswith(LEFT_OUT):
-                yield path, file
+        for pattern in SHIPPED:
+            for file in root.rglob(pattern):
+                path = f"{package.__name__}/{file.relative_to(root).as_posix()}"
+                if "__pycache__" not in file.parts and not path.startswith(LEFT_OUT):
+                    yield path, file
 
 
 def _metadata(version: str) -> str:

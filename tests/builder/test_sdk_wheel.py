@@ -39,6 +39,7 @@ def test_the_wheel_holds_the_sdk_only_with_its_runtime_dependencies_and_a_valid_
         entries
     )
     assert "takeoff_rpc/retries.py" in entries
+    assert {"takeoff/py.typed", "takeoff_rpc/py.typed", "takeoff/v1/runs_pb2.pyi"} <= set(entries)
     tops = {name.split("/")[0] for name in entries}
     assert tops == {"takeoff", "takeoff_rpc", DIST_INFO}
     assert not [name for name in entries if name.startswith(("takeoff/cli/", "takeoff/stack.py"))]
