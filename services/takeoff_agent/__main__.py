@@ -1,12 +1,13 @@
 """``python -m takeoff_agent``: hold a Lease session for the configured queues and serve AgentService."""
 
+import logging
 from contextlib import AsyncExitStack
 
 from takeoff.v1 import agent_pb2, agent_pb2_grpc
 from takeoff_agent.access import RULES
 from takeoff_agent.agent import Agent
 from takeoff_agent.api import AgentApi
-from takeoff_agent.identity import AgentIdentity
+from takeoff_agent.identity import AgentIdentity, claim_state_dir
 from takeoff_agent.settings import AgentSettings
 from takeoff_server.config import ConfigError
 from takeoff_server.errors import ServiceFailed
@@ -14,12 +15,23 @@ from takeoff_server.main import ServiceProgram
 from takeoff_server.peers import registry_verifier
 from takeoff_server.server import ServiceBinding, Wiring
 
+logger = logging.getLogger(__name__)
+
 
 async def wire(settings: AgentSettings, resources: AsyncExitStack) -> Wiring:
     try:
         verifier = registry_verifier(settings, settings.registry_address, resources)
     except ConfigError as error:
         raise ServiceFailed(str(error)) from None
+    held = claim_state_dir(settings.state_path)
+    resources.callback(held.release)
+    if held.path != settings.state_path:
+        logger.warning(
+            "another agent on this host holds the state directory %s: this one works in %s",
+            settings.state_path,
+            held.path,
+        )
+        settings = settings.model_copy(update={"state_dir": held.path})
     agent = Agent(settings, AgentIdentity.from_settings(settings))
     resources.push_async_callback(agent.close)
 

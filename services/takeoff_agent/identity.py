@@ -1,16 +1,52 @@
-"""Who this agent is: a stable id kept in its state directory, and what it says about itself."""
+"""Who this agent is: a stable id kept in the state directory it holds, and what it says about itself."""
 
 from __future__ import annotations
 
+import fcntl
 import socket
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import IO
 
 from takeoff_agent.settings import AgentSettings
+from takeoff_server.errors import ServiceFailed
 
-DEFAULT_PROJECT = "default"
+LOCK_FILE = "agent.lock"
+MAX_AGENTS_PER_STATE_DIR = 64
+
+
+@dataclass
+class HeldStateDir:
+    """A state directory this process holds an exclusive lock on, until :meth:`release` or its exit."""
+
+    path: Path
+    _lock: IO[str] = field(repr=False)
+
+    def release(self) -> None:
+        self._lock.close()
+
+
+def claim_state_dir(base: Path) -> HeldStateDir:
+    """The state directory this agent works in: ``base``, else (another agent on this host holds it) the
+    first free ``base/2``, ``base/3``, ... Each has its own agent id, so two agents started alike on one
+    host are two agents rather than one id whose second session supersedes the first; each restarted
+    agent takes the first free one again, with the id and leases kept there."""
+    for slot in range(1, MAX_AGENTS_PER_STATE_DIR + 1):
+        path = base if slot == 1 else base / str(slot)
+        path.mkdir(parents=True, exist_ok=True)
+        lock = (path / LOCK_FILE).open("a")  # not inherited by jobs (PEP 446), which outlive a killed agent
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.close()
+            continue
+        return HeldStateDir(path, lock)
+    raise ServiceFailed(
+        f"{MAX_AGENTS_PER_STATE_DIR} agents already run with the state directory {base}; give this one"
+        " another (state_dir)"
+    )
 
 
 def load_or_create_agent_id(state_dir: Path) -> str:
@@ -28,9 +64,9 @@ def load_or_create_agent_id(state_dir: Path) -> str:
     return agent_id
 
 
-def queue_resource_name(queue: str) -> str:
-    """``q`` -> ``projects/default/queues/q``; full names pass through."""
-    return queue if queue.startswith("projects/") else f"projects/{DEFAULT_PROJECT}/queues/{queue}"
+def queue_resource_name(queue: str, project: str) -> str:
+    """``q`` -> ``projects/{project}/queues/q``; full names pass through."""
+    return queue if queue.startswith("projects/") else f"projects/{project}/queues/{queue}"
 
 
 @dataclass
@@ -47,6 +83,6 @@ class AgentIdentity:
         return cls(
             agent_id=load_or_create_agent_id(settings.state_path),
             display_name=settings.name or socket.gethostname(),
-            queues=[queue_resource_name(q) for q in settings.queues],
+            queues=[queue_resource_name(q, settings.project) for q in settings.queues],
             capacity=settings.max_jobs,
         )

@@ -12,8 +12,10 @@ class AgentSettings(ServerSettings):
     listen: list[str] = ["127.0.0.1:50054"]
     name: str = Field(default="", max_length=256)
     """Shown in ``takeoff agents``; empty means the host name."""
+    project: str = Field(default="default", min_length=1, max_length=256)
+    """The project of queues given as ``{q}`` alone (``TAKEOFF_PROJECT``, as for every command)."""
     queues: list[str] = Field(default=[], max_length=256)
-    """Queues to serve, as ``projects/{p}/queues/{q}`` or ``{q}`` in the ``default`` project."""
+    """Queues to serve, as ``projects/{p}/queues/{q}`` or ``{q}`` in ``project``."""
     max_jobs: int = Field(default=1, ge=1, le=4096)
     """How many items the agent works on at once."""
     queue_address: str = "127.0.0.1:50052"
@@ -36,7 +38,9 @@ class AgentSettings(ServerSettings):
     drain_timeout_seconds: float | None = Field(default=None, ge=0, le=86400)
     """How long a draining agent lets running jobs go on before stopping them; unset: until they end."""
     state_dir: Path | None = None
-    """Where the agent keeps its id and its jobs' state; empty means ``{home}/agent``."""
+    """Where the agent keeps its id and its jobs' state; empty means ``{home}/agent``. While another agent
+    on this host holds it, an agent takes the first free ``{state_dir}/{n}`` (n = 2, 3, ...) instead
+    (identity.claim_state_dir)."""
 
     @field_validator("queues")
     @classmethod

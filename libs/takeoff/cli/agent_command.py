@@ -13,7 +13,7 @@ import typer
 from takeoff._auth import admin_key_path
 from takeoff._home import StackRecord, service_address, takeoff_home
 from takeoff.cli._output import fail
-from takeoff.cli._registry import cli_key
+from takeoff.cli._registry import ProjectOption, cli_key
 from takeoff.stack import agent_defaults, config_gives
 
 
@@ -28,17 +28,46 @@ def _local_registry_socket(registry: str) -> str | None:
 
 
 def agent(
+    *,
     config: Annotated[
-        Path | None, typer.Option(help="agent.yaml (flags and TAKEOFF_* variables win over it).")
+        Path | None,
+        typer.Option(
+            "--config-file",
+            "--config",
+            metavar="FILE",
+            help="agent.yaml (flags and TAKEOFF_* variables win over it).",
+            show_default=False,
+        ),
     ] = None,
     queue: Annotated[
         list[str] | None,
-        typer.Option("--queue", "-q", help="Queue to serve (repeat for several): Q or projects/P/queues/Q."),
+        typer.Option(
+            "--queue",
+            "-q",
+            metavar="QUEUE",
+            help="Queue to serve (repeat for several): an id in the project, or projects/P/queues/Q.",
+            show_default=False,
+        ),
     ] = None,
-    max_jobs: Annotated[int | None, typer.Option(help="Items worked on at once.")] = None,
+    max_jobs: Annotated[
+        int | None,
+        typer.Option("--max-jobs", "-j", min=1, metavar="N", help="Items worked on at once (default 1)."),
+    ] = None,
     name: Annotated[
-        str | None, typer.Option(help="Name shown in `takeoff agents` (default: the host name).")
+        str | None,
+        typer.Option(metavar="NAME", help="Name shown in `takeoff agents` (default: the host name)."),
     ] = None,
+    state_dir: Annotated[
+        Path | None,
+        typer.Option(
+            metavar="DIR",
+            file_okay=False,
+            help="Where it keeps its id and its jobs' state (default: TAKEOFF_HOME/agent; while another"
+            " agent holds that, the first free DIR/2, DIR/3, ...).",
+            show_default=False,
+        ),
+    ] = None,
+    project: ProjectOption = None,
 ) -> None:
     """Serve queues from this machine until Ctrl-C (which drains: running jobs finish, then it exits).
 
@@ -49,6 +78,8 @@ def agent(
     """
     if config is not None and not config.is_file():
         fail(f"agent config {config} does not exist")
+    if not (queue or os.environ.get("TAKEOFF_QUEUES") or config_gives(config, {"queues"})):
+        fail("no queue to serve: give --queue QUEUE (repeatable), or queues in the --config-file", 2)
     env = dict(os.environ)
     for service in ("queue", "builder", "registry"):
         env.setdefault(f"TAKEOFF_{service.upper()}_ADDRESS", service_address(service))
@@ -58,6 +89,10 @@ def agent(
         env["TAKEOFF_MAX_JOBS"] = str(max_jobs)
     if name is not None:
         env["TAKEOFF_NAME"] = name
+    if state_dir is not None:
+        env["TAKEOFF_STATE_DIR"] = str(state_dir)
+    if project is not None:
+        env["TAKEOFF_PROJECT"] = project
     env.setdefault("TAKEOFF_LISTEN", '["127.0.0.1:0"]')
     found = cli_key()
     if found is not None and not config_gives(config, {"api_key", "api_key_file"}):

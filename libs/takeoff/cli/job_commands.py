@@ -1,4 +1,5 @@
-"""``takeoff job create|list|describe``: turn code into job versions and look at them."""
+"""``takeoff job create|list|describe|versions|delete`` and ``takeoff job alias set|delete``: turn code into
+job versions, look at them, name them and remove them."""
 
 from __future__ import annotations
 
@@ -8,9 +9,20 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
-from takeoff.cli._output import console, fail, print_json
+from takeoff.cli._output import (
+    Column,
+    Listing,
+    WideOption,
+    console,
+    error_console,
+    fail,
+    print_json,
+    short_time,
+    usage_error,
+)
 from takeoff.cli._registry import (
     JsonOption,
     ProjectOption,
@@ -32,6 +44,13 @@ from takeoff.models import (
 )
 
 job_app = typer.Typer(help="Create and inspect jobs and their versions.", no_args_is_help=True)
+alias_app = typer.Typer(help="Point names such as prod at versions of a job.", no_args_is_help=True)
+job_app.add_typer(alias_app, name="alias")
+
+REQUIREMENTS_FILE = "requirements.txt"
+"""Read from the job's directory when --requirements is not given, as pip users keep it."""
+
+JobArgument = Annotated[str, typer.Argument(help="Job: its id or resource name.", show_default=False)]
 
 
 def _file_option(help_text: str) -> Any:
@@ -58,7 +77,10 @@ def create(
     entrypoint: Annotated[
         str | None, typer.Option(help='Command to run, e.g. "python train.py" (split as a shell would).')
     ] = None,
-    requirements: Annotated[Path | None, _file_option("requirements.txt to install.")] = None,
+    requirements: Annotated[
+        Path | None,
+        _file_option(f"requirements.txt to install (default: PATH/{REQUIREMENTS_FILE}, if there)."),
+    ] = None,
     python: Annotated[str, typer.Option(help="Python version, e.g. 3.11 (default: the builder's)")] = "",
     config_schema: Annotated[
         Path | None, _file_option("JSON Schema of the run config (a JSON or YAML file).")
@@ -79,9 +101,10 @@ def create(
 ) -> None:
     """Create the next version of a job from a directory, a git repository or an image."""
     source = _source(path, git, ref, image)
-    argv = _split_command(entrypoint)
+    argv = split_command(entrypoint, "--entrypoint")
     if not argv and not isinstance(source, ImageSource):
         fail("--entrypoint is required for code and git jobs, e.g. --entrypoint 'python train.py'")
+    requirements = requirements or _found_requirements(path)
     environment = Environment(
         python_version=python,
         requirements=requirements.read_text() if requirements else "",
@@ -109,23 +132,121 @@ def create(
 
 
 @job_app.command("list")
-def list_jobs(project: ProjectOption = None, json_output: JsonOption = False) -> None:
+def list_jobs(
+    wide: WideOption = False, project: ProjectOption = None, json_output: JsonOption = False
+) -> None:
     """List the jobs of a project."""
     with takeoff_client(project) as client:
         jobs = list(client.list_jobs())
         if json_output:
             print_json(jobs)
             return
-        table = Table(title=f"jobs in {client.project}", title_justify="left")
-        for column in ("job", "versions", "latest", "aliases", "updated"):
-            table.add_column(column)
+        if not jobs:
+            console.print(f"no jobs in project {client.project}")
+            return
+        listing = Listing(
+            [
+                Column("job"),
+                Column("versions", justify="right"),
+                Column("latest"),
+                Column("aliases", free_text=True),
+                Column("updated"),
+            ],
+            wide=wide,
+            title=f"jobs in {client.project}",
+        )
         for job in jobs:
             aliases = ", ".join(
                 f"{alias}→v{n}" for alias, n in sorted(job.aliases.items()) if alias != "latest"
             )
             latest = f"v{job.version_count - 1}" if job.version_count else "-"
-            table.add_row(job.id, str(job.version_count), latest, aliases, when(job.update_time))
-        console.print(table if jobs else f"no jobs in project {client.project}")
+            listing.add_row(
+                job.id, str(job.version_count), latest, aliases, short_time(job.update_time, wide)
+            )
+        listing.print()
+
+
+@job_app.command("versions")
+def versions(
+    job: JobArgument, wide: WideOption = False, project: ProjectOption = None, json_output: JsonOption = False
+) -> None:
+    """List the versions of a job, newest first, with their aliases."""
+    with takeoff_client(project) as client:
+        found = list(client.list_job_versions(job))
+    if json_output:
+        print_json(found)
+        return
+    listing = Listing(
+        [
+            Column("version"),
+            Column("aliases", free_text=True),
+            Column("created"),
+            Column("source", free_text=True),
+            Column("description", free_text=True, wide_only=True),
+            Column("digest", wide_only=True),
+        ],
+        wide=wide,
+        title=f"versions of {job}",
+    )
+    for version in found:
+        listing.add_row(
+            f"v{version.version}",
+            ", ".join(version.aliases),
+            short_time(version.create_time, wide),
+            escape(_describe_source(version.source)),
+            escape(version.description),
+            version.digest,
+        )
+    listing.print()
+
+
+@job_app.command("delete")
+def delete(
+    job: JobArgument,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Delete without asking first.")] = False,
+    project: ProjectOption = None,
+) -> None:
+    """Delete a job with all its versions; asks first unless --yes."""
+    with takeoff_client(project) as client:
+        found = client.get_job(job)
+        question = f"delete job {found.id} and its {found.version_count} version(s)?"
+        if not yes and not typer.confirm(question, default=False):
+            fail("nothing deleted")
+        client.delete_job(job)
+    console.print(f"deleted job {found.id}")
+
+
+@alias_app.command("set")
+def set_alias(
+    job: JobArgument,
+    alias: Annotated[str, typer.Argument(help="Alias, e.g. prod.", show_default=False)],
+    version: Annotated[str, typer.Argument(help="Version: N or vN.", show_default=False)],
+    project: ProjectOption = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Point ALIAS at a version of JOB, moving it if it points elsewhere."""
+    with takeoff_client(project) as client:
+        updated = client.set_alias(job, alias, _version_number(version))
+    if json_output:
+        print_json(updated)
+    else:
+        console.print(f"{updated.id}:{alias} → v{updated.aliases[alias]}", markup=False)
+
+
+@alias_app.command("delete")
+def delete_alias(
+    job: JobArgument,
+    alias: Annotated[str, typer.Argument(help="Alias to remove.", show_default=False)],
+    project: ProjectOption = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Remove ALIAS from JOB; the version it pointed at stays."""
+    with takeoff_client(project) as client:
+        updated = client.delete_alias(job, alias)
+    if json_output:
+        print_json(updated)
+    else:
+        console.print(f"removed alias {alias} of job {updated.id}", markup=False)
 
 
 @job_app.command("describe")
@@ -165,6 +286,22 @@ def describe(
     console.print(table)
 
 
+def _version_number(text: str) -> int:
+    number = text.removeprefix("v")
+    if not number.isdigit():
+        usage_error(f"version {text!r} is not N or vN, e.g. 3 or v3")
+    return int(number)
+
+
+def _found_requirements(path: Path | None) -> Path | None:
+    """The job directory's requirements.txt, said aloud: it changes what the version installs."""
+    found = path / REQUIREMENTS_FILE if path is not None else None
+    if found is None or not found.is_file():
+        return None
+    error_console.print(f"using {found} (--requirements FILE to give another)", markup=False, highlight=False)
+    return found
+
+
 def _source(path: Path | None, git: str | None, ref: str, image: str | None) -> Path | JobSource:
     given = [source for source in (path, git, image) if source is not None]
     if len(given) != 1:
@@ -179,11 +316,12 @@ def _source(path: Path | None, git: str | None, ref: str, image: str | None) -> 
     return path
 
 
-def _split_command(entrypoint: str | None) -> list[str]:
+def split_command(command: str | None, option: str) -> list[str]:
+    """A command line given to ``option`` as its arguments, split as a shell would."""
     try:
-        return shlex.split(entrypoint or "")
+        return shlex.split(command or "")
     except ValueError as error:
-        fail(f"--entrypoint {entrypoint!r} cannot be split into arguments: {error}")
+        usage_error(f"{option} {command!r} cannot be split into arguments: {error}")
 
 
 def _print_created(created: CreatedJobVersion) -> None:

@@ -4,19 +4,32 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import Callable
+import threading
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
+from rich.status import Status
 from rich.table import Table
+from rich.text import Text
 
-from takeoff.cli._output import console, fail, print_json
+from takeoff.cli._output import (
+    Column,
+    Listing,
+    WideOption,
+    console,
+    error_console,
+    fail,
+    print_json,
+    short_id,
+    short_time,
+    usage_error,
+)
 from takeoff.cli._queue import (
     ItemArgument,
     ItemQueueOption,
-    item_name,
     key_values,
     parse_span,
     short_item,
@@ -28,35 +41,77 @@ from takeoff.cli._registry import (
     ProjectOption,
     SecretOption,
     duration,
+    one_line,
     read_json_object,
     takeoff_client,
     version_ref,
     when,
 )
-from takeoff.models import FailureReason, Item, ItemState, ItemTransition, Priority
+from takeoff.cli.job_commands import split_command
+from takeoff.client import Client
+from takeoff.errors import TakeoffError
+from takeoff.models import (
+    FailureReason,
+    Item,
+    ItemState,
+    ItemTransition,
+    LogLine,
+    LogStream,
+    PendingReason,
+    Priority,
+)
 
 items_app = typer.Typer(help="List, inspect, cancel and relaunch queue items.", no_args_is_help=True)
 
 OUTCOME_EXIT_CODES = {ItemState.SUCCEEDED: 0, ItemState.FAILED: 1, ItemState.CANCELLED: 3}
 """`launch --wait` exits with these; 2 is left to usage errors, which the command line reports with it."""
+TIMEOUT_EXIT_CODE = 124
+"""As timeout(1) exits when its command runs out of time."""
 INTERRUPTED_EXIT_CODE = 130
+LOG_DRAIN_SECONDS = 10.0
+"""How long an ended item's log may take to reach its end, for ``--logs``, before the outcome is shown."""
+
+PENDING_WORDS = {
+    PendingReason.QUEUE_PAUSED: "paused",
+    PendingReason.RETRY_BACKOFF: "back-off",
+    PendingReason.CONCURRENCY_LIMIT: "at limit",
+    PendingReason.NO_AGENT: "no agent",
+    PendingReason.AGENTS_BUSY: "busy",
+    PendingReason.WAITING_FOR_GPUS: "GPUs",
+    PendingReason.QUEUED: "queued",
+}
+"""Why a pending item waits, in a word or two that fit a table's column; `items describe` adds the detail."""
+ANY_QUEUE = "-"
+"""Stands for every queue of the project in an item's name: GetItem finds the item in whichever holds it."""
+
+WAITING_NOTICES = {
+    PendingReason.NO_AGENT: "waiting: no connected agent serves {queue} (takeoff agent -q {queue})",
+    PendingReason.QUEUE_PAUSED: "waiting: queue {queue} is paused (takeoff queue resume {queue})",
+}
+"""What `launch --wait` says, once, when the item waits for something only a person can change."""
 
 
 def launch(
     *,
     job: Annotated[
         str,
-        typer.Argument(help="Job reference: JOB, JOB:ALIAS, JOB:vN or a resource name.", show_default=False),
+        typer.Argument(
+            metavar="JOB",
+            help="Job reference: JOB, JOB:ALIAS, JOB:vN or a resource name.",
+            show_default=False,
+        ),
     ],
     queue: Annotated[
-        str, typer.Option("--queue", "-q", help="Queue id or resource name.", show_default=False)
+        str,
+        typer.Option("--queue", "-q", metavar="QUEUE", help="Queue id or resource name.", show_default=False),
     ],
     config: Annotated[
         list[str] | None,
         typer.Option(
             "--config",
             "-c",
-            help="Run config value KEY=VALUE, VALUE as JSON when it parses (3, true, [1, 2], "
+            metavar="KEY=VALUE",
+            help="Run config value, VALUE as JSON when it parses (3, true, [1, 2], "
             "'\"3\"'), else text; over --config-file (repeatable).",
             show_default=False,
         ),
@@ -64,28 +119,56 @@ def launch(
     config_file: Annotated[
         Path | None,
         typer.Option(
-            help="Run config (a JSON or YAML file).", exists=True, dir_okay=False, show_default=False
+            metavar="FILE",
+            help="Run config (a JSON or YAML file).",
+            exists=True,
+            dir_okay=False,
+            show_default=False,
         ),
     ] = None,
     set_var: Annotated[
         list[str] | None,
         typer.Option(
-            "--set-var", help="Template variable of the queue NAME=VALUE, VALUE as for --config (repeatable)."
+            "--set-var",
+            metavar="NAME=VALUE",
+            help="Template variable of the queue, VALUE as for --config (repeatable).",
+            show_default=False,
         ),
     ] = None,
-    resource_config: Annotated[
+    resource_config_file: Annotated[
         Path | None,
         typer.Option(
+            "--resource-config-file",
+            "--resource-config",
+            metavar="FILE",
             help="Resource config merged over the queue's (a JSON or YAML file), e.g. gpus: 2.",
             exists=True,
             dir_okay=False,
             show_default=False,
         ),
     ] = None,
-    priority: Annotated[Priority, typer.Option(help="Priority on the queue.", case_sensitive=False)] = (
-        Priority.MEDIUM
-    ),
-    max_attempts: Annotated[int, typer.Option(help="Attempts, the first included (0: the queue's).")] = 0,
+    entrypoint: Annotated[
+        str | None,
+        typer.Option(
+            "--entrypoint",
+            "-E",
+            metavar="COMMAND",
+            help='Command to run instead of the job\'s, e.g. "python eval.py" (split as a shell would;'
+            " refused on secure queues).",
+            show_default=False,
+        ),
+    ] = None,
+    priority: Annotated[
+        Priority | None,
+        typer.Option(
+            help="Priority on a queue that honours priorities (default: medium).",
+            case_sensitive=False,
+            show_default=False,
+        ),
+    ] = None,
+    max_attempts: Annotated[
+        int, typer.Option(metavar="N", help="Attempts, the first included (0: the queue's).")
+    ] = 0,
     max_run_time: Annotated[
         timedelta | None,
         typer.Option(
@@ -95,80 +178,125 @@ def launch(
             show_default=False,
         ),
     ] = None,
-    name: Annotated[str, typer.Option("--name", help="Display name of its runs.")] = "",
+    name: Annotated[
+        str, typer.Option("--name", metavar="NAME", help="Display name of its runs.", show_default=False)
+    ] = "",
     secret: SecretOption = None,
     wait: Annotated[
-        bool, typer.Option(help="Follow the item until it ends; exit 0 SUCCEEDED, 1 FAILED, 3 CANCELLED.")
+        bool,
+        typer.Option(
+            "--wait", help="Follow the item until it ends; exit 0 SUCCEEDED, 1 FAILED, 3 CANCELLED."
+        ),
     ] = False,
+    timeout: Annotated[
+        timedelta | None,
+        typer.Option(
+            parser=parse_span,
+            metavar="SPAN",
+            help="Stop following after SPAN (e.g. 600 or 10m) and exit 124; the item carries on.",
+            show_default=False,
+        ),
+    ] = None,
+    logs: Annotated[bool, typer.Option("--logs", help="Follow the item, printing the job's output.")] = False,
     project: ProjectOption = None,
     json_output: JsonOption = False,
 ) -> None:
     """Put a job on a queue and print the item's name.
 
-    With --wait, follow the item until it ends and exit with its outcome:
-    0 SUCCEEDED, 1 FAILED, 3 CANCELLED. Otherwise 1 is an error, 2 a usage error,
-    and 130 an interrupt, which stops following but not the item.
+    With --wait (or --logs, or --timeout), follow the item until it ends and exit
+    with its outcome: 0 SUCCEEDED, 1 FAILED, 3 CANCELLED; 124 when --timeout
+    passes first. Otherwise 1 is an error and 2 a usage error. 130 is an
+    interrupt, which stops following but not the item.
     """
+    if logs and json_output:
+        usage_error("--logs prints the job's output, which would break --json: give one of them")
+    follow = wait or logs or timeout is not None
     run_config = {**(read_json_object(config_file) or {}), **key_values(config, "--config")}
     with takeoff_client(project) as client:
+        if priority is not None:
+            _warn_if_priority_ignored(client, queue, priority)
         item = client.launch(
             job,
             queue,
             config=run_config,
             template_variables=key_values(set_var, "--set-var"),
-            resource_config=read_json_object(resource_config),
-            priority=priority,
+            resource_config=read_json_object(resource_config_file),
+            entrypoint=split_command(entrypoint, "--entrypoint"),
+            priority=priority or Priority.MEDIUM,
             max_attempts=max_attempts,
             max_run_time=max_run_time,
             run_name=name,
             secrets=secret or (),
         )
-        if json_output:
-            if wait:
-                _wait(item)
-            print_json(item)
-        else:
+        if not json_output:
             typer.echo(item.name)
-            if wait:
-                _follow(item)
-    if wait:
+        if follow:
+            _follow(client, item, timeout, logs=logs, quiet=json_output)
+        if json_output:
+            print_json(item)
+    if follow:
         raise typer.Exit(OUTCOME_EXIT_CODES[item.state])
+
+
+def _warn_if_priority_ignored(client: Client, queue: str, priority: Priority) -> None:
+    if not client.get_queue(queue).prioritization:
+        _warn(f"queue {queue} serves items in launch order, so --priority {priority} changes nothing")
 
 
 @items_app.command("list")
 def list_items(
+    *,
     queue: Annotated[
-        str | None, typer.Option("--queue", "-q", help="Only items of this queue.", show_default=False)
+        str | None,
+        typer.Option("--queue", "-q", metavar="QUEUE", help="Only items of this queue.", show_default=False),
     ] = None,
     state: Annotated[
         list[ItemState] | None,
         typer.Option(help="Only items in this state (repeatable).", case_sensitive=False, show_default=False),
     ] = None,
-    limit: Annotated[int, typer.Option(help="Show at most this many items, newest first.")] = 50,
+    limit: Annotated[int, typer.Option(metavar="N", help="Show at most N items, newest first.")] = 50,
+    wide: WideOption = False,
     project: ProjectOption = None,
     json_output: JsonOption = False,
 ) -> None:
-    """List the items of a queue, or of every queue of a project, newest first."""
+    """List the items of a queue, or of every queue of a project, newest first; a pending item with its
+    place in the queue (#1 is next) and why it waits."""
     with takeoff_client(project) as client:
         items = list(itertools.islice(client.list_items(queue=queue, states=state or []), limit))
         if json_output:
             print_json(items)
             return
-        table = Table(title=f"items in {queue or client.project}", title_justify="left")
-        table.add_column("item", no_wrap=True)  # to copy into other commands whole
-        for column in ("job", "state", "priority", "attempt", "enqueued", "duration"):
-            table.add_column(column)
+        if not items:
+            console.print("no items")
+            return
+        listing = Listing(
+            [
+                Column("item"),
+                Column("queue", free_text=True),
+                Column("job", free_text=True),
+                Column("state"),
+                Column("why", free_text=True),
+                Column("priority", wide_only=True),
+                Column("tries"),
+                Column("added"),
+                Column("took", justify="right"),
+            ],
+            wide=wide,
+            title=f"items in {queue or client.project}",
+        )
         for item in items:
-            table.add_row(
-                short_item(item.name),
+            listing.add_row(
+                short_id(item.name.rsplit("/", 1)[-1], wide),
+                item.queue.rsplit("/", 1)[-1],
                 version_ref(item.job_version),
-                _styled_state(item),
+                styled_item_state(item.state),
+                escape(_why(item)),
                 item.priority,
                 f"{item.attempt}/{item.max_attempts}",
-                when(item.enqueue_time),
+                short_time(item.enqueue_time, wide),
                 duration(item.enqueue_time, item.end_time),
             )
-        console.print(table if items else "no items")
+        listing.print()
 
 
 @items_app.command("describe")
@@ -178,9 +306,10 @@ def describe(
     project: ProjectOption = None,
     json_output: JsonOption = False,
 ) -> None:
-    """Show an item: what was launched, how it stands, and every change of its state."""
+    """Show an item: what was launched, how it stands (a pending one: its place in the queue and why it
+    waits), and every change of its state."""
     with takeoff_client(project) as client:
-        found = client.get_item(item_name(client, item, queue))
+        found = client.get_item(item, queue=queue or ANY_QUEUE)
     if json_output:
         print_json(found)
         return
@@ -192,13 +321,15 @@ def describe(
 def cancel(
     item: ItemArgument,
     queue: ItemQueueOption = None,
-    message: Annotated[str, typer.Option(help="Why, recorded with the item.")] = "",
+    message: Annotated[
+        str, typer.Option(metavar="TEXT", help="Why, recorded with the item (see `items describe`).")
+    ] = "",
     project: ProjectOption = None,
     json_output: JsonOption = False,
 ) -> None:
     """Cancel an item: a waiting one at once, a running one once its agent has stopped it."""
     with takeoff_client(project) as client:
-        cancelled = client.cancel_item(item_name(client, item, queue), message=message)
+        cancelled = client.cancel_item(_item_name(client, item, queue), message=message)
     if json_output:
         print_json(cancelled)
     elif cancelled.state is ItemState.CANCELLED:
@@ -219,38 +350,135 @@ def relaunch(
 ) -> None:
     """Launch an ended item again: same job version, config and settings, as a new item; print its name."""
     with takeoff_client(project) as client:
-        again = client.relaunch_item(item_name(client, item, queue))
+        again = client.relaunch_item(_item_name(client, item, queue))
     if json_output:
         print_json(again)
     else:
         typer.echo(again.name)
 
 
-def _wait(item: Item, on_change: Callable[[Item], None] | None = None) -> None:
-    """Follow ``item`` to its end; an interrupt stops following (not the item) and exits."""
+def _item_name(client: Client, item: str, queue: str | None) -> str:
+    """The resource name of an item reference; an ITEM_ID alone is looked for in every queue."""
+    if "/" in item or queue is not None:
+        return client.item_name(item, queue)
+    return client.get_item(item, queue=ANY_QUEUE).name
+
+
+def _follow(client: Client, item: Item, timeout: timedelta | None, *, logs: bool, quiet: bool) -> None:
+    """Follow ``item`` to its end: unless ``quiet``, its transitions, its run and why it waits as they
+    come, the job's output with ``logs``, then how it ended. Exits 124 once ``timeout`` passes, and 130 on
+    an interrupt; the item carries on either way."""
+    progress = _Progress(client, quiet=quiet, logs=logs)
     try:
-        item.wait(on_change=on_change)
+        if quiet:
+            item.wait(timeout.total_seconds() if timeout else None, progress.show)
+        else:
+            with console.status("waiting for the queue...") as status:
+                progress.status = status
+                item.wait(timeout.total_seconds() if timeout else None, progress.show)
+    except TimeoutError:
+        fail(
+            f"{short_item(item.name)} has not ended after {show_span(timeout)}; it carries on"
+            f" (takeoff items cancel {short_item(item.name)})",
+            TIMEOUT_EXIT_CODE,
+        )
     except KeyboardInterrupt:
         fail(
             f"stopped following {item.name}; it carries on (takeoff items cancel {short_item(item.name)})",
             INTERRUPTED_EXIT_CODE,
         )
+    progress.finish_logs()
+    if not quiet:
+        console.print(_outcome(item))
 
 
-def _follow(item: Item) -> None:
-    """Show the item's transitions as they happen, then how it ended."""
-    printed = 0
-    with console.status("waiting for the queue...") as status:
+class _Progress:
+    """What `launch --wait` shows of an item as it changes; one line per event, each fitting 80 columns."""
 
-        def show(current: Item) -> None:
-            nonlocal printed
-            for transition in current.transitions[printed:]:
-                console.print(_transition_line(transition))
-            printed = len(current.transitions)
-            status.update(f"{styled_item_state(current.state)}, attempt {current.attempt} ...")
+    def __init__(self, client: Client, *, quiet: bool, logs: bool) -> None:
+        self.client = client
+        self.quiet = quiet
+        self.logs = logs
+        self.status: Status | None = None
+        self.transitions_shown = 0
+        self.run = ""
+        self.waiting_for: PendingReason | None = None
+        self.asked_queue = False
+        self.log_reader: threading.Thread | None = None
+        self.log_error: TakeoffError | None = None
 
-        _wait(item, show)
-    console.print(_outcome(item))
+    def show(self, item: Item) -> None:
+        if not self.quiet:
+            for transition in item.transitions[self.transitions_shown :]:
+                console.print(_transition_line(transition), no_wrap=True, overflow="ellipsis")
+            self.transitions_shown = len(item.transitions)
+        if item.run and item.run != self.run:
+            self.run = item.run
+            self._say(f"run {item.run.rsplit('/', 1)[-1]}")
+            if self.logs:
+                self._read_logs(item.run)
+        self._notice_waiting(item)
+        if self.status is not None:
+            self.status.update(f"{styled_item_state(item.state)}, attempt {item.attempt} ...")
+
+    def _notice_waiting(self, item: Item) -> None:
+        reason = self._pending_reason(item) if item.state is ItemState.PENDING else None
+        if reason is not self.waiting_for and reason in WAITING_NOTICES:
+            queue = item.queue.rsplit("/", 1)[-1]
+            self._say(WAITING_NOTICES[reason].format(queue=queue), notice=True)
+        self.waiting_for = reason
+
+    def _pending_reason(self, item: Item) -> PendingReason | None:
+        """Why the item waits; asked of its queue, once, when the queue service does not say (older ones)."""
+        if item.pending_reason is not None or self.asked_queue:
+            return item.pending_reason
+        self.asked_queue = True
+        queue = self.client.get_queue(item.queue)
+        if queue.paused:
+            return PendingReason.QUEUE_PAUSED
+        return PendingReason.NO_AGENT if queue.agent_count == 0 else None
+
+    def _say(self, line: str, *, notice: bool = False) -> None:
+        if not self.quiet:
+            console.print(line, no_wrap=True, overflow="ellipsis", markup=False)
+        elif notice:
+            _warn(line)
+
+    def _read_logs(self, run: str) -> None:
+        """Print the run's log as it grows, beside the item's changes, after the previous run's is done."""
+        previous = self.log_reader
+
+        def read() -> None:
+            if previous is not None:
+                previous.join()
+            try:
+                for line in self.client.read_logs(run, follow=True):
+                    console.print(log_line_text(line), markup=False, highlight=False, soft_wrap=True)
+            except TakeoffError as error:
+                self.log_error = error
+
+        self.log_reader = threading.Thread(target=read, name=f"logs of {run}", daemon=True)
+        self.log_reader.start()
+
+    def finish_logs(self) -> None:
+        """Let the last run's log reach its end (its run ends about when the item does)."""
+        if self.log_reader is None:
+            return
+        self.log_reader.join(LOG_DRAIN_SECONDS)
+        if self.log_error is not None or self.log_reader.is_alive():
+            problem = f": {one_line(self.log_error)}" if self.log_error else ""
+            _warn(f"the log may be incomplete{problem} (takeoff logs {self.run.rsplit('/', 1)[-1]})")
+
+
+def _warn(message: str) -> None:
+    error_console.print(Text.assemble(("warning:", "bold yellow"), " ", message), soft_wrap=True)
+
+
+def log_line_text(line: LogLine) -> str:
+    """A log line as ``takeoff logs`` prints it: the job's own output as it is, others' marked."""
+    if line.stream in (LogStream.STDOUT, LogStream.STDERR):
+        return line.text
+    return f"[{line.stream.lower()}] {line.text}"
 
 
 def _transition_line(transition: ItemTransition) -> str:
@@ -258,13 +486,12 @@ def _transition_line(transition: ItemTransition) -> str:
     if transition.from_state:
         change = f"{styled_item_state(transition.from_state)} → {change}"
     parts = [
-        when(transition.time),
+        transition.time.astimezone().strftime("%H:%M:%S") if transition.time else "",
         change,
-        f"attempt {transition.attempt}" if transition.attempt else "",
-        transition.agent,
+        f"attempt {transition.attempt}" if transition.attempt > 1 else "",
         transition.actor and f"by {transition.actor}",
         transition.reason or "",
-        transition.message,
+        escape(transition.message),
     ]
     return "  ".join(part for part in parts if part)
 
@@ -282,6 +509,22 @@ def _outcome(item: Item) -> str:
     return text
 
 
+def _why(item: Item) -> str:
+    """A short note on an item's state for a table: a pending one's place and reason, how one ended."""
+    if item.state is ItemState.PENDING:
+        place = f"#{item.position} " if item.position else ""
+        return place + (PENDING_WORDS[item.pending_reason] if item.pending_reason else "")
+    if item.cancel_requested and not item.ended:
+        return "cancel requested"
+    return str(item.reason or "")
+
+
+def _pending_text(item: Item) -> str:
+    assert item.pending_reason is not None
+    words = PENDING_WORDS[item.pending_reason]
+    return f"{words}: {item.pending_detail}" if item.pending_detail else words
+
+
 def _styled_state(item: Item) -> str:
     text = styled_item_state(item.state)
     return text + " (cancel requested)" if item.cancel_requested and not item.ended else text
@@ -294,6 +537,10 @@ def _overview(item: Item) -> Table:
     table.add_row("item", f"{short_item(item.name)}  ({item.name})")
     table.add_row("job", f"{version_ref(item.job_version)}  (launched as {item.job})")
     table.add_row("state", _styled_state(item))
+    if item.state is ItemState.PENDING and item.position:
+        table.add_row("position", f"#{item.position} in queue {item.queue.rsplit('/', 1)[-1]} (#1 is next)")
+    if item.pending_reason is not None:
+        table.add_row("waiting", escape(_pending_text(item)))
     if item.reason:
         table.add_row("reason", item.reason)
     if item.exit_code is not None:
