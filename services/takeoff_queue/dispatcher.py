@@ -169,6 +169,9 @@ class Dispatcher:
         self._sessions: dict[str, Session] = {}
         self._pending: dict[str, list[tuple[int, int, str]]] = defaultdict(list)
         """queue -> heap of (priority rank, enqueue seq, item id)"""
+        self._lines: dict[str, list[tuple[int, int]]] = {}
+        """queue -> its heap's PENDING items in order, as keys: taken when an item's position is read, and
+        dropped whenever the heap or one of its items changes"""
         self._live: dict[str, int] = defaultdict(int)
         """queue -> items LEASED..RUNNING (and new ones being committed leased), for concurrency limits"""
         self._arriving: dict[str, int] = defaultdict(int)
@@ -253,6 +256,7 @@ class Dispatcher:
         """Forget a queue whose deletion is committed; its leased items are revoked."""
         self.queues.pop(name, None)
         self._pending.pop(name, None)
+        self._lines.pop(name, None)
         self._set_aside.pop(name, None)
         dropped = [item for item in self.items.values() if item.queue == name]
         for item in dropped:
@@ -365,30 +369,33 @@ class Dispatcher:
         """By item id, each PENDING item's place in its queue's dispatch order and why it waits (items as
         the store has them, read by the caller). Each queue's order is taken once for all its items."""
         now = self._clock()
-        lines: dict[str, list[tuple[int, int]]] = {}
         outlooks: dict[str, QueueOutlook] = {}
         found = {}
         for item in items:
             queue = self.queues.get(item.queue)
             if item.state is not ItemState.PENDING or queue is None:
                 continue
-            if queue.name not in lines:
-                lines[queue.name] = self._waiting_line(queue.name)
+            if queue.name not in outlooks:
                 outlooks[queue.name] = self._outlook(queue, now)
             # Among the items eligible now; one still waiting out a retry is shown the place it would take.
-            position = bisect.bisect_left(lines[queue.name], (self._rank(item), item.seq)) + 1
+            line = self._waiting_line(queue.name)
+            position = bisect.bisect_left(line, (self._rank(item), item.seq)) + 1
             found[item.id] = why_pending(item.life.eligible_time, position, outlooks[queue.name], now)
         return found
 
     def _waiting_line(self, queue_name: str) -> list[tuple[int, int]]:
         """The (priority rank, enqueue seq) of the queue's eligible PENDING items, in dispatch order: its
-        heap's entries, less those whose item moved on."""
-        keys = {
-            item_id: (rank, seq)
-            for rank, seq, item_id in self._pending.get(queue_name, ())
-            if (item := self.items.get(item_id)) is not None and item.state is ItemState.PENDING
-        }
-        return sorted(keys.values())
+        heap's entries, less those whose item moved on. Taken again only after the heap or one of its items
+        changed, so reads between two changes cost a binary search each."""
+        line = self._lines.get(queue_name)
+        if line is None:
+            keys = {
+                item_id: (rank, seq)
+                for rank, seq, item_id in self._pending.get(queue_name, ())
+                if (item := self.items.get(item_id)) is not None and item.state is ItemState.PENDING
+            }
+            line = self._lines[queue_name] = sorted(keys.values())
+        return line
 
     def _outlook(self, queue: Queue, now: datetime) -> QueueOutlook:
         """What the queue's PENDING items wait for now, as a dispatch pass would find it."""
@@ -641,6 +648,7 @@ class Dispatcher:
     def _pop_eligible(self, queue_name: str) -> Item | None:
         if not self._offers_work(queue_name):
             return None
+        self._lines.pop(queue_name, None)
         return self.items[heapq.heappop(self._pending[queue_name])[2]]
 
     def _assign(self, item: Item, agent: Agent) -> Assignment | None:
@@ -833,6 +841,8 @@ class Dispatcher:
         a retried item waits again, an ended one leaves."""
         before = item.life
         item.life = life
+        if ItemState.PENDING in (before.state, life.state):
+            self._lines.pop(item.queue, None)  # it left its queue's heap, or may be back in it
         if before.state.is_live and not (life.state.is_live and life.epoch == before.epoch):
             self._release_hold(item, before, ended_by_agent=ended_by_agent)
             if life.state is ItemState.PENDING:
@@ -856,6 +866,7 @@ class Dispatcher:
         committed = item.committed
         assert committed is not None, "only committed items are in the index"
         self._writing.pop(item.id, None)
+        self._lines.pop(item.queue, None)  # a PENDING life may bring back its entry in the heap
         if self._leases.get(item.lease_id) == item.id:
             self._release_hold(item, item.life, ended_by_agent=False)
             del self._ended_leases[item.lease_id]
@@ -1022,6 +1033,7 @@ class Dispatcher:
 
     def _queue_up(self, item: Item) -> None:
         heapq.heappush(self._pending[item.queue], (self._rank(item), item.seq, item.id))
+        self._lines.pop(item.queue, None)
         self._schedule_dispatch()
 
     def _rank(self, item: Item) -> int:
@@ -1034,6 +1046,7 @@ class Dispatcher:
         ]
         heapq.heapify(heap)
         self._pending[queue_name] = heap
+        self._lines.pop(queue_name, None)
 
     def _send_to_holder(self, item: Item, message: Any) -> None:
         session = self._sessions.get(item.life.agent.removeprefix("agents/"))
