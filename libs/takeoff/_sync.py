@@ -51,7 +51,7 @@ CRASHED: dict[str, Any] = {
     "message": "the job ended without finishing the run",
 }
 """The final state of an offline run whose job ended without one (killed, say)."""
-RETRY_SECONDS = 10.0
+RETRY_SECONDS = 5.0
 """How long a call is sent again while the registry is unreachable, before the sync gives up."""
 _Request = TypeVar("_Request")
 _Response = TypeVar("_Response")

@@ -6,11 +6,13 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.text import Text
 
 from takeoff._offline import OfflineRunError
 from takeoff._sync import SyncResult, find_offline_runs, sync_run
-from takeoff.cli._output import console, error_console, fail, print_json
+from takeoff.cli._output import console, error_console, print_json, usage_error
 from takeoff.cli._registry import JsonOption, one_line, takeoff_client
+from takeoff.client import Client
 from takeoff.errors import TakeoffError
 
 
@@ -40,26 +42,27 @@ def sync(
     try:
         run_directories = [run for directory in directories for run in find_offline_runs(directory)]
     except OfflineRunError as error:
-        fail(str(error), code=2)
-    results, failures = [], 0
+        usage_error(str(error))
     with takeoff_client(project) as client:
-        for directory in run_directories:
-            try:
-                result = sync_run(directory, client, project=project)
-            except (TakeoffError, OfflineRunError) as error:
-                message = one_line(error) if isinstance(error, TakeoffError) else str(error)
-                error_console.print(
-                    f"error: cannot sync {directory}: {message}", markup=False, soft_wrap=True
-                )
-                failures += 1
-                continue
-            results.append(result)
-            if not json_output:
-                console.print(_said(result), markup=False, soft_wrap=True)
+        results = [_sync_one(directory, client, project, json_output) for directory in run_directories]
     if json_output:
-        print_json([_as_json(result) for result in results])
-    if failures:
+        print_json([_as_json(result) for result in results if result is not None])
+    if None in results:
         raise typer.Exit(1)
+
+
+def _sync_one(directory: Path, client: Client, project: str | None, json_output: bool) -> SyncResult | None:
+    """Sync one run and say how it went; None (after saying why) when it could not be synced, so that the
+    other runs still are."""
+    try:
+        result = sync_run(directory, client, project=project)
+    except (TakeoffError, OfflineRunError) as error:
+        message = one_line(error) if isinstance(error, TakeoffError) else str(error)
+        error_console.print(Text.assemble(("error:", "bold red"), f" cannot sync {directory}: {message}"))
+        return None
+    if not json_output:
+        console.print(_said(result), markup=False, soft_wrap=True)
+    return result
 
 
 def _said(result: SyncResult) -> str:
