@@ -111,6 +111,7 @@ class OfflineWriter:
         self._wake = threading.Event()
         self._closing = False
         self._warned = False
+        self._failed = False
         self._thread = threading.Thread(target=self._write_until_closed, name="takeoff-offline", daemon=True)
         self._thread.start()
 
@@ -140,8 +141,10 @@ class OfflineWriter:
         self._thread.join(timeout)
         if self._thread.is_alive():
             warn(f"could not finish writing the offline run in {self.directory} within {timeout:g}s")
-            return
-        warn(f"the run is saved offline in {self.directory}; upload it with: takeoff sync {self.directory}")
+        elif not self._failed:  # a failure was said when it happened
+            warn(
+                f"the run is saved offline in {self.directory}; upload it with: takeoff sync {self.directory}"
+            )
 
     def _write_until_closed(self) -> None:
         try:
@@ -155,6 +158,7 @@ class OfflineWriter:
                 os.fsync(file.fileno())
                 file.close()
         except OSError as error:  # a full disk, say: the job goes on, the run's data stops here
+            self._failed = True
             warn(f"cannot write the offline run in {self.directory}: {error}")
 
     def _write_round(self) -> None:

@@ -38,9 +38,9 @@ from takeoff._offline import (
     write_atomically,
 )
 from takeoff._sender import MAX_BATCH_BYTES, MAX_ROWS_PER_BATCH, RATE_LIMITED_MAX_WAIT, _fill_row
+from takeoff._values import RunState, dict_to_struct
 from takeoff.client import Client
 from takeoff.errors import TakeoffError
-from takeoff.models import RunState, dict_to_struct
 from takeoff.v1 import runs_pb2
 from takeoff_rpc.retries import RetryPolicy, call_with_retries
 
