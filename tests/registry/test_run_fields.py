@@ -3,18 +3,31 @@
 
 from __future__ import annotations
 
+import shutil
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import grpc
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection
 
+import takeoff_registry.store
 from takeoff.v1 import common_pb2, runs_pb2
+from takeoff_registry.store import ProjectRow
+from takeoff_server.database import Database
 from takeoff_server.protovalues import dict_to_struct, struct_to_dict
+from takeoff_server.sqltypes import JsonText, UtcDateTime
 from tests.registry.conftest import Registry, failure, registry_settings, start_registry
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 FAILED_PRECONDITION = grpc.StatusCode.FAILED_PRECONDITION
 LAUNCH = {"lr": 0.1, "epochs": 3}
+MIGRATIONS = Path(takeoff_registry.store.__file__).with_name("migrations")
+_PLAIN_RUN_COLUMNS = (
+    *("project_id", "run_id", "display_name", "job", "job_version", "queue_item", "attempt", "state"),
+    *("message", "history_length", "last_step", "log_line_count"),
+)
 
 
 async def create_run(registry: Registry, run_id: str = "", **run: Any) -> runs_pb2.Run:
@@ -224,16 +237,52 @@ async def test_filtered_pages_continue_with_the_same_filters_only(registry: Regi
     assert (changed.code, changed.reason) == (INVALID, "PAGE_TOKEN_INVALID")
 
 
-async def test_labels_and_launch_keys_survive_a_restart(database_url: str, tmp_path: Path) -> None:
-    settings = registry_settings(tmp_path / "home", database_url)
-    async for registry in start_registry(settings):
-        run = await launched_run(registry, "kept")
-        await create_run(registry, "labelled", tags=["a", "b"], notes="n", group="g", job_type="train")
-    async for registry in start_registry(settings):
-        name = "projects/demo/runs/labelled"
-        labelled = (await registry.runs.GetRun(runs_pb2.GetRunRequest(name=name))).run
-        assert list(labelled.tags) == ["a", "b"]
-        assert (labelled.notes, labelled.group, labelled.job_type) == ("n", "g", "train")
-        assert await list_ids(registry, tags=["b"], group="g") == ["labelled"]
-        refused = await failure(update_config(registry, run.name, {"lr": 1}))
-        assert refused.reason == "CONFIG_KEY_READ_ONLY"
+async def test_a_run_stored_before_these_fields_reads_as_unlabelled_with_no_read_only_keys(
+    database_url: str, tmp_path: Path
+) -> None:
+    before = tmp_path / "migrations-before-0004"
+    before.mkdir()
+    for revision in sorted(MIGRATIONS.glob("000[1-3]_*.py")):
+        shutil.copy(revision, before)
+    old = Database("registry", database_url, migrations=before)
+    try:
+        assert await old.migrate() == "0003"
+        async with old.engine.begin() as connection:
+            await _store_run_before_0004(connection, "old")
+    finally:
+        await old.close()
+
+    async for registry in start_registry(registry_settings(tmp_path / "home", database_url)):
+        run = (await registry.runs.GetRun(runs_pb2.GetRunRequest(name="projects/demo/runs/old"))).run
+        assert (list(run.tags), run.notes, run.group, run.job_type) == ([], "", "", "")
+        assert list(run.launch_config_keys) == []
+        updated = await update_config(registry, run.name, {"lr": 0.2})
+        assert struct_to_dict(updated.config) == {"lr": 0.2}
+        assert await list_ids(registry, id_prefix="ol") == ["old"]
+
+
+_RUNS_BEFORE_0004 = sa.table(
+    "registry_runs",
+    *(sa.column(name) for name in _PLAIN_RUN_COLUMNS),
+    *(sa.column(name, JsonText) for name in ("config", "summary", "metric_keys")),
+    *(sa.column(name, UtcDateTime) for name in ("create_time", "update_time")),
+)
+"""The columns of ``registry_runs`` that revision 0003 leaves (every one without a default)."""
+
+
+async def _store_run_before_0004(connection: AsyncConnection, run_id: str) -> None:
+    now = datetime.now(UTC)
+    await connection.execute(sa.insert(ProjectRow).values(project_id="demo", create_time=now))
+    run = {
+        **dict.fromkeys(("display_name", "job", "job_version", "queue_item", "message"), ""),
+        **dict.fromkeys(("attempt", "history_length", "last_step", "log_line_count"), 0),
+        "project_id": "demo",
+        "run_id": run_id,
+        "state": "RUNNING",
+        "config": {"lr": 0.1},
+        "summary": {},
+        "metric_keys": [],
+        "create_time": now,
+        "update_time": now,
+    }
+    await connection.execute(sa.insert(_RUNS_BEFORE_0004).values(run))
