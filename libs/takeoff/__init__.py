@@ -7,11 +7,15 @@
     run.summary["best_loss"] = 0.33
     run.finish()  # also at exit; an uncaught exception marks the run FAILED
 
+As in wandb, ``takeoff.run`` is the active run (None before ``init``), and ``takeoff.config``,
+``takeoff.summary``, ``takeoff.log``, ``takeoff.define_metric`` and ``takeoff.finish`` act on it.
+
 ``takeoff.Client`` manages jobs and queues, launches jobs and reads runs. The SDK talks to Takeoff's
 services over gRPC only; it never imports server code.
 
 The names below are imported on first use (PEP 562), so that importing the generated stubs
-(``takeoff.v1``), as every service does, loads neither the client nor the run machinery.
+(``takeoff.v1``), as every service does, loads neither the client nor the run machinery. ``run``,
+``config`` and ``summary`` are looked up at each use, since they change with the active run.
 """
 
 from __future__ import annotations
@@ -71,16 +75,33 @@ __all__ = [
     "TemplateVariable",
     "UnauthenticatedError",
     "UnavailableError",
+    "config",
     "current_run",
+    "define_metric",
     "finish",
     "init",
     "log",
+    "run",
+    "summary",
 ]
+
+# The active run's, so never kept in this module's namespace (takeoff._run.active_attribute).
+_DYNAMIC = frozenset({"config", "run", "summary"})
 
 # The module that defines each public name; the rest are in takeoff.models.
 _DEFINED_IN = {
     **dict.fromkeys(
-        ("ReadOnlyConfigError", "Run", "RunConfig", "RunSummary", "current_run", "finish", "init", "log"),
+        (
+            "ReadOnlyConfigError",
+            "Run",
+            "RunConfig",
+            "RunSummary",
+            "current_run",
+            "define_metric",
+            "finish",
+            "init",
+            "log",
+        ),
         "takeoff._run",
     ),
     "Client": "takeoff.client",
@@ -104,7 +125,22 @@ _DEFINED_IN = {
 }
 
 if TYPE_CHECKING:
-    from takeoff._run import ReadOnlyConfigError, Run, RunConfig, RunSummary, current_run, finish, init, log
+    run: Run | None
+    config: RunConfig
+    summary: RunSummary
+
+if TYPE_CHECKING:
+    from takeoff._run import (
+        ReadOnlyConfigError,
+        Run,
+        RunConfig,
+        RunSummary,
+        current_run,
+        define_metric,
+        finish,
+        init,
+        log,
+    )
     from takeoff.client import Client
     from takeoff.errors import (
         AbortedError,
@@ -157,6 +193,8 @@ if TYPE_CHECKING:
 else:
 
     def __getattr__(name: str) -> object:
+        if name in _DYNAMIC:
+            return importlib.import_module("takeoff._run").active_attribute(name)
         if name not in __all__:
             raise AttributeError(f"module 'takeoff' has no attribute {name!r}")
         value = getattr(importlib.import_module(_DEFINED_IN.get(name, "takeoff.models")), name)

@@ -3,6 +3,10 @@
 Launched by an agent, a job finds its run in the environment (``TAKEOFF_PROJECT``, ``TAKEOFF_RUN_ID``,
 ``TAKEOFF_CONFIG``) and attaches to it; run outside a launch, ``init`` creates a run first. Either way the
 registry is ``TAKEOFF_REGISTRY`` (an address or ``unix:/path``), else the local stack's.
+
+A :class:`Run` checks what the code gives it and hands rows and changes to a
+:class:`takeoff._delivery.Delivery`: the registry's (``mode="online"``), a local directory's
+(``"offline"``, uploaded later by ``takeoff sync``) or none (``"disabled"``).
 """
 
 from __future__ import annotations
@@ -11,34 +15,34 @@ import atexit
 import json
 import operator
 import os
+import signal
 import sys
 import threading
 import time
 import traceback
 import uuid
-from collections.abc import Iterator, Mapping, MutableMapping
-from types import TracebackType
-from typing import Any, TypeVar
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
+from pathlib import Path
+from types import FrameType, TracebackType
+from typing import TYPE_CHECKING, Any
 
-import grpc
+from takeoff._delivery import Delivery, DisabledDelivery, parse_summary, warn
+from takeoff._home import default_project
+from takeoff._values import RunState, dict_to_struct, jsonable
+from takeoff.v1 import runs_pb2
 
-from takeoff._auth import channel_credentials, find_api_key
-from takeoff._home import service_address
-from takeoff._sender import CALL_TIMEOUT, RunSender, warn
-from takeoff.client import default_project
-from takeoff.errors import TakeoffError
-from takeoff.models import RunState, dict_to_struct
-from takeoff.v1 import runs_pb2, runs_pb2_grpc
-from takeoff_rpc.channels import open_channel
-from takeoff_rpc.retries import RetryPolicy, call_with_retries
+if TYPE_CHECKING:
+    from takeoff._system import SystemMetrics
 
-# How long init waits for an unreachable registry, and finish for the last data to be delivered.
-INIT_TIMEOUT_ENV = "TAKEOFF_INIT_TIMEOUT"
+# How long finish waits for the last data to be delivered.
 FLUSH_TIMEOUT_ENV = "TAKEOFF_FLUSH_TIMEOUT"
+MODE_ENV = "TAKEOFF_MODE"
+DIR_ENV = "TAKEOFF_DIR"
+MODES = ("online", "offline", "disabled")
 DEFAULT_TIMEOUT = 60.0
 MAX_FINISH_MESSAGE = 4096
-_Request = TypeVar("_Request")
-_Response = TypeVar("_Response")
+_PLAIN_TYPES = frozenset({float, int, str, bool})
+"""Values ``run.log`` stores as they are, checked by one set lookup (the fast path)."""
 
 
 class _Active:
@@ -54,23 +58,51 @@ class ReadOnlyConfigError(TypeError):
 class RunConfig(MutableMapping[str, Any]):
     """The run's config: the code's defaults overridden by the launch's. Launch-set keys are read-only.
 
-    Changes to other keys stay in this process: the registry records the config once, at ``init``.
+    Changes to other keys are recorded in the run (``UpdateRunConfig``, sent in the background). As in
+    wandb, keys read and write as attributes too: ``run.config.lr``.
     """
 
-    def __init__(self, values: Mapping[str, Any], launched_keys: frozenset[str]) -> None:
-        self._values = dict(values)
-        self._launched_keys = launched_keys
+    def __init__(
+        self,
+        values: Mapping[str, Any],
+        launched_keys: frozenset[str],
+        record: Callable[[Mapping[str, Any]], None],
+    ) -> None:
+        object.__setattr__(self, "_values", dict(values))
+        object.__setattr__(self, "_launched_keys", launched_keys)
+        object.__setattr__(self, "_record", record)
 
     def __getitem__(self, key: str) -> Any:
         return self._values[key]
 
     def __setitem__(self, key: str, value: Any) -> None:
-        self._refuse_launched(key)
-        self._values[key] = value
+        self.update({key: value})
 
     def __delitem__(self, key: str) -> None:
-        self._refuse_launched(key)
+        self._refuse_launched([key])
         del self._values[key]
+        self._record({key: None})  # a JSON null removes the key
+
+    def update(self, other: Any = (), /, **more: Any) -> None:
+        """Set several keys at once; refused whole, before any change, if one of them is launch-set."""
+        changes = dict(other, **more)
+        for key in changes:
+            if not isinstance(key, str) or not key:
+                raise TypeError(f"config keys must be non-empty strings, not {key!r}")
+        self._refuse_launched(changes)
+        self._values.update(changes)
+        self._record({key: jsonable(value) for key, value in changes.items()})
+
+    def __getattr__(self, key: str) -> Any:
+        if key.startswith("_"):
+            raise AttributeError(key)
+        try:
+            return self._values[key]
+        except KeyError:
+            raise AttributeError(f"the run's config has no key {key!r}") from None
+
+    def __setattr__(self, key: str, value: Any) -> None:
+        self[key] = value
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._values)
@@ -81,30 +113,37 @@ class RunConfig(MutableMapping[str, Any]):
     def __repr__(self) -> str:
         return f"RunConfig({self._values!r})"
 
-    def _refuse_launched(self, key: str) -> None:
-        if key in self._launched_keys:
-            raise ReadOnlyConfigError(
-                f"config key {key!r} was set by the launch (TAKEOFF_CONFIG) and is read-only in this run"
-            )
+    def _refuse_launched(self, keys: Iterable[str]) -> None:
+        for key in keys:
+            if key in self._launched_keys:
+                raise ReadOnlyConfigError(
+                    f"config key {key!r} was set by the launch (TAKEOFF_CONFIG) and is read-only in this "
+                    f"run; its value is {self._values[key]!r}. Launch with another value to change it."
+                )
 
 
 class RunSummary(MutableMapping[str, Any]):
-    """Headline values of a run (``best_loss``...); each change is sent in the background."""
+    """Headline values of a run (``best_loss``...); each change is sent in the background.
 
-    def __init__(self, sender: RunSender) -> None:
+    Without a value set here, the run's summary holds each metric's last value, or what
+    ``run.define_metric`` asks for; those are computed while rows are delivered, so this mapping holds
+    only the values the code set.
+    """
+
+    def __init__(self, delivery: Delivery) -> None:
         self._values: dict[str, Any] = {}
-        self._sender = sender
+        self._delivery = delivery
 
     def __getitem__(self, key: str) -> Any:
         return self._values[key]
 
     def __setitem__(self, key: str, value: Any) -> None:
         self._values[key] = value
-        self._sender.update_summary({key: value})
+        self._delivery.update_summary({key: value})
 
     def __delitem__(self, key: str) -> None:
         del self._values[key]
-        self._sender.update_summary({key: None})  # a JSON null removes the key
+        self._delivery.update_summary({key: None})  # a JSON null removes the key
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._values)
@@ -123,9 +162,9 @@ class Run:
         self,
         run: runs_pb2.Run,
         config: RunConfig,
-        channel: grpc.Channel,
-        stub: runs_pb2_grpc.RunServiceStub,
+        delivery: Delivery,
         *,
+        mode: str,
         flush_timeout: float,
     ) -> None:
         self.path = run.name
@@ -133,62 +172,92 @@ class Run:
         self.id = run.name.rsplit("/", 1)[-1]
         self.project = run.name.split("/")[1]
         self.name = run.display_name or self.id
+        self.tags = tuple(run.tags)
+        self.notes = run.notes
+        self.group = run.group
+        self.job_type = run.job_type
+        self.mode = mode
+        """``online``, ``offline`` or ``disabled``."""
         self.config = config
-        self._channel = channel
-        self._sender = RunSender(stub, run.name, first_row_index=run.history_length)
-        self._append_row = self._sender.rows.append
-        self._next_step = run.last_step + 1 if run.history_length else 0
-        self.summary = RunSummary(self._sender)
+        self.summary = RunSummary(delivery)
+        self._delivery = delivery
+        self._append = delivery.rows.append
+        # The step of the row being built: rows written so far have smaller steps.
+        self._step = run.last_step + 1 if run.history_length else 0
+        self._pending: dict[str, Any] = {}
+        """Values of the row at ``_step`` not yet written (``commit=False``, or an explicit step)."""
+        self._pending_time = 0
+        self._warned_backwards = False
+        self._known_keys: set[str] = set()
+        """Metric names checked once already. ``finish`` empties it for good, so that every later call
+        takes ``_log``, which refuses it."""
         self._flush_timeout = flush_timeout
         self._finished = False
-        self._finish_lock = threading.Lock()
+        self._finish_lock = threading.RLock()  # RLock: SIGTERM's handler may run while finish holds it
         self._pid = os.getpid()  # a forked child inherits this object, and exit handlers, but not the run
         self._previous_excepthook = sys.excepthook
-        if not _interactive():  # in a REPL an uncaught exception does not end the program
-            sys.excepthook = self._excepthook
-        atexit.register(self.finish)
+        self._system_metrics: SystemMetrics | None = None
 
-    def log(self, values: Mapping[str, Any], step: int | None = None) -> None:
-        """Record one row of metrics, e.g. ``{"loss": 0.4, "epoch": 2}``; ``step`` defaults to the last + 1.
+    def log(self, values: Mapping[str, Any], step: int | None = None, commit: bool | None = None) -> None:
+        """Record metrics, e.g. ``{"loss": 0.4, "epoch": 2}``, as wandb does.
 
-        Numbers become metric values; strings, lists and dicts are kept as data. The row is buffered and
-        sent by a background thread: this call costs microseconds and never waits for the network.
+        Without ``step``, the values go into the current row, which is written (``commit``, the default)
+        and the step advances by one; ``commit=False`` keeps adding to the row. With ``step``, rows go to
+        that step: a later step writes the row before it, the current step adds to its row (written by
+        ``commit=True``, the next step or ``finish``), an earlier step is warned about once and dropped.
+
+        Values are numbers, strings, booleans, None, or lists and dicts of them (numpy and torch values
+        via ``tolist()``); anything else is a TypeError naming the key, and nothing is recorded. The row is
+        buffered and sent by a background thread: this call costs microseconds and never waits.
         """
-        if self._finished:
-            raise RuntimeError(f"run {self.id} is finished; call takeoff.init() for a new run")
-        if step is None:
-            step = self._next_step
-        else:
-            step = operator.index(step)
-            if step < 0:
-                raise ValueError(f"step must be >= 0, got {step}")
-        self._next_step = step + 1
-        # A copy, so the caller may reuse its dict; the protobuf is built in the sender thread.
-        self._append_row((step, time.time_ns(), dict(values)))
+        if step is None and commit is None and not self._pending and type(values) is dict and values:
+            for value in values.values():
+                if type(value) not in _PLAIN_TYPES:
+                    break
+            else:
+                if self._known_keys.issuperset(values):
+                    step = self._step
+                    self._append((step, time.time_ns(), values.copy()))
+                    self._step = step + 1
+                    return
+        self._log(values, step, commit)
 
-    def finish(self, state: RunState | str | None = None, message: str = "") -> None:
-        """Deliver everything buffered, then end the run (FINISHED unless ``state`` says otherwise).
+    def define_metric(self, name: str, step_metric: str | None = None, *, summary: str | None = None) -> None:
+        """How metric ``name`` is summarised (``"min"``, ``"max"``, ``"mean"``, ``"last"``, several joined
+        by commas, or ``"none"``; the summary then holds ``{"min": ...}``), and which metric is its x axis:
+        a row holding ``name`` but not ``step_metric`` gets ``step_metric``'s last value. A name ending in
+        ``*`` covers every metric it prefixes (``"val/*"``)."""
+        if not isinstance(name, str) or not name.rstrip("*"):
+            raise ValueError(f"define_metric needs a metric name, not {name!r}")
+        if summary:
+            parse_summary(summary)
+        self._delivery.define_metric(name, summary, step_metric)
+
+    def finish(
+        self, state: RunState | str | None = None, message: str = "", exit_code: int | None = None
+    ) -> None:
+        """Deliver everything buffered, then end the run: as ``state`` says, else FAILED for a nonzero
+        ``exit_code`` (recorded in the run), else FINISHED.
 
         Waits at most ``TAKEOFF_FLUSH_TIMEOUT`` seconds (default 60) for an unreachable registry, then gives
         up with a warning; it never raises because of the registry.
         """
-        final = RunState(str(state or RunState.FINISHED).upper())
-        if not final.ended:
-            raise ValueError(f"a run finishes as FINISHED, FAILED, CRASHED or KILLED, not {final}")
+        final = _final_state(state, exit_code)
         with self._finish_lock:
             if self._finished or os.getpid() != self._pid:
                 return
+            self._commit()
             self._finished = True
+            self._known_keys.clear()
         if _Active.run is self:
             _Active.run = None
-        atexit.unregister(self.finish)
-        if sys.excepthook == self._excepthook:
-            sys.excepthook = self._previous_excepthook
+        self._remove_hooks()
+        if self._system_metrics is not None:
+            self._system_metrics.stop()
         request = runs_pb2.FinishRunRequest(
-            name=self.path, state=final._to_proto(), message=message[:MAX_FINISH_MESSAGE]
+            name=self.path, state=final._to_proto(), message=message[:MAX_FINISH_MESSAGE], exit_code=exit_code
         )
-        self._sender.close(request, timeout=self._flush_timeout)
-        self._channel.close()
+        self._delivery.close(request, timeout=self._flush_timeout)
 
     @property
     def finished(self) -> bool:
@@ -206,7 +275,80 @@ class Run:
             self.finish(_state_for(kind), _exception_summary(kind, error))
 
     def __repr__(self) -> str:
-        return f"Run(id={self.id!r}, project={self.project!r}, name={self.name!r})"
+        return f"Run(id={self.id!r}, project={self.project!r}, name={self.name!r}, mode={self.mode!r})"
+
+    def _log(self, values: Mapping[str, Any], step: int | None, commit: bool | None) -> None:
+        """``log`` for whatever the fast path does not take: checks come before any change, so a refused
+        call changes nothing, and does not use up a step."""
+        if self._finished:
+            raise RuntimeError(f"run {self.id} is finished; call takeoff.init() for a new run")
+        row = _checked_row(values)
+        self._known_keys.update(row)
+        if step is not None:
+            step = operator.index(step)
+            if step < 0:
+                raise ValueError(f"step must be >= 0, got {step}")
+            if step < self._step:
+                self._warn_backwards(step)
+                return
+            if step > self._step:
+                self._commit()
+                self._step = step
+        elif commit is None:
+            commit = True
+        if not self._pending:
+            self._pending_time = time.time_ns()
+        self._pending.update(row)
+        if commit:
+            self._commit()
+
+    def _commit(self) -> None:
+        """Write the row being built, if it holds anything, and move to the next step."""
+        if self._pending:
+            self._append((self._step, self._pending_time, self._pending))
+            self._pending = {}
+            self._step += 1
+
+    def _warn_backwards(self, step: int) -> None:
+        if not self._warned_backwards:
+            self._warned_backwards = True
+            warn(
+                f"run.log(step={step}) is before the current step {self._step}; steps only go forward, so "
+                "such rows are dropped (said once per run)"
+            )
+
+    def _emit_system_metrics(self, values: Mapping[str, float]) -> None:
+        """A row of ``system/*`` values at the last step logged, so they line up with the run's metrics
+        and the run's last step stays the code's."""
+        self._append((max(self._step - 1, 0), time.time_ns(), dict(values)))
+
+    def _install_hooks(self, directory: Path) -> None:
+        """What a run that records something needs: finish at exit, on an uncaught exception and on
+        SIGTERM, and system metrics."""
+        atexit.register(self.finish)
+        if not _interactive():  # in a REPL an uncaught exception does not end the program
+            sys.excepthook = self._excepthook
+        # Only where nobody handles SIGTERM: a handler of the code's own (or a framework's) stays in charge.
+        in_main_thread = threading.current_thread() is threading.main_thread()
+        if in_main_thread and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, self._on_sigterm)
+        from takeoff._system import start_system_metrics  # imported here: `import takeoff` stays light
+
+        self._system_metrics = start_system_metrics(self._emit_system_metrics, directory)
+
+    def _remove_hooks(self) -> None:
+        atexit.unregister(self.finish)
+        if sys.excepthook == self._excepthook:
+            sys.excepthook = self._previous_excepthook
+        in_main_thread = threading.current_thread() is threading.main_thread()
+        if in_main_thread and signal.getsignal(signal.SIGTERM) == self._on_sigterm:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+    def _on_sigterm(self, signum: int, _: FrameType | None) -> None:
+        """Finish KILLED, everything logged delivered, then die of the signal as if it had not been caught."""
+        self.finish(RunState.KILLED, "terminated by SIGTERM")
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
 
     def _excepthook(
         self, kind: type[BaseException], error: BaseException, trace: TracebackType | None
@@ -215,47 +357,91 @@ class Run:
         self.finish(_state_for(kind), _exception_summary(kind, error))
 
 
-def init(project: str | None = None, config: Mapping[str, Any] | None = None, name: str | None = None) -> Run:
+def init(
+    project: str | None = None,
+    config: Mapping[str, Any] | None = None,
+    name: str | None = None,
+    *,
+    tags: Iterable[str] | None = None,
+    notes: str | None = None,
+    group: str | None = None,
+    job_type: str | None = None,
+    dir: str | os.PathLike[str] | None = None,  # wandb's name for it
+    mode: str | None = None,
+) -> Run:
     """Start reporting this process as a run and return it.
 
     In a launched job (``TAKEOFF_RUN_ID`` set) this attaches to the run the agent created, in the launch's
     project, and ``config`` holds the code's defaults: the launch config (``TAKEOFF_CONFIG``) overrides
-    them. Elsewhere it creates a run in ``project`` (else ``TAKEOFF_PROJECT``, else ``default``). While
-    the registry is unreachable it retries, for up to ``TAKEOFF_INIT_TIMEOUT`` seconds (default 60).
+    them, and ``init`` says once on stderr what the launch overrode. Elsewhere it creates a run in
+    ``project`` (else ``TAKEOFF_PROJECT``, else ``default``). ``tags``, ``notes``, ``group`` and
+    ``job_type`` describe the run, as in wandb.
+
+    ``mode`` (else ``TAKEOFF_MODE``): ``online`` (the default) reports to the registry; ``offline`` writes
+    the run under ``dir`` (else ``TAKEOFF_DIR``, else the working directory) for ``takeoff sync`` to upload;
+    ``disabled`` makes every call a no-op (``run.config`` still works).
+
+    While the registry is unreachable it retries for ``TAKEOFF_INIT_TIMEOUT`` seconds (default 60 in a
+    launched job, 5 elsewhere), then raises :class:`takeoff.UnavailableError` naming the address.
     It presents the key ``takeoff.Client`` finds (in a launched job, the run token ``TAKEOFF_TOKEN``) and
     uses TLS as the client does (``TAKEOFF_TLS_CA_FILE``; never on a ``unix:`` address).
     Calling it again while a run is active returns that run.
     """
     if _Active.run is not None:
         return _Active.run
+    chosen_mode = _mode(mode)
+    if isinstance(tags, str):
+        raise TypeError(f"tags is a list of strings, not the string {tags!r}")
+    launched = bool(os.environ.get("TAKEOFF_RUN_ID"))
     launched_config = _launch_config()
     values = {**(config or {}), **launched_config}
-    flush_timeout = _seconds_from_env(FLUSH_TIMEOUT_ENV)
-    address = service_address("registry")
-    caller = _PatientCaller(address, deadline=time.monotonic() + _seconds_from_env(INIT_TIMEOUT_ENV))
-    channel = open_channel(address, api_key=find_api_key(), credentials=channel_credentials(address))
-    stub = runs_pb2_grpc.RunServiceStub(channel)
-    try:
-        attached = _attach(stub, caller, project, values, name)
-    except BaseException:
-        channel.close()
-        raise
-    config_view = RunConfig(values, frozenset(launched_config))
-    _Active.run = Run(attached, config_view, channel, stub, flush_timeout=flush_timeout)
-    return _Active.run
+    if launched:
+        _say_what_the_launch_overrides(project, config or {}, launched_config)
+    wanted = runs_pb2.Run(
+        display_name=name or "",
+        tags=list(tags or ()),
+        notes=notes or "",
+        group=group or "",
+        job_type=job_type or "",
+        config=dict_to_struct(values),
+    )
+    directory = Path(dir or os.environ.get(DIR_ENV) or os.getcwd())
+    delivery: Delivery
+    if chosen_mode == "disabled":
+        delivery = DisabledDelivery()
+        run_id = uuid.uuid4().hex[:12]
+        wanted.name = f"projects/{_project(project, launched)}/runs/{run_id}"
+        attached = wanted
+    elif chosen_mode == "offline":
+        from takeoff._offline import open_offline_run  # imported here: only offline runs need it
+
+        attached, delivery = open_offline_run(directory, _project(project, launched), wanted)
+    else:
+        from takeoff._online import open_online_run  # imported here: offline and disabled runs need no gRPC
+
+        attached, delivery = open_online_run(_project(project, launched), wanted, launched)
+    config_view = RunConfig(values, frozenset(launched_config), delivery.update_config)
+    run = Run(attached, config_view, delivery, mode=chosen_mode, flush_timeout=_flush_timeout())
+    if chosen_mode != "disabled":
+        run._install_hooks(directory)
+    _Active.run = run
+    return run
 
 
-def log(values: Mapping[str, Any], step: int | None = None) -> None:
+def log(values: Mapping[str, Any], step: int | None = None, commit: bool | None = None) -> None:
     """``run.log`` on the run ``takeoff.init()`` started."""
-    if _Active.run is None:
-        raise RuntimeError("call takeoff.init() before takeoff.log()")
-    _Active.run.log(values, step)
+    _active("log").log(values, step, commit)
 
 
-def finish(state: RunState | str | None = None, message: str = "") -> None:
+def define_metric(name: str, step_metric: str | None = None, *, summary: str | None = None) -> None:
+    """``run.define_metric`` on the run ``takeoff.init()`` started."""
+    _active("define_metric").define_metric(name, step_metric, summary=summary)
+
+
+def finish(state: RunState | str | None = None, message: str = "", exit_code: int | None = None) -> None:
     """``run.finish`` on the run ``takeoff.init()`` started, if there is one."""
     if _Active.run is not None:
-        _Active.run.finish(state, message)
+        _Active.run.finish(state, message, exit_code)
 
 
 def current_run() -> Run | None:
@@ -263,58 +449,122 @@ def current_run() -> Run | None:
     return _Active.run
 
 
-def _attach(
-    stub: runs_pb2_grpc.RunServiceStub,
-    caller: _PatientCaller,
-    project: str | None,
-    config: dict[str, Any],
-    display_name: str | None,
-) -> runs_pb2.Run:
-    if run_id := os.environ.get("TAKEOFF_RUN_ID"):
-        run_name = f"projects/{default_project()}/runs/{run_id}"
-    else:
-        create = runs_pb2.CreateRunRequest(
-            parent=f"projects/{project or default_project()}",
-            run=runs_pb2.Run(display_name=display_name or ""),
-            request_id=str(uuid.uuid4()),  # a retried CreateRun returns the run the first attempt made
-        )
-        run_name = caller.call(stub.CreateRun, create).run.name
-    attach = runs_pb2.AttachRunRequest(
-        name=run_name, config=dict_to_struct(config), display_name=display_name or ""
+def active_attribute(name: str) -> Any:
+    """``takeoff.run``, ``takeoff.config`` and ``takeoff.summary``: the active run's, read at each use.
+
+    Before ``init`` (and after ``finish``) ``takeoff.run`` is None and the others are placeholders that
+    raise on use, saying to call ``takeoff.init()`` first, as wandb's do.
+    """
+    run = _Active.run
+    if name == "run":
+        return run
+    return _NotStarted(name) if run is None else getattr(run, name)
+
+
+class _NotStarted:
+    """``takeoff.config`` or ``takeoff.summary`` before ``init``: any use says what to do."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def _refuse(self, *_: Any) -> Any:
+        raise RuntimeError(f"call takeoff.init() before using takeoff.{self._name}")
+
+    def __getattr__(self, key: str) -> Any:
+        return self._refuse()
+
+    __getitem__ = __setitem__ = __delitem__ = __iter__ = __len__ = __contains__ = _refuse
+
+    def __repr__(self) -> str:
+        return f"<takeoff.{self._name}: no run yet, call takeoff.init()>"
+
+
+def _active(function: str) -> Run:
+    if _Active.run is None:
+        raise RuntimeError(f"call takeoff.init() before takeoff.{function}()")
+    return _Active.run
+
+
+def _mode(mode: str | None) -> str:
+    chosen = mode or os.environ.get(MODE_ENV) or "online"
+    if chosen not in MODES:
+        source = "mode" if mode else MODE_ENV
+        raise ValueError(f"{source} must be one of {', '.join(MODES)}, not {chosen!r}")
+    return chosen
+
+
+def _project(project: str | None, launched: bool) -> str:
+    """The run's project: a launched job's is the launch's (TAKEOFF_PROJECT)."""
+    return default_project() if launched else project or default_project()
+
+
+def _say_what_the_launch_overrides(
+    project: str | None, defaults: Mapping[str, Any], launched_config: Mapping[str, Any]
+) -> None:
+    overridden = []
+    if project and project != default_project():
+        overridden.append(f"project {project!r} (the run is in {default_project()!r})")
+    overridden.extend(
+        f"config {key}={defaults[key]!r} (launched with {value!r})"
+        for key, value in launched_config.items()
+        if key in defaults and defaults[key] != value
     )
-    try:
-        return caller.call(stub.AttachRun, attach).run
-    except TakeoffError as error:
-        # An attempt that failed on the way back may have attached the run: then it is ours already.
-        if error.reason != "RUN_ALREADY_ATTACHED" or not caller.retried:
-            raise
-        return caller.call(stub.GetRun, runs_pb2.GetRunRequest(name=run_name)).run
+    if overridden:
+        warn(f"the launch overrides what init() was given: {'; '.join(overridden)}")
 
 
-class _PatientCaller:
-    """Makes calls that wait out an unreachable registry, until a deadline."""
+def _checked_row(values: Mapping[str, Any]) -> dict[str, Any]:
+    """``values`` as JSON values (numpy and torch values through ``tolist()``), or TypeError naming the
+    key whose value is not a number, string, boolean, None, or list or dict of them."""
+    if not isinstance(values, Mapping):
+        raise TypeError(f"run.log takes a dict of metric names to values, not {_type_name(values)}")
+    row = {}
+    for key, value in values.items():
+        if type(key) is not str or not key:
+            raise TypeError(f"metric names are non-empty strings, not {key!r}")
+        row[key] = _plain(value, key)
+    return row
 
-    def __init__(self, address: str, deadline: float) -> None:
-        self.address = address
-        self.deadline = deadline
-        self.retried = False
 
-    def call(self, method: grpc.UnaryUnaryMultiCallable[_Request, _Response], request: _Request) -> _Response:
-        def attempt() -> _Response:
-            remaining = self.deadline - time.monotonic()
-            return method(request, timeout=max(0.1, min(CALL_TIMEOUT, remaining)), wait_for_ready=True)
+def _plain(value: Any, where: str) -> Any:
+    kind = type(value)
+    if kind in _PLAIN_TYPES or value is None:
+        return value
+    for plain_type in (bool, int, float, str):  # subclasses (numpy.float64, enums) become the plain type
+        if isinstance(value, plain_type):
+            return plain_type(value)
+    if isinstance(value, list | tuple):
+        return [_plain(item, f"{where}[{index}]") for index, item in enumerate(value)]
+    if isinstance(value, Mapping):
+        plain = {}
+        for key, item in value.items():
+            if type(key) is not str:
+                raise TypeError(f"run.log value {where!r} has a key {key!r}: keys of dicts are strings")
+            plain[key] = _plain(item, f"{where}.{key}")
+        return plain
+    tolist = getattr(value, "tolist", None)  # numpy arrays and scalars, torch tensors
+    if callable(tolist):
+        return _plain(tolist(), where)
+    raise TypeError(
+        f"run.log value {where!r} has type {_type_name(value)}: log numbers, strings, booleans, None, "
+        "or lists and dicts of them"
+    )
 
-        policy = RetryPolicy(deadline=self.deadline - time.monotonic())
-        try:
-            return call_with_retries(attempt, policy, on_retry=self._on_retry)
-        except grpc.RpcError as rpc_error:
-            raise TakeoffError.from_rpc_error(rpc_error, target=self.address) from None
 
-    def _on_retry(self, rpc_error: grpc.RpcError, failed_attempts: int, delay: float) -> None:
-        if not self.retried:
-            error = TakeoffError.from_rpc_error(rpc_error, target=self.address)
-            warn(f"waiting for the registry at {self.address} ({error})")
-            self.retried = True
+def _type_name(value: Any) -> str:
+    kind = type(value)
+    return kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+
+
+def _final_state(state: RunState | str | None, exit_code: int | None) -> RunState:
+    if exit_code is not None:
+        exit_code = operator.index(exit_code)
+    if state is None:
+        return RunState.FAILED if exit_code else RunState.FINISHED
+    final = RunState(str(state).upper())
+    if not final.ended:
+        raise ValueError(f"a run finishes as FINISHED, FAILED, CRASHED or KILLED, not {final}")
+    return final
 
 
 def _launch_config() -> dict[str, Any]:
@@ -330,10 +580,14 @@ def _launch_config() -> dict[str, Any]:
     return config
 
 
-def _seconds_from_env(variable: str) -> float:
+def _flush_timeout() -> float:
+    return seconds_from_env(FLUSH_TIMEOUT_ENV, DEFAULT_TIMEOUT)
+
+
+def seconds_from_env(variable: str, default: float) -> float:
     text = os.environ.get(variable)
     if not text:
-        return DEFAULT_TIMEOUT
+        return default
     try:
         return float(text)
     except ValueError:

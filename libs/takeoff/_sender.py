@@ -2,8 +2,9 @@
 
 ``run.log`` only appends ``(step, time_ns, values)`` to :attr:`RunSender.rows`, a deque (appending is
 atomic, so the training thread takes no lock and builds no protobuf). Every ``interval`` the thread drains
-the deque into ``BatchLogMetrics`` calls, turning values into ``MetricRow`` messages as it goes, then sends
-the summary keys changed since the last round in one ``UpdateSummary``.
+the deque into ``BatchLogMetrics`` calls, turning values into ``MetricRow`` messages and metric summaries
+(``takeoff._delivery.MetricSummaries``) as it goes, then sends the summary keys changed since the last round
+in one ``UpdateSummary`` and the config keys changed in one ``UpdateRunConfig``.
 
 Delivery is exactly once: each batch carries the history index of its first row (``first_row_index``),
 so a batch resent after a lost reply is skipped by the registry rather than stored twice. While the
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import math
 import random
-import sys
 import threading
 import time
 from collections import deque
@@ -26,8 +26,10 @@ from typing import Any, TypeVar
 
 import grpc
 
+from takeoff._delivery import LoggedRow, MetricSummaries
+from takeoff._delivery import warn as warn  # noqa: PLC0414 (until _offline and _system import it from there)
+from takeoff._values import dict_to_struct
 from takeoff.errors import TakeoffError
-from takeoff.models import dict_to_struct, jsonable
 from takeoff.v1 import runs_pb2, runs_pb2_grpc
 from takeoff_rpc.retries import RetryPolicy, call_with_retries
 
@@ -41,19 +43,14 @@ _rng = random.Random()
 _Request = TypeVar("_Request")
 _Response = TypeVar("_Response")
 
-LoggedRow = tuple[int, int, Mapping[str, Any]]  # step, time in ns since the epoch, values
-
 
 class _GaveUp(Exception):
     """The flush deadline passed while the registry was still unreachable."""
 
 
-def warn(message: str) -> None:
-    print(f"takeoff: {message}", file=sys.stderr, flush=True)
-
-
 class RunSender:
-    """Owns the delivery of one run; ``close`` flushes everything, then finishes the run."""
+    """The :class:`takeoff._delivery.Delivery` to the registry: ``close`` flushes everything, then
+    finishes the run."""
 
     def __init__(
         self,
@@ -62,15 +59,20 @@ class RunSender:
         *,
         first_row_index: int,
         interval: float = 0.2,
+        channel: grpc.Channel | None = None,
     ) -> None:
+        """``channel``, the one ``stub`` calls through, is closed with the sender."""
         self.rows: deque[LoggedRow] = deque()
         self.dropped_rows = 0
         self._stub = stub
+        self._channel = channel
         self._run_name = run_name
         self._next_row_index = first_row_index
         self._interval = interval
+        self._summaries = MetricSummaries()
         self._summary_changes: dict[str, Any] = {}
-        self._summary_lock = threading.Lock()
+        self._config_changes: dict[str, Any] = {}
+        self._changes_lock = threading.Lock()
         self._wake = threading.Event()
         self._closing = False
         self._finish_request: runs_pb2.FinishRunRequest | None = None
@@ -81,8 +83,16 @@ class RunSender:
         self._thread.start()
 
     def update_summary(self, changes: Mapping[str, Any]) -> None:
-        with self._summary_lock:
+        self._summaries.set_explicitly(changes)
+        with self._changes_lock:
             self._summary_changes.update(changes)
+
+    def update_config(self, changes: Mapping[str, Any]) -> None:
+        with self._changes_lock:
+            self._config_changes.update(changes)
+
+    def define_metric(self, name: str, summary: str | None, step_metric: str | None) -> None:
+        self._summaries.define(name, summary, step_metric)
 
     def close(self, finish: runs_pb2.FinishRunRequest, timeout: float) -> None:
         """Deliver what is buffered, then ``finish``; give up (with a warning) after ``timeout`` s."""
@@ -91,6 +101,8 @@ class RunSender:
         self._closing = True
         self._wake.set()
         self._thread.join(timeout + CALL_TIMEOUT)
+        if self._channel is not None:
+            self._channel.close()
         undelivered = self.dropped_rows + len(self.rows)
         if undelivered:
             warn(f"{undelivered} metric rows of {self._run_name} could not be delivered")
@@ -116,18 +128,32 @@ class RunSender:
             request = self._next_batch()
             if request.rows:
                 self._deliver_rows(request)
-        with self._summary_lock:
-            changes, self._summary_changes = self._summary_changes, {}
-        if changes:
-            try:
-                self._send(
-                    self._stub.UpdateSummary,
-                    runs_pb2.UpdateSummaryRequest(name=self._run_name, summary=dict_to_struct(changes)),
-                )
-            except TakeoffError as error:
-                self._warn_once(
-                    error.reason, f"the registry refused the summary of {self._run_name}: {error}"
-                )
+        metric_summaries = self._summaries.take_changes()
+        with self._changes_lock:
+            # The code's own summary values win over metric summaries of the same keys.
+            summary = {**metric_summaries, **self._summary_changes}
+            config = self._config_changes
+            self._summary_changes, self._config_changes = {}, {}
+        if summary:
+            summary_request = runs_pb2.UpdateSummaryRequest(
+                name=self._run_name, summary=dict_to_struct(summary)
+            )
+            self._send_changes(self._stub.UpdateSummary, summary_request, "summary")
+        if config:
+            config_request = runs_pb2.UpdateRunConfigRequest(
+                name=self._run_name, config=dict_to_struct(config)
+            )
+            self._send_changes(self._stub.UpdateRunConfig, config_request, "config")
+
+    def _send_changes(
+        self, method: grpc.UnaryUnaryMultiCallable[_Request, _Response], request: _Request, what: str
+    ) -> None:
+        """Send a summary or config change; a refusal (``CONFIG_KEY_READ_ONLY``, a registry too old for
+        ``UpdateRunConfig``...) is said once, never raised into the training code."""
+        try:
+            self._send(method, request)
+        except TakeoffError as error:
+            self._warn_once(error.reason, f"the registry refused the {what} of {self._run_name}: {error}")
 
     def _next_batch(self) -> runs_pb2.BatchLogMetricsRequest:
         request = runs_pb2.BatchLogMetricsRequest(name=self._run_name)
@@ -138,6 +164,7 @@ class RunSender:
             step, time_ns, values = take()
             row = add_row()
             try:
+                self._summaries.observe(values)  # first: it may add the step metric to the row
                 _fill_row(row, step, time_ns, values)
             except Exception as error:  # whatever a logged value does, this thread must go on
                 del request.rows[-1]
@@ -250,6 +277,8 @@ class RunSender:
 
 
 def _fill_row(row: runs_pb2.MetricRow, step: int, time_ns: int, values: Mapping[str, Any]) -> None:
+    """Numbers go to ``values``, the rest (strings, booleans, None, lists, dicts: checked by ``run.log``)
+    to ``data``."""
     row.step = step
     row.time.seconds, row.time.nanos = divmod(time_ns, 1_000_000_000)
     numbers = row.values
@@ -258,11 +287,7 @@ def _fill_row(row: runs_pb2.MetricRow, step: int, time_ns: int, values: Mapping[
         kind = type(value)
         if kind is float or kind is int:
             numbers[key] = value
-            continue
-        plain = jsonable(value)
-        if isinstance(plain, int | float) and not isinstance(plain, bool):
-            numbers[key] = plain
         else:
-            data[key] = plain
+            data[key] = value
     if data:
         row.data.update(data)

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 
 import pytest
 
 from takeoff import FieldViolation, ReadOnlyConfigError, RunConfig, TakeoffError
+from takeoff._delivery import MetricSummaries
+from takeoff._run import _checked_row
 from takeoff._sender import _fill_row
 from takeoff.models import dict_to_struct, struct_to_dict
 from takeoff.v1 import runs_pb2
@@ -26,24 +29,58 @@ class Scalar:
 
 def test_numbers_become_values_and_everything_else_data() -> None:
     row = runs_pb2.MetricRow()
-    _fill_row(
-        row,
-        7,
-        1_700_000_000_123_456_789,
-        {
-            "loss": 0.5,
-            "epoch": 3,
-            "lr": Scalar(0.01),
-            "ok": True,
-            "tag": "warmup",
-            "hist": [1, 2],
-            "none": None,
-        },
-    )
+    values = {"loss": 0.5, "epoch": 3, "ok": True, "tag": "warmup", "hist": [1, 2], "none": None}
+    _fill_row(row, 7, 1_700_000_000_123_456_789, values)
     assert row.step == 7
     assert (row.time.seconds, row.time.nanos) == (1_700_000_000, 123_456_789)
-    assert dict(row.values) == {"loss": 0.5, "epoch": 3.0, "lr": 0.01}
+    assert dict(row.values) == {"loss": 0.5, "epoch": 3.0}
     assert struct_to_dict(row.data) == {"ok": True, "tag": "warmup", "hist": [1, 2], "none": None}
+
+
+def test_logged_values_become_plain_json_values() -> None:
+    logged = {"lr": Scalar(0.01), "pair": ("a", Scalar(2)), "nested": {"acc": Scalar(0.9)}, "n": None}
+    assert _checked_row(logged) == {"lr": 0.01, "pair": ["a", 2], "nested": {"acc": 0.9}, "n": None}
+
+
+@pytest.mark.parametrize(
+    ("values", "error"),
+    [
+        ({"obj": object()}, "run.log value 'obj' has type object: log numbers, strings"),
+        ({"deep": {"x": [1, {1, 2}]}}, "run.log value 'deep.x[1]' has type set"),
+        ({"": 1.0}, "metric names are non-empty strings, not ''"),
+        ({3: 1.0}, "metric names are non-empty strings, not 3"),
+        ([("loss", 1.0)], "run.log takes a dict of metric names to values, not list"),
+    ],
+)
+def test_values_that_are_not_json_are_refused_naming_the_key(values: object, error: str) -> None:
+    with pytest.raises(TypeError, match=re.escape(error)):
+        _checked_row(values)  # type: ignore[arg-type]
+
+
+def test_a_metric_summary_is_its_last_value_unless_defined_otherwise() -> None:
+    summaries = MetricSummaries()
+    summaries.define("loss", "min,mean", None)
+    summaries.define("val/*", "max", "epoch")
+    summaries.define("noise", "none", None)
+    rows = [
+        {"loss": 3.0, "epoch": 0, "phase": "warmup", "noise": 1.0, "hist": [1, 2]},
+        {"loss": 1.0, "epoch": 1, "phase": "train", "best": 0.1},
+        {"loss": 2.0, "val/acc": 0.5},
+        {"val/acc": 0.25, "epoch": 2},
+    ]
+    for row in rows:
+        summaries.observe(row)
+    summaries.set_explicitly({"best": 0.0})  # the code's own value: metric summaries leave it alone
+    assert rows[2] == {"loss": 2.0, "val/acc": 0.5, "epoch": 1}  # synced to its step metric's last value
+    assert summaries.take_changes() == {
+        "loss": {"min": 1.0, "mean": 2.0},
+        "epoch": 2,
+        "phase": "train",
+        "noise": None,
+        "val/acc": {"max": 0.5},
+    }
+    summaries.observe({"epoch": 3})
+    assert summaries.take_changes() == {"epoch": 3}  # only what changed since
 
 
 def test_a_struct_round_trip_keeps_whole_numbers_whole() -> None:
@@ -53,14 +90,19 @@ def test_a_struct_round_trip_keeps_whole_numbers_whole() -> None:
 
 
 def test_launched_config_keys_are_read_only_and_others_are_not() -> None:
-    config = RunConfig({"lr": 0.5, "batch": 32}, launched_keys=frozenset({"lr"}))
+    recorded: list[object] = []
+    config = RunConfig({"lr": 0.5, "batch": 32}, frozenset({"lr"}), recorded.append)
     config["batch"] = 64
-    config["new"] = True
-    with pytest.raises(ReadOnlyConfigError, match="'lr' was set by the launch"):
+    config.new = True  # attributes too, as in wandb
+    with pytest.raises(ReadOnlyConfigError, match=r"'lr' was set by the launch .* its value is 0.5"):
         config["lr"] = 1.0
     with pytest.raises(ReadOnlyConfigError):
+        config.update({"layers": 3, "lr": 1.0})  # refused whole
+    with pytest.raises(ReadOnlyConfigError):
         del config["lr"]
-    assert dict(config) == {"lr": 0.5, "batch": 64, "new": True}
+    del config["batch"]
+    assert dict(config) == {"lr": 0.5, "new": True}
+    assert (config.lr, recorded) == (0.5, [{"batch": 64}, {"new": True}, {"batch": None}])
 
 
 def test_an_error_reads_as_reason_message_and_the_violations_that_add_something() -> None:

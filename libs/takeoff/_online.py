@@ -1,0 +1,129 @@
+"""``takeoff.init(mode="online")``: attach to the run in the registry, waiting out a registry that is
+briefly away, and hand its data to a :class:`takeoff._sender.RunSender`.
+
+Kept apart from :mod:`takeoff._run` so that offline and disabled runs never import gRPC.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from typing import TypeVar
+
+import grpc
+
+from takeoff._auth import channel_credentials, find_api_key
+from takeoff._delivery import warn
+from takeoff._home import service_address
+from takeoff._run import DEFAULT_TIMEOUT, seconds_from_env
+from takeoff._sender import CALL_TIMEOUT, RunSender
+from takeoff.errors import TakeoffError, UnavailableError
+from takeoff.v1 import runs_pb2, runs_pb2_grpc
+from takeoff_rpc.channels import open_channel
+from takeoff_rpc.retries import RetryPolicy, call_with_retries
+
+INIT_TIMEOUT_ENV = "TAKEOFF_INIT_TIMEOUT"
+INIT_TIMEOUT_OUTSIDE_A_LAUNCH = 5.0
+"""A script run by hand learns at once that the registry is away; a launched job waits out a restart."""
+_Request = TypeVar("_Request")
+_Response = TypeVar("_Response")
+
+
+def open_online_run(project: str, wanted: runs_pb2.Run, launched: bool) -> tuple[runs_pb2.Run, RunSender]:
+    """Attach to the run (a launched job's, else one created in ``project``) as ``wanted`` describes it;
+    return it and the sender that delivers to it. Raises UnavailableError, naming the address and offline
+    mode, when the registry stays unreachable for ``TAKEOFF_INIT_TIMEOUT`` seconds."""
+    address = service_address("registry")
+    timeout = seconds_from_env(
+        INIT_TIMEOUT_ENV, DEFAULT_TIMEOUT if launched else INIT_TIMEOUT_OUTSIDE_A_LAUNCH
+    )
+    caller = _PatientCaller(address, deadline=time.monotonic() + timeout)
+    channel = open_channel(address, api_key=find_api_key(), credentials=channel_credentials(address))
+    stub = runs_pb2_grpc.RunServiceStub(channel)
+    try:
+        attached = _attach(stub, caller, project, wanted, launched)
+    except TakeoffError as error:
+        channel.close()
+        if not error.retryable:
+            raise
+        raise UnavailableError(
+            "UNAVAILABLE",
+            "UNAVAILABLE",
+            f"cannot reach the registry at {address} within {timeout:g}s ({error.message}). To run without "
+            'it, use takeoff.init(mode="offline") or TAKEOFF_MODE=offline and upload the run later with '
+            "`takeoff sync`",
+        ) from None
+    except BaseException:
+        channel.close()
+        raise
+    sender = RunSender(stub, attached.name, first_row_index=attached.history_length, channel=channel)
+    return attached, sender
+
+
+def _attach(
+    stub: runs_pb2_grpc.RunServiceStub,
+    caller: _PatientCaller,
+    project: str,
+    wanted: runs_pb2.Run,
+    launched: bool,
+) -> runs_pb2.Run:
+    if launched:
+        run_name = f"projects/{project}/runs/{os.environ['TAKEOFF_RUN_ID']}"
+    else:
+        # No config here: the config given to CreateRun is the launch's, read-only to UpdateRunConfig.
+        described = runs_pb2.Run(
+            display_name=wanted.display_name,
+            tags=wanted.tags,
+            notes=wanted.notes,
+            group=wanted.group,
+            job_type=wanted.job_type,
+        )
+        create = runs_pb2.CreateRunRequest(
+            parent=f"projects/{project}",
+            run=described,
+            request_id=str(uuid.uuid4()),  # a retried CreateRun returns the run the first attempt made
+        )
+        run_name = caller.call(stub.CreateRun, create).run.name
+    attach = runs_pb2.AttachRunRequest(
+        name=run_name,
+        config=wanted.config,
+        display_name=wanted.display_name,
+        tags=wanted.tags,
+        notes=wanted.notes,
+        group=wanted.group,
+        job_type=wanted.job_type,
+    )
+    try:
+        return caller.call(stub.AttachRun, attach).run
+    except TakeoffError as error:
+        # An attempt that failed on the way back may have attached the run: then it is ours already.
+        if error.reason != "RUN_ALREADY_ATTACHED" or not caller.retried:
+            raise
+        return caller.call(stub.GetRun, runs_pb2.GetRunRequest(name=run_name)).run
+
+
+class _PatientCaller:
+    """Makes calls that wait out an unreachable registry, until a deadline."""
+
+    def __init__(self, address: str, deadline: float) -> None:
+        self.address = address
+        self.deadline = deadline
+        self.retried = False
+
+    def call(self, method: grpc.UnaryUnaryMultiCallable[_Request, _Response], request: _Request) -> _Response:
+        def attempt() -> _Response:
+            remaining = self.deadline - time.monotonic()
+            return method(request, timeout=max(0.1, min(CALL_TIMEOUT, remaining)), wait_for_ready=True)
+
+        policy = RetryPolicy(deadline=self.deadline - time.monotonic())
+        try:
+            return call_with_retries(attempt, policy, on_retry=self._on_retry)
+        except grpc.RpcError as rpc_error:
+            raise TakeoffError.from_rpc_error(rpc_error, target=self.address) from None
+
+    def _on_retry(self, rpc_error: grpc.RpcError, failed_attempts: int, delay: float) -> None:
+        if not self.retried:
+            error = TakeoffError.from_rpc_error(rpc_error, target=self.address)
+            warn(f"waiting for the registry at {self.address} ({error})")
+            self.retried = True
