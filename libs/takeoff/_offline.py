@@ -37,8 +37,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from takeoff import __version__
-from takeoff._delivery import LoggedRow, MetricSummaries
-from takeoff._sender import warn
+from takeoff._delivery import LoggedRow, MetricSummaries, warn
 from takeoff._values import RunState, jsonable, struct_to_dict
 from takeoff.v1 import runs_pb2
 
