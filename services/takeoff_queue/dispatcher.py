@@ -50,7 +50,7 @@ from takeoff_queue.model import (
     Welcome,
     merged_mounts,
 )
-from takeoff_queue.pending import QueueOutlook, Waiting, why_pending
+from takeoff_queue.pending import PendingReason, QueueOutlook, Waiting, why_pending
 from takeoff_queue.run_closes import (
     RunClose,
     RunCloser,
@@ -188,6 +188,8 @@ class Dispatcher:
         self._deadlines = _Deadlines(clock, self._on_deadline)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._watchers: dict[str, set[asyncio.Queue[Item]]] = defaultdict(set)
+        self._reasons_told: dict[str, PendingReason | None] = {}
+        """watched item id -> why it waited, PENDING, when its watchers were last woken (or began)"""
         self._closing: dict[str, RunClose] = {}
         """item id -> the run close that its attempt, ended by the queue, waits for (docs/design.md §16):
         held by no agent and out of dispatch until the registry answers"""
@@ -351,14 +353,20 @@ class Dispatcher:
         return item
 
     def watch(self, item_id: str) -> asyncio.Queue[Item]:
+        """Updates of the item: after each committed change, and when a PENDING item's reason to wait
+        changes. Called before the watcher reads the item, so that no change falls between."""
         updates: asyncio.Queue[Item] = asyncio.Queue()
         self._watchers[item_id].add(updates)
+        item = self.items.get(item_id)
+        if item is not None and item.state is ItemState.PENDING and item_id not in self._reasons_told:
+            self._reasons_told[item_id] = self._reason_now(item)
         return updates
 
     def unwatch(self, item_id: str, updates: asyncio.Queue[Item]) -> None:
         self._watchers[item_id].discard(updates)
         if not self._watchers[item_id]:
             del self._watchers[item_id]
+            self._reasons_told.pop(item_id, None)
 
     def agent_count(self, queue: str) -> int:
         return sum(1 for agent in self.agents.values() if agent.connected and queue in agent.queues)
@@ -380,8 +388,33 @@ class Dispatcher:
             # Among the items eligible now; one still waiting out a retry is shown the place it would take.
             line = self._waiting_line(queue.name)
             position = bisect.bisect_left(line, (self._rank(item), item.seq)) + 1
-            found[item.id] = why_pending(item.life.eligible_time, position, outlooks[queue.name], now)
+            found[item.id] = why_pending(
+                item.life.eligible_time, position, outlooks[queue.name], now, assigning=self._assigning(item)
+            )
         return found
+
+    def _assigning(self, item: Item) -> bool:
+        """Whether a dispatch pass took the item: its run token is being minted, or its lease committed."""
+        current = self.items.get(item.id)
+        return item.id in self._minting or (current is not None and current.state.is_live)
+
+    def _reason_now(self, item: Item) -> PendingReason | None:
+        waiting = self.waiting([item]).get(item.id)
+        return waiting.reason if waiting is not None else None
+
+    def _tell_watchers_why(self) -> None:
+        """Wake the watchers of PENDING items whose reason to wait changed since they were last woken for
+        it (an agent connected or left, the queue was resumed, a slot came free): WatchItem sends the item
+        again. Called after each dispatch pass, which every such change schedules, and when an agent
+        leaves or drains."""
+        for item_id in list(self._watchers):
+            item = self.items.get(item_id)
+            if item is None or item.state is not ItemState.PENDING:
+                continue
+            reason = self._reason_now(item)
+            if self._reasons_told.get(item_id) is not reason:
+                self._reasons_told[item_id] = reason
+                self._notify(item)
 
     def _waiting_line(self, queue_name: str) -> list[tuple[int, int]]:
         """The (priority rank, enqueue seq) of the queue's eligible PENDING items, in dispatch order: its
@@ -496,6 +529,7 @@ class Dispatcher:
             del self._sessions[agent.agent_id]
             agent.connected = False
             agent.disconnect_time = self._clock()
+            self._tell_watchers_why()
 
     async def handle(self, session: Session, request: AgentRequest) -> None:
         """Apply one agent message; the answer (Ack or Reject) goes to the session once committed."""
@@ -513,6 +547,7 @@ class Dispatcher:
             case Drain(sequence):
                 agent.draining = True
                 session.send(Ack(sequence, MessageKind.DRAIN))
+                self._tell_watchers_why()
             case Progress() | Complete() | Release():
                 await self._handle_lease_message(session, request, now)
 
@@ -604,6 +639,7 @@ class Dispatcher:
                     assignments.append((item, assignment))
         if assignments:
             self._spawn(self._deliver(assignments))
+        self._tell_watchers_why()
 
     def _next_item_for(self, agent: Agent, failed_queues: set[str]) -> Item | None:
         """Round-robin over the agent's queues, starting after the one that served it last; a queue

@@ -47,20 +47,26 @@ class Waiting:
     detail: str
 
 
-def why_pending(eligible_time: datetime, position: int, queue: QueueOutlook, now: datetime) -> Waiting:
-    """Why an item at ``position`` of ``queue``, eligible from ``eligible_time``, is PENDING at ``now``."""
-    reason, detail = _reason(eligible_time, position, queue, now)
+def why_pending(
+    eligible_time: datetime, position: int, queue: QueueOutlook, now: datetime, *, assigning: bool = False
+) -> Waiting:
+    """Why an item at ``position`` of ``queue``, eligible from ``eligible_time``, is PENDING at ``now``;
+    ``assigning``: a dispatch pass has taken it and holds an agent's slot and the queue's for it (while its
+    run token is minted, or its lease is committed)."""
+    reason, detail = _reason(eligible_time, position, queue, now, assigning)
     return Waiting(position, reason, detail)
 
 
 def _reason(
-    eligible_time: datetime, position: int, queue: QueueOutlook, now: datetime
+    eligible_time: datetime, position: int, queue: QueueOutlook, now: datetime, assigning: bool
 ) -> tuple[PendingReason, str]:
     if queue.paused:
         return PendingReason.QUEUE_PAUSED, "the queue is paused"
     if eligible_time > now:
         wait = math.ceil((eligible_time - now).total_seconds())
         return PendingReason.RETRY_BACKOFF, f"retry in {wait}s"
+    if assigning:  # the slots it holds must not count against it
+        return PendingReason.QUEUED, "being assigned"
     if queue.concurrency_limit and queue.live >= queue.concurrency_limit:
         return PendingReason.CONCURRENCY_LIMIT, f"{queue.live} of {queue.concurrency_limit} running"
     if not queue.agents:

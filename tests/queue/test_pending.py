@@ -4,6 +4,7 @@ Item.position and Item.pending_reason), each reason forced against a real queue 
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -277,6 +278,48 @@ async def test_a_watched_pending_item_shows_its_place_and_reason(
             "no connected agent serves the queue",
         )
         break
+
+
+async def test_a_watched_item_is_sent_again_whenever_why_it_waits_changes(
+    queues: Stub, new_queue: NewQueue, job: str, queue_address: str
+) -> None:
+    queue = await new_queue(paused=True)
+    item = await enqueue(queues, queue, job)
+    updates: asyncio.Queue[queue_pb2.WatchItemResponse] = asyncio.Queue()
+
+    async def watch() -> None:
+        async for update in queues.WatchItem(queue_pb2.WatchItemRequest(name=item.name)):
+            await updates.put(update)
+
+    async def next_update() -> queue_pb2.WatchItemResponse:
+        return await asyncio.wait_for(updates.get(), 10)
+
+    watcher = asyncio.create_task(watch())
+    agent = ScriptedAgent(queue_address)
+    try:
+        assert waits((await next_update()).item)[0] == "PENDING_REASON_QUEUE_PAUSED"
+        await queues.UpdateQueue(
+            queue_pb2.UpdateQueueRequest(
+                queue=queue_pb2.Queue(name=queue, paused=False),
+                update_mask=field_mask_pb2.FieldMask(paths=["paused"]),
+            )
+        )
+        resumed = await next_update()
+        assert not resumed.HasField("transition")
+        assert waits(resumed.item) == ("PENDING_REASON_NO_AGENT", "no connected agent serves the queue")
+        await agent.connect([queue], capacity=0)
+        served = await next_update()
+        assert waits(served.item) == ("PENDING_REASON_AGENTS_BUSY", "1 agent, 0 free slots")
+        await agent.send(set_capacity=queue_pb2.LeaseRequest.SetCapacity(capacity=1))
+        while not (update := await next_update()).HasField("transition"):
+            assert waits(update.item) == ("PENDING_REASON_QUEUED", "being assigned")  # its token is minted
+        assert (update.transition.to_state, update.item.pending_reason) == (
+            LEASED,
+            queue_pb2.PENDING_REASON_UNSPECIFIED,
+        )
+    finally:
+        watcher.cancel()
+        await agent.close()
 
 
 def test_the_first_reason_that_holds_is_given_in_queue_protos_order() -> None:
