@@ -120,11 +120,12 @@ def test_the_stand_in_api_server_refuses_what_the_role_does_not_grant(tmp_path: 
     assert ("", "pods", "get") not in granted(DOCUMENTS["Role"])  # the runner lists and watches pods
     server = KubeApiServer().start()
     try:
-        api = KubeApi(config.new_client_from_config(str(server.kubeconfig(tmp_path / "kubeconfig"))))
+        kubeconfig = server.kubeconfig(tmp_path / "kubeconfig")
+        api = KubeApi(config.new_client_from_config(str(kubeconfig)))  # type: ignore[no-untyped-call]
         assert api.list_secrets("takeoff", "app=x")["items"] == []  # granted
         with pytest.raises(client.ApiException) as refused:
             api.core.read_namespaced_pod("p", "takeoff")
         assert refused.value.status == 403
-        assert json.loads(refused.value.body)["reason"] == "Forbidden"
+        assert json.loads(refused.value.body or "{}")["reason"] == "Forbidden"
     finally:
         server.close()
