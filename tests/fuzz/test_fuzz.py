@@ -625,7 +625,15 @@ HOSTILE: dict[str, list[Message | bytes]] = {
         runs_pb2.AppendLogsRequest(name=f"projects/{PROJECT}/runs/r1", lines=[runs_pb2.LogLine(text=NUL)]),
     ],
     "takeoff.v1.RunService.ListRuns": [
-        runs_pb2.ListRunsRequest(parent=f"projects/{PROJECT}", page_token=EDITED_TOKEN)
+        runs_pb2.ListRunsRequest(parent=f"projects/{PROJECT}", page_token=EDITED_TOKEN),
+        runs_pb2.ListRunsRequest(
+            parent=f"projects/{PROJECT}", id_prefix="%_'\\", group=NUL, tags=["a,b", NUL]
+        ),
+    ],
+    "takeoff.v1.RunService.UpdateRunConfig": [
+        runs_pb2.UpdateRunConfigRequest(name=f"projects/{PROJECT}/runs/r1", config=deep_struct(32)),
+        with_deep_struct(runs_pb2.UpdateRunConfigRequest(name=f"projects/{PROJECT}/runs/r1"), "config", 200),
+        runs_pb2.UpdateRunConfigRequest(name=f"projects/{PROJECT}/runs/r1"),
     ],
     "takeoff.v1.RunService.UpdateSummary": [
         runs_pb2.UpdateSummaryRequest(name=f"projects/{PROJECT}/runs/r1", summary=deep_struct(32)),
@@ -633,6 +641,9 @@ HOSTILE: dict[str, list[Message | bytes]] = {
     ],
     "takeoff.v1.RunService.AttachRun": [
         with_deep_struct(runs_pb2.AttachRunRequest(name=f"projects/{PROJECT}/runs/r1"), "config", 200),
+        runs_pb2.AttachRunRequest(
+            name=f"projects/{PROJECT}/runs/r1", tags=["", "x" * 65, NUL], notes=NUL * 5000
+        ),
     ],
     "takeoff.v1.QueueService.CreateQueue": [
         queue_pb2.CreateQueueRequest(
