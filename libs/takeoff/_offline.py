@@ -226,17 +226,20 @@ def read_offline_run(directory: Path) -> OfflineRun:
             f"{directory} holds an offline run in format {found!r}; this SDK reads format {FORMAT_VERSION}"
         )
     _refuse_if_being_written(directory)
-    run = OfflineRun(
-        directory=directory,
-        project=header["project"],
-        run_id=header["id"],
-        display_name=header["display_name"],
-        tags=header["tags"],
-        notes=header["notes"],
-        group=header["group"],
-        job_type=header["job_type"],
-        config=header["config"],
-    )
+    try:
+        run = OfflineRun(
+            directory=directory,
+            project=header["project"],
+            run_id=header["id"],
+            display_name=header["display_name"],
+            tags=header["tags"],
+            notes=header["notes"],
+            group=header["group"],
+            job_type=header["job_type"],
+            config=header["config"],
+        )
+    except KeyError as missing:
+        raise OfflineRunError(f"{directory / HEADER_FILE} has no {missing}") from None
     for event in _records(directory / EVENTS_FILE):
         if "summary" in event:
             _merge(run.summary, event["summary"])

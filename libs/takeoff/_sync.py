@@ -215,14 +215,17 @@ def _read_marker(directory: Path) -> SyncResult | None:
         return None
     except (OSError, ValueError) as error:
         raise OfflineRunError(f"cannot read {directory / SYNCED_FILE}: {error}") from None
-    return SyncResult(
-        directory,
-        marker["run"],
-        marker["rows"],
-        RunState(marker["state"]),
-        already_synced=True,
-        finished_offline=marker["finished_offline"],
-    )
+    try:
+        return SyncResult(
+            directory,
+            marker["run"],
+            marker["rows"],
+            RunState(marker["state"]),
+            already_synced=True,
+            finished_offline=marker["finished_offline"],
+        )
+    except (KeyError, ValueError) as error:
+        raise OfflineRunError(f"{directory / SYNCED_FILE} is not a sync record ({error!r})") from None
 
 
 def _write_marker(result: SyncResult) -> None:

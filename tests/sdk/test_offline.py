@@ -9,7 +9,7 @@ from pathlib import Path
 from typer.testing import CliRunner, Result
 
 from takeoff import Client, RunState
-from takeoff._offline import ROWS_FILE, open_offline_run, read_offline_run
+from takeoff._offline import HEADER_FILE, ROWS_FILE, open_offline_run, read_offline_run
 from takeoff._sync import SYNCED_FILE, _Uploader
 from takeoff.cli import app
 from takeoff.models import dict_to_struct
@@ -211,10 +211,18 @@ def test_a_killed_offline_job_syncs_as_crashed_with_the_rows_it_wrote(
     assert run.message == "the job ended without finishing the run"
 
 
-def test_sync_refuses_a_directory_that_holds_no_offline_run(
+def test_sync_refuses_a_directory_without_an_offline_run_and_a_run_it_cannot_read(
     registry: ServiceProcess, project: str, tmp_path: Path
 ) -> None:
     refused = sync(registry.address, str(tmp_path))
     assert refused.exit_code == 2
     assert f"{tmp_path} is not an offline run" in refused.stderr
-    assert "Traceback" not in refused.stderr
+
+    run_directory = write_offline_run(tmp_path, project)
+    header = json.loads((run_directory / HEADER_FILE).read_text())
+    del header["id"]
+    (run_directory / HEADER_FILE).write_text(json.dumps(header))
+    unreadable = sync(registry.address, str(run_directory))
+    assert unreadable.exit_code == 1
+    assert f"cannot sync {run_directory}: {run_directory / HEADER_FILE} has no 'id'" in unreadable.stderr
+    assert isinstance(unreadable.exception, SystemExit)  # a one-line error, not an exception

@@ -58,7 +58,8 @@ def _sync_one(directory: Path, client: Client, project: str | None, json_output:
         result = sync_run(directory, client, project=project)
     except (TakeoffError, OfflineRunError) as error:
         message = one_line(error) if isinstance(error, TakeoffError) else str(error)
-        error_console.print(Text.assemble(("error:", "bold red"), f" cannot sync {directory}: {message}"))
+        failure = Text.assemble(("error:", "bold red"), f" cannot sync {directory}: {message}")
+        error_console.print(failure, soft_wrap=True)
         return None
     if not json_output:
         console.print(_said(result), markup=False, soft_wrap=True)
