@@ -6,6 +6,7 @@ import ast
 import re
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 
@@ -62,7 +63,7 @@ def test_a_metric_summary_is_its_last_value_unless_defined_otherwise() -> None:
     summaries.define("loss", "min,mean", None)
     summaries.define("val/*", "max", "epoch")
     summaries.define("noise", "none", None)
-    rows = [
+    rows: list[dict[str, Any]] = [
         {"loss": 3.0, "epoch": 0, "phase": "warmup", "noise": 1.0, "hist": [1, 2]},
         {"loss": 1.0, "epoch": 1, "phase": "train", "best": 0.1},
         {"loss": 2.0, "val/acc": 0.5},
