@@ -70,7 +70,8 @@ def _said(result: SyncResult) -> str:
     if result.already_synced:
         return f"{result.directory}: already synced as {result.run}"
     unfinished = "" if result.finished_offline else " (the job ended without finishing the run)"
-    return f"synced {result.directory} as {result.run}: {result.rows} rows, {result.state}{unfinished}"
+    rows = "1 row" if result.rows == 1 else f"{result.rows} rows"
+    return f"synced {result.directory} as {result.run}: {rows}, {result.state}{unfinished}"
 
 
 def _as_json(result: SyncResult) -> dict[str, object]:
