@@ -6,12 +6,14 @@ Every call is one the registry answers the same way when it is sent again, so a 
 - CreateRun names the run by its offline id, with a request id made from its name: a retry returns the run
   the first attempt made, and ALREADY_EXISTS means an earlier sync made it.
 - AttachRun records the config as it ended up (the offline config changes folded in), the display name,
-  tags, notes, group and job type. RUN_ALREADY_ATTACHED means an earlier sync got this far; RUN_ENDED that
-  an earlier sync got to the end (FinishRun is its last call), so there is nothing left to send.
+  tags, notes, group and job type. RUN_ALREADY_ATTACHED means an earlier sync got this far.
 - BatchLogMetrics sends the rows in order, numbered from 0 (``first_row_index``): the registry skips the
   rows it has already.
 - UpdateSummary merges the summary as it ended up, and FinishRun records the final state: CRASHED when the
   process ended without one.
+
+RUN_ENDED on any call before FinishRun means that another sync (an earlier one, or one running now) got to
+its last call, so everything is uploaded already.
 
 Then ``synced.json`` is written in the run's directory, and later syncs of it make no call at all.
 """
@@ -97,10 +99,14 @@ def sync_run(directory: Path, client: Client, *, project: str | None = None) -> 
     name = f"projects/{project or offline.project}/runs/{offline.run_id}"
     uploader = _Uploader(client, name)
     uploader.create(offline)
-    if uploader.attach(offline):
+    try:
+        uploader.attach(offline)
         uploader.send_rows(offline.rows())
         if offline.summary:
             uploader.update_summary(offline)
+    except TakeoffError as error:
+        if error.reason != "RUN_ENDED":  # another sync got to FinishRun: everything is uploaded
+            raise
     finished = uploader.finish(offline)
     result = SyncResult(
         directory,
@@ -136,8 +142,7 @@ class _Uploader:
             if error.reason != "RUN_ALREADY_EXISTS":  # an earlier sync created it
                 raise
 
-    def attach(self, offline: OfflineRun) -> bool:
-        """Attach the run; False when an earlier sync already finished it."""
+    def attach(self, offline: OfflineRun) -> None:
         request = runs_pb2.AttachRunRequest(
             name=self._name,
             config=dict_to_struct(offline.config),
@@ -150,11 +155,8 @@ class _Uploader:
         try:
             self._call(self._stub.AttachRun, request)
         except TakeoffError as error:
-            if error.reason == "RUN_ENDED":
-                return False
-            if error.reason != "RUN_ALREADY_ATTACHED":
+            if error.reason != "RUN_ALREADY_ATTACHED":  # an earlier sync got this far
                 raise
-        return True
 
     def send_rows(self, rows: Iterable[LoggedRow]) -> None:
         """Send every row, numbered from 0 so that the registry skips those it has already."""
