@@ -11,8 +11,9 @@ modules that cost it most (``-X importtime`` self times; a module loaded through
 ``takeoff``'s lazy names are, is not listed itself, only what it imports).
 
 Goals (issue 13): ``import takeoff`` under 150 ms. Online, ``takeoff.init`` cannot do without gRPC and
-the runs stubs (the floor scenario); the rest of what it loads should stay small: under 50 ms over
-that floor. Offline and disabled runs load no gRPC.
+the runs stubs (the floor scenario); the rest of what it loads should add at most a third to that floor
+(a ratio, which holds on a busy machine as on a quiet one, where it is about 50 ms). Offline and
+disabled runs load no gRPC.
 
     python bench/import_time.py [--repeats 9] [--top 10]
 """
@@ -34,12 +35,13 @@ SCENARIOS = {
     # An online run's init imports takeoff._online (gRPC, the channel, the sender) before its first call.
     INIT: "import takeoff; takeoff.init; import takeoff._online",
     FLOOR: "import grpc; from takeoff.v1 import runs_pb2, runs_pb2_grpc",
+    "offline init's imports": "import takeoff; takeoff.init; import takeoff._offline",
     "init(mode='disabled')": "import takeoff; takeoff.init(mode='disabled')",
     "from takeoff import Client": "from takeoff import Client",
     "import takeoff.v1.queue_pb2": "import takeoff.v1.queue_pb2",
 }
 IMPORT_GOAL_MS = 150
-INIT_OVER_FLOOR_GOAL_MS = 50
+INIT_OVER_FLOOR_GOAL = 1 / 3
 HEAVY_PARTS = (
     "google.protobuf",
     "grpc",
@@ -133,9 +135,13 @@ def report(results: dict[str, Result]) -> None:
         )
         for line in result.costliest_ms:
             print(f"{'':<30}{line}")
-    over_floor = results[INIT].cpu_median_ms - results[FLOOR].cpu_median_ms
+    floor = results[FLOOR].cpu_median_ms
+    over_floor = results[INIT].cpu_median_ms - floor
     print(f"\nimport takeoff: {results[IMPORT].cpu_median_ms:.0f} ms CPU (goal < {IMPORT_GOAL_MS} ms)")
-    print(f"{INIT} over the floor: {over_floor:.0f} ms CPU (goal < {INIT_OVER_FLOOR_GOAL_MS} ms)")
+    print(
+        f"{INIT} over the floor: {over_floor:.0f} ms CPU, {over_floor / floor:.0%} of it "
+        f"(goal <= {INIT_OVER_FLOOR_GOAL:.0%})"
+    )
 
 
 def main() -> None:
