@@ -27,7 +27,9 @@ def warn(message: str) -> None:
 
 
 SUMMARY_KINDS = frozenset({"min", "max", "mean", "last", "none"})
-_DEFAULT_KINDS = frozenset({"default"})
+_DEFAULT_KINDS = frozenset({"default"})  # the plain last value, not {"last": ...}
+_NO_SUMMARY = frozenset({"none"})
+_SYSTEM_PREFIX = "system/"
 
 
 class Delivery(Protocol):
@@ -99,7 +101,8 @@ class MetricSummaries:
     """The summary a run's rows make, as wandb's: each metric's last value, unless ``define_metric`` says
     ``min``, ``max``, ``mean``, ``last`` (several joined by commas) or ``none``; keys the code set in
     ``run.summary`` are left to it. Numbers, strings and booleans are summarised; lists and dicts are not
-    (a histogram per metric would soon pass the summary's 256 KiB).
+    (a histogram per metric would soon pass the summary's 256 KiB), nor are ``system/*`` metrics unless
+    defined.
 
     ``observe`` runs on the delivery's thread; ``define`` and ``set_explicitly`` on the training thread.
     """
@@ -144,7 +147,8 @@ class MetricSummaries:
                     metric.maximum = value if metric.maximum is None else max(metric.maximum, value)
                 else:
                     continue
-                self._changed.add(key)
+                if metric.kinds != _NO_SUMMARY:
+                    self._changed.add(key)
 
     def take_changes(self) -> dict[str, Any]:
         """The summary values changed since the last call, keys the code set left out."""
@@ -159,7 +163,10 @@ class MetricSummaries:
         rule = self._definitions.get(key)
         if rule is None:
             globs = [name for name in self._definitions if name.endswith("*") and _matches(name, key)]
-            rule = self._definitions[max(globs, key=len)] if globs else (_DEFAULT_KINDS, None)
+            if globs:
+                rule = self._definitions[max(globs, key=len)]
+            else:  # system metrics have their own charts, as in wandb, and would crowd the summary
+                rule = (_NO_SUMMARY if key.startswith(_SYSTEM_PREFIX) else _DEFAULT_KINDS, None)
         metric = self._metrics[key] = _Metric(*rule)
         return metric
 

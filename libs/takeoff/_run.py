@@ -471,6 +471,8 @@ class _NotStarted:
         raise RuntimeError(f"call takeoff.init() before using takeoff.{self._name}")
 
     def __getattr__(self, key: str) -> Any:
+        if key.startswith("__"):  # what copy, pickle and hasattr probe for
+            raise AttributeError(key)
         return self._refuse()
 
     __getitem__ = __setitem__ = __delitem__ = __iter__ = __len__ = __contains__ = _refuse

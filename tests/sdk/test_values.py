@@ -65,7 +65,7 @@ def test_a_metric_summary_is_its_last_value_unless_defined_otherwise() -> None:
     summaries.define("noise", "none", None)
     rows: list[dict[str, Any]] = [
         {"loss": 3.0, "epoch": 0, "phase": "warmup", "noise": 1.0, "hist": [1, 2]},
-        {"loss": 1.0, "epoch": 1, "phase": "train", "best": 0.1},
+        {"loss": 1.0, "epoch": 1, "phase": "train", "best": 0.1, "system/cpu_percent": 50.0},
         {"loss": 2.0, "val/acc": 0.5},
         {"val/acc": 0.25, "epoch": 2},
     ]
@@ -77,11 +77,11 @@ def test_a_metric_summary_is_its_last_value_unless_defined_otherwise() -> None:
         "loss": {"min": 1.0, "mean": 2.0},
         "epoch": 2,
         "phase": "train",
-        "noise": None,
         "val/acc": {"max": 0.5},
     }
-    summaries.observe({"epoch": 3})
-    assert summaries.take_changes() == {"epoch": 3}  # only what changed since
+    summaries.observe({"epoch": 3, "noise": 2.0})
+    summaries.define("phase", "none", None)
+    assert summaries.take_changes() == {"epoch": 3, "phase": None}  # what changed since; None removes
 
 
 def test_a_struct_round_trip_keeps_whole_numbers_whole() -> None:
