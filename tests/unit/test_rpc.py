@@ -490,9 +490,20 @@ def test_import_takeoff_loads_a_name_when_it_is_first_used() -> None:
     assert "takeoff.client" in modules_loaded_by("from takeoff import Client")
 
 
+def test_a_jobs_init_loads_only_what_its_mode_needs() -> None:
+    # An online init imports takeoff._online (gRPC, the channel, the sender) before its first call.
+    online = modules_loaded_by("import takeoff; takeoff.init; import takeoff._online")
+    assert "grpc" in online
+    assert loaded_packages(online, ("takeoff.models", "takeoff.client", "takeoff.cli")) == []
+    disabled = modules_loaded_by("import takeoff; takeoff.init(mode='disabled')")
+    assert loaded_packages(disabled, ("grpc", "takeoff.models", "takeoff.client", "takeoff.cli")) == []
+
+
 def test_every_public_name_of_the_sdk_resolves() -> None:
+    # takeoff.run is None until init, as wandb.run is.
     modules = modules_loaded_by(
-        "import takeoff\nmissing = [n for n in takeoff.__all__ if getattr(takeoff, n, None) is None]\n"
+        "import takeoff\n"
+        "missing = [n for n in takeoff.__all__ if n != 'run' and getattr(takeoff, n, None) is None]\n"
         "assert not missing, missing\nassert set(takeoff.__all__) <= set(dir(takeoff))"
     )
     assert "takeoff.models" in modules
