@@ -39,7 +39,7 @@ import grpc
 from google.protobuf import duration_pb2, field_mask_pb2
 
 from takeoff._auth import channel_credentials, find_api_key
-from takeoff._home import service_address
+from takeoff._home import default_project, service_address
 from takeoff.errors import (
     DeadlineExceededError,
     InvalidArgumentError,
@@ -94,7 +94,6 @@ from takeoff.v1 import (
 from takeoff_rpc.channels import open_channel
 from takeoff_rpc.retries import RetryPolicy, call_with_retries
 
-DEFAULT_PROJECT = "default"
 UPLOAD_CHUNK_BYTES = 1024 * 1024
 RETRY_SECONDS = 3.0
 """How long a launch whose reply was lost is sent again: enough for a dropped connection to come back,
@@ -108,11 +107,6 @@ _Request = TypeVar("_Request")
 _Response = TypeVar("_Response")
 _Item = TypeVar("_Item")
 _Result = TypeVar("_Result")
-
-
-def default_project() -> str:
-    """``TAKEOFF_PROJECT`` (set for every launched job), else ``default``."""
-    return os.environ.get("TAKEOFF_PROJECT") or DEFAULT_PROJECT
 
 
 class Client:
@@ -806,7 +800,10 @@ class Client:
             if error.reason != missing:
                 raise
             not_found = error
-        matches = by_prefix(name)
+        try:
+            matches = by_prefix(name)
+        except InvalidArgumentError:  # the service says no id it makes starts so
+            raise not_found from None
         if not matches:
             raise not_found
         if len(matches) > 1:

@@ -5,6 +5,9 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
+import typer.main
+from typer._click.core import Command
+from typer.core import TyperArgument, TyperOption
 
 from takeoff import __version__
 from takeoff.cli import (
@@ -72,4 +75,29 @@ app.command()(sync_command.sync)
 
 
 def main() -> None:
-    app()
+    command = typer.main.get_command(app)
+    _name_values(command)
+    command()
+
+
+def _name_values(command: Command) -> None:
+    """Help shows what to type, as argparse does (``--project PROJECT``, ``--tail N``, ``--config FILE``),
+    where typer would show Python types (``<str>``, ``<int>``, and ``<bool>`` after every flag)."""
+    for param in [*command.params, command.get_help_option(typer.Context(command))]:
+        if isinstance(param, TyperOption | TyperArgument) and param.metavar is None:
+            param.metavar = _value_name(param)
+    for subcommand in getattr(command, "commands", {}).values():
+        _name_values(subcommand)
+
+
+def _value_name(param: TyperOption | TyperArgument) -> str | None:
+    if isinstance(param, TyperOption) and param.is_flag:
+        return ""
+    described = param.type_descriptor
+    if described.is_choice:
+        return None  # typer lists the choices
+    if described.annotation is int:
+        return "N"
+    if described.is_path:
+        return described.path_type.upper()
+    return (param.name or "value").upper()

@@ -46,6 +46,17 @@ def usage_error(message: str) -> NoReturn:
     fail(message, USAGE_EXIT_CODE)
 
 
+def confirm_deletion(what: str) -> None:
+    """Ask before deleting ``what`` (commands skip this with ``--yes``). A no stops the command (exit 1);
+    no answer at all, as from a script whose input is closed, is a usage error (exit 2) naming --yes."""
+    try:
+        agreed = typer.confirm(f"delete {what}?", default=False)
+    except typer.Abort:
+        usage_error(f"deleting {what} needs a yes: answer on a terminal, or give --yes")
+    if not agreed:
+        fail("nothing deleted")
+
+
 def short_id(identifier: str, wide: bool = False) -> str:
     """The start of a generated id that commands take as a prefix; all of it with ``--wide``."""
     return identifier if wide else identifier[:SHORT_ID_LENGTH]

@@ -9,10 +9,8 @@ from datetime import timedelta
 from typing import Annotated, Any
 
 import typer
-from rich.table import Table
 
-from takeoff.cli._output import fail
-from takeoff.cli._registry import when
+from takeoff.cli._output import Column, Listing, short_id, short_time, usage_error
 from takeoff.client import Client
 from takeoff.models import Agent, ItemState
 
@@ -80,7 +78,7 @@ def key_values(pairs: list[str] | None, option: str) -> dict[str, Any]:
     for pair in pairs or []:
         key, equals, text = pair.partition("=")
         if not equals or not key:
-            fail(f"{option} {pair!r} is not KEY=VALUE")
+            usage_error(f"{option} {pair!r} is not KEY=VALUE")
         try:
             values[key] = json.loads(text)
         except ValueError:
@@ -99,22 +97,29 @@ def short_item(name: str) -> str:
     return f"{queue}/{item_id}"
 
 
-def agents_table(agents: list[Agent], title: str) -> Table:
-    table = Table(title=title, title_justify="left")
-    table.add_column("agent", no_wrap=True)
-    for column in ("name", "status", "queues", "leases", "last heartbeat"):
-        table.add_column(column)
+AGENT_COLUMNS = (
+    Column("agent"),
+    Column("name", free_text=True),
+    Column("status"),
+    Column("queues", free_text=True),
+    Column("leases", justify="right"),
+    Column("heartbeat"),
+)
+
+
+def agents_listing(agents: list[Agent], title: str, wide: bool) -> Listing:
+    listing = Listing(AGENT_COLUMNS, wide=wide, title=title)
     for agent in agents:
         if not agent.connected:
             status = "[red]disconnected[/]"
         else:
             status = "[yellow]draining[/]" if agent.draining else "[green]connected[/]"
-        table.add_row(
-            agent.id,
+        listing.add_row(
+            short_id(agent.id, wide),
             agent.display_name,
             status,
             "\n".join(queue.rsplit("/", 1)[-1] for queue in agent.queues),
             f"{len(agent.leases)}/{agent.capacity}",
-            when(agent.last_heartbeat_time),
+            short_time(agent.last_heartbeat_time, wide),
         )
-    return table
+    return listing

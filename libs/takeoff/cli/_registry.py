@@ -3,6 +3,7 @@ whose errors are one line (never a traceback, never a key), JSON files."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -16,8 +17,8 @@ from takeoff._auth import FoundKey, find_key
 from takeoff._pack import PackError
 from takeoff.cli._output import fail
 from takeoff.client import Client
-from takeoff.errors import TakeoffError, UnauthenticatedError
-from takeoff.models import RunState, SecretMount
+from takeoff.errors import TakeoffError, UnauthenticatedError, UnavailableError
+from takeoff.models import LogLine, LogStream, RunState, SecretMount
 
 ProjectOption = Annotated[
     str | None,
@@ -92,7 +93,8 @@ def takeoff_client(project: str | None) -> Iterator[Client]:
 
 def one_line(error: TakeoffError) -> str:
     """The error with every field violation; several of them say it all, without the summary message.
-    A refused key is named by where it came from, never by itself."""
+    A refused key is named by where it came from, never by itself; a service that cannot be reached
+    (UNAVAILABLE with no reason of the service's own) is named with what usually brings it up."""
     if len(error.violations) >= 2:
         return f"{error.reason}: " + "; ".join(f"{v.field}: {v.description}" for v in error.violations)
     text = str(error)
@@ -100,6 +102,11 @@ def one_line(error: TakeoffError) -> str:
         found = cli_key()
         if found is not None:
             text += f" (key from {found.source})"
+    if isinstance(error, UnavailableError) and error.reason == "UNAVAILABLE":
+        text += (
+            "; is the stack running? `takeoff up` starts one, or set TAKEOFF_REGISTRY and"
+            " TAKEOFF_QUEUE_ADDRESS to running services"
+        )
     return text
 
 
@@ -114,6 +121,22 @@ def read_json_object(path: Path | None) -> dict[str, Any] | None:
     if not isinstance(value, dict):
         fail(f"{path} must hold an object (a mapping), not {type(value).__name__}")
     return value
+
+
+_LOG_LABELS = {LogStream.SYSTEM: "[takeoff] ", LogStream.BUILD: "[build] "}
+"""How a line that the job did not print is told apart; an agent labels its own lines already."""
+
+
+def log_line_text(line: LogLine) -> str:
+    """A log line as ``takeoff logs`` prints it: what the job printed as it is, other lines labelled once."""
+    label = _LOG_LABELS.get(line.stream, "")
+    return line.text if line.text.startswith(label) else label + line.text
+
+
+def log_line_json(line: LogLine) -> str:
+    """A log line as one JSON object (``takeoff logs --json``), with its time."""
+    time = line.time.isoformat() if line.time else None
+    return json.dumps({"index": line.index, "stream": line.stream, "text": line.text, "time": time})
 
 
 def styled_state(state: RunState) -> str:

@@ -25,11 +25,11 @@ from rich.table import Table
 
 from takeoff._auth import channel_credentials
 from takeoff._home import takeoff_home
-from takeoff.cli._output import console, fail
+from takeoff.cli._output import Column, Listing, console, fail, short_id, usage_error
 from takeoff.cli._registry import use_key
 from takeoff.cli.run_commands import show
 from takeoff.client import Client
-from takeoff.models import Environment, JobInputs, ResourceKind, dict_to_struct
+from takeoff.models import Environment, JobInputs, ResourceKind, dict_to_struct, struct_to_dict
 from takeoff.stack import LocalStack, StackError, docker_answers, docker_location, ensure_image
 from takeoff.v1 import common_pb2, queue_pb2, queue_pb2_grpc
 from takeoff_rpc.channels import open_channel
@@ -54,17 +54,26 @@ def _state(item: queue_pb2.Item) -> str:
     return f"[{colour}]{name}[/]"
 
 
+ITEM_COLUMNS = (
+    Column("item"),
+    Column("config", free_text=True),
+    Column("state"),
+    Column("attempt", justify="right"),
+    Column("history", free_text=True),
+)
+
+
 def _items_table(items: list[queue_pb2.Item], started: float) -> Table:
-    table = Table(title=f"launched items ({time.monotonic() - started:.1f}s)", title_justify="left")
-    for column in ("item", "config", "state", "attempt", "history"):
-        table.add_column(column)
+    listing = Listing(ITEM_COLUMNS, wide=False, title=f"launched items ({time.monotonic() - started:.1f}s)")
     for item in items:
         history = " > ".join(
             common_pb2.ItemState.Name(t.to_state).removeprefix("ITEM_STATE_") for t in item.transitions
         )
-        config = json.dumps({k: item.run_config[k] for k in sorted(item.run_config)})
-        table.add_row(item.name.rsplit("/", 1)[1], config, _state(item), str(item.attempt), history)
-    return table
+        config = json.dumps(struct_to_dict(item.run_config), sort_keys=True)
+        listing.add_row(
+            short_id(item.name.rsplit("/", 1)[1]), config, _state(item), str(item.attempt), history
+        )
+    return listing.table
 
 
 def _create_queue(queues: queue_pb2_grpc.QueueServiceStub, resource: ResourceKind) -> str:
@@ -120,9 +129,9 @@ def demo(
     The demo and its agent use the stack's admin key (TAKEOFF_HOME/keys/admin.key).
     """
     if not (example / "train.py").is_file():
-        fail(f"no example job at {example} (pass --example DIR)")
+        usage_error(f"no example job at {example} (pass --example DIR)")
     if resource not in DEMO_QUEUES:
-        fail(f"the demo runs on {' or '.join(DEMO_QUEUES)}, not {resource}")
+        usage_error(f"the demo runs on {' or '.join(DEMO_QUEUES)}, not {resource}")
     containers = resource is ResourceKind.LOCAL_CONTAINER
     if containers:
         _check_docker(base_image)

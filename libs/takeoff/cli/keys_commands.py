@@ -5,10 +5,17 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
-from rich import box
-from rich.table import Table
 
-from takeoff.cli._output import console, error_console, fail, print_json
+from takeoff.cli._output import (
+    Column,
+    Listing,
+    WideOption,
+    console,
+    error_console,
+    print_json,
+    short_time,
+    usage_error,
+)
 from takeoff.cli._registry import JsonOption, takeoff_client
 from takeoff.models import Key, KeyKind, ProjectRole, ServiceRole
 
@@ -16,7 +23,18 @@ keys_app = typer.Typer(
     help="Create, list and revoke API keys (the registry keeps only their hashes).", no_args_is_help=True
 )
 
-KeyArgument = Annotated[str, typer.Argument(help="Key: its id or keys/ID.", show_default=False)]
+KeyArgument = Annotated[
+    str,
+    typer.Argument(help="Key: its id, a unique prefix of it, or keys/ID.", metavar="KEY", show_default=False),
+]
+KEY_COLUMNS = (
+    Column("key"),
+    Column("kind"),
+    Column("scope", free_text=True),
+    Column("hint", wide_only=True),
+    Column("created"),
+    Column("name", free_text=True, wide_only=True),
+)
 
 
 @keys_app.command("create")
@@ -61,7 +79,7 @@ def create(
 ) -> None:
     """Create a key and print its secret: the only time it is shown."""
     if kind is KeyKind.RUN:
-        fail(
+        usage_error(
             "run tokens are minted by the queue for each attempt;"
             " create an admin, project, agent or service key"
         )
@@ -88,6 +106,7 @@ def create(
 @keys_app.command("list")
 def list_keys(
     all_keys: Annotated[bool, typer.Option("--all", help="Also revoked keys and run tokens.")] = False,
+    wide: WideOption = False,
     json_output: JsonOption = False,
 ) -> None:
     """List keys: id, kind, what they reach, and the start of each secret (never the secret)."""
@@ -99,16 +118,16 @@ def list_keys(
     if not found:
         console.print("no keys")
         return
-    # Simple rules and one-space gaps keep a key per line in 80 columns; only the scope wraps.
-    table = Table(title="keys", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1))
-    for column in ("key", "kind", "scope", "hint", "created"):
-        table.add_column(column, no_wrap=column != "scope", overflow="fold")
+    # Key ids stay whole: generated ones are short, and people choose the others.
+    listing = Listing(KEY_COLUMNS, wide=wide, title="keys")
     for key in found:
         kind = str(key.kind or "?") + ("\n[red]revoked[/]" if key.revoked else "")
-        scope = _scope(key) + (f"\n[dim]{key.display_name}[/]" if key.display_name else "")
-        created = key.create_time.astimezone().strftime("%Y-%m-%d") if key.create_time else "-"
-        table.add_row(key.id, kind, scope, key.secret_hint or "-", created)
-    console.print(table)
+        scope = _scope(key)
+        if key.display_name and not wide:
+            scope += f"\n[dim]{key.display_name}[/]"
+        created = short_time(key.create_time, wide)
+        listing.add_row(key.id, kind, scope, key.secret_hint or "-", created, key.display_name)
+    listing.print()
 
 
 @keys_app.command("revoke")

@@ -10,8 +10,16 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from takeoff.cli._output import console, fail, print_json
-from takeoff.cli._queue import agents_table, key_values, parse_span, show_span, styled_item_state
+from takeoff.cli._output import (
+    Column,
+    Listing,
+    WideOption,
+    confirm_deletion,
+    console,
+    print_json,
+    usage_error,
+)
+from takeoff.cli._queue import agents_listing, key_values, parse_span, show_span, styled_item_state
 from takeoff.cli._registry import (
     JsonOption,
     ProjectOption,
@@ -24,7 +32,9 @@ from takeoff.models import ItemState, Queue, ResourceKind, SecretMount
 
 queue_app = typer.Typer(help="Create, inspect and change queues.", no_args_is_help=True)
 
-QueueArgument = Annotated[str, typer.Argument(help="Queue id or resource name.", show_default=False)]
+QueueArgument = Annotated[
+    str, typer.Argument(help="Queue id or resource name.", metavar="QUEUE", show_default=False)
+]
 ConfigOption = Annotated[
     Path | None,
     typer.Option(
@@ -40,6 +50,7 @@ VarOption = Annotated[
     list[str] | None,
     typer.Option(
         "--var",
+        metavar="NAME=SCHEMA",
         help="Template variable NAME=SCHEMA: a JSON Schema, e.g. "
         '\'cpu={"type": "integer", "minimum": 1, "default": 2, "description": "CPUs"}\', '
         "or just a type, e.g. gpus=integer (repeatable).",
@@ -49,9 +60,23 @@ VarOption = Annotated[
 ContainerOption = Annotated[
     str | None,
     typer.Option(
-        "--container", help="kubernetes: the manifest's container that runs the job (default: the first)."
+        "--container",
+        metavar="NAME",
+        help="kubernetes: the manifest's container that runs the job (default: the first).",
+        show_default=False,
     ),
 ]
+QUEUE_COLUMNS = (
+    Column("queue"),
+    Column("resource"),
+    Column("status"),
+    Column("pending", justify="right"),
+    Column("active", justify="right"),
+    Column("agents", justify="right"),
+    Column("succeeded", justify="right", wide_only=True),
+    Column("failed", justify="right", wide_only=True),
+    Column("description", free_text=True, wide_only=True),
+)
 
 
 def _span_option(help_text: str) -> Any:
@@ -131,33 +156,42 @@ def create(
 
 
 @queue_app.command("list")
-def list_queues(project: ProjectOption = None, json_output: JsonOption = False) -> None:
-    """List the queues of a project with their items and agents."""
+def list_queues(
+    project: ProjectOption = None, wide: WideOption = False, json_output: JsonOption = False
+) -> None:
+    """List the queues of a project with their items and agents (--wide: also ended items)."""
     with takeoff_client(project) as client:
         queues = list(client.list_queues())
         if json_output:
             print_json(queues)
             return
-        table = Table(title=f"queues in {client.project}", title_justify="left")
-        for column in ("queue", "resource", "status", "pending", "active", "succeeded", "failed", "agents"):
-            table.add_column(column, justify="left" if column in ("queue", "resource", "status") else "right")
+        if not queues:
+            console.print(f"no queues in project {client.project}")
+            return
+        listing = Listing(QUEUE_COLUMNS, wide=wide, title=f"queues in {client.project}")
         for queue in queues:
             counts = queue.item_counts
-            table.add_row(
+            listing.add_row(
                 queue.id,
                 queue.resource,
                 _status(queue),
                 str(counts[ItemState.PENDING]),
                 str(sum(count for state, count in counts.items() if state.live)),
+                str(queue.agent_count),
                 str(counts[ItemState.SUCCEEDED]),
                 str(counts[ItemState.FAILED]),
-                str(queue.agent_count),
+                queue.description,
             )
-        console.print(table if queues else f"no queues in project {client.project}")
+        listing.print()
 
 
 @queue_app.command("describe")
-def describe(name: QueueArgument, project: ProjectOption = None, json_output: JsonOption = False) -> None:
+def describe(
+    name: QueueArgument,
+    project: ProjectOption = None,
+    wide: WideOption = False,
+    json_output: JsonOption = False,
+) -> None:
     """Show a queue: its settings, template variables, items by state and the agents serving it."""
     with takeoff_client(project) as client:
         queue = client.get_queue(name)
@@ -167,8 +201,11 @@ def describe(name: QueueArgument, project: ProjectOption = None, json_output: Js
         return
     console.print(_settings(queue))
     if queue.template_variables:
-        console.print(_variables_table(queue))
-    console.print(agents_table(agents, "agents") if agents else "no agents serve this queue")
+        _variables_listing(queue).print()
+    if agents:
+        agents_listing(agents, "agents", wide).print()
+    else:
+        console.print("no agents serve this queue")
 
 
 @queue_app.command("update")
@@ -178,7 +215,12 @@ def update(
     config: ConfigOption = None,
     var: Annotated[
         list[str] | None,
-        typer.Option("--var", help="Template variable NAME=SCHEMA as for create; replaces them all."),
+        typer.Option(
+            "--var",
+            metavar="NAME=SCHEMA",
+            help="Template variable NAME=SCHEMA as for create; replaces them all.",
+            show_default=False,
+        ),
     ] = None,
     prioritize: Annotated[
         bool | None, typer.Option("--prioritize/--no-prioritize", help="Serve higher priorities first.")
@@ -248,10 +290,10 @@ def update(
         "secrets": [] if no_secrets else _mounts(secret),
     }
     if no_secrets and secret:
-        fail("give --secret or --no-secrets, not both")
+        usage_error("give --secret or --no-secrets, not both")
     changes: dict[str, Any] = {setting: value for setting, value in given.items() if value is not None}
     if not changes:
-        fail("nothing to change: give at least one setting (see --help)")
+        usage_error("nothing to change: give at least one setting (see --help)")
     with takeoff_client(project) as client:
         queue = client.update_queue(name, **changes)
     if json_output:
@@ -288,22 +330,40 @@ def delete(
     force: Annotated[
         bool, typer.Option(help="Delete it even with items not yet ended; running ones are stopped.")
     ] = False,
+    yes: Annotated[
+        bool, typer.Option("--yes", "-y", help="Delete without asking first (for scripts).")
+    ] = False,
     project: ProjectOption = None,
 ) -> None:
-    """Delete a queue and its items."""
+    """Delete a queue and its items; asks first unless --yes."""
     with takeoff_client(project) as client:
-        client.delete_queue(name, force=force)
-    console.print(f"deleted queue {name}")
+        queue = client.get_queue(name)
+        if not yes:
+            confirm_deletion(_contents(queue, force))
+        client.delete_queue(queue.name, force=force)
+    console.print(f"deleted queue {queue.id}")
+
+
+def _contents(queue: Queue, force: bool) -> str:
+    """``queue cpu and its 12 items, stopping 2 not ended``."""
+    items = sum(queue.item_counts.values())
+    live = sum(count for state, count in queue.item_counts.items() if state.live)
+    stopping = f", stopping {live} not ended" if force and live else ""
+    return f"queue {queue.id} and its {items} item(s){stopping}"
 
 
 def agents(
     queue: Annotated[
-        str | None, typer.Option("--queue", "-q", help="Only agents serving this queue.", show_default=False)
+        str | None,
+        typer.Option(
+            "--queue", "-q", help="Only agents serving this queue.", metavar="QUEUE", show_default=False
+        ),
     ] = None,
     all_agents: Annotated[
         bool, typer.Option("--all", help="Also agents that disconnected but still hold leases.")
     ] = False,
     project: ProjectOption = None,
+    wide: WideOption = False,
     json_output: JsonOption = False,
 ) -> None:
     """List the agents connected to the queue service: what they serve and hold."""
@@ -312,7 +372,10 @@ def agents(
     if json_output:
         print_json(found)
         return
-    console.print(agents_table(found, "agents") if found else "no agents connected")
+    if found:
+        agents_listing(found, "agents", wide).print()
+    else:
+        console.print("no agents connected")
 
 
 def _template_variables(specs: list[str] | None) -> dict[str, dict[str, Any]] | None:
@@ -331,7 +394,7 @@ def _mounts(specs: list[str] | None) -> list[SecretMount] | None:
     try:
         return [SecretMount.parse(spec) for spec in specs]
     except ValueError as error:
-        fail(f"--secret {error}")
+        usage_error(f"--secret {error}")
 
 
 def _status(queue: Queue) -> str:
@@ -369,20 +432,21 @@ def _settings(queue: Queue) -> Table:
     return table
 
 
-def _variables_table(queue: Queue) -> Table:
-    table = Table(title="template variables", title_justify="left")
-    for column in ("name", "type", "default", "allowed", "description"):
-        table.add_column(column, overflow="fold")
+def _variables_listing(queue: Queue) -> Listing:
+    columns = [Column("name"), *(Column(header, free_text=True) for header in ("type", "default", "allowed"))]
+    listing = Listing(
+        [*columns, Column("description", free_text=True)], wide=False, title="template variables"
+    )
     for name, variable in queue.template_variables.items():
         schema = variable.schema
-        table.add_row(
+        listing.add_row(
             name,
             str(schema.get("type", "")),
             json.dumps(schema["default"]) if "default" in schema else "(required)",
             _allowed(schema),
             variable.description,
         )
-    return table
+    return listing
 
 
 def _allowed(schema: dict[str, Any]) -> str:

@@ -1,4 +1,5 @@
-"""``takeoff runs list|show`` and ``takeoff logs``: what runs did, from the registry."""
+"""``takeoff runs list|show`` and ``takeoff logs``: what runs did, from the registry. A run is named by its
+id, a unique prefix of it, its resource name, or the queue item it ran for (its latest attempt's run)."""
 
 from __future__ import annotations
 
@@ -13,33 +14,70 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from takeoff.cli._output import console, fail, print_json
+from takeoff.cli._output import (
+    FREE_TEXT_WIDTH,
+    Column,
+    Listing,
+    WideOption,
+    console,
+    fail,
+    print_json,
+    short_id,
+    short_time,
+    usage_error,
+)
 from takeoff.cli._registry import (
     JsonOption,
     ProjectOption,
     duration,
+    log_line_json,
+    log_line_text,
     styled_state,
     takeoff_client,
     version_ref,
     when,
 )
-from takeoff.models import LogStream, MetricRow, RunInfo, RunState
+from takeoff.client import Client
+from takeoff.errors import NotFoundError, TakeoffError
+from takeoff.models import MetricRow, RunInfo, RunState
 
 runs_app = typer.Typer(help="List runs and show what they reported.", no_args_is_help=True)
 
-RunArgument = Annotated[str, typer.Argument(help="Run id or resource name.", show_default=False)]
+RunArgument = Annotated[
+    str,
+    typer.Argument(
+        help="Run: its id, a unique prefix of it (as `runs list` shows), its resource name, or a queue"
+        " item (ITEM_ID or QUEUE/ITEM_ID) for the run of its latest attempt.",
+        metavar="RUN",
+        show_default=False,
+    ),
+]
 SPARK_LEVELS = "▁▂▃▄▅▆▇█"
 SPARK_WIDTH = 40
+RUN_COLUMNS = (
+    Column("run"),
+    Column("name", free_text=True),
+    Column("state"),
+    Column("job", free_text=True),
+    Column("created"),
+    Column("duration", justify="right"),
+    Column("rows", justify="right", wide_only=True),
+    Column("group", free_text=True, wide_only=True),
+    Column("tags", free_text=True, wide_only=True),
+)
 
 
 @runs_app.command("list")
 def list_runs(
+    *,
     project: ProjectOption = None,
     job: Annotated[str, typer.Option(help="Only runs of this job (JOB, JOB:vN or JOB:ALIAS).")] = "",
     state: Annotated[
-        list[str] | None, typer.Option(help="Only runs in this state, e.g. running (repeatable).")
+        list[str] | None,
+        typer.Option(help="Only runs in this state, e.g. running (repeatable).", show_default=False),
     ] = None,
     limit: Annotated[int, typer.Option(help="Show at most this many runs, newest first.")] = 50,
+    wide: WideOption = False,
     json_output: JsonOption = False,
 ) -> None:
     """List the runs of a project, newest first."""
@@ -49,37 +87,44 @@ def list_runs(
         if json_output:
             print_json(runs)
             return
-        table = Table(title=f"runs in {client.project}", title_justify="left")
-        for column in ("run", "name", "state", "job", "created", "duration", "rows"):
-            table.add_column(column, justify="right" if column == "rows" else "left")
+        if not runs:
+            console.print(f"no runs in project {client.project}")
+            return
+        listing = Listing(RUN_COLUMNS, wide=wide, title=f"runs in {client.project}")
         for run in runs:
-            table.add_row(
-                run.id,
+            listing.add_row(
+                short_id(run.id, wide),
                 run.display_name,
                 styled_state(run.state),
                 version_ref(run.job_version),
-                when(run.create_time),
+                short_time(run.create_time, wide),
                 duration(run.start_time, run.end_time),
                 str(run.history_length),
+                run.group,
+                ", ".join(run.tags),
             )
-        console.print(table if runs else f"no runs in project {client.project}")
+        listing.print()
 
 
 @runs_app.command("show")
-def show(run: RunArgument, project: ProjectOption = None, json_output: JsonOption = False) -> None:
+def show(
+    run: RunArgument, project: ProjectOption = None, wide: WideOption = False, json_output: JsonOption = False
+) -> None:
     """Show a run: its state, config, summary and a compact view of each metric."""
     with takeoff_client(project) as client:
-        info = client.get_run(run)
+        info = find_run(client, run)
         metrics = _metric_series(client.read_metrics(info.name))
     if json_output:
         print_json({"run": info, "metrics": {key: series.overview() for key, series in metrics.items()}})
         return
     console.print(_overview(info))
-    if info.config:
-        console.print(_key_values("config", info.config))
-    if info.summary:
-        console.print(_key_values("summary", info.summary))
-    console.print(_metrics_table(metrics) if metrics else "no metrics logged")
+    for title, values in (("config", info.config), ("summary", info.summary)):
+        if values:
+            _key_values(title, values).print()
+    if metrics:
+        _metrics_listing(metrics, wide).print()
+    else:
+        console.print("no metrics logged")
 
 
 def logs(
@@ -89,22 +134,47 @@ def logs(
     ] = False,
     tail: Annotated[int, typer.Option(help="Start with the last N lines.")] = 0,
     project: ProjectOption = None,
-    json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object per line.")] = False,
+    json_output: Annotated[
+        bool, typer.Option("--json", help="Print one JSON object per line, with its time.")
+    ] = False,
 ) -> None:
-    """Print a run's log: what the job printed, its build output and Takeoff's own messages."""
+    """Print a run's log: what the job printed as it is, its build output ([build]) and Takeoff's own
+    messages ([takeoff])."""
     with takeoff_client(project) as client:
+        name = find_run(client, run).name
         try:
-            for line in client.read_logs(run, tail=tail, follow=follow):
-                if json_output:
-                    text = json.dumps({"index": line.index, "stream": line.stream, "text": line.text})
-                elif line.stream in (LogStream.STDOUT, LogStream.STDERR):
-                    text = line.text
-                else:
-                    text = f"[{line.stream.lower()}] {line.text}"
-                sys.stdout.write(text + "\n")
+            for line in client.read_logs(name, tail=tail, follow=follow):
+                sys.stdout.write((log_line_json(line) if json_output else log_line_text(line)) + "\n")
                 sys.stdout.flush()
         except KeyboardInterrupt:
             raise typer.Exit(130) from None
+
+
+def find_run(client: Client, reference: str) -> RunInfo:
+    """The run a reference names (see RunArgument); an item's is the run of its latest attempt."""
+    if _names_an_item(reference):
+        return _run_of_item(client, reference)
+    try:
+        return client.get_run(reference)
+    except NotFoundError as run_missing:
+        if run_missing.reason != "RUN_NOT_FOUND":
+            raise
+        try:
+            return _run_of_item(client, reference)
+        except TakeoffError:  # no item either (or no queue service to ask): the run is what was meant
+            raise run_missing from None
+
+
+def _names_an_item(reference: str) -> bool:
+    """``QUEUE/ITEM_ID`` or an item's resource name: never a run's."""
+    return "/items/" in reference or ("/" in reference and not reference.startswith("projects/"))
+
+
+def _run_of_item(client: Client, reference: str) -> RunInfo:
+    item = client.get_item(reference)
+    if not item.run:
+        fail(f"item {item.id} has no run yet: it is {item.state} (see `takeoff items describe {item.id}`)")
+    return client.get_run(item.run)
 
 
 @dataclass
@@ -144,24 +214,24 @@ def _sparkline(values: list[float], width: int) -> str:
     return "".join(SPARK_LEVELS[round((value - low) / (high - low) * top)] for value in buckets)
 
 
-def _metrics_table(metrics: dict[str, _Series]) -> Table:
-    table = Table(title="metrics", title_justify="left")
-    for column in ("key", "rows", "last", "min", "max"):
-        table.add_column(column, justify="left" if column == "key" else "right")
-    table.add_column("history", no_wrap=True)
-    # What the other columns leave of the terminal: about 4 x 12 for the numbers, plus borders.
-    width = max(8, min(SPARK_WIDTH, console.width - 60 - max(len(key) for key in metrics)))
+def _metrics_listing(metrics: dict[str, _Series], wide: bool) -> Listing:
+    rows = []
     for key, series in metrics.items():
         overview = series.overview()
-        table.add_row(
-            key,
-            str(overview["count"]),
-            _number(overview["last"]),
-            _number(overview["min"]),
-            _number(overview["max"]),
-            _sparkline(series.values, width),
-        )
-    return table
+        numbers = (overview["last"], overview["min"], overview["max"])
+        rows.append((key, str(overview["count"]), *(_number(number) for number in numbers)))
+    # The history takes what the other columns leave of the terminal, a gap of 3 each.
+    others = min(max(len(row[0]) for row in rows), FREE_TEXT_WIDTH) + sum(
+        max(len(header), *(len(row[index]) for row in rows)) + 3
+        for index, header in enumerate(("rows", "last", "min", "max"), start=1)
+    )
+    width = SPARK_WIDTH if wide else max(8, min(SPARK_WIDTH, console.width - others - 5))
+    columns = [Column("key", free_text=True)]
+    columns += [Column(header, justify="right") for header in ("rows", "last", "min", "max")]
+    listing = Listing([*columns, Column("history")], wide=wide, title="metrics")
+    for row, series in zip(rows, metrics.values(), strict=True):
+        listing.add_row(*row, _sparkline(series.values, width))
+    return listing
 
 
 def _overview(info: RunInfo) -> Table:
@@ -170,6 +240,9 @@ def _overview(info: RunInfo) -> Table:
     table.add_column(overflow="fold")
     table.add_row("run", f"{info.id}  {info.display_name}".rstrip())
     table.add_row("state", styled_state(info.state))
+    for label, text in (("group", info.group), ("job type", info.job_type), ("tags", ", ".join(info.tags))):
+        if text:
+            table.add_row(label, text)
     if info.job_version:
         table.add_row("job", f"{version_ref(info.job_version)}  ({info.job_version})")
     if info.queue_item:
@@ -184,27 +257,34 @@ def _overview(info: RunInfo) -> Table:
         table.add_row("message", info.message)
     table.add_row("history", f"{info.history_length} rows, last step {info.last_step}")
     table.add_row("log", f"{info.log_line_count} lines")
+    if info.notes:
+        table.add_row("notes", info.notes)
     return table
 
 
-def _key_values(title: str, values: dict[str, Any]) -> Table:
-    table = Table(title=title, title_justify="left")
-    table.add_column("key")
-    table.add_column("value", overflow="fold")
+def _key_values(title: str, values: dict[str, Any]) -> Listing:
+    listing = Listing(
+        [Column("key", free_text=True), Column("value", free_text=True)], wide=False, title=title
+    )
     for key, value in sorted(values.items()):
-        table.add_row(key, _number(value) if isinstance(value, float) else json.dumps(value))
-    return table
+        listing.add_row(key, _number(value) if isinstance(value, float) else json.dumps(value))
+    return listing
 
 
 def _number(value: float | None) -> str:
-    return "-" if value is None else f"{value:.6g}"
+    """A metric value: whole numbers as integers (``5``, not ``5.0`` or ``1e+06``), others to 6 digits."""
+    if value is None:
+        return "-"
+    if value.is_integer() and abs(value) < 2**53:
+        return str(int(value))
+    return f"{value:.6g}"
 
 
 def _run_state(name: str) -> RunState:
     try:
         return RunState(name.upper())
     except ValueError:
-        fail(f"unknown run state {name!r}; one of: {', '.join(state.lower() for state in RunState)}")
+        usage_error(f"unknown run state {name!r}; one of: {', '.join(state.lower() for state in RunState)}")
 
 
 def register(app: typer.Typer) -> None:

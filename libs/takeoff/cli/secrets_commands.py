@@ -10,10 +10,18 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
-from takeoff.cli._output import console, fail, print_json
-from takeoff.cli._registry import JsonOption, ProjectOption, takeoff_client, when
+from takeoff.cli._output import (
+    Column,
+    Listing,
+    WideOption,
+    console,
+    fail,
+    print_json,
+    short_time,
+    usage_error,
+)
+from takeoff.cli._registry import JsonOption, ProjectOption, takeoff_client
 
 secrets_app = typer.Typer(
     help="Set, list and delete a project's secrets, which queues and launches give to jobs"
@@ -21,12 +29,14 @@ secrets_app = typer.Typer(
     no_args_is_help=True,
 )
 
-SecretArgument = Annotated[str, typer.Argument(help="Secret id (or its resource name).", show_default=False)]
+SecretArgument = Annotated[
+    str, typer.Argument(help="Secret id (or its resource name).", metavar="SECRET", show_default=False)
+]
 
 
 def _read_value(value_file: Path | None, from_env: str | None) -> bytes:
     if value_file is not None and from_env is not None:
-        fail("give the value one way: --value-file, --from-env, or standard input")
+        usage_error("give the value one way: --value-file, --from-env, or standard input")
     if value_file is not None:
         try:
             return value_file.read_bytes()
@@ -77,7 +87,9 @@ def set_secret(
 
 
 @secrets_app.command("list")
-def list_secrets(project: ProjectOption = None, json_output: JsonOption = False) -> None:
+def list_secrets(
+    project: ProjectOption = None, wide: WideOption = False, json_output: JsonOption = False
+) -> None:
     """List the project's secrets by name (never their values)."""
     with takeoff_client(project) as client:
         found = list(client.list_secrets())
@@ -87,12 +99,16 @@ def list_secrets(project: ProjectOption = None, json_output: JsonOption = False)
         if not found:
             console.print(f"no secrets in project {client.project}")
             return
-        table = Table(title=f"secrets in {client.project}", title_justify="left")
-        for column in ("secret", "created", "updated"):
-            table.add_column(column, overflow="fold")
+        listing = Listing(
+            [Column("secret"), Column("created"), Column("updated")],
+            wide=wide,
+            title=f"secrets in {client.project}",
+        )
         for secret in found:
-            table.add_row(secret.id, when(secret.create_time), when(secret.update_time))
-        console.print(table)
+            listing.add_row(
+                secret.id, short_time(secret.create_time, wide), short_time(secret.update_time, wide)
+            )
+        listing.print()
 
 
 @secrets_app.command("delete")

@@ -8,27 +8,30 @@ from types import FrameType
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
 from takeoff._auth import admin_key_path, keys_dir
 from takeoff._home import DEFAULT_PORTS, StackRecord, takeoff_home
 from takeoff.cli import demo_command
-from takeoff.cli._output import console, error_console, fail, print_json
+from takeoff.cli._output import Column, Listing, console, error_console, fail, print_json, usage_error
 from takeoff.cli._registry import cli_key
 from takeoff.stack import LocalStack, StackError, health_status
 
 
-def _stack_table(record: StackRecord, health: dict[str, str] | None = None) -> Table:
-    table = Table(title=f"Takeoff stack (supervisor pid {record.supervisor_pid})")
-    for column in ("service", "address", "pid", "health" if health else "log"):
-        table.add_column(column)
+def _stack_listing(record: StackRecord, health: dict[str, str] | None = None) -> Listing:
+    # The addresses stay whole, to be copied into TAKEOFF_*_ADDRESS; a log's path may fold.
+    last_column = Column("health") if health else Column("log", free_text=True)
+    listing = Listing(
+        [Column("service"), Column("address"), Column("pid", justify="right"), last_column],
+        wide=False,
+        title=f"Takeoff stack (supervisor pid {record.supervisor_pid})",
+    )
     for name, service in record.services.items():
         last = health[name] if health else service.log
         style = "green" if last == "SERVING" else ("red" if health else "")
-        table.add_row(
+        listing.add_row(
             name, "\n".join(service.addresses), str(service.pid), f"[{style}]{last}[/]" if style else last
         )
-    return table
+    return listing
 
 
 def _start(stack: LocalStack) -> StackRecord:
@@ -56,7 +59,7 @@ def up(
     api_key_file. No key is printed: `takeoff keys create` makes others.
     """
     if agent is not None and not agent.is_file():
-        fail(f"agent config {agent} does not exist")
+        usage_error(f"agent config {agent} does not exist")
     home = takeoff_home()
     found = cli_key()
     agent_key = None if found is None or found.source == str(admin_key_path(home)) else found.secret
@@ -70,7 +73,7 @@ def up(
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
     record = _start(stack)
-    console.print(_stack_table(record))
+    _stack_listing(record).print()
     console.print(
         f"state and logs in {stack.home}; the admin key in {keys_dir(stack.home)}; Ctrl-C stops the stack"
     )
@@ -103,7 +106,7 @@ def status(json_output: Annotated[bool, typer.Option("--json", help="Print JSON.
             }
         )
     else:
-        console.print(_stack_table(record, health))
+        _stack_listing(record, health).print()
     if any(state != "SERVING" for state in health.values()):
         raise typer.Exit(1)
 
