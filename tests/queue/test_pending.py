@@ -295,7 +295,7 @@ async def test_a_watched_item_is_sent_again_whenever_why_it_waits_changes(
         return await asyncio.wait_for(updates.get(), 10)
 
     watcher = asyncio.create_task(watch())
-    agent = ScriptedAgent(queue_address)
+    leaving, agent = ScriptedAgent(queue_address), ScriptedAgent(queue_address)
     try:
         assert waits((await next_update()).item)[0] == "PENDING_REASON_QUEUE_PAUSED"
         await queues.UpdateQueue(
@@ -307,9 +307,12 @@ async def test_a_watched_item_is_sent_again_whenever_why_it_waits_changes(
         resumed = await next_update()
         assert not resumed.HasField("transition")
         assert waits(resumed.item) == ("PENDING_REASON_NO_AGENT", "no connected agent serves the queue")
+        await leaving.connect([queue], capacity=0)
+        assert waits((await next_update()).item) == ("PENDING_REASON_AGENTS_BUSY", "1 agent, 0 free slots")
+        await leaving.close()
+        assert waits((await next_update()).item)[0] == "PENDING_REASON_NO_AGENT"
         await agent.connect([queue], capacity=0)
-        served = await next_update()
-        assert waits(served.item) == ("PENDING_REASON_AGENTS_BUSY", "1 agent, 0 free slots")
+        assert waits((await next_update()).item)[0] == "PENDING_REASON_AGENTS_BUSY"
         await agent.send(set_capacity=queue_pb2.LeaseRequest.SetCapacity(capacity=1))
         while not (update := await next_update()).HasField("transition"):
             assert waits(update.item) == ("PENDING_REASON_QUEUED", "being assigned")  # its token is minted
@@ -319,6 +322,7 @@ async def test_a_watched_item_is_sent_again_whenever_why_it_waits_changes(
         )
     finally:
         watcher.cancel()
+        await leaving.close()
         await agent.close()
 
 
