@@ -140,9 +140,10 @@ class MetricSummaries:
                 if kind is bool or kind is str:
                     metric.last = value
                 elif kind is int or kind is float:
+                    number = float(value)  # first: an int too large for a double fails before any change
                     metric.last = value
                     metric.count += 1
-                    metric.total += value
+                    metric.total += number
                     metric.minimum = value if metric.minimum is None else min(metric.minimum, value)
                     metric.maximum = value if metric.maximum is None else max(metric.maximum, value)
                 else:

@@ -82,6 +82,9 @@ def test_a_metric_summary_is_its_last_value_unless_defined_otherwise() -> None:
     summaries.observe({"epoch": 3, "noise": 2.0})
     summaries.define("phase", "none", None)
     assert summaries.take_changes() == {"epoch": 3, "phase": None}  # what changed since; None removes
+    with pytest.raises(OverflowError):
+        summaries.observe({"epoch": 10**400})  # the sender drops such a row, with a warning
+    assert summaries.take_changes() == {}
 
 
 def test_a_struct_round_trip_keeps_whole_numbers_whole() -> None:
