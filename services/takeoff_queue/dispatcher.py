@@ -358,8 +358,8 @@ class Dispatcher:
         updates: asyncio.Queue[Item] = asyncio.Queue()
         self._watchers[item_id].add(updates)
         item = self.items.get(item_id)
-        if item is not None and item.state is ItemState.PENDING and item_id not in self._reasons_told:
-            self._reasons_told[item_id] = self._reason_now(item)
+        if item is not None and item_id not in self._reasons_told:
+            self._reasons_told[item_id] = self._reason_now(item, {}, self._clock())
         return updates
 
     def unwatch(self, item_id: str, updates: asyncio.Queue[Item]) -> None:
@@ -380,38 +380,46 @@ class Dispatcher:
         outlooks: dict[str, QueueOutlook] = {}
         found = {}
         for item in items:
-            queue = self.queues.get(item.queue)
-            if item.state is not ItemState.PENDING or queue is None:
-                continue
-            if queue.name not in outlooks:
-                outlooks[queue.name] = self._outlook(queue, now)
-            # Among the items eligible now; one still waiting out a retry is shown the place it would take.
-            line = self._waiting_line(queue.name)
-            position = bisect.bisect_left(line, (self._rank(item), item.seq)) + 1
-            found[item.id] = why_pending(
-                item.life.eligible_time, position, outlooks[queue.name], now, assigning=self._assigning(item)
-            )
+            if item.state is ItemState.PENDING and item.queue in self.queues:
+                # Among the items eligible now; one waiting out a retry is shown the place it would take.
+                line = self._waiting_line(item.queue)
+                position = bisect.bisect_left(line, (self._rank(item), item.seq)) + 1
+                found[item.id] = self._why(item, position, outlooks, now)
         return found
+
+    def _why(self, item: Item, position: int, outlooks: dict[str, QueueOutlook], now: datetime) -> Waiting:
+        """Why the item, PENDING in a queue that exists, waits; ``outlooks`` holds the queues' outlooks
+        taken so far in this call, for the other items of the same queue."""
+        outlook = outlooks.get(item.queue)
+        if outlook is None:
+            outlook = outlooks[item.queue] = self._outlook(self.queues[item.queue], now)
+        return why_pending(item.life.eligible_time, position, outlook, now, assigning=self._assigning(item))
 
     def _assigning(self, item: Item) -> bool:
         """Whether a dispatch pass took the item: its run token is being minted, or its lease committed."""
         current = self.items.get(item.id)
         return item.id in self._minting or (current is not None and current.state.is_live)
 
-    def _reason_now(self, item: Item) -> PendingReason | None:
-        waiting = self.waiting([item]).get(item.id)
-        return waiting.reason if waiting is not None else None
+    def _reason_now(
+        self, item: Item, outlooks: dict[str, QueueOutlook], now: datetime
+    ) -> PendingReason | None:
+        """Why the item waits, if it is PENDING. Its place in line does not change the reason, so the
+        queue's order is not taken for it."""
+        if item.state is not ItemState.PENDING or item.queue not in self.queues:
+            return None
+        return self._why(item, 0, outlooks, now).reason
 
     def _tell_watchers_why(self) -> None:
         """Wake the watchers of PENDING items whose reason to wait changed since they were last woken for
         it (an agent connected or left, the queue was resumed, a slot came free): WatchItem sends the item
         again. Called after each dispatch pass, which every such change schedules, and when an agent
         leaves or drains."""
+        now = self._clock()
+        outlooks: dict[str, QueueOutlook] = {}
         for item_id in list(self._watchers):
             item = self.items.get(item_id)
-            if item is None or item.state is not ItemState.PENDING:
+            if item is None or (reason := self._reason_now(item, outlooks, now)) is None:
                 continue
-            reason = self._reason_now(item)
             if self._reasons_told.get(item_id) is not reason:
                 self._reasons_told[item_id] = reason
                 self._notify(item)
