@@ -21,7 +21,7 @@ import pytest
 from takeoff import Client
 from takeoff import __version__ as takeoff_version
 from takeoff.cli import main
-from takeoff.cli._output import console, short_time
+from takeoff.cli._output import Column, Listing, console, short_time
 from takeoff.errors import InvalidArgumentError, NotFoundError
 from takeoff.models import dict_to_struct
 from takeoff.v1 import common_pb2, runs_pb2, runs_pb2_grpc
@@ -381,3 +381,19 @@ def test_the_shell_completes_commands(takeoff: Takeoff, monkeypatch: pytest.Monk
     monkeypatch.setenv("COMP_CWORD", "1")
 
     assert takeoff().out.split() == ["runs"]
+
+
+def test_a_table_whose_ids_outgrow_the_terminal_is_printed_wider_not_cut(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(console, "width", 40)
+    queue = "preprocessing-for-the-vision-team-nightly-evaluation-runs"
+    listing = Listing([Column("queue"), Column("description", free_text=True), Column("agents")], wide=False)
+    listing.add_row(queue, "what the queue is for, at some length", "3")
+
+    listing.print()
+
+    shown = capsys.readouterr().out
+    assert ["queue", "description", "agents"] in [line.split() for line in shown.splitlines()]
+    assert f" {queue} " in shown
+    assert "at some" in shown  # folded, as free text may be

@@ -86,7 +86,7 @@ class Column:
     justify: Literal["left", "right"] = "left"
     free_text: bool = False
     wide_only: bool = False
-    """Shown only with ``--wide``: what a 80-column terminal has no room for."""
+    """Shown only with ``--wide``: what an 80-column terminal has no room for."""
 
 
 class Listing:
@@ -116,7 +116,7 @@ class Listing:
         self.table.add_row(*shown)
 
     def print(self) -> None:
-        needed = self.needed_width()
+        needed = self._needed_width()
         if needed <= console.width:
             console.print(self.table)
             return
@@ -125,7 +125,7 @@ class Listing:
         wider = Console(file=console.file, width=needed, force_terminal=console.is_terminal)
         wider.print(self.table)
 
-    def needed_width(self) -> int:
+    def _needed_width(self) -> int:
         """The narrowest the table gets with every unbreakable column whole and free text folded to at
         most FREE_TEXT_WIDTH; each column adds 3 (a gap on each side, a rule or an edge) but for one edge."""
         content = sum(
