@@ -13,7 +13,7 @@ from takeoff.models import dict_to_struct
 from takeoff.v1 import runs_pb2, runs_pb2_grpc
 from takeoff_rpc.channels import open_channel
 from tests.keys import ADMIN_KEY
-from tests.processes import ServiceProcess
+from tests.processes import ServiceProcess, wait_for
 from tests.sdk.conftest import free_port, job_stderr, run_job, start_job
 from tests.sdk.conftest import job_environment as any_job_environment
 
@@ -140,6 +140,42 @@ def test_sigterm_finishes_the_run_killed_with_every_row_delivered_then_ends_the_
     assert (run.state, run.message) == (RunState.KILLED, "terminated by SIGTERM")
     rows = list(client.read_metrics(run_id))
     assert [row.values for row in rows] == [*({"i": i} for i in range(5_000)), {"pending": 1}]
+
+
+def test_system_metrics_rows_take_the_last_logged_step_and_leave_the_runs_steps_alone(
+    registry: ServiceProcess, client: Client, project: str, tmp_path: Path
+) -> None:
+    code = """
+        import pathlib, time
+        import takeoff
+
+        run = takeoff.init()
+        for step in range(3):
+            run.log({"loss": 1 / (step + 1)})
+        print(run.id, flush=True)
+        while not pathlib.Path("release").exists():  # until the test has seen system metrics arrive
+            time.sleep(0.01)
+        run.log({"loss": 0.1})
+    """
+    env = any_job_environment(
+        registry.address, project, TAKEOFF_SYSTEM_METRICS="1", TAKEOFF_SYSTEM_METRICS_INTERVAL="0.2"
+    )
+    job = start_job(tmp_path, code, env)
+    assert job.stdout is not None
+    run_id = job.stdout.readline().strip()
+    wait_for(lambda: "system/cpu_percent" in client.get_run(run_id).metric_keys, what="system metrics")
+    (tmp_path / "release").touch()
+    job.communicate(timeout=30)
+    assert job.returncode == 0, job_stderr(tmp_path)
+
+    rows = list(client.read_metrics(run_id))
+    system_steps = {row.step for row in rows if "system/cpu_percent" in row.values}
+    assert system_steps <= {2, 3}  # the step last logged when each sample came, before or after the last
+    assert 2 in system_steps
+    assert [row.step for row in rows if "loss" in row.values] == [0, 1, 2, 3]
+    run = client.get_run(run_id)
+    assert run.last_step == 3
+    assert not any(key.startswith("system/") for key in run.summary)
 
 
 def test_init_outside_a_launch_gives_up_on_an_unreachable_registry_naming_it_and_offline_mode(
