@@ -1,5 +1,5 @@
 """What the queue, launch, items and agents commands share: item states in colour, spans of time as
-people type them (``30s``, ``10m``, ``1h30m``), ``KEY=VALUE`` options, and item references."""
+people type them (``30s``, ``10m``, ``1h30m``), ``KEY=VALUE`` options, item references and agents."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ from typing import Annotated, Any
 import typer
 
 from takeoff.cli._output import Column, Listing, short_id, short_time, usage_error
-from takeoff.client import Client
 from takeoff.models import Agent, ItemState
 
 ITEM_STATE_STYLES = {
@@ -84,11 +83,6 @@ def key_values(pairs: list[str] | None, option: str) -> dict[str, Any]:
         except ValueError:
             values[key] = text
     return values
-
-
-def item_name(client: Client, item: str, queue: str | None) -> str:
-    """The resource name of an item reference (see ItemArgument); without a queue, any queue's."""
-    return client.item_name(item, queue)
 
 
 def short_item(name: str) -> str:
