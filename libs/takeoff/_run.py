@@ -32,6 +32,8 @@ from takeoff._values import RunState, dict_to_struct, jsonable
 from takeoff.v1 import runs_pb2
 
 if TYPE_CHECKING:
+    import argparse
+
     from takeoff._system import SystemMetrics
 
 # How long finish waits for the last data to be delivered.
@@ -84,8 +86,9 @@ class RunConfig(MutableMapping[str, Any]):
         self._record({key: None})  # a JSON null removes the key
 
     def update(self, other: Any = (), /, **more: Any) -> None:
-        """Set several keys at once; refused whole, before any change, if one of them is launch-set."""
-        changes = dict(other, **more)
+        """Set several keys at once (from a mapping or, as in wandb, an ``argparse.Namespace``); refused
+        whole, before any change, if one of them is launch-set."""
+        changes = {**_config_dict(other), **more}
         for key in changes:
             if not isinstance(key, str) or not key:
                 raise TypeError(f"config keys must be non-empty strings, not {key!r}")
@@ -359,7 +362,7 @@ class Run:
 
 def init(
     project: str | None = None,
-    config: Mapping[str, Any] | None = None,
+    config: Mapping[str, Any] | argparse.Namespace | None = None,
     name: str | None = None,
     *,
     tags: Iterable[str] | None = None,
@@ -371,9 +374,10 @@ def init(
 ) -> Run:
     """Start reporting this process as a run and return it.
 
-    In a launched job (``TAKEOFF_RUN_ID`` set) this attaches to the run the agent created, in the launch's
-    project, and ``config`` holds the code's defaults: the launch config (``TAKEOFF_CONFIG``) overrides
-    them, and ``init`` says once on stderr what the launch overrode. Elsewhere it creates a run in
+    ``config`` (a mapping or an ``argparse.Namespace``) holds the code's defaults. In a launched job
+    (``TAKEOFF_RUN_ID`` set) this attaches to the run the agent created, in the launch's project, and the
+    launch config (``TAKEOFF_CONFIG``) overrides the defaults; ``init`` says once on stderr what the launch
+    overrode. Elsewhere it creates a run in
     ``project`` (else ``TAKEOFF_PROJECT``, else ``default``). ``tags``, ``notes``, ``group`` and
     ``job_type`` describe the run, as in wandb.
 
@@ -394,9 +398,10 @@ def init(
         raise TypeError(f"tags is a list of strings, not the string {tags!r}")
     launched = bool(os.environ.get("TAKEOFF_RUN_ID"))
     launched_config = _launch_config()
-    values = {**(config or {}), **launched_config}
+    defaults = _config_dict(config or {})
+    values = {**defaults, **launched_config}
     if launched:
-        _say_what_the_launch_overrides(project, config or {}, launched_config)
+        _say_what_the_launch_overrides(project, defaults, launched_config)
     wanted = runs_pb2.Run(
         display_name=name or "",
         tags=list(tags or ()),
@@ -567,6 +572,13 @@ def _final_state(state: RunState | str | None, exit_code: int | None) -> RunStat
     if not final.ended:
         raise ValueError(f"a run finishes as FINISHED, FAILED, CRASHED or KILLED, not {final}")
     return final
+
+
+def _config_dict(config: Any) -> dict[str, Any]:
+    """A config given as a mapping, pairs, or an object of attributes such as ``argparse.Namespace``."""
+    if not isinstance(config, Mapping) and hasattr(config, "__dict__"):
+        return dict(vars(config))
+    return dict(config)
 
 
 def _launch_config() -> dict[str, Any]:

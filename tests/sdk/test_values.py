@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import ast
 import re
 import subprocess
@@ -105,8 +106,9 @@ def test_launched_config_keys_are_read_only_and_others_are_not() -> None:
     with pytest.raises(ReadOnlyConfigError):
         del config["lr"]
     del config["batch"]
-    assert dict(config) == {"lr": 0.5, "new": True}
-    assert (config.lr, recorded) == (0.5, [{"batch": 64}, {"new": True}, {"batch": None}])
+    config.update(argparse.Namespace(layers=3))  # as wandb users pass their parsed arguments
+    assert dict(config) == {"lr": 0.5, "new": True, "layers": 3}
+    assert (config.lr, recorded) == (0.5, [{"batch": 64}, {"new": True}, {"batch": None}, {"layers": 3}])
 
 
 def test_an_error_reads_as_reason_message_and_the_violations_that_add_something() -> None:
