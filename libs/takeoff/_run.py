@@ -411,20 +411,7 @@ def init(
         config=dict_to_struct(values),
     )
     directory = Path(dir or os.environ.get(DIR_ENV) or os.getcwd())
-    delivery: Delivery
-    if chosen_mode == "disabled":
-        delivery = DisabledDelivery()
-        run_id = uuid.uuid4().hex[:12]
-        wanted.name = f"projects/{_project(project, launched)}/runs/{run_id}"
-        attached = wanted
-    elif chosen_mode == "offline":
-        from takeoff._offline import open_offline_run  # imported here: only offline runs need it
-
-        attached, delivery = open_offline_run(directory, _project(project, launched), wanted)
-    else:
-        from takeoff._online import open_online_run  # imported here: offline and disabled runs need no gRPC
-
-        attached, delivery = open_online_run(_project(project, launched), wanted, launched)
+    attached, delivery = _open_run(chosen_mode, _project(project, launched), wanted, launched, directory)
     config_view = RunConfig(values, frozenset(launched_config), delivery.update_config)
     run = Run(attached, config_view, delivery, mode=chosen_mode, flush_timeout=_flush_timeout())
     if chosen_mode != "disabled":
@@ -490,6 +477,22 @@ def _active(function: str) -> Run:
     if _Active.run is None:
         raise RuntimeError(f"call takeoff.init() before takeoff.{function}()")
     return _Active.run
+
+
+def _open_run(
+    mode: str, project: str, wanted: runs_pb2.Run, launched: bool, directory: Path
+) -> tuple[runs_pb2.Run, Delivery]:
+    """The run as ``mode``'s delivery starts it, and that delivery."""
+    if mode == "disabled":
+        wanted.name = f"projects/{project}/runs/{uuid.uuid4().hex[:12]}"
+        return wanted, DisabledDelivery()
+    if mode == "offline":
+        from takeoff._offline import open_offline_run  # imported here: only offline runs need it
+
+        return open_offline_run(directory, project, wanted)
+    from takeoff._online import open_online_run  # imported here: offline and disabled runs need no gRPC
+
+    return open_online_run(project, wanted, launched)
 
 
 def _mode(mode: str | None) -> str:
