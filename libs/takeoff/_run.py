@@ -394,8 +394,9 @@ def init(
     if _Active.run is not None:
         return _Active.run
     chosen_mode = _mode(mode)
-    if isinstance(tags, str):
-        raise TypeError(f"tags is a list of strings, not the string {tags!r}")
+    tag_list = list(tags or ())
+    if isinstance(tags, str) or not all(isinstance(tag, str) for tag in tag_list):
+        raise TypeError(f"tags is a list of strings, not {tags!r}")
     launched = bool(os.environ.get("TAKEOFF_RUN_ID"))
     launched_config = _launch_config()
     defaults = _config_dict(config or {})
@@ -404,7 +405,7 @@ def init(
         _say_what_the_launch_overrides(project, defaults, launched_config)
     wanted = runs_pb2.Run(
         display_name=name or "",
-        tags=list(tags or ()),
+        tags=tag_list,
         notes=notes or "",
         group=group or "",
         job_type=job_type or "",
