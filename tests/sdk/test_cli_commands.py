@@ -17,7 +17,7 @@ import pytest
 
 from takeoff import Client
 from takeoff.errors import NotFoundError
-from tests.processes import ServiceProcess, wait_for
+from tests.processes import ServiceProcess, service_process, wait_for
 from tests.queue.harness import make_code_job
 from tests.sdk.conftest import job_environment
 from tests.sdk.test_pack import write
@@ -52,6 +52,14 @@ def takeoff(cli_env: dict[str, str]) -> Takeoff:
     return run
 
 
+@pytest.fixture(scope="module")
+def builder(registry: ServiceProcess, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
+    """What a real agent has build a code job's environment."""
+    env = {"TAKEOFF_REGISTRY_ADDRESS": registry.address}
+    with service_process("builder", tmp_path_factory.mktemp("builder"), env=env) as process:
+        yield process
+
+
 @pytest.fixture
 def queues(registry: ServiceProcess, queue_service: ServiceProcess, project: str) -> Iterator[Client]:
     with Client(registry.address, queue=queue_service.address, project=project) as client:
@@ -65,8 +73,8 @@ def train(registry: ServiceProcess, project: str, tmp_path: Path) -> str:
 
 
 @pytest.fixture
-def start_agent(cli_env: dict[str, str], tmp_path: Path) -> Iterator[AgentStarter]:
-    starter = AgentStarter(cli_env, tmp_path / "home")
+def start_agent(cli_env: dict[str, str], builder: ServiceProcess, tmp_path: Path) -> Iterator[AgentStarter]:
+    starter = AgentStarter({**cli_env, "TAKEOFF_BUILDER_ADDRESS": builder.address}, tmp_path / "home")
     yield starter
     starter.stop_all()
 
@@ -119,7 +127,13 @@ async def test_launch_wait_says_no_agent_serves_the_queue_then_streams_the_logs_
     cli_env: dict[str, str], queues: Client, train: str, project: str, start_agent: AgentStarter
 ) -> None:
     queues.create_queue("cpu")
-    entrypoint = shlex.join([sys.executable, "-c", "print('from the -E entrypoint')"])
+    entrypoint = shlex.join(
+        [
+            "python",
+            "-c",
+            "import takeoff; run = takeoff.init(); print('from the -E entrypoint'); run.finish()",
+        ]
+    )
     launch = await start_takeoff(cli_env, "launch", train, "-q", "cpu", "--logs", "-E", entrypoint)
     try:
         assert launch.stdout is not None
@@ -132,15 +146,18 @@ async def test_launch_wait_says_no_agent_serves_the_queue_then_streams_the_logs_
             launch.kill()
             await launch.wait()
 
-    assert launch.returncode == 0, stderr.decode()
+    assert launch.returncode == 0, (seen, stdout.decode(), stderr.decode())
     lines = seen + stdout.decode().splitlines()
     assert lines.count(NO_AGENT_LINE) == 1
-    assert "from the -E entrypoint" in lines  # the overriding entrypoint ran, and its output was streamed
+    assert "from the -E entrypoint" in lines, (
+        lines
+    )  # the overriding entrypoint ran, and its output was streamed
     [run_line] = [line for line in lines if line.startswith("run ")]
     item = queues.get_item(lines[0])
     assert run_line == f"run {item.run.rsplit('/', 1)[-1]}"
     assert item.entrypoint == shlex.split(entrypoint)
-    assert all(len(line) <= 80 for line in lines[1:]), lines  # the item's name is printed whole
+    progress = [line for line in lines if re.match(r"\d\d:\d\d:\d\d |run |waiting: ", line)]
+    assert [line for line in progress if len(line) > 80] == []
     [served] = [found for found in queues.list_agents(queue="cpu")]
     assert served.capacity == 2  # -j
     assert agent.poll() is None

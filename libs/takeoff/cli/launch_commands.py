@@ -49,7 +49,7 @@ from takeoff.cli._registry import (
 )
 from takeoff.cli.job_commands import split_command
 from takeoff.client import Client
-from takeoff.errors import TakeoffError
+from takeoff.errors import NotFoundError, TakeoffError
 from takeoff.models import (
     FailureReason,
     Item,
@@ -70,6 +70,8 @@ TIMEOUT_EXIT_CODE = 124
 INTERRUPTED_EXIT_CODE = 130
 LOG_DRAIN_SECONDS = 10.0
 """How long an ended item's log may take to reach its end, for ``--logs``, before the outcome is shown."""
+RUN_POLL_SECONDS = 0.5
+"""How often ``--logs`` looks for a run its job has not created yet."""
 
 PENDING_WORDS = {
     PendingReason.QUEUE_PAUSED: "paused",
@@ -404,8 +406,7 @@ class _Progress:
         self.run = ""
         self.waiting_for: PendingReason | None = None
         self.asked_queue = False
-        self.log_reader: threading.Thread | None = None
-        self.log_error: TakeoffError | None = None
+        self.log: _RunLog | None = None
 
     def show(self, item: Item) -> None:
         if not self.quiet:
@@ -416,7 +417,7 @@ class _Progress:
             self.run = item.run
             self._say(f"run {item.run.rsplit('/', 1)[-1]}")
             if self.logs:
-                self._read_logs(item.run)
+                self.log = _RunLog(self.client, item.run, after=self.log)
         self._notice_waiting(item)
         if self.status is not None:
             self.status.update(f"{styled_item_state(item.state)}, attempt {item.attempt} ...")
@@ -444,30 +445,59 @@ class _Progress:
         elif notice:
             _warn(line)
 
-    def _read_logs(self, run: str) -> None:
-        """Print the run's log as it grows, beside the item's changes, after the previous run's is done."""
-        previous = self.log_reader
-
-        def read() -> None:
-            if previous is not None:
-                previous.join()
-            try:
-                for line in self.client.read_logs(run, follow=True):
-                    console.print(log_line_text(line), markup=False, highlight=False, soft_wrap=True)
-            except TakeoffError as error:
-                self.log_error = error
-
-        self.log_reader = threading.Thread(target=read, name=f"logs of {run}", daemon=True)
-        self.log_reader.start()
-
     def finish_logs(self) -> None:
         """Let the last run's log reach its end (its run ends about when the item does)."""
-        if self.log_reader is None:
+        if self.log is None:
             return
-        self.log_reader.join(LOG_DRAIN_SECONDS)
-        if self.log_error is not None or self.log_reader.is_alive():
-            problem = f": {one_line(self.log_error)}" if self.log_error else ""
+        ended = self.log.finish(LOG_DRAIN_SECONDS)
+        if self.log.error is not None or not ended:
+            problem = f": {one_line(self.log.error)}" if self.log.error else ""
             _warn(f"the log may be incomplete{problem} (takeoff logs {self.run.rsplit('/', 1)[-1]})")
+
+
+class _RunLog:
+    """Prints one run's log as it grows, on a thread of its own beside the item's changes, after the
+    previous attempt's. The agent creates the run soon after it takes the item: until then there is none."""
+
+    def __init__(self, client: Client, run: str, after: _RunLog | None) -> None:
+        self.client = client
+        self.run = run
+        self.error: TakeoffError | None = None
+        self._next_index = 0
+        self._attempt_over = threading.Event()
+        self._thread = threading.Thread(target=self._follow, args=(after,), name=f"log of {run}", daemon=True)
+        self._thread.start()
+
+    def finish(self, timeout: float | None = None) -> bool:
+        """Once the attempt is over: wait until the log has ended, then print what its agent sent after the
+        run had ended (the output a job prints as it finishes its run); whether the log has ended."""
+        self._attempt_over.set()
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            return False
+        if self.error is None:
+            self._print(follow=False)
+        return True
+
+    def _follow(self, after: _RunLog | None) -> None:
+        if after is not None:
+            after.finish()
+        while not self._print(follow=True):
+            self._attempt_over.wait(RUN_POLL_SECONDS)
+
+    def _print(self, *, follow: bool) -> bool:
+        """Print the log from where it was left; False while the run does not exist yet and the attempt
+        goes on (a run that never came is the item's to explain)."""
+        last_try = self._attempt_over.is_set()
+        try:
+            for line in self.client.read_logs(self.run, start_index=self._next_index, follow=follow):
+                console.print(log_line_text(line), markup=False, highlight=False, soft_wrap=True)
+                self._next_index = line.index + 1
+        except NotFoundError:
+            return last_try
+        except TakeoffError as error:
+            self.error = error
+        return True
 
 
 def _warn(message: str) -> None:
@@ -505,7 +535,7 @@ def _outcome(item: Item) -> str:
     if item.message:
         text += f": {item.message}"
     if item.run:
-        text += f"\nits log: takeoff logs {item.run}"
+        text += f"\nits log: takeoff logs {item.run.rsplit('/', 1)[-1]}"
     return text
 
 
