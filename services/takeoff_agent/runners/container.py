@@ -19,7 +19,7 @@ import signal
 import sys
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, TypeVar
 
 import docker
@@ -82,6 +82,8 @@ LABEL = "takeoff"
 CONTAINER_REGISTRY_SOCKET = "/run/takeoff/registry.sock"
 """Where a registry on a Unix socket is mounted in the container (a bridge network cannot reach the host's
 loopback, and no job gets the host's network)."""
+CONTAINER_REGISTRY_VOLUME_DIR = "/run/takeoff-registry"
+"""Where the volume holding the registry's socket is mounted (``registry_socket_volume``), read-only."""
 NAMED_VOLUME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]+")
 """Docker's rule for volume names; any other source is a path on the host."""
 EXIT_POLL_SECONDS = 0.05
@@ -101,13 +103,17 @@ class ContainerOptions:
     """The host's GPU device ids this agent's jobs share."""
     registry_auth: Mapping[str, RegistryLogin] = field(default_factory=dict)
     """Logins for pulling image jobs' images, by registry host (``registry.example.com:5000``)."""
+    registry_socket_volume: str | None = None
+    """The named volume that holds the registry's Unix socket (the agent's ``job_registry_address``), for an
+    agent in a container: the engine sees the agent's paths only as the volume, by its name on the host."""
 
 
 def parse_options(options: Mapping[str, object]) -> ContainerOptions:
-    unknown = sorted(set(options) - {"docker_host", "gpus", "registry_auth"})
+    known = {"docker_host", "gpus", "registry_auth", "registry_socket_volume"}
+    unknown = sorted(set(options) - known)
     if unknown:
         raise ValueError(
-            f"unknown option {', '.join(unknown)} (local-container takes: docker_host, gpus, registry_auth)"
+            f"unknown option {', '.join(unknown)} (local-container takes: {', '.join(sorted(known))})"
         )
     docker_host = options.get("docker_host")
     if docker_host is not None and (not isinstance(docker_host, str) or not docker_host):
@@ -129,8 +135,11 @@ def parse_options(options: Mapping[str, object]) -> ContainerOptions:
         ):
             raise ValueError(f"registry_auth.{host} must have exactly a username and a password")
         logins[str(host)] = RegistryLogin(login["username"], login["password"])
+    volume = options.get("registry_socket_volume")
+    if volume is not None and (not isinstance(volume, str) or not NAMED_VOLUME.fullmatch(volume)):
+        raise ValueError("registry_socket_volume must be the name of a Docker volume")
     engine_address(docker_host)  # the shims must reach it too
-    return ContainerOptions(docker_host, tuple(str(gpu) for gpu in gpus), logins)
+    return ContainerOptions(docker_host, tuple(str(gpu) for gpu in gpus), logins, volume)
 
 
 def create(options: Mapping[str, object], context: RunnerContext) -> ContainerRunner:
@@ -282,12 +291,14 @@ def create_options(
     agent: str,
     name: str,
     secrets_dir: Path | None = None,
+    registry_socket_volume: str | None = None,
 ) -> dict[str, Any]:
     """Keyword arguments of ``containers.create`` for a job: its image, command, environment, labels,
     the resource config's ``settings``, the GPU ``devices`` it was given, and, read-only, the host's
-    ``secrets_dir`` holding its secret files and the launch's CA certificate. Secret values go into the
-    environment only (``docker inspect`` shows them to those who are root on the host anyway), never
-    into a label."""
+    ``secrets_dir`` holding its secret files and the launch's CA certificate. A registry on a Unix socket
+    is reached through a bind mount of the socket, or through ``registry_socket_volume``, the volume that
+    holds it at its root. Secret values go into the environment only (``docker inspect`` shows them to those
+    who are root on the host anyway), never into a label."""
     assignment = launch.assignment
     environment = {**launch.env, **launch.secrets}
     mounts = list(settings.get("mounts", []))
@@ -301,8 +312,16 @@ def create_options(
         environment[CA_FILE_VARIABLE] = CONTAINER_CA_FILE
     if launch.registry_address.startswith("unix:"):
         socket = launch.registry_address.removeprefix("unix:").removeprefix("//")
-        mounts.append(Mount(target=CONTAINER_REGISTRY_SOCKET, source=socket, type="bind"))
-        environment["TAKEOFF_REGISTRY"] = f"unix:{CONTAINER_REGISTRY_SOCKET}"
+        if registry_socket_volume is not None:
+            volume = Mount(
+                CONTAINER_REGISTRY_VOLUME_DIR, registry_socket_volume, type="volume", read_only=True
+            )
+            mounts.append(volume)
+            job_socket = f"{CONTAINER_REGISTRY_VOLUME_DIR}/{PurePosixPath(socket).name}"
+        else:
+            mounts.append(Mount(target=CONTAINER_REGISTRY_SOCKET, source=socket, type="bind"))
+            job_socket = CONTAINER_REGISTRY_SOCKET
+        environment["TAKEOFF_REGISTRY"] = f"unix:{job_socket}"
     else:
         environment["TAKEOFF_REGISTRY"] = launch.registry_address
     labels = {
@@ -470,6 +489,7 @@ class ContainerJob:
                 agent=self.runner.context.agent_id,
                 name=self.name,
                 secrets_dir=secrets_dir,
+                registry_socket_volume=self.runner.options.registry_socket_volume,
             )
             container_id = await self._create(options)
             write_atomically(

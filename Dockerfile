@@ -1,0 +1,38 @@
+# One image for every Takeoff process: the registry, queue, builder and agent services and the CLI, chosen by
+# the command (`python -m takeoff_registry`, `takeoff ...`). Docker's classic builder builds it (no BuildKit
+# features). The base image is an argument: any Debian image whose `python3` (3.11 or later) has venv and pip
+# and whose CA bundle lets pip reach the package index; the official slim image by default, a locally made one
+# where no registry can be reached.
+ARG BASE_IMAGE=python:3.11-slim-bookworm
+
+FROM ${BASE_IMAGE} AS build
+RUN python3 -m venv /opt/takeoff
+ENV PATH=/opt/takeoff/bin:$PATH \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_CERT=/etc/ssl/certs/ca-certificates.crt
+WORKDIR /src
+# The dependencies, from pyproject.toml alone: a change to the source reuses this layer.
+COPY pyproject.toml ./
+RUN python -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]))' \
+        > requirements.txt \
+    && pip install --quiet -r requirements.txt hatchling
+COPY README.md ./
+COPY libs libs
+COPY services services
+RUN pip install --quiet --no-deps --no-build-isolation . && pip uninstall --quiet --yes hatchling
+
+FROM ${BASE_IMAGE}
+# git: the registry resolves git references and the builder fetches git sources with it.
+RUN apt-get update -qq \
+    && apt-get install -y -qq --no-install-recommends git >/dev/null \
+    && rm -rf /var/lib/apt/lists/* \
+    && useradd --uid 10001 --user-group --home-dir /var/lib/takeoff --create-home --shell /usr/sbin/nologin takeoff \
+    && install -d -o takeoff -g takeoff /run/takeoff /var/lib/takeoff/keys
+COPY --from=build /opt/takeoff /opt/takeoff
+ENV PATH=/opt/takeoff/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    TAKEOFF_HOME=/var/lib/takeoff
+USER 10001
+WORKDIR /var/lib/takeoff
+CMD ["takeoff", "--help"]
