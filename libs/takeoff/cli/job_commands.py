@@ -16,6 +16,7 @@ from takeoff.cli._output import (
     Column,
     Listing,
     WideOption,
+    confirm_deletion,
     console,
     error_console,
     fail,
@@ -209,9 +210,8 @@ def delete(
     """Delete a job with all its versions; asks first unless --yes."""
     with takeoff_client(project) as client:
         found = client.get_job(job)
-        question = f"delete job {found.id} and its {found.version_count} version(s)?"
-        if not yes and not typer.confirm(question, default=False):
-            fail("nothing deleted")
+        if not yes:
+            confirm_deletion(f"job {found.id} and its {found.version_count} version(s)")
         client.delete_job(job)
     console.print(f"deleted job {found.id}")
 

@@ -41,6 +41,7 @@ from takeoff.cli._registry import (
     ProjectOption,
     SecretOption,
     duration,
+    log_line_text,
     one_line,
     read_json_object,
     takeoff_client,
@@ -55,8 +56,6 @@ from takeoff.models import (
     Item,
     ItemState,
     ItemTransition,
-    LogLine,
-    LogStream,
     PendingReason,
     Priority,
 )
@@ -83,9 +82,6 @@ PENDING_WORDS = {
     PendingReason.QUEUED: "queued",
 }
 """Why a pending item waits, in a word or two that fit a table's column; `items describe` adds the detail."""
-ANY_QUEUE = "-"
-"""Stands for every queue of the project in an item's name: GetItem finds the item in whichever holds it."""
-
 WAITING_NOTICES = {
     PendingReason.NO_AGENT: "waiting: no connected agent serves {queue} (takeoff agent -q {queue})",
     PendingReason.QUEUE_PAUSED: "waiting: queue {queue} is paused (takeoff queue resume {queue})",
@@ -311,7 +307,7 @@ def describe(
     """Show an item: what was launched, how it stands (a pending one: its place in the queue and why it
     waits), and every change of its state."""
     with takeoff_client(project) as client:
-        found = client.get_item(item, queue=queue or ANY_QUEUE)
+        found = client.get_item(item, queue=queue)
     if json_output:
         print_json(found)
         return
@@ -331,7 +327,7 @@ def cancel(
 ) -> None:
     """Cancel an item: a waiting one at once, a running one once its agent has stopped it."""
     with takeoff_client(project) as client:
-        cancelled = client.cancel_item(_item_name(client, item, queue), message=message)
+        cancelled = client.cancel_item(item, queue=queue, message=message)
     if json_output:
         print_json(cancelled)
     elif cancelled.state is ItemState.CANCELLED:
@@ -352,18 +348,11 @@ def relaunch(
 ) -> None:
     """Launch an ended item again: same job version, config and settings, as a new item; print its name."""
     with takeoff_client(project) as client:
-        again = client.relaunch_item(_item_name(client, item, queue))
+        again = client.relaunch_item(item, queue=queue)
     if json_output:
         print_json(again)
     else:
         typer.echo(again.name)
-
-
-def _item_name(client: Client, item: str, queue: str | None) -> str:
-    """The resource name of an item reference; an ITEM_ID alone is looked for in every queue."""
-    if "/" in item or queue is not None:
-        return client.item_name(item, queue)
-    return client.get_item(item, queue=ANY_QUEUE).name
 
 
 def _follow(client: Client, item: Item, timeout: timedelta | None, *, logs: bool, quiet: bool) -> None:
@@ -502,13 +491,6 @@ class _RunLog:
 
 def _warn(message: str) -> None:
     error_console.print(Text.assemble(("warning:", "bold yellow"), " ", message), soft_wrap=True)
-
-
-def log_line_text(line: LogLine) -> str:
-    """A log line as ``takeoff logs`` prints it: the job's own output as it is, others' marked."""
-    if line.stream in (LogStream.STDOUT, LogStream.STDERR):
-        return line.text
-    return f"[{line.stream.lower()}] {line.text}"
 
 
 def _transition_line(transition: ItemTransition) -> str:
