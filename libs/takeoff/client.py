@@ -599,9 +599,7 @@ class Client:
         message of a stream is the item as it is then, so nothing is missed). Raises ``TimeoutError``
         after ``timeout`` seconds.
         """
-        name = self.item_name(item, queue, project)
-        if not _is_exact(name):
-            name = self.get_item(name).name
+        name = self._item_in_its_queue(item, queue, project)
         deadline = None if timeout is None else time.monotonic() + timeout
         reconnects, lost_since = 0, None
         while True:
@@ -778,12 +776,15 @@ class Client:
     def _on_item(
         self, item: str, queue: str | None, project: str | None, call: Callable[[str], _Result]
     ) -> _Result:
-        """``call`` on the item's resource name; one found in any queue (``-``), which only GetItem
-        searches, is looked up first."""
-        name = self.item_name(item, queue, project)
-        if not _is_exact(name):
-            name = self.get_item(name).name
+        """``call`` on the item's resource name, or on the one item whose id starts with its id."""
+        name = self._item_in_its_queue(item, queue, project)
         return self._exact_or_prefix(name, call, "ITEM_NOT_FOUND", self._item_by_prefix)
+
+    def _item_in_its_queue(self, item: str, queue: str | None, project: str | None) -> str:
+        """The item's resource name with its queue: one in any queue (``-``) is looked up, as only GetItem
+        searches every queue."""
+        name = self.item_name(item, queue, project)
+        return self.get_item(name).name if "/queues/-/" in name else name
 
     def _exact_or_prefix(
         self,
@@ -913,11 +914,6 @@ def _starting_with(name: str, names: Iterable[str]) -> list[str]:
 def _last_segment(name: str) -> str:
     """The id at the end of a resource name."""
     return name.rsplit("/", 1)[-1]
-
-
-def _is_exact(item_name: str) -> bool:
-    """Whether an item name names its queue, rather than ``-`` (any queue), which only GetItem accepts."""
-    return "/queues/-/" not in item_name
 
 
 def _key_name(key: str) -> str:
