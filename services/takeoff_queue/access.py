@@ -76,7 +76,8 @@ RULES: AccessRules = {
             Check(Permission.SECRETS_READ, _mounted_secrets),
         )
     ),
-    # A parent with `-` wildcards names exactly that string, which only a grant everywhere covers.
+    # A name with `-` for its queue (`projects/p/queues/-`) is under its project, which a project grant
+    # covers; `projects/-` names exactly that string, which only a grant everywhere covers.
     "GetItem": needs(Permission.QUEUES_READ, fields("name")),
     "ListItems": needs(Permission.QUEUES_READ, fields("parent")),
     "WatchItem": needs(Permission.QUEUES_READ, fields("name")),

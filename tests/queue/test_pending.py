@@ -14,11 +14,10 @@ import grpc
 import pytest
 from google.protobuf import duration_pb2, field_mask_pb2
 
-from takeoff.v1 import common_pb2, keys_pb2, queue_pb2, queue_pb2_grpc
+from takeoff.v1 import common_pb2, keys_pb2, keys_pb2_grpc, queue_pb2, queue_pb2_grpc
 from takeoff_queue.pending import PendingReason, QueueOutlook, Waiting, why_pending
 from tests.queue.conftest import NewQueue
 from tests.queue.harness import ScriptedAgent, error_details, keyed_channel
-from tests.queue.test_security import create_key, project_queue_request
 
 Stub: TypeAlias = "queue_pb2_grpc.QueueServiceAsyncStub"  # a type only the stubs know
 PENDING = common_pb2.ITEM_STATE_PENDING
@@ -36,6 +35,23 @@ def anywhere(item: queue_pb2.Item) -> str:
     """The item's name with `-` for its queue."""
     project = item.name.split("/queues/")[0]
     return f"{project}/queues/-/items/{item.name.rsplit('/', 1)[1]}"
+
+
+async def reader_key(registry: str, project: str) -> str:
+    """The secret of a new key that reads ``project``."""
+    key = keys_pb2.Key(kind=keys_pb2.KEY_KIND_PROJECT, projects=[project], role=keys_pb2.PROJECT_ROLE_READ)
+    async with keyed_channel(registry) as channel:
+        return (
+            await keys_pb2_grpc.KeyServiceStub(channel).CreateKey(keys_pb2.CreateKeyRequest(key=key))
+        ).secret
+
+
+async def new_project(queues: Stub) -> str:
+    """A project written to (a queue made in it), other than the item's."""
+    project = f"projects/p-{uuid.uuid4().hex[:8]}"
+    queue = queue_pb2.Queue(resource=common_pb2.RESOURCE_KIND_LOCAL_PROCESS)
+    await queues.CreateQueue(queue_pb2.CreateQueueRequest(parent=project, queue_id="q", queue=queue))
+    return project
 
 
 async def enqueue(queues: Stub, queue: str, job: str, **fields: Any) -> queue_pb2.Item:
@@ -63,9 +79,7 @@ async def test_get_item_through_any_queue_is_not_found_for_an_unknown_id_or_anot
     unknown = f"projects/qtest/queues/-/items/{uuid.uuid4().hex[:20]}"
     code, reason, _ = await refused(queues.GetItem(queue_pb2.GetItemRequest(name=unknown)))
     assert (code, reason) == (grpc.StatusCode.NOT_FOUND, "ITEM_NOT_FOUND")
-    elsewhere = f"projects/p-{uuid.uuid4().hex[:8]}"
-    await queues.CreateQueue(project_queue_request(elsewhere))  # the project exists; the item is not in it
-    wrong_project = anywhere(item).replace("projects/qtest/", f"{elsewhere}/")
+    wrong_project = anywhere(item).replace("projects/qtest/", f"{await new_project(queues)}/")
     code, reason, _ = await refused(queues.GetItem(queue_pb2.GetItemRequest(name=wrong_project)))
     assert (code, reason) == (grpc.StatusCode.NOT_FOUND, "ITEM_NOT_FOUND")
 
@@ -74,22 +88,16 @@ async def test_a_key_of_another_project_cannot_read_an_item_through_any_queue(
     queues: Stub, new_queue: NewQueue, job: str, registry_address: str, queue_address: str
 ) -> None:
     item = await enqueue(queues, await new_queue(), job)
-    other = f"projects/p-{uuid.uuid4().hex[:8]}"
-    _, key = await create_key(
-        registry_address,
-        keys_pb2.Key(kind=keys_pb2.KEY_KIND_PROJECT, projects=[other], role=keys_pb2.PROJECT_ROLE_READ),
-    )
-    _, reader = await create_key(
-        registry_address,
-        keys_pb2.Key(
-            kind=keys_pb2.KEY_KIND_PROJECT, projects=["projects/qtest"], role=keys_pb2.PROJECT_ROLE_READ
-        ),
-    )
-    async with keyed_channel(queue_address, key) as channel:
+    other = await new_project(queues)
+    async with keyed_channel(queue_address, await reader_key(registry_address, other)) as channel:
         as_other = queue_pb2_grpc.QueueServiceStub(channel)
         code, _, _ = await refused(as_other.GetItem(queue_pb2.GetItemRequest(name=anywhere(item))))
         assert code == grpc.StatusCode.PERMISSION_DENIED
-    async with keyed_channel(queue_address, reader) as channel:
+        # Named in its own project, another project's item is not there.
+        in_own_project = anywhere(item).replace("projects/qtest/", f"{other}/")
+        code, reason, _ = await refused(as_other.GetItem(queue_pb2.GetItemRequest(name=in_own_project)))
+        assert (code, reason) == (grpc.StatusCode.NOT_FOUND, "ITEM_NOT_FOUND")
+    async with keyed_channel(queue_address, await reader_key(registry_address, "projects/qtest")) as channel:
         as_reader = queue_pb2_grpc.QueueServiceStub(channel)
         found = (await as_reader.GetItem(queue_pb2.GetItemRequest(name=anywhere(item)))).item
         assert found.name == item.name
