@@ -26,8 +26,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from takeoff._delivery import LoggedRow, MetricSummaries
-from takeoff._delivery import warn as warn  # noqa: PLC0414 (until _system imports it from there)
+from takeoff._delivery import LoggedRow, MetricSummaries, warn
 from takeoff._values import dict_to_struct
 from takeoff.errors import TakeoffError
 from takeoff.v1 import runs_pb2, runs_pb2_grpc

@@ -35,7 +35,7 @@ from collections.abc import Callable, Mapping
 from types import ModuleType
 from typing import Any, NamedTuple
 
-from takeoff._sender import warn
+from takeoff._delivery import warn
 
 ENABLED_ENV = "TAKEOFF_SYSTEM_METRICS"
 INTERVAL_ENV = "TAKEOFF_SYSTEM_METRICS_INTERVAL"
