@@ -17,6 +17,7 @@ import pytest
 
 from takeoff import Client
 from takeoff.errors import NotFoundError
+from takeoff.models import ItemState
 from tests.processes import ServiceProcess, service_process, wait_for
 from tests.queue.harness import make_code_job
 from tests.sdk.conftest import job_environment
@@ -209,8 +210,8 @@ def test_items_are_found_without_their_queue_with_their_place_and_why_they_wait(
     takeoff: Takeoff, queues: Client, train: str
 ) -> None:
     queues.create_queue("cpu", paused=True)
-    first, second = (takeoff("launch", train, "-q", "cpu").stdout.strip() for _ in range(2))
-    second_id = second.rsplit("/", 1)[-1]
+    first, second = (queues.launch(train, "cpu") for _ in range(2))
+    second_id = second.name.rsplit("/", 1)[-1]
 
     described = takeoff("items", "describe", second_id)
     assert described.returncode == 0, described.stderr
@@ -223,14 +224,14 @@ def test_items_are_found_without_their_queue_with_their_place_and_why_they_wait(
 
     cancelled = takeoff("items", "cancel", second_id, "--message", "launched by mistake")
     assert cancelled.returncode == 0, cancelled.stderr
-    history = json.loads(takeoff("items", "describe", second_id, "--json").stdout)["transitions"]
-    assert (history[-1]["to_state"], history[-1]["message"]) == ("CANCELLED", "launched by mistake")
+    last = second.refresh().transitions[-1]
+    assert (last.to_state, last.message) == (ItemState.CANCELLED, "launched by mistake")
     assert "launched by mistake" in takeoff("items", "describe", second_id).stdout
-    assert queues.get_item(first).position == 1
+    assert first.refresh().position == 1
 
 
 def test_job_create_reads_the_directory_requirements_unless_given_and_says_so(
-    takeoff: Takeoff, tmp_path: Path
+    takeoff: Takeoff, queues: Client, tmp_path: Path
 ) -> None:
     code = tmp_path / "code"
     write(code, {"train.py": "print('hi')\n", "requirements.txt": "numpy==2.1\n"})
@@ -244,9 +245,8 @@ def test_job_create_reads_the_directory_requirements_unless_given_and_says_so(
     assert found.returncode == given.returncode == 0, (found.stderr, given.stderr)
     assert found.stderr == f"using {code / 'requirements.txt'} (--requirements FILE to give another)\n"
     assert given.stderr == ""
-    v0, v1 = (json.loads(takeoff("job", "describe", f"train:v{n}", "--json").stdout) for n in (0, 1))
-    assert v0["version"]["environment"]["requirements"] == "numpy==2.1\n"
-    assert v1["version"]["environment"]["requirements"] == "torch==2.5\n"
+    v0, v1 = (queues.get_job_version(f"train:v{n}").environment for n in (0, 1))
+    assert (v0.requirements, v1.requirements) == ("numpy==2.1\n", "torch==2.5\n")
 
 
 def test_job_versions_aliases_and_delete_that_asks_first(
