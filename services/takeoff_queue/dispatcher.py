@@ -393,7 +393,14 @@ class Dispatcher:
         outlook = outlooks.get(item.queue)
         if outlook is None:
             outlook = outlooks[item.queue] = self._outlook(self.queues[item.queue], now)
-        return why_pending(item.life.eligible_time, position, outlook, now, assigning=self._assigning(item))
+        return why_pending(
+            item.life.eligible_time,
+            position,
+            outlook,
+            now,
+            assigning=self._assigning(item),
+            token_refused=item.id in self._mint_failures,
+        )
 
     def _assigning(self, item: Item) -> bool:
         """Whether a dispatch pass took the item: its run token is being minted, or its lease committed."""

@@ -48,17 +48,32 @@ class Waiting:
 
 
 def why_pending(
-    eligible_time: datetime, position: int, queue: QueueOutlook, now: datetime, *, assigning: bool = False
+    eligible_time: datetime,
+    position: int,
+    queue: QueueOutlook,
+    now: datetime,
+    *,
+    assigning: bool = False,
+    token_refused: bool = False,
 ) -> Waiting:
-    """Why an item at ``position`` of ``queue``, eligible from ``eligible_time``, is PENDING at ``now``;
+    """Why an item at ``position`` of ``queue``, eligible from ``eligible_time``, is PENDING at ``now``.
     ``assigning``: a dispatch pass has taken it and holds an agent's slot and the queue's for it (while its
-    run token is minted, or its lease is committed)."""
-    reason, detail = _reason(eligible_time, position, queue, now, assigning)
+    run token is minted, or its lease is committed); ``token_refused``: the registry gave no run token for
+    its next attempt, and minting is tried again after a back-off."""
+    reason, detail = _reason(
+        eligible_time, position, queue, now, assigning=assigning, token_refused=token_refused
+    )
     return Waiting(position, reason, detail)
 
 
 def _reason(
-    eligible_time: datetime, position: int, queue: QueueOutlook, now: datetime, assigning: bool
+    eligible_time: datetime,
+    position: int,
+    queue: QueueOutlook,
+    now: datetime,
+    *,
+    assigning: bool,
+    token_refused: bool,
 ) -> tuple[PendingReason, str]:
     if queue.paused:
         return PendingReason.QUEUE_PAUSED, "the queue is paused"
@@ -74,6 +89,8 @@ def _reason(
     if not queue.free_slots:
         agents = f"{queue.agents} agent{'s' if queue.agents > 1 else ''}"
         return PendingReason.AGENTS_BUSY, f"{agents}, 0 free slots"
+    if token_refused:  # tried when an agent has room for it: only then does the token hold it back
+        return PendingReason.QUEUED, "its run token is tried again: the registry did not give one"
     if position > 1:
         ahead = position - 1
         return PendingReason.QUEUED, f"{ahead} item{'s' if ahead > 1 else ''} ahead"

@@ -356,3 +356,8 @@ def test_the_first_reason_that_holds_is_given_in_queue_protos_order() -> None:
     # With room, an item waits for those ahead of it; the first in line is about to be assigned.
     assert why_pending(now, 2, room, now).detail == "1 item ahead"
     assert why_pending(now, 1, room, now) == Waiting(1, PendingReason.QUEUED, "next to be assigned")
+    # Taken by a pass, its own slots do not hold it back; without its run token, it says so.
+    assert why_pending(now, 1, everything, now, assigning=True).detail == "the queue is paused"
+    assert why_pending(now, 1, resumed, now, assigning=True).detail == "being assigned"
+    assert "registry" in why_pending(now, 1, room, now, token_refused=True).detail
+    assert why_pending(now, 1, below_limit, now, token_refused=True).reason is PendingReason.NO_AGENT
