@@ -86,8 +86,15 @@ def _name_values(command: Command) -> None:
     for param in [*command.params, command.get_help_option(typer.Context(command))]:
         if isinstance(param, TyperOption | TyperArgument) and param.metavar is None:
             param.metavar = _value_name(param)
+        if isinstance(param, TyperArgument):
+            # Its name says what to type already; typer would add the Python type (``RUN <str>``).
+            param.display_type_rich = _no_type  # type: ignore[method-assign,assignment]
     for subcommand in getattr(command, "commands", {}).values():
         _name_values(subcommand)
+
+
+def _no_type(ctx: typer.Context) -> None:
+    return None
 
 
 def _value_name(param: TyperOption | TyperArgument) -> str | None:

@@ -1590,11 +1590,11 @@ class WatchItemResponse(_message.Message):
     TRANSITION_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def item(self) -> Global___Item:
-        """The item after the transition (in the first message: as it is now)."""
+        """The item after the transition (in the first message and when its pending reason changed: as it is now)."""
 
     @_builtins.property
     def transition(self) -> Global___ItemTransition:
-        """The transition that just happened; unset in the first message."""
+        """The transition that just happened; unset in the first message and when only the pending reason changed."""
 
     def __init__(
         self,

@@ -257,7 +257,9 @@ class QueueServiceServicer:
     def WatchItem(self, request, context):
         """Streams an item's transitions: first the item as it is now (with its history so far), then one message
         per transition, as it happens, until the item reaches a terminal state (the stream then ends OK; for an
-        item already ended, just the first message is sent). `takeoff launch --wait` uses it.
+        item already ended, just the first message is sent). While the item is PENDING, it is also sent again,
+        without a transition, whenever its `pending_reason` changes (an agent connects, the queue is resumed);
+        a change of `position` alone sends nothing. `takeoff launch --wait` uses it.
         Errors: INVALID_ARGUMENT `NAME_INVALID`; NOT_FOUND `ITEM_NOT_FOUND` (also if the item is deleted
         while watched).
         """

@@ -129,7 +129,9 @@ class QueueServiceStub:
     WatchItem: _grpc.UnaryStreamMultiCallable[_queue_pb2.WatchItemRequest, _queue_pb2.WatchItemResponse]
     """Streams an item's transitions: first the item as it is now (with its history so far), then one message
     per transition, as it happens, until the item reaches a terminal state (the stream then ends OK; for an
-    item already ended, just the first message is sent). `takeoff launch --wait` uses it.
+    item already ended, just the first message is sent). While the item is PENDING, it is also sent again,
+    without a transition, whenever its `pending_reason` changes (an agent connects, the queue is resumed);
+    a change of `position` alone sends nothing. `takeoff launch --wait` uses it.
     Errors: INVALID_ARGUMENT `NAME_INVALID`; NOT_FOUND `ITEM_NOT_FOUND` (also if the item is deleted
     while watched).
     """
@@ -256,7 +258,9 @@ class QueueServiceAsyncStub(QueueServiceStub):
     WatchItem: _aio.UnaryStreamMultiCallable[_queue_pb2.WatchItemRequest, _queue_pb2.WatchItemResponse]  # type: ignore[assignment]
     """Streams an item's transitions: first the item as it is now (with its history so far), then one message
     per transition, as it happens, until the item reaches a terminal state (the stream then ends OK; for an
-    item already ended, just the first message is sent). `takeoff launch --wait` uses it.
+    item already ended, just the first message is sent). While the item is PENDING, it is also sent again,
+    without a transition, whenever its `pending_reason` changes (an agent connects, the queue is resumed);
+    a change of `position` alone sends nothing. `takeoff launch --wait` uses it.
     Errors: INVALID_ARGUMENT `NAME_INVALID`; NOT_FOUND `ITEM_NOT_FOUND` (also if the item is deleted
     while watched).
     """
@@ -446,7 +450,9 @@ class QueueServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_queue_pb2.WatchItemResponse], _abc.AsyncIterator[_queue_pb2.WatchItemResponse]]:
         """Streams an item's transitions: first the item as it is now (with its history so far), then one message
         per transition, as it happens, until the item reaches a terminal state (the stream then ends OK; for an
-        item already ended, just the first message is sent). `takeoff launch --wait` uses it.
+        item already ended, just the first message is sent). While the item is PENDING, it is also sent again,
+        without a transition, whenever its `pending_reason` changes (an agent connects, the queue is resumed);
+        a change of `position` alone sends nothing. `takeoff launch --wait` uses it.
         Errors: INVALID_ARGUMENT `NAME_INVALID`; NOT_FOUND `ITEM_NOT_FOUND` (also if the item is deleted
         while watched).
         """
