@@ -72,6 +72,9 @@ class ServiceProgram(Generic[SettingsT]):
             sys.exit(EXIT_CONFIG_ERROR)
         try:
             asyncio.run(self._serve(settings))
+        except ConfigError as error:  # found while wiring: a key file that cannot be read, say
+            print(f"takeoff-{self.name}: {error}", file=sys.stderr)
+            sys.exit(EXIT_CONFIG_ERROR)
         except (OSError, ServiceFailed) as error:
             print(f"takeoff-{self.name}: {error}", file=sys.stderr)
             sys.exit(EXIT_START_FAILED)
