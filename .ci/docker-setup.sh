@@ -10,6 +10,8 @@ set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
 
 BASE_IMAGE=${TAKEOFF_TEST_BASE_IMAGE:-takeoff-python:bookworm}
+# Takeoff's own image (Dockerfile) needs Python >= 3.11.4 (tarfile's extraction filters): bookworm has 3.11.2.
+SERVICE_BASE_IMAGE=${TAKEOFF_TEST_SERVICE_BASE_IMAGE:-takeoff-python:trixie}
 REGISTRY=${TAKEOFF_TEST_REGISTRY:-127.0.0.1:5000}
 AUTH_REGISTRY=${TAKEOFF_TEST_AUTH_REGISTRY:-127.0.0.1:5001}
 # Test-only credentials of a registry that listens on loopback and holds nothing but a retagged base image.
@@ -33,6 +35,7 @@ missing=()
 command -v dockerd >/dev/null || missing+=(docker.io)
 command -v docker-registry >/dev/null || missing+=(docker-registry)
 command -v debootstrap >/dev/null || missing+=(debootstrap)
+command -v docker-compose >/dev/null || missing+=(docker-compose)
 command -v curl >/dev/null || missing+=(curl)
 command -v htpasswd >/dev/null || missing+=(apache2-utils)
 if ((${#missing[@]})); then
@@ -52,15 +55,19 @@ if ! docker info >/dev/null 2>&1; then
   wait_until 60 docker info || { tail -n 20 "$STATE/dockerd.log" >&2; say "dockerd did not start"; exit 1; }
 fi
 
-if [[ -z "$(docker images -q "$BASE_IMAGE")" ]]; then
-  say "making the base image $BASE_IMAGE with debootstrap (about a minute)"
+make_base_image() {  # make_base_image IMAGE SUITE: a minimal Debian SUITE with python3, venv and pip
+  [[ -n "$(docker images -q "$1")" ]] && return
+  say "making the base image $1 with debootstrap (about a minute)"
+  local rootfs
   rootfs=$(mktemp -d "$STATE/rootfs.XXXXXX")
   debootstrap --variant=minbase --include=python3,python3-venv,python3-pip,ca-certificates \
-    bookworm "$rootfs" >"$STATE/debootstrap.log" 2>&1 \
-    || { tail -n 20 "$STATE/debootstrap.log" >&2; say "debootstrap failed"; exit 1; }
-  tar -C "$rootfs" -c . | docker import - "$BASE_IMAGE" >&2
+    "$2" "$rootfs" >"$STATE/debootstrap-$2.log" 2>&1 \
+    || { tail -n 20 "$STATE/debootstrap-$2.log" >&2; say "debootstrap of $2 failed"; exit 1; }
+  tar -C "$rootfs" -c . | docker import - "$1" >&2
   rm -rf "$rootfs"
-fi
+}
+make_base_image "$BASE_IMAGE" bookworm
+make_base_image "$SERVICE_BASE_IMAGE" trixie
 
 if ! curl -fsS "http://$REGISTRY/v2/" >/dev/null 2>&1; then
   say "starting docker-registry on $REGISTRY (log: $STATE/registry.log)"
@@ -114,6 +121,7 @@ fi
 
 echo "export TAKEOFF_TEST_DOCKER=1"
 echo "export TAKEOFF_TEST_BASE_IMAGE=$BASE_IMAGE"
+echo "export TAKEOFF_TEST_SERVICE_BASE_IMAGE=$SERVICE_BASE_IMAGE"
 echo "export TAKEOFF_TEST_REGISTRY=$REGISTRY"
 echo "export TAKEOFF_TEST_AUTH_REGISTRY=$AUTH_REGISTRY"
 echo "export TAKEOFF_TEST_AUTH_USER=$AUTH_USER"

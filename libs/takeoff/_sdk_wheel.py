@@ -114,13 +114,18 @@ def _sdk_files() -> Iterator[tuple[str, Path]]:
                     yield path, file
 
 
+SDK_REQUIRES_PYTHON = ">=3.11"
+"""What the SDK needs, which is less than the services do (they need 3.11.4's tarfile filters): a job's image
+may bring any Python 3.11, such as Debian bookworm's 3.11.2."""
+
+
 def _metadata(version: str) -> str:
     lines = [
         "Metadata-Version: 2.1",
         f"Name: {DISTRIBUTION}",
         f"Version: {version}",
         "Summary: The Takeoff SDK (takeoff.init, takeoff.Client), from the Takeoff that wrote this wheel",
-        f"Requires-Python: {_installed_metadata()['Requires-Python'] or '>=3.11'}",
+        f"Requires-Python: {SDK_REQUIRES_PYTHON}",
         *(f"Requires-Dist: {requirement}" for requirement in _runtime_requirements()),
     ]
     return "\n".join(lines) + "\n"
