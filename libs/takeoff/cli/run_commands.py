@@ -138,8 +138,8 @@ def logs(
         bool, typer.Option("--json", help="Print one JSON object per line, with its time.")
     ] = False,
 ) -> None:
-    """Print a run's log: what the job printed as it is, its build output ([build]) and Takeoff's own
-    messages ([takeoff])."""
+    """Print a run's log: what the job printed as it is, its build output (lines marked \\[build]) and
+    Takeoff's own messages (\\[takeoff])."""
     with takeoff_client(project) as client:
         name = find_run(client, run).name
         try:
