@@ -53,6 +53,16 @@ def client(registry: ServiceProcess, project: str) -> Iterator[Client]:
         yield client
 
 
+@pytest.fixture
+def cli_env(registry: ServiceProcess, queue_service: ServiceProcess, project: str) -> dict[str, str]:
+    """The environment of a ``takeoff`` command run against the session's registry and queue, on a wide
+    terminal unless a test narrows it."""
+    return {
+        **job_environment(registry.address, project, TAKEOFF_QUEUE_ADDRESS=queue_service.address),
+        "COLUMNS": "200",
+    }
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

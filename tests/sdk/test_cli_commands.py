@@ -20,21 +20,12 @@ from takeoff.errors import NotFoundError
 from takeoff.models import ItemState
 from tests.processes import ServiceProcess, service_process, wait_for
 from tests.queue.harness import make_code_job
-from tests.sdk.conftest import job_environment
 from tests.sdk.test_pack import write
 from tests.sdk.test_queue_cli import refused_in_one_line, start_takeoff
 
 NO_AGENT_LINE = "waiting: no connected agent serves cpu (takeoff agent -q cpu)"
 
 Takeoff = Callable[..., subprocess.CompletedProcess[str]]
-
-
-@pytest.fixture
-def cli_env(registry: ServiceProcess, queue_service: ServiceProcess, project: str) -> dict[str, str]:
-    return {
-        **job_environment(registry.address, project, TAKEOFF_QUEUE_ADDRESS=queue_service.address),
-        "COLUMNS": "200",
-    }
 
 
 @pytest.fixture

@@ -15,7 +15,6 @@ import pytest
 from takeoff.v1 import common_pb2
 from tests.processes import ServiceProcess
 from tests.queue.harness import ScriptedAgent, make_code_job
-from tests.sdk.conftest import job_environment
 
 Takeoff = Callable[..., subprocess.CompletedProcess[str]]
 
@@ -24,14 +23,6 @@ INPUT_SCHEMA = {
     "type": "object",
     "properties": {"lr": {"type": "number", "default": 0.1}, "epochs": {"type": "integer"}},
 }
-
-
-@pytest.fixture
-def cli_env(registry: ServiceProcess, queue_service: ServiceProcess, project: str) -> dict[str, str]:
-    return {
-        **job_environment(registry.address, project, TAKEOFF_QUEUE_ADDRESS=queue_service.address),
-        "COLUMNS": "200",
-    }
 
 
 @pytest.fixture
