@@ -1,8 +1,8 @@
 # One image for every Takeoff process: the registry, queue, builder and agent services and the CLI, chosen by
 # the command (`python -m takeoff_registry`, `takeoff ...`). Docker's classic builder builds it (no BuildKit
-# features). The base image is an argument: any Debian image whose `python3` (3.11 or later) has venv and pip
-# and whose CA bundle lets pip reach the package index; the official slim image by default, a locally made one
-# where no registry can be reached.
+# features). The base image is an argument: any Debian image whose `python3` has venv and pip and is 3.11.4 or
+# later (tarfile's extraction filters: bookworm's own python3 is too old) and whose CA bundle lets pip reach
+# the package index; the official slim image by default, a locally made one where no registry can be reached.
 ARG BASE_IMAGE=python:3.11-slim-bookworm
 
 FROM ${BASE_IMAGE} AS build
@@ -23,6 +23,7 @@ COPY services services
 RUN pip install --quiet --no-deps --no-build-isolation . && pip uninstall --quiet --yes hatchling
 
 FROM ${BASE_IMAGE}
+ARG DEBIAN_FRONTEND=noninteractive
 # git: the registry resolves git references and the builder fetches git sources with it.
 RUN apt-get update -qq \
     && apt-get install -y -qq --no-install-recommends git >/dev/null \
