@@ -31,6 +31,7 @@ import pytest
 from takeoff.client import Client
 from takeoff.models import ItemState, ResourceKind, RunState
 from takeoff.stack import health_status
+from takeoff_server.main import EXIT_CONFIG_ERROR
 from tests.conftest import DockerSetup, require
 from tests.processes import wait_for
 
@@ -375,6 +376,6 @@ def test_a_service_without_its_key_file_says_so(stack: Stack) -> None:
         check=False,
     )
 
-    assert ran.returncode == 2  # a configuration error (takeoff_server.main.EXIT_CONFIG_ERROR)
+    assert ran.returncode == EXIT_CONFIG_ERROR
     assert f"cannot read the API key file {absent}: No such file or directory" in ran.stderr
     assert "Traceback" not in ran.stderr
