@@ -6,21 +6,26 @@
 ARG BASE_IMAGE=python:3.11-slim-bookworm
 
 FROM ${BASE_IMAGE} AS build
-RUN python3 -m venv /opt/takeoff
+# /opt/takeoff: the venv the image runs; /opt/build: the build backend, which stays in this stage.
+RUN python3 -m venv /opt/takeoff && python3 -m venv /opt/build
 ENV PATH=/opt/takeoff/bin:$PATH \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_CERT=/etc/ssl/certs/ca-certificates.crt
 WORKDIR /src
-# The dependencies, from pyproject.toml alone: a change to the source reuses this layer.
+# The dependencies and the build backend, from pyproject.toml alone: a change to the source reuses this layer.
 COPY pyproject.toml ./
-RUN python -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]))' \
-        > requirements.txt \
-    && pip install --quiet -r requirements.txt hatchling
+RUN python -c 'import tomllib; print(*tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"], sep="\n")' \
+        >requirements.txt \
+    && python -c 'import tomllib; print(*tomllib.load(open("pyproject.toml", "rb"))["build-system"]["requires"], sep="\n")' \
+        >build-requirements.txt \
+    && pip install --quiet -r requirements.txt \
+    && /opt/build/bin/pip install --quiet -r build-requirements.txt
 COPY README.md ./
 COPY libs libs
 COPY services services
-RUN pip install --quiet --no-deps --no-build-isolation . && pip uninstall --quiet --yes hatchling
+RUN /opt/build/bin/pip wheel --quiet --no-deps --no-build-isolation --wheel-dir /tmp/wheels . \
+    && pip install --quiet --no-deps /tmp/wheels/*.whl
 
 FROM ${BASE_IMAGE}
 ARG DEBIAN_FRONTEND=noninteractive
