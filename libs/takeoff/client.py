@@ -110,7 +110,14 @@ _Result = TypeVar("_Result")
 
 
 class Client:
-    """Connections to the registry and the queue service. Close it (or use ``with``) when done."""
+    """Connections to the registry and the queue service. Close it (or use ``with``) when done.
+
+    What it reads from the environment when not given (see ``__init__``): ``TAKEOFF_REGISTRY_ADDRESS`` (or
+    ``TAKEOFF_REGISTRY``) and ``TAKEOFF_QUEUE_ADDRESS``; ``TAKEOFF_HOME`` (default ``~/.takeoff``: the
+    running stack's ``stack.json`` and ``keys/admin.key``); ``TAKEOFF_PROJECT``; ``TAKEOFF_API_KEY`` and
+    ``TAKEOFF_TOKEN``; ``TAKEOFF_TLS_CA_FILE``, ``TAKEOFF_TLS_CERT_FILE`` and ``TAKEOFF_TLS_KEY_FILE``.
+    Errors are :class:`takeoff.TakeoffError` subclasses (``NotFoundError``, ``InvalidArgumentError``...).
+    """
 
     def __init__(
         self,
