@@ -146,8 +146,11 @@ def run_container(lease_dir: Path, spec: dict[str, Any]) -> None:
                 record_exit(start_failure(error, lease_dir))
                 return
         write_atomically(lease_dir / "shim.json", {**record, "started": True})
+        taking_over = status != "created"  # from a shim that died: its logs hold what it copied
         followers = [
-            threading.Thread(target=follow, args=(engine, path, stream, lease_dir / f"{stream}.log"))
+            threading.Thread(
+                target=follow, args=(engine, path, stream, lease_dir / f"{stream}.log", taking_over)
+            )
             for stream in ("stdout", "stderr")
         ]
         for follower in followers:
@@ -194,17 +197,25 @@ def start_failure(error: Exception, lease_dir: Path) -> dict[str, Any]:
     }
 
 
-def follow(engine: Engine, path: str, stream: str, log: Path) -> None:
+def follow(engine: Engine, path: str, stream: str, log: Path, taking_over: bool = False) -> None:
     """Append one output stream of the container to ``log`` as the engine hands it over (from the
     container's start: the engine keeps its output, so nothing printed before this call is lost). The
-    engine sends frames: 8 bytes (stream, 0, 0, 0, length as 4 big-endian bytes), then the bytes."""
+    engine sends frames: 8 bytes (stream, 0, 0, 0, length as 4 big-endian bytes), then the bytes.
+
+    A shim ``taking_over`` a running container from one that died gets the stream from the start again, and
+    skips as many bytes as the log already holds: what the dead shim copied, byte for byte the same."""
     with (
         log.open("ab") as file,
         contextlib.suppress(*ENGINE_FAILURES),
         engine.request("GET", f"{path}/logs", None, follow=1, **{stream: 1}) as response,
     ):
+        copied = os.fstat(file.fileno()).st_size if taking_over else 0
         while len(header := response.read(8)) == 8:
-            file.write(response.read(int.from_bytes(header[4:], "big")))
+            data = response.read(int.from_bytes(header[4:], "big"))
+            if copied:
+                skipped = min(copied, len(data))
+                data, copied = data[skipped:], copied - skipped
+            file.write(data)
             file.flush()
 
 

@@ -333,14 +333,34 @@ async def test_a_restarted_agent_takes_the_job_back_from_its_lease_directory(
     await restarted.close()
 
 
-async def test_a_job_whose_shim_died_is_killed_by_the_agent(harness: Harness) -> None:
-    job = await harness.started()
-    await eventually(lambda: "ready" in harness.output(job), "the job to start")
-    shim_pid = json.loads((job.lease_dir / "shim.json").read_text())["shim_pid"]
-    os.kill(shim_pid, signal.SIGKILL)
+TAKEN_OVER = """
+import signal, sys, time
+def stop(*_):
+    print("stopping", flush=True)
+    sys.exit(7)
+signal.signal(signal.SIGTERM, stop)
+print("ready", flush=True)
+time.sleep(600)
+"""
 
-    ended = await job.wait()
-    assert (ended.exit_code, ended.signal) == (137, 9)
+
+async def test_a_running_job_whose_shim_died_is_taken_over_by_a_new_shim(harness: Harness) -> None:
+    job = await harness.started(TAKEN_OVER)
+    await eventually(lambda: "ready" in harness.output(job), "the job to start")
+    dead_shim = json.loads((job.lease_dir / "shim.json").read_text())["shim_pid"]
+    os.kill(dead_shim, signal.SIGKILL)  # as when the agent's container, which holds the shims, is killed
+    waiting = asyncio.create_task(job.wait())
+
+    def new_shim() -> bool:
+        return bool(json.loads((job.lease_dir / "shim.json").read_text())["shim_pid"] != dead_shim)
+
+    await eventually(new_shim, "a new shim to take the running container over")
+    assert harness.container(job).status == "running"  # the job went on, unharmed
+    await job.stop(5)
+
+    ended = await waiting
+    assert (ended.exit_code, ended.signal) == (7, None)  # its own end, seen by the new shim
+    assert harness.output(job) == "ready\nstopping\n"  # followed on, nothing copied twice
     assert harness.gone(job)
 
 

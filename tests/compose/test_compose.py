@@ -356,6 +356,33 @@ def test_restarting_the_queue_service_mid_run_loses_nothing(stack: Stack, tmp_pa
     assert [row.step for row in rows if "loss" in row.values] == list(range(steps))
 
 
+def test_killing_the_agent_container_mid_run_loses_nothing(stack: Stack, tmp_path: Path) -> None:
+    job = create_code_job(stack.cli_env, tmp_path / "job")
+    steps = 30
+    entrypoint = f"python train.py {steps} 1"
+    launched = cli(stack.cli_env, "launch", job, "--queue", QUEUE, "--entrypoint", entrypoint, "--json")
+    assert launched.returncode == 0, launched.stdout + launched.stderr
+    name = json.loads(launched.stdout)["name"]
+    with client(stack) as takeoff:
+
+        def running_with_a_row() -> bool:
+            item = takeoff.get_item(name)
+            return item.state is ItemState.RUNNING and any(takeoff.read_metrics(item.run))
+
+        wait_for(running_with_a_row, timeout=600, what="the job's first step")
+        # SIGKILL: no drain, and the job's shim goes with the agent's container; the job's own container
+        # runs on in the engine, for the next agent to take over.
+        compose_ok(stack.env, "kill", "agent")
+        compose_ok(stack.env, "start", "agent")
+        wait_until_serving(stack.env, ("agent",))
+        final = list(takeoff.watch_item(name, timeout=300))[-1]
+        rows = list(takeoff.read_metrics(final.run))
+
+    assert final.state is ItemState.SUCCEEDED, final
+    assert final.attempt == 1
+    assert [row.step for row in rows if "loss" in row.values] == list(range(steps))
+
+
 def test_a_service_without_its_key_file_says_so(stack: Stack) -> None:
     absent = "/var/lib/takeoff/keys/absent.key"
     queue_without_its_key = [stack.env["TAKEOFF_IMAGE"], "python", "-m", "takeoff_queue"]

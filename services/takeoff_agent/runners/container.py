@@ -635,14 +635,17 @@ class ContainerJob:
         return ended
 
     async def _without_shim(self) -> JobExit | None:
-        """The shim is gone without a record (killed, perhaps with the machine's processes). A container it
-        never started gets a new shim; one that ended is recorded as it ended; one still running is
-        killed, since no job runs unsupervised, and recorded as killed (exit 137, like a local process)."""
+        """The shim is gone without a record (killed, perhaps with the machine's processes, or with the
+        agent's own container when the agent runs in one). The container lives on in the engine, so a new
+        shim takes it over: one it never started, or one still running, which the new shim follows to its
+        end (its output continues where the dead shim's copy stopped). One that ended is recorded as it
+        ended; one caught between states (paused, restarting) is removed and recorded as killed (exit 137),
+        since no job runs unsupervised."""
         try:
             state = await self.runner.call(lambda engine: engine.containers.get(self.name).attrs["State"])
         except docker.errors.NotFound:
             state = None
-        if state is not None and state["Status"] == "created":
+        if state is not None and state["Status"] in ("created", "running"):
             await self._start_shim()
             return None
         if state is None:
