@@ -21,7 +21,7 @@ import shutil
 import subprocess
 import tarfile
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -331,9 +331,10 @@ def test_a_code_job_launched_with_grpcurl_succeeds_with_its_metrics(stack: Stack
     assert json.loads(shown.stdout)["metrics"]["loss"]["last"] == pytest.approx(LOSSES[-1])
 
 
-def test_restarting_the_queue_service_mid_run_loses_nothing(stack: Stack, tmp_path: Path) -> None:
+def run_through(stack: Stack, tmp_path: Path, disrupt: Callable[[], None], steps: int = 20) -> None:
+    """Launch a code job of ``steps`` one-second steps, ``disrupt`` the stack once the first step is stored,
+    and see the item succeed on its first attempt with every step's row: the fault cost time, not work."""
     job = create_code_job(stack.cli_env, tmp_path / "job")
-    steps = 20
     entrypoint = f"python train.py {steps} 1"
     launched = cli(stack.cli_env, "launch", job, "--queue", QUEUE, "--entrypoint", entrypoint, "--json")
     assert launched.returncode == 0, launched.stdout + launched.stderr
@@ -345,8 +346,7 @@ def test_restarting_the_queue_service_mid_run_loses_nothing(stack: Stack, tmp_pa
             return item.state is ItemState.RUNNING and any(takeoff.read_metrics(item.run))
 
         wait_for(running_with_a_row, timeout=600, what="the job's first step")
-        compose_ok(stack.env, "restart", "queue")
-        wait_until_serving(stack.env, ("queue",))
+        disrupt()
         final = list(takeoff.watch_item(name, timeout=300))[-1]
         rows = list(takeoff.read_metrics(final.run))
 
@@ -356,31 +356,23 @@ def test_restarting_the_queue_service_mid_run_loses_nothing(stack: Stack, tmp_pa
     assert [row.step for row in rows if "loss" in row.values] == list(range(steps))
 
 
+def test_restarting_the_queue_service_mid_run_loses_nothing(stack: Stack, tmp_path: Path) -> None:
+    def restart_the_queue() -> None:
+        compose_ok(stack.env, "restart", "queue")
+        wait_until_serving(stack.env, ("queue",))
+
+    run_through(stack, tmp_path, restart_the_queue)
+
+
 def test_killing_the_agent_container_mid_run_loses_nothing(stack: Stack, tmp_path: Path) -> None:
-    job = create_code_job(stack.cli_env, tmp_path / "job")
-    steps = 30
-    entrypoint = f"python train.py {steps} 1"
-    launched = cli(stack.cli_env, "launch", job, "--queue", QUEUE, "--entrypoint", entrypoint, "--json")
-    assert launched.returncode == 0, launched.stdout + launched.stderr
-    name = json.loads(launched.stdout)["name"]
-    with client(stack) as takeoff:
-
-        def running_with_a_row() -> bool:
-            item = takeoff.get_item(name)
-            return item.state is ItemState.RUNNING and any(takeoff.read_metrics(item.run))
-
-        wait_for(running_with_a_row, timeout=600, what="the job's first step")
+    def kill_the_agent() -> None:
         # SIGKILL: no drain, and the job's shim goes with the agent's container; the job's own container
-        # runs on in the engine, for the next agent to take over.
+        # runs on in the engine, for the next agent (the same id, from its volume) to take over.
         compose_ok(stack.env, "kill", "agent")
         compose_ok(stack.env, "start", "agent")
         wait_until_serving(stack.env, ("agent",))
-        final = list(takeoff.watch_item(name, timeout=300))[-1]
-        rows = list(takeoff.read_metrics(final.run))
 
-    assert final.state is ItemState.SUCCEEDED, final
-    assert final.attempt == 1
-    assert [row.step for row in rows if "loss" in row.values] == list(range(steps))
+    run_through(stack, tmp_path, kill_the_agent, steps=30)
 
 
 def test_a_service_without_its_key_file_says_so(stack: Stack) -> None:
