@@ -29,6 +29,7 @@ from pathlib import Path
 import pytest
 
 from takeoff.client import Client
+from takeoff.errors import UnavailableError
 from takeoff.models import ItemState, ResourceKind, RunState
 from takeoff.stack import health_status
 from takeoff_server.main import EXIT_CONFIG_ERROR
@@ -244,7 +245,7 @@ def stack(docker_setup: DockerSetup, tmp_path_factory: pytest.TempPathFactory) -
         "TAKEOFF_SOCKET_VOLUME": f"{PROJECT}-registry-socket",
         "TAKEOFF_DOCKER_GID": str(os.stat("/var/run/docker.sock").st_gid),
     }
-    compose(env, "down", "-v", "--remove-orphans")  # what an interrupted run left
+    compose(env, "down", "-v", "--remove-orphans", "--timeout", "10")  # what an interrupted run left
     try:
         # Up to the queue service (with their keys), to make a queue before the agent's first start.
         compose_ok(env, "up", "-d", "queue")
@@ -271,7 +272,8 @@ def stack(docker_setup: DockerSetup, tmp_path_factory: pytest.TempPathFactory) -
         wait_until_serving(env)
         yield Stack(env, cli_env, admin_key, seeded["name"], seeded["run"])
     finally:
-        stopped = compose(env, "down", "-v", "--remove-orphans")
+        # Not the agent's stop_grace_period (a drain of up to 10 min): a failed test may leave a job running.
+        stopped = compose(env, "down", "-v", "--remove-orphans", "--timeout", "10")
         assert stopped.returncode == 0, stopped.stderr
 
 
@@ -342,8 +344,11 @@ def run_through(stack: Stack, tmp_path: Path, disrupt: Callable[[], None], steps
     with client(stack) as takeoff:
 
         def running_with_a_row() -> bool:
-            item = takeoff.get_item(name)
-            return item.state is ItemState.RUNNING and any(takeoff.read_metrics(item.run))
+            try:
+                item = takeoff.get_item(name)
+                return item.state is ItemState.RUNNING and any(takeoff.read_metrics(item.run))
+            except UnavailableError:  # a service just restarted by the test before may still be settling
+                return False
 
         wait_for(running_with_a_row, timeout=600, what="the job's first step")
         disrupt()
