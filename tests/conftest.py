@@ -21,7 +21,13 @@ export_admin_key()  # before any fixture starts a service: every stack a test ma
 
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 
-COMPONENT_FIXTURES = {"docker_setup": "docker", "node": "node"}
+COMPONENT_FIXTURES = {
+    "docker_setup": "docker",
+    "node": "node",
+    "slurm_cluster": "slurm",  # tests/slurm/conftest.py
+    "ray_cluster": "ray",  # tests/ray/conftest.py
+    "browser": "browser",  # tests/browser/conftest.py
+}
 """Fixture name -> the marker of the component it needs (fixtures that use these are covered too)."""
 DATABASE_PARAMS = {"postgresql": "postgres"}
 """A fixture parameter with this value (``params=["sqlite", "postgresql"]``) -> the marker of its server."""

@@ -404,7 +404,8 @@ class Client:
         project: str | None = None,
         request_id: str = "",
     ) -> Queue:
-        """Create a queue for one kind of resource: ``local-process``, ``local-container`` or ``kubernetes``.
+        """Create a queue for one kind of resource: ``local-process``, ``local-container``,
+        ``kubernetes``, ``slurm`` or ``ray``.
 
         ``resource_config`` is the default every item gets (items' overrides merge over it); it may hold
         ``{{name}}`` holes for ``template_variables``, each a JSON Schema (its ``description`` is shown to

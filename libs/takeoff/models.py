@@ -410,6 +410,8 @@ class ResourceKind(_AnyCase):
     LOCAL_PROCESS = "local-process"
     LOCAL_CONTAINER = "local-container"
     KUBERNETES = "kubernetes"
+    SLURM = "slurm"
+    RAY = "ray"
 
     @classmethod
     def _from_proto(cls, value: common_pb2.ResourceKind.ValueType) -> ResourceKind:

@@ -23,11 +23,72 @@ CONTAINER_OPTIONS = frozenset(
         "user",
         "ipc_mode",
         "ulimits",
+        "nodes",
     }
 )
 """The docker options a local-container queue may set; the container runner maps each onto the engine."""
-PROCESS_OPTIONS = frozenset({"env"})
+PROCESS_OPTIONS = frozenset({"env", "nodes"})
 """What a local-process queue may set."""
+MULTI_NODE_OPTION = "nodes"
+"""A multi-node launch (docs/design.md §12): ``nodes: N`` starts N ranks (local-process: N processes on the
+agent's host; local-container: N containers sharing rank 0's network; kubernetes: an Indexed Job of N pods,
+a top-level key beside the Job manifest's; slurm: N nodes, ``ntasks_per_node`` ranks on each)."""
+SLURM_OPTIONS = frozenset(
+    {
+        "partition",
+        "nodes",
+        "ntasks_per_node",
+        "gpus_per_node",
+        "cpus_per_task",
+        "mem",
+        "time",
+        "account",
+        "qos",
+        "constraint",
+        "sbatch",
+        "env",
+    }
+)
+"""What a slurm queue may set: the sbatch options of the same names (``ntasks_per_node`` is
+``--ntasks-per-node``), ``sbatch`` for more options of :data:`SBATCH_EXTRA_OPTIONS`, and ``env``."""
+SBATCH_EXTRA_OPTIONS = frozenset(
+    {
+        "begin",
+        "comment",
+        "cores_per_socket",
+        "cpus_per_gpu",
+        "deadline",
+        "distribution",
+        "exclude",
+        "exclusive",
+        "gpus",
+        "gpus_per_task",
+        "gres",
+        "hint",
+        "licenses",
+        "mail_type",
+        "mail_user",
+        "mem_per_cpu",
+        "mem_per_gpu",
+        "nice",
+        "nodelist",
+        "reservation",
+        "sockets_per_node",
+        "switches",
+        "threads_per_core",
+        "tmp",
+        "wckey",
+    }
+)
+"""The options a slurm resource config's ``sbatch`` may pass on (``mail_type`` is ``--mail-type``): none
+that moves the job's output, working directory, environment or identity (``output``, ``chdir``,
+``export``, ``uid``), names it (``job_name``: the runner finds its jobs by name) or makes more than one job
+(``array``)."""
+RAY_OPTIONS = frozenset(
+    {"entrypoint_num_cpus", "entrypoint_num_gpus", "entrypoint_memory", "entrypoint_resources", "env"}
+)
+"""What a ray queue may set: the Jobs API's entrypoint resources (``entrypoint_memory`` in bytes) and
+``env``."""
 MERGED_BY_NAME = frozenset({"containers", "env", "volumes", "volumeMounts"})
 
 

@@ -86,6 +86,7 @@ def bearer(token: str | None) -> tuple[tuple[str, str], ...] | None:
 class LogLine:
     stream: runs_pb2.LogStream.ValueType
     text: str
+    rank: int | None = None
 
 
 class Runs:
@@ -154,7 +155,7 @@ class Runs:
     ) -> None:
         request = runs_pb2.AppendLogsRequest(
             name=run,
-            lines=[runs_pb2.LogLine(stream=line.stream, text=line.text) for line in lines],
+            lines=[runs_pb2.LogLine(stream=line.stream, text=line.text, rank=line.rank) for line in lines],
             first_line_index=first_index,
         )
         await _retried(

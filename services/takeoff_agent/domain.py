@@ -23,6 +23,8 @@ class ResourceKind(enum.IntEnum):
     LOCAL_PROCESS = 1
     LOCAL_CONTAINER = 2
     KUBERNETES = 3
+    SLURM = 4
+    RAY = 5
 
     @property
     def config_name(self) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from takeoff_agent.domain import LogStream
+from takeoff_agent.runners.base import JobOutput
 
 MAX_LINE_BYTES = 64 * 1024
 """The registry's limit on one log line (UTF-8); longer lines arrive as several."""
@@ -49,9 +50,9 @@ def split_long_line(line: str) -> list[str]:
     return pieces
 
 
-def shim_output(lease_dir: Path) -> list[tuple[LogStream, LogTail]]:
+def shim_output(lease_dir: Path) -> list[JobOutput]:
     """The job's stdout and stderr as its shim writes them into its lease directory."""
     return [
-        (LogStream.STDOUT, LogTail(lease_dir / "stdout.log")),
-        (LogStream.STDERR, LogTail(lease_dir / "stderr.log")),
+        JobOutput(LogStream.STDOUT, LogTail(lease_dir / "stdout.log")),
+        JobOutput(LogStream.STDERR, LogTail(lease_dir / "stderr.log")),
     ]

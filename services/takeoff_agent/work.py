@@ -36,7 +36,7 @@ from takeoff_agent.domain import (
     RunState,
     SecretMount,
 )
-from takeoff_agent.runners.base import Launch, LogSource, Runner, RunnerRefused, RunnerUnavailable
+from takeoff_agent.runners.base import JobOutput, Launch, Runner, RunnerRefused, RunnerUnavailable
 from takeoff_agent.shim import write_atomically
 from takeoff_agent.wire import (
     build_kind_to_proto,
@@ -131,7 +131,7 @@ class RunLog:
     runs: Runs
     run: str
     checkpoint: Path
-    sources: list[tuple[LogStream, LogSource]]
+    sources: list[JobOutput]
     next_index: int = 0
     pending: list[LogLine] = field(default_factory=list)
     build_lines: int = 0
@@ -170,19 +170,20 @@ class RunLog:
         except (OSError, ValueError):
             return
         self.next_index = recorded["next_index"]
-        for (_, source), offset in zip(self.sources, recorded["offsets"], strict=True):
-            source.offset = offset
-        self.pending = [LogLine(stream, text) for stream, text in recorded["pending"]]
+        for output, offset in zip(self.sources, recorded["offsets"], strict=True):
+            output.source.offset = offset
+        # [stream, text] in checkpoints of agents before multi-node launches, [stream, text, rank] since
+        self.pending = [LogLine(*line) for line in recorded["pending"]]
         self.last_lines.extend(recorded["last_lines"])
         self.build_lines = recorded.get("build_lines", 0)  # absent from checkpoints of older agents
         self._recorded = True
 
-    def add(self, stream: LogStream, lines: list[str]) -> None:
+    def add(self, stream: LogStream, lines: list[str], rank: int | None = None) -> None:
         if not lines:
             return
         if self._masks:
             lines = [self._masked(line) for line in lines]
-        self.pending.extend(LogLine(log_stream_to_proto(stream), line) for line in lines)
+        self.pending.extend(LogLine(log_stream_to_proto(stream), line, rank) for line in lines)
         self._recorded = False
         if stream is LogStream.BUILD:
             self.build_lines += len(lines)
@@ -196,8 +197,8 @@ class RunLog:
         """The job's new lines; not while earlier ones still wait to be sent, unless the job has ended."""
         if self.pending and not final:
             return
-        for stream, source in self.sources:
-            self.add(stream, source.read_lines(final=final))
+        for output in self.sources:
+            self.add(output.stream, output.source.read_lines(final=final), output.rank)
 
     async def flush(self) -> None:
         if not self._recorded:
@@ -207,8 +208,8 @@ class RunLog:
                 self.checkpoint,
                 {
                     "next_index": self.next_index,
-                    "offsets": [source.offset for _, source in self.sources],
-                    "pending": [[line.stream, line.text] for line in self.pending],
+                    "offsets": [output.source.offset for output in self.sources],
+                    "pending": [[line.stream, line.text, line.rank] for line in self.pending],
                     "last_lines": list(self.last_lines),  # for the failure message of a job that ends later
                     "build_lines": self.build_lines,
                 },

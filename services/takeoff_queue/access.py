@@ -81,6 +81,7 @@ RULES: AccessRules = {
     "GetItem": needs(Permission.QUEUES_READ, fields("name")),
     "ListItems": needs(Permission.QUEUES_READ, fields("parent")),
     "WatchItem": needs(Permission.QUEUES_READ, fields("name")),
+    "WatchQueue": needs(Permission.QUEUES_READ, fields("name")),
     "CancelItem": needs(Permission.ITEMS_WRITE, fields("name")),
     "RelaunchItem": needs(Permission.ITEMS_WRITE, fields("name")),
     "ListAgents": needs(Permission.QUEUES_READ, _agents_listed),

@@ -22,7 +22,6 @@ from takeoff_queue.dispatcher import Dispatcher, Session
 from takeoff_queue.lifecycle import FailureReason, ItemState, Transition
 from takeoff_queue.model import (
     AGENT,
-    DEFAULT_START_TIMEOUT,
     ITEM,
     ITEM_IN_ANY_QUEUE,
     PROJECT,
@@ -108,7 +107,7 @@ def _queue_from_proto(message: queue_pb2.Queue) -> Queue:
         retry_delay=duration_value(message.retry_delay, field="queue.retry_delay"),
         start_timeout=duration_value(message.start_timeout, field="queue.start_timeout")
         if message.HasField("start_timeout")
-        else DEFAULT_START_TIMEOUT,
+        else None,
         # unset or 0: unlimited
         max_run_time=duration_value(message.max_run_time, field="queue.max_run_time") or None,
         concurrency_limit=message.concurrency_limit,
@@ -703,6 +702,12 @@ class QueueApi(queue_pb2_grpc.QueueServiceServicer):
     ) -> queue_pb2.RelaunchItemResponse:
         item = await self._book.relaunch_item(request.name, request.request_id, actor=current_actor())
         return queue_pb2.RelaunchItemResponse(item=self._item_proto(item))
+
+    async def WatchQueue(  # TODO(watch-queue helper): being built now
+        self, request: queue_pb2.WatchQueueRequest, context: Context
+    ) -> AsyncIterator[queue_pb2.WatchQueueResponse]:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "WatchQueue is not built yet")
+        yield queue_pb2.WatchQueueResponse()  # type: ignore[unreachable]
 
     async def WatchItem(
         self, request: queue_pb2.WatchItemRequest, context: Context

@@ -30,6 +30,7 @@ from takeoff_queue.model import (
     ResolvedJob,
     SecretMount,
     SourceKind,
+    default_start_timeout,
 )
 from takeoff_queue.resource_config import ResourceKind
 from takeoff_queue.store import QueueStore, QueueWrite, queue_values
@@ -39,6 +40,10 @@ from takeoff_server.pagination import PageRequest
 from takeoff_server.validation import Problems
 
 MAX_ATTEMPTS_LIMIT = 100
+
+
+_VENV_KINDS = frozenset({ResourceKind.LOCAL_PROCESS, ResourceKind.SLURM, ResourceKind.RAY})
+"""The kinds whose jobs run from a venv build (a Slurm cluster or a Ray cluster runs no image of ours)."""
 
 
 class JobResolver(checks.ProjectLookup, Protocol):
@@ -148,6 +153,8 @@ class QueueBook:
         check_request_id(request_id)
         now = self._clock()
         queue = _checked_queue(replace(queue, name=name, create_time=now, update_time=now))
+        if queue.start_timeout is None:
+            queue = replace(queue, start_timeout=default_start_timeout(queue.resource))
         fingerprint = request_fingerprint(
             {key: value for key, value in queue_values(queue).items() if not key.endswith("_time")}
         )
@@ -178,6 +185,8 @@ class QueueBook:
     async def update_queue(self, name: str, changes: dict[str, Any]) -> Queue:
         queue = replace(self.queue(name, field_name="queue.name"), **changes, update_time=self._clock())
         queue = _checked_queue(queue)
+        if queue.start_timeout is None:
+            queue = replace(queue, start_timeout=default_start_timeout(queue.resource))
 
         async def write(tx: QueueWrite) -> None:
             await tx.update_queue(queue)
@@ -350,11 +359,11 @@ class QueueBook:
             max_chars=checks.MAX_RUN_DISPLAY_NAME_CHARS,
             problems=problems,
         )
-        if job.source_kind is SourceKind.IMAGE and queue.resource is ResourceKind.LOCAL_PROCESS:
+        if job.source_kind is SourceKind.IMAGE and queue.resource in _VENV_KINDS:
             problems.add(
                 "SOURCE_INCOMPATIBLE",
                 "job",
-                f"{job.version_name} is an image job; local-process queues run code and git jobs",
+                f"{job.version_name} is an image job; {queue.resource.value} queues run code and git jobs",
             )
         if (
             job.source_kind is not SourceKind.IMAGE
@@ -535,7 +544,11 @@ def _checked_queue(queue: Queue) -> Queue:
     if queue.concurrency_limit < 0:
         problems.add("ARGUMENT_INVALID", "queue.concurrency_limit", "must not be negative (0: unlimited)")
     checks.check_duration(
-        queue.start_timeout, field="queue.start_timeout", at_most=checks.MAX_START_TIMEOUT, problems=problems
+        queue.start_timeout,
+        field="queue.start_timeout",
+        at_most=checks.MAX_START_TIMEOUT,
+        zero_allowed=True,
+        problems=problems,
     )
     checks.check_duration(
         queue.retry_delay,

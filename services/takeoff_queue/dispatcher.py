@@ -726,7 +726,7 @@ class Dispatcher:
             self._clock(),
             lease_id=uuid.uuid4().hex,
             run=item.run_name(item.life.attempt + 1),
-            start_timeout=self.queues[item.queue].start_timeout,
+            start_timeout=self.queues[item.queue].start_timeout or None,
         )
 
     def _assignment(self, item: Item) -> Assignment:

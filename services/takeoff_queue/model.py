@@ -26,6 +26,12 @@ DEFAULT_MAX_ATTEMPTS = 3
 DEFAULT_START_TIMEOUT = timedelta(minutes=30)
 
 
+def default_start_timeout(resource: ResourceKind) -> timedelta:
+    """30 minutes, but unlimited (0) on Slurm: a job waiting its turn on a busy cluster must not spend
+    attempts, nor lose its place in Slurm's queue to a resubmission."""
+    return timedelta(0) if resource is ResourceKind.SLURM else DEFAULT_START_TIMEOUT
+
+
 class Priority(enum.IntEnum):
     """Lower values are served first."""
 
@@ -89,7 +95,9 @@ class Queue:
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
     retry_job_failures: bool = False
     retry_delay: timedelta = timedelta(0)
-    start_timeout: timedelta = DEFAULT_START_TIMEOUT
+    start_timeout: timedelta | None = None
+    """How long an assignment may take to reach RUNNING; 0: unlimited; None (unset in a create or update):
+    the resource kind's default, which the book fills in (:func:`default_start_timeout`)."""
     max_run_time: timedelta | None = None
     concurrency_limit: int = 0
     paused: bool = False

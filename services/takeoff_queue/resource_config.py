@@ -20,7 +20,14 @@ from typing import Any
 
 from takeoff_queue.checks import check_config, reserved_env_name, reserved_env_problem
 from takeoff_server.errors import FieldViolation, InvalidArgument
-from takeoff_server.resource_configs import CONTAINER_OPTIONS, PROCESS_OPTIONS, deep_merge
+from takeoff_server.resource_configs import (
+    CONTAINER_OPTIONS,
+    PROCESS_OPTIONS,
+    RAY_OPTIONS,
+    SBATCH_EXTRA_OPTIONS,
+    SLURM_OPTIONS,
+    deep_merge,
+)
 from takeoff_server.schemas import check_json_schema, schema_validator
 from takeoff_server.validation import Problems
 
@@ -34,6 +41,8 @@ class ResourceKind(enum.Enum):
     LOCAL_PROCESS = "local-process"
     LOCAL_CONTAINER = "local-container"
     KUBERNETES = "kubernetes"
+    SLURM = "slurm"
+    RAY = "ray"
 
 
 def placeholders(config: Any) -> set[str]:
@@ -188,13 +197,54 @@ _VOLUME_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]+$")
 path: a job would reach the agent's host, so only a queue with ``allow_host_paths`` may mount one, and
 only as an absolute path."""
 
+MAX_NODES = 256
+_NODES = {"type": "integer", "minimum": 1, "maximum": MAX_NODES}
+_SLURM_TEXT = {"type": "string", "minLength": 1, "maxLength": 256, "pattern": "^[^\\s]+$"}
+"""A word sbatch takes as an option's value: no white space (the runner passes it as one argument)."""
+_COUNT = {"type": "integer", "minimum": 1, "maximum": 1_000_000}
+_SLURM_TIME = "^([0-9]+-)?[0-9]+(:[0-9]{1,2}){0,2}$"
+_AMOUNT = {"type": "number", "minimum": 0}
+
 # What each runner can take, as JSON Schemas of the shapes it reads. The option allow-lists are checked
 # apart, to name each refused option as its own field.
 SHAPES: dict[ResourceKind, JsonObject] = {
-    ResourceKind.LOCAL_PROCESS: {"type": "object", "properties": {"env": _ENVIRONMENT}},
+    ResourceKind.LOCAL_PROCESS: {"type": "object", "properties": {"env": _ENVIRONMENT, "nodes": _NODES}},
+    ResourceKind.SLURM: {
+        "type": "object",
+        "properties": {
+            "partition": _SLURM_TEXT,
+            "nodes": _NODES,
+            "ntasks_per_node": {"type": "integer", "minimum": 1, "maximum": 1024},
+            "gpus_per_node": {"anyOf": [{"type": "integer", "minimum": 0}, _SLURM_TEXT]},
+            "cpus_per_task": {"type": "integer", "minimum": 1, "maximum": 100_000},
+            # sbatch's own spellings: megabytes as a number, or "16G"; minutes, or "[D-]HH:MM:SS"
+            "mem": {"anyOf": [_COUNT, {"type": "string", "pattern": "^[0-9]+[KMGT]?$"}]},
+            "time": {"anyOf": [_COUNT, {"type": "string", "pattern": _SLURM_TIME}]},
+            "account": _SLURM_TEXT,
+            "qos": _SLURM_TEXT,
+            "constraint": {"type": "string", "minLength": 1, "maxLength": 1024},
+            "sbatch": {
+                "type": "object",
+                "propertyNames": {"enum": sorted(SBATCH_EXTRA_OPTIONS)},
+                "additionalProperties": {"anyOf": [{"type": ["integer", "boolean"]}, _SLURM_TEXT]},
+            },
+            "env": _ENVIRONMENT,
+        },
+    },
+    ResourceKind.RAY: {
+        "type": "object",
+        "properties": {
+            "entrypoint_num_cpus": {"type": "number", "minimum": 0},
+            "entrypoint_num_gpus": {"type": "number", "minimum": 0},
+            "entrypoint_memory": {"type": "integer", "minimum": 0},
+            "entrypoint_resources": {"type": "object", "additionalProperties": _AMOUNT},
+            "env": _ENVIRONMENT,
+        },
+    },
     ResourceKind.LOCAL_CONTAINER: {
         "type": "object",
         "properties": {
+            "nodes": _NODES,
             "gpus": {"type": ["integer", "string", "array"], "items": {"type": "string"}},
             "cpus": {"type": ["number", "string"]},
             "mem_limit": _SIZE,
@@ -230,6 +280,7 @@ SHAPES: dict[ResourceKind, JsonObject] = {
     ResourceKind.KUBERNETES: {
         "type": "object",
         "properties": {
+            "nodes": _NODES,
             "apiVersion": {"const": "batch/v1"},
             "kind": {"const": "Job"},
             "metadata": _OBJECT_META,
@@ -256,6 +307,12 @@ SHAPES: dict[ResourceKind, JsonObject] = {
     },
 }
 _SHAPE_VALIDATORS = {kind: schema_validator(shape) for kind, shape in SHAPES.items()}
+_OPTIONS = {
+    ResourceKind.LOCAL_PROCESS: PROCESS_OPTIONS,
+    ResourceKind.LOCAL_CONTAINER: CONTAINER_OPTIONS,
+    ResourceKind.SLURM: SLURM_OPTIONS,
+    ResourceKind.RAY: RAY_OPTIONS,
+}
 
 
 def check_for_resource(
@@ -269,7 +326,7 @@ def check_for_resource(
     at each Enqueue, the filled config again."""
     problems = []
     if kind is not ResourceKind.KUBERNETES and isinstance(config, dict):
-        allowed = CONTAINER_OPTIONS if kind is ResourceKind.LOCAL_CONTAINER else PROCESS_OPTIONS
+        allowed = _OPTIONS[kind]
         problems += [
             FieldViolation(
                 f"{where}.{key}",
@@ -564,13 +621,23 @@ _CONTAINER_WHY = {
 }
 
 
+_SLURM_QUEUE_OWNED = {
+    "account": "charges another account's allocation",
+    "qos": "changes the job's quality of service (limits and priority)",
+    "partition": "moves the job to other nodes",
+    "sbatch": "passes options to sbatch",
+}
+"""What a secure slurm queue keeps to itself: whose allocation its jobs spend and where they go."""
+
+
 def secure_override_violations(
     kind: ResourceKind, override: Any, *, queue: str, allow_host_paths: bool, where: str = "resource_config"
 ) -> list[FieldViolation]:
     """What a secure queue (named ``queue``) refuses in an item's ``override`` (filled with the item's
     template values), each option by its path in the override.
 
-    local-process: any ``env``. local-container: any option but :data:`SECURE_CONTAINER_OPTIONS`
+    local-process and ray: any ``env``. slurm: any ``env``, ``account``, ``qos``, ``partition`` or ``sbatch``.
+    local-container: any option but :data:`SECURE_CONTAINER_OPTIONS`
     (``env``, ``volumes``, ``user``, ``privileged``, ``network_mode``, ``cap_add``, ...), and an
     ``ipc_mode`` other than private, shareable or none. kubernetes: at the top only ``apiVersion``,
     ``kind``, ``metadata.labels``/``annotations`` and ``spec.ttlSecondsAfterFinished`` besides the pod
@@ -589,8 +656,11 @@ def secure_override_violations(
             field = _field(where, [key])
             if key == "env" and isinstance(value, dict):
                 refused += [(_field(field, [name]), f"sets {str(name)[:128]}") for name in value]
-            elif kind is ResourceKind.LOCAL_PROCESS:
-                continue  # not an option: the shape check names it
+            elif kind is ResourceKind.SLURM:
+                if key in _SLURM_QUEUE_OWNED:
+                    refused.append((field, f"{key} {_SLURM_QUEUE_OWNED[key]}"))
+            elif kind is not ResourceKind.LOCAL_CONTAINER:
+                continue  # local-process and ray take no other dangerous option; the shape check names others
             elif key == "volumes":
                 sources = _volume_sources(value, field)
                 refused += [
@@ -612,7 +682,7 @@ def _secure_job(
 ) -> None:
     for key, value in job.items():
         field = _field(where, [key])
-        if key in ("apiVersion", "kind"):
+        if key in ("apiVersion", "kind", "nodes"):
             continue
         if key == "metadata" and isinstance(value, dict):
             refused += [

@@ -580,7 +580,7 @@ def queue_values(queue: Queue) -> dict[str, Any]:
         "max_attempts": queue.max_attempts,
         "retry_job_failures": queue.retry_job_failures,
         "retry_delay_seconds": queue.retry_delay.total_seconds(),
-        "start_timeout_seconds": queue.start_timeout.total_seconds(),
+        "start_timeout_seconds": (queue.start_timeout or timedelta(0)).total_seconds(),
         "max_run_seconds": queue.max_run_time.total_seconds() if queue.max_run_time else None,
         "concurrency_limit": queue.concurrency_limit,
         "paused": queue.paused,

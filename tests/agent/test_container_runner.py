@@ -236,7 +236,7 @@ async def test_an_absolute_host_path_is_bind_mounted_as_the_queue_allowed_it(
     ended = await job.wait()
 
     assert ended.exit_code == 0
-    assert next(source.read_lines(final=True) for _, source in job.log_sources()) == ["from the host"]
+    assert next(output.source.read_lines(final=True) for output in job.log_sources()) == ["from the host"]
 
 
 def test_more_gpus_than_the_agent_lists_are_refused(harness: Harness) -> None:
@@ -249,7 +249,7 @@ async def test_an_exit_code_and_the_output_are_reported(harness: Harness) -> Non
     ended = await job.wait()
 
     assert (ended.exit_code, ended.signal, ended.oom_killed, ended.failure) == (1, None, False, None)
-    assert [source.read_lines(final=True) for _, source in job.log_sources()] == [["out"], ["err"]]
+    assert [output.source.read_lines(final=True) for output in job.log_sources()] == [["out"], ["err"]]
     assert harness.gone(job)
 
 

@@ -283,7 +283,7 @@ async def test_a_job_runs_as_a_job_with_its_secret_and_its_output_is_read(cluste
     assert "s3cret" not in str(stored)
 
     server.print(job.name, "epoch 1\nepoch 2\n")
-    (_, stdout), (_, status) = job.log_sources()
+    stdout, status = (output.source for output in job.log_sources())
     assert await eventually(stdout.read_lines, "the first lines") == ["epoch 1", "epoch 2"]
     server.print(job.name, "done, no newline")
     server.terminate(job.name, 0)
@@ -522,7 +522,7 @@ async def test_logs_reach_the_run_once_across_a_restart_and_a_broken_follow(clus
     work = assignment()
     job = await cluster.started(first, work)
     server.print(job.name, "one\ntwo\n")
-    stdout = job.log_sources()[0][1]
+    stdout = job.log_sources()[0].source
     assert await eventually(stdout.read_lines, "the first lines") == ["one", "two"]
     offset = stdout.offset
     await first.close()  # the agent stops; its job runs on
@@ -530,7 +530,7 @@ async def test_logs_reach_the_run_once_across_a_restart_and_a_broken_follow(clus
     server.print(job.name, "three\n")
     again = cluster.job(cluster.runner(), work)
     assert again.started
-    again_stdout = again.log_sources()[0][1]
+    again_stdout = again.log_sources()[0].source
     again_stdout.offset = offset  # as the restarted agent's log checkpoint sets it
     await asyncio.wait_for(again.until_running(), WAIT_SECONDS)
     assert await eventually(again_stdout.read_lines, "the line printed meanwhile") == ["three"]
@@ -660,7 +660,7 @@ def test_system_lines_and_stdout_are_the_log_sources(tmp_path: Path, kube_server
         RunnerContext(agent_id="a", state_dir=tmp_path),
     )
     job = runner.job(assignment(), tmp_path)
-    assert [stream for stream, _ in job.log_sources()] == [LogStream.STDOUT, LogStream.SYSTEM]
+    assert [output.stream for output in job.log_sources()] == [LogStream.STDOUT, LogStream.SYSTEM]
     asyncio.run(runner.close())
 
 

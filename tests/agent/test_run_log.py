@@ -17,7 +17,7 @@ from takeoff_agent import work
 from takeoff_agent.clients import Builder, LogLine, Runs
 from takeoff_agent.domain import ItemState, LogStream, Outcome
 from takeoff_agent.log_tail import MAX_LINE_BYTES, LogTail
-from takeoff_agent.runners.base import RunnerContext
+from takeoff_agent.runners.base import JobOutput, RunnerContext
 from takeoff_agent.runners.local_process import LocalProcessRunner
 from takeoff_agent.wire import assignment_from_proto, record_assignment, recorded_assignment
 from takeoff_agent.work import AgentContext, Attempt, RunLog, Stop
@@ -82,7 +82,10 @@ class JobFiles:
             runs,
             run,
             self.checkpoint,
-            [(LogStream.STDOUT, LogTail(self.stdout)), (LogStream.STDERR, LogTail(self.stderr))],
+            [
+                JobOutput(LogStream.STDOUT, LogTail(self.stdout)),
+                JobOutput(LogStream.STDERR, LogTail(self.stderr)),
+            ],
         )
         log.restore()
         return log

@@ -26,13 +26,12 @@ from takeoff_agent.domain import (
     FailureReason,
     ItemState,
     JobExit,
-    LogStream,
     Outcome,
     ResourceKind,
     RunnerFailure,
     SourceKind,
 )
-from takeoff_agent.runners.base import Launch, LogSource, Runner, RunnerContext, RunnerUnavailable
+from takeoff_agent.runners.base import JobOutput, Launch, Runner, RunnerContext, RunnerUnavailable
 from takeoff_agent.runners.local_process import LocalProcessRunner
 from takeoff_agent.wire import AssignmentMessage, assignment_from_proto
 from takeoff_agent.work import AgentContext, Attempt, Stop
@@ -74,7 +73,7 @@ class StubJob:
         self.start_cancelled = False
         self.stopped: list[float] = []
 
-    def log_sources(self) -> list[tuple[LogStream, LogSource]]:
+    def log_sources(self) -> list[JobOutput]:
         return []
 
     async def start(self, launch: Launch) -> None:

@@ -541,6 +541,7 @@ EVERY_CONTAINER_OPTION: dict[str, Any] = {
     "user": "1000",
     "ipc_mode": "host",
     "ulimits": [{"name": "nofile", "soft": 1024, "hard": 2048}],
+    "nodes": 2,
 }
 
 

@@ -144,6 +144,12 @@ class _ResourceKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Resource
     """
     RESOURCE_KIND_KUBERNETES: _ResourceKind.ValueType  # 3
     """A Kubernetes batch/v1 Job, from an image build pushed to a registry. CLI / config spelling: `kubernetes`."""
+    RESOURCE_KIND_SLURM: _ResourceKind.ValueType  # 4
+    """A Slurm batch job submitted with `sbatch` from the agent's host (a login node), its venv build and code on
+    a filesystem the compute nodes share. CLI / config spelling: `slurm`.
+    """
+    RESOURCE_KIND_RAY: _ResourceKind.ValueType  # 5
+    """A Ray job submitted through a Ray cluster's Jobs API. CLI / config spelling: `ray`."""
 
 class ResourceKind(_ResourceKind, metaclass=_ResourceKindEnumTypeWrapper):
     """The kind of target resource a queue runs its items on. An agent declares the kinds it has runners for in
@@ -162,6 +168,12 @@ RESOURCE_KIND_LOCAL_CONTAINER: ResourceKind.ValueType  # 2
 """
 RESOURCE_KIND_KUBERNETES: ResourceKind.ValueType  # 3
 """A Kubernetes batch/v1 Job, from an image build pushed to a registry. CLI / config spelling: `kubernetes`."""
+RESOURCE_KIND_SLURM: ResourceKind.ValueType  # 4
+"""A Slurm batch job submitted with `sbatch` from the agent's host (a login node), its venv build and code on
+a filesystem the compute nodes share. CLI / config spelling: `slurm`.
+"""
+RESOURCE_KIND_RAY: ResourceKind.ValueType  # 5
+"""A Ray job submitted through a Ray cluster's Jobs API. CLI / config spelling: `ray`."""
 Global___ResourceKind: _TypeAlias = ResourceKind  # noqa: Y015
 
 class _ItemState:

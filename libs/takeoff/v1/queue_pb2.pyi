@@ -330,7 +330,8 @@ class Queue(_message.Message):
     @_builtins.property
     def start_timeout(self) -> _duration_pb2.Duration:
         """Optional. How long after assignment an item may take to reach RUNNING (build included) before it is
-        stopped with START_TIMEOUT. Unset = 30 minutes; must be positive, at most 7 days.
+        stopped with START_TIMEOUT. Unset = the kind's default: 30 minutes, but unlimited on `slurm` queues (a
+        job waiting its turn on a busy cluster spends no attempt); 0 = unlimited; at most 7 days.
         """
 
     @_builtins.property
@@ -1609,6 +1610,74 @@ class WatchItemResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___WatchItemResponse: _TypeAlias = WatchItemResponse  # noqa: Y015
+
+@_typing.final
+class WatchQueueRequest(_message.Message):
+    """Request of QueueService.WatchQueue."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Required. Queue name `projects/{project}/queues/{queue}`."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchQueueRequest: _TypeAlias = WatchQueueRequest  # noqa: Y015
+
+@_typing.final
+class WatchQueueResponse(_message.Message):
+    """One message of the WatchQueue server stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SNAPSHOT_FIELD_NUMBER: _builtins.int
+    SNAPSHOT_DONE_FIELD_NUMBER: _builtins.int
+    ITEMS_FIELD_NUMBER: _builtins.int
+    AGENTS_FIELD_NUMBER: _builtins.int
+    REMOVED_AGENTS_FIELD_NUMBER: _builtins.int
+    snapshot: _builtins.bool
+    """Whether this message is part of the first state sent (the items and agents as they are now); a client
+    replaces its view with the snapshot messages and then applies each change.
+    """
+    snapshot_done: _builtins.bool
+    """Set on the last message of the snapshot."""
+    @_builtins.property
+    def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___Item]:
+        """Items that changed (in the snapshot: every open item, in dispatch order), without `history`."""
+
+    @_builtins.property
+    def agents(self) -> _containers.RepeatedCompositeFieldContainer[Global___Agent]:
+        """Agents serving the queue that changed (in the snapshot: every one connected or still holding leases)."""
+
+    @_builtins.property
+    def removed_agents(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Names of agents that no longer serve the queue (disconnected with no lease left), `agents/{agent}`."""
+
+    def __init__(
+        self,
+        *,
+        snapshot: _builtins.bool = ...,
+        snapshot_done: _builtins.bool = ...,
+        items: _abc.Iterable[Global___Item] | None = ...,
+        agents: _abc.Iterable[Global___Agent] | None = ...,
+        removed_agents: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agents", b"agents", "items", b"items", "removed_agents", b"removed_agents", "snapshot", b"snapshot", "snapshot_done", b"snapshot_done"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchQueueResponse: _TypeAlias = WatchQueueResponse  # noqa: Y015
 
 @_typing.final
 class ListAgentsRequest(_message.Message):

@@ -104,6 +104,11 @@ class QueueServiceStub:
                 request_serializer=takeoff_dot_v1_dot_queue__pb2.WatchItemRequest.SerializeToString,
                 response_deserializer=takeoff_dot_v1_dot_queue__pb2.WatchItemResponse.FromString,
                 _registered_method=True)
+        self.WatchQueue = channel.unary_stream(
+                '/takeoff.v1.QueueService/WatchQueue',
+                request_serializer=takeoff_dot_v1_dot_queue__pb2.WatchQueueRequest.SerializeToString,
+                response_deserializer=takeoff_dot_v1_dot_queue__pb2.WatchQueueResponse.FromString,
+                _registered_method=True)
         self.ListAgents = channel.unary_unary(
                 '/takeoff.v1.QueueService/ListAgents',
                 request_serializer=takeoff_dot_v1_dot_queue__pb2.ListAgentsRequest.SerializeToString,
@@ -267,6 +272,23 @@ class QueueServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchQueue(self, request, context):
+        """Streams a queue's open items and its agents as they change, for live views (the console's queue page,
+        `takeoff items list --watch`). The first message has `snapshot` set: every item of the queue that has
+        not ended, in dispatch order (PENDING ones first, with `position` and `pending_reason`), then the others
+        by create time, and every agent serving the queue; its `items` may be split over several messages, the
+        last of which has `snapshot_done` set. Then each message carries the items and agents that changed since
+        the one before (an item's state, position, pending reason; an agent connecting, disconnecting, taking or
+        ending a lease, or its heartbeat), coalesced: at most 5 messages a second, each item and agent at most
+        once per message, as they are at its send time. An item that ended is sent once in its terminal state and
+        then no more; a deleted queue ends the stream with NOT_FOUND. Items are sent without `history` (use
+        GetItem). The stream never ends by itself; the client cancels it.
+        Errors: INVALID_ARGUMENT `NAME_INVALID`; NOT_FOUND `QUEUE_NOT_FOUND`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListAgents(self, request, context):
         """Lists agents known to the queue service, ordered by agent id: connected ones, and with
         `include_disconnected` also those that have disconnected but whose leases have not all ended.
@@ -360,6 +382,11 @@ def add_QueueServiceServicer_to_server(servicer, server):
                     servicer.WatchItem,
                     request_deserializer=takeoff_dot_v1_dot_queue__pb2.WatchItemRequest.FromString,
                     response_serializer=takeoff_dot_v1_dot_queue__pb2.WatchItemResponse.SerializeToString,
+            ),
+            'WatchQueue': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchQueue,
+                    request_deserializer=takeoff_dot_v1_dot_queue__pb2.WatchQueueRequest.FromString,
+                    response_serializer=takeoff_dot_v1_dot_queue__pb2.WatchQueueResponse.SerializeToString,
             ),
             'ListAgents': grpc.unary_unary_rpc_method_handler(
                     servicer.ListAgents,
@@ -689,6 +716,33 @@ class QueueService:
             '/takeoff.v1.QueueService/WatchItem',
             takeoff_dot_v1_dot_queue__pb2.WatchItemRequest.SerializeToString,
             takeoff_dot_v1_dot_queue__pb2.WatchItemResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchQueue(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/takeoff.v1.QueueService/WatchQueue',
+            takeoff_dot_v1_dot_queue__pb2.WatchQueueRequest.SerializeToString,
+            takeoff_dot_v1_dot_queue__pb2.WatchQueueResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -135,6 +135,19 @@ class QueueServiceStub:
     Errors: INVALID_ARGUMENT `NAME_INVALID`; NOT_FOUND `ITEM_NOT_FOUND` (also if the item is deleted
     while watched).
     """
+    WatchQueue: _grpc.UnaryStreamMultiCallable[_queue_pb2.WatchQueueRequest, _queue_pb2.WatchQueueResponse]
+    """Streams a queue's open items and its agents as they change, for live views (the console's queue page,
+    `takeoff items list --watch`). The first message has `snapshot` set: every item of the queue that has
+    not ended, in dispatch order (PENDING ones first, with `position` and `pending_reason`), then the others
+    by create time, and every agent serving the queue; its `items` may be split over several messages, the
+    last of which has `snapshot_done` set. Then each message carries the items and agents that changed since
+    the one before (an item's state, position, pending reason; an agent connecting, disconnecting, taking or
+    ending a lease, or its heartbeat), coalesced: at most 5 messages a second, each item and agent at most
+    once per message, as they are at its send time. An item that ended is sent once in its terminal state and
+    then no more; a deleted queue ends the stream with NOT_FOUND. Items are sent without `history` (use
+    GetItem). The stream never ends by itself; the client cancels it.
+    Errors: INVALID_ARGUMENT `NAME_INVALID`; NOT_FOUND `QUEUE_NOT_FOUND`.
+    """
     ListAgents: _grpc.UnaryUnaryMultiCallable[_queue_pb2.ListAgentsRequest, _queue_pb2.ListAgentsResponse]
     """Lists agents known to the queue service, ordered by agent id: connected ones, and with
     `include_disconnected` also those that have disconnected but whose leases have not all ended.
@@ -263,6 +276,19 @@ class QueueServiceAsyncStub(QueueServiceStub):
     a change of `position` alone sends nothing. `takeoff launch --wait` uses it.
     Errors: INVALID_ARGUMENT `NAME_INVALID`; NOT_FOUND `ITEM_NOT_FOUND` (also if the item is deleted
     while watched).
+    """
+    WatchQueue: _aio.UnaryStreamMultiCallable[_queue_pb2.WatchQueueRequest, _queue_pb2.WatchQueueResponse]  # type: ignore[assignment]
+    """Streams a queue's open items and its agents as they change, for live views (the console's queue page,
+    `takeoff items list --watch`). The first message has `snapshot` set: every item of the queue that has
+    not ended, in dispatch order (PENDING ones first, with `position` and `pending_reason`), then the others
+    by create time, and every agent serving the queue; its `items` may be split over several messages, the
+    last of which has `snapshot_done` set. Then each message carries the items and agents that changed since
+    the one before (an item's state, position, pending reason; an agent connecting, disconnecting, taking or
+    ending a lease, or its heartbeat), coalesced: at most 5 messages a second, each item and agent at most
+    once per message, as they are at its send time. An item that ended is sent once in its terminal state and
+    then no more; a deleted queue ends the stream with NOT_FOUND. Items are sent without `history` (use
+    GetItem). The stream never ends by itself; the client cancels it.
+    Errors: INVALID_ARGUMENT `NAME_INVALID`; NOT_FOUND `QUEUE_NOT_FOUND`.
     """
     ListAgents: _aio.UnaryUnaryMultiCallable[_queue_pb2.ListAgentsRequest, _queue_pb2.ListAgentsResponse]  # type: ignore[assignment]
     """Lists agents known to the queue service, ordered by agent id: connected ones, and with
@@ -455,6 +481,25 @@ class QueueServiceServicer(metaclass=_abc_1.ABCMeta):
         a change of `position` alone sends nothing. `takeoff launch --wait` uses it.
         Errors: INVALID_ARGUMENT `NAME_INVALID`; NOT_FOUND `ITEM_NOT_FOUND` (also if the item is deleted
         while watched).
+        """
+
+    @_abc_1.abstractmethod
+    def WatchQueue(
+        self,
+        request: _queue_pb2.WatchQueueRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_queue_pb2.WatchQueueResponse], _abc.AsyncIterator[_queue_pb2.WatchQueueResponse]]:
+        """Streams a queue's open items and its agents as they change, for live views (the console's queue page,
+        `takeoff items list --watch`). The first message has `snapshot` set: every item of the queue that has
+        not ended, in dispatch order (PENDING ones first, with `position` and `pending_reason`), then the others
+        by create time, and every agent serving the queue; its `items` may be split over several messages, the
+        last of which has `snapshot_done` set. Then each message carries the items and agents that changed since
+        the one before (an item's state, position, pending reason; an agent connecting, disconnecting, taking or
+        ending a lease, or its heartbeat), coalesced: at most 5 messages a second, each item and agent at most
+        once per message, as they are at its send time. An item that ended is sent once in its terminal state and
+        then no more; a deleted queue ends the stream with NOT_FOUND. Items are sent without `history` (use
+        GetItem). The stream never ends by itself; the client cancels it.
+        Errors: INVALID_ARGUMENT `NAME_INVALID`; NOT_FOUND `QUEUE_NOT_FOUND`.
         """
 
     @_abc_1.abstractmethod

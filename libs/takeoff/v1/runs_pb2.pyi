@@ -287,6 +287,7 @@ class LogLine(_message.Message):
     STREAM_FIELD_NUMBER: _builtins.int
     TIME_FIELD_NUMBER: _builtins.int
     TEXT_FIELD_NUMBER: _builtins.int
+    RANK_FIELD_NUMBER: _builtins.int
     index: _builtins.int
     """Output only. 0-based position of the line in the run's log (ignored on write)."""
     stream: Global___LogStream.ValueType
@@ -295,6 +296,11 @@ class LogLine(_message.Message):
     """Required. The text of one line without the trailing newline, UTF-8 (invalid bytes replaced), at most
     64 KiB (longer lines are split by the writer). It is the job's output: a NUL (U+0000) in it is kept and
     read back as given, neither refused nor replaced.
+    """
+    rank: _builtins.int
+    """Optional. In a multi-node launch (resource config `nodes`), the rank whose output this is (the
+    `RANK` the job was given); unset for a job of one process and for lines of the agent and the build.
+    Negative = INVALID_ARGUMENT `ARGUMENT_INVALID`.
     """
     @_builtins.property
     def time(self) -> _timestamp_pb2.Timestamp:
@@ -309,12 +315,15 @@ class LogLine(_message.Message):
         stream: Global___LogStream.ValueType = ...,
         time: _timestamp_pb2.Timestamp | None = ...,
         text: _builtins.str = ...,
+        rank: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_rank", b"_rank", "rank", b"rank", "time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["index", b"index", "stream", b"stream", "text", b"text", "time", b"time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_rank", b"_rank", "index", b"index", "rank", b"rank", "stream", b"stream", "text", b"text", "time", b"time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__rank: _TypeAlias = _typing.Literal["rank"]  # noqa: Y015
+    _WhichOneofArgType__rank: _TypeAlias = _typing.Literal["_rank", b"_rank"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__rank) -> _WhichOneofReturnType__rank | None: ...
 
 Global___LogLine: _TypeAlias = LogLine  # noqa: Y015
 
@@ -985,12 +994,22 @@ class ReadMetricsRequest(_message.Message):
     START_INDEX_FIELD_NUMBER: _builtins.int
     KEYS_FIELD_NUMBER: _builtins.int
     FOLLOW_FIELD_NUMBER: _builtins.int
+    MAX_POINTS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Required. Run name `projects/{project}/runs/{run}`."""
     start_index: _builtins.int
     """Optional. History index of the first row to send; 0 = from the beginning."""
     follow: _builtins.bool
     """Optional. Keep the stream open and send new rows until the run ends."""
+    max_points: _builtins.int
+    """Optional. If > 0 and the history (from `start_index`) holds more rows than this, downsample it as W&B's
+    sampled history does: the rows are split into `max_points / 2` buckets of consecutive indices, and each
+    bucket sends, for each key, the row holding its minimum and the row holding its maximum (a row once, in
+    index order); the first and the last row are always sent. Every row sent is whole (its index and the
+    values of the requested keys). With `follow`, rows stored after the downsampled history are sent as they
+    come, not downsampled. Between 1 and 3 = INVALID_ARGUMENT `ARGUMENT_INVALID`; negative likewise; at
+    most 100,000.
+    """
     @_builtins.property
     def keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Optional. Only these metric keys are included in each row (rows holding none of them are skipped);
@@ -1004,10 +1023,11 @@ class ReadMetricsRequest(_message.Message):
         start_index: _builtins.int = ...,
         keys: _abc.Iterable[_builtins.str] | None = ...,
         follow: _builtins.bool = ...,
+        max_points: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["follow", b"follow", "keys", b"keys", "name", b"name", "start_index", b"start_index"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["follow", b"follow", "keys", b"keys", "max_points", b"max_points", "name", b"name", "start_index", b"start_index"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -17,6 +17,8 @@ RUNNER_MODULES = {
     ResourceKind.LOCAL_PROCESS: "takeoff_agent.runners.local_process",
     ResourceKind.LOCAL_CONTAINER: "takeoff_agent.runners.container",
     ResourceKind.KUBERNETES: "takeoff_agent.runners.kubernetes",
+    ResourceKind.SLURM: "takeoff_agent.runners.slurm",
+    ResourceKind.RAY: "takeoff_agent.runners.ray",
 }
 KIND_NAMES = ", ".join(kind.config_name for kind in ResourceKind)
 

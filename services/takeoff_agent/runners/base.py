@@ -79,6 +79,16 @@ class LogSource(Protocol):
         ...
 
 
+@dataclass(frozen=True, slots=True)
+class JobOutput:
+    """One output stream of a job, and which rank of a multi-node launch writes it (None: a job of one
+    process). The rank labels the stream's lines in the run's log."""
+
+    stream: LogStream
+    source: LogSource
+    rank: int | None = None
+
+
 class Job(Protocol):
     """One attempt's job, found through its lease directory (so a restarted agent can take it back)."""
 
@@ -87,7 +97,10 @@ class Job(Protocol):
         """Whether ``start`` was called for this attempt, by this agent or one before a restart."""
         ...
 
-    def log_sources(self) -> list[tuple[LogStream, LogSource]]: ...
+    def log_sources(self) -> list[JobOutput]:
+        """The job's output streams, the same list (in number and order) for an attempt whichever agent
+        asks, before or after ``start``: a restarted agent sets each one's recorded offset back."""
+        ...
 
     async def start(self, launch: Launch) -> None:
         """Start the job and return once it runs (or has ended); raises RunnerRefused or RunnerUnavailable

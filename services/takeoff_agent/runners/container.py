@@ -32,13 +32,18 @@ from takeoff_agent.domain import (
     BuildKind,
     FailureReason,
     JobExit,
-    LogStream,
     ResourceKind,
     RunnerFailure,
     SourceKind,
 )
 from takeoff_agent.log_tail import shim_output
-from takeoff_agent.runners.base import Launch, LogSource, RunnerContext, RunnerRefused, RunnerUnavailable
+from takeoff_agent.runners.base import (
+    JobOutput,
+    Launch,
+    RunnerContext,
+    RunnerRefused,
+    RunnerUnavailable,
+)
 from takeoff_agent.runners.gpus import GpuPool, GpuRequest, parse_request
 from takeoff_agent.runners.secrets import (
     CA_FILE_VARIABLE,
@@ -439,7 +444,7 @@ class ContainerJob:
         self.lease_dir = lease_dir
         self.name = f"takeoff-{assignment.lease_id}"
         self._shim: asyncio.subprocess.Process | None = None
-        self._log_sources: list[tuple[LogStream, LogSource]] = list(shim_output(lease_dir))
+        self._log_sources = shim_output(lease_dir)
 
     @property
     def _spec_file(self) -> Path:
@@ -461,7 +466,7 @@ class ContainerJob:
         except (OSError, ValueError, KeyError):
             return ()
 
-    def log_sources(self) -> list[tuple[LogStream, LogSource]]:
+    def log_sources(self) -> list[JobOutput]:
         return self._log_sources
 
     async def start(self, launch: Launch) -> None:

@@ -19,9 +19,9 @@ import time
 from collections.abc import Collection, Mapping
 from pathlib import Path
 
-from takeoff_agent.domain import Assignment, BuildKind, JobExit, LogStream, ResourceKind, SourceKind
+from takeoff_agent.domain import Assignment, BuildKind, JobExit, ResourceKind, SourceKind
 from takeoff_agent.log_tail import shim_output
-from takeoff_agent.runners.base import Launch, LogSource, RunnerContext, RunnerRefused
+from takeoff_agent.runners.base import JobOutput, Launch, RunnerContext, RunnerRefused
 from takeoff_agent.runners.secrets import (
     CA_FILE_VARIABLE,
     LEASE_SECRETS_DIR,
@@ -124,7 +124,7 @@ class LocalProcessJob:
         self.sdk_site = sdk_site
         self.pass_env = pass_env
         self._shim: asyncio.subprocess.Process | None = None
-        self._log_sources: list[tuple[LogStream, LogSource]] = list(shim_output(lease_dir))
+        self._log_sources = shim_output(lease_dir)
 
     @property
     def _spec_file(self) -> Path:
@@ -142,7 +142,7 @@ class LocalProcessJob:
         except (OSError, ValueError, KeyError):
             return 0.0
 
-    def log_sources(self) -> list[tuple[LogStream, LogSource]]:
+    def log_sources(self) -> list[JobOutput]:
         return self._log_sources
 
     @property

@@ -29,7 +29,13 @@ import pydantic
 from kubernetes import client, config
 
 from takeoff_agent.domain import Assignment, BuildKind, JobExit, LogStream, ResourceKind, SourceKind
-from takeoff_agent.runners.base import Launch, LogSource, RunnerContext, RunnerRefused, RunnerUnavailable
+from takeoff_agent.runners.base import (
+    JobOutput,
+    Launch,
+    RunnerContext,
+    RunnerRefused,
+    RunnerUnavailable,
+)
 from takeoff_agent.runners.kubernetes.api import ApiError, JsonObject, KubeApi
 from takeoff_agent.runners.kubernetes.logs import PodLog
 from takeoff_agent.runners.kubernetes.manifest import (
@@ -321,8 +327,8 @@ class KubeJob:
     def started(self) -> bool:
         return self._record.exists()
 
-    def log_sources(self) -> list[tuple[LogStream, LogSource]]:
-        return [(LogStream.STDOUT, self.stdout), (LogStream.SYSTEM, self.status)]
+    def log_sources(self) -> list[JobOutput]:
+        return [JobOutput(LogStream.STDOUT, self.stdout), JobOutput(LogStream.SYSTEM, self.status)]
 
     async def start(self, launch: Launch) -> None:
         if launch.built.kind is BuildKind.IMAGE and not launch.built.pushed:
