@@ -2,7 +2,9 @@
 
 A chunk's payload is the batch's rows (lines) serialized as field 1 of ``ReadMetricsResponse``
 (``ReadLogsResponse``): what arrived is stored as it came, and reading it back is one parse. Indexes and
-missing times are not stored per entry; they follow from the chunk's first index and store time.
+missing times are not stored per entry; they follow from the chunk's first index and store time. Every
+other field travels inside the payload, so a field added to a row or line (a log line's ``rank``) is
+stored and read back with no change to the tables.
 """
 
 from __future__ import annotations
@@ -97,6 +99,8 @@ def log_batch(lines: Sequence[runs_pb2.LogLine]) -> EncodedBatch:
             violations.append(FieldViolation(f"lines[{position}].time", problem))
         if line.stream and line.stream not in _LOG_STREAMS:
             violations.append(FieldViolation(f"lines[{position}].stream", f"unknown stream {line.stream}"))
+        if line.rank < 0:
+            violations.append(FieldViolation(f"lines[{position}].rank", f"must be >= 0 (got {line.rank})"))
     if violations:
         raise _invalid(violations)
 
