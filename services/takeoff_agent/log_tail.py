@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from takeoff_agent.domain import LogStream
+from takeoff_agent.ranks import ONE_PROCESS, World
 from takeoff_agent.runners.base import JobOutput
+from takeoff_agent.shim import output_files
 
 MAX_LINE_BYTES = 64 * 1024
 """The registry's limit on one log line (UTF-8); longer lines arrive as several."""
@@ -50,9 +52,12 @@ def split_long_line(line: str) -> list[str]:
     return pieces
 
 
-def shim_output(lease_dir: Path) -> list[JobOutput]:
-    """The job's stdout and stderr as its shim writes them into its lease directory."""
+def shim_output(lease_dir: Path, world: World = ONE_PROCESS) -> list[JobOutput]:
+    """The job's stdout and stderr as its shim writes them into its lease directory, rank by rank for a
+    multi-node launch."""
+    ranks: list[int | None] = list(range(world.size)) if world.multi else [None]
     return [
-        JobOutput(LogStream.STDOUT, LogTail(lease_dir / "stdout.log")),
-        JobOutput(LogStream.STDERR, LogTail(lease_dir / "stderr.log")),
+        JobOutput(stream, LogTail(lease_dir / name), rank)
+        for rank in ranks
+        for stream, name in zip((LogStream.STDOUT, LogStream.STDERR), output_files(rank), strict=True)
     ]

@@ -36,6 +36,10 @@ class World:
         return self.size > 1
 
 
+ONE_PROCESS = World()
+"""The world of a job that asks for no ranks."""
+
+
 def world_of(resource_config: Mapping[str, object]) -> World:
     """The world a resource config asks for (``nodes``, and on Slurm ``ntasks_per_node``), as the queue has
     checked them (whole numbers from 1)."""

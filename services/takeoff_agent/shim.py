@@ -30,11 +30,14 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 from typing import Any
 
 FENCE_CHECK_SECONDS = 0.5
+RANK_POLL_SECONDS = 0.05
+"""How often the shim looks at the ranks of a multi-node launch while several run: one that fails has the
+others stopped within it."""
 STOP_GRACE_SECONDS = 10.0
 SHIM_LOCK = "shim.lock"
 """Held (flock) by the shim of a container for as long as it lives: one shim per job, and a sign of life
@@ -59,60 +62,118 @@ def lease_lapsed(lease_dir: Path) -> bool:
     return until is not None and time.time() > until
 
 
-def stop_group(pgid: int, grace: float, reap: Callable[[], object] = lambda: None) -> None:
-    """SIGTERM the job's process group, then SIGKILL it if it is still there after ``grace``.
+def stop_groups(pgids: Collection[int], grace: float, reap: Callable[[], object] = lambda: None) -> None:
+    """SIGTERM the job's process groups (one per rank), then SIGKILL those still there after ``grace``.
 
-    ``reap`` collects the group's leader when the caller is its parent (the shim): a leader that has
+    ``reap`` collects the groups' leaders when the caller is their parent (the shim): a leader that has
     exited but is not reaped keeps its group alive to ``killpg(pgid, 0)``, which would hold the caller
     for the whole grace."""
-    try:
-        os.killpg(pgid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
+    alive = [pgid for pgid in pgids if _signal_group(pgid, signal.SIGTERM)]
     deadline = time.monotonic() + grace
-    while time.monotonic() < deadline:
+    while alive and time.monotonic() < deadline:
         reap()
-        try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.05)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pgid, signal.SIGKILL)
+        alive = [pgid for pgid in alive if _signal_group(pgid, 0)]
+        if alive:
+            time.sleep(0.05)
+    for pgid in alive:
+        _signal_group(pgid, signal.SIGKILL)
+
+
+def _signal_group(pgid: int, signal_number: int) -> bool:
+    """Send ``signal_number`` (0: none, a check) to a process group; whether the group was there."""
+    try:
+        os.killpg(pgid, signal_number)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def output_files(rank: int | None) -> tuple[str, str]:
+    """Where in the lease directory the stdout and the stderr of a job go, or of one rank of a multi-node
+    launch (a file per rank, so that each line keeps its rank and no rank's half line splits another's)."""
+    label = "" if rank is None else f".rank{rank}"
+    return f"stdout{label}.log", f"stderr{label}.log"
+
+
+def start_ranks(lease_dir: Path, spec: dict[str, Any]) -> list[subprocess.Popen[bytes]]:
+    """Start the job: one process, or one per rank of a multi-node launch (``spec["ranks"]``: each rank's
+    variables over ``spec["env"]``), each in a process group of its own, so that stopping one stops all it
+    started. All ranks start or none: if one cannot, those started are stopped and the exit recorded."""
+    rank_envs: list[dict[str, str]] | None = spec.get("ranks")
+    ranks: list[tuple[int | None, dict[str, str]]] = (
+        [(None, {})] if rank_envs is None else list(enumerate(rank_envs))
+    )
+    started: list[subprocess.Popen[bytes]] = []
+    for rank, rank_env in ranks:
+        stdout_name, stderr_name = output_files(rank)
+        with (lease_dir / stdout_name).open("ab") as stdout, (lease_dir / stderr_name).open("ab") as stderr:
+            try:
+                started.append(
+                    subprocess.Popen(
+                        spec["argv"],
+                        cwd=spec["cwd"],
+                        env={**spec["env"], **rank_env},
+                        stdin=subprocess.DEVNULL,
+                        stdout=stdout,
+                        stderr=stderr,
+                        start_new_session=True,  # its own process group: stopping it stops all it started
+                    )
+                )
+            except OSError as error:
+                stderr.write(f"takeoff: cannot start {spec['argv'][0]!r}: {error.strerror}\n".encode())
+                stop_groups([job.pid for job in started], 0)
+                for job in started:
+                    job.wait()
+                write_atomically(lease_dir / "exit.json", exit_record(127, rank=rank, fenced=False))
+                return []
+    return started
+
+
+def exit_record(returncode: int, *, rank: int | None, fenced: bool) -> dict[str, Any]:
+    """What ``exit.json`` says of an end: the exit code (128 + n for signal n), the signal, whether the
+    fence stopped the job, and for a multi-node launch the rank whose end ended the job."""
+    exit_code, killed_by = (returncode, None) if returncode >= 0 else (128 - returncode, -returncode)
+    record: dict[str, Any] = {"exit_code": exit_code, "signal": killed_by, "fenced": fenced}
+    if rank is not None:
+        record["rank"] = rank
+    return record
 
 
 def run_process(lease_dir: Path, spec: dict[str, Any]) -> None:
-    with (lease_dir / "stdout.log").open("ab") as stdout, (lease_dir / "stderr.log").open("ab") as stderr:
-        try:
-            job = subprocess.Popen(
-                spec["argv"],
-                cwd=spec["cwd"],
-                env=spec["env"],
-                stdin=subprocess.DEVNULL,
-                stdout=stdout,
-                stderr=stderr,
-                start_new_session=True,  # its own process group: stopping it stops all it started
-            )
-        except OSError as error:
-            stderr.write(f"takeoff: cannot start {spec['argv'][0]!r}: {error.strerror}\n".encode())
-            write_atomically(lease_dir / "exit.json", {"exit_code": 127, "signal": None, "fenced": False})
-            return
-    write_atomically(lease_dir / "shim.json", {"shim_pid": os.getpid(), "job_pid": job.pid})
-    grace = float(spec.get("stop_grace_seconds", STOP_GRACE_SECONDS))
+    """Start the job's processes, wait for them and record how the job ended. A multi-node launch ends
+    when all its ranks have exited 0, or as soon as one fails: the shim then stops the others and records
+    the failed rank's exit."""
+    jobs = start_ranks(lease_dir, spec)
+    if not jobs:
+        return
+    groups = {"job_pid": jobs[0].pid} | ({"rank_pids": [job.pid for job in jobs]} if len(jobs) > 1 else {})
+    write_atomically(lease_dir / "shim.json", {"shim_pid": os.getpid(), **groups})
     fenced = False
+    next_fence_check = time.monotonic()
     while True:
-        try:
-            returncode = job.wait(timeout=FENCE_CHECK_SECONDS)
+        running = [job for job in jobs if job.poll() is None]
+        failed = next((job for job in jobs if job.returncode not in (None, 0)), None)
+        if failed is not None or not running:
             break
-        except subprocess.TimeoutExpired:
-            if lease_lapsed(lease_dir) and not fenced:
+        if time.monotonic() >= next_fence_check:
+            if lease_lapsed(lease_dir):
                 fenced = True
-                stop_group(job.pid, grace, reap=job.poll)
+                break
+            next_fence_check = time.monotonic() + FENCE_CHECK_SECONDS
+        # One process is waited on; while several run, each is looked at every RANK_POLL_SECONDS.
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            running[0].wait(timeout=FENCE_CHECK_SECONDS if len(jobs) == 1 else RANK_POLL_SECONDS)
     # A job's end is the end of every process it started, as a container's is: nothing of it may run on
-    # unsupervised once its exit is recorded. The leader is reaped, so the group is only what is left.
-    stop_group(job.pid, grace)
-    exit_code, killed_by = (returncode, None) if returncode >= 0 else (128 - returncode, -returncode)
-    write_atomically(lease_dir / "exit.json", {"exit_code": exit_code, "signal": killed_by, "fenced": fenced})
+    # unsupervised once its exit is recorded. That stops the ranks still running after one failed, and
+    # what any rank left behind in its group (a reaped leader's group is only what is left of it).
+    grace = float(spec.get("stop_grace_seconds", STOP_GRACE_SECONDS))
+    stop_groups([job.pid for job in jobs], grace, reap=lambda: [job.poll() for job in jobs])
+    returncodes = [job.wait() for job in jobs]
+    if failed is not None and len(jobs) > 1:
+        record = exit_record(failed.returncode, rank=jobs.index(failed), fenced=fenced)
+    else:
+        record = exit_record(next((code for code in returncodes if code), 0), rank=None, fenced=fenced)
+    write_atomically(lease_dir / "exit.json", record)
 
 
 @contextlib.contextmanager

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from takeoff_agent.domain import Assignment, BuildKind, JobExit, ResourceKind, SourceKind
 from takeoff_agent.log_tail import shim_output
+from takeoff_agent.ranks import ONE_PROCESS, World, free_port, rank_environment, world_of
 from takeoff_agent.runners.base import JobOutput, Launch, RunnerContext, RunnerRefused
 from takeoff_agent.runners.secrets import (
     CA_FILE_VARIABLE,
@@ -30,7 +31,7 @@ from takeoff_agent.runners.secrets import (
     write_secret_files,
 )
 from takeoff_agent.sdk_site import matches_agent_python, write_sdk_site
-from takeoff_agent.shim import stop_group, write_atomically
+from takeoff_agent.shim import stop_groups, write_atomically
 from takeoff_server.resource_configs import PROCESS_OPTIONS
 
 logger = logging.getLogger(__name__)
@@ -43,6 +44,8 @@ PASSED_FROM_AGENT = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "TZ", "TMPDIR")
 """What a job gets from the agent's own environment (and every ``LC_*``): where programs are, whose home
 and name it runs under, its locale, time zone and temporary directory. Nothing else: the agent's
 credentials and settings (``TAKEOFF_*`` among them) are not the job's business (docs/design.md §16)."""
+LOOPBACK = "127.0.0.1"
+"""``MASTER_ADDR`` of a multi-node launch on local-process: its ranks all run on the agent's host."""
 _VARIABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
@@ -99,7 +102,7 @@ class LocalProcessRunner:
             )
 
     def job(self, assignment: Assignment, lease_dir: Path) -> LocalProcessJob:
-        return LocalProcessJob(lease_dir, self.sdk_site, self.pass_env)
+        return LocalProcessJob(lease_dir, self.sdk_site, self.pass_env, world_of(assignment.resource_config))
 
     async def sweep(self, held: Collection[str]) -> None:
         """Stop the local jobs of lease directories the agent does not hold (it removes the directories;
@@ -117,14 +120,18 @@ class LocalProcessRunner:
 
 
 class LocalProcessJob:
-    """One job under its shim, found through its lease directory."""
+    """One job under its shim, found through its lease directory: one process, or one per rank of a
+    multi-node launch (``nodes: N``: N processes on the agent's host, one shim for them all)."""
 
-    def __init__(self, lease_dir: Path, sdk_site: Path, pass_env: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self, lease_dir: Path, sdk_site: Path, pass_env: tuple[str, ...] = (), world: World = ONE_PROCESS
+    ) -> None:
         self.lease_dir = lease_dir
         self.sdk_site = sdk_site
         self.pass_env = pass_env
+        self.world = world
         self._shim: asyncio.subprocess.Process | None = None
-        self._log_sources = shim_output(lease_dir)
+        self._log_sources = shim_output(lease_dir, world)
 
     @property
     def _spec_file(self) -> Path:
@@ -182,15 +189,15 @@ class LocalProcessJob:
         if argv and argv[0] in ("python", "python3"):
             argv[0] = built.python_path or str(Path(built.venv_path) / "bin" / "python")
         context_dir = assignment.job_version.build_context
-        _write_private(
-            self._spec_file,
-            {
-                "argv": argv,
-                "env": self.environment(launch),
-                "cwd": str(work_dir / context_dir) if context_dir else str(work_dir),
-                "stop_grace_seconds": launch.stop_grace_seconds,
-            },
-        )
+        spec: dict[str, object] = {
+            "argv": argv,
+            "env": self.environment(launch),
+            "cwd": str(work_dir / context_dir) if context_dir else str(work_dir),
+            "stop_grace_seconds": launch.stop_grace_seconds,
+        }
+        if self.world.multi:
+            spec["ranks"] = self.rank_environments()
+        _write_private(self._spec_file, spec)
         self._shim = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
@@ -202,6 +209,15 @@ class LocalProcessJob:
             start_new_session=True,  # outlives the agent: a restarted agent takes the job back
         )
 
+    def rank_environments(self) -> list[dict[str, str]]:
+        """Each rank's variables, over the job's environment: rank 0 serves at a port free now on the
+        loopback address, which the spec file records for the shim and any later agent."""
+        master_port = free_port(LOOPBACK)
+        return [
+            rank_environment(self.world, rank, master_addr=LOOPBACK, master_port=master_port)
+            for rank in range(self.world.size)
+        ]
+
     async def until_running(self) -> None:
         """A local job runs from its start on."""
 
@@ -212,12 +228,13 @@ class LocalProcessJob:
             return None
         return JobExit(exit_code=data["exit_code"], signal=data["signal"], fenced=data["fenced"])
 
-    def _pids(self) -> tuple[int, int] | None:
-        """The shim's pid and the job's (its process group); None before the shim has started it, and for
-        a lease directory of another runner (a container's shim records no job pid)."""
+    def _pids(self) -> tuple[int, list[int]] | None:
+        """The shim's pid and the job's processes (each its process group: one per rank); None before the
+        shim has started it, and for a lease directory of another runner (a container's shim records no
+        job pid)."""
         try:
             data = json.loads((self.lease_dir / "shim.json").read_text())
-            return int(data["shim_pid"]), int(data["job_pid"])
+            return int(data["shim_pid"]), [int(pid) for pid in data.get("rank_pids", [data["job_pid"]])]
         except (OSError, ValueError, KeyError, TypeError):
             return None
 
@@ -248,13 +265,13 @@ class LocalProcessJob:
             await asyncio.sleep(EXIT_POLL_SECONDS)
 
     async def stop(self, grace: float) -> None:
-        """SIGTERM the job's process group, SIGKILL after ``grace``; then wait for the shim to record the
+        """SIGTERM the job's process groups, SIGKILL after ``grace``; then wait for the shim to record the
         exit. Until it has, the shim still writes into the lease directory, which the agent removes once
         the job is stopped: a directory removed under the shim's last write would outlive the lease."""
         pids = self._pids()
         if pids is None or self.exit() is not None:
             return
-        await asyncio.to_thread(stop_group, pids[1], grace)
+        await asyncio.to_thread(stop_groups, pids[1], grace)
         deadline = time.monotonic() + grace + EXIT_RECORD_SECONDS
         while self.exit() is None and self._shim_alive():
             if time.monotonic() > deadline:
