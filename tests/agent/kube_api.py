@@ -1,17 +1,22 @@
 """A stand-in Kubernetes API server for the kubernetes runner's tests: no cluster can be had here.
 
 It answers the calls the runner makes, over HTTP on loopback, with bodies shaped like a real API
-server's (the Kubernetes API reference: batch/v1 Job, core/v1 Pod and Secret, metav1 Status, WatchEvent):
-- Jobs and Secrets: create (409 AlreadyExists), read (404 NotFound), list, merge patch, delete (foreground
-  propagation deletes the Job's pods first, then the Job; Secrets owned by a deleted Job go with it);
+server's (the Kubernetes API reference: batch/v1 Job, core/v1 Pod, Secret and Service, metav1 Status,
+WatchEvent):
+- Jobs, Secrets and Services: create (409 AlreadyExists), read (404 NotFound), list, merge patch, delete
+  (foreground propagation deletes the Job's pods first, then the Job; Secrets and Services owned by a
+  deleted Job go with it);
 - Jobs and pods: list (with its resourceVersion), watch (``?watch=true&resourceVersion=N``: chunked JSON
   lines of ``{"type", "object"}`` after N; an N older than the server keeps: an ERROR event with a 410
   Expired Status);
 - a pod's log (``follow=true``: chunked, until the container ends).
 
 Nothing runs: the test plays job controller, scheduler and kubelet through the control methods (a Job's
-pod is made Pending when the Job is created; ``run``, ``terminate``, ``evict``, ... move it on), and can
-drop open watches and log streams, or expire old resourceVersions, to see the runner resume.
+pods are made Pending when the Job is created, one per index for an Indexed Job, named
+``{job}-{index}-{suffix}`` with the completion-index annotation and label; ``run``, ``terminate``,
+``evict``, ... move a pod on: the newest, or the one of ``rank``), and can drop open watches and log
+streams, or expire old resourceVersions, to see the runner resume. Like the real job controller, it fails a
+Job when one pod fails (``backoffLimit`` 0) and then stops the Job's other pods.
 
 Like a cluster with RBAC on, it lets the agent do only what the Role in deploy/kubernetes/role.yaml grants
 (anything else is 403 Forbidden), so every runner test also checks that the manifests an operator applies
@@ -44,7 +49,9 @@ KINDS = {
     "jobs": ("batch/v1", "Job", "batch"),
     "pods": ("v1", "Pod", ""),
     "secrets": ("v1", "Secret", ""),
+    "services": ("v1", "Service", ""),
 }
+COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
 AGENT_ROLE = Path(__file__).parents[2] / "deploy" / "kubernetes" / "role.yaml"
 
 
@@ -234,23 +241,37 @@ class KubeApiServer:
 
     # -- the job controller, the scheduler and the kubelet, played by the test ---------------------------
 
-    def pod_of(self, job: str, namespace: str = "default") -> JsonObject:
+    def pod_of(self, job: str, namespace: str = "default", *, rank: int | None = None) -> JsonObject:
         with self._state:
-            return copy.deepcopy(self._pod(job, namespace))
+            return copy.deepcopy(self._pod(job, namespace, rank))
 
-    def _pod(self, job: str, namespace: str) -> JsonObject:
-        pods = [
+    def _pods(self, job: str, namespace: str) -> list[JsonObject]:
+        return [
             o
             for (kind, ns, _), o in self._objects.items()
             if kind == "pods" and ns == namespace and o["metadata"]["labels"].get("job-name") == job
         ]
+
+    def _pod(self, job: str, namespace: str, rank: int | None = None) -> JsonObject:
+        """The Job's newest pod, or the newest of completion index ``rank``."""
+        pods = [
+            pod
+            for pod in self._pods(job, namespace)
+            if rank is None or (pod["metadata"].get("annotations") or {}).get(COMPLETION_INDEX) == str(rank)
+        ]
         if not pods:
-            raise KeyError(f"no pod of Job {job}")
+            raise KeyError(f"no pod of Job {job}" + ("" if rank is None else f" with index {rank}"))
         return max(pods, key=lambda pod: pod["metadata"]["creationTimestamp"])
 
-    def _change_pod(self, job: str, change: Callable[[JsonObject], None], namespace: str = "default") -> None:
+    def _change_pod(
+        self,
+        job: str,
+        change: Callable[[JsonObject], None],
+        rank: int | None = None,
+        namespace: str = "default",
+    ) -> None:
         with self._state:
-            pod = copy.deepcopy(self._pod(job, namespace))
+            pod = copy.deepcopy(self._pod(job, namespace, rank))
             change(pod)
             self._put("pods", pod, "MODIFIED")
 
@@ -269,7 +290,7 @@ class KubeApiServer:
             for container in pod["spec"]["containers"]
         ]
 
-    def unschedulable(self, job: str, message: str) -> None:
+    def unschedulable(self, job: str, message: str, *, rank: int | None = None) -> None:
         def change(pod: JsonObject) -> None:
             pod["status"]["conditions"] = [
                 {
@@ -282,7 +303,7 @@ class KubeApiServer:
                 }
             ]
 
-        self._change_pod(job, change)
+        self._change_pod(job, change, rank)
 
     def waiting(self, job: str, reason: str, message: str) -> None:
         """The pod is scheduled; its containers wait (ContainerCreating, ErrImagePull, ImagePullBackOff)."""
@@ -301,7 +322,7 @@ class KubeApiServer:
 
         self._change_pod(job, change)
 
-    def run(self, job: str) -> None:
+    def run(self, job: str, *, rank: int | None = None) -> None:
         def change(pod: JsonObject) -> None:
             pod["spec"]["nodeName"] = "node-1"
             pod["status"].update(
@@ -322,26 +343,27 @@ class KubeApiServer:
             )
             self._container_status(pod, {"running": {"startedAt": _now()}}, ready=True)
 
-        self._change_pod(job, change)
+        self._change_pod(job, change, rank)
         with self._state:
-            self._job_status(job, ready=1)
+            running = [p for p in self._pods(job, "default") if p["status"].get("phase") == "Running"]
+            self._job_status(job, ready=len(running))
 
-    def print(self, job: str, text: str) -> None:
+    def print(self, job: str, text: str, *, rank: int | None = None) -> None:
         """The job's container writes ``text`` (stdout and stderr share the pod's log)."""
         with self._state:
-            self._logs.setdefault(self._pod(job, "default")["metadata"]["name"], bytearray()).extend(
+            self._logs.setdefault(self._pod(job, "default", rank)["metadata"]["name"], bytearray()).extend(
                 text.encode()
             )
             self._state.notify_all()
 
-    def terminate(self, job: str, exit_code: int, reason: str = "") -> None:
+    def terminate(self, job: str, exit_code: int, reason: str = "", *, rank: int | None = None) -> None:
         """The job's container ends with ``exit_code`` (``reason``: OOMKilled, else Completed or Error); the
-        job controller marks the Job Complete or Failed (backoffLimit 0)."""
-        self._end_container(job, exit_code, reason or ("Completed" if exit_code == 0 else "Error"))
+        job controller marks the Job Complete once every pod has succeeded, or Failed at the first pod that
+        fails (backoffLimit 0), and then stops the Job's other pods."""
+        self._end_container(job, exit_code, reason or ("Completed" if exit_code == 0 else "Error"), rank)
         with self._state:
-            if exit_code == 0:
-                self._finish_job(job, "Complete", "", "", succeeded=1)
-            else:
+            stored = self._objects[("jobs", "default", job)]
+            if exit_code != 0:
                 self._finish_job(
                     job,
                     "Failed",
@@ -349,8 +371,35 @@ class KubeApiServer:
                     "Job has reached the specified backoff limit",
                     failed=1,
                 )
+                others = [
+                    pod
+                    for pod in self._pods(job, "default")
+                    if pod["status"].get("phase") not in ("Succeeded", "Failed")
+                ]
+            else:
+                succeeded = stored["status"].get("succeeded", 0) + 1
+                if succeeded < stored["spec"]["completions"]:
+                    self._job_status(job, succeeded=succeeded, active=stored["status"].get("active", 1) - 1)
+                else:
+                    self._finish_job(job, "Complete", "", "", succeeded=succeeded)
+                others = []
+        for pod in others:
+            self._stop_pod(job, pod)
 
-    def _end_container(self, job: str, exit_code: int, why: str, **pod_status: Any) -> None:
+    def _stop_pod(self, job: str, pod: JsonObject) -> None:
+        """The job controller deletes a pod: the kubelet stops its containers (SIGTERM), the pod goes."""
+        index = (pod["metadata"].get("annotations") or {}).get(COMPLETION_INDEX)
+        rank = None if index is None else int(index)
+        if "running" in str(pod["status"].get("containerStatuses")):
+            self._end_container(job, 143, "Error", rank)
+        with self._state:
+            name = pod["metadata"]["name"]
+            if ("pods", pod["metadata"]["namespace"], name) in self._objects:
+                self._delete("pods", self._objects[("pods", pod["metadata"]["namespace"], name)])
+
+    def _end_container(
+        self, job: str, exit_code: int, why: str, rank: int | None = None, **pod_status: Any
+    ) -> None:
         def change(pod: JsonObject) -> None:
             terminated = {
                 "exitCode": exit_code,
@@ -363,7 +412,7 @@ class KubeApiServer:
             pod["status"]["phase"] = "Succeeded" if exit_code == 0 else "Failed"
             pod["status"].update(pod_status)
 
-        self._change_pod(job, change)
+        self._change_pod(job, change, rank)
 
     def evict(self, job: str) -> None:
         """The kubelet evicts the pod (node pressure)."""
@@ -519,7 +568,26 @@ class KubeApiServer:
                 return created
             if resource == "secrets":
                 obj.setdefault("type", "Opaque")
+            if resource == "services":
+                self._default_service(obj)
             return self._put(resource, obj, "ADDED")
+
+    def _default_service(self, service: JsonObject) -> None:
+        """What the API server fills in a Service (a headless one keeps ``clusterIP: None``)."""
+        spec = service.setdefault("spec", {})
+        cluster_ip = spec.setdefault(
+            "clusterIP", f"10.96.{len(self._objects) % 250}.{uuid.uuid4().int % 250}"
+        )
+        for field, value in (
+            ("clusterIPs", [cluster_ip]),
+            ("type", "ClusterIP"),
+            ("sessionAffinity", "None"),
+            ("ipFamilies", ["IPv4"]),
+            ("ipFamilyPolicy", "SingleStack"),
+            ("internalTrafficPolicy", "Cluster"),
+        ):
+            spec.setdefault(field, value)
+        service["status"] = {"loadBalancer": {}}
 
     def _default_job(self, job: JsonObject) -> None:
         uid = job["metadata"]["uid"]
@@ -548,17 +616,43 @@ class KubeApiServer:
         job["status"] = {}
 
     def _start_job(self, job: JsonObject) -> None:
-        """The job controller: the Job starts, and its one pod is created, Pending."""
+        """The job controller: the Job starts, and its pods are created, Pending: one, or one per completion
+        index of an Indexed Job (named and labelled with its index, its hostname ``{job}-{index}``)."""
+        name = job["metadata"]["name"]
+        spec = job["spec"]
+        indexed = spec["completionMode"] == "Indexed"
+        for index in range(spec["parallelism"]) if indexed else [None]:
+            self._put("pods", self._new_pod(job, index), "ADDED")
+        self._job_status(
+            name,
+            startTime=_now(),
+            active=spec["parallelism"],
+            ready=0,
+            terminating=0,
+            uncountedTerminatedPods={},
+        )
+
+    def _new_pod(self, job: JsonObject, index: int | None) -> JsonObject:
         name = job["metadata"]["name"]
         template = copy.deepcopy(job["spec"]["template"])
-        pod_name = f"{name}-{uuid.uuid4().hex[:5]}"
-        pod = {
+        prefix = f"{name}-" if index is None else f"{name}-{index}-"
+        meta = template["metadata"]
+        if index is not None:
+            meta.setdefault("labels", {})[COMPLETION_INDEX] = str(index)
+            meta.setdefault("annotations", {})[COMPLETION_INDEX] = str(index)
+            template["spec"]["hostname"] = f"{name}-{index}"
+            from_index = {"fieldRef": {"fieldPath": f"metadata.labels['{COMPLETION_INDEX}']"}}
+            for container in template["spec"]["containers"]:
+                container.setdefault("env", []).append(
+                    {"name": "JOB_COMPLETION_INDEX", "valueFrom": from_index}
+                )
+        return {
             "apiVersion": "v1",
             "kind": "Pod",
             "metadata": {
-                **template["metadata"],
-                "name": pod_name,
-                "generateName": f"{name}-",
+                **meta,
+                "name": prefix + uuid.uuid4().hex[:5],
+                "generateName": prefix,
                 "namespace": job["metadata"]["namespace"],
                 "uid": str(uuid.uuid4()),
                 "creationTimestamp": _now(),
@@ -577,8 +671,6 @@ class KubeApiServer:
             "spec": template["spec"],
             "status": {"phase": "Pending", "qosClass": "BestEffort"},
         }
-        self._put("pods", pod, "ADDED")
-        self._job_status(name, startTime=_now(), active=1, ready=0, terminating=0, uncountedTerminatedPods={})
 
     def read(self, resource: str, namespace: str, name: str) -> JsonObject:
         with self._state:
@@ -619,15 +711,14 @@ class KubeApiServer:
                 marked["metadata"]["finalizers"] = ["foregroundDeletion"]
             answer = self._put("jobs", marked, "MODIFIED")
             uid = found["metadata"]["uid"]
-        # The garbage collector: the Job's pods (their containers stopped), its Secrets, then the Job.
+        # The garbage collector: the Job's pods (their containers stopped), its Secrets and Services, then
+        # the Job.
         for pod in self._owned("pods", uid):
-            if "running" in str(pod["status"].get("containerStatuses")):
-                self._end_container(name, 143, "Error")
-            with self._state:
-                self._delete("pods", self._objects[("pods", namespace, pod["metadata"]["name"])])
+            self._stop_pod(name, pod)
         with self._state:
-            for secret in self._owned("secrets", uid):
-                self._delete("secrets", secret)
+            for dependent in ("secrets", "services"):
+                for owned in self._owned(dependent, uid):
+                    self._delete(dependent, owned)
             self._delete("jobs", self._objects[("jobs", namespace, name)])
         return answer
 

@@ -7,6 +7,10 @@ by ``status.py``), its output from following its pod's log (``logs.py``). The Jo
 ``activeDeadlineSeconds`` is kept a margin past the agent's lease deadline, so a Job whose agent stopped
 renewing ends by itself.
 
+A multi-node launch (``nodes: N``) is an Indexed Job of N pods, one per rank, with a headless Service for
+rank 0's address: the attempt runs once every rank runs, and one rank failing ends it and deletes the Job
+(every rank stops). Each rank's log is followed apart and labelled with its rank.
+
 The official client blocks: every call runs in a worker thread; the watches and log follows run in
 threads of their own.
 """
@@ -29,6 +33,7 @@ import pydantic
 from kubernetes import client, config
 
 from takeoff_agent.domain import Assignment, BuildKind, JobExit, LogStream, ResourceKind, SourceKind
+from takeoff_agent.ranks import world_of
 from takeoff_agent.runners.base import (
     JobOutput,
     Launch,
@@ -40,11 +45,13 @@ from takeoff_agent.runners.kubernetes.api import ApiError, JsonObject, KubeApi
 from takeoff_agent.runners.kubernetes.logs import PodLog
 from takeoff_agent.runners.kubernetes.manifest import (
     AGENT_LABEL,
+    COMPLETION_INDEX,
     DEFAULT_CONTAINER,
     LEASE_LABEL,
     JobSettings,
     base_manifest,
     is_dns_label,
+    job_command,
     job_manifest,
     job_name,
     label_value,
@@ -52,8 +59,9 @@ from takeoff_agent.runners.kubernetes.manifest import (
     owner_reference,
     refusals,
     secret_manifest,
+    service_manifest,
 )
-from takeoff_agent.runners.kubernetes.status import Observed, observe
+from takeoff_agent.runners.kubernetes.status import Observed, combine, observe, succeeded
 from takeoff_agent.runners.kubernetes.watch import Informer
 from takeoff_agent.runners.secrets import check_names
 
@@ -67,7 +75,6 @@ LOG_DRAIN_SECONDS = 30.0
 SETTLE_SECONDS = 30.0
 """How long the Job's end and its pod's may be seen apart (they are watched apart) before the runner
 concludes from the half it has."""
-"""How long an ended job's log may take to arrive in full."""
 DEFAULT_NAMESPACE = "default"
 
 
@@ -183,11 +190,13 @@ class StatusLines:
     def __init__(self) -> None:
         self.offset = 0
         self._lines: list[str] = []
-        self._last = ""
+        self._last: dict[str, str] = {}
 
-    def add(self, text: str) -> None:
-        if text and text != self._last:
-            self._last = text
+    def add(self, text: str, *, about: str = "") -> None:
+        """Say ``text``, unless it is what was last said ``about`` the same thing (a rank's pod; '': the
+        job)."""
+        if text and text != self._last.get(about):
+            self._last[about] = text
             self._lines.append(f"[takeoff] {text}")
 
     def read_lines(self, *, final: bool = False) -> list[str]:
@@ -223,6 +232,12 @@ class KubernetesRunner:
 
     def check(self, assignment: Assignment) -> None:
         problems = refusals(assignment.resource_config, assignment.container_name, self.settings)
+        if world_of(assignment.resource_config).multi and job_command(assignment) is None:
+            problems.append(
+                "nodes: a multi-node job needs an entrypoint or its container's command (the agent starts "
+                "it through /bin/sh to switch the SDK off on ranks other than 0; an image's own command "
+                "cannot be wrapped)"
+            )
         if not problems:
             try:
                 client.V1Job.model_validate(
@@ -282,18 +297,24 @@ class KubernetesRunner:
         namespace = self.options.namespace
         jobs = await asyncio.to_thread(self.api.list_jobs, namespace, self.selector)
         secrets = await asyncio.to_thread(self.api.list_secrets, namespace, self.selector)
+        services = await asyncio.to_thread(self.api.list_services, namespace, self.selector)
         for job in jobs.get("items") or []:
             if not kept(job):
                 logger.info("deleting Job %s: its lease is no longer this agent's", job["metadata"]["name"])
                 await asyncio.to_thread(self.api.delete_job, namespace, job["metadata"]["name"], None)
-        # Secrets go with their Jobs; one whose Job was never made (the agent stopped in between) goes here.
+        # Secrets and Services go with their Jobs; one whose Job was never made (the agent stopped in
+        # between) goes here.
         for secret in secrets.get("items") or []:
             if not kept(secret):
                 await asyncio.to_thread(self.api.delete_secret, namespace, secret["metadata"]["name"])
+        for service in services.get("items") or []:
+            if not kept(service):
+                await asyncio.to_thread(self.api.delete_service, namespace, service["metadata"]["name"])
 
     async def close(self) -> None:
         for job in self._jobs.values():
-            job.stdout.stop()
+            for output in job.outputs:
+                output.stop()
         for informer in (self.jobs, self.pods):
             informer.stop()
         for informer in (self.jobs, self.pods):
@@ -311,8 +332,10 @@ class KubeJob:
         self.assignment = assignment
         self.name = job_name(assignment.lease_id)
         self.lease_label = label_value(assignment.lease_id)
+        self.world = world_of(assignment.resource_config)
         self._record = lease_dir / "kubernetes.json"
-        self.stdout = PodLog()
+        self.outputs = [PodLog() for _ in range(self.world.nodes)]
+        """Each rank's pod log, by rank (one: a job of one pod)."""
         self.status = StatusLines()
         self.changed = asyncio.Event()
         self._deadline: float | None = None
@@ -320,15 +343,18 @@ class KubeJob:
         self._making: asyncio.Future[JsonObject] | None = None
         self._deleted = False
         """This agent deleted the Job (``stop``): its end is read from the API server, not only the watch."""
-        self._ending_since: float | None = None
-        """When this agent first saw the job ending (see ``_settled``), on the monotonic clock."""
+        self._ending_since: dict[int, float] = {}
+        """When this agent first saw each rank ending (see ``_settled``), on the monotonic clock."""
 
     @property
     def started(self) -> bool:
         return self._record.exists()
 
     def log_sources(self) -> list[JobOutput]:
-        return [JobOutput(LogStream.STDOUT, self.stdout), JobOutput(LogStream.SYSTEM, self.status)]
+        if not self.world.multi:
+            return [JobOutput(LogStream.STDOUT, self.outputs[0]), JobOutput(LogStream.SYSTEM, self.status)]
+        ranks = [JobOutput(LogStream.STDOUT, output, rank) for rank, output in enumerate(self.outputs)]
+        return [*ranks, JobOutput(LogStream.SYSTEM, self.status)]
 
     async def start(self, launch: Launch) -> None:
         if launch.built.kind is BuildKind.IMAGE and not launch.built.pushed:
@@ -347,20 +373,29 @@ class KubeJob:
         if needs_secret(launch):
             ca = None if launch.ca_file is None else await asyncio.to_thread(_read_ca, launch.ca_file)
             secret = secret_manifest(self.assignment, launch, settings, ca)
+        service = service_manifest(self.assignment, settings) if self.world.multi else None
         # Shielded: a start cancelled meanwhile must not leave a Job made after its stop looked for it.
-        self._making = asyncio.ensure_future(asyncio.to_thread(self._make, manifest, secret))
+        self._making = asyncio.ensure_future(asyncio.to_thread(self._make, manifest, secret, service))
         self._deadline = _deadline(await asyncio.shield(self._making))
         await self._until_running(launch.report)
 
-    def _make(self, manifest: JsonObject, secret: JsonObject | None) -> JsonObject:
-        """The Secret, the Job, the Secret made the Job's; recorded as started once the Job exists."""
+    def _make(
+        self, manifest: JsonObject, secret: JsonObject | None, service: JsonObject | None
+    ) -> JsonObject:
+        """The Secret and the Service first (a pod would wait for its Secret, and a rank would not find rank 0
+        without the Service), then the Job, then they are made the Job's; recorded as started once the Job
+        exists."""
         if secret is not None:
             self._put_secret(secret)
+        if service is not None:
+            self._put_service(service)
         job = self._create(manifest)
         self._record.write_text(json.dumps({"namespace": self._namespace, "job": self.name}))
+        owned = {"metadata": {"ownerReferences": [owner_reference(job)]}}
         if secret is not None:
-            owned = {"metadata": {"ownerReferences": [owner_reference(job)]}}
             self._api.patch_secret(self._namespace, self.name, owned)
+        if service is not None:
+            self._api.patch_service(self._namespace, self.name, owned)
         return job
 
     def _put_secret(self, secret: JsonObject) -> None:
@@ -375,6 +410,15 @@ class KubeJob:
                 refused = f"the Kubernetes API server refused the job's Secret: {error.message}"
                 raise RunnerRefused(refused) from None
             self._api.patch_secret(self._namespace, self.name, {"data": secret["data"]})
+
+    def _put_service(self, service: JsonObject) -> None:
+        try:
+            self._api.create_service(self._namespace, service)
+        except ApiError as error:
+            # 409: made by an earlier try of this start (named as the Job, whose create checks the lease).
+            if error.status != 409:
+                refused = f"the Kubernetes API server refused the ranks' Service: {error.message}"
+                raise RunnerRefused(refused) from None
 
     def _create(self, manifest: JsonObject) -> JsonObject:
         try:
@@ -395,25 +439,36 @@ class KubeJob:
         await self._until_running(None)
 
     async def _until_running(self, report: Callable[[str], Awaitable[object]] | None) -> None:
-        """Return once the job's container has started, or the job has ended or cannot start; meanwhile
-        ``report`` hears why the pod waits (unschedulable, an image being pulled)."""
+        """Return once the job's container has started (every rank's), or the job has ended or cannot
+        start; meanwhile ``report`` hears why a pod waits (unschedulable, an image being pulled)."""
         await self._runner.watching()
         reported = ""
         while not (observed := await self._observe()).running:
             if report is not None and observed.waiting != reported:
                 reported = observed.waiting
-                await report(reported or "waiting for the pod to start")
+                await report(reported or f"waiting for the {self._pods} to start")
             await self._next_change()
+
+    @property
+    def _pods(self) -> str:
+        return f"{self.world.nodes} pods" if self.world.multi else "pod"
 
     async def wait(self) -> JobExit:
         await self._runner.watching()
         while (ended := (await self._observe()).exit) is None:
             self._runner.raise_if_unreachable()
             await self._next_change()
-        if self.stdout.following:
-            await asyncio.to_thread(self.stdout.finished.wait, LOG_DRAIN_SECONDS)
-        # The Job stays for its TTL (its logs, its status); the values its pod needed do not.
+        if self.world.multi and not self._deleted and not succeeded(ended):
+            # One rank failed: the others would wait for it (a rendezvous, a collective) until the deadline.
+            await self._delete_job(None)
+        drained = time.monotonic() + LOG_DRAIN_SECONDS
+        for output in self.outputs:
+            if output.following:
+                await asyncio.to_thread(output.finished.wait, max(0.0, drained - time.monotonic()))
+        # The Job stays for its TTL (its logs, its status); the values its pod needed do not, nor do the
+        # ranks need each other's names any more.
         await self._delete_secret()
+        await self._delete_service()
         self._exit = ended
         self._runner.forget(self)
         return ended
@@ -427,11 +482,16 @@ class KubeJob:
         if self._making is not None:
             with contextlib.suppress(Exception):
                 await self._making  # a Job still being made is deleted once it exists
-        await asyncio.to_thread(self._api.delete_job, self._namespace, self.name, math.ceil(grace))
-        self._deleted = True
-        # The Secret goes with its Job (its owner), but one whose owner was never set (the start failed
-        # between) would stay until the next sweep: delete it too.
+        await self._delete_job(math.ceil(grace))
+        # The Secret and Service go with their Job (their owner), but those whose owner was never set (the
+        # start failed between) would stay until the next sweep: delete them too.
         await self._delete_secret()
+        await self._delete_service()
+
+    async def _delete_job(self, grace_seconds: int | None) -> None:
+        """Delete the Job and its pods; ``grace_seconds`` None: each pod's own grace (the stop grace)."""
+        await asyncio.to_thread(self._api.delete_job, self._namespace, self.name, grace_seconds)
+        self._deleted = True
 
     async def _delete_secret(self) -> None:
         """Delete the Job's Secret, if it has one; gone already is fine, a failure is left to the owner
@@ -440,6 +500,15 @@ class KubeJob:
             await asyncio.to_thread(self._api.delete_secret, self._namespace, self.name)
         except (ApiError, RunnerUnavailable) as error:
             logger.warning("could not delete the Secret of Job %s: %s", self.name, error)
+
+    async def _delete_service(self) -> None:
+        """Delete the ranks' Service of a multi-node Job, as ``_delete_secret`` its Secret."""
+        if not self.world.multi:
+            return
+        try:
+            await asyncio.to_thread(self._api.delete_service, self._namespace, self.name)
+        except (ApiError, RunnerUnavailable) as error:
+            logger.warning("could not delete the Service of Job %s: %s", self.name, error)
 
     async def renew_lease(self, until: float) -> None:
         runner = self._runner
@@ -471,7 +540,8 @@ class KubeJob:
         return live[-1] if live else None
 
     async def _observe(self) -> Observed:
-        """The job's state, and what follows from it: its log followed once it runs, status lines said."""
+        """The job's state, and what follows from it: each rank's log followed once it runs, status lines
+        said."""
         job = self._known_job()
         if job is None and self.started and not self._runner.jobs.select(LEASE_LABEL, self.lease_label)[1]:
             # Not among the watched Jobs yet (just made), or deleted while this agent was away: ask.
@@ -482,39 +552,73 @@ class KubeJob:
             with contextlib.suppress(ApiError, RunnerUnavailable):
                 job = await asyncio.to_thread(self._api.read_job, self._namespace, self.name)
         state = self._state(job)
-        observed, pod = state.observed, state.pod
+        observed = state.observed
         self.status.add(observed.waiting)
         if observed.exit is not None and observed.exit.failure is not None:
             self.status.add(observed.exit.failure.message)
-        if observed.has_output and pod is not None and not state.pod_gone:
-            pod_name = pod["metadata"]["name"]
-            self.stdout.follow(
-                self._api,
-                self._namespace,
-                pod_name,
-                state.container,
-                lambda: self._container_ended(pod_name, state.container),
-            )
-            phase = (pod.get("status") or {}).get("phase", "")
-            self.status.add(f"pod {pod_name} {phase.lower() or 'started'}")
+        ended = observed.exit
+        if self.world.multi and ended is not None and not succeeded(ended):
+            self.status.add(f"rank {state.decided_by} failed ({_exit_text(ended)}): every rank stops")
+        for rank, rank_state in enumerate(state.ranks):
+            self._follow(rank, rank_state, state.container)
         return observed
 
+    def _follow(self, rank: int, state: _RankState, container: str) -> None:
+        """Follow the rank's log once its container has started; say that its pod runs."""
+        pod = state.pod
+        if not state.observed.has_output or pod is None or state.gone:
+            return
+        pod_name = pod["metadata"]["name"]
+        self.outputs[rank].follow(
+            self._api,
+            self._namespace,
+            pod_name,
+            container,
+            lambda: self._container_ended(pod_name, container),
+        )
+        phase = (pod.get("status") or {}).get("phase", "")
+        self.status.add(f"pod {pod_name} {phase.lower() or 'started'}", about=pod_name)
+
     def _state(self, job: JsonObject | None) -> _State:
+        container = self._container(job, None)
         if job is None and not self.started:
-            return _State(Observed(False, None, ""), None, False, DEFAULT_CONTAINER)
+            none = _RankState(Observed(False, None, ""), None, False)
+            return _State(Observed(False, None, ""), [none] * self.world.nodes, container, None)
+        newest = self._newest_pods()
+        container = self._container(job, next((pod for pod, _ in newest if pod is not None), None))
+        ranks = [
+            _RankState(
+                observe(job, pod, container, pod_gone=gone, settled=self._settled(rank, job, pod, gone)),
+                pod,
+                gone,
+            )
+            for rank, (pod, gone) in enumerate(newest)
+        ]
+        observed, decided_by = combine([rank.observed for rank in ranks])
+        return _State(observed, ranks, container, decided_by)
+
+    def _newest_pods(self) -> list[tuple[JsonObject | None, bool]]:
+        """Each rank's newest pod (live or deleted: ``gone``): the one pod of a NonIndexed Job, the pod of
+        each completion index of an Indexed one."""
         live, deleted = self._runner.pods.select(LEASE_LABEL, self.lease_label)
-        newest = max(
+        newest: list[tuple[JsonObject | None, bool]] = [(None, False)] * self.world.nodes
+        for pod, gone in sorted(
             [(pod, False) for pod in live] + [(pod, True) for pod in deleted],
             key=lambda entry: str(entry[0]["metadata"].get("creationTimestamp", "")),
-            default=(None, False),
-        )
-        pod, gone = newest
-        container = self._container(job, pod)
-        observed = observe(job, pod, container, pod_gone=gone, settled=self._settled(job, pod, gone))
-        return _State(observed, pod, gone, container)
+        ):
+            rank = self._rank_of(pod)
+            if rank is not None:
+                newest[rank] = (pod, gone)
+        return newest
 
-    def _settled(self, job: JsonObject | None, pod: JsonObject | None, gone: bool) -> bool:
-        """Whether the job was first seen ending (its Job ended or gone, its pod ended or gone) long enough
+    def _rank_of(self, pod: JsonObject) -> int | None:
+        if not self.world.multi:
+            return 0
+        index = (pod["metadata"].get("annotations") or {}).get(COMPLETION_INDEX, "")
+        return int(index) if index.isdigit() and int(index) < self.world.nodes else None
+
+    def _settled(self, rank: int, job: JsonObject | None, pod: JsonObject | None, gone: bool) -> bool:
+        """Whether the rank was first seen ending (its Job ended or gone, its pod ended or gone) long enough
         ago for the other half of the news to have come, if it ever will."""
         job_ended = job is None or any(
             condition.get("type") in ("Complete", "Failed") and condition.get("status") == "True"
@@ -522,11 +626,10 @@ class KubeJob:
         )
         pod_ended = gone or (pod or {}).get("status", {}).get("phase") in ("Succeeded", "Failed")
         if not (job_ended or pod_ended):
-            self._ending_since = None
+            self._ending_since.pop(rank, None)
             return False
-        if self._ending_since is None:
-            self._ending_since = time.monotonic()
-        return time.monotonic() - self._ending_since > SETTLE_SECONDS
+        since = self._ending_since.setdefault(rank, time.monotonic())
+        return time.monotonic() - since > SETTLE_SECONDS
 
     def _container_ended(self, pod_name: str, container: str) -> bool:
         live, _ = self._runner.pods.select(LEASE_LABEL, self.lease_label)
@@ -548,9 +651,25 @@ class KubeJob:
         return str(containers[0]["name"])
 
 
+def _exit_text(exit: JobExit) -> str:
+    if exit.failure is not None:
+        return exit.failure.reason.name
+    if exit.signal is not None:
+        return f"signal {exit.signal}"
+    return f"exit code {exit.exit_code}"
+
+
+@dataclass(frozen=True, slots=True)
+class _RankState:
+    observed: Observed
+    pod: JsonObject | None
+    gone: bool
+
+
 @dataclass(frozen=True, slots=True)
 class _State:
     observed: Observed
-    pod: JsonObject | None
-    pod_gone: bool
+    ranks: list[_RankState]
     container: str
+    decided_by: int | None
+    """The rank whose end ended the job (None: it has not ended)."""

@@ -192,6 +192,51 @@ class KubeApi:
             if error.status != 404:
                 raise
 
+    def create_service(self, namespace: str, service: JsonObject) -> JsonObject:
+        with _calling("create a Service"):
+            return self._json(
+                self.core.create_namespaced_service(
+                    namespace,
+                    client.V1Service.model_validate(service),
+                    _preload_content=False,
+                    _request_timeout=REQUEST_TIMEOUT,
+                )
+            )
+
+    def patch_service(self, namespace: str, name: str, patch: JsonObject) -> JsonObject:
+        with _calling("update a Service"):
+            return self._json(
+                self.core.patch_namespaced_service(
+                    name,
+                    namespace,
+                    patch,
+                    _content_type=MERGE_PATCH,
+                    _preload_content=False,
+                    _request_timeout=REQUEST_TIMEOUT,
+                )
+            )
+
+    def list_services(self, namespace: str, selector: str) -> JsonObject:
+        with _calling("list Services"):
+            return self._json(
+                self.core.list_namespaced_service(
+                    namespace,
+                    label_selector=selector,
+                    _preload_content=False,
+                    _request_timeout=REQUEST_TIMEOUT,
+                )
+            )
+
+    def delete_service(self, namespace: str, name: str) -> None:
+        try:
+            with _calling("delete a Service"):
+                self.core.delete_namespaced_service(
+                    name, namespace, _preload_content=False, _request_timeout=REQUEST_TIMEOUT
+                )
+        except ApiError as error:
+            if error.status != 404:
+                raise
+
     def list_or_watch(self, kind: str, namespace: str, selector: str, **options: Any) -> Any:
         """``kind`` ``jobs`` or ``pods``: a list (its JSON) or, with ``watch=True``, the open stream."""
         call = self.batch.list_namespaced_job if kind == "jobs" else self.core.list_namespaced_pod

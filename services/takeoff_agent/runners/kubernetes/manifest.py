@@ -2,6 +2,10 @@
 (docs/design.md §7), the job's image, command and environment in its container, and the names and labels
 that let a restarted agent find it again.
 
+A multi-node launch (``nodes: N``, a top-level key beside the manifest's) is an Indexed Job of N pods, one
+rank each (its completion index), with a headless Service that gives rank 0 a stable DNS name for
+``MASTER_ADDR``.
+
 Merge rules (the queue's, docs/design.md §7): dicts merge key by key; lists are replaced, except
 ``containers``, ``env``, ``volumes`` and ``volumeMounts``, whose entries merge by ``name``.
 """
@@ -17,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from takeoff_agent.domain import Assignment
+from takeoff_agent.ranks import World, rank_environment, world_of
 from takeoff_agent.runners.base import Launch
 from takeoff_agent.runners.secrets import (
     CA_FILE_VARIABLE,
@@ -24,7 +29,7 @@ from takeoff_agent.runners.secrets import (
     CONTAINER_SECRETS_DIR,
     SECRETS_DIR_VARIABLE,
 )
-from takeoff_server.resource_configs import deep_merge, merge_named
+from takeoff_server.resource_configs import MULTI_NODE_OPTION, deep_merge, merge_named
 
 JsonObject = dict[str, Any]
 
@@ -46,23 +51,39 @@ FILE_KEY_PREFIX = "file."
 CA_KEY = "takeoff.ca.pem"
 SECRET_FILE_MODE = 0o600
 CA_FILE_MODE = 0o444
+COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
+"""The annotation (and label) the job controller gives each pod of an Indexed Job: its index, the rank."""
+JOB_NAME_LABEL = "batch.kubernetes.io/job-name"
+"""The label the job controller gives each pod of a Job: the Job's name (the headless Service's selector)."""
+MASTER_PORT = 29500
+"""Rank 0's port for the ranks' rendezvous (torchrun's default): every pod has its own network, so any
+port is free."""
+RANK_FROM_INDEX = {"fieldRef": {"fieldPath": f"metadata.annotations['{COMPLETION_INDEX}']"}}
+DISABLE_SDK_OFF_RANK_0 = 'if [ "$RANK" != 0 ]; then export TAKEOFF_MODE=disabled; fi; exec "$@"'
+"""Run in ``/bin/sh`` before the job's command (its arguments): one pod template serves every rank of an
+Indexed Job, and an environment variable cannot be set for some indexes only, so the ranks other than 0
+switch the SDK off here. ``exec``: the job is the container's process, and gets its signals."""
+RANK_WRAPPER = ["/bin/sh", "-c", DISABLE_SDK_OFF_RANK_0, "takeoff-rank"]
 
-# Job spec fields whose meaning the runner cannot honour: it runs one pod, once, and owns the deadline.
-# Each maps to the one value it may be given (None: none), and why.
-_FIXED_SPEC: dict[str, tuple[object, str]] = {
-    "activeDeadlineSeconds": (None, "the agent sets it to fence the Job to its lease; use max_run_time"),
-    "backoffLimit": (0, "an attempt is one pod; the queue retries"),
-    "backoffLimitPerIndex": (None, "an attempt is one pod; the queue retries"),
-    "maxFailedIndexes": (None, "an attempt is one pod"),
-    "completions": (1, "an attempt is one pod"),
-    "parallelism": (1, "an attempt is one pod"),
-    "completionMode": ("NonIndexed", "an attempt is one pod"),
-    "podFailurePolicy": (None, "an attempt is one pod; the queue retries"),
-    "successPolicy": (None, "an attempt is one pod"),
-    "suspend": (False, "the agent starts the Job"),
-    "selector": (None, "the Job selects its own pod"),
-    "manualSelector": (None, "the Job selects its own pod"),
-}
+
+def _fixed_spec(world: World) -> dict[str, tuple[object, str]]:
+    """Job spec fields whose meaning the runner cannot honour: it runs one pod per node, once, and owns
+    the deadline. Each maps to the one value it may be given (None: none), and why."""
+    pods = "an attempt is one pod" if not world.multi else f"an attempt is one pod per node ({world.nodes})"
+    return {
+        "activeDeadlineSeconds": (None, "the agent sets it to fence the Job to its lease; use max_run_time"),
+        "backoffLimit": (0, f"{pods}; the queue retries"),
+        "backoffLimitPerIndex": (None, f"{pods}; the queue retries"),
+        "maxFailedIndexes": (None, pods),
+        "completions": (world.nodes, f"{pods}; set nodes"),
+        "parallelism": (world.nodes, f"{pods}; set nodes"),
+        "completionMode": ("Indexed" if world.multi else "NonIndexed", f"{pods}; set nodes"),
+        "podFailurePolicy": (None, f"{pods}; the queue retries"),
+        "successPolicy": (None, pods),
+        "suspend": (False, "the agent starts the Job"),
+        "selector": (None, "the Job selects its own pod"),
+        "manualSelector": (None, "the Job selects its own pod"),
+    }
 
 
 def _hashed(text: str, length: int) -> str:
@@ -109,6 +130,7 @@ class JobSettings:
 def refusals(config: Mapping[str, Any], container_name: str, settings: JobSettings) -> list[str]:
     """Each part of a resource config the runner cannot honour, named by its path."""
     problems = []
+    world = world_of(config)
     metadata = config.get("metadata") or {}
     for field in ("name", "generateName"):
         if field in metadata:
@@ -116,7 +138,7 @@ def refusals(config: Mapping[str, Any], container_name: str, settings: JobSettin
     if metadata.get("namespace", settings.namespace) != settings.namespace:
         problems.append(f"metadata.namespace: this agent runs Jobs in namespace {settings.namespace!r}")
     spec = config.get("spec") or {}
-    for field, (allowed, why) in _FIXED_SPEC.items():
+    for field, (allowed, why) in _fixed_spec(world).items():
         if field in spec and spec[field] != allowed:
             given = "may not be set" if allowed is None else f"must be {allowed!r}"
             problems.append(f"spec.{field}: {given} ({why})")
@@ -130,6 +152,12 @@ def refusals(config: Mapping[str, Any], container_name: str, settings: JobSettin
                 if key.startswith((LABEL_PREFIX, ANNOTATION_PREFIX)):
                     problems.append(f"{where}.{field}.{key}: the agent sets the takeoff labels")
     pod_spec = template.get("spec") or {}
+    if world.multi:
+        problems += [
+            f"spec.template.spec.{field}: the agent names the ranks' pods (MASTER_ADDR is rank 0's name)"
+            for field in ("hostname", "subdomain")
+            if field in pod_spec
+        ]
     reserved = (SECRETS_VOLUME, CA_VOLUME)
     for volume in pod_spec.get("volumes") or []:
         if isinstance(volume, dict) and volume.get("name") in reserved:
@@ -165,6 +193,14 @@ def _defaults(settings: JobSettings, stop_grace_seconds: float) -> JsonObject:
 def _owned(assignment: Assignment, settings: JobSettings, active_deadline_seconds: int) -> JsonObject:
     """What the agent sets over the resource config (``refusals`` keeps the config from setting it)."""
     own_labels = labels(assignment, settings.agent_id)
+    world = world_of(assignment.resource_config)
+    template: JsonObject = {"metadata": {"labels": own_labels}}
+    spec: JsonObject = {"activeDeadlineSeconds": active_deadline_seconds, "template": template}
+    if world.multi:
+        # One pod per rank, each named {job}-{index} by the job controller; the Service of the pods'
+        # ``subdomain`` makes that name resolve: {job}-0.{service} is rank 0.
+        spec |= {"completionMode": "Indexed", "completions": world.nodes, "parallelism": world.nodes}
+        template["spec"] = {"subdomain": job_name(assignment.lease_id)}
     owned: JsonObject = {
         "metadata": {
             "name": job_name(assignment.lease_id),
@@ -176,10 +212,7 @@ def _owned(assignment: Assignment, settings: JobSettings, active_deadline_second
                 f"{ANNOTATION_PREFIX}agent": settings.agent_id,
             },
         },
-        "spec": {
-            "activeDeadlineSeconds": active_deadline_seconds,
-            "template": {"metadata": {"labels": own_labels}},
-        },
+        "spec": spec,
     }
     return owned
 
@@ -191,10 +224,10 @@ def base_manifest(
     stop_grace_seconds: float,
     active_deadline_seconds: int,
 ) -> JsonObject:
-    """Defaults, the resource config over them, and the agent's own fields over both (no launch yet)."""
-    merged: JsonObject = deep_merge(
-        _defaults(settings, stop_grace_seconds), assignment.resource_config, by_name=True
-    )
+    """Defaults, the resource config (but ``nodes``, not a Job field) over them, and the agent's own fields
+    over both (no launch yet)."""
+    config = {key: value for key, value in assignment.resource_config.items() if key != MULTI_NODE_OPTION}
+    merged: JsonObject = deep_merge(_defaults(settings, stop_grace_seconds), config, by_name=True)
     merged = deep_merge(merged, _owned(assignment, settings, active_deadline_seconds), by_name=True)
     _quantities_as_text(merged)
     return merged
@@ -228,6 +261,11 @@ def job_manifest(
         container["command"] = list(assignment.entrypoint)
     secret = job_name(assignment.lease_id)
     environment: list[JsonObject] = [{"name": name, "value": value} for name, value in launch.env.items()]
+    world = world_of(assignment.resource_config)
+    if world.multi:
+        # ``check`` made sure there is a command to wrap (an image's own cannot be).
+        container["command"] = RANK_WRAPPER + container["command"]
+        environment += _rank_environment(world, secret)
     environment.append({"name": "TAKEOFF_REGISTRY", "value": launch.registry_address})
     environment += [
         {"name": name, "valueFrom": {"secretKeyRef": {"name": secret, "key": name}}}
@@ -268,6 +306,48 @@ def job_manifest(
     return manifest
 
 
+def _rank_environment(world: World, name: str) -> list[JsonObject]:
+    """Every rank's variables in one pod template: rank 0's, but ``RANK`` and ``NODE_RANK`` (one rank per
+    pod) read from the pod's completion index."""
+    variables = rank_environment(world, 0, master_addr=f"{name}-0.{name}", master_port=MASTER_PORT)
+    return [
+        {"name": variable, "valueFrom": RANK_FROM_INDEX}
+        if variable in ("RANK", "NODE_RANK")
+        else {"name": variable, "value": value}
+        for variable, value in variables.items()
+    ]
+
+
+def job_command(assignment: Assignment) -> list[str] | None:
+    """The command the job's container runs: the entrypoint, else the container's own in the resource
+    config (None: the image's)."""
+    if assignment.entrypoint:
+        return list(assignment.entrypoint)
+    containers = ((assignment.resource_config.get("spec") or {}).get("template") or {}).get("spec") or {}
+    found = [c for c in containers.get("containers") or [] if isinstance(c, dict)]
+    wanted = assignment.container_name
+    chosen = next((c for c in found if c.get("name") == wanted), None) if wanted else None
+    chosen = chosen or (found[0] if found else {})
+    command = chosen.get("command")
+    return list(command) if command else None
+
+
+def service_manifest(assignment: Assignment, settings: JobSettings) -> JsonObject:
+    """The headless Service of a multi-node launch's pods (named as the Job, their ``subdomain``): it gives
+    each pod the DNS name {hostname}.{service}, ready or not (ranks resolve rank 0 while it starts)."""
+    name = job_name(assignment.lease_id)
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {
+            "name": name,
+            "namespace": settings.namespace,
+            "labels": labels(assignment, settings.agent_id),
+        },
+        "spec": {"clusterIP": "None", "selector": {JOB_NAME_LABEL: name}, "publishNotReadyAddresses": True},
+    }
+
+
 def needs_secret(launch: Launch) -> bool:
     """Whether the job gets a Secret: it has secret variables, secret files or a CA certificate."""
     return bool(launch.secrets or launch.secret_files or launch.ca_file is not None)
@@ -297,8 +377,8 @@ def secret_manifest(
 
 
 def owner_reference(job: Mapping[str, Any]) -> JsonObject:
-    """Makes the Secret the Job's: deleting the Job deletes it. (No ``blockOwnerDeletion``: nothing need
-    wait for the Secret, and setting it takes a permission on ``jobs/finalizers`` where the
+    """Makes the Secret (or Service) the Job's: deleting the Job deletes it. (No ``blockOwnerDeletion``:
+    nothing need wait for it, and setting it takes a permission on ``jobs/finalizers`` where the
     OwnerReferencesPermissionEnforcement admission plugin runs.)"""
     return {
         "apiVersion": "batch/v1",

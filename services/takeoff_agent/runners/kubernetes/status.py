@@ -4,12 +4,15 @@ Pending until the job's container runs; then running; then ended, with the exit 
 (``OOMKilled`` marked), or a runner failure: a pod evicted or preempted ends PREEMPTED (retryable), an image
 that will not pull (``ImagePullBackOff``) RUNNER_INFRA, an image name that can never pull CONFIG_INVALID.
 An unschedulable pod keeps waiting: the agent's start deadline ends it (START_TIMEOUT).
+
+A multi-node launch has one pod per rank, each read so; the attempt runs once every rank runs, and ends
+once every rank has ended well or one has failed (``combine``).
 """
 
 from __future__ import annotations
 
 import signal as signals
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -117,6 +120,38 @@ def observe(
     if scheduled:
         return Observed(False, None, scheduled)
     return Observed(False, None, _describe(waiting.get("reason"), waiting.get("message")))
+
+
+def combine(ranks: Sequence[Observed]) -> tuple[Observed, int | None]:
+    """The attempt's state from its ranks' states, and the rank whose end decided it (None: not ended).
+
+    Running once every rank runs; ended once every rank has ended well (rank 0's exit), or at the first
+    failure seen. Ranks stopped because another failed (the job controller and the agent stop them with
+    SIGTERM) end at about the same time as the rank that failed: its own exit, then the runner's verdict
+    (evicted, an image that will not pull), is preferred over theirs; then the lowest rank.
+    """
+    ended = [(rank, observed.exit) for rank, observed in enumerate(ranks) if observed.exit is not None]
+    failed = [(rank, exit) for rank, exit in ended if not succeeded(exit)]
+    if failed:
+        rank, exit = min(failed, key=lambda entry: (_stopped_from_outside(entry[1]), entry[0]))
+        return Observed(True, exit, "", any(o.has_output for o in ranks)), rank
+    if len(ended) == len(ranks):
+        return Observed(True, ended[0][1], "", any(o.has_output for o in ranks)), 0
+    waiting = next((observed.waiting for observed in ranks if observed.waiting), "")
+    running = all(observed.running for observed in ranks)
+    return Observed(running, None, waiting, any(o.has_output for o in ranks)), None
+
+
+def succeeded(exit: JobExit) -> bool:
+    """Whether the job (or a rank) ended well: exit code 0, not fenced, no runner failure."""
+    return exit.exit_code == 0 and exit.failure is None and not exit.fenced
+
+
+def _stopped_from_outside(exit: JobExit) -> int:
+    """0: the rank ended by itself; 1: the runner says why it ended; 2: it was stopped (SIGTERM, fenced)."""
+    if exit.fenced or exit.signal == signals.SIGTERM:
+        return 2
+    return 1 if exit.failure is not None else 0
 
 
 def _job_end(job: JsonObject | None, failed: JsonObject | None, fenced: bool) -> JobExit | None:
