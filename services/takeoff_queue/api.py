@@ -50,11 +50,12 @@ from takeoff_queue.model import (
     Welcome,
 )
 from takeoff_queue.pending import Waiting
+from takeoff_queue.queue_watch import QueueView
 from takeoff_queue.resource_config import ResourceKind
 from takeoff_server.access import KeyKind, caller_var, current_actor
 from takeoff_server.errors import Aborted, FieldViolation, InvalidArgument, NotFound, Unavailable
 from takeoff_server.names import ResourcePattern
-from takeoff_server.pagination import page_request, page_response
+from takeoff_server.pagination import MAX_PAGE_BYTES, page_request, page_response
 from takeoff_server.protovalues import dict_to_struct, optional_duration, optional_timestamp, struct_to_dict
 from takeoff_server.rate_limits import Rate, RateLimiter
 from takeoff_server.validation import Problems, duration_value, enum_member, field_error
@@ -178,7 +179,11 @@ def _transition_to_proto(transition: Transition) -> queue_pb2.ItemTransition:
 
 
 def _item_to_proto(
-    item: Item, lease_expire_time: datetime | None = None, waiting: Waiting | None = None
+    item: Item,
+    lease_expire_time: datetime | None = None,
+    waiting: Waiting | None = None,
+    *,
+    with_history: bool = True,
 ) -> queue_pb2.Item:
     life = item.life
     leased = life.state.is_live
@@ -211,7 +216,7 @@ def _item_to_proto(
         reason=_reason_proto(life.reason),
         message=life.message,
         exit_code=life.exit_code,
-        transitions=[_transition_to_proto(t) for t in life.history],
+        transitions=[_transition_to_proto(t) for t in life.history] if with_history else [],
         traceparent=item.traceparent,
         relaunched_from=item.relaunched_from,
         secrets=_mounts_to_proto(item.secrets),
@@ -520,12 +525,23 @@ class QueueApi(queue_pb2_grpc.QueueServiceServicer):
         """The items as the API shows them: a leased one with its lease's expiry, a PENDING one with its
         place in its queue and why it waits."""
         waits = self._dispatcher.waiting(items)
-        protos = []
-        for item in items:
-            holder = self._dispatcher.agents.get(item.life.agent.removeprefix("agents/"))
-            expiry = holder.lease_expiry if holder is not None else None
-            protos.append(_item_to_proto(item, expiry, waits.get(item.id)))
-        return protos
+        return [_item_to_proto(item, self._lease_expiry(item), waits.get(item.id)) for item in items]
+
+    def _lease_expiry(self, item: Item) -> datetime | None:
+        holder = self._dispatcher.agents.get(item.life.agent.removeprefix("agents/"))
+        return holder.lease_expiry if holder is not None else None
+
+    def _watch_message(self, view: QueueView) -> tuple[queue_pb2.WatchQueueResponse, list[queue_pb2.Item]]:
+        """A WatchQueue message with the view's agents, and its items to send in it and after it."""
+        message = queue_pb2.WatchQueueResponse(
+            agents=[_agent_to_proto(agent, self._dispatcher.items) for agent in view.agents],
+            removed_agents=view.removed_agents,
+        )
+        items = [
+            _item_to_proto(item, self._lease_expiry(item), waiting, with_history=False)
+            for item, waiting in view.items
+        ]
+        return message, items
 
     def _item_proto(self, item: Item) -> queue_pb2.Item:
         return self._item_protos([item])[0]
@@ -703,11 +719,27 @@ class QueueApi(queue_pb2_grpc.QueueServiceServicer):
         item = await self._book.relaunch_item(request.name, request.request_id, actor=current_actor())
         return queue_pb2.RelaunchItemResponse(item=self._item_proto(item))
 
-    async def WatchQueue(  # TODO(watch-queue helper): being built now
+    async def WatchQueue(
         self, request: queue_pb2.WatchQueueRequest, context: Context
     ) -> AsyncIterator[queue_pb2.WatchQueueResponse]:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "WatchQueue is not built yet")
-        yield queue_pb2.WatchQueueResponse()  # type: ignore[unreachable]
+        with self._book.watch_queue(request.name) as watcher:
+            message, items = self._watch_message(watcher.snapshot())
+            message.snapshot = True
+            while True:  # the snapshot's items over as many messages as their size needs
+                count = _fitting(items, MAX_PAGE_BYTES - message.ByteSize())
+                message.items.extend(items[:count])
+                items = items[count:]
+                message.snapshot_done = not items
+                yield message
+                if not items:
+                    break
+                message = queue_pb2.WatchQueueResponse(snapshot=True)
+            async for view in watcher.changes():
+                message, items = self._watch_message(view)
+                count = _fitting(items, MAX_PAGE_BYTES - message.ByteSize())
+                message.items.extend(items[:count])
+                watcher.send_later(item for item, _ in view.items[count:])
+                yield message
 
     async def WatchItem(
         self, request: queue_pb2.WatchItemRequest, context: Context
@@ -837,6 +869,17 @@ _UPDATABLE_QUEUE_FIELDS = frozenset(
         "secrets",
     }
 )
+
+
+def _fitting(items: Sequence[queue_pb2.Item], room: int) -> int:
+    """How many of the items, from the first, fit in ``room`` bytes of a message (one always does: the
+    per-field limits bound each item, and a message's room leaves gRPC's 4 MiB a margin)."""
+    size = 0
+    for count, item in enumerate(items):
+        size += item.ByteSize()
+        if count and size > room:
+            return count
+    return len(items)
 
 
 def _traceparent() -> str:

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any, Protocol
@@ -32,6 +33,7 @@ from takeoff_queue.model import (
     SourceKind,
     default_start_timeout,
 )
+from takeoff_queue.queue_watch import QueueWatcher
 from takeoff_queue.resource_config import ResourceKind
 from takeoff_queue.store import QueueStore, QueueWrite, queue_values
 from takeoff_server.errors import AlreadyExists, FailedPrecondition, FieldViolation, InvalidArgument, NotFound
@@ -504,6 +506,16 @@ class QueueBook:
                 yield item
         finally:
             self._dispatcher.unwatch(item_id, updates)
+
+    @contextmanager
+    def watch_queue(self, name: str) -> Iterator[QueueWatcher]:
+        """The queue's items and agents, as a snapshot and then as they change (docs/design.md §5)."""
+        self.queue(name)
+        changes = self._dispatcher.watch_queue(name)
+        try:
+            yield QueueWatcher(self._dispatcher, changes)
+        finally:
+            self._dispatcher.unwatch_queue(changes)
 
 
 def _new_item_id() -> str:

@@ -51,6 +51,7 @@ from takeoff_queue.model import (
     merged_mounts,
 )
 from takeoff_queue.pending import PendingReason, QueueOutlook, Waiting, why_pending
+from takeoff_queue.queue_watch import QueueChanges
 from takeoff_queue.run_closes import (
     RunClose,
     RunCloser,
@@ -190,6 +191,8 @@ class Dispatcher:
         self._watchers: dict[str, set[asyncio.Queue[Item]]] = defaultdict(set)
         self._reasons_told: dict[str, PendingReason | None] = {}
         """watched item id -> why it waited, PENDING, when its watchers were last woken (or began)"""
+        self._queue_watchers: dict[str, set[QueueChanges]] = {}
+        """queue -> what changed in it, gathered for each of its WatchQueue streams"""
         self._closing: dict[str, RunClose] = {}
         """item id -> the run close that its attempt, ended by the queue, waits for (docs/design.md §16):
         held by no agent and out of dispatch until the registry answers"""
@@ -260,6 +263,8 @@ class Dispatcher:
         self._pending.pop(name, None)
         self._lines.pop(name, None)
         self._set_aside.pop(name, None)
+        for changes in self._queue_watchers.pop(name, ()):
+            changes.queue_deleted()
         dropped = [item for item in self.items.values() if item.queue == name]
         for item in dropped:
             # An attempt waiting for its run's close has no lease left to revoke; its outbox row stays.
@@ -368,6 +373,21 @@ class Dispatcher:
             del self._watchers[item_id]
             self._reasons_told.pop(item_id, None)
 
+    def watch_queue(self, queue: str) -> QueueChanges:
+        """What changes in the queue from now on: its items' committed changes, its agents', and each
+        dispatch pass (positions and pending reasons may have moved). Called in the same turn of the event
+        loop as the watcher reads the queue, so that no change falls between."""
+        changes = QueueChanges(queue)
+        self._queue_watchers.setdefault(queue, set()).add(changes)
+        return changes
+
+    def unwatch_queue(self, changes: QueueChanges) -> None:
+        watchers = self._queue_watchers.get(changes.queue)
+        if watchers is not None:
+            watchers.discard(changes)
+            if not watchers:
+                del self._queue_watchers[changes.queue]
+
     def agent_count(self, queue: str) -> int:
         return sum(1 for agent in self.agents.values() if agent.connected and queue in agent.queues)
 
@@ -386,6 +406,31 @@ class Dispatcher:
                 position = bisect.bisect_left(line, (self._rank(item), item.seq)) + 1
                 found[item.id] = self._why(item, position, outlooks, now)
         return found
+
+    def front_of_line(self, queue_name: str, count: int) -> list[tuple[Item, Waiting]]:
+        """The first ``count`` eligible PENDING items of the queue in dispatch order, with their place and
+        why they wait, and the items being assigned (whose run token is minted). Read off the queue's heap
+        best-first, so the cost is O(count log count) however deep the queue is; entries whose item moved
+        on are passed over, as :meth:`_waiting_line` drops them."""
+        heap = self._pending.get(queue_name, [])
+        frontier = [(heap[0], 0)] if heap else []
+        front: list[Item] = []
+        seen = set()
+        while frontier and len(front) < count:
+            (_, _, item_id), index = heapq.heappop(frontier)
+            item = self.items.get(item_id)
+            if item is not None and item.state is ItemState.PENDING and item_id not in seen:
+                seen.add(item_id)
+                front.append(item)
+            for child in (2 * index + 1, 2 * index + 2):
+                if child < len(heap):
+                    heapq.heappush(frontier, (heap[child], child))
+        now = self._clock()
+        outlooks: dict[str, QueueOutlook] = {}
+        found = [(item, self._why(item, place, outlooks, now)) for place, item in enumerate(front, 1)]
+        minting = [self.items[item_id] for item_id, queue in self._minting.items() if queue == queue_name]
+        waits = self.waiting(minting)
+        return found + [(item, waits[item.id]) for item in minting if item.id in waits]
 
     def _why(self, item: Item, position: int, outlooks: dict[str, QueueOutlook], now: datetime) -> Waiting:
         """Why the item, PENDING in a queue that exists, waits; ``outlooks`` holds the queues' outlooks
@@ -430,6 +475,9 @@ class Dispatcher:
             if self._reasons_told.get(item_id) is not reason:
                 self._reasons_told[item_id] = reason
                 self._notify(item)
+        for watchers in self._queue_watchers.values():
+            for changes in watchers:
+                changes.line_may_have_moved()
 
     def _waiting_line(self, queue_name: str) -> list[tuple[int, int]]:
         """The (priority rank, enqueue seq) of the queue's eligible PENDING items, in dispatch order: its
@@ -487,6 +535,7 @@ class Dispatcher:
         if (older := self._sessions.pop(agent.agent_id, None)) is not None:
             older.close(superseded=True)
         agent.display_name = hello.display_name
+        served_before = agent.queues
         agent.queues = list(dict.fromkeys(hello.queues))
         agent.resources = set(hello.resources)
         agent.capacity = hello.capacity
@@ -532,6 +581,7 @@ class Dispatcher:
         )
         for cancel in cancels:
             session.send(cancel)
+        self._agent_changed(agent, also_tell=served_before)
         await self._record_closes(closed)
         self._schedule_dispatch()
         return session
@@ -544,6 +594,7 @@ class Dispatcher:
             del self._sessions[agent.agent_id]
             agent.connected = False
             agent.disconnect_time = self._clock()
+            self._agent_changed(agent)
             self._tell_watchers_why()
 
     async def handle(self, session: Session, request: AgentRequest) -> None:
@@ -551,6 +602,7 @@ class Dispatcher:
         agent = session.agent
         now = self._clock()
         agent.last_heartbeat_time = now
+        self._agent_changed(agent)
         match request:
             case Heartbeat(sequence):
                 self._renew(agent, now)
@@ -938,12 +990,14 @@ class Dispatcher:
         agent.leases[item.lease_id] = item.id
         self._leases[item.lease_id] = item.id
         self._live[item.queue] += 1
+        self._agent_changed(agent)
 
     def _release_hold(self, item: Item, held: ItemLife, *, ended_by_agent: bool) -> None:
         """Free the lease ``held`` (the item's life while it held it)."""
         agent = self.agents.get(held.agent.removeprefix("agents/"))
         if agent is not None:
             agent.leases.pop(held.lease_id, None)
+            self._agent_changed(agent)
         if self._leases.pop(held.lease_id, None) is not None:
             self._live[item.queue] -= 1
         self._ended_leases[held.lease_id] = (held.epoch, item.state, ended_by_agent)
@@ -1153,6 +1207,16 @@ class Dispatcher:
     def _notify(self, item: Item) -> None:
         for updates in self._watchers.get(item.id, ()):
             updates.put_nowait(item)
+        for changes in self._queue_watchers.get(item.queue, ()):
+            changes.item_changed(item)
+
+    def _agent_changed(self, agent: Agent, also_tell: Iterable[str] = ()) -> None:
+        """Tell the watchers of the queues the agent serves (and of ``also_tell``: those it served before
+        its Hello) that it changed."""
+        if self._queue_watchers:
+            for queue in {*agent.queues, *also_tell}:
+                for changes in self._queue_watchers.get(queue, ()):
+                    changes.agent_changed(agent.agent_id)
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(work)
