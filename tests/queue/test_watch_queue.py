@@ -16,9 +16,10 @@ import pytest
 from google.protobuf import field_mask_pb2
 
 from takeoff.v1 import common_pb2, keys_pb2, keys_pb2_grpc, queue_pb2, queue_pb2_grpc
-from takeoff_queue.queue_watch import MESSAGE_INTERVAL_SECONDS
+from takeoff_queue.queue_watch import FRONT_KEPT_CURRENT, MESSAGE_INTERVAL_SECONDS
+from takeoff_server.pagination import MAX_PAGE_BYTES
 from tests.queue.conftest import NewQueue
-from tests.queue.harness import ScriptedAgent, error_details, keyed_channel
+from tests.queue.harness import ScriptedAgent, error_details, keyed_channel, struct
 
 Stub: TypeAlias = "queue_pb2_grpc.QueueServiceAsyncStub"  # a type only the stubs know
 Response = queue_pb2.WatchQueueResponse
@@ -137,6 +138,43 @@ async def test_the_snapshot_has_the_open_items_in_dispatch_order_and_the_agents_
     (shown,) = snapshot.agents
     assert shown.name == f"agents/{agent.agent_id}"
     assert [lease.item for lease in shown.leases] == [leased.name]
+
+
+async def test_a_snapshot_larger_than_a_message_is_split_the_last_part_saying_so(
+    queues: Stub, new_queue: NewQueue, job: str
+) -> None:
+    queue = await new_queue()
+    config = struct({"lr": 0.1, "notes": "x" * 90_000})  # within the run config's 96 KiB as JSON
+    count = MAX_PAGE_BYTES // 90_000 + 5
+    made = await asyncio.gather(*(enqueue(queues, queue, job, run_config=config) for _ in range(count)))
+    async with watching(queues, queue) as view:
+        parts = await view.snapshot()
+    assert len(parts) > 1
+    assert all(part.snapshot for part in parts)
+    assert [part.snapshot_done for part in parts] == [False] * (len(parts) - 1) + [True]
+    assert all(part.ByteSize() <= MAX_PAGE_BYTES for part in parts)
+    assert sorted(item.name for part in parts for item in part.items) == sorted(item.name for item in made)
+    assert [item.position for part in parts for item in part.items] == list(range(1, count + 1))
+
+
+async def test_only_the_front_of_a_deep_line_is_resent_as_it_moves_up(
+    queues: Stub, new_queue: NewQueue, job: str, queue_address: str
+) -> None:
+    queue = await new_queue()
+    await asyncio.gather(*(enqueue(queues, queue, job) for _ in range(FRONT_KEPT_CURRENT + 3)))
+    async with watching(queues, queue) as view:
+        made = [item.name for part in await view.snapshot() for item in part.items]  # in dispatch order
+        agent = await ScriptedAgent(queue_address).connect([queue], capacity=1)
+        try:
+            await agent.next("assignment")
+            last_in_front = made[FRONT_KEPT_CURRENT]  # place 101 before the dispatch, 100 after it
+            await view.until(lambda v: v.items[last_in_front].position == FRONT_KEPT_CURRENT)
+        finally:
+            await agent.close()
+    moved = {item.name for item in view.messages[-1].items}
+    assert set(made[1 : FRONT_KEPT_CURRENT + 1]) <= moved
+    assert not moved & set(made[FRONT_KEPT_CURRENT + 1 :])  # further back: not resent for the move
+    assert view.items[made[-1]].position == FRONT_KEPT_CURRENT + 3
 
 
 async def test_enqueue_dispatch_and_complete_are_sent_with_the_positions_behind_and_the_agent(
