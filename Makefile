@@ -9,14 +9,28 @@ NODE_EXAMPLE := examples/node
 # Test processes side by side, a test file each: most of a test's time is waiting on the servers it starts.
 TEST_WORKERS ?= 2
 
-.PHONY: install tools protos lint format test demo up clean
+.PHONY: install console-assets tools protos lint format test demo up clean
 
-install: $(VENV)/.installed
+install: $(VENV)/.installed console-assets
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+# The console's browser libraries (htmx, uPlot) from npm by its lock file, copied into the package's static
+# directory, which git ignores and the wheel ships (pyproject's artifacts).
+CONSOLE_FRONTEND := services/takeoff_console/frontend
+CONSOLE_VENDOR := services/takeoff_console/static/vendor
+console-assets: $(CONSOLE_VENDOR)/.built
+
+$(CONSOLE_VENDOR)/.built: $(CONSOLE_FRONTEND)/package.json $(CONSOLE_FRONTEND)/package-lock.json
+	npm ci --silent --no-audit --no-fund --prefix $(CONSOLE_FRONTEND)
+	mkdir -p $(CONSOLE_VENDOR)
+	cp $(CONSOLE_FRONTEND)/node_modules/htmx.org/dist/htmx.min.js \
+	   $(CONSOLE_FRONTEND)/node_modules/uplot/dist/uPlot.iife.min.js \
+	   $(CONSOLE_FRONTEND)/node_modules/uplot/dist/uPlot.min.css $(CONSOLE_VENDOR)/
 	touch $@
 
 tools: $(BUF) $(NODE_EXAMPLE)/node_modules/.package-lock.json
@@ -57,4 +71,4 @@ up: install
 	$(BIN)/takeoff up
 
 clean:
-	rm -rf $(VENV) $(TOOLS) examples/node/node_modules .mypy_cache .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(TOOLS) examples/node/node_modules $(CONSOLE_FRONTEND)/node_modules $(CONSOLE_VENDOR) .mypy_cache .pytest_cache .ruff_cache

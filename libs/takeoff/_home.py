@@ -13,7 +13,8 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-DEFAULT_PORTS = {"registry": 50051, "queue": 50052, "builder": 50053, "agent": 50054}
+DEFAULT_PORTS = {"registry": 50051, "queue": 50052, "builder": 50053, "agent": 50054, "console": 8080}
+"""The gRPC services' ports, and the web console's (HTTP)."""
 STACK_FILE = "stack.json"
 DEFAULT_PROJECT = "default"
 
@@ -67,7 +68,8 @@ class StackRecord:
 
 
 def service_address(service: str, home: Path | None = None) -> str:
-    """The address a client should dial for ``service`` (``registry``, ``queue``, ``builder``, ``agent``)."""
+    """The address a client should dial for ``service`` (``registry``, ``queue``, ``builder``, ``agent``,
+    ``console``)."""
     variables = [
         f"TAKEOFF_{service.upper()}_ADDRESS",
         *(["TAKEOFF_REGISTRY"] if service == "registry" else []),

@@ -1,4 +1,5 @@
-"""A local Takeoff stack: the registry, queue and builder (and optionally an agent) as child processes.
+"""A local Takeoff stack: the registry, queue and builder (and optionally an agent and the web console) as
+child processes.
 
 ``takeoff up`` and ``takeoff demo`` use it. Each service runs as ``python -m takeoff_<service>`` in its
 own process, told where to listen through ``TAKEOFF_*`` variables; it writes its bound addresses to a
@@ -15,6 +16,12 @@ Keys (``TAKEOFF_HOME/keys``, mode 0700): on its first start the stack writes an 
 queue and for the builder (``queue.key``, ``builder.key``, 0600), each started with
 ``TAKEOFF_API_KEY_FILE`` naming its file. A later start reuses every file whose key still verifies. The
 agent presents the key the stack is given (the CLI's), else the admin key file. No key is ever printed.
+
+The console (``takeoff_console``, an HTTP server) starts last, told the registry's and queue's addresses. It
+has no key: it calls the services with each signed-in user's own. The stack writes a one-time sign-in code
+to ``run/console-signin.code`` (0600), which the console reads and deletes at start; ``console_signin_url``
+is the link ``takeoff up`` prints, which signs a browser in once with the admin key, as Jupyter's token
+link does.
 """
 
 from __future__ import annotations
@@ -41,6 +48,8 @@ from takeoff.v1 import keys_pb2, keys_pb2_grpc
 from takeoff_rpc.channels import open_channel
 
 CORE_SERVICES = ("registry", "queue", "builder")
+HTTP_SERVICES = frozenset({"console"})
+"""Services that answer HTTP, not gRPC: their health is ``GET /healthz``."""
 SERVICE_KEYS = {"queue": keys_pb2.SERVICE_ROLE_QUEUE, "builder": keys_pb2.SERVICE_ROLE_BUILDER}
 """The services of a stack that get a service key of their own, and its role."""
 KEY_VARIABLES = (
@@ -165,6 +174,20 @@ def health_status(address: str, service: str = "", timeout: float = 2.0) -> str:
     return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
 
 
+def service_health(service: str, address: str, timeout: float = 2.0) -> str:
+    """``SERVING``, ``NOT_SERVING``, ... of a stack's service, or ``UNREACHABLE``: gRPC health for the
+    services, ``GET /healthz`` for the console."""
+    if service not in HTTP_SERVICES:
+        return health_status(address, timeout=timeout)
+    import httpx
+
+    try:
+        answer = httpx.get(f"http://{address}/healthz", timeout=timeout)
+    except httpx.HTTPError:
+        return "UNREACHABLE"
+    return "SERVING" if answer.status_code == 200 else "NOT_SERVING"
+
+
 def _verifies(keys: keys_pb2_grpc.KeyServiceStub, secret: str | None, role: int) -> bool:
     """Whether ``secret`` is a live service key for ``role``."""
     if secret is None:
@@ -210,16 +233,24 @@ class LocalStack:
         agent_config: Path | None = None,
         base_image: str | None = None,
         agent_key: str | None = None,
+        console_port: int | None = None,
     ) -> None:
         """``agent_key`` is the key the agent presents unless its agent.yaml gives one (``api_key`` or
-        ``api_key_file``); None: the stack's admin key file."""
+        ``api_key_file``); None: the stack's admin key file. ``console_port``: also start the web console
+        on it (0 picks a free port); None: no console."""
         self.home = home
         self.host = host
         self.base_port = base_port
         self.agent_config = agent_config
         self.base_image = base_image
         self._agent_key = agent_key
-        self.services = [*CORE_SERVICES, *(("agent",) if agent_config else ())]
+        self.console_port = console_port
+        self._signin_code: str | None = None
+        self.services = [
+            *CORE_SERVICES,
+            *(("agent",) if agent_config else ()),
+            *(("console",) if console_port is not None else ()),
+        ]
         self.record = StackRecord(supervisor_pid=os.getpid())
         self._children: dict[str, _Child] = {}
         self._run_dir = home / "run"
@@ -240,6 +271,18 @@ class LocalStack:
         if key is None:
             raise StackError(f"no admin key in {self.admin_key_file}; start the stack first")
         return key
+
+    @property
+    def console_url(self) -> str:
+        """The console's base URL, ``http://127.0.0.1:8080`` (once started)."""
+        return f"http://{self.record.services['console'].address}"
+
+    @property
+    def console_signin_url(self) -> str:
+        """The one-time sign-in link of this start: it works once (the console forgets the code after)."""
+        if self._signin_code is None:
+            raise StackError("this stack started no console")
+        return f"{self.console_url}/signin?code={self._signin_code}"
 
     def _service_key_file(self, service: str) -> Path:
         return keys_dir(self.home) / f"{service}.key"
@@ -272,6 +315,9 @@ class LocalStack:
                     ) from None
 
     def _port(self, service: str) -> int:
+        if service == "console":
+            assert self.console_port is not None
+            return self.console_port
         if self.base_port == 0:
             return 0
         return self.base_port + DEFAULT_PORTS[service] - DEFAULT_PORTS["registry"]
@@ -290,7 +336,9 @@ class LocalStack:
         )
 
     def _environment(self, service: str) -> dict[str, str]:
-        listen = [f"{self.host}:{self._port(service)}"]
+        # The console serves on loopback whatever --host says: it signs browsers in as admin by a link.
+        host = "127.0.0.1" if service == "console" else self.host
+        listen = [f"{host}:{self._port(service)}"]
         if service == "registry":
             # Job containers reach the registry through this socket, mounted into them (no host network).
             listen.append(f"unix:{self.registry_socket}")
@@ -309,6 +357,11 @@ class LocalStack:
             env["TAKEOFF_BOOTSTRAP_ADMIN_KEY_FILE"] = str(self.admin_key_file)
         if service in SERVICE_KEYS and self._service_key_file(service).is_file():
             env["TAKEOFF_API_KEY_FILE"] = str(self._service_key_file(service))
+        if service == "console":
+            self._signin_code = secrets.token_urlsafe(32)
+            code_file = self._run_dir / "console-signin.code"
+            write_secret_file(code_file, self._signin_code)
+            env["TAKEOFF_SIGNIN_CODE_FILE"] = str(code_file)
         if service == "builder" and self.base_image:
             env["TAKEOFF_DEFAULT_BASE_IMAGE"] = self.base_image
         if service == "agent":
@@ -349,7 +402,7 @@ class LocalStack:
             if child.ready_file.exists():
                 addresses = json.loads(child.ready_file.read_text())["addresses"]
                 service = RunningService(child.name, addresses, child.process.pid, str(child.log))
-                if health_status(service.address) == "SERVING":
+                if service_health(child.name, service.address) == "SERVING":
                     return service
             time.sleep(0.05)
         raise StackError(f"{child.name} did not become healthy in time; its log: {child.log}")
@@ -362,7 +415,8 @@ class LocalStack:
         ensure_admin_key(self.home)
         deadline = time.monotonic() + timeout
         try:
-            for wave in (["registry"], ["queue", "builder"], ["agent"] if self.agent_config else []):
+            later = [name for name in self.services if name not in CORE_SERVICES]  # the agent, the console
+            for wave in (["registry"], ["queue", "builder"], later):
                 if "registry" in self.record.services and wave == ["queue", "builder"]:
                     self._ensure_service_keys()
                 children = [self._spawn(name) for name in wave]

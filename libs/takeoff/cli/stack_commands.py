@@ -14,7 +14,7 @@ from takeoff._home import DEFAULT_PORTS, StackRecord, takeoff_home
 from takeoff.cli import demo_command
 from takeoff.cli._output import Column, Listing, console, error_console, fail, print_json, usage_error
 from takeoff.cli._registry import cli_key
-from takeoff.stack import LocalStack, StackError, health_status
+from takeoff.stack import LocalStack, StackError, service_health
 
 
 def _stack_listing(record: StackRecord, health: dict[str, str] | None = None) -> Listing:
@@ -36,7 +36,7 @@ def _stack_listing(record: StackRecord, health: dict[str, str] | None = None) ->
 
 def _start(stack: LocalStack) -> StackRecord:
     try:
-        with console.status("starting the registry, queue and builder..."):
+        with console.status(f"starting {', '.join(stack.services)}..."):
             return stack.start()
     except StackError as error:
         fail(str(error))
@@ -49,21 +49,37 @@ def up(
         int,
         typer.Option(help="Registry port; queue, builder and agent take the next ones. 0 picks free ports."),
     ] = DEFAULT_PORTS["registry"],
+    web_console: Annotated[
+        bool, typer.Option("--console/--no-console", help="Also start the web console.")
+    ] = True,
+    console_port: Annotated[
+        int, typer.Option(help="The web console's port on 127.0.0.1 (always loopback); 0 picks a free one.")
+    ] = DEFAULT_PORTS["console"],
 ) -> None:
-    """Start the registry, queue and builder (and an agent) on the embedded default; Ctrl-C stops all.
+    """Start the registry, queue, builder and web console (and an agent) on the embedded default; Ctrl-C
+    stops all.
 
     The first start makes an admin key in TAKEOFF_HOME/keys/admin.key (mode 0600),
     which the CLI and SDK then use, and a key for the queue and for the builder;
     later starts reuse them. The agent presents the CLI's key (--key, else
     TAKEOFF_API_KEY, else the admin key) unless its agent.yaml gives api_key or
-    api_key_file. No key is printed: `takeoff keys create` makes others.
+    api_key_file. No key is printed: `takeoff keys create` makes others. The web
+    console's one-time sign-in link is printed: it signs one browser in with the
+    admin key, once; other browsers sign in with an API key.
     """
     if agent is not None and not agent.is_file():
         usage_error(f"agent config {agent} does not exist")
     home = takeoff_home()
     found = cli_key()
     agent_key = None if found is None or found.source == str(admin_key_path(home)) else found.secret
-    stack = LocalStack(home, host=host, base_port=base_port, agent_config=agent, agent_key=agent_key)
+    stack = LocalStack(
+        home,
+        host=host,
+        base_port=base_port,
+        agent_config=agent,
+        agent_key=agent_key,
+        console_port=console_port if web_console else None,
+    )
     stopping = False
 
     def request_stop(signum: int, _frame: FrameType | None) -> None:
@@ -77,6 +93,8 @@ def up(
     console.print(
         f"state and logs in {stack.home}; the admin key in {keys_dir(stack.home)}; Ctrl-C stops the stack"
     )
+    if web_console:
+        console.print(f"web console: {stack.console_signin_url} (the link signs in once)", soft_wrap=True)
     crashed = stack.wait(lambda: stopping)
     if crashed is not None:
         error_console.print(
@@ -97,7 +115,7 @@ def status(json_output: Annotated[bool, typer.Option("--json", help="Print JSON.
     record = StackRecord.read(home)
     if record is None:
         fail(f"no stack is running under {home}; start one with `takeoff up`")
-    health = {name: health_status(service.address) for name, service in record.services.items()}
+    health = {name: service_health(name, service.address) for name, service in record.services.items()}
     if json_output:
         print_json(
             {

@@ -1,0 +1,92 @@
+"""Server-sent events: the services' streams (WatchQueue, WatchItem, ReadMetrics, ReadLogs) relayed to a page.
+
+Each event stream holds one gRPC stream open with the user's key for as long as the page is open, and
+forwards each message as it comes as one event whose data is JSON made by :mod:`takeoff_console.views`.
+Nothing here polls: when the browser leaves, Starlette cancels the response and with it the gRPC call. A
+stream that ends (an item reached its end, a run finished) sends ``end``, and the page closes its source
+instead of letting the browser reconnect; a failed call sends ``failed`` with the reason in words.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from starlette.responses import StreamingResponse
+
+from takeoff_console import views
+from takeoff_console.client import CallFailed, UserClient
+
+CHART_POINTS = 1000
+"""Points per chart drawn from a run's history (ReadMetrics ``max_points``): the service keeps each bucket's
+minimum and maximum, so a spike in 100,000 rows still shows; rows logged later are added as they come."""
+LOG_TAIL = 1000
+"""Log lines a run page starts with; the rest of a long log stays a ``takeoff logs`` away."""
+RECONNECT_MILLISECONDS = 2000
+
+
+def event_stream(events: AsyncIterator[tuple[str, Any]]) -> StreamingResponse:
+    return StreamingResponse(
+        _encoded(events),
+        media_type="text/event-stream",
+        headers={"cache-control": "no-store", "x-accel-buffering": "no"},
+    )
+
+
+async def _encoded(events: AsyncIterator[tuple[str, Any]]) -> AsyncIterator[bytes]:
+    yield f"retry: {RECONNECT_MILLISECONDS}\n\n".encode()
+    try:
+        async for name, data in events:
+            yield f"event: {name}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+    except CallFailed as failure:
+        if failure.code is grpc.StatusCode.UNAUTHENTICATED:
+            reason = "your key is no longer valid: sign in again"
+        else:
+            reason = (
+                f"the {failure.service} service answered {failure.status.reason}: {failure.status.message}"
+            )
+        yield f"event: failed\ndata: {json.dumps({'message': reason})}\n\n".encode()
+        return
+    yield b"event: end\ndata: {}\n\n"
+
+
+async def queue_events(client: UserClient, queue: str) -> AsyncIterator[tuple[str, Any]]:
+    async for change in client.watch_queue(queue):
+        yield (
+            "snapshot" if change.snapshot else "changes",
+            {
+                "snapshot_done": change.snapshot_done,
+                "items": [views.item_view(item).as_json() for item in change.items],
+                "agents": [views.agent_view(agent).as_json() for agent in change.agents],
+                "removed_agents": [views.last_segment(name) for name in change.removed_agents],
+            },
+        )
+
+
+async def item_events(client: UserClient, item: str) -> AsyncIterator[tuple[str, Any]]:
+    async for change in client.watch_item(item):
+        yield "item", views.item_view(change.item).as_json()
+
+
+async def metric_events(client: UserClient, run: str) -> AsyncIterator[tuple[str, Any]]:
+    async for rows in client.read_metrics(run, max_points=CHART_POINTS, follow=True):
+        yield "rows", views.metric_rows(rows)
+    yield "run", _run_json(await client.get_run(run))
+
+
+async def log_events(client: UserClient, run: str) -> AsyncIterator[tuple[str, Any]]:
+    async for lines in client.read_logs(run, tail=LOG_TAIL, follow=True):
+        yield "lines", views.log_lines(lines)
+
+
+def _run_json(run: Any) -> dict[str, Any]:
+    view = views.run_view(run)
+    return {
+        "state": view.state,
+        "state_words": view.state_words,
+        "exit_code": view.exit_code,
+        "failure": view.failure,
+        "summary": view.summary,
+    }

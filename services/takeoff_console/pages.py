@@ -1,0 +1,437 @@
+"""Page handlers: read the request, call the services as the signed-in user, render a view.
+
+Each handler is small: path parameters name the resource, :class:`~takeoff_console.client.UserClient` calls
+the services, :mod:`~takeoff_console.views` turns the answers into what the template shows. A failed call
+raises :class:`~takeoff_console.client.CallFailed`, which :func:`call_failed` turns into a page that says
+what went wrong (a 403 names the permission the key lacks).
+"""
+
+from __future__ import annotations
+
+import io
+import secrets
+import tarfile
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import grpc
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response
+from starlette.templating import Jinja2Templates
+
+from takeoff.v1 import queue_pb2
+from takeoff_console import events, launch_form, views
+from takeoff_console.client import CallFailed, ServiceChannels, UserClient
+from takeoff_console.sessions import OneTimeCode, Session, Sessions
+from takeoff_server.protovalues import dict_to_struct, struct_to_dict
+
+MAX_SHOWN_FILE_BYTES = 512 * 1024
+"""A file of a code version larger than this is listed but not shown."""
+
+
+@dataclass
+class Console:
+    """What the handlers share: the channels, the sessions, the one-time code and the templates."""
+
+    channels: ServiceChannels
+    sessions: Sessions
+    signin_code: OneTimeCode
+    admin_key: Any
+    """A callable giving the stack's admin key for the one-time link (read when the link is used)."""
+    templates: Jinja2Templates
+    archives: OrderedDict[str, bytes]
+
+
+def console(request: Request) -> Console:
+    found: Console = request.app.state.console
+    return found
+
+
+def session(request: Request) -> Session:
+    found: Session = request.state.session
+    return found
+
+
+def client(request: Request) -> UserClient:
+    key = session(request).key
+    assert key is not None  # the guard serves signed-in sessions only past /signin
+    return console(request).channels.as_user(key)
+
+
+def render(request: Request, template: str, status_code: int = 200, **context: Any) -> Response:
+    return console(request).templates.TemplateResponse(
+        request, template, {"session": session(request), **context}, status_code=status_code
+    )
+
+
+def project_of(request: Request) -> str:
+    return str(request.path_params["project"])
+
+
+# Sign-in.
+
+
+def _local_path(target: str | None) -> str:
+    """``target`` when it is a path on this console, else ``/``: a sign-in link never sends a browser away."""
+    if not target or not target.startswith("/") or target.startswith("//") or urlsplit(target).netloc:
+        return "/"
+    return target
+
+
+async def signin_form(request: Request) -> Response:
+    code = request.query_params.get("code")
+    next_path = _local_path(request.query_params.get("next"))
+    if code is None:
+        return render(request, "signin.html", next=next_path, error="", project="default")
+    this = console(request)
+    if not this.signin_code.redeem(code):
+        error = "This sign-in link was already used or is not valid. Sign in with an API key."
+        return render(request, "signin.html", 403, next=next_path, error=error, project="default")
+    request.state.session = this.sessions.sign_in(session(request), this.admin_key(), "default")
+    return RedirectResponse(next_path, status_code=303)
+
+
+async def signin(request: Request) -> Response:
+    form = await request.form()
+    key = str(form.get("key", "")).strip()
+    project = str(form.get("project", "")).strip() or "default"
+    next_path = _local_path(str(form.get("next", "/")))
+    this = console(request)
+    try:
+        valid = bool(key) and await this.channels.as_user(key).key_is_valid(project)
+    except CallFailed as failure:
+        message = f"Cannot check the key: {failure.status.message}"
+        return render(request, "signin.html", 503, next=next_path, error=message, project=project)
+    if not valid:
+        message = "The registry does not know this key (or it was revoked)."
+        return render(request, "signin.html", 403, next=next_path, error=message, project=project)
+    request.state.session = this.sessions.sign_in(session(request), key, project)
+    return RedirectResponse(next_path, status_code=303)
+
+
+async def signout(request: Request) -> Response:
+    request.state.session = console(request).sessions.sign_out(session(request))
+    return RedirectResponse("/signin", status_code=303)
+
+
+async def healthz(request: Request) -> Response:
+    return PlainTextResponse("ok")
+
+
+async def home(request: Request) -> Response:
+    return RedirectResponse(f"/projects/{session(request).project}/jobs", status_code=303)
+
+
+# Jobs.
+
+
+async def jobs(request: Request) -> Response:
+    project = project_of(request)
+    found = await client(request).list_jobs(project)
+    return render(request, "jobs.html", project=project, jobs=found, last=views.last_segment)
+
+
+async def job(request: Request) -> Response:
+    project, job_id = project_of(request), request.path_params["job"]
+    name = f"projects/{project}/jobs/{job_id}"
+    user = client(request)
+    found, versions = await user.get_job(name), await user.list_versions(name)
+    return render(
+        request,
+        "job.html",
+        project=project,
+        job=found,
+        job_id=job_id,
+        versions=versions,
+        sources={v.version: views.source_view(v) for v in versions},
+        when=views.when,
+    )
+
+
+async def version(request: Request) -> Response:
+    project, job_id, number = project_of(request), request.path_params["job"], request.path_params["version"]
+    found = await client(request).get_version(f"projects/{project}/jobs/{job_id}/versions/{number}")
+    return render(
+        request,
+        "version.html",
+        project=project,
+        job_id=job_id,
+        version=found,
+        source=views.source_view(found),
+        schema=views.pretty_json(struct_to_dict(found.inputs.schema)),
+        defaults=views.pretty_json(struct_to_dict(found.inputs.defaults)),
+        when=views.when,
+    )
+
+
+async def files(request: Request) -> Response:
+    project, job_id, number = project_of(request), request.path_params["job"], request.path_params["version"]
+    path = request.path_params.get("path", "")
+    user = client(request)
+    found = await user.get_version(f"projects/{project}/jobs/{job_id}/versions/{number}")
+    source = views.source_view(found)
+    if source.kind != "code":
+        return render(
+            request, "error.html", 404, title="No files", message="Only code versions have files here."
+        )
+    data = await _archive(request, user, f"projects/{project}/artifacts/{source.code_sha256}")
+    if data is None:
+        message = "The code tarball is too large to open here."
+        return render(request, "error.html", 413, title="Too large", message=message)
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as archive:
+        members = sorted((m for m in archive.getmembers() if m.isfile()), key=lambda m: m.name)
+        shown = next((m for m in members if m.name.removeprefix("./") == path), None) if path else None
+        if path and shown is None:
+            message = f"{path} is not in this version."
+            return render(request, "error.html", 404, title="No such file", message=message)
+        content = None
+        if shown is not None and shown.size <= MAX_SHOWN_FILE_BYTES:
+            extracted = archive.extractfile(shown)
+            content = extracted.read().decode("utf-8", errors="replace") if extracted else ""
+    return render(
+        request,
+        "files.html",
+        project=project,
+        job_id=job_id,
+        version=found,
+        members=members,
+        path=path,
+        shown=shown,
+        content=content,
+    )
+
+
+async def _archive(request: Request, user: UserClient, name: str) -> bytes | None:
+    """The code tarball's bytes. The last few are kept, since an artifact never changes (its name is its
+    digest); a kept one is shown only after this user's key has read the version that names it."""
+    cache = console(request).archives
+    if name not in cache:
+        data = await user.download_artifact(name)
+        if data is None:
+            return None
+        cache[name] = data
+        while len(cache) > 4:
+            cache.popitem(last=False)
+    cache.move_to_end(name)
+    return cache[name]
+
+
+# Launch.
+
+
+async def launch(request: Request) -> Response:
+    project, job_id, number = project_of(request), request.path_params["job"], request.path_params["version"]
+    version_name = f"projects/{project}/jobs/{job_id}/versions/{number}"
+    user = client(request)
+    found = await user.get_version(version_name)
+    queues = await user.list_queues(project)
+    form = await request.form() if request.method == "POST" else None
+    chosen = (form.get(launch_form.QUEUE) if form else None) or request.query_params.get("queue")
+    queue = next((q for q in queues if views.last_segment(q.name) == chosen), queues[0] if queues else None)
+    config_fields = launch_form.schema_fields(
+        struct_to_dict(found.inputs.schema),
+        struct_to_dict(found.inputs.defaults),
+        prefix=launch_form.RUN_CONFIG,
+        testid_prefix="launch-field",
+    )
+    variables = views.queue_view(queue).template_variables if queue else {}
+    variable_fields = [
+        launch_form.field_for(
+            spec["schema"],
+            name=f"{launch_form.TEMPLATE_VARIABLES}.{variable}",
+            label=variable,
+            default=spec["schema"].get("default"),
+            testid=f"launch-var-{variable}",
+            required="default" not in spec["schema"],
+        )
+        for variable, spec in variables.items()
+    ]
+    context: dict[str, Any] = {
+        "project": project,
+        "job_id": job_id,
+        "version": found,
+        "queues": [views.queue_view(q) for q in queues],
+        "queue": views.queue_view(queue) if queue else None,
+        "config_fields": config_fields,
+        "variable_fields": variable_fields,
+        "priority": "medium",
+        "resource_config": "",
+        "resource_config_error": "",
+        "errors": [],
+    }
+    if form is None or queue is None:
+        return render(request, "launch.html", **context)
+    fields = [*config_fields, *variable_fields]
+    run_config = launch_form.read_values(config_fields, form)  # type: ignore[arg-type]
+    template_variables = launch_form.read_values(variable_fields, form)  # type: ignore[arg-type]
+    context["priority"] = str(form.get(launch_form.PRIORITY, "medium"))
+    context["resource_config"] = str(form.get(launch_form.RESOURCE_CONFIG, ""))
+    resource_config, context["resource_config_error"] = launch_form.read_resource_config(
+        context["resource_config"]
+    )
+    if any(f.error for f in fields) or context["resource_config_error"]:
+        return render(request, "launch.html", 422, **context)
+    request_message = queue_pb2.EnqueueRequest(
+        queue=queue.name,
+        job=version_name,
+        run_config=dict_to_struct(run_config),
+        template_variables=dict_to_struct(template_variables),
+        priority=views.PRIORITIES.get(context["priority"], views.PRIORITIES["medium"]),
+        request_id=str(form.get("request_id", "")) or secrets.token_hex(16),
+    )
+    if resource_config is not None:
+        request_message.resource_config.CopyFrom(dict_to_struct(resource_config))
+    try:
+        item = await user.enqueue(request_message)
+    except CallFailed as failure:
+        if failure.code is not grpc.StatusCode.INVALID_ARGUMENT:
+            raise
+        resource_field = launch_form.FormField(launch_form.RESOURCE_CONFIG, "", "json", "", "")
+        unplaced = launch_form.place_violations([*fields, resource_field], failure.status.violations)
+        context["resource_config_error"] = resource_field.error
+        context["errors"] = unplaced or ([] if failure.status.violations else [failure.status.message])
+        return render(request, "launch.html", 422, **context)
+    return RedirectResponse(views.ItemName.parse(item.name).url, status_code=303)
+
+
+# Queues and items.
+
+
+async def queues(request: Request) -> Response:
+    project = project_of(request)
+    found = [views.queue_view(q) for q in await client(request).list_queues(project)]
+    return render(request, "queues.html", project=project, queues=found)
+
+
+async def queue(request: Request) -> Response:
+    project, queue_id = project_of(request), request.path_params["queue"]
+    found = await client(request).get_queue(f"projects/{project}/queues/{queue_id}")
+    return render(request, "queue.html", project=project, queue=views.queue_view(found))
+
+
+async def queue_events(request: Request) -> Response:
+    name = f"projects/{project_of(request)}/queues/{request.path_params['queue']}"
+    return events.event_stream(events.queue_events(client(request), name))
+
+
+async def set_paused(request: Request) -> Response:
+    project, queue_id = project_of(request), request.path_params["queue"]
+    paused = request.url.path.endswith("/pause")
+    found = await client(request).set_paused(f"projects/{project}/queues/{queue_id}", paused)
+    if "hx-request" in request.headers:
+        return render(request, "_queue_controls.html", project=project, queue=views.queue_view(found))
+    return RedirectResponse(f"/projects/{project}/queues/{queue_id}", status_code=303)
+
+
+def _item_name(request: Request) -> str:
+    queue_id, item_id = request.path_params["queue"], request.path_params["item"]
+    return f"projects/{project_of(request)}/queues/{queue_id}/items/{item_id}"
+
+
+async def item(request: Request) -> Response:
+    user = client(request)
+    found = views.item_view(await user.get_item(_item_name(request)))
+    return render(request, "item.html", project=project_of(request), item=found)
+
+
+async def item_events(request: Request) -> Response:
+    return events.event_stream(events.item_events(client(request), _item_name(request)))
+
+
+async def cancel_item(request: Request) -> Response:
+    await client(request).cancel_item(_item_name(request))
+    return _back_to(request, views.ItemName.parse(_item_name(request)).url)
+
+
+async def relaunch_item(request: Request) -> Response:
+    form = await request.form()
+    request_id = str(form.get("request_id", "")) or secrets.token_hex(16)
+    new = await client(request).relaunch_item(_item_name(request), request_id)
+    return _back_to(request, views.ItemName.parse(new.name).url)
+
+
+def _back_to(request: Request, url: str) -> Response:
+    if "hx-request" in request.headers:
+        return Response(status_code=204, headers={"hx-redirect": url})
+    return RedirectResponse(url, status_code=303)
+
+
+# Runs.
+
+
+async def runs(request: Request) -> Response:
+    project = project_of(request)
+    page_token = request.query_params.get("page_token", "")
+    answer = await client(request).list_runs(project, page_token=page_token)
+    return render(
+        request,
+        "runs.html",
+        project=project,
+        runs=[views.run_view(r) for r in answer.runs],
+        next_page_token=answer.next_page_token,
+    )
+
+
+def _run_name(request: Request) -> str:
+    return f"projects/{project_of(request)}/runs/{request.path_params['run']}"
+
+
+async def run(request: Request) -> Response:
+    found = views.run_view(await client(request).get_run(_run_name(request)))
+    return render(request, "run.html", project=project_of(request), run=found)
+
+
+async def run_metrics(request: Request) -> Response:
+    """A run's chart data as JSON (history only, downsampled to ``max_points``)."""
+    try:
+        max_points = int(request.query_params.get("max_points", events.CHART_POINTS))
+    except ValueError:
+        return PlainTextResponse("max_points must be a number", status_code=400)
+    rows: list[dict[str, Any]] = []
+    async for batch in client(request).read_metrics(_run_name(request), max_points=max_points, follow=False):
+        rows.extend(views.metric_rows(batch))
+    return JSONResponse({"rows": rows})
+
+
+async def metric_events(request: Request) -> Response:
+    return events.event_stream(events.metric_events(client(request), _run_name(request)))
+
+
+async def log_events(request: Request) -> Response:
+    return events.event_stream(events.log_events(client(request), _run_name(request)))
+
+
+async def compare(request: Request) -> Response:
+    project = project_of(request)
+    ids = [r for value in request.query_params.getlist("runs") for r in value.split(",") if r.strip()]
+    user = client(request)
+    found = [views.run_view(await user.get_run(f"projects/{project}/runs/{r.strip()}")) for r in ids[:10]]
+    keys = sorted({key for r in found for key in r.metric_keys})
+    return render(request, "compare.html", project=project, runs=found, metric_keys=keys)
+
+
+# Failures.
+
+
+async def call_failed(request: Request, failure: Exception) -> Response:
+    assert isinstance(failure, CallFailed)
+    status = failure.status
+    if failure.code is grpc.StatusCode.UNAUTHENTICATED:
+        request.state.session = console(request).sessions.sign_out(session(request))
+        return RedirectResponse("/signin", status_code=303)
+    if failure.code is grpc.StatusCode.PERMISSION_DENIED:
+        permission = status.metadata.get("permission", "")
+        resource = status.metadata.get("resource", "")
+        message = f"Your key lacks the permission {permission}" + (f" on {resource}." if resource else ".")
+        return render(request, "error.html", 403, title="Not allowed", message=message, permission=permission)
+    codes = {
+        grpc.StatusCode.NOT_FOUND: (404, "Not found"),
+        grpc.StatusCode.INVALID_ARGUMENT: (400, "Not a valid request"),
+        grpc.StatusCode.FAILED_PRECONDITION: (409, "Not possible now"),
+        grpc.StatusCode.UNAVAILABLE: (503, f"The {failure.service} service is not answering"),
+        grpc.StatusCode.DEADLINE_EXCEEDED: (503, f"The {failure.service} service is not answering"),
+    }
+    code, title = codes.get(failure.code, (502, f"The {failure.service} service failed"))
+    return render(request, "error.html", code, title=title, message=status.message, permission="")
