@@ -212,6 +212,9 @@ class JobExit:
     """Stopped by the host-side fence because the agent's leases ran out."""
     oom_killed: bool = False
     failure: RunnerFailure | None = None
+    rank: int | None = None
+    """In a multi-node launch, the rank whose end ended the job (the first to fail); None: a job of one
+    process, or every rank exited 0."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -658,8 +658,9 @@ class Attempt:
             self.log.system(ended.failure.message)
             await self._finish_run(RunState.FAILED, exit_code, ended.failure.message)
             return Outcome(ItemState.FAILED, ended.failure.reason, exit_code, ended.failure.message)
+        who = "job" if ended.rank is None else f"rank {ended.rank} of the job"
         self.log.system(
-            f"job exited with code {ended.exit_code}" + (" (OOMKilled)" if ended.oom_killed else "")
+            f"{who} exited with code {ended.exit_code}" + (" (OOMKilled)" if ended.oom_killed else "")
         )
         if ended.exit_code != 0 or ended.oom_killed:
             crashed = ended.signal is not None or ended.oom_killed
@@ -667,6 +668,8 @@ class Attempt:
             explanation = (
                 "OOMKilled: the job ran out of memory" if ended.oom_killed else f"exit code {ended.exit_code}"
             )
+            if ended.rank is not None:
+                explanation = f"rank {ended.rank}: {explanation}"  # the others were stopped for it
             message = failure_message(explanation + ("; last lines:" if last_lines else ""), last_lines)
             await self._finish_run(RunState.CRASHED if crashed else RunState.FAILED, exit_code, message)
             return Outcome(ItemState.FAILED, FailureReason.JOB_FAILED, exit_code, message)

@@ -143,8 +143,11 @@ class QueueServiceStub:
     last of which has `snapshot_done` set. Then each message carries the items and agents that changed since
     the one before (an item's state, position, pending reason; an agent connecting, disconnecting, taking or
     ending a lease, or its heartbeat), coalesced: at most 5 messages a second, each item and agent at most
-    once per message, as they are at its send time. An item that ended is sent once in its terminal state and
-    then no more; a deleted queue ends the stream with NOT_FOUND. Items are sent without `history` (use
+    once per message, as they are at its send time. A dispatch moves every PENDING item behind it up one
+    place; only the first 100 PENDING items in dispatch order are resent when their position or pending
+    reason changes (each message stays bounded however deep the queue): one further back is resent when its
+    own state changes, and once it moves into the first 100. An item that ended is sent once in its terminal
+    state and then no more; a deleted queue ends the stream with NOT_FOUND. Items are sent without `history` (use
     GetItem). The stream never ends by itself; the client cancels it.
     Errors: INVALID_ARGUMENT `NAME_INVALID`; NOT_FOUND `QUEUE_NOT_FOUND`.
     """
@@ -285,8 +288,11 @@ class QueueServiceAsyncStub(QueueServiceStub):
     last of which has `snapshot_done` set. Then each message carries the items and agents that changed since
     the one before (an item's state, position, pending reason; an agent connecting, disconnecting, taking or
     ending a lease, or its heartbeat), coalesced: at most 5 messages a second, each item and agent at most
-    once per message, as they are at its send time. An item that ended is sent once in its terminal state and
-    then no more; a deleted queue ends the stream with NOT_FOUND. Items are sent without `history` (use
+    once per message, as they are at its send time. A dispatch moves every PENDING item behind it up one
+    place; only the first 100 PENDING items in dispatch order are resent when their position or pending
+    reason changes (each message stays bounded however deep the queue): one further back is resent when its
+    own state changes, and once it moves into the first 100. An item that ended is sent once in its terminal
+    state and then no more; a deleted queue ends the stream with NOT_FOUND. Items are sent without `history` (use
     GetItem). The stream never ends by itself; the client cancels it.
     Errors: INVALID_ARGUMENT `NAME_INVALID`; NOT_FOUND `QUEUE_NOT_FOUND`.
     """
@@ -496,8 +502,11 @@ class QueueServiceServicer(metaclass=_abc_1.ABCMeta):
         last of which has `snapshot_done` set. Then each message carries the items and agents that changed since
         the one before (an item's state, position, pending reason; an agent connecting, disconnecting, taking or
         ending a lease, or its heartbeat), coalesced: at most 5 messages a second, each item and agent at most
-        once per message, as they are at its send time. An item that ended is sent once in its terminal state and
-        then no more; a deleted queue ends the stream with NOT_FOUND. Items are sent without `history` (use
+        once per message, as they are at its send time. A dispatch moves every PENDING item behind it up one
+        place; only the first 100 PENDING items in dispatch order are resent when their position or pending
+        reason changes (each message stays bounded however deep the queue): one further back is resent when its
+        own state changes, and once it moves into the first 100. An item that ended is sent once in its terminal
+        state and then no more; a deleted queue ends the stream with NOT_FOUND. Items are sent without `history` (use
         GetItem). The stream never ends by itself; the client cancels it.
         Errors: INVALID_ARGUMENT `NAME_INVALID`; NOT_FOUND `QUEUE_NOT_FOUND`.
         """
