@@ -625,6 +625,7 @@ async def test_what_the_runner_cannot_run_is_refused_by_name(cluster: Cluster) -
     with pytest.raises(RunnerRefused, match=r"spec\.template\.spec\.bogus: Extra inputs are not permitted"):
         runner.check(assignment(spec={"template": {"spec": {"bogus": 1}}}))
     runner.check(assignment(spec={"backoffLimit": 0, "template": {"spec": {"containers": [{"name": "a"}]}}}))
+    runner.check(assignment())  # no containers: the job gets one of its own
 
     work = assignment()
     job = cluster.job(runner, work)

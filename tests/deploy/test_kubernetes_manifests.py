@@ -9,6 +9,7 @@ tests fail when the runner needs a call the Role does not grant.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ import pytest
 import yaml
 from kubernetes import client, config
 
+from takeoff_agent.runners.base import RunnerUnavailable
 from takeoff_agent.runners.kubernetes import _options
 from takeoff_agent.runners.kubernetes.api import KubeApi
 from takeoff_agent.settings import AgentSettings
@@ -127,5 +129,33 @@ def test_the_stand_in_api_server_refuses_what_the_role_does_not_grant(tmp_path: 
             api.core.read_namespaced_pod("p", "takeoff")
         assert refused.value.status == 403
         assert json.loads(refused.value.body or "{}")["reason"] == "Forbidden"
+    finally:
+        server.close()
+
+
+SERVICE_CALLS: dict[str, Callable[[KubeApi], object]] = {
+    "create": lambda api: api.create_service("takeoff", {"metadata": {"name": "s", "labels": {"app": "x"}}}),
+    "patch": lambda api: api.patch_service("takeoff", "s", {"metadata": {"labels": {"app": "y"}}}),
+    "list": lambda api: api.list_services("takeoff", "app=y"),
+    "delete": lambda api: api.delete_service("takeoff", "s"),
+}
+"""The runner's calls on the Services of multi-node Jobs, one per verb the Role grants for them."""
+
+
+def test_the_role_grants_exactly_the_service_verbs_the_runner_uses() -> None:
+    granted_verbs = {verb for group, resource, verb in granted(DOCUMENTS["Role"]) if resource == "services"}
+    assert granted_verbs == set(SERVICE_CALLS)
+
+
+@pytest.mark.parametrize("verb", sorted(SERVICE_CALLS))
+def test_a_role_missing_a_service_verb_is_refused_that_call(tmp_path: Path, verb: str) -> None:
+    server = KubeApiServer().start()
+    try:
+        api = KubeApi(config.new_client_from_config(str(server.kubeconfig(tmp_path / "kubeconfig"))))  # type: ignore[no-untyped-call]
+        for call in SERVICE_CALLS.values():  # the Role as deployed: each call is let through
+            call(api)
+        server.allowed = server.allowed - {("", "services", verb)}
+        with pytest.raises(RunnerUnavailable, match=f'403: .*cannot {verb} resource "services"'):
+            SERVICE_CALLS[verb](api)
     finally:
         server.close()

@@ -52,6 +52,7 @@ from takeoff_agent.runners.kubernetes.manifest import (
     base_manifest,
     is_dns_label,
     job_command,
+    job_container,
     job_manifest,
     job_name,
     label_value,
@@ -239,10 +240,12 @@ class KubernetesRunner:
                 "cannot be wrapped)"
             )
         if not problems:
+            manifest = base_manifest(
+                assignment, self.settings, stop_grace_seconds=0, active_deadline_seconds=1
+            )
+            job_container(manifest, assignment.container_name)  # a config without one gets the job's
             try:
-                client.V1Job.model_validate(
-                    base_manifest(assignment, self.settings, stop_grace_seconds=0, active_deadline_seconds=1)
-                )
+                client.V1Job.model_validate(manifest)
             except pydantic.ValidationError as error:
                 problems = [
                     ".".join(str(part) for part in problem["loc"]) + f": {problem['msg']}"

@@ -249,13 +249,7 @@ def job_manifest(
         active_deadline_seconds=active_deadline_seconds,
     )
     pod_spec = manifest["spec"]["template"]["spec"]
-    containers = pod_spec.setdefault("containers", [])
-    wanted = assignment.container_name
-    container = next((c for c in containers if c.get("name") == wanted), None) if wanted else None
-    if container is None:
-        if not containers:
-            containers.append({"name": wanted or DEFAULT_CONTAINER})
-        container = containers[0]
+    container = job_container(manifest, assignment.container_name)
     container["image"] = launch.built.image
     if assignment.entrypoint:
         container["command"] = list(assignment.entrypoint)
@@ -304,6 +298,19 @@ def job_manifest(
         container["volumeMounts"] = merge_named(container.get("volumeMounts") or [], mounts)
         pod_spec["volumes"] = merge_named(pod_spec.get("volumes") or [], volumes)
     return manifest
+
+
+def job_container(manifest: JsonObject, container_name: str) -> JsonObject:
+    """The container of ``manifest`` that runs the job: the one ``container_name`` names, else the first;
+    a manifest without containers gets one named ``job``."""
+    containers = manifest["spec"]["template"]["spec"].setdefault("containers", [])
+    container = next((c for c in containers if c.get("name") == container_name), None)
+    if container is None:
+        if not containers:
+            containers.append({"name": container_name or DEFAULT_CONTAINER})
+        container = containers[0]
+    found: JsonObject = container
+    return found
 
 
 def _rank_environment(world: World, name: str) -> list[JsonObject]:
