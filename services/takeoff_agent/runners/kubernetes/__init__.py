@@ -559,9 +559,6 @@ class KubeJob:
         self.status.add(observed.waiting)
         if observed.exit is not None and observed.exit.failure is not None:
             self.status.add(observed.exit.failure.message)
-        ended = observed.exit
-        if self.world.multi and ended is not None and not succeeded(ended):
-            self.status.add(f"rank {state.decided_by} failed ({_exit_text(ended)}): every rank stops")
         for rank, rank_state in enumerate(state.ranks):
             self._follow(rank, rank_state, state.container)
         return observed
@@ -586,7 +583,7 @@ class KubeJob:
         container = self._container(job, None)
         if job is None and not self.started:
             none = _RankState(Observed(False, None, ""), None, False)
-            return _State(Observed(False, None, ""), [none] * self.world.nodes, container, None)
+            return _State(Observed(False, None, ""), [none] * self.world.nodes, container)
         newest = self._newest_pods()
         container = self._container(job, next((pod for pod, _ in newest if pod is not None), None))
         ranks = [
@@ -597,8 +594,8 @@ class KubeJob:
             )
             for rank, (pod, gone) in enumerate(newest)
         ]
-        observed, decided_by = combine([rank.observed for rank in ranks])
-        return _State(observed, ranks, container, decided_by)
+        observed = ranks[0].observed if not self.world.multi else combine([rank.observed for rank in ranks])
+        return _State(observed, ranks, container)
 
     def _newest_pods(self) -> list[tuple[JsonObject | None, bool]]:
         """Each rank's newest pod (live or deleted: ``gone``): the one pod of a NonIndexed Job, the pod of
@@ -654,14 +651,6 @@ class KubeJob:
         return str(containers[0]["name"])
 
 
-def _exit_text(exit: JobExit) -> str:
-    if exit.failure is not None:
-        return exit.failure.reason.name
-    if exit.signal is not None:
-        return f"signal {exit.signal}"
-    return f"exit code {exit.exit_code}"
-
-
 @dataclass(frozen=True, slots=True)
 class _RankState:
     observed: Observed
@@ -674,5 +663,3 @@ class _State:
     observed: Observed
     ranks: list[_RankState]
     container: str
-    decided_by: int | None
-    """The rank whose end ended the job (None: it has not ended)."""

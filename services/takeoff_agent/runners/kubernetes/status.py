@@ -11,6 +11,7 @@ once every rank has ended well or one has failed (``combine``).
 
 from __future__ import annotations
 
+import dataclasses
 import signal as signals
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -122,24 +123,25 @@ def observe(
     return Observed(False, None, _describe(waiting.get("reason"), waiting.get("message")))
 
 
-def combine(ranks: Sequence[Observed]) -> tuple[Observed, int | None]:
-    """The attempt's state from its ranks' states, and the rank whose end decided it (None: not ended).
+def combine(ranks: Sequence[Observed]) -> Observed:
+    """The attempt's state from its ranks' states (a multi-node launch).
 
     Running once every rank runs; ended once every rank has ended well (rank 0's exit), or at the first
-    failure seen. Ranks stopped because another failed (the job controller and the agent stop them with
-    SIGTERM) end at about the same time as the rank that failed: its own exit, then the runner's verdict
-    (evicted, an image that will not pull), is preferred over theirs; then the lowest rank.
+    failure seen, which names its rank (``JobExit.rank``). Ranks stopped because another failed (the job
+    controller and the agent stop them with SIGTERM) end at about the same time as the rank that failed:
+    its own exit, then the runner's verdict (evicted, an image that will not pull), is preferred over
+    theirs; then the lowest rank.
     """
+    has_output = any(observed.has_output for observed in ranks)
     ended = [(rank, observed.exit) for rank, observed in enumerate(ranks) if observed.exit is not None]
     failed = [(rank, exit) for rank, exit in ended if not succeeded(exit)]
     if failed:
         rank, exit = min(failed, key=lambda entry: (_stopped_from_outside(entry[1]), entry[0]))
-        return Observed(True, exit, "", any(o.has_output for o in ranks)), rank
+        return Observed(True, dataclasses.replace(exit, rank=rank), "", has_output)
     if len(ended) == len(ranks):
-        return Observed(True, ended[0][1], "", any(o.has_output for o in ranks)), 0
+        return Observed(True, ended[0][1], "", has_output)
     waiting = next((observed.waiting for observed in ranks if observed.waiting), "")
-    running = all(observed.running for observed in ranks)
-    return Observed(running, None, waiting, any(o.has_output for o in ranks)), None
+    return Observed(all(observed.running for observed in ranks), None, waiting, has_output)
 
 
 def succeeded(exit: JobExit) -> bool:
