@@ -186,3 +186,42 @@ def test_a_code_job_on_a_kubernetes_queue_runs_as_a_job_of_its_pushed_image(
         assert kube_server.get("jobs", other) is None
         (delete,) = kube_server.calls("DELETE", f"/jobs/{other}")
         assert delete.body["propagationPolicy"] == "Foreground"
+
+        run_two_ranks(stack, kube_server, queue, job, known={name, other})
+
+
+def every_rank_has_a_pod(kube: KubeApiServer, job: str) -> bool:
+    try:
+        for rank in (0, 1):
+            kube.pod_of(job, rank=rank)
+    except KeyError:
+        return False
+    return True
+
+
+def run_two_ranks(stack: Stack, kube: KubeApiServer, queue: str, job: str, known: set[str]) -> None:
+    """Two nodes: an Indexed Job of two pods, each rank's lines labelled in the run; rank 1 failing fails
+    the item, names the rank, and takes rank 0, the Job and its Service with it."""
+    item = stack.enqueue(queue, job, resource_config=dict_to_struct({"nodes": 2}))
+    name = wait_for(
+        lambda: next((n for n in kube.names("jobs") if n not in known), None), what="the multi-node Job"
+    )
+    wait_for(lambda: every_rank_has_a_pod(kube, name), what="a pod per rank")
+    assert kube.names("services") == [name]
+    for rank in (0, 1):
+        kube.run(name, rank=rank)
+    stack.wait_state(item, common_pb2.ITEM_STATE_RUNNING)
+    for rank in (0, 1):
+        kube.print(name, f"from rank {rank}\n", rank=rank)
+    wait_for(
+        lambda: {"from rank 0", "from rank 1"} <= set(stack.logs(stack.item(item).run)),
+        what="both ranks' lines in the run",
+    )
+    kube.terminate(name, 3, rank=1)
+    ended = stack.wait_ended(item)
+    assert (ended.state, ended.exit_code) == (common_pb2.ITEM_STATE_FAILED, 3)
+    assert "rank 1" in ended.message
+    ranks = {line.text: line.rank for line in stack.log_lines(ended.run) if line.HasField("rank")}
+    assert ranks == {"from rank 0": 0, "from rank 1": 1}
+    wait_for(lambda: not kube.names("services"), what="the Service to go")
+    assert kube.get("jobs", name) is None
