@@ -1,5 +1,9 @@
-"""The container mode of the shim (``shim.py``): start the container the agent created, copy its output
-into the lease directory, fence it, and record how it ended.
+"""The container mode of the shim (``shim.py``): start the container the agent created (or the containers
+of every rank of a multi-node launch), copy their output into the lease directory, fence them, and record
+how the job ended.
+
+One shim owns all ranks of an attempt: one lease deadline fences them all, one rank's failure stops the
+others within a fence check, and one ``exit.json`` says how the attempt ended.
 
 It talks to the Docker Engine API over plain HTTP with the standard library: the docker SDK takes about
 0.4 s to import, on the way of every container to its first line.
@@ -12,6 +16,7 @@ import http.client
 import json
 import math
 import os
+import queue
 import signal
 import socket
 import threading
@@ -24,6 +29,7 @@ from takeoff_agent.shim import (
     FENCE_CHECK_SECONDS,
     STOP_GRACE_SECONDS,
     lease_lapsed,
+    output_files,
     shim_lock,
     write_atomically,
 )
@@ -115,15 +121,18 @@ ENGINE_FAILURES = (EngineError, OSError, http.client.HTTPException)
 
 
 def run_container(lease_dir: Path, spec: dict[str, Any]) -> None:
+    """Start the job's containers (every rank of a multi-node launch, ``spec["ranks"]``, rank 0 first: the
+    others join its network), follow them to their end, and record it."""
     with shim_lock(lease_dir) as only_shim:
         if not only_shim:
             return
-        container = spec["container"]
-        path = f"/containers/{container}"
-        record = {"shim_pid": os.getpid(), "container": container}
+        containers: list[str] = spec.get("ranks") or [spec["container"]]
+        paths = [f"/containers/{container}" for container in containers]
+        ranks: list[int | None] = list(range(len(containers))) if "ranks" in spec else [None]
+        record = {"shim_pid": os.getpid(), "container": containers[0]}
         try:
             engine = Engine(spec.get("docker_host"))
-            status = engine.call("GET", f"{path}/json")["State"]["Status"]
+            statuses = [engine.call("GET", f"{path}/json")["State"]["Status"] for path in paths]
         except (*ENGINE_FAILURES, ValueError) as error:
             with contextlib.suppress(FileNotFoundError):
                 write_atomically(lease_dir / "shim.json", {**record, "started": False})
@@ -131,59 +140,130 @@ def run_container(lease_dir: Path, spec: dict[str, Any]) -> None:
             return
 
         def record_exit(ended: dict[str, Any]) -> None:
-            with contextlib.suppress(*ENGINE_FAILURES):
-                engine.call("DELETE", path, force=1, v=1)
+            for path in reversed(paths):  # the ranks in rank 0's network before rank 0
+                with contextlib.suppress(*ENGINE_FAILURES):
+                    engine.call("DELETE", path, force=1, v=1)
             # The agent may have forgotten the lease (revoked) and removed its directory by now.
             with contextlib.suppress(FileNotFoundError):
                 write_atomically(lease_dir / "exit.json", {"fenced": False, "oom_killed": False, **ended})
 
-        if status == "created":
-            try:
-                engine.call("POST", f"{path}/start")
-            except ENGINE_FAILURES as error:
-                with contextlib.suppress(FileNotFoundError):
-                    write_atomically(lease_dir / "shim.json", {**record, "started": False})
-                record_exit(start_failure(error, lease_dir))
-                return
+        running = start_ranks(engine, paths, statuses, [lease_dir / output_files(rank)[1] for rank in ranks])
+        if isinstance(running, dict):
+            with contextlib.suppress(FileNotFoundError):
+                write_atomically(lease_dir / "shim.json", {**record, "started": False})
+            record_exit(running)
+            return
         write_atomically(lease_dir / "shim.json", {**record, "started": True})
-        taking_over = status != "created"  # from a shim that died: its logs hold what it copied
+        # A container no longer new was started by a shim that died: its logs hold what that one copied.
         followers = [
-            threading.Thread(
-                target=follow, args=(engine, path, stream, lease_dir / f"{stream}.log", taking_over)
-            )
-            for stream in ("stdout", "stderr")
+            threading.Thread(target=follow, args=(engine, path, stream, lease_dir / log, status != "created"))
+            for path, status, rank in zip(paths[:running], statuses, ranks, strict=False)
+            for stream, log in zip(("stdout", "stderr"), output_files(rank), strict=True)
         ]
         for follower in followers:
             follower.start()
-        ended: dict[str, Any] = {}
-        waiter = threading.Thread(target=lambda: ended.update(wait_container(engine, path)))
-        waiter.start()
         grace = float(spec.get("stop_grace_seconds", STOP_GRACE_SECONDS))
-        fenced = False
-        while waiter.is_alive():
-            waiter.join(FENCE_CHECK_SECONDS)
-            if waiter.is_alive() and (fenced or lease_lapsed(lease_dir)):
-                fenced = True  # asked again until the engine has stopped it
-                with contextlib.suppress(*ENGINE_FAILURES):
-                    engine.call("POST", f"{path}/stop", ENGINE_CALL_SECONDS + grace, t=math.ceil(grace))
+        ends, fenced = supervise(engine, paths[:running], lease_dir, grace)
         for follower in followers:
             follower.join(LOG_DRAIN_SECONDS)
+        record_exit({**job_end(engine, paths, ends, multi="ranks" in spec), "fenced": fenced})
+
+
+def start_ranks(
+    engine: Engine, paths: list[str], statuses: list[str], stderr_logs: list[Path]
+) -> int | dict[str, Any]:
+    """Start every rank not started yet, in rank order: how many ranks run, or the exit record of a job
+    that cannot start (the shim then removes every rank: all start, or none runs).
+
+    A rank that cannot join rank 0's network because rank 0 has ended already (a job that fails at once)
+    is not the engine's failure: the job runs as the ranks started so far, and ends as rank 0 did."""
+    for rank, (path, status) in enumerate(zip(paths, statuses, strict=True)):
+        if status != "created":
+            continue
         try:
-            state = engine.call("GET", f"{path}/json")["State"]
-        except ENGINE_FAILURES:
-            state = {}
-        if "failure" not in ended:
-            exit_code = int(state.get("ExitCode", ended["exit_code"]))
-            ended = {"exit_code": exit_code, "signal": signal_of(exit_code)}
-        record_exit({**ended, "fenced": fenced, "oom_killed": bool(state.get("OOMKilled", False))})
+            engine.call("POST", f"{path}/start")
+        except ENGINE_FAILURES as error:
+            if rank and rank_ended(engine, paths[0]):
+                with stderr_logs[rank].open("ab") as stderr:
+                    stderr.write(f"takeoff: rank {rank} did not start: rank 0 had ended\n".encode())
+                return rank
+            return start_failure(error, stderr_logs[rank])
+    return len(paths)
 
 
-def start_failure(error: Exception, lease_dir: Path) -> dict[str, Any]:
+def rank_ended(engine: Engine, path: str) -> bool:
+    with contextlib.suppress(*ENGINE_FAILURES):
+        return engine.call("GET", f"{path}/json")["State"]["Status"] in ("exited", "dead")
+    return False
+
+
+def supervise(
+    engine: Engine, paths: list[str], lease_dir: Path, grace: float
+) -> tuple[list[tuple[int, dict[str, Any]]], bool]:
+    """Wait for every container to end: each rank and its end as the engine reports it, in the order
+    they ended, and whether the shim fenced them. The first rank to fail (or the lease lapsing) stops every
+    other: one rank's failure is the attempt's, and nothing of it runs on unsupervised."""
+    ended: queue.SimpleQueue[tuple[int, dict[str, Any]]] = queue.SimpleQueue()
+
+    def wait(rank: int) -> None:
+        ended.put((rank, wait_container(engine, paths[rank])))
+
+    for rank in range(len(paths)):
+        threading.Thread(target=wait, args=(rank,)).start()
+    ends: list[tuple[int, dict[str, Any]]] = []
+    stoppers: dict[int, threading.Thread] = {}
+    stopping = fenced = False
+    while len(ends) < len(paths):
+        with contextlib.suppress(queue.Empty):
+            rank, end = ended.get(timeout=FENCE_CHECK_SECONDS)
+            ends.append((rank, end))
+            stopping = stopping or failed(end)
+        if len(ends) < len(paths) and not fenced and lease_lapsed(lease_dir):
+            stopping = fenced = True
+        if stopping:  # asked again until the engine has stopped each
+            done = {rank for rank, _ in ends}
+            for rank, path in enumerate(paths):
+                if rank not in done and not (rank in stoppers and stoppers[rank].is_alive()):
+                    stoppers[rank] = threading.Thread(target=stop_container, args=(engine, path, grace))
+                    stoppers[rank].start()
+    return ends, fenced
+
+
+def failed(end: dict[str, Any]) -> bool:
+    return "failure" in end or end["exit_code"] != 0
+
+
+def stop_container(engine: Engine, path: str, grace: float) -> None:
+    with contextlib.suppress(*ENGINE_FAILURES):
+        engine.call("POST", f"{path}/stop", ENGINE_CALL_SECONDS + grace, t=math.ceil(grace))
+
+
+def job_end(
+    engine: Engine, paths: list[str], ends: list[tuple[int, dict[str, Any]]], *, multi: bool
+) -> dict[str, Any]:
+    """How the job ended: as the first rank that failed (named as ``rank`` in a multi-node launch), else
+    as rank 0 (exit 0). A rank's exit code and OOM kill as the engine kept them."""
+    failed_rank = next((rank for rank, end in ends if failed(end)), None)
+    rank = failed_rank or 0
+    end = dict(ends)[rank]
+    try:
+        state = engine.call("GET", f"{paths[rank]}/json")["State"]
+    except ENGINE_FAILURES:
+        state = {}
+    if "failure" not in end:
+        exit_code = int(state.get("ExitCode", end["exit_code"]))
+        end = {"exit_code": exit_code, "signal": signal_of(exit_code)}
+    named = {"rank": failed_rank} if multi and failed_rank is not None else {}
+    return {**end, **named, "oom_killed": bool(state.get("OOMKilled", False))}
+
+
+def start_failure(error: Exception, stderr_log: Path) -> dict[str, Any]:
     """How a container the engine would not start ends: a command that cannot be executed is the job's
-    (exit 127, as a shell says it); a setting the engine refuses is the config's; else the engine's."""
+    (exit 127, as a shell says it, in the container's ``stderr_log``); a setting the engine refuses is
+    the config's; else the engine's."""
     explanation = str(error)
     if isinstance(error, EngineError) and any(marker in explanation.lower() for marker in _EXEC_FAILURES):
-        with (lease_dir / "stderr.log").open("ab") as stderr:
+        with stderr_log.open("ab") as stderr:
             stderr.write(f"takeoff: cannot start the container: {explanation}\n".encode())
         return {"exit_code": 127, "signal": None}
     refused = isinstance(error, EngineError) and (

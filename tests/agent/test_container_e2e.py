@@ -3,7 +3,9 @@ the real Docker engine (docs/design.md §7, §12).
 
 Jobs reach the registry through its Unix socket, mounted into their containers (a container on the bridge
 network cannot reach the host's loopback). The two code jobs share their image (same code, same build
-key), and every image shares the builder's SDK layer.
+key), and every image shares the builder's SDK layer. Multi-node launches (``nodes: 2``) run the example of
+``examples/multinode`` and the waiting job on two ranks (the runner's own multi-node cases are in
+``test_container_multinode.py``).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from takeoff.client import Client
 from takeoff.models import GitSource, ImageSource
 from takeoff.v1 import build_pb2, build_pb2_grpc, common_pb2, queue_pb2
 from takeoff_rpc.channels import open_channel
+from takeoff_server.protovalues import dict_to_struct
 from tests.agent.conftest import PROJECT, AgentProcess, Stack, StartAgent, code_job, running_agent
 from tests.conftest import DockerSetup
 from tests.keys import ADMIN_KEY
@@ -37,6 +40,7 @@ LEASE_TTL_SECONDS = 6.0
 STOP_GRACE_SECONDS = 2  # the agent fixture's stop_grace_seconds
 SOCKET = "registry.sock"
 """The registry's Unix socket, in the stack's home."""
+EXAMPLE = Path(__file__).parents[2] / "examples" / "multinode"
 
 TRAIN = """\
 import os, takeoff
@@ -134,6 +138,19 @@ class Containers:
             return containers[0] if containers else None
 
         return wait_for(found, timeout=60, what=f"the container of {item} to run")
+
+    def running_ranks(self, item: str, nodes: int) -> list[Any]:
+        """The containers of every rank of ``item``, in rank order, once all run."""
+
+        def found() -> list[Any] | None:
+            ranks = [c for c in self.containers_of(item) if c.status == "running"]
+            return (
+                sorted(ranks, key=lambda c: int(c.attrs["Labels"]["takeoff.rank"]))
+                if len(ranks) == nodes
+                else None
+            )
+
+        return wait_for(found, timeout=60, what=f"the {nodes} ranks of {item} to run")
 
     def wait_removed(self, item: str, timeout: float = 60) -> None:
         wait_for(lambda: not self.containers_of(item), timeout=timeout, what=f"the container of {item} to go")
@@ -328,3 +345,46 @@ def test_a_container_whose_agent_is_killed_for_good_stops_within_ttl_and_grace(
     wait_for(exit_file.exists, timeout=30, what="the shim to record the end")
     ended = json.loads(exit_file.read_text())
     assert (ended["fenced"], ended["exit_code"]) == (True, 143)
+
+
+def two_nodes(containers: Containers) -> str:
+    return containers.queue(resource_config=dict_to_struct({"nodes": 2}))
+
+
+def test_the_multi_node_example_runs_on_two_ranks_labelled_in_the_runs_log(containers: Containers) -> None:
+    stack = containers.stack
+    containers.client.create_job_version("multinode", EXAMPLE, entrypoint=["python", "train.py"])
+    queue = two_nodes(containers)
+    with containers.running_agent([queue]):
+        item = stack.wait_ended(stack.enqueue(queue, "multinode", max_attempts=1), timeout=300)
+
+    assert (item.state, item.exit_code) == (SUCCEEDED, 0)
+    run = stack.run(item.run)
+    assert (run.state, run.summary["sum_of_ranks"]) == (common_pb2.RUN_STATE_FINISHED, 1)
+    lines = {(line.rank, line.text) for line in stack.log_lines(item.run)}
+    assert {(0, "rank 0: sum of ranks 1"), (1, "rank 1: sum of ranks 1")} <= lines
+    assert containers.containers_of(item.name) == []
+
+
+def test_a_rank_that_dies_fails_the_attempt_and_cancel_removes_every_rank(containers: Containers) -> None:
+    stack = containers.stack
+    job = code_job(containers.client, containers.tmp_path, "waiter", WAITER)
+    queue = two_nodes(containers)
+    with containers.running_agent([queue]):
+        dying, cancelled = (stack.enqueue(queue, job, max_attempts=1) for _ in range(2))
+        _, rank_1 = containers.running_ranks(dying, 2)
+        rank_1.kill()  # as a crash would: the shim stops rank 0, and the attempt fails
+        failed = stack.wait_ended(dying, timeout=60)
+        containers.wait_removed(dying)
+        containers.running_ranks(cancelled, 2)
+        stack.queues.CancelItem(queue_pb2.CancelItemRequest(name=cancelled))
+        item = stack.wait_ended(cancelled, timeout=60)
+        containers.wait_removed(cancelled)
+
+    assert (failed.state, failed.reason, failed.exit_code) == (
+        FAILED,
+        common_pb2.FAILURE_REASON_JOB_FAILED,
+        137,
+    )
+    assert item.state == CANCELLED
+    assert stack.run(item.run).state == common_pb2.RUN_STATE_KILLED

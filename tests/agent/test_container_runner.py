@@ -166,6 +166,7 @@ async def test_each_option_reaches_the_labelled_container(harness: Harness, volu
         "secret",
         "127.0.0.1:50051",
     )
+    assert not {"RANK", "WORLD_SIZE", "MASTER_ADDR", "TAKEOFF_MODE"} & set(env)  # one container: no ranks
     assert {key: value for key, value in attrs["Config"]["Labels"].items() if key.startswith("takeoff.")} == {
         "takeoff.item": assignment.item,
         "takeoff.agent": harness.agent_id,
@@ -250,6 +251,7 @@ async def test_an_exit_code_and_the_output_are_reported(harness: Harness) -> Non
 
     assert (ended.exit_code, ended.signal, ended.oom_killed, ended.failure) == (1, None, False, None)
     assert [output.source.read_lines(final=True) for output in job.log_sources()] == [["out"], ["err"]]
+    assert [output.rank for output in job.log_sources()] == [None, None]
     assert harness.gone(job)
 
 

@@ -17,7 +17,7 @@ import math
 import re
 import signal
 import sys
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, TypeVar
@@ -37,6 +37,7 @@ from takeoff_agent.domain import (
     SourceKind,
 )
 from takeoff_agent.log_tail import shim_output
+from takeoff_agent.ranks import World, rank_environment, world_of
 from takeoff_agent.runners.base import (
     JobOutput,
     Launch,
@@ -57,7 +58,7 @@ from takeoff_agent.runners.secrets import (
 )
 from takeoff_agent.shim import shim_alive, write_atomically
 from takeoff_server.docker_registry import RegistryLogin, registry_host
-from takeoff_server.resource_configs import CONTAINER_OPTIONS
+from takeoff_server.resource_configs import CONTAINER_OPTIONS, MULTI_NODE_OPTION
 
 T = TypeVar("T")
 
@@ -93,6 +94,9 @@ NAMED_VOLUME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]+")
 """Docker's rule for volume names; any other source is a path on the host."""
 EXIT_POLL_SECONDS = 0.05
 SHIM_SETTLE_SECONDS = 60.0
+MASTER_PORT = 29500
+"""``MASTER_PORT`` of a multi-node launch (torchrun's default): the ranks share rank 0's network namespace,
+the attempt's own, so no other job can hold the port and none need be probed for."""
 """How long ``stop`` waits, after the container stopped, for its shim to record the end and remove it."""
 _IMAGE_MISSING = ("not found", "manifest unknown", "name unknown", "unauthorized", "denied", "no basic auth")
 """Pull errors that are the image's fault (wrong name, tag or login), not an outage."""
@@ -154,10 +158,12 @@ def create(options: Mapping[str, object], context: RunnerContext) -> ContainerRu
 @dataclass(frozen=True, slots=True)
 class ContainerSettings:
     """A resource config as the engine takes it: keyword arguments of ``containers.create`` (but the
-    devices, which depend on what is free when the job starts), and the GPUs asked for."""
+    devices, which depend on what is free when the job starts), the GPUs asked for (for all ranks), and
+    the ranks."""
 
     create: dict[str, Any]
     gpus: GpuRequest | None
+    world: World
 
 
 def container_settings(resource_config: Mapping[str, Any]) -> ContainerSettings:
@@ -174,13 +180,29 @@ def container_settings(resource_config: Mapping[str, Any]) -> ContainerSettings:
         try:
             if name == "gpus":
                 gpus = parse_request(value)
+            elif name == MULTI_NODE_OPTION:
+                _nodes(value)
             else:
                 settings.update(_OPTIONS[name](value))
         except ValueError as error:
             problems.append(f"{name}: {error}")
+    world = world_of(resource_config)
+    if gpus is not None and world.multi:
+        if gpus.count:
+            gpus = GpuRequest(count=gpus.count * world.nodes)
+        else:
+            problems.append(
+                "gpus: with nodes, give a count of GPUs for each rank (each rank's container gets that"
+                f" many of the agent's devices), not {gpus.describe()}"
+            )
     if problems:
         raise RunnerRefused("resource config refused by local-container: " + "; ".join(problems))
-    return ContainerSettings(settings, gpus)
+    return ContainerSettings(settings, gpus, world)
+
+
+def _nodes(value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"must be a whole number of containers from 1, not {value!r}")
 
 
 def _cpus(value: object) -> dict[str, Any]:
@@ -357,6 +379,60 @@ def create_options(
     return options
 
 
+def container_names(lease_id: str, world: World) -> list[str]:
+    """The names of a job's containers, in rank order: ``takeoff-{lease id}`` (a job of one container is
+    rank 0), then ``takeoff-{lease id}-{rank}``."""
+    name = f"{LABEL}-{lease_id}"
+    return [name, *(f"{name}-{rank}" for rank in range(1, world.nodes))]
+
+
+def job_create_options(
+    launch: Launch,
+    settings: ContainerSettings,
+    devices: Sequence[str],
+    *,
+    agent: str,
+    secrets_dir: Path | None = None,
+    registry_socket_volume: str | None = None,
+) -> list[dict[str, Any]]:
+    """Keyword arguments of ``containers.create`` for each of the job's containers, in rank order
+    (``create_options``): one, or one per rank of a multi-node launch, each rank given its share of the
+    ``devices`` (as many as the resource config's ``gpus`` asks for each)."""
+    world = settings.world
+    names = container_names(launch.assignment.lease_id, world)
+    share = len(devices) // world.nodes
+    options = [
+        create_options(
+            launch,
+            settings.create,
+            devices[rank * share : (rank + 1) * share],
+            agent=agent,
+            name=name,
+            secrets_dir=secrets_dir,
+            registry_socket_volume=registry_socket_volume,
+        )
+        for rank, name in enumerate(names)
+    ]
+    if not world.multi:
+        return options
+    return [_ranked(each, world, rank, names[0]) for rank, each in enumerate(options)]
+
+
+def _ranked(options: Mapping[str, Any], world: World, rank: int, rank_zero: str) -> dict[str, Any]:
+    """``options`` of one rank of a multi-node launch: its rank's environment (``MASTER_ADDR`` 127.0.0.1,
+    since every rank joins the network namespace of rank 0's container, named ``rank_zero``) over the
+    job's, and its ``takeoff.rank`` label."""
+    environment = rank_environment(world, rank, master_addr="127.0.0.1", master_port=MASTER_PORT)
+    ranked = {
+        **options,
+        "environment": {**options["environment"], **environment},
+        "labels": {**options["labels"], f"{LABEL}.rank": str(rank)},
+    }
+    if rank:
+        ranked["network_mode"] = f"container:{rank_zero}"
+    return ranked
+
+
 class ContainerRunner:
     kind = ResourceKind.LOCAL_CONTAINER
     needs_pushed_image = False  # the engine that built the image runs it
@@ -373,6 +449,8 @@ class ContainerRunner:
     def check(self, assignment: Assignment) -> None:
         settings = container_settings(assignment.resource_config)
         if settings.gpus is not None and (problem := self.gpus.problem(settings.gpus)) is not None:
+            if (world := settings.world).multi:
+                problem += f" ({settings.gpus.count // world.nodes} for each of {world.nodes} ranks)"
             raise RunnerRefused(f"resource config refused by local-container: gpus: {problem}")
 
     def job(self, assignment: Assignment, lease_dir: Path) -> ContainerJob:
@@ -430,21 +508,43 @@ class ContainerRunner:
 
 
 def _remove(engine: docker.DockerClient, container: str) -> None:
-    """Kill and remove ``container`` (with its anonymous volumes), if it is there."""
-    with contextlib.suppress(docker.errors.NotFound):
+    """Kill and remove ``container`` (with its anonymous volumes), if it is there and not being removed
+    already (by its shim, which removes every rank once one has ended)."""
+    try:
         engine.containers.get(container).remove(force=True, v=True)
+    except docker.errors.NotFound:
+        pass
+    except docker.errors.APIError as error:
+        if error.status_code != 409 or "already in progress" not in str(error.explanation):
+            raise
+
+
+_LIVE = frozenset({"created", "running"})
+_ENDED = frozenset({"exited", "dead"})
+
+
+def _state(engine: docker.DockerClient, container: str) -> dict[str, Any] | None:
+    """The engine's ``State`` of ``container``; None when it is gone."""
+    try:
+        state: dict[str, Any] = engine.containers.get(container).attrs["State"]
+    except docker.errors.NotFound:
+        return None
+    return state
 
 
 class ContainerJob:
-    """One job's container and its shim, found through the lease directory."""
+    """One job's containers (one, or one per rank of a multi-node launch) and their shim, found through the
+    lease directory."""
 
     def __init__(self, runner: ContainerRunner, assignment: Assignment, lease_dir: Path) -> None:
         self.runner = runner
         self.assignment = assignment
         self.lease_dir = lease_dir
-        self.name = f"takeoff-{assignment.lease_id}"
+        world = world_of(assignment.resource_config)
+        self.names = container_names(assignment.lease_id, world)
+        self.name = self.names[0]
         self._shim: asyncio.subprocess.Process | None = None
-        self._log_sources = shim_output(lease_dir)
+        self._log_sources = shim_output(lease_dir, world)
 
     @property
     def _spec_file(self) -> Path:
@@ -460,7 +560,7 @@ class ContainerJob:
 
     @property
     def devices(self) -> tuple[str, ...]:
-        """The GPUs the job's container was given."""
+        """The GPUs the job's containers were given."""
         try:
             return tuple(json.loads(self._spec_file.read_text())["devices"])
         except (OSError, ValueError, KeyError):
@@ -470,9 +570,9 @@ class ContainerJob:
         return self._log_sources
 
     async def start(self, launch: Launch) -> None:
-        """Image, devices, container, shim; returns once the shim has started the container (or recorded
+        """Image, devices, containers, shim; returns once the shim has started the containers (or recorded
         why it could not: RunnerRefused or RunnerUnavailable, unless the job's command cannot run, which
-        is the job's exit 127). Cancelled before the container exists, it leaves nothing behind; after,
+        is the job's exit 127). Cancelled before the containers exist, it leaves nothing behind; after,
         the job counts as started and ``stop`` ends it."""
         settings = container_settings(self.assignment.resource_config)
         check_names(launch)
@@ -487,26 +587,25 @@ class ContainerJob:
             if secrets_dir is not None:
                 owner = numeric_user(settings.create.get("user") or await self._image_user(image))
                 await asyncio.to_thread(write_secret_files, secrets_dir, launch.secret_files, owner)
-            options = create_options(
+            options = job_create_options(
                 launch,
-                settings.create,
+                settings,
                 devices,
                 agent=self.runner.context.agent_id,
-                name=self.name,
                 secrets_dir=secrets_dir,
                 registry_socket_volume=self.runner.options.registry_socket_volume,
             )
-            container_id = await self._create(options)
-            write_atomically(
-                self._spec_file,
-                {
-                    "mode": "container",
-                    "container": container_id,
-                    "docker_host": self.runner.options.docker_host,
-                    "stop_grace_seconds": launch.stop_grace_seconds,
-                    "devices": list(devices),
-                },
-            )
+            containers = await self._create(options)
+            spec = {
+                "mode": "container",
+                "container": containers[0],
+                "docker_host": self.runner.options.docker_host,
+                "stop_grace_seconds": launch.stop_grace_seconds,
+                "devices": list(devices),
+            }
+            if settings.world.multi:
+                spec["ranks"] = containers
+            write_atomically(self._spec_file, spec)
         except BaseException:
             self.runner.gpus.release(lease)
             raise
@@ -552,17 +651,29 @@ class ContainerJob:
             return None
         return str(config.get("User") or "") or None
 
-    async def _create(self, options: dict[str, Any]) -> str:
-        """The container's id. The engine call runs to its end even when the start is cancelled meanwhile,
-        and a container it made then is removed: none is left that no lease directory knows."""
-        creating = asyncio.ensure_future(self.runner.call(lambda engine: self._create_on(engine, options)))
+    async def _create(self, options: list[dict[str, Any]]) -> list[str]:
+        """The containers' ids, in rank order: all are created, or none is left. The engine calls run to
+        their end even when the start is cancelled meanwhile, and the containers they made then are
+        removed: none is left that no lease directory knows."""
+        creating = asyncio.ensure_future(self.runner.call(lambda engine: self._create_all(engine, options)))
         try:
             return await asyncio.shield(creating)
         except asyncio.CancelledError:
             with contextlib.suppress(Exception):
                 await creating
-                await self.runner.remove(self.name)
+                await self._remove_all()
             raise
+
+    def _create_all(self, engine: docker.DockerClient, options: list[dict[str, Any]]) -> list[str]:
+        created: list[str] = []
+        try:
+            for each in options:
+                created.append(self._create_on(engine, each))
+        except BaseException:
+            for container in reversed(created):
+                _remove(engine, container)
+            raise
+        return created
 
     def _create_on(self, engine: docker.DockerClient, options: dict[str, Any]) -> str:
         for attempt in range(2):
@@ -570,7 +681,7 @@ class ContainerJob:
                 return str(engine.containers.create(**options).id)
             except docker.errors.APIError as error:
                 if error.status_code == 409 and attempt == 0:  # left by an agent that died while creating it
-                    _remove(engine, self.name)
+                    _remove(engine, options["name"])
                     continue
                 if error.is_client_error():
                     raise RunnerRefused(
@@ -619,6 +730,7 @@ class ContainerJob:
             fenced=data.get("fenced", False),
             oom_killed=data.get("oom_killed", False),
             failure=RunnerFailure(FailureReason[failure["reason"]], failure["message"]) if failure else None,
+            rank=data.get("rank"),
         )
 
     def _alive(self) -> bool:
@@ -641,44 +753,59 @@ class ContainerJob:
 
     async def _without_shim(self) -> JobExit | None:
         """The shim is gone without a record (killed, perhaps with the machine's processes, or with the
-        agent's own container when the agent runs in one). The container lives on in the engine, so a new
-        shim takes it over: one it never started, or one still running, which the new shim follows to its
-        end (its output continues where the dead shim's copy stopped). One that ended is recorded as it
-        ended; one caught between states (paused, restarting) is removed and recorded as killed (exit 137),
-        since no job runs unsupervised."""
-        try:
-            state = await self.runner.call(lambda engine: engine.containers.get(self.name).attrs["State"])
-        except docker.errors.NotFound:
-            state = None
-        if state is not None and state["Status"] in ("created", "running"):
-            await self._start_shim()
-            return None
-        if state is None:
+        agent's own container when the agent runs in one). The containers live on in the engine, so a new
+        shim takes them over: ones it never started, or ones still running, which the new shim follows to
+        their end (their output continues where the dead shim's copy stopped). Containers that all ended
+        are recorded as they ended (the first rank to fail decides); any rank caught between states
+        (paused, restarting) or gone ends the job: every rank is removed, and the job recorded as killed
+        (exit 137) or lost, since no job runs unsupervised."""
+        states = await self.runner.call(lambda engine: [_state(engine, name) for name in self.names])
+        ended_states = [state for state in states if state is not None and state["Status"] in _ENDED]
+        if all(state is not None and state["Status"] in _LIVE | _ENDED for state in states):
+            if len(ended_states) < len(states):
+                await self._start_shim()
+                return None
+            failed = [rank for rank, state in enumerate(ended_states) if state["ExitCode"]]
+            rank = min(failed, key=lambda rank: str(ended_states[rank]["FinishedAt"]), default=None)
+            state = ended_states[rank or 0]
+            code = int(state["ExitCode"])
+            ended = JobExit(
+                exit_code=code,
+                signal=signal_of(code),
+                oom_killed=bool(state["OOMKilled"]),
+                rank=rank if len(self.names) > 1 else None,
+            )
+        elif None in states:
             ended = JobExit(
                 exit_code=None,
                 failure=RunnerFailure(
                     FailureReason.RUNNER_INFRA, "the job's container and its shim are gone without a record"
                 ),
             )
-        elif state["Status"] in ("exited", "dead"):
-            code = int(state["ExitCode"])
-            ended = JobExit(exit_code=code, signal=signal_of(code), oom_killed=bool(state["OOMKilled"]))
         else:
             ended = JobExit(exit_code=128 + signal.SIGKILL, signal=signal.SIGKILL)
-        await self.runner.remove(self.name)
+        await self._remove_all()
         write_atomically(self._exit_file, _exit_record(ended))
         return ended
 
+    async def _remove_all(self) -> None:
+        """Remove every rank's container, the ranks in rank 0's network first."""
+        for name in reversed(self.names):
+            await self.runner.remove(name)
+
     async def stop(self, grace: float) -> None:
-        """SIGTERM the container, SIGKILL after ``grace``; its shim records the end and removes it."""
+        """SIGTERM every container, SIGKILL after ``grace``; the shim records the end and removes them."""
         if self.started and await self._until_started() is None:
-            with contextlib.suppress(docker.errors.NotFound):
-                await self.runner.call(lambda engine: engine.api.stop(self.name, timeout=math.ceil(grace)))
+            await asyncio.gather(*(self._stop_container(name, grace) for name in self.names))
             await self._settle()
         if self.exit() is not None:
             with contextlib.suppress(docker.errors.NotFound, RunnerUnavailable):
-                await self.runner.remove(self.name)
+                await self._remove_all()
         self.runner.gpus.release(self.assignment.lease_id)
+
+    async def _stop_container(self, name: str, grace: float) -> None:
+        with contextlib.suppress(docker.errors.NotFound):
+            await self.runner.call(lambda engine: engine.api.stop(name, timeout=math.ceil(grace)))
 
     async def _settle(self) -> None:
         """Until the shim has recorded the end (or the agent has, for a shim that is gone)."""
@@ -714,4 +841,6 @@ def _exit_record(ended: JobExit) -> dict[str, Any]:
     }
     if ended.failure is not None:
         record["failure"] = {"reason": ended.failure.reason.name, "message": ended.failure.message}
+    if ended.rank is not None:
+        record["rank"] = ended.rank
     return record
