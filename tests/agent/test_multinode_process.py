@@ -112,6 +112,7 @@ def test_a_failing_rank_fails_the_attempt_and_stops_the_other(
         item = stack.wait_ended(name, timeout=60)  # rank 0 alone would sleep for 10 minutes
 
         assert (item.state, item.reason, item.exit_code) == (FAILED, common_pb2.FAILURE_REASON_JOB_FAILED, 1)
+        assert item.message.startswith("rank 1: exit code 1")
         assert "rank 1 gives up" in item.message
         wait_gone({"rank 0": rank_zero})
     # Rank 0's SDK ends the run itself when the shim stops it (SIGTERM), before the agent would.

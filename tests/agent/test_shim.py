@@ -67,3 +67,85 @@ def test_processes_the_job_left_behind_are_stopped_before_its_exit_is_recorded(t
     }
     child = int((tmp_path / "stdout.log").read_text().split()[1])
     assert not pid_alive(child)
+
+
+RANK_JOB = """\
+import os, sys, time
+rank = os.environ["RANK"]
+print("rank", rank, os.environ["SHARED"], flush=True)
+if rank == os.environ.get("FAILING_RANK"):
+    sys.exit(3)
+if os.environ.get("HOLD"):
+    time.sleep(600)
+"""
+"""Prints its rank and a variable all ranks share; ``FAILING_RANK`` exits 3, the others end at once unless
+``HOLD`` keeps them (until SIGTERM)."""
+
+
+def write_ranks_spec(lease_dir: Path, **env: str) -> None:
+    """A spec of two ranks running RANK_JOB, each told its RANK over the shared environment ``env``."""
+    write_atomically(
+        lease_dir / "spec.json",
+        {
+            "argv": [sys.executable, "-c", RANK_JOB],
+            "env": {"SHARED": "both", **env},
+            "cwd": str(lease_dir),
+            "stop_grace_seconds": 600,
+            "ranks": [{"RANK": "0"}, {"RANK": "1"}],
+        },
+    )
+
+
+def test_each_rank_gets_its_variables_and_its_own_output_files(tmp_path: Path) -> None:
+    write_ranks_spec(tmp_path)
+    subprocess.run([sys.executable, "-m", "takeoff_agent.shim", str(tmp_path)], timeout=60, check=True)
+
+    assert (tmp_path / "stdout.rank0.log").read_text() == "rank 0 both\n"
+    assert (tmp_path / "stdout.rank1.log").read_text() == "rank 1 both\n"
+    assert not (tmp_path / "stdout.log").exists()
+    assert json.loads((tmp_path / "exit.json").read_text()) == {
+        "exit_code": 0,
+        "signal": None,
+        "fenced": False,
+    }
+    assert len(json.loads((tmp_path / "shim.json").read_text())["rank_pids"]) == 2
+
+
+def test_a_failing_rank_stops_the_others_and_its_exit_is_recorded(tmp_path: Path) -> None:
+    """Rank 0 would sleep for 10 minutes: only the shim stopping it (it ends on SIGTERM) ends it in time."""
+    write_ranks_spec(tmp_path, FAILING_RANK="1", HOLD="1")
+    subprocess.run([sys.executable, "-m", "takeoff_agent.shim", str(tmp_path)], timeout=60, check=True)
+
+    assert json.loads((tmp_path / "exit.json").read_text()) == {
+        "exit_code": 3,
+        "signal": None,
+        "fenced": False,
+        "rank": 1,
+    }
+    rank_pids = json.loads((tmp_path / "shim.json").read_text())["rank_pids"]
+    assert not any(pid_alive(pid) for pid in rank_pids)
+
+
+def test_the_self_fence_stops_every_rank(tmp_path: Path) -> None:
+    write_ranks_spec(tmp_path, HOLD="1")
+    write_atomically(tmp_path / "lease_until", time.time() + 3600)
+    shim = subprocess.Popen([sys.executable, "-m", "takeoff_agent.shim", str(tmp_path)])
+    try:
+        outputs = [tmp_path / "stdout.rank0.log", tmp_path / "stdout.rank1.log"]
+        wait_for(
+            lambda: all(out.exists() and out.read_bytes() for out in outputs), what="both ranks to start"
+        )
+        write_atomically(tmp_path / "lease_until", time.time() - 1)
+
+        assert shim.wait(timeout=60) == 0
+        assert json.loads((tmp_path / "exit.json").read_text()) == {
+            "exit_code": 143,
+            "signal": 15,
+            "fenced": True,
+        }
+        rank_pids = json.loads((tmp_path / "shim.json").read_text())["rank_pids"]
+        assert not any(pid_alive(pid) for pid in rank_pids)
+    finally:
+        if shim.poll() is None:
+            shim.kill()
+            shim.wait()

@@ -226,7 +226,9 @@ class LocalProcessJob:
             data = json.loads((self.lease_dir / "exit.json").read_text())
         except (OSError, ValueError):
             return None
-        return JobExit(exit_code=data["exit_code"], signal=data["signal"], fenced=data["fenced"])
+        return JobExit(
+            exit_code=data["exit_code"], signal=data["signal"], fenced=data["fenced"], rank=data.get("rank")
+        )
 
     def _pids(self) -> tuple[int, list[int]] | None:
         """The shim's pid and the job's processes (each its process group: one per rank); None before the
