@@ -385,7 +385,7 @@ class KubeJob:
     def _make(
         self, manifest: JsonObject, secret: JsonObject | None, service: JsonObject | None
     ) -> JsonObject:
-        """The Secret and the Service first (a pod would wait for its Secret, and a rank would not find rank 0
+        """The Secret and the Service first (a pod would wait for its Secret, a rank would not find rank 0
         without the Service), then the Job, then they are made the Job's; recorded as started once the Job
         exists."""
         if secret is not None:
@@ -580,10 +580,9 @@ class KubeJob:
         self.status.add(f"pod {pod_name} {phase.lower() or 'started'}", about=pod_name)
 
     def _state(self, job: JsonObject | None) -> _State:
-        container = self._container(job, None)
         if job is None and not self.started:
             none = _RankState(Observed(False, None, ""), None, False)
-            return _State(Observed(False, None, ""), [none] * self.world.nodes, container)
+            return _State(Observed(False, None, ""), [none] * self.world.nodes, DEFAULT_CONTAINER)
         newest = self._newest_pods()
         container = self._container(job, next((pod for pod, _ in newest if pod is not None), None))
         ranks = [
@@ -605,9 +604,10 @@ class KubeJob:
         for pod, gone in sorted(
             [(pod, False) for pod in live] + [(pod, True) for pod in deleted],
             key=lambda entry: str(entry[0]["metadata"].get("creationTimestamp", "")),
+            reverse=True,  # newest first; of two made in the same second, the live one
         ):
             rank = self._rank_of(pod)
-            if rank is not None:
+            if rank is not None and newest[rank][0] is None:
                 newest[rank] = (pod, gone)
         return newest
 
