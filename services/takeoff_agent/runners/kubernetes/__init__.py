@@ -51,7 +51,6 @@ from takeoff_agent.runners.kubernetes.manifest import (
     JobSettings,
     base_manifest,
     is_dns_label,
-    job_command,
     job_container,
     job_manifest,
     job_name,
@@ -69,6 +68,10 @@ from takeoff_agent.runners.secrets import check_names
 logger = logging.getLogger(__name__)
 
 NOT_PUSHED = "code and git jobs on a kubernetes queue need a builder with a registry to push to"
+NO_COMMAND_TO_WRAP = (
+    "nodes: a multi-node job needs an entrypoint or its container's command (the agent starts it through "
+    "/bin/sh to switch the SDK off on ranks other than 0; an image's own command cannot be wrapped)"
+)
 RECHECK_SECONDS = 1.0
 """How often a waiting job looks again without news from the watches (to notice an unreachable API)."""
 LOG_DRAIN_SECONDS = 30.0
@@ -233,21 +236,18 @@ class KubernetesRunner:
 
     def check(self, assignment: Assignment) -> None:
         problems = refusals(assignment.resource_config, assignment.container_name, self.settings)
-        if world_of(assignment.resource_config).multi and job_command(assignment) is None:
-            problems.append(
-                "nodes: a multi-node job needs an entrypoint or its container's command (the agent starts "
-                "it through /bin/sh to switch the SDK off on ranks other than 0; an image's own command "
-                "cannot be wrapped)"
-            )
         if not problems:
             manifest = base_manifest(
                 assignment, self.settings, stop_grace_seconds=0, active_deadline_seconds=1
             )
-            job_container(manifest, assignment.container_name)  # a config without one gets the job's
+            container = job_container(manifest, assignment.container_name)  # made when the config has none
+            multi = world_of(assignment.resource_config).multi
+            if multi and not (assignment.entrypoint or container.get("command")):
+                problems.append(NO_COMMAND_TO_WRAP)
             try:
                 client.V1Job.model_validate(manifest)
             except pydantic.ValidationError as error:
-                problems = [
+                problems += [
                     ".".join(str(part) for part in problem["loc"]) + f": {problem['msg']}"
                     for problem in error.errors()
                 ]

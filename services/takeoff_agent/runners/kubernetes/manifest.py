@@ -325,20 +325,6 @@ def _rank_environment(world: World, name: str) -> list[JsonObject]:
     ]
 
 
-def job_command(assignment: Assignment) -> list[str] | None:
-    """The command the job's container runs: the entrypoint, else the container's own in the resource
-    config (None: the image's)."""
-    if assignment.entrypoint:
-        return list(assignment.entrypoint)
-    containers = ((assignment.resource_config.get("spec") or {}).get("template") or {}).get("spec") or {}
-    found = [c for c in containers.get("containers") or [] if isinstance(c, dict)]
-    wanted = assignment.container_name
-    chosen = next((c for c in found if c.get("name") == wanted), None) if wanted else None
-    chosen = chosen or (found[0] if found else {})
-    command = chosen.get("command")
-    return list(command) if command else None
-
-
 def service_manifest(assignment: Assignment, settings: JobSettings) -> JsonObject:
     """The headless Service of a multi-node launch's pods (named as the Job, their ``subdomain``): it gives
     each pod the DNS name {hostname}.{service}, ready or not (ranks resolve rank 0 while it starts)."""
