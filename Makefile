@@ -23,15 +23,11 @@ $(VENV)/.installed: pyproject.toml
 # directory, which git ignores and the wheel ships (pyproject's artifacts).
 CONSOLE_FRONTEND := services/takeoff_console/frontend
 CONSOLE_VENDOR := services/takeoff_console/static/vendor
-console-assets: $(CONSOLE_VENDOR)/.built
+console-assets: $(CONSOLE_VENDOR)/htmx.min.js
 
-$(CONSOLE_VENDOR)/.built: $(CONSOLE_FRONTEND)/package.json $(CONSOLE_FRONTEND)/package-lock.json
+$(CONSOLE_VENDOR)/htmx.min.js: $(CONSOLE_FRONTEND)/package.json $(CONSOLE_FRONTEND)/package-lock.json
 	npm ci --silent --no-audit --no-fund --prefix $(CONSOLE_FRONTEND)
-	mkdir -p $(CONSOLE_VENDOR)
-	cp $(CONSOLE_FRONTEND)/node_modules/htmx.org/dist/htmx.min.js \
-	   $(CONSOLE_FRONTEND)/node_modules/uplot/dist/uPlot.iife.min.js \
-	   $(CONSOLE_FRONTEND)/node_modules/uplot/dist/uPlot.min.css $(CONSOLE_VENDOR)/
-	touch $@
+	npm run --silent --prefix $(CONSOLE_FRONTEND) vendor
 
 tools: $(BUF) $(NODE_EXAMPLE)/node_modules/.package-lock.json
 

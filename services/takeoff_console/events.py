@@ -53,6 +53,10 @@ async def _encoded(events: AsyncIterator[tuple[str, Any]]) -> AsyncIterator[byte
 
 
 async def queue_events(client: UserClient, queue: str) -> AsyncIterator[tuple[str, Any]]:
+    """The queue's items and agents from WatchQueue, and whether it is paused. WatchQueue carries no queue
+    settings, so each of its messages (a pause changes every pending item's reason) is followed by a GetQueue,
+    and ``queue`` is sent when ``paused`` changed: at most WatchQueue's 5 messages a second, never a poll."""
+    paused: bool | None = None
     async for change in client.watch_queue(queue):
         yield (
             "snapshot" if change.snapshot else "changes",
@@ -63,6 +67,11 @@ async def queue_events(client: UserClient, queue: str) -> AsyncIterator[tuple[st
                 "removed_agents": [views.last_segment(name) for name in change.removed_agents],
             },
         )
+        if not change.snapshot or change.snapshot_done:
+            now = (await client.get_queue(queue)).paused
+            if now != paused:
+                paused = now
+                yield "queue", {"paused": paused}
 
 
 async def item_events(client: UserClient, item: str) -> AsyncIterator[tuple[str, Any]]:

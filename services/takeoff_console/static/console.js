@@ -115,7 +115,18 @@ function queuePage() {
       }
     },
     changes: (change) => { apply(change, { items, agents }); render(); },
+    queue: (queue) => showPaused(queue.paused),
   });
+}
+
+// The pause controls follow the queue's state, also when someone else paused it (the CLI).
+function showPaused(paused) {
+  const controls = document.getElementById("queue-controls");
+  if (controls.dataset.paused === String(paused)) return;
+  const template = document.getElementById(paused ? "controls-paused" : "controls-running");
+  controls.replaceChildren(template.content.cloneNode(true));
+  controls.dataset.paused = String(paused);
+  htmx.process(controls);
 }
 
 // Item page: state and timeline, from WatchItem.
