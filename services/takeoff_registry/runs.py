@@ -26,6 +26,7 @@ from typing import Any
 
 from takeoff_registry.jobs import Jobs
 from takeoff_registry.refs import JobReference, RunKey, project_not_found
+from takeoff_registry.sampling import MAX_MAX_POINTS, MIN_MAX_POINTS, Column, Sampler, decode_columns
 from takeoff_registry.store import (
     LogChunkRow,
     MetricChunkRow,
@@ -78,6 +79,9 @@ METRIC_ROW_RATE = Rate(per_second=10_000, burst=500_000)
 100,000 rows/s (bench/sdk_log.py), and bench/registry_ingest.py stores 200,000 rows on one run at up to
 300,000 rows/s; both stay within it. What it stops is a job that keeps that pace for minutes."""
 CHUNKS_PER_READ = 16
+COLUMN_CHUNKS_PER_READ = 256
+"""Chunks whose columns one read transaction of ReadMetrics ``max_points`` takes: their columns only,
+about 10 bytes a value."""
 _RUN_ID_ALPHABET = string.ascii_lowercase + string.digits
 _RUN_ID_LENGTH = 12
 
@@ -165,6 +169,8 @@ class EncodedBatch:
     """The entries from the given offset on, encoded (the offset skips entries stored before)."""
     max_step: int = 0
     keys: frozenset[str] = frozenset()
+    encode_columns: Callable[[int], bytes] | None = None
+    """Metric rows' columns for sampling (takeoff_registry.sampling), from the given offset on."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,6 +179,16 @@ class Appended:
     skipped: int
     length: int
     """Entries the run holds after the call."""
+
+
+@dataclass(frozen=True, slots=True)
+class SampledHistory:
+    """The rows ReadMetrics sends for ``max_points``."""
+
+    end: int
+    """The history sampled ends before this index: its length when the read began."""
+    indices: list[int]
+    """The rows chosen, in order."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -474,6 +490,9 @@ class Runs:
                         first_index=row.history_length,
                         count=accepted,
                         payload=batch.encode(batch.count - accepted),
+                        value_columns=batch.encode_columns(batch.count - accepted)
+                        if batch.encode_columns
+                        else None,
                         store_time=now,
                     )
                 )
@@ -573,20 +592,24 @@ class Runs:
         self._signals.notify(key)
         return run, already_ended
 
-    async def read(self, key: RunKey, history: History, *, start: int, follow: bool) -> AsyncIterator[Chunk]:
-        """The stored chunks holding entries from ``start`` on, in order (the first may begin earlier).
+    async def read(
+        self, key: RunKey, history: History, *, start: int, follow: bool, end: int | None = None
+    ) -> AsyncIterator[Chunk]:
+        """The stored chunks holding entries from ``start`` on (before ``end``, if given), in order (the
+        first may begin earlier).
 
         With ``follow``, waits for more until the run has ended and everything stored before the end has
         been read.
         """
-        if start < 0:
-            raise field_error("start_index", "must not be negative")
+        _check_start(start)
         position = start
         while True:
             changed = self._signals.listen(key)
             async with self._store.read() as tx:
                 row = await self._require_run_row(tx, key)
                 length = row.history_length if history is History.METRICS else row.log_line_count
+                if end is not None:
+                    length = min(length, end)
                 ended = RunState(row.state).ended
                 chunks: Sequence[MetricChunkRow] | Sequence[LogChunkRow] = ()
                 if position < length and history is History.METRICS:
@@ -608,6 +631,52 @@ class Runs:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(changed.wait(), timeout=self._poll_seconds)
 
+    async def sample_metrics(
+        self,
+        key: RunKey,
+        *,
+        start: int,
+        max_points: int,
+        keys: frozenset[str],
+        columns_of: Callable[[bytes], dict[str, Column]],
+    ) -> SampledHistory | None:
+        """The rows to send of the history from ``start`` downsampled to about ``max_points`` per key
+        (takeoff_registry.sampling), or None when it holds no more rows than that. Reads the chunks'
+        columns, not their rows; ``columns_of`` makes them from the payload of a chunk stored without."""
+        _check_start(start)
+        if max_points < 0 or 0 < max_points < MIN_MAX_POINTS or max_points > MAX_MAX_POINTS:
+            raise field_error(
+                "max_points",
+                f"must be 0 (every row) or {MIN_MAX_POINTS} to {MAX_MAX_POINTS:,} (got {max_points})",
+            )
+        async with self._store.read() as tx:
+            row = await self._require_run_row(tx, key)
+        end = row.history_length
+        if not max_points or end - start <= max_points:
+            return None
+        sampler = Sampler(start=start, end=end, max_points=max_points, keys=keys)
+        position = start
+        while position < end:
+            async with self._store.read() as tx:
+                stored = await tx.metric_columns(
+                    _seq(row), start=position, end=end, limit=COLUMN_CHUNKS_PER_READ
+                )
+            if not stored:
+                break
+            for chunk in stored:
+                columns = (
+                    decode_columns(chunk.value_columns)
+                    if chunk.value_columns is not None
+                    else columns_of(chunk.payload or b"")
+                )
+                if chunk.first_index < start:
+                    columns = {
+                        name: column.from_row(start - chunk.first_index) for name, column in columns.items()
+                    }
+                sampler.add(max(start, chunk.first_index), columns)
+                position = chunk.first_index + chunk.count
+        return SampledHistory(end, sampler.indices())
+
     async def _require_run_row(
         self, tx: Tx, key: RunKey, *, for_update: bool = False, project_hint: bool = True
     ) -> RunRow:
@@ -622,6 +691,11 @@ class Runs:
 
     async def _require_run(self, tx: Tx, key: RunKey) -> Run:
         return _run(await self._require_run_row(tx, key))
+
+
+def _check_start(start: int) -> None:
+    if start < 0:
+        raise field_error("start_index", "must not be negative")
 
 
 def _check_struct(value: dict[str, Any], field: str, max_bytes: int) -> None:

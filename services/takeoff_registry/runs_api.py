@@ -13,9 +13,11 @@ from takeoff_registry.refs import JOB_VERSION, QUEUE_ITEM, JobKey, RunKey, parse
 from takeoff_registry.runs import History, NewRun, Run, RunFilter, RunLabels, Runs, RunState
 from takeoff_registry.wire import (
     MAX_ENTRIES_PER_MESSAGE,
+    chosen_metric_rows,
     log_batch,
     log_lines,
     metric_batch,
+    metric_columns,
     metric_rows,
 )
 from takeoff_server.idempotency import check_request_id
@@ -296,9 +298,23 @@ class RunApi(runs_pb2_grpc.RunServiceServicer):
     ) -> AsyncIterator[runs_pb2.ReadMetricsResponse]:
         key = RunKey.parse(request.name, field="name")
         keys = frozenset(request.keys)
-        chunks = self._runs.read(key, History.METRICS, start=request.start_index, follow=request.follow)
+        start = request.start_index
+        if request.max_points:
+            sampled = await self._runs.sample_metrics(
+                key, start=start, max_points=request.max_points, keys=keys, columns_of=metric_columns
+            )
+            if sampled is not None:
+                chunks = self._runs.read(key, History.METRICS, start=start, end=sampled.end, follow=False)
+                async for chunk in chunks:
+                    for rows in _batches(chosen_metric_rows(chunk, sampled.indices, keys=keys)):
+                        yield runs_pb2.ReadMetricsResponse(rows=rows)
+                if not request.follow:
+                    return
+                # Rows stored since are sent as they are: a live chart adds each point.
+                start = sampled.end
+        chunks = self._runs.read(key, History.METRICS, start=start, follow=request.follow)
         async for chunk in chunks:
-            for rows in _batches(metric_rows(chunk, start=request.start_index, keys=keys)):
+            for rows in _batches(metric_rows(chunk, start=start, keys=keys)):
                 yield runs_pb2.ReadMetricsResponse(rows=rows)
 
     async def ReadLogs(

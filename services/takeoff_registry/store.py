@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager, nullcontext
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -150,6 +151,20 @@ class MetricChunkRow(SQLModel, table=True):
     payload: bytes = Field(sa_type=sa.LargeBinary)
     store_time: datetime = Field(sa_type=UtcDateTime)
     """When the batch was stored: the time of rows that carry none."""
+    # Added by migration 0005; chunks from before it have none.
+    value_columns: bytes | None = Field(default=None, sa_type=sa.LargeBinary)
+    """Each key's values by row, for downsampling without decoding the rows (takeoff_registry.sampling)."""
+
+
+@dataclass(frozen=True, slots=True)
+class StoredColumns:
+    """What sampling reads of a metric chunk."""
+
+    first_index: int
+    count: int
+    value_columns: bytes | None
+    payload: bytes | None
+    """Only when the chunk has no columns, to make them from."""
 
 
 class LogChunkRow(SQLModel, table=True):
@@ -353,11 +368,7 @@ class Tx:
         self, table: type[ChunkT], run_seq: int, *, start: int, end: int, limit: int
     ) -> Sequence[ChunkT]:
         """Chunks holding any entry with an index in [start, end), in order, at most ``limit`` of them."""
-        containing_start = (
-            select(sa.func.coalesce(sa.func.max(table.first_index), 0))
-            .where(table.run_seq == run_seq, table.first_index <= start)
-            .scalar_subquery()
-        )
+        containing_start = _first_chunk_holding(table, run_seq, start)
         query = (
             select(table)
             .where(
@@ -369,6 +380,35 @@ class Tx:
             .limit(limit)
         )
         return (await self.session.exec(query)).all()
+
+    async def metric_columns(self, run_seq: int, *, start: int, end: int, limit: int) -> list[StoredColumns]:
+        """The columns of the metric chunks holding any row with an index in [start, end), in order, at
+        most ``limit`` of them; the payload only of those stored without columns."""
+        table = MetricChunkRow
+        containing_start = _first_chunk_holding(table, run_seq, start)
+        payload_if_needed: sa.ColumnElement[bytes | None] = sa.case(
+            (col(table.value_columns).is_(None), col(table.payload)), else_=sa.null()
+        )
+        query = (
+            select(col(table.first_index), col(table.count), col(table.value_columns), payload_if_needed)
+            .where(
+                col(table.run_seq) == run_seq,
+                col(table.first_index) >= containing_start,
+                col(table.first_index) < end,
+            )
+            .order_by(col(table.first_index))
+            .limit(limit)
+        )
+        return [StoredColumns(*row) for row in (await self.session.exec(query)).all()]
+
+
+def _first_chunk_holding(table: type[ChunkT], run_seq: int, index: int) -> sa.ScalarSelect[int]:
+    """The first index of the run's chunk holding entry ``index`` (0 when none begins at or before it)."""
+    return (
+        select(sa.func.coalesce(sa.func.max(table.first_index), 0))
+        .where(table.run_seq == run_seq, table.first_index <= index)
+        .scalar_subquery()
+    )
 
 
 class RegistryStore:

@@ -9,12 +9,14 @@ stored and read back with no change to the tables.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterator, Sequence
+from bisect import bisect_left
+from collections.abc import Collection, Iterable, Iterator, Sequence
 
 from google.protobuf import timestamp_pb2
 
 from takeoff.v1 import runs_pb2
 from takeoff_registry.runs import MAX_METRIC_KEY, Chunk, EncodedBatch
+from takeoff_registry.sampling import Column, ColumnsBuilder
 from takeoff_server.errors import FieldViolation, InvalidArgument
 from takeoff_server.protovalues import timestamp
 from takeoff_server.validation import text_problem
@@ -46,9 +48,12 @@ def _invalid(violations: list[FieldViolation]) -> InvalidArgument:
 
 
 def metric_batch(rows: Sequence[runs_pb2.MetricRow]) -> EncodedBatch:
-    """Check a batch of rows and wrap it for the store. One pass over the rows: this is the hot path."""
+    """Check a batch of rows and wrap it for the store, with its columns for sampling. One pass over the
+    rows, then one per key: this is the hot path."""
     violations: list[FieldViolation] = []
-    keys: set[str] = set()
+    maps = []
+    numeric_keys: set[str] = set()
+    columns = ColumnsBuilder()
     max_step = 0
     for position, row in enumerate(rows):
         step = row.step
@@ -56,12 +61,14 @@ def metric_batch(rows: Sequence[runs_pb2.MetricRow]) -> EncodedBatch:
             violations.append(FieldViolation(f"rows[{position}].step", f"must be >= 0 (got {step})"))
         elif step > max_step:
             max_step = step
-        keys.update(row.values)
+        values = row.values
+        maps.append(values)
+        numeric_keys.update(values)
         if row.HasField("time") and (problem := _time_problem(row.time)):
             violations.append(FieldViolation(f"rows[{position}].time", problem))
         if row.HasField("data"):
             data_keys = row.data.fields.keys()
-            if clash := data_keys & row.values.keys():
+            if clash := data_keys & values.keys():
                 violations.append(
                     FieldViolation(f"rows[{position}].data", f"keys {sorted(clash)} are also in values")
                 )
@@ -71,7 +78,9 @@ def metric_batch(rows: Sequence[runs_pb2.MetricRow]) -> EncodedBatch:
                         f"rows[{position}].data", f"must be at most {MAX_ROW_DATA_BYTES} bytes encoded"
                     )
                 )
-            keys.update(data_keys)
+            for key in data_keys:
+                columns.add_other(position, key)
+    keys = frozenset(numeric_keys.union(columns.columns()))
     violations.extend(
         FieldViolation("rows", f"metric key {key[:40]!r}: {problem}")
         for key in keys
@@ -79,11 +88,27 @@ def metric_batch(rows: Sequence[runs_pb2.MetricRow]) -> EncodedBatch:
     )
     if violations:
         raise _invalid(violations)
+    for key in numeric_keys:
+        columns.add_numbers(key, [values.get(key) for values in maps])
 
     def encode(skip: int) -> bytes:
         return runs_pb2.ReadMetricsResponse(rows=rows[skip:]).SerializeToString()
 
-    return EncodedBatch(count=len(rows), encode=encode, max_step=max_step, keys=frozenset(keys))
+    return EncodedBatch(
+        count=len(rows), encode=encode, max_step=max_step, keys=keys, encode_columns=columns.encode
+    )
+
+
+def metric_columns(payload: bytes) -> dict[str, Column]:
+    """The columns of a chunk stored without them (before migration 0005), from its rows."""
+    rows = runs_pb2.ReadMetricsResponse.FromString(payload).rows
+    columns = ColumnsBuilder()
+    for position, row in enumerate(rows):
+        for key in row.data.fields:
+            columns.add_other(position, key)
+    for key in {key for row in rows for key in row.values}:
+        columns.add_numbers(key, [row.values.get(key) for row in rows])
+    return columns.columns()
 
 
 def log_batch(lines: Sequence[runs_pb2.LogLine]) -> EncodedBatch:
@@ -112,9 +137,24 @@ def log_batch(lines: Sequence[runs_pb2.LogLine]) -> EncodedBatch:
 
 def metric_rows(chunk: Chunk, *, start: int, keys: Collection[str]) -> Iterator[runs_pb2.MetricRow]:
     """The chunk's rows from index ``start`` on, with index and time filled, reduced to ``keys`` (if any)."""
+    return _sent_rows(chunk, range(max(0, start - chunk.first_index), chunk.count), keys)
+
+
+def chosen_metric_rows(
+    chunk: Chunk, indices: Sequence[int], *, keys: Collection[str]
+) -> Iterator[runs_pb2.MetricRow]:
+    """The chunk's rows at ``indices`` (in order; those outside the chunk are passed over), as
+    :func:`metric_rows` sends them."""
+    inside = indices[
+        bisect_left(indices, chunk.first_index) : bisect_left(indices, chunk.first_index + chunk.count)
+    ]
+    return _sent_rows(chunk, [index - chunk.first_index for index in inside], keys)
+
+
+def _sent_rows(chunk: Chunk, offsets: Iterable[int], keys: Collection[str]) -> Iterator[runs_pb2.MetricRow]:
     stored_at = timestamp(chunk.store_time)
     rows = runs_pb2.ReadMetricsResponse.FromString(chunk.payload).rows
-    for offset in range(max(0, start - chunk.first_index), chunk.count):
+    for offset in offsets:
         row = rows[offset]
         if keys:
             for key in [key for key in row.values if key not in keys]:
