@@ -3,16 +3,18 @@
 It outlives the agent (own session), so a job survives an agent restart, and leaves in LEASE_DIR all
 an agent needs to take the job back or learn how it ended:
 
-- ``spec.json`` (written by the agent): what to run. A local process: argv, env, cwd. A container
-  (``"mode": "container"``): the container the agent created, the engine it is on;
+- ``spec.json`` (written by the agent): what to run. A local process: argv, env, cwd, and for a
+  multi-node launch ``ranks``, each rank's variables over env (one process per rank, all on this host). A
+  container (``"mode": "container"``): the container the agent created, the engine it is on;
 - ``stdout.log``, ``stderr.log``: the job's output, appended as it comes (a container's, followed from
-  the engine);
-- ``shim.json``: the shim's pid and the job's pid (= its process group), or the container's id once the
-  shim has started it (``"started": true``) or found it could not;
+  the engine); ``stdout.rank{r}.log``, ``stderr.rank{r}.log`` for each rank of a multi-node launch;
+- ``shim.json``: the shim's pid and the job's pid (= its process group; ``rank_pids``: one per rank), or
+  the container's id once the shim has started it (``"started": true``) or found it could not;
 - ``shim.lock``: held (``flock``) by a container's shim as long as it lives;
 - ``exit.json``: how the job ended: exit code, or the signal that killed it, whether the shim stopped it
   because the agent's lease ran out, whether the kernel killed it for memory (a container's
-  ``State.OOMKilled``), or a failure of the runner's own (written last, atomically).
+  ``State.OOMKilled``), the rank that failed first in a multi-node launch (whose failure stops the other
+  ranks), or a failure of the runner's own (written last, atomically).
 
 Self-fencing: the agent writes the time its leases are good until to ``lease_until`` whenever it renews
 them. If that time passes (the agent is dead or cut off from the queue), the shim stops the job: a lost
