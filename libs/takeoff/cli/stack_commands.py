@@ -53,8 +53,13 @@ def up(
         bool, typer.Option("--console/--no-console", help="Also start the web console.")
     ] = True,
     console_port: Annotated[
-        int, typer.Option(help="The web console's port on 127.0.0.1 (always loopback); 0 picks a free one.")
-    ] = DEFAULT_PORTS["console"],
+        int | None,
+        typer.Option(
+            help="The web console's port on 127.0.0.1 (always loopback); 0 picks a free one."
+            f" Default {DEFAULT_PORTS['console']}, or a free one with --base-port 0.",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Start the registry, queue, builder and web console (and an agent) on the embedded default; Ctrl-C
     stops all.
@@ -78,7 +83,7 @@ def up(
         base_port=base_port,
         agent_config=agent,
         agent_key=agent_key,
-        console_port=console_port if web_console else None,
+        console_port=_console_port(console_port, base_port) if web_console else None,
     )
     stopping = False
 
@@ -107,6 +112,12 @@ def up(
     console.print("stack stopped")
     if crashed is not None:
         raise typer.Exit(1)
+
+
+def _console_port(given: int | None, base_port: int) -> int:
+    if given is not None:
+        return given
+    return 0 if base_port == 0 else DEFAULT_PORTS["console"]
 
 
 def status(json_output: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
