@@ -796,7 +796,7 @@ class Dispatcher:
             life.attempt,
             life.run,
             life.assign_time,
-            life.start_deadline or life.assign_time,
+            life.start_deadline,
             run_token=token if run == life.run else "",
             secrets=merged_mounts(queue.secrets, item.secrets),
         )

@@ -314,7 +314,8 @@ class Assignment:
     attempt: int
     run: str
     assign_time: datetime
-    start_deadline: datetime
+    start_deadline: datetime | None
+    """None: the queue's start timeout is unlimited (slurm queues by default)."""
     run_token: str = field(default="", repr=False)
     """The attempt's run token (KeyService.MintRunToken); never stored or logged."""
     secrets: tuple[SecretMount, ...] = ()

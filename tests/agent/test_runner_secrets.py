@@ -512,7 +512,7 @@ async def test_a_pod_gets_its_secrets_from_a_secret_the_job_owns_and_nothing_els
     await job.stop(1)
     assert server.get("jobs", job.name) is None
     assert_no_secret(caplog.text, "the agent's log")
-    (_, status) = job.log_sources()[1]
+    status = job.log_sources()[1].source
     assert_no_secret("\n".join(status.read_lines()), "the SYSTEM lines")
 
 

@@ -659,7 +659,7 @@ class Item(_message.Message):
     @_builtins.property
     def start_deadline(self) -> _timestamp_pb2.Timestamp:
         """Output only. When the current attempt must be RUNNING (assignment + start timeout); unset if not
-        leased.
+        leased, or if the queue's start timeout is unlimited.
         """
 
     @_builtins.property
@@ -2323,6 +2323,7 @@ class LeaseResponse(_message.Message):
         def start_deadline(self) -> _timestamp_pb2.Timestamp:
             """The item must be RUNNING by then (assignment + the queue's start timeout). The agent enforces it
             (stop, Complete FAILED START_TIMEOUT); the server also does, as a backstop, with Revoke{START_TIMEOUT}.
+            Unset: the queue's start timeout is unlimited.
             """
 
         @_builtins.property
