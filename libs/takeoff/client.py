@@ -29,7 +29,7 @@ import os
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
@@ -68,6 +68,7 @@ from takeoff.models import (
     Priority,
     ProjectRole,
     Queue,
+    QueueChange,
     ResourceKind,
     RunInfo,
     RunState,
@@ -350,10 +351,20 @@ class Client:
         start_index: int = 0,
         keys: Sequence[str] = (),
         follow: bool = False,
+        max_points: int = 0,
     ) -> Iterator[MetricRow]:
-        """A run's metric rows in order; with ``follow``, new rows as they come until the run ends."""
+        """A run's metric rows in order; with ``follow``, new rows as they come until the run ends.
+
+        ``max_points`` (4 to 100,000; 0 = every row) downsamples a longer history for a chart: of each of
+        ``max_points / 2`` stretches of consecutive rows, the rows holding each key's minimum and maximum,
+        besides the first and last row; rows that come after, while following, are sent every one.
+        """
         request = runs_pb2.ReadMetricsRequest(
-            name=self._stream_run_name(run, project), start_index=start_index, keys=list(keys), follow=follow
+            name=self._stream_run_name(run, project),
+            start_index=start_index,
+            keys=list(keys),
+            follow=follow,
+            max_points=max_points,
         )
         for response in self._stream(self._runs.ReadMetrics, request, follow=follow):
             yield from (MetricRow._from_proto(row) for row in response.rows)
@@ -630,15 +641,69 @@ class Client:
             if isinstance(lost, DeadlineExceededError) and deadline is not None:
                 raise TimeoutError(f"{name} has not ended after {timeout}s") from None
             lost_since = lost_since or time.monotonic()
-            patience = lost_since + RECONNECT_SECONDS - time.monotonic()
-            # Only this loop cancels its calls, after it has stopped: a CANCELLED here came from the far side.
-            if not (lost.retryable or lost.code == "CANCELLED") or patience <= 0:
-                raise lost
-            reconnects += 1  # the channel may not have seen its connection go yet: wait before the next
-            time.sleep(_RECONNECT_POLICY.delay(reconnects))
-            limit = patience if deadline is None else min(patience, deadline - time.monotonic())
-            with contextlib.suppress(grpc.FutureTimeoutError):  # still down: the next round says so
-                grpc.channel_ready_future(self._queue_channel).result(timeout=max(0.0, limit))
+            reconnects += 1
+            self._wait_for_queue_service(
+                lost, give_up_at=lost_since + RECONNECT_SECONDS, reconnects=reconnects, deadline=deadline
+            )
+
+    def watch_queue(self, queue: str, *, project: str | None = None) -> Generator[QueueChange, None, None]:
+        """A queue's open items and agents as they change, until the caller stops iterating: first the
+        whole view (``snapshot``), then each change as the queue pushes it (at most five a second). Keep
+        a :class:`takeoff.QueueView` current with them.
+
+        A stream lost to a restarting queue service is opened again once the service is back, starting
+        with a new snapshot; a queue deleted meanwhile raises ``NotFoundError`` ``QUEUE_NOT_FOUND``.
+        """
+        name = self.queue_name(queue, project)
+        reconnects, lost_since = 0, None
+        while True:
+            call = self._queues.WatchQueue(queue_pb2.WatchQueueRequest(name=name))
+            try:
+                for change in self._queue_changes(call):
+                    lost_since, reconnects = None, 0
+                    yield change
+                lost: TakeoffError = UnavailableError("UNAVAILABLE", "UNAVAILABLE", "the watch ended early")
+            except grpc.RpcError as rpc_error:
+                lost = TakeoffError.from_rpc_error(rpc_error, target=self.queue_address)
+            finally:
+                call.cancel()  # a caller that stops iterating must not leave the stream open
+            lost_since = lost_since or time.monotonic()
+            reconnects += 1
+            self._wait_for_queue_service(
+                lost, give_up_at=lost_since + RECONNECT_SECONDS, reconnects=reconnects
+            )
+
+    def _queue_changes(self, call: Iterable[queue_pb2.WatchQueueResponse]) -> Iterator[QueueChange]:
+        """The changes of one WatchQueue stream, the messages of its snapshot joined into one."""
+        snapshot: QueueChange | None = None
+        for response in call:
+            change = QueueChange._from_proto(response, self)
+            if not change.snapshot:
+                yield change
+                continue
+            if snapshot is None:
+                snapshot = change
+            else:
+                snapshot.items.extend(change.items)
+                snapshot.agents.extend(change.agents)
+            if response.snapshot_done:
+                yield snapshot
+                snapshot = None
+
+    def _wait_for_queue_service(
+        self, lost: TakeoffError, *, give_up_at: float, reconnects: int, deadline: float | None = None
+    ) -> None:
+        """After a watch stream was lost: raise ``lost`` unless it may pass and ``give_up_at`` (a
+        monotonic time) is ahead; else wait a while, and for the service's channel to be ready again (no
+        longer than ``deadline``)."""
+        patience = give_up_at - time.monotonic()
+        # Only the watch loops cancel their calls, once stopped: a CANCELLED here came from the far side.
+        if not (lost.retryable or lost.code == "CANCELLED") or patience <= 0:
+            raise lost
+        time.sleep(_RECONNECT_POLICY.delay(reconnects))  # the channel may not have seen its connection go yet
+        limit = patience if deadline is None else min(patience, deadline - time.monotonic())
+        with contextlib.suppress(grpc.FutureTimeoutError):  # still down: the next round says so
+            grpc.channel_ready_future(self._queue_channel).result(timeout=max(0.0, limit))
 
     # Agents
 

@@ -336,10 +336,19 @@ class LogLine:
     text: str
     stream: LogStream = LogStream.STDOUT
     time: datetime | None = None
+    rank: int | None = None
+    """In a multi-node launch, the rank that printed it; None for a job of one process, the agent's and
+    the build's lines."""
 
     @classmethod
     def _from_proto(cls, message: runs_pb2.LogLine) -> Self:
-        return cls(message.index, message.text, LogStream._from_proto(message.stream), _time(message, "time"))
+        return cls(
+            message.index,
+            message.text,
+            LogStream._from_proto(message.stream),
+            _time(message, "time"),
+            message.rank if message.HasField("rank") else None,
+        )
 
 
 class _AnyCase(enum.StrEnum):
@@ -959,6 +968,66 @@ class Agent:
             connect_time=_time(message, "connect_time"),
             last_heartbeat_time=_time(message, "last_heartbeat_time"),
             disconnect_time=_time(message, "disconnect_time"),
+        )
+
+
+@dataclass(frozen=True)
+class QueueChange:
+    """What :meth:`Client.watch_queue` yields: first the queue as it is (``snapshot``: every open item
+    and every agent serving it), then what changed since the change before."""
+
+    snapshot: bool
+    """The view to start from: replace what you have (a watch that reconnected starts again with one)."""
+    items: list[Item] = field(default_factory=list)
+    """Items that changed, as they are now; one that ended comes once, in its final state."""
+    agents: list[Agent] = field(default_factory=list)
+    """Agents that changed (connected, took or ended a lease, sent a heartbeat)."""
+    removed_agents: list[str] = field(default_factory=list)
+    """Names of agents that no longer serve the queue."""
+
+    @classmethod
+    def _from_proto(cls, message: queue_pb2.WatchQueueResponse, client: Client | None = None) -> Self:
+        return cls(
+            snapshot=message.snapshot,
+            items=[Item._from_proto(item, client) for item in message.items],
+            agents=[Agent._from_proto(agent) for agent in message.agents],
+            removed_agents=list(message.removed_agents),
+        )
+
+
+@dataclass
+class QueueView:
+    """A queue's open items and its agents, kept current by :meth:`apply` from :meth:`Client.watch_queue`."""
+
+    items: dict[str, Item] = field(default_factory=dict)
+    """Open items by name; an item leaves once it has ended."""
+    agents: dict[str, Agent] = field(default_factory=dict)
+    """Agents serving the queue, by name."""
+
+    def apply(self, change: QueueChange) -> None:
+        if change.snapshot:
+            self.items.clear()
+            self.agents.clear()
+        for item in change.items:
+            if item.ended:
+                self.items.pop(item.name, None)
+            else:
+                self.items[item.name] = item
+        self.agents.update((agent.name, agent) for agent in change.agents)
+        for name in change.removed_agents:
+            self.agents.pop(name, None)
+
+    def in_dispatch_order(self) -> list[Item]:
+        """PENDING items by their place (the next first), then the others in the order they were
+        launched."""
+        return sorted(
+            self.items.values(),
+            key=lambda item: (
+                item.position == 0,
+                item.position,
+                item.enqueue_time or datetime.min.replace(tzinfo=UTC),
+                item.name,
+            ),
         )
 
 

@@ -141,10 +141,11 @@ def _width(markup: str) -> int:
 
 def print_json(data: Any) -> None:
     """Print ``data`` as JSON; dataclasses become objects, times ISO 8601 strings, spans seconds."""
-    typer.echo(json.dumps(data, indent=2, sort_keys=True, default=_jsonable))
+    typer.echo(json.dumps(data, indent=2, sort_keys=True, default=jsonable))
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
+    """``json.dumps``' ``default`` for what commands print: see :func:`print_json`."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         # Private fields, such as the client an item handle calls, are plumbing rather than data.
         fields = dataclasses.fields(value)

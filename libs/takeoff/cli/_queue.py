@@ -11,7 +11,7 @@ from typing import Annotated, Any
 import typer
 
 from takeoff.cli._output import Column, Listing, short_id, short_time, usage_error
-from takeoff.models import Agent, ItemState
+from takeoff.models import Agent, ItemState, PendingReason
 
 ITEM_STATE_STYLES = {
     ItemState.PENDING: "yellow",
@@ -24,6 +24,16 @@ ITEM_STATE_STYLES = {
     ItemState.CANCELLED: "magenta",
 }
 
+PENDING_WORDS = {
+    PendingReason.QUEUE_PAUSED: "paused",
+    PendingReason.RETRY_BACKOFF: "back-off",
+    PendingReason.CONCURRENCY_LIMIT: "at limit",
+    PendingReason.NO_AGENT: "no agent",
+    PendingReason.AGENTS_BUSY: "busy",
+    PendingReason.WAITING_FOR_GPUS: "GPUs",
+    PendingReason.QUEUED: "queued",
+}
+"""Why a pending item waits, in a word or two that fit a table's column; `items describe` adds the detail."""
 ItemArgument = Annotated[
     str,
     typer.Argument(

@@ -128,15 +128,19 @@ _LOG_LABELS = {LogStream.SYSTEM: "[takeoff] ", LogStream.BUILD: "[build] "}
 
 
 def log_line_text(line: LogLine) -> str:
-    """A log line as ``takeoff logs`` prints it: what the job printed as it is, other lines labelled once."""
+    """A log line as ``takeoff logs`` prints it: what the job printed as it is, other lines labelled once,
+    and in a multi-node launch each line led by its rank (``[rank 1] ...``)."""
     label = _LOG_LABELS.get(line.stream, "")
-    return line.text if line.text.startswith(label) else label + line.text
+    text = line.text if line.text.startswith(label) else label + line.text
+    return text if line.rank is None else f"[rank {line.rank}] {text}"
 
 
 def log_line_json(line: LogLine) -> str:
-    """A log line as one JSON object (``takeoff logs --json``), with its time."""
+    """A log line as one JSON object (``takeoff logs --json``), with its time and, in a multi-node
+    launch, its rank."""
     time = line.time.isoformat() if line.time else None
-    return json.dumps({"index": line.index, "stream": line.stream, "text": line.text, "time": time})
+    fields = {"index": line.index, "stream": line.stream, "text": line.text, "time": time}
+    return json.dumps(fields if line.rank is None else {**fields, "rank": line.rank})
 
 
 def styled_state(state: RunState) -> str:

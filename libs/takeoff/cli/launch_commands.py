@@ -28,6 +28,7 @@ from takeoff.cli._output import (
     usage_error,
 )
 from takeoff.cli._queue import (
+    PENDING_WORDS,
     ItemArgument,
     ItemQueueOption,
     key_values,
@@ -48,6 +49,7 @@ from takeoff.cli._registry import (
     version_ref,
     when,
 )
+from takeoff.cli.items_watch import watch_items
 from takeoff.cli.job_commands import split_command
 from takeoff.client import Client
 from takeoff.errors import NotFoundError, TakeoffError
@@ -72,16 +74,6 @@ LOG_DRAIN_SECONDS = 10.0
 RUN_POLL_SECONDS = 0.5
 """How often ``--logs`` looks for a run its job has not created yet."""
 
-PENDING_WORDS = {
-    PendingReason.QUEUE_PAUSED: "paused",
-    PendingReason.RETRY_BACKOFF: "back-off",
-    PendingReason.CONCURRENCY_LIMIT: "at limit",
-    PendingReason.NO_AGENT: "no agent",
-    PendingReason.AGENTS_BUSY: "busy",
-    PendingReason.WAITING_FOR_GPUS: "GPUs",
-    PendingReason.QUEUED: "queued",
-}
-"""Why a pending item waits, in a word or two that fit a table's column; `items describe` adds the detail."""
 WAITING_NOTICES = {
     PendingReason.NO_AGENT: "waiting: no connected agent serves {queue} (takeoff agent -q {queue})",
     PendingReason.QUEUE_PAUSED: "waiting: queue {queue} is paused (takeoff queue resume {queue})",
@@ -253,12 +245,26 @@ def list_items(
         typer.Option(help="Only items in this state (repeatable).", case_sensitive=False, show_default=False),
     ] = None,
     limit: Annotated[int, typer.Option(metavar="N", help="Show at most N items, newest first.")] = 50,
+    watch: Annotated[
+        bool,
+        typer.Option(
+            "--watch",
+            help="Follow the --queue's open items and agents as they change until Ctrl-C: a table redrawn"
+            " in place on a terminal, else one line (with --json, one object) per change.",
+        ),
+    ] = False,
     wide: WideOption = False,
     project: ProjectOption = None,
     json_output: JsonOption = False,
 ) -> None:
     """List the items of a queue, or of every queue of a project, newest first; a pending item with its
     place in the queue (#1 is next) and why it waits."""
+    if watch:
+        if queue is None:
+            usage_error("--watch follows one queue: give --queue QUEUE")
+        with takeoff_client(project) as client:
+            watch_items(client, queue, states=state or [], limit=limit, wide=wide, json_output=json_output)
+        return
     with takeoff_client(project) as client:
         items = list(itertools.islice(client.list_items(queue=queue, states=state or []), limit))
         if json_output:

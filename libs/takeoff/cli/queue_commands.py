@@ -88,7 +88,8 @@ def create(
     *,
     name: QueueArgument,
     resource: Annotated[
-        ResourceKind, typer.Option(help="What the items run on.", case_sensitive=False)
+        ResourceKind,
+        typer.Option(help="What the items run on (their resource configs: see above).", case_sensitive=False),
     ] = ResourceKind.LOCAL_PROCESS,
     config: ConfigOption = None,
     var: VarOption = None,
@@ -98,7 +99,8 @@ def create(
     max_attempts: Annotated[int, typer.Option(help="Attempts per item, the first included (0: 3).")] = 0,
     concurrency: Annotated[int, typer.Option(help="Most items running at once (0: no limit).")] = 0,
     start_timeout: Annotated[
-        timedelta | None, _span_option("Time an item may take to start running, e.g. 10m (default: 30m).")
+        timedelta | None,
+        _span_option("Time an item may take to start running, e.g. 10m (default: 30m; slurm: no limit)."),
     ] = None,
     max_run_time: Annotated[
         timedelta | None, _span_option("Time an item may run, e.g. 2h or 1h30m (default: no limit).")
@@ -128,7 +130,27 @@ def create(
     project: ProjectOption = None,
     json_output: JsonOption = False,
 ) -> None:
-    """Create a queue of work for one kind of resource."""
+    """Create a queue of work for one kind of resource.
+
+    --config is the resource config every item gets (a launch's --resource-config merges
+    over it). What each --resource takes:
+
+    local-process: env; nodes.
+    local-container: docker options (gpus, cpus, mem_limit, shm_size, env, volumes, ...); nodes.
+    kubernetes: a batch/v1 Job manifest; nodes beside it.
+    slurm: partition, nodes, ntasks_per_node, gpus_per_node, cpus_per_task, mem (MB, or 16G),
+    time (minutes, or D-HH:MM:SS), account, qos, constraint, env, and sbatch: more sbatch
+    options from an allow-list (gres, exclusive, nodelist, mail_type, ...). The agent runs on a
+    login node; a slurm queue waits for a start without limit unless --start-timeout.
+    ray: entrypoint_num_cpus, entrypoint_num_gpus, entrypoint_memory (bytes),
+    entrypoint_resources, env.
+
+    nodes: N launches N ranks (slurm: N nodes of ntasks_per_node ranks; local-process: N
+    processes; local-container: N containers sharing rank 0's network; kubernetes: an Indexed
+    Job of N pods). Each rank gets MASTER_ADDR, MASTER_PORT, WORLD_SIZE, RANK, LOCAL_RANK,
+    NODE_RANK and LOCAL_WORLD_SIZE; rank 0 writes the run, and `takeoff logs` labels each
+    line with its rank.
+    """
     with takeoff_client(project) as client:
         queue = client.create_queue(
             name,

@@ -135,11 +135,12 @@ def logs(
     tail: Annotated[int, typer.Option(help="Start with the last N lines.")] = 0,
     project: ProjectOption = None,
     json_output: Annotated[
-        bool, typer.Option("--json", help="Print one JSON object per line, with its time.")
+        bool, typer.Option("--json", help="Print one JSON object per line, with its time (and rank).")
     ] = False,
 ) -> None:
     """Print a run's log: what the job printed as it is, its build output (lines marked \\[build]) and
-    Takeoff's own messages (\\[takeoff])."""
+    Takeoff's own messages (\\[takeoff]). In a multi-node launch each line of the job says which rank
+    printed it (\\[rank 1])."""
     with takeoff_client(project) as client:
         name = find_run(client, run).name
         try:
