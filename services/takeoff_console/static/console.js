@@ -39,6 +39,10 @@ function text(root, selector, value) {
   return node;
 }
 
+function shownTime(iso) {
+  return iso ? new Date(iso).toLocaleString() : "";
+}
+
 function post(url) {
   return fetch(url, { method: "POST", headers: { "X-CSRF-Token": document.body.dataset.csrf } });
 }
@@ -56,7 +60,9 @@ function queuePage() {
   const render = () => {
     const body = document.getElementById("items");
     const template = document.getElementById("item-row");
-    body.replaceChildren(...[...items.values()].sort(order).map((item) => {
+    const rows = [...items.values()].sort(order);
+    document.getElementById("no-items").hidden = rows.length > 0;
+    body.replaceChildren(...rows.map((item) => {
       const row = template.content.firstElementChild.cloneNode(true);
       row.dataset.item = item.id;
       row.dataset.state = item.state;
@@ -71,7 +77,7 @@ function queuePage() {
       text(row, "[data-testid=item-pending-detail]", item.pending_detail);
       text(row, "[data-field=failure]", item.failure);
       text(row, "[data-field=attempt]", item.attempt ? `${item.attempt} of ${item.max_attempts}` : "");
-      text(row, "[data-field=enqueued]", item.enqueue_time);
+      text(row, "[data-field=enqueued]", shownTime(item.enqueue_time)).dateTime = item.enqueue_time;
       const cancel = row.querySelector("[data-testid=item-cancel]");
       const relaunch = row.querySelector("[data-testid=item-relaunch]");
       cancel.hidden = item.ended;
@@ -92,7 +98,7 @@ function queuePage() {
       text(row, "[data-field=state]", agent.connected ? (agent.draining ? "draining" : "connected") : "disconnected");
       text(row, "[data-field=capacity]", agent.capacity);
       text(row, "[data-testid=agent-leases]", agent.leases.map((l) => `${l.item} (${l.state})`).join(", "));
-      text(row, "[data-testid=agent-heartbeat]", agent.last_heartbeat);
+      text(row, "[data-testid=agent-heartbeat]", shownTime(agent.last_heartbeat)).dateTime = agent.last_heartbeat;
       return row;
     }));
   };
@@ -150,7 +156,7 @@ function itemPage() {
         const entry = document.createElement("li");
         entry.dataset.testid = "timeline-entry";
         entry.dataset.toState = t.to_state;
-        const parts = [t.time, t.to_state, t.attempt ? `attempt ${t.attempt}` : "", t.agent ? `on ${t.agent}` : "",
+        const parts = [shownTime(t.time), t.to_state, t.attempt ? `attempt ${t.attempt}` : "", t.agent ? `on ${t.agent}` : "",
           t.reason, t.message, t.actor ? `by ${t.actor}` : ""];
         entry.textContent = parts.filter(Boolean).join("  ");
         return entry;
@@ -302,7 +308,7 @@ function launchPage() {
 function localTimes() {
   for (const node of document.querySelectorAll("time")) {
     const value = node.textContent.trim();
-    if (value) { node.dateTime = value; node.title = value; node.textContent = new Date(value).toLocaleString(); }
+    if (value) { node.dateTime = value; node.title = value; node.textContent = shownTime(value); }
   }
 }
 
