@@ -6,6 +6,11 @@ not), waits for the job's GPUs, creates the container (labelled, named ``takeoff
 it to the shim, which starts it, follows its output into the lease directory's log files, fences it when
 the agent stops renewing, and records how it ended before removing it. The attempt reads the same files
 as for a local process, so log tailing, exit records and restart recovery work unchanged.
+
+A multi-node launch (``nodes: N``) is N containers of the same image, ``takeoff-{lease id}`` for rank 0 and
+``takeoff-{lease id}-{rank}`` for the others, which join rank 0's network namespace (``MASTER_ADDR`` is
+127.0.0.1). One shim owns them all: they start together or not at all, one rank failing stops the others,
+and the lease's deadline fences every one.
 """
 
 from __future__ import annotations
@@ -94,10 +99,13 @@ NAMED_VOLUME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]+")
 """Docker's rule for volume names; any other source is a path on the host."""
 EXIT_POLL_SECONDS = 0.05
 SHIM_SETTLE_SECONDS = 60.0
+"""How long ``stop`` waits, after the container stopped, for its shim to record the end and remove it."""
 MASTER_PORT = 29500
 """``MASTER_PORT`` of a multi-node launch (torchrun's default): the ranks share rank 0's network namespace,
 the attempt's own, so no other job can hold the port and none need be probed for."""
-"""How long ``stop`` waits, after the container stopped, for its shim to record the end and remove it."""
+LIVE_STATES = frozenset({"created", "running"})
+"""Engine states of a container whose shim died that a new shim takes over."""
+ENDED_STATES = frozenset({"exited", "dead"})
 _IMAGE_MISSING = ("not found", "manifest unknown", "name unknown", "unauthorized", "denied", "no basic auth")
 """Pull errors that are the image's fault (wrong name, tag or login), not an outage."""
 
@@ -519,10 +527,6 @@ def _remove(engine: docker.DockerClient, container: str) -> None:
             raise
 
 
-_LIVE = frozenset({"created", "running"})
-_ENDED = frozenset({"exited", "dead"})
-
-
 def _state(engine: docker.DockerClient, container: str) -> dict[str, Any] | None:
     """The engine's ``State`` of ``container``; None when it is gone."""
     try:
@@ -760,8 +764,8 @@ class ContainerJob:
         (paused, restarting) or gone ends the job: every rank is removed, and the job recorded as killed
         (exit 137) or lost, since no job runs unsupervised."""
         states = await self.runner.call(lambda engine: [_state(engine, name) for name in self.names])
-        ended_states = [state for state in states if state is not None and state["Status"] in _ENDED]
-        if all(state is not None and state["Status"] in _LIVE | _ENDED for state in states):
+        ended_states = [state for state in states if state is not None and state["Status"] in ENDED_STATES]
+        if all(state is not None and state["Status"] in LIVE_STATES | ENDED_STATES for state in states):
             if len(ended_states) < len(states):
                 await self._start_shim()
                 return None
