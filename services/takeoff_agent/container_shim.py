@@ -192,6 +192,7 @@ def start_ranks(
 
 
 def rank_ended(engine: Engine, path: str) -> bool:
+    """Whether the container at ``path`` has ended (False when the engine cannot say)."""
     with contextlib.suppress(*ENGINE_FAILURES):
         return engine.call("GET", f"{path}/json")["State"]["Status"] in ("exited", "dead")
     return False
@@ -230,6 +231,7 @@ def supervise(
 
 
 def failed(end: dict[str, Any]) -> bool:
+    """Whether a rank's end fails the job: an exit other than 0, or the engine lost it."""
     return "failure" in end or end["exit_code"] != 0
 
 
