@@ -16,6 +16,7 @@ from typing import Any
 import grpc
 from starlette.responses import StreamingResponse
 
+from takeoff.v1 import runs_pb2
 from takeoff_console import views
 from takeoff_console.client import CallFailed, UserClient
 
@@ -90,7 +91,7 @@ async def log_events(client: UserClient, run: str) -> AsyncIterator[tuple[str, A
         yield "lines", views.log_lines(lines)
 
 
-def _run_json(run: Any) -> dict[str, Any]:
+def _run_json(run: runs_pb2.Run) -> dict[str, Any]:
     view = views.run_view(run)
     return {
         "state": view.state,

@@ -42,6 +42,78 @@ class FormField:
     error: str = ""
 
 
+@dataclass
+class Submission:
+    """What a valid submitted form asks to enqueue, as plain JSON values."""
+
+    run_config: dict[str, Any]
+    template_variables: dict[str, Any]
+    resource_config: dict[str, Any] | None
+    priority: str
+    request_id: str
+
+
+@dataclass
+class LaunchForm:
+    """The whole form: its fields, what was typed, and every error to show."""
+
+    config_fields: list[FormField]
+    variable_fields: list[FormField]
+    request_id: str
+    """Sent with the form and on to Enqueue, so that a form submitted twice enqueues once."""
+    priority: str = "medium"
+    resource_config: str = ""
+    resource_config_error: str = ""
+    errors: list[str] = field(default_factory=list)
+
+    @classmethod
+    def build(
+        cls,
+        schema: Mapping[str, Any],
+        defaults: Mapping[str, Any],
+        variables: Mapping[str, Mapping[str, Any]],
+        request_id: str,
+    ) -> LaunchForm:
+        """The form for a version's input ``schema`` and ``defaults`` and a queue's template ``variables``
+        (name -> JSON Schema)."""
+        config = schema_fields(schema, defaults, prefix=RUN_CONFIG, testid_prefix="launch-field")
+        variable_fields = [
+            field_for(
+                spec,
+                name=f"{TEMPLATE_VARIABLES}.{name}",
+                label=name,
+                default=spec.get("default"),
+                testid=f"launch-var-{name}",
+                required="default" not in spec,
+            )
+            for name, spec in variables.items()
+        ]
+        return cls(config, variable_fields, request_id)
+
+    @property
+    def fields(self) -> list[FormField]:
+        return [*self.config_fields, *self.variable_fields]
+
+    def read(self, form: Mapping[str, str]) -> Submission | None:
+        """The submission, or None when a value cannot be sent (its field then says why)."""
+        run_config = read_values(self.config_fields, form)
+        template_variables = read_values(self.variable_fields, form)
+        self.priority = form.get(PRIORITY, "medium")
+        self.resource_config = form.get(RESOURCE_CONFIG, "")
+        resource_config, self.resource_config_error = read_resource_config(self.resource_config)
+        self.request_id = form.get("request_id") or self.request_id
+        if any(f.error for f in self.fields) or self.resource_config_error:
+            return None
+        return Submission(run_config, template_variables, resource_config, self.priority, self.request_id)
+
+    def refused(self, violations: Iterable[FieldViolation], message: str) -> None:
+        """Show the server's refusal: each violation by its field, the rest (or the message) above."""
+        resource = FormField(RESOURCE_CONFIG, "", "json", "", "")
+        unplaced = place_violations([*self.fields, resource], violations)
+        self.resource_config_error = resource.error
+        self.errors = unplaced or ([] if resource.error or any(f.error for f in self.fields) else [message])
+
+
 def schema_fields(
     schema: Mapping[str, Any], defaults: Mapping[str, Any], *, prefix: str, testid_prefix: str
 ) -> list[FormField]:

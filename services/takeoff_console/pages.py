@@ -12,6 +12,7 @@ import io
 import secrets
 import tarfile
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -38,8 +39,8 @@ class Console:
     channels: ServiceChannels
     sessions: Sessions
     signin_code: OneTimeCode
-    admin_key: Any
-    """A callable giving the stack's admin key for the one-time link (read when the link is used)."""
+    admin_key: Callable[[], str]
+    """The stack's admin key, for the one-time link (read when the link is used)."""
     templates: Jinja2Templates
     archives: OrderedDict[str, bytes]
 
@@ -226,74 +227,58 @@ async def launch(request: Request) -> Response:
     version_name = f"projects/{project}/jobs/{job_id}/versions/{number}"
     user = client(request)
     found = await user.get_version(version_name)
-    queues = await user.list_queues(project)
-    form = await request.form() if request.method == "POST" else None
-    chosen = (form.get(launch_form.QUEUE) if form else None) or request.query_params.get("queue")
-    queue = next((q for q in queues if views.last_segment(q.name) == chosen), queues[0] if queues else None)
-    config_fields = launch_form.schema_fields(
+    queues = [views.queue_view(q) for q in await user.list_queues(project)]
+    submitted = await _submitted(request)
+    chosen = submitted.get(launch_form.QUEUE) or request.query_params.get("queue")
+    queue = next((q for q in queues if q.id == chosen), queues[0] if queues else None)
+    form = launch_form.LaunchForm.build(
         struct_to_dict(found.inputs.schema),
         struct_to_dict(found.inputs.defaults),
-        prefix=launch_form.RUN_CONFIG,
-        testid_prefix="launch-field",
+        {name: spec["schema"] for name, spec in (queue.template_variables if queue else {}).items()},
+        request_id=secrets.token_hex(16),
     )
-    variables = views.queue_view(queue).template_variables if queue else {}
-    variable_fields = [
-        launch_form.field_for(
-            spec["schema"],
-            name=f"{launch_form.TEMPLATE_VARIABLES}.{variable}",
-            label=variable,
-            default=spec["schema"].get("default"),
-            testid=f"launch-var-{variable}",
-            required="default" not in spec["schema"],
-        )
-        for variable, spec in variables.items()
-    ]
-    context: dict[str, Any] = {
-        "project": project,
-        "job_id": job_id,
-        "version": found,
-        "queues": [views.queue_view(q) for q in queues],
-        "queue": views.queue_view(queue) if queue else None,
-        "config_fields": config_fields,
-        "variable_fields": variable_fields,
-        "priority": "medium",
-        "resource_config": "",
-        "resource_config_error": "",
-        "errors": [],
-    }
-    if form is None or queue is None:
-        return render(request, "launch.html", **context)
-    fields = [*config_fields, *variable_fields]
-    run_config = launch_form.read_values(config_fields, form)  # type: ignore[arg-type]
-    template_variables = launch_form.read_values(variable_fields, form)  # type: ignore[arg-type]
-    context["priority"] = str(form.get(launch_form.PRIORITY, "medium"))
-    context["resource_config"] = str(form.get(launch_form.RESOURCE_CONFIG, ""))
-    resource_config, context["resource_config_error"] = launch_form.read_resource_config(
-        context["resource_config"]
-    )
-    if any(f.error for f in fields) or context["resource_config_error"]:
-        return render(request, "launch.html", 422, **context)
-    request_message = queue_pb2.EnqueueRequest(
-        queue=queue.name,
-        job=version_name,
-        run_config=dict_to_struct(run_config),
-        template_variables=dict_to_struct(template_variables),
-        priority=views.PRIORITIES.get(context["priority"], views.PRIORITIES["medium"]),
-        request_id=str(form.get("request_id", "")) or secrets.token_hex(16),
-    )
-    if resource_config is not None:
-        request_message.resource_config.CopyFrom(dict_to_struct(resource_config))
+
+    def page(status_code: int = 200) -> Response:
+        context = {"project": project, "job_id": job_id, "version": found, "queues": queues, "queue": queue}
+        return render(request, "launch.html", status_code, form=form, **context)
+
+    if request.method != "POST" or queue is None:
+        return page()
+    submission = form.read(submitted)
+    if submission is None:
+        return page(422)
     try:
-        item = await user.enqueue(request_message)
+        item = await user.enqueue(
+            _enqueue_request(f"projects/{project}/queues/{queue.id}", version_name, submission)
+        )
     except CallFailed as failure:
         if failure.code is not grpc.StatusCode.INVALID_ARGUMENT:
             raise
-        resource_field = launch_form.FormField(launch_form.RESOURCE_CONFIG, "", "json", "", "")
-        unplaced = launch_form.place_violations([*fields, resource_field], failure.status.violations)
-        context["resource_config_error"] = resource_field.error
-        context["errors"] = unplaced or ([] if failure.status.violations else [failure.status.message])
-        return render(request, "launch.html", 422, **context)
+        form.refused(failure.status.violations, failure.status.message)
+        return page(422)
     return RedirectResponse(views.ItemName.parse(item.name).url, status_code=303)
+
+
+async def _submitted(request: Request) -> dict[str, str]:
+    if request.method != "POST":
+        return {}
+    return {name: value for name, value in (await request.form()).items() if isinstance(value, str)}
+
+
+def _enqueue_request(
+    queue: str, version: str, submission: launch_form.Submission
+) -> queue_pb2.EnqueueRequest:
+    request = queue_pb2.EnqueueRequest(
+        queue=queue,
+        job=version,
+        run_config=dict_to_struct(submission.run_config),
+        template_variables=dict_to_struct(submission.template_variables),
+        priority=views.PRIORITIES.get(submission.priority, views.PRIORITIES["medium"]),
+        request_id=submission.request_id,
+    )
+    if submission.resource_config is not None:
+        request.resource_config.CopyFrom(dict_to_struct(submission.resource_config))
+    return request
 
 
 # Queues and items.
