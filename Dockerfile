@@ -1,5 +1,5 @@
-# One image for every Takeoff process: the registry, queue, builder and agent services and the CLI, chosen by
-# the command (`python -m takeoff_registry`, `takeoff ...`). Docker's classic builder builds it (no BuildKit
+# One image for every Takeoff process: the registry, queue, builder, agent and console services and the CLI,
+# chosen by the command (`python -m takeoff_registry`, `takeoff ...`). Docker's classic builder builds it (no BuildKit
 # features). The base image is an argument: any Debian image whose `python3` has venv and pip and is 3.11.4 or
 # later (tarfile's extraction filters: bookworm's own python3 is too old) and whose CA bundle lets pip reach
 # the package index; the official slim image by default, a locally made one where no registry can be reached.
@@ -21,10 +21,20 @@ RUN python -c 'import tomllib; print(*tomllib.load(open("pyproject.toml", "rb"))
         >build-requirements.txt \
     && pip install --quiet -r requirements.txt \
     && /opt/build/bin/pip install --quiet -r build-requirements.txt
+# The console's browser libraries from npm by their lock file; Node.js stays in this stage, the image gets the
+# copied files inside the console's package (as `make console-assets` does).
+RUN apt-get update -qq \
+    && apt-get install -y -qq --no-install-recommends npm >/dev/null \
+    && rm -rf /var/lib/apt/lists/*
+COPY services/takeoff_console/frontend/package.json services/takeoff_console/frontend/package-lock.json \
+    services/takeoff_console/frontend/
+RUN NPM_CONFIG_CAFILE=/etc/ssl/certs/ca-certificates.crt \
+    npm ci --silent --no-audit --no-fund --prefix services/takeoff_console/frontend
 COPY README.md ./
 COPY libs libs
 COPY services services
-RUN /opt/build/bin/pip wheel --quiet --no-deps --no-build-isolation --wheel-dir /tmp/wheels . \
+RUN npm run --silent --prefix services/takeoff_console/frontend vendor \
+    && /opt/build/bin/pip wheel --quiet --no-deps --no-build-isolation --wheel-dir /tmp/wheels . \
     && pip install --quiet --no-deps /tmp/wheels/*.whl
 
 FROM ${BASE_IMAGE}
