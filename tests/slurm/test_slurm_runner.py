@@ -106,12 +106,14 @@ class Slurm:
         return wait_for(find, timeout=60, what="the job to print its Slurm job id")
 
     def wait_slurm_ended(self, job_id: int) -> dict[str, str]:
+        """``scontrol show job`` of the job once Slurm says it has ended."""
+
+        def ended() -> dict[str, str] | None:
+            shown = self.cluster.show_job(job_id)
+            return None if shown["JobState"] in ("PENDING", "RUNNING", "COMPLETING") else shown
+
         return wait_for(
-            lambda: (
-                (shown := self.cluster.show_job(job_id))["JobState"]
-                not in ("PENDING", "RUNNING", "COMPLETING")
-                and shown
-            ),
+            ended,
             timeout=60,
             what=f"Slurm job {job_id} to end",
         )
@@ -125,7 +127,7 @@ def slurm(
 
 
 def _config(go: Path) -> dict[str, Any]:
-    return {"config": dict_to_struct({"go": str(go)})}
+    return {"run_config": dict_to_struct({"go": str(go)})}
 
 
 def test_a_job_runs_on_slurm_with_its_resource_options_and_reports_its_run_and_logs(slurm: Slurm) -> None:
@@ -172,8 +174,15 @@ def test_the_batch_job_references_only_paths_under_shared_roots_and_cancel_stops
         ended = slurm.wait_slurm_ended(job_id)
 
     paths = [
-        *re.findall(r"(/[^\s'\"]+)", script),
-        *spec["argv"],
+        # the command the script runs (its #! line names the system's /bin/sh)
+        *(
+            word
+            for line in script.splitlines()
+            if not line.startswith("#")
+            for word in line.split()
+            if "/" in word
+        ),
+        *(argument for argument in spec["argv"] if argument.startswith("/")),
         spec["cwd"],
         spec["env"]["VIRTUAL_ENV"],
         spec["env"]["PYTHONPATH"],
@@ -193,15 +202,16 @@ def test_a_pending_jobs_slurm_reason_is_the_items_detail_and_cancel_removes_it(s
     stack = slurm.stack
     job, go = slurm.waiter()
     queue = slurm.queue({"sbatch": {"begin": "now+1hour"}})  # held by Slurm until then
-    with slurm.running_agent([queue]):
+    with slurm.running_agent([queue]) as agent:
         name = stack.enqueue(queue, job, max_attempts=1, **_config(go))
-        waiting = stack.wait_until(
-            name,
-            lambda item: "pending: BeginTime" in item.transitions[-1].message,
-            "to wait for its begin time",
-            timeout=60,
-        )
-        job_id = int(re.search(r"Slurm job (\d+)", waiting.transitions[-1].message).group(1))  # type: ignore[union-attr]
+
+        def pending_detail() -> str | None:
+            work = [work for work in agent.status().work if work.item == name]
+            return work[0].detail if work and "pending: BeginTime" in work[0].detail else None
+
+        detail = wait_for(pending_detail, timeout=60, what="the agent to say why Slurm holds the job")
+        waiting = stack.item(name)
+        job_id = int(detail.split()[2])  # "Slurm job N pending: BeginTime"
         stack.queues.CancelItem(queue_pb2.CancelItemRequest(name=name))
         item = stack.wait_ended(name, timeout=60)
         ended = slurm.wait_slurm_ended(job_id)
