@@ -386,5 +386,6 @@ def test_a_rank_that_dies_fails_the_attempt_and_cancel_removes_every_rank(contai
         common_pb2.FAILURE_REASON_JOB_FAILED,
         137,
     )
+    assert failed.message.startswith("rank 1: exit code 137")  # the rank that died, not rank 0 stopped for it
     assert item.state == CANCELLED
     assert stack.run(item.run).state == common_pb2.RUN_STATE_KILLED
