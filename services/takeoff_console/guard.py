@@ -8,8 +8,9 @@ One ASGI middleware, so no route can forget a check:
 2. **Session.** The session cookie (HttpOnly, SameSite=Strict, one name per port) is looked up; a browser
    without one is given an anonymous session. The cookie is written when the session changed (sign-in,
    sign-out).
-3. **Sign-in.** Only ``/signin``, ``/healthz`` and ``/static/`` are served to a browser that has not signed
-   in: a page is redirected to the sign-in form; an event stream, an htmx request or a post is 401.
+3. **Sign-in.** Only ``/signin``, ``/healthz`` and ``/static/`` (the last two without a session) are served
+   to a browser that has not signed in: a page is redirected to the sign-in form; an event stream, an
+   htmx request or a post is 401.
 4. **CSRF.** Every request that is not GET or HEAD must carry the session's CSRF token, as the form field
    ``csrf_token`` or the ``X-CSRF-Token`` header (htmx sends it), else 403: the SameSite cookie already
    keeps other sites out, and the token keeps out anything that would get past it.
@@ -29,7 +30,10 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-PUBLIC_PREFIXES = ("/signin", "/healthz", "/static/")
+SESSIONLESS_PREFIXES = ("/healthz", "/static/")
+"""Served to anyone past the Host check, without a session: health checks (every few seconds) would
+otherwise make a session each, and crowd out those of people."""
+PUBLIC_PREFIXES = ("/signin", *SESSIONLESS_PREFIXES)
 SAFE_METHODS = frozenset({"GET", "HEAD"})
 CSRF_FIELD = "csrf_token"
 CSRF_HEADER = b"x-csrf-token"
@@ -49,16 +53,22 @@ class Guard:
         self._cookie = cookie_name
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] == "lifespan":
             await self._app(scope, receive, send)
+            return
+        if scope["type"] != "http":  # no websockets: nothing here would check them
+            await send({"type": "websocket.close", "code": 1008})
             return
         headers = _headers(scope)
         if headers.get(b"host", b"").decode("latin-1").lower() not in self._hosts:
             await _plain(send, 400, "This console does not answer to that host name.")
             return
+        path: str = scope["path"]
+        if path.startswith(SESSIONLESS_PREFIXES) and scope["method"] in SAFE_METHODS:
+            await self._app(scope, receive, send)
+            return
         session = self._sessions.get(_cookie(headers, self._cookie)) or self._sessions.new()
         scope.setdefault("state", {})["session"] = session
-        path: str = scope["path"]
         if not path.startswith(PUBLIC_PREFIXES) and not session.signed_in:
             await self._refuse_unsigned(scope, headers, send, session)
             return
