@@ -43,8 +43,10 @@ function shownTime(iso) {
   return iso ? new Date(iso).toLocaleString() : "";
 }
 
+// A change asked from a live row (cancel, relaunch): sent as htmx sends its own, so the answer is a redirect
+// header, not a page.
 function post(url) {
-  return fetch(url, { method: "POST", headers: { "X-CSRF-Token": document.body.dataset.csrf } });
+  return fetch(url, { method: "POST", headers: { "X-CSRF-Token": document.body.dataset.csrf, "HX-Request": "true" } });
 }
 
 // Queue page: items in dispatch order and agents, from WatchQueue.
