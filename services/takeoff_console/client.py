@@ -174,10 +174,10 @@ class UserClient:
 
     # Registry: runs.
     async def list_runs(
-        self, project: str, *, page_size: int = 50, page_token: str = "", queue_item: str = ""
+        self, project: str, *, page_size: int = 50, page_token: str = ""
     ) -> runs_pb2.ListRunsResponse:
         request = runs_pb2.ListRunsRequest(
-            parent=f"projects/{project}", page_size=page_size, page_token=page_token, queue_item=queue_item
+            parent=f"projects/{project}", page_size=page_size, page_token=page_token
         )
         return await self._list("registry", self._runs.ListRuns, request, empty=runs_pb2.ListRunsResponse())
 

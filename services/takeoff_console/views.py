@@ -217,15 +217,6 @@ def item_view(item: queue_pb2.Item) -> ItemView:
     )
 
 
-def dispatch_order(items: list[ItemView]) -> list[ItemView]:
-    """PENDING items by position first, then the others, newest first: the order of the queue page."""
-    pending = sorted(
-        (i for i in items if i.state == "PENDING"), key=lambda i: (i.position or 1 << 30, i.enqueue_time)
-    )
-    others = sorted((i for i in items if i.state != "PENDING"), key=lambda i: i.enqueue_time, reverse=True)
-    return pending + others
-
-
 @dataclass(frozen=True)
 class AgentLeaseView:
     item: str
