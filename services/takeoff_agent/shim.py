@@ -28,18 +28,17 @@ import contextlib
 import fcntl
 import json
 import os
+import queue
 import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Any
 
 FENCE_CHECK_SECONDS = 0.5
-RANK_POLL_SECONDS = 0.05
-"""How often the shim looks at the ranks of a multi-node launch while several run: one that fails has the
-others stopped within it."""
 STOP_GRACE_SECONDS = 10.0
 SHIM_LOCK = "shim.lock"
 """Held (flock) by the shim of a container for as long as it lives: one shim per job, and a sign of life
@@ -64,19 +63,15 @@ def lease_lapsed(lease_dir: Path) -> bool:
     return until is not None and time.time() > until
 
 
-def stop_groups(pgids: Collection[int], grace: float, reap: Callable[[], object] = lambda: None) -> None:
+def stop_groups(pgids: Collection[int], grace: float) -> None:
     """SIGTERM the job's process groups (one per rank), then SIGKILL those still there after ``grace``.
-
-    ``reap`` collects the groups' leaders when the caller is their parent (the shim): a leader that has
-    exited but is not reaped keeps its group alive to ``killpg(pgid, 0)``, which would hold the caller
-    for the whole grace."""
+    A group whose leader has exited is gone once the leader is reaped (the shim's waiting threads reap
+    its own at once)."""
     alive = [pgid for pgid in pgids if _signal_group(pgid, signal.SIGTERM)]
     deadline = time.monotonic() + grace
     while alive and time.monotonic() < deadline:
-        reap()
+        time.sleep(0.05)
         alive = [pgid for pgid in alive if _signal_group(pgid, 0)]
-        if alive:
-            time.sleep(0.05)
     for pgid in alive:
         _signal_group(pgid, signal.SIGKILL)
 
@@ -144,38 +139,49 @@ def exit_record(returncode: int, *, rank: int | None, fenced: bool) -> dict[str,
 def run_process(lease_dir: Path, spec: dict[str, Any]) -> None:
     """Start the job's processes, wait for them and record how the job ended. A multi-node launch ends
     when all its ranks have exited 0, or as soon as one fails: the shim then stops the others and records
-    the failed rank's exit."""
+    the exit of the rank that failed first."""
     jobs = start_ranks(lease_dir, spec)
     if not jobs:
         return
     groups = {"job_pid": jobs[0].pid} | ({"rank_pids": [job.pid for job in jobs]} if len(jobs) > 1 else {})
     write_atomically(lease_dir / "shim.json", {"shim_pid": os.getpid(), **groups})
-    fenced = False
-    next_fence_check = time.monotonic()
-    while True:
-        running = [job for job in jobs if job.poll() is None]
-        failed = next((job for job in jobs if job.returncode not in (None, 0)), None)
-        if failed is not None or not running:
-            break
-        if time.monotonic() >= next_fence_check:
-            if lease_lapsed(lease_dir):
-                fenced = True
-                break
-            next_fence_check = time.monotonic() + FENCE_CHECK_SECONDS
-        # One process is waited on; while several run, each is looked at every RANK_POLL_SECONDS.
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            running[0].wait(timeout=FENCE_CHECK_SECONDS if len(jobs) == 1 else RANK_POLL_SECONDS)
+    failed, fenced = wait_for_end(lease_dir, jobs)
     # A job's end is the end of every process it started, as a container's is: nothing of it may run on
     # unsupervised once its exit is recorded. That stops the ranks still running after one failed, and
     # what any rank left behind in its group (a reaped leader's group is only what is left of it).
-    grace = float(spec.get("stop_grace_seconds", STOP_GRACE_SECONDS))
-    stop_groups([job.pid for job in jobs], grace, reap=lambda: [job.poll() for job in jobs])
+    stop_groups([job.pid for job in jobs], float(spec.get("stop_grace_seconds", STOP_GRACE_SECONDS)))
     returncodes = [job.wait() for job in jobs]
     if failed is not None and len(jobs) > 1:
-        record = exit_record(failed.returncode, rank=jobs.index(failed), fenced=fenced)
+        record = exit_record(returncodes[failed], rank=failed, fenced=fenced)
     else:
         record = exit_record(next((code for code in returncodes if code), 0), rank=None, fenced=fenced)
     write_atomically(lease_dir / "exit.json", record)
+
+
+def wait_for_end(lease_dir: Path, jobs: list[subprocess.Popen[bytes]]) -> tuple[int | None, bool]:
+    """Until every process has exited 0, one has failed (which: its index), or the fence has lapsed.
+
+    A thread waits for each process, so the shim learns of each end as it happens, in the order the
+    processes end: the first rank to fail is the one named, not a peer that failed because of it."""
+    ended: queue.SimpleQueue[int] = queue.SimpleQueue()
+
+    def report_end(index: int, job: subprocess.Popen[bytes]) -> None:
+        job.wait()
+        ended.put(index)
+
+    for index, job in enumerate(jobs):
+        threading.Thread(target=report_end, args=(index, job), daemon=True).start()
+    for _ in jobs:
+        while True:
+            try:
+                index = ended.get(timeout=FENCE_CHECK_SECONDS)
+                break
+            except queue.Empty:
+                if lease_lapsed(lease_dir):
+                    return None, True
+        if jobs[index].returncode:
+            return index, False
+    return None, False
 
 
 @contextlib.contextmanager
