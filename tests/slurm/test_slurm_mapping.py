@@ -1,11 +1,13 @@
-"""The slurm runner's own rules, without a cluster: its options, what it refuses, the sbatch options a
-resource config becomes, its job names, and how Slurm's end states become the attempt's end (a time limit
-or a preemption cannot be had on the test cluster within a test's time)."""
+"""The slurm runner's own rules: its options, what it refuses, the sbatch options a resource config
+becomes, its job names, and how Slurm's end states become the attempt's end (a time limit or a preemption
+cannot be had on the test cluster within a test's time), all without a cluster; and its sweep, on one."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -21,6 +23,7 @@ from takeoff_agent.runners.slurm import (
     parse_squeue,
     sbatch_arguments,
 )
+from tests.slurm.conftest import SlurmCluster
 
 AGENT = "0123456789abcdef0123456789abcdef"
 SLURM_COMMANDS = {name: f"/usr/bin/{name}" for name in ("sbatch", "squeue", "scancel", "srun")}
@@ -198,3 +201,30 @@ def test_a_batch_job_that_ended_without_the_shims_record_is_an_infrastructure_fa
     assert failed.failure is not None
     assert failed.failure.reason is FailureReason.RUNNER_INFRA
     assert "(FAILED, exit code 127) without the shim recording" in failed.failure.message
+
+
+def test_sweep_cancels_this_agents_jobs_of_leases_it_does_not_hold_and_no_other(
+    tmp_path: Path, slurm_cluster: SlurmCluster
+) -> None:
+    runner = create(slurm_cluster.runner_options(), context(tmp_path))
+    orphan, held, foreign = (
+        submit(f"takeoff.i{n}.1.{agent}.{lease}")
+        for n, (agent, lease) in enumerate([(AGENT, "orphan"), (AGENT, "held"), ("another-agent", "orphan")])
+    )
+
+    asyncio.run(runner.sweep({"held"}))
+
+    states = {job: slurm_cluster.show_job(job)["JobState"] for job in (orphan, held, foreign)}
+    subprocess.run(["scancel", str(held), str(foreign)], check=True)
+    assert states == {orphan: "CANCELLED", held: "PENDING", foreign: "PENDING"}
+
+
+def submit(name: str) -> int:
+    """A job Slurm holds (``--hold``) under ``name``."""
+    answer = subprocess.run(
+        ["sbatch", "--parsable", "--hold", f"--job-name={name}", "--output=/dev/null", "--wrap=true"],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return int(answer.stdout.strip())
