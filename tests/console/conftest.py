@@ -46,7 +46,7 @@ class Console:
         return httpx.Client(base_url=self.url, follow_redirects=False, timeout=30)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="package")
 def services(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[tuple[ServiceProcess, ServiceProcess, Path]]:
@@ -80,7 +80,7 @@ def _populate(registry: str, queue: str) -> None:
         )
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="package")
 def console(services: tuple[ServiceProcess, ServiceProcess, Path]) -> Iterator[Console]:
     """``python -m takeoff_console`` on a free port, with a one-time code and the admin key in its home."""
     registry, queue, home = services
