@@ -131,7 +131,7 @@ async def home(request: Request) -> Response:
 async def jobs(request: Request) -> Response:
     project = project_of(request)
     found = await client(request).list_jobs(project)
-    return render(request, "jobs.html", project=project, jobs=found, last=views.last_segment)
+    return render(request, "jobs.html", project=project, jobs=found, last=views.last_segment, when=views.when)
 
 
 async def job(request: Request) -> Response:
