@@ -11,6 +11,7 @@ from pathlib import Path
 
 import uvicorn
 
+from takeoff._auth import admin_key_path
 from takeoff.stack import read_secret_file
 from takeoff_console.app import create_app
 from takeoff_console.client import ServiceChannels
@@ -38,16 +39,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     asyncio.run(serve(settings, signin_code))
 
 
-def admin_key_reader(home: Path) -> Callable[[], str]:
+def admin_key_reader(home: Path) -> Callable[[], str | None]:
     """Reads the stack's admin key when a one-time link is used (so a key made after start is found)."""
-
-    def admin_key() -> str:
-        key = read_secret_file(home / "keys" / "admin.key")
-        if key is None:
-            raise ConfigError(f"no admin key in {home / 'keys' / 'admin.key'}")
-        return key
-
-    return admin_key
+    return lambda: read_secret_file(admin_key_path(home))
 
 
 async def serve(settings: ConsoleSettings, signin_code: OneTimeCode) -> None:

@@ -58,7 +58,7 @@ def create_app(
     port: int,
     allowed: list[str],
     signin_code: OneTimeCode,
-    admin_key: Callable[[], str],
+    admin_key: Callable[[], str | None],
     session_seconds: float,
 ) -> Starlette:
     """The app; ``port`` is the one it is served on (the Host check and the cookie's name use it)."""

@@ -39,7 +39,7 @@ class Console:
     channels: ServiceChannels
     sessions: Sessions
     signin_code: OneTimeCode
-    admin_key: Callable[[], str]
+    admin_key: Callable[[], str | None]
     """The stack's admin key, for the one-time link (read when the link is used)."""
     templates: Jinja2Templates
     archives: OrderedDict[str, bytes]
@@ -90,7 +90,11 @@ async def signin_form(request: Request) -> Response:
     if not this.signin_code.redeem(code):
         error = "This sign-in link was already used or is not valid. Sign in with an API key."
         return render(request, "signin.html", 403, next=next_path, error=error, project="default")
-    request.state.session = this.sessions.sign_in(session(request), this.admin_key(), "default")
+    key = this.admin_key()
+    if key is None:
+        error = "The stack's admin key file is gone, so the link cannot sign in. Sign in with an API key."
+        return render(request, "signin.html", 503, next=next_path, error=error, project="default")
+    request.state.session = this.sessions.sign_in(session(request), key, "default")
     return RedirectResponse(next_path, status_code=303)
 
 
