@@ -45,7 +45,7 @@ from takeoff_agent.domain import (
 from takeoff_agent.log_tail import LogTail, shim_output
 from takeoff_agent.ranks import World, world_of
 from takeoff_agent.runners.base import JobOutput, Launch, RunnerContext, RunnerRefused, RunnerUnavailable
-from takeoff_agent.runners.local_process import LocalProcessJob, copy_code
+from takeoff_agent.runners.local_process import LocalProcessJob, agent_environment, copy_code
 from takeoff_agent.runners.secrets import check_names, write_secret_files
 from takeoff_agent.runners.slurm_batch import MULTI_NODE_KEY
 from takeoff_agent.sdk_site import write_sdk_site
@@ -67,6 +67,8 @@ SETTLE_SECONDS = 10.0
 """How long the shim's exit file and Slurm's end of the job may be seen apart before the runner concludes
 from the half it has (the batch step ends just after the shim writes the file)."""
 NAME_PREFIX = "takeoff."
+SLURM_CONF = "SLURM_CONF"
+"""Where Slurm's commands find the cluster's configuration, when not in its default place."""
 WAITING = frozenset({"PENDING", "CONFIGURING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESV_DEL_HOLD"})
 """Slurm job states of a job that has not started (yet)."""
 ENDED = frozenset(
@@ -304,7 +306,7 @@ class SlurmQueue:
             return self._jobs
 
 
-async def _run(*argv: str) -> str:
+async def _run(*argv: str, env: Mapping[str, str] | None = None) -> str:
     """``argv``'s standard output; RunnerUnavailable with its message when it fails."""
     try:
         process = await asyncio.create_subprocess_exec(
@@ -312,6 +314,7 @@ async def _run(*argv: str) -> str:
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
+            env=env,
         )
     except OSError as error:
         raise RunnerUnavailable(f"cannot run {argv[0]}: {error.strerror}") from error
@@ -517,7 +520,7 @@ class SlurmJob:
             f"--job-name={self.name}",
             f"--output={self.lease_dir / SLURM_LOG}",
             f"--chdir={self.lease_dir}",
-            "--export=NONE",  # the agent's own variables (its credentials) are not the job's
+            "--export=ALL",  # of sbatch's own environment: see _submit
             "--no-requeue",  # a retry is the queue's: a new attempt, a new epoch
             *sbatch_arguments(self.assignment.resource_config, self.runner.settings.partition),
             str(script),
@@ -525,7 +528,13 @@ class SlurmJob:
 
     async def _submit(self, script: Path) -> None:
         try:
-            answer = await _run(*self.sbatch_command(script))
+            # sbatch runs with what a local process may see of the agent's environment, which the batch
+            # step gets (--export=ALL): the agent's other variables, its credentials among them, are not the
+            # job's. (--export=NONE or NIL would have slurmd load the user's login environment: seconds.)
+            environment = agent_environment(self.runner.settings.pass_env)
+            if SLURM_CONF in os.environ:
+                environment[SLURM_CONF] = os.environ[SLURM_CONF]
+            answer = await _run(*self.sbatch_command(script), env=environment)
         except RunnerUnavailable as failed:
             if "Batch job submission failed" in str(failed):  # the controller refused the request itself
                 raise RunnerRefused(str(failed)) from None
