@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import os
 import socket
@@ -11,7 +12,7 @@ import textwrap
 import threading
 import uuid
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, NoReturn, cast
@@ -61,6 +62,38 @@ def cli_env(registry: ServiceProcess, queue_service: ServiceProcess, project: st
         **job_environment(registry.address, project, TAKEOFF_QUEUE_ADDRESS=queue_service.address),
         "COLUMNS": "200",
     }
+
+
+Takeoff = Callable[..., subprocess.CompletedProcess[str]]
+"""``takeoff(*args)``: the command line run as a subprocess against the session's registry and queue."""
+
+
+@pytest.fixture
+def takeoff(cli_env: dict[str, str]) -> Takeoff:
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "takeoff.cli", *args],
+            env=cli_env,
+            capture_output=True,
+            check=False,
+            text=True,
+            timeout=60,
+        )
+
+    return run
+
+
+async def start_takeoff(cli_env: dict[str, str], *args: str) -> asyncio.subprocess.Process:
+    """The command line started as a subprocess whose output the test reads as it comes."""
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "takeoff.cli",
+        *args,
+        env=cli_env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
 
 
 def free_port() -> int:

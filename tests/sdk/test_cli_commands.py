@@ -20,8 +20,9 @@ from takeoff.errors import NotFoundError
 from takeoff.models import ItemState
 from tests.processes import ServiceProcess, service_process, wait_for
 from tests.queue.harness import make_code_job
+from tests.sdk.conftest import start_takeoff
 from tests.sdk.test_pack import write
-from tests.sdk.test_queue_cli import refused_in_one_line, start_takeoff
+from tests.sdk.test_queue_cli import refused_in_one_line
 
 NO_AGENT_LINE = "waiting: no connected agent serves cpu (takeoff agent -q cpu)"
 

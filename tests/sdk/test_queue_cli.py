@@ -6,8 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
-import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -15,41 +13,13 @@ import pytest
 from takeoff.v1 import common_pb2
 from tests.processes import ServiceProcess
 from tests.queue.harness import ScriptedAgent, make_code_job
-
-Takeoff = Callable[..., subprocess.CompletedProcess[str]]
+from tests.sdk.conftest import Takeoff, start_takeoff
 
 THREADS = {"type": "integer", "minimum": 1, "maximum": 8, "default": 2, "description": "worker threads"}
 INPUT_SCHEMA = {
     "type": "object",
     "properties": {"lr": {"type": "number", "default": 0.1}, "epochs": {"type": "integer"}},
 }
-
-
-@pytest.fixture
-def takeoff(cli_env: dict[str, str]) -> Takeoff:
-    def run(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "takeoff.cli", *args],
-            env=cli_env,
-            capture_output=True,
-            check=False,
-            text=True,
-            timeout=60,
-        )
-
-    return run
-
-
-async def start_takeoff(cli_env: dict[str, str], *args: str) -> asyncio.subprocess.Process:
-    return await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "takeoff.cli",
-        *args,
-        env=cli_env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
 
 
 @pytest.fixture

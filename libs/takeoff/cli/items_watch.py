@@ -98,7 +98,7 @@ def _waiting(item: Item) -> str:
     if item.pending_reason is not None:
         words = PENDING_WORDS[item.pending_reason]
         return f"{words}: {item.pending_detail}" if item.pending_detail else words
-    return "cancel requested" if item.cancel_requested else ""
+    return "cancel requested" if item.cancel_requested and not item.ended else ""
 
 
 def _change_lines(change: QueueChange, items: list[Item]) -> Iterator[str]:
@@ -110,8 +110,8 @@ def _change_lines(change: QueueChange, items: list[Item]) -> Iterator[str]:
     for item in items:
         place = f" #{item.position}" if item.position else ""
         waiting = f" {_waiting(item)}" if _waiting(item) else ""
-        ended = f" {item.reason}" if item.ended and item.reason else ""
-        yield f"{now} {short_item(item.name)} {item.state}{place}{waiting}{ended}"
+        why_failed = f" {item.reason}" if item.state is ItemState.FAILED and item.reason else ""
+        yield f"{now} {short_item(item.name)} {item.state}{place}{waiting}{why_failed}"
     for agent in change.agents:
         status = "draining" if agent.draining else "connected" if agent.connected else "disconnected"
         yield f"{now} agent {agent.id} {status} {len(agent.leases)}/{agent.capacity}"
