@@ -17,8 +17,10 @@ descendants, from Linux's ``/proc`` (no psutil: job environments get no extra de
 With NVIDIA's management library (the ``nvidia-ml-py`` package, ``takeoff[gpu]``) and a driver, for each
 GPU the job can see (``CUDA_VISIBLE_DEVICES`` honoured; ``i`` is the index the job's code uses, as in
 ``cuda:i``): ``system/gpu.{i}.utilization_percent``, ``.memory_used_mb``, ``.memory_percent``,
-``.temperature_c`` and ``.power_w``. Without them the job is told once on stderr why GPU metrics are
-skipped, and the other metrics go on. MB are MiB (2**20 bytes), as in wandb.
+``.temperature_c`` and ``.power_w``. On a machine with NVIDIA's driver whose GPUs cannot be read (no
+``nvidia-ml-py``, an NVML error, ``CUDA_VISIBLE_DEVICES`` hiding them all) the job is told once on stderr why
+GPU metrics are skipped; on a machine without the driver nothing is said. The other metrics go on. MB are
+MiB (2**20 bytes), as in wandb.
 
 ``TAKEOFF_SYSTEM_METRICS=0`` (or ``false``) turns sampling off.
 """
@@ -32,6 +34,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from types import ModuleType
 from typing import Any, NamedTuple
 
@@ -274,8 +277,13 @@ class GpuSampler:
                 self._nvml.nvmlShutdown()
 
 
+NVIDIA_DRIVER_FILE = Path("/proc/driver/nvidia/version")
+"""Present where NVIDIA's kernel driver is loaded (and in a container given GPUs)."""
+
+
 def _skip_gpus(why: str) -> None:
-    warn(f"GPU metrics skipped: {why}")
+    if NVIDIA_DRIVER_FILE.exists():  # without the driver there is no GPU to miss: a CPU job's log stays clean
+        warn(f"GPU metrics skipped: {why}")
 
 
 def _visible_devices(nvml: ModuleType, visible: str | None) -> list[Any]:
