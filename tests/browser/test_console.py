@@ -18,8 +18,8 @@ from selenium.webdriver.support.wait import WebDriverWait
 
 from tests.browser.console_stack import JOB, PROJECT, QUEUE, ConsoleStack, console_stack
 
-RUN_SECONDS = 180
-"""Enough for the first attempt's venv build and the run, on a loaded CI machine."""
+FIRST_RUN_SECONDS = 150
+"""Enough for the job's first venv build and its run, on a loaded CI machine."""
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +54,7 @@ def not_reloaded(browser: WebDriver) -> bool:
     return browser.execute_script("return window.notReloaded === true") is True
 
 
+@pytest.mark.timeout(FIRST_RUN_SECONDS + 90)  # also starts the module's stack (about 30 s) and browser
 def test_the_launch_form_shows_a_bound_broken_inline_then_the_run_succeeds_with_its_chart_and_logs_live(
     browser: WebDriver, console: ConsoleStack
 ) -> None:
@@ -69,7 +70,7 @@ def test_the_launch_form_shows_a_bound_broken_inline_then_the_run_succeeds_with_
     browser.find_element(*by_testid("launch-submit")).click()
     wait(browser).until(lambda page: "/items/" in page.current_url)
     live(browser)
-    wait(browser, RUN_SECONDS).until(
+    wait(browser, FIRST_RUN_SECONDS).until(
         shows.text_to_be_present_in_element_attribute(by_testid("item-state"), "data-state", "SUCCEEDED")
     )
     assert not_reloaded(browser)
@@ -98,8 +99,10 @@ def test_an_item_launched_on_a_paused_queue_shows_why_it_waits_on_the_open_queue
     assert not_reloaded(browser)
 
     browser.find_element(*by_testid("queue-resume")).click()
-    # Dispatched once resumed: its row leaves PENDING (or the list, once it ended).
-    wait(browser, RUN_SECONDS).until(
-        lambda page: not page.find_elements(By.CSS_SELECTOR, f'{row}[data-state="PENDING"]')
+    # Dispatched once resumed, and followed to its end on the open page.
+    wait(browser, 90).until(
+        shows.presence_of_element_located((By.CSS_SELECTOR, f'{row}[data-state="SUCCEEDED"]'))
     )
     assert not browser.find_elements(*by_testid("queue-paused"))
+    assert browser.find_elements(*by_testid("agent-row"))  # the agent serving the queue
+    assert not_reloaded(browser)
