@@ -51,6 +51,17 @@ print("done waiting", flush=True)
 """
 """Prints its Slurm job id, then waits for the file named by its ``go`` config."""
 
+FAILING_RANK = """\
+import os, sys, time, takeoff
+takeoff.init()
+print("slurm job", os.environ["SLURM_JOB_ID"], flush=True)
+if os.environ["RANK"] == "1":
+    print("rank 1 fails", flush=True)
+    sys.exit(3)
+time.sleep(600)
+"""
+"""Rank 1 fails at once; rank 0 would run for ten minutes unless stopped."""
+
 
 @pytest.fixture(scope="module")
 def lease_ttl_seconds() -> float:
@@ -252,3 +263,17 @@ def test_the_multi_node_example_runs_as_two_slurm_tasks_labelled_by_rank(slurm: 
     assert (run.state, run.summary["sum_of_ranks"]) == (common_pb2.RUN_STATE_FINISHED, 1)
     lines = {(line.rank, line.text) for line in stack.log_lines(item.run) if line.HasField("rank")}
     assert {(0, "rank 0: sum of ranks 1"), (1, "rank 1: sum of ranks 1")} <= lines
+
+
+def test_a_failing_rank_fails_the_attempt_and_srun_stops_the_others(slurm: Slurm) -> None:
+    stack = slurm.stack
+    job = code_job(slurm.client, slurm.tmp_path, "failing-rank", FAILING_RANK)
+    queue = slurm.queue({"ntasks_per_node": 2})
+    with slurm.running_agent([queue]):
+        item = stack.wait_ended(stack.enqueue(queue, job, max_attempts=1), timeout=60)
+        ended = slurm.wait_slurm_ended(slurm.slurm_job_id(item.run))
+
+    assert (item.state, item.reason) == (common_pb2.ITEM_STATE_FAILED, common_pb2.FAILURE_REASON_JOB_FAILED)
+    assert item.exit_code != 0
+    assert (1, "rank 1 fails") in {(line.rank, line.text) for line in stack.log_lines(item.run)}
+    assert ended["JobState"] == "COMPLETED"  # the shim recorded srun's end: rank 0 did not run on
