@@ -27,8 +27,8 @@ from takeoff_agent.shim import run_process
 MULTI_NODE_KEY = "world"
 """In ``spec.json`` of a multi-node launch: ``[nodes, procs_per_node]``; the job's argv is then ``srun``."""
 UNEXPORTED = frozenset({"SLURM_EXPORT_ENV"})
-"""``--export=NONE`` of the batch step, which ``srun`` would apply to the ranks: they get the job's
-environment."""
+"""How the batch job was submitted to take its environment (an ``--export`` a user's sbatch defaults may
+set), which ``srun`` would apply to the ranks: they get the job's environment, whole."""
 
 
 def batch(lease_dir: Path) -> None:
