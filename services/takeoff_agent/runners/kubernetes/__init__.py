@@ -534,8 +534,11 @@ class KubeJob:
             logger.warning("could not move the deadline of Job %s: %s", self.name, error)
 
     async def _next_change(self) -> None:
+        # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a cancellation that arrives as
+        # the event is set, and a start cancelled at its deadline would then wait on for its pods.
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.changed.wait(), RECHECK_SECONDS)
+            async with asyncio.timeout(RECHECK_SECONDS):
+                await self.changed.wait()
         self.changed.clear()
 
     def _known_job(self) -> JsonObject | None:
