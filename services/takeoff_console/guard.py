@@ -14,6 +14,11 @@ One ASGI middleware, so no route can forget a check:
 4. **CSRF.** Every request that is not GET or HEAD must carry the session's CSRF token, as the form field
    ``csrf_token`` or the ``X-CSRF-Token`` header (htmx sends it), else 403: the SameSite cookie already
    keeps other sites out, and the token keeps out anything that would get past it.
+
+Every answer, refusals and static files included, carries :data:`SECURITY_HEADERS`: a Content-Security-Policy
+that lets a page run only the console's own script files (no inline script, no ``eval``, nothing from another
+origin), so text a job wrote that slipped into a page as markup still could not run; no framing
+(clickjacking); no MIME sniffing; no Referer (a URL may hold the one-time code).
 """
 
 from __future__ import annotations
@@ -37,6 +42,17 @@ PUBLIC_PREFIXES = ("/signin", *SESSIONLESS_PREFIXES)
 SAFE_METHODS = frozenset({"GET", "HEAD"})
 CSRF_FIELD = "csrf_token"
 CSRF_HEADER = b"x-csrf-token"
+SECURITY_HEADERS = [
+    (
+        b"content-security-policy",
+        b"default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self';"
+        b" form-action 'self'; base-uri 'none'; frame-ancestors 'none'",
+    ),
+    (b"x-frame-options", b"DENY"),
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"no-referrer"),
+    (b"cross-origin-opener-policy", b"same-origin"),
+]
 MAX_FORM_BYTES = 1024 * 1024
 """The largest form body accepted; a launch form with its JSON fields fits many times over."""
 
@@ -59,6 +75,7 @@ class Guard:
         if scope["type"] != "http":  # no websockets: nothing here would check them
             await send({"type": "websocket.close", "code": 1008})
             return
+        send = _with_security_headers(send)
         headers = _headers(scope)
         if headers.get(b"host", b"").decode("latin-1").lower() not in self._hosts:
             await _plain(send, 400, "This console does not answer to that host name.")
@@ -91,23 +108,33 @@ class Guard:
             target = scope["path"] + (f"?{scope['query_string'].decode()}" if scope["query_string"] else "")
             location = "/signin" if target == "/" else f"/signin?next={quote(target, safe='')}"
             extra = [(b"location", location.encode())]
-            await _plain(send, 303, "Sign in first.", [*extra, self._set_cookie(session)])
+            await _plain(send, 303, "Sign in first.", [*extra, self._set_cookie(scope, session)])
             return
-        await _plain(send, 401, "Sign in first.", [(b"hx-redirect", b"/signin"), self._set_cookie(session)])
+        refusal = [(b"hx-redirect", b"/signin"), self._set_cookie(scope, session)]
+        await _plain(send, 401, "Sign in first.", refusal)
 
     def _with_cookie(self, scope: Scope, send: Send, received: Session) -> Send:
         async def send_with_cookie(message: Message) -> None:
             if message["type"] == "http.response.start":
                 current: Session = scope["state"]["session"]
                 if current is not received or not _had_cookie(scope, self._cookie, current):
-                    message.setdefault("headers", []).append(self._set_cookie(current))
+                    message.setdefault("headers", []).append(self._set_cookie(scope, current))
             await send(message)
 
         return send_with_cookie
 
-    def _set_cookie(self, session: Session) -> tuple[bytes, bytes]:
+    def _set_cookie(self, scope: Scope, session: Session) -> tuple[bytes, bytes]:
         value = f"{self._cookie}={session.id}; Path=/; HttpOnly; SameSite=Strict"
         return (b"set-cookie", value.encode())
+
+
+def _with_security_headers(send: Send) -> Send:
+    async def send_with_headers(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message["headers"] = [*message.get("headers", []), *SECURITY_HEADERS]
+        await send(message)
+
+    return send_with_headers
 
 
 def _headers(scope: Scope) -> dict[bytes, bytes]:

@@ -314,7 +314,20 @@ function localTimes() {
   }
 }
 
+// The header's project box and an error page's "Back" link: here rather than in inline handlers, which the
+// console's Content-Security-Policy does not run.
+function navigation() {
+  const project = document.querySelector("form[data-project-switch]");
+  if (project) project.addEventListener("submit", (event) => {
+    event.preventDefault();
+    location.href = `/projects/${encodeURIComponent(project.elements.p.value)}/jobs`;
+  });
+  const back = document.querySelector("a[data-back]");
+  if (back && history.length > 1) back.addEventListener("click", (event) => { event.preventDefault(); history.back(); });
+}
+
 document.addEventListener("DOMContentLoaded", () => {
+  navigation();
   localTimes();
   const pages = { queue: queuePage, item: itemPage, run: runPage, compare: comparePage, launch: launchPage };
   const start = pages[document.body.dataset.page];

@@ -1,0 +1,89 @@
+"""The console's guard and pages in this process, without the services: the headers every answer
+carries, the cookie's flags, sessions that a flood cannot push out, pages without inline script, and the
+heartbeats of a quiet event stream."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+
+from takeoff_console.app import PACKAGE, create_app
+from takeoff_console.client import ServiceChannels
+from takeoff_console.sessions import OneTimeCode
+
+PORT = 8080
+UNANSWERED = "127.0.0.1:1"
+"""The services' address: nothing these tests ask for calls them."""
+
+
+@pytest.fixture
+async def console() -> AsyncIterator[httpx.AsyncClient]:
+    """The console's app over HTTPS (as with ``tls`` set), answering to the default hosts."""
+    channels = ServiceChannels.open(UNANSWERED, UNANSWERED)
+    app = create_app(
+        channels,
+        port=PORT,
+        allowed=[],
+        signin_code=OneTimeCode(None),
+        admin_key=lambda: None,
+        session_seconds=3600,
+    )
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url=f"https://127.0.0.1:{PORT}") as client:
+        yield client
+    await channels.close()
+
+
+async def test_every_answer_forbids_inline_script_framing_sniffing_and_referrers(
+    console: httpx.AsyncClient,
+) -> None:
+    answers = {
+        "sign-in form": await console.get("/signin"),
+        "health check": await console.get("/healthz"),
+        "static file": await console.get("/static/console.js"),
+        "unsigned page": await console.get("/projects/p/jobs"),
+        "unsigned event stream": await console.get(
+            "/projects/p/queues/q/events", headers={"accept": "text/event-stream"}
+        ),
+        "post without a token": await console.post("/signin", data={"key": "k"}),
+        "foreign host": await console.get("/signin", headers={"host": "attacker.example"}),
+    }
+    assert [answer.status_code for answer in answers.values()] == [200, 200, 200, 303, 401, 403, 400]
+    for what, answer in answers.items():
+        policy = answer.headers.get("content-security-policy", "")
+        assert "script-src 'self';" in policy, what
+        assert "frame-ancestors 'none'" in policy, what
+        assert "unsafe" not in policy, what
+        assert answer.headers.get("x-frame-options") == "DENY", what
+        assert answer.headers.get("x-content-type-options") == "nosniff", what
+        assert answer.headers.get("referrer-policy") == "no-referrer", what
+
+
+def test_no_template_has_inline_script_or_style() -> None:
+    """The Content-Security-Policy runs no inline script: an inline handler or ``javascript:`` link would
+    silently do nothing, so none may exist."""
+    inline = re.compile(
+        r"<script(?![^>]*\ssrc=)|\son[a-z]+\s*=|javascript:|\sstyle\s*=|<style", re.IGNORECASE
+    )
+    found = {
+        template.name: inline.findall(template.read_text())
+        for template in (PACKAGE / "templates").glob("*.html")
+    }
+    assert {name: hits for name, hits in found.items() if hits} == {}
+
+
+def test_no_template_marks_text_safe() -> None:
+    """Autoescaping keeps a job's output (a log line, a metric name) text: no template turns it off."""
+    unsafe = re.compile(r"\|\s*safe\b|autoescape\s+false|Markup\(")
+    assert [t.name for t in (PACKAGE / "templates").glob("*.html") if unsafe.search(t.read_text())] == []
+
+
+def test_the_console_script_never_parses_text_as_html() -> None:
+    script = (PACKAGE / "static" / "console.js").read_text()
+    assert (
+        re.findall(r"innerHTML|outerHTML|insertAdjacentHTML|document\.write|eval\(|new Function", script)
+        == []
+    )
