@@ -745,7 +745,7 @@ class QueueApi(queue_pb2_grpc.QueueServiceServicer):
         self, request: queue_pb2.WatchItemRequest, context: Context
     ) -> AsyncIterator[queue_pb2.WatchItemResponse]:
         seen: int | None = None
-        reason = queue_pb2.PENDING_REASON_UNSPECIFIED
+        told = (queue_pb2.PENDING_REASON_UNSPECIFIED, "")
         async for item in self._book.watch_item(request.name):
             shown = self._item_proto(item)
             if seen is None:
@@ -753,9 +753,10 @@ class QueueApi(queue_pb2_grpc.QueueServiceServicer):
             elif item.history[seen:]:
                 for transition in item.history[seen:]:
                     yield queue_pb2.WatchItemResponse(item=shown, transition=_transition_to_proto(transition))
-            elif shown.pending_reason != reason:
-                yield queue_pb2.WatchItemResponse(item=shown)  # still PENDING, for another reason
-            seen, reason = len(item.history), shown.pending_reason
+            elif (shown.pending_reason, shown.message) != told:
+                # still PENDING, for another reason; or a new detail of its state (a repeated Progress)
+                yield queue_pb2.WatchItemResponse(item=shown)
+            seen, told = len(item.history), (shown.pending_reason, shown.message)
 
     async def ListAgents(
         self, request: queue_pb2.ListAgentsRequest, context: Context

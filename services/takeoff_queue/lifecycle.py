@@ -239,12 +239,14 @@ def assign(
 
 
 def progress(item: ItemLife, epoch: int, state: ItemState, now: datetime, detail: str = "") -> ItemLife:
-    """LEASED -> BUILDING -> STARTING -> RUNNING, forward only; a repeat of the current state is a no-op."""
+    """LEASED -> BUILDING -> STARTING -> RUNNING, forward only. A repeat of the current state records no
+    transition; a new detail in it replaces the item's message (a runner saying why the start waits: Slurm's
+    pending reason, a pod not scheduled yet), and one without a detail changes nothing."""
     item.check_epoch(epoch)
     if state not in _PROGRESS_ORDER:
         raise IllegalTransition(item.item_id, item.state, f"report progress to {state.value}")
     if state is item.state:
-        return item
+        return item if detail in ("", item.message) else replace(item, message=detail)
     if _PROGRESS_ORDER.index(state) < _PROGRESS_ORDER.index(item.state):
         raise IllegalTransition(item.item_id, item.state, f"move back to {state.value}")
     if state is ItemState.RUNNING:

@@ -25,6 +25,7 @@ Stub: TypeAlias = "queue_pb2_grpc.QueueServiceAsyncStub"  # a type only the stub
 Response = queue_pb2.WatchQueueResponse
 PENDING = common_pb2.ITEM_STATE_PENDING
 LEASED = common_pb2.ITEM_STATE_LEASED
+STARTING = common_pb2.ITEM_STATE_STARTING
 SUCCEEDED = common_pb2.ITEM_STATE_SUCCEEDED
 CANCELLED = common_pb2.ITEM_STATE_CANCELLED
 
@@ -256,6 +257,41 @@ async def test_pausing_the_queue_sends_its_pending_items_with_the_new_reason(
         assert view.items[item.name].pending_detail == "the queue is paused"
         await update(queues, queue, paused=False)
         await view.until(lambda v: waits(v.items[item.name]) == (1, "PENDING_REASON_NO_AGENT"))
+
+
+async def test_a_repeated_progress_with_a_new_detail_is_shown_by_get_item_and_both_watches(
+    queues: Stub, new_queue: NewQueue, job: str, queue_address: str
+) -> None:
+    queue = await new_queue()
+    agent = await ScriptedAgent(queue_address).connect([queue], capacity=1)
+    try:
+        item = await enqueue(queues, queue, job)
+        assignment = (await agent.next("assignment")).assignment
+
+        async def starting(detail: str) -> None:
+            progress = queue_pb2.LeaseRequest.Progress(
+                lease_id=assignment.lease_id, epoch=assignment.epoch, state=STARTING, detail=detail
+            )
+            await agent.send(progress=progress)
+            assert (await agent.answer()).WhichOneof("message") == "ack"
+
+        await starting("waiting: Resources")
+        item_updates = aiter(queues.WatchItem(queue_pb2.WatchItemRequest(name=item.name)))
+        async with watching(queues, queue) as view:
+            await view.snapshot()
+            assert (await anext(item_updates)).item.message == "waiting: Resources"
+            await starting("waiting: Priority")  # the runner's new reason, in the same state
+            update = await asyncio.wait_for(anext(item_updates), 10)
+            await view.until(lambda v: v.items[item.name].message == "waiting: Priority")
+        await starting("")  # no detail: nothing new to say
+        stored = (await queues.GetItem(queue_pb2.GetItemRequest(name=item.name))).item
+    finally:
+        await agent.close()
+    assert not update.HasField("transition")
+    assert (update.item.state, update.item.message) == (STARTING, "waiting: Priority")
+    assert stored.message == "waiting: Priority"
+    starts = [t for t in stored.transitions if t.to_state == STARTING]
+    assert [t.message for t in starts] == ["waiting: Resources"]  # the repeat records no transition
 
 
 async def test_deleting_the_queue_ends_the_stream_with_not_found(
