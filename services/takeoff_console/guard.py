@@ -124,7 +124,9 @@ class Guard:
         return send_with_cookie
 
     def _set_cookie(self, scope: Scope, session: Session) -> tuple[bytes, bytes]:
-        value = f"{self._cookie}={session.id}; Path=/; HttpOnly; SameSite=Strict"
+        # Secure when the page came over HTTPS, so the browser never sends the id back over plain HTTP.
+        secure = "; Secure" if scope["scheme"] == "https" else ""
+        value = f"{self._cookie}={session.id}; Path=/; HttpOnly; SameSite=Strict{secure}"
         return (b"set-cookie", value.encode())
 
 

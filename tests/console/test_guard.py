@@ -62,6 +62,12 @@ async def test_every_answer_forbids_inline_script_framing_sniffing_and_referrers
         assert answer.headers.get("referrer-policy") == "no-referrer", what
 
 
+async def test_the_session_cookie_is_secure_when_served_over_https(console: httpx.AsyncClient) -> None:
+    cookie = (await console.get("/signin")).headers["set-cookie"]
+    assert cookie.startswith(f"takeoff_console_{PORT}=")
+    assert {"Path=/", "HttpOnly", "SameSite=Strict", "Secure"} <= set(cookie.split("; "))
+
+
 def test_no_template_has_inline_script_or_style() -> None:
     """The Content-Security-Policy runs no inline script: an inline handler or ``javascript:`` link would
     silently do nothing, so none may exist."""
