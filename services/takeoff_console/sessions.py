@@ -20,7 +20,11 @@ from pathlib import Path
 ANONYMOUS_SECONDS = 3600.0
 """How long a session that never signed in is kept (the sign-in form's CSRF token lives as long)."""
 MAX_SESSIONS = 10_000
-"""Sessions kept at most; beyond it the least recently used is forgotten (its browser signs in again)."""
+"""Signed-in sessions kept at most; beyond it the least recently used is forgotten (its browser signs in
+again)."""
+MAX_ANONYMOUS_SESSIONS = 10_000
+"""Sessions that have not signed in, kept apart: any web page can have a browser make them (an image pointed
+at the console), and a flood of them must not push out the sessions of people who signed in."""
 
 
 @dataclass
@@ -42,37 +46,47 @@ class Sessions:
     def __init__(self, lifetime_seconds: float, clock: Callable[[], float] = time.monotonic) -> None:
         self._lifetime = lifetime_seconds
         self._clock = clock
-        self._sessions: OrderedDict[str, Session] = OrderedDict()
+        self._signed_in: OrderedDict[str, Session] = OrderedDict()
+        self._anonymous: OrderedDict[str, Session] = OrderedDict()
 
     def get(self, session_id: str | None) -> Session | None:
-        session = self._sessions.get(session_id or "")
-        if session is None:
-            return None
-        if session.expires <= self._clock():
-            del self._sessions[session.id]
-            return None
-        self._sessions.move_to_end(session.id)
-        return session
+        for pool in (self._signed_in, self._anonymous):
+            session = pool.get(session_id or "")
+            if session is None:
+                continue
+            if session.expires <= self._clock():
+                del pool[session.id]
+                return None
+            pool.move_to_end(session.id)
+            return session
+        return None
 
     def new(self) -> Session:
         """A session that has not signed in: it carries the sign-in form's CSRF token."""
-        return self._add(Session(_token(), _token(), self._clock() + ANONYMOUS_SECONDS))
+        session = Session(_token(), _token(), self._clock() + ANONYMOUS_SECONDS)
+        return _add(self._anonymous, session, MAX_ANONYMOUS_SESSIONS)
 
     def sign_in(self, previous: Session | None, key: str, project: str) -> Session:
         """A new signed-in session replacing ``previous``."""
         if previous is not None:
-            self._sessions.pop(previous.id, None)
-        return self._add(Session(_token(), _token(), self._clock() + self._lifetime, key, project))
+            self._forget(previous)
+        session = Session(_token(), _token(), self._clock() + self._lifetime, key, project)
+        return _add(self._signed_in, session, MAX_SESSIONS)
 
     def sign_out(self, session: Session) -> Session:
-        self._sessions.pop(session.id, None)
+        self._forget(session)
         return self.new()
 
-    def _add(self, session: Session) -> Session:
-        self._sessions[session.id] = session
-        while len(self._sessions) > MAX_SESSIONS:
-            self._sessions.popitem(last=False)
-        return session
+    def _forget(self, session: Session) -> None:
+        self._signed_in.pop(session.id, None)
+        self._anonymous.pop(session.id, None)
+
+
+def _add(pool: OrderedDict[str, Session], session: Session, most: int) -> Session:
+    pool[session.id] = session
+    while len(pool) > most:
+        pool.popitem(last=False)
+    return session
 
 
 def _token() -> str:

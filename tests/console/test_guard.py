@@ -10,9 +10,10 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 
+from takeoff_console import sessions
 from takeoff_console.app import PACKAGE, create_app
 from takeoff_console.client import ServiceChannels
-from takeoff_console.sessions import OneTimeCode
+from takeoff_console.sessions import OneTimeCode, Sessions
 
 PORT = 8080
 UNANSWERED = "127.0.0.1:1"
@@ -93,3 +94,24 @@ def test_the_console_script_never_parses_text_as_html() -> None:
         re.findall(r"innerHTML|outerHTML|insertAdjacentHTML|document\.write|eval\(|new Function", script)
         == []
     )
+
+
+def test_a_flood_of_anonymous_sessions_does_not_sign_anyone_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sessions, "MAX_ANONYMOUS_SESSIONS", 10)
+    monkeypatch.setattr(sessions, "MAX_SESSIONS", 10)
+    pool = Sessions(3600)
+    person = pool.sign_in(pool.new(), "tko_key", "default")
+    for _ in range(100):  # any web page can have its visitors' browsers make these
+        pool.new()
+    assert pool.get(person.id) is person
+
+
+def test_signing_in_and_out_replace_the_session() -> None:
+    pool = Sessions(3600)
+    planted = pool.new()
+    person = pool.sign_in(planted, "tko_key", "default")
+    assert person.id != planted.id
+    assert pool.get(planted.id) is None
+    after = pool.sign_out(person)
+    assert pool.get(person.id) is None
+    assert not after.signed_in
