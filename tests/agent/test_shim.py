@@ -149,3 +149,44 @@ def test_the_self_fence_stops_every_rank(tmp_path: Path) -> None:
         if shim.poll() is None:
             shim.kill()
             shim.wait()
+
+
+FAILS_AFTER_ITS_PEER = """\
+import os, socket, sys, time
+address = os.path.join(os.getcwd(), "rank0.sock")
+if os.environ["RANK"] == "1":
+    connection = socket.socket(socket.AF_UNIX)
+    while connection.connect_ex(address):  # until rank 0 listens
+        time.sleep(0.005)
+    sys.exit(3)
+with socket.socket(socket.AF_UNIX) as server:
+    server.bind(address)
+    server.listen()
+    peer, _ = server.accept()
+    peer.recv(1)  # the connection closes as rank 1 exits
+time.sleep(0.2)  # a collective noticing its lost peer: rank 0 fails because rank 1 has gone
+sys.exit(5)
+"""
+"""Rank 1 connects to rank 0 and exits 3; rank 0 exits 5 a moment after the connection closes. Rank 0
+ends second, though first in rank order."""
+
+
+def test_the_rank_that_failed_first_is_named_not_the_peer_that_failed_for_it(tmp_path: Path) -> None:
+    write_atomically(
+        tmp_path / "spec.json",
+        {
+            "argv": [sys.executable, "-c", FAILS_AFTER_ITS_PEER],
+            "env": {},
+            "cwd": str(tmp_path),
+            "stop_grace_seconds": 600,
+            "ranks": [{"RANK": "0"}, {"RANK": "1"}],
+        },
+    )
+    subprocess.run([sys.executable, "-m", "takeoff_agent.shim", str(tmp_path)], timeout=60, check=True)
+
+    assert json.loads((tmp_path / "exit.json").read_text()) == {
+        "exit_code": 3,
+        "signal": None,
+        "fenced": False,
+        "rank": 1,
+    }
