@@ -98,7 +98,8 @@ class LocalProcessRunner:
         refused = sorted(set(assignment.resource_config) - PROCESS_OPTIONS)
         if refused:
             raise RunnerRefused(
-                f"local-process does not take the resource option {', '.join(refused)} (it takes: env)"
+                f"local-process does not take the resource option {', '.join(refused)}"
+                f" (it takes: {', '.join(sorted(PROCESS_OPTIONS))})"
             )
 
     def job(self, assignment: Assignment, lease_dir: Path) -> LocalProcessJob:
