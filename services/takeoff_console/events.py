@@ -9,8 +9,10 @@ instead of letting the browser reconnect; a failed call sends ``failed`` with th
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import aclosing
 from typing import Any
 
 import grpc
@@ -26,21 +28,60 @@ minimum and maximum, so a spike in 100,000 rows still shows; rows logged later a
 LOG_TAIL = 1000
 """Log lines a run page starts with; the rest of a long log stays a ``takeoff logs`` away."""
 RECONNECT_MILLISECONDS = 2000
+HEARTBEAT_SECONDS = 15.0
+"""A quiet stream (a queue nobody touches) sends a comment line this often: proxies close connections idle
+for 30-60 s, and a write is also how a browser that left without a word is noticed."""
+HEARTBEAT = b": heartbeat\n\n"
 
 
-def event_stream(events: AsyncIterator[tuple[str, Any]]) -> StreamingResponse:
+def event_stream(
+    events: AsyncGenerator[tuple[str, Any], None], heartbeat_seconds: float = HEARTBEAT_SECONDS
+) -> StreamingResponse:
     return StreamingResponse(
-        _encoded(events),
+        _encoded(_with_heartbeats(events, heartbeat_seconds)),
         media_type="text/event-stream",
         headers={"cache-control": "no-store", "x-accel-buffering": "no"},
     )
 
 
-async def _encoded(events: AsyncIterator[tuple[str, Any]]) -> AsyncIterator[bytes]:
+async def _with_heartbeats(
+    events: AsyncGenerator[tuple[str, Any], None], seconds: float
+) -> AsyncGenerator[tuple[str, Any] | None, None]:
+    """``events``, with ``None`` after each ``seconds`` without one. The wait for the next event is a task
+    left running across heartbeats (a timeout would cancel it, and with it the gRPC stream). When the
+    reader stops, ``events`` is closed at once (cancelling its gRPC stream), not whenever it is collected."""
+    next_event: asyncio.Task[tuple[str, Any]] | None = None
+    try:
+        while True:
+            if next_event is None:
+                next_event = asyncio.ensure_future(anext(events))
+            done, _ = await asyncio.wait({next_event}, timeout=seconds)
+            if not done:
+                yield None
+                continue
+            try:
+                event = next_event.result()
+            except StopAsyncIteration:
+                return
+            next_event = None
+            yield event
+    finally:
+        if next_event is not None:
+            next_event.cancel()
+            await asyncio.gather(next_event, return_exceptions=True)
+        await events.aclose()
+
+
+async def _encoded(events: AsyncGenerator[tuple[str, Any] | None, None]) -> AsyncIterator[bytes]:
     yield f"retry: {RECONNECT_MILLISECONDS}\n\n".encode()
     try:
-        async for name, data in events:
-            yield f"event: {name}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+        async with aclosing(events):
+            async for event in events:
+                if event is None:
+                    yield HEARTBEAT
+                    continue
+                name, data = event
+                yield f"event: {name}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
     except CallFailed as failure:
         if failure.code is grpc.StatusCode.UNAUTHENTICATED:
             reason = "your key is no longer valid: sign in again"
@@ -53,7 +94,7 @@ async def _encoded(events: AsyncIterator[tuple[str, Any]]) -> AsyncIterator[byte
     yield b"event: end\ndata: {}\n\n"
 
 
-async def queue_events(client: UserClient, queue: str) -> AsyncIterator[tuple[str, Any]]:
+async def queue_events(client: UserClient, queue: str) -> AsyncGenerator[tuple[str, Any], None]:
     """The queue's items and agents from WatchQueue, and whether it is paused. WatchQueue carries no queue
     settings, so each of its messages (a pause changes every pending item's reason) is followed by a GetQueue,
     and ``queue`` is sent when ``paused`` changed: at most WatchQueue's 5 messages a second, never a poll."""
@@ -75,18 +116,18 @@ async def queue_events(client: UserClient, queue: str) -> AsyncIterator[tuple[st
                 yield "queue", {"paused": paused}
 
 
-async def item_events(client: UserClient, item: str) -> AsyncIterator[tuple[str, Any]]:
+async def item_events(client: UserClient, item: str) -> AsyncGenerator[tuple[str, Any], None]:
     async for change in client.watch_item(item):
         yield "item", views.item_view(change.item).as_json()
 
 
-async def metric_events(client: UserClient, run: str) -> AsyncIterator[tuple[str, Any]]:
+async def metric_events(client: UserClient, run: str) -> AsyncGenerator[tuple[str, Any], None]:
     async for rows in client.read_metrics(run, max_points=CHART_POINTS, follow=True):
         yield "rows", views.metric_rows(rows)
     yield "run", _run_json(await client.get_run(run))
 
 
-async def log_events(client: UserClient, run: str) -> AsyncIterator[tuple[str, Any]]:
+async def log_events(client: UserClient, run: str) -> AsyncGenerator[tuple[str, Any], None]:
     async for lines in client.read_logs(run, tail=LOG_TAIL, follow=True):
         yield "lines", views.log_lines(lines)
 

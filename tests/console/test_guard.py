@@ -4,13 +4,15 @@ heartbeats of a quiet event stream."""
 
 from __future__ import annotations
 
+import asyncio
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import Any
 
 import httpx
 import pytest
 
-from takeoff_console import sessions
+from takeoff_console import events, sessions
 from takeoff_console.app import PACKAGE, create_app
 from takeoff_console.client import ServiceChannels
 from takeoff_console.sessions import OneTimeCode, Sessions
@@ -115,3 +117,25 @@ def test_signing_in_and_out_replace_the_session() -> None:
     after = pool.sign_out(person)
     assert pool.get(person.id) is None
     assert not after.signed_in
+
+
+async def test_a_quiet_event_stream_sends_heartbeats_and_stops_its_source_when_left() -> None:
+    source_stopped = asyncio.Event()
+
+    async def quiet() -> AsyncGenerator[tuple[str, Any], None]:
+        try:
+            yield "snapshot", {"items": ["<img src=x onerror=alert(1)>"]}
+            await asyncio.Event().wait()  # a queue nobody touches
+            yield "never", {}
+        finally:
+            source_stopped.set()
+
+    response = events.event_stream(quiet(), heartbeat_seconds=0.01)
+    chunks = aiter(response.body_iterator)
+    assert await anext(chunks) == f"retry: {events.RECONNECT_MILLISECONDS}\n\n".encode()
+    assert await anext(chunks) == (b'event: snapshot\ndata: {"items":["<img src=x onerror=alert(1)>"]}\n\n')
+    assert await anext(chunks) == events.HEARTBEAT
+    assert await anext(chunks) == events.HEARTBEAT
+    assert not source_stopped.is_set()
+    await chunks.aclose()  # type: ignore[attr-defined]
+    assert source_stopped.is_set()
