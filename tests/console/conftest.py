@@ -8,6 +8,7 @@ import secrets
 import subprocess
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -84,11 +85,19 @@ def _populate(registry: str, queue: str) -> None:
 def console(services: tuple[ServiceProcess, ServiceProcess, Path]) -> Iterator[Console]:
     """``python -m takeoff_console`` on a free port, with a one-time code and the admin key in its home."""
     registry, queue, home = services
+    with console_process(home, registry.address, queue.address) as started:
+        yield started
+
+
+@contextmanager
+def console_process(home: Path, registry: str, queue: str) -> Iterator[Console]:
+    """A console in front of ``registry`` and ``queue``, its home ``home`` (which gets the admin key)."""
     write_secret_file(home / "keys" / "admin.key", ADMIN_KEY)
     code = secrets.token_urlsafe(32)
     code_file = home / "signin.code"
     write_secret_file(code_file, code)
     ready = home / "console.ready"
+    ready.unlink(missing_ok=True)
     environment = {
         name: value
         for name, value in os.environ.items()
@@ -101,8 +110,8 @@ def console(services: tuple[ServiceProcess, ServiceProcess, Path]) -> Iterator[C
             "TAKEOFF_HOME": str(home),
             "TAKEOFF_LISTEN": json.dumps(["127.0.0.1:0"]),
             "TAKEOFF_READY_FILE": str(ready),
-            "TAKEOFF_REGISTRY_ADDRESS": registry.address,
-            "TAKEOFF_QUEUE_ADDRESS": queue.address,
+            "TAKEOFF_REGISTRY_ADDRESS": registry,
+            "TAKEOFF_QUEUE_ADDRESS": queue,
             "TAKEOFF_SIGNIN_CODE_FILE": str(code_file),
         },
         stdout=subprocess.PIPE,
@@ -118,7 +127,7 @@ def console(services: tuple[ServiceProcess, ServiceProcess, Path]) -> Iterator[C
 
         address = wait_for(started, what="the console to serve")
         port = int(address.rpartition(":")[2])
-        yield Console(f"http://{address}", port, code, code_file, registry.address, queue.address)
+        yield Console(f"http://{address}", port, code, code_file, registry, queue)
     finally:
         process.terminate()
         process.wait(timeout=30)

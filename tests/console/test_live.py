@@ -5,15 +5,19 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 
 from takeoff.v1 import queue_pb2, queue_pb2_grpc
+from takeoff_queue.settings import QueueSettings
 from takeoff_rpc import open_channel
-from tests.console.conftest import JOB, PROJECT, QUEUE, Console
+from tests.console.conftest import JOB, PROJECT, QUEUE, Console, console_process
 from tests.console.test_security import signed_in
 from tests.keys import ADMIN_KEY
+from tests.processes import ServiceProcess, eventually
+from tests.queue.harness import in_process_queue
 
 
 def events(answer: httpx.Response) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -76,3 +80,27 @@ def test_a_queue_page_stream_sends_the_open_items_then_the_new_one(console: Cons
             name, change = next(stream)
         assert name == "changes"
         cancel(console, item.name)
+
+
+async def test_a_page_that_goes_away_ends_its_service_stream(
+    services: tuple[ServiceProcess, ServiceProcess, Path], tmp_path: Path
+) -> None:
+    """The queue service runs in this process here, so that its watchers can be counted: the console's
+    WatchQueue must end when the browser leaves, not hold a stream per closed tab."""
+    registry = services[0]
+    settings = QueueSettings(home=tmp_path, listen=["127.0.0.1:0"], registry_address=registry.address)
+    async with in_process_queue(settings) as queue:
+        name = await queue.new_queue()
+        watchers = queue.parts.dispatcher._queue_watchers
+        with console_process(tmp_path, registry.address, queue.address) as console:
+            cookies = signed_in(console, ADMIN_KEY).cookies
+            async with httpx.AsyncClient(base_url=console.url, cookies=cookies, timeout=60) as browser:
+                url = f"/{name}/events"
+                async with browser.stream("GET", url, headers={"accept": "text/event-stream"}) as answer:
+                    lines = answer.aiter_lines()
+                    while not (await anext(lines)).startswith("event: snapshot"):
+                        pass
+                    assert len(watchers.get(name, ())) == 1
+            await eventually(
+                lambda: name not in watchers or None, "the queue's watcher of the closed page to end"
+            )
