@@ -423,4 +423,7 @@ async def call_failed(request: Request, failure: Exception) -> Response:
         grpc.StatusCode.DEADLINE_EXCEEDED: (503, f"The {failure.service} service is not answering"),
     }
     code, title = codes.get(failure.code, (502, f"The {failure.service} service failed"))
-    return render(request, "error.html", code, title=title, message=status.message, permission="")
+    # The reason (ErrorInfo's, or the code's name) is what to search for or quote when asking for help.
+    return render(
+        request, "error.html", code, title=title, message=status.message, permission="", reason=status.reason
+    )

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import AsyncGenerator, AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -16,6 +17,8 @@ from takeoff_console import events, sessions
 from takeoff_console.app import PACKAGE, create_app
 from takeoff_console.client import ServiceChannels
 from takeoff_console.sessions import OneTimeCode, Sessions
+from tests.keys import ADMIN_KEY
+from tests.processes import ServiceProcess
 
 PORT = 8080
 UNANSWERED = "127.0.0.1:1"
@@ -139,3 +142,37 @@ async def test_a_quiet_event_stream_sends_heartbeats_and_stops_its_source_when_l
     assert not source_stopped.is_set()
     await chunks.aclose()  # type: ignore[attr-defined]
     assert source_stopped.is_set()
+
+
+async def test_a_service_that_is_down_gives_a_page_saying_so(
+    services: tuple[ServiceProcess, ServiceProcess, Path],
+) -> None:
+    registry = services[0]
+    channels = ServiceChannels.open(registry.address, UNANSWERED)
+    app = create_app(
+        channels,
+        port=PORT,
+        allowed=[],
+        signin_code=OneTimeCode(None),
+        admin_key=lambda: None,
+        session_seconds=60,
+    )
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url=f"http://127.0.0.1:{PORT}") as browser:
+        form = await browser.get("/signin")
+        token = re.search(r'name="csrf_token" value="([^"]+)"', form.text)
+        assert token is not None
+        data = {"key": ADMIN_KEY, "project": "console", "csrf_token": token.group(1)}
+        assert (await browser.post("/signin", data=data)).status_code == 303
+        page = await browser.get("/projects/console/queues")
+    await channels.close()
+    assert page.status_code == 503
+    assert page.headers["content-type"].startswith("text/html")
+    title = re.search(r'data-testid="error-title">([^<]*)<', page.text)
+    reason = re.search(r'data-testid="error-reason">([^<]*)<', page.text)
+    assert title is not None
+    assert title.group(1) == "The queue service is not answering"
+    assert reason is not None
+    assert reason.group(1) == "UNAVAILABLE"
+    assert "Traceback" not in page.text
+    assert ADMIN_KEY not in page.text
