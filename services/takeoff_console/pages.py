@@ -75,8 +75,18 @@ def project_of(request: Request) -> str:
 
 
 def _local_path(target: str | None) -> str:
-    """``target`` when it is a path on this console, else ``/``: a sign-in link never sends a browser away."""
-    if not target or not target.startswith("/") or target.startswith("//") or urlsplit(target).netloc:
+    """``target`` when it is a path on this console, else ``/``: a sign-in link never sends a browser away.
+
+    Browsers read ``/\\host`` as ``//host`` and drop tabs and newlines from a URL, so a target holding a
+    backslash or any control character is refused too, rather than trusting the redirect's quoting."""
+    if (
+        not target
+        or not target.startswith("/")
+        or target.startswith("//")
+        or "\\" in target
+        or any(ord(character) < 0x20 or ord(character) == 0x7F for character in target)
+        or urlsplit(target).netloc
+    ):
         return "/"
     return target
 

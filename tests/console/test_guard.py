@@ -176,3 +176,31 @@ async def test_a_service_that_is_down_gives_a_page_saying_so(
     assert reason.group(1) == "UNAVAILABLE"
     assert "Traceback" not in page.text
     assert ADMIN_KEY not in page.text
+
+
+async def test_the_sign_in_link_s_next_never_leaves_the_console() -> None:
+    """Browsers read a backslash as a slash and drop tabs and newlines, so each of these is another site."""
+    targets = {
+        "/projects/p/runs?page_token=a": "/projects/p/runs?page_token=a",
+        "https://attacker.example/": "/",
+        "//attacker.example/": "/",
+        "/\\attacker.example/": "/",
+        "/\t/attacker.example/": "/",
+        "/\n/attacker.example/": "/",
+        "\\\\attacker.example/": "/",
+    }
+    for target, location in targets.items():
+        channels = ServiceChannels.open(UNANSWERED, UNANSWERED)
+        app = create_app(
+            channels,
+            port=PORT,
+            allowed=[],
+            signin_code=OneTimeCode("the-code"),
+            admin_key=lambda: ADMIN_KEY,
+            session_seconds=60,
+        )
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url=f"http://127.0.0.1:{PORT}") as browser:
+            answer = await browser.get("/signin", params={"code": "the-code", "next": target})
+        await channels.close()
+        assert (answer.status_code, answer.headers["location"]) == (303, location), repr(target)
