@@ -375,7 +375,8 @@ class RayJob:
 
     async def stop(self, grace: float) -> None:
         """Ray's stop (SIGTERM, SIGKILL after the cluster's ``RAY_JOB_STOP_WAIT_TIME_S``), and wait for the
-        job to end. A job still pending stays so until the cluster schedules it: Ray stops it then."""
+        job to end. A job still pending is not waited for: Ray keeps it pending until the cluster schedules
+        it, then stops it at once; by then its lease directory is gone, so its command never runs."""
         if self._submitting is not None:
             with contextlib.suppress(Exception):
                 await self._submitting  # a job still being submitted is stopped once it is
@@ -384,13 +385,12 @@ class RayJob:
         self._stopped = True
         await self._api.stop(self.submission_id)
         deadline = time.monotonic() + grace + STOP_MARGIN_SECONDS
-        while (details := await self._api.job(self.submission_id)) is not None and details.get(
-            "status"
-        ) not in ENDED:
-            if time.monotonic() > deadline:
-                logger.warning(
-                    "Ray job %s is still %s after its stop", self.submission_id, details.get("status")
-                )
+        while (details := await self._api.job(self.submission_id)) is not None:
+            status = details.get("status")
+            if status in ENDED:
+                break
+            if status == "PENDING" or time.monotonic() > deadline:
+                self.status.add(f"Ray job {self.submission_id} is still {status} after its stop")
                 return
             await asyncio.sleep(self._runner.options.poll_seconds)
         await self._ended(details)
