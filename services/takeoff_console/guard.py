@@ -18,7 +18,8 @@ One ASGI middleware, so no route can forget a check:
 Every answer, refusals and static files included, carries :data:`SECURITY_HEADERS`: a Content-Security-Policy
 that lets a page run only the console's own script files (no inline script, no ``eval``, nothing from another
 origin), so text a job wrote that slipped into a page as markup still could not run; no framing
-(clickjacking); no MIME sniffing; no Referer (a URL may hold the one-time code).
+(clickjacking); no MIME sniffing; no Referer (a URL may hold the one-time code). Nothing but the static files
+may be stored by the browser (``no-store``): after sign-out, Back must not show a page read with the key.
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ class Guard:
         if scope["type"] != "http":  # no websockets: nothing here would check them
             await send({"type": "websocket.close", "code": 1008})
             return
-        send = _with_security_headers(send)
+        send = _with_security_headers(send, store=scope["path"].startswith("/static/"))
         headers = _headers(scope)
         if headers.get(b"host", b"").decode("latin-1").lower() not in self._hosts:
             await _plain(send, 400, "This console does not answer to that host name.")
@@ -130,10 +131,13 @@ class Guard:
         return (b"set-cookie", value.encode())
 
 
-def _with_security_headers(send: Send) -> Send:
+def _with_security_headers(send: Send, *, store: bool) -> Send:
     async def send_with_headers(message: Message) -> None:
         if message["type"] == "http.response.start":
-            message["headers"] = [*message.get("headers", []), *SECURITY_HEADERS]
+            headers = [*message.get("headers", []), *SECURITY_HEADERS]
+            if not store and not any(name.lower() == b"cache-control" for name, _ in headers):
+                headers.append((b"cache-control", b"no-store"))
+            message["headers"] = headers
         await send(message)
 
     return send_with_headers

@@ -66,6 +66,8 @@ async def test_every_answer_forbids_inline_script_framing_sniffing_and_referrers
         assert answer.headers.get("x-frame-options") == "DENY", what
         assert answer.headers.get("x-content-type-options") == "nosniff", what
         assert answer.headers.get("referrer-policy") == "no-referrer", what
+        stored = what == "static file"
+        assert ("no-store" not in answer.headers.get("cache-control", "")) == stored, what
 
 
 async def test_the_session_cookie_is_secure_when_served_over_https(console: httpx.AsyncClient) -> None:
