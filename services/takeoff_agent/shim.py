@@ -40,6 +40,10 @@ from typing import Any
 
 FENCE_CHECK_SECONDS = 0.5
 STOP_GRACE_SECONDS = 10.0
+STOPPING = "stopping"
+"""Written by the agent before it stops a local job (SIGTERM to each group, SIGKILL after the grace): the
+shim, stopping what is left once a rank has ended of it, sends no second SIGTERM, which a job still
+shutting down from the first (a checkpoint, the SDK's last delivery) may take as "die now"."""
 SHIM_LOCK = "shim.lock"
 """Held (flock) by the shim of a container for as long as it lives: one shim per job, and a sign of life
 that a reused pid cannot fake."""
@@ -63,11 +67,12 @@ def lease_lapsed(lease_dir: Path) -> bool:
     return until is not None and time.time() > until
 
 
-def stop_groups(pgids: Collection[int], grace: float) -> None:
-    """SIGTERM the job's process groups (one per rank), then SIGKILL those still there after ``grace``.
-    A group whose leader has exited is gone once the leader is reaped (the shim's waiting threads reap
-    its own at once)."""
-    alive = [pgid for pgid in pgids if _signal_group(pgid, signal.SIGTERM)]
+def stop_groups(pgids: Collection[int], grace: float, *, terminated: bool = False) -> None:
+    """SIGTERM the job's process groups (one per rank), then SIGKILL those still there after ``grace``;
+    ``terminated``: they have had their SIGTERM (the agent's), only the SIGKILL is left to send. A group
+    whose leader has exited is gone once the leader is reaped (the shim's waiting threads reap its own at
+    once)."""
+    alive = [pgid for pgid in pgids if _signal_group(pgid, 0 if terminated else signal.SIGTERM)]
     deadline = time.monotonic() + grace
     while alive and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -149,7 +154,8 @@ def run_process(lease_dir: Path, spec: dict[str, Any]) -> None:
     # A job's end is the end of every process it started, as a container's is: nothing of it may run on
     # unsupervised once its exit is recorded. That stops the ranks still running after one failed, and
     # what any rank left behind in its group (a reaped leader's group is only what is left of it).
-    stop_groups([job.pid for job in jobs], float(spec.get("stop_grace_seconds", STOP_GRACE_SECONDS)))
+    grace = float(spec.get("stop_grace_seconds", STOP_GRACE_SECONDS))
+    stop_groups([job.pid for job in jobs], grace, terminated=(lease_dir / STOPPING).exists())
     returncodes = [job.wait() for job in jobs]
     if failed is not None and len(jobs) > 1:
         record = exit_record(returncodes[failed], rank=failed, fenced=fenced)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from takeoff_agent.runners.local_process import LocalProcessJob
 from takeoff_agent.shim import write_atomically
 from tests.processes import pid_alive, wait_for
 
@@ -190,3 +192,48 @@ def test_the_rank_that_failed_first_is_named_not_the_peer_that_failed_for_it(tmp
         "fenced": False,
         "rank": 1,
     }
+
+
+SHUTS_DOWN_SLOWLY = """\
+import os, signal, time
+terms = 0
+def count_term(signum, frame):
+    global terms
+    terms += 1
+    print("SIGTERM", terms, flush=True)
+if os.environ["RANK"] == "0":
+    signal.signal(signal.SIGTERM, count_term)
+print("ready", flush=True)
+while not terms:
+    time.sleep(0.01)
+time.sleep(1)  # a checkpoint written on SIGTERM, while rank 1 has died of it at once
+"""
+"""Rank 0 shuts down for a second after its first SIGTERM, counting every SIGTERM; rank 1 dies of it."""
+
+
+def test_a_stopped_job_gets_one_sigterm_though_a_rank_ends_before_the_others(tmp_path: Path) -> None:
+    write_atomically(
+        tmp_path / "spec.json",
+        {
+            "argv": [sys.executable, "-c", SHUTS_DOWN_SLOWLY],
+            "env": {},
+            "cwd": str(tmp_path),
+            "stop_grace_seconds": 600,
+            "ranks": [{"RANK": "0"}, {"RANK": "1"}],
+        },
+    )
+    shim = subprocess.Popen([sys.executable, "-m", "takeoff_agent.shim", str(tmp_path)])
+    try:
+        outputs = [tmp_path / "stdout.rank0.log", tmp_path / "stdout.rank1.log"]
+        wait_for(
+            lambda: all(out.exists() and out.read_bytes() for out in outputs), what="both ranks to start"
+        )
+        asyncio.run(LocalProcessJob(tmp_path, sdk_site=tmp_path).stop(600))  # as the agent stops it
+
+        assert shim.wait(timeout=60) == 0
+        assert (tmp_path / "stdout.rank0.log").read_text() == "ready\nSIGTERM 1\n"
+        assert json.loads((tmp_path / "exit.json").read_text())["rank"] == 1
+    finally:
+        if shim.poll() is None:
+            shim.kill()
+            shim.wait()

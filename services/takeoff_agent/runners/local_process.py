@@ -31,7 +31,7 @@ from takeoff_agent.runners.secrets import (
     write_secret_files,
 )
 from takeoff_agent.sdk_site import matches_agent_python, write_sdk_site
-from takeoff_agent.shim import stop_groups, write_atomically
+from takeoff_agent.shim import STOPPING, stop_groups, write_atomically
 from takeoff_server.resource_configs import PROCESS_OPTIONS
 
 logger = logging.getLogger(__name__)
@@ -274,6 +274,7 @@ class LocalProcessJob:
         pids = self._pids()
         if pids is None or self.exit() is not None:
             return
+        (self.lease_dir / STOPPING).touch()
         await asyncio.to_thread(stop_groups, pids[1], grace)
         deadline = time.monotonic() + grace + EXIT_RECORD_SECONDS
         while self.exit() is None and self._shim_alive():
