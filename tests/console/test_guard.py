@@ -206,3 +206,29 @@ async def test_the_sign_in_link_s_next_never_leaves_the_console() -> None:
             answer = await browser.get("/signin", params={"code": "the-code", "next": target})
         await channels.close()
         assert (answer.status_code, answer.headers["location"]) == (303, location), repr(target)
+
+
+async def test_signing_out_ends_the_session_on_the_server() -> None:
+    """A copy of the cookie taken before sign-out (another tab, a stolen one) opens nothing after it."""
+    channels = ServiceChannels.open(UNANSWERED, UNANSWERED)
+    app = create_app(
+        channels,
+        port=PORT,
+        allowed=[],
+        signin_code=OneTimeCode("the-code"),
+        admin_key=lambda: ADMIN_KEY,
+        session_seconds=60,
+    )
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url=f"http://127.0.0.1:{PORT}") as browser:
+        assert (await browser.get("/signin", params={"code": "the-code"})).status_code == 303
+        copied = dict(browser.cookies)
+        assert (await browser.get("/")).headers["location"] == "/projects/default/jobs"
+        token = re.search(r'data-csrf="([^"]+)"', (await browser.get("/signin")).text)
+        assert token is not None
+        assert (await browser.post("/signout", data={"csrf_token": token.group(1)})).status_code == 303
+        browser.cookies.clear()
+        browser.cookies.update(copied)
+        again = await browser.get("/projects/p/jobs")
+    await channels.close()
+    assert (again.status_code, again.headers["location"]) == (303, "/signin?next=%2Fprojects%2Fp%2Fjobs")
