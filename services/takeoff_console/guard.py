@@ -59,7 +59,8 @@ MAX_FORM_BYTES = 1024 * 1024
 
 
 def allowed_hosts(configured: list[str], port: int) -> frozenset[str]:
-    return frozenset(configured or [f"127.0.0.1:{port}", f"localhost:{port}"])
+    """Lower-cased, as the Host header is before it is compared (host names are case-insensitive)."""
+    return frozenset(host.lower() for host in configured or [f"127.0.0.1:{port}", f"localhost:{port}"])
 
 
 class Guard:

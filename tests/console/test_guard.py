@@ -16,6 +16,7 @@ import pytest
 from takeoff_console import events, sessions
 from takeoff_console.app import PACKAGE, create_app
 from takeoff_console.client import ServiceChannels
+from takeoff_console.guard import allowed_hosts
 from takeoff_console.sessions import OneTimeCode, Sessions
 from tests.keys import ADMIN_KEY
 from tests.processes import ServiceProcess
@@ -232,3 +233,8 @@ async def test_signing_out_ends_the_session_on_the_server() -> None:
         again = await browser.get("/projects/p/jobs")
     await channels.close()
     assert (again.status_code, again.headers["location"]) == (303, "/signin?next=%2Fprojects%2Fp%2Fjobs")
+
+
+def test_a_configured_host_name_matches_in_any_case() -> None:
+    assert allowed_hosts(["Console.Example:443"], PORT) == {"console.example:443"}
+    assert allowed_hosts([], PORT) == {f"127.0.0.1:{PORT}", f"localhost:{PORT}"}
