@@ -7,7 +7,7 @@ import re
 
 import httpx
 
-from takeoff.v1 import keys_pb2, queue_pb2, queue_pb2_grpc
+from takeoff.v1 import keys_pb2, queue_pb2, queue_pb2_grpc, runs_pb2, runs_pb2_grpc
 from takeoff_rpc import open_channel
 from tests.console.conftest import JOB, PROJECT, QUEUE, Console, project_key
 from tests.keys import ADMIN_KEY
@@ -164,3 +164,18 @@ def test_the_server_s_field_violation_is_shown_next_to_its_field(console: Consol
     item = browser.get(good.headers["location"])
     assert 'data-testid="item-state" data-state="PENDING"' in item.text
     assert "No agent serves this queue" in item.text
+
+
+def test_what_a_job_wrote_is_shown_as_text(console: Console) -> None:
+    """A run's name, config and tags are the job's own words: markup in them is shown, never parsed."""
+    attack = '<img src=x onerror="alert(1)">'
+    run = runs_pb2.Run(display_name=attack, tags=[attack])
+    run.config.update({"lr": attack})
+    with open_channel(console.registry, api_key=ADMIN_KEY) as channel:
+        created = runs_pb2_grpc.RunServiceStub(channel).CreateRun(
+            runs_pb2.CreateRunRequest(parent=f"projects/{PROJECT}", run=run), timeout=30
+        )
+    page = signed_in(console, ADMIN_KEY).get("/" + created.run.name)
+    assert page.status_code == 200
+    assert "<img" not in page.text
+    assert "&lt;img src=x onerror=" in page.text
