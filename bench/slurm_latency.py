@@ -6,13 +6,14 @@ TAKEOFF_HOME (the runner's ``shared_roots``: that home, the Takeoff code and its
 cache with one launch, then ``--launches`` times, one after another:
 
 - a bare ``sbatch --parsable --wrap`` job that writes the time its batch script started: Slurm's own
-  submit -> start, sbatch's command included;
+  submit -> start, sbatch's command included; and one whose first command is a Python printing the time
+  (the interpreter's start, which a launch's job pays too);
 - a Takeoff launch of a cached code job whose first statement prints the time: Enqueue sent -> LEASED
   (dispatch) -> STARTING (the cached build, the run created) -> the first line (sbatch, Slurm's submit ->
   start, the shim and the job's interpreter starting).
 
-The difference of the p50s is what Takeoff adds (goal: <= 100 ms). Clocks are this host's, so the figures
-are comparable on a one-node cluster only.
+The difference of the p50s (the launch's and the bare Python's) is what Takeoff adds (goal: <= 100 ms).
+Clocks are this host's, so the figures are comparable on a one-node cluster only.
 
     python bench/slurm_latency.py [--launches 20] [--partition debug]
 """
@@ -42,6 +43,13 @@ import takeoff
 takeoff.init().finish()
 """
 SBATCH = "sbatch submit -> start"
+SBATCH_PYTHON = "sbatch -> python line"
+BARE_COMMANDS = {
+    SBATCH: "date +%s.%N",
+    SBATCH_PYTHON: f"{sys.executable} -c 'import time; print(time.time())'",
+}
+"""The bare jobs: a shell's first command, and a Python's first line (the interpreter's start counted, as in
+a launch)."""
 TAKEOFF = "enqueue -> first line"
 START_TIMEOUT_SECONDS = 600
 
@@ -63,8 +71,8 @@ def _reached(item: Item, state: ItemState) -> float:
     raise RuntimeError(f"{item.name} never reached {state}")
 
 
-def _bare_sbatch(directory: Path, partition: str) -> float:
-    """Milliseconds from sbatch's start to the first command of a bare batch job."""
+def _bare_sbatch(directory: Path, partition: str, stamp_command: str) -> float:
+    """Milliseconds from sbatch's start to the time ``stamp_command`` prints in a bare batch job."""
     stamp = directory / f"stamp-{time.monotonic_ns()}"
     sent = time.time()
     subprocess.run(
@@ -73,7 +81,7 @@ def _bare_sbatch(directory: Path, partition: str) -> float:
             "--parsable",
             f"--partition={partition}",
             "--output=/dev/null",
-            f"--wrap=date +%s.%N > {stamp}",
+            f"--wrap={stamp_command} > {stamp}",
         ],
         check=True,
         capture_output=True,
@@ -81,6 +89,26 @@ def _bare_sbatch(directory: Path, partition: str) -> float:
     while not stamp.exists() or not stamp.read_text().strip():
         time.sleep(0.005)
     return (float(stamp.read_text()) - sent) * 1e3
+
+
+def _wait_idle() -> None:
+    """Until no job runs or completes on the cluster and its nodes are idle, so that each measured job
+    finds the same cluster (a job submitted while another completes waits for a later scheduling pass)."""
+
+    def busy() -> bool:
+        jobs = subprocess.run(
+            ["squeue", "--noheader", "--states=RUNNING,COMPLETING,PENDING", "--format=%i"],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+        nodes = subprocess.run(
+            ["sinfo", "--noheader", "--format=%t"], check=True, capture_output=True, text=True
+        ).stdout.split()
+        return bool(jobs) or any(state != "idle" for state in nodes)
+
+    while busy():
+        time.sleep(0.05)
 
 
 def _takeoff(client: Client, queue: str) -> dict[str, float]:
@@ -133,9 +161,12 @@ def _run(launches: int, partition: str) -> dict[str, list[float]]:
                 )
                 stack.start_agent(config)
                 _takeoff(client, queue)  # builds the venv
-                figures: dict[str, list[float]] = {SBATCH: []}
-                for _ in range(launches):  # interleaved, so both see the same load
-                    figures[SBATCH].append(_bare_sbatch(home, partition))
+                figures: dict[str, list[float]] = {bare: [] for bare in BARE_COMMANDS}
+                for _ in range(launches):  # interleaved, so all see the same load
+                    for bare, command in BARE_COMMANDS.items():
+                        _wait_idle()
+                        figures[bare].append(_bare_sbatch(home, partition, command))
+                    _wait_idle()
                     for span, value in _takeoff(client, queue).items():
                         figures.setdefault(span, []).append(value)
                 return figures
@@ -149,7 +180,7 @@ def main() -> None:
     parser.add_argument("--partition", default="debug")
     args = parser.parse_args()
     figures = {span: _summary(values) for span, values in _run(args.launches, args.partition).items()}
-    added = round(figures[TAKEOFF]["p50_ms"] - figures[SBATCH]["p50_ms"], 1)
+    added = round(figures[TAKEOFF]["p50_ms"] - figures[SBATCH_PYTHON]["p50_ms"], 1)
     print(json.dumps({"launches": args.launches, "takeoff_adds_p50_ms": added, **figures}, indent=2))
     columns = ("p50_ms", "p90_ms", "min_ms", "max_ms")
     print(f"\nslurm, {args.launches} launches; Takeoff adds {added} ms at p50")
