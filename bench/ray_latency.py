@@ -186,9 +186,13 @@ def _run(launches: int, ray: str) -> dict[str, list[float]]:
                         "shared_roots": [str(home), sys.prefix],
                         "poll_seconds": 0.1,
                     }
-                    config.write_text(
-                        yaml.safe_dump({"queues": [queue], "max_jobs": 1, "runners": {"ray": runner}})
-                    )
+                    settings = {
+                        "queues": [queue],
+                        "max_jobs": 1,
+                        "runners": {"ray": runner},
+                        "job_registry_address": registry.address,  # TCP: Ray jobs get no Unix socket
+                    }
+                    config.write_text(yaml.safe_dump(settings))
                     stack.start_agent(config)
                     _takeoff(client, queue)  # builds the venv, warms Ray's workers
                     python = str(next(home.glob("**/venvs/*/bin/python")))
