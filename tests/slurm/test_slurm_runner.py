@@ -209,7 +209,7 @@ def test_the_batch_job_references_only_paths_under_shared_roots_and_cancel_stops
     assert ended["JobState"] == "COMPLETED"  # the shim stopped the job and recorded its end
 
 
-def test_a_pending_jobs_slurm_reason_is_the_items_detail_and_cancel_removes_it(slurm: Slurm) -> None:
+def test_a_pending_jobs_slurm_reason_is_the_starting_detail_and_cancel_removes_it(slurm: Slurm) -> None:
     stack = slurm.stack
     job, go = slurm.waiter()
     queue = slurm.queue({"sbatch": {"begin": "now+1hour"}})  # held by Slurm until then
