@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from google.protobuf.duration_pb2 import Duration
 
 from takeoff.client import Client
 from takeoff.v1 import common_pb2, queue_pb2
@@ -94,8 +93,7 @@ class Slurm:
                 queue=queue_pb2.Queue(
                     resource=common_pb2.RESOURCE_KIND_SLURM,
                     resource_config=dict_to_struct(resource_config or {}),
-                    start_timeout=Duration(seconds=600),
-                ),
+                ),  # the start timeout a slurm queue has by default: unlimited
             )
         )
         return reply.queue.name
@@ -221,7 +219,9 @@ def test_a_pending_jobs_slurm_reason_is_the_starting_detail_and_cancel_removes_i
             return work[0].detail if work and "pending: BeginTime" in work[0].detail else None
 
         detail = wait_for(pending_detail, timeout=60, what="the agent to say why Slurm holds the job")
-        waiting = stack.item(name)
+        waiting = stack.wait_until(
+            name, lambda item: item.message == detail, "the item to show why Slurm holds its job"
+        )
         job_id = int(detail.split()[2])  # "Slurm job N pending: BeginTime"
         stack.queues.CancelItem(queue_pb2.CancelItemRequest(name=name))
         item = stack.wait_ended(name, timeout=60)
