@@ -55,6 +55,16 @@ def write_atomically(path: Path, data: object) -> None:
     partial.replace(path)
 
 
+def write_private(path: Path, data: object) -> None:
+    """``write_atomically``, readable by the agent's user only: the job's secrets are in it."""
+    partial = path.with_name(path.name + ".partial")
+    partial.unlink(missing_ok=True)  # a partial file left by a crash keeps its mode otherwise
+    descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "w") as file:
+        json.dump(data, file)
+    partial.replace(path)
+
+
 def lease_until(lease_dir: Path) -> float | None:
     try:
         return float((lease_dir / "lease_until").read_text())

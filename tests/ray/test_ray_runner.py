@@ -114,6 +114,8 @@ def test_a_code_job_runs_on_ray_with_its_resources_and_reports(
     ray_job = ray_cluster.job(submission_id(stack, item.run))
     assert "hello from ray under Ray: True" in logs, logs
     assert "token given: True" in logs
+    # Ray keeps and shows a job's runtime environment: the token reaches the job by a file, never through it
+    assert "TAKEOFF_TOKEN" not in json.dumps(ray_job)
     assert ray_job["status"] == "SUCCEEDED"
     assert ray_job["metadata"]["takeoff.item"] == name
 

@@ -31,7 +31,7 @@ from takeoff_agent.runners.secrets import (
     write_secret_files,
 )
 from takeoff_agent.sdk_site import matches_agent_python, write_sdk_site
-from takeoff_agent.shim import STOPPING, stop_groups, write_atomically
+from takeoff_agent.shim import STOPPING, stop_groups, write_atomically, write_private
 from takeoff_server.resource_configs import PROCESS_OPTIONS
 
 logger = logging.getLogger(__name__)
@@ -198,7 +198,7 @@ class LocalProcessJob:
         }
         if self.world.multi:
             spec["ranks"] = self.rank_environments()
-        _write_private(self._spec_file, spec)
+        write_private(self._spec_file, spec)
         self._shim = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
@@ -287,13 +287,3 @@ class LocalProcessJob:
         """Tell the shim the agent's leases are good until ``until`` (UNIX seconds)."""
         with contextlib.suppress(FileNotFoundError):  # a lease forgotten meanwhile has no shim to tell
             write_atomically(self.lease_dir / "lease_until", until)
-
-
-def _write_private(path: Path, data: object) -> None:
-    """``write_atomically``, readable by the agent's user only: the job's secrets are in it."""
-    partial = path.with_name(path.name + ".partial")
-    partial.unlink(missing_ok=True)  # a partial file left by a crash keeps its mode otherwise
-    descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(descriptor, "w") as file:
-        json.dump(data, file)
-    partial.replace(path)

@@ -49,7 +49,7 @@ from takeoff_agent.runners.local_process import LocalProcessJob, agent_environme
 from takeoff_agent.runners.secrets import check_names, write_secret_files
 from takeoff_agent.runners.slurm_batch import MULTI_NODE_KEY
 from takeoff_agent.sdk_site import write_sdk_site
-from takeoff_agent.shim import output_files, write_atomically
+from takeoff_agent.shim import output_files, write_atomically, write_private
 from takeoff_server.resource_configs import SBATCH_EXTRA_OPTIONS, SLURM_OPTIONS
 
 logger = logging.getLogger(__name__)
@@ -479,7 +479,7 @@ class SlurmJob:
         }
         if self.world.multi:
             spec[MULTI_NODE_KEY] = [self.world.nodes, self.world.procs_per_node]
-        _write_private(self.lease_dir / "spec.json", spec)
+        write_private(self.lease_dir / "spec.json", spec)
         script = self.lease_dir / "batch.sh"
         script.write_text(batch_script(settings.python, self.lease_dir, self.assignment))
         # Submitted to the end even if the start is cancelled meanwhile: stop() then finds the job by its id.
@@ -664,13 +664,3 @@ class SlurmJob:
             return
         with contextlib.suppress(FileNotFoundError):  # a lease forgotten meanwhile has no shim to tell
             write_atomically(self.lease_dir / "lease_until", until)
-
-
-def _write_private(path: Path, data: object) -> None:
-    """``write_atomically``, readable by the agent's user only: the job's secrets are in it."""
-    partial = path.with_name(path.name + ".partial")
-    partial.unlink(missing_ok=True)
-    descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(descriptor, "w") as file:
-        json.dump(data, file)
-    partial.replace(path)

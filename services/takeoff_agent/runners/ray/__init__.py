@@ -5,7 +5,9 @@ The job's submission id carries its item and epoch, and its metadata the agent a
 agent finds its job by id, and the sweep finds this agent's jobs among the cluster's. The cluster shares a
 filesystem with the agent (``shared_roots``), so the job runs as a local process does: the builder's venv,
 on a copy of the code in the lease directory, its secret files beside it. The job's environment travels
-as the runtime environment's ``env_vars``; the venv's own variables go into the entrypoint instead,
+as the runtime environment's ``env_vars``, but for its secret variables (the run token, user secrets):
+Ray stores the runtime environment and shows it on its dashboard, so those go into a file of the lease
+directory (mode 0600) that the fence reads. The venv's own variables go into the entrypoint instead,
 because Ray starts its job supervisor (a Python of Ray's) with the runtime environment too. The entrypoint
 runs the job under ``fence.py``, which stops it once the agent's leases lapse.
 """
@@ -47,7 +49,7 @@ from takeoff_agent.runners.secrets import (
     write_secret_files,
 )
 from takeoff_agent.sdk_site import matches_agent_python, write_sdk_site
-from takeoff_agent.shim import write_atomically
+from takeoff_agent.shim import write_atomically, write_private
 from takeoff_server.resource_configs import RAY_OPTIONS
 
 logger = logging.getLogger(__name__)
@@ -198,6 +200,7 @@ class RayJob:
         self.lease_dir = lease_dir.absolute()
         self.submission_id = submission_id(assignment)
         self._record = lease_dir / "ray.json"
+        self._secrets_file = lease_dir / "secrets.json"
         self.output = DriverLog()
         self.status = StatusLines()
         self._submitting: asyncio.Future[None] | None = None
@@ -258,6 +261,7 @@ class RayJob:
             write_secret_files(self.lease_dir / LEASE_SECRETS_DIR, launch.secret_files)
         if launch.ca_file is not None:
             shutil.copyfile(launch.ca_file, self.lease_dir / "ca.pem")
+        write_private(self._secrets_file, dict(launch.secrets))
 
     def _entrypoint(self, launch: Launch) -> str:
         """``cd`` to the code, the venv's variables, then the job's command under the fence. Paths only:
@@ -276,6 +280,7 @@ class RayJob:
             str(self.lease_dir / "lease_until"),
             str(launch.stop_grace_seconds),
             str(self.lease_dir / "fenced"),
+            str(self._secrets_file),
             "--",
             *command,
         ]
@@ -286,10 +291,11 @@ class RayJob:
         )
 
     def _environment(self, launch: Launch) -> dict[str, str]:
-        """The job's variables (docs/design.md §7): the launch's, its secrets, where its files are."""
+        """The job's variables (docs/design.md §7) but its secrets (the fence adds those): the launch's,
+        where its files are."""
         files = {SECRETS_DIR_VARIABLE: str(self.lease_dir / LEASE_SECRETS_DIR)} if launch.secret_files else {}
         ca = {CA_FILE_VARIABLE: str(self.lease_dir / "ca.pem")} if launch.ca_file is not None else {}
-        return {**launch.env, **launch.secrets, **files, **ca, "TAKEOFF_REGISTRY": launch.registry_address}
+        return {**launch.env, **files, **ca, "TAKEOFF_REGISTRY": launch.registry_address}
 
     async def _submit(self, body: JsonObject) -> None:
         try:

@@ -1,18 +1,21 @@
 """Runs a Ray job's command and stops it once the agent's leases lapse: the job's self-fence.
 
-Ray has no deadline of its own to keep ahead of the lease (as a Kubernetes Job's activeDeadlineSeconds),
-so the entrypoint the ray runner submits is ``python fence.py LEASE_UNTIL GRACE FENCED -- COMMAND...``,
-run with the job's venv Python on the filesystem the cluster shares with the agent. Standard library only:
-it must run in any venv. As the shim's fence (docs/design.md §7): the command runs in a process group of
+Ray has no deadline of its own to keep ahead of the lease (as a Kubernetes Job's activeDeadlineSeconds), so
+the entrypoint the ray runner submits is ``python fence.py LEASE_UNTIL GRACE FENCED SECRETS -- COMMAND...``,
+run with the job's venv Python on the filesystem the cluster shares with the agent. SECRETS is a JSON file
+(mode 0600) of the job's secret variables (its run token, user secrets), which the command gets in its
+environment: Ray keeps and shows a job's runtime environment, so they never travel in it. Standard library
+only: it must run in any venv. As the shim's fence (docs/design.md §7): the command runs in a process group of
 its own; ``LEASE_UNTIL`` holds the UNIX time the agent renews; once it is past (or the lease directory is
-gone: the attempt is over), the group gets SIGTERM, SIGKILL after GRACE seconds, the file FENCED is made
-and the fence exits 143. A SIGTERM from Ray (the Jobs API's stop) is passed on to the group. The fence
-exits with the command's status (128 + n for a signal n), after ending what is left of the group.
+gone: the attempt is over), the group gets SIGTERM, SIGKILL after GRACE seconds, the file FENCED is made and
+the fence exits 143. A SIGTERM from Ray (the Jobs API's stop) is passed on to the group. The fence exits with
+the command's status (128 + n for a signal n), after ending what is left of the group.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -38,11 +41,13 @@ def _signal_group(pgid: int, number: int) -> None:
 
 
 def main(argv: list[str]) -> int:
-    lease_until, grace, fenced, separator, *command = argv
+    lease_until, grace, fenced, secrets, separator, *command = argv
     if separator != "--" or not command:
-        print("usage: fence.py LEASE_UNTIL GRACE FENCED -- COMMAND...", file=sys.stderr)
+        print("usage: fence.py LEASE_UNTIL GRACE FENCED SECRETS -- COMMAND...", file=sys.stderr)
         return 2
-    child = subprocess.Popen(command, start_new_session=True)
+    with open(secrets) as file:
+        environment = {**os.environ, **json.load(file)}
+    child = subprocess.Popen(command, start_new_session=True, env=environment)
     signal.signal(signal.SIGTERM, lambda number, frame: _signal_group(child.pid, signal.SIGTERM))
     signal.signal(signal.SIGINT, lambda number, frame: _signal_group(child.pid, signal.SIGINT))
     while child.poll() is None:
