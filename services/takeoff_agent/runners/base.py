@@ -21,6 +21,23 @@ class RunnerRefused(Exception):
     attempt fails CONFIG_INVALID, never retried as infrastructure."""
 
 
+def venv_build(kind: ResourceKind, source: SourceKind) -> BuildKind:
+    """The build of a runner whose jobs run from a venv (local-process, slurm, ray): an image job is
+    refused (the queue refuses it at enqueue already: SOURCE_INCOMPATIBLE)."""
+    if source is SourceKind.IMAGE:
+        raise RunnerRefused(f"an image job cannot run on {kind.config_name}: it runs code and git jobs")
+    return BuildKind.VENV
+
+
+def refuse_other_options(kind: ResourceKind, refused: Collection[str], allowed: Collection[str]) -> None:
+    """RunnerRefused naming every option in ``refused`` (sorted), and the options ``kind`` takes."""
+    if refused:
+        raise RunnerRefused(
+            f"{kind.config_name} does not take the resource option {', '.join(sorted(refused))}"
+            f" (it takes: {', '.join(sorted(allowed))})"
+        )
+
+
 class RunnerUnavailable(Exception):
     """What the runner needs is unreachable (Docker engine, Kubernetes API): the attempt fails
     RUNNER_INFRA, retryable."""

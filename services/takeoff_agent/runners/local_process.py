@@ -22,7 +22,13 @@ from pathlib import Path
 from takeoff_agent.domain import Assignment, BuildKind, JobExit, ResourceKind, SourceKind
 from takeoff_agent.log_tail import shim_output
 from takeoff_agent.ranks import ONE_PROCESS, World, free_port, rank_environment, world_of
-from takeoff_agent.runners.base import JobOutput, Launch, RunnerContext, RunnerRefused
+from takeoff_agent.runners.base import (
+    JobOutput,
+    Launch,
+    RunnerContext,
+    refuse_other_options,
+    venv_build,
+)
 from takeoff_agent.runners.secrets import (
     CA_FILE_VARIABLE,
     LEASE_SECRETS_DIR,
@@ -89,18 +95,11 @@ class LocalProcessRunner:
         self.sdk_site = write_sdk_site(context.state_dir / "sdk")
 
     def build_kind(self, source: SourceKind) -> BuildKind:
-        if source is SourceKind.IMAGE:
-            raise RunnerRefused("an image job cannot run on local-process: it runs on local-container")
-        return BuildKind.VENV
+        return venv_build(self.kind, source)
 
     def check(self, assignment: Assignment) -> None:
         self.build_kind(assignment.job_version.source)
-        refused = sorted(set(assignment.resource_config) - PROCESS_OPTIONS)
-        if refused:
-            raise RunnerRefused(
-                f"local-process does not take the resource option {', '.join(refused)}"
-                f" (it takes: {', '.join(sorted(PROCESS_OPTIONS))})"
-            )
+        refuse_other_options(self.kind, set(assignment.resource_config) - PROCESS_OPTIONS, PROCESS_OPTIONS)
 
     def job(self, assignment: Assignment, lease_dir: Path) -> LocalProcessJob:
         return LocalProcessJob(lease_dir, self.sdk_site, self.pass_env, world_of(assignment.resource_config))

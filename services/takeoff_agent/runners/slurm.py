@@ -44,7 +44,15 @@ from takeoff_agent.domain import (
 )
 from takeoff_agent.log_tail import LogTail, shim_output
 from takeoff_agent.ranks import World, world_of
-from takeoff_agent.runners.base import JobOutput, Launch, RunnerContext, RunnerRefused, RunnerUnavailable
+from takeoff_agent.runners.base import (
+    JobOutput,
+    Launch,
+    RunnerContext,
+    RunnerRefused,
+    RunnerUnavailable,
+    refuse_other_options,
+    venv_build,
+)
 from takeoff_agent.runners.local_process import LocalProcessJob, agent_environment, copy_code
 from takeoff_agent.runners.secrets import check_names, write_secret_files
 from takeoff_agent.runners.slurm_batch import MULTI_NODE_KEY
@@ -350,21 +358,15 @@ class SlurmRunner:
         self.queue = SlurmQueue(settings.squeue)
 
     def build_kind(self, source: SourceKind) -> BuildKind:
-        if source is SourceKind.IMAGE:
-            raise RunnerRefused("an image job cannot run on slurm: slurm runs code and git jobs in a venv")
-        return BuildKind.VENV
+        return venv_build(self.kind, source)
 
     def check(self, assignment: Assignment) -> None:
         self.build_kind(assignment.job_version.source)
         config = assignment.resource_config
-        refused = sorted(set(config) - SLURM_OPTIONS)
         extra = config.get("sbatch") or {}
-        refused += sorted(f"sbatch.{name}" for name in set(extra) - SBATCH_EXTRA_OPTIONS)
-        if refused:
-            raise RunnerRefused(
-                f"slurm does not take the resource option {', '.join(refused)}"
-                f" (it takes: {', '.join(sorted(SLURM_OPTIONS))})"
-            )
+        refused = set(config) - SLURM_OPTIONS
+        refused |= {f"sbatch.{name}" for name in set(extra) - SBATCH_EXTRA_OPTIONS}
+        refuse_other_options(self.kind, refused, SLURM_OPTIONS)
 
     def job(self, assignment: Assignment, lease_dir: Path) -> SlurmJob:
         return SlurmJob(self, assignment, lease_dir)

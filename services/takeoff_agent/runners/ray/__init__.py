@@ -37,7 +37,14 @@ from takeoff_agent.domain import (
     RunnerFailure,
     SourceKind,
 )
-from takeoff_agent.runners.base import JobOutput, Launch, RunnerContext, RunnerRefused
+from takeoff_agent.runners.base import (
+    JobOutput,
+    Launch,
+    RunnerContext,
+    RunnerRefused,
+    refuse_other_options,
+    venv_build,
+)
 from takeoff_agent.runners.local_process import copy_code
 from takeoff_agent.runners.ray.api import JsonObject, RayJobsApi
 from takeoff_agent.runners.ray.logs import DriverLog, StatusLines
@@ -158,18 +165,11 @@ class RayRunner:
         shutil.copyfile(Path(__file__).with_name("fence.py"), self.fence)
 
     def build_kind(self, source: SourceKind) -> BuildKind:
-        if source is SourceKind.IMAGE:
-            raise RunnerRefused("an image job cannot run on ray: Ray runs code and git jobs from their venv")
-        return BuildKind.VENV
+        return venv_build(self.kind, source)
 
     def check(self, assignment: Assignment) -> None:
         self.build_kind(assignment.job_version.source)
-        refused = sorted(set(assignment.resource_config) - RAY_OPTIONS)
-        if refused:
-            raise RunnerRefused(
-                f"ray does not take the resource option {', '.join(refused)} "
-                f"(it takes: {', '.join(sorted(RAY_OPTIONS))})"
-            )
+        refuse_other_options(self.kind, set(assignment.resource_config) - RAY_OPTIONS, RAY_OPTIONS)
 
     def job(self, assignment: Assignment, lease_dir: Path) -> RayJob:
         return RayJob(self, assignment, lease_dir)
