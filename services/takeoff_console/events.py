@@ -84,12 +84,10 @@ async def _encoded(events: AsyncGenerator[tuple[str, Any] | None, None]) -> Asyn
                 yield f"event: {name}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
     except CallFailed as failure:
         if failure.code is grpc.StatusCode.UNAUTHENTICATED:
-            reason = "your key is no longer valid: sign in again"
+            said = "your key is no longer valid: sign in again"
         else:
-            reason = (
-                f"the {failure.service} service answered {failure.status.reason}: {failure.status.message}"
-            )
-        yield f"event: failed\ndata: {json.dumps({'message': reason})}\n\n".encode()
+            said = f"the {failure.service} service answered {failure.status.reason}: {failure.status.message}"
+        yield f"event: failed\ndata: {json.dumps({'message': said})}\n\n".encode()
         return
     yield b"event: end\ndata: {}\n\n"
 

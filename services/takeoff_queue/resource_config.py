@@ -544,7 +544,7 @@ def item_resource_config(
 _SECURE = "{queue} is a secure queue: only the queue's own resource config may set this"
 
 SECURE_CONTAINER_OPTIONS = frozenset(
-    {"gpus", "cpus", "mem_limit", "memswap_limit", "shm_size", "ulimits", "ipc_mode"}
+    {"gpus", "cpus", "mem_limit", "memswap_limit", "shm_size", "ulimits", "ipc_mode", "nodes"}
 )
 """The local-container options a secure queue's items may set (``ipc_mode`` only ``private``,
 ``shareable`` or ``none``)."""

@@ -137,7 +137,7 @@ def test_up_serves_every_service_and_sigterm_stops_them_all(
     stack: subprocess.Popen[str], takeoff_home: Path
 ) -> None:
     pids = child_pids(takeoff_home)
-    assert set(pids) == {"registry", "queue", "builder", "agent"}
+    assert set(pids) == {"registry", "queue", "builder", "agent", "console"}
 
     status = takeoff(takeoff_home, "status", "--json")
     assert status.returncode == 0, status.stderr

@@ -126,6 +126,7 @@ def test_a_secure_local_container_queue_refuses_each_dangerous_option_by_name(
         {"ulimits": [{"name": "nofile", "soft": 1024, "hard": 4096}]},
         {"ipc_mode": "private"},
         {"ipc_mode": "shareable"},
+        {"nodes": 2},
         {},
     ],
 )
@@ -649,3 +650,34 @@ def test_secret_names() -> None:
     assert secret_name("projects/q/secrets/tok", "projects/p") == "projects/q/secrets/tok"
     with pytest.raises(ValueError, match="not a secret name"):
         secret_name("not a name", "projects/p")
+
+
+def test_a_secure_slurm_queue_keeps_whose_allocation_and_where_but_takes_the_job_s_size() -> None:
+    override = {
+        "account": "other-lab",
+        "qos": "high",
+        "partition": "gpu",
+        "sbatch": {"exclusive": True},
+        "env": {"A": "1"},
+        "nodes": 2,
+        "ntasks_per_node": 4,
+        "time": "01:00:00",
+    }
+    _, error = enqueue(ResourceKind.SLURM, override)
+
+    assert fields(error) == [
+        "resource_config.account",
+        "resource_config.env.A",
+        "resource_config.partition",
+        "resource_config.qos",
+        "resource_config.sbatch",
+    ]
+    sized, fine = enqueue(ResourceKind.SLURM, {"nodes": 2, "ntasks_per_node": 4, "time": 60})
+    assert fine is None
+    assert sized == {"nodes": 2, "ntasks_per_node": 4, "time": 60}
+
+
+def test_a_secure_ray_queue_refuses_an_items_environment_only() -> None:
+    _, error = enqueue(ResourceKind.RAY, {"env": {"A": "1"}, "entrypoint_num_cpus": 2})
+
+    assert fields(error) == ["resource_config.env.A"]

@@ -5,8 +5,10 @@ file) one line per change, or one JSON object per change with ``--json``. Ctrl-C
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime
+from queue import Empty, SimpleQueue
 
 from rich.console import Group
 from rich.live import Live
@@ -40,7 +42,7 @@ def watch_items(
     json_output: bool,
 ) -> None:
     """Follow ``queue`` until Ctrl-C; ``states`` keeps items in them, ``limit`` rows fit the table."""
-    changes = client.watch_queue(queue)
+    changes = _interruptible(client.watch_queue(queue))
     try:
         if console.is_terminal and not json_output:
             _redraw(changes, queue, states=states, limit=limit, wide=wide)
@@ -53,9 +55,33 @@ def watch_items(
                     for line in _change_lines(change, shown):
                         _print(line)
     except KeyboardInterrupt:
-        pass  # how a watch is ended: not a failure
-    finally:
-        changes.close()  # cancels the stream
+        pass  # how a watch is ended: not a failure (closing the client's channel ends the stream)
+
+
+def _interruptible(changes: Iterator[QueueChange]) -> Iterator[QueueChange]:
+    """``changes``, read on a thread of their own: a wait inside a gRPC stream does not see Ctrl-C, so the
+    main thread waits in short steps instead and stops at once, not when the next change arrives."""
+    arrived: SimpleQueue[QueueChange | BaseException | None] = SimpleQueue()
+
+    def read() -> None:
+        try:
+            for change in changes:
+                arrived.put(change)
+            arrived.put(None)
+        except BaseException as error:  # raised again on the main thread
+            arrived.put(error)
+
+    threading.Thread(target=read, name="takeoff-watch", daemon=True).start()
+    while True:
+        try:
+            change = arrived.get(timeout=0.2)
+        except Empty:
+            continue
+        if change is None:
+            return
+        if isinstance(change, BaseException):
+            raise change
+        yield change
 
 
 def _redraw(

@@ -305,7 +305,12 @@ class Queue(_message.Message):
         `volumes` mounts named volumes only (`{"name": {"bind": "/data"}}` or `["name:/data:ro"]`): a source
         that is not a Docker volume name, such as a host path `/srv`, `./data` or `~/x`, is refused on every
         queue, in a queue's config and in an item's override alike; kubernetes: a batch/v1 Job manifest
-        merged over the runner's defaults; local-process: `env`. Items' overrides are deep-merged over it
+        merged over the runner's defaults; local-process: `env`; slurm: `partition`, `nodes`,
+        `ntasks_per_node`, `gpus_per_node`, `cpus_per_task`, `mem`, `time`, `account`, `qos`, `constraint`,
+        `env`, and `sbatch` (more sbatch options from an allow-list); ray: `entrypoint_num_cpus`,
+        `entrypoint_num_gpus`, `entrypoint_memory`, `entrypoint_resources`, `env`. Every kind but ray also
+        takes `nodes` (1-256; kubernetes: beside the Job manifest's keys), a multi-node launch of that many
+        ranks (docs/design.md §12). Items' overrides are deep-merged over it
         (dicts merge, lists are replaced except Kubernetes containers/env/volumes/volumeMounts, merged by
         `name`). Each option must have the shape its runner reads (e.g. a Kubernetes `spec` is an object,
         `containers` a list of objects with a `name`, env values plain values), else `RESOURCE_CONFIG_INVALID`
