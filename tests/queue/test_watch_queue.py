@@ -238,8 +238,8 @@ async def test_changes_are_coalesced_each_item_once_per_message_at_most_five_mes
     for message in changes:
         names = [item.name for item in message.items]
         assert len(names) == len(set(names))
-    # 40 changes; the stream may send one message per interval, whatever the machine's speed.
-    assert len(changes) <= elapsed / MESSAGE_INTERVAL_SECONDS + 1 < 40
+    # 40 changes, but never more than one message per interval, however fast they came
+    assert len(changes) <= elapsed / MESSAGE_INTERVAL_SECONDS + 1
     cancelled = [item.name for message in changes for item in message.items if item.state == CANCELLED]
     assert sorted(cancelled) == sorted(item.name for item in items)  # each sent once ended
 
