@@ -5,6 +5,7 @@ file) one line per change, or one JSON object per change with ``--json``. Ctrl-C
 from __future__ import annotations
 
 import json
+import signal
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime
@@ -42,6 +43,9 @@ def watch_items(
     json_output: bool,
 ) -> None:
     """Follow ``queue`` until Ctrl-C; ``states`` keeps items in them, ``limit`` rows fit the table."""
+    # Ctrl-C is how a watch ends, also where it was started with SIGINT ignored (a background job of a
+    # script, which a later `kill -INT` must still stop)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     changes = _interruptible(client.watch_queue(queue))
     try:
         if console.is_terminal and not json_output:

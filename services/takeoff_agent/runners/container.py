@@ -515,9 +515,13 @@ class ContainerRunner:
         return login.auth_config() if login else None
 
 
+REMOVAL_SECONDS = 60
+"""How long a removal another process started may take before the runner calls the engine unwell."""
+
+
 def _remove(engine: docker.DockerClient, container: str) -> None:
-    """Kill and remove ``container`` (with its anonymous volumes), if it is there and not being removed
-    already (by its shim, which removes every rank once one has ended)."""
+    """Kill and remove ``container`` (with its anonymous volumes), if it is there; one being removed
+    already (by its shim, which removes every rank once one has ended) is waited for: gone on return."""
     try:
         engine.containers.get(container).remove(force=True, v=True)
     except docker.errors.NotFound:
@@ -525,6 +529,8 @@ def _remove(engine: docker.DockerClient, container: str) -> None:
     except docker.errors.APIError as error:
         if error.status_code != 409 or "already in progress" not in str(error.explanation):
             raise
+        with contextlib.suppress(docker.errors.NotFound):  # removed meanwhile
+            engine.containers.get(container).wait(condition="removed", timeout=REMOVAL_SECONDS)
 
 
 def _state(engine: docker.DockerClient, container: str) -> dict[str, Any] | None:
