@@ -558,6 +558,22 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """FAILED_PRECONDITION. A run config key its launch set cannot be changed by the job
     (RunService.UpdateRunConfig); BadRequest names each key.
     """
+    ERROR_REASON_ARTIFACT_COLLECTION_NOT_FOUND: _ErrorReason.ValueType  # 64
+    """NOT_FOUND. The named artifact (ArtifactService: `projects/{p}/artifactCollections/{a}`) does not exist."""
+    ERROR_REASON_ARTIFACT_VERSION_NOT_FOUND: _ErrorReason.ValueType  # 65
+    """NOT_FOUND. The artifact version (or the version an alias names) does not exist."""
+    ERROR_REASON_ARTIFACT_FILE_NOT_FOUND: _ErrorReason.ValueType  # 66
+    """NOT_FOUND. The artifact version holds no file at that path (ArtifactService.ReadArtifactFile)."""
+    ERROR_REASON_BLOB_MISSING: _ErrorReason.ValueType  # 67
+    """FAILED_PRECONDITION. A new version names a file whose bytes neither follow in the stream nor are stored
+    in the project; BadRequest names each file (`header.files[3]`).
+    """
+    ERROR_REASON_ARTIFACT_TYPE_MISMATCH: _ErrorReason.ValueType  # 68
+    """FAILED_PRECONDITION. A new version's `type` differs from its artifact's (`checkpoint` vs `model`)."""
+    ERROR_REASON_NOTHING_TO_RESUME: _ErrorReason.ValueType  # 69
+    """FAILED_PRECONDITION. AttachRun with `RESUME_MODE_MUST` for a run that resumes nothing (the first attempt,
+    or a run outside a launch).
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """Catalog of the google.rpc.ErrorInfo reasons the Takeoff services return, with the gRPC code each comes
@@ -723,6 +739,22 @@ ERROR_REASON_SERVICE_KEY_REFUSED: ErrorReason.ValueType  # 62
 ERROR_REASON_CONFIG_KEY_READ_ONLY: ErrorReason.ValueType  # 63
 """FAILED_PRECONDITION. A run config key its launch set cannot be changed by the job
 (RunService.UpdateRunConfig); BadRequest names each key.
+"""
+ERROR_REASON_ARTIFACT_COLLECTION_NOT_FOUND: ErrorReason.ValueType  # 64
+"""NOT_FOUND. The named artifact (ArtifactService: `projects/{p}/artifactCollections/{a}`) does not exist."""
+ERROR_REASON_ARTIFACT_VERSION_NOT_FOUND: ErrorReason.ValueType  # 65
+"""NOT_FOUND. The artifact version (or the version an alias names) does not exist."""
+ERROR_REASON_ARTIFACT_FILE_NOT_FOUND: ErrorReason.ValueType  # 66
+"""NOT_FOUND. The artifact version holds no file at that path (ArtifactService.ReadArtifactFile)."""
+ERROR_REASON_BLOB_MISSING: ErrorReason.ValueType  # 67
+"""FAILED_PRECONDITION. A new version names a file whose bytes neither follow in the stream nor are stored
+in the project; BadRequest names each file (`header.files[3]`).
+"""
+ERROR_REASON_ARTIFACT_TYPE_MISMATCH: ErrorReason.ValueType  # 68
+"""FAILED_PRECONDITION. A new version's `type` differs from its artifact's (`checkpoint` vs `model`)."""
+ERROR_REASON_NOTHING_TO_RESUME: ErrorReason.ValueType  # 69
+"""FAILED_PRECONDITION. AttachRun with `RESUME_MODE_MUST` for a run that resumes nothing (the first attempt,
+or a run outside a launch).
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 

@@ -57,6 +57,38 @@ LOG_STREAM_BUILD: LogStream.ValueType  # 4
 """Build output (pip, docker build) forwarded by the agent."""
 Global___LogStream: _TypeAlias = LogStream  # noqa: Y015
 
+class _ResumeMode:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ResumeModeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ResumeMode.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    RESUME_MODE_UNSPECIFIED: _ResumeMode.ValueType  # 0
+    """Not set; the same as RESUME_MODE_NEVER."""
+    RESUME_MODE_NEVER: _ResumeMode.ValueType  # 1
+    """Start afresh: AttachRunResponse.resumed_from_run stays unset."""
+    RESUME_MODE_ALLOW: _ResumeMode.ValueType  # 2
+    """Continue `resumed_from` when there is one: AttachRunResponse.resumed_from_run is that run."""
+    RESUME_MODE_MUST: _ResumeMode.ValueType  # 3
+    """As ALLOW, but a run that continues nothing is FAILED_PRECONDITION `NOTHING_TO_RESUME` and stays
+    STARTING (nothing is attached).
+    """
+
+class ResumeMode(_ResumeMode, metaclass=_ResumeModeEnumTypeWrapper):
+    """How AttachRun treats the run this one continues (`takeoff.init(resume=...)`)."""
+
+RESUME_MODE_UNSPECIFIED: ResumeMode.ValueType  # 0
+"""Not set; the same as RESUME_MODE_NEVER."""
+RESUME_MODE_NEVER: ResumeMode.ValueType  # 1
+"""Start afresh: AttachRunResponse.resumed_from_run stays unset."""
+RESUME_MODE_ALLOW: ResumeMode.ValueType  # 2
+"""Continue `resumed_from` when there is one: AttachRunResponse.resumed_from_run is that run."""
+RESUME_MODE_MUST: ResumeMode.ValueType  # 3
+"""As ALLOW, but a run that continues nothing is FAILED_PRECONDITION `NOTHING_TO_RESUME` and stays
+STARTING (nothing is attached).
+"""
+Global___ResumeMode: _TypeAlias = ResumeMode  # noqa: Y015
+
 @_typing.final
 class Run(_message.Message):
     """One tracked attempt of a job (or a run made by the SDK outside a launch)."""
@@ -86,6 +118,7 @@ class Run(_message.Message):
     GROUP_FIELD_NUMBER: _builtins.int
     JOB_TYPE_FIELD_NUMBER: _builtins.int
     LAUNCH_CONFIG_KEYS_FIELD_NUMBER: _builtins.int
+    RESUMED_FROM_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Output only. Resource name `projects/{project}/runs/{run}`."""
     display_name: _builtins.str
@@ -124,6 +157,11 @@ class Run(_message.Message):
     job_type: _builtins.str
     """What kind of work the run does (`train`, `eval`...; `init(job_type=...)`), at most 64 characters, no
     NUL.
+    """
+    resumed_from: _builtins.str
+    """Output only. The run this one continues: for attempt n > 1 of a queue item, the run of the item's latest
+    earlier attempt that has one (`projects/{p}/runs/{run}`), set at CreateRun; empty otherwise. Whether the
+    job picks up that run's step and summary is its choice (AttachRunRequest.resume).
     """
     @_builtins.property
     def config(self) -> _struct_pb2.Struct:
@@ -192,10 +230,11 @@ class Run(_message.Message):
         group: _builtins.str = ...,
         job_type: _builtins.str = ...,
         launch_config_keys: _abc.Iterable[_builtins.str] | None = ...,
+        resumed_from: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "config", b"config", "create_time", b"create_time", "end_time", b"end_time", "exit_code", b"exit_code", "start_time", b"start_time", "summary", b"summary", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "attempt", b"attempt", "config", b"config", "create_time", b"create_time", "display_name", b"display_name", "end_time", b"end_time", "exit_code", b"exit_code", "group", b"group", "history_length", b"history_length", "job_type", b"job_type", "job_version", b"job_version", "last_step", b"last_step", "launch_config_keys", b"launch_config_keys", "log_line_count", b"log_line_count", "message", b"message", "metric_keys", b"metric_keys", "name", b"name", "notes", b"notes", "queue_item", b"queue_item", "start_time", b"start_time", "state", b"state", "summary", b"summary", "tags", b"tags", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "attempt", b"attempt", "config", b"config", "create_time", b"create_time", "display_name", b"display_name", "end_time", b"end_time", "exit_code", b"exit_code", "group", b"group", "history_length", b"history_length", "job_type", b"job_type", "job_version", b"job_version", "last_step", b"last_step", "launch_config_keys", b"launch_config_keys", "log_line_count", b"log_line_count", "message", b"message", "metric_keys", b"metric_keys", "name", b"name", "notes", b"notes", "queue_item", b"queue_item", "resumed_from", b"resumed_from", "start_time", b"start_time", "state", b"state", "summary", b"summary", "tags", b"tags", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__exit_code: _TypeAlias = _typing.Literal["exit_code"]  # noqa: Y015
     _WhichOneofArgType__exit_code: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code"]  # noqa: Y015
@@ -408,6 +447,7 @@ class AttachRunRequest(_message.Message):
     NOTES_FIELD_NUMBER: _builtins.int
     GROUP_FIELD_NUMBER: _builtins.int
     JOB_TYPE_FIELD_NUMBER: _builtins.int
+    RESUME_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Required. Run name `projects/{project}/runs/{run}` (the SDK builds it from TAKEOFF_PROJECT and
     TAKEOFF_RUN_ID).
@@ -422,6 +462,10 @@ class AttachRunRequest(_message.Message):
     """See `tags`."""
     job_type: _builtins.str
     """See `tags`."""
+    resume: Global___ResumeMode.ValueType
+    """Optional. Whether the job continues the run of the item's previous attempt (`Run.resumed_from`); unset =
+    RESUME_MODE_NEVER. A number that is not a ResumeMode is INVALID_ARGUMENT `ARGUMENT_INVALID`.
+    """
     @_builtins.property
     def config(self) -> _struct_pb2.Struct:
         """Optional. The config the job actually uses (its defaults overridden by the launch config); replaces the
@@ -442,10 +486,11 @@ class AttachRunRequest(_message.Message):
         notes: _builtins.str = ...,
         group: _builtins.str = ...,
         job_type: _builtins.str = ...,
+        resume: Global___ResumeMode.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "display_name", b"display_name", "group", b"group", "job_type", b"job_type", "name", b"name", "notes", b"notes", "tags", b"tags"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "display_name", b"display_name", "group", b"group", "job_type", b"job_type", "name", b"name", "notes", b"notes", "resume", b"resume", "tags", b"tags"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -458,18 +503,27 @@ class AttachRunResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     RUN_FIELD_NUMBER: _builtins.int
+    RESUMED_FROM_RUN_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def run(self) -> Global___Run:
         """The run, now RUNNING."""
+
+    @_builtins.property
+    def resumed_from_run(self) -> Global___Run:
+        """With `resume` ALLOW or MUST and a run to continue: that run as it is now (its `last_step`, `summary`,
+        `history_length`), so the job logs on after its last step. A run token reads it here without a grant on
+        the other run. Unset otherwise.
+        """
 
     def __init__(
         self,
         *,
         run: Global___Run | None = ...,
+        resumed_from_run: Global___Run | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["run", b"run"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["resumed_from_run", b"resumed_from_run", "run", b"run"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["run", b"run"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["resumed_from_run", b"resumed_from_run", "run", b"run"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
