@@ -3,6 +3,10 @@
 A target is ``host:port`` or ``unix:/path``. Every channel gets :data:`CHANNEL_OPTIONS`; ``metadata``
 (an API key, later a run token) is added to every call by an interceptor, and ``credentials`` make the
 channel a TLS one, so adding authentication later changes the callers' arguments, not this plumbing.
+
+The same interceptor adds the caller's W3C trace context (``traceparent``, ``tracestate``) to every call
+once the process's tracing has named where to read it (:func:`propagate_trace_context`), so the server's
+span continues the caller's trace and no caller can forget to pass it on (docs/design.md §9).
 """
 
 from __future__ import annotations
@@ -16,6 +20,21 @@ import grpc.aio
 
 Metadata = Sequence[tuple[str, str]]
 ChannelOptions = Sequence[tuple[str, Any]]
+TraceContext = Callable[[], Metadata]
+"""The current span's ``traceparent`` (and ``tracestate``) as metadata entries; empty outside a span."""
+
+
+class _Propagation:
+    source: TraceContext | None = None
+
+
+def propagate_trace_context(source: TraceContext | None) -> None:
+    """Have every call of every channel, opened before or after, carry what ``source`` returns (calls
+    that set ``traceparent`` themselves keep theirs). The process's tracing sets it once: the server
+    runtime's OpenTelemetry context, or a traced job's own spans (``takeoff._trace``). ``None`` (the
+    default): calls carry no trace context, at the cost of one global read each."""
+    _Propagation.source = source
+
 
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 """Largest message either way. It is gRPC's default receive limit, which the servers keep and which
@@ -57,8 +76,9 @@ def open_channel(
         channel = grpc.insecure_channel(target, options=merged)
     else:
         channel = grpc.secure_channel(target, credentials, options=merged)
-    extra = _call_metadata(api_key=api_key, metadata=metadata)
-    return grpc.intercept_channel(channel, _MetadataInterceptor(extra)) if extra else channel
+    return grpc.intercept_channel(
+        channel, _MetadataInterceptor(_call_metadata(api_key=api_key, metadata=metadata))
+    )
 
 
 def open_aio_channel(
@@ -71,8 +91,7 @@ def open_aio_channel(
 ) -> grpc.aio.Channel:
     """A grpc.aio channel to ``target``, set up as :func:`open_channel` sets up a sync one."""
     merged = _options(target, options)
-    extra = _call_metadata(api_key=api_key, metadata=metadata)
-    interceptors = _aio_interceptors(extra) if extra else None
+    interceptors = _aio_interceptors(_call_metadata(api_key=api_key, metadata=metadata))
     if credentials is None:
         return grpc.aio.insecure_channel(target, options=merged, interceptors=interceptors)
     return grpc.aio.secure_channel(target, credentials, options=merged, interceptors=interceptors)
@@ -87,10 +106,15 @@ def _options(target: str, overrides: ChannelOptions) -> list[tuple[str, Any]]:
 
 
 def _missing(fixed: Metadata, given: Sequence[tuple[str, Any]]) -> tuple[tuple[str, str], ...]:
-    """The channel's fixed entries whose keys the call does not set itself: a call that brings its own
-    ``authorization`` (the agent writing a run with that run's token) keeps it."""
+    """The channel's fixed entries, then the caller's trace context, each unless the call sets that key
+    itself: a call that brings its own ``authorization`` (the agent writing a run with that run's token)
+    keeps it."""
+    source = _Propagation.source
+    added = (*fixed, *source()) if source is not None else fixed
+    if not given:
+        return tuple(added)
     keys = {key for key, _ in given}
-    return tuple((key, value) for key, value in fixed if key not in keys)
+    return tuple((key, value) for key, value in added if key not in keys)
 
 
 class _MetadataInterceptor(
@@ -99,14 +123,17 @@ class _MetadataInterceptor(
     grpc.StreamUnaryClientInterceptor,
     grpc.StreamStreamClientInterceptor,
 ):
-    """Adds fixed metadata to every call of a sync channel."""
+    """Adds fixed metadata and the trace context to every call of a sync channel."""
 
     def __init__(self, metadata: Metadata) -> None:
         self._metadata = tuple(metadata)
 
     def _with_metadata(self, details: grpc.ClientCallDetails) -> grpc.ClientCallDetails:
         given = tuple(details.metadata or ())
-        return details._replace(metadata=(*given, *_missing(self._metadata, given)))  # type: ignore[attr-defined, no-any-return]
+        added = _missing(self._metadata, given)
+        if not added:
+            return details
+        return details._replace(metadata=(*given, *added))  # type: ignore[attr-defined, no-any-return]
 
     def intercept_unary_unary(self, continuation: Callable[..., Any], details: Any, request: Any) -> Any:
         return continuation(self._with_metadata(details), request)
@@ -126,16 +153,18 @@ class _MetadataInterceptor(
 
 
 class _AioMetadata:
-    """Adds fixed metadata to every call of a grpc.aio channel. grpc.aio files an interceptor under the
-    first call kind it implements only, hence one class per kind below."""
+    """Adds fixed metadata and the trace context to every call of a grpc.aio channel. grpc.aio files an
+    interceptor under the first call kind it implements only, hence one class per kind below."""
 
     def __init__(self, metadata: Metadata) -> None:
         self._metadata = tuple(metadata)
 
     def _with_metadata(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
         given = tuple(details.metadata or ())
-        merged = grpc.aio.Metadata(*given, *_missing(self._metadata, given))
-        return details._replace(metadata=merged)  # type: ignore[attr-defined, no-any-return]
+        added = _missing(self._metadata, given)
+        if not added:
+            return details
+        return details._replace(metadata=grpc.aio.Metadata(*given, *added))  # type: ignore[attr-defined, no-any-return]
 
 
 class _AioUnaryUnary(_AioMetadata, grpc.aio.UnaryUnaryClientInterceptor):

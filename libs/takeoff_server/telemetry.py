@@ -4,23 +4,45 @@ The exporter is chosen by the standard OpenTelemetry variables: ``OTEL_TRACES_EX
 the default, ``otlp`` or ``console``), ``OTEL_EXPORTER_OTLP_*`` for the endpoint, ``OTEL_SERVICE_NAME``
 to override the service name. Log records carry the current trace and span ids, and the request id the
 error interceptor assigned, so a log line leads to its trace.
+
+Every client channel (``takeoff_rpc.channels``) passes the current span's W3C context on, so a server's
+span continues its caller's trace. Spans recorded after the fact (the queue's attempts, rebuilt from an
+item's stored history) and spans a restarted process must end under the same id (the agent's span for a
+job) get ids derived from what names them (:func:`derived_span_id`): a child told the id in advance finds
+its parent in the trace, whichever process or restart records it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import hashlib
 import json
 import logging
 import os
 import sys
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
+from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
+from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from opentelemetry.util.types import AttributeValue
 
+from takeoff_rpc.channels import Metadata, propagate_trace_context
 from takeoff_server.call_context import request_id_var
 from takeoff_server.config import ConfigError
+
+_PROPAGATOR = TraceContextTextMapPropagator()
+_chosen_span_id: contextvars.ContextVar[int | None] = contextvars.ContextVar("chosen_span_id", default=None)
+
+
+class _Exporting:
+    spans = False
 
 
 def _exporters() -> list[SpanExporter]:
@@ -47,15 +69,125 @@ def _exporters() -> list[SpanExporter]:
     return exporters
 
 
+class _ChosenIds(RandomIdGenerator):
+    """Random ids, but the span id :func:`span_with_id` chose for the span being started."""
+
+    def generate_span_id(self) -> int:
+        chosen = _chosen_span_id.get()
+        return chosen if chosen is not None else super().generate_span_id()
+
+
 def setup_tracing(service_name: str) -> TracerProvider:
-    """Install a tracer provider named for the service, exporting where ``OTEL_*`` says."""
+    """Install a tracer provider named for the service, exporting where ``OTEL_*`` says, and have every
+    client channel pass the current trace context on."""
     provider = TracerProvider(
-        resource=Resource.create({SERVICE_NAME: os.environ.get("OTEL_SERVICE_NAME", service_name)})
+        resource=Resource.create({SERVICE_NAME: os.environ.get("OTEL_SERVICE_NAME", service_name)}),
+        id_generator=_ChosenIds(),
     )
-    for exporter in _exporters():
+    exporters = _exporters()
+    for exporter in exporters:
         provider.add_span_processor(BatchSpanProcessor(exporter))
     trace.set_tracer_provider(provider)
+    _Exporting.spans = bool(exporters)
+    propagate_trace_context(current_trace_context)
     return provider
+
+
+def exporting() -> bool:
+    """Whether spans go anywhere: spans recorded only for others to see are skipped otherwise."""
+    return _Exporting.spans
+
+
+def current_trace_context() -> Metadata:
+    """The current span's ``traceparent`` (and ``tracestate``), as call metadata; empty outside a span."""
+    span_context = trace.get_current_span().get_span_context()
+    if not span_context.is_valid:
+        return ()
+    parent = (
+        "traceparent",
+        f"00-{span_context.trace_id:032x}-{span_context.span_id:016x}-{span_context.trace_flags:02x}",
+    )
+    if span_context.trace_state:
+        return (parent, ("tracestate", span_context.trace_state.to_header()))
+    return (parent,)
+
+
+def parent_context(traceparent: str) -> otel_context.Context | None:
+    """The context whose span ``traceparent`` names, to start children in; None when it names none."""
+    if not traceparent:
+        return None
+    found = _PROPAGATOR.extract({"traceparent": traceparent})
+    return found if trace.get_current_span(found).get_span_context().is_valid else None
+
+
+def derived_span_id(traceparent: str, *names: object) -> int:
+    """A span id that ``names`` (an item, an attempt, what the span is) fix within the trace of
+    ``traceparent``: whoever records that span, now or after a restart, gives it this id."""
+    digest = hashlib.blake2b("\0".join(map(str, (traceparent, *names))).encode(), digest_size=8).digest()
+    return int.from_bytes(digest) or 1  # 0 is the invalid span id
+
+
+def with_span_id(traceparent: str, span_id: int) -> str:
+    """``traceparent`` naming another span of the same trace; empty when ``traceparent`` names none."""
+    parts = traceparent.split("-")
+    if len(parts) != 4 or parent_context(traceparent) is None:
+        return ""
+    return f"{parts[0]}-{parts[1]}-{span_id:016x}-{parts[3]}"
+
+
+@contextlib.contextmanager
+def span_with_id(span_id: int) -> Iterator[None]:
+    """Spans started inside get ``span_id`` (see :func:`derived_span_id`)."""
+    token = _chosen_span_id.set(span_id)
+    try:
+        yield
+    finally:
+        _chosen_span_id.reset(token)
+
+
+def record_span(
+    tracer: trace.Tracer,
+    name: str,
+    *,
+    parent: str,
+    span_id: int,
+    start_ns: int,
+    end_ns: int,
+    attributes: Mapping[str, AttributeValue],
+    links: Sequence[str] = (),
+    events: Sequence[tuple[str, int, Mapping[str, AttributeValue]]] = (),
+    error: str | None = None,
+) -> None:
+    """Record a span that is over already (what a stored history tells), under ``parent`` (a
+    traceparent) with the id ``span_id``, linked to the spans ``links`` names (traceparents)."""
+    context = parent_context(parent)
+    if context is None or not _Exporting.spans:
+        return
+    linked = [
+        trace.Link(trace.get_current_span(found).get_span_context())
+        for link in links
+        if (found := parent_context(link)) is not None
+    ]
+    with span_with_id(span_id):
+        span = tracer.start_span(
+            name, context, attributes=attributes, links=linked, start_time=start_ns, record_exception=False
+        )
+    for event, time_ns, event_attributes in events:
+        span.add_event(event, event_attributes, timestamp=time_ns)
+    if error is not None:
+        span.set_status(trace.Status(trace.StatusCode.ERROR, error))
+    span.end(end_time=end_ns)
+
+
+@contextlib.contextmanager
+def untraced() -> Iterator[None]:
+    """Calls made inside carry no trace context: frequent background calls (log shipping) that would
+    bury a trace in spans."""
+    token = otel_context.attach(otel_context.Context())
+    try:
+        yield
+    finally:
+        otel_context.detach(token)
 
 
 class _TraceContextFilter(logging.Filter):
