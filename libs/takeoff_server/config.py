@@ -87,6 +87,9 @@ class ServerSettings(BaseSettings):
     """A file holding that key instead (``takeoff up`` writes one per service, mode 0600)."""
     tls: TlsSettings | None = None
     """TLS for this server and its calls; unset = plaintext (fine on loopback and Unix sockets only)."""
+    metrics_listen: str | None = None
+    """``host:port`` serving Prometheus metrics at ``/metrics`` over plain HTTP (port 0 picks a free one,
+    written to the ready file); unset or empty = no metrics endpoint."""
 
     def own_api_key(self) -> str | None:
         """The key this process presents to the others, from ``api_key`` or ``api_key_file``."""
@@ -118,6 +121,16 @@ class ServerSettings(BaseSettings):
             if not sep or not host or not port.isdigit() or int(port) > 65535:
                 raise ValueError(f"{address!r} is not host:port or unix:/path")
         return addresses
+
+    @field_validator("metrics_listen")
+    @classmethod
+    def _check_metrics_listen(cls, address: str | None) -> str | None:
+        if not address:
+            return None
+        host, sep, port = address.rpartition(":")
+        if not sep or not host or not port.isdigit() or int(port) > 65535:
+            raise ValueError(f"{address!r} is not host:port")
+        return address
 
     @field_validator("shutdown_grace_seconds")
     @classmethod

@@ -17,6 +17,7 @@ from typing import Generic, NoReturn
 
 from takeoff_server.config import ConfigError, SettingsT, load_settings
 from takeoff_server.errors import ServiceFailed
+from takeoff_server.metrics import MetricsEndpoint, RpcMetrics, process_registry
 from takeoff_server.pagination import load_signing_key, use_signing_key
 from takeoff_server.server import TakeoffServer, Wiring, serve_until_signalled, write_ready_file
 from takeoff_server.telemetry import setup_logging, setup_tracing
@@ -86,11 +87,22 @@ class ServiceProgram(Generic[SettingsT]):
         use_signing_key(load_signing_key(settings.home / PAGE_TOKEN_KEY_FILE))
         async with AsyncExitStack() as resources:
             wiring = await self.wire(settings, resources)
+            rpc_metrics = RpcMetrics() if settings.metrics_listen else None
             server = TakeoffServer(
-                wiring.services, listen=settings.listen, verifier=wiring.verifier, tls=settings.tls
+                wiring.services,
+                listen=settings.listen,
+                verifier=wiring.verifier,
+                tls=settings.tls,
+                rpc_metrics=rpc_metrics,
             )
+            metrics_address = ""
+            if rpc_metrics is not None and settings.metrics_listen:
+                registry = process_registry([*rpc_metrics.collectors, *wiring.metrics])
+                endpoint = MetricsEndpoint(registry, settings.metrics_listen)
+                metrics_address = await endpoint.start()
+                resources.push_async_callback(endpoint.stop)
             addresses = await server.start()
             if settings.ready_file is not None:
-                write_ready_file(settings.ready_file, addresses)
+                write_ready_file(settings.ready_file, addresses, metrics_address)
             await serve_until_signalled(server, grace=settings.shutdown_grace_seconds)
         logger.info("stopped")

@@ -2,9 +2,9 @@
 
 It serves the service's own API plus ``grpc.health.v1`` (one status per service, and the overall ``""``)
 and server reflection, on one or more addresses (``host:port`` with port 0 allowed, ``unix:/path``),
-behind the interceptor chain tracing -> errors -> access control -> request decoding. Shutdown first
-reports NOT_SERVING, so load balancers stop sending, then lets in-flight calls finish within the grace
-period.
+behind the interceptor chain tracing -> metrics (when served) -> errors -> access control -> request
+decoding. Shutdown first reports NOT_SERVING, so load balancers stop sending, then lets in-flight calls
+finish within the grace period.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import grpc
 from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from opentelemetry.instrumentation.grpc import aio_server_interceptor
+from prometheus_client.registry import Collector
 
 from takeoff_server import reflection
 from takeoff_server.access import AccessRules, KeyVerifier, Rule, missing_rules
@@ -34,7 +35,9 @@ from takeoff_server.interceptors import (
     access_handler,
     decoding_handler,
     error_guard,
+    guard_handler,
 )
+from takeoff_server.metrics import RpcMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +95,8 @@ class Wiring:
 
     services: Sequence[ServiceBinding]
     verifier: KeyVerifier
+    metrics: Sequence[Collector] = ()
+    """The service's own metrics (``takeoff_server.metrics``), served with the RPC metrics."""
 
 
 class TakeoffServer:
@@ -105,6 +110,7 @@ class TakeoffServer:
         verifier: KeyVerifier,
         tls: TlsSettings | None = None,
         extra_interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+        rpc_metrics: RpcMetrics | None = None,
     ) -> None:
         self.services = tuple(services)
         self._listen = tuple(listen)
@@ -113,9 +119,16 @@ class TakeoffServer:
         self.access = AccessControl(verifier, rules)
         self.health = health.aio.HealthServicer()
         self.addresses: list[str] = []
+        measure = (
+            [HandlerInterceptor(lambda h, method: guard_handler(h, method, rpc_metrics.guard_for(h, method)))]
+            if rpc_metrics is not None
+            else []
+        )
         self._server = grpc.aio.server(
             interceptors=[
                 aio_server_interceptor(),  # type: ignore[no-untyped-call]
+                # Outside the error guard, so that it sees the status a domain error became.
+                *measure,
                 *extra_interceptors,
                 GuardInterceptor(error_guard),
                 HandlerInterceptor(lambda handler, method: access_handler(handler, method, self.access)),
@@ -189,11 +202,15 @@ def server_credentials(tls: TlsSettings) -> grpc.ServerCredentials:
     )
 
 
-def write_ready_file(path: Path, addresses: Sequence[str]) -> None:
-    """Publish the bound addresses atomically, so a supervisor never reads half a file."""
+def write_ready_file(path: Path, addresses: Sequence[str], metrics_address: str = "") -> None:
+    """Publish the bound addresses (and the metrics endpoint's, when it serves) atomically, so a supervisor
+    never reads half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps({"pid": os.getpid(), "addresses": list(addresses)}))
+    record: dict[str, object] = {"pid": os.getpid(), "addresses": list(addresses)}
+    if metrics_address:
+        record["metrics_address"] = metrics_address
+    partial.write_text(json.dumps(record))
     partial.replace(path)
 
 

@@ -1,0 +1,137 @@
+"""Prometheus metrics: the server runtime's RPC metrics on a real server, and every service of a real stack
+scraped over HTTP after a launch (docs/design.md §9, "Metrics")."""
+
+from __future__ import annotations
+
+import asyncio
+import urllib.error
+import urllib.request
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from takeoff_rpc.channels import open_aio_channel
+from takeoff_server.access import CachedVerifier
+from takeoff_server.metrics import CallbackGauge, MetricsEndpoint, RpcMetrics, counter, process_registry
+from takeoff_server.server import TakeoffServer
+from tests.unit.test_server_runtime import KEYS, PROBE, KeyTable, probe_binding
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def scrape(address: str) -> Samples:
+    """Every sample ``http://address/metrics`` serves, by name and labels."""
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def value(samples: Samples, name: str, **labels: str) -> float | None:
+    return samples.get((name, frozenset(labels.items())))
+
+
+def series(samples: Samples, name: str) -> list[dict[str, str]]:
+    return [dict(labels) for sample_name, labels in samples if sample_name == name]
+
+
+async def unary_call(channel: grpc.aio.Channel, method: str) -> bytes:
+    stub: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(f"/{PROBE}/{method}")
+    return await stub(b"", timeout=5)
+
+
+class Probe:
+    def __init__(self, server: TakeoffServer, metrics_address: str) -> None:
+        self.server = server
+        self.metrics_address = metrics_address
+
+    async def scrape(self) -> Samples:
+        return await asyncio.to_thread(scrape, self.metrics_address)
+
+
+@pytest.fixture
+async def probe() -> AsyncIterator[Probe]:
+    rpc = RpcMetrics()
+    launches = counter("probe_launches_total", "Launches, for the test.", ["kind"])
+    launches.labels("venv").inc(3)
+    depths: dict[tuple[str, ...], float] = {("q1",): 4.0, ("q2",): 0.0}
+    registry = process_registry(
+        [*rpc.collectors, launches, CallbackGauge("probe_depth", "Depth.", lambda: depths, ["queue"])]
+    )
+    server = TakeoffServer(
+        [probe_binding()], listen=["127.0.0.1:0"], verifier=CachedVerifier(KeyTable(KEYS)), rpc_metrics=rpc
+    )
+    endpoint = MetricsEndpoint(registry, "127.0.0.1:0")
+    await endpoint.start()
+    await server.start()
+    yield Probe(server, endpoint.address)
+    await server.stop(0)
+    await endpoint.stop()
+
+
+async def test_rpc_latency_is_counted_by_method_and_status_code_and_open_streams_are_in_flight(
+    probe: Probe,
+) -> None:
+    [address] = probe.server.addresses
+    async with open_aio_channel(address, api_key="sesame") as channel:
+        echo: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(f"/{PROBE}/WhoAmI")
+        for _ in range(3):
+            await echo(b"", timeout=5)
+        with pytest.raises(grpc.aio.AioRpcError):
+            await unary_call(channel, "Missing")
+        with pytest.raises(grpc.aio.AioRpcError):
+            await unary_call(channel, "Crash")
+        opener: grpc.aio.UnaryStreamMultiCallable[bytes, bytes] = channel.unary_stream(f"/{PROBE}/Open")
+        open_stream = opener(b"", timeout=30)
+        assert await open_stream.read() == b"first"
+
+        samples = await probe.scrape()
+        unary = {"grpc_service": PROBE, "grpc_type": "unary"}
+        count = "grpc_server_handling_seconds_count"
+        assert value(samples, count, **unary, grpc_method="WhoAmI", grpc_code="OK") == 3
+        assert value(samples, count, **unary, grpc_method="Missing", grpc_code="NOT_FOUND") == 1
+        assert value(samples, count, **unary, grpc_method="Crash", grpc_code="INTERNAL") == 1
+        stream = {"grpc_service": PROBE, "grpc_method": "Open", "grpc_type": "server_stream"}
+        assert value(samples, "grpc_server_in_flight", **stream) == 1
+        assert value(samples, "grpc_server_in_flight", **unary, grpc_method="WhoAmI") == 0
+        bucket = value(
+            samples,
+            "grpc_server_handling_seconds_bucket",
+            **unary,
+            grpc_method="WhoAmI",
+            grpc_code="OK",
+            le="+Inf",
+        )
+        assert bucket == 3
+
+        open_stream.cancel()
+    samples = await probe.scrape()
+    assert value(samples, "grpc_server_in_flight", **stream) == 0
+    assert value(samples, count, **stream, grpc_code="CANCELLED") == 1
+
+
+async def test_a_services_own_metrics_and_the_process_are_served(probe: Probe) -> None:
+    samples = await probe.scrape()
+    assert value(samples, "probe_launches_total", kind="venv") == 3
+    assert value(samples, "probe_depth", queue="q1") == 4
+    assert value(samples, "probe_depth", queue="q2") == 0
+    assert value(samples, "process_resident_memory_bytes") is not None
+
+
+async def test_the_endpoint_answers_only_get_of_metrics(probe: Probe) -> None:
+    def status(path: str, method: str = "GET") -> int:
+        request = urllib.request.Request(f"http://{probe.metrics_address}{path}", method=method)
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return int(response.status)
+        except urllib.error.HTTPError as error:
+            return error.code
+
+    assert await asyncio.to_thread(status, "/metrics") == 200
+    assert await asyncio.to_thread(status, "/elsewhere") == 404
+    assert await asyncio.to_thread(status, "/metrics", "POST") == 405
