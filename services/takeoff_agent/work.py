@@ -4,6 +4,12 @@ create the run -> BUILDING (the build the item's runner needs, its log into the 
 started by its runner) -> RUNNING (output into the run's logs as it comes) -> the outcome -> Complete.
 What an attempt needs to be taken back after an agent restart lives in its lease directory. The attempt
 is the same whatever the resource kind: the runner (``runners/``) does what differs.
+
+Its spans (docs/design.md §9) go under the queue's span of the attempt, which the Assignment's traceparent
+names: ``agent.attempt``, and inside it the run's creation, the build (the builder's spans under it), the
+job (``agent.job``, whose context the job gets as TRACEPARENT: its own spans go under it) with its start
+and each wait the runner reports (``agent.wait``: free GPUs, a pending pod or Slurm job), and the run's
+finish.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import contextlib
 import enum
 import json
 import logging
+import os
 import time
 from collections import deque
 from collections.abc import Awaitable, Iterable, Mapping, Sequence
@@ -21,6 +28,8 @@ from pathlib import Path
 from typing import Protocol, TypeVar
 
 import grpc
+from opentelemetry import trace
+from opentelemetry.util.types import AttributeValue
 
 from takeoff_agent.clients import Builder, LogLine, Runs
 from takeoff_agent.domain import (
@@ -46,9 +55,18 @@ from takeoff_agent.wire import (
     run_state_to_proto,
 )
 from takeoff_rpc.status import decode_rpc_error, status_code
+from takeoff_server.telemetry import (
+    derived_span_id,
+    exporting,
+    parent_context,
+    span_with_id,
+    untraced,
+    with_span_id,
+)
 from takeoff_server.validation import clip_utf8
 
 logger = logging.getLogger(__name__)
+_tracer = trace.get_tracer("takeoff.agent")
 T = TypeVar("T")
 
 LOG_FLUSH_SECONDS = 0.2
@@ -67,6 +85,22 @@ MIN_MASKED_CHARS = 4
 """Shorter values are not masked: replacing every ``1`` of a log would hide the log, not the secret."""
 BUILD_DETAILS = {BuildKind.VENV: "venv build", BuildKind.IMAGE: "image build", BuildKind.NOOP: "image check"}
 """The BUILDING Progress detail: what the builder makes for this attempt."""
+PASSED_TRACING_ENV = (
+    "OTEL_TRACES_EXPORTER",
+    "OTEL_EXPORTER_OTLP_ENDPOINT",
+    "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+    "OTEL_EXPORTER_OTLP_PROTOCOL",
+    "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+    "OTEL_EXPORTER_OTLP_INSECURE",
+    "OTEL_EXPORTER_OTLP_TRACES_INSECURE",
+    "OTEL_EXPORTER_OTLP_CERTIFICATE",
+    "OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE",
+    "OTEL_BSP_SCHEDULE_DELAY",
+)
+"""Where the agent exports spans, the job exports its own (the resource config's ``env`` may say
+otherwise). The headers (``OTEL_EXPORTER_OTLP_[TRACES_]HEADERS``), which may hold a collector's token, go
+as secret variables."""
+PASSED_TRACING_SECRETS = ("OTEL_EXPORTER_OTLP_HEADERS", "OTEL_EXPORTER_OTLP_TRACES_HEADERS")
 
 
 class _Interrupted(enum.Enum):
@@ -217,7 +251,8 @@ class RunLog:
             self._recorded = True
         while self.pending:
             batch = _next_batch(self.pending)
-            await self.runs.append_logs(self.run, batch, self.next_index, token=self.token)
+            with untraced():  # five calls a second for the job's life would bury its trace
+                await self.runs.append_logs(self.run, batch, self.next_index, token=self.token)
             self.next_index += len(batch)
             del self.pending[: len(batch)]
 
@@ -262,6 +297,12 @@ class Attempt:
             self.log.mask([self.token])
         self._restore_progress()
         self.task: asyncio.Task[None] | None = None
+        self.job_traceparent = with_span_id(
+            assignment.traceparent, derived_span_id(assignment.traceparent, "agent.job")
+        )
+        """The job's TRACEPARENT: its ``agent.job`` span, whose id a restarted agent gives it again."""
+        self._job_span: trace.Span | None = None
+        self._waiting: trace.Span | None = None
         self._timers: list[asyncio.TimerHandle] = []
         self._lease_until: float | None = None
         self._renewing: asyncio.Task[None] | None = None
@@ -329,7 +370,37 @@ class Attempt:
             except Exception:  # the next renewal tries again; the runner's fence stops a job left behind
                 logger.warning("could not renew the lease of %s's job", self.lease_id, exc_info=True)
 
+    def _span_attributes(self) -> dict[str, AttributeValue]:
+        assignment = self.assignment
+        return {
+            "takeoff.project": f"projects/{assignment.project}",
+            "takeoff.queue": assignment.queue,
+            "takeoff.item": assignment.item,
+            "takeoff.attempt": assignment.attempt,
+            "takeoff.agent": self.context.agent_name,
+            "takeoff.run": assignment.run,
+        }
+
     async def run(self) -> None:
+        with _tracer.start_as_current_span(
+            "agent.attempt",
+            parent_context(self.assignment.traceparent),
+            attributes=self._span_attributes(),
+        ) as span:
+            try:
+                outcome = await self._run()
+            finally:
+                if self._job_span is not None:
+                    _end_job_span(self._job_span, self.job.exit())
+            if outcome is not None:
+                span.set_attribute("takeoff.outcome", outcome.state.value)
+                if outcome.state is not ItemState.SUCCEEDED:
+                    span.set_attribute("takeoff.reason", outcome.reason.value)
+                    span.set_status(trace.StatusCode.ERROR, outcome.message[:1024])
+            elif self.stop_reason is not None:
+                span.set_attribute("takeoff.outcome", self.stop_reason.name)
+
+    async def _run(self) -> Outcome | None:
         self._arm_deadlines()
         try:
             outcome = await self._attempt()
@@ -350,21 +421,27 @@ class Attempt:
         await self._flush_logs_quietly()
         if outcome is not None and self.stop_reason is not Stop.REVOKED:
             await self.reporter.complete(self, outcome)
+        return outcome
 
     async def _attempt(self) -> Outcome | None:
         assignment = self.assignment
         resumed = self.job.started  # by an earlier run of this agent
         if not resumed:
-            await self.context.runs.create(
-                assignment.run,
-                job_version=assignment.job_version.name,
-                item=assignment.item,
-                attempt=assignment.attempt,
-                config=assignment.run_config,
-                display_name=assignment.run_display_name,
-                token=self.token,
-            )
+            with _tracer.start_as_current_span("agent.create_run"):
+                await self.context.runs.create(
+                    assignment.run,
+                    job_version=assignment.job_version.name,
+                    item=assignment.item,
+                    attempt=assignment.attempt,
+                    config=assignment.run_config,
+                    display_name=assignment.run_display_name,
+                    token=self.token,
+                )
             self.log.system(f"attempt {assignment.attempt} of {assignment.item} on {self.context.agent_name}")
+            if exporting() and (context := parent_context(assignment.traceparent)):
+                # The run's log keeps the attempt's trace: its lines lead to the spans of the same attempt.
+                trace_id = trace.get_current_span(context).get_span_context().trace_id
+                self.log.system(f"trace {trace_id:032x}")
             try:
                 self.runner.check(assignment)
                 build_kind = self.runner.build_kind(assignment.job_version.source)
@@ -379,19 +456,32 @@ class Attempt:
                 return await self._failed_before_end(secrets)
             if not await self._advance(ItemState.BUILDING, BUILD_DETAILS[build_kind]):
                 return await self._end_stopped()
-            built = await self._unless_stopped(self._build(build_kind))
+            with _tracer.start_as_current_span(
+                "agent.build", attributes={"takeoff.build_kind": build_kind.name.lower()}
+            ) as build_span:
+                built = await self._unless_stopped(self._build(build_kind))
+                if isinstance(built, Built):
+                    build_span.set_attribute("takeoff.cache_hit", built.cache_hit)
             if built is _Interrupted.STOP or self.stop_reason is not None:
                 return await self._end_stopped()
             if isinstance(built, Outcome):
                 return await self._failed_before_end(built)
             if not await self._advance(ItemState.STARTING, "starting the job"):
                 return await self._end_stopped()
-            failed_start = await self._unless_stopped(self._start(built, secrets))
+            with (
+                trace.use_span(self._open_job_span(), end_on_exit=False),
+                _tracer.start_as_current_span("agent.start"),
+            ):
+                try:
+                    failed_start = await self._unless_stopped(self._start(built, secrets))
+                finally:
+                    self._report_waiting(None)
             if failed_start is _Interrupted.STOP:
                 return await self._end_stopped()
             if failed_start is not None:
                 return await self._failed_before_end(failed_start)
         else:
+            self._open_job_span(self.running_since)
             await self._mask_secrets_again()
         if (  # started before an agent restart and not seen running: its pod may still be pending
             resumed
@@ -421,6 +511,34 @@ class Attempt:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
         return _Interrupted.STOP if task.cancelled() else task.result()
+
+    def _open_job_span(self, since: float | None = None) -> trace.Span:
+        """``agent.job``, from the job's start (or ``since``, when it ran before an agent restart) to its
+        end, under the id its TRACEPARENT names."""
+        with span_with_id(derived_span_id(self.assignment.traceparent, "agent.job")):
+            self._job_span = _tracer.start_span(
+                "agent.job",
+                attributes={
+                    "takeoff.run": self.assignment.run,
+                    "takeoff.resource": self.runner.kind.config_name,
+                },
+                start_time=None if since is None else int(since * 1e9),
+            )
+        return self._job_span
+
+    def _report_waiting(self, detail: str | None) -> None:
+        """The start waits for ``detail`` (free GPUs, a pending pod, Slurm's queue) until the next detail
+        or the start's end (None): each wait an ``agent.wait`` span, so the time is seen, not a gap."""
+        if self._waiting is not None:
+            self._waiting.end()
+            self._waiting = None
+        if detail is not None:
+            self._waiting = _tracer.start_span("agent.wait", attributes={"takeoff.detail": detail})
+
+    async def _starting(self, detail: str) -> bool:
+        """A runner's STARTING detail while its start waits: to the queue, and a wait span of its own."""
+        self._report_waiting(detail)
+        return await self._advance(ItemState.STARTING, detail)
 
     async def _advance(self, state: ItemState, detail: str) -> bool:
         """Report progress; False when the queue says the lease is lost (the attempt is then revoked)."""
@@ -471,6 +589,7 @@ class Attempt:
         assignment = self.assignment
         configured = assignment.resource_config.get("env") or {}
         return {
+            **_tracing_environment(PASSED_TRACING_ENV),
             **{name: str(value) for name, value in configured.items()},
             "PYTHONUNBUFFERED": "1",
             "TAKEOFF_PROJECT": assignment.project,
@@ -480,7 +599,7 @@ class Attempt:
             "TAKEOFF_ITEM": assignment.item,
             "TAKEOFF_ATTEMPT": str(assignment.attempt),
             "TAKEOFF_CONFIG": json.dumps(assignment.run_config),
-            "TRACEPARENT": assignment.traceparent,
+            "TRACEPARENT": self.job_traceparent,
         }
 
     async def _secrets(self) -> JobSecrets | Outcome:
@@ -509,6 +628,10 @@ class Attempt:
                     "its value is not text without NUL characters (mount it as a file)",
                 )
             secrets.env[mount.env] = text
+        configured = self.assignment.resource_config.get("env") or {}
+        for name, header in _tracing_environment(PASSED_TRACING_SECRETS).items():
+            if name not in configured and name not in secrets.env:  # the launch's own choice wins
+                secrets.env[name] = header
         if self.token:
             secrets.env["TAKEOFF_TOKEN"] = self.token  # last: no mount can replace it
         self.log.mask([*secrets.env.values(), *secrets.files.values()])
@@ -542,7 +665,7 @@ class Attempt:
             secrets=secrets.env,
             registry_address=self.context.job_registry_address,
             stop_grace_seconds=self.context.stop_grace_seconds,
-            report=lambda detail: self._advance(ItemState.STARTING, detail),
+            report=self._starting,
             secret_files=secrets.files,
             ca_file=self.context.job_ca_file,
         )
@@ -612,13 +735,15 @@ class Attempt:
 
     async def _finish_run(self, state: RunState, exit_code: int | None, message: str) -> RunState:
         """Set the run's final state, unless its job (the SDK) has set one; the final state either way."""
-        final = await self.context.runs.finish(
-            self.assignment.run,
-            run_state_to_proto(state),
-            exit_code=exit_code,
-            message=message,
-            token=self.token,
-        )
+        with _tracer.start_as_current_span("agent.finish_run") as span:
+            final = await self.context.runs.finish(
+                self.assignment.run,
+                run_state_to_proto(state),
+                exit_code=exit_code,
+                message=message,
+                token=self.token,
+            )
+            span.set_attribute("takeoff.run_state", RunState(final).name)
         return RunState(final)
 
     async def _conclude(self, ended: JobExit | None) -> Outcome | None:
@@ -705,6 +830,22 @@ class Attempt:
             await self.log.flush()
         except Exception:  # logs must never cost the job its outcome; the next flush tries again
             logger.warning("could not send log lines of %s", self.assignment.run, exc_info=True)
+
+
+def _tracing_environment(names: Sequence[str]) -> dict[str, str]:
+    """The agent's own ``names`` variables that are set, when it exports spans (else none: the job's
+    spans would go nowhere either)."""
+    if not exporting():
+        return {}
+    return {name: os.environ[name] for name in names if os.environ.get(name)}
+
+
+def _end_job_span(span: trace.Span, ended: JobExit | None) -> None:
+    if ended is not None and ended.exit_code is not None:
+        span.set_attribute("process.exit.code", ended.exit_code)
+        if ended.exit_code != 0:
+            span.set_status(trace.StatusCode.ERROR, f"exit code {ended.exit_code}")
+    span.end()
 
 
 def _secret_refused(mount: SecretMount, error: grpc.RpcError) -> Outcome:
