@@ -30,10 +30,16 @@ _Request = TypeVar("_Request")
 _Response = TypeVar("_Response")
 
 
-def open_online_run(project: str, wanted: runs_pb2.Run, launched: bool) -> tuple[runs_pb2.Run, RunSender]:
+def open_online_run(
+    project: str,
+    wanted: runs_pb2.Run,
+    launched: bool,
+    resume: runs_pb2.ResumeMode.ValueType = runs_pb2.RESUME_MODE_NEVER,
+) -> tuple[runs_pb2.Run, RunSender, runs_pb2.Run | None]:
     """Attach to the run (a launched job's, else one created in ``project``) as ``wanted`` describes it;
-    return it and the sender that delivers to it. Raises UnavailableError, naming the address and offline
-    mode, when the registry stays unreachable for ``TAKEOFF_INIT_TIMEOUT`` seconds."""
+    return it, the sender that delivers to it, and the run it continues (``resume``; None if none).
+    Raises UnavailableError, naming the address and offline mode, when the registry stays unreachable for
+    ``TAKEOFF_INIT_TIMEOUT`` seconds."""
     address = service_address("registry")
     timeout = seconds_from_env(
         INIT_TIMEOUT_ENV, DEFAULT_TIMEOUT if launched else INIT_TIMEOUT_OUTSIDE_A_LAUNCH
@@ -42,7 +48,7 @@ def open_online_run(project: str, wanted: runs_pb2.Run, launched: bool) -> tuple
     channel = open_channel(address, api_key=find_api_key(), credentials=channel_credentials(address))
     stub = runs_pb2_grpc.RunServiceStub(channel)
     try:
-        attached = _attach(stub, caller, project, wanted, launched)
+        attached, resumed_from = _attach(stub, caller, project, wanted, launched, resume=resume)
     except TakeoffError as error:
         channel.close()
         if not error.retryable:
@@ -58,7 +64,7 @@ def open_online_run(project: str, wanted: runs_pb2.Run, launched: bool) -> tuple
         channel.close()
         raise
     sender = RunSender(stub, attached.name, first_row_index=attached.history_length, channel=channel)
-    return attached, sender
+    return attached, sender, resumed_from
 
 
 def _attach(
@@ -67,7 +73,10 @@ def _attach(
     project: str,
     wanted: runs_pb2.Run,
     launched: bool,
-) -> runs_pb2.Run:
+    *,
+    resume: runs_pb2.ResumeMode.ValueType,
+) -> tuple[runs_pb2.Run, runs_pb2.Run | None]:
+    """The attached run, and the run it continues when ``resume`` asks for one and there is one."""
     if launched:
         run_name = f"projects/{project}/runs/{os.environ['TAKEOFF_RUN_ID']}"
     else:
@@ -93,14 +102,46 @@ def _attach(
         notes=wanted.notes,
         group=wanted.group,
         job_type=wanted.job_type,
+        resume=resume,
     )
     try:
-        return caller.call(stub.AttachRun, attach).run
+        response = caller.call(stub.AttachRun, attach)
     except TakeoffError as error:
+        if error.reason == "NOTHING_TO_RESUME":
+            raise type(error)(
+                error.code,
+                error.reason,
+                f'init(resume="must"): run {run_name} continues no earlier attempt\'s run (a first attempt '
+                f'resumes nothing); use resume="allow" to start afresh there',
+            ) from None
         # An attempt that failed on the way back may have attached the run: then it is ours already.
         if error.reason != "RUN_ALREADY_ATTACHED" or not caller.retried:
             raise
-        return caller.call(stub.GetRun, runs_pb2.GetRunRequest(name=run_name)).run
+        attached = caller.call(stub.GetRun, runs_pb2.GetRunRequest(name=run_name)).run
+        return attached, _resumed_run(stub, caller, attached, resume)
+    previous = response.resumed_from_run if response.HasField("resumed_from_run") else None
+    if previous is not None and previous.summary.fields:
+        # The new run's summary starts as the previous one's; metric summaries then move on from it. Sent
+        # here rather than through the sender, which would take every key for the code's own.
+        summary = runs_pb2.UpdateSummaryRequest(name=run_name, summary=previous.summary)
+        caller.call(stub.UpdateSummary, summary)
+    return response.run, previous
+
+
+def _resumed_run(
+    stub: runs_pb2_grpc.RunServiceStub,
+    caller: _PatientCaller,
+    attached: runs_pb2.Run,
+    resume: runs_pb2.ResumeMode.ValueType,
+) -> runs_pb2.Run | None:
+    """The run an attach whose reply was lost resumed: ``resumed_from`` read back (the token reads it
+    through GetRun as the attach would have returned it only if allowed; without it, nothing)."""
+    if resume in (runs_pb2.RESUME_MODE_UNSPECIFIED, runs_pb2.RESUME_MODE_NEVER) or not attached.resumed_from:
+        return None
+    try:
+        return caller.call(stub.GetRun, runs_pb2.GetRunRequest(name=attached.resumed_from)).run
+    except TakeoffError:
+        return None
 
 
 class _PatientCaller:

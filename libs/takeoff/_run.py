@@ -28,19 +28,27 @@ from typing import TYPE_CHECKING, Any
 
 from takeoff._delivery import Delivery, DisabledDelivery, parse_summary, warn
 from takeoff._home import default_project
-from takeoff._values import RunState, dict_to_struct, jsonable
+from takeoff._values import RunState, dict_to_struct, jsonable, struct_to_dict
 from takeoff.v1 import runs_pb2
 
 if TYPE_CHECKING:
     import argparse
 
     from takeoff._system import SystemMetrics
+    from takeoff.client import Client
+    from takeoff.models import ArtifactVersion
 
 # How long finish waits for the last data to be delivered.
 FLUSH_TIMEOUT_ENV = "TAKEOFF_FLUSH_TIMEOUT"
 MODE_ENV = "TAKEOFF_MODE"
 DIR_ENV = "TAKEOFF_DIR"
+RESUME_ENV = "TAKEOFF_RESUME"
 MODES = ("online", "offline", "disabled")
+RESUME_MODES = {
+    "never": runs_pb2.RESUME_MODE_NEVER,
+    "allow": runs_pb2.RESUME_MODE_ALLOW,
+    "must": runs_pb2.RESUME_MODE_MUST,
+}
 DEFAULT_TIMEOUT = 60.0
 MAX_FINISH_MESSAGE = 4096
 _PLAIN_TYPES = frozenset({float, int, str, bool})
@@ -133,8 +141,9 @@ class RunSummary(MutableMapping[str, Any]):
     only the values the code set.
     """
 
-    def __init__(self, delivery: Delivery) -> None:
-        self._values: dict[str, Any] = {}
+    def __init__(self, delivery: Delivery, resumed: Mapping[str, Any] | None = None) -> None:
+        # A resumed run starts from the summary of the run it continues (the registry has it already).
+        self._values: dict[str, Any] = dict(resumed or {})
         self._delivery = delivery
 
     def __getitem__(self, key: str) -> Any:
@@ -169,6 +178,7 @@ class Run:
         *,
         mode: str,
         flush_timeout: float,
+        resumed_from: runs_pb2.Run | None = None,
     ) -> None:
         self.path = run.name
         """The run's resource name, ``projects/{project}/runs/{id}``."""
@@ -182,11 +192,20 @@ class Run:
         self.mode = mode
         """``online``, ``offline`` or ``disabled``."""
         self.config = config
-        self.summary = RunSummary(delivery)
+        self.resumed_from = resumed_from.name if resumed_from is not None else None
+        """The run this one continues (``init(resume="allow"|"must")`` in a retried attempt), as
+        ``projects/{p}/runs/{r}``; None when it starts afresh."""
+        self.summary = RunSummary(delivery, struct_to_dict(resumed_from.summary) if resumed_from else None)
         self._delivery = delivery
         self._append = delivery.rows.append
-        # The step of the row being built: rows written so far have smaller steps.
-        self._step = run.last_step + 1 if run.history_length else 0
+        # The step of the row being built: rows written so far have smaller steps; a resumed run's go on
+        # after the last step of the run it continues.
+        if run.history_length:
+            self._step = run.last_step + 1
+        elif resumed_from is not None and resumed_from.history_length:
+            self._step = resumed_from.last_step + 1
+        else:
+            self._step = 0
         self._pending: dict[str, Any] = {}
         """Values of the row at ``_step`` not yet written (``commit=False``, or an explicit step)."""
         self._pending_time = 0
@@ -200,6 +219,14 @@ class Run:
         self._pid = os.getpid()  # a forked child inherits this object, and exit handlers, but not the run
         self._previous_excepthook = sys.excepthook
         self._system_metrics: SystemMetrics | None = None
+        self._client: Client | None = None
+        self._client_lock = threading.Lock()
+
+    @property
+    def step(self) -> int:
+        """The step the next ``run.log`` without ``step`` writes (in a resumed run, after the last step
+        of the run it continues)."""
+        return self._step
 
     def log(self, values: Mapping[str, Any], step: int | None = None, commit: bool | None = None) -> None:
         """Record metrics, e.g. ``{"loss": 0.4, "epoch": 2}``, as wandb does.
@@ -261,6 +288,69 @@ class Run:
             name=self.path, state=final._to_proto(), message=message[:MAX_FINISH_MESSAGE], exit_code=exit_code
         )
         self._delivery.close(request, timeout=self._flush_timeout)
+        if self._client is not None:
+            self._client.close()
+
+    def log_artifact(
+        self,
+        path: str | os.PathLike[str],
+        name: str | None = None,
+        type: str = "unspecified",
+        aliases: Iterable[str] = (),
+        metadata: Mapping[str, Any] | None = None,
+    ) -> ArtifactVersion | None:
+        """Store a file or a directory as the next version of the artifact ``name`` (default: the file's
+        or directory's name) in the run's project, as this run's output, and point ``latest`` and
+        ``aliases`` at it (as wandb's ``log_artifact``).
+
+        It blocks until the version is stored, so a checkpoint logged is durable when it returns: a job
+        killed right after can resume from it. Files are hashed as they are read and only contents the
+        project lacks are sent; the same contents logged again return the existing version
+        (``already_existed``). In a launched job this is allowed only for the job's own run (its run
+        token). Offline runs cannot log artifacts (a RuntimeError says so); disabled runs return None.
+        """
+        if self.mode == "disabled":
+            return None
+        artifact = name or _artifact_name(Path(path))
+        return self._artifact_client("log_artifact").log_artifact(
+            path,
+            artifact,
+            type=type,
+            run=self.path,
+            aliases=list(aliases),
+            metadata=jsonable(dict(metadata)) if metadata else None,
+        )
+
+    def use_artifact(self, reference: str) -> ArtifactVersion | None:
+        """The artifact version ``reference`` names (``ckpt:latest``, ``ckpt:v3``, ``ckpt:best``, ``ckpt``
+        for latest, or a full name), recorded as used by this run (lineage); ``.download()`` on it puts its
+        files in a directory, through the local cache, and returns the directory::
+
+            if run.resumed_from:
+                checkpoint = run.use_artifact("ckpt:latest").download() / "model.pt"
+
+        Offline runs cannot use artifacts (a RuntimeError says so); disabled runs return None.
+        """
+        if self.mode == "disabled":
+            return None
+        return self._artifact_client("use_artifact").use_artifact(reference, run=self.path)
+
+    def _artifact_client(self, method: str) -> Client:
+        """A client of the registry with the run's credentials (in a launched job, its run token), made on
+        first use: a run that never logs an artifact never loads the client."""
+        if self._finished:
+            raise RuntimeError(f"run {self.id} is finished; call run.{method}() before run.finish()")
+        if self.mode != "online":
+            raise RuntimeError(
+                f"run.{method}() needs the registry, and this run is {self.mode}: artifacts are stored by "
+                "the registry only (`takeoff sync` uploads metrics, not files); run online to use them"
+            )
+        with self._client_lock:
+            if self._client is None:
+                from takeoff.client import Client  # imported here: `init` stays light (design §8)
+
+                self._client = Client(project=self.project)
+            return self._client
 
     @property
     def finished(self) -> bool:
@@ -371,6 +461,7 @@ def init(
     job_type: str | None = None,
     dir: str | os.PathLike[str] | None = None,  # wandb's name for it
     mode: str | None = None,
+    resume: str | None = None,
 ) -> Run:
     """Start reporting this process as a run and return it.
 
@@ -385,6 +476,13 @@ def init(
     the run under ``dir`` (else ``TAKEOFF_DIR``, else the working directory) for ``takeoff sync`` to upload;
     ``disabled`` makes every call a no-op (``run.config`` still works).
 
+    ``resume`` (else ``TAKEOFF_RESUME``, else ``never``): in a retried attempt of a launch, ``allow`` and
+    ``must`` continue the run of the item's previous attempt: ``run.resumed_from`` names it, the next
+    ``run.log`` goes after its last step and ``run.summary`` starts from its summary; the job finds its
+    last checkpoint with ``run.use_artifact("ckpt:latest")``. ``must`` raises
+    :class:`takeoff.FailedPreconditionError` (``NOTHING_TO_RESUME``) when there is nothing to continue
+    (a first attempt, a run outside a launch, an offline run). Disabled runs resume nothing.
+
     While the registry is unreachable it retries for ``TAKEOFF_INIT_TIMEOUT`` seconds (default 60 in a
     launched job, 5 elsewhere), then raises :class:`takeoff.UnavailableError` naming the address.
     It presents the key ``takeoff.Client`` finds (in a launched job, the run token ``TAKEOFF_TOKEN``) and
@@ -394,6 +492,7 @@ def init(
     if _Active.run is not None:
         return _Active.run
     chosen_mode = _mode(mode)
+    resume_mode = _resume_mode(resume)
     tag_list = list(tags or ())
     if isinstance(tags, str) or not all(isinstance(tag, str) for tag in tag_list):
         raise TypeError(f"tags is a list of strings, not {tags!r}")
@@ -412,9 +511,20 @@ def init(
         config=dict_to_struct(values),
     )
     directory = Path(dir or os.environ.get(DIR_ENV) or os.getcwd())
-    attached, delivery = _open_run(chosen_mode, _project(project, launched), wanted, launched, directory)
+    if resume_mode == runs_pb2.RESUME_MODE_MUST and chosen_mode != "disabled":
+        _refuse_nothing_to_resume(chosen_mode, launched)
+    attached, delivery, resumed_from = _open_run(
+        chosen_mode, _project(project, launched), wanted, launched, directory, resume=resume_mode
+    )
     config_view = RunConfig(values, frozenset(launched_config), delivery.update_config)
-    run = Run(attached, config_view, delivery, mode=chosen_mode, flush_timeout=_flush_timeout())
+    run = Run(
+        attached,
+        config_view,
+        delivery,
+        mode=chosen_mode,
+        flush_timeout=_flush_timeout(),
+        resumed_from=resumed_from,
+    )
     if chosen_mode != "disabled":
         run._install_hooks(directory)
     _Active.run = run
@@ -481,19 +591,55 @@ def _active(function: str) -> Run:
 
 
 def _open_run(
-    mode: str, project: str, wanted: runs_pb2.Run, launched: bool, directory: Path
-) -> tuple[runs_pb2.Run, Delivery]:
-    """The run as ``mode``'s delivery starts it, and that delivery."""
+    mode: str,
+    project: str,
+    wanted: runs_pb2.Run,
+    launched: bool,
+    directory: Path,
+    *,
+    resume: runs_pb2.ResumeMode.ValueType,
+) -> tuple[runs_pb2.Run, Delivery, runs_pb2.Run | None]:
+    """The run as ``mode``'s delivery starts it, that delivery, and the run it resumes (online only)."""
     if mode == "disabled":
         wanted.name = f"projects/{project}/runs/{uuid.uuid4().hex[:12]}"
-        return wanted, DisabledDelivery()
+        return wanted, DisabledDelivery(), None
     if mode == "offline":
         from takeoff._offline import open_offline_run  # imported here: only offline runs need it
 
-        return open_offline_run(directory, project, wanted)
+        return (*open_offline_run(directory, project, wanted), None)
     from takeoff._online import open_online_run  # imported here: offline and disabled runs need no gRPC
 
-    return open_online_run(project, wanted, launched)
+    return open_online_run(project, wanted, launched, resume)
+
+
+def _resume_mode(resume: str | None) -> runs_pb2.ResumeMode.ValueType:
+    chosen = resume or os.environ.get(RESUME_ENV) or "never"
+    if chosen not in RESUME_MODES:
+        source = "resume" if resume else RESUME_ENV
+        raise ValueError(f"{source} must be one of {', '.join(RESUME_MODES)}, not {chosen!r}")
+    return RESUME_MODES[chosen]
+
+
+def _refuse_nothing_to_resume(mode: str, launched: bool) -> None:
+    """``resume="must"`` where no earlier attempt can exist: said before any run is made."""
+    if mode == "offline":
+        why = "an offline run resumes nothing (the previous attempt's run is in the registry)"
+    elif not launched:
+        why = (
+            "a run outside a launch resumes nothing (only a retried attempt of a queue item continues a run)"
+        )
+    else:
+        return
+    from takeoff.errors import FailedPreconditionError
+
+    raise FailedPreconditionError("FAILED_PRECONDITION", "NOTHING_TO_RESUME", f'init(resume="must"): {why}')
+
+
+def _artifact_name(path: Path) -> str:
+    """An artifact id from a file's or directory's name: letters, digits, ``-``, ``_`` and ``.`` kept,
+    anything else made ``-``."""
+    name = "".join(c if c.isascii() and (c.isalnum() or c in "-_.") else "-" for c in path.resolve().name)
+    return name.lstrip("-_.")[:128] or "artifact"
 
 
 def _mode(mode: str | None) -> str:

@@ -32,8 +32,8 @@ import uuid
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from datetime import timedelta
-from pathlib import Path
-from typing import Any, BinaryIO, TypeVar
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 
 import grpc
 from google.protobuf import duration_pb2, field_mask_pb2
@@ -50,6 +50,8 @@ from takeoff.errors import (
 from takeoff.models import (
     Agent,
     Artifact,
+    ArtifactCollection,
+    ArtifactVersion,
     CodeSource,
     CreatedJobVersion,
     CreatedKey,
@@ -80,6 +82,8 @@ from takeoff.models import (
     dict_to_struct,
 )
 from takeoff.v1 import (
+    artifacts_pb2,
+    artifacts_pb2_grpc,
     common_pb2,
     jobs_pb2,
     jobs_pb2_grpc,
@@ -95,6 +99,9 @@ from takeoff.v1 import (
 from takeoff_rpc.channels import open_channel
 from takeoff_rpc.retries import RetryPolicy, call_with_retries
 
+if TYPE_CHECKING:
+    from takeoff._artifacts import LocalFile
+
 UPLOAD_CHUNK_BYTES = 1024 * 1024
 RETRY_SECONDS = 3.0
 """How long a launch whose reply was lost is sent again: enough for a dropped connection to come back,
@@ -103,6 +110,9 @@ RECONNECT_SECONDS = 30.0
 """How long a watch whose stream broke waits for the queue service to be back, as from a restart."""
 _RESEND_POLICY = RetryPolicy(deadline=RETRY_SECONDS)
 _RECONNECT_POLICY = RetryPolicy(deadline=RECONNECT_SECONDS)  # the watch loop counts the patience itself
+SLOWEST_TRANSFER_BYTES_PER_SECOND = 10 * 1024 * 1024
+"""An artifact transfer's deadline grows with its size at this rate, beyond the client's timeout: a
+10 GiB checkpoint may take minutes, a stalled one must still end."""
 
 _Request = TypeVar("_Request")
 _Response = TypeVar("_Response")
@@ -157,6 +167,7 @@ class Client:
         self._runs = runs_pb2_grpc.RunServiceStub(self._channel)
         self._keys = keys_pb2_grpc.KeyServiceStub(self._channel)
         self._secrets = secrets_pb2_grpc.SecretServiceStub(self._channel)
+        self._artifacts = artifacts_pb2_grpc.ArtifactServiceStub(self._channel)
         self._queue_channel = open_channel(
             self.queue_address, api_key=key, credentials=channel_credentials(self.queue_address, tls)
         )
@@ -304,6 +315,175 @@ class Client:
             )
             response = self._call_streaming(self._jobs.UploadArtifact, _upload_requests(header, archive))
         return replace(Artifact._from_proto(response.artifact), files=packed.members, uploaded=True)
+
+    # Named artifacts: checkpoints, models, datasets that runs log and use
+
+    def log_artifact(
+        self,
+        path: str | os.PathLike[str],
+        artifact: str,
+        *,
+        type: str,
+        run: str = "",
+        aliases: Sequence[str] = (),
+        metadata: Mapping[str, Any] | None = None,
+        project: str | None = None,
+    ) -> ArtifactVersion:
+        """Store a file or a directory as the next version of ``artifact`` (created with its first
+        version) and point ``latest`` and ``aliases`` at it; returns the version, or the existing one with
+        the same contents (``already_existed``).
+
+        Files are hashed as they are read; only contents the project lacks are sent, in 1 MiB chunks, in
+        one stream the registry stores whole or not at all. ``run`` (a run's name or id) records it as that
+        run's output; a run token may log only for its own run. Blocks until the version is stored.
+        """
+        from takeoff._artifacts import local_files, upload_sources  # hashing: only artifact callers need it
+
+        run_name = self.run_name(run, project) if run else ""
+        parent = f"projects/{run_name.split('/')[1]}" if run_name else self._project_name(project)
+        files = local_files(Path(path))
+        missing = self._call(
+            self._artifacts.FindMissingBlobs,
+            artifacts_pb2.FindMissingBlobsRequest(
+                parent=parent, sha256=list(dict.fromkeys(file.sha256 for file in files))
+            ),
+        ).missing_sha256
+        sources = upload_sources(files, missing)
+        header = artifacts_pb2.ArtifactVersionHeader(
+            parent=parent,
+            artifact=artifact,
+            type=type,
+            run=run_name,
+            aliases=list(aliases),
+            metadata=dict_to_struct(metadata) if metadata else None,
+            files=[
+                artifacts_pb2.ArtifactFile(path=file.path, sha256=file.sha256, size_bytes=file.size_bytes)
+                for file in files
+            ],
+            uploads=[source.sha256 for source in sources],
+            request_id=str(uuid.uuid4()),  # a stream sent again returns the version the first one stored
+        )
+        timeout = self._transfer_timeout(sum(source.size_bytes for source in sources))
+
+        def send() -> artifacts_pb2.CreateArtifactVersionResponse:
+            return self._artifacts.CreateArtifactVersion(_version_requests(header, sources), timeout=timeout)
+
+        try:
+            response = call_with_retries(send, _RECONNECT_POLICY)
+        except grpc.RpcError as error:
+            raise TakeoffError.from_rpc_error(error, target=self.registry) from None
+        return ArtifactVersion._from_proto(response.version, self, response.already_existed)
+
+    def get_artifact_version(self, reference: str, *, project: str | None = None) -> ArtifactVersion:
+        """Resolve ``ckpt``, ``ckpt:latest``, ``ckpt:best``, ``ckpt:v3`` or a full name to one version,
+        without recording a use."""
+        request = artifacts_pb2.GetArtifactVersionRequest(name=reference, project=self._project_name(project))
+        return ArtifactVersion._from_proto(
+            self._call(self._artifacts.GetArtifactVersion, request).version, self
+        )
+
+    def use_artifact(self, reference: str, *, run: str, project: str | None = None) -> ArtifactVersion:
+        """Resolve a reference (as :meth:`get_artifact_version`) and record that ``run`` used the version
+        (lineage); ``.download()`` on the result fetches its files."""
+        run_name = self.run_name(run, project)
+        request = artifacts_pb2.UseArtifactVersionRequest(
+            name=reference, project=f"projects/{run_name.split('/')[1]}", run=run_name
+        )
+        return ArtifactVersion._from_proto(
+            self._call(self._artifacts.UseArtifactVersion, request).version, self
+        )
+
+    def get_artifact(self, artifact: str, *, project: str | None = None) -> ArtifactCollection:
+        """A named artifact: its type, version count and aliases."""
+        request = artifacts_pb2.GetArtifactCollectionRequest(name=self.artifact_name(artifact, project))
+        return ArtifactCollection._from_proto(
+            self._call(self._artifacts.GetArtifactCollection, request).collection
+        )
+
+    def list_artifacts(self, *, project: str | None = None, type: str = "") -> Iterator[ArtifactCollection]:
+        """The project's named artifacts by name, only those of ``type`` if given."""
+        parent = self._project_name(project)
+
+        def page(token: str) -> tuple[Iterable[artifacts_pb2.ArtifactCollection], str]:
+            request = artifacts_pb2.ListArtifactCollectionsRequest(parent=parent, page_token=token, type=type)
+            response = self._call(self._artifacts.ListArtifactCollections, request)
+            return response.collections, response.next_page_token
+
+        return (ArtifactCollection._from_proto(collection) for collection in _paged(page))
+
+    def list_artifact_versions(
+        self, artifact: str = "-", *, project: str | None = None, logged_by: str = "", used_by: str = ""
+    ) -> Iterator[ArtifactVersion]:
+        """Versions newest first: of ``artifact``, or of every artifact (``-``); only those the run
+        ``logged_by`` logged, or ``used_by`` used, when given (lineage)."""
+        parent = self.artifact_name(artifact, project)
+        request = artifacts_pb2.ListArtifactVersionsRequest(
+            parent=parent,
+            logged_by=self.run_name(logged_by, project) if logged_by else "",
+            used_by=self.run_name(used_by, project) if used_by else "",
+        )
+
+        def page(token: str) -> tuple[Iterable[artifacts_pb2.ArtifactVersion], str]:
+            request.page_token = token
+            response = self._call(self._artifacts.ListArtifactVersions, request)
+            return response.versions, response.next_page_token
+
+        return (ArtifactVersion._from_proto(version, self) for version in _paged(page))
+
+    def download_artifact(
+        self, version: ArtifactVersion | str, root: str | os.PathLike[str] | None = None
+    ) -> Path:
+        """Put a version's files (an :class:`ArtifactVersion` or a reference) under ``root``, default
+        ``./artifacts/{artifact}:v{n}``, and return it; see :meth:`ArtifactVersion.download`."""
+        return self._download_artifact(version, root)[0]
+
+    def _download_artifact(
+        self, version: ArtifactVersion | str, root: str | os.PathLike[str] | None = None
+    ) -> tuple[Path, int]:
+        """The directory, and how many bytes were fetched (0 when the cache had every file)."""
+        from takeoff._artifacts import BlobCache, place
+
+        if isinstance(version, str):
+            version = self.get_artifact_version(version)
+        directory = (
+            Path(root) if root is not None else Path("artifacts", f"{version.artifact}:v{version.version}")
+        )
+        cache = BlobCache()
+        fetched = 0
+        for file in version.files:
+            relative = PurePosixPath(file.path)
+            if relative.is_absolute() or ".." in relative.parts:  # never write outside the directory
+                raise TakeoffError(
+                    "DATA_LOSS", "ARGUMENT_INVALID", f"{version.ref} names a file outside it: {file.path!r}"
+                )
+            timeout = self._transfer_timeout(file.size_bytes)
+
+            def chunks(offset: int, path: str = file.path, timeout: float = timeout) -> Iterator[bytes]:
+                request = artifacts_pb2.ReadArtifactFileRequest(name=version.name, path=path, offset=offset)
+                for message in self._artifacts.ReadArtifactFile(request, timeout=timeout):
+                    if message.WhichOneof("part") == "chunk":
+                        yield message.chunk
+
+            def fetch(sha256: str = file.sha256, size: int = file.size_bytes) -> tuple[Path, int]:
+                return cache.fetch(sha256, size, chunks)
+
+            try:
+                blob, count = call_with_retries(fetch, _RECONNECT_POLICY)  # each retry continues the partial
+            except grpc.RpcError as error:
+                raise TakeoffError.from_rpc_error(error, target=self.registry) from None
+            fetched += count
+            place(blob, directory / relative)
+        return directory, fetched
+
+    def artifact_name(self, artifact: str, project: str | None = None) -> str:
+        """``projects/{p}/artifactCollections/{artifact}`` for an artifact id (``-``: every artifact); a
+        resource name is returned as it is."""
+        if artifact.startswith("projects/"):
+            return artifact
+        return f"{self._project_name(project)}/artifactCollections/{artifact}"
+
+    def _transfer_timeout(self, size_bytes: int) -> float:
+        return self.timeout + size_bytes / SLOWEST_TRANSFER_BYTES_PER_SECOND
 
     # Runs
 
@@ -1060,3 +1240,14 @@ def _upload_requests(
     yield jobs_pb2.UploadArtifactRequest(header=header)
     while chunk := archive.read(UPLOAD_CHUNK_BYTES):
         yield jobs_pb2.UploadArtifactRequest(chunk=chunk)
+
+
+def _version_requests(
+    header: artifacts_pb2.ArtifactVersionHeader, sources: Sequence[LocalFile]
+) -> Iterator[artifacts_pb2.CreateArtifactVersionRequest]:
+    """The CreateArtifactVersion stream: the manifest, then the missing contents in chunks."""
+    from takeoff._artifacts import upload_chunks
+
+    yield artifacts_pb2.CreateArtifactVersionRequest(header=header)
+    for chunk in upload_chunks(sources):
+        yield artifacts_pb2.CreateArtifactVersionRequest(chunk=chunk)

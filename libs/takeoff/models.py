@@ -10,12 +10,13 @@ import enum
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self
 
 from google.protobuf import duration_pb2, timestamp_pb2
 
 from takeoff._values import RunState, dict_to_struct, jsonable, struct_to_dict
-from takeoff.v1 import common_pb2, jobs_pb2, keys_pb2, queue_pb2, runs_pb2, secrets_pb2
+from takeoff.v1 import artifacts_pb2, common_pb2, jobs_pb2, keys_pb2, queue_pb2, runs_pb2, secrets_pb2
 
 if TYPE_CHECKING:
     from takeoff.client import Client
@@ -250,6 +251,119 @@ class Artifact:
 
 
 @dataclass(frozen=True)
+class ArtifactFile:
+    """One file of an artifact version: its path inside the version, sha256 and size."""
+
+    path: str
+    sha256: str
+    size_bytes: int
+
+    @classmethod
+    def _from_proto(cls, message: artifacts_pb2.ArtifactFile) -> Self:
+        return cls(message.path, message.sha256, message.size_bytes)
+
+
+@dataclass(frozen=True)
+class ArtifactCollection(_InProject):
+    """A named artifact (``ckpt``, ``mnist-train``): the versions runs logged under one name."""
+
+    name: str
+    type: str = ""
+    version_count: int = 0
+    aliases: dict[str, int] = field(default_factory=dict)
+    """Every alias, ``latest`` included, and the version number it points at."""
+    create_time: datetime | None = None
+    update_time: datetime | None = None
+
+    @classmethod
+    def _from_proto(cls, message: artifacts_pb2.ArtifactCollection) -> Self:
+        return cls(
+            name=message.name,
+            type=message.type,
+            version_count=message.version_count,
+            aliases=dict(message.aliases),
+            create_time=_time(message, "create_time"),
+            update_time=_time(message, "update_time"),
+        )
+
+
+@dataclass(frozen=True)
+class ArtifactVersion:
+    """One immutable version of a named artifact, as ``run.log_artifact`` stored it and
+    ``run.use_artifact`` returns it: ``version.download()`` puts its files in a directory and returns it.
+
+    ``run`` is the run that logged it; ``used_by`` the runs that used it (lineage both ways).
+    """
+
+    name: str
+    """``projects/{p}/artifactCollections/{a}/versions/{n}``."""
+    version: int
+    type: str = ""
+    digest: str = ""
+    """sha256 over the manifest: equal digests, equal contents."""
+    size_bytes: int = 0
+    files: list[ArtifactFile] = field(default_factory=list)
+    aliases: list[str] = field(default_factory=list)
+    metadata: dict[str, Any] = field(default_factory=dict)
+    run: str = ""
+    used_by: list[str] = field(default_factory=list)
+    use_count: int = 0
+    create_time: datetime | None = None
+    already_existed: bool = False
+    """From ``log_artifact``: the contents equalled an existing version's, which was returned instead."""
+    _client: Client | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def artifact(self) -> str:
+        """The artifact id (``ckpt``)."""
+        return self.name.split("/")[3]
+
+    @property
+    def project(self) -> str:
+        return self.name.split("/")[1]
+
+    @property
+    def ref(self) -> str:
+        """The short reference people type, ``ckpt:v3``."""
+        return f"{self.artifact}:v{self.version}"
+
+    def download(self, root: str | Path | None = None) -> Path:
+        """Put the version's files under ``root`` (default ``./artifacts/{artifact}:v{n}``) and return it.
+
+        Files come from the local cache (``TAKEOFF_CACHE_DIR``, else ``~/.cache/takeoff``), keyed by their
+        sha256, and are fetched into it first when missing, resuming a partial download; so a second
+        download, of this or any version sharing files, fetches nothing.
+        """
+        if self._client is None:
+            raise RuntimeError(f"{self.ref} was not fetched through a takeoff.Client or a run")
+        return self._client.download_artifact(self, root)
+
+    @classmethod
+    def _from_proto(
+        cls,
+        message: artifacts_pb2.ArtifactVersion,
+        client: Client | None = None,
+        already_existed: bool = False,
+    ) -> Self:
+        return cls(
+            name=message.name,
+            version=message.version,
+            type=message.type,
+            digest=message.digest,
+            size_bytes=message.size_bytes,
+            files=[ArtifactFile._from_proto(file) for file in message.files],
+            aliases=list(message.aliases),
+            metadata=struct_to_dict(message.metadata),
+            run=message.run,
+            used_by=list(message.used_by),
+            use_count=message.use_count,
+            create_time=_time(message, "create_time"),
+            already_existed=already_existed,
+            _client=client,
+        )
+
+
+@dataclass(frozen=True)
 class RunInfo(_InProject):
     """A tracked run as the registry records it (without its metric history and logs)."""
 
@@ -277,6 +391,9 @@ class RunInfo(_InProject):
     job_type: str = ""
     launch_config_keys: list[str] = field(default_factory=list)
     """The config keys the launch set; the job cannot change them."""
+    resumed_from: str = ""
+    """The run this one continues (the item's previous attempt's), ``projects/{p}/runs/{r}``; empty for a
+    first attempt and outside a launch."""
 
     @classmethod
     def _from_proto(cls, message: runs_pb2.Run) -> Self:
@@ -304,6 +421,7 @@ class RunInfo(_InProject):
             group=message.group,
             job_type=message.job_type,
             launch_config_keys=list(message.launch_config_keys),
+            resumed_from=message.resumed_from,
         )
 
 
@@ -1049,6 +1167,9 @@ __all__ = [
     "Agent",
     "AgentLease",
     "Artifact",
+    "ArtifactCollection",
+    "ArtifactFile",
+    "ArtifactVersion",
     "CodeSource",
     "CreatedJobVersion",
     "Environment",
