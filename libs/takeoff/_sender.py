@@ -12,6 +12,9 @@ registry is unreachable, calls are retried with exponential backoff and the rows
 is told once on stderr and never sees an exception. A call the registry refuses as rate limited
 (``RATE_LIMITED``: the run logs more rows per second than it accepts) is sent again after the wait the
 registry names, with jitter: the rows are delivered late, never dropped.
+
+A traced job (``takeoff._trace``) records each batch delivered as a ``takeoff.batch`` span; the last
+round and ``FinishRun`` go under the ``takeoff.finish`` span that ``close`` was called in.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from takeoff import _trace
 from takeoff._delivery import LoggedRow, MetricSummaries, warn
 from takeoff._values import dict_to_struct
 from takeoff.errors import TakeoffError
@@ -75,6 +79,7 @@ class RunSender:
         self._wake = threading.Event()
         self._closing = False
         self._finish_request: runs_pb2.FinishRunRequest | None = None
+        self._finish_span: object | None = None
         self._give_up_at = math.inf
         self._unreachable_since: float | None = None
         self._warned_about: set[str] = set()
@@ -96,6 +101,7 @@ class RunSender:
     def close(self, finish: runs_pb2.FinishRunRequest, timeout: float) -> None:
         """Deliver what is buffered, then ``finish``; give up (with a warning) after ``timeout`` s."""
         self._finish_request = finish
+        self._finish_span = _trace.current()
         self._give_up_at = time.monotonic() + timeout
         self._closing = True
         self._wake.set()
@@ -111,9 +117,10 @@ class RunSender:
             self._wake.wait(self._interval)
             closing = self._closing  # read before the last flush, so nothing logged before close is left
             try:
-                self._flush()
-                if closing and self._finish_request is not None:
-                    self._send(self._stub.FinishRun, self._finish_request)
+                with _trace.within(self._finish_span if closing else None):
+                    self._flush()
+                    if closing and self._finish_request is not None:
+                        self._send(self._stub.FinishRun, self._finish_request)
             except _GaveUp:
                 warn(f"gave up on the registry; {self._run_name} may not be marked finished")
                 return
@@ -179,7 +186,18 @@ class RunSender:
         request.first_row_index = self._next_row_index
         try:
             try:
-                self._send(self._stub.BatchLogMetrics, request)
+                with _trace.span(
+                    "takeoff.batch",
+                    client=True,
+                    **{
+                        "rpc.system": "grpc",
+                        "rpc.service": "takeoff.v1.RunService",
+                        "rpc.method": "BatchLogMetrics",
+                        "takeoff.rows": len(request.rows),
+                        "takeoff.first_row_index": request.first_row_index,
+                    },
+                ):
+                    self._send(self._stub.BatchLogMetrics, request)
             except TakeoffError as error:
                 if error.reason != "SEQUENCE_GAP":
                     raise
