@@ -26,6 +26,7 @@ from pathlib import Path
 from types import FrameType, TracebackType
 from typing import TYPE_CHECKING, Any
 
+from takeoff import _trace
 from takeoff._delivery import Delivery, DisabledDelivery, parse_summary, warn
 from takeoff._home import default_project
 from takeoff._values import RunState, dict_to_struct, jsonable, struct_to_dict
@@ -279,15 +280,21 @@ class Run:
             self._commit()
             self._finished = True
             self._known_keys.clear()
-        if _Active.run is self:
-            _Active.run = None
-        self._remove_hooks()
-        if self._system_metrics is not None:
-            self._system_metrics.stop()
-        request = runs_pb2.FinishRunRequest(
-            name=self.path, state=final._to_proto(), message=message[:MAX_FINISH_MESSAGE], exit_code=exit_code
-        )
-        self._delivery.close(request, timeout=self._flush_timeout)
+        attributes: dict[str, Any] = {"takeoff.run_state": final.value}
+        with _trace.span("takeoff.finish", **attributes):
+            if _Active.run is self:
+                _Active.run = None
+            self._remove_hooks()
+            if self._system_metrics is not None:
+                self._system_metrics.stop()
+            request = runs_pb2.FinishRunRequest(
+                name=self.path,
+                state=final._to_proto(),
+                message=message[:MAX_FINISH_MESSAGE],
+                exit_code=exit_code,
+            )
+            self._delivery.close(request, timeout=self._flush_timeout)
+        _trace.flush()  # the job's spans go now: the process may exit right after
         if self._client is not None:
             self._client.close()
 
@@ -491,43 +498,44 @@ def init(
     """
     if _Active.run is not None:
         return _Active.run
-    chosen_mode = _mode(mode)
-    resume_mode = _resume_mode(resume)
-    tag_list = list(tags or ())
-    if isinstance(tags, str) or not all(isinstance(tag, str) for tag in tag_list):
-        raise TypeError(f"tags is a list of strings, not {tags!r}")
-    launched = bool(os.environ.get("TAKEOFF_RUN_ID"))
-    launched_config = _launch_config()
-    defaults = _config_dict(config or {})
-    values = {**defaults, **launched_config}
-    if launched:
-        _say_what_the_launch_overrides(project, defaults, launched_config)
-    wanted = runs_pb2.Run(
-        display_name=name or "",
-        tags=tag_list,
-        notes=notes or "",
-        group=group or "",
-        job_type=job_type or "",
-        config=dict_to_struct(values),
-    )
-    directory = Path(dir or os.environ.get(DIR_ENV) or os.getcwd())
-    if resume_mode == runs_pb2.RESUME_MODE_MUST and chosen_mode != "disabled":
-        _refuse_nothing_to_resume(chosen_mode, launched)
-    attached, delivery, resumed_from = _open_run(
-        chosen_mode, _project(project, launched), wanted, launched, directory, resume=resume_mode
-    )
-    config_view = RunConfig(values, frozenset(launched_config), delivery.update_config)
-    run = Run(
-        attached,
-        config_view,
-        delivery,
-        mode=chosen_mode,
-        flush_timeout=_flush_timeout(),
-        resumed_from=resumed_from,
-    )
-    if chosen_mode != "disabled":
-        run._install_hooks(directory)
-    _Active.run = run
+    with _trace.span("takeoff.init"):
+        chosen_mode = _mode(mode)
+        resume_mode = _resume_mode(resume)
+        tag_list = list(tags or ())
+        if isinstance(tags, str) or not all(isinstance(tag, str) for tag in tag_list):
+            raise TypeError(f"tags is a list of strings, not {tags!r}")
+        launched = bool(os.environ.get("TAKEOFF_RUN_ID"))
+        launched_config = _launch_config()
+        defaults = _config_dict(config or {})
+        values = {**defaults, **launched_config}
+        if launched:
+            _say_what_the_launch_overrides(project, defaults, launched_config)
+        wanted = runs_pb2.Run(
+            display_name=name or "",
+            tags=tag_list,
+            notes=notes or "",
+            group=group or "",
+            job_type=job_type or "",
+            config=dict_to_struct(values),
+        )
+        directory = Path(dir or os.environ.get(DIR_ENV) or os.getcwd())
+        if resume_mode == runs_pb2.RESUME_MODE_MUST and chosen_mode != "disabled":
+            _refuse_nothing_to_resume(chosen_mode, launched)
+        attached, delivery, resumed_from = _open_run(
+            chosen_mode, _project(project, launched), wanted, launched, directory, resume=resume_mode
+        )
+        config_view = RunConfig(values, frozenset(launched_config), delivery.update_config)
+        run = Run(
+            attached,
+            config_view,
+            delivery,
+            mode=chosen_mode,
+            flush_timeout=_flush_timeout(),
+            resumed_from=resumed_from,
+        )
+        if chosen_mode != "disabled":
+            run._install_hooks(directory)
+        _Active.run = run
     return run
 
 

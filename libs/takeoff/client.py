@@ -435,12 +435,12 @@ class Client:
     ) -> Path:
         """Put a version's files (an :class:`ArtifactVersion` or a reference) under ``root``, default
         ``./artifacts/{artifact}:v{n}``, and return it; see :meth:`ArtifactVersion.download`."""
-        return self._download_artifact(version, root)[0]
+        return self.fetch_artifact(version, root)[0]
 
-    def _download_artifact(
+    def fetch_artifact(
         self, version: ArtifactVersion | str, root: str | os.PathLike[str] | None = None
     ) -> tuple[Path, int]:
-        """The directory, and how many bytes were fetched (0 when the cache had every file)."""
+        """:meth:`download_artifact`, also saying how many bytes were fetched (0: the cache had all)."""
         from takeoff._artifacts import BlobCache, place
 
         if isinstance(version, str):

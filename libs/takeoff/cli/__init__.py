@@ -12,6 +12,7 @@ from typer.core import TyperArgument, TyperOption
 from takeoff import __version__
 from takeoff.cli import (
     agent_command,
+    artifact_commands,
     job_commands,
     keys_commands,
     launch_commands,
@@ -67,6 +68,7 @@ job_commands.register(app)
 queue_commands.register(app)
 launch_commands.register(app)
 run_commands.register(app)
+artifact_commands.register(app)
 keys_commands.register(app)
 secrets_commands.register(app)
 sdk_commands.register(app)

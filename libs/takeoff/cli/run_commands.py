@@ -1,5 +1,6 @@
-"""``takeoff runs list|show`` and ``takeoff logs``: what runs did, from the registry. A run is named by its
-id, a unique prefix of it, its resource name, or the queue item it ran for (its latest attempt's run)."""
+"""``takeoff runs list|show|attempts`` and ``takeoff logs``: what runs did, from the registry. A run is named
+by its id, a unique prefix of it, its resource name, or the queue item it ran for (its latest attempt's
+run)."""
 
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ from takeoff.cli._registry import (
     JsonOption,
     ProjectOption,
     duration,
+    human_bytes,
     log_line_json,
     log_line_text,
     styled_state,
@@ -39,7 +41,7 @@ from takeoff.cli._registry import (
 )
 from takeoff.client import Client
 from takeoff.errors import NotFoundError, TakeoffError
-from takeoff.models import MetricRow, RunInfo, RunState
+from takeoff.models import ArtifactVersion, MetricRow, RunInfo, RunState
 
 runs_app = typer.Typer(help="List runs and show what they reported.", no_args_is_help=True)
 
@@ -110,12 +112,21 @@ def list_runs(
 def show(
     run: RunArgument, project: ProjectOption = None, wide: WideOption = False, json_output: JsonOption = False
 ) -> None:
-    """Show a run: its state, config, summary and a compact view of each metric."""
+    """Show a run: its state, the run it resumed, config, summary, a compact view of each metric, and the
+    artifact versions it logged and used."""
     with takeoff_client(project) as client:
         info = find_run(client, run)
         metrics = _metric_series(client.read_metrics(info.name))
+        logged = list(client.list_artifact_versions(project=info.project, logged_by=info.name))
+        used = list(client.list_artifact_versions(project=info.project, used_by=info.name))
     if json_output:
-        print_json({"run": info, "metrics": {key: series.overview() for key, series in metrics.items()}})
+        print_json(
+            {
+                "run": info,
+                "metrics": {key: series.overview() for key, series in metrics.items()},
+                "artifacts": {"logged": logged, "used": used},
+            }
+        )
         return
     console.print(_overview(info))
     for title, values in (("config", info.config), ("summary", info.summary)):
@@ -125,6 +136,69 @@ def show(
         _metrics_listing(metrics, wide).print()
     else:
         console.print("no metrics logged")
+    if logged or used:
+        _artifacts_listing(logged, used, wide).print()
+
+
+@runs_app.command("attempts")
+def attempts(
+    run: RunArgument,
+    project: ProjectOption = None,
+    key: Annotated[
+        str, typer.Option(help="Draw this metric across the attempts, one segment each.", metavar="METRIC")
+    ] = "",
+    wide: WideOption = False,
+    json_output: JsonOption = False,
+) -> None:
+    """Show a run and the runs it resumed, back to the first attempt, as segments of one line: each
+    attempt's run with the steps it logged (and, with --key, the metric drawn across them)."""
+    with takeoff_client(project) as client:
+        chain = [find_run(client, run)]
+        while chain[0].resumed_from and len(chain) < MAX_ATTEMPTS_SHOWN:
+            chain.insert(0, client.get_run(chain[0].resumed_from))
+        first_steps = [_first_step(client, info) for info in chain]
+        series = [_values_of(client, info, key) for info in chain] if key else []
+    if json_output:
+        print_json(
+            [
+                {
+                    "run": info.name,
+                    "attempt": info.attempt,
+                    "state": info.state,
+                    "first_step": first,
+                    "last_step": info.last_step if info.history_length else None,
+                    "rows": info.history_length,
+                    "resumed_from": info.resumed_from,
+                    **({"values": values} if key else {}),
+                }
+                for info, first, values in itertools.zip_longest(chain, first_steps, series)
+            ]
+        )
+        return
+    listing = Listing(
+        [
+            Column("attempt", justify="right"),
+            Column("run"),
+            Column("state"),
+            Column("steps", justify="right"),
+            Column("rows", justify="right"),
+            Column("resumed from"),
+        ],
+        wide=wide,
+        title=f"attempts of {chain[-1].queue_item.rsplit('/', 1)[-1]}" if chain[-1].queue_item else None,
+    )
+    for info, first in zip(chain, first_steps, strict=True):
+        listing.add_row(
+            str(info.attempt or "-"),
+            short_id(info.id, wide),
+            styled_state(info.state),
+            "-" if first is None else f"{first}-{info.last_step}",
+            str(info.history_length),
+            short_id(info.resumed_from.rsplit("/", 1)[-1], wide) if info.resumed_from else "-",
+        )
+    listing.print()
+    if key:
+        console.print(f"{key}  {_segments(series, SPARK_WIDTH)}", highlight=False)
 
 
 def logs(
@@ -149,6 +223,38 @@ def logs(
                 sys.stdout.flush()
         except KeyboardInterrupt:
             raise typer.Exit(130) from None
+
+
+MAX_ATTEMPTS_SHOWN = 100
+"""How far back ``runs attempts`` follows ``resumed_from``: more than any queue's ``max_attempts``."""
+
+
+def _first_step(client: Client, info: RunInfo) -> int | None:
+    """The step of a run's first row (the stream is closed after it)."""
+    rows = client.read_metrics(info.name)
+    try:
+        return next(iter(rows)).step
+    except StopIteration:
+        return None
+
+
+def _values_of(client: Client, info: RunInfo, key: str) -> list[float]:
+    """The numeric values of ``key`` a run logged, downsampled for a line of a terminal's width."""
+    rows = client.read_metrics(info.name, keys=[key], max_points=SPARK_WIDTH * 4)
+    return [row.values[key] for row in rows if key in row.values]
+
+
+def _segments(series: list[list[float]], width: int) -> str:
+    """Each attempt's values as one segment of a line scaled alike, a width by its number of values,
+    segments apart by ``│``; an attempt without values is ``·``."""
+    finite = [value for values in series for value in values if math.isfinite(value)]
+    total = sum(len(values) for values in series) or 1
+    return "│".join(
+        _sparkline(values, max(1, round(width * len(values) / total)), min(finite), max(finite))
+        if values and finite
+        else "·"
+        for values in series
+    )
 
 
 def find_run(client: Client, reference: str) -> RunInfo:
@@ -202,13 +308,16 @@ def _metric_series(rows: Iterable[MetricRow]) -> dict[str, _Series]:
     return dict(sorted(series.items()))
 
 
-def _sparkline(values: list[float], width: int) -> str:
+def _sparkline(values: list[float], width: int, low: float | None = None, high: float | None = None) -> str:
+    """Values as a line of block characters at most ``width`` long, each the mean of its share of the
+    values; scaled between ``low`` and ``high`` (default: the line's own extremes)."""
     finite = [value for value in values if math.isfinite(value)]
     if not finite:
         return ""
     size = math.ceil(len(finite) / width)
     buckets = [sum(finite[i : i + size]) / len(finite[i : i + size]) for i in range(0, len(finite), size)]
-    low, high = min(buckets), max(buckets)
+    low = min(buckets) if low is None else low
+    high = max(buckets) if high is None else high
     if high == low:
         return SPARK_LEVELS[len(SPARK_LEVELS) // 2] * len(buckets)
     top = len(SPARK_LEVELS) - 1
@@ -248,6 +357,8 @@ def _overview(info: RunInfo) -> Table:
         table.add_row("job", f"{version_ref(info.job_version)}  ({info.job_version})")
     if info.queue_item:
         table.add_row("item", f"{info.queue_item} (attempt {info.attempt})")
+    if info.resumed_from:
+        table.add_row("resumed from", f"{info.resumed_from.rsplit('/', 1)[-1]}  (`takeoff runs attempts`)")
     table.add_row("created", when(info.create_time))
     table.add_row("started", when(info.start_time))
     table.add_row("ended", when(info.end_time))
@@ -261,6 +372,33 @@ def _overview(info: RunInfo) -> Table:
     if info.notes:
         table.add_row("notes", info.notes)
     return table
+
+
+def _artifacts_listing(logged: list[ArtifactVersion], used: list[ArtifactVersion], wide: bool) -> Listing:
+    """The artifact versions a run logged and used: its lineage both ways."""
+    listing = Listing(
+        [
+            Column("", free_text=False),
+            Column("version"),
+            Column("type"),
+            Column("size", justify="right"),
+            Column("aliases", free_text=True),
+            Column("logged by"),
+        ],
+        wide=wide,
+        title="artifacts",
+    )
+    for direction, versions in (("logged", logged), ("used", used)):
+        for version in versions:
+            listing.add_row(
+                direction,
+                version.ref,
+                version.type,
+                human_bytes(version.size_bytes),
+                ", ".join(version.aliases),
+                short_id(version.run.rsplit("/", 1)[-1], wide) if version.run else "-",
+            )
+    return listing
 
 
 def _key_values(title: str, values: dict[str, Any]) -> Listing:
