@@ -1,0 +1,135 @@
+"""The client side of named artifacts without a registry: what a version is made of, the bytes an upload
+sends, and the local blob cache downloads go through (takeoff._artifacts)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from takeoff._artifacts import CHUNK_BYTES, BlobCache, local_files, place, upload_chunks, upload_sources
+from takeoff.errors import FailedPreconditionError, TakeoffError
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def test_a_directory_is_every_file_under_it_by_relative_path_with_its_digest(tmp_path: Path) -> None:
+    (tmp_path / "sub" / "deeper").mkdir(parents=True)
+    (tmp_path / "b.bin").write_bytes(b"bee")
+    (tmp_path / "sub" / "a.txt").write_bytes(b"")
+    (tmp_path / "sub" / "deeper" / "c").write_bytes(b"sea" * 1000)
+    files = local_files(tmp_path)
+    assert [(f.path, f.sha256, f.size_bytes) for f in files] == [
+        ("b.bin", sha(b"bee"), 3),
+        ("sub/a.txt", sha(b""), 0),
+        ("sub/deeper/c", sha(b"sea" * 1000), 3000),
+    ]
+    [single] = local_files(tmp_path / "b.bin")
+    assert single.path == "b.bin"
+
+
+def test_nothing_to_log_is_said_clearly(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="no file or directory"):
+        local_files(tmp_path / "missing")
+    with pytest.raises(ValueError, match="holds no files"):
+        local_files(tmp_path)
+
+
+def test_an_upload_sends_each_missing_content_once_in_order_in_full_chunks(tmp_path: Path) -> None:
+    big = os.urandom(CHUNK_BYTES * 2 + 5)
+    small = [os.urandom(1000) for _ in range(3)]
+    (tmp_path / "big").write_bytes(big)
+    for index, data in enumerate(small):
+        (tmp_path / f"small{index}").write_bytes(data)
+    (tmp_path / "copy").write_bytes(small[0])  # same content as small0: sent once
+    files = local_files(tmp_path)
+    missing = [sha(small[1]), sha(big), sha(small[0])]  # the registry has small2
+    sources = upload_sources(files, missing)
+    assert [source.sha256 for source in sources] == missing
+    chunks = list(upload_chunks(sources))
+    assert b"".join(chunks) == small[1] + big + small[0]
+    assert all(len(chunk) == CHUNK_BYTES for chunk in chunks[:-1])
+    assert 0 < len(chunks[-1]) <= CHUNK_BYTES
+
+
+def serve(data: bytes, reads: list[int], fail_after: int | None = None) -> Callable[[int], Iterator[bytes]]:
+    """A ``read_from(offset)`` giving ``data`` in small pieces, noting each offset it was asked for; with
+    ``fail_after``, it breaks off (as a dropped stream) once that many bytes were given."""
+
+    def read_from(offset: int) -> Iterator[bytes]:
+        reads.append(offset)
+        for start in range(offset, len(data), 4096):
+            if fail_after is not None and start >= fail_after:
+                raise ConnectionError("stream broken")
+            yield data[start : start + 4096]
+
+    return read_from
+
+
+def test_a_fetch_is_checked_cached_and_not_fetched_again(tmp_path: Path) -> None:
+    data = os.urandom(50_000)
+    cache = BlobCache(tmp_path)
+    reads: list[int] = []
+    blob, fetched = cache.fetch(sha(data), len(data), serve(data, reads))
+    assert (blob.read_bytes(), fetched) == (data, len(data))
+    again, fetched_again = cache.fetch(sha(data), len(data), serve(data, reads))
+    assert (again, fetched_again, reads) == (blob, 0, [0])
+    assert not os.access(blob, os.W_OK) or os.geteuid() == 0  # read-only: links to it are too
+
+
+def test_a_broken_fetch_is_continued_from_where_it_stopped(tmp_path: Path) -> None:
+    data = os.urandom(100_000)
+    cache = BlobCache(tmp_path)
+    reads: list[int] = []
+    with pytest.raises(ConnectionError):
+        cache.fetch(sha(data), len(data), serve(data, reads, fail_after=40_960))
+    assert cache.cached(sha(data), len(data)) is None
+    blob, fetched = cache.fetch(sha(data), len(data), serve(data, reads))
+    assert reads == [0, 40_960]
+    assert (blob.read_bytes(), fetched) == (data, len(data) - 40_960)
+
+
+def test_bytes_that_do_not_match_the_manifest_are_not_kept(tmp_path: Path) -> None:
+    data = os.urandom(10_000)
+    cache = BlobCache(tmp_path)
+    with pytest.raises(TakeoffError) as raised:
+        cache.fetch(sha(b"something else"), len(data), serve(data, []))
+    assert raised.value.reason == "ARTIFACT_DIGEST_MISMATCH"
+    assert not isinstance(raised.value, FailedPreconditionError)
+    assert not list((cache.root / "partial").iterdir())
+    assert not (cache.root / "blobs").exists()
+
+
+def test_a_blob_changed_through_a_link_is_fetched_again(tmp_path: Path) -> None:
+    data = os.urandom(10_000)
+    cache = BlobCache(tmp_path / "cache")
+    blob, _ = cache.fetch(sha(data), len(data), serve(data, []))
+    target = tmp_path / "out" / "model.pt"
+    place(blob, target)
+    assert os.path.samefile(blob, target)
+    os.chmod(
+        target, 0o644
+    )  # a job saving over its downloaded checkpoint (as root, permissions do not stop it)
+    target.write_bytes(b"x" * len(data))
+    reads: list[int] = []
+    fresh, fetched = cache.fetch(sha(data), len(data), serve(data, reads))
+    assert (fresh.read_bytes(), fetched, reads) == (data, len(data), [0])
+
+
+def test_placing_replaces_what_is_there_and_keeps_a_link_that_is_already_right(tmp_path: Path) -> None:
+    data = b"weights"
+    cache = BlobCache(tmp_path / "cache")
+    blob, _ = cache.fetch(sha(data), len(data), serve(data, []))
+    target = tmp_path / "out" / "sub" / "w.bin"
+    target.parent.mkdir(parents=True)
+    target.write_bytes(b"old")
+    place(blob, target)
+    assert target.read_bytes() == data
+    place(blob, target)
+    assert os.path.samefile(blob, target)
+    assert sorted(path.name for path in target.parent.iterdir()) == ["w.bin"]  # no temporary left
