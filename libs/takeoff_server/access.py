@@ -27,6 +27,10 @@ class Permission(StrEnum):
     JOBS_WRITE = "jobs.write"
     RUNS_READ = "runs.read"
     RUNS_WRITE = "runs.write"
+    ARTIFACTS_READ = "artifacts.read"
+    """Named artifacts (ArtifactService): read versions and their files."""
+    ARTIFACTS_WRITE = "artifacts.write"
+    """Log new versions of named artifacts."""
     QUEUES_READ = "queues.read"
     QUEUES_WRITE = "queues.write"
     ITEMS_WRITE = "items.write"
@@ -115,6 +119,7 @@ class KeyScope:
 _PROJECT_READ = (
     Permission.JOBS_READ,
     Permission.RUNS_READ,
+    Permission.ARTIFACTS_READ,
     Permission.QUEUES_READ,
     Permission.SECRETS_READ,
 )
@@ -122,6 +127,7 @@ _PROJECT_WRITE = (
     *_PROJECT_READ,
     Permission.JOBS_WRITE,
     Permission.RUNS_WRITE,
+    Permission.ARTIFACTS_WRITE,
     Permission.QUEUES_WRITE,
     Permission.ITEMS_WRITE,
     Permission.SECRETS_WRITE,
@@ -170,8 +176,11 @@ def grants_for(scope: KeyScope) -> frozenset[Grant]:
             permissions = _SERVICE_PERMISSIONS.get(scope.service, ()) if scope.service else ()
             return frozenset(Grant(p, EVERYWHERE) for p in permissions)
         case KeyKind.RUN:
+            # Its own run's artifacts to write, its project's to read (a checkpoint of an earlier attempt).
             return frozenset(
                 {Grant(Permission.RUNS_READ, scope.run), Grant(Permission.RUNS_WRITE, scope.run)}
+                | {Grant(Permission.ARTIFACTS_READ, project_of(scope.run))}
+                | {Grant(Permission.ARTIFACTS_WRITE, scope.run)}
                 | ({Grant(Permission.JOBS_READ, scope.job_version)} if scope.job_version else set())
                 | {Grant(Permission.SECRETS_ACCESS, secret) for secret in scope.secrets}
             )

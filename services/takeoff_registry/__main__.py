@@ -1,4 +1,5 @@
-"""``python -m takeoff_registry``: serve JobService, RunService, KeyService and SecretService.
+"""``python -m takeoff_registry``: serve JobService, RunService, ArtifactService, KeyService and
+SecretService.
 
 The registry owns the keys, so it verifies the keys presented to it itself (cached like everywhere else,
 so a revocation takes effect here within the same bound as in the other services).
@@ -9,6 +10,8 @@ from contextlib import AsyncExitStack
 from pathlib import Path
 
 from takeoff.v1 import (
+    artifacts_pb2,
+    artifacts_pb2_grpc,
     jobs_pb2,
     jobs_pb2_grpc,
     keys_pb2,
@@ -26,6 +29,8 @@ from takeoff_registry.jobs_api import JobApi
 from takeoff_registry.keys import Keys
 from takeoff_registry.keys_api import KeyApi
 from takeoff_registry.keys_store import SqlKeyStore
+from takeoff_registry.named_artifacts import NamedArtifacts
+from takeoff_registry.named_artifacts_api import ArtifactApi
 from takeoff_registry.runs import Runs
 from takeoff_registry.runs_api import RunApi
 from takeoff_registry.secrets import Secrets, load_secrets_key
@@ -92,6 +97,18 @@ async def wire(settings: RegistrySettings, resources: AsyncExitStack) -> Wiring:
                 )
             ),
             access=RULES["takeoff.v1.RunService"],
+        ),
+        ServiceBinding.of(
+            artifacts_pb2.DESCRIPTOR.services_by_name["ArtifactService"],
+            artifacts_pb2_grpc.add_ArtifactServiceServicer_to_server,
+            ArtifactApi(
+                NamedArtifacts(
+                    store,
+                    settings.artifact_blobs_path,
+                    max_version_bytes=settings.max_artifact_version_bytes,
+                )
+            ),
+            access=RULES["takeoff.v1.ArtifactService"],
         ),
         ServiceBinding.of(
             keys_pb2.DESCRIPTOR.services_by_name["KeyService"],

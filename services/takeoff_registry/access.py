@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
-from takeoff.v1 import jobs_pb2, runs_pb2
-from takeoff_server.access import AccessRules, Permission, constant, fields, needs
+from takeoff.v1 import artifacts_pb2, jobs_pb2, runs_pb2
+from takeoff_server.access import AccessRules, Check, Permission, Rule, constant, fields, needs
 
 KEYS = "keys"
 """The resource KeyService's key-management methods are checked on: keys belong to no project."""
@@ -28,6 +28,23 @@ def _upload_project(request: jobs_pb2.UploadArtifactRequest) -> Iterable[str]:
     """The project an upload stream's header names; chunks name none."""
     if request.HasField("header"):
         yield request.header.parent
+
+
+def _artifact_version_resource(
+    request: artifacts_pb2.GetArtifactVersionRequest | artifacts_pb2.UseArtifactVersionRequest,
+) -> Iterable[str]:
+    """As for job versions: a full reference names its project, a short one is read in ``project``."""
+    if request.name.startswith("projects/"):
+        yield request.name
+    elif request.project:
+        yield f"{request.project}/artifactCollections/{request.name}"
+
+
+def _logging_run_or_project(request: artifacts_pb2.CreateArtifactVersionRequest) -> Iterable[str]:
+    """The run a new version is logged for, else its project (so a run token, whose grant is its own run,
+    must name that run); chunks name none, as for UploadArtifact."""
+    if request.HasField("header"):
+        yield request.header.run or request.header.parent
 
 
 def _created_run(request: runs_pb2.CreateRunRequest) -> Iterable[str]:
@@ -67,6 +84,22 @@ RUN_SERVICE: AccessRules = {
     "ReadLogs": needs(Permission.RUNS_READ, fields("name")),
 }
 
+ARTIFACT_SERVICE: AccessRules = {
+    "FindMissingBlobs": needs(Permission.ARTIFACTS_READ, fields("parent")),
+    "CreateArtifactVersion": needs(Permission.ARTIFACTS_WRITE, _logging_run_or_project),
+    "GetArtifactVersion": needs(Permission.ARTIFACTS_READ, _artifact_version_resource),
+    "UseArtifactVersion": Rule(
+        (
+            Check(Permission.ARTIFACTS_READ, _artifact_version_resource),
+            Check(Permission.RUNS_WRITE, fields("run")),
+        )
+    ),
+    "GetArtifactCollection": needs(Permission.ARTIFACTS_READ, fields("name")),
+    "ListArtifactCollections": needs(Permission.ARTIFACTS_READ, fields("parent")),
+    "ListArtifactVersions": needs(Permission.ARTIFACTS_READ, fields("parent")),
+    "ReadArtifactFile": needs(Permission.ARTIFACTS_READ, fields("name")),
+}
+
 KEY_SERVICE: AccessRules = {
     "CreateKey": needs(Permission.KEYS_WRITE, constant(KEYS)),
     "GetKey": needs(Permission.KEYS_READ, constant(KEYS)),
@@ -87,6 +120,7 @@ SECRET_SERVICE: AccessRules = {
 RULES: Mapping[str, AccessRules] = {
     "takeoff.v1.JobService": JOB_SERVICE,
     "takeoff.v1.RunService": RUN_SERVICE,
+    "takeoff.v1.ArtifactService": ARTIFACT_SERVICE,
     "takeoff.v1.KeyService": KEY_SERVICE,
     "takeoff.v1.SecretService": SECRET_SERVICE,
 }

@@ -9,23 +9,18 @@ is recorded. File work runs in worker threads.
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import os
-import tempfile
 from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import BinaryIO
 
+from takeoff_registry.blobs import ContentStore
 from takeoff_registry.refs import ArtifactKey, project_not_found
 from takeoff_registry.store import ArtifactRow, RegistryStore
 from takeoff_registry.versions import SHA256
 from takeoff_server.archive import check_archive
 from takeoff_server.errors import FieldViolation, InvalidArgument, NotFound, ResourceExhausted
 from takeoff_server.validation import field_error
-
-DOWNLOAD_CHUNK_BYTES = 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,42 +30,13 @@ class Artifact:
     create_time: datetime
 
 
-class _Staged:
-    """A staging file being written and hashed; every method blocks."""
-
-    def __init__(self, directory: Path) -> None:
-        directory.mkdir(parents=True, exist_ok=True)
-        descriptor, name = tempfile.mkstemp(dir=directory, prefix="upload-")
-        self.path = Path(name)
-        self._file: BinaryIO = os.fdopen(descriptor, "wb")
-        self._hash = hashlib.sha256()
-
-    def absorb(self, chunk: bytes) -> None:
-        self._file.write(chunk)
-        self._hash.update(chunk)
-
-    def finish(self) -> str:
-        """Flush to disk and return the sha256 of everything absorbed."""
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        return self._hash.hexdigest()
-
-    def discard(self) -> None:
-        self._file.close()
-        self.path.unlink(missing_ok=True)
-
-
 class Artifacts:
     """Stores, describes and serves artifacts."""
 
     def __init__(self, store: RegistryStore, root: Path, *, max_bytes: int) -> None:
         self._store = store
-        self._root = root
+        self._files = ContentStore(root)
         self._max_bytes = max_bytes
-
-    def path(self, sha256: str) -> Path:
-        return self._root / sha256[:2] / sha256
 
     def _check_declared(self, sha256: str, size_bytes: int) -> None:
         if not SHA256.fullmatch(sha256):
@@ -92,8 +58,7 @@ class Artifacts:
     ) -> tuple[Artifact, bool]:
         """Receive and store an artifact; returns it and whether the project had it already."""
         self._check_declared(key.sha256, size_bytes)
-        # Created without a thread hop (it is quick), so no cancellation can strand the file.
-        staged = _Staged(self._root / "staging")
+        staged = self._files.stage()
         try:
             received = 0
             async for chunk in chunks:
@@ -114,7 +79,7 @@ class Artifacts:
                     violations=[FieldViolation("header.sha256", "does not match the uploaded bytes")],
                 )
             await asyncio.to_thread(check_archive, staged.path)
-            await asyncio.to_thread(self._put_in_place, staged.path, key.sha256)
+            await asyncio.to_thread(self._files.put, staged.path, key.sha256)
         finally:
             # Deliberately synchronous: it must run even when the upload task is being cancelled.
             staged.discard()
@@ -127,11 +92,6 @@ class Artifacts:
     @staticmethod
     def _size_mismatch(problem: str) -> InvalidArgument:
         return field_error("header.size_bytes", problem, reason="ARTIFACT_SIZE_MISMATCH")
-
-    def _put_in_place(self, staged: Path, sha256: str) -> None:
-        target = self.path(sha256)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(staged, target)  # same content if it existed: replacing it is harmless
 
     async def get(self, key: ArtifactKey) -> Artifact:
         async with self._store.read() as tx:
@@ -149,17 +109,7 @@ class Artifacts:
         artifact = await self.get(key)
         if not 0 <= offset < artifact.size_bytes:
             raise field_error("offset", f"must be between 0 and {artifact.size_bytes - 1}")
-        return artifact, self._read(self.path(key.sha256), offset)
-
-    @staticmethod
-    async def _read(path: Path, offset: int) -> AsyncIterator[bytes]:
-        file = await asyncio.to_thread(path.open, "rb")
-        try:
-            await asyncio.to_thread(file.seek, offset)
-            while chunk := await asyncio.to_thread(file.read, DOWNLOAD_CHUNK_BYTES):
-                yield chunk
-        finally:
-            file.close()
+        return artifact, self._files.read(key.sha256, offset)
 
 
 def _artifact(row: ArtifactRow) -> Artifact:

@@ -10,6 +10,7 @@ from takeoff.v1 import common_pb2, jobs_pb2, jobs_pb2_grpc
 from takeoff_registry.artifacts import Artifact, Artifacts
 from takeoff_registry.jobs import Job, Jobs
 from takeoff_registry.refs import ArtifactKey, JobKey, parse_job_reference, parse_project
+from takeoff_registry.upload_streams import header_and_chunks
 from takeoff_registry.versions import (
     CodeSource,
     Environment,
@@ -287,19 +288,9 @@ class JobApi(jobs_pb2_grpc.JobServiceServicer):
         request_iterator: AsyncIterator[jobs_pb2.UploadArtifactRequest],
         context: grpc.aio.ServicerContext[jobs_pb2.UploadArtifactRequest, jobs_pb2.UploadArtifactResponse],
     ) -> jobs_pb2.UploadArtifactResponse:
-        first = await anext(request_iterator, None)
-        if first is None or first.WhichOneof("part") != "header":
-            raise field_error("header", "the first message of an upload must carry the header")
-        header = first.header
+        header, chunks = await header_and_chunks(request_iterator)
         key = ArtifactKey(parse_project(header.parent, field="header.parent"), header.sha256)
-
-        async def chunks() -> AsyncIterator[bytes]:
-            async for message in request_iterator:
-                if message.WhichOneof("part") == "header":
-                    raise field_error("header", "only the first message may carry a header")
-                yield message.chunk
-
-        artifact, already_existed = await self._artifacts.upload(key, header.size_bytes, chunks())
+        artifact, already_existed = await self._artifacts.upload(key, header.size_bytes, chunks)
         return jobs_pb2.UploadArtifactResponse(
             artifact=_artifact_to_proto(artifact), already_existed=already_existed
         )

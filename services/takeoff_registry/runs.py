@@ -121,6 +121,23 @@ class Run:
     log_line_count: int
     labels: RunLabels
     launch_config_keys: tuple[str, ...]
+    resumed_from: str
+    """The run of the item's previous attempt this one continues (``projects/P/runs/R``), or empty."""
+
+
+class ResumeMode(StrEnum):
+    """Whether AttachRun hands the job the run it continues (``takeoff.init(resume=...)``)."""
+
+    NEVER = "NEVER"
+    ALLOW = "ALLOW"
+    MUST = "MUST"
+
+
+@dataclass(frozen=True, slots=True)
+class Attached:
+    run: Run
+    resumed_from_run: Run | None
+    """The run it continues, as it is now, when the job asked to resume and there is one."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -379,6 +396,11 @@ class Runs:
             now = _now()
             await tx.ensure_project(project, now)
             key = RunKey(project, run_id or _new_run_id())
+            previous = (
+                await tx.previous_attempt(project, new.queue_item, new.attempt)
+                if new.queue_item and new.attempt > 1
+                else None
+            )
             row = RunRow(
                 project_id=project,
                 run_id=key.run,
@@ -402,6 +424,7 @@ class Runs:
                 run_group=labels.group,
                 job_type=labels.job_type,
                 launch_config_keys=list(new.config or ()),
+                resumed_from=RunKey(previous.project_id, previous.run_id).name if previous else "",
             )
             if not await tx.insert_run(row):
                 raise AlreadyExists(
@@ -412,10 +435,17 @@ class Runs:
             return _run(row)
 
     async def attach_run(
-        self, key: RunKey, *, config: dict[str, Any] | None, display_name: str, labels: RunLabels
-    ) -> Run:
+        self,
+        key: RunKey,
+        *,
+        config: dict[str, Any] | None,
+        display_name: str,
+        labels: RunLabels,
+        resume: ResumeMode = ResumeMode.NEVER,
+    ) -> Attached:
         """STARTING -> RUNNING, once; records the config the job really uses (the launch's keys stay
-        read-only) and the labels it gives, keeping those it leaves empty."""
+        read-only) and the labels it gives, keeping those it leaves empty. With ``resume`` ALLOW or MUST,
+        also the run it continues; MUST without one changes nothing (NOTHING_TO_RESUME)."""
         check_text(display_name, field="display_name", max_chars=MAX_DISPLAY_NAME)
         if config is not None:
             _check_struct(config, "config", MAX_CONFIG_BYTES)
@@ -430,6 +460,17 @@ class Runs:
                 )
             if RunState(row.state).ended:
                 raise _run_ended(row, key, "attach")
+            resumed = None
+            if resume is not ResumeMode.NEVER and row.resumed_from:
+                previous = RunKey.parse(row.resumed_from, field="resumed_from")
+                resumed = await tx.run(previous.project, previous.run)
+            if resume is ResumeMode.MUST and resumed is None:
+                raise FailedPrecondition(
+                    "NOTHING_TO_RESUME",
+                    f"run {key.name} continues no earlier run (it is not a retried attempt of a queue item), "
+                    "so it cannot resume",
+                    metadata={"resource": key.name},
+                )
             now = _now()
             row.state = RunState.RUNNING
             row.start_time = row.update_time = now
@@ -442,7 +483,7 @@ class Runs:
             row.notes = labels.notes or row.notes
             row.run_group = labels.group or row.run_group
             row.job_type = labels.job_type or row.job_type
-            return _run(row)
+            return Attached(_run(row), _run(resumed) if resumed is not None else None)
 
     async def get_run(self, key: RunKey) -> Run:
         async with self._store.read() as tx:
@@ -729,4 +770,5 @@ def _run(row: RunRow) -> Run:
         log_line_count=row.log_line_count,
         labels=RunLabels(tags_of(row.tags), row.notes, row.run_group, row.job_type),
         launch_config_keys=tuple(row.launch_config_keys),
+        resumed_from=row.resumed_from,
     )

@@ -10,7 +10,16 @@ from google.protobuf.message import Message
 
 from takeoff.v1 import common_pb2, runs_pb2, runs_pb2_grpc
 from takeoff_registry.refs import JOB_VERSION, QUEUE_ITEM, JobKey, RunKey, parse_job_reference, parse_project
-from takeoff_registry.runs import History, NewRun, Run, RunFilter, RunLabels, Runs, RunState
+from takeoff_registry.runs import (
+    History,
+    NewRun,
+    ResumeMode,
+    Run,
+    RunFilter,
+    RunLabels,
+    Runs,
+    RunState,
+)
 from takeoff_registry.wire import (
     MAX_ENTRIES_PER_MESSAGE,
     chosen_metric_rows,
@@ -60,6 +69,7 @@ def _run_to_proto(run: Run) -> runs_pb2.Run:
         group=run.labels.group,
         job_type=run.labels.job_type,
         launch_config_keys=run.launch_config_keys,
+        resumed_from=run.resumed_from,
     )
 
 
@@ -154,13 +164,19 @@ class RunApi(runs_pb2_grpc.RunServiceServicer):
         request: runs_pb2.AttachRunRequest,
         context: grpc.aio.ServicerContext[runs_pb2.AttachRunRequest, runs_pb2.AttachRunResponse],
     ) -> runs_pb2.AttachRunResponse:
-        run = await self._runs.attach_run(
+        resume = enum_member(ResumeMode, request.resume, field="resume", proto=runs_pb2.ResumeMode)
+        attached = await self._runs.attach_run(
             RunKey.parse(request.name, field="name"),
             config=struct_to_dict(request.config) if request.HasField("config") else None,
             display_name=request.display_name,
             labels=_labels(request),
+            resume=resume or ResumeMode.NEVER,
         )
-        return runs_pb2.AttachRunResponse(run=_run_to_proto(run))
+        resumed = attached.resumed_from_run
+        return runs_pb2.AttachRunResponse(
+            run=_run_to_proto(attached.run),
+            resumed_from_run=_run_to_proto(resumed) if resumed is not None else None,
+        )
 
     async def GetRun(
         self,

@@ -15,7 +15,10 @@ class RegistrySettings(ServerSettings, GitAccessSettings):
     max_artifact_bytes: int = 512 * MIB
     """Largest code tarball UploadArtifact accepts."""
     artifact_dir: Path | None = None
-    """Where artifacts are stored, content-addressed; unset means ``{home}/artifacts``."""
+    """Where artifacts are stored, content-addressed; unset means ``{home}/artifacts``. Named artifacts'
+    blobs are kept in its ``blobs`` folder, per project."""
+    max_artifact_version_bytes: int = 1024 * 1024 * MIB
+    """Largest named artifact version (all its files together) CreateArtifactVersion accepts."""
     git_timeout_seconds: float = 60.0
     """How long resolving a git ref may take before the remote counts as unreachable."""
     bootstrap_admin_key_file: Path | None = None
@@ -32,7 +35,7 @@ class RegistrySettings(ServerSettings, GitAccessSettings):
     metric_rows_per_run_burst: int = Field(500_000, ge=1)
     """Large, so that a job logging a burst from a tight loop (the SDK batches) is not slowed."""
 
-    @field_validator("max_artifact_bytes")
+    @field_validator("max_artifact_bytes", "max_artifact_version_bytes")
     @classmethod
     def _check_max_artifact_bytes(cls, size: int) -> int:
         if size <= 0:
@@ -54,6 +57,10 @@ class RegistrySettings(ServerSettings, GitAccessSettings):
     @property
     def artifacts_path(self) -> Path:
         return self.artifact_dir or self.home / "artifacts"
+
+    @property
+    def artifact_blobs_path(self) -> Path:
+        return self.artifacts_path / "blobs"
 
     @property
     def secrets_key_path(self) -> Path:

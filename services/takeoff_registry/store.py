@@ -127,6 +127,9 @@ class RunRow(SQLModel, table=True):
     notes: str = Field(sa_type=sa.Text, sa_column_kwargs={"server_default": ""})
     run_group: str = Field(max_length=128, sa_column_kwargs={"server_default": ""})
     job_type: str = Field(max_length=64, sa_column_kwargs={"server_default": ""})
+    # Added by migration 0006.
+    resumed_from: str = Field(max_length=200, sa_column_kwargs={"server_default": ""})
+    """The run of the item's previous attempt that this one continues (Run.resumed_from), or empty."""
     launch_config_keys: list[str] = Field(sa_type=JsonText, sa_column_kwargs={"server_default": "[]"})
     """The top-level keys of the config given at creation: the launch's, read-only to UpdateRunConfig."""
 
@@ -207,7 +210,7 @@ class Tx:
             self.session, scope=scope, request_id=request_id, fingerprint=fingerprint, result=result
         )
 
-    async def _insert_unless_present(self, table: type[SQLModel], **values: Any) -> bool:
+    async def insert_unless_present(self, table: type[SQLModel], **values: Any) -> bool:
         """Insert a row unless one with its key exists; True when this call inserted it."""
         insert = postgresql.insert if self._dialect == "postgresql" else sqlite.insert
         key = sa.inspect(table, raiseerr=True).primary_key[0]
@@ -217,7 +220,7 @@ class Tx:
 
     async def ensure_project(self, project_id: str, now: datetime) -> None:
         """Create the project unless it exists (projects exist once written to)."""
-        await self._insert_unless_present(ProjectRow, project_id=project_id, create_time=now)
+        await self.insert_unless_present(ProjectRow, project_id=project_id, create_time=now)
 
     async def project_exists(self, project_id: str) -> bool:
         return await self.session.get(ProjectRow, project_id) is not None
@@ -233,7 +236,7 @@ class Tx:
     async def ensure_job(self, project_id: str, job_id: str, now: datetime) -> JobRow:
         """The job, created empty if missing, locked for the rest of the transaction."""
         await self.ensure_project(project_id, now)
-        await self._insert_unless_present(
+        await self.insert_unless_present(
             JobRow,
             project_id=project_id,
             job_id=job_id,
@@ -307,7 +310,7 @@ class Tx:
     async def ensure_artifact(self, project_id: str, sha256: str, size_bytes: int, now: datetime) -> bool:
         """Record the artifact in the project unless it is there; True when this call recorded it."""
         await self.ensure_project(project_id, now)
-        return await self._insert_unless_present(
+        return await self.insert_unless_present(
             ArtifactRow, project_id=project_id, sha256=sha256, size_bytes=size_bytes, create_time=now
         )
 
@@ -328,6 +331,16 @@ class Tx:
         except IntegrityError:
             return False
         return True
+
+    async def previous_attempt(self, project_id: str, queue_item: str, attempt: int) -> RunRow | None:
+        """The run of the item's latest attempt before ``attempt`` that has one."""
+        query = (
+            select(RunRow)
+            .where(RunRow.project_id == project_id, RunRow.queue_item == queue_item, RunRow.attempt < attempt)
+            .order_by(col(RunRow.attempt).desc(), col(RunRow.seq).desc())
+            .limit(1)
+        )
+        return (await self.session.exec(query)).first()
 
     async def runs(
         self,

@@ -11,6 +11,7 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy.engine import Connection
 from sqlmodel import SQLModel
 
+import takeoff_registry.named_artifacts_store
 import takeoff_registry.store
 from takeoff.v1 import common_pb2, jobs_pb2, runs_pb2
 from takeoff_server.database import Database
@@ -34,7 +35,7 @@ def _differences(connection: Connection) -> list[Any]:
 async def test_migrations_build_exactly_the_tables_the_store_declares(database_url: str) -> None:
     database = Database("registry", database_url, migrations=MIGRATIONS)
     try:
-        assert await database.migrate() == "0005"
+        assert await database.migrate() == "0006"
         if database_url.startswith("postgresql"):
             assert "registry_jobs" in await assert_on_postgresql(database.engine)
         async with database.engine.connect() as connection:
