@@ -390,8 +390,7 @@ class Attempt:
             try:
                 outcome = await self._run()
             finally:
-                if self._job_span is not None:
-                    _end_job_span(self._job_span, self.job.exit())
+                self._end_job_span(None)  # a job the attempt gave up on without concluding
             if outcome is not None:
                 span.set_attribute("takeoff.outcome", outcome.state.value)
                 if outcome.state is not ItemState.SUCCEEDED:
@@ -525,6 +524,16 @@ class Attempt:
                 start_time=None if since is None else int(since * 1e9),
             )
         return self._job_span
+
+    def _end_job_span(self, ended: JobExit | None) -> None:
+        span, self._job_span = self._job_span, None
+        if span is None:
+            return
+        if ended is not None and ended.exit_code is not None:
+            span.set_attribute("process.exit.code", ended.exit_code)
+            if ended.exit_code != 0:
+                span.set_status(trace.StatusCode.ERROR, f"exit code {ended.exit_code}")
+        span.end()
 
     def _report_waiting(self, detail: str | None) -> None:
         """The start waits for ``detail`` (free GPUs, a pending pod, Slurm's queue) until the next detail
@@ -748,6 +757,7 @@ class Attempt:
 
     async def _conclude(self, ended: JobExit | None) -> Outcome | None:
         """The outcome of docs/design.md §7, and the run's final state when the job's SDK did not set one."""
+        self._end_job_span(ended)
         exit_code = ended.exit_code if ended else None
         reason = (
             self.stop_reason
@@ -838,14 +848,6 @@ def _tracing_environment(names: Sequence[str]) -> dict[str, str]:
     if not exporting():
         return {}
     return {name: os.environ[name] for name in names if os.environ.get(name)}
-
-
-def _end_job_span(span: trace.Span, ended: JobExit | None) -> None:
-    if ended is not None and ended.exit_code is not None:
-        span.set_attribute("process.exit.code", ended.exit_code)
-        if ended.exit_code != 0:
-            span.set_status(trace.StatusCode.ERROR, f"exit code {ended.exit_code}")
-    span.end()
 
 
 def _secret_refused(mount: SecretMount, error: grpc.RpcError) -> Outcome:
