@@ -21,7 +21,16 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor, ServiceDescr
 from google.protobuf.message import Message
 from google.protobuf.message_factory import GetMessageClass
 
-from takeoff.v1 import agent_pb2, build_pb2, jobs_pb2, keys_pb2, queue_pb2, runs_pb2, secrets_pb2
+from takeoff.v1 import (
+    agent_pb2,
+    artifacts_pb2,
+    build_pb2,
+    jobs_pb2,
+    keys_pb2,
+    queue_pb2,
+    runs_pb2,
+    secrets_pb2,
+)
 from takeoff_server.access import (
     AccessRules,
     Check,
@@ -40,6 +49,7 @@ END_MARKER = "<!-- access-table:end -->"
 SERVICES: tuple[tuple[ServiceDescriptor, str], ...] = (
     (jobs_pb2.DESCRIPTOR.services_by_name["JobService"], "registry"),
     (runs_pb2.DESCRIPTOR.services_by_name["RunService"], "registry"),
+    (artifacts_pb2.DESCRIPTOR.services_by_name["ArtifactService"], "registry"),
     (keys_pb2.DESCRIPTOR.services_by_name["KeyService"], "registry"),
     (secrets_pb2.DESCRIPTOR.services_by_name["SecretService"], "registry"),
     (queue_pb2.DESCRIPTOR.services_by_name["QueueService"], "queue"),

@@ -82,7 +82,13 @@ def test_a_project_read_key_reads_its_projects_and_writes_nothing() -> None:
     scope = KeyScope(KeyKind.PROJECT, projects=("projects/a", "projects/b"), role=ProjectRole.READ)
 
     for project in ("projects/a", "projects/b/jobs/x"):
-        assert permissions_on(scope, project) == {P.JOBS_READ, P.RUNS_READ, P.QUEUES_READ, P.SECRETS_READ}
+        assert permissions_on(scope, project) == {
+            P.JOBS_READ,
+            P.RUNS_READ,
+            P.ARTIFACTS_READ,
+            P.QUEUES_READ,
+            P.SECRETS_READ,
+        }
     assert permissions_on(scope, "projects/c") == set()
     assert permissions_on(scope, "keys/k") == set()
 
@@ -93,6 +99,7 @@ def test_a_project_write_key_reads_and_writes_its_projects_but_no_keys_leases_or
     held = permissions_on(scope, "projects/a/queues/q")
 
     assert {P.JOBS_WRITE, P.RUNS_WRITE, P.QUEUES_WRITE, P.ITEMS_WRITE, P.SECRETS_WRITE, P.JOBS_READ} <= held
+    assert {P.ARTIFACTS_READ, P.ARTIFACTS_WRITE} <= held
     assert held.isdisjoint(
         {P.QUEUES_LEASE, P.SECRETS_ACCESS, P.KEYS_READ, P.KEYS_WRITE, P.KEYS_VERIFY, P.TOKENS_MINT}
     )
@@ -149,20 +156,30 @@ def test_a_run_token_writes_its_run_reads_its_job_version_and_accesses_its_secre
         secrets=("projects/a/secrets/HF",),
     )
 
-    assert permissions_on(scope, "projects/a/runs/r1") == {P.RUNS_READ, P.RUNS_WRITE}
-    assert permissions_on(scope, "projects/a/runs/r2") == set()
-    assert permissions_on(scope, "projects/a/runs/r1x") == set()
-    assert permissions_on(scope, "projects/a/jobs/j/versions/3") == {P.JOBS_READ}
-    assert permissions_on(scope, "projects/a/jobs/j/versions/2") == set()
-    assert permissions_on(scope, "projects/a/secrets/HF") == {P.SECRETS_ACCESS}
-    assert permissions_on(scope, "projects/a/secrets/OTHER") == set()
-    assert permissions_on(scope, "projects/a/queues/q") == set()  # cannot enqueue
+    # Artifacts: its own run's to write, its project's to read (ArtifactService).
+    read = {P.ARTIFACTS_READ}
+    assert (
+        permissions_on(scope, "projects/a/runs/r1") == {P.RUNS_READ, P.RUNS_WRITE, P.ARTIFACTS_WRITE} | read
+    )
+    assert permissions_on(scope, "projects/a/runs/r2") == read
+    assert permissions_on(scope, "projects/a/runs/r1x") == read
+    assert permissions_on(scope, "projects/a/jobs/j/versions/3") == {P.JOBS_READ} | read
+    assert permissions_on(scope, "projects/a/jobs/j/versions/2") == read
+    assert permissions_on(scope, "projects/a/secrets/HF") == {P.SECRETS_ACCESS} | read
+    assert permissions_on(scope, "projects/a/secrets/OTHER") == read
+    assert permissions_on(scope, "projects/a/queues/q") == read  # cannot enqueue
+    assert permissions_on(scope, "projects/b/artifactCollections/x") == set()
     assert P.ITEMS_WRITE not in {grant.permission for grant in grants_for(scope)}
 
 
 def test_a_run_token_without_a_job_version_reads_no_job() -> None:
     scope = KeyScope(KeyKind.RUN, run="projects/a/runs/r1")
-    assert {grant.permission for grant in grants_for(scope)} == {P.RUNS_READ, P.RUNS_WRITE}
+    assert {grant.permission for grant in grants_for(scope)} == {
+        P.RUNS_READ,
+        P.RUNS_WRITE,
+        P.ARTIFACTS_READ,
+        P.ARTIFACTS_WRITE,
+    }
 
 
 # Principals and rules
