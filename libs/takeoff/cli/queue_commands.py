@@ -1,9 +1,11 @@
-"""``takeoff queue create|list|describe|update|pause|resume|delete`` and ``takeoff agents``."""
+"""``takeoff queue create|list|describe|update|pause|resume|delete``, ``takeoff agents``, and the timeline
+``takeoff items describe ITEM --trace`` prints."""
 
 from __future__ import annotations
 
 import json
-from datetime import timedelta
+import os
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -28,7 +30,7 @@ from takeoff.cli._registry import (
     takeoff_client,
     when,
 )
-from takeoff.models import ItemState, Queue, ResourceKind, SecretMount
+from takeoff.models import Item, ItemState, Queue, ResourceKind, SecretMount
 
 queue_app = typer.Typer(help="Create, inspect and change queues.", no_args_is_help=True)
 
@@ -478,6 +480,77 @@ def _allowed(schema: dict[str, Any]) -> str:
     if low is None and high is None:
         return ""
     return f"{'' if low is None else low}..{'' if high is None else high}"
+
+
+def print_item_trace(item: Item) -> None:
+    """The item's timeline from its stored transitions, each with how long the step before it took, then
+    its trace id and where its spans are (docs/design.md §9)."""
+    console.print(_timeline(item))
+    console.print(_trace_hint(item.traceparent))
+
+
+def _timeline(item: Item) -> Table:
+    table = Table(title=f"timeline of {item.name}", title_justify="left")
+    for column in ("time", "since enqueue", "took", "state", "attempt", "agent", "detail"):
+        table.add_column(
+            column, overflow="fold", justify="right" if column in ("since enqueue", "took") else "left"
+        )
+    start = item.transitions[0].time if item.transitions else None
+    previous: datetime | None = None
+    for transition in item.transitions:
+        moment = transition.time
+        detail = " ".join(filter(None, [transition.reason or "", transition.message, transition.actor]))
+        table.add_row(
+            when(moment),
+            _seconds(moment - start) if moment and start else "-",
+            _seconds(moment - previous) if moment and previous else "",
+            styled_item_state(transition.to_state),
+            str(transition.attempt or "-"),
+            transition.agent or "-",
+            detail,
+        )
+        previous = moment
+    if previous is not None and not item.state.ended:
+        table.add_row(
+            "now",
+            _seconds(datetime.now(UTC) - start) if start else "-",
+            _seconds(datetime.now(UTC) - previous),
+            "(so far)",
+            "",
+            "",
+            "",
+        )
+    return table
+
+
+def _seconds(span: timedelta) -> str:
+    """A step's length: milliseconds while they matter, then seconds, then minutes."""
+    seconds = span.total_seconds()
+    if seconds < 10:
+        return f"{seconds:.3f}s"
+    if seconds < 600:
+        return f"{seconds:.1f}s"
+    return show_span(timedelta(seconds=round(seconds)))
+
+
+def _trace_hint(traceparent: str) -> str:
+    parts = traceparent.split("-")
+    if len(parts) != 4:
+        return "no trace: the queue service recorded no trace context for this item"
+    trace_id = parts[1]
+    endpoint = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or os.environ.get(
+        "OTEL_EXPORTER_OTLP_ENDPOINT"
+    )
+    if not endpoint:
+        return (
+            f"trace {trace_id}: set OTEL_TRACES_EXPORTER=otlp and OTEL_EXPORTER_OTLP_ENDPOINT for the "
+            "services and agents to export their spans, then look the trace up by its id in your tracing "
+            "backend"
+        )
+    return (
+        f"trace {trace_id}: the spans of every process it touched (queue, registry, builder, agent, job) "
+        f"are exported to {endpoint}; look the trace up there by its id (Jaeger: /trace/{trace_id} in its UI)"
+    )
 
 
 def register(app: typer.Typer) -> None:
