@@ -133,7 +133,13 @@ def test_a_run_token_logs_for_its_own_run_only_and_reads_the_projects_artifacts(
             ),
             timeout=10,
         )
-    env = job_environment(registry.address, project, TAKEOFF_RUN_ID="tokened", TAKEOFF_TOKEN=minted.secret)
+    env = job_environment(
+        registry.address,
+        project,
+        TAKEOFF_RUN_ID="tokened",
+        TAKEOFF_TOKEN=minted.secret,
+        TAKEOFF_CACHE_DIR=os.environ["TAKEOFF_CACHE_DIR"],
+    )
     job = tmp_path / "job"
     job.mkdir()
     result = run_job(job, JOB_WITH_A_TOKEN, {**env, "TAKEOFF_SYSTEM_METRICS": "0"})
