@@ -13,6 +13,7 @@ from takeoff_builder.api import BuildApi
 from takeoff_builder.builds import Builder, Redactor
 from takeoff_builder.git_mirrors import GitMirrors
 from takeoff_builder.images import Images
+from takeoff_builder.metrics import BuilderMetrics
 from takeoff_builder.pip import PackageIndex
 from takeoff_builder.registry_client import RegistryClient
 from takeoff_builder.settings import BuilderSettings
@@ -68,6 +69,7 @@ async def wire(settings: BuilderSettings, resources: AsyncExitStack) -> Wiring:
         scratch=builds / "contexts",
         logins=logins,
     )
+    metrics = BuilderMetrics()
     builder = Builder(
         BuildStore(database),
         registry,
@@ -87,6 +89,7 @@ async def wire(settings: BuilderSettings, resources: AsyncExitStack) -> Wiring:
                 if secret
             ]
         ),
+        metrics=metrics,
     )
     await builder.recover()
     return Wiring(
@@ -100,6 +103,7 @@ async def wire(settings: BuilderSettings, resources: AsyncExitStack) -> Wiring:
             )
         ],
         verifier=verifier,
+        metrics=metrics.collectors,
     )
 
 

@@ -20,9 +20,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from opentelemetry import trace
+
 from takeoff_builder.images import Images
 from takeoff_builder.keys import BuildKeys, build_keys
 from takeoff_builder.locks import KeyedLocks
+from takeoff_builder.metrics import BuilderMetrics
 from takeoff_builder.model import (
     LOG_TAIL_LINES,
     Build,
@@ -53,6 +56,7 @@ from takeoff_server.idempotency import request_fingerprint
 from takeoff_server.pagination import PageRequest
 
 logger = logging.getLogger(__name__)
+tracer = trace.get_tracer(__name__)
 
 Clock = Callable[[], datetime]
 FlightKey = tuple[BuildKind, str, bool, bool]
@@ -84,6 +88,8 @@ class BuildRun:
         self.events: list[BuildEvent] = []
         self.log_lines: list[str] = []
         self.done = False
+        self.holds: frozenset[str] = frozenset()
+        """The cache entries this build uses or makes (see ``Builder.held``)."""
         self._redact = redact
         self._clock = clock
         self._wakeup = asyncio.Event()
@@ -190,6 +196,7 @@ class Builder:
         max_concurrent_builds: int,
         push_registry: str | None,
         redact: Redactor,
+        metrics: BuilderMetrics | None = None,
         clock: Clock = utc_now,
     ) -> None:
         self._store = store
@@ -206,6 +213,8 @@ class Builder:
         self._flights: dict[FlightKey, BuildRun] = {}
         self._running: dict[str, BuildRun] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self.metrics = metrics or BuilderMetrics()
+        self.metrics.watch(lambda: [run.build for run in self._running.values()])
 
     async def recover(self) -> None:
         """Fail the builds a previous process did not finish: their callers are gone, nothing was cached."""
@@ -234,9 +243,26 @@ class Builder:
             earlier := await self._store.replay(BUILD_SCOPE, request.request_id, fingerprint)
         ):
             return await self._rejoin(earlier)
-        spec = await self._registry.job_version(request.job_version)
-        self._check_request(spec, request)
-        keys = self._keys(spec, request.kind)
+        span = tracer.start_span("build", attributes={"takeoff.job_version": request.job_version})
+        try:
+            with trace.use_span(span, record_exception=True, set_status_on_exception=True):
+                started = await self._start(request, fingerprint, span)
+        except BaseException:
+            span.end()
+            raise
+        if started.joined:
+            span.set_attribute("takeoff.build_joined", True)
+            span.end()
+        return started
+
+    async def _start(self, request: BuildRequest, fingerprint: str, span: trace.Span) -> Started:
+        with tracer.start_as_current_span("build.resolve"):
+            spec = await self._registry.job_version(request.job_version)
+            self._check_request(spec, request)
+            keys = self._keys(spec, request.kind)
+        span.set_attributes({"takeoff.project": spec.project, "takeoff.job_version": spec.version_name})
+        if keys is not None:
+            span.set_attribute("takeoff.build_key", keys.build)
         flight: FlightKey = (
             request.kind,
             keys.build if keys else _image_reference(spec),
@@ -266,9 +292,17 @@ class Builder:
             )
             await self._store.insert(build, request_id=request.request_id, fingerprint=fingerprint)
             run = BuildRun(build, redact=self._redact, clock=self._clock)
+            run.holds = frozenset(
+                {build.environment_key, spec.source_digest}
+                if request.kind is BuildKind.VENV
+                else {self._images.tag(spec, build.build_key), spec.source_digest}
+                if request.kind is BuildKind.IMAGE
+                else set()
+            )
             self._flights[flight] = run
             self._running[build.id] = run
-        task = asyncio.create_task(self._carry_out(run, spec, flight), name=f"build {build.id}")
+        self.metrics.started.labels(build.kind.value).inc()
+        task = asyncio.create_task(self._carry_out(run, spec, flight, span), name=f"build {build.id}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return Started(run, joined=False)
@@ -332,7 +366,11 @@ class Builder:
             )
         return build_keys(spec, kind, base_image="", sdk_wheel="")
 
-    async def _carry_out(self, run: BuildRun, spec: JobSpec, flight: FlightKey) -> None:
+    async def _carry_out(self, run: BuildRun, spec: JobSpec, flight: FlightKey, span: trace.Span) -> None:
+        with trace.use_span(span, end_on_exit=True):
+            await self._carry_out_in(run, spec, flight, span)
+
+    async def _carry_out_in(self, run: BuildRun, spec: JobSpec, flight: FlightKey, span: trace.Span) -> None:
         cancelled = False
         try:
             match run.build.kind:
@@ -351,6 +389,10 @@ class Builder:
             logger.exception("%s failed unexpectedly", run.build.name)
             outcome = run.failure(FailureReason.BUILD_INFRA, "the builder failed unexpectedly; see its log")
         run.end(outcome)
+        span.set_attribute("takeoff.cache_hit", run.build.cache_hit)
+        if isinstance(outcome, BuildFailure):
+            span.set_status(trace.StatusCode.ERROR, outcome.reason.value)
+        self.metrics.build_finished(run.build)
         try:
             await self._store.update(run.build, log_lines=run.log_lines)
         except Exception:
@@ -361,6 +403,11 @@ class Builder:
             del self._running[run.build.id]
         if cancelled:
             raise asyncio.CancelledError
+
+    def held(self) -> set[str]:
+        """What the builds under way use or make: their environment keys (venvs), source digests (code)
+        and image tags. Retention leaves these alone (docs/design.md §9, "Retention")."""
+        return {key for run in self._running.values() for key in run.holds}
 
     @asynccontextmanager
     async def _slot(self, run: BuildRun) -> AsyncIterator[None]:
@@ -377,14 +424,16 @@ class Builder:
         venv = None if no_cache else await self._venvs.lookup(build.environment_key)
         code = None if no_cache else await self._code.lookup(spec)
         hit = venv is not None and code is not None
-        run.cache_checked(hit, f"venv {_hit_or_miss(venv)}, code {_hit_or_miss(code)}")
+        self._cache_checked(run, hit, f"venv {_hit_or_miss(venv)}, code {_hit_or_miss(code)}")
         if venv is None or code is None:
             async with self._slot(run):
-                code = await self._code.ensure(spec, run.log, rebuild=no_cache)
+                with tracer.start_as_current_span("build.fetch_source"):
+                    code = await self._code.ensure(spec, run.log, rebuild=no_cache)
                 _check_build_context(spec, code)
-                venv = await self._venvs.ensure(
-                    build.environment_key, spec.environment, run.log, rebuild=no_cache
-                )
+                with tracer.start_as_current_span("build.install"):
+                    venv = await self._venvs.ensure(
+                        build.environment_key, spec.environment, run.log, rebuild=no_cache
+                    )
         else:
             _check_build_context(spec, code)
         return BuildResult(
@@ -407,21 +456,28 @@ class Builder:
             detail = f"image {tag} {'hit' if hit else 'miss'}"
             if push:
                 detail += ", in the registry" if in_registry else ", to be pushed"
-            run.cache_checked(hit, detail)
+            self._cache_checked(run, hit, detail)
             if found is not None and hit:
                 image_id = found.image_id
             else:
                 async with self._slot(run):
-                    code = await self._code.ensure(spec, run.log, rebuild=build.options.no_cache)
+                    with tracer.start_as_current_span("build.fetch_source"):
+                        code = await self._code.ensure(spec, run.log, rebuild=build.options.no_cache)
                     _check_build_context(spec, code)
                     labels = {"takeoff.job-version": spec.version_name, "takeoff.build-key": build.build_key}
-                    image_id = await self._images.build(
-                        spec, code, tag, run.log, labels=labels, no_cache=build.options.no_cache
-                    )
+                    with tracer.start_as_current_span(
+                        "build.image", attributes={"container.image.name": tag}
+                    ):
+                        image_id = await self._images.build(
+                            spec, code, tag, run.log, labels=labels, no_cache=build.options.no_cache
+                        )
                     in_registry = False
             digest = found.digest if found is not None and in_registry else ""
             if push and not in_registry:
-                digest = await self._images.push(tag, run.log)
+                with tracer.start_as_current_span(
+                    "build.image", attributes={"container.image.name": tag, "takeoff.push": True}
+                ):
+                    digest = await self._images.push(tag, run.log)
         return BuildResult(
             environment_key=build.environment_key,
             build_key=build.build_key,
@@ -432,12 +488,18 @@ class Builder:
             pushed=push,
         )
 
+    def _cache_checked(self, run: BuildRun, hit: bool, detail: str) -> None:
+        run.cache_checked(hit, detail)
+        trace.get_current_span().set_attribute("takeoff.cache_hit", hit)
+        self.metrics.cache.labels(run.build.kind.value, "hit" if hit else "miss").inc()
+
     async def _check_image(self, run: BuildRun, spec: JobSpec) -> BuildResult:
         reference = _image_reference(spec)
         run.log(f"looking for the image {reference}")
-        found = await self._images.find(reference, ask_registry=False)
-        if not found.image_id:
-            found = await self._images.find(reference, ask_registry=True)
+        with tracer.start_as_current_span("build.image", attributes={"container.image.name": reference}):
+            found = await self._images.find(reference, ask_registry=False)
+            if not found.image_id:
+                found = await self._images.find(reference, ask_registry=True)
         if not found.image_id and not found.digest:
             raise BuildFailed(f"the image {reference} does not exist locally or in its registry")
         run.log(f"found {reference} " + ("in the local engine" if found.image_id else "in its registry"))
