@@ -38,10 +38,11 @@ LEFT_OUT = ("takeoff/cli/", "takeoff/stack.py")
 SHIPPED = ("*.py", "*.pyi", "py.typed")
 """The packages' files the wheel holds: the modules, the type stubs of the generated ones, and the marker
 telling type checkers that the SDK is typed (PEP 561)."""
-RUNTIME_DEPENDENCIES = ("grpcio", "protobuf", "googleapis-common-protos", "pathspec")
+RUNTIME_DEPENDENCIES = ("grpcio", "protobuf", "googleapis-common-protos", "pathspec", "opentelemetry-proto")
 """What the SDK's modules import beyond the standard library: gRPC, the message classes, the ``google.rpc``
-error details, and ``pathspec`` for ``Client`` uploading a directory. Their version ranges are those of the
-installed Takeoff distribution (pyproject.toml)."""
+error details, ``pathspec`` for ``Client`` uploading a directory, and the OTLP messages a traced job sends
+its spans in (``takeoff._trace``; they need only protobuf, not the OpenTelemetry SDK). Their version ranges
+are those of the installed Takeoff distribution (pyproject.toml)."""
 
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 _FILE_MODE = (stat.S_IFREG | 0o644) << 16
