@@ -12,6 +12,7 @@ queue restarted meanwhile records the same span from the same history.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator, Sequence
 from datetime import datetime
 
@@ -23,6 +24,7 @@ from takeoff_queue.lifecycle import ItemState, Transition
 from takeoff_queue.model import Item
 from takeoff_server.telemetry import derived_span_id, exporting, parent_context, record_span, with_span_id
 
+logger = logging.getLogger(__name__)
 _tracer = trace.get_tracer("takeoff.queue")
 
 
@@ -54,6 +56,13 @@ def committed(item: Item, history: Sequence[Transition], since: int) -> None:
     """Record the spans that the transitions ``history[since:]``, just committed, end."""
     if not exporting() or not item.traceparent:
         return
+    try:
+        _record(item, history, since)
+    except Exception:  # spans are for people to read: never worth a dispatch
+        logger.warning("could not record the spans of %s", item.name, exc_info=True)
+
+
+def _record(item: Item, history: Sequence[Transition], since: int) -> None:
     for index in range(since, len(history)):
         transition = history[index]
         if transition.from_state is ItemState.PENDING:
@@ -82,7 +91,9 @@ def _ns(time: datetime) -> int:
 def _record_pending(item: Item, history: Sequence[Transition], index: int) -> None:
     """The wait that ``history[index]`` ends: by an assignment, or by a cancel while it waited."""
     end = history[index]
-    start = next(t for t in reversed(history[:index]) if t.to_state is ItemState.PENDING)
+    start = next((t for t in reversed(history[:index]) if t.to_state is ItemState.PENDING), None)
+    if start is None:
+        return
     attempt = end.attempt if end.to_state is ItemState.LEASED else end.attempt + 1
     attributes = _attributes(item, attempt)
     if start.reason is not None:
@@ -103,7 +114,9 @@ def _record_attempt(item: Item, history: Sequence[Transition], index: int) -> No
     """The attempt that ``history[index]`` ends, with its progress as events."""
     end = history[index]
     steps = [t for t in history[:index] if t.attempt == end.attempt and t.epoch == end.epoch]
-    start = next(t for t in steps if t.to_state is ItemState.LEASED)
+    start = next((t for t in steps if t.to_state is ItemState.LEASED), None)
+    if start is None:
+        return
     attributes = _attributes(item, end.attempt)
     attributes.update(
         {
