@@ -467,8 +467,11 @@ class Attempt:
                 return await self._failed_before_end(built)
             if not await self._advance(ItemState.STARTING, "starting the job"):
                 return await self._end_stopped()
+            job_span = self._open_job_span()
+            if built.image:
+                job_span.set_attribute("container.image.name", built.image)
             with (
-                trace.use_span(self._open_job_span(), end_on_exit=False),
+                trace.use_span(job_span, end_on_exit=False),
                 _tracer.start_as_current_span("agent.start"),
             ):
                 try:
