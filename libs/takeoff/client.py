@@ -30,6 +30,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path, PurePosixPath
@@ -51,6 +52,7 @@ from takeoff.models import (
     Agent,
     Artifact,
     ArtifactCollection,
+    ArtifactFile,
     ArtifactVersion,
     CodeSource,
     CreatedJobVersion,
@@ -110,6 +112,8 @@ RECONNECT_SECONDS = 30.0
 """How long a watch whose stream broke waits for the queue service to be back, as from a restart."""
 _RESEND_POLICY = RetryPolicy(deadline=RETRY_SECONDS)
 _RECONNECT_POLICY = RetryPolicy(deadline=RECONNECT_SECONDS)  # the watch loop counts the patience itself
+DOWNLOAD_STREAMS = 8
+"""Files of one artifact version fetched at once."""
 SLOWEST_TRANSFER_BYTES_PER_SECOND = 10 * 1024 * 1024
 """An artifact transfer's deadline grows with its size at this rate, beyond the client's timeout: a
 10 GiB checkpoint may take minutes, a stalled one must still end."""
@@ -449,30 +453,34 @@ class Client:
             Path(root) if root is not None else Path("artifacts", f"{version.artifact}:v{version.version}")
         )
         cache = BlobCache()
-        fetched = 0
-        for file in version.files:
+        name = version.name
+
+        def fetch_and_place(file: ArtifactFile) -> int:
             relative = PurePosixPath(file.path)
             if relative.is_absolute() or ".." in relative.parts:  # never write outside the directory
                 raise TakeoffError(
-                    "DATA_LOSS", "ARGUMENT_INVALID", f"{version.ref} names a file outside it: {file.path!r}"
+                    "DATA_LOSS", "ARGUMENT_INVALID", f"{name} names a file outside it: {file.path!r}"
                 )
             timeout = self._transfer_timeout(file.size_bytes)
 
-            def chunks(offset: int, path: str = file.path, timeout: float = timeout) -> Iterator[bytes]:
-                request = artifacts_pb2.ReadArtifactFileRequest(name=version.name, path=path, offset=offset)
+            def chunks(offset: int) -> Iterator[bytes]:
+                request = artifacts_pb2.ReadArtifactFileRequest(name=name, path=file.path, offset=offset)
                 for message in self._artifacts.ReadArtifactFile(request, timeout=timeout):
                     if message.WhichOneof("part") == "chunk":
                         yield message.chunk
 
-            def fetch(sha256: str = file.sha256, size: int = file.size_bytes) -> tuple[Path, int]:
-                return cache.fetch(sha256, size, chunks)
-
-            try:
-                blob, count = call_with_retries(fetch, _RECONNECT_POLICY)  # each retry continues the partial
+            try:  # each retry continues the partial file where the broken stream left it
+                blob, count = call_with_retries(
+                    lambda: cache.fetch(file.sha256, file.size_bytes, chunks), _RECONNECT_POLICY
+                )
             except grpc.RpcError as error:
                 raise TakeoffError.from_rpc_error(error, target=self.registry) from None
-            fetched += count
             place(blob, directory / relative)
+            return count
+
+        # Several streams at once: a small file costs a round trip more than its bytes.
+        with ThreadPoolExecutor(max_workers=DOWNLOAD_STREAMS, thread_name_prefix="takeoff-download") as pool:
+            fetched = sum(pool.map(fetch_and_place, version.files))
         return directory, fetched
 
     def artifact_name(self, artifact: str, project: str | None = None) -> str:
