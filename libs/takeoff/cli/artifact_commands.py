@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from takeoff.cli._output import Column, Listing, WideOption, console, print_json, short_id, short_time
+from takeoff.cli._output import Column, Listing, WideOption, console, fail, print_json, short_id, short_time
 from takeoff.cli._registry import JsonOption, ProjectOption, human_bytes, takeoff_client, when
 from takeoff.models import ArtifactVersion
 
@@ -160,7 +160,10 @@ def get(
     else ~/.cache/takeoff): files it holds already are not fetched again."""
     with takeoff_client(project) as client:
         version = client.get_artifact_version(reference)
-        root, fetched = client.fetch_artifact(version, directory)
+        try:
+            root, fetched = client.fetch_artifact(version, directory)
+        except OSError as error:  # the directory or the cache cannot be written
+            fail(f"cannot put {version.ref} in {directory or 'artifacts/'}: {error}")
     if json_output:
         print_json({"version": version, "directory": str(root), "fetched_bytes": fetched})
         return
