@@ -21,6 +21,7 @@ from takeoff_console.sessions import OneTimeCode, Sessions
 PACKAGE = Path(__file__).parent
 
 P = "/projects/{project}"
+A = P + "/artifactCollections/{artifact}"
 ROUTES = [
     Route("/healthz", pages.healthz),
     Route("/signin", pages.signin_form, methods=["GET"]),
@@ -48,6 +49,10 @@ ROUTES = [
     Route(f"{P}/runs/{{run}}/metrics/events", pages.metric_events),
     Route(f"{P}/runs/{{run}}/logs/events", pages.log_events),
     Route(f"{P}/compare", pages.compare),
+    Route(f"{P}/artifactCollections", pages.artifacts),
+    Route(f"{A}", pages.artifact),
+    Route(f"{A}/versions/{{version:int}}", pages.artifact_version),
+    Route(f"{A}/versions/{{version:int}}/files/{{path:path}}", pages.artifact_file),
     Mount("/static", StaticFiles(directory=PACKAGE / "static"), name="static"),
 ]
 

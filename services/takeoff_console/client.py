@@ -1,4 +1,5 @@
-"""The console's calls to the services, the registry (jobs, runs) and the queue, with the user's key.
+"""The console's calls to the services, the registry (jobs, runs, artifacts) and the queue, with the
+user's key.
 
 One grpc.aio channel per service is shared by every browser; each call carries its user's key as
 ``authorization: Bearer``, so the services decide what each person may see and do, exactly as for the CLI.
@@ -8,7 +9,7 @@ violations) for the page to explain. Reads are retried briefly while a service r
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -17,6 +18,8 @@ import grpc
 import grpc.aio
 
 from takeoff.v1 import (
+    artifacts_pb2,
+    artifacts_pb2_grpc,
     common_pb2,
     jobs_pb2,
     jobs_pb2_grpc,
@@ -25,7 +28,15 @@ from takeoff.v1 import (
     runs_pb2,
     runs_pb2_grpc,
 )
-from takeoff_rpc import RetryPolicy, RpcStatus, call_with_retries_async, decode_rpc_error, open_aio_channel
+from takeoff_rpc import (
+    TRANSIENT_CODES,
+    RetryPolicy,
+    RpcStatus,
+    call_with_retries_async,
+    decode_rpc_error,
+    open_aio_channel,
+    status_code,
+)
 from takeoff_rpc.channels import tls_credentials
 
 T = TypeVar("T")
@@ -35,6 +46,8 @@ Unary = grpc.aio.UnaryUnaryMultiCallable
 CALL_TIMEOUT_SECONDS = 10.0
 READ_RETRIES = RetryPolicy(initial_delay=0.1, max_delay=1.0, deadline=3.0)
 """A page waits at most about this long for a restarting service before it says the service is away."""
+MAX_ATTEMPTS_SHOWN = 32
+"""Earlier attempts a run page follows back through ``resumed_from`` (an item has its max_attempts)."""
 MAX_CODE_ARCHIVE_BYTES = 64 * 1024 * 1024
 """The largest code tarball the file browser downloads; a bigger one is described, not opened."""
 
@@ -80,6 +93,25 @@ class ServiceChannels:
         return UserClient(self, key)
 
 
+@dataclass(frozen=True)
+class ArtifactDownload:
+    """One file of an artifact version on its way: its entry (path, sha256, size), then its bytes."""
+
+    file: artifacts_pb2.ArtifactFile
+    chunks: AsyncIterator[bytes]
+
+
+FileCall = grpc.aio.UnaryStreamCall[
+    artifacts_pb2.ReadArtifactFileRequest, artifacts_pb2.ReadArtifactFileResponse
+]
+OpenFile = Callable[[int], Awaitable[tuple[artifacts_pb2.ArtifactFile, FileCall]]]
+"""Opens a file's stream at a byte offset: its entry and the call."""
+
+
+def _protocol_error(message: str) -> RpcStatus:
+    return RpcStatus(grpc.StatusCode.INTERNAL, "PROTOCOL_ERROR", message)
+
+
 class UserClient:
     """Every call the console makes, on behalf of one signed-in user (their key on each call)."""
 
@@ -88,6 +120,7 @@ class UserClient:
         self._metadata = (("authorization", f"Bearer {key}"),)
         self._jobs = jobs_pb2_grpc.JobServiceStub(channels.registry)
         self._runs = runs_pb2_grpc.RunServiceStub(channels.registry)
+        self._artifacts = artifacts_pb2_grpc.ArtifactServiceStub(channels.registry)
         self._queues = queue_pb2_grpc.QueueServiceStub(channels.queue)
 
     def __repr__(self) -> str:  # the key stays out of any log or traceback
@@ -200,6 +233,106 @@ class UserClient:
         request = runs_pb2.ReadLogsRequest(name=name, tail=tail, follow=follow)
         async for answer in self._stream("registry", self._runs.ReadLogs(request, metadata=self._metadata)):
             yield list(answer.lines)
+
+    async def run_attempts(self, run: runs_pb2.Run) -> tuple[list[runs_pb2.Run], list[runs_pb2.Run]]:
+        """The runs ``run`` continues (``resumed_from``, back to the first), oldest first and ending with
+        ``run``; and the runs that continue ``run``. An item's runs come in one ListRuns; a GetRun only for
+        a run it lacks."""
+        if not run.queue_item:
+            return [run], []
+        project = run.name.split("/")[1]
+        request = runs_pb2.ListRunsRequest(
+            parent=f"projects/{project}", queue_item=run.queue_item, page_size=1000
+        )
+        siblings = {r.name: r for r in (await self._read("registry", self._runs.ListRuns, request)).runs}
+        chain = [run]
+        while chain[-1].resumed_from and len(chain) < MAX_ATTEMPTS_SHOWN:
+            earlier = chain[-1].resumed_from
+            chain.append(siblings[earlier] if earlier in siblings else await self.get_run(earlier))
+        resumed_by = sorted(
+            (r for r in siblings.values() if r.resumed_from == run.name), key=lambda r: r.attempt
+        )
+        return chain[::-1], resumed_by
+
+    # Registry: named artifacts.
+    async def list_artifact_collections(
+        self, project: str, *, page_token: str = ""
+    ) -> artifacts_pb2.ListArtifactCollectionsResponse:
+        request = artifacts_pb2.ListArtifactCollectionsRequest(
+            parent=f"projects/{project}", page_size=100, page_token=page_token
+        )
+        empty = artifacts_pb2.ListArtifactCollectionsResponse()
+        return await self._list("registry", self._artifacts.ListArtifactCollections, request, empty=empty)
+
+    async def get_artifact_collection(self, name: str) -> artifacts_pb2.ArtifactCollection:
+        request = artifacts_pb2.GetArtifactCollectionRequest(name=name)
+        return (await self._read("registry", self._artifacts.GetArtifactCollection, request)).collection
+
+    async def list_artifact_versions(
+        self,
+        parent: str,
+        *,
+        logged_by: str = "",
+        used_by: str = "",
+        page_size: int = 100,
+        page_token: str = "",
+    ) -> artifacts_pb2.ListArtifactVersionsResponse:
+        """Versions of ``parent`` (an artifact, or ``projects/{p}/artifactCollections/-`` for all), newest
+        first, optionally only those a run logged or used."""
+        request = artifacts_pb2.ListArtifactVersionsRequest(
+            parent=parent, logged_by=logged_by, used_by=used_by, page_size=page_size, page_token=page_token
+        )
+        empty = artifacts_pb2.ListArtifactVersionsResponse()
+        return await self._list("registry", self._artifacts.ListArtifactVersions, request, empty=empty)
+
+    async def get_artifact_version(self, name: str) -> artifacts_pb2.ArtifactVersion:
+        request = artifacts_pb2.GetArtifactVersionRequest(name=name)
+        return (await self._read("registry", self._artifacts.GetArtifactVersion, request)).version
+
+    async def read_artifact_file(self, version: str, path: str) -> ArtifactDownload:
+        """The file's entry, read before anything goes to the browser (so a refusal is a page, and the
+        answer's length is known), and its bytes as they come. A version never changes, so a stream broken
+        by a restarting registry is opened again at the byte where it stopped, within the reads' retries."""
+
+        async def open_at(offset: int) -> tuple[artifacts_pb2.ArtifactFile, FileCall]:
+            request = artifacts_pb2.ReadArtifactFileRequest(name=version, path=path, offset=offset)
+            call: FileCall = self._artifacts.ReadArtifactFile(request, metadata=self._metadata)
+            try:
+                first = await call.read()
+            except BaseException:
+                call.cancel()
+                raise
+            if not isinstance(first, artifacts_pb2.ReadArtifactFileResponse) or not first.HasField("file"):
+                call.cancel()
+                raise CallFailed("registry", _protocol_error("ReadArtifactFile sent no file entry first"))
+            return first.file, call
+
+        def reopen(offset: int) -> Awaitable[tuple[artifacts_pb2.ArtifactFile, FileCall]]:
+            opened = call_with_retries_async(lambda: open_at(offset), READ_RETRIES)
+            return self._failing_as("registry", opened)
+
+        entry, call = await reopen(0)
+        return ArtifactDownload(entry, self._file_bytes(call, reopen))
+
+    async def _file_bytes(self, call: FileCall, reopen: OpenFile) -> AsyncIterator[bytes]:
+        received = 0
+        try:
+            while True:
+                try:
+                    part = await call.read()
+                except grpc.RpcError as error:
+                    if status_code(error) not in TRANSIENT_CODES:
+                        status = decode_rpc_error(error, target=self._target("registry"))
+                        raise CallFailed("registry", status) from None
+                    call.cancel()
+                    _, call = await reopen(received)
+                    continue
+                if not isinstance(part, artifacts_pb2.ReadArtifactFileResponse):  # grpc.aio.EOF
+                    return
+                received += len(part.chunk)
+                yield part.chunk
+        finally:
+            call.cancel()
 
     # Queue service.
     async def list_queues(self, project: str) -> list[queue_pb2.Queue]:

@@ -125,6 +125,21 @@ async def metric_events(client: UserClient, run: str) -> AsyncGenerator[tuple[st
     yield "run", _run_json(await client.get_run(run))
 
 
+async def attempt_metric_events(client: UserClient, run: str) -> AsyncGenerator[tuple[str, Any], None]:
+    """The rows of each attempt's run, ``run``'s earlier attempts first (``resumed_from``), each attempt's
+    rows after a ``segment`` event naming it, so the page draws one line per metric with a segment per
+    attempt. Only ``run`` is followed: the earlier ones ended before it began."""
+    chain, _ = await client.run_attempts(await client.get_run(run))
+    *earlier, current = chain
+    for attempt in earlier:
+        yield "segment", views.attempt_segment(attempt)
+        async for rows in client.read_metrics(attempt.name, max_points=CHART_POINTS, follow=False):
+            yield "rows", views.metric_rows(rows)
+    yield "segment", views.attempt_segment(current)
+    async for event in metric_events(client, current.name):
+        yield event
+
+
 async def log_events(client: UserClient, run: str) -> AsyncGenerator[tuple[str, Any], None]:
     async for lines in client.read_logs(run, tail=LOG_TAIL, follow=True):
         yield "lines", views.log_lines(lines)

@@ -8,6 +8,7 @@ what went wrong (a 403 names the permission the key lacks).
 
 from __future__ import annotations
 
+import asyncio
 import io
 import secrets
 import tarfile
@@ -19,10 +20,16 @@ from urllib.parse import urlsplit
 
 import grpc
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response
+from starlette.responses import (
+    JSONResponse,
+    PlainTextResponse,
+    RedirectResponse,
+    Response,
+    StreamingResponse,
+)
 from starlette.templating import Jinja2Templates
 
-from takeoff.v1 import queue_pb2
+from takeoff.v1 import queue_pb2, runs_pb2
 from takeoff_console import events, launch_form, views
 from takeoff_console.client import CallFailed, ServiceChannels, UserClient
 from takeoff_console.sessions import OneTimeCode, Session, Sessions
@@ -378,23 +385,73 @@ def _run_name(request: Request) -> str:
 
 
 async def run(request: Request) -> Response:
-    found = views.run_view(await client(request).get_run(_run_name(request)))
-    return render(request, "run.html", project=project_of(request), run=found)
+    user = client(request)
+    found = await user.get_run(_run_name(request))
+    (chain, resumed_by), (logged, used, lineage_refused) = await asyncio.gather(
+        user.run_attempts(found), _lineage(user, found)
+    )
+    return render(
+        request,
+        "run.html",
+        project=project_of(request),
+        run=views.run_view(found),
+        attempts=[views.run_view(r) for r in chain],
+        resumed_by=[views.run_view(r) for r in resumed_by],
+        logged=logged,
+        used=used,
+        lineage_refused=lineage_refused,
+    )
+
+
+LINEAGE_VERSIONS = 100
+"""Artifact versions listed each way on a run page, newest first (a run that logged more shows these)."""
+
+
+async def _lineage(
+    user: UserClient, run: runs_pb2.Run
+) -> tuple[list[views.ArtifactVersionView], list[views.ArtifactVersionView], str]:
+    """The artifact versions ``run`` logged and used. A key that may read the run but not the project's
+    artifacts still sees the run: the section names the permission instead."""
+    every = f"{run.name.rpartition('/runs/')[0]}/artifactCollections/-"
+    try:
+        logged, used = await asyncio.gather(
+            user.list_artifact_versions(every, logged_by=run.name, page_size=LINEAGE_VERSIONS),
+            user.list_artifact_versions(every, used_by=run.name, page_size=LINEAGE_VERSIONS),
+        )
+    except CallFailed as failure:
+        if failure.code is not grpc.StatusCode.PERMISSION_DENIED:
+            raise
+        return [], [], failure.status.metadata.get("permission", "")
+    return (
+        [views.artifact_version_view(v) for v in logged.versions],
+        [views.artifact_version_view(v) for v in used.versions],
+        "",
+    )
 
 
 async def run_metrics(request: Request) -> Response:
-    """A run's chart data as JSON (history only, downsampled to ``max_points``)."""
+    """A run's chart data as JSON: one segment per attempt (the runs it continues, oldest first, then
+    itself), each its history downsampled to ``max_points``."""
     try:
         max_points = int(request.query_params.get("max_points", events.CHART_POINTS))
     except ValueError:
         return PlainTextResponse("max_points must be a number", status_code=400)
-    rows: list[dict[str, Any]] = []
-    async for batch in client(request).read_metrics(_run_name(request), max_points=max_points, follow=False):
-        rows.extend(views.metric_rows(batch))
-    return JSONResponse({"rows": rows})
+    user = client(request)
+    chain, _ = await user.run_attempts(await user.get_run(_run_name(request)))
+    segments = []
+    for attempt in chain:
+        rows: list[dict[str, Any]] = []
+        async for batch in user.read_metrics(attempt.name, max_points=max_points, follow=False):
+            rows.extend(views.metric_rows(batch))
+        segments.append({**views.attempt_segment(attempt), "rows": rows})
+    return JSONResponse({"segments": segments})
 
 
 async def metric_events(request: Request) -> Response:
+    """The run's rows, following it live. With ``attempts=1`` (the run page), the earlier attempts' rows
+    come first, each attempt announced by a ``segment`` event; the compare page shows the run alone."""
+    if request.query_params.get("attempts") == "1":
+        return events.event_stream(events.attempt_metric_events(client(request), _run_name(request)))
     return events.event_stream(events.metric_events(client(request), _run_name(request)))
 
 
@@ -409,6 +466,65 @@ async def compare(request: Request) -> Response:
     found = [views.run_view(await user.get_run(f"projects/{project}/runs/{r.strip()}")) for r in ids[:10]]
     keys = sorted({key for r in found for key in r.metric_keys})
     return render(request, "compare.html", project=project, runs=found, metric_keys=keys)
+
+
+# Named artifacts.
+
+
+async def artifacts(request: Request) -> Response:
+    project = project_of(request)
+    page_token = request.query_params.get("page_token", "")
+    answer = await client(request).list_artifact_collections(project, page_token=page_token)
+    return render(
+        request,
+        "artifacts.html",
+        project=project,
+        collections=[views.artifact_collection_view(c) for c in answer.collections],
+        next_page_token=answer.next_page_token,
+    )
+
+
+def _collection_name(request: Request) -> str:
+    return f"projects/{project_of(request)}/artifactCollections/{request.path_params['artifact']}"
+
+
+async def artifact(request: Request) -> Response:
+    name = _collection_name(request)
+    page_token = request.query_params.get("page_token", "")
+    user = client(request)
+    found = await user.get_artifact_collection(name)
+    answer = await user.list_artifact_versions(name, page_token=page_token)
+    return render(
+        request,
+        "artifact.html",
+        project=project_of(request),
+        collection=views.artifact_collection_view(found),
+        versions=[views.artifact_version_view(v) for v in answer.versions],
+        next_page_token=answer.next_page_token,
+    )
+
+
+def _artifact_version_name(request: Request) -> str:
+    return f"{_collection_name(request)}/versions/{request.path_params['version']}"
+
+
+async def artifact_version(request: Request) -> Response:
+    found = await client(request).get_artifact_version(_artifact_version_name(request))
+    view = views.artifact_version_view(found)
+    return render(request, "artifact_version.html", project=project_of(request), version=view)
+
+
+async def artifact_file(request: Request) -> Response:
+    """One file of a version, downloaded: the registry's chunks relayed as they come (never the whole file
+    in memory), with the length from the file's entry, so a download cut short shows as failed."""
+    download = await client(request).read_artifact_file(
+        _artifact_version_name(request), request.path_params["path"]
+    )
+    headers = {
+        "content-length": str(download.file.size_bytes),
+        "content-disposition": views.attachment(download.file.path),
+    }
+    return StreamingResponse(download.chunks, media_type="application/octet-stream", headers=headers)
 
 
 # Failures.

@@ -12,10 +12,11 @@ import math
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import quote
 
 from google.protobuf import timestamp_pb2
 
-from takeoff.v1 import common_pb2, queue_pb2, runs_pb2
+from takeoff.v1 import artifacts_pb2, common_pb2, queue_pb2, runs_pb2
 from takeoff_server.protovalues import struct_to_dict
 
 PENDING_WORDS = {
@@ -340,6 +341,9 @@ class RunView:
     log_line_count: int
     tags: list[str]
     group: str
+    resumed_from: str
+    """The run of the item's previous attempt that this one continues (its id), or ""."""
+    resumed_from_url: str
 
 
 def run_view(run: runs_pb2.Run) -> RunView:
@@ -377,7 +381,15 @@ def run_view(run: runs_pb2.Run) -> RunView:
         log_line_count=run.log_line_count,
         tags=list(run.tags),
         group=run.group,
+        resumed_from=last_segment(run.resumed_from),
+        resumed_from_url=run_url(run.resumed_from),
     )
+
+
+def attempt_segment(run: runs_pb2.Run) -> dict[str, Any]:
+    """Which attempt a chart segment is: its run and the label the legend shows."""
+    label = f"attempt {run.attempt}" if run.attempt else f"run {last_segment(run.name)}"
+    return {"run": last_segment(run.name), "url": run_url(run.name), "attempt": run.attempt, "label": label}
 
 
 def metric_rows(rows: list[runs_pb2.MetricRow]) -> list[dict[str, Any]]:
@@ -402,3 +414,127 @@ def log_lines(lines: list[runs_pb2.LogLine]) -> list[dict[str, Any]]:
         }
         for line in lines
     ]
+
+
+def size_words(size_bytes: int) -> str:
+    """A size for people: ``512 B``, ``1.5 KiB``, ``2.0 GiB`` (the exact count goes in a title)."""
+    if size_bytes < 1024:
+        return f"{size_bytes} B"
+    size = size_bytes / 1024
+    for unit in ("KiB", "MiB", "GiB"):
+        if size < 1024:
+            return f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} TiB"
+
+
+def artifact_url(name: str) -> str:
+    """``projects/{p}/artifactCollections/{a}[/versions/{n}]`` -> its page (ids need no quoting)."""
+    return "/" + name
+
+
+@dataclass(frozen=True)
+class ArtifactFileView:
+    path: str
+    size: str
+    size_bytes: int
+    sha256: str
+    download_url: str
+
+
+@dataclass(frozen=True)
+class ArtifactVersionView:
+    artifact: str
+    """The artifact's id (``ckpt``)."""
+    artifact_url: str
+    version: int
+    label: str
+    """``ckpt:v3``, as a reference names it."""
+    url: str
+    type: str
+    digest: str
+    digest_short: str
+    size: str
+    size_bytes: int
+    files: list[ArtifactFileView]
+    aliases: list[str]
+    metadata: str
+    run: str
+    run_url: str
+    used_by: list[tuple[str, str]]
+    """(run id, its page), most recent use first, at most 100."""
+    use_count: int
+    create_time: str
+
+
+def artifact_version_view(version: artifacts_pb2.ArtifactVersion) -> ArtifactVersionView:
+    collection = version.name.rpartition("/versions/")[0]
+    artifact = last_segment(collection)
+    url = artifact_url(version.name)
+    return ArtifactVersionView(
+        artifact=artifact,
+        artifact_url=artifact_url(collection),
+        version=version.version,
+        label=f"{artifact}:v{version.version}",
+        url=url,
+        type=version.type,
+        digest=version.digest,
+        digest_short=version.digest[:12],
+        size=size_words(version.size_bytes),
+        size_bytes=version.size_bytes,
+        files=[
+            ArtifactFileView(
+                path=file.path,
+                size=size_words(file.size_bytes),
+                size_bytes=file.size_bytes,
+                sha256=file.sha256,
+                download_url=f"{url}/files/{quote(file.path)}",
+            )
+            for file in version.files
+        ],
+        aliases=list(version.aliases),
+        metadata=pretty_json(struct_to_dict(version.metadata)),
+        run=last_segment(version.run),
+        run_url=run_url(version.run),
+        used_by=[(last_segment(run), run_url(run)) for run in version.used_by],
+        use_count=version.use_count,
+        create_time=when(version.create_time),
+    )
+
+
+@dataclass(frozen=True)
+class ArtifactCollectionView:
+    id: str
+    url: str
+    type: str
+    version_count: int
+    latest: int | None
+    latest_url: str
+    aliases: list[tuple[str, int, str]]
+    """(alias, version number, the version's page), by alias."""
+    update_time: str
+
+
+def artifact_collection_view(collection: artifacts_pb2.ArtifactCollection) -> ArtifactCollectionView:
+    def version_url(number: int) -> str:
+        return artifact_url(f"{collection.name}/versions/{number}")
+
+    latest = collection.aliases.get("latest")
+    return ArtifactCollectionView(
+        id=last_segment(collection.name),
+        url=artifact_url(collection.name),
+        type=collection.type,
+        version_count=collection.version_count,
+        latest=latest,
+        latest_url=version_url(latest) if latest is not None else "",
+        aliases=[(alias, n, version_url(n)) for alias, n in sorted(collection.aliases.items())],
+        update_time=when(collection.update_time),
+    )
+
+
+def attachment(path: str) -> str:
+    """A Content-Disposition that saves a file under its own name: an ASCII fallback, and the exact name
+    (RFC 6266 ``filename*``) for browsers, all of which read it."""
+    name = path.rpartition("/")[2]
+    fallback = "".join(c if c.isascii() and (c.isalnum() or c in "._-+") else "_" for c in name)
+    return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(name, safe='')}"

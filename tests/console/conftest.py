@@ -133,12 +133,12 @@ def console_process(home: Path, registry: str, queue: str) -> Iterator[Console]:
         process.wait(timeout=30)
 
 
-def project_key(registry: str, role: keys_pb2.ProjectRole.ValueType) -> str:
-    """A new project key of ``role`` on the test project."""
+def project_key(registry: str, role: keys_pb2.ProjectRole.ValueType, project: str = PROJECT) -> str:
+    """A new project key of ``role`` on ``project`` (the test project unless said)."""
     with open_channel(registry, api_key=ADMIN_KEY) as channel:
         created = keys_pb2_grpc.KeyServiceStub(channel).CreateKey(
             keys_pb2.CreateKeyRequest(
-                key=keys_pb2.Key(kind=keys_pb2.KEY_KIND_PROJECT, projects=[f"projects/{PROJECT}"], role=role)
+                key=keys_pb2.Key(kind=keys_pb2.KEY_KIND_PROJECT, projects=[f"projects/{project}"], role=role)
             ),
             timeout=30,
         )

@@ -254,7 +254,14 @@ function showRun(run) {
 function runPage() {
   const base = document.body.dataset.runUrl;
   const charts = new Charts(document.getElementById("charts"));
-  stream(`${base}/metrics/events`, { rows: (rows) => charts.add("run", rows), run: showRun });
+  // A resumed run's earlier attempts come first, each announced by a "segment" event: one series per
+  // attempt, so each metric is one line coloured by attempt.
+  let segment = "run";
+  stream(`${base}/metrics/events?attempts=1`, {
+    segment: (attempt) => { segment = attempt.label; },
+    rows: (rows) => charts.add(segment, rows),
+    run: showRun,
+  });
   const logs = document.getElementById("logs");
   stream(`${base}/logs/events`, {
     lines: (lines) => {
