@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import hashlib
 import json
 import logging
@@ -103,13 +104,16 @@ def current_trace_context() -> Metadata:
     span_context = trace.get_current_span().get_span_context()
     if not span_context.is_valid:
         return ()
-    parent = (
-        "traceparent",
-        f"00-{span_context.trace_id:032x}-{span_context.span_id:016x}-{span_context.trace_flags:02x}",
-    )
+    parent = _traceparent(span_context.trace_id, span_context.span_id, span_context.trace_flags)
     if span_context.trace_state:
         return (parent, ("tracestate", span_context.trace_state.to_header()))
     return (parent,)
+
+
+@functools.lru_cache(maxsize=1024)
+def _traceparent(trace_id: int, span_id: int, flags: int) -> tuple[str, str]:
+    """Formatted once per span: a span's calls (a stream's messages aside) reuse it."""
+    return ("traceparent", f"00-{trace_id:032x}-{span_id:016x}-{flags:02x}")
 
 
 def parent_context(traceparent: str) -> otel_context.Context | None:
