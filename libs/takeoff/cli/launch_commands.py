@@ -51,6 +51,7 @@ from takeoff.cli._registry import (
 )
 from takeoff.cli.items_watch import watch_items
 from takeoff.cli.job_commands import split_command
+from takeoff.cli.queue_commands import print_item_trace
 from takeoff.client import Client
 from takeoff.errors import NotFoundError, TakeoffError
 from takeoff.models import (
@@ -309,6 +310,13 @@ def describe(
     queue: ItemQueueOption = None,
     project: ProjectOption = None,
     json_output: JsonOption = False,
+    trace: Annotated[
+        bool,
+        typer.Option(
+            "--trace",
+            help="The item's timeline (each step, how long the one before it took) and where its trace is.",
+        ),
+    ] = False,
 ) -> None:
     """Show an item: what was launched, how it stands (a pending one: its place in the queue and why it
     waits), and every change of its state."""
@@ -316,6 +324,9 @@ def describe(
         found = client.get_item(item, queue=queue)
     if json_output:
         print_json(found)
+        return
+    if trace:
+        print_item_trace(found)
         return
     console.print(_overview(found))
     console.print(_transitions_table(found.transitions))
