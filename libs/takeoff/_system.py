@@ -91,12 +91,12 @@ class SystemMetrics:
             self._thread.join(STOP_TIMEOUT)
 
     def _sample_until_stopped(self) -> None:
-        tree = ProcessTreeSampler(os.getpid(), self._directory)
+        tree = ProcessTreeSampler(os.getpid(), self._directory)  # counters count from the run's start
+        if self._stopping.wait(min(self.interval, FIRST_SAMPLE_AFTER)):
+            return  # a run over before its first sample loads no GPU library
         gpus = GpuSampler.open()
         try:
-            wait = min(self.interval, FIRST_SAMPLE_AFTER)
-            while not self._stopping.wait(wait):
-                wait = self.interval
+            while True:
                 sample = self._guarded("sampling", tree.sample) or {}
                 if gpus is not None:
                     sample.update(self._guarded("sampling GPUs", gpus.sample) or {})
@@ -104,6 +104,8 @@ class SystemMetrics:
                         gpus = None
                 if sample:
                     self._guarded("recording", self._emit, sample)
+                if self._stopping.wait(self.interval):
+                    break
         finally:
             if gpus is not None:
                 gpus.close()
@@ -227,6 +229,8 @@ class GpuSampler:
     @classmethod
     def open(cls) -> GpuSampler | None:
         """Load NVML and find the job's GPUs; None, having said why on stderr, where there are none."""
+        if not _gpu_driver_present():
+            return None  # nothing to read, and nothing to say: importing pynvml alone costs a short job more
         try:
             # Imported here, on the sampling thread: loading NVML costs the job's start nothing.
             nvml = importlib.import_module("pynvml")
@@ -279,6 +283,16 @@ class GpuSampler:
 
 NVIDIA_DRIVER_FILE = Path("/proc/driver/nvidia/version")
 """Present where NVIDIA's kernel driver is loaded (and in a container given GPUs)."""
+
+
+GPU_DEVICE_FILES = ("/dev/nvidiactl", "/dev/dxg")
+"""Where NVIDIA's devices are given to a process without ``NVIDIA_DRIVER_FILE``: the control device of
+the driver, and WSL2's GPU paravirtualisation, through which NVML reaches the Windows driver."""
+
+
+def _gpu_driver_present() -> bool:
+    """Whether NVML could find a GPU here: elsewhere it is not even loaded."""
+    return NVIDIA_DRIVER_FILE.exists() or any(os.path.exists(device) for device in GPU_DEVICE_FILES)
 
 
 def _skip_gpus(why: str) -> None:

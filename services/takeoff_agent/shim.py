@@ -20,23 +20,29 @@ Self-fencing: the agent writes the time its leases are good until to ``lease_unt
 them. If that time passes (the agent is dead or cut off from the queue), the shim stops the job: a lost
 agent's job and the next attempt never run side by side for long. A container is stopped (SIGTERM,
 grace, SIGKILL) and, like every container the shim owns once it has ended, removed.
+
+Every local job pays for this process, so a local process's shim imports only what it cannot do without
+(``os``, ``signal``, ``time``, ``json``): the agent starts it as ``python -I -S shim.py``, without site
+packages, and it starts the job with ``fork`` and ``exec`` rather than ``subprocess`` and waits with
+``sigtimedwait`` rather than a thread per process (docs/design.md §7, "The shim and the lease directory").
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import json
+# The C half of ``json`` (and, below, of ``signal``): the modules themselves import re and enum, which
+# cost a shim more CPU than all the rest of its work (bench/job_cpu.py). CPython's, as the agent's.
+import _json
 import os
-import queue
-import signal
-import subprocess
 import sys
-import threading
 import time
-from collections.abc import Collection, Iterator
-from pathlib import Path
-from typing import Any
+
+TYPE_CHECKING = False  # typing itself is not imported: the shim's start is paid by every job
+if not TYPE_CHECKING:
+    import _signal as signal
+else:
+    import signal
+    from collections.abc import Callable, Collection
+    from typing import Any
 
 FENCE_CHECK_SECONDS = 0.5
 STOP_GRACE_SECONDS = 10.0
@@ -47,45 +53,107 @@ shutting down from the first (a checkpoint, the SDK's last delivery) may take as
 SHIM_LOCK = "shim.lock"
 """Held (flock) by the shim of a container for as long as it lives: one shim per job, and a sign of life
 that a reused pid cannot fake."""
+EXEC_FAILED = 127
+"""The exit code recorded for a job that could not be started (as a shell's for a missing command)."""
+_RESET_IN_JOB = (signal.SIGPIPE, signal.SIGXFSZ)
+"""Ignored by Python at start; a job gets them at their defaults, as ``subprocess`` gives them."""
 
 
-def write_atomically(path: Path, data: object) -> None:
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(data))
-    partial.replace(path)
+def write_atomically(path: str | os.PathLike[str], data: object) -> None:
+    import json  # the agent's writes: the shim's own are records of _record_text
+
+    _write_text(path, json.dumps(data))
 
 
-def write_private(path: Path, data: object) -> None:
+def _write_text(path: str | os.PathLike[str], text: str) -> None:
+    partial = f"{os.fspath(path)}.partial"
+    with open(partial, "w") as file:
+        file.write(text)
+    os.replace(partial, path)
+
+
+def _record_text(record: dict[str, int | bool | list[int] | None]) -> str:
+    """The JSON of one of the shim's records (``shim.json``, ``exit.json``): names to integers, booleans,
+    nulls and lists of integers, all ``json.dumps`` would write alike."""
+
+    def value(item: int | bool | list[int] | None) -> str:
+        if item is None or isinstance(item, bool):
+            return {None: "null", True: "true", False: "false"}[item]
+        if isinstance(item, list):
+            return "[" + ", ".join(str(int(number)) for number in item) + "]"
+        return str(int(item))
+
+    return "{" + ", ".join(f'"{name}": {value(item)}' for name, item in record.items()) + "}"
+
+
+class _Decoding:
+    """What json's C scanner reads off a ``json.JSONDecoder``, set as ``json.loads`` sets it."""
+
+    strict = True
+    object_hook = None
+    object_pairs_hook = None
+    parse_float = float
+    parse_int = int
+    parse_constant = float  # "NaN", "Infinity", "-Infinity"
+    memo: dict[str, str] = {}
+
+
+def read_spec(lease_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """``spec.json``, as ``json.loads`` reads it (the agent wrote it with ``json.dumps``)."""
+    with open(os.path.join(lease_dir, "spec.json")) as file:
+        text = file.read()
+    # typeshed wants a scanner for the context; the C scanner takes any object with _Decoding's attributes
+    spec, end = _json.make_scanner(_Decoding())(text, 0)  # type: ignore[arg-type]
+    if not isinstance(spec, dict) or text[end:].strip():
+        raise ValueError(f"{os.path.join(lease_dir, 'spec.json')} holds no JSON object")
+    return spec
+
+
+def write_private(path: str | os.PathLike[str], data: object) -> None:
     """``write_atomically``, readable by the agent's user only: the job's secrets are in it."""
-    partial = path.with_name(path.name + ".partial")
-    partial.unlink(missing_ok=True)  # a partial file left by a crash keeps its mode otherwise
+    import json
+
+    partial = f"{os.fspath(path)}.partial"
+    if os.path.lexists(partial):  # a partial file left by a crash keeps its mode otherwise
+        os.unlink(partial)
     descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(descriptor, "w") as file:
         json.dump(data, file)
-    partial.replace(path)
+    os.replace(partial, path)
 
 
-def lease_until(lease_dir: Path) -> float | None:
+def lease_until(lease_dir: str | os.PathLike[str]) -> float | None:
     try:
-        return float((lease_dir / "lease_until").read_text())
+        with open(os.path.join(lease_dir, "lease_until")) as file:
+            return float(file.read())
     except (OSError, ValueError):
         return None
 
 
-def lease_lapsed(lease_dir: Path) -> bool:
+def lease_lapsed(lease_dir: str | os.PathLike[str]) -> bool:
     until = lease_until(lease_dir)
     return until is not None and time.time() > until
 
 
-def stop_groups(pgids: Collection[int], grace: float, *, terminated: bool = False) -> None:
+def stop_groups(
+    pgids: Collection[int],
+    grace: float,
+    *,
+    terminated: bool = False,
+    reap: Callable[[], object] | None = None,
+) -> None:
     """SIGTERM the job's process groups (one per rank), then SIGKILL those still there after ``grace``;
     ``terminated``: they have had their SIGTERM (the agent's), only the SIGKILL is left to send. A group
-    whose leader has exited is gone once the leader is reaped (the shim's waiting threads reap its own at
-    once)."""
+    whose leader has exited is gone once the leader is reaped: the shim, whose children the leaders are,
+    passes ``reap``, called before each look."""
+    if reap is not None:
+        reap()
     alive = [pgid for pgid in pgids if _signal_group(pgid, 0 if terminated else signal.SIGTERM)]
     deadline = time.monotonic() + grace
     while alive and time.monotonic() < deadline:
         time.sleep(0.05)
+        if reap is not None:
+            reap()
         alive = [pgid for pgid in alive if _signal_group(pgid, 0)]
     for pgid in alive:
         _signal_group(pgid, signal.SIGKILL)
@@ -107,38 +175,92 @@ def output_files(rank: int | None) -> tuple[str, str]:
     return f"stdout{label}.log", f"stderr{label}.log"
 
 
-def start_ranks(lease_dir: Path, spec: dict[str, Any]) -> list[subprocess.Popen[bytes]]:
+class Ranks:
+    """The job's processes (one, or one per rank), children of the shim, each leading a process group of
+    its own: reaped as they end, in the order they end."""
+
+    def __init__(self) -> None:
+        self.pids: list[int] = []
+        self.returncodes: dict[int, int] = {}
+        """Index -> return code (``-n``: killed by signal n, as in ``subprocess``), in the order reaped."""
+
+    def reap(self) -> None:
+        for index, pid in enumerate(self.pids):
+            if index not in self.returncodes:
+                reaped, status = os.waitpid(pid, os.WNOHANG)
+                if reaped:
+                    self.returncodes[index] = os.waitstatus_to_exitcode(status)
+
+    def wait_all(self) -> list[int]:
+        for index, pid in enumerate(self.pids):
+            if index not in self.returncodes:
+                self.returncodes[index] = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+        return [self.returncodes[index] for index in range(len(self.pids))]
+
+
+def spawn(argv: list[str], cwd: str, env: dict[str, str], stdout: int, stderr: int) -> int:
+    """Start ``argv`` as ``subprocess.Popen`` would with ``start_new_session``, stdin from /dev/null and
+    SIGPIPE and SIGXFSZ at their defaults; raise the OSError that kept it from starting (``chdir`` or
+    ``exec``), passed back through a close-on-exec pipe. The job must not inherit the shim's blocked
+    SIGCHLD: the mask the shim started with is restored first."""
+    read_end, write_end = os.pipe()  # both close on exec (PEP 446)
+    stdin = os.open(os.devnull, os.O_RDONLY)
+    pid = os.fork()
+    if pid == 0:  # the child: nothing here may return into the shim's code
+        try:
+            os.close(read_end)
+            os.setsid()
+            os.dup2(stdin, 0)
+            os.dup2(stdout, 1)
+            os.dup2(stderr, 2)
+            os.chdir(cwd)
+            for reset in _RESET_IN_JOB:
+                signal.signal(reset, signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, (signal.SIGCHLD,))
+            os.execvpe(argv[0], argv, env)
+        except OSError as error:
+            os.write(write_end, f"{error.errno}:{error.strerror}".encode(errors="replace"))
+        except BaseException as error:  # the job's start failed, said as such
+            os.write(write_end, f"0:{error!r}".encode(errors="replace"))
+        finally:
+            os._exit(EXEC_FAILED)
+    os.close(write_end)
+    os.close(stdin)
+    with os.fdopen(read_end, "rb") as pipe:
+        failure = pipe.read()
+    if failure:
+        os.waitpid(pid, 0)
+        number, _, text = failure.decode(errors="replace").partition(":")
+        raise OSError(int(number), text)
+    return pid
+
+
+def start_ranks(lease_dir: str | os.PathLike[str], spec: dict[str, Any], ranks: Ranks) -> bool:
     """Start the job: one process, or one per rank of a multi-node launch (``spec["ranks"]``: each rank's
     variables over ``spec["env"]``), each in a process group of its own, so that stopping one stops all it
     started. All ranks start or none: if one cannot, those started are stopped and the exit recorded."""
     rank_envs: list[dict[str, str]] | None = spec.get("ranks")
-    ranks: list[tuple[int | None, dict[str, str]]] = (
+    each: list[tuple[int | None, dict[str, str]]] = (
         [(None, {})] if rank_envs is None else list(enumerate(rank_envs))
     )
-    started: list[subprocess.Popen[bytes]] = []
-    for rank, rank_env in ranks:
+    for rank, rank_env in each:
         stdout_name, stderr_name = output_files(rank)
-        with (lease_dir / stdout_name).open("ab") as stdout, (lease_dir / stderr_name).open("ab") as stderr:
-            try:
-                started.append(
-                    subprocess.Popen(
-                        spec["argv"],
-                        cwd=spec["cwd"],
-                        env={**spec["env"], **rank_env},
-                        stdin=subprocess.DEVNULL,
-                        stdout=stdout,
-                        stderr=stderr,
-                        start_new_session=True,  # its own process group: stopping it stops all it started
-                    )
-                )
-            except OSError as error:
-                stderr.write(f"takeoff: cannot start {spec['argv'][0]!r}: {error.strerror}\n".encode())
-                stop_groups([job.pid for job in started], 0)
-                for job in started:
-                    job.wait()
-                write_atomically(lease_dir / "exit.json", exit_record(127, rank=rank, fenced=False))
-                return []
-    return started
+        appended = os.O_WRONLY | os.O_CREAT | os.O_APPEND
+        stdout = os.open(os.path.join(lease_dir, stdout_name), appended, 0o666)
+        stderr = os.open(os.path.join(lease_dir, stderr_name), appended, 0o666)
+        try:
+            ranks.pids.append(spawn(spec["argv"], spec["cwd"], {**spec["env"], **rank_env}, stdout, stderr))
+        except OSError as error:
+            os.write(stderr, f"takeoff: cannot start {spec['argv'][0]!r}: {error.strerror}\n".encode())
+            stop_groups(ranks.pids, 0, reap=ranks.reap)
+            ranks.wait_all()
+            record = exit_record(EXEC_FAILED, rank=rank, fenced=False)
+            _write_text(os.path.join(lease_dir, "exit.json"), _record_text(record))
+            return False
+        finally:
+            os.close(stdout)
+            os.close(stderr)
+    return True
 
 
 def exit_record(returncode: int, *, rank: int | None, fenced: bool) -> dict[str, Any]:
@@ -151,71 +273,86 @@ def exit_record(returncode: int, *, rank: int | None, fenced: bool) -> dict[str,
     return record
 
 
-def run_process(lease_dir: Path, spec: dict[str, Any]) -> None:
+def run_process(lease_dir: str | os.PathLike[str], spec: dict[str, Any]) -> None:
     """Start the job's processes, wait for them and record how the job ended. A multi-node launch ends
     when all its ranks have exited 0, or as soon as one fails: the shim then stops the others and records
     the exit of the rank that failed first."""
-    jobs = start_ranks(lease_dir, spec)
-    if not jobs:
+    # SIGCHLD blocked, so that sigtimedwait learns of each end at once (a blocked signal stays pending).
+    previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, (signal.SIGCHLD,))
+    try:
+        _run_process(lease_dir, spec)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)
+
+
+def _run_process(lease_dir: str | os.PathLike[str], spec: dict[str, Any]) -> None:
+    ranks = Ranks()
+    if not start_ranks(lease_dir, spec, ranks):
         return
-    groups = {"job_pid": jobs[0].pid} | ({"rank_pids": [job.pid for job in jobs]} if len(jobs) > 1 else {})
-    write_atomically(lease_dir / "shim.json", {"shim_pid": os.getpid(), **groups})
-    failed, fenced = wait_for_end(lease_dir, jobs)
+    jobs = ranks.pids
+    groups = {"job_pid": jobs[0]} | ({"rank_pids": list(jobs)} if len(jobs) > 1 else {})
+    _write_text(os.path.join(lease_dir, "shim.json"), _record_text({"shim_pid": os.getpid(), **groups}))
+    failed, fenced = wait_for_end(lease_dir, ranks)
     # A job's end is the end of every process it started, as a container's is: nothing of it may run on
     # unsupervised once its exit is recorded. That stops the ranks still running after one failed, and
     # what any rank left behind in its group (a reaped leader's group is only what is left of it).
     grace = float(spec.get("stop_grace_seconds", STOP_GRACE_SECONDS))
-    stop_groups([job.pid for job in jobs], grace, terminated=(lease_dir / STOPPING).exists())
-    returncodes = [job.wait() for job in jobs]
+    terminated = os.path.exists(os.path.join(lease_dir, STOPPING))
+    stop_groups(jobs, grace, terminated=terminated, reap=ranks.reap)
+    returncodes = ranks.wait_all()
     if failed is not None and len(jobs) > 1:
         record = exit_record(returncodes[failed], rank=failed, fenced=fenced)
     else:
         record = exit_record(next((code for code in returncodes if code), 0), rank=None, fenced=fenced)
-    write_atomically(lease_dir / "exit.json", record)
+    _write_text(os.path.join(lease_dir, "exit.json"), _record_text(record))
 
 
-def wait_for_end(lease_dir: Path, jobs: list[subprocess.Popen[bytes]]) -> tuple[int | None, bool]:
+def wait_for_end(lease_dir: str | os.PathLike[str], ranks: Ranks) -> tuple[int | None, bool]:
     """Until every process has exited 0, one has failed (which: its index), or the fence has lapsed.
 
-    A thread waits for each process, so the shim learns of each end as it happens, in the order the
-    processes end: the first rank to fail is the one named, not a peer that failed because of it."""
-    ended: queue.SimpleQueue[int] = queue.SimpleQueue()
-
-    def report_end(index: int, job: subprocess.Popen[bytes]) -> None:
-        job.wait()
-        ended.put(index)
-
-    for index, job in enumerate(jobs):
-        threading.Thread(target=report_end, args=(index, job), daemon=True).start()
-    for _ in jobs:
-        while True:
-            try:
-                index = ended.get(timeout=FENCE_CHECK_SECONDS)
-                break
-            except queue.Empty:
-                if lease_lapsed(lease_dir):
-                    return None, True
-        if jobs[index].returncode:
-            return index, False
-    return None, False
+    Each SIGCHLD wakes the shim (it is blocked, and taken by ``sigtimedwait``), which reaps at once: the
+    ends are learnt in the order they happen, so the first rank to fail is the one named, not a peer
+    that failed because of it. Without one for ``FENCE_CHECK_SECONDS``, the fence is looked at."""
+    seen = 0
+    while True:
+        ranks.reap()
+        ended = list(ranks.returncodes.items())
+        for index, returncode in ended[seen:]:
+            if returncode:
+                return index, False
+        seen = len(ended)
+        if seen == len(ranks.pids):
+            return None, False
+        if signal.sigtimedwait((signal.SIGCHLD,), FENCE_CHECK_SECONDS) is None and lease_lapsed(lease_dir):
+            return None, True
 
 
-@contextlib.contextmanager
-def shim_lock(lease_dir: Path) -> Iterator[bool]:
+class shim_lock:  # a class used as a function: ``with shim_lock(lease_dir) as only_shim``
     """Whether this process is the job's one shim (holding SHIM_LOCK until the block ends)."""
-    with (lease_dir / SHIM_LOCK).open("a") as lock:
+
+    def __init__(self, lease_dir: str | os.PathLike[str]) -> None:
+        self._path = os.path.join(lease_dir, SHIM_LOCK)
+
+    def __enter__(self) -> bool:
+        import fcntl  # a container's shim's only
+
+        self._lock = open(self._path, "a")  # held until __exit__
         try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            yield False
-            return
-        yield True
+            return False
+        return True
+
+    def __exit__(self, *_: object) -> None:
+        self._lock.close()
 
 
-def shim_alive(lease_dir: Path) -> bool:
+def shim_alive(lease_dir: str | os.PathLike[str]) -> bool:
     """Whether a shim holds the lock of ``lease_dir`` (a container's shim)."""
+    import fcntl
+
     try:
-        with (lease_dir / SHIM_LOCK).open("r") as lock:
+        with open(os.path.join(lease_dir, SHIM_LOCK)) as lock:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except FileNotFoundError:
         return False
@@ -224,16 +361,20 @@ def shim_alive(lease_dir: Path) -> bool:
     return False
 
 
-def main(lease_dir: Path) -> int:
-    spec = json.loads((lease_dir / "spec.json").read_text())
+def main(lease_dir: str | os.PathLike[str]) -> int:
+    spec = read_spec(lease_dir)
     if spec.get("mode") == "container":
+        from pathlib import Path
+
         from takeoff_agent.container_shim import run_container  # its HTTP client would slow every local start
 
-        run_container(lease_dir, spec)
+        run_container(Path(lease_dir), spec)
     else:
         run_process(lease_dir, spec)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(Path(sys.argv[1])))
+    if __package__ is None or __package__ == "":  # started by path (``python -I -S shim.py``): no site
+        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    sys.exit(main(sys.argv[1]))

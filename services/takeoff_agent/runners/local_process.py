@@ -19,6 +19,7 @@ import time
 from collections.abc import Collection, Mapping
 from pathlib import Path
 
+from takeoff_agent import shim
 from takeoff_agent.domain import Assignment, BuildKind, JobExit, ResourceKind, SourceKind
 from takeoff_agent.log_tail import shim_output
 from takeoff_agent.ranks import ONE_PROCESS, World, free_port, rank_environment, world_of
@@ -52,6 +53,10 @@ and name it runs under, its locale, time zone and temporary directory. Nothing e
 credentials and settings (``TAKEOFF_*`` among them) are not the job's business (docs/design.md §16)."""
 LOOPBACK = "127.0.0.1"
 """``MASTER_ADDR`` of a multi-node launch on local-process: its ranks all run on the agent's host."""
+SHIM_COMMAND = (sys.executable, "-I", "-S", shim.__file__)
+"""How a local job's shim is started: every job pays for its start, so by path, isolated (``-I``: no
+``PYTHON*`` variables, no user site) and without ``site`` (``-S``: it imports nothing but the standard
+library), which saves most of its start-up (docs/design.md §7)."""
 _VARIABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
@@ -199,9 +204,7 @@ class LocalProcessJob:
             spec["ranks"] = self.rank_environments()
         write_private(self._spec_file, spec)
         self._shim = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "takeoff_agent.shim",
+            *SHIM_COMMAND,
             str(self.lease_dir),
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.DEVNULL,

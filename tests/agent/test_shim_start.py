@@ -1,0 +1,115 @@
+"""How the shim starts a local job, started itself as the agent starts it (``python -I -S shim.py``): the
+job gets what ``subprocess`` would give it, a job that cannot start is recorded, and the shim imports only
+the standard library's leanest parts (docs/design.md §7, "The shim and the lease directory")."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from takeoff_agent.runners.local_process import SHIM_COMMAND
+from takeoff_agent.shim import write_atomically
+
+JOB = """\
+import json, os, sys
+print(json.dumps({
+    "session_leader": os.getsid(0) == os.getpid(),
+    "cwd": os.getcwd(),
+    "stdin": sys.stdin.read(),
+    "env": os.environ.get("ONLY"),
+    "argv": sys.argv[1:],
+}))
+print("to stderr", file=sys.stderr)
+"""
+
+
+def run_shim(lease_dir: Path, argv: list[str], env: dict[str, str]) -> dict[str, object]:
+    work = lease_dir / "work"
+    work.mkdir()
+    write_atomically(
+        lease_dir / "spec.json", {"argv": argv, "env": env, "cwd": str(work), "stop_grace_seconds": 5}
+    )
+    subprocess.run([*SHIM_COMMAND, str(lease_dir)], timeout=60, check=True, stdin=subprocess.PIPE)
+    exit_record: dict[str, object] = json.loads((lease_dir / "exit.json").read_text())
+    return exit_record
+
+
+def test_the_job_starts_as_subprocess_would_start_it(tmp_path: Path) -> None:
+    """In its own session, in the spec's directory with the spec's environment (nothing else), stdin
+    empty."""
+    ended = run_shim(tmp_path, [sys.executable, "-c", JOB, "an argument"], {"ONLY": "this"})
+
+    assert ended == {"exit_code": 0, "signal": None, "fenced": False}
+    assert json.loads((tmp_path / "stdout.log").read_text()) == {
+        "session_leader": True,
+        "cwd": str(tmp_path / "work"),
+        "stdin": "",
+        "env": "this",
+        "argv": ["an argument"],
+    }
+    assert (tmp_path / "stderr.log").read_text() == "to stderr\n"
+    assert set(json.loads((tmp_path / "shim.json").read_text())) == {"shim_pid", "job_pid"}
+
+
+def test_the_job_gets_no_signal_blocked_or_ignored(tmp_path: Path) -> None:
+    """Not the shim's blocked SIGCHLD, nor SIGPIPE and SIGXFSZ, which the shim's Python ignores (a job that
+    is not Python, here cat reading its own status, would keep what it inherits)."""
+    run_shim(tmp_path, ["cat", "/proc/self/status"], {"PATH": os.environ["PATH"]})
+
+    status = dict(line.split(":", 1) for line in (tmp_path / "stdout.log").read_text().splitlines())
+    assert int(status["SigBlk"], 16) == 0
+    assert int(status["SigIgn"], 16) == 0
+
+
+def test_a_command_that_does_not_exist_is_recorded_as_exit_127(tmp_path: Path) -> None:
+    ended = run_shim(tmp_path, ["takeoff-no-such-command"], {"PATH": str(tmp_path)})
+
+    assert ended == {"exit_code": 127, "signal": None, "fenced": False}
+    assert (tmp_path / "stderr.log").read_text() == (
+        "takeoff: cannot start 'takeoff-no-such-command': No such file or directory\n"
+    )
+    assert not (tmp_path / "shim.json").exists()
+
+
+def test_a_job_killed_by_a_signal_is_recorded_with_it(tmp_path: Path) -> None:
+    ended = run_shim(
+        tmp_path, [sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"], {}
+    )
+
+    assert ended == {"exit_code": 137, "signal": 9, "fenced": False}
+
+
+def test_the_shim_imports_no_site_packages_and_nothing_heavy(tmp_path: Path) -> None:
+    """Every local job pays for its shim's start: ``-X importtime`` names each module it loads."""
+    work = tmp_path / "work"
+    work.mkdir()
+    write_atomically(tmp_path / "spec.json", {"argv": ["/bin/true"], "env": {}, "cwd": str(work)})
+    started = subprocess.run(
+        [SHIM_COMMAND[0], "-X", "importtime", *SHIM_COMMAND[1:], str(tmp_path)],
+        timeout=60,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    imported = {
+        line.split("|")[-1].strip() for line in started.stderr.splitlines() if line.startswith("import time:")
+    }
+
+    assert json.loads((tmp_path / "exit.json").read_text())["exit_code"] == 0
+    heavy = {
+        "site",
+        "json",
+        "re",
+        "enum",
+        "signal",
+        "subprocess",
+        "threading",
+        "pathlib",
+        "typing",
+        "takeoff",
+    }
+    assert imported & heavy == set()
+    assert "_json" in imported  # the probe sees the shim's imports at all
