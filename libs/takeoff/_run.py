@@ -549,6 +549,22 @@ def define_metric(name: str, step_metric: str | None = None, *, summary: str | N
     _active("define_metric").define_metric(name, step_metric, summary=summary)
 
 
+def log_artifact(
+    path: str | os.PathLike[str],
+    name: str | None = None,
+    type: str = "unspecified",
+    aliases: Iterable[str] = (),
+    metadata: Mapping[str, Any] | None = None,
+) -> ArtifactVersion | None:
+    """``run.log_artifact`` on the run ``takeoff.init()`` started."""
+    return _active("log_artifact").log_artifact(path, name, type, aliases, metadata)
+
+
+def use_artifact(reference: str) -> ArtifactVersion | None:
+    """``run.use_artifact`` on the run ``takeoff.init()`` started."""
+    return _active("use_artifact").use_artifact(reference)
+
+
 def finish(state: RunState | str | None = None, message: str = "", exit_code: int | None = None) -> None:
     """``run.finish`` on the run ``takeoff.init()`` started, if there is one."""
     if _Active.run is not None:
