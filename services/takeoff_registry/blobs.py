@@ -17,7 +17,6 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 READ_CHUNK_BYTES = 1024 * 1024
-_WRITE_BUFFER_BYTES = 8 * 1024 * 1024
 
 
 class StagedFile:
@@ -27,10 +26,11 @@ class StagedFile:
         directory.mkdir(parents=True, exist_ok=True)
         descriptor, name = tempfile.mkstemp(dir=directory, prefix="upload-")
         self.path = Path(name)
-        self._file = os.fdopen(descriptor, "wb", buffering=_WRITE_BUFFER_BYTES)
+        self._file = os.fdopen(descriptor, "wb")
         self._hash = hashlib.sha256()
 
     def absorb(self, *chunks: bytes | memoryview) -> None:
+        """Write and hash ``chunks``; large ones go straight to the file, past Python's small buffer."""
         for chunk in chunks:
             self._file.write(chunk)
             self._hash.update(chunk)  # hashlib releases the GIL for large buffers

@@ -24,7 +24,7 @@ import pytest
 import sqlalchemy as sa
 from google.rpc import error_details_pb2, status_pb2
 
-from takeoff.v1 import jobs_pb2, jobs_pb2_grpc, keys_pb2_grpc, runs_pb2_grpc
+from takeoff.v1 import artifacts_pb2_grpc, jobs_pb2, jobs_pb2_grpc, keys_pb2_grpc, runs_pb2_grpc
 from takeoff_registry.__main__ import wire
 from takeoff_registry.settings import RegistrySettings
 from takeoff_rpc.channels import open_aio_channel
@@ -63,6 +63,7 @@ class Registry:
     settings: RegistrySettings
     database: Database
     server: TakeoffServer
+    artifacts: artifacts_pb2_grpc.ArtifactServiceAsyncStub
 
     def channel(self, key: str | None) -> grpc.aio.Channel:
         """A new channel to this registry presenting ``key``; close it (``async with``)."""
@@ -103,6 +104,7 @@ async def start_registry(settings: RegistrySettings) -> AsyncIterator[Registry]:
                     settings,
                     database,
                     server,
+                    artifacts_pb2_grpc.ArtifactServiceStub(channel),
                 )
         finally:
             await server.stop(0)

@@ -133,6 +133,7 @@ async def test_each_kind_of_key_verifies_with_the_permissions_of_its_kind(regist
         assert verified.key == created.key
     assert "keys.write on *" in made["admin"].key.permissions
     assert made["project"].key.permissions == [
+        "artifacts.read on projects/a",
         "jobs.read on projects/a",
         "queues.read on projects/a",
         "runs.read on projects/a",
@@ -341,6 +342,8 @@ async def test_a_run_token_writes_its_run_and_nothing_else(registry: Registry) -
     assert (minted.key.run, minted.key.item, minted.key.job_version) == (RUN, ITEM, version)
     assert minted.key.creator == "keys/bootstrap-admin"
     assert minted.key.permissions == [
+        "artifacts.read on projects/demo",
+        f"artifacts.write on {RUN}",
         f"jobs.read on {version}",
         f"runs.read on {RUN}",
         f"runs.write on {RUN}",
