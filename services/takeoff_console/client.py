@@ -99,6 +99,9 @@ class ArtifactDownload:
 
     file: artifacts_pb2.ArtifactFile
     chunks: AsyncIterator[bytes]
+    cancel: Callable[[], object]
+    """Ends the download without reading its bytes (a HEAD request); reading them to the end, or
+    stopping part way, ends it too."""
 
 
 FileCall = grpc.aio.UnaryStreamCall[
@@ -312,7 +315,7 @@ class UserClient:
             return self._failing_as("registry", opened)
 
         entry, call = await reopen(0)
-        return ArtifactDownload(entry, self._file_bytes(call, reopen))
+        return ArtifactDownload(entry, self._file_bytes(call, reopen), call.cancel)
 
     async def _file_bytes(self, call: FileCall, reopen: OpenFile) -> AsyncIterator[bytes]:
         received = 0

@@ -524,6 +524,9 @@ async def artifact_file(request: Request) -> Response:
         "content-length": str(download.file.size_bytes),
         "content-disposition": views.attachment(download.file.path),
     }
+    if request.method == "HEAD":
+        download.cancel()
+        return Response(media_type="application/octet-stream", headers=headers)
     return StreamingResponse(download.chunks, media_type="application/octet-stream", headers=headers)
 
 

@@ -215,6 +215,9 @@ def test_a_file_downloads_through_the_console_as_an_attachment(console: Console,
         pieces = list(answer.iter_raw())
     assert b"".join(pieces) == WEIGHTS
 
+    head = browser.head(f"/{seeded.v0}/files/weights.bin")
+    assert (head.status_code, head.headers["content-length"], head.content) == (200, str(len(WEIGHTS)), b"")
+
     notes = browser.get(f"/{seeded.v0}/files/{quote(NOTES_PATH)}")
     assert notes.status_code == 200
     assert notes.content == NOTES
