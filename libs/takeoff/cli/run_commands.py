@@ -117,8 +117,7 @@ def show(
     with takeoff_client(project) as client:
         info = find_run(client, run)
         metrics = _metric_series(client.read_metrics(info.name))
-        logged = list(client.list_artifact_versions(project=info.project, logged_by=info.name))
-        used = list(client.list_artifact_versions(project=info.project, used_by=info.name))
+        logged, used = _lineage(client, info)
     if json_output:
         print_json(
             {
@@ -223,6 +222,18 @@ def logs(
                 sys.stdout.flush()
         except KeyboardInterrupt:
             raise typer.Exit(130) from None
+
+
+def _lineage(client: Client, info: RunInfo) -> tuple[list[ArtifactVersion], list[ArtifactVersion]]:
+    """The artifact versions a run logged and used; none from a registry older than artifacts."""
+    try:
+        logged = list(client.list_artifact_versions(project=info.project, logged_by=info.name))
+        used = list(client.list_artifact_versions(project=info.project, used_by=info.name))
+    except TakeoffError as error:
+        if error.code != "UNIMPLEMENTED":
+            raise
+        return [], []
+    return logged, used
 
 
 MAX_ATTEMPTS_SHOWN = 100
