@@ -2,6 +2,7 @@
 
 import asyncio
 from contextlib import AsyncExitStack
+from dataclasses import dataclass
 from pathlib import Path
 
 from pydantic import SecretStr
@@ -16,16 +17,19 @@ from takeoff_builder.images import Images
 from takeoff_builder.metrics import BuilderMetrics
 from takeoff_builder.pip import PackageIndex
 from takeoff_builder.registry_client import RegistryClient
+from takeoff_builder.retention import BuilderRetention
 from takeoff_builder.settings import BuilderSettings
 from takeoff_builder.sources import CodeCache
 from takeoff_builder.store import BuildStore
 from takeoff_builder.venvs import Venvs
+from takeoff_server.access import KeyVerifier
 from takeoff_server.config import ConfigError
 from takeoff_server.database import open_service_database
 from takeoff_server.docker_registry import RegistryLogin
 from takeoff_server.errors import ServiceFailed
 from takeoff_server.main import ServiceProgram
 from takeoff_server.peers import peer_channel, registry_verifier
+from takeoff_server.retention import Pruner, pruning
 from takeoff_server.server import ServiceBinding, Wiring
 
 
@@ -33,7 +37,38 @@ def _secret(value: SecretStr | None) -> str | None:
     return value.get_secret_value() if value is not None else None
 
 
+@dataclass(frozen=True, slots=True)
+class BuilderParts:
+    """What ``wire`` puts together, for tests that reach past the API (retention, metrics)."""
+
+    builder: Builder
+    store: BuildStore
+    images: Images
+    metrics: BuilderMetrics
+    pruner: Pruner
+    verifier: KeyVerifier
+
+    def wiring(self) -> Wiring:
+        return Wiring(
+            services=[
+                ServiceBinding.of(
+                    build_pb2.DESCRIPTOR.services_by_name["BuildService"],
+                    build_pb2_grpc.add_BuildServiceServicer_to_server,
+                    BuildApi(self.builder),
+                    access=RULES,
+                    on_shutdown=self.builder.stop,
+                )
+            ],
+            verifier=self.verifier,
+            metrics=self.metrics.collectors,
+        )
+
+
 async def wire(settings: BuilderSettings, resources: AsyncExitStack) -> Wiring:
+    return (await assemble(settings, resources)).wiring()
+
+
+async def assemble(settings: BuilderSettings, resources: AsyncExitStack) -> BuilderParts:
     try:
         # The builder presents its own key to the registry (resolving versions, downloading code) and
         # verifies its callers' keys there.
@@ -70,8 +105,9 @@ async def wire(settings: BuilderSettings, resources: AsyncExitStack) -> Wiring:
         logins=logins,
     )
     metrics = BuilderMetrics()
+    store = BuildStore(database)
     builder = Builder(
-        BuildStore(database),
+        store,
         registry,
         CodeCache(builds, registry, git_mirrors),
         Venvs(builds / "venvs", index, pip_cache=builds / "pip-cache"),
@@ -92,19 +128,11 @@ async def wire(settings: BuilderSettings, resources: AsyncExitStack) -> Wiring:
         metrics=metrics,
     )
     await builder.recover()
-    return Wiring(
-        services=[
-            ServiceBinding.of(
-                build_pb2.DESCRIPTOR.services_by_name["BuildService"],
-                build_pb2_grpc.add_BuildServiceServicer_to_server,
-                BuildApi(builder),
-                access=RULES,
-                on_shutdown=builder.stop,
-            )
-        ],
-        verifier=verifier,
-        metrics=metrics.collectors,
+    retention = BuilderRetention(
+        settings.retention, store=store, builder=builder, builds_dir=builds, images=images, metrics=metrics
     )
+    pruner = await resources.enter_async_context(pruning("builder", retention.prune, settings.retention))
+    return BuilderParts(builder, store, images, metrics, pruner, verifier)
 
 
 program = ServiceProgram("builder", BuilderSettings, wire)

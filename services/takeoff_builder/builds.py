@@ -22,7 +22,7 @@ from pathlib import Path
 
 from opentelemetry import trace
 
-from takeoff_builder.images import Images
+from takeoff_builder.images import BUILD_KEY_LABEL, Images
 from takeoff_builder.keys import BuildKeys, build_keys
 from takeoff_builder.locks import KeyedLocks
 from takeoff_builder.metrics import BuilderMetrics
@@ -464,7 +464,7 @@ class Builder:
                     with tracer.start_as_current_span("build.fetch_source"):
                         code = await self._code.ensure(spec, run.log, rebuild=build.options.no_cache)
                     _check_build_context(spec, code)
-                    labels = {"takeoff.job-version": spec.version_name, "takeoff.build-key": build.build_key}
+                    labels = {"takeoff.job-version": spec.version_name, BUILD_KEY_LABEL: build.build_key}
                     with tracer.start_as_current_span(
                         "build.image", attributes={"container.image.name": tag}
                     ):

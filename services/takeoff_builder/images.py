@@ -21,6 +21,7 @@ import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +60,20 @@ SDK_CHECK = (
 index) over the SDK, or installed ``takeoff-sdk`` from an index: pip records a ``direct_url.json`` only for
 what it installed from a file, as the SDK's own wheel is."""
 _ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")  # the engine colours what build steps print on stderr
+
+
+BUILD_KEY_LABEL = "takeoff.build-key"
+"""Every image the builder makes carries it: retention prunes only images with it."""
+
+
+@dataclass(frozen=True, slots=True)
+class BuiltImage:
+    """A tag of an image the builder made, as the engine has it."""
+
+    tag: str
+    create_time: datetime
+    size_bytes: int
+    """The image's size with its base layers, which images share: a sum over images over-counts."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,6 +181,37 @@ class Images:
     async def push(self, tag: str, log: Log) -> str:
         """Push ``tag`` to its registry; returns the registry digest."""
         return await asyncio.to_thread(self._push, tag, log)
+
+    async def built(self) -> list[BuiltImage]:
+        """The tags under this builder's image prefix of images it made (labelled with a build key)."""
+        return await asyncio.to_thread(self._built)
+
+    async def remove(self, tag: str) -> bool:
+        """Untag ``tag`` (the engine deletes the image with its last tag); False when the engine refuses
+        because a container, running or stopped, uses the image."""
+        return await asyncio.to_thread(self._remove, tag)
+
+    def _built(self) -> list[BuiltImage]:
+        with self._engine() as engine:
+            images = engine.images(filters={"label": BUILD_KEY_LABEL})
+        return [
+            BuiltImage(tag, datetime.fromtimestamp(image["Created"], UTC), int(image.get("Size") or 0))
+            for image in images
+            for tag in image.get("RepoTags") or ()
+            if tag.startswith(self._image_prefix + "/")
+        ]
+
+    def _remove(self, tag: str) -> bool:
+        with self._engine() as engine:
+            try:
+                engine.remove_image(tag, noprune=False)
+            except docker.errors.NotFound:
+                return True
+            except docker.errors.APIError as error:
+                if error.status_code == 409:  # conflict: a container uses the image
+                    return False
+                raise
+        return True
 
     @contextmanager
     def _engine(self) -> Iterator[docker.APIClient]:

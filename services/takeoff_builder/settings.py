@@ -2,10 +2,11 @@
 
 from pathlib import Path
 
-from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic import BaseModel, ByteSize, Field, SecretStr, field_validator
 
 from takeoff_server.config import ServerSettings
 from takeoff_server.git_access import GitAccessSettings
+from takeoff_server.retention import RetentionSettings
 
 HOST_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 
@@ -15,6 +16,15 @@ class RegistryAuth(BaseModel):
 
     username: str
     password: SecretStr
+
+
+class BuilderRetentionSettings(RetentionSettings):
+    max_age_days: float | None = Field(default=30.0, gt=0)
+    """Build records, venvs, code and images unused for this long are pruned; unset = no age limit."""
+    max_bytes: ByteSize | None = None
+    """Above this (``50GiB``, bytes), venvs and code are pruned least recently used first."""
+    max_image_bytes: ByteSize | None = None
+    """The same for the images the builder made (each counted with its base layers: an over-estimate)."""
 
 
 class BuilderSettings(ServerSettings, GitAccessSettings):
@@ -54,6 +64,9 @@ class BuilderSettings(ServerSettings, GitAccessSettings):
 
     git_timeout_seconds: float = Field(default=300.0, gt=0)
     """How long one git clone or fetch may take."""
+
+    retention: BuilderRetentionSettings = BuilderRetentionSettings()
+    """What is pruned when (``TAKEOFF_RETENTION__MAX_AGE_DAYS`` and so on): docs/design.md §9."""
 
     @field_validator("builds_dir", "pip_ca_bundle")
     @classmethod

@@ -27,6 +27,7 @@ from takeoff_builder.model import (
 from takeoff_server.database import Database
 from takeoff_server.idempotency import RequestIds, request_ids_table
 from takeoff_server.pagination import PageRequest
+from takeoff_server.retention import forget_request_ids
 from takeoff_server.sqltypes import UtcDateTime
 
 
@@ -67,7 +68,8 @@ class BuildLogRow(SQLModel, table=True):
 
 builds = BuildRow.__table__  # type: ignore[attr-defined]
 build_logs = BuildLogRow.__table__  # type: ignore[attr-defined]
-request_ids = RequestIds(request_ids_table("builder_request_ids", SQLModel.metadata))
+request_id_records = request_ids_table("builder_request_ids", SQLModel.metadata)
+request_ids = RequestIds(request_id_records)
 BUILD_SCOPE = "Build"
 """Request ids of BuildService.Build, as the other services scope theirs by method."""
 
@@ -205,6 +207,40 @@ class BuildStore:
         async with self._database.session() as session:
             rows = list(await session.exec(statement))
         return [(_build_from_row(row), _seq(row)) for row in rows[: page.size]], len(rows) > page.size
+
+    async def last_uses(self) -> dict[str, datetime]:
+        """When each venv and code directory (by path) and image (by tag) was last handed out by a build
+        that succeeded, as far as the records kept tell."""
+        statement = select(BuildRow.result, BuildRow.end_time).where(
+            BuildRow.state == BuildState.SUCCEEDED.value
+        )
+        uses: dict[str, datetime] = {}
+        async with self._database.session() as session:
+            for result, end_time in await session.exec(statement):
+                if end_time is None:
+                    continue
+                for field in ("venv_path", "code_path", "image"):
+                    handed_out = (result or {}).get(field)
+                    if handed_out and (handed_out not in uses or uses[handed_out] < end_time):
+                        uses[handed_out] = end_time
+        return uses
+
+    async def prune(self, *, builds_before: datetime | None, request_ids_before: datetime) -> tuple[int, int]:
+        """Delete the builds that ended before ``builds_before`` with their logs, and the request ids
+        recorded before ``request_ids_before``; returns how many of each."""
+        async with self._database.session() as session:
+            pruned_builds = 0
+            if builds_before is not None:
+                ended = select(builds.c.id).where(
+                    builds.c.state.in_([BuildState.SUCCEEDED.value, BuildState.FAILED.value]),
+                    builds.c.end_time < builds_before,
+                )
+                await session.exec(sa.delete(build_logs).where(build_logs.c.build_id.in_(ended)))
+                result = await session.exec(sa.delete(builds).where(builds.c.id.in_(ended)))
+                pruned_builds = int(result.rowcount)
+            forgotten = await forget_request_ids(session, request_id_records, request_ids_before)
+            await session.commit()
+            return pruned_builds, forgotten
 
     async def fail_unfinished(self, failure: BuildFailure, now: datetime) -> int:
         """End the builds a previous process left QUEUED or RUNNING; returns how many there were."""
