@@ -53,6 +53,7 @@ def test_the_wheel_holds_the_sdk_only_with_its_runtime_dependencies_and_a_valid_
         "protobuf",
         "googleapis-common-protos",
         "pathspec",
+        "opentelemetry-proto",
     ]
     assert "protobuf<8,>=6.31" in requirements  # the range of pyproject.toml
     record_name = f"{DIST_INFO}/RECORD"
