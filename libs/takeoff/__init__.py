@@ -8,7 +8,10 @@
     run.finish()  # also at exit; an uncaught exception marks the run FAILED
 
 As in wandb, ``takeoff.run`` is the active run (None before ``init``), and ``takeoff.config``,
-``takeoff.summary``, ``takeoff.log``, ``takeoff.define_metric`` and ``takeoff.finish`` act on it.
+``takeoff.summary``, ``takeoff.log``, ``takeoff.define_metric``, ``takeoff.log_artifact``,
+``takeoff.use_artifact`` and ``takeoff.finish`` act on it: ``run.log_artifact(path, name=, type=)`` records
+files as a named, versioned artifact, ``run.use_artifact("ckpt:latest").download()`` fetches one, and
+``takeoff.init(resume="allow")`` carries a run's step and summary over.
 
 ``takeoff.Client`` manages jobs and queues, launches jobs and reads runs. The SDK talks to Takeoff's
 services over gRPC only; it never imports server code.
@@ -40,6 +43,9 @@ __all__ = [
     "AgentLease",
     "AlreadyExistsError",
     "Artifact",
+    "ArtifactCollection",
+    "ArtifactFile",
+    "ArtifactVersion",
     "Client",
     "CodeSource",
     "CreatedJobVersion",
@@ -92,8 +98,10 @@ __all__ = [
     "finish",
     "init",
     "log",
+    "log_artifact",
     "run",
     "summary",
+    "use_artifact",
 ]
 
 # The active run's, so never kept in this module's namespace (takeoff._run.active_attribute).
@@ -112,6 +120,8 @@ _DEFINED_IN = {
             "finish",
             "init",
             "log",
+            "log_artifact",
+            "use_artifact",
         ),
         "takeoff._run",
     ),
@@ -151,6 +161,8 @@ if TYPE_CHECKING:
         finish,
         init,
         log,
+        log_artifact,
+        use_artifact,
     )
     from takeoff.client import Client
     from takeoff.errors import (
@@ -171,6 +183,9 @@ if TYPE_CHECKING:
         Agent,
         AgentLease,
         Artifact,
+        ArtifactCollection,
+        ArtifactFile,
+        ArtifactVersion,
         CodeSource,
         CreatedJobVersion,
         CreatedKey,
