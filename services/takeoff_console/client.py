@@ -318,17 +318,20 @@ class UserClient:
         return ArtifactDownload(entry, self._file_bytes(call, reopen), call.cancel)
 
     async def _file_bytes(self, call: FileCall, reopen: OpenFile) -> AsyncIterator[bytes]:
-        received = 0
+        """The bytes of an opened file. A stream that breaks is opened again where it stopped, unless it
+        had been opened there already and broke before sending a byte (no progress: the break is said)."""
+        received, reopened_at = 0, None
         try:
             while True:
                 try:
                     part = await call.read()
                 except grpc.RpcError as error:
-                    if status_code(error) not in TRANSIENT_CODES:
+                    if status_code(error) not in TRANSIENT_CODES or received == reopened_at:
                         status = decode_rpc_error(error, target=self._target("registry"))
                         raise CallFailed("registry", status) from None
                     call.cancel()
                     _, call = await reopen(received)
+                    reopened_at = received
                     continue
                 if not isinstance(part, artifacts_pb2.ReadArtifactFileResponse):  # grpc.aio.EOF
                     return
