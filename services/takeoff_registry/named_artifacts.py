@@ -20,13 +20,14 @@ import asyncio
 import hashlib
 import json
 import re
+from collections import OrderedDict
 from collections.abc import AsyncIterable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from takeoff_registry.blobs import ContentStore, StagedFile
+from takeoff_registry.blobs import ContentStore, StagedFile, sync
 from takeoff_registry.named_artifacts_store import (
     MAX_USED_BY,
     ArtifactCollectionRow,
@@ -67,6 +68,8 @@ MAX_MANIFEST_CHARS = MAX_PAGE_BYTES
 """Characters of all paths together: a version, files and all, always fits in one response message."""
 TYPE_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 TYPE_RULE = "1-64 characters of letters, digits, '-', '_' and '.'"
+MAX_CACHED_FILES = 200_000
+"""Manifest entries ReadArtifactFile keeps in memory (about 200 bytes each)."""
 WRITE_BATCH_BYTES = 8 * 1024 * 1024
 """Bytes received before they are handed to the writer thread: few thread hops, bounded memory."""
 
@@ -265,7 +268,7 @@ class _Receiver:
         self.staged: list[StagedFile] = []
         self._batch: list[memoryview] = []
         self._batched = 0
-        self._writing: asyncio.Future[None] | None = None
+        self._writing: asyncio.Future[tuple[None, None]] | None = None
         if uploads:
             self._start()
 
@@ -305,24 +308,32 @@ class _Receiver:
     async def _hand_over(self) -> None:
         await self._wait_for_writer()
         batch, self._batch, self._batched = self._batch, [], 0
-        self._writing = asyncio.ensure_future(asyncio.to_thread(self.staged[-1].absorb, *batch))
+        staged = self.staged[-1]
+        # Written and hashed in two threads at once: each takes about as long as the other.
+        self._writing = asyncio.gather(
+            asyncio.to_thread(staged.write, *batch), asyncio.to_thread(staged.hash, *batch)
+        )
 
     async def _wait_for_writer(self) -> None:
         if self._writing is not None:
-            writing, self._writing = self._writing, None
-            await writing
+            # Shielded: a cancelled upload leaves the threads to finish, and discard() waits for them.
+            await asyncio.shield(self._writing)
+            self._writing = None
 
     async def _finish_current(self) -> None:
-        if self._batch:
-            await self._hand_over()
         await self._wait_for_writer()
-        received = await asyncio.to_thread(self.staged[-1].finish)
+        batch, self._batch, self._batched = self._batch, [], 0
+        # Synced later, all together (sync_all): one fsync per blob here would bound small blobs' rate.
+        received = await asyncio.to_thread(self.staged[-1].finish, *batch, durable=False)
         expected = self._uploads[self._index][0]
         if received != expected:
             raise _digest_mismatch(self._index, expected, received)
         self._index += 1
         if self._index < len(self._uploads):
             self._start()
+
+    async def sync_all(self) -> None:
+        await sync([staged.path for staged in self.staged])
 
     def discard(self) -> None:
         """Remove every staging file now; one the writer thread still writes is closed when it is done."""
@@ -335,13 +346,38 @@ class _Receiver:
                 staged.discard()
 
 
-def _discard_after(staged: StagedFile) -> Callable[[asyncio.Future[None]], None]:
-    def discard(writing: asyncio.Future[None]) -> None:
+def _discard_after(staged: StagedFile) -> Callable[[asyncio.Future[tuple[None, None]]], None]:
+    def discard(writing: asyncio.Future[tuple[None, None]]) -> None:
         if not writing.cancelled():
             writing.exception()  # retrieved: a write into a file being discarded may fail, harmlessly
         staged.discard()
 
     return discard
+
+
+class _Manifests:
+    """Versions' files by path, by version name: a version never changes (nor goes away), so nothing here
+    goes stale, whichever registry stored it. The least recently used are dropped beyond MAX_CACHED_FILES
+    files in all."""
+
+    def __init__(self) -> None:
+        self._by_version: OrderedDict[str, dict[str, ArtifactFile]] = OrderedDict()
+        self._files = 0
+
+    def get(self, version: str) -> dict[str, ArtifactFile] | None:
+        manifest = self._by_version.get(version)
+        if manifest is not None:
+            self._by_version.move_to_end(version)
+        return manifest
+
+    def put(self, version: str, manifest: dict[str, ArtifactFile]) -> None:
+        if version in self._by_version:
+            return
+        self._by_version[version] = manifest
+        self._files += len(manifest)
+        while self._files > MAX_CACHED_FILES and len(self._by_version) > 1:
+            _, dropped = self._by_version.popitem(last=False)
+            self._files -= len(dropped)
 
 
 class NamedArtifacts:
@@ -351,6 +387,7 @@ class NamedArtifacts:
         self._store = store
         self._blob_dir = blob_dir
         self._max_version_bytes = max_version_bytes
+        self._manifests = _Manifests()
 
     def blobs(self, project: str) -> ContentStore:
         """The project's blobs (project ids are safe path segments: lowercase, digits, '-', '_')."""
@@ -404,6 +441,7 @@ class NamedArtifacts:
             async for chunk in chunks:
                 await receiver.feed(chunk)
             await receiver.end()
+            await receiver.sync_all()
             staged = {
                 sha256: staged_file.path
                 for sha256, staged_file in zip(new.uploads, receiver.staged, strict=True)
@@ -478,11 +516,10 @@ class NamedArtifacts:
                 if existing is not None:
                     version_row = existing
                 else:
-                    recorded = [
-                        sha256
-                        for sha256 in sorted(staged)  # one lock order for every writer
-                        if await tables.ensure_blob(key.project, sha256, _size(new, sha256), now)
-                    ]
+                    sizes = {file.sha256: file.size_bytes for file in new.files}
+                    recorded = await tables.ensure_blobs(
+                        key.project, {sha256: sizes[sha256] for sha256 in staged}, now
+                    )
                     version_row = ArtifactVersionRow(
                         collection_pk=pk(collection),
                         project_id=key.project,
@@ -501,7 +538,7 @@ class NamedArtifacts:
                     collection.version_count += 1
                     collection.update_time = now
                     placed = await asyncio.to_thread(
-                        blobs.put_new, [(staged[sha256], sha256) for sha256 in recorded]
+                        blobs.put_new, [(staged[sha256], sha256) for sha256 in sorted(recorded)]
                     )
                 for alias in new.aliases:
                     await tables.set_alias(pk(collection), alias, version_row.version)
@@ -603,20 +640,35 @@ class NamedArtifacts:
     async def open_file(
         self, reference: ArtifactReference, path: str, *, offset: int
     ) -> tuple[ArtifactFile, AsyncIterable[bytes]]:
-        """The file's entry and its bytes from ``offset`` on, in chunks of at most 1 MiB."""
+        """The file's entry and its bytes from ``offset`` on, in chunks of at most 1 MiB. ``reference`` names
+        a version by number. Once a version's manifest is cached its files are served without the database,
+        so a client fetching every file of a version costs one manifest read, not one per file."""
+        assert reference.version is not None, "ReadArtifactFile names a version by number"
         if problem := _path_problem(path):
             raise field_error("path", problem)
-        version = await self.get_version(reference)
-        file = next((file for file in version.files if file.path == path), None)
+        key = reference.collection
+        name = key.version_name(reference.version)
+        manifest = self._manifests.get(name)
+        if manifest is None:
+            async with self._store.read() as tx:
+                tables = ArtifactTables(tx)
+                version_pk = await tables.version_pk(key.project, key.artifact, reference.version)
+                if version_pk is None:
+                    _, row = await self._resolve_rows(tables, reference)  # raises what is missing
+                    version_pk = pk(row)
+                entries = await tables.version_files(version_pk)
+            manifest = {entry[0]: ArtifactFile(*entry) for entry in entries}
+            self._manifests.put(name, manifest)
+        file = manifest.get(path)
         if file is None:
             raise NotFound(
                 "ARTIFACT_FILE_NOT_FOUND",
-                f"{version.name} holds no file {path!r}",
-                metadata={"resource": version.name, "path": path},
+                f"{name} holds no file {path!r}",
+                metadata={"resource": name, "path": path},
             )
         if not 0 <= offset <= file.size_bytes:
             raise field_error("offset", f"must be between 0 and the file's size, {file.size_bytes}")
-        return file, self.blobs(reference.collection.project).read(file.sha256, offset)
+        return file, self.blobs(key.project).read(file.sha256, offset)
 
     async def _require_collection(
         self, tables: ArtifactTables, key: ArtifactCollectionKey
@@ -677,10 +729,6 @@ def _type_mismatch(new: NewVersion, stored: str) -> FailedPrecondition:
         metadata={"resource": new.collection.name, "type": stored},
         violations=[FieldViolation("header.type", f"must be {stored!r}, the artifact's type")],
     )
-
-
-def _size(new: NewVersion, sha256: str) -> int:
-    return next(file.size_bytes for file in new.files if file.sha256 == sha256)
 
 
 def collection_name(row: ArtifactCollectionRow) -> str:

@@ -190,6 +190,25 @@ class ArtifactTables:
         )
         return (await self._session.exec(query)).first()
 
+    async def version_pk(self, project_id: str, artifact_id: str, version: int) -> int | None:
+        """The row id of a version, in one query."""
+        query = (
+            select(ArtifactVersionRow.id)
+            .join(
+                ArtifactCollectionRow, col(ArtifactCollectionRow.id) == col(ArtifactVersionRow.collection_pk)
+            )
+            .where(
+                ArtifactCollectionRow.project_id == project_id,
+                ArtifactCollectionRow.artifact_id == artifact_id,
+                ArtifactVersionRow.version == version,
+            )
+        )
+        return (await self._session.exec(query)).first()
+
+    async def version_files(self, version_pk: int) -> list[list[Any]]:
+        query = select(ArtifactVersionRow.files).where(ArtifactVersionRow.id == version_pk)
+        return list((await self._session.exec(query)).one())
+
     async def version_with_digest(self, collection_pk: int, digest: str) -> ArtifactVersionRow | None:
         query = select(ArtifactVersionRow).where(
             ArtifactVersionRow.collection_pk == collection_pk, ArtifactVersionRow.digest == digest
@@ -238,12 +257,26 @@ class ArtifactTables:
             found.update((await self._session.exec(query)).all())
         return found
 
-    async def ensure_blob(self, project_id: str, sha256: str, size_bytes: int, now: datetime) -> bool:
-        """Record the blob in the project unless it is there; True when this call recorded it. On
-        PostgreSQL a concurrent transaction recording the same blob waits here until this one ends."""
-        return await self.tx.insert_unless_present(
-            ArtifactBlobRow, project_id=project_id, sha256=sha256, size_bytes=size_bytes, create_time=now
-        )
+    async def ensure_blobs(self, project_id: str, sizes: dict[str, int], now: datetime) -> set[str]:
+        """Record the blobs (sha256 -> size) in the project unless there; returns those this call recorded.
+        On PostgreSQL a concurrent transaction recording one of them waits here until this one ends; rows go
+        in digest order, the same in every transaction, so two never wait for each other."""
+        insert = postgresql.insert if self._dialect == "postgresql" else sqlite.insert
+        recorded: set[str] = set()
+        digests = sorted(sizes)
+        for start in range(0, len(digests), 1000):
+            rows = [
+                {"project_id": project_id, "sha256": sha256, "size_bytes": sizes[sha256], "create_time": now}
+                for sha256 in digests[start : start + 1000]
+            ]
+            statement = (
+                insert(ArtifactBlobRow)
+                .values(rows)
+                .on_conflict_do_nothing()
+                .returning(col(ArtifactBlobRow.sha256))
+            )
+            recorded.update((await self._session.exec(statement)).scalars().all())
+        return recorded
 
     async def record_use(self, version_pk: int, run: str, now: datetime) -> None:
         insert = postgresql.insert if self._dialect == "postgresql" else sqlite.insert

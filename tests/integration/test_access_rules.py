@@ -49,6 +49,8 @@ NAMES = {
     "job": f"{A}/jobs/j",
     "version": f"{A}/jobs/j/versions/0",
     "artifact": f"{A}/artifacts/{'0' * 64}",
+    "artifact collection": f"{A}/artifactCollections/c",
+    "artifact version": f"{A}/artifactCollections/c/versions/0",
     "run": f"{A}/runs/r",
     "queue": f"{A}/queues/q",
     "item": f"{A}/queues/q/items/i",
@@ -84,6 +86,7 @@ def test_every_method_of_every_service_has_an_access_rule() -> None:
     assert {service.full_name for service, _ in SERVICES} == {
         "takeoff.v1.JobService",
         "takeoff.v1.RunService",
+        "takeoff.v1.ArtifactService",
         "takeoff.v1.KeyService",
         "takeoff.v1.SecretService",
         "takeoff.v1.QueueService",
@@ -128,6 +131,8 @@ def _noun(method: MethodDescriptor) -> str:
         return "version" if "JobVersion" in name else "artifact" if "Artifact" in name else "job"
     if service == "QueueService":
         return "item" if "Item" in name else "agent" if "Agent" in name else "queue"
+    if service == "ArtifactService" and name != "FindMissingBlobs":  # that one names its project only
+        return "artifact collection" if "Collection" in name else "artifact version"
     return {
         "RunService": "run",
         "KeyService": "key",
@@ -136,7 +141,7 @@ def _noun(method: MethodDescriptor) -> str:
     }.get(service, "")
 
 
-PARENT_OF = {"version": "job", "item": "queue"}
+PARENT_OF = {"version": "job", "item": "queue", "artifact version": "artifact collection"}
 """A collection's parent, where it is not the project."""
 FIELD_NAMES = {
     "queue": "queue",
@@ -173,7 +178,7 @@ def request_for(method: MethodDescriptor) -> Message:
     # Resources inside messages: the object an Update changes, an upload's header, a lease's Hello, mounts.
     if method.name in ("UpdateJob", "UpdateQueue"):
         getattr(request, noun).name = NAMES[noun]
-    if method.name == "UploadArtifact":
+    if method.name in ("UploadArtifact", "CreateArtifactVersion"):
         request.header.parent = A  # type: ignore[attr-defined]
     if method.name == "Lease":
         request.hello.queues.append(NAMES["queue"])  # type: ignore[attr-defined]
