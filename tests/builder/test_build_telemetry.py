@@ -23,7 +23,7 @@ from takeoff_builder.settings import BuilderSettings
 from takeoff_rpc.channels import open_aio_channel
 from takeoff_server.metrics import process_registry
 from takeoff_server.server import TakeoffServer
-from tests.builder.conftest import SMALL_REQUIREMENT, Builder, create_job
+from tests.builder.conftest import Builder, create_job
 from tests.keys import ADMIN_KEY
 from tests.processes import ServiceProcess
 
@@ -89,7 +89,7 @@ def children(spans: list[ReadableSpan], parent: ReadableSpan) -> list[str]:
 async def test_a_miss_then_a_hit_are_counted_and_traced_with_their_steps(
     observed: Observed, client: takeoff.Client, project: str, tmp_path: Path
 ) -> None:
-    version = create_job(client, tmp_path, requirements=SMALL_REQUIREMENT)
+    version = create_job(client, tmp_path, requirements="# a venv of its own, with nothing to install")
     first = await observed.builder.build(version)
     second = await observed.builder.build(version)
     assert not first.result.cache_hit

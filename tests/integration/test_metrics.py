@@ -4,18 +4,22 @@ scraped over HTTP after a launch (docs/design.md §9, "Metrics")."""
 from __future__ import annotations
 
 import asyncio
+import json
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from takeoff.stack import LocalStack
 from takeoff_rpc.channels import open_aio_channel
 from takeoff_server.access import CachedVerifier
 from takeoff_server.metrics import CallbackGauge, MetricsEndpoint, RpcMetrics, counter, process_registry
 from takeoff_server.server import TakeoffServer
+from tests.e2e.test_up import takeoff as takeoff_cli
 from tests.unit.test_server_runtime import KEYS, PROBE, KeyTable, probe_binding
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -135,3 +139,82 @@ async def test_the_endpoint_answers_only_get_of_metrics(probe: Probe) -> None:
     assert await asyncio.to_thread(status, "/metrics") == 200
     assert await asyncio.to_thread(status, "/elsewhere") == 404
     assert await asyncio.to_thread(status, "/metrics", "POST") == 405
+
+
+QUEUE_METRICS = (
+    "takeoff_queue_depth",
+    "takeoff_queue_dispatch_seconds_count",
+    "takeoff_queue_leases_held",
+    "takeoff_queue_assignments_total",
+)
+
+
+@pytest.fixture
+def stack(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[LocalStack, Path]]:
+    """A stack whose every service serves metrics on a free port (the children inherit the setting)."""
+    monkeypatch.setenv("TAKEOFF_METRICS_LISTEN", "127.0.0.1:0")
+    home = tmp_path / "home"
+    stack = LocalStack(home, base_port=0)
+    stack.start()
+    try:
+        yield stack, home
+    finally:
+        stack.stop()
+
+
+def metrics_address(home: Path, service: str) -> str:
+    return str(json.loads((home / "run" / f"{service}.ready").read_text())["metrics_address"])
+
+
+def test_every_service_of_a_stack_serves_its_metrics_after_a_launch(
+    stack: tuple[LocalStack, Path], tmp_path: Path
+) -> None:
+    local_stack, home = stack
+    created = takeoff_cli(home, "queue", "create", "metrics", "--resource", "local-process")
+    assert created.returncode == 0, created.stderr
+    config = home / "agent.yaml"
+    config.write_text("name: metrics-agent\nqueues: [metrics]\nmax_jobs: 1\n")
+    local_stack.start_agent(config)
+    code = tmp_path / "code"
+    code.mkdir()
+    (code / "train.py").write_text("import takeoff\n\ntakeoff.init().finish()\n")
+    created = takeoff_cli(
+        home, "job", "create", str(code), "--name", "measured", "--entrypoint", "python train.py"
+    )
+    assert created.returncode == 0, created.stderr
+
+    launched = takeoff_cli(home, "launch", "measured", "--queue", "metrics", "--wait", timeout=120)
+    assert launched.returncode == 0, launched.stdout + launched.stderr
+    assert "SUCCEEDED" in launched.stdout
+
+    scraped = {
+        service: scrape(metrics_address(home, service))
+        for service in ("registry", "queue", "builder", "agent")
+    }
+    ok = {"grpc_code": "OK"}
+    count = "grpc_server_handling_seconds_count"
+
+    def calls(service: str, grpc_service: str, method: str, kind: str = "unary") -> float:
+        labels = {"grpc_service": grpc_service, "grpc_method": method, "grpc_type": kind, **ok}
+        return value(scraped[service], count, **labels) or 0
+
+    assert calls("registry", "takeoff.v1.JobService", "CreateJobVersion") >= 1
+    assert calls("registry", "takeoff.v1.JobService", "GetJobVersion") >= 1  # the queue's and the builder's
+    assert calls("registry", "takeoff.v1.RunService", "CreateRun") >= 1  # the agent's
+    assert calls("queue", "takeoff.v1.QueueService", "Enqueue") == 1
+    assert calls("builder", "takeoff.v1.BuildService", "Build", "server_stream") == 1
+    assert calls("agent", "grpc.health.v1.Health", "Check") >= 1  # the stack's readiness probe
+    stream = {"grpc_service": "takeoff.v1.QueueService", "grpc_method": "Lease", "grpc_type": "bidi_stream"}
+    assert value(scraped["queue"], "grpc_server_in_flight", **stream) == 1  # the agent's lease stream
+
+    builder = scraped["builder"]
+    assert value(builder, "takeoff_builder_builds_started_total", kind="venv") == 1
+    assert value(builder, "takeoff_builder_builds_finished_total", kind="venv", outcome="succeeded") == 1
+    assert value(builder, "takeoff_builder_cache_lookups_total", kind="venv", result="miss") == 1
+    for service, samples in scraped.items():
+        assert value(samples, "process_resident_memory_bytes"), service
+
+    queue_series = {name for name, _ in scraped["queue"]}
+    if "takeoff_queue_depth" in queue_series:  # the queue's own metrics (issue 17, Q17)
+        assert value(scraped["queue"], "takeoff_queue_depth", queue="projects/default/queues/metrics") == 0
+        assert {name for name in QUEUE_METRICS} <= queue_series
