@@ -31,6 +31,7 @@ from takeoff_registry.keys_api import KeyApi
 from takeoff_registry.keys_store import SqlKeyStore
 from takeoff_registry.named_artifacts import NamedArtifacts
 from takeoff_registry.named_artifacts_api import ArtifactApi
+from takeoff_registry.retention import RegistryRetention
 from takeoff_registry.runs import Runs
 from takeoff_registry.runs_api import RunApi
 from takeoff_registry.secrets import Secrets, load_secrets_key
@@ -42,6 +43,7 @@ from takeoff_server.database import open_service_database
 from takeoff_server.errors import ServiceFailed
 from takeoff_server.main import ServiceProgram
 from takeoff_server.rate_limits import Rate
+from takeoff_server.retention import pruning
 from takeoff_server.server import ServiceBinding, Wiring
 
 logger = logging.getLogger(__name__)
@@ -62,6 +64,8 @@ async def wire(settings: RegistrySettings, resources: AsyncExitStack) -> Wiring:
         "registry", settings, resources, migrations=Path(__file__).with_name("migrations")
     )
     store = RegistryStore(database)
+    retention = RegistryRetention(settings.retention, store, settings.artifacts_path)
+    await resources.enter_async_context(pruning("registry", retention.prune, settings.retention))
     keys = Keys(SqlKeyStore(store))
     if settings.bootstrap_admin_key_file is not None:
         key, created = await keys.bootstrap_admin(settings.bootstrap_admin_key_file)

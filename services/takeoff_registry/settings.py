@@ -6,6 +6,7 @@ from pydantic import Field, field_validator
 
 from takeoff_server.config import ServerSettings
 from takeoff_server.git_access import GitAccessSettings
+from takeoff_server.retention import RetentionSettings
 
 MIB = 1024 * 1024
 
@@ -34,6 +35,9 @@ class RegistrySettings(ServerSettings, GitAccessSettings):
     """Sustained metric rows one run may log (per registry process); more is RATE_LIMITED."""
     metric_rows_per_run_burst: int = Field(500_000, ge=1)
     """Large, so that a job logging a burst from a tight loop (the SDK batches) is not slowed."""
+    retention: RetentionSettings = RetentionSettings()
+    """Pruning of code artifacts no job version references and of old request ids (docs/design.md §9,
+    "Retention"): ``interval_seconds``, ``in_use_hours``, ``request_id_days``. Named artifacts are kept."""
 
     @field_validator("max_artifact_bytes", "max_artifact_version_bytes")
     @classmethod
