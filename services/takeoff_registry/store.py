@@ -233,6 +233,18 @@ class Tx:
             query = query.with_for_update()
         return (await self.session.exec(query)).first()
 
+    async def job_and_aliases(self, project_id: str, job_id: str) -> tuple[JobRow, dict[str, int]] | None:
+        """The job and its user aliases (alias -> version) in one query; None when the job does not exist."""
+        query = (
+            select(JobRow, JobAliasRow.alias, JobAliasRow.version)
+            .outerjoin(JobAliasRow, col(JobAliasRow.job_pk) == col(JobRow.id))
+            .where(JobRow.project_id == project_id, JobRow.job_id == job_id)
+        )
+        rows = (await self.session.exec(query)).all()
+        if not rows:
+            return None
+        return rows[0][0], {alias: version for _, alias, version in rows if alias is not None}
+
     async def ensure_job(self, project_id: str, job_id: str, now: datetime) -> JobRow:
         """The job, created empty if missing, locked for the rest of the transaction."""
         await self.ensure_project(project_id, now)
