@@ -15,14 +15,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import statistics
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+from takeoff._home import StackRecord
 from takeoff.client import Client
 from takeoff.stack import LocalStack
 from takeoff.v1 import common_pb2, keys_pb2, keys_pb2_grpc, queue_pb2, queue_pb2_grpc
@@ -119,24 +121,33 @@ async def measure(
         return latencies
 
 
+@contextlib.contextmanager
+def bench_stack(home: Path) -> Iterator[tuple[LocalStack, StackRecord]]:
+    """A started local stack in ``home`` whose registry holds the code job ``bench``; stopped after."""
+    stack = LocalStack(home, base_port=0)
+    record = stack.start()
+    try:
+        code = home / "code"
+        code.mkdir()
+        (code / "job.py").write_text("print('hi')\n")
+        with Client(record.services["registry"].address, project="bench", api_key=stack.admin_key) as client:
+            client.create_job_version("bench", code, entrypoint=["python", "job.py"])
+        yield stack, record
+    finally:
+        stack.stop()
+
+
 def run(items: int, backlog: int) -> dict[str, float]:
     """Start a stack, measure ``items`` dispatches with ``backlog`` items waiting elsewhere, stop it."""
-    with tempfile.TemporaryDirectory(prefix="takeoff-bench-") as home:
-        stack = LocalStack(Path(home), base_port=0)
-        record = stack.start()
-        try:
-            code = Path(home) / "code"
-            code.mkdir()
-            (code / "job.py").write_text("print('hi')\n")
-            registry = record.services["registry"].address
-            with Client(registry, project="bench", api_key=stack.admin_key) as client:
-                client.create_job_version("bench", code, entrypoint=["python", "job.py"])
-            latencies = asyncio.run(
-                measure(record.services["queue"].address, registry, stack.admin_key, items, backlog)
-            )
-        finally:
-            stack.stop()
-        ordered = sorted(latencies)
+    with (
+        tempfile.TemporaryDirectory(prefix="takeoff-bench-") as home,
+        bench_stack(Path(home)) as (stack, record),
+    ):
+        registry = record.services["registry"].address
+        latencies = asyncio.run(
+            measure(record.services["queue"].address, registry, stack.admin_key, items, backlog)
+        )
+    ordered = sorted(latencies)
     return {
         "items": items,
         "backlog": backlog,

@@ -7,10 +7,10 @@ database: each keeps its own tables and its own migration version table, ``{serv
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from alembic import command
 from alembic.config import Config as AlembicConfig
@@ -37,38 +37,58 @@ def async_database_url(url: str) -> str:
     raise ConfigError(f"unsupported database {backend!r}: use a sqlite:// or postgresql:// URL")
 
 
-def _tune_sqlite(dbapi_connection: Any, _record: Any) -> None:
-    cursor = dbapi_connection.cursor()
-    # WAL lets readers run beside the writer; NORMAL sync is durable at each WAL checkpoint and commit
-    # in WAL mode survives a process kill (only power loss can drop the last commits).
-    cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA synchronous=NORMAL")
-    cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
-    cursor.execute("PRAGMA foreign_keys=ON")
-    cursor.close()
+SqliteSynchronous = Literal["NORMAL", "FULL"]
+
+
+def _sqlite_tuner(synchronous: SqliteSynchronous) -> Callable[[Any, Any], None]:
+    def tune(dbapi_connection: Any, _record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        # WAL lets readers run beside the writer. In WAL mode a commit survives a process kill with either
+        # setting; NORMAL syncs only at checkpoints, so power loss can drop the last commits, while FULL
+        # syncs the WAL at every commit (one fsync per group commit, not per change).
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute(f"PRAGMA synchronous={synchronous}")
+        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.close()
+
+    return tune
 
 
 class Database:
     """One service's database: ``async with db.session() as s`` for work, ``await db.migrate()`` at start."""
 
-    def __init__(self, service: str, url: str, *, migrations: Path | None = None) -> None:
+    def __init__(
+        self,
+        service: str,
+        url: str,
+        *,
+        migrations: Path | None = None,
+        sqlite_synchronous: SqliteSynchronous = "NORMAL",
+    ) -> None:
         self.service = service
         self.url = async_database_url(url)
         self.migrations = migrations
         self.engine: AsyncEngine = create_async_engine(self.url, pool_pre_ping=True)
         if self.engine.dialect.name == "sqlite":
-            event.listen(self.engine.sync_engine, "connect", _tune_sqlite)
+            event.listen(self.engine.sync_engine, "connect", _sqlite_tuner(sqlite_synchronous))
         self._sessions = async_sessionmaker(self.engine, class_=AsyncSession, expire_on_commit=False)
 
     @classmethod
     def for_service(
-        cls, service: str, home: Path, database_url: str | None, *, migrations: Path | None = None
+        cls,
+        service: str,
+        home: Path,
+        database_url: str | None,
+        *,
+        migrations: Path | None = None,
+        sqlite_synchronous: SqliteSynchronous = "NORMAL",
     ) -> Database:
         """The configured database, or ``{home}/{service}.db`` when none is configured."""
         if database_url is None:
             home.mkdir(parents=True, exist_ok=True)
             database_url = f"sqlite:///{home / f'{service}.db'}"
-        return cls(service, database_url, migrations=migrations)
+        return cls(service, database_url, migrations=migrations, sqlite_synchronous=sqlite_synchronous)
 
     @property
     def version_table(self) -> str:
@@ -109,10 +129,21 @@ class Database:
 
 
 async def open_service_database(
-    service: str, settings: ServerSettings, resources: AsyncExitStack, *, migrations: Path
+    service: str,
+    settings: ServerSettings,
+    resources: AsyncExitStack,
+    *,
+    migrations: Path,
+    sqlite_synchronous: SqliteSynchronous = "NORMAL",
 ) -> Database:
     """Open and migrate the service's configured database; ``resources`` closes it."""
-    database = Database.for_service(service, settings.home, settings.database_url, migrations=migrations)
+    database = Database.for_service(
+        service,
+        settings.home,
+        settings.database_url,
+        migrations=migrations,
+        sqlite_synchronous=sqlite_synchronous,
+    )
     resources.push_async_callback(database.close)
     await database.migrate()
     return database

@@ -5,11 +5,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from prometheus_client.registry import Collector
+
 from takeoff.v1 import queue_pb2, queue_pb2_grpc
 from takeoff_queue.access import RULES
 from takeoff_queue.api import QueueApi
 from takeoff_queue.book import QueueBook
 from takeoff_queue.dispatcher import Dispatcher, LeaseTiming
+from takeoff_queue.metrics import QueueMetrics
 from takeoff_queue.registry_client import Registry
 from takeoff_queue.settings import QueueSettings
 from takeoff_queue.store import QueueStore
@@ -35,11 +38,17 @@ class QueueService:
     binding: ServiceBinding
     verifier: KeyVerifier
     """How the queue's server verifies the keys presented to it: the registry's VerifyKey, cached."""
+    metrics: list[Collector]
+    """The queue's own Prometheus metrics, served beside the RPC metrics."""
 
 
 async def assemble(settings: QueueSettings, resources: AsyncExitStack) -> QueueService:
     database = await open_service_database(
-        "queue", settings, resources, migrations=Path(__file__).with_name("migrations")
+        "queue",
+        settings,
+        resources,
+        migrations=Path(__file__).with_name("migrations"),
+        sqlite_synchronous=settings.sqlite_synchronous,
     )
     store = QueueStore(database)
     timing = LeaseTiming(
@@ -48,7 +57,8 @@ async def assemble(settings: QueueSettings, resources: AsyncExitStack) -> QueueS
     )
     registry = Registry(settings.registry_address, settings)
     resources.push_async_callback(registry.close)
-    dispatcher = Dispatcher(store, utc_now, timing, registry, tokens=registry)
+    metrics = QueueMetrics()
+    dispatcher = Dispatcher(store, utc_now, timing, registry, tokens=registry, metrics=metrics)
     resources.push_async_callback(dispatcher.stop)
     book = QueueBook(store, dispatcher, registry, utc_now, images_pushed=bool(settings.builder_push_registry))
     await book.start()
@@ -60,12 +70,12 @@ async def assemble(settings: QueueSettings, resources: AsyncExitStack) -> QueueS
         on_shutdown=dispatcher.stop,
     )
     verifier = registry_verifier(settings, settings.registry_address, resources)
-    return QueueService(store, dispatcher, book, binding, verifier)
+    return QueueService(store, dispatcher, book, binding, verifier, metrics.collectors(lambda: dispatcher))
 
 
 async def wire(settings: QueueSettings, resources: AsyncExitStack) -> Wiring:
     service = await assemble(settings, resources)
-    return Wiring(services=[service.binding], verifier=service.verifier)
+    return Wiring(services=[service.binding], verifier=service.verifier, metrics=service.metrics)
 
 
 program = ServiceProgram("queue", QueueSettings, wire)

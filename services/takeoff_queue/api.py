@@ -16,7 +16,7 @@ from google.protobuf.field_mask_pb2 import FieldMask
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from takeoff.v1 import common_pb2, queue_pb2, queue_pb2_grpc
-from takeoff_queue import checks
+from takeoff_queue import checks, tracing
 from takeoff_queue.book import EnqueueRequest, QueueBook
 from takeoff_queue.dispatcher import Dispatcher, Session
 from takeoff_queue.lifecycle import FailureReason, ItemState, Transition
@@ -465,7 +465,7 @@ def _response_to_proto(message: Any) -> queue_pb2.LeaseResponse:
                     start_deadline=optional_timestamp(message.start_deadline),
                     max_run_time=optional_duration(item.max_run_time),
                     entrypoint=item.entrypoint or list(version.entrypoint),
-                    traceparent=item.traceparent,
+                    traceparent=tracing.attempt_traceparent(item, message.attempt),
                     queue=queue.name,
                     resource=_RESOURCE_KIND_PROTOS[queue.resource],
                     container_name=queue.container_name,

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 import jsonschema
 
-from takeoff_queue import checks, lifecycle, resource_config
+from takeoff_queue import checks, lifecycle, resource_config, tracing
 from takeoff_queue.dispatcher import Dispatcher
 from takeoff_queue.lifecycle import ItemState
 from takeoff_queue.model import (
@@ -286,6 +286,7 @@ class QueueBook:
                 self._dispatcher.not_admitted(item)
                 return await self.get_item(replayed)
             item.committed = item.life
+            tracing.committed(item, item.life.history, 0)
             self._dispatcher.admitted(item, leased)
             return replace(item)  # as committed: a dispatch pass may lease it before the caller reads it
 

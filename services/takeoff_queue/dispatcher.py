@@ -23,8 +23,9 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
-from takeoff_queue import lifecycle
+from takeoff_queue import lifecycle, tracing
 from takeoff_queue.lifecycle import FailureReason, ItemLife, ItemState, LeaseLost
+from takeoff_queue.metrics import QueueMetrics
 from takeoff_queue.model import (
     Ack,
     Agent,
@@ -149,8 +150,11 @@ class Dispatcher:
         timing: LeaseTiming,
         runs: RunRegistry,
         tokens: RunTokens | None = None,
+        *,
+        metrics: QueueMetrics | None = None,
     ) -> None:
         self._store = store
+        self.metrics = metrics or QueueMetrics()
         self._tokens = tokens
         """Mints each attempt's run token before the item is leased; None: no tokens (tests of dispatch
         alone)."""
@@ -304,8 +308,10 @@ class Dispatcher:
         """Take in a new item whose first commit is done; one leased by :meth:`admit` goes to its agent."""
         self._settle_admission(item)
         self._index(item)
+        self.metrics.enqueues[item.queue].inc()
         if leased is not None:
             self._send_to_holder(item, leased)
+            self._assigned(item)
             holder = self.agents[item.life.agent.removeprefix("agents/")]
             if holder.lease_expiry is not None and holder.lease_expiry <= self._clock():
                 # It stopped renewing during the commit, and its expiry was handled without this lease.
@@ -824,7 +830,8 @@ class Dispatcher:
     async def _mint(self, item: Item, agent: Agent) -> None:
         run = item.run_name(item.life.attempt + 1)
         try:
-            token: str | None = await self._minted(item, run)
+            with tracing.pending(item):
+                token: str | None = await self._minted(item, run)
         finally:
             agent.leases_committing -= 1
             self._live[item.queue] -= 1
@@ -909,6 +916,31 @@ class Dispatcher:
             # Still the agent's? (a cancel or a deadline may have moved it on during the commit)
             if item.lease_id == assignment.lease_id and item.state.is_live:
                 self._send_to_holder(item, assignment)
+                self._assigned(item)
+
+    def _assigned(self, item: Item) -> None:
+        waited = self._clock() - item.life.eligible_time
+        self.metrics.dispatch[item.queue].observe(waited.total_seconds())
+        self.metrics.assignments[item.queue].inc()
+
+    # ----- what the metrics read when scraped -----------------------------------------------------
+
+    def depths(self) -> tuple[dict[str, int], dict[str, int]]:
+        """Items PENDING, and items held under a lease, per queue (every queue, 0 included)."""
+        pending, live = dict.fromkeys(self.queues, 0), dict.fromkeys(self.queues, 0)
+        for item in self.items.values():
+            if item.state is ItemState.PENDING:
+                pending[item.queue] = pending.get(item.queue, 0) + 1
+            elif item.state.is_live:
+                live[item.queue] = live.get(item.queue, 0) + 1
+        return pending, live
+
+    def leases_by_queue(self) -> dict[str, int]:
+        held = dict.fromkeys(self.queues, 0)
+        for item_id in self._leases.values():
+            if (item := self.items.get(item_id)) is not None:
+                held[item.queue] = held.get(item.queue, 0) + 1
+        return held
 
     # ----- leases, deadlines and endings --------------------------------------------------------
 
@@ -1022,6 +1054,7 @@ class Dispatcher:
             lost = f"{agent.name} stopped renewing its lease"
             closed, revokes = [], []
             for item in [self.items[item_id] for item_id in agent.leases.values()]:
+                self.metrics.expired[item.queue].inc()
                 revokes.append(
                     (item, Revoke(item.lease_id, item.name, RevokeReason.EXPIRED, "lease expired"))
                 )
@@ -1194,10 +1227,11 @@ class Dispatcher:
             for item, _, _ in writes:
                 self._roll_back(item)
             raise
-        for item, life, _ in writes:
+        for item, life, since in writes:
             if self._writing.get(item.id) is life:
                 del self._writing[item.id]
             item.committed = life
+            tracing.committed(item, life.history, since)
         self.wake_revoker()  # attempts that ended put their runs in the outbox of token revocations
         for item, message in then_send:
             self._send_to_holder(item, message)

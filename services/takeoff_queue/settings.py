@@ -3,6 +3,7 @@
 from pydantic import Field, ValidationInfo, field_validator
 
 from takeoff_server.config import ServerSettings
+from takeoff_server.database import SqliteSynchronous
 
 MAX_LEASE_SECONDS = 86400.0
 """A day: longer leases would hide a lost agent for longer than anyone waits, and far larger numbers
@@ -24,6 +25,9 @@ class QueueSettings(ServerSettings):
     """Enqueues each key may make per second, per queue replica (RESOURCE_EXHAUSTED ``RATE_LIMITED``
     beyond); bursts of up to ``enqueue_burst``."""
     enqueue_burst: float = Field(default=200.0, ge=1)
+    sqlite_synchronous: SqliteSynchronous = "FULL"
+    """On SQLite: FULL syncs the WAL at every (group) commit, so an item acknowledged survives power loss;
+    NORMAL only at checkpoints (a process kill loses nothing either way). PostgreSQL syncs every commit."""
 
     @field_validator("heartbeat_interval_seconds")
     @classmethod

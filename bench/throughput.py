@@ -1,0 +1,261 @@
+"""Life cycles per second through one queue service: concurrent enqueuers and synthetic agents.
+
+Starts a local stack (registry, queue, builder) on free ports in a temporary TAKEOFF_HOME, on SQLite or on
+a fresh PostgreSQL schema (``--database postgresql``, from ``TAKEOFF_TEST_POSTGRES_URL``), creates a code
+job and a queue, and connects ``--agents`` synthetic agents speaking the Lease protocol (no processes run:
+each Assignment is answered Progress RUNNING, and its Ack by Complete SUCCEEDED). ``--enqueuers`` tasks
+then Enqueue ``--items`` items by the job's name, so every Enqueue resolves the job. A life cycle counts
+once its Complete is acknowledged: Enqueue, Assignment, RUNNING and SUCCEEDED, each committed before it
+was answered. Every call presents a key (the admin key for Enqueue, an agent key per stream), as in
+production. The bench client shares the machine's cores with the services.
+
+What limits it: the CPU seconds each process (the queue, the registry, this client) spent per life cycle,
+read from /proc, and with ``--profile FILE`` the queue service's own cProfile (top functions by own time;
+the profiler slows it, so that run's rate is not the figure).
+
+    python bench/throughput.py [--items 5000] [--agents 8] [--capacity 64] [--enqueuers 64]
+        [--database sqlite|postgresql] [--sqlite-sync NORMAL|FULL] [--profile queue.prof]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import io
+import json
+import os
+import pstats
+import stat
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import psycopg
+from dispatch import _agent_key, _create_queue, bench_stack
+
+from takeoff.v1 import common_pb2, queue_pb2, queue_pb2_grpc
+from takeoff_rpc.channels import open_aio_channel
+
+LeaseRequest = queue_pb2.LeaseRequest
+RUNNING = common_pb2.ITEM_STATE_RUNNING
+SUCCEEDED = common_pb2.ITEM_STATE_SUCCEEDED
+HEARTBEAT_SECONDS = 5.0
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+class SyntheticAgent:
+    """One Lease stream that runs every item it is given at once: RUNNING, then SUCCEEDED."""
+
+    def __init__(self, stub: queue_pb2_grpc.QueueServiceAsyncStub, queue: str, capacity: int, key: str):
+        self._stub = stub
+        self._key = key
+        self._outgoing: asyncio.Queue[LeaseRequest | None] = asyncio.Queue()
+        self._epochs: dict[str, int] = {}
+        self.completed = 0
+        self.done = asyncio.Event()
+        self.target = 0
+        hello = LeaseRequest.Hello(
+            agent_id=uuid.uuid4().hex,
+            session_id=uuid.uuid4().hex,
+            queues=[queue],
+            resources=[common_pb2.RESOURCE_KIND_LOCAL_PROCESS],
+            capacity=capacity,
+        )
+        self._outgoing.put_nowait(LeaseRequest(hello=hello))
+
+    async def _requests(self) -> AsyncIterator[LeaseRequest]:
+        while (request := await self._outgoing.get()) is not None:
+            yield request
+
+    async def run(self, counter: list[int], total: int, finished: asyncio.Event) -> None:
+        send = self._outgoing.put_nowait
+        stream = self._stub.Lease(self._requests(), metadata=(("authorization", f"Bearer {self._key}"),))
+        beating = asyncio.create_task(self._heartbeat())
+        try:
+            async for response in stream:
+                kind = response.WhichOneof("message")
+                if kind == "assignment":
+                    lease = response.assignment
+                    self._epochs[lease.lease_id] = lease.epoch
+                    send(
+                        LeaseRequest(
+                            progress=LeaseRequest.Progress(
+                                lease_id=lease.lease_id, epoch=lease.epoch, state=RUNNING
+                            )
+                        )
+                    )
+                elif kind == "ack" and response.ack.state == RUNNING:
+                    lease_id = response.ack.lease_id
+                    send(
+                        LeaseRequest(
+                            complete=LeaseRequest.Complete(
+                                lease_id=lease_id, epoch=self._epochs.pop(lease_id), outcome=SUCCEEDED
+                            )
+                        )
+                    )
+                elif kind == "ack" and response.ack.state == SUCCEEDED:
+                    counter[0] += 1
+                    if counter[0] >= total:
+                        finished.set()
+                elif kind == "reject":
+                    raise RuntimeError(f"rejected: {response.reject}")
+        finally:
+            beating.cancel()
+
+    def stop(self) -> None:
+        self._outgoing.put_nowait(None)
+
+    async def _heartbeat(self) -> None:
+        while True:
+            await asyncio.sleep(HEARTBEAT_SECONDS)
+            self._outgoing.put_nowait(LeaseRequest(heartbeat=LeaseRequest.Heartbeat()))
+
+
+async def measure(
+    queue_address: str, registry_address: str, admin_key: str, args: argparse.Namespace, pids: dict[str, int]
+) -> dict[str, float]:
+    async with open_aio_channel(queue_address, api_key=admin_key) as channel:
+        stub = queue_pb2_grpc.QueueServiceStub(channel)
+        queue = await _create_queue(stub)
+        key = await _agent_key(registry_address, admin_key, queue)
+        agents = [SyntheticAgent(stub, queue, args.capacity, key) for _ in range(args.agents)]
+        counter, finished = [0], asyncio.Event()
+        streams = [asyncio.create_task(agent.run(counter, args.items, finished)) for agent in agents]
+        await asyncio.sleep(0.5)  # every Hello answered: the first Enqueues find agents waiting
+        left = list(range(args.items))
+
+        async def enqueuer() -> None:
+            while left:
+                left.pop()
+                await stub.Enqueue(queue_pb2.EnqueueRequest(queue=queue, job="bench"))
+
+        cpu_before = {name: _cpu_seconds(pid) for name, pid in pids.items()}
+        started = time.perf_counter()
+        enqueuing = asyncio.gather(*(enqueuer() for _ in range(args.enqueuers)))
+        waiting = asyncio.create_task(finished.wait())
+        # Every item's Complete acknowledged, or a stream that failed (then its error is raised).
+        await asyncio.wait([waiting, *streams], return_when=asyncio.FIRST_COMPLETED)
+        for task in streams:
+            if task.done():
+                task.result()
+        await enqueuing
+        elapsed = time.perf_counter() - started
+        cpu = {name: _cpu_seconds(pid) - cpu_before[name] for name, pid in pids.items()}
+        for agent in agents:
+            agent.stop()
+        await asyncio.gather(*streams, return_exceptions=True)
+    result: dict[str, float] = {
+        "items": args.items,
+        "seconds": round(elapsed, 3),
+        "life_cycles_per_second": round(args.items / elapsed, 1),
+    }
+    for name, seconds in cpu.items():
+        result[f"{name}_cpu_ms_per_life_cycle"] = round(seconds / args.items * 1e3, 3)
+        result[f"{name}_cpu_share"] = round(seconds / elapsed, 3)
+    return result
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime
+
+
+@contextlib.contextmanager
+def _database(kind: str) -> Iterator[None]:
+    """Point every service of the stack at a fresh PostgreSQL schema (SQLite needs nothing)."""
+    if kind == "sqlite":
+        yield
+        return
+    url = os.environ["TAKEOFF_TEST_POSTGRES_URL"]
+    schema = f"bench_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(url, autocommit=True) as connection:
+        connection.execute(f"CREATE SCHEMA {schema}")
+    os.environ["TAKEOFF_DATABASE_URL"] = f"{url}?options=-csearch_path%3D{schema}"
+    try:
+        yield
+    finally:
+        del os.environ["TAKEOFF_DATABASE_URL"]
+        with psycopg.connect(url, autocommit=True) as connection:
+            connection.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+@contextlib.contextmanager
+def _profiled_queue(home: Path, profile: str | None) -> Iterator[None]:
+    """Start the queue service under cProfile (``profile``: where its stats go when it stops)."""
+    if profile is None:
+        yield
+        return
+    wrapper = home / "python-profiled"
+    real = sys.executable
+    wrapper.write_text(
+        f'#!/bin/sh\nif [ "$2" = takeoff_queue ]; then exec {real} -m cProfile -o {profile} "$@"; fi\n'
+        f'exec {real} "$@"\n'
+    )
+    wrapper.chmod(wrapper.stat().st_mode | stat.S_IXUSR)
+    sys.executable = str(wrapper)  # LocalStack starts each service as sys.executable -m takeoff_<name>
+    try:
+        yield
+    finally:
+        sys.executable = real
+
+
+def run(args: argparse.Namespace) -> dict[str, float]:
+    os.environ["TAKEOFF_ENQUEUES_PER_SECOND"] = "1000000"  # the bench measures the queue, not its limit
+    os.environ["TAKEOFF_ENQUEUE_BURST"] = "1000000"
+    if args.sqlite_sync:
+        os.environ["TAKEOFF_SQLITE_SYNCHRONOUS"] = args.sqlite_sync
+    with (
+        tempfile.TemporaryDirectory(prefix="takeoff-bench-") as home,
+        _database(args.database),
+        _profiled_queue(Path(home), args.profile),
+        bench_stack(Path(home)) as (stack, record),
+    ):
+        pids = {
+            "queue": record.services["queue"].pid,
+            "registry": record.services["registry"].pid,
+            "client": os.getpid(),
+        }
+        registry = record.services["registry"].address
+        result = asyncio.run(measure(record.services["queue"].address, registry, stack.admin_key, args, pids))
+    return {"database": args.database, "sqlite_sync": args.sqlite_sync or "default", **result}
+
+
+def top_functions(profile: str, count: int = 25) -> str:
+    out = io.StringIO()
+    pstats.Stats(profile, stream=out).sort_stats("tottime").print_stats(count)
+    return out.getvalue()
+
+
+def print_table(results: list[dict[str, float]]) -> None:
+    print(json.dumps(results, indent=2))
+    columns = ["database", "sqlite_sync", "items", "life_cycles_per_second"]
+    columns += [f"{name}_cpu_ms_per_life_cycle" for name in ("queue", "registry", "client")]
+    print("\n" + " ".join(f"{column:>28}" for column in columns))
+    for row in results:
+        print(" ".join(f"{row[column]!s:>28}" for column in columns))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--items", type=int, default=5000)
+    parser.add_argument("--agents", type=int, default=8)
+    parser.add_argument("--capacity", type=int, default=64)
+    parser.add_argument("--enqueuers", type=int, default=64)
+    parser.add_argument("--database", choices=["sqlite", "postgresql"], default="sqlite")
+    parser.add_argument("--sqlite-sync", choices=["NORMAL", "FULL"], default=None)
+    parser.add_argument("--profile", default=None, help="write the queue service's cProfile stats here")
+    parser.add_argument("--runs", type=int, default=1)
+    args = parser.parse_args()
+    if args.profile:
+        args.profile = str(Path(args.profile).resolve())
+    print_table([run(args) for _ in range(args.runs)])
+    if args.profile:
+        print(top_functions(args.profile))
+
+
+if __name__ == "__main__":
+    main()
