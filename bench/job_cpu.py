@@ -46,7 +46,7 @@ from takeoff_rpc.channels import open_channel
 
 MARK = "job_cpu "
 JOB = f"""\
-import json as _json, os as _os, resource as _resource, threading as _threading
+import resource as _resource  # a small C module: the first mark is the interpreter's start alone
 
 
 def _cpu():
@@ -61,6 +61,8 @@ _marks["import takeoff"] = _cpu()
 run = takeoff.init()
 _marks["init"] = _cpu()
 run.log({{"loss": 0.5}})
+import json as _json, os as _os, threading as _threading  # loaded by init already
+
 _names = {{thread.native_id: thread.name for thread in _threading.enumerate()}}
 _threads = {{}}
 for _tid in _os.listdir("/proc/self/task"):
