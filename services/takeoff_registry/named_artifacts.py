@@ -56,7 +56,7 @@ from takeoff_server.errors import (
     ResourceExhausted,
 )
 from takeoff_server.idempotency import request_fingerprint
-from takeoff_server.pagination import MAX_PAGE_BYTES, PageRequest
+from takeoff_server.pagination import PageRequest
 from takeoff_server.validation import MAX_CONFIG_DEPTH, Problems, check_struct, field_error, text_problem
 
 MAX_FILES = 10_000
@@ -64,8 +64,9 @@ MAX_PATH = 1024
 MAX_ALIASES = 16
 MAX_METADATA_BYTES = 64 * 1024
 MAX_DIGESTS = 10_000
-MAX_MANIFEST_CHARS = MAX_PAGE_BYTES
-"""Characters of all paths together: a version, files and all, always fits in one response message."""
+MAX_PATHS_BYTES = 2 * 1024 * 1024
+"""All paths of a version together, as UTF-8: with 10,000 digests and the metadata a version still fits in
+one response message (4 MiB), used_by and all."""
 TYPE_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 TYPE_RULE = "1-64 characters of letters, digits, '-', '_' and '.'"
 MAX_CACHED_FILES = 200_000
@@ -196,9 +197,9 @@ def _check_new_version(new: NewVersion, problems: Problems) -> None:
         problems.add("ARGUMENT_INVALID", "header.files", "a version holds at least one file")
     if len(new.files) > MAX_FILES:
         problems.add("ARGUMENT_INVALID", "header.files", f"at most {MAX_FILES} files (got {len(new.files)})")
-    elif sum(len(file.path) for file in new.files) > MAX_MANIFEST_CHARS:
+    elif sum(len(file.path.encode(errors="replace")) for file in new.files) > MAX_PATHS_BYTES:
         problems.add(
-            "ARGUMENT_INVALID", "header.files", f"the paths add up to over {MAX_MANIFEST_CHARS} characters"
+            "ARGUMENT_INVALID", "header.files", f"the paths add up to over {MAX_PATHS_BYTES} bytes of UTF-8"
         )
     paths: set[str] = set()
     sizes: dict[str, int] = {}
