@@ -4,7 +4,6 @@ builder and registry: a miss, a hit and a failing build."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
-from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,15 +15,12 @@ from opentelemetry.trace import StatusCode
 from prometheus_client import CollectorRegistry
 
 import takeoff
-from takeoff.v1 import build_pb2_grpc, common_pb2
+from takeoff.v1 import common_pb2
 from takeoff_builder import builds
-from takeoff_builder.__main__ import wire
 from takeoff_builder.settings import BuilderSettings
-from takeoff_rpc.channels import open_aio_channel
 from takeoff_server.metrics import process_registry
-from takeoff_server.server import TakeoffServer
 from tests.builder.conftest import Builder, create_job
-from tests.keys import ADMIN_KEY
+from tests.builder.served import served_builder
 from tests.processes import ServiceProcess
 
 
@@ -58,16 +54,8 @@ async def observed(
     settings = BuilderSettings(
         home=tmp_path / "builder", listen=["127.0.0.1:0"], registry_address=registry.address
     )
-    async with AsyncExitStack() as resources:
-        wiring = await wire(settings, resources)
-        server = TakeoffServer(wiring.services, listen=settings.listen, verifier=wiring.verifier)
-        [address] = await server.start()
-        try:
-            async with open_aio_channel(address, api_key=ADMIN_KEY) as channel:
-                builder = Builder(address, build_pb2_grpc.BuildServiceStub(channel), settings)
-                yield Observed(builder, process_registry(wiring.metrics), spans)
-        finally:
-            await server.stop(0)
+    async with served_builder(settings) as served:
+        yield Observed(served.builder, process_registry(served.parts.metrics.collectors), spans)
 
 
 def by_name(spans: list[ReadableSpan]) -> dict[str, list[ReadableSpan]]:

@@ -6,8 +6,6 @@ from __future__ import annotations
 import subprocess
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from contextlib import AsyncExitStack
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -15,38 +13,30 @@ import docker
 import pytest
 
 import takeoff
-from takeoff.v1 import build_pb2, build_pb2_grpc
-from takeoff_builder.__main__ import BuilderParts, assemble
+from takeoff.v1 import build_pb2
 from takeoff_builder.images import BUILD_KEY_LABEL
 from takeoff_builder.retention import BuilderRetention, PruneReport
 from takeoff_builder.settings import BuilderRetentionSettings, BuilderSettings
-from takeoff_rpc.channels import open_aio_channel
 from takeoff_server.config import ConfigError, load_settings
-from takeoff_server.server import TakeoffServer
-from tests.builder.conftest import Builder, create_job
+from tests.builder.conftest import create_job
+from tests.builder.served import Served, served_builder
 from tests.conftest import DockerSetup
-from tests.keys import ADMIN_KEY
 from tests.processes import ServiceProcess
 
 
-@dataclass
-class Served:
-    builder: Builder
-    parts: BuilderParts
-
-    async def prune(self, *, days_later: float, **settings: object) -> PruneReport:
-        """One pass as if it ran ``days_later`` days from now."""
-        later = datetime.now(UTC) + timedelta(days=days_later)
-        retention = BuilderRetention(
-            BuilderRetentionSettings.model_validate(settings),
-            store=self.parts.store,
-            builder=self.parts.builder,
-            builds_dir=self.builder.settings.builds_path,
-            images=self.parts.images,
-            metrics=self.parts.metrics,
-            clock=lambda: later,
-        )
-        return await retention.prune()
+async def prune(served: Served, *, days_later: float, **settings: object) -> PruneReport:
+    """One pass as if it ran ``days_later`` days from now."""
+    later = datetime.now(UTC) + timedelta(days=days_later)
+    retention = BuilderRetention(
+        BuilderRetentionSettings.model_validate(settings),
+        store=served.parts.store,
+        builder=served.parts.builder,
+        builds_dir=served.builder.settings.builds_path,
+        images=served.parts.images,
+        metrics=served.parts.metrics,
+        clock=lambda: later,
+    )
+    return await retention.prune()
 
 
 @pytest.fixture
@@ -58,16 +48,8 @@ async def served(registry: ServiceProcess, tmp_path: Path) -> AsyncIterator[Serv
         # Images of their own: a pass "40 days later" must not touch other tests' images on the engine.
         image_repository=f"takeoff-retention-{uuid.uuid4().hex[:8]}",
     )
-    async with AsyncExitStack() as resources:
-        parts = await assemble(settings, resources)
-        wiring = parts.wiring()
-        server = TakeoffServer(wiring.services, listen=settings.listen, verifier=wiring.verifier)
-        [address] = await server.start()
-        try:
-            async with open_aio_channel(address, api_key=ADMIN_KEY) as channel:
-                yield Served(Builder(address, build_pb2_grpc.BuildServiceStub(channel), settings), parts)
-        finally:
-            await server.stop(0)
+    async with served_builder(settings) as running:
+        yield running
 
 
 class Jobs:
@@ -118,7 +100,7 @@ async def test_passes_prune_by_size_then_age_and_keep_what_was_just_handed_out_o
     leftover.mkdir()  # what a builder killed mid-build leaves
 
     # Within the in-use window nothing goes, even over the size limit.
-    report = await served.prune(days_later=0, max_bytes=1)
+    report = await prune(served, days_later=0, max_bytes=1)
     assert report.removed == {"builds": 0, "request_ids": 0}
     assert report.kept_in_use == 5
     assert exists(old.result.venv_path)
@@ -126,7 +108,7 @@ async def test_passes_prune_by_size_then_age_and_keep_what_was_just_handed_out_o
 
     # Two days on: past the in-use window, within the age limit, room for one venv: the older one goes.
     room = tree_size(newer.result.venv_path) + tree_size(newer.result.code_path) + 100_000
-    report = await served.prune(days_later=2, max_bytes=room)
+    report = await prune(served, days_later=2, max_bytes=room)
     assert report.removed == {"builds": 0, "request_ids": 0, "venvs": 2}
     assert not exists(old.result.venv_path)
     assert not exists(leftover)
@@ -135,7 +117,7 @@ async def test_passes_prune_by_size_then_age_and_keep_what_was_just_handed_out_o
 
     # Forty days on: past max_age_days (30) and request_id_days (7); a job still runs from the venv.
     jobs.start(newer.result)
-    report = await served.prune(days_later=40)
+    report = await prune(served, days_later=40)
     assert report.removed == {"builds": 2, "request_ids": 1, "code": 1}
     assert not exists(old.result.code_path)
     assert report.kept_in_use == 2
@@ -143,7 +125,7 @@ async def test_passes_prune_by_size_then_age_and_keep_what_was_just_handed_out_o
     assert exists(newer.result.code_path)
 
     jobs.stop_all()
-    report = await served.prune(days_later=40)
+    report = await prune(served, days_later=40)
     assert report.removed == {"builds": 0, "request_ids": 0, "venvs": 1, "code": 1}
     assert not exists(newer.result.venv_path)
     assert served.parts.metrics.pruned.labels("venvs")._value.get() == 3
@@ -168,7 +150,7 @@ async def test_old_images_the_builder_made_are_pruned_unless_a_container_uses_th
         labelled_image(engine, docker_setup.base_image, tag, f"{run}-{tag}")
     container = engine.containers.create(used, command=["true"])
     try:
-        report = await served.prune(days_later=40)
+        report = await prune(served, days_later=40)
         tags = {tag for image in engine.images.list() for tag in image.tags}
         assert unused not in tags
         assert used in tags
