@@ -141,14 +141,6 @@ async def test_the_endpoint_answers_only_get_of_metrics(probe: Probe) -> None:
     assert await asyncio.to_thread(status, "/metrics", "POST") == 405
 
 
-QUEUE_METRICS = (
-    "takeoff_queue_depth",
-    "takeoff_queue_dispatch_seconds_count",
-    "takeoff_queue_leases_held",
-    "takeoff_queue_assignments_total",
-)
-
-
 @pytest.fixture
 def stack(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[LocalStack, Path]]:
     """A stack whose every service serves metrics on a free port (the children inherit the setting)."""
@@ -214,7 +206,15 @@ def test_every_service_of_a_stack_serves_its_metrics_after_a_launch(
     for service, samples in scraped.items():
         assert value(samples, "process_resident_memory_bytes"), service
 
-    queue_series = {name for name, _ in scraped["queue"]}
-    if "takeoff_queue_depth" in queue_series:  # the queue's own metrics (issue 17, Q17)
-        assert value(scraped["queue"], "takeoff_queue_depth", queue="projects/default/queues/metrics") == 0
-        assert {name for name in QUEUE_METRICS} <= queue_series
+    queue = scraped["queue"]
+    [assigned] = series(queue, "takeoff_queue_assignments_total")  # one queue had work
+    assert assigned["queue"].endswith("metrics"), assigned
+    for name, expected in (
+        ("takeoff_queue_enqueues_total", 1),
+        ("takeoff_queue_assignments_total", 1),
+        ("takeoff_queue_dispatch_seconds_count", 1),
+        ("takeoff_queue_depth", 0),
+        ("takeoff_queue_running", 0),
+        ("takeoff_queue_leases_held", 0),
+    ):
+        assert value(queue, name, **assigned) == expected, name
