@@ -212,7 +212,6 @@ def test_resume_takes_the_three_modes_and_offline_runs_refuse_artifacts(
     project: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import takeoff
-    from takeoff import _run
 
     monkeypatch.setenv("TAKEOFF_RESUME", "sometimes")
     with pytest.raises(ValueError, match="TAKEOFF_RESUME must be one of never, allow, must"):
@@ -225,8 +224,8 @@ def test_resume_takes_the_three_modes_and_offline_runs_refuse_artifacts(
         assert disabled.resumed_from is None
         assert disabled.log_artifact(tmp_path) is None
         assert disabled.use_artifact("x") is None
-        assert _run.log_artifact(tmp_path) is None  # takeoff.log_artifact: the active run's
-        assert _run.use_artifact("x") is None
+        assert takeoff.log_artifact(tmp_path) is None  # the active run's
+        assert takeoff.use_artifact("x") is None
     finally:
         disabled.finish()
     offline = takeoff.init(mode="offline", dir=tmp_path, project=project)
