@@ -14,6 +14,7 @@ from takeoff_queue.book import QueueBook
 from takeoff_queue.dispatcher import Dispatcher, LeaseTiming
 from takeoff_queue.metrics import QueueMetrics
 from takeoff_queue.registry_client import Registry
+from takeoff_queue.retention import QueueRetention
 from takeoff_queue.settings import QueueSettings
 from takeoff_queue.store import QueueStore
 from takeoff_server.access import KeyVerifier
@@ -21,6 +22,7 @@ from takeoff_server.database import open_service_database
 from takeoff_server.main import ServiceProgram
 from takeoff_server.peers import registry_verifier
 from takeoff_server.rate_limits import Rate
+from takeoff_server.retention import pruning
 from takeoff_server.server import ServiceBinding, Wiring
 
 
@@ -69,6 +71,8 @@ async def assemble(settings: QueueSettings, resources: AsyncExitStack) -> QueueS
         access=RULES,
         on_shutdown=dispatcher.stop,
     )
+    retention = QueueRetention(settings.retention, store, utc_now)
+    await resources.enter_async_context(pruning("queue", retention.prune, settings.retention))
     verifier = registry_verifier(settings, settings.registry_address, resources)
     return QueueService(store, dispatcher, book, binding, verifier, metrics.collectors(lambda: dispatcher))
 

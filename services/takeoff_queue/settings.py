@@ -2,6 +2,7 @@
 
 from pydantic import Field, ValidationInfo, field_validator
 
+from takeoff_queue.retention import QueueRetentionSettings
 from takeoff_server.config import ServerSettings
 from takeoff_server.database import SqliteSynchronous
 
@@ -25,6 +26,9 @@ class QueueSettings(ServerSettings):
     """Enqueues each key may make per second, per queue replica (RESOURCE_EXHAUSTED ``RATE_LIMITED``
     beyond); bursts of up to ``enqueue_burst``."""
     enqueue_burst: float = Field(default=200.0, ge=1)
+    retention: QueueRetentionSettings = QueueRetentionSettings()
+    """What the queue forgets and when (``TAKEOFF_RETENTION__*``): ended items with their history, request
+    ids (services/takeoff_queue/retention.py)."""
     sqlite_synchronous: SqliteSynchronous = "FULL"
     """On SQLite: FULL syncs the WAL at every (group) commit, so an item acknowledged survives power loss;
     NORMAL only at checkpoints (a process kill loses nothing either way). PostgreSQL syncs every commit."""

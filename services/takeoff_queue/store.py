@@ -175,9 +175,11 @@ items = ItemRow.__table__  # type: ignore[attr-defined]
 transitions = TransitionRow.__table__  # type: ignore[attr-defined]
 run_closes = RunCloseRow.__table__  # type: ignore[attr-defined]
 token_revocations = TokenRevocationRow.__table__  # type: ignore[attr-defined]
-request_ids = RequestIds(request_ids_table("queue_request_ids", SQLModel.metadata))
+request_ids_rows = request_ids_table("queue_request_ids", SQLModel.metadata)
+request_ids = RequestIds(request_ids_rows)
 
 LIVE_OR_PENDING = [s.value for s in ItemState if not s.is_terminal]
+ENDED = [s.value for s in ItemState if s.is_terminal]
 
 
 def ended_attempt_runs(history: Sequence[Transition]) -> list[str]:
@@ -241,6 +243,34 @@ class QueueWrite:
         )
         await self._insert_transitions(item_id, life.history[since:])
         await self.insert_token_revocations(ended_attempt_runs(life.history[since:]), update_time)
+
+    async def delete_ended_items(self, ended_before: datetime, keep: int, limit: int) -> int:
+        """Up to ``limit`` ended items, with their history: those that ended before ``ended_before`` and,
+        when ``keep`` is not 0, those beyond the ``keep`` that ended last. An item not ended is never
+        chosen, whatever its times."""
+        ended = items.c.state.in_(ENDED)
+        by_age = sa.select(items.c.id).where(ended, items.c.end_time < ended_before).limit(limit)
+        ids = list((await self._connection.execute(by_age)).scalars())
+        if keep and len(ids) < limit:
+            beyond = (
+                sa.select(items.c.id)
+                .where(ended)
+                .order_by(items.c.end_time.desc(), items.c.seq.desc())
+                .offset(keep)
+                .limit(limit)
+            )
+            ids = list(dict.fromkeys([*ids, *(await self._connection.execute(beyond)).scalars()]))[:limit]
+        if ids:
+            await self._connection.execute(transitions.delete().where(transitions.c.item_id.in_(ids)))
+            await self._connection.execute(items.delete().where(items.c.id.in_(ids), ended))
+        return len(ids)
+
+    async def forget_request_ids(self, before: datetime) -> int:
+        """The request-id records made before ``before``."""
+        result = await self._connection.execute(
+            request_ids_rows.delete().where(request_ids_rows.c.create_time < before)
+        )
+        return int(result.rowcount)
 
     async def insert_token_revocations(self, runs: Sequence[str], now: datetime) -> None:
         """Put runs whose attempts ended in the outbox of token revocations, due at once."""

@@ -30,7 +30,7 @@ async def test_the_metrics_follow_enqueues_dispatches_and_ends(service: InProces
         first = (await agent.next("assignment")).assignment
         assert value("takeoff_queue_assignments_total", queue) == 1
         assert value("takeoff_queue_dispatch_seconds_count", queue) == 1
-        assert value("takeoff_queue_dispatch_seconds_sum", queue) > 0
+        assert (value("takeoff_queue_dispatch_seconds_sum", queue) or 0) > 0
         assert value("takeoff_queue_depth", queue) == 1
         assert value("takeoff_queue_running", queue) == 1
         assert value("takeoff_queue_leases_held", queue) == 1
