@@ -168,21 +168,10 @@ class ArtifactTables:
 
     async def aliases(self, collection_pks: Sequence[int]) -> dict[int, dict[str, int]]:
         """User aliases of each collection: pk -> alias -> version."""
-        found: dict[int, dict[str, int]] = {pk: {} for pk in collection_pks}
-        if collection_pks:
-            rows = await self._session.exec(
-                select(ArtifactAliasRow).where(col(ArtifactAliasRow.collection_pk).in_(set(collection_pks)))
-            )
-            for row in rows:
-                found[row.collection_pk][row.alias] = row.version
-        return found
+        return await self.tx.aliases_in(ArtifactAliasRow, "collection_pk", collection_pks)
 
     async def set_alias(self, collection_pk: int, alias: str, version: int) -> None:
-        row = await self._session.get(ArtifactAliasRow, (collection_pk, alias))
-        if row is None:
-            self._session.add(ArtifactAliasRow(collection_pk=collection_pk, alias=alias, version=version))
-        else:
-            row.version = version
+        await self.tx.set_alias_in(ArtifactAliasRow, "collection_pk", collection_pk, alias, version)
 
     async def version(self, collection_pk: int, version: int) -> ArtifactVersionRow | None:
         query = select(ArtifactVersionRow).where(

@@ -284,17 +284,33 @@ class Tx:
 
     async def aliases(self, job_pks: Sequence[int]) -> dict[int, dict[str, int]]:
         """User aliases of each job: job pk -> alias -> version."""
-        found: dict[int, dict[str, int]] = {pk: {} for pk in job_pks}
-        if job_pks:
-            rows = await self.session.exec(select(JobAliasRow).where(col(JobAliasRow.job_pk).in_(job_pks)))
-            for row in rows:
-                found[row.job_pk][row.alias] = row.version
-        return found
+        return await self.aliases_in(JobAliasRow, "job_pk", job_pks)
 
     async def set_alias(self, job_pk: int, alias: str, version: int) -> None:
-        row = await self.session.get(JobAliasRow, (job_pk, alias))
+        await self.set_alias_in(JobAliasRow, "job_pk", job_pk, alias, version)
+
+    async def aliases_in(
+        self, table: type[SQLModel], owner: str, owner_pks: Sequence[int]
+    ) -> dict[int, dict[str, int]]:
+        """User aliases of the versions of each owner (a job, a named artifact) as ``table`` keeps them
+        (primary key ``owner``, ``alias``; and ``version``): owner pk -> alias -> version."""
+        found: dict[int, dict[str, int]] = {pk: {} for pk in owner_pks}
+        if owner_pks:
+            rows = await self.session.exec(
+                select(table).where(col(getattr(table, owner)).in_(set(owner_pks)))
+            )
+            for row in rows:
+                alias_row: Any = row  # a JobAliasRow or an ArtifactAliasRow
+                found[getattr(alias_row, owner)][alias_row.alias] = alias_row.version
+        return found
+
+    async def set_alias_in(
+        self, table: type[SQLModel], owner: str, owner_pk: int, alias: str, version: int
+    ) -> None:
+        """Point an alias kept in ``table`` (see :meth:`aliases_in`) at ``version``, creating it if new."""
+        row = await self.session.get(table, (owner_pk, alias))
         if row is None:
-            self.session.add(JobAliasRow(job_pk=job_pk, alias=alias, version=version))
+            self.session.add(table(**{owner: owner_pk, "alias": alias, "version": version}))
         else:
             row.version = version
 
