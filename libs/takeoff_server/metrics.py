@@ -18,7 +18,6 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
-from contextlib import asynccontextmanager
 from typing import Any
 
 import grpc
@@ -27,7 +26,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
-from takeoff_server.interceptors import Context
+from takeoff_server.interceptors import Context, Handler, _call_streaming, _call_unary
 
 logger = logging.getLogger(__name__)
 
@@ -116,13 +115,8 @@ class RpcMetrics:
     def collectors(self) -> tuple[Collector, ...]:
         return (self.handling, self.in_flight)
 
-    def guard_for(self, handler: grpc.RpcMethodHandler[Any, Any], method: str) -> _CallGuard:
-        service, _, name = method.lstrip("/").rpartition("/")
-        kind = _CALL_TYPES[(handler.request_streaming, handler.response_streaming)]
-        return _CallGuard(self, service, name, kind)
 
-
-class _CallGuard:
+class _Measure:
     """Measures the calls of one method; the label children are looked up once, not per call."""
 
     def __init__(self, metrics: RpcMetrics, service: str, method: str, kind: str) -> None:
@@ -131,32 +125,73 @@ class _CallGuard:
         self._by_code: dict[grpc.StatusCode, Any] = {}
         self._in_flight = metrics.in_flight.labels(*self._labels)
 
-    @asynccontextmanager
-    async def __call__(self, method: str, context: Context) -> AsyncIterator[None]:
-        start = time.perf_counter()
+    def started(self) -> float:
         self._in_flight.inc()
-        code = grpc.StatusCode.OK
-        try:
-            yield
-        except asyncio.CancelledError:
-            code = grpc.StatusCode.CANCELLED
-            raise
-        except grpc.aio.AbortError:
-            code = _status_code(context.code())
-            raise
-        except BaseException:
-            code = grpc.StatusCode.UNKNOWN
-            raise
-        finally:
-            self._in_flight.dec()
-            self._observe(code, time.perf_counter() - start)
+        return time.perf_counter()
 
-    def _observe(self, code: grpc.StatusCode, seconds: float) -> None:
+    def ended(self, start: float, code: grpc.StatusCode) -> None:
+        self._in_flight.dec()
         child = self._by_code.get(code)
         if child is None:
-            child = self._handling.labels(*self._labels, code.name)
-            self._by_code[code] = child
-        child.observe(seconds)
+            child = self._by_code[code] = self._handling.labels(*self._labels, code.name)
+        child.observe(time.perf_counter() - start)
+
+
+def _outcome(error: BaseException, context: Context) -> grpc.StatusCode:
+    if isinstance(error, asyncio.CancelledError):
+        return grpc.StatusCode.CANCELLED
+    if isinstance(error, grpc.aio.AbortError):
+        return _status_code(context.code())
+    return grpc.StatusCode.UNKNOWN
+
+
+def measured_handler(handler: Handler, method: str, metrics: RpcMetrics) -> Handler:
+    """``handler`` with each call's latency, status code and time in flight recorded in ``metrics``.
+    Plain wrappers rather than a context manager: this runs on every call of every method."""
+    service, _, name = method.lstrip("/").rpartition("/")
+    measure = _Measure(
+        metrics, service, name, _CALL_TYPES[(handler.request_streaming, handler.response_streaming)]
+    )
+    behavior: Callable[..., Any] | None = (
+        handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
+    )
+    assert behavior is not None, f"{method} has a handler with no behavior"
+    serializers: dict[str, Any] = {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
+    if handler.response_streaming:
+
+        async def streaming(request: Any, context: Context) -> AsyncIterator[Any]:
+            start = measure.started()
+            code = grpc.StatusCode.OK
+            try:
+                async for response in _call_streaming(behavior, request, context):
+                    yield response
+            except BaseException as error:
+                code = _outcome(error, context)
+                raise
+            finally:
+                measure.ended(start, code)
+
+        if handler.request_streaming:
+            return grpc.stream_stream_rpc_method_handler(streaming, **serializers)
+        return grpc.unary_stream_rpc_method_handler(streaming, **serializers)
+
+    async def unary(request: Any, context: Context) -> Any:
+        start = measure.started()
+        code = grpc.StatusCode.OK
+        try:
+            return await _call_unary(behavior, request, context)
+        except BaseException as error:
+            code = _outcome(error, context)
+            raise
+        finally:
+            measure.ended(start, code)
+
+    if handler.request_streaming:
+        return grpc.stream_unary_rpc_method_handler(unary, **serializers)
+    return grpc.unary_unary_rpc_method_handler(unary, **serializers)
 
 
 def _status_code(value: object) -> grpc.StatusCode:

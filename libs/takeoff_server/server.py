@@ -35,9 +35,8 @@ from takeoff_server.interceptors import (
     access_handler,
     decoding_handler,
     error_guard,
-    guard_handler,
 )
-from takeoff_server.metrics import RpcMetrics
+from takeoff_server.metrics import RpcMetrics, measured_handler
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +119,7 @@ class TakeoffServer:
         self.health = health.aio.HealthServicer()
         self.addresses: list[str] = []
         measure = (
-            [HandlerInterceptor(lambda h, method: guard_handler(h, method, rpc_metrics.guard_for(h, method)))]
+            [HandlerInterceptor(lambda handler, method: measured_handler(handler, method, rpc_metrics))]
             if rpc_metrics is not None
             else []
         )
