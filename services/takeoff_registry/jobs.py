@@ -4,7 +4,7 @@ Projects exist once written to; reads in a project that never was fail with ``PR
 Version numbers count up from 0 per job; ``latest`` is not stored but always means the newest version.
 
 Resolving a reference (GetJobVersion, on the queue's dispatch path) reads the job's row and its aliases
-in one read transaction every time, so an alias moved or a version added by any registry process is
+in one query every time, so an alias moved or a version added by any registry process is
 seen by the next resolve; only a version's content, which never changes, is kept in memory
 (:class:`VersionCache`).
 """
@@ -264,8 +264,11 @@ class Jobs:
             return await self._resolve(tx, reference)
 
     async def _resolve(self, tx: Tx, reference: JobReference) -> JobVersion:
-        row = await self._require_job_row(tx, reference.job)
-        job = await self._load_job(tx, row)
+        found = await tx.job_and_aliases(reference.job.project, reference.job.job)
+        if found is None:
+            raise await self._missing(tx, reference.job)
+        row, user_aliases = found
+        job = _job(row, user_aliases)
         if reference.version is not None:
             number = reference.version
         elif (alias := reference.alias or LATEST) in job.aliases:
@@ -323,9 +326,13 @@ class Jobs:
         row = await tx.job(key.project, key.job, for_update=for_update)
         if row is not None:
             return row
+        raise await self._missing(tx, key)
+
+    async def _missing(self, tx: Tx, key: JobKey) -> NotFound:
+        """Why a job that is not there is not found: its project, or just the job."""
         if not await tx.project_exists(key.project):
-            raise project_not_found(key.project)
-        raise _job_not_found(key)
+            return project_not_found(key.project)
+        return _job_not_found(key)
 
     async def _require_job(self, tx: Tx, key: JobKey) -> Job:
         return await self._load_job(tx, await self._require_job_row(tx, key))
