@@ -20,6 +20,7 @@ from takeoff_server.access import CachedVerifier
 from takeoff_server.metrics import CallbackGauge, MetricsEndpoint, RpcMetrics, counter, process_registry
 from takeoff_server.server import TakeoffServer
 from tests.e2e.test_up import takeoff as takeoff_cli
+from tests.processes import until
 from tests.unit.test_server_runtime import KEYS, PROBE, KeyTable, probe_binding
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -114,8 +115,13 @@ async def test_rpc_latency_is_counted_by_method_and_status_code_and_open_streams
         assert bucket == 3
 
         open_stream.cancel()
+
+    async def stream_ended() -> bool:
+        # The server learns of the cancel after the client: wait for it, not for a time.
+        return value(await probe.scrape(), "grpc_server_in_flight", **stream) == 0
+
+    await until(stream_ended, "the server to end the cancelled stream", within=10)
     samples = await probe.scrape()
-    assert value(samples, "grpc_server_in_flight", **stream) == 0
     assert value(samples, count, **stream, grpc_code="CANCELLED") == 1
 
 
