@@ -17,6 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from takeoff.stack import LocalStack
 from takeoff_rpc.channels import open_aio_channel
 from takeoff_server.access import CachedVerifier
+from takeoff_server.config import ConfigError, ServerSettings, load_settings
 from takeoff_server.metrics import CallbackGauge, MetricsEndpoint, RpcMetrics, counter, process_registry
 from takeoff_server.server import TakeoffServer
 from tests.e2e.test_up import takeoff as takeoff_cli
@@ -224,3 +225,21 @@ def test_every_service_of_a_stack_serves_its_metrics_after_a_launch(
         ("takeoff_queue_leases_held", 0),
     ):
         assert value(queue, name, **assigned) == expected, name
+
+
+def test_a_wrong_metrics_address_is_one_readable_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TAKEOFF_METRICS_LISTEN", "9464")
+    with pytest.raises(ConfigError) as raised:
+        load_settings(ServerSettings)
+    assert (
+        str(raised.value)
+        == "invalid configuration: TAKEOFF_METRICS_LISTEN: '9464' is not host:port (got '9464')"
+    )
+    monkeypatch.setenv("TAKEOFF_METRICS_LISTEN", "")
+    assert load_settings(ServerSettings).metrics_listen is None
+
+
+async def test_a_metrics_port_in_use_is_a_clear_error(probe: Probe) -> None:
+    endpoint = MetricsEndpoint(process_registry([]), probe.metrics_address)
+    with pytest.raises(OSError, match=f"cannot serve metrics on {probe.metrics_address}"):
+        await endpoint.start()
