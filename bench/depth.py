@@ -1,28 +1,121 @@
-"""Dispatch latency with a small and a large backlog: does the cost of a dispatch grow with the queue?
+"""Dispatch latency, start-up time and memory with a small and a huge backlog waiting in the database.
 
-Runs bench/dispatch.py's measurement twice, with 100 and with 100,000 items waiting (``--large`` to
-change it), and prints both and their p50 ratio (goal: at most 1.5). Filling the large backlog takes a
-while: it goes through Enqueue like any client's items.
+For each backlog size: starts a local stack (SQLite), makes a queue that no agent serves and one PENDING
+item in it through Enqueue, stops the stack, copies that item (its row and its history) straight into the
+database until the queue holds ``N`` PENDING items, starts the stack again, and reports the queue
+service's start-up (its process start to its ready file: the index rebuilt from the database) and its
+resident memory, then bench/dispatch.py's measurement on another queue of the same service. Goal: the p50
+with 1,000,000 waiting within 1.5x of the figure with 100.
 
-    python bench/depth.py [--items 500] [--large 100000]
+    python bench/depth.py [--items 300] [--small 100] [--large 1000000]
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
+import sqlite3
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
 
-from dispatch import print_table, run
+from dispatch import _create_queue, bench_stack, measure, print_table
+
+from takeoff.stack import LocalStack
+from takeoff.v1 import queue_pb2, queue_pb2_grpc
+from takeoff_rpc.channels import open_aio_channel
+
+
+async def _one_pending(queue_address: str, admin_key: str) -> str:
+    async with open_aio_channel(queue_address, api_key=admin_key) as channel:
+        stub = queue_pb2_grpc.QueueServiceStub(channel)
+        queue = await _create_queue(stub)
+        reply = await stub.Enqueue(queue_pb2.EnqueueRequest(queue=queue, job="bench"))
+        return reply.item.name.rsplit("/", 1)[1]
+
+
+def _seed(database: Path, template: str, count: int) -> None:
+    """``count - 1`` copies of item ``template`` (PENDING) and of its transitions, with fresh ids."""
+    with sqlite3.connect(database) as db:
+        item_columns = [
+            row[1] for row in db.execute("PRAGMA table_info(queue_items)") if row[1] not in ("seq",)
+        ]
+        copied = ", ".join("printf('%020x', n.i)" if c == "id" else f"t.{c}" for c in item_columns)
+        db.execute(
+            f"WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < ?) "
+            f"INSERT INTO queue_items ({', '.join(item_columns)}) "
+            f"SELECT {copied} FROM n, queue_items t WHERE t.id = ?",
+            (count - 1, template),
+        )
+        moves = [row[1] for row in db.execute("PRAGMA table_info(queue_transitions)") if row[1] != "id"]
+        copied = ", ".join("i.id" if c == "item_id" else f"t.{c}" for c in moves)
+        db.execute(
+            f"INSERT INTO queue_transitions ({', '.join(moves)}) SELECT {copied} "
+            "FROM queue_items i, queue_transitions t WHERE t.item_id = ? AND i.id != ? "
+            "AND i.queue = (SELECT queue FROM queue_items WHERE id = ?)",
+            (template, template, template),
+        )
+
+
+def _rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    return 0.0
+
+
+def run(items: int, backlog: int) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="takeoff-bench-") as home:
+        with bench_stack(Path(home)) as (stack, record):
+            template = asyncio.run(_one_pending(record.services["queue"].address, stack.admin_key))
+        seeding = time.perf_counter()
+        _seed(Path(home) / "queue.db", template, backlog)
+        seeded = time.perf_counter() - seeding
+        stack = LocalStack(Path(home), base_port=0)
+        started = time.perf_counter()
+        record = stack.start(timeout=1800)
+        start_seconds = time.perf_counter() - started
+        try:
+            queue = record.services["queue"]
+            rss = _rss_mib(queue.pid)
+            latencies = sorted(
+                asyncio.run(
+                    measure(queue.address, record.services["registry"].address, stack.admin_key, items, 0)
+                )
+            )
+            rss_after = _rss_mib(queue.pid)
+        finally:
+            stack.stop()
+    return {
+        "job": "bench",
+        "items": items,
+        "backlog": backlog,
+        "seed_seconds": round(seeded, 1),
+        "stack_start_seconds": round(start_seconds, 2),
+        "queue_rss_mib": rss,
+        "queue_rss_after_mib": rss_after,
+        "p50_ms": round(latencies[len(latencies) // 2], 3),
+        "p90_ms": round(latencies[int(len(latencies) * 0.9) - 1], 3),
+        "p99_ms": round(latencies[int(len(latencies) * 0.99) - 1], 3),
+        "max_ms": round(latencies[-1], 3),
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--items", type=int, default=500)
+    parser.add_argument("--items", type=int, default=300)
     parser.add_argument("--small", type=int, default=100)
-    parser.add_argument("--large", type=int, default=100_000)
+    parser.add_argument("--large", type=int, default=1_000_000)
     args = parser.parse_args()
     small, large = run(args.items, args.small), run(args.items, args.large)
     print_table([small, large])
+    for row in (small, large):
+        print(
+            f"backlog {row['backlog']:>8}: stack start {row['stack_start_seconds']} s, "
+            f"queue RSS {row['queue_rss_mib']} MiB (after {row['queue_rss_after_mib']} MiB)"
+        )
     ratio = large["p50_ms"] / small["p50_ms"]
     print(json.dumps({"p50_ratio_large_over_small": round(ratio, 3)}))
     print(f"p50 ratio ({args.large} vs {args.small} waiting): {ratio:.2f}")

@@ -5,10 +5,11 @@ job and a queue, connects one agent (a Lease stream with room for every item), t
 a time and times each from the Enqueue call to its Assignment. With ``--backlog N``, N items first wait
 in a second queue of the same project that no agent serves: the items table and the dispatcher's index
 hold them, so any cost that grows with the backlog shows. With ``--runs N``, the whole measurement is
-repeated on N fresh stacks, one row each: on a shared machine, compare medians of several runs. Prints JSON
-and a table.
+repeated on N fresh stacks, one row each: on a shared machine, compare medians of several runs. ``--job``
+is the reference enqueued: ``bench`` (``latest``, which the queue asks the registry about at every Enqueue)
+or ``bench:v0`` (a numbered version, which it keeps). Prints JSON and a table.
 
-    python bench/dispatch.py [--items 1000] [--backlog 0] [--runs 1]
+    python bench/dispatch.py [--items 1000] [--backlog 0] [--runs 1] [--job bench:v0]
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 from takeoff._home import StackRecord
 from takeoff.client import Client
@@ -98,7 +100,7 @@ async def _agent_key(registry_address: str, admin_key: str, queue: str) -> str:
 
 
 async def measure(
-    queue_address: str, registry_address: str, admin_key: str, items: int, backlog: int
+    queue_address: str, registry_address: str, admin_key: str, items: int, backlog: int, *, job: str = "bench"
 ) -> list[float]:
     """Every call presents the admin key (verified through the registry, cached) but the agent's stream."""
     async with open_aio_channel(queue_address, api_key=admin_key) as channel:
@@ -110,7 +112,7 @@ async def measure(
         latencies = []
         for _ in range(items):
             started = time.perf_counter()
-            reply = await stub.Enqueue(queue_pb2.EnqueueRequest(queue=queue, job="bench"))
+            reply = await stub.Enqueue(queue_pb2.EnqueueRequest(queue=queue, job=job))
             while True:
                 arrived, name = await arrivals.get()
                 if not name:
@@ -137,7 +139,7 @@ def bench_stack(home: Path) -> Iterator[tuple[LocalStack, StackRecord]]:
         stack.stop()
 
 
-def run(items: int, backlog: int) -> dict[str, float]:
+def run(items: int, backlog: int, job: str = "bench") -> dict[str, Any]:
     """Start a stack, measure ``items`` dispatches with ``backlog`` items waiting elsewhere, stop it."""
     with (
         tempfile.TemporaryDirectory(prefix="takeoff-bench-") as home,
@@ -145,10 +147,11 @@ def run(items: int, backlog: int) -> dict[str, float]:
     ):
         registry = record.services["registry"].address
         latencies = asyncio.run(
-            measure(record.services["queue"].address, registry, stack.admin_key, items, backlog)
+            measure(record.services["queue"].address, registry, stack.admin_key, items, backlog, job=job)
         )
     ordered = sorted(latencies)
     return {
+        "job": job,
         "items": items,
         "backlog": backlog,
         "p50_ms": round(statistics.median(ordered), 3),
@@ -158,12 +161,13 @@ def run(items: int, backlog: int) -> dict[str, float]:
     }
 
 
-def print_table(results: list[dict[str, float]]) -> None:
+def print_table(results: list[dict[str, Any]]) -> None:
     print(json.dumps(results, indent=2))
-    print(f"\n{'items':>6} {'backlog':>8} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8}")
+    print(f"\n{'job':>9} {'items':>6} {'backlog':>8} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8}")
     for row in results:
         print(
-            f"{row['items']:>6} {row['backlog']:>8} {row['p50_ms']:>8} {row['p90_ms']:>8} {row['p99_ms']:>8}"
+            f"{row['job']:>9} {row['items']:>6} {row['backlog']:>8} {row['p50_ms']:>8} {row['p90_ms']:>8}"
+            f" {row['p99_ms']:>8}"
         )
 
 
@@ -171,9 +175,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--items", type=int, default=1000)
     parser.add_argument("--backlog", type=int, default=0)
+    parser.add_argument(
+        "--job", default="bench", help="the reference enqueued: bench (latest, asked each time) or bench:v0"
+    )
     parser.add_argument("--runs", type=int, default=1)
     args = parser.parse_args()
-    print_table([run(args.items, args.backlog) for _ in range(args.runs)])
+    print_table([run(args.items, args.backlog, args.job) for _ in range(args.runs)])
 
 
 async def _create_queue(stub: queue_pb2_grpc.QueueServiceAsyncStub) -> str:
