@@ -5,6 +5,7 @@ The registry owns the keys, so it verifies the keys presented to it itself (cach
 so a revocation takes effect here within the same bound as in the other services).
 """
 
+import asyncio
 import logging
 from contextlib import AsyncExitStack
 from pathlib import Path
@@ -48,6 +49,9 @@ from takeoff_server.server import ServiceBinding, Wiring
 
 logger = logging.getLogger(__name__)
 
+STALE_STAGING_SECONDS = 3600.0
+"""A named artifact's staging file not written for this long at start belongs to no live upload."""
+
 
 def _secrets(settings: RegistrySettings, store: RegistryStore) -> Secrets:
     path = settings.secrets_key_path
@@ -78,6 +82,12 @@ async def wire(settings: RegistrySettings, resources: AsyncExitStack) -> Wiring:
     )
     jobs = Jobs(store, git)
     artifacts = Artifacts(store, settings.artifacts_path, max_bytes=settings.max_artifact_bytes)
+    named_artifacts = NamedArtifacts(
+        store, settings.artifact_blobs_path, max_version_bytes=settings.max_artifact_version_bytes
+    )
+    stale = await asyncio.to_thread(named_artifacts.remove_stale_staging, older_than=STALE_STAGING_SECONDS)
+    if stale:
+        logger.info("removed %d staging files of uploads a stop cut short", len(stale))
     services = [
         ServiceBinding.of(
             jobs_pb2.DESCRIPTOR.services_by_name["JobService"],
@@ -105,13 +115,7 @@ async def wire(settings: RegistrySettings, resources: AsyncExitStack) -> Wiring:
         ServiceBinding.of(
             artifacts_pb2.DESCRIPTOR.services_by_name["ArtifactService"],
             artifacts_pb2_grpc.add_ArtifactServiceServicer_to_server,
-            ArtifactApi(
-                NamedArtifacts(
-                    store,
-                    settings.artifact_blobs_path,
-                    max_version_bytes=settings.max_artifact_version_bytes,
-                )
-            ),
+            ArtifactApi(named_artifacts),
             access=RULES["takeoff.v1.ArtifactService"],
         ),
         ServiceBinding.of(

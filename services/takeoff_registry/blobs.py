@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 READ_CHUNK_BYTES = 1024 * 1024
+STAGING = "staging"
 
 
 class StagedFile:
@@ -75,7 +76,7 @@ class ContentStore:
     def stage(self) -> StagedFile:
         """A new staging file; quick enough to create without a thread hop, so that no cancellation can
         strand one."""
-        return StagedFile(self.root / "staging")
+        return StagedFile(self.root / STAGING)
 
     def put(self, staged: Path, sha256: str) -> None:
         """Move a finished staging file into place (same content if one is there: replacing is harmless)."""

@@ -17,9 +17,11 @@ equal to an existing version's (same digest) makes no new version: that one gets
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import re
+import time
 from collections import OrderedDict
 from collections.abc import AsyncIterable, Callable, Sequence
 from dataclasses import dataclass
@@ -27,7 +29,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from takeoff_registry.blobs import ContentStore, StagedFile, sync
+from takeoff_registry.blobs import STAGING, ContentStore, StagedFile, sync
 from takeoff_registry.named_artifacts_store import (
     MAX_USED_BY,
     ArtifactCollectionRow,
@@ -389,6 +391,18 @@ class NamedArtifacts:
         self._blob_dir = blob_dir
         self._max_version_bytes = max_version_bytes
         self._manifests = _Manifests()
+
+    def remove_stale_staging(self, *, older_than: float) -> list[Path]:
+        """Remove staging files not written for ``older_than`` seconds: what uploads cut short by a crash of
+        the registry left (a live upload writes every few seconds). Blocks: run it in a thread."""
+        removed = []
+        cutoff = time.time() - older_than
+        for path in self._blob_dir.glob(f"*/{STAGING}/*"):
+            with contextlib.suppress(OSError):  # another registry may remove it first
+                if path.stat().st_mtime < cutoff:
+                    path.unlink()
+                    removed.append(path)
+        return removed
 
     def blobs(self, project: str) -> ContentStore:
         """The project's blobs (project ids are safe path segments: lowercase, digits, '-', '_')."""

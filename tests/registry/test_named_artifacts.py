@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
@@ -543,3 +544,17 @@ async def test_a_run_token_logs_only_its_own_runs_artifacts_and_reads_the_projec
         refused = await failure(log(as_reader, {"x": b"y"}))
         assert (refused.code, refused.metadata["permission"]) == (DENIED, "artifacts.write")
     assert await registry.count_rows("registry_artifact_versions") == 2
+
+
+async def test_a_start_removes_the_staging_files_a_crash_left(tmp_path: Path) -> None:
+    settings = registry_settings(tmp_path / "home", f"sqlite:///{tmp_path / 'registry.db'}")
+    staging = settings.artifact_blobs_path / "demo" / "staging"
+    staging.mkdir(parents=True)
+    left, live = staging / "upload-left", staging / "upload-live"
+    left.write_bytes(b"half a checkpoint")
+    live.write_bytes(b"another registry's upload")
+    two_hours_ago = time.time() - 7200
+    os.utime(left, (two_hours_ago, two_hours_ago))
+
+    async for _ in start_registry(settings):
+        assert (left.exists(), live.exists()) == (False, True)
