@@ -98,7 +98,7 @@ class ServiceProgram(Generic[SettingsT]):
             metrics_address = ""
             if rpc_metrics is not None and settings.metrics_listen:
                 registry = process_registry([*rpc_metrics.collectors, *wiring.metrics])
-                endpoint = MetricsEndpoint(registry, settings.metrics_listen)
+                endpoint = MetricsEndpoint(registry, settings.metrics_listen, wiring.metrics)
                 metrics_address = await endpoint.start()
                 resources.push_async_callback(endpoint.stop)
             addresses = await server.start()

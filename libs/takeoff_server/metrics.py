@@ -57,7 +57,8 @@ def histogram(
 class CallbackGauge(Collector):
     """A gauge whose values ``read`` returns when scraped: ``{label values: value}``, or one number when
     the gauge has no labels. For what the service already knows (queue depths, leases held), so that
-    nothing has to be kept in step with it."""
+    nothing has to be kept in step with it. ``read`` runs on the event loop (the endpoint takes a
+    snapshot there before it formats the page in a worker thread), so it may read the loop's state."""
 
     def __init__(
         self,
@@ -70,10 +71,16 @@ class CallbackGauge(Collector):
         self._documentation = documentation
         self._read = read
         self._labels = list(labels)
+        self._snapshot: Mapping[tuple[str, ...], float] | float | None = None
+
+    def snapshot(self) -> None:
+        """Read the values now, for the next :meth:`collect` (which may run in another thread)."""
+        self._snapshot = self._read()
 
     def collect(self) -> Iterable[Metric]:
         family = GaugeMetricFamily(self._name, self._documentation, labels=self._labels)
-        values = self._read()
+        values = self._read() if self._snapshot is None else self._snapshot
+        self._snapshot = None
         if isinstance(values, Mapping):
             for label_values, value in values.items():
                 family.add_metric(list(label_values), value)
@@ -211,11 +218,15 @@ def process_registry(collectors: Iterable[Collector]) -> CollectorRegistry:
 
 
 class MetricsEndpoint:
-    """``GET /metrics`` (and ``/``) over HTTP/1.1, answered from the event loop; one request per
-    connection. Prometheus and curl need nothing more."""
+    """``GET /metrics`` (and ``/``) over HTTP/1.1, one request per connection: Prometheus and curl need
+    nothing more. The callback gauges are read on the event loop; the rest is collected and formatted in a
+    worker thread (prometheus_client's metrics take locks), because a page of a few hundred histogram
+    series costs tens of milliseconds, which the loop's calls must not wait for."""
 
-    def __init__(self, registry: CollectorRegistry, listen: str) -> None:
+    def __init__(self, registry: CollectorRegistry, listen: str, callbacks: Iterable[Collector] = ()) -> None:
         self._registry = registry
+        self._callbacks = [collector for collector in callbacks if isinstance(collector, CallbackGauge)]
+        self._scraping = asyncio.Lock()
         self._listen = listen
         self._server: asyncio.Server | None = None
         self.address = ""
@@ -244,7 +255,7 @@ class MetricsEndpoint:
             writer.close()
             return
         try:
-            status, content_type, body = self._respond(head[:_MAX_REQUEST_HEAD_BYTES])
+            status, content_type, body = await self._respond(head[:_MAX_REQUEST_HEAD_BYTES])
             writer.write(
                 f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
                 "Connection: close\r\n\r\n".encode()
@@ -258,7 +269,7 @@ class MetricsEndpoint:
             with contextlib.suppress(ConnectionError):
                 await writer.wait_closed()
 
-    def _respond(self, head: bytes) -> tuple[str, str, bytes]:
+    async def _respond(self, head: bytes) -> tuple[str, str, bytes]:
         request_line, *header_lines = head.decode("latin-1").split("\r\n")
         method, _, rest = request_line.partition(" ")
         path = rest.partition(" ")[0].partition("?")[0]
@@ -271,4 +282,7 @@ class MetricsEndpoint:
             "",
         )
         encoder, content_type = choose_encoder(accept)
-        return "200 OK", content_type, encoder(self._registry)
+        async with self._scraping:  # one snapshot of the callbacks per page
+            for gauge in self._callbacks:
+                gauge.snapshot()
+            return "200 OK", content_type, await asyncio.to_thread(encoder, self._registry)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
@@ -23,6 +24,9 @@ from takeoff_server.server import TakeoffServer
 from tests.e2e.test_up import takeoff as takeoff_cli
 from tests.processes import until
 from tests.unit.test_server_runtime import KEYS, PROBE, KeyTable, probe_binding
+
+READ_ON: list[int] = []
+"""The threads the probe's callback gauge was read on."""
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -66,13 +70,17 @@ async def probe() -> AsyncIterator[Probe]:
     launches = counter("probe_launches_total", "Launches, for the test.", ["kind"])
     launches.labels("venv").inc(3)
     depths: dict[tuple[str, ...], float] = {("q1",): 4.0, ("q2",): 0.0}
-    registry = process_registry(
-        [*rpc.collectors, launches, CallbackGauge("probe_depth", "Depth.", lambda: depths, ["queue"])]
-    )
+
+    def read_depths() -> dict[tuple[str, ...], float]:
+        READ_ON.append(threading.get_ident())
+        return depths
+
+    own = [launches, CallbackGauge("probe_depth", "Depth.", read_depths, ["queue"])]
+    registry = process_registry([*rpc.collectors, *own])
     server = TakeoffServer(
         [probe_binding()], listen=["127.0.0.1:0"], verifier=CachedVerifier(KeyTable(KEYS)), rpc_metrics=rpc
     )
-    endpoint = MetricsEndpoint(registry, "127.0.0.1:0")
+    endpoint = MetricsEndpoint(registry, "127.0.0.1:0", own)
     await endpoint.start()
     await server.start()
     yield Probe(server, endpoint.address)
@@ -127,7 +135,9 @@ async def test_rpc_latency_is_counted_by_method_and_status_code_and_open_streams
 
 
 async def test_a_services_own_metrics_and_the_process_are_served(probe: Probe) -> None:
+    READ_ON.clear()
     samples = await probe.scrape()
+    assert [threading.get_ident()] == READ_ON  # the event loop's thread, though the page is made in another
     assert value(samples, "probe_launches_total", kind="venv") == 3
     assert value(samples, "probe_depth", queue="q1") == 4
     assert value(samples, "probe_depth", queue="q2") == 0
