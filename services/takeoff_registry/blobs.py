@@ -11,15 +11,35 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import os
 import tempfile
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
+from takeoff_server.errors import Unavailable
+
 READ_CHUNK_BYTES = 1024 * 1024
 STAGING = "staging"
+logger = logging.getLogger(__name__)
+
+
+@contextmanager
+def storage_errors(what: str) -> Iterator[None]:
+    """The file system failing (a full disk, an I/O error, a stored file gone) as UNAVAILABLE
+    ``DEPENDENCY_UNAVAILABLE``, not INTERNAL: the storage is what failed, and a retry may succeed once it is
+    mended. The answer names what failed; the log also says where."""
+    try:
+        yield
+    except OSError as error:
+        logger.warning("artifact storage failed to %s: %s", what, error)
+        raise Unavailable(
+            "DEPENDENCY_UNAVAILABLE",
+            f"the registry's artifact storage failed to {what}: {error.strerror or type(error).__name__}",
+        ) from None
 
 
 class StagedFile:
@@ -102,13 +122,15 @@ class ContentStore:
     async def read(self, sha256: str, offset: int) -> AsyncIterator[bytes]:
         """The file's bytes from ``offset`` on, in chunks of at most 1 MiB (async, file work in threads;
         a small file costs one thread hop)."""
-        file, chunk = await asyncio.to_thread(self._open_at, sha256, offset)
+        with storage_errors("read stored bytes"):
+            file, chunk = await asyncio.to_thread(self._open_at, sha256, offset)
         try:
             while chunk:
                 yield chunk
                 if len(chunk) < READ_CHUNK_BYTES:
                     break  # a short read of a file is its end
-                chunk = await asyncio.to_thread(file.read, READ_CHUNK_BYTES)
+                with storage_errors("read stored bytes"):
+                    chunk = await asyncio.to_thread(file.read, READ_CHUNK_BYTES)
         finally:
             file.close()
 

@@ -29,7 +29,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from takeoff_registry.blobs import STAGING, ContentStore, StagedFile, sync
+from takeoff_registry.blobs import STAGING, ContentStore, StagedFile, storage_errors, sync
 from takeoff_registry.named_artifacts_store import (
     MAX_USED_BY,
     ArtifactCollectionRow,
@@ -451,12 +451,14 @@ class NamedArtifacts:
             await self._check_state(tx, new)
         sizes = {file.sha256: file.size_bytes for file in new.files}
         blobs = self.blobs(new.collection.project)
-        receiver = _Receiver(blobs, [(sha256, sizes[sha256]) for sha256 in new.uploads])
+        with storage_errors("store an upload"):
+            receiver = _Receiver(blobs, [(sha256, sizes[sha256]) for sha256 in new.uploads])
         try:
-            async for chunk in chunks:
-                await receiver.feed(chunk)
-            await receiver.end()
-            await receiver.sync_all()
+            with storage_errors("store an upload"):
+                async for chunk in chunks:
+                    await receiver.feed(chunk)
+                await receiver.end()
+                await receiver.sync_all()
             staged = {
                 sha256: staged_file.path
                 for sha256, staged_file in zip(new.uploads, receiver.staged, strict=True)
@@ -552,9 +554,10 @@ class NamedArtifacts:
                     await tables.add_version(version_row)
                     collection.version_count += 1
                     collection.update_time = now
-                    placed = await asyncio.to_thread(
-                        blobs.put_new, [(staged[sha256], sha256) for sha256 in sorted(recorded)]
-                    )
+                    with storage_errors("store an upload"):
+                        placed = await asyncio.to_thread(
+                            blobs.put_new, [(staged[sha256], sha256) for sha256 in sorted(recorded)]
+                        )
                 for alias in new.aliases:
                     await tables.set_alias(pk(collection), alias, version_row.version)
                 if new.aliases:

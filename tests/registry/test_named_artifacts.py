@@ -274,6 +274,11 @@ async def test_a_large_file_streams_both_ways_in_chunks_and_reads_from_an_offset
     absent = await failure(read_file(stub, created.version.name, "weights"))
     assert (absent.code, absent.reason) == (NOT_FOUND, "ARTIFACT_FILE_NOT_FOUND")
 
+    # Stored bytes lost on the server's disk: the storage failed, not the request (never INTERNAL).
+    (sqlite_registry.settings.artifact_blobs_path / "demo" / sha(b"step 40")[:2] / sha(b"step 40")).unlink()
+    lost = await failure(read_file(stub, created.version.name, "notes.txt"))
+    assert (lost.code, lost.reason) == (grpc.StatusCode.UNAVAILABLE, "DEPENDENCY_UNAVAILABLE")
+
 
 async def test_an_upload_cut_mid_stream_leaves_no_version_no_blob_and_no_staging_file(
     registry: Registry,
