@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from takeoff_registry.blobs import ContentStore
+from takeoff_registry.blobs import ContentStore, storage_errors
 from takeoff_registry.refs import ArtifactKey, project_not_found
 from takeoff_registry.store import ArtifactRow, RegistryStore
 from takeoff_registry.versions import SHA256
@@ -58,7 +58,8 @@ class Artifacts:
     ) -> tuple[Artifact, bool]:
         """Receive and store an artifact; returns it and whether the project had it already."""
         self._check_declared(key.sha256, size_bytes)
-        staged = self._files.stage()
+        with storage_errors("store an upload"):
+            staged = self._files.stage()
         try:
             received = 0
             async for chunk in chunks:
@@ -67,8 +68,10 @@ class Artifacts:
                     raise self._too_large("the upload")
                 if received > size_bytes:
                     raise self._size_mismatch(f"more than the declared {size_bytes} bytes arrived")
-                await asyncio.to_thread(staged.absorb, chunk)
-            digest = await asyncio.to_thread(staged.finish)
+                with storage_errors("store an upload"):
+                    await asyncio.to_thread(staged.absorb, chunk)
+            with storage_errors("store an upload"):
+                digest = await asyncio.to_thread(staged.finish)
             if received != size_bytes:
                 raise self._size_mismatch(f"{received} of the declared {size_bytes} bytes arrived")
             if digest != key.sha256:
@@ -79,7 +82,8 @@ class Artifacts:
                     violations=[FieldViolation("header.sha256", "does not match the uploaded bytes")],
                 )
             await asyncio.to_thread(check_archive, staged.path)
-            await asyncio.to_thread(self._files.put, staged.path, key.sha256)
+            with storage_errors("store an upload"):
+                await asyncio.to_thread(self._files.put, staged.path, key.sha256)
         finally:
             # Deliberately synchronous: it must run even when the upload task is being cancelled.
             staged.discard()
