@@ -178,6 +178,9 @@ class RunLog:
     """Whether ``checkpoint`` holds ``pending`` (after lines it also holds that are sent by now)."""
     _masks: list[str] = field(default_factory=list, init=False, repr=False)
     """Secret values replaced by :data:`MASK` in every line added, longest first."""
+    _sending: asyncio.Lock = field(default_factory=asyncio.Lock, init=False, repr=False)
+    """One flush at a time: a flush left to run in the background and the next one must not send the
+    same lines at two indices."""
 
     def mask(self, values: Iterable[str | bytes]) -> None:
         """Replace ``values`` (and each line of a multi-line one) wherever a line added from now on
@@ -235,6 +238,10 @@ class RunLog:
             self.add(output.stream, output.source.read_lines(final=final), output.rank)
 
     async def flush(self) -> None:
+        async with self._sending:
+            await self._flush()
+
+    async def _flush(self) -> None:
         if not self._recorded:
             # Off the event loop, which also answers the lease: a chatty job's pending lines run to megabytes.
             await asyncio.to_thread(
@@ -303,6 +310,10 @@ class Attempt:
         """The job's TRACEPARENT: its ``agent.job`` span, whose id a restarted agent gives it again."""
         self._job_span: trace.Span | None = None
         self._waiting: trace.Span | None = None
+        self._creating: asyncio.Task[None] | None = None
+        """CreateRun, under way while the attempt checks, reads its secrets and builds: whatever needs
+        the run (its log, its end, the job) waits for it (:meth:`_run_created`)."""
+        self._background: set[asyncio.Task[None]] = set()
         self._timers: list[asyncio.TimerHandle] = []
         self._lease_until: float | None = None
         self._renewing: asyncio.Task[None] | None = None
@@ -402,6 +413,14 @@ class Attempt:
     async def _run(self) -> Outcome | None:
         self._arm_deadlines()
         try:
+            return await self._run_to_completion()
+        finally:
+            for task in (self._creating, *self._background):
+                if task is not None and not task.done():
+                    task.cancel()  # the attempt was cancelled (the agent stops): nothing waits for them
+
+    async def _run_to_completion(self) -> Outcome | None:
+        try:
             outcome = await self._attempt()
         except asyncio.CancelledError:
             raise
@@ -426,16 +445,9 @@ class Attempt:
         assignment = self.assignment
         resumed = self.job.started  # by an earlier run of this agent
         if not resumed:
-            with _tracer.start_as_current_span("agent.create_run"):
-                await self.context.runs.create(
-                    assignment.run,
-                    job_version=assignment.job_version.name,
-                    item=assignment.item,
-                    attempt=assignment.attempt,
-                    config=assignment.run_config,
-                    display_name=assignment.run_display_name,
-                    token=self.token,
-                )
+            # Nothing before the job's start depends on its run but the run's log, which waits for it:
+            # CreateRun's round trip overlaps the checks, the secrets and the build instead of preceding them.
+            self._creating = asyncio.create_task(self._create_run())
             self.log.system(f"attempt {assignment.attempt} of {assignment.item} on {self.context.agent_name}")
             if exporting() and (context := parent_context(assignment.traceparent)):
                 # The run's log keeps the attempt's trace: its lines lead to the spans of the same attempt.
@@ -465,6 +477,7 @@ class Attempt:
                 return await self._end_stopped()
             if isinstance(built, Outcome):
                 return await self._failed_before_end(built)
+            await self._run_created()  # the job attaches to its run at once
             if not await self._advance(ItemState.STARTING, "starting the job"):
                 return await self._end_stopped()
             job_span = self._open_job_span()
@@ -499,6 +512,24 @@ class Attempt:
             self._arm_deadlines()
         ended = await self._watch()
         return await self._conclude(ended)
+
+    async def _create_run(self) -> None:
+        assignment = self.assignment
+        with _tracer.start_as_current_span("agent.create_run"):
+            await self.context.runs.create(
+                assignment.run,
+                job_version=assignment.job_version.name,
+                item=assignment.item,
+                attempt=assignment.attempt,
+                config=assignment.run_config,
+                display_name=assignment.run_display_name,
+                token=self.token,
+            )
+
+    async def _run_created(self) -> None:
+        """Once the attempt's run exists; raises what CreateRun raised (each time it is asked)."""
+        if self._creating is not None:
+            await self._creating
 
     async def _unless_stopped(self, work: Awaitable[T]) -> T | _Interrupted:
         """``work``'s result, or STOP when a stop is requested first: ``work`` (a build that waits for
@@ -588,7 +619,10 @@ class Attempt:
                         failure_reason_from_proto(failure.reason, FailureReason.BUILD_FAILED),
                         message=failure_message(failure.message, failure.log_tail[-LAST_LINES_IN_MESSAGE:]),
                     )
-        await self._flush_logs_quietly()
+        # The build's last lines go while the job starts: the start need not wait for their round trip.
+        flushing = asyncio.create_task(self._flush_logs_quietly())
+        self._background.add(flushing)
+        flushing.add_done_callback(self._background.discard)
         if result is None:
             return Outcome(
                 ItemState.FAILED, FailureReason.BUILD_INFRA, message="the build ended without a result"
@@ -727,6 +761,7 @@ class Attempt:
                 await self.job.stop(self.context.stop_grace_seconds)
         await self._flush_logs_quietly()
         try:
+            await self._run_created()
             await self.context.runs.finish(
                 self.assignment.run,
                 run_state_to_proto(RunState.FAILED),
@@ -747,6 +782,7 @@ class Attempt:
 
     async def _finish_run(self, state: RunState, exit_code: int | None, message: str) -> RunState:
         """Set the run's final state, unless its job (the SDK) has set one; the final state either way."""
+        await self._run_created()
         with _tracer.start_as_current_span("agent.finish_run") as span:
             final = await self.context.runs.finish(
                 self.assignment.run,
@@ -840,6 +876,7 @@ class Attempt:
 
     async def _flush_logs_quietly(self) -> None:
         try:
+            await self._run_created()
             await self.log.flush()
         except Exception:  # logs must never cost the job its outcome; the next flush tries again
             logger.warning("could not send log lines of %s", self.assignment.run, exc_info=True)
