@@ -229,6 +229,26 @@ async def test_an_equal_manifest_returns_the_existing_version_and_gets_the_alias
     assert elsewhere.missing_sha256 == [sha(b"weights-0")]  # blobs belong to their project
 
 
+async def test_concurrent_versions_get_distinct_numbers_and_equal_ones_are_stored_once(
+    registry: Registry,
+) -> None:
+    stub = registry.artifacts
+    shared = os.urandom(64 * 1024)  # every version holds it: its blob is recorded once
+
+    distinct = await asyncio.gather(
+        *(log(stub, {"shared.bin": shared, "step.txt": str(step).encode()}) for step in range(5))
+    )
+    same = await asyncio.gather(*(log(stub, {"final.bin": b"final"}, artifact="final") for _ in range(3)))
+
+    assert sorted(response.version.version for response in distinct) == [0, 1, 2, 3, 4]
+    assert {response.version.name for response in same} == {
+        "projects/demo/artifactCollections/final/versions/0"
+    }
+    assert sorted(response.already_existed for response in same) == [False, True, True]
+    assert await registry.count_rows("registry_artifact_blobs") == 7
+    assert len(blob_files(registry)) == 7
+
+
 async def test_a_retried_stream_with_the_same_request_id_returns_the_first_version(
     sqlite_registry: Registry,
 ) -> None:
