@@ -15,7 +15,7 @@ import logging
 import threading
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -403,6 +403,10 @@ class Builder:
             del self._running[run.build.id]
         if cancelled:
             raise asyncio.CancelledError
+
+    def image_lock(self, tag: str) -> AbstractAsyncContextManager[None]:
+        """What an image build of ``tag`` holds while it looks for the image and makes it."""
+        return self._image_locks.hold(tag)
 
     def held(self) -> set[str]:
         """What the builds under way use or make: their environment keys (venvs), source digests (code)

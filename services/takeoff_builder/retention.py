@@ -211,10 +211,12 @@ class BuilderRetention:
             self._metrics.pruned_bytes.labels(entry.what).inc(entry.size_bytes)
 
     async def _remove(self, entry: Entry) -> bool:
-        if entry.path is None:
-            return await self._images.remove(entry.key)
         if entry.key in self._builder.held():  # a build started while this pass was looking elsewhere
             return False
+        if entry.path is None:
+            # Under the image builds' lock: a build of the tag waits, then finds it gone and makes it.
+            async with self._builder.image_lock(entry.key):
+                return await self._images.remove(entry.key)
         if entry.link is not None:
             entry.link.unlink(missing_ok=True)  # on the loop, right after the check: see the docstring
         await asyncio.to_thread(remove_tree, entry.path)
