@@ -4,7 +4,8 @@ Starts a local stack (registry, queue, builder) on free ports in a temporary TAK
 a fresh PostgreSQL schema (``--database postgresql``, from ``TAKEOFF_TEST_POSTGRES_URL``), creates a code
 job and a queue, and connects ``--agents`` synthetic agents speaking the Lease protocol (no processes run:
 each Assignment is answered Progress RUNNING, and its Ack by Complete SUCCEEDED). ``--enqueuers`` tasks
-then Enqueue ``--items`` items by the job's name, so every Enqueue resolves the job. A life cycle counts
+then Enqueue ``--items`` items by the job's name, so every Enqueue resolves the job (``--job bench:v0``: by
+its number, which the queue keeps once resolved). A life cycle counts
 once its Complete is acknowledged: Enqueue, Assignment, RUNNING and SUCCEEDED, each committed before it
 was answered. Every call presents a key (the admin key for Enqueue, an agent key per stream), as in
 production. The bench client shares the machine's cores with the services.
@@ -14,7 +15,7 @@ read from /proc, and with ``--profile FILE`` the queue service's own cProfile (t
 the profiler slows it, so that run's rate is not the figure).
 
     python bench/throughput.py [--items 5000] [--agents 8] [--capacity 64] [--enqueuers 64]
-        [--database sqlite|postgresql] [--sqlite-sync NORMAL|FULL] [--profile queue.prof]
+        [--database sqlite|postgresql] [--sqlite-sync NORMAL|FULL] [--job bench:v0] [--profile queue.prof]
 """
 
 from __future__ import annotations
@@ -131,7 +132,7 @@ async def measure(
         async def enqueuer() -> None:
             while left:
                 left.pop()
-                await stub.Enqueue(queue_pb2.EnqueueRequest(queue=queue, job="bench"))
+                await stub.Enqueue(queue_pb2.EnqueueRequest(queue=queue, job=args.job))
 
         cpu_before = {name: _cpu_seconds(pid) for name, pid in pids.items()}
         started = time.perf_counter()
@@ -221,7 +222,12 @@ def run(args: argparse.Namespace) -> dict[str, float]:
         }
         registry = record.services["registry"].address
         result = asyncio.run(measure(record.services["queue"].address, registry, stack.admin_key, args, pids))
-    return {"database": args.database, "sqlite_sync": args.sqlite_sync or "default", **result}
+    return {
+        "database": args.database,
+        "sqlite_sync": args.sqlite_sync or "default",
+        "job": args.job,
+        **result,
+    }
 
 
 def top_functions(profile: str, count: int = 25) -> str:
@@ -232,11 +238,21 @@ def top_functions(profile: str, count: int = 25) -> str:
 
 def print_table(results: list[dict[str, float]]) -> None:
     print(json.dumps(results, indent=2))
-    columns = ["database", "sqlite_sync", "items", "life_cycles_per_second"]
+    columns = ["database", "sqlite_sync", "job", "items", "life_cycles_per_second"]
     columns += [f"{name}_cpu_ms_per_life_cycle" for name in ("queue", "registry", "client")]
-    print("\n" + " ".join(f"{column:>28}" for column in columns))
+    headers = [
+        "database",
+        "sync",
+        "job",
+        "items",
+        "cycles/s",
+        "queue cpu ms",
+        "registry cpu ms",
+        "client cpu ms",
+    ]
+    print("\n" + " ".join(f"{header:>15}" for header in headers))
     for row in results:
-        print(" ".join(f"{row[column]!s:>28}" for column in columns))
+        print(" ".join(f"{row[column]!s:>15}" for column in columns))
 
 
 def main() -> None:
@@ -246,6 +262,9 @@ def main() -> None:
     parser.add_argument("--capacity", type=int, default=64)
     parser.add_argument("--enqueuers", type=int, default=64)
     parser.add_argument("--database", choices=["sqlite", "postgresql"], default="sqlite")
+    parser.add_argument(
+        "--job", default="bench", help="the reference enqueued: bench (latest, asked each time) or bench:v0"
+    )
     parser.add_argument("--sqlite-sync", choices=["NORMAL", "FULL"], default=None)
     parser.add_argument("--profile", default=None, help="write the queue service's cProfile stats here")
     parser.add_argument("--runs", type=int, default=1)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Iterable, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -512,6 +513,14 @@ class _StreamEnded:
     """Put in a session's outbox when the agent's side of the stream ends."""
 
 
+@dataclass(frozen=True, slots=True)
+class _HandlingFailed:
+    """Put in a session's outbox when applying one of the agent's messages failed: the stream ends with
+    its error, as it would had the reader raised it."""
+
+    error: BaseException
+
+
 class QueueApi(queue_pb2_grpc.QueueServiceServicer):
     def __init__(
         self, book: QueueBook, dispatcher: Dispatcher, enqueues: Rate = DEFAULT_ENQUEUE_RATE
@@ -824,6 +833,8 @@ class QueueApi(queue_pb2_grpc.QueueServiceServicer):
         try:
             while True:
                 message = await session.outbox.get()
+                if isinstance(message, _HandlingFailed):
+                    raise message.error
                 if isinstance(message, _StreamEnded):
                     if not reader.cancelled() and (error := reader.exception()) is not None:
                         raise error
@@ -843,12 +854,26 @@ class QueueApi(queue_pb2_grpc.QueueServiceServicer):
             self._dispatcher.disconnect(session)
 
     async def _read(self, session: Session, requests: AsyncIterator[queue_pb2.LeaseRequest]) -> None:
+        """Apply each message as it arrives, without waiting for the commit of the one before: a Heartbeat
+        behind a burst of Progress and Complete messages renews the leases at once instead of after all
+        their commits (which, on a slow disk, could outlast the lease TTL), and one agent's changes share
+        group commits. Order is kept: each message changes the index before its first wait, in arrival
+        order, its write joins the group commit in that order, and the Acks follow the commits."""
+        handling: set[asyncio.Task[None]] = set()
+
+        def done(task: asyncio.Task[None]) -> None:
+            handling.discard(task)
+            if not task.cancelled() and (error := task.exception()) is not None:
+                session.outbox.put_nowait(_HandlingFailed(error))
+
         async for request in requests:
             message = _agent_request_from_proto(request)
             if isinstance(message, Reject):
                 session.send(message)
-            else:
-                await self._dispatcher.handle(session, message)
+                continue
+            task = asyncio.create_task(self._dispatcher.handle(session, message))
+            handling.add(task)
+            task.add_done_callback(done)
 
 
 _UPDATABLE_QUEUE_FIELDS = frozenset(
