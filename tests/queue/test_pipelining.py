@@ -39,7 +39,8 @@ async def test_a_heartbeat_is_answered_while_the_progress_before_it_waits_for_it
         first = (await agent.next("ack")).ack
         assert (first.request_sequence, first.of) == (heartbeat, queue_pb2.LEASE_MESSAGE_KIND_HEARTBEAT)
         leased = service.held(assignment.item.name)
-        assert leased is not None and leased.committed is not None
+        assert leased is not None
+        assert leased.committed is not None
         assert leased.committed.state.value == "LEASED"  # RUNNING is not written yet
 
         release.set()
