@@ -88,9 +88,7 @@ def paths_in_use_on_this_host() -> list[str]:
             continue
         base = f"/proc/{pid}"
         with contextlib.suppress(OSError):
-            paths += [
-                arg for arg in Path(f"{base}/cmdline").read_bytes().decode(errors="replace").split("\0")
-            ]
+            paths += Path(f"{base}/cmdline").read_bytes().decode(errors="replace").split("\0")
         with contextlib.suppress(OSError):
             paths.append(os.readlink(f"{base}/cwd"))
         with contextlib.suppress(OSError):
@@ -100,8 +98,9 @@ def paths_in_use_on_this_host() -> list[str]:
     return [path for path in paths if path.startswith("/")]
 
 
-def _scan_shelf(root: Path, what: str, uses: dict[str, datetime]) -> list[Entry]:
-    """The entries under a shelf: each ``{key}.{nonce}`` directory, with the link to it if published."""
+def _scan_shelf(root: Path, what: str, uses: dict[str, datetime], *, measure: bool) -> list[Entry]:
+    """The entries under a shelf: each ``{key}.{nonce}`` directory, with the link to it if published, and
+    its size when ``measure`` (walking every venv costs a pass time, so only a size limit pays for it)."""
     if not root.is_dir():
         return []
     root = root.resolve()
@@ -119,12 +118,20 @@ def _scan_shelf(root: Path, what: str, uses: dict[str, datetime]) -> list[Entry]
                     what,
                     path.name.rsplit(".", 1)[0],
                     max(uses.get(str(path), created), created),
-                    tree_bytes(path),
+                    tree_bytes(path) if measure else 0,
                     path,
                     published.get(path),
                 )
             )
     return entries
+
+
+def _links_to(link: Path, entry: Path) -> bool:
+    """Whether ``link`` still publishes ``entry`` (a no_cache rebuild may have published a newer one)."""
+    try:
+        return os.readlink(link) == entry.name
+    except OSError:
+        return False
 
 
 class BuilderRetention:
@@ -182,7 +189,12 @@ class BuilderRetention:
         return report
 
     def _scan(self, uses: dict[str, datetime]) -> list[Entry]:
-        return [entry for what in SHELVES for entry in _scan_shelf(self._builds_dir / what, what, uses)]
+        measure = self._settings.max_bytes is not None
+        return [
+            entry
+            for what in SHELVES
+            for entry in _scan_shelf(self._builds_dir / what, what, uses, measure=measure)
+        ]
 
     def _in_use(self, entry: Entry, limits: _Limits) -> bool:
         if entry.key in self._builder.held() or entry.last_use >= limits.in_use_since:
@@ -217,7 +229,8 @@ class BuilderRetention:
             # Under the image builds' lock: a build of the tag waits, then finds it gone and makes it.
             async with self._builder.image_lock(entry.key):
                 return await self._images.remove(entry.key)
-        if entry.link is not None:
-            entry.link.unlink(missing_ok=True)  # on the loop, right after the check: see the docstring
+        if entry.link is not None and _links_to(entry.link, entry.path):
+            entry.link.unlink()  # on the loop, right after the check: see the module's docstring
+        entry.size_bytes = entry.size_bytes or await asyncio.to_thread(tree_bytes, entry.path)
         await asyncio.to_thread(remove_tree, entry.path)
         return True
