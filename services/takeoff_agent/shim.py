@@ -179,7 +179,9 @@ class Ranks:
     """The job's processes (one, or one per rank), children of the shim, each leading a process group of
     its own: reaped as they end, in the order they end."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, sigchld_ignored: bool = False) -> None:
+        self.sigchld_ignored = sigchld_ignored
+        """The shim was started with SIGCHLD ignored: its jobs are too, as ``subprocess`` passes it on."""
         self.pids: list[int] = []
         self.returncodes: dict[int, int] = {}
         """Index -> return code (``-n``: killed by signal n, as in ``subprocess``), in the order reaped."""
@@ -198,7 +200,9 @@ class Ranks:
         return [self.returncodes[index] for index in range(len(self.pids))]
 
 
-def spawn(argv: list[str], cwd: str, env: dict[str, str], stdout: int, stderr: int) -> int:
+def spawn(
+    argv: list[str], cwd: str, env: dict[str, str], stdout: int, stderr: int, *, sigchld_ignored: bool = False
+) -> int:
     """Start ``argv`` as ``subprocess.Popen`` would with ``start_new_session``, stdin from /dev/null and
     SIGPIPE and SIGXFSZ at their defaults; raise the OSError that kept it from starting (``chdir`` or
     ``exec``), passed back through a close-on-exec pipe. The job must not inherit the shim's blocked
@@ -216,6 +220,8 @@ def spawn(argv: list[str], cwd: str, env: dict[str, str], stdout: int, stderr: i
             os.chdir(cwd)
             for reset in _RESET_IN_JOB:
                 signal.signal(reset, signal.SIG_DFL)
+            if sigchld_ignored:
+                signal.signal(signal.SIGCHLD, signal.SIG_IGN)
             signal.pthread_sigmask(signal.SIG_UNBLOCK, (signal.SIGCHLD,))
             os.execvpe(argv[0], argv, env)
         except OSError as error:
@@ -249,7 +255,10 @@ def start_ranks(lease_dir: str | os.PathLike[str], spec: dict[str, Any], ranks: 
         stdout = os.open(os.path.join(lease_dir, stdout_name), appended, 0o666)
         stderr = os.open(os.path.join(lease_dir, stderr_name), appended, 0o666)
         try:
-            ranks.pids.append(spawn(spec["argv"], spec["cwd"], {**spec["env"], **rank_env}, stdout, stderr))
+            env = {**spec["env"], **rank_env}
+            ranks.pids.append(
+                spawn(spec["argv"], spec["cwd"], env, stdout, stderr, sigchld_ignored=ranks.sigchld_ignored)
+            )
         except OSError as error:
             os.write(stderr, f"takeoff: cannot start {spec['argv'][0]!r}: {error.strerror}\n".encode())
             stop_groups(ranks.pids, 0, reap=ranks.reap)
@@ -279,14 +288,18 @@ def run_process(lease_dir: str | os.PathLike[str], spec: dict[str, Any]) -> None
     the exit of the rank that failed first."""
     # SIGCHLD blocked, so that sigtimedwait learns of each end at once (a blocked signal stays pending).
     previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, (signal.SIGCHLD,))
+    # Inherited as ignored (a batch system's step may start the shim so), SIGCHLD would have the kernel
+    # reap the job itself, leaving the shim no exit status to record: the default while the shim waits.
+    previous_handler = signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     try:
-        _run_process(lease_dir, spec)
+        _run_process(lease_dir, spec, Ranks(sigchld_ignored=previous_handler == signal.SIG_IGN))
     finally:
+        if previous_handler is not None:
+            signal.signal(signal.SIGCHLD, previous_handler)
         signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)
 
 
-def _run_process(lease_dir: str | os.PathLike[str], spec: dict[str, Any]) -> None:
-    ranks = Ranks()
+def _run_process(lease_dir: str | os.PathLike[str], spec: dict[str, Any], ranks: Ranks) -> None:
     if not start_ranks(lease_dir, spec, ranks):
         return
     jobs = ranks.pids

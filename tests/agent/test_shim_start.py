@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from takeoff_agent.runners.local_process import SHIM_COMMAND
@@ -26,13 +28,17 @@ print("to stderr", file=sys.stderr)
 """
 
 
-def run_shim(lease_dir: Path, argv: list[str], env: dict[str, str]) -> dict[str, object]:
+def run_shim(
+    lease_dir: Path, argv: list[str], env: dict[str, str], preexec_fn: Callable[[], object] | None = None
+) -> dict[str, object]:
     work = lease_dir / "work"
     work.mkdir()
     write_atomically(
         lease_dir / "spec.json", {"argv": argv, "env": env, "cwd": str(work), "stop_grace_seconds": 5}
     )
-    subprocess.run([*SHIM_COMMAND, str(lease_dir)], timeout=60, check=True, stdin=subprocess.PIPE)
+    subprocess.run(
+        [*SHIM_COMMAND, str(lease_dir)], timeout=60, check=True, stdin=subprocess.PIPE, preexec_fn=preexec_fn
+    )
     exit_record: dict[str, object] = json.loads((lease_dir / "exit.json").read_text())
     return exit_record
 
@@ -80,6 +86,20 @@ def test_a_job_killed_by_a_signal_is_recorded_with_it(tmp_path: Path) -> None:
     )
 
     assert ended == {"exit_code": 137, "signal": 9, "fenced": False}
+
+
+def test_a_shim_started_with_sigchld_ignored_records_the_jobs_exit_all_the_same(tmp_path: Path) -> None:
+    """As a batch system's step may start it: with SIGCHLD ignored the kernel reaps the job itself and
+    leaves no exit status to wait for. The job gets SIGCHLD as the shim got it, as subprocess passes it on."""
+    job = "import signal, sys; print(signal.getsignal(signal.SIGCHLD) == signal.SIG_IGN); sys.exit(3)"
+
+    def ignore_sigchld() -> None:
+        signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+
+    ended = run_shim(tmp_path, [sys.executable, "-c", job], {}, preexec_fn=ignore_sigchld)
+
+    assert ended == {"exit_code": 3, "signal": None, "fenced": False}
+    assert (tmp_path / "stdout.log").read_text() == "True\n"
 
 
 def test_the_shim_imports_no_site_packages_and_nothing_heavy(tmp_path: Path) -> None:
