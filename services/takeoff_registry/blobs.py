@@ -108,10 +108,16 @@ class ContentStore:
         """Move each finished staging file into place where there is none yet; returns the paths placed,
         for :meth:`remove` to take back if what they belong to is not recorded after all."""
         placed = []
+        made: set[Path] = set()
         for path, sha256 in staged:
-            if not self.path(sha256).exists():
-                self.put(path, sha256)
-                placed.append(self.path(sha256))
+            target = self.path(sha256)
+            if target.exists():
+                continue
+            if target.parent not in made:  # one mkdir per prefix directory, not per file
+                target.parent.mkdir(parents=True, exist_ok=True)
+                made.add(target.parent)
+            os.replace(path, target)
+            placed.append(target)
         return placed
 
     @staticmethod

@@ -22,7 +22,7 @@ import hashlib
 import json
 import re
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -74,6 +74,8 @@ TYPE_RULE = "1-64 characters of letters, digits, '-', '_' and '.'"
 MAX_CACHED_FILES = 200_000
 """Manifest entries ReadArtifactFile keeps in memory (about 200 bytes each)."""
 WRITE_BATCH_BYTES = 8 * 1024 * 1024
+MAX_FINISHING_BYTES = 64 * 1024 * 1024
+"""Bytes of small blobs handed to worker threads and not yet checked, at most (memory held meanwhile)."""
 """Bytes received before they are handed to the writer thread: few thread hops, bounded memory."""
 
 
@@ -261,23 +263,27 @@ def _size_mismatch(index: int, problem: str) -> InvalidArgument:
 
 class _Receiver:
     """Splits the stream's bytes into the uploads (by their sizes in the manifest) and writes each into a
-    staging file in a worker thread, one batch in flight while the next arrives."""
+    staging file in worker threads. A blob that fits in one batch is staged, written, hashed and closed by
+    one thread job while the next ones arrive (up to MAX_FINISHING_BYTES of them unchecked); a larger one is
+    written batch by batch, one batch in flight while the next arrives."""
 
     def __init__(self, blobs: ContentStore, uploads: Sequence[tuple[str, int]]) -> None:
         self._blobs = blobs
         self._uploads = uploads
         self._index = 0
-        self._remaining = 0
-        self.staged: list[StagedFile] = []
+        self._remaining = uploads[0][1] if uploads else 0
+        self._staged: dict[int, StagedFile] = {}
+        """The staging files by upload index: checked ones, and the large blob being written."""
         self._batch: list[memoryview] = []
         self._batched = 0
         self._writing: asyncio.Future[tuple[None, None]] | None = None
-        if uploads:
-            self._start()
+        self._finishing: deque[tuple[int, asyncio.Future[tuple[StagedFile, str]]]] = deque()
+        self._finishing_bytes = 0
 
-    def _start(self) -> None:
-        self.staged.append(self._blobs.stage())
-        self._remaining = self._uploads[self._index][1]
+    @property
+    def paths(self) -> list[Path]:
+        """Each upload's staging file, in upload order (once :meth:`end` has returned)."""
+        return [self._staged[index].path for index in range(len(self._uploads))]
 
     async def feed(self, chunk: bytes) -> None:
         view = memoryview(chunk)
@@ -298,11 +304,13 @@ class _Receiver:
                 await self._hand_over()
 
     async def end(self) -> None:
-        """The stream has ended: every upload must be complete."""
+        """The stream has ended: every upload must be complete and match its digest."""
         await self._finish_empty()
         if self._index < len(self._uploads):
             size = self._uploads[self._index][1]
             raise _size_mismatch(self._index, f"the stream ended {self._remaining} of its {size} bytes short")
+        while self._finishing:
+            await self._check_oldest()
 
     async def _finish_empty(self) -> None:
         while self._index < len(self._uploads) and self._remaining == 0:
@@ -311,7 +319,9 @@ class _Receiver:
     async def _hand_over(self) -> None:
         await self._wait_for_writer()
         batch, self._batch, self._batched = self._batch, [], 0
-        staged = self.staged[-1]
+        staged = self._staged.get(self._index)
+        if staged is None:
+            staged = self._staged[self._index] = self._blobs.stage()
         # Written and hashed in two threads at once: each takes about as long as the other.
         self._writing = asyncio.gather(
             asyncio.to_thread(staged.write, *batch), asyncio.to_thread(staged.hash, *batch)
@@ -324,29 +334,66 @@ class _Receiver:
             self._writing = None
 
     async def _finish_current(self) -> None:
-        await self._wait_for_writer()
-        batch, self._batch, self._batched = self._batch, [], 0
-        # Synced later, all together (sync_all): one fsync per blob here would bound small blobs' rate.
-        received = await asyncio.to_thread(self.staged[-1].finish, *batch, durable=False)
-        expected = self._uploads[self._index][0]
-        if received != expected:
-            raise _digest_mismatch(self._index, expected, received)
+        index, batch = self._index, self._batch
+        self._batch, self._batched = [], 0
+        staged = self._staged.get(index)
+        if staged is None:
+            future = asyncio.get_running_loop().run_in_executor(None, _write_whole, self._blobs, batch)
+            self._finishing.append((index, future))
+            self._finishing_bytes += self._uploads[index][1]
+            while self._finishing_bytes > MAX_FINISHING_BYTES:
+                await self._check_oldest()
+        else:
+            await self._wait_for_writer()
+            # Synced later, all together (sync_all): one fsync per blob here would bound small blobs' rate.
+            self._check(index, await asyncio.to_thread(staged.finish, *batch, durable=False))
         self._index += 1
         if self._index < len(self._uploads):
-            self._start()
+            self._remaining = self._uploads[self._index][1]
+
+    async def _check_oldest(self) -> None:
+        index, future = self._finishing[0]
+        staged, received = await asyncio.shield(future)
+        self._finishing.popleft()
+        self._finishing_bytes -= self._uploads[index][1]
+        self._staged[index] = staged
+        self._check(index, received)
+
+    def _check(self, index: int, received: str) -> None:
+        expected = self._uploads[index][0]
+        if received != expected:
+            raise _digest_mismatch(index, expected, received)
 
     async def sync_all(self) -> None:
-        await sync([staged.path for staged in self.staged])
+        await sync(self.paths)
 
     def discard(self) -> None:
-        """Remove every staging file now; one the writer thread still writes is closed when it is done."""
+        """Remove every staging file now; one a thread still writes is removed when it is done."""
         writing = self._writing
-        for staged in self.staged:
-            if writing is not None and not writing.done() and staged is self.staged[-1]:
+        being_written = self._staged.get(self._index)
+        for staged in self._staged.values():
+            if writing is not None and not writing.done() and staged is being_written:
                 staged.path.unlink(missing_ok=True)
                 writing.add_done_callback(_discard_after(staged))
             else:
                 staged.discard()
+        for _, future in self._finishing:
+            future.add_done_callback(_discard_written)  # runs at once if the job is done
+
+
+def _write_whole(blobs: ContentStore, chunks: Sequence[memoryview]) -> tuple[StagedFile, str]:
+    """A blob that arrived whole: staged, written, hashed and closed in one go (in a worker thread)."""
+    staged = blobs.stage()
+    try:
+        return staged, staged.finish(*chunks, durable=False)
+    except BaseException:
+        staged.discard()
+        raise
+
+
+def _discard_written(future: asyncio.Future[tuple[StagedFile, str]]) -> None:
+    if not future.cancelled() and future.exception() is None:
+        future.result()[0].discard()
 
 
 def _discard_after(staged: StagedFile) -> Callable[[asyncio.Future[tuple[None, None]]], None]:
@@ -459,10 +506,7 @@ class NamedArtifacts:
                     await receiver.feed(chunk)
                 await receiver.end()
                 await receiver.sync_all()
-            staged = {
-                sha256: staged_file.path
-                for sha256, staged_file in zip(new.uploads, receiver.staged, strict=True)
-            }
+            staged = dict(zip(new.uploads, receiver.paths, strict=True))
             return await self._commit(new, staged, blobs, fingerprint, request_id)
         finally:
             # Deliberately synchronous: it must run even when the upload is being cancelled.
@@ -534,9 +578,7 @@ class NamedArtifacts:
                     version_row = existing
                 else:
                     sizes = {file.sha256: file.size_bytes for file in new.files}
-                    recorded = await tables.ensure_blobs(
-                        key.project, {sha256: sizes[sha256] for sha256 in staged}, now
-                    )
+                    await tables.ensure_blobs(key.project, {sha256: sizes[sha256] for sha256 in staged}, now)
                     version_row = ArtifactVersionRow(
                         collection_pk=pk(collection),
                         project_id=key.project,
@@ -554,9 +596,10 @@ class NamedArtifacts:
                     await tables.add_version(version_row)
                     collection.version_count += 1
                     collection.update_time = now
+                    # Under the blob rows' locks: a file missing now is placed by this transaction alone.
                     with storage_errors("store an upload"):
                         placed = await asyncio.to_thread(
-                            blobs.put_new, [(staged[sha256], sha256) for sha256 in sorted(recorded)]
+                            blobs.put_new, [(staged[sha256], sha256) for sha256 in sorted(staged)]
                         )
                 for alias in new.aliases:
                     await tables.set_alias(pk(collection), alias, version_row.version)
