@@ -303,7 +303,9 @@ async def test_a_large_file_streams_both_ways_in_chunks_and_reads_from_an_offset
 async def test_an_upload_cut_mid_stream_leaves_no_version_no_blob_and_no_staging_file(
     registry: Registry,
 ) -> None:
-    files = {"model.bin": os.urandom(WRITE_BATCH_BYTES + 4 * MIB)}
+    # Small blobs first (each written whole by a worker thread), then one larger than a write batch.
+    files = {f"small/{n}": os.urandom(10 * 1024) for n in range(20)}
+    files["model.bin"] = os.urandom(WRITE_BATCH_BYTES + 4 * MIB)
     head, *chunks = messages(header(files, run=await new_run(registry)), files)
     sent = WRITE_BATCH_BYTES // MIB + 1  # enough for the server to write a batch to its staging file
     never = asyncio.Event()
