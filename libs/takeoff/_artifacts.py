@@ -6,29 +6,33 @@ local cache downloads go through.
   stream sends the manifest and then only those contents, concatenated and cut into 1 MiB chunks (many
   small files share a chunk).
 - **Download** (``ArtifactVersion.download``): each file is fetched into the cache by its sha256, its
-  digest checked, then the version's directory is made of hard links to the cached blobs (copies where a
-  link cannot be made). A partial fetch is kept and continued from its end (``ReadArtifactFile.offset``).
+  digest checked, then copied into the version's directory (a reflink where the file system can share
+  blocks). A partial fetch is kept and continued from its end (``ReadArtifactFile.offset``).
 
 The cache (``TAKEOFF_CACHE_DIR``, else ``$XDG_CACHE_HOME/takeoff``, else ``~/.cache/takeoff``) holds
-``artifacts/blobs/{sha[:2]}/{sha}``, read-only and with a fixed modification time: a blob written through
-a hard link (by a job that saves over a downloaded checkpoint, as root or after a chmod) gets a new time,
-so the next use sees it and fetches the blob again instead of handing out changed bytes.
+``artifacts/blobs/{sha[:2]}/{sha}``, read-only and with a fixed modification time, which a cached blob must
+still have to be used: a write moves it, so a blob changed by hand is fetched again, not handed out.
+Downloaded files are copies, not links to the blobs: a job that saves over the checkpoint it resumed from
+(as root, permissions do not stop it) would otherwise change the cache and every other download of it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import io
 import os
+import re
 import shutil
+import stat
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from takeoff.errors import TakeoffError
+from takeoff.errors import FailedPreconditionError, InvalidArgumentError, TakeoffError
 
 CHUNK_BYTES = 1024 * 1024
 """Upload chunks and read buffers: the size the registry recommends per message."""
@@ -36,6 +40,7 @@ CACHE_DIR_ENV = "TAKEOFF_CACHE_DIR"
 BLOB_TIME_NS = 978_307_200 * 10**9
 """2001-01-01: the modification time of every cached blob, checked on each use. Not the epoch, which zip
 archives and some build tools refuse."""
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass(frozen=True)
@@ -54,7 +59,9 @@ def local_files(path: Path) -> list[LocalFile]:
     if path.is_file():
         return [_hashed(path.name, path)]
     if not path.is_dir():
-        raise FileNotFoundError(f"no file or directory at {path}")
+        raise InvalidArgumentError(
+            "INVALID_ARGUMENT", "ARGUMENT_INVALID", f"cannot log {path}: no file or directory is there"
+        )
     files = []
     for folder, subfolders, names in os.walk(path):
         subfolders.sort()
@@ -63,7 +70,9 @@ def local_files(path: Path) -> list[LocalFile]:
             if source.is_file():
                 files.append(_hashed(source.relative_to(path).as_posix(), source))
     if not files:
-        raise ValueError(f"{path} holds no files to log")
+        raise InvalidArgumentError(
+            "INVALID_ARGUMENT", "ARGUMENT_INVALID", f"cannot log {path}: the directory holds no files"
+        )
     return sorted(files, key=lambda file: file.path)
 
 
@@ -81,11 +90,25 @@ def upload_sources(files: Iterable[LocalFile], missing: Iterable[str]) -> list[L
 
 
 def upload_chunks(sources: Iterable[LocalFile]) -> Iterator[bytes]:
-    """The bytes of ``sources``, one after the other, in chunks of ``CHUNK_BYTES`` (the last shorter)."""
+    """The bytes of ``sources``, one after the other, in chunks of ``CHUNK_BYTES`` (the last shorter).
+
+    Each source gives exactly the bytes it was hashed with, hashed again as they are read: a file changed
+    since (a training thread saving over a checkpoint being logged) raises FailedPreconditionError naming
+    it before its last byte is yielded, so the stream never carries it whole.
+    """
     buffer = bytearray()
     for source in sources:
+        digest = hashlib.sha256()
+        remaining = source.size_bytes
         with source.source.open("rb") as stream:
-            while piece := stream.read(CHUNK_BYTES - len(buffer)):
+            while remaining:
+                piece = stream.read(min(CHUNK_BYTES - len(buffer), remaining))
+                if not piece:
+                    raise _changed(source, f"it has only {source.size_bytes - remaining} bytes now")
+                digest.update(piece)
+                remaining -= len(piece)
+                if not remaining and digest.hexdigest() != source.sha256:
+                    raise _changed(source, f"its bytes hash to {digest.hexdigest()[:12]}... now")
                 if not buffer and len(piece) == CHUNK_BYTES:
                     yield piece  # a large file's chunk goes as it was read, without a copy
                     continue
@@ -95,6 +118,15 @@ def upload_chunks(sources: Iterable[LocalFile]) -> Iterator[bytes]:
                     buffer.clear()
     if buffer:
         yield bytes(buffer)
+
+
+def _changed(source: LocalFile, how: str) -> FailedPreconditionError:
+    return FailedPreconditionError(
+        "FAILED_PRECONDITION",
+        "ARTIFACT_DIGEST_MISMATCH",
+        f"{source.source} changed while it was being logged (hashed as {source.size_bytes} bytes with "
+        f"sha256 {source.sha256[:12]}..., {how}); nothing was stored: log a file no one is writing",
+    )
 
 
 def cache_dir() -> Path:
@@ -111,6 +143,15 @@ class BlobCache:
         self.root = (root or cache_dir()) / "artifacts"
 
     def blob(self, sha256: str) -> Path:
+        """Where the blob of ``sha256`` is cached. Anything but a sha256 (64 lowercase hex digits) is
+        refused: the digest comes from the registry's manifest and becomes a path here."""
+        if not _SHA256.fullmatch(sha256):
+            raise TakeoffError(
+                "DATA_LOSS",
+                "ARGUMENT_INVALID",
+                f"the registry's manifest names a file by {sha256[:80]!r}, which is not a sha256 (64 "
+                "lowercase hex digits); nothing was written",
+            )
         return self.root / "blobs" / sha256[:2] / sha256
 
     def cached(self, sha256: str, size: int) -> Path | None:
@@ -177,19 +218,102 @@ class BlobCache:
         return blob, fetched
 
 
-def place(blob: Path, target: Path) -> None:
-    """Make ``target`` hold ``blob``'s bytes: a hard link to it, else (another file system, a file system
-    without links) a copy; replaced atomically, so a reader never sees half a file."""
+def manifest_parts(path: str) -> list[str]:
+    """The folders and file name of a manifest path, refused (DATA_LOSS) unless it is relative,
+    ``/``-separated, without empty, ``.`` or ``..`` segments, backslashes or NUL: it becomes a path under
+    the download directory, and must stay under it."""
+    parts = path.split("/")
+    if not path or "\\" in path or "\0" in path or any(part in ("", ".", "..") for part in parts):
+        raise TakeoffError(
+            "DATA_LOSS",
+            "ARGUMENT_INVALID",
+            f"the registry's manifest names a file outside its version: {path!r}",
+        )
+    return parts
+
+
+def place(blob: Path, directory: Path, parts: Sequence[str]) -> None:
+    """Make ``directory/parts`` a copy of ``blob`` (a reflink where the file system can), made beside it and
+    renamed into place, so a reader never sees half a file; a copy already placed and unchanged since (size
+    and the cache's fixed time) is left alone.
+
+    Folders are made and entered one at a time without following symbolic links: a link inside
+    ``directory`` (left there by an earlier artifact, say) cannot send a file outside it. InvalidArgumentError
+    when the directory cannot take the file (a link or a file where a folder must be, no permission).
+    """
+    target = directory.joinpath(*parts)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        folder = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            for part in parts[:-1]:
+                inner = _enter(folder, part)
+                os.close(folder)
+                folder = inner
+            _copy_into(blob, folder, parts[-1])
+        finally:
+            os.close(folder)
+    except OSError as error:
+        why = {
+            errno.ELOOP: "a symbolic link is in the way (files are never written through one)",
+            errno.ENOTDIR: "a file is where a folder must be",
+        }.get(error.errno or 0, error.strerror or str(error))
+        raise InvalidArgumentError(
+            "INVALID_ARGUMENT", "ARGUMENT_INVALID", f"cannot write {target}: {why}"
+        ) from None
+
+
+def _enter(folder: int, name: str) -> int:
+    """The folder ``name`` inside ``folder``, made if missing, opened without following a link."""
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(name, dir_fd=folder)
+    try:
+        return os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=folder)
+    except NotADirectoryError:  # what Linux says of a link there too
+        if stat.S_ISLNK(os.stat(name, dir_fd=folder, follow_symlinks=False).st_mode):
+            raise OSError(errno.ELOOP, os.strerror(errno.ELOOP)) from None
+        raise
+
+
+def _copy_into(blob: Path, folder: int, name: str) -> None:
     with contextlib.suppress(FileNotFoundError):
-        if os.path.samefile(blob, target):
+        placed = os.stat(name, dir_fd=folder, follow_symlinks=False)
+        # One link only: a file linked to the cache (as older versions placed them) is replaced by a copy.
+        if (
+            stat.S_ISREG(placed.st_mode)
+            and placed.st_nlink == 1
+            and placed.st_mtime_ns == BLOB_TIME_NS
+            and placed.st_size == blob.stat().st_size
+        ):
             return
-    target.parent.mkdir(parents=True, exist_ok=True)
-    temporary = target.with_name(f".{target.name}.takeoff-{uuid.uuid4().hex[:8]}")
+    temporary = f".{name}.takeoff-{uuid.uuid4().hex[:8]}"
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    copy = os.open(temporary, flags, 0o666, dir_fd=folder)
     try:
         try:
-            os.link(blob, temporary)
-        except OSError:
-            shutil.copyfile(blob, temporary)
-        os.replace(temporary, target)
+            with blob.open("rb") as source:
+                _copy_bytes(source, copy)
+            os.utime(copy, ns=(BLOB_TIME_NS, BLOB_TIME_NS))  # what marks it placed and unchanged
+        finally:
+            os.close(copy)
+        os.replace(temporary, name, src_dir_fd=folder, dst_dir_fd=folder)
     finally:
-        temporary.unlink(missing_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary, dir_fd=folder)
+
+
+def _copy_bytes(source: io.BufferedReader, copy: int) -> None:
+    """``copy_file_range``: in the kernel, and a reflink (shared blocks, no bytes copied) on file systems
+    that have them (btrfs, XFS); a plain copy where the kernel refuses it (another file system on old
+    kernels)."""
+    try:
+        while os.copy_file_range(source.fileno(), copy, 1 << 30):
+            pass
+    except OSError as error:
+        if error.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+            raise
+        source.seek(0)
+        os.lseek(copy, 0, os.SEEK_SET)
+        os.ftruncate(copy, 0)
+        with open(copy, "wb", closefd=False) as stream:
+            shutil.copyfileobj(source, stream, CHUNK_BYTES)

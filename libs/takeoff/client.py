@@ -33,7 +33,7 @@ from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Se
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from datetime import timedelta
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 
 import grpc
@@ -176,8 +176,11 @@ class Client:
             self.queue_address, api_key=key, credentials=channel_credentials(self.queue_address, tls)
         )
         self._queues = queue_pb2_grpc.QueueServiceStub(self._queue_channel)
+        self.closed = False
+        """Set by :meth:`close`: the client's calls fail from then on."""
 
     def close(self) -> None:
+        self.closed = True
         self._channel.close()
         self._queue_channel.close()
 
@@ -369,12 +372,18 @@ class Client:
         )
         timeout = self._transfer_timeout(sum(source.size_bytes for source in sources))
 
+        changed: list[TakeoffError] = []
+
         def send() -> artifacts_pb2.CreateArtifactVersionResponse:
-            return self._artifacts.CreateArtifactVersion(_version_requests(header, sources), timeout=timeout)
+            return self._artifacts.CreateArtifactVersion(
+                _version_requests(header, sources, changed), timeout=timeout
+            )
 
         try:
             response = call_with_retries(send, _RECONNECT_POLICY)
         except grpc.RpcError as error:
+            if changed:  # the stream was cut short on purpose: the registry refused a partial upload
+                raise changed[0] from None
             raise TakeoffError.from_rpc_error(error, target=self.registry) from None
         return ArtifactVersion._from_proto(response.version, self, response.already_existed)
 
@@ -445,7 +454,7 @@ class Client:
         self, version: ArtifactVersion | str, root: str | os.PathLike[str] | None = None
     ) -> tuple[Path, int]:
         """:meth:`download_artifact`, also saying how many bytes were fetched (0: the cache had all)."""
-        from takeoff._artifacts import BlobCache, place
+        from takeoff._artifacts import BlobCache, manifest_parts, place
 
         if isinstance(version, str):
             version = self.get_artifact_version(version)
@@ -454,13 +463,13 @@ class Client:
         )
         cache = BlobCache()
         name = version.name
+        parts = {
+            file.path: manifest_parts(file.path) for file in version.files
+        }  # all checked before any write
+        for file in version.files:
+            cache.blob(file.sha256)  # refuses a digest that is not a sha256, before any write
 
         def fetch_and_place(file: ArtifactFile) -> int:
-            relative = PurePosixPath(file.path)
-            if relative.is_absolute() or ".." in relative.parts:  # never write outside the directory
-                raise TakeoffError(
-                    "DATA_LOSS", "ARGUMENT_INVALID", f"{name} names a file outside it: {file.path!r}"
-                )
             timeout = self._transfer_timeout(file.size_bytes)
 
             def chunks(offset: int) -> Iterator[bytes]:
@@ -475,7 +484,7 @@ class Client:
                 )
             except grpc.RpcError as error:
                 raise TakeoffError.from_rpc_error(error, target=self.registry) from None
-            place(blob, directory / relative)
+            place(blob, directory, parts[file.path])
             return count
 
         # Several streams at once: a small file costs a round trip more than its bytes.
@@ -1251,11 +1260,16 @@ def _upload_requests(
 
 
 def _version_requests(
-    header: artifacts_pb2.ArtifactVersionHeader, sources: Sequence[LocalFile]
+    header: artifacts_pb2.ArtifactVersionHeader, sources: Sequence[LocalFile], changed: list[TakeoffError]
 ) -> Iterator[artifacts_pb2.CreateArtifactVersionRequest]:
-    """The CreateArtifactVersion stream: the manifest, then the missing contents in chunks."""
+    """The CreateArtifactVersion stream: the manifest, then the missing contents in chunks. A file changed
+    since it was hashed ends the stream early, its error put in ``changed``: gRPC would only log an error
+    raised here, and the registry stores nothing from a stream short of its uploads."""
     from takeoff._artifacts import upload_chunks
 
     yield artifacts_pb2.CreateArtifactVersionRequest(header=header)
-    for chunk in upload_chunks(sources):
-        yield artifacts_pb2.CreateArtifactVersionRequest(chunk=chunk)
+    try:
+        for chunk in upload_chunks(sources):
+            yield artifacts_pb2.CreateArtifactVersionRequest(chunk=chunk)
+    except TakeoffError as error:
+        changed.append(error)

@@ -10,8 +10,16 @@ from pathlib import Path
 
 import pytest
 
-from takeoff._artifacts import CHUNK_BYTES, BlobCache, local_files, place, upload_chunks, upload_sources
-from takeoff.errors import FailedPreconditionError, TakeoffError
+from takeoff._artifacts import (
+    CHUNK_BYTES,
+    BlobCache,
+    local_files,
+    manifest_parts,
+    place,
+    upload_chunks,
+    upload_sources,
+)
+from takeoff.errors import FailedPreconditionError, InvalidArgumentError, TakeoffError
 
 
 def sha(data: bytes) -> str:
@@ -34,9 +42,9 @@ def test_a_directory_is_every_file_under_it_by_relative_path_with_its_digest(tmp
 
 
 def test_nothing_to_log_is_said_clearly(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="no file or directory"):
+    with pytest.raises(InvalidArgumentError, match="no file or directory"):
         local_files(tmp_path / "missing")
-    with pytest.raises(ValueError, match="holds no files"):
+    with pytest.raises(InvalidArgumentError, match="holds no files"):
         local_files(tmp_path)
 
 
@@ -105,31 +113,91 @@ def test_bytes_that_do_not_match_the_manifest_are_not_kept(tmp_path: Path) -> No
     assert not (cache.root / "blobs").exists()
 
 
-def test_a_blob_changed_through_a_link_is_fetched_again(tmp_path: Path) -> None:
+def test_a_changed_blob_is_fetched_again(tmp_path: Path) -> None:
     data = os.urandom(10_000)
     cache = BlobCache(tmp_path / "cache")
     blob, _ = cache.fetch(sha(data), len(data), serve(data, []))
-    target = tmp_path / "out" / "model.pt"
-    place(blob, target)
-    assert os.path.samefile(blob, target)
-    os.chmod(
-        target, 0o644
-    )  # a job saving over its downloaded checkpoint (as root, permissions do not stop it)
-    target.write_bytes(b"x" * len(data))
+    os.chmod(blob, 0o644)  # changed by hand (as root, permissions do not stop it)
+    blob.write_bytes(b"x" * len(data))
     reads: list[int] = []
     fresh, fetched = cache.fetch(sha(data), len(data), serve(data, reads))
     assert (fresh.read_bytes(), fetched, reads) == (data, len(data), [0])
 
 
-def test_placing_replaces_what_is_there_and_keeps_a_link_that_is_already_right(tmp_path: Path) -> None:
+def test_a_downloaded_file_is_a_copy_that_a_job_may_write_without_changing_others(tmp_path: Path) -> None:
+    data = os.urandom(10_000)
+    cache = BlobCache(tmp_path / "cache")
+    blob, _ = cache.fetch(sha(data), len(data), serve(data, []))
+    first, second = tmp_path / "d1", tmp_path / "d2"
+    place(blob, first, ["sub", "w.bin"])
+    place(blob, second, ["sub", "w.bin"])
+    (first / "sub" / "w.bin").write_bytes(b"changed by job 1")  # writable, even when not root
+    assert (second / "sub" / "w.bin").read_bytes() == data
+    assert blob.read_bytes() == data
+    assert cache.cached(sha(data), len(data)) == blob
+    place(blob, first, ["sub", "w.bin"])  # a changed copy is placed again
+    assert (first / "sub" / "w.bin").read_bytes() == data
+
+
+def test_placing_replaces_what_is_there_and_keeps_a_copy_that_is_already_right(tmp_path: Path) -> None:
     data = b"weights"
     cache = BlobCache(tmp_path / "cache")
     blob, _ = cache.fetch(sha(data), len(data), serve(data, []))
     target = tmp_path / "out" / "sub" / "w.bin"
     target.parent.mkdir(parents=True)
     target.write_bytes(b"old")
-    place(blob, target)
+    place(blob, tmp_path / "out", ["sub", "w.bin"])
     assert target.read_bytes() == data
-    place(blob, target)
-    assert os.path.samefile(blob, target)
+    inode = target.stat().st_ino
+    place(blob, tmp_path / "out", ["sub", "w.bin"])
+    assert target.stat().st_ino == inode  # unchanged since placed: left alone
     assert sorted(path.name for path in target.parent.iterdir()) == ["w.bin"]  # no temporary left
+
+
+def test_files_are_never_written_through_a_symbolic_link(tmp_path: Path) -> None:
+    data = b"weights"
+    cache = BlobCache(tmp_path / "cache")
+    blob, _ = cache.fetch(sha(data), len(data), serve(data, []))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    directory = tmp_path / "out"
+    directory.mkdir()
+    (directory / "sub").symlink_to(elsewhere)
+    with pytest.raises(InvalidArgumentError, match="symbolic link"):
+        place(blob, directory, ["sub", "w.bin"])
+    (directory / "w.bin").symlink_to(elsewhere / "target")
+    place(blob, directory, ["w.bin"])  # the link itself is replaced, not followed
+    assert not (directory / "w.bin").is_symlink()
+    assert list(elsewhere.iterdir()) == []
+    (directory / "file").write_bytes(b"")
+    with pytest.raises(InvalidArgumentError, match="a file is where a folder must be"):
+        place(blob, directory, ["file", "w.bin"])
+
+
+def test_a_manifest_path_or_digest_that_would_leave_the_directory_is_refused(tmp_path: Path) -> None:
+    assert manifest_parts("sub/w.bin") == ["sub", "w.bin"]
+    for path in ["", "/etc/passwd", "../w", "a/../../w", "a//w", "./w", "a\\..\\w", "a/", "w\0"]:
+        with pytest.raises(TakeoffError, match="outside its version") as raised:
+            manifest_parts(path)
+        assert raised.value.code == "DATA_LOSS"
+    victim = tmp_path / "home" / "victim"
+    victim.parent.mkdir()
+    victim.write_bytes(b"keep")
+    cache = BlobCache(tmp_path / "cache")
+    for digest in ["../../../home/victim", "A" * 64, "0" * 63]:
+        with pytest.raises(TakeoffError, match="not a sha256"):
+            cache.fetch(digest, 3, serve(b"abc", []))
+    assert victim.read_bytes() == b"keep"
+
+
+@pytest.mark.parametrize("change", ["grows", "shrinks", "rewritten"])
+def test_a_file_changed_after_hashing_is_named_and_not_sent_whole(tmp_path: Path, change: str) -> None:
+    (tmp_path / "a.bin").write_bytes(b"a" * 1000)
+    (tmp_path / "b.bin").write_bytes(b"b" * 1000)
+    files = local_files(tmp_path)
+    new = {"grows": b"A" * 1500, "shrinks": b"a" * 999, "rewritten": b"A" * 1000}[change]
+    (tmp_path / "a.bin").write_bytes(new)
+    chunks: list[bytes] = []
+    with pytest.raises(FailedPreconditionError, match=r"a\.bin changed while it was being logged"):
+        chunks.extend(upload_chunks(upload_sources(files, [file.sha256 for file in files])))
+    assert chunks == []  # its last byte never went: the stream does not carry it whole
