@@ -118,14 +118,17 @@ def _attach(
         if error.reason != "RUN_ALREADY_ATTACHED" or not caller.retried:
             raise
         attached = caller.call(stub.GetRun, runs_pb2.GetRunRequest(name=run_name)).run
-        return attached, _resumed_run(stub, caller, attached, resume)
-    previous = response.resumed_from_run if response.HasField("resumed_from_run") else None
+        previous = _resumed_run(stub, caller, attached, resume)
+    else:
+        attached = response.run
+        previous = response.resumed_from_run if response.HasField("resumed_from_run") else None
     if previous is not None and previous.summary.fields:
-        # The new run's summary starts as the previous one's; metric summaries then move on from it. Sent
-        # here rather than through the sender, which would take every key for the code's own.
+        # AttachRun hands the job the previous summary but does not store it in the new run: stored here,
+        # so the new run's summary starts as the previous one's and metric summaries move on from it. Sent
+        # once, outside the sender, which would take every key for the code's own.
         summary = runs_pb2.UpdateSummaryRequest(name=run_name, summary=previous.summary)
         caller.call(stub.UpdateSummary, summary)
-    return response.run, previous
+    return attached, previous
 
 
 def _resumed_run(

@@ -143,7 +143,8 @@ class RunSummary(MutableMapping[str, Any]):
     """
 
     def __init__(self, delivery: Delivery, resumed: Mapping[str, Any] | None = None) -> None:
-        # A resumed run starts from the summary of the run it continues (the registry has it already).
+        # A resumed run starts from the summary of the run it continues; init stored it in the new run
+        # (_online._attach: AttachRun returns it but does not copy it).
         self._values: dict[str, Any] = dict(resumed or {})
         self._delivery = delivery
 

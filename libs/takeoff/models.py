@@ -332,10 +332,20 @@ class ArtifactVersion:
 
         Files come from the local cache (``TAKEOFF_CACHE_DIR``, else ``~/.cache/takeoff``), keyed by their
         sha256, and are fetched into it first when missing, resuming a partial download; so a second
-        download, of this or any version sharing files, fetches nothing.
+        download, of this or any version sharing files, fetches nothing. The files are copies (a reflink
+        where the file system can): writing into one changes neither the cache nor other downloads.
+
+        The client or run that returned the version must still be open: a version a run gave, after
+        ``run.finish()``, raises a RuntimeError saying how to download it.
         """
         if self._client is None:
             raise RuntimeError(f"{self.ref} was not fetched through a takeoff.Client or a run")
+        if self._client.closed:
+            raise RuntimeError(
+                f"cannot download {self.ref}: the client or run it came from is closed (a run closes its "
+                f"connection at run.finish()); download it before that, or with "
+                f"takeoff.Client(project={self.project!r}).download_artifact({self.ref!r})"
+            )
         return self._client.download_artifact(self, root)
 
     @classmethod

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ import pytest
 from google.protobuf import struct_pb2
 
 from takeoff import Client, ImageSource
+from takeoff._online import _attach, _PatientCaller
 from takeoff.errors import FailedPreconditionError
 from takeoff.v1 import common_pb2, keys_pb2, keys_pb2_grpc, runs_pb2, runs_pb2_grpc
 from takeoff_rpc.channels import open_channel
@@ -234,3 +236,36 @@ def test_resume_takes_the_three_modes_and_offline_runs_refuse_artifacts(
             offline.log_artifact(tmp_path)
     finally:
         offline.finish()
+
+
+def test_an_attach_retried_after_a_lost_reply_still_stores_the_resumed_summary(
+    client: Client, runs: runs_pb2_grpc.RunServiceStub, project: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    item = f"projects/{project}/queues/q/items/item1"
+    first = create_run(runs, project, "item1-1", queue_item=item, attempt=1)
+    runs.AttachRun(runs_pb2.AttachRunRequest(name=first), timeout=10)
+    summary = struct_pb2.Struct()
+    summary.update({"best": 0.5})
+    runs.UpdateSummary(runs_pb2.UpdateSummaryRequest(name=first, summary=summary), timeout=10)
+    runs.FinishRun(runs_pb2.FinishRunRequest(name=first, state=common_pb2.RUN_STATE_KILLED), timeout=10)
+    second = create_run(runs, project, "item1-2", queue_item=item, attempt=2)
+    # The job's first AttachRun reached the registry; its reply did not, so the retry finds the run attached.
+    runs.AttachRun(runs_pb2.AttachRunRequest(name=second, resume=runs_pb2.RESUME_MODE_ALLOW), timeout=10)
+    monkeypatch.setenv("TAKEOFF_RUN_ID", "item1-2")
+    caller = _PatientCaller(client.registry, deadline=time.monotonic() + 10)
+    caller.retried = True
+    attached, previous = _attach(
+        runs, caller, project, runs_pb2.Run(), launched=True, resume=runs_pb2.RESUME_MODE_ALLOW
+    )
+    assert (attached.name, previous and previous.name) == (second, first)
+    assert client.get_run(second).summary == {"best": 0.5}
+
+
+def test_a_version_from_a_closed_client_says_how_to_download_it(
+    registry: ServiceProcess, project: str, tmp_path: Path
+) -> None:
+    (tmp_path / "w.bin").write_bytes(b"weights")
+    with Client(registry.address, project=project) as client:
+        version = client.log_artifact(tmp_path / "w.bin", "ckpt", type="checkpoint")
+    with pytest.raises(RuntimeError, match=r"is closed .*run.finish\(\).*download_artifact\('ckpt:v0'\)"):
+        version.download(tmp_path / "out")
