@@ -144,8 +144,14 @@ class _Measure:
         child.observe(time.perf_counter() - start)
 
 
+def _finished(context: Context) -> grpc.StatusCode:
+    """The status of a call whose handler returned: OK unless it set another with ``set_code``."""
+    code = context.code()
+    return grpc.StatusCode.OK if code is None else _status_code(code)
+
+
 def _outcome(error: BaseException, context: Context) -> grpc.StatusCode:
-    if isinstance(error, asyncio.CancelledError):
+    if isinstance(error, asyncio.CancelledError | GeneratorExit):  # the client went away
         return grpc.StatusCode.CANCELLED
     if isinstance(error, grpc.aio.AbortError):
         return _status_code(context.code())
@@ -171,10 +177,11 @@ def measured_handler(handler: Handler, method: str, metrics: RpcMetrics) -> Hand
 
         async def streaming(request: Any, context: Context) -> AsyncIterator[Any]:
             start = measure.started()
-            code = grpc.StatusCode.OK
+            code = grpc.StatusCode.UNKNOWN
             try:
                 async for response in _call_streaming(behavior, request, context):
                     yield response
+                code = _finished(context)
             except BaseException as error:
                 code = _outcome(error, context)
                 raise
@@ -187,9 +194,11 @@ def measured_handler(handler: Handler, method: str, metrics: RpcMetrics) -> Hand
 
     async def unary(request: Any, context: Context) -> Any:
         start = measure.started()
-        code = grpc.StatusCode.OK
+        code = grpc.StatusCode.UNKNOWN
         try:
-            return await _call_unary(behavior, request, context)
+            response = await _call_unary(behavior, request, context)
+            code = _finished(context)
+            return response
         except BaseException as error:
             code = _outcome(error, context)
             raise
