@@ -157,6 +157,8 @@ def _path_problem(path: str) -> str | None:
         return "a path is required"
     if path.startswith("/"):
         return "must be relative, not start with '/'"
+    if "\\" in path or any(ord(character) < 32 or ord(character) == 127 for character in path):
+        return "must hold no backslash or control character (paths are '/'-separated on every system)"
     if any(segment in ("", ".", "..") for segment in path.split("/")):
         return "must be '/'-separated names without '.', '..' or empty segments"
     return None
@@ -490,10 +492,10 @@ class NamedArtifacts:
         )
         if request_id:
             async with self._store.read() as tx:
-                if replayed := await tx.replay("CreateArtifactVersion", request_id, fingerprint):
+                if replayed := await self._replay_if_known(tx, request_id, fingerprint):
                     async for _ in chunks:
                         pass  # the bytes were stored by the first stream
-                    return await self._replay(tx, replayed)
+                    return replayed
         async with self._store.read() as tx:
             await self._check_state(tx, new)
         sizes = {file.sha256: file.size_bytes for file in new.files}
@@ -512,21 +514,23 @@ class NamedArtifacts:
             # Deliberately synchronous: it must run even when the upload is being cancelled.
             receiver.discard()
 
+    @staticmethod
+    async def _check_run(tx: Tx, run: RunKey, what: str) -> None:
+        row = await tx.run(run.project, run.run)
+        if row is None:
+            raise NotFound("RUN_NOT_FOUND", f"run {run.name} does not exist", metadata={"resource": run.name})
+        if RunState(row.state).ended:
+            raise FailedPrecondition(
+                "RUN_ENDED",
+                f"run {run.name} has ended ({row.state}) and {what}",
+                metadata={"resource": run.name, "state": row.state},
+            )
+
     async def _check_state(self, tx: Tx, new: NewVersion) -> None:
         """What the database must say for the version to be stored: the run live, the type the
         artifact's, every blob uploaded or stored. Checked before the bytes arrive and again after."""
         if new.run is not None:
-            run = await tx.run(new.run.project, new.run.run)
-            if run is None:
-                raise NotFound(
-                    "RUN_NOT_FOUND", f"run {new.run.name} does not exist", metadata={"resource": new.run.name}
-                )
-            if RunState(run.state).ended:
-                raise FailedPrecondition(
-                    "RUN_ENDED",
-                    f"run {new.run.name} has ended ({run.state}) and logs no more artifacts",
-                    metadata={"resource": new.run.name, "state": run.state},
-                )
+            await self._check_run(tx, new.run, "logs no more artifacts")
         tables = ArtifactTables(tx)
         collection = await tables.collection(new.collection.project, new.collection.artifact)
         if collection is not None and collection.type != new.type:
@@ -559,21 +563,22 @@ class NamedArtifacts:
         request_id: str,
     ) -> tuple[ArtifactVersion, bool]:
         key = new.collection
-        placed: list[Path] = []
-        try:
-            async with self._store.write() as tx:
-                if request_id and (
-                    replayed := await tx.replay("CreateArtifactVersion", request_id, fingerprint)
-                ):
-                    return await self._replay(tx, replayed)
-                await self._check_state(tx, new)
-                tables = ArtifactTables(tx)
-                now = _now()
-                collection = await tables.ensure_collection(key.project, key.artifact, new.type, now)
-                if collection.type != new.type:  # its first version was stored meanwhile
-                    raise _type_mismatch(new, collection.type)
-                digest = manifest_digest(new.files)
-                existing = await tables.version_with_digest(pk(collection), digest)
+        async with self._store.write() as tx:
+            if request_id and (replayed := await self._replay_if_known(tx, request_id, fingerprint)):
+                return replayed
+            await self._check_state(tx, new)
+            tables = ArtifactTables(tx)
+            now = _now()
+            collection = await tables.ensure_collection(key.project, key.artifact, new.type, now)
+            if collection.type != new.type:  # its first version was stored meanwhile
+                raise _type_mismatch(new, collection.type)
+            digest = manifest_digest(new.files)
+            logged_by = new.run.name if new.run else ""
+            # Only a version the same run (or, without one, no run) logged is reused: a run token moving an
+            # alias onto another run's version would be writing that run's artifacts.
+            existing = await tables.version_with_digest(pk(collection), digest, run=logged_by)
+            placed: list[Path] = []
+            try:
                 if existing is not None:
                     version_row = existing
                 else:
@@ -590,7 +595,7 @@ class NamedArtifacts:
                             for file in sorted(new.files, key=lambda file: file.path)
                         ],
                         user_metadata=new.metadata,
-                        run=new.run.name if new.run else "",
+                        run=logged_by,
                         create_time=now,
                     )
                     await tables.add_version(version_row)
@@ -611,9 +616,25 @@ class NamedArtifacts:
                     )
                     await tx.remember("CreateArtifactVersion", request_id, fingerprint, result)
                 return await self._version(tables, collection, version_row), existing is not None
-        except BaseException:
-            blobs.remove(placed)  # the transaction did not commit: nothing may refer to them
-            raise
+            except BaseException:
+                # Taken back while this transaction still holds the blob rows' locks, so that no other
+                # upload of the same blob can have relied on the file. (Should the commit itself fail, the
+                # files stay without rows: verified bytes, which a later upload of them reuses.)
+                blobs.remove(placed)
+                raise
+
+    async def _replay_if_known(
+        self, tx: Tx, request_id: str, fingerprint: str
+    ) -> tuple[ArtifactVersion, bool] | None:
+        try:
+            replayed = await tx.replay("CreateArtifactVersion", request_id, fingerprint)
+        except InvalidArgument as conflict:  # the library names the field of a plain request
+            raise InvalidArgument(
+                conflict.reason,
+                conflict.message,
+                violations=[FieldViolation("header.request_id", v.description) for v in conflict.violations],
+            ) from None
+        return await self._replay(tx, replayed) if replayed else None
 
     async def _replay(self, tx: Tx, replayed: str) -> tuple[ArtifactVersion, bool]:
         recorded = json.loads(replayed)
@@ -629,14 +650,16 @@ class NamedArtifacts:
             return await self._resolve(ArtifactTables(tx), reference)
 
     async def use_version(self, reference: ArtifactReference, run: RunKey) -> ArtifactVersion:
-        """Resolve the reference and record that ``run`` used the version (its latest use time)."""
+        """Resolve the reference and record that ``run`` (of the artifact's project, not ended) used the
+        version (its latest use time)."""
+        if run.project != reference.collection.project:
+            raise field_error(
+                "run", f"must be a run of projects/{reference.collection.project}, the artifact's"
+            )
         async with self._store.write() as tx:
             tables = ArtifactTables(tx)
             collection, version_row = await self._resolve_rows(tables, reference)
-            if await tx.run(run.project, run.run) is None:
-                raise NotFound(
-                    "RUN_NOT_FOUND", f"run {run.name} does not exist", metadata={"resource": run.name}
-                )
+            await self._check_run(tx, run, "records no more uses")
             await tables.record_use(pk(version_row), run.name, _now())
             return await self._version(tables, collection, version_row)
 

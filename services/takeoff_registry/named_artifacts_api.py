@@ -16,13 +16,13 @@ from takeoff_registry.named_artifacts import (
     VersionFilter,
 )
 from takeoff_registry.refs import (
-    ARTIFACT_VERSION,
     EVERY_ARTIFACT,
     ArtifactCollectionKey,
     ArtifactReference,
     RunKey,
     check_artifact_id,
     parse_artifact_reference,
+    parse_artifact_version,
     parse_project,
 )
 from takeoff_registry.upload_streams import header_and_chunks
@@ -216,11 +216,7 @@ class ArtifactApi(artifacts_pb2_grpc.ArtifactServiceServicer):
             artifacts_pb2.ReadArtifactFileRequest, artifacts_pb2.ReadArtifactFileResponse
         ],
     ) -> AsyncIterator[artifacts_pb2.ReadArtifactFileResponse]:
-        variables = ARTIFACT_VERSION.parse(request.name, field="name")
-        reference = ArtifactReference(
-            ArtifactCollectionKey(variables["project"], variables["artifact"]),
-            version=int(variables["version"]),
-        )
+        reference = parse_artifact_version(request.name, field="name")
         file, chunks = await self._artifacts.open_file(reference, request.path, offset=request.offset)
         yield artifacts_pb2.ReadArtifactFileResponse(file=_file_to_proto(file))
         async for chunk in chunks:

@@ -198,9 +198,14 @@ class ArtifactTables:
         query = select(ArtifactVersionRow.files).where(ArtifactVersionRow.id == version_pk)
         return list((await self._session.exec(query)).one())
 
-    async def version_with_digest(self, collection_pk: int, digest: str) -> ArtifactVersionRow | None:
+    async def version_with_digest(
+        self, collection_pk: int, digest: str, *, run: str
+    ) -> ArtifactVersionRow | None:
+        """The first version with this content that ``run`` logged (empty: logged outside a run)."""
         query = select(ArtifactVersionRow).where(
-            ArtifactVersionRow.collection_pk == collection_pk, ArtifactVersionRow.digest == digest
+            ArtifactVersionRow.collection_pk == collection_pk,
+            ArtifactVersionRow.digest == digest,
+            ArtifactVersionRow.run == run,
         )
         return (await self._session.exec(query.order_by(col(ArtifactVersionRow.version)).limit(1))).first()
 
@@ -246,26 +251,19 @@ class ArtifactTables:
             found.update((await self._session.exec(query)).all())
         return found
 
-    async def ensure_blobs(self, project_id: str, sizes: dict[str, int], now: datetime) -> set[str]:
-        """Record the blobs (sha256 -> size) in the project unless there; returns those this call recorded.
-        On PostgreSQL a concurrent transaction recording one of them waits here until this one ends; rows go
-        in digest order, the same in every transaction, so two never wait for each other."""
+    async def ensure_blobs(self, project_id: str, sizes: dict[str, int], now: datetime) -> None:
+        """Record the blobs (sha256 -> size) in the project unless there, in one statement executed for
+        every row. On PostgreSQL a concurrent transaction recording one of them waits here until this one
+        ends (and finds it then); rows go in digest order, the same in every transaction, so two never wait
+        for each other. Either way, once this returns no other writer places these blobs' files until this
+        transaction ends."""
         insert = postgresql.insert if self._dialect == "postgresql" else sqlite.insert
-        recorded: set[str] = set()
-        digests = sorted(sizes)
-        for start in range(0, len(digests), 1000):
-            rows = [
-                {"project_id": project_id, "sha256": sha256, "size_bytes": sizes[sha256], "create_time": now}
-                for sha256 in digests[start : start + 1000]
-            ]
-            statement = (
-                insert(ArtifactBlobRow)
-                .values(rows)
-                .on_conflict_do_nothing()
-                .returning(col(ArtifactBlobRow.sha256))
-            )
-            recorded.update((await self._session.exec(statement)).scalars().all())
-        return recorded
+        rows = [
+            {"project_id": project_id, "sha256": sha256, "size_bytes": sizes[sha256], "create_time": now}
+            for sha256 in sorted(sizes)
+        ]
+        if rows:
+            await self._session.exec(insert(ArtifactBlobRow).on_conflict_do_nothing(), params=rows)
 
     async def record_use(self, version_pk: int, run: str, now: datetime) -> None:
         insert = postgresql.insert if self._dialect == "postgresql" else sqlite.insert

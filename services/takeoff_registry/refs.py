@@ -20,6 +20,9 @@ LATEST = "latest"
 ALIAS_PATTERN = re.compile(r"[a-z][a-z0-9_.-]{0,62}")
 VERSION_ALIAS_PATTERN = re.compile(r"v(0|[1-9][0-9]{0,17})")
 _VERSION_NUMBER = r"0|[1-9][0-9]{0,17}"
+_VERSION_SELECTOR = re.compile(r"v(0|[1-9][0-9]*)")
+MAX_VERSION_NUMBER = 2**31 - 1
+"""Version numbers are 32-bit integer columns; a larger one names no version and is refused as a name."""
 
 PROJECT = ResourcePattern("projects/{project}")
 JOB = ResourcePattern("projects/{project}/jobs/{job}")
@@ -182,10 +185,11 @@ _ARTIFACT_REFERENCES = _ReferenceForm(
 
 
 def _invalid_reference(form: _ReferenceForm, reference: str, field: str, why: str) -> InvalidArgument:
+    article = "an" if form.kind[0] in "aeiou" else "a"
     problem = (
-        f"{reference!r} is not a {form.kind} reference ({why})"
+        f"{reference!r} is not {article} {form.kind} reference ({why})"
         if reference
-        else f"a {form.kind} reference is required"
+        else f"{article} {form.kind} reference is required"
     )
     return InvalidArgument(NAME_INVALID, problem, violations=[FieldViolation(field, problem)])
 
@@ -196,8 +200,10 @@ def _parse_reference(
     """The parent's variables (project and id), and the version number or the alias (neither: latest)."""
     if (full_version := form.full_version.match(reference)) is not None:
         version = int(full_version.pop("version"))
+        if version > MAX_VERSION_NUMBER:
+            raise _invalid_reference(form, reference, field, f"version numbers go up to {MAX_VERSION_NUMBER}")
         return full_version, version, None
-    id_part, _, selector = reference.partition(":")
+    id_part, colon, selector = reference.partition(":")
     upper = form.kind.upper()
     if id_part.startswith("projects/"):
         variables = form.parent.match(id_part)
@@ -214,9 +220,17 @@ def _parse_reference(
                 form, reference, field, f"expected {upper}, {upper}:ALIAS or {upper}:vN"
             ) from None
         variables = {"project": project, form.parent.variables[1]: identifier}
-    if not selector:
+    if not colon:
         return variables, None, None
-    if VERSION_ALIAS_PATTERN.fullmatch(selector):
+    if not selector:
+        raise _invalid_reference(
+            form, reference, field, f"nothing after ':'; expected {upper}:ALIAS or {upper}:vN"
+        )
+    if _VERSION_SELECTOR.fullmatch(selector):
+        if int(selector[1:]) > MAX_VERSION_NUMBER:
+            raise _invalid_reference(
+                form, reference, field, f"{selector!r} is no version number (v0 to v{MAX_VERSION_NUMBER})"
+            )
         return variables, int(selector[1:]), None
     if form.alias.fullmatch(selector):
         return variables, None, selector
@@ -231,6 +245,17 @@ def parse_job_reference(
         _JOB_REFERENCES, reference, project=project, field=field, project_field=project_field
     )
     return JobReference(JobKey(**variables), version=version, alias=alias)
+
+
+def parse_artifact_version(name: str, *, field: str) -> ArtifactReference:
+    """A full version name, ``projects/P/artifactCollections/A/versions/N``, as a reference."""
+    variables = ARTIFACT_VERSION.parse(name, field=field)
+    version = int(variables.pop("version"))
+    if version > MAX_VERSION_NUMBER:
+        raise _invalid_reference(
+            _ARTIFACT_REFERENCES, name, field, f"version numbers go up to {MAX_VERSION_NUMBER}"
+        )
+    return ArtifactReference(ArtifactCollectionKey(**variables), version=version)
 
 
 def parse_artifact_reference(

@@ -361,10 +361,16 @@ class Tx:
         return True
 
     async def previous_attempt(self, project_id: str, queue_item: str, attempt: int) -> RunRow | None:
-        """The run of the item's latest attempt before ``attempt`` that has one."""
+        """The run of the item's latest attempt before ``attempt`` whose job started (attached its run): one
+        that never did (its agent lost, its image not pulled) has nothing to continue from."""
         query = (
             select(RunRow)
-            .where(RunRow.project_id == project_id, RunRow.queue_item == queue_item, RunRow.attempt < attempt)
+            .where(
+                RunRow.project_id == project_id,
+                RunRow.queue_item == queue_item,
+                RunRow.attempt < attempt,
+                col(RunRow.start_time).is_not(None),
+            )
             .order_by(col(RunRow.attempt).desc(), col(RunRow.seq).desc())
             .limit(1)
         )

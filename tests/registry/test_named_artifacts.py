@@ -262,7 +262,7 @@ async def test_a_retried_stream_with_the_same_request_id_returns_the_first_versi
     assert (conflict.code, conflict.reason, conflict.fields) == (
         INVALID,
         "REQUEST_ID_CONFLICT",
-        ["request_id"],
+        ["header.request_id"],
     )
 
 
@@ -394,8 +394,16 @@ async def test_bad_manifests_name_every_bad_field(sqlite_registry: Registry) -> 
             ["header.type", "header.run", "header.aliases[0]", "header.aliases[1]"],
         ),
         (
-            {"files": files(("/abs", good, 1), ("a/../b", good, 1), ("./x", good, 1), ("nul\x00", good, 1))},
-            [f"header.files[{index}].path" for index in range(4)],
+            {
+                "files": files(
+                    ("/abs", good, 1),
+                    ("a/../b", good, 1),
+                    ("./x", good, 1),
+                    ("nul\x00", good, 1),
+                    ("..\\x", good, 1),
+                )
+            },
+            [f"header.files[{index}].path" for index in range(5)],
         ),
         (
             {
@@ -504,10 +512,32 @@ async def test_lineage_shows_who_logged_a_version_and_who_used_it(registry: Regi
         )
     )
     assert (no_run.code, no_run.reason) == (NOT_FOUND, "RUN_NOT_FOUND")
+    elsewhere = await new_run(registry, project="else")
+    foreign = await failure(
+        stub.UseArtifactVersion(
+            artifacts_pb2.UseArtifactVersionRequest(name=logged.version.name, run=elsewhere)
+        )
+    )
+    assert (foreign.code, foreign.fields) == (INVALID, ["run"])
+    for reference in (
+        "ckpt:",
+        "ckpt:v2147483648",
+        "projects/demo/artifactCollections/ckpt/versions/2147483648",
+    ):
+        bad = await failure(
+            stub.GetArtifactVersion(
+                artifacts_pb2.GetArtifactVersionRequest(name=reference, project="projects/demo")
+            )
+        )
+        assert (bad.code, bad.reason, bad.fields) == (INVALID, "NAME_INVALID", ["name"]), reference
     ended = await new_run(registry)
     await registry.runs.FinishRun(runs_pb2.FinishRunRequest(name=ended, state=common_pb2.RUN_STATE_FINISHED))
     late = await failure(log(stub, {"late": b"!"}, run=ended))
     assert (late.code, late.reason) == (PRECONDITION, "RUN_ENDED")
+    used_late = await failure(
+        stub.UseArtifactVersion(artifacts_pb2.UseArtifactVersionRequest(name=logged.version.name, run=ended))
+    )
+    assert (used_late.code, used_late.reason) == (PRECONDITION, "RUN_ENDED")
 
 
 # Who may do what.
@@ -536,10 +566,22 @@ async def test_a_run_token_logs_only_its_own_runs_artifacts_and_reads_the_projec
         )
     ).secret
 
+    theirs = await log(registry.artifacts, {"model.pt": b"v0"}, artifact="model", run=other, aliases=["prod"])
+
     async with registry.channel(token) as channel:
         as_run = artifacts_pb2_grpc.ArtifactServiceStub(channel)
         logged = await log(as_run, {"model.pt": b"w"}, run=mine)
         assert logged.version.run == mine
+        # The same content as another run's version, with that version's alias: a version of this run's
+        # own, so the other run's version keeps its lineage, and the alias moves to this run's version.
+        again = await log(
+            as_run, {"model.pt": b"v0"}, artifact="model", run=mine, aliases=["prod"], uploads=[]
+        )
+        assert (again.version.version, again.version.run, again.already_existed) == (1, mine, False)
+        untouched = await as_run.GetArtifactVersion(
+            artifacts_pb2.GetArtifactVersionRequest(name=theirs.version.name)
+        )
+        assert (untouched.version.run, list(untouched.version.aliases)) == (other, [])
         for run in (other, ""):
             refused = await failure(log(as_run, {"model.pt": b"w"}, run=run))
             assert (refused.code, refused.metadata["permission"]) == (DENIED, "artifacts.write"), run
@@ -570,7 +612,7 @@ async def test_a_run_token_logs_only_its_own_runs_artifacts_and_reads_the_projec
         )
         refused = await failure(log(as_reader, {"x": b"y"}))
         assert (refused.code, refused.metadata["permission"]) == (DENIED, "artifacts.write")
-    assert await registry.count_rows("registry_artifact_versions") == 2
+    assert await registry.count_rows("registry_artifact_versions") == 4
 
 
 async def test_a_start_removes_the_staging_files_a_crash_left(tmp_path: Path) -> None:

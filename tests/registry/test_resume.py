@@ -65,6 +65,11 @@ async def test_a_retried_attempt_continues_the_previous_attempts_run(registry: R
     )
     assert not never.HasField("resumed_from_run")
 
+    # A run its job never attached (the agent lost before the job started) has nothing to continue from.
+    await create(registry, "attempt-5", 5)
+    sixth = await create(registry, "attempt-6", 6)
+    assert sixth.resumed_from == fourth.name
+
 
 async def test_must_resume_without_an_earlier_run_fails_and_changes_nothing(registry: Registry) -> None:
     first = await create(registry, "attempt-1", 1)
