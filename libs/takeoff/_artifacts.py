@@ -257,6 +257,7 @@ def place(blob: Path, directory: Path, parts: Sequence[str]) -> None:
         why = {
             errno.ELOOP: "a symbolic link is in the way (files are never written through one)",
             errno.ENOTDIR: "a file is where a folder must be",
+            errno.EEXIST: "a file is where a folder must be",  # the directory itself, from mkdir
         }.get(error.errno or 0, error.strerror or str(error))
         raise InvalidArgumentError(
             "INVALID_ARGUMENT", "ARGUMENT_INVALID", f"cannot write {target}: {why}"

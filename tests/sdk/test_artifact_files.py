@@ -170,8 +170,9 @@ def test_files_are_never_written_through_a_symbolic_link(tmp_path: Path) -> None
     assert not (directory / "w.bin").is_symlink()
     assert list(elsewhere.iterdir()) == []
     (directory / "file").write_bytes(b"")
-    with pytest.raises(InvalidArgumentError, match="a file is where a folder must be"):
-        place(blob, directory, ["file", "w.bin"])
+    for where, parts in [(directory, ["file", "w.bin"]), (directory / "file", ["w.bin"])]:
+        with pytest.raises(InvalidArgumentError, match="a file is where a folder must be"):
+            place(blob, where, parts)
 
 
 def test_a_manifest_path_or_digest_that_would_leave_the_directory_is_refused(tmp_path: Path) -> None:
