@@ -16,7 +16,7 @@ from google.protobuf import struct_pb2
 
 from takeoff import Client, ImageSource
 from takeoff._online import _attach, _PatientCaller
-from takeoff.errors import FailedPreconditionError
+from takeoff.errors import FailedPreconditionError, InvalidArgumentError
 from takeoff.v1 import common_pb2, keys_pb2, keys_pb2_grpc, runs_pb2, runs_pb2_grpc
 from takeoff_rpc.channels import open_channel
 from tests.keys import ADMIN_KEY
@@ -269,3 +269,10 @@ def test_a_version_from_a_closed_client_says_how_to_download_it(
         version = client.log_artifact(tmp_path / "w.bin", "ckpt", type="checkpoint")
     with pytest.raises(RuntimeError, match=r"is closed .*run.finish\(\).*download_artifact\('ckpt:v0'\)"):
         version.download(tmp_path / "out")
+
+
+@pytest.mark.parametrize("reference", ["data:", "ckpt:v" + "9" * 20, "ckpt:v2147483648"])
+def test_a_reference_the_registry_cannot_parse_is_name_invalid(client: Client, reference: str) -> None:
+    with pytest.raises(InvalidArgumentError, match="is not an artifact reference") as raised:
+        client.get_artifact_version(reference)
+    assert raised.value.reason == "NAME_INVALID"
