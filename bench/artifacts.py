@@ -9,7 +9,8 @@ fresh blob cache in a temporary directory:
   split into hashing the files and the rest (FindMissingBlobs and the CreateArtifactVersion stream, which
   the registry hashes and stores as it arrives); then the same files logged again (hashed again, nothing
   sent: the existing version comes back); then ``fetch_artifact`` into an empty cache (every byte fetched,
-  its digest checked, the directory linked) and again into another directory (the cache has every blob).
+  its digest checked, the files copied out of the cache) and again into another directory (the cache has
+  every blob: the files are copies, a reflink where the file system can).
   MB/s are 10^6 bytes per second of the artifact's size over the whole call.
 - **resume**: a run of attempt 1 of a queue item with ``--resume-rows`` rows and a checkpoint of
   ``--checkpoint-mib`` MiB, then a job process for attempt 2 that does what a resuming job does:
