@@ -21,7 +21,6 @@ import json
 import math
 import re
 import signal
-import sys
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -51,6 +50,7 @@ from takeoff_agent.runners.base import (
     RunnerUnavailable,
 )
 from takeoff_agent.runners.gpus import GpuPool, GpuRequest, parse_request
+from takeoff_agent.runners.local_process import SHIM_COMMAND
 from takeoff_agent.runners.secrets import (
     CA_FILE_VARIABLE,
     CONTAINER_CA_FILE,
@@ -702,9 +702,7 @@ class ContainerJob:
 
     async def _start_shim(self) -> None:
         self._shim = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "takeoff_agent.shim",
+            *SHIM_COMMAND,  # as a local job's: by path, isolated, without site (its start is every job's)
             str(self.lease_dir),
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.DEVNULL,
