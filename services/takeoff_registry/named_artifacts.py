@@ -74,9 +74,11 @@ TYPE_RULE = "1-64 characters of letters, digits, '-', '_' and '.'"
 MAX_CACHED_FILES = 200_000
 """Manifest entries ReadArtifactFile keeps in memory (about 200 bytes each)."""
 WRITE_BATCH_BYTES = 8 * 1024 * 1024
+"""Bytes of a large blob received before they are handed to the writer threads: few thread hops, bounded
+memory."""
 MAX_FINISHING_BYTES = 64 * 1024 * 1024
-"""Bytes of small blobs handed to worker threads and not yet checked, at most (memory held meanwhile)."""
-"""Bytes received before they are handed to the writer thread: few thread hops, bounded memory."""
+"""Bytes of small blobs (each within one batch, written whole) handed to worker threads and not yet checked,
+at most (memory held meanwhile)."""
 
 
 @dataclass(frozen=True, slots=True)
