@@ -372,10 +372,10 @@ class CreateArtifactVersionResponse(_message.Message):
     VERSION_FIELD_NUMBER: _builtins.int
     ALREADY_EXISTED_FIELD_NUMBER: _builtins.int
     already_existed: _builtins.bool
-    """True when a version with this digest already existed, so no new version was made."""
+    """True when the same run had logged a version with this digest, so no new version was made."""
     @_builtins.property
     def version(self) -> Global___ArtifactVersion:
-        """The version stored (or the existing one with the same digest)."""
+        """The version stored (or the existing one with the same digest logged by the same run)."""
 
     def __init__(
         self,

@@ -54,8 +54,10 @@ class ArtifactServiceStub:
     chunks (at most 1 MiB recommended, 4 MiB accepted per message). The server hashes while receiving and
     checks every blob's digest and size when the client half-closes; then, in one transaction, stores the
     blobs and the version, moves `latest` and the header's aliases to it. On any error, or a stream that
-    breaks off, nothing is stored. A manifest equal to an existing version of the artifact (same digest)
-    stores nothing new: that version is returned with `already_existed` and gets the aliases.
+    breaks off, nothing is stored. A manifest equal to an existing version of the artifact that the same run
+    logged (same digest, same `run`) stores nothing new: that version is returned with `already_existed` and
+    gets the aliases. Equal content logged by another run is a new version of that run (no bytes re-sent),
+    so each version names the run that logged it and no run can move aliases onto another run's version.
     Errors: INVALID_ARGUMENT `NAME_INVALID` / `ARGUMENT_INVALID` (no header first, a header repeated, a
     path that is absolute, has `..` or repeats, an upload not in the manifest) / `ARTIFACT_DIGEST_MISMATCH` /
     `ARTIFACT_SIZE_MISMATCH` / `REQUEST_ID_CONFLICT`; NOT_FOUND `RUN_NOT_FOUND` (header.run);
@@ -113,8 +115,10 @@ class ArtifactServiceAsyncStub(ArtifactServiceStub):
     chunks (at most 1 MiB recommended, 4 MiB accepted per message). The server hashes while receiving and
     checks every blob's digest and size when the client half-closes; then, in one transaction, stores the
     blobs and the version, moves `latest` and the header's aliases to it. On any error, or a stream that
-    breaks off, nothing is stored. A manifest equal to an existing version of the artifact (same digest)
-    stores nothing new: that version is returned with `already_existed` and gets the aliases.
+    breaks off, nothing is stored. A manifest equal to an existing version of the artifact that the same run
+    logged (same digest, same `run`) stores nothing new: that version is returned with `already_existed` and
+    gets the aliases. Equal content logged by another run is a new version of that run (no bytes re-sent),
+    so each version names the run that logged it and no run can move aliases onto another run's version.
     Errors: INVALID_ARGUMENT `NAME_INVALID` / `ARGUMENT_INVALID` (no header first, a header repeated, a
     path that is absolute, has `..` or repeats, an upload not in the manifest) / `ARTIFACT_DIGEST_MISMATCH` /
     `ARTIFACT_SIZE_MISMATCH` / `REQUEST_ID_CONFLICT`; NOT_FOUND `RUN_NOT_FOUND` (header.run);
@@ -181,8 +185,10 @@ class ArtifactServiceServicer(metaclass=_abc_1.ABCMeta):
         chunks (at most 1 MiB recommended, 4 MiB accepted per message). The server hashes while receiving and
         checks every blob's digest and size when the client half-closes; then, in one transaction, stores the
         blobs and the version, moves `latest` and the header's aliases to it. On any error, or a stream that
-        breaks off, nothing is stored. A manifest equal to an existing version of the artifact (same digest)
-        stores nothing new: that version is returned with `already_existed` and gets the aliases.
+        breaks off, nothing is stored. A manifest equal to an existing version of the artifact that the same run
+        logged (same digest, same `run`) stores nothing new: that version is returned with `already_existed` and
+        gets the aliases. Equal content logged by another run is a new version of that run (no bytes re-sent),
+        so each version names the run that logged it and no run can move aliases onto another run's version.
         Errors: INVALID_ARGUMENT `NAME_INVALID` / `ARGUMENT_INVALID` (no header first, a header repeated, a
         path that is absolute, has `..` or repeats, an upload not in the manifest) / `ARTIFACT_DIGEST_MISMATCH` /
         `ARTIFACT_SIZE_MISMATCH` / `REQUEST_ID_CONFLICT`; NOT_FOUND `RUN_NOT_FOUND` (header.run);
