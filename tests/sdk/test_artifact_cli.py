@@ -87,12 +87,14 @@ def test_runs_attempts_draws_an_items_attempts_as_segments_of_one_line(
     takeoff: Takeoff, runs: runs_pb2_grpc.RunServiceStub, project: str
 ) -> None:
     item = f"projects/{project}/queues/q/items/abc"
-    first = new_run(runs, project, "abc-1", queue_item=item, attempt=1)
-    second = new_run(runs, project, "abc-2", queue_item=item, attempt=2)
-    for name, steps, state in (
-        (first, range(0, 4), common_pb2.RUN_STATE_KILLED),
-        (second, range(4, 7), common_pb2.RUN_STATE_FINISHED),
+    # Each attempt's run is made after the one before ran, as the queue does: an attempt whose job never
+    # started is no run to resume from.
+    first, second = f"projects/{project}/runs/abc-1", f"projects/{project}/runs/abc-2"
+    for attempt, name, steps, state in (
+        (1, first, range(0, 4), common_pb2.RUN_STATE_KILLED),
+        (2, second, range(4, 7), common_pb2.RUN_STATE_FINISHED),
     ):
+        assert new_run(runs, project, name.rsplit("/", 1)[1], queue_item=item, attempt=attempt) == name
         runs.AttachRun(runs_pb2.AttachRunRequest(name=name), timeout=10)
         rows = [runs_pb2.MetricRow(step=step, values={"loss": 10.0 - step}) for step in steps]
         runs.BatchLogMetrics(runs_pb2.BatchLogMetricsRequest(name=name, rows=rows), timeout=10)
