@@ -101,14 +101,16 @@ def upload_chunks(sources: Iterable[LocalFile]) -> Iterator[bytes]:
         digest = hashlib.sha256()
         remaining = source.size_bytes
         with source.source.open("rb") as stream:
+            if not remaining:
+                _check_whole(source, digest, stream)
             while remaining:
                 piece = stream.read(min(CHUNK_BYTES - len(buffer), remaining))
                 if not piece:
                     raise _changed(source, f"it has only {source.size_bytes - remaining} bytes now")
                 digest.update(piece)
                 remaining -= len(piece)
-                if not remaining and digest.hexdigest() != source.sha256:
-                    raise _changed(source, f"its bytes hash to {digest.hexdigest()[:12]}... now")
+                if not remaining:
+                    _check_whole(source, digest, stream)
                 if not buffer and len(piece) == CHUNK_BYTES:
                     yield piece  # a large file's chunk goes as it was read, without a copy
                     continue
@@ -118,6 +120,14 @@ def upload_chunks(sources: Iterable[LocalFile]) -> Iterator[bytes]:
                     buffer.clear()
     if buffer:
         yield bytes(buffer)
+
+
+def _check_whole(source: LocalFile, digest: hashlib._Hash, stream: io.BufferedReader) -> None:
+    """Raise unless the file's bytes, all read, are the ones hashed and it has no more."""
+    if digest.hexdigest() != source.sha256:
+        raise _changed(source, f"its bytes hash to {digest.hexdigest()[:12]}... now")
+    if stream.read(1):  # hashed while still being written: what was hashed is a torn file
+        raise _changed(source, "it is longer now")
 
 
 def _changed(source: LocalFile, how: str) -> FailedPreconditionError:

@@ -191,13 +191,18 @@ def test_a_manifest_path_or_digest_that_would_leave_the_directory_is_refused(tmp
     assert victim.read_bytes() == b"keep"
 
 
-@pytest.mark.parametrize("change", ["grows", "shrinks", "rewritten"])
-def test_a_file_changed_after_hashing_is_named_and_not_sent_whole(tmp_path: Path, change: str) -> None:
-    (tmp_path / "a.bin").write_bytes(b"a" * 1000)
+@pytest.mark.parametrize(
+    ("before", "after"),
+    [(b"a" * 1000, b"a" * 1500), (b"", b"a"), (b"a" * 1000, b"a" * 999), (b"a" * 1000, b"A" * 1000)],
+    ids=["grew", "written-after-empty", "shrank", "rewritten"],
+)
+def test_a_file_changed_after_hashing_is_named_and_not_sent_whole(
+    tmp_path: Path, before: bytes, after: bytes
+) -> None:
+    (tmp_path / "a.bin").write_bytes(before)
     (tmp_path / "b.bin").write_bytes(b"b" * 1000)
     files = local_files(tmp_path)
-    new = {"grows": b"A" * 1500, "shrinks": b"a" * 999, "rewritten": b"A" * 1000}[change]
-    (tmp_path / "a.bin").write_bytes(new)
+    (tmp_path / "a.bin").write_bytes(after)
     chunks: list[bytes] = []
     with pytest.raises(FailedPreconditionError, match=r"a\.bin changed while it was being logged"):
         chunks.extend(upload_chunks(upload_sources(files, [file.sha256 for file in files])))

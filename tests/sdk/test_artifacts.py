@@ -15,8 +15,9 @@ import pytest
 from google.protobuf import struct_pb2
 
 from takeoff import Client, ImageSource
+from takeoff import _artifacts as takeoff_artifacts
 from takeoff._online import _attach, _PatientCaller
-from takeoff.errors import FailedPreconditionError, InvalidArgumentError
+from takeoff.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
 from takeoff.v1 import common_pb2, keys_pb2, keys_pb2_grpc, runs_pb2, runs_pb2_grpc
 from takeoff_rpc.channels import open_channel
 from tests.keys import ADMIN_KEY
@@ -276,3 +277,23 @@ def test_a_reference_the_registry_cannot_parse_is_name_invalid(client: Client, r
     with pytest.raises(InvalidArgumentError, match="is not an artifact reference") as raised:
         client.get_artifact_version(reference)
     assert raised.value.reason == "NAME_INVALID"
+
+
+def test_a_file_changed_while_it_is_logged_is_named_and_nothing_is_stored(
+    client: Client, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source = tmp_path / "ckpt"
+    source.mkdir()
+    (source / "a.bin").write_bytes(b"1" * 1000)
+    (source / "b.bin").write_bytes(b"2" * 1000)
+    hashed = takeoff_artifacts.upload_sources
+
+    def rewritten_after_hashing(files: Any, missing: Any) -> Any:
+        (source / "a.bin").write_bytes(b"1" * 1500)  # a training thread finished saving it meanwhile
+        return hashed(files, missing)
+
+    monkeypatch.setattr(takeoff_artifacts, "upload_sources", rewritten_after_hashing)
+    with pytest.raises(FailedPreconditionError, match=r"ckpt/a\.bin changed while it was being logged"):
+        client.log_artifact(source, "ckpt", type="checkpoint")
+    with pytest.raises(NotFoundError):  # nothing was stored
+        client.get_artifact("ckpt")
