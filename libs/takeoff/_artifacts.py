@@ -316,15 +316,18 @@ def _copy_into(blob: Path, folder: int, name: str) -> None:
 def _copy_bytes(source: io.BufferedReader, copy: int) -> None:
     """``copy_file_range``: in the kernel, and a reflink (shared blocks, no bytes copied) on file systems
     that have them (btrfs, XFS); a plain copy where the kernel refuses it (another file system on old
-    kernels)."""
+    kernels, or no ``copy_file_range`` at all: macOS)."""
+    copy_range = getattr(os, "copy_file_range", None)
     try:
-        while os.copy_file_range(source.fileno(), copy, 1 << 30):
-            pass
+        if copy_range is not None:
+            while copy_range(source.fileno(), copy, 1 << 30):
+                pass
+            return
     except OSError as error:
         if error.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
             raise
-        source.seek(0)
-        os.lseek(copy, 0, os.SEEK_SET)
-        os.ftruncate(copy, 0)
-        with open(copy, "wb", closefd=False) as stream:
-            shutil.copyfileobj(source, stream, CHUNK_BYTES)
+    source.seek(0)
+    os.lseek(copy, 0, os.SEEK_SET)
+    os.ftruncate(copy, 0)
+    with open(copy, "wb", closefd=False) as stream:
+        shutil.copyfileobj(source, stream, CHUNK_BYTES)

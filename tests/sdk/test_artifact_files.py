@@ -3,6 +3,7 @@ sends, and the local blob cache downloads go through (takeoff._artifacts)."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 from collections.abc import Callable, Iterator
@@ -207,3 +208,22 @@ def test_a_file_changed_after_hashing_is_named_and_not_sent_whole(
     with pytest.raises(FailedPreconditionError, match=r"a\.bin changed while it was being logged"):
         chunks.extend(upload_chunks(upload_sources(files, [file.sha256 for file in files])))
     assert chunks == []  # its last byte never went: the stream does not carry it whole
+
+
+@pytest.mark.parametrize("kernel", ["without copy_file_range", "refusing it"])
+def test_a_plain_copy_is_made_where_the_kernel_cannot_copy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kernel: str
+) -> None:
+    data = os.urandom(3 * CHUNK_BYTES // 2)
+    cache = BlobCache(tmp_path / "cache")
+    blob, _ = cache.fetch(sha(data), len(data), serve(data, []))
+    if kernel == "refusing it":
+
+        def refuse(*_: object) -> int:
+            raise OSError(errno.EXDEV, os.strerror(errno.EXDEV))
+
+        monkeypatch.setattr(os, "copy_file_range", refuse)
+    else:
+        monkeypatch.delattr(os, "copy_file_range", raising=False)
+    place(blob, tmp_path / "out", ["w.bin"])
+    assert (tmp_path / "out" / "w.bin").read_bytes() == data
