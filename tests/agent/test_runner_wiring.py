@@ -11,7 +11,7 @@ import asyncio
 import json
 import os
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -62,9 +62,15 @@ class Recorder:
 
 class StubJob:
     """A job whose start fails with ``start_error``, or ends at once as ``ended`` says, or else waits
-    (as for free GPUs) until cancelled."""
+    (as for free GPUs) until cancelled. ``before_start`` runs first, when given."""
 
-    def __init__(self, start_error: BaseException | None, ended: JobExit | None) -> None:
+    def __init__(
+        self,
+        start_error: BaseException | None,
+        ended: JobExit | None,
+        before_start: Callable[[Launch], Awaitable[None]] | None = None,
+    ) -> None:
+        self.before_start = before_start
         self.start_error = start_error
         self.ended = ended
         self.started = False
@@ -78,6 +84,8 @@ class StubJob:
 
     async def start(self, launch: Launch) -> None:
         self.launch = launch
+        if self.before_start is not None:
+            await self.before_start(launch)
         if self.start_error is not None:
             raise self.start_error
         if self.ended is not None:
@@ -113,8 +121,14 @@ class StubRunner:
     kind = ResourceKind.LOCAL_PROCESS
     needs_pushed_image = False
 
-    def __init__(self, *, start_error: BaseException | None = None, ended: JobExit | None = None) -> None:
-        self.the_job = StubJob(start_error, ended)
+    def __init__(
+        self,
+        *,
+        start_error: BaseException | None = None,
+        ended: JobExit | None = None,
+        before_start: Callable[[Launch], Awaitable[None]] | None = None,
+    ) -> None:
+        self.the_job = StubJob(start_error, ended, before_start)
 
     def build_kind(self, source: SourceKind) -> BuildKind:
         return BuildKind.VENV
@@ -184,6 +198,17 @@ def build_lines(registry: ServiceProcess, run: str) -> list[str]:
         return [
             line.text for batch in batches for line in batch.lines if line.stream == runs_pb2.LOG_STREAM_BUILD
         ]
+
+
+def wait_for_a_build_line(registry: ServiceProcess, run: str) -> None:
+    """Returns once the run holds a build line (a following ReadLogs pushes each line as it is stored)."""
+    with open_channel(registry.address, api_key=ADMIN_KEY) as channel:
+        following = runs_pb2.ReadLogsRequest(name=run, follow=True)
+        batches = runs_pb2_grpc.RunServiceStub(channel).ReadLogs(following)
+        for batch in batches:
+            if any(line.stream == runs_pb2.LOG_STREAM_BUILD for line in batch.lines):
+                batches.cancel()
+                return
 
 
 class AgentDied(BaseException):
@@ -294,7 +319,11 @@ async def test_an_end_the_runner_reports_becomes_the_outcome_and_the_runs_final_
 async def test_an_agent_restarted_before_its_job_started_sends_each_build_line_once(
     registry: ServiceProcess, clients: tuple[Runs, Builder], tmp_path: Path, job_version: str
 ) -> None:
-    dying = StubRunner(start_error=AgentDied())
+    async def build_output_delivered(launch: Launch) -> None:
+        # The build's last lines go while the job starts (work.py): the death waits for them to be stored.
+        await asyncio.to_thread(wait_for_a_build_line, registry, first.assignment.run)
+
+    dying = StubRunner(start_error=AgentDied(), before_start=build_output_delivered)
     first, _ = attempt_of(dying, clients, tmp_path, job_version)
     with pytest.raises(AgentDied):
         await first.run()  # built, its output sent, then gone before the job started

@@ -19,6 +19,7 @@ SERVICES = {
     "registry": {
         "takeoff.v1.JobService": "CreateJob",
         "takeoff.v1.RunService": "AttachRun",
+        "takeoff.v1.ArtifactService": "GetArtifactVersion",
         "takeoff.v1.KeyService": "VerifyKey",
         "takeoff.v1.SecretService": "SetSecret",
     },
