@@ -137,16 +137,23 @@ async def _call_streaming(behavior: Callable[..., Any], request: Any, context: C
             yield response
 
 
-def guard_handler(handler: Handler, method: str, guard: CallGuard) -> Handler:
-    """Return ``handler`` with every call of it run inside ``guard(method, context)``."""
+def handler_parts(handler: Handler, method: str) -> tuple[Callable[..., Any], dict[str, Any]]:
+    """A handler's behavior (whichever of the four call kinds it has) and its (de)serializers, for wrapping
+    it in a handler of the same kind."""
     behavior: Callable[..., Any] | None = (
         handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
     )
     assert behavior is not None, f"{method} has a handler with no behavior"
-    serializers: dict[str, Any] = {
+    serializers = {
         "request_deserializer": handler.request_deserializer,
         "response_serializer": handler.response_serializer,
     }
+    return behavior, serializers
+
+
+def guard_handler(handler: Handler, method: str, guard: CallGuard) -> Handler:
+    """Return ``handler`` with every call of it run inside ``guard(method, context)``."""
+    behavior, serializers = handler_parts(handler, method)
     if handler.response_streaming:
 
         async def streaming(request: Any, context: Context) -> AsyncIterator[Any]:
@@ -440,14 +447,7 @@ def access_handler(handler: Handler, method: str, control: AccessControl) -> Han
     ended when their key is revoked. Run it inside ``error_guard`` and outside ``decoding_handler``."""
     if method.startswith(PUBLIC_METHOD_PREFIXES):
         return handler
-    behavior: Callable[..., Any] | None = (
-        handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
-    )
-    assert behavior is not None, f"{method} has a handler with no behavior"
-    serializers: dict[str, Any] = {
-        "request_deserializer": handler.request_deserializer,
-        "response_serializer": handler.response_serializer,
-    }
+    behavior, serializers = handler_parts(handler, method)
 
     async def admitted(request: Any, context: Context) -> tuple[Any, access.Principal, str]:
         rule = control.rule(method)

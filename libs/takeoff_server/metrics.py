@@ -26,7 +26,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
-from takeoff_server.interceptors import Context, Handler, _call_streaming, _call_unary
+from takeoff_server.interceptors import Context, Handler, _call_streaming, _call_unary, handler_parts
 
 logger = logging.getLogger(__name__)
 
@@ -165,14 +165,7 @@ def measured_handler(handler: Handler, method: str, metrics: RpcMetrics) -> Hand
     measure = _Measure(
         metrics, service, name, _CALL_TYPES[(handler.request_streaming, handler.response_streaming)]
     )
-    behavior: Callable[..., Any] | None = (
-        handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
-    )
-    assert behavior is not None, f"{method} has a handler with no behavior"
-    serializers: dict[str, Any] = {
-        "request_deserializer": handler.request_deserializer,
-        "response_serializer": handler.response_serializer,
-    }
+    behavior, serializers = handler_parts(handler, method)
     if handler.response_streaming:
 
         async def streaming(request: Any, context: Context) -> AsyncIterator[Any]:
