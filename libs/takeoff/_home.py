@@ -36,6 +36,8 @@ class RunningService:
     addresses: list[str]
     pid: int
     log: str
+    metrics_address: str = ""
+    """Where its Prometheus metrics are served (``TAKEOFF_METRICS_LISTEN``); empty when they are not."""
 
     @property
     def address(self) -> str:

@@ -400,8 +400,14 @@ class LocalStack:
                     f"{child.log_tail()}"
                 )
             if child.ready_file.exists():
-                addresses = json.loads(child.ready_file.read_text())["addresses"]
-                service = RunningService(child.name, addresses, child.process.pid, str(child.log))
+                ready = json.loads(child.ready_file.read_text())
+                service = RunningService(
+                    child.name,
+                    ready["addresses"],
+                    child.process.pid,
+                    str(child.log),
+                    ready.get("metrics_address", ""),
+                )
                 if service_health(child.name, service.address) == "SERVING":
                     return service
             time.sleep(0.05)

@@ -171,8 +171,11 @@ def stack(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Loc
         stack.stop()
 
 
-def metrics_address(home: Path, service: str) -> str:
-    return str(json.loads((home / "run" / f"{service}.ready").read_text())["metrics_address"])
+def metrics_addresses(home: Path) -> dict[str, str]:
+    """Where each service serves its metrics, as `takeoff status --json` tells."""
+    status = takeoff_cli(home, "status", "--json")
+    assert status.returncode == 0, status.stderr
+    return {name: service["metrics_address"] for name, service in json.loads(status.stdout).items()}
 
 
 def test_every_service_of_a_stack_serves_its_metrics_after_a_launch(
@@ -196,10 +199,8 @@ def test_every_service_of_a_stack_serves_its_metrics_after_a_launch(
     assert launched.returncode == 0, launched.stdout + launched.stderr
     assert "SUCCEEDED" in launched.stdout
 
-    scraped = {
-        service: scrape(metrics_address(home, service))
-        for service in ("registry", "queue", "builder", "agent")
-    }
+    addresses = metrics_addresses(home)
+    scraped = {service: scrape(addresses[service]) for service in ("registry", "queue", "builder", "agent")}
     ok = {"grpc_code": "OK"}
     count = "grpc_server_handling_seconds_count"
 

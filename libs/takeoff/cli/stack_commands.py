@@ -28,8 +28,12 @@ def _stack_listing(record: StackRecord, health: dict[str, str] | None = None) ->
     for name, service in record.services.items():
         last = health[name] if health else service.log
         style = "green" if last == "SERVING" else ("red" if health else "")
+        metrics = [f"metrics {service.metrics_address}"] if service.metrics_address else []
         listing.add_row(
-            name, "\n".join(service.addresses), str(service.pid), f"[{style}]{last}[/]" if style else last
+            name,
+            "\n".join([*service.addresses, *metrics]),
+            str(service.pid),
+            f"[{style}]{last}[/]" if style else last,
         )
     return listing
 
@@ -130,7 +134,12 @@ def status(json_output: Annotated[bool, typer.Option("--json", help="Print JSON.
     if json_output:
         print_json(
             {
-                name: {"addresses": service.addresses, "pid": service.pid, "health": health[name]}
+                name: {
+                    "addresses": service.addresses,
+                    "metrics_address": service.metrics_address,
+                    "pid": service.pid,
+                    "health": health[name],
+                }
                 for name, service in record.services.items()
             }
         )
