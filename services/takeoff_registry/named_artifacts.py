@@ -382,7 +382,18 @@ class _Receiver:
             else:
                 staged.discard()
         for _, future in self._finishing:
-            future.add_done_callback(_discard_written)  # runs at once if the job is done
+            if future.done():
+                _discard_written(future)
+            else:
+                future.add_done_callback(_discard_written)
+
+    async def settle(self) -> None:
+        """Wait for the threads still writing staging files (what they raise no longer matters), so that
+        :meth:`discard` removes every file at once, before the caller is answered."""
+        working: list[asyncio.Future[Any]] = [future for _, future in self._finishing]
+        if self._writing is not None:
+            working.append(self._writing)
+        await asyncio.gather(*working, return_exceptions=True)
 
 
 def _write_whole(blobs: ContentStore, chunks: Sequence[memoryview]) -> tuple[StagedFile, str]:
@@ -512,6 +523,11 @@ class NamedArtifacts:
                 await receiver.sync_all()
             staged = dict(zip(new.uploads, receiver.paths, strict=True))
             return await self._commit(new, staged, blobs, fingerprint, request_id)
+        except asyncio.CancelledError:
+            raise
+        except BaseException:
+            await receiver.settle()  # a refused upload is answered once nothing of it is left on disk
+            raise
         finally:
             # Deliberately synchronous: it must run even when the upload is being cancelled.
             receiver.discard()

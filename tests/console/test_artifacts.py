@@ -92,6 +92,8 @@ def _attempt(runs: runs_pb2_grpc.RunServiceStub, item: str, attempt: int, steps:
         ),
         timeout=30,
     ).run
+    # Attached, as its job's takeoff.init() does: only an attempt whose job started is resumed from.
+    runs.AttachRun(runs_pb2.AttachRunRequest(name=created.name), timeout=30)
     rows = [runs_pb2.MetricRow(step=step, values={"loss": 10.0 - step}) for step in steps]
     runs.BatchLogMetrics(runs_pb2.BatchLogMetricsRequest(name=created.name, rows=rows), timeout=30)
     return created
