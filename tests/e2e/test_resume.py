@@ -37,7 +37,7 @@ KILLED_AFTER_STEP = 6
 """The first attempt logs steps 0-6 (checkpoints after steps 2 and 5), then waits to be killed."""
 
 JOB = """\
-import json, os, pathlib, time
+import json, os, pathlib, threading
 config = json.loads(os.environ["TAKEOFF_CONFIG"])
 os.environ["TAKEOFF_CACHE_DIR"] = config["cache"]
 control = pathlib.Path(config["control"])
@@ -62,8 +62,7 @@ while run.step <= config["last_step"]:
         run.log_artifact(checkpoint, name="ckpt", type="checkpoint")  # stored when it returns
     if attempt == 1 and step == config["killed_after_step"]:
         (control / "waiting").write_text(str(step))
-        while not (control / "never").exists():  # until the test kills it
-            time.sleep(0.05)
+        threading.Event().wait()  # until the test kills it
 run.finish()
 """
 
