@@ -1,0 +1,172 @@
+"""Several queue service processes sharing one PostgreSQL database (docs/design.md §5 "Several queue
+replicas"), and agents on the Lease stream that run at once whatever they are given."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from takeoff.v1 import common_pb2, queue_pb2, queue_pb2_grpc
+from tests.postgres import assert_service_wrote_tables
+from tests.processes import ServiceProcess, service_process
+from tests.queue.harness import ScriptedAgent
+
+RUNNING = common_pb2.ITEM_STATE_RUNNING
+SUCCEEDED = common_pb2.ITEM_STATE_SUCCEEDED
+Assignment = queue_pb2.LeaseResponse.Assignment
+
+
+def replica_env(registry: str, database_url: str, *, lease_ttl: float, heartbeat: float) -> dict[str, str]:
+    """The settings every replica of a test shares: one database, one registry, replicas on."""
+    return {
+        "TAKEOFF_REPLICAS": "true",
+        "TAKEOFF_DATABASE_URL": database_url,
+        "TAKEOFF_REGISTRY_ADDRESS": registry,
+        "TAKEOFF_LEASE_TTL_SECONDS": str(lease_ttl),
+        "TAKEOFF_HEARTBEAT_INTERVAL_SECONDS": str(heartbeat),
+        "TAKEOFF_SHUTDOWN_GRACE_SECONDS": "1",
+        # A test's enqueues come from one key; its pace is the queue's, not the rate limit's.
+        "TAKEOFF_ENQUEUES_PER_SECOND": "1000000",
+        "TAKEOFF_ENQUEUE_BURST": "1000000",
+    }
+
+
+@dataclass
+class Replica:
+    process: ServiceProcess
+    log: Path
+    """Everything the process printed (kept when it is killed: a failure's report quotes it)."""
+
+    @property
+    def address(self) -> str:
+        return self.process.address
+
+    def kill(self) -> None:
+        """kill -9: no goodbye to its agents, no last commit."""
+        self.process.process.send_signal(signal.SIGKILL)
+        self.process.process.wait()
+
+
+@contextmanager
+def queue_replicas(home: Path, env: dict[str, str], count: int = 2) -> Iterator[list[Replica]]:
+    """``count`` real ``python -m takeoff_queue`` processes on ``env``'s database, each on its own loopback
+    port and home, started one after the other (each ready before the next starts)."""
+    with ExitStack() as stack:
+        replicas = []
+        for index in range(count):
+            replica_home = home / f"replica-{index}"
+            replica_home.mkdir(parents=True, exist_ok=True)
+            process = stack.enter_context(service_process("queue", replica_home, env=env))
+            replicas.append(Replica(process, _drain_output(process, replica_home / "queue.log")))
+        assert_service_wrote_tables(env["TAKEOFF_DATABASE_URL"], "queue_")  # it runs on PostgreSQL
+        yield replicas
+        for replica in replicas:
+            replica.process.terminate()
+
+
+def _drain_output(process: ServiceProcess, log: Path) -> Path:
+    """Copy the process's output to ``log`` as it comes: a pipe nobody reads would stall a busy replica."""
+    output = process.process.stdout
+    assert output is not None
+
+    def copy() -> None:
+        with log.open("w") as file:
+            for line in output:
+                file.write(line)
+                file.flush()  # line by line: a report read while the process runs has every line
+
+    threading.Thread(target=copy, daemon=True, name=f"drain {log}").start()
+    return log
+
+
+@dataclass
+class Worker:
+    """A scripted agent that runs at once every item it is given: Progress RUNNING, then Complete SUCCEEDED
+    once RUNNING is acknowledged. It keeps every Assignment it received."""
+
+    agent: ScriptedAgent
+    replica: str
+    assignments: list[Assignment] = field(default_factory=list)
+    succeeded: int = 0
+
+    async def work(self, done: WorkDone) -> None:
+        """Until cancelled; a Reject, a Cancel, a Revoke or the stream's end fails the caller's wait."""
+        epochs: dict[str, int] = {}
+        send = self.agent.send
+        while True:
+            response = await self.agent.next(within=done.within)
+            kind = response.WhichOneof("message")
+            if kind == "assignment":
+                assignment = response.assignment
+                self.assignments.append(assignment)
+                epochs[assignment.lease_id] = assignment.epoch
+                await send(
+                    progress=queue_pb2.LeaseRequest.Progress(
+                        lease_id=assignment.lease_id, epoch=assignment.epoch, state=RUNNING
+                    )
+                )
+            elif kind == "ack" and response.ack.of == queue_pb2.LEASE_MESSAGE_KIND_PROGRESS:
+                lease = response.ack.lease_id
+                await send(
+                    complete=queue_pb2.LeaseRequest.Complete(
+                        lease_id=lease, epoch=epochs[lease], outcome=SUCCEEDED
+                    )
+                )
+            elif kind == "ack" and response.ack.of == queue_pb2.LEASE_MESSAGE_KIND_COMPLETE:
+                assert response.ack.state == SUCCEEDED, response
+                self.succeeded += 1
+                done.count()
+            else:
+                raise AssertionError(
+                    f"agent on {self.replica} got {response} (stream error: {self.agent.error})"
+                )
+
+
+@dataclass
+class WorkDone:
+    """Set once ``total`` Completes were acknowledged across every worker."""
+
+    total: int
+    within: float
+    acknowledged: int = 0
+    event: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def count(self) -> None:
+        self.acknowledged += 1
+        if self.acknowledged >= self.total:
+            self.event.set()
+
+
+async def work_through(workers: list[Worker], total: int, *, within: float) -> None:
+    """Run every worker until ``total`` Completes are acknowledged; a worker's failure is raised at once."""
+    done = WorkDone(total, within)
+    tasks = [asyncio.create_task(worker.work(done)) for worker in workers]
+    finished = asyncio.create_task(done.event.wait())
+    try:
+        await asyncio.wait([finished, *tasks], timeout=within, return_when=asyncio.FIRST_COMPLETED)
+        for task in tasks:
+            if task.done():
+                task.result()  # the worker's assertion, with what it got
+        assert finished.done(), f"{done.acknowledged} of {total} Completes acknowledged within {within} s"
+    finally:
+        finished.cancel()
+        for task in tasks:
+            task.cancel()
+
+
+async def all_items(queues: queue_pb2_grpc.QueueServiceAsyncStub, queue: str) -> list[queue_pb2.Item]:
+    """Every item of ``queue``, with its transitions, page by page."""
+    items: list[queue_pb2.Item] = []
+    token = ""
+    while True:
+        page = await queues.ListItems(
+            queue_pb2.ListItemsRequest(parent=queue, page_size=1000, page_token=token)
+        )
+        items.extend(page.items)
+        if not (token := page.next_page_token):
+            return items

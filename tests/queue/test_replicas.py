@@ -1,0 +1,221 @@
+"""Two queue replicas on one PostgreSQL database (docs/design.md §5 "Several queue replicas"): agents spread
+across them work through every item once; a cancel crosses replicas; a replica killed with -9 costs its
+agents a reconnect, not their leases; the leases of an agent that died with its replica expire on the other.
+
+Each test has a fresh database schema, the module's registry, and real ``python -m takeoff_queue``
+processes with ``TAKEOFF_REPLICAS=true``; the agents are Lease streams the test drives (no job runs)."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from takeoff.v1 import common_pb2, queue_pb2, queue_pb2_grpc
+from tests.postgres import postgres_schema_url
+from tests.processes import ServiceProcess
+from tests.queue.harness import ScriptedAgent, Stub, keyed_channel, watch_until
+from tests.queue.replicas_harness import Replica, Worker, all_items, queue_replicas, replica_env, work_through
+
+pytestmark = pytest.mark.postgres
+
+PENDING = common_pb2.ITEM_STATE_PENDING
+LEASED = common_pb2.ITEM_STATE_LEASED
+RUNNING = common_pb2.ITEM_STATE_RUNNING
+SUCCEEDED = common_pb2.ITEM_STATE_SUCCEEDED
+CANCELLED = common_pb2.ITEM_STATE_CANCELLED
+AGENT_LOST = common_pb2.FAILURE_REASON_AGENT_LOST
+LONG_TTL = 30.0
+"""Longer than any of these tests: no lease expires unless a test waits for it to."""
+SHORT_TTL = 2.0
+ITEMS = 1000
+
+
+@pytest.fixture
+def database() -> Iterator[str]:
+    with postgres_schema_url("queue_replicas") as url:
+        yield url
+
+
+@asynccontextmanager
+async def two_replicas(
+    home: Path, registry: ServiceProcess, database: str, *, lease_ttl: float = LONG_TTL, heartbeat: float = 5
+) -> AsyncIterator[tuple[list[Replica], list[Stub]]]:
+    """Two replicas on ``database`` and a QueueService client of each (the admin key)."""
+    env = replica_env(registry.address, database, lease_ttl=lease_ttl, heartbeat=heartbeat)
+    with queue_replicas(home, env) as replicas:
+        async with AsyncExitStack() as stack:
+            channels = [await stack.enter_async_context(keyed_channel(r.address)) for r in replicas]
+            yield replicas, [queue_pb2_grpc.QueueServiceStub(channel) for channel in channels]
+
+
+async def new_queue(queues: Stub) -> str:
+    created = await queues.CreateQueue(
+        queue_pb2.CreateQueueRequest(
+            parent="projects/qtest",
+            queue_id=f"replicas-{uuid.uuid4().hex[:8]}",
+            queue=queue_pb2.Queue(resource=common_pb2.RESOURCE_KIND_LOCAL_PROCESS),
+        )
+    )
+    return created.queue.name
+
+
+async def enqueue(queues: Stub, queue: str, job: str) -> str:
+    return (await queues.Enqueue(queue_pb2.EnqueueRequest(queue=queue, job=job))).item.name
+
+
+@pytest.mark.timeout(240)  # 1,000 life cycles on the shared two-core machine; the work's own wait is 200 s
+async def test_four_agents_on_two_replicas_run_1000_items_each_exactly_once(
+    tmp_path: Path, registry: ServiceProcess, job: str, database: str
+) -> None:
+    async with two_replicas(tmp_path, registry, database) as (replicas, stubs):
+        queue = await new_queue(stubs[0])
+        async with AsyncExitStack() as agents:
+            workers = []
+            for index in range(4):  # two per replica
+                replica = replicas[index % 2]
+                agent = await ScriptedAgent(replica.address).connect([queue], capacity=16)
+                agents.push_async_callback(agent.close)
+                await agents.enter_async_context(agent.heartbeating())
+                workers.append(Worker(agent, replica.address))
+
+            left = list(range(ITEMS))
+            names: list[str] = []
+
+            async def enqueuer(queues: Stub) -> None:
+                while left:
+                    left.pop()
+                    names.append(await enqueue(queues, queue, f"{job}:v0"))  # numbered: resolved once
+
+            # Through both replicas at once, while the agents work.
+            await asyncio.gather(
+                *(enqueuer(stubs[index % 2]) for index in range(16)),
+                work_through(workers, ITEMS, within=200),
+            )
+        items = await all_items(stubs[1], queue)
+
+    assignments = [assignment for worker in workers for assignment in worker.assignments]
+    per_item = Counter(assignment.item.name for assignment in assignments)
+    assert len(names) == len(set(names)) == ITEMS
+    assert set(per_item) == set(names)  # none lost
+    assert [name for name, count in per_item.items() if count != 1] == []  # none assigned twice
+    assert {(assignment.epoch, assignment.attempt) for assignment in assignments} == {(1, 1)}
+    for replica in replicas:  # both replicas dispatched
+        assert sum(len(w.assignments) for w in workers if w.replica == replica.address) > 0
+    assert sorted(item.name for item in items) == sorted(names)
+    assert {(item.state, item.attempt) for item in items} == {(SUCCEEDED, 1)}
+    for item in items:  # ended SUCCEEDED exactly once, from one lease
+        assert [t.to_state for t in item.transitions] == [PENDING, LEASED, RUNNING, SUCCEEDED], item
+
+
+async def test_a_cancel_issued_on_one_replica_reaches_the_agent_on_the_other(
+    tmp_path: Path, registry: ServiceProcess, job: str, database: str
+) -> None:
+    async with two_replicas(tmp_path, registry, database) as ((_, second), (on_first, on_second)):
+        queue = await new_queue(on_first)
+        agent = await ScriptedAgent(second.address).connect([queue])  # the only agent: on the second
+        try:
+            name = await enqueue(on_first, queue, job)
+            assignment = (await agent.next("assignment")).assignment
+            assert assignment.item.name == name
+            assert (await agent.progress(assignment, RUNNING)).ack.state == RUNNING
+
+            asked = await on_first.CancelItem(queue_pb2.CancelItemRequest(name=name, message="stop it"))
+            assert asked.item.cancel_requested
+
+            cancel = (await agent.next("cancel")).cancel
+            assert (cancel.lease_id, cancel.item) == (assignment.lease_id, name)
+            assert (await agent.complete(assignment, CANCELLED)).ack.state == CANCELLED
+        finally:
+            await agent.close()
+        for queues in (on_first, on_second):
+            item = await watch_until(queues, name, lambda item: item.state == CANCELLED)
+            assert item.reason == common_pb2.FAILURE_REASON_CANCELLED
+            assert item.transitions[-1].actor.startswith("keys/")  # who cancelled, on the other replica
+
+
+async def test_agents_of_a_replica_killed_9_keep_their_leases_on_the_other(
+    tmp_path: Path, registry: ServiceProcess, job: str, database: str
+) -> None:
+    async with two_replicas(tmp_path, registry, database) as ((doomed, survivor), (on_doomed, on_survivor)):
+        queue = await new_queue(on_doomed)
+        agents = [await ScriptedAgent(doomed.address).connect([queue], capacity=2) for _ in range(2)]
+        names = [await enqueue(on_survivor, queue, job) for _ in range(4)]
+        held: dict[str, list[queue_pb2.LeaseResponse.Assignment]] = {}
+        for agent in agents:  # two each: the room the four items fill
+            held[agent.agent_id] = [(await agent.next("assignment")).assignment for _ in range(2)]
+            for assignment in held[agent.agent_id]:
+                assert (await agent.progress(assignment, RUNNING)).ack.state == RUNNING
+
+        doomed.kill()
+        for agent in agents:
+            await agent.vanish()
+
+        for agent in agents:
+            mine = held[agent.agent_id]
+            back = await ScriptedAgent(survivor.address, agent_id=agent.agent_id).connect(
+                [queue], capacity=2, held={lease.lease_id: lease.epoch for lease in mine}
+            )
+            try:
+                assert back.welcome is not None
+                verdicts = {verdict.lease_id: verdict.kept for verdict in back.welcome.lease_verdicts}
+                assert verdicts == {lease.lease_id: True for lease in mine}, back.welcome
+                for assignment in mine:
+                    assert (await back.complete(assignment, SUCCEEDED)).ack.state == SUCCEEDED
+            finally:
+                await back.close()
+
+        items = await all_items(on_survivor, queue)
+        assert sorted(item.name for item in items) == sorted(names)
+        for item in items:  # nothing ran twice, nothing was taken for lost
+            assert (item.state, item.attempt) == (SUCCEEDED, 1), item
+            assert [t.to_state for t in item.transitions] == [PENDING, LEASED, RUNNING, SUCCEEDED], item
+            assert AGENT_LOST not in {t.reason for t in item.transitions}, item
+
+
+async def test_leases_of_an_agent_that_died_with_its_replica_expire_on_the_other(
+    tmp_path: Path, registry: ServiceProcess, job: str, database: str
+) -> None:
+    async with two_replicas(tmp_path, registry, database, lease_ttl=SHORT_TTL, heartbeat=0.5) as (
+        (doomed, survivor),
+        (on_doomed, on_survivor),
+    ):
+        queue = await new_queue(on_doomed)
+        hello_sent = datetime.now(UTC)
+        lost = await ScriptedAgent(doomed.address).connect([queue])
+        name = await enqueue(on_doomed, queue, job)
+        first = (await lost.next("assignment")).assignment
+        assert (await lost.progress(first, RUNNING)).ack.state == RUNNING
+
+        rescuer = await ScriptedAgent(survivor.address).connect([queue])
+        try:
+            async with rescuer.heartbeating():
+                doomed.kill()
+                await lost.vanish()  # it never heartbeats again, nor comes back
+                # The TTL, the registry's answer to the run's close, then the 1 s retry back-off.
+                retry = (await rescuer.next("assignment", within=SHORT_TTL * 5 + 1)).assignment
+                assert (retry.item.name, retry.attempt, retry.epoch) == (name, 2, 2)
+                assert (await rescuer.complete(retry, SUCCEEDED)).ack.state == SUCCEEDED
+        finally:
+            await rescuer.close()
+
+        item = await watch_until(on_survivor, name, lambda item: item.state == SUCCEEDED)
+        assert [t.to_state for t in item.transitions] == [
+            PENDING,
+            LEASED,
+            RUNNING,
+            PENDING,
+            LEASED,
+            SUCCEEDED,
+        ]
+        expired = item.transitions[3]
+        assert (expired.reason, expired.attempt) == (AGENT_LOST, 1)
+        # Ended by expiry (renewed at the Hello at the earliest), not by the replica's death.
+        assert expired.time.ToDatetime(UTC) >= hello_sent + timedelta(seconds=SHORT_TTL)
+        assert item.transitions[4].agent != item.transitions[1].agent
