@@ -8,14 +8,21 @@ then Enqueue ``--items`` items by the job's name, so every Enqueue resolves the 
 its number, which the queue keeps once resolved). A life cycle counts
 once its Complete is acknowledged: Enqueue, Assignment, RUNNING and SUCCEEDED, each committed before it
 was answered. Every call presents a key (the admin key for Enqueue, an agent key per stream), as in
-production. The bench client shares the machine's cores with the services.
+production: keys are always on, verified through the registry. The bench client shares the machine's cores
+with the services.
+
+Queue replicas (docs/design.md §5, PostgreSQL only): ``--replicas N`` runs N queue processes with
+``TAKEOFF_REPLICAS=true`` on the one database (the stack's queue and N - 1 more); the agents and the
+enqueuers are spread over them round-robin, and the queue's CPU is the sum over the replicas. ``--replicas
+0`` (the default) is one queue process in the single-process model.
 
 What limits it: the CPU seconds each process (the queue, the registry, this client) spent per life cycle,
 read from /proc, and with ``--profile FILE`` the queue service's own cProfile (top functions by own time;
 the profiler slows it, so that run's rate is not the figure).
 
     python bench/throughput.py [--items 5000] [--agents 8] [--capacity 64] [--enqueuers 64]
-        [--database sqlite|postgresql] [--sqlite-sync NORMAL|FULL] [--job bench:v0] [--profile queue.prof]
+        [--database sqlite|postgresql] [--replicas 0|1|2] [--sqlite-sync NORMAL|FULL] [--job bench:v0]
+        [--profile queue.prof]
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import json
 import os
 import pstats
 import stat
+import subprocess
 import sys
 import tempfile
 import time
@@ -38,6 +46,9 @@ from pathlib import Path
 import psycopg
 from dispatch import _agent_key, _create_queue, bench_stack
 
+from takeoff._auth import keys_dir
+from takeoff._home import StackRecord
+from takeoff.stack import KEY_VARIABLES
 from takeoff.v1 import common_pb2, queue_pb2, queue_pb2_grpc
 from takeoff_rpc.channels import open_aio_channel
 
@@ -46,6 +57,8 @@ RUNNING = common_pb2.ITEM_STATE_RUNNING
 SUCCEEDED = common_pb2.ITEM_STATE_SUCCEEDED
 HEARTBEAT_SECONDS = 5.0
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+PYTHON = sys.executable
+"""The interpreter of the replicas this bench adds (not the profiling wrapper: only the first is profiled)."""
 
 
 class SyntheticAgent:
@@ -117,26 +130,36 @@ class SyntheticAgent:
 
 
 async def measure(
-    queue_address: str, registry_address: str, admin_key: str, args: argparse.Namespace, pids: dict[str, int]
+    queue_addresses: list[str],
+    registry_address: str,
+    admin_key: str,
+    args: argparse.Namespace,
+    pids: dict[str, int],
 ) -> dict[str, float]:
-    async with open_aio_channel(queue_address, api_key=admin_key) as channel:
-        stub = queue_pb2_grpc.QueueServiceStub(channel)
-        queue = await _create_queue(stub)
+    async with contextlib.AsyncExitStack() as channels:
+        stubs = [
+            queue_pb2_grpc.QueueServiceStub(
+                await channels.enter_async_context(open_aio_channel(address, api_key=admin_key))
+            )
+            for address in queue_addresses
+        ]
+        queue = await _create_queue(stubs[0])
         key = await _agent_key(registry_address, admin_key, queue)
-        agents = [SyntheticAgent(stub, queue, args.capacity, key) for _ in range(args.agents)]
+        spread = [stubs[index % len(stubs)] for index in range(max(args.agents, args.enqueuers))]
+        agents = [SyntheticAgent(stub, queue, args.capacity, key) for stub in spread[: args.agents]]
         counter, finished = [0], asyncio.Event()
         streams = [asyncio.create_task(agent.run(counter, args.items, finished)) for agent in agents]
         await asyncio.sleep(0.5)  # every Hello answered: the first Enqueues find agents waiting
         left = list(range(args.items))
 
-        async def enqueuer() -> None:
+        async def enqueuer(stub: queue_pb2_grpc.QueueServiceAsyncStub) -> None:
             while left:
                 left.pop()
                 await stub.Enqueue(queue_pb2.EnqueueRequest(queue=queue, job=args.job))
 
         cpu_before = {name: _cpu_seconds(pid) for name, pid in pids.items()}
         started = time.perf_counter()
-        enqueuing = asyncio.gather(*(enqueuer() for _ in range(args.enqueuers)))
+        enqueuing = asyncio.gather(*(enqueuer(stub) for stub in spread[: args.enqueuers]))
         waiting = asyncio.create_task(finished.wait())
         # Every item's Complete acknowledged, or a stream that failed (then its error is raised).
         await asyncio.wait([waiting, *streams], return_when=asyncio.FIRST_COMPLETED)
@@ -149,12 +172,14 @@ async def measure(
         for agent in agents:
             agent.stop()
         await asyncio.gather(*streams, return_exceptions=True)
+    # The queue's figure is every replica's together; each replica's own share is kept beside it.
+    cpu["queue"] = sum(seconds for name, seconds in cpu.items() if name.startswith("queue"))
     result: dict[str, float] = {
         "items": args.items,
         "seconds": round(elapsed, 3),
         "life_cycles_per_second": round(args.items / elapsed, 1),
     }
-    for name, seconds in cpu.items():
+    for name, seconds in sorted(cpu.items()):
         result[f"{name}_cpu_ms_per_life_cycle"] = round(seconds / args.items * 1e3, 3)
         result[f"{name}_cpu_share"] = round(seconds / elapsed, 3)
     return result
@@ -185,6 +210,42 @@ def _database(kind: str) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def _more_replicas(home: Path, record: StackRecord, count: int) -> Iterator[list[tuple[int, str]]]:
+    """``count`` more queue processes beside the stack's, configured as its queue is (registry, service key,
+    database from the environment); yields each one's (pid, address), stops them after."""
+    children = []
+    try:
+        for index in range(count):
+            replica_home = home / f"replica-{index + 1}"
+            replica_home.mkdir()
+            ready = replica_home / "queue.ready"
+            env = {name: value for name, value in os.environ.items() if name not in KEY_VARIABLES}
+            env |= {
+                "TAKEOFF_HOME": str(replica_home),
+                "TAKEOFF_LISTEN": json.dumps(["127.0.0.1:0"]),
+                "TAKEOFF_READY_FILE": str(ready),
+                "TAKEOFF_REGISTRY_ADDRESS": record.services["registry"].address,
+                "TAKEOFF_API_KEY_FILE": str(keys_dir(home) / "queue.key"),
+            }
+            with (replica_home / "queue.log").open("ab") as log:
+                child = subprocess.Popen([PYTHON, "-m", "takeoff_queue"], env=env, stdout=log, stderr=log)
+            children.append((child, ready))
+        started = []
+        for child, ready in children:
+            while not ready.exists():
+                if child.poll() is not None:
+                    raise RuntimeError(f"a queue replica exited with {child.returncode}; see {ready.parent}")
+                time.sleep(0.05)
+            started.append((child.pid, json.loads(ready.read_text())["addresses"][0]))
+        yield started
+    finally:
+        for child, _ in children:
+            child.terminate()
+        for child, _ in children:
+            child.wait()
+
+
+@contextlib.contextmanager
 def _profiled_queue(home: Path, profile: str | None) -> Iterator[None]:
     """Start the queue service under cProfile (``profile``: where its stats go when it stops)."""
     if profile is None:
@@ -209,21 +270,27 @@ def run(args: argparse.Namespace) -> dict[str, float]:
     os.environ["TAKEOFF_ENQUEUE_BURST"] = "1000000"
     if args.sqlite_sync:
         os.environ["TAKEOFF_SQLITE_SYNCHRONOUS"] = args.sqlite_sync
+    if args.replicas:
+        os.environ["TAKEOFF_REPLICAS"] = "true"
     with (
         tempfile.TemporaryDirectory(prefix="takeoff-bench-") as home,
         _database(args.database),
         _profiled_queue(Path(home), args.profile),
         bench_stack(Path(home)) as (stack, record),
+        _more_replicas(Path(home), record, max(0, args.replicas - 1)) as replicas,
     ):
         pids = {
             "queue": record.services["queue"].pid,
+            **{f"queue_{index + 1}": pid for index, (pid, _) in enumerate(replicas)},
             "registry": record.services["registry"].pid,
             "client": os.getpid(),
         }
         registry = record.services["registry"].address
-        result = asyncio.run(measure(record.services["queue"].address, registry, stack.admin_key, args, pids))
+        addresses = [record.services["queue"].address, *(address for _, address in replicas)]
+        result = asyncio.run(measure(addresses, registry, stack.admin_key, args, pids))
     return {
         "database": args.database,
+        "replicas": args.replicas,
         "sqlite_sync": args.sqlite_sync or "default",
         "job": args.job,
         **result,
@@ -238,10 +305,11 @@ def top_functions(profile: str, count: int = 25) -> str:
 
 def print_table(results: list[dict[str, float]]) -> None:
     print(json.dumps(results, indent=2))
-    columns = ["database", "sqlite_sync", "job", "items", "life_cycles_per_second"]
+    columns = ["database", "replicas", "sqlite_sync", "job", "items", "life_cycles_per_second"]
     columns += [f"{name}_cpu_ms_per_life_cycle" for name in ("queue", "registry", "client")]
     headers = [
         "database",
+        "replicas",
         "sync",
         "job",
         "items",
@@ -265,10 +333,18 @@ def main() -> None:
     parser.add_argument(
         "--job", default="bench", help="the reference enqueued: bench (latest, asked each time) or bench:v0"
     )
+    parser.add_argument(
+        "--replicas",
+        type=int,
+        default=0,
+        help="queue processes with replicas on (PostgreSQL); 0: one, replicas off",
+    )
     parser.add_argument("--sqlite-sync", choices=["NORMAL", "FULL"], default=None)
     parser.add_argument("--profile", default=None, help="write the queue service's cProfile stats here")
     parser.add_argument("--runs", type=int, default=1)
     args = parser.parse_args()
+    if args.replicas and args.database != "postgresql":
+        parser.error("--replicas needs --database postgresql (replicas are refused on SQLite)")
     if args.profile:
         args.profile = str(Path(args.profile).resolve())
     print_table([run(args) for _ in range(args.runs)])
