@@ -1,6 +1,8 @@
 """Channels to Takeoff services: one set of options for the SDK (sync gRPC) and the services (grpc.aio).
 
-A target is ``host:port`` or ``unix:/path``. Every channel gets :data:`CHANNEL_OPTIONS`; ``metadata``
+A target is ``host:port``, ``unix:/path``, ``dns:///name:port``, or a list ``host:port,host:port`` of a
+service's replicas to fail over between (:func:`dial_target`). Every channel gets :data:`CHANNEL_OPTIONS`;
+``metadata``
 (an API key, later a run token) is added to every call by an interceptor, and ``credentials`` make the
 channel a TLS one, so adding authentication later changes the callers' arguments, not this plumbing.
 
@@ -11,7 +13,10 @@ span continues the caller's trace and no caller can forget to pass it on (docs/d
 
 from __future__ import annotations
 
+import ipaddress
+import socket
 from collections.abc import AsyncIterable, Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +62,125 @@ CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
 )
 
 
+TARGET_SCHEMES = ("unix:", "unix-abstract:", "dns:", "ipv4:", "ipv6:", "vsock:")
+"""Targets in gRPC's own naming, passed on unchanged; ``dns:///name:port`` gives every address the name
+resolves to (all its A records) to pick_first, which makes one DNS name a list of replicas."""
+TARGET_FORMS = "host:port, [ipv6]:port, a list host:port,host:port, unix:/path or dns:///name:port"
+
+
+class TargetError(ValueError):
+    """A target that cannot be dialled as written: a malformed list entry, a host that does not resolve."""
+
+
+@dataclass(frozen=True, slots=True)
+class DialTarget:
+    """What gRPC dials for a configured target, and the name the server's TLS certificate is checked
+    against (None: gRPC's own, the target's host)."""
+
+    target: str
+    authority: str | None = None
+
+
+def dial_target(target: str) -> DialTarget:
+    """What gRPC dials for ``target``, which may list several replicas of one service as
+    ``host:port,host:port`` (``[v6]:port`` too); one ``host:port`` and gRPC's own targets
+    (:data:`TARGET_SCHEMES`) pass through unchanged. Raises TargetError naming a malformed entry, or a host
+    that does not resolve.
+
+    A list becomes one ``ipv4:`` (or ``ipv6:``) target holding each entry's addresses in order: gRPC's
+    pick_first policy connects to the first that answers and, once that connection breaks, starts again
+    from the top, so the caller's next call (a retried one, the agent's next Lease session) goes to the
+    first replica still up. Pick_first, not round_robin: an agent's Lease session and the queue's view of
+    it live on one replica, and a client's calls gain nothing from being spread, while round_robin would
+    also put every replica's address into each call's failure on the way. Names are resolved once, here
+    (getaddrinfo); a name whose addresses change belongs in ``dns:///``, which gRPC resolves again itself.
+    IPv4 is used when every entry has an IPv4 address (the services' default listen addresses), else
+    IPv6: gRPC takes one family per target.
+
+    The certificate is checked against the first entry's host (the authority), so under TLS every
+    replica's certificate must name it: give replicas a shared name, or use ``dns:///``."""
+    entries = _entries(target)
+    if entries is None:
+        return DialTarget(target.strip())
+    resolved = [(entry, _resolve(target, index, entry)) for index, entry in enumerate(entries, 1)]
+    for family, scheme in ((socket.AF_INET, "ipv4"), (socket.AF_INET6, "ipv6")):
+        if all(any(f == family for f, _ in addresses) for _, addresses in resolved):
+            picked = [address for _, addresses in resolved for f, address in addresses if f == family]
+            return DialTarget(f"{scheme}:{','.join(dict.fromkeys(picked))}", entries[0])
+    v4 = [entry for entry, addresses in resolved if any(f == socket.AF_INET for f, _ in addresses)]
+    v6 = [entry for entry in entries if entry not in v4]
+    raise TargetError(
+        f"{target!r} mixes IPv4-only hosts ({', '.join(v4)}) with IPv6-only ones ({', '.join(v6)}); "
+        "a list must share one address family"
+    )
+
+
+def check_target(target: str) -> str:
+    """``target`` unchanged if :func:`dial_target` can take it apart, else TargetError naming the entry;
+    nothing is resolved (for settings, checked before any name service is asked)."""
+    _entries(target)
+    return target
+
+
+def _entries(target: str) -> list[str] | None:
+    """The entries of a list target, each checked to be ``host:port``; None for a target passed on
+    unchanged."""
+    stripped = target.strip()
+    if not stripped:
+        raise TargetError(f"a channel needs a target: {TARGET_FORMS}")
+    if "," not in stripped or stripped.startswith(TARGET_SCHEMES):
+        return None
+    entries = [entry.strip() for entry in stripped.split(",")]
+    for index, entry in enumerate(entries, 1):
+        _host_port(target, index, entry)
+    return entries
+
+
+def _host_port(target: str, index: int, entry: str) -> tuple[str, int]:
+    """Entry ``index`` (1-based) of the list ``target``: its host (brackets gone) and port."""
+    where = f"entry {index} of {target!r}"
+    if not entry:
+        raise TargetError(f"{where} is empty; a list is host:port,host:port")
+    if entry.startswith(TARGET_SCHEMES):
+        raise TargetError(f"{where} ({entry!r}) names a scheme; a list holds host:port entries only")
+    if entry.startswith("["):
+        host, bracket, rest = entry[1:].partition("]")
+        sep, port = rest[:1], rest[1:]
+        valid_host = bool(bracket) and _is_ipv6(host)
+    else:
+        host, sep, port = entry.rpartition(":")
+        valid_host = bool(host) and ":" not in host
+    if not (sep == ":" and valid_host and port.isdigit() and 0 < int(port) < 65536):
+        raise TargetError(f"{where} ({entry!r}) is not host:port or [ipv6]:port with a port of 1-65535")
+    return host, int(port)
+
+
+def _is_ipv6(host: str) -> bool:
+    try:
+        return isinstance(ipaddress.ip_address(host), ipaddress.IPv6Address)
+    except ValueError:
+        return False
+
+
+def _resolve(target: str, index: int, entry: str) -> list[tuple[int, str]]:
+    """Entry ``index`` of the list ``target`` as (family, address for an ipv4:/ipv6: target) pairs, in
+    the order getaddrinfo gives them (a numeric host is taken as it is)."""
+    host, port = _host_port(target, index, entry)
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as error:
+        raise TargetError(
+            f"entry {index} of {target!r}: cannot resolve {host!r} ({error.strerror})"
+        ) from None
+    addresses: list[tuple[int, str]] = []
+    for family, _, _, _, sockaddr in infos:
+        if family == socket.AF_INET:
+            addresses.append((family, f"{sockaddr[0]}:{port}"))
+        elif family == socket.AF_INET6:
+            addresses.append((family, f"[{sockaddr[0]}]:{port}"))
+    return addresses
+
+
 def _call_metadata(*, api_key: str | None = None, metadata: Metadata = ()) -> tuple[tuple[str, str], ...]:
     """What every call carries: ``metadata``, and ``api_key`` as a bearer token."""
     return (*metadata, *((("authorization", f"Bearer {api_key}"),) if api_key else ()))
@@ -70,12 +194,14 @@ def open_channel(
     credentials: grpc.ChannelCredentials | None = None,
     options: ChannelOptions = (),
 ) -> grpc.Channel:
-    """A sync channel to ``target``; ``options`` override or extend :data:`CHANNEL_OPTIONS`."""
-    merged = _options(target, options)
+    """A sync channel to ``target`` (a list of replicas too, :func:`dial_target`); ``options`` override or
+    extend :data:`CHANNEL_OPTIONS`."""
+    dial = dial_target(target)
+    merged = _options(dial, options)
     if credentials is None:
-        channel = grpc.insecure_channel(target, options=merged)
+        channel = grpc.insecure_channel(dial.target, options=merged)
     else:
-        channel = grpc.secure_channel(target, credentials, options=merged)
+        channel = grpc.secure_channel(dial.target, credentials, options=merged)
     return grpc.intercept_channel(
         channel, _MetadataInterceptor(_call_metadata(api_key=api_key, metadata=metadata))
     )
@@ -90,17 +216,20 @@ def open_aio_channel(
     options: ChannelOptions = (),
 ) -> grpc.aio.Channel:
     """A grpc.aio channel to ``target``, set up as :func:`open_channel` sets up a sync one."""
-    merged = _options(target, options)
+    dial = dial_target(target)
+    merged = _options(dial, options)
     interceptors = _aio_interceptors(_call_metadata(api_key=api_key, metadata=metadata))
     if credentials is None:
-        return grpc.aio.insecure_channel(target, options=merged, interceptors=interceptors)
-    return grpc.aio.secure_channel(target, credentials, options=merged, interceptors=interceptors)
+        return grpc.aio.insecure_channel(dial.target, options=merged, interceptors=interceptors)
+    return grpc.aio.secure_channel(dial.target, credentials, options=merged, interceptors=interceptors)
 
 
-def _options(target: str, overrides: ChannelOptions) -> list[tuple[str, Any]]:
-    if not target or target.isspace():
-        raise ValueError("a channel needs a target: host:port or unix:/path")
-    merged = dict(CHANNEL_OPTIONS)
+def _options(dial: DialTarget, overrides: ChannelOptions) -> list[tuple[str, Any]]:
+    merged: dict[str, Any] = dict(CHANNEL_OPTIONS)
+    if dial.authority is not None:
+        # An ipv4:/ipv6: target's own authority would be its list of addresses; the certificate names the
+        # host the operator wrote.
+        merged["grpc.default_authority"] = dial.authority
     merged.update(overrides)
     return list(merged.items())
 

@@ -1,11 +1,15 @@
 """Agent settings: the agent.yaml file, overridden by ``TAKEOFF_*`` variables."""
 
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import Field, field_validator
+from pydantic import AfterValidator, Field, field_validator
 
 from takeoff_agent.runners import runner_kind
+from takeoff_rpc.channels import check_target
 from takeoff_server.config import ServerSettings, readable_file
+
+Target = Annotated[str, AfterValidator(check_target)]
 
 
 class AgentSettings(ServerSettings):
@@ -18,10 +22,13 @@ class AgentSettings(ServerSettings):
     """Queues to serve, as ``projects/{p}/queues/{q}`` or ``{q}`` in ``project``."""
     max_jobs: int = Field(default=1, ge=1, le=4096)
     """How many items the agent works on at once."""
-    queue_address: str = "127.0.0.1:50052"
-    builder_address: str = "127.0.0.1:50053"
-    registry_address: str = "127.0.0.1:50051"
-    job_registry_address: str | None = Field(default=None, min_length=1, max_length=1024)
+    queue_address: Target = "127.0.0.1:50052"
+    """``host:port``, ``unix:/path``, or the replicas of a service as ``host:port,host:port`` or
+    ``dns:///name:port`` (failed over in order, takeoff_rpc.channels.dial_target); the same for the builder
+    and the registry."""
+    builder_address: Target = "127.0.0.1:50053"
+    registry_address: Target = "127.0.0.1:50051"
+    job_registry_address: Target | None = Field(default=None, min_length=1, max_length=1024)
     """The registry's address as jobs are given it (TAKEOFF_REGISTRY): ``host:port``, or ``unix:/path``
     (the container runner mounts that socket into containers); unset: ``registry_address``. A cluster's
     jobs need an address the cluster can reach (docs/design.md §16)."""

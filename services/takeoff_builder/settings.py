@@ -1,9 +1,11 @@
 """Builder settings (``TAKEOFF_*`` variables, a YAML file, or these defaults)."""
 
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import BaseModel, ByteSize, Field, SecretStr, field_validator
+from pydantic import AfterValidator, BaseModel, ByteSize, Field, SecretStr, field_validator
 
+from takeoff_rpc.channels import check_target
 from takeoff_server.config import ServerSettings
 from takeoff_server.git_access import GitAccessSettings
 from takeoff_server.retention import RetentionSettings
@@ -29,8 +31,9 @@ class BuilderRetentionSettings(RetentionSettings):
 
 class BuilderSettings(ServerSettings, GitAccessSettings):
     listen: list[str] = ["127.0.0.1:50053"]
-    registry_address: str = "127.0.0.1:50051"
-    """Where job versions are resolved and code artifacts downloaded (``takeoff up`` sets it)."""
+    registry_address: Annotated[str, AfterValidator(check_target)] = "127.0.0.1:50051"
+    """Where job versions are resolved and code artifacts downloaded (``takeoff up`` sets it); a list of
+    replicas, ``host:port,host:port`` or ``dns:///name:port``, is failed over in order."""
     builds_dir: Path | None = None
     """Venvs, unpacked code, git mirrors; unset means ``{home}/builds``. Agents using venv builds must
     see the same directory at the same path."""

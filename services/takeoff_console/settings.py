@@ -6,9 +6,11 @@ reads no database: ``database_url``, shared by a whole deployment's environment,
 """
 
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import AfterValidator, Field, field_validator, model_validator
 
+from takeoff_rpc.channels import check_target
 from takeoff_server.config import ServerSettings, readable_file
 
 DEFAULT_PORT = 8080
@@ -17,8 +19,10 @@ DEFAULT_PORT = 8080
 class ConsoleSettings(ServerSettings):
     listen: list[str] = Field(default=[f"127.0.0.1:{DEFAULT_PORT}"], min_length=1, max_length=1)
     """One ``host:port`` to serve the pages on (port 0 picks a free one)."""
-    registry_address: str = "127.0.0.1:50051"
-    queue_address: str = "127.0.0.1:50052"
+    registry_address: Annotated[str, AfterValidator(check_target)] = "127.0.0.1:50051"
+    queue_address: Annotated[str, AfterValidator(check_target)] = "127.0.0.1:50052"
+    """Either may name a service's replicas, ``host:port,host:port`` or ``dns:///name:port``, failed over in
+    order (takeoff_rpc.channels.dial_target)."""
     tls_ca_file: Path | None = None
     """The CA that signed the services' certificates (``TAKEOFF_TLS_CA_FILE``, as for the CLI): calls to a
     ``host:port`` use TLS when it is set. ``tls`` also serves the pages over HTTPS with its certificate."""
