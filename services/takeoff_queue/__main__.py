@@ -14,10 +14,12 @@ from takeoff_queue.book import QueueBook
 from takeoff_queue.dispatcher import Dispatcher, LeaseTiming
 from takeoff_queue.metrics import QueueMetrics
 from takeoff_queue.registry_client import Registry
+from takeoff_queue.replicas import ReplicaSync, replica_name
 from takeoff_queue.retention import QueueRetention
 from takeoff_queue.settings import QueueSettings
 from takeoff_queue.store import QueueStore
 from takeoff_server.access import KeyVerifier
+from takeoff_server.config import ConfigError
 from takeoff_server.database import open_service_database
 from takeoff_server.main import ServiceProgram
 from takeoff_server.peers import registry_verifier
@@ -52,7 +54,9 @@ async def assemble(settings: QueueSettings, resources: AsyncExitStack) -> QueueS
         migrations=Path(__file__).with_name("migrations"),
         sqlite_synchronous=settings.sqlite_synchronous,
     )
-    store = QueueStore(database)
+    if settings.replicas and not (settings.database_url or "").startswith("postgresql"):
+        raise ConfigError("replicas: true needs a PostgreSQL database_url (postgresql://...)")
+    store = QueueStore(database, replica=replica_name() if settings.replicas else "")
     timing = LeaseTiming(
         ttl=timedelta(seconds=settings.lease_ttl_seconds),
         heartbeat_interval=timedelta(seconds=settings.heartbeat_interval_seconds),
@@ -60,10 +64,17 @@ async def assemble(settings: QueueSettings, resources: AsyncExitStack) -> QueueS
     registry = Registry(settings.registry_address, settings)
     resources.push_async_callback(registry.close)
     metrics = QueueMetrics()
-    dispatcher = Dispatcher(store, utc_now, timing, registry, tokens=registry, metrics=metrics)
+    dispatcher = Dispatcher(
+        store, utc_now, timing, registry, tokens=registry, metrics=metrics, replicated=settings.replicas
+    )
     resources.push_async_callback(dispatcher.stop)
     book = QueueBook(store, dispatcher, registry, utc_now, images_pushed=bool(settings.builder_push_registry))
     await book.start()
+    if settings.replicas:
+        assert settings.database_url is not None
+        replicas = ReplicaSync(settings.database_url, store, dispatcher, book, timing)
+        await replicas.start()
+        resources.push_async_callback(replicas.stop)
     binding = ServiceBinding.of(
         queue_pb2.DESCRIPTOR.services_by_name["QueueService"],
         queue_pb2_grpc.add_QueueServiceServicer_to_server,

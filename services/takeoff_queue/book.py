@@ -134,6 +134,15 @@ class QueueBook:
         self._projects.written(*stored.projects)
         self._dispatcher.restore(stored.queues, stored.items, stored.run_closes)
 
+    async def reload_queue(self, name: str) -> None:
+        """Another replica created, changed or deleted the queue: take it as the database has it."""
+        queue = await self._store.queue(name)
+        if queue is not None:
+            self._projects.written(queue.project)
+            self._dispatcher.put_queue(queue)
+        elif name in self._dispatcher.queues:
+            self._dispatcher.drop_queue(name)
+
     async def check_project(self, project: str, *, field: str) -> None:
         """NOT_FOUND ``PROJECT_NOT_FOUND`` unless ``project`` (``projects/{p}``) was written to, here or in
         the registry."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import contextlib
 import heapq
 import itertools
 import logging
@@ -64,12 +65,16 @@ from takeoff_queue.run_closes import (
     backoff,
 )
 from takeoff_queue.store import QueueStore, QueueWrite
-from takeoff_server.errors import FailedPrecondition, NotFound, PermissionDenied
+from takeoff_server.errors import Aborted, FailedPrecondition, NotFound, PermissionDenied
 
 logger = logging.getLogger(__name__)
 
 Clock = Callable[[], datetime]
 _ENDED_LEASES_REMEMBERED = 10_000
+_TRIES_AGAINST_REPLICAS = 5
+_REFRESH_BATCH = 500
+LIVE_STATES = tuple(state for state in ItemState if state.is_live)
+"""Writes another replica beat, each after reading what it wrote, before a change is given up."""
 MINT_TIMEOUT_SECONDS = 5.0
 """How long an item's run token may take: past it, the item waits PENDING and is tried again later."""
 
@@ -78,6 +83,15 @@ MINT_TIMEOUT_SECONDS = 5.0
 class LeaseTiming:
     ttl: timedelta = timedelta(seconds=30)
     heartbeat_interval: timedelta = timedelta(seconds=10)
+
+
+class ItemChanged(Exception):
+    """Another replica changed these items first: the write was refused, and the index now holds what the
+    database says (docs/design.md §5 "Several queue replicas")."""
+
+    def __init__(self, item_ids: set[str]) -> None:
+        super().__init__(f"changed by another replica: {', '.join(sorted(item_ids))}")
+        self.item_ids = item_ids
 
 
 class Session:
@@ -152,8 +166,12 @@ class Dispatcher:
         tokens: RunTokens | None = None,
         *,
         metrics: QueueMetrics | None = None,
+        replicated: bool = False,
     ) -> None:
         self._store = store
+        self._replicated = replicated
+        """Other queue processes share the database: the index is a cache of it, kept fresh from their
+        notifications; claims are conditional writes; lease expiry is the database's (§5)."""
         self.metrics = metrics or QueueMetrics()
         self._tokens = tokens
         """Mints each attempt's run token before the item is leased; None: no tokens (tests of dispatch
@@ -187,8 +205,9 @@ class Dispatcher:
         """lease id -> (epoch, item state after it ended, ended by the agent's Complete)"""
         self._set_aside: dict[str, set[str]] = defaultdict(set)
         """queue -> PENDING items a dispatch pass failed to assign; tried again when the queue changes"""
-        self._writing: dict[str, ItemLife] = {}
-        """item id -> the life last handed to the store, until that write is committed"""
+        self._writing: dict[str, tuple[ItemLife, int]] = {}
+        """item id -> the life last handed to the store and the row's revision once it is written, until
+        that write is committed"""
         self._dispatch_scheduled = False
         self._deadlines = _Deadlines(clock, self._on_deadline)
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -224,7 +243,8 @@ class Dispatcher:
                 self._index(item)
         for agent in self.agents.values():
             agent.lease_expiry = grace_until
-            self._deadlines.at(grace_until, "expiry", agent.agent_id)
+            if not self._replicated:  # replicas: the database's expiry, extended at start (ReplicaSync)
+                self._deadlines.at(grace_until, "expiry", agent.agent_id)
         self._draining = asyncio.create_task(self.run_closer.drain_forever())
         if self.token_revoker is not None:
             self._revoking = asyncio.create_task(self.token_revoker.drain_forever())
@@ -339,8 +359,7 @@ class Dispatcher:
         now = self._clock()
         for agent in self.agents.values():
             if (
-                agent.lease_expiry is not None
-                and agent.lease_expiry > now
+                self._may_receive(agent, now)
                 and agent.free_capacity > 0
                 and queue.name in agent.queues
                 and not any(self._offers_work(name) for name in agent.queues)
@@ -357,11 +376,20 @@ class Dispatcher:
             self._arriving[item.queue] -= 1
 
     async def cancel(self, item: Item, message: str, *, actor: str = "") -> Item:
-        live = item.state.is_live and not self._waits_for_close(item)
-        self._move(item, lifecycle.request_cancel(item.life, self._clock(), message, actor))
-        notices = [(item, Cancel(item.lease_id, item.name, message))] if live else []
-        await self._persist([item], then_send=notices)
-        return item
+        for _ in range(_TRIES_AGAINST_REPLICAS):
+            live = item.state.is_live and not self._waits_for_close(item)
+            self._move(item, lifecycle.request_cancel(item.life, self._clock(), message, actor))
+            # The agent is told by whichever replica holds its stream: here, or the one that reads this.
+            notices = [(item, Cancel(item.lease_id, item.name, message))] if live else []
+            try:
+                await self._persist([item], then_send=notices)
+                return item
+            except ItemChanged:
+                current = self.items.get(item.id)
+                if current is None:
+                    return item  # it ended meanwhile: the caller reads how
+                item = current
+        raise Aborted("CONCURRENT_CHANGE", f"{item.name} kept changing on other replicas; try again")
 
     def watch(self, item_id: str) -> asyncio.Queue[Item]:
         """Updates of the item: after each committed change, and when a PENDING item's reason to wait
@@ -511,6 +539,111 @@ class Dispatcher:
             free_slots=sum(agent.free_capacity for agent in renewing),
         )
 
+    # ----- replicas: the index as a cache of the shared database (docs/design.md §5) ----------------
+
+    async def refresh(self, item_ids: Iterable[str]) -> None:
+        """Read these items as the database has them (another replica changed them, or a write of ours
+        found it had) and put them where they belong in the index."""
+        wanted = list(dict.fromkeys(item_ids))
+        for start in range(0, len(wanted), _REFRESH_BATCH):
+            batch = wanted[start : start + _REFRESH_BATCH]
+            found = {item.id: item for item in await self._store.items(item_ids=batch)}
+            closes = {(close.item_id, close.epoch): close for close in await self._store.run_closes_of(batch)}
+            for item_id in batch:
+                fresh = found.get(item_id)
+                if fresh is None:
+                    self._forget_deleted(item_id)
+                else:
+                    self.adopt(fresh, closes.get((item_id, fresh.life.epoch)))
+
+    async def _refresh_agent(self, agent_id: str) -> None:
+        """The agent's leases as the database has them, and what this index thought it held."""
+        held = await self._store.items(agent=f"agents/{agent_id}", states=LIVE_STATES)
+        known = self.agents.get(agent_id)
+        await self.refresh([*(item.id for item in held), *(known.leases.values() if known else ())])
+
+    def adopt(self, fresh: Item, close: RunClose | None) -> None:
+        """Take the database's newer copy of an item into the index: leases that ended here are freed
+        (their agent, if its stream is held here, is told to stop), new ones held, cancels passed on to the
+        agent, PENDING items queued, ended ones dropped. ``close`` is the outbox row of its current
+        attempt, when another replica ended that attempt."""
+        current = self.items.get(fresh.id)
+        if fresh.id in self._writing or fresh.queue not in self.queues:
+            return  # a write of ours is on its way: its commit, or the refresh after it, decides
+        if current is None:
+            if not fresh.state.is_terminal:
+                self._index(fresh)
+                self._closed_elsewhere(fresh, close)
+                self._notify(fresh)
+            return
+        if current.revision >= fresh.revision and current.committed is current.life:
+            return
+        before, after = current.life, fresh.life
+        was_closing = self._waits_for_close(current)
+        current.life, current.committed, current.revision = after, after, fresh.revision
+        current.update_time = fresh.update_time
+        self._lines.pop(current.queue, None)
+        same_lease = before.state.is_live and after.state.is_live and before.epoch == after.epoch
+        if before.state.is_live and not same_lease:
+            if not was_closing and self._leases.get(before.lease_id) == current.id:
+                lost = "the lease ended on another queue replica"
+                revoke = Revoke(before.lease_id, current.name, RevokeReason.LEASE_LOST, lost)
+                self._send_to_holder_of(before, revoke)
+                self._release_hold(current, before, ended_by_agent=False)
+            self._closing.pop(current.id, None)
+            self._schedule_dispatch()
+        if after.state.is_terminal:
+            self.items.pop(current.id, None)
+            self._forget_token(current)
+        elif after.state is ItemState.PENDING:
+            self._make_pending(current)
+        elif not same_lease:
+            self._ended_leases.pop(after.lease_id, None)
+            self._hold(self._agent(after.agent.removeprefix("agents/")), current)
+            self._watch_deadlines(current)
+        else:
+            if after.state is ItemState.RUNNING and before.state is not ItemState.RUNNING:
+                self._watch_deadlines(current)
+            if after.cancel_requested and not before.cancel_requested and not was_closing:
+                self._send_to_holder(current, Cancel(after.lease_id, current.name, after.message))
+        self._closed_elsewhere(current, close)
+        self._notify(current)
+
+    def _closed_elsewhere(self, item: Item, close: RunClose | None) -> None:
+        """Another replica ended the item's current attempt and waits for its run's close: the lease is
+        over here too."""
+        if close is None or not item.state.is_live or self._waits_for_close(item):
+            return
+        if self._leases.get(item.lease_id) == item.id:
+            revoke = Revoke(item.lease_id, item.name, RevokeReason.LEASE_LOST, "the lease was ended")
+            self._send_to_holder(item, revoke)
+            self._release_hold(item, item.life, ended_by_agent=False)
+        self._closing[item.id] = close
+        self._schedule_dispatch()
+
+    def _forget_deleted(self, item_id: str) -> None:
+        """The item is gone from the database (its queue was deleted, or it ended and was pruned)."""
+        item = self.items.pop(item_id, None)
+        if item is None:
+            return
+        if self._leases.get(item.lease_id) == item.id:
+            self._release_hold(item, item.life, ended_by_agent=False)
+        self._closing.pop(item_id, None)
+        self._lines.pop(item.queue, None)
+        self._forget_token(item)
+
+    async def resync(self) -> None:
+        """Compare every item not yet ended with the database, and read again those that differ: what
+        notifications missed (a replica's LISTEN connection drops them while it reconnects)."""
+        revisions = await self._store.revisions()
+        differ = [item_id for item_id, rev in revisions.items() if self._revision_of(item_id) != rev]
+        gone = [item_id for item_id in self.items if item_id not in revisions]
+        await self.refresh([*differ, *gone])
+
+    def _revision_of(self, item_id: str) -> int | None:
+        item = self.items.get(item_id)
+        return item.revision if item is not None else None
+
     # ----- sessions ------------------------------------------------------------------------------
 
     async def connect(self, hello: Hello, *, key: str = "", any_agent: bool = True) -> Session:
@@ -536,6 +669,10 @@ class Dispatcher:
                     f"queue {queue_name} runs on {queue.resource.value}, which this agent has no runner for",
                     metadata={"resource": queue_name, "kind": queue.resource.value},
                 )
+        if self._replicated:
+            # Its leases as the database has them: it may have held them through another replica.
+            await self._refresh_agent(hello.agent_id)
+            await self._renew_in_database(hello.agent_id)
         now = self._clock()
         agent = self._agent(hello.agent_id)
         if (older := self._sessions.pop(agent.agent_id, None)) is not None:
@@ -611,6 +748,8 @@ class Dispatcher:
         self._agent_changed(agent)
         match request:
             case Heartbeat(sequence):
+                if self._replicated:
+                    await self._renew_in_database(agent.agent_id)
                 self._renew(agent, now)
                 session.send(Ack(sequence, MessageKind.HEARTBEAT))
             case SetCapacity(sequence, capacity):
@@ -625,7 +764,7 @@ class Dispatcher:
                 await self._handle_lease_message(session, request, now)
 
     async def _handle_lease_message(
-        self, session: Session, request: Progress | Complete | Release, now: datetime
+        self, session: Session, request: Progress | Complete | Release, now: datetime, tries: int = 1
     ) -> None:
         kind = {Progress: MessageKind.PROGRESS, Complete: MessageKind.COMPLETE, Release: MessageKind.RELEASE}[
             type(request)
@@ -666,7 +805,14 @@ class Dispatcher:
             return
         self._move(item, life, ended_by_agent=isinstance(request, Complete))
         # The state as the message left it: a retried item may be leased again by the time of the Ack.
-        await self._persist([item])
+        try:
+            await self._persist([item])
+        except ItemChanged:
+            if tries >= _TRIES_AGAINST_REPLICAS:
+                raise
+            # Applied again to what another replica made of the item (a cancel requested, the lease ended)
+            await self._handle_lease_message(session, request, self._clock(), tries + 1)
+            return
         session.send(Ack(request.sequence, kind, request.lease_id, life.state))
 
     def _answer_unknown_lease(
@@ -701,8 +847,8 @@ class Dispatcher:
         failed_queues: set[str] = set()
         now = self._clock()
         for agent in list(self.agents.values()):
-            if agent.lease_expiry is None or agent.lease_expiry <= now:
-                continue  # it stopped renewing: no new work until it heartbeats again
+            if not self._may_receive(agent, now):
+                continue
             while agent.free_capacity > 0 and (item := self._next_item_for(agent, failed_queues)):
                 if not self._has_token(item):
                     self._mint_for(item, agent)
@@ -713,6 +859,12 @@ class Dispatcher:
         if assignments:
             self._spawn(self._deliver(assignments))
         self._tell_watchers_why()
+
+    def _may_receive(self, agent: Agent, now: datetime) -> bool:
+        """Whether new work may go to the agent: it renews its leases (it stopped renewing: no new work
+        until it heartbeats again), and, among replicas, its stream is held here."""
+        renewing = agent.lease_expiry is not None and agent.lease_expiry > now
+        return renewing and (not self._replicated or agent.agent_id in self._sessions)
 
     def _next_item_for(self, agent: Agent, failed_queues: set[str]) -> Item | None:
         """Round-robin over the agent's queues, starting after the one that served it last; a queue
@@ -911,7 +1063,8 @@ class Dispatcher:
             self.token_revoker.wake()
 
     async def _deliver(self, assignments: list[tuple[Item, Assignment]]) -> None:
-        await self._persist([item for item, _ in assignments])
+        with contextlib.suppress(ItemChanged):  # claimed by another replica first: not this agent's
+            await self._persist([item for item, _ in assignments])
         for item, assignment in assignments:
             # Still the agent's? (a cancel or a deadline may have moved it on during the commit)
             if item.lease_id == assignment.lease_id and item.state.is_live:
@@ -953,9 +1106,18 @@ class Dispatcher:
     def _renew(self, agent: Agent, now: datetime) -> None:
         lapsed = agent.lease_expiry is None or agent.lease_expiry <= now
         agent.lease_expiry = now + self.timing.ttl
-        self._deadlines.at(agent.lease_expiry, "expiry", agent.agent_id)
+        if not self._replicated:  # replicas: the database's clock decides (expire_agent)
+            self._deadlines.at(agent.lease_expiry, "expiry", agent.agent_id)
         if lapsed:
             self._schedule_dispatch()
+
+    async def _renew_in_database(self, agent_id: str) -> None:
+        ttl = self.timing.ttl
+
+        async def write(tx: QueueWrite) -> None:
+            await tx.renew_agent_leases([agent_id], ttl)
+
+        await self._store.write(write)
 
     def _index(self, item: Item) -> None:
         """Put an item where its life says it belongs: waiting, held by its agent, or gone (ended)."""
@@ -992,12 +1154,13 @@ class Dispatcher:
         elif life.state is ItemState.RUNNING and before.state is not ItemState.RUNNING:
             self._watch_deadlines(item)
 
-    def _roll_back(self, item: Item) -> None:
+    def _roll_back(self, item: Item, *, retry: bool = True) -> None:
         """A write of the item failed: back to the life the store has, and to its place for that life.
 
         What the write was for is tried again a heartbeat interval later, not at once: a store that
         fails is not hammered; the end of an attempt waiting for its run's close, when the outbox row's
-        claim runs out."""
+        claim runs out. Not when another replica changed the item first (``retry`` False): what it
+        changed is read next, and decides."""
         committed = item.committed
         assert committed is not None, "only committed items are in the index"
         self._writing.pop(item.id, None)
@@ -1012,10 +1175,11 @@ class Dispatcher:
         retry_at = self._clock() + self.timing.heartbeat_interval
         if committed.state is ItemState.PENDING:
             self.items[item.id] = item
-            self._deadlines.at(retry_at, "eligible", item.id, committed.epoch)
+            if retry:
+                self._deadlines.at(retry_at, "eligible", item.id, committed.epoch)
             return
         self._index(item)
-        if committed.state.is_live:
+        if committed.state.is_live and retry:
             self._deadlines.at(retry_at, "expiry", committed.agent.removeprefix("agents/"))
 
     def _hold(self, agent: Agent, item: Item) -> None:
@@ -1049,22 +1213,43 @@ class Dispatcher:
         now = self._clock()
         if kind == "expiry":
             agent = self.agents.get(key)
-            if agent is None or agent.lease_expiry is None or agent.lease_expiry > now or not agent.leases:
+            if self._replicated or agent is None or agent.lease_expiry is None or agent.lease_expiry > now:
                 return
-            lost = f"{agent.name} stopped renewing its lease"
-            closed, revokes = [], []
-            for item in [self.items[item_id] for item_id in agent.leases.values()]:
-                self.metrics.expired[item.queue].inc()
-                revokes.append(
-                    (item, Revoke(item.lease_id, item.name, RevokeReason.EXPIRED, "lease expired"))
-                )
-                closed.append((item, self._close_attempt(item, FailureReason.AGENT_LOST, lost)))
-            self._spawn(self._record_closes(closed, then_send=revokes, retry=("expiry", key)))
+            self._spawn(self._expire(agent, retry=("expiry", key)))
             return
         due = self.items.get(key)
         if due is None or due.life.epoch != epoch or self._waits_for_close(due):
             return
+        if self._replicated and due.life.agent.removeprefix("agents/") not in self._sessions:
+            return  # the replica holding its agent's stream times it; its expiry, whoever sweeps
         self._on_item_deadline(kind, due)
+
+    def _expire(self, agent: Agent, retry: tuple[str, str] | None = None) -> Coroutine[Any, Any, None]:
+        """End every lease of an agent that stopped renewing them, at once; what it returns commits that."""
+        lost = f"{agent.name} stopped renewing its lease"
+        closed, revokes = [], []
+        for item in [self.items[item_id] for item_id in agent.leases.values()]:
+            self.metrics.expired[item.queue].inc()
+            revokes.append((item, Revoke(item.lease_id, item.name, RevokeReason.EXPIRED, "lease expired")))
+            closed.append((item, self._close_attempt(item, FailureReason.AGENT_LOST, lost)))
+        return self._record_closes(closed, then_send=revokes, retry=retry)
+
+    async def expire_agent(self, agent_id: str) -> None:
+        """Replicas: the agent's leases expired by the database's clock (its heartbeats renew them on
+        whichever replica holds its stream). Any replica's sweeper may end them: each close is a
+        conditional write, so two sweepers end an attempt once."""
+        await self._refresh_agent(agent_id)
+        agent = self._agent(agent_id)
+        if agent.lease_expiry is not None:
+            agent.lease_expiry = min(agent.lease_expiry, self._clock())  # no new work until it renews
+        if agent.leases:
+            await self._expire(agent)
+            return
+
+        async def forget(tx: QueueWrite) -> None:
+            await tx.forget_agent_lease(agent_id)
+
+        await self._store.write(forget)
 
     def _on_item_deadline(self, kind: str, item: Item) -> None:
         if kind == "eligible" and item.state is ItemState.PENDING:
@@ -1116,29 +1301,53 @@ class Dispatcher:
         if not closed:
             return
         now = self._clock()
+        # Each close moves its item's row on a revision, so that a replica that changed the item first
+        # (or ended the same attempt) wins and this close is not recorded.
+        fences = []
+        for item, close in closed:
+            life, revision = self._written(item)
+            fences.append((item, close, revision))
+            self._writing[item.id] = (life, revision + 1)
 
-        async def write(tx: QueueWrite) -> None:
-            await tx.insert_run_closes([close for _, close in closed], now)
+        async def write(tx: QueueWrite) -> set[str]:
+            stale = {item.id for item, _, revision in fences if not await tx.bump_revision(item.id, revision)}
+            await tx.insert_run_closes([close for item, close in closed if item.id not in stale], now)
+            return stale
+
+        def give_back(item: Item, close: RunClose) -> None:
+            if self._closing.get(item.id) is close:
+                del self._closing[item.id]
+                self._ended_leases.pop(item.lease_id, None)
+                self._hold(self._agent(item.life.agent.removeprefix("agents/")), item)
 
         try:
-            await self._store.write(write)
+            stale = await self._store.write(write)
         except BaseException:
             retry_at = self._clock() + self.timing.heartbeat_interval
-            for item, close in closed:
-                if self._closing.get(item.id) is close:
-                    del self._closing[item.id]
-                    self._ended_leases.pop(item.lease_id, None)
-                    self._hold(self._agent(item.life.agent.removeprefix("agents/")), item)
-                    if retry is not None:
-                        kind, key = retry
-                        self._deadlines.at(retry_at, kind, key, item.life.epoch)
+            for item, close, _ in fences:
+                self._writing.pop(item.id, None)
+                give_back(item, close)
+                if retry is not None:
+                    kind, key = retry
+                    self._deadlines.at(retry_at, kind, key, item.life.epoch)
             raise
+        for item, close, revision in fences:
+            if item.id in stale:
+                self._writing.pop(item.id, None)
+                give_back(item, close)
+                continue
+            if self._writing.get(item.id, (None, 0))[1] == revision + 1:
+                del self._writing[item.id]
+            item.revision = revision + 1
         for item, message in then_send:
-            self._send_to_holder(item, message)
+            if item.id not in stale:
+                self._send_to_holder(item, message)
         self.run_closer.wake()
         self.wake_revoker()
+        if stale:
+            await self.refresh(stale)
 
-    async def _run_closed(self, close: RunClose, end: RunEnd) -> None:
+    async def _run_closed(self, close: RunClose, end: RunEnd, tries: int = 1) -> None:
         """The registry closed the run, or had it closed already: the outbox row goes, and in the same
         transaction the attempt that waited for it ends. When the job had finished the run, the item
         SUCCEEDED ("completed while its agent was unreachable"); otherwise it ends as the reason says
@@ -1147,6 +1356,8 @@ class Dispatcher:
         async def forget(tx: QueueWrite) -> None:
             await tx.delete_run_close(close.id)
 
+        if self._replicated:
+            await self.refresh({close.item_id})  # another replica may have ended the attempt
         item = self.items.get(close.item_id)
         waiting = self._closing.get(close.item_id)
         if item is None or waiting is None or waiting.epoch != close.epoch or close.reason is None:
@@ -1159,7 +1370,13 @@ class Dispatcher:
             policy = self.queues[item.queue].retry_policy
             life = lifecycle.end_attempt(item.life, close.reason, now, policy, message=close.message)
         self._move(item, life)
-        await self._persist([item], also=forget)
+        try:
+            await self._persist([item], also=forget)
+        except ItemChanged:
+            if tries >= _TRIES_AGAINST_REPLICAS:
+                raise
+            await self._run_closed(close, end, tries + 1)  # on what another replica made of the item
+            return
         if self._closing.get(item.id) is waiting:
             del self._closing[item.id]
 
@@ -1187,7 +1404,10 @@ class Dispatcher:
         self._lines.pop(queue_name, None)
 
     def _send_to_holder(self, item: Item, message: Any) -> None:
-        session = self._sessions.get(item.life.agent.removeprefix("agents/"))
+        self._send_to_holder_of(item.life, message)
+
+    def _send_to_holder_of(self, life: ItemLife, message: Any) -> None:
+        session = self._sessions.get(life.agent.removeprefix("agents/"))
         if session is not None:
             session.send(message)
 
@@ -1210,33 +1430,53 @@ class Dispatcher:
         writes = []
         for item in items:
             item.update_time = now
-            known = self._writing.get(item.id) or item.committed
-            assert known is not None, "only committed items are in the index"
-            writes.append((item, item.life, len(known.history)))
-            self._writing[item.id] = item.life
+            known, revision = self._written(item)
+            writes.append((item, item.life, len(known.history), revision))
+            self._writing[item.id] = (item.life, revision + 1)
 
-        async def write(tx: QueueWrite) -> None:
-            for item, life, since in writes:
-                await tx.save_item(item.id, life, now, since)
-            if also is not None:
+        async def write(tx: QueueWrite) -> set[str]:
+            stale = set()
+            for item, life, since, revision in writes:
+                if not await tx.save_item(item.id, life, now, since, revision):
+                    stale.add(item.id)
+            if also is not None and not stale:
                 await also(tx)
+            return stale
 
         try:
-            await self._store.write(write)
+            stale = await self._store.write(write)
         except BaseException:
-            for item, _, _ in writes:
+            for item, *_ in writes:
                 self._roll_back(item)
             raise
-        for item, life, since in writes:
-            if self._writing.get(item.id) is life:
+        saved = []
+        for item, life, since, revision in writes:
+            if item.id in stale:
+                self._roll_back(item, retry=False)
+                continue
+            if self._writing.get(item.id, (None, 0))[0] is life:
                 del self._writing[item.id]
-            item.committed = life
+            item.committed, item.revision = life, revision + 1
             tracing.committed(item, life.history, since)
+            saved.append(item)
         self.wake_revoker()  # attempts that ended put their runs in the outbox of token revocations
         for item, message in then_send:
-            self._send_to_holder(item, message)
-        for item in items:
+            if item.id not in stale:
+                self._send_to_holder(item, message)
+        for item in saved:
             self._notify(item)
+        if stale:
+            await self.refresh(stale)
+            raise ItemChanged(stale)
+
+    def _written(self, item: Item) -> tuple[ItemLife, int]:
+        """The item's life as the store will have it once the writes handed to it are committed, and the
+        revision of its row then: what the next write builds on."""
+        writing = self._writing.get(item.id)
+        if writing is not None:
+            return writing
+        assert item.committed is not None, "only committed items are in the index"
+        return item.committed, item.revision
 
     def _notify(self, item: Item) -> None:
         for updates in self._watchers.get(item.id, ()):

@@ -167,6 +167,9 @@ class Item:
     update_time: datetime | None = None
     committed: ItemLife | None = None
     """The life as the store holds it (None until the item's first commit)."""
+    revision: int = 0
+    """How many times the store's row was written after its insert: every write is conditional on it, so
+    a replica writing from a stale copy changes nothing (docs/design.md §5 "Several queue replicas")."""
 
     @property
     def name(self) -> str:

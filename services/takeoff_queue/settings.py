@@ -33,6 +33,10 @@ class QueueSettings(ServerSettings):
     """On SQLite: FULL syncs the WAL at every (group) commit, so an item acknowledged survives power loss;
     NORMAL only at checkpoints (a process kill loses nothing either way). PostgreSQL syncs every commit."""
 
+    replicas: bool = False
+    """Several queue processes share one PostgreSQL database (``database_url``) and serve any call and any
+    agent: docs/design.md §5 "Several queue replicas". Refused on SQLite, which one process owns."""
+
     @field_validator("heartbeat_interval_seconds")
     @classmethod
     def _heartbeat_within_ttl(cls, seconds: float, info: ValidationInfo) -> float:

@@ -112,6 +112,18 @@ class ItemRow(SQLModel, table=True):
     secrets: list[dict[str, str]] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
     creator: str = ""
     cancelled_by: str = ""
+    revision: int = 0
+    """Bumped by every write of the item's state; each write names the revision it read (``save_item``)."""
+
+
+class AgentLeaseRow(SQLModel, table=True):
+    """When each agent's leases expire, by the database's clock: renewed by its heartbeats on whichever
+    replica holds its stream, and read by every replica's sweeper (queue replicas only)."""
+
+    __tablename__ = "queue_agents"
+
+    agent_id: str = Field(primary_key=True)
+    lease_expiry: datetime = Field(sa_column=Column(UtcDateTime, nullable=False, index=True))
 
 
 class TransitionRow(SQLModel, table=True):
@@ -175,10 +187,18 @@ items = ItemRow.__table__  # type: ignore[attr-defined]
 transitions = TransitionRow.__table__  # type: ignore[attr-defined]
 run_closes = RunCloseRow.__table__  # type: ignore[attr-defined]
 token_revocations = TokenRevocationRow.__table__  # type: ignore[attr-defined]
+agent_leases = AgentLeaseRow.__table__  # type: ignore[attr-defined]
 request_ids_rows = request_ids_table("queue_request_ids", SQLModel.metadata)
 request_ids = RequestIds(request_ids_rows)
 
 LIVE_OR_PENDING = [s.value for s in ItemState if not s.is_terminal]
+LIVE = [s.value for s in ItemState if s.is_live]
+ITEMS_CHANNEL = "takeoff_queue_items"
+"""NOTIFY channel of the items each commit wrote: ``{replica}:{id},{id},...``."""
+QUEUES_CHANNEL = "takeoff_queue_queues"
+"""NOTIFY channel of the queues each commit created, changed or deleted: ``{replica}:{name},...``."""
+_NOTIFY_BYTES = 7900
+"""PostgreSQL refuses a NOTIFY payload of 8,000 bytes or more."""
 ENDED = [s.value for s in ItemState if s.is_terminal]
 
 
@@ -205,9 +225,12 @@ class QueueWrite:
 
     def __init__(self, connection: AsyncConnection) -> None:
         self._connection = connection
+        self.items_written: set[str] = set()
+        self.queues_written: set[str] = set()
 
     async def insert_queue(self, queue: Queue) -> None:
         """The queue, and its project unless that was written to before."""
+        self.queues_written.add(queue.name)
         insert = postgresql.insert if self._connection.dialect.name == "postgresql" else sqlite.insert
         await self._connection.execute(
             insert(projects)
@@ -217,12 +240,14 @@ class QueueWrite:
         await self._connection.execute(queues.insert().values(**queue_values(queue)))
 
     async def update_queue(self, queue: Queue) -> None:
+        self.queues_written.add(queue.name)
         await self._connection.execute(
             queues.update().where(queues.c.name == queue.name).values(**queue_values(queue))
         )
 
     async def delete_queue(self, name: str) -> None:
         """The queue, its items and their transitions."""
+        self.queues_written.add(name)
         item_ids = sa.select(items.c.id).where(items.c.queue == name)
         await self._connection.execute(transitions.delete().where(transitions.c.item_id.in_(item_ids)))
         await self._connection.execute(items.delete().where(items.c.queue == name))
@@ -231,18 +256,75 @@ class QueueWrite:
     async def insert_item(self, item: Item) -> int:
         """A new item with its whole history; returns its enqueue sequence number."""
         result = await self._connection.execute(items.insert().values(**_item_values(item)))
+        self.items_written.add(item.id)
         await self._insert_transitions(item.id, item.life.history)
         seq = result.inserted_primary_key[0] if result.inserted_primary_key else None
         assert seq is not None
         return int(seq)
 
-    async def save_item(self, item_id: str, life: ItemLife, update_time: datetime, since: int) -> None:
-        """The item's state as ``life`` has it, and its transitions from index ``since`` on."""
-        await self._connection.execute(
-            items.update().where(items.c.id == item_id).values(**_item_state_values(life, update_time))
+    async def save_item(
+        self, item_id: str, life: ItemLife, update_time: datetime, since: int, revision: int
+    ) -> bool:
+        """The item's state as ``life`` has it, and its transitions from index ``since`` on, provided the
+        row is still at ``revision`` (it moves to the next). False, writing nothing, when another writer
+        (another replica) changed the item first."""
+        result = await self._connection.execute(
+            items.update()
+            .where(items.c.id == item_id, items.c.revision == revision)
+            .values(**_item_state_values(life, update_time), revision=revision + 1)
         )
+        if result.rowcount != 1:
+            return False
+        self.items_written.add(item_id)
         await self._insert_transitions(item_id, life.history[since:])
         await self.insert_token_revocations(ended_attempt_runs(life.history[since:]), update_time)
+        return True
+
+    async def bump_revision(self, item_id: str, revision: int) -> bool:
+        """Move the item's row from ``revision`` to the next without changing its state: a change kept
+        elsewhere (its attempt's run close) fenced like a write of the item. False when another writer
+        changed the item first."""
+        result = await self._connection.execute(
+            items.update()
+            .where(items.c.id == item_id, items.c.revision == revision)
+            .values(revision=revision + 1)
+        )
+        if result.rowcount != 1:
+            return False
+        self.items_written.add(item_id)
+        return True
+
+    async def renew_agent_leases(self, agent_ids: Sequence[str], ttl: timedelta) -> None:
+        """The agents' leases expire ``ttl`` from now by the database's clock (PostgreSQL only)."""
+        expiry = sa.func.now() + ttl
+        for agent_id in agent_ids:
+            insert = postgresql.insert(agent_leases).values(agent_id=agent_id, lease_expiry=expiry)
+            await self._connection.execute(
+                insert.on_conflict_do_update(index_elements=["agent_id"], set_={"lease_expiry": expiry})
+            )
+
+    async def extend_agent_leases(self, ttl: timedelta) -> None:
+        """Every agent's leases last at least ``ttl`` from now: a replica's start gives them the grace a
+        restart gives (docs/design.md §5)."""
+        await self._connection.execute(
+            agent_leases.update().values(
+                lease_expiry=sa.func.greatest(agent_leases.c.lease_expiry, sa.func.now() + ttl)
+            )
+        )
+
+    async def forget_agent_lease(self, agent_id: str) -> None:
+        """The agent's expiry has been dealt with (it holds no lease): its row goes, unless renewed since."""
+        await self._connection.execute(
+            agent_leases.delete().where(
+                agent_leases.c.agent_id == agent_id, agent_leases.c.lease_expiry < sa.func.now()
+            )
+        )
+
+    async def announce(self, replica: str) -> None:
+        """Tell the other replicas, at this transaction's commit, which items and queues it wrote."""
+        for channel, names in ((ITEMS_CHANNEL, self.items_written), (QUEUES_CHANNEL, self.queues_written)):
+            for payload in _payloads(replica, sorted(names)):
+                await self._connection.execute(sa.select(sa.func.pg_notify(channel, payload)))
 
     async def delete_ended_items(self, ended_before: datetime, keep: int, limit: int) -> int:
         """Up to ``limit`` ended items, with their history: those that ended before ``ended_before`` and,
@@ -407,15 +489,22 @@ class QueueStore:
     """The queue service's persistence in domain terms. Writes go through group commit: many changes
     share one transaction, and nobody hears of a change before it is committed."""
 
-    def __init__(self, database: Database) -> None:
+    def __init__(self, database: Database, *, replica: str = "") -> None:
         self._database = database
         self._committer = GroupCommitter(database.engine)
+        self.replica = replica
+        """This replica's name when several share the database (PostgreSQL): every write is announced
+        to the others (NOTIFY); "" for a queue that owns its database."""
 
     async def write(self, changes: Callable[[QueueWrite], Awaitable[T]]) -> T:
         """Run ``changes`` in a transaction (shared with other writers) and return once it is committed."""
 
         async def work(connection: AsyncConnection) -> T:
-            return await changes(QueueWrite(connection))
+            tx = QueueWrite(connection)
+            result = await changes(tx)
+            if self.replica:
+                await tx.announce(self.replica)
+            return result
 
         return await self._committer.commit(work)
 
@@ -514,12 +603,14 @@ class QueueStore:
         id_prefix: str | None = None,
         before_seq: int | None = None,
         limit: int | None = None,
+        agent: str | None = None,
     ) -> list[Item]:
         """Items newest first, each with its history."""
         async with self._database.engine.connect() as connection:
             rows = await _fetch_items(
                 connection,
                 item_ids=item_ids,
+                agent=agent,
                 queue=queue,
                 project=project,
                 states=[state.value for state in states],
@@ -529,6 +620,39 @@ class QueueStore:
                 limit=limit,
             )
         return [_item_from_row(row) for row in rows]
+
+    async def run_closes_of(self, item_ids: Sequence[str]) -> list[RunClose]:
+        """The outbox rows of these items' attempts."""
+        async with self._database.engine.connect() as connection:
+            rows = await connection.execute(sa.select(run_closes).where(run_closes.c.item_id.in_(item_ids)))
+            return [_run_close_from_row(dict(row)) for row in rows.mappings()]
+
+    async def revisions(self) -> dict[str, int]:
+        """Every item not yet ended, by id, with the revision of its row."""
+        async with self._database.engine.connect() as connection:
+            rows = await connection.execute(
+                sa.select(items.c.id, items.c.revision).where(items.c.state.in_(LIVE_OR_PENDING))
+            )
+            return dict(rows.tuples().all())
+
+    async def queues(self) -> list[Queue]:
+        async with self._database.engine.connect() as connection:
+            rows = await connection.execute(sa.select(queues))
+            return [_queue_from_row(dict(row)) for row in rows.mappings()]
+
+    async def queue(self, name: str) -> Queue | None:
+        async with self._database.engine.connect() as connection:
+            rows = await connection.execute(sa.select(queues).where(queues.c.name == name))
+            row = rows.mappings().first()
+            return _queue_from_row(dict(row)) if row is not None else None
+
+    async def expired_agents(self) -> list[str]:
+        """Agents whose leases expired by the database's clock (PostgreSQL only)."""
+        async with self._database.engine.connect() as connection:
+            rows = await connection.execute(
+                sa.select(agent_leases.c.agent_id).where(agent_leases.c.lease_expiry < sa.func.now())
+            )
+            return list(rows.scalars())
 
     async def count_items_by_state(self, queue: str) -> dict[ItemState, int]:
         async with self._database.engine.connect() as connection:
@@ -544,6 +668,7 @@ async def _fetch_items(
     connection: AsyncConnection,
     *,
     item_ids: Sequence[str] | None = None,
+    agent: str | None = None,
     queue: str | None = None,
     project: str | None = None,
     states: Sequence[str] = (),
@@ -560,6 +685,8 @@ async def _fetch_items(
     query = sa.select(items).order_by(items.c.seq.desc())
     if item_ids is not None:
         query = query.where(items.c.id.in_(item_ids))
+    if agent is not None:
+        query = query.where(items.c.agent == agent)
     if queue is not None:
         query = query.where(items.c.queue == queue)
     if project is not None:
@@ -596,6 +723,20 @@ async def _fetch_items(
                 {column.name: joined[f"transition_{column.name}"] for column in transitions.c}
             )
     return list(found.values())
+
+
+def _payloads(replica: str, names: Sequence[str]) -> list[str]:
+    """``{replica}:{name},{name},...`` messages, each under PostgreSQL's size limit."""
+    payloads, names_in, size = [], list[str](), len(replica) + 1
+    for name in names:
+        if names_in and size + len(name) + 1 > _NOTIFY_BYTES:
+            payloads.append(f"{replica}:{','.join(names_in)}")
+            names_in, size = [], len(replica) + 1
+        names_in.append(name)
+        size += len(name) + 1
+    if names_in:
+        payloads.append(f"{replica}:{','.join(names_in)}")
+    return payloads
 
 
 def queue_values(queue: Queue) -> dict[str, Any]:
@@ -782,4 +923,5 @@ def _item_from_row(row: dict[str, Any]) -> Item:
         seq=row["seq"],
         update_time=row["update_time"],
         committed=life,
+        revision=row["revision"],
     )

@@ -65,10 +65,10 @@ class StoreWrites:
             log._current.append(("insert", item.id, tuple(t.to_state for t in item.life.history)))
             return await insert_item(tx, item)
 
-        async def logged_save(tx: QueueWrite, item_id: str, life: ItemLife, *args: Any) -> None:
-            since = args[-1]
+        async def logged_save(tx: QueueWrite, item_id: str, life: ItemLife, *args: Any) -> bool:
+            since = args[1]
             log._current.append(("save", item_id, tuple(t.to_state for t in life.history[since:])))
-            await save_item(tx, item_id, life, *args)
+            return await save_item(tx, item_id, life, *args)
 
         monkeypatch.setattr(QueueStore, "write", logged_write)
         monkeypatch.setattr(QueueWrite, "insert_item", logged_insert)

@@ -574,6 +574,10 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """FAILED_PRECONDITION. AttachRun with `RESUME_MODE_MUST` for a run that resumes nothing (the first attempt,
     or a run outside a launch).
     """
+    ERROR_REASON_CONCURRENT_CHANGE: _ErrorReason.ValueType  # 70
+    """ABORTED. (Queue replicas) Other replicas changed the item again and again while this call tried to;
+    nothing was changed by it. Retry the call.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """Catalog of the google.rpc.ErrorInfo reasons the Takeoff services return, with the gRPC code each comes
@@ -755,6 +759,10 @@ ERROR_REASON_ARTIFACT_TYPE_MISMATCH: ErrorReason.ValueType  # 68
 ERROR_REASON_NOTHING_TO_RESUME: ErrorReason.ValueType  # 69
 """FAILED_PRECONDITION. AttachRun with `RESUME_MODE_MUST` for a run that resumes nothing (the first attempt,
 or a run outside a launch).
+"""
+ERROR_REASON_CONCURRENT_CHANGE: ErrorReason.ValueType  # 70
+"""ABORTED. (Queue replicas) Other replicas changed the item again and again while this call tried to;
+nothing was changed by it. Retry the call.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 

@@ -1,0 +1,152 @@
+"""Queue replicas (docs/design.md §5 "Several queue replicas"): what keeps one replica's index in step with
+the database that the others write to.
+
+Every commit NOTIFYs the items and queues it wrote, in its own transaction, so a notification arrives only
+for what is committed. Each replica LISTENs and reads those again. A LISTEN connection that drops loses the
+notifications sent meanwhile, so on every (re)connection, and every :data:`SCAN_INTERVAL`, the replica
+compares every unfinished item and every queue with the database. Its sweeper ends the leases of agents
+whose expiry passed by the database's clock, whichever replica they heartbeated to.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import uuid
+from collections.abc import Coroutine
+from datetime import timedelta
+from typing import Any
+
+import psycopg
+from sqlalchemy.engine import make_url
+
+from takeoff_queue.book import QueueBook
+from takeoff_queue.dispatcher import Dispatcher, LeaseTiming
+from takeoff_queue.store import ITEMS_CHANNEL, QUEUES_CHANNEL, QueueStore, QueueWrite
+
+logger = logging.getLogger(__name__)
+
+SCAN_INTERVAL = timedelta(seconds=60)
+"""How often a replica compares its index with the database, for notifications it never received."""
+_RECONNECT_DELAYS = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+
+
+def replica_name() -> str:
+    """This process's name among the replicas, as its notifications carry it (so it skips its own)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def listen_url(database_url: str) -> str:
+    """The libpq form of a ``postgresql://`` (or ``postgresql+psycopg://``) URL."""
+    return make_url(database_url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+class ReplicaSync:
+    def __init__(
+        self,
+        database_url: str,
+        store: QueueStore,
+        dispatcher: Dispatcher,
+        book: QueueBook,
+        timing: LeaseTiming,
+    ) -> None:
+        self._url = listen_url(database_url)
+        self._store = store
+        self._dispatcher = dispatcher
+        self._book = book
+        self._timing = timing
+        self._items: set[str] = set()
+        self._queues: set[str] = set()
+        self._work = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        """Give every agent's leases one TTL from now, as a restart of a single queue does (its agents may
+        be reconnecting to this replica), then follow the others."""
+        ttl = self._timing.ttl
+
+        async def extend(tx: QueueWrite) -> None:
+            await tx.extend_agent_leases(ttl)
+
+        await self._store.write(extend)
+        for work in (self._listen(), self._apply(), self._sweep(), self._scan()):
+            self._tasks.append(asyncio.create_task(work))
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _listen(self) -> None:
+        failures = 0
+        while True:
+            try:
+                async with await psycopg.AsyncConnection.connect(self._url, autocommit=True) as connection:
+                    await connection.execute(f"LISTEN {ITEMS_CHANNEL}")
+                    await connection.execute(f"LISTEN {QUEUES_CHANNEL}")
+                    failures = 0
+                    await self._resync()  # what was committed while nobody here listened
+                    async for notice in connection.notifies():
+                        self._noticed(notice.channel, notice.payload)
+            except (psycopg.Error, OSError) as error:
+                delay = _RECONNECT_DELAYS[min(failures, len(_RECONNECT_DELAYS) - 1)]
+                failures += 1
+                logger.warning("queue replica notifications lost (%s); listening again in %gs", error, delay)
+                await asyncio.sleep(delay)
+
+    def _noticed(self, channel: str, payload: str) -> None:
+        sender, _, names = payload.partition(":")
+        if sender == self._store.replica or not names:
+            return
+        (self._items if channel == ITEMS_CHANNEL else self._queues).update(names.split(","))
+        self._work.set()
+
+    async def _apply(self) -> None:
+        """Read again what the others wrote: queues first, since their new items name them."""
+        while True:
+            await self._work.wait()
+            self._work.clear()
+            queues, self._queues = self._queues, set()
+            items, self._items = self._items, set()
+            try:
+                for name in sorted(queues):
+                    await self._book.reload_queue(name)
+                await self._dispatcher.refresh(items)
+            except Exception:  # the database blinked: read them again shortly
+                logger.exception("reading what other queue replicas wrote failed; trying again")
+                self._queues |= queues
+                self._items |= items
+                await asyncio.sleep(_RECONNECT_DELAYS[-2])
+                self._work.set()
+
+    async def _sweep(self) -> None:
+        """End the leases of agents that stopped renewing them, by the database's clock."""
+        period = min(max(self._timing.ttl.total_seconds() / 6, 0.1), 5.0)
+        while True:
+            await asyncio.sleep(period)
+            await self._quietly("sweeping expired leases", self._sweep_once())
+
+    async def _sweep_once(self) -> None:
+        for agent_id in await self._store.expired_agents():
+            await self._dispatcher.expire_agent(agent_id)
+
+    async def _scan(self) -> None:
+        while True:
+            await asyncio.sleep(SCAN_INTERVAL.total_seconds())
+            await self._quietly("comparing the index with the database", self._resync())
+
+    async def _resync(self) -> None:
+        stored = {queue.name: queue for queue in await self._store.queues()}
+        for name in set(stored) | set(self._dispatcher.queues):
+            if stored.get(name) != self._dispatcher.queues.get(name):
+                await self._book.reload_queue(name)
+        await self._dispatcher.resync()
+
+    @staticmethod
+    async def _quietly(what: str, work: Coroutine[Any, Any, None]) -> None:
+        try:
+            await work
+        except Exception:  # the next round tries again
+            logger.exception("%s failed", what)
