@@ -12,6 +12,7 @@ from takeoff.v1 import build_pb2, build_pb2_grpc
 from takeoff_builder.access import RULES
 from takeoff_builder.api import BuildApi
 from takeoff_builder.builds import Builder, Redactor
+from takeoff_builder.flights import Flights
 from takeoff_builder.git_mirrors import GitMirrors
 from takeoff_builder.images import Images
 from takeoff_builder.metrics import BuilderMetrics
@@ -106,6 +107,9 @@ async def assemble(settings: BuilderSettings, resources: AsyncExitStack) -> Buil
     )
     metrics = BuilderMetrics()
     store = BuildStore(database)
+    shared = Flights(database.url) if store.shared else None
+    if shared is not None:
+        await shared.open()
     builder = Builder(
         store,
         registry,
@@ -126,6 +130,7 @@ async def assemble(settings: BuilderSettings, resources: AsyncExitStack) -> Buil
             ]
         ),
         metrics=metrics,
+        shared=shared,
     )
     await builder.recover()
     retention = BuilderRetention(

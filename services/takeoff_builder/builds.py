@@ -14,7 +14,7 @@ import dataclasses
 import logging
 import threading
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -22,6 +22,7 @@ from pathlib import Path
 
 from opentelemetry import trace
 
+from takeoff_builder.flights import Changes, FlightLock, Flights
 from takeoff_builder.images import BUILD_KEY_LABEL, Images
 from takeoff_builder.keys import BuildKeys, build_keys
 from takeoff_builder.locks import KeyedLocks
@@ -63,6 +64,9 @@ FlightKey = tuple[BuildKind, str, bool, bool]
 """kind, build key (the image reference for noop), push, no_cache: builds that would do the same."""
 
 
+_CARRIED_ON = "the builder that carried this build out stopped: carrying it on here"
+
+
 def utc_now() -> datetime:
     return datetime.now(UTC)
 
@@ -90,6 +94,12 @@ class BuildRun:
         self.done = False
         self.holds: frozenset[str] = frozenset()
         """The cache entries this build uses or makes (see ``Builder.held``)."""
+        self.carried_here = True
+        """False while another replica carries the build out and this one follows it from the database."""
+        self.changed = asyncio.Event()
+        """Set at every event and change of state, for ``progress``."""
+        self.progress: _Progress | None = None
+        """Stores the build's state and log as they change, where other replicas may follow it."""
         self._redact = redact
         self._clock = clock
         self._wakeup = asyncio.Event()
@@ -135,9 +145,25 @@ class BuildRun:
             self._emit(LogLine(line))
 
     def cache_checked(self, hit: bool, detail: str) -> None:
+        told = self.build.cache_detail is not None
         self.build.cache_hit = hit
         self.build.cache_detail = detail
-        self._emit(CacheChecked(hit, self.build.environment_key, self.build.build_key, detail))
+        if told:  # a build taken over from a replica that died: its stream told of the first look-up
+            self._add_log(f"cache: {detail}")
+        else:
+            self._emit(CacheChecked(hit, self.build.environment_key, self.build.build_key, detail))
+
+    def catch_up(self, stored: Build, lines: list[str]) -> None:
+        """Take in what the replica carrying the build out has stored since: its new log lines (numbered
+        from ``len(self.log_lines)``), its cache look-up and its state; its end, when it has ended."""
+        if stored.cache_detail is not None and self.build.cache_detail is None:
+            self.cache_checked(stored.cache_hit, stored.cache_detail)
+        for line in lines:
+            self._add_log(line)
+        build = self.build
+        build.state, build.start_time = stored.state, stored.start_time
+        if stored.state.is_terminal:
+            build.result, build.failure, build.end_time = stored.result, stored.failure, stored.end_time
 
     def end(self, outcome: BuildResult | BuildFailure) -> None:
         """Set the final state; ``publish_end`` tells the followers once it is stored."""
@@ -159,6 +185,7 @@ class BuildRun:
 
     def _emit(self, body: EventBody) -> None:
         self.events.append(BuildEvent(self._clock(), body))
+        self.changed.set()
         self._wakeup.set()
         self._wakeup = asyncio.Event()
 
@@ -175,6 +202,42 @@ class BuildRun:
             if self.done:
                 return
             await wakeup.wait()
+
+
+class _Progress:
+    """Stores a build's state and new log lines whenever they change, each batch with a notification, so
+    that replicas following the build from the database see it as it happens. Whatever changes while one
+    batch is written goes into the next."""
+
+    def __init__(self, store: BuildStore, run: BuildRun) -> None:
+        self._store = store
+        self._run = run
+        self._stored = len(run.log_lines)
+        self._closing = False
+        self._task = asyncio.create_task(self._store_changes())
+
+    async def _store_changes(self) -> None:
+        while True:
+            await self._run.changed.wait()
+            self._run.changed.clear()
+            if self._closing:
+                return
+            try:
+                await self._write()
+            except Exception:  # the next change, or the end, writes it again
+                logger.exception("could not store the progress of %s", self._run.build.name)
+
+    async def _write(self) -> None:
+        lines = self._run.log_lines[self._stored :]
+        await self._store.update(self._run.build, log_lines=lines, first_line=self._stored, notify=True)
+        self._stored += len(lines)
+
+    async def close(self) -> None:
+        """Store what is left (the end, once the build has ended) after the batch being written."""
+        self._closing = True
+        self._run.changed.set()
+        await self._task
+        await self._write()
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,6 +260,7 @@ class Builder:
         push_registry: str | None,
         redact: Redactor,
         metrics: BuilderMetrics | None = None,
+        shared: Flights | None = None,
         clock: Clock = utc_now,
     ) -> None:
         self._store = store
@@ -213,8 +277,10 @@ class Builder:
         self._flights: dict[FlightKey, BuildRun] = {}
         self._running: dict[str, BuildRun] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._shared = shared
+        """Flight locks, where replicas share the database (PostgreSQL)."""
         self.metrics = metrics or BuilderMetrics()
-        self.metrics.watch(lambda: [run.build for run in self._running.values()])
+        self.metrics.watch(lambda: [run.build for run in self._running.values() if run.carried_here])
 
     async def recover(self) -> None:
         """Fail the builds a previous process did not finish: their callers are gone, nothing was cached."""
@@ -242,7 +308,9 @@ class Builder:
         if request.request_id and (
             earlier := await self._store.replay(BUILD_SCOPE, request.request_id, fingerprint)
         ):
-            return await self._rejoin(earlier)
+            if (rejoined := await self._rejoin(earlier)) is not None:
+                return rejoined
+            request = _remembered(request)
         span = tracer.start_span("build", attributes={"takeoff.job_version": request.job_version})
         try:
             with trace.use_span(span, record_exception=True, set_status_on_exception=True):
@@ -273,39 +341,120 @@ class Builder:
             if request.request_id and (
                 earlier := await self._store.replay(BUILD_SCOPE, request.request_id, fingerprint)
             ):
-                return await self._rejoin(earlier)
+                if (rejoined := await self._rejoin(earlier)) is not None:
+                    return rejoined
+                request = _remembered(request)
             if (under_way := self._flights.get(flight)) is not None:
-                if request.request_id:
-                    await self._store.remember(
-                        BUILD_SCOPE, request.request_id, fingerprint, under_way.build.id
-                    )
+                await self._remember(request, fingerprint, under_way.build.id)
                 return Started(under_way, joined=True)
-            build = Build(
-                id=uuid.uuid4().hex,
-                job_version=spec.version_name,
-                kind=request.kind,
-                options=request.options,
-                create_time=self._clock(),
-                run=request.run,
-                environment_key=keys.environment if keys else "",
-                build_key=keys.build if keys else "",
-            )
-            await self._store.insert(build, request_id=request.request_id, fingerprint=fingerprint)
-            run = BuildRun(build, redact=self._redact, clock=self._clock)
-            run.holds = frozenset(
-                {build.environment_key, spec.source_digest}
-                if request.kind is BuildKind.VENV
-                else {self._images.tag(spec, build.build_key), spec.source_digest}
-                if request.kind is BuildKind.IMAGE
-                else set()
-            )
-            self._flights[flight] = run
-            self._running[build.id] = run
-        self.metrics.started.labels(build.kind.value).inc()
-        task = asyncio.create_task(self._carry_out(run, spec, flight, span), name=f"build {build.id}")
+            if self._shared is not None:
+                return await self._start_shared(request, fingerprint, spec, keys, flight=flight, span=span)
+            run = await self._new_run(request, fingerprint, spec, keys)
+            self._launch(run, flight, self._carry_out(run, spec, flight, span))
+        return Started(run, joined=False)
+
+    async def _start_shared(
+        self,
+        request: BuildRequest,
+        fingerprint: str,
+        spec: JobSpec,
+        keys: BuildKeys | None,
+        *,
+        flight: FlightKey,
+        span: trace.Span,
+    ) -> Started:
+        """Carry the flight out here, follow it from the database while another replica carries it out,
+        or carry on the one whose holder died (docs/design.md §6, "Cache layout and single flight")."""
+        assert self._shared is not None
+        lock = await self._shared.lock(self._shared.key(flight))
+        changes: Changes | None = None
+        try:
+            async with lock.starting(self._shared.start_key(flight)):
+                holder = await lock.try_take()
+                under_way = await self._store.unfinished(lock.key)
+                if not holder and under_way is None:
+                    await lock.take()  # its holder has just ended it and lets go in a moment
+                    holder = True
+                if under_way is None:
+                    run = await self._new_run(request, fingerprint, spec, keys, flight_lock=lock.key)
+                else:
+                    await self._remember(request, fingerprint, under_way.id)
+                    if not holder:  # listening first, so that no change after the read goes unnoticed
+                        changes = await self._shared.changes(under_way.id)
+                    run = await self._follower(under_way, spec)
+        except BaseException:
+            if changes is not None:
+                await changes.close()
+            await lock.release()
+            raise
+        if under_way is None:
+            self._launch(run, flight, self._carry_out(run, spec, flight, span, lock))
+            return Started(run, joined=False)
+        # The call's own span ends when it joins; the following and carrying on are a span of their own.
+        context = trace.set_span_in_context(span)
+        if changes is None:
+            run.carried_here = True
+            run.log(_CARRIED_ON)
+            carry_on = tracer.start_span("build.carry_on", context=context)
+            self._launch(run, flight, self._carry_out(run, spec, flight, carry_on, lock))
+        else:
+            follow = tracer.start_span("build.follow", context=context)
+            self._launch(run, flight, self._follow(run, spec, flight, follow, lock=lock, changes=changes))
+        return Started(run, joined=True)
+
+    async def _remember(self, request: BuildRequest, fingerprint: str, build_id: str) -> None:
+        if request.request_id:
+            await self._store.remember(BUILD_SCOPE, request.request_id, fingerprint, build_id)
+
+    async def _new_run(
+        self,
+        request: BuildRequest,
+        fingerprint: str,
+        spec: JobSpec,
+        keys: BuildKeys | None,
+        *,
+        flight_lock: int = 0,
+    ) -> BuildRun:
+        build = Build(
+            id=uuid.uuid4().hex,
+            job_version=spec.version_name,
+            kind=request.kind,
+            options=request.options,
+            create_time=self._clock(),
+            run=request.run,
+            environment_key=keys.environment if keys else "",
+            build_key=keys.build if keys else "",
+        )
+        await self._store.insert(
+            build, request_id=request.request_id, fingerprint=fingerprint, flight_lock=flight_lock
+        )
+        return self._prepared(BuildRun(build, redact=self._redact, clock=self._clock), spec)
+
+    async def _follower(self, build: Build, spec: JobSpec) -> BuildRun:
+        """A run of ``build``, under way or left unfinished elsewhere, with what it has stored so far."""
+        fresh = dataclasses.replace(build, cache_hit=False, cache_detail=None, log_line_count=0)
+        run = BuildRun(fresh, redact=self._redact, clock=self._clock)
+        run.carried_here = False
+        run.catch_up(build, await self._store.log_lines(build.id))
+        return self._prepared(run, spec)
+
+    def _prepared(self, run: BuildRun, spec: JobSpec) -> BuildRun:
+        build = run.build
+        run.holds = frozenset(
+            {build.environment_key, spec.source_digest}
+            if build.kind is BuildKind.VENV
+            else {self._images.tag(spec, build.build_key), spec.source_digest}
+            if build.kind is BuildKind.IMAGE
+            else set()
+        )
+        return run
+
+    def _launch(self, run: BuildRun, flight: FlightKey, work: Coroutine[None, None, None]) -> None:
+        self._flights[flight] = run
+        self._running[run.build.id] = run
+        task = asyncio.create_task(work, name=f"build {run.build.id}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        return Started(run, joined=False)
 
     async def get(self, build_id: str, *, include_log: bool) -> tuple[Build, list[str]]:
         if (run := self._running.get(build_id)) is not None:
@@ -324,12 +473,16 @@ class Builder:
             for build, cursor in builds
         ], more
 
-    async def _rejoin(self, build_id: str) -> Started:
+    async def _rejoin(self, build_id: str) -> Started | None:
+        """The build a retried request started, or None when another replica carries it out (or did, and
+        died): then the request goes the way of its flight, which leads to that build."""
         if (run := self._running.get(build_id)) is not None:
             return Started(run, joined=True)
         build = await self._store.get(build_id)
         if build is None:
             raise _build_not_found(build_id)
+        if self._shared is not None and not build.state.is_terminal:
+            return None
         lines = await self._store.log_lines(build_id)
         return Started(BuildRun.replay(build, lines, redact=self._redact, clock=self._clock), joined=True)
 
@@ -366,11 +519,75 @@ class Builder:
             )
         return build_keys(spec, kind, base_image="", sdk_wheel="")
 
-    async def _carry_out(self, run: BuildRun, spec: JobSpec, flight: FlightKey, span: trace.Span) -> None:
+    async def _carry_out(
+        self,
+        run: BuildRun,
+        spec: JobSpec,
+        flight: FlightKey,
+        span: trace.Span,
+        lock: FlightLock | None = None,
+    ) -> None:
         with trace.use_span(span, end_on_exit=True):
-            await self._carry_out_in(run, spec, flight, span)
+            await self._carry_out_in(run, spec, flight, span, lock)
 
-    async def _carry_out_in(self, run: BuildRun, spec: JobSpec, flight: FlightKey, span: trace.Span) -> None:
+    async def _follow(
+        self,
+        run: BuildRun,
+        spec: JobSpec,
+        flight: FlightKey,
+        span: trace.Span,
+        *,
+        lock: FlightLock,
+        changes: Changes,
+    ) -> None:
+        """Follow a build another replica carries out: its stored progress as it is notified, until it
+        ends or the lock is granted here, which means its holder ended it or died; carry it on then."""
+        with trace.use_span(span, end_on_exit=True):
+            granted = asyncio.create_task(lock.take())
+            try:
+                try:
+                    while not run.build.state.is_terminal and not granted.done():
+                        changed = asyncio.create_task(changes.changed.wait())
+                        await asyncio.wait({granted, changed}, return_when=asyncio.FIRST_COMPLETED)
+                        changed.cancel()
+                        changes.changed.clear()
+                        await self._catch_up(run)
+                    if not run.build.state.is_terminal:
+                        await granted
+                        await self._catch_up(run)
+                finally:
+                    granted.cancel()
+                    await asyncio.gather(granted, return_exceptions=True)
+                    await changes.close()
+            except asyncio.CancelledError:
+                await self._abandon(run, flight, lock)
+                raise
+            except Exception:
+                logger.exception("could not follow %s", run.build.name)
+                run.end(
+                    run.failure(FailureReason.BUILD_INFRA, "the builder lost track of the build; see its log")
+                )
+                await self._abandon(run, flight, lock)
+                return
+            if run.build.state.is_terminal:
+                await lock.release()
+                self._finish(run, flight)
+                return
+            run.carried_here = True
+            run.log(_CARRIED_ON)
+            await self._carry_out_in(run, spec, flight, span, lock)
+
+    async def _catch_up(self, run: BuildRun) -> None:
+        stored = await self._store.get(run.build.id)
+        if stored is None:  # pruned, which only ended builds are
+            raise LookupError(f"{run.build.name} is gone from the database")
+        run.catch_up(stored, await self._store.log_lines(run.build.id, first_line=len(run.log_lines)))
+
+    async def _carry_out_in(
+        self, run: BuildRun, spec: JobSpec, flight: FlightKey, span: trace.Span, lock: FlightLock | None
+    ) -> None:
+        self.metrics.started.labels(run.build.kind.value).inc()
+        progress = run.progress = _Progress(self._store, run) if lock is not None else None
         cancelled = False
         try:
             match run.build.kind:
@@ -388,21 +605,45 @@ class Builder:
         except Exception:
             logger.exception("%s failed unexpectedly", run.build.name)
             outcome = run.failure(FailureReason.BUILD_INFRA, "the builder failed unexpectedly; see its log")
+        if cancelled and lock is not None and progress is not None:
+            # Stopping hands the build over rather than failing it: what it logged is stored, and the lock
+            # goes to a replica that follows it (or to whoever asks for it next).
+            try:
+                await progress.close()
+            finally:
+                run.end(outcome)
+                await self._abandon(run, flight, lock)
+            raise asyncio.CancelledError
         run.end(outcome)
         span.set_attribute("takeoff.cache_hit", run.build.cache_hit)
         if isinstance(outcome, BuildFailure):
             span.set_status(trace.StatusCode.ERROR, outcome.reason.value)
         self.metrics.build_finished(run.build)
         try:
-            await self._store.update(run.build, log_lines=run.log_lines)
+            if progress is not None:
+                await progress.close()
+            else:
+                await self._store.update(run.build, log_lines=run.log_lines)
         except Exception:
             logger.exception("could not record the end of %s", run.build.name)
         finally:
-            run.publish_end()
-            del self._flights[flight]
-            del self._running[run.build.id]
+            if lock is not None:
+                await lock.release()
+            self._finish(run, flight)
         if cancelled:
             raise asyncio.CancelledError
+
+    async def _abandon(self, run: BuildRun, flight: FlightKey, lock: FlightLock) -> None:
+        """End the build for this replica's callers only: the row is left as it is for another replica."""
+        await lock.release()
+        if not run.build.state.is_terminal:
+            run.end(run.failure(FailureReason.BUILD_INFRA, "the builder stopped before the build finished"))
+        self._finish(run, flight)
+
+    def _finish(self, run: BuildRun, flight: FlightKey) -> None:
+        run.publish_end()
+        del self._flights[flight]
+        del self._running[run.build.id]
 
     def image_lock(self, tag: str) -> AbstractAsyncContextManager[None]:
         """What an image build of ``tag`` holds while it looks for the image and makes it."""
@@ -419,7 +660,10 @@ class Builder:
         async with self._slots:
             run.build.state = BuildState.RUNNING
             run.build.start_time = self._clock()
-            await self._store.update(run.build)
+            if run.progress is not None:
+                run.changed.set()
+            else:
+                await self._store.update(run.build)
             yield
 
     async def _build_venv(self, run: BuildRun, spec: JobSpec) -> BuildResult:
@@ -508,6 +752,11 @@ class Builder:
             raise BuildFailed(f"the image {reference} does not exist locally or in its registry")
         run.log(f"found {reference} " + ("in the local engine" if found.image_id else "in its registry"))
         return BuildResult(image=reference, image_id=found.image_id, image_digest=found.digest)
+
+
+def _remembered(request: BuildRequest) -> BuildRequest:
+    """``request`` without its request id, which is already recorded with the build it leads to."""
+    return dataclasses.replace(request, request_id="")
 
 
 def _hit_or_miss(found: Path | None) -> str:

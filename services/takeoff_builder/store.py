@@ -33,6 +33,7 @@ from takeoff_server.sqltypes import UtcDateTime
 
 class BuildRow(SQLModel, table=True):
     __tablename__ = "builder_builds"
+    __table_args__ = (sa.Index("ix_builder_builds_flight_lock_state", "flight_lock", "state"),)
 
     seq: int | None = Field(default=None, primary_key=True)
     """Creation order: lists are newest first by it."""
@@ -56,6 +57,8 @@ class BuildRow(SQLModel, table=True):
     create_time: datetime = Field(sa_column=Column(UtcDateTime, nullable=False))
     start_time: datetime | None = Field(default=None, sa_column=Column(UtcDateTime))
     end_time: datetime | None = Field(default=None, sa_column=Column(UtcDateTime))
+    flight_lock: int = Field(default=0, sa_column=Column(sa.BigInteger, nullable=False, server_default="0"))
+    """The advisory lock the replica carrying out the build holds (PostgreSQL; see ``flights``)."""
 
 
 class BuildLogRow(SQLModel, table=True):
@@ -71,7 +74,13 @@ build_logs = BuildLogRow.__table__  # type: ignore[attr-defined]
 request_id_records = request_ids_table("builder_request_ids", SQLModel.metadata)
 request_ids = RequestIds(request_id_records)
 BUILD_SCOPE = "Build"
+_UNFINISHED = [BuildState.QUEUED.value, BuildState.RUNNING.value]
 """Request ids of BuildService.Build, as the other services scope theirs by method."""
+
+
+def build_channel(build_id: str) -> str:
+    """The PostgreSQL notification channel that tells of changes to one build (its ids are hex)."""
+    return f"builder_build_{build_id}"
 
 
 def _state_values(build: Build) -> dict[str, Any]:
@@ -136,7 +145,14 @@ class BuildStore:
             )
             await session.commit()
 
-    async def insert(self, build: Build, *, request_id: str = "", fingerprint: str = "") -> None:
+    @property
+    def shared(self) -> bool:
+        """Whether replicas may share this database (PostgreSQL), so builds take flight locks."""
+        return self._database.engine.dialect.name == "postgresql"
+
+    async def insert(
+        self, build: Build, *, request_id: str = "", fingerprint: str = "", flight_lock: int = 0
+    ) -> None:
         """Store a new build and, in the same transaction, the ``request_id`` that started it."""
         async with self._database.session() as session:
             await session.exec(
@@ -149,6 +165,7 @@ class BuildStore:
                     no_cache=build.options.no_cache,
                     run=build.run,
                     create_time=build.create_time,
+                    flight_lock=flight_lock,
                     **_state_values(build),
                 )
             )
@@ -162,32 +179,47 @@ class BuildStore:
                 )
             await session.commit()
 
-    async def update(self, build: Build, *, log_lines: Sequence[str] = ()) -> None:
-        """Save the build's state; ``log_lines`` (its whole log) when it has ended."""
+    async def update(
+        self, build: Build, *, log_lines: Sequence[str] = (), first_line: int = 0, notify: bool = False
+    ) -> None:
+        """Save the build's state and ``log_lines``, numbered from ``first_line`` (the lines stored
+        before); with ``notify``, tell the replicas following the build once it is committed."""
+        values = _state_values(build)
+        if notify:
+            values["log_line_count"] = first_line + len(log_lines)  # what a follower can read
         async with self._database.session() as session:
-            await session.exec(
-                sa.update(builds).where(builds.c.id == build.id).values(**_state_values(build))
-            )
+            await session.exec(sa.update(builds).where(builds.c.id == build.id).values(**values))
             if log_lines:
                 await session.exec(
                     sa.insert(build_logs),
                     params=[
                         {"build_id": build.id, "line": number, "text": text}
-                        for number, text in enumerate(log_lines)
+                        for number, text in enumerate(log_lines, start=first_line)
                     ],
                 )
+            if notify:
+                await session.exec(select(sa.func.pg_notify(build_channel(build.id), "")))
             await session.commit()
+
+    async def unfinished(self, flight_lock: int) -> Build | None:
+        """The build of this flight that is QUEUED or RUNNING (its holder's or a dead holder's)."""
+        statement = select(BuildRow).where(
+            BuildRow.flight_lock == flight_lock, col(BuildRow.state).in_(_UNFINISHED)
+        )
+        async with self._database.session() as session:
+            row = (await session.exec(statement.order_by(col(BuildRow.seq).desc()))).first()
+        return _build_from_row(row) if row is not None else None
 
     async def get(self, build_id: str) -> Build | None:
         async with self._database.session() as session:
             row = (await session.exec(select(BuildRow).where(BuildRow.id == build_id))).first()
         return _build_from_row(row) if row is not None else None
 
-    async def log_lines(self, build_id: str) -> list[str]:
+    async def log_lines(self, build_id: str, *, first_line: int = 0) -> list[str]:
         async with self._database.session() as session:
             rows = await session.exec(
                 select(BuildLogRow.text)
-                .where(BuildLogRow.build_id == build_id)
+                .where(BuildLogRow.build_id == build_id, BuildLogRow.line >= first_line)
                 .order_by(col(BuildLogRow.line))
             )
             return list(rows)
@@ -243,11 +275,20 @@ class BuildStore:
             return pruned_builds, forgotten
 
     async def fail_unfinished(self, failure: BuildFailure, now: datetime) -> int:
-        """End the builds a previous process left QUEUED or RUNNING; returns how many there were."""
+        """End the builds a stopped process left QUEUED or RUNNING; returns how many there were.
+
+        On PostgreSQL only those nobody holds: a replica carrying out a build holds its flight lock, and
+        a replica waiting to take a dead holder's build over is queued for it, so the transaction-scoped
+        try fails for both and their builds are left alone."""
+        unfinished = builds.c.state.in_(_UNFINISHED)
+        if self.shared:  # CASE: lock only the unfinished builds' flights, whatever order the planner picks
+            unfinished = sa.case(
+                (unfinished, sa.func.pg_try_advisory_xact_lock(builds.c.flight_lock)), else_=False
+            )
         async with self._database.session() as session:
             result = await session.exec(
                 sa.update(builds)
-                .where(builds.c.state.in_([BuildState.QUEUED.value, BuildState.RUNNING.value]))
+                .where(unfinished)
                 .values(
                     state=BuildState.FAILED.value,
                     failure_reason=failure.reason.value,

@@ -1,0 +1,114 @@
+"""Single flight across builder replicas that share a PostgreSQL database: advisory locks and notifications.
+
+A build is carried out by the replica holding its flight's session-level advisory lock, taken on a
+connection of its own that lives as long as the build: the lock goes when that connection goes, so a
+replica's death frees its builds at once (the server ends the session when the socket closes). A replica
+asked for a flight that another holds follows that build from the database: it LISTENs for the holder's
+notifications (sent with each batch of log lines it stores) and queues for the lock, which it is granted
+when the holder ends the build or dies. Whoever is granted the lock over an unfinished build carries it on.
+
+Lock keys are 64-bit hashes of the flight and the database's schema, so that deployments sharing one
+server in different schemas never wait on each other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import AsyncIterator, Hashable
+from contextlib import asynccontextmanager
+
+import psycopg
+from sqlalchemy.engine import make_url
+
+from takeoff_builder.store import build_channel
+
+
+def lock_key(*parts: object) -> int:
+    """A signed 64-bit advisory lock key for ``parts``."""
+    text = "\0".join(str(part) for part in parts)
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], signed=True)
+
+
+class FlightLock:
+    """A connection of its own that holds, or queues for, one flight's lock; closing it frees the lock."""
+
+    def __init__(self, connection: psycopg.AsyncConnection[tuple[object, ...]], key: int) -> None:
+        self.key = key
+        self._connection = connection
+
+    async def try_take(self) -> bool:
+        cursor = await self._connection.execute("SELECT pg_try_advisory_lock(%s)", (self.key,))
+        row = await cursor.fetchone()
+        return bool(row and row[0])
+
+    async def take(self) -> None:
+        """Wait for the lock: granted when its holder releases it or dies (cancelling stops the wait)."""
+        await self._connection.execute("SELECT pg_advisory_lock(%s)", (self.key,))
+
+    @asynccontextmanager
+    async def starting(self, key: int) -> AsyncIterator[None]:
+        """Hold ``key`` (the flight's start lock) while deciding to build, follow or take over, so that a
+        replica never looks for the build of a flight between another's taking the lock and storing it."""
+        await self._connection.execute("SELECT pg_advisory_lock(%s)", (key,))
+        try:
+            yield
+        finally:
+            if not self._connection.closed:
+                await self._connection.execute("SELECT pg_advisory_unlock(%s)", (key,))
+
+    async def release(self) -> None:
+        await self._connection.close()
+
+
+class Changes:
+    """Notifications that one build changed (``BuildStore.update(notify=True)``), as an event."""
+
+    def __init__(self, connection: psycopg.AsyncConnection[tuple[object, ...]]) -> None:
+        self._connection = connection
+        self.changed = asyncio.Event()
+        self._task = asyncio.create_task(self._receive())
+
+    async def _receive(self) -> None:
+        async for _ in self._connection.notifies():
+            self.changed.set()
+
+    async def close(self) -> None:
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+        await self._connection.close()
+
+
+class Flights:
+    """Opens the connections that flight locks and change notifications live on."""
+
+    def __init__(self, database_url: str) -> None:
+        self._conninfo = (
+            make_url(database_url).set(drivername="postgresql").render_as_string(hide_password=False)
+        )
+        self._namespace = ""
+
+    async def open(self) -> None:
+        async with await psycopg.AsyncConnection.connect(self._conninfo, autocommit=True) as connection:
+            cursor = await connection.execute("SELECT current_database(), current_schema()")
+            row = await cursor.fetchone()
+        self._namespace = f"{row[0]}.{row[1]}" if row else ""
+
+    def key(self, flight: Hashable) -> int:
+        return lock_key("builder flight", self._namespace, flight)
+
+    def start_key(self, flight: Hashable) -> int:
+        return lock_key("builder flight start", self._namespace, flight)
+
+    async def lock(self, key: int) -> FlightLock:
+        return FlightLock(await psycopg.AsyncConnection.connect(self._conninfo, autocommit=True), key)
+
+    async def changes(self, build_id: str) -> Changes:
+        """Start listening for changes to ``build_id``: read its state after this returns."""
+        connection = await psycopg.AsyncConnection.connect(self._conninfo, autocommit=True)
+        try:
+            await connection.execute(f'LISTEN "{build_channel(build_id)}"')
+        except BaseException:
+            await connection.close()
+            raise
+        return Changes(connection)

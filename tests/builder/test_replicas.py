@@ -1,0 +1,336 @@
+"""Builder replicas sharing one PostgreSQL database and one builds directory: a flight is carried out once,
+followed live from the other replica, and carried on there when its holder dies.
+
+Builds are held where the test wants them by a package index of its own: pip's request for the package's
+page, then for its wheel, waits until the test lets it go, and every request is counted (one page request
+per pip run).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hashlib
+import http.server
+import io
+import threading
+import uuid
+import zipfile
+from collections.abc import Iterator
+from contextlib import AbstractAsyncContextManager
+from pathlib import Path
+
+import grpc
+import pytest
+
+import takeoff
+from takeoff.v1 import build_pb2, build_pb2_grpc
+from takeoff_builder.model import BuildQuery, BuildState
+from takeoff_builder.store import BuildStore
+from takeoff_rpc.channels import open_aio_channel
+from takeoff_server.database import Database
+from takeoff_server.pagination import PageRequest
+from tests.builder.conftest import (
+    BUILD_DEADLINE_SECONDS,
+    TRAIN_PY,
+    VENV,
+    Builder,
+    Outcome,
+    create_job,
+    running_builder,
+)
+from tests.keys import ADMIN_KEY
+from tests.postgres import postgres_schema_url
+from tests.processes import ServiceProcess, service_process
+
+pytestmark = pytest.mark.postgres
+
+CARRIED_ON = "the builder that carried this build out stopped: carrying it on here"
+GATE_SECONDS = 60
+"""How long the index holds a request at most: a test that never lets go fails instead of hanging."""
+
+
+def _wheel(distribution: str) -> tuple[str, bytes]:
+    """A minimal pure-Python wheel of ``distribution`` 1.0: its file name and bytes."""
+    module = distribution.replace("-", "_")
+    info = f"{module}-1.0.dist-info"
+    files = {
+        f"{module}/__init__.py": b"",
+        f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {distribution}\nVersion: 1.0\n".encode(),
+        f"{info}/WHEEL": b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    record = "".join(
+        f"{name},sha256={base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b'=').decode()},"
+        f"{len(data)}\n"
+        for name, data in files.items()
+    )
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as wheel:
+        for name, data in files.items():
+            wheel.writestr(name, data)
+        wheel.writestr(f"{info}/RECORD", record + f"{info}/RECORD,,\n")
+    return f"{module}-1.0-py3-none-any.whl", buffer.getvalue()
+
+
+class GatedIndex:
+    """A find-links page and a wheel over HTTP, each held until its gate opens."""
+
+    def __init__(self) -> None:
+        self.distribution = f"takeoff-gate-{uuid.uuid4().hex[:8]}"
+        self.wheel_name, self.wheel = _wheel(self.distribution)
+        self.page_requests = 0
+        self._asked = threading.Condition()
+        self.wheel_asked = threading.Event()
+        self.open_page = threading.Event()
+        self.open_wheel = threading.Event()
+        index = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                if self.path.endswith(".whl"):  # headers first: pip logs the download, then waits for it
+                    self._answer("application/octet-stream", index.wheel, gate=index.open_wheel)
+                else:
+                    with index._asked:
+                        index.page_requests += 1
+                        index._asked.notify_all()
+                    index.open_page.wait(GATE_SECONDS)
+                    link = f'<a href="{index.wheel_name}">{index.wheel_name}</a>'
+                    self._answer("text/html", f"<html><body>{link}</body></html>".encode())
+
+            def _answer(self, content_type: str, body: bytes, *, gate: threading.Event | None = None) -> None:
+                with contextlib.suppress(ConnectionError):  # a pip killed with its builder
+                    self.send_response(200)
+                    self.send_header("Content-Type", content_type)
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    if gate is not None:
+                        index.wheel_asked.set()
+                        gate.wait(GATE_SECONDS)
+                    self.wfile.write(body)
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    @property
+    def host(self) -> str:
+        return f"127.0.0.1:{self._server.server_address[1]}"
+
+    @property
+    def requirements(self) -> str:
+        """Requirements that install the package from this index only (``--no-index``)."""
+        return f"--no-index\n--find-links http://{self.host}/\n{self.distribution}==1.0\n"
+
+    async def wait(self, event: threading.Event, what: str) -> None:
+        assert await asyncio.to_thread(event.wait, GATE_SECONDS), f"pip never asked for {what}"
+
+    async def pip_runs(self, count: int) -> None:
+        """Wait until ``count`` pip runs have asked for the package's page."""
+
+        def asked() -> bool:
+            with self._asked:
+                return self._asked.wait_for(lambda: self.page_requests >= count, GATE_SECONDS)
+
+        assert await asyncio.to_thread(asked), f"{self.page_requests} pip runs asked, not {count}"
+
+    def __enter__(self) -> GatedIndex:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.open_page.set()
+        self.open_wheel.set()
+        self._server.shutdown()
+        self._server.server_close()
+
+
+@pytest.fixture
+def index() -> Iterator[GatedIndex]:
+    with GatedIndex() as gated:
+        yield gated
+
+
+@pytest.fixture
+def database_url() -> Iterator[str]:
+    with postgres_schema_url("builder") as url:
+        yield url
+
+
+def replica(
+    registry: ServiceProcess, tmp_path: Path, name: str, database_url: str
+) -> AbstractAsyncContextManager[Builder]:
+    """A builder served in-process, its home ``tmp_path / name``, sharing the database and the builds
+    directory (``tmp_path / "builds"``) with the test's other replicas."""
+    return running_builder(
+        tmp_path / name, registry.address, database_url=database_url, builds_dir=tmp_path / "builds"
+    )
+
+
+class Following:
+    """A Build call read as it streams, so that a test can wait for what it has seen so far."""
+
+    def __init__(self, stub: build_pb2_grpc.BuildServiceAsyncStub, job_version: str) -> None:
+        self.responses: list[build_pb2.BuildResponse] = []
+        self._seen = asyncio.Event()
+        self._call = stub.Build(
+            build_pb2.BuildRequest(job_version=job_version, kind=VENV), timeout=BUILD_DEADLINE_SECONDS
+        )
+        self._task = asyncio.create_task(self._read())
+
+    async def _read(self) -> Outcome:
+        async for response in self._call:
+            self.responses.append(response)
+            self._seen.set()
+        self._seen.set()
+        return Outcome(self.responses)
+
+    async def until_logged(self, text: str) -> None:
+        """Wait until a streamed log line contains ``text``."""
+        while not any(text in line for line in Outcome(self.responses).log):
+            assert not self._task.done(), f"the stream ended without logging {text!r}"
+            self._seen.clear()
+            await self._seen.wait()
+
+    async def outcome(self) -> Outcome:
+        return await self._task
+
+
+async def _builds_of(database_url: str, version: str) -> list[tuple[str, BuildState]]:
+    """The builds of ``version`` recorded in the shared database: names and states."""
+    database = Database("builder", database_url)
+    try:
+        builds, _ = await BuildStore(database).list(BuildQuery(job=version), PageRequest(size=10, after=None))
+        return [(build.name, build.state) for build, _ in builds]
+    finally:
+        await database.close()
+
+
+async def _assert_carried_on(followed: Outcome, index: GatedIndex, database_url: str, version: str) -> None:
+    """The build the second replica joined ended well, carried on there after the first's own pip run:
+    one build, two pip runs, the log of both."""
+    assert followed.queued.joined
+    assert followed.result.venv_path
+    pip_runs = [number for number, line in enumerate(followed.log) if "-m pip install" in line]
+    assert len(pip_runs) == 2
+    assert pip_runs[0] < followed.log.index(CARRIED_ON) < pip_runs[1]
+    assert index.page_requests == 2
+    assert await _builds_of(database_url, version) == [(followed.name, BuildState.SUCCEEDED)]
+
+
+async def test_two_replicas_build_one_venv_once_and_the_second_follows_it_live_from_its_start(
+    registry: ServiceProcess, client: takeoff.Client, tmp_path: Path, index: GatedIndex, database_url: str
+) -> None:
+    version = create_job(client, tmp_path, requirements=index.requirements)
+    async with replica(registry, tmp_path, "a", database_url) as first:
+        carrying = Following(first.stub, version)
+        await index.pip_runs(1)
+        # The second starts while the first's build is under way: its recovery must leave that build alone.
+        async with replica(registry, tmp_path, "b", database_url) as second:
+            following = Following(second.stub, version)
+            await following.until_logged("pip install")  # stored by the first, read back by the second
+            index.open_page.set()
+            await index.wait(index.wheel_asked, "the wheel")
+            # pip logs this once it has the page, which it got after the second joined: followed live.
+            await following.until_logged(f"Downloading http://{index.host}/{index.wheel_name}")
+            index.open_wheel.set()
+            carried, followed = await carrying.outcome(), await following.outcome()
+
+    assert not carried.queued.joined
+    assert followed.queued.joined
+    assert followed.name == carried.name
+    assert followed.result == carried.result
+    assert carried.result.venv_path
+    assert not carried.result.cache_hit
+    assert followed.kinds[:2] == ["queued", "cache"]
+    assert set(followed.kinds[2:-1]) == {"log"}
+    assert followed.log == carried.log
+    assert index.page_requests == 1
+    assert await _builds_of(database_url, version) == [(carried.name, BuildState.SUCCEEDED)]
+
+
+async def test_a_replica_carries_on_the_build_of_one_that_was_killed(
+    registry: ServiceProcess, client: takeoff.Client, tmp_path: Path, index: GatedIndex, database_url: str
+) -> None:
+    version = create_job(client, tmp_path, requirements=index.requirements)
+    env = {
+        "TAKEOFF_REGISTRY_ADDRESS": registry.address,
+        "TAKEOFF_DATABASE_URL": database_url,
+        "TAKEOFF_BUILDS_DIR": str(tmp_path / "builds"),
+    }
+    with service_process("builder", tmp_path / "a", env=env) as first_process:
+        async with (
+            replica(registry, tmp_path, "b", database_url) as second,
+            open_aio_channel(first_process.address, api_key=ADMIN_KEY) as channel,
+        ):
+            carrying = Following(build_pb2_grpc.BuildServiceStub(channel), version)
+            await index.pip_runs(1)
+            following = Following(second.stub, version)
+            await following.until_logged("pip install")
+            first_process.process.kill()
+            await index.pip_runs(2)  # the second's own
+            index.open_page.set()
+            index.open_wheel.set()
+            followed = await following.outcome()
+            with pytest.raises(grpc.aio.AioRpcError) as ended:
+                await carrying.outcome()
+            assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
+
+    await _assert_carried_on(followed, index, database_url, version)
+
+
+async def test_a_replica_that_stops_hands_its_build_over_to_the_one_following_it(
+    registry: ServiceProcess, client: takeoff.Client, tmp_path: Path, index: GatedIndex, database_url: str
+) -> None:
+    version = create_job(client, tmp_path, requirements=index.requirements)
+    async with replica(registry, tmp_path, "b", database_url) as second:
+        async with replica(registry, tmp_path, "a", database_url) as first:
+            carrying = Following(first.stub, version)
+            await index.pip_runs(1)
+            following = Following(second.stub, version)
+            await following.until_logged("pip install")
+        # The first has stopped (a rolling restart): its build is not failed but carried on by the second.
+        await index.pip_runs(2)
+        index.open_page.set()
+        index.open_wheel.set()
+        followed = await following.outcome()
+    await asyncio.gather(carrying.outcome(), return_exceptions=True)  # cut off with the test's channel to it
+
+    await _assert_carried_on(followed, index, database_url, version)
+
+
+async def test_replicas_making_the_same_venv_at_once_each_publish_a_whole_one(
+    registry: ServiceProcess, client: takeoff.Client, tmp_path: Path, index: GatedIndex, database_url: str
+) -> None:
+    """Two versions with the same requirements but different code: two flights, one environment key.
+    Each replica makes the venv in a directory of its own and publishes it by an atomic rename, so the
+    shared directory always holds one whole venv under the key, and each caller gets a whole one."""
+    versions = [
+        create_job(
+            client, tmp_path, files={"train.py": f"{TRAIN_PY}# {n}\n"}, requirements=index.requirements
+        )
+        for n in range(2)
+    ]
+    async with (
+        replica(registry, tmp_path, "a", database_url) as first,
+        replica(registry, tmp_path, "b", database_url) as second,
+    ):
+        building = [Following(first.stub, versions[0]), Following(second.stub, versions[1])]
+        await index.pip_runs(2)
+        index.open_page.set()
+        index.open_wheel.set()
+        results = [(await call.outcome()).result for call in building]
+        published = first.published("venvs")
+
+    assert results[0].environment_key == results[1].environment_key
+    assert results[0].build_key != results[1].build_key
+    assert results[0].venv_path != results[1].venv_path
+    assert len(published) == 1
+    assert published[0].resolve() in {Path(result.venv_path) for result in results}
+    module = index.distribution.replace("-", "_")
+    for result in results:
+        process = await asyncio.create_subprocess_exec(result.python_path, "-c", f"import {module}")
+        assert await process.wait() == 0
