@@ -393,8 +393,6 @@ class Builder:
         # The call's own span ends when it joins; the following and carrying on are a span of their own.
         context = trace.set_span_in_context(span)
         if changes is None:
-            run.carried_here = True
-            run.log(_CARRIED_ON)
             carry_on = tracer.start_span("build.carry_on", context=context)
             self._launch(run, flight, self._carry_out(run, spec, flight, carry_on, lock))
         else:
@@ -573,8 +571,6 @@ class Builder:
                 await lock.release()
                 self._finish(run, flight)
                 return
-            run.carried_here = True
-            run.log(_CARRIED_ON)
             await self._carry_out_in(run, spec, flight, span, lock)
 
     async def _catch_up(self, run: BuildRun) -> None:
@@ -588,6 +584,9 @@ class Builder:
     ) -> None:
         self.metrics.started.labels(run.build.kind.value).inc()
         progress = run.progress = _Progress(self._store, run) if lock is not None else None
+        if not run.carried_here:  # taken over: what the stream and the stored log told so far goes on
+            run.carried_here = True
+            run.log(_CARRIED_ON)
         cancelled = False
         try:
             match run.build.kind:

@@ -209,6 +209,14 @@ async def _builds_of(database_url: str, version: str) -> list[tuple[str, BuildSt
         await database.close()
 
 
+async def _stored_log(database_url: str, build_name: str) -> list[str]:
+    database = Database("builder", database_url)
+    try:
+        return await BuildStore(database).log_lines(build_name.removeprefix("builds/"))
+    finally:
+        await database.close()
+
+
 async def _assert_carried_on(followed: Outcome, index: GatedIndex, database_url: str, version: str) -> None:
     """The build the second replica joined ended well, carried on there after the first's own pip run:
     one build, two pip runs, the log of both."""
@@ -219,6 +227,7 @@ async def _assert_carried_on(followed: Outcome, index: GatedIndex, database_url:
     assert pip_runs[0] < followed.log.index(CARRIED_ON) < pip_runs[1]
     assert index.page_requests == 2
     assert await _builds_of(database_url, version) == [(followed.name, BuildState.SUCCEEDED)]
+    assert await _stored_log(database_url, followed.name) == followed.log
 
 
 async def test_two_replicas_build_one_venv_once_and_the_second_follows_it_live_from_its_start(
@@ -248,6 +257,7 @@ async def test_two_replicas_build_one_venv_once_and_the_second_follows_it_live_f
     assert followed.kinds[:2] == ["queued", "cache"]
     assert set(followed.kinds[2:-1]) == {"log"}
     assert followed.log == carried.log
+    assert await _stored_log(database_url, carried.name) == carried.log
     assert index.page_requests == 1
     assert await _builds_of(database_url, version) == [(carried.name, BuildState.SUCCEEDED)]
 
