@@ -698,11 +698,17 @@ class Builder:
         tag = self._images.tag(spec, build.build_key)
         async with self._image_locks.hold(tag):
             found = None if build.options.no_cache else await self._images.find(tag, ask_registry=push)
-            hit = found is not None and bool(found.image_id)
+            local = found is not None and bool(found.image_id)
             in_registry = found is not None and bool(found.digest)
-            detail = f"image {tag} {'hit' if hit else 'miss'}"
-            if push:
-                detail += ", in the registry" if in_registry else ", to be pushed"
+            # A pushed image is found in its registry by every replica, whichever engine made it: the
+            # runners pull it from there, so an engine that lacks it has nothing to build.
+            hit = local or in_registry
+            if not push:
+                detail = f"image {tag} {'hit' if hit else 'miss'}"
+            elif local:
+                detail = f"image {tag} hit, " + ("in the registry" if in_registry else "to be pushed")
+            else:
+                detail = f"image {tag} " + ("hit in the registry" if in_registry else "miss, to be pushed")
             self._cache_checked(run, hit, detail)
             if found is not None and hit:
                 image_id = found.image_id

@@ -230,7 +230,7 @@ class BuilderRetention:
             async with self._builder.image_lock(entry.key):
                 return await self._images.remove(entry.key)
         if entry.link is not None and _links_to(entry.link, entry.path):
-            entry.link.unlink()  # on the loop, right after the check: see the module's docstring
+            entry.link.unlink(missing_ok=True)  # right after the check (docstring); a replica may be first
         entry.size_bytes = entry.size_bytes or await asyncio.to_thread(tree_bytes, entry.path)
         await asyncio.to_thread(remove_tree, entry.path)
         return True

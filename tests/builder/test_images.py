@@ -223,6 +223,13 @@ async def test_push_to_and_pull_from_the_registry(
     assert again.result.image_digest == pushed.result.image_digest
 
     docker_setup.engine.images.remove(pushed.result.image, force=True)
+    # As a replica on another engine sees it: in the registry, so there is nothing to build or push.
+    elsewhere = await pushing_image_builder.build(version, IMAGE, push=True)
+    assert elsewhere.kinds == ["queued", "cache", "result"]
+    assert elsewhere.cache.hit
+    assert elsewhere.cache.detail.endswith(" hit in the registry")
+    assert (elsewhere.result.image_id, elsewhere.result.image_digest) == ("", pushed.result.image_digest)
+    assert elsewhere.result.image == pushed.result.image
     found = await pushing_image_builder.build(
         create_job(client, tmp_path, job="prebuilt", source=ImageSource(pushed.result.image)), NOOP
     )
