@@ -25,8 +25,9 @@ import grpc
 import pytest
 
 import takeoff
-from takeoff.v1 import build_pb2, build_pb2_grpc
+from takeoff.v1 import build_pb2, build_pb2_grpc, common_pb2
 from takeoff_builder.model import BuildQuery, BuildState
+from takeoff_builder.settings import BuilderSettings
 from takeoff_builder.store import BuildStore
 from takeoff_rpc.channels import open_aio_channel
 from takeoff_server.database import Database
@@ -40,6 +41,7 @@ from tests.builder.conftest import (
     create_job,
     running_builder,
 )
+from tests.builder.served import served_builder
 from tests.keys import ADMIN_KEY
 from tests.postgres import postgres_schema_url
 from tests.processes import ServiceProcess, service_process
@@ -296,19 +298,28 @@ async def test_a_replica_that_stops_hands_its_build_over_to_the_one_following_it
     registry: ServiceProcess, client: takeoff.Client, tmp_path: Path, index: GatedIndex, database_url: str
 ) -> None:
     version = create_job(client, tmp_path, requirements=index.requirements)
+    settings = BuilderSettings(
+        home=tmp_path / "a",
+        listen=["127.0.0.1:0"],
+        registry_address=registry.address,
+        database_url=database_url,
+        builds_dir=tmp_path / "builds",
+    )
     async with replica(registry, tmp_path, "b", database_url) as second:
-        async with replica(registry, tmp_path, "a", database_url) as first:
-            carrying = Following(first.stub, version)
+        async with served_builder(settings) as first:
+            carrying = Following(first.builder.stub, version)
             await index.pip_runs(1)
             following = Following(second.stub, version)
             await following.until_logged("pip install")
-        # The first has stopped (a rolling restart): its build is not failed but carried on by the second.
-        await index.pip_runs(2)
+            await first.parts.builder.stop()  # what SIGTERM does first (a rolling restart)
+            stopped = await carrying.outcome()
+        await index.pip_runs(2)  # the second's own: the build is not failed but carried on there
         index.open_page.set()
         index.open_wheel.set()
         followed = await following.outcome()
-    await asyncio.gather(carrying.outcome(), return_exceptions=True)  # cut off with the test's channel to it
 
+    assert stopped.failure.reason == common_pb2.FAILURE_REASON_BUILD_INFRA
+    assert stopped.name == followed.name
     await _assert_carried_on(followed, index, database_url, version)
 
 
