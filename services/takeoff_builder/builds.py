@@ -5,6 +5,10 @@ A build is identified by what it would produce (kind, build key, options): a req
 is already under way joins it instead of starting another, so two simultaneous identical builds run
 once. Cache hits are answered at once; anything that has to be built waits for one of a fixed number
 of slots. A build outlives the call that started it: a caller that goes away does not stop it.
+
+Replicas sharing a PostgreSQL database carry single flight across processes: a flight is carried out by the
+replica holding its lock, followed by the others from the database, and carried on by one of them when its
+holder dies or stops (``flights``).
 """
 
 from __future__ import annotations
@@ -283,7 +287,8 @@ class Builder:
         self.metrics.watch(lambda: [run.build for run in self._running.values() if run.carried_here])
 
     async def recover(self) -> None:
-        """Fail the builds a previous process did not finish: their callers are gone, nothing was cached."""
+        """Fail the builds a stopped process did not finish: their callers are gone, nothing was cached.
+        Where replicas share the database, only those no live replica carries out or waits to carry on."""
         failure = BuildFailure(FailureReason.BUILD_INFRA, "the builder stopped before the build finished")
         if count := await self._store.fail_unfinished(failure, self._clock()):
             logger.warning("marked %d unfinished builds of a previous run as failed", count)
