@@ -578,7 +578,8 @@ class QueueApi(queue_pb2_grpc.QueueServiceServicer):
         self, request: queue_pb2.GetQueueRequest, context: Context
     ) -> queue_pb2.GetQueueResponse:
         await self._check_project(request.name, QUEUE, "name")
-        return queue_pb2.GetQueueResponse(queue=await self._queue_proto(self._book.queue(request.name)))
+        queue = await self._book.current_queue(request.name)
+        return queue_pb2.GetQueueResponse(queue=await self._queue_proto(queue))
 
     async def ListQueues(
         self, request: queue_pb2.ListQueuesRequest, context: Context
@@ -622,7 +623,7 @@ class QueueApi(queue_pb2_grpc.QueueServiceServicer):
                 ],
             )
         await self._check_project(request.queue.name, QUEUE, "queue.name")
-        current = self._book.queue(request.queue.name, field_name="queue.name")
+        current = await self._book.current_queue(request.queue.name, field_name="queue.name")
         # Only the masked fields are read from the request: whatever else it carries is ignored.
         updated = _queue_to_proto(current)
         FieldMask(paths=paths).MergeMessage(

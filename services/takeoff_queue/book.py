@@ -150,6 +150,12 @@ class QueueBook:
 
     # ----- queues ------------------------------------------------------------------------------------
 
+    async def current_queue(self, name: str, *, field_name: str = "name") -> Queue:
+        """:meth:`queue`, once a queue that another replica may have just created has been looked for."""
+        if self._dispatcher.replicated and name not in self._dispatcher.queues:
+            await self.reload_queue(name)
+        return self.queue(name, field_name=field_name)
+
     def queue(self, name: str, *, field_name: str = "name") -> Queue:
         QUEUE.parse(name, field=field_name)
         queue = self._dispatcher.queues.get(name)
@@ -173,6 +179,8 @@ class QueueBook:
             replayed = await self._store.replay(f"CreateQueue:{parent}", request_id, fingerprint)
             if replayed is not None:
                 return self.queue(replayed)
+        if self._dispatcher.replicated:
+            await self.reload_queue(name)  # another replica may have made it
         if name in self._dispatcher.queues:
             raise AlreadyExists(
                 "QUEUE_ALREADY_EXISTS", f"queue {name} already exists", metadata={"resource": name}
@@ -194,7 +202,8 @@ class QueueBook:
         return queue
 
     async def update_queue(self, name: str, changes: dict[str, Any]) -> Queue:
-        queue = replace(self.queue(name, field_name="queue.name"), **changes, update_time=self._clock())
+        current = await self.current_queue(name, field_name="queue.name")
+        queue = replace(current, **changes, update_time=self._clock())
         queue = _checked_queue(queue)
         if queue.start_timeout is None:
             queue = replace(queue, start_timeout=default_start_timeout(queue.resource))
@@ -207,7 +216,7 @@ class QueueBook:
         return queue
 
     async def delete_queue(self, name: str, *, force: bool) -> None:
-        self.queue(name)
+        await self.current_queue(name)
         live = [item for item in self._dispatcher.items.values() if item.queue == name]
         if live and not force:
             raise FailedPrecondition(
@@ -250,7 +259,7 @@ class QueueBook:
 
     async def enqueue(self, request: EnqueueRequest) -> Item:
         check_request_id(request.request_id)
-        queue = self.queue(request.queue, field_name="queue")
+        queue = await self.current_queue(request.queue, field_name="queue")
         fingerprint = request.fingerprint()
         if request.request_id:
             replayed = await self._store.replay(f"Enqueue:{queue.name}", request.request_id, fingerprint)
@@ -445,7 +454,7 @@ class QueueBook:
             project = PROJECT.parse(parent.removesuffix("/queues/-"), field="parent")["project"]
             scope: dict[str, str] = {"project": f"projects/{project}"}
         else:
-            scope = {"queue": self.queue(parent, field_name="parent").name}
+            scope = {"queue": (await self.current_queue(parent, field_name="parent")).name}
         before = int(page.after[0]) if page.after else None
         found = await self._store.items(
             states=states,
@@ -481,7 +490,7 @@ class QueueBook:
                 f"item {name} is {old.state.value}; only ended items are relaunched",
                 metadata={"resource": name, "state": old.state.value},
             )
-        self.queue(old.queue)  # the queue must still exist
+        await self.current_queue(old.queue)  # the queue must still exist
         fingerprint = request_fingerprint({"relaunch": name})
         if request_id:
             replayed = await self._store.replay(f"RelaunchItem:{name}", request_id, fingerprint)

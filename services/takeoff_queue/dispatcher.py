@@ -224,6 +224,10 @@ class Dispatcher:
         self._draining: asyncio.Task[None] | None = None
         self._revoking: asyncio.Task[None] | None = None
 
+    @property
+    def replicated(self) -> bool:
+        return self._replicated
+
     # ----- start and stop ---------------------------------------------------------------------
 
     def restore(self, queues: Iterable[Queue], items: Iterable[Item], run_closes: Iterable[RunClose]) -> None:
@@ -576,8 +580,8 @@ class Dispatcher:
                 self._closed_elsewhere(fresh, close)
                 self._notify(fresh)
             return
-        if current.revision >= fresh.revision and current.committed is current.life:
-            return
+        if current.life is not current.committed or current.revision >= fresh.revision:
+            return  # a change of ours is about to be written: its commit, or the refresh after it, decides
         before, after = current.life, fresh.life
         was_closing = self._waits_for_close(current)
         current.life, current.committed, current.revision = after, after, fresh.revision
@@ -657,18 +661,7 @@ class Dispatcher:
                 f"agents/{hello.agent_id} holds leases taken with another key; connect with that key",
                 metadata={"resource": f"agents/{hello.agent_id}"},
             )
-        for queue_name in hello.queues:
-            queue = self.queues.get(queue_name)
-            if queue is None:
-                raise NotFound(
-                    "QUEUE_NOT_FOUND", f"queue {queue_name} does not exist", metadata={"resource": queue_name}
-                )
-            if queue.resource not in hello.resources:
-                raise FailedPrecondition(
-                    "RESOURCE_KIND_UNSUPPORTED",
-                    f"queue {queue_name} runs on {queue.resource.value}, which this agent has no runner for",
-                    metadata={"resource": queue_name, "kind": queue.resource.value},
-                )
+        await self._check_queues(hello)
         if self._replicated:
             # Its leases as the database has them: it may have held them through another replica.
             await self._refresh_agent(hello.agent_id)
@@ -728,6 +721,23 @@ class Dispatcher:
         await self._record_closes(closed)
         self._schedule_dispatch()
         return session
+
+    async def _check_queues(self, hello: Hello) -> None:
+        """NOT_FOUND for a queue that does not exist, FAILED_PRECONDITION for one the agent cannot run."""
+        for queue_name in hello.queues:
+            queue = self.queues.get(queue_name)
+            if queue is None and self._replicated and (queue := await self._store.queue(queue_name)):
+                self.put_queue(queue)  # made on another replica, whose notice has not come yet
+            if queue is None:
+                raise NotFound(
+                    "QUEUE_NOT_FOUND", f"queue {queue_name} does not exist", metadata={"resource": queue_name}
+                )
+            if queue.resource not in hello.resources:
+                raise FailedPrecondition(
+                    "RESOURCE_KIND_UNSUPPORTED",
+                    f"queue {queue_name} runs on {queue.resource.value}, which this agent has no runner for",
+                    metadata={"resource": queue_name, "kind": queue.resource.value},
+                )
 
     def disconnect(self, session: Session) -> None:
         """The stream ended; the agent's leases run on until they expire or it reconnects."""
@@ -1220,7 +1230,11 @@ class Dispatcher:
         due = self.items.get(key)
         if due is None or due.life.epoch != epoch or self._waits_for_close(due):
             return
-        if self._replicated and due.life.agent.removeprefix("agents/") not in self._sessions:
+        if (
+            kind != "eligible"
+            and self._replicated
+            and due.life.agent.removeprefix("agents/") not in self._sessions
+        ):
             return  # the replica holding its agent's stream times it; its expiry, whoever sweeps
         self._on_item_deadline(kind, due)
 

@@ -35,7 +35,8 @@ _RECONNECT_DELAYS = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 
 def replica_name() -> str:
     """This process's name among the replicas, as its notifications carry it (so it skips its own)."""
-    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    host = socket.gethostname().replace(":", "-")  # the name ends at the payload's first colon
+    return f"{host}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
 
 
 def listen_url(database_url: str) -> str:
@@ -91,10 +92,11 @@ class ReplicaSync:
                     async for notice in connection.notifies():
                         self._noticed(notice.channel, notice.payload)
             except (psycopg.Error, OSError) as error:
-                delay = _RECONNECT_DELAYS[min(failures, len(_RECONNECT_DELAYS) - 1)]
-                failures += 1
-                logger.warning("queue replica notifications lost (%s); listening again in %gs", error, delay)
-                await asyncio.sleep(delay)
+                logger.warning("queue replica notifications lost (%s); listening again", error)
+            except Exception:  # the catch-up read failed: listen again, and catch up again
+                logger.exception("following the other queue replicas failed; listening again")
+            await asyncio.sleep(_RECONNECT_DELAYS[min(failures, len(_RECONNECT_DELAYS) - 1)])
+            failures += 1
 
     def _noticed(self, channel: str, payload: str) -> None:
         sender, _, names = payload.partition(":")

@@ -1,8 +1,11 @@
 """Queue service settings (``TAKEOFF_*`` variables, a YAML file, or these defaults)."""
 
-from pydantic import Field, ValidationInfo, field_validator
+from typing import Annotated
+
+from pydantic import AfterValidator, Field, ValidationInfo, field_validator
 
 from takeoff_queue.retention import QueueRetentionSettings
+from takeoff_rpc.channels import check_target
 from takeoff_server.config import ServerSettings
 from takeoff_server.database import SqliteSynchronous
 
@@ -13,7 +16,7 @@ overflow the date arithmetic of lease expiry."""
 
 class QueueSettings(ServerSettings):
     listen: list[str] = ["127.0.0.1:50052"]
-    registry_address: str = "127.0.0.1:50051"
+    registry_address: Annotated[str, AfterValidator(check_target)] = "127.0.0.1:50051"
     """Where Enqueue resolves job references."""
     lease_ttl_seconds: float = Field(default=30.0, gt=0, le=MAX_LEASE_SECONDS)
     """A lease not renewed by a heartbeat within this time expires."""
