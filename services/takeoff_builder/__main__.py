@@ -12,7 +12,7 @@ from takeoff.v1 import build_pb2, build_pb2_grpc
 from takeoff_builder.access import RULES
 from takeoff_builder.api import BuildApi
 from takeoff_builder.builds import Builder, Redactor
-from takeoff_builder.flights import Flights
+from takeoff_builder.flights import Flights, SharedLocks
 from takeoff_builder.git_mirrors import GitMirrors
 from takeoff_builder.images import Images
 from takeoff_builder.metrics import BuilderMetrics
@@ -113,8 +113,13 @@ async def assemble(settings: BuilderSettings, resources: AsyncExitStack) -> Buil
     builder = Builder(
         store,
         registry,
-        CodeCache(builds, registry, git_mirrors),
-        Venvs(builds / "venvs", index, pip_cache=builds / "pip-cache"),
+        CodeCache(builds, registry, git_mirrors, locks=SharedLocks(shared, "code") if shared else None),
+        Venvs(
+            builds / "venvs",
+            index,
+            pip_cache=builds / "pip-cache",
+            locks=SharedLocks(shared, "venv") if shared else None,
+        ),
         images,
         max_concurrent_builds=settings.max_concurrent_builds,
         push_registry=settings.push_registry,

@@ -26,10 +26,10 @@ from pathlib import Path
 
 from opentelemetry import trace
 
-from takeoff_builder.flights import Changes, FlightLock, Flights
+from takeoff_builder.flights import Changes, FlightLock, Flights, SharedLocks
 from takeoff_builder.images import BUILD_KEY_LABEL, Images
 from takeoff_builder.keys import BuildKeys, build_keys
-from takeoff_builder.locks import KeyedLocks
+from takeoff_builder.locks import KeyedLocks, Locks
 from takeoff_builder.metrics import BuilderMetrics
 from takeoff_builder.model import (
     LOG_TAIL_LINES,
@@ -277,7 +277,7 @@ class Builder:
         self._clock = clock
         self._slots = asyncio.Semaphore(max_concurrent_builds)
         self._starting = asyncio.Lock()
-        self._image_locks = KeyedLocks()
+        self._image_locks: Locks = SharedLocks(shared, "image") if shared is not None else KeyedLocks()
         self._flights: dict[FlightKey, BuildRun] = {}
         self._running: dict[str, BuildRun] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -371,10 +371,10 @@ class Builder:
         """Carry the flight out here, follow it from the database while another replica carries it out,
         or carry on the one whose holder died (docs/design.md §6, "Cache layout and single flight")."""
         assert self._shared is not None
-        lock = await self._shared.lock(self._shared.key(flight))
+        lock = await self._shared.lock(self._shared.key("flight", flight))
         changes: Changes | None = None
         try:
-            async with lock.starting(self._shared.start_key(flight)):
+            async with lock.starting(self._shared.key("flight start", flight)):
                 holder = await lock.try_take()
                 under_way = await self._store.unfinished(lock.key)
                 if not holder and under_way is None:

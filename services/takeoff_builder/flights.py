@@ -7,7 +7,10 @@ asked for a flight that another holds follows that build from the database: it L
 notifications (sent with each batch of log lines it stores) and queues for the lock, which it is granted
 when the holder ends the build or dies. Whoever is granted the lock over an unfinished build carries it on.
 
-Lock keys are 64-bit hashes of the flight and the database's schema, so that deployments sharing one
+Cache entries (venvs, code, image tags) are locked the same way while they are made (``SharedLocks``), so
+two flights that need one entry at the same moment on two replicas make it once.
+
+Lock keys are 64-bit hashes of what is locked and the database's schema, so that deployments sharing one
 server in different schemas never wait on each other.
 """
 
@@ -21,6 +24,7 @@ from contextlib import asynccontextmanager
 import psycopg
 from sqlalchemy.engine import make_url
 
+from takeoff_builder.locks import KeyedLocks
 from takeoff_builder.store import build_channel
 
 
@@ -80,7 +84,7 @@ class Changes:
 
 
 class Flights:
-    """Opens the connections that flight locks and change notifications live on."""
+    """Opens the connections that flight locks, cache entry locks and change notifications live on."""
 
     def __init__(self, database_url: str) -> None:
         self._conninfo = (
@@ -94,11 +98,9 @@ class Flights:
             row = await cursor.fetchone()
         self._namespace = f"{row[0]}.{row[1]}" if row else ""
 
-    def key(self, flight: Hashable) -> int:
-        return lock_key("builder flight", self._namespace, flight)
-
-    def start_key(self, flight: Hashable) -> int:
-        return lock_key("builder flight start", self._namespace, flight)
+    def key(self, kind: str, value: Hashable) -> int:
+        """The advisory lock key of ``value`` (a flight, a venv's environment key…) in ``kind``'s space."""
+        return lock_key("builder", self._namespace, kind, value)
 
     async def lock(self, key: int) -> FlightLock:
         return FlightLock(await psycopg.AsyncConnection.connect(self._conninfo, autocommit=True), key)
@@ -112,3 +114,25 @@ class Flights:
             await connection.close()
             raise
         return Changes(connection)
+
+
+class SharedLocks:
+    """Per-key locks on cache entries (venvs, code, image tags) that hold across replicas sharing a builds
+    directory, so that one entry is made once however many replicas need it at the same moment: the key is
+    held in this process first (one connection per key and process at most), then by an advisory lock on a
+    connection of its own, freed at once if the replica dies."""
+
+    def __init__(self, flights: Flights, kind: str) -> None:
+        self._flights = flights
+        self._kind = kind
+        self._local = KeyedLocks()
+
+    @asynccontextmanager
+    async def hold(self, key: Hashable) -> AsyncIterator[None]:
+        async with self._local.hold(key):
+            lock = await self._flights.lock(self._flights.key(self._kind, key))
+            try:
+                await lock.take()
+                yield
+            finally:
+                await lock.release()

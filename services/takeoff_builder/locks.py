@@ -1,10 +1,16 @@
-"""One asyncio lock per key, alive only while someone holds or awaits it."""
+"""Locks per key: one asyncio lock per key, alive only while someone holds or awaits it; across replicas
+sharing a database, ``flights.SharedLocks``."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Hashable
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Protocol
+
+
+class Locks(Protocol):
+    def hold(self, key: Hashable) -> AbstractAsyncContextManager[None]: ...
 
 
 class KeyedLocks:

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from takeoff_builder.git_mirrors import GitMirrors
-from takeoff_builder.locks import KeyedLocks
+from takeoff_builder.locks import KeyedLocks, Locks
 from takeoff_builder.model import BuildFailed, CodeSource, GitSource, JobSpec
 from takeoff_builder.registry_client import RegistryClient
 from takeoff_builder.shelf import Shelf
@@ -20,12 +20,14 @@ from takeoff_server.errors import InvalidArgument
 
 
 class CodeCache:
-    def __init__(self, root: Path, registry: RegistryClient, git_mirrors: GitMirrors) -> None:
+    def __init__(
+        self, root: Path, registry: RegistryClient, git_mirrors: GitMirrors, *, locks: Locks | None = None
+    ) -> None:
         self._shelf = Shelf(root / "code")
         self._downloads = root / "downloads"
         self._registry = registry
         self._git_mirrors = git_mirrors
-        self._locks = KeyedLocks()
+        self._locks = locks or KeyedLocks()
 
     async def lookup(self, spec: JobSpec) -> Path | None:
         return await asyncio.to_thread(self._shelf.lookup, spec.source_digest)

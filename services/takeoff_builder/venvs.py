@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-from takeoff_builder.locks import KeyedLocks
+from takeoff_builder.locks import KeyedLocks, Locks
 from takeoff_builder.model import BuildFailed, BuildInfraError, Environment
 from takeoff_builder.pip import PackageIndex, pip_failure
 from takeoff_builder.shelf import Shelf
@@ -90,11 +90,13 @@ async def find_python(requested: str) -> Path:
 
 
 class Venvs:
-    def __init__(self, root: Path, index: PackageIndex, *, pip_cache: Path) -> None:
+    def __init__(
+        self, root: Path, index: PackageIndex, *, pip_cache: Path, locks: Locks | None = None
+    ) -> None:
         self._shelf = Shelf(root)
         self._index = index
         self._pip_cache = pip_cache
-        self._locks = KeyedLocks()
+        self._locks = locks or KeyedLocks()
 
     async def lookup(self, environment_key: str) -> Path | None:
         found = await asyncio.to_thread(self._shelf.lookup, environment_key)

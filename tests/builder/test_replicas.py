@@ -22,10 +22,12 @@ from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
 import grpc
+import psycopg
 import pytest
 
 import takeoff
 from takeoff.v1 import build_pb2, build_pb2_grpc, common_pb2
+from takeoff_builder.flights import Flights
 from takeoff_builder.model import BuildQuery, BuildState
 from takeoff_builder.settings import BuilderSettings
 from takeoff_builder.store import BuildStore
@@ -43,8 +45,8 @@ from tests.builder.conftest import (
 )
 from tests.builder.served import served_builder
 from tests.keys import ADMIN_KEY
-from tests.postgres import postgres_schema_url
-from tests.processes import ServiceProcess, service_process
+from tests.postgres import postgres_schema_url, postgres_url
+from tests.processes import ServiceProcess, service_process, until
 
 pytestmark = pytest.mark.postgres
 
@@ -323,12 +325,26 @@ async def test_a_replica_that_stops_hands_its_build_over_to_the_one_following_it
     await _assert_carried_on(followed, index, database_url, version)
 
 
-async def test_replicas_making_the_same_venv_at_once_each_publish_a_whole_one(
+async def _waits_for_lock(database_url: str, kind: str, value: str) -> bool:
+    """Whether a session waits for the builders' advisory lock on ``value`` (``flights.Flights.key``)."""
+    flights = Flights(database_url)
+    await flights.open()
+    key = flights.key(kind, value) & 0xFFFF_FFFF_FFFF_FFFF  # pg_locks shows a bigint key as two oids
+    async with await psycopg.AsyncConnection.connect(postgres_url()) as connection:
+        cursor = await connection.execute(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted AND objsubid = 1"
+            " AND classid::bigint = %s AND objid::bigint = %s",
+            (key >> 32, key & 0xFFFF_FFFF),
+        )
+        row = await cursor.fetchone()
+    return bool(row and row[0])
+
+
+async def test_replicas_needing_one_venv_at_once_make_it_once(
     registry: ServiceProcess, client: takeoff.Client, tmp_path: Path, index: GatedIndex, database_url: str
 ) -> None:
-    """Two versions with the same requirements but different code: two flights, one environment key.
-    Each replica makes the venv in a directory of its own and publishes it by an atomic rename, so the
-    shared directory always holds one whole venv under the key, and each caller gets a whole one."""
+    """Two versions with the same requirements but different code: two flights, one environment key. The
+    venv's lock holds across replicas, so the second waits for the first's venv and takes it."""
     versions = [
         create_job(
             client, tmp_path, files={"train.py": f"{TRAIN_PY}# {n}\n"}, requirements=index.requirements
@@ -339,19 +355,26 @@ async def test_replicas_making_the_same_venv_at_once_each_publish_a_whole_one(
         replica(registry, tmp_path, "a", database_url) as first,
         replica(registry, tmp_path, "b", database_url) as second,
     ):
-        building = [Following(first.stub, versions[0]), Following(second.stub, versions[1])]
-        await index.pip_runs(2)
+        making = Following(first.stub, versions[0])
+        await index.pip_runs(1)
+        environment_key = Outcome(making.responses).cache.environment_key
+        waiting = Following(second.stub, versions[1])
+        await until(
+            lambda: _waits_for_lock(database_url, "venv", environment_key), "the second to wait for the venv"
+        )
         index.open_page.set()
         index.open_wheel.set()
-        results = [(await call.outcome()).result for call in building]
-        published = first.published("venvs")
+        made, found = await making.outcome(), await waiting.outcome()
+        published, unpublished = first.published("venvs"), first.unpublished("venvs")
 
-    assert results[0].environment_key == results[1].environment_key
-    assert results[0].build_key != results[1].build_key
-    assert results[0].venv_path != results[1].venv_path
-    assert len(published) == 1
-    assert published[0].resolve() in {Path(result.venv_path) for result in results}
+    assert found.name != made.name
+    assert found.result.build_key != made.result.build_key
+    assert not found.cache.hit  # it looked before the venv was made ...
+    assert f"venv {environment_key[:16]} is cached" in found.log  # ... and found it made once it could
+    assert found.result.venv_path == made.result.venv_path
+    assert index.page_requests == 1
+    assert [link.resolve() for link in published] == [Path(made.result.venv_path)]
+    assert unpublished == []
     module = index.distribution.replace("-", "_")
-    for result in results:
-        process = await asyncio.create_subprocess_exec(result.python_path, "-c", f"import {module}")
-        assert await process.wait() == 0
+    process = await asyncio.create_subprocess_exec(found.result.python_path, "-c", f"import {module}")
+    assert await process.wait() == 0
