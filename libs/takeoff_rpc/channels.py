@@ -69,7 +69,12 @@ TARGET_FORMS = "host:port, [ipv6]:port, a list host:port,host:port, unix:/path o
 
 
 class TargetError(ValueError):
-    """A target that cannot be dialled as written: a malformed list entry, a host that does not resolve."""
+    """A target that cannot be dialled as written: a malformed list, or one mixing address families."""
+
+
+class UnresolvedTarget(OSError):
+    """A host of a list that does not resolve now (an OSError, as getaddrinfo's own errors are: a process
+    that cannot start for it says so in one line, and one already running may try again later)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,8 +89,8 @@ class DialTarget:
 def dial_target(target: str) -> DialTarget:
     """What gRPC dials for ``target``, which may list several replicas of one service as
     ``host:port,host:port`` (``[v6]:port`` too); one ``host:port`` and gRPC's own targets
-    (:data:`TARGET_SCHEMES`) pass through unchanged. Raises TargetError naming a malformed entry, or a host
-    that does not resolve.
+    (:data:`TARGET_SCHEMES`) pass through unchanged. Raises TargetError naming a malformed entry, and
+    UnresolvedTarget naming a host that does not resolve.
 
     A list becomes one ``ipv4:`` (or ``ipv6:``) target holding each entry's addresses in order: gRPC's
     pick_first policy connects to the first that answers and, once that connection breaks, starts again
@@ -169,7 +174,7 @@ def _resolve(target: str, index: int, entry: str) -> list[tuple[int, str]]:
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as error:
-        raise TargetError(
+        raise UnresolvedTarget(
             f"entry {index} of {target!r}: cannot resolve {host!r} ({error.strerror})"
         ) from None
     addresses: list[tuple[int, str]] = []

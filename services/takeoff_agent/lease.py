@@ -21,7 +21,7 @@ from typing import Any, Protocol
 import grpc
 
 from takeoff.v1 import common_pb2, queue_pb2, queue_pb2_grpc
-from takeoff_rpc.channels import open_aio_channel
+from takeoff_rpc.channels import UnresolvedTarget, open_aio_channel
 from takeoff_rpc.retries import RetryPolicy
 from takeoff_rpc.status import decode_rpc_error
 
@@ -38,14 +38,21 @@ REFUSED_KEY = RetryPolicy(initial_delay=1.0, max_delay=30.0, deadline=math.inf)
 """Waits after the queue service refused the agent's key (UNAUTHENTICATED, PERMISSION_DENIED): the agent
 keeps trying, as an operator may fix the key or its grants, but slowly, one log line each time."""
 KEY_REFUSALS = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
-CHANNEL_OPTIONS = (("grpc.max_reconnect_backoff_ms", 800),)
+CHANNEL_OPTIONS = (("grpc.max_reconnect_backoff_ms", 800), ("grpc.use_local_subchannel_pool", 1))
 """While the queue service is away the channel's own back-off paces the connection attempts, and a session
 starts as soon as one succeeds: capped at 0.8 s, plus gRPC's 20 % jitter, dispatch resumes within a second
-of a restarted service answering (takeoff_rpc's default cap is 2 s)."""
+of a restarted service answering (takeoff_rpc's default cap is 2 s). The channel keeps its connections to
+itself: by default gRPC shares them between channels to the same address, even past a channel's close, and
+the new channel that leaves a silent replica would be handed the old connection to it again."""
 
 
 class Disconnected(Exception):
     """The stream ended before the server answered; send again once reconnected."""
+
+
+class ServerSilent(Exception):
+    """The queue service answered no heartbeat within a heartbeat interval: it hangs, or the way to it is
+    cut without the connection breaking (which gRPC's keepalive would notice only after minutes)."""
 
 
 class SessionRefused(Exception):
@@ -99,52 +106,80 @@ class LeaseLink:
         self.heartbeat_interval = 10.0
         self.last_heartbeat_ack: float | None = None
         self._stopped = asyncio.Event()
+        self._failed_sessions = self._refusals = 0
+        """Sessions ended before their Welcome, and refusals of the key, since the last Welcome."""
 
     @property
     def connected(self) -> bool:
         return self._connected.is_set()
 
     async def run(self) -> None:
-        """Hold a session open until ``stop()``, reconnecting with backoff."""
-        failed_sessions = refusals = 0
-        async with open_aio_channel(
-            self._address, api_key=self._api_key, credentials=self._credentials, options=CHANNEL_OPTIONS
-        ) as channel:
-            stub = queue_pb2_grpc.QueueServiceStub(channel)
-            while await self._until_connected(channel):
-                refused: grpc.aio.AioRpcError | None = None
-                try:
-                    await self._session(stub)
-                except grpc.aio.AioRpcError as error:
-                    if error.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION):
-                        raise SessionRefused(error.details() or error.code().name) from None
-                    if error.code() == grpc.StatusCode.ABORTED:
-                        logger.error("another process with this agent's id took over its session; stopping")
-                        raise SessionRefused(error.details() or "superseded") from None
-                    if error.code() in KEY_REFUSALS:
-                        refused = error
-                    else:
-                        logger.warning("lease stream ended (%s); reconnecting", error.code().name)
-                finally:
-                    # A session that got as far as Welcome starts the back-off over.
-                    if self._connected.is_set():
-                        failed_sessions = refusals = 0
-                    else:
-                        failed_sessions += 1
-                    self._connected.clear()
-                    for answer in self._answers.values():
-                        if not answer.done():
-                            answer.set_exception(Disconnected())
-                    self._answers.clear()
-                if self._stopped.is_set():
-                    continue
-                if refused is not None:  # kept trying, slowly: an operator may fix the key
-                    refusals += 1
-                    delay = REFUSED_KEY.delay(refusals)
-                    self._log_refusal(refused, delay)
+        """Hold a session open until ``stop()``, reconnecting with backoff.
+
+        A queue address may list several replicas (``host:port,host:port``, takeoff_rpc.channels): the
+        channel's pick_first policy connects to the first one that answers, and when a session ends because
+        its replica died the next one goes to the first still up. A replica that went silent (hung, or its
+        host cut off, so no connection breaks) is left on a new channel, as the old one's connection still
+        leads to it."""
+        while not self._stopped.is_set():
+            try:
+                channel = open_aio_channel(
+                    self._address,
+                    api_key=self._api_key,
+                    credentials=self._credentials,
+                    options=CHANNEL_OPTIONS,
+                )
+            except UnresolvedTarget as error:  # a name of the list, resolved again for the new channel
+                self._failed_sessions += 1
+                logger.warning("%s; trying again", error)
+                await self._pause(RECONNECT.delay(self._failed_sessions))
+                continue
+            async with channel:
+                await self._sessions(channel)
+
+    async def _sessions(self, channel: grpc.aio.Channel) -> None:
+        """Sessions on ``channel`` until ``stop()``, or until one ends with its server silent."""
+        stub = queue_pb2_grpc.QueueServiceStub(channel)
+        while await self._until_connected(channel):
+            refused: grpc.aio.AioRpcError | None = None
+            silent = False
+            try:
+                await self._session(stub)
+            except ServerSilent as error:
+                logger.warning("%s; reconnecting on a new connection", error)
+                silent = True
+            except grpc.aio.AioRpcError as error:
+                if error.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION):
+                    raise SessionRefused(error.details() or error.code().name) from None
+                if error.code() == grpc.StatusCode.ABORTED:
+                    logger.error("another process with this agent's id took over its session; stopping")
+                    raise SessionRefused(error.details() or "superseded") from None
+                if error.code() in KEY_REFUSALS:
+                    refused = error
                 else:
-                    delay = RECONNECT.delay(max(failed_sessions, 1))
-                await self._pause(delay)
+                    logger.warning("lease stream ended (%s); reconnecting", error.code().name)
+            finally:
+                # A session that got as far as Welcome starts the back-off over.
+                if self._connected.is_set():
+                    self._failed_sessions = self._refusals = 0
+                else:
+                    self._failed_sessions += 1
+                self._connected.clear()
+                for answer in self._answers.values():
+                    if not answer.done():
+                        answer.set_exception(Disconnected())
+                self._answers.clear()
+            if self._stopped.is_set():
+                continue
+            if refused is not None:  # kept trying, slowly: an operator may fix the key
+                self._refusals += 1
+                delay = REFUSED_KEY.delay(self._refusals)
+                self._log_refusal(refused, delay)
+            else:
+                delay = RECONNECT.delay(max(self._failed_sessions, 1))
+            await self._pause(delay)
+            if silent:
+                return
 
     async def _pause(self, seconds: float) -> None:
         """Wait ``seconds`` before the next session, or until ``stop()``."""
@@ -204,11 +239,18 @@ class LeaseLink:
                 yield request
 
         call = stub.Lease(requests())
-        heartbeats: asyncio.Task[None] | None = None
+        heartbeats: asyncio.Task[ServerSilent | None] | None = None
         try:
             async for response in call:
-                heartbeats = heartbeats or asyncio.create_task(self._heartbeat())
+                heartbeats = heartbeats or asyncio.create_task(self._heartbeat(call))
                 await self._receive(response)
+        except asyncio.CancelledError:
+            # The heartbeat cancelled the call (its answer never came); a cancel of this task goes on.
+            task = asyncio.current_task()
+            silence = heartbeats.result() if heartbeats is not None and heartbeats.done() else None
+            if silence is None or (task is not None and task.cancelling()):
+                raise
+            raise silence from None
         finally:
             await outgoing.put(None)
             if heartbeats is not None:
@@ -239,13 +281,28 @@ class LeaseLink:
                 if future is not None and not future.done():
                     future.set_result(response)
 
-    async def _heartbeat(self) -> None:
+    async def _heartbeat(
+        self, call: grpc.aio.StreamStreamCall[LeaseRequest, LeaseResponse]
+    ) -> ServerSilent | None:
+        """Heartbeat every interval until the session ends. A heartbeat unanswered for a third of the TTL
+        (at least an interval) cancels ``call`` and returns why: the leases were renewed at most an interval
+        before it was sent, so about a third of the TTL (10 s by default) is left to reach another replica,
+        whose Welcome keeps them. A busy server's late answer costs a reconnect, never a lease."""
+        patience = max(self.heartbeat_interval, self.lease_ttl / 3)
         while True:
             sent = time.time()
             try:
-                answer = await self.send(heartbeat=LeaseRequest.Heartbeat())
+                # asyncio.timeout, not wait_for: on Python 3.11 wait_for drops a cancel that comes as the
+                # answer arrives, and this task, cancelled as its session ends, would outlive it.
+                async with asyncio.timeout(patience):
+                    answer = await self.send(heartbeat=LeaseRequest.Heartbeat())
             except Disconnected:
-                return
+                return None
+            except TimeoutError:
+                call.cancel()
+                return ServerSilent(
+                    f"the queue service at {self._address} answered no heartbeat in {patience:g}s"
+                )
             if answer.HasField("ack"):
                 self.last_heartbeat_ack = time.time()
                 self._handler.on_renewed(sent + self.lease_ttl)

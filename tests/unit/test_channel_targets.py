@@ -19,6 +19,7 @@ from takeoff_console.settings import ConsoleSettings
 from takeoff_rpc.channels import (
     DialTarget,
     TargetError,
+    UnresolvedTarget,
     check_target,
     dial_target,
     open_channel,
@@ -88,7 +89,7 @@ def test_an_empty_target_is_refused() -> None:
 def test_a_host_that_does_not_resolve_is_named_when_the_channel_opens_not_in_settings() -> None:
     target = "127.0.0.1:1,queue.invalid:2"
     assert check_target(target) == target
-    with pytest.raises(TargetError, match=r"entry 2 of .*cannot resolve 'queue\.invalid'"):
+    with pytest.raises(UnresolvedTarget, match=r"entry 2 of .*cannot resolve 'queue\.invalid'"):
         open_channel(target)
 
 

@@ -19,7 +19,7 @@ from takeoff.cli._output import fail
 from takeoff.client import Client
 from takeoff.errors import TakeoffError, UnauthenticatedError, UnavailableError
 from takeoff.models import LogLine, LogStream, RunState, SecretMount
-from takeoff_rpc.channels import TargetError
+from takeoff_rpc.channels import TargetError, UnresolvedTarget
 
 ProjectOption = Annotated[
     str | None,
@@ -81,7 +81,7 @@ def takeoff_client(project: str | None) -> Iterator[Client]:
     """A client of the registry and the queue; an error from it ends the command with a one-line message."""
     try:
         client = Client(project=project, api_key=_Session.key)
-    except TargetError as error:
+    except (TargetError, UnresolvedTarget) as error:
         fail(f"cannot dial a service: {error}")
     except (ValueError, OSError) as error:  # the TLS files: missing, unreadable, or half a pair
         fail(f"cannot set up TLS: {error}")
