@@ -64,7 +64,18 @@ def queue_replicas(home: Path, env: dict[str, str], count: int = 2) -> Iterator[
             process = stack.enter_context(service_process("queue", replica_home, env=env))
             replicas.append(Replica(process, _drain_output(process, replica_home / "queue.log")))
         assert_service_wrote_tables(env["TAKEOFF_DATABASE_URL"], "queue_")  # it runs on PostgreSQL
-        yield replicas
+        try:
+            yield replicas
+        except BaseException:
+            for replica in replicas:  # what each replica said, in the failed test's captured output
+                print(
+                    f"--- {replica.log} (last 60 lines)",
+                    *replica.log.read_text().splitlines()[-60:],
+                    sep="\n",
+                )
+            raise
+        for replica in replicas:  # all at once: each waits out its shutdown grace
+            replica.process.process.send_signal(signal.SIGTERM)
         for replica in replicas:
             replica.process.terminate()
 
