@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import bisect
-import contextlib
 import heapq
 import itertools
 import logging
@@ -589,11 +588,14 @@ class Dispatcher:
         self._lines.pop(current.queue, None)
         same_lease = before.state.is_live and after.state.is_live and before.epoch == after.epoch
         if before.state.is_live and not same_lease:
-            if not was_closing and self._leases.get(before.lease_id) == current.id:
+            # Ended by its agent's Complete on another replica: a resend here is acknowledged alike.
+            by_agent = after.completed_epoch == before.epoch != 0
+            if not was_closing and not by_agent:
                 lost = "the lease ended on another queue replica"
                 revoke = Revoke(before.lease_id, current.name, RevokeReason.LEASE_LOST, lost)
                 self._send_to_holder_of(before, revoke)
-                self._release_hold(current, before, ended_by_agent=False)
+            if not was_closing:
+                self._release_hold(current, before, ended_by_agent=by_agent)
             self._closing.pop(current.id, None)
             self._schedule_dispatch()
         if after.state.is_terminal:
@@ -1073,8 +1075,22 @@ class Dispatcher:
             self.token_revoker.wake()
 
     async def _deliver(self, assignments: list[tuple[Item, Assignment]]) -> None:
-        with contextlib.suppress(ItemChanged):  # claimed by another replica first: not this agent's
-            await self._persist([item for item, _ in assignments])
+        claimed = [item for item, _ in assignments]
+        limits = {}
+        if self._replicated:
+            for item in claimed:
+                if limit := self.queues[item.queue].concurrency_limit:
+                    limits[item.queue] = limit
+        try:
+            await self._persist(claimed, limits=limits)
+        except ItemChanged as changed:  # claimed by another replica first, or its queue is at its limit
+            for item in claimed:
+                if item.id in changed.item_ids:
+                    self.metrics.claims_refused[item.queue].inc()
+            for queue in {item.queue for item in claimed if item.id in changed.item_ids} & set(limits):
+                # The live items the other replicas hold, so that this one counts them too.
+                live = await self._store.items(queue=queue, states=LIVE_STATES)
+                await self.refresh(item.id for item in live)
         for item, assignment in assignments:
             # Still the agent's? (a cancel or a deadline may have moved it on during the commit)
             if item.lease_id == assignment.lease_id and item.state.is_live:
@@ -1187,6 +1203,8 @@ class Dispatcher:
             self.items[item.id] = item
             if retry:
                 self._deadlines.at(retry_at, "eligible", item.id, committed.epoch)
+            else:
+                self._make_pending(item)  # in line again; the refresh that follows may take it out
             return
         self._index(item)
         if committed.state.is_live and retry:
@@ -1432,9 +1450,13 @@ class Dispatcher:
         items: list[Item],
         then_send: Iterable[tuple[Item, Any]] = (),
         also: Callable[[QueueWrite], Awaitable[None]] | None = None,
+        limits: dict[str, int] | None = None,
     ) -> None:
         """Commit the items' new state and transitions (and ``also``, in the same transaction); then tell
-        their agents and whoever watches them.
+        their agents and whoever watches them. ``limits``: the items are claims, and those of these queues
+        are written only within the queue's concurrency limit, counted in the database under a lock of the
+        queue's row (replicas: another replica's claims may not be known here yet); the others are
+        refused as if another replica had changed them.
 
         When the commit fails, each item goes back to the life the store has, and the error is raised.
         """
@@ -1450,7 +1472,15 @@ class Dispatcher:
 
         async def write(tx: QueueWrite) -> set[str]:
             stale = set()
+            room = {
+                name: limit - await tx.lock_live_count(name) for name, limit in sorted((limits or {}).items())
+            }
             for item, life, since, revision in writes:
+                if item.queue in room:
+                    if room[item.queue] <= 0:
+                        stale.add(item.id)
+                        continue
+                    room[item.queue] -= 1
                 if not await tx.save_item(item.id, life, now, since, revision):
                     stale.add(item.id)
             if also is not None and not stale:

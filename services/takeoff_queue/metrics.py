@@ -56,7 +56,13 @@ class QueueMetrics:
             "Leases ended because their agent stopped renewing them.",
             ["queue"],
         )
+        self._claims_refused = counter(
+            "takeoff_queue_claims_refused_total",
+            "Claims another queue replica won first, or that a queue's concurrency limit refused (replicas).",
+            ["queue"],
+        )
         self.dispatch = _PerQueue(self._dispatch)
+        self.claims_refused = _PerQueue(self._claims_refused)
         self.assignments = _PerQueue(self._assignments)
         self.enqueues = _PerQueue(self._enqueues)
         self.expired = _PerQueue(self._expired)
@@ -72,6 +78,7 @@ class QueueMetrics:
             self._assignments,
             self._enqueues,
             self._expired,
+            self._claims_refused,
             CallbackGauge("takeoff_queue_depth", "Items PENDING per queue.", lambda: depth(0), ["queue"]),
             CallbackGauge(
                 "takeoff_queue_running",

@@ -280,6 +280,15 @@ class QueueWrite:
         await self.insert_token_revocations(ended_attempt_runs(life.history[since:]), update_time)
         return True
 
+    async def lock_live_count(self, queue: str) -> int:
+        """How many of the queue's items are held under a lease, its row locked until this transaction
+        ends so that concurrent claims (other replicas') count one after the other."""
+        await self._connection.execute(
+            sa.select(queues.c.name).where(queues.c.name == queue).with_for_update()
+        )
+        live = sa.select(sa.func.count()).where(items.c.queue == queue, items.c.state.in_(LIVE))
+        return int((await self._connection.execute(live)).scalar_one())
+
     async def bump_revision(self, item_id: str, revision: int) -> bool:
         """Move the item's row from ``revision`` to the next without changing its state: a change kept
         elsewhere (its attempt's run close) fenced like a write of the item. False when another writer
