@@ -7,11 +7,13 @@ database: each keeps its own tables and its own migration version table, ``{serv
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any, Literal
 
+import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config as AlembicConfig
 from alembic.runtime.migration import MigrationContext
@@ -104,6 +106,13 @@ class Database:
         if self.migrations is None:
             return None
         async with self.engine.begin() as connection:
+            if connection.dialect.name == "postgresql":
+                # Replicas starting together on a fresh database: one migrates, the others wait for its
+                # commit and then find the schema current (the lock ends with the transaction).
+                key = int.from_bytes(
+                    hashlib.sha256(self.version_table.encode()).digest()[:8], "big", signed=True
+                )
+                await connection.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
             await connection.run_sync(self._upgrade)
         return await self.schema_version()
 
