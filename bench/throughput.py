@@ -16,9 +16,11 @@ Queue replicas (docs/design.md §5, PostgreSQL only): ``--replicas N`` runs N qu
 enqueuers are spread over them round-robin, and the queue's CPU is the sum over the replicas. ``--replicas
 0`` (the default) is one queue process in the single-process model.
 
-What limits it: the CPU seconds each process (the queue, the registry, this client) spent per life cycle,
-read from /proc, and with ``--profile FILE`` the queue service's own cProfile (top functions by own time;
-the profiler slows it, so that run's rate is not the figure).
+What limits it: the CPU seconds each process (the queue, the registry, this client; on PostgreSQL the
+server's processes too, every session's, so an upper bound when others share it) spent per life cycle, read
+from /proc; the registry's calls per life cycle by method, from its metrics; and with ``--profile FILE`` the
+queue service's own cProfile (top functions by own time; the profiler slows it, so that run's rate is not
+the figure).
 
     python bench/throughput.py [--items 5000] [--agents 8] [--capacity 64] [--enqueuers 64]
         [--database sqlite|postgresql] [--replicas 0|1|2] [--sqlite-sync NORMAL|FULL] [--job bench:v0]
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import io
 import json
@@ -39,15 +42,17 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import psycopg
 from dispatch import _agent_key, _create_queue, bench_stack
+from prometheus_client.parser import text_string_to_metric_families
 
 from takeoff._auth import keys_dir
-from takeoff._home import StackRecord
+from takeoff._home import RunningService, StackRecord
 from takeoff.stack import KEY_VARIABLES
 from takeoff.v1 import common_pb2, queue_pb2, queue_pb2_grpc
 from takeoff_rpc.channels import open_aio_channel
@@ -131,11 +136,11 @@ class SyntheticAgent:
 
 async def measure(
     queue_addresses: list[str],
-    registry_address: str,
+    registry: RunningService,
     admin_key: str,
     args: argparse.Namespace,
     pids: dict[str, int],
-) -> dict[str, float]:
+) -> dict[str, object]:
     async with contextlib.AsyncExitStack() as channels:
         stubs = [
             queue_pb2_grpc.QueueServiceStub(
@@ -144,7 +149,7 @@ async def measure(
             for address in queue_addresses
         ]
         queue = await _create_queue(stubs[0])
-        key = await _agent_key(registry_address, admin_key, queue)
+        key = await _agent_key(registry.address, admin_key, queue)
         spread = [stubs[index % len(stubs)] for index in range(max(args.agents, args.enqueuers))]
         agents = [SyntheticAgent(stub, queue, args.capacity, key) for stub in spread[: args.agents]]
         counter, finished = [0], asyncio.Event()
@@ -158,6 +163,8 @@ async def measure(
                 await stub.Enqueue(queue_pb2.EnqueueRequest(queue=queue, job=args.job))
 
         cpu_before = {name: _cpu_seconds(pid) for name, pid in pids.items()}
+        postgres_before = _postgres_cpu_seconds() if args.database == "postgresql" else {}
+        calls_before = _rpc_calls(registry.metrics_address)
         started = time.perf_counter()
         enqueuing = asyncio.gather(*(enqueuer(stub) for stub in spread[: args.enqueuers]))
         waiting = asyncio.create_task(finished.wait())
@@ -169,12 +176,20 @@ async def measure(
         await enqueuing
         elapsed = time.perf_counter() - started
         cpu = {name: _cpu_seconds(pid) - cpu_before[name] for name, pid in pids.items()}
+        postgres_after = _postgres_cpu_seconds()
+        calls = _rpc_calls(registry.metrics_address)
+        calls.subtract(calls_before)
         for agent in agents:
             agent.stop()
         await asyncio.gather(*streams, return_exceptions=True)
-    # The queue's figure is every replica's together; each replica's own share is kept beside it.
-    cpu["queue"] = sum(seconds for name, seconds in cpu.items() if name.startswith("queue"))
-    result: dict[str, float] = {
+    # The queue's figure is every replica's together; each replica's own is kept beside it.
+    cpu["queue"] = sum(seconds for name, seconds in cpu.items() if name.startswith("queue_"))
+    if postgres_before:
+        # Backends alive at both ends: the services' pooled connections (and any other session's).
+        cpu["postgres"] = sum(
+            postgres_after[pid] - before for pid, before in postgres_before.items() if pid in postgres_after
+        )
+    result: dict[str, object] = {
         "items": args.items,
         "seconds": round(elapsed, 3),
         "life_cycles_per_second": round(args.items / elapsed, 1),
@@ -182,12 +197,37 @@ async def measure(
     for name, seconds in sorted(cpu.items()):
         result[f"{name}_cpu_ms_per_life_cycle"] = round(seconds / args.items * 1e3, 3)
         result[f"{name}_cpu_share"] = round(seconds / elapsed, 3)
+    result["registry_calls_per_life_cycle"] = {
+        method: round(count / args.items, 2) for method, count in sorted(calls.items()) if count
+    }
     return result
 
 
 def _cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime
+
+
+def _postgres_cpu_seconds() -> dict[int, float]:
+    """CPU seconds of every PostgreSQL server process now (none when it runs elsewhere)."""
+    seconds = {}
+    for entry in Path("/proc").iterdir():
+        with contextlib.suppress(OSError, ValueError):
+            if entry.name.isdigit() and (entry / "comm").read_text().strip() == "postgres":
+                seconds[int(entry.name)] = _cpu_seconds(int(entry.name))
+    return seconds
+
+
+def _rpc_calls(metrics_address: str) -> collections.Counter[str]:
+    """Calls the service answered so far, by method, from its Prometheus metrics."""
+    with urllib.request.urlopen(f"http://{metrics_address}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    calls: collections.Counter[str] = collections.Counter()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "grpc_server_handling_seconds_count":
+                calls[sample.labels["grpc_method"]] += int(sample.value)
+    return calls
 
 
 @contextlib.contextmanager
@@ -265,9 +305,10 @@ def _profiled_queue(home: Path, profile: str | None) -> Iterator[None]:
         sys.executable = real
 
 
-def run(args: argparse.Namespace) -> dict[str, float]:
+def run(args: argparse.Namespace) -> dict[str, object]:
     os.environ["TAKEOFF_ENQUEUES_PER_SECOND"] = "1000000"  # the bench measures the queue, not its limit
     os.environ["TAKEOFF_ENQUEUE_BURST"] = "1000000"
+    os.environ["TAKEOFF_METRICS_LISTEN"] = "127.0.0.1:0"  # the registry's calls are counted there
     if args.sqlite_sync:
         os.environ["TAKEOFF_SQLITE_SYNCHRONOUS"] = args.sqlite_sync
     if args.replicas:
@@ -280,12 +321,12 @@ def run(args: argparse.Namespace) -> dict[str, float]:
         _more_replicas(Path(home), record, max(0, args.replicas - 1)) as replicas,
     ):
         pids = {
-            "queue": record.services["queue"].pid,
+            "queue_0": record.services["queue"].pid,
             **{f"queue_{index + 1}": pid for index, (pid, _) in enumerate(replicas)},
             "registry": record.services["registry"].pid,
             "client": os.getpid(),
         }
-        registry = record.services["registry"].address
+        registry = record.services["registry"]
         addresses = [record.services["queue"].address, *(address for _, address in replicas)]
         result = asyncio.run(measure(addresses, registry, stack.admin_key, args, pids))
     return {
@@ -303,24 +344,18 @@ def top_functions(profile: str, count: int = 25) -> str:
     return out.getvalue()
 
 
-def print_table(results: list[dict[str, float]]) -> None:
+def print_table(results: list[dict[str, object]]) -> None:
     print(json.dumps(results, indent=2))
     columns = ["database", "replicas", "sqlite_sync", "job", "items", "life_cycles_per_second"]
-    columns += [f"{name}_cpu_ms_per_life_cycle" for name in ("queue", "registry", "client")]
-    headers = [
-        "database",
-        "replicas",
-        "sync",
-        "job",
-        "items",
-        "cycles/s",
-        "queue cpu ms",
-        "registry cpu ms",
-        "client cpu ms",
-    ]
+    columns += [f"{name}_cpu_ms_per_life_cycle" for name in ("queue", "registry", "client", "postgres")]
+    headers = ["database", "replicas", "sync", "job", "items", "cycles/s"]
+    headers += ["queue cpu ms", "registry cpu ms", "client cpu ms", "postgres cpu ms", "registry calls"]
     print("\n" + " ".join(f"{header:>15}" for header in headers))
     for row in results:
-        print(" ".join(f"{row[column]!s:>15}" for column in columns))
+        calls = row["registry_calls_per_life_cycle"]
+        assert isinstance(calls, dict)
+        cells = [*(row.get(column, "-") for column in columns), round(sum(calls.values()), 2)]
+        print(" ".join(f"{cell!s:>15}" for cell in cells))
 
 
 def main() -> None:
