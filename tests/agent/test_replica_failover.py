@@ -96,13 +96,9 @@ def test_kill_9_of_the_agents_replica_moves_its_session_to_the_other_keeping_lea
         item = stack.wait_ended(name, timeout=60)
 
     assert (item.state, item.attempt) == (SUCCEEDED, 1)
-    assert [t.to_state for t in item.transitions] == [
-        common_pb2.ITEM_STATE_PENDING,
-        common_pb2.ITEM_STATE_LEASED,
-        common_pb2.ITEM_STATE_BUILDING,
-        common_pb2.ITEM_STATE_STARTING,
-        RUNNING,
-        SUCCEEDED,
+    assert [common_pb2.ItemState.Name(t.to_state) for t in item.transitions] == [
+        f"ITEM_STATE_{state}"
+        for state in ("PENDING", "LEASED", "BUILDING", "STARTING", "RUNNING", "SUCCEEDED")
     ]
     assert not [t for t in item.transitions if t.reason]  # no AGENT_LOST, nor any other failure
     assert stack.logs(item.run).count(f"pid {pid}") == 1  # one start of the job, on one pid
