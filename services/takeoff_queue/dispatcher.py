@@ -577,6 +577,8 @@ class Dispatcher:
             if not fresh.state.is_terminal:
                 self._index(fresh)
                 self._closed_elsewhere(fresh, close)
+                if fresh.state.is_live:
+                    self._end_if_undelivered(fresh, close)
                 self._notify(fresh)
             return
         if current.life is not current.committed or current.revision >= fresh.revision:
@@ -607,6 +609,7 @@ class Dispatcher:
             self._ended_leases.pop(after.lease_id, None)
             self._hold(self._agent(after.agent.removeprefix("agents/")), current)
             self._watch_deadlines(current)
+            self._end_if_undelivered(current, close)
         else:
             if after.state is ItemState.RUNNING and before.state is not ItemState.RUNNING:
                 self._watch_deadlines(current)
@@ -614,6 +617,16 @@ class Dispatcher:
                 self._send_to_holder(current, Cancel(after.lease_id, current.name, after.message))
         self._closed_elsewhere(current, close)
         self._notify(current)
+
+    def _end_if_undelivered(self, item: Item, close: RunClose | None) -> None:
+        """A lease another replica gave an agent whose stream is held here: that replica still believed it
+        held the stream, and its Assignment went nowhere. The attempt ends as when an agent reconnects
+        without a lease (the agent never had it, so nothing runs twice)."""
+        if close is None and item.life.agent.removeprefix("agents/") in self._sessions:
+            lost = "assigned through a queue replica the agent had left"
+            self._spawn(
+                self._record_closes([(item, self._close_attempt(item, FailureReason.AGENT_LOST, lost))])
+            )
 
     def _closed_elsewhere(self, item: Item, close: RunClose | None) -> None:
         """Another replica ended the item's current attempt and waits for its run's close: the lease is
