@@ -81,6 +81,9 @@ class ServerSettings(BaseSettings):
     """When set, the bound addresses are written here as JSON once the server is serving."""
     parent_pid: int | None = None
     """When set (``takeoff up`` does), the server shuts down as soon as that process is gone."""
+    page_token_key_file: Path | None = None
+    """The key that signs page tokens (created on first use); default ``home/page-token.key``. Replicas
+    of one service must share it, so that a page token from one is honoured by the next."""
     api_key: SecretStr | None = None
     """This process's own key, for its calls to the other services (``TAKEOFF_API_KEY``)."""
     api_key_file: Path | None = None
@@ -102,7 +105,7 @@ class ServerSettings(BaseSettings):
         except OSError as error:
             raise ConfigError(f"cannot read the API key file {self.api_key_file}: {error.strerror}") from None
 
-    @field_validator("home", "ready_file", "api_key_file")
+    @field_validator("home", "ready_file", "api_key_file", "page_token_key_file")
     @classmethod
     def _expand_user(cls, value: Path | None) -> Path | None:
         return value.expanduser() if value is not None else None

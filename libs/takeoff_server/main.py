@@ -84,7 +84,7 @@ class ServiceProgram(Generic[SettingsT]):
         sys.exit(0)
 
     async def _serve(self, settings: SettingsT) -> None:
-        use_signing_key(load_signing_key(settings.home / PAGE_TOKEN_KEY_FILE))
+        use_signing_key(load_signing_key(settings.page_token_key_file or settings.home / PAGE_TOKEN_KEY_FILE))
         async with AsyncExitStack() as resources:
             wiring = await self.wire(settings, resources)
             rpc_metrics = RpcMetrics() if settings.metrics_listen else None
