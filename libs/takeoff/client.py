@@ -146,7 +146,8 @@ class Client:
     ) -> None:
         """``registry`` and ``queue`` are the services' addresses (default: ``TAKEOFF_REGISTRY_ADDRESS``
         or ``TAKEOFF_REGISTRY``, and ``TAKEOFF_QUEUE_ADDRESS``, else the running stack's, else the default
-        ports).
+        ports). Each may list a service's replicas, ``host:port,host:port`` (or be ``dns:///name:port``):
+        calls go to the first that answers, and after it dies to the next.
 
         ``api_key`` is the key every call presents; without it, the first of ``TAKEOFF_API_KEY``,
         ``TAKEOFF_TOKEN`` (the run token a launched job gets) and the admin key file
