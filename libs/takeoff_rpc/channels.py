@@ -2,9 +2,9 @@
 
 A target is ``host:port``, ``unix:/path``, ``dns:///name:port``, or a list ``host:port,host:port`` of a
 service's replicas to fail over between (:func:`dial_target`). Every channel gets :data:`CHANNEL_OPTIONS`;
-``metadata``
-(an API key, later a run token) is added to every call by an interceptor, and ``credentials`` make the
-channel a TLS one, so adding authentication later changes the callers' arguments, not this plumbing.
+``metadata`` (an API key, later a run token) is added to every call by an interceptor, and ``credentials``
+make the channel a TLS one, so adding authentication later changes the callers' arguments, not this
+plumbing.
 
 The same interceptor adds the caller's W3C trace context (``traceparent``, ``tracestate``) to every call
 once the process's tracing has named where to read it (:func:`propagate_trace_context`), so the server's
@@ -95,12 +95,14 @@ def dial_target(target: str) -> DialTarget:
     A list becomes one ``ipv4:`` (or ``ipv6:``) target holding each entry's addresses in order: gRPC's
     pick_first policy connects to the first that answers and, once that connection breaks, starts again
     from the top, so the caller's next call (a retried one, the agent's next Lease session) goes to the
-    first replica still up. Pick_first, not round_robin: an agent's Lease session and the queue's view of
-    it live on one replica, and a client's calls gain nothing from being spread, while round_robin would
-    also put every replica's address into each call's failure on the way. Names are resolved once, here
-    (getaddrinfo); a name whose addresses change belongs in ``dns:///``, which gRPC resolves again itself.
-    IPv4 is used when every entry has an IPv4 address (the services' default listen addresses), else
-    IPv6: gRPC takes one family per target.
+    first replica still up. Pick_first, not round_robin: a Lease session is one stream on one replica
+    either way, and round_robin would hold a connection from every client to every replica and spread
+    each client's calls over them for no gain (any replica answers any call), so that one replica's
+    failure would reach every client's calls, not only those of the clients using it.
+
+    Names are resolved once, here (getaddrinfo); a name whose addresses change belongs in ``dns:///``,
+    which gRPC resolves again itself. IPv4 is used when every entry has an IPv4 address (the services'
+    default listen addresses), else IPv6: gRPC takes one family per target.
 
     The certificate is checked against the first entry's host (the authority), so under TLS every
     replica's certificate must name it: give replicas a shared name, or use ``dns:///``."""
