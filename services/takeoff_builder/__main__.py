@@ -110,6 +110,7 @@ async def assemble(settings: BuilderSettings, resources: AsyncExitStack) -> Buil
     shared = Flights(database.url) if store.shared else None
     if shared is not None:
         await shared.open()
+        resources.push_async_callback(shared.close)
     builder = Builder(
         store,
         registry,
