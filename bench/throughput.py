@@ -24,7 +24,7 @@ the figure).
 
     python bench/throughput.py [--items 5000] [--agents 8] [--capacity 64] [--enqueuers 64]
         [--database sqlite|postgresql] [--replicas 0|1|2] [--sqlite-sync NORMAL|FULL] [--job bench:v0]
-        [--profile queue.prof]
+        [--profile queue.prof] [--keep]
 """
 
 from __future__ import annotations
@@ -305,6 +305,18 @@ def _profiled_queue(home: Path, profile: str | None) -> Iterator[None]:
         sys.executable = real
 
 
+@contextlib.contextmanager
+def _home(keep: bool) -> Iterator[str]:
+    """A temporary TAKEOFF_HOME; with ``keep``, left in place (each service's log is under it) and named."""
+    if not keep:
+        with tempfile.TemporaryDirectory(prefix="takeoff-bench-") as home:
+            yield home
+        return
+    home = tempfile.mkdtemp(prefix="takeoff-bench-")
+    print(f"the stack's home, kept: {home}", file=sys.stderr)
+    yield home
+
+
 def run(args: argparse.Namespace) -> dict[str, object]:
     os.environ["TAKEOFF_ENQUEUES_PER_SECOND"] = "1000000"  # the bench measures the queue, not its limit
     os.environ["TAKEOFF_ENQUEUE_BURST"] = "1000000"
@@ -314,7 +326,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     if args.replicas:
         os.environ["TAKEOFF_REPLICAS"] = "true"
     with (
-        tempfile.TemporaryDirectory(prefix="takeoff-bench-") as home,
+        _home(args.keep) as home,
         _database(args.database),
         _profiled_queue(Path(home), args.profile),
         bench_stack(Path(home)) as (stack, record),
@@ -377,6 +389,7 @@ def main() -> None:
     parser.add_argument("--sqlite-sync", choices=["NORMAL", "FULL"], default=None)
     parser.add_argument("--profile", default=None, help="write the queue service's cProfile stats here")
     parser.add_argument("--runs", type=int, default=1)
+    parser.add_argument("--keep", action="store_true", help="keep each run's home and its services' logs")
     args = parser.parse_args()
     if args.replicas and args.database != "postgresql":
         parser.error("--replicas needs --database postgresql (replicas are refused on SQLite)")
