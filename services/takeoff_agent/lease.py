@@ -51,8 +51,8 @@ class Disconnected(Exception):
 
 
 class ServerSilent(Exception):
-    """The queue service answered no heartbeat within a heartbeat interval: it hangs, or the way to it is
-    cut without the connection breaking (which gRPC's keepalive would notice only after minutes)."""
+    """The queue service left a heartbeat unanswered too long: it hangs, or the way to it is cut without
+    the connection breaking (which gRPC's keepalive would notice only after minutes)."""
 
 
 class SessionRefused(Exception):
@@ -286,8 +286,8 @@ class LeaseLink:
     ) -> ServerSilent | None:
         """Heartbeat every interval until the session ends. A heartbeat unanswered for a third of the TTL
         (at least an interval) cancels ``call`` and returns why: the leases were renewed at most an interval
-        before it was sent, so about a third of the TTL (10 s by default) is left to reach another replica,
-        whose Welcome keeps them. A busy server's late answer costs a reconnect, never a lease."""
+        before it was sent, so TTL - interval - that patience (10 s by default) is left to reach another
+        replica, whose Welcome keeps them. A busy server's late answer costs a reconnect, not a lease."""
         patience = max(self.heartbeat_interval, self.lease_ttl / 3)
         while True:
             sent = time.time()
