@@ -145,7 +145,9 @@ async def test_agents_of_a_replica_killed_9_keep_their_leases_on_the_other(
 ) -> None:
     async with two_replicas(tmp_path, registry, database) as ((doomed, survivor), (on_doomed, on_survivor)):
         queue = await new_queue(on_doomed)
-        agents = [await ScriptedAgent(doomed.address).connect([queue], capacity=2) for _ in range(2)]
+        # The agents list both replicas, as an agent's queue_address does: they use the first that answers.
+        both = f"{doomed.address},{survivor.address}"
+        agents = [await ScriptedAgent(both).connect([queue], capacity=2) for _ in range(2)]
         names = [await enqueue(on_survivor, queue, job) for _ in range(4)]
         held: dict[str, list[queue_pb2.LeaseResponse.Assignment]] = {}
         for agent in agents:  # two each: the room the four items fill
@@ -154,12 +156,13 @@ async def test_agents_of_a_replica_killed_9_keep_their_leases_on_the_other(
                 assert (await agent.progress(assignment, RUNNING)).ack.state == RUNNING
 
         doomed.kill()
-        for agent in agents:
-            await agent.vanish()
+        for agent in agents:  # their streams were on the killed replica: they end
+            assert (await agent.next()).WhichOneof("message") is None, "the stream outlived its replica"
+            await agent.close()
 
         for agent in agents:
             mine = held[agent.agent_id]
-            back = await ScriptedAgent(survivor.address, agent_id=agent.agent_id).connect(
+            back = await ScriptedAgent(both, agent_id=agent.agent_id).connect(
                 [queue], capacity=2, held={lease.lease_id: lease.epoch for lease in mine}
             )
             try:
