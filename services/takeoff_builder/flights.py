@@ -3,10 +3,10 @@
 A build is carried out by the replica holding its flight's session-level advisory lock, taken on a
 connection of its own for the build's life (then unlocked and kept for the next lock): a session's locks
 go with it, so a replica's death frees its builds at once (the server ends the session when the socket
-closes). A replica
-asked for a flight that another holds follows that build from the database: it LISTENs for the holder's
-notifications (sent with each batch of log lines it stores) and queues for the lock, which it is granted
-when the holder ends the build or dies. Whoever is granted the lock over an unfinished build carries it on.
+closes). A replica asked for a flight that another holds follows that build from the database: it LISTENs
+for the holder's notifications (sent with each batch of log lines it stores) and queues for the lock, which
+it is granted when the holder ends the build or dies. Whoever is granted the lock over an unfinished build
+carries it on.
 
 Cache entries (venvs, code, image tags) are locked the same way while they are made (``SharedLocks``), so
 two flights that need one entry at the same moment on two replicas make it once.
@@ -43,7 +43,7 @@ round trip, and every Build call that is not joined in-process takes a flight lo
 
 
 class FlightLock:
-    """A connection of its own that holds, or queues for, one flight's lock; closing it frees the lock."""
+    """A connection of its own that holds, or queues for, one lock; ``release`` frees it."""
 
     def __init__(
         self, connection: Connection, key: int, give_back: Callable[[Connection], Awaitable[None]]
@@ -132,19 +132,22 @@ class Flights:
 
     async def _give_back(self, connection: Connection) -> None:
         """Keep ``connection`` for the next lock once it holds none, else close it, which frees them."""
-        if (
-            len(self._idle) < self._max_idle
-            and not connection.closed
-            and connection.info.transaction_status is TransactionStatus.IDLE
-        ):
-            try:
+        kept = False
+        try:
+            if (
+                len(self._idle) < self._max_idle
+                and not connection.closed
+                and connection.info.transaction_status is TransactionStatus.IDLE
+            ):
                 await connection.execute("SELECT pg_advisory_unlock_all()")
-            except psycopg.Error:
-                pass
-            else:
+                kept = True
+        except psycopg.Error:
+            pass  # closed below, like a connection cancelled mid-unlock
+        finally:
+            if kept:
                 self._idle.append(connection)
-                return
-        await connection.close()
+            else:
+                await connection.close()
 
     async def close(self) -> None:
         while self._idle:
