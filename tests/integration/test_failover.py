@@ -5,7 +5,8 @@ heartbeat goes unanswered for a third of the lease TTL.
 
 A and B are two queue service processes, each on its own SQLite database, standing in for replicas: what
 each holds shows which one answered (a queue only A has, one only B has). Replicas sharing PostgreSQL, where
-B's Welcome also keeps A's leases, are tests/queue/test_replicas.py's.
+B's Welcome also keeps A's leases, are tests/agent/test_replica_failover.py's (a real agent and job) and
+tests/queue/test_replicas.py's.
 """
 
 from __future__ import annotations
