@@ -114,7 +114,13 @@ async def assemble(settings: BuilderSettings, resources: AsyncExitStack) -> Buil
     builder = Builder(
         store,
         registry,
-        CodeCache(builds, registry, git_mirrors, locks=SharedLocks(shared, "code") if shared else None),
+        CodeCache(
+            builds,
+            registry,
+            git_mirrors,
+            locks=SharedLocks(shared, "code") if shared else None,
+            mirror_locks=SharedLocks(shared, "git mirror") if shared else None,
+        ),
         Venvs(
             builds / "venvs",
             index,

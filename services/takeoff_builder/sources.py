@@ -21,13 +21,21 @@ from takeoff_server.errors import InvalidArgument
 
 class CodeCache:
     def __init__(
-        self, root: Path, registry: RegistryClient, git_mirrors: GitMirrors, *, locks: Locks | None = None
+        self,
+        root: Path,
+        registry: RegistryClient,
+        git_mirrors: GitMirrors,
+        *,
+        locks: Locks | None = None,
+        mirror_locks: Locks | None = None,
     ) -> None:
         self._shelf = Shelf(root / "code")
         self._downloads = root / "downloads"
         self._registry = registry
         self._git_mirrors = git_mirrors
         self._locks = locks or KeyedLocks()
+        self._mirror_locks = mirror_locks or KeyedLocks()
+        """By remote URL: the mirror is one directory, which builder replicas may share."""
 
     async def lookup(self, spec: JobSpec) -> Path | None:
         return await asyncio.to_thread(self._shelf.lookup, spec.source_digest)
@@ -45,7 +53,8 @@ class CodeCache:
                     case CodeSource(sha256=sha256):
                         await self._unpack_artifact(spec.project, sha256, entry, log)
                     case GitSource(url=url, commit=commit):
-                        await asyncio.to_thread(self._git_mirrors.export, url, commit, entry, log)
+                        async with self._mirror_locks.hold(url):
+                            await asyncio.to_thread(self._git_mirrors.export, url, commit, entry, log)
                 return await asyncio.to_thread(self._shelf.publish, digest, entry)
             except BaseException:
                 await asyncio.shield(asyncio.to_thread(Shelf.discard, entry))
