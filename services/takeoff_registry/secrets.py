@@ -22,7 +22,7 @@ from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 
 from takeoff_registry.secrets_store import SecretStore, StoredSecret
 from takeoff_registry.store import RegistryStore
-from takeoff_server.errors import NotFound
+from takeoff_server.errors import FailedPrecondition, NotFound
 from takeoff_server.names import ResourcePattern
 from takeoff_server.pagination import PageRequest
 from takeoff_server.validation import field_error
@@ -59,9 +59,17 @@ class Secret:
     update_time: datetime
 
 
-class SecretUnreadable(RuntimeError):
-    """A stored value does not decrypt with the configured key (the key file was replaced, or the row was
-    tampered with). A server fault: the call fails as INTERNAL and the log says which secret."""
+class SecretUnreadable(FailedPrecondition):
+    """A stored value does not decrypt with the configured key (the key file was replaced, registry replicas
+    do not share one, or the row was tampered with): FAILED_PRECONDITION ``SECRET_UNREADABLE``, naming the
+    secret and the setting to check, never the value."""
+
+    def __init__(self, key: SecretKey, why: str) -> None:
+        super().__init__(
+            "SECRET_UNREADABLE",
+            f"secret {key.name} {why}; check secrets_key_file (every registry replica must share it)",
+            metadata={"resource": key.name},
+        )
 
 
 def check_secret_id(secret_id: str, *, field: str) -> str:
@@ -155,13 +163,10 @@ class Secrets:
         try:
             plaintext = self._cipher.decrypt(ciphertext)
         except InvalidToken:
-            raise SecretUnreadable(
-                f"secret {key.name} does not decrypt with the registry's secrets key "
-                "(was the key file replaced?)"
-            ) from None
+            raise SecretUnreadable(key, "does not decrypt with the registry's secrets key") from None
         prefix = _prefix(key)
         if not plaintext.startswith(prefix):
-            raise SecretUnreadable(f"the stored value of secret {key.name} was encrypted for another secret")
+            raise SecretUnreadable(key, "holds a value encrypted for another secret")
         return plaintext[len(prefix) :]
 
 

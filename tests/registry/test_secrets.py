@@ -278,7 +278,8 @@ async def test_a_value_under_another_key_or_moved_to_another_secret_is_never_ret
         )
     async with _given(admin, target.name) as run:
         refused = await failure(run.secrets.AccessSecret(secrets_pb2.AccessSecretRequest(name=target.name)))
-    assert (refused.code, refused.reason) == (grpc.StatusCode.INTERNAL, "INTERNAL")
+    assert (refused.code, refused.reason) == (grpc.StatusCode.FAILED_PRECONDITION, "SECRET_UNREADABLE")
+    assert "secrets_key_file" in refused.message
     assert value[:20].decode(errors="replace") not in refused.message
     assert await _read_back(admin, moved.name) == value
 

@@ -578,6 +578,10 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """ABORTED. (Queue replicas) Other replicas changed the item again and again while this call tried to;
     nothing was changed by it. Retry the call.
     """
+    ERROR_REASON_SECRET_UNREADABLE: _ErrorReason.ValueType  # 71
+    """FAILED_PRECONDITION. A stored secret does not decrypt with this registry's secrets key: the key file was
+    replaced, registry replicas do not share one, or the row was tampered with. The value is never shown.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """Catalog of the google.rpc.ErrorInfo reasons the Takeoff services return, with the gRPC code each comes
@@ -763,6 +767,10 @@ or a run outside a launch).
 ERROR_REASON_CONCURRENT_CHANGE: ErrorReason.ValueType  # 70
 """ABORTED. (Queue replicas) Other replicas changed the item again and again while this call tried to;
 nothing was changed by it. Retry the call.
+"""
+ERROR_REASON_SECRET_UNREADABLE: ErrorReason.ValueType  # 71
+"""FAILED_PRECONDITION. A stored secret does not decrypt with this registry's secrets key: the key file was
+replaced, registry replicas do not share one, or the row was tampered with. The value is never shown.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 
