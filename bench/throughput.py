@@ -56,6 +56,7 @@ from takeoff._home import RunningService, StackRecord
 from takeoff.stack import KEY_VARIABLES
 from takeoff.v1 import common_pb2, queue_pb2, queue_pb2_grpc
 from takeoff_rpc.channels import open_aio_channel
+from takeoff_server.main import PAGE_TOKEN_KEY_FILE
 
 LeaseRequest = queue_pb2.LeaseRequest
 RUNNING = common_pb2.ITEM_STATE_RUNNING
@@ -266,6 +267,7 @@ def _more_replicas(home: Path, record: StackRecord, count: int) -> Iterator[list
                 "TAKEOFF_READY_FILE": str(ready),
                 "TAKEOFF_REGISTRY_ADDRESS": record.services["registry"].address,
                 "TAKEOFF_API_KEY_FILE": str(keys_dir(home) / "queue.key"),
+                "TAKEOFF_PAGE_TOKEN_KEY_FILE": str(home / PAGE_TOKEN_KEY_FILE),  # the stack's queue's
             }
             with (replica_home / "queue.log").open("ab") as log:
                 child = subprocess.Popen([PYTHON, "-m", "takeoff_queue"], env=env, stdout=log, stderr=log)

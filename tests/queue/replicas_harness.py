@@ -7,6 +7,7 @@ import asyncio
 import signal
 import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,14 +56,21 @@ class Replica:
 @contextmanager
 def queue_replicas(home: Path, env: dict[str, str], count: int = 2) -> Iterator[list[Replica]]:
     """``count`` real ``python -m takeoff_queue`` processes on ``env``'s database, each on its own loopback
-    port and home, started one after the other (each ready before the next starts)."""
-    with ExitStack() as stack:
-        replicas = []
-        for index in range(count):
-            replica_home = home / f"replica-{index}"
+    port and home, all started at once as a deployment's replicas are (the first start on a fresh database
+    migrates it once), sharing the key that signs page tokens."""
+    env = {**env, "TAKEOFF_PAGE_TOKEN_KEY_FILE": str(home / "page-token.key")}
+    homes = [home / f"replica-{index}" for index in range(count)]
+    starts = [service_process("queue", replica_home, env=env) for replica_home in homes]
+    with ExitStack() as stack, ThreadPoolExecutor(count) as pool:
+        for replica_home in homes:
             replica_home.mkdir(parents=True, exist_ok=True)
-            process = stack.enter_context(service_process("queue", replica_home, env=env))
-            replicas.append(Replica(process, _drain_output(process, replica_home / "queue.log")))
+        started = [pool.submit(start.__enter__) for start in starts]
+        for start in starts:  # each is stopped however the others' starts went
+            stack.push(start.__exit__)
+        replicas = [
+            Replica(process, _drain_output(process, replica_home / "queue.log"))
+            for process, replica_home in zip((future.result() for future in started), homes, strict=True)
+        ]
         assert_service_wrote_tables(env["TAKEOFF_DATABASE_URL"], "queue_")  # it runs on PostgreSQL
         try:
             yield replicas
@@ -181,3 +189,15 @@ async def all_items(queues: queue_pb2_grpc.QueueServiceAsyncStub, queue: str) ->
         items.extend(page.items)
         if not (token := page.next_page_token):
             return items
+
+
+class HoldingAgent(ScriptedAgent):
+    """A scripted agent that holds its leases until the test completes them."""
+
+    async def assignments_so_far(self) -> list[Assignment]:
+        """Every Assignment that arrived before the Ack of a Heartbeat sent now: each one the replica had
+        decided to send by then (a dispatch pass runs on its event loop's next turn)."""
+        await self.settle()
+        arrived = [response.assignment for response in self._stash if response.HasField("assignment")]
+        self._stash[:] = [response for response in self._stash if not response.HasField("assignment")]
+        return arrived

@@ -21,7 +21,16 @@ from takeoff.v1 import common_pb2, queue_pb2, queue_pb2_grpc
 from tests.postgres import postgres_schema_url
 from tests.processes import ServiceProcess
 from tests.queue.harness import ScriptedAgent, Stub, keyed_channel, watch_until
-from tests.queue.replicas_harness import Replica, Worker, all_items, queue_replicas, replica_env, work_through
+from tests.queue.replicas_harness import (
+    Assignment,
+    HoldingAgent,
+    Replica,
+    Worker,
+    all_items,
+    queue_replicas,
+    replica_env,
+    work_through,
+)
 
 pytestmark = pytest.mark.postgres
 
@@ -217,3 +226,80 @@ async def test_leases_of_an_agent_that_died_with_its_replica_expire_on_the_other
         # Ended by expiry (renewed at the Hello at the earliest), not by the replica's death.
         assert expired.time.ToDatetime(UTC) >= hello_sent + timedelta(seconds=SHORT_TTL)
         assert item.transitions[4].agent != item.transitions[1].agent
+
+
+async def test_a_concurrency_limit_holds_across_replicas(
+    tmp_path: Path, registry: ServiceProcess, job: str, database: str
+) -> None:
+    limit, count = 2, 20
+    async with two_replicas(tmp_path, registry, database) as (replicas, stubs):
+        created = await stubs[0].CreateQueue(
+            queue_pb2.CreateQueueRequest(
+                parent="projects/qtest",
+                queue_id=f"limited-{uuid.uuid4().hex[:8]}",
+                queue=queue_pb2.Queue(
+                    resource=common_pb2.RESOURCE_KIND_LOCAL_PROCESS, concurrency_limit=limit
+                ),
+            )
+        )
+        queue = created.queue.name
+        async with AsyncExitStack() as stack:
+            agents: list[HoldingAgent] = []
+            for index in range(4):  # two per replica, each with room for three
+                agent = HoldingAgent(replicas[index % 2].address)
+                await agent.connect([queue], capacity=3)
+                stack.push_async_callback(agent.close)
+                agents.append(agent)
+            names = [await enqueue(stubs[index % 2], queue, job) for index in range(count)]
+
+            # Held: an Assignment received and its Complete not yet sent. A replica claims only while the
+            # queue's live count is under the limit, and a lease stops counting only once its Complete is
+            # committed (after it was sent), so the agents together never hold more than the limit.
+            held: list[tuple[HoldingAgent, Assignment]] = []
+            most, assigned = 0, list[Assignment]()
+            async with asyncio.timeout(60):
+                while len(assigned) < count:
+                    if not held:  # wait for the next Assignment, wherever it comes
+                        waits = {asyncio.create_task(agent.next("assignment")): agent for agent in agents}
+                        done, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                        for task in pending:
+                            task.cancel()
+                        held += [(waits[task], task.result().assignment) for task in done]
+                        assigned += [assignment for _, assignment in held]
+                    for agent in agents:
+                        arrived = await agent.assignments_so_far()
+                        held += [(agent, assignment) for assignment in arrived]
+                        assigned += arrived
+                    most = max(most, len(held))
+                    assert len(held) <= limit, [
+                        (agent.address, a.item.name, a.assign_time.ToJsonString()) for agent, a in held
+                    ]
+                    agent, assignment = held.pop(0)
+                    assert (await agent.complete(assignment, SUCCEEDED)).ack.state == SUCCEEDED
+                for agent, assignment in held:
+                    assert (await agent.complete(assignment, SUCCEEDED)).ack.state == SUCCEEDED
+        items = await all_items(stubs[1], queue)
+
+    assert most == limit  # the limit, not the agents' room, is what held them back
+    assert sorted(assignment.item.name for assignment in assigned) == sorted(names)  # each once
+    assert {(item.state, item.attempt) for item in items} == {(SUCCEEDED, 1)}
+    assert len(items) == count
+
+
+async def test_a_page_token_from_one_replica_is_honoured_by_the_other(
+    tmp_path: Path, registry: ServiceProcess, job: str, database: str
+) -> None:
+    async with two_replicas(tmp_path, registry, database) as (_, stubs):
+        queue = await new_queue(stubs[0])
+        names = [await enqueue(stubs[index % 2], queue, job) for index in range(5)]
+        listed: list[str] = []
+        token = ""
+        for page in range(3):  # 2 + 2 + 1, each page from the other replica than the last
+            response = await stubs[page % 2].ListItems(
+                queue_pb2.ListItemsRequest(parent=queue, page_size=2, page_token=token)
+            )
+            listed += [item.name for item in response.items]
+            token = response.next_page_token
+        assert token == ""
+    assert sorted(listed) == sorted(names)
+    assert len(listed) == len(set(listed))
