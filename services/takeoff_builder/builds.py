@@ -428,10 +428,15 @@ class Builder:
             environment_key=keys.environment if keys else "",
             build_key=keys.build if keys else "",
         )
+        run = self._prepared(BuildRun(build, redact=self._redact, clock=self._clock), spec)
         await self._store.insert(
-            build, request_id=request.request_id, fingerprint=fingerprint, flight_lock=flight_lock
+            build,
+            request_id=request.request_id,
+            fingerprint=fingerprint,
+            flight_lock=flight_lock,
+            holds=run.holds,
         )
-        return self._prepared(BuildRun(build, redact=self._redact, clock=self._clock), spec)
+        return run
 
     async def _follower(self, build: Build, spec: JobSpec) -> BuildRun:
         """A run of ``build``, under way or left unfinished elsewhere, with what it has stored so far."""
@@ -657,6 +662,10 @@ class Builder:
         """What the builds under way use or make: their environment keys (venvs), source digests (code)
         and image tags. Retention leaves these alone (docs/design.md §9, "Retention")."""
         return {key for run in self._running.values() for key in run.holds}
+
+    async def held_elsewhere(self) -> set[str]:
+        """What builds under way on other replicas sharing the database (and this one) hold, as stored."""
+        return await self._store.unfinished_holds() if self._shared is not None else set()
 
     @asynccontextmanager
     async def _slot(self, run: BuildRun) -> AsyncIterator[None]:

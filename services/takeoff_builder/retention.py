@@ -7,7 +7,8 @@ were last handed out more than ``max_age_days`` ago; then, while the venvs and c
 
 Never pruned, as "in use":
 
-- what a build under way uses or makes (its environment key, source digest, image tag);
+- what a build under way uses or makes (its environment key, source digest, image tag), on this builder
+  or, read from the database at the start of the pass, on any replica sharing it;
 - what a build handed out within ``in_use_hours``: the agent runs a local-process job straight from the
   venv on this disk (and Slurm and Ray jobs from the same path on a shared disk), for as long as the job
   runs, and the builder is not told when it ends;
@@ -64,6 +65,8 @@ class _Limits:
     too_old: datetime | None
     in_use_since: datetime
     running_from: Sequence[str] = ()
+    held_elsewhere: set[str] = field(default_factory=set)
+    """What builds under way on other builder replicas hold, read at the start of the pass."""
 
 
 @dataclass
@@ -169,7 +172,9 @@ class BuilderRetention:
         uses = await self._store.last_uses()
         on_disk = await asyncio.to_thread(self._scan, uses)
         running_from = await asyncio.to_thread(lambda: list(self._paths_in_use()))
-        limits = _Limits(too_old, settings.in_use_since(now), running_from)
+        limits = _Limits(
+            too_old, settings.in_use_since(now), running_from, await self._builder.held_elsewhere()
+        )
         await self._prune_group(on_disk, settings.max_bytes, limits, report)
         try:
             images = [
@@ -197,7 +202,8 @@ class BuilderRetention:
         ]
 
     def _in_use(self, entry: Entry, limits: _Limits) -> bool:
-        if entry.key in self._builder.held() or entry.last_use >= limits.in_use_since:
+        held = entry.key in self._builder.held() or entry.key in limits.held_elsewhere
+        if held or entry.last_use >= limits.in_use_since:
             return True
         if entry.path is None:
             return False

@@ -6,7 +6,7 @@ What is cached lives on disk, not here: these records say what was asked and wha
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -59,6 +59,10 @@ class BuildRow(SQLModel, table=True):
     end_time: datetime | None = Field(default=None, sa_column=Column(UtcDateTime))
     flight_lock: int = Field(default=0, sa_column=Column(sa.BigInteger, nullable=False, server_default="0"))
     """The advisory lock the replica carrying out the build holds (PostgreSQL; see ``flights``)."""
+    holds: list[str] = Field(
+        default_factory=list, sa_column=Column(JSON, nullable=False, server_default="[]")
+    )
+    """The cache entries the build uses or makes (``Builder.held``), for other replicas' retention."""
 
 
 class BuildLogRow(SQLModel, table=True):
@@ -151,7 +155,13 @@ class BuildStore:
         return self._database.engine.dialect.name == "postgresql"
 
     async def insert(
-        self, build: Build, *, request_id: str = "", fingerprint: str = "", flight_lock: int = 0
+        self,
+        build: Build,
+        *,
+        request_id: str = "",
+        fingerprint: str = "",
+        flight_lock: int = 0,
+        holds: Iterable[str] = (),
     ) -> None:
         """Store a new build and, in the same transaction, the ``request_id`` that started it."""
         async with self._database.session() as session:
@@ -166,6 +176,7 @@ class BuildStore:
                     run=build.run,
                     create_time=build.create_time,
                     flight_lock=flight_lock,
+                    holds=sorted(holds),
                     **_state_values(build),
                 )
             )
@@ -214,6 +225,12 @@ class BuildStore:
         async with self._database.session() as session:
             row = (await session.exec(select(BuildRow).where(BuildRow.id == build_id))).first()
         return _build_from_row(row) if row is not None else None
+
+    async def unfinished_holds(self) -> set[str]:
+        """The cache entries that builds QUEUED or RUNNING hold, whichever replica carries them out."""
+        statement = select(BuildRow.holds).where(col(BuildRow.state).in_(_UNFINISHED))
+        async with self._database.session() as session:
+            return {key for holds in await session.exec(statement) for key in holds}
 
     async def log_lines(self, build_id: str, *, first_line: int = 0) -> list[str]:
         async with self._database.session() as session:

@@ -44,6 +44,7 @@ from tests.builder.conftest import (
     running_builder,
 )
 from tests.builder.served import served_builder
+from tests.builder.test_retention import prune
 from tests.keys import ADMIN_KEY
 from tests.postgres import postgres_schema_url, postgres_url
 from tests.processes import ServiceProcess, service_process, until
@@ -174,6 +175,19 @@ def replica(
     )
 
 
+def replica_settings(
+    registry: ServiceProcess, tmp_path: Path, name: str, database_url: str
+) -> BuilderSettings:
+    """The settings of ``replica``, for a builder served with its parts in reach."""
+    return BuilderSettings(
+        home=tmp_path / name,
+        listen=["127.0.0.1:0"],
+        registry_address=registry.address,
+        database_url=database_url,
+        builds_dir=tmp_path / "builds",
+    )
+
+
 class Following:
     """A Build call read as it streams, so that a test can wait for what it has seen so far."""
 
@@ -300,15 +314,8 @@ async def test_a_replica_that_stops_hands_its_build_over_to_the_one_following_it
     registry: ServiceProcess, client: takeoff.Client, tmp_path: Path, index: GatedIndex, database_url: str
 ) -> None:
     version = create_job(client, tmp_path, requirements=index.requirements)
-    settings = BuilderSettings(
-        home=tmp_path / "a",
-        listen=["127.0.0.1:0"],
-        registry_address=registry.address,
-        database_url=database_url,
-        builds_dir=tmp_path / "builds",
-    )
     async with replica(registry, tmp_path, "b", database_url) as second:
-        async with served_builder(settings) as first:
+        async with served_builder(replica_settings(registry, tmp_path, "a", database_url)) as first:
             carrying = Following(first.builder.stub, version)
             await index.pip_runs(1)
             following = Following(second.stub, version)
@@ -378,3 +385,28 @@ async def test_replicas_needing_one_venv_at_once_make_it_once(
     module = index.distribution.replace("-", "_")
     process = await asyncio.create_subprocess_exec(found.result.python_path, "-c", f"import {module}")
     assert await process.wait() == 0
+
+
+async def test_a_replicas_retention_leaves_alone_what_another_replica_is_building(
+    registry: ServiceProcess, client: takeoff.Client, tmp_path: Path, index: GatedIndex, database_url: str
+) -> None:
+    version = create_job(client, tmp_path, requirements=index.requirements)
+    async with (
+        replica(registry, tmp_path, "a", database_url) as first,
+        served_builder(replica_settings(registry, tmp_path, "b", database_url)) as second,
+    ):
+        building = Following(first.stub, version)
+        await index.pip_runs(1)
+        # 40 days on, the code and the half-made venv are old and nothing on the second uses them.
+        report = await prune(second, days_later=40, max_age_days=30)
+        index.open_page.set()
+        index.open_wheel.set()
+        made = await building.outcome()
+
+    assert "venvs" not in report.removed
+    assert "code" not in report.removed
+    assert report.kept_in_use == 2  # the code and the venv, both held by the first's build
+    module = index.distribution.replace("-", "_")
+    process = await asyncio.create_subprocess_exec(made.result.python_path, "-c", f"import {module}")
+    assert await process.wait() == 0
+    assert await asyncio.to_thread(Path(made.result.code_path, "train.py").read_text) == TRAIN_PY
