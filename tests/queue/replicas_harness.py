@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import threading
+import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
@@ -54,12 +55,15 @@ class Replica:
 
 
 @contextmanager
-def queue_replicas(home: Path, env: dict[str, str], count: int = 2) -> Iterator[list[Replica]]:
+def queue_replicas(
+    home: Path, env: dict[str, str], count: int = 2, *, first: int = 0
+) -> Iterator[list[Replica]]:
     """``count`` real ``python -m takeoff_queue`` processes on ``env``'s database, each on its own loopback
     port and home, all started at once as a deployment's replicas are (the first start on a fresh database
-    migrates it once), sharing the key that signs page tokens."""
+    migrates it once), sharing the key that signs page tokens. ``first``: the number of the first one's home
+    (``replica-{n}``), for replicas added to those started before in ``home``."""
     env = {**env, "TAKEOFF_PAGE_TOKEN_KEY_FILE": str(home / "page-token.key")}
-    homes = [home / f"replica-{index}" for index in range(count)]
+    homes = [home / f"replica-{first + index}" for index in range(count)]
     starts = [service_process("queue", replica_home, env=env) for replica_home in homes]
     with ExitStack() as stack, ThreadPoolExecutor(count) as pool:
         for replica_home in homes:
@@ -155,10 +159,23 @@ class WorkDone:
     acknowledged: int = 0
     event: asyncio.Event = field(default_factory=asyncio.Event)
 
+    _milestones: list[tuple[int, asyncio.Event]] = field(default_factory=list)
+
     def count(self) -> None:
         self.acknowledged += 1
+        for count, reached in self._milestones:
+            if self.acknowledged >= count:
+                reached.set()
         if self.acknowledged >= self.total:
             self.event.set()
+
+    async def reached(self, count: int) -> None:
+        """Once ``count`` Completes were acknowledged."""
+        reached = asyncio.Event()
+        self._milestones.append((count, reached))
+        if self.acknowledged >= count:
+            reached.set()
+        await reached.wait()
 
 
 async def work_through(workers: list[Worker], total: int, *, within: float) -> None:
@@ -201,3 +218,108 @@ class HoldingAgent(ScriptedAgent):
         arrived = [response.assignment for response in self._stash if response.HasField("assignment")]
         self._stash[:] = [response for response in self._stash if not response.HasField("assignment")]
         return arrived
+
+
+@dataclass
+class Violations:
+    """What a fault must never cost, as the agents saw it."""
+
+    rejected: list[str] = field(default_factory=list)
+    """A Progress or Complete about a lease the agent held, refused."""
+    doubly_held: list[str] = field(default_factory=list)
+    """An item assigned to one agent while another still held it."""
+    lost_verdicts: dict[str, int] = field(default_factory=dict)
+    """item -> epoch of a held lease a Welcome did not keep (fine only if that epoch had completed it)."""
+
+
+@dataclass
+class _Held:
+    item: str
+    epoch: int
+    running: bool = False
+    """RUNNING acknowledged: the Complete is what is pending."""
+
+
+@dataclass
+class FailoverWorker:
+    """An agent that works as :class:`Worker` does and, when its stream ends, opens the next session on
+    another live replica, listing the leases it holds; it goes on with those the Welcome keeps. ``live``:
+    the replicas' addresses, which the test updates as it kills and starts them."""
+
+    live: list[str]
+    address: str
+    holders: dict[str, str]
+    """item -> the agent that holds it now, shared by every worker of a test."""
+    violations: Violations
+    agent_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    sessions: int = 0
+    _held: dict[str, _Held] = field(default_factory=dict)
+
+    @property
+    def held(self) -> dict[str, str]:
+        """item -> RUNNING or LEASED, for a failure's report."""
+        return {state.item: "RUNNING" if state.running else "LEASED" for state in self._held.values()}
+
+    async def work(self, queue: str, capacity: int, done: WorkDone) -> None:
+        while True:
+            agent = ScriptedAgent(self.address, agent_id=self.agent_id)
+            held = {lease: state.epoch for lease, state in self._held.items()}
+            await agent.connect([queue], capacity=capacity, held=held, expect_welcome=False)
+            first = await agent.next(within=done.within)
+            if first.HasField("welcome"):
+                self.sessions += 1
+                agent.welcome = first.welcome
+                for verdict in first.welcome.lease_verdicts:
+                    assert verdict.lease_id in self._held, f"a verdict on a lease never listed: {verdict}"
+                    if not verdict.kept:
+                        self._forget(verdict)
+                for lease, state in self._held.items():
+                    await self._send_next(agent, lease, state)
+                async with agent.heartbeating():
+                    await self._serve(agent, done)
+            await agent.close()
+            others = [address for address in self.live if address != self.address]
+            self.address = others[0] if others else self.address
+
+    def _forget(self, verdict: queue_pb2.LeaseResponse.LeaseVerdict) -> None:
+        state = self._held.pop(verdict.lease_id)
+        self.violations.lost_verdicts[state.item] = state.epoch
+        self.holders.pop(state.item, None)
+
+    async def _send_next(self, agent: ScriptedAgent, lease: str, state: _Held) -> None:
+        if state.running:
+            complete = queue_pb2.LeaseRequest.Complete(lease_id=lease, epoch=state.epoch, outcome=SUCCEEDED)
+            await agent.send(complete=complete)
+        else:
+            progress = queue_pb2.LeaseRequest.Progress(lease_id=lease, epoch=state.epoch, state=RUNNING)
+            await agent.send(progress=progress)
+
+    async def _serve(self, agent: ScriptedAgent, done: WorkDone) -> None:
+        """Until the stream ends."""
+        while True:
+            response = await agent.next(within=done.within)
+            kind = response.WhichOneof("message")
+            if kind is None:
+                return
+            if kind == "assignment":
+                assignment = response.assignment
+                item = assignment.item.name
+                if self.holders.get(item, self.agent_id) != self.agent_id:
+                    self.violations.doubly_held.append(f"{item}: {self.holders[item]} and {self.agent_id}")
+                self.holders[item] = self.agent_id
+                state = self._held[assignment.lease_id] = _Held(item, assignment.epoch)
+                await self._send_next(agent, assignment.lease_id, state)
+            elif kind == "ack" and response.ack.lease_id in self._held:
+                lease = response.ack.lease_id
+                if response.ack.of == queue_pb2.LEASE_MESSAGE_KIND_PROGRESS:
+                    self._held[lease].running = True
+                    await self._send_next(agent, lease, self._held[lease])
+                elif response.ack.of == queue_pb2.LEASE_MESSAGE_KIND_COMPLETE:
+                    assert response.ack.state == SUCCEEDED, response
+                    self.holders.pop(self._held.pop(lease).item, None)
+                    done.count()
+            elif kind in ("reject", "revoke", "cancel"):  # none is due to an agent that lost nothing
+                lease = getattr(response, kind).lease_id
+                state = self._held.pop(lease, _Held("", 0))
+                self.holders.pop(state.item, None)
+                self.violations.rejected.append(f"{state.item} epoch {state.epoch}: {response}")
