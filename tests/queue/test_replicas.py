@@ -303,3 +303,32 @@ async def test_a_page_token_from_one_replica_is_honoured_by_the_other(
         assert token == ""
     assert sorted(listed) == sorted(names)
     assert len(listed) == len(set(listed))
+
+
+async def test_a_complete_resent_to_the_other_replica_after_its_ack_was_lost_is_acknowledged(
+    tmp_path: Path, registry: ServiceProcess, job: str, database: str
+) -> None:
+    async with two_replicas(tmp_path, registry, database) as ((doomed, survivor), (on_doomed, on_survivor)):
+        queue = await new_queue(on_doomed)
+        agent = await ScriptedAgent(doomed.address).connect([queue])
+        name = await enqueue(on_doomed, queue, job)
+        assignment = (await agent.next("assignment")).assignment
+        assert (await agent.progress(assignment, RUNNING)).ack.state == RUNNING
+        await agent.send(
+            complete=queue_pb2.LeaseRequest.Complete(
+                lease_id=assignment.lease_id, epoch=assignment.epoch, outcome=SUCCEEDED
+            )
+        )
+        await watch_until(on_survivor, name, lambda item: item.state == SUCCEEDED)  # committed, seen there
+        doomed.kill()  # the Ack, never read, is lost with its replica
+        await agent.vanish()
+
+        back = await ScriptedAgent(survivor.address, agent_id=agent.agent_id).connect(
+            [queue], held={assignment.lease_id: assignment.epoch}
+        )
+        try:
+            assert (await back.complete(assignment, SUCCEEDED)).ack.state == SUCCEEDED  # not LEASE_LOST
+        finally:
+            await back.close()
+        item = await watch_until(on_survivor, name, lambda item: item.state == SUCCEEDED)
+    assert [t.to_state for t in item.transitions] == [PENDING, LEASED, RUNNING, SUCCEEDED]
