@@ -24,6 +24,8 @@ __all__ = ["database"]  # the fixture, used by name
 
 BUILDING = common_pb2.ITEM_STATE_BUILDING
 STARTING = common_pb2.ITEM_STATE_STARTING
+LEASED = common_pb2.ITEM_STATE_LEASED
+RUNNING = common_pb2.ITEM_STATE_RUNNING
 ITEMS_CHANNEL = "takeoff_queue_items"
 
 
@@ -80,3 +82,36 @@ async def test_a_cancel_committed_by_another_replica_survives_pipelined_progress
             assert (await agent.next("cancel")).cancel.lease_id == assignment.lease_id
         finally:
             await agent.close()
+
+
+async def test_a_stream_left_open_on_another_replica_does_not_end_leases_given_on_this_one(
+    tmp_path: Path, registry: ServiceProcess, job: str, database: str
+) -> None:
+    """An agent left replica B for replica A, but B never saw its stream end (a network partition, or B was
+    stopped: the agent's goodbye never reached it; gRPC keeps such a stream until keepalive, minutes). A
+    gives the agent work; B reads that lease from A's notification and must not end it as "assigned
+    through a replica the agent had left": the agent holds it, on A, and is working on it."""
+    async with two_replicas(tmp_path, registry, database) as ((first, second), (on_first, on_second)):
+        queue = await new_queue(on_first)
+        stale = await ScriptedAgent(second.address).connect([queue], capacity=1)  # never closed by B
+        live = await ScriptedAgent(first.address, agent_id=stale.agent_id).connect([queue], capacity=1)
+        watch = on_second.WatchQueue(queue_pb2.WatchQueueRequest(name=queue))
+        try:
+            async for change in watch:
+                if change.snapshot_done:
+                    break
+            name = await enqueue(on_first, queue, job)
+            assignment = (await live.next("assignment")).assignment
+            async for change in watch:  # B has read the lease A gave
+                if any(item.name == name and item.state == LEASED for item in change.items):
+                    break
+            # A commit of B's made after that: whatever B decided on reading the lease is committed by now.
+            await new_queue(on_second)
+            async with await psycopg.AsyncConnection.connect(database) as reader:
+                closes = await (await reader.execute("SELECT run, message FROM queue_run_closes")).fetchall()
+            assert closes == []
+            assert (await live.progress(assignment, RUNNING)).ack.state == RUNNING
+        finally:
+            watch.cancel()
+            await live.close()
+            await stale.close()
