@@ -69,6 +69,7 @@ FlightKey = tuple[BuildKind, str, bool, bool]
 
 
 _CARRIED_ON = "the builder that carried this build out stopped: carrying it on here"
+_STOPPED = "the builder stopped before the build finished"
 
 
 def utc_now() -> datetime:
@@ -289,7 +290,7 @@ class Builder:
     async def recover(self) -> None:
         """Fail the builds a stopped process did not finish: their callers are gone, nothing was cached.
         Where replicas share the database, only those no live replica carries out or waits to carry on."""
-        failure = BuildFailure(FailureReason.BUILD_INFRA, "the builder stopped before the build finished")
+        failure = BuildFailure(FailureReason.BUILD_INFRA, _STOPPED)
         if count := await self._store.fail_unfinished(failure, self._clock()):
             logger.warning("marked %d unfinished builds of a previous run as failed", count)
 
@@ -610,7 +611,7 @@ class Builder:
             outcome = run.failure(error.reason, error.message)
         except asyncio.CancelledError:
             cancelled = True
-            outcome = run.failure(FailureReason.BUILD_INFRA, "the builder stopped before the build finished")
+            outcome = run.failure(FailureReason.BUILD_INFRA, _STOPPED)
         except Exception:
             logger.exception("%s failed unexpectedly", run.build.name)
             outcome = run.failure(FailureReason.BUILD_INFRA, "the builder failed unexpectedly; see its log")
@@ -646,7 +647,7 @@ class Builder:
         """End the build for this replica's callers only: the row is left as it is for another replica."""
         await lock.release()
         if not run.build.state.is_terminal:
-            run.end(run.failure(FailureReason.BUILD_INFRA, "the builder stopped before the build finished"))
+            run.end(run.failure(FailureReason.BUILD_INFRA, _STOPPED))
         self._finish(run, flight)
 
     def _finish(self, run: BuildRun, flight: FlightKey) -> None:
