@@ -8,10 +8,14 @@ until the moment comes; nothing waits on time."""
 
 from __future__ import annotations
 
+import asyncio
+import uuid
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import psycopg
 import pytest
+from google.protobuf import duration_pb2
 
 from takeoff.v1 import common_pb2, queue_pb2
 from tests.processes import ServiceProcess
@@ -27,6 +31,7 @@ STARTING = common_pb2.ITEM_STATE_STARTING
 LEASED = common_pb2.ITEM_STATE_LEASED
 RUNNING = common_pb2.ITEM_STATE_RUNNING
 ITEMS_CHANNEL = "takeoff_queue_items"
+START_TIMEOUT = 2
 
 
 async def test_a_cancel_committed_by_another_replica_survives_pipelined_progress(
@@ -115,3 +120,40 @@ async def test_a_stream_left_open_on_another_replica_does_not_end_leases_given_o
             watch.cancel()
             await live.close()
             await stale.close()
+
+
+async def test_a_start_timeout_that_fell_due_while_the_agent_moved_still_ends_the_lease(
+    tmp_path: Path, registry: ServiceProcess, job: str, database: str
+) -> None:
+    """A replica times an item's start only while the agent's stream is here; a deadline that falls due
+    while the agent is between replicas (its replica died, it has not reconnected yet) must still be
+    enforced once the agent is back on a replica, or a lease that never starts is held for ever."""
+    async with two_replicas(tmp_path, registry, database) as ((doomed, survivor), (on_doomed, _)):
+        created = await on_doomed.CreateQueue(
+            queue_pb2.CreateQueueRequest(
+                parent="projects/qtest",
+                queue_id=f"start-{uuid.uuid4().hex[:8]}",
+                queue=queue_pb2.Queue(
+                    resource=common_pb2.RESOURCE_KIND_LOCAL_PROCESS,
+                    start_timeout=duration_pb2.Duration(seconds=START_TIMEOUT),
+                ),
+            )
+        )
+        queue = created.queue.name
+        agent = await ScriptedAgent(doomed.address).connect([queue])
+        await enqueue(on_doomed, queue, job)
+        assignment = (await agent.next("assignment")).assignment
+        doomed.kill()
+        assert (await agent.next()).WhichOneof("message") is None, "the stream outlived its replica"
+        await agent.close()
+        # The agent comes back after the start deadline has passed (the clock is what is tested here).
+        late = assignment.start_deadline.ToDatetime(UTC) - datetime.now(UTC) + timedelta(seconds=0.5)
+        await asyncio.sleep(max(late.total_seconds(), 0))
+        back = await ScriptedAgent(survivor.address, agent_id=agent.agent_id).connect(
+            [queue], held={assignment.lease_id: assignment.epoch}
+        )
+        try:
+            revoke = (await back.next("revoke", within=START_TIMEOUT * 3)).revoke
+            assert revoke.lease_id == assignment.lease_id
+        finally:
+            await back.close()
