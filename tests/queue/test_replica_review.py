@@ -157,3 +157,31 @@ async def test_a_start_timeout_that_fell_due_while_the_agent_moved_still_ends_th
             assert revoke.lease_id == assignment.lease_id
         finally:
             await back.close()
+
+
+async def test_a_replica_stopped_in_a_transaction_does_not_stop_the_others_renewing_leases(
+    tmp_path: Path, registry: ServiceProcess, job: str, database: str
+) -> None:
+    """A replica SIGSTOPped (or cut off from the database) in the middle of a commit keeps the rows it wrote
+    locked. Another replica's write of one of those rows waits for it; the heartbeats of that replica's own
+    agents must still be answered, or every agent leaves a healthy replica and, past the TTL, no lease is
+    renewed anywhere: one stopped replica would stop them all."""
+    async with two_replicas(tmp_path, registry, database) as ((first, _), (on_first, _)):
+        queue = await new_queue(on_first)
+        agent = await ScriptedAgent(first.address).connect([queue])
+        await enqueue(on_first, queue, job)
+        assignment = (await agent.next("assignment")).assignment
+        async with await psycopg.AsyncConnection.connect(database) as stopped:
+            # What the stopped replica's open transaction holds: the item's row, written, not committed.
+            await stopped.execute("SELECT id FROM queue_items FOR UPDATE")
+            try:
+                # The agent's Progress waits for the row; its Heartbeat, read after it, must not.
+                await agent.send(
+                    progress=queue_pb2.LeaseRequest.Progress(
+                        lease_id=assignment.lease_id, epoch=assignment.epoch, state=RUNNING
+                    )
+                )
+                await agent.settle()  # within 10 s: before the agent takes the replica for silent (TTL / 3)
+            finally:
+                await stopped.rollback()
+                await agent.close()
