@@ -18,6 +18,7 @@ import pytest
 from google.protobuf import duration_pb2
 
 from takeoff.v1 import common_pb2, queue_pb2
+from takeoff_queue import store
 from tests.processes import ServiceProcess
 from tests.queue.harness import ScriptedAgent
 from tests.queue.test_replicas import database, enqueue, new_queue, two_replicas
@@ -31,6 +32,8 @@ STARTING = common_pb2.ITEM_STATE_STARTING
 LEASED = common_pb2.ITEM_STATE_LEASED
 RUNNING = common_pb2.ITEM_STATE_RUNNING
 ITEMS_CHANNEL = "takeoff_queue_items"
+next_revision = getattr(store, "next_revision", lambda revision: revision + 1)
+"""The revision a replica's write of a row at ``revision`` leaves."""
 START_TIMEOUT = 2
 
 
@@ -54,9 +57,9 @@ async def test_a_cancel_committed_by_another_replica_survives_pipelined_progress
                 item_id, revision = row
                 # The other replica's CancelItem, committed once A's writes are on their way.
                 await other.execute(
-                    "UPDATE queue_items SET revision = revision + 1, cancel_requested = true,"
-                    " message = 'stop it' WHERE id = %s AND revision = %s",
-                    (item_id, revision),
+                    "UPDATE queue_items SET revision = %s, cancel_requested = true, message = 'stop it'"
+                    " WHERE id = %s AND revision = %s",
+                    (next_revision(revision), item_id, revision),
                 )
                 await other.execute("SELECT pg_notify(%s, %s)", (ITEMS_CHANNEL, f"other-replica:{item_id}"))
                 for state in (BUILDING, STARTING):
