@@ -21,7 +21,8 @@ from takeoff.v1 import common_pb2, queue_pb2
 from takeoff_queue import store
 from tests.processes import ServiceProcess
 from tests.queue.harness import ScriptedAgent
-from tests.queue.test_replicas import database, enqueue, new_queue, two_replicas
+from tests.queue.replicas_harness import queue_replicas, replica_env
+from tests.queue.test_replicas import LONG_TTL, database, enqueue, new_queue, two_replicas
 
 pytestmark = pytest.mark.postgres
 
@@ -188,3 +189,25 @@ async def test_a_replica_stopped_in_a_transaction_does_not_stop_the_others_renew
             finally:
                 await stopped.rollback()
                 await agent.close()
+
+
+async def test_a_replica_starting_while_others_sweep_does_not_extend_dead_agents_leases(
+    tmp_path: Path, registry: ServiceProcess, job: str, database: str
+) -> None:
+    """A replica that starts while others run must not give every agent a new TTL: the database's clock
+    kept running and the others kept sweeping. Otherwise a replica restarting more often than the TTL (a
+    crash loop, a rolling update of many replicas) keeps the leases of dead agents, and their items, for
+    ever."""
+    async with two_replicas(tmp_path, registry, database) as ((first, _), (on_first, _)):
+        queue = await new_queue(on_first)
+        dead = await ScriptedAgent(first.address).connect([queue])
+        await enqueue(on_first, queue, job)
+        await dead.next("assignment")
+        await dead.vanish()
+        async with await psycopg.AsyncConnection.connect(database, autocommit=True) as reader:
+            query = "SELECT lease_expiry FROM queue_agents WHERE agent_id = %s"
+            before = await (await reader.execute(query, (dead.agent_id,))).fetchone()
+            env = replica_env(registry.address, database, lease_ttl=LONG_TTL, heartbeat=5)
+            with queue_replicas(tmp_path, env, count=1, first=2):
+                after = await (await reader.execute(query, (dead.agent_id,))).fetchone()
+        assert after == before
