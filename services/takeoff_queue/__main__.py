@@ -14,7 +14,7 @@ from takeoff_queue.book import QueueBook
 from takeoff_queue.dispatcher import Dispatcher, LeaseTiming
 from takeoff_queue.metrics import QueueMetrics
 from takeoff_queue.registry_client import Registry
-from takeoff_queue.replicas import ReplicaSync, replica_name
+from takeoff_queue.replicas import ReplicaSync, bound_waits, replica_name
 from takeoff_queue.retention import QueueRetention
 from takeoff_queue.settings import QueueSettings
 from takeoff_queue.store import QueueStore
@@ -61,6 +61,9 @@ async def assemble(settings: QueueSettings, resources: AsyncExitStack) -> QueueS
         ttl=timedelta(seconds=settings.lease_ttl_seconds),
         heartbeat_interval=timedelta(seconds=settings.heartbeat_interval_seconds),
     )
+    if settings.replicas:
+        bound_waits(database.engine, timing)
+        await database.engine.dispose()  # the migration's connections were opened without the bounds
     registry = Registry(settings.registry_address, settings)
     resources.push_async_callback(registry.close)
     metrics = QueueMetrics()
@@ -73,7 +76,7 @@ async def assemble(settings: QueueSettings, resources: AsyncExitStack) -> QueueS
     if settings.replicas:
         assert settings.database_url is not None
         replicas = ReplicaSync(settings.database_url, store, dispatcher, book, timing)
-        await replicas.start()
+        replicas.start()
         resources.push_async_callback(replicas.stop)
     binding = ServiceBinding.of(
         queue_pb2.DESCRIPTOR.services_by_name["QueueService"],

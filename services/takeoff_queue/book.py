@@ -42,6 +42,8 @@ from takeoff_server.pagination import PageRequest
 from takeoff_server.validation import Problems
 
 MAX_ATTEMPTS_LIMIT = 100
+_QUEUE_GONE = "queue deleted"
+"""What an insert's transaction answers when the item's queue was deleted meanwhile: nothing is written."""
 
 
 _VENV_KINDS = frozenset({ResourceKind.LOCAL_PROCESS, ResourceKind.SLURM, ResourceKind.RAY})
@@ -286,6 +288,8 @@ class QueueBook:
         async def write(tx: QueueWrite) -> str | None:
             if request_id and (replayed := await tx.replay(scope, request_id, fingerprint)) is not None:
                 return replayed
+            if not await tx.queue_exists(item.queue):
+                return _QUEUE_GONE  # deleted while the item was checked (here, or on another replica)
             item.seq = await tx.insert_item(item)
             if request_id:
                 await tx.remember(scope, request_id, fingerprint, item.name)
@@ -302,6 +306,12 @@ class QueueBook:
                 raise
             if replayed is not None:
                 self._dispatcher.not_admitted(item)
+                if replayed is _QUEUE_GONE:
+                    raise NotFound(
+                        "QUEUE_NOT_FOUND",
+                        f"queue {item.queue} does not exist",
+                        metadata={"resource": item.queue},
+                    )
                 return await self.get_item(replayed)
             item.committed = item.life
             tracing.committed(item, item.life.history, 0)

@@ -63,7 +63,7 @@ from takeoff_queue.run_closes import (
     TokenRevoker,
     backoff,
 )
-from takeoff_queue.store import QueueStore, QueueWrite
+from takeoff_queue.store import QueueStore, QueueWrite, newer_revision, next_revision
 from takeoff_server.errors import Aborted, FailedPrecondition, NotFound, PermissionDenied
 
 logger = logging.getLogger(__name__)
@@ -72,6 +72,7 @@ Clock = Callable[[], datetime]
 _ENDED_LEASES_REMEMBERED = 10_000
 _TRIES_AGAINST_REPLICAS = 5
 _REFRESH_BATCH = 500
+_OVER_LIMIT_WAIT = timedelta(seconds=0.5)
 LIVE_STATES = tuple(state for state in ItemState if state.is_live)
 """Writes another replica beat, each after reading what it wrote, before a change is given up."""
 MINT_TIMEOUT_SECONDS = 5.0
@@ -357,6 +358,8 @@ class Dispatcher:
         queue = self.queues.get(item.queue)
         if queue is None or self._arriving[queue.name] or not self._may_assign_from(queue):
             return None
+        if self._replicated and queue.concurrency_limit:
+            return None  # its limit is counted in the database, at the claim (_deliver), not in this index
         if queue.name in self._minting.values():
             return None  # an older item of the queue waits for its token: it goes first
         now = self._clock()
@@ -581,7 +584,7 @@ class Dispatcher:
                     self._end_if_undelivered(fresh, close)
                 self._notify(fresh)
             return
-        if current.life is not current.committed or current.revision >= fresh.revision:
+        if current.life is not current.committed or not newer_revision(fresh.revision, current.revision):
             return  # a change of ours is about to be written: its commit, or the refresh after it, decides
         before, after = current.life, fresh.life
         was_closing = self._waits_for_close(current)
@@ -680,7 +683,10 @@ class Dispatcher:
         if self._replicated:
             # Its leases as the database has them: it may have held them through another replica.
             await self._refresh_agent(hello.agent_id)
-            await self._renew_in_database(hello.agent_id)
+            await self._renew_in_database(hello.agent_id, hello.session_id)
+            for item_id in self._agent(hello.agent_id).leases.values():
+                # Timed here from now on: a deadline that fell due elsewhere meanwhile was passed over.
+                self._watch_deadlines(self.items[item_id])
         now = self._clock()
         agent = self._agent(hello.agent_id)
         if (older := self._sessions.pop(agent.agent_id, None)) is not None:
@@ -753,6 +759,16 @@ class Dispatcher:
                     f"queue {queue_name} runs on {queue.resource.value}, which this agent has no runner for",
                     metadata={"resource": queue_name, "kind": queue.resource.value},
                 )
+
+    async def agent_connected_elsewhere(self, agent_id: str) -> None:
+        """Another replica committed a Hello of the agent: a session of it held here is stale (it left this
+        replica without its stream ending here, as it does a replica that went silent), and is closed as
+        superseded, as a newer session on this replica would close it, unless it is the newest."""
+        session = self._sessions.get(agent_id)
+        newest = await self._store.agent_session(agent_id) if session is not None else None
+        if session is not None and newest != session.session_id and self._sessions.get(agent_id) is session:
+            session.close(superseded=True)
+            self.disconnect(session)
 
     def disconnect(self, session: Session) -> None:
         """The stream ended; the agent's leases run on until they expire or it reconnects."""
@@ -834,7 +850,7 @@ class Dispatcher:
             await self._persist([item])
         except ItemChanged:
             if tries >= _TRIES_AGAINST_REPLICAS:
-                raise
+                raise Aborted("CONCURRENT_CHANGE", f"{item.name} kept changing on other replicas") from None
             # Applied again to what another replica made of the item (a cancel requested, the lease ended)
             await self._handle_lease_message(session, request, self._clock(), tries + 1)
             return
@@ -1092,7 +1108,7 @@ class Dispatcher:
         limits = {}
         if self._replicated:
             for item in claimed:
-                if limit := self.queues[item.queue].concurrency_limit:
+                if (queue := self.queues.get(item.queue)) is not None and (limit := queue.concurrency_limit):
                     limits[item.queue] = limit
         try:
             await self._persist(claimed, limits=limits)
@@ -1100,9 +1116,9 @@ class Dispatcher:
             for item in claimed:
                 if item.id in changed.item_ids:
                     self.metrics.claims_refused[item.queue].inc()
-            for queue in {item.queue for item in claimed if item.id in changed.item_ids} & set(limits):
+            for limited in {item.queue for item in claimed if item.id in changed.item_ids} & set(limits):
                 # The live items the other replicas hold, so that this one counts them too.
-                live = await self._store.items(queue=queue, states=LIVE_STATES)
+                live = await self._store.items(queue=limited, states=LIVE_STATES)
                 await self.refresh(item.id for item in live)
         for item, assignment in assignments:
             # Still the agent's? (a cancel or a deadline may have moved it on during the commit)
@@ -1150,13 +1166,8 @@ class Dispatcher:
         if lapsed:
             self._schedule_dispatch()
 
-    async def _renew_in_database(self, agent_id: str) -> None:
-        ttl = self.timing.ttl
-
-        async def write(tx: QueueWrite) -> None:
-            await tx.renew_agent_leases([agent_id], ttl)
-
-        await self._store.write(write)
+    async def _renew_in_database(self, agent_id: str, session_id: str = "") -> None:
+        await self._store.renew_agent_lease(agent_id, self.timing.ttl, session_id)
 
     def _index(self, item: Item) -> None:
         """Put an item where its life says it belongs: waiting, held by its agent, or gone (ended)."""
@@ -1193,13 +1204,13 @@ class Dispatcher:
         elif life.state is ItemState.RUNNING and before.state is not ItemState.RUNNING:
             self._watch_deadlines(item)
 
-    def _roll_back(self, item: Item, *, retry: bool = True) -> None:
+    def _roll_back(self, item: Item, *, retry: bool = True, wait: timedelta | None = None) -> None:
         """A write of the item failed: back to the life the store has, and to its place for that life.
 
         What the write was for is tried again a heartbeat interval later, not at once: a store that
         fails is not hammered; the end of an attempt waiting for its run's close, when the outbox row's
         claim runs out. Not when another replica changed the item first (``retry`` False): what it
-        changed is read next, and decides."""
+        changed is read next, and decides; a PENDING item is in line again at once, or after ``wait``."""
         committed = item.committed
         assert committed is not None, "only committed items are in the index"
         self._writing.pop(item.id, None)
@@ -1216,6 +1227,8 @@ class Dispatcher:
             self.items[item.id] = item
             if retry:
                 self._deadlines.at(retry_at, "eligible", item.id, committed.epoch)
+            elif wait is not None:
+                self._deadlines.at(self._clock() + wait, "eligible", item.id, committed.epoch)
             else:
                 self._make_pending(item)  # in line again; the refresh that follows may take it out
             return
@@ -1351,11 +1364,16 @@ class Dispatcher:
         fences = []
         for item, close in closed:
             life, revision = self._written(item)
-            fences.append((item, close, revision))
-            self._writing[item.id] = (life, revision + 1)
+            written = next_revision(revision)
+            fences.append((item, close, revision, written))
+            self._writing[item.id] = (life, written)
 
         async def write(tx: QueueWrite) -> set[str]:
-            stale = {item.id for item, _, revision in fences if not await tx.bump_revision(item.id, revision)}
+            stale = {
+                item.id
+                for item, _, revision, written in fences
+                if not await tx.bump_revision(item.id, revision, written)
+            }
             await tx.insert_run_closes([close for item, close in closed if item.id not in stale], now)
             return stale
 
@@ -1369,21 +1387,21 @@ class Dispatcher:
             stale = await self._store.write(write)
         except BaseException:
             retry_at = self._clock() + self.timing.heartbeat_interval
-            for item, close, _ in fences:
+            for item, close, _, _ in fences:
                 self._writing.pop(item.id, None)
                 give_back(item, close)
                 if retry is not None:
                     kind, key = retry
                     self._deadlines.at(retry_at, kind, key, item.life.epoch)
             raise
-        for item, close, revision in fences:
+        for item, close, _, written in fences:
             if item.id in stale:
                 self._writing.pop(item.id, None)
                 give_back(item, close)
                 continue
-            if self._writing.get(item.id, (None, 0))[1] == revision + 1:
+            if self._writing.get(item.id, (None, 0))[1] == written:
                 del self._writing[item.id]
-            item.revision = revision + 1
+            item.revision = written
         for item, message in then_send:
             if item.id not in stale:
                 self._send_to_holder(item, message)
@@ -1404,6 +1422,12 @@ class Dispatcher:
         if self._replicated:
             await self.refresh({close.item_id})  # another replica may have ended the attempt
         item = self.items.get(close.item_id)
+        if self._replicated and item is not None and item.life is not item.committed:
+            # A write of ours is on its way: what the database will hold is not known yet. Later.
+            await self._store.retry_run_close(close, self._clock() + self.timing.heartbeat_interval, "busy")
+            return
+        if self._replicated and item is not None and close.reason is not None:
+            self._closed_elsewhere(item, close)  # the row, read just now, says the attempt waits for it
         waiting = self._closing.get(close.item_id)
         if item is None or waiting is None or waiting.epoch != close.epoch or close.reason is None:
             await self._store.write(forget)  # no attempt waits for it (its queue was deleted)
@@ -1480,40 +1504,44 @@ class Dispatcher:
         for item in items:
             item.update_time = now
             known, revision = self._written(item)
-            writes.append((item, item.life, len(known.history), revision))
-            self._writing[item.id] = (item.life, revision + 1)
+            written = next_revision(revision)
+            writes.append((item, item.life, len(known.history), revision, written))
+            self._writing[item.id] = (item.life, written)
 
-        async def write(tx: QueueWrite) -> set[str]:
-            stale = set()
+        async def write(tx: QueueWrite) -> tuple[set[str], set[str]]:
+            stale, over_limit = set(), set()
             room = {
                 name: limit - await tx.lock_live_count(name) for name, limit in sorted((limits or {}).items())
             }
-            for item, life, since, revision in writes:
+            for item, life, since, revision, written in writes:
                 if item.queue in room:
                     if room[item.queue] <= 0:
                         stale.add(item.id)
+                        over_limit.add(item.id)
                         continue
                     room[item.queue] -= 1
-                if not await tx.save_item(item.id, life, now, since, revision):
+                if not await tx.save_item(item.id, life, now, since, revision=revision, written=written):
                     stale.add(item.id)
             if also is not None and not stale:
                 await also(tx)
-            return stale
+            return stale, over_limit
 
         try:
-            stale = await self._store.write(write)
+            stale, over_limit = await self._store.write(write)
         except BaseException:
             for item, *_ in writes:
                 self._roll_back(item)
             raise
         saved = []
-        for item, life, since, revision in writes:
+        for item, life, since, _, written in writes:
             if item.id in stale:
-                self._roll_back(item, retry=False)
+                # Over its queue's limit: tried again a moment later, not in a loop while the slot it saw
+                # free is still counted in the database (an attempt waiting for its run's close).
+                self._roll_back(item, retry=False, wait=_OVER_LIMIT_WAIT if item.id in over_limit else None)
                 continue
             if self._writing.get(item.id, (None, 0))[0] is life:
                 del self._writing[item.id]
-            item.committed, item.revision = life, revision + 1
+            item.committed, item.revision = life, written
             tracing.committed(item, life.history, since)
             saved.append(item)
         self.wake_revoker()  # attempts that ended put their runs in the outbox of token revocations

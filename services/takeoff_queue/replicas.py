@@ -20,17 +20,38 @@ from datetime import timedelta
 from typing import Any
 
 import psycopg
+from sqlalchemy import event
 from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from takeoff_queue.book import QueueBook
 from takeoff_queue.dispatcher import Dispatcher, LeaseTiming
-from takeoff_queue.store import ITEMS_CHANNEL, QUEUES_CHANNEL, QueueStore, QueueWrite
+from takeoff_queue.store import AGENTS_CHANNEL, ITEMS_CHANNEL, QUEUES_CHANNEL, QueueStore
 
 logger = logging.getLogger(__name__)
 
 SCAN_INTERVAL = timedelta(seconds=60)
 """How often a replica compares its index with the database, for notifications it never received."""
 _RECONNECT_DELAYS = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+_KEEPALIVES = {"keepalives": "1", "keepalives_idle": "5", "keepalives_interval": "2", "keepalives_count": "3"}
+"""A LISTEN connection only reads: without TCP keepalives a half-open one (a partition, a database failover
+without a reset) would fail no call, and notifications would stop unnoticed until the next scan."""
+
+
+def bound_waits(engine: AsyncEngine, timing: LeaseTiming) -> None:
+    """On every connection of a replica: a transaction left open by a replica that stopped mid-commit
+    (SIGSTOP, cut off) is ended by PostgreSQL after a third of the TTL, freeing its row locks, and a write
+    waits for a lock at most a heartbeat interval, failing (and being rolled back and tried again) rather
+    than holding up every commit behind it until leases expire."""
+    idle_ms = int(timing.ttl.total_seconds() * 1000 / 3)
+    lock_ms = int(timing.heartbeat_interval.total_seconds() * 1000)
+
+    @event.listens_for(engine.sync_engine, "connect")
+    def _bounded(dbapi_connection: Any, _record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        cursor.execute(f"SET idle_in_transaction_session_timeout = {idle_ms}")
+        cursor.execute(f"SET lock_timeout = {lock_ms}")
+        cursor.close()
 
 
 def replica_name() -> str:
@@ -40,8 +61,9 @@ def replica_name() -> str:
 
 
 def listen_url(database_url: str) -> str:
-    """The libpq form of a ``postgresql://`` (or ``postgresql+psycopg://``) URL."""
-    return make_url(database_url).set(drivername="postgresql").render_as_string(hide_password=False)
+    """The libpq form of a ``postgresql://`` (or ``postgresql+psycopg://``) URL, with TCP keepalives."""
+    url = make_url(database_url).set(drivername="postgresql").update_query_dict(_KEEPALIVES)
+    return url.render_as_string(hide_password=False)
 
 
 class ReplicaSync:
@@ -60,18 +82,14 @@ class ReplicaSync:
         self._timing = timing
         self._items: set[str] = set()
         self._queues: set[str] = set()
+        self._agents: set[str] = set()
         self._work = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
 
-    async def start(self) -> None:
-        """Give every agent's leases one TTL from now, as a restart of a single queue does (its agents may
-        be reconnecting to this replica), then follow the others."""
-        ttl = self._timing.ttl
-
-        async def extend(tx: QueueWrite) -> None:
-            await tx.extend_agent_leases(ttl)
-
-        await self._store.write(extend)
+    def start(self) -> None:
+        """Follow the others. Unlike a single queue's restart, no lease gets grace: their expiry is the
+        database's, which ran on while this replica was away (and an agent whose heartbeats went
+        unanswered past it has stopped its work itself, §7)."""
         for work in (self._listen(), self._apply(), self._sweep(), self._scan()):
             self._tasks.append(asyncio.create_task(work))
 
@@ -85,8 +103,8 @@ class ReplicaSync:
         while True:
             try:
                 async with await psycopg.AsyncConnection.connect(self._url, autocommit=True) as connection:
-                    await connection.execute(f"LISTEN {ITEMS_CHANNEL}")
-                    await connection.execute(f"LISTEN {QUEUES_CHANNEL}")
+                    for channel in (AGENTS_CHANNEL, ITEMS_CHANNEL, QUEUES_CHANNEL):
+                        await connection.execute(f"LISTEN {channel}")
                     failures = 0
                     await self._resync()  # what was committed while nobody here listened
                     async for notice in connection.notifies():
@@ -102,22 +120,28 @@ class ReplicaSync:
         sender, _, names = payload.partition(":")
         if sender == self._store.replica or not names:
             return
-        (self._items if channel == ITEMS_CHANNEL else self._queues).update(names.split(","))
+        noticed = {AGENTS_CHANNEL: self._agents, ITEMS_CHANNEL: self._items, QUEUES_CHANNEL: self._queues}
+        noticed[channel].update(names.split(","))
         self._work.set()
 
     async def _apply(self) -> None:
-        """Read again what the others wrote: queues first, since their new items name them."""
+        """Read again what the others wrote: agents that connected there first (their stale sessions here
+        must not be taken for live ones by what follows), then queues, since new items name them."""
         while True:
             await self._work.wait()
             self._work.clear()
+            agents, self._agents = self._agents, set()
             queues, self._queues = self._queues, set()
             items, self._items = self._items, set()
             try:
+                for agent_id in agents:
+                    await self._dispatcher.agent_connected_elsewhere(agent_id)
                 for name in sorted(queues):
                     await self._book.reload_queue(name)
                 await self._dispatcher.refresh(items)
             except Exception:  # the database blinked: read them again shortly
                 logger.exception("reading what other queue replicas wrote failed; trying again")
+                self._agents |= agents
                 self._queues |= queues
                 self._items |= items
                 await asyncio.sleep(_RECONNECT_DELAYS[-2])

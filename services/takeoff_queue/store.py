@@ -7,6 +7,7 @@ connection or a session.
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
@@ -112,8 +113,8 @@ class ItemRow(SQLModel, table=True):
     secrets: list[dict[str, str]] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
     creator: str = ""
     cancelled_by: str = ""
-    revision: int = 0
-    """Bumped by every write of the item's state; each write names the revision it read (``save_item``)."""
+    revision: int = Field(default=0, sa_column=Column(sa.BigInteger, nullable=False, server_default="0"))
+    """Replaced by every write of the item's state (``next_revision``); each write names the one it read."""
 
 
 class AgentLeaseRow(SQLModel, table=True):
@@ -124,6 +125,8 @@ class AgentLeaseRow(SQLModel, table=True):
 
     agent_id: str = Field(primary_key=True)
     lease_expiry: datetime = Field(sa_column=Column(UtcDateTime, nullable=False, index=True))
+    session_id: str = ""
+    """The agent's session whose Hello was committed last: the replica holding any other has a stale one."""
 
 
 class TransitionRow(SQLModel, table=True):
@@ -193,10 +196,29 @@ request_ids = RequestIds(request_ids_rows)
 
 LIVE_OR_PENDING = [s.value for s in ItemState if not s.is_terminal]
 LIVE = [s.value for s in ItemState if s.is_live]
+_REVISION_NONCE_BITS = 20
+
+
+def next_revision(revision: int) -> int:
+    """The revision a write moves an item's row to: one more in the high bits (so a copy read later is
+    known to be newer), a random nonce in the low ones. The nonce makes every write's revision its own: a
+    write queued behind one of ours, fenced on the revision ours will leave, can never match the same count
+    reached by another replica's write instead."""
+    return ((revision >> _REVISION_NONCE_BITS) + 1) << _REVISION_NONCE_BITS | secrets.randbits(
+        _REVISION_NONCE_BITS
+    )
+
+
+def newer_revision(fresh: int, known: int) -> bool:
+    return fresh >> _REVISION_NONCE_BITS > known >> _REVISION_NONCE_BITS
+
+
 ITEMS_CHANNEL = "takeoff_queue_items"
 """NOTIFY channel of the items each commit wrote: ``{replica}:{id},{id},...``."""
 QUEUES_CHANNEL = "takeoff_queue_queues"
 """NOTIFY channel of the queues each commit created, changed or deleted: ``{replica}:{name},...``."""
+AGENTS_CHANNEL = "takeoff_queue_agents"
+"""NOTIFY channel of the agents whose Hello each commit recorded: ``{replica}:{agent id},...``."""
 _NOTIFY_BYTES = 7900
 """PostgreSQL refuses a NOTIFY payload of 8,000 bytes or more."""
 ENDED = [s.value for s in ItemState if s.is_terminal]
@@ -227,6 +249,7 @@ class QueueWrite:
         self._connection = connection
         self.items_written: set[str] = set()
         self.queues_written: set[str] = set()
+        self.agents_connected: set[str] = set()
 
     async def insert_queue(self, queue: Queue) -> None:
         """The queue, and its project unless that was written to before."""
@@ -253,6 +276,14 @@ class QueueWrite:
         await self._connection.execute(items.delete().where(items.c.queue == name))
         await self._connection.execute(queues.delete().where(queues.c.name == name))
 
+    async def queue_exists(self, name: str) -> bool:
+        """Whether the queue is there, kept there until this transaction ends (PostgreSQL: a DeleteQueue
+        committing meanwhile waits for it; SQLite has one writer)."""
+        query = sa.select(queues.c.name).where(queues.c.name == name)
+        if self._connection.dialect.name == "postgresql":
+            query = query.with_for_update(key_share=True)
+        return (await self._connection.execute(query)).first() is not None
+
     async def insert_item(self, item: Item) -> int:
         """A new item with its whole history; returns its enqueue sequence number."""
         result = await self._connection.execute(items.insert().values(**_item_values(item)))
@@ -263,15 +294,15 @@ class QueueWrite:
         return int(seq)
 
     async def save_item(
-        self, item_id: str, life: ItemLife, update_time: datetime, since: int, revision: int
+        self, item_id: str, life: ItemLife, update_time: datetime, since: int, *, revision: int, written: int
     ) -> bool:
         """The item's state as ``life`` has it, and its transitions from index ``since`` on, provided the
-        row is still at ``revision`` (it moves to the next). False, writing nothing, when another writer
-        (another replica) changed the item first."""
+        row is still at ``revision`` (it moves to ``written``, from :func:`next_revision`). False, writing
+        nothing, when another writer (another replica) changed the item first."""
         result = await self._connection.execute(
             items.update()
             .where(items.c.id == item_id, items.c.revision == revision)
-            .values(**_item_state_values(life, update_time), revision=revision + 1)
+            .values(**_item_state_values(life, update_time), revision=written)
         )
         if result.rowcount != 1:
             return False
@@ -289,37 +320,28 @@ class QueueWrite:
         live = sa.select(sa.func.count()).where(items.c.queue == queue, items.c.state.in_(LIVE))
         return int((await self._connection.execute(live)).scalar_one())
 
-    async def bump_revision(self, item_id: str, revision: int) -> bool:
-        """Move the item's row from ``revision`` to the next without changing its state: a change kept
+    async def bump_revision(self, item_id: str, revision: int, written: int) -> bool:
+        """Move the item's row from ``revision`` to ``written`` without changing its state: a change kept
         elsewhere (its attempt's run close) fenced like a write of the item. False when another writer
         changed the item first."""
         result = await self._connection.execute(
-            items.update()
-            .where(items.c.id == item_id, items.c.revision == revision)
-            .values(revision=revision + 1)
+            items.update().where(items.c.id == item_id, items.c.revision == revision).values(revision=written)
         )
         if result.rowcount != 1:
             return False
         self.items_written.add(item_id)
         return True
 
-    async def renew_agent_leases(self, agent_ids: Sequence[str], ttl: timedelta) -> None:
-        """The agents' leases expire ``ttl`` from now by the database's clock (PostgreSQL only)."""
+    async def renew_agent_leases(self, agent_id: str, ttl: timedelta, session_id: str = "") -> None:
+        """The agent's leases expire ``ttl`` from now by the database's clock (PostgreSQL only). With
+        ``session_id`` (its Hello) that session is the agent's now, and the other replicas are told."""
         expiry = sa.func.now() + ttl
-        for agent_id in agent_ids:
-            insert = postgresql.insert(agent_leases).values(agent_id=agent_id, lease_expiry=expiry)
-            await self._connection.execute(
-                insert.on_conflict_do_update(index_elements=["agent_id"], set_={"lease_expiry": expiry})
-            )
-
-    async def extend_agent_leases(self, ttl: timedelta) -> None:
-        """Every agent's leases last at least ``ttl`` from now: a replica's start gives them the grace a
-        restart gives (docs/design.md §5)."""
-        await self._connection.execute(
-            agent_leases.update().values(
-                lease_expiry=sa.func.greatest(agent_leases.c.lease_expiry, sa.func.now() + ttl)
-            )
-        )
+        values: dict[str, Any] = {"lease_expiry": expiry}
+        if session_id:
+            values["session_id"] = session_id
+            self.agents_connected.add(agent_id)
+        insert = postgresql.insert(agent_leases).values(agent_id=agent_id, **values)
+        await self._connection.execute(insert.on_conflict_do_update(index_elements=["agent_id"], set_=values))
 
     async def forget_agent_lease(self, agent_id: str) -> None:
         """The agent's expiry has been dealt with (it holds no lease): its row goes, unless renewed since."""
@@ -331,7 +353,11 @@ class QueueWrite:
 
     async def announce(self, replica: str) -> None:
         """Tell the other replicas, at this transaction's commit, which items and queues it wrote."""
-        for channel, names in ((ITEMS_CHANNEL, self.items_written), (QUEUES_CHANNEL, self.queues_written)):
+        for channel, names in (
+            (AGENTS_CHANNEL, self.agents_connected),
+            (ITEMS_CHANNEL, self.items_written),
+            (QUEUES_CHANNEL, self.queues_written),
+        ):
             for payload in _payloads(replica, sorted(names)):
                 await self._connection.execute(sa.select(sa.func.pg_notify(channel, payload)))
 
@@ -501,6 +527,9 @@ class QueueStore:
     def __init__(self, database: Database, *, replica: str = "") -> None:
         self._database = database
         self._committer = GroupCommitter(database.engine)
+        self._renewals = GroupCommitter(database.engine)
+        """Agents' lease renewals commit apart from item writes: an item write waiting on a row another
+        replica holds locked must never hold back a Heartbeat's Ack."""
         self.replica = replica
         """This replica's name when several share the database (PostgreSQL): every write is announced
         to the others (NOTIFY); "" for a queue that owns its database."""
@@ -516,6 +545,16 @@ class QueueStore:
             return result
 
         return await self._committer.commit(work)
+
+    async def renew_agent_lease(self, agent_id: str, ttl: timedelta, session_id: str = "") -> None:
+        """See :meth:`QueueWrite.renew_agent_leases`; committed (and announced) on its own."""
+
+        async def work(connection: AsyncConnection) -> None:
+            tx = QueueWrite(connection)
+            await tx.renew_agent_leases(agent_id, ttl, session_id)
+            await tx.announce(self.replica)
+
+        await self._renewals.commit(work)
 
     async def replay(self, scope: str, request_id: str, fingerprint: str) -> str | None:
         """What an earlier request with this id made, or None for a new one (see
@@ -654,6 +693,14 @@ class QueueStore:
             rows = await connection.execute(sa.select(queues).where(queues.c.name == name))
             row = rows.mappings().first()
             return _queue_from_row(dict(row)) if row is not None else None
+
+    async def agent_session(self, agent_id: str) -> str | None:
+        """The session of the agent whose Hello was committed last, by any replica."""
+        async with self._database.engine.connect() as connection:
+            found = await connection.execute(
+                sa.select(agent_leases.c.session_id).where(agent_leases.c.agent_id == agent_id)
+            )
+            return found.scalar_one_or_none()
 
     async def expired_agents(self) -> list[str]:
         """Agents whose leases expired by the database's clock (PostgreSQL only)."""

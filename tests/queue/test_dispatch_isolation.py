@@ -118,11 +118,13 @@ async def test_a_failed_claim_write_rolls_back_and_nothing_is_stranded(
     save_item = QueueWrite.save_item
     failures: list[str] = []
 
-    async def failing_once(self: QueueWrite, item_id: str, life: ItemLife, *args: Any) -> bool:
+    async def failing_once(
+        self: QueueWrite, item_id: str, life: ItemLife, now: datetime, since: int, **fence: int
+    ) -> bool:
         if one.endswith(item_id) and not failures:
             failures.append(item_id)
             raise RuntimeError("the database went away")
-        return await save_item(self, item_id, life, *args)
+        return await save_item(self, item_id, life, now, since, **fence)
 
     monkeypatch.setattr(QueueWrite, "save_item", failing_once)
     agent = await ScriptedAgent(service.address).connect([one_queue, other_queue], capacity=2)

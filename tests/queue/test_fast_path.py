@@ -9,7 +9,8 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from datetime import datetime
+from typing import TypeVar
 
 import grpc
 import pytest
@@ -65,10 +66,11 @@ class StoreWrites:
             log._current.append(("insert", item.id, tuple(t.to_state for t in item.life.history)))
             return await insert_item(tx, item)
 
-        async def logged_save(tx: QueueWrite, item_id: str, life: ItemLife, *args: Any) -> bool:
-            since = args[1]
+        async def logged_save(
+            tx: QueueWrite, item_id: str, life: ItemLife, now: datetime, since: int, **fence: int
+        ) -> bool:
             log._current.append(("save", item_id, tuple(t.to_state for t in life.history[since:])))
-            return await save_item(tx, item_id, life, *args)
+            return await save_item(tx, item_id, life, now, since, **fence)
 
         monkeypatch.setattr(QueueStore, "write", logged_write)
         monkeypatch.setattr(QueueWrite, "insert_item", logged_insert)

@@ -16,11 +16,12 @@ down_revision = "0004"
 
 def upgrade() -> None:
     with op.batch_alter_table("queue_items") as items:
-        items.add_column(sa.Column("revision", sa.Integer(), nullable=False, server_default="0"))
+        items.add_column(sa.Column("revision", sa.BigInteger(), nullable=False, server_default="0"))
     op.create_table(
         "queue_agents",
         sa.Column("agent_id", sa.String(), nullable=False),
         sa.Column("lease_expiry", UtcDateTime(), nullable=False),
+        sa.Column("session_id", sa.String(), nullable=False, server_default=""),
         sa.PrimaryKeyConstraint("agent_id"),
     )
     op.create_index(op.f("ix_queue_agents_lease_expiry"), "queue_agents", ["lease_expiry"], unique=False)
