@@ -86,7 +86,8 @@ async def test_replicas_killed_and_added_cost_no_work(
                     live.append(fresh.address)
                     await done.event.wait()
             except TimeoutError:
-                states = Counter(item.state for item in await all_items(stubs[1], queue))
+                items = await all_items(stubs[1], queue)
+                states = Counter(common_pb2.ItemState.Name(item.state) for item in items)
                 raise AssertionError(
                     f"{done.acknowledged} of {ITEMS} completed; items by state {dict(states)}; {violations};"
                     f" workers: {[(w.address, w.sessions, w.held) for w in workers]};"
