@@ -18,7 +18,7 @@ import pytest
 from google.protobuf import duration_pb2
 
 from takeoff.v1 import common_pb2, queue_pb2
-from takeoff_queue import store
+from takeoff_queue.store import next_revision
 from tests.processes import ServiceProcess
 from tests.queue.harness import ScriptedAgent
 from tests.queue.replicas_harness import queue_replicas, replica_env
@@ -33,8 +33,6 @@ STARTING = common_pb2.ITEM_STATE_STARTING
 LEASED = common_pb2.ITEM_STATE_LEASED
 RUNNING = common_pb2.ITEM_STATE_RUNNING
 ITEMS_CHANNEL = "takeoff_queue_items"
-next_revision = getattr(store, "next_revision", lambda revision: revision + 1)
-"""The revision a replica's write of a row at ``revision`` leaves."""
 START_TIMEOUT = 2
 
 
