@@ -577,6 +577,14 @@ class Dispatcher:
         if fresh.id in self._writing or fresh.queue not in self.queues:
             return  # a write of ours is on its way: its commit, or the refresh after it, decides
         if current is None:
+            life = fresh.life
+            if fresh.state.is_terminal and life.lease_id and life.lease_id not in self._ended_leases:
+                # Seen here first ended (the changes came in one read): its agent may still resend its
+                # Complete here after a failover, and is answered as where it was committed.
+                by_agent = life.completed_epoch == life.epoch != 0
+                self._ended_leases[life.lease_id] = (life.epoch, life.state, by_agent)
+                if len(self._ended_leases) > _ENDED_LEASES_REMEMBERED:
+                    self._ended_leases.popitem(last=False)
             if not fresh.state.is_terminal:
                 self._index(fresh)
                 self._closed_elsewhere(fresh, close)
