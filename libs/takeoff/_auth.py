@@ -19,11 +19,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import grpc
+from typing import TYPE_CHECKING
 
 from takeoff._home import takeoff_home
-from takeoff_rpc.channels import tls_credentials
+
+if TYPE_CHECKING:
+    import grpc
 
 API_KEY_ENV = "TAKEOFF_API_KEY"
 RUN_TOKEN_ENV = "TAKEOFF_TOKEN"
@@ -88,6 +89,8 @@ def tls_from_environment() -> grpc.ChannelCredentials | None:
         return None
     if bool(cert) != bool(key):
         raise ValueError(f"mutual TLS needs both {TLS_CERT_ENV} and {TLS_KEY_ENV}")
+    from takeoff_rpc.channels import tls_credentials  # here: finding a key must not load gRPC
+
     return tls_credentials(
         Path(ca).expanduser() if ca else None,
         Path(cert).expanduser() if cert else None,
@@ -103,6 +106,10 @@ def channel_credentials(
     and nothing in the environment, TLS checked against the system's roots."""
     if target.startswith("unix:") or tls is False:
         return None
+    import grpc  # here: finding a key must not load gRPC (a run through the relay never dials)
+
+    from takeoff_rpc.channels import tls_credentials
+
     if isinstance(tls, grpc.ChannelCredentials):
         return tls
     credentials = tls_from_environment()

@@ -1,7 +1,8 @@
 """``takeoff.init(mode="online")``: attach to the run in the registry, waiting out a registry that is
 briefly away, and hand its data to a :class:`takeoff._sender.RunSender`.
 
-Kept apart from :mod:`takeoff._run` so that offline and disabled runs never import gRPC.
+Kept apart from :mod:`takeoff._run` so that offline and disabled runs load none of it. The calls go
+through the launching agent's relay when there is one (:mod:`takeoff._run_calls`): then no gRPC either.
 """
 
 from __future__ import annotations
@@ -9,25 +10,22 @@ from __future__ import annotations
 import os
 import time
 import uuid
-from typing import TypeVar
 
-import grpc
+from google.protobuf.message import Message
 
-from takeoff._auth import channel_credentials, find_api_key
+from takeoff._auth import find_api_key
 from takeoff._delivery import warn
 from takeoff._home import service_address
 from takeoff._run import DEFAULT_TIMEOUT, seconds_from_env
+from takeoff._run_calls import R, RunCalls, call_retrying, open_run_calls
 from takeoff._sender import CALL_TIMEOUT, RunSender
 from takeoff.errors import TakeoffError, UnavailableError
-from takeoff.v1 import runs_pb2, runs_pb2_grpc
-from takeoff_rpc.channels import open_channel
-from takeoff_rpc.retries import RetryPolicy, call_with_retries
+from takeoff.v1 import runs_pb2
+from takeoff_rpc.backoff import RetryPolicy
 
 INIT_TIMEOUT_ENV = "TAKEOFF_INIT_TIMEOUT"
 INIT_TIMEOUT_OUTSIDE_A_LAUNCH = 5.0
 """A script run by hand learns at once that the registry is away; a launched job waits out a restart."""
-_Request = TypeVar("_Request")
-_Response = TypeVar("_Response")
 
 
 def open_online_run(
@@ -44,13 +42,12 @@ def open_online_run(
     timeout = seconds_from_env(
         INIT_TIMEOUT_ENV, DEFAULT_TIMEOUT if launched else INIT_TIMEOUT_OUTSIDE_A_LAUNCH
     )
-    caller = _PatientCaller(address, deadline=time.monotonic() + timeout)
-    channel = open_channel(address, api_key=find_api_key(), credentials=channel_credentials(address))
-    stub = runs_pb2_grpc.RunServiceStub(channel)
+    calls = open_run_calls(address, find_api_key())
+    caller = _PatientCaller(calls, deadline=time.monotonic() + timeout)
     try:
-        attached, resumed_from = _attach(stub, caller, project, wanted, launched, resume=resume)
+        attached, resumed_from = _attach(caller, project, wanted, launched, resume=resume)
     except TakeoffError as error:
-        channel.close()
+        calls.close()
         if not error.retryable:
             raise
         raise UnavailableError(
@@ -61,14 +58,13 @@ def open_online_run(
             "`takeoff sync`",
         ) from None
     except BaseException:
-        channel.close()
+        calls.close()
         raise
-    sender = RunSender(stub, attached.name, first_row_index=attached.history_length, channel=channel)
+    sender = RunSender(calls, attached.name, first_row_index=attached.history_length)
     return attached, sender, resumed_from
 
 
 def _attach(
-    stub: runs_pb2_grpc.RunServiceStub,
     caller: _PatientCaller,
     project: str,
     wanted: runs_pb2.Run,
@@ -93,7 +89,7 @@ def _attach(
             run=described,
             request_id=str(uuid.uuid4()),  # a retried CreateRun returns the run the first attempt made
         )
-        run_name = caller.call(stub.CreateRun, create).run.name
+        run_name = caller.call("CreateRun", create, runs_pb2.CreateRunResponse).run.name
     attach = runs_pb2.AttachRunRequest(
         name=run_name,
         config=wanted.config,
@@ -105,7 +101,7 @@ def _attach(
         resume=resume,
     )
     try:
-        response = caller.call(stub.AttachRun, attach)
+        response = caller.call("AttachRun", attach, runs_pb2.AttachRunResponse)
     except TakeoffError as error:
         if error.reason == "NOTHING_TO_RESUME":
             raise type(error)(
@@ -117,8 +113,8 @@ def _attach(
         # An attempt that failed on the way back may have attached the run: then it is ours already.
         if error.reason != "RUN_ALREADY_ATTACHED" or not caller.retried:
             raise
-        attached = caller.call(stub.GetRun, runs_pb2.GetRunRequest(name=run_name)).run
-        previous = _resumed_run(stub, caller, attached, resume)
+        attached = caller.call("GetRun", runs_pb2.GetRunRequest(name=run_name), runs_pb2.GetRunResponse).run
+        previous = _resumed_run(caller, attached, resume)
     else:
         attached = response.run
         previous = response.resumed_from_run if response.HasField("resumed_from_run") else None
@@ -127,12 +123,11 @@ def _attach(
         # so the new run's summary starts as the previous one's and metric summaries move on from it. Sent
         # once, outside the sender, which would take every key for the code's own.
         summary = runs_pb2.UpdateSummaryRequest(name=run_name, summary=previous.summary)
-        caller.call(stub.UpdateSummary, summary)
+        caller.call("UpdateSummary", summary, runs_pb2.UpdateSummaryResponse)
     return attached, previous
 
 
 def _resumed_run(
-    stub: runs_pb2_grpc.RunServiceStub,
     caller: _PatientCaller,
     attached: runs_pb2.Run,
     resume: runs_pb2.ResumeMode.ValueType,
@@ -142,7 +137,8 @@ def _resumed_run(
     if resume in (runs_pb2.RESUME_MODE_UNSPECIFIED, runs_pb2.RESUME_MODE_NEVER) or not attached.resumed_from:
         return None
     try:
-        return caller.call(stub.GetRun, runs_pb2.GetRunRequest(name=attached.resumed_from)).run
+        request = runs_pb2.GetRunRequest(name=attached.resumed_from)
+        return caller.call("GetRun", request, runs_pb2.GetRunResponse).run
     except TakeoffError:
         return None
 
@@ -150,24 +146,21 @@ def _resumed_run(
 class _PatientCaller:
     """Makes calls that wait out an unreachable registry, until a deadline."""
 
-    def __init__(self, address: str, deadline: float) -> None:
-        self.address = address
+    def __init__(self, calls: RunCalls, deadline: float) -> None:
+        self.calls = calls
         self.deadline = deadline
         self.retried = False
 
-    def call(self, method: grpc.UnaryUnaryMultiCallable[_Request, _Response], request: _Request) -> _Response:
-        def attempt() -> _Response:
-            remaining = self.deadline - time.monotonic()
-            return method(request, timeout=max(0.1, min(CALL_TIMEOUT, remaining)), wait_for_ready=True)
+    def call(self, method: str, request: Message, response: type[R]) -> R:
+        def timeout() -> float:
+            return max(0.1, min(CALL_TIMEOUT, self.deadline - time.monotonic()))
 
         policy = RetryPolicy(deadline=self.deadline - time.monotonic())
-        try:
-            return call_with_retries(attempt, policy, on_retry=self._on_retry)
-        except grpc.RpcError as rpc_error:
-            raise TakeoffError.from_rpc_error(rpc_error, target=self.address) from None
+        return call_retrying(
+            self.calls, method, request, response, policy=policy, timeout=timeout, on_retry=self._on_retry
+        )
 
-    def _on_retry(self, rpc_error: grpc.RpcError, failed_attempts: int, delay: float) -> None:
+    def _on_retry(self, error: TakeoffError, failed_attempts: int, delay: float) -> None:
         if not self.retried:
-            error = TakeoffError.from_rpc_error(rpc_error, target=self.address)
-            warn(f"waiting for the registry at {self.address} ({error})")
+            warn(f"waiting for the registry at {self.calls.target} ({error})")
             self.retried = True

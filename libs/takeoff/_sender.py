@@ -25,16 +25,17 @@ import threading
 import time
 from collections import deque
 from collections.abc import Mapping
-from typing import Any, TypeVar
+from typing import Any
 
-import grpc
+from google.protobuf.message import Message
 
 from takeoff import _trace
 from takeoff._delivery import LoggedRow, MetricSummaries, warn
+from takeoff._run_calls import R, RunCalls, call_retrying
 from takeoff._values import dict_to_struct
 from takeoff.errors import TakeoffError
-from takeoff.v1 import runs_pb2, runs_pb2_grpc
-from takeoff_rpc.retries import RetryPolicy, call_with_retries
+from takeoff.v1 import runs_pb2
+from takeoff_rpc.backoff import RetryPolicy
 
 MAX_ROWS_PER_BATCH = 10_000  # the registry's limit per call
 MAX_BATCH_BYTES = 2 * 1024 * 1024  # well under gRPC's 4 MiB default message limit
@@ -43,8 +44,6 @@ RATE_LIMITED_MAX_WAIT = 10.0
 """The longest wait before resending a rate-limited call, whatever the registry says to wait."""
 RATE_LIMITED_MIN_WAIT = 0.01
 _rng = random.Random()
-_Request = TypeVar("_Request")
-_Response = TypeVar("_Response")
 
 
 class _GaveUp(Exception):
@@ -56,19 +55,12 @@ class RunSender:
     finishes the run."""
 
     def __init__(
-        self,
-        stub: runs_pb2_grpc.RunServiceStub,
-        run_name: str,
-        *,
-        first_row_index: int,
-        interval: float = 0.2,
-        channel: grpc.Channel | None = None,
+        self, calls: RunCalls, run_name: str, *, first_row_index: int, interval: float = 0.2
     ) -> None:
-        """``channel``, the one ``stub`` calls through, is closed with the sender."""
+        """``calls`` are closed with the sender."""
         self.rows: deque[LoggedRow] = deque()
         self.dropped_rows = 0
-        self._stub = stub
-        self._channel = channel
+        self._calls = calls
         self._run_name = run_name
         self._next_row_index = first_row_index
         self._interval = interval
@@ -106,8 +98,7 @@ class RunSender:
         self._closing = True
         self._wake.set()
         self._thread.join(timeout + CALL_TIMEOUT)
-        if self._channel is not None:
-            self._channel.close()
+        self._calls.close()
         undelivered = self.dropped_rows + len(self.rows)
         if undelivered:
             warn(f"{undelivered} metric rows of {self._run_name} could not be delivered")
@@ -120,7 +111,7 @@ class RunSender:
                 with _trace.within(self._finish_span if closing else None):
                     self._flush()
                     if closing and self._finish_request is not None:
-                        self._send(self._stub.FinishRun, self._finish_request)
+                        self._send("FinishRun", self._finish_request, runs_pb2.FinishRunResponse)
             except _GaveUp:
                 warn(f"gave up on the registry; {self._run_name} may not be marked finished")
                 return
@@ -144,20 +135,18 @@ class RunSender:
             summary_request = runs_pb2.UpdateSummaryRequest(
                 name=self._run_name, summary=dict_to_struct(summary)
             )
-            self._send_changes(self._stub.UpdateSummary, summary_request, "summary")
+            self._send_changes("UpdateSummary", summary_request, runs_pb2.UpdateSummaryResponse, "summary")
         if config:
             config_request = runs_pb2.UpdateRunConfigRequest(
                 name=self._run_name, config=dict_to_struct(config)
             )
-            self._send_changes(self._stub.UpdateRunConfig, config_request, "config")
+            self._send_changes("UpdateRunConfig", config_request, runs_pb2.UpdateRunConfigResponse, "config")
 
-    def _send_changes(
-        self, method: grpc.UnaryUnaryMultiCallable[_Request, _Response], request: _Request, what: str
-    ) -> None:
+    def _send_changes(self, method: str, request: Message, response: type[Message], what: str) -> None:
         """Send a summary or config change; a refusal (``CONFIG_KEY_READ_ONLY``, a registry too old for
         ``UpdateRunConfig``...) is said once, never raised into the training code."""
         try:
-            self._send(method, request)
+            self._send(method, request, response)
         except TakeoffError as error:
             self._warn_once(error.reason, f"the registry refused the {what} of {self._run_name}: {error}")
 
@@ -197,7 +186,7 @@ class RunSender:
                         "takeoff.first_row_index": request.first_row_index,
                     },
                 ):
-                    self._send(self._stub.BatchLogMetrics, request)
+                    self._send("BatchLogMetrics", request, runs_pb2.BatchLogMetricsResponse)
             except TakeoffError as error:
                 if error.reason != "SEQUENCE_GAP":
                     raise
@@ -206,7 +195,7 @@ class RunSender:
                 request.first_row_index = int(error.metadata["length"])
                 lost = self._next_row_index - request.first_row_index
                 warn(f"the registry lost {lost} metric rows of {self._run_name} it had stored; continuing")
-                self._send(self._stub.BatchLogMetrics, request)
+                self._send("BatchLogMetrics", request, runs_pb2.BatchLogMetricsResponse)
         except TakeoffError as error:
             self.dropped_rows += len(request.rows)
             self._warn_once(error.reason, f"the registry refused metrics of {self._run_name}: {error}")
@@ -216,9 +205,7 @@ class RunSender:
             raise
         self._next_row_index = request.first_row_index + len(request.rows)
 
-    def _send(
-        self, method: grpc.UnaryUnaryMultiCallable[_Request, _Response], request: _Request
-    ) -> _Response:
+    def _send(self, method: str, request: Message, response: type[R]) -> R:
         """Call until it succeeds, retrying errors that may pass and waiting out rate limits; raise
         TakeoffError for errors that won't pass.
 
@@ -226,7 +213,7 @@ class RunSender:
         """
         while True:
             try:
-                return self._send_retrying(method, request)
+                return self._send_retrying(method, request, response)
             except TakeoffError as error:
                 if error.reason != "RATE_LIMITED":
                     raise
@@ -254,37 +241,41 @@ class RunSender:
             # Short sleeps: ``close`` may bring the deadline forward meanwhile.
             time.sleep(min(until - now, 0.25))
 
-    def _send_retrying(
-        self, method: grpc.UnaryUnaryMultiCallable[_Request, _Response], request: _Request
-    ) -> _Response:
+    def _send_retrying(self, method: str, request: Message, response: type[R]) -> R:
         """Call until it succeeds, retrying errors that may pass; raise TakeoffError for those that won't."""
 
-        def attempt() -> _Response:
+        def timeout() -> float:
             left = self._give_up_at - time.monotonic()
             if left <= 0:
                 raise _GaveUp
-            # wait_for_ready: while the registry restarts, the call waits for the connection to come back
-            # instead of failing at once. Every call here is safe to repeat.
-            return method(request, timeout=min(CALL_TIMEOUT, left), wait_for_ready=True)
+            # The calls wait for a restarting registry to come back within this instead of failing at
+            # once. Every call here is safe to repeat.
+            return min(CALL_TIMEOUT, left)
 
         # Waits of at most a second: ``close`` may bring the deadline forward while one is under way.
         policy = RetryPolicy(max_delay=1.0, deadline=self._give_up_at - time.monotonic())
         try:
-            response = call_with_retries(attempt, policy, on_retry=self._report_unreachable)
-        except grpc.RpcError as rpc_error:
-            error = TakeoffError.from_rpc_error(rpc_error)
+            reply = call_retrying(
+                self._calls,
+                method,
+                request,
+                response,
+                policy=policy,
+                timeout=timeout,
+                on_retry=self._report_unreachable,
+            )
+        except TakeoffError as error:
             if error.retryable:
                 raise _GaveUp from None
-            raise error from None
+            raise
         if self._unreachable_since is not None:
             warn(f"reached the registry again after {time.monotonic() - self._unreachable_since:.1f}s")
             self._unreachable_since = None
-        return response
+        return reply
 
-    def _report_unreachable(self, rpc_error: grpc.RpcError, failed_attempts: int, delay: float) -> None:
+    def _report_unreachable(self, error: TakeoffError, failed_attempts: int, delay: float) -> None:
         if self._unreachable_since is None:
             self._unreachable_since = time.monotonic()
-            error = TakeoffError.from_rpc_error(rpc_error)
             warn(f"cannot reach the registry ({error}); keeping the run's data and retrying")
 
     def _warn_once(self, topic: str, message: str) -> None:

@@ -44,7 +44,8 @@ from takeoff._values import RunState, dict_to_struct
 from takeoff.client import Client
 from takeoff.errors import TakeoffError
 from takeoff.v1 import runs_pb2
-from takeoff_rpc.retries import RetryPolicy, call_with_retries
+from takeoff_rpc.backoff import RetryPolicy
+from takeoff_rpc.retries import call_with_retries
 
 SYNCED_FILE = "synced.json"
 CRASHED: dict[str, Any] = {

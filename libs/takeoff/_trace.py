@@ -100,7 +100,7 @@ def _start(traceparent: str) -> bool:
     _Tracing.pid = os.getpid()
     from takeoff_rpc.channels import propagate_trace_context
 
-    propagate_trace_context(_trace_context)
+    propagate_trace_context(trace_context)
     threading.Thread(target=_export_every_interval, name="takeoff-trace-export", daemon=True).start()
     atexit.register(flush)
     return True
@@ -164,7 +164,8 @@ def _within(recorded: _Span) -> Iterator[None]:
         _current.reset(token)
 
 
-def _trace_context() -> tuple[tuple[str, str], ...]:
+def trace_context() -> tuple[tuple[str, str], ...]:
+    """The current span's ``traceparent`` as call metadata; empty outside a span."""
     recorded = _current.get()
     return (("traceparent", recorded.traceparent),) if recorded is not None else ()
 

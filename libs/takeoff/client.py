@@ -98,8 +98,9 @@ from takeoff.v1 import (
     secrets_pb2,
     secrets_pb2_grpc,
 )
+from takeoff_rpc.backoff import RetryPolicy
 from takeoff_rpc.channels import open_channel
-from takeoff_rpc.retries import RetryPolicy, call_with_retries
+from takeoff_rpc.retries import call_with_retries
 
 if TYPE_CHECKING:
     from takeoff._artifacts import LocalFile

@@ -21,11 +21,13 @@ A call without a key (``UNAUTHENTICATED`` ``KEY_MISSING``) says how to get one; 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
-import grpc
+from takeoff_rpc.backoff import TRANSIENT_CODE_NAMES
+from takeoff_rpc.status import FieldViolation, StatusDetails, decode_rpc_error
 
-from takeoff_rpc.retries import TRANSIENT_CODES
-from takeoff_rpc.status import FieldViolation, decode_rpc_error
+if TYPE_CHECKING:
+    import grpc
 
 __all__ = [
     "AbortedError",
@@ -41,8 +43,6 @@ __all__ = [
     "UnauthenticatedError",
     "UnavailableError",
 ]
-
-_TRANSIENT_CODE_NAMES = frozenset(code.name for code in TRANSIENT_CODES)
 
 
 class TakeoffError(Exception):
@@ -80,23 +80,28 @@ class TakeoffError(Exception):
 
     @property
     def retryable(self) -> bool:
-        """Whether the same call may succeed later without changing it (``takeoff_rpc.TRANSIENT_CODES``)."""
-        return self.code in _TRANSIENT_CODE_NAMES
+        """Whether the same call may succeed later without changing it
+        (``takeoff_rpc.backoff.TRANSIENT_CODE_NAMES``)."""
+        return self.code in TRANSIENT_CODE_NAMES
 
     @classmethod
     def from_rpc_error(cls, error: grpc.RpcError, *, target: str = "") -> TakeoffError:
         """Decode a failed call into the subclass for its code; ``target`` (the address dialled) makes
         "cannot connect" errors readable."""
         status = decode_rpc_error(error, target=target)
+        return cls.from_status(status.code.name, status)
+
+    @classmethod
+    def from_status(cls, code: str, status: StatusDetails) -> TakeoffError:
+        """The subclass for ``code`` (its name) carrying ``status``: a failed call's details, from gRPC or
+        from the run relay (docs/design.md §8)."""
         message = status.message
-        if status.code is grpc.StatusCode.UNAUTHENTICATED and status.reason == "KEY_MISSING":
+        if code == "UNAUTHENTICATED" and status.reason == "KEY_MISSING":
             # Imported here: the hint reads TAKEOFF_HOME, which plain error handling never needs.
             from takeoff._auth import missing_key_hint
 
             message = f"no API key was found: {missing_key_hint()}"
-        return error_for(
-            status.code.name, status.reason, message, metadata=status.metadata, violations=status.violations
-        )
+        return error_for(code, status.reason, message, metadata=status.metadata, violations=status.violations)
 
 
 class InvalidArgumentError(TakeoffError):

@@ -1,23 +1,8 @@
-"""Client-side plumbing shared by the SDK and every service: channels, retries, error decoding.
+"""Client-side plumbing shared by the SDK and every service: channels (:mod:`~takeoff_rpc.channels`),
+retries (:mod:`~takeoff_rpc.backoff`, :mod:`~takeoff_rpc.retries`), error decoding
+(:mod:`~takeoff_rpc.status`).
 
 It imports neither the SDK (``takeoff``) nor the server runtime (``takeoff_server``): both build on it.
+Importing the package loads nothing: a launched job that reaches the registry through its agent's relay
+uses the gRPC-free modules alone and never pays for gRPC's import.
 """
-
-from takeoff_rpc.channels import CHANNEL_OPTIONS, MAX_MESSAGE_BYTES, open_aio_channel, open_channel
-from takeoff_rpc.retries import TRANSIENT_CODES, RetryPolicy, call_with_retries, call_with_retries_async
-from takeoff_rpc.status import FieldViolation, RpcStatus, decode_rpc_error, status_code
-
-__all__ = [
-    "CHANNEL_OPTIONS",
-    "MAX_MESSAGE_BYTES",
-    "TRANSIENT_CODES",
-    "FieldViolation",
-    "RetryPolicy",
-    "RpcStatus",
-    "call_with_retries",
-    "call_with_retries_async",
-    "decode_rpc_error",
-    "open_aio_channel",
-    "open_channel",
-    "status_code",
-]

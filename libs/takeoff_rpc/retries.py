@@ -1,119 +1,37 @@
-"""When and how often a failed call is sent again: one set of transient codes, one backoff, two helpers.
-
-Retry at one layer only, the outermost caller that knows how long it may wait (the SDK, the agent): a
-service answering its own caller does not retry a dependency but answers ``DEPENDENCY_UNAVAILABLE`` at
-once, or every layer's retries would multiply.
-"""
+"""The backoff of :mod:`takeoff_rpc.backoff` applied to gRPC calls, sync and grpc.aio."""
 
 from __future__ import annotations
 
 import asyncio
-import random
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import TypeVar
 
 import grpc
 
+from takeoff_rpc.backoff import TRANSIENT_CODE_NAMES, RetryPolicy, retry_transient
 from takeoff_rpc.status import status_code
 
 T = TypeVar("T")
 
 TRANSIENT_CODES: frozenset[grpc.StatusCode] = frozenset(
-    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+    grpc.StatusCode[name] for name in TRANSIENT_CODE_NAMES
 )
-"""The codes after which the same call may succeed later, unchanged. Only these are retried.
-
-- ``UNAVAILABLE``: the service is down, restarting, draining or unreachable; gRPC documents it as the
-  transient condition to retry with backoff.
-- ``DEADLINE_EXCEEDED``: the peer was too slow or away for this attempt's timeout.
-
-Either can happen after the server acted (the reply was lost), so a call is retried only if it is safe to
-repeat: a read, or a change carrying a ``request_id`` that makes a repeat return the first result.
-
-Not retried:
-
-- ``RESOURCE_EXHAUSTED``: Takeoff uses it for size and quota limits (and gRPC for a message over its
-  limit); the same request fails the same way.
-- ``ABORTED``: a lost race (a newer session of the same agent); the caller must start over from a fresh
-  read, not repeat the call.
-- ``INTERNAL``, ``UNKNOWN``: a server bug. Repeating it hammers the bug and, for a change that is not
-  idempotent, may repeat a side effect that did happen; the error is shown instead.
-"""
-
-
-@dataclass(frozen=True, slots=True)
-class RetryPolicy:
-    """Exponential backoff with full jitter, until ``max_attempts`` calls or ``deadline`` seconds.
-
-    The delay before retry ``n`` (1 for the first) is drawn uniformly between 0 and
-    ``min(max_delay, initial_delay * multiplier ** (n - 1))``: full jitter spreads the retries of many
-    clients that failed together (a service restart) instead of synchronising them. ``deadline`` counts
-    from the first attempt and bounds when a retry may start (a wait never crosses it, so the last attempt
-    starts at the deadline); each attempt's own timeout is the caller's. Give at least one of the two.
-    """
-
-    initial_delay: float = 0.1
-    multiplier: float = 2.0
-    max_delay: float = 5.0
-    max_attempts: int | None = None
-    deadline: float | None = None
-
-    def __post_init__(self) -> None:
-        if self.max_attempts is None and self.deadline is None:
-            raise ValueError("a retry policy needs max_attempts or a deadline, or it never gives up")
-        if self.max_attempts is not None and self.max_attempts < 1:
-            raise ValueError(f"max_attempts must be at least 1, not {self.max_attempts}")
-        if not 0 < self.initial_delay <= self.max_delay or self.multiplier < 1:
-            raise ValueError("need 0 < initial_delay <= max_delay and multiplier >= 1")
-
-    def backoff_ceiling(self, retry: int) -> float:
-        """The longest wait before retry number ``retry`` (1 for the first)."""
-        try:
-            growth = self.multiplier ** (retry - 1)
-        except OverflowError:
-            return self.max_delay
-        return min(self.max_delay, self.initial_delay * growth)
-
-    def delay(self, retry: int, rng: random.Random | None = None) -> float:
-        """A wait before retry number ``retry``: full jitter below :meth:`backoff_ceiling`."""
-        return (rng or _rng).uniform(0, self.backoff_ceiling(retry))
-
-    def next_delay(self, error: grpc.RpcError, failed_attempts: int, elapsed: float) -> float | None:
-        """How long to wait before trying again after ``error``; None to give up and raise it."""
-        if status_code(error) not in TRANSIENT_CODES:
-            return None
-        if self.max_attempts is not None and failed_attempts >= self.max_attempts:
-            return None
-        if self.deadline is None:
-            return self.delay(failed_attempts)
-        left = self.deadline - elapsed
-        return None if left <= 0 else min(self.delay(failed_attempts), left)
-
+""":data:`takeoff_rpc.backoff.TRANSIENT_CODE_NAMES` as gRPC's codes."""
 
 RetryHook = Callable[[grpc.RpcError, int, float], None]
 """Told of each retry: the error, how many attempts failed so far, and the wait before the next."""
 
-_rng = random.Random()
+
+def _code_name(error: grpc.RpcError) -> str:
+    return status_code(error).name
 
 
 def call_with_retries(
     attempt: Callable[[], T], policy: RetryPolicy, *, on_retry: RetryHook | None = None
 ) -> T:
     """``attempt()``, again after each transient failure as ``policy`` allows; raises the last error."""
-    started, failed = time.monotonic(), 0
-    while True:
-        try:
-            return attempt()
-        except grpc.RpcError as error:
-            failed += 1
-            delay = policy.next_delay(error, failed, time.monotonic() - started)
-            if delay is None:
-                raise
-            if on_retry is not None:
-                on_retry(error, failed, delay)
-        time.sleep(delay)
+    return retry_transient(attempt, policy, grpc.RpcError, _code_name, on_retry)
 
 
 async def call_with_retries_async(
@@ -126,7 +44,7 @@ async def call_with_retries_async(
             return await attempt()
         except grpc.RpcError as error:
             failed += 1
-            delay = policy.next_delay(error, failed, time.monotonic() - started)
+            delay = policy.next_delay(_code_name(error), failed, time.monotonic() - started)
             if delay is None:
                 raise
             if on_retry is not None:

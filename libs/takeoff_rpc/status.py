@@ -11,10 +11,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol, cast
+from typing import TYPE_CHECKING, Protocol, cast
 
-import grpc
 from google.rpc import error_details_pb2, status_pb2
+
+if TYPE_CHECKING:
+    import grpc
 
 STATUS_DETAILS_KEY = "grpc-status-details-bin"
 
@@ -28,16 +30,23 @@ class FieldViolation:
 
 
 @dataclass(frozen=True, slots=True)
-class RpcStatus:
-    """How a call failed. ``reason`` is the ``ErrorInfo`` reason; when the server sent none (it could not
-    be reached, or is not a Takeoff server) it is the gRPC code's name, such as ``UNAVAILABLE``."""
+class StatusDetails:
+    """What a ``google.rpc.Status`` (the ``grpc-status-details-bin`` trailer) says beyond its code.
+    ``reason`` is the ``ErrorInfo`` reason; when the server sent none (it could not be reached, or is not
+    a Takeoff server) it is the code's name, such as ``UNAVAILABLE``."""
 
-    code: grpc.StatusCode
     reason: str
     message: str
     domain: str = ""
     metadata: Mapping[str, str] = field(default_factory=dict)
     violations: tuple[FieldViolation, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class RpcStatus(StatusDetails):
+    """How a gRPC call failed: its code and the details."""
+
+    code: grpc.StatusCode = field(kw_only=True)
 
 
 class _FailedCall(Protocol):
@@ -57,30 +66,43 @@ def status_code(error: grpc.RpcError) -> grpc.StatusCode:
 
 def decode_rpc_error(error: grpc.RpcError, *, target: str = "") -> RpcStatus:
     """Decode a failed call; ``target`` (the address dialled) makes "cannot connect" errors readable."""
+    import grpc  # loaded already: the error came from it
+
     call = cast(_FailedCall, error)
     code = call.code()
     message = call.details() or code.name.lower()
-    status = _rich_status(call.trailing_metadata())
-    if status is None:
-        if code is grpc.StatusCode.UNAVAILABLE and target:
-            message = f"cannot reach {target} ({message})"
-        return RpcStatus(code, code.name, message)
-    reason, domain, metadata = code.name, "", {}
+    raw = _details_trailer(call.trailing_metadata())
+    if raw is None and code is grpc.StatusCode.UNAVAILABLE and target:
+        message = f"cannot reach {target} ({message})"
+    details = parse_status_details(raw, code.name, message)
+    return RpcStatus(
+        details.reason, details.message, details.domain, details.metadata, details.violations, code=code
+    )
+
+
+def parse_status_details(raw: bytes | None, code_name: str, message: str) -> StatusDetails:
+    """The reason, message, metadata and field violations in ``raw`` (a serialized ``google.rpc.Status``),
+    or, without one, the code's name as the reason and ``message``. Free of gRPC: the SDK reads a relayed
+    call's status with it (docs/design.md §8 "The run relay")."""
+    if not raw:
+        return StatusDetails(code_name, message)
+    status = status_pb2.Status.FromString(raw)
+    reason, domain, metadata = code_name, "", {}
     violations: tuple[FieldViolation, ...] = ()
     for detail in status.details:
         if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
             info = error_details_pb2.ErrorInfo()
             detail.Unpack(info)
-            reason, domain, metadata = info.reason or code.name, info.domain, dict(info.metadata)
+            reason, domain, metadata = info.reason or code_name, info.domain, dict(info.metadata)
         elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
             bad_request = error_details_pb2.BadRequest()
             detail.Unpack(bad_request)
             violations = tuple(FieldViolation(v.field, v.description) for v in bad_request.field_violations)
-    return RpcStatus(code, reason, status.message or message, domain, metadata, violations)
+    return StatusDetails(reason, status.message or message, domain, metadata, violations)
 
 
-def _rich_status(trailers: Iterable[tuple[str, str | bytes]] | None) -> status_pb2.Status | None:
+def _details_trailer(trailers: Iterable[tuple[str, str | bytes]] | None) -> bytes | None:
     for key, value in trailers or ():
         if key == STATUS_DETAILS_KEY and isinstance(value, bytes):
-            return status_pb2.Status.FromString(value)
+            return value
     return None

@@ -27,8 +27,9 @@ from takeoff.v1 import (
     secrets_pb2_grpc,
 )
 from takeoff_agent.reachability import Peer, Reachability
+from takeoff_rpc.backoff import RetryPolicy
 from takeoff_rpc.channels import open_aio_channel
-from takeoff_rpc.retries import TRANSIENT_CODES, RetryPolicy, call_with_retries_async
+from takeoff_rpc.retries import TRANSIENT_CODES, call_with_retries_async
 from takeoff_rpc.status import decode_rpc_error, status_code
 from takeoff_server.protovalues import dict_to_struct
 

@@ -21,8 +21,8 @@ from typing import Any, Protocol
 import grpc
 
 from takeoff.v1 import common_pb2, queue_pb2, queue_pb2_grpc
+from takeoff_rpc.backoff import RetryPolicy
 from takeoff_rpc.channels import UnresolvedTarget, open_aio_channel
-from takeoff_rpc.retries import RetryPolicy
 from takeoff_rpc.status import decode_rpc_error
 
 logger = logging.getLogger(__name__)

@@ -28,16 +28,10 @@ from takeoff.v1 import (
     runs_pb2,
     runs_pb2_grpc,
 )
-from takeoff_rpc import (
-    TRANSIENT_CODES,
-    RetryPolicy,
-    RpcStatus,
-    call_with_retries_async,
-    decode_rpc_error,
-    open_aio_channel,
-    status_code,
-)
-from takeoff_rpc.channels import tls_credentials
+from takeoff_rpc.backoff import RetryPolicy
+from takeoff_rpc.channels import open_aio_channel, tls_credentials
+from takeoff_rpc.retries import TRANSIENT_CODES, call_with_retries_async
+from takeoff_rpc.status import RpcStatus, decode_rpc_error, status_code
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -112,7 +106,7 @@ OpenFile = Callable[[int], Awaitable[tuple[artifacts_pb2.ArtifactFile, FileCall]
 
 
 def _protocol_error(message: str) -> RpcStatus:
-    return RpcStatus(grpc.StatusCode.INTERNAL, "PROTOCOL_ERROR", message)
+    return RpcStatus("PROTOCOL_ERROR", message, code=grpc.StatusCode.INTERNAL)
 
 
 class UserClient:

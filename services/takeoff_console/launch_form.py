@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from takeoff_rpc import FieldViolation
+from takeoff_rpc.status import FieldViolation
 
 RUN_CONFIG = "run_config"
 TEMPLATE_VARIABLES = "template_variables"

@@ -18,7 +18,7 @@ import pytest
 
 from takeoff.stack import write_secret_file
 from takeoff.v1 import common_pb2, jobs_pb2, jobs_pb2_grpc, keys_pb2, keys_pb2_grpc, queue_pb2, queue_pb2_grpc
-from takeoff_rpc import open_channel
+from takeoff_rpc.channels import open_channel
 from tests.keys import ADMIN_KEY
 from tests.processes import ServiceProcess, service_process, wait_for
 

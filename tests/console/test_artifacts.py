@@ -33,7 +33,7 @@ from takeoff.v1 import (
     runs_pb2,
     runs_pb2_grpc,
 )
-from takeoff_rpc import open_channel
+from takeoff_rpc.channels import open_channel
 from tests.console.conftest import PROJECT, QUEUE, Console, console_process, project_key
 from tests.console.test_live import events
 from tests.console.test_security import signed_in

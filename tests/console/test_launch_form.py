@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from takeoff_console.launch_form import LaunchForm
-from takeoff_rpc import FieldViolation
+from takeoff_rpc.status import FieldViolation
 
 SCHEMA = {
     "type": "object",

@@ -12,7 +12,7 @@ import httpx
 
 from takeoff.v1 import queue_pb2, queue_pb2_grpc
 from takeoff_queue.settings import QueueSettings
-from takeoff_rpc import open_channel
+from takeoff_rpc.channels import open_channel
 from tests.console.conftest import JOB, PROJECT, QUEUE, Console, console_process
 from tests.console.test_security import signed_in
 from tests.keys import ADMIN_KEY

@@ -8,7 +8,7 @@ import re
 import httpx
 
 from takeoff.v1 import keys_pb2, queue_pb2, queue_pb2_grpc, runs_pb2, runs_pb2_grpc
-from takeoff_rpc import open_channel
+from takeoff_rpc.channels import open_channel
 from tests.console.conftest import JOB, PROJECT, QUEUE, Console, project_key
 from tests.keys import ADMIN_KEY
 

@@ -15,6 +15,7 @@ import grpc
 import pytest
 import sqlalchemy as sa
 
+from takeoff._grpc_run_calls import GrpcRunCalls
 from takeoff._sender import RunSender
 from takeoff.v1 import common_pb2, runs_pb2, runs_pb2_grpc
 from takeoff_registry.__main__ import wire
@@ -24,7 +25,6 @@ from takeoff_registry.jobs import Jobs
 from takeoff_registry.runs import LOG_LINE_RATE, METRIC_ROW_RATE, Runs
 from takeoff_registry.runs_api import RunApi
 from takeoff_registry.store import RegistryStore
-from takeoff_rpc.channels import open_channel
 from takeoff_server.database import Database
 from takeoff_server.rate_limits import Rate
 from takeoff_server.server import ServiceBinding, TakeoffServer
@@ -192,13 +192,11 @@ async def test_the_sdk_waits_out_a_rate_limit_and_delivers_every_row(
     async with limited_registry(tmp_path / "home", _sqlite(tmp_path), metric_rows=limit) as registry:
         run = await _new_run(registry)
         before = await _drain(registry, run, 250)  # the bucket is (about) empty now
-        with open_channel(registry.address, api_key=ADMIN_KEY) as channel:
-            sender = RunSender(
-                runs_pb2_grpc.RunServiceStub(channel), run.name, first_row_index=before, interval=0.02
-            )
-            for n in range(3000):
-                sender.rows.append((before + n, time.time_ns(), {"x": float(n)}))
-            await asyncio.to_thread(sender.close, _finish(run), 60.0)
+        calls = GrpcRunCalls(registry.address, ADMIN_KEY)
+        sender = RunSender(calls, run.name, first_row_index=before, interval=0.02)
+        for n in range(3000):
+            sender.rows.append((before + n, time.time_ns(), {"x": float(n)}))
+        await asyncio.to_thread(sender.close, _finish(run), 60.0)
         assert sender.dropped_rows == 0
         assert "rate limiting" in capsys.readouterr().err
 
@@ -218,10 +216,9 @@ async def test_the_sdk_gives_up_on_a_rate_limit_it_cannot_wait_out_by_its_close_
     async with limited_registry(tmp_path / "home", _sqlite(tmp_path), metric_rows=limit) as registry:
         run = await _new_run(registry)
         await _drain(registry, run, 10)
-        with open_channel(registry.address, api_key=ADMIN_KEY) as channel:
-            sender = RunSender(runs_pb2_grpc.RunServiceStub(channel), run.name, first_row_index=10)
-            sender.rows.extend((10 + n, time.time_ns(), {"x": 1.0}) for n in range(5))
-            # Without the deadline the sender would wait out the refill (1000 s): the guard ends the test.
-            await asyncio.wait_for(asyncio.to_thread(sender.close, _finish(run), 2.0), 60)
+        sender = RunSender(GrpcRunCalls(registry.address, ADMIN_KEY), run.name, first_row_index=10)
+        sender.rows.extend((10 + n, time.time_ns(), {"x": 1.0}) for n in range(5))
+        # Without the deadline the sender would wait out the refill (1000 s): the guard ends the test.
+        await asyncio.wait_for(asyncio.to_thread(sender.close, _finish(run), 2.0), 60)
         assert "5 metric rows" in capsys.readouterr().err
         assert (await _get(registry, run)).history_length == 10

@@ -16,6 +16,7 @@ from google.protobuf import struct_pb2
 
 from takeoff import Client, ImageSource
 from takeoff import _artifacts as takeoff_artifacts
+from takeoff._grpc_run_calls import GrpcRunCalls
 from takeoff._online import _attach, _PatientCaller
 from takeoff.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
 from takeoff.v1 import common_pb2, keys_pb2, keys_pb2_grpc, runs_pb2, runs_pb2_grpc
@@ -253,10 +254,10 @@ def test_an_attach_retried_after_a_lost_reply_still_stores_the_resumed_summary(
     # The job's first AttachRun reached the registry; its reply did not, so the retry finds the run attached.
     runs.AttachRun(runs_pb2.AttachRunRequest(name=second, resume=runs_pb2.RESUME_MODE_ALLOW), timeout=10)
     monkeypatch.setenv("TAKEOFF_RUN_ID", "item1-2")
-    caller = _PatientCaller(client.registry, deadline=time.monotonic() + 10)
+    caller = _PatientCaller(GrpcRunCalls(client.registry, ADMIN_KEY), deadline=time.monotonic() + 10)
     caller.retried = True
     attached, previous = _attach(
-        runs, caller, project, runs_pb2.Run(), launched=True, resume=runs_pb2.RESUME_MODE_ALLOW
+        caller, project, runs_pb2.Run(), launched=True, resume=runs_pb2.RESUME_MODE_ALLOW
     )
     assert (attached.name, previous and previous.name) == (second, first)
     assert client.get_run(second).summary == {"best": 0.5}

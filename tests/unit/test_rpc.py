@@ -18,8 +18,9 @@ from pathlib import Path
 import grpc
 import pytest
 
+from takeoff_rpc.backoff import RetryPolicy
 from takeoff_rpc.channels import open_aio_channel, open_channel
-from takeoff_rpc.retries import TRANSIENT_CODES, RetryPolicy, call_with_retries, call_with_retries_async
+from takeoff_rpc.retries import TRANSIENT_CODES, call_with_retries, call_with_retries_async
 from takeoff_rpc.status import FieldViolation, RpcStatus, decode_rpc_error, status_code
 from takeoff_server import errors
 from takeoff_server.access import EVERYWHERE, Grant, KeyKind, Permission, Principal, needs
@@ -418,17 +419,15 @@ def rpc_error(code: grpc.StatusCode) -> grpc.aio.AioRpcError:
     ],
 )
 def test_only_transient_codes_are_retried(code: grpc.StatusCode, retried: bool) -> None:
-    assert (RetryPolicy(max_attempts=2).next_delay(rpc_error(code), 1, elapsed=0.0) is not None) == retried
+    assert (RetryPolicy(max_attempts=2).next_delay(code.name, 1, elapsed=0.0) is not None) == retried
 
 
 def test_no_wait_crosses_the_deadline() -> None:
     policy = RetryPolicy(initial_delay=5.0, max_delay=5.0, deadline=10.0)
-    unavailable = rpc_error(grpc.StatusCode.UNAVAILABLE)
-
-    waits = [policy.next_delay(unavailable, 1, elapsed=9.99) for _ in range(200)]
+    waits = [policy.next_delay("UNAVAILABLE", 1, elapsed=9.99) for _ in range(200)]
 
     assert all(wait is not None and 0 <= wait <= 0.01 + 1e-9 for wait in waits)
-    assert policy.next_delay(unavailable, 1, elapsed=10.0) is None
+    assert policy.next_delay("UNAVAILABLE", 1, elapsed=10.0) is None
 
 
 def test_full_jitter_stays_under_the_capped_exponential_and_spans_it() -> None:
@@ -491,12 +490,19 @@ def test_import_takeoff_loads_a_name_when_it_is_first_used() -> None:
 
 
 def test_a_jobs_init_loads_only_what_its_mode_needs() -> None:
-    # An online init imports takeoff._online (gRPC, the channel, the sender) before its first call.
-    online = modules_loaded_by("import takeoff; takeoff.init; import takeoff._online")
-    assert "grpc" in online
-    assert loaded_packages(online, ("takeoff.models", "takeoff.client", "takeoff.cli")) == []
+    not_for_a_run = ("takeoff.models", "takeoff.client", "takeoff.cli")
+    # Online, a run's calls go to the registry over gRPC...
+    direct = modules_loaded_by(
+        "import takeoff; takeoff.init; import takeoff._online, takeoff._grpc_run_calls"
+    )
+    assert "grpc" in direct
+    assert loaded_packages(direct, not_for_a_run) == []
+    # ...or through the relay of the agent that launched the job, which needs no gRPC at all.
+    relayed = modules_loaded_by("import takeoff; takeoff.init; import takeoff._online, takeoff._relay")
+    assert "takeoff._sender" in relayed
+    assert loaded_packages(relayed, ("grpc", *not_for_a_run)) == []
     disabled = modules_loaded_by("import takeoff; takeoff.init(mode='disabled')")
-    assert loaded_packages(disabled, ("grpc", "takeoff.models", "takeoff.client", "takeoff.cli")) == []
+    assert loaded_packages(disabled, ("grpc", *not_for_a_run)) == []
 
 
 def test_every_public_name_of_the_sdk_resolves() -> None:
