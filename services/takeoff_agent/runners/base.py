@@ -80,6 +80,10 @@ class RunnerContext:
     """The value of the ``takeoff.agent`` label on everything the runner starts."""
     state_dir: Path
     """The agent's state directory (lease directories live in ``leases/`` below it)."""
+    relay: str | None = None
+    """The agent's run relay as a job on this host reaches it (``TAKEOFF_RELAY``: ``@takeoff-relay-{id}``,
+    an abstract Unix socket, docs/design.md §8); None when it does not run. Only the local-process runner
+    gives it to jobs: containers, pods and jobs on other nodes cannot reach the host's abstract sockets."""
 
 
 class LogSource(Protocol):
