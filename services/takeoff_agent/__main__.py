@@ -8,11 +8,12 @@ from takeoff_agent.access import RULES
 from takeoff_agent.agent import Agent
 from takeoff_agent.api import AgentApi
 from takeoff_agent.identity import AgentIdentity, claim_state_dir
+from takeoff_agent.relay import start_relay
 from takeoff_agent.settings import AgentSettings
 from takeoff_server.config import ConfigError
 from takeoff_server.errors import ServiceFailed
 from takeoff_server.main import ServiceProgram
-from takeoff_server.peers import registry_verifier
+from takeoff_server.peers import channel_credentials, registry_verifier
 from takeoff_server.server import ServiceBinding, Wiring
 
 logger = logging.getLogger(__name__)
@@ -32,7 +33,15 @@ async def wire(settings: AgentSettings, resources: AsyncExitStack) -> Wiring:
             held.path,
         )
         settings = settings.model_copy(update={"state_dir": held.path})
-    agent = Agent(settings, AgentIdentity.from_settings(settings))
+    identity = AgentIdentity.from_settings(settings)
+    relay = None
+    if settings.run_relay:
+        registry = settings.registry_address
+        relay = await start_relay(identity.agent_id, registry, channel_credentials(settings.tls, registry))
+        if relay is not None:
+            # Closed after the agent (the stack unwinds in reverse): its jobs may call until it has drained.
+            resources.push_async_callback(relay.close)
+    agent = Agent(settings, identity, relay=relay.address if relay is not None else None)
     resources.push_async_callback(agent.close)
 
     async def drain() -> None:

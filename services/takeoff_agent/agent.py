@@ -51,14 +51,17 @@ _LOST = (queue_pb2.REJECT_REASON_LEASE_LOST, queue_pb2.REJECT_REASON_LEASE_NOT_F
 
 
 class Agent:
-    def __init__(self, settings: AgentSettings, identity: AgentIdentity) -> None:
+    def __init__(self, settings: AgentSettings, identity: AgentIdentity, *, relay: str | None = None) -> None:
+        """``relay``: where this agent's run relay listens, as its local-process jobs are given it
+        (takeoff_agent.relay); None when it does not run."""
         self.settings = settings
         self.identity = identity
         self.leases_dir = settings.state_path / "leases"
         self.attempts: dict[str, Attempt] = {}
         try:
             runners = create_runners(
-                settings.runners, RunnerContext(agent_id=identity.agent_id, state_dir=settings.state_path)
+                settings.runners,
+                RunnerContext(agent_id=identity.agent_id, state_dir=settings.state_path, relay=relay),
             )
         except ValueError as error:
             raise ServiceFailed(f"this agent's config cannot be used: {error}") from None

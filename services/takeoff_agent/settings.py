@@ -44,6 +44,9 @@ class AgentSettings(ServerSettings):
     """Between SIGTERM and SIGKILL when a job is cancelled, revoked or out of time."""
     drain_timeout_seconds: float | None = Field(default=None, ge=0, le=86400)
     """How long a draining agent lets running jobs go on before stopping them; unset: until they end."""
+    run_relay: bool = True
+    """Relay the RunService calls of local-process jobs through the agent (``TAKEOFF_RUN_RELAY``), so a job
+    need not load gRPC for them (takeoff_agent.relay); off: every job calls the registry itself."""
     state_dir: Path | None = None
     """Where the agent keeps its id and its jobs' state; empty means ``{home}/agent``. While another agent
     on this host holds it, an agent takes the first free ``{state_dir}/{n}`` (n = 2, 3, ...) instead

@@ -57,6 +57,7 @@ SHIM_COMMAND = (sys.executable, "-I", "-S", shim.__file__)
 """How a local job's shim is started: every job pays for its start, so by path, isolated (``-I``: no
 ``PYTHON*`` variables, no user site) and without ``site`` (``-S``: it imports nothing but the standard
 library), which saves most of its start-up (docs/design.md §7)."""
+RELAY_VARIABLE = "TAKEOFF_RELAY"
 _VARIABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
@@ -107,7 +108,13 @@ class LocalProcessRunner:
         refuse_other_options(self.kind, set(assignment.resource_config) - PROCESS_OPTIONS, PROCESS_OPTIONS)
 
     def job(self, assignment: Assignment, lease_dir: Path) -> LocalProcessJob:
-        return LocalProcessJob(lease_dir, self.sdk_site, self.pass_env, world_of(assignment.resource_config))
+        return LocalProcessJob(
+            lease_dir,
+            self.sdk_site,
+            self.pass_env,
+            world_of(assignment.resource_config),
+            relay=self.context.relay,
+        )
 
     async def sweep(self, held: Collection[str]) -> None:
         """Stop the local jobs of lease directories the agent does not hold (it removes the directories;
@@ -129,12 +136,21 @@ class LocalProcessJob:
     multi-node launch (``nodes: N``: N processes on the agent's host, one shim for them all)."""
 
     def __init__(
-        self, lease_dir: Path, sdk_site: Path, pass_env: tuple[str, ...] = (), world: World = ONE_PROCESS
+        self,
+        lease_dir: Path,
+        sdk_site: Path,
+        pass_env: tuple[str, ...] = (),
+        world: World = ONE_PROCESS,
+        *,
+        relay: str | None = None,
     ) -> None:
+        """``relay``: the agent's run relay, given to the job as TAKEOFF_RELAY; None (the Slurm runner's
+        jobs, which may run on another node) gives none."""
         self.lease_dir = lease_dir
         self.sdk_site = sdk_site
         self.pass_env = pass_env
         self.world = world
+        self.relay = relay
         self._shim: asyncio.subprocess.Process | None = None
         self._log_sources = shim_output(lease_dir, world)
 
@@ -165,12 +181,14 @@ class LocalProcessJob:
     def environment(self, launch: Launch) -> dict[str, str]:
         """The job's environment (docs/design.md §7): what it may see of the agent's, then the venv's
         variables (the resource config's ``env`` cannot move the venv off ``PATH``), then the launch's,
-        then where its secret files and CA certificate are."""
+        then where its secret files and CA certificate are and how it reaches the registry: directly, and
+        through the agent's run relay when that runs (the SDK falls back to the former)."""
         venv = Path(launch.built.venv_path)
         sdk = {"PYTHONPATH": str(self.sdk_site)} if matches_agent_python(venv) else {}
         inherited = agent_environment(self.pass_env)
         files = {SECRETS_DIR_VARIABLE: str(self.secrets_dir)} if launch.secret_files else {}
         ca = {CA_FILE_VARIABLE: str(launch.ca_file.absolute())} if launch.ca_file is not None else {}
+        relay = {RELAY_VARIABLE: self.relay} if self.relay is not None else {}
         return {
             **inherited,
             **sdk,
@@ -181,6 +199,7 @@ class LocalProcessJob:
             **files,
             **ca,
             "TAKEOFF_REGISTRY": launch.registry_address,
+            **relay,
         }
 
     async def start(self, launch: Launch) -> None:

@@ -1,0 +1,208 @@
+"""The run relay: jobs on the agent's host make their RunService calls through the agent.
+
+A local-process job would spend most of its CPU importing gRPC (which loads asyncio and ssl) for its few
+unary calls to the registry; the agent has gRPC loaded and a registry address at hand, so it listens on a
+Unix socket and makes those calls for its jobs (docs/design.md §8 "The run relay"). The socket carries
+frames, each a 4-byte big-endian length and one message (``takeoff.v1.relay``): the job writes a
+RelayCall, the agent answers its RelayReply, then the next call.
+
+The socket is in Linux's abstract namespace, ``\\0takeoff-relay-{agent_id}``: no file to clean up or to
+outlive the agent, no path-length limit, and the same name for a restarted agent (its id is kept), so a
+job whose agent restarted finds the new one. Jobs are given it as ``@takeoff-relay-{agent_id}``, as
+``ss -x`` prints it (``TAKEOFF_RELAY``, local-process jobs only: containers and other nodes cannot reach
+the host's abstract sockets).
+
+The relay grants nothing: it forwards the job's own ``authorization`` (its run token) and trace context,
+never the agent's key, on a channel of its own that carries no key; the registry decides as if the job
+had called it. It never logs a call's metadata (tokens) nor its messages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import struct
+
+import grpc
+import grpc.aio
+from google.protobuf.message import DecodeError
+
+from takeoff.v1 import relay_pb2
+from takeoff_agent.clients import RUN_SERVICE
+from takeoff_rpc.channels import open_aio_channel
+
+logger = logging.getLogger(__name__)
+
+MAX_FRAME_BYTES = 16 * 1024 * 1024
+"""Largest frame either way; a registry message is at most 4 MiB (takeoff_rpc.channels), its frame a few
+bytes more."""
+RELAYED_METHODS = f"/{RUN_SERVICE}/"
+FORWARDED_METADATA = frozenset({"authorization", "traceparent", "tracestate"})
+"""The only call metadata passed on: the job's credentials and its trace context."""
+DEFAULT_TIMEOUT_SECONDS = 30.0
+MAX_TIMEOUT_SECONDS = 60.0
+"""A call waits for a registry that is restarting (wait_for_ready), but never longer than this."""
+_LENGTH = struct.Struct(">I")
+
+
+def socket_name(agent_id: str) -> str:
+    """The abstract socket the relay of the agent ``agent_id`` listens on."""
+    return f"\0takeoff-relay-{agent_id}"
+
+
+def job_address(name: str) -> str:
+    """``name`` as jobs are given it: an abstract name's leading NUL written ``@``."""
+    return "@" + name[1:] if name.startswith("\0") else name
+
+
+def frame(message: relay_pb2.RelayReply) -> bytes:
+    body = message.SerializeToString()
+    return _LENGTH.pack(len(body)) + body
+
+
+class FrameRefused(Exception):
+    """A frame the relay cannot take (over the limit, not a RelayCall): answered, then the connection
+    closes, since nothing after it can be trusted to start on a frame boundary."""
+
+
+class RunRelay:
+    """Relays RunService calls from the connections on its socket to the registry at ``address``."""
+
+    def __init__(self, address: str, credentials: grpc.ChannelCredentials | None) -> None:
+        """``credentials``: the agent's TLS for ``address`` (takeoff_server.peers.channel_credentials)."""
+        self._channel = open_aio_channel(address, credentials=credentials)  # no api_key: see the module
+        self._server: asyncio.Server | None = None
+        self._connections: set[asyncio.Task[object]] = set()
+        self.address: str | None = None
+        """Where jobs find the relay once it listens (TAKEOFF_RELAY): :func:`job_address` of its socket."""
+
+    async def listen(self, name: str) -> None:
+        """Serve connections on the Unix socket ``name`` (abstract when it starts with NUL); OSError when
+        it cannot be bound (EADDRINUSE: another process holds the name)."""
+        self._server = await asyncio.start_unix_server(self._serve, path=name)
+        self.address = job_address(name)
+
+    async def close(self) -> None:
+        """Stop listening, end the open connections (their jobs fall back to direct gRPC), close the
+        channel."""
+        if self._server is not None:
+            self._server.close()
+        for task in self._connections:
+            task.cancel()
+        await asyncio.gather(*self._connections, return_exceptions=True)
+        if self._server is not None:
+            await self._server.wait_closed()
+        await self._channel.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """One job's connection: its calls, one at a time, until it closes it."""
+        task = asyncio.current_task()
+        assert task is not None
+        self._connections.add(task)
+        try:
+            while (call := await _read_call(reader)) is not None:
+                writer.write(frame(await self.relay(call)))
+                await writer.drain()
+        except FrameRefused as refused:
+            logger.warning("run relay: a job sent %s; closing its connection", refused)
+            writer.write(frame(_refusal(grpc.StatusCode.INVALID_ARGUMENT, str(refused))))
+            with contextlib.suppress(ConnectionError):
+                await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass  # the job went away mid-frame: its SDK retries on a new connection
+        except asyncio.CancelledError:
+            # The relay is closing (close() awaits this task). Ended here rather than cancelled: Python
+            # 3.11's streams report a cancelled connection task as an error.
+            pass
+        finally:
+            self._connections.discard(task)
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+
+    async def relay(self, call: relay_pb2.RelayCall) -> relay_pb2.RelayReply:
+        """Make ``call`` to the registry; how it ended."""
+        if not call.method.startswith(RELAYED_METHODS):
+            return _refusal(grpc.StatusCode.UNIMPLEMENTED, "the run relay carries RunService calls only")
+        metadata = tuple(
+            (key.lower(), value) for key, value in call.metadata.items() if key.lower() in FORWARDED_METADATA
+        )
+        if unsendable := sorted(key for key, value in metadata if not _header_value(value)):
+            # gRPC would raise rather than send it; the value itself is never repeated (a token).
+            return _refusal(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"the call's {', '.join(unsendable)} metadata holds characters a header cannot carry",
+            )
+        given = call.timeout.seconds + call.timeout.nanos / 1e9
+        timeout = min(given if given > 0 else DEFAULT_TIMEOUT_SECONDS, MAX_TIMEOUT_SECONDS)
+        # No serializers: the messages pass as bytes.
+        method: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = self._channel.unary_unary(call.method)
+        try:
+            response = await method(call.request, timeout=timeout, metadata=metadata, wait_for_ready=True)
+        except grpc.aio.AioRpcError as error:
+            return relay_pb2.RelayReply(
+                code=_code(error.code()), message=error.details() or "", status_details=_status_details(error)
+            )
+        return relay_pb2.RelayReply(code=_code(grpc.StatusCode.OK), response=response)
+
+
+async def start_relay(
+    agent_id: str, registry_address: str, credentials: grpc.ChannelCredentials | None
+) -> RunRelay | None:
+    """The agent's relay, listening on :func:`socket_name`; None (with a warning) when that cannot be bound
+    (EADDRINUSE: another process of this agent id holds it): the agent runs without it, and its jobs call
+    the registry directly."""
+    relay, name = RunRelay(registry_address, credentials), socket_name(agent_id)
+    try:
+        await relay.listen(name)
+    except OSError as error:
+        await relay.close()
+        logger.warning(
+            "the run relay cannot listen on %s (%s): jobs will call the registry directly",
+            job_address(name),
+            os.strerror(error.errno) if error.errno else error,
+        )
+        return None
+    return relay
+
+
+async def _read_call(reader: asyncio.StreamReader) -> relay_pb2.RelayCall | None:
+    """The next call on a connection; None once the job has closed it between calls."""
+    try:
+        header = await reader.readexactly(_LENGTH.size)
+    except asyncio.IncompleteReadError as error:
+        if error.partial:
+            raise
+        return None
+    (length,) = _LENGTH.unpack(header)
+    if length > MAX_FRAME_BYTES:
+        raise FrameRefused(f"a frame of {length} bytes, over the relay's limit of {MAX_FRAME_BYTES}")
+    body = await reader.readexactly(length)
+    try:
+        return relay_pb2.RelayCall.FromString(body)
+    except DecodeError:
+        raise FrameRefused(f"a frame of {length} bytes that is not a RelayCall") from None
+
+
+def _refusal(code: grpc.StatusCode, message: str) -> relay_pb2.RelayReply:
+    return relay_pb2.RelayReply(code=_code(code), message=message)
+
+
+def _header_value(value: str) -> bool:
+    """Whether gRPC can send ``value`` as an ASCII metadata value (printable, no line breaks)."""
+    return value.isascii() and value.isprintable()
+
+
+def _code(code: grpc.StatusCode) -> int:
+    number: int = code.value[0]
+    return number
+
+
+def _status_details(error: grpc.aio.AioRpcError) -> bytes:
+    """The registry's google.rpc.Status (ErrorInfo, field violations), as it sent it; empty without one."""
+    for key, value in error.trailing_metadata() or ():
+        if key == "grpc-status-details-bin" and isinstance(value, bytes):
+            return value
+    return b""
