@@ -204,6 +204,11 @@ _SAVE_ITEM = items.update().where(
 _INSERT_ITEM = items.insert()
 _INSERT_TRANSITIONS = transitions.insert()
 _INSERT_TOKEN_REVOCATIONS = token_revocations.insert()
+_DELETE_TOKEN_REVOCATION = token_revocations.delete().where(
+    token_revocations.c.id == sa.bindparam("where_id")
+)
+_QUEUE_EXISTS = sa.select(queues.c.name).where(queues.c.name == sa.bindparam("where_name"))
+_QUEUE_EXISTS_KEY_SHARE = _QUEUE_EXISTS.with_for_update(key_share=True)
 
 LIVE_OR_PENDING = [s.value for s in ItemState if not s.is_terminal]
 LIVE = [s.value for s in ItemState if s.is_live]
@@ -290,10 +295,8 @@ class QueueWrite:
     async def queue_exists(self, name: str) -> bool:
         """Whether the queue is there, kept there until this transaction ends (PostgreSQL: a DeleteQueue
         committing meanwhile waits for it; SQLite has one writer)."""
-        query = sa.select(queues.c.name).where(queues.c.name == name)
-        if self._connection.dialect.name == "postgresql":
-            query = query.with_for_update(key_share=True)
-        return (await self._connection.execute(query)).first() is not None
+        query = _QUEUE_EXISTS_KEY_SHARE if self._connection.dialect.name == "postgresql" else _QUEUE_EXISTS
+        return (await self._connection.execute(query, {"where_name": name})).first() is not None
 
     async def insert_item(self, item: Item) -> int:
         """A new item with its whole history; returns its enqueue sequence number."""
@@ -441,9 +444,7 @@ class QueueWrite:
         )
 
     async def delete_token_revocation(self, revocation_id: int) -> None:
-        await self._connection.execute(
-            token_revocations.delete().where(token_revocations.c.id == revocation_id)
-        )
+        await self._connection.execute(_DELETE_TOKEN_REVOCATION, {"where_id": revocation_id})
 
     async def insert_run_closes(self, closes: Sequence[RunClose], now: datetime) -> list[RunClose]:
         """Put runs in the outbox, due at once; returns them with their row ids. Their attempts are over,
