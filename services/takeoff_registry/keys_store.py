@@ -8,13 +8,13 @@ serializes writers on SQLite.
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql, sqlite
-from sqlmodel import Field, SQLModel, col, select, update
+from sqlmodel import Field, SQLModel
 
 from takeoff_registry.keys import Key
-from takeoff_registry.store import RegistryStore
+from takeoff_registry.store import RegistryStore, insert_unless_present
 from takeoff_server.access import KeyKind, KeyScope, ProjectRole, ServiceRole
 from takeoff_server.sqltypes import JsonText, UtcDateTime
 
@@ -66,25 +66,46 @@ def _row(key: Key, digest: str) -> dict[str, object]:
     }
 
 
-def _key(row: KeyRow) -> Key:
+keys = KeyRow.__table__  # type: ignore[attr-defined]
+
+# Built once: a statement built per call, and its cache key, cost more CPU than running it (VerifyKey,
+# MintRunToken and RevokeRunTokens are on every job's path). Each takes its values from the parameters it
+# runs with; the WHERE clause's are named apart from the columns.
+_INSERT = insert_unless_present(keys, tuple(keys.c.keys()))
+"""Any conflict (the id, or the digest) stores nothing."""
+_BY_ID = sa.select(keys).where(keys.c.key_id == sa.bindparam("where_key_id"))
+_BY_DIGEST = sa.select(keys).where(keys.c.secret_digest == sa.bindparam("where_digest"))
+_REVOKE = keys.update().where(keys.c.key_id == sa.bindparam("where_key_id"), keys.c.revoke_time.is_(None))
+_REVOKE_RUN_TOKENS = (
+    keys.update()
+    .where(
+        keys.c.run == sa.bindparam("where_run"),
+        keys.c.kind == KeyKind.RUN.name,
+        keys.c.revoke_time.is_(None),
+    )
+    .returning(keys.c.key_id)
+)
+
+
+def _key(row: sa.RowMapping) -> Key:
     return Key(
-        key_id=row.key_id,
-        display_name=row.display_name,
+        key_id=row["key_id"],
+        display_name=row["display_name"],
         scope=KeyScope(
-            kind=KeyKind[row.kind],
-            projects=tuple(row.projects),
-            role=ProjectRole[row.role] if row.role else None,
-            queues=tuple(row.queues),
-            service=ServiceRole[row.service] if row.service else None,
-            run=row.run,
-            job_version=row.job_version,
-            secrets=tuple(row.secrets),
+            kind=KeyKind[row["kind"]],
+            projects=tuple(row["projects"]),
+            role=ProjectRole[row["role"]] if row["role"] else None,
+            queues=tuple(row["queues"]),
+            service=ServiceRole[row["service"]] if row["service"] else None,
+            run=row["run"],
+            job_version=row["job_version"],
+            secrets=tuple(row["secrets"]),
         ),
-        item=row.item,
-        secret_hint=row.secret_hint,
-        creator=row.creator,
-        create_time=row.create_time,
-        revoke_time=row.revoke_time,
+        item=row["item"],
+        secret_hint=row["secret_hint"],
+        creator=row["creator"],
+        create_time=row["create_time"],
+        revoke_time=row["revoke_time"],
     )
 
 
@@ -93,71 +114,49 @@ class SqlKeyStore:
 
     def __init__(self, store: RegistryStore) -> None:
         self._store = store
-        self._dialect = store.database.engine.dialect.name
 
     async def insert(self, key: Key, digest: str) -> bool:
-        insert = postgresql.insert if self._dialect == "postgresql" else sqlite.insert
-        # Any conflict (the id, or the digest) stores nothing; RETURNING says whether a row went in.
-        statement = (
-            insert(KeyRow).values(**_row(key, digest)).on_conflict_do_nothing().returning(col(KeyRow.key_id))
-        )
-        async with self._store.write() as tx:
-            return (await tx.session.exec(statement)).first() is not None
+        async with self._store.write_connection() as connection:
+            return (await connection.execute(_INSERT, _row(key, digest))).first() is not None
 
     async def get(self, key_id: str) -> Key | None:
-        async with self._store.read() as tx:
-            row = await tx.session.get(KeyRow, key_id)
-        return _key(row) if row is not None else None
+        return await self._one(_BY_ID, {"where_key_id": key_id})
 
     async def by_digest(self, digest: str) -> Key | None:
-        async with self._store.read() as tx:
-            row = (await tx.session.exec(select(KeyRow).where(KeyRow.secret_digest == digest))).first()
-        return _key(row) if row is not None else None
+        return await self._one(_BY_DIGEST, {"where_digest": digest})
 
     async def page(
         self, *, after: tuple[str, str] | None, limit: int, show_revoked: bool, show_run_tokens: bool
     ) -> list[Key]:
-        query = select(KeyRow)
+        query = sa.select(keys)
         if not show_revoked:
-            query = query.where(col(KeyRow.revoke_time).is_(None))
+            query = query.where(keys.c.revoke_time.is_(None))
         if not show_run_tokens:
-            query = query.where(KeyRow.kind != KeyKind.RUN.name)
+            query = query.where(keys.c.kind != KeyKind.RUN.name)
         if after is not None:
             after_time = datetime.fromisoformat(after[0])
             query = query.where(
                 sa.or_(
-                    col(KeyRow.create_time) > after_time,
-                    sa.and_(col(KeyRow.create_time) == after_time, col(KeyRow.key_id) > after[1]),
+                    keys.c.create_time > after_time,
+                    sa.and_(keys.c.create_time == after_time, keys.c.key_id > after[1]),
                 )
             )
-        query = query.order_by(col(KeyRow.create_time), col(KeyRow.key_id)).limit(limit)
-        async with self._store.read() as tx:
-            return [_key(row) for row in (await tx.session.exec(query)).all()]
+        query = query.order_by(keys.c.create_time, keys.c.key_id).limit(limit)
+        async with self._store.read_connection() as connection:
+            return [_key(row) for row in (await connection.execute(query)).mappings()]
 
     async def revoke(self, key_id: str, now: datetime) -> Key | None:
-        async with self._store.write() as tx:
-            await tx.session.exec(
-                update(KeyRow)
-                .where(col(KeyRow.key_id) == key_id, col(KeyRow.revoke_time).is_(None))
-                .values(revoke_time=now)
-            )
-            row = (
-                await tx.session.exec(
-                    select(KeyRow).where(KeyRow.key_id == key_id).execution_options(populate_existing=True)
-                )
-            ).first()
+        async with self._store.write_connection() as connection:
+            await connection.execute(_REVOKE, {"revoke_time": now, "where_key_id": key_id})
+            row = (await connection.execute(_BY_ID, {"where_key_id": key_id})).mappings().first()
             return _key(row) if row is not None else None
 
     async def revoke_run_tokens(self, run: str, now: datetime) -> int:
-        async with self._store.write() as tx:
-            revoked = await tx.session.exec(
-                update(KeyRow)
-                .where(
-                    col(KeyRow.run) == run,
-                    col(KeyRow.kind) == KeyKind.RUN.name,
-                    col(KeyRow.revoke_time).is_(None),
-                )
-                .values(revoke_time=now)
-                .returning(col(KeyRow.key_id))
-            )
+        async with self._store.write_connection() as connection:
+            revoked = await connection.execute(_REVOKE_RUN_TOKENS, {"revoke_time": now, "where_run": run})
             return len(revoked.all())
+
+    async def _one(self, query: sa.Select[Any], parameters: dict[str, str]) -> Key | None:
+        async with self._store.read_connection() as connection:
+            row = (await connection.execute(query, parameters)).mappings().first()
+        return _key(row) if row is not None else None

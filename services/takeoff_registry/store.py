@@ -12,6 +12,7 @@ time is SQLite's own rule; waiting here beats failing with "database is locked")
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager, nullcontext
 from dataclasses import dataclass
@@ -19,8 +20,8 @@ from datetime import datetime
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlmodel import Field, SQLModel, col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
@@ -186,13 +187,32 @@ ChunkT = TypeVar("ChunkT", MetricChunkRow, LogChunkRow)
 request_ids = request_ids_table("registry_request_ids", SQLModel.metadata)
 
 
+@functools.cache
+def insert_unless_present(table: sa.Table, columns: tuple[str, ...]) -> sa.TextualSelect:
+    """``INSERT`` of these columns ``ON CONFLICT DO NOTHING RETURNING`` the first key column: a row comes
+    back when one went in (RETURNING, not rowcount: the async PostgreSQL driver reports no row count here).
+
+    Text, the same on SQLite and PostgreSQL: SQLAlchemy never caches the dialects' own ``on_conflict``
+    inserts, and compiling one at each execution cost more CPU than running it (a key minted per job)."""
+    key = table.primary_key.columns[0]
+    names = ", ".join(f'"{name}"' for name in columns)
+    placeholders = ", ".join(f":{name}" for name in columns)
+    return (
+        sa.text(
+            f'INSERT INTO "{table.name}" ({names}) VALUES ({placeholders}) '
+            f'ON CONFLICT DO NOTHING RETURNING "{key.name}"'
+        )
+        .bindparams(*(sa.bindparam(name, type_=table.c[name].type) for name in columns))
+        .columns(key)
+    )
+
+
 class Tx:
     """One transaction on the registry's tables."""
 
     def __init__(self, session: AsyncSession, request_ids: RequestIds) -> None:
         self.session = session
         self.request_ids = request_ids
-        self._dialect = session.bind.dialect.name
 
     def add(self, row: SQLModel) -> None:
         self.session.add(row)
@@ -212,11 +232,9 @@ class Tx:
 
     async def insert_unless_present(self, table: type[SQLModel], **values: Any) -> bool:
         """Insert a row unless one with its key exists; True when this call inserted it."""
-        insert = postgresql.insert if self._dialect == "postgresql" else sqlite.insert
-        key = sa.inspect(table, raiseerr=True).primary_key[0]
-        # RETURNING, not rowcount: the async PostgreSQL driver reports no row count here.
-        statement = insert(table).values(**values).on_conflict_do_nothing().returning(key)
-        return (await self.session.exec(statement)).first() is not None
+        statement = insert_unless_present(sa.inspect(table, raiseerr=True).local_table, tuple(values))
+        connection = await self.session.connection()
+        return (await connection.execute(statement, values)).first() is not None
 
     async def ensure_project(self, project_id: str, now: datetime) -> None:
         """Create the project unless it exists (projects exist once written to)."""
@@ -476,3 +494,15 @@ class RegistryStore:
         """A transaction committed when the block ends without an exception, rolled back otherwise."""
         async with self._writer or nullcontext(), self.database.session() as session, session.begin():
             yield Tx(session, self._request_ids)
+
+    @asynccontextmanager
+    async def read_connection(self) -> AsyncIterator[AsyncConnection]:
+        """A connection for Core statements, without the ORM session :meth:`read` opens."""
+        async with self.database.engine.connect() as connection:
+            yield connection
+
+    @asynccontextmanager
+    async def write_connection(self) -> AsyncIterator[AsyncConnection]:
+        """:meth:`write`'s transaction on a bare connection, for Core statements."""
+        async with self._writer or nullcontext(), self.database.engine.begin() as connection:
+            yield connection
