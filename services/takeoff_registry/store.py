@@ -187,6 +187,23 @@ ChunkT = TypeVar("ChunkT", MetricChunkRow, LogChunkRow)
 request_ids = request_ids_table("registry_request_ids", SQLModel.metadata)
 
 
+# The queries of every job launch and every write to a run, built once (building one per call, and its cache
+# key, cost about as much CPU as running it).
+_JOB = select(JobRow).where(
+    JobRow.project_id == sa.bindparam("where_project"), JobRow.job_id == sa.bindparam("where_job")
+)
+_JOB_FOR_UPDATE = _JOB.with_for_update()
+_JOB_AND_ALIASES = (
+    select(JobRow, JobAliasRow.alias, JobAliasRow.version)
+    .outerjoin(JobAliasRow, col(JobAliasRow.job_pk) == col(JobRow.id))
+    .where(JobRow.project_id == sa.bindparam("where_project"), JobRow.job_id == sa.bindparam("where_job"))
+)
+_RUN = select(RunRow).where(
+    RunRow.project_id == sa.bindparam("where_project"), RunRow.run_id == sa.bindparam("where_run")
+)
+_RUN_FOR_UPDATE = _RUN.with_for_update()
+
+
 @functools.cache
 def insert_unless_present(table: sa.Table, columns: tuple[str, ...]) -> sa.TextualSelect:
     """``INSERT`` of these columns ``ON CONFLICT DO NOTHING RETURNING`` the first key column: a row comes
@@ -246,19 +263,15 @@ class Tx:
     # Jobs, versions, aliases.
 
     async def job(self, project_id: str, job_id: str, *, for_update: bool = False) -> JobRow | None:
-        query = select(JobRow).where(JobRow.project_id == project_id, JobRow.job_id == job_id)
-        if for_update:
-            query = query.with_for_update()
-        return (await self.session.exec(query)).first()
+        query = _JOB_FOR_UPDATE if for_update else _JOB
+        return (
+            await self.session.exec(query, params={"where_project": project_id, "where_job": job_id})
+        ).first()
 
     async def job_and_aliases(self, project_id: str, job_id: str) -> tuple[JobRow, dict[str, int]] | None:
         """The job and its user aliases (alias -> version) in one query; None when the job does not exist."""
-        query = (
-            select(JobRow, JobAliasRow.alias, JobAliasRow.version)
-            .outerjoin(JobAliasRow, col(JobAliasRow.job_pk) == col(JobRow.id))
-            .where(JobRow.project_id == project_id, JobRow.job_id == job_id)
-        )
-        rows = (await self.session.exec(query)).all()
+        parameters = {"where_project": project_id, "where_job": job_id}
+        rows = (await self.session.exec(_JOB_AND_ALIASES, params=parameters)).all()
         if not rows:
             return None
         return rows[0][0], {alias: version for _, alias, version in rows if alias is not None}
@@ -363,10 +376,10 @@ class Tx:
     # Runs.
 
     async def run(self, project_id: str, run_id: str, *, for_update: bool = False) -> RunRow | None:
-        query = select(RunRow).where(RunRow.project_id == project_id, RunRow.run_id == run_id)
-        if for_update:
-            query = query.with_for_update()
-        return (await self.session.exec(query)).first()
+        query = _RUN_FOR_UPDATE if for_update else _RUN
+        return (
+            await self.session.exec(query, params={"where_project": project_id, "where_run": run_id})
+        ).first()
 
     async def insert_run(self, row: RunRow) -> bool:
         """Insert ``row``; False when the project already has a run with its id (the transaction is
