@@ -1,12 +1,14 @@
 """CPU a launched job costs: CPU-seconds per run of a cached local-process job, and where they go.
 
-Two measurements on one local stack (a temporary TAKEOFF_HOME):
+Two measurements on local stacks (each in a temporary TAKEOFF_HOME):
 
 - ``stack``: ``--runs`` launches of a cached job through the queue and an agent, one after another, each
   waited for as a client waits (``launch().wait()``: a WatchItem stream). Each service's CPU (utime + stime
   from ``/proc/PID/stat``) is read before and after (the runs' logs are read later); the agent's *children*
   time (``cutime + cstime``: the shims it waited for and, through them, their jobs) is the job side. The
   total is everything the machine spent on the runs; the goal is <= 0.2 CPU-seconds per run (issue 17).
+  Measured twice, each on a stack of its own: with the agent's run relay on (the default: the job's SDK
+  calls the registry through the agent and imports no gRPC, docs/design.md §8) and off.
 - ``direct``: what the agent does to start a job (a lease directory, ``spec.json``, the shim in a session of
   its own), done ``--runs`` times by this script against the same registry, each shim waited for with
   ``wait4`` for its CPU, with variants that split it: the shim with ``/bin/true`` as its job (the shim
@@ -25,6 +27,7 @@ process's CPU time is its own (cache misses and a busy machine still inflate it:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -32,7 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import yaml
@@ -114,10 +117,11 @@ def _job_parts(records: list[dict[str, object]]) -> dict[str, float]:
     return {name: _median(values) for name, values in steps.items()}
 
 
-def measure_stack(stack: LocalStack, client: Client, runs: int) -> dict[str, float]:
-    queue = client.create_queue("job-cpu", resource=ResourceKind.LOCAL_PROCESS).name
-    config = stack.home / "agent.yaml"
-    config.write_text(yaml.safe_dump({"queues": [queue], "max_jobs": 1}))
+def measure_stack(stack: LocalStack, client: Client, runs: int, *, run_relay: bool) -> dict[str, float]:
+    relay = "relayed" if run_relay else "direct"
+    queue = client.create_queue(f"job-cpu-{relay}", resource=ResourceKind.LOCAL_PROCESS).name
+    config = stack.home / f"agent-{relay}.yaml"
+    config.write_text(yaml.safe_dump({"queues": [queue], "max_jobs": 1, "run_relay": run_relay}))
     agent = stack.start_agent(config)
     client.launch("job-cpu", queue).wait(timeout=600)  # builds the venv: not measured
     pids = {name: service.pid for name, service in stack.record.services.items()}
@@ -219,12 +223,9 @@ class Direct:
         return figures | parts
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--runs", type=int, default=20)
-    parser.add_argument("--only", choices=["stack", "direct"])
-    args = parser.parse_args()
-    figures: dict[str, float] = {}
+@contextlib.contextmanager
+def _stack() -> Iterator[tuple[LocalStack, Client]]:
+    """A started local stack in a temporary home, with the code job ``job-cpu``; stopped after."""
     with tempfile.TemporaryDirectory(prefix="takeoff-bench-") as directory:
         home = Path(directory)
         code = home / "code"
@@ -238,15 +239,26 @@ def main() -> None:
                 registry, queue=record.services["queue"].address, project=PROJECT, api_key=stack.admin_key
             ) as client:
                 client.create_job_version("job-cpu", code, entrypoint=["python", "main.py"])
-                if args.only != "direct":
-                    figures |= {
-                        f"stack: {name}": value
-                        for name, value in measure_stack(stack, client, args.runs).items()
-                    }
-                if args.only != "stack":
-                    figures |= Direct(stack, registry, home).measure(args.runs)
+                yield stack, client
         finally:
             stack.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--only", choices=["stack", "direct"])
+    args = parser.parse_args()
+    figures: dict[str, float] = {}
+    # The agent's run relay on and off (docs/design.md §8), each on a stack of its own (an agent per home).
+    for run_relay in (True, False) if args.only != "direct" else ():
+        with _stack() as (stack, client):
+            measured = measure_stack(stack, client, args.runs, run_relay=run_relay)
+        relay = "relay on" if run_relay else "relay off"
+        figures |= {f"stack, {relay}: {name}": value for name, value in measured.items()}
+    if args.only != "stack":
+        with _stack() as (stack, client):
+            figures |= Direct(stack, stack.record.services["registry"].address, stack.home).measure(args.runs)
     print(json.dumps({"runs": args.runs, "cpu_ms_per_run": figures}, indent=2))
     print(f"\nCPU milliseconds per run (medians for the direct and job parts), {args.runs} runs")
     for name, value in figures.items():

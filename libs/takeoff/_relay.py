@@ -10,6 +10,7 @@ to the registry (``fallback``): the agent being away costs the job an import, ne
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
 import threading
@@ -72,6 +73,7 @@ class RelayRunCalls:
         self.target = f"the registry through the agent's relay {address}"
         self._address = address
         self._connection: socket.socket | None = connection
+        self._pid = os.getpid()
         self._authorization = {"authorization": f"Bearer {api_key}"} if api_key else {}
         self._fallback = fallback
         self._direct: RunCalls | None = None
@@ -101,6 +103,10 @@ class RelayRunCalls:
                 self._direct.close()
 
     def _relayed(self, method: str, request: Message, response: type[R], timeout: float) -> R:
+        if self._pid != os.getpid() and self._connection is not None:
+            # A forked child shares the parent's socket: frames of both would interleave on it.
+            self._connection.close()
+            self._connection, self._pid = None, os.getpid()
         connection = self._connection or self._reconnect()
         if connection is None:
             self._direct = self._fallback()

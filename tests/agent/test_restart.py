@@ -110,6 +110,45 @@ def test_each_line_a_job_prints_arrives_once_and_in_order_across_agent_restarts(
     assert printed()[-1] == f"printed {len(received)} numbers"  # nor any lost at the end
 
 
+RELAYED_ACROSS_A_RESTART = """\
+import os, sys, time, takeoff
+os.environ["TAKEOFF_SYSTEM_METRICS"] = "0"  # no call of its own while the agent is away
+run = takeoff.init()
+run.log({"before": 1.0})
+while not os.path.exists(run.config["go"]):
+    time.sleep(0.01)
+run.log({"after": 2.0})
+run.finish()
+print("GRPC LOADED", "grpc" in sys.modules, flush=True)
+"""
+"""A run that logs a row through the agent's relay, waits for the file its ``go`` config names, then logs
+another and finishes."""
+
+
+def test_a_relayed_run_goes_on_through_the_restarted_agents_relay(
+    stack: Stack, client: Client, start_agent: StartAgent, tmp_path: Path
+) -> None:
+    job = code_job(client, tmp_path, "relayed-restart", RELAYED_ACROSS_A_RESTART)
+    queue = stack.new_queue()
+    go = tmp_path / "go"
+    first = start_agent([queue])
+    name = stack.enqueue(queue, job, run_config=struct({"go": str(go)}))
+    run = stack.wait_state(name, RUNNING).run
+    # The row and then its summary delivered: the job makes no call until ``go``.
+    wait_for(lambda: "before" in stack.run(run).summary, what="the first row and its summary")
+    first.kill()  # the job's connection to the relay breaks; it notices on its next call
+    with running_agent(start_agent, [queue], state_dir=first.state_dir) as second:
+        second.wait_working_on(name, RUNNING)
+        go.touch()
+        item = stack.wait_ended(name, timeout=60)
+
+    assert item.state == SUCCEEDED
+    finished = stack.run(run)
+    assert (finished.state, finished.history_length) == (common_pb2.RUN_STATE_FINISHED, 2)
+    # The restarted agent's relay (the same name) took the calls: the job never fell back to gRPC.
+    assert "GRPC LOADED False" in stack.logs(run)
+
+
 def test_a_job_whose_lease_was_given_away_while_its_agent_was_down_is_stopped_when_it_returns(
     stack: Stack, client: Client, start_agent: StartAgent, tmp_path: Path
 ) -> None:

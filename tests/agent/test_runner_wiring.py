@@ -385,10 +385,10 @@ def test_a_local_job_sees_the_allow_listed_part_of_the_agents_environment_and_ta
         env=added,
         runners={"local-process": {"pass_env": ["PASSED_ON"]}},
         job_registry_address=job_registry,
-    ):
+    ) as agent:
         item = stack.wait_ended(stack.enqueue(queue, job))
 
-    assert item.state == SUCCEEDED  # the SDK reached the registry at the address jobs are given
+    assert item.state == SUCCEEDED
     lines = stack.logs(item.run)
     [seen] = [json.loads(line.removeprefix("ENV ")) for line in lines if line.startswith("ENV ")]
     agent_environment = {**os.environ, **added}
@@ -405,6 +405,7 @@ def test_a_local_job_sees_the_allow_listed_part_of_the_agents_environment_and_ta
         "PYTHONUNBUFFERED": "1",
         "FROM_QUEUE": "7",
         "TAKEOFF_REGISTRY": job_registry,
+        "TAKEOFF_RELAY": f"@takeoff-relay-{(agent.state_dir / 'agent_id').read_text()}",
         "TAKEOFF_PROJECT": PROJECT,
         "TAKEOFF_RUN_ID": item.run.rsplit("/", 1)[1],
         "TAKEOFF_JOB": f"{job}:v0",
