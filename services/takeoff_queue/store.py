@@ -7,6 +7,7 @@ connection or a session.
 
 from __future__ import annotations
 
+import functools
 import secrets
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
@@ -748,47 +749,78 @@ async def _fetch_items(
     One statement reads both, so each item's state and history come from one snapshot: read apart, a
     commit landing between them shows an item whose history is ahead of its state (docs/design.md §5).
     """
-    query = sa.select(items).order_by(items.c.seq.desc())
+    parameters: dict[str, Any] = {}
     if item_ids is not None:
-        query = query.where(items.c.id.in_(item_ids))
+        parameters["item_ids"] = list(item_ids)
     if agent is not None:
-        query = query.where(items.c.agent == agent)
+        parameters["agent"] = agent
     if queue is not None:
-        query = query.where(items.c.queue == queue)
+        parameters["queue"] = queue
     if project is not None:
-        query = query.where(items.c.queue.startswith(f"{project}/queues/"))
+        parameters["queue_prefix"] = f"{project}/queues/"
     if states:
-        query = query.where(items.c.state.in_(states))
+        parameters["states"] = list(states)
     if job is not None:
-        versions = items.c.job_version
-        query = query.where(
-            versions == job if "/versions/" in job else versions.startswith(f"{job}/versions/")
-        )
+        if "/versions/" in job:
+            parameters["job_version"] = job
+        else:
+            parameters["job_version_prefix"] = f"{job}/versions/"
     if id_prefix is not None:
         # A range on the unique index of ids rather than LIKE, which PostgreSQL indexes only under the C
         # collation. Exact for hex ids and a hex prefix: every id starting with it sorts before prefix + "g".
-        query = query.where(items.c.id >= id_prefix, items.c.id < f"{id_prefix}g")
+        parameters["id_from"], parameters["id_before"] = id_prefix, f"{id_prefix}g"
     if before_seq is not None:
-        query = query.where(items.c.seq < before_seq)
+        parameters["before_seq"] = before_seq
     if limit is not None:
-        query = query.limit(limit)
+        parameters["limit"] = limit
+    found: dict[str, dict[str, Any]] = {}
+    query = _items_with_history(frozenset(parameters))
+    for joined in (await connection.execute(query, parameters)).mappings():
+        row = found.get(joined["id"])
+        if row is None:
+            row = found[joined["id"]] = {name: joined[name] for name in _ITEM_COLUMNS}
+            row["transitions"] = []
+        if joined["transition_id"] is not None:
+            row["transitions"].append({name: joined[f"transition_{name}"] for name in _TRANSITION_COLUMNS})
+    return list(found.values())
+
+
+_ITEM_COLUMNS = tuple(items.c.keys())
+_TRANSITION_COLUMNS = tuple(transitions.c.keys())
+
+
+@functools.cache
+def _items_with_history(filters: frozenset[str]) -> sa.Select[Any]:
+    """:func:`_fetch_items`'s statement for the filters named (its parameters), built once for each set:
+    building it (the subquery's column proxies) cost more CPU than running it, at every GetItem and
+    WatchItem."""
+    query = sa.select(items).order_by(items.c.seq.desc())
+    if "item_ids" in filters:
+        query = query.where(items.c.id.in_(sa.bindparam("item_ids", expanding=True)))
+    if "agent" in filters:
+        query = query.where(items.c.agent == sa.bindparam("agent"))
+    if "queue" in filters:
+        query = query.where(items.c.queue == sa.bindparam("queue"))
+    if "queue_prefix" in filters:
+        query = query.where(items.c.queue.startswith(sa.bindparam("queue_prefix")))
+    if "states" in filters:
+        query = query.where(items.c.state.in_(sa.bindparam("states", expanding=True)))
+    if "job_version" in filters:
+        query = query.where(items.c.job_version == sa.bindparam("job_version"))
+    if "job_version_prefix" in filters:
+        query = query.where(items.c.job_version.startswith(sa.bindparam("job_version_prefix")))
+    if "id_from" in filters:
+        query = query.where(items.c.id >= sa.bindparam("id_from"), items.c.id < sa.bindparam("id_before"))
+    if "before_seq" in filters:
+        query = query.where(items.c.seq < sa.bindparam("before_seq"))
+    if "limit" in filters:
+        query = query.limit(sa.bindparam("limit", type_=sa.Integer))
     chosen = query.subquery("chosen")
-    with_history = (
+    return (
         sa.select(chosen, *(column.label(f"transition_{column.name}") for column in transitions.c))
         .outerjoin(transitions, transitions.c.item_id == chosen.c.id)
         .order_by(chosen.c.seq.desc(), transitions.c.id)
     )
-    found: dict[str, dict[str, Any]] = {}
-    for joined in (await connection.execute(with_history)).mappings():
-        row = found.get(joined["id"])
-        if row is None:
-            row = found[joined["id"]] = {column.name: joined[column.name] for column in chosen.c}
-            row["transitions"] = []
-        if joined["transition_id"] is not None:
-            row["transitions"].append(
-                {column.name: joined[f"transition_{column.name}"] for column in transitions.c}
-            )
-    return list(found.values())
 
 
 def _payloads(replica: str, names: Sequence[str]) -> list[str]:
