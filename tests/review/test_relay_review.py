@@ -45,7 +45,7 @@ from tests.agent.test_relay import (  # noqa: F401 (fixtures)
     token,
 )
 from tests.keys import ADMIN_KEY
-from tests.processes import ServiceProcess, service_process
+from tests.processes import ServiceProcess, eventually, service_process
 from tests.registry.test_rate_limits import _drain, limited_registry
 from tests.sdk.conftest import project, registry  # noqa: F401 (fixtures)
 from tests.sdk.test_relayed_calls import RelayThread
@@ -149,6 +149,12 @@ def mutual_tls_registry(tmp_path: Path, certificates: Certificates) -> Iterator[
 async def agent_relay_under_mutual_tls(
     mutual_tls_registry: ServiceProcess, certificates: Certificates
 ) -> AsyncIterator[RunRelay]:
+    started = await _mutual_tls_relay(f"review-{uuid.uuid4().hex}", mutual_tls_registry.address, certificates)
+    yield started
+    await started.close()
+
+
+async def _mutual_tls_relay(agent_id: str, address: str, certificates: Certificates) -> RunRelay:
     """The relay as an agent configured for mutual TLS starts it (__main__.wire)."""
     tls = TlsSettings(
         cert_file=certificates.client.cert_file,
@@ -156,11 +162,9 @@ async def agent_relay_under_mutual_tls(
         ca_file=certificates.ca_file,
         require_client_cert=True,
     )
-    address = mutual_tls_registry.address
-    started = await start_relay(f"review-{uuid.uuid4().hex}", address, channel_credentials(tls, address))
+    started = await start_relay(agent_id, address, channel_credentials(tls, address))
     assert started is not None
-    yield started
-    await started.close()
+    return started
 
 
 @pytest.mark.xfail(
@@ -246,6 +250,50 @@ def test_a_job_never_hands_its_token_to_a_relay_another_user_bound(
     seen = relay_pb2.RelayCall.FromString(bytes.fromhex(captured)) if captured else relay_pb2.RelayCall()
     assert ADMIN_KEY not in seen.metadata.get("authorization", ""), "another user's process got the token"
     assert got.run.name == run.name, "another user's process answered the job's call"
+
+
+# -- F7: the switch to gRPC is for good, even where gRPC cannot reach the registry ---------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="F7: one failed reconnect switches the run to gRPC for good; under mutual TLS (jobs get no "
+    "certificate) a job whose agent restarts while it logs loses its rows though the new relay is up",
+)
+async def test_a_job_that_cannot_dial_the_registry_returns_to_its_restarted_agents_relay(
+    mutual_tls_registry: ServiceProcess, certificates: Certificates, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(
+        "TAKEOFF_TLS_CA_FILE", str(certificates.ca_file)
+    )  # what a job is given: no certificate
+    monkeypatch.setattr(_sender, "CALL_TIMEOUT", 1.0)  # short attempts, so that the test is short
+    agent_id, address = f"review-{uuid.uuid4().hex}", mutual_tls_registry.address
+    first = await _mutual_tls_relay(agent_id, address, certificates)
+    calls = RelayRunCalls.connect(
+        address_of(first), ADMIN_KEY, fallback=lambda: GrpcRunCalls(address, ADMIN_KEY)
+    )
+    assert calls is not None
+    create = runs_pb2.CreateRunRequest(parent="projects/review", run=runs_pb2.Run())
+    run = (await asyncio.to_thread(calls.call, "CreateRun", create, runs_pb2.CreateRunResponse, 10)).run
+    sender = RunSender(calls, run.name, first_row_index=0, interval=0.05)
+    await first.close()  # the agent restarts while the job logs
+    sender.rows.extend((n, time.time_ns(), {"x": float(n)}) for n in range(5))
+    # The sender's next round finds no relay to reconnect to and goes to gRPC, which mutual TLS refuses.
+    await eventually(lambda: calls._direct is not None, "the run to fall back to gRPC")
+    second = await _mutual_tls_relay(agent_id, address, certificates)  # the agent is back, same name
+    try:
+        await asyncio.to_thread(sender.close, _finish(run.name), 6.0)
+        reader = RelayRunCalls.connect(
+            address_of(second), ADMIN_KEY, fallback=lambda: GrpcRunCalls(address, ADMIN_KEY)
+        )
+        assert reader is not None
+        request = runs_pb2.GetRunRequest(name=run.name)
+        stored = (await asyncio.to_thread(reader.call, "GetRun", request, runs_pb2.GetRunResponse, 10)).run
+        reader.close()
+    finally:
+        await second.close()
+    assert (sender.dropped_rows, stored.history_length) == (0, 5)
 
 
 # -- F2: a relay that accepts but never answers is never given up on ----------------------------------------
