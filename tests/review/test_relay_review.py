@@ -49,14 +49,13 @@ from tests.processes import ServiceProcess, eventually, service_process
 from tests.registry.test_rate_limits import _drain, limited_registry
 from tests.sdk.conftest import project, registry  # noqa: F401 (fixtures)
 from tests.sdk.test_relayed_calls import RelayThread
+from tests.sdk.test_relayed_calls import relay as relay_thread  # noqa: F401 (the SDK tests' relay fixture)
 from tests.tls import Certificates, make_certificates
 
-UNAVAILABLE = grpc.StatusCode.UNAVAILABLE.value[0]
 
-
-def _relayed_calls(relay_thread: RelayThread, registry_address: str) -> RelayRunCalls:
+def _relayed_calls(running: RelayThread, registry_address: str) -> RelayRunCalls:
     calls = RelayRunCalls.connect(
-        relay_thread.address, ADMIN_KEY, fallback=lambda: GrpcRunCalls(registry_address, ADMIN_KEY)
+        running.address, ADMIN_KEY, fallback=lambda: GrpcRunCalls(registry_address, ADMIN_KEY)
     )
     assert calls is not None
     return calls
@@ -83,7 +82,7 @@ class _Hung:
     """The relay's event loop blocked, as in an agent that is stopped (SIGSTOP) or stuck: the kernel
     still accepts connections into the socket's backlog, but nothing reads them."""
 
-    def __init__(self, relay_thread: RelayThread) -> None:
+    def __init__(self, running: RelayThread) -> None:
         self._release = threading.Event()
         blocked = threading.Event()
 
@@ -91,21 +90,11 @@ class _Hung:
             blocked.set()
             self._release.wait()
 
-        relay_thread.loop.call_soon_threadsafe(block)
+        running.loop.call_soon_threadsafe(block)
         assert blocked.wait(10)
 
     def release(self) -> None:
         self._release.set()
-
-
-@pytest.fixture
-def relay_thread(registry: ServiceProcess) -> Iterator[RelayThread]:  # noqa: F811
-    running = RelayThread(registry.address)
-    try:
-        yield running
-    finally:
-        running.close()
-        running.stop()
 
 
 SYSTEM_PYTHON = Path("/usr/bin/python3")
@@ -222,7 +211,7 @@ connection.sendall(struct.pack(">I", 0))  # an empty RelayReply: code 0, OK
     "the agent restarts) and hands it its run token; the squatter can also acknowledge every row",
 )
 def test_a_job_never_hands_its_token_to_a_relay_another_user_bound(
-    relay_thread: RelayThread,
+    relay_thread: RelayThread,  # noqa: F811
     registry: ServiceProcess,  # noqa: F811
     project: str,  # noqa: F811
 ) -> None:
@@ -306,7 +295,7 @@ async def test_a_job_that_cannot_dial_the_registry_returns_to_its_restarted_agen
     "the run's rows are dropped although the registry is reachable",
 )
 def test_a_relay_that_stops_answering_costs_time_not_the_runs_rows(
-    relay_thread: RelayThread,
+    relay_thread: RelayThread,  # noqa: F811
     registry: ServiceProcess,  # noqa: F811
     project: str,  # noqa: F811
     monkeypatch: pytest.MonkeyPatch,
@@ -338,7 +327,7 @@ def test_a_relay_that_stops_answering_costs_time_not_the_runs_rows(
     "hang, and RunSender.close then waits forever on the calls' lock",
 )
 def test_connecting_to_a_relay_that_cannot_accept_gives_up_and_falls_back(
-    relay_thread: RelayThread,
+    relay_thread: RelayThread,  # noqa: F811
     registry: ServiceProcess,  # noqa: F811
 ) -> None:
     name = "\0" + relay_thread.address[1:]
@@ -450,7 +439,7 @@ async def test_a_token_in_an_unsendable_header_is_never_repeated(client: RawClie
 
 
 def test_a_relay_that_is_killed_mid_run_loses_no_row(
-    relay_thread: RelayThread,
+    relay_thread: RelayThread,  # noqa: F811
     registry: ServiceProcess,  # noqa: F811
     project: str,  # noqa: F811
 ) -> None:
