@@ -23,7 +23,9 @@ import asyncio
 import contextlib
 import logging
 import os
+import socket
 import struct
+import time
 
 import grpc
 import grpc.aio
@@ -44,7 +46,16 @@ FORWARDED_METADATA = frozenset({"authorization", "traceparent", "tracestate"})
 DEFAULT_TIMEOUT_SECONDS = 30.0
 MAX_TIMEOUT_SECONDS = 60.0
 """A call waits for a registry that is restarting (wait_for_ready), but never longer than this."""
+FRAME_SECONDS = 5.0
+"""How long the rest of a frame may take once its first byte has come, and a reply to be taken: the SDK
+writes and reads whole frames at once, so only a stalled or hostile client takes longer. Between calls a
+connection may stay idle as long as its run lasts."""
+MAX_CONNECTIONS = 1024
+"""Open connections at once; beyond, a new one is closed unanswered (each job holds one)."""
+WARNING_INTERVAL_SECONDS = 60.0
+"""At most one warning about refused frames or peers per interval, however many a client sends."""
 _LENGTH = struct.Struct(">I")
+_PEER_CREDENTIALS = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 
 def socket_name(agent_id: str) -> str:
@@ -75,6 +86,7 @@ class RunRelay:
         self._channel = open_aio_channel(address, credentials=credentials)  # no api_key: see the module
         self._server: asyncio.Server | None = None
         self._connections: set[asyncio.Task[object]] = set()
+        self._quiet_until = 0.0
         self.address: str | None = None
         """Where jobs find the relay once it listens (TAKEOFF_RELAY): :func:`job_address` of its socket."""
 
@@ -97,21 +109,34 @@ class RunRelay:
         await self._channel.close()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """One job's connection: its calls, one at a time, until it closes it."""
+        """One job's connection: its calls, one at a time, until it closes it. Only processes of the agent's
+        own user are served (its local jobs run as it): an abstract socket has no permissions, and the
+        relay's channel carries the agent's TLS client certificate, which no other user may borrow."""
         task = asyncio.current_task()
         assert task is not None
+        uid = _peer_uid(writer)
+        if uid != os.getuid() or len(self._connections) >= MAX_CONNECTIONS:
+            self._warn(
+                "run relay: closed a connection from uid %s (%s)",
+                uid,
+                "not the agent's user" if uid != os.getuid() else f"over {MAX_CONNECTIONS} connections",
+            )
+            writer.close()
+            return
         self._connections.add(task)
         try:
             while (call := await _read_call(reader)) is not None:
                 writer.write(frame(await self.relay(call)))
-                await writer.drain()
+                async with asyncio.timeout(FRAME_SECONDS):
+                    await writer.drain()
         except FrameRefused as refused:
-            logger.warning("run relay: a job sent %s; closing its connection", refused)
+            self._warn("run relay: a job sent %s; closing its connection", refused)
             writer.write(frame(_refusal(grpc.StatusCode.INVALID_ARGUMENT, str(refused))))
-            with contextlib.suppress(ConnectionError):
-                await writer.drain()
-        except (ConnectionError, asyncio.IncompleteReadError):
-            pass  # the job went away mid-frame: its SDK retries on a new connection
+            with contextlib.suppress(ConnectionError, TimeoutError):
+                async with asyncio.timeout(FRAME_SECONDS):
+                    await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError, TimeoutError):
+            pass  # the job went away or stalled mid-frame: its SDK retries on a new connection
         except asyncio.CancelledError:
             # The relay is closing (close() awaits this task). Ended here rather than cancelled: Python
             # 3.11's streams report a cancelled connection task as an error.
@@ -121,6 +146,12 @@ class RunRelay:
             writer.close()
             with contextlib.suppress(ConnectionError):
                 await writer.wait_closed()
+
+    def _warn(self, message: str, *args: object) -> None:
+        now = time.monotonic()
+        if now >= self._quiet_until:
+            self._quiet_until = now + WARNING_INTERVAL_SECONDS
+            logger.warning(message, *args)
 
     async def relay(self, call: relay_pb2.RelayCall) -> relay_pb2.RelayReply:
         """Make ``call`` to the registry; how it ended."""
@@ -169,21 +200,31 @@ async def start_relay(
 
 
 async def _read_call(reader: asyncio.StreamReader) -> relay_pb2.RelayCall | None:
-    """The next call on a connection; None once the job has closed it between calls."""
-    try:
-        header = await reader.readexactly(_LENGTH.size)
-    except asyncio.IncompleteReadError as error:
-        if error.partial:
-            raise
+    """The next call on a connection; None once the job has closed it between calls. TimeoutError when the
+    rest of a frame takes over :data:`FRAME_SECONDS` once it has begun."""
+    first = await reader.read(1)
+    if not first:
         return None
-    (length,) = _LENGTH.unpack(header)
-    if length > MAX_FRAME_BYTES:
-        raise FrameRefused(f"a frame of {length} bytes, over the relay's limit of {MAX_FRAME_BYTES}")
-    body = await reader.readexactly(length)
+    async with asyncio.timeout(FRAME_SECONDS):
+        (length,) = _LENGTH.unpack(first + await reader.readexactly(_LENGTH.size - 1))
+        if length > MAX_FRAME_BYTES:
+            raise FrameRefused(f"a frame of {length} bytes, over the relay's limit of {MAX_FRAME_BYTES}")
+        body = await reader.readexactly(length)
     try:
         return relay_pb2.RelayCall.FromString(body)
     except DecodeError:
         raise FrameRefused(f"a frame of {length} bytes that is not a RelayCall") from None
+
+
+def _peer_uid(writer: asyncio.StreamWriter) -> int | None:
+    """The user id of the process at the other end (``SO_PEERCRED``); None when it cannot be read."""
+    connection = writer.get_extra_info("socket")
+    try:
+        credentials = connection.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEER_CREDENTIALS.size)
+    except (AttributeError, OSError):
+        return None
+    _, uid, _ = _PEER_CREDENTIALS.unpack(credentials)
+    return int(uid)
 
 
 def _refusal(code: grpc.StatusCode, message: str) -> relay_pb2.RelayReply:

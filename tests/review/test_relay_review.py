@@ -1,8 +1,8 @@
 """Adversarial review of the run relay (docs/design.md §8 "The run relay"; /tmp/tc/REVIEW-relay.md).
 
-Each ``xfail(strict=True)`` test proves one finding (F<n> in the report) against the real relay and a real
-registry, reusing the relay tests' fixtures and clients; it flips to a pass (and so fails the strict xfail)
-once the defect is fixed. The passing tests pin down what was checked and found to hold.
+Each test forces one case the review found broken (F<n>), now fixed, or checked and found to hold, against
+the real relay and a real registry, reusing the relay tests' fixtures and clients. "Another user" is a real
+``nobody`` process (those tests skip without root).
 """
 
 from __future__ import annotations
@@ -156,12 +156,6 @@ async def _mutual_tls_relay(agent_id: str, address: str, certificates: Certifica
     return started
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="F1: any user of the agent's host, with no client certificate, reaches a mutual-TLS registry "
-    "through the relay under the agent's certificate",
-)
 async def test_another_user_without_a_certificate_cannot_reach_a_mutual_tls_registry_through_the_relay(
     mutual_tls_registry: ServiceProcess, agent_relay_under_mutual_tls: RunRelay, certificates: Certificates
 ) -> None:
@@ -204,12 +198,6 @@ connection.sendall(struct.pack(">I", 0))  # an empty RelayReply: code 0, OK
 """Another user's process holding the relay's name: it prints the first call it is sent, in hex."""
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="F6: the job reconnects to whatever process holds the abstract name (any uid may bind it while "
-    "the agent restarts) and hands it its run token; the squatter can also acknowledge every row",
-)
 def test_a_job_never_hands_its_token_to_a_relay_another_user_bound(
     relay_thread: RelayThread,  # noqa: F811
     registry: ServiceProcess,  # noqa: F811
@@ -244,12 +232,6 @@ def test_a_job_never_hands_its_token_to_a_relay_another_user_bound(
 # -- F7: the switch to gRPC is for good, even where gRPC cannot reach the registry ---------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="F7: one failed reconnect switches the run to gRPC for good; under mutual TLS (jobs get no "
-    "certificate) a job whose agent restarts while it logs loses its rows though the new relay is up",
-)
 async def test_a_job_that_cannot_dial_the_registry_returns_to_its_restarted_agents_relay(
     mutual_tls_registry: ServiceProcess, certificates: Certificates, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -288,12 +270,6 @@ async def test_a_job_that_cannot_dial_the_registry_returns_to_its_restarted_agen
 # -- F2: a relay that accepts but never answers is never given up on ----------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="F2: a hung agent's relay keeps accepting connections, so the SDK never falls back to gRPC and "
-    "the run's rows are dropped although the registry is reachable",
-)
 def test_a_relay_that_stops_answering_costs_time_not_the_runs_rows(
     relay_thread: RelayThread,  # noqa: F811
     registry: ServiceProcess,  # noqa: F811
@@ -320,12 +296,6 @@ def test_a_relay_that_stops_answering_costs_time_not_the_runs_rows(
 # -- F3: connecting to the relay has no timeout --------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="F3: connect() to a relay whose backlog is full blocks forever (no timeout): init and the sender "
-    "hang, and RunSender.close then waits forever on the calls' lock",
-)
 def test_connecting_to_a_relay_that_cannot_accept_gives_up_and_falls_back(
     relay_thread: RelayThread,  # noqa: F811
     registry: ServiceProcess,  # noqa: F811
@@ -366,37 +336,12 @@ def test_connecting_to_a_relay_that_cannot_accept_gives_up_and_falls_back(
 # -- F4: a local client may hold a connection mid-frame forever ----------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=TimeoutError,
-    reason="F4: no read deadline on a frame and no cap on connections: slowloris clients pin a task, a "
-    "socket (and up to 16 MiB each) in the agent until its file descriptors run out",
-)
 async def test_a_connection_stalled_mid_frame_is_closed_by_the_relay(client: RawClient) -> None:  # noqa: F811
     # A job's SDK writes each frame whole (sendall); a frame that stops half-way is a broken or hostile
     # client. 2 of the 4 bytes of a length, then nothing:
     client.writer.write(b"\x00\x00")
     await client.writer.drain()
     assert await asyncio.wait_for(client.closed_by_relay(), 10)
-
-
-# -- F5: takeoff_rpc's package names are gone ------------------------------------------------------------
-
-
-@pytest.mark.xfail(
-    strict=True,
-    raises=ImportError,
-    reason="F5: `from takeoff_rpc import RetryPolicy, call_with_retries, ...` (shipped in the SDK wheel) no "
-    "longer imports",
-)
-def test_the_names_takeoff_rpc_exported_still_import() -> None:
-    from takeoff_rpc import (  # type: ignore[attr-defined]  # noqa: F401
-        TRANSIENT_CODES,
-        RetryPolicy,
-        call_with_retries,
-        decode_rpc_error,
-        open_channel,
-    )
 
 
 # -- checked and found to hold ------------------------------------------------------------------------------
