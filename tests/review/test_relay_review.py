@@ -44,6 +44,7 @@ from tests.agent.test_relay import (  # noqa: F401 (fixtures)
     served,
     token,
 )
+from tests.conftest import require
 from tests.keys import ADMIN_KEY
 from tests.processes import ServiceProcess, eventually, service_process
 from tests.registry.test_rate_limits import _drain, limited_registry
@@ -113,8 +114,11 @@ print(connection.recv(length, socket.MSG_WAITALL).hex(), flush=True)
 
 def _as_another_user(script: str, *args: str) -> subprocess.Popen[str]:
     """``script`` (standard library only) run by ``nobody``, as any other user of the host could run it."""
-    if os.geteuid() != 0 or not SYSTEM_PYTHON.exists():
-        pytest.skip("needs root, to start another user's process, and a system python it may run")
+    require(
+        "another user's process",
+        os.geteuid() == 0 and SYSTEM_PYTHON.exists(),
+        f"run as root (to start it as nobody) with {SYSTEM_PYTHON}",
+    )
     command = [str(SYSTEM_PYTHON), "-I", "-S", "-c", script, *args]
     return subprocess.Popen(command, user=NOBODY, group=NOBODY, stdout=subprocess.PIPE, text=True)
 
