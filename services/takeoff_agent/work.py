@@ -25,7 +25,7 @@ from collections import deque
 from collections.abc import Awaitable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import grpc
 from opentelemetry import trace
@@ -313,7 +313,7 @@ class Attempt:
         self._creating: asyncio.Task[None] | None = None
         """CreateRun, under way while the attempt checks, reads its secrets and builds: whatever needs
         the run (its log, its end, the job) waits for it (:meth:`_run_created`)."""
-        self._background: set[asyncio.Task[None]] = set()
+        self._background: set[asyncio.Future[Any]] = set()
         self._timers: list[asyncio.TimerHandle] = []
         self._lease_until: float | None = None
         self._renewing: asyncio.Task[None] | None = None
@@ -465,8 +465,11 @@ class Attempt:
                 return await self._end_stopped()
             if isinstance(secrets, Outcome):
                 return await self._failed_before_end(secrets)
-            if not await self._advance(ItemState.BUILDING, BUILD_DETAILS[build_kind]):
-                return await self._end_stopped()
+            # BUILDING goes to the queue while the build runs: a cached build, the usual case, need not
+            # wait for the queue's commit first. The job starts only once the queue has taken it (a lost
+            # lease stops the build, through request_stop).
+            building = asyncio.ensure_future(self._advance(ItemState.BUILDING, BUILD_DETAILS[build_kind]))
+            self._background.add(building)
             with _tracer.start_as_current_span(
                 "agent.build", attributes={"takeoff.build_kind": build_kind.name.lower()}
             ) as build_span:
@@ -477,6 +480,8 @@ class Attempt:
                 return await self._end_stopped()
             if isinstance(built, Outcome):
                 return await self._failed_before_end(built)
+            if await self._unless_stopped(building) is not True:
+                return await self._end_stopped()
             await self._run_created()  # the job attaches to its run at once
             if not await self._advance(ItemState.STARTING, "starting the job"):
                 return await self._end_stopped()
