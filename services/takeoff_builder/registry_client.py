@@ -26,6 +26,7 @@ from takeoff_builder.model import (
 )
 from takeoff_rpc.status import decode_rpc_error
 from takeoff_server.remote_errors import domain_error
+from takeoff_server.versions import VersionCache, names_a_numbered_version
 
 RESOLVE_TIMEOUT_SECONDS = 10.0
 DOWNLOAD_TIMEOUT_SECONDS = 600.0
@@ -66,9 +67,14 @@ class RegistryClient:
         self.address = address
         self._channel = channel
         self._jobs = jobs_pb2_grpc.JobServiceStub(self._channel)
+        self._versions: VersionCache[str, JobSpec] = VersionCache()
 
     async def job_version(self, reference: str) -> JobSpec:
-        """The version a fully qualified job reference names; registry errors become the API's."""
+        """The version a fully qualified job reference names; registry errors become the API's. One named
+        by its number (an agent's build, always) is asked for once and kept: it never changes."""
+        numbered = names_a_numbered_version(reference)
+        if numbered and (kept := self._versions.get(reference)) is not None:
+            return kept
         try:
             response = await self._jobs.GetJobVersion(
                 jobs_pb2.GetJobVersionRequest(name=reference), timeout=RESOLVE_TIMEOUT_SECONDS
@@ -80,7 +86,10 @@ class RegistryClient:
                 field="job_version",
                 metadata={"resource": reference},
             ) from None
-        return job_spec_from_proto(response.version)
+        spec = job_spec_from_proto(response.version)
+        if numbered:
+            self._versions.put(reference, spec)
+        return spec
 
     async def download_artifact(self, project: str, sha256: str, destination: Path) -> None:
         """Write the artifact's bytes to ``destination``, checking they hash to ``sha256``."""

@@ -10,8 +10,6 @@ the queue. Closing a run answers nobody: its outbox retries it (``takeoff_queue.
 
 from __future__ import annotations
 
-import re
-from collections import OrderedDict
 from collections.abc import Sequence
 
 import grpc
@@ -25,37 +23,13 @@ from takeoff_server.config import ServerSettings
 from takeoff_server.peers import peer_channel
 from takeoff_server.protovalues import struct_to_dict
 from takeoff_server.remote_errors import domain_error
+from takeoff_server.versions import VersionCache, names_a_numbered_version
 
 CALL_TIMEOUT_SECONDS = 10.0
 CLOSE_TIMEOUT_SECONDS = 5.0
 """One try of a run close; the outbox tries again after a back-off."""
 TOKEN_TIMEOUT_SECONDS = 5.0
 """One try of a mint (the item waits, PENDING, and is tried again) or of a revocation (its outbox retries)."""
-
-
-NUMBERED_VERSION = re.compile(r"(:v|/versions/)[0-9]+$")
-"""A reference that names a version by its number (``job:v3``, ``projects/p/jobs/job/versions/3``): what it
-resolves to never changes (docs/design.md §5)."""
-VERSION_CACHE_SIZE = 4096
-
-
-class VersionCache:
-    """Resolved versions by (project, numbered reference); the least recently used goes first."""
-
-    def __init__(self, size: int = VERSION_CACHE_SIZE) -> None:
-        self._size = size
-        self._entries: OrderedDict[tuple[str, str], ResolvedJob] = OrderedDict()
-
-    def get(self, key: tuple[str, str]) -> ResolvedJob | None:
-        found = self._entries.get(key)
-        if found is not None:
-            self._entries.move_to_end(key)
-        return found
-
-    def put(self, key: tuple[str, str], resolved: ResolvedJob) -> None:
-        self._entries[key] = resolved
-        if len(self._entries) > self._size:
-            self._entries.popitem(last=False)
 
 
 class Registry:
@@ -68,13 +42,13 @@ class Registry:
         self._jobs = jobs_pb2_grpc.JobServiceStub(self._channel)
         self._runs = runs_pb2_grpc.RunServiceStub(self._channel)
         self._keys = keys_pb2_grpc.KeyServiceStub(self._channel)
-        self._versions = VersionCache()
+        self._versions: VersionCache[tuple[str, str], ResolvedJob] = VersionCache()
 
     async def resolve(self, project: str, reference: str) -> ResolvedJob:
         """The version ``reference`` names in ``project``. One named by its number is asked for once and
         kept (:class:`VersionCache`); a job's name or alias is resolved by the registry every time, so
         that an alias moved, or a new ``latest``, is seen by the next Enqueue."""
-        numbered = NUMBERED_VERSION.search(reference) is not None
+        numbered = names_a_numbered_version(reference)
         if numbered and (cached := self._versions.get((project, reference))) is not None:
             return cached
         resolved = await self._resolve(project, reference)
