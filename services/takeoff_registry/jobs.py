@@ -263,6 +263,10 @@ class Jobs:
         async with self._store.read() as tx:
             return await self._resolve(tx, reference)
 
+    async def resolve_in(self, tx: Tx, reference: JobReference) -> JobVersion:
+        """:meth:`resolve` in the caller's transaction."""
+        return await self._resolve(tx, reference)
+
     async def _resolve(self, tx: Tx, reference: JobReference) -> JobVersion:
         found = await tx.job_and_aliases(reference.job.project, reference.job.job)
         if found is None:
