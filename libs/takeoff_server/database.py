@@ -71,7 +71,11 @@ class Database:
         self.service = service
         self.url = async_database_url(url)
         self.migrations = migrations
-        self.engine: AsyncEngine = create_async_engine(self.url, pool_pre_ping=True)
+        # A PostgreSQL connection may have been dropped while pooled; a SQLite file's cannot, and the
+        # ping would cost every checkout a statement.
+        self.engine: AsyncEngine = create_async_engine(
+            self.url, pool_pre_ping=not self.url.startswith("sqlite")
+        )
         if self.engine.dialect.name == "sqlite":
             event.listen(self.engine.sync_engine, "connect", _sqlite_tuner(sqlite_synchronous))
         self._sessions = async_sessionmaker(self.engine, class_=AsyncSession, expire_on_commit=False)

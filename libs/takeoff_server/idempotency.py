@@ -56,6 +56,11 @@ class RequestIds:
 
     def __init__(self, table: sa.Table) -> None:
         self._table = table
+        # Built once: every request with an id runs them, and building one costs more than running it.
+        self._recorded = select(table.c.fingerprint, table.c.result).where(
+            table.c.scope == sa.bindparam("scope"), table.c.request_id == sa.bindparam("request_id")
+        )
+        self._insert = sa.insert(table)
 
     async def replay(
         self, session: AsyncSession, *, scope: str, request_id: str, fingerprint: str
@@ -69,13 +74,8 @@ class RequestIds:
         if session.bind.dialect.name == "postgresql":
             key = int.from_bytes(hashlib.sha256(f"{scope}\0{request_id}".encode()).digest()[:8], signed=True)
             await session.exec(select(sa.func.pg_advisory_xact_lock(key)))
-        table = self._table
         recorded = (
-            await session.exec(
-                select(table.c.fingerprint, table.c.result).where(
-                    table.c.scope == scope, table.c.request_id == request_id
-                )
-            )
+            await session.exec(self._recorded, params={"scope": scope, "request_id": request_id})
         ).first()
         if recorded is None:
             return None
@@ -92,12 +92,11 @@ class RequestIds:
     async def remember(
         self, session: AsyncSession, *, scope: str, request_id: str, fingerprint: str, result: str
     ) -> None:
-        await session.exec(
-            sa.insert(self._table).values(
-                scope=scope,
-                request_id=request_id,
-                fingerprint=fingerprint,
-                result=result,
-                create_time=datetime.now(UTC),
-            )
-        )
+        row = {
+            "scope": scope,
+            "request_id": request_id,
+            "fingerprint": fingerprint,
+            "result": result,
+            "create_time": datetime.now(UTC),
+        }
+        await session.exec(self._insert, params=row)
