@@ -3,6 +3,11 @@
 Callers ``await committer.commit(work)``; ``work`` runs on a connection inside a transaction shared with
 whatever else was submitted while the previous transaction was being written. Under load this turns N
 fsyncs into one without giving up durability: nobody is answered before their change is committed.
+
+A transaction PostgreSQL aborts to break a deadlock (two replicas' batches locking the same rows in
+different orders) or as a serialization failure is run again, whole, in a new one: such an abort is about
+timing, not the changes, so it costs the batch time, never its writes. ``work`` may therefore run more
+than once, and must change nothing but the database through its connection.
 """
 
 from __future__ import annotations
@@ -11,11 +16,16 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 T = TypeVar("T")
 
 Work = Callable[[AsyncConnection], Awaitable[Any]]
+
+RETRIED_SQLSTATES = frozenset({"40P01", "40001"})
+"""deadlock_detected and serialization_failure: the database undid the whole transaction for its timing."""
+MAX_TRIES = 5
 
 
 class GroupCommitter:
@@ -35,8 +45,7 @@ class GroupCommitter:
         while self._waiting:
             batch, self._waiting = self._waiting, []
             try:
-                async with self._engine.begin() as connection:
-                    results = [await work(connection) for work, _ in batch]
+                results = await self._write(batch)
             except Exception as error:
                 for _, future in batch:
                     if not future.done():
@@ -45,6 +54,17 @@ class GroupCommitter:
             for (_, future), result in zip(batch, results, strict=True):
                 if not future.done():
                     future.set_result(result)
+
+    async def _write(self, batch: list[tuple[Work, asyncio.Future[Any]]]) -> list[Any]:
+        tries = 0
+        while True:
+            try:
+                async with self._engine.begin() as connection:
+                    return [await work(connection) for work, _ in batch]
+            except DBAPIError as error:
+                tries += 1
+                if tries == MAX_TRIES or getattr(error.orig, "sqlstate", None) not in RETRIED_SQLSTATES:
+                    raise
 
     async def flush(self) -> None:
         """Wait until everything submitted so far is written."""
