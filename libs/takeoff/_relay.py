@@ -15,19 +15,20 @@ from __future__ import annotations
 
 import os
 import socket
-import struct
 import threading
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, TypeVar
 
 from google.protobuf.message import Message
+from google.rpc import code_pb2
 
 from takeoff import _trace
 from takeoff._delivery import warn
 from takeoff._run_calls import RUN_SERVICE
 from takeoff.errors import TakeoffError, error_for
 from takeoff.v1 import relay_pb2
+from takeoff_rpc.relay_wire import FRAME_LENGTH, MAX_FRAME_BYTES, frame, peer_uid, socket_path
 from takeoff_rpc.status import parse_status_details
 
 if TYPE_CHECKING:
@@ -35,8 +36,6 @@ if TYPE_CHECKING:
 
 R = TypeVar("R", bound=Message)
 
-MAX_FRAME_BYTES = 16 * 1024 * 1024
-"""The largest frame either side sends; a RunService message is at most 4 MiB."""
 ANSWER_GRACE_SECONDS = 5.0
 """How much longer than the call's own timeout the agent may take to answer before the job gives up on
 the relay for the attempt (the agent caps the call's timeout, then answers)."""
@@ -45,28 +44,6 @@ CONNECT_SECONDS = 1.0
 RELAY_RETRY_SECONDS = 5.0
 """After the relay could not take an attempt, how long the run's calls go straight to the registry before
 the relay is tried again."""
-_LENGTH = struct.Struct(">I")
-_PEER_CREDENTIALS = struct.Struct("3i")  # struct ucred: pid, uid, gid
-# google.rpc.Code numbers -> names (what TakeoffError.code holds), without gRPC's enum.
-_CODE_NAMES = (
-    "OK",
-    "CANCELLED",
-    "UNKNOWN",
-    "INVALID_ARGUMENT",
-    "DEADLINE_EXCEEDED",
-    "NOT_FOUND",
-    "ALREADY_EXISTS",
-    "PERMISSION_DENIED",
-    "RESOURCE_EXHAUSTED",
-    "FAILED_PRECONDITION",
-    "ABORTED",
-    "OUT_OF_RANGE",
-    "UNIMPLEMENTED",
-    "INTERNAL",
-    "UNAVAILABLE",
-    "DATA_LOSS",
-    "UNAUTHENTICATED",
-)
 
 
 class _ConnectionLost(Exception):
@@ -147,7 +124,7 @@ class RelayRunCalls:
         try:
             # The agent answers within the call's timeout (it caps it); longer is an agent that is stuck.
             connection.settimeout(timeout + ANSWER_GRACE_SECONDS)
-            _write_frame(connection, call.SerializeToString())
+            connection.sendall(frame(call.SerializeToString()))
             reply = relay_pb2.RelayReply.FromString(_read_frame(connection))
         except TimeoutError:
             self._disconnect()
@@ -158,7 +135,7 @@ class RelayRunCalls:
                 "UNAVAILABLE", "UNAVAILABLE", f"lost the connection to {self.target} ({lost or 'closed'})"
             ) from None
         if reply.code != 0:
-            code = _CODE_NAMES[reply.code] if 0 < reply.code < len(_CODE_NAMES) else "UNKNOWN"
+            code = code_pb2.Code.Name(reply.code) if reply.code in code_pb2.Code.values() else "UNKNOWN"
             raise TakeoffError.from_status(
                 code, parse_status_details(reply.status_details or None, code, reply.message)
             )
@@ -175,28 +152,21 @@ def _connect(address: str) -> socket.socket | None:
     """A connection to the relay at ``address``, if it answers within :data:`CONNECT_SECONDS` and is held
     by a process of this user (an abstract socket has no permissions: another user could bind the name
     while the agent restarts, and would be sent the run token)."""
-    name = "\0" + address[1:] if address.startswith("@") else address
     connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         connection.settimeout(CONNECT_SECONDS)
-        connection.connect(name)
-        credentials = connection.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEER_CREDENTIALS.size)
+        connection.connect(socket_path(address))
     except OSError:
         connection.close()
         return None
-    _, uid, _ = _PEER_CREDENTIALS.unpack(credentials)
-    if uid != os.getuid():
+    if peer_uid(connection) != os.getuid():
         connection.close()
         return None
     return connection
 
 
-def _write_frame(connection: socket.socket, payload: bytes) -> None:
-    connection.sendall(_LENGTH.pack(len(payload)) + payload)
-
-
 def _read_frame(connection: socket.socket) -> bytes:
-    (length,) = _LENGTH.unpack(_read_exactly(connection, _LENGTH.size))
+    (length,) = FRAME_LENGTH.unpack(_read_exactly(connection, FRAME_LENGTH.size))
     if length > MAX_FRAME_BYTES:
         raise _ConnectionLost(f"a frame of {length} bytes is over the limit")
     return _read_exactly(connection, length)

@@ -23,8 +23,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import socket
-import struct
 import time
 
 import grpc
@@ -34,12 +32,10 @@ from google.protobuf.message import DecodeError
 from takeoff.v1 import relay_pb2
 from takeoff_agent.clients import RUN_SERVICE
 from takeoff_rpc.channels import open_aio_channel
+from takeoff_rpc.relay_wire import FRAME_LENGTH, MAX_FRAME_BYTES, frame, job_address, peer_uid
 
 logger = logging.getLogger(__name__)
 
-MAX_FRAME_BYTES = 16 * 1024 * 1024
-"""Largest frame either way; a registry message is at most 4 MiB (takeoff_rpc.channels), its frame a few
-bytes more."""
 RELAYED_METHODS = f"/{RUN_SERVICE}/"
 FORWARDED_METADATA = frozenset({"authorization", "traceparent", "tracestate"})
 """The only call metadata passed on: the job's credentials and its trace context."""
@@ -54,8 +50,6 @@ MAX_CONNECTIONS = 1024
 """Open connections at once; beyond, a new one is closed unanswered (each job holds one)."""
 WARNING_INTERVAL_SECONDS = 60.0
 """At most one warning about refused frames or peers per interval, however many a client sends."""
-_LENGTH = struct.Struct(">I")
-_PEER_CREDENTIALS = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 
 def socket_name(agent_id: str) -> str:
@@ -63,14 +57,8 @@ def socket_name(agent_id: str) -> str:
     return f"\0takeoff-relay-{agent_id}"
 
 
-def job_address(name: str) -> str:
-    """``name`` as jobs are given it: an abstract name's leading NUL written ``@``."""
-    return "@" + name[1:] if name.startswith("\0") else name
-
-
-def frame(message: relay_pb2.RelayReply) -> bytes:
-    body = message.SerializeToString()
-    return _LENGTH.pack(len(body)) + body
+def _reply_frame(message: relay_pb2.RelayReply) -> bytes:
+    return frame(message.SerializeToString())
 
 
 class FrameRefused(Exception):
@@ -114,7 +102,7 @@ class RunRelay:
         relay's channel carries the agent's TLS client certificate, which no other user may borrow."""
         task = asyncio.current_task()
         assert task is not None
-        uid = _peer_uid(writer)
+        uid = peer_uid(writer.get_extra_info("socket"))
         if uid != os.getuid() or len(self._connections) >= MAX_CONNECTIONS:
             self._warn(
                 "run relay: closed a connection from uid %s (%s)",
@@ -126,12 +114,12 @@ class RunRelay:
         self._connections.add(task)
         try:
             while (call := await _read_call(reader)) is not None:
-                writer.write(frame(await self.relay(call)))
+                writer.write(_reply_frame(await self.relay(call)))
                 async with asyncio.timeout(FRAME_SECONDS):
                     await writer.drain()
         except FrameRefused as refused:
             self._warn("run relay: a job sent %s; closing its connection", refused)
-            writer.write(frame(_refusal(grpc.StatusCode.INVALID_ARGUMENT, str(refused))))
+            writer.write(_reply_frame(_refusal(grpc.StatusCode.INVALID_ARGUMENT, str(refused))))
             with contextlib.suppress(ConnectionError, TimeoutError):
                 async with asyncio.timeout(FRAME_SECONDS):
                     await writer.drain()
@@ -206,7 +194,7 @@ async def _read_call(reader: asyncio.StreamReader) -> relay_pb2.RelayCall | None
     if not first:
         return None
     async with asyncio.timeout(FRAME_SECONDS):
-        (length,) = _LENGTH.unpack(first + await reader.readexactly(_LENGTH.size - 1))
+        (length,) = FRAME_LENGTH.unpack(first + await reader.readexactly(FRAME_LENGTH.size - 1))
         if length > MAX_FRAME_BYTES:
             raise FrameRefused(f"a frame of {length} bytes, over the relay's limit of {MAX_FRAME_BYTES}")
         body = await reader.readexactly(length)
@@ -214,17 +202,6 @@ async def _read_call(reader: asyncio.StreamReader) -> relay_pb2.RelayCall | None
         return relay_pb2.RelayCall.FromString(body)
     except DecodeError:
         raise FrameRefused(f"a frame of {length} bytes that is not a RelayCall") from None
-
-
-def _peer_uid(writer: asyncio.StreamWriter) -> int | None:
-    """The user id of the process at the other end (``SO_PEERCRED``); None when it cannot be read."""
-    connection = writer.get_extra_info("socket")
-    try:
-        credentials = connection.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEER_CREDENTIALS.size)
-    except (AttributeError, OSError):
-        return None
-    _, uid, _ = _PEER_CREDENTIALS.unpack(credentials)
-    return int(uid)
 
 
 def _refusal(code: grpc.StatusCode, message: str) -> relay_pb2.RelayReply:

@@ -30,11 +30,12 @@ from google.rpc import error_details_pb2, status_pb2
 from takeoff.client import Client
 from takeoff.v1 import common_pb2, jobs_pb2, keys_pb2, relay_pb2, runs_pb2
 from takeoff_agent.domain import Assignment, BuildKind, Built, JobVersion, ResourceKind, SourceKind
-from takeoff_agent.relay import MAX_FRAME_BYTES, RunRelay, socket_name, start_relay
+from takeoff_agent.relay import RunRelay, socket_name, start_relay
 from takeoff_agent.runners import slurm
 from takeoff_agent.runners.base import Launch, RunnerContext, RunnerUnavailable
 from takeoff_agent.runners.local_process import RELAY_VARIABLE, LocalProcessRunner
 from takeoff_registry.settings import RegistrySettings
+from takeoff_rpc.relay_wire import MAX_FRAME_BYTES
 from tests.agent.conftest import PROJECT, Stack, StartAgent, code_job, running_agent
 from tests.keys import ADMIN_KEY
 from tests.registry.conftest import Registry, registry_settings, start_registry
