@@ -6,13 +6,12 @@ Version numbers count up from 0 per job; ``latest`` is not stored but always mea
 Resolving a reference (GetJobVersion, on the queue's dispatch path) reads the job's row and its aliases
 in one query every time, so an alias moved or a version added by any registry process is
 seen by the next resolve; only a version's content, which never changes, is kept in memory
-(:class:`VersionCache`).
+(:func:`version_key`).
 """
 
 from __future__ import annotations
 
 import json
-from collections import OrderedDict
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
@@ -34,6 +33,7 @@ from takeoff_server.errors import AlreadyExists, NotFound
 from takeoff_server.idempotency import request_fingerprint
 from takeoff_server.pagination import PageRequest
 from takeoff_server.validation import Problems, check_text
+from takeoff_server.versions import VersionCache
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,34 +74,15 @@ def _version_not_found(reference: str, why: str) -> NotFound:
     return NotFound("JOB_VERSION_NOT_FOUND", f"{reference}: {why}", metadata={"resource": reference})
 
 
-VERSION_CACHE_SIZE = 4096
-"""Versions kept in memory by a registry process, the least recently resolved dropped first."""
-
-
-class VersionCache:
-    """Versions as stored, without their aliases, by (job row id, job create time, number).
+def version_key(row: JobRow, number: int) -> tuple[int, datetime, int]:
+    """Where a registry process keeps a version's content (:class:`takeoff_server.versions.VersionCache`).
 
     A version never changes once created, so an entry is never stale, whichever registry process made or
     changes the job: aliases (``latest`` included) are read from the database at every resolve and put on
     the cached content. The job's create time is in the key because a job deleted and made again may get
     its row id back (SQLite reuses the highest), never its create time; a deleted job's entries are simply
     never asked for again and age out."""
-
-    def __init__(self, size: int = VERSION_CACHE_SIZE) -> None:
-        self._size = size
-        self._versions: OrderedDict[tuple[int, datetime, int], JobVersion] = OrderedDict()
-
-    def get(self, row: JobRow, number: int) -> JobVersion | None:
-        key = (_pk(row), row.create_time, number)
-        version = self._versions.get(key)
-        if version is not None:
-            self._versions.move_to_end(key)
-        return version
-
-    def put(self, row: JobRow, version: JobVersion) -> None:
-        self._versions[(_pk(row), row.create_time, version.version)] = replace(version, aliases=())
-        if len(self._versions) > self._size:
-            self._versions.popitem(last=False)
+    return (_pk(row), row.create_time, number)
 
 
 class Jobs:
@@ -110,7 +91,7 @@ class Jobs:
     def __init__(self, store: RegistryStore, git: GitResolver) -> None:
         self._store = store
         self._git = git
-        self._versions = VersionCache()
+        self._versions: VersionCache[tuple[int, datetime, int], JobVersion] = VersionCache()
 
     async def create_job(self, key: JobKey, *, description: str, request_id: str) -> Job:
         _check_description(description, field="job.description")
@@ -283,13 +264,13 @@ class Jobs:
             raise _version_not_found(str(reference), f"the job has no alias {alias!r}")
         if not 0 <= number < row.version_count:  # versions are numbered 0 to the count, none ever removed
             raise _version_not_found(str(reference), f"the job has no version v{number}")
-        if (cached := self._versions.get(row, number)) is not None:
+        if (cached := self._versions.get(version_key(row, number))) is not None:
             return replace(cached, aliases=_aliases_of(job, number))
         version_row = await tx.version(_pk(row), number)
         if version_row is None:
             raise _version_not_found(str(reference), f"the job has no version v{number}")
         version = _version(reference.job, version_row, job)
-        self._versions.put(row, version)
+        self._versions.put(version_key(row, version.version), replace(version, aliases=()))
         return version
 
     async def list_versions(self, key: JobKey, *, page: PageRequest) -> tuple[list[JobVersion], int | None]:

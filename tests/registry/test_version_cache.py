@@ -1,6 +1,6 @@
 """GetJobVersion keeps versions in memory, never aliases: an alias moved, a version added or a job made
 anew is seen by the next resolve, in this registry process and in another one on the same PostgreSQL
-database (docs/design.md §16, services/takeoff_registry/jobs.py ``VersionCache``)."""
+database (docs/design.md §16, services/takeoff_registry/jobs.py ``version_key``)."""
 
 from __future__ import annotations
 
