@@ -89,7 +89,9 @@ def queue_replicas(
         for replica in replicas:  # all at once: each waits out its shutdown grace
             replica.process.process.send_signal(signal.SIGTERM)
         for replica in replicas:
-            replica.process.terminate()
+            # A replica stops within its 5 s grace on a quiet machine; CI's load once stretched one past 20 s.
+            # A shutdown that hangs still fails here.
+            replica.process.terminate(timeout=60)
 
 
 def _drain_output(process: ServiceProcess, log: Path) -> Path:
