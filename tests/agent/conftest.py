@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -122,6 +123,17 @@ def assignment_message(
         **fields,
     }
     return queue_pb2.LeaseResponse.Assignment(**values)  # type: ignore[arg-type]
+
+
+@pytest.fixture(autouse=True)
+def no_pod_log_follow_outlives_its_test() -> Iterator[None]:
+    """Every Kubernetes runner a test makes is closed by the end of its teardown, and closing it ends every
+    pod log it followed: a follow left behind would try the test's stopped stand-in API server for the rest
+    of the run ("cannot read the log of pod ...; trying again" once a second)."""
+    before = set(threading.enumerate())
+    yield
+    left = [t.name for t in threading.enumerate() if t not in before and t.name.startswith("kubernetes-log-")]
+    assert not left, f"pod log follows still running after the test: {left}"
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -76,6 +77,8 @@ RECHECK_SECONDS = 1.0
 """How often a waiting job looks again without news from the watches (to notice an unreachable API)."""
 LOG_DRAIN_SECONDS = 30.0
 """How long an ended job's log may take to arrive in full."""
+FOLLOW_STOP_SECONDS = 5.0
+"""How long ``close`` waits for the log follows it stops (a follow may be in a call to the API server)."""
 SETTLE_SECONDS = 30.0
 """How long the Job's end and its pod's may be seen apart (they are watched apart) before the runner
 concludes from the half it has."""
@@ -227,6 +230,10 @@ class KubernetesRunner:
         self.lease_until: float | None = None
         """The newest lease deadline any of this runner's jobs was given (the agent's leases share one)."""
         self._jobs: dict[str, KubeJob] = {}
+        self.pod_logs: weakref.WeakSet[PodLog] = weakref.WeakSet()
+        """The pod logs of the jobs made through this runner (by lease or not: a job made again for the same
+        lease has its own), each followed by a thread that ``close`` stops, so none outlives the agent
+        trying an API server that is gone. Weak: a log goes once its job is dropped and its follow ended."""
         self._loop: asyncio.AbstractEventLoop | None = None
         self.jobs = Informer(api, "jobs", options.namespace, self.selector, self._on_change)
         self.pods = Informer(api, "pods", options.namespace, self.selector, self._on_change)
@@ -315,13 +322,17 @@ class KubernetesRunner:
                 await asyncio.to_thread(self.api.delete_service, namespace, service["metadata"]["name"])
 
     async def close(self) -> None:
-        for job in self._jobs.values():
-            for output in job.outputs:
-                output.stop()
+        followed = list(self.pod_logs)
+        for output in followed:
+            output.stop()
         for informer in (self.jobs, self.pods):
             informer.stop()
         for informer in (self.jobs, self.pods):
             await asyncio.to_thread(informer.join, 5.0)
+        stopped_by = time.monotonic() + FOLLOW_STOP_SECONDS
+        for output in followed:
+            await asyncio.to_thread(output.join, max(0.0, stopped_by - time.monotonic()))
+        self.pod_logs.clear()
         await asyncio.to_thread(self.api.api_client.close)
 
 
@@ -339,6 +350,7 @@ class KubeJob:
         self._record = lease_dir / "kubernetes.json"
         self.outputs = [PodLog() for _ in range(self.world.nodes)]
         """Each rank's pod log, by rank (one: a job of one pod)."""
+        runner.pod_logs.update(self.outputs)
         self.status = StatusLines()
         self.changed = asyncio.Event()
         self._deadline: float | None = None
@@ -468,6 +480,10 @@ class KubeJob:
         for output in self.outputs:
             if output.following:
                 await asyncio.to_thread(output.finished.wait, max(0.0, drained - time.monotonic()))
+        # A follow not done by now would try again for as long as the agent runs (for ever, once the API
+        # server is gone): the job has ended, and what its log had in time is all the run gets.
+        for output in self.outputs:
+            output.stop()
         # The Job stays for its TTL (its logs, its status); the values its pod needed do not, nor do the
         # ranks need each other's names any more.
         await self._delete_secret()

@@ -76,6 +76,11 @@ class PodLog:
         if self._response is not None:
             interrupt(self._response)
 
+    def join(self, timeout: float) -> None:
+        """Wait up to ``timeout`` seconds for the follow to end (after ``stop``)."""
+        if self._thread is not None:
+            self._thread.join(timeout)
+
     def _follow(
         self, api: KubeApi, namespace: str, pod: str, container: str, ended: Callable[[], bool]
     ) -> None:
