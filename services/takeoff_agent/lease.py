@@ -23,7 +23,7 @@ import grpc
 from takeoff.v1 import common_pb2, queue_pb2, queue_pb2_grpc
 from takeoff_rpc.backoff import RetryPolicy
 from takeoff_rpc.channels import UnresolvedTarget, open_aio_channel
-from takeoff_rpc.status import decode_rpc_error
+from takeoff_rpc.status import RpcStatus, decode_rpc_error
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +38,13 @@ REFUSED_KEY = RetryPolicy(initial_delay=1.0, max_delay=30.0, deadline=math.inf)
 """Waits after the queue service refused the agent's key (UNAUTHENTICATED, PERMISSION_DENIED): the agent
 keeps trying, as an operator may fix the key or its grants, but slowly, one log line each time."""
 KEY_REFUSALS = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
+RESEND = RetryPolicy(initial_delay=0.1, max_delay=5.0, deadline=math.inf)
+"""Waits before a message that must arrive (Progress, Complete) goes again after its session ended
+unanswered: full jitter below 0.1 s doubling to 5 s, for ever. The queue service ends a session with the
+error of a message it could not commit (its database failing: full, unavailable, a lock timeout), and a
+message sent again at once into the next session would end that one too, as fast as the agent reconnects;
+the session itself comes back at once and heartbeats meanwhile. A replica that died costs the first wait
+only, under 0.1 s."""
 CHANNEL_OPTIONS = (("grpc.max_reconnect_backoff_ms", 800), ("grpc.use_local_subchannel_pool", 1))
 """While the queue service is away the channel's own back-off paces the connection attempts, and a session
 starts as soon as one succeeds: capped at 0.8 s, plus gRPC's 20 % jitter, dispatch resumes within a second
@@ -47,7 +54,8 @@ the new channel that leaves a silent replica would be handed the old connection 
 
 
 class Disconnected(Exception):
-    """The stream ended before the server answered; send again once reconnected."""
+    """The stream ended before the server answered; send again once reconnected. Its text says how the
+    session ended (the queue service's status, when it ended the stream with one)."""
 
 
 class ServerSilent(Exception):
@@ -143,21 +151,27 @@ class LeaseLink:
         while await self._until_connected(channel):
             refused: grpc.aio.AioRpcError | None = None
             silent = False
+            ended = "the stream ended"
             try:
                 await self._session(stub)
             except ServerSilent as error:
                 logger.warning("%s; reconnecting on a new connection", error)
                 silent = True
+                ended = str(error)
             except grpc.aio.AioRpcError as error:
+                status = decode_rpc_error(error, target=self._address)
                 if error.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION):
                     raise SessionRefused(error.details() or error.code().name) from None
-                if error.code() == grpc.StatusCode.ABORTED:
+                # Only SESSION_SUPERSEDED means another process took the agent's id; an ABORTED message
+                # (CONCURRENT_CHANGE: other replicas kept changing its item) is sent again like any other.
+                if status.reason == "SESSION_SUPERSEDED":
                     logger.error("another process with this agent's id took over its session; stopping")
                     raise SessionRefused(error.details() or "superseded") from None
                 if error.code() in KEY_REFUSALS:
                     refused = error
                 else:
-                    logger.warning("lease stream ended (%s); reconnecting", error.code().name)
+                    ended = f"the queue service ended it: {_status_text(status)}"
+                    logger.warning("lease stream ended (%s); reconnecting", ended)
             finally:
                 # A session that got as far as Welcome starts the back-off over.
                 if self._connected.is_set():
@@ -167,7 +181,7 @@ class LeaseLink:
                 self._connected.clear()
                 for answer in self._answers.values():
                     if not answer.done():
-                        answer.set_exception(Disconnected())
+                        answer.set_exception(Disconnected(ended))
                 self._answers.clear()
             if self._stopped.is_set():
                 continue
@@ -320,12 +334,23 @@ class LeaseLink:
         return await future
 
     async def send_until_answered(self, **message: Any) -> LeaseResponse:
-        """Send, and send again after every reconnect, until the server answers (for idempotent messages)."""
+        """Send until the server answers (for idempotent messages): a message whose session ended first is
+        kept and sent again, in a later session, after a wait of :data:`RESEND` (it may be what ended the
+        session: the queue could not commit it)."""
+        tries = 0
         while True:
             try:
                 return await self.send(**message)
-            except Disconnected:
-                await self._connected.wait()
+            except Disconnected as error:
+                tries += 1
+                delay = RESEND.delay(tries)
+                logger.warning(
+                    "the queue service did not answer %s (%s); sending it again in %.1fs",
+                    _described(message),
+                    error,
+                    delay,
+                )
+                await self._pause(delay)
 
     def set_capacity(self, capacity: int) -> None:
         """Offer the queue ``capacity`` from now on: in this session at once (SetCapacity, sent after
@@ -340,3 +365,18 @@ class LeaseLink:
         self._stopped.set()
         if self._outgoing is not None:
             self._outgoing.put_nowait(None)
+
+
+def _status_text(status: RpcStatus) -> str:
+    """``INTERNAL: internal error; ... request id X`` (the reason too when it says more than the code)."""
+    code = status.code.name
+    reason = f" {status.reason}" if status.reason != code else ""
+    return f"{code}{reason}: {status.message}"
+
+
+def _described(message: dict[str, Any]) -> str:
+    """``the Complete of lease L`` for send()'s keyword arguments."""
+    ((kind, body),) = message.items()
+    lease_id = getattr(body, "lease_id", "")
+    name = kind.replace("_", " ").title().replace(" ", "")
+    return f"the {name} of lease {lease_id}" if lease_id else f"the {name}"
