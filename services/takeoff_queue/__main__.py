@@ -68,7 +68,14 @@ async def assemble(settings: QueueSettings, resources: AsyncExitStack) -> QueueS
     resources.push_async_callback(registry.close)
     metrics = QueueMetrics()
     dispatcher = Dispatcher(
-        store, utc_now, timing, registry, tokens=registry, metrics=metrics, replicated=settings.replicas
+        store,
+        utc_now,
+        timing,
+        registry,
+        tokens=registry,
+        metrics=metrics,
+        replicated=settings.replicas,
+        pending_window=settings.pending_window or None,
     )
     resources.push_async_callback(dispatcher.stop)
     book = QueueBook(store, dispatcher, registry, utc_now, images_pushed=bool(settings.builder_push_registry))

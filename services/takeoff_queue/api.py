@@ -530,10 +530,10 @@ class QueueApi(queue_pb2_grpc.QueueServiceServicer):
         self._enqueues = RateLimiter(enqueues, "enqueues")
         """Per calling key, per process (docs/design.md §13)."""
 
-    def _item_protos(self, items: Sequence[Item]) -> list[queue_pb2.Item]:
+    async def _item_protos(self, items: Sequence[Item]) -> list[queue_pb2.Item]:
         """The items as the API shows them: a leased one with its lease's expiry, a PENDING one with its
         place in its queue and why it waits."""
-        waits = self._dispatcher.waiting(items)
+        waits = await self._dispatcher.waiting_now(items)
         return [_item_to_proto(item, self._lease_expiry(item), waits.get(item.id)) for item in items]
 
     def _lease_expiry(self, item: Item) -> datetime | None:
@@ -552,8 +552,8 @@ class QueueApi(queue_pb2_grpc.QueueServiceServicer):
         ]
         return message, items
 
-    def _item_proto(self, item: Item) -> queue_pb2.Item:
-        return self._item_protos([item])[0]
+    async def _item_proto(self, item: Item) -> queue_pb2.Item:
+        return (await self._item_protos([item]))[0]
 
     async def _queue_proto(self, queue: Queue) -> queue_pb2.Queue:
         counts = await self._book.item_counts(queue.name)
@@ -664,12 +664,13 @@ class QueueApi(queue_pb2_grpc.QueueServiceServicer):
                 creator=current_actor(),
             )
         )
-        return queue_pb2.EnqueueResponse(item=self._item_proto(item))
+        return queue_pb2.EnqueueResponse(item=await self._item_proto(item))
 
     async def GetItem(self, request: queue_pb2.GetItemRequest, context: Context) -> queue_pb2.GetItemResponse:
         pattern = ITEM_IN_ANY_QUEUE if ITEM_IN_ANY_QUEUE.match(request.name) else ITEM
         await self._check_project(request.name, pattern, "name")
-        return queue_pb2.GetItemResponse(item=self._item_proto(await self._book.find_item(request.name)))
+        item = await self._book.find_item(request.name)
+        return queue_pb2.GetItemResponse(item=await self._item_proto(item))
 
     async def ListItems(
         self, request: queue_pb2.ListItemsRequest, context: Context
@@ -702,7 +703,7 @@ class QueueApi(queue_pb2_grpc.QueueServiceServicer):
         items, last = await self._book.list_items(
             request.parent, wanted, page, request.job, request.id_prefix
         )
-        protos = self._item_protos(items)
+        protos = await self._item_protos(items)
         shown, token = page_response(
             [(proto, (item.seq,)) for proto, item in zip(protos, items, strict=True)],
             more=last is not None,
@@ -721,13 +722,13 @@ class QueueApi(queue_pb2_grpc.QueueServiceServicer):
         item = await self._book.cancel_item(
             request.name, request.message or "cancelled by user", actor=current_actor()
         )
-        return queue_pb2.CancelItemResponse(item=self._item_proto(item))
+        return queue_pb2.CancelItemResponse(item=await self._item_proto(item))
 
     async def RelaunchItem(
         self, request: queue_pb2.RelaunchItemRequest, context: Context
     ) -> queue_pb2.RelaunchItemResponse:
         item = await self._book.relaunch_item(request.name, request.request_id, actor=current_actor())
-        return queue_pb2.RelaunchItemResponse(item=self._item_proto(item))
+        return queue_pb2.RelaunchItemResponse(item=await self._item_proto(item))
 
     async def WatchQueue(
         self, request: queue_pb2.WatchQueueRequest, context: Context
@@ -757,7 +758,7 @@ class QueueApi(queue_pb2_grpc.QueueServiceServicer):
         seen: int | None = None
         told = (queue_pb2.PENDING_REASON_UNSPECIFIED, "")
         async for item in self._book.watch_item(request.name):
-            shown = self._item_proto(item)
+            shown = await self._item_proto(item)
             if seen is None:
                 yield queue_pb2.WatchItemResponse(item=shown)  # the item as it is: no transition yet
             elif item.history[seen:]:

@@ -132,9 +132,11 @@ class QueueBook:
         self._projects = checks.Projects(jobs)
 
     async def start(self) -> None:
-        stored = await self._store.load()
+        """Load what the store holds: of each queue's PENDING items, the first the dispatcher's window
+        holds (docs/design.md §9 "The queue's in-memory index")."""
+        stored = await self._store.load(self._dispatcher.pending_window)
         self._projects.written(*stored.projects)
-        self._dispatcher.restore(stored.queues, stored.items, stored.run_closes)
+        self._dispatcher.restore(stored.queues, stored.items, stored.run_closes, stored.pending)
 
     async def reload_queue(self, name: str) -> None:
         """Another replica created, changed or deleted the queue: take it as the database has it."""
@@ -219,12 +221,12 @@ class QueueBook:
 
     async def delete_queue(self, name: str, *, force: bool) -> None:
         await self.current_queue(name)
-        live = [item for item in self._dispatcher.items.values() if item.queue == name]
-        if live and not force:
+        open_items = self._dispatcher.open_items(name)
+        if open_items and not force:
             raise FailedPrecondition(
                 "QUEUE_NOT_EMPTY",
-                f"queue {name} has {len(live)} items not yet ended; delete with force to drop them",
-                metadata={"resource": name, "items": str(len(live))},
+                f"queue {name} has {open_items} items not yet ended; delete with force to drop them",
+                metadata={"resource": name, "items": str(open_items)},
             )
 
         runs = self._dispatcher.runs_to_close(name)
@@ -481,12 +483,14 @@ class QueueBook:
     async def cancel_item(self, name: str, message: str = "cancelled by user", *, actor: str = "") -> Item:
         """Cancel the item; the CANCELLED transition it causes names ``actor``."""
         item_id = ITEM.parse(name, field="name")["item"]
-        live = self._dispatcher.items.get(item_id)
-        if live is None or live.name != name:
-            ended = await self.get_item(name)
-            lifecycle.request_cancel(ended.life, self._clock(), message)  # raises ITEM_ENDED unless CANCELLED
-            return ended
-        await self._dispatcher.cancel(live, message, actor=actor)
+        held = self._dispatcher.items.get(item_id)
+        if held is None or held.name != name:
+            stored = await self.get_item(name)
+            if stored.state.is_terminal:
+                lifecycle.request_cancel(stored.life, self._clock(), message)  # ITEM_ENDED unless CANCELLED
+                return stored
+            held = stored  # left in the database by the index (or, among replicas, not seen here yet)
+        await self._dispatcher.cancel(held, message, actor=actor)
         return await self.get_item(name)
 
     async def relaunch_item(self, name: str, request_id: str = "", *, actor: str = "") -> Item:

@@ -18,7 +18,7 @@ import logging
 import random
 import uuid
 from collections import OrderedDict, defaultdict
-from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
@@ -63,7 +63,7 @@ from takeoff_queue.run_closes import (
     TokenRevoker,
     backoff,
 )
-from takeoff_queue.store import QueueStore, QueueWrite, newer_revision, next_revision
+from takeoff_queue.store import LineKey, QueueStore, QueueWrite, newer_revision, next_revision
 from takeoff_server.errors import Aborted, FailedPrecondition, NotFound, PermissionDenied
 
 logger = logging.getLogger(__name__)
@@ -83,6 +83,21 @@ MINT_TIMEOUT_SECONDS = 5.0
 class LeaseTiming:
     ttl: timedelta = timedelta(seconds=30)
     heartbeat_interval: timedelta = timedelta(seconds=10)
+
+
+@dataclass(eq=False)
+class _Backlog:
+    """A queue's PENDING items that the index left in the database (docs/design.md §9 "The queue's
+    in-memory index"): ``count`` of them, each after ``after`` in dispatch order, while every PENDING item
+    up to ``after`` is in the index (None: none is yet, the line is read again from its start)."""
+
+    after: LineKey | None
+    count: int
+    last: LineKey | None = None
+    """The greatest key among them, once known: a new item's in a FIFO queue."""
+    arrivals: list[Item] | None = None
+    """While the next page is read (None otherwise): items enqueued meanwhile and left in the database,
+    taken in with the page when it reaches past them."""
 
 
 class ItemChanged(Exception):
@@ -167,15 +182,20 @@ class Dispatcher:
         *,
         metrics: QueueMetrics | None = None,
         replicated: bool = False,
+        pending_window: int | None = None,
     ) -> None:
         self._store = store
+        # Replicated: other queue processes share the database; the index is a cache of it, kept fresh
+        # from their notifications; claims are conditional writes; lease expiry is the database's (§5).
         self._replicated = replicated
-        """Other queue processes share the database: the index is a cache of it, kept fresh from their
-        notifications; claims are conditional writes; lease expiry is the database's (§5)."""
+        # How many PENDING items of each queue the index holds at most, besides those that come back from
+        # agents (None: all). Replicas hold all: their index is a cache that the other replicas'
+        # notifications keep fresh, item by item. The rest of each queue's line is its backlog.
+        self._window = None if replicated else pending_window
+        self._backlogs: dict[str, _Backlog] = {}
         self.metrics = metrics or QueueMetrics()
+        # Mints each attempt's run token before the item is leased; None: no tokens (tests of dispatch alone).
         self._tokens = tokens
-        """Mints each attempt's run token before the item is leased; None: no tokens (tests of dispatch
-        alone)."""
         self._run_tokens: dict[str, tuple[str, str]] = {}
         """item id -> (run, token secret) minted for its next (or current) attempt; in memory only."""
         self._minting: dict[str, str] = {}
@@ -228,12 +248,23 @@ class Dispatcher:
     def replicated(self) -> bool:
         return self._replicated
 
+    @property
+    def pending_window(self) -> int | None:
+        return self._window
+
     # ----- start and stop ---------------------------------------------------------------------
 
-    def restore(self, queues: Iterable[Queue], items: Iterable[Item], run_closes: Iterable[RunClose]) -> None:
+    def restore(
+        self,
+        queues: Iterable[Queue],
+        items: Iterable[Item],
+        run_closes: Iterable[RunClose],
+        pending: Mapping[str, int],
+    ) -> None:
         """Rebuild the index from the store and start draining the outbox of run closes. Every lease gets
         one TTL of grace from now (docs/design.md §5), except those whose attempt the queue had ended:
-        they wait for their run's close again."""
+        they wait for their run's close again. ``pending``: each queue's PENDING items in the database;
+        those beyond the ones in ``items`` (each queue's first, in dispatch order) are left there."""
         grace_until = self._clock() + self.timing.ttl
         self.queues = {queue.name: queue for queue in queues}
         waiting = {(close.item_id, close.epoch): close for close in run_closes if close.item_id}
@@ -245,6 +276,7 @@ class Dispatcher:
                 self._ended_leases[item.lease_id] = (item.life.epoch, item.state, False)
             else:
                 self._index(item)
+        self._note_backlogs(pending)
         for agent in self.agents.values():
             agent.lease_expiry = grace_until
             if not self._replicated:  # replicas: the database's expiry, extended at start (ReplicaSync)
@@ -252,6 +284,16 @@ class Dispatcher:
         self._draining = asyncio.create_task(self.run_closer.drain_forever())
         if self.token_revoker is not None:
             self._revoking = asyncio.create_task(self.token_revoker.drain_forever())
+
+    def _note_backlogs(self, pending: Mapping[str, int]) -> None:
+        loaded: dict[str, list[LineKey]] = defaultdict(list)
+        for item in self.items.values():
+            if item.state is ItemState.PENDING:
+                loaded[item.queue].append(self._key(item))
+        for name in self.queues:
+            left = pending.get(name, 0) - len(loaded[name])
+            if left > 0:
+                self._backlogs[name] = _Backlog(max(loaded[name], default=None), left)
 
     async def stop(self) -> None:
         for drainer in (self._draining, self._revoking):
@@ -288,6 +330,7 @@ class Dispatcher:
     def drop_queue(self, name: str) -> list[Item]:
         """Forget a queue whose deletion is committed; its leased items are revoked."""
         self.queues.pop(name, None)
+        self._backlogs.pop(name, None)
         self._pending.pop(name, None)
         self._lines.pop(name, None)
         self._set_aside.pop(name, None)
@@ -331,7 +374,12 @@ class Dispatcher:
     def admitted(self, item: Item, leased: Assignment | None) -> None:
         """Take in a new item whose first commit is done; one leased by :meth:`admit` goes to its agent."""
         self._settle_admission(item)
-        self._index(item)
+        if self._in_backlog(item):
+            self._left_in_database(item)
+        else:
+            self._index(item)
+            if self._window is not None and len(self._pending[item.queue]) > 2 * self._window:
+                self._trim(item.queue, self._window)
         self.metrics.enqueues[item.queue].inc()
         if leased is not None:
             self._send_to_holder(item, leased)
@@ -358,6 +406,8 @@ class Dispatcher:
         queue = self.queues.get(item.queue)
         if queue is None or self._arriving[queue.name] or not self._may_assign_from(queue):
             return None
+        if queue.name in self._backlogs:
+            return None  # older items wait in the database
         if self._replicated and queue.concurrency_limit:
             return None  # its limit is counted in the database, at the claim (_deliver), not in this index
         if queue.name in self._minting.values():
@@ -382,19 +432,28 @@ class Dispatcher:
             self._arriving[item.queue] -= 1
 
     async def cancel(self, item: Item, message: str, *, actor: str = "") -> Item:
+        """Cancel the item: one of the index, or one read from the store that the index left in the
+        database (or, among replicas, has not seen yet)."""
         for _ in range(_TRIES_AGAINST_REPLICAS):
+            left_in_database = self._in_backlog(item)
             live = item.state.is_live and not self._waits_for_close(item)
             self._move(item, lifecycle.request_cancel(item.life, self._clock(), message, actor))
             # The agent is told by whichever replica holds its stream: here, or the one that reads this.
             notices = [(item, Cancel(item.lease_id, item.name, message))] if live else []
             try:
                 await self._persist([item], then_send=notices)
-                return item
             except ItemChanged:
                 current = self.items.get(item.id)
                 if current is None:
-                    return item  # it ended meanwhile: the caller reads how
+                    found = await self._store.items(item_ids=[item.id])
+                    if not found or found[0].state.is_terminal:
+                        return item  # it ended meanwhile: the caller reads how
+                    current = found[0]
                 item = current
+                continue
+            if left_in_database:
+                await self._taken_from_database(item)
+            return item
         raise Aborted("CONCURRENT_CHANGE", f"{item.name} kept changing on other replicas; try again")
 
     def watch(self, item_id: str) -> asyncio.Queue[Item]:
@@ -433,9 +492,11 @@ class Dispatcher:
 
     # ----- why PENDING items wait (docs/design.md §5) ----------------------------------------------
 
-    def waiting(self, items: Iterable[Item]) -> dict[str, Waiting]:
+    def waiting(self, items: Iterable[Item], ahead: Mapping[str, int] | None = None) -> dict[str, Waiting]:
         """By item id, each PENDING item's place in its queue's dispatch order and why it waits (items as
-        the store has them, read by the caller). Each queue's order is taken once for all its items."""
+        the store has them, read by the caller). Each queue's order is taken once for all its items. An
+        item left in the database is placed after the index's items, behind ``ahead[item id]`` of the
+        others left there (without it: behind all of them, which a new item in a FIFO queue is)."""
         now = self._clock()
         outlooks: dict[str, QueueOutlook] = {}
         found = {}
@@ -443,9 +504,33 @@ class Dispatcher:
             if item.state is ItemState.PENDING and item.queue in self.queues:
                 # Among the items eligible now; one waiting out a retry is shown the place it would take.
                 line = self._waiting_line(item.queue)
-                position = bisect.bisect_left(line, (self._rank(item), item.seq)) + 1
+                position = bisect.bisect_left(line, self._key(item)) + 1
+                if self._in_backlog(item):
+                    backlog = self._backlogs[item.queue]
+                    position += ahead[item.id] if ahead and item.id in ahead else max(backlog.count - 1, 0)
                 found[item.id] = self._why(item, position, outlooks, now)
         return found
+
+    async def waiting_now(self, items: Sequence[Item]) -> dict[str, Waiting]:
+        """:meth:`waiting`, with the places of items left in the database counted there."""
+        left: dict[str, list[Item]] = defaultdict(list)
+        for item in items:
+            last = self._backlogs[item.queue].last if self._in_backlog(item) else None
+            if self._in_backlog(item) and (last is None or self._key(item) < last):
+                left[item.queue].append(item)  # not the last one, which waits behind all the others
+        ahead = {}
+        for name, behind in left.items():
+            behind.sort(key=self._key)
+            keys = [self._key(item) for item in behind]
+            counts = await self._store.pending_ahead(self.queues[name], self._backlogs[name].after, keys)
+            ahead.update({item.id: count for item, count in zip(behind, counts, strict=True)})
+        return self.waiting(items, ahead)
+
+    def open_items(self, queue: str) -> int:
+        """The queue's items not yet ended: those in the index and those left in the database."""
+        backlog = self._backlogs.get(queue)
+        held = sum(1 for item in self.items.values() if item.queue == queue)
+        return held + (backlog.count if backlog is not None else 0)
 
     def front_of_line(self, queue_name: str, count: int) -> list[tuple[Item, Waiting]]:
         """The first ``count`` eligible PENDING items of the queue in dispatch order, with their place and
@@ -941,14 +1026,19 @@ class Dispatcher:
         )
 
     def _has_waiting(self, queue: Queue) -> bool:
-        """Whether an eligible PENDING item is in the queue's index (dropping entries that moved on)."""
+        """Whether an eligible PENDING item is in the queue's index (dropping entries that moved on) and
+        goes next: no item left in the database sorts before it. When one may, the next page is read, and
+        the dispatch pass after it takes the item."""
         heap = self._pending[queue.name]
-        while heap:
-            item = self.items.get(heap[0][2])
-            if item is not None and item.state is ItemState.PENDING:
-                return True
+        while heap and not (
+            (item := self.items.get(heap[0][2])) is not None and item.state is ItemState.PENDING
+        ):
             heapq.heappop(heap)
-        return False
+        backlog = self._backlogs.get(queue.name)
+        if backlog is not None and (not heap or backlog.after is None or heap[0][:2] > backlog.after):
+            self._page_in(queue, backlog)
+            return False
+        return bool(heap)
 
     def _offers_work(self, queue_name: str) -> bool:
         """Whether a dispatch pass may take an item from the queue now."""
@@ -959,7 +1049,80 @@ class Dispatcher:
         if not self._offers_work(queue_name):
             return None
         self._lines.pop(queue_name, None)
-        return self.items[heapq.heappop(self._pending[queue_name])[2]]
+        heap = self._pending[queue_name]
+        item = self.items[heapq.heappop(heap)[2]]
+        backlog = self._backlogs.get(queue_name)
+        if backlog is not None and self._window is not None and len(heap) < self._window // 2:
+            self._page_in(self.queues[queue_name], backlog)  # read ahead, before the line runs dry
+        return item
+
+    # ----- PENDING items left in the database (docs/design.md §9 "The queue's in-memory index") ------
+
+    def _key(self, item: Item) -> LineKey:
+        return self._rank(item), item.seq
+
+    def _in_backlog(self, item: Item) -> bool:
+        """Whether the item (read from the store, or new) is PENDING, not in the index, and belongs among
+        the items its queue left in the database."""
+        backlog = self._backlogs.get(item.queue)
+        return (
+            backlog is not None
+            and item.state is ItemState.PENDING
+            and item.id not in self.items
+            and (backlog.after is None or self._key(item) > backlog.after)
+        )
+
+    def _left_in_database(self, item: Item) -> None:
+        backlog = self._backlogs[item.queue]
+        backlog.count += 1
+        key = self._key(item)
+        if not self.queues[item.queue].prioritization or (backlog.last is not None and key > backlog.last):
+            backlog.last = key  # a FIFO queue's new item is its last
+        if backlog.arrivals is not None:
+            backlog.arrivals.append(item)
+
+    async def _taken_from_database(self, item: Item) -> None:
+        """An item left in the database was cancelled there."""
+        backlog = self._backlogs.get(item.queue)
+        if backlog is not None:
+            backlog.count = max(backlog.count - 1, 0)
+            if backlog.arrivals is not None:
+                backlog.arrivals = [arrival for arrival in backlog.arrivals if arrival.id != item.id]
+        if item.id in self.items:
+            await self.refresh([item.id])  # a page read before the cancel took it in
+
+    def _page_in(self, queue: Queue, backlog: _Backlog) -> None:
+        if backlog.arrivals is None:
+            backlog.arrivals = []
+            self._spawn(self._read_page(queue, backlog))
+
+    async def _read_page(self, queue: Queue, backlog: _Backlog) -> None:
+        """Take the queue's next PENDING items into the index, and the items enqueued meanwhile that sort
+        among them. A read that fails is tried again a heartbeat interval later."""
+        assert self._window is not None
+        try:
+            page = await self._store.pending_page(queue, backlog.after, self._window)
+        except Exception:
+            logger.exception("queue %s failed to read its next PENDING items; trying again", queue.name)
+            backlog.arrivals = None
+            self._deadlines.at(self._clock() + self.timing.heartbeat_interval, "page", queue.name)
+            return
+        arrivals, backlog.arrivals = backlog.arrivals or [], None
+        if self._backlogs.get(queue.name) is not backlog:
+            return  # the queue was deleted, or its order changed (read again from its start)
+        taken = {item.id: item for item in page if item.id not in self.items and item.id not in self._writing}
+        reached = self._key(page[-1]) if len(page) == self._window else None
+        if reached is None:
+            del self._backlogs[queue.name]  # the page read to the line's end
+        else:
+            backlog.after = reached
+        for arrival in arrivals:
+            if reached is None or self._key(arrival) <= reached:
+                taken.setdefault(arrival.id, arrival)
+        backlog.count = max(backlog.count - len(taken), 0)
+        for item in taken.values():
+            self._index(item)
+        self._schedule_dispatch()
 
     def _assign(self, item: Item, agent: Agent) -> Assignment | None:
         """Lease the item to the agent in memory; the claim is committed before the Assignment is sent.
@@ -1149,6 +1312,8 @@ class Dispatcher:
                 pending[item.queue] = pending.get(item.queue, 0) + 1
             elif item.state.is_live:
                 live[item.queue] = live.get(item.queue, 0) + 1
+        for name, backlog in self._backlogs.items():
+            pending[name] = pending.get(name, 0) + backlog.count
         return pending, live
 
     def leases_by_queue(self) -> dict[str, int]:
@@ -1273,6 +1438,9 @@ class Dispatcher:
 
     def _on_deadline(self, kind: str, key: str, epoch: int) -> None:
         now = self._clock()
+        if kind == "page":
+            self._schedule_dispatch()  # which reads the page again, if the queue still needs it
+            return
         if kind == "expiry":
             agent = self.agents.get(key)
             if self._replicated or agent is None or agent.lease_expiry is None or agent.lease_expiry > now:
@@ -1464,7 +1632,7 @@ class Dispatcher:
             self._queue_up(item)
 
     def _queue_up(self, item: Item) -> None:
-        heapq.heappush(self._pending[item.queue], (self._rank(item), item.seq, item.id))
+        heapq.heappush(self._pending[item.queue], (*self._key(item), item.id))
         self._lines.pop(item.queue, None)
         self._schedule_dispatch()
 
@@ -1473,12 +1641,50 @@ class Dispatcher:
         return int(item.priority) if queue is not None and queue.prioritization else 0
 
     def _reorder(self, queue_name: str) -> None:
+        if queue_name in self._backlogs:
+            # The items left in the database no longer all sort after those in the index: they all leave
+            # it, and the line is read again from its start.
+            self._trim(queue_name, 0, order_changed=True)
         heap = [
             (self._rank(self.items[i]), seq, i) for _, seq, i in self._pending[queue_name] if i in self.items
         ]
         heapq.heapify(heap)
         self._pending[queue_name] = heap
         self._lines.pop(queue_name, None)
+
+    def _trim(self, queue_name: str, keep: int, *, order_changed: bool = False) -> None:
+        """Leave in the database the queue's PENDING items at rest after its first ``keep`` in dispatch
+        order, so that the index holds a bounded part of a deep queue (between one and two windows' worth
+        as items arrive). Items being written, minted for or waiting out a failed mint stay."""
+        line = sorted(
+            (self._key(item), item)
+            for _, _, item_id in self._pending[queue_name]
+            if (item := self.items.get(item_id)) is not None and item.state is ItemState.PENDING
+        )
+        kept, left = line[:keep], []
+        for key, item in line[keep:]:
+            at_rest = item.life is item.committed and not (
+                item.id in self._writing
+                or item.id in self._minting
+                or item.id in self._run_tokens
+                or item.id in self._mint_failures
+            )
+            if at_rest:
+                left.append(key)
+                del self.items[item.id]
+            else:
+                kept.append((key, item))
+        self._pending[queue_name] = [(*key, item.id) for key, item in kept]
+        heapq.heapify(self._pending[queue_name])
+        self._lines.pop(queue_name, None)
+        backlog = self._backlogs.get(queue_name)
+        if not left and (backlog is None or not order_changed):
+            return
+        count = len(left) + (backlog.count if backlog is not None else 0)
+        # The greatest key in the database: known when these are the first left there; the items left
+        # there before sort after these (unless the order changed, and with it every key).
+        last: LineKey | None = left[-1] if backlog is None else None if order_changed else backlog.last
+        self._backlogs[queue_name] = _Backlog(line[keep - 1][0] if keep else None, count, last)
 
     def _send_to_holder(self, item: Item, message: Any) -> None:
         self._send_to_holder_of(item.life, message)

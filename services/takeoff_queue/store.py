@@ -71,6 +71,11 @@ class QueueRow(SQLModel, table=True):
 
 class ItemRow(SQLModel, table=True):
     __tablename__ = "queue_items"
+    __table_args__ = (
+        # Each queue's line, in both dispatch orders: the index pages PENDING items in by them (§9).
+        sa.Index("ix_queue_items_line", "queue", "state", "seq"),
+        sa.Index("ix_queue_items_priority_line", "queue", "state", "priority", "seq"),
+    )
 
     seq: int | None = Field(default=None, primary_key=True)
     """Enqueue order: FIFO within a priority, kept across retries."""
@@ -257,6 +262,8 @@ class Stored:
     queues: list[Queue]
     items: list[Item]
     run_closes: list[RunClose]
+    pending: dict[str, int]
+    """queue -> how many items it has PENDING, those left out of ``items`` included."""
 
 
 class QueueWrite:
@@ -575,21 +582,52 @@ class QueueStore:
                 session, scope=scope, request_id=request_id, fingerprint=fingerprint
             )
 
-    async def load(self) -> Stored:
-        """Every project written to, every queue, and every item not yet ended (in enqueue order, with its
-        history)."""
+    async def load(self, window: int | None = None) -> Stored:
+        """Every project written to, every queue, every item held under a lease and, of each queue's
+        PENDING items, the first ``window`` in dispatch order (all of them with None), each item with its
+        history; and how many items each queue has PENDING (docs/design.md §9 "The queue's in-memory
+        index")."""
         async with self._database.engine.connect() as connection:
             found_queues = [
                 _queue_from_row(dict(row)) for row in (await connection.execute(sa.select(queues))).mappings()
             ]
             # After the queues: each queue's project was committed with it, so it is among these.
             found_projects = list((await connection.execute(sa.select(projects.c.project))).scalars())
-            unfinished = await _fetch_items(connection, states=LIVE_OR_PENDING)
+            if window is None:
+                unfinished = await _fetch_items(connection, states=LIVE_OR_PENDING)
+            else:
+                unfinished = await _fetch_items(connection, states=LIVE)
+                for queue in found_queues:
+                    unfinished += await _pending_page(connection, queue, None, window)
+            counted = await connection.execute(_PENDING_BY_QUEUE)
+            pending = {queue: int(count) for queue, count in counted.tuples()}
             closes = await connection.execute(sa.select(run_closes).order_by(run_closes.c.id))
             waiting = [_run_close_from_row(dict(row)) for row in closes.mappings()]
-        return Stored(
-            found_projects, found_queues, [_item_from_row(row) for row in reversed(unfinished)], waiting
-        )
+        rows = sorted(unfinished, key=lambda row: row["seq"])
+        return Stored(found_projects, found_queues, [_item_from_row(row) for row in rows], waiting, pending)
+
+    async def pending_page(self, queue: Queue, after: LineKey | None, limit: int) -> list[Item]:
+        """The queue's next ``limit`` PENDING items in dispatch order after ``after`` (from the first with
+        None), each with its history."""
+        async with self._database.engine.connect() as connection:
+            return [_item_from_row(row) for row in await _pending_page(connection, queue, after, limit)]
+
+    async def pending_ahead(self, queue: Queue, after: LineKey | None, keys: Sequence[LineKey]) -> list[int]:
+        """For each of ``keys`` (in dispatch order), how many of the queue's PENDING items sort after
+        ``after`` and before it. One range count per gap between two keys, so the rows counted in all are
+        those up to the last key, once."""
+        counts, total, low, inclusive = [], 0, after, False
+        async with self._database.engine.connect() as connection:
+            for key in keys:
+                parameters: dict[str, Any] = {"queue": queue.name, "high_priority": key[0]}
+                parameters["high_seq"] = key[1]
+                if low is not None:
+                    parameters.update(low_priority=low[0], low_seq=low[1])
+                statement = _line_count(queue.prioritization, low is not None, inclusive)
+                total += int((await connection.execute(statement, parameters)).scalar_one())
+                counts.append(total)
+                low, inclusive = key, True
+        return counts
 
     async def claim_run_closes(self, now: datetime, hold_until: datetime, limit: int) -> list[RunClose]:
         """See :meth:`QueueWrite.claim_run_closes`; committed before the calls it claims for are made."""
@@ -821,6 +859,67 @@ def _items_with_history(filters: frozenset[str]) -> sa.Select[Any]:
         .outerjoin(transitions, transitions.c.item_id == chosen.c.id)
         .order_by(chosen.c.seq.desc(), transitions.c.id)
     )
+
+
+LineKey = tuple[int, int]
+"""An item's place in its queue's dispatch order: (priority rank, enqueue seq); the rank is the item's
+priority in a queue that prioritizes, else 0."""
+
+_PENDING_BY_QUEUE = (
+    sa.select(items.c.queue, sa.func.count())
+    .where(items.c.state == ItemState.PENDING.value)
+    .group_by(items.c.queue)
+)
+
+
+async def _pending_page(
+    connection: AsyncConnection, queue: Queue, after: LineKey | None, limit: int
+) -> list[dict[str, Any]]:
+    """Rows of the queue's first ``limit`` PENDING items after ``after``, with their transitions: their ids
+    read on the line's index, then the rows (one statement, so each comes with its own history)."""
+    parameters: dict[str, Any] = {"queue": queue.name, "limit": limit}
+    if after is not None:
+        parameters.update(low_priority=after[0], low_seq=after[1])
+    line = _line(queue.prioritization, after is not None)
+    ids = list((await connection.execute(line, parameters)).scalars())
+    if not ids:
+        return []
+    rows = await _fetch_items(connection, item_ids=ids, states=[ItemState.PENDING.value])
+    place = {item_id: index for index, item_id in enumerate(ids)}
+    return sorted(rows, key=lambda row: place[row["id"]])
+
+
+def _line_key(prioritized: bool, bound: str) -> tuple[Any, Any]:
+    """The dispatch order's key as columns, and as the parameters ``{bound}_priority``, ``{bound}_seq``."""
+    if prioritized:
+        columns = sa.tuple_(items.c.priority, items.c.seq)
+        return columns, sa.tuple_(sa.bindparam(f"{bound}_priority"), sa.bindparam(f"{bound}_seq"))
+    return items.c.seq, sa.bindparam(f"{bound}_seq")
+
+
+_IN_QUEUE_PENDING = sa.and_(items.c.queue == sa.bindparam("queue"), items.c.state == ItemState.PENDING.value)
+
+
+@functools.cache
+def _line(prioritized: bool, after: bool) -> sa.Select[Any]:
+    """The ids of a queue's first ``limit`` PENDING items in dispatch order (after the ``low`` key)."""
+    query = sa.select(items.c.id).where(_IN_QUEUE_PENDING)
+    if after:
+        columns, low = _line_key(prioritized, "low")
+        query = query.where(columns > low)
+    order = (items.c.priority, items.c.seq) if prioritized else (items.c.seq,)
+    return query.order_by(*order).limit(sa.bindparam("limit", type_=sa.Integer))
+
+
+@functools.cache
+def _line_count(prioritized: bool, after: bool, inclusive: bool) -> sa.Select[Any]:
+    """How many of a queue's PENDING items sort before the ``high`` key (and after, or from, ``low``)."""
+    columns, high = _line_key(prioritized, "high")
+    query = sa.select(sa.func.count()).select_from(items).where(_IN_QUEUE_PENDING, columns < high)
+    if after:
+        _, low = _line_key(prioritized, "low")
+        query = query.where(columns >= low if inclusive else columns > low)
+    return query
 
 
 def _payloads(replica: str, names: Sequence[str]) -> list[str]:

@@ -167,7 +167,7 @@ def _differences(connection: Connection) -> list[Any]:
 async def test_migrations_build_exactly_the_tables_the_store_declares(empty_database_url: str) -> None:
     database = Database("queue", empty_database_url, migrations=MIGRATIONS)
     try:
-        assert await database.migrate() == "0005"
+        assert await database.migrate() == "0006"
         async with database.engine.connect() as connection:
             differences = await connection.run_sync(_differences)
     finally:
@@ -196,7 +196,7 @@ async def test_the_migration_records_the_projects_of_the_queues_stored_before_it
 
     after = Database("queue", empty_database_url, migrations=MIGRATIONS)
     try:
-        assert await after.migrate() == "0005"
+        assert await after.migrate() == "0006"
         stored = await takeoff_queue.store.QueueStore(after).load()
     finally:
         await after.close()
