@@ -276,7 +276,8 @@ class QueueServiceServicer:
         """Streams a queue's open items and its agents as they change, for live views (the console's queue page,
         `takeoff items list --watch`). The first message has `snapshot` set: every item of the queue that has
         not ended, in dispatch order (PENDING ones first, with `position` and `pending_reason`), then the others
-        by create time, and every agent serving the queue; its `items` may be split over several messages, the
+        by create time, and every agent serving the queue (of a queue deeper than the service's pending window,
+        the PENDING items it holds in memory: the first, in dispatch order; ListItems pages through the rest); its `items` may be split over several messages, the
         last of which has `snapshot_done` set. Then each message carries the items and agents that changed since
         the one before (an item's state, position, pending reason; an agent connecting, disconnecting, taking or
         ending a lease, or its heartbeat), coalesced: at most 5 messages a second, each item and agent at most
