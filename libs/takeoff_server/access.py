@@ -9,6 +9,7 @@ RPC needs is tabled in docs/design.md §13; each service states its rules next t
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import hashlib
 import time
@@ -259,7 +260,9 @@ restart must cost time, not refuse every agent and job that was working."""
 
 class CachedVerifier:
     """A :class:`KeyVerifier` that remembers answers for :data:`VERIFY_CACHE_SECONDS`, keyed by the
-    secret's digest (so no secret is held), and bridges outages of the one it wraps."""
+    secret's digest (so no secret is held), and bridges outages of the one it wraps. Concurrent checks of
+    one key make one call (single flight): a hundred agents reconnecting with one key after a restart, or a
+    burst of calls when its answer runs out, ask the registry once."""
 
     def __init__(
         self,
@@ -276,13 +279,27 @@ class CachedVerifier:
         self._max_entries = max_entries
         self._clock = clock
         self._answers: dict[str, tuple[float, Principal | None]] = {}
+        self._asking: dict[str, asyncio.Future[Principal | None]] = {}
 
     async def verify(self, secret: str) -> Principal | None:
         digest = secret_digest(secret)
+        cached = self._answers.get(digest)
+        if cached is not None and self._clock() - cached[0] < self._ttl:
+            return cached[1]
+        flight = self._asking.get(digest)
+        if flight is None:
+            flight = self._asking[digest] = asyncio.ensure_future(self._ask(secret, digest))
+            flight.add_done_callback(lambda done: self._landed(digest, done))
+        return await asyncio.shield(flight)  # one caller giving up does not cancel the others' answer
+
+    def _landed(self, digest: str, flight: asyncio.Future[Principal | None]) -> None:
+        del self._asking[digest]
+        if not flight.cancelled():
+            flight.exception()  # seen, so that a failure whose every caller gave up is not logged as lost
+
+    async def _ask(self, secret: str, digest: str) -> Principal | None:
         now = self._clock()
         cached = self._answers.get(digest)
-        if cached is not None and now - cached[0] < self._ttl:
-            return cached[1]
         try:
             answer = await self._inner.verify(secret)
         except errors.Unavailable:

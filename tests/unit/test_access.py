@@ -3,6 +3,7 @@ cache and outage bridge, and per-key rate limits (fake clocks, no sleeping)."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 
 import pytest
@@ -394,3 +395,38 @@ def test_a_refused_take_spends_nothing_and_a_big_one_waits_for_a_full_bucket(clo
 def test_a_rate_that_cannot_refill_is_refused(per_second: float, burst: float) -> None:
     with pytest.raises(ValueError, match="per_second > 0 and burst >= 1"):
         Rate(per_second, burst)
+
+
+async def test_concurrent_checks_of_one_key_ask_once_and_share_the_answer(clock: FakeClock) -> None:
+    asked_both, answering = asyncio.Event(), asyncio.Event()
+
+    class SlowRegistry(Registry):
+        async def verify(self, secret: str) -> Principal | None:
+            self.asked.append(secret)
+            if len(self.asked) == 2:
+                asked_both.set()
+            await answering.wait()
+            return self.keys.get(secret)
+
+    slow = SlowRegistry()
+    verifier = CachedVerifier(slow, ttl=2.0, clock=clock)
+    impatient = asyncio.create_task(verifier.verify("good"))
+    checks = [asyncio.create_task(verifier.verify(secret)) for secret in ["good"] * 50 + ["bad"] * 50]
+    await asyncio.wait_for(asked_both.wait(), 5)
+    impatient.cancel()  # a caller that gives up does not take the answer from the others
+    answering.set()
+    assert await asyncio.gather(*checks) == [READER] * 50 + [None] * 50
+    assert sorted(slow.asked) == ["bad", "good"]
+
+
+async def test_a_failed_check_fails_every_caller_waiting_on_it_and_the_next_asks_again(
+    clock: FakeClock, registry: Registry
+) -> None:
+    verifier = CachedVerifier(registry, ttl=2.0, outage_grace=0.0, clock=clock)
+    registry.down = True
+    results = await asyncio.gather(*(verifier.verify("good") for _ in range(5)), return_exceptions=True)
+    assert all(isinstance(result, errors.Unavailable) for result in results)
+    assert registry.asked == ["good"]
+    registry.down = False
+    assert await verifier.verify("good") is READER
+    assert registry.asked == ["good", "good"]
