@@ -156,13 +156,24 @@ def registry(home: Path) -> Iterator[ServiceProcess]:
 
 
 @pytest.fixture(scope="module")
-def queue_service(home: Path, registry: ServiceProcess, lease_ttl_seconds: float) -> Iterator[ServiceProcess]:
+def queue_database_url() -> str | None:
+    """The queue service's ``database_url``: None, its SQLite file in the module's home. A test module that
+    needs another database overrides it."""
+    return None
+
+
+@pytest.fixture(scope="module")
+def queue_service(
+    home: Path, registry: ServiceProcess, lease_ttl_seconds: float, queue_database_url: str | None
+) -> Iterator[ServiceProcess]:
     env = {
         "TAKEOFF_REGISTRY_ADDRESS": registry.address,
         "TAKEOFF_LEASE_TTL_SECONDS": str(lease_ttl_seconds),
         "TAKEOFF_HEARTBEAT_INTERVAL_SECONDS": "0.5",
         "TAKEOFF_SHUTDOWN_GRACE_SECONDS": "1",
     }
+    if queue_database_url is not None:
+        env["TAKEOFF_DATABASE_URL"] = queue_database_url
     with service_process("queue", home, env=env) as process:
         yield process
         process.terminate()

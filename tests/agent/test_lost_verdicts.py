@@ -2,9 +2,10 @@
 could not commit is kept by the agent and sent again, with back-off, until the queue takes it; the item
 ends once and its job runs once.
 
-The first test's fault is the queue's own database refusing the write: a trigger in its SQLite file that
-raises for the SUCCEEDED write of the test's queue's items, as a full disk or a lock held too long would fail
-it. Registry, queue service, builder and agent are real processes (tests/agent/conftest.py).
+The first test's fault is the queue's own database refusing the write: a trigger that raises for the
+SUCCEEDED write of the test's queue's items, as a full disk or a lock held too long would fail it, in the
+queue service's SQLite file and, on PostgreSQL, with SQLSTATE disk_full. Registry, queue service, builder and
+agent are real processes (tests/agent/conftest.py).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from contextlib import closing, contextmanager
 from pathlib import Path
 
 import grpc
+import psycopg
 import pytest
 
 from takeoff.client import Client
@@ -25,6 +27,7 @@ from takeoff_agent import lease
 from takeoff_server.interceptors import rich_status
 from takeoff_server.protovalues import dict_to_struct
 from tests.agent.conftest import AgentProcess, Stack, StartAgent, code_job
+from tests.postgres import postgres_schema_url
 from tests.processes import wait_for
 
 LeaseRequest = queue_pb2.LeaseRequest
@@ -44,23 +47,48 @@ REFUSALS = 6
 lease TTL of these tests (3 s), which the agent's leases must outlast."""
 
 
+@pytest.fixture(scope="module", params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def queue_database_url(request: pytest.FixtureRequest, home: Path) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite:///{home / 'queue.db'}"
+        return
+    with postgres_schema_url("verdicts") as url:
+        yield url
+
+
 @contextmanager
-def verdicts_refused(database: Path, queue: str) -> Iterator[None]:
+def verdicts_refused(database_url: str, queue: str) -> Iterator[None]:
     """While inside, the queue's database fails every write that ends an item of ``queue`` SUCCEEDED
-    (and with it the whole group-commit batch); the queue service keeps running on the same file."""
+    (and with it the whole group-commit batch); the queue service keeps running on it."""
     trigger = f"refuse_succeeded_{queue.rsplit('/', 1)[1].replace('-', '_')}"
-    with closing(sqlite3.connect(database, timeout=30)) as connection:
+    refused = f"NEW.queue = '{queue}' AND NEW.state = 'SUCCEEDED'"
+    if database_url.startswith("sqlite:///"):
+        with closing(sqlite3.connect(database_url.removeprefix("sqlite:///"), timeout=30)) as connection:
+            connection.execute(
+                f"CREATE TRIGGER {trigger} BEFORE UPDATE OF state ON queue_items WHEN {refused}"
+                f" BEGIN SELECT RAISE(ABORT, '{FAULT}'); END"
+            )
+            connection.commit()
+            try:
+                yield
+            finally:
+                connection.execute(f"DROP TRIGGER {trigger}")
+                connection.commit()
+        return
+    with psycopg.connect(database_url, autocommit=True) as connection:
         connection.execute(
-            f"CREATE TRIGGER {trigger} BEFORE UPDATE OF state ON queue_items"
-            f" WHEN NEW.queue = '{queue}' AND NEW.state = 'SUCCEEDED'"
-            f" BEGIN SELECT RAISE(ABORT, '{FAULT}'); END"
+            f"CREATE FUNCTION {trigger}() RETURNS trigger LANGUAGE plpgsql AS"
+            f" $$ BEGIN RAISE EXCEPTION '{FAULT}' USING ERRCODE = 'disk_full'; END $$"
         )
-        connection.commit()
+        connection.execute(
+            f"CREATE TRIGGER {trigger} BEFORE UPDATE OF state ON queue_items FOR EACH ROW WHEN ({refused})"
+            f" EXECUTE FUNCTION {trigger}()"
+        )
         try:
             yield
         finally:
-            connection.execute(f"DROP TRIGGER {trigger}")
-            connection.commit()
+            connection.execute(f"DROP TRIGGER {trigger} ON queue_items")
+            connection.execute(f"DROP FUNCTION {trigger}()")
 
 
 def resends(agent: AgentProcess) -> list[str]:
@@ -73,13 +101,13 @@ def resends(agent: AgentProcess) -> list[str]:
 
 
 def test_a_complete_the_queue_could_not_commit_is_sent_again_until_taken_and_the_job_runs_once(
-    stack: Stack, start_agent: StartAgent, client: Client, home: Path, tmp_path: Path
+    stack: Stack, start_agent: StartAgent, client: Client, queue_database_url: str, tmp_path: Path
 ) -> None:
     job = code_job(client, tmp_path, "once", RUNS_ONCE)
     queue = stack.new_queue()
     runs = tmp_path / "runs"
     agent = start_agent([queue])
-    with verdicts_refused(home / "queue.db", queue):
+    with verdicts_refused(queue_database_url, queue):
         item = stack.enqueue(queue, job, run_config=dict_to_struct({"runs": str(runs)}))
         wait_for(lambda: len(resends(agent)) >= REFUSALS, timeout=180, what="the Complete to be refused")
         assert stack.item(item).state == common_pb2.ITEM_STATE_RUNNING  # nothing of it committed
