@@ -1459,14 +1459,16 @@ class Dispatcher:
         self._on_item_deadline(kind, due)
 
     def _expire(self, agent: Agent, retry: tuple[str, str] | None = None) -> Coroutine[Any, Any, None]:
-        """End every lease of an agent that stopped renewing them, at once; what it returns commits that."""
+        """End every lease of an agent that stopped renewing them, at once; what it returns commits that
+        (among replicas, only if the database still has them expired when it does)."""
         lost = f"{agent.name} stopped renewing its lease"
         closed, revokes = [], []
         for item in [self.items[item_id] for item_id in agent.leases.values()]:
             self.metrics.expired[item.queue].inc()
             revokes.append((item, Revoke(item.lease_id, item.name, RevokeReason.EXPIRED, "lease expired")))
             closed.append((item, self._close_attempt(item, FailureReason.AGENT_LOST, lost)))
-        return self._record_closes(closed, then_send=revokes, retry=retry)
+        expired = agent.agent_id if self._replicated else None
+        return self._record_closes(closed, then_send=revokes, retry=retry, expired_agent=expired)
 
     async def expire_agent(self, agent_id: str) -> None:
         """Replicas: the agent's leases expired by the database's clock (its heartbeats renew them on
@@ -1528,10 +1530,13 @@ class Dispatcher:
         closed: list[tuple[Item, RunClose]],
         then_send: Iterable[tuple[Item, Any]] = (),
         retry: tuple[str, str] | None = None,
+        expired_agent: str | None = None,
     ) -> None:
         """Commit the closes to the outbox, then tell the agents and wake the drainer. When the commit
         fails, each lease is back with its agent, as the store has it, and ``retry`` (a deadline kind and
-        key) comes due a heartbeat interval later to end it again."""
+        key) comes due a heartbeat interval later to end it again. With ``expired_agent`` the closes are
+        recorded only if that agent's leases are still expired in the database at the commit: renewed
+        since they were read expired, the leases are back with it, as if another replica had changed them."""
         if not closed:
             return
         now = self._clock()
@@ -1545,6 +1550,8 @@ class Dispatcher:
             self._writing[item.id] = (life, written)
 
         async def write(tx: QueueWrite) -> set[str]:
+            if expired_agent is not None and not await tx.agent_lease_expired(expired_agent):
+                return {item.id for item, *_ in fences}
             stale = {
                 item.id
                 for item, _, revision, written in fences

@@ -363,6 +363,19 @@ class QueueWrite:
         insert = postgresql.insert(agent_leases).values(agent_id=agent_id, **values)
         await self._connection.execute(insert.on_conflict_do_update(index_elements=["agent_id"], set_=values))
 
+    async def agent_lease_expired(self, agent_id: str) -> bool:
+        """Whether the agent's leases are expired by the database's clock (PostgreSQL only), its row locked
+        until this transaction ends, so that a renewal (its heartbeat through another replica) comes either
+        before this answer or after the transaction: a sweeper that read the agent as expired ends no lease
+        renewed since. An agent without a row is expired (its expiry was dealt with)."""
+        found = await self._connection.execute(
+            sa.select(agent_leases.c.lease_expiry < sa.func.now())
+            .where(agent_leases.c.agent_id == agent_id)
+            .with_for_update()
+        )
+        expired = found.scalar_one_or_none()
+        return expired is None or bool(expired)
+
     async def forget_agent_lease(self, agent_id: str) -> None:
         """The agent's expiry has been dealt with (it holds no lease): its row goes, unless renewed since."""
         await self._connection.execute(

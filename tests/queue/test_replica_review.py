@@ -212,3 +212,68 @@ async def test_a_replica_starting_while_others_sweep_does_not_extend_dead_agents
             with queue_replicas(tmp_path, env, count=1, first=2):
                 after = await (await reader.execute(query, (dead.agent_id,))).fetchone()
         assert after == before
+
+
+async def test_a_sweeper_that_read_an_agent_expired_ends_no_lease_it_renewed_meanwhile(
+    tmp_path: Path, registry: ServiceProcess, job: str, database: str
+) -> None:
+    """The review's F10. A sweeper reads the agents whose leases expired, then ends their leases in a
+    transaction of its own; the agent's heartbeat may renew them in between, through any replica. Forced
+    here: the expiry is committed in the past while a renewal holds the agent's row, and commits only once
+    both replicas' sweepers wait on that row inside their closing transactions. They must end nothing."""
+    async with two_replicas(tmp_path, registry, database) as ((first, _), (on_first, _)):
+        queue = await new_queue(on_first)
+        agent = await ScriptedAgent(first.address).connect([queue], capacity=1)
+        try:
+            name = await enqueue(on_first, queue, job)
+            assignment = (await agent.next("assignment")).assignment
+            async with await psycopg.AsyncConnection.connect(database, autocommit=True) as watcher:
+                item_id = name.rsplit("/", 1)[1]
+                before = await (
+                    await watcher.execute("SELECT revision FROM queue_items WHERE id = %s", (item_id,))
+                ).fetchone()
+                await watcher.execute(
+                    "UPDATE queue_agents SET lease_expiry = now() - interval '1 second' WHERE agent_id = %s",
+                    (agent.agent_id,),
+                )
+                async with await psycopg.AsyncConnection.connect(database) as renewal:
+                    await renewal.execute(
+                        "UPDATE queue_agents SET lease_expiry = now() + interval '30 seconds'"
+                        " WHERE agent_id = %s",
+                        (agent.agent_id,),
+                    )
+                    # Each replica sweeps every ttl/6 (5 s): wait until both sweepers wait on the row.
+                    for _ in range(2000):
+                        waiting = await (
+                            await watcher.execute(
+                                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                                " AND query LIKE %s",
+                                ("%queue_agents%FOR UPDATE%",),
+                            )
+                        ).fetchone()
+                        if waiting is not None and waiting[0] >= 2:
+                            break
+                        await asyncio.sleep(0.01)  # polling the database's state, not waiting out time
+                    else:
+                        pytest.fail("no sweeper re-read the agent's expiry inside its closing transaction")
+                    await renewal.commit()
+                for _ in range(2000):
+                    still = await (
+                        await watcher.execute(
+                            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                        )
+                    ).fetchone()
+                    if still is not None and still[0] == 0:
+                        break
+                    await asyncio.sleep(0.01)
+                closes = await (await watcher.execute("SELECT count(*) FROM queue_run_closes")).fetchone()
+                after = await (
+                    await watcher.execute(
+                        "SELECT revision, state, lease_id FROM queue_items WHERE id = %s", (item_id,)
+                    )
+                ).fetchone()
+            assert closes == (0,)
+            assert before is not None
+            assert after == (before[0], "LEASED", assignment.lease_id)
+        finally:
+            await agent.close()
