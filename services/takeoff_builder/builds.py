@@ -6,6 +6,9 @@ is already under way joins it instead of starting another, so two simultaneous i
 once. Cache hits are answered at once; anything that has to be built waits for one of a fixed number
 of slots. A build outlives the call that started it: a caller that goes away does not stop it.
 
+A venv cache hit is answered from the cache itself, before anything is written (``HitRecords``): its
+record is stored after the answer, with the other hits of that moment in one transaction.
+
 Replicas sharing a PostgreSQL database carry single flight across processes: a flight is carried out by the
 replica holding its lock, followed by the others from the database, and carried on by one of them when its
 holder dies or stops (``flights``).
@@ -15,12 +18,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import logging
 import threading
 import uuid
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -70,6 +74,10 @@ FlightKey = tuple[BuildKind, str, bool, bool]
 
 _CARRIED_ON = "the builder that carried this build out stopped: carrying it on here"
 _STOPPED = "the builder stopped before the build finished"
+_RECORD_RETRY_SECONDS = (0.1, 5.0)
+"""The first and the longest wait before a hit's record is written again after the database failed."""
+_RECORD_AT_STOP_SECONDS = 5.0
+"""How long a stopping builder waits for the records of the hits it answered."""
 
 
 def utc_now() -> datetime:
@@ -245,6 +253,124 @@ class _Progress:
         await self._write()
 
 
+@dataclass(eq=False)
+class _Hit:
+    run: BuildRun
+    request_id: str = ""
+    fingerprint: str = ""
+    write: asyncio.Task[None] | None = None
+    """Stores the record, trying again while the database fails; None while the cache is looked up."""
+    tried: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set once the first try to store the record has ended, stored or not."""
+
+
+class HitRecords:
+    """Cache hits answered before their records are stored.
+
+    A hit is here from before its cache look-up (what it holds counts as in use for retention) until its
+    record is committed, which happens after the answer, in a transaction shared with the other hits of
+    that moment. Until then it answers GetBuild and a retry of its request id. A write that fails is tried
+    again (the answer stands: faults cost time); a builder that stops waits a moment for them."""
+
+    def __init__(self, store: BuildStore) -> None:
+        self._store = store
+        self._hits: dict[str, _Hit] = {}
+        self._asked: dict[str, _Hit] = {}
+
+    def hold(self, run: BuildRun) -> None:
+        """Count what ``run`` holds as in use from now on, before its cache look-up."""
+        self._hits[run.build.id] = _Hit(run)
+
+    def let_go(self, run: BuildRun) -> None:
+        """The look-up missed: ``run`` is not a hit."""
+        del self._hits[run.build.id]
+
+    def record(self, run: BuildRun, request_id: str, fingerprint: str) -> None:
+        """Store the ended ``run`` (held before) in the background."""
+        hit = self._hits[run.build.id]
+        hit.request_id, hit.fingerprint = request_id, fingerprint
+        if request_id:
+            self._asked[request_id] = hit
+        hit.write = asyncio.create_task(self._write(hit), name=f"record {run.build.id}")
+
+    async def _write(self, hit: _Hit) -> None:
+        build = hit.run.build
+        delay, longest = _RECORD_RETRY_SECONDS
+        try:
+            while True:
+                try:
+                    await self._store.insert_ended(
+                        build, request_id=hit.request_id, fingerprint=hit.fingerprint, holds=hit.run.holds
+                    )
+                    return
+                except Exception:
+                    logger.exception("could not store %s; trying again in %.1f s", build.name, delay)
+                finally:
+                    hit.tried.set()
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, longest)
+        finally:
+            del self._hits[build.id]
+            if hit.request_id:
+                del self._asked[hit.request_id]
+
+    def run(self, build_id: str) -> BuildRun | None:
+        hit = self._hits.get(build_id)
+        return hit.run if hit is not None else None
+
+    def asked(self, request_id: str) -> tuple[str, str] | None:
+        """The build a hit not yet stored answered ``request_id`` with, and the request's fingerprint."""
+        hit = self._asked.get(request_id)
+        return (hit.run.build.id, hit.fingerprint) if hit is not None else None
+
+    def held(self) -> set[str]:
+        return {key for hit in self._hits.values() for key in hit.run.holds}
+
+    async def tried(self) -> None:
+        """Wait until the record of every hit answered so far is stored, or has failed to be once (the
+        database fails: whatever waits for this would fail with it, rather than wait for its return)."""
+        await asyncio.gather(*(hit.tried.wait() for hit in list(self._hits.values()) if hit.write))
+
+    async def close(self) -> None:
+        writes = {hit.write for hit in self._hits.values() if hit.write is not None}
+        if not writes:
+            return
+        _, unwritten = await asyncio.wait(writes, timeout=_RECORD_AT_STOP_SECONDS)
+        for write in unwritten:
+            logger.error("stopping before %s could be stored", write.get_name().removeprefix("record "))
+            write.cancel()
+        await asyncio.gather(*unwritten, return_exceptions=True)
+
+
+class _RequestsAsking:
+    """The request ids of the Build calls starting here, so that a start looks for its own once more under
+    the start lock only when another start of the same id ran beside it (a retry racing its first call):
+    any other start that recorded the id ended before this one looked."""
+
+    def __init__(self) -> None:
+        self._starting: dict[str, int] = {}
+        self._raced: set[str] = set()
+
+    @contextmanager
+    def held(self, request_id: str) -> Iterator[None]:
+        if not request_id:
+            yield
+            return
+        if request_id in self._starting:
+            self._raced.add(request_id)
+        self._starting[request_id] = self._starting.get(request_id, 0) + 1
+        try:
+            yield
+        finally:
+            self._starting[request_id] -= 1
+            if not self._starting[request_id]:
+                del self._starting[request_id]
+                self._raced.discard(request_id)
+
+    def raced(self, request_id: str) -> bool:
+        return request_id in self._raced
+
+
 @dataclass(frozen=True, slots=True)
 class Started:
     run: BuildRun
@@ -281,6 +407,8 @@ class Builder:
         self._image_locks: Locks = SharedLocks(shared, "image") if shared is not None else KeyedLocks()
         self._flights: dict[FlightKey, BuildRun] = {}
         self._running: dict[str, BuildRun] = {}
+        self._hits = HitRecords(store)
+        self._asking = _RequestsAsking()
         self._tasks: set[asyncio.Task[None]] = set()
         self._shared = shared
         """Flight locks, where replicas share the database (PostgreSQL)."""
@@ -299,6 +427,7 @@ class Builder:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._hits.close()
 
     async def start(self, request: BuildRequest) -> Started:
         """Start a build, join the identical one under way, or replay the one a retried request started."""
@@ -311,25 +440,29 @@ class Builder:
                 "run": request.run,
             }
         )
-        if request.request_id and (
-            earlier := await self._store.replay(BUILD_SCOPE, request.request_id, fingerprint)
-        ):
-            if (rejoined := await self._rejoin(earlier)) is not None:
-                return rejoined
-            request = _remembered(request)
-        span = tracer.start_span("build", attributes={"takeoff.job_version": request.job_version})
-        try:
-            with trace.use_span(span, record_exception=True, set_status_on_exception=True):
-                started = await self._start(request, fingerprint, span)
-        except BaseException:
-            span.end()
-            raise
+        with self._asking.held(request.request_id):
+            fresh = True
+            if request.request_id and (earlier := await self._replayed(request.request_id, fingerprint)):
+                if (rejoined := await self._rejoin(earlier)) is not None:
+                    return rejoined
+                request, fresh = _remembered(request), False
+            span = tracer.start_span("build", attributes={"takeoff.job_version": request.job_version})
+            try:
+                with trace.use_span(span, record_exception=True, set_status_on_exception=True):
+                    started = await self._start(request, fingerprint, span, fresh=fresh)
+            except BaseException:
+                span.end()
+                raise
         if started.joined:
             span.set_attribute("takeoff.build_joined", True)
             span.end()
         return started
 
-    async def _start(self, request: BuildRequest, fingerprint: str, span: trace.Span) -> Started:
+    async def _start(
+        self, request: BuildRequest, fingerprint: str, span: trace.Span, *, fresh: bool
+    ) -> Started:
+        """``fresh``: the request id led to no build before (a request that did goes the way of its flight,
+        to that build)."""
         with tracer.start_as_current_span("build.resolve"):
             spec = await self._registry.job_version(request.job_version)
             self._check_request(spec, request)
@@ -344,15 +477,20 @@ class Builder:
             request.options.no_cache,
         )
         async with self._starting:
-            if request.request_id and (
-                earlier := await self._store.replay(BUILD_SCOPE, request.request_id, fingerprint)
+            if (
+                request.request_id
+                and self._asking.raced(request.request_id)
+                and (earlier := await self._replayed(request.request_id, fingerprint))
             ):
                 if (rejoined := await self._rejoin(earlier)) is not None:
                     return rejoined
-                request = _remembered(request)
+                request, fresh = _remembered(request), False
             if (under_way := self._flights.get(flight)) is not None:
                 await self._remember(request, fingerprint, under_way.build.id)
                 return Started(under_way, joined=True)
+            if fresh and (hit := await self._answer_from_cache(request, fingerprint, spec, keys)) is not None:
+                span.end()  # the build ended with its cache look-up
+                return Started(hit, joined=False)
             if self._shared is not None:
                 return await self._start_shared(request, fingerprint, spec, keys, flight=flight, span=span)
             run = await self._new_run(request, fingerprint, spec, keys)
@@ -406,9 +544,77 @@ class Builder:
             self._launch(run, flight, self._follow(run, spec, flight, follow, lock=lock, changes=changes))
         return Started(run, joined=True)
 
+    async def _replayed(self, request_id: str, fingerprint: str) -> str | None:
+        """The build ``request_id`` started or joined before, or None when it is new."""
+        asked = self._hits.asked(request_id)
+        if asked is not None and asked[1] == fingerprint:
+            return asked[0]
+        if asked is not None:  # stored first, so that the store tells of the conflict as for any other
+            await self._hits.tried()
+        return await self._store.replay(BUILD_SCOPE, request_id, fingerprint)
+
     async def _remember(self, request: BuildRequest, fingerprint: str, build_id: str) -> None:
         if request.request_id:
             await self._store.remember(BUILD_SCOPE, request.request_id, fingerprint, build_id)
+
+    async def _answer_from_cache(
+        self, request: BuildRequest, fingerprint: str, spec: JobSpec, keys: BuildKeys | None
+    ) -> BuildRun | None:
+        """A venv build whose venv and code are cached, ended at once from the cache with nothing written
+        before the answer: its record follows (``HitRecords``), and the entries' leases are renewed on disk
+        (``Shelf.hand_out``). None when anything is missing or does not fit: the build then goes the usual
+        way, which looks again and fails or builds as it must."""
+        if request.kind is not BuildKind.VENV or request.options.no_cache or keys is None:
+            return None
+        build = Build(
+            id=_hit_id(request, fingerprint),
+            job_version=spec.version_name,
+            kind=request.kind,
+            options=request.options,
+            create_time=self._clock(),
+            run=request.run,
+            environment_key=keys.environment,
+            build_key=keys.build,
+        )
+        run = self._prepared(BuildRun(build, redact=self._redact, clock=self._clock), spec)
+        self._hits.hold(run)  # from before the look-up: retention here leaves the entries alone from now on
+        try:
+            found = await asyncio.to_thread(self._hand_out, spec, keys.environment)
+        except BaseException:
+            self._hits.let_go(run)
+            raise
+        if found is None:
+            self._hits.let_go(run)
+            return None
+        venv, code = found
+        self.metrics.started.labels(build.kind.value).inc()
+        self._cache_checked(run, True, "venv hit, code hit")
+        run.end(
+            BuildResult(
+                environment_key=build.environment_key,
+                build_key=build.build_key,
+                cache_hit=True,
+                venv_path=str(venv),
+                code_path=str(code),
+                python_path=str(venv_python(venv)),
+            )
+        )
+        self.metrics.build_finished(build)
+        run.publish_end()
+        self._hits.record(run, request.request_id, fingerprint)
+        return run
+
+    def _hand_out(self, spec: JobSpec, environment_key: str) -> tuple[Path, Path] | None:
+        """The cached venv and code of a build, if both are there and the build context fits; blocks."""
+        venv = self._venvs.hand_out(environment_key)
+        code = self._code.hand_out(spec) if venv is not None else None
+        if venv is None or code is None:
+            return None
+        try:
+            _check_build_context(spec, code)
+        except BuildFailed:
+            return None
+        return venv, code
 
     async def _new_run(
         self,
@@ -430,6 +636,7 @@ class Builder:
             build_key=keys.build if keys else "",
         )
         run = self._prepared(BuildRun(build, redact=self._redact, clock=self._clock), spec)
+        await self._hits.tried()  # records are listed in the order their builds were asked for
         await self._store.insert(
             build,
             request_id=request.request_id,
@@ -466,7 +673,7 @@ class Builder:
         task.add_done_callback(self._tasks.discard)
 
     async def get(self, build_id: str, *, include_log: bool) -> tuple[Build, list[str]]:
-        if (run := self._running.get(build_id)) is not None:
+        if (run := self._running.get(build_id) or self._hits.run(build_id)) is not None:
             return run.snapshot(), list(run.log_lines) if include_log else []
         build = await self._store.get(build_id)
         if build is None:
@@ -476,6 +683,7 @@ class Builder:
     async def list(self, query: BuildQuery, page: PageRequest) -> tuple[list[tuple[Build, int]], bool]:
         """A page of builds, newest first, each with the cursor after it (those under way as they are now),
         and whether more follow."""
+        await self._hits.tried()
         builds, more = await self._store.list(query, page)
         return [
             (run.snapshot() if (run := self._running.get(build.id)) is not None else build, cursor)
@@ -485,7 +693,7 @@ class Builder:
     async def _rejoin(self, build_id: str) -> Started | None:
         """The build a retried request started, or None when another replica carries it out (or did, and
         died): then the request goes the way of its flight, which leads to that build."""
-        if (run := self._running.get(build_id)) is not None:
+        if (run := self._running.get(build_id) or self._hits.run(build_id)) is not None:
             return Started(run, joined=True)
         build = await self._store.get(build_id)
         if build is None:
@@ -661,8 +869,9 @@ class Builder:
 
     def held(self) -> set[str]:
         """What the builds under way use or make: their environment keys (venvs), source digests (code)
-        and image tags. Retention leaves these alone (docs/design.md §9, "Retention")."""
-        return {key for run in self._running.values() for key in run.holds}
+        and image tags, and the cache hits not yet stored. Retention leaves these alone (docs/design.md §9,
+        "Retention")."""
+        return {key for run in self._running.values() for key in run.holds} | self._hits.held()
 
     async def held_elsewhere(self) -> set[str]:
         """What builds under way on other replicas sharing the database (and this one) hold, as stored."""
@@ -777,6 +986,14 @@ class Builder:
 def _remembered(request: BuildRequest) -> BuildRequest:
     """``request`` without its request id, which is already recorded with the build it leads to."""
     return dataclasses.replace(request, request_id="")
+
+
+def _hit_id(request: BuildRequest, fingerprint: str) -> str:
+    """A cache hit's build id: derived from its request id when it has one, so that a retry another replica
+    answers before the first answer's record is stored makes the same record rather than a second."""
+    if not request.request_id:
+        return uuid.uuid4().hex
+    return hashlib.sha256(f"{BUILD_SCOPE}\0{request.request_id}\0{fingerprint}".encode()).hexdigest()[:32]
 
 
 def _hit_or_miss(found: Path | None) -> str:

@@ -17,10 +17,12 @@ Never pruned, as "in use":
 - an image a container, running or stopped, was made from (the engine refuses to remove it).
 
 Jobs on other hosts (Slurm, Ray) are seen only through ``in_use_hours``: set it above their longest run.
-An entry's last use is the end of the newest successful build record naming it, else its directory's or
-image's creation time. A published entry is first unpublished (its link removed, with no await between
+An entry's last use is the end of the newest successful build record naming it, or the modification time
+of its directory, which every cache hit answered from the cache sets (its lease: ``Shelf.hand_out``), or
+an image's creation time. A published entry is first unpublished (its link removed, with no await between
 the check that no build holds it and the removal, so a build either sees it gone and makes it again or
-already holds it), then deleted.
+already holds it); its lease is read once more after that, and an entry handed out meanwhile (by another
+replica: this one's hits are held) is published again and kept. Then it is deleted.
 """
 
 from __future__ import annotations
@@ -137,6 +139,20 @@ def _links_to(link: Path, entry: Path) -> bool:
         return False
 
 
+def _handed_out_since(entry: Path, moment: datetime) -> bool:
+    """Whether a cache hit renewed ``entry``'s lease (its modification time) since ``moment``."""
+    try:
+        return datetime.fromtimestamp(entry.stat().st_mtime).astimezone() >= moment
+    except OSError:
+        return False
+
+
+def _publish_again(link: Path, entry: Path) -> None:
+    """Publish ``entry`` under ``link`` again, unless a build published another there meanwhile."""
+    with contextlib.suppress(FileExistsError):
+        link.symlink_to(entry.name)
+
+
 class BuilderRetention:
     def __init__(
         self,
@@ -220,7 +236,7 @@ class BuilderRetention:
             over = max_bytes is not None and total > max_bytes
             if not (superseded or aged or over):
                 continue
-            if self._in_use(entry, limits) or not await self._remove(entry):
+            if self._in_use(entry, limits) or not await self._remove(entry, limits):
                 report.kept_in_use += int(aged or over)
                 continue
             total -= entry.size_bytes
@@ -228,7 +244,7 @@ class BuilderRetention:
             report.bytes_freed += entry.size_bytes
             self._metrics.pruned_bytes.labels(entry.what).inc(entry.size_bytes)
 
-    async def _remove(self, entry: Entry) -> bool:
+    async def _remove(self, entry: Entry, limits: _Limits) -> bool:
         if entry.key in self._builder.held():  # a build started while this pass was looking elsewhere
             return False
         if entry.path is None:
@@ -237,6 +253,9 @@ class BuilderRetention:
                 return await self._images.remove(entry.key)
         if entry.link is not None and _links_to(entry.link, entry.path):
             entry.link.unlink(missing_ok=True)  # right after the check (docstring); a replica may be first
+            if _handed_out_since(entry.path, limits.in_use_since):
+                _publish_again(entry.link, entry.path)
+                return False
         entry.size_bytes = entry.size_bytes or await asyncio.to_thread(tree_bytes, entry.path)
         await asyncio.to_thread(remove_tree, entry.path)
         return True

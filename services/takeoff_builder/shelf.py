@@ -30,6 +30,23 @@ class Shelf:
         target = link.resolve()
         return target if target.is_dir() else None
 
+    def hand_out(self, key: str) -> Path | None:
+        """The published entry for ``key``, its modification time set to now, or None.
+
+        The modification time is the entry's lease: retention leaves an entry touched within its in-use
+        window alone, on every replica sharing the directory, and looks at it once more right after
+        unpublishing the entry (publishing it again when it was touched meanwhile). An entry is handed out
+        only if it is still published after the touch, so that either retention sees the touch or this
+        sees the entry unpublished."""
+        entry = self.lookup(key)
+        if entry is None:
+            return None
+        try:
+            os.utime(entry)
+        except OSError:  # deleted since the look-up
+            return None
+        return entry if self.lookup(key) == entry else None
+
     def new_entry(self, key: str) -> Path:
         """A fresh, empty directory to build ``key`` in."""
         self.root.mkdir(parents=True, exist_ok=True)

@@ -40,6 +40,10 @@ class CodeCache:
     async def lookup(self, spec: JobSpec) -> Path | None:
         return await asyncio.to_thread(self._shelf.lookup, spec.source_digest)
 
+    def hand_out(self, spec: JobSpec) -> Path | None:
+        """The cached code of ``spec``, its lease renewed (``Shelf.hand_out``); blocks."""
+        return self._shelf.hand_out(spec.source_digest)
+
     async def ensure(self, spec: JobSpec, log: Callable[[str], None], *, rebuild: bool = False) -> Path:
         """The unpacked code of ``spec``, fetching and unpacking it unless it is cached."""
         digest = spec.source_digest

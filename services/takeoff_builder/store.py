@@ -6,11 +6,14 @@ What is cached lives on disk, not here: these records say what was asked and wha
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlmodel import JSON, Column, Field, SQLModel, col, select
 
 from takeoff_builder.model import (
@@ -25,6 +28,7 @@ from takeoff_builder.model import (
     FailureReason,
 )
 from takeoff_server.database import Database
+from takeoff_server.group_commit import GroupCommitter
 from takeoff_server.idempotency import RequestIds, request_ids_table
 from takeoff_server.pagination import PageRequest
 from takeoff_server.retention import forget_request_ids
@@ -78,8 +82,8 @@ build_logs = BuildLogRow.__table__  # type: ignore[attr-defined]
 request_id_records = request_ids_table("builder_request_ids", SQLModel.metadata)
 request_ids = RequestIds(request_id_records)
 BUILD_SCOPE = "Build"
-_UNFINISHED = [BuildState.QUEUED.value, BuildState.RUNNING.value]
 """Request ids of BuildService.Build, as the other services scope theirs by method."""
+_UNFINISHED = [BuildState.QUEUED.value, BuildState.RUNNING.value]
 
 
 def build_channel(build_id: str) -> str:
@@ -131,9 +135,19 @@ def _build_from_row(row: BuildRow) -> Build:
     )
 
 
+@functools.cache
+def _insert_unless_stored(table: sa.Table, dialect: str) -> sa.Insert:
+    """An insert that leaves a row already stored under the same key alone (another replica, or an earlier
+    try of the same write, stored it first)."""
+    insert = postgresql.insert(table) if dialect == "postgresql" else sqlite.insert(table)
+    return insert.on_conflict_do_nothing()
+
+
 class BuildStore:
     def __init__(self, database: Database) -> None:
         self._database = database
+        self._ended = GroupCommitter(database.engine)
+        """Builds stored once they have ended (cache hits answered first), many to a transaction."""
 
     async def replay(self, scope: str, request_id: str, fingerprint: str) -> str | None:
         """The build a ``request_id`` started or joined before, or None when it is new."""
@@ -189,6 +203,40 @@ class BuildStore:
                     result=build.id,
                 )
             await session.commit()
+
+    async def insert_ended(
+        self, build: Build, *, request_id: str = "", fingerprint: str = "", holds: Iterable[str] = ()
+    ) -> None:
+        """Store a build that has already ended, with the ``request_id`` that asked for it, in a transaction
+        shared with the other ended builds stored at the same moment. A build or request id stored before
+        (a retry on another replica) is left as it is."""
+        row = {
+            "id": build.id,
+            "job": build.job,
+            "job_version": build.job_version,
+            "kind": build.kind.value,
+            "push": build.options.push,
+            "no_cache": build.options.no_cache,
+            "run": build.run,
+            "create_time": build.create_time,
+            "holds": sorted(holds),
+            **_state_values(build),
+        }
+        recorded = {
+            "scope": BUILD_SCOPE,
+            "request_id": request_id,
+            "fingerprint": fingerprint,
+            "result": build.id,
+            "create_time": build.create_time,
+        }
+
+        async def insert(connection: AsyncConnection) -> None:
+            dialect = connection.dialect.name
+            await connection.execute(_insert_unless_stored(builds, dialect), row)
+            if request_id:
+                await connection.execute(_insert_unless_stored(request_id_records, dialect), recorded)
+
+        await self._ended.commit(insert)
 
     async def update(
         self, build: Build, *, log_lines: Sequence[str] = (), first_line: int = 0, notify: bool = False

@@ -102,6 +102,11 @@ class Venvs:
         found = await asyncio.to_thread(self._shelf.lookup, environment_key)
         return found if found is not None and venv_python(found).exists() else None
 
+    def hand_out(self, environment_key: str) -> Path | None:
+        """The cached venv for ``environment_key``, its lease renewed (``Shelf.hand_out``); blocks."""
+        found = self._shelf.hand_out(environment_key)
+        return found if found is not None and venv_python(found).exists() else None
+
     async def ensure(
         self, environment_key: str, environment: Environment, log: Log, *, rebuild: bool = False
     ) -> Path:
