@@ -30,8 +30,12 @@ from takeoff_rpc.channels import open_channel
 from takeoff_server.protovalues import dict_to_struct
 from tests.keys import ADMIN_KEY
 from tests.processes import ServiceProcess, pid_alive, service_process, wait_for
+from tests.queue.replicas_harness import _drain_output
 
 LEASE_TTL_SECONDS = 3.0
+QUEUE_LOG = "queue.log"
+"""The default queue service's output, in the module's home, copied as it comes: a pipe nobody reads would
+stall the service once it fills (a failing database logs a traceback per refused message)."""
 PROJECT = "agenttest"
 
 WAITER = """\
@@ -175,6 +179,7 @@ def queue_service(
     if queue_database_url is not None:
         env["TAKEOFF_DATABASE_URL"] = queue_database_url
     with service_process("queue", home, env=env) as process:
+        _drain_output(process, home / QUEUE_LOG)
         yield process
         process.terminate()
 

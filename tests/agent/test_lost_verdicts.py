@@ -26,7 +26,7 @@ from takeoff.v1 import common_pb2, queue_pb2
 from takeoff_agent import lease
 from takeoff_server.interceptors import rich_status
 from takeoff_server.protovalues import dict_to_struct
-from tests.agent.conftest import AgentProcess, Stack, StartAgent, code_job
+from tests.agent.conftest import QUEUE_LOG, AgentProcess, Stack, StartAgent, code_job
 from tests.postgres import postgres_schema_url
 from tests.processes import wait_for
 
@@ -42,9 +42,9 @@ with open(pathlib.Path(run.config["runs"]), "a") as runs:
 """Appends its attempt and pid to the file named by its ``runs`` config, and succeeds."""
 
 FAULT = "the disk is full (a fault the test forces)"
-REFUSALS = 6
-"""Complete refused this many times: its waits (RESEND, ceilings 0.1 s to 3.2 s) then add up to about the
-lease TTL of these tests (3 s), which the agent's leases must outlast."""
+REFUSALS = 8
+"""Complete refused this many times: the seven waits between (RESEND, ceilings 0.1 s doubling to 5 s) come
+to 5.6 s on average, about twice the lease TTL of these tests (3 s), which the agent's leases outlast."""
 
 
 @pytest.fixture(scope="module", params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
@@ -121,6 +121,7 @@ def test_a_complete_the_queue_could_not_commit_is_sent_again_until_taken_and_the
     # Each resend names why the last one went unanswered: the queue's status, with the request id under
     # which its log has the database's error.
     assert all("INTERNAL" in line and "request id" in line for line in resends(agent))
+    assert FAULT in (stack.home / QUEUE_LOG).read_text()
 
 
 def test_resends_wait_up_to_five_seconds_with_full_jitter() -> None:
