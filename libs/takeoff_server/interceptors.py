@@ -18,6 +18,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager, context
 from typing import Any, TypeAlias, TypeVar
 
 import grpc
+import sqlalchemy.exc
 from google.protobuf.message import DecodeError
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
@@ -289,6 +290,15 @@ def _new_request_id() -> str:
     return f"{_REQUEST_ID_PREFIX}{next(_REQUEST_NUMBERS) & (2**64 - 1):016x}"
 
 
+_DATABASE_OUTAGES = (
+    sqlalchemy.exc.OperationalError,
+    sqlalchemy.exc.InterfaceError,
+    sqlalchemy.exc.TimeoutError,
+)
+"""What a database that is down, restarting, full or locked raises, and a pool with no connection free in
+time (not a bug of ours: those are IntegrityError, ProgrammingError, DataError, and stay INTERNAL)."""
+
+
 @asynccontextmanager
 async def error_guard(method: str, context: Context) -> AsyncIterator[None]:
     """Maps domain errors to rich statuses; unexpected exceptions become INTERNAL with no traceback.
@@ -311,6 +321,21 @@ async def error_guard(method: str, context: Context) -> AsyncIterator[None]:
                 error.reason,
                 metadata=error.metadata,
                 violations=error.violations,
+            ),
+        )
+    except _DATABASE_OUTAGES as error:
+        # The database is a dependency like any other: briefly away (restarted, full, locked past the
+        # busy timeout), the call is worth trying again, and clients do so on UNAVAILABLE.
+        # The driver's own error only: SQLAlchemy's message would quote the statement's parameters.
+        cause = getattr(error, "orig", None) or error
+        logger.warning("%s: the database failed (request id %s): %r", method, request_id, cause)
+        await _abort(
+            context,
+            rich_status(
+                grpc.StatusCode.UNAVAILABLE,
+                "the service's database is unavailable; try again",
+                "DEPENDENCY_UNAVAILABLE",
+                metadata={"dependency": "database", "request_id": request_id},
             ),
         )
     except NotImplementedError:

@@ -4,12 +4,16 @@ the access layer (API keys, each method's rule on every request message, revoked
 from __future__ import annotations
 
 import asyncio
+import sqlite3
+import tempfile
 import time
 from collections.abc import AsyncIterator, Iterable, Mapping
+from pathlib import Path
 from typing import Any, cast
 
 import grpc
 import pytest
+import sqlalchemy
 from google.protobuf import struct_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -93,6 +97,23 @@ async def crash(request: bytes, context: Context) -> bytes:
     raise RuntimeError("secret-internal-detail")
 
 
+async def write_to_a_locked_database(request: bytes, context: Context) -> bytes:
+    """A write that SQLite refuses at once: another connection holds the database's lock."""
+    with tempfile.TemporaryDirectory() as home:
+        path = Path(home) / "locked.db"
+        holder = sqlite3.connect(path, isolation_level=None)
+        holder.execute("CREATE TABLE t (secret TEXT)")
+        holder.execute("BEGIN EXCLUSIVE")
+        engine = sqlalchemy.create_engine(f"sqlite:///{path}", connect_args={"timeout": 0})
+        try:
+            with engine.begin() as connection:
+                connection.execute(sqlalchemy.text("INSERT INTO t VALUES (:v)"), {"v": "secret-param"})
+        finally:
+            engine.dispose()
+            holder.close()
+    return b""
+
+
 async def whoami(request: bytes, context: Context) -> bytes:
     caller = caller_var.get()
     assert caller is not None
@@ -140,7 +161,17 @@ def named(request: struct_pb2.Struct) -> Iterable[str]:
 RULES: dict[str, Rule] = {
     **{
         name: needs(Permission.JOBS_READ)
-        for name in ("Invalid", "Missing", "HugeName", "Crash", "WhoAmI", "Unbuilt", "Count", "Echo")
+        for name in (
+            "Invalid",
+            "Missing",
+            "HugeName",
+            "Crash",
+            "WriteLocked",
+            "WhoAmI",
+            "Unbuilt",
+            "Count",
+            "Echo",
+        )
     },
     "CountMessages": needs(Permission.JOBS_WRITE, named),
     "Open": needs(Permission.RUNS_READ),
@@ -160,6 +191,7 @@ def probe_binding() -> ServiceBinding:
             "Missing": missing,
             "HugeName": echoes_a_huge_name,
             "Crash": crash,
+            "WriteLocked": write_to_a_locked_database,
             "WhoAmI": whoami,
             "Unbuilt": unbuilt,
         }.items()
@@ -278,6 +310,25 @@ async def test_unexpected_exception_is_internal_without_traceback(
     logged = [r for r in caplog.records if "req-42" in r.getMessage()]
     assert logged
     assert logged[0].exc_info is not None
+
+
+async def test_a_database_that_fails_is_unavailable_and_retryable_and_logs_no_parameters(
+    server: TakeoffServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    error = await failing_call(server.addresses[0], "WriteLocked", metadata=[("x-request-id", "req-43")])
+
+    assert error.code() == grpc.StatusCode.UNAVAILABLE
+    assert error.code() in TRANSIENT_CODES
+    info, _ = details(error)
+    assert (info.reason, info.metadata["dependency"], info.metadata["request_id"]) == (
+        "DEPENDENCY_UNAVAILABLE",
+        "database",
+        "req-43",
+    )
+    logged = [r.getMessage() for r in caplog.records if "req-43" in r.getMessage()]
+    assert logged
+    assert any("database is locked" in line for line in logged)
+    assert not any("secret-param" in line for line in logged)
 
 
 async def test_unbuilt_method_is_unimplemented_and_says_which(server: TakeoffServer) -> None:
