@@ -942,12 +942,27 @@ class Dispatcher:
         try:
             await self._persist([item])
         except ItemChanged:
-            if tries >= _TRIES_AGAINST_REPLICAS:
-                raise Aborted("CONCURRENT_CHANGE", f"{item.name} kept changing on other replicas") from None
-            # Applied again to what another replica made of the item (a cancel requested, the lease ended)
-            await self._handle_lease_message(session, request, self._clock(), tries + 1)
+            if tries < _TRIES_AGAINST_REPLICAS:
+                # Applied again to what another replica made of the item (a cancel requested, the lease ended)
+                await self._handle_lease_message(session, request, self._clock(), tries + 1)
+                return
+            self._not_committed(session, request, kind, f"{item.name} kept changing on other queue replicas")
+            return
+        except Exception as error:
+            # The store failed: _persist put the item back as committed, so the same message sent again
+            # applies once (one that did commit after all, its connection lost in COMMIT, is answered as
+            # ended by then). The stream and every other message on it go on.
+            logger.warning("could not commit the %s of %s: %r", kind.name, item.name, error)
+            self._not_committed(session, request, kind, "the queue's database failed")
             return
         session.send(Ack(request.sequence, kind, request.lease_id, life.state))
+
+    @staticmethod
+    def _not_committed(
+        session: Session, request: Progress | Complete | Release, kind: MessageKind, why: str
+    ) -> None:
+        message = f"not committed ({why}); nothing changed: send it again"
+        session.send(Reject(request.sequence, kind, request.lease_id, RejectReason.NOT_COMMITTED, message))
 
     def _answer_unknown_lease(
         self, request: Progress | Complete | Release, kind: MessageKind

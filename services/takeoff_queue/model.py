@@ -278,6 +278,7 @@ class RejectReason(enum.Enum):
     LEASE_NOT_FOUND = "LEASE_NOT_FOUND"
     INVALID_TRANSITION = "INVALID_TRANSITION"
     INVALID_MESSAGE = "INVALID_MESSAGE"
+    NOT_COMMITTED = "NOT_COMMITTED"
 
 
 class RevokeReason(enum.Enum):

@@ -88,6 +88,11 @@ class _RejectReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RejectRe
     """
     REJECT_REASON_INVALID_MESSAGE: _RejectReason.ValueType  # 4
     """The message is malformed (missing lease id or epoch, negative capacity, ...)."""
+    REJECT_REASON_NOT_COMMITTED: _RejectReason.ValueType  # 5
+    """The queue could not commit the change now (its database failed: unreachable, full, a lock timeout; or,
+    among replicas, the item kept changing under it): nothing changed. Send the same message again later,
+    backing off; the lease is still held and the stream stays open.
+    """
 
 class RejectReason(_RejectReason, metaclass=_RejectReasonEnumTypeWrapper):
     """Why the server refused an agent's message about a lease (LeaseResponse.Reject). The stream stays open."""
@@ -107,6 +112,11 @@ RUNNING item, Complete with a non-terminal outcome, or CANCELLED without a cance
 """
 REJECT_REASON_INVALID_MESSAGE: RejectReason.ValueType  # 4
 """The message is malformed (missing lease id or epoch, negative capacity, ...)."""
+REJECT_REASON_NOT_COMMITTED: RejectReason.ValueType  # 5
+"""The queue could not commit the change now (its database failed: unreachable, full, a lock timeout; or,
+among replicas, the item kept changing under it): nothing changed. Send the same message again later,
+backing off; the lease is still held and the stream stays open.
+"""
 Global___RejectReason: _TypeAlias = RejectReason  # noqa: Y015
 
 class _RevokeReason:
