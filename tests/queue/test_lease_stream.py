@@ -14,8 +14,13 @@ import grpc
 import pytest
 
 from takeoff.v1 import common_pb2, queue_pb2, queue_pb2_grpc
+from takeoff_queue.settings import QueueSettings
+from tests.agent.test_lost_verdicts import writes_refused
 from tests.queue.conftest import NewQueue
-from tests.queue.harness import LOCAL_PROCESS, ScriptedAgent, error_details, keyed_channel
+from tests.queue.harness import LOCAL_PROCESS, InProcessQueue, ScriptedAgent, error_details, keyed_channel
+
+RUNNING = common_pb2.ITEM_STATE_RUNNING
+SUCCEEDED = common_pb2.ITEM_STATE_SUCCEEDED
 
 Stub: TypeAlias = "queue_pb2_grpc.QueueServiceAsyncStub"  # a type only the stubs know
 Request = queue_pb2.LeaseRequest
@@ -306,3 +311,36 @@ async def test_an_agent_at_every_hello_bound_is_listed_under_the_receive_limit(
         assert [agent.name for agent in listed.agents] == [f"agents/{largest.agent_id}"]
         assert dict(listed.agents[0].labels) == dict(largest.labels)
         assert listed.ByteSize() < RECEIVE_LIMIT
+
+
+async def test_a_complete_the_queue_cannot_commit_is_refused_not_committed_and_the_stream_goes_on(
+    service: InProcessQueue, settings: QueueSettings, job: str
+) -> None:
+    """The queue's database refuses the write that would end the item (a trigger raising, as a full disk
+    does): the Complete is answered Reject NOT_COMMITTED, nothing changed, the lease is still held, the
+    same stream carries on (a heartbeat is acknowledged on it), and the same Complete sent again once the
+    database takes writes ends the item once."""
+    database_url = settings.database_url or f"sqlite:///{settings.home / 'queue.db'}"
+    queue = await service.new_queue()
+    name = await service.enqueue(queue, job)
+    agent = await ScriptedAgent(service.address).connect([queue])
+    try:
+        assignment = (await agent.next("assignment")).assignment
+        await agent.progress(assignment, RUNNING)
+        # Entered and left off the event loop, which the queue service in this process shares.
+        refusing = writes_refused(database_url, queue, "NEW.state = 'SUCCEEDED'")
+        await asyncio.to_thread(refusing.__enter__)
+        try:
+            refused = await agent.complete(assignment, SUCCEEDED, exit_code=0)
+            assert refused.reject.reason == queue_pb2.REJECT_REASON_NOT_COMMITTED
+            assert "send it again" in refused.reject.message
+            await agent.settle()  # the stream is still open: its heartbeat is acknowledged
+            assert (await service.stored(name)).state == RUNNING
+        finally:
+            await asyncio.to_thread(refusing.__exit__, None, None, None)
+        taken = await agent.complete(assignment, SUCCEEDED, exit_code=0)
+        assert taken.ack.state == SUCCEEDED
+        ended = await service.stored(name)
+        assert [t.to_state for t in ended.transitions].count(SUCCEEDED) == 1
+    finally:
+        await agent.close()
