@@ -47,6 +47,8 @@ logger = logging.getLogger(__name__)
 LeaseRequest = queue_pb2.LeaseRequest
 LeaseResponse = queue_pb2.LeaseResponse
 FENCE_CHECK_SECONDS = 0.5
+RELEASE_SECONDS = 10.0
+"""How long a draining agent keeps sending each Release the queue service has not answered."""
 _LOST = (queue_pb2.REJECT_REASON_LEASE_LOST, queue_pb2.REJECT_REASON_LEASE_NOT_FOUND)
 
 
@@ -202,7 +204,9 @@ class Agent:
         self._drained.set()
 
     async def _release(self, attempt: Attempt) -> None:
-        """Hand back work not yet started; its run, if created, ends KILLED (the next attempt has its own)."""
+        """Hand back work not yet started; its run, if created, ends KILLED (the next attempt has its own).
+        The Release is sent again, as a Complete is, for up to RELEASE_SECONDS; one still unanswered then is
+        left to the lease's expiry (AGENT_LOST, a retry after a back-off)."""
         with contextlib.suppress(Exception):
             await self.context.runs.finish(
                 attempt.assignment.run,
@@ -213,12 +217,12 @@ class Agent:
             )
         with contextlib.suppress(Exception):
             await asyncio.wait_for(
-                self.link.send(
+                self.link.send_until_answered(
                     release=LeaseRequest.Release(
                         lease_id=attempt.lease_id, epoch=attempt.assignment.epoch, message="agent draining"
                     )
                 ),
-                10,
+                RELEASE_SECONDS,
             )
         self._forget(attempt)
 

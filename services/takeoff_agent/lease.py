@@ -39,12 +39,13 @@ REFUSED_KEY = RetryPolicy(initial_delay=1.0, max_delay=30.0, deadline=math.inf)
 keeps trying, as an operator may fix the key or its grants, but slowly, one log line each time."""
 KEY_REFUSALS = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
 RESEND = RetryPolicy(initial_delay=0.1, max_delay=5.0, deadline=math.inf)
-"""Waits before a message that must arrive (Progress, Complete) goes again after its session ended
-unanswered: full jitter below 0.1 s doubling to 5 s, for ever. The queue service ends a session with the
-error of a message it could not commit (its database failing: full, unavailable, a lock timeout), and a
-message sent again at once into the next session would end that one too, as fast as the agent reconnects;
-the session itself comes back at once and heartbeats meanwhile. A replica that died costs the first wait
-only, under 0.1 s."""
+"""Waits before a message that must arrive (Progress, Complete, Release) goes again after the queue service
+did not take it: answered ``Reject{NOT_COMMITTED}`` (its database failed: full, unavailable, a lock timeout;
+or other replicas kept changing the item), or its session ended unanswered (older queue services end the
+stream with such a message's error). Full jitter below 0.1 s doubling to 5 s, for ever: a failing database
+is not hammered, and the session heartbeats meanwhile. A replica that died costs the first wait only, under
+0.1 s."""
+NOT_COMMITTED = queue_pb2.REJECT_REASON_NOT_COMMITTED
 CHANNEL_OPTIONS = (("grpc.max_reconnect_backoff_ms", 800), ("grpc.use_local_subchannel_pool", 1))
 """While the queue service is away the channel's own back-off paces the connection attempts, and a session
 starts as soon as one succeeds: capped at 0.8 s, plus gRPC's 20 % jitter, dispatch resumes within a second
@@ -334,23 +335,29 @@ class LeaseLink:
         return await future
 
     async def send_until_answered(self, **message: Any) -> LeaseResponse:
-        """Send until the server answers (for idempotent messages): a message whose session ended first is
-        kept and sent again, in a later session, after a wait of :data:`RESEND` (it may be what ended the
-        session: the queue could not commit it)."""
+        """Send until the queue service takes the message (for idempotent messages): one it did not commit
+        (``Reject{NOT_COMMITTED}``: nothing changed) or whose session ended first is kept and sent again
+        after a wait of :data:`RESEND`, in this session or the next. Returns its Ack, or a Reject that
+        decides (the lease is lost, the transition refused)."""
         tries = 0
         while True:
             try:
-                return await self.send(**message)
+                answer = await self.send(**message)
             except Disconnected as error:
-                tries += 1
-                delay = RESEND.delay(tries)
-                logger.warning(
-                    "the queue service did not answer %s (%s); sending it again in %.1fs",
-                    _described(message),
-                    error,
-                    delay,
-                )
-                await self._pause(delay)
+                why = str(error)
+            else:
+                if not (answer.HasField("reject") and answer.reject.reason == NOT_COMMITTED):
+                    return answer
+                why = answer.reject.message
+            tries += 1
+            delay = RESEND.delay(tries)
+            logger.warning(
+                "the queue service did not take %s (%s); sending it again in %.1fs",
+                _described(message),
+                why,
+                delay,
+            )
+            await self._pause(delay)
 
     def set_capacity(self, capacity: int) -> None:
         """Offer the queue ``capacity`` from now on: in this session at once (SetCapacity, sent after

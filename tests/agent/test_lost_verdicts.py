@@ -1,17 +1,19 @@
-"""Faults cost time, not work (docs/design.md §5 "The Lease stream", §16): a Complete the queue service
-could not commit is kept by the agent and sent again, with back-off, until the queue takes it; the item
-ends once and its job runs once.
+"""Faults cost time, not work (docs/design.md §5 "The Lease stream", §16): a Complete or Release the queue
+service could not commit (answered Reject NOT_COMMITTED, or, from older queue services, its stream ended) is
+kept by the agent and sent again, with back-off, until the queue takes it; the item ends once and its job
+runs once.
 
-The first test's fault is the queue's own database refusing the write: a trigger that raises for the
-SUCCEEDED write of the test's queue's items, as a full disk or a lock held too long would fail it, in the
-queue service's SQLite file and, on PostgreSQL, with SQLSTATE disk_full. Registry, queue service, builder and
-agent are real processes (tests/agent/conftest.py).
+The fault is the queue's own database refusing the write: a trigger that raises for one kind of write of the
+test's queue's items, as a full disk or a lock held too long would fail it, in the queue service's SQLite file
+and, on PostgreSQL, with SQLSTATE disk_full. Registry, queue service, builder and agent are real processes
+(tests/agent/conftest.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import random
+import signal
 import sqlite3
 from collections.abc import AsyncIterator, Iterator
 from contextlib import closing, contextmanager
@@ -26,9 +28,9 @@ from takeoff.v1 import common_pb2, queue_pb2
 from takeoff_agent import lease
 from takeoff_server.interceptors import rich_status
 from takeoff_server.protovalues import dict_to_struct
-from tests.agent.conftest import QUEUE_LOG, AgentProcess, Stack, StartAgent, code_job
+from tests.agent.conftest import PROJECT, QUEUE_LOG, AgentProcess, Stack, StartAgent, code_job
 from tests.postgres import postgres_schema_url
-from tests.processes import wait_for
+from tests.processes import ServiceProcess, wait_for
 
 LeaseRequest = queue_pb2.LeaseRequest
 LeaseResponse = queue_pb2.LeaseResponse
@@ -57,11 +59,11 @@ def queue_database_url(request: pytest.FixtureRequest, home: Path) -> Iterator[s
 
 
 @contextmanager
-def verdicts_refused(database_url: str, queue: str) -> Iterator[None]:
-    """While inside, the queue's database fails every write that ends an item of ``queue`` SUCCEEDED
-    (and with it the whole group-commit batch); the queue service keeps running on it."""
-    trigger = f"refuse_succeeded_{queue.rsplit('/', 1)[1].replace('-', '_')}"
-    refused = f"NEW.queue = '{queue}' AND NEW.state = 'SUCCEEDED'"
+def writes_refused(database_url: str, queue: str, when: str) -> Iterator[None]:
+    """While inside, the queue's database fails every write of an item of ``queue`` ``when`` (SQL on the
+    row's OLD and NEW state), and with it the whole group-commit batch; the queue service keeps running."""
+    trigger = f"refuse_{queue.rsplit('/', 1)[1].replace('-', '_')}"
+    refused = f"NEW.queue = '{queue}' AND {when}"
     if database_url.startswith("sqlite:///"):
         with closing(sqlite3.connect(database_url.removeprefix("sqlite:///"), timeout=30)) as connection:
             connection.execute(
@@ -91,12 +93,12 @@ def verdicts_refused(database_url: str, queue: str) -> Iterator[None]:
             connection.execute(f"DROP FUNCTION {trigger}()")
 
 
-def resends(agent: AgentProcess) -> list[str]:
-    """The agent's log lines saying it keeps a Complete the queue service did not answer, to send again."""
+def resends(agent: AgentProcess, message: str = "Complete") -> list[str]:
+    """The agent's log lines saying it keeps a ``message`` the queue service did not take, to send again."""
     return [
         line
         for line in agent.log_file.read_text().splitlines()
-        if "the queue service did not answer the Complete of lease" in line
+        if f"the queue service did not take the {message} of lease" in line
     ]
 
 
@@ -107,7 +109,7 @@ def test_a_complete_the_queue_could_not_commit_is_sent_again_until_taken_and_the
     queue = stack.new_queue()
     runs = tmp_path / "runs"
     agent = start_agent([queue])
-    with verdicts_refused(queue_database_url, queue):
+    with writes_refused(queue_database_url, queue, "NEW.state = 'SUCCEEDED'"):
         item = stack.enqueue(queue, job, run_config=dict_to_struct({"runs": str(runs)}))
         wait_for(lambda: len(resends(agent)) >= REFUSALS, timeout=180, what="the Complete to be refused")
         assert stack.item(item).state == common_pb2.ITEM_STATE_RUNNING  # nothing of it committed
@@ -118,10 +120,34 @@ def test_a_complete_the_queue_could_not_commit_is_sent_again_until_taken_and_the
     assert states.count(common_pb2.ITEM_STATE_RUNNING) == states.count(common_pb2.ITEM_STATE_SUCCEEDED) == 1
     assert not [t for t in ended.transitions if t.reason == common_pb2.FAILURE_REASON_AGENT_LOST]
     assert [line.split()[0] for line in runs.read_text().splitlines()] == ["1"]  # the job ran once
-    # Each resend names why the last one went unanswered: the queue's status, with the request id under
-    # which its log has the database's error.
-    assert all("INTERNAL" in line and "request id" in line for line in resends(agent))
+    # Each resend says why: the queue did not commit it (answered NOT_COMMITTED, its stream kept), and the
+    # queue's log has the database's error.
+    assert all("not committed (the queue's database failed)" in line for line in resends(agent))
     assert FAULT in (stack.home / QUEUE_LOG).read_text()
+
+
+def test_a_release_the_queue_could_not_commit_is_sent_again_while_the_agent_drains(
+    stack: Stack, start_agent: StartAgent, queue_database_url: str, builder: ServiceProcess, tmp_path: Path
+) -> None:
+    """Drained, an agent hands back the work it has not started; a Release refused once was given up on, and
+    the lease left to expire as AGENT_LOST (a TTL and a back-off later)."""
+    with Client(stack.registry, project=PROJECT) as client:
+        job = code_job(client, tmp_path, "released", RUNS_ONCE)
+    queue = stack.new_queue()
+    agent = start_agent([queue])
+    builder.process.send_signal(signal.SIGSTOP)  # the attempt's build waits: its job never starts
+    try:
+        item = stack.enqueue(queue, job)
+        stack.wait_state(item, common_pb2.ITEM_STATE_BUILDING)
+        with writes_refused(queue_database_url, queue, "OLD.state = 'BUILDING' AND NEW.state = 'PENDING'"):
+            agent.process.send_signal(signal.SIGTERM)
+            wait_for(lambda: len(resends(agent, "Release")) >= 2, what="the Release to be refused twice")
+        assert agent.process.wait(timeout=60) == 0
+    finally:
+        builder.process.send_signal(signal.SIGCONT)
+    released = stack.item(item)
+    assert (released.state, released.attempt) == (common_pb2.ITEM_STATE_PENDING, 1)
+    assert released.transitions[-1].reason == common_pb2.FAILURE_REASON_RELEASED, released.transitions
 
 
 def test_resends_wait_up_to_five_seconds_with_full_jitter() -> None:
