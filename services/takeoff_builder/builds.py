@@ -6,8 +6,9 @@ is already under way joins it instead of starting another, so two simultaneous i
 once. Cache hits are answered at once; anything that has to be built waits for one of a fixed number
 of slots. A build outlives the call that started it: a caller that goes away does not stop it.
 
-A venv cache hit is answered from the cache itself, before anything is written (``HitRecords``): its
-record is stored after the answer, with the other hits of that moment in one transaction.
+A cache hit (venv, or image not pushed) is answered from the cache itself, before anything is written
+(``HitRecords``): its record is stored after the answer, with the other hits of that moment in one
+transaction.
 
 Replicas sharing a PostgreSQL database carry single flight across processes: a flight is carried out by the
 replica holding its lock, followed by the others from the database, and carried on by one of them when its
@@ -560,11 +561,12 @@ class Builder:
     async def _answer_from_cache(
         self, request: BuildRequest, fingerprint: str, spec: JobSpec, keys: BuildKeys | None
     ) -> BuildRun | None:
-        """A venv build whose venv and code are cached, ended at once from the cache with nothing written
-        before the answer: its record follows (``HitRecords``), and the entries' leases are renewed on disk
-        (``Shelf.hand_out``). None when anything is missing or does not fit: the build then goes the usual
-        way, which looks again and fails or builds as it must."""
-        if request.kind is not BuildKind.VENV or request.options.no_cache or keys is None:
+        """A venv or image build (not pushed: a push asks the registry) whose result is cached, ended at once
+        from the cache with nothing written before the answer: its record follows (``HitRecords``), and a
+        venv's and its code's leases are renewed on disk (``Shelf.hand_out``). None when anything is
+        missing or does not fit: the build then goes the usual way, which looks again and fails or builds
+        as it must."""
+        if request.kind is BuildKind.NOOP or request.options.push or request.options.no_cache or keys is None:
             return None
         build = Build(
             id=_hit_id(request, fingerprint),
@@ -579,18 +581,30 @@ class Builder:
         run = self._prepared(BuildRun(build, redact=self._redact, clock=self._clock), spec)
         self._hits.hold(run)  # from before the look-up: retention here leaves the entries alone from now on
         try:
-            found = await asyncio.to_thread(self._hand_out, spec, keys.environment)
+            found = await self._cached(build, spec)
         except BaseException:
             self._hits.let_go(run)
             raise
         if found is None:
             self._hits.let_go(run)
             return None
-        venv, code = found
+        detail, result = found
         self.metrics.started.labels(build.kind.value).inc()
-        self._cache_checked(run, True, "venv hit, code hit")
-        run.end(
-            BuildResult(
+        self._cache_checked(run, True, detail)
+        run.end(result)
+        self.metrics.build_finished(build)
+        run.publish_end()
+        self._hits.record(run, request.request_id, fingerprint)
+        return run
+
+    async def _cached(self, build: Build, spec: JobSpec) -> tuple[str, BuildResult] | None:
+        """The cache detail and the result of ``build`` when everything it makes is cached, else None."""
+        if build.kind is BuildKind.VENV:
+            found = await asyncio.to_thread(self._hand_out, spec, build.environment_key)
+            if found is None:
+                return None
+            venv, code = found
+            return "venv hit, code hit", BuildResult(
                 environment_key=build.environment_key,
                 build_key=build.build_key,
                 cache_hit=True,
@@ -598,11 +612,22 @@ class Builder:
                 code_path=str(code),
                 python_path=str(venv_python(venv)),
             )
+        tag = self._images.tag(spec, build.build_key)
+        try:
+            # As a build looks: retention removes an image under this lock, and not one a hit holds.
+            async with self._image_locks.hold(tag):
+                image = await self._images.find(tag, ask_registry=False)
+        except BuildError:  # the usual way fails the build as it should
+            return None
+        if not image.image_id:
+            return None
+        return f"image {tag} hit", BuildResult(
+            environment_key=build.environment_key,
+            build_key=build.build_key,
+            cache_hit=True,
+            image=tag,
+            image_id=image.image_id,
         )
-        self.metrics.build_finished(build)
-        run.publish_end()
-        self._hits.record(run, request.request_id, fingerprint)
-        return run
 
     def _hand_out(self, spec: JobSpec, environment_key: str) -> tuple[Path, Path] | None:
         """The cached venv and code of a build, if both are there and the build context fits; blocks."""

@@ -250,6 +250,8 @@ class BuilderRetention:
         if entry.path is None:
             # Under the image builds' lock: a build of the tag waits, then finds it gone and makes it.
             async with self._builder.image_lock(entry.key):
+                if entry.key in self._builder.held():  # one looked it up while this waited for the lock
+                    return False
                 return await self._images.remove(entry.key)
         if entry.link is not None and _links_to(entry.link, entry.path):
             entry.link.unlink(missing_ok=True)  # right after the check (docstring); a replica may be first

@@ -7,6 +7,8 @@ from __future__ import annotations
 import os
 import sqlite3
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -17,13 +19,27 @@ import takeoff
 from takeoff.v1 import build_pb2
 from takeoff_builder.retention import BuilderRetention
 from takeoff_builder.settings import BuilderRetentionSettings, BuilderSettings
-from tests.builder.conftest import Builder, create_job
+from tests.builder.conftest import IMAGE, Builder, create_job
 from tests.builder.served import served_builder
+from tests.builder.test_images import own_image_builder
 from tests.builder.test_replicas import _builds_of, replica
+from tests.conftest import DockerSetup
 from tests.postgres import postgres_schema_url
 from tests.processes import ServiceProcess
 
 DAY_SECONDS = 86400
+
+
+@contextmanager
+def no_writes(builder: Builder) -> Iterator[None]:
+    """Another connection holds the builder's SQLite write lock: a commit waits for it (10 s, then fails)."""
+    writer = sqlite3.connect(builder.settings.home / "builder.db", isolation_level=None)
+    writer.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    finally:
+        writer.execute("ROLLBACK")
+        writer.close()
 
 
 async def test_a_hit_is_answered_while_the_database_takes_no_writes_and_is_recorded_once_it_does(
@@ -31,16 +47,10 @@ async def test_a_hit_is_answered_while_the_database_takes_no_writes_and_is_recor
 ) -> None:
     version = create_job(client, tmp_path)
     made = await builder.build(version)
-    # Another connection holds SQLite's write lock: a commit on the way to the answer would wait for it.
-    writer = sqlite3.connect(builder.settings.home / "builder.db", isolation_level=None)
-    writer.execute("BEGIN IMMEDIATE")
-    try:
+    with no_writes(builder):
         hit = await builder.build(version, request_id="run-1")
         retried = await builder.build(version, request_id="run-1")
         answered = await builder.stub.GetBuild(build_pb2.GetBuildRequest(name=hit.name))
-    finally:
-        writer.execute("ROLLBACK")
-        writer.close()
 
     assert hit.kinds == ["queued", "cache", "result"]
     assert hit.cache.hit
@@ -59,6 +69,23 @@ async def test_a_hit_is_answered_while_the_database_takes_no_writes_and_is_recor
     )
     again = await builder.build(version, request_id="run-1")  # from the database now
     assert (again.name, again.result) == (hit.name, hit.result)
+
+
+async def test_an_image_hit_is_answered_while_the_database_takes_no_writes(
+    registry: ServiceProcess, docker_setup: DockerSetup, client: takeoff.Client, tmp_path: Path
+) -> None:
+    version = create_job(client, tmp_path)
+    async with own_image_builder(registry, docker_setup, tmp_path) as builder:
+        made = await builder.build(version, IMAGE)
+        with no_writes(builder):
+            hit = await builder.build(version, IMAGE)
+        listed = await builder.stub.ListBuilds(build_pb2.ListBuildsRequest(job=version))
+
+    assert hit.kinds == ["queued", "cache", "result"]
+    assert hit.cache.detail == f"image {made.result.image} hit"
+    assert hit.result.cache_hit
+    assert (hit.result.image, hit.result.image_id) == (made.result.image, made.result.image_id)
+    assert [build.name for build in listed.builds] == [hit.name, made.name]
 
 
 async def test_a_hit_renews_the_leases_of_the_venv_and_code_it_hands_out(
