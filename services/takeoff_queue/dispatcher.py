@@ -19,7 +19,7 @@ import random
 import uuid
 from collections import OrderedDict, defaultdict
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -98,6 +98,8 @@ class _Backlog:
     arrivals: list[Item] | None = None
     """While the next page is read (None otherwise): items enqueued meanwhile and left in the database,
     taken in with the page when it reaches past them."""
+    gone: set[str] = field(default_factory=set)
+    """While the next page is read: items cancelled meanwhile, which the page may have read PENDING."""
 
 
 class ItemChanged(Exception):
@@ -505,25 +507,33 @@ class Dispatcher:
                 # Among the items eligible now; one waiting out a retry is shown the place it would take.
                 line = self._waiting_line(item.queue)
                 position = bisect.bisect_left(line, self._key(item)) + 1
-                if self._in_backlog(item):
-                    backlog = self._backlogs[item.queue]
-                    position += ahead[item.id] if ahead and item.id in ahead else max(backlog.count - 1, 0)
+                if ahead and item.id in ahead:
+                    position += ahead[item.id]
+                elif self._in_backlog(item):
+                    position += max(self._backlogs[item.queue].count - 1, 0)
                 found[item.id] = self._why(item, position, outlooks, now)
         return found
 
     async def waiting_now(self, items: Sequence[Item]) -> dict[str, Waiting]:
-        """:meth:`waiting`, with the places of items left in the database counted there."""
-        left: dict[str, list[Item]] = defaultdict(list)
+        """:meth:`waiting`, with the items left in the database that sort ahead of each item counted there
+        (for an item past the backlog's ``after``, whether the index holds it or not)."""
+        behind: dict[str, list[Item]] = defaultdict(list)
         for item in items:
-            last = self._backlogs[item.queue].last if self._in_backlog(item) else None
-            if self._in_backlog(item) and (last is None or self._key(item) < last):
-                left[item.queue].append(item)  # not the last one, which waits behind all the others
+            if self._past_after(item):
+                last = self._backlogs[item.queue].last
+                if item.id in self.items or last is None or self._key(item) < last:
+                    behind[item.queue].append(item)  # not a new last one, which is behind all of them
         ahead = {}
-        for name, behind in left.items():
-            behind.sort(key=self._key)
-            keys = [self._key(item) for item in behind]
-            counts = await self._store.pending_ahead(self.queues[name], self._backlogs[name].after, keys)
-            ahead.update({item.id: count for item, count in zip(behind, counts, strict=True)})
+        for name, past in behind.items():
+            past.sort(key=self._key)
+            keys = [self._key(item) for item in past]
+            after = self._backlogs[name].after
+            counts = await self._store.pending_ahead(self.queues[name], after, keys)
+            line = self._waiting_line(name)
+            start = bisect.bisect_right(line, after) if after is not None else 0
+            for item, key, count in zip(past, keys, counts, strict=True):
+                # The database counts the held PENDING items past ``after`` too: the line has them.
+                ahead[item.id] = max(count - (bisect.bisect_left(line, key) - start), 0)
         return self.waiting(items, ahead)
 
     def open_items(self, queue: str) -> int:
@@ -1076,16 +1086,19 @@ class Dispatcher:
     def _key(self, item: Item) -> LineKey:
         return self._rank(item), item.seq
 
-    def _in_backlog(self, item: Item) -> bool:
-        """Whether the item (read from the store, or new) is PENDING, not in the index, and belongs among
-        the items its queue left in the database."""
+    def _past_after(self, item: Item) -> bool:
+        """Whether the item is PENDING in a queue with a backlog and sorts after its ``after``."""
         backlog = self._backlogs.get(item.queue)
         return (
             backlog is not None
             and item.state is ItemState.PENDING
-            and item.id not in self.items
             and (backlog.after is None or self._key(item) > backlog.after)
         )
+
+    def _in_backlog(self, item: Item) -> bool:
+        """Whether the item (read from the store, or new) belongs among the items its queue left in the
+        database."""
+        return self._past_after(item) and item.id not in self.items
 
     def _left_in_database(self, item: Item) -> None:
         backlog = self._backlogs[item.queue]
@@ -1103,6 +1116,7 @@ class Dispatcher:
             backlog.count = max(backlog.count - 1, 0)
             if backlog.arrivals is not None:
                 backlog.arrivals = [arrival for arrival in backlog.arrivals if arrival.id != item.id]
+                backlog.gone.add(item.id)
         if item.id in self.items:
             await self.refresh([item.id])  # a page read before the cancel took it in
 
@@ -1116,23 +1130,28 @@ class Dispatcher:
         among them. A read that fails is tried again a heartbeat interval later."""
         assert self._window is not None
         try:
-            page = await self._store.pending_page(queue, backlog.after, self._window)
+            page, reached = await self._store.pending_page(queue, backlog.after, self._window)
         except Exception:
             logger.exception("queue %s failed to read its next PENDING items; trying again", queue.name)
             backlog.arrivals = None
+            backlog.gone.clear()
             self._deadlines.at(self._clock() + self.timing.heartbeat_interval, "page", queue.name)
             return
         arrivals, backlog.arrivals = backlog.arrivals or [], None
+        gone, backlog.gone = backlog.gone, set()
         if self._backlogs.get(queue.name) is not backlog:
             return  # the queue was deleted, or its order changed (read again from its start)
-        taken = {item.id: item for item in page if item.id not in self.items and item.id not in self._writing}
-        reached = self._key(page[-1]) if len(page) == self._window else None
+        taken = {
+            item.id: item
+            for item in page
+            if item.id not in self.items and item.id not in self._writing and item.id not in gone
+        }
         if reached is None:
             del self._backlogs[queue.name]  # the page read to the line's end
         else:
             backlog.after = reached
         for arrival in arrivals:
-            if reached is None or self._key(arrival) <= reached:
+            if (reached is None or self._key(arrival) <= reached) and arrival.id not in self._writing:
                 taken.setdefault(arrival.id, arrival)
         backlog.count = max(backlog.count - len(taken), 0)
         for item in taken.values():
@@ -1677,36 +1696,48 @@ class Dispatcher:
     def _trim(self, queue_name: str, keep: int, *, order_changed: bool = False) -> None:
         """Leave in the database the queue's PENDING items at rest after its first ``keep`` in dispatch
         order, so that the index holds a bounded part of a deep queue (between one and two windows' worth
-        as items arrive). Items being written, minted for or waiting out a failed mint stay."""
+        as items arrive). Never past an item already left there: the backlog's ``after`` only moves back.
+        Items being written, minted for or waiting out a failed mint stay."""
         line = sorted(
             (self._key(item), item)
             for _, _, item_id in self._pending[queue_name]
             if (item := self.items.get(item_id)) is not None and item.state is ItemState.PENDING
         )
-        kept, left = line[:keep], []
-        for key, item in line[keep:]:
-            at_rest = item.life is item.committed and not (
-                item.id in self._writing
-                or item.id in self._minting
-                or item.id in self._run_tokens
-                or item.id in self._mint_failures
-            )
-            if at_rest:
+        backlog = self._backlogs.get(queue_name)
+        if not order_changed and len(line) <= keep:
+            return
+        after = line[keep - 1][0] if keep else None
+        if backlog is not None and not order_changed and after is not None:
+            after = None if backlog.after is None else min(after, backlog.after)
+        kept, left = [], []
+        for key, item in line:
+            if (after is not None and key <= after) or not self._at_rest(item):
+                kept.append((key, item))
+            else:
                 left.append(key)
                 del self.items[item.id]
-            else:
-                kept.append((key, item))
         self._pending[queue_name] = [(*key, item.id) for key, item in kept]
         heapq.heapify(self._pending[queue_name])
         self._lines.pop(queue_name, None)
-        backlog = self._backlogs.get(queue_name)
-        if not left and (backlog is None or not order_changed):
+        if not left and not order_changed:
             return
         count = len(left) + (backlog.count if backlog is not None else 0)
-        # The greatest key in the database: known when these are the first left there; the items left
-        # there before sort after these (unless the order changed, and with it every key).
-        last: LineKey | None = left[-1] if backlog is None else None if order_changed else backlog.last
-        self._backlogs[queue_name] = _Backlog(line[keep - 1][0] if keep else None, count, last)
+        # The greatest key left in the database, while it is known (every key changes with the order).
+        last = left[-1] if left else None
+        if backlog is not None:
+            last = None if order_changed or backlog.last is None or last is None else max(last, backlog.last)
+        self._backlogs[queue_name] = _Backlog(after, count, last)
+
+    def _at_rest(self, item: Item) -> bool:
+        """Whether the held PENDING item may leave the index: nothing of it lives only in memory (a write
+        on its way, a run token minted for its next attempt or being minted, failed mints counted)."""
+        minted, _ = self._run_tokens.get(item.id, ("", ""))
+        return item.life is item.committed and not (
+            item.id in self._writing
+            or item.id in self._minting
+            or minted == item.run_name(item.life.attempt + 1)
+            or item.id in self._mint_failures
+        )
 
     def _send_to_holder(self, item: Item, message: Any) -> None:
         self._send_to_holder_of(item.life, message)

@@ -611,7 +611,7 @@ class QueueStore:
             else:
                 unfinished = await _fetch_items(connection, states=LIVE)
                 for queue in found_queues:
-                    unfinished += await _pending_page(connection, queue, None, window)
+                    unfinished += (await _pending_page(connection, queue, None, window))[0]
             counted = await connection.execute(_PENDING_BY_QUEUE)
             pending = {queue: int(count) for queue, count in counted.tuples()}
             closes = await connection.execute(sa.select(run_closes).order_by(run_closes.c.id))
@@ -619,11 +619,16 @@ class QueueStore:
         rows = sorted(unfinished, key=lambda row: row["seq"])
         return Stored(found_projects, found_queues, [_item_from_row(row) for row in rows], waiting, pending)
 
-    async def pending_page(self, queue: Queue, after: LineKey | None, limit: int) -> list[Item]:
+    async def pending_page(
+        self, queue: Queue, after: LineKey | None, limit: int
+    ) -> tuple[list[Item], LineKey | None]:
         """The queue's next ``limit`` PENDING items in dispatch order after ``after`` (from the first with
-        None), each with its history."""
+        None), each with its history; and the key the page reached, or None when it read to the line's
+        end. The key comes from the line's index, so an item that ended between the page's two reads
+        (absent from the items) does not end the line early."""
         async with self._database.engine.connect() as connection:
-            return [_item_from_row(row) for row in await _pending_page(connection, queue, after, limit)]
+            rows, reached = await _pending_page(connection, queue, after, limit)
+        return [_item_from_row(row) for row in rows], reached
 
     async def pending_ahead(self, queue: Queue, after: LineKey | None, keys: Sequence[LineKey]) -> list[int]:
         """For each of ``keys`` (in dispatch order), how many of the queue's PENDING items sort after
@@ -887,19 +892,22 @@ _PENDING_BY_QUEUE = (
 
 async def _pending_page(
     connection: AsyncConnection, queue: Queue, after: LineKey | None, limit: int
-) -> list[dict[str, Any]]:
-    """Rows of the queue's first ``limit`` PENDING items after ``after``, with their transitions: their ids
-    read on the line's index, then the rows (one statement, so each comes with its own history)."""
+) -> tuple[list[dict[str, Any]], LineKey | None]:
+    """Rows of the queue's first ``limit`` PENDING items after ``after``, with their transitions, and the
+    key of the last one the line's index gave (None: fewer than ``limit``, the line's end). The ids come
+    from the index, then the rows (one statement, so each comes with its own history)."""
     parameters: dict[str, Any] = {"queue": queue.name, "limit": limit}
     if after is not None:
         parameters.update(low_priority=after[0], low_seq=after[1])
-    line = _line(queue.prioritization, after is not None)
-    ids = list((await connection.execute(line, parameters)).scalars())
-    if not ids:
-        return []
+    line = (await connection.execute(_line(queue.prioritization, after is not None), parameters)).all()
+    if not line:
+        return [], None
+    last = line[-1]
+    reached = (last.priority if queue.prioritization else 0, last.seq) if len(line) == limit else None
+    ids = [found.id for found in line]
     rows = await _fetch_items(connection, item_ids=ids, states=[ItemState.PENDING.value])
     place = {item_id: index for index, item_id in enumerate(ids)}
-    return sorted(rows, key=lambda row: place[row["id"]])
+    return sorted(rows, key=lambda row: place[row["id"]]), reached
 
 
 def _line_key(prioritized: bool, bound: str) -> tuple[Any, Any]:
@@ -916,7 +924,7 @@ _IN_QUEUE_PENDING = sa.and_(items.c.queue == sa.bindparam("queue"), items.c.stat
 @functools.cache
 def _line(prioritized: bool, after: bool) -> sa.Select[Any]:
     """The ids of a queue's first ``limit`` PENDING items in dispatch order (after the ``low`` key)."""
-    query = sa.select(items.c.id).where(_IN_QUEUE_PENDING)
+    query = sa.select(items.c.id, items.c.priority, items.c.seq).where(_IN_QUEUE_PENDING)
     if after:
         columns, low = _line_key(prioritized, "low")
         query = query.where(columns > low)
