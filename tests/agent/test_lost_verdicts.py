@@ -169,8 +169,8 @@ LeaseContext = grpc.aio.ServicerContext[LeaseRequest, LeaseResponse]
 
 class AbortsTheFirstComplete:
     """A queue service's Lease stream whose first session ends ABORTED ``CONCURRENT_CHANGE`` at the first
-    Complete (other replicas kept changing the item: services/takeoff_queue/dispatcher.py), as the real one
-    does; every later Complete is acknowledged."""
+    Complete (other replicas kept changing the item), as queue services before ``NOT_COMMITTED`` did; every
+    later Complete is acknowledged."""
 
     def __init__(self) -> None:
         self.completes: list[int] = []
