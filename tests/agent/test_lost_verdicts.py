@@ -102,17 +102,36 @@ def resends(agent: AgentProcess, message: str = "Complete") -> list[str]:
     ]
 
 
-def test_a_complete_the_queue_could_not_commit_is_sent_again_until_taken_and_the_job_runs_once(
-    stack: Stack, start_agent: StartAgent, client: Client, queue_database_url: str, tmp_path: Path
+@pytest.mark.parametrize(
+    ("message", "refused", "meanwhile"),
+    [
+        ("Complete", "SUCCEEDED", common_pb2.ITEM_STATE_RUNNING),
+        ("Progress", "RUNNING", common_pb2.ITEM_STATE_STARTING),
+    ],
+    ids=["complete", "progress-running"],
+)
+def test_a_message_the_queue_could_not_commit_is_sent_again_until_taken_and_the_job_runs_once(
+    stack: Stack,
+    start_agent: StartAgent,
+    queue_database_url: str,
+    tmp_path: Path,
+    *,
+    message: str,
+    refused: str,
+    meanwhile: int,
 ) -> None:
-    job = code_job(client, tmp_path, "once", RUNS_ONCE)
+    """The ``message`` that moves the item to ``refused`` is not committed: the item stays ``meanwhile``."""
+    with Client(stack.registry, project=PROJECT) as client:
+        job = code_job(client, tmp_path, "once", RUNS_ONCE)
     queue = stack.new_queue()
     runs = tmp_path / "runs"
     agent = start_agent([queue])
-    with writes_refused(queue_database_url, queue, "NEW.state = 'SUCCEEDED'"):
+    with writes_refused(queue_database_url, queue, f"NEW.state = '{refused}'"):
         item = stack.enqueue(queue, job, run_config=dict_to_struct({"runs": str(runs)}))
-        wait_for(lambda: len(resends(agent)) >= REFUSALS, timeout=180, what="the Complete to be refused")
-        assert stack.item(item).state == common_pb2.ITEM_STATE_RUNNING  # nothing of it committed
+        wait_for(
+            lambda: len(resends(agent, message)) >= REFUSALS, timeout=180, what=f"the {message} to be refused"
+        )
+        assert stack.item(item).state == meanwhile  # nothing of it committed
     ended = stack.wait_ended(item)
 
     assert (ended.state, ended.attempt) == (common_pb2.ITEM_STATE_SUCCEEDED, 1), ended.transitions
@@ -122,7 +141,7 @@ def test_a_complete_the_queue_could_not_commit_is_sent_again_until_taken_and_the
     assert [line.split()[0] for line in runs.read_text().splitlines()] == ["1"]  # the job ran once
     # Each resend says why: the queue did not commit it (answered NOT_COMMITTED, its stream kept), and the
     # queue's log has the database's error.
-    assert all("not committed (the queue's database failed)" in line for line in resends(agent))
+    assert all("not committed (the queue's database failed)" in line for line in resends(agent, message))
     assert FAULT in (stack.home / QUEUE_LOG).read_text()
 
 
