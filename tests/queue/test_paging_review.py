@@ -1,0 +1,337 @@
+"""Adversarial cases of the bounded in-memory index (docs/design.md §9 "The queue's in-memory index", §5
+"Where a PENDING item stands"): each test forces one interleaving the paging code gets wrong, and is marked
+xfail (strict) with the finding it proves (/tmp/tc/REVIEW-paging.md) until the fix lands."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import pytest
+from google.protobuf import field_mask_pb2
+from sqlalchemy import event
+
+from takeoff.v1 import queue_pb2
+from takeoff_queue import store as store_module
+from takeoff_queue.dispatcher import Dispatcher
+from takeoff_queue.lifecycle import ItemState
+from takeoff_queue.model import Item
+from takeoff_queue.settings import QueueSettings
+from takeoff_queue.store import LineKey, QueueStore
+from takeoff_server.database import Database
+from tests.queue.harness import InProcessQueue, ScriptedAgent, in_process_queue
+from tests.queue.test_paging import (
+    CANCELLED,
+    CRITICAL,
+    HIGH,
+    LOW,
+    PENDING,
+    RUNNING,
+    SUCCEEDED,
+    WINDOW,
+    Service,
+    _enqueue,
+    _new_queue,
+    _positions,
+)
+
+Assignment = queue_pb2.LeaseResponse.Assignment
+
+
+@pytest.fixture
+def windowed(settings: QueueSettings) -> Service:
+    """The queue service with test_paging's window; each call starts it again on the same database."""
+    return lambda: in_process_queue(settings.model_copy(update={"pending_window": WINDOW}))
+
+
+async def _set_paused(service: InProcessQueue, queue: str, paused: bool) -> None:
+    await service.queues.UpdateQueue(
+        queue_pb2.UpdateQueueRequest(
+            queue=queue_pb2.Queue(name=queue, paused=paused),
+            update_mask=field_mask_pb2.FieldMask(paths=["paused"]),
+        )
+    )
+
+
+async def _cancel(service: InProcessQueue, name: str) -> None:
+    reply = await service.queues.CancelItem(queue_pb2.CancelItemRequest(name=name))
+    assert reply.item.state == CANCELLED
+
+
+async def _release(agent: ScriptedAgent, assignment: Assignment) -> None:
+    await agent.send(
+        release=queue_pb2.LeaseRequest.Release(lease_id=assignment.lease_id, epoch=assignment.epoch)
+    )
+    assert (await agent.answer()).ack.state == PENDING
+
+
+async def _run_in_order(agent: ScriptedAgent, expected: list[str]) -> None:
+    """Run what the agent is assigned, one after the other, checking each against ``expected`` as it comes
+    (so that a wrong order fails at once, not after the line runs dry)."""
+    assigned: list[str] = []
+    while len(assigned) < len(expected):
+        assignment = (await agent.next("assignment")).assignment
+        assigned.append(assignment.item.name)
+        assert assigned == expected[: len(assigned)], (
+            f"got {[expected.index(n) if n in expected else n for n in assigned]}"
+        )
+        await agent.progress(assignment, RUNNING)
+        assert (await agent.complete(assignment, SUCCEEDED, exit_code=0)).ack.state == SUCCEEDED
+
+
+async def _listed_positions(service: InProcessQueue, queue: str) -> dict[str, int]:
+    listed = await service.queues.ListItems(queue_pb2.ListItemsRequest(parent=queue, page_size=100))
+    return {item.name: item.position for item in listed.items if item.state == PENDING}
+
+
+class _Gate:
+    """Holds one call of a store read at a chosen point until the test opens it."""
+
+    def __init__(self) -> None:
+        self.reached = asyncio.Event()
+        self._open = asyncio.Event()
+        self.armed = True
+
+    async def hold(self) -> None:
+        if self.armed:
+            self.armed = False
+            self.reached.set()
+            await self._open.wait()
+
+    def open(self) -> None:
+        self._open.set()
+
+
+def _pages_applied(monkeypatch: pytest.MonkeyPatch) -> asyncio.Queue[str]:
+    """A queue name put each time the dispatcher has taken in a page it read (or given it up)."""
+    applied: asyncio.Queue[str] = asyncio.Queue()
+    read_page = Dispatcher._read_page
+
+    async def observed(dispatcher: Dispatcher, queue: Any, backlog: Any) -> None:
+        try:
+            await read_page(dispatcher, queue, backlog)
+        finally:
+            applied.put_nowait(queue.name)
+
+    monkeypatch.setattr(Dispatcher, "_read_page", observed)
+    return applied
+
+
+# ----- F1: _trim moved `after` past items still in the database (fixed in 19de5e0) -------------------------
+
+
+async def test_f1_a_trim_after_released_items_never_passes_over_items_left_in_the_database(
+    windowed: Service, job: str
+) -> None:
+    async with windowed() as service:
+        queue = await _new_queue(service, prioritization=True)
+        agent = await ScriptedAgent(service.address).connect([queue], capacity=5)
+        lows = [await _enqueue(service, queue, job, LOW) for _ in range(5)]
+        leases = [(await agent.next("assignment")).assignment for _ in lows]
+        assert [lease.item.name for lease in leases] == lows
+        await _set_paused(service, queue, True)
+        highs = [await _enqueue(service, queue, job, HIGH) for _ in range(2 * WINDOW + 1)]
+        await agent.close()
+
+    # After a restart the index holds highs[:WINDOW]; highs[WINDOW:] wait in the database.
+    async with windowed() as restarted:
+        assert restarted.held(highs[WINDOW]) is None
+        again = await ScriptedAgent(restarted.address, agent_id=agent.agent_id).connect(
+            [queue], capacity=5, held={lease.lease_id: lease.epoch for lease in leases}
+        )
+        for lease in leases:
+            await _release(again, lease)  # PENDING again, held, sorting after every HIGH item
+        await again.close()
+        for name in highs[:3]:
+            await _cancel(restarted, name)
+        critical = await _enqueue(restarted, queue, job, CRITICAL)  # held: the index trims its line
+        await _set_paused(restarted, queue, False)
+
+        expected = [critical, *highs[3:], *lows]
+        runner = await ScriptedAgent(restarted.address).connect([queue], capacity=1)
+        try:
+            await _run_in_order(runner, expected)
+        finally:
+            await runner.close()
+
+
+async def _fifo_with_backlog(service: InProcessQueue, job: str, count: int) -> tuple[str, list[str]]:
+    """A FIFO queue of ``count`` PENDING items, more than two windows: the index holds the first window."""
+    queue = await _new_queue(service)
+    names = [await _enqueue(service, queue, job) for _ in range(count)]
+    assert service.held(names[WINDOW]) is None  # the case named: the rest wait in the database
+    return queue, names
+
+
+# ----- F2: a cancel between the page's two statements ended the line early (fixed in 19de5e0) -------------
+
+
+async def test_f2_a_cancel_between_the_pages_two_reads_does_not_end_the_line(
+    windowed: Service, job: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with windowed() as service:
+        queue, names = await _fifo_with_backlog(service, job, 3 * WINDOW)
+        gate = _Gate()
+        fetch_items = store_module._fetch_items
+
+        async def rows_after_the_ids(connection: Any, **filters: Any) -> list[dict[str, Any]]:
+            if filters.get("item_ids") is not None and filters.get("states") == [ItemState.PENDING.value]:
+                await gate.hold()  # the page's ids are read; its rows not yet
+            return await fetch_items(connection, **filters)
+
+        monkeypatch.setattr(store_module, "_fetch_items", rows_after_the_ids)
+        applied = _pages_applied(monkeypatch)
+
+        agent = await ScriptedAgent(service.address).connect([queue], capacity=WINDOW)
+        try:
+            leases = [(await agent.next("assignment")).assignment for _ in range(WINDOW)]
+            assert [lease.item.name for lease in leases] == names[:WINDOW]
+            await gate.reached.wait()  # the read ahead of names[WINDOW:2 * WINDOW] is under way
+            cancelled = names[WINDOW + 1]
+            await _cancel(service, cancelled)
+            gate.open()
+            assert await applied.get() == queue
+
+            waiting = [name for name in names[WINDOW:] if name != cancelled]
+            assert await _positions(service, waiting) == list(range(1, len(waiting) + 1))
+            for lease in leases:
+                await agent.progress(lease, RUNNING)
+                await agent.complete(lease, SUCCEEDED, exit_code=0)
+            await _run_in_order(agent, waiting)
+        finally:
+            await agent.close()
+
+
+# ----- F3: a page read before a cancel, taken in after it (fixed in 19de5e0) ------------------------------
+
+
+async def test_f3_a_page_read_before_a_cancel_does_not_bring_the_cancelled_item_back(
+    windowed: Service, job: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with windowed() as service:
+        queue, names = await _fifo_with_backlog(service, job, 3 * WINDOW)
+        gate = _Gate()
+        pending_page = QueueStore.pending_page
+
+        async def read_then_held(store: QueueStore, *args: Any) -> tuple[list[Item], LineKey | None]:
+            page = await pending_page(store, *args)
+            await gate.hold()  # read; not yet taken in
+            return page
+
+        monkeypatch.setattr(QueueStore, "pending_page", read_then_held)
+        applied = _pages_applied(monkeypatch)
+
+        agent = await ScriptedAgent(service.address).connect([queue], capacity=WINDOW)
+        try:
+            for _ in range(WINDOW):
+                await agent.next("assignment")
+            await gate.reached.wait()
+            cancelled = names[WINDOW + 1]
+            await _cancel(service, cancelled)
+            gate.open()
+            assert await applied.get() == queue
+
+            waiting = [name for name in names[WINDOW:] if name != cancelled]
+            assert await _positions(service, waiting) == list(range(1, len(waiting) + 1))
+            held = service.held(cancelled)
+            assert held is None or held.state is not ItemState.PENDING
+            pending, _ = service.parts.dispatcher.depths()
+            assert pending[queue] == len(waiting)
+        finally:
+            await agent.close()
+
+
+# ----- F4: positions when held items sort after the backlog's `after` (fixed in 19de5e0) ------------------
+
+
+async def test_f4_positions_count_a_released_item_behind_the_database_once(
+    windowed: Service, job: str
+) -> None:
+    async with windowed() as service:
+        queue = await _new_queue(service, prioritization=True)
+        agent = await ScriptedAgent(service.address).connect([queue], capacity=1)
+        try:
+            low = await _enqueue(service, queue, job, LOW)
+            lease = (await agent.next("assignment")).assignment
+            await _set_paused(service, queue, True)
+            highs = [await _enqueue(service, queue, job, HIGH) for _ in range(2 * WINDOW + 1)]
+            assert service.held(highs[-1]) is None  # the case named: the later ones wait in the database
+            await _release(agent, lease)  # PENDING again, held, behind every HIGH item
+            lows = [low] + [await _enqueue(service, queue, job, LOW) for _ in range(2)]
+
+            expected = [*highs, *lows]
+            assert await _listed_positions(service, queue) == {
+                name: place for place, name in enumerate(expected, 1)
+            }
+        finally:
+            await agent.close()
+
+
+# ----- F5: SQLite reads a prioritized line from the start of the priority, not from `after` --------------
+
+DEEP = 150
+
+
+def _vm_steps(path: Path, statements: list[tuple[str, Any]]) -> int:
+    """The SQLite virtual machine instructions the statements take, run again as the store ran them."""
+    connection = sqlite3.connect(path)
+    steps = 0
+
+    def count() -> int:
+        nonlocal steps
+        steps += 1
+        return 0
+
+    connection.set_progress_handler(count, 1)
+    try:
+        for statement, parameters in statements:
+            connection.execute(statement, parameters).fetchall()
+    finally:
+        connection.close()
+    return steps
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="F5: on SQLite the row-value bound (priority, seq) > (?, ?) only bounds `priority` on the line's "
+    "index: a page read or a position count in a prioritized queue scans the priority's items from the "
+    "first, so its cost grows with the depth of the place read (PostgreSQL bounds both columns)",
+)
+async def test_f5_reading_deep_in_a_prioritized_line_costs_what_reading_its_front_does_on_sqlite(
+    settings: QueueSettings, job: str
+) -> None:
+    on_sqlite = settings.model_copy(update={"database_url": None, "pending_window": WINDOW})
+    async with in_process_queue(on_sqlite) as service:
+        queue = await _new_queue(service, prioritization=True)
+        names = [await _enqueue(service, queue, job) for _ in range(DEEP)]  # one priority, as most queues
+        line = service.parts.dispatcher.queues[queue]
+        found = await service.parts.store.items(item_ids=[name.rsplit("/", 1)[1] for name in names])
+        keys: dict[str, LineKey] = {item.name: (int(item.priority), item.seq or 0) for item in found}
+
+        path = on_sqlite.home / "queue.db"
+        database = Database("queue", f"sqlite:///{path}")
+        ran: list[tuple[str, Any]] = []
+
+        def keep(_conn: Any, _cursor: Any, statement: str, parameters: Any, *_: Any) -> None:
+            if statement.lstrip().upper().startswith("SELECT"):
+                ran.append((statement, parameters))
+
+        event.listen(database.engine.sync_engine, "before_cursor_execute", keep)
+        reader = QueueStore(database)
+        try:
+
+            async def cost_at(place: int) -> int:
+                ran.clear()
+                after = keys[names[place]]
+                await reader.pending_page(line, after, WINDOW)
+                await reader.pending_ahead(line, after, [keys[names[place + WINDOW]]])
+                return _vm_steps(path, list(ran))
+
+            front, deep = await cost_at(10), await cost_at(DEEP - 2 * WINDOW)
+        finally:
+            await database.engine.dispose()
+        passed_over = DEEP - 2 * WINDOW - 10
+        # Reading from a place costs what the page and the count hold, not the items before the place.
+        assert deep - front < passed_over, f"{deep} VM steps {passed_over} items deeper, against {front}"
