@@ -43,8 +43,10 @@ class Shelf:
             return None
         try:
             os.utime(entry)
-        except OSError:  # deleted since the look-up
+        except FileNotFoundError:  # deleted since the look-up
             return None
+        except PermissionError:  # made by another user (a replica): the hit's record is the lease
+            pass
         return entry if self.lookup(key) == entry else None
 
     def new_entry(self, key: str) -> Path:
