@@ -256,6 +256,8 @@ class _Progress:
 
 @dataclass(eq=False)
 class _Hit:
+    """A cache hit from its look-up until its record is stored."""
+
     run: BuildRun
     request_id: str = ""
     fingerprint: str = ""

@@ -25,7 +25,7 @@ from tests.builder.test_images import own_image_builder
 from tests.builder.test_replicas import _builds_of, replica
 from tests.conftest import DockerSetup
 from tests.postgres import postgres_schema_url
-from tests.processes import ServiceProcess
+from tests.processes import ServiceProcess, until
 
 DAY_SECONDS = 86400
 
@@ -69,6 +69,30 @@ async def test_a_hit_is_answered_while_the_database_takes_no_writes_and_is_recor
     )
     again = await builder.build(version, request_id="run-1")  # from the database now
     assert (again.name, again.result) == (hit.name, hit.result)
+
+
+async def test_a_hits_record_the_database_refused_is_stored_once_it_takes_writes_again(
+    builder: Builder, client: takeoff.Client, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    version = create_job(client, tmp_path)
+    made = await builder.build(version)
+    with no_writes(builder):
+        hit = await builder.build(version, request_id="run-1")
+
+        async def refused() -> bool:  # SQLite gave up waiting for the lock (busy timeout): tried again later
+            return any(f"could not store {hit.name}" in record.getMessage() for record in caplog.records)
+
+        await until(refused, "the hit's first write to fail")
+        answered = await builder.stub.GetBuild(build_pb2.GetBuildRequest(name=hit.name))
+
+    async def stored() -> bool:
+        listed = await builder.stub.ListBuilds(build_pb2.ListBuildsRequest(job=version))
+        return [build.name for build in listed.builds] == [hit.name, made.name]
+
+    await until(stored, "the hit's record to be stored")
+    assert hit.result.cache_hit
+    assert answered.build.result == hit.result  # from memory meanwhile
+    assert (await builder.build(version, request_id="run-1")).name == hit.name
 
 
 async def test_an_image_hit_is_answered_while_the_database_takes_no_writes(
