@@ -486,10 +486,13 @@ class QueueBook:
         held = self._dispatcher.items.get(item_id)
         if held is None or held.name != name:
             stored = await self.get_item(name)
-            if stored.state.is_terminal:
-                lifecycle.request_cancel(stored.life, self._clock(), message)  # ITEM_ENDED unless CANCELLED
-                return stored
-            held = stored  # left in the database by the index (or, among replicas, not seen here yet)
+            # Looked up again after the read: a page may have taken the item in meanwhile, and leased it.
+            held = self._dispatcher.items.get(item_id)
+            if held is None or held.name != name:
+                if stored.state.is_terminal:
+                    lifecycle.request_cancel(stored.life, self._clock(), message)  # ITEM_ENDED unless so
+                    return stored
+                held = stored  # left in the database by the index (or, among replicas, not seen here yet)
         await self._dispatcher.cancel(held, message, actor=actor)
         return await self.get_item(name)
 

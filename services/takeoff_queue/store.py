@@ -637,12 +637,9 @@ class QueueStore:
         counts, total, low, inclusive = [], 0, after, False
         async with self._database.engine.connect() as connection:
             for key in keys:
-                parameters: dict[str, Any] = {"queue": queue.name, "high_priority": key[0]}
-                parameters["high_seq"] = key[1]
-                if low is not None:
-                    parameters.update(low_priority=low[0], low_seq=low[1])
-                statement = _line_count(queue.prioritization, low is not None, inclusive)
-                total += int((await connection.execute(statement, parameters)).scalar_one())
+                for conditions, values in _spans(queue.prioritization, low, inclusive, key):
+                    counted = await connection.execute(_count(conditions), {"queue": queue.name, **values})
+                    total += int(counted.scalar_one())
                 counts.append(total)
                 low, inclusive = key, True
         return counts
@@ -896,10 +893,12 @@ async def _pending_page(
     """Rows of the queue's first ``limit`` PENDING items after ``after``, with their transitions, and the
     key of the last one the line's index gave (None: fewer than ``limit``, the line's end). The ids come
     from the index, then the rows (one statement, so each comes with its own history)."""
-    parameters: dict[str, Any] = {"queue": queue.name, "limit": limit}
-    if after is not None:
-        parameters.update(low_priority=after[0], low_seq=after[1])
-    line = (await connection.execute(_line(queue.prioritization, after is not None), parameters)).all()
+    line: list[Any] = []
+    for conditions, values in _spans(queue.prioritization, after, False, None):
+        parameters = {"queue": queue.name, "limit": limit - len(line), **values}
+        line += (await connection.execute(_ids(conditions, queue.prioritization), parameters)).all()
+        if len(line) == limit:
+            break
     if not line:
         return [], None
     last = line[-1]
@@ -910,37 +909,78 @@ async def _pending_page(
     return sorted(rows, key=lambda row: place[row["id"]]), reached
 
 
-def _line_key(prioritized: bool, bound: str) -> tuple[Any, Any]:
-    """The dispatch order's key as columns, and as the parameters ``{bound}_priority``, ``{bound}_seq``."""
-    if prioritized:
-        columns = sa.tuple_(items.c.priority, items.c.seq)
-        return columns, sa.tuple_(sa.bindparam(f"{bound}_priority"), sa.bindparam(f"{bound}_seq"))
-    return items.c.seq, sa.bindparam(f"{bound}_seq")
+Span = tuple[frozenset[str], dict[str, int]]
+"""Conditions on a queue's PENDING items that one index range answers (names from ``_CONDITIONS``), with
+their values."""
+
+_CONDITIONS = {
+    "priority =": items.c.priority == sa.bindparam("priority"),
+    "priority >": items.c.priority > sa.bindparam("low_priority"),
+    "priority <": items.c.priority < sa.bindparam("high_priority"),
+    "seq >": items.c.seq > sa.bindparam("low_seq"),
+    "seq >=": items.c.seq >= sa.bindparam("low_seq"),
+    "seq <": items.c.seq < sa.bindparam("high_seq"),
+}
+
+
+def _spans(prioritized: bool, low: LineKey | None, inclusive: bool, high: LineKey | None) -> list[Span]:
+    """The part of a queue's line after ``low`` (or from it, ``inclusive``; from the start with None) and
+    before ``high`` (to the end with None), in dispatch order, as ranges of the line's indexes. A range of
+    a prioritized line is cut at each priority it spans: with ``(priority, seq) > (p, s)`` SQLite bounds
+    the index by the priority alone and walks every item of priority p before s (review F5)."""
+    after = "seq >=" if inclusive else "seq >"
+    if not prioritized:
+        conditions, values = set(), {}
+        if low is not None:
+            conditions.add(after)
+            values["low_seq"] = low[1]
+        if high is not None:
+            conditions.add("seq <")
+            values["high_seq"] = high[1]
+        return [(frozenset(conditions), values)]
+    if low is None:
+        if high is None:
+            return [(frozenset(), {})]
+        return [
+            (frozenset({"priority <"}), {"high_priority": high[0]}),
+            (frozenset({"priority =", "seq <"}), {"priority": high[0], "high_seq": high[1]}),
+        ]
+    if high is not None and high[0] == low[0]:
+        values = {"priority": low[0], "low_seq": low[1], "high_seq": high[1]}
+        return [(frozenset({"priority =", after, "seq <"}), values)]
+    if high is not None and high[0] < low[0]:
+        return []
+    spans: list[Span] = [(frozenset({"priority =", after}), {"priority": low[0], "low_seq": low[1]})]
+    if high is None:
+        return [*spans, (frozenset({"priority >"}), {"low_priority": low[0]})]
+    return [
+        *spans,
+        (frozenset({"priority >", "priority <"}), {"low_priority": low[0], "high_priority": high[0]}),
+        (frozenset({"priority =", "seq <"}), {"priority": high[0], "high_seq": high[1]}),
+    ]
 
 
 _IN_QUEUE_PENDING = sa.and_(items.c.queue == sa.bindparam("queue"), items.c.state == ItemState.PENDING.value)
 
 
 @functools.cache
-def _line(prioritized: bool, after: bool) -> sa.Select[Any]:
-    """The ids of a queue's first ``limit`` PENDING items in dispatch order (after the ``low`` key)."""
-    query = sa.select(items.c.id, items.c.priority, items.c.seq).where(_IN_QUEUE_PENDING)
-    if after:
-        columns, low = _line_key(prioritized, "low")
-        query = query.where(columns > low)
+def _ids(conditions: frozenset[str], prioritized: bool) -> sa.Select[Any]:
+    """The first ``limit`` ids (with their keys) of one span of a queue's line, in dispatch order."""
     order = (items.c.priority, items.c.seq) if prioritized else (items.c.seq,)
+    query = sa.select(items.c.id, items.c.priority, items.c.seq).where(
+        _IN_QUEUE_PENDING, *(_CONDITIONS[name] for name in sorted(conditions))
+    )
     return query.order_by(*order).limit(sa.bindparam("limit", type_=sa.Integer))
 
 
 @functools.cache
-def _line_count(prioritized: bool, after: bool, inclusive: bool) -> sa.Select[Any]:
-    """How many of a queue's PENDING items sort before the ``high`` key (and after, or from, ``low``)."""
-    columns, high = _line_key(prioritized, "high")
-    query = sa.select(sa.func.count()).select_from(items).where(_IN_QUEUE_PENDING, columns < high)
-    if after:
-        _, low = _line_key(prioritized, "low")
-        query = query.where(columns >= low if inclusive else columns > low)
-    return query
+def _count(conditions: frozenset[str]) -> sa.Select[Any]:
+    """How many items one span of a queue's line holds."""
+    return (
+        sa.select(sa.func.count())
+        .select_from(items)
+        .where(_IN_QUEUE_PENDING, *(_CONDITIONS[name] for name in sorted(conditions)))
+    )
 
 
 def _payloads(replica: str, names: Sequence[str]) -> list[str]:
