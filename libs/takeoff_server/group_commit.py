@@ -8,6 +8,12 @@ A transaction PostgreSQL aborts to break a deadlock (two replicas' batches locki
 different orders) or as a serialization failure is run again, whole, in a new one: such an abort is about
 timing, not the changes, so it costs the batch time, never its writes. ``work`` may therefore run more
 than once, and must change nothing but the database through its connection.
+
+A batch that fails over one of its changes (a constraint it violates, a value the database refuses, an
+error the work itself raises: a bug, which would fail every batch it joined, and every resend of it) is
+written again one change per transaction, so that only that change fails and the changes it happened to
+share a batch with commit. A database that fails as a whole (down, full, locked: ``DATABASE_OUTAGES``)
+fails the batch at once.
 """
 
 from __future__ import annotations
@@ -18,6 +24,8 @@ from typing import Any, TypeVar
 
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from takeoff_server.db_errors import DATABASE_OUTAGES
 
 T = TypeVar("T")
 
@@ -45,15 +53,16 @@ class GroupCommitter:
         while self._waiting:
             batch, self._waiting = self._waiting, []
             try:
-                results = await self._write(batch)
+                _answer(batch, await self._write(batch))
             except Exception as error:
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(error)
-                continue
-            for (_, future), result in zip(batch, results, strict=True):
-                if not future.done():
-                    future.set_result(result)
+                if isinstance(error, DATABASE_OUTAGES) or len(batch) == 1:
+                    _fail(batch, error)
+                    continue
+                for one in batch:  # the change it was about fails alone
+                    try:
+                        _answer([one], await self._write([one]))
+                    except Exception as alone:
+                        _fail([one], alone)
 
     async def _write(self, batch: list[tuple[Work, asyncio.Future[Any]]]) -> list[Any]:
         tries = 0
@@ -70,3 +79,15 @@ class GroupCommitter:
         """Wait until everything submitted so far is written."""
         while self._writer is not None and not self._writer.done():
             await asyncio.shield(self._writer)
+
+
+def _answer(batch: list[tuple[Work, asyncio.Future[Any]]], results: list[Any]) -> None:
+    for (_, future), result in zip(batch, results, strict=True):
+        if not future.done():
+            future.set_result(result)
+
+
+def _fail(batch: list[tuple[Work, asyncio.Future[Any]]], error: BaseException) -> None:
+    for _, future in batch:
+        if not future.done():
+            future.set_exception(error)

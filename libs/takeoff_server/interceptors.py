@@ -18,13 +18,13 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager, context
 from typing import Any, TypeAlias, TypeVar
 
 import grpc
-import sqlalchemy.exc
 from google.protobuf.message import DecodeError
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from takeoff_server import access, errors
 from takeoff_server.call_context import method_var, request_id_var
+from takeoff_server.db_errors import DATABASE_OUTAGES
 from takeoff_server.validation import clip_utf8
 
 T = TypeVar("T")
@@ -290,15 +290,6 @@ def _new_request_id() -> str:
     return f"{_REQUEST_ID_PREFIX}{next(_REQUEST_NUMBERS) & (2**64 - 1):016x}"
 
 
-_DATABASE_OUTAGES = (
-    sqlalchemy.exc.OperationalError,
-    sqlalchemy.exc.InterfaceError,
-    sqlalchemy.exc.TimeoutError,
-)
-"""What a database that is down, restarting, full or locked raises, and a pool with no connection free in
-time (not a bug of ours: those are IntegrityError, ProgrammingError, DataError, and stay INTERNAL)."""
-
-
 @asynccontextmanager
 async def error_guard(method: str, context: Context) -> AsyncIterator[None]:
     """Maps domain errors to rich statuses; unexpected exceptions become INTERNAL with no traceback.
@@ -323,7 +314,7 @@ async def error_guard(method: str, context: Context) -> AsyncIterator[None]:
                 violations=error.violations,
             ),
         )
-    except _DATABASE_OUTAGES as error:
+    except DATABASE_OUTAGES as error:
         # The database is a dependency like any other: briefly away (restarted, full, locked past the
         # busy timeout), the call is worth trying again, and clients do so on UNAVAILABLE.
         # The driver's own error only: SQLAlchemy's message would quote the statement's parameters.
