@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
@@ -105,3 +106,18 @@ def service_process(
         if process.poll() is None:
             process.kill()
         process.wait()
+
+
+def drain_output(process: ServiceProcess, log: Path) -> Path:
+    """Copy the process's output to ``log`` as it comes: a pipe nobody reads would stall a busy replica."""
+    output = process.process.stdout
+    assert output is not None
+
+    def copy() -> None:
+        with log.open("w") as file:
+            for line in output:
+                file.write(line)
+                file.flush()  # line by line: a report read while the process runs has every line
+
+    threading.Thread(target=copy, daemon=True, name=f"drain {log}").start()
+    return log

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import threading
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -15,7 +14,7 @@ from pathlib import Path
 
 from takeoff.v1 import common_pb2, queue_pb2, queue_pb2_grpc
 from tests.postgres import assert_service_wrote_tables
-from tests.processes import ServiceProcess, service_process
+from tests.processes import ServiceProcess, drain_output, service_process
 from tests.queue.harness import ScriptedAgent
 
 RUNNING = common_pb2.ITEM_STATE_RUNNING
@@ -72,7 +71,7 @@ def queue_replicas(
         for start in starts:  # each is stopped however the others' starts went
             stack.push(start.__exit__)
         replicas = [
-            Replica(process, _drain_output(process, replica_home / "queue.log"))
+            Replica(process, drain_output(process, replica_home / "queue.log"))
             for process, replica_home in zip((future.result() for future in started), homes, strict=True)
         ]
         assert_service_wrote_tables(env["TAKEOFF_DATABASE_URL"], "queue_")  # it runs on PostgreSQL
@@ -92,21 +91,6 @@ def queue_replicas(
             # A replica stops within its 5 s grace on a quiet machine; CI's load once stretched one past 20 s.
             # A shutdown that hangs still fails here.
             replica.process.terminate(timeout=60)
-
-
-def _drain_output(process: ServiceProcess, log: Path) -> Path:
-    """Copy the process's output to ``log`` as it comes: a pipe nobody reads would stall a busy replica."""
-    output = process.process.stdout
-    assert output is not None
-
-    def copy() -> None:
-        with log.open("w") as file:
-            for line in output:
-                file.write(line)
-                file.flush()  # line by line: a report read while the process runs has every line
-
-    threading.Thread(target=copy, daemon=True, name=f"drain {log}").start()
-    return log
 
 
 @dataclass
