@@ -4,10 +4,12 @@ For each backlog size: starts a local stack (SQLite), makes a queue that no agen
 item in it through Enqueue, stops the stack, copies that item (its row and its history) straight into the
 database until the queue holds ``N`` PENDING items, starts the stack again, and reports the queue
 service's start-up (its process start to its ready file: the index rebuilt from the database) and its
-resident memory, then bench/dispatch.py's measurement on another queue of the same service. Goal: the p50
-with 1,000,000 waiting within 1.5x of the figure with 100.
+resident memory, then bench/dispatch.py's measurement on another queue of the same service, then drains
+``--drain`` items from the deep queue itself (synthetic agents as in bench/throughput.py: every item
+RUNNING, then SUCCEEDED), which pages its line in from the database as it goes. Goal: the p50 with
+1,000,000 waiting within 1.5x of the figure with 100.
 
-    python bench/depth.py [--items 300] [--small 100] [--large 1000000]
+    python bench/depth.py [--items 300] [--small 100] [--large 1000000] [--drain 3000]
 """
 
 from __future__ import annotations
@@ -21,19 +23,41 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dispatch import _create_queue, bench_stack, measure, print_table
+from dispatch import _agent_key, _create_queue, bench_stack, measure, print_table
+from throughput import SyntheticAgent
 
 from takeoff.stack import LocalStack
 from takeoff.v1 import queue_pb2, queue_pb2_grpc
 from takeoff_rpc.channels import open_aio_channel
 
 
-async def _one_pending(queue_address: str, admin_key: str) -> str:
+async def _one_pending(queue_address: str, admin_key: str) -> tuple[str, str]:
     async with open_aio_channel(queue_address, api_key=admin_key) as channel:
         stub = queue_pb2_grpc.QueueServiceStub(channel)
         queue = await _create_queue(stub)
         reply = await stub.Enqueue(queue_pb2.EnqueueRequest(queue=queue, job="bench"))
-        return reply.item.name.rsplit("/", 1)[1]
+        return queue, reply.item.name.rsplit("/", 1)[1]
+
+
+async def _drain(queue_address: str, registry_address: str, admin_key: str, queue: str, items: int) -> float:
+    """Life cycles per second of ``items`` of the deep queue's own items, four agents of 64 slots."""
+    async with open_aio_channel(queue_address, api_key=admin_key) as channel:
+        stub = queue_pb2_grpc.QueueServiceStub(channel)
+        key = await _agent_key(registry_address, admin_key, queue)
+        agents = [SyntheticAgent(stub, queue, 64, key) for _ in range(4)]
+        counter, finished = [0], asyncio.Event()
+        started = time.perf_counter()
+        streams = [asyncio.create_task(agent.run(counter, items, finished)) for agent in agents]
+        waiting = asyncio.create_task(finished.wait())
+        await asyncio.wait([waiting, *streams], return_when=asyncio.FIRST_COMPLETED)
+        for task in streams:
+            if task.done():
+                task.result()  # a stream that failed: its error
+        elapsed = time.perf_counter() - started
+        for agent in agents:
+            agent.stop()
+        await asyncio.gather(*streams, return_exceptions=True)
+    return items / elapsed
 
 
 def _seed(database: Path, template: str, count: int) -> None:
@@ -66,10 +90,10 @@ def _rss_mib(pid: int) -> float:
     return 0.0
 
 
-def run(items: int, backlog: int) -> dict[str, Any]:
+def run(items: int, backlog: int, drain: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="takeoff-bench-") as home:
         with bench_stack(Path(home)) as (stack, record):
-            template = asyncio.run(_one_pending(record.services["queue"].address, stack.admin_key))
+            deep, template = asyncio.run(_one_pending(record.services["queue"].address, stack.admin_key))
         seeding = time.perf_counter()
         _seed(Path(home) / "queue.db", template, backlog)
         seeded = time.perf_counter() - seeding
@@ -86,6 +110,10 @@ def run(items: int, backlog: int) -> dict[str, Any]:
                 )
             )
             rss_after = _rss_mib(queue.pid)
+            registry = record.services["registry"].address
+            drained = min(drain, backlog)
+            rate = asyncio.run(_drain(queue.address, registry, stack.admin_key, deep, drained))
+            rss_drained = _rss_mib(queue.pid)
         finally:
             stack.stop()
     return {
@@ -96,6 +124,9 @@ def run(items: int, backlog: int) -> dict[str, Any]:
         "stack_start_seconds": round(start_seconds, 2),
         "queue_rss_mib": rss,
         "queue_rss_after_mib": rss_after,
+        "drained": drained,
+        "drain_life_cycles_per_second": round(rate, 1),
+        "queue_rss_drained_mib": rss_drained,
         "p50_ms": round(latencies[len(latencies) // 2], 3),
         "p90_ms": round(latencies[int(len(latencies) * 0.9) - 1], 3),
         "p99_ms": round(latencies[int(len(latencies) * 0.99) - 1], 3),
@@ -108,13 +139,16 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=300)
     parser.add_argument("--small", type=int, default=100)
     parser.add_argument("--large", type=int, default=1_000_000)
+    parser.add_argument("--drain", type=int, default=3000)
     args = parser.parse_args()
-    small, large = run(args.items, args.small), run(args.items, args.large)
+    small, large = run(args.items, args.small, args.drain), run(args.items, args.large, args.drain)
     print_table([small, large])
     for row in (small, large):
         print(
             f"backlog {row['backlog']:>8}: stack start {row['stack_start_seconds']} s, "
-            f"queue RSS {row['queue_rss_mib']} MiB (after {row['queue_rss_after_mib']} MiB)"
+            f"queue RSS {row['queue_rss_mib']} MiB (after {row['queue_rss_after_mib']} MiB); drained "
+            f"{row['drained']} of the deep queue at {row['drain_life_cycles_per_second']}/s, RSS then "
+            f"{row['queue_rss_drained_mib']} MiB"
         )
     ratio = large["p50_ms"] / small["p50_ms"]
     print(json.dumps({"p50_ratio_large_over_small": round(ratio, 3)}))
