@@ -530,10 +530,11 @@ class QueueApi(queue_pb2_grpc.QueueServiceServicer):
         self._enqueues = RateLimiter(enqueues, "enqueues")
         """Per calling key, per process (docs/design.md §13)."""
 
-    async def _item_protos(self, items: Sequence[Item]) -> list[queue_pb2.Item]:
+    async def _item_protos(self, items: Sequence[Item], *, committed: bool = False) -> list[queue_pb2.Item]:
         """The items as the API shows them: a leased one with its lease's expiry, a PENDING one with its
-        place in its queue and why it waits."""
-        waits = await self._dispatcher.waiting_now(items)
+        place in its queue and why it waits. ``committed``: the answer of a write that committed, which a
+        failed read of places must not fail (Dispatcher.waiting_now)."""
+        waits = await self._dispatcher.waiting_now(items, committed=committed)
         return [_item_to_proto(item, self._lease_expiry(item), waits.get(item.id)) for item in items]
 
     def _lease_expiry(self, item: Item) -> datetime | None:
@@ -552,8 +553,8 @@ class QueueApi(queue_pb2_grpc.QueueServiceServicer):
         ]
         return message, items
 
-    async def _item_proto(self, item: Item) -> queue_pb2.Item:
-        return (await self._item_protos([item]))[0]
+    async def _item_proto(self, item: Item, *, committed: bool = False) -> queue_pb2.Item:
+        return (await self._item_protos([item], committed=committed))[0]
 
     async def _queue_proto(self, queue: Queue) -> queue_pb2.Queue:
         counts = await self._book.item_counts(queue.name)
@@ -664,7 +665,7 @@ class QueueApi(queue_pb2_grpc.QueueServiceServicer):
                 creator=current_actor(),
             )
         )
-        return queue_pb2.EnqueueResponse(item=await self._item_proto(item))
+        return queue_pb2.EnqueueResponse(item=await self._item_proto(item, committed=True))
 
     async def GetItem(self, request: queue_pb2.GetItemRequest, context: Context) -> queue_pb2.GetItemResponse:
         pattern = ITEM_IN_ANY_QUEUE if ITEM_IN_ANY_QUEUE.match(request.name) else ITEM
@@ -722,13 +723,13 @@ class QueueApi(queue_pb2_grpc.QueueServiceServicer):
         item = await self._book.cancel_item(
             request.name, request.message or "cancelled by user", actor=current_actor()
         )
-        return queue_pb2.CancelItemResponse(item=await self._item_proto(item))
+        return queue_pb2.CancelItemResponse(item=await self._item_proto(item, committed=True))
 
     async def RelaunchItem(
         self, request: queue_pb2.RelaunchItemRequest, context: Context
     ) -> queue_pb2.RelaunchItemResponse:
         item = await self._book.relaunch_item(request.name, request.request_id, actor=current_actor())
-        return queue_pb2.RelaunchItemResponse(item=await self._item_proto(item))
+        return queue_pb2.RelaunchItemResponse(item=await self._item_proto(item, committed=True))
 
     async def WatchQueue(
         self, request: queue_pb2.WatchQueueRequest, context: Context

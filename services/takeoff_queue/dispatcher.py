@@ -445,6 +445,8 @@ class Dispatcher:
             try:
                 await self._persist([item], then_send=notices)
             except ItemChanged:
+                if left_in_database:
+                    self._back_to_database(item)
                 current = self.items.get(item.id)
                 if current is None:
                     found = await self._store.items(item_ids=[item.id])
@@ -453,6 +455,10 @@ class Dispatcher:
                     current = found[0]
                 item = current
                 continue
+            except BaseException:
+                if left_in_database:
+                    self._back_to_database(item)
+                raise
             if left_in_database:
                 await self._taken_from_database(item)
             return item
@@ -514,13 +520,27 @@ class Dispatcher:
                 found[item.id] = self._why(item, position, outlooks, now)
         return found
 
-    async def waiting_now(self, items: Sequence[Item]) -> dict[str, Waiting]:
+    async def waiting_now(self, items: Sequence[Item], *, committed: bool = False) -> dict[str, Waiting]:
         """:meth:`waiting`, with the items left in the database that sort ahead of each item counted there
-        (for an item past the backlog's ``after``, whether the index holds it or not)."""
+        (for an item past the backlog's ``after``, whether the index holds it or not). ``committed``: the
+        items are the answer of a write that committed, which a count the database fails must not turn
+        into an error (the caller would write again): those places are :meth:`waiting`'s estimate then."""
+        try:
+            return self.waiting(items, await self._ahead_in_database(items))
+        except Exception as error:
+            if not committed:
+                raise
+            logger.warning("places of %d items not counted: %r", len(items), error)
+            return self.waiting(items)
+
+    async def _ahead_in_database(self, items: Sequence[Item]) -> dict[str, int]:
         behind: dict[str, list[Item]] = defaultdict(list)
         for item in items:
             if self._past_after(item):
-                last = self._backlogs[item.queue].last
+                backlog = self._backlogs[item.queue]
+                if backlog.last is None:  # lost at a start or a reorder: one read on the index finds it
+                    backlog.last = await self._store.last_pending_key(self.queues[item.queue])
+                last = backlog.last
                 if item.id in self.items or last is None or self._key(item) < last:
                     behind[item.queue].append(item)  # not a new last one, which is behind all of them
         ahead = {}
@@ -534,7 +554,7 @@ class Dispatcher:
             for item, key, count in zip(past, keys, counts, strict=True):
                 # The database counts the held PENDING items past ``after`` too: the line has them.
                 ahead[item.id] = max(count - (bisect.bisect_left(line, key) - start), 0)
-        return self.waiting(items, ahead)
+        return ahead
 
     def open_items(self, queue: str) -> int:
         """The queue's items not yet ended: those in the index and those left in the database."""
@@ -1105,9 +1125,16 @@ class Dispatcher:
         backlog.count += 1
         key = self._key(item)
         if not self.queues[item.queue].prioritization or (backlog.last is not None and key > backlog.last):
-            backlog.last = key  # a FIFO queue's new item is its last
+            backlog.last = key  # a FIFO queue's new item is its last; a prioritized queue's, if it sorts so
         if backlog.arrivals is not None:
             backlog.arrivals.append(item)
+
+    def _back_to_database(self, item: Item) -> None:
+        """A write of an item left in the database failed, and rolling it back put it in the index: it
+        stays where it was, in the database, counted there (a page's own copy of it stays held)."""
+        if self.items.get(item.id) is item:
+            del self.items[item.id]
+            self._lines.pop(item.queue, None)
 
     async def _taken_from_database(self, item: Item) -> None:
         """An item left in the database was cancelled there."""

@@ -630,6 +630,15 @@ class QueueStore:
             rows, reached = await _pending_page(connection, queue, after, limit)
         return [_item_from_row(row) for row in rows], reached
 
+    async def last_pending_key(self, queue: Queue) -> LineKey | None:
+        """The key of the queue's last PENDING item in dispatch order (None: it has none), off the line's
+        index."""
+        async with self._database.engine.connect() as connection:
+            found = (await connection.execute(_last(queue.prioritization), {"queue": queue.name})).first()
+        if found is None:
+            return None
+        return (found.priority if queue.prioritization else 0, found.seq)
+
     async def pending_ahead(self, queue: Queue, after: LineKey | None, keys: Sequence[LineKey]) -> list[int]:
         """For each of ``keys`` (in dispatch order), how many of the queue's PENDING items sort after
         ``after`` and before it. One range count per gap between two keys, so the rows counted in all are
@@ -971,6 +980,12 @@ def _ids(conditions: frozenset[str], prioritized: bool) -> sa.Select[Any]:
         _IN_QUEUE_PENDING, *(_CONDITIONS[name] for name in sorted(conditions))
     )
     return query.order_by(*order).limit(sa.bindparam("limit", type_=sa.Integer))
+
+
+@functools.cache
+def _last(prioritized: bool) -> sa.Select[Any]:
+    order = (items.c.priority.desc(), items.c.seq.desc()) if prioritized else (items.c.seq.desc(),)
+    return sa.select(items.c.priority, items.c.seq).where(_IN_QUEUE_PENDING).order_by(*order).limit(1)
 
 
 @functools.cache
