@@ -1,6 +1,6 @@
 """Adversarial cases of the bounded in-memory index (docs/design.md §9 "The queue's in-memory index", §5
-"Where a PENDING item stands"): each test forces one interleaving the paging code gets wrong, and is marked
-xfail (strict) with the finding it proves (/tmp/tc/REVIEW-paging.md) until the fix lands."""
+"Where a PENDING item stands"): each test forces one interleaving or fault the paging code once got wrong
+(the review's findings F1..F9, named in each test), so that it stays right."""
 
 from __future__ import annotations
 
@@ -403,15 +403,9 @@ def _database_down() -> sqlalchemy.exc.OperationalError:
     return sqlalchemy.exc.OperationalError("a statement", {}, Exception("the database went away"))
 
 
-# ----- F7: a cancel of an item left in the database whose write fails ------------------------------------
+# ----- F7: a cancel of an item left in the database whose write fails (fixed in 4ea4152) -----------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="F7: when the cancel of an item left in the database fails to commit, _roll_back puts it in the "
-    "index (PENDING, tried again later) while the backlog still counts it: the queue's open items, depth "
-    "and the positions behind it count it twice",
-)
 async def test_f7_a_failed_cancel_of_an_item_left_in_the_database_leaves_it_counted_once(
     windowed: Service, job: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -441,15 +435,9 @@ async def test_f7_a_failed_cancel_of_an_item_left_in_the_database_leaves_it_coun
         assert await _positions(service, names) == list(range(1, len(names) + 1))
 
 
-# ----- F8: an Enqueue whose item is committed fails on reading its position --------------------------------
+# ----- F8: an Enqueue whose item is committed failed on reading its position (fixed in 4ea4152) ----------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="F8: Enqueue counts the new item's place in the database after its commit (a prioritized queue "
-    "whose last key is unknown, as after a restart): when that read fails the caller is told the Enqueue "
-    "failed although the item is committed, and a retry without a request id enqueues it twice",
-)
 async def test_f8_an_enqueue_committed_is_answered_even_when_its_position_cannot_be_read(
     windowed: Service, job: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -478,15 +466,9 @@ async def test_f8_an_enqueue_committed_is_answered_even_when_its_position_cannot
         assert reply.item.state == PENDING
 
 
-# ----- F9: after a restart a prioritized queue counts its whole backlog for each Enqueue -------------------
+# ----- F9: after a restart a prioritized queue counted its whole backlog per Enqueue (fixed in 4ea4152) ---
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="F9: at start the backlog's last key is not read (nor after prioritization is turned on), and a "
-    "prioritized queue never learns it from arrivals: every Enqueue of an item that sorts last counts every "
-    "item left in the database to place it (a FIFO queue's newest is placed without a count)",
-)
 async def test_f9_an_enqueue_that_sorts_last_counts_nothing_after_a_restart(
     windowed: Service, job: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
