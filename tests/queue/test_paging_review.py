@@ -6,16 +6,17 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import uuid
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 import sqlalchemy.exc
-from google.protobuf import field_mask_pb2
+from google.protobuf import duration_pb2, field_mask_pb2
 from sqlalchemy import event
 
-from takeoff.v1 import queue_pb2
+from takeoff.v1 import common_pb2, queue_pb2
 from takeoff_queue import store as store_module
 from takeoff_queue.book import QueueBook
 from takeoff_queue.dispatcher import Dispatcher
@@ -36,11 +37,13 @@ from tests.queue.test_paging import (
     WINDOW,
     Service,
     _enqueue,
+    _held_pending,
     _new_queue,
     _positions,
 )
 
 Assignment = queue_pb2.LeaseResponse.Assignment
+FAILED = common_pb2.ITEM_STATE_FAILED
 
 
 @pytest.fixture
@@ -596,5 +599,47 @@ async def test_f12_watch_queue_places_a_released_item_behind_the_database_as_get
 
             assert await _positions(service, [low]) == [len(highs) + 1]  # GetItem: right since F4
             assert (await _watched_positions(service, queue))[low] == len(highs) + 1
+        finally:
+            await agent.close()
+
+
+# ----- F13: items waiting out a retry delay are held however many there are ------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="F13: an item waiting out a retry delay is held wherever it sorts and never trimmed (_trim reads "
+    "the heap only), and a page of such items leaves the heap empty so the next page is read at once: with a "
+    "long retry_delay a failing job cycles a deep queue into memory, one slot at a time",
+)
+async def test_f13_items_waiting_out_a_retry_delay_do_not_grow_the_index_past_its_window(
+    windowed: Service, job: str
+) -> None:
+    async with windowed() as service:
+        created = await service.queues.CreateQueue(
+            queue_pb2.CreateQueueRequest(
+                parent="projects/qtest",
+                queue_id=f"page-{uuid.uuid4().hex[:10]}",
+                queue=queue_pb2.Queue(
+                    resource=common_pb2.RESOURCE_KIND_LOCAL_PROCESS,
+                    retry_job_failures=True,
+                    retry_delay=duration_pb2.Duration(seconds=3600),
+                    max_attempts=3,
+                ),
+            )
+        )
+        queue = created.queue.name
+        for _ in range(5 * WINDOW):
+            await _enqueue(service, queue, job)
+        agent = await ScriptedAgent(service.address).connect([queue], capacity=1)  # one slot
+        try:
+            for _ in range(3 * WINDOW):
+                failing = (await agent.next("assignment")).assignment
+                await agent.progress(failing, RUNNING)
+                failed = await agent.complete(
+                    failing, FAILED, common_pb2.FAILURE_REASON_JOB_FAILED, exit_code=1
+                )
+                assert failed.ack.state == PENDING  # tried again in an hour
+                assert _held_pending(service, queue) <= 2 * WINDOW
         finally:
             await agent.close()
