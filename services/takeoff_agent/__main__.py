@@ -41,7 +41,12 @@ async def wire(settings: AgentSettings, resources: AsyncExitStack) -> Wiring:
         if relay is not None:
             # Closed after the agent (the stack unwinds in reverse): its jobs may call until it has drained.
             resources.push_async_callback(relay.close)
-    agent = Agent(settings, identity, relay=relay.address if relay is not None else None)
+    agent = Agent(
+        settings,
+        identity,
+        relay=relay.address if relay is not None else None,
+        run_ends=relay.ends if relay is not None else None,
+    )
     resources.push_async_callback(agent.close)
 
     async def drain() -> None:

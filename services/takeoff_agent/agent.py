@@ -24,6 +24,7 @@ from takeoff_agent.domain import FailureReason, ItemState, Outcome, ResourceKind
 from takeoff_agent.identity import AgentIdentity
 from takeoff_agent.lease import HelloSpec, LeaseLink, SessionRefused
 from takeoff_agent.reachability import Reachability
+from takeoff_agent.relay import RunEnds
 from takeoff_agent.runners import create_runners
 from takeoff_agent.runners.base import RunnerContext
 from takeoff_agent.settings import AgentSettings
@@ -53,9 +54,17 @@ _LOST = (queue_pb2.REJECT_REASON_LEASE_LOST, queue_pb2.REJECT_REASON_LEASE_NOT_F
 
 
 class Agent:
-    def __init__(self, settings: AgentSettings, identity: AgentIdentity, *, relay: str | None = None) -> None:
+    def __init__(
+        self,
+        settings: AgentSettings,
+        identity: AgentIdentity,
+        *,
+        relay: str | None = None,
+        run_ends: RunEnds | None = None,
+    ) -> None:
         """``relay``: where this agent's run relay listens, as its local-process jobs are given it
-        (takeoff_agent.relay); None when it does not run."""
+        (takeoff_agent.relay); None when it does not run. ``run_ends``: what that relay saw the registry
+        answer the jobs about their runs."""
         self.settings = settings
         self.identity = identity
         self.leases_dir = settings.state_path / "leases"
@@ -87,6 +96,7 @@ class Agent:
             stop_grace_seconds=settings.stop_grace_seconds,
             job_registry_address=settings.job_registry_address or settings.registry_address,
             job_ca_file=settings.job_ca_file,
+            run_ends=run_ends if run_ends is not None else RunEnds(),
         )
         self.link = LeaseLink(
             settings.queue_address,

@@ -12,6 +12,10 @@ job whose agent restarted finds the new one. Jobs are given it as ``@takeoff-rel
 ``ss -x`` prints it (``TAKEOFF_RELAY``, local-process jobs only: containers and other nodes cannot reach
 the host's abstract sockets).
 
+The relay also tells the agent what the registry answered its jobs about their runs (:class:`RunEnds`):
+an attempt whose job attached and finished its run through the relay needs neither to ask the registry
+whether the job attached (GetRun) nor to finish a run that has ended already (FinishRun).
+
 The relay grants nothing: it forwards the job's own ``authorization`` (its run token) and trace context,
 never the agent's key, on a channel of its own that carries no key; the registry decides as if the job
 had called it. It never logs a call's metadata (tokens) nor its messages.
@@ -24,12 +28,13 @@ import contextlib
 import logging
 import os
 import time
+from dataclasses import dataclass
 
 import grpc
 import grpc.aio
 from google.protobuf.message import DecodeError
 
-from takeoff.v1 import relay_pb2
+from takeoff.v1 import common_pb2, relay_pb2, runs_pb2
 from takeoff_agent.clients import RUN_SERVICE
 from takeoff_rpc.channels import open_aio_channel
 from takeoff_rpc.relay_wire import FRAME_LENGTH, MAX_FRAME_BYTES, frame, job_address, peer_uid
@@ -52,6 +57,78 @@ WARNING_INTERVAL_SECONDS = 60.0
 """At most one warning about refused frames or peers per interval, however many a client sends."""
 
 
+RUN_REPLIES: dict[
+    str, type[runs_pb2.GetRunResponse | runs_pb2.AttachRunResponse | runs_pb2.FinishRunResponse]
+] = {
+    f"/{RUN_SERVICE}/AttachRun": runs_pb2.AttachRunResponse,
+    f"/{RUN_SERVICE}/GetRun": runs_pb2.GetRunResponse,
+    f"/{RUN_SERVICE}/FinishRun": runs_pb2.FinishRunResponse,
+}
+"""The relayed calls whose reply is read for the run's state (:class:`RunEnds`): the SDK's attach and
+finish (and a read). The others pass unread: a reply is parsed only where it may spare the agent a call."""
+ENDED_STATES = frozenset(
+    {
+        common_pb2.RUN_STATE_FINISHED,
+        common_pb2.RUN_STATE_FAILED,
+        common_pb2.RUN_STATE_CRASHED,
+        common_pb2.RUN_STATE_KILLED,
+    }
+)
+
+
+@dataclass(frozen=True, slots=True)
+class SeenRun:
+    """A run as the registry last answered one of its job's relayed calls."""
+
+    state: common_pb2.RunState.ValueType
+    has_exit_code: bool
+    has_message: bool
+
+    @property
+    def ended(self) -> bool:
+        """Final: the registry keeps a run's first final state (FinishRun), so this one holds for good."""
+        return self.state in ENDED_STATES
+
+
+class RunEnds:
+    """What the relay saw the registry answer about the runs of this agent's attempts, by run name.
+
+    An attempt watches its run from its start to its end (:meth:`watch`, :meth:`forget`); only watched runs
+    are recorded, so the record holds at most one entry per attempt the agent holds. The relay records a
+    reply before the job reads it: once a job has exited, what it was answered is here. An agent that
+    restarted while its job ran, a relay that is off or a job that called the registry directly leave
+    nothing, and the attempt asks the registry as it would without the relay.
+    """
+
+    def __init__(self) -> None:
+        self._runs: dict[str, SeenRun | None] = {}
+
+    def watch(self, run: str) -> None:
+        self._runs.setdefault(run, None)
+
+    def forget(self, run: str) -> None:
+        self._runs.pop(run, None)
+
+    def saw(self, run: runs_pb2.Run) -> None:
+        """The registry answered a relayed call with ``run``; kept when its run is watched and past
+        STARTING (a STARTING reply may be stale: the job can attach later on a direct channel). An ended
+        state is kept for good, as the registry keeps it: a reply that says otherwise was sent before it
+        (delivered late, on another connection)."""
+        if run.name not in self._runs or run.state in (
+            common_pb2.RUN_STATE_UNSPECIFIED,
+            common_pb2.RUN_STATE_STARTING,
+        ):
+            return
+        if (seen := self._runs[run.name]) is not None and seen.ended:
+            return
+        self._runs[run.name] = SeenRun(run.state, run.HasField("exit_code"), bool(run.message))
+
+    def seen(self, run: str) -> SeenRun | None:
+        """The run as its job's relayed calls last saw it past STARTING (attached, or ended); None when they
+        saw nothing of the kind."""
+        return self._runs.get(run)
+
+
 def socket_name(agent_id: str) -> str:
     """The abstract socket the relay of the agent ``agent_id`` listens on."""
     return f"\0takeoff-relay-{agent_id}"
@@ -71,6 +148,8 @@ class RunRelay:
 
     def __init__(self, address: str, credentials: grpc.ChannelCredentials | None) -> None:
         """``credentials``: the agent's TLS for ``address`` (takeoff_server.peers.channel_credentials)."""
+        self.ends = RunEnds()
+        """The runs' states the registry answered, for the agent's attempts to read."""
         self._channel = open_aio_channel(address, credentials=credentials)  # no api_key: see the module
         self._server: asyncio.Server | None = None
         self._connections: set[asyncio.Task[object]] = set()
@@ -164,6 +243,10 @@ class RunRelay:
             return relay_pb2.RelayReply(
                 code=_code(error.code()), message=error.details() or "", status_details=_status_details(error)
             )
+        if (reply_type := RUN_REPLIES.get(call.method)) is not None:
+            # Before the job has the reply: once it has exited, its attempt finds what it was answered.
+            with contextlib.suppress(DecodeError):  # the registry's reply: unreadable only if it is not one
+                self.ends.saw(reply_type.FromString(response).run)
         return relay_pb2.RelayReply(code=_code(grpc.StatusCode.OK), response=response)
 
 

@@ -45,6 +45,7 @@ from takeoff_agent.domain import (
     RunState,
     SecretMount,
 )
+from takeoff_agent.relay import RunEnds
 from takeoff_agent.runners.base import JobOutput, Launch, Runner, RunnerRefused, RunnerUnavailable
 from takeoff_agent.shim import write_atomically
 from takeoff_agent.wire import (
@@ -139,6 +140,9 @@ class AgentContext:
     """What jobs are given as TAKEOFF_REGISTRY (docs/design.md §16)."""
     job_ca_file: Path | None = None
     """The CA certificate jobs need to check that registry's TLS certificate (TAKEOFF_TLS_CA_FILE)."""
+    run_ends: RunEnds = field(default_factory=RunEnds)
+    """What the run relay saw the registry answer the jobs about their runs: an attempt whose job attached
+    or ended its run through it spares the registry the calls that would ask or change nothing."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -393,6 +397,13 @@ class Attempt:
         }
 
     async def run(self) -> None:
+        self.context.run_ends.watch(self.assignment.run)
+        try:
+            await self._traced_run()
+        finally:
+            self.context.run_ends.forget(self.assignment.run)
+
+    async def _traced_run(self) -> None:
         with _tracer.start_as_current_span(
             "agent.attempt",
             parent_context(self.assignment.traceparent),
@@ -788,6 +799,16 @@ class Attempt:
     async def _finish_run(self, state: RunState, exit_code: int | None, message: str) -> RunState:
         """Set the run's final state, unless its job (the SDK) has set one; the final state either way."""
         await self._run_created()
+        seen = self.context.run_ends.seen(self.assignment.run)
+        if (
+            seen is not None
+            and seen.ended
+            and (exit_code is None or seen.has_exit_code)
+            and (not message or seen.has_message)
+        ):
+            # The job ended its run through the relay, and the registry keeps a run's first final state, exit
+            # code and message: this FinishRun would change nothing, and answer the state seen.
+            return RunState(seen.state)
         with _tracer.start_as_current_span("agent.finish_run") as span:
             final = await self.context.runs.finish(
                 self.assignment.run,
@@ -852,7 +873,12 @@ class Attempt:
             message = failure_message(explanation + ("; last lines:" if last_lines else ""), last_lines)
             await self._finish_run(RunState.CRASHED if crashed else RunState.FAILED, exit_code, message)
             return Outcome(ItemState.FAILED, FailureReason.JOB_FAILED, exit_code, message)
-        state = await self.context.runs.state(self.assignment.run, token=self.token)
+        seen = self.context.run_ends.seen(self.assignment.run)  # past STARTING: the job attached
+        state = (
+            seen.state
+            if seen is not None
+            else await self.context.runs.state(self.assignment.run, token=self.token)
+        )
         if state == run_state_to_proto(RunState.STARTING):
             message = "the job exited 0 but never called takeoff.init(), so it reported no run (NO_RUN)"
             self.log.system(message)
