@@ -376,7 +376,12 @@ class Dispatcher:
     def admitted(self, item: Item, leased: Assignment | None) -> None:
         """Take in a new item whose first commit is done; one leased by :meth:`admit` goes to its agent."""
         self._settle_admission(item)
-        if self._in_backlog(item):
+        if item.id in self.items:
+            # A page read it between its commit and now, and took it in (a dispatch may have leased that
+            # copy already, which this one must not replace); the page counted it out of the backlog.
+            if (backlog := self._backlogs.get(item.queue)) is not None:
+                backlog.count += 1
+        elif self._in_backlog(item):
             self._left_in_database(item)
         else:
             self._index(item)

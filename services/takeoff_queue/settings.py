@@ -36,10 +36,11 @@ class QueueSettings(ServerSettings):
     """On SQLite: FULL syncs the WAL at every (group) commit, so an item acknowledged survives power loss;
     NORMAL only at checkpoints (a process kill loses nothing either way). PostgreSQL syncs every commit."""
 
-    pending_window: int = Field(default=1000, ge=0)
+    pending_window: int = Field(default=1000, ge=0, le=10_000)
     """How many PENDING items of each queue the service holds in memory, in dispatch order; the rest stay
     in the database and are read in as dispatch reaches them, so memory and start-up stay bounded however
-    deep a queue is (docs/design.md §9). 0: hold them all. Replicas always hold them all."""
+    deep a queue is (docs/design.md §9). 0: hold them all. Replicas always hold them all. At most 10,000: a
+    page is read by its ids, one bound parameter each (PostgreSQL's driver takes 65,535)."""
 
     replicas: bool = False
     """Several queue processes share one PostgreSQL database (``database_url``) and serve any call and any

@@ -498,12 +498,6 @@ async def test_f9_an_enqueue_that_sorts_last_counts_nothing_after_a_restart(
 # ----- F10: a page takes in an Enqueue's item between its commit and its admission -----------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="F10: a page read after an Enqueue's commit and taken in before Dispatcher.admitted runs holds "
-    "the new item (never counted in the backlog, counted out of it); if dispatch leases that copy, "
-    "admitted() then indexes the Enqueue's own copy, PENDING, over the leased one",
-)
 async def test_f10_an_item_a_page_took_in_before_its_enqueue_was_admitted_is_held_once(
     windowed: Service, job: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
