@@ -21,12 +21,12 @@ import time
 from pathlib import Path
 
 import docker
-import grpc
 
 from takeoff.client import Client
 from takeoff.models import Environment
 from takeoff.stack import LocalStack
 from takeoff.v1 import build_pb2, build_pb2_grpc
+from takeoff_rpc.channels import open_channel
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "train"
 BENCH_REPOSITORY = "takeoff-bench"
@@ -96,14 +96,16 @@ def main() -> None:
         stack = LocalStack(Path(directory), base_port=0)
         record = stack.start()
         try:
-            with Client(record.services["registry"].address, project="bench") as client:
+            with Client(
+                record.services["registry"].address, project="bench", api_key=stack.admin_key
+            ) as client:
                 version = client.create_job_version(
                     "train",
                     EXAMPLE,
                     entrypoint=["python", "train.py"],
                     environment=Environment(requirements=(EXAMPLE / "requirements.txt").read_text()),
                 ).version.name
-            with grpc.insecure_channel(record.services["builder"].address) as channel:
+            with open_channel(record.services["builder"].address, api_key=stack.admin_key) as channel:
                 builds = build_pb2_grpc.BuildServiceStub(channel)
                 results["venv"] = measure(builds, version, "venv", args.hits)
                 if with_images:

@@ -6,13 +6,11 @@ What is cached lives on disk, not here: these records say what was asked and wha
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlmodel import JSON, Column, Field, SQLModel, col, select
 
@@ -33,6 +31,7 @@ from takeoff_server.idempotency import RequestIds, request_ids_table
 from takeoff_server.pagination import PageRequest
 from takeoff_server.retention import forget_request_ids
 from takeoff_server.sqltypes import UtcDateTime
+from takeoff_server.upserts import insert_unless_present
 
 
 class BuildRow(SQLModel, table=True):
@@ -135,14 +134,6 @@ def _build_from_row(row: BuildRow) -> Build:
     )
 
 
-@functools.cache
-def _insert_unless_stored(table: sa.Table, dialect: str) -> sa.Insert:
-    """An insert that leaves a row already stored under the same key alone (another replica, or an earlier
-    try of the same write, stored it first)."""
-    insert = postgresql.insert(table) if dialect == "postgresql" else sqlite.insert(table)
-    return insert.on_conflict_do_nothing()
-
-
 class BuildStore:
     def __init__(self, database: Database) -> None:
         self._database = database
@@ -231,10 +222,9 @@ class BuildStore:
         }
 
         async def insert(connection: AsyncConnection) -> None:
-            dialect = connection.dialect.name
-            await connection.execute(_insert_unless_stored(builds, dialect), row)
+            await connection.execute(insert_unless_present(builds, tuple(row)), row)
             if request_id:
-                await connection.execute(_insert_unless_stored(request_id_records, dialect), recorded)
+                await connection.execute(insert_unless_present(request_id_records, tuple(recorded)), recorded)
 
         await self._ended.commit(insert)
 

@@ -14,9 +14,10 @@ import sqlalchemy as sa
 from sqlmodel import Field, SQLModel
 
 from takeoff_registry.keys import Key
-from takeoff_registry.store import RegistryStore, insert_unless_present
+from takeoff_registry.store import RegistryStore
 from takeoff_server.access import KeyKind, KeyScope, ProjectRole, ServiceRole
 from takeoff_server.sqltypes import JsonText, UtcDateTime
+from takeoff_server.upserts import insert_unless_present
 
 
 class KeyRow(SQLModel, table=True):

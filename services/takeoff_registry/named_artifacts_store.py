@@ -15,11 +15,11 @@ from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Field, SQLModel, col, select
 
 from takeoff_registry.store import Tx
 from takeoff_server.sqltypes import JsonText, UtcDateTime
+from takeoff_server.upserts import insert_unless_present, upsert
 
 MAX_USED_BY = 100
 """Runs listed in ArtifactVersion.used_by (the most recent uses)."""
@@ -98,6 +98,15 @@ class ArtifactUseRow(SQLModel, table=True):
     version_pk: int = Field(foreign_key="registry_artifact_versions.id", ondelete="CASCADE", primary_key=True)
     run: str = Field(primary_key=True, max_length=200)
     use_time: datetime = Field(sa_type=UtcDateTime)
+
+
+_blobs = ArtifactBlobRow.__table__  # type: ignore[attr-defined]
+_uses = ArtifactUseRow.__table__  # type: ignore[attr-defined]
+# Built once (see takeoff_server.upserts): blobs are recorded per artifact write, a use per run reading one.
+_INSERT_BLOB = insert_unless_present(_blobs, ("project_id", "sha256", "size_bytes", "create_time"))
+_RECORD_USE = upsert(
+    _uses, ("version_pk", "run", "use_time"), conflict=("version_pk", "run"), update=("use_time",)
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -257,22 +266,16 @@ class ArtifactTables:
         ends (and finds it then); rows go in digest order, the same in every transaction, so two never wait
         for each other. Either way, once this returns no other writer places these blobs' files until this
         transaction ends."""
-        insert = postgresql.insert if self._dialect == "postgresql" else sqlite.insert
         rows = [
             {"project_id": project_id, "sha256": sha256, "size_bytes": sizes[sha256], "create_time": now}
             for sha256 in sorted(sizes)
         ]
         if rows:
-            await self._session.exec(insert(ArtifactBlobRow).on_conflict_do_nothing(), params=rows)
+            await (await self._session.connection()).execute(_INSERT_BLOB, rows)
 
     async def record_use(self, version_pk: int, run: str, now: datetime) -> None:
-        insert = postgresql.insert if self._dialect == "postgresql" else sqlite.insert
-        statement = (
-            insert(ArtifactUseRow)
-            .values(version_pk=version_pk, run=run, use_time=now)
-            .on_conflict_do_update(index_elements=["version_pk", "run"], set_={"use_time": now})
-        )
-        await self._session.exec(statement)
+        use = {"version_pk": version_pk, "run": run, "use_time": now}
+        await (await self._session.connection()).execute(_RECORD_USE, use)
 
     async def uses(self, version_pks: Sequence[int]) -> dict[int, Uses]:
         """The most recent uses and the use count of each version."""

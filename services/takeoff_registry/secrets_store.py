@@ -14,11 +14,11 @@ from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Field, SQLModel, col, delete, select
 
 from takeoff_registry.store import RegistryStore, Tx
 from takeoff_server.sqltypes import UtcDateTime
+from takeoff_server.upserts import upsert
 
 
 class SecretRow(SQLModel, table=True):
@@ -31,6 +31,17 @@ class SecretRow(SQLModel, table=True):
     ciphertext: bytes = Field(sa_type=sa.LargeBinary)
     create_time: datetime = Field(sa_type=UtcDateTime)
     update_time: datetime = Field(sa_type=UtcDateTime)
+
+
+_secrets = SecretRow.__table__  # type: ignore[attr-defined]
+_PUT = upsert(
+    _secrets,
+    ("project_id", "secret_id", "ciphertext", "create_time", "update_time"),
+    conflict=("project_id", "secret_id"),
+    update=("ciphertext", "update_time"),
+    returning=("create_time", "update_time"),
+)
+"""Built once (see takeoff_server.upserts): a stored secret keeps its create time."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,23 +64,15 @@ class SecretStore:
         """Create the secret, or replace its ciphertext (its create time is kept)."""
         async with self._store.write() as tx:
             await tx.ensure_project(project_id, now)
-            insert = postgresql.insert if _dialect(tx) == "postgresql" else sqlite.insert
-            statement = (
-                insert(SecretRow)
-                .values(
-                    project_id=project_id,
-                    secret_id=secret_id,
-                    ciphertext=ciphertext,
-                    create_time=now,
-                    update_time=now,
-                )
-                .on_conflict_do_update(
-                    index_elements=["project_id", "secret_id"],
-                    set_={"ciphertext": ciphertext, "update_time": now},
-                )
-                .returning(col(SecretRow.create_time), col(SecretRow.update_time))
-            )
-            create_time, update_time = (await tx.session.exec(statement)).one()
+            values = {
+                "project_id": project_id,
+                "secret_id": secret_id,
+                "ciphertext": ciphertext,
+                "create_time": now,
+                "update_time": now,
+            }
+            stored = await (await tx.session.connection()).execute(_PUT, values)
+            create_time, update_time = stored.one()
         return StoredSecret(project_id, secret_id, create_time, update_time)
 
     async def ciphertext(self, project_id: str, secret_id: str) -> bytes | None:

@@ -12,7 +12,6 @@ time is SQLite's own rule; waiting here beats failing with "database is locked")
 from __future__ import annotations
 
 import asyncio
-import functools
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager, nullcontext
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from takeoff_server.database import Database
 from takeoff_server.idempotency import RequestIds, request_ids_table
 from takeoff_server.sqltypes import JsonText, UtcDateTime
+from takeoff_server.upserts import insert_unless_present
 
 
 class ProjectRow(SQLModel, table=True):
@@ -202,26 +202,6 @@ _RUN = select(RunRow).where(
     RunRow.project_id == sa.bindparam("where_project"), RunRow.run_id == sa.bindparam("where_run")
 )
 _RUN_FOR_UPDATE = _RUN.with_for_update()
-
-
-@functools.cache
-def insert_unless_present(table: sa.Table, columns: tuple[str, ...]) -> sa.TextualSelect:
-    """``INSERT`` of these columns ``ON CONFLICT DO NOTHING RETURNING`` the first key column: a row comes
-    back when one went in (RETURNING, not rowcount: the async PostgreSQL driver reports no row count here).
-
-    Text, the same on SQLite and PostgreSQL: SQLAlchemy never caches the dialects' own ``on_conflict``
-    inserts, and compiling one at each execution cost more CPU than running it (a key minted per job)."""
-    key = table.primary_key.columns[0]
-    names = ", ".join(f'"{name}"' for name in columns)
-    placeholders = ", ".join(f":{name}" for name in columns)
-    return (
-        sa.text(
-            f'INSERT INTO "{table.name}" ({names}) VALUES ({placeholders}) '
-            f'ON CONFLICT DO NOTHING RETURNING "{key.name}"'
-        )
-        .bindparams(*(sa.bindparam(name, type_=table.c[name].type) for name in columns))
-        .columns(key)
-    )
 
 
 class Tx:
