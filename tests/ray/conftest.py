@@ -26,6 +26,7 @@ from tests.agent.conftest import (  # noqa: F401
     client,
     home,
     lease_ttl_seconds,
+    queue_database_url,
     queue_service,
     registry,
     stack,
