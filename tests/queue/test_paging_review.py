@@ -262,6 +262,20 @@ async def test_f3_a_page_read_before_a_cancel_does_not_bring_the_cancelled_item_
             await agent.close()
 
 
+async def _a_low_item_released_behind_highs(
+    service: InProcessQueue, queue: str, agent: ScriptedAgent, job: str
+) -> tuple[str, list[str]]:
+    """A LOW item leased, the queue paused, HIGH items enqueued past the window (the later ones wait in the
+    database), then the LOW item released: PENDING again, held, behind every HIGH item."""
+    low = await _enqueue(service, queue, job, LOW)
+    lease = (await agent.next("assignment")).assignment
+    await _set_paused(service, queue, True)
+    highs = [await _enqueue(service, queue, job, HIGH) for _ in range(2 * WINDOW + 1)]
+    assert service.held(highs[-1]) is None  # the case named: the later ones wait in the database
+    await _release(agent, lease)
+    return low, highs
+
+
 # ----- F4: positions when held items sort after the backlog's `after` (fixed in 19de5e0) ------------------
 
 
@@ -272,12 +286,7 @@ async def test_f4_positions_count_a_released_item_behind_the_database_once(
         queue = await _new_queue(service, prioritization=True)
         agent = await ScriptedAgent(service.address).connect([queue], capacity=1)
         try:
-            low = await _enqueue(service, queue, job, LOW)
-            lease = (await agent.next("assignment")).assignment
-            await _set_paused(service, queue, True)
-            highs = [await _enqueue(service, queue, job, HIGH) for _ in range(2 * WINDOW + 1)]
-            assert service.held(highs[-1]) is None  # the case named: the later ones wait in the database
-            await _release(agent, lease)  # PENDING again, held, behind every HIGH item
+            low, highs = await _a_low_item_released_behind_highs(service, queue, agent, job)
             lows = [low] + [await _enqueue(service, queue, job, LOW) for _ in range(2)]
 
             expected = [*highs, *lows]
@@ -585,11 +594,7 @@ async def test_f12_watch_queue_places_a_released_item_behind_the_database_as_get
         queue = await _new_queue(service, prioritization=True)
         agent = await ScriptedAgent(service.address).connect([queue], capacity=1)
         try:
-            low = await _enqueue(service, queue, job, LOW)
-            lease = (await agent.next("assignment")).assignment
-            await _set_paused(service, queue, True)
-            highs = [await _enqueue(service, queue, job, HIGH) for _ in range(2 * WINDOW + 1)]
-            await _release(agent, lease)  # PENDING again, held, behind every HIGH item
+            low, highs = await _a_low_item_released_behind_highs(service, queue, agent, job)
 
             assert await _positions(service, [low]) == [len(highs) + 1]  # GetItem: right since F4
             assert (await _watched_positions(service, queue))[low] == len(highs) + 1

@@ -265,7 +265,7 @@ async def test_a_sweeper_that_read_an_agent_expired_ends_no_lease_it_renewed_mea
                     ).fetchone()
                     if still is not None and still[0] == 0:
                         break
-                    await asyncio.sleep(0.01)
+                    await asyncio.sleep(0.01)  # polling the database's state, as above
                 closes = await (await watcher.execute("SELECT count(*) FROM queue_run_closes")).fetchone()
                 after = await (
                     await watcher.execute(
