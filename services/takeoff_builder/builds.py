@@ -606,14 +606,7 @@ class Builder:
             if found is None:
                 return None
             venv, code = found
-            return "venv hit, code hit", BuildResult(
-                environment_key=build.environment_key,
-                build_key=build.build_key,
-                cache_hit=True,
-                venv_path=str(venv),
-                code_path=str(code),
-                python_path=str(venv_python(venv)),
-            )
+            return "venv hit, code hit", _venv_result(build, venv, code, cache_hit=True)
         tag = self._images.tag(spec, build.build_key)
         try:
             # As a build looks: retention removes an image under this lock, and not one a hit holds.
@@ -934,14 +927,7 @@ class Builder:
                     )
         else:
             _check_build_context(spec, code)
-        return BuildResult(
-            environment_key=build.environment_key,
-            build_key=build.build_key,
-            cache_hit=hit,
-            venv_path=str(venv),
-            code_path=str(code),
-            python_path=str(venv_python(venv)),
-        )
+        return _venv_result(build, venv, code, cache_hit=hit)
 
     async def _build_image(self, run: BuildRun, spec: JobSpec) -> BuildResult:
         build = run.build
@@ -1030,6 +1016,17 @@ def _hit_or_miss(found: Path | None) -> str:
 def _build_not_found(build_id: str) -> NotFound:
     name = f"builds/{build_id}"
     return NotFound("BUILD_NOT_FOUND", f"{name} does not exist", metadata={"resource": name})
+
+
+def _venv_result(build: Build, venv: Path, code: Path, *, cache_hit: bool) -> BuildResult:
+    return BuildResult(
+        environment_key=build.environment_key,
+        build_key=build.build_key,
+        cache_hit=cache_hit,
+        venv_path=str(venv),
+        code_path=str(code),
+        python_path=str(venv_python(venv)),
+    )
 
 
 def _check_build_context(spec: JobSpec, code: Path) -> None:
