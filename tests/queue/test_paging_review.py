@@ -447,17 +447,23 @@ async def test_f7_a_failed_cancel_of_an_item_left_in_the_database_leaves_it_coun
         assert await _positions(service, names) == list(range(1, len(names) + 1))
 
 
+async def _prioritized_low_backlog(windowed: Service, job: str) -> str:
+    """A prioritized queue of 3 windows' worth of LOW items, made by a service that then stops: the one
+    started next holds its first window and leaves the rest in the database, their last key unknown."""
+    async with windowed() as service:
+        queue = await _new_queue(service, prioritization=True)
+        for _ in range(3 * WINDOW):
+            await _enqueue(service, queue, job, LOW)
+    return queue
+
+
 # ----- F8: an Enqueue whose item is committed failed on reading its position (fixed in 4ea4152) ----------
 
 
 async def test_f8_an_enqueue_committed_is_answered_even_when_its_position_cannot_be_read(
     windowed: Service, job: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    async with windowed() as service:
-        queue = await _new_queue(service, prioritization=True)
-        for _ in range(3 * WINDOW):
-            await _enqueue(service, queue, job, LOW)
-
+    queue = await _prioritized_low_backlog(windowed, job)
     async with windowed() as restarted:
 
         async def unreadable(*_: Any) -> list[int]:
@@ -484,11 +490,7 @@ async def test_f8_an_enqueue_committed_is_answered_even_when_its_position_cannot
 async def test_f9_an_enqueue_that_sorts_last_counts_nothing_after_a_restart(
     windowed: Service, job: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    async with windowed() as service:
-        queue = await _new_queue(service, prioritization=True)
-        for _ in range(3 * WINDOW):
-            await _enqueue(service, queue, job, LOW)
-
+    queue = await _prioritized_low_backlog(windowed, job)
     async with windowed() as restarted:
         counted: list[int] = []
         pending_ahead = QueueStore.pending_ahead
