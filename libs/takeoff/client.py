@@ -107,8 +107,8 @@ if TYPE_CHECKING:
 
 UPLOAD_CHUNK_BYTES = 1024 * 1024
 RETRY_SECONDS = 3.0
-"""How long a launch whose reply was lost is sent again: enough for a dropped connection to come back,
-short enough that a service that is down is reported soon."""
+"""How long a read, or a launch whose reply was lost, is sent again: enough for a dropped connection to come
+back or to move to another replica, short enough that a service that is down is reported soon."""
 RECONNECT_SECONDS = 30.0
 """How long a watch whose stream broke waits for the queue service to be back, as from a restart."""
 _RESEND_POLICY = RetryPolicy(deadline=RETRY_SECONDS)
@@ -206,7 +206,9 @@ class Client:
 
     def get_job(self, job: str, *, project: str | None = None) -> Job:
         """A job by id or resource name."""
-        response = self._call(self._jobs.GetJob, jobs_pb2.GetJobRequest(name=self.job_name(job, project)))
+        response = self._call(
+            self._jobs.GetJob, jobs_pb2.GetJobRequest(name=self.job_name(job, project)), repeatable=True
+        )
         return Job._from_proto(response.job)
 
     def list_jobs(self, *, project: str | None = None, prefix: str = "") -> Iterator[Job]:
@@ -215,7 +217,7 @@ class Client:
 
         def page(token: str) -> tuple[Iterable[jobs_pb2.Job], str]:
             request = jobs_pb2.ListJobsRequest(parent=parent, page_token=token, job_id_prefix=prefix)
-            response = self._call(self._jobs.ListJobs, request)
+            response = self._call(self._jobs.ListJobs, request, repeatable=True)
             return response.jobs, response.next_page_token
 
         return (Job._from_proto(job) for job in _paged(page))
@@ -276,7 +278,7 @@ class Client:
     def get_job_version(self, reference: str, *, project: str | None = None) -> JobVersion:
         """Resolve ``job``, ``job:alias``, ``job:vN`` or a full name to one version."""
         request = jobs_pb2.GetJobVersionRequest(name=reference, project=self._project_name(project))
-        return JobVersion._from_proto(self._call(self._jobs.GetJobVersion, request).version)
+        return JobVersion._from_proto(self._call(self._jobs.GetJobVersion, request, repeatable=True).version)
 
     def list_job_versions(self, job: str, *, project: str | None = None) -> Iterator[JobVersion]:
         """The versions of a job, newest first."""
@@ -284,7 +286,7 @@ class Client:
 
         def page(token: str) -> tuple[Iterable[common_pb2.JobVersion], str]:
             request = jobs_pb2.ListJobVersionsRequest(parent=parent, page_token=token)
-            response = self._call(self._jobs.ListJobVersions, request)
+            response = self._call(self._jobs.ListJobVersions, request, repeatable=True)
             return response.versions, response.next_page_token
 
         return (JobVersion._from_proto(version) for version in _paged(page))
@@ -394,7 +396,7 @@ class Client:
         without recording a use."""
         request = artifacts_pb2.GetArtifactVersionRequest(name=reference, project=self._project_name(project))
         return ArtifactVersion._from_proto(
-            self._call(self._artifacts.GetArtifactVersion, request).version, self
+            self._call(self._artifacts.GetArtifactVersion, request, repeatable=True).version, self
         )
 
     def use_artifact(self, reference: str, *, run: str, project: str | None = None) -> ArtifactVersion:
@@ -412,7 +414,7 @@ class Client:
         """A named artifact: its type, version count and aliases."""
         request = artifacts_pb2.GetArtifactCollectionRequest(name=self.artifact_name(artifact, project))
         return ArtifactCollection._from_proto(
-            self._call(self._artifacts.GetArtifactCollection, request).collection
+            self._call(self._artifacts.GetArtifactCollection, request, repeatable=True).collection
         )
 
     def list_artifacts(self, *, project: str | None = None, type: str = "") -> Iterator[ArtifactCollection]:
@@ -421,7 +423,7 @@ class Client:
 
         def page(token: str) -> tuple[Iterable[artifacts_pb2.ArtifactCollection], str]:
             request = artifacts_pb2.ListArtifactCollectionsRequest(parent=parent, page_token=token, type=type)
-            response = self._call(self._artifacts.ListArtifactCollections, request)
+            response = self._call(self._artifacts.ListArtifactCollections, request, repeatable=True)
             return response.collections, response.next_page_token
 
         return (ArtifactCollection._from_proto(collection) for collection in _paged(page))
@@ -440,7 +442,7 @@ class Client:
 
         def page(token: str) -> tuple[Iterable[artifacts_pb2.ArtifactVersion], str]:
             request.page_token = token
-            response = self._call(self._artifacts.ListArtifactVersions, request)
+            response = self._call(self._artifacts.ListArtifactVersions, request, repeatable=True)
             return response.versions, response.next_page_token
 
         return (ArtifactVersion._from_proto(version, self) for version in _paged(page))
@@ -510,7 +512,9 @@ class Client:
         """A run by resource name, id or unique prefix of its id."""
 
         def get(name: str) -> RunInfo:
-            return RunInfo._from_proto(self._call(self._runs.GetRun, runs_pb2.GetRunRequest(name=name)).run)
+            return RunInfo._from_proto(
+                self._call(self._runs.GetRun, runs_pb2.GetRunRequest(name=name), repeatable=True).run
+            )
 
         return self._exact_or_prefix(self.run_name(run, project), get, "RUN_NOT_FOUND", self._run_by_prefix)
 
@@ -537,7 +541,7 @@ class Client:
                 states=[state._to_proto() for state in states],
                 id_prefix=id_prefix,
             )
-            response = self._call(self._runs.ListRuns, request)
+            response = self._call(self._runs.ListRuns, request, repeatable=True)
             return response.runs, response.next_page_token
 
         return (RunInfo._from_proto(run) for run in _paged(page))
@@ -651,7 +655,7 @@ class Client:
     def get_queue(self, queue: str, *, project: str | None = None) -> Queue:
         """A queue by id or resource name, with its item counts."""
         request = queue_pb2.GetQueueRequest(name=self.queue_name(queue, project))
-        return Queue._from_proto(self._queue_call(self._queues.GetQueue, request).queue)
+        return Queue._from_proto(self._queue_call(self._queues.GetQueue, request, repeatable=True).queue)
 
     def list_queues(
         self, *, project: str | None = None, resource: ResourceKind | str | None = None
@@ -662,7 +666,7 @@ class Client:
 
         def page(token: str) -> tuple[Iterable[queue_pb2.Queue], str]:
             request = queue_pb2.ListQueuesRequest(parent=parent, page_token=token, resource=kind)
-            response = self._queue_call(self._queues.ListQueues, request)
+            response = self._queue_call(self._queues.ListQueues, request, repeatable=True)
             return response.queues, response.next_page_token
 
         return (Queue._from_proto(queue) for queue in _paged(page))
@@ -739,7 +743,7 @@ class Client:
             request_id=request_id or str(uuid.uuid4()),
             secrets=_mounts(secrets),
         )
-        return Item._from_proto(self._call_until_answered(self._queues.Enqueue, request).item, self)
+        return Item._from_proto(self._queue_call(self._queues.Enqueue, request, repeatable=True).item, self)
 
     def get_item(self, item: str, *, queue: str | None = None, project: str | None = None) -> Item:
         """An item with its transition history; ``item`` as :meth:`item_name` takes it, or with a unique
@@ -747,7 +751,9 @@ class Client:
 
         def get(name: str) -> Item:
             request = queue_pb2.GetItemRequest(name=name)
-            return Item._from_proto(self._queue_call(self._queues.GetItem, request).item, self)
+            return Item._from_proto(
+                self._queue_call(self._queues.GetItem, request, repeatable=True).item, self
+            )
 
         name = self.item_name(item, queue, project)
         return self._exact_or_prefix(name, get, "ITEM_NOT_FOUND", self._item_by_prefix)
@@ -769,7 +775,7 @@ class Client:
             request = queue_pb2.ListItemsRequest(
                 parent=parent, page_token=token, states=wanted, id_prefix=id_prefix
             )
-            response = self._queue_call(self._queues.ListItems, request)
+            response = self._queue_call(self._queues.ListItems, request, repeatable=True)
             return response.items, response.next_page_token
 
         return (Item._from_proto(item, self) for item in _paged(page))
@@ -799,7 +805,9 @@ class Client:
 
         def relaunch(name: str) -> Item:
             request = queue_pb2.RelaunchItemRequest(name=name, request_id=request_id)
-            return Item._from_proto(self._call_until_answered(self._queues.RelaunchItem, request).item, self)
+            return Item._from_proto(
+                self._queue_call(self._queues.RelaunchItem, request, repeatable=True).item, self
+            )
 
         return self._on_item(item, queue, project, relaunch)
 
@@ -917,7 +925,7 @@ class Client:
             request = queue_pb2.ListAgentsRequest(
                 page_token=token, queue=queue_filter, include_disconnected=include_disconnected
             )
-            response = self._queue_call(self._queues.ListAgents, request)
+            response = self._queue_call(self._queues.ListAgents, request, repeatable=True)
             return response.agents, response.next_page_token
 
         return (Agent._from_proto(agent) for agent in _paged(page))
@@ -960,7 +968,9 @@ class Client:
         """A key by id, ``keys/{key}`` or unique prefix of its id (never its secret)."""
 
         def get(name: str) -> Key:
-            return Key._from_proto(self._call(self._keys.GetKey, keys_pb2.GetKeyRequest(name=name)).key)
+            return Key._from_proto(
+                self._call(self._keys.GetKey, keys_pb2.GetKeyRequest(name=name), repeatable=True).key
+            )
 
         return self._exact_or_prefix(_key_name(key), get, "KEY_NOT_FOUND", self._key_by_prefix)
 
@@ -971,7 +981,7 @@ class Client:
             request = keys_pb2.ListKeysRequest(
                 page_token=token, show_revoked=show_revoked, show_run_tokens=show_run_tokens
             )
-            response = self._call(self._keys.ListKeys, request)
+            response = self._call(self._keys.ListKeys, request, repeatable=True)
             return response.keys, response.next_page_token
 
         return (Key._from_proto(key) for key in _paged(page))
@@ -1003,7 +1013,7 @@ class Client:
 
         def page(token: str) -> tuple[Iterable[secrets_pb2.Secret], str]:
             request = secrets_pb2.ListSecretsRequest(parent=parent, page_token=token)
-            response = self._call(self._secrets.ListSecrets, request)
+            response = self._call(self._secrets.ListSecrets, request, repeatable=True)
             return response.secrets, response.next_page_token
 
         return (Secret._from_proto(secret) for secret in _paged(page))
@@ -1092,12 +1102,14 @@ class Client:
     def _run_by_prefix(self, name: str) -> list[str]:
         parent, _, prefix = name.rpartition("/runs/")
         request = runs_pb2.ListRunsRequest(parent=parent, id_prefix=prefix, page_size=_PREFIX_MATCHES)
-        return _starting_with(name, (run.name for run in self._call(self._runs.ListRuns, request).runs))
+        return _starting_with(
+            name, (run.name for run in self._call(self._runs.ListRuns, request, repeatable=True).runs)
+        )
 
     def _item_by_prefix(self, name: str) -> list[str]:
         parent, _, prefix = name.rpartition("/items/")
         request = queue_pb2.ListItemsRequest(parent=parent, id_prefix=prefix, page_size=_PREFIX_MATCHES)
-        items = self._queue_call(self._queues.ListItems, request).items
+        items = self._queue_call(self._queues.ListItems, request, repeatable=True).items
         return _starting_with(name, (item.name for item in items))
 
     def _key_by_prefix(self, name: str) -> list[str]:
@@ -1122,26 +1134,25 @@ class Client:
         request: _Request,
         *,
         target: str | None = None,
+        repeatable: bool = False,
     ) -> _Response:
+        """One call. A ``repeatable`` one (a read, or a change carrying a request_id, whose repeat returns
+        what the first did) is sent again while its failure may pass, as when a replica was just killed."""
         try:
+            if repeatable:
+                return call_with_retries(lambda: method(request, timeout=self.timeout), _RESEND_POLICY)
             return method(request, timeout=self.timeout)
         except grpc.RpcError as error:
             raise TakeoffError.from_rpc_error(error, target=target or self.registry) from None
 
     def _queue_call(
-        self, method: grpc.UnaryUnaryMultiCallable[_Request, _Response], request: _Request
+        self,
+        method: grpc.UnaryUnaryMultiCallable[_Request, _Response],
+        request: _Request,
+        *,
+        repeatable: bool = False,
     ) -> _Response:
-        return self._call(method, request, target=self.queue_address)
-
-    def _call_until_answered(
-        self, method: grpc.UnaryUnaryMultiCallable[_Request, _Response], request: _Request
-    ) -> _Response:
-        """A queue call carrying a request_id, sent again while its failure may pass: a repeat that
-        reaches the service returns what the first one did."""
-        try:
-            return call_with_retries(lambda: method(request, timeout=self.timeout), _RESEND_POLICY)
-        except grpc.RpcError as error:
-            raise TakeoffError.from_rpc_error(error, target=self.queue_address) from None
+        return self._call(method, request, target=self.queue_address, repeatable=repeatable)
 
     def _call_streaming(
         self, method: grpc.StreamUnaryMultiCallable[_Request, _Response], requests: Iterator[_Request]

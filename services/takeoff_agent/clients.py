@@ -286,6 +286,7 @@ class Builder:
                 )
             )
             delivered.reopened()
+            outcome = False
             try:
                 async for event in call:
                     self._answered()
@@ -299,11 +300,14 @@ class Builder:
                         break
                     if (new := delivered.new_part(event)) is not None:
                         yield new
-                    if event.HasField("result") or event.HasField("failure"):
-                        return
+                    outcome = event.HasField("result") or event.HasField("failure")
                 else:
-                    return  # the builder ended the stream without an outcome: the caller says so
+                    # The stream ends OK right after its outcome: read to that end rather than cancel it, so
+                    # the builder records the call as it went. One without an outcome: the caller says so.
+                    return
             except grpc.aio.AioRpcError as error:
+                if outcome:
+                    return  # only the stream's end was lost
                 if self._peer is not None:
                     self._peer.failed(error)
                 failed += 1

@@ -27,6 +27,9 @@ from tests.keys import ADMIN_KEY
 from tests.postgres import assert_service_wrote_tables
 
 LOCAL_PROCESS = common_pb2.RESOURCE_KIND_LOCAL_PROCESS
+PATIENCE = 30.0
+"""How long a wait for a message or a state lasts unless a test says otherwise: past one run token mint
+that timed out (5 s) and its back-off (up to 10 s), as on a machine whose disk stalls the registry's fsync."""
 Response = queue_pb2.LeaseResponse
 
 
@@ -118,7 +121,7 @@ class ScriptedAgent:
             self.error = error
         await self.received.put(Response())  # end marker: no message set
 
-    async def next(self, kind: str | None = None, within: float = 10.0) -> queue_pb2.LeaseResponse:
+    async def next(self, kind: str | None = None, within: float = PATIENCE) -> queue_pb2.LeaseResponse:
         """The next message (skipping Acks of heartbeats); with ``kind``, it must be of that kind."""
         while True:
             response = (
@@ -131,7 +134,7 @@ class ScriptedAgent:
                 assert which == kind, f"expected {kind}, got {which}: {response} (stream error: {self.error})"
             return response
 
-    async def answer(self, within: float = 10.0) -> queue_pb2.LeaseResponse:
+    async def answer(self, within: float = PATIENCE) -> queue_pb2.LeaseResponse:
         """The Ack or Reject to the last message sent; whatever else arrives meanwhile is kept for next()."""
         while True:
             response = await asyncio.wait_for(self.received.get(), within)
@@ -228,7 +231,7 @@ async def watch_until(
     name: str,
     wanted: Callable[[queue_pb2.Item], bool],
     *,
-    within: float = 10.0,
+    within: float = PATIENCE,
 ) -> queue_pb2.Item:
     """The item as it is once ``wanted`` holds for it, following WatchItem (no polling). A watch refused
     as UNAVAILABLE (the registry that verifies keys is still starting: "retry shortly") is opened again."""
