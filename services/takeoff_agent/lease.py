@@ -1,8 +1,9 @@
 """The agent's end of the Lease stream: Hello, heartbeats, answers by sequence number, reconnects.
 
 One stream per agent session. The link reconnects with backoff whenever the stream ends, sending the
-leases the agent still holds in every Hello. Only a heartbeat's Ack renews leases: they are then good
-until the heartbeat's send time plus the TTL, which the agent uses to fence itself.
+leases the agent still holds in every Hello. Only a Welcome or a heartbeat's Ack renews leases: they are
+then good until the Hello's or the heartbeat's send time plus the TTL, less :data:`FENCE_LEAD_SECONDS`,
+which the agent and its jobs' fences use.
 """
 
 from __future__ import annotations
@@ -46,6 +47,10 @@ stream with such a message's error). Full jitter below 0.1 s doubling to 5 s, fo
 is not hammered, and the session heartbeats meanwhile. A replica that died costs the first wait only, under
 0.1 s."""
 NOT_COMMITTED = queue_pb2.REJECT_REASON_NOT_COMMITTED
+FENCE_LEAD_SECONDS = 1.0
+"""How much sooner than the queue service the agent counts its leases lapsed. The fences (the agent's, a
+shim's) look every 0.5 s: a job is stopped before the queue gives its item to the next attempt, so it cannot
+finish its work once the queue has taken it for lost (the work would then run twice)."""
 CHANNEL_OPTIONS = (("grpc.max_reconnect_backoff_ms", 800), ("grpc.use_local_subchannel_pool", 1))
 """While the queue service is away the channel's own back-off paces the connection attempts, and a session
 starts as soon as one succeeds: capped at 0.8 s, plus gRPC's 20 % jitter, dispatch resumes within a second
@@ -113,6 +118,7 @@ class LeaseLink:
         self.session_id = ""
         self.lease_ttl = 30.0
         self.heartbeat_interval = 10.0
+        self._hello_sent = 0.0
         self.last_heartbeat_ack: float | None = None
         self._stopped = asyncio.Event()
         self._failed_sessions = self._refusals = 0
@@ -233,6 +239,7 @@ class LeaseLink:
         outgoing: asyncio.Queue[LeaseRequest | None] = asyncio.Queue()
         self._outgoing = outgoing
         held = self._handler.held_leases()
+        self._hello_sent = time.time()  # the queue renews what it keeps later than this
         await outgoing.put(
             LeaseRequest(
                 hello=LeaseRequest.Hello(
@@ -281,7 +288,7 @@ class LeaseLink:
                 self.heartbeat_interval = (
                     welcome.heartbeat_interval.ToTimedelta().total_seconds() or self.heartbeat_interval
                 )
-                self._handler.on_renewed(time.time() + self.lease_ttl)  # the Welcome renews what it keeps
+                self._handler.on_renewed(self._renewed_until(self._hello_sent))  # what the Welcome keeps
                 self._connected.set()
                 await self._handler.on_welcome(welcome)
             case "assignment":
@@ -320,8 +327,11 @@ class LeaseLink:
                 )
             if answer.HasField("ack"):
                 self.last_heartbeat_ack = time.time()
-                self._handler.on_renewed(sent + self.lease_ttl)
+                self._handler.on_renewed(self._renewed_until(sent))
             await asyncio.sleep(self.heartbeat_interval)
+
+    def _renewed_until(self, sent: float) -> float:
+        return sent + self.lease_ttl - min(FENCE_LEAD_SECONDS, self.lease_ttl / 4)  # short test TTLs
 
     async def send(self, **message: Any) -> LeaseResponse:
         """Send one message and wait for its Ack or Reject; raises Disconnected if the stream ends first."""
