@@ -17,7 +17,7 @@ from google.protobuf import duration_pb2, field_mask_pb2
 from takeoff.v1 import common_pb2, keys_pb2, keys_pb2_grpc, queue_pb2, queue_pb2_grpc
 from takeoff_queue.pending import PendingReason, QueueOutlook, Waiting, why_pending
 from tests.queue.conftest import NewQueue
-from tests.queue.harness import ScriptedAgent, error_details, keyed_channel
+from tests.queue.harness import PATIENCE, ScriptedAgent, error_details, keyed_channel
 
 Stub: TypeAlias = "queue_pb2_grpc.QueueServiceAsyncStub"  # a type only the stubs know
 PENDING = common_pb2.ITEM_STATE_PENDING
@@ -300,7 +300,7 @@ async def test_a_watched_item_is_sent_again_whenever_why_it_waits_changes(
             await updates.put(update)
 
     async def next_update() -> queue_pb2.WatchItemResponse:
-        return await asyncio.wait_for(updates.get(), 10)
+        return await asyncio.wait_for(updates.get(), PATIENCE)
 
     watcher = asyncio.create_task(watch())
     leaving, agent = ScriptedAgent(queue_address), ScriptedAgent(queue_address)
@@ -323,7 +323,11 @@ async def test_a_watched_item_is_sent_again_whenever_why_it_waits_changes(
         assert waits((await next_update()).item)[0] == "PENDING_REASON_AGENTS_BUSY"
         await agent.send(set_capacity=queue_pb2.LeaseRequest.SetCapacity(capacity=1))
         while not (update := await next_update()).HasField("transition"):
-            assert waits(update.item) == ("PENDING_REASON_QUEUED", "being assigned")  # its token is minted
+            # Its token is minted; on a loaded machine the mint may time out and be tried again.
+            assert waits(update.item) in {
+                ("PENDING_REASON_QUEUED", "being assigned"),
+                ("PENDING_REASON_QUEUED", "its run token is tried again: the registry did not give one"),
+            }
         assert (update.transition.to_state, update.item.pending_reason) == (
             LEASED,
             queue_pb2.PENDING_REASON_UNSPECIFIED,
