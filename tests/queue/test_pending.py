@@ -323,8 +323,10 @@ async def test_a_watched_item_is_sent_again_whenever_why_it_waits_changes(
         assert waits((await next_update()).item)[0] == "PENDING_REASON_AGENTS_BUSY"
         await agent.send(set_capacity=queue_pb2.LeaseRequest.SetCapacity(capacity=1))
         while not (update := await next_update()).HasField("transition"):
-            # Its token is minted; on a loaded machine the mint may time out and be tried again.
+            # The slot may be seen before the dispatch pass that takes it; then its token is minted, which
+            # on a loaded machine may time out and be tried again.
             assert waits(update.item) in {
+                ("PENDING_REASON_QUEUED", "next to be assigned"),
                 ("PENDING_REASON_QUEUED", "being assigned"),
                 ("PENDING_REASON_QUEUED", "its run token is tried again: the registry did not give one"),
             }
