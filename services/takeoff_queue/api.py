@@ -735,7 +735,7 @@ class QueueApi(queue_pb2_grpc.QueueServiceServicer):
         self, request: queue_pb2.WatchQueueRequest, context: Context
     ) -> AsyncIterator[queue_pb2.WatchQueueResponse]:
         with self._book.watch_queue(request.name) as watcher:
-            message, items = self._watch_message(watcher.snapshot())
+            message, items = self._watch_message(await watcher.snapshot())
             message.snapshot = True
             while True:  # the snapshot's items over as many messages as their size needs
                 count = _fitting(items, MAX_PAGE_BYTES - message.ByteSize())

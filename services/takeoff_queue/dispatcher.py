@@ -102,6 +102,33 @@ class _Backlog:
     """While the next page is read: items cancelled meanwhile, which the page may have read PENDING."""
 
 
+@dataclass(frozen=True, slots=True)
+class _Resting:
+    """A PENDING item waiting out a retry's delay that the index left in the database (docs/design.md §9
+    "The queue's in-memory index"): what it keeps of it, besides its due time on the timer, to read it back
+    when due and to count and place it meanwhile."""
+
+    queue: str
+    priority: int
+    seq: int
+    epoch: int
+
+
+@dataclass(eq=False)
+class _RestingItems:
+    """The PENDING items waiting out a retry's delay that the index left in the database, and those of them
+    due and being read back."""
+
+    by_id: dict[str, _Resting] = field(default_factory=dict)
+    due: dict[str, dict[str, LineKey]] = field(default_factory=dict)
+    """queue -> its resting items due and being read back, with their keys: no item that sorts after one of
+    them is dispatched meanwhile"""
+    reading: set[str] = field(default_factory=set)
+    """items whose read back is under way"""
+    to_read: list[str] = field(default_factory=list)
+    """items come due in this turn of the event loop: read back together on the next"""
+
+
 class ItemChanged(Exception):
     """Another replica changed these items first: the write was refused, and the index now holds what the
     database says (docs/design.md §5 "Several queue replicas")."""
@@ -195,6 +222,7 @@ class Dispatcher:
         # notifications keep fresh, item by item. The rest of each queue's line is its backlog.
         self._window = None if replicated else pending_window
         self._backlogs: dict[str, _Backlog] = {}
+        self._resting = _RestingItems()
         self.metrics = metrics or QueueMetrics()
         # Mints each attempt's run token before the item is leased; None: no tokens (tests of dispatch alone).
         self._tokens = tokens
@@ -202,9 +230,9 @@ class Dispatcher:
         """item id -> (run, token secret) minted for its next (or current) attempt; in memory only."""
         self._minting: dict[str, str] = {}
         """PENDING items whose token is being minted: out of the queue's index meanwhile."""
+        # item id -> mints in a row that failed: it waits longer before the next try.
         self._mint_failures: dict[str, int] = defaultdict(int)
         self._rng = random.Random()
-        """item id -> mints in a row that failed: it waits longer before the next try."""
         self._clock = clock
         self.timing = timing
         self.queues: dict[str, Queue] = {}
@@ -277,7 +305,7 @@ class Dispatcher:
                 self._closing[item.id] = close
                 self._ended_leases[item.lease_id] = (item.life.epoch, item.state, False)
             else:
-                self._index(item)
+                self._take_in(item)
         self._note_backlogs(pending)
         for agent in self.agents.values():
             agent.lease_expiry = grace_until
@@ -292,6 +320,8 @@ class Dispatcher:
         for item in self.items.values():
             if item.state is ItemState.PENDING:
                 loaded[item.queue].append(self._key(item))
+        for rest in self._resting.by_id.values():
+            loaded[rest.queue].append(self._resting_key(rest))
         for name in self.queues:
             left = pending.get(name, 0) - len(loaded[name])
             if left > 0:
@@ -333,6 +363,8 @@ class Dispatcher:
         """Forget a queue whose deletion is committed; its leased items are revoked."""
         self.queues.pop(name, None)
         self._backlogs.pop(name, None)
+        for item_id in [item_id for item_id, rest in self._resting.by_id.items() if rest.queue == name]:
+            self._unrest(item_id)
         self._pending.pop(name, None)
         self._lines.pop(name, None)
         self._set_aside.pop(name, None)
@@ -413,8 +445,8 @@ class Dispatcher:
         queue = self.queues.get(item.queue)
         if queue is None or self._arriving[queue.name] or not self._may_assign_from(queue):
             return None
-        if queue.name in self._backlogs:
-            return None  # older items wait in the database
+        if queue.name in self._backlogs or queue.name in self._resting.due:
+            return None  # older items wait in the database, or are being read back from it
         if self._replicated and queue.concurrency_limit:
             return None  # its limit is counted in the database, at the claim (_deliver), not in this index
         if queue.name in self._minting.values():
@@ -442,7 +474,7 @@ class Dispatcher:
         """Cancel the item: one of the index, or one read from the store that the index left in the
         database (or, among replicas, has not seen yet)."""
         for _ in range(_TRIES_AGAINST_REPLICAS):
-            left_in_database = self._in_backlog(item)
+            left_in_database = self._in_backlog(item) or item.id in self._resting.by_id
             live = item.state.is_live and not self._waits_for_close(item)
             self._move(item, lifecycle.request_cancel(item.life, self._clock(), message, actor))
             # The agent is told by whichever replica holds its stream: here, or the one that reads this.
@@ -546,7 +578,7 @@ class Dispatcher:
                 if backlog.last is None:  # lost at a start or a reorder: one read on the index finds it
                     backlog.last = await self._store.last_pending_key(self.queues[item.queue])
                 last = backlog.last
-                if item.id in self.items or last is None or self._key(item) < last:
+                if not self._in_backlog(item) or last is None or self._key(item) < last:
                     behind[item.queue].append(item)  # not a new last one, which is behind all of them
         ahead = {}
         for name, past in behind.items():
@@ -561,23 +593,35 @@ class Dispatcher:
                 ahead[item.id] = max(count - (bisect.bisect_left(line, key) - start), 0)
         return ahead
 
+    async def counted_places(self, items: Iterable[Item]) -> dict[str, Waiting]:
+        """The places of those of ``items`` (as the store has them) that sort past their queue's backlog
+        key, counted in the database as GetItem counts them (:meth:`waiting_now`), or estimated where the
+        count fails: WatchQueue takes the others from :meth:`waiting` and corrects these (review F12)."""
+        past = [item for item in items if self._past_after(item)]
+        return await self.waiting_now(past, committed=True) if past else {}
+
     def open_items(self, queue: str) -> int:
         """The queue's items not yet ended: those in the index and those left in the database."""
         backlog = self._backlogs.get(queue)
         held = sum(1 for item in self.items.values() if item.queue == queue)
-        return held + (backlog.count if backlog is not None else 0)
+        resting = sum(1 for rest in self._resting.by_id.values() if rest.queue == queue)
+        return held + resting + (backlog.count if backlog is not None else 0)
 
     def front_of_line(self, queue_name: str, count: int) -> list[tuple[Item, Waiting]]:
         """The first ``count`` eligible PENDING items of the queue in dispatch order, with their place and
         why they wait, and the items being assigned (whose run token is minted). Read off the queue's heap
         best-first, so the cost is O(count log count) however deep the queue is; entries whose item moved
-        on are passed over, as :meth:`_waiting_line` drops them."""
+        on are passed over, as :meth:`_waiting_line` drops them. It ends before the first item past the
+        backlog's key (an item its agent released), whose place the items left in the database decide."""
         heap = self._pending.get(queue_name, [])
+        backlog = self._backlogs.get(queue_name)
         frontier = [(heap[0], 0)] if heap else []
         front: list[Item] = []
         seen = set()
         while frontier and len(front) < count:
-            (_, _, item_id), index = heapq.heappop(frontier)
+            (rank, seq, item_id), index = heapq.heappop(frontier)
+            if backlog is not None and (backlog.after is None or (rank, seq) > backlog.after):
+                break  # and so are all that follow
             item = self.items.get(item_id)
             if item is not None and item.state is ItemState.PENDING and item_id not in seen:
                 seen.add(item_id)
@@ -773,6 +817,7 @@ class Dispatcher:
 
     def _forget_deleted(self, item_id: str) -> None:
         """The item is gone from the database (its queue was deleted, or it ended and was pruned)."""
+        self._unrest(item_id)
         item = self.items.pop(item_id, None)
         if item is None:
             return
@@ -1088,6 +1133,9 @@ class Dispatcher:
         if backlog is not None and (not heap or backlog.after is None or heap[0][:2] > backlog.after):
             self._page_in(queue, backlog)
             return False
+        due = self._resting.due.get(queue.name)
+        if heap and due and min(due.values()) < heap[0][:2]:
+            return False  # an item whose retry's wait ended goes first: the pass after its read takes it
         return bool(heap)
 
     def _offers_work(self, queue_name: str) -> bool:
@@ -1123,7 +1171,7 @@ class Dispatcher:
     def _in_backlog(self, item: Item) -> bool:
         """Whether the item (read from the store, or new) belongs among the items its queue left in the
         database."""
-        return self._past_after(item) and item.id not in self.items
+        return self._past_after(item) and item.id not in self.items and item.id not in self._resting.by_id
 
     def _left_in_database(self, item: Item) -> None:
         backlog = self._backlogs[item.queue]
@@ -1144,11 +1192,13 @@ class Dispatcher:
     async def _taken_from_database(self, item: Item) -> None:
         """An item left in the database was cancelled there."""
         backlog = self._backlogs.get(item.queue)
-        if backlog is not None:
+        if item.id in self._resting.by_id:
+            self._unrest(item.id)
+        elif backlog is not None:
             backlog.count = max(backlog.count - 1, 0)
-            if backlog.arrivals is not None:
-                backlog.arrivals = [arrival for arrival in backlog.arrivals if arrival.id != item.id]
-                backlog.gone.add(item.id)
+        if backlog is not None and backlog.arrivals is not None:
+            backlog.arrivals = [arrival for arrival in backlog.arrivals if arrival.id != item.id]
+            backlog.gone.add(item.id)
         if item.id in self.items:
             await self.refresh([item.id])  # a page read before the cancel took it in
 
@@ -1173,11 +1223,17 @@ class Dispatcher:
         gone, backlog.gone = backlog.gone, set()
         if self._backlogs.get(queue.name) is not backlog:
             return  # the queue was deleted, or its order changed (read again from its start)
-        taken = {
-            item.id: item
-            for item in page
-            if item.id not in self.items and item.id not in self._writing and item.id not in gone
-        }
+        now, rested = self._clock(), 0
+        taken = {}
+        for item in page:
+            known = item.id in self.items or item.id in self._resting.by_id
+            if known or item.id in self._writing or item.id in gone:
+                continue
+            if self._rests(item, now):
+                self._rest(item, timed=False)  # its id and due time only: a page of them holds nothing
+                rested += 1
+            else:
+                taken[item.id] = item
         if reached is None:
             del self._backlogs[queue.name]  # the page read to the line's end
         else:
@@ -1185,9 +1241,125 @@ class Dispatcher:
         for arrival in arrivals:
             if (reached is None or self._key(arrival) <= reached) and arrival.id not in self._writing:
                 taken.setdefault(arrival.id, arrival)
-        backlog.count = max(backlog.count - len(taken), 0)
+        backlog.count = max(backlog.count - len(taken) - rested, 0)
         for item in taken.values():
             self._index(item)
+        self._schedule_dispatch()
+
+    # ----- PENDING items waiting out a retry's delay, left in the database ------------------------------
+
+    def _take_in(self, item: Item) -> None:
+        """Index an item read from the store; one waiting out a retry's delay is left in the database."""
+        if self._rests(item, self._clock()):
+            self._rest(item, timed=False)
+        else:
+            self._index(item)
+
+    def _rests(self, item: Item, now: datetime) -> bool:
+        """Whether the item, PENDING and waiting out a retry's delay, may wait in the database: the index
+        is bounded, nothing of the item lives only in memory, and nobody watches it (WatchItem is told when
+        its pending reason changes, which only an item in the index is followed for)."""
+        return (
+            self._window is not None
+            and item.state is ItemState.PENDING
+            and item.life.eligible_time > now
+            and item.id not in self._watchers
+            and self._at_rest(item)
+        )
+
+    def _rest(self, item: Item, *, timed: bool) -> None:
+        """Leave the item in the database until its retry's wait ends, keeping its key and its due time
+        (``timed``: already on the timer), so that however many items wait out a retry, the index holds
+        none of them."""
+        if self.items.get(item.id) is item:
+            del self.items[item.id]
+            self._lines.pop(item.queue, None)
+        minted, _ = self._run_tokens.get(item.id, ("", ""))
+        if minted and minted == item.life.run:
+            del self._run_tokens[item.id]  # the ended attempt's: revoked with its end
+        self._resting.by_id[item.id] = _Resting(item.queue, int(item.priority), item.seq, item.life.epoch)
+        if not timed:
+            self._deadlines.at(item.life.eligible_time, "eligible", item.id, item.life.epoch)
+
+    def _resting_key(self, rest: _Resting) -> LineKey:
+        queue = self.queues.get(rest.queue)
+        return (rest.priority if queue is not None and queue.prioritization else 0), rest.seq
+
+    def _unrest(self, item_id: str) -> None:
+        """The item no longer waits in the database as a resting item (it is due, ended or gone)."""
+        rest = self._resting.by_id.pop(item_id, None)
+        if rest is None:
+            return
+        due = self._resting.due.get(rest.queue)
+        if due is not None and due.pop(item_id, None) is not None:
+            if not due:
+                del self._resting.due[rest.queue]
+            self._schedule_dispatch()  # the items behind it may go now
+
+    def _come_due(self, item_id: str, epoch: int) -> None:
+        """A resting item's retry wait ended. One that sorts past the backlog's ``after`` is counted among
+        the items left in the database, which a page reads when the line reaches it; another is read back
+        into the index, and no item behind it is dispatched meanwhile (a read that fails is tried again a
+        heartbeat interval later)."""
+        rest = self._resting.by_id.get(item_id)
+        if rest is None or rest.epoch != epoch or item_id in self._resting.reading:
+            return
+        key = self._resting_key(rest)
+        backlog = self._backlogs.get(rest.queue)
+        if backlog is not None and (backlog.after is None or key > backlog.after):
+            self._unrest(item_id)
+            self._count_in_backlog(backlog, key)
+            self._schedule_dispatch()
+            return
+        self._resting.due.setdefault(rest.queue, {})[item_id] = key
+        self._resting.reading.add(item_id)
+        self._resting.to_read.append(item_id)
+        if len(self._resting.to_read) == 1:
+            asyncio.get_running_loop().call_soon(self._read_due)
+
+    @staticmethod
+    def _count_in_backlog(backlog: _Backlog, key: LineKey) -> None:
+        """An item already in the database joins the backlog's count (a page in flight reads it, if it
+        reaches it: the item was PENDING there all along)."""
+        backlog.count += 1
+        if backlog.last is not None and key > backlog.last:
+            backlog.last = key
+
+    def _read_due(self) -> None:
+        due, self._resting.to_read = self._resting.to_read, []
+        self._spawn(self._read_back(due))
+
+    async def _read_back(self, item_ids: list[str]) -> None:
+        """Take resting items whose wait ended into the index, as the database has them."""
+        try:
+            found = {}
+            for start in range(0, len(item_ids), _REFRESH_BATCH):
+                batch = item_ids[start : start + _REFRESH_BATCH]
+                found.update({item.id: item for item in await self._store.items(item_ids=batch)})
+        except Exception:
+            logger.exception("%d items due after a retry's wait were not read; trying again", len(item_ids))
+            found = None
+        now = self._clock()
+        for item_id in item_ids:
+            self._resting.reading.discard(item_id)
+            rest = self._resting.by_id.get(item_id)
+            if rest is None:
+                continue  # cancelled, or its queue deleted, meanwhile
+            if found is None or item_id in self._writing:
+                # Still due, and still first in its line; a cancel being written decides first.
+                self._deadlines.at(now + self.timing.heartbeat_interval, "eligible", item_id, rest.epoch)
+                continue
+            self._unrest(item_id)
+            fresh = found.get(item_id)
+            if fresh is None or fresh.state is not ItemState.PENDING or fresh.id in self.items:
+                continue  # ended meanwhile (a cancel's commit that has not returned yet)
+            backlog = self._backlogs.get(fresh.queue)
+            if backlog is not None and self._past_after(fresh):
+                self._count_in_backlog(backlog, self._key(fresh))  # a trim moved the backlog's key back
+                continue
+            self._take_in(fresh)
+            if self._window is not None and len(self._pending[fresh.queue]) > 2 * self._window:
+                self._trim(fresh.queue, self._window)
         self._schedule_dispatch()
 
     def _assign(self, item: Item, agent: Agent) -> Assignment | None:
@@ -1380,6 +1552,8 @@ class Dispatcher:
                 live[item.queue] = live.get(item.queue, 0) + 1
         for name, backlog in self._backlogs.items():
             pending[name] = pending.get(name, 0) + backlog.count
+        for rest in self._resting.by_id.values():
+            pending[rest.queue] = pending.get(rest.queue, 0) + 1
         return pending, live
 
     def leases_by_queue(self) -> dict[str, int]:
@@ -1514,6 +1688,9 @@ class Dispatcher:
             self._spawn(self._expire(agent, retry=("expiry", key)))
             return
         due = self.items.get(key)
+        if due is None and kind == "eligible":
+            self._come_due(key, epoch)
+            return
         if due is None or due.life.epoch != epoch or self._waits_for_close(due):
             return
         if (
@@ -1724,6 +1901,8 @@ class Dispatcher:
         heapq.heapify(heap)
         self._pending[queue_name] = heap
         self._lines.pop(queue_name, None)
+        for item_id in self._resting.due.get(queue_name, {}):
+            self._resting.due[queue_name][item_id] = self._resting_key(self._resting.by_id[item_id])
 
     def _trim(self, queue_name: str, keep: int, *, order_changed: bool = False) -> None:
         """Leave in the database the queue's PENDING items at rest after its first ``keep`` in dispatch
@@ -1843,6 +2022,8 @@ class Dispatcher:
             item.committed, item.revision = life, written
             tracing.committed(item, life.history, since)
             saved.append(item)
+            if self._rests(item, self._clock()):
+                self._rest(item, timed=True)  # _move put it on the timer, which has not fired yet
         self.wake_revoker()  # attempts that ended put their runs in the outbox of token revocations
         for item, message in then_send:
             if item.id not in stale:

@@ -93,23 +93,23 @@ class QueueWatcher:
         """open item id -> the place and reason it was last sent with (None: not PENDING then)"""
         self._agents_shown: set[str] = set()
 
-    def snapshot(self) -> QueueView:
+    async def snapshot(self) -> QueueView:
         """Every open item of the queue, PENDING ones first in dispatch order, then the others by creation;
         and every agent that serves it. Read in the same turn of the event loop as the watch began, so that
-        no change falls between."""
+        no change falls between; the places of items past the part of the line the index holds are then
+        counted in the database, as GetItem counts them."""
         dispatcher = self._dispatcher
         committed = [_as_committed(item) for item in dispatcher.items.values() if item.queue == self._queue]
         waits = dispatcher.waiting(committed)
+        agents = [agent for agent in dispatcher.agents.values() if self._serves(agent)]
+        waits.update(await dispatcher.counted_places(committed))
 
         def dispatch_order(item: Item) -> tuple[int, int]:
             waiting = waits.get(item.id)
             return (waiting.position, item.seq) if waiting else (len(committed) + 1, item.seq)
 
         open_items = sorted((item for item in committed if not item.state.is_terminal), key=dispatch_order)
-        view = QueueView(
-            items=[(item, waits.get(item.id)) for item in open_items],
-            agents=[agent for agent in dispatcher.agents.values() if self._serves(agent)],
-        )
+        view = QueueView(items=[(item, waits.get(item.id)) for item in open_items], agents=agents)
         self._remember(view)
         return view
 
@@ -125,7 +125,7 @@ class QueueWatcher:
                 raise NotFound(
                     "QUEUE_NOT_FOUND", f"queue {self._queue} was deleted", metadata={"resource": self._queue}
                 )
-            view = self._changed()
+            view = await self._changed()
             if view:
                 yield view
                 sent_at = loop.time()
@@ -136,7 +136,7 @@ class QueueWatcher:
             self._sent.pop(item.id, None)
             self._changes.item_changed(item)
 
-    def _changed(self) -> QueueView:
+    async def _changed(self) -> QueueView:
         dispatcher = self._dispatcher
         changed_items, changed_agents = self._changes.take()
         shown = {item.id: _as_committed(item) for item in changed_items}
@@ -155,6 +155,8 @@ class QueueWatcher:
                 agents.append(agent)
             elif agent_id in self._agents_shown:
                 removed.append(f"agents/{agent_id}")
+        for item_id, waiting in (await dispatcher.counted_places(shown.values())).items():
+            views[item_id] = (shown[item_id], waiting)
         view = QueueView(list(views.values()), agents, removed)
         self._remember(view)
         return view

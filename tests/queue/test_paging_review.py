@@ -583,12 +583,6 @@ async def _watched_positions(service: InProcessQueue, queue: str) -> dict[str, i
     return shown
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="F12: WatchQueue's snapshot and changes place items with Dispatcher.waiting (no database count): "
-    "a held PENDING item past the backlog's `after` (a released item of a prioritized queue) is shown "
-    "ahead of the items left in the database that go before it, unlike GetItem and ListItems (F4's fix)",
-)
 async def test_f12_watch_queue_places_a_released_item_behind_the_database_as_get_item_does(
     windowed: Service, job: str
 ) -> None:
@@ -607,40 +601,146 @@ async def test_f12_watch_queue_places_a_released_item_behind_the_database_as_get
 # ----- F13: items waiting out a retry delay are held however many there are ------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="F13: an item waiting out a retry delay is held wherever it sorts and never trimmed (_trim reads "
-    "the heap only), and a page of such items leaves the heap empty so the next page is read at once: with a "
-    "long retry_delay a failing job cycles a deep queue into memory, one slot at a time",
-)
+async def _retrying_queue(
+    service: InProcessQueue, retry_delay: duration_pb2.Duration, *, prioritization: bool = False
+) -> str:
+    """A queue whose failed items are tried again after ``retry_delay``, three attempts in all."""
+    created = await service.queues.CreateQueue(
+        queue_pb2.CreateQueueRequest(
+            parent="projects/qtest",
+            queue_id=f"page-{uuid.uuid4().hex[:10]}",
+            queue=queue_pb2.Queue(
+                resource=common_pb2.RESOURCE_KIND_LOCAL_PROCESS,
+                prioritization=prioritization,
+                retry_job_failures=True,
+                retry_delay=retry_delay,
+                max_attempts=3,
+            ),
+        )
+    )
+    return created.queue.name
+
+
+async def _fail(agent: ScriptedAgent, assignment: Assignment) -> None:
+    await agent.progress(assignment, RUNNING)
+    failed = await agent.complete(assignment, FAILED, common_pb2.FAILURE_REASON_JOB_FAILED, exit_code=1)
+    assert failed.ack.state == PENDING  # tried again after the queue's retry delay
+
+
+def _waits_ended(monkeypatch: pytest.MonkeyPatch) -> asyncio.Queue[str]:
+    """An item id put each time an item the index left in the database to wait out a retry stops waiting
+    there: due (read back into the index, or counted among the items left in the database), or ended."""
+    ended: asyncio.Queue[str] = asyncio.Queue()
+    unrest = Dispatcher._unrest
+
+    def observed(dispatcher: Dispatcher, item_id: str) -> None:
+        resting = item_id in dispatcher._resting.by_id
+        unrest(dispatcher, item_id)
+        if resting:
+            ended.put_nowait(item_id)
+
+    monkeypatch.setattr(Dispatcher, "_unrest", observed)
+    return ended
+
+
 async def test_f13_items_waiting_out_a_retry_delay_do_not_grow_the_index_past_its_window(
     windowed: Service, job: str
 ) -> None:
     async with windowed() as service:
-        created = await service.queues.CreateQueue(
-            queue_pb2.CreateQueueRequest(
-                parent="projects/qtest",
-                queue_id=f"page-{uuid.uuid4().hex[:10]}",
-                queue=queue_pb2.Queue(
-                    resource=common_pb2.RESOURCE_KIND_LOCAL_PROCESS,
-                    retry_job_failures=True,
-                    retry_delay=duration_pb2.Duration(seconds=3600),
-                    max_attempts=3,
-                ),
-            )
-        )
-        queue = created.queue.name
+        queue = await _retrying_queue(service, duration_pb2.Duration(seconds=3600))
         for _ in range(5 * WINDOW):
             await _enqueue(service, queue, job)
         agent = await ScriptedAgent(service.address).connect([queue], capacity=1)  # one slot
         try:
             for _ in range(3 * WINDOW):
-                failing = (await agent.next("assignment")).assignment
-                await agent.progress(failing, RUNNING)
-                failed = await agent.complete(
-                    failing, FAILED, common_pb2.FAILURE_REASON_JOB_FAILED, exit_code=1
-                )
-                assert failed.ack.state == PENDING  # tried again in an hour
+                await _fail(agent, (await agent.next("assignment")).assignment)  # tried again in an hour
                 assert _held_pending(service, queue) <= 2 * WINDOW
         finally:
             await agent.close()
+
+
+async def test_f13_items_read_back_after_their_retry_delay_keep_their_place_and_run_once(
+    windowed: Service, job: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    waits_ended = _waits_ended(monkeypatch)
+    async with windowed() as service:
+        queue = await _retrying_queue(service, duration_pb2.Duration(seconds=1))
+        names = [await _enqueue(service, queue, job) for _ in range(3 * WINDOW)]
+        agent = await ScriptedAgent(service.address).connect([queue], capacity=2)
+        try:
+            failing = [(await agent.next("assignment")).assignment for _ in range(2)]
+            assert [assignment.item.name for assignment in failing] == names[:2]
+            await _set_paused(service, queue, True)
+            for assignment in failing:
+                await _fail(agent, assignment)
+                assert service.held(assignment.item.name) is None  # the case named: it waits in the database
+            pending, _ = service.parts.dispatcher.depths()
+            assert pending[queue] == len(names)
+            assert await _positions(service, names[2:]) == list(range(1, len(names) - 1))
+
+            # Due: both sort before the backlog's key, so they are read back into the index.
+            due = {await asyncio.wait_for(waits_ended.get(), 30) for _ in failing}
+            assert due == {name.rsplit("/", 1)[1] for name in names[:2]}
+            assert all(service.held(name) is not None for name in names[:2])
+            await _set_paused(service, queue, False)
+            await _run_in_order(agent, names)  # the retried items first: they are the oldest
+            for name in names[:2]:
+                item = (await service.queues.GetItem(queue_pb2.GetItemRequest(name=name))).item
+                leased = [t for t in item.transitions if t.to_state == common_pb2.ITEM_STATE_LEASED]
+                assert [t.attempt for t in leased] == [1, 2]
+                assert leased[1].time.ToDatetime() >= item.eligible_time.ToDatetime()
+        finally:
+            await agent.close()
+
+
+async def test_f13_a_released_item_due_past_the_window_is_counted_in_the_database_and_runs_in_its_place(
+    windowed: Service, job: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    waits_ended = _waits_ended(monkeypatch)
+    async with windowed() as service:
+        queue = await _retrying_queue(service, duration_pb2.Duration(seconds=1), prioritization=True)
+        agent = await ScriptedAgent(service.address).connect([queue], capacity=1)
+        try:
+            low, highs = await _a_low_item_released_behind_highs(service, queue, agent, job)
+            assert service.held(low) is None  # the case named: it waits out the delay in the database
+            assert await _positions(service, [low]) == [len(highs) + 1]
+
+            assert await asyncio.wait_for(waits_ended.get(), 30) == low.rsplit("/", 1)[1]
+            assert service.held(low) is None  # due past the backlog's key: counted there, read by a page
+            pending, _ = service.parts.dispatcher.depths()
+            assert pending[queue] == len(highs) + 1
+            assert await _positions(service, [low]) == [len(highs) + 1]
+            await _set_paused(service, queue, False)
+            await _run_in_order(agent, [*highs, low])
+        finally:
+            await agent.close()
+
+
+async def test_f13_after_a_restart_items_waiting_out_a_retry_delay_stay_in_the_database(
+    windowed: Service, job: str
+) -> None:
+    async with windowed() as service:
+        queue = await _retrying_queue(service, duration_pb2.Duration(seconds=3600))
+        names = [await _enqueue(service, queue, job) for _ in range(3 * WINDOW)]
+        agent = await ScriptedAgent(service.address).connect([queue], capacity=2)
+        failing = [(await agent.next("assignment")).assignment for _ in range(2)]
+        await _set_paused(service, queue, True)
+        for assignment in failing:
+            await _fail(agent, assignment)
+        await agent.close()
+
+    async with windowed() as restarted:
+        # Loaded with the first window, and left there with their due times only.
+        assert [restarted.held(name) for name in names[:2]] == [None, None]
+        pending, _ = restarted.parts.dispatcher.depths()
+        assert pending[queue] == len(names)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await restarted.queues.DeleteQueue(queue_pb2.DeleteQueueRequest(name=queue))
+        assert f"has {len(names)} items" in (refused.value.details() or "")
+        await _set_paused(restarted, queue, False)
+        runner = await ScriptedAgent(restarted.address).connect([queue], capacity=1)
+        try:
+            await _run_in_order(runner, names[2:])  # the failed ones wait out their hour
+            assert _held_pending(restarted, queue) == 0
+        finally:
+            await runner.close()
