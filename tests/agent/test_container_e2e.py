@@ -43,7 +43,9 @@ SOCKET = "registry.sock"
 EXAMPLE = Path(__file__).parents[2] / "examples" / "multinode"
 
 TRAIN = """\
-import os, takeoff
+import os
+os.environ["TAKEOFF_SYSTEM_METRICS"] = "0"  # the tests count the job's own rows; a slow start would add one
+import takeoff
 run = takeoff.init(config={"epochs": 2})
 print("hello from the container", run.config["epochs"], os.getcwd())
 for i in range(5):
@@ -52,7 +54,9 @@ run.summary["best"] = 0.2
 """
 
 WAITER = """\
-import os, time, takeoff
+import os, time
+os.environ["TAKEOFF_SYSTEM_METRICS"] = "0"  # the tests count the job's own rows; its wait would add some
+import takeoff
 run = takeoff.init()
 print("waiting", flush=True)
 while not os.path.exists("/tmp/go"):

@@ -14,7 +14,9 @@ from tests.agent.conftest import Stack, StartAgent, code_job, running_agent
 
 ROWS = 40
 REPORTING_JOB = f"""\
-import sys, takeoff
+import os, sys
+os.environ["TAKEOFF_SYSTEM_METRICS"] = "0"  # the test counts the job's own rows; a slow start would add one
+import takeoff
 run = takeoff.init(config={{"lr": 0.5}})
 for step in range({ROWS}):
     run.log({{"loss": 1.0 / (step + 1)}}, step=step)

@@ -510,7 +510,9 @@ async def test_a_builder_that_stays_away_past_the_retry_deadline_fails_the_build
 ) -> None:
     _, address = await serve_builder([events_then([], break_with=grpc.StatusCode.UNAVAILABLE)])
 
-    events, changes = await collect(address, retry_until=time.time() + 1.0)
+    # A deadline well inside the first health probe (1 s after the first failure): this fake answers the
+    # probe, and a probe before the deadline would count it reachable again for a moment.
+    events, changes = await collect(address, retry_until=time.time() + 0.3)
 
     assert kinds(events) == ["failure"]
     assert events[0].failure.reason == common_pb2.FAILURE_REASON_BUILD_INFRA
