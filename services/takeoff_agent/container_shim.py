@@ -31,6 +31,7 @@ from takeoff_agent.shim import (
     lease_lapsed,
     output_files,
     shim_lock,
+    until_fence_check,
     write_atomically,
 )
 
@@ -216,7 +217,7 @@ def supervise(
     stopping = fenced = False
     while len(ends) < len(paths):
         with contextlib.suppress(queue.Empty):
-            rank, end = ended.get(timeout=FENCE_CHECK_SECONDS)
+            rank, end = ended.get(timeout=FENCE_CHECK_SECONDS if fenced else until_fence_check(lease_dir))
             ends.append((rank, end))
             stopping = stopping or failed(end)
         if len(ends) < len(paths) and not fenced and lease_lapsed(lease_dir):

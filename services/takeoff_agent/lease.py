@@ -48,9 +48,10 @@ is not hammered, and the session heartbeats meanwhile. A replica that died costs
 0.1 s."""
 NOT_COMMITTED = queue_pb2.REJECT_REASON_NOT_COMMITTED
 FENCE_LEAD_SECONDS = 1.0
-"""How much sooner than the queue service the agent counts its leases lapsed. The fences (the agent's, a
-shim's) look every 0.5 s: a job is stopped before the queue gives its item to the next attempt, so it cannot
-finish its work once the queue has taken it for lost (the work would then run twice)."""
+"""How much sooner than the queue service the agent counts its leases lapsed (at most a sixth of the TTL):
+a job is stopped before the queue gives its item to the next attempt, so it cannot finish its work once the
+queue has taken it for lost (the work would then run twice). A shim looks at the fence as the lease ends
+(shim.until_fence_check); the lead is for a loaded machine's delays."""
 CHANNEL_OPTIONS = (("grpc.max_reconnect_backoff_ms", 800), ("grpc.use_local_subchannel_pool", 1))
 """While the queue service is away the channel's own back-off paces the connection attempts, and a session
 starts as soon as one succeeds: capped at 0.8 s, plus gRPC's 20 % jitter, dispatch resumes within a second
@@ -331,7 +332,7 @@ class LeaseLink:
             await asyncio.sleep(self.heartbeat_interval)
 
     def _renewed_until(self, sent: float) -> float:
-        return sent + self.lease_ttl - min(FENCE_LEAD_SECONDS, self.lease_ttl / 4)  # short test TTLs
+        return sent + self.lease_ttl - min(FENCE_LEAD_SECONDS, self.lease_ttl / 6)  # short test TTLs
 
     async def send(self, **message: Any) -> LeaseResponse:
         """Send one message and wait for its Ack or Reject; raises Disconnected if the stream ends first."""

@@ -45,6 +45,8 @@ else:
     from typing import Any
 
 FENCE_CHECK_SECONDS = 0.5
+LAPSE_MARGIN_SECONDS = 0.01
+"""Looked at this long past the lease's end, so that the look finds it lapsed."""
 STOP_GRACE_SECONDS = 10.0
 STOPPING = "stopping"
 """Written by the agent before it stops a local job (SIGTERM to each group, SIGKILL after the grace): the
@@ -133,6 +135,16 @@ def lease_until(lease_dir: str | os.PathLike[str]) -> float | None:
 def lease_lapsed(lease_dir: str | os.PathLike[str]) -> bool:
     until = lease_until(lease_dir)
     return until is not None and time.time() > until
+
+
+def until_fence_check(lease_dir: str | os.PathLike[str]) -> float:
+    """Seconds until the fence is looked at again: ``FENCE_CHECK_SECONDS``, or just past the lease's end
+    when that comes sooner, so that a job is stopped as its lease lapses, not up to a check later (the
+    agent's lead before the queue's expiry, lease.FENCE_LEAD_SECONDS, is then all margin)."""
+    until = lease_until(lease_dir)
+    if until is None:
+        return FENCE_CHECK_SECONDS
+    return min(FENCE_CHECK_SECONDS, max(0.0, until - time.time()) + LAPSE_MARGIN_SECONDS)
 
 
 def stop_groups(
@@ -325,7 +337,8 @@ def wait_for_end(lease_dir: str | os.PathLike[str], ranks: Ranks) -> tuple[int |
 
     Each SIGCHLD wakes the shim (it is blocked, and taken by ``sigtimedwait``), which reaps at once: the
     ends are learnt in the order they happen, so the first rank to fail is the one named, not a peer
-    that failed because of it. Without one for ``FENCE_CHECK_SECONDS``, the fence is looked at."""
+    that failed because of it. Without one for ``FENCE_CHECK_SECONDS`` (or until the lease's end), the fence
+    is looked at."""
     seen = 0
     while True:
         ranks.reap()
@@ -336,7 +349,9 @@ def wait_for_end(lease_dir: str | os.PathLike[str], ranks: Ranks) -> tuple[int |
         seen = len(ended)
         if seen == len(ranks.pids):
             return None, False
-        if signal.sigtimedwait((signal.SIGCHLD,), FENCE_CHECK_SECONDS) is None and lease_lapsed(lease_dir):
+        if signal.sigtimedwait((signal.SIGCHLD,), until_fence_check(lease_dir)) is None and lease_lapsed(
+            lease_dir
+        ):
             return None, True
 
 

@@ -25,7 +25,7 @@ from tests.processes import ServiceProcess, service_process
 
 PROJECT = "deadline"
 TTL_SECONDS = 6.0
-"""Long enough that the lead is the whole FENCE_LEAD_SECONDS (it is at most a quarter of the TTL)."""
+"""Long enough that the lead is the whole FENCE_LEAD_SECONDS (it is at most a sixth of the TTL)."""
 PATIENCE = 30.0
 
 

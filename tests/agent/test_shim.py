@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from takeoff_agent.runners.local_process import LocalProcessJob
-from takeoff_agent.shim import write_atomically
+from takeoff_agent.shim import FENCE_CHECK_SECONDS, LAPSE_MARGIN_SECONDS, until_fence_check, write_atomically
 from tests.processes import pid_alive, wait_for
 
 SLEEPER = "import time; print('ready', flush=True); time.sleep(600)"
@@ -237,3 +237,15 @@ def test_a_stopped_job_gets_one_sigterm_though_a_rank_ends_before_the_others(tmp
         if shim.poll() is None:
             shim.kill()
             shim.wait()
+
+
+def test_the_fence_is_looked_at_as_the_lease_ends_not_up_to_a_check_later(tmp_path: Path) -> None:
+    assert until_fence_check(tmp_path) == FENCE_CHECK_SECONDS  # no deadline written yet
+    (tmp_path / "lease_until").write_text(str(time.time() + 3600))
+    assert until_fence_check(tmp_path) == FENCE_CHECK_SECONDS
+    ends_in = FENCE_CHECK_SECONDS / 2
+    before = time.time()
+    (tmp_path / "lease_until").write_text(str(before + ends_in))
+    assert LAPSE_MARGIN_SECONDS <= until_fence_check(tmp_path) <= ends_in + LAPSE_MARGIN_SECONDS
+    (tmp_path / "lease_until").write_text(str(before - 1))
+    assert until_fence_check(tmp_path) == LAPSE_MARGIN_SECONDS  # lapsed: looked at again at once
