@@ -18,47 +18,16 @@ from pathlib import Path
 import pytest
 
 from takeoff.client import Client
-from takeoff.v1 import common_pb2, queue_pb2
+from takeoff.v1 import common_pb2
 from takeoff_agent.lease import FENCE_LEAD_SECONDS, HelloSpec, LeaseLink
 from tests.keys import ADMIN_KEY
+from tests.lease_handlers import NoLeases
 from tests.processes import ServiceProcess, service_process
 
 PROJECT = "deadline"
 TTL_SECONDS = 6.0
 """Long enough that the lead is the whole FENCE_LEAD_SECONDS (it is at most a sixth of the TTL)."""
 PATIENCE = 30.0
-
-
-class Renewals:
-    """A LeaseHandler that holds no leases and keeps each Welcome and each renewed deadline."""
-
-    def __init__(self) -> None:
-        self.welcomes: asyncio.Queue[queue_pb2.LeaseResponse.Welcome] = asyncio.Queue()
-        self.deadlines: list[float] = []
-        self.renewed_thrice = asyncio.Event()
-
-    def held_leases(self) -> dict[str, int]:
-        return {}
-
-    def draining(self) -> bool:
-        return False
-
-    async def on_welcome(self, welcome: queue_pb2.LeaseResponse.Welcome) -> None:
-        self.welcomes.put_nowait(welcome)
-
-    async def on_assignment(self, assignment: queue_pb2.LeaseResponse.Assignment) -> None:
-        raise AssertionError(f"nothing was enqueued, yet {assignment.item} was assigned")
-
-    async def on_cancel(self, cancel: queue_pb2.LeaseResponse.Cancel) -> None:
-        raise AssertionError(f"nothing was leased, yet {cancel.lease_id} was cancelled")
-
-    async def on_revoke(self, revoke: queue_pb2.LeaseResponse.Revoke) -> None:
-        raise AssertionError(f"nothing was leased, yet {revoke.lease_id} was revoked")
-
-    def on_renewed(self, until: float) -> None:
-        self.deadlines.append(until)
-        if len(self.deadlines) >= 3:
-            self.renewed_thrice.set()
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +49,7 @@ def queue_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceP
 async def test_the_welcome_and_each_heartbeat_renew_to_a_lead_before_the_queues_expiry(
     queue_service: ServiceProcess,
 ) -> None:
-    renewals = Renewals()
+    renewals = NoLeases()
     hello = HelloSpec(
         agent_id=f"deadline-{uuid.uuid4().hex[:8]}",
         display_name="deadline",
@@ -92,13 +61,13 @@ async def test_the_welcome_and_each_heartbeat_renew_to_a_lead_before_the_queues_
     link = LeaseLink(queue_service.address, hello, renewals, api_key=ADMIN_KEY)
     running = asyncio.create_task(link.run())
     try:
-        welcome = await asyncio.wait_for(renewals.welcomes.get(), PATIENCE)
+        welcome = await renewals.next(PATIENCE)
         assert welcome.lease_ttl.ToTimedelta().total_seconds() == TTL_SECONDS
         expiry = welcome.server_time.ToNanoseconds() / 1e9 + TTL_SECONDS  # the queue's, unless renewed
         welcomed_until = renewals.deadlines[0]
         assert welcomed_until <= expiry - FENCE_LEAD_SECONDS
 
-        await asyncio.wait_for(renewals.renewed_thrice.wait(), PATIENCE)  # two heartbeats acknowledged
+        await renewals.renewals(3, PATIENCE)  # the Welcome's, and two heartbeats acknowledged
         # A heartbeat renews from its send time: never later than the queue, which renews on receipt.
         assert all(until <= time.time() + TTL_SECONDS - FENCE_LEAD_SECONDS for until in renewals.deadlines)
         assert renewals.deadlines[-1] > welcomed_until

@@ -24,9 +24,10 @@ from typer.testing import CliRunner
 
 from takeoff.cli import app
 from takeoff.client import Client
-from takeoff.v1 import common_pb2, queue_pb2
+from takeoff.v1 import common_pb2
 from takeoff_agent.lease import HelloSpec, LeaseLink
 from tests.keys import ADMIN_KEY
+from tests.lease_handlers import NoLeases
 from tests.processes import ServiceProcess, service_process, until
 
 PROJECT = "failover"
@@ -67,39 +68,8 @@ def replicas(
         yield started[0], started[1]
 
 
-class Welcomes:
-    """A LeaseHandler that holds no leases and keeps each Welcome."""
-
-    def __init__(self) -> None:
-        self.received: asyncio.Queue[queue_pb2.LeaseResponse.Welcome] = asyncio.Queue()
-
-    def held_leases(self) -> dict[str, int]:
-        return {}
-
-    def draining(self) -> bool:
-        return False
-
-    async def on_welcome(self, welcome: queue_pb2.LeaseResponse.Welcome) -> None:
-        self.received.put_nowait(welcome)
-
-    async def on_assignment(self, assignment: queue_pb2.LeaseResponse.Assignment) -> None:
-        raise AssertionError(f"nothing was enqueued, yet {assignment.item} was assigned")
-
-    async def on_cancel(self, cancel: queue_pb2.LeaseResponse.Cancel) -> None:
-        raise AssertionError(f"nothing was leased, yet {cancel.lease_id} was cancelled")
-
-    async def on_revoke(self, revoke: queue_pb2.LeaseResponse.Revoke) -> None:
-        raise AssertionError(f"nothing was leased, yet {revoke.lease_id} was revoked")
-
-    def on_renewed(self, until: float) -> None:
-        pass
-
-    async def next(self) -> queue_pb2.LeaseResponse.Welcome:
-        return await asyncio.wait_for(self.received.get(), timeout=10)
-
-
 @contextlib.asynccontextmanager
-async def agent_session(target: str, handler: Welcomes) -> AsyncIterator[LeaseLink]:
+async def agent_session(target: str, handler: NoLeases) -> AsyncIterator[LeaseLink]:
     hello = HelloSpec(
         agent_id=f"failover-{uuid.uuid4().hex[:8]}",
         display_name="failover",
@@ -144,7 +114,7 @@ async def test_after_kill_9_of_the_first_address_calls_and_the_agents_next_sessi
 ) -> None:
     a, b = replicas
     both = f"{a.address},{b.address}"
-    welcomes = Welcomes()
+    welcomes = NoLeases()
     with client_of(registry, both) as client:
         assert queue_ids(client) == {SHARED, "only-a"}
         assert cli_queue_ids(registry, both) == {SHARED, "only-a"}
@@ -172,7 +142,7 @@ async def test_an_agent_leaves_a_replica_that_stops_answering_for_the_next_addre
     registry: ServiceProcess, replicas: tuple[ServiceProcess, ServiceProcess]
 ) -> None:
     a, b = replicas
-    welcomes = Welcomes()
+    welcomes = NoLeases()
     async with agent_session(f"{a.address},{b.address}", welcomes):
         agent = (await welcomes.next()).agent
         assert connected_agents(registry, a) == {agent}
@@ -188,7 +158,7 @@ async def test_an_agent_leaves_a_replica_that_stops_answering_for_the_next_addre
 async def test_an_agent_whose_list_names_a_host_that_does_not_resolve_keeps_trying(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    welcomes = Welcomes()
+    welcomes = NoLeases()
     with caplog.at_level(logging.WARNING, logger="takeoff_agent.lease"):
         async with agent_session("127.0.0.1:1,queue.invalid:2", welcomes) as link:
             await until(lambda: tries_logged(caplog, 2), "a second try")
