@@ -75,6 +75,9 @@ _REFRESH_BATCH = 500
 _OVER_LIMIT_WAIT = timedelta(seconds=0.5)
 LIVE_STATES = tuple(state for state in ItemState if state.is_live)
 """Writes another replica beat, each after reading what it wrote, before a change is given up."""
+READ_BACK_LEAD = timedelta(seconds=1)
+"""An item waiting out a retry's delay that the index left in the database is read back this long before its
+wait ends, so that dispatch finds it at hand then; one whose wait ends sooner stays in the index."""
 MINT_TIMEOUT_SECONDS = 5.0
 """How long an item's run token may take: past it, the item waits PENDING and is tried again later."""
 
@@ -121,12 +124,14 @@ class _RestingItems:
 
     by_id: dict[str, _Resting] = field(default_factory=dict)
     due: dict[str, dict[str, LineKey]] = field(default_factory=dict)
-    """queue -> its resting items due and being read back, with their keys: no item that sorts after one of
-    them is dispatched meanwhile"""
+    """queue -> its resting items due whose read has not landed, with their keys: no item that sorts after
+    one of them is dispatched meanwhile"""
     reading: set[str] = field(default_factory=set)
     """items whose read back is under way"""
     to_read: list[str] = field(default_factory=list)
-    """items come due in this turn of the event loop: read back together on the next"""
+    """items whose read back was asked for in this turn of the event loop: read together on the next"""
+    read: dict[str, Item] = field(default_factory=dict)
+    """items read back ahead of their due time (at most :data:`READ_BACK_LEAD`): indexed when due"""
 
 
 class ItemChanged(Exception):
@@ -1256,13 +1261,14 @@ class Dispatcher:
             self._index(item)
 
     def _rests(self, item: Item, now: datetime) -> bool:
-        """Whether the item, PENDING and waiting out a retry's delay, may wait in the database: the index
-        is bounded, nothing of the item lives only in memory, and nobody watches it (WatchItem is told when
-        its pending reason changes, which only an item in the index is followed for)."""
+        """Whether the item, PENDING and waiting out a retry's delay past :data:`READ_BACK_LEAD`, may wait
+        in the database: the index is bounded, nothing of the item lives only in memory, and nobody watches
+        it (WatchItem is told when its pending reason changes, which only an item in the index is followed
+        for)."""
         return (
             self._window is not None
             and item.state is ItemState.PENDING
-            and item.life.eligible_time > now
+            and item.life.eligible_time > now + READ_BACK_LEAD
             and item.id not in self._watchers
             and self._at_rest(item)
         )
@@ -1270,16 +1276,18 @@ class Dispatcher:
     def _rest(self, item: Item, *, timed: bool) -> None:
         """Leave the item in the database until its retry's wait ends, keeping its key and its due time
         (``timed``: already on the timer), so that however many items wait out a retry, the index holds
-        none of them."""
+        none of them; it is read back :data:`READ_BACK_LEAD` before it is due."""
         if self.items.get(item.id) is item:
             del self.items[item.id]
             self._lines.pop(item.queue, None)
         minted, _ = self._run_tokens.get(item.id, ("", ""))
         if minted and minted == item.life.run:
             del self._run_tokens[item.id]  # the ended attempt's: revoked with its end
-        self._resting.by_id[item.id] = _Resting(item.queue, int(item.priority), item.seq, item.life.epoch)
+        life = item.life
+        self._resting.by_id[item.id] = _Resting(item.queue, int(item.priority), item.seq, life.epoch)
         if not timed:
-            self._deadlines.at(item.life.eligible_time, "eligible", item.id, item.life.epoch)
+            self._deadlines.at(life.eligible_time, "eligible", item.id, life.epoch)
+        self._deadlines.at(life.eligible_time - READ_BACK_LEAD, "read_back", item.id, life.epoch)
 
     def _resting_key(self, rest: _Resting) -> LineKey:
         queue = self.queues.get(rest.queue)
@@ -1290,19 +1298,31 @@ class Dispatcher:
         rest = self._resting.by_id.pop(item_id, None)
         if rest is None:
             return
+        self._resting.read.pop(item_id, None)
         due = self._resting.due.get(rest.queue)
         if due is not None and due.pop(item_id, None) is not None:
             if not due:
                 del self._resting.due[rest.queue]
             self._schedule_dispatch()  # the items behind it may go now
 
+    def _read_ahead(self, item_id: str, epoch: int) -> None:
+        """Read a resting item back shortly before its wait ends, so that it is at hand when it does."""
+        rest = self._resting.by_id.get(item_id)
+        if rest is None or rest.epoch != epoch or item_id in self._resting.read:
+            return
+        if item_id not in self._resting.reading:
+            self._resting.reading.add(item_id)
+            self._resting.to_read.append(item_id)
+            if len(self._resting.to_read) == 1:
+                asyncio.get_running_loop().call_soon(self._read_due)
+
     def _come_due(self, item_id: str, epoch: int) -> None:
         """A resting item's retry wait ended. One that sorts past the backlog's ``after`` is counted among
-        the items left in the database, which a page reads when the line reaches it; another is read back
-        into the index, and no item behind it is dispatched meanwhile (a read that fails is tried again a
-        heartbeat interval later)."""
+        the items left in the database, which a page reads when the line reaches it; another enters its
+        queue's heap as read back. Until its read lands (a slow or failed read, a cancel being written),
+        no item that sorts after it is dispatched."""
         rest = self._resting.by_id.get(item_id)
-        if rest is None or rest.epoch != epoch or item_id in self._resting.reading:
+        if rest is None or rest.epoch != epoch:
             return
         key = self._resting_key(rest)
         backlog = self._backlogs.get(rest.queue)
@@ -1311,11 +1331,14 @@ class Dispatcher:
             self._count_in_backlog(backlog, key)
             self._schedule_dispatch()
             return
+        read = self._resting.read.get(item_id)
+        if read is not None and item_id not in self._writing:
+            self._unrest(item_id)
+            self._held_again(read)
+            return
         self._resting.due.setdefault(rest.queue, {})[item_id] = key
-        self._resting.reading.add(item_id)
-        self._resting.to_read.append(item_id)
-        if len(self._resting.to_read) == 1:
-            asyncio.get_running_loop().call_soon(self._read_due)
+        self._resting.read.pop(item_id, None)  # read before a cancel now being written: read again
+        self._read_ahead(item_id, epoch)
 
     @staticmethod
     def _count_in_backlog(backlog: _Backlog, key: LineKey) -> None:
@@ -1325,19 +1348,25 @@ class Dispatcher:
         if backlog.last is not None and key > backlog.last:
             backlog.last = key
 
+    def _held_again(self, item: Item) -> None:
+        """A resting item read back, due: in its queue's heap, the line trimmed if it grew past its bound."""
+        self._index(item)
+        if self._window is not None and len(self._pending[item.queue]) > 2 * self._window:
+            self._trim(item.queue, self._window)
+
     def _read_due(self) -> None:
         due, self._resting.to_read = self._resting.to_read, []
         self._spawn(self._read_back(due))
 
     async def _read_back(self, item_ids: list[str]) -> None:
-        """Take resting items whose wait ended into the index, as the database has them."""
+        """Read resting items back as the database has them: kept until due, or taken in if due already."""
         try:
             found = {}
             for start in range(0, len(item_ids), _REFRESH_BATCH):
                 batch = item_ids[start : start + _REFRESH_BATCH]
                 found.update({item.id: item for item in await self._store.items(item_ids=batch)})
         except Exception:
-            logger.exception("%d items due after a retry's wait were not read; trying again", len(item_ids))
+            logger.exception("%d items waiting out a retry were not read back; trying again", len(item_ids))
             found = None
         now = self._clock()
         for item_id in item_ids:
@@ -1345,21 +1374,22 @@ class Dispatcher:
             rest = self._resting.by_id.get(item_id)
             if rest is None:
                 continue  # cancelled, or its queue deleted, meanwhile
-            if found is None or item_id in self._writing:
-                # Still due, and still first in its line; a cancel being written decides first.
-                self._deadlines.at(now + self.timing.heartbeat_interval, "eligible", item_id, rest.epoch)
+            if found is None or item_id in self._writing:  # a cancel being written decides first
+                self._deadlines.at(now + self.timing.heartbeat_interval, "read_back", item_id, rest.epoch)
                 continue
-            self._unrest(item_id)
             fresh = found.get(item_id)
             if fresh is None or fresh.state is not ItemState.PENDING or fresh.id in self.items:
-                continue  # ended meanwhile (a cancel's commit that has not returned yet)
+                self._unrest(item_id)  # ended meanwhile (a cancel's commit that has not returned yet)
+                continue
+            if item_id not in self._resting.due.get(rest.queue, {}):
+                self._resting.read[item_id] = fresh  # taken in when due
+                continue
+            self._unrest(item_id)
             backlog = self._backlogs.get(fresh.queue)
             if backlog is not None and self._past_after(fresh):
                 self._count_in_backlog(backlog, self._key(fresh))  # a trim moved the backlog's key back
-                continue
-            self._take_in(fresh)
-            if self._window is not None and len(self._pending[fresh.queue]) > 2 * self._window:
-                self._trim(fresh.queue, self._window)
+            else:
+                self._held_again(fresh)
         self._schedule_dispatch()
 
     def _assign(self, item: Item, agent: Agent) -> Assignment | None:
@@ -1686,6 +1716,9 @@ class Dispatcher:
             if self._replicated or agent is None or agent.lease_expiry is None or agent.lease_expiry > now:
                 return
             self._spawn(self._expire(agent, retry=("expiry", key)))
+            return
+        if kind == "read_back":
+            self._read_ahead(key, epoch)
             return
         due = self.items.get(key)
         if due is None and kind == "eligible":

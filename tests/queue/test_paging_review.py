@@ -664,7 +664,7 @@ async def test_f13_items_read_back_after_their_retry_delay_keep_their_place_and_
 ) -> None:
     waits_ended = _waits_ended(monkeypatch)
     async with windowed() as service:
-        queue = await _retrying_queue(service, duration_pb2.Duration(seconds=1))
+        queue = await _retrying_queue(service, duration_pb2.Duration(seconds=2))
         names = [await _enqueue(service, queue, job) for _ in range(3 * WINDOW)]
         agent = await ScriptedAgent(service.address).connect([queue], capacity=2)
         try:
@@ -678,7 +678,7 @@ async def test_f13_items_read_back_after_their_retry_delay_keep_their_place_and_
             assert pending[queue] == len(names)
             assert await _positions(service, names[2:]) == list(range(1, len(names) - 1))
 
-            # Due: both sort before the backlog's key, so they are read back into the index.
+            # Read back a second before they are due; due, both sort before the backlog's key: held again.
             due = {await asyncio.wait_for(waits_ended.get(), 30) for _ in failing}
             assert due == {name.rsplit("/", 1)[1] for name in names[:2]}
             assert all(service.held(name) is not None for name in names[:2])
@@ -698,7 +698,7 @@ async def test_f13_a_released_item_due_past_the_window_is_counted_in_the_databas
 ) -> None:
     waits_ended = _waits_ended(monkeypatch)
     async with windowed() as service:
-        queue = await _retrying_queue(service, duration_pb2.Duration(seconds=1), prioritization=True)
+        queue = await _retrying_queue(service, duration_pb2.Duration(seconds=2), prioritization=True)
         agent = await ScriptedAgent(service.address).connect([queue], capacity=1)
         try:
             low, highs = await _a_low_item_released_behind_highs(service, queue, agent, job)
@@ -744,3 +744,90 @@ async def test_f13_after_a_restart_items_waiting_out_a_retry_delay_stay_in_the_d
             assert _held_pending(restarted, queue) == 0
         finally:
             await runner.close()
+
+
+async def test_f13_an_item_cancelled_while_its_read_back_is_under_way_never_runs(
+    windowed: Service, job: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with windowed() as service:
+        queue = await _retrying_queue(service, duration_pb2.Duration(seconds=2))
+        names = [await _enqueue(service, queue, job) for _ in range(3 * WINDOW)]
+        target = names[0]
+        gate = _Gate()
+        gate.armed = False
+        items = QueueStore.items
+
+        async def read_then_held(store: QueueStore, **filters: Any) -> list[Item]:
+            found = await items(store, **filters)
+            if filters.get("item_ids") == [target.rsplit("/", 1)[1]]:
+                await gate.hold()  # read back PENDING ahead of its due time; not yet at hand
+            return found
+
+        monkeypatch.setattr(QueueStore, "items", read_then_held)
+        agent = await ScriptedAgent(service.address).connect([queue], capacity=1)
+        try:
+            failing = (await agent.next("assignment")).assignment
+            assert failing.item.name == target
+            await _set_paused(service, queue, True)
+            gate.armed = True
+            await _fail(agent, failing)
+            assert service.held(target) is None  # waiting out its delay in the database
+            await asyncio.wait_for(gate.reached.wait(), 30)
+            assert (await _cancel(service, target)).state == CANCELLED
+            gate.open()
+
+            pending, _ = service.parts.dispatcher.depths()
+            assert pending[queue] == len(names) - 1
+            await _set_paused(service, queue, False)
+            await _run_in_order(agent, names[1:])
+            assert (await service.stored(target)).state == CANCELLED
+            assert service.held(target) is None
+        finally:
+            _Gate.open_all()
+            await agent.close()
+
+
+async def test_f13_an_item_due_before_its_read_back_lands_is_not_passed_over_meanwhile(
+    windowed: Service, job: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with windowed() as service:
+        queue = await _retrying_queue(service, duration_pb2.Duration(seconds=2))
+        names = [await _enqueue(service, queue, job) for _ in range(3 * WINDOW)]
+        target = names[0].rsplit("/", 1)[1]
+        gate, due = _Gate(), asyncio.Event()
+        gate.armed = False
+        items, come_due = QueueStore.items, Dispatcher._come_due
+
+        async def read_then_held(store: QueueStore, **filters: Any) -> list[Item]:
+            found = await items(store, **filters)
+            if filters.get("item_ids") == [target]:
+                await gate.hold()  # a slow read back: it lands after the item is due
+            return found
+
+        def noted(dispatcher: Dispatcher, item_id: str, epoch: int) -> None:
+            come_due(dispatcher, item_id, epoch)
+            if item_id == target:
+                due.set()
+
+        monkeypatch.setattr(QueueStore, "items", read_then_held)
+        monkeypatch.setattr(Dispatcher, "_come_due", noted)
+        agent = await ScriptedAgent(service.address).connect([queue], capacity=1)
+        try:
+            failing = (await agent.next("assignment")).assignment
+            await _set_paused(service, queue, True)
+            gate.armed = True
+            await _fail(agent, failing)
+            await asyncio.wait_for(gate.reached.wait(), 30)
+            await asyncio.wait_for(due.wait(), 30)
+            await _set_paused(service, queue, False)  # a free slot, and names[1] first in the heap
+            await agent.settle()
+            dispatcher = service.parts.dispatcher
+            behind = service.held(names[1])
+            assert behind is not None
+            assert behind.state is ItemState.PENDING
+            assert behind.id not in dispatcher._minting
+            gate.open()
+            await _run_in_order(agent, names)
+        finally:
+            _Gate.open_all()
+            await agent.close()
