@@ -3,21 +3,28 @@
 Projects exist once written to; reads in a project that never was fail with ``PROJECT_NOT_FOUND``.
 Version numbers count up from 0 per job; ``latest`` is not stored but always means the newest version.
 
-Resolving a reference (GetJobVersion, on the queue's dispatch path) reads the job's row and its aliases
-in one query every time, so an alias moved or a version added by any registry process is
-seen by the next resolve; only a version's content, which never changes, is kept in memory
-(:func:`version_key`).
+Resolving a reference (GetJobVersion, on the queue's Enqueue and the builder's Build path) is answered
+from memory: a version's content, which never changes (:func:`version_key`), and a snapshot of the job
+(its version count and aliases, :class:`JobSnapshots`) that is never stale. In this process every write
+that changes what a reference resolves to drops the job's snapshot after its commit, and a read that began
+before such a write never keeps what it read; where other registries share the database (PostgreSQL), a
+snapshot is used only while the database still holds what it says, one indexed read without the ORM
+(:meth:`RegistryStore.job_state`). So an alias moved, a version added, an alias or a job deleted, by
+any registry, is seen by the next resolve (docs/design.md §16 "GetJobVersion and caching").
 """
 
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
 from takeoff_registry.git_source import GitResolver
 from takeoff_registry.refs import JOB_VERSION, LATEST, JobKey, JobReference, check_alias, project_not_found
-from takeoff_registry.store import JobRow, JobVersionRow, RegistryStore, Tx
+from takeoff_registry.store import JobRow, JobState, JobVersionRow, RegistryStore, Tx
 from takeoff_registry.versions import (
     MAX_DESCRIPTION,
     CodeSource,
@@ -33,7 +40,7 @@ from takeoff_server.errors import AlreadyExists, NotFound
 from takeoff_server.idempotency import request_fingerprint
 from takeoff_server.pagination import PageRequest
 from takeoff_server.validation import Problems, check_text
-from takeoff_server.versions import VersionCache
+from takeoff_server.versions import VERSION_CACHE_SIZE, VersionCache
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,15 +81,82 @@ def _version_not_found(reference: str, why: str) -> NotFound:
     return NotFound("JOB_VERSION_NOT_FOUND", f"{reference}: {why}", metadata={"resource": reference})
 
 
-def version_key(row: JobRow, number: int) -> tuple[int, datetime, int]:
+@dataclass(frozen=True, slots=True)
+class JobSnapshot:
+    """What resolving a reference needs of a job, as one read of its row and aliases found it."""
+
+    job: Job
+    state: JobState
+    """What it was read from: the snapshot is current while the database holds the same."""
+
+    @property
+    def pk(self) -> int:
+        return self.state.pk
+
+    @classmethod
+    def of(cls, row: JobRow, user_aliases: dict[str, int]) -> JobSnapshot:
+        return cls(_job(row, user_aliases), JobState(_pk(row), row.version_count, user_aliases))
+
+
+def version_key(snapshot: JobSnapshot, number: int) -> tuple[int, datetime, int]:
     """Where a registry process keeps a version's content (:class:`takeoff_server.versions.VersionCache`).
 
     A version never changes once created, so an entry is never stale, whichever registry process made or
-    changes the job: aliases (``latest`` included) are read from the database at every resolve and put on
-    the cached content. The job's create time is in the key because a job deleted and made again may get
-    its row id back (SQLite reuses the highest), never its create time; a deleted job's entries are simply
+    changes the job: aliases (``latest`` included) come from the job's current snapshot and are put on the
+    cached content. The job's create time is in the key because a job deleted and made again may get its
+    row id back (SQLite reuses the highest), never its create time; a deleted job's entries are simply
     never asked for again and age out."""
-    return (_pk(row), row.create_time, number)
+    return (snapshot.pk, snapshot.job.create_time, number)
+
+
+JobId = tuple[str, str]
+"""(project, job)."""
+
+
+class JobSnapshots:
+    """The snapshots of the jobs this process resolved lately (the least recently used dropped first),
+    and which of them it wrote since.
+
+    A clock counts this process's writes to jobs; each write stamps its job with the clock
+    (:meth:`invalidate`, after its commit) and drops the job's snapshot. A read that fills a snapshot takes
+    the clock before it begins (:meth:`ticket`), and :meth:`put` keeps its snapshot only if the job was not
+    stamped since: such a read may have seen the job before the write's commit, after the write dropped
+    the old snapshot. The stamps of the last ``size`` jobs written are kept; a fill that began before a
+    forgotten stamp is not kept, whichever its job (a read more, never a stale answer)."""
+
+    def __init__(self, size: int = VERSION_CACHE_SIZE) -> None:
+        self._size = size
+        self._snapshots: OrderedDict[JobId, JobSnapshot] = OrderedDict()
+        self._clock = 0
+        self._stamps: OrderedDict[JobId, int] = OrderedDict()
+        self._forgotten = 0
+        """The newest stamp no longer kept."""
+
+    def ticket(self) -> int:
+        return self._clock
+
+    def get(self, job: JobId) -> JobSnapshot | None:
+        found = self._snapshots.get(job)
+        if found is not None:
+            self._snapshots.move_to_end(job)
+        return found
+
+    def put(self, job: JobId, snapshot: JobSnapshot, ticket: int) -> None:
+        """Keep ``snapshot``, read after :meth:`ticket` gave ``ticket``, unless the job was written since."""
+        if self._stamps.get(job, self._forgotten) > ticket:
+            return
+        self._snapshots[job] = snapshot
+        self._snapshots.move_to_end(job)
+        if len(self._snapshots) > self._size:
+            self._snapshots.popitem(last=False)
+
+    def invalidate(self, job: JobId) -> None:
+        self._clock += 1
+        self._snapshots.pop(job, None)
+        self._stamps[job] = self._clock
+        self._stamps.move_to_end(job)
+        if len(self._stamps) > self._size:
+            _, self._forgotten = self._stamps.popitem(last=False)
 
 
 class Jobs:
@@ -92,6 +166,17 @@ class Jobs:
         self._store = store
         self._git = git
         self._versions: VersionCache[tuple[int, datetime, int], JobVersion] = VersionCache()
+        self._snapshots = JobSnapshots()
+
+    @asynccontextmanager
+    async def _write_job(self, key: JobKey) -> AsyncIterator[Tx]:
+        """A write transaction that may change what references to the job resolve to: once it has ended
+        (committed, or not), this process's next resolve of the job reads it anew."""
+        try:
+            async with self._store.write() as tx:
+                yield tx
+        finally:
+            self._snapshots.invalidate((key.project, key.job))
 
     async def create_job(self, key: JobKey, *, description: str, request_id: str) -> Job:
         _check_description(description, field="job.description")
@@ -146,7 +231,7 @@ class Jobs:
             return await self._load_job(tx, row)
 
     async def delete_job(self, key: JobKey) -> None:
-        async with self._store.write() as tx:
+        async with self._write_job(key) as tx:
             await tx.delete_job(await self._require_job_row(tx, key, for_update=True))
 
     async def create_version(
@@ -185,7 +270,7 @@ class Jobs:
         if isinstance(spec.source, GitSource):
             commit = await self._git.resolve(spec.source.url, spec.source.ref)
             spec = replace(spec, source=replace(spec.source, commit=commit))
-        async with self._store.write() as tx:
+        async with self._write_job(key) as tx:
             if request_id and (replayed := await tx.replay("CreateJobVersion", request_id, fingerprint)):
                 return await self._replay_version(tx, replayed)
             now = _now()
@@ -236,41 +321,60 @@ class Jobs:
         recorded = json.loads(replayed)
         version_key = JOB_VERSION.parse(recorded["version"], field="request_id")
         key = JobKey(version_key["project"], version_key["job"])
-        version = await self._resolve(tx, JobReference(key, version=int(version_key["version"])))
+        version = await self._resolve(tx, JobReference(key, version=int(version_key["version"])), ticket=None)
         return CreatedVersion(version, bool(recorded["reused"]), await self._require_job(tx, key))
 
     async def resolve(self, reference: JobReference) -> JobVersion:
-        """The one version a job reference names."""
-        async with self._store.read() as tx:
-            return await self._resolve(tx, reference)
+        """The one version a job reference names: from memory when this process holds a current snapshot
+        of the job and the version's content, else read (and kept)."""
+        job_id = (reference.job.project, reference.job.job)
+        ticket = self._snapshots.ticket()
+        if (snapshot := await self._current_snapshot(job_id)) is not None:
+            number = _number(reference, snapshot)
+            if (cached := self._versions.get(version_key(snapshot, number))) is not None:
+                return replace(cached, aliases=_aliases_of(snapshot.job, number))
+            async with self._store.read() as tx:
+                if (version_row := await tx.version(snapshot.pk, number)) is not None:
+                    return self._kept(reference, version_row, snapshot)
+            # The job was deleted since its snapshot was checked: read why it is not found.
+        async with self._store.read() as tx:  # its first read begins after the ticket
+            return await self._resolve(tx, reference, ticket=ticket)
 
     async def resolve_in(self, tx: Tx, reference: JobReference) -> JobVersion:
-        """:meth:`resolve` in the caller's transaction."""
-        return await self._resolve(tx, reference)
+        """:meth:`resolve` in the caller's transaction, from what it reads (whose snapshot of the database
+        may be older than a write this process saw, so it keeps no snapshot of the job)."""
+        return await self._resolve(tx, reference, ticket=None)
 
-    async def _resolve(self, tx: Tx, reference: JobReference) -> JobVersion:
+    async def _current_snapshot(self, job_id: JobId) -> JobSnapshot | None:
+        """This process's snapshot of the job, if it is still what the database holds."""
+        snapshot = self._snapshots.get(job_id)
+        if snapshot is None or not self._store.shared:  # on SQLite every write is this process's own
+            return snapshot
+        if await self._store.job_state(*job_id) != snapshot.state:
+            return None  # written by another registry, deleted, or deleted and made anew
+        return snapshot
+
+    async def _resolve(self, tx: Tx, reference: JobReference, *, ticket: int | None) -> JobVersion:
+        """Resolve by reading the job; keep its snapshot when ``ticket`` (taken before ``tx`` began) says
+        it may be kept."""
         found = await tx.job_and_aliases(reference.job.project, reference.job.job)
         if found is None:
             raise await self._missing(tx, reference.job)
-        row, user_aliases = found
-        job = _job(row, user_aliases)
-        if reference.version is not None:
-            number = reference.version
-        elif (alias := reference.alias or LATEST) in job.aliases:
-            number = job.aliases[alias]
-        elif alias == LATEST:
-            raise _version_not_found(str(reference), "the job has no versions yet")
-        else:
-            raise _version_not_found(str(reference), f"the job has no alias {alias!r}")
-        if not 0 <= number < row.version_count:  # versions are numbered 0 to the count, none ever removed
-            raise _version_not_found(str(reference), f"the job has no version v{number}")
-        if (cached := self._versions.get(version_key(row, number))) is not None:
-            return replace(cached, aliases=_aliases_of(job, number))
-        version_row = await tx.version(_pk(row), number)
+        snapshot = JobSnapshot.of(*found)
+        if ticket is not None:
+            self._snapshots.put((reference.job.project, reference.job.job), snapshot, ticket)
+        number = _number(reference, snapshot)
+        if (cached := self._versions.get(version_key(snapshot, number))) is not None:
+            return replace(cached, aliases=_aliases_of(snapshot.job, number))
+        version_row = await tx.version(snapshot.pk, number)
         if version_row is None:
             raise _version_not_found(str(reference), f"the job has no version v{number}")
-        version = _version(reference.job, version_row, job)
-        self._versions.put(version_key(row, version.version), replace(version, aliases=()))
+        return self._kept(reference, version_row, snapshot)
+
+    def _kept(self, reference: JobReference, row: JobVersionRow, snapshot: JobSnapshot) -> JobVersion:
+        """The version ``row`` holds, its content kept for the next resolve."""
+        version = _version(reference.job, row, snapshot.job)
+        self._versions.put(version_key(snapshot, version.version), replace(version, aliases=()))
         return version
 
     async def list_versions(self, key: JobKey, *, page: PageRequest) -> tuple[list[JobVersion], int | None]:
@@ -285,7 +389,7 @@ class Jobs:
 
     async def set_alias(self, key: JobKey, alias: str, version: int) -> Job:
         check_alias(alias, field="alias")
-        async with self._store.write() as tx:
+        async with self._write_job(key) as tx:
             row = await self._require_job_row(tx, key, for_update=True)
             if version < 0 or await tx.version(_pk(row), version) is None:
                 raise _version_not_found(f"{key.name}:v{version}", f"the job has no version v{version}")
@@ -295,7 +399,7 @@ class Jobs:
 
     async def delete_alias(self, key: JobKey, alias: str) -> Job:
         check_alias(alias, field="alias")
-        async with self._store.write() as tx:
+        async with self._write_job(key) as tx:
             row = await self._require_job_row(tx, key, for_update=True)
             if not await tx.delete_alias(_pk(row), alias):
                 reference = f"{key.name}:{alias}"
@@ -344,6 +448,22 @@ def _job(row: JobRow, user_aliases: dict[str, int]) -> Job:
         create_time=row.create_time,
         update_time=row.update_time,
     )
+
+
+def _number(reference: JobReference, snapshot: JobSnapshot) -> int:
+    """The number of the version ``reference`` names in the job as ``snapshot`` holds it."""
+    aliases = snapshot.job.aliases
+    if reference.version is not None:
+        number = reference.version
+    elif (alias := reference.alias or LATEST) in aliases:
+        number = aliases[alias]
+    elif alias == LATEST:
+        raise _version_not_found(str(reference), "the job has no versions yet")
+    else:
+        raise _version_not_found(str(reference), f"the job has no alias {alias!r}")
+    if not 0 <= number < snapshot.job.version_count:  # versions are numbered 0 to the count, none removed
+        raise _version_not_found(str(reference), f"the job has no version v{number}")
+    return number
 
 
 def _version(key: JobKey, row: JobVersionRow, job: Job) -> JobVersion:
