@@ -668,27 +668,29 @@ async def test_f13_items_read_back_after_their_retry_delay_keep_their_place_and_
         names = [await _enqueue(service, queue, job) for _ in range(3 * WINDOW)]
         agent = await ScriptedAgent(service.address).connect([queue], capacity=2)
         try:
-            failing = [(await agent.next("assignment")).assignment for _ in range(2)]
-            assert [assignment.item.name for assignment in failing] == names[:2]
-            await _set_paused(service, queue, True)
-            for assignment in failing:
-                await _fail(agent, assignment)
-                assert service.held(assignment.item.name) is None  # the case named: it waits in the database
-            pending, _ = service.parts.dispatcher.depths()
-            assert pending[queue] == len(names)
-            assert await _positions(service, names[2:]) == list(range(1, len(names) - 1))
+            async with agent.heartbeating():  # as a live agent does: its lease must not lapse
+                failing = [(await agent.next("assignment")).assignment for _ in range(2)]
+                assert [assignment.item.name for assignment in failing] == names[:2]
+                await _set_paused(service, queue, True)
+                for assignment in failing:
+                    await _fail(agent, assignment)
+                    # The case named: it waits out its delay in the database.
+                    assert service.held(assignment.item.name) is None
+                pending, _ = service.parts.dispatcher.depths()
+                assert pending[queue] == len(names)
+                assert await _positions(service, names[2:]) == list(range(1, len(names) - 1))
 
-            # Read back a second before they are due; due, both sort before the backlog's key: held again.
-            due = {await asyncio.wait_for(waits_ended.get(), 30) for _ in failing}
-            assert due == {name.rsplit("/", 1)[1] for name in names[:2]}
-            assert all(service.held(name) is not None for name in names[:2])
-            await _set_paused(service, queue, False)
-            await _run_in_order(agent, names)  # the retried items first: they are the oldest
-            for name in names[:2]:
-                item = (await service.queues.GetItem(queue_pb2.GetItemRequest(name=name))).item
-                leased = [t for t in item.transitions if t.to_state == common_pb2.ITEM_STATE_LEASED]
-                assert [t.attempt for t in leased] == [1, 2]
-                assert leased[1].time.ToDatetime() >= item.eligible_time.ToDatetime()
+                # Read back a second before they are due; due, both sort before the backlog's key: held.
+                due = {await asyncio.wait_for(waits_ended.get(), 30) for _ in failing}
+                assert due == {name.rsplit("/", 1)[1] for name in names[:2]}
+                assert all(service.held(name) is not None for name in names[:2])
+                await _set_paused(service, queue, False)
+                await _run_in_order(agent, names)  # the retried items first: they are the oldest
+                for name in names[:2]:
+                    item = (await service.queues.GetItem(queue_pb2.GetItemRequest(name=name))).item
+                    leased = [t for t in item.transitions if t.to_state == common_pb2.ITEM_STATE_LEASED]
+                    assert [t.attempt for t in leased] == [1, 2]
+                    assert leased[1].time.ToDatetime() >= item.eligible_time.ToDatetime()
         finally:
             await agent.close()
 
@@ -701,17 +703,18 @@ async def test_f13_a_released_item_due_past_the_window_is_counted_in_the_databas
         queue = await _retrying_queue(service, duration_pb2.Duration(seconds=2), prioritization=True)
         agent = await ScriptedAgent(service.address).connect([queue], capacity=1)
         try:
-            low, highs = await _a_low_item_released_behind_highs(service, queue, agent, job)
-            assert service.held(low) is None  # the case named: it waits out the delay in the database
-            assert await _positions(service, [low]) == [len(highs) + 1]
+            async with agent.heartbeating():  # as a live agent does: its lease must not lapse
+                low, highs = await _a_low_item_released_behind_highs(service, queue, agent, job)
+                assert service.held(low) is None  # the case named: it waits out the delay in the database
+                assert await _positions(service, [low]) == [len(highs) + 1]
 
-            assert await asyncio.wait_for(waits_ended.get(), 30) == low.rsplit("/", 1)[1]
-            assert service.held(low) is None  # due past the backlog's key: counted there, read by a page
-            pending, _ = service.parts.dispatcher.depths()
-            assert pending[queue] == len(highs) + 1
-            assert await _positions(service, [low]) == [len(highs) + 1]
-            await _set_paused(service, queue, False)
-            await _run_in_order(agent, [*highs, low])
+                assert await asyncio.wait_for(waits_ended.get(), 30) == low.rsplit("/", 1)[1]
+                assert service.held(low) is None  # due past the backlog's key: counted there, read by a page
+                pending, _ = service.parts.dispatcher.depths()
+                assert pending[queue] == len(highs) + 1
+                assert await _positions(service, [low]) == [len(highs) + 1]
+                await _set_paused(service, queue, False)
+                await _run_in_order(agent, [*highs, low])
         finally:
             await agent.close()
 
@@ -740,8 +743,9 @@ async def test_f13_after_a_restart_items_waiting_out_a_retry_delay_stay_in_the_d
         await _set_paused(restarted, queue, False)
         runner = await ScriptedAgent(restarted.address).connect([queue], capacity=1)
         try:
-            await _run_in_order(runner, names[2:])  # the failed ones wait out their hour
-            assert _held_pending(restarted, queue) == 0
+            async with runner.heartbeating():  # as a live agent does: its lease must not lapse
+                await _run_in_order(runner, names[2:])  # the failed ones wait out their hour
+                assert _held_pending(restarted, queue) == 0
         finally:
             await runner.close()
 
@@ -766,22 +770,23 @@ async def test_f13_an_item_cancelled_while_its_read_back_is_under_way_never_runs
         monkeypatch.setattr(QueueStore, "items", read_then_held)
         agent = await ScriptedAgent(service.address).connect([queue], capacity=1)
         try:
-            failing = (await agent.next("assignment")).assignment
-            assert failing.item.name == target
-            await _set_paused(service, queue, True)
-            gate.armed = True
-            await _fail(agent, failing)
-            assert service.held(target) is None  # waiting out its delay in the database
-            await asyncio.wait_for(gate.reached.wait(), 30)
-            assert (await _cancel(service, target)).state == CANCELLED
-            gate.open()
+            async with agent.heartbeating():  # as a live agent does: its lease must not lapse
+                failing = (await agent.next("assignment")).assignment
+                assert failing.item.name == target
+                await _set_paused(service, queue, True)
+                gate.armed = True
+                await _fail(agent, failing)
+                assert service.held(target) is None  # waiting out its delay in the database
+                await asyncio.wait_for(gate.reached.wait(), 30)
+                assert (await _cancel(service, target)).state == CANCELLED
+                gate.open()
 
-            pending, _ = service.parts.dispatcher.depths()
-            assert pending[queue] == len(names) - 1
-            await _set_paused(service, queue, False)
-            await _run_in_order(agent, names[1:])
-            assert (await service.stored(target)).state == CANCELLED
-            assert service.held(target) is None
+                pending, _ = service.parts.dispatcher.depths()
+                assert pending[queue] == len(names) - 1
+                await _set_paused(service, queue, False)
+                await _run_in_order(agent, names[1:])
+                assert (await service.stored(target)).state == CANCELLED
+                assert service.held(target) is None
         finally:
             _Gate.open_all()
             await agent.close()
@@ -813,21 +818,22 @@ async def test_f13_an_item_due_before_its_read_back_lands_is_not_passed_over_mea
         monkeypatch.setattr(Dispatcher, "_come_due", noted)
         agent = await ScriptedAgent(service.address).connect([queue], capacity=1)
         try:
-            failing = (await agent.next("assignment")).assignment
-            await _set_paused(service, queue, True)
-            gate.armed = True
-            await _fail(agent, failing)
-            await asyncio.wait_for(gate.reached.wait(), 30)
-            await asyncio.wait_for(due.wait(), 30)
-            await _set_paused(service, queue, False)  # a free slot, and names[1] first in the heap
-            await agent.settle()
-            dispatcher = service.parts.dispatcher
-            behind = service.held(names[1])
-            assert behind is not None
-            assert behind.state is ItemState.PENDING
-            assert behind.id not in dispatcher._minting
-            gate.open()
-            await _run_in_order(agent, names)
+            async with agent.heartbeating():  # as a live agent does: its lease must not lapse
+                failing = (await agent.next("assignment")).assignment
+                await _set_paused(service, queue, True)
+                gate.armed = True
+                await _fail(agent, failing)
+                await asyncio.wait_for(gate.reached.wait(), 30)
+                await asyncio.wait_for(due.wait(), 30)
+                await _set_paused(service, queue, False)  # a free slot, and names[1] first in the heap
+                await agent.settle()
+                dispatcher = service.parts.dispatcher
+                behind = service.held(names[1])
+                assert behind is not None
+                assert behind.state is ItemState.PENDING
+                assert behind.id not in dispatcher._minting
+                gate.open()
+                await _run_in_order(agent, names)
         finally:
             _Gate.open_all()
             await agent.close()
