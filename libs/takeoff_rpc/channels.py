@@ -56,8 +56,10 @@ CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.keepalive_time_ms", KEEPALIVE_SECONDS * 1000),
     ("grpc.keepalive_timeout_ms", 20_000),
     # A restarted service is found again within a couple of seconds rather than gRPC's default of minutes.
+    # Not `grpc.min_reconnect_backoff_ms`: gRPC's core takes it as the least time a connection attempt is
+    # given (default 20 s), and at 100 ms a server slower than that to send its SETTINGS (a loaded machine,
+    # a TLS handshake across a WAN) failed every call UNAVAILABLE "timed out before receiving SETTINGS".
     ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 2000),
 )
 

@@ -7,6 +7,7 @@ Unix socket; the import checks run in fresh interpreters and look at ``sys.modul
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 import subprocess
@@ -518,3 +519,45 @@ def test_every_public_name_of_the_sdk_resolves() -> None:
 def test_takeoff_rpc_imports_neither_the_sdk_nor_the_server_runtime() -> None:
     modules = modules_loaded_by("import takeoff_rpc")
     assert loaded_packages(modules, ("takeoff", "takeoff_server")) == []
+
+
+SLOW_HANDSHAKE_SECONDS = 0.5
+"""How long the server's first bytes (its HTTP/2 SETTINGS) are held back: longer than the 100 ms gRPC gave a
+connection attempt while the channels set `grpc.min_reconnect_backoff_ms`."""
+
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, hold: float = 0.0) -> None:
+    first = True
+    with contextlib.suppress(ConnectionError):
+        while chunk := await reader.read(65536):
+            if first and hold:
+                await asyncio.sleep(hold)  # the slow handshake is the case, not a wait for anything
+            first = False
+            writer.write(chunk)
+            await writer.drain()
+    writer.close()
+
+
+@contextlib.asynccontextmanager
+async def slow_to_answer(upstream: str) -> AsyncIterator[str]:
+    """A TCP relay to ``upstream`` that holds back the server's first bytes, as a loaded machine or a TLS
+    handshake across a WAN does."""
+    host, port = upstream.rsplit(":", 1)
+
+    async def relay(client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
+        server_reader, server_writer = await asyncio.open_connection(host, int(port))
+        await asyncio.gather(
+            _pipe(client_reader, server_writer),
+            _pipe(server_reader, client_writer, hold=SLOW_HANDSHAKE_SECONDS),
+        )
+
+    server = await asyncio.start_server(relay, "127.0.0.1", 0)
+    try:
+        yield f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    finally:
+        server.close()
+
+
+async def test_a_server_slow_to_send_its_settings_is_waited_for_not_unavailable(address: str) -> None:
+    async with slow_to_answer(address) as slow, open_aio_channel(slow, api_key=KEY) as channel:
+        assert await aio_method(channel, "Authorization")(b"", timeout=10) == f"Bearer {KEY}".encode()
