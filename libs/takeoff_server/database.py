@@ -8,7 +8,7 @@ database: each keeps its own tables and its own migration version table, ``{serv
 from __future__ import annotations
 
 import hashlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any, Literal
@@ -37,6 +37,13 @@ def async_database_url(url: str) -> str:
     if backend == "postgresql":
         return parsed.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
     raise ConfigError(f"unsupported database {backend!r}: use a sqlite:// or postgresql:// URL")
+
+
+def libpq_conninfo(url: str, query: Mapping[str, str] | None = None) -> str:
+    """A ``postgresql://`` (or ``postgresql+psycopg://``) URL in the form libpq takes, for the connections a
+    service opens with psycopg itself (locks, LISTEN, a held connection), with ``query`` added to it."""
+    parsed = make_url(url).set(drivername="postgresql")
+    return (parsed.update_query_dict(dict(query)) if query else parsed).render_as_string(hide_password=False)
 
 
 SqliteSynchronous = Literal["NORMAL", "FULL"]

@@ -24,10 +24,10 @@ from contextlib import asynccontextmanager
 
 import psycopg
 from psycopg.pq import TransactionStatus
-from sqlalchemy.engine import make_url
 
 from takeoff_builder.locks import KeyedLocks
 from takeoff_builder.store import build_channel
+from takeoff_server.database import libpq_conninfo
 
 
 def lock_key(*parts: object) -> int:
@@ -98,9 +98,7 @@ class Flights:
     """Opens the connections that flight locks, cache entry locks and change notifications live on."""
 
     def __init__(self, database_url: str, *, idle: int = IDLE_LOCK_CONNECTIONS) -> None:
-        self._conninfo = (
-            make_url(database_url).set(drivername="postgresql").render_as_string(hide_password=False)
-        )
+        self._conninfo = libpq_conninfo(database_url)
         self._namespace = ""
         self._idle: list[Connection] = []
         self._max_idle = idle

@@ -21,12 +21,12 @@ from typing import Any
 
 import psycopg
 from sqlalchemy import event
-from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from takeoff_queue.book import QueueBook
 from takeoff_queue.dispatcher import Dispatcher, LeaseTiming
 from takeoff_queue.store import AGENTS_CHANNEL, ITEMS_CHANNEL, QUEUES_CHANNEL, QueueStore
+from takeoff_server.database import libpq_conninfo
 
 logger = logging.getLogger(__name__)
 
@@ -62,8 +62,7 @@ def replica_name() -> str:
 
 def listen_url(database_url: str) -> str:
     """The libpq form of a ``postgresql://`` (or ``postgresql+psycopg://``) URL, with TCP keepalives."""
-    url = make_url(database_url).set(drivername="postgresql").update_query_dict(_KEEPALIVES)
-    return url.render_as_string(hide_password=False)
+    return libpq_conninfo(database_url, _KEEPALIVES)
 
 
 class ReplicaSync:

@@ -27,7 +27,7 @@ from sqlalchemy.util import await_only
 from sqlmodel import Field, SQLModel, col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from takeoff_server.database import Database
+from takeoff_server.database import Database, libpq_conninfo
 from takeoff_server.idempotency import RequestIds, request_ids_table
 from takeoff_server.sqltypes import JsonText, UtcDateTime
 from takeoff_server.upserts import insert_unless_present
@@ -550,7 +550,7 @@ class _HeldConnection:
 
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
-        self._conninfo = engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+        self._conninfo = libpq_conninfo(engine.url.render_as_string(hide_password=False))
         self._connection: psycopg.AsyncConnection[tuple[Any, ...]] | None = None
         self._opening = asyncio.Lock()
         self._sql: dict[sa.Select[Any], str] = {}
