@@ -605,6 +605,18 @@ class Dispatcher:
         past = [item for item in items if self._past_after(item)]
         return await self.waiting_now(past, committed=True) if past else {}
 
+    def resting_ids(self, queue: str) -> list[str]:
+        """The queue's items that wait out a retry's delay in the database, by id (read by WatchQueue)."""
+        return [item_id for item_id, rest in self._resting.by_id.items() if rest.queue == queue]
+
+    async def read_resting(self, item_ids: Sequence[str]) -> list[Item]:
+        """Those of these items still resting, as the database has them."""
+        found: list[Item] = []
+        for start in range(0, len(item_ids), _REFRESH_BATCH):
+            batch = item_ids[start : start + _REFRESH_BATCH]
+            found += await self._store.items(item_ids=batch, states=[ItemState.PENDING])
+        return [item for item in found if item.id in self._resting.by_id]
+
     def open_items(self, queue: str) -> int:
         """The queue's items not yet ended: those in the index and those left in the database."""
         backlog = self._backlogs.get(queue)
@@ -1765,7 +1777,10 @@ class Dispatcher:
 
     def _on_item_deadline(self, kind: str, item: Item) -> None:
         if kind == "eligible" and item.state is ItemState.PENDING:
-            self._queue_up(item)
+            # Not before its time: a deadline set a heartbeat later (a failed write rolled back) may come
+            # before the end of a retry's wait, whose own deadline queues the item up then.
+            if item.life.eligible_time <= self._clock():
+                self._queue_up(item)
         elif kind == "start" and item.state in (ItemState.LEASED, ItemState.BUILDING, ItemState.STARTING):
             self._take_away(
                 item, RevokeReason.START_TIMEOUT, FailureReason.START_TIMEOUT, "not running in time"
@@ -2055,8 +2070,9 @@ class Dispatcher:
             item.committed, item.revision = life, written
             tracing.committed(item, life.history, since)
             saved.append(item)
-            if self._rests(item, self._clock()):
-                self._rest(item, timed=True)  # _move put it on the timer, which has not fired yet
+            if self.items.get(item.id) is item and self._rests(item, self._clock()):
+                # _move put it on the timer, which has not fired yet; still held (its queue not deleted)
+                self._rest(item, timed=True)
         self.wake_revoker()  # attempts that ended put their runs in the outbox of token revocations
         for item, message in then_send:
             if item.id not in stale:

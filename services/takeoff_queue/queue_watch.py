@@ -100,8 +100,13 @@ class QueueWatcher:
         counted in the database, as GetItem counts them."""
         dispatcher = self._dispatcher
         committed = [_as_committed(item) for item in dispatcher.items.values() if item.queue == self._queue]
+        resting = dispatcher.resting_ids(self._queue)
         waits = dispatcher.waiting(committed)
         agents = [agent for agent in dispatcher.agents.values() if self._serves(agent)]
+        # Items waiting out a retry's delay in the database are read there (those still waiting).
+        read = [item for item in await dispatcher.read_resting(resting) if item.id not in waits]
+        waits.update(dispatcher.waiting(read))
+        committed += read
         waits.update(await dispatcher.counted_places(committed))
 
         def dispatch_order(item: Item) -> tuple[int, int]:

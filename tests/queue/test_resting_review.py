@@ -101,13 +101,6 @@ async def _snapshot(service: InProcessQueue, queue: str) -> dict[str, queue_pb2.
 # ----- R1: WatchQueue's snapshot leaves out the items waiting out a retry ---------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="R1: WatchQueue's snapshot lists dispatcher.items only, and a resting item is no longer there: "
-    "a shallow queue's item waiting out its retry (PENDING, RETRY_BACKOFF) is missing from the console's "
-    "and `items list --watch`'s first state; the design shows every open item of a queue within its window",
-)
 async def test_r1_watch_queue_snapshot_shows_an_item_waiting_out_its_retry(
     service: InProcessQueue, job: str
 ) -> None:
@@ -173,13 +166,6 @@ def _hold_after_commit(monkeypatch: pytest.MonkeyPatch, gate: _Gate) -> None:
     monkeypatch.setattr(QueueStore, "write", committed_then_held)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="R3: _persist rests a retried item once its write returns without checking that the index still "
-    "holds it: a DeleteQueue committed in between (drop_queue has run) gets a _Resting entry for the deleted "
-    "queue, which a queue made again under that name counts (QUEUE_NOT_EMPTY, depth 1) until the hour is up",
-)
 async def test_r3_a_queue_deleted_while_a_retry_commits_leaves_nothing_behind(
     service: InProcessQueue, job: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -254,13 +240,6 @@ async def _deadlines_passed(service: InProcessQueue, span: timedelta) -> None:
 # ----- R4: a failed cancel of a held item waiting out its retry puts it in line at once (before 5ca3f04) ---
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="R4 (older than 5ca3f04, reached now through the items WatchItem keeps held): a cancel whose "
-    "write fails rolls the item back with an 'eligible' deadline a heartbeat later (_roll_back), and "
-    "_on_item_deadline queues a PENDING item up without looking at its eligible_time: leased an hour early",
-)
 async def test_r4_a_failed_cancel_of_a_watched_item_waiting_out_its_retry_does_not_run_it_early(
     service: InProcessQueue, job: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
