@@ -587,10 +587,13 @@ class Dispatcher:
                     behind[item.queue].append(item)  # not a new last one, which is behind all of them
         ahead = {}
         for name, past in behind.items():
+            backlog_now, queue = self._backlogs.get(name), self.queues.get(name)
+            if backlog_now is None or queue is None:
+                continue  # read out (or deleted) during an await: the index places them, as it holds the line
             past.sort(key=self._key)
             keys = [self._key(item) for item in past]
-            after = self._backlogs[name].after
-            counts = await self._store.pending_ahead(self.queues[name], after, keys)
+            after = backlog_now.after
+            counts = await self._store.pending_ahead(queue, after, keys)
             line = self._waiting_line(name)
             start = bisect.bisect_right(line, after) if after is not None else 0
             for item, key, count in zip(past, keys, counts, strict=True):
