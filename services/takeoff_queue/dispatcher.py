@@ -1780,10 +1780,9 @@ class Dispatcher:
 
     def _on_item_deadline(self, kind: str, item: Item) -> None:
         if kind == "eligible" and item.state is ItemState.PENDING:
-            # Not before its time: a deadline set a heartbeat later (a failed write rolled back) may come
-            # before the end of a retry's wait, whose own deadline queues the item up then.
-            if item.life.eligible_time <= self._clock():
-                self._queue_up(item)
+            # Not before its time (a deadline set a heartbeat later, when a failed write rolled back, may
+            # come before the end of a retry's wait): the timer is set again for then, never dropped.
+            self._make_pending(item)
         elif kind == "start" and item.state in (ItemState.LEASED, ItemState.BUILDING, ItemState.STARTING):
             self._take_away(
                 item, RevokeReason.START_TIMEOUT, FailureReason.START_TIMEOUT, "not running in time"
