@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
@@ -60,9 +59,11 @@ def pid_alive(pid: int) -> bool:
 
 
 class ServiceProcess:
-    def __init__(self, process: subprocess.Popen[str], addresses: list[str]) -> None:
+    def __init__(self, process: subprocess.Popen[str], addresses: list[str], log: Path) -> None:
         self.process = process
         self.addresses = addresses
+        self.log = log
+        """Where the process's output goes (stdout and stderr, appended)."""
 
     @property
     def address(self) -> str:
@@ -78,9 +79,13 @@ class ServiceProcess:
 def service_process(
     service: str, home: Path, *, env: dict[str, str] | None = None, listen: list[str] | None = None
 ) -> Iterator[ServiceProcess]:
-    """``python -m takeoff_<service>`` on a free loopback port, ready when its ready file appears."""
+    """``python -m takeoff_<service>`` on a free loopback port, ready when its ready file appears. Its output
+    goes to ``{home}/{service}.log``, a file, not a pipe: a pipe nobody reads fills after 64 KiB and then
+    stalls the service at its next log line (a module's registry stopped answering so)."""
     ready = home / f"{service}.ready"
     ready.unlink(missing_ok=True)
+    log = home / f"{service}.log"
+    output = log.open("a")
     process = subprocess.Popen(
         [sys.executable, "-m", f"takeoff_{service}"],
         env={
@@ -90,34 +95,20 @@ def service_process(
             "TAKEOFF_READY_FILE": str(ready),
             **(env or {}),
         },
-        stdout=subprocess.PIPE,
+        stdout=output,
         stderr=subprocess.STDOUT,
         text=True,
     )
+    output.close()  # the child holds its own copy
     try:
 
         def started() -> list[str] | None:
             if process.poll() is not None:
-                raise AssertionError(f"{service} exited with {process.returncode}: {process.stdout.read()}")  # type: ignore[union-attr]
+                raise AssertionError(f"{service} exited with {process.returncode}: {log.read_text()}")
             return json.loads(ready.read_text())["addresses"] if ready.exists() else None
 
-        yield ServiceProcess(process, wait_for(started, what=f"{service} to serve"))
+        yield ServiceProcess(process, wait_for(started, what=f"{service} to serve"), log)
     finally:
         if process.poll() is None:
             process.kill()
         process.wait()
-
-
-def drain_output(process: ServiceProcess, log: Path) -> Path:
-    """Copy the process's output to ``log`` as it comes: a pipe nobody reads would stall a busy replica."""
-    output = process.process.stdout
-    assert output is not None
-
-    def copy() -> None:
-        with log.open("w") as file:
-            for line in output:
-                file.write(line)
-                file.flush()  # line by line: a report read while the process runs has every line
-
-    threading.Thread(target=copy, daemon=True, name=f"drain {log}").start()
-    return log

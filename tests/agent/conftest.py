@@ -29,7 +29,7 @@ from takeoff.v1 import (
 from takeoff_rpc.channels import open_channel
 from takeoff_server.protovalues import dict_to_struct
 from tests.keys import ADMIN_KEY
-from tests.processes import ServiceProcess, drain_output, pid_alive, service_process, wait_for
+from tests.processes import ServiceProcess, pid_alive, service_process, wait_for
 
 LEASE_TTL_SECONDS = 3.0
 QUEUE_LOG = "queue.log"
@@ -178,7 +178,6 @@ def queue_service(
     if queue_database_url is not None:
         env["TAKEOFF_DATABASE_URL"] = queue_database_url
     with service_process("queue", home, env=env) as process:
-        drain_output(process, home / QUEUE_LOG)
         yield process
         process.terminate()
 

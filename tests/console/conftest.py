@@ -103,26 +103,28 @@ def console_process(home: Path, registry: str, queue: str) -> Iterator[Console]:
         for name, value in os.environ.items()
         if name not in {"TAKEOFF_API_KEY", "TAKEOFF_API_KEY_FILE", "TAKEOFF_TOKEN"}
     }
-    process = subprocess.Popen(
-        [sys.executable, "-m", "takeoff_console"],
-        env={
-            **environment,
-            "TAKEOFF_HOME": str(home),
-            "TAKEOFF_LISTEN": json.dumps(["127.0.0.1:0"]),
-            "TAKEOFF_READY_FILE": str(ready),
-            "TAKEOFF_REGISTRY_ADDRESS": registry,
-            "TAKEOFF_QUEUE_ADDRESS": queue,
-            "TAKEOFF_SIGNIN_CODE_FILE": str(code_file),
-        },
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    log = home / "console.log"  # a file, not a pipe: a pipe nobody reads stalls the console at 64 KiB of logs
+    with log.open("a") as output:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "takeoff_console"],
+            env={
+                **environment,
+                "TAKEOFF_HOME": str(home),
+                "TAKEOFF_LISTEN": json.dumps(["127.0.0.1:0"]),
+                "TAKEOFF_READY_FILE": str(ready),
+                "TAKEOFF_REGISTRY_ADDRESS": registry,
+                "TAKEOFF_QUEUE_ADDRESS": queue,
+                "TAKEOFF_SIGNIN_CODE_FILE": str(code_file),
+            },
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
     try:
 
         def started() -> str | None:
             if process.poll() is not None:
-                raise AssertionError(f"the console exited with {process.returncode}: {process.stdout.read()}")  # type: ignore[union-attr]
+                raise AssertionError(f"the console exited with {process.returncode}: {log.read_text()}")
             return str(json.loads(ready.read_text())["addresses"][0]) if ready.exists() else None
 
         address = wait_for(started, what="the console to serve")

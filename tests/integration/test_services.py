@@ -148,7 +148,7 @@ def test_grpc_calls_are_traced_with_the_service_name(takeoff_home: Path) -> None
         with grpc.insecure_channel(server.address) as channel:
             health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
         assert server.terminate() == 0
-        output = server.process.stdout.read()  # type: ignore[union-attr]
+        output = server.log.read_text()
 
     assert '"name": "/grpc.health.v1.Health/Check"' in output
     assert '"service.name": "takeoff-builder"' in output

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from takeoff.v1 import common_pb2, queue_pb2, queue_pb2_grpc
 from tests.postgres import assert_service_wrote_tables
-from tests.processes import ServiceProcess, drain_output, service_process
+from tests.processes import ServiceProcess, service_process
 from tests.queue.harness import ScriptedAgent
 
 RUNNING = common_pb2.ITEM_STATE_RUNNING
@@ -70,10 +70,7 @@ def queue_replicas(
         started = [pool.submit(start.__enter__) for start in starts]
         for start in starts:  # each is stopped however the others' starts went
             stack.push(start.__exit__)
-        replicas = [
-            Replica(process, drain_output(process, replica_home / "queue.log"))
-            for process, replica_home in zip((future.result() for future in started), homes, strict=True)
-        ]
+        replicas = [Replica(process, process.log) for process in (future.result() for future in started)]
         assert_service_wrote_tables(env["TAKEOFF_DATABASE_URL"], "queue_")  # it runs on PostgreSQL
         try:
             yield replicas
