@@ -84,6 +84,7 @@ def service_process(
     stalls the service at its next log line (a module's registry stopped answering so)."""
     ready = home / f"{service}.ready"
     ready.unlink(missing_ok=True)
+    home.mkdir(parents=True, exist_ok=True)  # the service makes its home; its log is there from the start
     log = home / f"{service}.log"
     output = log.open("a")
     process = subprocess.Popen(
