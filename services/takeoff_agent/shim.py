@@ -157,10 +157,12 @@ def stop_groups(
     """SIGTERM the job's process groups (one per rank), then SIGKILL those still there after ``grace``;
     ``terminated``: they have had their SIGTERM (the agent's), only the SIGKILL is left to send. A group
     whose leader has exited is gone once the leader is reaped: the shim, whose children the leaders are,
-    passes ``reap``, called before each look."""
+    passes ``reap``, called before each look. With no ``grace`` only the SIGKILL is sent: a SIGTERM with no
+    time to act on would only race it, and a handler that won (the SDK's) would report a graceful stop."""
     if reap is not None:
         reap()
-    alive = [pgid for pgid in pgids if _signal_group(pgid, 0 if terminated else signal.SIGTERM)]
+    first = 0 if terminated or grace <= 0 else signal.SIGTERM
+    alive = [pgid for pgid in pgids if _signal_group(pgid, first)]
     deadline = time.monotonic() + grace
     while alive and time.monotonic() < deadline:
         time.sleep(0.05)

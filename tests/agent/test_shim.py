@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from takeoff_agent.runners.local_process import LocalProcessJob
-from takeoff_agent.shim import FENCE_CHECK_SECONDS, LAPSE_MARGIN_SECONDS, until_fence_check, write_atomically
+from takeoff_agent.shim import (
+    FENCE_CHECK_SECONDS,
+    LAPSE_MARGIN_SECONDS,
+    stop_groups,
+    until_fence_check,
+    write_atomically,
+)
 from tests.processes import pid_alive, wait_for
 
 SLEEPER = "import time; print('ready', flush=True); time.sleep(600)"
@@ -249,3 +256,22 @@ def test_the_fence_is_looked_at_as_the_lease_ends_not_up_to_a_check_later(tmp_pa
     assert LAPSE_MARGIN_SECONDS <= until_fence_check(tmp_path) <= ends_in + LAPSE_MARGIN_SECONDS
     (tmp_path / "lease_until").write_text(str(before - 1))
     assert until_fence_check(tmp_path) == LAPSE_MARGIN_SECONDS  # lapsed: looked at again at once
+
+
+def test_a_stop_with_no_grace_sends_no_sigterm_for_a_handler_to_act_on(tmp_path: Path) -> None:
+    marker = tmp_path / "sigterm"
+    handles_sigterm = (
+        "import pathlib, signal, sys, time\n"
+        f"signal.signal(signal.SIGTERM, lambda *_: pathlib.Path({str(marker)!r}).touch())\n"
+        "print('ready', flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    job = subprocess.Popen(
+        [sys.executable, "-c", handles_sigterm], stdout=subprocess.PIPE, start_new_session=True
+    )
+    assert job.stdout is not None and job.stdout.readline() == b"ready\n"
+
+    stop_groups([job.pid], 0)  # as the agent stops the job of a shim that died
+
+    assert job.wait(timeout=60) == -signal.SIGKILL
+    assert not marker.exists()

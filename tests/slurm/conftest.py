@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,16 +59,43 @@ class SlurmCluster:
         return jobs
 
 
-def _cluster_up() -> bool:
+USABLE_NODE_STATES = {"idle", "mix", "alloc", "comp"}
+"""``sinfo``'s short states of a node that takes jobs (``comp``: one is still being stopped); a suffix (``*``
+not responding, ``~`` powered off, ...) makes it another state."""
+
+NODE_PATIENCE_SECONDS = 60.0
+"""How long the tests wait for the node to take jobs: a loaded machine's slurmd may answer late."""
+
+
+def _node_states() -> str:
+    """What ``sinfo`` says of the nodes, or why it cannot say; empty where the cluster is not set up."""
     if os.environ.get("TAKEOFF_TEST_SLURM") != "1" or shutil.which("sinfo") is None:
-        return False
+        return ""
     answer = subprocess.run(
         ["sinfo", "--noheader", "--format=%t"], check=False, capture_output=True, text=True
     )
-    return answer.returncode == 0 and bool({"idle", "mix", "alloc"} & set(answer.stdout.split()))
+    return answer.stdout if answer.returncode == 0 else answer.stderr
+
+
+def _cluster_up() -> tuple[bool, str]:
+    """Whether the node takes jobs, waiting for it a while, and what ``sinfo`` said last."""
+    deadline = time.monotonic() + NODE_PATIENCE_SECONDS
+    while True:
+        states = _node_states()
+        if USABLE_NODE_STATES & set(states.split()):
+            return True, states
+        if not states or time.monotonic() > deadline:
+            return False, states
+        time.sleep(0.5)
 
 
 @pytest.fixture(scope="session")
 def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> SlurmCluster:
-    require("slurm", _cluster_up(), "run .ci/slurm-setup.sh as root (sets TAKEOFF_TEST_SLURM=1)")
+    up, states = _cluster_up()
+    require(
+        "slurm",
+        up,
+        "run .ci/slurm-setup.sh as root (sets TAKEOFF_TEST_SLURM=1)"
+        + (f"; sinfo says the node is {states.strip()!r}" if states else ""),
+    )
     return SlurmCluster((tmp_path_factory.getbasetemp(), REPOSITORY))
