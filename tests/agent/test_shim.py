@@ -269,7 +269,8 @@ def test_a_stop_with_no_grace_sends_no_sigterm_for_a_handler_to_act_on(tmp_path:
     job = subprocess.Popen(
         [sys.executable, "-c", handles_sigterm], stdout=subprocess.PIPE, start_new_session=True
     )
-    assert job.stdout is not None and job.stdout.readline() == b"ready\n"
+    assert job.stdout is not None
+    assert job.stdout.readline() == b"ready\n"
 
     stop_groups([job.pid], 0)  # as the agent stops the job of a shim that died
 
