@@ -241,6 +241,45 @@ def decoding_handler(handler: Handler, method: str) -> Handler:
     )
 
 
+class FinishedCalls:
+    """Runs each unary call's servicer to its end though its caller cancels the call (gives up, or its
+    deadline passes), and answers the caller's cancellation at once. A cancellation that reached a
+    database transaction part-way could keep its connection (SQLAlchemy counts the connection lost, and a
+    second cancellation interrupts its close) and with it, on SQLite, the write lock: every later write
+    then failed. So a call is done whole, as a retry of it expects, and the server's stop waits for those
+    still going. Streaming calls stay cancellable: a stream lasts as long as its caller wants it, and
+    finishing one whose requests were cut off would write half of them (docs/design.md §9 "Databases")."""
+
+    def __init__(self) -> None:
+        self._going: set[asyncio.Task[Any]] = set()
+
+    def handler(self, handler: Handler, method: str) -> Handler:
+        """Innermost: only the servicer itself runs on."""
+        if handler.request_streaming or handler.response_streaming:
+            return handler
+        behavior, serializers = handler_parts(handler, method)
+
+        async def finished(request: Any, context: Context) -> Any:
+            call = asyncio.ensure_future(_call_unary(behavior, request, context))
+            self._going.add(call)
+            call.add_done_callback(self._settled)
+            return await asyncio.shield(call)
+
+        return grpc.unary_unary_rpc_method_handler(finished, **serializers)
+
+    def _settled(self, call: asyncio.Task[Any]) -> None:
+        self._going.discard(call)
+        if not call.cancelled():
+            call.exception()  # seen by the caller if it waited; otherwise nobody is left to tell
+
+    async def settle(self, patience: float) -> None:
+        """Wait up to ``patience`` seconds for the calls cancelled while their servicer ran."""
+        if self._going:
+            _, going = await asyncio.wait(set(self._going), timeout=patience)
+            if going:
+                logger.warning("%d cancelled calls still running at shutdown", len(going))
+
+
 class HandlerInterceptor(grpc.aio.ServerInterceptor):
     """Wraps the handler of every method with ``wrap(handler, method)``."""
 

@@ -30,6 +30,7 @@ from takeoff_server.access import AccessRules, KeyVerifier, Rule, missing_rules
 from takeoff_server.config import TlsSettings
 from takeoff_server.interceptors import (
     AccessControl,
+    FinishedCalls,
     GuardInterceptor,
     HandlerInterceptor,
     access_handler,
@@ -39,6 +40,10 @@ from takeoff_server.interceptors import (
 from takeoff_server.metrics import RpcMetrics, measured_handler
 
 logger = logging.getLogger(__name__)
+
+CANCELLED_CALLS_PATIENCE_SECONDS = 10.0
+"""How long a stop waits for the servicers of calls their callers cancelled (``FinishedCalls``): as long
+as a write waits for SQLite's lock."""
 
 ServicerT = TypeVar("ServicerT")
 
@@ -123,6 +128,7 @@ class TakeoffServer:
             if rpc_metrics is not None
             else []
         )
+        self._finished_calls = FinishedCalls()
         self._server = grpc.aio.server(
             interceptors=[
                 aio_server_interceptor(),  # type: ignore[no-untyped-call]
@@ -131,8 +137,9 @@ class TakeoffServer:
                 *extra_interceptors,
                 GuardInterceptor(error_guard),
                 HandlerInterceptor(lambda handler, method: access_handler(handler, method, self.access)),
-                # Innermost, so that the error guard above turns an undecodable request into a status.
+                # Inside the error guard, so that it turns an undecodable request into a status.
                 HandlerInterceptor(decoding_handler),
+                HandlerInterceptor(self._finished_calls.handler),
             ],
             options=[("grpc.so_reuseport", 0)],
         )
@@ -179,6 +186,7 @@ class TakeoffServer:
             if service.on_shutdown is not None:
                 await service.on_shutdown()
         await self._server.stop(grace)
+        await self._finished_calls.settle(CANCELLED_CALLS_PATIENCE_SECONDS)
         self._remove_sockets()
 
     def _remove_sockets(self) -> None:

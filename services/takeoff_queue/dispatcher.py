@@ -1511,7 +1511,8 @@ class Dispatcher:
                     run, item.name, item.job_version, sorted({mount.secret for mount in mounts})
                 )
         except (TokenCallFailed, TimeoutError) as error:
-            logger.warning("no run token for %s yet (%s); it stays PENDING", item.name, error or "timed out")
+            why = str(error) or "timed out"
+            logger.warning("no run token for %s yet (%s); it stays PENDING", item.name, why)
             return None
         except Exception:  # whatever went wrong, the item must not be lost from dispatch
             logger.exception("minting the run token of %s failed; it stays PENDING", item.name)
