@@ -7,7 +7,6 @@ reads.
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -284,7 +283,9 @@ class QueueBook:
 
         When an agent can take it now, the dispatcher leases it first and it is inserted LEASED, its
         claim committed with it. The request id is looked up again in the transaction: when a retry of the
-        same request committed first, its item is the answer and this one never existed."""
+        same request committed first, its item is the answer and this one never existed. A caller that
+        gives up stops neither the commit nor what memory must learn of it: the server runs a unary call
+        to its end (``takeoff_server.interceptors.FinishedCalls``)."""
         leased = self._dispatcher.admit(item)
 
         async def write(tx: QueueWrite) -> str | None:
@@ -297,31 +298,26 @@ class QueueBook:
                 await tx.remember(scope, request_id, fingerprint, item.name)
             return None
 
-        async def commit() -> Item:
-            nonlocal leased
-            try:
-                # The attempt's run token first: without one in time, the item is inserted PENDING.
-                leased = await self._dispatcher.issue_token(item, leased)
-                replayed = await self._store.write(write)
-            except BaseException:
-                self._dispatcher.not_admitted(item)
-                raise
-            if replayed is not None:
-                self._dispatcher.not_admitted(item)
-                if replayed is _QUEUE_GONE:
-                    raise NotFound(
-                        "QUEUE_NOT_FOUND",
-                        f"queue {item.queue} does not exist",
-                        metadata={"resource": item.queue},
-                    )
-                return await self.get_item(replayed)
-            item.committed = item.life
-            tracing.committed(item, item.life.history, 0)
-            self._dispatcher.admitted(item, leased)
-            return replace(item)  # as committed: a dispatch pass may lease it before the caller reads it
-
-        # A caller that gives up stops neither the commit nor what memory must learn of it.
-        return await asyncio.shield(commit())
+        try:
+            # The attempt's run token first: without one in time, the item is inserted PENDING.
+            leased = await self._dispatcher.issue_token(item, leased)
+            replayed = await self._store.write(write)
+        except BaseException:
+            self._dispatcher.not_admitted(item)
+            raise
+        if replayed is not None:
+            self._dispatcher.not_admitted(item)
+            if replayed is _QUEUE_GONE:
+                raise NotFound(
+                    "QUEUE_NOT_FOUND",
+                    f"queue {item.queue} does not exist",
+                    metadata={"resource": item.queue},
+                )
+            return await self.get_item(replayed)
+        item.committed = item.life
+        tracing.committed(item, item.life.history, 0)
+        self._dispatcher.admitted(item, leased)
+        return replace(item)  # as committed: a dispatch pass may lease it before the caller reads it
 
     def _validated_item(self, queue: Queue, job: ResolvedJob, request: EnqueueRequest) -> Item:
         problems = Problems()
