@@ -514,6 +514,13 @@ class Dispatcher:
         item = self.items.get(item_id)
         if item is not None and item_id not in self._reasons_told:
             self._reasons_told[item_id] = self._reason_now(item, {}, self._clock())
+        rest = self._resting.by_id.get(item_id)
+        if rest is not None:  # a watched item waits in the index (_rests): read it back now
+            read = self._resting.read.get(item_id)
+            if read is not None and item_id not in self._writing:
+                self._follow_watched(read)
+            else:
+                self._read_ahead(item_id, rest.epoch)
         return updates
 
     def unwatch(self, item_id: str, updates: asyncio.Queue[Item]) -> None:
@@ -1363,6 +1370,15 @@ class Dispatcher:
         if backlog.last is not None and key > backlog.last:
             backlog.last = key
 
+    def _follow_watched(self, item: Item) -> None:
+        """A resting item someone began to watch, read back: in the index until its wait ends (the timer
+        that ends it is set), so that its watchers are told when its reason to wait changes (review R2).
+        Its reason now is the one the watch began with."""
+        self._unrest(item.id)
+        self.items[item.id] = item
+        self._lines.pop(item.queue, None)
+        self._reasons_told.setdefault(item.id, self._reason_now(item, {}, self._clock()))
+
     def _held_again(self, item: Item) -> None:
         """A resting item read back, due: in its queue's heap, the line trimmed if it grew past its bound."""
         self._index(item)
@@ -1397,7 +1413,11 @@ class Dispatcher:
                 self._unrest(item_id)  # ended meanwhile (a cancel's commit that has not returned yet)
                 continue
             if item_id not in self._resting.due.get(rest.queue, {}):
-                self._resting.read[item_id] = fresh  # taken in when due
+                backlog = self._backlogs.get(fresh.queue)
+                if item_id in self._watchers and not (backlog is not None and self._past_after(fresh)):
+                    self._follow_watched(fresh)
+                else:
+                    self._resting.read[item_id] = fresh  # taken in when due
                 continue
             self._unrest(item_id)
             backlog = self._backlogs.get(fresh.queue)

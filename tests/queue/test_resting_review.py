@@ -114,16 +114,9 @@ async def test_r1_watch_queue_snapshot_shows_an_item_waiting_out_its_retry(
     assert (shown[resting].state, shown[resting].pending_reason) == (PENDING, RETRY_BACKOFF)
 
 
-# ----- R2: WatchItem begun on a resting item is never told its reason changed ----------------------------
+# ----- R2: WatchItem begun on a resting item is told its reason changed ---------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="R2: a watch begun after the item rested leaves it in the database (_rests is checked only when "
-    "it rests), and _tell_watchers_why wakes only watchers of items in the index: pausing the queue changes "
-    "its reason to QUEUE_PAUSED and the watch is never told (nor when its wait ends past the backlog key)",
-)
 async def test_r2_watch_item_begun_on_a_resting_item_is_told_when_its_queue_is_paused(
     service: InProcessQueue, job: str
 ) -> None:
