@@ -252,6 +252,7 @@ class FinishedCalls:
 
     def __init__(self) -> None:
         self._going: set[asyncio.Task[Any]] = set()
+        """Servicers of calls their callers cancelled, still running."""
 
     def handler(self, handler: Handler, method: str) -> Handler:
         """Innermost: only the servicer itself runs on."""
@@ -259,18 +260,23 @@ class FinishedCalls:
             return handler
         behavior, serializers = handler_parts(handler, method)
 
+        def settled(call: asyncio.Task[Any]) -> None:
+            self._going.discard(call)
+            error = None if call.cancelled() else call.exception()
+            if error is not None and not isinstance(error, errors.TakeoffError | grpc.aio.AbortError):
+                # The error guard would have logged it, had the caller still been waiting.
+                logger.error("%s failed after its caller cancelled it", method, exc_info=error)
+
         async def finished(request: Any, context: Context) -> Any:
             call = asyncio.ensure_future(_call_unary(behavior, request, context))
-            self._going.add(call)
-            call.add_done_callback(self._settled)
-            return await asyncio.shield(call)
+            try:
+                return await asyncio.shield(call)
+            except asyncio.CancelledError:
+                self._going.add(call)
+                call.add_done_callback(settled)
+                raise
 
         return grpc.unary_unary_rpc_method_handler(finished, **serializers)
-
-    def _settled(self, call: asyncio.Task[Any]) -> None:
-        self._going.discard(call)
-        if not call.cancelled():
-            call.exception()  # seen by the caller if it waited; otherwise nobody is left to tell
 
     async def settle(self, patience: float) -> None:
         """Wait up to ``patience`` seconds for the calls cancelled while their servicer ran."""
