@@ -91,6 +91,8 @@ class QueueWatcher:
         self._queue = changes.queue
         self._sent: dict[str, Waiting | None] = {}
         """open item id -> the place and reason it was last sent with (None: not PENDING then)"""
+        self._near_front: set[str] = set()
+        """open items last sent among the first :data:`FRONT_KEPT_CURRENT` places"""
         self._agents_shown: set[str] = set()
 
     async def snapshot(self) -> QueueView:
@@ -160,8 +162,21 @@ class QueueWatcher:
                 agents.append(agent)
             elif agent_id in self._agents_shown:
                 removed.append(f"agents/{agent_id}")
-        for item_id, waiting in (await dispatcher.counted_places(shown.values())).items():
-            views[item_id] = (shown[item_id], waiting)
+        # An item near the front that sorts past the backlog's key (one its agent released, behind items
+        # left in the database) moves up as the line does, but front_of_line ends before it: its place is
+        # counted in the database, as GetItem counts it, and resent when it differs (review R5).
+        near = {
+            item_id: _as_committed(held)
+            for item_id in self._near_front
+            if item_id not in views
+            and (held := dispatcher.items.get(item_id)) is not None
+            and held.committed is held.life
+        }
+        for item_id, waiting in (await dispatcher.counted_places([*shown.values(), *near.values()])).items():
+            if item_id in shown:
+                views[item_id] = (shown[item_id], waiting)
+            elif self._sent.get(item_id) != waiting:
+                views[item_id] = (near[item_id], waiting)
         view = QueueView(list(views.values()), agents, removed)
         self._remember(view)
         return view
@@ -172,6 +187,10 @@ class QueueWatcher:
                 self._sent.pop(item.id, None)  # sent once ended, then no more
             else:
                 self._sent[item.id] = waiting
+            if waiting is not None and waiting.position <= FRONT_KEPT_CURRENT and not item.state.is_terminal:
+                self._near_front.add(item.id)
+            else:
+                self._near_front.discard(item.id)
         self._agents_shown.update(agent.agent_id for agent in view.agents)
         self._agents_shown.difference_update(name.removeprefix("agents/") for name in view.removed_agents)
 

@@ -273,16 +273,9 @@ async def test_r4_a_failed_cancel_of_a_watched_item_waiting_out_its_retry_does_n
         await agent.close()
 
 
-# ----- R5: WatchQueue no longer keeps a released item's place current as the line moves ------------------
+# ----- R5: WatchQueue keeps a released item's place current as the line moves ---------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="R5: front_of_line now ends at the backlog's key, and _changed counts in the database only the "
-    "items that changed: a held item past the key (a released LOW behind HIGH items) keeps the place the "
-    "snapshot gave it while the items ahead of it are leased, though it is among the first 100 kept current",
-)
 async def test_r5_watch_queue_moves_a_released_item_up_as_the_items_ahead_are_leased(
     windowed: Service,  # noqa: F811
     job: str,
