@@ -19,10 +19,7 @@ import argparse
 import asyncio
 import json
 import os
-import secrets
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -31,6 +28,7 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import psycopg
+from local_services import new_admin_key, registry_process
 
 from takeoff.v1 import common_pb2, jobs_pb2, jobs_pb2_grpc
 from takeoff_registry.git_source import GitResolver
@@ -63,33 +61,6 @@ def fresh_schema(database_url: str) -> Iterator[str]:
     finally:
         with psycopg.connect(database_url, autocommit=True) as connection:
             connection.execute(f"DROP SCHEMA {schema} CASCADE")
-
-
-@contextmanager
-def local_registry(database_url: str, home: Path, admin_key: str) -> Iterator[tuple[str, int]]:
-    """A registry process: its address and pid."""
-    ready = home / "registry.ready"
-    key_file = home / "admin.key"
-    key_file.write_text(admin_key)
-    environment = {
-        **os.environ,
-        "TAKEOFF_HOME": str(home),
-        "TAKEOFF_LISTEN": json.dumps(["127.0.0.1:0"]),
-        "TAKEOFF_READY_FILE": str(ready),
-        "TAKEOFF_BOOTSTRAP_ADMIN_KEY_FILE": str(key_file),
-        "TAKEOFF_DATABASE_URL": database_url,
-    }
-    process = subprocess.Popen([sys.executable, "-m", "takeoff_registry"], env=environment)
-    try:
-        deadline = time.monotonic() + 60
-        while not ready.exists():
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit("the registry did not start")
-            time.sleep(0.05)
-        yield json.loads(ready.read_text())["addresses"][0], process.pid
-    finally:
-        process.terminate()
-        process.wait()
 
 
 def cpu_seconds(pid: int) -> float:
@@ -167,15 +138,15 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=2000, help="calls per reference")
     parser.add_argument("--database-url", help="PostgreSQL URL; default: SQLite under a temporary home")
     args = parser.parse_args()
-    admin_key = secrets.token_urlsafe(32)
+    admin_key = new_admin_key()
     database = "postgresql" if args.database_url else "sqlite"
     with tempfile.TemporaryDirectory(prefix="takeoff-bench-") as temporary:
         home = Path(temporary)
         schema = fresh_schema(args.database_url) if args.database_url else nullcontext(None)
         with schema as url:
             database_url = url or f"sqlite:///{home / 'registry.db'}"
-            with local_registry(database_url, home, admin_key) as (address, pid):
-                calls = asyncio.run(measure(address, pid, admin_key, args.calls))
+            with registry_process(home, database_url=database_url, admin_key=admin_key) as registry:
+                calls = asyncio.run(measure(registry.address, registry.pid, admin_key, args.calls))
             resolves = asyncio.run(resolve_costs(database_url, home, args.calls))
     print(f"{'database':<11} {'reference':<10} {'measured':<24} {'p50 ms':>8} {'p99 ms':>8} {'CPU ms':>8}")
     for kind in REFERENCES:

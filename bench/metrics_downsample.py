@@ -17,50 +17,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import secrets
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from pathlib import Path
+
+from local_services import new_admin_key, registry_process
 
 from takeoff.v1 import runs_pb2, runs_pb2_grpc
 from takeoff_rpc.channels import open_aio_channel
 
 GOAL_MS = 300
-
-
-@contextmanager
-def local_registry(database_url: str | None) -> Iterator[tuple[str, str]]:
-    """A registry on a free loopback port, with the admin key it imported."""
-    with tempfile.TemporaryDirectory(prefix="takeoff-bench-") as home:
-        ready, key_file = Path(home) / "registry.ready", Path(home) / "admin.key"
-        key = f"tko_benchadmin_{secrets.token_urlsafe(32)}"
-        key_file.write_text(key + "\n")
-        key_file.chmod(0o600)
-        environment = {
-            **os.environ,
-            "TAKEOFF_HOME": home,
-            "TAKEOFF_LISTEN": json.dumps(["127.0.0.1:0"]),
-            "TAKEOFF_READY_FILE": str(ready),
-            "TAKEOFF_BOOTSTRAP_ADMIN_KEY_FILE": str(key_file),
-            **({"TAKEOFF_DATABASE_URL": database_url} if database_url else {}),
-        }
-        process = subprocess.Popen([sys.executable, "-m", "takeoff_registry"], env=environment)
-        try:
-            deadline = time.monotonic() + 60
-            while not ready.exists():
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise SystemExit("the registry did not start")
-                time.sleep(0.05)
-            yield json.loads(ready.read_text())["addresses"][0], key
-        finally:
-            process.terminate()
-            process.wait()
 
 
 async def log_history(runs: runs_pb2_grpc.RunServiceAsyncStub, rows: int, batch: int) -> str:
@@ -133,10 +98,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--database-url", help="PostgreSQL URL; default: SQLite under a temporary home")
     args = parser.parse_args()
-    with local_registry(args.database_url) as (address, key):
+    key = new_admin_key()
+    with registry_process(database_url=args.database_url, admin_key=key) as registry:
         results = asyncio.run(
             measure(
-                address,
+                registry.address,
                 key,
                 rows=args.rows,
                 batch=args.batch,

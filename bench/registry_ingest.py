@@ -22,45 +22,16 @@ import io
 import json
 import os
 import statistics
-import subprocess
-import sys
 import tarfile
-import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager
-from pathlib import Path
+from collections.abc import AsyncIterator
 
 import grpc
+from local_services import registry_process
 
 from takeoff.v1 import common_pb2, jobs_pb2, jobs_pb2_grpc, runs_pb2, runs_pb2_grpc
 
 MIB = 1024 * 1024
-
-
-@contextmanager
-def local_registry(database_url: str | None) -> Iterator[str]:
-    with tempfile.TemporaryDirectory(prefix="takeoff-bench-") as home:
-        ready = Path(home) / "registry.ready"
-        environment = {
-            **os.environ,
-            "TAKEOFF_HOME": home,
-            "TAKEOFF_LISTEN": json.dumps(["127.0.0.1:0"]),
-            "TAKEOFF_READY_FILE": str(ready),
-        }
-        if database_url:
-            environment["TAKEOFF_DATABASE_URL"] = database_url
-        process = subprocess.Popen([sys.executable, "-m", "takeoff_registry"], env=environment)
-        try:
-            deadline = time.monotonic() + 60
-            while not ready.exists():
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise SystemExit("the registry did not start")
-                time.sleep(0.05)
-            yield json.loads(ready.read_text())["addresses"][0]
-        finally:
-            process.terminate()
-            process.wait()
 
 
 async def metric_rows_per_second(runs: runs_pb2_grpc.RunServiceAsyncStub, rows: int, batch: int) -> float:
@@ -164,9 +135,15 @@ def main() -> None:
     parser.add_argument("--follow-lines", type=int, default=200, help="appends timed to a follower (0: none)")
     parser.add_argument("--database-url", help="PostgreSQL URL; default: SQLite under a temporary home")
     args = parser.parse_args()
-    with local_registry(args.database_url) as address:
+    with registry_process(database_url=args.database_url) as registry:
         results = asyncio.run(
-            measure(address, args.rows, args.batch or [1000, 10_000], args.artifact_mib, args.follow_lines)
+            measure(
+                registry.address,
+                args.rows,
+                args.batch or [1000, 10_000],
+                args.artifact_mib,
+                args.follow_lines,
+            )
         )
     print(json.dumps(results, indent=2))
 

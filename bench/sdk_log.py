@@ -18,15 +18,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import secrets
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
+
+from local_services import new_admin_key, registry_process
 
 import takeoff
 
@@ -39,34 +36,11 @@ ROWS_GOAL = 50_000
 
 @contextmanager
 def local_registry() -> Iterator[str]:
-    """A registry on a free loopback port whose admin key this process presents."""
-    with tempfile.TemporaryDirectory(prefix="takeoff-bench-") as home:
-        ready, key_file = Path(home) / "registry.ready", Path(home) / "admin.key"
-        os.environ["TAKEOFF_API_KEY"] = key = f"tko_benchadmin_{secrets.token_urlsafe(32)}"
-        key_file.write_text(key + "\n")
-        key_file.chmod(0o600)
-        process = subprocess.Popen(
-            [sys.executable, "-m", "takeoff_registry"],
-            env={
-                **os.environ,
-                "TAKEOFF_HOME": home,
-                "TAKEOFF_LISTEN": json.dumps(["127.0.0.1:0"]),
-                "TAKEOFF_READY_FILE": str(ready),
-                "TAKEOFF_BOOTSTRAP_ADMIN_KEY_FILE": str(key_file),
-            },
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        try:
-            deadline = time.monotonic() + 60
-            while not ready.exists():
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise SystemExit("the registry did not start")
-                time.sleep(0.05)
-            yield json.loads(ready.read_text())["addresses"][0]
-        finally:
-            process.terminate()
-            process.wait()
+    """A quiet registry on a free loopback port whose admin key this process presents (TAKEOFF_API_KEY,
+    which bench/artifacts.py and bench/offline_sync.py read too)."""
+    os.environ["TAKEOFF_API_KEY"] = key = new_admin_key()
+    with registry_process(admin_key=key, quiet=True) as registry:
+        yield registry.address
 
 
 def measure(address: str, rows: int, system_interval: float | None) -> dict[str, float]:
