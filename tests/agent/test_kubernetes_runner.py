@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import socket
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -31,6 +32,7 @@ from takeoff_agent.domain import (
 )
 from takeoff_agent.runners.base import Launch, RunnerContext, RunnerRefused, RunnerUnavailable
 from takeoff_agent.runners.kubernetes import KubeJob, KubernetesRunner, create
+from takeoff_agent.runners.kubernetes.logs import PodLog
 from takeoff_agent.runners.kubernetes.manifest import JobSettings, job_manifest, job_name
 from takeoff_agent.runners.kubernetes.status import observe
 from tests.agent.kube_api import KubeApiServer
@@ -696,3 +698,43 @@ def test_a_pod_disrupted_after_its_job_succeeded_is_a_success() -> None:
     done = _pod({"terminated": {"exitCode": 0}}, "Succeeded", conditions=[disruption])
     complete = {**RUNNING_JOB, "status": {"conditions": [{"type": "Complete", "status": "True"}]}}
     assert observe(complete, done, "job", pod_gone=True).exit == JobExit(0)
+
+
+class _EndlessLog:
+    """A followed pod log that never ends: it blocks its reader until its socket is shut down."""
+
+    def __init__(self) -> None:
+        self.shut = threading.Event()
+        self.closed = False
+        self.connection = self
+        self.sock = self
+
+    def shutdown(self, _how: int) -> None:
+        self.shut.set()
+
+    def stream(self, **_: Any) -> Iterator[bytes]:
+        self.shut.wait(60)
+        yield from ()
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_a_log_stopped_while_its_stream_opens_is_not_read_on() -> None:
+    opening, opened = threading.Event(), threading.Event()
+    log_stream = _EndlessLog()
+
+    class Api:
+        def follow_log(self, namespace: str, pod: str, container: str) -> _EndlessLog:
+            opening.set()
+            opened.wait(60)
+            return log_stream
+
+    log = PodLog()
+    log.follow(Api(), "default", "pod", "job", ended=lambda: False)  # type: ignore[arg-type]
+    assert opening.wait(60)
+    log.stop()  # as the runner's close stops it, before the stream is there to interrupt
+    opened.set()
+
+    assert log.finished.wait(10), "the follow read on a log nobody will stop"
+    assert log_stream.closed

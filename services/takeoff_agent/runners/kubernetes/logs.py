@@ -55,8 +55,10 @@ class PodLog:
         self, api: KubeApi, namespace: str, pod: str, container: str, ended: Callable[[], bool]
     ) -> None:
         """Start following ``pod``'s log, once; ``ended`` says whether the container has ended (a stream that
-        stops before then broke off, and is opened again)."""
-        if self._thread is None:
+        stops before then broke off, and is opened again). A log stopped already is not followed: the
+        runner's ``close`` stops every log, and a job still observing its pods must not start a follow
+        after it, which nothing would stop."""
+        if self._thread is None and not self._stopping.is_set():
             self._thread = threading.Thread(
                 target=self._follow,
                 args=(api, namespace, pod, container, ended),
@@ -107,6 +109,12 @@ class PodLog:
 
     def _read(self, response: Any) -> None:
         self._response = response
+        if self._stopping.is_set():
+            # ``stop`` came while the stream was being opened, before it could interrupt it: a follow left
+            # reading a log that never ends would outlive the runner.
+            self._response = None
+            response.close()
+            return
         with self._lock:
             skip = self.offset + len(self._lines) - (1 if self._partial else 0)
             if self._partial:
