@@ -27,9 +27,10 @@ import time
 from collections.abc import AsyncIterator
 
 import grpc
-from local_services import registry_process
+from local_services import new_admin_key, registry_process
 
 from takeoff.v1 import common_pb2, jobs_pb2, jobs_pb2_grpc, runs_pb2, runs_pb2_grpc
+from takeoff_rpc.channels import open_aio_channel
 
 MIB = 1024 * 1024
 
@@ -103,10 +104,10 @@ async def follow_latencies_ms(runs: runs_pb2_grpc.RunServiceAsyncStub, lines: in
 
 
 async def measure(
-    address: str, rows: int, batches: list[int], artifact_mib: int, follow_lines: int
+    address: str, key: str, rows: int, batches: list[int], *, artifact_mib: int, follow_lines: int
 ) -> dict[str, float]:
     results: dict[str, float] = {}
-    async with grpc.aio.insecure_channel(address) as channel:
+    async with open_aio_channel(address, api_key=key) as channel:
         runs = runs_pb2_grpc.RunServiceStub(channel)
         jobs = jobs_pb2_grpc.JobServiceStub(channel)
         await metric_rows_per_second(runs, 10_000, 1000)  # warm-up
@@ -135,14 +136,16 @@ def main() -> None:
     parser.add_argument("--follow-lines", type=int, default=200, help="appends timed to a follower (0: none)")
     parser.add_argument("--database-url", help="PostgreSQL URL; default: SQLite under a temporary home")
     args = parser.parse_args()
-    with registry_process(database_url=args.database_url) as registry:
+    key = new_admin_key()
+    with registry_process(database_url=args.database_url, admin_key=key) as registry:
         results = asyncio.run(
             measure(
                 registry.address,
+                key,
                 args.rows,
                 args.batch or [1000, 10_000],
-                args.artifact_mib,
-                args.follow_lines,
+                artifact_mib=args.artifact_mib,
+                follow_lines=args.follow_lines,
             )
         )
     print(json.dumps(results, indent=2))
