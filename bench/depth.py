@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from dispatch import _agent_key, _create_queue, bench_stack, measure, print_table
+from local_services import lift_enqueue_limit
 from throughput import SyntheticAgent
 
 from takeoff.stack import LocalStack
@@ -141,6 +142,7 @@ def main() -> None:
     parser.add_argument("--large", type=int, default=1_000_000)
     parser.add_argument("--drain", type=int, default=3000)
     args = parser.parse_args()
+    lift_enqueue_limit()
     small, large = run(args.items, args.small, args.drain), run(args.items, args.large, args.drain)
     print_table([small, large])
     for row in (small, large):

@@ -26,6 +26,8 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+from local_services import lift_enqueue_limit
+
 from takeoff._home import StackRecord
 from takeoff.client import Client
 from takeoff.stack import LocalStack
@@ -180,6 +182,7 @@ def main() -> None:
     )
     parser.add_argument("--runs", type=int, default=1)
     args = parser.parse_args()
+    lift_enqueue_limit()
     print_table([run(args.items, args.backlog, args.job) for _ in range(args.runs)])
 
 

@@ -49,6 +49,7 @@ from pathlib import Path
 
 import psycopg
 from dispatch import _agent_key, _create_queue, bench_stack
+from local_services import lift_enqueue_limit
 from prometheus_client.parser import text_string_to_metric_families
 
 from takeoff._auth import keys_dir
@@ -320,8 +321,7 @@ def _home(keep: bool) -> Iterator[str]:
 
 
 def run(args: argparse.Namespace) -> dict[str, object]:
-    os.environ["TAKEOFF_ENQUEUES_PER_SECOND"] = "1000000"  # the bench measures the queue, not its limit
-    os.environ["TAKEOFF_ENQUEUE_BURST"] = "1000000"
+    lift_enqueue_limit()
     os.environ["TAKEOFF_METRICS_LISTEN"] = "127.0.0.1:0"  # the registry's calls are counted there
     if args.sqlite_sync:
         os.environ["TAKEOFF_SQLITE_SYNCHRONOUS"] = args.sqlite_sync
