@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Iterable
 from typing import TypeVar
 
@@ -226,10 +227,15 @@ class RunApi(runs_pb2_grpc.RunServiceServicer):
                 key = RunKey.parse(message.name, field="name")
             elif message.name and message.name != key.name:
                 raise field_error("name", f"every message of the stream must name the run {key.name}")
-            appended = await self._runs.log_metrics(
-                key,
-                metric_batch(message.rows),
-                first_index=message.first_row_index if message.HasField("first_row_index") else None,
+            # Each batch is written whole though the caller cancels the stream meanwhile: a cancellation
+            # part-way through a transaction could keep the database's write lock (FinishedCalls, which
+            # does this for unary calls, leaves streams cancellable).
+            appended = await asyncio.shield(
+                self._runs.log_metrics(
+                    key,
+                    metric_batch(message.rows),
+                    first_index=message.first_row_index if message.HasField("first_row_index") else None,
+                )
             )
             accepted += appended.accepted
             skipped += appended.skipped
