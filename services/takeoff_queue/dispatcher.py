@@ -979,7 +979,21 @@ class Dispatcher:
             agent.connected = False
             agent.disconnect_time = self._clock()
             self._agent_changed(agent)
+            self._forget_if_gone(agent)
             self._tell_watchers_why()
+
+    def _forget_if_gone(self, agent: Agent) -> None:
+        """Forget an agent that left holding nothing: agents come and go under new ids (a pod, a Slurm
+        job each), and the index must not grow with every one that ever connected. A Hello makes it again;
+        until then GetAgent answers AGENT_NOT_FOUND and ListAgents, which shows a disconnected agent only
+        with leases, is unchanged."""
+        if (
+            not agent.connected
+            and not agent.leases
+            and not agent.leases_committing
+            and self.agents.get(agent.agent_id) is agent
+        ):
+            del self.agents[agent.agent_id]
 
     async def handle(self, session: Session, request: AgentRequest) -> None:
         """Apply one agent message; the answer (Ack or Reject) goes to the session once committed."""
@@ -1727,6 +1741,7 @@ class Dispatcher:
         if agent is not None:
             agent.leases.pop(held.lease_id, None)
             self._agent_changed(agent)
+            self._forget_if_gone(agent)
         if self._leases.pop(held.lease_id, None) is not None:
             self._live[item.queue] -= 1
         self._ended_leases[held.lease_id] = (held.epoch, item.state, ended_by_agent)
