@@ -1,0 +1,136 @@
+"""Adversarial cases of ``FinishedCalls`` (11fb4a1, b4c08aa): a unary servicer finished though its caller
+cancelled the call, on a real grpc.aio server (``TakeoffServer``) on a loopback port. Each test forces one
+case the change gets wrong, named D<n> in its xfail; the case itself is checked with :func:`_case`, which
+fails the test outright (not as the expected failure) if it was not reached."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+import tempfile
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import sqlalchemy
+
+from takeoff_rpc.channels import open_aio_channel
+from takeoff_server.access import (
+    KeyKind,
+    KeyScope,
+    Permission,
+    Principal,
+    ProjectRole,
+    Rule,
+    grants_for,
+    needs,
+)
+from takeoff_server.interceptors import Context
+from takeoff_server.server import ServiceBinding, TakeoffServer
+
+PROBE = "takeoff.test.FinishedCallsProbe"
+SECRET = "sesame"
+PARAMETER = "secret-param"
+"""A statement parameter (a secret's value, say) that no log line may quote."""
+
+
+class CaseNotReached(Exception):
+    """The test did not force its case: not the expected failure (an AssertionError)."""
+
+
+def _case(reached: bool, what: str) -> None:
+    if not reached:
+        raise CaseNotReached(what)
+
+
+class OneKey:
+    async def verify(self, secret: str) -> Principal | None:
+        if secret != SECRET:
+            return None
+        scope = KeyScope(KeyKind.PROJECT, projects=("projects/a",), role=ProjectRole.WRITE)
+        return Principal("keys/alice", "alice", KeyKind.PROJECT, grants_for(scope))
+
+
+def _write_to_a_locked_database() -> None:
+    """A write that SQLite refuses at once (another connection holds the lock): SQLAlchemy's error quotes
+    the statement's parameters."""
+    with tempfile.TemporaryDirectory() as home:
+        path = Path(home) / "locked.db"
+        holder = sqlite3.connect(path, isolation_level=None)
+        holder.execute("CREATE TABLE t (secret TEXT)")
+        holder.execute("BEGIN EXCLUSIVE")
+        engine = sqlalchemy.create_engine(f"sqlite:///{path}", connect_args={"timeout": 0})
+        try:
+            with engine.begin() as connection:
+                connection.execute(sqlalchemy.text("INSERT INTO t VALUES (:v)"), {"v": PARAMETER})
+        finally:
+            engine.dispose()
+            holder.close()
+
+
+class Probe:
+    """``WriteAfterCaller``: waits until its caller has left, then writes to a locked database."""
+
+    def __init__(self) -> None:
+        self.started = asyncio.Event()
+        self.wrote = asyncio.Event()
+
+    async def write_after_caller(self, request: bytes, context: Context) -> bytes:
+        left = asyncio.Event()
+        done: Any = context  # the stubs type its callback as a class of their own
+        done.add_done_callback(lambda _: left.set())
+        self.started.set()
+        await left.wait()  # the caller cancelled the call: nobody waits for this answer
+        try:
+            _write_to_a_locked_database()
+        finally:
+            self.wrote.set()
+        return b""
+
+    def binding(self) -> ServiceBinding:
+        handler = grpc.method_handlers_generic_handler(
+            PROBE, {"WriteAfterCaller": grpc.unary_unary_rpc_method_handler(self.write_after_caller)}
+        )
+        rules: dict[str, Rule] = {"WriteAfterCaller": needs(Permission.JOBS_READ)}
+        return ServiceBinding(PROBE, lambda server: server.add_generic_rpc_handlers((handler,)), access=rules)
+
+
+@pytest.fixture
+async def probe() -> AsyncIterator[tuple[Probe, TakeoffServer]]:
+    probe = Probe()
+    server = TakeoffServer([probe.binding()], listen=["127.0.0.1:0"], verifier=OneKey())
+    await server.start()
+    try:
+        yield probe, server
+    finally:
+        await server.stop(0)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="D3: FinishedCalls logs a cancelled call's database error with its traceback, whose SQLAlchemy "
+    "message quotes the statement's parameters; the error guard logs only the driver's error for that",
+)
+async def test_a_database_error_after_the_caller_left_logs_no_parameters(
+    probe: tuple[Probe, TakeoffServer], caplog: pytest.LogCaptureFixture
+) -> None:
+    servicer, server = probe
+    caplog.set_level(logging.INFO)
+    async with open_aio_channel(server.addresses[0], api_key=SECRET) as channel:
+        stub: Any = channel.unary_unary(f"/{PROBE}/WriteAfterCaller")
+        call = stub(b"", metadata=[("x-request-id", "req-d3")])
+        await asyncio.wait_for(servicer.started.wait(), 10)
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        await asyncio.wait_for(servicer.wrote.wait(), 10)
+    await server.stop(0)  # waits for the servicer, and with it for what its end logs
+    _case(servicer.wrote.is_set(), "the servicer never wrote after its caller left")
+    formatter = logging.Formatter()
+    logged = [formatter.format(record) for record in caplog.records]
+    _case(any("database is locked" in line for line in logged), "the database error was not logged")
+    assert not any(PARAMETER in line for line in logged)
