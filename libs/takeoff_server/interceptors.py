@@ -263,8 +263,12 @@ class FinishedCalls:
         def settled(call: asyncio.Task[Any]) -> None:
             self._going.discard(call)
             error = None if call.cancelled() else call.exception()
-            if error is not None and not isinstance(error, errors.TakeoffError | grpc.aio.AbortError):
-                # The error guard would have logged it, had the caller still been waiting.
+            # Logged as the error guard would have, had the caller still been waiting.
+            if isinstance(error, DATABASE_OUTAGES):
+                # The driver's own error only: SQLAlchemy's message would quote the statement's parameters.
+                cause = getattr(error, "orig", None) or error
+                logger.warning("%s: the database failed after its caller cancelled it: %r", method, cause)
+            elif error is not None and not isinstance(error, errors.TakeoffError | grpc.aio.AbortError):
                 logger.error("%s failed after its caller cancelled it", method, exc_info=error)
 
         async def finished(request: Any, context: Context) -> Any:

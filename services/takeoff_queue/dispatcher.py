@@ -313,9 +313,10 @@ class Dispatcher:
                 self._take_in(item)
         self._note_backlogs(pending)
         for agent in self.agents.values():
-            agent.lease_expiry = grace_until
-            if not self._replicated:  # replicas: the database's expiry, extended at start (ReplicaSync)
-                self._deadlines.at(grace_until, "expiry", agent.agent_id)
+            # One process: each got its TTL of grace as its first lease was held (_hold). Replicas: the
+            # database's expiry decides, extended at start (ReplicaSync).
+            if agent.lease_expiry is None:
+                agent.lease_expiry = grace_until
         self._draining = asyncio.create_task(self.run_closer.drain_forever())
         if self.token_revoker is not None:
             self._revoking = asyncio.create_task(self.token_revoker.drain_forever())
@@ -439,6 +440,8 @@ class Dispatcher:
         existed here, and what :meth:`admit` held for it is free again (and a token minted for it is
         revoked)."""
         self._settle_admission(item)
+        if item.state.is_live and (agent := self.agents.get(item.life.agent.removeprefix("agents/"))):
+            self._forget_if_gone(agent)  # it may have left meanwhile
         minted = self._run_tokens.pop(item.id, None)
         if minted is not None:
             self._spawn(self._revoke_unused(minted[0]))
@@ -1517,6 +1520,7 @@ class Dispatcher:
             agent.leases_committing -= 1
             self._live[item.queue] -= 1
             self._minting.pop(item.id, None)
+            self._forget_if_gone(agent)  # it may have left meanwhile
             self._schedule_dispatch()  # the room held is free again
         current = self.items.get(item.id)
         if current is not item or item.state is not ItemState.PENDING:
@@ -1566,6 +1570,7 @@ class Dispatcher:
         agent.leases_committing -= 1
         self._live[item.queue] -= 1
         self._arriving[item.queue] += 1
+        self._forget_if_gone(agent)  # it may have left meanwhile
         # As it was before admit leased it: a new item's life is its Enqueue transition alone.
         enqueued = lifecycle.enqueued(item.id, item.life.max_attempts, item.life.enqueue_time)
         item.life = replace(enqueued, history=item.life.history[:1])
@@ -1730,6 +1735,12 @@ class Dispatcher:
             self._deadlines.at(retry_at, "expiry", committed.agent.removeprefix("agents/"))
 
     def _hold(self, agent: Agent, item: Item) -> None:
+        if agent.lease_expiry is None and not agent.connected and not self._replicated:
+            # Known only by a lease it holds (at a start, or made again after it was forgotten when the
+            # write that ended its last lease failed): one TTL to come back, then its leases expire.
+            # Replicas: the database's expiry decides (expire_agent).
+            agent.lease_expiry = self._clock() + self.timing.ttl
+            self._deadlines.at(agent.lease_expiry, "expiry", agent.agent_id)
         agent.leases[item.lease_id] = item.id
         self._leases[item.lease_id] = item.id
         self._live[item.queue] += 1
@@ -1802,10 +1813,10 @@ class Dispatcher:
         whichever replica holds its stream). Any replica's sweeper may end them: each close is a
         conditional write, so two sweepers end an attempt once."""
         await self._refresh_agent(agent_id)
-        agent = self._agent(agent_id)
-        if agent.lease_expiry is not None:
+        agent = self.agents.get(agent_id)  # None: it left holding nothing, and was forgotten here
+        if agent is not None and agent.lease_expiry is not None:
             agent.lease_expiry = min(agent.lease_expiry, self._clock())  # no new work until it renews
-        if agent.leases:
+        if agent is not None and agent.leases:
             await self._expire(agent)
             return
 
@@ -1813,6 +1824,8 @@ class Dispatcher:
             await tx.forget_agent_lease(agent_id)
 
         await self._store.write(forget)
+        if agent is not None:
+            self._forget_if_gone(agent)
 
     def _on_item_deadline(self, kind: str, item: Item) -> None:
         if kind == "eligible" and item.state is ItemState.PENDING:

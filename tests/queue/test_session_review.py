@@ -1,7 +1,7 @@
-"""Adversarial cases of the queue forgetting an agent that left holding no lease (9f0c616,
-``Dispatcher._forget_if_gone``). Each test forces one case the change gets wrong, named D<n> in its
-xfail; the case itself is checked with :func:`_case`, which fails the test outright (not as the expected
-failure) if it was not reached, so each strict xfail fails only at the assertion its reason names."""
+"""Adversarial cases of the queue forgetting an agent that left holding no lease
+(``Dispatcher._forget_if_gone``, docs/design.md §5): a review found each one wrong (D1, D2, D4), and each
+is fixed. The case itself is checked with :func:`_case`, which fails the test outright if it was not
+reached."""
 
 from __future__ import annotations
 
@@ -71,12 +71,8 @@ async def _until_disconnected(service: InProcessQueue, agent_id: str) -> None:
     await until(away, f"the queue to see agents/{agent_id} leave", within=WAIT)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="D1: _close_attempt forgets the departed agent before the expiry commits; when the commit fails, "
-    "give_back holds the lease for a new Agent with no lease_expiry, whose expiry retry does nothing",
-)
+# D1: the agent, forgotten as the expiry moved its last lease, came back blank when that write failed
+# (no expiry, no key): its lease never expired. An agent known only by a lease now gets one TTL (_hold).
 async def test_a_lease_whose_expiry_failed_to_commit_still_expires(
     fast: InProcessQueue, job: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -101,12 +97,7 @@ async def test_a_lease_whose_expiry_failed_to_commit_still_expires(
     await watch_until(fast.queues, name, lambda seen: seen.state != LEASED, within=15)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="D2: an agent that leaves while a run token is minted for it (leases_committing) is kept at its "
-    "disconnect, and _mint's end never forgets it: the index grows with such agents for ever",
-)
+# D2: an agent that left while its run token was minted was never forgotten: the mint's end now looks.
 async def test_an_agent_that_left_while_its_token_was_minted_is_forgotten(
     fast: InProcessQueue, job: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -160,12 +151,7 @@ async def replica(
 
 
 @pytest.mark.postgres
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="D4: among replicas, the sweep's expire_agent makes the forgotten agent again (_agent) once its "
-    "agent_leases row expires, and nothing forgets it after: every agent that ever left stays in the index",
-)
+# D4: the replicas' sweep made a forgotten agent again (expire_agent): it now reads it, never makes it.
 async def test_a_replica_does_not_remake_an_agent_it_forgot_when_its_expiry_is_swept(
     replica: tuple[InProcessQueue, str],
 ) -> None:

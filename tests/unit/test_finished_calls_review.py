@@ -1,7 +1,7 @@
-"""Adversarial cases of ``FinishedCalls`` (11fb4a1, b4c08aa): a unary servicer finished though its caller
-cancelled the call, on a real grpc.aio server (``TakeoffServer``) on a loopback port. Each test forces one
-case the change gets wrong, named D<n> in its xfail; the case itself is checked with :func:`_case`, which
-fails the test outright (not as the expected failure) if it was not reached."""
+"""Adversarial cases of ``FinishedCalls`` (docs/design.md §9 "Databases"): a unary servicer finished though
+its caller cancelled the call, on a real grpc.aio server (``TakeoffServer``) on a loopback port. A review
+found the case below wrong (D3), and it is fixed. The case itself is checked with :func:`_case`, which
+fails the test outright if it was not reached."""
 
 from __future__ import annotations
 
@@ -109,12 +109,8 @@ async def probe() -> AsyncIterator[tuple[Probe, TakeoffServer]]:
         await server.stop(0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="D3: FinishedCalls logs a cancelled call's database error with its traceback, whose SQLAlchemy "
-    "message quotes the statement's parameters; the error guard logs only the driver's error for that",
-)
+# D3: a database error after the caller left was logged with SQLAlchemy's message, which quotes the
+# statement's parameters: now the driver's error only, as the error guard logs it.
 async def test_a_database_error_after_the_caller_left_logs_no_parameters(
     probe: tuple[Probe, TakeoffServer], caplog: pytest.LogCaptureFixture
 ) -> None:
