@@ -1180,7 +1180,18 @@ class Dispatcher:
         due = self._resting.due.get(queue.name)
         if heap and due and min(due.values()) < heap[0][:2]:
             return False  # an item whose retry's wait ended goes first: the pass after its read takes it
+        if heap and self._has_token(self.items[heap[0][2]]) and self._minting_before(queue.name, heap[0][:2]):
+            # Tokens are minted side by side and may come back out of turn: a minted item is leased only
+            # once every older item of its queue taken for minting has its token (or has failed to get one).
+            return False
         return bool(heap)
+
+    def _minting_before(self, queue_name: str, key: LineKey) -> bool:
+        """Whether an item of the queue that sorts before ``key`` is having its run token minted."""
+        return any(
+            minting == queue_name and (item := self.items.get(item_id)) is not None and self._key(item) < key
+            for item_id, minting in self._minting.items()
+        )
 
     def _offers_work(self, queue_name: str) -> bool:
         """Whether a dispatch pass may take an item from the queue now."""

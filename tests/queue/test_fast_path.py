@@ -10,7 +10,7 @@ import asyncio
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import datetime
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 import pytest
@@ -20,7 +20,7 @@ from takeoff.v1 import common_pb2, queue_pb2
 from takeoff_queue.lifecycle import ItemLife, ItemState
 from takeoff_queue.model import Assignment, Item
 from takeoff_queue.store import QueueStore, QueueWrite
-from tests.queue.harness import InProcessQueue, ScriptedAgent
+from tests.queue.harness import PATIENCE, InProcessQueue, ScriptedAgent
 
 T = TypeVar("T")
 PENDING = common_pb2.ITEM_STATE_PENDING
@@ -353,5 +353,35 @@ async def test_an_enqueue_its_caller_gave_up_on_is_delivered_once_committed(
         )
         held = service.parts.dispatcher.agents[agent.agent_id]
         assert (list(held.leases), held.leases_committing) == ([assignment.lease_id], 0)
+    finally:
+        await agent.close()
+
+
+async def test_tokens_minted_out_of_turn_still_lease_the_items_in_line(
+    service: InProcessQueue, job: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    queue = await service.new_queue()
+    first, second = await enqueue(service, queue, job), await enqueue(service, queue, job)  # no agent yet
+    tokens: Any = service.parts.dispatcher._tokens
+    mint = tokens.mint_run_token
+    release_first, second_minted = asyncio.Event(), asyncio.Event()
+
+    async def first_one_late(run: str, item: str, job_version: str, secrets: Any) -> str:
+        if item == first.name:
+            await release_first.wait()
+        token: str = await mint(run, item, job_version, secrets)
+        if item == second.name:
+            second_minted.set()
+        return token
+
+    monkeypatch.setattr(tokens, "mint_run_token", first_one_late)
+    agent = await ScriptedAgent(service.address).connect([queue], capacity=2)
+    try:
+        await asyncio.wait_for(second_minted.wait(), PATIENCE)
+        await agent.settle()  # the passes after the second's token have run, the first's still minting
+        release_first.set()
+
+        leased = [(await agent.next("assignment")).assignment.item.name for _ in range(2)]
+        assert leased == [first.name, second.name]
     finally:
         await agent.close()
