@@ -328,3 +328,16 @@ async def in_process_queue(
         resources.push_async_callback(server.stop, 1)
         admin = await resources.enter_async_context(keyed_channel(address))
         yield InProcessQueue(parts, address, queue_pb2_grpc.QueueServiceStub(admin))
+
+
+async def agent_shown(queues: Any, agent_id: str) -> queue_pb2.Agent | None:
+    """The agent as GetAgent shows it, or None once the queue has forgotten it (AGENT_NOT_FOUND)."""
+    try:
+        shown: queue_pb2.GetAgentResponse = await queues.GetAgent(
+            queue_pb2.GetAgentRequest(name=f"agents/{agent_id}")
+        )
+        return shown.agent
+    except grpc.aio.AioRpcError as error:
+        if error_details(error)[0] != "AGENT_NOT_FOUND":
+            raise
+        return None

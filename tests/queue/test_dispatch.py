@@ -13,7 +13,7 @@ from google.protobuf import field_mask_pb2
 from takeoff.v1 import common_pb2, queue_pb2, queue_pb2_grpc
 from tests.processes import until
 from tests.queue.conftest import LEASE_TTL_SECONDS, NewQueue
-from tests.queue.harness import ScriptedAgent, error_details, struct, watch_until
+from tests.queue.harness import ScriptedAgent, agent_shown, struct, watch_until
 
 Stub: TypeAlias = "queue_pb2_grpc.QueueServiceAsyncStub"  # a type only the stubs know
 LEASED = common_pb2.ITEM_STATE_LEASED
@@ -517,19 +517,9 @@ async def test_a_relaunched_item_is_assigned_with_its_own_history(
         await agent.close()
 
 
-async def _known(queues: Stub, agent: ScriptedAgent) -> queue_pb2.Agent | None:
-    """The agent as GetAgent shows it, or None once the queue has forgotten it (AGENT_NOT_FOUND)."""
-    try:
-        return (await queues.GetAgent(queue_pb2.GetAgentRequest(name=f"agents/{agent.agent_id}"))).agent
-    except grpc.aio.AioRpcError as error:
-        if error_details(error)[0] != "AGENT_NOT_FOUND":
-            raise
-        return None
-
-
 async def _until_forgotten(queues: Stub, agent: ScriptedAgent) -> None:
     async def forgotten() -> bool:
-        return await _known(queues, agent) is None
+        return await agent_shown(queues, agent.agent_id) is None
 
     await until(forgotten, f"the queue to forget agents/{agent.agent_id}")
 
@@ -542,7 +532,7 @@ async def test_an_agent_is_forgotten_once_it_has_left_holding_nothing_and_may_co
     enqueued = await enqueue(queues, queue, job)
     await holder.next("assignment")
     await holder.vanish()
-    shown = await _known(queues, holder)
+    shown = await agent_shown(queues, holder.agent_id)
     assert shown is not None  # it still holds the lease, until the lease expires
     assert len(shown.leases) == 1
     await watch_until(queues, enqueued.name, lambda seen: seen.state != LEASED)
@@ -555,7 +545,7 @@ async def test_an_agent_is_forgotten_once_it_has_left_holding_nothing_and_may_co
     back = await ScriptedAgent(queue_address, agent_id=idle.agent_id).connect([queue])
     try:
         assert back.welcome is not None
-        again = await _known(queues, back)
+        again = await agent_shown(queues, back.agent_id)
         assert again is not None
         assert again.connected
     finally:

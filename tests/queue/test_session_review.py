@@ -11,17 +11,16 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import grpc
 import psycopg
 import pytest
 
-from takeoff.v1 import common_pb2, queue_pb2
+from takeoff.v1 import common_pb2
 from takeoff_queue.run_closes import RunClose
 from takeoff_queue.settings import QueueSettings
 from takeoff_queue.store import QueueWrite
 from tests.postgres import postgres_schema_url
 from tests.processes import ServiceProcess, until
-from tests.queue.harness import InProcessQueue, ScriptedAgent, error_details, in_process_queue, watch_until
+from tests.queue.harness import InProcessQueue, ScriptedAgent, agent_shown, in_process_queue, watch_until
 
 LEASED = common_pb2.ITEM_STATE_LEASED
 WAIT = 30.0
@@ -52,20 +51,9 @@ async def fast(tmp_path: Path, queue_env: dict[str, str], job: str) -> AsyncIter
         yield service
 
 
-async def _shown(service: InProcessQueue, agent_id: str) -> queue_pb2.Agent | None:
-    """The agent as GetAgent shows it, or None once the queue has forgotten it (AGENT_NOT_FOUND)."""
-    try:
-        request = queue_pb2.GetAgentRequest(name=f"agents/{agent_id}")
-        return (await service.queues.GetAgent(request)).agent
-    except grpc.aio.AioRpcError as error:
-        if error_details(error)[0] != "AGENT_NOT_FOUND":
-            raise
-        return None
-
-
 async def _until_disconnected(service: InProcessQueue, agent_id: str) -> None:
     async def away() -> bool:
-        shown = await _shown(service, agent_id)
+        shown = await agent_shown(service.queues, agent_id)
         return shown is None or not shown.connected
 
     await until(away, f"the queue to see agents/{agent_id} leave", within=WAIT)
@@ -121,12 +109,15 @@ async def test_an_agent_that_left_while_its_token_was_minted_is_forgotten(
     await asyncio.wait_for(minting.wait(), WAIT)  # the dispatch pass holds the agent's room meanwhile
     await agent.vanish()
     await _until_disconnected(fast, agent.agent_id)
-    _case(await _shown(fast, agent.agent_id) is not None, "the agent was forgotten at its disconnect")
+    _case(
+        await agent_shown(fast.queues, agent.agent_id) is not None,
+        "the agent was forgotten at its disconnect",
+    )
     release.set()
     await asyncio.wait_for(minted.wait(), WAIT)
 
     async def forgotten() -> bool:
-        return await _shown(fast, agent.agent_id) is None
+        return await agent_shown(fast.queues, agent.agent_id) is None
 
     await until(forgotten, f"the queue to forget agents/{agent.agent_id}", within=5)
 
@@ -161,7 +152,7 @@ async def test_a_replica_does_not_remake_an_agent_it_forgot_when_its_expiry_is_s
     await agent.close()  # it held nothing: forgotten at its disconnect
 
     async def forgotten() -> bool:
-        return await _shown(service, agent.agent_id) is None
+        return await agent_shown(service.queues, agent.agent_id) is None
 
     await until(forgotten, f"the queue to forget agents/{agent.agent_id}", within=WAIT)
 
@@ -175,4 +166,4 @@ async def test_a_replica_does_not_remake_an_agent_it_forgot_when_its_expiry_is_s
             return row is not None and row[0] == 0
 
         await until(swept, "a sweep to deal with the agent's expired leases", within=WAIT)
-    assert await _shown(service, agent.agent_id) is None
+    assert await agent_shown(service.queues, agent.agent_id) is None

@@ -7,15 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sqlite3
-import tempfile
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
-import sqlalchemy
 
 from takeoff_rpc.channels import open_aio_channel
 from takeoff_server.access import (
@@ -30,6 +26,7 @@ from takeoff_server.access import (
 )
 from takeoff_server.interceptors import Context
 from takeoff_server.server import ServiceBinding, TakeoffServer
+from tests.unit.test_server_runtime import insert_into_a_locked_database
 
 PROBE = "takeoff.test.FinishedCallsProbe"
 SECRET = "sesame"
@@ -54,23 +51,6 @@ class OneKey:
         return Principal("keys/alice", "alice", KeyKind.PROJECT, grants_for(scope))
 
 
-def _write_to_a_locked_database() -> None:
-    """A write that SQLite refuses at once (another connection holds the lock): SQLAlchemy's error quotes
-    the statement's parameters."""
-    with tempfile.TemporaryDirectory() as home:
-        path = Path(home) / "locked.db"
-        holder = sqlite3.connect(path, isolation_level=None)
-        holder.execute("CREATE TABLE t (secret TEXT)")
-        holder.execute("BEGIN EXCLUSIVE")
-        engine = sqlalchemy.create_engine(f"sqlite:///{path}", connect_args={"timeout": 0})
-        try:
-            with engine.begin() as connection:
-                connection.execute(sqlalchemy.text("INSERT INTO t VALUES (:v)"), {"v": PARAMETER})
-        finally:
-            engine.dispose()
-            holder.close()
-
-
 class Probe:
     """``WriteAfterCaller``: waits until its caller has left, then writes to a locked database."""
 
@@ -85,7 +65,7 @@ class Probe:
         self.started.set()
         await left.wait()  # the caller cancelled the call: nobody waits for this answer
         try:
-            _write_to_a_locked_database()
+            insert_into_a_locked_database(PARAMETER)
         finally:
             self.wrote.set()
         return b""

@@ -97,8 +97,9 @@ async def crash(request: bytes, context: Context) -> bytes:
     raise RuntimeError("secret-internal-detail")
 
 
-async def write_to_a_locked_database(request: bytes, context: Context) -> bytes:
-    """A write that SQLite refuses at once: another connection holds the database's lock."""
+def insert_into_a_locked_database(value: str) -> None:
+    """A write that SQLite refuses at once (another connection holds the database's lock), of ``value``:
+    SQLAlchemy's error quotes the statement's parameters."""
     with tempfile.TemporaryDirectory() as home:
         path = Path(home) / "locked.db"
         holder = sqlite3.connect(path, isolation_level=None)
@@ -107,10 +108,14 @@ async def write_to_a_locked_database(request: bytes, context: Context) -> bytes:
         engine = sqlalchemy.create_engine(f"sqlite:///{path}", connect_args={"timeout": 0})
         try:
             with engine.begin() as connection:
-                connection.execute(sqlalchemy.text("INSERT INTO t VALUES (:v)"), {"v": "secret-param"})
+                connection.execute(sqlalchemy.text("INSERT INTO t VALUES (:v)"), {"v": value})
         finally:
             engine.dispose()
             holder.close()
+
+
+async def write_to_a_locked_database(request: bytes, context: Context) -> bytes:
+    insert_into_a_locked_database("secret-param")
     return b""
 
 
