@@ -23,6 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from takeoff_server.config import ConfigError, ServerSettings
+from takeoff_server.sqlite_inline import InlineConnection
 
 _SHARED_MIGRATION_ENV = Path(__file__).with_name("migrations")
 SQLITE_BUSY_TIMEOUT_MS = 10_000
@@ -57,7 +58,6 @@ def _sqlite_tuner(synchronous: SqliteSynchronous) -> Callable[[Any, Any], None]:
         # syncs the WAL at every commit (one fsync per group commit, not per change).
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute(f"PRAGMA synchronous={synchronous}")
-        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.close()
 
@@ -78,13 +78,16 @@ class Database:
         self.service = service
         self.url = async_database_url(url)
         self.migrations = migrations
-        # A PostgreSQL connection may have been dropped while pooled; a SQLite file's cannot, and the
-        # ping would cost every checkout a statement.
-        self.engine: AsyncEngine = create_async_engine(
-            self.url, pool_pre_ping=not self.url.startswith("sqlite")
-        )
-        if self.engine.dialect.name == "sqlite":
+        if self.url.startswith("sqlite"):
+            # A SQLite file's pooled connection cannot have been dropped: no ping, which would cost every
+            # checkout a statement.
+            path = make_url(self.url).database or ""
+            self.engine: AsyncEngine = create_async_engine(
+                self.url, async_creator=InlineConnection.connect(path, SQLITE_BUSY_TIMEOUT_MS)
+            )
             event.listen(self.engine.sync_engine, "connect", _sqlite_tuner(sqlite_synchronous))
+        else:
+            self.engine = create_async_engine(self.url, pool_pre_ping=True)
         self._sessions = async_sessionmaker(self.engine, class_=AsyncSession, expire_on_commit=False)
 
     @classmethod

@@ -63,7 +63,7 @@ from takeoff_queue.run_closes import (
     TokenRevoker,
     backoff,
 )
-from takeoff_queue.store import LineKey, QueueStore, QueueWrite, newer_revision, next_revision
+from takeoff_queue.store import LineKey, Outbox, QueueStore, QueueWrite, newer_revision, next_revision
 from takeoff_server.errors import Aborted, FailedPrecondition, NotFound, PermissionDenied
 
 logger = logging.getLogger(__name__)
@@ -317,8 +317,10 @@ class Dispatcher:
             # database's expiry decides, extended at start (ReplicaSync).
             if agent.lease_expiry is None:
                 agent.lease_expiry = grace_until
+        self._store.drain_with(Outbox.RUN_CLOSES, self.run_closer.wake)
         self._draining = asyncio.create_task(self.run_closer.drain_forever())
         if self.token_revoker is not None:
+            self._store.drain_with(Outbox.TOKEN_REVOCATIONS, self.token_revoker.wake)
             self._revoking = asyncio.create_task(self.token_revoker.drain_forever())
 
     def _note_backlogs(self, pending: Mapping[str, int]) -> None:
@@ -385,8 +387,6 @@ class Dispatcher:
             self._closing.pop(item.id, None)
             del self.items[item.id]
             self._forget_token(item)
-        self.run_closer.wake()
-        self.wake_revoker()
         return dropped
 
     def admit(self, item: Item) -> Assignment | None:
@@ -1602,9 +1602,10 @@ class Dispatcher:
             await tx.insert_token_revocations([run], now)
 
         await self._store.write(write)
-        self.wake_revoker()
 
-    def wake_revoker(self) -> None:
+    def wake_drainers(self) -> None:
+        """Look at both outboxes now: another replica may have put rows in them (or died holding some)."""
+        self.run_closer.wake()
         if self.token_revoker is not None:
             self.token_revoker.wake()
 
@@ -1941,8 +1942,6 @@ class Dispatcher:
         for item, message in then_send:
             if item.id not in stale:
                 self._send_to_holder(item, message)
-        self.run_closer.wake()
-        self.wake_revoker()
         if stale:
             await self.refresh(stale)
 
@@ -2135,7 +2134,6 @@ class Dispatcher:
             if self.items.get(item.id) is item and self._rests(item, self._clock()):
                 # _move put it on the timer, which has not fired yet; still held (its queue not deleted)
                 self._rest(item, timed=True)
-        self.wake_revoker()  # attempts that ended put their runs in the outbox of token revocations
         for item, message in then_send:
             if item.id not in stale:
                 self._send_to_holder(item, message)

@@ -138,6 +138,8 @@ class ReplicaSync:
                 for name in sorted(queues):
                     await self._book.reload_queue(name)
                 await self._dispatcher.refresh(items)
+                # Their writes may have put rows in the outboxes, which only their commits wake drainers for.
+                self._dispatcher.wake_drainers()
             except Exception:  # the database blinked: read them again shortly
                 logger.exception("reading what other queue replicas wrote failed; trying again")
                 self._agents |= agents
@@ -168,6 +170,7 @@ class ReplicaSync:
             if stored.get(name) != self._dispatcher.queues.get(name):
                 await self._book.reload_queue(name)
         await self._dispatcher.resync()
+        self._dispatcher.wake_drainers()  # rows a replica that died claimed or put there unnoticed
 
     @staticmethod
     async def _quietly(what: str, work: Coroutine[Any, Any, None]) -> None:

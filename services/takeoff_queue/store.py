@@ -7,6 +7,7 @@ connection or a session.
 
 from __future__ import annotations
 
+import enum
 import functools
 import secrets
 from collections.abc import Awaitable, Callable, Sequence
@@ -266,6 +267,14 @@ class Stored:
     """queue -> how many items it has PENDING, those left out of ``items`` included."""
 
 
+class Outbox(enum.Enum):
+    """The tables of calls to the registry that the queue owes, each drained by a loop of its own
+    (:mod:`takeoff_queue.run_closes`)."""
+
+    RUN_CLOSES = "run_closes"
+    TOKEN_REVOCATIONS = "token_revocations"
+
+
 class QueueWrite:
     """One transaction's worth of changes, in domain terms; :meth:`QueueStore.write` runs it."""
 
@@ -274,6 +283,8 @@ class QueueWrite:
         self.items_written: set[str] = set()
         self.queues_written: set[str] = set()
         self.agents_connected: set[str] = set()
+        self.filled: set[Outbox] = set()
+        """The outboxes this transaction put rows in: their drainers are woken once it commits."""
 
     async def insert_queue(self, queue: Queue) -> None:
         """The queue, and its project unless that was written to before."""
@@ -431,6 +442,7 @@ class QueueWrite:
         ]
         if rows:
             await self._connection.execute(_INSERT_TOKEN_REVOCATIONS, rows)
+            self.filled.add(Outbox.TOKEN_REVOCATIONS)
 
     async def claim_token_revocations(
         self, now: datetime, hold_until: datetime, limit: int
@@ -478,6 +490,7 @@ class QueueWrite:
             )
             assert result.inserted_primary_key is not None
             stored.append(replace(close, id=int(result.inserted_primary_key[0])))
+            self.filled.add(Outbox.RUN_CLOSES)
         return stored
 
     async def delete_run_close(self, close_id: int) -> None:
@@ -564,18 +577,29 @@ class QueueStore:
         self.replica = replica
         """This replica's name when several share the database (PostgreSQL): every write is announced
         to the others (NOTIFY); "" for a queue that owns its database."""
+        self._drainers: dict[Outbox, Callable[[], None]] = {}
+
+    def drain_with(self, outbox: Outbox, wake: Callable[[], None]) -> None:
+        """``wake`` is called after each commit that put rows in ``outbox``, and after no other: a drainer
+        looks at its outbox when there is something new in it (or a row it knows of comes due), never
+        after every write."""
+        self._drainers[outbox] = wake
 
     async def write(self, changes: Callable[[QueueWrite], Awaitable[T]]) -> T:
         """Run ``changes`` in a transaction (shared with other writers) and return once it is committed."""
 
-        async def work(connection: AsyncConnection) -> T:
+        async def work(connection: AsyncConnection) -> tuple[T, set[Outbox]]:
             tx = QueueWrite(connection)
             result = await changes(tx)
             if self.replica:
                 await tx.announce(self.replica)
-            return result
+            return result, tx.filled
 
-        return await self._committer.commit(work)
+        result, filled = await self._committer.commit(work)
+        for outbox in filled:
+            if outbox in self._drainers:
+                self._drainers[outbox]()
+        return result
 
     async def renew_agent_lease(self, agent_id: str, ttl: timedelta, session_id: str = "") -> None:
         """See :meth:`QueueWrite.renew_agent_leases`; committed (and announced) on its own."""

@@ -556,23 +556,17 @@ class Runs:
         _check_batch_size(batch.count, "lines")
         _take(self._log_lines, key, batch.count)
         async with self._store.write() as tx:
-            row = await self._require_run_row(tx, key, for_update=True, project_hint=False)
-            skipped = _skipped(row.log_line_count, first_index, "first_line_index")
+            position = await tx.log_position(key.project, key.run)
+            if position is None:
+                raise _run_not_found(key)
+            run_seq, length = position
+            skipped = _skipped(length, first_index, "first_line_index")
             accepted = max(0, batch.count - skipped)
             if accepted:
-                now = _now()
-                tx.add(
-                    LogChunkRow(
-                        run_seq=_seq(row),
-                        first_index=row.log_line_count,
-                        count=accepted,
-                        payload=batch.encode(batch.count - accepted),
-                        store_time=now,
-                    )
+                await tx.append_log_chunk(
+                    run_seq, length, accepted, batch.encode(batch.count - accepted), _now()
                 )
-                row.log_line_count += accepted
-                row.update_time = now
-            length = row.log_line_count
+                length += accepted
         if accepted:
             self._signals.notify(key)
         return Appended(accepted, batch.count - accepted, length)

@@ -213,6 +213,22 @@ _RUN = select(RunRow).where(
     RunRow.project_id == sa.bindparam("where_project"), RunRow.run_id == sa.bindparam("where_run")
 )
 _RUN_FOR_UPDATE = _RUN.with_for_update()
+# AppendLogs, three or four times a launch, reads and writes only the run's log length: Core statements,
+# without loading (and decoding) the whole row into the session.
+_LOG_POSITION = (
+    sa.select(col(RunRow.seq), col(RunRow.log_line_count))
+    .where(
+        col(RunRow.project_id) == sa.bindparam("where_project"),
+        col(RunRow.run_id) == sa.bindparam("where_run"),
+    )
+    .with_for_update()
+)
+_INSERT_LOG_CHUNK = sa.insert(LogChunkRow)
+_GROW_LOG = (
+    sa.update(RunRow)
+    .where(col(RunRow.seq) == sa.bindparam("where_seq"))
+    .values(log_line_count=sa.bindparam("length"), update_time=sa.bindparam("now"))
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -381,6 +397,30 @@ class Tx:
         return (
             await self.session.exec(query, params={"where_project": project_id, "where_run": run_id})
         ).first()
+
+    async def log_position(self, project_id: str, run_id: str) -> tuple[int, int] | None:
+        """The run's row id and log length, its row locked for the rest of the transaction; None when the
+        run does not exist."""
+        connection = await self.session.connection()
+        row = (
+            await connection.execute(_LOG_POSITION, {"where_project": project_id, "where_run": run_id})
+        ).first()
+        return None if row is None else (row[0], row[1])
+
+    async def append_log_chunk(
+        self, run_seq: int, first_index: int, count: int, payload: bytes, now: datetime
+    ) -> None:
+        """A chunk of ``count`` lines at ``first_index``: the log length :meth:`log_position` read."""
+        connection = await self.session.connection()
+        chunk = {
+            "run_seq": run_seq,
+            "first_index": first_index,
+            "count": count,
+            "payload": payload,
+            "store_time": now,
+        }
+        await connection.execute(_INSERT_LOG_CHUNK, chunk)
+        await connection.execute(_GROW_LOG, {"where_seq": run_seq, "length": first_index + count, "now": now})
 
     async def insert_run(self, row: RunRow) -> bool:
         """Insert ``row``; False when the project already has a run with its id (the transaction is
