@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import time
-import uuid
 
 from google.protobuf.message import Message
 
@@ -87,7 +86,7 @@ def _attach(
         create = runs_pb2.CreateRunRequest(
             parent=f"projects/{project}",
             run=described,
-            request_id=str(uuid.uuid4()),  # a retried CreateRun returns the run the first attempt made
+            request_id=os.urandom(16).hex(),  # a retried CreateRun returns the run the first attempt made
         )
         run_name = caller.call("CreateRun", create, runs_pb2.CreateRunResponse).run.name
     attach = runs_pb2.AttachRunRequest(

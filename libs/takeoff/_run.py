@@ -19,8 +19,6 @@ import signal
 import sys
 import threading
 import time
-import traceback
-import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
 from pathlib import Path
 from types import FrameType, TracebackType
@@ -626,7 +624,7 @@ def _open_run(
 ) -> tuple[runs_pb2.Run, Delivery, runs_pb2.Run | None]:
     """The run as ``mode``'s delivery starts it, that delivery, and the run it resumes (online only)."""
     if mode == "disabled":
-        wanted.name = f"projects/{project}/runs/{uuid.uuid4().hex[:12]}"
+        wanted.name = f"projects/{project}/runs/{os.urandom(6).hex()}"
         return wanted, DisabledDelivery(), None
     if mode == "offline":
         from takeoff._offline import open_offline_run  # imported here: only offline runs need it
@@ -788,6 +786,8 @@ def _state_for(kind: type[BaseException]) -> RunState:
 
 
 def _exception_summary(kind: type[BaseException], error: BaseException | None) -> str:
+    import traceback  # here: every job pays for what init imports, and only a failing one needs this
+
     return "".join(traceback.format_exception_only(kind, error)).strip()
 
 

@@ -758,8 +758,9 @@ class Attempt:
                     assert self.stop_reason is not None
                     self.log.system(f"stopping the job: {self.stop_reason.value}")
                     stopping = asyncio.create_task(self.job.stop(self.context.stop_grace_seconds))
-                self.log.read_job_output()
-                await self._flush_logs_quietly()
+                if not ended.done():  # an ended job's last lines go with its outcome's, before the run ends
+                    self.log.read_job_output()
+                    await self._flush_logs_quietly()
             self.log.read_job_output(final=True)
             if stopping is not None:
                 await stopping
@@ -797,8 +798,9 @@ class Attempt:
         return await self._conclude(self.job.exit())
 
     async def _finish_run(self, state: RunState, exit_code: int | None, message: str) -> RunState:
-        """Set the run's final state, unless its job (the SDK) has set one; the final state either way."""
-        await self._run_created()
+        """Set the run's final state, unless its job (the SDK) has set one; the final state either way.
+        The log's lines go first, the outcome's with them: a follower of the log stops at the run's end."""
+        await self._flush_logs_quietly()
         seen = self.context.run_ends.seen(self.assignment.run)
         if (
             seen is not None

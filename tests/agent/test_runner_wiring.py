@@ -19,13 +19,14 @@ import pytest
 from takeoff.client import Client
 from takeoff.models import Environment
 from takeoff.v1 import common_pb2, runs_pb2, runs_pb2_grpc
-from takeoff_agent.clients import Builder, Runs
+from takeoff_agent.clients import Builder, LogLine, Runs
 from takeoff_agent.domain import (
     Assignment,
     BuildKind,
     FailureReason,
     ItemState,
     JobExit,
+    LogStream,
     Outcome,
     ResourceKind,
     RunnerFailure,
@@ -60,16 +61,30 @@ class Recorder:
         self.outcomes.append(outcome)
 
 
+class Printed:
+    """The output of a job that printed ``lines`` at once."""
+
+    def __init__(self, lines: list[str]) -> None:
+        self.lines = lines
+        self.offset = 0
+
+    def read_lines(self, *, final: bool = False) -> list[str]:
+        new, self.offset = self.lines[self.offset :], len(self.lines)
+        return new
+
+
 class StubJob:
     """A job whose start fails with ``start_error``, or ends at once as ``ended`` says, or else waits
-    (as for free GPUs) until cancelled. ``before_start`` runs first, when given."""
+    (as for free GPUs) until cancelled. ``before_start`` runs first, when given; ``printed``: its output."""
 
     def __init__(
         self,
         start_error: BaseException | None,
         ended: JobExit | None,
         before_start: Callable[[Launch], Awaitable[None]] | None = None,
+        printed: list[str] | None = None,
     ) -> None:
+        self.output = [JobOutput(LogStream.STDOUT, Printed(printed))] if printed else []
         self.before_start = before_start
         self.start_error = start_error
         self.ended = ended
@@ -80,7 +95,7 @@ class StubJob:
         self.stopped: list[float] = []
 
     def log_sources(self) -> list[JobOutput]:
-        return []
+        return self.output
 
     async def start(self, launch: Launch) -> None:
         self.launch = launch
@@ -127,8 +142,9 @@ class StubRunner:
         start_error: BaseException | None = None,
         ended: JobExit | None = None,
         before_start: Callable[[Launch], Awaitable[None]] | None = None,
+        printed: list[str] | None = None,
     ) -> None:
-        self.the_job = StubJob(start_error, ended, before_start)
+        self.the_job = StubJob(start_error, ended, before_start, printed)
 
     def build_kind(self, source: SourceKind) -> BuildKind:
         return BuildKind.VENV
@@ -162,6 +178,30 @@ def job_version(client: Client, tmp_path: Path) -> str:
     # Code of its own, so that its build has output (its code is fetched) whatever was built before.
     (code / "main.py").write_text(f"print('never run here')  # {uuid.uuid4()}\n")
     return client.create_job_version("wired", code, entrypoint=["python", "main.py"]).version.name
+
+
+class OrderedRuns(Runs):
+    """The agent's registry client, noting its log and finish calls in order."""
+
+    calls: list[tuple[str, list[str]]]
+
+    async def append_logs(
+        self, run: str, lines: list[LogLine], first_index: int, *, token: str | None = None
+    ) -> None:
+        self.calls.append(("AppendLogs", [line.text for line in lines]))
+        await super().append_logs(run, lines, first_index, token=token)
+
+    async def finish(
+        self,
+        run: str,
+        state: common_pb2.RunState.ValueType,
+        *,
+        exit_code: int | None,
+        message: str,
+        token: str | None = None,
+    ) -> common_pb2.RunState.ValueType:
+        self.calls.append(("FinishRun", []))
+        return await super().finish(run, state, exit_code=exit_code, message=message, token=token)
 
 
 def context_of(runner: Runner, clients: tuple[Runs, Builder]) -> AgentContext:
@@ -314,6 +354,33 @@ async def test_an_end_the_runner_reports_becomes_the_outcome_and_the_runs_final_
     assert (outcome.state, outcome.reason, outcome.exit_code) == (ItemState.FAILED, reason, ended.exit_code)
     assert outcome.message.startswith(message_start)
     assert await clients[0].state(attempt.assignment.run) == run_state
+
+
+async def test_an_ended_jobs_last_lines_go_with_its_outcome_in_one_call_before_the_run_ends(
+    registry: ServiceProcess, clients: tuple[Runs, Builder], tmp_path: Path, job_version: str
+) -> None:
+    """The output of a job that has ended waits for the line of its outcome, in one AppendLogs where there
+    were two, and the log is sent whole before the agent's FinishRun (a follower of the log stops there)."""
+    runs = OrderedRuns(registry.address, channel=open_aio_channel(registry.address, api_key=ADMIN_KEY))
+    runs.calls = []
+    attempt, recorder = attempt_of(
+        StubRunner(ended=JobExit(exit_code=0), printed=["epoch 1 done"]),
+        (runs, clients[1]),
+        tmp_path,
+        job_version,
+    )
+    try:
+        await attempt.run()
+    finally:
+        await runs.close()
+
+    [outcome] = recorder.outcomes
+    assert outcome.reason is FailureReason.NO_RUN  # a stub job never calls takeoff.init()
+    finish = runs.calls.index(("FinishRun", []))
+    sent_before = [lines for method, lines in runs.calls[:finish] if method == "AppendLogs"]
+    [together] = [lines for lines in sent_before if "epoch 1 done" in lines]
+    assert "[takeoff] job exited with code 0" in together
+    assert [method for method, _ in runs.calls[finish:]] == ["FinishRun"]
 
 
 async def test_an_agent_restarted_before_its_job_started_sends_each_build_line_once(
