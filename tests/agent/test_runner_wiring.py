@@ -13,6 +13,7 @@ import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -192,16 +193,10 @@ class OrderedRuns(Runs):
         await super().append_logs(run, lines, first_index, token=token)
 
     async def finish(
-        self,
-        run: str,
-        state: common_pb2.RunState.ValueType,
-        *,
-        exit_code: int | None,
-        message: str,
-        token: str | None = None,
+        self, run: str, state: common_pb2.RunState.ValueType, **options: Any
     ) -> common_pb2.RunState.ValueType:
         self.calls.append(("FinishRun", []))
-        return await super().finish(run, state, exit_code=exit_code, message=message, token=token)
+        return await super().finish(run, state, **options)
 
 
 def context_of(runner: Runner, clients: tuple[Runs, Builder]) -> AgentContext:
