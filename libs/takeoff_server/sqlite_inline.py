@@ -12,9 +12,10 @@ Only what may wait leaves the loop, for a worker thread:
 - a COMMIT, which may fsync (``synchronous=FULL``, or a checkpoint);
 - a statement that finds the database locked by another connection (a second writer of this process, or
   another process): it is tried at once with no busy timeout and, when SQLite answers SQLITE_BUSY, which
-  changes nothing, run again on a worker thread that waits out the busy timeout there. So the loop never
+  changes nothing, run again on a worker thread that waits out the busy timeout there (an executemany
+  outside a transaction, whose rows commit one by one, waits there from the start). So the loop never
   sleeps in SQLite's busy handler, and two writers of one process never wait on each other while holding
-  the loop.
+  the loop. Commits have threads of their own: one never queues behind the writers waiting for its lock.
 
 Errors are sqlite3's, as aiosqlite's are; connections are used by one task at a time, as SQLAlchemy's pool
 hands them out, and an operation left on a worker thread by a cancelled caller is waited for before the
@@ -36,8 +37,11 @@ SQLITE_BUSY = 5
 SQLITE_BUSY_SNAPSHOT = 517
 """A snapshot too old to write from: waiting does not help, so it is not waited on."""
 
-_WAITS = ThreadPoolExecutor(max_workers=16, thread_name_prefix="takeoff-sqlite")
-"""Where commits and statements that must wait for a lock run. Started lazily, one thread per wait."""
+_COMMITS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="takeoff-sqlite-commit")
+"""Where COMMITs run: apart from the waits, so that a commit never queues behind the writers waiting for
+the lock it would free (a WAL commit waits for no other connection: a few threads suffice)."""
+_WAITS = ThreadPoolExecutor(max_workers=64, thread_name_prefix="takeoff-sqlite-wait")
+"""Where statements locked out wait: one thread each (a process's pools hold fewer connections)."""
 
 
 def _locked(error: sqlite3.OperationalError) -> bool:
@@ -63,7 +67,13 @@ class InlineCursor:
 
     async def executemany(self, operation: str, parameters: Iterable[Any]) -> InlineCursor:
         batch = list(parameters)  # a generator could not be run again after a lock
-        await self._connection.run(lambda: self._take(self._cursor.executemany(operation, batch)))
+        await self._connection.run(
+            lambda: self._take(self._cursor.executemany(operation, batch)),
+            # Outside a transaction each row commits by itself: one locked out midway must not run again
+            # the rows before it, so the whole call waits (per row) on a worker thread.
+            retry_safe=self._connection.raw.in_transaction
+            or self._connection.raw.isolation_level is not None,
+        )
         return self
 
     def _take(self, cursor: sqlite3.Cursor) -> None:
@@ -97,6 +107,10 @@ class InlineConnection:
         self._busy_timeout_ms = busy_timeout_ms
         self._behind: asyncio.Future[Any] | None = None
         """An operation on a worker thread that its caller stopped waiting for: finished before the next."""
+        # SQLAlchemy's adapter sets an isolation level (AUTOCOMMIT, or the pool's reset of it) through
+        # aiosqlite's internals: the sqlite3 connection, and a queue of calls to run on its thread.
+        self._conn = raw
+        self._tx = _RunAtOnce()
 
     @classmethod
     def connect(cls, path: str, busy_timeout_ms: int) -> Callable[[], Awaitable[InlineConnection]]:
@@ -113,16 +127,18 @@ class InlineConnection:
     def isolation_level(self) -> str | None:
         return self.raw.isolation_level
 
-    async def run(self, operation: Callable[[], T]) -> T:
+    async def run(self, operation: Callable[[], T], *, retry_safe: bool = True) -> T:
         """``operation`` on the loop's thread; when the database is locked, again on a worker thread that
-        waits for it."""
+        waits for it. One that is not ``retry_safe`` (it may have written before it was locked out) runs
+        on a worker thread from the start."""
         await self._catch_up()
-        try:
-            return operation()
-        except sqlite3.OperationalError as error:
-            if not _locked(error):
-                raise
-        return await self._off_loop(lambda: self._waiting(operation))
+        if retry_safe:
+            try:
+                return operation()
+            except sqlite3.OperationalError as error:
+                if not _locked(error):
+                    raise
+        return await self._off_loop(_WAITS, lambda: self._waiting(operation))
 
     def _waiting(self, operation: Callable[[], T]) -> T:
         self.raw.execute(f"PRAGMA busy_timeout={self._busy_timeout_ms}")
@@ -131,8 +147,8 @@ class InlineConnection:
         finally:
             self.raw.execute("PRAGMA busy_timeout=0")
 
-    async def _off_loop(self, operation: Callable[[], T]) -> T:
-        future = asyncio.get_running_loop().run_in_executor(_WAITS, operation)
+    async def _off_loop(self, executor: ThreadPoolExecutor, operation: Callable[[], T]) -> T:
+        future = asyncio.get_running_loop().run_in_executor(executor, operation)
         self._behind = future
         return await asyncio.shield(future)
 
@@ -153,7 +169,7 @@ class InlineConnection:
     async def commit(self) -> None:
         await self._catch_up()
         if self.raw.in_transaction:  # a read-only transaction has nothing to write
-            await self._off_loop(lambda: self._waiting(self.raw.commit))
+            await self._off_loop(_COMMITS, lambda: self._waiting(self.raw.commit))
 
     async def rollback(self) -> None:
         await self.run(self.raw.rollback)
@@ -171,3 +187,18 @@ class InlineConnection:
             self._behind.add_done_callback(lambda _: self.raw.close())
         else:
             self.raw.close()
+
+
+class _RunAtOnce:
+    """Stands in for aiosqlite's queue of calls to its thread: runs each call on the spot."""
+
+    def put_nowait(self, call: tuple[asyncio.Future[Any] | None, Callable[[], Any]]) -> None:
+        future, function = call
+        try:
+            result = function()
+        except BaseException as error:  # handed to the awaiting caller, as aiosqlite's thread would
+            if future is not None:
+                future.set_exception(error)
+            return
+        if future is not None:
+            future.set_result(result)

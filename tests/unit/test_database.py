@@ -1,6 +1,3 @@
-import asyncio
-import contextlib
-import sqlite3
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -98,64 +95,6 @@ async def test_sqlite_runs_in_wal_mode(tmp_path: Path) -> None:
         await db.close()
     assert mode == "wal"
     assert (tmp_path / "home" / "probe.db").exists()
-
-
-@pytest.fixture
-async def locked_database(tmp_path: Path) -> AsyncIterator[tuple[Database, sqlite3.Connection]]:
-    """A service database with a table ``t``, and another connection holding its write lock."""
-    db = Database.for_service("probe", tmp_path, None)
-    async with db.engine.begin() as connection:
-        await connection.execute(sa.text("CREATE TABLE t (v TEXT)"))
-    holder = sqlite3.connect(tmp_path / "probe.db", isolation_level=None)
-    holder.execute("BEGIN IMMEDIATE")
-    try:
-        yield db, holder
-    finally:
-        holder.close()
-        await db.close()
-
-
-async def _insert(db: Database, value: str) -> None:
-    async with db.engine.begin() as connection:
-        await connection.execute(sa.text("INSERT INTO t VALUES (:v)"), {"v": value})
-
-
-async def _values(db: Database) -> list[str]:
-    async with db.engine.connect() as connection:
-        return list((await connection.execute(sa.text("SELECT v FROM t ORDER BY v"))).scalars())
-
-
-async def test_a_write_waits_for_a_locked_database_off_the_event_loop(
-    locked_database: tuple[Database, sqlite3.Connection],
-) -> None:
-    """Statements run on the loop's thread (sqlite_inline), but never wait there: a write that finds the
-    database locked waits on a worker thread, and the loop goes on (here: reads) until the lock is gone."""
-    db, holder = locked_database
-    write = asyncio.create_task(_insert(db, "after"))
-    for _ in range(20):  # the loop answers while the write waits: a wait on it would hold these back
-        assert await _values(db) == []
-    done, _ = await asyncio.wait([write], timeout=0.5)
-    assert not done
-    holder.execute("COMMIT")
-    await asyncio.wait_for(write, 10)
-    assert await _values(db) == ["after"]
-
-
-async def test_a_write_whose_caller_gave_up_while_it_waited_leaves_the_database_usable(
-    locked_database: tuple[Database, sqlite3.Connection],
-) -> None:
-    """A caller cancelled while its statement waits for the lock on a worker thread: the connection is
-    used again only once that statement is over, the transaction is not committed, and no lock is kept."""
-    db, holder = locked_database
-    write = asyncio.create_task(_insert(db, "abandoned"))
-    done, _ = await asyncio.wait([write], timeout=0.5)
-    assert not done
-    write.cancel()
-    holder.execute("COMMIT")
-    with contextlib.suppress(asyncio.CancelledError):
-        await asyncio.wait_for(write, 10)
-    await asyncio.wait_for(_insert(db, "next"), 10)
-    assert await _values(db) == ["next"]
 
 
 def test_urls_map_to_async_drivers() -> None:
