@@ -801,6 +801,7 @@ class Attempt:
         """Set the run's final state, unless its job (the SDK) has set one; the final state either way.
         The log's lines go first, the outcome's with them: a follower of the log stops at the run's end."""
         await self._flush_logs_quietly()
+        await self._run_created()  # a run never created fails here, as CreateRun did
         seen = self.context.run_ends.seen(self.assignment.run)
         if (
             seen is not None
