@@ -257,11 +257,11 @@ def _run_not_found(key: RunKey) -> NotFound:
     return NotFound("RUN_NOT_FOUND", f"run {key.name} does not exist", metadata={"resource": key.name})
 
 
-def _run_ended(row: RunRow, key: RunKey, what: str) -> FailedPrecondition:
+def _run_ended(state: str, key: RunKey, what: str) -> FailedPrecondition:
     return FailedPrecondition(
         "RUN_ENDED",
-        f"run {key.name} has ended ({row.state}) and accepts no more {what}",
-        metadata={"resource": key.name, "state": row.state},
+        f"run {key.name} has ended ({state}) and accepts no more {what}",
+        metadata={"resource": key.name, "state": state},
     )
 
 
@@ -457,7 +457,7 @@ class Runs:
                     metadata={"resource": key.name},
                 )
             if RunState(row.state).ended:
-                raise _run_ended(row, key, "attach")
+                raise _run_ended(row.state, key, "attach")
             resumed = None
             if resume is not ResumeMode.NEVER and row.resumed_from:
                 previous = RunKey.parse(row.resumed_from, field="resumed_from")
@@ -516,37 +516,35 @@ class Runs:
         _check_batch_size(batch.count, "rows")
         _take(self._metric_rows, key, batch.count)
         async with self._store.write() as tx:
-            row = await self._require_run_row(tx, key, for_update=True, project_hint=False)
-            if RunState(row.state).ended:
-                raise _run_ended(row, key, "metrics")
-            skipped = _skipped(row.history_length, first_index, "first_row_index")
+            position = await tx.history_position(key.project, key.run)
+            if position is None:
+                raise _run_not_found(key)
+            if RunState(position.state).ended:
+                raise _run_ended(position.state, key, "metrics")
+            skipped = _skipped(position.length, first_index, "first_row_index")
             accepted = max(0, batch.count - skipped)
             if accepted:
-                now = _now()
-                tx.add(
-                    MetricChunkRow(
-                        run_seq=_seq(row),
-                        first_index=row.history_length,
-                        count=accepted,
-                        payload=batch.encode(batch.count - accepted),
-                        value_columns=batch.encode_columns(batch.count - accepted)
-                        if batch.encode_columns
-                        else None,
-                        store_time=now,
-                    )
-                )
-                row.last_step = max(row.last_step, batch.max_step) if row.history_length else batch.max_step
-                row.history_length += accepted
-                if not batch.keys.issubset(row.metric_keys):
-                    keys = batch.keys.union(row.metric_keys)
+                keys = position.metric_keys
+                if not batch.keys.issubset(keys):
+                    keys = sorted(batch.keys.union(keys))
                     if len(keys) > MAX_METRIC_KEYS:
                         raise field_error(
                             "rows",
                             f"a run holds at most {MAX_METRIC_KEYS} distinct metric keys ({len(keys)})",
                         )
-                    row.metric_keys = sorted(keys)
-                row.update_time = now
-            length = row.history_length
+                chunk = MetricChunkRow(
+                    run_seq=position.seq,
+                    first_index=position.length,
+                    count=accepted,
+                    payload=batch.encode(batch.count - accepted),
+                    value_columns=batch.encode_columns(batch.count - accepted)
+                    if batch.encode_columns
+                    else None,
+                    store_time=_now(),
+                )
+                last_step = max(position.last_step, batch.max_step) if position.length else batch.max_step
+                await tx.append_metric_chunk(position, chunk, last_step=last_step, metric_keys=keys)
+            length = position.length + accepted
         if accepted:
             self._signals.notify(key)
         return Appended(accepted, batch.count - accepted, length)
@@ -577,7 +575,7 @@ class Runs:
         async with self._store.write() as tx:
             row = await self._require_run_row(tx, key, for_update=True, project_hint=False)
             if RunState(row.state).ended:
-                raise _run_ended(row, key, "summary updates")
+                raise _run_ended(row.state, key, "summary updates")
             summary = _merged(row.summary, changes)
             _check_struct(summary, "summary", MAX_SUMMARY_BYTES)
             row.summary = summary
@@ -591,7 +589,7 @@ class Runs:
         async with self._store.write() as tx:
             row = await self._require_run_row(tx, key, for_update=True, project_hint=False)
             if RunState(row.state).ended:
-                raise _run_ended(row, key, "config updates")
+                raise _run_ended(row.state, key, "config updates")
             if read_only := [name for name in changes if name in row.launch_config_keys]:
                 raise _config_keys_read_only(key, read_only)
             config = _merged(row.config, changes)

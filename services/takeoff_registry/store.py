@@ -224,11 +224,49 @@ _LOG_POSITION = (
     .with_for_update()
 )
 _INSERT_LOG_CHUNK = sa.insert(LogChunkRow)
+# BatchLogMetrics, every 0.2 s of a run that logs, likewise reads and writes only its history's columns.
+_HISTORY_POSITION = (
+    sa.select(
+        col(RunRow.seq),
+        col(RunRow.state),
+        col(RunRow.history_length),
+        col(RunRow.last_step),
+        col(RunRow.metric_keys),
+    )
+    .where(
+        col(RunRow.project_id) == sa.bindparam("where_project"),
+        col(RunRow.run_id) == sa.bindparam("where_run"),
+    )
+    .with_for_update()
+)
+_INSERT_METRIC_CHUNK = sa.insert(MetricChunkRow)
+_GROW_HISTORY = (
+    sa.update(RunRow)
+    .where(col(RunRow.seq) == sa.bindparam("where_seq"))
+    .values(
+        history_length=sa.bindparam("length"),
+        last_step=sa.bindparam("last_step"),
+        metric_keys=sa.bindparam("metric_keys", type_=JsonText),
+        update_time=sa.bindparam("now"),
+    )
+)
 _GROW_LOG = (
     sa.update(RunRow)
     .where(col(RunRow.seq) == sa.bindparam("where_seq"))
     .values(log_line_count=sa.bindparam("length"), update_time=sa.bindparam("now"))
 )
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryPosition:
+    """What BatchLogMetrics reads of a run."""
+
+    seq: int
+    state: str
+    length: int
+    """Rows in the history."""
+    last_step: int
+    metric_keys: list[str]
 
 
 @dataclass(frozen=True, slots=True)
@@ -421,6 +459,29 @@ class Tx:
         }
         await connection.execute(_INSERT_LOG_CHUNK, chunk)
         await connection.execute(_GROW_LOG, {"where_seq": run_seq, "length": first_index + count, "now": now})
+
+    async def history_position(self, project_id: str, run_id: str) -> HistoryPosition | None:
+        """What BatchLogMetrics needs of the run, its row locked for the rest of the transaction; None when
+        the run does not exist."""
+        connection = await self.session.connection()
+        parameters = {"where_project": project_id, "where_run": run_id}
+        row = (await connection.execute(_HISTORY_POSITION, parameters)).first()
+        return None if row is None else HistoryPosition(*row)
+
+    async def append_metric_chunk(
+        self, position: HistoryPosition, chunk: MetricChunkRow, *, last_step: int, metric_keys: list[str]
+    ) -> None:
+        """``chunk`` at the end of the history ``position`` read, and the run's history columns after it."""
+        connection = await self.session.connection()
+        await connection.execute(_INSERT_METRIC_CHUNK, chunk.model_dump())
+        grown = {
+            "where_seq": position.seq,
+            "length": position.length + chunk.count,
+            "last_step": last_step,
+            "metric_keys": metric_keys,
+            "now": chunk.store_time,
+        }
+        await connection.execute(_GROW_HISTORY, grown)
 
     async def insert_run(self, row: RunRow) -> bool:
         """Insert ``row``; False when the project already has a run with its id (the transaction is
