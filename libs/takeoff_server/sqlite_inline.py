@@ -20,6 +20,10 @@ Only what may wait leaves the loop, for a worker thread:
 Errors are sqlite3's, as aiosqlite's are; connections are used by one task at a time, as SQLAlchemy's pool
 hands them out, and an operation left on a worker thread by a cancelled caller is waited for before the
 connection's next one.
+
+A statement's own run is the loop's time: the services' statements are small and indexed, and the longest,
+a retention pass's DELETE of 100,000 rows, takes about 90 ms. A long one cannot be moved off the loop once
+it runs: interrupting a write rolls back its whole transaction.
 """
 
 from __future__ import annotations
