@@ -213,31 +213,35 @@ _RUN = select(RunRow).where(
     RunRow.project_id == sa.bindparam("where_project"), RunRow.run_id == sa.bindparam("where_run")
 )
 _RUN_FOR_UPDATE = _RUN.with_for_update()
-# AppendLogs, three or four times a launch, reads and writes only the run's log length: Core statements,
-# without loading (and decoding) the whole row into the session.
-_LOG_POSITION = (
-    sa.select(col(RunRow.seq), col(RunRow.log_line_count))
-    .where(
-        col(RunRow.project_id) == sa.bindparam("where_project"),
-        col(RunRow.run_id) == sa.bindparam("where_run"),
+
+
+def _run_locked(*columns: Any) -> sa.Select[Any]:
+    """``columns`` of one run (by project and id), its row locked for the rest of the transaction."""
+    return (
+        sa.select(*columns)
+        .where(
+            col(RunRow.project_id) == sa.bindparam("where_project"),
+            col(RunRow.run_id) == sa.bindparam("where_run"),
+        )
+        .with_for_update()
     )
-    .with_for_update()
-)
+
+
+# AppendLogs (three or four times a launch) and BatchLogMetrics (every 0.2 s of a run that logs) read and
+# write only the run's log or history columns: Core statements, without loading (and decoding) the whole row.
+_LOG_POSITION = _run_locked(col(RunRow.seq), col(RunRow.log_line_count))
 _INSERT_LOG_CHUNK = sa.insert(LogChunkRow)
-# BatchLogMetrics, every 0.2 s of a run that logs, likewise reads and writes only its history's columns.
-_HISTORY_POSITION = (
-    sa.select(
-        col(RunRow.seq),
-        col(RunRow.state),
-        col(RunRow.history_length),
-        col(RunRow.last_step),
-        col(RunRow.metric_keys),
-    )
-    .where(
-        col(RunRow.project_id) == sa.bindparam("where_project"),
-        col(RunRow.run_id) == sa.bindparam("where_run"),
-    )
-    .with_for_update()
+_GROW_LOG = (
+    sa.update(RunRow)
+    .where(col(RunRow.seq) == sa.bindparam("where_seq"))
+    .values(log_line_count=sa.bindparam("length"), update_time=sa.bindparam("now"))
+)
+_HISTORY_POSITION = _run_locked(
+    col(RunRow.seq),
+    col(RunRow.state),
+    col(RunRow.history_length),
+    col(RunRow.last_step),
+    col(RunRow.metric_keys),
 )
 _INSERT_METRIC_CHUNK = sa.insert(MetricChunkRow)
 _GROW_HISTORY = (
@@ -249,11 +253,6 @@ _GROW_HISTORY = (
         metric_keys=sa.bindparam("metric_keys", type_=JsonText),
         update_time=sa.bindparam("now"),
     )
-)
-_GROW_LOG = (
-    sa.update(RunRow)
-    .where(col(RunRow.seq) == sa.bindparam("where_seq"))
-    .values(log_line_count=sa.bindparam("length"), update_time=sa.bindparam("now"))
 )
 
 
