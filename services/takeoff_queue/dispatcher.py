@@ -260,9 +260,10 @@ class Dispatcher:
         """lease id -> (epoch, item state after it ended, ended by the agent's Complete)"""
         self._set_aside: dict[str, set[str]] = defaultdict(set)
         """queue -> PENDING items a dispatch pass failed to assign; tried again when the queue changes"""
+        # item id -> the life last handed to the store and the row's revision once it is written, until
+        # that write is committed; _writes_ended is set, and replaced, each time a write of items ends.
         self._writing: dict[str, tuple[ItemLife, int]] = {}
-        """item id -> the life last handed to the store and the row's revision once it is written, until
-        that write is committed"""
+        self._writes_ended = asyncio.Event()
         self._dispatch_scheduled = False
         self._deadlines = _Deadlines(clock, self._on_deadline)
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -756,11 +757,34 @@ class Dispatcher:
                 else:
                     self.adopt(fresh, closes.get((item_id, fresh.life.epoch)))
 
-    async def _refresh_agent(self, agent_id: str) -> None:
-        """The agent's leases as the database has them, and what this index thought it held."""
+    async def _refresh_agent(self, agent_id: str) -> list[str]:
+        """The agent's leases as the database has them, and what this index thought it held: their items'
+        ids."""
         held = await self._store.items(agent=f"agents/{agent_id}", states=LIVE_STATES)
         known = self.agents.get(agent_id)
-        await self.refresh([*(item.id for item in held), *(known.leases.values() if known else ())])
+        item_ids = [*(item.id for item in held), *(known.leases.values() if known else ())]
+        await self.refresh(item_ids)
+        return item_ids
+
+    async def _settle(self, item_ids: list[str]) -> None:
+        """Until these items are in the index as the database has them. ``adopt`` keeps the database's copy
+        of an item out while a write of ours on it is on its way: each time a write ends, they are read
+        again, until none is."""
+
+        def unsettled() -> bool:
+            return any(
+                item_id in self._writing or item.life is not item.committed
+                for item_id in item_ids
+                if (item := self.items.get(item_id)) is not None
+            )
+
+        while unsettled():
+            await self._writes_ended.wait()
+            await self.refresh(item_ids)
+
+    def _write_ended(self) -> None:
+        self._writes_ended.set()
+        self._writes_ended = asyncio.Event()
 
     def adopt(self, fresh: Item, close: RunClose | None) -> None:
         """Take the database's newer copy of an item into the index: leases that ended here are freed
@@ -883,17 +907,24 @@ class Dispatcher:
                 metadata={"resource": f"agents/{hello.agent_id}"},
             )
         await self._check_queues(hello)
+        if (older := self._sessions.get(hello.agent_id)) is not None:
+            # Before the refresh: a lease another replica gave the agent is not taken for one that went
+            # to a stream of it here (_end_if_undelivered).
+            older.close(superseded=True)
+            self.disconnect(older)
         if self._replicated:
             # Its leases as the database has them: it may have held them through another replica.
-            await self._refresh_agent(hello.agent_id)
+            its_items = await self._refresh_agent(hello.agent_id)
             await self._renew_in_database(hello.agent_id, hello.session_id)
+            # A claim of ours for another agent, read stale before another replica leased one of them to
+            # this agent, keeps that lease out of the index until the claim is refused: the verdicts
+            # wait, or a lease the agent holds would be called lost (and then ended as never delivered).
+            await self._settle(its_items)
             for item_id in self._agent(hello.agent_id).leases.values():
                 # Timed here from now on: a deadline that fell due elsewhere meanwhile was passed over.
                 self._watch_deadlines(self.items[item_id])
         now = self._clock()
         agent = self._agent(hello.agent_id)
-        if (older := self._sessions.pop(agent.agent_id, None)) is not None:
-            older.close(superseded=True)
         agent.display_name = hello.display_name
         served_before = agent.queues
         agent.queues = list(dict.fromkeys(hello.queues))
@@ -1931,19 +1962,22 @@ class Dispatcher:
                     kind, key = retry
                     self._deadlines.at(retry_at, kind, key, item.life.epoch)
             raise
-        for item, close, _, written in fences:
-            if item.id in stale:
-                self._writing.pop(item.id, None)
-                give_back(item, close)
-                continue
-            if self._writing.get(item.id, (None, 0))[1] == written:
-                del self._writing[item.id]
-            item.revision = written
-        for item, message in then_send:
-            if item.id not in stale:
-                self._send_to_holder(item, message)
-        if stale:
-            await self.refresh(stale)
+        else:
+            for item, close, _, written in fences:
+                if item.id in stale:
+                    self._writing.pop(item.id, None)
+                    give_back(item, close)
+                    continue
+                if self._writing.get(item.id, (None, 0))[1] == written:
+                    del self._writing[item.id]
+                item.revision = written
+            for item, message in then_send:
+                if item.id not in stale:
+                    self._send_to_holder(item, message)
+            if stale:
+                await self.refresh(stale)
+        finally:
+            self._write_ended()
 
     async def _run_closed(self, close: RunClose, end: RunEnd, tries: int = 1) -> None:
         """The registry closed the run, or had it closed already: the outbox row goes, and in the same
@@ -2119,29 +2153,34 @@ class Dispatcher:
             for item, *_ in writes:
                 self._roll_back(item)
             raise
-        saved = []
-        for item, life, since, _, written in writes:
-            if item.id in stale:
-                # Over its queue's limit: tried again a moment later, not in a loop while the slot it saw
-                # free is still counted in the database (an attempt waiting for its run's close).
-                self._roll_back(item, retry=False, wait=_OVER_LIMIT_WAIT if item.id in over_limit else None)
-                continue
-            if self._writing.get(item.id, (None, 0))[0] is life:
-                del self._writing[item.id]
-            item.committed, item.revision = life, written
-            tracing.committed(item, life.history, since)
-            saved.append(item)
-            if self.items.get(item.id) is item and self._rests(item, self._clock()):
-                # _move put it on the timer, which has not fired yet; still held (its queue not deleted)
-                self._rest(item, timed=True)
-        for item, message in then_send:
-            if item.id not in stale:
-                self._send_to_holder(item, message)
-        for item in saved:
-            self._notify(item)
-        if stale:
-            await self.refresh(stale)
-            raise ItemChanged(stale)
+        else:
+            saved = []
+            for item, life, since, _, written in writes:
+                if item.id in stale:
+                    # Over its queue's limit: tried again a moment later, not in a loop while the slot it saw
+                    # free is still counted in the database (an attempt waiting for its run's close).
+                    self._roll_back(
+                        item, retry=False, wait=_OVER_LIMIT_WAIT if item.id in over_limit else None
+                    )
+                    continue
+                if self._writing.get(item.id, (None, 0))[0] is life:
+                    del self._writing[item.id]
+                item.committed, item.revision = life, written
+                tracing.committed(item, life.history, since)
+                saved.append(item)
+                if self.items.get(item.id) is item and self._rests(item, self._clock()):
+                    # _move put it on the timer, which has not fired yet; still held (its queue not deleted)
+                    self._rest(item, timed=True)
+            for item, message in then_send:
+                if item.id not in stale:
+                    self._send_to_holder(item, message)
+            for item in saved:
+                self._notify(item)
+            if stale:
+                await self.refresh(stale)
+                raise ItemChanged(stale)
+        finally:
+            self._write_ended()
 
     def _written(self, item: Item) -> tuple[ItemLife, int]:
         """The item's life as the store will have it once the writes handed to it are committed, and the

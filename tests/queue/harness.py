@@ -68,6 +68,8 @@ class ScriptedAgent:
         self.address = address
         self.key = key
         self.agent_id = agent_id or uuid.uuid4().hex
+        self.session_id = ""
+        """The session of its latest Hello."""
         self.received: asyncio.Queue[queue_pb2.LeaseResponse] = asyncio.Queue()
         self._outgoing: asyncio.Queue[queue_pb2.LeaseRequest | None] = asyncio.Queue()
         self._sequence = 0
@@ -90,9 +92,10 @@ class ScriptedAgent:
     ) -> ScriptedAgent:
         self._channel = keyed_channel(self.address, self.key)
         stub = queue_pb2_grpc.QueueServiceStub(self._channel)
+        self.session_id = uuid.uuid4().hex
         hello = queue_pb2.LeaseRequest.Hello(
             agent_id=self.agent_id,
-            session_id=uuid.uuid4().hex,
+            session_id=self.session_id,
             display_name="scripted",
             queues=queues,
             resources=list(resources),

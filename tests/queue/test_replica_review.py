@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -20,7 +22,7 @@ from google.protobuf import duration_pb2
 from takeoff.v1 import common_pb2, queue_pb2
 from takeoff_queue.store import next_revision
 from tests.processes import ServiceProcess
-from tests.queue.harness import ScriptedAgent
+from tests.queue.harness import ScriptedAgent, Stub
 from tests.queue.replicas_harness import queue_replicas, replica_env
 from tests.queue.test_replicas import LONG_TTL, database, enqueue, new_queue, two_replicas
 
@@ -32,6 +34,8 @@ BUILDING = common_pb2.ITEM_STATE_BUILDING
 STARTING = common_pb2.ITEM_STATE_STARTING
 LEASED = common_pb2.ITEM_STATE_LEASED
 RUNNING = common_pb2.ITEM_STATE_RUNNING
+PENDING = common_pb2.ITEM_STATE_PENDING
+SUCCEEDED = common_pb2.ITEM_STATE_SUCCEEDED
 ITEMS_CHANNEL = "takeoff_queue_items"
 START_TIMEOUT = 2
 
@@ -277,3 +281,92 @@ async def test_a_sweeper_that_read_an_agent_expired_ends_no_lease_it_renewed_mea
             assert after == (before[0], "LEASED", assignment.lease_id)
         finally:
             await agent.close()
+
+
+async def test_a_hello_waits_for_a_stale_claim_of_a_lease_it_lists_to_be_refused(
+    tmp_path: Path, registry: ServiceProcess, job: str, database: str
+) -> None:
+    """Replica A claims an item for an agent of its own, read before replica B leased it to another agent;
+    that agent then moves to A (its replica gone) listing the lease, while A's claim is still on its way to
+    the database. The Welcome must keep the lease. Before, the verdict read A's index, where the stale claim
+    stood until refused: the lease was called lost, and once read back ended as never delivered (the
+    replica chaos test's lost verdicts, once in CI). Forced: an earlier write of A's waits on a row the test
+    locks, so that the claim waits behind it in A's group commit; the agent's renewal at its Hello waits on a
+    second lock, so that the test knows A has read the agent's leases before it lets the claim through."""
+    async with two_replicas(tmp_path, registry, database) as ((first, second), (on_first, on_second)):
+        queue, parked = await new_queue(on_first), await new_queue(on_first)
+        blocker = await enqueue(on_first, parked, job)  # nobody serves its queue: only the test's write
+        async with (
+            await psycopg.AsyncConnection.connect(database, autocommit=True) as watcher,
+            await psycopg.AsyncConnection.connect(database) as hold_blocker,
+        ):
+            await hold_blocker.execute(
+                "SELECT 1 FROM queue_items WHERE id = %s FOR UPDATE", (blocker.rsplit("/", 1)[1],)
+            )
+            cancelling = asyncio.ensure_future(on_first.CancelItem(queue_pb2.CancelItemRequest(name=blocker)))
+            await _until_waiting_on(watcher, "%queue_items%")
+            own = await ScriptedAgent(first.address).connect([queue], capacity=1)
+            name = await enqueue(on_second, queue, job)  # PENDING: no agent on the second replica
+
+            async def claimed() -> bool:  # in A's memory, not committed
+                return bool((await _agent(on_first, own.agent_id)).leases)
+
+            await _until(claimed, "the first replica claimed the item")
+            mover = await ScriptedAgent(second.address).connect([queue], capacity=1)
+            assignment = (await mover.next("assignment")).assignment  # committed on the second replica
+            await mover.vanish()
+            back = ScriptedAgent(first.address, agent_id=mover.agent_id)
+            async with await psycopg.AsyncConnection.connect(database) as hold_renewal:
+                await hold_renewal.execute(
+                    "SELECT 1 FROM queue_agents WHERE agent_id = %s FOR UPDATE", (mover.agent_id,)
+                )
+                held = {assignment.lease_id: assignment.epoch}
+                await back.connect([queue], capacity=1, held=held, expect_welcome=False)
+                await _until_waiting_on(watcher, "%queue_agents%")  # A read its leases, and renews them
+
+            async def renewed() -> bool:
+                query = "SELECT session_id FROM queue_agents WHERE agent_id = %s"
+                found = await (await watcher.execute(query, (mover.agent_id,))).fetchone()
+                return found == (back.session_id,)
+
+            await _until(renewed, "the Hello's renewal was committed")
+            await hold_blocker.rollback()  # A's claim goes through now, and is refused
+            welcome = (await back.next("welcome")).welcome
+        try:
+            assert [(v.lease_id, v.kept) for v in welcome.lease_verdicts] == [(assignment.lease_id, True)]
+            assert (await back.progress(assignment, RUNNING)).ack.state == RUNNING
+            assert (await back.complete(assignment, SUCCEEDED)).ack.state == SUCCEEDED
+            await cancelling
+            item = (await on_second.GetItem(queue_pb2.GetItemRequest(name=name))).item
+            assert [t.to_state for t in item.transitions] == [PENDING, LEASED, RUNNING, SUCCEEDED], item
+            assert (await _agent(on_first, own.agent_id)).leases == []
+        finally:
+            await back.close()
+            await own.close()
+
+
+async def _until_waiting_on(watcher: psycopg.AsyncConnection[Any], query: str) -> None:
+    """Until a statement like ``query`` waits on a lock in the database."""
+
+    async def waiting() -> bool:
+        found = await (
+            await watcher.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE %s",
+                (query,),
+            )
+        ).fetchone()
+        return found is not None and found[0] >= 1
+
+    await _until(waiting, f"a statement like {query} waits on a lock")
+
+
+async def _until(check: Callable[[], Awaitable[bool]], what: str) -> None:
+    for _ in range(2000):
+        if await check():
+            return
+        await asyncio.sleep(0.01)  # polling a state, not waiting out time
+    pytest.fail(f"never: {what}")
+
+
+async def _agent(queues: Stub, agent_id: str) -> queue_pb2.Agent:
+    return (await queues.GetAgent(queue_pb2.GetAgentRequest(name=f"agents/{agent_id}"))).agent
