@@ -531,10 +531,13 @@ class QueueBook:
             item = await self.get_item(name)
             yield item
             while not item.state.is_terminal:
-                await updates.get()
+                changed = await updates.get()
                 while not updates.empty():
-                    updates.get_nowait()
-                item = await self.get_item(name)
+                    changed = updates.get_nowait()
+                # As its last commit left it, with no read of the database: the dispatcher tells watchers
+                # after each commit, and a change of the index not committed yet is not shown.
+                assert changed.committed is not None, "watchers are told of committed items"
+                item = replace(changed, life=changed.committed)
                 yield item
         finally:
             self._dispatcher.unwatch(item_id, updates)
