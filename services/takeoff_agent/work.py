@@ -494,8 +494,10 @@ class Attempt:
             if await self._unless_stopped(building) is not True:
                 return await self._end_stopped()
             await self._run_created()  # the job attaches to its run at once
-            if not await self._advance(ItemState.STARTING, "starting the job"):
-                return await self._end_stopped()
+            # STARTING goes to the queue while the job starts: the queue took this attempt's BUILDING, so
+            # the lease was held a moment ago; a refusal stops the job just started (through request_stop).
+            starting = asyncio.ensure_future(self._advance(ItemState.STARTING, "starting the job"))
+            self._background.add(starting)
             job_span = self._open_job_span()
             if built.image:
                 job_span.set_attribute("container.image.name", built.image)
@@ -507,7 +509,7 @@ class Attempt:
                     failed_start = await self._unless_stopped(self._start(built, secrets))
                 finally:
                     self._report_waiting(None)
-            if failed_start is _Interrupted.STOP:
+            if failed_start is _Interrupted.STOP or await self._unless_stopped(starting) is not True:
                 return await self._end_stopped()
             if failed_start is not None:
                 return await self._failed_before_end(failed_start)
