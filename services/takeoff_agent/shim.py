@@ -1,4 +1,5 @@
-"""The supervisor of one job: ``python -m takeoff_agent.shim LEASE_DIR``.
+"""The supervisor of one job, forked for it by the shims' fork server (``serve_forks``: ``python -I -S
+shim.py``, which the agent starts once and asks for each shim, runners/shims.py).
 
 It outlives the agent (own session), so a job survives an agent restart, and leaves in LEASE_DIR all
 an agent needs to take the job back or learn how it ended:
@@ -22,8 +23,8 @@ agent's job and the next attempt never run side by side for long. A container is
 grace, SIGKILL) and, like every container the shim owns once it has ended, removed.
 
 Every local job pays for this process, so a local process's shim imports only what it cannot do without
-(``os``, ``signal``, ``time``, ``json``): the agent starts it as ``python -I -S shim.py``, without site
-packages, and it starts the job with ``fork`` and ``exec`` rather than ``subprocess`` and waits with
+(``os``, ``signal``, ``time``, ``json``): the fork server runs as ``python -I -S shim.py``, without site
+packages, and a shim starts the job with ``fork`` and ``exec`` rather than ``subprocess`` and waits with
 ``sigtimedwait`` rather than a thread per process (docs/design.md §7, "The shim and the lease directory").
 """
 
@@ -404,7 +405,65 @@ def main(lease_dir: str | os.PathLike[str]) -> int:
     return 0
 
 
+def serve_forks() -> int:
+    """The shims' fork server (``python -I -S shim.py``, started by the agent): fork a shim for each lease
+    directory read from stdin (each ended by a NUL), answering ``started PID`` on stdout, then ``ended
+    PID`` once that shim has ended (this server, its parent, reaps it). Until the end of stdin (the agent
+    closed it, or died); the shims live on. A shim is then a fork of a process that has imported it already,
+    not an interpreter's start (docs/design.md §7 "The shim's fork server")."""
+    import select  # the server's only: each shim is a fork of it
+
+    inherited = signal.getsignal(signal.SIGCHLD)  # each shim gets it back, as from its agent before
+    woken, wake = os.pipe()
+    os.set_blocking(wake, False)
+    signal.set_wakeup_fd(wake)
+    signal.signal(signal.SIGCHLD, lambda *_: None)  # for the wake-up byte: select then reaps
+    asked = b""
+    while True:
+        ready, _, _ = select.select([0, woken], [], [])
+        if woken in ready:
+            os.read(woken, 4096)
+        while True:
+            try:
+                pid, _status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+            os.write(1, b"ended %d\n" % pid)
+        if 0 in ready:
+            read = os.read(0, 65536)
+            if not read:
+                return 0
+            *lease_dirs, asked = (asked + read).split(b"\0")
+            for lease_dir in lease_dirs:
+                pid = _fork_shim(os.fsdecode(lease_dir), (woken, wake), inherited)
+                os.write(1, b"started %d\n" % pid)
+
+
+def _fork_shim(lease_dir: str, server_fds: tuple[int, int], sigchld: Any) -> int:
+    pid = os.fork()
+    if pid:
+        return pid
+    code = 1
+    try:
+        os.setsid()  # outlives the agent and its server: a restarted agent takes the job back
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGCHLD, sigchld)
+        for fd in server_fds:
+            os.close(fd)
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):  # off the server's pipes: the agent reads the server's answers alone
+            os.dup2(null, fd)
+        os.close(null)
+        code = main(lease_dir)
+    finally:
+        os._exit(code)
+
+
 if __name__ == "__main__":
     if __package__ is None or __package__ == "":  # started by path (``python -I -S shim.py``): no site
         sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    sys.exit(main(sys.argv[1]))
+    # One shim for LEASE_DIR (``python -m takeoff_agent.shim LEASE_DIR``: the tests of the shim alone), or
+    # with no argument the fork server, as the agent starts it.
+    sys.exit(main(sys.argv[1]) if len(sys.argv) > 1 else serve_forks())

@@ -1,6 +1,7 @@
-"""How the shim starts a local job, started itself as the agent starts it (``python -I -S shim.py``): the
-job gets what ``subprocess`` would give it, a job that cannot start is recorded, and the shim imports only
-the standard library's leanest parts (docs/design.md §7, "The shim and the lease directory")."""
+"""How the shim starts a local job, started itself as the agent starts it (a fork of the shims' fork server,
+``python -I -S shim.py``): the job gets what ``subprocess`` would give it, a job that cannot start is
+recorded, and the shim imports only the standard library's leanest parts (docs/design.md §7, "The shim and
+the lease directory")."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from takeoff_agent.runners.local_process import SHIM_COMMAND
+from takeoff_agent.runners.shims import SERVER_COMMAND
 from takeoff_agent.shim import write_atomically
 
 JOB = """\
@@ -36,11 +37,38 @@ def run_shim(
     write_atomically(
         lease_dir / "spec.json", {"argv": argv, "env": env, "cwd": str(work), "stop_grace_seconds": 5}
     )
-    subprocess.run(
-        [*SHIM_COMMAND, str(lease_dir)], timeout=60, check=True, stdin=subprocess.PIPE, preexec_fn=preexec_fn
-    )
+    run_shims([lease_dir], preexec_fn=preexec_fn)
     exit_record: dict[str, object] = json.loads((lease_dir / "exit.json").read_text())
     return exit_record
+
+
+def run_shims(
+    lease_dirs: list[Path],
+    command: tuple[str, ...] = SERVER_COMMAND,
+    preexec_fn: Callable[[], object] | None = None,
+) -> str:
+    """Have a fork server started by ``command`` start a shim for each lease directory, and wait until each
+    has ended, as the agent does; the server's stderr."""
+    with subprocess.Popen(  # the test's only thread starts it: preexec_fn is safe here
+        command,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        preexec_fn=preexec_fn,  # noqa: PLW1509
+    ) as server:
+        assert server.stdin is not None
+        assert server.stdout is not None
+        server.stdin.write(b"".join(bytes(lease_dir) + b"\0" for lease_dir in lease_dirs))
+        server.stdin.flush()
+        answers = [server.stdout.readline().split() for _ in range(2 * len(lease_dirs))]
+        server.stdin.close()
+        assert server.wait(60) == 0
+        assert server.stderr is not None
+        errors = server.stderr.read().decode()
+    started = [pid for word, pid in answers if word == b"started"]
+    assert sorted(pid for word, pid in answers if word == b"ended") == sorted(started), answers
+    assert len(set(started)) == len(lease_dirs)
+    return errors
 
 
 def test_the_job_starts_as_subprocess_would_start_it(tmp_path: Path) -> None:
@@ -114,15 +142,9 @@ def test_the_shim_imports_no_site_packages_and_nothing_heavy(tmp_path: Path) -> 
     work = tmp_path / "work"
     work.mkdir()
     write_atomically(tmp_path / "spec.json", {"argv": ["/bin/true"], "env": {}, "cwd": str(work)})
-    started = subprocess.run(
-        [SHIM_COMMAND[0], "-X", "importtime", *SHIM_COMMAND[1:], str(tmp_path)],
-        timeout=60,
-        check=True,
-        capture_output=True,
-        text=True,
-    )
+    errors = run_shims([tmp_path], (SERVER_COMMAND[0], "-X", "importtime", *SERVER_COMMAND[1:]))
     imported = {
-        line.split("|")[-1].strip() for line in started.stderr.splitlines() if line.startswith("import time:")
+        line.split("|")[-1].strip() for line in errors.splitlines() if line.startswith("import time:")
     }
 
     assert json.loads((tmp_path / "exit.json").read_text())["exit_code"] == 0

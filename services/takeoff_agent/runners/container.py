@@ -50,7 +50,6 @@ from takeoff_agent.runners.base import (
     RunnerUnavailable,
 )
 from takeoff_agent.runners.gpus import GpuPool, GpuRequest, parse_request
-from takeoff_agent.runners.local_process import SHIM_COMMAND
 from takeoff_agent.runners.secrets import (
     CA_FILE_VARIABLE,
     CONTAINER_CA_FILE,
@@ -61,6 +60,7 @@ from takeoff_agent.runners.secrets import (
     numeric_user,
     write_secret_files,
 )
+from takeoff_agent.runners.shims import Shim, ShimStarter
 from takeoff_agent.shim import shim_alive, write_atomically
 from takeoff_server.docker_registry import RegistryLogin, registry_host
 from takeoff_server.resource_configs import CONTAINER_OPTIONS, MULTI_NODE_OPTION
@@ -449,6 +449,7 @@ class ContainerRunner:
         self.options = options
         self.context = context
         self.gpus = GpuPool(options.gpus)
+        self.shims = ShimStarter()
         self._client: docker.DockerClient | None = None
 
     def build_kind(self, source: SourceKind) -> BuildKind:
@@ -481,6 +482,7 @@ class ContainerRunner:
                 await self.remove(container["Id"])
 
     async def close(self) -> None:
+        await self.shims.close()
         if self._client is not None:
             self._client.close()
             self._client = None
@@ -553,7 +555,7 @@ class ContainerJob:
         world = world_of(assignment.resource_config)
         self.names = container_names(assignment.lease_id, world)
         self.name = self.names[0]
-        self._shim: asyncio.subprocess.Process | None = None
+        self._shim: Shim | None = None
         self._log_sources = shim_output(lease_dir, world)
 
     @property
@@ -701,14 +703,7 @@ class ContainerJob:
         raise AssertionError("unreachable")
 
     async def _start_shim(self) -> None:
-        self._shim = await asyncio.create_subprocess_exec(
-            *SHIM_COMMAND,  # as a local job's: by path, isolated, without site (its start is every job's)
-            str(self.lease_dir),
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.DEVNULL,
-            start_new_session=True,  # outlives the agent: a restarted agent takes the job back
-        )
+        self._shim = await self.runner.shims.start(self.lease_dir)
 
     async def _until_started(self) -> JobExit | None:
         """Once the shim has started the container: None, or how the job ended already. A container left
@@ -743,14 +738,14 @@ class ContainerJob:
 
     def _alive(self) -> bool:
         if self._shim is not None:
-            return self._shim.returncode is None
+            return self._shim.running
         return shim_alive(self.lease_dir)
 
     async def wait(self) -> JobExit:
         """The job's end, from the shim's record; a job whose shim died is ended by the agent."""
         while True:
             if self._shim is not None:
-                await self._shim.wait()
+                await self._shim.ended()
             if (ended := self.exit()) is not None:
                 break
             if not self._alive() and (ended := await self._without_shim()) is not None:

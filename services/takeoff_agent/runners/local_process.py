@@ -14,12 +14,10 @@ import os
 import re
 import shutil
 import signal
-import sys
 import time
 from collections.abc import Collection, Mapping
 from pathlib import Path
 
-from takeoff_agent import shim
 from takeoff_agent.domain import Assignment, BuildKind, JobExit, ResourceKind, SourceKind
 from takeoff_agent.log_tail import shim_output
 from takeoff_agent.ranks import ONE_PROCESS, World, free_port, rank_environment, world_of
@@ -37,6 +35,7 @@ from takeoff_agent.runners.secrets import (
     check_names,
     write_secret_files,
 )
+from takeoff_agent.runners.shims import Shim, ShimStarter
 from takeoff_agent.sdk_site import matches_agent_python, write_sdk_site
 from takeoff_agent.shim import STOPPING, stop_groups, write_atomically, write_private
 from takeoff_server.resource_configs import PROCESS_OPTIONS
@@ -53,10 +52,6 @@ and name it runs under, its locale, time zone and temporary directory. Nothing e
 credentials and settings (``TAKEOFF_*`` among them) are not the job's business (docs/design.md §16)."""
 LOOPBACK = "127.0.0.1"
 """``MASTER_ADDR`` of a multi-node launch on local-process: its ranks all run on the agent's host."""
-SHIM_COMMAND = (sys.executable, "-I", "-S", shim.__file__)
-"""How a local job's shim is started: every job pays for its start, so by path, isolated (``-I``: no
-``PYTHON*`` variables, no user site) and without ``site`` (``-S``: it imports nothing but the standard
-library), which saves most of its start-up (docs/design.md §7)."""
 RELAY_VARIABLE = "TAKEOFF_RELAY"
 _VARIABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
@@ -99,6 +94,7 @@ class LocalProcessRunner:
         self.context = context
         self.pass_env = pass_env
         self.sdk_site = write_sdk_site(context.state_dir / "sdk")
+        self.shims = ShimStarter()
 
     def build_kind(self, source: SourceKind) -> BuildKind:
         return venv_build(self.kind, source)
@@ -114,6 +110,7 @@ class LocalProcessRunner:
             self.pass_env,
             world_of(assignment.resource_config),
             relay=self.context.relay,
+            shims=self.shims,
         )
 
     async def sweep(self, held: Collection[str]) -> None:
@@ -128,7 +125,7 @@ class LocalProcessRunner:
         )
 
     async def close(self) -> None:
-        pass
+        await self.shims.close()
 
 
 class LocalProcessJob:
@@ -143,15 +140,18 @@ class LocalProcessJob:
         world: World = ONE_PROCESS,
         *,
         relay: str | None = None,
+        shims: ShimStarter | None = None,
     ) -> None:
         """``relay``: the agent's run relay, given to the job as TAKEOFF_RELAY; None (the Slurm runner's
-        jobs, which may run on another node) gives none."""
+        jobs, which may run on another node) gives none. ``shims``: its runner's, which starts the shim;
+        None for a job found in a lease directory, which is only stopped."""
         self.lease_dir = lease_dir
         self.sdk_site = sdk_site
         self.pass_env = pass_env
         self.world = world
         self.relay = relay
-        self._shim: asyncio.subprocess.Process | None = None
+        self._shims = shims
+        self._shim: Shim | None = None
         self._log_sources = shim_output(lease_dir, world)
 
     @property
@@ -222,14 +222,8 @@ class LocalProcessJob:
         if self.world.multi:
             spec["ranks"] = self.rank_environments()
         write_private(self._spec_file, spec)
-        self._shim = await asyncio.create_subprocess_exec(
-            *SHIM_COMMAND,
-            str(self.lease_dir),
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.DEVNULL,
-            start_new_session=True,  # outlives the agent: a restarted agent takes the job back
-        )
+        assert self._shims is not None, "a job its runner made: found ones are only stopped"
+        self._shim = await self._shims.start(self.lease_dir)
 
     def rank_environments(self) -> list[dict[str, str]]:
         """Each rank's variables, over the job's environment: rank 0 serves at a port free now on the
@@ -264,7 +258,7 @@ class LocalProcessJob:
 
     def _shim_alive(self) -> bool:
         if self._shim is not None:
-            return self._shim.returncode is None
+            return self._shim.running
         pids = self._pids()
         if pids is None:
             return self.started and self.exit() is None
@@ -278,7 +272,7 @@ class LocalProcessJob:
         """The job's end: from its shim's exit when the agent started it, else by watching its files."""
         while True:
             if self._shim is not None:
-                await self._shim.wait()
+                await self._shim.ended()
             if (ended := self.exit()) is not None:
                 return ended
             if not self._shim_alive():

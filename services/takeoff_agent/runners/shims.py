@@ -1,0 +1,136 @@
+"""Shims (``shim.py``) started as forks of one fork server, not as interpreters of their own.
+
+Every local job and every container has a shim, and each used to pay an interpreter's start (``python -I -S
+shim.py``: about 12 ms of CPU, and as much wall time before the job's own start). A runner's
+:class:`ShimStarter` starts the fork server (``shim.serve_forks``) the first time it needs a shim and asks
+it for each one: a fork of a process that has imported the shim already. The server is the shims' parent
+and says when each has ended, as a child process's end is learnt; a shim outlives it (its own session), as
+it outlives the agent (docs/design.md §7 "The shim's fork server").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from collections import deque
+from pathlib import Path
+
+from takeoff_agent import shim
+from takeoff_agent.runners.base import RunnerUnavailable
+
+SERVER_COMMAND = (sys.executable, "-I", "-S", shim.__file__)
+"""By path, isolated (``-I``: no ``PYTHON*`` variables, no user site) and without ``site`` (``-S``): a shim
+imports nothing but the standard library (docs/design.md §7)."""
+
+
+class Shim:
+    """A shim the fork server started: running until it has ended."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self._ended = asyncio.Event()
+
+    @property
+    def running(self) -> bool:
+        return not self._ended.is_set()
+
+    async def ended(self) -> None:
+        await self._ended.wait()
+
+    def end_seen(self) -> None:
+        self._ended.set()
+
+
+class ShimStarter:
+    """Starts shims through the fork server, which it starts (again) when it is not running."""
+
+    def __init__(self) -> None:
+        self._server: asyncio.subprocess.Process | None = None
+        self._answers: asyncio.Task[None] | None = None
+        self._asked: deque[asyncio.Future[Shim]] = deque()
+        self._running: dict[int, Shim] = {}
+        self._asking = asyncio.Lock()
+        self._orphans: set[asyncio.Task[None]] = set()
+
+    async def start(self, lease_dir: Path) -> Shim:
+        """Start the shim of ``lease_dir``. RunnerUnavailable when the server ended after it was asked and
+        before it answered: whether it forked the shim is not known (the job's lease directory tells)."""
+        async with self._asking:  # one question at a time: the answers come in the order asked
+            for _ in range(2):
+                server, answers = await self._serving()
+                answer: asyncio.Future[Shim] = asyncio.get_running_loop().create_future()
+                self._asked.append(answer)
+                assert server.stdin is not None
+                try:
+                    server.stdin.write(os.fsencode(lease_dir) + b"\0")  # relative: it has the agent's cwd
+                    await server.stdin.drain()
+                except ConnectionError:  # it had ended, and never read this: the next server is asked
+                    await answers  # which fails what was asked of it, this too
+                    answer.exception()  # retrieved
+                    continue
+                return await answer
+        raise RunnerUnavailable("the shims' fork server ended as it was started, twice")
+
+    async def close(self) -> None:
+        """End the server (the shims it started run on)."""
+        if self._server is not None and self._answers is not None:
+            assert self._server.stdin is not None
+            self._server.stdin.close()
+            await self._server.wait()
+            await self._answers
+        for orphan in list(self._orphans):
+            orphan.cancel()
+
+    async def _serving(self) -> tuple[asyncio.subprocess.Process, asyncio.Task[None]]:
+        """The server, started when none is, or the last one's answers have ended (it is gone)."""
+        if self._server is None or self._answers is None or self._answers.done():
+            self._server = await asyncio.create_subprocess_exec(
+                *SERVER_COMMAND,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                start_new_session=True,  # no terminal's signals: it ends when the agent closes its stdin
+            )
+            self._answers = asyncio.create_task(self._read_answers(self._server))
+        return self._server, self._answers
+
+    async def _read_answers(self, server: asyncio.subprocess.Process) -> None:
+        assert server.stdout is not None
+        async for line in server.stdout:
+            word, pid_text = line.split()
+            pid = int(pid_text)
+            if word == b"started":
+                started = self._running[pid] = Shim(pid)
+                asked = self._asked.popleft()
+                if not asked.done():  # its caller may have given up
+                    asked.set_result(started)
+            elif (ended := self._running.pop(pid, None)) is not None:
+                ended.end_seen()
+        # The server ended: the shims it started are no longer children of anyone here.
+        while self._asked:
+            asked = self._asked.popleft()
+            if not asked.done():
+                asked.set_exception(RunnerUnavailable("the shims' fork server ended before it answered"))
+        for orphan in self._running.values():
+            task = asyncio.create_task(_until_gone(orphan))
+            self._orphans.add(task)
+            task.add_done_callback(self._orphans.discard)
+        self._running.clear()
+
+
+async def _until_gone(orphan: Shim) -> None:
+    """Until the shim has ended, learnt from a pidfd: its server, its parent, is gone."""
+    try:
+        pidfd = os.pidfd_open(orphan.pid)
+    except ProcessLookupError:
+        orphan.end_seen()
+        return
+    loop = asyncio.get_running_loop()
+    gone = asyncio.Event()
+    loop.add_reader(pidfd, gone.set)  # readable once it has exited
+    try:
+        await gone.wait()
+    finally:
+        loop.remove_reader(pidfd)
+        os.close(pidfd)
+    orphan.end_seen()
