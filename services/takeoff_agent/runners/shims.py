@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import select
 import sys
 from collections import deque
 from pathlib import Path
@@ -42,57 +43,88 @@ class Shim:
         self._ended.set()
 
 
+def started_shim(starting: asyncio.Task[Shim] | None) -> Shim | None:
+    """The shim a start task started, once it has (None before, and for a start that failed)."""
+    if starting is None or not starting.done() or starting.cancelled() or starting.exception() is not None:
+        return None
+    return starting.result()
+
+
 class ShimStarter:
     """Starts shims through the fork server, which it starts (again) when it is not running."""
 
     def __init__(self) -> None:
         self._server: asyncio.subprocess.Process | None = None
+        self._server_pidfd = -1
+        """Readable once the server has exited: a server killed meanwhile is not asked."""
         self._answers: asyncio.Task[None] | None = None
         self._asked: deque[asyncio.Future[Shim]] = deque()
         self._running: dict[int, Shim] = {}
         self._asking = asyncio.Lock()
+        self._closed = False
         self._orphans: set[asyncio.Task[None]] = set()
 
     async def start(self, lease_dir: Path) -> Shim:
         """Start the shim of ``lease_dir``. RunnerUnavailable when the server ended after it was asked and
-        before it answered: whether it forked the shim is not known (the job's lease directory tells)."""
+        before it answered (whether it forked the shim is not known: the lease directory tells), or once
+        the starter is closed. A caller that gives up after asking leaves the shim to start: it stops it
+        as it stops any job it may have started (its lease directory)."""
+        asked = os.fsencode(lease_dir)  # relative: the server has the agent's working directory
+        if b"\0" in asked:
+            raise ValueError(f"a lease directory has no NUL in its path: {lease_dir!r}")
         async with self._asking:  # one question at a time: the answers come in the order asked
             for _ in range(2):
+                if self._closed:
+                    raise RunnerUnavailable("the runner is closing: it starts no more jobs")
                 server, answers = await self._serving()
                 answer: asyncio.Future[Shim] = asyncio.get_running_loop().create_future()
                 self._asked.append(answer)
                 assert server.stdin is not None
                 try:
-                    server.stdin.write(os.fsencode(lease_dir) + b"\0")  # relative: it has the agent's cwd
+                    server.stdin.write(asked + b"\0")
                     await server.stdin.drain()
                 except ConnectionError:  # it had ended, and never read this: the next server is asked
-                    await answers  # which fails what was asked of it, this too
+                    await asyncio.shield(answers)  # which fails what was asked of it, this too
                     answer.exception()  # retrieved
                     continue
                 return await answer
         raise RunnerUnavailable("the shims' fork server ended as it was started, twice")
 
     async def close(self) -> None:
-        """End the server (the shims it started run on)."""
-        if self._server is not None and self._answers is not None:
-            assert self._server.stdin is not None
-            self._server.stdin.close()
-            await self._server.wait()
-            await self._answers
+        """End the server, once the starts under way are answered. The shims it started run on, followed no
+        more: their ``ended()`` waits on no one (the runner is closing with its agent)."""
+        async with self._asking:
+            self._closed = True
+        server, answers, self._server = self._server, self._answers, None
+        if server is not None and answers is not None:
+            assert server.stdin is not None
+            server.stdin.close()
+            await server.wait()
+            await asyncio.shield(answers)
+            os.close(self._server_pidfd)
         for orphan in list(self._orphans):
             orphan.cancel()
 
     async def _serving(self) -> tuple[asyncio.subprocess.Process, asyncio.Task[None]]:
-        """The server, started when none is, or the last one's answers have ended (it is gone)."""
-        if self._server is None or self._answers is None or self._answers.done():
+        """The server, started anew when the last one is gone."""
+        if self._server is None or self._answers is None or self._server_gone():
+            if self._server is not None:
+                os.close(self._server_pidfd)
             self._server = await asyncio.create_subprocess_exec(
                 *SERVER_COMMAND,
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
                 start_new_session=True,  # no terminal's signals: it ends when the agent closes its stdin
             )
+            self._server_pidfd = os.pidfd_open(self._server.pid)
             self._answers = asyncio.create_task(self._read_answers(self._server))
         return self._server, self._answers
+
+    def _server_gone(self) -> bool:
+        """Its answers have ended, or it has exited (its pidfd is readable) though their end is not read
+        yet: asked now, it could not answer."""
+        assert self._answers is not None
+        return self._answers.done() or bool(select.select([self._server_pidfd], [], [], 0)[0])
 
     async def _read_answers(self, server: asyncio.subprocess.Process) -> None:
         assert server.stdout is not None
