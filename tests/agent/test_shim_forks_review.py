@@ -21,20 +21,12 @@ from takeoff_agent.domain import ResourceKind
 from takeoff_agent.runners.base import RunnerContext
 from takeoff_agent.runners.local_process import LocalProcessRunner
 from takeoff_agent.runners.shims import ShimStarter
-from takeoff_agent.shim import write_atomically
 from tests.agent.test_relay import assignment, launch
+from tests.agent.test_shim_forks import lease_dir
 
 WITHIN = 30.0
 GONE_WITHIN = 5.0
 """How long a process that should be gone (or an end that should be learnt) is polled for."""
-
-
-def lease_dir(home: Path, name: str, argv: list[str]) -> Path:
-    lease = home / name
-    (lease / "work").mkdir(parents=True)
-    spec = {"argv": argv, "env": {"PATH": os.environ["PATH"]}, "cwd": str(lease / "work")}
-    write_atomically(lease / "spec.json", {**spec, "stop_grace_seconds": 5})
-    return lease
 
 
 def stat_of(pid: int) -> list[bytes] | None:
