@@ -194,3 +194,39 @@ async def test_a_start_given_up_midway_leaves_no_job_running_once_stopped(tmp_pa
     finally:
         await release(fifo)
         await runner.close()
+
+
+async def test_the_end_of_a_dead_servers_answers_touches_nothing_of_the_next_server(tmp_path: Path) -> None:
+    """The dead server's answers end (EOF) after the next server was started and asked: that end fails no
+    ask of the next server and hands none of its shims to a pidfd. The dead server's stdout is held open
+    (through /proc) until an ask is with the next server, then let go."""
+    first_lease, first_fifo = waiting_on(tmp_path, "first")
+    second_lease, second_fifo = waiting_on(tmp_path, "second")
+    starter = ShimStarter()
+    hold = -1
+    try:
+        first = await starter.start(first_lease)
+        dead = parent_of(first.pid)
+        hold = os.open(f"/proc/{dead}/fd/1", os.O_WRONLY)  # its answers: no end while held
+        os.kill(dead, signal.SIGKILL)
+        assert await until(lambda: parent_of(first.pid) != dead, WITHIN)
+        second = await starter.start(second_lease)  # the next server: the dead one's pidfd is readable
+        assert parent_of(second.pid) != dead
+        third = asyncio.create_task(starter.start(lease_dir(tmp_path, "third", ["true"])))
+        await asyncio.sleep(0)  # one turn: its ask is written to the next server, its answer awaited
+        os.close(hold)
+        hold = -1
+        async with asyncio.timeout(WITHIN):
+            await (await third).ended()
+        await release(second_fifo)
+        async with asyncio.timeout(WITHIN):
+            await second.ended()  # from the next server's answer, not a pidfd of the dead one's making
+        await release(first_fifo)
+        async with asyncio.timeout(WITHIN):
+            await first.ended()
+    finally:
+        if hold >= 0:
+            os.close(hold)
+        await release(first_fifo)
+        await release(second_fifo)
+        await starter.close()
