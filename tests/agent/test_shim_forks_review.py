@@ -53,6 +53,11 @@ def _command_line(pid: int) -> bytes:
     return Path(f"/proc/{pid}/cmdline").read_bytes()
 
 
+def fork_servers() -> set[int]:
+    """This process's children that are shims' fork servers."""
+    return {pid for pid in children_of(os.getpid()) if _command_line(pid).endswith(b"shim.py\0")}
+
+
 def children_of(parent: int) -> set[int]:
     found = set()
     for entry in os.listdir("/proc"):
@@ -122,6 +127,7 @@ async def test_a_lease_directory_with_a_nul_is_refused_and_breaks_nothing(tmp_pa
 async def test_close_during_the_first_start_leaves_no_server_running(tmp_path: Path) -> None:
     """D4. close() while the first start creates the server: close() waits for that start, then ends the
     server; no server runs on, and the starter starts nothing after."""
+    earlier = fork_servers()  # of other tests in this process (their runners left unclosed)
     starter = ShimStarter()
     start = asyncio.create_task(starter.start(lease_dir(tmp_path, "job", [sys.executable, "-c", "pass"])))
     await asyncio.sleep(0)  # one turn: it is creating the server
@@ -133,8 +139,7 @@ async def test_close_during_the_first_start_leaves_no_server_running(tmp_path: P
     try:
         if shim is not None:  # a closed starter follows its shims no more: the process is looked at
             assert await until(lambda: not alive(shim.pid), WITHIN)
-        servers = children_of(os.getpid())
-        serving = {pid for pid in servers if _command_line(pid).endswith(b"shim.py\0")}
+        serving = fork_servers() - earlier
         assert await until(lambda: not any(alive(pid) for pid in serving)), (
             f"a fork server runs on after close(): {serving}"
         )
