@@ -494,10 +494,14 @@ class Attempt:
             if await self._unless_stopped(building) is not True:
                 return await self._end_stopped()
             await self._run_created()  # the job attaches to its run at once
-            # STARTING goes to the queue while the job starts: the queue took this attempt's BUILDING, so
-            # the lease was held a moment ago; a refusal stops the job just started (through request_stop).
+            # After a cached build, STARTING goes to the queue while the job starts: the queue took this
+            # attempt's BUILDING a few milliseconds ago, and a refusal stops the job just started (through
+            # request_stop). After a build that took its time, the lease may have been lost meanwhile: the
+            # queue's answer comes first, so that no job starts beside the next attempt's.
             starting = asyncio.ensure_future(self._advance(ItemState.STARTING, "starting the job"))
             self._background.add(starting)
+            if not built.cache_hit and await self._unless_stopped(starting) is not True:
+                return await self._end_stopped()
             job_span = self._open_job_span()
             if built.image:
                 job_span.set_attribute("container.image.name", built.image)

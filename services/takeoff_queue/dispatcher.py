@@ -2123,7 +2123,6 @@ class Dispatcher:
         now = self._clock()
         writes = []
         for item in items:
-            item.update_time = now
             known, revision = self._written(item)
             written = next_revision(revision)
             writes.append((item, item.life, len(known.history), revision, written))
@@ -2165,7 +2164,8 @@ class Dispatcher:
                     continue
                 if self._writing.get(item.id, (None, 0))[0] is life:
                     del self._writing[item.id]
-                item.committed, item.revision = life, written
+                # The update time too only once committed: WatchItem and WatchQueue show the copy in memory.
+                item.committed, item.revision, item.update_time = life, written, now
                 tracing.committed(item, life.history, since)
                 saved.append(item)
                 if self.items.get(item.id) is item and self._rests(item, self._clock()):

@@ -525,3 +525,34 @@ def test_an_assignment_the_agent_cannot_run_is_refused_naming_why(
     spoil(message)
     with pytest.raises(ValueError, match=named):
         assignment_from_proto(message)
+
+
+class RefusingStarting(Recorder):
+    """A queue that has given the lease away by the time the agent reports STARTING."""
+
+    async def progress(self, attempt: Attempt, state: ItemState, detail: str) -> bool:
+        await super().progress(attempt, state, detail)
+        return state is not ItemState.STARTING
+
+
+async def test_starting_is_answered_before_the_job_starts_after_a_build_but_not_after_a_cache_hit(
+    clients: tuple[Runs, Builder], tmp_path: Path, job_version: str
+) -> None:
+    """After a build that took its time the lease may have been lost meanwhile: a refused STARTING means no
+    start at all. After a cache hit BUILDING was taken a moment ago: the job starts while STARTING is on its
+    way, and its refusal stops it."""
+    built_first = StubRunner(ended=JobExit(exit_code=0))
+    attempt, _ = attempt_of(built_first, clients, tmp_path, job_version)
+    refusing = RefusingStarting()
+    attempt.reporter = refusing
+    await attempt.run()
+    assert (ItemState.STARTING, "starting the job") in refusing.reported
+    assert built_first.the_job.launch is None, "started though the queue had not taken STARTING"
+    assert refusing.outcomes == []  # the lease is the queue's to give: nothing to report
+
+    cached = StubRunner(ended=JobExit(exit_code=0))
+    attempt, _ = attempt_of(cached, clients, tmp_path, job_version)
+    attempt.reporter = RefusingStarting()
+    await attempt.run()
+    assert cached.the_job.launch is not None
+    assert cached.the_job.stopped, "the job started before the refusal was not stopped"

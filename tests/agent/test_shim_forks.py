@@ -57,7 +57,8 @@ async def test_a_shim_outlives_its_killed_server_its_end_is_still_learnt_and_a_n
     (a pidfd), and the next shim is asked of a server started for it."""
     go = tmp_path / "go"
     os.mkfifo(go)
-    waiting = lease_dir(tmp_path, "waiting", ["cat", str(go)])  # until the test writes to the FIFO
+    # Until the test writes to the FIFO (a minute at most: a failed test leaves no process behind).
+    waiting = lease_dir(tmp_path, "waiting", ["timeout", "60", "cat", str(go)])
     starter = ShimStarter()
     try:
         first = await starter.start(waiting)

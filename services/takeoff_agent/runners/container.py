@@ -60,7 +60,7 @@ from takeoff_agent.runners.secrets import (
     numeric_user,
     write_secret_files,
 )
-from takeoff_agent.runners.shims import Shim, ShimStarter
+from takeoff_agent.runners.shims import Shim, ShimStarter, started_shim
 from takeoff_agent.shim import shim_alive, write_atomically
 from takeoff_server.docker_registry import RegistryLogin, registry_host
 from takeoff_server.resource_configs import CONTAINER_OPTIONS, MULTI_NODE_OPTION
@@ -555,7 +555,7 @@ class ContainerJob:
         world = world_of(assignment.resource_config)
         self.names = container_names(assignment.lease_id, world)
         self.name = self.names[0]
-        self._shim: Shim | None = None
+        self._starting: asyncio.Task[Shim] | None = None
         self._log_sources = shim_output(lease_dir, world)
 
     @property
@@ -702,8 +702,16 @@ class ContainerJob:
                 raise
         raise AssertionError("unreachable")
 
+    @property
+    def _shim(self) -> Shim | None:
+        """The shim the agent started, once started; None for a job found in a lease directory."""
+        return started_shim(self._starting)
+
     async def _start_shim(self) -> None:
-        self._shim = await self.runner.shims.start(self.lease_dir)
+        # A task of its own: a start given up midway (a stop came first) leaves the shim starting, and
+        # stop() waits for it before it looks for the shim.
+        self._starting = asyncio.create_task(self.runner.shims.start(self.lease_dir))
+        await asyncio.shield(self._starting)
 
     async def _until_started(self) -> JobExit | None:
         """Once the shim has started the container: None, or how the job ended already. A container left
@@ -798,6 +806,8 @@ class ContainerJob:
 
     async def stop(self, grace: float) -> None:
         """SIGTERM every container, SIGKILL after ``grace``; the shim records the end and removes them."""
+        if self._starting is not None:
+            await asyncio.wait({self._starting})
         if self.started and await self._until_started() is None:
             await asyncio.gather(*(self._stop_container(name, grace) for name in self.names))
             await self._settle()

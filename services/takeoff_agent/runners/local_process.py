@@ -35,7 +35,7 @@ from takeoff_agent.runners.secrets import (
     check_names,
     write_secret_files,
 )
-from takeoff_agent.runners.shims import Shim, ShimStarter
+from takeoff_agent.runners.shims import Shim, ShimStarter, started_shim
 from takeoff_agent.sdk_site import matches_agent_python, write_sdk_site
 from takeoff_agent.shim import STOPPING, stop_groups, write_atomically, write_private
 from takeoff_server.resource_configs import PROCESS_OPTIONS
@@ -151,12 +151,17 @@ class LocalProcessJob:
         self.world = world
         self.relay = relay
         self._shims = shims
-        self._shim: Shim | None = None
+        self._starting: asyncio.Task[Shim] | None = None
         self._log_sources = shim_output(lease_dir, world)
 
     @property
     def _spec_file(self) -> Path:
         return self.lease_dir / "spec.json"
+
+    @property
+    def _shim(self) -> Shim | None:
+        """The shim the agent started, once started; None for a job found in a lease directory."""
+        return started_shim(self._starting)
 
     @property
     def started(self) -> bool:
@@ -223,7 +228,10 @@ class LocalProcessJob:
             spec["ranks"] = self.rank_environments()
         write_private(self._spec_file, spec)
         assert self._shims is not None, "a job its runner made: found ones are only stopped"
-        self._shim = await self._shims.start(self.lease_dir)
+        # A task of its own: a start given up midway (a stop came first) leaves the shim starting, and
+        # stop() waits for it, then stops the job it started.
+        self._starting = asyncio.create_task(self._shims.start(self.lease_dir))
+        await asyncio.shield(self._starting)
 
     def rank_environments(self) -> list[dict[str, str]]:
         """Each rank's variables, over the job's environment: rank 0 serves at a port free now on the
@@ -286,7 +294,14 @@ class LocalProcessJob:
         """SIGTERM the job's process groups, SIGKILL after ``grace``; then wait for the shim to record the
         exit. Until it has, the shim still writes into the lease directory, which the agent removes once
         the job is stopped: a directory removed under the shim's last write would outlive the lease."""
+        if self._starting is not None:
+            await asyncio.wait({self._starting})
         pids = self._pids()
+        while pids is None and self._shim is not None and self._shim.running:
+            # Its shim is starting the job (a stop right after the start): until it records the processes.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._shim.ended(), EXIT_POLL_SECONDS)
+            pids = self._pids()
         if pids is None or self.exit() is not None:
             return
         (self.lease_dir / STOPPING).touch()
