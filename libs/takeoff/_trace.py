@@ -69,6 +69,9 @@ class _Tracing:
     finished: list[_Span] = []  # guarded by the lock
     dropped = 0
     lock = threading.Lock()
+    sending = threading.Lock()
+    """Held through each export: the last flush (at exit) waits for one the background thread has under
+    way, whose spans the process's end would otherwise lose with that daemon thread."""
     wake = threading.Event()
     pid = 0
 
@@ -194,17 +197,18 @@ def flush(timeout: float = EXPORT_TIMEOUT_SECONDS) -> None:
     line on stderr, never the job."""
     if not _Tracing.enabled or os.getpid() != _Tracing.pid:  # a forked child leaves them to its parent
         return
-    with _Tracing.lock:
-        spans, _Tracing.finished = _Tracing.finished, []
-        dropped, _Tracing.dropped = _Tracing.dropped, 0
-    if dropped:
-        _warn_once(f"{dropped} spans dropped: more than {MAX_QUEUED_SPANS} waited to be sent")
-    if not spans:
-        return
-    try:
-        _send(_export_request(spans), timeout)
-    except Exception as error:  # tracing must never cost the job anything but its spans
-        _warn_once(f"could not export {len(spans)} spans: {error}")
+    with _Tracing.sending:
+        with _Tracing.lock:
+            spans, _Tracing.finished = _Tracing.finished, []
+            dropped, _Tracing.dropped = _Tracing.dropped, 0
+        if dropped:
+            _warn_once(f"{dropped} spans dropped: more than {MAX_QUEUED_SPANS} waited to be sent")
+        if not spans:
+            return
+        try:
+            _send(_export_request(spans), timeout)
+        except Exception as error:  # tracing must never cost the job anything but its spans
+            _warn_once(f"could not export {len(spans)} spans: {error}")
 
 
 def _export_every_interval() -> None:

@@ -119,3 +119,69 @@ def test_a_job_whose_launch_is_not_sampled_records_nothing(
 
 def test_an_untraced_job_loads_neither_grpc_nor_opentelemetry() -> None:
     assert _job({"TRACEPARENT": f"00-{TRACE_ID}-{PARENT}-01"}).strip() == "[]"
+
+
+EXITING = """\
+import time
+from takeoff import _trace
+with _trace.span("early"):
+    pass
+while _trace._Tracing.finished:  # until the export thread has taken it (its export is then under way)
+    time.sleep(0.01)
+with _trace.span("late"):
+    pass
+print("exiting", flush=True)
+"""
+
+
+def test_the_jobs_exit_waits_for_an_export_under_way() -> None:
+    """The background thread's export of the first span is held by the receiver while the job's code
+    ends: the job does not exit (its daemon thread, and the span, would go with it) until that export is
+    answered, and its last spans follow. CI saw a launch's ``takeoff.init`` span lost so."""
+    bodies: list[bytes] = []
+    first_arrived, release = threading.Event(), threading.Event()
+
+    class Holding(_Receiver):
+        def do_POST(self) -> None:
+            bodies.append(self.rfile.read(int(self.headers["Content-Length"])))
+            if len(bodies) == 1:
+                first_arrived.set()
+                release.wait(60)
+            self.send_response(200)
+            self.end_headers()
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Holding)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    env = {
+        "PATH": "",
+        "OTEL_TRACES_EXPORTER": "otlp",
+        "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{server.server_address[1]}",
+        "OTEL_BSP_SCHEDULE_DELAY": "10",
+        "TRACEPARENT": f"00-{TRACE_ID}-{PARENT}-01",
+    }
+    job = subprocess.Popen([sys.executable, "-c", EXITING], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert first_arrived.wait(60)
+        assert job.stdout is not None
+        assert job.stdout.readline() == "exiting\n"
+        # Its code has ended; a job that did not wait would exit now, sending "late" beside the held export.
+        with pytest.raises(subprocess.TimeoutExpired):
+            job.wait(timeout=2)
+        assert len(bodies) == 1
+    finally:
+        release.set()
+        assert job.wait(timeout=60) == 0
+        server.shutdown()
+
+    names = [
+        [
+            span.name
+            for span in trace_service_pb2.ExportTraceServiceRequest.FromString(body)
+            .resource_spans[0]
+            .scope_spans[0]
+            .spans
+        ]
+        for body in bodies
+    ]
+    assert names == [["early"], ["late"]]
