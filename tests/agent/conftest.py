@@ -251,7 +251,10 @@ class Stack:
             found[:] = [item]
             return done(item)
 
-        wait_for(probe, timeout=timeout, what=f"{name} {what}")
+        try:
+            wait_for(probe, timeout=timeout, what=f"{name} {what}")
+        except AssertionError as late:  # what happened to it instead
+            raise AssertionError(f"{late}; its history: {_history(found[0]) if found else None}") from None
         return found[0]
 
     def wait_ended(self, name: str, timeout: float = 120) -> queue_pb2.Item:
@@ -398,3 +401,15 @@ def running_agent(start_agent: StartAgent, queues: list[str], **settings: object
     finally:
         if agent.process.poll() is None:
             agent.terminate()
+
+
+def _history(item: queue_pb2.Item) -> list[tuple[str, int, str, str]]:
+    return [
+        (
+            common_pb2.ItemState.Name(t.to_state),
+            t.attempt,
+            common_pb2.FailureReason.Name(t.reason),
+            t.message,
+        )
+        for t in item.transitions
+    ]

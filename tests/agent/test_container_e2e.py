@@ -35,8 +35,10 @@ SUCCEEDED = common_pb2.ITEM_STATE_SUCCEEDED
 FAILED = common_pb2.ITEM_STATE_FAILED
 CANCELLED = common_pb2.ITEM_STATE_CANCELLED
 RUNNING = common_pb2.ITEM_STATE_RUNNING
-LEASE_TTL_SECONDS = 6.0
-"""Long enough for a killed agent to come back and keep its lease."""
+LEASE_TTL_SECONDS = 15.0
+"""Long enough for a killed agent to come back and keep its lease on a loaded machine (CI, at 6 s, saw a
+restarted agent come back too late: its job's container fenced, the item run again); short enough for the
+test of an agent killed for good, which waits for it."""
 STOP_GRACE_SECONDS = 2  # the agent fixture's stop_grace_seconds
 SOCKET = "registry.sock"
 """The registry's Unix socket, in the stack's home."""

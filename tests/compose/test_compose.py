@@ -355,8 +355,9 @@ def run_through(stack: Stack, tmp_path: Path, disrupt: Callable[[], None], steps
         final = list(takeoff.watch_item(name, timeout=300))[-1]
         rows = list(takeoff.read_metrics(final.run))
 
-    assert final.state is ItemState.SUCCEEDED, final
-    assert final.attempt == 1
+    history = [(t.to_state.name, t.attempt, t.reason, t.message, t.agent) for t in final.transitions]
+    assert final.state is ItemState.SUCCEEDED, history
+    assert final.attempt == 1, history  # what ended the first attempt, if it ended
     # The SDK's system metrics rows (system/*) carry the step they were sampled at.
     assert [row.step for row in rows if "loss" in row.values] == list(range(steps))
 
