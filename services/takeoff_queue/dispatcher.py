@@ -258,6 +258,9 @@ class Dispatcher:
         """lease id -> item id, for every lease held now"""
         self._ended_leases: OrderedDict[str, tuple[int, ItemState, bool]] = OrderedDict()
         """lease id -> (epoch, item state after it ended, ended by the agent's Complete)"""
+        # Leases this queue is ending (an expiry, a timeout), the close not committed yet: a commit that
+        # fails, or finds that the agent renewed meanwhile, gives them back.
+        self._closes_committing: set[str] = set()
         self._set_aside: dict[str, set[str]] = defaultdict(set)
         """queue -> PENDING items a dispatch pass failed to assign; tried again when the queue changes"""
         # item id -> the life last handed to the store and the row's revision once it is written, until
@@ -277,8 +280,7 @@ class Dispatcher:
         held by no agent and out of dispatch until the registry answers"""
         self.run_closer = RunCloser(store, runs, self._run_closed, clock)
         self.token_revoker = TokenRevoker(store, tokens, clock) if tokens is not None else None
-        self._draining: asyncio.Task[None] | None = None
-        self._revoking: asyncio.Task[None] | None = None
+        self._drainers: list[asyncio.Task[None]] = []  # the outboxes' (run closes, token revocations)
 
     @property
     def replicated(self) -> bool:
@@ -319,10 +321,10 @@ class Dispatcher:
             if agent.lease_expiry is None:
                 agent.lease_expiry = grace_until
         self._store.drain_with(Outbox.RUN_CLOSES, self.run_closer.wake)
-        self._draining = asyncio.create_task(self.run_closer.drain_forever())
+        self._drainers.append(asyncio.create_task(self.run_closer.drain_forever()))
         if self.token_revoker is not None:
             self._store.drain_with(Outbox.TOKEN_REVOCATIONS, self.token_revoker.wake)
-            self._revoking = asyncio.create_task(self.token_revoker.drain_forever())
+            self._drainers.append(asyncio.create_task(self.token_revoker.drain_forever()))
 
     def _note_backlogs(self, pending: Mapping[str, int]) -> None:
         loaded: dict[str, list[LineKey]] = defaultdict(list)
@@ -337,10 +339,9 @@ class Dispatcher:
                 self._backlogs[name] = _Backlog(max(loaded[name], default=None), left)
 
     async def stop(self) -> None:
-        for drainer in (self._draining, self._revoking):
-            if drainer is not None:
-                drainer.cancel()
-                await asyncio.gather(drainer, return_exceptions=True)
+        for drainer in self._drainers:
+            drainer.cancel()
+        await asyncio.gather(*self._drainers, return_exceptions=True)
         self._deadlines.stop()
         for session in list(self._sessions.values()):
             session.close(superseded=False)
@@ -1101,27 +1102,24 @@ class Dispatcher:
                 # Applied again to what another replica made of the item (a cancel requested, the lease ended)
                 await self._handle_lease_message(session, request, self._clock(), tries + 1)
                 return
-            self._not_committed(session, request, kind, f"{item.name} kept changing on other queue replicas")
+            session.send(_not_committed(request, kind, f"{item.name} kept changing on other queue replicas"))
             return
         except Exception as error:
             # The store failed: _persist put the item back as committed, so the same message sent again
             # applies once (one that did commit after all, its connection lost in COMMIT, is answered as
             # ended by then). The stream and every other message on it go on.
             logger.warning("could not commit the %s of %s: %r", kind.name, item.name, error)
-            self._not_committed(session, request, kind, "the queue's database failed")
+            session.send(_not_committed(request, kind, "the queue's database failed"))
             return
         session.send(Ack(request.sequence, kind, request.lease_id, life.state))
-
-    @staticmethod
-    def _not_committed(
-        session: Session, request: Progress | Complete | Release, kind: MessageKind, why: str
-    ) -> None:
-        message = f"not committed ({why}); nothing changed: send it again"
-        session.send(Reject(request.sequence, kind, request.lease_id, RejectReason.NOT_COMMITTED, message))
 
     def _answer_unknown_lease(
         self, request: Progress | Complete | Release, kind: MessageKind
     ) -> Ack | Reject:
+        if request.lease_id in self._closes_committing:
+            # Not lost yet: the close may fail, or find that the agent renewed its leases meanwhile, and
+            # give the lease back. The agent sends the message again; by then the close has decided.
+            return _not_committed(request, kind, "the queue is ending this lease")
         ended = self._ended_leases.get(request.lease_id)
         if ended is None:
             return Reject(
@@ -1896,9 +1894,10 @@ class Dispatcher:
 
     def _close_attempt(self, item: Item, reason: FailureReason, message: str) -> RunClose:
         """End the item's live attempt without its agent. The lease is over at once (the agent's messages
-        about it are LEASE_LOST from now on), while the item waits, out of dispatch, for the registry to
-        close the attempt's run: its answer says whether the job finished it first (see
-        :meth:`_run_closed`). The caller records the close with :meth:`_record_closes`."""
+        about it are NOT_COMMITTED until the close is committed, LEASE_LOST from then on), while the item
+        waits, out of dispatch, for the registry to close the attempt's run: its answer says whether the
+        job finished it first (see :meth:`_run_closed`). The caller records the close with
+        :meth:`_record_closes`."""
         close = RunClose(item.life.run, message, reason, item.id, item.life.epoch)
         self._release_hold(item, item.life, ended_by_agent=False)
         self._closing[item.id] = close
@@ -1933,6 +1932,8 @@ class Dispatcher:
             written = next_revision(revision)
             fences.append((item, close, revision, written))
             self._writing[item.id] = (life, written)
+        committing = {item.lease_id for item, _ in closed} - self._closes_committing
+        self._closes_committing |= committing
 
         async def write(tx: QueueWrite) -> set[str]:
             if expired_agent is not None and not await tx.agent_lease_expired(expired_agent):
@@ -1977,6 +1978,7 @@ class Dispatcher:
             if stale:
                 await self.refresh(stale)
         finally:
+            self._closes_committing -= committing
             self._write_ended()
 
     async def _run_closed(self, close: RunClose, end: RunEnd, tries: int = 1) -> None:
@@ -2220,3 +2222,8 @@ def _log_failure(task: asyncio.Task[Any]) -> None:
 def _snapshot(item: Item) -> Item:
     """The item as it is now, unaffected by later changes (its life is immutable)."""
     return replace(item)
+
+
+def _not_committed(request: Progress | Complete | Release, kind: MessageKind, why: str) -> Reject:
+    message = f"not committed ({why}); nothing changed: send it again"
+    return Reject(request.sequence, kind, request.lease_id, RejectReason.NOT_COMMITTED, message)

@@ -283,6 +283,49 @@ async def test_a_sweeper_that_read_an_agent_expired_ends_no_lease_it_renewed_mea
             await agent.close()
 
 
+async def test_a_message_about_a_lease_whose_expiry_is_being_committed_is_to_be_sent_again(
+    tmp_path: Path, registry: ServiceProcess, job: str, database: str
+) -> None:
+    """A sweeper read the agent's leases expired and is committing their end, when the agent's Progress
+    arrives; the agent's renewal then commits first, and the end is not recorded: the lease is the agent's
+    still. Before, the Progress was answered LEASE_LOST at once (the lease was released in memory before the
+    commit), and the agent would have stopped a job whose lease it kept. Now it is answered NOT_COMMITTED,
+    and sent again once the sweeper's transaction has decided, it is taken. Forced as in the test above:
+    the renewal holds the agent's row until the sweepers wait on it."""
+    async with two_replicas(tmp_path, registry, database) as ((first, _), (on_first, _)):
+        queue = await new_queue(on_first)
+        agent = await ScriptedAgent(first.address).connect([queue], capacity=1)
+        try:
+            await enqueue(on_first, queue, job)
+            assignment = (await agent.next("assignment")).assignment
+            async with await psycopg.AsyncConnection.connect(database, autocommit=True) as watcher:
+                await watcher.execute(
+                    "UPDATE queue_agents SET lease_expiry = now() - interval '1 second' WHERE agent_id = %s",
+                    (agent.agent_id,),
+                )
+                async with await psycopg.AsyncConnection.connect(database) as renewal:
+                    await renewal.execute(
+                        "UPDATE queue_agents SET lease_expiry = now() + interval '30 seconds'"
+                        " WHERE agent_id = %s",
+                        (agent.agent_id,),
+                    )
+                    # Both replicas' sweepers, the agent's among them, wait on the row in their closes.
+                    await _until_waiting_on(watcher, "%queue_agents%FOR UPDATE%", count=2)
+                    while_ending = await agent.progress(assignment, RUNNING)
+                    await renewal.commit()
+
+                async def settled() -> bool:
+                    query = "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                    return await (await watcher.execute(query)).fetchone() == (0,)
+
+                await _until(settled, "the sweepers' transactions ended")
+            assert while_ending.reject.reason == queue_pb2.REJECT_REASON_NOT_COMMITTED, while_ending
+            assert (await agent.progress(assignment, RUNNING)).ack.state == RUNNING
+            assert (await agent.complete(assignment, SUCCEEDED)).ack.state == SUCCEEDED
+        finally:
+            await agent.close()
+
+
 async def test_a_hello_waits_for_a_stale_claim_of_a_lease_it_lists_to_be_refused(
     tmp_path: Path, registry: ServiceProcess, job: str, database: str
 ) -> None:
@@ -345,8 +388,8 @@ async def test_a_hello_waits_for_a_stale_claim_of_a_lease_it_lists_to_be_refused
             await own.close()
 
 
-async def _until_waiting_on(watcher: psycopg.AsyncConnection[Any], query: str) -> None:
-    """Until a statement like ``query`` waits on a lock in the database."""
+async def _until_waiting_on(watcher: psycopg.AsyncConnection[Any], query: str, *, count: int = 1) -> None:
+    """Until ``count`` statements like ``query`` wait on a lock in the database."""
 
     async def waiting() -> bool:
         found = await (
@@ -355,9 +398,9 @@ async def _until_waiting_on(watcher: psycopg.AsyncConnection[Any], query: str) -
                 (query,),
             )
         ).fetchone()
-        return found is not None and found[0] >= 1
+        return found is not None and found[0] >= count
 
-    await _until(waiting, f"a statement like {query} waits on a lock")
+    await _until(waiting, f"{count} statements like {query} wait on a lock")
 
 
 async def _until(check: Callable[[], Awaitable[bool]], what: str) -> None:

@@ -264,7 +264,12 @@ async def test_a_concurrency_limit_holds_across_replicas(
                         done, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
                         for task in pending:
                             task.cancel()
-                        held += [(waits[task], task.result().assignment) for task in done]
+                        if pending:
+                            await asyncio.wait(pending)
+                        # A wait cancelled just as its message came returns it (asyncio.wait_for, Python
+                        # 3.11): that Assignment is held too, not dropped (it would hold a slot forever).
+                        got = done | {task for task in pending if not task.cancelled()}
+                        held += [(waits[task], task.result().assignment) for task in got]
                         assigned += [assignment for _, assignment in held]
                     for agent in agents:
                         arrived = await agent.assignments_so_far()
