@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -236,40 +237,9 @@ async def test_a_sweeper_that_read_an_agent_expired_ends_no_lease_it_renewed_mea
                 before = await (
                     await watcher.execute("SELECT revision FROM queue_items WHERE id = %s", (item_id,))
                 ).fetchone()
-                await watcher.execute(
-                    "UPDATE queue_agents SET lease_expiry = now() - interval '1 second' WHERE agent_id = %s",
-                    (agent.agent_id,),
-                )
-                async with await psycopg.AsyncConnection.connect(database) as renewal:
-                    await renewal.execute(
-                        "UPDATE queue_agents SET lease_expiry = now() + interval '30 seconds'"
-                        " WHERE agent_id = %s",
-                        (agent.agent_id,),
-                    )
-                    # Each replica sweeps every ttl/6 (5 s): wait until both sweepers wait on the row.
-                    for _ in range(2000):
-                        waiting = await (
-                            await watcher.execute(
-                                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
-                                " AND query LIKE %s",
-                                ("%queue_agents%FOR UPDATE%",),
-                            )
-                        ).fetchone()
-                        if waiting is not None and waiting[0] >= 2:
-                            break
-                        await asyncio.sleep(0.01)  # polling the database's state, not waiting out time
-                    else:
-                        pytest.fail("no sweeper re-read the agent's expiry inside its closing transaction")
-                    await renewal.commit()
-                for _ in range(2000):
-                    still = await (
-                        await watcher.execute(
-                            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
-                        )
-                    ).fetchone()
-                    if still is not None and still[0] == 0:
-                        break
-                    await asyncio.sleep(0.01)  # polling the database's state, as above
+                async with _sweepers_waiting_on_a_renewal(database, watcher, agent.agent_id):
+                    pass
+                await _until_no_lock_waits(watcher)
                 closes = await (await watcher.execute("SELECT count(*) FROM queue_run_closes")).fetchone()
                 after = await (
                     await watcher.execute(
@@ -299,26 +269,9 @@ async def test_a_message_about_a_lease_whose_expiry_is_being_committed_is_to_be_
             await enqueue(on_first, queue, job)
             assignment = (await agent.next("assignment")).assignment
             async with await psycopg.AsyncConnection.connect(database, autocommit=True) as watcher:
-                await watcher.execute(
-                    "UPDATE queue_agents SET lease_expiry = now() - interval '1 second' WHERE agent_id = %s",
-                    (agent.agent_id,),
-                )
-                async with await psycopg.AsyncConnection.connect(database) as renewal:
-                    await renewal.execute(
-                        "UPDATE queue_agents SET lease_expiry = now() + interval '30 seconds'"
-                        " WHERE agent_id = %s",
-                        (agent.agent_id,),
-                    )
-                    # Both replicas' sweepers, the agent's among them, wait on the row in their closes.
-                    await _until_waiting_on(watcher, "%queue_agents%FOR UPDATE%", count=2)
+                async with _sweepers_waiting_on_a_renewal(database, watcher, agent.agent_id):
                     while_ending = await agent.progress(assignment, RUNNING)
-                    await renewal.commit()
-
-                async def settled() -> bool:
-                    query = "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
-                    return await (await watcher.execute(query)).fetchone() == (0,)
-
-                await _until(settled, "the sweepers' transactions ended")
+                await _until_no_lock_waits(watcher)
             assert while_ending.reject.reason == queue_pb2.REJECT_REASON_NOT_COMMITTED, while_ending
             assert (await agent.progress(assignment, RUNNING)).ack.state == RUNNING
             assert (await agent.complete(assignment, SUCCEEDED)).ack.state == SUCCEEDED
@@ -386,6 +339,35 @@ async def test_a_hello_waits_for_a_stale_claim_of_a_lease_it_lists_to_be_refused
         finally:
             await back.close()
             await own.close()
+
+
+@asynccontextmanager
+async def _sweepers_waiting_on_a_renewal(
+    database: str, watcher: psycopg.AsyncConnection[Any], agent_id: str
+) -> AsyncIterator[None]:
+    """The agent's leases expired by the database's clock, and a renewal of them holding the agent's row:
+    the block runs once both replicas' sweepers (every ttl/6: 5 s) wait on that row inside their closing
+    transactions, which have read the agent's leases and released them in memory; then the renewal
+    commits."""
+    await watcher.execute(
+        "UPDATE queue_agents SET lease_expiry = now() - interval '1 second' WHERE agent_id = %s", (agent_id,)
+    )
+    async with await psycopg.AsyncConnection.connect(database) as renewal:
+        await renewal.execute(
+            "UPDATE queue_agents SET lease_expiry = now() + interval '30 seconds' WHERE agent_id = %s",
+            (agent_id,),
+        )
+        await _until_waiting_on(watcher, "%queue_agents%FOR UPDATE%", count=2)
+        yield
+        await renewal.commit()
+
+
+async def _until_no_lock_waits(watcher: psycopg.AsyncConnection[Any]) -> None:
+    async def none() -> bool:
+        query = "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+        return await (await watcher.execute(query)).fetchone() == (0,)
+
+    await _until(none, "no statement waits on a lock")
 
 
 async def _until_waiting_on(watcher: psycopg.AsyncConnection[Any], query: str, *, count: int = 1) -> None:
