@@ -124,7 +124,7 @@ async def test_items_list_watch_on_a_terminal_redraws_one_table(
         assert "open items in cpu: 1" in drawn
     finally:
         stopped = await interrupt(watching)
-    assert stopped == (0, "")
+    assert stopped == (0, ""), stopped[1]  # the whole of stderr: CI once saw a thread's traceback there
 
 
 def test_watch_needs_a_queue(takeoff: Takeoff) -> None:
