@@ -1841,6 +1841,7 @@ class Dispatcher:
         """End every lease of an agent that stopped renewing them, at once; what it returns commits that
         (among replicas, only if the database still has them expired when it does)."""
         lost = f"{agent.name} stopped renewing its lease"
+        logger.info("%s: ending its %d leases", lost, len(agent.leases))
         closed, revokes = [], []
         for item in [self.items[item_id] for item_id in agent.leases.values()]:
             self.metrics.expired[item.queue].inc()
