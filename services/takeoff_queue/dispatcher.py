@@ -397,7 +397,9 @@ class Dispatcher:
 
         The item enters no index before that commit: an agent's room and a slot of the queue's
         concurrency limit are held for it, or its queue counts it as arriving, until :meth:`admitted` or
-        :meth:`not_admitted` settles it."""
+        :meth:`not_admitted` settles it. Until then it counts as a write on its way, so that a read of the
+        store that finds it committed (a page, a refresh among replicas) leaves it to :meth:`admitted`."""
+        self._writing[item.id] = (item.life, item.revision)
         try:
             agent = self._taker_of_new(item)
             if agent is not None:
@@ -416,12 +418,7 @@ class Dispatcher:
     def admitted(self, item: Item, leased: Assignment | None) -> None:
         """Take in a new item whose first commit is done; one leased by :meth:`admit` goes to its agent."""
         self._settle_admission(item)
-        if item.id in self.items:
-            # A page read it between its commit and now, and took it in (a dispatch may have leased that
-            # copy already, which this one must not replace); the page counted it out of the backlog.
-            if (backlog := self._backlogs.get(item.queue)) is not None:
-                backlog.count += 1
-        elif self._in_backlog(item):
+        if self._in_backlog(item):
             self._left_in_database(item)
         else:
             self._index(item)
@@ -474,6 +471,7 @@ class Dispatcher:
 
     def _settle_admission(self, item: Item) -> None:
         """Free what :meth:`admit` held for the item."""
+        self._writing.pop(item.id, None)
         if item.state.is_live:
             self.agents[item.life.agent.removeprefix("agents/")].leases_committing -= 1
             self._live[item.queue] -= 1
@@ -796,20 +794,7 @@ class Dispatcher:
         if fresh.id in self._writing or fresh.queue not in self.queues:
             return  # a write of ours is on its way: its commit, or the refresh after it, decides
         if current is None:
-            life = fresh.life
-            if fresh.state.is_terminal and life.lease_id and life.lease_id not in self._ended_leases:
-                # Seen here first ended (the changes came in one read): its agent may still resend its
-                # Complete here after a failover, and is answered as where it was committed.
-                by_agent = life.completed_epoch == life.epoch != 0
-                self._ended_leases[life.lease_id] = (life.epoch, life.state, by_agent)
-                if len(self._ended_leases) > _ENDED_LEASES_REMEMBERED:
-                    self._ended_leases.popitem(last=False)
-            if not fresh.state.is_terminal:
-                self._index(fresh)
-                self._closed_elsewhere(fresh, close)
-                if fresh.state.is_live:
-                    self._end_if_undelivered(fresh, close)
-                self._notify(fresh)
+            self._adopt_unindexed(fresh, close)
             return
         if current.life is not current.committed or not newer_revision(fresh.revision, current.revision):
             return  # a change of ours is about to be written: its commit, or the refresh after it, decides
@@ -847,6 +832,25 @@ class Dispatcher:
                 self._send_to_holder(current, Cancel(after.lease_id, current.name, after.message))
         self._closed_elsewhere(current, close)
         self._notify(current)
+
+    def _adopt_unindexed(self, fresh: Item, close: RunClose | None) -> None:
+        """:meth:`adopt` for an item the index does not hold: new to it, or gone from it."""
+        life = fresh.life
+        if life.state.is_live and self._ended_leases.get(life.lease_id, (None,))[0] == life.epoch:
+            return  # read before its lease ended here (and it left the index): not held again
+        if fresh.state.is_terminal and life.lease_id and life.lease_id not in self._ended_leases:
+            # Seen here first ended (the changes came in one read): its agent may still resend its
+            # Complete here after a failover, and is answered as where it was committed.
+            by_agent = life.completed_epoch == life.epoch != 0
+            self._ended_leases[life.lease_id] = (life.epoch, life.state, by_agent)
+            if len(self._ended_leases) > _ENDED_LEASES_REMEMBERED:
+                self._ended_leases.popitem(last=False)
+        if not fresh.state.is_terminal:
+            self._index(fresh)
+            self._closed_elsewhere(fresh, close)
+            if fresh.state.is_live:
+                self._end_if_undelivered(fresh, close)
+            self._notify(fresh)
 
     def _end_if_undelivered(self, item: Item, close: RunClose | None) -> None:
         """A lease another replica gave an agent whose stream is held here: that replica still believed it

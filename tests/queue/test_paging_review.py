@@ -102,6 +102,7 @@ class _Gate:
         self.reached = asyncio.Event()
         self._open = asyncio.Event()
         self.armed = True
+        self.inserted: list[str] = []
         _Gate.made.append(self)
 
     @classmethod
@@ -506,63 +507,73 @@ async def test_f9_an_enqueue_that_sorts_last_counts_nothing_after_a_restart(
         assert counted == [], f"the Enqueue counted {counted} items in the database to place its item last"
 
 
-# ----- F10: a page takes in an Enqueue's item between its commit and its admission -----------------------
+def hold_enqueues_after_their_commit(monkeypatch: pytest.MonkeyPatch) -> _Gate:
+    """A gate, disarmed, for the next store write that inserts an item once it is armed: the write is
+    committed, and Dispatcher.admitted not called yet. ``gate.inserted`` has the ids of items inserted."""
+    gate = _Gate()
+    gate.armed = False
+    write = QueueStore.write
+
+    async def held_after_insert(store: QueueStore, changes: Any) -> Any:
+        inserted: list[str] = []
+
+        async def noting(tx: QueueWrite) -> Any:
+            insert_item = tx.insert_item
+
+            async def insert(item: Item) -> int:
+                inserted.append(item.id)
+                return await insert_item(item)
+
+            tx.insert_item = insert  # type: ignore[method-assign]
+            return await changes(tx)
+
+        result = await write(store, noting)
+        if inserted and gate.armed:
+            gate.inserted = inserted
+            await gate.hold()
+        return result
+
+    monkeypatch.setattr(QueueStore, "write", held_after_insert)
+    return gate
 
 
-async def test_f10_an_item_a_page_took_in_before_its_enqueue_was_admitted_is_held_once(
+# ----- F10: a page reads an Enqueue's item between its commit and its admission -------------------------
+
+
+async def test_f10_an_item_a_page_read_before_its_enqueue_was_admitted_is_held_once(
     windowed: Service, job: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """The page that reads the line's end finds the new item committed while its Enqueue is not admitted
+    yet. It passes the item over, as any item with a write on its way: the admission holds it, once, in
+    its place at the line's end."""
     async with windowed() as service:
         queue, names = await _fifo_with_backlog(service, job, 2 * WINDOW + 1)
-        gate = _Gate()
-        gate.armed = False
-        write = QueueStore.write
-
-        async def held_after_insert(store: QueueStore, changes: Any) -> Any:
-            inserted = False
-
-            async def noting(tx: QueueWrite) -> Any:
-                nonlocal inserted
-                insert_item = tx.insert_item
-
-                async def insert(item: Item) -> int:
-                    nonlocal inserted
-                    inserted = True
-                    return await insert_item(item)
-
-                tx.insert_item = insert  # type: ignore[method-assign]
-                return await changes(tx)
-
-            result = await write(store, noting)
-            if inserted:
-                await gate.hold()  # committed; Dispatcher.admitted not yet called
-            return result
-
-        monkeypatch.setattr(QueueStore, "write", held_after_insert)
+        applied = _pages_applied(monkeypatch)
+        gate = hold_enqueues_after_their_commit(monkeypatch)
         agent = await ScriptedAgent(service.address).connect([queue], capacity=WINDOW)
+        dispatcher = service.parts.dispatcher
         try:
             leases = [(await agent.next("assignment")).assignment for _ in range(WINDOW)]
             gate.armed = True
             enqueue = asyncio.create_task(_enqueue(service, queue, job))
             await gate.reached.wait()
-            # Run the line down: the read ahead after names[-1] reads the new item too (the line's end).
             for lease in leases:
                 await agent.progress(lease, RUNNING)
                 await agent.complete(lease, SUCCEEDED, exit_code=0)
-            running: list[Assignment] = []
-            while len(running) < len(names) - WINDOW + 1:  # the new item comes last
-                running.append((await agent.next("assignment")).assignment)
-                if len(running) < len(names) - WINDOW + 1:
-                    await agent.progress(running[-1], RUNNING)
-                    await agent.complete(running[-1], SUCCEEDED, exit_code=0)
-            new = running[-1].item.name  # leased from the page's copy, its claim committed
+            for _ in names[WINDOW:]:
+                older = (await agent.next("assignment")).assignment
+                await agent.progress(older, RUNNING)
+                await agent.complete(older, SUCCEEDED, exit_code=0)
+            while queue in dispatcher._backlogs:  # until a page has read the line's end, the new item too
+                await applied.get()
+            assert [item.name for item in dispatcher.items.values() if item.queue == queue] == []
             gate.open()
-            assert await enqueue == new
-
+            new = await enqueue
+            assert (await agent.next("assignment")).assignment.item.name == new
             held = service.held(new)
             assert held is not None
             assert held.state is ItemState.LEASED
-            assert (await agent.progress(running[-1], RUNNING)).WhichOneof("message") == "ack"
+            assert list(dispatcher.agents[agent.agent_id].leases.values()) == [held.id]
         finally:
             _Gate.open_all()
             await agent.close()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -21,10 +21,13 @@ import pytest
 from google.protobuf import duration_pb2
 
 from takeoff.v1 import common_pb2, queue_pb2
+from takeoff_queue.dispatcher import Dispatcher
+from takeoff_queue.settings import QueueSettings
 from takeoff_queue.store import next_revision
 from tests.processes import ServiceProcess
-from tests.queue.harness import ScriptedAgent, Stub
+from tests.queue.harness import ScriptedAgent, Stub, in_process_queue
 from tests.queue.replicas_harness import queue_replicas, replica_env
+from tests.queue.test_paging_review import hold_enqueues_after_their_commit
 from tests.queue.test_replicas import LONG_TTL, database, enqueue, new_queue, two_replicas
 
 pytestmark = pytest.mark.postgres
@@ -107,11 +110,8 @@ async def test_a_stream_left_open_on_another_replica_does_not_end_leases_given_o
         queue = await new_queue(on_first)
         stale = await ScriptedAgent(second.address).connect([queue], capacity=1)  # never closed by B
         live = await ScriptedAgent(first.address, agent_id=stale.agent_id).connect([queue], capacity=1)
-        watch = on_second.WatchQueue(queue_pb2.WatchQueueRequest(name=queue))
+        watch = await _watch_from_now(on_second, queue)
         try:
-            async for change in watch:
-                if change.snapshot_done:
-                    break
             name = await enqueue(on_first, queue, job)
             assignment = (await live.next("assignment")).assignment
             async for change in watch:  # B has read the lease A gave
@@ -341,6 +341,96 @@ async def test_a_hello_waits_for_a_stale_claim_of_a_lease_it_lists_to_be_refused
             await own.close()
 
 
+async def test_a_refresh_read_before_a_lease_ended_here_does_not_hold_the_lease_again(
+    tmp_path: Path, registry: ServiceProcess, job: str, database: str
+) -> None:
+    """Replica A reads an item another replica named (a refresh), then the item's run closes; between the
+    two reads the agent completes the item on A, which drops it from A's index, and leaves. The copy read
+    first must not put the ended lease back: a phantom lease, held by an agent that is gone, shown to A's
+    watchers after the item's end until A compares its whole index with the database, a minute later.
+    Forced: queue_run_closes is locked (ACCESS EXCLUSIVE) so that the refresh waits between its reads; an
+    item enqueued on the other replica meanwhile is read by A only after that refresh, which tells the test
+    that it is over."""
+    async with two_replicas(tmp_path, registry, database) as ((first, _), (on_first, on_second)):
+        queue, parked = await new_queue(on_first), await new_queue(on_first)
+        agent = await ScriptedAgent(first.address).connect([queue], capacity=1)
+        watch = await _watch_from_now(on_first, parked)
+        try:
+            name = await enqueue(on_first, queue, job)
+            assignment = (await agent.next("assignment")).assignment
+            async with (
+                await psycopg.AsyncConnection.connect(database, autocommit=True) as watcher,
+                await psycopg.AsyncConnection.connect(database) as lock,
+            ):
+                await lock.execute("LOCK TABLE queue_run_closes IN ACCESS EXCLUSIVE MODE")
+                await watcher.execute(
+                    "SELECT pg_notify(%s, %s)", (ITEMS_CHANNEL, f"other-replica:{name.rsplit('/', 1)[1]}")
+                )
+                await _until_waiting_on(watcher, "%queue_run_closes.item_id IN%")
+                assert (await agent.progress(assignment, RUNNING)).ack.state == RUNNING
+                assert (await agent.complete(assignment, SUCCEEDED)).ack.state == SUCCEEDED
+                await agent.close()  # its stream is over on A once the call has ended
+                read_after = await enqueue(on_second, parked, job)
+                await lock.rollback()
+            async for change in watch:
+                if any(item.name == read_after for item in change.items):
+                    break
+            listed = await on_first.ListAgents(queue_pb2.ListAgentsRequest(include_disconnected=True))
+            assert [lease.lease_id for found in listed.agents for lease in found.leases] == []
+        finally:
+            watch.cancel()
+            await agent.close()
+
+
+async def test_a_refresh_during_an_enqueues_admission_leaves_its_new_lease_to_it(
+    tmp_path: Path, registry: ServiceProcess, job: str, database: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An Enqueue leases its item at once (to an agent whose stream this replica holds) and commits it; a
+    refresh (a notification naming it, as another replica's would) reads it then, before the Enqueue's
+    admission took it in. The refresh must leave it to the admission: indexed from the refresh, the lease
+    looked like one given through a replica the agent had left, and was ended as never delivered while
+    its Assignment was on its way. A replica in this process, so that the Enqueue can be held there."""
+    settings = QueueSettings(
+        home=tmp_path,
+        listen=["127.0.0.1:0"],
+        registry_address=registry.address,
+        database_url=database,
+        replicas=True,
+        heartbeat_interval_seconds=0.2,
+    )
+    refreshed: asyncio.Queue[list[str]] = asyncio.Queue()
+    refresh = Dispatcher.refresh
+
+    async def observed(dispatcher: Dispatcher, item_ids: Iterable[str]) -> None:
+        wanted = list(item_ids)
+        await refresh(dispatcher, wanted)
+        refreshed.put_nowait(wanted)
+
+    monkeypatch.setattr(Dispatcher, "refresh", observed)
+    gate = hold_enqueues_after_their_commit(monkeypatch)
+    async with in_process_queue(settings) as service:
+        await refreshed.get()  # the catch-up read once it listens: notifications reach it from now on
+        queue = await new_queue(service.queues)
+        agent = await ScriptedAgent(service.address).connect([queue], capacity=1)
+        try:
+            gate.armed = True
+            enqueuing = asyncio.create_task(enqueue(service.queues, queue, job))
+            await gate.reached.wait()
+            [item_id] = gate.inserted
+            async with await psycopg.AsyncConnection.connect(database, autocommit=True) as other:
+                await other.execute("SELECT pg_notify(%s, %s)", (ITEMS_CHANNEL, f"other-replica:{item_id}"))
+            while item_id not in await refreshed.get():
+                pass
+            gate.open()
+            await enqueuing
+            assignment = (await agent.next("assignment")).assignment
+            assert (await agent.progress(assignment, RUNNING)).ack.state == RUNNING
+            assert (await agent.complete(assignment, SUCCEEDED)).ack.state == SUCCEEDED
+        finally:
+            gate.open()
+            await agent.close()
+
+
 @asynccontextmanager
 async def _sweepers_waiting_on_a_renewal(
     database: str, watcher: psycopg.AsyncConnection[Any], agent_id: str
@@ -360,6 +450,15 @@ async def _sweepers_waiting_on_a_renewal(
         await _until_waiting_on(watcher, "%queue_agents%FOR UPDATE%", count=2)
         yield
         await renewal.commit()
+
+
+async def _watch_from_now(queues: Stub, queue: str) -> Any:
+    """A WatchQueue stream of the queue, read past its snapshot: what it yields next changed after."""
+    watch = queues.WatchQueue(queue_pb2.WatchQueueRequest(name=queue))
+    async for change in watch:
+        if change.snapshot_done:
+            break
+    return watch
 
 
 async def _until_no_lock_waits(watcher: psycopg.AsyncConnection[Any]) -> None:
