@@ -482,7 +482,8 @@ class QueueBook:
         held = self._dispatcher.items.get(item_id)
         if held is None or held.name != name:
             stored = await self.get_item(name)
-            # Looked up again after the read: a page may have taken the item in meanwhile, and leased it.
+            await self._dispatcher.admission_done(item_id)  # found committed, before its Enqueue took it in
+            # Looked up again: a page or the item's admission may have taken it in meanwhile, and leased it.
             held = self._dispatcher.items.get(item_id)
             if held is None or held.name != name:
                 if stored.state.is_terminal:

@@ -241,8 +241,7 @@ class Dispatcher:
         self._clock = clock
         self.timing = timing
         self.queues: dict[str, Queue] = {}
-        self.items: dict[str, Item] = {}
-        """Every item not yet ended, by id."""
+        self.items: dict[str, Item] = {}  # every item not yet ended, by id
         self.agents: dict[str, Agent] = {}
         self._sessions: dict[str, Session] = {}
         self._pending: dict[str, list[tuple[int, int, str]]] = defaultdict(list)
@@ -266,6 +265,8 @@ class Dispatcher:
         # item id -> the life last handed to the store and the row's revision once it is written, until
         # that write is committed; _writes_ended is set, and replaced, each time a write of items ends.
         self._writing: dict[str, tuple[ItemLife, int]] = {}
+        # New items between admit and their admission (or not_admitted): set when it is done.
+        self._admitting: dict[str, asyncio.Event] = {}
         self._writes_ended = asyncio.Event()
         self._dispatch_scheduled = False
         self._deadlines = _Deadlines(clock, self._on_deadline)
@@ -397,9 +398,9 @@ class Dispatcher:
 
         The item enters no index before that commit: an agent's room and a slot of the queue's
         concurrency limit are held for it, or its queue counts it as arriving, until :meth:`admitted` or
-        :meth:`not_admitted` settles it. Until then it counts as a write on its way, so that a read of the
-        store that finds it committed (a page, a refresh among replicas) leaves it to :meth:`admitted`."""
-        self._writing[item.id] = (item.life, item.revision)
+        :meth:`not_admitted` settles it. Meanwhile a read of the store that finds it committed (a page, a
+        refresh among replicas) leaves it to :meth:`admitted`, and a cancel waits for that
+        (:meth:`admission_done`)."""
         try:
             agent = self._taker_of_new(item)
             if agent is not None:
@@ -409,11 +410,19 @@ class Dispatcher:
             agent = None
         if agent is None:
             self._arriving[item.queue] += 1
+            self._admitting[item.id] = asyncio.Event()
             return None
+        leased = self._assignment(item)
         agent.next_queue = (agent.queues.index(item.queue) + 1) % len(agent.queues)
         agent.leases_committing += 1
         self._live[item.queue] += 1
-        return self._assignment(item)
+        self._admitting[item.id] = asyncio.Event()
+        return leased
+
+    async def admission_done(self, item_id: str) -> None:
+        """Until the Enqueue that is committing the item has taken it in (or given it up)."""
+        if (admission := self._admitting.get(item_id)) is not None:
+            await admission.wait()
 
     def admitted(self, item: Item, leased: Assignment | None) -> None:
         """Take in a new item whose first commit is done; one leased by :meth:`admit` goes to its agent."""
@@ -471,7 +480,7 @@ class Dispatcher:
 
     def _settle_admission(self, item: Item) -> None:
         """Free what :meth:`admit` held for the item."""
-        self._writing.pop(item.id, None)
+        self._admitting.pop(item.id).set()
         if item.state.is_live:
             self.agents[item.life.agent.removeprefix("agents/")].leases_committing -= 1
             self._live[item.queue] -= 1
@@ -791,7 +800,7 @@ class Dispatcher:
         agent, PENDING items queued, ended ones dropped. ``close`` is the outbox row of its current
         attempt, when another replica ended that attempt."""
         current = self.items.get(fresh.id)
-        if fresh.id in self._writing or fresh.queue not in self.queues:
+        if fresh.id in self._writing or fresh.id in self._admitting or fresh.queue not in self.queues:
             return  # a write of ours is on its way: its commit, or the refresh after it, decides
         if current is None:
             self._adopt_unindexed(fresh, close)
@@ -1315,7 +1324,7 @@ class Dispatcher:
         taken = {}
         for item in page:
             known = item.id in self.items or item.id in self._resting.by_id
-            if known or item.id in self._writing or item.id in gone:
+            if known or item.id in self._writing or item.id in self._admitting or item.id in gone:
                 continue
             if self._rests(item, now):
                 self._rest(item, timed=False)  # its id and due time only: a page of them holds nothing

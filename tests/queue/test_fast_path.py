@@ -17,15 +17,18 @@ import pytest
 from google.protobuf import field_mask_pb2
 
 from takeoff.v1 import common_pb2, queue_pb2
+from takeoff_queue.dispatcher import Dispatcher
 from takeoff_queue.lifecycle import ItemLife, ItemState
 from takeoff_queue.model import Assignment, Item
 from takeoff_queue.store import QueueStore, QueueWrite
 from tests.queue.harness import PATIENCE, InProcessQueue, ScriptedAgent
+from tests.queue.test_paging_review import hold_enqueues_after_their_commit
 
 T = TypeVar("T")
 PENDING = common_pb2.ITEM_STATE_PENDING
 LEASED = common_pb2.ITEM_STATE_LEASED
 SUCCEEDED = common_pb2.ITEM_STATE_SUCCEEDED
+CANCELLED = common_pb2.ITEM_STATE_CANCELLED
 
 Change = tuple[str, str, tuple[ItemState, ...]]
 """What a store write did to one item: ("insert" or "save", its id, the states of the transitions written)."""
@@ -384,4 +387,47 @@ async def test_tokens_minted_out_of_turn_still_lease_the_items_in_line(
         leased = [(await agent.next("assignment")).assignment.item.name for _ in range(2)]
         assert leased == [first.name, second.name]
     finally:
+        await agent.close()
+
+
+async def test_a_cancel_of_an_item_committed_but_not_yet_admitted_waits_for_its_admission(
+    service: InProcessQueue, job: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """CancelItem finds the new item in the store between its Enqueue's commit and its admission (a retry
+    of the Enqueue returned it, say). It waits for the admission, then cancels the lease the admission
+    gave: before, it wrote the item from the store's copy, which wrote the LEASED transition a second time,
+    or, with that write failing, left a slot of the queue held for good."""
+    queue = await service.new_queue()
+    agent = await ScriptedAgent(service.address).connect([queue], capacity=1)
+    dispatcher = service.parts.dispatcher
+    waiting: asyncio.Queue[str] = asyncio.Queue()
+    admission_done = Dispatcher.admission_done
+
+    async def observed(self: Dispatcher, item_id: str) -> None:
+        if item_id in self._admitting:
+            waiting.put_nowait(item_id)
+        await admission_done(self, item_id)
+
+    monkeypatch.setattr(Dispatcher, "admission_done", observed)
+    gate = hold_enqueues_after_their_commit(monkeypatch)
+    try:
+        await agent.settle()
+        gate.armed = True
+        enqueuing = asyncio.create_task(enqueue(service, queue, job))
+        await gate.reached.wait()
+        [item_id] = gate.inserted
+        name = f"{queue}/items/{item_id}"
+        cancelling = asyncio.ensure_future(service.queues.CancelItem(queue_pb2.CancelItemRequest(name=name)))
+        assert await waiting.get() == item_id
+        gate.open()
+        assert (await enqueuing).name == name
+        cancelled = (await cancelling).item
+        assignment = (await agent.next("assignment")).assignment
+        assert (await agent.next("cancel")).cancel.lease_id == assignment.lease_id
+        assert (cancelled.state, cancelled.cancel_requested) == (LEASED, True)
+        assert states(await service.stored(name)) == [PENDING, LEASED]
+        assert (await agent.complete(assignment, CANCELLED)).ack.state == CANCELLED
+        assert dispatcher._live[queue] == 0
+    finally:
+        gate.open()
         await agent.close()

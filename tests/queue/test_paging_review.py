@@ -544,8 +544,7 @@ async def test_f10_an_item_a_page_read_before_its_enqueue_was_admitted_is_held_o
     windowed: Service, job: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The page that reads the line's end finds the new item committed while its Enqueue is not admitted
-    yet. It passes the item over, as any item with a write on its way: the admission holds it, once, in
-    its place at the line's end."""
+    yet. It passes the item over: the admission holds it, once, in its place at the line's end."""
     async with windowed() as service:
         queue, names = await _fifo_with_backlog(service, job, 2 * WINDOW + 1)
         applied = _pages_applied(monkeypatch)
