@@ -28,7 +28,7 @@ from typing import Any
 
 from local_services import lift_enqueue_limit
 
-from takeoff._home import StackRecord
+from takeoff._stack_file import StackRecord
 from takeoff.client import Client
 from takeoff.stack import LocalStack
 from takeoff.v1 import common_pb2, keys_pb2, keys_pb2_grpc, queue_pb2, queue_pb2_grpc

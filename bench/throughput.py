@@ -53,7 +53,7 @@ from local_services import lift_enqueue_limit
 from prometheus_client.parser import text_string_to_metric_families
 
 from takeoff._auth import keys_dir
-from takeoff._home import RunningService, StackRecord
+from takeoff._stack_file import RunningService, StackRecord
 from takeoff.stack import KEY_VARIABLES
 from takeoff.v1 import common_pb2, queue_pb2, queue_pb2_grpc
 from takeoff_rpc.channels import open_aio_channel

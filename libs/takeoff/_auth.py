@@ -17,13 +17,13 @@ it). No function here prints or logs a key.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from takeoff._home import takeoff_home
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     import grpc
 
 API_KEY_ENV = "TAKEOFF_API_KEY"
@@ -45,12 +45,16 @@ def admin_key_path(home: Path | None = None) -> Path:
     return keys_dir(home) / ADMIN_KEY_FILE
 
 
-@dataclass(frozen=True)
-class FoundKey:
-    """A key and where it came from (``source`` is safe to show; the secret is not in ``repr``)."""
+class FoundKey(NamedTuple):
+    """A key and where it came from (``source`` is safe to show; the secret is not in ``repr``). A named
+    tuple: a launched job finds its run token here, and a dataclass would cost it the import of
+    dataclasses (see ``takeoff_rpc.backoff.RetryPolicy``)."""
 
-    secret: str = field(repr=False)
+    secret: str
     source: str
+
+    def __repr__(self) -> str:
+        return f"FoundKey(source={self.source!r})"
 
 
 def find_key(explicit: str | None = None, *, home: Path | None = None) -> FoundKey | None:
@@ -89,6 +93,8 @@ def tls_from_environment() -> grpc.ChannelCredentials | None:
         return None
     if bool(cert) != bool(key):
         raise ValueError(f"mutual TLS needs both {TLS_CERT_ENV} and {TLS_KEY_ENV}")
+    from pathlib import Path
+
     from takeoff_rpc.channels import tls_credentials  # here: finding a key must not load gRPC
 
     return tls_credentials(

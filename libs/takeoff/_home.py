@@ -1,5 +1,6 @@
-"""Where a local Takeoff lives: ``TAKEOFF_HOME`` and the stack file ``takeoff up`` leaves there; and
-which project a client works in unless told: ``TAKEOFF_PROJECT`` (set for every launched job).
+"""Where a local Takeoff lives (``TAKEOFF_HOME``, where ``takeoff up`` leaves its stack file:
+:mod:`takeoff._stack_file`), and which project a client works in unless told: ``TAKEOFF_PROJECT`` (set for
+every launched job). A launched job imports this module, so it imports little.
 
 Clients find a service as ``TAKEOFF_<SERVICE>_ADDRESS`` (and the registry also as ``TAKEOFF_REGISTRY``,
 which every launched job receives), else the address the running stack recorded, else the default port.
@@ -8,65 +9,26 @@ which every launched job receives), else the address the running stack recorded,
 
 from __future__ import annotations
 
-import json
 import os
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 DEFAULT_PORTS = {"registry": 50051, "queue": 50052, "builder": 50053, "agent": 50054, "console": 8080}
 """The gRPC services' ports, and the web console's (HTTP)."""
-STACK_FILE = "stack.json"
 DEFAULT_PROJECT = "default"
 
 
 def takeoff_home() -> Path:
+    from pathlib import Path  # here: a launched job, which never needs it, is spared its import
+
     return Path(os.environ.get("TAKEOFF_HOME") or "~/.takeoff").expanduser()
 
 
 def default_project() -> str:
     """``TAKEOFF_PROJECT`` (set for every launched job), else ``default``."""
     return os.environ.get("TAKEOFF_PROJECT") or DEFAULT_PROJECT
-
-
-@dataclass
-class RunningService:
-    """One process of a running stack."""
-
-    name: str
-    addresses: list[str]
-    pid: int
-    log: str
-    metrics_address: str = ""
-    """Where its Prometheus metrics are served (``TAKEOFF_METRICS_LISTEN``); empty when they are not."""
-
-    @property
-    def address(self) -> str:
-        """The TCP address when there is one: what a client on this machine should dial."""
-        return next((a for a in self.addresses if not a.startswith("unix:")), self.addresses[0])
-
-
-@dataclass
-class StackRecord:
-    """What ``takeoff up`` records in ``TAKEOFF_HOME/stack.json`` while it runs."""
-
-    supervisor_pid: int
-    services: dict[str, RunningService] = field(default_factory=dict)
-
-    def write(self, home: Path) -> None:
-        partial = home / (STACK_FILE + ".partial")
-        partial.write_text(json.dumps(asdict(self), indent=2))
-        partial.replace(home / STACK_FILE)
-
-    @classmethod
-    def read(cls, home: Path) -> StackRecord | None:
-        try:
-            data = json.loads((home / STACK_FILE).read_text())
-        except (OSError, ValueError):
-            return None
-        return cls(
-            supervisor_pid=data["supervisor_pid"],
-            services={name: RunningService(**s) for name, s in data["services"].items()},
-        )
 
 
 def service_address(service: str, home: Path | None = None) -> str:
@@ -79,6 +41,10 @@ def service_address(service: str, home: Path | None = None) -> str:
     for variable in variables:
         if address := os.environ.get(variable):
             return address
+    from takeoff._stack_file import (
+        StackRecord,  # here: every launched job has its address in TAKEOFF_REGISTRY
+    )
+
     stack = StackRecord.read(home or takeoff_home())
     if stack is not None and service in stack.services:
         return stack.services[service].address

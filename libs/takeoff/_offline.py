@@ -57,7 +57,7 @@ class OfflineRunError(Exception):
 
 
 def open_offline_run(
-    directory: Path, project: str, run: runs_pb2.Run, *, interval: float = 0.2
+    directory: str | os.PathLike[str], project: str, run: runs_pb2.Run, *, interval: float = 0.2
 ) -> tuple[runs_pb2.Run, OfflineWriter]:
     """Start writing ``run`` (display name, tags, notes, group, job type, config) under ``directory``.
 
@@ -67,7 +67,7 @@ def open_offline_run(
     run_id = "".join(secrets.choice(_RUN_ID_ALPHABET) for _ in range(_RUN_ID_LENGTH))
     now_ns = time.time_ns()
     started = datetime.fromtimestamp(now_ns / 1e9).strftime("%Y%m%d_%H%M%S")
-    run_directory = directory / "takeoff" / f"{RUN_DIRECTORY_PREFIX}{started}-{run_id}"
+    run_directory = Path(directory) / "takeoff" / f"{RUN_DIRECTORY_PREFIX}{started}-{run_id}"
     run_directory.mkdir(parents=True)
     header = {
         "format": FORMAT_VERSION,

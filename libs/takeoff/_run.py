@@ -20,7 +20,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
-from pathlib import Path
 from types import FrameType, TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -317,7 +316,7 @@ class Run:
         """
         if self.mode == "disabled":
             return None
-        artifact = name or _artifact_name(Path(path))
+        artifact = name or _artifact_name(path)
         return self._artifact_client("log_artifact").log_artifact(
             path,
             artifact,
@@ -421,7 +420,7 @@ class Run:
         and the run's last step stays the code's."""
         self._append((max(self._step - 1, 0), time.time_ns(), dict(values)))
 
-    def _install_hooks(self, directory: Path) -> None:
+    def _install_hooks(self, directory: str | os.PathLike[str]) -> None:
         """What a run that records something needs: finish at exit, on an uncaught exception and on
         SIGTERM, and system metrics."""
         atexit.register(self.finish)
@@ -517,7 +516,7 @@ def init(
             job_type=job_type or "",
             config=dict_to_struct(values),
         )
-        directory = Path(dir or os.environ.get(DIR_ENV) or os.getcwd())
+        directory = dir or os.environ.get(DIR_ENV) or os.getcwd()  # no pathlib: see takeoff._home
         if resume_mode == runs_pb2.RESUME_MODE_MUST and chosen_mode != "disabled":
             _refuse_nothing_to_resume(chosen_mode, launched)
         attached, delivery, resumed_from = _open_run(
@@ -618,7 +617,7 @@ def _open_run(
     project: str,
     wanted: runs_pb2.Run,
     launched: bool,
-    directory: Path,
+    directory: str | os.PathLike[str],
     *,
     resume: runs_pb2.ResumeMode.ValueType,
 ) -> tuple[runs_pb2.Run, Delivery, runs_pb2.Run | None]:
@@ -658,10 +657,13 @@ def _refuse_nothing_to_resume(mode: str, launched: bool) -> None:
     raise FailedPreconditionError("FAILED_PRECONDITION", "NOTHING_TO_RESUME", f'init(resume="must"): {why}')
 
 
-def _artifact_name(path: Path) -> str:
+def _artifact_name(path: str | os.PathLike[str]) -> str:
     """An artifact id from a file's or directory's name: letters, digits, ``-``, ``_`` and ``.`` kept,
     anything else made ``-``."""
-    name = "".join(c if c.isascii() and (c.isalnum() or c in "-_.") else "-" for c in path.resolve().name)
+    from pathlib import Path  # here: a job that logs no artifact is spared its import
+
+    named = Path(path).resolve().name
+    name = "".join(c if c.isascii() and (c.isalnum() or c in "-_.") else "-" for c in named)
     return name.lstrip("-_.")[:128] or "artifact"
 
 

@@ -34,7 +34,6 @@ import os
 import threading
 import time
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from types import ModuleType
 from typing import Any, NamedTuple
 
@@ -281,7 +280,7 @@ class GpuSampler:
                 self._nvml.nvmlShutdown()
 
 
-NVIDIA_DRIVER_FILE = Path("/proc/driver/nvidia/version")
+NVIDIA_DRIVER_FILE = "/proc/driver/nvidia/version"
 """Present where NVIDIA's kernel driver is loaded (and in a container given GPUs)."""
 
 
@@ -292,11 +291,13 @@ the driver, and WSL2's GPU paravirtualisation, through which NVML reaches the Wi
 
 def _gpu_driver_present() -> bool:
     """Whether NVML could find a GPU here: elsewhere it is not even loaded."""
-    return NVIDIA_DRIVER_FILE.exists() or any(os.path.exists(device) for device in GPU_DEVICE_FILES)
+    return os.path.exists(NVIDIA_DRIVER_FILE) or any(os.path.exists(device) for device in GPU_DEVICE_FILES)
 
 
 def _skip_gpus(why: str) -> None:
-    if NVIDIA_DRIVER_FILE.exists():  # without the driver there is no GPU to miss: a CPU job's log stays clean
+    if os.path.exists(
+        NVIDIA_DRIVER_FILE
+    ):  # without the driver there is no GPU to miss: a CPU job's log stays clean
         warn(f"GPU metrics skipped: {why}")
 
 

@@ -25,8 +25,6 @@ import sys
 import threading
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 SERVICE_NAME = "takeoff-job"
@@ -39,17 +37,41 @@ _INTERNAL, _CLIENT = 1, 3  # Span.SpanKind values
 _ERROR = 2  # Status.StatusCode.STATUS_CODE_ERROR
 
 
-@dataclass
 class _Span:
-    name: str
-    trace_id: bytes
-    span_id: bytes
-    parent_span_id: bytes
-    kind: int
-    attributes: dict[str, Any]
-    start_ns: int = field(default_factory=time.time_ns)
-    end_ns: int = 0
-    error: str | None = None
+    """One span, recorded in the job (a plain class: see ``takeoff_rpc.backoff.RetryPolicy`` on why no
+    dataclass)."""
+
+    __slots__ = (
+        "attributes",
+        "end_ns",
+        "error",
+        "kind",
+        "name",
+        "parent_span_id",
+        "span_id",
+        "start_ns",
+        "trace_id",
+    )
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        trace_id: bytes,
+        span_id: bytes,
+        parent_span_id: bytes,
+        kind: int,
+        attributes: dict[str, Any],
+    ) -> None:
+        self.name = name
+        self.trace_id = trace_id
+        self.span_id = span_id
+        self.parent_span_id = parent_span_id
+        self.kind = kind
+        self.attributes = attributes
+        self.start_ns = time.time_ns()
+        self.end_ns = 0
+        self.error: str | None = None
 
     @property
     def traceparent(self) -> str:
@@ -128,11 +150,11 @@ def _recording(name: str, kind: int, attributes: dict[str, Any]) -> Iterator[Non
     parent = _current.get()
     recorded = _Span(
         name,
-        _Tracing.trace_id,
-        _random_id(8),
-        parent.span_id if parent is not None else _Tracing.parent_span_id,
-        kind,
-        {**_launch_attributes(), **attributes},
+        trace_id=_Tracing.trace_id,
+        span_id=_random_id(8),
+        parent_span_id=parent.span_id if parent is not None else _Tracing.parent_span_id,
+        kind=kind,
+        attributes={**_launch_attributes(), **attributes},
     )
     token = _current.set(recorded)
     try:
@@ -357,7 +379,10 @@ def _send_grpc(request: bytes, timeout: float) -> None:
             channel = grpc.insecure_channel(target)
         else:
             certificate = _setting("CERTIFICATE")
-            roots = Path(certificate).read_bytes() if certificate else None
+            roots = None
+            if certificate:
+                with open(certificate, "rb") as file:
+                    roots = file.read()
             channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(roots))
         # A plain channel: the export call itself is not part of the job's trace.
         _Channel.call = channel.unary_unary(

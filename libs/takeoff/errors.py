@@ -24,7 +24,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from takeoff_rpc.backoff import TRANSIENT_CODE_NAMES
-from takeoff_rpc.status import FieldViolation, StatusDetails, decode_rpc_error
+from takeoff_rpc.status import FieldViolation, RpcStatus, StatusDetails, decode_rpc_error
 
 if TYPE_CHECKING:
     import grpc
@@ -92,7 +92,7 @@ class TakeoffError(Exception):
         return cls.from_status(status.code.name, status)
 
     @classmethod
-    def from_status(cls, code: str, status: StatusDetails) -> TakeoffError:
+    def from_status(cls, code: str, status: StatusDetails | RpcStatus) -> TakeoffError:
         """The subclass for ``code`` (its name) carrying ``status``: a failed call's details, from gRPC or
         from the run relay (docs/design.md §8)."""
         message = status.message

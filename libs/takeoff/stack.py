@@ -43,7 +43,8 @@ import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from takeoff._auth import admin_key_path, channel_credentials, keys_dir
-from takeoff._home import DEFAULT_PORTS, STACK_FILE, RunningService, StackRecord
+from takeoff._home import DEFAULT_PORTS
+from takeoff._stack_file import STACK_FILE, RunningService, StackRecord
 from takeoff.v1 import keys_pb2, keys_pb2_grpc
 from takeoff_rpc.channels import open_channel
 

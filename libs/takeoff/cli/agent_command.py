@@ -11,7 +11,8 @@ from typing import Annotated
 import typer
 
 from takeoff._auth import admin_key_path
-from takeoff._home import StackRecord, service_address, takeoff_home
+from takeoff._home import service_address, takeoff_home
+from takeoff._stack_file import StackRecord
 from takeoff.cli._output import fail
 from takeoff.cli._registry import ProjectOption, cli_key
 from takeoff.stack import agent_defaults, config_gives

@@ -10,7 +10,8 @@ from typing import Annotated
 import typer
 
 from takeoff._auth import admin_key_path, keys_dir
-from takeoff._home import DEFAULT_PORTS, StackRecord, takeoff_home
+from takeoff._home import DEFAULT_PORTS, takeoff_home
+from takeoff._stack_file import StackRecord
 from takeoff.cli import demo_command
 from takeoff.cli._output import Column, Listing, console, error_console, fail, print_json, usage_error
 from takeoff.cli._registry import cli_key
