@@ -17,7 +17,7 @@ it). No function here prints or logs a key.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING
 
 from takeoff._home import takeoff_home
 
@@ -45,16 +45,26 @@ def admin_key_path(home: Path | None = None) -> Path:
     return keys_dir(home) / ADMIN_KEY_FILE
 
 
-class FoundKey(NamedTuple):
-    """A key and where it came from (``source`` is safe to show; the secret is not in ``repr``). A named
-    tuple: a launched job finds its run token here, and a dataclass would cost it the import of
-    dataclasses (see ``takeoff_rpc.backoff.RetryPolicy``)."""
+class FoundKey:
+    """A key and where it came from (``source`` is safe to show; the secret is not in ``repr``). A plain
+    class: a launched job finds its run token here, and a dataclass would cost it the import of
+    dataclasses (see ``takeoff_rpc.backoff.RetryPolicy``); a named tuple would show the secret to
+    whatever iterates or serializes it."""
 
-    secret: str
-    source: str
+    __slots__ = ("secret", "source")
+
+    def __init__(self, secret: str, source: str) -> None:
+        self.secret = secret
+        self.source = source
 
     def __repr__(self) -> str:
         return f"FoundKey(source={self.source!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, FoundKey) and (self.secret, self.source) == (other.secret, other.source)
+
+    def __hash__(self) -> int:
+        return hash((self.secret, self.source))
 
 
 def find_key(explicit: str | None = None, *, home: Path | None = None) -> FoundKey | None:

@@ -41,9 +41,8 @@ def service_address(service: str, home: Path | None = None) -> str:
     for variable in variables:
         if address := os.environ.get(variable):
             return address
-    from takeoff._stack_file import (
-        StackRecord,  # here: every launched job has its address in TAKEOFF_REGISTRY
-    )
+    # Imported here: every launched job has the registry's address in TAKEOFF_REGISTRY.
+    from takeoff._stack_file import StackRecord
 
     stack = StackRecord.read(home or takeoff_home())
     if stack is not None and service in stack.services:

@@ -516,7 +516,8 @@ def init(
             job_type=job_type or "",
             config=dict_to_struct(values),
         )
-        directory = dir or os.environ.get(DIR_ENV) or os.getcwd()  # no pathlib: see takeoff._home
+        # A str, not a Path: a launched job is spared pathlib's import (docs/design.md §8).
+        directory = dir or os.environ.get(DIR_ENV) or os.getcwd()
         if resume_mode == runs_pb2.RESUME_MODE_MUST and chosen_mode != "disabled":
             _refuse_nothing_to_resume(chosen_mode, launched)
         attached, delivery, resumed_from = _open_run(

@@ -295,9 +295,8 @@ def _gpu_driver_present() -> bool:
 
 
 def _skip_gpus(why: str) -> None:
-    if os.path.exists(
-        NVIDIA_DRIVER_FILE
-    ):  # without the driver there is no GPU to miss: a CPU job's log stays clean
+    # Without the driver there is no GPU to miss: a CPU job's log stays clean.
+    if os.path.exists(NVIDIA_DRIVER_FILE):
         warn(f"GPU metrics skipped: {why}")
 
 

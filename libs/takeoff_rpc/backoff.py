@@ -76,6 +76,10 @@ class RetryPolicy:
         self.max_attempts = max_attempts
         self.deadline = deadline
 
+    def __repr__(self) -> str:
+        settings = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__)
+        return f"RetryPolicy({settings})"
+
     def backoff_ceiling(self, retry: int) -> float:
         """The longest wait before retry number ``retry`` (1 for the first)."""
         try:
