@@ -1,7 +1,8 @@
 """The registry as the queue sees it: JobService, the only view of jobs (references pinned to versions) and
 of the projects written to through the registry; RunService, to close the runs of attempts the queue
-ends without their agent (docs/design.md §16); and KeyService, to mint each attempt's run token and revoke
-it once the attempt ends (§13). The channel presents the queue's own key.
+ends without their agent (docs/design.md §16); and KeyService, to register the key this queue signs each
+attempt's run token with, and to revoke the tokens once the attempt ends (§13). The channel presents the
+queue's own key.
 
 A refusal by the registry while answering a caller is answered as the queue's own error
 (``takeoff_server.remote_errors``), at once: the caller of Enqueue retries an unavailable registry, not
@@ -10,7 +11,9 @@ the queue. Closing a run answers nobody: its outbox retries it (``takeoff_queue.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
+from datetime import UTC, datetime
 
 import grpc
 
@@ -23,13 +26,15 @@ from takeoff_server.config import ServerSettings
 from takeoff_server.peers import peer_channel
 from takeoff_server.protovalues import struct_to_dict
 from takeoff_server.remote_errors import domain_error
+from takeoff_server.run_tokens import RunTokenSigner
 from takeoff_server.versions import VersionCache, names_a_numbered_version
 
 CALL_TIMEOUT_SECONDS = 10.0
 CLOSE_TIMEOUT_SECONDS = 5.0
 """One try of a run close; the outbox tries again after a back-off."""
 TOKEN_TIMEOUT_SECONDS = 5.0
-"""One try of a mint (the item waits, PENDING, and is tried again) or of a revocation (its outbox retries)."""
+"""One try of a signer's registration or a mint (the item waits, PENDING, and is tried again) or of a
+revocation (its outbox retries)."""
 
 
 class Registry:
@@ -43,6 +48,10 @@ class Registry:
         self._runs = runs_pb2_grpc.RunServiceStub(self._channel)
         self._keys = keys_pb2_grpc.KeyServiceStub(self._channel)
         self._versions: VersionCache[tuple[str, str], ResolvedJob] = VersionCache()
+        self._signer = RunTokenSigner()
+        self._signer_id = ""
+        """Set once the registry knows the signer's public key."""
+        self._registering = asyncio.Lock()
 
     async def resolve(self, project: str, reference: str) -> ResolvedJob:
         """The version ``reference`` names in ``project``. One named by its number is asked for once and
@@ -118,14 +127,40 @@ class Registry:
         )
 
     async def mint_run_token(self, run: str, item: str, job_version: str, secrets: Sequence[str]) -> str:
-        """KeyService.MintRunToken; the secret is handed to the attempt's agent and never kept."""
+        """The run token of one attempt, handed to its agent and never kept: signed here, with no call once
+        the signer is registered; minted by the registry (KeyService.MintRunToken) when its scope is too
+        long to travel signed."""
+        signer_id = await self._registered_signer()
+        token = self._signer.sign(
+            signer_id,
+            run=run,
+            item=item,
+            job_version=job_version,
+            secrets=list(secrets),
+            issue_time=datetime.now(UTC),
+        )
+        if token is not None:
+            return token
         request = keys_pb2.MintRunTokenRequest(run=run, item=item, job_version=job_version, secrets=secrets)
         try:
             response = await self._keys.MintRunToken(request, timeout=TOKEN_TIMEOUT_SECONDS)
         except grpc.aio.AioRpcError as error:
-            remote = decode_rpc_error(error, target=self.address)
-            raise TokenCallFailed(f"{remote.code.name} {remote.reason}: {remote.message}") from None
+            raise self._token_call_failed(error) from None
         return response.secret
+
+    async def _registered_signer(self) -> str:
+        """The signer's id, registering its public key first (once: concurrent mints wait for that one)."""
+        if self._signer_id:
+            return self._signer_id
+        async with self._registering:
+            if not self._signer_id:
+                request = keys_pb2.CreateRunTokenSignerRequest(public_key=self._signer.public_key)
+                try:
+                    response = await self._keys.CreateRunTokenSigner(request, timeout=TOKEN_TIMEOUT_SECONDS)
+                except grpc.aio.AioRpcError as error:
+                    raise self._token_call_failed(error) from None
+                self._signer_id = response.signer.name.removeprefix("runTokenSigners/")
+        return self._signer_id
 
     async def revoke_run_tokens(self, run: str) -> None:
         try:
@@ -133,8 +168,11 @@ class Registry:
                 keys_pb2.RevokeRunTokensRequest(run=run), timeout=TOKEN_TIMEOUT_SECONDS
             )
         except grpc.aio.AioRpcError as error:
-            remote = decode_rpc_error(error, target=self.address)
-            raise TokenCallFailed(f"{remote.code.name} {remote.reason}: {remote.message}") from None
+            raise self._token_call_failed(error) from None
+
+    def _token_call_failed(self, error: grpc.aio.AioRpcError) -> TokenCallFailed:
+        remote = decode_rpc_error(error, target=self.address)
+        return TokenCallFailed(f"{remote.code.name} {remote.reason}: {remote.message}")
 
     async def close(self) -> None:
         await self._channel.close()

@@ -14,6 +14,9 @@ from takeoff_server.access import AccessRules, Check, Permission, Rule, constant
 
 KEYS = "keys"
 """The resource KeyService's key-management methods are checked on: keys belong to no project."""
+RUN_TOKEN_SIGNERS = "runTokenSigners"
+"""What CreateRunTokenSigner is checked on: a signer signs tokens for any run, so only a grant everywhere
+covers it."""
 
 
 def _job_version_resource(request: jobs_pb2.GetJobVersionRequest) -> Iterable[str]:
@@ -108,6 +111,7 @@ KEY_SERVICE: AccessRules = {
     "VerifyKey": needs(Permission.KEYS_VERIFY, constant(KEYS)),
     "MintRunToken": needs(Permission.TOKENS_MINT, fields("run")),
     "RevokeRunTokens": needs(Permission.TOKENS_MINT, fields("run")),
+    "CreateRunTokenSigner": needs(Permission.TOKENS_MINT, constant(RUN_TOKEN_SIGNERS)),
 }
 
 SECRET_SERVICE: AccessRules = {

@@ -5,6 +5,10 @@ CreateKey or MintRunToken) and stored only as its SHA-256 digest (:func:`takeoff
 secret_digest`): the digest finds the key when the secret is presented, and a leaked table cannot be turned
 back into secrets. What a key may do follows from its kind and scope (:func:`grants_for`); the registry's
 own calls verify keys here, the other services through VerifyKey.
+
+Most run tokens are not stored at all: the queue signs them itself (:mod:`takeoff_server.run_tokens`) with
+a key pair whose public half it registered here as a :class:`Signer`. Such a token is valid while its
+signature checks, the key that registered its signer is live, and its run's tokens are not revoked.
 """
 
 from __future__ import annotations
@@ -29,9 +33,10 @@ from takeoff_server.access import (
     grants_for,
     secret_digest,
 )
-from takeoff_server.errors import AlreadyExists, NotFound, ServiceFailed
+from takeoff_server.errors import AlreadyExists, InvalidArgument, NotFound, ServiceFailed
 from takeoff_server.names import NAME_INVALID, ResourcePattern
 from takeoff_server.pagination import PageRequest
+from takeoff_server.run_tokens import SignedToken, read_signed, valid_public_key
 from takeoff_server.validation import Problems, text_problem
 
 KEY_ID_PATTERN = re.compile(r"[a-z][a-z0-9-]{0,62}")
@@ -39,6 +44,7 @@ KEY_ID_RULE = "1-63 characters of a-z, 0-9 and '-', starting with a letter"
 KEY = ResourcePattern("keys/{key}", key=KEY_ID_PATTERN.pattern)
 QUEUE = ResourcePattern("projects/{project}/queues/{queue}")
 SECRET = ResourcePattern("projects/{project}/secrets/{secret}", secret=r"[A-Za-z][A-Za-z0-9_-]{0,62}")
+SIGNER = ResourcePattern("runTokenSigners/{signer}", signer=KEY_ID_PATTERN.pattern)
 
 MAX_DISPLAY_NAME = 200
 MAX_SCOPE_NAMES = 100
@@ -47,6 +53,8 @@ SECRET_PREFIX = "tko_"
 MIN_BOOTSTRAP_SECRET_CHARS = 32
 BOOTSTRAP_KEY_ID = "bootstrap-admin"
 BOOTSTRAP_CREATOR = "bootstrap"
+MAX_VERIFIED_SIGNED_TOKENS = 10_000
+"""Signed tokens whose signature was checked, kept so that a job's every call costs no second check."""
 _HINT = re.compile(rf"{SECRET_PREFIX}[a-z][a-z0-9-]{{0,62}}_")
 
 
@@ -93,6 +101,24 @@ class KeySpec:
     service: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class Signer:
+    """A queue's run-token signing key as registered: its public half, and the key that registered it."""
+
+    signer_id: str
+    public_key: bytes
+    creator_key_id: str
+    create_time: datetime
+
+    @property
+    def name(self) -> str:
+        return SIGNER.format(signer=self.signer_id)
+
+    @property
+    def creator(self) -> str:
+        return KEY.format(key=self.creator_key_id) if self.creator_key_id else ""
+
+
 class KeyStore(Protocol):
     """Where keys live (``takeoff_registry.keys_store``)."""
 
@@ -115,7 +141,17 @@ class KeyStore(Protocol):
         ...
 
     async def revoke_run_tokens(self, run: str, now: datetime) -> int:
-        """Revoke the live tokens of ``run``; how many."""
+        """Revoke the tokens of ``run`` for good, the signed ones included; how many stored ones were live."""
+        ...
+
+    async def insert_signer(self, signer: Signer) -> bool:
+        """Store ``signer``; False (nothing stored) when its id is taken."""
+        ...
+
+    async def signer(self, signer_id: str) -> Signer | None: ...
+
+    async def signed_token_live(self, creator_key_id: str, run: str) -> bool:
+        """Whether the key that registered a token's signer is live and the token's run is not revoked."""
         ...
 
 
@@ -175,6 +211,29 @@ def _names(
     return tuple(dict.fromkeys(values))
 
 
+def _run_token_scope(run: str, item: str, job_version: str, secrets: Sequence[str]) -> KeyScope:
+    """The scope of a run token for ``run``; ``InvalidArgument`` naming each field that is wrong."""
+    problems = Problems()
+    run_project = ""
+    with problems.collect():
+        run_project = RUN.parse(run, field="run")["project"]
+    with problems.collect():
+        QUEUE_ITEM.parse(item, field="item")
+    with problems.collect():
+        JOB_VERSION.parse(job_version, field="job_version")
+    listed = _names(problems, secrets, SECRET, field="secrets", what="secret", required=False)
+    for index, secret in enumerate(secrets[:MAX_SCOPE_NAMES]):
+        matched = SECRET.match(secret)
+        if matched is not None and run_project and matched["project"] != run_project:
+            problems.add(
+                "ARGUMENT_INVALID",
+                f"secrets[{index}]",
+                f"is not in the run's project projects/{run_project}",
+            )
+    problems.raise_if_any()
+    return KeyScope(kind=KeyKind.RUN, run=run, job_version=job_version, secrets=listed)
+
+
 def _unused(problems: Problems, field: str, present: bool, kind: str) -> None:
     if present:
         problems.add("ARGUMENT_INVALID", field, f"is not used by {kind} keys; leave it empty")
@@ -185,6 +244,10 @@ class Keys:
 
     def __init__(self, store: KeyStore) -> None:
         self._store = store
+        self._signers: dict[str, Signer] = {}
+        """A signer never changes once registered."""
+        self._signed_keys: dict[str, Key] = {}
+        """Signed tokens whose signature checked, by their secret's digest."""
 
     async def create(self, spec: KeySpec, *, key_id: str = "") -> tuple[Key, str]:
         """A new key and its secret (returned here only)."""
@@ -287,8 +350,50 @@ class Keys:
         """The live key whose secret this is."""
         if not secret:
             return None
+        if (signed := read_signed(secret)) is not None:
+            return await self._signed_key(secret, signed)
         key = await self._store.by_digest(secret_digest(secret))
         return key if key is not None and key.live else None
+
+    async def _signed_key(self, secret: str, token: SignedToken) -> Key | None:
+        signer = self._signers.get(token.signer_id)
+        if signer is None:
+            signer = await self._store.signer(token.signer_id)
+            if signer is None:
+                return None
+            self._signers[signer.signer_id] = signer
+        digest = secret_digest(secret)
+        key = self._signed_keys.get(digest)
+        if key is None:
+            key = self._checked(secret, token, signer)
+            if key is None:
+                return None
+            if len(self._signed_keys) >= MAX_VERIFIED_SIGNED_TOKENS:
+                del self._signed_keys[next(iter(self._signed_keys))]
+            self._signed_keys[digest] = key
+        live = await self._store.signed_token_live(signer.creator_key_id, key.scope.run)
+        return key if live else None
+
+    @staticmethod
+    def _checked(secret: str, token: SignedToken, signer: Signer) -> Key | None:
+        """The key a signed token stands for, when ``signer`` signed it and its scope is one MintRunToken
+        would have minted (a signer is trusted with no more than a minter)."""
+        claims = token.verified_claims(signer.public_key)
+        if claims is None:
+            return None
+        try:
+            scope = _run_token_scope(claims.run, claims.item, claims.job_version, claims.secrets)
+        except InvalidArgument:
+            return None
+        return Key(
+            key_id=claims.key_id,
+            display_name=f"run token of {claims.run}",
+            scope=scope,
+            item=claims.item,
+            secret_hint=_hint(secret),
+            creator=signer.creator,
+            create_time=claims.issue_time,
+        )
 
     async def verify(self, secret: str) -> Principal | None:
         """:class:`takeoff_server.access.KeyVerifier`: the caller a secret authenticates, if live."""
@@ -299,26 +404,22 @@ class Keys:
         self, run: str, item: str, job_version: str, secrets: Sequence[str]
     ) -> tuple[Key, str]:
         """A token that may write ``run``, read ``job_version`` and access ``secrets``."""
-        problems = Problems()
-        run_project = ""
-        with problems.collect():
-            run_project = RUN.parse(run, field="run")["project"]
-        with problems.collect():
-            QUEUE_ITEM.parse(item, field="item")
-        with problems.collect():
-            JOB_VERSION.parse(job_version, field="job_version")
-        listed = _names(problems, secrets, SECRET, field="secrets", what="secret", required=False)
-        for index, secret in enumerate(secrets[:MAX_SCOPE_NAMES]):
-            matched = SECRET.match(secret)
-            if matched is not None and run_project and matched["project"] != run_project:
-                problems.add(
-                    "ARGUMENT_INVALID",
-                    f"secrets[{index}]",
-                    f"is not in the run's project projects/{run_project}",
-                )
-        problems.raise_if_any()
-        scope = KeyScope(kind=KeyKind.RUN, run=run, job_version=job_version, secrets=listed)
+        scope = _run_token_scope(run, item, job_version, secrets)
         return await self._insert(scope, key_id="", display_name=f"run token of {run}", item=item)
+
+    async def create_run_token_signer(self, public_key: bytes) -> Signer:
+        """Register a queue's Ed25519 public key; the tokens it signs are valid while the caller's key is."""
+        problems = Problems()
+        if not valid_public_key(public_key):
+            why = f"must be an Ed25519 public key, 32 raw bytes (got {len(public_key)} bytes)"
+            problems.add("ARGUMENT_INVALID", "public_key", why)
+        problems.raise_if_any()
+        caller = caller_var.get()
+        creator_key_id = caller.name.removeprefix("keys/") if caller is not None else ""
+        while True:
+            signer = Signer(f"signer-{random_secrets.token_hex(6)}", public_key, creator_key_id, _now())
+            if await self._store.insert_signer(signer):
+                return signer
 
     async def revoke_run_tokens(self, run: str) -> int:
         RUN.parse(run, field="run")

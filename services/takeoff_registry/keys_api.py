@@ -1,7 +1,7 @@
 """gRPC servicer of KeyService: requests become domain calls, results become protos.
 
 Secrets leave only in CreateKeyResponse and MintRunTokenResponse; every other answer carries the key
-without it.
+without it. A signer's private key never reaches the registry at all.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import grpc
 
 from takeoff.v1 import keys_pb2, keys_pb2_grpc
-from takeoff_registry.keys import Key, Keys, KeySpec
+from takeoff_registry.keys import Key, Keys, KeySpec, Signer
 from takeoff_server.pagination import page_request, page_response
 from takeoff_server.protovalues import optional_timestamp, timestamp
 
@@ -33,6 +33,15 @@ def key_to_proto(key: Key) -> keys_pb2.Key:
         create_time=timestamp(key.create_time),
         revoke_time=optional_timestamp(key.revoke_time),
         permissions=key.permissions,
+    )
+
+
+def signer_to_proto(signer: Signer) -> keys_pb2.RunTokenSigner:
+    return keys_pb2.RunTokenSigner(
+        name=signer.name,
+        public_key=signer.public_key,
+        creator=signer.creator,
+        create_time=timestamp(signer.create_time),
     )
 
 
@@ -121,3 +130,13 @@ class KeyApi(keys_pb2_grpc.KeyServiceServicer):
         context: grpc.aio.ServicerContext[keys_pb2.RevokeRunTokensRequest, keys_pb2.RevokeRunTokensResponse],
     ) -> keys_pb2.RevokeRunTokensResponse:
         return keys_pb2.RevokeRunTokensResponse(revoked=await self._keys.revoke_run_tokens(request.run))
+
+    async def CreateRunTokenSigner(
+        self,
+        request: keys_pb2.CreateRunTokenSignerRequest,
+        context: grpc.aio.ServicerContext[
+            keys_pb2.CreateRunTokenSignerRequest, keys_pb2.CreateRunTokenSignerResponse
+        ],
+    ) -> keys_pb2.CreateRunTokenSignerResponse:
+        signer = await self._keys.create_run_token_signer(request.public_key)
+        return keys_pb2.CreateRunTokenSignerResponse(signer=signer_to_proto(signer))

@@ -1,8 +1,10 @@
-"""The registry's key table and its queries (migration 0002_keys), on SQLite or PostgreSQL.
+"""The registry's key tables and their queries (migrations 0002_keys, 0007_run_token_signers), on SQLite or
+PostgreSQL.
 
-A row holds what a key was made for and the SHA-256 digest of its secret (unique: the digest is how a
-presented secret finds its key), never the secret. Writes go through :meth:`RegistryStore.write`, which
-serializes writers on SQLite.
+A key's row holds what it was made for and the SHA-256 digest of its secret (unique: the digest is how a
+presented secret finds its key), never the secret. A signed run token has no row: its signer's has the
+public key it is checked with, and a revoked run's row outlives every token of the run. Writes go through
+:meth:`RegistryStore.write`, which serializes writers on SQLite.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlmodel import Field, SQLModel
 
-from takeoff_registry.keys import Key
+from takeoff_registry.keys import Key, Signer
 from takeoff_registry.store import RegistryStore
 from takeoff_server.access import KeyKind, KeyScope, ProjectRole, ServiceRole
 from takeoff_server.sqltypes import JsonText, UtcDateTime
@@ -67,7 +69,25 @@ def _row(key: Key, digest: str) -> dict[str, object]:
     }
 
 
+class SignerRow(SQLModel, table=True):
+    __tablename__ = "registry_run_token_signers"
+
+    signer_id: str = Field(primary_key=True, max_length=63)
+    public_key: bytes = Field(sa_type=sa.LargeBinary)
+    creator_key_id: str = Field(max_length=63)
+    create_time: datetime = Field(sa_type=UtcDateTime)
+
+
+class RevokedRunRow(SQLModel, table=True):
+    __tablename__ = "registry_revoked_runs"
+
+    run: str = Field(primary_key=True, max_length=200)
+    revoke_time: datetime = Field(sa_type=UtcDateTime)
+
+
 keys = KeyRow.__table__  # type: ignore[attr-defined]
+signers = SignerRow.__table__  # type: ignore[attr-defined]
+revoked_runs = RevokedRunRow.__table__  # type: ignore[attr-defined]
 
 # Built once: a statement built per call, and its cache key, cost more CPU than running it (VerifyKey,
 # MintRunToken and RevokeRunTokens are on every job's path). Each takes its values from the parameters it
@@ -85,6 +105,14 @@ _REVOKE_RUN_TOKENS = (
         keys.c.revoke_time.is_(None),
     )
     .returning(keys.c.key_id)
+)
+_REVOKE_RUN = insert_unless_present(revoked_runs, ("run", "revoke_time"))
+"""A run revoked again keeps its first revoke time."""
+_INSERT_SIGNER = insert_unless_present(signers, tuple(signers.c.keys()))
+_SIGNER = sa.select(signers).where(signers.c.signer_id == sa.bindparam("where_signer_id"))
+_SIGNED_TOKEN_LIVE = sa.select(
+    sa.exists().where(keys.c.key_id == sa.bindparam("where_key_id"), keys.c.revoke_time.is_(None)),
+    sa.exists().where(revoked_runs.c.run == sa.bindparam("where_run")),
 )
 
 
@@ -155,7 +183,31 @@ class SqlKeyStore:
     async def revoke_run_tokens(self, run: str, now: datetime) -> int:
         async with self._store.write_connection() as connection:
             revoked = await connection.execute(_REVOKE_RUN_TOKENS, {"revoke_time": now, "where_run": run})
+            await connection.execute(_REVOKE_RUN, {"run": run, "revoke_time": now})
             return len(revoked.all())
+
+    async def insert_signer(self, signer: Signer) -> bool:
+        row = {
+            "signer_id": signer.signer_id,
+            "public_key": signer.public_key,
+            "creator_key_id": signer.creator_key_id,
+            "create_time": signer.create_time,
+        }
+        async with self._store.write_connection() as connection:
+            return (await connection.execute(_INSERT_SIGNER, row)).first() is not None
+
+    async def signer(self, signer_id: str) -> Signer | None:
+        async with self._store.read_connection() as connection:
+            row = (await connection.execute(_SIGNER, {"where_signer_id": signer_id})).mappings().first()
+        if row is None:
+            return None
+        return Signer(row["signer_id"], bytes(row["public_key"]), row["creator_key_id"], row["create_time"])
+
+    async def signed_token_live(self, creator_key_id: str, run: str) -> bool:
+        parameters = {"where_key_id": creator_key_id, "where_run": run}
+        async with self._store.read_connection() as connection:
+            creator_live, run_revoked = (await connection.execute(_SIGNED_TOKEN_LIVE, parameters)).one()
+        return bool(creator_live) and not run_revoked
 
     async def _one(self, query: sa.Select[Any], parameters: dict[str, str]) -> Key | None:
         async with self._store.read_connection() as connection:

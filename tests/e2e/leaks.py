@@ -16,9 +16,11 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-WHOLE_TOKEN = re.compile(rb"tko_[a-z0-9-]+_[A-Za-z0-9_-]{43}(?![A-Za-z0-9_-])")
-"""A whole key or run token, ``tko_{key id}_{43 random characters}``; a ``secret_hint`` (``tko_{key id}``)
-is not one."""
+WHOLE_TOKEN = re.compile(
+    rb"tko_[a-z0-9-]+_(?:[A-Za-z0-9_-]{43}|[A-Za-z0-9_-]+\.[A-Za-z0-9_-]{86})(?![A-Za-z0-9_-])"
+)
+"""A whole key or run token: ``tko_{key id}_{43 random characters}``, or a run token the queue signed,
+``tko_{signer}_{claims}.{signature}``; a ``secret_hint`` (``tko_{key id}_``) is not one."""
 
 MAX_FILE_BYTES = 256 << 20
 """Files larger than this are read in part only (none of a test's homes holds one)."""

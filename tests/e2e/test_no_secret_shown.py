@@ -70,7 +70,7 @@ want = run.config["want"]
 token = os.environ.get("TAKEOFF_TOKEN", "")
 secret_file = pathlib.Path(os.environ.get("TAKEOFF_SECRETS_DIR", "/nonexistent")) / "app.txt"
 checks = {
-    "token": re.fullmatch(r"tko_[a-z0-9-]+_[A-Za-z0-9_-]{43}", token) is not None,
+    "token": re.fullmatch(r"tko_[a-z0-9-]+_[A-Za-z0-9_-]+[.][A-Za-z0-9_-]{86}", token) is not None,
     "env": hashlib.sha256(os.environ.get("APP_SECRET", "").encode()).hexdigest() == want,
     "file": secret_file.is_file() and hashlib.sha256(secret_file.read_bytes()).hexdigest() == want,
 }
@@ -690,10 +690,12 @@ def test_the_search_finds_a_secret_in_every_form_and_place_it_looks(tmp_path: Pa
     password = f"pw-{secrets.token_urlsafe(24)}"
     key = random_key("known")
     stray = random_key("run-abc")
+    signed = f"tko_signer-abc_{secrets.token_urlsafe(120)}.{secrets.token_urlsafe(64)}"  # 86 characters
     values = [Secret("the password", password), basic_auth("the login", "me", password), Secret("a key", key)]
     (tmp_path / "logs").mkdir()
     (tmp_path / "logs" / "queue.log").write_text(f"one\ntwo\nsent {password} to the registry\n")
     (tmp_path / "queue.db-wal").write_bytes(b"\x00\x01binary" + stray.encode() + b"\x00")
+    (tmp_path / "agent.log").write_text(f"started\nTAKEOFF_TOKEN={signed}\n")
     (tmp_path / "config.json").write_text(json.dumps({"auths": {"r": {"auth": values[1].value}}}))
     (tmp_path / "chunk.gz").write_bytes(gzip.compress(f"line\n{key}\n".encode()))
     (tmp_path / "admin.key").write_text(key)  # allowed: its own key
@@ -705,10 +707,14 @@ def test_the_search_finds_a_secret_in_every_form_and_place_it_looks(tmp_path: Pa
     assert found == {
         ("the password", "queue.log", 3),
         ("a key or run token", "queue.db-wal", 1),
+        ("a key or run token", "agent.log", 2),
         ("the login (base64 user:password)", "config.json", 1),
         ("a key", "chunk.gz", 2),
     }
-    assert len(files) == 6
-    assert not any(password in str(leak) or key in str(leak) or stray in str(leak) for leak in leaks)
+    assert len(files) == 7
+    assert not any(
+        password in str(leak) or key in str(leak) or stray in str(leak) or signed in str(leak)
+        for leak in leaks
+    )
     assert "<the password>" in report(leaks)
     assert scan_bytes("output", f"created {key}".encode(), values, allowed={key}) == []

@@ -35,7 +35,7 @@ def _differences(connection: Connection) -> list[Any]:
 async def test_migrations_build_exactly_the_tables_the_store_declares(database_url: str) -> None:
     database = Database("registry", database_url, migrations=MIGRATIONS)
     try:
-        assert await database.migrate() == "0006"
+        assert await database.migrate() == "0007"
         if database_url.startswith("postgresql"):
             assert "registry_jobs" in await assert_on_postgresql(database.engine)
         async with database.engine.connect() as connection:

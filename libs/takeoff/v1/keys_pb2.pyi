@@ -40,7 +40,7 @@ class _KeyKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_KeyKind.Value
     KEY_KIND_SERVICE: _KeyKind.ValueType  # 4
     """What one Takeoff service needs of the others (`service`)."""
     KEY_KIND_RUN: _KeyKind.ValueType  # 5
-    """A run token: write one run; minted by MintRunToken only."""
+    """A run token: write one run; minted by MintRunToken or signed by a queue (RunTokenClaims) only."""
 
 class KeyKind(_KeyKind, metaclass=_KeyKindEnumTypeWrapper):
     """What a key is for; it decides the permissions a key carries (docs/design.md §13)."""
@@ -56,7 +56,7 @@ KEY_KIND_AGENT: KeyKind.ValueType  # 3
 KEY_KIND_SERVICE: KeyKind.ValueType  # 4
 """What one Takeoff service needs of the others (`service`)."""
 KEY_KIND_RUN: KeyKind.ValueType  # 5
-"""A run token: write one run; minted by MintRunToken only."""
+"""A run token: write one run; minted by MintRunToken or signed by a queue (RunTokenClaims) only."""
 Global___KeyKind: _TypeAlias = KeyKind  # noqa: Y015
 
 class _ProjectRole:
@@ -574,3 +574,136 @@ class RevokeRunTokensResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RevokeRunTokensResponse: _TypeAlias = RevokeRunTokensResponse  # noqa: Y015
+
+@_typing.final
+class RunTokenSigner(_message.Message):
+    """A key a queue signs run tokens with: an Ed25519 key pair whose private half never leaves the queue
+    process that made it.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    PUBLIC_KEY_FIELD_NUMBER: _builtins.int
+    CREATOR_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """`runTokenSigners/{signer}`; the signer's id is the first part of every token it signs."""
+    public_key: _builtins.bytes
+    """The Ed25519 public key, 32 raw bytes."""
+    creator: _builtins.str
+    """The key that registered it, `keys/{key}`: its tokens are valid while that key is live."""
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When it was registered."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        public_key: _builtins.bytes = ...,
+        creator: _builtins.str = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "creator", b"creator", "name", b"name", "public_key", b"public_key"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RunTokenSigner: _TypeAlias = RunTokenSigner  # noqa: Y015
+
+@_typing.final
+class CreateRunTokenSignerRequest(_message.Message):
+    """Request of KeyService.CreateRunTokenSigner."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PUBLIC_KEY_FIELD_NUMBER: _builtins.int
+    public_key: _builtins.bytes
+    """Required. The Ed25519 public key, 32 raw bytes."""
+    def __init__(
+        self,
+        *,
+        public_key: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["public_key", b"public_key"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateRunTokenSignerRequest: _TypeAlias = CreateRunTokenSignerRequest  # noqa: Y015
+
+@_typing.final
+class CreateRunTokenSignerResponse(_message.Message):
+    """Response of KeyService.CreateRunTokenSigner."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SIGNER_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def signer(self) -> Global___RunTokenSigner:
+        """The signer registered."""
+
+    def __init__(
+        self,
+        *,
+        signer: Global___RunTokenSigner | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["signer", b"signer"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["signer", b"signer"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateRunTokenSignerResponse: _TypeAlias = CreateRunTokenSignerResponse  # noqa: Y015
+
+@_typing.final
+class RunTokenClaims(_message.Message):
+    """What a signed run token grants: the same scope as MintRunTokenRequest's. The token is
+    `tko_{signer}_{claims}.{signature}`: the serialized claims and their Ed25519 signature by the signer,
+    each in unpadded base64url.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    RUN_FIELD_NUMBER: _builtins.int
+    ITEM_FIELD_NUMBER: _builtins.int
+    JOB_VERSION_FIELD_NUMBER: _builtins.int
+    SECRETS_FIELD_NUMBER: _builtins.int
+    ISSUE_TIME_FIELD_NUMBER: _builtins.int
+    key_id: _builtins.str
+    """The token's own id, `keys/{key}` as callers see it (a random id starting with `run-`)."""
+    run: _builtins.str
+    """The run the token may write, `projects/{p}/runs/{run}`."""
+    item: _builtins.str
+    """The attempt's item, `projects/{p}/queues/{q}/items/{id}`."""
+    job_version: _builtins.str
+    """The job version the attempt runs, `projects/{p}/jobs/{j}/versions/{n}`."""
+    @_builtins.property
+    def secrets(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Secrets the attempt may read, `projects/{p}/secrets/{s}`, in the run's project."""
+
+    @_builtins.property
+    def issue_time(self) -> _timestamp_pb2.Timestamp:
+        """When the queue signed it."""
+
+    def __init__(
+        self,
+        *,
+        key_id: _builtins.str = ...,
+        run: _builtins.str = ...,
+        item: _builtins.str = ...,
+        job_version: _builtins.str = ...,
+        secrets: _abc.Iterable[_builtins.str] | None = ...,
+        issue_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["issue_time", b"issue_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["issue_time", b"issue_time", "item", b"item", "job_version", b"job_version", "key_id", b"key_id", "run", b"run", "secrets", b"secrets"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RunTokenClaims: _TypeAlias = RunTokenClaims  # noqa: Y015

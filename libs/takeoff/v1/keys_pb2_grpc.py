@@ -28,7 +28,8 @@ if _version_not_supported:
 class KeyServiceStub:
     """Creates, lists and revokes keys; verifies a presented key; mints and revokes the run tokens that
     launched jobs report with. A key's secret is returned once, by CreateKey or MintRunToken, and stored
-    only as a hash.
+    only as a hash. Most run tokens are not minted here but signed by the queue itself, with a key it
+    registered by CreateRunTokenSigner (RunTokenClaims); those are never stored.
     """
 
     def __init__(self, channel):
@@ -72,12 +73,18 @@ class KeyServiceStub:
                 request_serializer=takeoff_dot_v1_dot_keys__pb2.RevokeRunTokensRequest.SerializeToString,
                 response_deserializer=takeoff_dot_v1_dot_keys__pb2.RevokeRunTokensResponse.FromString,
                 _registered_method=True)
+        self.CreateRunTokenSigner = channel.unary_unary(
+                '/takeoff.v1.KeyService/CreateRunTokenSigner',
+                request_serializer=takeoff_dot_v1_dot_keys__pb2.CreateRunTokenSignerRequest.SerializeToString,
+                response_deserializer=takeoff_dot_v1_dot_keys__pb2.CreateRunTokenSignerResponse.FromString,
+                _registered_method=True)
 
 
 class KeyServiceServicer:
     """Creates, lists and revokes keys; verifies a presented key; mints and revokes the run tokens that
     launched jobs report with. A key's secret is returned once, by CreateKey or MintRunToken, and stored
-    only as a hash.
+    only as a hash. Most run tokens are not minted here but signed by the queue itself, with a key it
+    registered by CreateRunTokenSigner (RunTokenClaims); those are never stored.
     """
 
     def CreateKey(self, request, context):
@@ -133,8 +140,18 @@ class KeyServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def RevokeRunTokens(self, request, context):
-        """Revokes every token minted for a run. Idempotent: revoking again, or a run with none, succeeds.
+        """Revokes every token of a run, minted or signed, for good: no token of the run is valid afterwards
+        (every attempt has a run of its own). Idempotent: revoking again, or a run with none, succeeds.
         Errors: INVALID_ARGUMENT `NAME_INVALID`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateRunTokenSigner(self, request, context):
+        """Registers the public key a queue signs run tokens with (docs/design.md §13), so that an attempt's
+        token costs the registry no write. Its tokens are valid while the key that registered it is live.
+        Errors: INVALID_ARGUMENT `ARGUMENT_INVALID` (`public_key` is not an Ed25519 public key).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -178,6 +195,11 @@ def add_KeyServiceServicer_to_server(servicer, server):
                     request_deserializer=takeoff_dot_v1_dot_keys__pb2.RevokeRunTokensRequest.FromString,
                     response_serializer=takeoff_dot_v1_dot_keys__pb2.RevokeRunTokensResponse.SerializeToString,
             ),
+            'CreateRunTokenSigner': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateRunTokenSigner,
+                    request_deserializer=takeoff_dot_v1_dot_keys__pb2.CreateRunTokenSignerRequest.FromString,
+                    response_serializer=takeoff_dot_v1_dot_keys__pb2.CreateRunTokenSignerResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'takeoff.v1.KeyService', rpc_method_handlers)
@@ -189,7 +211,8 @@ def add_KeyServiceServicer_to_server(servicer, server):
 class KeyService:
     """Creates, lists and revokes keys; verifies a presented key; mints and revokes the run tokens that
     launched jobs report with. A key's secret is returned once, by CreateKey or MintRunToken, and stored
-    only as a hash.
+    only as a hash. Most run tokens are not minted here but signed by the queue itself, with a key it
+    registered by CreateRunTokenSigner (RunTokenClaims); those are never stored.
     """
 
     @staticmethod
@@ -371,6 +394,33 @@ class KeyService:
             '/takeoff.v1.KeyService/RevokeRunTokens',
             takeoff_dot_v1_dot_keys__pb2.RevokeRunTokensRequest.SerializeToString,
             takeoff_dot_v1_dot_keys__pb2.RevokeRunTokensResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateRunTokenSigner(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/takeoff.v1.KeyService/CreateRunTokenSigner',
+            takeoff_dot_v1_dot_keys__pb2.CreateRunTokenSignerRequest.SerializeToString,
+            takeoff_dot_v1_dot_keys__pb2.CreateRunTokenSignerResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -32,7 +32,8 @@ GRPC_VERSION: str
 class KeyServiceStub:
     """Creates, lists and revokes keys; verifies a presented key; mints and revokes the run tokens that
     launched jobs report with. A key's secret is returned once, by CreateKey or MintRunToken, and stored
-    only as a hash.
+    only as a hash. Most run tokens are not minted here but signed by the queue itself, with a key it
+    registered by CreateRunTokenSigner (RunTokenClaims); those are never stored.
     """
 
     @_typing.overload
@@ -68,15 +69,22 @@ class KeyServiceStub:
     Errors: INVALID_ARGUMENT `NAME_INVALID` / `ARGUMENT_INVALID`.
     """
     RevokeRunTokens: _grpc.UnaryUnaryMultiCallable[_keys_pb2.RevokeRunTokensRequest, _keys_pb2.RevokeRunTokensResponse]
-    """Revokes every token minted for a run. Idempotent: revoking again, or a run with none, succeeds.
+    """Revokes every token of a run, minted or signed, for good: no token of the run is valid afterwards
+    (every attempt has a run of its own). Idempotent: revoking again, or a run with none, succeeds.
     Errors: INVALID_ARGUMENT `NAME_INVALID`.
+    """
+    CreateRunTokenSigner: _grpc.UnaryUnaryMultiCallable[_keys_pb2.CreateRunTokenSignerRequest, _keys_pb2.CreateRunTokenSignerResponse]
+    """Registers the public key a queue signs run tokens with (docs/design.md §13), so that an attempt's
+    token costs the registry no write. Its tokens are valid while the key that registered it is live.
+    Errors: INVALID_ARGUMENT `ARGUMENT_INVALID` (`public_key` is not an Ed25519 public key).
     """
 
 @_typing.type_check_only
 class KeyServiceAsyncStub(KeyServiceStub):
     """Creates, lists and revokes keys; verifies a presented key; mints and revokes the run tokens that
     launched jobs report with. A key's secret is returned once, by CreateKey or MintRunToken, and stored
-    only as a hash.
+    only as a hash. Most run tokens are not minted here but signed by the queue itself, with a key it
+    registered by CreateRunTokenSigner (RunTokenClaims); those are never stored.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -109,14 +117,21 @@ class KeyServiceAsyncStub(KeyServiceStub):
     Errors: INVALID_ARGUMENT `NAME_INVALID` / `ARGUMENT_INVALID`.
     """
     RevokeRunTokens: _aio.UnaryUnaryMultiCallable[_keys_pb2.RevokeRunTokensRequest, _keys_pb2.RevokeRunTokensResponse]  # type: ignore[assignment]
-    """Revokes every token minted for a run. Idempotent: revoking again, or a run with none, succeeds.
+    """Revokes every token of a run, minted or signed, for good: no token of the run is valid afterwards
+    (every attempt has a run of its own). Idempotent: revoking again, or a run with none, succeeds.
     Errors: INVALID_ARGUMENT `NAME_INVALID`.
+    """
+    CreateRunTokenSigner: _aio.UnaryUnaryMultiCallable[_keys_pb2.CreateRunTokenSignerRequest, _keys_pb2.CreateRunTokenSignerResponse]  # type: ignore[assignment]
+    """Registers the public key a queue signs run tokens with (docs/design.md §13), so that an attempt's
+    token costs the registry no write. Its tokens are valid while the key that registered it is live.
+    Errors: INVALID_ARGUMENT `ARGUMENT_INVALID` (`public_key` is not an Ed25519 public key).
     """
 
 class KeyServiceServicer(metaclass=_abc_1.ABCMeta):
     """Creates, lists and revokes keys; verifies a presented key; mints and revokes the run tokens that
     launched jobs report with. A key's secret is returned once, by CreateKey or MintRunToken, and stored
-    only as a hash.
+    only as a hash. Most run tokens are not minted here but signed by the queue itself, with a key it
+    registered by CreateRunTokenSigner (RunTokenClaims); those are never stored.
     """
 
     @_abc_1.abstractmethod
@@ -189,8 +204,20 @@ class KeyServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _keys_pb2.RevokeRunTokensRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_keys_pb2.RevokeRunTokensResponse, _abc.Awaitable[_keys_pb2.RevokeRunTokensResponse]]:
-        """Revokes every token minted for a run. Idempotent: revoking again, or a run with none, succeeds.
+        """Revokes every token of a run, minted or signed, for good: no token of the run is valid afterwards
+        (every attempt has a run of its own). Idempotent: revoking again, or a run with none, succeeds.
         Errors: INVALID_ARGUMENT `NAME_INVALID`.
+        """
+
+    @_abc_1.abstractmethod
+    def CreateRunTokenSigner(
+        self,
+        request: _keys_pb2.CreateRunTokenSignerRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_keys_pb2.CreateRunTokenSignerResponse, _abc.Awaitable[_keys_pb2.CreateRunTokenSignerResponse]]:
+        """Registers the public key a queue signs run tokens with (docs/design.md §13), so that an attempt's
+        token costs the registry no write. Its tokens are valid while the key that registered it is live.
+        Errors: INVALID_ARGUMENT `ARGUMENT_INVALID` (`public_key` is not an Ed25519 public key).
         """
 
 def add_KeyServiceServicer_to_server(servicer: KeyServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

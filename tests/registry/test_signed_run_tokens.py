@@ -1,0 +1,208 @@
+"""Run tokens the queue signs itself (docs/design.md §13, "Signed run tokens"), checked by a real registry:
+what one may do, that a revoked run's tokens and a revoked signer key's tokens are refused, that a forged,
+altered or over-broad token is refused, who may register a signer, and the queue's client falling back to
+a minted token for a scope too long to sign."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Sequence
+from datetime import UTC, datetime
+
+import grpc
+import pytest
+from pydantic import SecretStr
+
+from takeoff.v1 import keys_pb2, runs_pb2
+from takeoff_queue.registry_client import Registry as QueueRegistryClient
+from takeoff_queue.settings import QueueSettings
+from takeoff_server.run_tokens import MAX_SIGNED_TOKEN_CHARS, RunTokenSigner
+from tests.registry.conftest import Registry, failure
+from tests.registry.test_keys import (
+    DENIED,
+    INVALID,
+    ITEM,
+    REVOCATION_BOUND,
+    RUN,
+    As,
+    create_key,
+    image_version,
+    project_key,
+    refused_within,
+)
+
+QUEUE_KEY = keys_pb2.Key(kind=keys_pb2.KEY_KIND_SERVICE, service=keys_pb2.SERVICE_ROLE_QUEUE)
+
+
+async def registered(registry: Registry, signer: RunTokenSigner, secret: str) -> keys_pb2.RunTokenSigner:
+    async with As(registry, secret) as queue:
+        request = keys_pb2.CreateRunTokenSignerRequest(public_key=signer.public_key)
+        return (await queue.keys.CreateRunTokenSigner(request)).signer
+
+
+def signed(
+    signer: RunTokenSigner,
+    signer_name: str,
+    *,
+    job_version: str,
+    run: str = RUN,
+    item: str = ITEM,
+    secrets: Sequence[str] = (),
+) -> str:
+    token = signer.sign(
+        signer_name.removeprefix("runTokenSigners/"),
+        run=run,
+        item=item,
+        job_version=job_version,
+        secrets=list(secrets),
+        issue_time=datetime.now(UTC),
+    )
+    assert token is not None
+    return token
+
+
+async def valid(registry: Registry, token: str) -> bool:
+    return (await registry.keys.VerifyKey(keys_pb2.VerifyKeyRequest(secret=token))).valid
+
+
+async def test_a_signed_run_token_writes_its_run_only_and_is_refused_for_good_once_its_run_is_revoked(
+    registry: Registry,
+) -> None:
+    version = await image_version(registry)
+    queue_key = await create_key(registry, QUEUE_KEY)
+    signer = RunTokenSigner()
+    registration = await registered(registry, signer, queue_key.secret)
+    assert registration.name.startswith("runTokenSigners/signer-")
+    assert (registration.public_key, registration.creator) == (signer.public_key, queue_key.key.name)
+    token = signed(signer, registration.name, job_version=version, secrets=["projects/demo/secrets/HF_TOKEN"])
+
+    verified = await registry.keys.VerifyKey(keys_pb2.VerifyKeyRequest(secret=token))
+    assert verified.valid
+    key = verified.key
+    assert (key.kind, key.run, key.item, key.job_version) == (keys_pb2.KEY_KIND_RUN, RUN, ITEM, version)
+    assert key.name.startswith("keys/run-")
+    assert key.creator == queue_key.key.name
+    assert key.permissions == [
+        "artifacts.read on projects/demo",
+        f"artifacts.write on {RUN}",
+        f"jobs.read on {version}",
+        f"runs.read on {RUN}",
+        f"runs.write on {RUN}",
+        "secrets.access on projects/demo/secrets/HF_TOKEN",
+    ]
+    async with As(registry, token) as job:
+        created = await job.runs.CreateRun(
+            runs_pb2.CreateRunRequest(
+                parent="projects/demo", run_id="run-1", run=runs_pb2.Run(job_version=version)
+            )
+        )
+        assert created.run.name == RUN
+        await job.runs.AppendLogs(
+            runs_pb2.AppendLogsRequest(name=RUN, lines=[runs_pb2.LogLine(text="training")])
+        )
+        another = job.runs.CreateRun(runs_pb2.CreateRunRequest(parent="projects/demo", run_id="run-2"))
+        assert (await failure(another)).code == DENIED
+
+        await registry.keys.RevokeRunTokens(keys_pb2.RevokeRunTokensRequest(run=RUN))
+        assert not await valid(registry, token)
+        refused, took = await refused_within(
+            lambda: job.runs.GetRun(runs_pb2.GetRunRequest(name=RUN)), REVOCATION_BOUND
+        )
+    assert refused.reason == "KEY_INVALID"
+    assert took < REVOCATION_BOUND
+    # Attempts never share a run: a token signed for a revoked run later is no token either.
+    assert not await valid(registry, signed(signer, registration.name, job_version=version))
+    # Another run's token from the same signer is untouched.
+    assert await valid(
+        registry, signed(signer, registration.name, run="projects/demo/runs/run-3", job_version=version)
+    )
+
+
+async def test_a_token_is_refused_when_forged_altered_over_broad_or_its_signers_key_is_revoked(
+    registry: Registry,
+) -> None:
+    version = await image_version(registry)
+    queue_key = await create_key(registry, QUEUE_KEY)
+    signer = RunTokenSigner()
+    name = (await registered(registry, signer, queue_key.secret)).name
+    signer_id = name.removeprefix("runTokenSigners/")
+    token = signed(signer, name, job_version=version)
+    assert await valid(registry, token)
+
+    claims_text, signature_text = token.removeprefix(f"tko_{signer_id}_").split(".")
+    claims = keys_pb2.RunTokenClaims.FromString(
+        base64.urlsafe_b64decode(claims_text + "=" * (-len(claims_text) % 4))
+    )
+    claims.run = "projects/demo/runs/someone-elses"
+    altered_text = base64.urlsafe_b64encode(claims.SerializeToString()).rstrip(b"=").decode()
+    refused = {
+        "signed by a key nobody registered": signed(RunTokenSigner(), name, job_version=version),
+        "its claims altered": f"tko_{signer_id}_{altered_text}.{signature_text}",
+        "an unknown signer": token.replace(f"tko_{signer_id}_", "tko_signer-000000000000_"),
+        "its signature cut": token[:-1],
+        "a scope MintRunToken refuses": signed(
+            signer, name, job_version=version, secrets=["projects/other/secrets/HF_TOKEN"]
+        ),
+        "an item that is no item": signed(signer, name, job_version=version, item="gpu/items/1"),
+        "too long": f"tko_{signer_id}_{'A' * MAX_SIGNED_TOKEN_CHARS}.{signature_text}",
+    }
+    for what, forged in refused.items():
+        assert not await valid(registry, forged), what
+        async with As(registry, forged) as job:
+            answer = await failure(job.runs.GetRun(runs_pb2.GetRunRequest(name=RUN)))
+        assert answer.code == grpc.StatusCode.UNAUTHENTICATED, what
+
+    await registry.keys.RevokeKey(keys_pb2.RevokeKeyRequest(name=queue_key.key.name))
+    assert not await valid(registry, token)  # whoever stole the queue's key signs nothing valid after
+
+
+async def test_only_a_key_that_may_mint_everywhere_registers_a_signer_and_only_an_ed25519_key(
+    registry: Registry,
+) -> None:
+    public_key = RunTokenSigner().public_key
+    writer = await create_key(registry, project_key("projects/demo"))
+    agent = await create_key(
+        registry, keys_pb2.Key(kind=keys_pb2.KEY_KIND_AGENT, queues=["projects/demo/queues/gpu"])
+    )
+    for secret in (writer.secret, agent.secret):
+        async with As(registry, secret) as caller:
+            request = keys_pb2.CreateRunTokenSignerRequest(public_key=public_key)
+            assert (await failure(caller.keys.CreateRunTokenSigner(request))).code == DENIED
+    async with As(registry, None) as anonymous:
+        request = keys_pb2.CreateRunTokenSignerRequest(public_key=public_key)
+        assert (
+            await failure(anonymous.keys.CreateRunTokenSigner(request))
+        ).code == grpc.StatusCode.UNAUTHENTICATED
+
+    for bad in (b"", b"\x01" * 31, b"\x01" * 33):
+        answer = await failure(
+            registry.keys.CreateRunTokenSigner(keys_pb2.CreateRunTokenSignerRequest(public_key=bad))
+        )
+        assert (answer.code, answer.reason, answer.fields) == (INVALID, "ARGUMENT_INVALID", ["public_key"])
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_the_queues_client_signs_and_mints_only_a_scope_too_long_to_sign(
+    registry: Registry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    version = await image_version(registry)
+    queue_key = await create_key(registry, QUEUE_KEY)
+    monkeypatch.delenv("TAKEOFF_API_KEY", raising=False)  # the environment would win over the queue's key
+    client = QueueRegistryClient(registry.address, QueueSettings(api_key=SecretStr(queue_key.secret)))
+    try:
+        short = await client.mint_run_token(RUN, ITEM, version, ["projects/demo/secrets/HF_TOKEN"])
+        many = [f"projects/demo/secrets/S{index:02d}-{'x' * 56}" for index in range(60)]
+        long = await client.mint_run_token("projects/demo/runs/run-2", ITEM, version, many)
+    finally:
+        await client.close()
+    assert "." in short
+    assert len(short) <= MAX_SIGNED_TOKEN_CHARS
+    assert "." not in long  # a stored key's secret, tko_{key id}_{43 characters}
+    for token, run, secrets in ((short, RUN, 1), (long, "projects/demo/runs/run-2", 60)):
+        verified = await registry.keys.VerifyKey(keys_pb2.VerifyKeyRequest(secret=token))
+        assert (verified.valid, verified.key.run, len(verified.key.secrets)) == (True, run, secrets)
+        assert verified.key.creator == queue_key.key.name
+    listed = await registry.keys.ListKeys(keys_pb2.ListKeysRequest(show_run_tokens=True))
+    assert [key.run for key in listed.keys if key.kind == keys_pb2.KEY_KIND_RUN] == [
+        "projects/demo/runs/run-2"
+    ]
