@@ -29,6 +29,13 @@ every call's metadata, whose size gRPC bounds (8 KiB by default)."""
 PUBLIC_KEY_BYTES = 32
 _SIGNED = re.compile(r"tko_([a-z][a-z0-9-]{0,62})_([A-Za-z0-9_-]+)\.([A-Za-z0-9_-]{86})")
 """86 characters: a 64-byte signature."""
+TOKEN_KEY_ID = re.compile(r"run-[0-9a-f]{16}")
+"""The ``key_id`` of a signed token's claims: the name callers see it by, never a stored key's."""
+
+# Ed25519's curve (RFC 8032), for telling a small-order public key, which would verify forged signatures.
+_P = 2**255 - 19
+_D = -121665 * pow(121666, -1, _P) % _P
+_SQRT_MINUS_ONE = pow(2, (_P - 1) // 4, _P)
 
 
 def _encode(data: bytes) -> str:
@@ -36,7 +43,12 @@ def _encode(data: bytes) -> str:
 
 
 def _decode(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    """The bytes of canonical unpadded base64url only: unused low bits set would let one token be written
+    in several ways, each passing the signature check (and a mask or scan for the token's exact text)."""
+    data = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    if _encode(data) != text:
+        raise ValueError("not canonical base64url")
+    return data
 
 
 class Claims(NamedTuple):
@@ -58,12 +70,15 @@ class SignedToken(NamedTuple):
     signature: bytes
 
     def verified_claims(self, public_key: bytes) -> Claims | None:
-        """The claims, when ``public_key`` signed them; None for a forged or damaged token."""
+        """The claims, when ``public_key`` signed them and they name the token as a signed one; None for a
+        forged or damaged token."""
         try:
             Ed25519PublicKey.from_public_bytes(public_key).verify(self.signature, self.claims)
             claims = keys_pb2.RunTokenClaims.FromString(self.claims)
         except (InvalidSignature, ValueError, DecodeError):
             return None
+        if not TOKEN_KEY_ID.fullmatch(claims.key_id):
+            return None  # a signer names its tokens as RunTokenSigner.sign does, never as another key
         return Claims(
             claims.key_id,
             claims.run,
@@ -85,11 +100,41 @@ def read_signed(secret: str) -> SignedToken | None:
 
 
 def valid_public_key(public_key: bytes) -> bool:
-    try:
-        Ed25519PublicKey.from_public_bytes(public_key)
-    except ValueError:
+    """Whether ``public_key`` is an Ed25519 public key a signature can be checked against: 32 bytes that
+    decode to a point of the curve outside its small subgroup (a small-order key verifies signatures that
+    nobody made, such as R = identity, S = 0, for every message)."""
+    if len(public_key) != PUBLIC_KEY_BYTES:
         return False
-    return True
+    point = _decoded_point(public_key)
+    if point is None:
+        return False
+    for _ in range(3):  # times the cofactor, 8
+        point = _added(point, point)
+    return point != (0, 1)
+
+
+def _decoded_point(encoded: bytes) -> tuple[int, int] | None:
+    """RFC 8032 §5.1.3; None when the bytes are no point of the curve."""
+    number = int.from_bytes(encoded, "little")
+    y, x_is_odd = number & ((1 << 255) - 1), number >> 255
+    if y >= _P:
+        return None
+    x_squared = (y * y - 1) * pow(_D * y * y + 1, -1, _P) % _P
+    x = pow(x_squared, (_P + 3) // 8, _P)
+    if (x * x - x_squared) % _P:
+        x = x * _SQRT_MINUS_ONE % _P
+    if (x * x - x_squared) % _P or (x == 0 and x_is_odd):
+        return None
+    return (_P - x if x & 1 != x_is_odd else x), y
+
+
+def _added(first: tuple[int, int], second: tuple[int, int]) -> tuple[int, int]:
+    """The sum of two points: the twisted Edwards addition law (a = -1), complete on this curve."""
+    (x1, y1), (x2, y2) = first, second
+    product = _D * x1 * x2 * y1 * y2 % _P
+    x = (x1 * y2 + y1 * x2) * pow(1 + product, -1, _P) % _P
+    y = (y1 * y2 + x1 * x2) * pow(1 - product, -1, _P) % _P
+    return x, y
 
 
 class RunTokenSigner:

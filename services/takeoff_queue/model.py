@@ -321,7 +321,7 @@ class Assignment:
     start_deadline: datetime | None
     """None: the queue's start timeout is unlimited (slurm queues by default)."""
     run_token: str = field(default="", repr=False)
-    """The attempt's run token (KeyService.MintRunToken); never stored or logged."""
+    """The attempt's run token (signed by the queue, docs/design.md §13); never stored or logged."""
     secrets: tuple[SecretMount, ...] = ()
     """The queue's mounts, then the item's (:func:`merged_mounts`)."""
 

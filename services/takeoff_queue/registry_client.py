@@ -12,6 +12,7 @@ the queue. Closing a run answers nobody: its outbox retries it (``takeoff_queue.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
@@ -35,6 +36,8 @@ CLOSE_TIMEOUT_SECONDS = 5.0
 TOKEN_TIMEOUT_SECONDS = 5.0
 """One try of a signer's registration or a mint (the item waits, PENDING, and is tried again) or of a
 revocation (its outbox retries)."""
+REGISTER_AGAIN_SECONDS = 60.0
+"""How long a queue mints every token after a registry answered that it knows no signers."""
 
 
 class Registry:
@@ -52,6 +55,8 @@ class Registry:
         self._signer_id = ""
         """Set once the registry knows the signer's public key."""
         self._registering = asyncio.Lock()
+        self._unsigned_until = 0.0
+        """Monotonic time until which tokens are minted, the registry not knowing signers."""
 
     async def resolve(self, project: str, reference: str) -> ResolvedJob:
         """The version ``reference`` names in ``project``. One named by its number is asked for once and
@@ -131,7 +136,7 @@ class Registry:
         the signer is registered; minted by the registry (KeyService.MintRunToken) when its scope is too
         long to travel signed."""
         signer_id = await self._registered_signer()
-        token = self._signer.sign(
+        token = signer_id and self._signer.sign(
             signer_id,
             run=run,
             item=item,
@@ -139,7 +144,7 @@ class Registry:
             secrets=list(secrets),
             issue_time=datetime.now(UTC),
         )
-        if token is not None:
+        if token:
             return token
         request = keys_pb2.MintRunTokenRequest(run=run, item=item, job_version=job_version, secrets=secrets)
         try:
@@ -149,16 +154,22 @@ class Registry:
         return response.secret
 
     async def _registered_signer(self) -> str:
-        """The signer's id, registering its public key first (once: concurrent mints wait for that one)."""
-        if self._signer_id:
+        """The signer's id, registering its public key first (once: concurrent mints wait for that one).
+        Empty while the registry is a version from before signed tokens (UNIMPLEMENTED), which a rolling
+        upgrade may leave for a while: tokens are minted there meanwhile, and the registration is tried
+        again after :data:`REGISTER_AGAIN_SECONDS`."""
+        if self._signer_id or time.monotonic() < self._unsigned_until:
             return self._signer_id
         async with self._registering:
-            if not self._signer_id:
+            if not self._signer_id and time.monotonic() >= self._unsigned_until:
                 request = keys_pb2.CreateRunTokenSignerRequest(public_key=self._signer.public_key)
                 try:
                     response = await self._keys.CreateRunTokenSigner(request, timeout=TOKEN_TIMEOUT_SECONDS)
                 except grpc.aio.AioRpcError as error:
-                    raise self._token_call_failed(error) from None
+                    if error.code() != grpc.StatusCode.UNIMPLEMENTED:
+                        raise self._token_call_failed(error) from None
+                    self._unsigned_until = time.monotonic() + REGISTER_AGAIN_SECONDS
+                    return ""
                 self._signer_id = response.signer.name.removeprefix("runTokenSigners/")
         return self._signer_id
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 WHOLE_TOKEN = re.compile(
-    rb"tko_[a-z0-9-]+_(?:[A-Za-z0-9_-]{43}|[A-Za-z0-9_-]+\.[A-Za-z0-9_-]{86})(?![A-Za-z0-9_-])"
+    rb"tko_[a-z0-9-]+_(?:[A-Za-z0-9_-]+\.[A-Za-z0-9_-]{86}|[A-Za-z0-9_-]{43})(?![A-Za-z0-9_-])"
 )
 """A whole key or run token: ``tko_{key id}_{43 random characters}``, or a run token the queue signed,
 ``tko_{signer}_{claims}.{signature}``; a ``secret_hint`` (``tko_{key id}_``) is not one."""

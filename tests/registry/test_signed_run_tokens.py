@@ -11,6 +11,8 @@ from datetime import UTC, datetime
 
 import grpc
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from pydantic import SecretStr
 
 from takeoff.v1 import keys_pb2, runs_pb2
@@ -59,6 +61,10 @@ def signed(
     )
     assert token is not None
     return token
+
+
+def encoded(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
 async def valid(registry: Registry, token: str) -> bool:
@@ -134,12 +140,31 @@ async def test_a_token_is_refused_when_forged_altered_over_broad_or_its_signers_
         base64.urlsafe_b64decode(claims_text + "=" * (-len(claims_text) % 4))
     )
     claims.run = "projects/demo/runs/someone-elses"
-    altered_text = base64.urlsafe_b64encode(claims.SerializeToString()).rstrip(b"=").decode()
+    altered_text = encoded(claims.SerializeToString())
+    # The signature's last character carries 4 unused bits: another character with the same 2 used ones
+    # decodes to the same signature, a second spelling of the token.
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    respelled = token[:-1] + alphabet[alphabet.index(token[-1]) ^ 1]
+    # A registered signer that names its token as another key (the bootstrap admin) is refused too.
+    private_key = Ed25519PrivateKey.generate()
+    own_key = private_key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+    async with As(registry, queue_key.secret) as queue:
+        request = keys_pb2.CreateRunTokenSignerRequest(public_key=own_key)
+        own_id = (await queue.keys.CreateRunTokenSigner(request)).signer.name.removeprefix("runTokenSigners/")
+    claims = keys_pb2.RunTokenClaims(key_id="bootstrap-admin", run=RUN, item=ITEM, job_version=version)
+    claims_bytes = claims.SerializeToString()
+    as_admin = f"tko_{own_id}_{encoded(claims_bytes)}.{encoded(private_key.sign(claims_bytes))}"
+    claims.key_id = "run-0123456789abcdef"
+    claims_bytes = claims.SerializeToString()
+    well_named = f"tko_{own_id}_{encoded(claims_bytes)}.{encoded(private_key.sign(claims_bytes))}"
+    assert await valid(registry, well_named)
     refused = {
         "signed by a key nobody registered": signed(RunTokenSigner(), name, job_version=version),
         "its claims altered": f"tko_{signer_id}_{altered_text}.{signature_text}",
         "an unknown signer": token.replace(f"tko_{signer_id}_", "tko_signer-000000000000_"),
         "its signature cut": token[:-1],
+        "its signature spelled another way": respelled,
+        "named as another key": as_admin,
         "a scope MintRunToken refuses": signed(
             signer, name, job_version=version, secrets=["projects/other/secrets/HF_TOKEN"]
         ),
@@ -174,7 +199,8 @@ async def test_only_a_key_that_may_mint_everywhere_registers_a_signer_and_only_a
             await failure(anonymous.keys.CreateRunTokenSigner(request))
         ).code == grpc.StatusCode.UNAUTHENTICATED
 
-    for bad in (b"", b"\x01" * 31, b"\x01" * 33):
+    identity = b"\x01" + b"\x00" * 31  # small order: R = identity, S = 0 would verify for every message
+    for bad in (b"", b"\x01" * 31, b"\x01" * 33, identity, b"\x00" * 32):
         answer = await failure(
             registry.keys.CreateRunTokenSigner(keys_pb2.CreateRunTokenSignerRequest(public_key=bad))
         )

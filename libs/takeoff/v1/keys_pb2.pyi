@@ -150,7 +150,9 @@ class Key(_message.Message):
     job_version: _builtins.str
     """Run tokens: output only, the job version the attempt runs."""
     secret_hint: _builtins.str
-    """Output only. The start of the secret (`tko_` and the key id), to recognise a key without its secret."""
+    """Output only. The start of the secret (`tko_` and the key id; a signed run token's, `tko_` and its
+    signer's id), to recognise a key without its secret.
+    """
     creator: _builtins.str
     """Output only. Who created the key: a key name, or `bootstrap` for the first admin key."""
     @_builtins.property

@@ -2315,8 +2315,8 @@ class LeaseResponse(_message.Message):
         container_name: _builtins.str
         """kubernetes only: the queue's container_name; empty = the first container."""
         run_token: _builtins.str
-        """The attempt's run token (KeyService.MintRunToken): the agent writes the run with it and gives it to
-        the job as TAKEOFF_TOKEN. Revoked by the queue when the attempt ends.
+        """The attempt's run token (signed by the queue, or KeyService.MintRunToken): the agent writes the run
+        with it and gives it to the job as TAKEOFF_TOKEN. Revoked by the queue when the attempt ends.
         """
         @_builtins.property
         def item(self) -> Global___Item:
