@@ -131,20 +131,26 @@ class Registry:
             exit_code=closed.exit_code if closed.HasField("exit_code") else None,
         )
 
-    async def mint_run_token(self, run: str, item: str, job_version: str, secrets: Sequence[str]) -> str:
-        """The run token of one attempt, handed to its agent and never kept: signed here, with no call once
-        the signer is registered; minted by the registry (KeyService.MintRunToken) when its scope is too
-        long to travel signed."""
-        signer_id = await self._registered_signer()
-        token = signer_id and self._signer.sign(
-            signer_id,
+    def signed_run_token(self, run: str, item: str, job_version: str, secrets: Sequence[str]) -> str | None:
+        """The run token of one attempt, signed here with no call; None before the signer is registered
+        (:meth:`mint_run_token` registers it) or for a scope too long to travel signed."""
+        if not self._signer_id:
+            return None
+        return self._signer.sign(
+            self._signer_id,
             run=run,
             item=item,
             job_version=job_version,
             secrets=list(secrets),
             issue_time=datetime.now(UTC),
         )
-        if token:
+
+    async def mint_run_token(self, run: str, item: str, job_version: str, secrets: Sequence[str]) -> str:
+        """The run token of one attempt, handed to its agent and never kept: signed, once the signer is
+        registered; minted by the registry (KeyService.MintRunToken) when its scope is too long to travel
+        signed."""
+        await self._registered_signer()
+        if (token := self.signed_run_token(run, item, job_version, secrets)) is not None:
             return token
         request = keys_pb2.MintRunTokenRequest(run=run, item=item, job_version=job_version, secrets=secrets)
         try:

@@ -206,6 +206,10 @@ class TokenCallFailed(Exception):
 
 
 class RunTokens(Protocol):
+    def signed_run_token(self, run: str, item: str, job_version: str, secrets: Sequence[str]) -> str | None:
+        """A run token made at once, with no call; None when it needs one (:meth:`mint_run_token`)."""
+        ...
+
     async def mint_run_token(self, run: str, item: str, job_version: str, secrets: Sequence[str]) -> str:
         """A new run token's secret. Raises :class:`TokenCallFailed`."""
         ...
