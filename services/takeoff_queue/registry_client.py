@@ -179,10 +179,10 @@ class Registry:
                 self._signer_id = response.signer.name.removeprefix("runTokenSigners/")
         return self._signer_id
 
-    async def revoke_run_tokens(self, run: str) -> None:
+    async def revoke_run_tokens(self, runs: Sequence[str]) -> None:
         try:
-            await self._keys.RevokeRunTokens(
-                keys_pb2.RevokeRunTokensRequest(run=run), timeout=TOKEN_TIMEOUT_SECONDS
+            await self._keys.BatchRevokeRunTokens(
+                keys_pb2.BatchRevokeRunTokensRequest(runs=runs), timeout=TOKEN_TIMEOUT_SECONDS
             )
         except grpc.aio.AioRpcError as error:
             raise self._token_call_failed(error) from None

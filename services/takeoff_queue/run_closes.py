@@ -37,6 +37,8 @@ BACKOFF_CAP_SECONDS = 10.0
 """The longest wait between two tries of one close: a registry back from an outage closes every run
 within about this much."""
 CLAIM_BATCH = 32
+REVOCATION_BATCH = 256
+"""Runs revoked by one BatchRevokeRunTokens call (the registry takes up to 1000)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,8 +216,8 @@ class RunTokens(Protocol):
         """A new run token's secret. Raises :class:`TokenCallFailed`."""
         ...
 
-    async def revoke_run_tokens(self, run: str) -> None:
-        """Revoke every token of ``run`` (idempotent). Raises :class:`TokenCallFailed`."""
+    async def revoke_run_tokens(self, runs: Sequence[str]) -> None:
+        """Revoke every token of ``runs`` (idempotent), in one call. Raises :class:`TokenCallFailed`."""
         ...
 
 
@@ -228,7 +230,7 @@ class RevocationStore(Protocol):
         self, revocation: Revocation, next_try_time: datetime, error: str
     ) -> None: ...
 
-    async def token_revoked(self, revocation: Revocation) -> None: ...
+    async def tokens_revoked(self, revocations: Sequence[Revocation]) -> None: ...
 
     async def next_token_revocation_time(self) -> datetime | None: ...
 
@@ -255,23 +257,30 @@ class TokenRevoker(_Drainer):
         return await self._store.next_token_revocation_time()
 
     async def drain_due(self) -> int:
+        """Revoke the due runs' tokens in one registry call (BatchRevokeRunTokens), which succeeds or fails
+        for all of them: one call per batch, not per ended attempt."""
         now = self._clock()
-        claimed = await self._store.claim_token_revocations(now, now + CLAIM_HOLD, CLAIM_BATCH)
-        await asyncio.gather(*(self._revoke(revocation) for revocation in claimed))
-        return len(claimed)
-
-    async def _revoke(self, revocation: Revocation) -> None:
+        claimed = await self._store.claim_token_revocations(now, now + CLAIM_HOLD, REVOCATION_BATCH)
+        if not claimed:
+            return 0
         try:
-            await self._tokens.revoke_run_tokens(revocation.run)
+            await self._tokens.revoke_run_tokens([revocation.run for revocation in claimed])
         except TokenCallFailed as error:
-            delay = backoff(revocation.tries + 1, self._rng)
+            why = str(error)[:1000]
+            await asyncio.gather(
+                *(
+                    self._store.retry_token_revocation(
+                        revocation, self._clock() + backoff(revocation.tries + 1, self._rng), why
+                    )
+                    for revocation in claimed
+                )
+            )
             logger.info(
-                "revoking the tokens of run %s failed (try %d), again in %s: %s",
-                revocation.run,
-                revocation.tries + 1,
-                delay,
+                "revoking the tokens of %d runs (%s first) failed, again after a back-off: %s",
+                len(claimed),
+                claimed[0].run,
                 error,
             )
-            await self._store.retry_token_revocation(revocation, self._clock() + delay, str(error)[:1000])
-            return
-        await self._store.token_revoked(revocation)
+            return len(claimed)
+        await self._store.tokens_revoked(claimed)
+        return len(claimed)

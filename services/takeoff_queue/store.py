@@ -211,8 +211,8 @@ _SAVE_ITEM = items.update().where(
 _INSERT_ITEM = items.insert()
 _INSERT_TRANSITIONS = transitions.insert()
 _INSERT_TOKEN_REVOCATIONS = token_revocations.insert()
-_DELETE_TOKEN_REVOCATION = token_revocations.delete().where(
-    token_revocations.c.id == sa.bindparam("where_id")
+_DELETE_TOKEN_REVOCATIONS = token_revocations.delete().where(
+    token_revocations.c.id.in_(sa.bindparam("where_ids", expanding=True))
 )
 _QUEUE_EXISTS = sa.select(queues.c.name).where(queues.c.name == sa.bindparam("where_name"))
 _QUEUE_EXISTS_KEY_SHARE = _QUEUE_EXISTS.with_for_update(key_share=True)
@@ -476,8 +476,8 @@ class QueueWrite:
             .values(next_try_time=next_try_time, tries=revocation.tries + 1, last_error=error)
         )
 
-    async def delete_token_revocation(self, revocation_id: int) -> None:
-        await self._connection.execute(_DELETE_TOKEN_REVOCATION, {"where_id": revocation_id})
+    async def delete_token_revocations(self, revocation_ids: Sequence[int]) -> None:
+        await self._connection.execute(_DELETE_TOKEN_REVOCATIONS, {"where_ids": revocation_ids})
 
     async def insert_run_closes(self, closes: Sequence[RunClose], now: datetime) -> list[RunClose]:
         """Put runs in the outbox, due at once; returns them with their row ids. Their attempts are over,
@@ -712,9 +712,9 @@ class QueueStore:
 
         await self.write(postpone)
 
-    async def token_revoked(self, revocation: Revocation) -> None:
+    async def tokens_revoked(self, revocations: Sequence[Revocation]) -> None:
         async def forget(tx: QueueWrite) -> None:
-            await tx.delete_token_revocation(revocation.id)
+            await tx.delete_token_revocations([revocation.id for revocation in revocations])
 
         await self.write(forget)
 

@@ -111,6 +111,7 @@ KEY_SERVICE: AccessRules = {
     "VerifyKey": needs(Permission.KEYS_VERIFY, constant(KEYS)),
     "MintRunToken": needs(Permission.TOKENS_MINT, fields("run")),
     "RevokeRunTokens": needs(Permission.TOKENS_MINT, fields("run")),
+    "BatchRevokeRunTokens": needs(Permission.TOKENS_MINT, fields("runs")),
     "CreateRunTokenSigner": needs(Permission.TOKENS_MINT, constant(RUN_TOKEN_SIGNERS)),
 }
 

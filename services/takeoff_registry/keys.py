@@ -48,6 +48,8 @@ SIGNER = ResourcePattern("runTokenSigners/{signer}", signer=KEY_ID_PATTERN.patte
 
 MAX_DISPLAY_NAME = 200
 MAX_SCOPE_NAMES = 100
+MAX_REVOKED_RUNS = 1000
+"""Runs of one BatchRevokeRunTokens."""
 """Projects of a project key, queues of an agent key, secrets of a run token."""
 SECRET_PREFIX = "tko_"
 MIN_BOOTSTRAP_SECRET_CHARS = 32
@@ -140,8 +142,9 @@ class KeyStore(Protocol):
         """Set the revoke time unless set; the key after that, None when there is no such key."""
         ...
 
-    async def revoke_run_tokens(self, run: str, now: datetime) -> int:
-        """Revoke the tokens of ``run`` for good, the signed ones included; how many stored ones were live."""
+    async def revoke_run_tokens(self, runs: Sequence[str], now: datetime) -> int:
+        """Revoke the tokens of ``runs`` for good, the signed ones included, in one transaction; how many
+        stored ones were live."""
         ...
 
     async def insert_signer(self, signer: Signer) -> bool:
@@ -423,7 +426,17 @@ class Keys:
 
     async def revoke_run_tokens(self, run: str) -> int:
         RUN.parse(run, field="run")
-        return await self._store.revoke_run_tokens(run, _now())
+        return await self._store.revoke_run_tokens([run], _now())
+
+    async def batch_revoke_run_tokens(self, runs: Sequence[str]) -> int:
+        problems = Problems()
+        if not 1 <= len(runs) <= MAX_REVOKED_RUNS:
+            problems.add("ARGUMENT_INVALID", "runs", f"must name 1-{MAX_REVOKED_RUNS} runs (got {len(runs)})")
+        for index, run in enumerate(runs[:MAX_REVOKED_RUNS]):
+            with problems.collect():
+                RUN.parse(run, field=f"runs[{index}]")
+        problems.raise_if_any()
+        return await self._store.revoke_run_tokens(list(dict.fromkeys(runs)), _now())
 
     async def bootstrap_admin(self, path: Path) -> tuple[Key, bool]:
         """Make the admin key whose secret ``path`` holds, unless it exists (any id, live or revoked: a

@@ -140,3 +140,13 @@ class KeyApi(keys_pb2_grpc.KeyServiceServicer):
     ) -> keys_pb2.CreateRunTokenSignerResponse:
         signer = await self._keys.create_run_token_signer(request.public_key)
         return keys_pb2.CreateRunTokenSignerResponse(signer=signer_to_proto(signer))
+
+    async def BatchRevokeRunTokens(
+        self,
+        request: keys_pb2.BatchRevokeRunTokensRequest,
+        context: grpc.aio.ServicerContext[
+            keys_pb2.BatchRevokeRunTokensRequest, keys_pb2.BatchRevokeRunTokensResponse
+        ],
+    ) -> keys_pb2.BatchRevokeRunTokensResponse:
+        revoked = await self._keys.batch_revoke_run_tokens(list(request.runs))
+        return keys_pb2.BatchRevokeRunTokensResponse(revoked=revoked)

@@ -9,6 +9,7 @@ public key it is checked with, and a revoked run's row outlives every token of t
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
@@ -100,7 +101,7 @@ _REVOKE = keys.update().where(keys.c.key_id == sa.bindparam("where_key_id"), key
 _REVOKE_RUN_TOKENS = (
     keys.update()
     .where(
-        keys.c.run == sa.bindparam("where_run"),
+        keys.c.run.in_(sa.bindparam("where_runs", expanding=True)),
         keys.c.kind == KeyKind.RUN.name,
         keys.c.revoke_time.is_(None),
     )
@@ -180,10 +181,10 @@ class SqlKeyStore:
             row = (await connection.execute(_BY_ID, {"where_key_id": key_id})).mappings().first()
             return _key(row) if row is not None else None
 
-    async def revoke_run_tokens(self, run: str, now: datetime) -> int:
+    async def revoke_run_tokens(self, runs: Sequence[str], now: datetime) -> int:
         async with self._store.write_connection() as connection:
-            revoked = await connection.execute(_REVOKE_RUN_TOKENS, {"revoke_time": now, "where_run": run})
-            await connection.execute(_REVOKE_RUN, {"run": run, "revoke_time": now})
+            revoked = await connection.execute(_REVOKE_RUN_TOKENS, {"revoke_time": now, "where_runs": runs})
+            await connection.execute(_REVOKE_RUN, [{"run": run, "revoke_time": now} for run in runs])
             return len(revoked.all())
 
     async def insert_signer(self, signer: Signer) -> bool:

@@ -232,3 +232,42 @@ async def test_the_queues_client_signs_and_mints_only_a_scope_too_long_to_sign(
     assert [key.run for key in listed.keys if key.kind == keys_pb2.KEY_KIND_RUN] == [
         "projects/demo/runs/run-2"
     ]
+
+
+async def test_batch_revoke_run_tokens_revokes_each_run_named_minted_or_signed_in_one_call(
+    registry: Registry,
+) -> None:
+    version = await image_version(registry)
+    queue_key = await create_key(registry, QUEUE_KEY)
+    signer = RunTokenSigner()
+    name = (await registered(registry, signer, queue_key.secret)).name
+    runs = [f"projects/demo/runs/batch-{letter}" for letter in "abcd"]
+    minted = await registry.keys.MintRunToken(
+        keys_pb2.MintRunTokenRequest(run=runs[0], item=ITEM, job_version=version)
+    )
+    tokens = [minted.secret] + [signed(signer, name, run=run, job_version=version) for run in runs[1:]]
+    assert all([await valid(registry, token) for token in tokens])
+
+    request = keys_pb2.BatchRevokeRunTokensRequest(runs=[*runs[:3], runs[1]])
+    assert (await registry.keys.BatchRevokeRunTokens(request)).revoked == 1  # the stored one
+    assert [await valid(registry, token) for token in tokens] == [False, False, False, True]
+    assert (await registry.keys.BatchRevokeRunTokens(request)).revoked == 0  # idempotent
+
+    bad = {
+        "runs": [],
+        "runs[1]": [runs[3], "batch-e"],
+    }
+    for field, named in bad.items():
+        refused = await failure(
+            registry.keys.BatchRevokeRunTokens(keys_pb2.BatchRevokeRunTokensRequest(runs=named))
+        )
+        assert (refused.code, refused.fields) == (INVALID, [field])
+    too_many = keys_pb2.BatchRevokeRunTokensRequest(
+        runs=[f"projects/demo/runs/r{index}" for index in range(1001)]
+    )
+    assert (await failure(registry.keys.BatchRevokeRunTokens(too_many))).fields == ["runs"]
+    writer = await create_key(registry, project_key("projects/demo"))
+    async with As(registry, writer.secret) as caller:
+        request = keys_pb2.BatchRevokeRunTokensRequest(runs=[runs[3]])
+        assert (await failure(caller.keys.BatchRevokeRunTokens(request))).code == DENIED
+    assert await valid(registry, tokens[3])

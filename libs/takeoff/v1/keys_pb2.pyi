@@ -563,7 +563,7 @@ class RevokeRunTokensResponse(_message.Message):
 
     REVOKED_FIELD_NUMBER: _builtins.int
     revoked: _builtins.int
-    """How many live tokens were revoked by this call."""
+    """How many live stored (minted) tokens were revoked by this call; signed ones are not counted."""
     def __init__(
         self,
         *,
@@ -576,6 +576,52 @@ class RevokeRunTokensResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RevokeRunTokensResponse: _TypeAlias = RevokeRunTokensResponse  # noqa: Y015
+
+@_typing.final
+class BatchRevokeRunTokensRequest(_message.Message):
+    """Request of KeyService.BatchRevokeRunTokens."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUNS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def runs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Required. 1-1000 runs, `projects/{p}/runs/{run}`."""
+
+    def __init__(
+        self,
+        *,
+        runs: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["runs", b"runs"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BatchRevokeRunTokensRequest: _TypeAlias = BatchRevokeRunTokensRequest  # noqa: Y015
+
+@_typing.final
+class BatchRevokeRunTokensResponse(_message.Message):
+    """Response of KeyService.BatchRevokeRunTokens."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REVOKED_FIELD_NUMBER: _builtins.int
+    revoked: _builtins.int
+    """How many live stored (minted) tokens were revoked by this call; signed ones are not counted."""
+    def __init__(
+        self,
+        *,
+        revoked: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["revoked", b"revoked"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BatchRevokeRunTokensResponse: _TypeAlias = BatchRevokeRunTokensResponse  # noqa: Y015
 
 @_typing.final
 class RunTokenSigner(_message.Message):

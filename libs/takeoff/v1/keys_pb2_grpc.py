@@ -73,6 +73,11 @@ class KeyServiceStub:
                 request_serializer=takeoff_dot_v1_dot_keys__pb2.RevokeRunTokensRequest.SerializeToString,
                 response_deserializer=takeoff_dot_v1_dot_keys__pb2.RevokeRunTokensResponse.FromString,
                 _registered_method=True)
+        self.BatchRevokeRunTokens = channel.unary_unary(
+                '/takeoff.v1.KeyService/BatchRevokeRunTokens',
+                request_serializer=takeoff_dot_v1_dot_keys__pb2.BatchRevokeRunTokensRequest.SerializeToString,
+                response_deserializer=takeoff_dot_v1_dot_keys__pb2.BatchRevokeRunTokensResponse.FromString,
+                _registered_method=True)
         self.CreateRunTokenSigner = channel.unary_unary(
                 '/takeoff.v1.KeyService/CreateRunTokenSigner',
                 request_serializer=takeoff_dot_v1_dot_keys__pb2.CreateRunTokenSignerRequest.SerializeToString,
@@ -140,9 +145,19 @@ class KeyServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def RevokeRunTokens(self, request, context):
-        """Revokes every token of a run, minted or signed, for good: no token of the run is valid afterwards
-        (every attempt has a run of its own). Idempotent: revoking again, or a run with none, succeeds.
+        """Revokes the run's minted tokens and every token signed for it, for good: a signed token is stored
+        nowhere, so the run's revocation stands (every attempt has a run of its own); a token minted later is
+        a new key. Idempotent: revoking again, or a run with none, succeeds.
         Errors: INVALID_ARGUMENT `NAME_INVALID`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def BatchRevokeRunTokens(self, request, context):
+        """RevokeRunTokens for several runs in one call and one transaction: the queue revokes the runs of the
+        attempts that ended since its last call at once. Idempotent, as RevokeRunTokens.
+        Errors: INVALID_ARGUMENT `NAME_INVALID` / `ARGUMENT_INVALID` (none, or over 1000 runs).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -194,6 +209,11 @@ def add_KeyServiceServicer_to_server(servicer, server):
                     servicer.RevokeRunTokens,
                     request_deserializer=takeoff_dot_v1_dot_keys__pb2.RevokeRunTokensRequest.FromString,
                     response_serializer=takeoff_dot_v1_dot_keys__pb2.RevokeRunTokensResponse.SerializeToString,
+            ),
+            'BatchRevokeRunTokens': grpc.unary_unary_rpc_method_handler(
+                    servicer.BatchRevokeRunTokens,
+                    request_deserializer=takeoff_dot_v1_dot_keys__pb2.BatchRevokeRunTokensRequest.FromString,
+                    response_serializer=takeoff_dot_v1_dot_keys__pb2.BatchRevokeRunTokensResponse.SerializeToString,
             ),
             'CreateRunTokenSigner': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateRunTokenSigner,
@@ -394,6 +414,33 @@ class KeyService:
             '/takeoff.v1.KeyService/RevokeRunTokens',
             takeoff_dot_v1_dot_keys__pb2.RevokeRunTokensRequest.SerializeToString,
             takeoff_dot_v1_dot_keys__pb2.RevokeRunTokensResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BatchRevokeRunTokens(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/takeoff.v1.KeyService/BatchRevokeRunTokens',
+            takeoff_dot_v1_dot_keys__pb2.BatchRevokeRunTokensRequest.SerializeToString,
+            takeoff_dot_v1_dot_keys__pb2.BatchRevokeRunTokensResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -69,9 +69,15 @@ class KeyServiceStub:
     Errors: INVALID_ARGUMENT `NAME_INVALID` / `ARGUMENT_INVALID`.
     """
     RevokeRunTokens: _grpc.UnaryUnaryMultiCallable[_keys_pb2.RevokeRunTokensRequest, _keys_pb2.RevokeRunTokensResponse]
-    """Revokes every token of a run, minted or signed, for good: no token of the run is valid afterwards
-    (every attempt has a run of its own). Idempotent: revoking again, or a run with none, succeeds.
+    """Revokes the run's minted tokens and every token signed for it, for good: a signed token is stored
+    nowhere, so the run's revocation stands (every attempt has a run of its own); a token minted later is
+    a new key. Idempotent: revoking again, or a run with none, succeeds.
     Errors: INVALID_ARGUMENT `NAME_INVALID`.
+    """
+    BatchRevokeRunTokens: _grpc.UnaryUnaryMultiCallable[_keys_pb2.BatchRevokeRunTokensRequest, _keys_pb2.BatchRevokeRunTokensResponse]
+    """RevokeRunTokens for several runs in one call and one transaction: the queue revokes the runs of the
+    attempts that ended since its last call at once. Idempotent, as RevokeRunTokens.
+    Errors: INVALID_ARGUMENT `NAME_INVALID` / `ARGUMENT_INVALID` (none, or over 1000 runs).
     """
     CreateRunTokenSigner: _grpc.UnaryUnaryMultiCallable[_keys_pb2.CreateRunTokenSignerRequest, _keys_pb2.CreateRunTokenSignerResponse]
     """Registers the public key a queue signs run tokens with (docs/design.md §13), so that an attempt's
@@ -117,9 +123,15 @@ class KeyServiceAsyncStub(KeyServiceStub):
     Errors: INVALID_ARGUMENT `NAME_INVALID` / `ARGUMENT_INVALID`.
     """
     RevokeRunTokens: _aio.UnaryUnaryMultiCallable[_keys_pb2.RevokeRunTokensRequest, _keys_pb2.RevokeRunTokensResponse]  # type: ignore[assignment]
-    """Revokes every token of a run, minted or signed, for good: no token of the run is valid afterwards
-    (every attempt has a run of its own). Idempotent: revoking again, or a run with none, succeeds.
+    """Revokes the run's minted tokens and every token signed for it, for good: a signed token is stored
+    nowhere, so the run's revocation stands (every attempt has a run of its own); a token minted later is
+    a new key. Idempotent: revoking again, or a run with none, succeeds.
     Errors: INVALID_ARGUMENT `NAME_INVALID`.
+    """
+    BatchRevokeRunTokens: _aio.UnaryUnaryMultiCallable[_keys_pb2.BatchRevokeRunTokensRequest, _keys_pb2.BatchRevokeRunTokensResponse]  # type: ignore[assignment]
+    """RevokeRunTokens for several runs in one call and one transaction: the queue revokes the runs of the
+    attempts that ended since its last call at once. Idempotent, as RevokeRunTokens.
+    Errors: INVALID_ARGUMENT `NAME_INVALID` / `ARGUMENT_INVALID` (none, or over 1000 runs).
     """
     CreateRunTokenSigner: _aio.UnaryUnaryMultiCallable[_keys_pb2.CreateRunTokenSignerRequest, _keys_pb2.CreateRunTokenSignerResponse]  # type: ignore[assignment]
     """Registers the public key a queue signs run tokens with (docs/design.md §13), so that an attempt's
@@ -204,9 +216,21 @@ class KeyServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _keys_pb2.RevokeRunTokensRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_keys_pb2.RevokeRunTokensResponse, _abc.Awaitable[_keys_pb2.RevokeRunTokensResponse]]:
-        """Revokes every token of a run, minted or signed, for good: no token of the run is valid afterwards
-        (every attempt has a run of its own). Idempotent: revoking again, or a run with none, succeeds.
+        """Revokes the run's minted tokens and every token signed for it, for good: a signed token is stored
+        nowhere, so the run's revocation stands (every attempt has a run of its own); a token minted later is
+        a new key. Idempotent: revoking again, or a run with none, succeeds.
         Errors: INVALID_ARGUMENT `NAME_INVALID`.
+        """
+
+    @_abc_1.abstractmethod
+    def BatchRevokeRunTokens(
+        self,
+        request: _keys_pb2.BatchRevokeRunTokensRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_keys_pb2.BatchRevokeRunTokensResponse, _abc.Awaitable[_keys_pb2.BatchRevokeRunTokensResponse]]:
+        """RevokeRunTokens for several runs in one call and one transaction: the queue revokes the runs of the
+        attempts that ended since its last call at once. Idempotent, as RevokeRunTokens.
+        Errors: INVALID_ARGUMENT `NAME_INVALID` / `ARGUMENT_INVALID` (none, or over 1000 runs).
         """
 
     @_abc_1.abstractmethod
