@@ -12,6 +12,7 @@ the queue. Closing a run answers nobody: its outbox retries it (``takeoff_queue.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -30,6 +31,8 @@ from takeoff_server.remote_errors import domain_error
 from takeoff_server.run_tokens import RunTokenSigner
 from takeoff_server.versions import VersionCache, names_a_numbered_version
 
+logger = logging.getLogger(__name__)
+
 CALL_TIMEOUT_SECONDS = 10.0
 CLOSE_TIMEOUT_SECONDS = 5.0
 """One try of a run close; the outbox tries again after a back-off."""
@@ -37,7 +40,8 @@ TOKEN_TIMEOUT_SECONDS = 5.0
 """One try of a signer's registration or a mint (the item waits, PENDING, and is tried again) or of a
 revocation (its outbox retries)."""
 REGISTER_AGAIN_SECONDS = 60.0
-"""How long a queue mints every token after a registry answered that it knows no signers."""
+"""How long a queue mints every token after a registry answered that it knows no signers; and how often it
+registers its signer again."""
 
 
 class Registry:
@@ -57,6 +61,8 @@ class Registry:
         self._registering = asyncio.Lock()
         self._unsigned_until = 0.0
         """Monotonic time until which tokens are minted, the registry not knowing signers."""
+        self._register_again_at = 0.0
+        self._registering_again: asyncio.Task[None] | None = None
 
     async def resolve(self, project: str, reference: str) -> ResolvedJob:
         """The version ``reference`` names in ``project``. One named by its number is asked for once and
@@ -133,9 +139,13 @@ class Registry:
 
     def signed_run_token(self, run: str, item: str, job_version: str, secrets: Sequence[str]) -> str | None:
         """The run token of one attempt, signed here with no call; None before the signer is registered
-        (:meth:`mint_run_token` registers it) or for a scope too long to travel signed."""
+        (:meth:`mint_run_token` registers it) or for a scope too long to travel signed. The signer is
+        registered again every :data:`REGISTER_AGAIN_SECONDS` on the side (the same id: a no-op), so that
+        a registry restored from a backup taken before the registration knows it again within that time."""
         if not self._signer_id:
             return None
+        if time.monotonic() >= self._register_again_at and self._registering_again is None:
+            self._registering_again = asyncio.get_running_loop().create_task(self._register_again())
         return self._signer.sign(
             self._signer_id,
             run=run,
@@ -177,7 +187,19 @@ class Registry:
                     self._unsigned_until = time.monotonic() + REGISTER_AGAIN_SECONDS
                     return ""
                 self._signer_id = response.signer.name.removeprefix("runTokenSigners/")
+                self._register_again_at = time.monotonic() + REGISTER_AGAIN_SECONDS
         return self._signer_id
+
+    async def _register_again(self) -> None:
+        self._register_again_at = time.monotonic() + REGISTER_AGAIN_SECONDS
+        request = keys_pb2.CreateRunTokenSignerRequest(public_key=self._signer.public_key)
+        try:
+            await self._keys.CreateRunTokenSigner(request, timeout=TOKEN_TIMEOUT_SECONDS)
+        except grpc.aio.AioRpcError as error:
+            remote = decode_rpc_error(error, target=self.address)
+            logger.info("registering the run token signer again failed (%s); again later", remote.reason)
+        finally:
+            self._registering_again = None
 
     async def revoke_run_tokens(self, runs: Sequence[str]) -> None:
         try:
@@ -192,4 +214,6 @@ class Registry:
         return TokenCallFailed(f"{remote.code.name} {remote.reason}: {remote.message}")
 
     async def close(self) -> None:
+        if self._registering_again is not None:
+            self._registering_again.cancel()
         await self._channel.close()

@@ -13,6 +13,7 @@ signature checks, the key that registered its signer is live, and its run's toke
 
 from __future__ import annotations
 
+import hashlib
 import re
 import secrets as random_secrets
 from collections.abc import Sequence
@@ -411,7 +412,9 @@ class Keys:
         return await self._insert(scope, key_id="", display_name=f"run token of {run}", item=item)
 
     async def create_run_token_signer(self, public_key: bytes) -> Signer:
-        """Register a queue's Ed25519 public key; the tokens it signs are valid while the caller's key is."""
+        """Register a queue's Ed25519 public key; the tokens it signs are valid while the caller's key is.
+        The signer's id is the key's digest, so registering it again is the signer as stored: a queue
+        re-registers now and then, which puts its signer back into a database restored from before it."""
         problems = Problems()
         if not valid_public_key(public_key):
             why = f"must be an Ed25519 public key, 32 raw bytes (got {len(public_key)} bytes)"
@@ -419,10 +422,15 @@ class Keys:
         problems.raise_if_any()
         caller = caller_var.get()
         creator_key_id = caller.name.removeprefix("keys/") if caller is not None else ""
-        while True:
-            signer = Signer(f"signer-{random_secrets.token_hex(6)}", public_key, creator_key_id, _now())
-            if await self._store.insert_signer(signer):
-                return signer
+        signer = Signer(
+            f"signer-{hashlib.sha256(public_key).hexdigest()[:16]}", public_key, creator_key_id, _now()
+        )
+        if await self._store.insert_signer(signer):
+            return signer
+        stored = await self._store.signer(signer.signer_id)
+        assert stored is not None, "signers are never deleted"
+        assert stored.public_key == public_key, "two keys whose SHA-256 digests share 64 bits"
+        return stored
 
     async def revoke_run_tokens(self, run: str) -> int:
         RUN.parse(run, field="run")

@@ -11,14 +11,17 @@ from datetime import UTC, datetime
 
 import grpc
 import pytest
+import sqlalchemy as sa
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from pydantic import SecretStr
 
 from takeoff.v1 import keys_pb2, runs_pb2
+from takeoff_queue import registry_client
 from takeoff_queue.registry_client import Registry as QueueRegistryClient
 from takeoff_queue.settings import QueueSettings
 from takeoff_server.run_tokens import MAX_SIGNED_TOKEN_CHARS, RunTokenSigner
+from tests.processes import until
 from tests.registry.conftest import Registry, failure
 from tests.registry.test_keys import (
     DENIED,
@@ -271,3 +274,40 @@ async def test_batch_revoke_run_tokens_revokes_each_run_named_minted_or_signed_i
         request = keys_pb2.BatchRevokeRunTokensRequest(runs=[runs[3]])
         assert (await failure(caller.keys.BatchRevokeRunTokens(request))).code == DENIED
     assert await valid(registry, tokens[3])
+
+
+async def test_the_queues_client_registers_its_signer_again_so_a_registry_restored_from_before_knows_it(
+    registry: Registry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    version = await image_version(registry)
+    queue_key = await create_key(registry, QUEUE_KEY)
+    monkeypatch.delenv("TAKEOFF_API_KEY", raising=False)  # the environment would win over the queue's key
+    monkeypatch.setattr(registry_client, "REGISTER_AGAIN_SECONDS", 0.0)
+    client = QueueRegistryClient(registry.address, QueueSettings(api_key=SecretStr(queue_key.secret)))
+
+    async def signers() -> list[str]:
+        async with registry.database.engine.connect() as connection:
+            rows = await connection.execute(sa.text("SELECT signer_id FROM registry_run_token_signers"))
+            return [row[0] for row in rows]
+
+    try:
+        token = await client.mint_run_token(RUN, ITEM, version, [])
+        [signer_id] = await signers()
+        assert token.startswith(f"tko_{signer_id}_")
+        async with registry.database.engine.begin() as connection:  # a backup from before the registration
+            await connection.execute(sa.text("DELETE FROM registry_run_token_signers"))
+
+        async def registered_again() -> bool:
+            # Tokens go on being signed meanwhile, as dispatch does; each may start a registration.
+            assert client.signed_run_token("projects/demo/runs/run-2", ITEM, version, []) is not None
+            return await signers() == [signer_id]
+
+        await until(registered_again, "the queue's client to register its signer again (the same id)")
+    finally:
+        await client.close()
+    # Registering the same public key again is the signer as stored, its creator and time included.
+    async with As(registry, queue_key.secret) as queue:
+        request = keys_pb2.CreateRunTokenSignerRequest(public_key=client._signer.public_key)
+        again = (await queue.keys.CreateRunTokenSigner(request)).signer
+        assert again == (await queue.keys.CreateRunTokenSigner(request)).signer
+    assert again.name == f"runTokenSigners/{signer_id}"
