@@ -37,7 +37,7 @@ from takeoff_server.access import (
 from takeoff_server.errors import AlreadyExists, InvalidArgument, NotFound, ServiceFailed
 from takeoff_server.names import NAME_INVALID, ResourcePattern
 from takeoff_server.pagination import PageRequest
-from takeoff_server.run_tokens import SignedToken, read_signed, valid_public_key
+from takeoff_server.run_tokens import TOKEN_KEY_ID, SignedToken, read_signed, valid_public_key
 from takeoff_server.validation import Problems, text_problem
 
 KEY_ID_PATTERN = re.compile(r"[a-z][a-z0-9-]{0,62}")
@@ -188,7 +188,10 @@ def _allowed(enum_type: type[IntEnum]) -> str:
 
 
 def _key_not_found(name: str) -> NotFound:
-    return NotFound("KEY_NOT_FOUND", f"key {name} does not exist", metadata={"resource": name})
+    message = f"key {name} does not exist"
+    if TOKEN_KEY_ID.fullmatch(name.removeprefix("keys/")):
+        message += " here: a run token the queue signed is stored nowhere; RevokeRunTokens revokes its run's"
+    return NotFound("KEY_NOT_FOUND", message, metadata={"resource": name})
 
 
 def key_id_of(name: str, *, field: str = "name") -> str:

@@ -90,6 +90,9 @@ async def test_a_signed_run_token_writes_its_run_only_and_is_refused_for_good_on
     key = verified.key
     assert (key.kind, key.run, key.item, key.job_version) == (keys_pb2.KEY_KIND_RUN, RUN, ITEM, version)
     assert key.name.startswith("keys/run-")
+    unstored = await failure(registry.keys.GetKey(keys_pb2.GetKeyRequest(name=key.name)))
+    assert (unstored.code, unstored.reason) == (grpc.StatusCode.NOT_FOUND, "KEY_NOT_FOUND")
+    assert "RevokeRunTokens" in unstored.message  # says how to revoke it instead
     assert key.creator == queue_key.key.name
     assert key.permissions == [
         "artifacts.read on projects/demo",
