@@ -105,7 +105,9 @@ def create(
 
 @keys_app.command("list")
 def list_keys(
-    all_keys: Annotated[bool, typer.Option("--all", help="Also revoked keys and run tokens.")] = False,
+    all_keys: Annotated[
+        bool, typer.Option("--all", help="Also revoked keys and the run tokens the registry minted.")
+    ] = False,
     wide: WideOption = False,
     json_output: JsonOption = False,
 ) -> None:
