@@ -12,6 +12,8 @@ the queue. Closing a run answers nobody: its outbox retries it (``takeoff_queue.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
 import logging
 import time
 from collections.abc import Sequence
@@ -145,7 +147,10 @@ class Registry:
         if not self._signer_id:
             return None
         if time.monotonic() >= self._register_again_at and self._registering_again is None:
-            self._registering_again = asyncio.get_running_loop().create_task(self._register_again())
+            # A context of its own: not the trace or request id of whichever Enqueue or pass signed this.
+            self._registering_again = asyncio.get_running_loop().create_task(
+                self._register_again(), context=contextvars.Context()
+            )
         return self._signer.sign(
             self._signer_id,
             run=run,
@@ -194,18 +199,33 @@ class Registry:
         self._register_again_at = time.monotonic() + REGISTER_AGAIN_SECONDS
         request = keys_pb2.CreateRunTokenSignerRequest(public_key=self._signer.public_key)
         try:
-            await self._keys.CreateRunTokenSigner(request, timeout=TOKEN_TIMEOUT_SECONDS)
+            response = await self._keys.CreateRunTokenSigner(request, timeout=TOKEN_TIMEOUT_SECONDS)
+            # The same id unless the registry named it otherwise (one from before ids were digests).
+            self._signer_id = response.signer.name.removeprefix("runTokenSigners/") or self._signer_id
         except grpc.aio.AioRpcError as error:
             remote = decode_rpc_error(error, target=self.address)
             logger.info("registering the run token signer again failed (%s); again later", remote.reason)
+        except Exception:  # whatever it was, tokens go on being signed; the next interval tries again
+            logger.exception("registering the run token signer again failed; again later")
         finally:
             self._registering_again = None
 
     async def revoke_run_tokens(self, runs: Sequence[str]) -> None:
+        """KeyService.BatchRevokeRunTokens; run by run (RevokeRunTokens) on a registry of a version
+        without it (UNIMPLEMENTED, in a rolling upgrade)."""
         try:
             await self._keys.BatchRevokeRunTokens(
                 keys_pb2.BatchRevokeRunTokensRequest(runs=runs), timeout=TOKEN_TIMEOUT_SECONDS
             )
+            return
+        except grpc.aio.AioRpcError as error:
+            if error.code() != grpc.StatusCode.UNIMPLEMENTED:
+                raise self._token_call_failed(error) from None
+        try:
+            for run in runs:
+                await self._keys.RevokeRunTokens(
+                    keys_pb2.RevokeRunTokensRequest(run=run), timeout=TOKEN_TIMEOUT_SECONDS
+                )
         except grpc.aio.AioRpcError as error:
             raise self._token_call_failed(error) from None
 
@@ -214,6 +234,8 @@ class Registry:
         return TokenCallFailed(f"{remote.code.name} {remote.reason}: {remote.message}")
 
     async def close(self) -> None:
-        if self._registering_again is not None:
-            self._registering_again.cancel()
+        if (registering := self._registering_again) is not None:
+            registering.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await registering
         await self._channel.close()

@@ -226,8 +226,8 @@ class RevocationStore(Protocol):
         self, now: datetime, hold_until: datetime, limit: int
     ) -> list[Revocation]: ...
 
-    async def retry_token_revocation(
-        self, revocation: Revocation, next_try_time: datetime, error: str
+    async def retry_token_revocations(
+        self, retries: Sequence[tuple[Revocation, datetime]], error: str
     ) -> None: ...
 
     async def tokens_revoked(self, revocations: Sequence[Revocation]) -> None: ...
@@ -266,15 +266,9 @@ class TokenRevoker(_Drainer):
         try:
             await self._tokens.revoke_run_tokens([revocation.run for revocation in claimed])
         except TokenCallFailed as error:
-            why = str(error)[:1000]
-            await asyncio.gather(
-                *(
-                    self._store.retry_token_revocation(
-                        revocation, self._clock() + backoff(revocation.tries + 1, self._rng), why
-                    )
-                    for revocation in claimed
-                )
-            )
+            now = self._clock()
+            retries = [(revocation, now + backoff(revocation.tries + 1, self._rng)) for revocation in claimed]
+            await self._store.retry_token_revocations(retries, str(error)[:1000])
             logger.info(
                 "revoking the tokens of %d runs (%s first) failed, again after a back-off: %s",
                 len(claimed),

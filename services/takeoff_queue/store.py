@@ -704,11 +704,14 @@ class QueueStore:
 
         return await self.write(claim)
 
-    async def retry_token_revocation(
-        self, revocation: Revocation, next_try_time: datetime, error: str
+    async def retry_token_revocations(
+        self, retries: Sequence[tuple[Revocation, datetime]], error: str
     ) -> None:
+        """Each revocation tried again at its own time, in one transaction."""
+
         async def postpone(tx: QueueWrite) -> None:
-            await tx.retry_token_revocation(revocation, next_try_time, error)
+            for revocation, next_try_time in retries:
+                await tx.retry_token_revocation(revocation, next_try_time, error)
 
         await self.write(postpone)
 

@@ -49,9 +49,9 @@ SIGNER = ResourcePattern("runTokenSigners/{signer}", signer=KEY_ID_PATTERN.patte
 
 MAX_DISPLAY_NAME = 200
 MAX_SCOPE_NAMES = 100
+"""Projects of a project key, queues of an agent key, secrets of a run token."""
 MAX_REVOKED_RUNS = 1000
 """Runs of one BatchRevokeRunTokens."""
-"""Projects of a project key, queues of an agent key, secrets of a run token."""
 SECRET_PREFIX = "tko_"
 MIN_BOOTSTRAP_SECRET_CHARS = 32
 BOOTSTRAP_KEY_ID = "bootstrap-admin"
@@ -447,7 +447,8 @@ class Keys:
             with problems.collect():
                 RUN.parse(run, field=f"runs[{index}]")
         problems.raise_if_any()
-        return await self._store.revoke_run_tokens(list(dict.fromkeys(runs)), _now())
+        # In one order whoever calls: two batches sharing runs must not lock their rows in opposite orders.
+        return await self._store.revoke_run_tokens(sorted(set(runs)), _now())
 
     async def bootstrap_admin(self, path: Path) -> tuple[Key, bool]:
         """Make the admin key whose secret ``path`` holds, unless it exists (any id, live or revoked: a

@@ -63,7 +63,7 @@ NAMES = {
 AGENT_QUEUE = f"{A}/queues/agent-only"
 """The paused queue the agent process serves (its lease is not the one under test)."""
 
-LAST = ("RevokeRunTokens", "RevokeKey", "Drain")
+LAST = ("RevokeRunTokens", "BatchRevokeRunTokens", "RevokeKey", "Drain")
 """Methods whose admitted calls would disturb the others (revoke the run token, end the agent): last."""
 
 
@@ -148,6 +148,7 @@ FIELD_NAMES = {
     "job": "job",
     "job_version": "version",
     "run": "run",
+    "runs": "run",
     "item": "item",
     "queue_item": "item",
     "project": "project",

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import random
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -22,7 +22,16 @@ from sqlalchemy.engine import Engine
 
 import takeoff_queue.store
 from takeoff.v1 import common_pb2, queue_pb2, runs_pb2, runs_pb2_grpc
-from takeoff_queue.run_closes import CLAIM_HOLD, RunClose, RunCloseFailed, RunCloser, RunEnd
+from takeoff_queue.run_closes import (
+    CLAIM_HOLD,
+    REVOCATION_BATCH,
+    RunClose,
+    RunCloseFailed,
+    RunCloser,
+    RunEnd,
+    TokenCallFailed,
+    TokenRevoker,
+)
 from takeoff_queue.settings import QueueSettings
 from takeoff_queue.store import QueueStore, QueueWrite
 from takeoff_queue.store import items as item_rows
@@ -481,6 +490,57 @@ async def test_a_close_that_failed_is_tried_again_after_its_back_off_without_ano
             draining.cancel()
         assert answers == []
         assert await store.next_run_close_time() is None
+    finally:
+        await database.close()
+
+
+async def test_token_revocations_go_to_the_registry_in_batches_and_a_failed_batch_is_tried_again_whole(
+    outbox_database_url: str,
+) -> None:
+    database = Database("queue", outbox_database_url, migrations=MIGRATIONS)
+    try:
+        await database.migrate()
+        store = QueueStore(database)
+        runs = [f"projects/qtest/runs/r{index}-1" for index in range(REVOCATION_BATCH + 44)]
+
+        async def insert(tx: QueueWrite) -> None:
+            await tx.insert_token_revocations(runs, datetime.now(UTC))
+
+        await store.write(insert)
+        calls: list[list[str]] = []
+        failed_once, all_revoked = asyncio.Event(), asyncio.Event()
+
+        class Registry:
+            async def revoke_run_tokens(self, batch: Sequence[str]) -> None:
+                calls.append(list(batch))
+                if not failed_once.is_set():
+                    failed_once.set()
+                    raise TokenCallFailed("UNAVAILABLE DEPENDENCY_UNAVAILABLE: the registry is away")
+                if sorted(run for call in calls[1:] for run in call) == sorted(runs):
+                    all_revoked.set()
+
+            def signed_run_token(self, *_: Any) -> str | None:
+                raise AssertionError("a revoker signs nothing")
+
+            async def mint_run_token(self, *_: Any) -> str:
+                raise AssertionError("a revoker mints nothing")
+
+        class NoJitter(random.Random):
+            def uniform(self, a: float, b: float) -> float:
+                return a  # the retry is due at once: the test waits on the drainer, not on the back-off
+
+        revoker = TokenRevoker(store, Registry(), lambda: datetime.now(UTC), NoJitter())
+        draining = asyncio.create_task(revoker.drain_forever())
+        try:
+            revoker.wake()  # the one wake: the rows' commit
+            await asyncio.wait_for(all_revoked.wait(), 20)
+        finally:
+            draining.cancel()
+        assert [len(call) for call in calls[:2]] == [REVOCATION_BATCH, REVOCATION_BATCH]
+        assert calls[1] == calls[0]  # the failed batch, tried again whole (its rows came due first)
+        assert sorted(run for call in calls[1:] for run in call) == sorted(runs)  # each revoked once
+        assert all(len(call) <= REVOCATION_BATCH for call in calls)
+        assert await store.token_revocations() == []
     finally:
         await database.close()
 
