@@ -406,6 +406,13 @@ async def test_a_queue_deleted_with_live_items_kills_their_runs(
         await agent.close()
 
 
+class NoJitter(random.Random):
+    """An outbox's back-off of zero: a retry is due at once, so a test waits on the drainer, not on time."""
+
+    def uniform(self, a: float, b: float) -> float:
+        return a
+
+
 @pytest.fixture
 def outbox_database_url(queue_env: dict[str, str], tmp_path: Path) -> Iterator[str]:
     """A database of its own, of the kind ``queue_env`` names."""
@@ -477,10 +484,6 @@ async def test_a_close_that_failed_is_tried_again_after_its_back_off_without_ano
             await store.write(forget)
             settled.set()
 
-        class NoJitter(random.Random):
-            def uniform(self, a: float, b: float) -> float:
-                return a  # the retry is due at once: the test waits on the drainer, not on the back-off
-
         closer = RunCloser(store, Registry(), settle, lambda: datetime.now(UTC), NoJitter())
         draining = asyncio.create_task(closer.drain_forever())
         try:
@@ -524,10 +527,6 @@ async def test_token_revocations_go_to_the_registry_in_batches_and_a_failed_batc
 
             async def mint_run_token(self, *_: Any) -> str:
                 raise AssertionError("a revoker mints nothing")
-
-        class NoJitter(random.Random):
-            def uniform(self, a: float, b: float) -> float:
-                return a  # the retry is due at once: the test waits on the drainer, not on the back-off
 
         revoker = TokenRevoker(store, Registry(), lambda: datetime.now(UTC), NoJitter())
         draining = asyncio.create_task(revoker.drain_forever())

@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from typing import NamedTuple
 
 import grpc
 import pytest
@@ -70,17 +71,35 @@ def encoded(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
+class Signing(NamedTuple):
+    """A registry with a job version, a queue's key and a signer that key registered."""
+
+    version: str
+    queue_key: keys_pb2.CreateKeyResponse
+    signer: RunTokenSigner
+    registration: keys_pb2.RunTokenSigner
+
+    @property
+    def name(self) -> str:
+        return self.registration.name
+
+
+@pytest.fixture
+async def signing(registry: Registry) -> Signing:
+    version = await image_version(registry)
+    queue_key = await create_key(registry, QUEUE_KEY)
+    signer = RunTokenSigner()
+    return Signing(version, queue_key, signer, await registered(registry, signer, queue_key.secret))
+
+
 async def valid(registry: Registry, token: str) -> bool:
     return (await registry.keys.VerifyKey(keys_pb2.VerifyKeyRequest(secret=token))).valid
 
 
 async def test_a_signed_run_token_writes_its_run_only_and_is_refused_for_good_once_its_run_is_revoked(
-    registry: Registry,
+    registry: Registry, signing: Signing
 ) -> None:
-    version = await image_version(registry)
-    queue_key = await create_key(registry, QUEUE_KEY)
-    signer = RunTokenSigner()
-    registration = await registered(registry, signer, queue_key.secret)
+    version, queue_key, signer, registration = signing
     assert registration.name.startswith("runTokenSigners/signer-")
     assert (registration.public_key, registration.creator) == (signer.public_key, queue_key.key.name)
     token = signed(signer, registration.name, job_version=version, secrets=["projects/demo/secrets/HF_TOKEN"])
@@ -131,12 +150,9 @@ async def test_a_signed_run_token_writes_its_run_only_and_is_refused_for_good_on
 
 
 async def test_a_token_is_refused_when_forged_altered_over_broad_or_its_signers_key_is_revoked(
-    registry: Registry,
+    registry: Registry, signing: Signing
 ) -> None:
-    version = await image_version(registry)
-    queue_key = await create_key(registry, QUEUE_KEY)
-    signer = RunTokenSigner()
-    name = (await registered(registry, signer, queue_key.secret)).name
+    version, queue_key, signer, name = signing.version, signing.queue_key, signing.signer, signing.name
     signer_id = name.removeprefix("runTokenSigners/")
     token = signed(signer, name, job_version=version)
     assert await valid(registry, token)
@@ -241,12 +257,9 @@ async def test_the_queues_client_signs_and_mints_only_a_scope_too_long_to_sign(
 
 
 async def test_batch_revoke_run_tokens_revokes_each_run_named_minted_or_signed_in_one_call(
-    registry: Registry,
+    registry: Registry, signing: Signing
 ) -> None:
-    version = await image_version(registry)
-    queue_key = await create_key(registry, QUEUE_KEY)
-    signer = RunTokenSigner()
-    name = (await registered(registry, signer, queue_key.secret)).name
+    version, signer, name = signing.version, signing.signer, signing.name
     runs = [f"projects/demo/runs/batch-{letter}" for letter in "abcd"]
     minted = await registry.keys.MintRunToken(
         keys_pb2.MintRunTokenRequest(run=runs[0], item=ITEM, job_version=version)
