@@ -414,6 +414,17 @@ class NoJitter(random.Random):
 
 
 @pytest.fixture
+async def outbox_store(outbox_database_url: str) -> AsyncIterator[QueueStore]:
+    """The queue's store on a migrated database of its own."""
+    database = Database("queue", outbox_database_url, migrations=MIGRATIONS)
+    try:
+        await database.migrate()
+        yield QueueStore(database)
+    finally:
+        await database.close()
+
+
+@pytest.fixture
 def outbox_database_url(queue_env: dict[str, str], tmp_path: Path) -> Iterator[str]:
     """A database of its own, of the kind ``queue_env`` names."""
     if "TAKEOFF_DATABASE_URL" not in queue_env:
@@ -455,93 +466,83 @@ async def test_drainers_sharing_a_database_never_claim_one_close_twice(outbox_da
 
 
 async def test_a_close_that_failed_is_tried_again_after_its_back_off_without_another_wake(
-    outbox_database_url: str,
+    outbox_store: QueueStore,
 ) -> None:
-    database = Database("queue", outbox_database_url, migrations=MIGRATIONS)
+    store = outbox_store
+    close = RunClose("projects/qtest/runs/r-1", "a test")
+
+    async def insert(tx: QueueWrite) -> Any:
+        return await tx.insert_run_closes([close], datetime.now(UTC))
+
+    await store.write(insert)
+    answers: list[RunEnd | RunCloseFailed] = [RunCloseFailed("UNAVAILABLE"), RunEnd(finished=False)]
+    settled = asyncio.Event()
+
+    class Registry:
+        async def close_run(self, run: str, message: str) -> RunEnd:
+            answer = answers.pop(0)
+            if isinstance(answer, RunCloseFailed):
+                raise answer
+            return answer
+
+    async def settle(closed: RunClose, end: RunEnd) -> None:
+        async def forget(tx: QueueWrite) -> None:
+            await tx.delete_run_close(closed.id)
+
+        await store.write(forget)
+        settled.set()
+
+    closer = RunCloser(store, Registry(), settle, lambda: datetime.now(UTC), NoJitter())
+    draining = asyncio.create_task(closer.drain_forever())
     try:
-        await database.migrate()
-        store = QueueStore(database)
-        close = RunClose("projects/qtest/runs/r-1", "a test")
-
-        async def insert(tx: QueueWrite) -> Any:
-            return await tx.insert_run_closes([close], datetime.now(UTC))
-
-        await store.write(insert)
-        answers: list[RunEnd | RunCloseFailed] = [RunCloseFailed("UNAVAILABLE"), RunEnd(finished=False)]
-        settled = asyncio.Event()
-
-        class Registry:
-            async def close_run(self, run: str, message: str) -> RunEnd:
-                answer = answers.pop(0)
-                if isinstance(answer, RunCloseFailed):
-                    raise answer
-                return answer
-
-        async def settle(closed: RunClose, end: RunEnd) -> None:
-            async def forget(tx: QueueWrite) -> None:
-                await tx.delete_run_close(closed.id)
-
-            await store.write(forget)
-            settled.set()
-
-        closer = RunCloser(store, Registry(), settle, lambda: datetime.now(UTC), NoJitter())
-        draining = asyncio.create_task(closer.drain_forever())
-        try:
-            closer.wake()  # the one wake: the row's commit
-            await asyncio.wait_for(settled.wait(), 10)
-        finally:
-            draining.cancel()
-        assert answers == []
-        assert await store.next_run_close_time() is None
+        closer.wake()  # the one wake: the row's commit
+        await asyncio.wait_for(settled.wait(), 10)
     finally:
-        await database.close()
+        draining.cancel()
+    assert answers == []
+    assert await store.next_run_close_time() is None
 
 
 async def test_token_revocations_go_to_the_registry_in_batches_and_a_failed_batch_is_tried_again_whole(
-    outbox_database_url: str,
+    outbox_store: QueueStore,
 ) -> None:
-    database = Database("queue", outbox_database_url, migrations=MIGRATIONS)
+    store = outbox_store
+    runs = [f"projects/qtest/runs/r{index}-1" for index in range(REVOCATION_BATCH + 44)]
+
+    async def insert(tx: QueueWrite) -> None:
+        await tx.insert_token_revocations(runs, datetime.now(UTC))
+
+    await store.write(insert)
+    calls: list[list[str]] = []
+    failed_once, all_revoked = asyncio.Event(), asyncio.Event()
+
+    class Registry:
+        async def revoke_run_tokens(self, batch: Sequence[str]) -> None:
+            calls.append(list(batch))
+            if not failed_once.is_set():
+                failed_once.set()
+                raise TokenCallFailed("UNAVAILABLE DEPENDENCY_UNAVAILABLE: the registry is away")
+            if sorted(run for call in calls[1:] for run in call) == sorted(runs):
+                all_revoked.set()
+
+        def signed_run_token(self, *_: Any) -> str | None:
+            raise AssertionError("a revoker signs nothing")
+
+        async def mint_run_token(self, *_: Any) -> str:
+            raise AssertionError("a revoker mints nothing")
+
+    revoker = TokenRevoker(store, Registry(), lambda: datetime.now(UTC), NoJitter())
+    draining = asyncio.create_task(revoker.drain_forever())
     try:
-        await database.migrate()
-        store = QueueStore(database)
-        runs = [f"projects/qtest/runs/r{index}-1" for index in range(REVOCATION_BATCH + 44)]
-
-        async def insert(tx: QueueWrite) -> None:
-            await tx.insert_token_revocations(runs, datetime.now(UTC))
-
-        await store.write(insert)
-        calls: list[list[str]] = []
-        failed_once, all_revoked = asyncio.Event(), asyncio.Event()
-
-        class Registry:
-            async def revoke_run_tokens(self, batch: Sequence[str]) -> None:
-                calls.append(list(batch))
-                if not failed_once.is_set():
-                    failed_once.set()
-                    raise TokenCallFailed("UNAVAILABLE DEPENDENCY_UNAVAILABLE: the registry is away")
-                if sorted(run for call in calls[1:] for run in call) == sorted(runs):
-                    all_revoked.set()
-
-            def signed_run_token(self, *_: Any) -> str | None:
-                raise AssertionError("a revoker signs nothing")
-
-            async def mint_run_token(self, *_: Any) -> str:
-                raise AssertionError("a revoker mints nothing")
-
-        revoker = TokenRevoker(store, Registry(), lambda: datetime.now(UTC), NoJitter())
-        draining = asyncio.create_task(revoker.drain_forever())
-        try:
-            revoker.wake()  # the one wake: the rows' commit
-            await asyncio.wait_for(all_revoked.wait(), 20)
-        finally:
-            draining.cancel()
-        assert [len(call) for call in calls[:2]] == [REVOCATION_BATCH, REVOCATION_BATCH]
-        assert calls[1] == calls[0]  # the failed batch, tried again whole (its rows came due first)
-        assert sorted(run for call in calls[1:] for run in call) == sorted(runs)  # each revoked once
-        assert all(len(call) <= REVOCATION_BATCH for call in calls)
-        assert await store.token_revocations() == []
+        revoker.wake()  # the one wake: the rows' commit
+        await asyncio.wait_for(all_revoked.wait(), 20)
     finally:
-        await database.close()
+        draining.cancel()
+    assert [len(call) for call in calls[:2]] == [REVOCATION_BATCH, REVOCATION_BATCH]
+    assert calls[1] == calls[0]  # the failed batch, tried again whole (its rows came due first)
+    assert sorted(run for call in calls[1:] for run in call) == sorted(runs)  # each revoked once
+    assert all(len(call) <= REVOCATION_BATCH for call in calls)
+    assert await store.token_revocations() == []
 
 
 async def test_an_item_read_while_a_change_of_it_commits_shows_its_state_and_history_from_one_moment(
