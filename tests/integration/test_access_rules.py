@@ -148,7 +148,6 @@ FIELD_NAMES = {
     "job": "job",
     "job_version": "version",
     "run": "run",
-    "runs": "run",
     "item": "item",
     "queue_item": "item",
     "project": "project",
