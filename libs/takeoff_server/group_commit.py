@@ -1,8 +1,10 @@
 """Group commit: many state changes, one transaction, then everyone waiting on them is answered.
 
-Callers ``await committer.commit(work)``; ``work`` runs on a connection inside a transaction shared with
-whatever else was submitted while the previous transaction was being written. Under load this turns N
-fsyncs into one without giving up durability: nobody is answered before their change is committed.
+Callers ``await committer.commit(work)``; ``work`` runs inside a transaction (a :class:`Batch`) shared
+with whatever else was submitted while the previous transaction was being written. Under load this turns N
+fsyncs into one without giving up durability: nobody is answered before their change is committed. Rows
+the changes only add (a history, an outbox) are appended to the batch and inserted together, one
+executemany per statement, so a statement's fixed cost is paid per batch rather than per change.
 
 A transaction PostgreSQL aborts to break a deadlock (two replicas' batches locking the same rows in
 different orders) or as a serialization failure is run again, whole, in a new one: such an abort is about
@@ -22,14 +24,46 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
+from sqlalchemy.engine import CursorResult
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.sql import Executable
 
 from takeoff_server.db_errors import DATABASE_OUTAGES
 
 T = TypeVar("T")
 
-Work = Callable[[AsyncConnection], Awaitable[Any]]
+
+class Batch:
+    """The transaction a batch of changes shares: its connection, and the rows its changes appended.
+
+    :meth:`append` holds rows for an INSERT until the next :meth:`execute` (unless that statement says it
+    may pass them: ``past_appends``, for one that neither reads nor changes the appended tables) or the
+    commit, whichever comes first. Within the transaction the appended rows are thus in place before any
+    statement that could see them, in the order they were appended."""
+
+    def __init__(self, connection: AsyncConnection) -> None:
+        self.connection = connection
+        self._appends: dict[Executable, list[dict[str, Any]]] = {}
+
+    def append(self, insert: Executable, rows: list[dict[str, Any]]) -> None:
+        if rows:
+            self._appends.setdefault(insert, []).extend(rows)
+
+    async def execute(
+        self, statement: Executable, parameters: Any = None, *, past_appends: bool = False
+    ) -> CursorResult[Any]:
+        if not past_appends:
+            await self.flush()
+        return await self.connection.execute(statement, parameters)
+
+    async def flush(self) -> None:
+        appends, self._appends = self._appends, {}
+        for insert, rows in appends.items():
+            await self.connection.execute(insert, rows)
+
+
+Work = Callable[[Batch], Awaitable[Any]]
 
 RETRIED_SQLSTATES = frozenset({"40P01", "40001"})
 """deadlock_detected and serialization_failure: the database undid the whole transaction for its timing."""
@@ -42,7 +76,7 @@ class GroupCommitter:
         self._waiting: list[tuple[Work, asyncio.Future[Any]]] = []
         self._writer: asyncio.Task[None] | None = None
 
-    async def commit(self, work: Callable[[AsyncConnection], Awaitable[T]]) -> T:
+    async def commit(self, work: Callable[[Batch], Awaitable[T]]) -> T:
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         self._waiting.append((work, future))
         if self._writer is None or self._writer.done():
@@ -69,7 +103,10 @@ class GroupCommitter:
         while True:
             try:
                 async with self._engine.begin() as connection:
-                    return [await work(connection) for work, _ in batch]
+                    shared = Batch(connection)
+                    results = [await work(shared) for work, _ in batch]
+                    await shared.flush()
+                    return results
             except DBAPIError as error:
                 tries += 1
                 if tries == MAX_TRIES or getattr(error.orig, "sqlstate", None) not in RETRIED_SQLSTATES:

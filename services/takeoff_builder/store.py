@@ -11,7 +11,6 @@ from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlmodel import JSON, Column, Field, SQLModel, col, select
 
 from takeoff_builder.model import (
@@ -26,7 +25,7 @@ from takeoff_builder.model import (
     FailureReason,
 )
 from takeoff_server.database import Database
-from takeoff_server.group_commit import GroupCommitter
+from takeoff_server.group_commit import Batch, GroupCommitter
 from takeoff_server.idempotency import RequestIds, request_ids_table
 from takeoff_server.pagination import PageRequest
 from takeoff_server.retention import forget_request_ids
@@ -221,10 +220,10 @@ class BuildStore:
             "create_time": build.create_time,
         }
 
-        async def insert(connection: AsyncConnection) -> None:
-            await connection.execute(insert_unless_present(builds, tuple(row)), row)
+        async def insert(batch: Batch) -> None:
+            await batch.execute(insert_unless_present(builds, tuple(row)), row)
             if request_id:
-                await connection.execute(insert_unless_present(request_id_records, tuple(recorded)), recorded)
+                await batch.execute(insert_unless_present(request_id_records, tuple(recorded)), recorded)
 
         await self._ended.commit(insert)
 

@@ -26,7 +26,7 @@ from takeoff_queue.model import Item, Priority, Queue, SecretMount, SourceKind
 from takeoff_queue.resource_config import ResourceKind
 from takeoff_queue.run_closes import Revocation, RunClose
 from takeoff_server.database import Database
-from takeoff_server.group_commit import GroupCommitter
+from takeoff_server.group_commit import Batch, GroupCommitter
 from takeoff_server.idempotency import RequestIds, request_ids_table
 from takeoff_server.sqltypes import UtcDateTime
 
@@ -278,8 +278,9 @@ class Outbox(enum.Enum):
 class QueueWrite:
     """One transaction's worth of changes, in domain terms; :meth:`QueueStore.write` runs it."""
 
-    def __init__(self, connection: AsyncConnection) -> None:
-        self._connection = connection
+    def __init__(self, batch: Batch) -> None:
+        self._batch = batch
+        self._dialect = batch.connection.dialect.name
         self.items_written: set[str] = set()
         self.queues_written: set[str] = set()
         self.agents_connected: set[str] = set()
@@ -289,17 +290,17 @@ class QueueWrite:
     async def insert_queue(self, queue: Queue) -> None:
         """The queue, and its project unless that was written to before."""
         self.queues_written.add(queue.name)
-        insert = postgresql.insert if self._connection.dialect.name == "postgresql" else sqlite.insert
-        await self._connection.execute(
+        insert = postgresql.insert if self._dialect == "postgresql" else sqlite.insert
+        await self._batch.execute(
             insert(projects)
             .values(project=queue.project, create_time=queue.create_time)
             .on_conflict_do_nothing()
         )
-        await self._connection.execute(queues.insert().values(**queue_values(queue)))
+        await self._batch.execute(queues.insert().values(**queue_values(queue)))
 
     async def update_queue(self, queue: Queue) -> None:
         self.queues_written.add(queue.name)
-        await self._connection.execute(
+        await self._batch.execute(
             queues.update().where(queues.c.name == queue.name).values(**queue_values(queue))
         )
 
@@ -307,21 +308,22 @@ class QueueWrite:
         """The queue, its items and their transitions."""
         self.queues_written.add(name)
         item_ids = sa.select(items.c.id).where(items.c.queue == name)
-        await self._connection.execute(transitions.delete().where(transitions.c.item_id.in_(item_ids)))
-        await self._connection.execute(items.delete().where(items.c.queue == name))
-        await self._connection.execute(queues.delete().where(queues.c.name == name))
+        await self._batch.execute(transitions.delete().where(transitions.c.item_id.in_(item_ids)))
+        await self._batch.execute(items.delete().where(items.c.queue == name))
+        await self._batch.execute(queues.delete().where(queues.c.name == name))
 
     async def queue_exists(self, name: str) -> bool:
         """Whether the queue is there, kept there until this transaction ends (PostgreSQL: a DeleteQueue
         committing meanwhile waits for it; SQLite has one writer)."""
-        query = _QUEUE_EXISTS_KEY_SHARE if self._connection.dialect.name == "postgresql" else _QUEUE_EXISTS
-        return (await self._connection.execute(query, {"where_name": name})).first() is not None
+        query = _QUEUE_EXISTS_KEY_SHARE if self._dialect == "postgresql" else _QUEUE_EXISTS
+        found = await self._batch.execute(query, {"where_name": name}, past_appends=True)
+        return found.first() is not None
 
     async def insert_item(self, item: Item) -> int:
         """A new item with its whole history; returns its enqueue sequence number."""
-        result = await self._connection.execute(_INSERT_ITEM, _item_values(item))
+        result = await self._batch.execute(_INSERT_ITEM, _item_values(item), past_appends=True)
         self.items_written.add(item.id)
-        await self._insert_transitions(item.id, item.life.history)
+        self._insert_transitions(item.id, item.life.history)
         seq = result.inserted_primary_key[0] if result.inserted_primary_key else None
         assert seq is not None
         return int(seq)
@@ -334,28 +336,26 @@ class QueueWrite:
         nothing, when another writer (another replica) changed the item first."""
         values = _item_state_values(life, update_time)
         values.update(revision=written, where_id=item_id, where_revision=revision)
-        result = await self._connection.execute(_SAVE_ITEM, values)
+        result = await self._batch.execute(_SAVE_ITEM, values, past_appends=True)
         if result.rowcount != 1:
             return False
         self.items_written.add(item_id)
-        await self._insert_transitions(item_id, life.history[since:])
+        self._insert_transitions(item_id, life.history[since:])
         await self.insert_token_revocations(ended_attempt_runs(life.history[since:]), update_time)
         return True
 
     async def lock_live_count(self, queue: str) -> int:
         """How many of the queue's items are held under a lease, its row locked until this transaction
         ends so that concurrent claims (other replicas') count one after the other."""
-        await self._connection.execute(
-            sa.select(queues.c.name).where(queues.c.name == queue).with_for_update()
-        )
+        await self._batch.execute(sa.select(queues.c.name).where(queues.c.name == queue).with_for_update())
         live = sa.select(sa.func.count()).where(items.c.queue == queue, items.c.state.in_(LIVE))
-        return int((await self._connection.execute(live)).scalar_one())
+        return int((await self._batch.execute(live)).scalar_one())
 
     async def bump_revision(self, item_id: str, revision: int, written: int) -> bool:
         """Move the item's row from ``revision`` to ``written`` without changing its state: a change kept
         elsewhere (its attempt's run close) fenced like a write of the item. False when another writer
         changed the item first."""
-        result = await self._connection.execute(
+        result = await self._batch.execute(
             items.update().where(items.c.id == item_id, items.c.revision == revision).values(revision=written)
         )
         if result.rowcount != 1:
@@ -372,14 +372,14 @@ class QueueWrite:
             values["session_id"] = session_id
             self.agents_connected.add(agent_id)
         insert = postgresql.insert(agent_leases).values(agent_id=agent_id, **values)
-        await self._connection.execute(insert.on_conflict_do_update(index_elements=["agent_id"], set_=values))
+        await self._batch.execute(insert.on_conflict_do_update(index_elements=["agent_id"], set_=values))
 
     async def agent_lease_expired(self, agent_id: str) -> bool:
         """Whether the agent's leases are expired by the database's clock (PostgreSQL only), its row locked
         until this transaction ends, so that a renewal (its heartbeat through another replica) comes either
         before this answer or after the transaction: a sweeper that read the agent as expired ends no lease
         renewed since. An agent without a row is expired (its expiry was dealt with)."""
-        found = await self._connection.execute(
+        found = await self._batch.execute(
             sa.select(agent_leases.c.lease_expiry < sa.func.now())
             .where(agent_leases.c.agent_id == agent_id)
             .with_for_update()
@@ -389,7 +389,7 @@ class QueueWrite:
 
     async def forget_agent_lease(self, agent_id: str) -> None:
         """The agent's expiry has been dealt with (it holds no lease): its row goes, unless renewed since."""
-        await self._connection.execute(
+        await self._batch.execute(
             agent_leases.delete().where(
                 agent_leases.c.agent_id == agent_id, agent_leases.c.lease_expiry < sa.func.now()
             )
@@ -403,7 +403,7 @@ class QueueWrite:
             (QUEUES_CHANNEL, self.queues_written),
         ):
             for payload in _payloads(replica, sorted(names)):
-                await self._connection.execute(sa.select(sa.func.pg_notify(channel, payload)))
+                await self._batch.execute(sa.select(sa.func.pg_notify(channel, payload)))
 
     async def delete_ended_items(self, ended_before: datetime, keep: int, limit: int) -> int:
         """Up to ``limit`` ended items, with their history: those that ended before ``ended_before`` and,
@@ -411,7 +411,7 @@ class QueueWrite:
         chosen, whatever its times."""
         ended = items.c.state.in_(ENDED)
         by_age = sa.select(items.c.id).where(ended, items.c.end_time < ended_before).limit(limit)
-        ids = list((await self._connection.execute(by_age)).scalars())
+        ids = list((await self._batch.execute(by_age)).scalars())
         if keep and len(ids) < limit:
             beyond = (
                 sa.select(items.c.id)
@@ -420,15 +420,15 @@ class QueueWrite:
                 .offset(keep)
                 .limit(limit)
             )
-            ids = list(dict.fromkeys([*ids, *(await self._connection.execute(beyond)).scalars()]))[:limit]
+            ids = list(dict.fromkeys([*ids, *(await self._batch.execute(beyond)).scalars()]))[:limit]
         if ids:
-            await self._connection.execute(transitions.delete().where(transitions.c.item_id.in_(ids)))
-            await self._connection.execute(items.delete().where(items.c.id.in_(ids), ended))
+            await self._batch.execute(transitions.delete().where(transitions.c.item_id.in_(ids)))
+            await self._batch.execute(items.delete().where(items.c.id.in_(ids), ended))
         return len(ids)
 
     async def forget_request_ids(self, before: datetime) -> int:
         """The request-id records made before ``before``."""
-        result = await self._connection.execute(
+        result = await self._batch.execute(
             request_ids_rows.delete().where(request_ids_rows.c.create_time < before)
         )
         return int(result.rowcount)
@@ -441,7 +441,7 @@ class QueueWrite:
             if run
         ]
         if rows:
-            await self._connection.execute(_INSERT_TOKEN_REVOCATIONS, rows)
+            self._batch.append(_INSERT_TOKEN_REVOCATIONS, rows)
             self.filled.add(Outbox.TOKEN_REVOCATIONS)
 
     async def claim_token_revocations(
@@ -463,21 +463,21 @@ class QueueWrite:
         )
         claimed = [
             Revocation(row["run"], row["id"], row["tries"])
-            for row in (await self._connection.execute(claim)).mappings()
+            for row in (await self._batch.execute(claim)).mappings()
         ]
         return sorted(claimed, key=lambda revocation: revocation.id)
 
     async def retry_token_revocation(
         self, revocation: Revocation, next_try_time: datetime, error: str
     ) -> None:
-        await self._connection.execute(
+        await self._batch.execute(
             token_revocations.update()
             .where(token_revocations.c.id == revocation.id)
             .values(next_try_time=next_try_time, tries=revocation.tries + 1, last_error=error)
         )
 
     async def delete_token_revocations(self, revocation_ids: Sequence[int]) -> None:
-        await self._connection.execute(_DELETE_TOKEN_REVOCATIONS, {"where_ids": revocation_ids})
+        await self._batch.execute(_DELETE_TOKEN_REVOCATIONS, {"where_ids": revocation_ids})
 
     async def insert_run_closes(self, closes: Sequence[RunClose], now: datetime) -> list[RunClose]:
         """Put runs in the outbox, due at once; returns them with their row ids. Their attempts are over,
@@ -485,7 +485,7 @@ class QueueWrite:
         await self.insert_token_revocations([close.run for close in closes], now)
         stored = []
         for close in closes:
-            result = await self._connection.execute(
+            result = await self._batch.execute(
                 run_closes.insert().values(**_run_close_values(close), create_time=now, next_try_time=now)
             )
             assert result.inserted_primary_key is not None
@@ -495,7 +495,7 @@ class QueueWrite:
 
     async def delete_run_close(self, close_id: int) -> None:
         """The registry answered: the run is closed."""
-        await self._connection.execute(run_closes.delete().where(run_closes.c.id == close_id))
+        await self._batch.execute(run_closes.delete().where(run_closes.c.id == close_id))
 
     async def claim_run_closes(self, now: datetime, hold_until: datetime, limit: int) -> list[RunClose]:
         """The outbox rows due now, oldest first, kept from every other drainer until ``hold_until``. One
@@ -514,14 +514,12 @@ class QueueWrite:
             .values(next_try_time=hold_until)
             .returning(*run_closes.c)
         )
-        claimed = [
-            _run_close_from_row(dict(row)) for row in (await self._connection.execute(claim)).mappings()
-        ]
+        claimed = [_run_close_from_row(dict(row)) for row in (await self._batch.execute(claim)).mappings()]
         return sorted(claimed, key=lambda close: close.id)
 
     async def retry_run_close(self, close: RunClose, next_try_time: datetime, error: str) -> None:
         """The try failed: the row waits until ``next_try_time``, one more try counted."""
-        await self._connection.execute(
+        await self._batch.execute(
             run_closes.update()
             .where(run_closes.c.id == close.id)
             .values(next_try_time=next_try_time, tries=close.tries + 1, last_error=error)
@@ -530,20 +528,23 @@ class QueueWrite:
     async def replay(self, scope: str, request_id: str, fingerprint: str) -> str | None:
         """Like :meth:`QueueStore.replay`, in this transaction: it sees what this transaction remembered."""
         return await request_ids.replay(
-            AsyncSession(bind=self._connection), scope=scope, request_id=request_id, fingerprint=fingerprint
+            AsyncSession(bind=self._batch.connection),
+            scope=scope,
+            request_id=request_id,
+            fingerprint=fingerprint,
         )
 
     async def remember(self, scope: str, request_id: str, fingerprint: str, result: str) -> None:
         """Record what ``request_id`` made, in this transaction (see :mod:`takeoff_server.idempotency`)."""
         await request_ids.remember(
-            AsyncSession(bind=self._connection),
+            AsyncSession(bind=self._batch.connection),
             scope=scope,
             request_id=request_id,
             fingerprint=fingerprint,
             result=result,
         )
 
-    async def _insert_transitions(self, item_id: str, history: Sequence[Transition]) -> None:
+    def _insert_transitions(self, item_id: str, history: Sequence[Transition]) -> None:
         rows = [
             {
                 "item_id": item_id,
@@ -560,8 +561,7 @@ class QueueWrite:
             }
             for t in history
         ]
-        if rows:
-            await self._connection.execute(_INSERT_TRANSITIONS, rows)
+        self._batch.append(_INSERT_TRANSITIONS, rows)
 
 
 class QueueStore:
@@ -588,8 +588,8 @@ class QueueStore:
     async def write(self, changes: Callable[[QueueWrite], Awaitable[T]]) -> T:
         """Run ``changes`` in a transaction (shared with other writers) and return once it is committed."""
 
-        async def work(connection: AsyncConnection) -> tuple[T, set[Outbox]]:
-            tx = QueueWrite(connection)
+        async def work(batch: Batch) -> tuple[T, set[Outbox]]:
+            tx = QueueWrite(batch)
             result = await changes(tx)
             if self.replica:
                 await tx.announce(self.replica)
@@ -604,8 +604,8 @@ class QueueStore:
     async def renew_agent_lease(self, agent_id: str, ttl: timedelta, session_id: str = "") -> None:
         """See :meth:`QueueWrite.renew_agent_leases`; committed (and announced) on its own."""
 
-        async def work(connection: AsyncConnection) -> None:
-            tx = QueueWrite(connection)
+        async def work(batch: Batch) -> None:
+            tx = QueueWrite(batch)
             await tx.renew_agent_leases(agent_id, ttl, session_id)
             await tx.announce(self.replica)
 

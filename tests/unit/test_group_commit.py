@@ -8,10 +8,10 @@ import asyncio
 
 import pytest
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from takeoff_server.database import async_database_url
-from takeoff_server.group_commit import GroupCommitter, Work
+from takeoff_server.group_commit import Batch, GroupCommitter, Work
 from tests.postgres import assert_on_postgresql, postgres_schema_url
 
 pytestmark = pytest.mark.postgres
@@ -29,13 +29,13 @@ async def test_a_batch_postgresql_aborts_to_break_a_deadlock_is_written_again() 
             tries = {"a-then-b": 0, "b-then-a": 0}
 
             def crossing(first: str, second: str, mine: asyncio.Event, theirs: asyncio.Event) -> Work:
-                async def work(connection: AsyncConnection) -> None:
+                async def work(batch: Batch) -> None:
                     tries[f"{first}-then-{second}"] += 1
                     bump = sa.text("UPDATE counters SET hits = hits + 1 WHERE id = :id")
-                    await connection.execute(bump, {"id": first})
+                    await batch.execute(bump, {"id": first})
                     mine.set()
                     await theirs.wait()  # each holds its first row while it asks for the other's
-                    await connection.execute(bump, {"id": second})
+                    await batch.execute(bump, {"id": second})
 
                 return work
 
