@@ -25,7 +25,7 @@ async def _backdate(service: InProcessQueue, names: list[str]) -> None:
     ids = [name.rsplit("/", 1)[1] for name in names]
 
     async def write(tx: QueueWrite) -> None:
-        connection = tx._connection
+        connection = tx._batch.connection
         await connection.execute(
             items.update().where(items.c.id.in_(ids)).values(update_time=LONG_AGO, enqueue_time=LONG_AGO)
         )
@@ -45,7 +45,7 @@ async def _backdate(service: InProcessQueue, names: list[str]) -> None:
 async def _history_rows(service: InProcessQueue, name: str) -> int:
     async def read(tx: QueueWrite) -> int:
         query = sa.select(sa.func.count()).where(transitions.c.item_id == name.rsplit("/", 1)[1])
-        return int((await tx._connection.execute(query)).scalar_one())
+        return int((await tx._batch.execute(query)).scalar_one())
 
     return await service.parts.store.write(read)
 
