@@ -354,9 +354,11 @@ async def test_a_refresh_read_before_a_lease_ended_here_does_not_hold_the_lease_
     two reads the agent completes the item on A, which drops it from A's index, and leaves. The copy read
     first must not put the ended lease back: a phantom lease, held by an agent that is gone, shown to A's
     watchers after the item's end until A compares its whole index with the database, a minute later.
-    Forced: queue_run_closes is locked (ACCESS EXCLUSIVE) so that the refresh waits between its reads; an
-    item enqueued on the other replica meanwhile is read by A only after that refresh, which tells the test
-    that it is over."""
+    Forced: queue_run_closes is locked (ACCESS EXCLUSIVE) so that the refresh waits between its reads. An
+    item enqueued on the other replica once the lock is released is read by A only after that refresh (A
+    applies what the others wrote one refresh at a time), which tells the test that it is over. Enqueued
+    while the lock is held, it could wait behind the other replica's outbox drainer, itself waiting on the
+    lock: the test would then wait on itself."""
     async with two_replicas(tmp_path, registry, database) as ((first, _), (on_first, on_second)):
         queue, parked = await new_queue(on_first), await new_queue(on_first)
         agent = await ScriptedAgent(first.address).connect([queue], capacity=1)
@@ -372,15 +374,17 @@ async def test_a_refresh_read_before_a_lease_ended_here_does_not_hold_the_lease_
                 await watcher.execute(
                     "SELECT pg_notify(%s, %s)", (ITEMS_CHANNEL, f"other-replica:{name.rsplit('/', 1)[1]}")
                 )
-                await _until_waiting_on(watcher, "%queue_run_closes.item_id IN%")
+                # Both replicas refresh the item the notification names: A's refresh among the two waiting.
+                await _until_waiting_on(watcher, "%queue_run_closes.item_id IN%", count=2)
                 assert (await agent.progress(assignment, RUNNING)).ack.state == RUNNING
                 assert (await agent.complete(assignment, SUCCEEDED)).ack.state == SUCCEEDED
                 await agent.close()  # its stream is over on A once the call has ended
-                read_after = await enqueue(on_second, parked, job)
                 await lock.rollback()
-            async for change in watch:
-                if any(item.name == read_after for item in change.items):
-                    break
+            read_after = await enqueue(on_second, parked, job)
+            async with asyncio.timeout(PATIENCE):
+                async for change in watch:
+                    if any(item.name == read_after for item in change.items):
+                        break
             listed = await on_first.ListAgents(queue_pb2.ListAgentsRequest(include_disconnected=True))
             assert [lease.lease_id for found in listed.agents for lease in found.leases] == []
         finally:
