@@ -229,14 +229,23 @@ async def test_only_a_key_that_may_mint_everywhere_registers_a_signer_and_only_a
         assert (answer.code, answer.reason, answer.fields) == (INVALID, "ARGUMENT_INVALID", ["public_key"])
 
 
+async def _queue_client(
+    registry: Registry, monkeypatch: pytest.MonkeyPatch
+) -> tuple[QueueRegistryClient, keys_pb2.CreateKeyResponse]:
+    """The queue service's registry client, presenting a queue key made for it (returned too)."""
+    queue_key = await create_key(registry, QUEUE_KEY)
+    monkeypatch.delenv("TAKEOFF_API_KEY", raising=False)  # the environment would win over the queue's key
+    return QueueRegistryClient(
+        registry.address, QueueSettings(api_key=SecretStr(queue_key.secret))
+    ), queue_key
+
+
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 async def test_the_queues_client_signs_and_mints_only_a_scope_too_long_to_sign(
     registry: Registry, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     version = await image_version(registry)
-    queue_key = await create_key(registry, QUEUE_KEY)
-    monkeypatch.delenv("TAKEOFF_API_KEY", raising=False)  # the environment would win over the queue's key
-    client = QueueRegistryClient(registry.address, QueueSettings(api_key=SecretStr(queue_key.secret)))
+    client, queue_key = await _queue_client(registry, monkeypatch)
     try:
         short = await client.mint_run_token(RUN, ITEM, version, ["projects/demo/secrets/HF_TOKEN"])
         many = [f"projects/demo/secrets/S{index:02d}-{'x' * 56}" for index in range(60)]
@@ -296,10 +305,8 @@ async def test_the_queues_client_registers_its_signer_again_so_a_registry_restor
     registry: Registry, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     version = await image_version(registry)
-    queue_key = await create_key(registry, QUEUE_KEY)
-    monkeypatch.delenv("TAKEOFF_API_KEY", raising=False)  # the environment would win over the queue's key
     monkeypatch.setattr(registry_client, "REGISTER_AGAIN_SECONDS", 0.0)
-    client = QueueRegistryClient(registry.address, QueueSettings(api_key=SecretStr(queue_key.secret)))
+    client, queue_key = await _queue_client(registry, monkeypatch)
 
     async def signers() -> list[str]:
         async with registry.database.engine.connect() as connection:
