@@ -1660,7 +1660,7 @@ class Dispatcher:
         now = self._clock()
 
         async def write(tx: QueueWrite) -> None:
-            await tx.insert_token_revocations([run], now)
+            tx.insert_token_revocations([run], now)
 
         await self._store.write(write)
 

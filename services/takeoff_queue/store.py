@@ -341,7 +341,7 @@ class QueueWrite:
             return False
         self.items_written.add(item_id)
         self._insert_transitions(item_id, life.history[since:])
-        await self.insert_token_revocations(ended_attempt_runs(life.history[since:]), update_time)
+        self.insert_token_revocations(ended_attempt_runs(life.history[since:]), update_time)
         return True
 
     async def lock_live_count(self, queue: str) -> int:
@@ -433,8 +433,9 @@ class QueueWrite:
         )
         return int(result.rowcount)
 
-    async def insert_token_revocations(self, runs: Sequence[str], now: datetime) -> None:
-        """Put runs whose attempts ended in the outbox of token revocations, due at once."""
+    def insert_token_revocations(self, runs: Sequence[str], now: datetime) -> None:
+        """Put runs whose attempts ended in the outbox of token revocations, due at once: rows appended to
+        the batch, which nothing in the transaction reads back."""
         rows = [
             {"run": run, "create_time": now, "next_try_time": now, "tries": 0, "last_error": ""}
             for run in dict.fromkeys(runs)
@@ -482,7 +483,7 @@ class QueueWrite:
     async def insert_run_closes(self, closes: Sequence[RunClose], now: datetime) -> list[RunClose]:
         """Put runs in the outbox, due at once; returns them with their row ids. Their attempts are over,
         so their run tokens are revoked too."""
-        await self.insert_token_revocations([close.run for close in closes], now)
+        self.insert_token_revocations([close.run for close in closes], now)
         stored = []
         for close in closes:
             result = await self._batch.execute(

@@ -510,7 +510,7 @@ async def test_token_revocations_go_to_the_registry_in_batches_and_a_failed_batc
     runs = [f"projects/qtest/runs/r{index}-1" for index in range(REVOCATION_BATCH + 44)]
 
     async def insert(tx: QueueWrite) -> None:
-        await tx.insert_token_revocations(runs, datetime.now(UTC))
+        tx.insert_token_revocations(runs, datetime.now(UTC))
 
     await store.write(insert)
     calls: list[list[str]] = []
