@@ -527,7 +527,8 @@ class QueueWrite:
         )
 
     async def replay(self, scope: str, request_id: str, fingerprint: str) -> str | None:
-        """Like :meth:`QueueStore.replay`, in this transaction: it sees what this transaction remembered."""
+        """Like :meth:`QueueStore.replay`, in this transaction: it sees what this transaction remembered.
+        Its session and :meth:`remember`'s pass the batch's appended rows: request ids are neither table."""
         return await request_ids.replay(
             AsyncSession(bind=self._batch.connection),
             scope=scope,
