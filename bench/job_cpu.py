@@ -5,9 +5,9 @@ Two measurements on local stacks (each in a temporary TAKEOFF_HOME):
 - ``stack``: ``--runs`` launches of a cached job through the queue and an agent, one after another, each
   waited for as a client waits (``launch().wait()``: a WatchItem stream). Each service's CPU (utime + stime
   from ``/proc/PID/stat``) is read before and after (the runs' logs are read later); the job side is the
-  shims' fork server's own and *children* time (``cutime + cstime``: the shims it waited for and, through
-  them, their jobs), with the agent's children time (what it waited for itself: the fork server, had it
-  ended). The
+  shims' fork server's and the warm interpreters' own and *children* time (``cutime + cstime``: the shims
+  they waited for and, through them, their jobs), with the agent's children time (what it waited for
+  itself: a server, had it ended). The
   total is everything the machine spent on the runs; the goal is <= 0.2 CPU-seconds per run (issue 17).
   Measured twice, each on a stack of its own: with the agent's run relay on (the default: the job's SDK
   calls the registry through the agent and imports no gRPC, docs/design.md §8) and off.
@@ -101,8 +101,8 @@ def _children(pid: int) -> list[int]:
 
 def _shim_side(agent: int) -> float:
     """CPU seconds of the shims and their jobs so far: the agent's waited-for children's (the shims it
-    started before the fork server) and its live children's own and waited-for children's (the fork server,
-    the shims' parent, which waits for each)."""
+    started before the fork server) and its live children's own and waited-for children's (the fork server
+    and the warm interpreters, each the parent of the shims it forked, which waits for each)."""
     return _stat_times(agent)[1] + sum(sum(_stat_times(child)) for child in _children(agent))
 
 
@@ -157,7 +157,7 @@ def measure_stack(stack: LocalStack, client: Client, runs: int, *, run_relay: bo
     # Read once the CPU is taken: the registry's work for this bench's reads is not the runs'.
     records = [_job_marks("\n".join(line.text for line in client.read_logs(run))) for run in ran]
     figures = {f"{name} (own)": (after[name][0] - before[name][0]) / runs * 1e3 for name in pids}
-    figures["shim + job (the fork server's children)"] = shim_side / runs * 1e3
+    figures["shim + job (the fork servers' children)"] = shim_side / runs * 1e3
     figures = {name: round(value, 1) for name, value in figures.items()}
     figures["total"] = round(sum(figures.values()), 1)
     del agent

@@ -20,7 +20,6 @@ round and ``FinishRun`` go under the ``takeoff.finish`` span that ``close`` was 
 from __future__ import annotations
 
 import math
-import random
 import threading
 import time
 from collections import deque
@@ -35,7 +34,7 @@ from takeoff._run_calls import R, RunCalls, call_retrying
 from takeoff._values import dict_to_struct
 from takeoff.errors import TakeoffError
 from takeoff.v1 import runs_pb2
-from takeoff_rpc.backoff import RetryPolicy
+from takeoff_rpc.backoff import RetryPolicy, jitter_rng
 
 MAX_ROWS_PER_BATCH = 10_000  # the registry's limit per call
 MAX_BATCH_BYTES = 2 * 1024 * 1024  # well under gRPC's 4 MiB default message limit
@@ -43,7 +42,6 @@ CALL_TIMEOUT = 10.0
 RATE_LIMITED_MAX_WAIT = 10.0
 """The longest wait before resending a rate-limited call, whatever the registry says to wait."""
 RATE_LIMITED_MIN_WAIT = 0.01
-_rng = random.Random()
 
 
 class _GaveUp(Exception):
@@ -233,7 +231,7 @@ class RunSender:
             hint = 1.0
         if not math.isfinite(hint):
             hint = RATE_LIMITED_MAX_WAIT
-        delay = min(RATE_LIMITED_MAX_WAIT, max(RATE_LIMITED_MIN_WAIT, hint)) * _rng.uniform(1.0, 1.2)
+        delay = min(RATE_LIMITED_MAX_WAIT, max(RATE_LIMITED_MIN_WAIT, hint)) * jitter_rng.uniform(1.0, 1.2)
         until = time.monotonic() + delay
         while (now := time.monotonic()) < until:
             if until > self._give_up_at:

@@ -11,6 +11,7 @@ agent's relay (docs/design.md §8 "The run relay") retries the same way without 
 
 from __future__ import annotations
 
+import os
 import random
 import time
 from collections.abc import Callable
@@ -90,7 +91,7 @@ class RetryPolicy:
 
     def delay(self, retry: int, rng: random.Random | None = None) -> float:
         """A wait before retry number ``retry``: full jitter below :meth:`backoff_ceiling`."""
-        return (rng or _rng).uniform(0, self.backoff_ceiling(retry))
+        return (rng or jitter_rng).uniform(0, self.backoff_ceiling(retry))
 
     def next_delay(self, code: str, failed_attempts: int, elapsed: float) -> float | None:
         """How long to wait before trying again after a failure with status ``code`` (its name,
@@ -105,7 +106,11 @@ class RetryPolicy:
         return None if left <= 0 else min(self.delay(failed_attempts), left)
 
 
-_rng = random.Random()
+jitter_rng = random.Random()
+"""The SDK's and the services' jitter, drawn apart from ``random``'s generator, so that a job's
+``random.seed`` does not make it the same in every job; reseeded in a fork (a warm interpreter's job, §7),
+as ``random``'s is, so that no two jobs draw alike."""
+os.register_at_fork(after_in_child=jitter_rng.seed)
 
 
 def retry_transient(

@@ -60,6 +60,23 @@ EXEC_FAILED = 127
 """The exit code recorded for a job that could not be started (as a shell's for a missing command)."""
 _RESET_IN_JOB = (signal.SIGPIPE, signal.SIGXFSZ)
 """Ignored by Python at start; a job gets them at their defaults, as ``subprocess`` gives them."""
+WARM_IMPORTS = ("atexit", "runpy", "threading", "types", "takeoff._online", "takeoff._relay")
+"""What a warm interpreter imports before its first fork: what running a job in it takes, and what a job's
+``takeoff.init()`` loads to reach its run through the agent's relay. One that fails (a venv whose packages
+break the SDK) is left for the job to import, as it would have."""
+_warm_start: dict[str, str] | None = None
+"""In a warm interpreter (``serve_warm_forks``): the variables its start read (``start_variables``)."""
+_added_at_start: dict[str, str] = {}
+"""What a warm interpreter's start added to its environment (PEP 538's ``LC_CTYPE``, in the C locale): an
+interpreter of the job's own would have added it to the job's."""
+
+
+def start_variables(env: dict[str, str]) -> dict[str, str]:
+    """What of an environment an interpreter's start reads and keeps (``PYTHON*``: its paths, flags, hash
+    seed, I/O; the locale's, for its encodings): a job runs in a warm interpreter only where these agree."""
+    return {
+        name: value for name, value in env.items() if name.startswith(("PYTHON", "LC_")) or name == "LANG"
+    }
 
 
 def write_atomically(path: str | os.PathLike[str], data: object) -> None:
@@ -233,11 +250,17 @@ def spawn(
             os.dup2(stdout, 1)
             os.dup2(stderr, 2)
             os.chdir(cwd)
-            for reset in _RESET_IN_JOB:
-                signal.signal(reset, signal.SIG_DFL)
+            main = _main_here(argv, env)
+            if main is None:
+                for reset in _RESET_IN_JOB:
+                    signal.signal(reset, signal.SIG_DFL)
             if sigchld_ignored:
                 signal.signal(signal.SIGCHLD, signal.SIG_IGN)
             signal.pthread_sigmask(signal.SIG_UNBLOCK, (signal.SIGCHLD,))
+            if main is not None:
+                for fd in (write_end, stdin, stdout, stderr):  # the exec would have closed them
+                    os.close(fd)
+                _run_here(*main, env)
             os.execvpe(argv[0], argv, env)
         except OSError as error:
             os.write(write_end, f"{error.errno}:{error.strerror}".encode(errors="replace"))
@@ -254,6 +277,88 @@ def spawn(
         number, _, text = failure.decode(errors="replace").partition(":")
         raise OSError(int(number), text)
     return pid
+
+
+def _main_here(argv: list[str], env: dict[str, str]) -> tuple[str, str, list[str]] | None:
+    """How a job runs in this warm interpreter instead of an interpreter of its own: ``("-m", module,
+    args)``, ``("-c", command, args)`` or ``("", script, args)``; None (exec it) outside a warm interpreter,
+    for a command that is not this interpreter with a script, ``-m`` or ``-c`` and no options, and for
+    an environment its start would have read otherwise."""
+    if _warm_start is None or len(argv) < 2 or argv[0] != sys.executable:
+        return None
+    if start_variables(env) != _warm_start:
+        return None
+    if argv[1] in ("-m", "-c"):
+        return (argv[1], argv[2], argv[3:]) if len(argv) > 2 else None
+    if argv[1].startswith("-") or not os.path.isfile(argv[1]):
+        return None  # an option, or a script the interpreter would refuse in words of its own
+    return ("", argv[1], argv[2:])
+
+
+def _run_here(how: str, target: str, args: list[str], env: dict[str, str]) -> None:
+    """Run a job as ``python [-m|-c] target args`` would, in this fork of a warm interpreter, and exit as
+    it would: the environment, ``sys.argv``, ``sys.path[0]`` and a fresh ``__main__`` as the interpreter's
+    start sets them; at the end, what ``Py_FinalizeEx`` does first, in its order (wait for the threads
+    that are not daemons, run the ``atexit`` handlers, flush ``sys.stdout`` and ``sys.stderr``); an
+    uncaught KeyboardInterrupt ends it by SIGINT (docs/design.md §7 "Warm interpreters")."""
+    import atexit
+    import builtins
+    import runpy
+    import threading
+    import types
+
+    os.environ.clear()
+    os.environ.update({**env, **_added_at_start})
+    time.tzset()
+    main = types.ModuleType("__main__")
+    main.__builtins__ = builtins  # type: ignore[attr-defined]
+    sys.modules["__main__"] = main
+    status, interrupted = 0, False
+    try:
+        if how == "-m":
+            sys.argv = ["-m", *args]  # runpy puts the module's path in place of "-m"
+            sys.path.insert(0, os.getcwd())
+            runpy._run_module_as_main(target)  # type: ignore[attr-defined]  # what ``python -m`` calls
+        elif how == "-c":
+            sys.argv = ["-c", *args]
+            sys.path.insert(0, "")
+            exec(compile(target, "<string>", "exec"), vars(main))
+        else:
+            sys.argv = [target, *args]
+            sys.path.insert(0, os.path.dirname(os.path.realpath(target)))
+            main.__file__ = target
+            main.__cached__ = None  # type: ignore[attr-defined]
+            with open(target, "rb") as file:
+                exec(compile(file.read(), target, "exec"), vars(main))
+    except SystemExit as exit:
+        status = _exit_status(exit.code)
+    except BaseException as error:
+        sys.excepthook(type(error), error, error.__traceback__)
+        status, interrupted = 1, isinstance(error, KeyboardInterrupt)
+    try:
+        threading._shutdown()  # type: ignore[attr-defined]
+        atexit._run_exitfuncs()
+    except SystemExit as exit:
+        status = _exit_status(exit.code)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            status = status or 120  # as the interpreter's exit when it cannot flush
+    if interrupted:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
+    os._exit(status)
+
+
+def _exit_status(code: object) -> int:
+    """The exit status of an uncaught ``SystemExit(code)``, as the interpreter gives it."""
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code & 0xFF
+    print(code, file=sys.stderr)
+    return 1
 
 
 def start_ranks(lease_dir: str | os.PathLike[str], spec: dict[str, Any], ranks: Ranks) -> bool:
@@ -439,6 +544,27 @@ def serve_forks() -> int:
             for lease_dir in lease_dirs:
                 pid = _fork_shim(os.fsdecode(lease_dir), (woken, wake), inherited)
                 os.write(1, b"started %d\n" % pid)
+
+
+def serve_warm_forks(given: dict[str, str]) -> int:
+    """A warm interpreter: the fork server run by a venv's own interpreter (``runners/shims.py``) with
+    ``given`` as its whole environment, the start variables of the jobs it is for. It imports WARM_IMPORTS,
+    answers ``ready 0`` and then serves as ``serve_forks``; its shims run each job that can (``_main_here``)
+    in a fork of their own, not an interpreter's start (docs/design.md §7 "Warm interpreters")."""
+    global _warm_start, _added_at_start  # noqa: PLW0603 - what this process is, for the shims it forks
+    import gc
+    import importlib
+
+    for name in WARM_IMPORTS:
+        try:
+            importlib.import_module(name)
+        except Exception:  # the job imports it itself, and meets the error there
+            continue
+    _warm_start = given
+    _added_at_start = {name: value for name, value in os.environ.items() if name not in given}
+    gc.freeze()  # what is imported by now lives as long as any job: no job's collections walk it
+    os.write(1, b"ready 0\n")
+    return serve_forks()
 
 
 def _fork_shim(lease_dir: str, server_fds: tuple[int, int], sigchld: Any) -> int:

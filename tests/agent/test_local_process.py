@@ -342,3 +342,33 @@ def test_agent_status_lists_its_work_and_drain_stops_it(
     go.touch()
     assert agent.process.wait(timeout=60) == 0  # a drained agent exits once its work is done
     assert stack.item(name).state == SUCCEEDED
+
+
+WARM_TRAIN = TRAIN + 'print("warm:", b"serve_warm" + b"_forks" in open("/proc/self/cmdline", "rb").read())\n'
+"""TRAIN, saying whether it ran in a fork of its venv's warm interpreter (runners/shims.py)."""
+
+
+@pytest.mark.parametrize("warm_start", [True, False])
+def test_the_jobs_after_a_venvs_first_run_warm_and_report_as_it_did(
+    stack: Stack, client: Client, start_agent: StartAgent, tmp_path: Path, warm_start: bool
+) -> None:
+    """The first job of a venv starts as before and has the agent start the venv's warm interpreter; once
+    that is ready (its imports take a moment), the next ones run in forks of it, unless the runner's
+    ``warm_start`` is false (docs/design.md §7 "Warm interpreters")."""
+    job = code_job(client, tmp_path, "warm", WARM_TRAIN)
+    queue = stack.new_queue()
+    said = []
+    with running_agent(start_agent, [queue], runners={"local-process": {"warm_start": warm_start}}):
+        for _ in range(40 if warm_start else 5):
+            item = stack.wait_ended(stack.enqueue(queue, job))
+            assert (item.state, item.exit_code) == (SUCCEEDED, 0)
+            logs = stack.logs(item.run)
+            said.append("warm: True" in logs)
+            if said[-1]:
+                break
+    assert said[0] is False
+    assert said[-1] is warm_start
+    run = stack.run(item.run)
+    assert run.state == common_pb2.RUN_STATE_FINISHED
+    assert (run.history_length, run.summary["best"]) == (5, 0.2)
+    assert "hello from the job 2" in logs

@@ -35,9 +35,9 @@ from takeoff_agent.runners.secrets import (
     check_names,
     write_secret_files,
 )
-from takeoff_agent.runners.shims import Shim, ShimStarter, started_shim
+from takeoff_agent.runners.shims import Shim, ShimStarter, WarmStart, started_shim
 from takeoff_agent.sdk_site import matches_agent_python, write_sdk_site
-from takeoff_agent.shim import STOPPING, stop_groups, write_atomically, write_private
+from takeoff_agent.shim import STOPPING, start_variables, stop_groups, write_atomically, write_private
 from takeoff_server.resource_configs import PROCESS_OPTIONS
 
 logger = logging.getLogger(__name__)
@@ -57,17 +57,21 @@ _VARIABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 def create(options: Mapping[str, object], context: RunnerContext) -> LocalProcessRunner:
-    """The runner; its one option, ``pass_env``, names more of the agent's variables its jobs get (a GPU
-    host's ``LD_LIBRARY_PATH``, a proxy)."""
-    unknown = sorted(set(options) - {"pass_env"})
+    """The runner. ``pass_env`` names more of the agent's variables its jobs get (a GPU host's
+    ``LD_LIBRARY_PATH``, a proxy); ``warm_start: false`` starts every job in an interpreter of its own,
+    never in a warm one (docs/design.md §7 "Warm interpreters")."""
+    unknown = sorted(set(options) - {"pass_env", "warm_start"})
     if unknown:
-        raise ValueError(f"unknown option {', '.join(unknown)} (local-process takes: pass_env)")
+        raise ValueError(f"unknown option {', '.join(unknown)} (local-process takes: pass_env, warm_start)")
     passed = options.get("pass_env", [])
     if not isinstance(passed, list) or not all(
         isinstance(name, str) and _VARIABLE_NAME.fullmatch(name) for name in passed
     ):
         raise ValueError("pass_env must be a list of environment variable names")
-    return LocalProcessRunner(context, tuple(passed))
+    warm_start = options.get("warm_start", True)
+    if not isinstance(warm_start, bool):
+        raise ValueError("warm_start must be true or false")
+    return LocalProcessRunner(context, tuple(passed), warm_start=warm_start)
 
 
 def copy_code(code_path: Path, work_dir: Path) -> None:
@@ -90,9 +94,12 @@ class LocalProcessRunner:
     kind = ResourceKind.LOCAL_PROCESS
     needs_pushed_image = False
 
-    def __init__(self, context: RunnerContext, pass_env: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self, context: RunnerContext, pass_env: tuple[str, ...] = (), *, warm_start: bool = True
+    ) -> None:
         self.context = context
         self.pass_env = pass_env
+        self.warm_start = warm_start
         self.sdk_site = write_sdk_site(context.state_dir / "sdk")
         self.shims = ShimStarter()
 
@@ -111,6 +118,7 @@ class LocalProcessRunner:
             world_of(assignment.resource_config),
             relay=self.context.relay,
             shims=self.shims,
+            warm_start=self.warm_start,
         )
 
     async def sweep(self, held: Collection[str]) -> None:
@@ -141,16 +149,19 @@ class LocalProcessJob:
         *,
         relay: str | None = None,
         shims: ShimStarter | None = None,
+        warm_start: bool = False,
     ) -> None:
         """``relay``: the agent's run relay, given to the job as TAKEOFF_RELAY; None (the Slurm runner's
         jobs, which may run on another node) gives none. ``shims``: its runner's, which starts the shim;
-        None for a job found in a lease directory, which is only stopped."""
+        None for a job found in a lease directory, which is only stopped. ``warm_start``: the job may run
+        in a warm interpreter of its venv."""
         self.lease_dir = lease_dir
         self.sdk_site = sdk_site
         self.pass_env = pass_env
         self.world = world
         self.relay = relay
         self._shims = shims
+        self.warm_start = warm_start
         self._starting: asyncio.Task[Shim] | None = None
         self._log_sources = shim_output(lease_dir, world)
 
@@ -215,12 +226,14 @@ class LocalProcessJob:
         work_dir = self.lease_dir / "work"
         await asyncio.to_thread(copy_code, Path(built.code_path), work_dir)
         argv = list(assignment.entrypoint)
-        if argv and argv[0] in ("python", "python3"):
+        venv_python = argv[:1] in (["python"], ["python3"])
+        if venv_python:
             argv[0] = built.python_path or str(Path(built.venv_path) / "bin" / "python")
         context_dir = assignment.job_version.build_context
+        env = self.environment(launch)
         spec: dict[str, object] = {
             "argv": argv,
-            "env": self.environment(launch),
+            "env": env,
             "cwd": str(work_dir / context_dir) if context_dir else str(work_dir),
             "stop_grace_seconds": launch.stop_grace_seconds,
         }
@@ -228,9 +241,14 @@ class LocalProcessJob:
             spec["ranks"] = self.rank_environments()
         write_private(self._spec_file, spec)
         assert self._shims is not None, "a job its runner made: found ones are only stopped"
+        warm = (  # the SDK's imports need the agent's Python; the shim checks the rest (shim._main_here)
+            WarmStart(argv[0], tuple(sorted(start_variables(env).items())))
+            if self.warm_start and venv_python and matches_agent_python(Path(built.venv_path))
+            else None
+        )
         # A task of its own: a start given up midway (a stop came first) leaves the shim starting, and
         # stop() waits for it, then stops the job it started.
-        self._starting = asyncio.create_task(self._shims.start(self.lease_dir))
+        self._starting = asyncio.create_task(self._shims.start(self.lease_dir, warm))
         await asyncio.shield(self._starting)
 
     def rank_environments(self) -> list[dict[str, str]]:

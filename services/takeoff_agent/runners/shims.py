@@ -6,15 +6,22 @@ shim.py``: about 12 ms of CPU, and as much wall time before the job's own start)
 it for each one: a fork of a process that has imported the shim already. The server is the shims' parent
 and says when each has ended, as a child process's end is learnt; a shim outlives it (its own session), as
 it outlives the agent (docs/design.md §7 "The shim's fork server").
+
+A local job in a venv of the agent's Python also has a warm interpreter: a fork server run by the venv's
+own interpreter (``shim.serve_warm_forks``) that has imported what a job's start and ``takeoff.init()``
+load, whose shims run the job in a fork rather than an interpreter's start (docs/design.md §7 "Warm
+interpreters"). The first job of a venv starts it, after starting as before; the next ones use it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import select
 import sys
-from collections import deque
+from collections import OrderedDict, deque
+from dataclasses import dataclass
 from pathlib import Path
 
 from takeoff_agent import shim
@@ -23,6 +30,29 @@ from takeoff_agent.runners.base import RunnerUnavailable
 SERVER_COMMAND = (sys.executable, "-I", "-S", shim.__file__)
 """By path, isolated (``-I``: no ``PYTHON*`` variables, no user site) and without ``site`` (``-S``): a shim
 imports nothing but the standard library (docs/design.md §7)."""
+WARM_SERVER_CODE = """\
+import importlib.util, json, sys
+del sys.path[0]  # the agent's working directory: a job gets its own sys.path[0]
+spec = importlib.util.spec_from_file_location("takeoff_shim", sys.argv[1])
+shim = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(shim)
+sys.exit(shim.serve_warm_forks(json.loads(sys.argv[2])))
+"""
+"""A warm interpreter's start (``python -c WARM_SERVER_CODE shim.py START_VARIABLES``): the shim by path,
+so that the agent's package is not on the sys.path of the jobs, and its environment (the interpreter's
+start may add to it) in JSON."""
+WARM_INTERPRETERS = 4
+"""The warm interpreters an agent keeps, the most recently used: each holds a venv's interpreter with the
+SDK imported (about 30 MB, most of it shared with the jobs it forks)."""
+
+
+@dataclass(frozen=True)
+class WarmStart:
+    """Which warm interpreter may run a job: its venv's interpreter, and the variables its start reads
+    (``shim.start_variables``) as the job's environment has them."""
+
+    python: str
+    start_variables: tuple[tuple[str, str], ...]
 
 
 class Shim:
@@ -55,31 +85,41 @@ class ShimStarter:
 
     def __init__(self) -> None:
         self._server: _Server | None = None
+        self._warm: OrderedDict[WarmStart, _Server] = OrderedDict()
+        """Least recently used first."""
+        self._never_warm: set[WarmStart] = set()
+        """Warm interpreters that ended before they were ready (a broken venv): not started again."""
         self._asking = asyncio.Lock()
         self._closed = False
         self._orphans: set[asyncio.Task[None]] = set()
 
-    async def start(self, lease_dir: Path) -> Shim:
-        """Start the shim of ``lease_dir``. RunnerUnavailable when the server ended after it was asked and
-        before it answered (whether it forked the shim is not known: the lease directory tells), or once
-        the starter is closed. A caller that gives up after asking leaves the shim to start: it stops it
-        as it stops any job it may have started (its lease directory)."""
+    async def start(self, lease_dir: Path, warm: WarmStart | None = None) -> Shim:
+        """Start the shim of ``lease_dir``: forked by ``warm``'s interpreter when it is ready, else by the
+        fork server (and ``warm``'s is started, for the next job). RunnerUnavailable when the server ended
+        after it was asked and before it answered (whether it forked the shim is not known: the lease
+        directory tells), or once the starter is closed. A caller that gives up after asking leaves the
+        shim to start: it stops it as it stops any job it may have started (its lease directory)."""
         asked = os.fsencode(lease_dir)  # relative: the server has the agent's working directory
         if b"\0" in asked:
             raise ValueError(f"a lease directory has no NUL in its path: {lease_dir!r}")
         async with self._asking:  # one question at a time: the answers come in the order asked
-            for _ in range(2):
-                if self._closed:
-                    raise RunnerUnavailable("the runner is closing: it starts no more jobs")
-                server = await self._serving()
-                answer = server.ask(asked)
-                try:
-                    await server.sent()
-                except ConnectionError:  # it had ended, and never read this: the next server is asked
-                    await asyncio.shield(server.answers)  # which fails what was asked of it, this too
-                    answer.exception()  # retrieved
-                    continue
-                return await answer
+            if self._closed:
+                raise RunnerUnavailable("the runner is closing: it starts no more jobs")
+            if warm is not None and (server := self._warm_server(warm)) is not None:
+                started = await server.start_shim(asked)
+                if started is not None:
+                    return started
+            started = await self._fork_server_start(asked)
+            if warm is not None and warm not in self._warm and warm not in self._never_warm:
+                self._warm[warm] = await self._start_warm(warm)  # after this job's start: for the next
+                await self._keep_warm_few()
+            return started
+
+    async def _fork_server_start(self, asked: bytes) -> Shim:
+        for _ in range(2):
+            started = await (await self._serving()).start_shim(asked)
+            if started is not None:
+                return started
         raise RunnerUnavailable("the shims' fork server ended as it was started, twice")
 
     async def close(self) -> None:
@@ -87,11 +127,48 @@ class ShimStarter:
         more: their ``ended()`` waits on no one (the runner is closing with its agent)."""
         async with self._asking:
             self._closed = True
-        server, self._server = self._server, None
-        if server is not None:
-            await server.close()
+        servers = [*self._warm.values(), *([self._server] if self._server is not None else [])]
+        self._server = None
+        self._warm.clear()
+        await asyncio.gather(*(server.close() for server in servers))
         for orphan in list(self._orphans):
             orphan.cancel()
+
+    def _warm_server(self, warm: WarmStart) -> _Server | None:
+        """``warm``'s interpreter once it is ready; None before, and once it has ended (forgotten then)."""
+        server = self._warm.get(warm)
+        if server is None:
+            return None
+        if server.gone():
+            del self._warm[warm]
+            server.forget()
+            if not server.ready:
+                self._never_warm.add(warm)
+            return None
+        self._warm.move_to_end(warm)
+        return server if server.ready else None
+
+    async def _start_warm(self, warm: WarmStart) -> _Server:
+        return _Server(
+            await asyncio.create_subprocess_exec(
+                warm.python,
+                "-c",
+                WARM_SERVER_CODE,
+                shim.__file__,
+                json.dumps(dict(warm.start_variables)),
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                env=dict(warm.start_variables),
+                start_new_session=True,
+            ),
+            self._orphans,
+        )
+
+    async def _keep_warm_few(self) -> None:
+        """End the least recently used warm interpreters past WARM_INTERPRETERS (their shims run on)."""
+        while len(self._warm) > WARM_INTERPRETERS:
+            _, server = self._warm.popitem(last=False)
+            await server.close()
 
     async def _serving(self) -> _Server:
         """The server, started anew when the last one is gone."""
@@ -120,6 +197,8 @@ class _Server:
         self._asked: deque[asyncio.Future[Shim]] = deque()
         self._running: dict[int, Shim] = {}
         self._orphans = orphans
+        self.ready = False
+        """A warm interpreter has said ``ready`` (its imports are done)."""
         self.answers = asyncio.create_task(self._read_answers())
 
     def gone(self) -> bool:
@@ -127,16 +206,20 @@ class _Server:
         yet: asked now, it could not answer."""
         return self.answers.done() or bool(select.select([self._pidfd], [], [], 0)[0])
 
-    def ask(self, lease_dir: bytes) -> asyncio.Future[Shim]:
+    async def start_shim(self, lease_dir: bytes) -> Shim | None:
+        """The shim it started for ``lease_dir``; None when it had ended and never read the question (the
+        next server may be asked); RunnerUnavailable when it ended after reading it, unanswered."""
         answer: asyncio.Future[Shim] = asyncio.get_running_loop().create_future()
         self._asked.append(answer)
         assert self._process.stdin is not None
         self._process.stdin.write(lease_dir + b"\0")
-        return answer
-
-    async def sent(self) -> None:
-        assert self._process.stdin is not None
-        await self._process.stdin.drain()
+        try:
+            await self._process.stdin.drain()
+        except ConnectionError:
+            await asyncio.shield(self.answers)  # which fails what was asked of it, this too
+            answer.exception()  # retrieved
+            return None
+        return await answer
 
     async def close(self) -> None:
         assert self._process.stdin is not None
@@ -153,7 +236,9 @@ class _Server:
         async for line in self._process.stdout:
             word, pid_text = line.split()
             pid = int(pid_text)
-            if word == b"started":
+            if word == b"ready":
+                self.ready = True
+            elif word == b"started":
                 started = self._running[pid] = Shim(pid)
                 asked = self._asked.popleft()
                 if not asked.done():  # its caller may have given up

@@ -1,0 +1,222 @@
+"""Warm interpreters (docs/design.md §7 "Warm interpreters"): a job run in a fork of its venv's warm
+interpreter sees what it would see in an interpreter of its own, and ends as it would. Each case runs the
+same job both ways, through real fork servers and shims, and compares."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+
+from takeoff_agent.runners.local_process import create
+from takeoff_agent.runners.shims import ShimStarter, WarmStart
+from takeoff_agent.shim import start_variables, write_atomically
+from tests.processes import eventually
+
+WITHIN = 60.0
+ENV = {"PATH": os.environ["PATH"], "PYTHONUNBUFFERED": "1", "JOB_VALUE": "from the spec"}
+WARM = WarmStart(sys.executable, tuple(sorted(start_variables(ENV).items())))
+
+LOOK = """\
+import atexit, json, os, signal, sys, threading, time
+def ended():
+    time.sleep(0.2)  # still running when the main code ends: the exit waits for it
+    print("thread ended", flush=True)
+threading.Thread(target=ended).start()
+atexit.register(print, "atexit ran")
+seen = {
+    "argv": sys.argv,
+    "path": sys.path,
+    "name": __name__,
+    "file": globals().get("__file__"),
+    "main": sys.modules["__main__"].__dict__ is globals(),
+    "env": os.environ.get("JOB_VALUE"),
+    "environ": sorted(os.environ),
+    "cwd": os.getcwd(),
+    "stdin": sys.stdin.read(),
+    "group leader": os.getpgid(0) == os.getpid(),
+    "sigpipe ignored": signal.getsignal(signal.SIGPIPE) == signal.SIG_IGN,
+    "sigint": signal.getsignal(signal.SIGINT) is signal.default_int_handler,
+    "stdout": [sys.stdout.encoding, sys.stdout.write_through, sys.stdout.isatty()],
+    "warm": b"serve_warm" + b"_forks" in open("/proc/self/cmdline", "rb").read(),
+    "server": int(open(f"/proc/{os.getppid()}/stat").read().rsplit(")", 1)[1].split()[1]),  # shim's parent
+}
+print(json.dumps(seen), flush=True)
+sys.exit(3)
+"""
+FORMS = {
+    "script": lambda work: [sys.executable, str(work / "look.py"), "an", "argument"],
+    "module": lambda work: [sys.executable, "-m", "look", "an", "argument"],
+    "command": lambda work: [sys.executable, "-c", LOOK, "an", "argument"],
+}
+
+
+def lease_dir(home: Path, name: str, argv_of: object, env: dict[str, str] = ENV) -> Path:
+    lease = home / name
+    work = lease / "work"
+    work.mkdir(parents=True)
+    (work / "look.py").write_text(LOOK)
+    argv = argv_of(work) if callable(argv_of) else argv_of
+    spec = {"argv": argv, "env": env, "cwd": str(work), "stop_grace_seconds": 5}
+    write_atomically(lease / "spec.json", spec)
+    return lease
+
+
+async def run(starter: ShimStarter, lease: Path, warm: WarmStart | None) -> dict[str, object]:
+    shim = await starter.start(lease, warm)
+    async with asyncio.timeout(WITHIN):
+        await shim.ended()
+    ended: dict[str, object] = json.loads((lease / "exit.json").read_text())
+    return ended
+
+
+def output(lease: Path) -> tuple[dict[str, object], list[str]]:
+    """What the LOOK job saw, and the lines it printed after."""
+    first, *rest = (lease / "stdout.log").read_text().splitlines()
+    return json.loads(first), rest
+
+
+def alive(pid: int) -> bool:
+    """Running, not a zombie waiting to be reaped."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except FileNotFoundError:
+        return False
+
+
+async def warmed(starter: ShimStarter, home: Path, warm: WarmStart = WARM, env: dict[str, str] = ENV) -> int:
+    """Start jobs until one runs warm: the first starts ``warm``'s interpreter, which is ready a little
+    later (its imports), and the jobs meanwhile start as before. The warm interpreter's pid."""
+    for attempt in range(200):
+        lease = lease_dir(home, f"probe-{attempt}", FORMS["script"], env)
+        await run(starter, lease, warm)
+        seen = output(lease)[0]
+        if seen["warm"]:
+            return int(str(seen["server"]))
+    raise AssertionError("no job ran in the warm interpreter")
+
+
+@pytest.mark.parametrize("form", sorted(FORMS))
+async def test_a_job_run_warm_sees_and_does_what_it_would_in_an_interpreter_of_its_own(
+    tmp_path: Path, form: str
+) -> None:
+    starter = ShimStarter()
+    try:
+        await warmed(starter, tmp_path)
+        warm_lease = lease_dir(tmp_path, "warm", FORMS[form])
+        cold_lease = lease_dir(tmp_path, "cold", FORMS[form])
+        warm_exit = await run(starter, warm_lease, WARM)
+        cold_exit = await run(starter, cold_lease, None)
+    finally:
+        await starter.close()
+    warm_seen, warm_after = output(warm_lease)
+    cold_seen, cold_after = output(cold_lease)
+    assert (warm_seen.pop("warm"), cold_seen.pop("warm")) == (True, False)
+    assert warm_seen.pop("server") != cold_seen.pop("server")
+    # The paths name each lease's own directory: the same once that is set aside.
+    assert json.loads(json.dumps(warm_seen).replace("/warm/", "/LEASE/")) == json.loads(
+        json.dumps(cold_seen).replace("/cold/", "/LEASE/")
+    )
+    assert warm_seen["env"] == "from the spec"
+    assert warm_after == cold_after == ["thread ended", "atexit ran"]
+    assert warm_exit == cold_exit == {"exit_code": 3, "signal": None, "fenced": False}
+
+
+@pytest.mark.parametrize(
+    ("ending", "code", "killed_by", "said"),
+    [
+        ("1 / 0", 1, None, "ZeroDivisionError: division by zero"),
+        ("raise SystemExit('given up')", 1, None, "given up"),
+        ("raise SystemExit(300)", 300 & 0xFF, None, ""),
+        ("raise KeyboardInterrupt", 128 + signal.SIGINT, signal.SIGINT, "KeyboardInterrupt"),
+        ("os.kill(os.getpid(), signal.SIGTERM)", 128 + signal.SIGTERM, signal.SIGTERM, ""),
+    ],
+)
+async def test_a_job_run_warm_ends_as_it_would_in_an_interpreter_of_its_own(
+    tmp_path: Path, ending: str, code: int, killed_by: int | None, said: str
+) -> None:
+    job = f"import os, signal\nprint('started', flush=True)\n{ending}\n"
+    starter = ShimStarter()
+    try:
+        await warmed(starter, tmp_path)
+        ends = {}
+        for name, warm in (("warm", WARM), ("cold", None)):
+            lease = lease_dir(tmp_path, name, [sys.executable, "-c", job])
+            ends[name] = (await run(starter, lease, warm), (lease / "stderr.log").read_text())
+    finally:
+        await starter.close()
+    (warm_exit, warm_err), (cold_exit, cold_err) = ends["warm"], ends["cold"]
+    assert warm_exit == cold_exit == {"exit_code": code, "signal": killed_by, "fenced": False}
+    assert said in warm_err
+    assert warm_err.splitlines()[-1:] == cold_err.splitlines()[-1:]
+
+
+async def test_a_job_whose_start_would_read_other_variables_starts_an_interpreter_of_its_own(
+    tmp_path: Path,
+) -> None:
+    """Its environment sets PYTHONHASHSEED, which the warm interpreter's start did not read: run in it, the
+    job would hash with another seed than it asked for."""
+    seeded = {**ENV, "PYTHONHASHSEED": "0"}
+    starter = ShimStarter()
+    try:
+        await warmed(starter, tmp_path)
+        lease = lease_dir(
+            tmp_path,
+            "seeded",
+            [sys.executable, "-c", "import sys; print(sys.flags.hash_randomization)"],
+            seeded,
+        )
+        await run(starter, lease, WARM)  # asked of the warm interpreter, whose shim starts it anew
+        probe = lease_dir(tmp_path, "seeded-look", FORMS["script"], seeded)
+        await run(starter, probe, WARM)
+    finally:
+        await starter.close()
+    assert (lease / "stdout.log").read_text() == "0\n"
+    assert output(probe)[0]["warm"] is False
+
+
+async def test_a_killed_warm_interpreter_costs_no_start_and_is_started_again(tmp_path: Path) -> None:
+    starter = ShimStarter()
+    try:
+        server = await warmed(starter, tmp_path)
+        os.kill(server, signal.SIGKILL)
+        # Asked before it is gone, it may have read the question and died unanswered: that start fails
+        # RUNNER_INFRA as any whose fork server died so (test_shim_forks.py). Asked once it is gone:
+        await eventually(lambda: not alive(server), "the warm interpreter gone")
+        after = lease_dir(tmp_path, "after", FORMS["script"])
+        assert (await run(starter, after, WARM))["exit_code"] == 3
+        assert await warmed(starter, tmp_path / "again") != server
+    finally:
+        await starter.close()
+
+
+def test_the_runner_takes_warm_start_true_or_false(tmp_path: Path) -> None:
+    context = type("Context", (), {"state_dir": tmp_path})()
+    assert create({}, context).warm_start is True
+    assert create({"warm_start": False}, context).warm_start is False
+    with pytest.raises(ValueError, match="warm_start must be true or false"):
+        create({"warm_start": "no"}, context)
+
+
+async def test_jobs_forked_from_one_warm_interpreter_draw_numbers_of_their_own(tmp_path: Path) -> None:
+    """``random`` and the SDK's retry jitter (imported by the warm interpreter) are reseeded in each fork:
+    jobs that retry together do not wait alike."""
+    draw = (
+        "import random\nfrom takeoff_rpc import backoff\nprint(random.random(), backoff.jitter_rng.random())"
+    )
+    starter = ShimStarter()
+    try:
+        await warmed(starter, tmp_path)
+        leases = [lease_dir(tmp_path, f"draw-{index}", [sys.executable, "-c", draw]) for index in range(2)]
+        for lease in leases:
+            await run(starter, lease, WARM)
+    finally:
+        await starter.close()
+    first, second = ((lease / "stdout.log").read_text().split() for lease in leases)
+    assert first[0] != second[0]
+    assert first[1] != second[1]
