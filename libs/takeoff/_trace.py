@@ -111,10 +111,10 @@ def _start(traceparent: str) -> bool:
     """Take the parent from ``traceparent`` (a new trace without one), start the export thread and have
     the SDK's calls carry the current span; False when the parent was not sampled."""
     parts = traceparent.strip().split("-")
+    valid = len(parts) == 4 and len(parts[1]) == 32 and len(parts[2]) == 16 and len(parts[3]) == 2
     try:
-        valid = len(parts) == 4 and len(parts[1]) == 32 and len(parts[2]) == 16 and len(parts[3]) == 2
         trace_id, span_id, flags = (bytes.fromhex(parts[1]), bytes.fromhex(parts[2]), int(parts[3], 16))
-    except ValueError:
+    except (ValueError, IndexError):  # not hexadecimal, or too few parts (none given): a trace of its own
         valid = False
     if valid and any(trace_id) and any(span_id):
         if not flags & 1:

@@ -43,6 +43,7 @@ if not TYPE_CHECKING:
 else:
     import signal
     from collections.abc import Callable, Collection
+    from types import TracebackType
     from typing import Any
 
 FENCE_CHECK_SECONDS = 0.5
@@ -69,13 +70,23 @@ _warm_start: dict[str, str] | None = None
 _added_at_start: dict[str, str] = {}
 """What a warm interpreter's start added to its environment (PEP 538's ``LC_CTYPE``, in the C locale): an
 interpreter of the job's own would have added it to the job's."""
+_imported_at_start: frozenset[str] = frozenset()
+"""The top-level names of what a warm interpreter imported before its first fork."""
+
+
+START_PREFIXES = ("PYTHON", "LC_", "LD_", "MALLOC_", "PROTOCOL_BUFFERS_")
+"""The variables a process's start reads and keeps: the interpreter's (``PYTHON*``), the locale's, the
+dynamic loader's (``LD_LIBRARY_PATH``, ``LD_PRELOAD``), glibc's malloc's, and protobuf's (read when the warm
+interpreter imports it)."""
 
 
 def start_variables(env: dict[str, str]) -> dict[str, str]:
-    """What of an environment an interpreter's start reads and keeps (``PYTHON*``: its paths, flags, hash
-    seed, I/O; the locale's, for its encodings): a job runs in a warm interpreter only where these agree."""
+    """What of an environment a process's start reads and keeps (START_PREFIXES, ``LANG``,
+    ``GLIBC_TUNABLES``): a job runs in a warm interpreter only where these agree."""
     return {
-        name: value for name, value in env.items() if name.startswith(("PYTHON", "LC_")) or name == "LANG"
+        name: value
+        for name, value in env.items()
+        if name.startswith(START_PREFIXES) or name in ("LANG", "GLIBC_TUNABLES")
     }
 
 
@@ -281,74 +292,161 @@ def spawn(
 
 def _main_here(argv: list[str], env: dict[str, str]) -> tuple[str, str, list[str]] | None:
     """How a job runs in this warm interpreter instead of an interpreter of its own: ``("-m", module,
-    args)``, ``("-c", command, args)`` or ``("", script, args)``; None (exec it) outside a warm interpreter,
-    for a command that is not this interpreter with a script, ``-m`` or ``-c`` and no options, and for
-    an environment its start would have read otherwise."""
+    args)``, ``("-c", command, args)`` or ``("", script, args)``. None (exec it) outside a warm interpreter,
+    for a command that is not this interpreter with a script, ``-m`` or ``-c`` and no options, for a
+    script that is not Python source (a zipapp, a ``.pyc``), for an environment its start would have read
+    otherwise, and for a job whose first ``sys.path`` entry holds a module of the name of one imported
+    already (its own ``random.py``), which it would have imported instead."""
     if _warm_start is None or len(argv) < 2 or argv[0] != sys.executable:
         return None
     if start_variables(env) != _warm_start:
         return None
     if argv[1] in ("-m", "-c"):
-        return (argv[1], argv[2], argv[3:]) if len(argv) > 2 else None
-    if argv[1].startswith("-") or not os.path.isfile(argv[1]):
+        main = (argv[1], argv[2], argv[3:]) if len(argv) > 2 else None
+        first_path = "."
+    elif argv[1].startswith("-") or not os.path.isfile(argv[1]):
         return None  # an option, or a script the interpreter would refuse in words of its own
-    return ("", argv[1], argv[2:])
+    else:
+        with open(argv[1], "rb") as file:
+            head = file.read(4)
+        if head == b"PK\x03\x04" or head == _pyc_magic():
+            return None
+        main = ("", argv[1], argv[2:])
+        first_path = os.path.dirname(os.path.realpath(argv[1]))
+    shadowing = {entry.partition(".")[0] for entry in os.listdir(first_path)} & _imported_at_start
+    return None if shadowing else main
+
+
+def _pyc_magic() -> bytes:
+    import importlib.util  # the warm interpreter's start imported it
+
+    return importlib.util.MAGIC_NUMBER
 
 
 def _run_here(how: str, target: str, args: list[str], env: dict[str, str]) -> None:
     """Run a job as ``python [-m|-c] target args`` would, in this fork of a warm interpreter, and exit as
-    it would: the environment, ``sys.argv``, ``sys.path[0]`` and a fresh ``__main__`` as the interpreter's
-    start sets them; at the end, what ``Py_FinalizeEx`` does first, in its order (wait for the threads
-    that are not daemons, run the ``atexit`` handlers, flush ``sys.stdout`` and ``sys.stderr``); an
-    uncaught KeyboardInterrupt ends it by SIGINT (docs/design.md §7 "Warm interpreters")."""
-    import atexit
+    it would; never returns (docs/design.md §7 "Warm interpreters").
+
+    What the interpreter's start sets: the environment, ``sys.argv``, ``sys.path[0]``, a fresh
+    ``__main__`` with the globals it has, standard streams on the job's files; the code compiled with
+    none of the shim's ``__future__`` flags. At the end, what ``Py_FinalizeEx`` does, in its order: wait
+    for the threads that are not daemons, run the ``atexit`` handlers (an exception in either is reported
+    and ignored), clear ``__main__`` and collect (unclosed files are flushed as they close), flush the
+    standard streams; the exit status an uncaught ``SystemExit`` gives, and SIGINT for an uncaught
+    KeyboardInterrupt."""
+    status, interrupted = 1, False
+    try:
+        main = _enter_job(how, target, args, env)
+        try:
+            if how == "-m":
+                import runpy
+
+                runpy._run_module_as_main(target)  # type: ignore[attr-defined]  # what ``python -m`` calls
+            else:
+                _exec_main(how, target, main)
+            status = 0
+        except SystemExit as exit:
+            status = _exit_status(exit.code)
+        except BaseException as error:
+            error.with_traceback(_job_frames(error.__traceback__))  # the hook prints the error's own
+            sys.excepthook(type(error), error, error.__traceback__)
+            interrupted = isinstance(error, KeyboardInterrupt)
+        status = _finalize(main, status)
+    except BaseException as error:  # the shim's own failure, said where the job's errors go
+        sys.excepthook(type(error), error, error.__traceback__)
+    finally:
+        if interrupted:
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGINT)
+        os._exit(status)
+
+
+def _enter_job(how: str, target: str, args: list[str], env: dict[str, str]) -> Any:
+    """The process made the job's, as the interpreter's start would make it; its ``__main__``."""
     import builtins
-    import runpy
-    import threading
+    import io
     import types
+    from importlib.machinery import BuiltinImporter, SourceFileLoader
 
     os.environ.clear()
     os.environ.update({**env, **_added_at_start})
     time.tzset()
+    # The streams as the start makes them (their modes from the warm interpreter's: the same start
+    # variables), on the job's files: made for pipes, they would not seek.
+    for fd, name in ((0, "stdin"), (1, "stdout"), (2, "stderr")):
+        old = getattr(sys, name)
+        unbuffered = isinstance(old.buffer, io.FileIO)  # -u or PYTHONUNBUFFERED, for stdout and stderr
+        mode = "rb" if fd == 0 else "wb"
+        buffer = open(fd, mode, buffering=0 if unbuffered else -1, closefd=False)  # noqa: SIM115 - the job's
+        stream = io.TextIOWrapper(
+            buffer,
+            encoding=old.encoding,
+            errors=old.errors,
+            newline="\n",
+            line_buffering=old.line_buffering,
+            write_through=old.write_through,
+        )
+        setattr(sys, name, stream)
+        setattr(sys, f"__{name}__", stream)
     main = types.ModuleType("__main__")
+    main.__annotations__ = {}
     main.__builtins__ = builtins  # type: ignore[attr-defined]
     sys.modules["__main__"] = main
-    status, interrupted = 0, False
-    try:
-        if how == "-m":
-            sys.argv = ["-m", *args]  # runpy puts the module's path in place of "-m"
-            sys.path.insert(0, os.getcwd())
-            runpy._run_module_as_main(target)  # type: ignore[attr-defined]  # what ``python -m`` calls
-        elif how == "-c":
-            sys.argv = ["-c", *args]
-            sys.path.insert(0, "")
-            exec(compile(target, "<string>", "exec"), vars(main))
-        else:
-            sys.argv = [target, *args]
-            sys.path.insert(0, os.path.dirname(os.path.realpath(target)))
-            main.__file__ = target
-            main.__cached__ = None  # type: ignore[attr-defined]
-            with open(target, "rb") as file:
-                exec(compile(file.read(), target, "exec"), vars(main))
-    except SystemExit as exit:
-        status = _exit_status(exit.code)
-    except BaseException as error:
-        sys.excepthook(type(error), error, error.__traceback__)
-        status, interrupted = 1, isinstance(error, KeyboardInterrupt)
-    try:
-        threading._shutdown()  # type: ignore[attr-defined]
-        atexit._run_exitfuncs()
-    except SystemExit as exit:
-        status = _exit_status(exit.code)
+    if how == "-m":
+        sys.argv = ["-m", *args]  # runpy puts the module's path in place of "-m"
+        sys.path.insert(0, os.getcwd())
+    elif how == "-c":
+        sys.argv = ["-c", *args]
+        sys.path.insert(0, "")
+        main.__loader__ = BuiltinImporter
+    else:
+        sys.argv = [target, *args]
+        sys.path.insert(0, os.path.dirname(os.path.realpath(target)))
+        main.__file__ = target
+        main.__cached__ = None  # type: ignore[attr-defined]
+        main.__loader__ = SourceFileLoader("__main__", target)
+    return main
+
+
+def _job_frames(traceback: TracebackType | None) -> TracebackType | None:
+    """A job's traceback without the shim's frames above its code, as the interpreter would show it."""
+    while traceback is not None and traceback.tb_frame.f_code.co_filename == __file__:
+        traceback = traceback.tb_next
+    return traceback
+
+
+def _exec_main(how: str, target: str, main: Any) -> None:
+    if how == "-c":
+        source: str | bytes = target
+        filename = "<string>"
+    else:
+        with open(target, "rb") as file:
+            source = file.read()
+        filename = target
+    exec(compile(source, filename, "exec", dont_inherit=True), vars(main))
+
+
+def _finalize(main: Any, status: int) -> int:
+    import atexit
+    import gc
+    import threading
+
+    for module, step in ((threading, threading._shutdown), (atexit, atexit._run_exitfuncs)):  # type: ignore[attr-defined]
+        try:
+            step()
+        except BaseException as error:  # the interpreter reports it so and goes on with its exit
+            import traceback
+
+            print(f"Exception ignored in: {module!r}", file=sys.stderr)
+            traceback.print_exception(type(error), error, _job_frames(error.__traceback__))
+    vars(main).clear()
+    gc.collect()
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
         except (OSError, ValueError):
             status = status or 120  # as the interpreter's exit when it cannot flush
-    if interrupted:
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-        os.kill(os.getpid(), signal.SIGINT)
-    os._exit(status)
+    return status
 
 
 def _exit_status(code: object) -> int:
@@ -356,7 +454,7 @@ def _exit_status(code: object) -> int:
     if code is None:
         return 0
     if isinstance(code, int):
-        return code & 0xFF
+        return code & 0xFF if -(2**63) <= code < 2**63 else 255  # one a C long cannot hold: -1
     print(code, file=sys.stderr)
     return 1
 
@@ -551,7 +649,7 @@ def serve_warm_forks(given: dict[str, str]) -> int:
     ``given`` as its whole environment, the start variables of the jobs it is for. It imports WARM_IMPORTS,
     answers ``ready 0`` and then serves as ``serve_forks``; its shims run each job that can (``_main_here``)
     in a fork of their own, not an interpreter's start (docs/design.md §7 "Warm interpreters")."""
-    global _warm_start, _added_at_start  # noqa: PLW0603 - what this process is, for the shims it forks
+    global _warm_start, _added_at_start, _imported_at_start  # noqa: PLW0603 - what this process is
     import gc
     import importlib
 
@@ -562,6 +660,7 @@ def serve_warm_forks(given: dict[str, str]) -> int:
             continue
     _warm_start = given
     _added_at_start = {name: value for name, value in os.environ.items() if name not in given}
+    _imported_at_start = frozenset(name.partition(".")[0] for name in sys.modules)
     gc.freeze()  # what is imported by now lives as long as any job: no job's collections walk it
     os.write(1, b"ready 0\n")
     return serve_forks()

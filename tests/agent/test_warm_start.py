@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import sys
+import zipapp
 from pathlib import Path
 
 import pytest
@@ -29,7 +30,13 @@ def ended():
     print("thread ended", flush=True)
 threading.Thread(target=ended).start()
 atexit.register(print, "atexit ran")
+unclosed = open("unclosed.txt", "w")  # never closed: the interpreter's exit flushes it
+unclosed.write("written")
+def annotated(x: int) -> None: ...
 seen = {
+    "annotations": repr(annotated.__annotations__),
+    "globals": sorted(name for name in globals() if name.startswith("__")),
+    "loader": getattr(__loader__, "__name__", type(__loader__).__name__),
     "argv": sys.argv,
     "path": sys.path,
     "name": __name__,
@@ -38,11 +45,12 @@ seen = {
     "env": os.environ.get("JOB_VALUE"),
     "environ": sorted(os.environ),
     "cwd": os.getcwd(),
-    "stdin": sys.stdin.read(),
     "group leader": os.getpgid(0) == os.getpid(),
     "sigpipe ignored": signal.getsignal(signal.SIGPIPE) == signal.SIG_IGN,
     "sigint": signal.getsignal(signal.SIGINT) is signal.default_int_handler,
-    "stdout": [sys.stdout.encoding, sys.stdout.write_through, sys.stdout.isatty()],
+    "stdout": [sys.stdout.encoding, sys.stdout.write_through, sys.stdout.isatty(), sys.stdout.seekable()],
+    "stderr": [sys.stderr.errors, sys.stderr.line_buffering, sys.__stderr__ is sys.stderr],
+    "stdin": [sys.stdin.read(), sys.stdin.seekable()],
     "warm": b"serve_warm" + b"_forks" in open("/proc/self/cmdline", "rb").read(),
     "server": int(open(f"/proc/{os.getppid()}/stat").read().rsplit(")", 1)[1].split()[1]),  # shim's parent
 }
@@ -124,6 +132,7 @@ async def test_a_job_run_warm_sees_and_does_what_it_would_in_an_interpreter_of_i
     )
     assert warm_seen["env"] == "from the spec"
     assert warm_after == cold_after == ["thread ended", "atexit ran"]
+    assert (warm_lease / "work" / "unclosed.txt").read_text() == "written"
     assert warm_exit == cold_exit == {"exit_code": 3, "signal": None, "fenced": False}
 
 
@@ -135,6 +144,20 @@ async def test_a_job_run_warm_sees_and_does_what_it_would_in_an_interpreter_of_i
         ("raise SystemExit(300)", 300 & 0xFF, None, ""),
         ("raise KeyboardInterrupt", 128 + signal.SIGINT, signal.SIGINT, "KeyboardInterrupt"),
         ("os.kill(os.getpid(), signal.SIGTERM)", 128 + signal.SIGTERM, signal.SIGTERM, ""),
+        ("raise SystemExit(2**70)", 255, None, ""),
+        (  # a SIGTERM handler exits while the exit waits for a thread: reported, ignored, atexit runs
+            "import sys, threading, atexit\n"
+            "atexit.register(print, 'atexit ran', flush=True)\n"
+            "signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))\n"
+            "def stopper():\n"
+            "    while threading.main_thread().is_alive(): pass\n"
+            "    os.kill(os.getpid(), signal.SIGTERM)\n"
+            "    threading.Event().wait(1)\n"
+            "threading.Thread(target=stopper).start()",
+            0,
+            None,
+            "SystemExit: 143",
+        ),
     ],
 )
 async def test_a_job_run_warm_ends_as_it_would_in_an_interpreter_of_its_own(
@@ -153,31 +176,70 @@ async def test_a_job_run_warm_ends_as_it_would_in_an_interpreter_of_its_own(
     (warm_exit, warm_err), (cold_exit, cold_err) = ends["warm"], ends["cold"]
     assert warm_exit == cold_exit == {"exit_code": code, "signal": killed_by, "fenced": False}
     assert said in warm_err
-    assert warm_err.splitlines()[-1:] == cold_err.splitlines()[-1:]
+    assert warm_err == cold_err  # the job's frames alone, as the interpreter shows them
 
 
+@pytest.mark.parametrize(
+    ("variable", "value", "check"),
+    [
+        ("PYTHONHASHSEED", "0", "import sys; print(sys.flags.hash_randomization)"),
+        (
+            "LD_LIBRARY_PATH",
+            "/opt/job-libs",
+            "print(open('/proc/self/environ', 'rb').read().count(b'/opt/job-libs'))",
+        ),
+        (
+            "PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION",
+            "python",
+            "from google.protobuf.internal import api_implementation as a; print(a.Type() == 'python' and 0)",
+        ),
+    ],
+)
 async def test_a_job_whose_start_would_read_other_variables_starts_an_interpreter_of_its_own(
-    tmp_path: Path,
+    tmp_path: Path, variable: str, value: str, check: str
 ) -> None:
-    """Its environment sets PYTHONHASHSEED, which the warm interpreter's start did not read: run in it, the
-    job would hash with another seed than it asked for."""
-    seeded = {**ENV, "PYTHONHASHSEED": "0"}
+    """Its environment sets what the warm interpreter's start did not read (a hash seed, the dynamic
+    loader's path, protobuf's implementation, imported before the fork): run in it, the job would not
+    get what it asked for. Each check prints 0 when the job got it."""
+    changed = {**ENV, variable: value}
     starter = ShimStarter()
     try:
         await warmed(starter, tmp_path)
-        lease = lease_dir(
-            tmp_path,
-            "seeded",
-            [sys.executable, "-c", "import sys; print(sys.flags.hash_randomization)"],
-            seeded,
-        )
+        lease = lease_dir(tmp_path, "changed", [sys.executable, "-c", check], changed)
         await run(starter, lease, WARM)  # asked of the warm interpreter, whose shim starts it anew
-        probe = lease_dir(tmp_path, "seeded-look", FORMS["script"], seeded)
+        probe = lease_dir(tmp_path, "changed-look", FORMS["script"], changed)
         await run(starter, probe, WARM)
     finally:
         await starter.close()
-    assert (lease / "stdout.log").read_text() == "0\n"
+    assert (lease / "stdout.log").read_text() in ("0\n", "1\n")
     assert output(probe)[0]["warm"] is False
+
+
+async def test_a_job_that_brings_a_module_imported_already_or_runs_a_zipapp_starts_an_interpreter_of_its_own(
+    tmp_path: Path,
+) -> None:
+    """Its own ``random.py`` beside its script: the warm interpreter imported the standard one, which the
+    job would not have. A zipapp is no source to compile."""
+    starter = ShimStarter()
+    try:
+        await warmed(starter, tmp_path)
+        shadowing = lease_dir(tmp_path, "shadowing", FORMS["script"])
+        (shadowing / "work" / "random.py").write_text("MINE = True\n")
+        (shadowing / "work" / "look.py").write_text(
+            "import random\n" + LOOK.replace("seen = {", "seen = {'mine': random.MINE,")
+        )
+        await run(starter, shadowing, WARM)
+        app = tmp_path / "app"
+        app.mkdir()
+        (app / "__main__.py").write_text("print('from the zipapp')\n")
+        zipapp.create_archive(app, tmp_path / "app.pyz")
+        zipped = lease_dir(tmp_path, "zipped", [sys.executable, str(tmp_path / "app.pyz")])
+        await run(starter, zipped, WARM)
+    finally:
+        await starter.close()
+    seen = output(shadowing)[0]
+    assert (seen["mine"], seen["warm"]) == (True, False)
+    assert (zipped / "stdout.log").read_text() == "from the zipapp\n"
 
 
 async def test_a_killed_warm_interpreter_costs_no_start_and_is_started_again(tmp_path: Path) -> None:

@@ -102,6 +102,27 @@ def test_a_traced_jobs_spans_continue_its_traceparent_over_otlp_http(
     assert spans["inner"].end_time_unix_nano <= spans["work"].end_time_unix_nano
 
 
+@pytest.mark.parametrize("traceparent", [None, "", "00-not-a-traceparent"])
+def test_a_traced_job_without_a_valid_traceparent_starts_a_trace_of_its_own(
+    receiver: tuple[str, list[trace_service_pb2.ExportTraceServiceRequest]], traceparent: str | None
+) -> None:
+    """Run by hand with an exporter set (no launch gave it a TRACEPARENT): its spans start a new trace."""
+    endpoint, received = receiver
+    _job(
+        {
+            "OTEL_TRACES_EXPORTER": "otlp",
+            "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+            "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint,
+            **({"TRACEPARENT": traceparent} if traceparent is not None else {}),
+        }
+    )
+    [request] = received
+    spans = {span.name: span for span in request.resource_spans[0].scope_spans[0].spans}
+    assert set(spans) == {"work", "inner", "broken"}
+    assert len({span.trace_id for span in spans.values()}) == 1
+    assert spans["work"].parent_span_id == b""
+
+
 def test_a_job_whose_launch_is_not_sampled_records_nothing(
     receiver: tuple[str, list[trace_service_pb2.ExportTraceServiceRequest]],
 ) -> None:
