@@ -57,6 +57,15 @@ def receiver() -> Iterator[tuple[str, list[trace_service_pb2.ExportTraceServiceR
     thread.join()
 
 
+def _exporting_to(endpoint: str) -> dict[str, str]:
+    """The variables that have a job export its spans over OTLP/HTTP to ``endpoint``."""
+    return {
+        "OTEL_TRACES_EXPORTER": "otlp",
+        "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+        "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint,
+    }
+
+
 def _job(env: dict[str, str]) -> str:
     done = subprocess.run(
         [sys.executable, "-c", JOB],
@@ -76,9 +85,7 @@ def test_a_traced_jobs_spans_continue_its_traceparent_over_otlp_http(
     endpoint, received = receiver
     _job(
         {
-            "OTEL_TRACES_EXPORTER": "otlp",
-            "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
-            "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint,
+            **_exporting_to(endpoint),
             "TRACEPARENT": f"00-{TRACE_ID}-{PARENT}-01",
             "TAKEOFF_PROJECT": "p",
             "TAKEOFF_RUN_ID": "r1",
@@ -110,9 +117,7 @@ def test_a_traced_job_without_a_valid_traceparent_starts_a_trace_of_its_own(
     endpoint, received = receiver
     _job(
         {
-            "OTEL_TRACES_EXPORTER": "otlp",
-            "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
-            "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint,
+            **_exporting_to(endpoint),
             **({"TRACEPARENT": traceparent} if traceparent is not None else {}),
         }
     )
@@ -129,9 +134,7 @@ def test_a_job_whose_launch_is_not_sampled_records_nothing(
     endpoint, received = receiver
     _job(
         {
-            "OTEL_TRACES_EXPORTER": "otlp",
-            "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
-            "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint,
+            **_exporting_to(endpoint),
             "TRACEPARENT": f"00-{TRACE_ID}-{PARENT}-00",
         }
     )
