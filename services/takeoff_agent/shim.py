@@ -290,6 +290,14 @@ def spawn(
     return pid
 
 
+def warm_startable(env: dict[str, str]) -> bool:
+    """Whether a warm interpreter's start could have read ``env`` as the job's own would: not with a
+    relative ``PYTHONPATH`` entry, which ``site`` made absolute against the warm interpreter's working
+    directory, not the job's."""
+    entries = env.get("PYTHONPATH", "")
+    return not entries or all(os.path.isabs(entry) for entry in entries.split(os.pathsep))
+
+
 def _main_here(argv: list[str], env: dict[str, str]) -> tuple[str, str, list[str]] | None:
     """How a job runs in this warm interpreter instead of an interpreter of its own: ``("-m", module,
     args)``, ``("-c", command, args)`` or ``("", script, args)``. None (exec it) outside a warm interpreter,
@@ -299,7 +307,7 @@ def _main_here(argv: list[str], env: dict[str, str]) -> tuple[str, str, list[str
     already (its own ``random.py``), which it would have imported instead."""
     if _warm_start is None or len(argv) < 2 or argv[0] != sys.executable:
         return None
-    if start_variables(env) != _warm_start:
+    if start_variables(env) != _warm_start or not warm_startable(env):
         return None
     if argv[1] in ("-m", "-c"):
         main = (argv[1], argv[2], argv[3:]) if len(argv) > 2 else None
@@ -343,7 +351,7 @@ def _run_here(how: str, target: str, args: list[str], env: dict[str, str]) -> No
 
                 runpy._run_module_as_main(target)  # type: ignore[attr-defined]  # what ``python -m`` calls
             else:
-                _exec_main(how, target, main)
+                _exec_main(how, getattr(main, "__file__", target), main)
             status = 0
         except SystemExit as exit:
             status = _exit_status(exit.code)
@@ -351,7 +359,7 @@ def _run_here(how: str, target: str, args: list[str], env: dict[str, str]) -> No
             error.with_traceback(_job_frames(error.__traceback__))  # the hook prints the error's own
             sys.excepthook(type(error), error, error.__traceback__)
             interrupted = isinstance(error, KeyboardInterrupt)
-        status = _finalize(main, status)
+        status = _finalize(status)
     except BaseException as error:  # the shim's own failure, said where the job's errors go
         sys.excepthook(type(error), error, error.__traceback__)
     finally:
@@ -386,6 +394,8 @@ def _enter_job(how: str, target: str, args: list[str], env: dict[str, str]) -> A
             line_buffering=old.line_buffering,
             write_through=old.write_through,
         )
+        (buffer if unbuffered else buffer.raw).name = f"<{name}>"  # type: ignore[attr-defined,misc]
+        stream.mode = "r" if fd == 0 else "w"  # type: ignore[misc]
         setattr(sys, name, stream)
         setattr(sys, f"__{name}__", stream)
     main = types.ModuleType("__main__")
@@ -402,9 +412,9 @@ def _enter_job(how: str, target: str, args: list[str], env: dict[str, str]) -> A
     else:
         sys.argv = [target, *args]
         sys.path.insert(0, os.path.dirname(os.path.realpath(target)))
-        main.__file__ = target
+        main.__file__ = os.path.join(os.getcwd(), target)  # absolute, as since Python 3.9 (target if it is)
         main.__cached__ = None  # type: ignore[attr-defined]
-        main.__loader__ = SourceFileLoader("__main__", target)
+        main.__loader__ = SourceFileLoader("__main__", main.__file__)
     return main
 
 
@@ -426,9 +436,10 @@ def _exec_main(how: str, target: str, main: Any) -> None:
     exec(compile(source, filename, "exec", dont_inherit=True), vars(main))
 
 
-def _finalize(main: Any, status: int) -> int:
+def _finalize(status: int) -> int:
     import atexit
     import gc
+    import io
     import threading
 
     for module, step in ((threading, threading._shutdown), (atexit, atexit._run_exitfuncs)):  # type: ignore[attr-defined]
@@ -439,13 +450,27 @@ def _finalize(main: Any, status: int) -> int:
 
             print(f"Exception ignored in: {module!r}", file=sys.stderr)
             traceback.print_exception(type(error), error, _job_frames(error.__traceback__))
-    vars(main).clear()
-    gc.collect()
+    gc.collect()  # what is in cycles is finalized, a file in one closed
     for stream in (sys.stdout, sys.stderr):
+        if stream is None or getattr(stream, "closed", False):
+            continue
         try:
             stream.flush()
-        except (OSError, ValueError):
-            status = status or 120  # as the interpreter's exit when it cannot flush
+        except Exception as error:  # as the interpreter reports a failed flush at exit, and its status
+            print(f"Exception ignored in: {stream!r}\n{type(error).__name__}: {error}", file=sys.__stderr__)
+            status = 120
+    # The interpreter then releases every module's globals, which closes (so flushes) the files they hold:
+    # a tee on sys.stdout, a helper module's log. Not released here (daemon threads still run on them):
+    # their files are flushed, the text ones first, into their buffers.
+    sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
+    files = [found for found in gc.get_objects() if isinstance(found, io.IOBase)]
+    for kind in (io.TextIOBase, io.BufferedIOBase):
+        for file in files:
+            try:
+                if isinstance(file, kind) and not file.closed and file.writable():
+                    file.flush()
+            except Exception:  # as a file closed at exit: silently
+                pass
     return status
 
 
@@ -658,6 +683,9 @@ def serve_warm_forks(given: dict[str, str]) -> int:
             importlib.import_module(name)
         except Exception:  # the job imports it itself, and meets the error there
             continue
+    import atexit
+
+    atexit.unregister(gc.freeze)  # the SDK's, for the imports it would have made at each exit: frozen now
     _warm_start = given
     _added_at_start = {name: value for name, value in os.environ.items() if name not in given}
     _imported_at_start = frozenset(name.partition(".")[0] for name in sys.modules)

@@ -16,7 +16,7 @@ import pytest
 
 from takeoff_agent.runners.local_process import create
 from takeoff_agent.runners.shims import ShimStarter, WarmStart
-from takeoff_agent.shim import start_variables, write_atomically
+from takeoff_agent.shim import start_variables, warm_startable, write_atomically
 from tests.processes import eventually
 
 WITHIN = 60.0
@@ -51,6 +51,7 @@ seen = {
     "stdout": [sys.stdout.encoding, sys.stdout.write_through, sys.stdout.isatty(), sys.stdout.seekable()],
     "stderr": [sys.stderr.errors, sys.stderr.line_buffering, sys.__stderr__ is sys.stderr],
     "stdin": [sys.stdin.read(), sys.stdin.seekable()],
+    "streams": [repr(sys.stdin), repr(sys.stdout), repr(sys.stderr)],
     "warm": b"serve_warm" + b"_forks" in open("/proc/self/cmdline", "rb").read(),
     "server": int(open(f"/proc/{os.getppid()}/stat").read().rsplit(")", 1)[1].split()[1]),  # shim's parent
 }
@@ -59,6 +60,7 @@ sys.exit(3)
 """
 FORMS = {
     "script": lambda work: [sys.executable, str(work / "look.py"), "an", "argument"],
+    "relative script": lambda work: [sys.executable, "look.py", "an", "argument"],
     "module": lambda work: [sys.executable, "-m", "look", "an", "argument"],
     "command": lambda work: [sys.executable, "-c", LOOK, "an", "argument"],
 }
@@ -145,6 +147,7 @@ async def test_a_job_run_warm_sees_and_does_what_it_would_in_an_interpreter_of_i
         ("raise KeyboardInterrupt", 128 + signal.SIGINT, signal.SIGINT, "KeyboardInterrupt"),
         ("os.kill(os.getpid(), signal.SIGTERM)", 128 + signal.SIGTERM, signal.SIGTERM, ""),
         ("raise SystemExit(2**70)", 255, None, ""),
+        ("import sys; sys.stdout.close()", 0, None, ""),
         (  # a SIGTERM handler exits while the exit waits for a thread: reported, ignored, atexit runs
             "import sys, threading, atexit\n"
             "atexit.register(print, 'atexit ran', flush=True)\n"
@@ -282,3 +285,72 @@ async def test_jobs_forked_from_one_warm_interpreter_draw_numbers_of_their_own(t
     first, second = ((lease / "stdout.log").read_text().split() for lease in leases)
     assert first[0] != second[0]
     assert first[1] != second[1]
+
+
+LEAVES_FILES_OPEN = """\
+import json, threading, time
+json.held = open("held.txt", "w")  # a helper module's file, never closed
+json.held.write("held by a module")
+class Holder: ...
+holder = Holder()
+holder.itself, holder.file = holder, open("cycle.txt", "w")  # a file in a reference cycle
+holder.file.write("held in a cycle")
+del holder
+def heartbeat():  # a daemon thread still using the script's globals as the interpreter exits
+    while True:
+        time.sleep(0.001)
+threading.Thread(target=heartbeat, daemon=True).start()
+print("done")
+"""
+
+
+async def test_a_warm_jobs_files_left_open_are_written_at_its_exit_as_they_would_be(tmp_path: Path) -> None:
+    """The interpreter's exit releases every module's globals and collects: the files a job never closed
+    are flushed as they close, wherever it held them (in a reference cycle, the interpreter may close the
+    file under the buffer first: then both lose it), while daemon threads still run on its globals."""
+    starter = ShimStarter()
+    try:
+        await warmed(starter, tmp_path)
+        leases = {
+            name: lease_dir(tmp_path, name, [sys.executable, "-c", LEAVES_FILES_OPEN])
+            for name in ("warm", "cold")
+        }
+        ends = {
+            name: await run(starter, lease, WARM if name == "warm" else None)
+            for name, lease in leases.items()
+        }
+    finally:
+        await starter.close()
+    assert ends["warm"] == ends["cold"] == {"exit_code": 0, "signal": None, "fenced": False}
+    left = {
+        name: [
+            (lease / "stderr.log").read_text(),
+            *((lease / "work" / f).read_text() for f in ("held.txt", "cycle.txt")),
+        ]
+        for name, lease in leases.items()
+    }
+    assert (
+        left["warm"] == left["cold"]
+    )  # a file in a cycle, finalized after its buffer, as the interpreter does
+    assert left["warm"][:2] == ["", "held by a module"]
+
+
+async def test_a_job_with_a_relative_pythonpath_starts_an_interpreter_of_its_own(tmp_path: Path) -> None:
+    """``site`` makes a relative PYTHONPATH entry absolute against the working directory of the
+    interpreter's start: the warm interpreter's is not the job's."""
+    relative = {**ENV, "PYTHONPATH": "src"}
+    warm = WarmStart(sys.executable, tuple(sorted(start_variables(relative).items())))
+    starter = ShimStarter()
+    try:
+        leases = []
+        for attempt in range(3):  # the first starts the warm interpreter: the others may find it ready
+            lease = lease_dir(tmp_path, f"relative-{attempt}", FORMS["script"], relative)
+            (lease / "work" / "src").mkdir()
+            (lease / "work" / "src" / "mine.py").write_text("")
+            (lease / "work" / "look.py").write_text("import mine\n" + LOOK)
+            await run(starter, lease, warm)
+            leases.append(lease)
+    finally:
+        await starter.close()
+    assert not warm_startable(relative)
+    assert [output(lease)[0]["warm"] for lease in leases] == [False, False, False]

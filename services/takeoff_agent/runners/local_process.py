@@ -37,7 +37,14 @@ from takeoff_agent.runners.secrets import (
 )
 from takeoff_agent.runners.shims import Shim, ShimStarter, WarmStart, started_shim
 from takeoff_agent.sdk_site import matches_agent_python, write_sdk_site
-from takeoff_agent.shim import STOPPING, start_variables, stop_groups, write_atomically, write_private
+from takeoff_agent.shim import (
+    STOPPING,
+    start_variables,
+    stop_groups,
+    warm_startable,
+    write_atomically,
+    write_private,
+)
 from takeoff_server.resource_configs import PROCESS_OPTIONS
 
 logger = logging.getLogger(__name__)
@@ -243,7 +250,10 @@ class LocalProcessJob:
         assert self._shims is not None, "a job its runner made: found ones are only stopped"
         warm = (  # the SDK's imports need the agent's Python; the shim checks the rest (shim._main_here)
             WarmStart(argv[0], tuple(sorted(start_variables(env).items())))
-            if self.warm_start and venv_python and matches_agent_python(Path(built.venv_path))
+            if self.warm_start
+            and venv_python
+            and matches_agent_python(Path(built.venv_path))
+            and warm_startable(env)
             else None
         )
         # A task of its own: a start given up midway (a stop came first) leaves the shim starting, and
