@@ -404,17 +404,19 @@ def _enter_job(how: str, target: str, args: list[str], env: dict[str, str]) -> A
     sys.modules["__main__"] = main
     if how == "-m":
         sys.argv = ["-m", *args]  # runpy puts the module's path in place of "-m"
-        sys.path.insert(0, os.getcwd())
+        first_path = os.getcwd()
     elif how == "-c":
         sys.argv = ["-c", *args]
-        sys.path.insert(0, "")
+        first_path = ""
         main.__loader__ = BuiltinImporter
     else:
         sys.argv = [target, *args]
-        sys.path.insert(0, os.path.dirname(os.path.realpath(target)))
+        first_path = os.path.dirname(os.path.realpath(target))
         main.__file__ = os.path.join(os.getcwd(), target)  # absolute, as since Python 3.9 (target if it is)
         main.__cached__ = None  # type: ignore[attr-defined]
         main.__loader__ = SourceFileLoader("__main__", main.__file__)
+    if not sys.flags.safe_path:  # PYTHONSAFEPATH, a start variable: the warm interpreter's is the job's
+        sys.path.insert(0, first_path)
     return main
 
 

@@ -354,3 +354,73 @@ async def test_a_job_with_a_relative_pythonpath_starts_an_interpreter_of_its_own
         await starter.close()
     assert not warm_startable(relative)
     assert [output(lease)[0]["warm"] for lease in leases] == [False, False, False]
+
+
+@pytest.mark.parametrize("interpreter", ["missing", "exits at once", "prints before it is ready"])
+async def test_a_warm_interpreter_that_cannot_serve_costs_no_job_its_start(
+    tmp_path: Path, interpreter: str
+) -> None:
+    """A venv's interpreter gone, one that exits at once, one whose start prints on its answers' pipe: each
+    job still starts (through the fork server), once, with its own exit."""
+    python = {
+        "missing": tmp_path / "gone" / "python",
+        "exits at once": Path("/bin/false"),
+        "prints before it is ready": tmp_path / "chatty-python",
+    }[interpreter]
+    if interpreter == "prints before it is ready":
+        python.write_text(f'#!/bin/sh\necho "hello from a sitecustomize"\nexec {sys.executable} "$@"\n')
+        python.chmod(0o755)
+    warm = WarmStart(str(python), WARM.start_variables)
+    starter = ShimStarter()
+    try:
+        codes = []
+        for attempt in range(3):
+            lease = lease_dir(
+                tmp_path, f"job-{attempt}", [sys.executable, "-c", f"raise SystemExit({attempt})"]
+            )
+            codes.append((await run(starter, lease, warm))["exit_code"])
+    finally:
+        async with asyncio.timeout(WITHIN):
+            await starter.close()
+    assert codes == [0, 1, 2]
+
+
+async def test_closing_does_not_wait_for_a_warm_interpreter_still_in_its_imports(tmp_path: Path) -> None:
+    """One not ready has started no shim: it is ended at once, not at the end of its stdin, which it would
+    read only after its imports (here: never, within the test)."""
+    slow = tmp_path / "slow-python"
+    slow.write_text("#!/bin/sh\nexec sleep 600\n")  # never gets to its stdin
+    slow.chmod(0o755)
+    starter = ShimStarter()
+    try:
+        lease = lease_dir(tmp_path, "job", [sys.executable, "-c", "pass"])
+        await run(starter, lease, WarmStart(str(slow), WARM.start_variables))
+    finally:
+        async with asyncio.timeout(WITHIN):  # a guard: ended by its stdin alone, it would take 600 s
+            await starter.close()
+
+
+async def test_a_warm_job_with_a_safe_path_keeps_its_pythonpath(tmp_path: Path) -> None:
+    """PYTHONSAFEPATH: the interpreter puts no script directory first, nor removes one."""
+    library = tmp_path / "library"
+    library.mkdir()
+    (library / "mine.py").write_text("")
+    safe = {**ENV, "PYTHONSAFEPATH": "1", "PYTHONPATH": str(library)}
+    warm = WarmStart(sys.executable, tuple(sorted(start_variables(safe).items())))
+    job = "import mine\n" + LOOK
+    starter = ShimStarter()
+    try:
+        await warmed(starter, tmp_path, warm, safe)
+        leases = {
+            name: lease_dir(tmp_path, name, [sys.executable, "-c", job], safe) for name in ("warm", "cold")
+        }
+        for name, lease in leases.items():
+            assert (await run(starter, lease, warm if name == "warm" else None))["exit_code"] == 3
+    finally:
+        await starter.close()
+    warm_seen, cold_seen = output(leases["warm"])[0], output(leases["cold"])[0]
+    assert (warm_seen["warm"], cold_seen["warm"]) == (True, False)
+    assert warm_seen["path"] == cold_seen["path"]
+    path = warm_seen["path"]
+    assert isinstance(path, list)
+    assert path[0] == str(library)

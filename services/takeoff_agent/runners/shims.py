@@ -16,7 +16,9 @@ interpreters"). The first job of a venv starts it, after starting as before; the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import logging
 import os
 import select
 import sys
@@ -27,12 +29,15 @@ from pathlib import Path
 from takeoff_agent import shim
 from takeoff_agent.runners.base import RunnerUnavailable
 
+logger = logging.getLogger(__name__)
+
 SERVER_COMMAND = (sys.executable, "-I", "-S", shim.__file__)
 """By path, isolated (``-I``: no ``PYTHON*`` variables, no user site) and without ``site`` (``-S``): a shim
 imports nothing but the standard library (docs/design.md §7)."""
 WARM_SERVER_CODE = """\
 import importlib.util, json, sys
-del sys.path[0]  # the agent's working directory: a job gets its own sys.path[0]
+if not sys.flags.safe_path:
+    del sys.path[0]  # the agent's working directory: a job gets its own sys.path[0]
 spec = importlib.util.spec_from_file_location("takeoff_shim", sys.argv[1])
 shim = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(shim)
@@ -92,6 +97,8 @@ class ShimStarter:
         self._asking = asyncio.Lock()
         self._closed = False
         self._orphans: set[asyncio.Task[None]] = set()
+        self._ending: set[asyncio.Task[None]] = set()
+        """Servers let go of (evicted, gone), ending: waited for by close(), never by a start."""
 
     async def start(self, lease_dir: Path, warm: WarmStart | None = None) -> Shim:
         """Start the shim of ``lease_dir``: forked by ``warm``'s interpreter when it is ready, else by the
@@ -111,8 +118,7 @@ class ShimStarter:
                     return started
             started = await self._fork_server_start(asked)
             if warm is not None and warm not in self._warm and warm not in self._never_warm:
-                self._warm[warm] = await self._start_warm(warm)  # after this job's start: for the next
-                await self._keep_warm_few()
+                await self._warm_up(warm)  # after this job's start: for the next
             return started
 
     async def _fork_server_start(self, asked: bytes) -> Shim:
@@ -130,7 +136,7 @@ class ShimStarter:
         servers = [*self._warm.values(), *([self._server] if self._server is not None else [])]
         self._server = None
         self._warm.clear()
-        await asyncio.gather(*(server.close() for server in servers))
+        await asyncio.gather(*(server.close() for server in servers), *self._ending)
         for orphan in list(self._orphans):
             orphan.cancel()
 
@@ -141,16 +147,19 @@ class ShimStarter:
             return None
         if server.gone():
             del self._warm[warm]
-            server.forget()
+            self._end_later(server)
             if not server.ready:
                 self._never_warm.add(warm)
             return None
         self._warm.move_to_end(warm)
         return server if server.ready else None
 
-    async def _start_warm(self, warm: WarmStart) -> _Server:
-        return _Server(
-            await asyncio.create_subprocess_exec(
+    async def _warm_up(self, warm: WarmStart) -> None:
+        """Start ``warm``'s interpreter, and end the least recently used past WARM_INTERPRETERS (their shims
+        run on). One that cannot start (its venv's interpreter gone, start variables too long for a command
+        line) is said in the agent's log and not started again: the job it was for has started already."""
+        try:
+            process = await asyncio.create_subprocess_exec(
                 warm.python,
                 "-c",
                 WARM_SERVER_CODE,
@@ -160,15 +169,19 @@ class ShimStarter:
                 stdout=asyncio.subprocess.PIPE,
                 env=dict(warm.start_variables),
                 start_new_session=True,
-            ),
-            self._orphans,
-        )
-
-    async def _keep_warm_few(self) -> None:
-        """End the least recently used warm interpreters past WARM_INTERPRETERS (their shims run on)."""
+            )
+        except OSError as error:
+            logger.warning("no warm interpreter for %s (%s): its jobs start as before", warm.python, error)
+            self._never_warm.add(warm)
+            return
+        self._warm[warm] = _Server(process, self._orphans, ready=False)
         while len(self._warm) > WARM_INTERPRETERS:
-            _, server = self._warm.popitem(last=False)
-            await server.close()
+            self._end_later(self._warm.popitem(last=False)[1])
+
+    def _end_later(self, server: _Server) -> None:
+        ending = asyncio.create_task(server.close())
+        self._ending.add(ending)
+        ending.add_done_callback(self._ending.discard)
 
     async def _serving(self) -> _Server:
         """The server, started anew when the last one is gone."""
@@ -183,6 +196,7 @@ class ShimStarter:
                     start_new_session=True,  # no terminal's signals: it ends when the agent closes its stdin
                 ),
                 self._orphans,
+                ready=True,
             )
         return self._server
 
@@ -190,21 +204,27 @@ class ShimStarter:
 class _Server:
     """One fork server: what it was asked, the shims it started that have not ended, and its answers."""
 
-    def __init__(self, process: asyncio.subprocess.Process, orphans: set[asyncio.Task[None]]) -> None:
+    def __init__(
+        self, process: asyncio.subprocess.Process, orphans: set[asyncio.Task[None]], *, ready: bool
+    ) -> None:
         self._process = process
-        self._pidfd = os.pidfd_open(process.pid)
-        """Readable once it has exited: a server killed meanwhile is not asked."""
+        try:
+            self._pidfd: int | None = os.pidfd_open(process.pid)
+            """Readable once it has exited: a server killed meanwhile is not asked."""
+        except ProcessLookupError:  # exited and reaped already (a venv's interpreter that cannot start)
+            self._pidfd = None
         self._asked: deque[asyncio.Future[Shim]] = deque()
         self._running: dict[int, Shim] = {}
         self._orphans = orphans
-        self.ready = False
-        """A warm interpreter has said ``ready`` (its imports are done)."""
+        self.ready = ready
+        """It may be asked: at once for the fork server, once it has said ``ready`` for a warm interpreter
+        (its imports are done). Until then it has started no shim."""
         self.answers = asyncio.create_task(self._read_answers())
 
     def gone(self) -> bool:
         """Its answers have ended, or it has exited (its pidfd is readable) though their end is not read
         yet: asked now, it could not answer."""
-        return self.answers.done() or bool(select.select([self._pidfd], [], [], 0)[0])
+        return self._pidfd is None or self.answers.done() or bool(select.select([self._pidfd], [], [], 0)[0])
 
     async def start_shim(self, lease_dir: bytes) -> Shim | None:
         """The shim it started for ``lease_dir``; None when it had ended and never read the question (the
@@ -222,30 +242,44 @@ class _Server:
         return await answer
 
     async def close(self) -> None:
+        """End it at the end of its stdin, or at once while it has started no shim: a warm interpreter not
+        ready yet may be in its imports for long (a slow disk, a hanging ``sitecustomize``)."""
         assert self._process.stdin is not None
         self._process.stdin.close()
+        if not self.ready:
+            with contextlib.suppress(ProcessLookupError):
+                self._process.kill()
         await self._process.wait()
         await asyncio.shield(self.answers)
         self.forget()
 
     def forget(self) -> None:
-        os.close(self._pidfd)
+        if self._pidfd is not None:
+            os.close(self._pidfd)
+            self._pidfd = None
 
     async def _read_answers(self) -> None:
         assert self._process.stdout is not None
-        async for line in self._process.stdout:
-            word, pid_text = line.split()
-            pid = int(pid_text)
-            if word == b"ready":
-                self.ready = True
-            elif word == b"started":
-                started = self._running[pid] = Shim(pid)
-                asked = self._asked.popleft()
-                if not asked.done():  # its caller may have given up
-                    asked.set_result(started)
-            elif (ended := self._running.pop(pid, None)) is not None:
-                ended.end_seen()
-        # It ended: the shims it started are no longer children of anyone here.
+        try:
+            async for line in self._process.stdout:
+                match line.split():
+                    case [b"ready", b"0"]:
+                        self.ready = True
+                    case [b"started", pid] if pid.isdigit() and self._asked:
+                        started = self._running[int(pid)] = Shim(int(pid))
+                        asked = self._asked.popleft()
+                        if not asked.done():  # its caller may have given up
+                            asked.set_result(started)
+                    case [b"ended", pid] if pid.isdigit():
+                        if (ended := self._running.pop(int(pid), None)) is not None:
+                            ended.end_seen()
+                    case _:  # not the server's: what a warm interpreter's sitecustomize printed at its start
+                        continue
+        finally:
+            self._ended()
+
+    def _ended(self) -> None:
+        """It ended: the shims it started are no longer children of anyone here."""
         while self._asked:
             asked = self._asked.popleft()
             if not asked.done():
