@@ -26,7 +26,7 @@ WARM = WarmStart(sys.executable, tuple(sorted(start_variables(ENV).items())))
 LOOK = """\
 import atexit, json, os, signal, sys, threading, time
 def ended():
-    time.sleep(0.2)  # still running when the main code ends: the exit waits for it
+    threading.main_thread().join()  # still running when the main code ends: the exit waits for it
     print("thread ended", flush=True)
 threading.Thread(target=ended).start()
 atexit.register(print, "atexit ran")
@@ -153,7 +153,7 @@ async def test_a_job_run_warm_sees_and_does_what_it_would_in_an_interpreter_of_i
             "atexit.register(print, 'atexit ran', flush=True)\n"
             "signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))\n"
             "def stopper():\n"
-            "    while threading.main_thread().is_alive(): pass\n"
+            "    threading.main_thread().join()\n"
             "    os.kill(os.getpid(), signal.SIGTERM)\n"
             "    threading.Event().wait(1)\n"
             "threading.Thread(target=stopper).start()",
@@ -298,7 +298,7 @@ holder.file.write("held in a cycle")
 del holder
 def heartbeat():  # a daemon thread still using the script's globals as the interpreter exits
     while True:
-        time.sleep(0.001)
+        time.monotonic()
 threading.Thread(target=heartbeat, daemon=True).start()
 print("done")
 """
