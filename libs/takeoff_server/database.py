@@ -7,6 +7,7 @@ database: each keeps its own tables and its own migration version table, ``{serv
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -19,7 +20,7 @@ from alembic.config import Config as AlembicConfig
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, make_url
-from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, async_sessionmaker, create_async_engine
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from takeoff_server.config import ConfigError, ServerSettings
@@ -89,6 +90,8 @@ class Database:
         else:
             self.engine = create_async_engine(self.url, pool_pre_ping=True)
         self._sessions = async_sessionmaker(self.engine, class_=AsyncSession, expire_on_commit=False)
+        self._writer: AsyncConnection | None = None
+        self._writing = asyncio.Lock()
 
     @classmethod
     def for_service(
@@ -114,6 +117,24 @@ class Database:
     async def session(self) -> AsyncIterator[AsyncSession]:
         async with self._sessions() as session:
             yield session
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[AsyncConnection]:
+        """A transaction for writes, committed when the block ends (rolled back if it raises).
+
+        On SQLite each one runs on a connection kept for them, one at a time: a SQLite file has one writer
+        at a time anyway, and a pool's checkout, reset and check-in cost a group commit's transaction about
+        0.25 ms, more than its statements. Elsewhere it is the pool's, pinged at checkout: a server's
+        connection can drop, and a kept one would fail the first transaction after."""
+        if not self.url.startswith("sqlite"):
+            async with self.engine.begin() as connection:
+                yield connection
+            return
+        async with self._writing:
+            if self._writer is None:
+                self._writer = await self.engine.connect()
+            async with self._writer.begin():
+                yield self._writer
 
     async def migrate(self) -> str | None:
         """Bring the schema to the newest revision in ``migrations``; return that revision."""
@@ -148,6 +169,9 @@ class Database:
         command.upgrade(config, "head")
 
     async def close(self) -> None:
+        if self._writer is not None:
+            await self._writer.close()
+            self._writer = None
         await self.engine.dispose()
 
 

@@ -22,14 +22,16 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 
 from sqlalchemy.engine import CursorResult
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql import Executable
 
+from takeoff_server.database import Database
 from takeoff_server.db_errors import DATABASE_OUTAGES
+from takeoff_server.hot_statements import HotStatement, Outcome, Parameters
 
 T = TypeVar("T")
 
@@ -44,23 +46,35 @@ class Batch:
 
     def __init__(self, connection: AsyncConnection) -> None:
         self.connection = connection
-        self._appends: dict[Executable, list[dict[str, Any]]] = {}
+        self._appends: dict[HotStatement, list[dict[str, Any]]] = {}
 
-    def append(self, insert: Executable, rows: list[dict[str, Any]]) -> None:
+    def append(self, insert: HotStatement, rows: list[dict[str, Any]]) -> None:
         if rows:
             self._appends.setdefault(insert, []).extend(rows)
 
+    @overload
+    async def execute(
+        self, statement: HotStatement, parameters: Parameters = None, *, past_appends: bool = False
+    ) -> Outcome: ...
+
+    @overload
     async def execute(
         self, statement: Executable, parameters: Any = None, *, past_appends: bool = False
-    ) -> CursorResult[Any]:
+    ) -> CursorResult[Any]: ...
+
+    async def execute(
+        self, statement: HotStatement | Executable, parameters: Any = None, *, past_appends: bool = False
+    ) -> Outcome | CursorResult[Any]:
         if not past_appends:
             await self.flush()
+        if isinstance(statement, HotStatement):
+            return await statement.execute(self.connection, parameters)
         return await self.connection.execute(statement, parameters)
 
     async def flush(self) -> None:
         appends, self._appends = self._appends, {}
         for insert, rows in appends.items():
-            await self.connection.execute(insert, rows)
+            await insert.execute(self.connection, rows)
 
 
 Work = Callable[[Batch], Awaitable[Any]]
@@ -71,8 +85,8 @@ MAX_TRIES = 5
 
 
 class GroupCommitter:
-    def __init__(self, engine: AsyncEngine) -> None:
-        self._engine = engine
+    def __init__(self, database: Database) -> None:
+        self._database = database
         self._waiting: list[tuple[Work, asyncio.Future[Any]]] = []
         self._writer: asyncio.Task[None] | None = None
 
@@ -102,7 +116,7 @@ class GroupCommitter:
         tries = 0
         while True:
             try:
-                async with self._engine.begin() as connection:
+                async with self._database.transaction() as connection:
                     shared = Batch(connection)
                     results = [await work(shared) for work, _ in batch]
                     await shared.flush()

@@ -136,7 +136,7 @@ def _build_from_row(row: BuildRow) -> Build:
 class BuildStore:
     def __init__(self, database: Database) -> None:
         self._database = database
-        self._ended = GroupCommitter(database.engine)
+        self._ended = GroupCommitter(database)
         """Builds stored once they have ended (cache hits answered first), many to a transaction."""
 
     async def replay(self, scope: str, request_id: str, fingerprint: str) -> str | None:

@@ -27,6 +27,7 @@ from takeoff_queue.resource_config import ResourceKind
 from takeoff_queue.run_closes import Revocation, RunClose
 from takeoff_server.database import Database
 from takeoff_server.group_commit import Batch, GroupCommitter
+from takeoff_server.hot_statements import HotStatement
 from takeoff_server.idempotency import RequestIds, request_ids_table
 from takeoff_server.sqltypes import UtcDateTime
 
@@ -202,20 +203,23 @@ request_ids_rows = request_ids_table("queue_request_ids", SQLModel.metadata)
 request_ids = RequestIds(request_ids_rows)
 
 # The statements of the hot path, built once: building one per call (``.values(**row)``) and computing its
-# cache key cost more CPU than executing it. Each takes its values from the parameters it is executed with
-# (an UPDATE sets, an INSERT fills, the columns those name); the WHERE clause's parameters are named apart
-# from the columns.
-_SAVE_ITEM = items.update().where(
-    items.c.id == sa.bindparam("where_id"), items.c.revision == sa.bindparam("where_revision")
+# cache key cost more CPU than executing it; on SQLite sqlite3 runs them itself (hot_statements). Each takes
+# its values from the parameters it is executed with (an UPDATE sets, an INSERT fills, the columns those
+# name); the WHERE clause's parameters are named apart from the columns.
+_SAVE_ITEM = HotStatement(
+    items.update().where(
+        items.c.id == sa.bindparam("where_id"), items.c.revision == sa.bindparam("where_revision")
+    )
 )
-_INSERT_ITEM = items.insert()
-_INSERT_TRANSITIONS = transitions.insert()
-_INSERT_TOKEN_REVOCATIONS = token_revocations.insert()
+_INSERT_ITEM = HotStatement(items.insert())
+_INSERT_TRANSITIONS = HotStatement(transitions.insert())
+_INSERT_TOKEN_REVOCATIONS = HotStatement(token_revocations.insert())
 _DELETE_TOKEN_REVOCATIONS = token_revocations.delete().where(
     token_revocations.c.id.in_(sa.bindparam("where_ids", expanding=True))
 )
-_QUEUE_EXISTS = sa.select(queues.c.name).where(queues.c.name == sa.bindparam("where_name"))
-_QUEUE_EXISTS_KEY_SHARE = _QUEUE_EXISTS.with_for_update(key_share=True)
+_QUEUE_NAMED = sa.select(queues.c.name).where(queues.c.name == sa.bindparam("where_name"))
+_QUEUE_EXISTS = HotStatement(_QUEUE_NAMED)
+_QUEUE_EXISTS_KEY_SHARE = HotStatement(_QUEUE_NAMED.with_for_update(key_share=True))
 
 LIVE_OR_PENDING = [s.value for s in ItemState if not s.is_terminal]
 LIVE = [s.value for s in ItemState if s.is_live]
@@ -572,8 +576,8 @@ class QueueStore:
 
     def __init__(self, database: Database, *, replica: str = "") -> None:
         self._database = database
-        self._committer = GroupCommitter(database.engine)
-        self._renewals = GroupCommitter(database.engine)
+        self._committer = GroupCommitter(database)
+        self._renewals = GroupCommitter(database)
         """Agents' lease renewals commit apart from item writes: an item write waiting on a row another
         replica holds locked must never hold back a Heartbeat's Ack."""
         self.replica = replica

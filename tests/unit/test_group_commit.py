@@ -8,9 +8,8 @@ import asyncio
 
 import pytest
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import create_async_engine
 
-from takeoff_server.database import async_database_url
+from takeoff_server.database import Database
 from takeoff_server.group_commit import Batch, GroupCommitter, Work
 from tests.postgres import assert_on_postgresql, postgres_schema_url
 
@@ -19,7 +18,8 @@ pytestmark = pytest.mark.postgres
 
 async def test_a_batch_postgresql_aborts_to_break_a_deadlock_is_written_again() -> None:
     with postgres_schema_url("group_commit") as url:
-        engine = create_async_engine(async_database_url(url))
+        database = Database("group_commit", url)
+        engine = database.engine
         try:
             await assert_on_postgresql(engine)
             async with engine.begin() as connection:
@@ -41,8 +41,8 @@ async def test_a_batch_postgresql_aborts_to_break_a_deadlock_is_written_again() 
 
             # Two committers, as two replicas have: each batch is a transaction on a connection of its own.
             results = await asyncio.gather(
-                GroupCommitter(engine).commit(crossing("a", "b", first_locked, second_locked)),
-                GroupCommitter(engine).commit(crossing("b", "a", second_locked, first_locked)),
+                GroupCommitter(database).commit(crossing("a", "b", first_locked, second_locked)),
+                GroupCommitter(database).commit(crossing("b", "a", second_locked, first_locked)),
                 return_exceptions=True,
             )
 
@@ -53,4 +53,4 @@ async def test_a_batch_postgresql_aborts_to_break_a_deadlock_is_written_again() 
             assert hits == {"a": 2, "b": 2}  # each batch's two writes, once each
             assert sorted(tries.values()) == [1, 2]  # the deadlock's victim was run again, the other once
         finally:
-            await engine.dispose()
+            await database.close()

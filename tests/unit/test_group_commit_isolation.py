@@ -1,6 +1,7 @@
 """Group commit (libs/takeoff_server/group_commit.py): a change the database refuses (a constraint it
 violates, by a statement or by a row it appended) fails alone, while the changes that shared its batch
-commit; appended rows are in place before a statement that may see them; on SQLite and PostgreSQL."""
+commit; appended rows are in place before a statement that may see them; on SQLite (the services' engine,
+whose hot statements sqlite3 runs itself) and PostgreSQL."""
 
 from __future__ import annotations
 
@@ -11,31 +12,32 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine
 
-from takeoff_server.database import async_database_url
+from takeoff_server.database import Database
 from takeoff_server.group_commit import Batch, GroupCommitter, Work
+from takeoff_server.hot_statements import HotStatement
 from tests.postgres import postgres_schema_url
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-async def engine(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[AsyncEngine]:
+async def database(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Database]:
     if request.param == "sqlite":
-        made = create_async_engine(async_database_url(f"sqlite:///{tmp_path / 'batch.db'}"))
+        made = Database.for_service("batch", tmp_path, None)
         try:
             yield made
         finally:
-            await made.dispose()
+            await made.close()
         return
     with postgres_schema_url("group_commit_isolation") as url:
-        made = create_async_engine(async_database_url(url))
+        made = Database("group_commit_isolation", url)
         try:
             yield made
         finally:
-            await made.dispose()
+            await made.close()
 
 
-INSERT_NAME = sa.text("INSERT INTO names VALUES (:name)")
+INSERT_NAME = HotStatement(sa.table("names", sa.column("name")).insert())
 
 
 async def _names(engine: AsyncEngine) -> list[str]:
@@ -54,9 +56,9 @@ async def _names(engine: AsyncEngine) -> list[str]:
     ids=["executed", "appended"],
 )
 async def test_a_change_the_database_refuses_fails_alone_and_its_batch_commits(
-    engine: AsyncEngine, appended: bool, runs_expected: dict[str, int]
+    database: Database, appended: bool, runs_expected: dict[str, int]
 ) -> None:
-    async with engine.begin() as connection:
+    async with database.engine.begin() as connection:
         await connection.execute(sa.text("CREATE TABLE names (name TEXT PRIMARY KEY)"))
         await connection.execute(sa.text("INSERT INTO names VALUES ('taken')"))
     runs: dict[str, int] = {}
@@ -72,7 +74,7 @@ async def test_a_change_the_database_refuses_fails_alone_and_its_batch_commits(
 
         return work
 
-    committer = GroupCommitter(engine)
+    committer = GroupCommitter(database)
     # Submitted in one turn of the event loop: one batch.
     results = await asyncio.gather(
         *(committer.commit(insert(name)) for name in ("a", "taken", "b")), return_exceptions=True
@@ -82,11 +84,11 @@ async def test_a_change_the_database_refuses_fails_alone_and_its_batch_commits(
     assert isinstance(results[1], IntegrityError)
     assert results[2] == "b"
     assert runs == runs_expected
-    assert await _names(engine) == ["a", "b", "taken"]
+    assert await _names(database.engine) == ["a", "b", "taken"]
 
 
-async def test_appended_rows_are_in_place_before_a_statement_that_may_see_them(engine: AsyncEngine) -> None:
-    async with engine.begin() as connection:
+async def test_appended_rows_are_in_place_before_a_statement_that_may_see_them(database: Database) -> None:
+    async with database.engine.begin() as connection:
         await connection.execute(sa.text("CREATE TABLE names (name TEXT PRIMARY KEY)"))
     count = sa.text("SELECT count(*) FROM names")
     counted: dict[str, int] = {}
@@ -99,11 +101,11 @@ async def test_appended_rows_are_in_place_before_a_statement_that_may_see_them(e
         counted["after them"] = (await batch.execute(count)).scalar_one()
         batch.append(INSERT_NAME, [{"name": "c"}])
 
-    committer = GroupCommitter(engine)
+    committer = GroupCommitter(database)
     await asyncio.gather(committer.commit(appends), committer.commit(counts))  # one batch
 
     assert counted == {"past the appends": 0, "after them": 2}
-    assert await _names(engine) == [
+    assert await _names(database.engine) == [
         "a",
         "b",
         "c",

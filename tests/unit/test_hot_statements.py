@@ -1,0 +1,154 @@
+"""Hot statements (libs/takeoff_server/hot_statements.py, docs/design.md §9 "Databases"): on a service's
+SQLite database sqlite3 runs them itself, and what they store, answer and raise is what SQLAlchemy's
+execution of the same statement stores, answers and raises; statements that need SQLAlchemy's execution
+are refused when first compiled. Also the kept connection SQLite's write transactions share."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.exc import IntegrityError
+
+from takeoff_server.database import Database
+from takeoff_server.hot_statements import HotStatement
+from takeoff_server.sqltypes import JsonText, UtcDateTime
+
+metadata = sa.MetaData()
+things = sa.Table(
+    "things",
+    metadata,
+    sa.Column("seq", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("name", sa.String, unique=True, nullable=False),
+    sa.Column("config", sa.JSON),
+    sa.Column("metrics", JsonText),
+    sa.Column("when", UtcDateTime),
+    sa.Column("count", sa.Integer),
+)
+with_default = sa.Table(
+    "with_default",
+    metadata,
+    sa.Column("name", sa.String, primary_key=True),
+    sa.Column("n", sa.Integer, default=7),
+)
+
+_BY_NAMES = sa.select(things.c.seq).where(things.c.name.in_(sa.bindparam("names", expanding=True)))
+
+ROWS: list[dict[str, Any]] = [
+    {
+        "name": "a",
+        "config": {"lr": 0.1, "layers": [1, 2], "none": None},
+        "metrics": {"loss": float("nan")},
+        "when": datetime(2026, 12, 4, 9, 30, 1, 250, tzinfo=timezone(timedelta(hours=2))),
+        "count": 3,
+    },
+    # None in a JSON column is JSON's null (SQLAlchemy's default), not SQL NULL.
+    {"name": "b", "config": None, "metrics": None, "when": None, "count": None},
+]
+
+
+@pytest.fixture
+async def database(tmp_path: Path) -> AsyncIterator[Database]:
+    made = Database.for_service("hot", tmp_path, None)
+    async with made.engine.begin() as connection:
+        await connection.run_sync(metadata.create_all)
+    try:
+        yield made
+    finally:
+        await made.close()
+
+
+async def _stored(database: Database) -> list[tuple[Any, ...]]:
+    """The rows as SQLite holds them, read past every type's processing."""
+    async with database.engine.connect() as connection:
+        found = await connection.exec_driver_sql('SELECT name, config, metrics, "when", count FROM things')
+        return sorted(tuple(row) for row in found)
+
+
+async def test_a_hot_insert_stores_what_sqlalchemy_stores(tmp_path: Path, database: Database) -> None:
+    hot = HotStatement(things.insert())
+    async with database.transaction() as connection:
+        first = await hot.execute(connection, ROWS[0])
+        await hot.execute(connection, [ROWS[1]])
+    reference = Database.for_service("reference", tmp_path, None)
+    try:
+        async with reference.engine.begin() as connection:
+            await connection.run_sync(metadata.create_all)
+            await connection.execute(things.insert(), ROWS)
+        assert await _stored(database) == await _stored(reference)
+    finally:
+        await reference.close()
+    assert first.inserted_primary_key == (1,)
+    async with database.engine.connect() as connection:
+        read = (await connection.execute(sa.select(things.c.when).where(things.c.name == "a"))).scalar_one()
+    assert read == ROWS[0]["when"].astimezone(UTC)
+
+
+async def test_a_hot_update_and_select_answer_as_sqlalchemy_does(database: Database) -> None:
+    insert = HotStatement(things.insert())
+    update = HotStatement(things.update().where(things.c.name == sa.bindparam("where_name")))
+    select = HotStatement(sa.select(things.c.seq).where(things.c.name == sa.bindparam("where_name")))
+    async with database.transaction() as connection:
+        await insert.execute(connection, ROWS)
+        changed = await update.execute(connection, {"count": 9, "where_name": "a"})
+        unchanged = await update.execute(connection, {"count": 9, "where_name": "gone"})
+        found = await select.execute(connection, {"where_name": "b"})
+        missing = await select.execute(connection, {"where_name": "gone"})
+    assert (changed.rowcount, unchanged.rowcount) == (1, 0)
+    assert found.first() is not None
+    assert missing.first() is None
+    assert ("a", 9) in [(row[0], row[4]) for row in await _stored(database)]
+
+
+async def test_a_refused_row_raises_sqlalchemys_error_and_the_transaction_writes_nothing(
+    database: Database,
+) -> None:
+    hot = HotStatement(things.insert())
+
+    async def insert_a_twice() -> None:
+        async with database.transaction() as connection:
+            await hot.execute(connection, ROWS[0])
+            await hot.execute(connection, [ROWS[1], ROWS[0]])
+
+    with pytest.raises(IntegrityError, match="UNIQUE"):
+        await insert_a_twice()
+    assert await _stored(database) == []
+    async with database.transaction() as connection:  # the kept connection goes on after the rollback
+        await hot.execute(connection, ROWS)
+    assert [row[0] for row in await _stored(database)] == ["a", "b"]
+
+
+@pytest.mark.parametrize(
+    ("statement", "parameters", "problem"),
+    [
+        (with_default.insert(), {"name": "x"}, "Python-side defaults"),
+        (
+            sa.select(things.c.seq).where(things.c.name.in_(sa.bindparam("names", expanding=True))),
+            {},
+            "expanding",
+        ),
+    ],
+    ids=["column default", "expanding IN"],
+)
+async def test_a_statement_that_needs_sqlalchemys_execution_is_refused(
+    database: Database, statement: Any, parameters: dict[str, Any], problem: str
+) -> None:
+    async with database.transaction() as connection:
+        with pytest.raises(TypeError, match=problem):
+            await HotStatement(statement).execute(connection, parameters)
+
+
+async def test_sqlite_write_transactions_share_one_kept_connection_that_close_closes(
+    database: Database,
+) -> None:
+    seen = []
+    for _ in range(2):
+        async with database.transaction() as connection:
+            seen.append(connection)
+    assert seen[0] is seen[1]
+    await database.close()
+    assert seen[0].closed
