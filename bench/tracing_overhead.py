@@ -4,8 +4,8 @@ local-process) with every process exporting its spans over OTLP, against tracing
 Each run measures both, off then on, on fresh stacks; ``--runs N`` repeats that, so a shared machine's
 load spreads over both modes. "On" is ``OTEL_TRACES_EXPORTER=otlp`` to a receiver in a process of its
 own (``tests/observability/collector.py``; in this process its threads would slow the measuring client),
-with the SDK's default batching (a batch every 5 s); "off" is the default, ``none``: servers still make
-their spans, nothing exports them, and the job's SDK records none. Goal: dispatch p50 at most 10 % slower.
+with the SDK's default batching (a batch every 5 s); "off" is the default, ``none``: servers' spans carry
+ids and record nothing, and the job's SDK records none. Goal: dispatch p50 at most 10 % slower.
 Prints JSON and a table.
 
     python bench/tracing_overhead.py [--items 300] [--launches 10] [--runs 1]

@@ -67,7 +67,7 @@ class ServiceProgram(Generic[SettingsT]):
             stop_with_parent(settings.parent_pid)
         setup_logging(f"takeoff-{self.name}", settings.log_level, settings.log_format)
         try:
-            tracer_provider = setup_tracing(f"takeoff-{self.name}")
+            flush_spans = setup_tracing(f"takeoff-{self.name}")
         except ConfigError as error:
             print(f"takeoff-{self.name}: {error}", file=sys.stderr)
             sys.exit(EXIT_CONFIG_ERROR)
@@ -80,7 +80,7 @@ class ServiceProgram(Generic[SettingsT]):
             print(f"takeoff-{self.name}: {error}", file=sys.stderr)
             sys.exit(EXIT_START_FAILED)
         finally:
-            tracer_provider.shutdown()  # flushes spans still batched
+            flush_spans()
         sys.exit(0)
 
     async def _serve(self, settings: SettingsT) -> None:

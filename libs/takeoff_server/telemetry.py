@@ -22,7 +22,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from opentelemetry import context as otel_context
@@ -30,7 +30,8 @@ from opentelemetry import trace
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
-from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
+from opentelemetry.sdk.trace.id_generator import IdGenerator, RandomIdGenerator
+from opentelemetry.trace import NonRecordingSpan, Span, SpanContext, TraceFlags
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from opentelemetry.util.types import AttributeValue
 
@@ -78,20 +79,66 @@ class _ChosenIds(RandomIdGenerator):
         return chosen if chosen is not None else super().generate_span_id()
 
 
-def setup_tracing(service_name: str) -> TracerProvider:
+class _UnrecordedTracer(trace.NoOpTracer):
+    """Spans with the ids, flags and trace state the SDK would give them, recording nothing: a trace's ids
+    still reach the items, runs and log lines, and the spans of services that do export still join their
+    callers' traces."""
+
+    def __init__(self, ids: IdGenerator) -> None:
+        self._ids = ids
+
+    def start_span(
+        self, name: str, context: otel_context.Context | None = None, *args: Any, **kwargs: Any
+    ) -> Span:
+        parent = trace.get_current_span(context).get_span_context()
+        if not parent.is_valid:
+            return NonRecordingSpan(
+                SpanContext(
+                    self._ids.generate_trace_id(),
+                    self._ids.generate_span_id(),
+                    is_remote=False,
+                    trace_flags=TraceFlags(TraceFlags.SAMPLED),
+                )
+            )
+        return NonRecordingSpan(
+            SpanContext(
+                parent.trace_id,
+                self._ids.generate_span_id(),
+                is_remote=False,
+                trace_flags=parent.trace_flags,
+                trace_state=parent.trace_state,
+            )
+        )
+
+
+class _UnrecordedTracerProvider(trace.NoOpTracerProvider):
+    def __init__(self) -> None:
+        self._tracer = _UnrecordedTracer(_ChosenIds())
+
+    def get_tracer(self, *args: Any, **kwargs: Any) -> trace.Tracer:
+        return self._tracer
+
+
+def setup_tracing(service_name: str) -> Callable[[], None]:
     """Install a tracer provider named for the service, exporting where ``OTEL_*`` says, and have every
-    client channel pass the current trace context on."""
+    client channel pass the current trace context on; returns what flushes the spans still batched.
+
+    With nothing to export to, spans carry their ids and record nothing: the SDK records every span it
+    samples whether or not anything exports it, about 0.1 ms of CPU on every call a server answers."""
+    propagate_trace_context(current_trace_context)
+    exporters = _exporters()
+    _Exporting.spans = bool(exporters)
+    if not exporters:
+        trace.set_tracer_provider(_UnrecordedTracerProvider())
+        return lambda: None
     provider = TracerProvider(
         resource=Resource.create({SERVICE_NAME: os.environ.get("OTEL_SERVICE_NAME", service_name)}),
         id_generator=_ChosenIds(),
     )
-    exporters = _exporters()
     for exporter in exporters:
         provider.add_span_processor(BatchSpanProcessor(exporter))
     trace.set_tracer_provider(provider)
-    _Exporting.spans = bool(exporters)
-    propagate_trace_context(current_trace_context)
-    return provider
+    return provider.shutdown
 
 
 def exporting() -> bool:

@@ -45,3 +45,28 @@ def test_unknown_exporter_is_a_config_error(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setenv("OTEL_TRACES_EXPORTER", "carrier-pigeon")
     with pytest.raises(ConfigError, match="carrier-pigeon"):
         _exporters()
+
+
+def test_with_nothing_exporting_spans_carry_the_ids_the_sdk_would_give_and_record_nothing() -> None:
+    from opentelemetry import trace
+
+    from takeoff_server.telemetry import _UnrecordedTracerProvider, parent_context, span_with_id
+
+    tracer = _UnrecordedTracerProvider().get_tracer("test")
+    with tracer.start_as_current_span("root") as root:
+        child = tracer.start_span("child")
+    assert not root.is_recording()
+    assert root.get_span_context().is_valid
+    assert root.get_span_context().trace_flags.sampled
+    assert child.get_span_context().trace_id == root.get_span_context().trace_id
+    assert child.get_span_context().span_id != root.get_span_context().span_id
+
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    for flags in ("01", "00"):
+        caller = parent_context(f"00-{trace_id}-00f067aa0ba902b7-{flags}")
+        with span_with_id(0x1234):
+            server = tracer.start_span("/takeoff.v1.QueueService/Enqueue", caller).get_span_context()
+        assert f"{server.trace_id:032x}" == trace_id
+        assert server.span_id == 0x1234  # a span id chosen in advance, as the SDK's spans get it
+        assert f"{int(server.trace_flags):02x}" == flags  # an unsampled caller's children stay unsampled
+    assert trace.get_current_span() is trace.INVALID_SPAN
