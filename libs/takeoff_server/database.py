@@ -133,8 +133,15 @@ class Database:
         async with self._writing:
             if self._writer is None:
                 self._writer = await self.engine.connect()
-            async with self._writer.begin():
-                yield self._writer
+            try:
+                async with self._writer.begin():
+                    yield self._writer
+            except BaseException:
+                # A COMMIT or ROLLBACK that failed can leave sqlite3's transaction open, and the next one
+                # would commit it: the pool's check-in rolls it back, and a new connection takes over.
+                writer, self._writer = self._writer, None
+                await asyncio.shield(writer.close())
+                raise
 
     async def migrate(self) -> str | None:
         """Bring the schema to the newest revision in ``migrations``; return that revision."""
@@ -169,9 +176,10 @@ class Database:
         command.upgrade(config, "head")
 
     async def close(self) -> None:
-        if self._writer is not None:
-            await self._writer.close()
-            self._writer = None
+        async with self._writing:  # after the transaction under way, if any
+            if self._writer is not None:
+                await self._writer.close()
+                self._writer = None
         await self.engine.dispose()
 
 

@@ -3,7 +3,7 @@
 SQLAlchemy spends about 80 µs of CPU on a statement it has cached (its execution context, parameter
 processing, the asyncio adapter's greenlet hand-offs and result set-up) where sqlite3 spends 2-4 µs on a
 service's small indexed statements. On the queue's dispatch path that is a fifth of the time from Enqueue
-to Assignment. A :class:`HotStatement` is compiled once per dialect and set of parameter names, with the
+to Assignment. A :class:`HotStatement` is compiled once per set of parameter names, with the
 bind processors of its columns (JSON, date-times), and on SQLite run on the transaction's own sqlite3
 connection (``sqlite_inline``, which every service's SQLite engine uses: locked out, it waits off the event
 loop as any statement does); elsewhere (PostgreSQL, whose cost is the server's round trip) it is an ordinary
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
 from sqlalchemy.engine import Dialect
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, StatementError
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql import Executable
 from sqlalchemy.sql.compiler import SQLCompiler
@@ -66,7 +66,7 @@ class _Compiled:
     compiler: SQLCompiler
 
     def positional(self, parameters: Mapping[str, Any]) -> tuple[Any, ...]:
-        values = self.compiler.construct_params(parameters)
+        values = self.compiler.construct_params(parameters, escape_names=False)  # as positiontup names them
         return tuple(
             value if process is None else process(value)  # None too: a JSON column stores it as 'null'
             for value, process in zip((values[name] for name in self.names), self.processors, strict=True)
@@ -94,19 +94,25 @@ class HotStatement:
         if not rows:
             return _SqliteOutcome((), 0, None)
         compiled = self._compile(dialect, rows[0].keys())
-        values = [compiled.positional(row) for row in rows]
+        try:
+            values = [compiled.positional(row) for row in rows]
+        except Exception as error:  # a value a column's processing refuses (a naive date-time)
+            raise StatementError(f"({type(error).__name__}) {error}", compiled.sql, rows, error) from error
         cursor = InlineCursor(driver)
         try:
             if many:
                 await cursor.executemany(compiled.sql, values)
             else:
                 await cursor.execute(compiled.sql, values[0])
-            return _SqliteOutcome(await cursor.fetchall(), cursor.rowcount, cursor.lastrowid)
+            outcome = _SqliteOutcome(await cursor.fetchall(), cursor.rowcount, cursor.lastrowid)
         except sqlite3.Error as error:
+            await cursor.close()
             # As SQLAlchemy raises it: callers tell a refused change (IntegrityError) from an outage by it.
             raise DBAPIError.instance(compiled.sql, values, error, sqlite3.Error, dialect=dialect) from error
-        finally:
-            await cursor.close()
+        # Not closed when cancelled: a statement locked out may still run on a worker thread (sqlite_inline
+        # finishes it before the connection's next operation), and closing its cursor would break it.
+        await cursor.close()
+        return outcome
 
     def _compile(self, dialect: Dialect, keys: Iterable[str]) -> _Compiled:
         names = frozenset(keys)

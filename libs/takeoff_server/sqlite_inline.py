@@ -160,6 +160,8 @@ class InlineConnection:
         if self._behind is not None:
             if not self._behind.done():
                 await asyncio.wait([self._behind])
+            if not self._behind.cancelled():
+                self._behind.exception()  # its caller gave up on it: what it raised is nobody's to hear
             self._behind = None
 
     async def cursor(self) -> InlineCursor:

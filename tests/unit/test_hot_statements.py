@@ -5,6 +5,8 @@ are refused when first compiled. Also the kept connection SQLite's write transac
 
 from __future__ import annotations
 
+import asyncio
+import sqlite3
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
@@ -152,3 +154,63 @@ async def test_sqlite_write_transactions_share_one_kept_connection_that_close_cl
     assert seen[0] is seen[1]
     await database.close()
     assert seen[0].closed
+
+
+async def test_columns_whose_names_sqlalchemy_escapes_take_their_values(database: Database) -> None:
+    odd = sa.Table("odd", sa.MetaData(), sa.Column("a.b", sa.JSON), sa.Column("x y", sa.Integer))
+    async with database.engine.begin() as connection:
+        await connection.run_sync(odd.metadata.create_all)
+    async with database.transaction() as connection:
+        await HotStatement(odd.insert()).execute(connection, {"a.b": {"k": 1}, "x y": 2})
+    async with database.engine.connect() as connection:
+        assert [tuple(row) for row in await connection.exec_driver_sql("SELECT * FROM odd")] == [
+            ('{"k": 1}', 2)
+        ]
+
+
+async def test_a_failed_commit_leaves_nothing_for_the_next_transaction(database: Database) -> None:
+    """A COMMIT that fails can leave sqlite3's transaction open on the kept connection: the next
+    transaction on it would commit the failed one's rows with its own."""
+    async with database.engine.begin() as connection:
+        await connection.exec_driver_sql(
+            "CREATE TABLE child (id INTEGER PRIMARY KEY,"
+            " parent INTEGER REFERENCES things(seq) DEFERRABLE INITIALLY DEFERRED)"
+        )
+    insert = HotStatement(things.insert())
+
+    async def orphan() -> None:
+        async with database.transaction() as connection:
+            await insert.execute(connection, ROWS[0])
+            await connection.exec_driver_sql("INSERT INTO child VALUES (1, 99)")  # refused at COMMIT
+
+    with pytest.raises(IntegrityError, match="FOREIGN KEY"):
+        await orphan()
+    async with database.transaction() as connection:
+        await insert.execute(connection, ROWS[1])
+    assert [row[0] for row in await _stored(database)] == ["b"]
+
+
+async def test_a_hot_statement_cancelled_while_it_waits_for_the_lock_ends_cancelled(
+    database: Database, tmp_path: Path
+) -> None:
+    other = sqlite3.connect(tmp_path / "hot.db", isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+    insert = HotStatement(things.insert())
+
+    async def write() -> None:
+        async with database.transaction() as connection:
+            await insert.execute(connection, ROWS[0])
+
+    writing = asyncio.ensure_future(write())
+    try:
+        done, _ = await asyncio.wait([writing], timeout=0.3)
+        assert not done  # waiting for the lock, off the event loop
+        writing.cancel()
+    finally:
+        other.rollback()  # the statement left on its thread now runs, and is rolled back with the rest
+        other.close()
+    with pytest.raises(asyncio.CancelledError):
+        await writing
+    async with database.transaction() as connection:
+        await insert.execute(connection, ROWS[1])
+    assert [row[0] for row in await _stored(database)] == ["b"]
