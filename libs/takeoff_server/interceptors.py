@@ -314,13 +314,6 @@ class HandlerInterceptor(grpc.aio.ServerInterceptor):
         return cached[1]
 
 
-class GuardInterceptor(HandlerInterceptor):
-    """Runs every call of every method inside ``guard(method, context)``."""
-
-    def __init__(self, guard: CallGuard) -> None:
-        super().__init__(lambda handler, method: guard_handler(handler, method, guard))
-
-
 @contextmanager
 def _set(variable: contextvars.ContextVar[T], value: T) -> Iterator[None]:
     """``variable`` holds ``value`` inside the block. A server stream that its client cancelled is closed

@@ -31,13 +31,15 @@ from takeoff_server.config import TlsSettings
 from takeoff_server.interceptors import (
     AccessControl,
     FinishedCalls,
-    GuardInterceptor,
+    Handler,
     HandlerInterceptor,
     access_handler,
     decoding_handler,
     error_guard,
+    guard_handler,
 )
 from takeoff_server.metrics import RpcMetrics, measured_handler
+from takeoff_server.telemetry import exporting, traced_handler
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +115,6 @@ class TakeoffServer:
         listen: Sequence[str],
         verifier: KeyVerifier,
         tls: TlsSettings | None = None,
-        extra_interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
         rpc_metrics: RpcMetrics | None = None,
     ) -> None:
         self.services = tuple(services)
@@ -123,24 +124,24 @@ class TakeoffServer:
         self.access = AccessControl(verifier, rules)
         self.health = health.aio.HealthServicer()
         self.addresses: list[str] = []
-        measure = (
-            [HandlerInterceptor(lambda handler, method: measured_handler(handler, method, rpc_metrics))]
-            if rpc_metrics is not None
-            else []
-        )
         self._finished_calls = FinishedCalls()
+
+        def wrap(handler: Handler, method: str) -> Handler:
+            # Innermost first: only the servicer runs on when its caller cancels; an undecodable request
+            # is a status the error guard sends; the metrics see the status a domain error became.
+            handler = self._finished_calls.handler(handler, method)
+            handler = decoding_handler(handler, method)
+            handler = access_handler(handler, method, self.access)
+            handler = guard_handler(handler, method, error_guard)
+            if rpc_metrics is not None:
+                handler = measured_handler(handler, method, rpc_metrics)
+            return handler if exporting() else traced_handler(handler, method)
+
+        # Spans that are exported get OpenTelemetry's interceptor, with the rpc.* attributes and the status.
+        traced = [aio_server_interceptor()] if exporting() else []  # type: ignore[no-untyped-call]
         self._server = grpc.aio.server(
-            interceptors=[
-                aio_server_interceptor(),  # type: ignore[no-untyped-call]
-                # Outside the error guard, so that it sees the status a domain error became.
-                *measure,
-                *extra_interceptors,
-                GuardInterceptor(error_guard),
-                HandlerInterceptor(lambda handler, method: access_handler(handler, method, self.access)),
-                # Inside the error guard, so that it turns an undecodable request into a status.
-                HandlerInterceptor(decoding_handler),
-                HandlerInterceptor(self._finished_calls.handler),
-            ],
+            # One interceptor for Takeoff's chain: grpc.aio asks every interceptor for every call's handler.
+            interceptors=[*traced, HandlerInterceptor(wrap)],
             options=[("grpc.so_reuseport", 0)],
         )
         for service in self.services:

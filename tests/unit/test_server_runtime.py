@@ -17,6 +17,7 @@ import sqlalchemy
 from google.protobuf import struct_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from opentelemetry import trace
 
 from takeoff.v1 import jobs_pb2, jobs_pb2_grpc
 from takeoff_rpc.channels import open_channel
@@ -65,6 +66,11 @@ class KeyTable:
         if self.down:
             raise errors.Unavailable("DEPENDENCY_UNAVAILABLE", "the key registry is unreachable")
         return self.keys.get(secret)
+
+
+async def current_trace(request: bytes, context: Context) -> bytes:
+    span = trace.get_current_span().get_span_context()
+    return f"{span.trace_id:032x}-{int(span.trace_flags):02x}".encode()
 
 
 async def invalid(request: bytes, context: Context) -> bytes:
@@ -173,6 +179,7 @@ RULES: dict[str, Rule] = {
             "Crash",
             "WriteLocked",
             "WhoAmI",
+            "Trace",
             "Unbuilt",
             "Count",
             "Echo",
@@ -198,6 +205,7 @@ def probe_binding() -> ServiceBinding:
             "Crash": crash,
             "WriteLocked": write_to_a_locked_database,
             "WhoAmI": whoami,
+            "Trace": current_trace,
             "Unbuilt": unbuilt,
         }.items()
     }
@@ -255,6 +263,18 @@ def details(error: grpc.Call) -> tuple[error_details_pb2.ErrorInfo, error_detail
             bad_request = error_details_pb2.BadRequest()
             detail.Unpack(bad_request)
     return info, bad_request
+
+
+@pytest.mark.parametrize("flags", ["01", "00"])
+async def test_a_call_runs_in_its_callers_trace_when_nothing_exports(
+    server: TakeoffServer, flags: str
+) -> None:
+    """Spans nobody exports skip OpenTelemetry's interceptor (telemetry.traced_handler): the servicer's
+    context still continues the caller's trace, as the item's traceparent and the log lines need."""
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    caller = f"00-{trace_id}-00f067aa0ba902b7-{flags}"
+    seen = await asyncio.to_thread(call, server.addresses[0], "Trace", metadata=(("traceparent", caller),))
+    assert seen == f"{trace_id}-{flags}".encode()
 
 
 async def test_domain_error_carries_reason_and_field_violations(server: TakeoffServer) -> None:
