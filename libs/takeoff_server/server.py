@@ -125,6 +125,7 @@ class TakeoffServer:
         self.health = health.aio.HealthServicer()
         self.addresses: list[str] = []
         self._finished_calls = FinishedCalls()
+        exported = exporting()
 
         def wrap(handler: Handler, method: str) -> Handler:
             # Innermost first: only the servicer runs on when its caller cancels; an undecodable request
@@ -135,10 +136,10 @@ class TakeoffServer:
             handler = guard_handler(handler, method, error_guard)
             if rpc_metrics is not None:
                 handler = measured_handler(handler, method, rpc_metrics)
-            return handler if exporting() else traced_handler(handler, method)
+            return handler if exported else traced_handler(handler, method)
 
         # Spans that are exported get OpenTelemetry's interceptor, with the rpc.* attributes and the status.
-        traced = [aio_server_interceptor()] if exporting() else []  # type: ignore[no-untyped-call]
+        traced = [aio_server_interceptor()] if exported else []  # type: ignore[no-untyped-call]
         self._server = grpc.aio.server(
             # One interceptor for Takeoff's chain: grpc.aio asks every interceptor for every call's handler.
             interceptors=[*traced, HandlerInterceptor(wrap)],
