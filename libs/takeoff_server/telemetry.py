@@ -25,7 +25,6 @@ import sys
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from typing import Any
 
-import grpc
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
@@ -39,7 +38,7 @@ from opentelemetry.util.types import AttributeValue
 from takeoff_rpc.channels import Metadata, propagate_trace_context
 from takeoff_server.call_context import request_id_var
 from takeoff_server.config import ConfigError
-from takeoff_server.interceptors import Context, Handler, _call_streaming, _call_unary, handler_parts
+from takeoff_server.interceptors import Context, Handler, guard_handler
 
 _PROPAGATOR = TraceContextTextMapPropagator()
 _chosen_span_id: contextvars.ContextVar[int | None] = contextvars.ContextVar("chosen_span_id", default=None)
@@ -147,40 +146,21 @@ def traced_handler(handler: Handler, method: str) -> Handler:
     """``handler`` with each call in a span of its caller's trace (its ``traceparent`` and ``tracestate``)
     or of a new one, for a server whose spans nothing exports: the context OpenTelemetry's gRPC interceptor
     gives a call, without the work it spends on a span nobody sees (attributes, the peer's address, the
-    status: about 0.1 ms of CPU a call). A server that exports keeps that interceptor."""
-    behavior, serializers = handler_parts(handler, method)
+    status: about 75 µs of CPU a call). A server that exports keeps that interceptor."""
     tracer = trace.get_tracer(__name__)
 
-    def enter(context: Context) -> contextvars.Token[otel_context.Context]:
+    @contextlib.asynccontextmanager
+    async def in_callers_trace(method: str, context: Context) -> AsyncIterator[None]:
         carrier = {key: value for key, value in context.invocation_metadata() or () if key in _TRACE_KEYS}
         parent = _PROPAGATOR.extract(carrier)
         span = tracer.start_span(method, parent, kind=trace.SpanKind.SERVER)
-        return otel_context.attach(trace.set_span_in_context(span, parent))
-
-    if handler.response_streaming:
-
-        async def streaming(request: Any, context: Context) -> AsyncIterator[Any]:
-            token = enter(context)
-            try:
-                async for response in _call_streaming(behavior, request, context):
-                    yield response
-            finally:
-                otel_context.detach(token)
-
-        if handler.request_streaming:
-            return grpc.stream_stream_rpc_method_handler(streaming, **serializers)
-        return grpc.unary_stream_rpc_method_handler(streaming, **serializers)
-
-    async def unary(request: Any, context: Context) -> Any:
-        token = enter(context)
+        token = otel_context.attach(trace.set_span_in_context(span, parent))
         try:
-            return await _call_unary(behavior, request, context)
+            yield
         finally:
             otel_context.detach(token)
 
-    if handler.request_streaming:
-        return grpc.stream_unary_rpc_method_handler(unary, **serializers)
-    return grpc.unary_unary_rpc_method_handler(unary, **serializers)
+    return guard_handler(handler, method, in_callers_trace)
 
 
 _TRACE_KEYS = frozenset({"traceparent", "tracestate"})
