@@ -61,15 +61,18 @@ class _SqliteOutcome:
 @dataclass(frozen=True)
 class _Compiled:
     sql: str
-    names: tuple[str, ...]
-    processors: tuple[Callable[[Any], Any] | None, ...]
-    compiler: SQLCompiler
+    slots: tuple[tuple[str, Callable[[Any], Any] | None], ...]
+    """Each position's key in the given values (or in ``fixed``) and its column's bind processor."""
+    fixed: Mapping[str, Any]
+    """The values the statement itself holds (a literal in a WHERE), by a key no caller can give."""
 
     def positional(self, parameters: Mapping[str, Any]) -> tuple[Any, ...]:
-        values = self.compiler.construct_params(parameters, escape_names=False)  # as positiontup names them
+        given = {**self.fixed, **parameters} if self.fixed else parameters
         return tuple(
-            value if process is None else process(value)  # None too: a JSON column stores it as 'null'
-            for value, process in zip((values[name] for name in self.names), self.processors, strict=True)
+            [
+                given[key] if process is None else process(given[key])  # None too: JSON stores 'null'
+                for key, process in self.slots
+            ]
         )
 
 
@@ -131,13 +134,21 @@ def _compile(statement: Executable, dialect: Dialect, keys: frozenset[str]) -> _
         raise TypeError(f"{statement} has an expanding parameter: not a hot statement")
     if compiled.positiontup is None:
         raise TypeError(f"{dialect.name} takes named parameters: hot statements are positional")
-    names = tuple(compiled.positiontup)
     processors = compiled._bind_processors  # SQLAlchemy's own per-column conversions, as it would apply
     if any(not callable(process) for process in processors.values()):
         raise TypeError(f"{statement} has a tuple parameter: not a hot statement")
-    return _Compiled(
-        sql=compiled.string,
-        names=names,
-        processors=tuple(cast(Callable[[Any], Any] | None, processors.get(name)) for name in names),
-        compiler=compiled,
-    )
+    # Where each position's value comes from, as SQLCompiler.construct_params finds it (the bind's key
+    # given, else its name given, else the statement's own value), settled once for this set of keys.
+    binds = {name: bind for bind, name in compiled.bind_names.items()}
+    slots, fixed = [], {}
+    for name in compiled.positiontup:
+        bind = binds[name]
+        if bind.key in keys or name in keys:
+            key = bind.key if bind.key in keys else name
+        elif bind.required or bind.callable:
+            raise TypeError(f"{statement} needs a value for {bind.key!r}: not a hot statement without it")
+        else:
+            key = f"\0{name}"
+            fixed[key] = bind.value
+        slots.append((key, cast(Callable[[Any], Any] | None, processors.get(name))))
+    return _Compiled(sql=compiled.string, slots=tuple(slots), fixed=fixed)

@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import sys
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -203,12 +204,18 @@ def derived_span_id(traceparent: str, *names: object) -> int:
     return int.from_bytes(digest) or 1  # 0 is the invalid span id
 
 
+_SPAN_TRACEPARENT = re.compile(r"[ \t]*([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})[ \t]*")
+"""A traceparent of four fields, as the W3C propagator reads one (which also zero ids and version ff fail)."""
+
+
 def with_span_id(traceparent: str, span_id: int) -> str:
-    """``traceparent`` naming another span of the same trace; empty when ``traceparent`` names none."""
-    parts = traceparent.split("-")
-    if len(parts) != 4 or parent_context(traceparent) is None:
+    """``traceparent`` naming another span of the same trace; empty when ``traceparent`` names none.
+    Checked as the propagator checks it, without building the context it would (a dispatch makes one)."""
+    found = _SPAN_TRACEPARENT.fullmatch(traceparent)
+    if found is None or found[1] == "ff" or not int(found[2], 16) or not int(found[3], 16):
         return ""
-    return f"{parts[0]}-{parts[1]}-{span_id:016x}-{parts[3]}"
+    version, trace_id, _, flags = found.groups()
+    return f"{version}-{trace_id}-{span_id:016x}-{flags}"
 
 
 @contextlib.contextmanager

@@ -77,18 +77,22 @@ def _resource_kind(number: int, field: str) -> ResourceKind:
     return kind
 
 
+_STATE_PROTOS: dict[ItemState | None, common_pb2.ItemState.ValueType] = {
+    None: common_pb2.ITEM_STATE_UNSPECIFIED,
+    **{state: common_pb2.ItemState.Value(f"ITEM_STATE_{state.value}") for state in ItemState},
+}
+_REASON_PROTOS: dict[FailureReason | None, common_pb2.FailureReason.ValueType] = {
+    None: common_pb2.FAILURE_REASON_UNSPECIFIED,
+    **{reason: common_pb2.FailureReason.Value(f"FAILURE_REASON_{reason.value}") for reason in FailureReason},
+}
+
+
 def _state_proto(state: ItemState | None) -> common_pb2.ItemState.ValueType:
-    return (
-        common_pb2.ItemState.Value(f"ITEM_STATE_{state.value}")
-        if state
-        else common_pb2.ITEM_STATE_UNSPECIFIED
-    )
+    return _STATE_PROTOS[state]
 
 
 def _reason_proto(reason: FailureReason | None) -> common_pb2.FailureReason.ValueType:
-    if reason is None:
-        return common_pb2.FAILURE_REASON_UNSPECIFIED
-    return common_pb2.FailureReason.Value(f"FAILURE_REASON_{reason.value}")
+    return _REASON_PROTOS[reason]
 
 
 def _queue_from_proto(message: queue_pb2.Queue) -> Queue:

@@ -263,7 +263,7 @@ class QueueBook:
     async def enqueue(self, request: EnqueueRequest) -> Item:
         check_request_id(request.request_id)
         queue = await self.current_queue(request.queue, field_name="queue")
-        fingerprint = request.fingerprint()
+        fingerprint = request.fingerprint() if request.request_id else ""
         if request.request_id:
             replayed = await self._store.replay(f"Enqueue:{queue.name}", request.request_id, fingerprint)
             if replayed is not None:

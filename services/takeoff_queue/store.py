@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 import functools
-import secrets
+import random
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
@@ -224,6 +224,9 @@ _QUEUE_EXISTS_KEY_SHARE = HotStatement(_QUEUE_NAMED.with_for_update(key_share=Tr
 LIVE_OR_PENDING = [s.value for s in ItemState if not s.is_terminal]
 LIVE = [s.value for s in ItemState if s.is_live]
 _REVISION_NONCE_BITS = 20
+_nonces = random.Random()
+"""Seeded from the system's randomness once: nonces need to differ between replicas, not to be secret, and
+a system call for each item's write is a cost the queue pays several times in every life cycle."""
 
 
 def next_revision(revision: int) -> int:
@@ -231,7 +234,7 @@ def next_revision(revision: int) -> int:
     known to be newer), a random nonce in the low ones. The nonce makes every write's revision its own: a
     write queued behind one of ours, fenced on the revision ours will leave, can never match the same count
     reached by another replica's write instead."""
-    return ((revision >> _REVISION_NONCE_BITS) + 1) << _REVISION_NONCE_BITS | secrets.randbits(
+    return ((revision >> _REVISION_NONCE_BITS) + 1) << _REVISION_NONCE_BITS | _nonces.getrandbits(
         _REVISION_NONCE_BITS
     )
 
