@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from takeoff_server.errors import FailedPrecondition
 
@@ -35,6 +36,8 @@ class ItemState(enum.Enum):
 
 
 TERMINAL_STATES = frozenset({ItemState.SUCCEEDED, ItemState.FAILED, ItemState.CANCELLED})
+_REASONED_STATES = frozenset({ItemState.PENDING, *TERMINAL_STATES})
+"""A transition to these keeps the item's reason (why it waits again, why it ended)."""
 LIVE_STATES = frozenset({ItemState.LEASED, ItemState.BUILDING, ItemState.STARTING, ItemState.RUNNING})
 _PROGRESS_ORDER = (ItemState.LEASED, ItemState.BUILDING, ItemState.STARTING, ItemState.RUNNING)
 
@@ -179,23 +182,27 @@ class ItemLife:
     history: tuple[Transition, ...] = field(default_factory=tuple)
     """Every transition since Enqueue, oldest first."""
 
-    def _moved(self, now: datetime, to_state: ItemState, **changes: object) -> ItemLife:
+    def _moved(self, now: datetime, to_state: ItemState, **changes: Any) -> ItemLife:
         if to_state.is_terminal:
             changes["end_time"] = now
-        changed = replace(self, state=to_state, **changes)  # type: ignore[arg-type]
+
+        def after(name: str) -> Any:
+            return changes[name] if name in changes else getattr(self, name)
+
         transition = Transition(
             time=now,
             from_state=self.state,
             to_state=to_state,
-            attempt=changed.attempt,
-            epoch=changed.epoch,
-            reason=changed.reason if to_state in (ItemState.PENDING, *TERMINAL_STATES) else None,
-            message=changed.message,
-            agent=changed.agent,
-            run=changed.run,
-            actor=changed.cancelled_by if to_state is ItemState.CANCELLED else "",
+            attempt=after("attempt"),
+            epoch=after("epoch"),
+            reason=after("reason") if to_state in _REASONED_STATES else None,
+            message=after("message"),
+            agent=after("agent"),
+            run=after("run"),
+            actor=after("cancelled_by") if to_state is ItemState.CANCELLED else "",
         )
-        return replace(changed, history=(*self.history, transition))
+        # One new value, not one per change: the dispatcher moves every item through here several times.
+        return replace(self, state=to_state, history=(*self.history, transition), **changes)
 
     def check_epoch(self, epoch: int) -> None:
         if epoch != self.epoch or not self.state.is_live:
@@ -204,9 +211,10 @@ class ItemLife:
 
 def enqueued(item_id: str, max_attempts: int, now: datetime, actor: str = "") -> ItemLife:
     """(new) -> PENDING, by ``actor``."""
-    item = ItemLife(item_id, ItemState.PENDING, max_attempts, enqueue_time=now, eligible_time=now)
     first = Transition(now, None, ItemState.PENDING, attempt=0, epoch=0, actor=actor)
-    return replace(item, history=(first,))
+    return ItemLife(
+        item_id, ItemState.PENDING, max_attempts, enqueue_time=now, eligible_time=now, history=(first,)
+    )
 
 
 def assign(
