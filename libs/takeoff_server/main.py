@@ -38,7 +38,7 @@ def settle_heap() -> None:
     """Once wired, before serving: what start-up made (modules, the dispatch index a queue loaded) is moved
     out of the collector's sight, and young collections run less often. A service's full collections
     otherwise walked those objects again and again: at the default settings the queue spent about 70 µs
-    of every item's life cycle collecting, 8 µs after this (docs/design.md §11)."""
+    of every item's life cycle collecting, 8 µs after this (docs/design.md §2)."""
     gc.collect()
     gc.freeze()
     gc.set_threshold(YOUNG_COLLECTION_THRESHOLD, *gc.get_threshold()[1:])

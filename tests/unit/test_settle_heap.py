@@ -1,4 +1,4 @@
-"""A service's heap once wired (takeoff_server.main.settle_heap, docs/design.md §11): what start-up made is
+"""A service's heap once wired (takeoff_server.main.settle_heap, docs/design.md §2): what start-up made is
 frozen out of the collector's passes, and young collections run less often."""
 
 from __future__ import annotations
