@@ -13,9 +13,9 @@ import inspect
 import itertools
 import logging
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager, suppress
-from typing import Any, TypeAlias, TypeVar
+from typing import Any, TypeAlias, TypeVar, cast
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -122,20 +122,27 @@ def _metadata(context: Context) -> dict[str, str]:
     return {key: value for key, value in (context.invocation_metadata() or ()) if isinstance(value, str)}
 
 
-async def _call_unary(behavior: Callable[..., Any], request: Any, context: Context) -> Any:
+async def call_unary(behavior: Callable[..., Any], request: Any, context: Context) -> Any:
+    """A wrapped handler's call of the behavior it wraps, whether that is a coroutine function or not."""
     result = behavior(request, context)
     if inspect.isawaitable(result):
         result = await result
     return result
 
 
-async def _call_streaming(behavior: Callable[..., Any], request: Any, context: Context) -> AsyncIterator[Any]:
+def responses(behavior: Callable[..., Any], request: Any, context: Context) -> AsyncIterable[Any]:
+    """The responses of a response-streaming behavior, for a wrapped handler to pass on. The async
+    iterable it returns (a servicer's async generator, or the next wrapper's) is passed as it is: each
+    wrapper then adds one hop to every message, not two."""
     result = behavior(request, context)
+    if hasattr(result, "__aiter__"):
+        return cast(AsyncIterable[Any], result)
+    return _adapted_responses(result)
+
+
+async def _adapted_responses(result: Any) -> AsyncIterator[Any]:
     if inspect.isawaitable(result):
         await result  # a handler that writes with context.write() and returns nothing
-    elif hasattr(result, "__aiter__"):
-        async for response in result:
-            yield response
     elif result is not None:
         for response in result:
             yield response
@@ -162,7 +169,7 @@ def guard_handler(handler: Handler, method: str, guard: CallGuard) -> Handler:
 
         async def streaming(request: Any, context: Context) -> AsyncIterator[Any]:
             async with guard(method, context):
-                async for response in _call_streaming(behavior, request, context):
+                async for response in responses(behavior, request, context):
                     yield response
 
         if handler.request_streaming:
@@ -171,7 +178,7 @@ def guard_handler(handler: Handler, method: str, guard: CallGuard) -> Handler:
 
     async def unary(request: Any, context: Context) -> Any:
         async with guard(method, context):
-            return await _call_unary(behavior, request, context)
+            return await call_unary(behavior, request, context)
 
     if handler.request_streaming:
         return grpc.stream_unary_rpc_method_handler(unary, **serializers)
@@ -272,7 +279,7 @@ class FinishedCalls:
                 logger.error("%s failed after its caller cancelled it", method, exc_info=error)
 
         async def finished(request: Any, context: Context) -> Any:
-            call = asyncio.ensure_future(_call_unary(behavior, request, context))
+            call = asyncio.ensure_future(call_unary(behavior, request, context))
             try:
                 return await asyncio.shield(call)
             except asyncio.CancelledError:
@@ -531,7 +538,7 @@ def access_handler(handler: Handler, method: str, control: AccessControl) -> Han
             request, caller, secret = await admitted(request, context)
             with _set(access.caller_var, caller):
                 async with control.watching(secret):
-                    async for response in _call_streaming(behavior, request, context):
+                    async for response in responses(behavior, request, context):
                         yield response
 
         if handler.request_streaming:
@@ -542,9 +549,9 @@ def access_handler(handler: Handler, method: str, control: AccessControl) -> Han
         request, caller, secret = await admitted(request, context)
         with _set(access.caller_var, caller):
             if not handler.request_streaming:
-                return await _call_unary(behavior, request, context)
+                return await call_unary(behavior, request, context)
             async with control.watching(secret):
-                return await _call_unary(behavior, request, context)
+                return await call_unary(behavior, request, context)
 
     if handler.request_streaming:
         return grpc.stream_unary_rpc_method_handler(unary, **serializers)

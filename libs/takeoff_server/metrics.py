@@ -26,7 +26,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
-from takeoff_server.interceptors import Context, Handler, _call_streaming, _call_unary, handler_parts
+from takeoff_server.interceptors import Context, Handler, call_unary, handler_parts, responses
 
 logger = logging.getLogger(__name__)
 
@@ -172,7 +172,7 @@ def measured_handler(handler: Handler, method: str, metrics: RpcMetrics) -> Hand
             start = measure.started()
             code = grpc.StatusCode.UNKNOWN
             try:
-                async for response in _call_streaming(behavior, request, context):
+                async for response in responses(behavior, request, context):
                     yield response
                 code = _finished(context)
             except BaseException as error:
@@ -189,7 +189,7 @@ def measured_handler(handler: Handler, method: str, metrics: RpcMetrics) -> Hand
         start = measure.started()
         code = grpc.StatusCode.UNKNOWN
         try:
-            response = await _call_unary(behavior, request, context)
+            response = await call_unary(behavior, request, context)
             code = _finished(context)
             return response
         except BaseException as error:

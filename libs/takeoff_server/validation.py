@@ -136,6 +136,8 @@ def check_struct(value: Mapping[str, Any], *, field: str, max_bytes: int, max_de
     """Refuse (INVALID_ARGUMENT ``ARGUMENT_INVALID`` on ``field``) a Struct's value that nests deeper than
     ``max_depth`` objects and lists or is larger than ``max_bytes`` as an encoded ``google.protobuf.Struct``.
     NaN and infinities pass, as in metrics: the stores keep them (``JsonText``)."""
+    if not value:  # most of an Enqueue's configs: one level deep, nothing encoded
+        return
     depth = nesting_depth(value, give_up_beyond=max_depth)
     if depth > max_depth:
         raise field_error(field, f"nests deeper than {max_depth} levels of objects and lists")

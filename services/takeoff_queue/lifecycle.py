@@ -25,6 +25,11 @@ class ItemState(enum.Enum):
     FAILED = "FAILED"
     CANCELLED = "CANCELLED"
 
+    # By identity, in C: Enum's own hash is a Python call (of the name's), and an item's life cycle hashes
+    # its states a few dozen times (these sets, the protos' tables). Members are singletons, equal only to
+    # themselves, so the hash agrees with equality as before.
+    __hash__ = object.__hash__
+
     @property
     def is_terminal(self) -> bool:
         return self in TERMINAL_STATES

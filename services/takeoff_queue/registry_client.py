@@ -65,6 +65,22 @@ class Registry:
         """Monotonic time until which tokens are minted, the registry not knowing signers."""
         self._register_again_at = 0.0
         self._registering_again: asyncio.Task[None] | None = None
+        self._registering_first: asyncio.Task[None] | None = None
+
+    def register_signer_soon(self) -> None:
+        """Register the signer now, on the side, so that the first items are signed in their dispatch pass
+        like every later one, not after a registry call each (which also let a pass's round robin move on
+        past the queue of the item that waited). Failing, it is done at the first mint, as before."""
+        # A context of its own: not the trace or request id of whatever runs when it starts.
+        self._registering_first = asyncio.get_running_loop().create_task(
+            self._register_first(), context=contextvars.Context()
+        )
+
+    async def _register_first(self) -> None:
+        try:
+            await self._registered_signer()
+        except TokenCallFailed as error:
+            logger.info("registering the run token signer failed (%s); the first mint tries again", error)
 
     async def resolve(self, project: str, reference: str) -> ResolvedJob:
         """The version ``reference`` names in ``project``. One named by its number is asked for once and
@@ -234,8 +250,9 @@ class Registry:
         return TokenCallFailed(f"{remote.code.name} {remote.reason}: {remote.message}")
 
     async def close(self) -> None:
-        if (registering := self._registering_again) is not None:
-            registering.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await registering
+        for registering in (self._registering_first, self._registering_again):
+            if registering is not None:
+                registering.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await registering
         await self._channel.close()

@@ -271,19 +271,28 @@ def own_registry(registry_home: Path, tmp_path: Path) -> Iterator[ServiceProcess
         process.terminate()
 
 
-async def test_a_registry_outage_delays_the_token_and_its_revocation_and_fails_nothing(
-    tmp_path: Path, queue_env: dict[str, str], own_registry: ServiceProcess, registry_home: Path
-) -> None:
-    settings = QueueSettings(
+def _outage_settings(tmp_path: Path, queue_env: dict[str, str], registry: ServiceProcess) -> QueueSettings:
+    return QueueSettings(
         home=tmp_path,
         listen=["127.0.0.1:0"],
-        registry_address=own_registry.address,
+        registry_address=registry.address,
         database_url=queue_env.get("TAKEOFF_DATABASE_URL"),
         lease_ttl_seconds=30,
         heartbeat_interval_seconds=0.2,
     )
-    async with in_process_queue(settings) as service:
+
+
+async def test_a_registry_outage_delays_the_token_and_its_revocation_and_fails_nothing(
+    tmp_path: Path,
+    queue_env: dict[str, str],
+    own_registry: ServiceProcess,
+    registry_home: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async with in_process_queue(_outage_settings(tmp_path, queue_env, own_registry)) as service:
         dispatcher = service.parts.dispatcher
+        # A token the queue cannot sign (a scope too long to travel signed): the registry mints it.
+        monkeypatch.setattr(dispatcher._tokens, "signed_run_token", lambda *scope: None)
         queue = await service.new_queue()
         name = await service.enqueue(queue, "train")  # no agent yet: it waits PENDING
         item_id = name.rsplit("/", 1)[1]
@@ -312,6 +321,24 @@ async def test_a_registry_outage_delays_the_token_and_its_revocation_and_fails_n
 
                 await until(drained, "the revocation to be drained", within=60)
                 assert not await verified(own_registry.address, token)
+        finally:
+            await agent.close()
+
+
+async def test_a_token_the_queue_signs_does_not_wait_for_a_registry_that_is_down(
+    tmp_path: Path, queue_env: dict[str, str], own_registry: ServiceProcess
+) -> None:
+    """The queue registers its signer as it starts, so an outage after that delays no signed token."""
+    async with in_process_queue(_outage_settings(tmp_path, queue_env, own_registry)) as service:
+        queue = await service.new_queue()
+        name = await service.enqueue(queue, "train")  # no agent yet: it waits PENDING
+        own_registry.terminate()
+        agent = await ScriptedAgent(service.address).connect([queue])
+        try:
+            assignment = (await agent.next("assignment")).assignment
+            assert (assignment.item.name, assignment.attempt) == (name, 1)
+            assert "." in assignment.run_token  # signed here: tko_{signer}_{claims}.{signature}
+            assert not service.parts.dispatcher._mint_failures
         finally:
             await agent.close()
 

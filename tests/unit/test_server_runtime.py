@@ -7,7 +7,7 @@ import asyncio
 import sqlite3
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Mapping
 from pathlib import Path
 from typing import Any, cast
 
@@ -35,7 +35,7 @@ from takeoff_server.access import (
     grants_for,
     needs,
 )
-from takeoff_server.interceptors import Context
+from takeoff_server.interceptors import Context, responses
 from takeoff_server.server import ServiceBinding, TakeoffServer
 
 PROBE = "takeoff.test.ProbeService"
@@ -674,3 +674,26 @@ async def test_undecodable_message_in_a_request_stream_is_invalid_argument(serve
     error = cast(grpc.Call, raised.value)
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert details(error)[0].reason == "REQUEST_INVALID"
+
+
+async def test_a_wrapper_passes_each_kind_of_response_stream_on() -> None:
+    """``responses``: a servicer's async generator is passed as it is (no extra hop a message); one that
+    yields synchronously, or writes with ``context.write()`` and returns nothing, is adapted."""
+
+    no_context = cast(Context, None)  # none of these behaviors reads it
+
+    async def generated(request: Any, context: Any) -> AsyncGenerator[int, None]:
+        yield request
+
+    stream = generated(1, None)
+    written: list[int] = []
+
+    async def writing(request: Any, context: Any) -> None:
+        written.append(request)
+
+    assert responses(lambda request, context: stream, 1, no_context) is stream
+    listed = responses(lambda request, context: [request, 2], 1, no_context)
+    assert [response async for response in listed] == [1, 2]
+    assert [response async for response in responses(writing, 3, no_context)] == []
+    assert written == [3]
+    await stream.aclose()
