@@ -218,6 +218,30 @@ _DELETE_TOKEN_REVOCATIONS = token_revocations.delete().where(
     token_revocations.c.id.in_(sa.bindparam("where_ids", expanding=True))
 )
 _QUEUE_NAMED = sa.select(queues.c.name).where(queues.c.name == sa.bindparam("where_name"))
+
+
+def _claim_due(outbox: sa.Table, *answered: sa.ColumnElement[Any]) -> sa.Update:
+    """An outbox's claim: its rows due at ``now``, oldest first, at most ``limit``, held until ``hold_until``
+    (built once: the token revocations are claimed many times a second under load)."""
+    due = (
+        sa.select(outbox.c.id)
+        .where(outbox.c.next_try_time <= sa.bindparam("now"))
+        .order_by(outbox.c.id)
+        .limit(sa.bindparam("limit", type_=sa.Integer))
+        .with_for_update(skip_locked=True)
+    )
+    return (
+        outbox.update()
+        .where(outbox.c.id.in_(due))
+        .values(next_try_time=sa.bindparam("hold_until"))
+        .returning(*answered)
+    )
+
+
+_CLAIM_RUN_CLOSES = _claim_due(run_closes, *run_closes.c)
+_CLAIM_TOKEN_REVOCATIONS = _claim_due(
+    token_revocations, token_revocations.c.id, token_revocations.c.run, token_revocations.c.tries
+)
 _QUEUE_EXISTS = HotStatement(_QUEUE_NAMED)
 _QUEUE_EXISTS_KEY_SHARE = HotStatement(_QUEUE_NAMED.with_for_update(key_share=True))
 
@@ -456,22 +480,10 @@ class QueueWrite:
         self, now: datetime, hold_until: datetime, limit: int
     ) -> list[Revocation]:
         """As :meth:`claim_run_closes`, for the outbox of token revocations."""
-        due = (
-            sa.select(token_revocations.c.id)
-            .where(token_revocations.c.next_try_time <= now)
-            .order_by(token_revocations.c.id)
-            .limit(limit)
-            .with_for_update(skip_locked=True)
-        )
-        claim = (
-            token_revocations.update()
-            .where(token_revocations.c.id.in_(due))
-            .values(next_try_time=hold_until)
-            .returning(token_revocations.c.id, token_revocations.c.run, token_revocations.c.tries)
-        )
+        claiming = {"now": now, "hold_until": hold_until, "limit": limit}
         claimed = [
             Revocation(row["run"], row["id"], row["tries"])
-            for row in (await self._batch.execute(claim)).mappings()
+            for row in (await self._batch.execute(_CLAIM_TOKEN_REVOCATIONS, claiming)).mappings()
         ]
         return sorted(claimed, key=lambda revocation: revocation.id)
 
@@ -509,20 +521,9 @@ class QueueWrite:
         """The outbox rows due now, oldest first, kept from every other drainer until ``hold_until``. One
         statement picks and claims them: PostgreSQL skips rows another transaction is claiming instead of
         waiting for them; SQLite runs one writing statement at a time."""
-        due = (
-            sa.select(run_closes.c.id)
-            .where(run_closes.c.next_try_time <= now)
-            .order_by(run_closes.c.id)
-            .limit(limit)
-            .with_for_update(skip_locked=True)
-        )
-        claim = (
-            run_closes.update()
-            .where(run_closes.c.id.in_(due))
-            .values(next_try_time=hold_until)
-            .returning(*run_closes.c)
-        )
-        claimed = [_run_close_from_row(dict(row)) for row in (await self._batch.execute(claim)).mappings()]
+        claiming = {"now": now, "hold_until": hold_until, "limit": limit}
+        rows = (await self._batch.execute(_CLAIM_RUN_CLOSES, claiming)).mappings()
+        claimed = [_run_close_from_row(dict(row)) for row in rows]
         return sorted(claimed, key=lambda close: close.id)
 
     async def retry_run_close(self, close: RunClose, next_try_time: datetime, error: str) -> None:
