@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import binascii
 import re
-import secrets as random_secrets
 from datetime import UTC, datetime
 from typing import NamedTuple
 
@@ -22,6 +21,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from google.protobuf.message import DecodeError
 
 from takeoff.v1 import keys_pb2
+from takeoff_server.random_ids import random_hex
 
 MAX_SIGNED_TOKEN_CHARS = 4096
 """A longer scope (dozens of secrets with long names) is minted by the registry instead: a token travels in
@@ -157,7 +157,7 @@ class RunTokenSigner:
     ) -> str | None:
         """The token of one attempt, or None when its scope is too long for a signed one."""
         claims = keys_pb2.RunTokenClaims(
-            key_id=f"run-{random_secrets.token_hex(8)}",
+            key_id=f"run-{random_hex(16)}",
             run=run,
             item=item,
             job_version=job_version,

@@ -7,7 +7,6 @@ reads.
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -38,6 +37,7 @@ from takeoff_queue.store import QueueStore, QueueWrite, queue_values
 from takeoff_server.errors import AlreadyExists, FailedPrecondition, FieldViolation, InvalidArgument, NotFound
 from takeoff_server.idempotency import check_request_id, request_fingerprint
 from takeoff_server.pagination import PageRequest
+from takeoff_server.random_ids import random_hex
 from takeoff_server.validation import Problems
 
 MAX_ATTEMPTS_LIMIT = 100
@@ -555,7 +555,7 @@ class QueueBook:
 
 
 def _new_item_id() -> str:
-    return uuid.uuid4().hex[: checks.ITEM_ID_DIGITS]
+    return random_hex(checks.ITEM_ID_DIGITS)
 
 
 def _checked_queue(queue: Queue) -> Queue:

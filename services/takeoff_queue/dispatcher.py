@@ -16,7 +16,6 @@ import heapq
 import itertools
 import logging
 import random
-import uuid
 from collections import OrderedDict, defaultdict
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -65,6 +64,7 @@ from takeoff_queue.run_closes import (
 )
 from takeoff_queue.store import LineKey, Outbox, QueueStore, QueueWrite, newer_revision, next_revision
 from takeoff_server.errors import Aborted, FailedPrecondition, NotFound, PermissionDenied
+from takeoff_server.random_ids import random_hex
 
 logger = logging.getLogger(__name__)
 
@@ -1519,7 +1519,7 @@ class Dispatcher:
             item.life,
             agent.name,
             self._clock(),
-            lease_id=uuid.uuid4().hex,
+            lease_id=random_hex(32),
             run=item.run_name(item.life.attempt + 1),
             start_timeout=self.queues[item.queue].start_timeout or None,
         )
