@@ -66,7 +66,6 @@ async def assemble(settings: QueueSettings, resources: AsyncExitStack) -> QueueS
         await database.engine.dispose()  # the migration's connections were opened without the bounds
     registry = Registry(settings.registry_address, settings)
     resources.push_async_callback(registry.close)
-    registry.register_signer_soon()
     metrics = QueueMetrics()
     dispatcher = Dispatcher(
         store,

@@ -67,11 +67,15 @@ class Registry:
         self._registering_again: asyncio.Task[None] | None = None
         self._registering_first: asyncio.Task[None] | None = None
 
-    def register_signer_soon(self) -> None:
-        """Register the signer now, on the side, so that the first items are signed in their dispatch pass
-        like every later one, not after a registry call each (which also let a pass's round robin move on
-        past the queue of the item that waited). Failing, it is done at the first mint, as before."""
-        # A context of its own: not the trace or request id of whatever runs when it starts.
+    def _register_signer_soon(self) -> None:
+        """Once the registry has answered a call (an Enqueue's job resolved), register the signer on the
+        side, so that items are signed in their dispatch pass from the first on, not after a registry call
+        each (which also let a pass's round robin move on past the queue of the item that waited). Not at
+        start: a registry still starting would put the shared connection in its reconnect back-off, and
+        the calls right after would fail. Failing, the first mint registers it, as before."""
+        if self._signer_id or self._registering_first is not None:
+            return
+        # A context of its own: not the trace or request id of the Enqueue that set it off.
         self._registering_first = asyncio.get_running_loop().create_task(
             self._register_first(), context=contextvars.Context()
         )
@@ -107,6 +111,7 @@ class Registry:
                 field="job",
                 metadata={"job": reference},
             ) from None
+        self._register_signer_soon()
         version = response.version
         inputs = version.inputs
         return ResolvedJob(

@@ -328,10 +328,13 @@ async def test_a_registry_outage_delays_the_token_and_its_revocation_and_fails_n
 async def test_a_token_the_queue_signs_does_not_wait_for_a_registry_that_is_down(
     tmp_path: Path, queue_env: dict[str, str], own_registry: ServiceProcess
 ) -> None:
-    """The queue registers its signer as it starts, so an outage after that delays no signed token."""
+    """The queue registers its signer once the registry answers (the first Enqueue's job resolved), so an
+    outage after that delays no signed token."""
     async with in_process_queue(_outage_settings(tmp_path, queue_env, own_registry)) as service:
         queue = await service.new_queue()
         name = await service.enqueue(queue, "train")  # no agent yet: it waits PENDING
+        tokens: Any = service.parts.dispatcher._tokens
+        await eventually(lambda: tokens._signer_id, "the signer to be registered")
         own_registry.terminate()
         agent = await ScriptedAgent(service.address).connect([queue])
         try:
