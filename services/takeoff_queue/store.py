@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import enum
 import functools
-import random
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
@@ -29,6 +28,7 @@ from takeoff_server.database import Database
 from takeoff_server.group_commit import Batch, GroupCommitter
 from takeoff_server.hot_statements import HotStatement
 from takeoff_server.idempotency import RequestIds, request_ids_table
+from takeoff_server.random_ids import random_bits
 from takeoff_server.sqltypes import UtcDateTime
 
 T = TypeVar("T")
@@ -218,6 +218,8 @@ _DELETE_TOKEN_REVOCATIONS = token_revocations.delete().where(
     token_revocations.c.id.in_(sa.bindparam("where_ids", expanding=True))
 )
 _QUEUE_NAMED = sa.select(queues.c.name).where(queues.c.name == sa.bindparam("where_name"))
+_QUEUE_EXISTS = HotStatement(_QUEUE_NAMED)
+_QUEUE_EXISTS_KEY_SHARE = HotStatement(_QUEUE_NAMED.with_for_update(key_share=True))
 
 
 def _claim_due(outbox: sa.Table, *answered: sa.ColumnElement[Any]) -> sa.Update:
@@ -242,15 +244,10 @@ _CLAIM_RUN_CLOSES = _claim_due(run_closes, *run_closes.c)
 _CLAIM_TOKEN_REVOCATIONS = _claim_due(
     token_revocations, token_revocations.c.id, token_revocations.c.run, token_revocations.c.tries
 )
-_QUEUE_EXISTS = HotStatement(_QUEUE_NAMED)
-_QUEUE_EXISTS_KEY_SHARE = HotStatement(_QUEUE_NAMED.with_for_update(key_share=True))
 
 LIVE_OR_PENDING = [s.value for s in ItemState if not s.is_terminal]
 LIVE = [s.value for s in ItemState if s.is_live]
 _REVISION_NONCE_BITS = 20
-_nonces = random.Random()
-"""Seeded from the system's randomness once: nonces need to differ between replicas, not to be secret, and
-a system call for each item's write is a cost the queue pays several times in every life cycle."""
 
 
 def next_revision(revision: int) -> int:
@@ -258,7 +255,7 @@ def next_revision(revision: int) -> int:
     known to be newer), a random nonce in the low ones. The nonce makes every write's revision its own: a
     write queued behind one of ours, fenced on the revision ours will leave, can never match the same count
     reached by another replica's write instead."""
-    return ((revision >> _REVISION_NONCE_BITS) + 1) << _REVISION_NONCE_BITS | _nonces.getrandbits(
+    return ((revision >> _REVISION_NONCE_BITS) + 1) << _REVISION_NONCE_BITS | random_bits(
         _REVISION_NONCE_BITS
     )
 
