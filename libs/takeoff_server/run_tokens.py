@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from google.protobuf.message import DecodeError
 
 from takeoff.v1 import keys_pb2
+from takeoff_server.protovalues import timestamp
 from takeoff_server.random_ids import random_hex
 
 MAX_SIGNED_TOKEN_CHARS = 4096
@@ -162,8 +163,8 @@ class RunTokenSigner:
             item=item,
             job_version=job_version,
             secrets=secrets,
+            issue_time=timestamp(issue_time),
         )
-        claims.issue_time.FromDatetime(issue_time)
         payload = claims.SerializeToString()
         token = f"tko_{signer_id}_{_encode(payload)}.{_encode(self._private_key.sign(payload))}"
         return token if len(token) <= MAX_SIGNED_TOKEN_CHARS else None

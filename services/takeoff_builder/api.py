@@ -6,11 +6,9 @@ Thin by design: requests become domain calls, events and records become protos.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
-from datetime import datetime
 from typing import Any
 
 import grpc
-from google.protobuf import timestamp_pb2
 
 from takeoff.v1 import build_pb2, build_pb2_grpc, common_pb2
 from takeoff_builder.builds import Builder
@@ -35,6 +33,7 @@ from takeoff_builder.model import (
 from takeoff_server.idempotency import check_request_id
 from takeoff_server.names import NAME_INVALID, ResourcePattern
 from takeoff_server.pagination import MAX_PAGE_BYTES, page_request, page_response
+from takeoff_server.protovalues import optional_timestamp
 from takeoff_server.validation import Problems, enum_member, field_error
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -47,14 +46,6 @@ _KIND_PROTOS: dict[BuildKind, build_pb2.BuildKind.ValueType] = {
 _STATE_PROTOS: dict[BuildState, build_pb2.BuildState.ValueType] = {
     state: build_pb2.BuildState.Value(f"BUILD_STATE_{state.name}") for state in BuildState
 }
-
-
-def _timestamp(moment: datetime | None) -> timestamp_pb2.Timestamp | None:
-    if moment is None:
-        return None
-    stamp = timestamp_pb2.Timestamp()
-    stamp.FromDatetime(moment)
-    return stamp
 
 
 def _result_to_proto(result: BuildResult) -> build_pb2.BuildResult:
@@ -92,9 +83,9 @@ def _build_to_proto(build: Build, log_lines: Sequence[str] = ()) -> build_pb2.Bu
         cache_hit=build.cache_hit,
         result=_result_to_proto(build.result) if build.result is not None else None,
         failure=_failure_to_proto(build.failure) if build.failure is not None else None,
-        create_time=_timestamp(build.create_time),
-        start_time=_timestamp(build.start_time),
-        end_time=_timestamp(build.end_time),
+        create_time=optional_timestamp(build.create_time),
+        start_time=optional_timestamp(build.start_time),
+        end_time=optional_timestamp(build.end_time),
         run=build.run,
         log_line_count=build.log_line_count,
         log_lines=log_lines,
@@ -117,7 +108,7 @@ def _responses(build_name: str, events: Sequence[BuildEvent]) -> list[build_pb2.
     responses: list[build_pb2.BuildResponse] = []
     lines: list[str] = []
     for index, event in enumerate(events):
-        time = _timestamp(event.time)
+        time = optional_timestamp(event.time)
         match event.body:
             case LogLine(text=text):
                 lines.append(text)
@@ -207,7 +198,9 @@ class BuildApi(build_pb2_grpc.BuildServiceServicer):
         run = started.run
         name = run.build.name
         queued = build_pb2.BuildQueued(build=_build_to_proto(run.snapshot()), joined=started.joined)
-        yield build_pb2.BuildResponse(build=name, time=_timestamp(run.build.create_time), queued=queued)
+        yield build_pb2.BuildResponse(
+            build=name, time=optional_timestamp(run.build.create_time), queued=queued
+        )
         async for events in run.follow():
             for response in _responses(name, events):
                 yield response
